@@ -1,0 +1,307 @@
+//! The records the hub keeps and serves: projects, stages, outposts, builds,
+//! configs, releases, users and access keys.
+//!
+//! They are plain data. The rules that tie them together (a release bumps its
+//! stage's desired revision, a build referenced by a release cannot be
+//! deleted, …) are enforced by the store, so every backend enforces the same
+//! ones and one test suite checks them all.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::access::Role;
+
+/// Every timestamp Trellis stores or shows is UTC.
+pub type Timestamp = DateTime<Utc>;
+
+/// The name of the outpost embedded in the hub. Stages not created as
+/// outpost stages run there, through the same code path as remote ones.
+pub const LOCAL_OUTPOST: &str = "local";
+
+/// What a stage is for. Mirrors the platform's three stage types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum StageType {
+    Dev,
+    Qa,
+    Prod,
+}
+
+impl StageType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageType::Dev => "dev",
+            StageType::Qa => "qa",
+            StageType::Prod => "prod",
+        }
+    }
+}
+
+impl fmt::Display for StageType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for StageType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "dev" => Ok(StageType::Dev),
+            "qa" => Ok(StageType::Qa),
+            "prod" => Ok(StageType::Prod),
+            other => Err(format!(
+                "unknown stage type {other:?}; use one of dev, qa, prod"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct User {
+    pub name: String,
+    pub admin: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+/// An access key as listed: never carries the secret or its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AccessKeyInfo {
+    pub id: String,
+    pub user: String,
+    pub description: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Project {
+    pub name: String,
+    pub description: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Member {
+    pub project: String,
+    pub user: String,
+    pub role: Role,
+}
+
+/// A remote environment registered on the hub (the link to its agent is the
+/// link layer's business; this is the record).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Outpost {
+    pub name: String,
+    pub display_name: String,
+    pub description: String,
+    pub labels: BTreeMap<String, String>,
+    /// How many stages may be placed on it; `None` means no limit.
+    pub max_stages: Option<u32>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Stage {
+    pub project: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub stage_type: StageType,
+    pub display_name: String,
+    pub suspended: bool,
+    /// The outpost the stage runs on ([`LOCAL_OUTPOST`] for the hub's own).
+    pub outpost: String,
+    /// Bumped by every change of what should run on the stage (a release
+    /// push, suspend, resume). Never decreases.
+    pub desired_revision: u64,
+    /// Number of the newest release pushed to the stage, if any.
+    pub latest_release: Option<u64>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What a build holds for one component.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Artifact {
+    /// A container image, by reference (`docker.image`) or built from a
+    /// Dockerfile (`docker.file`; the image is produced by the build step).
+    Image { reference: String },
+    /// A packed `process:` directory, stored on the hub by its BLAKE3 digest.
+    Package { digest: String, size: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BuildComponent {
+    pub name: String,
+    pub artifact: Artifact,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Build {
+    pub project: String,
+    /// `<branch>_b<number>`, e.g. `main_b3`.
+    pub name: String,
+    pub number: u64,
+    pub branch: String,
+    pub commit: String,
+    /// The manifest's file name and text, exactly as it was in the commit.
+    pub manifest_file: String,
+    pub manifest: String,
+    pub components: Vec<BuildComponent>,
+    pub created_at: DateTime<Utc>,
+    pub created_by: String,
+}
+
+/// Fields of a build that the caller supplies; the store assigns the number
+/// and the name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NewBuild {
+    pub branch: String,
+    pub commit: String,
+    pub manifest_file: String,
+    pub manifest: String,
+    pub components: Vec<BuildComponent>,
+}
+
+/// The name a build gets: the branch with characters unsafe in names
+/// replaced by `-`, then `_b` and the project's build number.
+pub fn build_name(branch: &str, number: u64) -> String {
+    let clean: String = branch
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let clean = if clean.is_empty() { "detached".into() } else { clean };
+    format!("{clean}_b{number}")
+}
+
+/// Named, per-stage configuration: environment values and files that
+/// manifests reference with `config-ref`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ConfigData {
+    pub env: BTreeMap<String, String>,
+    /// File name → content.
+    pub files: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Config {
+    pub project: String,
+    pub stage: String,
+    pub name: String,
+    /// Incremented by every change, so a release can say which version of
+    /// the config it took.
+    pub version: u64,
+    pub data: ConfigData,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The config a release took, frozen at push time: releases are immutable,
+/// so later config edits never change what an existing release runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ConfigSnapshot {
+    pub name: String,
+    pub version: u64,
+    pub data: ConfigData,
+}
+
+/// Where a release stands in its stage's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum ReleaseState {
+    /// Pushed; the stage's outpost has not reported it applied yet.
+    Pending,
+    /// Running on the stage.
+    Applied,
+    /// A newer release was pushed before this one was applied; it never ran.
+    Superseded,
+    /// It ran, then a newer release replaced it.
+    Replaced,
+    /// The outpost tried to apply it and could not.
+    Failed,
+}
+
+impl ReleaseState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseState::Pending => "pending",
+            ReleaseState::Applied => "applied",
+            ReleaseState::Superseded => "superseded",
+            ReleaseState::Replaced => "replaced",
+            ReleaseState::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for ReleaseState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "pending" => ReleaseState::Pending,
+            "applied" => ReleaseState::Applied,
+            "superseded" => ReleaseState::Superseded,
+            "replaced" => ReleaseState::Replaced,
+            "failed" => ReleaseState::Failed,
+            other => return Err(format!("unknown release state {other:?}")),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Release {
+    pub project: String,
+    pub stage: String,
+    /// 1, 2, 3, … per stage.
+    pub number: u64,
+    pub build: String,
+    pub config: Option<ConfigSnapshot>,
+    /// The stage's desired revision this release created.
+    pub revision: u64,
+    pub state: ReleaseState,
+    pub created_at: DateTime<Utc>,
+    pub created_by: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_names_are_safe_for_any_branch() {
+        assert_eq!(build_name("main", 3), "main_b3");
+        assert_eq!(build_name("feature/x y", 1), "feature-x-y_b1");
+        assert_eq!(build_name("", 2), "detached_b2");
+    }
+
+    #[test]
+    fn stage_types_round_trip() {
+        for t in [StageType::Dev, StageType::Qa, StageType::Prod] {
+            assert_eq!(t.as_str().parse::<StageType>().unwrap(), t);
+        }
+        assert!("staging".parse::<StageType>().unwrap_err().contains("dev, qa, prod"));
+    }
+}

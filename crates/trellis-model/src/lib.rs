@@ -1,0 +1,25 @@
+//! Trellis domain types and the rules that govern them.
+//!
+//! This crate is the vocabulary every other Trellis crate speaks: names and
+//! their validation, the manifest schema, stages and their types, builds,
+//! configs, releases, revisions and access roles. It performs no I/O, so the
+//! rules here can be tested exhaustively and reused by the hub, the agent and
+//! the command line alike.
+//!
+//! # Layout
+//! - [`name`]: validation of the DNS-label names used for projects, stages,
+//!   components, outposts, configs and users.
+//! - [`manifest`]: the v1 manifest (`trellis.yaml`, `pergola.yaml|yml|json`),
+//!   parsed with positions so every error names a field path and a line.
+//! - [`entity`]: the records the hub stores and serves (projects, stages,
+//!   outposts, builds, configs, releases, users, access keys).
+//! - [`access`]: roles and the access-key format.
+
+pub mod access;
+pub mod entity;
+pub mod manifest;
+pub mod name;
+
+pub use access::{AccessKey, AccessKeyParseError, Role};
+pub use entity::*;
+pub use name::{NameError, NameKind, validate_name};

@@ -1,0 +1,175 @@
+//! Hub persistence behind one trait.
+//!
+//! The hub talks only to [`Store`]. Backends:
+//! - [`sqlite::SqliteStore`]: the default, a bundled SQLite database in WAL
+//!   mode in the hub's data directory, with versioned migrations.
+//! - [`memory::MemoryStore`]: everything in a mutex, for tests and the
+//!   deterministic simulation.
+//!
+//! A PostgreSQL backend is planned; the SQL is kept portable for it (no
+//! SQLite-only syntax beyond what both accept, integers for time).
+//!
+//! Every backend enforces the same domain rules (numbering, desired
+//! revisions, refusal to leave dangling references) and the same test suite,
+//! [`testsuite`], runs against each of them.
+//!
+//! # Layout
+//! - `lib.rs`: the trait and its error type.
+//! - `memory.rs`, `sqlite.rs`: the backends.
+//! - `testsuite.rs`: the behaviour every backend must show.
+
+use async_trait::async_trait;
+use trellis_model::{
+    AccessKeyInfo, Build, Config, ConfigData, ConfigSnapshot, Member, NewBuild, Outpost, Project,
+    Release, Role, Stage, StageType, Timestamp, User,
+};
+
+pub mod memory;
+pub mod sqlite;
+pub mod testsuite;
+
+/// Why a store operation did not happen. The messages are shown to users,
+/// so they say what was being done and what to try.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} {name:?} does not exist")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{kind} {name:?} already exists")]
+    AlreadyExists { kind: &'static str, name: String },
+    /// The operation would leave dangling references; `hint` says what to do.
+    #[error("{what}; {hint}")]
+    InUse { what: String, hint: String },
+    #[error("the hub's database failed while {doing}: {source}")]
+    Backend {
+        doing: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// An access key as stored: its public part and the hash of its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAccessKey {
+    pub info: AccessKeyInfo,
+    /// A PHC-format password hash (argon2id) of the secret. Never the secret.
+    pub secret_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewStage {
+    pub project: String,
+    pub name: String,
+    pub stage_type: StageType,
+    pub display_name: String,
+    pub outpost: String,
+}
+
+/// Changes to a stage; `None` leaves a field as it is.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StageUpdate {
+    pub display_name: Option<String>,
+    /// Suspending or resuming changes what should run, so it bumps the
+    /// desired revision when the value actually changes.
+    pub suspended: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRelease {
+    pub project: String,
+    pub stage: String,
+    pub build: String,
+    pub config: Option<ConfigSnapshot>,
+    pub created_by: String,
+}
+
+/// The hub's persistence. All methods are atomic: either everything they
+/// describe happened, or nothing did.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // --- users and access keys ---
+    async fn create_user(&self, user: &User) -> Result<()>;
+    async fn get_user(&self, name: &str) -> Result<User>;
+    async fn list_users(&self) -> Result<Vec<User>>;
+    async fn create_access_key(&self, key: &StoredAccessKey) -> Result<()>;
+    /// Looks a key up by its public id; `None` if there is no such key.
+    async fn find_access_key(&self, id: &str) -> Result<Option<StoredAccessKey>>;
+    async fn list_access_keys(&self, user: Option<&str>) -> Result<Vec<AccessKeyInfo>>;
+    async fn delete_access_key(&self, id: &str) -> Result<()>;
+
+    // --- projects and members ---
+    async fn create_project(&self, project: &Project, owner: &str) -> Result<()>;
+    async fn get_project(&self, name: &str) -> Result<Project>;
+    async fn list_projects(&self) -> Result<Vec<Project>>;
+    /// Refuses while the project has stages or builds, unless `force`, in
+    /// which case everything in the project goes with it.
+    async fn delete_project(&self, name: &str, force: bool) -> Result<()>;
+    /// Adds a member or changes their role.
+    async fn set_member(&self, project: &str, user: &str, role: Role) -> Result<()>;
+    async fn remove_member(&self, project: &str, user: &str) -> Result<()>;
+    async fn list_members(&self, project: &str) -> Result<Vec<Member>>;
+    /// The user's role in the project, `None` if they are not a member.
+    async fn role_of(&self, project: &str, user: &str) -> Result<Option<Role>>;
+
+    // --- outposts ---
+    async fn create_outpost(&self, outpost: &Outpost) -> Result<()>;
+    async fn get_outpost(&self, name: &str) -> Result<Outpost>;
+    async fn list_outposts(&self) -> Result<Vec<Outpost>>;
+    /// Refuses while stages are placed on it, unless `force`, in which case
+    /// those stages are deleted too.
+    async fn delete_outpost(&self, name: &str, force: bool) -> Result<()>;
+    async fn stages_on_outpost(&self, outpost: &str) -> Result<Vec<Stage>>;
+
+    // --- stages ---
+    /// Fails if the project or the outpost does not exist, or the outpost
+    /// is full (its `max_stages` reached).
+    async fn create_stage(&self, stage: &NewStage, now: Timestamp) -> Result<Stage>;
+    async fn get_stage(&self, project: &str, name: &str) -> Result<Stage>;
+    async fn list_stages(&self, project: &str) -> Result<Vec<Stage>>;
+    async fn update_stage(&self, project: &str, name: &str, update: &StageUpdate) -> Result<Stage>;
+    /// Refuses while the stage has releases or configs, unless `force`.
+    async fn delete_stage(&self, project: &str, name: &str, force: bool) -> Result<()>;
+
+    // --- builds ---
+    /// Assigns the next build number of the project and the name
+    /// `<branch>_b<number>`.
+    async fn create_build(
+        &self,
+        project: &str,
+        build: &NewBuild,
+        created_by: &str,
+        now: Timestamp,
+    ) -> Result<Build>;
+    async fn get_build(&self, project: &str, name: &str) -> Result<Build>;
+    /// Newest first.
+    async fn list_builds(&self, project: &str) -> Result<Vec<Build>>;
+    /// Refuses while a release references the build (releases are history
+    /// and are never rewritten).
+    async fn delete_build(&self, project: &str, name: &str) -> Result<()>;
+
+    // --- configs ---
+    /// Creates the config if needed and merges `data` into it (keys given
+    /// replace existing ones), incrementing its version.
+    async fn add_config_data(
+        &self,
+        project: &str,
+        stage: &str,
+        name: &str,
+        data: &ConfigData,
+        now: Timestamp,
+    ) -> Result<Config>;
+    async fn get_config(&self, project: &str, stage: &str, name: &str) -> Result<Config>;
+    /// All configs of the project, or of one stage.
+    async fn list_configs(&self, project: &str, stage: Option<&str>) -> Result<Vec<Config>>;
+    async fn delete_config(&self, project: &str, stage: &str, name: &str) -> Result<()>;
+
+    // --- releases ---
+    /// Records a release: assigns the stage's next release number, bumps the
+    /// stage's desired revision and stores the release with that revision,
+    /// all at once. The build must exist in the stage's project.
+    async fn push_release(&self, release: &NewRelease, now: Timestamp) -> Result<Release>;
+    async fn get_release(&self, project: &str, stage: &str, number: u64) -> Result<Release>;
+    /// The stage's full history, newest first.
+    async fn list_releases(&self, project: &str, stage: &str) -> Result<Vec<Release>>;
+}
