@@ -1,1 +1,26 @@
-//! (being written)
+//! The Trellis hub: the HTTP API, access control, the console, and the
+//! store and artifact store behind them.
+//!
+//! The hub is started with [`Hub::open`] (which prepares the data directory,
+//! the database, the first administrator key and the local outpost) and run
+//! with [`Hub::serve`] on a listener and a shutdown signal the caller
+//! passes in, so tests start it on `127.0.0.1:0` and stop it cleanly.
+//!
+//! # Layout
+//! - `server.rs`: [`Hub`], start-up and serving.
+//! - `api/`: the `/api/v1` handlers, one module per resource, and the
+//!   OpenAPI document.
+//! - `auth.rs`: access keys and the [`auth::Caller`] extractor.
+//! - `error.rs`: the API's error type and JSON error shape.
+//! - `console.rs`: browser pages.
+//! - `state.rs`: what handlers share.
+
+pub mod api;
+pub mod auth;
+pub mod console;
+pub mod error;
+pub mod extract;
+mod server;
+pub mod state;
+
+pub use server::{ADMIN_KEY_FILE, Hub, HubOptions};

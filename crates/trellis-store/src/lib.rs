@@ -32,6 +32,9 @@ pub mod testsuite;
 /// so they say what was being done and what to try.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// `name` is qualified by what contains the thing (`shop/dev` for a
+    /// stage, `shop/dev/db` for a config, `shop/dev#3` for a release), so the
+    /// message stands on its own in a log line.
     #[error("{kind} {name:?} does not exist")]
     NotFound { kind: &'static str, name: String },
     #[error("{kind} {name:?} already exists")]
@@ -172,4 +175,83 @@ pub trait Store: Send + Sync + 'static {
     async fn get_release(&self, project: &str, stage: &str, number: u64) -> Result<Release>;
     /// The stage's full history, newest first.
     async fn list_releases(&self, project: &str, stage: &str) -> Result<Vec<Release>>;
+}
+
+/// How every backend names things in errors and words its refusals, so that
+/// users see the same messages whichever backend the hub runs on (the test
+/// suite compares them).
+pub(crate) mod wording {
+    use crate::StoreError;
+
+    pub fn stage(project: &str, stage: &str) -> String {
+        format!("{project}/{stage}")
+    }
+
+    pub fn build(project: &str, build: &str) -> String {
+        format!("{project}/{build}")
+    }
+
+    pub fn member(project: &str, user: &str) -> String {
+        format!("{project}/{user}")
+    }
+
+    pub fn config(project: &str, stage: &str, config: &str) -> String {
+        format!("{project}/{stage}/{config}")
+    }
+
+    pub fn release(project: &str, stage: &str, number: u64) -> String {
+        format!("{project}/{stage}#{number}")
+    }
+
+    pub fn outpost_full(outpost: &str, held: u64, max: u32) -> StoreError {
+        StoreError::InUse {
+            what: format!("outpost {outpost:?} is full: it holds {held} of {max} stages"),
+            hint: "ask an administrator to raise its limit or choose another outpost".into(),
+        }
+    }
+
+    pub fn project_in_use(project: &str, stages: u64, builds: u64) -> StoreError {
+        StoreError::InUse {
+            what: format!("project {project:?} still has {stages} stage(s) and {builds} build(s)"),
+            hint: "delete its stages and builds first, or force the deletion".into(),
+        }
+    }
+
+    pub fn stage_in_use(project: &str, name: &str, releases: u64, configs: u64) -> StoreError {
+        StoreError::InUse {
+            what: format!(
+                "stage {:?} still has {releases} release(s) and {configs} config(s)",
+                stage(project, name)
+            ),
+            hint:
+                "delete its configs first, or force the deletion to remove its release history too"
+                    .into(),
+        }
+    }
+
+    /// `stages` are the qualified names of the stages on the outpost.
+    pub fn outpost_in_use(outpost: &str, stages: &[String]) -> StoreError {
+        StoreError::InUse {
+            what: format!(
+                "outpost {outpost:?} still holds {} stage(s): {}",
+                stages.len(),
+                stages.join(", ")
+            ),
+            hint: "delete those stages first, or force the deletion to delete them too".into(),
+        }
+    }
+
+    /// `stages` are the (unqualified) names of the stages whose releases
+    /// use the build.
+    pub fn build_in_use(project: &str, name: &str, releases: u64, stages: &[String]) -> StoreError {
+        StoreError::InUse {
+            what: format!(
+                "build {:?} is used by {releases} release(s) on stage(s) {}",
+                build(project, name),
+                stages.join(", ")
+            ),
+            hint: "releases are history and keep their build; delete those stages first if the build must go"
+                .into(),
+        }
+    }
 }

@@ -1,1 +1,1429 @@
-//! (being written)
+//! The hub's default store: one SQLite database file in the data directory.
+//!
+//! Durability comes first: the database runs in WAL mode with
+//! `synchronous=FULL`, so a call that returned has its transaction fsynced
+//! and survives SIGKILL or power loss. The schema is versioned by the
+//! migrations in `migrations/`, embedded at compile time and applied on
+//! open.
+//!
+//! Two pools share the file. All writes go through a pool of exactly one
+//! connection: SQLite admits one writer at a time anyway, and a transaction
+//! that reads before it writes (every check-then-act operation here) could
+//! otherwise fail with `SQLITE_BUSY` when upgrading its read lock, which no
+//! busy timeout can wait out. Reads use a separate pool, marked
+//! `query_only`, and see the last committed state without waiting for the
+//! writer (WAL readers never block).
+//!
+//! The SQL sticks to what PostgreSQL accepts too (`$n` parameters,
+//! `ON CONFLICT … DO UPDATE`, standard types) so the planned PostgreSQL
+//! backend can share it.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::DateTime;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+use trellis_model::{
+    AccessKeyInfo, Build, Config, ConfigData, Member, NewBuild, Outpost, Project, Release,
+    ReleaseState, Role, Stage, Timestamp, User, build_name,
+};
+
+use crate::{
+    NewRelease, NewStage, Result, StageUpdate, Store, StoreError, StoredAccessKey, wording,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Long enough to ride out a WAL checkpoint or a slow disk, short enough
+/// that a wedged database surfaces as an error instead of a hung request.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Concurrent readers; the hub's read load is small and each connection
+/// costs a thread.
+const READERS: u32 = 4;
+
+/// The SQLite store. Cloning is not offered: open it once and share it
+/// behind an `Arc<dyn Store>`.
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens the database at `path`, creating the file if it is missing, and
+    /// brings its schema up to date. The directory must exist.
+    pub async fn open(path: &Path) -> Result<SqliteStore> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .foreign_keys(true)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                options
+                    .clone()
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal),
+            )
+            .await
+            .map_err(backend("opening the database"))?;
+        MIGRATOR
+            .run(&writer)
+            .await
+            .map_err(|e| StoreError::Backend {
+                doing: "bringing the database schema up to date",
+                source: Box::new(e),
+            })?;
+        // Opened only after the writer has switched the file to WAL (a
+        // persistent setting), so readers never race it for that.
+        let reader = SqlitePoolOptions::new()
+            .max_connections(READERS)
+            .connect_with(options.pragma("query_only", "ON"))
+            .await
+            .map_err(backend("opening the database for reading"))?;
+        Ok(SqliteStore { writer, reader })
+    }
+
+    /// Closes every connection, waiting for those in use. Not needed for
+    /// durability (every call already committed), but it lets SQLite
+    /// checkpoint the WAL into the database file and remove it.
+    pub async fn close(&self) {
+        // The last connection to close does the checkpoint; let it be the
+        // writer.
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+
+    async fn write(&self) -> Result<Transaction<'static, Sqlite>> {
+        self.writer
+            .begin()
+            .await
+            .map_err(backend("starting a transaction"))
+    }
+
+    /// A read transaction, for reads of several statements that must agree
+    /// with each other.
+    async fn read(&self) -> Result<Transaction<'static, Sqlite>> {
+        self.reader
+            .begin()
+            .await
+            .map_err(backend("starting a read"))
+    }
+}
+
+async fn commit(tx: Transaction<'static, Sqlite>, doing: &'static str) -> Result<()> {
+    tx.commit().await.map_err(backend(doing))
+}
+
+fn backend(doing: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| StoreError::Backend {
+        doing,
+        source: Box::new(e),
+    }
+}
+
+/// For inserts: a unique violation means the record is already there.
+fn insert_error(
+    doing: &'static str,
+    kind: &'static str,
+    name: String,
+) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::AlreadyExists { kind, name }
+        }
+        _ => StoreError::Backend {
+            doing,
+            source: Box::new(e),
+        },
+    }
+}
+
+fn not_found(kind: &'static str, name: String) -> StoreError {
+    StoreError::NotFound { kind, name }
+}
+
+// --- encoding ---
+
+fn int(n: u64) -> Result<i64> {
+    i64::try_from(n).map_err(|e| StoreError::Backend {
+        doing: "storing a number",
+        source: Box::new(e),
+    })
+}
+
+fn millis(t: Timestamp) -> i64 {
+    t.timestamp_millis()
+}
+
+fn json<T: Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string(value).map_err(|e| StoreError::Backend {
+        doing: "encoding a record",
+        source: Box::new(e),
+    })
+}
+
+// --- decoding ---
+//
+// A failure here means the database holds something this code never wrote
+// (corruption or a foreign edit), so it is a backend error, not a rule.
+
+const READING: &str = "reading a stored record";
+
+fn corrupt(what: String) -> StoreError {
+    StoreError::Backend {
+        doing: READING,
+        source: what.into(),
+    }
+}
+
+fn col<'r, T>(row: &'r SqliteRow, name: &str) -> Result<T>
+where
+    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    row.try_get(name).map_err(backend(READING))
+}
+
+fn unsigned(n: i64) -> Result<u64> {
+    u64::try_from(n).map_err(|_| corrupt(format!("negative count {n}")))
+}
+
+fn count(row: &SqliteRow, name: &str) -> Result<u64> {
+    unsigned(col(row, name)?)
+}
+
+fn time(row: &SqliteRow, name: &str) -> Result<Timestamp> {
+    let ms: i64 = col(row, name)?;
+    DateTime::from_timestamp_millis(ms)
+        .ok_or_else(|| corrupt(format!("timestamp {ms} in column {name} is out of range")))
+}
+
+fn parsed<T: FromStr<Err = String>>(row: &SqliteRow, name: &str) -> Result<T> {
+    let text: String = col(row, name)?;
+    text.parse().map_err(corrupt)
+}
+
+fn from_json<T: DeserializeOwned>(row: &SqliteRow, name: &str) -> Result<T> {
+    let text: String = col(row, name)?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Backend {
+        doing: READING,
+        source: Box::new(e),
+    })
+}
+
+// Column lists, shared by the SELECTs and INSERTs of each table so that the
+// row decoders below always see the columns they expect.
+macro_rules! user_columns {
+    () => {
+        "name, admin, created_at"
+    };
+}
+macro_rules! key_columns {
+    () => {
+        "id, user_name, description, secret_hash, created_at"
+    };
+}
+macro_rules! project_columns {
+    () => {
+        "name, description, created_at"
+    };
+}
+macro_rules! outpost_columns {
+    () => {
+        "name, display_name, description, labels, max_stages, created_at"
+    };
+}
+macro_rules! stage_columns {
+    () => {
+        "project, name, stage_type, display_name, suspended, outpost, desired_revision, \
+         latest_release, created_at"
+    };
+}
+macro_rules! build_columns {
+    () => {
+        "project, name, number, branch, commit_id, manifest_file, manifest, components, \
+         created_at, created_by"
+    };
+}
+macro_rules! config_columns {
+    () => {
+        "project, stage, name, version, env, files, updated_at"
+    };
+}
+macro_rules! release_columns {
+    () => {
+        "project, stage, number, build, config, revision, state, created_at, created_by"
+    };
+}
+
+fn user_from(row: &SqliteRow) -> Result<User> {
+    Ok(User {
+        name: col(row, "name")?,
+        admin: col(row, "admin")?,
+        created_at: time(row, "created_at")?,
+    })
+}
+
+fn key_from(row: &SqliteRow) -> Result<StoredAccessKey> {
+    Ok(StoredAccessKey {
+        info: AccessKeyInfo {
+            id: col(row, "id")?,
+            user: col(row, "user_name")?,
+            description: col(row, "description")?,
+            created_at: time(row, "created_at")?,
+        },
+        secret_hash: col(row, "secret_hash")?,
+    })
+}
+
+fn project_from(row: &SqliteRow) -> Result<Project> {
+    Ok(Project {
+        name: col(row, "name")?,
+        description: col(row, "description")?,
+        created_at: time(row, "created_at")?,
+    })
+}
+
+fn outpost_from(row: &SqliteRow) -> Result<Outpost> {
+    let max_stages: Option<i64> = col(row, "max_stages")?;
+    Ok(Outpost {
+        name: col(row, "name")?,
+        display_name: col(row, "display_name")?,
+        description: col(row, "description")?,
+        labels: from_json(row, "labels")?,
+        max_stages: max_stages
+            .map(|n| u32::try_from(n).map_err(|_| corrupt(format!("stage limit {n}"))))
+            .transpose()?,
+        created_at: time(row, "created_at")?,
+    })
+}
+
+fn stage_from(row: &SqliteRow) -> Result<Stage> {
+    let latest_release: Option<i64> = col(row, "latest_release")?;
+    Ok(Stage {
+        project: col(row, "project")?,
+        name: col(row, "name")?,
+        stage_type: parsed(row, "stage_type")?,
+        display_name: col(row, "display_name")?,
+        suspended: col(row, "suspended")?,
+        outpost: col(row, "outpost")?,
+        desired_revision: count(row, "desired_revision")?,
+        latest_release: latest_release.map(unsigned).transpose()?,
+        created_at: time(row, "created_at")?,
+    })
+}
+
+fn build_from(row: &SqliteRow) -> Result<Build> {
+    Ok(Build {
+        project: col(row, "project")?,
+        name: col(row, "name")?,
+        number: count(row, "number")?,
+        branch: col(row, "branch")?,
+        commit: col(row, "commit_id")?,
+        manifest_file: col(row, "manifest_file")?,
+        manifest: col(row, "manifest")?,
+        components: from_json(row, "components")?,
+        created_at: time(row, "created_at")?,
+        created_by: col(row, "created_by")?,
+    })
+}
+
+fn config_from(row: &SqliteRow) -> Result<Config> {
+    Ok(Config {
+        project: col(row, "project")?,
+        stage: col(row, "stage")?,
+        name: col(row, "name")?,
+        version: count(row, "version")?,
+        data: ConfigData {
+            env: from_json(row, "env")?,
+            files: from_json(row, "files")?,
+        },
+        updated_at: time(row, "updated_at")?,
+    })
+}
+
+fn release_from(row: &SqliteRow) -> Result<Release> {
+    let config: Option<String> = col(row, "config")?;
+    Ok(Release {
+        project: col(row, "project")?,
+        stage: col(row, "stage")?,
+        number: count(row, "number")?,
+        build: col(row, "build")?,
+        config: config
+            .map(|text| {
+                serde_json::from_str(&text).map_err(|e| StoreError::Backend {
+                    doing: READING,
+                    source: Box::new(e),
+                })
+            })
+            .transpose()?,
+        revision: count(row, "revision")?,
+        state: parsed(row, "state")?,
+        created_at: time(row, "created_at")?,
+        created_by: col(row, "created_by")?,
+    })
+}
+
+fn all<T>(rows: &[SqliteRow], decode: fn(&SqliteRow) -> Result<T>) -> Result<Vec<T>> {
+    rows.iter().map(decode).collect()
+}
+
+// --- lookups shared by reads and writes ---
+//
+// They take a connection so that a write transaction sees its own snapshot;
+// reads pass a read transaction or a pooled connection.
+
+async fn exists(
+    c: &mut SqliteConnection,
+    sql: &'static str,
+    binds: &[&str],
+    doing: &'static str,
+) -> Result<bool> {
+    let mut query = sqlx::query(sql);
+    for b in binds {
+        query = query.bind(*b);
+    }
+    Ok(query
+        .fetch_optional(c)
+        .await
+        .map_err(backend(doing))?
+        .is_some())
+}
+
+async fn require_user(c: &mut SqliteConnection, name: &str) -> Result<()> {
+    if exists(
+        c,
+        "SELECT 1 FROM users WHERE name = $1",
+        &[name],
+        "looking up a user",
+    )
+    .await?
+    {
+        Ok(())
+    } else {
+        Err(not_found("user", name.to_owned()))
+    }
+}
+
+async fn require_project(c: &mut SqliteConnection, name: &str) -> Result<()> {
+    if exists(
+        c,
+        "SELECT 1 FROM projects WHERE name = $1",
+        &[name],
+        "looking up a project",
+    )
+    .await?
+    {
+        Ok(())
+    } else {
+        Err(not_found("project", name.to_owned()))
+    }
+}
+
+async fn fetch_stage(c: &mut SqliteConnection, project: &str, name: &str) -> Result<Option<Stage>> {
+    sqlx::query(concat!(
+        "SELECT ",
+        stage_columns!(),
+        " FROM stages WHERE project = $1 AND name = $2"
+    ))
+    .bind(project)
+    .bind(name)
+    .fetch_optional(c)
+    .await
+    .map_err(backend("looking up a stage"))?
+    .as_ref()
+    .map(stage_from)
+    .transpose()
+}
+
+/// The stage, or the right NotFound: for the project if that is what is
+/// missing, else for the stage.
+async fn require_stage(c: &mut SqliteConnection, project: &str, name: &str) -> Result<Stage> {
+    match fetch_stage(c, project, name).await? {
+        Some(stage) => Ok(stage),
+        None => {
+            require_project(c, project).await?;
+            Err(not_found("stage", wording::stage(project, name)))
+        }
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_user(&self, user: &User) -> Result<()> {
+        const DOING: &str = "creating a user";
+        sqlx::query(concat!(
+            "INSERT INTO users (",
+            user_columns!(),
+            ") VALUES ($1, $2, $3)"
+        ))
+        .bind(&user.name)
+        .bind(user.admin)
+        .bind(millis(user.created_at))
+        .execute(&self.writer)
+        .await
+        .map_err(insert_error(DOING, "user", user.name.clone()))?;
+        Ok(())
+    }
+
+    async fn get_user(&self, name: &str) -> Result<User> {
+        sqlx::query(concat!(
+            "SELECT ",
+            user_columns!(),
+            " FROM users WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(backend("looking up a user"))?
+        .as_ref()
+        .map(user_from)
+        .transpose()?
+        .ok_or_else(|| not_found("user", name.to_owned()))
+    }
+
+    async fn list_users(&self) -> Result<Vec<User>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            user_columns!(),
+            " FROM users ORDER BY name"
+        ))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(backend("listing users"))?;
+        all(&rows, user_from)
+    }
+
+    async fn create_access_key(&self, key: &StoredAccessKey) -> Result<()> {
+        const DOING: &str = "creating an access key";
+        let mut tx = self.write().await?;
+        require_user(&mut tx, &key.info.user).await?;
+        sqlx::query(concat!(
+            "INSERT INTO access_keys (",
+            key_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5)"
+        ))
+        .bind(&key.info.id)
+        .bind(&key.info.user)
+        .bind(&key.info.description)
+        .bind(&key.secret_hash)
+        .bind(millis(key.info.created_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(insert_error(DOING, "access key", key.info.id.clone()))?;
+        commit(tx, DOING).await
+    }
+
+    async fn find_access_key(&self, id: &str) -> Result<Option<StoredAccessKey>> {
+        sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM access_keys WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(backend("looking up an access key"))?
+        .as_ref()
+        .map(key_from)
+        .transpose()
+    }
+
+    async fn list_access_keys(&self, user: Option<&str>) -> Result<Vec<AccessKeyInfo>> {
+        const DOING: &str = "listing access keys";
+        let rows = match user {
+            Some(user) => {
+                let mut tx = self.read().await?;
+                require_user(&mut tx, user).await?;
+                sqlx::query(concat!(
+                    "SELECT ",
+                    key_columns!(),
+                    " FROM access_keys WHERE user_name = $1 ORDER BY id"
+                ))
+                .bind(user)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(backend(DOING))?
+            }
+            None => sqlx::query(concat!(
+                "SELECT ",
+                key_columns!(),
+                " FROM access_keys ORDER BY id"
+            ))
+            .fetch_all(&self.reader)
+            .await
+            .map_err(backend(DOING))?,
+        };
+        Ok(all(&rows, key_from)?.into_iter().map(|k| k.info).collect())
+    }
+
+    async fn delete_access_key(&self, id: &str) -> Result<()> {
+        let deleted = sqlx::query("DELETE FROM access_keys WHERE id = $1")
+            .bind(id)
+            .execute(&self.writer)
+            .await
+            .map_err(backend("deleting an access key"))?;
+        if deleted.rows_affected() == 0 {
+            return Err(not_found("access key", id.to_owned()));
+        }
+        Ok(())
+    }
+
+    async fn create_project(&self, project: &Project, owner: &str) -> Result<()> {
+        const DOING: &str = "creating a project";
+        let mut tx = self.write().await?;
+        require_user(&mut tx, owner).await?;
+        sqlx::query(concat!(
+            "INSERT INTO projects (",
+            project_columns!(),
+            ", last_build) VALUES ($1, $2, $3, 0)"
+        ))
+        .bind(&project.name)
+        .bind(&project.description)
+        .bind(millis(project.created_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(insert_error(DOING, "project", project.name.clone()))?;
+        sqlx::query("INSERT INTO members (project, user_name, role) VALUES ($1, $2, $3)")
+            .bind(&project.name)
+            .bind(owner)
+            .bind(Role::Owner.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        commit(tx, DOING).await
+    }
+
+    async fn get_project(&self, name: &str) -> Result<Project> {
+        sqlx::query(concat!(
+            "SELECT ",
+            project_columns!(),
+            " FROM projects WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(backend("looking up a project"))?
+        .as_ref()
+        .map(project_from)
+        .transpose()?
+        .ok_or_else(|| not_found("project", name.to_owned()))
+    }
+
+    async fn list_projects(&self) -> Result<Vec<Project>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            project_columns!(),
+            " FROM projects ORDER BY name"
+        ))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(backend("listing projects"))?;
+        all(&rows, project_from)
+    }
+
+    async fn delete_project(&self, name: &str, force: bool) -> Result<()> {
+        const DOING: &str = "deleting a project";
+        let mut tx = self.write().await?;
+        require_project(&mut tx, name).await?;
+        let row = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM stages WHERE project = $1) AS stages, \
+                    (SELECT COUNT(*) FROM builds WHERE project = $1) AS builds",
+        )
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        let (stages, builds) = (count(&row, "stages")?, count(&row, "builds")?);
+        if !force && (stages > 0 || builds > 0) {
+            return Err(wording::project_in_use(name, stages, builds));
+        }
+        // Dependants first, so no foreign key is ever left dangling.
+        for sql in [
+            "DELETE FROM releases WHERE project = $1",
+            "DELETE FROM configs WHERE project = $1",
+            "DELETE FROM stages WHERE project = $1",
+            "DELETE FROM builds WHERE project = $1",
+            "DELETE FROM members WHERE project = $1",
+            "DELETE FROM projects WHERE name = $1",
+        ] {
+            sqlx::query(sql)
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend(DOING))?;
+        }
+        commit(tx, DOING).await
+    }
+
+    async fn set_member(&self, project: &str, user: &str, role: Role) -> Result<()> {
+        const DOING: &str = "setting a member's role";
+        let mut tx = self.write().await?;
+        require_project(&mut tx, project).await?;
+        require_user(&mut tx, user).await?;
+        sqlx::query(
+            "INSERT INTO members (project, user_name, role) VALUES ($1, $2, $3) \
+             ON CONFLICT (project, user_name) DO UPDATE SET role = excluded.role",
+        )
+        .bind(project)
+        .bind(user)
+        .bind(role.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        commit(tx, DOING).await
+    }
+
+    async fn remove_member(&self, project: &str, user: &str) -> Result<()> {
+        const DOING: &str = "removing a member";
+        let mut tx = self.write().await?;
+        require_project(&mut tx, project).await?;
+        let deleted = sqlx::query("DELETE FROM members WHERE project = $1 AND user_name = $2")
+            .bind(project)
+            .bind(user)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        if deleted.rows_affected() == 0 {
+            return Err(not_found("member", wording::member(project, user)));
+        }
+        commit(tx, DOING).await
+    }
+
+    async fn list_members(&self, project: &str) -> Result<Vec<Member>> {
+        let mut tx = self.read().await?;
+        require_project(&mut tx, project).await?;
+        let rows = sqlx::query(
+            "SELECT project, user_name, role FROM members WHERE project = $1 ORDER BY user_name",
+        )
+        .bind(project)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend("listing members"))?;
+        rows.iter()
+            .map(|row| {
+                Ok(Member {
+                    project: col(row, "project")?,
+                    user: col(row, "user_name")?,
+                    role: parsed(row, "role")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn role_of(&self, project: &str, user: &str) -> Result<Option<Role>> {
+        let mut tx = self.read().await?;
+        require_project(&mut tx, project).await?;
+        sqlx::query("SELECT role FROM members WHERE project = $1 AND user_name = $2")
+            .bind(project)
+            .bind(user)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend("looking up a member's role"))?
+            .map(|row| parsed(&row, "role"))
+            .transpose()
+    }
+
+    async fn create_outpost(&self, outpost: &Outpost) -> Result<()> {
+        const DOING: &str = "creating an outpost";
+        sqlx::query(concat!(
+            "INSERT INTO outposts (",
+            outpost_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6)"
+        ))
+        .bind(&outpost.name)
+        .bind(&outpost.display_name)
+        .bind(&outpost.description)
+        .bind(json(&outpost.labels)?)
+        .bind(outpost.max_stages.map(i64::from))
+        .bind(millis(outpost.created_at))
+        .execute(&self.writer)
+        .await
+        .map_err(insert_error(DOING, "outpost", outpost.name.clone()))?;
+        Ok(())
+    }
+
+    async fn get_outpost(&self, name: &str) -> Result<Outpost> {
+        sqlx::query(concat!(
+            "SELECT ",
+            outpost_columns!(),
+            " FROM outposts WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(backend("looking up an outpost"))?
+        .as_ref()
+        .map(outpost_from)
+        .transpose()?
+        .ok_or_else(|| not_found("outpost", name.to_owned()))
+    }
+
+    async fn list_outposts(&self) -> Result<Vec<Outpost>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            outpost_columns!(),
+            " FROM outposts ORDER BY name"
+        ))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(backend("listing outposts"))?;
+        all(&rows, outpost_from)
+    }
+
+    async fn delete_outpost(&self, name: &str, force: bool) -> Result<()> {
+        const DOING: &str = "deleting an outpost";
+        let mut tx = self.write().await?;
+        if !exists(
+            &mut tx,
+            "SELECT 1 FROM outposts WHERE name = $1",
+            &[name],
+            DOING,
+        )
+        .await?
+        {
+            return Err(not_found("outpost", name.to_owned()));
+        }
+        let on_it = sqlx::query(
+            "SELECT project, name FROM stages WHERE outpost = $1 ORDER BY project, name",
+        )
+        .bind(name)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        if !force && !on_it.is_empty() {
+            let stages = on_it
+                .iter()
+                .map(|row| {
+                    let project: String = col(row, "project")?;
+                    let stage: String = col(row, "name")?;
+                    Ok(wording::stage(&project, &stage))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return Err(wording::outpost_in_use(name, &stages));
+        }
+        for sql in [
+            "DELETE FROM releases WHERE EXISTS (SELECT 1 FROM stages s \
+             WHERE s.outpost = $1 AND s.project = releases.project AND s.name = releases.stage)",
+            "DELETE FROM configs WHERE EXISTS (SELECT 1 FROM stages s \
+             WHERE s.outpost = $1 AND s.project = configs.project AND s.name = configs.stage)",
+            "DELETE FROM stages WHERE outpost = $1",
+            "DELETE FROM outposts WHERE name = $1",
+        ] {
+            sqlx::query(sql)
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend(DOING))?;
+        }
+        commit(tx, DOING).await
+    }
+
+    async fn stages_on_outpost(&self, outpost: &str) -> Result<Vec<Stage>> {
+        const DOING: &str = "listing the stages on an outpost";
+        let mut tx = self.read().await?;
+        if !exists(
+            &mut tx,
+            "SELECT 1 FROM outposts WHERE name = $1",
+            &[outpost],
+            DOING,
+        )
+        .await?
+        {
+            return Err(not_found("outpost", outpost.to_owned()));
+        }
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            stage_columns!(),
+            " FROM stages WHERE outpost = $1 ORDER BY project, name"
+        ))
+        .bind(outpost)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        all(&rows, stage_from)
+    }
+
+    async fn create_stage(&self, stage: &NewStage, now: Timestamp) -> Result<Stage> {
+        const DOING: &str = "creating a stage";
+        let mut tx = self.write().await?;
+        require_project(&mut tx, &stage.project).await?;
+        if fetch_stage(&mut tx, &stage.project, &stage.name)
+            .await?
+            .is_some()
+        {
+            return Err(StoreError::AlreadyExists {
+                kind: "stage",
+                name: wording::stage(&stage.project, &stage.name),
+            });
+        }
+        let outpost = sqlx::query("SELECT max_stages FROM outposts WHERE name = $1")
+            .bind(&stage.outpost)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend(DOING))?
+            .ok_or_else(|| not_found("outpost", stage.outpost.clone()))?;
+        let max_stages: Option<i64> = col(&outpost, "max_stages")?;
+        // Counted inside the write transaction, so two concurrent creations
+        // cannot both take the last place.
+        if let Some(max) = max_stages {
+            let row = sqlx::query("SELECT COUNT(*) AS held FROM stages WHERE outpost = $1")
+                .bind(&stage.outpost)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(backend(DOING))?;
+            let held = count(&row, "held")?;
+            let max = u32::try_from(max).map_err(|_| corrupt(format!("stage limit {max}")))?;
+            if held >= u64::from(max) {
+                return Err(wording::outpost_full(&stage.outpost, held, max));
+            }
+        }
+        let created = Stage {
+            project: stage.project.clone(),
+            name: stage.name.clone(),
+            stage_type: stage.stage_type,
+            display_name: stage.display_name.clone(),
+            suspended: false,
+            outpost: stage.outpost.clone(),
+            desired_revision: 0,
+            latest_release: None,
+            created_at: truncated(now),
+        };
+        sqlx::query(concat!(
+            "INSERT INTO stages (",
+            stage_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        ))
+        .bind(&created.project)
+        .bind(&created.name)
+        .bind(created.stage_type.as_str())
+        .bind(&created.display_name)
+        .bind(created.suspended)
+        .bind(&created.outpost)
+        .bind(int(created.desired_revision)?)
+        .bind(None::<i64>)
+        .bind(millis(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(insert_error(
+            DOING,
+            "stage",
+            wording::stage(&stage.project, &stage.name),
+        ))?;
+        commit(tx, DOING).await?;
+        Ok(created)
+    }
+
+    async fn get_stage(&self, project: &str, name: &str) -> Result<Stage> {
+        let mut tx = self.read().await?;
+        require_stage(&mut tx, project, name).await
+    }
+
+    async fn list_stages(&self, project: &str) -> Result<Vec<Stage>> {
+        let mut tx = self.read().await?;
+        require_project(&mut tx, project).await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            stage_columns!(),
+            " FROM stages WHERE project = $1 ORDER BY name"
+        ))
+        .bind(project)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend("listing stages"))?;
+        all(&rows, stage_from)
+    }
+
+    async fn update_stage(&self, project: &str, name: &str, update: &StageUpdate) -> Result<Stage> {
+        const DOING: &str = "updating a stage";
+        let mut tx = self.write().await?;
+        let mut stage = require_stage(&mut tx, project, name).await?;
+        if let Some(display_name) = &update.display_name {
+            stage.display_name = display_name.clone();
+        }
+        if let Some(suspended) = update.suspended
+            && suspended != stage.suspended
+        {
+            stage.suspended = suspended;
+            stage.desired_revision += 1;
+        }
+        sqlx::query(
+            "UPDATE stages SET display_name = $1, suspended = $2, desired_revision = $3 \
+             WHERE project = $4 AND name = $5",
+        )
+        .bind(&stage.display_name)
+        .bind(stage.suspended)
+        .bind(int(stage.desired_revision)?)
+        .bind(project)
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        commit(tx, DOING).await?;
+        Ok(stage)
+    }
+
+    async fn delete_stage(&self, project: &str, name: &str, force: bool) -> Result<()> {
+        const DOING: &str = "deleting a stage";
+        let mut tx = self.write().await?;
+        require_stage(&mut tx, project, name).await?;
+        let row = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM releases WHERE project = $1 AND stage = $2) AS releases, \
+                    (SELECT COUNT(*) FROM configs WHERE project = $1 AND stage = $2) AS configs",
+        )
+        .bind(project)
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        let (releases, configs) = (count(&row, "releases")?, count(&row, "configs")?);
+        if !force && (releases > 0 || configs > 0) {
+            return Err(wording::stage_in_use(project, name, releases, configs));
+        }
+        for sql in [
+            "DELETE FROM releases WHERE project = $1 AND stage = $2",
+            "DELETE FROM configs WHERE project = $1 AND stage = $2",
+            "DELETE FROM stages WHERE project = $1 AND name = $2",
+        ] {
+            sqlx::query(sql)
+                .bind(project)
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend(DOING))?;
+        }
+        commit(tx, DOING).await
+    }
+
+    async fn create_build(
+        &self,
+        project: &str,
+        build: &NewBuild,
+        created_by: &str,
+        now: Timestamp,
+    ) -> Result<Build> {
+        const DOING: &str = "recording a build";
+        let mut tx = self.write().await?;
+        let last = sqlx::query("SELECT last_build FROM projects WHERE name = $1")
+            .bind(project)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend(DOING))?
+            .ok_or_else(|| not_found("project", project.to_owned()))?;
+        let number = count(&last, "last_build")? + 1;
+        let created = Build {
+            project: project.to_owned(),
+            name: build_name(&build.branch, number),
+            number,
+            branch: build.branch.clone(),
+            commit: build.commit.clone(),
+            manifest_file: build.manifest_file.clone(),
+            manifest: build.manifest.clone(),
+            components: build.components.clone(),
+            created_at: truncated(now),
+            created_by: created_by.to_owned(),
+        };
+        sqlx::query("UPDATE projects SET last_build = $1 WHERE name = $2")
+            .bind(int(number)?)
+            .bind(project)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        sqlx::query(concat!(
+            "INSERT INTO builds (",
+            build_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        ))
+        .bind(&created.project)
+        .bind(&created.name)
+        .bind(int(number)?)
+        .bind(&created.branch)
+        .bind(&created.commit)
+        .bind(&created.manifest_file)
+        .bind(&created.manifest)
+        .bind(json(&created.components)?)
+        .bind(millis(now))
+        .bind(&created.created_by)
+        .execute(&mut *tx)
+        .await
+        .map_err(insert_error(
+            DOING,
+            "build",
+            wording::build(project, &created.name),
+        ))?;
+        commit(tx, DOING).await?;
+        Ok(created)
+    }
+
+    async fn get_build(&self, project: &str, name: &str) -> Result<Build> {
+        let mut tx = self.read().await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            build_columns!(),
+            " FROM builds WHERE project = $1 AND name = $2"
+        ))
+        .bind(project)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend("looking up a build"))?;
+        match row {
+            Some(row) => build_from(&row),
+            None => {
+                require_project(&mut tx, project).await?;
+                Err(not_found("build", wording::build(project, name)))
+            }
+        }
+    }
+
+    async fn list_builds(&self, project: &str) -> Result<Vec<Build>> {
+        let mut tx = self.read().await?;
+        require_project(&mut tx, project).await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            build_columns!(),
+            " FROM builds WHERE project = $1 ORDER BY number DESC"
+        ))
+        .bind(project)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend("listing builds"))?;
+        all(&rows, build_from)
+    }
+
+    async fn delete_build(&self, project: &str, name: &str) -> Result<()> {
+        const DOING: &str = "deleting a build";
+        let mut tx = self.write().await?;
+        require_project(&mut tx, project).await?;
+        if !exists(
+            &mut tx,
+            "SELECT 1 FROM builds WHERE project = $1 AND name = $2",
+            &[project, name],
+            DOING,
+        )
+        .await?
+        {
+            return Err(not_found("build", wording::build(project, name)));
+        }
+        let users = sqlx::query(
+            "SELECT stage, COUNT(*) AS releases FROM releases \
+             WHERE project = $1 AND build = $2 GROUP BY stage ORDER BY stage",
+        )
+        .bind(project)
+        .bind(name)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        if !users.is_empty() {
+            let mut releases = 0;
+            let mut stages = Vec::with_capacity(users.len());
+            for row in &users {
+                releases += count(row, "releases")?;
+                stages.push(col::<String>(row, "stage")?);
+            }
+            return Err(wording::build_in_use(project, name, releases, &stages));
+        }
+        sqlx::query("DELETE FROM builds WHERE project = $1 AND name = $2")
+            .bind(project)
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        commit(tx, DOING).await
+    }
+
+    async fn add_config_data(
+        &self,
+        project: &str,
+        stage: &str,
+        name: &str,
+        data: &ConfigData,
+        now: Timestamp,
+    ) -> Result<Config> {
+        const DOING: &str = "updating a config";
+        let mut tx = self.write().await?;
+        require_stage(&mut tx, project, stage).await?;
+        let existing = sqlx::query(concat!(
+            "SELECT ",
+            config_columns!(),
+            " FROM configs WHERE project = $1 AND stage = $2 AND name = $3"
+        ))
+        .bind(project)
+        .bind(stage)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend(DOING))?
+        .as_ref()
+        .map(config_from)
+        .transpose()?;
+        let (version, merged) = match existing {
+            Some(existing) => {
+                let mut merged = existing.data;
+                merged.env.extend(data.env.clone());
+                merged.files.extend(data.files.clone());
+                (existing.version + 1, merged)
+            }
+            None => (1, data.clone()),
+        };
+        sqlx::query(concat!(
+            "INSERT INTO configs (",
+            config_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (project, stage, name) DO UPDATE SET \
+             version = excluded.version, env = excluded.env, files = excluded.files, \
+             updated_at = excluded.updated_at"
+        ))
+        .bind(project)
+        .bind(stage)
+        .bind(name)
+        .bind(int(version)?)
+        .bind(json(&merged.env)?)
+        .bind(json(&merged.files)?)
+        .bind(millis(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        commit(tx, DOING).await?;
+        Ok(Config {
+            project: project.to_owned(),
+            stage: stage.to_owned(),
+            name: name.to_owned(),
+            version,
+            data: merged,
+            updated_at: truncated(now),
+        })
+    }
+
+    async fn get_config(&self, project: &str, stage: &str, name: &str) -> Result<Config> {
+        let mut tx = self.read().await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            config_columns!(),
+            " FROM configs WHERE project = $1 AND stage = $2 AND name = $3"
+        ))
+        .bind(project)
+        .bind(stage)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend("looking up a config"))?;
+        match row {
+            Some(row) => config_from(&row),
+            None => {
+                require_stage(&mut tx, project, stage).await?;
+                Err(not_found("config", wording::config(project, stage, name)))
+            }
+        }
+    }
+
+    async fn list_configs(&self, project: &str, stage: Option<&str>) -> Result<Vec<Config>> {
+        const DOING: &str = "listing configs";
+        let mut tx = self.read().await?;
+        let rows = match stage {
+            Some(stage) => {
+                require_stage(&mut tx, project, stage).await?;
+                sqlx::query(concat!(
+                    "SELECT ",
+                    config_columns!(),
+                    " FROM configs WHERE project = $1 AND stage = $2 ORDER BY name"
+                ))
+                .bind(project)
+                .bind(stage)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(backend(DOING))?
+            }
+            None => {
+                require_project(&mut tx, project).await?;
+                sqlx::query(concat!(
+                    "SELECT ",
+                    config_columns!(),
+                    " FROM configs WHERE project = $1 ORDER BY stage, name"
+                ))
+                .bind(project)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(backend(DOING))?
+            }
+        };
+        all(&rows, config_from)
+    }
+
+    async fn delete_config(&self, project: &str, stage: &str, name: &str) -> Result<()> {
+        const DOING: &str = "deleting a config";
+        let mut tx = self.write().await?;
+        require_stage(&mut tx, project, stage).await?;
+        let deleted =
+            sqlx::query("DELETE FROM configs WHERE project = $1 AND stage = $2 AND name = $3")
+                .bind(project)
+                .bind(stage)
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend(DOING))?;
+        if deleted.rows_affected() == 0 {
+            return Err(not_found("config", wording::config(project, stage, name)));
+        }
+        commit(tx, DOING).await
+    }
+
+    async fn push_release(&self, release: &NewRelease, now: Timestamp) -> Result<Release> {
+        const DOING: &str = "recording a release";
+        let mut tx = self.write().await?;
+        let stage = require_stage(&mut tx, &release.project, &release.stage).await?;
+        if !exists(
+            &mut tx,
+            "SELECT 1 FROM builds WHERE project = $1 AND name = $2",
+            &[&release.project, &release.build],
+            DOING,
+        )
+        .await?
+        {
+            return Err(not_found(
+                "build",
+                wording::build(&release.project, &release.build),
+            ));
+        }
+        let number = stage.latest_release.unwrap_or(0) + 1;
+        let revision = stage.desired_revision + 1;
+        sqlx::query(
+            "UPDATE stages SET desired_revision = $1, latest_release = $2 \
+             WHERE project = $3 AND name = $4",
+        )
+        .bind(int(revision)?)
+        .bind(int(number)?)
+        .bind(&release.project)
+        .bind(&release.stage)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        let created = Release {
+            project: release.project.clone(),
+            stage: release.stage.clone(),
+            number,
+            build: release.build.clone(),
+            config: release.config.clone(),
+            revision,
+            state: ReleaseState::Pending,
+            created_at: truncated(now),
+            created_by: release.created_by.clone(),
+        };
+        sqlx::query(concat!(
+            "INSERT INTO releases (",
+            release_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        ))
+        .bind(&created.project)
+        .bind(&created.stage)
+        .bind(int(number)?)
+        .bind(&created.build)
+        .bind(created.config.as_ref().map(json).transpose()?)
+        .bind(int(revision)?)
+        .bind(created.state.as_str())
+        .bind(millis(now))
+        .bind(&created.created_by)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        commit(tx, DOING).await?;
+        Ok(created)
+    }
+
+    async fn get_release(&self, project: &str, stage: &str, number: u64) -> Result<Release> {
+        let mut tx = self.read().await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            release_columns!(),
+            " FROM releases WHERE project = $1 AND stage = $2 AND number = $3"
+        ))
+        .bind(project)
+        .bind(stage)
+        .bind(int(number)?)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend("looking up a release"))?;
+        match row {
+            Some(row) => release_from(&row),
+            None => {
+                require_stage(&mut tx, project, stage).await?;
+                Err(not_found(
+                    "release",
+                    wording::release(project, stage, number),
+                ))
+            }
+        }
+    }
+
+    async fn list_releases(&self, project: &str, stage: &str) -> Result<Vec<Release>> {
+        let mut tx = self.read().await?;
+        require_stage(&mut tx, project, stage).await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            release_columns!(),
+            " FROM releases WHERE project = $1 AND stage = $2 ORDER BY number DESC"
+        ))
+        .bind(project)
+        .bind(stage)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend("listing releases"))?;
+        all(&rows, release_from)
+    }
+}
+
+/// What a timestamp reads back as: the database keeps milliseconds.
+fn truncated(t: Timestamp) -> Timestamp {
+    DateTime::from_timestamp_millis(millis(t)).unwrap_or(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The durability promise rests on these settings; check the database
+    /// really runs with them rather than trusting the options builder.
+    #[tokio::test]
+    async fn runs_with_wal_full_sync_and_foreign_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("hub.db")).await.unwrap();
+        for pool in [&store.writer, &store.reader] {
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            assert_eq!(mode, "wal");
+            let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            assert_eq!(sync, 2, "synchronous=FULL");
+            let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            assert_eq!(fk, 1);
+        }
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn readers_cannot_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("hub.db")).await.unwrap();
+        let write = sqlx::query("DELETE FROM users")
+            .execute(&store.reader)
+            .await;
+        assert!(write.is_err());
+        store.close().await;
+    }
+}

@@ -1,1 +1,1291 @@
-//! (being written)
+//! The behaviour every [`Store`] backend must show, as one async function
+//! per behaviour taking `&dyn Store`.
+//!
+//! Backends run it through [`for_each_suite_test!`](crate::for_each_suite_test),
+//! which names every function here, so each behaviour becomes its own test
+//! per backend (`memory::outpost_capacity`, `sqlite::outpost_capacity`, …)
+//! and a new backend or a new behaviour cannot be left out by accident.
+//! Each function expects a fresh, empty store.
+//!
+//! This is test code that ships in the library so other crates (a future
+//! PostgreSQL backend) can run it; its panics are its assertions.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+
+use chrono::DateTime;
+use trellis_model::{
+    Artifact, BuildComponent, ConfigData, ConfigSnapshot, NewBuild, Outpost, Project, ReleaseState,
+    Role, Stage, StageType, Timestamp, User,
+};
+
+use crate::{NewRelease, NewStage, Result, StageUpdate, Store, StoreError, StoredAccessKey};
+
+/// Calls `$callback!` with the name of every behaviour in the suite.
+///
+/// ```ignore
+/// macro_rules! backend_tests { ($($name:ident),*) => { /* one test each */ } }
+/// trellis_store::for_each_suite_test!(backend_tests);
+/// ```
+#[macro_export]
+macro_rules! for_each_suite_test {
+    ($callback:ident) => {
+        $callback! {
+            users,
+            access_keys,
+            projects,
+            members,
+            outposts,
+            stage_creation,
+            outpost_capacity,
+            stage_updates,
+            build_numbering,
+            release_push,
+            failed_push_changes_nothing,
+            configs,
+            delete_project_rules,
+            delete_stage_rules,
+            delete_build_rules,
+            delete_outpost_rules,
+            timestamps_keep_milliseconds,
+            concurrent_writes_keep_numbering,
+        }
+    };
+}
+
+// --- fixtures ---
+
+/// A fixed instant with whole milliseconds, plus `ms`; both backends return
+/// such timestamps unchanged.
+fn at(ms: i64) -> Timestamp {
+    DateTime::from_timestamp_millis(1_700_000_000_000 + ms).expect("a representable instant")
+}
+
+fn user(name: &str) -> User {
+    User {
+        name: name.into(),
+        admin: false,
+        created_at: at(0),
+    }
+}
+
+fn project(name: &str) -> Project {
+    Project {
+        name: name.into(),
+        description: format!("the {name} project"),
+        created_at: at(1),
+    }
+}
+
+fn outpost(name: &str, max_stages: Option<u32>) -> Outpost {
+    Outpost {
+        name: name.into(),
+        display_name: format!("Outpost {name}"),
+        description: String::new(),
+        labels: BTreeMap::new(),
+        max_stages,
+        created_at: at(2),
+    }
+}
+
+fn new_stage(project: &str, name: &str, outpost: &str) -> NewStage {
+    NewStage {
+        project: project.into(),
+        name: name.into(),
+        stage_type: StageType::Dev,
+        display_name: format!("Stage {name}"),
+        outpost: outpost.into(),
+    }
+}
+
+fn new_build(branch: &str) -> NewBuild {
+    NewBuild {
+        branch: branch.into(),
+        commit: "0123456789abcdef0123456789abcdef01234567".into(),
+        manifest_file: "trellis.yaml".into(),
+        manifest: "version: 1\ncomponents: {}\n".into(),
+        components: vec![
+            BuildComponent {
+                name: "web".into(),
+                artifact: Artifact::Image {
+                    reference: "registry.example/web:1".into(),
+                },
+            },
+            BuildComponent {
+                name: "worker".into(),
+                artifact: Artifact::Package {
+                    digest: "ab".repeat(32),
+                    size: 4096,
+                },
+            },
+        ],
+    }
+}
+
+fn new_release(project: &str, stage: &str, build: &str) -> NewRelease {
+    NewRelease {
+        project: project.into(),
+        stage: stage.into(),
+        build: build.into(),
+        config: None,
+        created_by: "alice".into(),
+    }
+}
+
+fn config_data(env: &[(&str, &str)], files: &[(&str, &str)]) -> ConfigData {
+    let map = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    ConfigData {
+        env: map(env),
+        files: map(files),
+    }
+}
+
+/// User `alice`, outpost `local` (unlimited) and project `name` owned by
+/// alice, creating whichever of them is missing.
+async fn setup(store: &dyn Store, name: &str) {
+    match store.create_user(&user("alice")).await {
+        Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+        Err(e) => panic!("creating alice: {e}"),
+    }
+    match store.create_outpost(&outpost("local", None)).await {
+        Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+        Err(e) => panic!("creating the local outpost: {e}"),
+    }
+    store
+        .create_project(&project(name), "alice")
+        .await
+        .expect("creating a project");
+}
+
+async fn stage_in(store: &dyn Store, project: &str, name: &str) -> Stage {
+    store
+        .create_stage(&new_stage(project, name, "local"), at(10))
+        .await
+        .expect("creating a stage")
+}
+
+// --- error assertions ---
+
+#[track_caller]
+fn assert_not_found<T: Debug>(result: Result<T>, kind: &str, name: &str) {
+    match result {
+        Err(StoreError::NotFound { kind: k, name: n }) if k == kind && n == name => {}
+        other => panic!("expected NotFound {{ kind: {kind:?}, name: {name:?} }}, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn assert_exists<T: Debug>(result: Result<T>, kind: &str, name: &str) {
+    match result {
+        Err(StoreError::AlreadyExists { kind: k, name: n }) if k == kind && n == name => {}
+        other => {
+            panic!("expected AlreadyExists {{ kind: {kind:?}, name: {name:?} }}, got {other:?}")
+        }
+    }
+}
+
+/// Returns `(what, hint)` of an `InUse` refusal.
+#[track_caller]
+fn assert_in_use<T: Debug>(result: Result<T>) -> (String, String) {
+    match result {
+        Err(StoreError::InUse { what, hint }) => (what, hint),
+        other => panic!("expected InUse, got {other:?}"),
+    }
+}
+
+// --- the behaviours ---
+
+pub async fn users(store: &dyn Store) {
+    assert!(store.list_users().await.unwrap().is_empty());
+    let bob = User {
+        admin: true,
+        ..user("bob")
+    };
+    store.create_user(&bob).await.unwrap();
+    store.create_user(&user("alice")).await.unwrap();
+    assert_eq!(store.get_user("bob").await.unwrap(), bob);
+    let names: Vec<String> = store
+        .list_users()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.name)
+        .collect();
+    assert_eq!(names, ["alice", "bob"]);
+    assert_exists(store.create_user(&user("bob")).await, "user", "bob");
+    // The failed duplicate must not have overwritten the original.
+    assert!(store.get_user("bob").await.unwrap().admin);
+    assert_not_found(store.get_user("carol").await, "user", "carol");
+}
+
+pub async fn access_keys(store: &dyn Store) {
+    let key = |id: &str, user: &str| StoredAccessKey {
+        info: trellis_model::AccessKeyInfo {
+            id: id.into(),
+            user: user.into(),
+            description: format!("key {id}"),
+            created_at: at(5),
+        },
+        secret_hash: format!("$argon2id$v=19$m=19456,t=2,p=1$salt${id}"),
+    };
+    assert_not_found(
+        store.create_access_key(&key("tk_1", "alice")).await,
+        "user",
+        "alice",
+    );
+    store.create_user(&user("alice")).await.unwrap();
+    store.create_user(&user("bob")).await.unwrap();
+    store
+        .create_access_key(&key("tk_2", "alice"))
+        .await
+        .unwrap();
+    store.create_access_key(&key("tk_1", "bob")).await.unwrap();
+    store
+        .create_access_key(&key("tk_3", "alice"))
+        .await
+        .unwrap();
+    assert_exists(
+        store.create_access_key(&key("tk_2", "bob")).await,
+        "access key",
+        "tk_2",
+    );
+
+    assert_eq!(
+        store.find_access_key("tk_2").await.unwrap(),
+        Some(key("tk_2", "alice"))
+    );
+    assert_eq!(store.find_access_key("tk_404").await.unwrap(), None);
+
+    let ids = |keys: Vec<trellis_model::AccessKeyInfo>| -> Vec<String> {
+        keys.into_iter().map(|k| k.id).collect()
+    };
+    assert_eq!(
+        ids(store.list_access_keys(None).await.unwrap()),
+        ["tk_1", "tk_2", "tk_3"]
+    );
+    assert_eq!(
+        ids(store.list_access_keys(Some("alice")).await.unwrap()),
+        ["tk_2", "tk_3"]
+    );
+    assert_eq!(
+        store.list_access_keys(Some("bob")).await.unwrap(),
+        [key("tk_1", "bob").info]
+    );
+    assert_not_found(store.list_access_keys(Some("carol")).await, "user", "carol");
+
+    store.delete_access_key("tk_2").await.unwrap();
+    assert_eq!(store.find_access_key("tk_2").await.unwrap(), None);
+    assert_not_found(store.delete_access_key("tk_2").await, "access key", "tk_2");
+    assert_eq!(
+        ids(store.list_access_keys(Some("alice")).await.unwrap()),
+        ["tk_3"]
+    );
+}
+
+pub async fn projects(store: &dyn Store) {
+    // The owner must exist, and a refused creation leaves nothing behind.
+    assert_not_found(
+        store.create_project(&project("shop"), "alice").await,
+        "user",
+        "alice",
+    );
+    assert_not_found(store.get_project("shop").await, "project", "shop");
+
+    store.create_user(&user("alice")).await.unwrap();
+    store
+        .create_project(&project("shop"), "alice")
+        .await
+        .unwrap();
+    store
+        .create_project(&project("lab"), "alice")
+        .await
+        .unwrap();
+    assert_eq!(store.get_project("shop").await.unwrap(), project("shop"));
+    assert_eq!(
+        store.list_projects().await.unwrap(),
+        [project("lab"), project("shop")]
+    );
+    let mut changed = project("shop");
+    changed.description = "another".into();
+    assert_exists(
+        store.create_project(&changed, "alice").await,
+        "project",
+        "shop",
+    );
+    assert_eq!(store.get_project("shop").await.unwrap(), project("shop"));
+    assert_not_found(store.get_project("nope").await, "project", "nope");
+}
+
+pub async fn members(store: &dyn Store) {
+    setup(store, "shop").await;
+    store.create_user(&user("bob")).await.unwrap();
+    store.create_user(&user("carol")).await.unwrap();
+
+    let members = store.list_members("shop").await.unwrap();
+    assert_eq!(members.len(), 1);
+    assert_eq!(
+        (
+            members[0].project.as_str(),
+            members[0].user.as_str(),
+            members[0].role
+        ),
+        ("shop", "alice", Role::Owner)
+    );
+    assert_eq!(
+        store.role_of("shop", "alice").await.unwrap(),
+        Some(Role::Owner)
+    );
+    assert_eq!(store.role_of("shop", "bob").await.unwrap(), None);
+
+    store
+        .set_member("shop", "carol", Role::Member)
+        .await
+        .unwrap();
+    store.set_member("shop", "bob", Role::Member).await.unwrap();
+    assert_eq!(
+        store.role_of("shop", "bob").await.unwrap(),
+        Some(Role::Member)
+    );
+    store.set_member("shop", "bob", Role::Owner).await.unwrap();
+    assert_eq!(
+        store.role_of("shop", "bob").await.unwrap(),
+        Some(Role::Owner)
+    );
+    let listed: Vec<(String, Role)> = store
+        .list_members("shop")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.user, m.role))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("alice".to_owned(), Role::Owner),
+            ("bob".to_owned(), Role::Owner),
+            ("carol".to_owned(), Role::Member),
+        ]
+    );
+
+    store.remove_member("shop", "bob").await.unwrap();
+    assert_eq!(store.role_of("shop", "bob").await.unwrap(), None);
+    assert_not_found(
+        store.remove_member("shop", "bob").await,
+        "member",
+        "shop/bob",
+    );
+
+    assert_not_found(
+        store.set_member("shop", "dave", Role::Member).await,
+        "user",
+        "dave",
+    );
+    assert_not_found(
+        store.set_member("nope", "bob", Role::Member).await,
+        "project",
+        "nope",
+    );
+    assert_not_found(store.list_members("nope").await, "project", "nope");
+    assert_not_found(store.role_of("nope", "alice").await, "project", "nope");
+    assert_not_found(
+        store.remove_member("nope", "alice").await,
+        "project",
+        "nope",
+    );
+}
+
+pub async fn outposts(store: &dyn Store) {
+    let mut factory = outpost("factory-7", Some(5));
+    factory.description = "line 7 edge box".into();
+    factory.labels = BTreeMap::from([
+        ("site".to_owned(), "hamburg".to_owned()),
+        ("arch".to_owned(), "arm64".to_owned()),
+    ]);
+    store.create_outpost(&factory).await.unwrap();
+    store.create_outpost(&outpost("local", None)).await.unwrap();
+    assert_eq!(store.get_outpost("factory-7").await.unwrap(), factory);
+    assert_eq!(
+        store.list_outposts().await.unwrap(),
+        [factory.clone(), outpost("local", None)]
+    );
+    assert_exists(
+        store.create_outpost(&outpost("factory-7", None)).await,
+        "outpost",
+        "factory-7",
+    );
+    assert_eq!(store.get_outpost("factory-7").await.unwrap(), factory);
+    assert_not_found(store.get_outpost("nope").await, "outpost", "nope");
+
+    assert!(
+        store
+            .stages_on_outpost("factory-7")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    store.delete_outpost("factory-7", false).await.unwrap();
+    assert_not_found(store.get_outpost("factory-7").await, "outpost", "factory-7");
+    assert_not_found(
+        store.delete_outpost("factory-7", false).await,
+        "outpost",
+        "factory-7",
+    );
+    assert_not_found(
+        store.stages_on_outpost("factory-7").await,
+        "outpost",
+        "factory-7",
+    );
+}
+
+pub async fn stage_creation(store: &dyn Store) {
+    setup(store, "shop").await;
+    setup(store, "lab").await;
+    store.create_outpost(&outpost("edge", None)).await.unwrap();
+
+    let spec = NewStage {
+        stage_type: StageType::Prod,
+        ..new_stage("shop", "prod", "edge")
+    };
+    let prod = store.create_stage(&spec, at(10)).await.unwrap();
+    assert_eq!(
+        prod,
+        Stage {
+            project: "shop".into(),
+            name: "prod".into(),
+            stage_type: StageType::Prod,
+            display_name: "Stage prod".into(),
+            suspended: false,
+            outpost: "edge".into(),
+            desired_revision: 0,
+            latest_release: None,
+            created_at: at(10),
+        }
+    );
+    assert_eq!(store.get_stage("shop", "prod").await.unwrap(), prod);
+
+    let dev = stage_in(store, "shop", "dev").await;
+    // Stage names are unique per project only.
+    let lab_dev = stage_in(store, "lab", "dev").await;
+    assert_exists(
+        store
+            .create_stage(&new_stage("shop", "dev", "edge"), at(11))
+            .await,
+        "stage",
+        "shop/dev",
+    );
+    assert_eq!(store.get_stage("shop", "dev").await.unwrap(), dev);
+    assert_eq!(
+        store.list_stages("shop").await.unwrap(),
+        [dev.clone(), prod.clone()]
+    );
+    assert_eq!(
+        store.stages_on_outpost("local").await.unwrap(),
+        [lab_dev, dev]
+    );
+    assert_eq!(store.stages_on_outpost("edge").await.unwrap(), [prod]);
+
+    assert_not_found(
+        store
+            .create_stage(&new_stage("nope", "dev", "local"), at(12))
+            .await,
+        "project",
+        "nope",
+    );
+    assert_not_found(
+        store
+            .create_stage(&new_stage("shop", "qa", "nowhere"), at(12))
+            .await,
+        "outpost",
+        "nowhere",
+    );
+    assert_not_found(store.get_stage("shop", "qa").await, "stage", "shop/qa");
+    assert_not_found(store.get_stage("nope", "dev").await, "project", "nope");
+    assert_not_found(store.list_stages("nope").await, "project", "nope");
+}
+
+pub async fn outpost_capacity(store: &dyn Store) {
+    setup(store, "shop").await;
+    setup(store, "lab").await;
+    store.create_outpost(&outpost("x", Some(3))).await.unwrap();
+    for (project, stage) in [("shop", "dev"), ("shop", "qa"), ("lab", "dev")] {
+        store
+            .create_stage(&new_stage(project, stage, "x"), at(10))
+            .await
+            .unwrap();
+    }
+    let (what, hint) = assert_in_use(
+        store
+            .create_stage(&new_stage("lab", "qa", "x"), at(11))
+            .await,
+    );
+    assert_eq!(what, "outpost \"x\" is full: it holds 3 of 3 stages");
+    assert_eq!(
+        hint,
+        "ask an administrator to raise its limit or choose another outpost"
+    );
+    assert_not_found(store.get_stage("lab", "qa").await, "stage", "lab/qa");
+
+    // Other outposts are unaffected, and deleting a stage frees its place.
+    store
+        .create_stage(&new_stage("lab", "qa", "local"), at(11))
+        .await
+        .unwrap();
+    store.delete_stage("shop", "qa", false).await.unwrap();
+    store
+        .create_stage(&new_stage("lab", "prod", "x"), at(12))
+        .await
+        .unwrap();
+    assert_eq!(store.stages_on_outpost("x").await.unwrap().len(), 3);
+
+    store
+        .create_outpost(&outpost("closed", Some(0)))
+        .await
+        .unwrap();
+    let (what, _) = assert_in_use(
+        store
+            .create_stage(&new_stage("shop", "qa", "closed"), at(13))
+            .await,
+    );
+    assert_eq!(what, "outpost \"closed\" is full: it holds 0 of 0 stages");
+}
+
+pub async fn stage_updates(store: &dyn Store) {
+    setup(store, "shop").await;
+    stage_in(store, "shop", "dev").await;
+
+    let renamed = store
+        .update_stage(
+            "shop",
+            "dev",
+            &StageUpdate {
+                display_name: Some("Development".into()),
+                suspended: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(renamed.display_name, "Development");
+    assert_eq!(
+        renamed.desired_revision, 0,
+        "a new display name runs nothing new"
+    );
+
+    let suspend = StageUpdate {
+        display_name: None,
+        suspended: Some(true),
+    };
+    let suspended = store.update_stage("shop", "dev", &suspend).await.unwrap();
+    assert!(suspended.suspended);
+    assert_eq!(suspended.desired_revision, 1);
+    let again = store.update_stage("shop", "dev", &suspend).await.unwrap();
+    assert_eq!(again.desired_revision, 1, "suspending a suspended stage");
+
+    let resumed = store
+        .update_stage(
+            "shop",
+            "dev",
+            &StageUpdate {
+                display_name: Some("Dev".into()),
+                suspended: Some(false),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(!resumed.suspended);
+    assert_eq!(resumed.display_name, "Dev");
+    assert_eq!(resumed.desired_revision, 2);
+    assert_eq!(store.get_stage("shop", "dev").await.unwrap(), resumed);
+
+    let unchanged = store
+        .update_stage("shop", "dev", &StageUpdate::default())
+        .await
+        .unwrap();
+    assert_eq!(unchanged, resumed);
+
+    assert_not_found(
+        store.update_stage("shop", "qa", &suspend).await,
+        "stage",
+        "shop/qa",
+    );
+    assert_not_found(
+        store.update_stage("nope", "dev", &suspend).await,
+        "project",
+        "nope",
+    );
+}
+
+pub async fn build_numbering(store: &dyn Store) {
+    setup(store, "shop").await;
+    setup(store, "lab").await;
+
+    let b1 = store
+        .create_build("shop", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    assert_eq!((b1.number, b1.name.as_str()), (1, "main_b1"));
+    let spec = new_build("feature/x");
+    assert_eq!(
+        (b1.project.as_str(), &b1.commit, &b1.components),
+        ("shop", &spec.commit, &spec.components)
+    );
+    assert_eq!((b1.created_at, b1.created_by.as_str()), (at(20), "alice"));
+    let b2 = store
+        .create_build("shop", &spec, "bob", at(21))
+        .await
+        .unwrap();
+    assert_eq!((b2.number, b2.name.as_str()), (2, "feature-x_b2"));
+    assert_eq!(b2.branch, "feature/x");
+    assert_eq!(b2.manifest_file, spec.manifest_file);
+    assert_eq!(b2.manifest, spec.manifest);
+    let b3 = store
+        .create_build("shop", &new_build("main"), "alice", at(22))
+        .await
+        .unwrap();
+    assert_eq!(b3.name, "main_b3");
+
+    assert_eq!(store.get_build("shop", "feature-x_b2").await.unwrap(), b2);
+    assert_eq!(
+        store.list_builds("shop").await.unwrap(),
+        [b3.clone(), b2.clone(), b1.clone()]
+    );
+
+    // Numbers of deleted builds are never handed out again.
+    store.delete_build("shop", "main_b3").await.unwrap();
+    let b4 = store
+        .create_build("shop", &new_build("main"), "alice", at(23))
+        .await
+        .unwrap();
+    assert_eq!(b4.name, "main_b4");
+    for name in ["main_b1", "feature-x_b2", "main_b4"] {
+        store.delete_build("shop", name).await.unwrap();
+    }
+    assert!(store.list_builds("shop").await.unwrap().is_empty());
+    let b5 = store
+        .create_build("shop", &new_build("main"), "alice", at(24))
+        .await
+        .unwrap();
+    assert_eq!(b5.number, 5);
+
+    // Each project counts on its own.
+    let lab1 = store
+        .create_build("lab", &new_build("main"), "alice", at(25))
+        .await
+        .unwrap();
+    assert_eq!(lab1.name, "main_b1");
+    assert_eq!(store.list_builds("lab").await.unwrap(), [lab1]);
+
+    assert_not_found(
+        store.get_build("shop", "main_b3").await,
+        "build",
+        "shop/main_b3",
+    );
+    assert_not_found(store.get_build("nope", "main_b1").await, "project", "nope");
+    assert_not_found(store.list_builds("nope").await, "project", "nope");
+    assert_not_found(
+        store
+            .create_build("nope", &new_build("main"), "alice", at(26))
+            .await,
+        "project",
+        "nope",
+    );
+}
+
+pub async fn release_push(store: &dyn Store) {
+    setup(store, "shop").await;
+    stage_in(store, "shop", "dev").await;
+    stage_in(store, "shop", "prod").await;
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+
+    let r1 = store
+        .push_release(&new_release("shop", "dev", &build.name), at(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r1.number, r1.revision, r1.state),
+        (1, 1, ReleaseState::Pending)
+    );
+    assert_eq!(
+        (r1.project.as_str(), r1.stage.as_str(), r1.build.as_str()),
+        ("shop", "dev", "main_b1")
+    );
+    assert_eq!((r1.created_at, r1.created_by.as_str()), (at(30), "alice"));
+    assert_eq!(r1.config, None);
+    let dev = store.get_stage("shop", "dev").await.unwrap();
+    assert_eq!((dev.desired_revision, dev.latest_release), (1, Some(1)));
+
+    let snapshot = ConfigSnapshot {
+        name: "db".into(),
+        version: 3,
+        data: config_data(&[("DB_HOST", "db.internal")], &[("ca.pem", "-----BEGIN")]),
+    };
+    let r2 = store
+        .push_release(
+            &NewRelease {
+                config: Some(snapshot.clone()),
+                ..new_release("shop", "dev", &build.name)
+            },
+            at(31),
+        )
+        .await
+        .unwrap();
+    assert_eq!((r2.number, r2.revision), (2, 2));
+    assert_eq!(r2.config, Some(snapshot));
+
+    // A suspension takes a revision; the next release builds on it.
+    store
+        .update_stage(
+            "shop",
+            "dev",
+            &StageUpdate {
+                display_name: None,
+                suspended: Some(true),
+            },
+        )
+        .await
+        .unwrap();
+    let r3 = store
+        .push_release(&new_release("shop", "dev", &build.name), at(32))
+        .await
+        .unwrap();
+    assert_eq!((r3.number, r3.revision), (3, 4));
+    let dev = store.get_stage("shop", "dev").await.unwrap();
+    assert_eq!((dev.desired_revision, dev.latest_release), (4, Some(3)));
+
+    assert_eq!(store.get_release("shop", "dev", 2).await.unwrap(), r2);
+    assert_eq!(
+        store.list_releases("shop", "dev").await.unwrap(),
+        [r3, r2, r1]
+    );
+
+    // Release numbers and revisions are per stage.
+    let p1 = store
+        .push_release(&new_release("shop", "prod", &build.name), at(33))
+        .await
+        .unwrap();
+    assert_eq!((p1.number, p1.revision), (1, 1));
+    assert_eq!(store.list_releases("shop", "prod").await.unwrap(), [p1]);
+
+    assert_not_found(
+        store.get_release("shop", "dev", 9).await,
+        "release",
+        "shop/dev#9",
+    );
+    assert_not_found(store.get_release("shop", "qa", 1).await, "stage", "shop/qa");
+    assert_not_found(store.list_releases("shop", "qa").await, "stage", "shop/qa");
+    assert_not_found(store.list_releases("nope", "dev").await, "project", "nope");
+}
+
+pub async fn failed_push_changes_nothing(store: &dyn Store) {
+    setup(store, "shop").await;
+    setup(store, "lab").await;
+    stage_in(store, "shop", "dev").await;
+    // A build of the same name, but in another project.
+    store
+        .create_build("lab", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    let before = store.get_stage("shop", "dev").await.unwrap();
+
+    assert_not_found(
+        store
+            .push_release(&new_release("shop", "dev", "main_b1"), at(30))
+            .await,
+        "build",
+        "shop/main_b1",
+    );
+    assert_eq!(store.get_stage("shop", "dev").await.unwrap(), before);
+    assert!(store.list_releases("shop", "dev").await.unwrap().is_empty());
+
+    store
+        .create_build("shop", &new_build("main"), "alice", at(21))
+        .await
+        .unwrap();
+    assert_not_found(
+        store
+            .push_release(&new_release("shop", "qa", "main_b1"), at(30))
+            .await,
+        "stage",
+        "shop/qa",
+    );
+    assert_not_found(
+        store
+            .push_release(&new_release("nope", "dev", "main_b1"), at(30))
+            .await,
+        "project",
+        "nope",
+    );
+    assert_eq!(store.get_stage("shop", "dev").await.unwrap(), before);
+
+    // The first successful push is still number 1.
+    let r = store
+        .push_release(&new_release("shop", "dev", "main_b1"), at(31))
+        .await
+        .unwrap();
+    assert_eq!((r.number, r.revision), (1, 1));
+}
+
+pub async fn configs(store: &dyn Store) {
+    setup(store, "shop").await;
+    stage_in(store, "shop", "dev").await;
+    stage_in(store, "shop", "prod").await;
+
+    let first = store
+        .add_config_data(
+            "shop",
+            "dev",
+            "db",
+            &config_data(&[("HOST", "a"), ("PORT", "5432")], &[("ca.pem", "one")]),
+            at(40),
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.version, 1);
+    assert_eq!(
+        (
+            first.project.as_str(),
+            first.stage.as_str(),
+            first.name.as_str()
+        ),
+        ("shop", "dev", "db")
+    );
+    assert_eq!(first.updated_at, at(40));
+    assert_eq!(store.get_config("shop", "dev", "db").await.unwrap(), first);
+
+    let merged = store
+        .add_config_data(
+            "shop",
+            "dev",
+            "db",
+            &config_data(&[("HOST", "b"), ("USER", "app")], &[("key.pem", "two")]),
+            at(41),
+        )
+        .await
+        .unwrap();
+    assert_eq!(merged.version, 2);
+    assert_eq!(
+        merged.data,
+        config_data(
+            &[("HOST", "b"), ("PORT", "5432"), ("USER", "app")],
+            &[("ca.pem", "one"), ("key.pem", "two")]
+        )
+    );
+    assert_eq!(merged.updated_at, at(41));
+    assert_eq!(store.get_config("shop", "dev", "db").await.unwrap(), merged);
+
+    // Configs belong to one stage: the same name elsewhere starts afresh.
+    let prod_db = store
+        .add_config_data(
+            "shop",
+            "prod",
+            "db",
+            &config_data(&[("HOST", "p")], &[]),
+            at(42),
+        )
+        .await
+        .unwrap();
+    assert_eq!(prod_db.version, 1);
+    let cache = store
+        .add_config_data("shop", "dev", "cache", &ConfigData::default(), at(43))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_configs("shop", Some("dev")).await.unwrap(),
+        [cache.clone(), merged.clone()]
+    );
+    assert_eq!(
+        store.list_configs("shop", None).await.unwrap(),
+        [cache, merged, prod_db]
+    );
+
+    store.delete_config("shop", "dev", "db").await.unwrap();
+    assert_not_found(
+        store.get_config("shop", "dev", "db").await,
+        "config",
+        "shop/dev/db",
+    );
+    assert_not_found(
+        store.delete_config("shop", "dev", "db").await,
+        "config",
+        "shop/dev/db",
+    );
+    let fresh = store
+        .add_config_data(
+            "shop",
+            "dev",
+            "db",
+            &config_data(&[("HOST", "c")], &[]),
+            at(44),
+        )
+        .await
+        .unwrap();
+    assert_eq!(fresh.version, 1);
+    assert_eq!(fresh.data, config_data(&[("HOST", "c")], &[]));
+
+    assert_not_found(
+        store
+            .add_config_data("shop", "qa", "db", &ConfigData::default(), at(45))
+            .await,
+        "stage",
+        "shop/qa",
+    );
+    assert_not_found(
+        store.get_config("shop", "qa", "db").await,
+        "stage",
+        "shop/qa",
+    );
+    assert_not_found(
+        store.list_configs("shop", Some("qa")).await,
+        "stage",
+        "shop/qa",
+    );
+    assert_not_found(store.list_configs("nope", None).await, "project", "nope");
+    assert_not_found(
+        store.delete_config("shop", "qa", "db").await,
+        "stage",
+        "shop/qa",
+    );
+}
+
+pub async fn delete_project_rules(store: &dyn Store) {
+    setup(store, "empty").await;
+    store.delete_project("empty", false).await.unwrap();
+    assert_not_found(store.get_project("empty").await, "project", "empty");
+    assert_not_found(
+        store.delete_project("empty", false).await,
+        "project",
+        "empty",
+    );
+
+    // Stages alone, or builds alone, hold a project.
+    setup(store, "staged").await;
+    stage_in(store, "staged", "dev").await;
+    let (what, hint) = assert_in_use(store.delete_project("staged", false).await);
+    assert!(what.contains("\"staged\""), "{what}");
+    assert!(hint.contains("force"), "{hint}");
+    setup(store, "built").await;
+    store
+        .create_build("built", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    assert_in_use(store.delete_project("built", false).await);
+    assert!(store.get_project("built").await.is_ok());
+
+    // Forced, everything in the project goes, and nothing outside it.
+    setup(store, "shop").await;
+    store.create_user(&user("bob")).await.unwrap();
+    store.set_member("shop", "bob", Role::Member).await.unwrap();
+    stage_in(store, "shop", "dev").await;
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    store
+        .push_release(&new_release("shop", "dev", &build.name), at(30))
+        .await
+        .unwrap();
+    store
+        .add_config_data("shop", "dev", "db", &ConfigData::default(), at(40))
+        .await
+        .unwrap();
+    store.delete_project("shop", true).await.unwrap();
+    assert_not_found(store.get_project("shop").await, "project", "shop");
+    let left: Vec<(String, String)> = store
+        .stages_on_outpost("local")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.project, s.name))
+        .collect();
+    assert_eq!(left, [("staged".to_owned(), "dev".to_owned())]);
+    assert!(store.get_stage("staged", "dev").await.is_ok());
+    assert!(
+        store.get_user("bob").await.is_ok(),
+        "users outlive projects"
+    );
+
+    // A project of the same name starts empty.
+    store.create_project(&project("shop"), "bob").await.unwrap();
+    assert!(store.list_stages("shop").await.unwrap().is_empty());
+    assert!(store.list_builds("shop").await.unwrap().is_empty());
+    assert!(store.list_configs("shop", None).await.unwrap().is_empty());
+    assert_eq!(store.role_of("shop", "alice").await.unwrap(), None);
+    assert_eq!(
+        store.role_of("shop", "bob").await.unwrap(),
+        Some(Role::Owner)
+    );
+    let dev = stage_in(store, "shop", "dev").await;
+    assert_eq!((dev.desired_revision, dev.latest_release), (0, None));
+    assert!(store.list_releases("shop", "dev").await.unwrap().is_empty());
+}
+
+pub async fn delete_stage_rules(store: &dyn Store) {
+    setup(store, "shop").await;
+    stage_in(store, "shop", "empty").await;
+    store.delete_stage("shop", "empty", false).await.unwrap();
+    assert_not_found(
+        store.get_stage("shop", "empty").await,
+        "stage",
+        "shop/empty",
+    );
+    assert_not_found(
+        store.delete_stage("shop", "empty", false).await,
+        "stage",
+        "shop/empty",
+    );
+    assert_not_found(
+        store.delete_stage("nope", "dev", false).await,
+        "project",
+        "nope",
+    );
+
+    stage_in(store, "shop", "configured").await;
+    store
+        .add_config_data("shop", "configured", "db", &ConfigData::default(), at(40))
+        .await
+        .unwrap();
+    let (what, hint) = assert_in_use(store.delete_stage("shop", "configured", false).await);
+    assert!(what.contains("shop/configured"), "{what}");
+    assert!(hint.contains("force"), "{hint}");
+
+    stage_in(store, "shop", "dev").await;
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    for i in 0..2 {
+        store
+            .push_release(&new_release("shop", "dev", &build.name), at(30 + i))
+            .await
+            .unwrap();
+    }
+    assert_in_use(store.delete_stage("shop", "dev", false).await);
+    assert_eq!(store.list_releases("shop", "dev").await.unwrap().len(), 2);
+
+    store.delete_stage("shop", "dev", true).await.unwrap();
+    store
+        .delete_stage("shop", "configured", true)
+        .await
+        .unwrap();
+    assert_not_found(
+        store.list_releases("shop", "dev").await,
+        "stage",
+        "shop/dev",
+    );
+    assert!(store.list_configs("shop", None).await.unwrap().is_empty());
+    assert!(store.list_stages("shop").await.unwrap().is_empty());
+
+    // Recreated, the stage starts a new history.
+    let dev = stage_in(store, "shop", "dev").await;
+    assert_eq!((dev.desired_revision, dev.latest_release), (0, None));
+    let r = store
+        .push_release(&new_release("shop", "dev", &build.name), at(33))
+        .await
+        .unwrap();
+    assert_eq!((r.number, r.revision), (1, 1));
+    assert_not_found(
+        store.get_config("shop", "configured", "db").await,
+        "stage",
+        "shop/configured",
+    );
+}
+
+pub async fn delete_build_rules(store: &dyn Store) {
+    setup(store, "shop").await;
+    stage_in(store, "shop", "dev").await;
+    stage_in(store, "shop", "prod").await;
+    let used = store
+        .create_build("shop", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    let unused = store
+        .create_build("shop", &new_build("main"), "alice", at(21))
+        .await
+        .unwrap();
+    for stage in ["prod", "dev", "dev"] {
+        store
+            .push_release(&new_release("shop", stage, &used.name), at(30))
+            .await
+            .unwrap();
+    }
+
+    let (what, hint) = assert_in_use(store.delete_build("shop", &used.name).await);
+    assert_eq!(
+        what,
+        "build \"shop/main_b1\" is used by 3 release(s) on stage(s) dev, prod"
+    );
+    assert!(hint.contains("history"), "{hint}");
+    assert_eq!(store.get_build("shop", &used.name).await.unwrap(), used);
+
+    store.delete_build("shop", &unused.name).await.unwrap();
+    assert_not_found(
+        store.get_build("shop", &unused.name).await,
+        "build",
+        "shop/main_b2",
+    );
+    assert_not_found(
+        store.delete_build("shop", &unused.name).await,
+        "build",
+        "shop/main_b2",
+    );
+    assert_not_found(
+        store.delete_build("nope", "main_b1").await,
+        "project",
+        "nope",
+    );
+
+    // Once the stages holding its releases are gone, so can the build go.
+    store.delete_stage("shop", "dev", true).await.unwrap();
+    assert_in_use(store.delete_build("shop", &used.name).await);
+    store.delete_stage("shop", "prod", true).await.unwrap();
+    store.delete_build("shop", &used.name).await.unwrap();
+    assert!(store.list_builds("shop").await.unwrap().is_empty());
+}
+
+pub async fn delete_outpost_rules(store: &dyn Store) {
+    setup(store, "shop").await;
+    setup(store, "lab").await;
+    store.create_outpost(&outpost("edge", None)).await.unwrap();
+    for (project, stage) in [("shop", "dev"), ("lab", "dev")] {
+        store
+            .create_stage(&new_stage(project, stage, "edge"), at(10))
+            .await
+            .unwrap();
+    }
+    let kept = stage_in(store, "shop", "prod").await;
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    for stage in ["dev", "prod"] {
+        store
+            .push_release(&new_release("shop", stage, &build.name), at(30))
+            .await
+            .unwrap();
+        store
+            .add_config_data("shop", stage, "db", &ConfigData::default(), at(40))
+            .await
+            .unwrap();
+    }
+
+    let (what, hint) = assert_in_use(store.delete_outpost("edge", false).await);
+    assert_eq!(
+        what,
+        "outpost \"edge\" still holds 2 stage(s): lab/dev, shop/dev"
+    );
+    assert!(hint.contains("force"), "{hint}");
+    assert_eq!(store.stages_on_outpost("edge").await.unwrap().len(), 2);
+
+    store.delete_outpost("edge", true).await.unwrap();
+    assert_not_found(store.get_outpost("edge").await, "outpost", "edge");
+    assert_not_found(store.get_stage("shop", "dev").await, "stage", "shop/dev");
+    assert_not_found(store.get_stage("lab", "dev").await, "stage", "lab/dev");
+    assert_not_found(
+        store.list_releases("shop", "dev").await,
+        "stage",
+        "shop/dev",
+    );
+
+    // Stages elsewhere keep everything; builds belong to the project.
+    let prod = store.get_stage("shop", "prod").await.unwrap();
+    assert_eq!(prod.latest_release, Some(1));
+    assert_eq!(prod.created_at, kept.created_at);
+    assert_eq!(store.list_releases("shop", "prod").await.unwrap().len(), 1);
+    assert_eq!(store.list_configs("shop", None).await.unwrap().len(), 1);
+    assert_eq!(store.list_builds("shop").await.unwrap(), [build]);
+
+    // The name is free again, and the new outpost starts empty.
+    store
+        .create_outpost(&outpost("edge", Some(1)))
+        .await
+        .unwrap();
+    assert!(store.stages_on_outpost("edge").await.unwrap().is_empty());
+}
+
+pub async fn timestamps_keep_milliseconds(store: &dyn Store) {
+    // 1.234567891 s past the fixture instant: sub-millisecond digits are
+    // dropped by every backend, so all of them read back the same value.
+    let precise = at(1234) + chrono::Duration::nanoseconds(567_891);
+    let expected = at(1234);
+    store
+        .create_user(&User {
+            created_at: precise,
+            ..user("alice")
+        })
+        .await
+        .unwrap();
+    assert_eq!(store.get_user("alice").await.unwrap().created_at, expected);
+    store.create_outpost(&outpost("local", None)).await.unwrap();
+    store
+        .create_project(&project("shop"), "alice")
+        .await
+        .unwrap();
+    let stage = store
+        .create_stage(&new_stage("shop", "dev", "local"), precise)
+        .await
+        .unwrap();
+    assert_eq!(stage.created_at, expected);
+    assert_eq!(store.get_stage("shop", "dev").await.unwrap(), stage);
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", precise)
+        .await
+        .unwrap();
+    assert_eq!(build.created_at, expected);
+    assert_eq!(store.get_build("shop", &build.name).await.unwrap(), build);
+    let release = store
+        .push_release(&new_release("shop", "dev", &build.name), precise)
+        .await
+        .unwrap();
+    assert_eq!(release.created_at, expected);
+    assert_eq!(store.get_release("shop", "dev", 1).await.unwrap(), release);
+    let config = store
+        .add_config_data("shop", "dev", "db", &ConfigData::default(), precise)
+        .await
+        .unwrap();
+    assert_eq!(config.updated_at, expected);
+    assert_eq!(store.get_config("shop", "dev", "db").await.unwrap(), config);
+}
+
+pub async fn concurrent_writes_keep_numbering(store: &dyn Store) {
+    setup(store, "shop").await;
+    stage_in(store, "shop", "dev").await;
+    let spec = new_build("main");
+    let builds = tokio::join!(
+        store.create_build("shop", &spec, "alice", at(20)),
+        store.create_build("shop", &spec, "alice", at(20)),
+        store.create_build("shop", &spec, "alice", at(20)),
+        store.create_build("shop", &spec, "alice", at(20)),
+    );
+    let mut numbers: Vec<u64> = [builds.0, builds.1, builds.2, builds.3]
+        .into_iter()
+        .map(|b| b.unwrap().number)
+        .collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, [1, 2, 3, 4]);
+
+    let release = new_release("shop", "dev", "main_b1");
+    let pushed = tokio::join!(
+        store.push_release(&release, at(30)),
+        store.push_release(&release, at(30)),
+        store.push_release(&release, at(30)),
+        store.push_release(&release, at(30)),
+    );
+    let mut pairs: Vec<(u64, u64)> = [pushed.0, pushed.1, pushed.2, pushed.3]
+        .into_iter()
+        .map(|r| {
+            let r = r.unwrap();
+            (r.number, r.revision)
+        })
+        .collect();
+    pairs.sort_unstable();
+    assert_eq!(pairs, [(1, 1), (2, 2), (3, 3), (4, 4)]);
+    let dev = store.get_stage("shop", "dev").await.unwrap();
+    assert_eq!((dev.desired_revision, dev.latest_release), (4, Some(4)));
+}

@@ -1,0 +1,115 @@
+//! Who the caller is, users, and access keys.
+
+use axum::extract::State;
+use crate::extract::{Json, Path, Query};
+use axum::http::StatusCode;
+use chrono::Utc;
+use trellis_model::{AccessKeyInfo, NameKind, User, validate_name};
+
+use super::types::{CreateKeyRequest, CreateUserRequest, CreatedKey, KeysQuery, WhoAmI};
+use crate::auth::{Caller, mint_key};
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+
+#[utoipa::path(get, path = "/whoami", tag = "access", responses((status = 200, body = WhoAmI)))]
+pub async fn whoami(caller: Caller) -> Json<WhoAmI> {
+    Json(WhoAmI {
+        user: caller.user,
+        admin: caller.admin,
+    })
+}
+
+/// Creates a user and their first access key (admins only).
+#[utoipa::path(post, path = "/users", tag = "access", request_body = CreateUserRequest,
+    responses((status = 201, body = CreatedKey)))]
+pub async fn create_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(req): Json<CreateUserRequest>,
+) -> ApiResult<(StatusCode, Json<CreatedKey>)> {
+    caller.require_admin("create users")?;
+    validate_name(NameKind::User, &req.name)?;
+    state
+        .store()
+        .create_user(&User {
+            name: req.name.clone(),
+            admin: req.admin,
+            created_at: Utc::now(),
+        })
+        .await?;
+    let created = issue_key(&state, &req.name, "first key").await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+#[utoipa::path(get, path = "/users", tag = "access", responses((status = 200, body = Vec<User>)))]
+pub async fn list_users(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<User>>> {
+    caller.require_admin("list users")?;
+    Ok(Json(state.store().list_users().await?))
+}
+
+/// Creates another key for a user. Users may create keys for themselves;
+/// admins for anyone.
+#[utoipa::path(post, path = "/users/{user}/keys", tag = "access", request_body = CreateKeyRequest,
+    responses((status = 201, body = CreatedKey)))]
+pub async fn create_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(user): Path<String>,
+    Json(req): Json<CreateKeyRequest>,
+) -> ApiResult<(StatusCode, Json<CreatedKey>)> {
+    if user != caller.user {
+        caller.require_admin("create keys for other users")?;
+    }
+    state.store().get_user(&user).await?;
+    let created = issue_key(&state, &user, &req.description).await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+#[utoipa::path(get, path = "/keys", tag = "access", params(("user" = Option<String>, Query, description = "only this user's keys")),
+    responses((status = 200, body = Vec<AccessKeyInfo>)))]
+pub async fn list_keys(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<KeysQuery>,
+) -> ApiResult<Json<Vec<AccessKeyInfo>>> {
+    let user = match (caller.admin, q.user) {
+        (true, user) => user,
+        (false, Some(user)) if user != caller.user => {
+            return Err(ApiError::forbidden(
+                "only administrators may list other users' keys",
+                "leave out --user to list your own keys",
+            ));
+        }
+        (false, _) => Some(caller.user.clone()),
+    };
+    Ok(Json(state.store().list_access_keys(user.as_deref()).await?))
+}
+
+#[utoipa::path(delete, path = "/keys/{id}", tag = "access", responses((status = 204)))]
+pub async fn delete_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let key = state
+        .store()
+        .find_access_key(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("key", &id))?;
+    if key.info.user != caller.user {
+        caller.require_admin("delete other users' keys")?;
+    }
+    state.store().delete_access_key(&id).await?;
+    state.keys().forget(&id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn issue_key(state: &AppState, user: &str, description: &str) -> ApiResult<CreatedKey> {
+    let minted = mint_key(user, description).map_err(|e| ApiError::internal(e.to_string()))?;
+    state.store().create_access_key(&minted.stored).await?;
+    Ok(CreatedKey {
+        user: user.to_owned(),
+        key_id: minted.key.id.clone(),
+        key: minted.key.to_string(),
+    })
+}

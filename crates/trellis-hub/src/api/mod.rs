@@ -1,0 +1,90 @@
+//! The HTTP API under `/api/v1`, and its OpenAPI document.
+//!
+//! Handlers are grouped by resource. Every route is registered through
+//! `utoipa-axum`, so the OpenAPI document served at `/api/v1/openapi.json`
+//! is generated from the same list the router is built from and cannot
+//! miss a route.
+//!
+//! JSON bodies keep axum's default 2 MiB limit; blob uploads stream the raw
+//! body to disk and enforce their own bound (`builds::MAX_BLOB_BYTES`).
+
+pub mod access;
+pub mod builds;
+pub mod outposts;
+pub mod projects;
+pub mod stages;
+pub mod types;
+
+use axum::Json;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use types::HealthResponse;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Trellis hub API", description = "Projects, stages, builds, configs, releases and outposts. \
+        Authenticate with `Authorization: Bearer <key-id>:<secret>`."),
+    components(schemas(crate::error::ErrorBody))
+)]
+struct ApiDoc;
+
+/// Liveness of the hub; needs no key.
+#[utoipa::path(get, path = "/health", tag = "hub", responses((status = 200, body = HealthResponse)))]
+async fn health() -> Json<HealthResponse> {
+    Json(HealthResponse {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+/// The `/api/v1` router and the OpenAPI document describing it.
+pub fn router(state: AppState) -> axum::Router {
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health))
+        .routes(routes!(access::whoami))
+        .routes(routes!(access::create_user, access::list_users))
+        .routes(routes!(access::create_key))
+        .routes(routes!(access::list_keys))
+        .routes(routes!(access::delete_key))
+        .routes(routes!(projects::list_projects, projects::create_project))
+        .routes(routes!(projects::get_project, projects::delete_project))
+        .routes(routes!(projects::list_members))
+        .routes(routes!(projects::set_member, projects::remove_member))
+        .routes(routes!(stages::list_stages, stages::create_stage))
+        .routes(routes!(stages::get_stage, stages::update_stage, stages::delete_stage))
+        .routes(routes!(stages::list_project_configs))
+        .routes(routes!(stages::list_configs))
+        .routes(routes!(stages::get_config, stages::delete_config))
+        .routes(routes!(stages::add_config_data))
+        .routes(routes!(stages::list_releases, stages::push_release))
+        .routes(routes!(stages::get_release))
+        .routes(routes!(outposts::list_outposts, outposts::create_outpost))
+        .routes(routes!(outposts::get_outpost, outposts::delete_outpost))
+        .routes(routes!(builds::list_builds, builds::create_build))
+        .routes(routes!(builds::get_build, builds::delete_build))
+        .routes(routes!(builds::head_blob, builds::put_blob))
+        .split_for_parts();
+    doc.servers = Some(vec![utoipa::openapi::Server::new("/api/v1")]);
+    let doc = std::sync::Arc::new(doc);
+    router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { Json(doc.as_ref().clone()) }
+            }),
+        )
+        .fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "no-such-endpoint",
+                "there is no such API endpoint",
+                "see /api/v1/openapi.json for the endpoints this hub serves",
+            )
+        })
+        .with_state(state)
+}

@@ -1,0 +1,105 @@
+//! Projects and their members.
+
+use axum::extract::State;
+use crate::extract::{Json, Path, Query};
+use axum::http::StatusCode;
+use chrono::Utc;
+use trellis_model::{Member, NameKind, Project, validate_name};
+
+use super::types::{CreateProjectRequest, DeleteQuery, SetMemberRequest};
+use crate::auth::Caller;
+use crate::error::ApiResult;
+use crate::state::AppState;
+
+/// Projects the caller is a member of (all of them for administrators).
+#[utoipa::path(get, path = "/projects", tag = "projects", responses((status = 200, body = Vec<Project>)))]
+pub async fn list_projects(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<Project>>> {
+    let mut visible = Vec::new();
+    for project in state.store().list_projects().await? {
+        if caller.admin || state.store().role_of(&project.name, &caller.user).await?.is_some() {
+            visible.push(project);
+        }
+    }
+    Ok(Json(visible))
+}
+
+/// Any signed-in user may create a project; they become its owner.
+#[utoipa::path(post, path = "/projects", tag = "projects", request_body = CreateProjectRequest,
+    responses((status = 201, body = Project)))]
+pub async fn create_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(req): Json<CreateProjectRequest>,
+) -> ApiResult<(StatusCode, Json<Project>)> {
+    validate_name(NameKind::Project, &req.name)?;
+    let project = Project {
+        name: req.name,
+        description: req.description,
+        created_at: Utc::now(),
+    };
+    state.store().create_project(&project, &caller.user).await?;
+    Ok((StatusCode::CREATED, Json(project)))
+}
+
+#[utoipa::path(get, path = "/projects/{project}", tag = "projects", responses((status = 200, body = Project)))]
+pub async fn get_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(project): Path<String>,
+) -> ApiResult<Json<Project>> {
+    caller.role_in(&state, &project).await?;
+    Ok(Json(state.store().get_project(&project).await?))
+}
+
+#[utoipa::path(delete, path = "/projects/{project}", tag = "projects",
+    params(("force" = Option<bool>, Query, description = "also delete its stages, builds and releases")),
+    responses((status = 204)))]
+pub async fn delete_project(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(project): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> ApiResult<StatusCode> {
+    caller.require_owner(&state, &project, "delete it").await?;
+    state.store().delete_project(&project, q.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/projects/{project}/members", tag = "projects", responses((status = 200, body = Vec<Member>)))]
+pub async fn list_members(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(project): Path<String>,
+) -> ApiResult<Json<Vec<Member>>> {
+    caller.role_in(&state, &project).await?;
+    Ok(Json(state.store().list_members(&project).await?))
+}
+
+#[utoipa::path(put, path = "/projects/{project}/members/{user}", tag = "projects", request_body = SetMemberRequest,
+    responses((status = 200, body = Member)))]
+pub async fn set_member(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, user)): Path<(String, String)>,
+    Json(req): Json<SetMemberRequest>,
+) -> ApiResult<Json<Member>> {
+    caller.require_owner(&state, &project, "manage members").await?;
+    state.store().get_user(&user).await?;
+    state.store().set_member(&project, &user, req.role).await?;
+    Ok(Json(Member {
+        project,
+        user,
+        role: req.role,
+    }))
+}
+
+#[utoipa::path(delete, path = "/projects/{project}/members/{user}", tag = "projects", responses((status = 204)))]
+pub async fn remove_member(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, user)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    caller.require_owner(&state, &project, "manage members").await?;
+    state.store().remove_member(&project, &user).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

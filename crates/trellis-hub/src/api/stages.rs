@@ -1,0 +1,260 @@
+//! Stages, their configs, and their releases.
+
+use axum::extract::State;
+use crate::extract::{Json, Path, Query};
+use axum::http::StatusCode;
+use chrono::Utc;
+use trellis_model::{
+    Config, ConfigSnapshot, LOCAL_OUTPOST, NameKind, Release, Stage, validate_name,
+};
+use trellis_store::{NewRelease, NewStage, StageUpdate};
+
+use super::types::{
+    AddConfigDataRequest, CreateStageRequest, DeleteQuery, PushReleaseRequest, UpdateStageRequest,
+};
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+
+#[utoipa::path(get, path = "/projects/{project}/stages", tag = "stages", responses((status = 200, body = Vec<Stage>)))]
+pub async fn list_stages(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(project): Path<String>,
+) -> ApiResult<Json<Vec<Stage>>> {
+    caller.role_in(&state, &project).await?;
+    Ok(Json(state.store().list_stages(&project).await?))
+}
+
+/// Creates a stage on the hub's local outpost. (Placing a stage on a remote
+/// outpost takes an Outpost URI, handled with the outpost link.)
+#[utoipa::path(post, path = "/projects/{project}/stages", tag = "stages", request_body = CreateStageRequest,
+    responses((status = 201, body = Stage)))]
+pub async fn create_stage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(project): Path<String>,
+    Json(req): Json<CreateStageRequest>,
+) -> ApiResult<(StatusCode, Json<Stage>)> {
+    caller.role_in(&state, &project).await?;
+    validate_name(NameKind::Stage, &req.name)?;
+    let display_name = req.display_name.unwrap_or_else(|| req.name.clone());
+    let stage = state
+        .store()
+        .create_stage(
+            &NewStage {
+                project,
+                name: req.name,
+                stage_type: req.stage_type,
+                display_name,
+                outpost: LOCAL_OUTPOST.to_owned(),
+            },
+            Utc::now(),
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(stage)))
+}
+
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}", tag = "stages", responses((status = 200, body = Stage)))]
+pub async fn get_stage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+) -> ApiResult<Json<Stage>> {
+    caller.role_in(&state, &project).await?;
+    Ok(Json(state.store().get_stage(&project, &stage).await?))
+}
+
+/// Renames a stage for display, or suspends/resumes it (which bumps its
+/// desired revision).
+#[utoipa::path(patch, path = "/projects/{project}/stages/{stage}", tag = "stages", request_body = UpdateStageRequest,
+    responses((status = 200, body = Stage)))]
+pub async fn update_stage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+    Json(req): Json<UpdateStageRequest>,
+) -> ApiResult<Json<Stage>> {
+    caller.role_in(&state, &project).await?;
+    let update = StageUpdate {
+        display_name: req.display_name,
+        suspended: req.suspended,
+    };
+    Ok(Json(state.store().update_stage(&project, &stage, &update).await?))
+}
+
+#[utoipa::path(delete, path = "/projects/{project}/stages/{stage}", tag = "stages",
+    params(("force" = Option<bool>, Query, description = "also delete its releases and configs")),
+    responses((status = 204)))]
+pub async fn delete_stage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+    Query(q): Query<DeleteQuery>,
+) -> ApiResult<StatusCode> {
+    caller.role_in(&state, &project).await?;
+    state.store().delete_stage(&project, &stage, q.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/configs", tag = "configs", responses((status = 200, body = Vec<Config>)))]
+pub async fn list_configs(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<Config>>> {
+    caller.role_in(&state, &project).await?;
+    state.store().get_stage(&project, &stage).await?;
+    Ok(Json(state.store().list_configs(&project, Some(&stage)).await?))
+}
+
+/// All configs of a project, across its stages.
+#[utoipa::path(get, path = "/projects/{project}/configs", tag = "configs", responses((status = 200, body = Vec<Config>)))]
+pub async fn list_project_configs(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(project): Path<String>,
+) -> ApiResult<Json<Vec<Config>>> {
+    caller.role_in(&state, &project).await?;
+    Ok(Json(state.store().list_configs(&project, None).await?))
+}
+
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/configs/{config}", tag = "configs", responses((status = 200, body = Config)))]
+pub async fn get_config(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage, config)): Path<(String, String, String)>,
+) -> ApiResult<Json<Config>> {
+    caller.role_in(&state, &project).await?;
+    Ok(Json(state.store().get_config(&project, &stage, &config).await?))
+}
+
+/// Adds env values and files to a config, creating it if needed. Keys that
+/// exist are replaced.
+#[utoipa::path(post, path = "/projects/{project}/stages/{stage}/configs/{config}/data", tag = "configs",
+    request_body = AddConfigDataRequest, responses((status = 200, body = Config)))]
+pub async fn add_config_data(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage, config)): Path<(String, String, String)>,
+    Json(req): Json<AddConfigDataRequest>,
+) -> ApiResult<Json<Config>> {
+    caller.role_in(&state, &project).await?;
+    validate_name(NameKind::Config, &config)?;
+    for key in req.data.env.keys() {
+        if !is_env_name(key) {
+            return Err(ApiError::bad_request(
+                format!("{key:?} is not a valid environment variable name"),
+                "use letters, digits and '_', not starting with a digit (e.g. DATABASE_URL)",
+            ));
+        }
+    }
+    for name in req.data.files.keys() {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(ApiError::bad_request(
+                format!("{name:?} is not a valid config file name"),
+                "a config file is referenced by its plain file name, e.g. settings.json",
+            ));
+        }
+    }
+    let updated = state
+        .store()
+        .add_config_data(&project, &stage, &config, &req.data, Utc::now())
+        .await?;
+    Ok(Json(updated))
+}
+
+#[utoipa::path(delete, path = "/projects/{project}/stages/{stage}/configs/{config}", tag = "configs", responses((status = 204)))]
+pub async fn delete_config(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage, config)): Path<(String, String, String)>,
+) -> ApiResult<StatusCode> {
+    caller.role_in(&state, &project).await?;
+    state.store().delete_config(&project, &stage, &config).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/releases", tag = "releases", responses((status = 200, body = Vec<Release>)))]
+pub async fn list_releases(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<Release>>> {
+    caller.role_in(&state, &project).await?;
+    state.store().get_stage(&project, &stage).await?;
+    Ok(Json(state.store().list_releases(&project, &stage).await?))
+}
+
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/releases/{number}", tag = "releases", responses((status = 200, body = Release)))]
+pub async fn get_release(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage, number)): Path<(String, String, u64)>,
+) -> ApiResult<Json<Release>> {
+    caller.role_in(&state, &project).await?;
+    Ok(Json(state.store().get_release(&project, &stage, number).await?))
+}
+
+/// Pushes a release: a build (the newest when not named) and optionally a
+/// config of the stage, frozen as they are now. Returns at once; the
+/// stage's outpost picks the new desired revision up on its own.
+#[utoipa::path(post, path = "/projects/{project}/stages/{stage}/releases", tag = "releases",
+    request_body = PushReleaseRequest, responses((status = 201, body = Release)))]
+pub async fn push_release(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+    Json(req): Json<PushReleaseRequest>,
+) -> ApiResult<(StatusCode, Json<Release>)> {
+    caller.role_in(&state, &project).await?;
+    state.store().get_stage(&project, &stage).await?;
+    let build = match req.build {
+        Some(name) => state.store().get_build(&project, &name).await?,
+        None => state
+            .store()
+            .list_builds(&project)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "no-build",
+                    format!("project {project:?} has no build to release"),
+                    "push one first with `trellis push build -p PROJECT` in the project's directory",
+                )
+            })?,
+    };
+    let config = match req.config {
+        Some(name) => {
+            let config = state.store().get_config(&project, &stage, &name).await?;
+            Some(ConfigSnapshot {
+                name: config.name,
+                version: config.version,
+                data: config.data,
+            })
+        }
+        None => None,
+    };
+    let release = state
+        .store()
+        .push_release(
+            &NewRelease {
+                project,
+                stage,
+                build: build.name,
+                config,
+                created_by: caller.user,
+            },
+            Utc::now(),
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(release)))
+}
+
+fn is_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}

@@ -1,0 +1,121 @@
+//! Request and response bodies of the HTTP API that are not domain records.
+//! The command line deserialises the same types, so the two cannot drift.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use trellis_model::{ConfigData, NewBuild, Role, StageType};
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HealthResponse {
+    pub status: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WhoAmI {
+    pub user: String,
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateUserRequest {
+    pub name: String,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateKeyRequest {
+    #[serde(default)]
+    pub description: String,
+}
+
+/// A newly created access key. The only time its secret is ever shown.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedKey {
+    pub user: String,
+    pub key_id: String,
+    /// `<key-id>:<secret>`.
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateProjectRequest {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SetMemberRequest {
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateStageRequest {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub stage_type: StageType,
+    #[serde(default)]
+    pub display_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+pub struct UpdateStageRequest {
+    #[serde(default)]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub suspended: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateOutpostRequest {
+    pub name: String,
+    #[serde(default)]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub max_stages: Option<u32>,
+}
+
+/// `POST /projects/{p}/builds`: the build as recorded by `trellis push build`.
+pub type CreateBuildRequest = NewBuild;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AddConfigDataRequest {
+    #[serde(flatten)]
+    pub data: ConfigData,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+pub struct PushReleaseRequest {
+    /// Build name; the project's newest build when absent.
+    #[serde(default)]
+    pub build: Option<String>,
+    /// Config of the stage to take (frozen into the release).
+    #[serde(default)]
+    pub config: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BlobInfoResponse {
+    pub digest: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+pub struct DeleteQuery {
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+pub struct KeysQuery {
+    #[serde(default)]
+    pub user: Option<String>,
+}

@@ -1,0 +1,171 @@
+//! Hub start-up and serving.
+
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use chrono::Utc;
+use tokio::net::TcpListener;
+use trellis_cas::BlobStore;
+use trellis_model::{AccessKey, LOCAL_OUTPOST, Outpost, User};
+use trellis_store::sqlite::SqliteStore;
+use trellis_store::{Store, StoreError};
+
+use crate::auth::mint_key;
+use crate::state::AppState;
+
+/// File in the data directory holding the first administrator key.
+pub const ADMIN_KEY_FILE: &str = "admin.key";
+/// The first administrator's user name.
+pub const ADMIN_USER: &str = "admin";
+
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// Where the database, the artifacts and `admin.key` live.
+    pub data_dir: PathBuf,
+}
+
+/// A hub ready to serve.
+pub struct Hub {
+    state: AppState,
+    data_dir: PathBuf,
+    admin_key: Option<AccessKey>,
+}
+
+impl Hub {
+    /// Opens (or creates) the hub's data directory with the default SQLite
+    /// store.
+    pub async fn open(options: HubOptions) -> anyhow::Result<Hub> {
+        create_private_dir(&options.data_dir)?;
+        let db = options.data_dir.join("hub.db");
+        let store = SqliteStore::open(&db)
+            .await
+            .with_context(|| format!("opening the hub database {}", db.display()))?;
+        Self::open_with_store(options, Arc::new(store)).await
+    }
+
+    /// Opens the hub over a store the caller chose (tests use the
+    /// in-memory one).
+    pub async fn open_with_store(options: HubOptions, store: Arc<dyn Store>) -> anyhow::Result<Hub> {
+        create_private_dir(&options.data_dir)?;
+        let artifacts = options.data_dir.join("artifacts");
+        let blobs = BlobStore::open(&artifacts)
+            .with_context(|| format!("opening the artifact store {}", artifacts.display()))?;
+        let admin_key = bootstrap_admin(store.as_ref(), &options.data_dir).await?;
+        ensure_local_outpost(store.as_ref()).await?;
+        Ok(Hub {
+            state: AppState::new(store, blobs),
+            data_dir: options.data_dir,
+            admin_key,
+        })
+    }
+
+    /// The administrator key created by this start, if this was the first
+    /// start of the data directory. Show it once; it is also in
+    /// `<data>/admin.key`.
+    pub fn first_admin_key(&self) -> Option<&AccessKey> {
+        self.admin_key.as_ref()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Everything the hub serves over HTTP.
+    pub fn router(&self) -> axum::Router {
+        axum::Router::new()
+            .route("/", axum::routing::get(crate::console::index))
+            .nest("/api/v1", crate::api::router(self.state.clone()))
+            .layer(tower_http::trace::TraceLayer::new_for_http())
+    }
+
+    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let router = self.router();
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the hub's data directory {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting access to {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// On the first start (no users yet) creates the `admin` user and a key for
+/// it. The key file is written before the key is stored, so a crash in
+/// between leaves no key that nobody knows: the next start simply makes a
+/// new one.
+async fn bootstrap_admin(store: &dyn Store, data_dir: &Path) -> anyhow::Result<Option<AccessKey>> {
+    if !store.list_users().await?.is_empty() {
+        return Ok(None);
+    }
+    let minted = mint_key(ADMIN_USER, "created at first start")?;
+    write_secret_file(&data_dir.join(ADMIN_KEY_FILE), &format!("{}\n", minted.key))?;
+    match store
+        .create_user(&User {
+            name: ADMIN_USER.into(),
+            admin: true,
+            created_at: Utc::now(),
+        })
+        .await
+    {
+        Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    store.create_access_key(&minted.stored).await?;
+    Ok(Some(minted.key))
+}
+
+/// Writes a file readable by its owner only, atomically.
+fn write_secret_file(path: &Path, content: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(content.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+async fn ensure_local_outpost(store: &dyn Store) -> anyhow::Result<()> {
+    let local = Outpost {
+        name: LOCAL_OUTPOST.into(),
+        display_name: "Hub (local)".into(),
+        description: "The outpost embedded in the hub; stages not placed on a remote outpost run here."
+            .into(),
+        labels: Default::default(),
+        max_stages: None,
+        created_at: Utc::now(),
+    };
+    match store.create_outpost(&local).await {
+        Ok(()) | Err(StoreError::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

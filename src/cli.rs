@@ -1,0 +1,265 @@
+//! The command line's grammar. Verbs first, as users of comparable
+//! platforms know them: `trellis create stage …`, `trellis list build …`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "trellis",
+    version,
+    about = "Trellis: deliver applications to stages that run anywhere",
+    long_about = "Trellis: deliver applications to stages that run anywhere.\n\n\
+        Client commands talk to a hub. Say which with --endpoint/--key, the \
+        TRELLIS_ENDPOINT/TRELLIS_KEY environment variables, or once with `trellis login`."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct GlobalArgs {
+    /// The hub's address, e.g. http://127.0.0.1:7440
+    #[arg(long, env = "TRELLIS_ENDPOINT", global = true)]
+    pub endpoint: Option<String>,
+    /// Access key `<key-id>:<secret>`
+    #[arg(long, env = "TRELLIS_KEY", global = true, hide_env_values = true)]
+    pub key: Option<String>,
+    /// PEM file of the CA that signed the hub's certificate, when the hub
+    /// uses its own CA
+    #[arg(long, env = "TRELLIS_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
+    /// Output format of list and get
+    #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table, global = true)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a hub
+    Hub(HubArgs),
+    /// Run a hub on loopback with an example project, for a first look
+    Dev(DevArgs),
+    /// Check and remember the endpoint and key for later commands
+    Login,
+    /// Show who the key belongs to
+    Whoami,
+    /// Check something without changing anything
+    #[command(subcommand)]
+    Validate(ValidateCommand),
+    /// Create a project, stage, outpost, user or key
+    #[command(subcommand)]
+    Create(CreateCommand),
+    /// Push a build or a release
+    #[command(subcommand)]
+    Push(PushCommand),
+    /// Add config data or a project member
+    #[command(subcommand)]
+    Add(AddCommand),
+    /// Remove a project member
+    #[command(subcommand)]
+    Remove(RemoveCommand),
+    /// List things
+    List(ListArgs),
+    /// Show one thing
+    Get(GetArgs),
+    /// Delete a thing (refused while others depend on it, unless --force)
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HubArgs {
+    /// Data directory (database, artifacts, admin.key)
+    #[arg(long, env = "TRELLIS_DATA", default_value = "trellis-data")]
+    pub data: PathBuf,
+    /// Address to listen on
+    #[arg(long, env = "TRELLIS_LISTEN", default_value = "127.0.0.1:7440")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Data directory of the development hub
+    #[arg(long, default_value = ".trellis-dev")]
+    pub data: PathBuf,
+    /// Address to listen on (loopback)
+    #[arg(long, default_value = "127.0.0.1:7440")]
+    pub listen: SocketAddr,
+    /// Set everything up, print what to try, then stop instead of serving
+    #[arg(long)]
+    pub no_serve: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ValidateCommand {
+    /// Check a manifest file (or a project directory) and report every problem
+    Manifest {
+        /// A manifest file, or a directory holding trellis.yaml / pergola.yaml|yml|json
+        path: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CreateCommand {
+    Project {
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    Stage {
+        name: String,
+        #[arg(short, long)]
+        project: String,
+        /// dev, qa or prod
+        #[arg(short = 't', long = "type", default_value = "dev")]
+        stage_type: String,
+        #[arg(long)]
+        display_name: Option<String>,
+    },
+    /// Register an outpost (administrators)
+    Outpost {
+        name: String,
+        #[arg(long)]
+        display_name: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// A label `key=value`; repeatable
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// How many stages it may hold
+        #[arg(long)]
+        max_stages: Option<u32>,
+    },
+    /// Create a user and print their first key (administrators)
+    User {
+        name: String,
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Create another access key (for yourself, or for --user as an administrator)
+    Key {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PushCommand {
+    /// Record a build from the project's git work tree (its HEAD commit)
+    Build {
+        #[arg(short, long)]
+        project: String,
+        /// The project's directory
+        #[arg(long, default_value = ".")]
+        path: PathBuf,
+    },
+    /// Push a release of a build (the newest by default) to a stage
+    Release {
+        #[arg(short, long)]
+        project: String,
+        #[arg(short, long)]
+        stage: String,
+        #[arg(short, long)]
+        build: Option<String>,
+        #[arg(short, long)]
+        config: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AddCommand {
+    /// Add env values and files to a stage's config (created if needed)
+    ConfigData {
+        config: String,
+        #[arg(short, long)]
+        project: String,
+        #[arg(short, long)]
+        stage: String,
+        /// `KEY=VALUE`; repeatable
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// A file to add under its file name, or `NAME=PATH`; repeatable
+        #[arg(long = "file")]
+        files: Vec<String>,
+    },
+    /// Add a user to a project, or change their role
+    Member {
+        user: String,
+        #[arg(short, long)]
+        project: String,
+        /// owner or member
+        #[arg(long, default_value = "member")]
+        role: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RemoveCommand {
+    Member {
+        user: String,
+        #[arg(short, long)]
+        project: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kind {
+    Project,
+    Stage,
+    Build,
+    Release,
+    Config,
+    Outpost,
+    User,
+    Key,
+    Member,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    pub kind: Kind,
+    #[arg(short, long)]
+    pub project: Option<String>,
+    #[arg(short, long)]
+    pub stage: Option<String>,
+    /// For `list key`: another user's keys (administrators)
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    pub kind: Kind,
+    /// The name (a release's number for releases)
+    pub name: String,
+    #[arg(short, long)]
+    pub project: Option<String>,
+    #[arg(short, long)]
+    pub stage: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    pub kind: Kind,
+    pub name: String,
+    #[arg(short, long)]
+    pub project: Option<String>,
+    #[arg(short, long)]
+    pub stage: Option<String>,
+    /// Delete what depends on it too
+    #[arg(long)]
+    pub force: bool,
+}

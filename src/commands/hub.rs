@@ -1,0 +1,183 @@
+//! `trellis hub` and `trellis dev`.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use trellis_hub::api::types::{CreateProjectRequest, CreateStageRequest, PushReleaseRequest};
+use trellis_hub::{ADMIN_KEY_FILE, Hub, HubOptions};
+use trellis_model::{Project, Release, Stage, StageType};
+
+use crate::cli::{DevArgs, HubArgs};
+use crate::client::{ClientError, HubClient};
+
+async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr}; is another hub running there? Choose another address with --listen (port 0 picks a free one)")
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
+    let hub = Hub::open(HubOptions { data_dir: args.data.clone() }).await?;
+    let listener = bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    if let Some(key) = hub.first_admin_key() {
+        println!("first start: created the administrator key (shown once; also in {}):", args.data.join(ADMIN_KEY_FILE).display());
+        println!("{key}");
+    }
+    // Tests and scripts read this line to find a hub started on port 0.
+    println!("hub listening on http://{addr}");
+    hub.serve(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// The example app `trellis dev` releases: a static site served by a
+/// process component, so it needs nothing beyond a fresh machine.
+const EXAMPLE_MANIFEST: &str = r#"version: v1
+components:
+  - name: web
+    process:
+      path: ./site
+      command: ["python3", "-m", "http.server", "8080", "--bind", "127.0.0.1"]
+    ports: [8080]
+    env:
+      - name: GREETING
+        config-ref: greeting
+        value: "Hello from Trellis"
+"#;
+
+const EXAMPLE_INDEX: &str = "<!doctype html>\n<title>hello</title>\n<h1>Hello from a Trellis stage</h1>\n<p>This page is the example release of project <code>hello</code>.</p>\n";
+
+pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    let data = &args.data;
+    let hub = Hub::open(HubOptions { data_dir: data.join("hub") }).await?;
+    let key_file = data.join("hub").join(ADMIN_KEY_FILE);
+    let key = match hub.first_admin_key() {
+        Some(k) => k.to_string(),
+        None => std::fs::read_to_string(&key_file)
+            .with_context(|| format!("reading the development hub's key from {}", key_file.display()))?
+            .trim()
+            .to_owned(),
+    };
+    let listener = bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let endpoint = format!("http://{addr}");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(hub.serve(listener, async {
+        let _ = stop_rx.await;
+    }));
+
+    let client = HubClient::new(&endpoint, Some(key.clone()), None)?;
+    let example = data.join("example");
+    setup_example(&client, &example).await?;
+
+    println!();
+    println!("Trellis is running (development hub, data in {}).", data.display());
+    println!();
+    println!("  console:   {endpoint}/");
+    println!("  endpoint:  {endpoint}");
+    println!("  key:       {key}");
+    println!();
+    println!("Use the CLI against it:");
+    println!("  export TRELLIS_ENDPOINT={endpoint} TRELLIS_KEY={key}");
+    println!();
+    println!("Three things to try:");
+    println!("  trellis list stage -p hello");
+    println!("  trellis list release -p hello -s dev");
+    println!("  cd {} && trellis push build -p hello && trellis push release -p hello -s dev", example.display());
+    println!();
+    if args.no_serve {
+        let _ = stop_tx.send(());
+    } else {
+        println!("Press Ctrl-C to stop.");
+        shutdown_signal().await;
+        let _ = stop_tx.send(());
+    }
+    server.await.context("the hub task failed")??;
+    Ok(())
+}
+
+/// Creates project `hello` with stage `dev`, the example's git work tree,
+/// a build of it and a first release — each only if not there yet, so
+/// `trellis dev` can be run again on the same data.
+async fn setup_example(client: &HubClient, dir: &Path) -> anyhow::Result<()> {
+    match client
+        .post::<_, Project>("/projects", &CreateProjectRequest { name: "hello".into(), description: "Example project of `trellis dev`".into() }, "creating the example project")
+        .await
+    {
+        Ok(_) => {}
+        Err(ClientError::Refused { code, .. }) if code == "already-exists" => {}
+        Err(e) => return Err(e.into()),
+    }
+    match client
+        .post::<_, Stage>(
+            "/projects/hello/stages",
+            &CreateStageRequest { name: "dev".into(), stage_type: StageType::Dev, display_name: Some("Development".into()) },
+            "creating the example stage",
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(ClientError::Refused { code, .. }) if code == "already-exists" => {}
+        Err(e) => return Err(e.into()),
+    }
+    if !dir.join(".git").exists() {
+        write_example(dir)?;
+    }
+    let releases: Vec<Release> = client.get("/projects/hello/stages/dev/releases", "listing the example's releases").await?;
+    if releases.is_empty() {
+        let build = super::build::push_build(client, "hello", dir, false).await?;
+        let _: Release = client
+            .post(
+                "/projects/hello/stages/dev/releases",
+                &PushReleaseRequest { build: Some(build.name), config: None },
+                "releasing the example",
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+fn write_example(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.join("site")).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join("trellis.yaml"), EXAMPLE_MANIFEST)?;
+    std::fs::write(dir.join("site").join("index.html"), EXAMPLE_INDEX)?;
+    let git = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=Trellis", "-c", "user.email=dev@trellis.invalid", "-c", "commit.gpgsign=false"])
+            .args(args)
+            .output()
+            .context("running git (trellis dev needs git to make the example's build)")?;
+        if !out.status.success() {
+            bail!("git {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    };
+    git(&["init", "-q", "-b", "main"])?;
+    git(&["add", "-A"])?;
+    git(&["commit", "-q", "-m", "Example app"])?;
+    Ok(())
+}

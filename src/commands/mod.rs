@@ -1,0 +1,34 @@
+//! One module per group of commands; `run` dispatches.
+
+mod build;
+mod hub;
+mod resources;
+
+use crate::cli::{Cli, Command, ValidateCommand};
+use crate::settings;
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let global = cli.global;
+    match cli.command {
+        Command::Hub(args) => hub::hub(args).await,
+        Command::Dev(args) => hub::dev(args).await,
+        Command::Validate(ValidateCommand::Manifest { path }) => build::validate_manifest(&path),
+        Command::Login => resources::login(&global).await,
+        Command::Whoami => resources::whoami(&settings::client(&global)?, global.output).await,
+        Command::Create(c) => resources::create(&settings::client(&global)?, c).await,
+        Command::Push(crate::cli::PushCommand::Build { project, path }) => {
+            let client = settings::client(&global)?;
+            let build = build::push_build(&client, &project, &path, true).await?;
+            println!("pushed build {} ({} on {})", build.name, crate::output::short(&build.commit), build.branch);
+            Ok(())
+        }
+        Command::Push(crate::cli::PushCommand::Release { project, stage, build, config }) => {
+            resources::push_release(&settings::client(&global)?, &project, &stage, build, config).await
+        }
+        Command::Add(c) => resources::add(&settings::client(&global)?, c).await,
+        Command::Remove(c) => resources::remove(&settings::client(&global)?, c).await,
+        Command::List(args) => resources::list(&settings::client(&global)?, args, global.output).await,
+        Command::Get(args) => resources::get(&settings::client(&global)?, args, global.output).await,
+        Command::Delete(args) => resources::delete(&settings::client(&global)?, args).await,
+    }
+}

@@ -1,0 +1,462 @@
+//! Client verbs on the hub's records: create, add, remove, list, get,
+//! delete, push release, login, whoami.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use trellis_hub::api::types::{
+    AddConfigDataRequest, CreateKeyRequest, CreateOutpostRequest, CreateProjectRequest,
+    CreateStageRequest, CreateUserRequest, CreatedKey, PushReleaseRequest, SetMemberRequest,
+    WhoAmI,
+};
+use trellis_model::{
+    AccessKey, AccessKeyInfo, Build, Config, ConfigData, Member, Outpost, Project, Release, Role,
+    Stage, StageType, User,
+};
+
+use crate::cli::{AddCommand, CreateCommand, DeleteArgs, GetArgs, GlobalArgs, Kind, ListArgs, OutputFormat, RemoveCommand};
+use crate::client::{HubClient, seg};
+use crate::output::{self, short, time};
+use crate::settings::{self, SavedLogin};
+
+fn need<'a>(value: &'a Option<String>, flag: &str, kind: Kind) -> anyhow::Result<&'a str> {
+    value
+        .as_deref()
+        .with_context(|| format!("{} needs {flag}", kind_name(kind)))
+}
+
+fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Project => "project",
+        Kind::Stage => "stage",
+        Kind::Build => "build",
+        Kind::Release => "release",
+        Kind::Config => "config",
+        Kind::Outpost => "outpost",
+        Kind::User => "user",
+        Kind::Key => "key",
+        Kind::Member => "member",
+    }
+}
+
+pub async fn login(global: &GlobalArgs) -> anyhow::Result<()> {
+    let endpoint = global
+        .endpoint
+        .clone()
+        .context("give the hub with --endpoint URL (or TRELLIS_ENDPOINT)")?;
+    let key = global
+        .key
+        .clone()
+        .context("give your access key with --key (or TRELLIS_KEY)")?;
+    key.parse::<AccessKey>()?;
+    let client = HubClient::new(&endpoint, Some(key.clone()), global.ca_cert.as_deref())?;
+    let me: WhoAmI = client.get("/whoami", "checking the key").await?;
+    let path = settings::save(&SavedLogin { endpoint, key })?;
+    println!("logged in to {} as {}; saved to {}", client.endpoint(), me.user, path.display());
+    Ok(())
+}
+
+pub async fn whoami(client: &HubClient, format: OutputFormat) -> anyhow::Result<()> {
+    let me: WhoAmI = client.get("/whoami", "asking who you are").await?;
+    output::one(format, &me, &[("user", me.user.clone()), ("admin", me.admin.to_string())])
+}
+
+fn parse_pairs(items: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for item in items {
+        let (k, v) = item
+            .split_once('=')
+            .with_context(|| format!("{what} {item:?} has no '='; write it as KEY=VALUE"))?;
+        map.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(map)
+}
+
+pub async fn create(client: &HubClient, command: CreateCommand) -> anyhow::Result<()> {
+    match command {
+        CreateCommand::Project { name, description } => {
+            let p: Project = client
+                .post("/projects", &CreateProjectRequest { name, description }, "creating the project")
+                .await?;
+            println!("created project {}", p.name);
+        }
+        CreateCommand::Stage { name, project, stage_type, display_name } => {
+            let stage_type: StageType = stage_type.parse().map_err(anyhow::Error::msg)?;
+            let s: Stage = client
+                .post(
+                    &format!("/projects/{}/stages", seg(&project)),
+                    &CreateStageRequest { name, stage_type, display_name },
+                    "creating the stage",
+                )
+                .await?;
+            println!("created stage {} ({}) in project {}", s.name, s.stage_type, s.project);
+        }
+        CreateCommand::Outpost { name, display_name, description, labels, max_stages } => {
+            let labels = parse_pairs(&labels, "label")?;
+            let o: Outpost = client
+                .post(
+                    "/outposts",
+                    &CreateOutpostRequest { name, display_name, description, labels, max_stages },
+                    "registering the outpost",
+                )
+                .await?;
+            println!("registered outpost {}", o.name);
+        }
+        CreateCommand::User { name, admin } => {
+            let k: CreatedKey = client
+                .post("/users", &CreateUserRequest { name, admin }, "creating the user")
+                .await?;
+            print_key(&k);
+        }
+        CreateCommand::Key { user, description } => {
+            let user = match user {
+                Some(u) => u,
+                None => client.get::<WhoAmI>("/whoami", "asking who you are").await?.user,
+            };
+            let k: CreatedKey = client
+                .post(&format!("/users/{}/keys", seg(&user)), &CreateKeyRequest { description }, "creating the key")
+                .await?;
+            print_key(&k);
+        }
+    }
+    Ok(())
+}
+
+fn print_key(k: &CreatedKey) {
+    println!("access key for {} (shown only now; keep it secret):", k.user);
+    println!("{}", k.key);
+}
+
+pub async fn push_release(
+    client: &HubClient,
+    project: &str,
+    stage: &str,
+    build: Option<String>,
+    config: Option<String>,
+) -> anyhow::Result<()> {
+    let r: Release = client
+        .post(
+            &format!("/projects/{}/stages/{}/releases", seg(project), seg(stage)),
+            &PushReleaseRequest { build, config },
+            "pushing the release",
+        )
+        .await?;
+    println!(
+        "pushed release {} of stage {} (build {}{}), desired revision {}",
+        r.number,
+        r.stage,
+        r.build,
+        r.config.as_ref().map(|c| format!(", config {} v{}", c.name, c.version)).unwrap_or_default(),
+        r.revision
+    );
+    Ok(())
+}
+
+pub async fn add(client: &HubClient, command: AddCommand) -> anyhow::Result<()> {
+    match command {
+        AddCommand::ConfigData { config, project, stage, env, files } => {
+            let env = parse_pairs(&env, "env value")?;
+            let mut file_map = BTreeMap::new();
+            for spec in files {
+                let (name, path) = match spec.split_once('=') {
+                    Some((n, p)) => (n.to_owned(), p.to_owned()),
+                    None => {
+                        let name = Path::new(&spec)
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .with_context(|| format!("{spec:?} names no file"))?
+                            .to_owned();
+                        (name, spec.clone())
+                    }
+                };
+                let content = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading config file {path} (config files must be UTF-8 text)"))?;
+                file_map.insert(name, content);
+            }
+            if env.is_empty() && file_map.is_empty() {
+                bail!("nothing to add: give --env KEY=VALUE and/or --file PATH");
+            }
+            let c: Config = client
+                .post(
+                    &format!("/projects/{}/stages/{}/configs/{}/data", seg(&project), seg(&stage), seg(&config)),
+                    &AddConfigDataRequest { data: ConfigData { env, files: file_map } },
+                    "adding config data",
+                )
+                .await?;
+            println!(
+                "config {} of stage {} is now version {} ({} env values, {} files)",
+                c.name,
+                c.stage,
+                c.version,
+                c.data.env.len(),
+                c.data.files.len()
+            );
+        }
+        AddCommand::Member { user, project, role } => {
+            let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+            let m: Member = client
+                .put(
+                    &format!("/projects/{}/members/{}", seg(&project), seg(&user)),
+                    &SetMemberRequest { role },
+                    "adding the member",
+                )
+                .await?;
+            println!("{} is now {} of project {}", m.user, m.role, m.project);
+        }
+    }
+    Ok(())
+}
+
+pub async fn remove(client: &HubClient, command: RemoveCommand) -> anyhow::Result<()> {
+    match command {
+        RemoveCommand::Member { user, project } => {
+            client
+                .delete(&format!("/projects/{}/members/{}", seg(&project), seg(&user)), "removing the member")
+                .await?;
+            println!("removed {user} from project {project}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> anyhow::Result<()> {
+    let kind = args.kind;
+    match kind {
+        Kind::Project => {
+            let items: Vec<Project> = client.get("/projects", "listing projects").await?;
+            output::list(format, &items, &["name", "description", "created"], |p| {
+                vec![p.name.clone(), p.description.clone(), time(&p.created_at)]
+            })
+        }
+        Kind::Stage => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let items: Vec<Stage> = client
+                .get(&format!("/projects/{}/stages", seg(project)), "listing stages")
+                .await?;
+            output::list(format, &items, &["name", "type", "display name", "outpost", "release", "revision", "suspended"], |s| {
+                vec![
+                    s.name.clone(),
+                    s.stage_type.to_string(),
+                    s.display_name.clone(),
+                    s.outpost.clone(),
+                    s.latest_release.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                    s.desired_revision.to_string(),
+                    if s.suspended { "yes".into() } else { "no".into() },
+                ]
+            })
+        }
+        Kind::Build => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let items: Vec<Build> = client
+                .get(&format!("/projects/{}/builds", seg(project)), "listing builds")
+                .await?;
+            output::list(format, &items, &["name", "branch", "commit", "components", "created", "by"], |b| {
+                vec![
+                    b.name.clone(),
+                    b.branch.clone(),
+                    short(&b.commit),
+                    b.components.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+                    time(&b.created_at),
+                    b.created_by.clone(),
+                ]
+            })
+        }
+        Kind::Release => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let stage = need(&args.stage, "-s STAGE", kind)?;
+            let items: Vec<Release> = client
+                .get(&format!("/projects/{}/stages/{}/releases", seg(project), seg(stage)), "listing releases")
+                .await?;
+            output::list(format, &items, &["number", "build", "config", "revision", "state", "created", "by"], |r| {
+                vec![
+                    r.number.to_string(),
+                    r.build.clone(),
+                    r.config.as_ref().map(|c| format!("{} v{}", c.name, c.version)).unwrap_or_else(|| "-".into()),
+                    r.revision.to_string(),
+                    r.state.as_str().into(),
+                    time(&r.created_at),
+                    r.created_by.clone(),
+                ]
+            })
+        }
+        Kind::Config => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let path = match &args.stage {
+                Some(stage) => format!("/projects/{}/stages/{}/configs", seg(project), seg(stage)),
+                None => format!("/projects/{}/configs", seg(project)),
+            };
+            let items: Vec<Config> = client.get(&path, "listing configs").await?;
+            output::list(format, &items, &["name", "stage", "version", "env", "files", "updated"], |c| {
+                vec![
+                    c.name.clone(),
+                    c.stage.clone(),
+                    c.version.to_string(),
+                    c.data.env.keys().cloned().collect::<Vec<_>>().join(", "),
+                    c.data.files.keys().cloned().collect::<Vec<_>>().join(", "),
+                    time(&c.updated_at),
+                ]
+            })
+        }
+        Kind::Outpost => {
+            let items: Vec<Outpost> = client.get("/outposts", "listing outposts").await?;
+            output::list(format, &items, &["name", "display name", "labels", "max stages", "description"], |o| {
+                vec![
+                    o.name.clone(),
+                    o.display_name.clone(),
+                    o.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "),
+                    o.max_stages.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                    o.description.clone(),
+                ]
+            })
+        }
+        Kind::User => {
+            let items: Vec<User> = client.get("/users", "listing users").await?;
+            output::list(format, &items, &["name", "admin", "created"], |u| {
+                vec![u.name.clone(), u.admin.to_string(), time(&u.created_at)]
+            })
+        }
+        Kind::Key => {
+            let path = match &args.user {
+                Some(u) => format!("/keys?user={}", seg(u)),
+                None => "/keys".into(),
+            };
+            let items: Vec<AccessKeyInfo> = client.get(&path, "listing keys").await?;
+            output::list(format, &items, &["key id", "user", "description", "created"], |k| {
+                vec![k.id.clone(), k.user.clone(), k.description.clone(), time(&k.created_at)]
+            })
+        }
+        Kind::Member => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let items: Vec<Member> = client
+                .get(&format!("/projects/{}/members", seg(project)), "listing members")
+                .await?;
+            output::list(format, &items, &["user", "role"], |m| vec![m.user.clone(), m.role.to_string()])
+        }
+    }
+}
+
+pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> anyhow::Result<()> {
+    let kind = args.kind;
+    let name = &args.name;
+    match kind {
+        Kind::Project => {
+            let p: Project = client.get(&format!("/projects/{}", seg(name)), "getting the project").await?;
+            output::one(format, &p, &[("name", p.name.clone()), ("description", p.description.clone()), ("created", time(&p.created_at))])
+        }
+        Kind::Stage => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let s: Stage = client
+                .get(&format!("/projects/{}/stages/{}", seg(project), seg(name)), "getting the stage")
+                .await?;
+            output::one(format, &s, &[
+                ("name", s.name.clone()),
+                ("project", s.project.clone()),
+                ("type", s.stage_type.to_string()),
+                ("display name", s.display_name.clone()),
+                ("outpost", s.outpost.clone()),
+                ("latest release", s.latest_release.map(|n| n.to_string()).unwrap_or_else(|| "-".into())),
+                ("desired revision", s.desired_revision.to_string()),
+                ("suspended", s.suspended.to_string()),
+                ("created", time(&s.created_at)),
+            ])
+        }
+        Kind::Build => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let b: Build = client
+                .get(&format!("/projects/{}/builds/{}", seg(project), seg(name)), "getting the build")
+                .await?;
+            let mut fields = vec![
+                ("name", b.name.clone()),
+                ("branch", b.branch.clone()),
+                ("commit", b.commit.clone()),
+                ("manifest", b.manifest_file.clone()),
+                ("created", format!("{} by {}", time(&b.created_at), b.created_by)),
+            ];
+            for c in &b.components {
+                let what = match &c.artifact {
+                    trellis_model::Artifact::Image { reference } => format!("image {reference}"),
+                    trellis_model::Artifact::Package { digest, size } => format!("package {} ({size} bytes)", short(digest)),
+                };
+                fields.push(("component", format!("{}: {what}", c.name)));
+            }
+            output::one(format, &b, &fields)
+        }
+        Kind::Release => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let stage = need(&args.stage, "-s STAGE", kind)?;
+            let number: u64 = name.parse().with_context(|| format!("{name:?} is not a release number"))?;
+            let r: Release = client
+                .get(&format!("/projects/{}/stages/{}/releases/{number}", seg(project), seg(stage)), "getting the release")
+                .await?;
+            output::one(format, &r, &[
+                ("number", r.number.to_string()),
+                ("stage", r.stage.clone()),
+                ("build", r.build.clone()),
+                ("config", r.config.as_ref().map(|c| format!("{} v{}", c.name, c.version)).unwrap_or_else(|| "-".into())),
+                ("revision", r.revision.to_string()),
+                ("state", r.state.as_str().into()),
+                ("created", format!("{} by {}", time(&r.created_at), r.created_by)),
+            ])
+        }
+        Kind::Config => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let stage = need(&args.stage, "-s STAGE", kind)?;
+            let c: Config = client
+                .get(&format!("/projects/{}/stages/{}/configs/{}", seg(project), seg(stage), seg(name)), "getting the config")
+                .await?;
+            let mut fields = vec![("name", c.name.clone()), ("stage", c.stage.clone()), ("version", c.version.to_string())];
+            for (k, v) in &c.data.env {
+                fields.push(("env", format!("{k}={v}")));
+            }
+            for (k, v) in &c.data.files {
+                fields.push(("file", format!("{k} ({} bytes)", v.len())));
+            }
+            output::one(format, &c, &fields)
+        }
+        Kind::Outpost => {
+            let o: Outpost = client.get(&format!("/outposts/{}", seg(name)), "getting the outpost").await?;
+            output::one(format, &o, &[
+                ("name", o.name.clone()),
+                ("display name", o.display_name.clone()),
+                ("description", o.description.clone()),
+                ("labels", o.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")),
+                ("max stages", o.max_stages.map(|n| n.to_string()).unwrap_or_else(|| "no limit".into())),
+            ])
+        }
+        Kind::User | Kind::Key | Kind::Member => {
+            bail!("`trellis get {}` is not available; use `trellis list {}`", kind_name(kind), kind_name(kind))
+        }
+    }
+}
+
+pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> {
+    let kind = args.kind;
+    let name = &args.name;
+    let force = if args.force { "?force=true" } else { "" };
+    let path = match kind {
+        Kind::Project => format!("/projects/{}{force}", seg(name)),
+        Kind::Stage => format!("/projects/{}/stages/{}{force}", seg(need(&args.project, "-p PROJECT", kind)?), seg(name)),
+        Kind::Build => format!("/projects/{}/builds/{}", seg(need(&args.project, "-p PROJECT", kind)?), seg(name)),
+        Kind::Config => format!(
+            "/projects/{}/stages/{}/configs/{}",
+            seg(need(&args.project, "-p PROJECT", kind)?),
+            seg(need(&args.stage, "-s STAGE", kind)?),
+            seg(name)
+        ),
+        Kind::Outpost => format!("/outposts/{}{force}", seg(name)),
+        Kind::Key => format!("/keys/{}", seg(name)),
+        Kind::Release | Kind::User | Kind::Member => bail!(
+            "{}s cannot be deleted{}",
+            kind_name(kind),
+            match kind {
+                Kind::Release => ": releases are the stage's history",
+                Kind::Member => "; use `trellis remove member`",
+                _ => "",
+            }
+        ),
+    };
+    client.delete(&path, &format!("deleting the {}", kind_name(kind))).await?;
+    println!("deleted {} {name}", kind_name(kind));
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! Drives the real `trellis` binary: starts hubs as child processes on
+//! port 0, runs client commands against them, kills them with SIGKILL.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_trellis"))
+}
+
+/// A hub process with its own data directory.
+pub struct HubProcess {
+    pub child: Child,
+    pub endpoint: String,
+    pub data: PathBuf,
+}
+
+impl HubProcess {
+    /// Starts `trellis hub` on 127.0.0.1:0 and waits for its "listening"
+    /// line.
+    pub fn start(data: &Path) -> HubProcess {
+        let mut child = Command::new(bin())
+            .args(["hub", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start trellis hub");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("hub listening on ") {
+                    let _ = tx.send(rest.to_owned());
+                }
+            }
+        });
+        let endpoint = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("hub printed its address");
+        HubProcess { child, endpoint, data: data.to_owned() }
+    }
+
+    pub fn admin_key(&self) -> String {
+        std::fs::read_to_string(self.data.join("admin.key"))
+            .expect("admin.key exists")
+            .trim()
+            .to_owned()
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL the hub");
+        self.child.wait().expect("reap the hub");
+    }
+}
+
+impl Drop for HubProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the CLI with an isolated config directory.
+pub struct Cli {
+    pub endpoint: String,
+    pub key: String,
+    pub config_dir: PathBuf,
+}
+
+impl Cli {
+    pub fn new(endpoint: &str, key: &str, config_dir: &Path) -> Cli {
+        Cli { endpoint: endpoint.to_owned(), key: key.to_owned(), config_dir: config_dir.to_owned() }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.env("TRELLIS_ENDPOINT", &self.endpoint)
+            .env("TRELLIS_KEY", &self.key)
+            .env("TRELLIS_CONFIG_DIR", &self.config_dir)
+            .env_remove("TRELLIS_CA_CERT");
+        cmd
+    }
+
+    pub fn run_in(&self, dir: &Path, args: &[&str]) -> Output {
+        self.command().current_dir(dir).args(args).output().expect("run trellis")
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("run trellis")
+    }
+
+    /// Runs and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "trellis {args:?} failed: {}", describe(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.ok(&all);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {out}"))
+    }
+}
+
+pub fn describe(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Makes a git work tree holding `files` (path, content) and commits it.
+pub fn git_project(dir: &Path, files: &[(&str, &str)]) {
+    for (path, content) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, content).unwrap();
+    }
+    for args in [&["init", "-q", "-b", "main"][..], &["add", "-A"], &["commit", "-q", "-m", "test"]] {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@t.invalid", "-c", "commit.gpgsign=false"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", describe(&out));
+    }
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
