@@ -159,7 +159,7 @@ impl BlobStore {
         hasher
             .update_reader(&mut file)
             .map_err(|e| CasError::io("read blob", self.path(digest), e))?;
-        let actual = Digest::from(hasher.finalize());
+        let actual = Digest::from_hash(hasher.finalize());
         if actual == *digest {
             Ok(())
         } else {
@@ -245,9 +245,13 @@ impl BlobWriter {
         } = self;
         let temp = file.into_inner().map_err(|e| {
             let (error, file) = e.into_parts();
-            CasError::io("write the temporary blob file", file.get_ref().path(), error)
+            CasError::io(
+                "write the temporary blob file",
+                file.get_ref().path(),
+                error,
+            )
         })?;
-        let digest = Digest::from(hasher.finalize());
+        let digest = Digest::from_hash(hasher.finalize());
         if let Some(expected) = expected
             && *expected != digest
         {
@@ -288,9 +292,8 @@ impl BlobWriter {
         }
         // If another writer stored the same content meanwhile, this rename
         // replaces its file with identical bytes, which readers cannot tell.
-        temp.persist(&dest).map_err(|e| {
-            CasError::io("move the finished blob into place at", &dest, e.error)
-        })?;
+        temp.persist(&dest)
+            .map_err(|e| CasError::io("move the finished blob into place at", &dest, e.error))?;
         fsutil::sync_dir(&shard).map_err(|e| CasError::io("sync the directory", &shard, e))?;
         Ok(info)
     }

@@ -211,10 +211,7 @@ fn missing_blob_is_reported_as_not_found() {
     let err = store.open_blob(&d).unwrap_err();
     assert!(matches!(err, CasError::NotFound { digest, .. } if digest == d));
     assert!(err.to_string().contains(&d.as_hex()));
-    assert!(matches!(
-        store.verify(&d),
-        Err(CasError::NotFound { .. })
-    ));
+    assert!(matches!(store.verify(&d), Err(CasError::NotFound { .. })));
 }
 
 #[test]
@@ -245,6 +242,9 @@ fn concurrent_writers_of_the_same_content_agree() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(infos.iter().all(|i| *i == infos[0]));
-    assert_eq!(files_under(store.root()), vec![store.path(&infos[0].digest)]);
+    assert_eq!(
+        files_under(store.root()),
+        vec![store.path(&infos[0].digest)]
+    );
     store.verify(&infos[0].digest).unwrap();
 }

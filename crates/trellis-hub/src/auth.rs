@@ -135,15 +135,17 @@ impl Caller {
     /// every project. Non-members get the same answer as for a project that
     /// does not exist.
     pub async fn role_in(&self, state: &AppState, project: &str) -> ApiResult<Role> {
-        let role = state.store().role_of(project, &self.user).await?;
-        // Checked after the membership lookup so that the two "not found"
-        // paths cost the same and reveal nothing.
-        let exists = state.store().get_project(project).await.is_ok();
-        match (role, self.admin, exists) {
-            (_, _, false) => Err(ApiError::project_not_found(project)),
-            (Some(role), _, true) => Ok(role),
-            (None, true, true) => Ok(Role::Owner),
-            (None, false, true) => Err(ApiError::project_not_found(project)),
+        match state.store().get_project(project).await {
+            Ok(_) => {}
+            Err(trellis_store::StoreError::NotFound { .. }) => {
+                return Err(ApiError::project_not_found(project));
+            }
+            Err(e) => return Err(e.into()),
+        }
+        match (state.store().role_of(project, &self.user).await?, self.admin) {
+            (Some(role), _) => Ok(role),
+            (None, true) => Ok(Role::Owner),
+            (None, false) => Err(ApiError::project_not_found(project)),
         }
     }
 

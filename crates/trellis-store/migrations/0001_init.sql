@@ -6,6 +6,9 @@
 -- cascading actions: the store deletes dependants itself, in one
 -- transaction, after deciding whether the deletion is allowed, and the keys
 -- catch any path that forgets to.
+--
+-- Never edit a migration that has shipped: the checksum of every applied
+-- migration is verified on open. Change the schema in a new numbered file.
 
 CREATE TABLE users (
     name       TEXT    NOT NULL PRIMARY KEY,

@@ -112,7 +112,8 @@ pub trait Store: Send + Sync + 'static {
     async fn set_member(&self, project: &str, user: &str, role: Role) -> Result<()>;
     async fn remove_member(&self, project: &str, user: &str) -> Result<()>;
     async fn list_members(&self, project: &str) -> Result<Vec<Member>>;
-    /// The user's role in the project, `None` if they are not a member.
+    /// The user's role in the project, `None` if they are not a member
+    /// (including when the project does not exist: nobody is a member).
     async fn role_of(&self, project: &str, user: &str) -> Result<Option<Role>>;
 
     // --- outposts ---

@@ -279,7 +279,12 @@ impl Store for MemoryStore {
     }
 
     async fn role_of(&self, project: &str, user: &str) -> Result<Option<Role>> {
-        Ok(self.state().project(project)?.members.get(user).copied())
+        Ok(self
+            .state()
+            .projects
+            .get(project)
+            .and_then(|p| p.members.get(user))
+            .copied())
     }
 
     async fn create_outpost(&self, outpost: &Outpost) -> Result<()> {
@@ -480,7 +485,7 @@ impl Store for MemoryStore {
             .values()
             .cloned()
             .collect();
-        builds.sort_by(|a, b| b.number.cmp(&a.number));
+        builds.sort_by_key(|b| std::cmp::Reverse(b.number));
         Ok(builds)
     }
 

@@ -721,12 +721,10 @@ impl Store for SqliteStore {
     }
 
     async fn role_of(&self, project: &str, user: &str) -> Result<Option<Role>> {
-        let mut tx = self.read().await?;
-        require_project(&mut tx, project).await?;
         sqlx::query("SELECT role FROM members WHERE project = $1 AND user_name = $2")
             .bind(project)
             .bind(user)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&self.reader)
             .await
             .map_err(backend("looking up a member's role"))?
             .map(|row| parsed(&row, "role"))

@@ -164,7 +164,11 @@ fn append_file<W: Write>(
         return Err(changed());
     }
     let size = before.len();
-    let mut header = header(EntryType::Regular, rules::file_mode(mode_bits(&before)), size);
+    let mut header = header(
+        EntryType::Regular,
+        rules::file_mode(mode_bits(&before)),
+        size,
+    );
 
     let mut reader = TrackedReader {
         inner: file.take(size),

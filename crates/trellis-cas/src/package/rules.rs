@@ -119,7 +119,11 @@ mod tests {
     #[test]
     fn links_that_could_leave_the_package_are_refused() {
         assert!(check("x", "/etc/passwd").unwrap_err().contains("absolute"));
-        assert!(check("x", "../y").unwrap_err().contains("out of the package"));
+        assert!(
+            check("x", "../y")
+                .unwrap_err()
+                .contains("out of the package")
+        );
         assert!(check("a/b/c", "../../../y").is_err());
         assert!(check("x", "").unwrap_err().contains("empty"));
         // `s/..` depends on where `s` points, so it is refused even though

@@ -47,6 +47,7 @@ impl FromStr for Schedule {
                 if fields == 1 { "" } else { "s" }
             ));
         }
+        check_cron_ranges(text)?;
         let parser = CronParser::builder()
             .seconds(Seconds::Disallowed)
             .year(Year::Disallowed)
@@ -60,15 +61,41 @@ impl FromStr for Schedule {
     }
 }
 
+/// Names the field of a number out of its range (croner only says "Number
+/// out of bounds"), so the message can point at the mistake.
+fn check_cron_ranges(text: &str) -> Result<(), String> {
+    const FIELDS: [(&str, u32, u32); 5] = [
+        ("minute", 0, 59),
+        ("hour", 0, 23),
+        ("day-of-month", 1, 31),
+        ("month", 1, 12),
+        ("day-of-week", 0, 7),
+    ];
+    for (field, (what, low, high)) in text.split_whitespace().zip(FIELDS) {
+        // Numbers after '/' are steps, not values.
+        for part in field.split(',') {
+            let values = part.split('/').next().unwrap_or(part);
+            for number in values.split('-') {
+                if let Ok(n) = number.parse::<u32>()
+                    && !(low..=high).contains(&n)
+                {
+                    return Err(format!(
+                        "{text:?} has {n} as its {what}, which must be {low}-{high}; {CRON_FORM}"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks an IANA time zone name such as `Europe/Zurich`.
 pub(crate) fn check_timezone(text: &str) -> Result<(), String> {
     if chrono_tz::Tz::from_str(text).is_ok() {
         return Ok(());
     }
-    let hint = chrono_tz::TZ_VARIANTS
-        .iter()
-        .map(|tz| tz.name())
-        .find(|name| name.eq_ignore_ascii_case(text))
+    let names: Vec<&str> = chrono_tz::TZ_VARIANTS.iter().map(|tz| tz.name()).collect();
+    let hint = closest(text, &names)
         .map(|name| format!("did you mean {name}? "))
         .unwrap_or_default();
     Err(format!(
@@ -202,10 +229,10 @@ pub(crate) fn check_url_path(text: &str) -> Result<(), String> {
 /// The closest of `candidates` to `word` if it is close enough to be a
 /// plausible typo, for "did you mean" hints.
 pub(crate) fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    let word = word.to_ascii_lowercase().replace('_', "-");
+    let word = word.to_ascii_lowercase();
     candidates
         .iter()
-        .map(|c| (edit_distance(&word, c), *c))
+        .map(|c| (edit_distance(&word, &c.to_ascii_lowercase()), *c))
         .filter(|(d, c)| *d <= 2.max(c.len() / 4) && *d < c.len())
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
@@ -253,6 +280,14 @@ mod tests {
     }
 
     #[test]
+    fn cron_errors_name_the_field_out_of_range() {
+        let err = "0 25 * * *".parse::<Schedule>().unwrap_err();
+        assert!(err.contains("25 as its hour, which must be 0-23"), "{err}");
+        let err = "*/5 * * * 1-9".parse::<Schedule>().unwrap_err();
+        assert!(err.contains("9 as its day-of-week"), "{err}");
+    }
+
+    #[test]
     fn cron_rejects_malformed_schedules_with_the_expected_form() {
         for bad in [
             "",
@@ -262,6 +297,9 @@ mod tests {
             "0 25 * * *",
             "0 0 32 * *",
             "0 0 * 13 *",
+            "0 0 * * 8",
+            "0 0 0 * *",
+            "0-60 * * * *",
             "every day",
             "*/x * * * *",
             "@reboot",
@@ -280,6 +318,8 @@ mod tests {
         assert!(check_timezone("Mars/Olympus").is_err());
         assert!(check_timezone("").is_err());
         let err = check_timezone("europe/zurich").unwrap_err();
+        assert!(err.contains("did you mean Europe/Zurich"), "{err}");
+        let err = check_timezone("Europe/Zurch").unwrap_err();
         assert!(err.contains("did you mean Europe/Zurich"), "{err}");
     }
 
@@ -353,7 +393,8 @@ mod tests {
     fn typo_suggestions() {
         let fields = ["image", "file", "build-context", "build-args", "platform"];
         assert_eq!(closest("imgae", &fields), Some("image"));
-        assert_eq!(closest("build_args", &fields), Some("build-args"));
+        assert_eq!(closest("build-arg", &fields), Some("build-args"));
+        assert_eq!(closest("IMAGE", &fields), Some("image"));
         assert_eq!(closest("context", &fields), None);
         assert_eq!(closest("x", &fields), None);
     }

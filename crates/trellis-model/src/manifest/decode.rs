@@ -224,7 +224,7 @@ impl Decoder {
                 continue;
             }
             if !allowed.contains(&key) {
-                let hint = checks::closest(key, allowed)
+                let hint = checks::closest(&key.replace('_', "-"), allowed)
                     .map(|c| format!("did you mean {c}? "))
                     .unwrap_or_default();
                 self.error(
@@ -296,7 +296,7 @@ impl Decoder {
                 self.error(
                     &fields.path,
                     fields.pos,
-                    format!("missing required field {name} ({expected})"),
+                    format!("missing required field {name}; expected {expected}"),
                 );
                 None
             }

@@ -19,8 +19,6 @@ pub(crate) struct Pos {
 }
 
 impl Pos {
-    pub const START: Pos = Pos { line: 1, column: 1 };
-
     fn of(marker: &Marker) -> Pos {
         Pos {
             line: marker.line().max(1),
