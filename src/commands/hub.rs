@@ -42,6 +42,12 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
     let hub = Hub::open(HubOptions { data_dir: args.data.clone() }).await?;
     let listener = bind(args.listen).await?;
     let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() {
+        eprintln!(
+            "warning: the hub serves plain HTTP on {addr}; access keys sent to it can be read on the network. \
+             Put a TLS-terminating proxy in front of it or listen on loopback."
+        );
+    }
     if let Some(key) = hub.first_admin_key() {
         println!("first start: created the administrator key (shown once; also in {}):", args.data.join(ADMIN_KEY_FILE).display());
         println!("{key}");
@@ -92,20 +98,31 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let example = data.join("example");
     setup_example(&client, &example).await?;
 
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "trellis".into());
     println!();
-    println!("Trellis is running (development hub, data in {}).", data.display());
+    if args.no_serve {
+        println!("Trellis is set up (development hub, data in {}).", data.display());
+    } else {
+        println!("Trellis is running (development hub, data in {}).", data.display());
+    }
     println!();
     println!("  console:   {endpoint}/");
     println!("  endpoint:  {endpoint}");
     println!("  key:       {key}");
     println!();
     println!("Use the CLI against it:");
+    println!("  alias trellis={exe}");
     println!("  export TRELLIS_ENDPOINT={endpoint} TRELLIS_KEY={key}");
     println!();
     println!("Three things to try:");
     println!("  trellis list stage -p hello");
     println!("  trellis list release -p hello -s dev");
     println!("  cd {} && trellis push build -p hello && trellis push release -p hello -s dev", example.display());
+    println!();
+    println!("Project `hello` has stage `dev` with a release of the example app (a static site).");
+    println!("The hub records it; running releases on the local outpost is not built yet.");
     println!();
     if args.no_serve {
         let _ = stop_tx.send(());

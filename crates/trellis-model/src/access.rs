@@ -69,7 +69,9 @@ impl fmt::Display for AccessKey {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the access key is malformed ({reason}); an access key looks like `tk_0123abcd:secret`, as printed when it was created")]
+#[error(
+    "the access key is malformed ({reason}); an access key looks like `tk_0123abcd:secret`, as printed when it was created"
+)]
 pub struct AccessKeyParseError {
     pub reason: &'static str,
 }

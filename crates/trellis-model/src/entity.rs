@@ -190,7 +190,11 @@ pub fn build_name(branch: &str, number: u64) -> String {
             }
         })
         .collect();
-    let clean = if clean.is_empty() { "detached".into() } else { clean };
+    let clean = if clean.is_empty() {
+        "detached".into()
+    } else {
+        clean
+    };
     format!("{clean}_b{number}")
 }
 
@@ -302,6 +306,11 @@ mod tests {
         for t in [StageType::Dev, StageType::Qa, StageType::Prod] {
             assert_eq!(t.as_str().parse::<StageType>().unwrap(), t);
         }
-        assert!("staging".parse::<StageType>().unwrap_err().contains("dev, qa, prod"));
+        assert!(
+            "staging"
+                .parse::<StageType>()
+                .unwrap_err()
+                .contains("dev, qa, prod")
+        );
     }
 }

@@ -35,7 +35,9 @@ impl fmt::Display for NameKind {
 pub const MAX_NAME_LEN: usize = 63;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{kind} name {name:?} is not valid: {reason}; use 1-63 lowercase letters, digits and '-', starting with a letter and not ending with '-'")]
+#[error(
+    "{kind} name {name:?} is not valid: {reason}; use 1-63 lowercase letters, digits and '-', starting with a letter and not ending with '-'"
+)]
 pub struct NameError {
     pub kind: NameKind,
     pub name: String,
@@ -87,7 +89,14 @@ mod tests {
     #[test]
     fn rejects_everything_else_with_a_reason() {
         for bad in [
-            "", "Web", "1web", "web-", "web_app", "wéb", "a b", &"x".repeat(64),
+            "",
+            "Web",
+            "1web",
+            "web-",
+            "web_app",
+            "wéb",
+            "a b",
+            &"x".repeat(64),
         ] {
             let err = validate_name(NameKind::Stage, bad).unwrap_err();
             assert!(err.to_string().starts_with("stage name"), "{err}");

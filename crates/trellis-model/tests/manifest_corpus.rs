@@ -193,7 +193,10 @@ fn webshop_decodes_into_the_typed_model() {
     assert_eq!(api.component_refs().collect::<Vec<_>>(), ["db"]);
 
     let worker = m.component("worker").unwrap();
-    assert_eq!(worker.command.as_deref(), Some(&["/app/worker".to_owned()][..]));
+    assert_eq!(
+        worker.command.as_deref(),
+        Some(&["/app/worker".to_owned()][..])
+    );
     assert_eq!(worker.args.as_ref().unwrap()[3], "$DATABASE_HOST");
     assert_eq!(worker.scaling, None);
 
@@ -284,7 +287,10 @@ fn schedules_and_time_zones() {
     assert_eq!(report.scheduled, Some(Schedule::Cron("0 3 * * 1-5".into())));
     assert_eq!(report.scheduled_timezone.as_deref(), Some("Europe/Zurich"));
     let cleanup = m.component("cleanup").unwrap();
-    assert_eq!(cleanup.scheduled, Some(Schedule::Cron("*/5 * * * *".into())));
+    assert_eq!(
+        cleanup.scheduled,
+        Some(Schedule::Cron("*/5 * * * *".into()))
+    );
     assert_eq!(cleanup.storage[0].kind, StorageKind::Temporary);
     assert_eq!(cleanup.storage[0].size, None);
 }

@@ -328,7 +328,16 @@ mod tests {
         for ok in [".", "./bin", "bin", "dist/app", "a/./b", "..foo/bar"] {
             assert!(check_project_path(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "/opt/app", "\\srv", "C:\\app", "..", "../x", "a/../../b", "a\\..\\b"] {
+        for bad in [
+            "",
+            "/opt/app",
+            "\\srv",
+            "C:\\app",
+            "..",
+            "../x",
+            "a/../../b",
+            "a\\..\\b",
+        ] {
             assert!(check_project_path(bad).is_err(), "{bad}");
         }
     }
@@ -343,7 +352,12 @@ mod tests {
 
     #[test]
     fn hostnames() {
-        for ok in ["localhost", "shop.example.com", "a-b.c1.io", "API.Example.com"] {
+        for ok in [
+            "localhost",
+            "shop.example.com",
+            "a-b.c1.io",
+            "API.Example.com",
+        ] {
             assert!(check_hostname(ok).is_ok(), "{ok}");
         }
         let long_label = format!("{}.com", "a".repeat(64));

@@ -248,7 +248,10 @@ impl Decoder {
             self.error(
                 path,
                 node.pos,
-                format!("expected a mapping of names to values, found {}", describe(node)),
+                format!(
+                    "expected a mapping of names to values, found {}",
+                    describe(node)
+                ),
             );
             return Vec::new();
         };
@@ -290,7 +293,12 @@ impl Decoder {
 
     /// Looks up a required field; a missing one is reported at the mapping
     /// that lacks it, an empty one at its key.
-    fn required<'n>(&mut self, fields: &Fields<'n>, name: &str, expected: &str) -> Option<&'n Node> {
+    fn required<'n>(
+        &mut self,
+        fields: &Fields<'n>,
+        name: &str,
+        expected: &str,
+    ) -> Option<&'n Node> {
         match fields.raw(name) {
             None => {
                 self.error(
@@ -357,19 +365,28 @@ impl Decoder {
 
     fn integer(&mut self, node: &Node, path: &str, expected: &str) -> Option<i128> {
         if let Value::Scalar(s) = &node.value {
-            if s.plain && let Some(value) = parse_int(&s.text) {
+            if s.plain
+                && let Some(value) = parse_int(&s.text)
+            {
                 return Some(value);
             }
             if !s.plain && parse_int(&s.text).is_some() {
                 self.error(
                     path,
                     node.pos,
-                    format!("expected {expected}, found the text {:?}; write the number without quotes", s.text),
+                    format!(
+                        "expected {expected}, found the text {:?}; write the number without quotes",
+                        s.text
+                    ),
                 );
                 return None;
             }
         }
-        self.error(path, node.pos, format!("expected {expected}, found {}", describe(node)));
+        self.error(
+            path,
+            node.pos,
+            format!("expected {expected}, found {}", describe(node)),
+        );
         None
     }
 
@@ -379,11 +396,19 @@ impl Decoder {
         match u32::try_from(value) {
             Ok(value) => Some(value),
             Err(_) if value < 0 => {
-                self.error(path, node.pos, format!("{value} is negative; expected {expected}"));
+                self.error(
+                    path,
+                    node.pos,
+                    format!("{value} is negative; expected {expected}"),
+                );
                 None
             }
             Err(_) => {
-                self.error(path, node.pos, format!("{value} is too large; expected {expected}"));
+                self.error(
+                    path,
+                    node.pos,
+                    format!("{value} is too large; expected {expected}"),
+                );
                 None
             }
         }
@@ -394,7 +419,11 @@ impl Decoder {
         match u16::try_from(value) {
             Ok(port) if port != 0 => Some(port),
             _ => {
-                self.error(path, node.pos, format!("{value} is not a port; use 1-65535"));
+                self.error(
+                    path,
+                    node.pos,
+                    format!("{value} is not a port; use 1-65535"),
+                );
                 None
             }
         }
@@ -404,7 +433,11 @@ impl Decoder {
         if let Some(value) = node.plain_text().and_then(parse_bool) {
             return Some(value);
         }
-        self.error(path, node.pos, format!("expected true or false, found {}", describe(node)));
+        self.error(
+            path,
+            node.pos,
+            format!("expected true or false, found {}", describe(node)),
+        );
         None
     }
 
@@ -470,7 +503,10 @@ impl Decoder {
             if component.name.is_empty() {
                 continue;
             }
-            let Some(first) = components[..i].iter().position(|c| c.name == component.name) else {
+            let Some(first) = components[..i]
+                .iter()
+                .position(|c| c.name == component.name)
+            else {
                 continue;
             };
             let pos = name_pos(&items[i]);
@@ -754,7 +790,9 @@ impl Decoder {
                 self.error(
                     &p,
                     item.pos,
-                    format!("port {port} is already listed as {path}[{first}]; list each port once"),
+                    format!(
+                        "port {port} is already listed as {path}[{first}]; list each port once"
+                    ),
                 );
                 continue;
             }
@@ -827,7 +865,11 @@ impl Decoder {
     }
 
     fn env(&mut self, component: usize, node: &Node, path: &str) -> Vec<EnvVar> {
-        let items = self.list(node, path, "variables (name plus value, config-ref or component-ref)");
+        let items = self.list(
+            node,
+            path,
+            "variables (name plus value, config-ref or component-ref)",
+        );
         let mut out: Vec<EnvVar> = Vec::with_capacity(items.len());
         let mut seen: Vec<(String, usize, Pos)> = Vec::new();
         for (i, item) in items.iter().enumerate() {
@@ -842,7 +884,8 @@ impl Decoder {
                     match checks::check_env_name(&text) {
                         Err(message) => self.error(&p, n.pos, message),
                         Ok(()) => {
-                            if let Some((_, first, pos)) = seen.iter().find(|(s, _, _)| *s == text) {
+                            if let Some((_, first, pos)) = seen.iter().find(|(s, _, _)| *s == text)
+                            {
                                 let message = format!(
                                     "{text} is already set by {path}[{first}] (line {}); set each variable once",
                                     pos.line
@@ -860,11 +903,15 @@ impl Decoder {
             let (has_value, has_config, has_component) =
                 (f.has("value"), f.has("config-ref"), f.has("component-ref"));
             let value = f.raw("value").and_then(|n| {
-                self.text(n, &f.path("value"), "a string, number or true/false (quote \"\" for empty)")
+                self.text(
+                    n,
+                    &f.path("value"),
+                    "a string, number or true/false (quote \"\" for empty)",
+                )
             });
-            let config = f.raw("config-ref").and_then(|n| {
-                self.non_blank(n, &f.path("config-ref"), "the name of a config key")
-            });
+            let config = f
+                .raw("config-ref")
+                .and_then(|n| self.non_blank(n, &f.path("config-ref"), "the name of a config key"));
             let target = f.raw("component-ref").and_then(|n| {
                 let p = f.path("component-ref");
                 let target = self.non_blank(n, &p, "the name of another component")?;
@@ -926,7 +973,9 @@ impl Decoder {
                 if let Some(text) = self.text(n, &p, "an absolute path") {
                     self.check(checks::check_container_path(&text), &p, n);
                     if let Some((_, first)) = seen.iter().find(|(s, _)| *s == text) {
-                        let message = format!("{text} is already written by {path}[{first}]; give each file once");
+                        let message = format!(
+                            "{text} is already written by {path}[{first}]; give each file once"
+                        );
                         self.error(&p, n.pos, message);
                     } else {
                         seen.push((text.clone(), i));
@@ -936,8 +985,12 @@ impl Decoder {
             }
             let source = match (f.raw("content"), f.raw("config-ref")) {
                 (Some(n), None) => FileSource::Content(
-                    self.text(n, &f.path("content"), "the file's text (quote \"\" for an empty file)")
-                        .unwrap_or_default(),
+                    self.text(
+                        n,
+                        &f.path("content"),
+                        "the file's text (quote \"\" for an empty file)",
+                    )
+                    .unwrap_or_default(),
                 ),
                 (None, Some(n)) => FileSource::ConfigRef(
                     self.non_blank(n, &f.path("config-ref"), "the name of a config key")
@@ -1040,7 +1093,9 @@ impl Decoder {
                     if let Err(err) = validate_name(NameKind::Storage, &name) {
                         self.error(&p, n.pos, err.to_string());
                     } else if let Some((_, first)) = names.iter().find(|(s, _)| *s == name) {
-                        let message = format!("storage name {name:?} is already used by {path}[{first}]; names must be unique within a component");
+                        let message = format!(
+                            "storage name {name:?} is already used by {path}[{first}]; names must be unique within a component"
+                        );
                         self.error(&p, n.pos, message);
                     } else {
                         names.push((name.clone(), i));
@@ -1053,7 +1108,9 @@ impl Decoder {
                 if let Some(text) = self.text(n, &p, "an absolute path") {
                     self.check(checks::check_container_path(&text), &p, n);
                     if let Some((_, first)) = paths.iter().find(|(s, _)| *s == text) {
-                        let message = format!("{text} is already mounted by {path}[{first}]; mount each path once");
+                        let message = format!(
+                            "{text} is already mounted by {path}[{first}]; mount each path once"
+                        );
                         self.error(&p, n.pos, message);
                     } else {
                         paths.push((text.clone(), i));

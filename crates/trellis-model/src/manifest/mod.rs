@@ -234,7 +234,10 @@ pub enum EnvSource {
     Value(String),
     /// A key of the stage's config; `default` is used when the config lacks
     /// it (written as `config-ref` plus `value`).
-    ConfigRef { key: String, default: Option<String> },
+    ConfigRef {
+        key: String,
+        default: Option<String>,
+    },
     /// The address at which another component of the stage is reached.
     ComponentRef(String),
 }

@@ -56,9 +56,9 @@ impl FromStr for CpuQuantity {
             None => (text, 1000),
         };
         let decimal = Decimal::parse(number).ok_or_else(bad)?;
-        let millicores = decimal.times_ceil(per_core).ok_or_else(|| {
-            format!("{text:?} is more CPU than any machine has; {CPU_FORM}")
-        })?;
+        let millicores = decimal
+            .times_ceil(per_core)
+            .ok_or_else(|| format!("{text:?} is more CPU than any machine has; {CPU_FORM}"))?;
         if millicores == 0 {
             return Err(format!("{text:?} is no CPU at all; {CPU_FORM}"));
         }
@@ -136,7 +136,10 @@ impl Decimal {
             Some(i) => {
                 let exp = &text[i + 1..];
                 let digits = exp.strip_prefix(['+', '-']).unwrap_or(exp);
-                if digits.is_empty() || digits.len() > 3 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                if digits.is_empty()
+                    || digits.len() > 3
+                    || !digits.bytes().all(|b| b.is_ascii_digit())
+                {
                     return None;
                 }
                 (&text[..i], exp.parse::<i32>().ok()?)
@@ -147,7 +150,10 @@ impl Decimal {
         if whole.is_empty() && fraction.is_empty() {
             return None;
         }
-        let all_digits = whole.bytes().chain(fraction.bytes()).all(|b| b.is_ascii_digit());
+        let all_digits = whole
+            .bytes()
+            .chain(fraction.bytes())
+            .all(|b| b.is_ascii_digit());
         if !all_digits || whole.len() + fraction.len() > MAX_DIGITS {
             return None;
         }
@@ -208,7 +214,9 @@ mod tests {
 
     #[test]
     fn cpu_rejects_other_forms_saying_what_is_expected() {
-        for bad in ["5 cores", "", "m", "-1", "1.2.3", "1k", "two", "0", "0m", "1e", "."] {
+        for bad in [
+            "5 cores", "", "m", "-1", "1.2.3", "1k", "two", "0", "0m", "1e", ".",
+        ] {
             let err = cpu(bad).unwrap_err();
             assert!(err.contains("500m"), "{bad}: {err}");
         }
@@ -230,7 +238,9 @@ mod tests {
 
     #[test]
     fn byte_quantities_reject_nonsense_and_overflow() {
-        for bad in ["lots", "", "Gi", "1 Gi", "1GB", "1g", "-5Mi", "0", "0Gi", "16Ei"] {
+        for bad in [
+            "lots", "", "Gi", "1 Gi", "1GB", "1g", "-5Mi", "0", "0Gi", "16Ei",
+        ] {
             let err = bytes(bad).unwrap_err();
             assert!(err.contains("512Mi"), "{bad}: {err}");
         }
