@@ -32,7 +32,9 @@ pub enum ClientError {
         hint: String,
     },
     /// The hub could not be reached.
-    #[error("could not reach the hub at {endpoint} while {doing}: {source}\nhint: check that the hub runs and that --endpoint / TRELLIS_ENDPOINT is right")]
+    #[error(
+        "could not reach the hub at {endpoint} while {doing}: {source}\nhint: check that the hub runs and that --endpoint / TRELLIS_ENDPOINT is right"
+    )]
     Transport {
         endpoint: String,
         doing: String,
@@ -59,7 +61,11 @@ pub struct HubClient {
 }
 
 impl HubClient {
-    pub fn new(endpoint: &str, key: Option<String>, ca_cert: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn new(
+        endpoint: &str,
+        key: Option<String>,
+        ca_cert: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let endpoint = endpoint.trim_end_matches('/').to_owned();
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
             anyhow::bail!(
@@ -73,7 +79,10 @@ impl HubClient {
             let pem = std::fs::read(path)
                 .with_context(|| format!("reading the hub's CA certificate {}", path.display()))?;
             let cert = reqwest::Certificate::from_pem(&pem).with_context(|| {
-                format!("{} is not a PEM certificate (TRELLIS_CA_CERT)", path.display())
+                format!(
+                    "{} is not a PEM certificate (TRELLIS_CA_CERT)",
+                    path.display()
+                )
             })?;
             builder = builder.add_root_certificate(cert);
         }
@@ -97,7 +106,11 @@ impl HubClient {
         req
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder, doing: &str) -> Result<reqwest::Response, ClientError> {
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+        doing: &str,
+    ) -> Result<reqwest::Response, ClientError> {
         let resp = req.send().await.map_err(|source| ClientError::Transport {
             endpoint: self.endpoint.clone(),
             doing: doing.to_owned(),
@@ -132,7 +145,11 @@ impl HubClient {
         }
     }
 
-    async fn json<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder, doing: &str) -> Result<T, ClientError> {
+    async fn json<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        doing: &str,
+    ) -> Result<T, ClientError> {
         let resp = self.send(req, doing).await?;
         resp.json().await.map_err(|e| ClientError::Server {
             doing: doing.to_owned(),
@@ -141,20 +158,38 @@ impl HubClient {
         })
     }
 
-    pub async fn get<T: DeserializeOwned>(&self, path: &str, doing: &str) -> Result<T, ClientError> {
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        doing: &str,
+    ) -> Result<T, ClientError> {
         self.json(self.request(Method::GET, path), doing).await
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B, doing: &str) -> Result<T, ClientError> {
-        self.json(self.request(Method::POST, path).json(body), doing).await
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        doing: &str,
+    ) -> Result<T, ClientError> {
+        self.json(self.request(Method::POST, path).json(body), doing)
+            .await
     }
 
-    pub async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B, doing: &str) -> Result<T, ClientError> {
-        self.json(self.request(Method::PUT, path).json(body), doing).await
+    pub async fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        doing: &str,
+    ) -> Result<T, ClientError> {
+        self.json(self.request(Method::PUT, path).json(body), doing)
+            .await
     }
 
     pub async fn delete(&self, path: &str, doing: &str) -> Result<(), ClientError> {
-        self.send(self.request(Method::DELETE, path), doing).await.map(drop)
+        self.send(self.request(Method::DELETE, path), doing)
+            .await
+            .map(drop)
     }
 
     /// Whether the hub has a blob already.
@@ -162,7 +197,9 @@ impl HubClient {
         let req = self.request(Method::HEAD, &format!("/blobs/{digest}"));
         match self.send(req, "checking for an uploaded package").await {
             Ok(_) => Ok(true),
-            Err(ClientError::Refused { status, .. }) if status == StatusCode::NOT_FOUND => Ok(false),
+            Err(ClientError::Refused { status, .. }) if status == StatusCode::NOT_FOUND => {
+                Ok(false)
+            }
             // HEAD answers have no body, so a 404 arrives as unreadable.
             Err(ClientError::Server { .. }) => Ok(false),
             Err(e) => Err(e),
@@ -172,11 +209,13 @@ impl HubClient {
     /// Uploads a file as a blob under its digest, streaming it.
     pub async fn put_blob(&self, digest: &str, file: &Path) -> Result<(), ClientError> {
         let doing = "uploading a package";
-        let handle = tokio::fs::File::open(file).await.map_err(|e| ClientError::Server {
-            doing: doing.into(),
-            message: format!("cannot read {}: {e}", file.display()),
-            hint: "retry".into(),
-        })?;
+        let handle = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| ClientError::Server {
+                doing: doing.into(),
+                message: format!("cannot read {}: {e}", file.display()),
+                hint: "retry".into(),
+            })?;
         let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(handle));
         let req = self
             .request(Method::PUT, &format!("/blobs/{digest}"))
@@ -199,4 +238,3 @@ pub fn seg(s: &str) -> String {
     }
     out
 }
-

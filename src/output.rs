@@ -35,7 +35,11 @@ pub fn list<T: Serialize>(
 }
 
 /// Prints one record: JSON, or `field: value` lines.
-pub fn one<T: Serialize>(format: OutputFormat, item: &T, fields: &[(&str, String)]) -> anyhow::Result<()> {
+pub fn one<T: Serialize>(
+    format: OutputFormat,
+    item: &T,
+    fields: &[(&str, String)],
+) -> anyhow::Result<()> {
     match format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(item)?),
         OutputFormat::Table => {

@@ -38,7 +38,8 @@ pub fn load_saved() -> Option<SavedLogin> {
 }
 
 pub fn save(login: &SavedLogin) -> anyhow::Result<PathBuf> {
-    let path = login_file().context("cannot tell where to save the login: set HOME or TRELLIS_CONFIG_DIR")?;
+    let path = login_file()
+        .context("cannot tell where to save the login: set HOME or TRELLIS_CONFIG_DIR")?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -50,7 +51,9 @@ pub fn save(login: &SavedLogin) -> anyhow::Result<PathBuf> {
         options.mode(0o600);
     }
     let tmp = path.with_extension("tmp");
-    let file = options.open(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    let file = options
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     serde_json::to_writer_pretty(&file, login)?;
     file.sync_all()?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;

@@ -14,7 +14,10 @@ fn exit_codes_separate_user_errors_from_hub_failures() {
     let out = cli.run(&["get", "project", "missing"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("does not exist") && err.contains("hint:"), "{err}");
+    assert!(
+        err.contains("does not exist") && err.contains("hint:"),
+        "{err}"
+    );
     // Bad input caught locally: 1.
     let out = cli.run(&["create", "stage", "x", "-p", "p", "--type", "staging"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
@@ -23,9 +26,17 @@ fn exit_codes_separate_user_errors_from_hub_failures() {
     let bad = Cli::new(&hub.endpoint, "tk_00:nope", &tmp.path().join("config"));
     let out = bad.run(&["list", "project"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("trellis login"), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("trellis login"),
+        "{}",
+        describe(&out)
+    );
     // Nothing listening: 2.
-    let gone = Cli::new("http://127.0.0.1:9", &hub.admin_key(), &tmp.path().join("config"));
+    let gone = Cli::new(
+        "http://127.0.0.1:9",
+        &hub.admin_key(),
+        &tmp.path().join("config"),
+    );
     let out = gone.run(&["list", "project"]);
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("could not reach the hub"));
@@ -48,7 +59,10 @@ fn login_remembers_the_hub_for_later_commands() {
     assert!(out.status.success(), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("admin"));
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(config.join("login.json")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(config.join("login.json"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
 }
 
@@ -57,14 +71,26 @@ fn validate_manifest_reports_path_and_line() {
     let tmp = tempfile::tempdir().unwrap();
     let good = tmp.path().join("good");
     std::fs::create_dir_all(&good).unwrap();
-    std::fs::write(good.join("pergola.yaml"), "version: v1\ncomponents:\n  - name: web\n    docker:\n      image: nginx\n").unwrap();
-    let out = Command::new(bin()).args(["validate", "manifest"]).arg(&good).output().unwrap();
+    std::fs::write(
+        good.join("pergola.yaml"),
+        "version: v1\ncomponents:\n  - name: web\n    docker:\n      image: nginx\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["validate", "manifest"])
+        .arg(&good)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 component (web)"));
 
     let bad = tmp.path().join("trellis.yaml");
     std::fs::write(&bad, "version: v1\ncomponents:\n  - name: web\n    docker:\n      image: nginx\n    ports: [70000]\n").unwrap();
-    let out = Command::new(bin()).args(["validate", "manifest"]).arg(&bad).output().unwrap();
+    let out = Command::new(bin())
+        .args(["validate", "manifest"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 6"), "{err}");
@@ -81,28 +107,57 @@ fn push_build_records_branch_commit_and_refuses_non_git_directories() {
     std::fs::create_dir_all(&plain).unwrap();
     let out = cli.run_in(&plain, &["push", "build", "-p", "p"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not in a git work tree"), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not in a git work tree"),
+        "{}",
+        describe(&out)
+    );
 
     let repo = tmp.path().join("repo");
-    git_project(&repo, &[
-        ("trellis.yaml", "version: v1\ncomponents:\n  - name: bridge\n    process:\n      path: ./bin\n      command: [\"./run.sh\"]\n"),
-        ("bin/run.sh", "#!/bin/sh\necho hi\n"),
-    ]);
+    git_project(
+        &repo,
+        &[
+            (
+                "trellis.yaml",
+                "version: v1\ncomponents:\n  - name: bridge\n    process:\n      path: ./bin\n      command: [\"./run.sh\"]\n",
+            ),
+            ("bin/run.sh", "#!/bin/sh\necho hi\n"),
+        ],
+    );
     // An uncommitted edit is not part of the build.
     std::fs::write(repo.join("bin/run.sh"), "#!/bin/sh\necho changed\n").unwrap();
     let out = cli.run_in(&repo, &["push", "build", "-p", "p"]);
     assert!(out.status.success(), "{}", describe(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("uncommitted changes"), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("uncommitted changes"),
+        "{}",
+        describe(&out)
+    );
     let build = cli.json(&["get", "build", "main_b1", "-p", "p"]);
-    let head = Command::new("git").arg("-C").arg(&repo).args(["rev-parse", "HEAD"]).output().unwrap();
-    assert_eq!(build["commit"], String::from_utf8_lossy(&head.stdout).trim());
+    let head = Command::new("git")
+        .arg("-C")
+        .arg(&repo)
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        build["commit"],
+        String::from_utf8_lossy(&head.stdout).trim()
+    );
     assert_eq!(build["branch"], "main");
     assert_eq!(build["components"][0]["artifact"]["kind"], "package");
     // Packing is deterministic: the same commit gives the same digest.
     let out = cli.run_in(&repo, &["push", "build", "-p", "p"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("already on the hub"), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("already on the hub"),
+        "{}",
+        describe(&out)
+    );
     let second = cli.json(&["get", "build", "main_b2", "-p", "p"]);
-    assert_eq!(second["components"][0]["artifact"]["digest"], build["components"][0]["artifact"]["digest"]);
+    assert_eq!(
+        second["components"][0]["artifact"]["digest"],
+        build["components"][0]["artifact"]["digest"]
+    );
 }
 
 #[test]
@@ -116,8 +171,16 @@ fn dev_sets_up_an_example_project_with_a_release() {
         .unwrap();
     assert!(out.status.success(), "{}", describe(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    for expected in ["console:", "endpoint:", "key:", "trellis list stage -p hello"] {
-        assert!(stdout.contains(expected), "missing {expected:?} in:\n{stdout}");
+    for expected in [
+        "console:",
+        "endpoint:",
+        "key:",
+        "trellis list stage -p hello",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing {expected:?} in:\n{stdout}"
+        );
     }
     // Run again on the same data: it reuses everything and still works.
     let out = Command::new(bin())

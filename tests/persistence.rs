@@ -26,17 +26,55 @@ fn everything_acknowledged_survives_sigkill_and_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("hub");
     let project_dir = tmp.path().join("app");
-    git_project(&project_dir, &[("trellis.yaml", MANIFEST), ("site/index.html", "<h1>hi</h1>\n")]);
+    git_project(
+        &project_dir,
+        &[
+            ("trellis.yaml", MANIFEST),
+            ("site/index.html", "<h1>hi</h1>\n"),
+        ],
+    );
 
     let hub = HubProcess::start(&data);
     let cli = Cli::new(&hub.endpoint, &hub.admin_key(), &tmp.path().join("config"));
     cli.ok(&["create", "project", "shop", "--description", "the shop"]);
     cli.ok(&["create", "stage", "dev", "-p", "shop", "--type", "dev"]);
-    cli.ok(&["create", "stage", "prod", "-p", "shop", "--type", "prod", "--display-name", "Production"]);
-    cli.ok(&["create", "outpost", "factory-7", "--label", "site=plant-3", "--description", "line 3", "--max-stages", "4"]);
+    cli.ok(&[
+        "create",
+        "stage",
+        "prod",
+        "-p",
+        "shop",
+        "--type",
+        "prod",
+        "--display-name",
+        "Production",
+    ]);
+    cli.ok(&[
+        "create",
+        "outpost",
+        "factory-7",
+        "--label",
+        "site=plant-3",
+        "--description",
+        "line 3",
+        "--max-stages",
+        "4",
+    ]);
     let settings = tmp.path().join("settings.json");
     std::fs::write(&settings, "{\"level\": 3}\n").unwrap();
-    cli.ok(&["add", "config-data", "app", "-p", "shop", "-s", "prod", "--env", "GREETING=moin", "--file", settings.to_str().unwrap()]);
+    cli.ok(&[
+        "add",
+        "config-data",
+        "app",
+        "-p",
+        "shop",
+        "-s",
+        "prod",
+        "--env",
+        "GREETING=moin",
+        "--file",
+        settings.to_str().unwrap(),
+    ]);
     let out = cli.run_in(&project_dir, &["push", "build", "-p", "shop"]);
     assert!(out.status.success(), "{}", common::describe(&out));
     cli.ok(&["push", "release", "-p", "shop", "-s", "prod", "-c", "app"]);
@@ -74,7 +112,11 @@ fn everything_acknowledged_survives_sigkill_and_restart() {
     // commit again uploads nothing and records build 2.
     let out = cli.run_in(&project_dir, &["push", "build", "-p", "shop"]);
     assert!(out.status.success(), "{}", common::describe(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("main_b2"), "{}", common::describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("main_b2"),
+        "{}",
+        common::describe(&out)
+    );
     // Keys survive too.
     let alice = Cli::new(&hub.endpoint, &alice_key, &tmp.path().join("config"));
     assert_eq!(alice.json(&["whoami"])["user"], "alice");

@@ -21,7 +21,16 @@ fn the_database_holds_no_access_key_secret() {
         user_cli.ok(&["whoami"]);
     }
     let out = cli.ok(&["create", "key", "--user", "alice", "--description", "ci"]);
-    secrets.push(out.lines().last().unwrap().split_once(':').unwrap().1.trim().to_owned());
+    secrets.push(
+        out.lines()
+            .last()
+            .unwrap()
+            .split_once(':')
+            .unwrap()
+            .1
+            .trim()
+            .to_owned(),
+    );
     assert_eq!(secrets.len(), 4);
     for s in &secrets {
         assert_eq!(s.len(), 64, "secrets are 256-bit hex: {s}");
@@ -40,7 +49,10 @@ fn the_database_holds_no_access_key_secret() {
         scanned += bytes.len();
         let text = String::from_utf8_lossy(&bytes);
         for s in &secrets {
-            assert!(!text.contains(s.as_str()), "{name} contains an access-key secret");
+            assert!(
+                !text.contains(s.as_str()),
+                "{name} contains an access-key secret"
+            );
         }
     }
     assert!(scanned > 0, "found no database file in {}", data.display());
@@ -49,12 +61,20 @@ fn the_database_holds_no_access_key_secret() {
     let mut all = Vec::new();
     for entry in std::fs::read_dir(&data).unwrap() {
         let path = entry.unwrap().path();
-        if path.file_name().unwrap().to_string_lossy().starts_with("hub.db") {
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("hub.db")
+        {
             all.extend(std::fs::read(&path).unwrap());
         }
     }
     let all = String::from_utf8_lossy(&all);
-    assert!(all.contains(admin.split_once(':').unwrap().0), "the admin key id should be stored");
+    assert!(
+        all.contains(admin.split_once(':').unwrap().0),
+        "the admin key id should be stored"
+    );
     assert!(all.contains("$argon2id$"), "key hashes should be argon2id");
 }
 
@@ -64,7 +84,10 @@ fn the_admin_key_file_is_private() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("hub");
     let hub = HubProcess::start(&data);
-    let mode = std::fs::metadata(data.join("admin.key")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(data.join("admin.key"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let key = hub.admin_key();
     // A restart does not mint another key.

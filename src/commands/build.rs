@@ -7,7 +7,9 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 use trellis_cas::BlobStore;
-use trellis_model::manifest::{ComponentSource, DockerBuild, MANIFEST_FILE_NAMES, Manifest, parse_manifest};
+use trellis_model::manifest::{
+    ComponentSource, DockerBuild, MANIFEST_FILE_NAMES, Manifest, parse_manifest,
+};
 use trellis_model::{Artifact, Build, BuildComponent, NewBuild};
 
 use crate::client::HubClient;
@@ -47,14 +49,24 @@ fn parse_reported(file: &str, text: &str) -> anyhow::Result<Manifest> {
 
 pub fn validate_manifest(path: &Path) -> anyhow::Result<()> {
     let file = manifest_path(path)?;
-    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let manifest = parse_reported(&file.display().to_string(), &text)?;
     println!(
         "{} is valid: {} component{} ({})",
         file.display(),
         manifest.components.len(),
-        if manifest.components.len() == 1 { "" } else { "s" },
-        manifest.components.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+        if manifest.components.len() == 1 {
+            ""
+        } else {
+            "s"
+        },
+        manifest
+            .components
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(())
 }
@@ -67,7 +79,11 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
         .output()
         .context("running git (is it installed?)")?;
     if !out.status.success() {
-        bail!("git {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "git {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
@@ -75,7 +91,12 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
 /// Records a build of the project's HEAD commit. Everything in the build
 /// comes from that commit (not from uncommitted files), so a build name
 /// always means the same bits.
-pub async fn push_build(client: &HubClient, project: &str, dir: &Path, verbose: bool) -> anyhow::Result<Build> {
+pub async fn push_build(
+    client: &HubClient,
+    project: &str,
+    dir: &Path,
+    verbose: bool,
+) -> anyhow::Result<Build> {
     let root = git(dir, &["rev-parse", "--show-toplevel"]).map_err(|_| {
         anyhow::anyhow!(
             "{} is not in a git work tree; builds are made from a commit: run `git init`, add the project's files and commit",
@@ -83,8 +104,12 @@ pub async fn push_build(client: &HubClient, project: &str, dir: &Path, verbose: 
         )
     })?;
     let root = PathBuf::from(root);
-    let commit = git(&root, &["rev-parse", "--verify", "HEAD"])
-        .map_err(|_| anyhow::anyhow!("the repository at {} has no commit yet; commit the project first", root.display()))?;
+    let commit = git(&root, &["rev-parse", "--verify", "HEAD"]).map_err(|_| {
+        anyhow::anyhow!(
+            "the repository at {} has no commit yet; commit the project first",
+            root.display()
+        )
+    })?;
     let branch = match git(&root, &["symbolic-ref", "--short", "-q", "HEAD"]) {
         Ok(b) if !b.is_empty() => b,
         _ => "detached".to_owned(),
@@ -98,7 +123,11 @@ pub async fn push_build(client: &HubClient, project: &str, dir: &Path, verbose: 
         anyhow::anyhow!(
             "commit {} has no manifest in {}; expected one of {} (is it committed?)",
             crate::output::short(&commit),
-            if prefix.is_empty() { "the repository's root".to_owned() } else { prefix.clone() },
+            if prefix.is_empty() {
+                "the repository's root".to_owned()
+            } else {
+                prefix.clone()
+            },
             MANIFEST_FILE_NAMES.join(", ")
         )
     })?;
@@ -111,7 +140,10 @@ pub async fn push_build(client: &HubClient, project: &str, dir: &Path, verbose: 
     let manifest = parse_reported(&manifest_name, &manifest_text)?;
     let dirty = git(&root, &["status", "--porcelain"]).unwrap_or_default();
     if verbose && !dirty.is_empty() {
-        eprintln!("note: uncommitted changes are not part of the build; it is made from commit {}", crate::output::short(&commit));
+        eprintln!(
+            "note: uncommitted changes are not part of the build; it is made from commit {}",
+            crate::output::short(&commit)
+        );
     }
 
     let staging = tempfile::tempdir().context("creating a temporary directory")?;
@@ -120,7 +152,9 @@ pub async fn push_build(client: &HubClient, project: &str, dir: &Path, verbose: 
     for component in &manifest.components {
         let artifact = match &component.source {
             ComponentSource::Docker(docker) => match &docker.build {
-                DockerBuild::Image(image) => Artifact::Image { reference: image.clone() },
+                DockerBuild::Image(image) => Artifact::Image {
+                    reference: image.clone(),
+                },
                 DockerBuild::Dockerfile { .. } => bail!(
                     "component {:?} is built from a Dockerfile, which this version of Trellis cannot build yet; \
                      give it `docker.image` with an image your outposts have",
@@ -144,18 +178,34 @@ pub async fn push_build(client: &HubClient, project: &str, dir: &Path, verbose: 
                 let digest = info.digest.to_string();
                 if client.has_blob(&digest).await? {
                     if verbose {
-                        println!("{}: package {} ({} bytes) already on the hub", component.name, crate::output::short(&digest), info.size);
+                        println!(
+                            "{}: package {} ({} bytes) already on the hub",
+                            component.name,
+                            crate::output::short(&digest),
+                            info.size
+                        );
                     }
                 } else {
                     client.put_blob(&digest, &blobs.path(&info.digest)).await?;
                     if verbose {
-                        println!("{}: uploaded package {} ({} bytes)", component.name, crate::output::short(&digest), info.size);
+                        println!(
+                            "{}: uploaded package {} ({} bytes)",
+                            component.name,
+                            crate::output::short(&digest),
+                            info.size
+                        );
                     }
                 }
-                Artifact::Package { digest, size: info.size }
+                Artifact::Package {
+                    digest,
+                    size: info.size,
+                }
             }
         };
-        components.push(BuildComponent { name: component.name.clone(), artifact });
+        components.push(BuildComponent {
+            name: component.name.clone(),
+            artifact,
+        });
     }
     let build = NewBuild {
         branch,
@@ -165,7 +215,11 @@ pub async fn push_build(client: &HubClient, project: &str, dir: &Path, verbose: 
         components,
     };
     let build: Build = client
-        .post(&format!("/projects/{}/builds", crate::client::seg(project)), &build, "recording the build")
+        .post(
+            &format!("/projects/{}/builds", crate::client::seg(project)),
+            &build,
+            "recording the build",
+        )
         .await?;
     Ok(build)
 }
@@ -179,7 +233,10 @@ fn export_commit(repo: &Path, commit: &str, dest: &Path) -> anyhow::Result<()> {
         .output()
         .context("running git archive")?;
     if !out.status.success() {
-        bail!("git archive failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "git archive failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     tar::Archive::new(out.stdout.as_slice())
         .unpack(dest)

@@ -39,7 +39,10 @@ async fn shutdown_signal() {
 }
 
 pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
-    let hub = Hub::open(HubOptions { data_dir: args.data.clone() }).await?;
+    let hub = Hub::open(HubOptions {
+        data_dir: args.data.clone(),
+    })
+    .await?;
     let listener = bind(args.listen).await?;
     let addr = listener.local_addr()?;
     if !addr.ip().is_loopback() {
@@ -49,7 +52,10 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
         );
     }
     if let Some(key) = hub.first_admin_key() {
-        println!("first start: created the administrator key (shown once; also in {}):", args.data.join(ADMIN_KEY_FILE).display());
+        println!(
+            "first start: created the administrator key (shown once; also in {}):",
+            args.data.join(ADMIN_KEY_FILE).display()
+        );
         println!("{key}");
     }
     // Tests and scripts read this line to find a hub started on port 0.
@@ -77,12 +83,20 @@ const EXAMPLE_INDEX: &str = "<!doctype html>\n<title>hello</title>\n<h1>Hello fr
 
 pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let data = &args.data;
-    let hub = Hub::open(HubOptions { data_dir: data.join("hub") }).await?;
+    let hub = Hub::open(HubOptions {
+        data_dir: data.join("hub"),
+    })
+    .await?;
     let key_file = data.join("hub").join(ADMIN_KEY_FILE);
     let key = match hub.first_admin_key() {
         Some(k) => k.to_string(),
         None => std::fs::read_to_string(&key_file)
-            .with_context(|| format!("reading the development hub's key from {}", key_file.display()))?
+            .with_context(|| {
+                format!(
+                    "reading the development hub's key from {}",
+                    key_file.display()
+                )
+            })?
             .trim()
             .to_owned(),
     };
@@ -103,9 +117,15 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| "trellis".into());
     println!();
     if args.no_serve {
-        println!("Trellis is set up (development hub, data in {}).", data.display());
+        println!(
+            "Trellis is set up (development hub, data in {}).",
+            data.display()
+        );
     } else {
-        println!("Trellis is running (development hub, data in {}).", data.display());
+        println!(
+            "Trellis is running (development hub, data in {}).",
+            data.display()
+        );
     }
     println!();
     println!("  console:   {endpoint}/");
@@ -119,7 +139,10 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("Three things to try:");
     println!("  trellis list stage -p hello");
     println!("  trellis list release -p hello -s dev");
-    println!("  cd {} && trellis push build -p hello && trellis push release -p hello -s dev", example.display());
+    println!(
+        "  cd {} && trellis push build -p hello && trellis push release -p hello -s dev",
+        example.display()
+    );
     println!();
     println!("Project `hello` has stage `dev` with a release of the example app (a static site).");
     println!("The hub records it; running releases on the local outpost is not built yet.");
@@ -140,7 +163,14 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
 /// `trellis dev` can be run again on the same data.
 async fn setup_example(client: &HubClient, dir: &Path) -> anyhow::Result<()> {
     match client
-        .post::<_, Project>("/projects", &CreateProjectRequest { name: "hello".into(), description: "Example project of `trellis dev`".into() }, "creating the example project")
+        .post::<_, Project>(
+            "/projects",
+            &CreateProjectRequest {
+                name: "hello".into(),
+                description: "Example project of `trellis dev`".into(),
+            },
+            "creating the example project",
+        )
         .await
     {
         Ok(_) => {}
@@ -150,7 +180,11 @@ async fn setup_example(client: &HubClient, dir: &Path) -> anyhow::Result<()> {
     match client
         .post::<_, Stage>(
             "/projects/hello/stages",
-            &CreateStageRequest { name: "dev".into(), stage_type: StageType::Dev, display_name: Some("Development".into()) },
+            &CreateStageRequest {
+                name: "dev".into(),
+                stage_type: StageType::Dev,
+                display_name: Some("Development".into()),
+            },
             "creating the example stage",
         )
         .await
@@ -162,13 +196,21 @@ async fn setup_example(client: &HubClient, dir: &Path) -> anyhow::Result<()> {
     if !dir.join(".git").exists() {
         write_example(dir)?;
     }
-    let releases: Vec<Release> = client.get("/projects/hello/stages/dev/releases", "listing the example's releases").await?;
+    let releases: Vec<Release> = client
+        .get(
+            "/projects/hello/stages/dev/releases",
+            "listing the example's releases",
+        )
+        .await?;
     if releases.is_empty() {
         let build = super::build::push_build(client, "hello", dir, false).await?;
         let _: Release = client
             .post(
                 "/projects/hello/stages/dev/releases",
-                &PushReleaseRequest { build: Some(build.name), config: None },
+                &PushReleaseRequest {
+                    build: Some(build.name),
+                    config: None,
+                },
                 "releasing the example",
             )
             .await?;
@@ -177,19 +219,31 @@ async fn setup_example(client: &HubClient, dir: &Path) -> anyhow::Result<()> {
 }
 
 fn write_example(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir.join("site")).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("site"))
+        .with_context(|| format!("creating {}", dir.display()))?;
     std::fs::write(dir.join("trellis.yaml"), EXAMPLE_MANIFEST)?;
     std::fs::write(dir.join("site").join("index.html"), EXAMPLE_INDEX)?;
     let git = |args: &[&str]| -> anyhow::Result<()> {
         let out = Command::new("git")
             .arg("-C")
             .arg(dir)
-            .args(["-c", "user.name=Trellis", "-c", "user.email=dev@trellis.invalid", "-c", "commit.gpgsign=false"])
+            .args([
+                "-c",
+                "user.name=Trellis",
+                "-c",
+                "user.email=dev@trellis.invalid",
+                "-c",
+                "commit.gpgsign=false",
+            ])
             .args(args)
             .output()
             .context("running git (trellis dev needs git to make the example's build)")?;
         if !out.status.success() {
-            bail!("git {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "git {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(())
     };

@@ -19,16 +19,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Push(crate::cli::PushCommand::Build { project, path }) => {
             let client = settings::client(&global)?;
             let build = build::push_build(&client, &project, &path, true).await?;
-            println!("pushed build {} ({} on {})", build.name, crate::output::short(&build.commit), build.branch);
+            println!(
+                "pushed build {} ({} on {})",
+                build.name,
+                crate::output::short(&build.commit),
+                build.branch
+            );
             Ok(())
         }
-        Command::Push(crate::cli::PushCommand::Release { project, stage, build, config }) => {
-            resources::push_release(&settings::client(&global)?, &project, &stage, build, config).await
+        Command::Push(crate::cli::PushCommand::Release {
+            project,
+            stage,
+            build,
+            config,
+        }) => {
+            resources::push_release(&settings::client(&global)?, &project, &stage, build, config)
+                .await
         }
         Command::Add(c) => resources::add(&settings::client(&global)?, c).await,
         Command::Remove(c) => resources::remove(&settings::client(&global)?, c).await,
-        Command::List(args) => resources::list(&settings::client(&global)?, args, global.output).await,
-        Command::Get(args) => resources::get(&settings::client(&global)?, args, global.output).await,
+        Command::List(args) => {
+            resources::list(&settings::client(&global)?, args, global.output).await
+        }
+        Command::Get(args) => {
+            resources::get(&settings::client(&global)?, args, global.output).await
+        }
         Command::Delete(args) => resources::delete(&settings::client(&global)?, args).await,
     }
 }

@@ -15,7 +15,10 @@ use trellis_model::{
     Stage, StageType, User,
 };
 
-use crate::cli::{AddCommand, CreateCommand, DeleteArgs, GetArgs, GlobalArgs, Kind, ListArgs, OutputFormat, RemoveCommand};
+use crate::cli::{
+    AddCommand, CreateCommand, DeleteArgs, GetArgs, GlobalArgs, Kind, ListArgs, OutputFormat,
+    RemoveCommand,
+};
 use crate::client::{HubClient, seg};
 use crate::output::{self, short, time};
 use crate::settings::{self, SavedLogin};
@@ -53,13 +56,22 @@ pub async fn login(global: &GlobalArgs) -> anyhow::Result<()> {
     let client = HubClient::new(&endpoint, Some(key.clone()), global.ca_cert.as_deref())?;
     let me: WhoAmI = client.get("/whoami", "checking the key").await?;
     let path = settings::save(&SavedLogin { endpoint, key })?;
-    println!("logged in to {} as {}; saved to {}", client.endpoint(), me.user, path.display());
+    println!(
+        "logged in to {} as {}; saved to {}",
+        client.endpoint(),
+        me.user,
+        path.display()
+    );
     Ok(())
 }
 
 pub async fn whoami(client: &HubClient, format: OutputFormat) -> anyhow::Result<()> {
     let me: WhoAmI = client.get("/whoami", "asking who you are").await?;
-    output::one(format, &me, &[("user", me.user.clone()), ("admin", me.admin.to_string())])
+    output::one(
+        format,
+        &me,
+        &[("user", me.user.clone()), ("admin", me.admin.to_string())],
+    )
 }
 
 fn parse_pairs(items: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>> {
@@ -77,27 +89,55 @@ pub async fn create(client: &HubClient, command: CreateCommand) -> anyhow::Resul
     match command {
         CreateCommand::Project { name, description } => {
             let p: Project = client
-                .post("/projects", &CreateProjectRequest { name, description }, "creating the project")
+                .post(
+                    "/projects",
+                    &CreateProjectRequest { name, description },
+                    "creating the project",
+                )
                 .await?;
             println!("created project {}", p.name);
         }
-        CreateCommand::Stage { name, project, stage_type, display_name } => {
+        CreateCommand::Stage {
+            name,
+            project,
+            stage_type,
+            display_name,
+        } => {
             let stage_type: StageType = stage_type.parse().map_err(anyhow::Error::msg)?;
             let s: Stage = client
                 .post(
                     &format!("/projects/{}/stages", seg(&project)),
-                    &CreateStageRequest { name, stage_type, display_name },
+                    &CreateStageRequest {
+                        name,
+                        stage_type,
+                        display_name,
+                    },
                     "creating the stage",
                 )
                 .await?;
-            println!("created stage {} ({}) in project {}", s.name, s.stage_type, s.project);
+            println!(
+                "created stage {} ({}) in project {}",
+                s.name, s.stage_type, s.project
+            );
         }
-        CreateCommand::Outpost { name, display_name, description, labels, max_stages } => {
+        CreateCommand::Outpost {
+            name,
+            display_name,
+            description,
+            labels,
+            max_stages,
+        } => {
             let labels = parse_pairs(&labels, "label")?;
             let o: Outpost = client
                 .post(
                     "/outposts",
-                    &CreateOutpostRequest { name, display_name, description, labels, max_stages },
+                    &CreateOutpostRequest {
+                        name,
+                        display_name,
+                        description,
+                        labels,
+                        max_stages,
+                    },
                     "registering the outpost",
                 )
                 .await?;
@@ -105,17 +145,30 @@ pub async fn create(client: &HubClient, command: CreateCommand) -> anyhow::Resul
         }
         CreateCommand::User { name, admin } => {
             let k: CreatedKey = client
-                .post("/users", &CreateUserRequest { name, admin }, "creating the user")
+                .post(
+                    "/users",
+                    &CreateUserRequest { name, admin },
+                    "creating the user",
+                )
                 .await?;
             print_key(&k);
         }
         CreateCommand::Key { user, description } => {
             let user = match user {
                 Some(u) => u,
-                None => client.get::<WhoAmI>("/whoami", "asking who you are").await?.user,
+                None => {
+                    client
+                        .get::<WhoAmI>("/whoami", "asking who you are")
+                        .await?
+                        .user
+                }
             };
             let k: CreatedKey = client
-                .post(&format!("/users/{}/keys", seg(&user)), &CreateKeyRequest { description }, "creating the key")
+                .post(
+                    &format!("/users/{}/keys", seg(&user)),
+                    &CreateKeyRequest { description },
+                    "creating the key",
+                )
                 .await?;
             print_key(&k);
         }
@@ -124,7 +177,10 @@ pub async fn create(client: &HubClient, command: CreateCommand) -> anyhow::Resul
 }
 
 fn print_key(k: &CreatedKey) {
-    println!("access key for {} (shown only now; keep it secret):", k.user);
+    println!(
+        "access key for {} (shown only now; keep it secret):",
+        k.user
+    );
     println!("{}", k.key);
 }
 
@@ -147,7 +203,10 @@ pub async fn push_release(
         r.number,
         r.stage,
         r.build,
-        r.config.as_ref().map(|c| format!(", config {} v{}", c.name, c.version)).unwrap_or_default(),
+        r.config
+            .as_ref()
+            .map(|c| format!(", config {} v{}", c.name, c.version))
+            .unwrap_or_default(),
         r.revision
     );
     Ok(())
@@ -155,7 +214,13 @@ pub async fn push_release(
 
 pub async fn add(client: &HubClient, command: AddCommand) -> anyhow::Result<()> {
     match command {
-        AddCommand::ConfigData { config, project, stage, env, files } => {
+        AddCommand::ConfigData {
+            config,
+            project,
+            stage,
+            env,
+            files,
+        } => {
             let env = parse_pairs(&env, "env value")?;
             let mut file_map = BTreeMap::new();
             for spec in files {
@@ -170,8 +235,9 @@ pub async fn add(client: &HubClient, command: AddCommand) -> anyhow::Result<()> 
                         (name, spec.clone())
                     }
                 };
-                let content = std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading config file {path} (config files must be UTF-8 text)"))?;
+                let content = std::fs::read_to_string(&path).with_context(|| {
+                    format!("reading config file {path} (config files must be UTF-8 text)")
+                })?;
                 file_map.insert(name, content);
             }
             if env.is_empty() && file_map.is_empty() {
@@ -179,8 +245,18 @@ pub async fn add(client: &HubClient, command: AddCommand) -> anyhow::Result<()> 
             }
             let c: Config = client
                 .post(
-                    &format!("/projects/{}/stages/{}/configs/{}/data", seg(&project), seg(&stage), seg(&config)),
-                    &AddConfigDataRequest { data: ConfigData { env, files: file_map } },
+                    &format!(
+                        "/projects/{}/stages/{}/configs/{}/data",
+                        seg(&project),
+                        seg(&stage),
+                        seg(&config)
+                    ),
+                    &AddConfigDataRequest {
+                        data: ConfigData {
+                            env,
+                            files: file_map,
+                        },
+                    },
                     "adding config data",
                 )
                 .await?;
@@ -193,7 +269,11 @@ pub async fn add(client: &HubClient, command: AddCommand) -> anyhow::Result<()> 
                 c.data.files.len()
             );
         }
-        AddCommand::Member { user, project, role } => {
+        AddCommand::Member {
+            user,
+            project,
+            role,
+        } => {
             let role: Role = role.parse().map_err(anyhow::Error::msg)?;
             let m: Member = client
                 .put(
@@ -212,7 +292,10 @@ pub async fn remove(client: &HubClient, command: RemoveCommand) -> anyhow::Resul
     match command {
         RemoveCommand::Member { user, project } => {
             client
-                .delete(&format!("/projects/{}/members/{}", seg(&project), seg(&user)), "removing the member")
+                .delete(
+                    &format!("/projects/{}/members/{}", seg(&project), seg(&user)),
+                    "removing the member",
+                )
                 .await?;
             println!("removed {user} from project {project}");
         }
@@ -232,53 +315,100 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
         Kind::Stage => {
             let project = need(&args.project, "-p PROJECT", kind)?;
             let items: Vec<Stage> = client
-                .get(&format!("/projects/{}/stages", seg(project)), "listing stages")
+                .get(
+                    &format!("/projects/{}/stages", seg(project)),
+                    "listing stages",
+                )
                 .await?;
-            output::list(format, &items, &["name", "type", "display name", "outpost", "release", "revision", "suspended"], |s| {
-                vec![
-                    s.name.clone(),
-                    s.stage_type.to_string(),
-                    s.display_name.clone(),
-                    s.outpost.clone(),
-                    s.latest_release.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
-                    s.desired_revision.to_string(),
-                    if s.suspended { "yes".into() } else { "no".into() },
-                ]
-            })
+            output::list(
+                format,
+                &items,
+                &[
+                    "name",
+                    "type",
+                    "display name",
+                    "outpost",
+                    "release",
+                    "revision",
+                    "suspended",
+                ],
+                |s| {
+                    vec![
+                        s.name.clone(),
+                        s.stage_type.to_string(),
+                        s.display_name.clone(),
+                        s.outpost.clone(),
+                        s.latest_release
+                            .map(|n| n.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        s.desired_revision.to_string(),
+                        if s.suspended {
+                            "yes".into()
+                        } else {
+                            "no".into()
+                        },
+                    ]
+                },
+            )
         }
         Kind::Build => {
             let project = need(&args.project, "-p PROJECT", kind)?;
             let items: Vec<Build> = client
-                .get(&format!("/projects/{}/builds", seg(project)), "listing builds")
+                .get(
+                    &format!("/projects/{}/builds", seg(project)),
+                    "listing builds",
+                )
                 .await?;
-            output::list(format, &items, &["name", "branch", "commit", "components", "created", "by"], |b| {
-                vec![
-                    b.name.clone(),
-                    b.branch.clone(),
-                    short(&b.commit),
-                    b.components.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
-                    time(&b.created_at),
-                    b.created_by.clone(),
-                ]
-            })
+            output::list(
+                format,
+                &items,
+                &["name", "branch", "commit", "components", "created", "by"],
+                |b| {
+                    vec![
+                        b.name.clone(),
+                        b.branch.clone(),
+                        short(&b.commit),
+                        b.components
+                            .iter()
+                            .map(|c| c.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        time(&b.created_at),
+                        b.created_by.clone(),
+                    ]
+                },
+            )
         }
         Kind::Release => {
             let project = need(&args.project, "-p PROJECT", kind)?;
             let stage = need(&args.stage, "-s STAGE", kind)?;
             let items: Vec<Release> = client
-                .get(&format!("/projects/{}/stages/{}/releases", seg(project), seg(stage)), "listing releases")
+                .get(
+                    &format!("/projects/{}/stages/{}/releases", seg(project), seg(stage)),
+                    "listing releases",
+                )
                 .await?;
-            output::list(format, &items, &["number", "build", "config", "revision", "state", "created", "by"], |r| {
-                vec![
-                    r.number.to_string(),
-                    r.build.clone(),
-                    r.config.as_ref().map(|c| format!("{} v{}", c.name, c.version)).unwrap_or_else(|| "-".into()),
-                    r.revision.to_string(),
-                    r.state.as_str().into(),
-                    time(&r.created_at),
-                    r.created_by.clone(),
-                ]
-            })
+            output::list(
+                format,
+                &items,
+                &[
+                    "number", "build", "config", "revision", "state", "created", "by",
+                ],
+                |r| {
+                    vec![
+                        r.number.to_string(),
+                        r.build.clone(),
+                        r.config
+                            .as_ref()
+                            .map(|c| format!("{} v{}", c.name, c.version))
+                            .unwrap_or_else(|| "-".into()),
+                        r.revision.to_string(),
+                        r.state.as_str().into(),
+                        time(&r.created_at),
+                        r.created_by.clone(),
+                    ]
+                },
+            )
         }
         Kind::Config => {
             let project = need(&args.project, "-p PROJECT", kind)?;
@@ -287,28 +417,50 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
                 None => format!("/projects/{}/configs", seg(project)),
             };
             let items: Vec<Config> = client.get(&path, "listing configs").await?;
-            output::list(format, &items, &["name", "stage", "version", "env", "files", "updated"], |c| {
-                vec![
-                    c.name.clone(),
-                    c.stage.clone(),
-                    c.version.to_string(),
-                    c.data.env.keys().cloned().collect::<Vec<_>>().join(", "),
-                    c.data.files.keys().cloned().collect::<Vec<_>>().join(", "),
-                    time(&c.updated_at),
-                ]
-            })
+            output::list(
+                format,
+                &items,
+                &["name", "stage", "version", "env", "files", "updated"],
+                |c| {
+                    vec![
+                        c.name.clone(),
+                        c.stage.clone(),
+                        c.version.to_string(),
+                        c.data.env.keys().cloned().collect::<Vec<_>>().join(", "),
+                        c.data.files.keys().cloned().collect::<Vec<_>>().join(", "),
+                        time(&c.updated_at),
+                    ]
+                },
+            )
         }
         Kind::Outpost => {
             let items: Vec<Outpost> = client.get("/outposts", "listing outposts").await?;
-            output::list(format, &items, &["name", "display name", "labels", "max stages", "description"], |o| {
-                vec![
-                    o.name.clone(),
-                    o.display_name.clone(),
-                    o.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "),
-                    o.max_stages.map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
-                    o.description.clone(),
-                ]
-            })
+            output::list(
+                format,
+                &items,
+                &[
+                    "name",
+                    "display name",
+                    "labels",
+                    "max stages",
+                    "description",
+                ],
+                |o| {
+                    vec![
+                        o.name.clone(),
+                        o.display_name.clone(),
+                        o.labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        o.max_stages
+                            .map(|n| n.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        o.description.clone(),
+                    ]
+                },
+            )
         }
         Kind::User => {
             let items: Vec<User> = client.get("/users", "listing users").await?;
@@ -322,16 +474,31 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
                 None => "/keys".into(),
             };
             let items: Vec<AccessKeyInfo> = client.get(&path, "listing keys").await?;
-            output::list(format, &items, &["key id", "user", "description", "created"], |k| {
-                vec![k.id.clone(), k.user.clone(), k.description.clone(), time(&k.created_at)]
-            })
+            output::list(
+                format,
+                &items,
+                &["key id", "user", "description", "created"],
+                |k| {
+                    vec![
+                        k.id.clone(),
+                        k.user.clone(),
+                        k.description.clone(),
+                        time(&k.created_at),
+                    ]
+                },
+            )
         }
         Kind::Member => {
             let project = need(&args.project, "-p PROJECT", kind)?;
             let items: Vec<Member> = client
-                .get(&format!("/projects/{}/members", seg(project)), "listing members")
+                .get(
+                    &format!("/projects/{}/members", seg(project)),
+                    "listing members",
+                )
                 .await?;
-            output::list(format, &items, &["user", "role"], |m| vec![m.user.clone(), m.role.to_string()])
+            output::list(format, &items, &["user", "role"], |m| {
+                vec![m.user.clone(), m.role.to_string()]
+            })
         }
     }
 }
@@ -341,42 +508,72 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
     let name = &args.name;
     match kind {
         Kind::Project => {
-            let p: Project = client.get(&format!("/projects/{}", seg(name)), "getting the project").await?;
-            output::one(format, &p, &[("name", p.name.clone()), ("description", p.description.clone()), ("created", time(&p.created_at))])
+            let p: Project = client
+                .get(&format!("/projects/{}", seg(name)), "getting the project")
+                .await?;
+            output::one(
+                format,
+                &p,
+                &[
+                    ("name", p.name.clone()),
+                    ("description", p.description.clone()),
+                    ("created", time(&p.created_at)),
+                ],
+            )
         }
         Kind::Stage => {
             let project = need(&args.project, "-p PROJECT", kind)?;
             let s: Stage = client
-                .get(&format!("/projects/{}/stages/{}", seg(project), seg(name)), "getting the stage")
+                .get(
+                    &format!("/projects/{}/stages/{}", seg(project), seg(name)),
+                    "getting the stage",
+                )
                 .await?;
-            output::one(format, &s, &[
-                ("name", s.name.clone()),
-                ("project", s.project.clone()),
-                ("type", s.stage_type.to_string()),
-                ("display name", s.display_name.clone()),
-                ("outpost", s.outpost.clone()),
-                ("latest release", s.latest_release.map(|n| n.to_string()).unwrap_or_else(|| "-".into())),
-                ("desired revision", s.desired_revision.to_string()),
-                ("suspended", s.suspended.to_string()),
-                ("created", time(&s.created_at)),
-            ])
+            output::one(
+                format,
+                &s,
+                &[
+                    ("name", s.name.clone()),
+                    ("project", s.project.clone()),
+                    ("type", s.stage_type.to_string()),
+                    ("display name", s.display_name.clone()),
+                    ("outpost", s.outpost.clone()),
+                    (
+                        "latest release",
+                        s.latest_release
+                            .map(|n| n.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                    ),
+                    ("desired revision", s.desired_revision.to_string()),
+                    ("suspended", s.suspended.to_string()),
+                    ("created", time(&s.created_at)),
+                ],
+            )
         }
         Kind::Build => {
             let project = need(&args.project, "-p PROJECT", kind)?;
             let b: Build = client
-                .get(&format!("/projects/{}/builds/{}", seg(project), seg(name)), "getting the build")
+                .get(
+                    &format!("/projects/{}/builds/{}", seg(project), seg(name)),
+                    "getting the build",
+                )
                 .await?;
             let mut fields = vec![
                 ("name", b.name.clone()),
                 ("branch", b.branch.clone()),
                 ("commit", b.commit.clone()),
                 ("manifest", b.manifest_file.clone()),
-                ("created", format!("{} by {}", time(&b.created_at), b.created_by)),
+                (
+                    "created",
+                    format!("{} by {}", time(&b.created_at), b.created_by),
+                ),
             ];
             for c in &b.components {
                 let what = match &c.artifact {
                     trellis_model::Artifact::Image { reference } => format!("image {reference}"),
-                    trellis_model::Artifact::Package { digest, size } => format!("package {} ({size} bytes)", short(digest)),
+                    trellis_model::Artifact::Package { digest, size } => {
+                        format!("package {} ({size} bytes)", short(digest))
+                    }
                 };
                 fields.push(("component", format!("{}: {what}", c.name)));
             }
@@ -385,27 +582,61 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
         Kind::Release => {
             let project = need(&args.project, "-p PROJECT", kind)?;
             let stage = need(&args.stage, "-s STAGE", kind)?;
-            let number: u64 = name.parse().with_context(|| format!("{name:?} is not a release number"))?;
+            let number: u64 = name
+                .parse()
+                .with_context(|| format!("{name:?} is not a release number"))?;
             let r: Release = client
-                .get(&format!("/projects/{}/stages/{}/releases/{number}", seg(project), seg(stage)), "getting the release")
+                .get(
+                    &format!(
+                        "/projects/{}/stages/{}/releases/{number}",
+                        seg(project),
+                        seg(stage)
+                    ),
+                    "getting the release",
+                )
                 .await?;
-            output::one(format, &r, &[
-                ("number", r.number.to_string()),
-                ("stage", r.stage.clone()),
-                ("build", r.build.clone()),
-                ("config", r.config.as_ref().map(|c| format!("{} v{}", c.name, c.version)).unwrap_or_else(|| "-".into())),
-                ("revision", r.revision.to_string()),
-                ("state", r.state.as_str().into()),
-                ("created", format!("{} by {}", time(&r.created_at), r.created_by)),
-            ])
+            output::one(
+                format,
+                &r,
+                &[
+                    ("number", r.number.to_string()),
+                    ("stage", r.stage.clone()),
+                    ("build", r.build.clone()),
+                    (
+                        "config",
+                        r.config
+                            .as_ref()
+                            .map(|c| format!("{} v{}", c.name, c.version))
+                            .unwrap_or_else(|| "-".into()),
+                    ),
+                    ("revision", r.revision.to_string()),
+                    ("state", r.state.as_str().into()),
+                    (
+                        "created",
+                        format!("{} by {}", time(&r.created_at), r.created_by),
+                    ),
+                ],
+            )
         }
         Kind::Config => {
             let project = need(&args.project, "-p PROJECT", kind)?;
             let stage = need(&args.stage, "-s STAGE", kind)?;
             let c: Config = client
-                .get(&format!("/projects/{}/stages/{}/configs/{}", seg(project), seg(stage), seg(name)), "getting the config")
+                .get(
+                    &format!(
+                        "/projects/{}/stages/{}/configs/{}",
+                        seg(project),
+                        seg(stage),
+                        seg(name)
+                    ),
+                    "getting the config",
+                )
                 .await?;
-            let mut fields = vec![("name", c.name.clone()), ("stage", c.stage.clone()), ("version", c.version.to_string())];
+            let mut fields = vec![
+                ("name", c.name.clone()),
+                ("stage", c.stage.clone()),
+                ("version", c.version.to_string()),
+            ];
             for (k, v) in &c.data.env {
                 fields.push(("env", format!("{k}={v}")));
             }
@@ -415,17 +646,39 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
             output::one(format, &c, &fields)
         }
         Kind::Outpost => {
-            let o: Outpost = client.get(&format!("/outposts/{}", seg(name)), "getting the outpost").await?;
-            output::one(format, &o, &[
-                ("name", o.name.clone()),
-                ("display name", o.display_name.clone()),
-                ("description", o.description.clone()),
-                ("labels", o.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")),
-                ("max stages", o.max_stages.map(|n| n.to_string()).unwrap_or_else(|| "no limit".into())),
-            ])
+            let o: Outpost = client
+                .get(&format!("/outposts/{}", seg(name)), "getting the outpost")
+                .await?;
+            output::one(
+                format,
+                &o,
+                &[
+                    ("name", o.name.clone()),
+                    ("display name", o.display_name.clone()),
+                    ("description", o.description.clone()),
+                    (
+                        "labels",
+                        o.labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    ),
+                    (
+                        "max stages",
+                        o.max_stages
+                            .map(|n| n.to_string())
+                            .unwrap_or_else(|| "no limit".into()),
+                    ),
+                ],
+            )
         }
         Kind::User | Kind::Key | Kind::Member => {
-            bail!("`trellis get {}` is not available; use `trellis list {}`", kind_name(kind), kind_name(kind))
+            bail!(
+                "`trellis get {}` is not available; use `trellis list {}`",
+                kind_name(kind),
+                kind_name(kind)
+            )
         }
     }
 }
@@ -436,8 +689,16 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
     let force = if args.force { "?force=true" } else { "" };
     let path = match kind {
         Kind::Project => format!("/projects/{}{force}", seg(name)),
-        Kind::Stage => format!("/projects/{}/stages/{}{force}", seg(need(&args.project, "-p PROJECT", kind)?), seg(name)),
-        Kind::Build => format!("/projects/{}/builds/{}", seg(need(&args.project, "-p PROJECT", kind)?), seg(name)),
+        Kind::Stage => format!(
+            "/projects/{}/stages/{}{force}",
+            seg(need(&args.project, "-p PROJECT", kind)?),
+            seg(name)
+        ),
+        Kind::Build => format!(
+            "/projects/{}/builds/{}",
+            seg(need(&args.project, "-p PROJECT", kind)?),
+            seg(name)
+        ),
         Kind::Config => format!(
             "/projects/{}/stages/{}/configs/{}",
             seg(need(&args.project, "-p PROJECT", kind)?),
@@ -456,7 +717,9 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
             }
         ),
     };
-    client.delete(&path, &format!("deleting the {}", kind_name(kind))).await?;
+    client
+        .delete(&path, &format!("deleting the {}", kind_name(kind)))
+        .await?;
     println!("deleted {} {name}", kind_name(kind));
     Ok(())
 }

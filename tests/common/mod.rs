@@ -43,7 +43,11 @@ impl HubProcess {
         let endpoint = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("hub printed its address");
-        HubProcess { child, endpoint, data: data.to_owned() }
+        HubProcess {
+            child,
+            endpoint,
+            data: data.to_owned(),
+        }
     }
 
     pub fn admin_key(&self) -> String {
@@ -76,7 +80,11 @@ pub struct Cli {
 
 impl Cli {
     pub fn new(endpoint: &str, key: &str, config_dir: &Path) -> Cli {
-        Cli { endpoint: endpoint.to_owned(), key: key.to_owned(), config_dir: config_dir.to_owned() }
+        Cli {
+            endpoint: endpoint.to_owned(),
+            key: key.to_owned(),
+            config_dir: config_dir.to_owned(),
+        }
     }
 
     pub fn command(&self) -> Command {
@@ -89,7 +97,11 @@ impl Cli {
     }
 
     pub fn run_in(&self, dir: &Path, args: &[&str]) -> Output {
-        self.command().current_dir(dir).args(args).output().expect("run trellis")
+        self.command()
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("run trellis")
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
@@ -99,7 +111,11 @@ impl Cli {
     /// Runs and requires success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.status.success(), "trellis {args:?} failed: {}", describe(&out));
+        assert!(
+            out.status.success(),
+            "trellis {args:?} failed: {}",
+            describe(&out)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -107,7 +123,8 @@ impl Cli {
         let mut all = args.to_vec();
         all.extend(["-o", "json"]);
         let out = self.ok(&all);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {out}"))
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {out}"))
     }
 }
 
@@ -127,11 +144,22 @@ pub fn git_project(dir: &Path, files: &[(&str, &str)]) {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, content).unwrap();
     }
-    for args in [&["init", "-q", "-b", "main"][..], &["add", "-A"], &["commit", "-q", "-m", "test"]] {
+    for args in [
+        &["init", "-q", "-b", "main"][..],
+        &["add", "-A"],
+        &["commit", "-q", "-m", "test"],
+    ] {
         let out = Command::new("git")
             .arg("-C")
             .arg(dir)
-            .args(["-c", "user.name=t", "-c", "user.email=t@t.invalid", "-c", "commit.gpgsign=false"])
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t.invalid",
+                "-c",
+                "commit.gpgsign=false",
+            ])
             .args(args)
             .output()
             .unwrap();

@@ -9,8 +9,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use rand::RngCore;
@@ -109,7 +109,9 @@ impl KeyVerifier {
 }
 
 fn invalid_key() -> ApiError {
-    ApiError::unauthenticated("the access key is not valid: its key id is unknown or its secret is wrong")
+    ApiError::unauthenticated(
+        "the access key is not valid: its key id is unknown or its secret is wrong",
+    )
 }
 
 /// The authenticated caller of a request.
@@ -125,7 +127,10 @@ impl Caller {
             Ok(())
         } else {
             Err(ApiError::forbidden(
-                format!("only administrators may {doing}; you are signed in as {:?}", self.user),
+                format!(
+                    "only administrators may {doing}; you are signed in as {:?}",
+                    self.user
+                ),
                 "ask an administrator to do it, or to give you an administrator key",
             ))
         }
@@ -142,14 +147,22 @@ impl Caller {
             }
             Err(e) => return Err(e.into()),
         }
-        match (state.store().role_of(project, &self.user).await?, self.admin) {
+        match (
+            state.store().role_of(project, &self.user).await?,
+            self.admin,
+        ) {
             (Some(role), _) => Ok(role),
             (None, true) => Ok(Role::Owner),
             (None, false) => Err(ApiError::project_not_found(project)),
         }
     }
 
-    pub async fn require_owner(&self, state: &AppState, project: &str, doing: &str) -> ApiResult<()> {
+    pub async fn require_owner(
+        &self,
+        state: &AppState,
+        project: &str,
+        doing: &str,
+    ) -> ApiResult<()> {
         match self.role_in(state, project).await? {
             Role::Owner => Ok(()),
             Role::Member => Err(ApiError::forbidden(
@@ -163,20 +176,25 @@ impl Caller {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .ok_or_else(|| ApiError::unauthenticated("this request carries no access key"))?;
-        let value = header
-            .to_str()
-            .map_err(|_| ApiError::unauthenticated("the Authorization header is not readable text"))?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| ApiError::unauthenticated("the Authorization header is not of the form `Bearer <key>`"))?;
+        let value = header.to_str().map_err(|_| {
+            ApiError::unauthenticated("the Authorization header is not readable text")
+        })?;
+        let token = value.strip_prefix("Bearer ").ok_or_else(|| {
+            ApiError::unauthenticated("the Authorization header is not of the form `Bearer <key>`")
+        })?;
         let key: AccessKey = token
             .parse()
-            .map_err(|e: trellis_model::AccessKeyParseError| ApiError::unauthenticated(e.to_string()))?;
+            .map_err(|e: trellis_model::AccessKeyParseError| {
+                ApiError::unauthenticated(e.to_string())
+            })?;
         let user = state.keys().verify(state.store(), &key).await?;
         let user = state.store().get_user(&user).await?;
         Ok(Caller {

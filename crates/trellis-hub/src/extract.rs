@@ -31,7 +31,10 @@ pub struct Query<T>(pub T);
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         let mut err = ApiError::bad_request(
-            format!("the request body was not accepted: {}", rejection.body_text()),
+            format!(
+                "the request body was not accepted: {}",
+                rejection.body_text()
+            ),
             "send a JSON body as described in /api/v1/openapi.json",
         );
         err.status = rejection.status();
@@ -51,7 +54,10 @@ impl From<PathRejection> for ApiError {
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
         ApiError::bad_request(
-            format!("the query string was not understood: {}", rejection.body_text()),
+            format!(
+                "the query string was not understood: {}",
+                rejection.body_text()
+            ),
             "see /api/v1/openapi.json for the parameters this endpoint takes",
         )
     }

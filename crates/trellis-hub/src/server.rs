@@ -48,7 +48,10 @@ impl Hub {
 
     /// Opens the hub over a store the caller chose (tests use the
     /// in-memory one).
-    pub async fn open_with_store(options: HubOptions, store: Arc<dyn Store>) -> anyhow::Result<Hub> {
+    pub async fn open_with_store(
+        options: HubOptions,
+        store: Arc<dyn Store>,
+    ) -> anyhow::Result<Hub> {
         create_private_dir(&options.data_dir)?;
         let artifacts = options.data_dir.join("artifacts");
         let blobs = BlobStore::open(&artifacts)
@@ -158,8 +161,9 @@ async fn ensure_local_outpost(store: &dyn Store) -> anyhow::Result<()> {
     let local = Outpost {
         name: LOCAL_OUTPOST.into(),
         display_name: "Hub (local)".into(),
-        description: "The outpost embedded in the hub; stages not placed on a remote outpost run here."
-            .into(),
+        description:
+            "The outpost embedded in the hub; stages not placed on a remote outpost run here."
+                .into(),
         labels: Default::default(),
         max_stages: None,
         created_at: Utc::now(),

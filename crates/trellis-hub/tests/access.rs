@@ -15,7 +15,11 @@ struct TestHub {
 
 async fn start() -> TestHub {
     let data = tempfile::tempdir().unwrap();
-    let hub = Hub::open(HubOptions { data_dir: data.path().join("hub") }).await.unwrap();
+    let hub = Hub::open(HubOptions {
+        data_dir: data.path().join("hub"),
+    })
+    .await
+    .unwrap();
     let admin = hub.first_admin_key().unwrap().to_string();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
@@ -23,11 +27,23 @@ async fn start() -> TestHub {
     tokio::spawn(hub.serve(listener, async {
         let _ = stopped.await;
     }));
-    TestHub { base, admin, http: reqwest::Client::new(), _data: data, _stop: stop }
+    TestHub {
+        base,
+        admin,
+        http: reqwest::Client::new(),
+        _data: data,
+        _stop: stop,
+    }
 }
 
 impl TestHub {
-    async fn call(&self, key: Option<&str>, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    async fn call(
+        &self,
+        key: Option<&str>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(key) = key {
             req = req.header("Authorization", format!("Bearer {key}"));
@@ -43,7 +59,12 @@ impl TestHub {
 
     async fn user(&self, name: &str) -> String {
         let (status, body) = self
-            .call(Some(&self.admin), reqwest::Method::POST, "/users", Some(json!({"name": name})))
+            .call(
+                Some(&self.admin),
+                reqwest::Method::POST,
+                "/users",
+                Some(json!({"name": name})),
+            )
             .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         body["key"].as_str().unwrap().to_owned()
@@ -57,10 +78,22 @@ async fn two_projects(hub: &TestHub) -> (String, String) {
     let alice = hub.user("alice").await;
     let bob = hub.user("bob").await;
     for (key, project) in [(&alice, "alpha"), (&bob, "beta")] {
-        let (s, b) = hub.call(Some(key), M::POST, "/projects", Some(json!({"name": project}))).await;
+        let (s, b) = hub
+            .call(
+                Some(key),
+                M::POST,
+                "/projects",
+                Some(json!({"name": project})),
+            )
+            .await;
         assert_eq!(s, StatusCode::CREATED, "{b}");
         let (s, b) = hub
-            .call(Some(key), M::POST, &format!("/projects/{project}/stages"), Some(json!({"name": "dev", "type": "dev"})))
+            .call(
+                Some(key),
+                M::POST,
+                &format!("/projects/{project}/stages"),
+                Some(json!({"name": "dev", "type": "dev"})),
+            )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{b}");
     }
@@ -70,15 +103,33 @@ async fn two_projects(hub: &TestHub) -> (String, String) {
 #[tokio::test]
 async fn requests_without_a_valid_key_get_401_saying_what_to_do() {
     let hub = start().await;
-    for key in [None, Some("garbage"), Some("tk_0000000000000000:wrong"), Some("id:with space")] {
+    for key in [
+        None,
+        Some("garbage"),
+        Some("tk_0000000000000000:wrong"),
+        Some("id:with space"),
+    ] {
         let (status, body) = hub.call(key, M::GET, "/projects", None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "key {key:?}");
         assert_eq!(body["error"]["code"], "unauthenticated");
-        assert!(body["error"]["hint"].as_str().unwrap().contains("Authorization: Bearer"), "{body}");
+        assert!(
+            body["error"]["hint"]
+                .as_str()
+                .unwrap()
+                .contains("Authorization: Bearer"),
+            "{body}"
+        );
     }
     // A right key id with a wrong secret is refused too.
     let id = hub.admin.split(':').next().unwrap();
-    let (status, _) = hub.call(Some(&format!("{id}:not-the-secret")), M::GET, "/projects", None).await;
+    let (status, _) = hub
+        .call(
+            Some(&format!("{id}:not-the-secret")),
+            M::GET,
+            "/projects",
+            None,
+        )
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     // Health needs no key.
     let (status, body) = hub.call(None, M::GET, "/health", None).await;
@@ -93,7 +144,12 @@ async fn a_member_of_one_project_sees_nothing_of_another() {
 
     let (status, body) = hub.call(Some(&alice), M::GET, "/projects", None).await;
     assert_eq!(status, StatusCode::OK);
-    let names: Vec<&str> = body.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["alpha"]);
 
     // Every route into bob's project answers 404, exactly as for a project
@@ -111,20 +167,44 @@ async fn a_member_of_one_project_sees_nothing_of_another() {
         let (status, body) = hub.call(Some(&alice), M::GET, path, None).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
         assert_eq!(body["error"]["code"], "not-found");
-        assert!(body["error"]["message"].as_str().unwrap().contains("does not exist or you are not a member"), "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("does not exist or you are not a member"),
+            "{body}"
+        );
     }
     for (method, path, body) in [
-        (M::POST, "/projects/beta/stages", Some(json!({"name": "x", "type": "qa"}))),
-        (M::POST, "/projects/beta/stages/dev/releases", Some(json!({}))),
-        (M::POST, "/projects/beta/stages/dev/configs/c/data", Some(json!({"env": {"A": "1"}, "files": {}}))),
+        (
+            M::POST,
+            "/projects/beta/stages",
+            Some(json!({"name": "x", "type": "qa"})),
+        ),
+        (
+            M::POST,
+            "/projects/beta/stages/dev/releases",
+            Some(json!({})),
+        ),
+        (
+            M::POST,
+            "/projects/beta/stages/dev/configs/c/data",
+            Some(json!({"env": {"A": "1"}, "files": {}})),
+        ),
         (M::DELETE, "/projects/beta?force=true", None),
-        (M::PUT, "/projects/beta/members/alice", Some(json!({"role": "owner"}))),
+        (
+            M::PUT,
+            "/projects/beta/members/alice",
+            Some(json!({"role": "owner"})),
+        ),
     ] {
         let (status, resp) = hub.call(Some(&alice), method.clone(), path, body).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}: {resp}");
     }
     // Bob's project is untouched.
-    let (status, body) = hub.call(Some(&bob), M::GET, "/projects/beta/stages", None).await;
+    let (status, body) = hub
+        .call(Some(&bob), M::GET, "/projects/beta/stages", None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body.as_array().unwrap().len(), 1);
 }
@@ -134,20 +214,42 @@ async fn members_who_are_not_owners_and_non_admins_get_403() {
     let hub = start().await;
     let (alice, bob) = two_projects(&hub).await;
     // Alice adds bob to alpha as a plain member.
-    let (status, body) = hub.call(Some(&alice), M::PUT, "/projects/alpha/members/bob", Some(json!({"role": "member"}))).await;
+    let (status, body) = hub
+        .call(
+            Some(&alice),
+            M::PUT,
+            "/projects/alpha/members/bob",
+            Some(json!({"role": "member"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     // Bob can now work in alpha ...
-    let (status, _) = hub.call(Some(&bob), M::GET, "/projects/alpha/stages", None).await;
+    let (status, _) = hub
+        .call(Some(&bob), M::GET, "/projects/alpha/stages", None)
+        .await;
     assert_eq!(status, StatusCode::OK);
     // ... but not delete it or manage its members.
-    let (status, body) = hub.call(Some(&bob), M::DELETE, "/projects/alpha", None).await;
+    let (status, body) = hub
+        .call(Some(&bob), M::DELETE, "/projects/alpha", None)
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert_eq!(body["error"]["code"], "forbidden");
-    let (status, _) = hub.call(Some(&bob), M::PUT, "/projects/alpha/members/bob", Some(json!({"role": "owner"}))).await;
+    let (status, _) = hub
+        .call(
+            Some(&bob),
+            M::PUT,
+            "/projects/alpha/members/bob",
+            Some(json!({"role": "owner"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     // Administration is for administrators.
     for (method, path, body) in [
-        (M::POST, "/users", Some(json!({"name": "mallory", "admin": true}))),
+        (
+            M::POST,
+            "/users",
+            Some(json!({"name": "mallory", "admin": true})),
+        ),
         (M::GET, "/users", None),
         (M::POST, "/outposts", Some(json!({"name": "factory-7"}))),
         (M::GET, "/outposts", None),
@@ -155,10 +257,23 @@ async fn members_who_are_not_owners_and_non_admins_get_403() {
     ] {
         let (status, resp) = hub.call(Some(&bob), method.clone(), path, body).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {resp}");
-        assert!(resp["error"]["hint"].as_str().unwrap().contains("administrator"), "{resp}");
+        assert!(
+            resp["error"]["hint"]
+                .as_str()
+                .unwrap()
+                .contains("administrator"),
+            "{resp}"
+        );
     }
     // Bob may mint a key for himself, and it works.
-    let (status, body) = hub.call(Some(&bob), M::POST, "/users/bob/keys", Some(json!({"description": "laptop"}))).await;
+    let (status, body) = hub
+        .call(
+            Some(&bob),
+            M::POST,
+            "/users/bob/keys",
+            Some(json!({"description": "laptop"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let second = body["key"].as_str().unwrap();
     let (status, who) = hub.call(Some(second), M::GET, "/whoami", None).await;
@@ -173,7 +288,9 @@ async fn a_deleted_key_stops_working_at_once() {
     let (status, _) = hub.call(Some(&alice), M::GET, "/whoami", None).await;
     assert_eq!(status, StatusCode::OK);
     let id = alice.split(':').next().unwrap();
-    let (status, _) = hub.call(Some(&hub.admin), M::DELETE, &format!("/keys/{id}"), None).await;
+    let (status, _) = hub
+        .call(Some(&hub.admin), M::DELETE, &format!("/keys/{id}"), None)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = hub.call(Some(&alice), M::GET, "/whoami", None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -184,7 +301,14 @@ async fn releases_bump_the_desired_revision_and_deletes_refuse_dangling_referenc
     let hub = start().await;
     let (alice, _) = two_projects(&hub).await;
     // No build yet: pushing a release says what to do.
-    let (status, body) = hub.call(Some(&alice), M::POST, "/projects/alpha/stages/dev/releases", Some(json!({}))).await;
+    let (status, body) = hub
+        .call(
+            Some(&alice),
+            M::POST,
+            "/projects/alpha/stages/dev/releases",
+            Some(json!({})),
+        )
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"]["code"], "no-build");
 
@@ -194,42 +318,99 @@ async fn releases_bump_the_desired_revision_and_deletes_refuse_dangling_referenc
         "manifest_file": "trellis.yaml", "manifest": manifest,
         "components": [{"name": "web", "artifact": {"kind": "image", "reference": "registry.example/web:1"}}]
     });
-    let (status, body) = hub.call(Some(&alice), M::POST, "/projects/alpha/builds", Some(build.clone())).await;
+    let (status, body) = hub
+        .call(
+            Some(&alice),
+            M::POST,
+            "/projects/alpha/builds",
+            Some(build.clone()),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     assert_eq!(body["name"], "main_b1");
 
-    let (status, body) = hub.call(Some(&alice), M::POST, "/projects/alpha/stages/dev/configs/settings/data",
-        Some(json!({"env": {"GREETING": "hi"}, "files": {"app.toml": "x = 1\n"}}))).await;
+    let (status, body) = hub
+        .call(
+            Some(&alice),
+            M::POST,
+            "/projects/alpha/stages/dev/configs/settings/data",
+            Some(json!({"env": {"GREETING": "hi"}, "files": {"app.toml": "x = 1\n"}})),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["version"], 1);
 
-    let (status, r1) = hub.call(Some(&alice), M::POST, "/projects/alpha/stages/dev/releases", Some(json!({"config": "settings"}))).await;
+    let (status, r1) = hub
+        .call(
+            Some(&alice),
+            M::POST,
+            "/projects/alpha/stages/dev/releases",
+            Some(json!({"config": "settings"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED, "{r1}");
     assert_eq!(r1["number"], 1);
     assert_eq!(r1["revision"], 1);
     assert_eq!(r1["config"]["data"]["env"]["GREETING"], "hi");
-    let (_, r2) = hub.call(Some(&alice), M::POST, "/projects/alpha/stages/dev/releases", Some(json!({"build": "main_b1"}))).await;
+    let (_, r2) = hub
+        .call(
+            Some(&alice),
+            M::POST,
+            "/projects/alpha/stages/dev/releases",
+            Some(json!({"build": "main_b1"})),
+        )
+        .await;
     assert_eq!(r2["revision"], 2);
-    let (_, stage) = hub.call(Some(&alice), M::GET, "/projects/alpha/stages/dev", None).await;
+    let (_, stage) = hub
+        .call(Some(&alice), M::GET, "/projects/alpha/stages/dev", None)
+        .await;
     assert_eq!(stage["desired_revision"], 2);
     assert_eq!(stage["latest_release"], 2);
 
     // A config edit does not rewrite the release that froze it.
-    hub.call(Some(&alice), M::POST, "/projects/alpha/stages/dev/configs/settings/data", Some(json!({"env": {"GREETING": "changed"}, "files": {}}))).await;
-    let (_, r1_again) = hub.call(Some(&alice), M::GET, "/projects/alpha/stages/dev/releases/1", None).await;
+    hub.call(
+        Some(&alice),
+        M::POST,
+        "/projects/alpha/stages/dev/configs/settings/data",
+        Some(json!({"env": {"GREETING": "changed"}, "files": {}})),
+    )
+    .await;
+    let (_, r1_again) = hub
+        .call(
+            Some(&alice),
+            M::GET,
+            "/projects/alpha/stages/dev/releases/1",
+            None,
+        )
+        .await;
     assert_eq!(r1_again["config"]["data"]["env"]["GREETING"], "hi");
 
     // The build is referenced by releases; the stage and project hold things.
-    let (status, body) = hub.call(Some(&alice), M::DELETE, "/projects/alpha/builds/main_b1", None).await;
+    let (status, body) = hub
+        .call(
+            Some(&alice),
+            M::DELETE,
+            "/projects/alpha/builds/main_b1",
+            None,
+        )
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"]["code"], "in-use");
-    let (status, _) = hub.call(Some(&alice), M::DELETE, "/projects/alpha/stages/dev", None).await;
+    let (status, _) = hub
+        .call(Some(&alice), M::DELETE, "/projects/alpha/stages/dev", None)
+        .await;
     assert_eq!(status, StatusCode::CONFLICT);
-    let (status, _) = hub.call(Some(&alice), M::DELETE, "/projects/alpha", None).await;
+    let (status, _) = hub
+        .call(Some(&alice), M::DELETE, "/projects/alpha", None)
+        .await;
     assert_eq!(status, StatusCode::CONFLICT);
-    let (status, _) = hub.call(Some(&alice), M::DELETE, "/projects/alpha?force=true", None).await;
+    let (status, _) = hub
+        .call(Some(&alice), M::DELETE, "/projects/alpha?force=true", None)
+        .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    let (status, _) = hub.call(Some(&alice), M::GET, "/projects/alpha", None).await;
+    let (status, _) = hub
+        .call(Some(&alice), M::GET, "/projects/alpha", None)
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
@@ -238,23 +419,64 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let hub = start().await;
     let (alice, _) = two_projects(&hub).await;
     let cases = [
-        (M::POST, "/projects", json!({"name": "Bad_Name"}), "invalid-name"),
-        (M::POST, "/projects/alpha/stages", json!({"name": "x", "type": "staging"}), ""),
-        (M::POST, "/projects/alpha/builds", json!({"branch": "main", "commit": "nothex", "manifest_file": "trellis.yaml", "manifest": "", "components": []}), "invalid-build"),
-        (M::POST, "/projects/alpha/builds", json!({"branch": "main", "commit": "0123456789abcdef0123456789abcdef01234567", "manifest_file": "trellis.yaml", "manifest": "version: v1\ncomponents: [", "components": []}), "invalid-manifest"),
-        (M::POST, "/projects/alpha/stages/dev/configs/c/data", json!({"env": {"1BAD": "x"}, "files": {}}), "invalid-request"),
-        (M::POST, "/projects/alpha/stages/dev/configs/c/data", json!({"env": {}, "files": {"../etc/passwd": "x"}}), "invalid-request"),
+        (
+            M::POST,
+            "/projects",
+            json!({"name": "Bad_Name"}),
+            "invalid-name",
+        ),
+        (
+            M::POST,
+            "/projects/alpha/stages",
+            json!({"name": "x", "type": "staging"}),
+            "",
+        ),
+        (
+            M::POST,
+            "/projects/alpha/builds",
+            json!({"branch": "main", "commit": "nothex", "manifest_file": "trellis.yaml", "manifest": "", "components": []}),
+            "invalid-build",
+        ),
+        (
+            M::POST,
+            "/projects/alpha/builds",
+            json!({"branch": "main", "commit": "0123456789abcdef0123456789abcdef01234567", "manifest_file": "trellis.yaml", "manifest": "version: v1\ncomponents: [", "components": []}),
+            "invalid-manifest",
+        ),
+        (
+            M::POST,
+            "/projects/alpha/stages/dev/configs/c/data",
+            json!({"env": {"1BAD": "x"}, "files": {}}),
+            "invalid-request",
+        ),
+        (
+            M::POST,
+            "/projects/alpha/stages/dev/configs/c/data",
+            json!({"env": {}, "files": {"../etc/passwd": "x"}}),
+            "invalid-request",
+        ),
     ];
     for (method, path, body, code) in cases {
-        let (status, resp) = hub.call(Some(&alice), method.clone(), path, Some(body)).await;
+        let (status, resp) = hub
+            .call(Some(&alice), method.clone(), path, Some(body))
+            .await;
         assert!(status.is_client_error(), "{method} {path}: {status} {resp}");
         if !code.is_empty() {
             assert_eq!(resp["error"]["code"], code, "{path}: {resp}");
         }
     }
-    let (_, builds) = hub.call(Some(&alice), M::GET, "/projects/alpha/builds", None).await;
+    let (_, builds) = hub
+        .call(Some(&alice), M::GET, "/projects/alpha/builds", None)
+        .await;
     assert_eq!(builds.as_array().unwrap().len(), 0);
-    let (_, configs) = hub.call(Some(&alice), M::GET, "/projects/alpha/stages/dev/configs", None).await;
+    let (_, configs) = hub
+        .call(
+            Some(&alice),
+            M::GET,
+            "/projects/alpha/stages/dev/configs",
+            None,
+        )
+        .await;
     assert_eq!(configs.as_array().unwrap().len(), 0);
     // Unknown endpoints answer in the same error shape.
     let (status, body) = hub.call(Some(&alice), M::GET, "/nope", None).await;
@@ -268,7 +490,17 @@ async fn the_openapi_document_describes_every_route() {
     let (status, doc) = hub.call(None, M::GET, "/openapi.json", None).await;
     assert_eq!(status, StatusCode::OK);
     let paths = doc["paths"].as_object().unwrap();
-    for path in ["/projects", "/projects/{project}/stages/{stage}/releases", "/blobs/{digest}", "/outposts", "/users"] {
-        assert!(paths.contains_key(path), "{path} missing from {:?}", paths.keys());
+    for path in [
+        "/projects",
+        "/projects/{project}/stages/{stage}/releases",
+        "/blobs/{digest}",
+        "/outposts",
+        "/users",
+    ] {
+        assert!(
+            paths.contains_key(path),
+            "{path} missing from {:?}",
+            paths.keys()
+        );
     }
 }

@@ -430,7 +430,8 @@ proptest! {
         let seeds = seed_texts();
         let mut text = seeds[seed % seeds.len()].clone();
         for (at, insert) in edits {
-            let boundaries: Vec<usize> = text.char_indices().map(|(i, _)| i).chain([text.len()]).collect();
+            let boundaries: Vec<usize> =
+                text.char_indices().map(|(i, _)| i).chain([text.len()]).collect();
             let at = boundaries[at.index(boundaries.len())];
             text.insert_str(at, &insert);
         }

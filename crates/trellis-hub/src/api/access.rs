@@ -1,7 +1,7 @@
 //! Who the caller is, users, and access keys.
 
-use axum::extract::State;
 use crate::extract::{Json, Path, Query};
+use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::Utc;
 use trellis_model::{AccessKeyInfo, NameKind, User, validate_name};
@@ -42,7 +42,10 @@ pub async fn create_user(
 }
 
 #[utoipa::path(get, path = "/users", tag = "access", responses((status = 200, body = Vec<User>)))]
-pub async fn list_users(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<User>>> {
+pub async fn list_users(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<User>>> {
     caller.require_admin("list users")?;
     Ok(Json(state.store().list_users().await?))
 }

@@ -2,9 +2,9 @@
 
 use std::io::Write;
 
+use crate::extract::{Json, Path};
 use axum::body::Body;
 use axum::extract::State;
-use crate::extract::{Json, Path};
 use axum::http::StatusCode;
 use chrono::Utc;
 use tokio_stream::StreamExt;
@@ -104,7 +104,10 @@ fn check_build(state: &AppState, build: &NewBuild) -> ApiResult<()> {
             .map(|c| &c.artifact)
             .ok_or_else(|| {
                 invalid_build(
-                    format!("the build has no artifact for component {:?}", component.name),
+                    format!(
+                        "the build has no artifact for component {:?}",
+                        component.name
+                    ),
                     "push builds with `trellis push build`, which packs every component",
                 )
             })?;
@@ -155,7 +158,10 @@ fn check_build(state: &AppState, build: &NewBuild) -> ApiResult<()> {
         .find(|c| manifest.component(&c.name).is_none())
     {
         return Err(invalid_build(
-            format!("the build has an artifact for {:?}, which the manifest does not name", extra.name),
+            format!(
+                "the build has an artifact for {:?}, which the manifest does not name",
+                extra.name
+            ),
             "send artifacts only for the manifest's components",
         ));
     }

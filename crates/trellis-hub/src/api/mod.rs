@@ -26,8 +26,11 @@ use types::HealthResponse;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Trellis hub API", description = "Projects, stages, builds, configs, releases and outposts. \
-        Authenticate with `Authorization: Bearer <key-id>:<secret>`."),
+    info(
+        title = "Trellis hub API",
+        description = "Projects, stages, builds, configs, releases and outposts. \
+        Authenticate with `Authorization: Bearer <key-id>:<secret>`."
+    ),
     components(schemas(crate::error::ErrorBody))
 )]
 struct ApiDoc;
@@ -55,7 +58,11 @@ pub fn router(state: AppState) -> axum::Router {
         .routes(routes!(projects::list_members))
         .routes(routes!(projects::set_member, projects::remove_member))
         .routes(routes!(stages::list_stages, stages::create_stage))
-        .routes(routes!(stages::get_stage, stages::update_stage, stages::delete_stage))
+        .routes(routes!(
+            stages::get_stage,
+            stages::update_stage,
+            stages::delete_stage
+        ))
         .routes(routes!(stages::list_project_configs))
         .routes(routes!(stages::list_configs))
         .routes(routes!(stages::get_config, stages::delete_config))

@@ -1,8 +1,8 @@
 //! Outposts as records (administrators). The link to an outpost's agent is
 //! the link layer's business.
 
-use axum::extract::State;
 use crate::extract::{Json, Path, Query};
+use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::Utc;
 use trellis_model::{LOCAL_OUTPOST, NameKind, Outpost, validate_name};
@@ -13,7 +13,10 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
 #[utoipa::path(get, path = "/outposts", tag = "outposts", responses((status = 200, body = Vec<Outpost>)))]
-pub async fn list_outposts(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<Outpost>>> {
+pub async fn list_outposts(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<Outpost>>> {
     caller.require_admin("list outposts")?;
     Ok(Json(state.store().list_outposts().await?))
 }
@@ -82,7 +85,6 @@ pub async fn delete_outpost(
 fn is_label_part(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
 }

@@ -1,7 +1,7 @@
 //! Projects and their members.
 
-use axum::extract::State;
 use crate::extract::{Json, Path, Query};
+use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::Utc;
 use trellis_model::{Member, NameKind, Project, validate_name};
@@ -13,10 +13,19 @@ use crate::state::AppState;
 
 /// Projects the caller is a member of (all of them for administrators).
 #[utoipa::path(get, path = "/projects", tag = "projects", responses((status = 200, body = Vec<Project>)))]
-pub async fn list_projects(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<Project>>> {
+pub async fn list_projects(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<Vec<Project>>> {
     let mut visible = Vec::new();
     for project in state.store().list_projects().await? {
-        if caller.admin || state.store().role_of(&project.name, &caller.user).await?.is_some() {
+        if caller.admin
+            || state
+                .store()
+                .role_of(&project.name, &caller.user)
+                .await?
+                .is_some()
+        {
             visible.push(project);
         }
     }
@@ -83,7 +92,9 @@ pub async fn set_member(
     Path((project, user)): Path<(String, String)>,
     Json(req): Json<SetMemberRequest>,
 ) -> ApiResult<Json<Member>> {
-    caller.require_owner(&state, &project, "manage members").await?;
+    caller
+        .require_owner(&state, &project, "manage members")
+        .await?;
     state.store().get_user(&user).await?;
     state.store().set_member(&project, &user, req.role).await?;
     Ok(Json(Member {
@@ -99,7 +110,9 @@ pub async fn remove_member(
     caller: Caller,
     Path((project, user)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    caller.require_owner(&state, &project, "manage members").await?;
+    caller
+        .require_owner(&state, &project, "manage members")
+        .await?;
     state.store().remove_member(&project, &user).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,7 +1,7 @@
 //! Stages, their configs, and their releases.
 
-use axum::extract::State;
 use crate::extract::{Json, Path, Query};
+use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::Utc;
 use trellis_model::{
@@ -80,7 +80,12 @@ pub async fn update_stage(
         display_name: req.display_name,
         suspended: req.suspended,
     };
-    Ok(Json(state.store().update_stage(&project, &stage, &update).await?))
+    Ok(Json(
+        state
+            .store()
+            .update_stage(&project, &stage, &update)
+            .await?,
+    ))
 }
 
 #[utoipa::path(delete, path = "/projects/{project}/stages/{stage}", tag = "stages",
@@ -93,7 +98,10 @@ pub async fn delete_stage(
     Query(q): Query<DeleteQuery>,
 ) -> ApiResult<StatusCode> {
     caller.role_in(&state, &project).await?;
-    state.store().delete_stage(&project, &stage, q.force).await?;
+    state
+        .store()
+        .delete_stage(&project, &stage, q.force)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -105,7 +113,9 @@ pub async fn list_configs(
 ) -> ApiResult<Json<Vec<Config>>> {
     caller.role_in(&state, &project).await?;
     state.store().get_stage(&project, &stage).await?;
-    Ok(Json(state.store().list_configs(&project, Some(&stage)).await?))
+    Ok(Json(
+        state.store().list_configs(&project, Some(&stage)).await?,
+    ))
 }
 
 /// All configs of a project, across its stages.
@@ -126,7 +136,9 @@ pub async fn get_config(
     Path((project, stage, config)): Path<(String, String, String)>,
 ) -> ApiResult<Json<Config>> {
     caller.role_in(&state, &project).await?;
-    Ok(Json(state.store().get_config(&project, &stage, &config).await?))
+    Ok(Json(
+        state.store().get_config(&project, &stage, &config).await?,
+    ))
 }
 
 /// Adds env values and files to a config, creating it if needed. Keys that
@@ -171,7 +183,10 @@ pub async fn delete_config(
     Path((project, stage, config)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
     caller.role_in(&state, &project).await?;
-    state.store().delete_config(&project, &stage, &config).await?;
+    state
+        .store()
+        .delete_config(&project, &stage, &config)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -193,7 +208,9 @@ pub async fn get_release(
     Path((project, stage, number)): Path<(String, String, u64)>,
 ) -> ApiResult<Json<Release>> {
     caller.role_in(&state, &project).await?;
-    Ok(Json(state.store().get_release(&project, &stage, number).await?))
+    Ok(Json(
+        state.store().get_release(&project, &stage, number).await?,
+    ))
 }
 
 /// Pushes a release: a build (the newest when not named) and optionally a

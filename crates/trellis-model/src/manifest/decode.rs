@@ -467,16 +467,15 @@ impl Decoder {
         let Some(top) = self.fields(root, "", TOP_FIELDS) else {
             return manifest;
         };
-        if let Some(node) = self.required(&top, "version", "version: v1") {
-            if let Some(version) = self.text(node, "version", "v1")
-                && version != MANIFEST_VERSION
-            {
-                self.error(
-                    "version",
-                    node.pos,
-                    format!("version {version:?} is not supported; use version: v1"),
-                );
-            }
+        if let Some(node) = self.required(&top, "version", "version: v1")
+            && let Some(version) = self.text(node, "version", "v1")
+            && version != MANIFEST_VERSION
+        {
+            self.error(
+                "version",
+                node.pos,
+                format!("version {version:?} is not supported; use version: v1"),
+            );
         }
         if let Some(node) = self.required(&top, "components", "a list of components") {
             let items = self.list(node, "components", "components");
@@ -499,24 +498,26 @@ impl Decoder {
     }
 
     fn check_names(&mut self, items: &[Node], components: &[Component]) {
-        for (i, component) in components.iter().enumerate() {
+        // `components` was built from `items` one for one, so they zip.
+        let named: Vec<(&Node, &Component)> = items.iter().zip(components).collect();
+        for (i, (item, component)) in named.iter().enumerate() {
             if component.name.is_empty() {
                 continue;
             }
-            let Some(first) = components[..i]
+            let Some((first, (first_item, _))) = named[..i]
                 .iter()
-                .position(|c| c.name == component.name)
+                .enumerate()
+                .find(|(_, (_, c))| c.name == component.name)
             else {
                 continue;
             };
-            let pos = name_pos(&items[i]);
-            let first_line = name_pos(&items[first]).line;
             self.error(
                 &format!("components[{i}].name"),
-                pos,
+                name_pos(item),
                 format!(
-                    "component name {:?} is already used by components[{first}] (line {first_line}); component names must be unique",
-                    component.name
+                    "component name {:?} is already used by components[{first}] (line {}); component names must be unique",
+                    component.name,
+                    name_pos(first_item).line
                 ),
             );
         }
@@ -663,15 +664,15 @@ impl Decoder {
             component.user = self.non_blank(n, &f.path("user"), "a uid, uid:gid or user name");
         }
 
-        if f.has("scheduled") {
-            if f.has("scaling") {
+        if f.get("scheduled").is_some() {
+            if f.get("scaling").is_some() {
                 self.error(
                     &f.path("scaling"),
                     f.key_pos("scaling"),
                     "a scheduled component cannot have scaling: it runs once per schedule; remove scaling or scheduled",
                 );
             }
-            if f.has("ingresses") {
+            if f.get("ingresses").is_some() {
                 self.error(
                     &f.path("ingresses"),
                     f.key_pos("ingresses"),
@@ -692,21 +693,30 @@ impl Decoder {
         };
         match (f.raw("image"), f.raw("file")) {
             (Some(image), None) => {
-                if let Some(image) = self.non_blank(image, &f.path("image"), "an image like nginx:1.27") {
+                if let Some(image) =
+                    self.non_blank(image, &f.path("image"), "an image like nginx:1.27")
+                {
                     source.build = DockerBuild::Image(image);
                 }
                 for field in ["build-context", "build-args"] {
-                    if f.has(field) {
+                    if f.get(field).is_some() {
                         self.error(
                             &f.path(field),
                             f.key_pos(field),
-                            format!("{field} only applies when building from a Dockerfile (file), not to a ready image"),
+                            format!(
+                                "{field} only applies when building from a Dockerfile (file), \
+                                 not to a ready image"
+                            ),
                         );
                     }
                 }
             }
             (None, Some(file)) => {
-                let file = self.non_blank(file, &f.path("file"), "the path of a Dockerfile in the project");
+                let file = self.non_blank(
+                    file,
+                    &f.path("file"),
+                    "the path of a Dockerfile in the project",
+                );
                 let context = f.get("build-context").and_then(|n| {
                     self.non_blank(n, &f.path("build-context"), "a directory of the project")
                 });
@@ -729,7 +739,8 @@ impl Decoder {
             (Some(_), Some(_)) => self.error(
                 path,
                 f.pos,
-                "has both image and file; use image to run a ready image, or file to build one from a Dockerfile",
+                "has both image and file; use image to run a ready image, \
+                 or file to build one from a Dockerfile",
             ),
             (None, None) => self.error(
                 path,
@@ -836,7 +847,10 @@ impl Decoder {
                             self.error(
                                 &p,
                                 n.pos,
-                                format!("port {port} is not one of the component's ports ({listed}); add it to ports or route to one of them"),
+                                format!(
+                                    "port {port} is not one of the component's ports ({listed}); \
+                                     add it to ports or route to one of them"
+                                ),
                             );
                         }
                         ingress.port = Some(port);
@@ -948,7 +962,10 @@ impl Decoder {
                     self.error(
                         &ep,
                         f.pos,
-                        format!("sets component-ref together with {other}; use exactly one of value, config-ref, component-ref (only config-ref may add a value, as its default)"),
+                        format!(
+                            "sets component-ref together with {other}; use exactly one of value, \
+                             config-ref, component-ref (only config-ref may add a value, as its default)"
+                        ),
                     );
                     continue;
                 }
@@ -1132,7 +1149,10 @@ impl Decoder {
                         other => self.error(
                             &p,
                             n.pos,
-                            format!("{other:?} is not a storage type; use standard, premium, temporary or memory"),
+                            format!(
+                                "{other:?} is not a storage type; \
+                                 use standard, premium, temporary or memory"
+                            ),
                         ),
                     }
                 }

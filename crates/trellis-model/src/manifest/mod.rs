@@ -44,7 +44,16 @@ pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestErrors> {
     // A byte-order mark is invisible in editors, so columns are counted
     // without it.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let root = match yaml::load(text) {
+    // The YAML parser is third-party code fed with text users push; should
+    // it ever panic on some input, that becomes an error here instead of
+    // taking down the hub request or agent that parses the manifest.
+    let loaded = std::panic::catch_unwind(|| yaml::load(text)).unwrap_or_else(|_| {
+        Err(yaml::LoadError {
+            pos: yaml::Pos { line: 1, column: 1 },
+            message: "the YAML parser failed on this document; please report it as a bug, with the manifest".into(),
+        })
+    });
+    let root = match loaded {
         Ok(Some(root)) => root,
         Ok(None) => {
             return Err(ManifestErrors(vec![ManifestError {

@@ -362,3 +362,15 @@ fn the_stored_json_mirrors_the_manifest_words() {
     let back: Manifest = serde_json::from_value(json).unwrap();
     assert_eq!(back, m);
 }
+
+/// Inputs that sent earlier saphyr-parser releases into an endless loop
+/// (saphyr-rs/saphyr-parser#13); the hub parses manifests users push, so a
+/// hang here would be a denial of service.
+#[test]
+fn inputs_that_once_hung_the_parser_fail_promptly() {
+    for text in [
+        "{---", "[---", "{...", "- {---", "a: {---", "...", "--- ...",
+    ] {
+        assert!(parse_manifest(text).is_err(), "{text:?}");
+    }
+}
