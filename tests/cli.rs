@@ -195,3 +195,71 @@ fn dev_sets_up_an_example_project_with_a_release() {
     let releases = cli.json(&["list", "release", "-p", "hello", "-s", "dev"]);
     assert_eq!(releases.as_array().unwrap().len(), 1);
 }
+
+/// The manifest corpus of `trellis-model`, checked through the command a
+/// user runs: every valid file passes, every broken one exits 1 and
+/// reports each expected problem with its line, column and field path.
+#[test]
+fn validate_manifest_on_the_whole_corpus() {
+    let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("crates/trellis-model/tests/manifests");
+    let mut checked = (0, 0);
+    for entry in std::fs::read_dir(corpus.join("valid")).unwrap() {
+        let path = entry.unwrap().path();
+        let out = Command::new(bin())
+            .args(["validate", "manifest"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            describe(&out)
+        );
+        checked.0 += 1;
+    }
+    for entry in std::fs::read_dir(corpus.join("invalid")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "expected") {
+            continue;
+        }
+        let expected = std::fs::read_to_string(format!("{}.expected", path.display())).unwrap();
+        let out = Command::new(bin())
+            .args(["validate", "manifest"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}: {}",
+            path.display(),
+            describe(&out)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        for line in expected
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
+            let mut parts = line.splitn(3, '|').map(str::trim);
+            let (pos, field) = (parts.next().unwrap(), parts.next().unwrap());
+            let (l, c) = pos.split_once(':').unwrap();
+            let want = if field.is_empty() {
+                format!("line {l}, column {c}:")
+            } else {
+                format!("line {l}, column {c}: {field}")
+            };
+            assert!(
+                stderr.contains(&want),
+                "{}: expected {want:?} in:\n{stderr}",
+                path.display()
+            );
+        }
+        checked.1 += 1;
+    }
+    assert!(
+        checked.0 >= 20 && checked.1 >= 20,
+        "corpus too small: {checked:?}"
+    );
+}
