@@ -93,8 +93,10 @@ fn validate_manifest_reports_path_and_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line 6"), "{err}");
-    assert!(err.contains("components[0].ports[0]"), "{err}");
+    assert!(
+        err.contains("trellis.yaml:6:13: components[0].ports[0]: "),
+        "{err}"
+    );
 }
 
 #[test]
@@ -246,9 +248,9 @@ fn validate_manifest_on_the_whole_corpus() {
             let (pos, field) = (parts.next().unwrap(), parts.next().unwrap());
             let (l, c) = pos.split_once(':').unwrap();
             let want = if field.is_empty() {
-                format!("line {l}, column {c}:")
+                format!("{}:{l}:{c}: ", path.display())
             } else {
-                format!("line {l}, column {c}: {field}")
+                format!("{}:{l}:{c}: {field}: ", path.display())
             };
             assert!(
                 stderr.contains(&want),

@@ -37,7 +37,16 @@ fn manifest_path(path: &Path) -> anyhow::Result<PathBuf> {
 
 fn parse_reported(file: &str, text: &str) -> anyhow::Result<Manifest> {
     parse_manifest(text).map_err(|errors| {
-        let lines: Vec<String> = errors.0.iter().map(|e| format!("{file}:{e}")).collect();
+        // `file:line:column: path: message`, the form editors and terminals
+        // turn into a jump to the spot.
+        let lines: Vec<String> = errors
+            .0
+            .iter()
+            .map(|e| match e.path.as_str() {
+                "" => format!("{file}:{}:{}: {}", e.line, e.column, e.message),
+                path => format!("{file}:{}:{}: {path}: {}", e.line, e.column, e.message),
+            })
+            .collect();
         anyhow::anyhow!(
             "{file} is not a valid manifest ({} problem{}):\n{}",
             lines.len(),
