@@ -265,6 +265,26 @@ async fn members_who_are_not_owners_and_non_admins_get_403() {
             "{resp}"
         );
     }
+    // The last owner cannot leave or be demoted.
+    let (status, body) = hub
+        .call(
+            Some(&alice),
+            M::DELETE,
+            "/projects/alpha/members/alice",
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "last-owner");
+    let (status, _) = hub
+        .call(
+            Some(&alice),
+            M::PUT,
+            "/projects/alpha/members/alice",
+            Some(json!({"role": "member"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
     // Bob may mint a key for himself, and it works.
     let (status, body) = hub
         .call(

@@ -4,11 +4,11 @@ use crate::extract::{Json, Path, Query};
 use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::Utc;
-use trellis_model::{Member, NameKind, Project, validate_name};
+use trellis_model::{Member, NameKind, Project, Role, validate_name};
 
 use super::types::{CreateProjectRequest, DeleteQuery, SetMemberRequest};
 use crate::auth::Caller;
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
 /// Projects the caller is a member of (all of them for administrators).
@@ -96,6 +96,9 @@ pub async fn set_member(
         .require_owner(&state, &project, "manage members")
         .await?;
     state.store().get_user(&user).await?;
+    if req.role != Role::Owner {
+        keep_an_owner(&state, &project, &user).await?;
+    }
     state.store().set_member(&project, &user, req.role).await?;
     Ok(Json(Member {
         project,
@@ -113,6 +116,23 @@ pub async fn remove_member(
     caller
         .require_owner(&state, &project, "manage members")
         .await?;
+    keep_an_owner(&state, &project, &user).await?;
     state.store().remove_member(&project, &user).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Refuses a change that would leave the project without an owner: nobody
+/// but an administrator could manage it any more.
+async fn keep_an_owner(state: &AppState, project: &str, user: &str) -> ApiResult<()> {
+    let members = state.store().list_members(project).await?;
+    let owners: Vec<&Member> = members.iter().filter(|m| m.role == Role::Owner).collect();
+    if owners.len() == 1 && owners[0].user == user {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "last-owner",
+            format!("{user:?} is the only owner of project {project:?}"),
+            "make another member owner first (`trellis add member USER -p PROJECT --role owner`)",
+        ));
+    }
+    Ok(())
 }
