@@ -19,6 +19,7 @@ pub mod access;
 pub mod entity;
 pub mod manifest;
 pub mod name;
+pub mod outpost_uri;
 
 pub use access::{AccessKey, AccessKeyParseError, Role};
 pub use entity::*;

@@ -1,0 +1,163 @@
+//! Bytes ⇄ [`Envelope`]: the only place frames are parsed.
+//!
+//! [`decode`] treats its input as hostile: the size is checked before any
+//! parsing, the protocol version is peeked before the message is interpreted
+//! (so a frame from a newer peer is reported as "newer protocol", not as
+//! garbage), and every failure is an error value, never a panic. JSON nesting
+//! is bounded by serde_json's recursion limit (128 levels).
+
+use serde::Deserialize;
+
+use crate::protocol::{Envelope, MESSAGE_TYPES, PROTOCOL_VERSION};
+
+/// The largest frame either side sends or accepts: 4 MiB. Desired states are
+/// small (artifacts travel out of band, by digest); the limit bounds the
+/// memory a misbehaving peer can make the other side allocate.
+pub const MAX_FRAME_BYTES: usize = 4 << 20;
+
+/// Errors are kept short: the message of a serde error can quote input, so
+/// reasons are cut to this many bytes.
+const MAX_REASON_LEN: usize = 300;
+
+/// Why a frame could not be decoded or encoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error(
+        "a link frame of {len} bytes is over the {max}-byte limit and was refused; \
+         if it carried a stage's desired state, make that state smaller (inline files and \
+         config values count), otherwise the peer is misbehaving"
+    )]
+    TooLarge { len: usize, max: usize },
+
+    #[error(
+        "a link frame is not a valid message: {reason}; check that the peer is a Trellis \
+         hub or agent of a compatible version"
+    )]
+    Malformed { reason: String },
+
+    #[error(
+        "the peer sent a link message of type {type_name:?}, which this version of Trellis \
+         does not know; upgrade this side to the peer's version"
+    )]
+    UnknownMessageType { type_name: String },
+
+    #[error(
+        "the peer speaks link protocol version {got}, but this build speaks version \
+         {supported}; upgrade the older of the hub and the agent so that both speak the same \
+         version"
+    )]
+    UnsupportedVersion { got: u64, supported: u16 },
+
+    #[error(
+        "could not encode a link message ({reason}); this is a bug in Trellis, please report it"
+    )]
+    Encode { reason: String },
+}
+
+impl FrameError {
+    /// The stable error code, for logs, metrics and the status model.
+    pub fn code(&self) -> &'static str {
+        match self {
+            FrameError::TooLarge { .. } => "frame-too-large",
+            FrameError::Malformed { .. } => "frame-malformed",
+            FrameError::UnknownMessageType { .. } => "unknown-message-type",
+            FrameError::UnsupportedVersion { .. } => "unsupported-protocol-version",
+            FrameError::Encode { .. } => "frame-encode-failed",
+        }
+    }
+
+    fn malformed(reason: impl ToString) -> Self {
+        FrameError::Malformed {
+            reason: truncate(reason.to_string()),
+        }
+    }
+}
+
+/// Encodes an envelope as one frame (compact JSON), refusing one larger
+/// than [`MAX_FRAME_BYTES`] so the peer is never sent something it must
+/// refuse.
+pub fn encode(envelope: &Envelope) -> Result<Vec<u8>, FrameError> {
+    let bytes = serde_json::to_vec(envelope).map_err(|e| FrameError::Encode {
+        reason: truncate(e.to_string()),
+    })?;
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge {
+            len: bytes.len(),
+            max: MAX_FRAME_BYTES,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes one frame.
+pub fn decode(bytes: &[u8]) -> Result<Envelope, FrameError> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge {
+            len: bytes.len(),
+            max: MAX_FRAME_BYTES,
+        });
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        FrameError::malformed(format_args!(
+            "it is not UTF-8 text (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+    })?;
+
+    // Look at `v` alone first: a future version may have changed everything
+    // else, and must be reported as a version mismatch.
+    #[derive(Deserialize)]
+    struct Head {
+        v: Option<serde_json::Value>,
+    }
+    let head: Head = serde_json::from_str(text).map_err(FrameError::malformed)?;
+    match head.v {
+        None => return Err(FrameError::malformed("the envelope has no `v` field")),
+        Some(serde_json::Value::Number(n)) => match n.as_u64() {
+            Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
+            Some(got) => {
+                return Err(FrameError::UnsupportedVersion {
+                    got,
+                    supported: PROTOCOL_VERSION,
+                });
+            }
+            None => {
+                return Err(FrameError::malformed(format_args!(
+                    "the envelope's `v` is {n}, not a whole number"
+                )));
+            }
+        },
+        Some(_) => return Err(FrameError::malformed("the envelope's `v` is not a number")),
+    }
+
+    serde_json::from_str::<Envelope>(text).map_err(|e| classify(text, e))
+}
+
+/// Tells an unknown message type apart from other malformed frames. Runs only
+/// on the error path, so the second parse costs nothing on good frames.
+fn classify(text: &str, err: serde_json::Error) -> FrameError {
+    if let Ok(value) = serde_json::from_str::<serde_json::Value>(text)
+        && let Some(kind) = value
+            .get("msg")
+            .and_then(|m| m.get("type"))
+            .and_then(|t| t.as_str())
+        && !MESSAGE_TYPES.contains(&kind)
+    {
+        return FrameError::UnknownMessageType {
+            type_name: truncate(kind.to_owned()),
+        };
+    }
+    FrameError::malformed(err)
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > MAX_REASON_LEN {
+        let mut end = MAX_REASON_LEN;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}

@@ -1,0 +1,224 @@
+//! The messages of the link protocol, version [`PROTOCOL_VERSION`].
+//!
+//! Every frame is an [`Envelope`]: `{"v": 1, "seq": 7, "msg": {"type":
+//! "hello", …}}`. The message is tagged by `type` (kebab-case); fields are
+//! snake_case; timestamps are RFC 3339 strings.
+//!
+//! Sync is level-triggered: the hub sends the latest full desired state of a
+//! stage ([`Message::Desired`]), the agent persists it and only then
+//! acknowledges it ([`Message::Ack`]); on reconnect the agent's
+//! [`Message::Hello`] says which revisions it holds, so the hub sends only
+//! what is newer. Status reports carry their own sequence numbers and are
+//! acknowledged ([`Message::StatusAck`]) so the agent's outbox survives a
+//! broken link.
+//!
+//! These types are the wire format, not the domain model: states are plain
+//! strings here and are interpreted by the hub and the agent, so a new state
+//! does not need a protocol version.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// One frame on the link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Protocol version; see [`PROTOCOL_VERSION`].
+    pub v: u16,
+    /// Per-connection, per-direction frame counter, starting at 1; lets
+    /// either side spot lost or reordered frames in logs.
+    pub seq: u64,
+    pub msg: Message,
+}
+
+impl Envelope {
+    /// An envelope of the current protocol version.
+    pub fn new(seq: u64, msg: Message) -> Self {
+        Envelope {
+            v: PROTOCOL_VERSION,
+            seq,
+            msg,
+        }
+    }
+}
+
+/// Every message either side can send. The doc of each variant says who
+/// sends it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Message {
+    // --- agent → hub ---
+    /// Agent → hub, first frame after connecting: who the agent is, what the
+    /// host offers, which revisions it holds, and where its status outbox
+    /// starts.
+    Hello {
+        agent_version: String,
+        os: String,
+        arch: String,
+        runtimes: Vec<RuntimeInfo>,
+        capacity: Capacity,
+        stages: Vec<StageRevision>,
+        /// The sequence number of the oldest status report still in the
+        /// agent's outbox (not yet acknowledged); reports from here on follow.
+        outbox_from: u64,
+    },
+    /// Agent → hub: these desired states are persisted on the outpost.
+    Ack { desired: Vec<DesiredAck> },
+    /// Agent → hub: status reports, numbered so the hub can acknowledge them.
+    Status {
+        seq: u64,
+        reports: Vec<StatusReport>,
+    },
+    /// Agent → hub: a CSR (PEM) for a fresh client certificate, sent well
+    /// before the current one expires.
+    RenewCertificate { csr_pem: String },
+
+    // --- hub → agent ---
+    /// Hub → agent, answer to `hello`: the link is up.
+    Welcome {
+        hub_version: String,
+        /// How often the agent should expect (and send) heartbeats.
+        heartbeat_secs: u32,
+        /// The hub's clock, so the agent can report clock skew.
+        server_time: DateTime<Utc>,
+    },
+    /// Hub → agent: the complete desired state of a stage at `revision`.
+    Desired {
+        project: String,
+        stage: String,
+        revision: u64,
+        /// The full desired state; the hub fills it, the agent interprets it.
+        state: serde_json::Value,
+    },
+    /// Hub → agent: the stage was deleted; remove it from the outpost.
+    Forget { project: String, stage: String },
+    /// Hub → agent: status reports up to and including `up_to_seq` are
+    /// stored; the agent may drop them from its outbox.
+    StatusAck { up_to_seq: u64 },
+    /// Hub → agent: the renewed client certificate (PEM).
+    Certificate { cert_pem: String },
+    /// Hub → agent: go away and reconnect after `secs` (spreads a reconnect
+    /// storm, or the hub is shutting down).
+    RetryAfter { secs: u32, reason: String },
+    /// Hub → agent: this outpost was revoked; do not reconnect.
+    Revoked { reason: String },
+
+    // --- both ---
+    /// Either side: a request could not be handled.
+    Error { code: String, message: String },
+}
+
+impl Message {
+    /// The message's `type` tag as it appears on the wire, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Ack { .. } => "ack",
+            Message::Status { .. } => "status",
+            Message::RenewCertificate { .. } => "renew-certificate",
+            Message::Welcome { .. } => "welcome",
+            Message::Desired { .. } => "desired",
+            Message::Forget { .. } => "forget",
+            Message::StatusAck { .. } => "status-ack",
+            Message::Certificate { .. } => "certificate",
+            Message::RetryAfter { .. } => "retry-after",
+            Message::Revoked { .. } => "revoked",
+            Message::Error { .. } => "error",
+        }
+    }
+}
+
+/// Every `type` tag of this protocol version, so a frame of an unknown type
+/// can be reported as such. A test checks it against [`Message::kind`].
+pub const MESSAGE_TYPES: &[&str] = &[
+    "hello",
+    "ack",
+    "status",
+    "renew-certificate",
+    "welcome",
+    "desired",
+    "forget",
+    "status-ack",
+    "certificate",
+    "retry-after",
+    "revoked",
+    "error",
+];
+
+/// A container or process runtime the agent found on its host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeInfo {
+    /// e.g. `podman`, `docker`, `process`.
+    pub name: String,
+    pub version: String,
+}
+
+/// What the outpost's host offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub disk_free_bytes: u64,
+}
+
+/// The revisions the agent holds for one stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageRevision {
+    pub project: String,
+    pub stage: String,
+    /// The revision running on the outpost (0: none yet).
+    pub applied_revision: u64,
+    /// The newest desired revision the agent has persisted (0: none).
+    pub desired_revision_held: u64,
+}
+
+/// One stage's desired revision that the agent has persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredAck {
+    pub project: String,
+    pub stage: String,
+    pub revision: u64,
+}
+
+/// The state of one stage on the outpost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub project: String,
+    pub stage: String,
+    pub applied_revision: u64,
+    /// The agent's view of the stage, e.g. `running`, `applying`, `failed`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub components: Vec<ComponentStatus>,
+    #[serde(default)]
+    pub errors: Vec<AgentError>,
+}
+
+/// The state of one component of a stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentStatus {
+    pub name: String,
+    /// e.g. `running`, `starting`, `exited`, `crash-looping`.
+    pub state: String,
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+/// A de-duplicated error the agent met, including ones from while the link
+/// was down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentError {
+    /// Stable code, e.g. `image-pull-failed`.
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub count: u32,
+}
