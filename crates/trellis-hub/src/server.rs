@@ -166,6 +166,8 @@ async fn ensure_local_outpost(store: &dyn Store) -> anyhow::Result<()> {
                 .into(),
         labels: Default::default(),
         max_stages: None,
+        uri_generation: 1,
+        revoked_at: None,
         created_at: Utc::now(),
     };
     match store.create_outpost(&local).await {

@@ -107,7 +107,19 @@ pub struct Outpost {
     pub labels: BTreeMap<String, String>,
     /// How many stages may be placed on it; `None` means no limit.
     pub max_stages: Option<u32>,
+    /// Which key its Outpost URI carries: rotating the URI increments it,
+    /// and the key is derived from it, so old URIs stop validating.
+    #[serde(default = "first_generation")]
+    pub uri_generation: u64,
+    /// Set when an administrator revoked the outpost; it then takes no new
+    /// stages and its agent is refused.
+    #[serde(default)]
+    pub revoked_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+}
+
+fn first_generation() -> u64 {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

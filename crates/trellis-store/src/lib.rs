@@ -124,6 +124,11 @@ pub trait Store: Send + Sync + 'static {
     /// those stages are deleted too.
     async fn delete_outpost(&self, name: &str, force: bool) -> Result<()>;
     async fn stages_on_outpost(&self, outpost: &str) -> Result<Vec<Stage>>;
+    /// Increments the outpost's URI generation, so URIs handed out before
+    /// stop validating. Stages already on it are not affected.
+    async fn rotate_outpost_uri(&self, name: &str) -> Result<Outpost>;
+    /// Marks the outpost revoked (idempotent: the first time is kept).
+    async fn revoke_outpost(&self, name: &str, now: Timestamp) -> Result<Outpost>;
 
     // --- stages ---
     /// Fails if the project or the outpost does not exist, or the outpost

@@ -297,6 +297,7 @@ impl Store for MemoryStore {
         }
         let outpost = Outpost {
             created_at: millis(outpost.created_at),
+            revoked_at: outpost.revoked_at.map(millis),
             ..outpost.clone()
         };
         state.outposts.insert(outpost.name.clone(), outpost);
@@ -335,6 +336,26 @@ impl Store for MemoryStore {
         }
         state.outposts.remove(name);
         Ok(())
+    }
+
+    async fn rotate_outpost_uri(&self, name: &str) -> Result<Outpost> {
+        let mut state = self.state();
+        let outpost = state
+            .outposts
+            .get_mut(name)
+            .ok_or_else(|| not_found("outpost", name.to_owned()))?;
+        outpost.uri_generation += 1;
+        Ok(outpost.clone())
+    }
+
+    async fn revoke_outpost(&self, name: &str, now: Timestamp) -> Result<Outpost> {
+        let mut state = self.state();
+        let outpost = state
+            .outposts
+            .get_mut(name)
+            .ok_or_else(|| not_found("outpost", name.to_owned()))?;
+        outpost.revoked_at.get_or_insert(millis(now));
+        Ok(outpost.clone())
     }
 
     async fn stages_on_outpost(&self, outpost: &str) -> Result<Vec<Stage>> {

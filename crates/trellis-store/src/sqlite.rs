@@ -239,7 +239,8 @@ macro_rules! project_columns {
 }
 macro_rules! outpost_columns {
     () => {
-        "name, display_name, description, labels, max_stages, created_at"
+        "name, display_name, description, labels, max_stages, uri_generation, revoked_at, \
+         created_at"
     };
 }
 macro_rules! stage_columns {
@@ -303,8 +304,21 @@ fn outpost_from(row: &SqliteRow) -> Result<Outpost> {
         max_stages: max_stages
             .map(|n| u32::try_from(n).map_err(|_| corrupt(format!("stage limit {n}"))))
             .transpose()?,
+        uri_generation: u64_col(row, "uri_generation")?,
+        revoked_at: opt_time(row, "revoked_at")?,
         created_at: time(row, "created_at")?,
     })
+}
+
+fn u64_col(row: &SqliteRow, name: &str) -> Result<u64> {
+    let n: i64 = col(row, name)?;
+    u64::try_from(n).map_err(|_| corrupt(format!("{name} {n}")))
+}
+
+fn opt_time(row: &SqliteRow, name: &str) -> Result<Option<Timestamp>> {
+    let ms: Option<i64> = col(row, name)?;
+    ms.map(|ms| DateTime::from_timestamp_millis(ms).ok_or_else(|| corrupt(format!("{name} {ms}"))))
+        .transpose()
 }
 
 fn stage_from(row: &SqliteRow) -> Result<Stage> {
@@ -736,13 +750,15 @@ impl Store for SqliteStore {
         sqlx::query(concat!(
             "INSERT INTO outposts (",
             outpost_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6)"
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
         ))
         .bind(&outpost.name)
         .bind(&outpost.display_name)
         .bind(&outpost.description)
         .bind(json(&outpost.labels)?)
         .bind(outpost.max_stages.map(i64::from))
+        .bind(i64::try_from(outpost.uri_generation).unwrap_or(i64::MAX))
+        .bind(outpost.revoked_at.map(millis))
         .bind(millis(outpost.created_at))
         .execute(&self.writer)
         .await
@@ -849,6 +865,42 @@ impl Store for SqliteStore {
         .await
         .map_err(backend(DOING))?;
         all(&rows, stage_from)
+    }
+
+    async fn rotate_outpost_uri(&self, name: &str) -> Result<Outpost> {
+        const DOING: &str = "rotating an Outpost URI";
+        let mut tx = self.write().await?;
+        let changed =
+            sqlx::query("UPDATE outposts SET uri_generation = uri_generation + 1 WHERE name = $1")
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend(DOING))?
+                .rows_affected();
+        if changed == 0 {
+            return Err(not_found("outpost", name.to_owned()));
+        }
+        commit(tx, DOING).await?;
+        self.get_outpost(name).await
+    }
+
+    async fn revoke_outpost(&self, name: &str, now: Timestamp) -> Result<Outpost> {
+        const DOING: &str = "revoking an outpost";
+        let mut tx = self.write().await?;
+        let changed = sqlx::query(
+            "UPDATE outposts SET revoked_at = COALESCE(revoked_at, $2) WHERE name = $1",
+        )
+        .bind(name)
+        .bind(millis(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?
+        .rows_affected();
+        if changed == 0 {
+            return Err(not_found("outpost", name.to_owned()));
+        }
+        commit(tx, DOING).await?;
+        self.get_outpost(name).await
     }
 
     async fn create_stage(&self, stage: &NewStage, now: Timestamp) -> Result<Stage> {

@@ -38,6 +38,7 @@ macro_rules! for_each_suite_test {
             outposts,
             stage_creation,
             outpost_capacity,
+            outpost_uri_rotation_and_revocation,
             stage_updates,
             build_numbering,
             release_push,
@@ -84,6 +85,8 @@ fn outpost(name: &str, max_stages: Option<u32>) -> Outpost {
         description: String::new(),
         labels: BTreeMap::new(),
         max_stages,
+        uri_generation: 1,
+        revoked_at: None,
         created_at: at(2),
     }
 }
@@ -1290,4 +1293,36 @@ pub async fn concurrent_writes_keep_numbering(store: &dyn Store) {
     assert_eq!(pairs, [(1, 1), (2, 2), (3, 3), (4, 4)]);
     let dev = store.get_stage("shop", "dev").await.unwrap();
     assert_eq!((dev.desired_revision, dev.latest_release), (4, Some(4)));
+}
+
+/// Rotating an outpost's URI moves its generation on and touches nothing
+/// else; revoking keeps the first revocation time.
+pub async fn outpost_uri_rotation_and_revocation(store: &dyn Store) {
+    store
+        .create_outpost(&outpost("edge", Some(2)))
+        .await
+        .unwrap();
+    let rotated = store.rotate_outpost_uri("edge").await.unwrap();
+    assert_eq!(rotated.uri_generation, 2);
+    assert_eq!(
+        store
+            .rotate_outpost_uri("edge")
+            .await
+            .unwrap()
+            .uri_generation,
+        3
+    );
+    assert_eq!(store.get_outpost("edge").await.unwrap().uri_generation, 3);
+    assert_not_found(store.rotate_outpost_uri("nope").await, "outpost", "nope");
+
+    let revoked = store.revoke_outpost("edge", at(5_000)).await.unwrap();
+    assert_eq!(revoked.revoked_at, Some(at(5_000)));
+    let again = store.revoke_outpost("edge", at(9_000)).await.unwrap();
+    assert_eq!(
+        again.revoked_at,
+        Some(at(5_000)),
+        "the first revocation time is kept"
+    );
+    assert_eq!(store.get_outpost("edge").await.unwrap(), again);
+    assert_not_found(store.revoke_outpost("nope", at(1)).await, "outpost", "nope");
 }

@@ -71,6 +71,8 @@ mod sqlite_file {
                     description: String::new(),
                     labels: Default::default(),
                     max_stages: None,
+                    uri_generation: 1,
+                    revoked_at: None,
                     created_at: now,
                 })
                 .await

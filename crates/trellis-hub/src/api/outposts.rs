@@ -44,6 +44,8 @@ pub async fn create_outpost(
         description: req.description,
         labels: req.labels,
         max_stages: req.max_stages,
+        uri_generation: 1,
+        revoked_at: None,
         created_at: Utc::now(),
     };
     state.store().create_outpost(&outpost).await?;
