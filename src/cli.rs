@@ -76,10 +76,33 @@ pub enum Command {
     Get(GetArgs),
     /// Delete a thing (refused while others depend on it, unless --force)
     Delete(DeleteArgs),
+    /// Replace an outpost's URI with a new one (administrators)
+    #[command(subcommand)]
+    Rotate(RotateCommand),
+    /// Revoke an outpost (administrators)
+    #[command(subcommand)]
+    Revoke(RevokeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RotateCommand {
+    /// Copies of the old URI stop validating; stages already placed keep working
+    #[command(name = "outpost-uri")]
+    OutpostUri { outpost: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RevokeCommand {
+    /// Its URI stops validating and it takes no new stages
+    Outpost { name: String },
 }
 
 #[derive(Debug, Args)]
 pub struct HubArgs {
+    /// `host:port` under which users and agents reach this hub, written into
+    /// Outpost URIs (default: the listen address)
+    #[arg(long, env = "TRELLIS_PUBLIC_ADDRESS")]
+    pub public_address: Option<String>,
     /// Data directory (database, artifacts, admin.key)
     #[arg(long, env = "TRELLIS_DATA", default_value = "trellis-data")]
     pub data: PathBuf,
@@ -108,6 +131,14 @@ pub enum ValidateCommand {
         /// A manifest file, or a directory holding trellis.yaml / pergola.yaml|yml|json
         path: PathBuf,
     },
+    /// Check an Outpost URI and describe the outpost it names
+    #[command(name = "outpost-uri")]
+    OutpostUri {
+        uri: String,
+        /// Also check that you may place stages of this project there
+        #[arg(short, long)]
+        project: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,6 +157,9 @@ pub enum CreateCommand {
         stage_type: String,
         #[arg(long)]
         display_name: Option<String>,
+        /// Place the stage on the outpost this URI names (from your administrator)
+        #[arg(long)]
+        outpost_uri: Option<String>,
     },
     /// Register an outpost (administrators)
     Outpost {
@@ -226,6 +260,8 @@ pub enum Kind {
     User,
     Key,
     Member,
+    /// An outpost's URI (`get outpost-uri NAME`)
+    OutpostUri,
 }
 
 #[derive(Debug, Args)]

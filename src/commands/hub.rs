@@ -41,6 +41,7 @@ async fn shutdown_signal() {
 pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
     let hub = Hub::open(HubOptions {
         data_dir: args.data.clone(),
+        public_address: args.public_address.clone(),
     })
     .await?;
     let listener = bind(args.listen).await?;
@@ -85,6 +86,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let data = &args.data;
     let hub = Hub::open(HubOptions {
         data_dir: data.join("hub"),
+        ..Default::default()
     })
     .await?;
     let key_file = data.join("hub").join(ADMIN_KEY_FILE);
@@ -184,6 +186,7 @@ async fn setup_example(client: &HubClient, dir: &Path) -> anyhow::Result<()> {
                 name: "dev".into(),
                 stage_type: StageType::Dev,
                 display_name: Some("Development".into()),
+                outpost_uri: None,
             },
             "creating the example stage",
         )

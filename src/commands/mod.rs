@@ -2,6 +2,7 @@
 
 mod build;
 mod hub;
+mod outposts;
 mod resources;
 
 use crate::cli::{Cli, Command, ValidateCommand};
@@ -13,6 +14,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Hub(args) => hub::hub(args).await,
         Command::Dev(args) => hub::dev(args).await,
         Command::Validate(ValidateCommand::Manifest { path }) => build::validate_manifest(&path),
+        Command::Validate(ValidateCommand::OutpostUri { uri, project }) => {
+            outposts::validate(&settings::client(&global)?, &uri, project, global.output).await
+        }
+        Command::Rotate(crate::cli::RotateCommand::OutpostUri { outpost }) => {
+            outposts::rotate(&settings::client(&global)?, &outpost).await
+        }
+        Command::Revoke(crate::cli::RevokeCommand::Outpost { name }) => {
+            outposts::revoke(&settings::client(&global)?, &name).await
+        }
         Command::Login => resources::login(&global).await,
         Command::Whoami => resources::whoami(&settings::client(&global)?, global.output).await,
         Command::Create(c) => resources::create(&settings::client(&global)?, c).await,

@@ -40,6 +40,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::User => "user",
         Kind::Key => "key",
         Kind::Member => "member",
+        Kind::OutpostUri => "outpost-uri",
     }
 }
 
@@ -102,6 +103,7 @@ pub async fn create(client: &HubClient, command: CreateCommand) -> anyhow::Resul
             project,
             stage_type,
             display_name,
+            outpost_uri,
         } => {
             let stage_type: StageType = stage_type.parse().map_err(anyhow::Error::msg)?;
             let s: Stage = client
@@ -111,14 +113,23 @@ pub async fn create(client: &HubClient, command: CreateCommand) -> anyhow::Resul
                         name,
                         stage_type,
                         display_name,
+                        outpost_uri,
                     },
                     "creating the stage",
                 )
                 .await?;
-            println!(
-                "created stage {} ({}) in project {}",
-                s.name, s.stage_type, s.project
-            );
+            if s.outpost == trellis_model::LOCAL_OUTPOST {
+                println!(
+                    "created stage {} ({}) in project {}",
+                    s.name, s.stage_type, s.project
+                );
+            } else {
+                println!(
+                    "created stage {} ({}) in project {} on outpost {}; its link is set up in the \
+                     background, and releases can be pushed to it now",
+                    s.name, s.stage_type, s.project, s.outpost
+                );
+            }
         }
         CreateCommand::Outpost {
             name,
@@ -488,6 +499,7 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
                 },
             )
         }
+        Kind::OutpostUri => bail!("use `trellis get outpost-uri NAME` for one outpost's URI"),
         Kind::Member => {
             let project = need(&args.project, "-p PROJECT", kind)?;
             let items: Vec<Member> = client
@@ -673,6 +685,7 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
                 ],
             )
         }
+        Kind::OutpostUri => super::outposts::get_uri(client, name).await,
         Kind::User | Kind::Key | Kind::Member => {
             bail!(
                 "`trellis get {}` is not available; use `trellis list {}`",
@@ -707,12 +720,14 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
         ),
         Kind::Outpost => format!("/outposts/{}{force}", seg(name)),
         Kind::Key => format!("/keys/{}", seg(name)),
-        Kind::Release | Kind::User | Kind::Member => bail!(
+        Kind::Release | Kind::User | Kind::Member | Kind::OutpostUri => bail!(
             "{}s cannot be deleted{}",
             kind_name(kind),
             match kind {
                 Kind::Release => ": releases are the stage's history",
                 Kind::Member => "; use `trellis remove member`",
+                Kind::OutpostUri =>
+                    "; use `trellis rotate outpost-uri` or `trellis revoke outpost`",
                 _ => "",
             }
         ),

@@ -12,6 +12,7 @@
 //!   OpenAPI document.
 //! - `auth.rs`: access keys and the [`auth::Caller`] extractor.
 //! - `error.rs`: the API's error type and JSON error shape.
+//! - `outposts.rs`: Outpost URIs — deriving their keys, validating them.
 //! - `console.rs`: browser pages.
 //! - `state.rs`: what handlers share.
 
@@ -20,7 +21,8 @@ pub mod auth;
 pub mod console;
 pub mod error;
 pub mod extract;
+pub mod outposts;
 mod server;
 pub mod state;
 
-pub use server::{ADMIN_KEY_FILE, Hub, HubOptions};
+pub use server::{ADMIN_KEY_FILE, Hub, HubOptions, LINK_SECRET_FILE};

@@ -14,17 +14,24 @@ use trellis_store::sqlite::SqliteStore;
 use trellis_store::{Store, StoreError};
 
 use crate::auth::mint_key;
+use crate::outposts::LinkSecret;
 use crate::state::AppState;
 
 /// File in the data directory holding the first administrator key.
 pub const ADMIN_KEY_FILE: &str = "admin.key";
+/// File in the data directory holding the secret Outpost URI keys are
+/// derived from.
+pub const LINK_SECRET_FILE: &str = "link.secret";
 /// The first administrator's user name.
 pub const ADMIN_USER: &str = "admin";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct HubOptions {
-    /// Where the database, the artifacts and `admin.key` live.
+    /// Where the database, the artifacts, `admin.key` and `link.secret` live.
     pub data_dir: PathBuf,
+    /// `host:port` under which users and agents reach the hub, as written
+    /// into Outpost URIs. Defaults to the address the hub listens on.
+    pub public_address: Option<String>,
 }
 
 /// A hub ready to serve.
@@ -56,10 +63,16 @@ impl Hub {
         let artifacts = options.data_dir.join("artifacts");
         let blobs = BlobStore::open(&artifacts)
             .with_context(|| format!("opening the artifact store {}", artifacts.display()))?;
+        let link_secret = LinkSecret::load_or_create(&options.data_dir.join(LINK_SECRET_FILE))?;
         let admin_key = bootstrap_admin(store.as_ref(), &options.data_dir).await?;
         ensure_local_outpost(store.as_ref()).await?;
+        let state = AppState::new(store, blobs, link_secret);
+        if let Some(address) = &options.public_address {
+            let (host, port) = split_address(address)?;
+            state.set_public_address(host, port);
+        }
         Ok(Hub {
-            state: AppState::new(store, blobs),
+            state,
             data_dir: options.data_dir,
             admin_key,
         })
@@ -94,6 +107,9 @@ impl Hub {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let local = listener.local_addr()?;
+        self.state
+            .set_public_address(local.ip().to_string(), local.port());
         let router = self.router();
         axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
@@ -174,4 +190,20 @@ async fn ensure_local_outpost(store: &dyn Store) -> anyhow::Result<()> {
         Ok(()) | Err(StoreError::AlreadyExists { .. }) => Ok(()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Splits `host:port` (IPv6 in brackets).
+fn split_address(address: &str) -> anyhow::Result<(String, u16)> {
+    let bad = || {
+        anyhow::anyhow!(
+            "the public address {address:?} is not host:port (e.g. hub.example.com:7440 or [2001:db8::1]:7440)"
+        )
+    };
+    let (host, port) = address.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port))
 }

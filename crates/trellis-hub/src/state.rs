@@ -1,11 +1,12 @@
 //! The state every request handler shares.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use trellis_cas::BlobStore;
 use trellis_store::Store;
 
 use crate::auth::KeyVerifier;
+use crate::outposts::LinkSecret;
 
 /// Cheap to clone: one `Arc` around everything.
 #[derive(Clone)]
@@ -15,14 +16,20 @@ struct Inner {
     store: Arc<dyn Store>,
     blobs: BlobStore,
     keys: KeyVerifier,
+    link_secret: LinkSecret,
+    /// `(host, port)` under which users and agents reach this hub; it goes
+    /// into Outpost URIs. Set once, before the first request is served.
+    public_address: OnceLock<(String, u16)>,
 }
 
 impl AppState {
-    pub fn new(store: Arc<dyn Store>, blobs: BlobStore) -> Self {
+    pub fn new(store: Arc<dyn Store>, blobs: BlobStore, link_secret: LinkSecret) -> Self {
         AppState(Arc::new(Inner {
             store,
             blobs,
             keys: KeyVerifier::default(),
+            link_secret,
+            public_address: OnceLock::new(),
         }))
     }
 
@@ -36,5 +43,24 @@ impl AppState {
 
     pub fn keys(&self) -> &KeyVerifier {
         &self.0.keys
+    }
+
+    pub fn link_secret(&self) -> &LinkSecret {
+        &self.0.link_secret
+    }
+
+    /// Sets the public address unless it is set already; returns the one
+    /// in force.
+    pub fn set_public_address(&self, host: String, port: u16) -> (String, u16) {
+        self.0.public_address.get_or_init(|| (host, port)).clone()
+    }
+
+    pub fn public_address(&self) -> (String, u16) {
+        self.0
+            .public_address
+            .get()
+            .cloned()
+            // Only reachable before `Hub::serve`, when no request is handled.
+            .unwrap_or_else(|| ("localhost".into(), 7440))
     }
 }

@@ -1,77 +1,10 @@
 //! Access control through the real HTTP API: two users, two projects.
-//! A hub is started in-process on 127.0.0.1:0 with a fresh data directory.
 
+mod common;
+
+use common::{M, TestHub, start};
 use reqwest::StatusCode;
-use serde_json::{Value, json};
-use trellis_hub::{Hub, HubOptions};
-
-struct TestHub {
-    base: String,
-    admin: String,
-    http: reqwest::Client,
-    _data: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-async fn start() -> TestHub {
-    let data = tempfile::tempdir().unwrap();
-    let hub = Hub::open(HubOptions {
-        data_dir: data.path().join("hub"),
-    })
-    .await
-    .unwrap();
-    let admin = hub.first_admin_key().unwrap().to_string();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(hub.serve(listener, async {
-        let _ = stopped.await;
-    }));
-    TestHub {
-        base,
-        admin,
-        http: reqwest::Client::new(),
-        _data: data,
-        _stop: stop,
-    }
-}
-
-impl TestHub {
-    async fn call(
-        &self,
-        key: Option<&str>,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(key) = key {
-            req = req.header("Authorization", format!("Bearer {key}"));
-        }
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let resp = req.send().await.unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-
-    async fn user(&self, name: &str) -> String {
-        let (status, body) = self
-            .call(
-                Some(&self.admin),
-                reqwest::Method::POST,
-                "/users",
-                Some(json!({"name": name})),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-        body["key"].as_str().unwrap().to_owned()
-    }
-}
-
-use reqwest::Method as M;
+use serde_json::json;
 
 /// Sets up alice (owner of `alpha`) and bob (owner of `beta`).
 async fn two_projects(hub: &TestHub) -> (String, String) {

@@ -7,9 +7,12 @@ use axum::http::StatusCode;
 use chrono::Utc;
 use trellis_model::{LOCAL_OUTPOST, NameKind, Outpost, validate_name};
 
-use super::types::{CreateOutpostRequest, DeleteQuery};
+use super::types::{
+    CreateOutpostRequest, DeleteQuery, OutpostUriResponse, ValidateOutpostUriRequest,
+};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
+use crate::outposts::OutpostDescription;
 use crate::state::AppState;
 
 #[utoipa::path(get, path = "/outposts", tag = "outposts", responses((status = 200, body = Vec<Outpost>)))]
@@ -89,4 +92,79 @@ fn is_label_part(s: &str) -> bool {
         && s.len() <= 63
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+}
+
+/// The outpost's current Outpost URI, to hand to users (administrators).
+#[utoipa::path(get, path = "/outposts/{outpost}/uri", tag = "outposts", responses((status = 200, body = OutpostUriResponse)))]
+pub async fn get_outpost_uri(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(outpost): Path<String>,
+) -> ApiResult<Json<OutpostUriResponse>> {
+    caller.require_admin("see Outpost URIs")?;
+    let record = remote_outpost(&state, &outpost).await?;
+    let uri = crate::outposts::uri_of(&state, &record)?;
+    Ok(Json(OutpostUriResponse {
+        outpost,
+        uri: uri.to_string(),
+    }))
+}
+
+/// Replaces the outpost's URI with a new one; copies of the old one stop
+/// validating. Stages already on the outpost are not affected.
+#[utoipa::path(post, path = "/outposts/{outpost}/uri/rotate", tag = "outposts", responses((status = 200, body = OutpostUriResponse)))]
+pub async fn rotate_outpost_uri(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(outpost): Path<String>,
+) -> ApiResult<Json<OutpostUriResponse>> {
+    caller.require_admin("rotate Outpost URIs")?;
+    remote_outpost(&state, &outpost).await?;
+    let record = state.store().rotate_outpost_uri(&outpost).await?;
+    let uri = crate::outposts::uri_of(&state, &record)?;
+    Ok(Json(OutpostUriResponse {
+        outpost,
+        uri: uri.to_string(),
+    }))
+}
+
+/// Revokes the outpost: its URI stops validating and no new stages can be
+/// placed on it.
+#[utoipa::path(post, path = "/outposts/{outpost}/revoke", tag = "outposts", responses((status = 200, body = Outpost)))]
+pub async fn revoke_outpost(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(outpost): Path<String>,
+) -> ApiResult<Json<Outpost>> {
+    caller.require_admin("revoke outposts")?;
+    remote_outpost(&state, &outpost).await?;
+    Ok(Json(
+        state.store().revoke_outpost(&outpost, Utc::now()).await?,
+    ))
+}
+
+/// Validates an Outpost URI: the outpost's description, or one error with a
+/// stable code (`malformed-uri`, `other-hub`, `unknown-outpost`,
+/// `wrong-key`, `revoked`, `not-allowed`, `outpost-full`) and a hint.
+#[utoipa::path(post, path = "/outposts/validate", tag = "outposts", request_body = ValidateOutpostUriRequest,
+    responses((status = 200, body = OutpostDescription)))]
+pub async fn validate_outpost_uri(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(req): Json<ValidateOutpostUriRequest>,
+) -> ApiResult<Json<OutpostDescription>> {
+    let (_, description) =
+        crate::outposts::validate(&state, &caller, &req.uri, req.project.as_deref()).await?;
+    Ok(Json(description))
+}
+
+/// The local outpost is part of the hub: it has no URI and cannot be revoked.
+async fn remote_outpost(state: &AppState, name: &str) -> ApiResult<Outpost> {
+    if name == LOCAL_OUTPOST {
+        return Err(ApiError::bad_request(
+            "the local outpost is part of the hub; it has no Outpost URI and cannot be revoked",
+            "stages created without an Outpost URI run on it",
+        ));
+    }
+    Ok(state.store().get_outpost(name).await?)
 }

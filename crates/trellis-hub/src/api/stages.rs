@@ -26,8 +26,9 @@ pub async fn list_stages(
     Ok(Json(state.store().list_stages(&project).await?))
 }
 
-/// Creates a stage on the hub's local outpost. (Placing a stage on a remote
-/// outpost takes an Outpost URI, handled with the outpost link.)
+/// Creates a stage: on the outpost an Outpost URI names, or on the hub's
+/// local outpost. The stage is usable at once, whether or not the outpost's
+/// agent is connected.
 #[utoipa::path(post, path = "/projects/{project}/stages", tag = "stages", request_body = CreateStageRequest,
     responses((status = 201, body = Stage)))]
 pub async fn create_stage(
@@ -38,6 +39,17 @@ pub async fn create_stage(
 ) -> ApiResult<(StatusCode, Json<Stage>)> {
     caller.role_in(&state, &project).await?;
     validate_name(NameKind::Stage, &req.name)?;
+    // Re-validated here (the console and CLI validated before): the URI
+    // may have been rotated or the outpost filled up in between.
+    let outpost = match &req.outpost_uri {
+        Some(uri) => {
+            crate::outposts::validate(&state, &caller, uri, Some(&project))
+                .await?
+                .0
+                .name
+        }
+        None => LOCAL_OUTPOST.to_owned(),
+    };
     let display_name = req.display_name.unwrap_or_else(|| req.name.clone());
     let stage = state
         .store()
@@ -47,7 +59,7 @@ pub async fn create_stage(
                 name: req.name,
                 stage_type: req.stage_type,
                 display_name,
-                outpost: LOCAL_OUTPOST.to_owned(),
+                outpost,
             },
             Utc::now(),
         )

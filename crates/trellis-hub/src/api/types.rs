@@ -60,6 +60,10 @@ pub struct CreateStageRequest {
     pub stage_type: StageType,
     #[serde(default)]
     pub display_name: Option<String>,
+    /// Place the stage on the outpost this URI names (validated again);
+    /// without it the stage runs on the hub's local outpost.
+    #[serde(default)]
+    pub outpost_uri: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
@@ -118,4 +122,19 @@ pub struct DeleteQuery {
 pub struct KeysQuery {
     #[serde(default)]
     pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ValidateOutpostUriRequest {
+    pub uri: String,
+    /// The project the stage would belong to, to check the caller may
+    /// place its stages there.
+    #[serde(default)]
+    pub project: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OutpostUriResponse {
+    pub outpost: String,
+    pub uri: String,
 }
