@@ -12,6 +12,7 @@
 //! - [`protocol`]: the versioned envelope and every message either side sends.
 //! - [`frame`]: bytes ⇄ envelope, with size and version checks and errors
 //!   meant for people.
+//! - [`io`]: the transport seam ([`io::LinkIo`]) both halves' sessions use.
 //! - [`identity`]: the hub CA, agent keys and CSRs, client certificates,
 //!   the join token, CA fingerprint pinning and rustls configurations.
 //!
@@ -26,7 +27,9 @@
 
 pub mod frame;
 pub mod identity;
+pub mod io;
 pub mod protocol;
 
 pub use frame::{FrameError, MAX_FRAME_BYTES, decode, encode};
+pub use io::{Incoming, LinkIo, LinkIoError};
 pub use protocol::{Envelope, Message, PROTOCOL_VERSION};
