@@ -82,6 +82,19 @@ pub enum Command {
     /// Revoke an outpost (administrators)
     #[command(subcommand)]
     Revoke(RevokeCommand),
+    /// Show the connection status of an outpost stage
+    #[command(subcommand)]
+    Status(StatusCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StatusCommand {
+    /// Link state, sync state, revisions, components and errors of a stage
+    Stage {
+        name: String,
+        #[arg(short, long)]
+        project: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +122,12 @@ pub struct HubArgs {
     /// Address to listen on
     #[arg(long, env = "TRELLIS_LISTEN", default_value = "127.0.0.1:7440")]
     pub listen: SocketAddr,
+    /// Seconds between heartbeats on each outpost link (default 25)
+    #[arg(long)]
+    pub heartbeat_secs: Option<u64>,
+    /// New outpost links admitted per second; the rest retry later (default 200)
+    #[arg(long)]
+    pub admissions_per_sec: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -174,6 +193,17 @@ pub enum CreateCommand {
         /// How many stages it may hold
         #[arg(long)]
         max_stages: Option<u32>,
+        /// How long the printed join token stays valid, in seconds (default: 24 h)
+        #[arg(long)]
+        token_ttl_secs: Option<u64>,
+    },
+    /// A new one-time join token for an outpost's agent (administrators)
+    #[command(name = "join-token")]
+    JoinToken {
+        outpost: String,
+        /// Validity in seconds (default: 24 h)
+        #[arg(long)]
+        token_ttl_secs: Option<u64>,
     },
     /// Create a user and print their first key (administrators)
     User {

@@ -14,6 +14,9 @@ use crate::client::HubClient;
 pub struct SavedLogin {
     pub endpoint: String,
     pub key: String,
+    /// The hub CA's certificate, when the hub uses its own CA.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// `$TRELLIS_CONFIG_DIR`, else `$XDG_CONFIG_HOME/trellis`, else
@@ -71,6 +74,13 @@ pub fn client(global: &GlobalArgs) -> anyhow::Result<HubClient> {
         .context(
             "no hub given: pass --endpoint URL, set TRELLIS_ENDPOINT, or run `trellis login` once",
         )?;
-    let key = global.key.clone().or_else(|| saved.map(|s| s.key));
-    HubClient::new(&endpoint, key, global.ca_cert.as_deref())
+    let key = global
+        .key
+        .clone()
+        .or_else(|| saved.as_ref().map(|s| s.key.clone()));
+    let ca_cert = global
+        .ca_cert
+        .clone()
+        .or_else(|| saved.and_then(|s| s.ca_cert));
+    HubClient::new(&endpoint, key, ca_cert.as_deref())
 }

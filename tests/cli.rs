@@ -9,7 +9,7 @@ use std::process::Command;
 fn exit_codes_separate_user_errors_from_hub_failures() {
     let tmp = tempfile::tempdir().unwrap();
     let hub = HubProcess::start(&tmp.path().join("hub"));
-    let cli = Cli::new(&hub.endpoint, &hub.admin_key(), &tmp.path().join("config"));
+    let cli = Cli::for_hub(&hub, &hub.admin_key(), &tmp.path().join("config"));
     // A refused request is the user's to fix: 1, with the hub's hint.
     let out = cli.run(&["get", "project", "missing"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
@@ -23,7 +23,7 @@ fn exit_codes_separate_user_errors_from_hub_failures() {
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("dev, qa, prod"));
     // A wrong key: 1 (the user can fix it), saying what to do.
-    let bad = Cli::new(&hub.endpoint, "tk_00:nope", &tmp.path().join("config"));
+    let bad = Cli::for_hub(&hub, "tk_00:nope", &tmp.path().join("config"));
     let out = bad.run(&["list", "project"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(
@@ -47,7 +47,7 @@ fn login_remembers_the_hub_for_later_commands() {
     let tmp = tempfile::tempdir().unwrap();
     let hub = HubProcess::start(&tmp.path().join("hub"));
     let config = tmp.path().join("config");
-    let cli = Cli::new(&hub.endpoint, &hub.admin_key(), &config);
+    let cli = Cli::for_hub(&hub, &hub.admin_key(), &config);
     cli.ok(&["login"]);
     let out = Command::new(bin())
         .env_remove("TRELLIS_ENDPOINT")
@@ -103,7 +103,7 @@ fn validate_manifest_reports_path_and_line() {
 fn push_build_records_branch_commit_and_refuses_non_git_directories() {
     let tmp = tempfile::tempdir().unwrap();
     let hub = HubProcess::start(&tmp.path().join("hub"));
-    let cli = Cli::new(&hub.endpoint, &hub.admin_key(), &tmp.path().join("config"));
+    let cli = Cli::for_hub(&hub, &hub.admin_key(), &tmp.path().join("config"));
     cli.ok(&["create", "project", "p"]);
     let plain = tmp.path().join("plain");
     std::fs::create_dir_all(&plain).unwrap();
@@ -193,7 +193,7 @@ fn dev_sets_up_an_example_project_with_a_release() {
     assert!(out.status.success(), "{}", describe(&out));
     // The example's release is recorded.
     let hub = HubProcess::start(&tmp.path().join(".trellis-dev/hub"));
-    let cli = Cli::new(&hub.endpoint, &hub.admin_key(), &tmp.path().join("config"));
+    let cli = Cli::for_hub(&hub, &hub.admin_key(), &tmp.path().join("config"));
     let releases = cli.json(&["list", "release", "-p", "hello", "-s", "dev"]);
     assert_eq!(releases.as_array().unwrap().len(), 1);
 }

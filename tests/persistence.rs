@@ -35,7 +35,7 @@ fn everything_acknowledged_survives_sigkill_and_restart() {
     );
 
     let hub = HubProcess::start(&data);
-    let cli = Cli::new(&hub.endpoint, &hub.admin_key(), &tmp.path().join("config"));
+    let cli = Cli::for_hub(&hub, &hub.admin_key(), &tmp.path().join("config"));
     cli.ok(&["create", "project", "shop", "--description", "the shop"]);
     cli.ok(&["create", "stage", "dev", "-p", "shop", "--type", "dev"]);
     cli.ok(&[
@@ -84,7 +84,7 @@ fn everything_acknowledged_survives_sigkill_and_restart() {
 
     hub.kill9();
     let hub = HubProcess::start(&data);
-    let cli = Cli::new(&hub.endpoint, &cli.key, &tmp.path().join("config"));
+    let cli = Cli::for_hub(&hub, &cli.key, &tmp.path().join("config"));
 
     let projects = cli.json(&["list", "project"]);
     assert_eq!(projects[0]["name"], "shop");
@@ -118,6 +118,6 @@ fn everything_acknowledged_survives_sigkill_and_restart() {
         common::describe(&out)
     );
     // Keys survive too.
-    let alice = Cli::new(&hub.endpoint, &alice_key, &tmp.path().join("config"));
+    let alice = Cli::for_hub(&hub, &alice_key, &tmp.path().join("config"));
     assert_eq!(alice.json(&["whoami"])["user"], "alice");
 }

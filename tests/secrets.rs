@@ -10,14 +10,14 @@ fn the_database_holds_no_access_key_secret() {
     let data = tmp.path().join("hub");
     let hub = HubProcess::start(&data);
     let admin = hub.admin_key();
-    let cli = Cli::new(&hub.endpoint, &admin, &tmp.path().join("config"));
+    let cli = Cli::for_hub(&hub, &admin, &tmp.path().join("config"));
     let mut secrets = vec![admin.split_once(':').unwrap().1.to_owned()];
     for user in ["alice", "bob"] {
         let out = cli.ok(&["create", "user", user]);
         let key = out.lines().last().unwrap().trim().to_owned();
         secrets.push(key.split_once(':').unwrap().1.to_owned());
         // Use the key so any caching path runs too.
-        let user_cli = Cli::new(&hub.endpoint, &key, &tmp.path().join("config"));
+        let user_cli = Cli::for_hub(&hub, &key, &tmp.path().join("config"));
         user_cli.ok(&["whoami"]);
     }
     let out = cli.ok(&["create", "key", "--user", "alice", "--description", "ci"]);

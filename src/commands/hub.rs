@@ -5,7 +5,8 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 use trellis_hub::api::types::{CreateProjectRequest, CreateStageRequest, PushReleaseRequest};
-use trellis_hub::{ADMIN_KEY_FILE, Hub, HubOptions};
+use trellis_hub::link::LinkSettings;
+use trellis_hub::{ADMIN_KEY_FILE, CA_CERT_FILE, Hub, HubOptions};
 use trellis_model::{Project, Release, Stage, StageType};
 
 use crate::cli::{DevArgs, HubArgs};
@@ -39,19 +40,28 @@ async fn shutdown_signal() {
 }
 
 pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
+    if args.listen.ip().is_unspecified() && args.public_address.is_none() {
+        bail!(
+            "the hub listens on {} but has no public address to put into Outpost URIs and join tokens; \
+             give --public-address host:port (the name agents and users reach it by)",
+            args.listen
+        );
+    }
+    let mut link = LinkSettings::default();
+    if let Some(secs) = args.heartbeat_secs {
+        link.heartbeat = std::time::Duration::from_secs(secs.max(1));
+    }
+    if let Some(rate) = args.admissions_per_sec {
+        link.admissions_per_sec = rate.max(1);
+    }
     let hub = Hub::open(HubOptions {
         data_dir: args.data.clone(),
         public_address: args.public_address.clone(),
+        link,
     })
     .await?;
     let listener = bind(args.listen).await?;
     let addr = listener.local_addr()?;
-    if !addr.ip().is_loopback() {
-        eprintln!(
-            "warning: the hub serves plain HTTP on {addr}; access keys sent to it can be read on the network. \
-             Put a TLS-terminating proxy in front of it or listen on loopback."
-        );
-    }
     if let Some(key) = hub.first_admin_key() {
         println!(
             "first start: created the administrator key (shown once; also in {}):",
@@ -59,9 +69,13 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
         );
         println!("{key}");
     }
+    println!(
+        "clients trust the hub's CA with TRELLIS_CA_CERT={}",
+        args.data.join(CA_CERT_FILE).display()
+    );
     // Tests and scripts read this line to find a hub started on port 0.
-    println!("hub listening on http://{addr}");
-    hub.serve(listener, shutdown_signal()).await?;
+    println!("hub listening on https://{addr}");
+    hub.serve_tls(listener, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -104,13 +118,14 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     };
     let listener = bind(args.listen).await?;
     let addr = listener.local_addr()?;
-    let endpoint = format!("http://{addr}");
+    let endpoint = format!("https://{addr}");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(hub.serve(listener, async {
+    let server = tokio::spawn(hub.serve_tls(listener, async {
         let _ = stop_rx.await;
     }));
 
-    let client = HubClient::new(&endpoint, Some(key.clone()), None)?;
+    let ca_cert = data.join("hub").join(CA_CERT_FILE);
+    let client = HubClient::new(&endpoint, Some(key.clone()), Some(&ca_cert))?;
     let example = data.join("example");
     setup_example(&client, &example).await?;
 
@@ -137,6 +152,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("Use the CLI against it:");
     println!("  alias trellis={exe}");
     println!("  export TRELLIS_ENDPOINT={endpoint} TRELLIS_KEY={key}");
+    println!("  export TRELLIS_CA_CERT={}", absolute(&ca_cert).display());
     println!();
     println!("Three things to try:");
     println!("  trellis list stage -p hello");
@@ -254,4 +270,8 @@ fn write_example(dir: &Path) -> anyhow::Result<()> {
     git(&["add", "-A"])?;
     git(&["commit", "-q", "-m", "Example app"])?;
     Ok(())
+}
+
+fn absolute(path: &Path) -> std::path::PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }

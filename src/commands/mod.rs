@@ -20,6 +20,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rotate(crate::cli::RotateCommand::OutpostUri { outpost }) => {
             outposts::rotate(&settings::client(&global)?, &outpost).await
         }
+        Command::Status(crate::cli::StatusCommand::Stage { name, project }) => {
+            outposts::stage_status(&settings::client(&global)?, &project, &name, global.output)
+                .await
+        }
         Command::Revoke(crate::cli::RevokeCommand::Outpost { name }) => {
             outposts::revoke(&settings::client(&global)?, &name).await
         }

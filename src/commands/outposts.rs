@@ -1,6 +1,7 @@
 //! Outpost URIs: get, rotate, validate; revoking an outpost.
 
-use trellis_hub::api::types::{OutpostUriResponse, ValidateOutpostUriRequest};
+use trellis_hub::api::types::{JoinTokenResponse, OutpostUriResponse, ValidateOutpostUriRequest};
+use trellis_hub::link::status::StageStatus;
 use trellis_hub::outposts::OutpostDescription;
 use trellis_model::Outpost;
 
@@ -143,4 +144,126 @@ pub async fn validate(
             ),
         ],
     )
+}
+
+pub fn print_join(join: &JoinTokenResponse) {
+    println!(
+        "join token for {} (one use, valid until {}):",
+        join.outpost,
+        output::time(&join.expires_at)
+    );
+    println!("{}", join.token);
+    println!();
+    println!("run on the outpost's host:");
+    println!("  {}", join.command);
+}
+
+pub async fn stage_status(
+    client: &HubClient,
+    project: &str,
+    stage: &str,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let s: StageStatus = client
+        .get(
+            &format!(
+                "/projects/{}/stages/{}/outpost-status",
+                seg(project),
+                seg(stage)
+            ),
+            "getting the stage's status",
+        )
+        .await?;
+    let release = |n: Option<u64>| {
+        n.map(|n| format!("release {n}"))
+            .unwrap_or_else(|| "none".into())
+    };
+    let mut fields = vec![
+        (
+            "stage",
+            format!("{}/{} on outpost {}", s.project, s.stage, s.outpost),
+        ),
+        (
+            "link",
+            format!(
+                "{} since {}",
+                serde_json::to_value(s.link.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                output::time(&s.link.since)
+            ),
+        ),
+        (
+            "last seen",
+            s.link
+                .last_seen
+                .as_ref()
+                .map(output::time)
+                .unwrap_or_else(|| "never".into()),
+        ),
+        (
+            "round trip",
+            s.link
+                .rtt_ms
+                .map(|ms| format!("{ms} ms"))
+                .unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "agent",
+            s.link.agent_version.clone().unwrap_or_else(|| "-".into()),
+        ),
+        (
+            "sync",
+            serde_json::to_value(s.sync.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+        ),
+        (
+            "desired",
+            format!(
+                "revision {} ({})",
+                s.sync.desired_revision,
+                release(s.sync.desired_release)
+            ),
+        ),
+        (
+            "applied",
+            format!(
+                "revision {} ({})",
+                s.sync.applied_revision,
+                release(s.sync.applied_release)
+            ),
+        ),
+    ];
+    if let Some(why) = &s.link.attention {
+        fields.push(("attention", why.clone()));
+    }
+    if let Some(reason) = &s.link.last_disconnect {
+        fields.push(("last disconnect", reason.clone()));
+    }
+    if let Some(message) = &s.sync.message {
+        fields.push(("agent says", message.clone()));
+    }
+    for e in &s.errors {
+        fields.push((
+            "error",
+            format!(
+                "[{} {}] {} (x{}, first {}, last {}){}",
+                e.source,
+                e.code,
+                e.message,
+                e.count,
+                output::time(&e.first_seen),
+                output::time(&e.last_seen),
+                if e.hint.is_empty() {
+                    String::new()
+                } else {
+                    format!(" — {}", e.hint)
+                }
+            ),
+        ));
+    }
+    output::one(format, &s, &fields)
 }

@@ -7,8 +7,8 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use trellis_hub::api::types::{
     AddConfigDataRequest, CreateKeyRequest, CreateOutpostRequest, CreateProjectRequest,
-    CreateStageRequest, CreateUserRequest, CreatedKey, PushReleaseRequest, SetMemberRequest,
-    WhoAmI,
+    CreateStageRequest, CreateUserRequest, CreatedKey, CreatedOutpost, JoinTokenRequest,
+    JoinTokenResponse, PushReleaseRequest, SetMemberRequest, WhoAmI,
 };
 use trellis_model::{
     AccessKey, AccessKeyInfo, Build, Config, ConfigData, Member, Outpost, Project, Release, Role,
@@ -56,7 +56,16 @@ pub async fn login(global: &GlobalArgs) -> anyhow::Result<()> {
     key.parse::<AccessKey>()?;
     let client = HubClient::new(&endpoint, Some(key.clone()), global.ca_cert.as_deref())?;
     let me: WhoAmI = client.get("/whoami", "checking the key").await?;
-    let path = settings::save(&SavedLogin { endpoint, key })?;
+    // Saved as an absolute path, so later commands work from any directory.
+    let ca_cert = global
+        .ca_cert
+        .as_ref()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+    let path = settings::save(&SavedLogin {
+        endpoint,
+        key,
+        ca_cert,
+    })?;
     println!(
         "logged in to {} as {}; saved to {}",
         client.endpoint(),
@@ -137,9 +146,10 @@ pub async fn create(client: &HubClient, command: CreateCommand) -> anyhow::Resul
             description,
             labels,
             max_stages,
+            token_ttl_secs,
         } => {
             let labels = parse_pairs(&labels, "label")?;
-            let o: Outpost = client
+            let created: CreatedOutpost = client
                 .post(
                     "/outposts",
                     &CreateOutpostRequest {
@@ -148,11 +158,28 @@ pub async fn create(client: &HubClient, command: CreateCommand) -> anyhow::Resul
                         description,
                         labels,
                         max_stages,
+                        token_ttl_secs,
                     },
                     "registering the outpost",
                 )
                 .await?;
-            println!("registered outpost {}", o.name);
+            println!("registered outpost {}", created.outpost.name);
+            super::outposts::print_join(&created.join);
+        }
+        CreateCommand::JoinToken {
+            outpost,
+            token_ttl_secs,
+        } => {
+            let join: JoinTokenResponse = client
+                .post(
+                    &format!("/outposts/{}/join-tokens", seg(&outpost)),
+                    &JoinTokenRequest {
+                        ttl_secs: token_ttl_secs,
+                    },
+                    "creating a join token",
+                )
+                .await?;
+            super::outposts::print_join(&join);
         }
         CreateCommand::User { name, admin } => {
             let k: CreatedKey = client

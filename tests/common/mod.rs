@@ -50,6 +50,11 @@ impl HubProcess {
         }
     }
 
+    /// The hub CA's certificate, for `TRELLIS_CA_CERT`.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.data.join("ca.pem")
+    }
+
     pub fn admin_key(&self) -> String {
         std::fs::read_to_string(self.data.join("admin.key"))
             .expect("admin.key exists")
@@ -76,6 +81,7 @@ pub struct Cli {
     pub endpoint: String,
     pub key: String,
     pub config_dir: PathBuf,
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Cli {
@@ -84,6 +90,15 @@ impl Cli {
             endpoint: endpoint.to_owned(),
             key: key.to_owned(),
             config_dir: config_dir.to_owned(),
+            ca_cert: None,
+        }
+    }
+
+    /// A client of `hub` that trusts the hub's CA.
+    pub fn for_hub(hub: &HubProcess, key: &str, config_dir: &Path) -> Cli {
+        Cli {
+            ca_cert: Some(hub.ca_cert()),
+            ..Cli::new(&hub.endpoint, key, config_dir)
         }
     }
 
@@ -93,6 +108,9 @@ impl Cli {
             .env("TRELLIS_KEY", &self.key)
             .env("TRELLIS_CONFIG_DIR", &self.config_dir)
             .env_remove("TRELLIS_CA_CERT");
+        if let Some(ca) = &self.ca_cert {
+            cmd.env("TRELLIS_CA_CERT", ca);
+        }
         cmd
     }
 

@@ -12,6 +12,8 @@
 //!   OpenAPI document.
 //! - `auth.rs`: access keys and the [`auth::Caller`] extractor.
 //! - `error.rs`: the API's error type and JSON error shape.
+//! - `link/`: the outpost link — registry, sessions, join/renew, status.
+//! - `tls.rs`: the hub's CA and the HTTPS accept loop.
 //! - `outposts.rs`: Outpost URIs — deriving their keys, validating them.
 //! - `console.rs`: browser pages.
 //! - `state.rs`: what handlers share.
@@ -21,8 +23,11 @@ pub mod auth;
 pub mod console;
 pub mod error;
 pub mod extract;
+pub mod link;
 pub mod outposts;
 mod server;
 pub mod state;
+pub mod tls;
 
 pub use server::{ADMIN_KEY_FILE, Hub, HubOptions, LINK_SECRET_FILE};
+pub use tls::CA_CERT_FILE;

@@ -14,6 +14,7 @@ use trellis_store::sqlite::SqliteStore;
 use trellis_store::{Store, StoreError};
 
 use crate::auth::mint_key;
+use crate::link::{LinkSettings, Links};
 use crate::outposts::LinkSecret;
 use crate::state::AppState;
 
@@ -32,6 +33,8 @@ pub struct HubOptions {
     /// `host:port` under which users and agents reach the hub, as written
     /// into Outpost URIs. Defaults to the address the hub listens on.
     pub public_address: Option<String>,
+    /// Heartbeat, admission and certificate settings of the outpost link.
+    pub link: LinkSettings,
 }
 
 /// A hub ready to serve.
@@ -66,7 +69,14 @@ impl Hub {
         let link_secret = LinkSecret::load_or_create(&options.data_dir.join(LINK_SECRET_FILE))?;
         let admin_key = bootstrap_admin(store.as_ref(), &options.data_dir).await?;
         ensure_local_outpost(store.as_ref()).await?;
-        let state = AppState::new(store, blobs, link_secret);
+        let ca = crate::tls::load_or_create_ca(&options.data_dir)?;
+        let state = AppState::new(
+            store,
+            blobs,
+            link_secret,
+            ca,
+            Links::new(options.link.clone()),
+        );
         if let Some(address) = &options.public_address {
             let (host, port) = split_address(address)?;
             state.set_public_address(host, port);
@@ -95,8 +105,12 @@ impl Hub {
 
     /// Everything the hub serves over HTTP.
     pub fn router(&self) -> axum::Router {
+        let link = axum::Router::new()
+            .route("/link/v1", axum::routing::get(crate::link::endpoint::link))
+            .with_state(self.state.clone());
         axum::Router::new()
             .route("/", axum::routing::get(crate::console::index))
+            .merge(link)
             .nest("/api/v1", crate::api::router(self.state.clone()))
             .layer(tower_http::trace::TraceLayer::new_for_http())
     }
@@ -114,6 +128,55 @@ impl Hub {
         axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .await
+    }
+
+    /// Serves HTTPS (the API, the console and the outpost link on one port)
+    /// until `shutdown` resolves. The server certificate is issued by the
+    /// hub's CA for the public address, the listen address and localhost.
+    pub async fn serve_tls(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let local = listener.local_addr()?;
+        let (host, _) = self
+            .state
+            .set_public_address(local.ip().to_string(), local.port());
+        let mut names = vec!["localhost".to_owned()];
+        let mut ips: Vec<std::net::IpAddr> = vec![
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::Ipv6Addr::LOCALHOST.into(),
+        ];
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => ips.push(ip),
+            Err(_) => names.push(host.clone()),
+        }
+        if !local.ip().is_unspecified() {
+            ips.push(local.ip());
+        }
+        names.dedup();
+        ips.sort();
+        ips.dedup();
+        let config = crate::tls::server_tls(self.state.ca(), &names, &ips)?;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let trigger = cancel.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            trigger.cancel();
+        });
+        let settings = self.state.links().settings().clone();
+        let gauge = self.state.links().handshakes.clone();
+        let router = self.router();
+        crate::tls::serve(
+            listener,
+            router,
+            config,
+            settings.max_handshakes,
+            gauge,
+            cancel,
+        )
+        .await?;
+        Ok(())
     }
 }
 

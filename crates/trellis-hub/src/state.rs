@@ -3,9 +3,11 @@
 use std::sync::{Arc, OnceLock};
 
 use trellis_cas::BlobStore;
+use trellis_link::identity::HubCa;
 use trellis_store::Store;
 
 use crate::auth::KeyVerifier;
+use crate::link::Links;
 use crate::outposts::LinkSecret;
 
 /// Cheap to clone: one `Arc` around everything.
@@ -17,18 +19,28 @@ struct Inner {
     blobs: BlobStore,
     keys: KeyVerifier,
     link_secret: LinkSecret,
+    ca: HubCa,
+    links: Links,
     /// `(host, port)` under which users and agents reach this hub; it goes
     /// into Outpost URIs. Set once, before the first request is served.
     public_address: OnceLock<(String, u16)>,
 }
 
 impl AppState {
-    pub fn new(store: Arc<dyn Store>, blobs: BlobStore, link_secret: LinkSecret) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        blobs: BlobStore,
+        link_secret: LinkSecret,
+        ca: HubCa,
+        links: Links,
+    ) -> Self {
         AppState(Arc::new(Inner {
             store,
             blobs,
             keys: KeyVerifier::default(),
             link_secret,
+            ca,
+            links,
             public_address: OnceLock::new(),
         }))
     }
@@ -43,6 +55,14 @@ impl AppState {
 
     pub fn keys(&self) -> &KeyVerifier {
         &self.0.keys
+    }
+
+    pub fn ca(&self) -> &HubCa {
+        &self.0.ca
+    }
+
+    pub fn links(&self) -> &Links {
+        &self.0.links
     }
 
     pub fn link_secret(&self) -> &LinkSecret {

@@ -326,3 +326,39 @@ mod tests {
         );
     }
 }
+
+/// What the hub keeps of an outpost's agent and link, so that it survives a
+/// hub restart: the agent's registered key and certificate, what the agent
+/// said about its host at its last hello, and when it was last seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct OutpostLink {
+    pub outpost: String,
+    /// `sha256:<hex>` of the agent's public key, registered at join; renewal
+    /// after an expired certificate is allowed only for this key.
+    pub key_fingerprint: Option<String>,
+    pub cert_serial: Option<String>,
+    pub cert_not_after: Option<DateTime<Utc>>,
+    /// The agent's hello (version, OS, architecture, runtimes, capacity).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub agent: Option<serde_json::Value>,
+    pub last_seen: Option<DateTime<Utc>>,
+    /// Why the last connection ended, in words.
+    pub last_disconnect: Option<String>,
+}
+
+/// How far a stage's outpost has come with the stage's desired state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StageSync {
+    pub project: String,
+    pub stage: String,
+    /// The newest desired revision the agent acknowledged holding (0: none).
+    pub delivered_revision: u64,
+    /// The revision running on the outpost (0: none).
+    pub applied_revision: u64,
+    /// The agent's latest status report for the stage, as it sent it.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub report: Option<serde_json::Value>,
+    pub updated_at: Option<DateTime<Utc>>,
+}

@@ -20,8 +20,8 @@
 
 use async_trait::async_trait;
 use trellis_model::{
-    AccessKeyInfo, Build, Config, ConfigData, ConfigSnapshot, Member, NewBuild, Outpost, Project,
-    Release, Role, Stage, StageType, Timestamp, User,
+    AccessKeyInfo, Build, Config, ConfigData, ConfigSnapshot, Member, NewBuild, Outpost,
+    OutpostLink, Project, Release, Role, Stage, StageSync, StageType, Timestamp, User,
 };
 
 pub mod memory;
@@ -181,6 +181,54 @@ pub trait Store: Send + Sync + 'static {
     async fn get_release(&self, project: &str, stage: &str, number: u64) -> Result<Release>;
     /// The stage's full history, newest first.
     async fn list_releases(&self, project: &str, stage: &str) -> Result<Vec<Release>>;
+
+    // --- the outpost link ---
+    /// Records a join token (by its hash) that lets one agent enrol as
+    /// `outpost` until `expires_at`.
+    async fn create_join_token(
+        &self,
+        token_hash: &str,
+        outpost: &str,
+        expires_at: Timestamp,
+    ) -> Result<()>;
+    /// Uses a join token up: returns its outpost, or why it cannot be used.
+    /// A token works once; using it twice, late, or unknown is refused.
+    async fn consume_join_token(
+        &self,
+        token_hash: &str,
+        now: Timestamp,
+    ) -> Result<Result<String, JoinTokenRefusal>>;
+    /// The outpost's link record (a default one, with only `outpost` set,
+    /// if the agent never joined).
+    async fn get_outpost_link(&self, outpost: &str) -> Result<OutpostLink>;
+    /// Creates or replaces the outpost's link record.
+    async fn put_outpost_link(&self, link: &OutpostLink) -> Result<()>;
+    /// The stage's sync record (zeros if nothing was delivered yet).
+    async fn get_stage_sync(&self, project: &str, stage: &str) -> Result<StageSync>;
+    /// The agent acknowledged holding `revision` of the stage's desired
+    /// state. Never moves the delivered revision backwards.
+    async fn record_delivered(
+        &self,
+        project: &str,
+        stage: &str,
+        revision: u64,
+        now: Timestamp,
+    ) -> Result<StageSync>;
+    /// Records a status report of the stage: the applied revision (never
+    /// moved backwards; an older one is ignored), the report itself, and the
+    /// release states that follow in the same transaction — the release of
+    /// the applied revision becomes `applied`; older `applied` ones
+    /// `replaced`; older `pending` ones `superseded` (they never ran); the
+    /// release of `failed_revision`, if given, `failed`.
+    async fn record_status(
+        &self,
+        project: &str,
+        stage: &str,
+        applied_revision: u64,
+        failed_revision: Option<u64>,
+        report: &serde_json::Value,
+        now: Timestamp,
+    ) -> Result<StageSync>;
 }
 
 /// How every backend names things in errors and words its refusals, so that
@@ -260,4 +308,12 @@ pub(crate) mod wording {
                 .into(),
         }
     }
+}
+
+/// Why a join token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinTokenRefusal {
+    Unknown,
+    Expired,
+    AlreadyUsed,
 }

@@ -5,7 +5,9 @@
 //! [`testsuite`](crate::testsuite) checks both), so a test that passes
 //! against it says something about the real hub. Records are nested the way
 //! they are owned (stages inside projects, releases inside stages), which
-//! makes every cascading deletion a single `remove`.
+//! makes every cascading deletion a single `remove`. What hangs off an
+//! outpost (its link record and join tokens) is kept beside it and removed
+//! with it.
 //!
 //! Each operation validates everything before it changes anything, under one
 //! lock, so operations are atomic just like the SQLite transactions.
@@ -16,12 +18,13 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use chrono::DateTime;
 use trellis_model::{
-    AccessKeyInfo, Build, Config, ConfigData, Member, NewBuild, Outpost, Project, Release,
-    ReleaseState, Role, Stage, Timestamp, User, build_name,
+    AccessKeyInfo, Build, Config, ConfigData, Member, NewBuild, Outpost, OutpostLink, Project,
+    Release, ReleaseState, Role, Stage, StageSync, Timestamp, User, build_name,
 };
 
 use crate::{
-    NewRelease, NewStage, Result, StageUpdate, Store, StoreError, StoredAccessKey, wording,
+    JoinTokenRefusal, NewRelease, NewStage, Result, StageUpdate, Store, StoreError,
+    StoredAccessKey, wording,
 };
 
 /// The in-memory store. Cheap to create; holds nothing on disk.
@@ -36,6 +39,16 @@ struct State {
     keys: BTreeMap<String, StoredAccessKey>,
     projects: BTreeMap<String, ProjectState>,
     outposts: BTreeMap<String, Outpost>,
+    /// By outpost; only outposts whose agent joined have one.
+    links: BTreeMap<String, OutpostLink>,
+    /// By token hash.
+    join_tokens: BTreeMap<String, JoinToken>,
+}
+
+struct JoinToken {
+    outpost: String,
+    expires_at: Timestamp,
+    used_at: Option<Timestamp>,
 }
 
 struct ProjectState {
@@ -52,6 +65,8 @@ struct StageState {
     stage: Stage,
     configs: BTreeMap<String, Config>,
     releases: BTreeMap<u64, Release>,
+    /// `None` until something was delivered to or reported for the stage.
+    sync: Option<StageSync>,
 }
 
 impl MemoryStore {
@@ -75,6 +90,38 @@ fn millis(t: Timestamp) -> Timestamp {
 
 fn not_found(kind: &'static str, name: String) -> StoreError {
     StoreError::NotFound { kind, name }
+}
+
+impl StageState {
+    /// The stage's sync record, or the zeros of one never written.
+    fn current_sync(&self) -> StageSync {
+        self.sync.clone().unwrap_or_else(|| StageSync {
+            project: self.stage.project.clone(),
+            stage: self.stage.name.clone(),
+            ..StageSync::default()
+        })
+    }
+}
+
+/// Where a release stands after its stage's outpost reported `applied`
+/// running and `failed` failed (see [`Store::record_status`]). Revisions
+/// start at 1, so `applied = 0` (nothing running) moves no release by the
+/// applied rules.
+fn reported_state(release: &Release, applied: u64, failed: Option<u64>) -> ReleaseState {
+    let revision = release.revision;
+    if applied > 0 && revision == applied {
+        ReleaseState::Applied
+    } else if failed == Some(revision) {
+        ReleaseState::Failed
+    } else if revision < applied {
+        match release.state {
+            ReleaseState::Applied => ReleaseState::Replaced,
+            ReleaseState::Pending => ReleaseState::Superseded,
+            other => other,
+        }
+    } else {
+        release.state
+    }
 }
 
 impl State {
@@ -110,6 +157,14 @@ impl State {
             .stages
             .get_mut(stage)
             .ok_or_else(|| not_found("stage", wording::stage(project, stage)))
+    }
+
+    fn outpost_exists(&self, name: &str) -> Result<()> {
+        if self.outposts.contains_key(name) {
+            Ok(())
+        } else {
+            Err(not_found("outpost", name.to_owned()))
+        }
     }
 
     fn stage_count_on(&self, outpost: &str) -> usize {
@@ -334,6 +389,8 @@ impl Store for MemoryStore {
         for project in state.projects.values_mut() {
             project.stages.retain(|_, s| s.stage.outpost != name);
         }
+        state.links.remove(name);
+        state.join_tokens.retain(|_, t| t.outpost != name);
         state.outposts.remove(name);
         Ok(())
     }
@@ -411,6 +468,7 @@ impl Store for MemoryStore {
                 stage: created.clone(),
                 configs: BTreeMap::new(),
                 releases: BTreeMap::new(),
+                sync: None,
             },
         );
         Ok(created)
@@ -655,5 +713,121 @@ impl Store for MemoryStore {
             .rev()
             .cloned()
             .collect())
+    }
+
+    async fn create_join_token(
+        &self,
+        token_hash: &str,
+        outpost: &str,
+        expires_at: Timestamp,
+    ) -> Result<()> {
+        let mut state = self.state();
+        state.outpost_exists(outpost)?;
+        if state.join_tokens.contains_key(token_hash) {
+            return Err(StoreError::AlreadyExists {
+                kind: "join token",
+                name: token_hash.to_owned(),
+            });
+        }
+        state.join_tokens.insert(
+            token_hash.to_owned(),
+            JoinToken {
+                outpost: outpost.to_owned(),
+                expires_at: millis(expires_at),
+                used_at: None,
+            },
+        );
+        Ok(())
+    }
+
+    async fn consume_join_token(
+        &self,
+        token_hash: &str,
+        now: Timestamp,
+    ) -> Result<Result<String, JoinTokenRefusal>> {
+        let mut state = self.state();
+        let Some(token) = state.join_tokens.get_mut(token_hash) else {
+            return Ok(Err(JoinTokenRefusal::Unknown));
+        };
+        let now = millis(now);
+        if token.used_at.is_some() {
+            return Ok(Err(JoinTokenRefusal::AlreadyUsed));
+        }
+        if now >= token.expires_at {
+            return Ok(Err(JoinTokenRefusal::Expired));
+        }
+        token.used_at = Some(now);
+        Ok(Ok(token.outpost.clone()))
+    }
+
+    async fn get_outpost_link(&self, outpost: &str) -> Result<OutpostLink> {
+        let state = self.state();
+        state.outpost_exists(outpost)?;
+        Ok(state
+            .links
+            .get(outpost)
+            .cloned()
+            .unwrap_or_else(|| OutpostLink {
+                outpost: outpost.to_owned(),
+                ..OutpostLink::default()
+            }))
+    }
+
+    async fn put_outpost_link(&self, link: &OutpostLink) -> Result<()> {
+        let mut state = self.state();
+        state.outpost_exists(&link.outpost)?;
+        let link = OutpostLink {
+            cert_not_after: link.cert_not_after.map(millis),
+            last_seen: link.last_seen.map(millis),
+            ..link.clone()
+        };
+        state.links.insert(link.outpost.clone(), link);
+        Ok(())
+    }
+
+    async fn get_stage_sync(&self, project: &str, stage: &str) -> Result<StageSync> {
+        Ok(self.state().stage(project, stage)?.current_sync())
+    }
+
+    async fn record_delivered(
+        &self,
+        project: &str,
+        stage: &str,
+        revision: u64,
+        now: Timestamp,
+    ) -> Result<StageSync> {
+        let mut state = self.state();
+        let stage_state = state.stage_mut(project, stage)?;
+        let mut sync = stage_state.current_sync();
+        sync.delivered_revision = sync.delivered_revision.max(revision);
+        sync.updated_at = Some(millis(now));
+        stage_state.sync = Some(sync.clone());
+        Ok(sync)
+    }
+
+    async fn record_status(
+        &self,
+        project: &str,
+        stage: &str,
+        applied_revision: u64,
+        failed_revision: Option<u64>,
+        report: &serde_json::Value,
+        now: Timestamp,
+    ) -> Result<StageSync> {
+        let mut state = self.state();
+        let stage_state = state.stage_mut(project, stage)?;
+        let mut sync = stage_state.current_sync();
+        if applied_revision < sync.applied_revision {
+            // A report older than the one already recorded, arriving late.
+            return Ok(sync);
+        }
+        sync.applied_revision = applied_revision;
+        sync.report = Some(report.clone());
+        sync.updated_at = Some(millis(now));
+        for release in stage_state.releases.values_mut() {
+            release.state = reported_state(release, applied_revision, failed_revision);
+        }
+        stage_state.sync = Some(sync.clone());
+        Ok(sync)
     }
 }

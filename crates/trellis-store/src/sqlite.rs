@@ -32,12 +32,13 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 use trellis_model::{
-    AccessKeyInfo, Build, Config, ConfigData, Member, NewBuild, Outpost, Project, Release,
-    ReleaseState, Role, Stage, Timestamp, User, build_name,
+    AccessKeyInfo, Build, Config, ConfigData, Member, NewBuild, Outpost, OutpostLink, Project,
+    Release, ReleaseState, Role, Stage, StageSync, Timestamp, User, build_name,
 };
 
 use crate::{
-    NewRelease, NewStage, Result, StageUpdate, Store, StoreError, StoredAccessKey, wording,
+    JoinTokenRefusal, NewRelease, NewStage, Result, StageUpdate, Store, StoreError,
+    StoredAccessKey, wording,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -214,7 +215,17 @@ fn parsed<T: FromStr<Err = String>>(row: &SqliteRow, name: &str) -> Result<T> {
 
 fn from_json<T: DeserializeOwned>(row: &SqliteRow, name: &str) -> Result<T> {
     let text: String = col(row, name)?;
-    serde_json::from_str(&text).map_err(|e| StoreError::Backend {
+    decode_json(&text)
+}
+
+/// A nullable JSON column.
+fn opt_from_json<T: DeserializeOwned>(row: &SqliteRow, name: &str) -> Result<Option<T>> {
+    let text: Option<String> = col(row, name)?;
+    text.as_deref().map(decode_json).transpose()
+}
+
+fn decode_json<T: DeserializeOwned>(text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| StoreError::Backend {
         doing: READING,
         source: Box::new(e),
     })
@@ -263,6 +274,17 @@ macro_rules! config_columns {
 macro_rules! release_columns {
     () => {
         "project, stage, number, build, config, revision, state, created_at, created_by"
+    };
+}
+macro_rules! link_columns {
+    () => {
+        "outpost, key_fingerprint, cert_serial, cert_not_after, agent, last_seen, \
+         last_disconnect"
+    };
+}
+macro_rules! sync_columns {
+    () => {
+        "project, stage, delivered_revision, applied_revision, report, updated_at"
     };
 }
 
@@ -366,25 +388,49 @@ fn config_from(row: &SqliteRow) -> Result<Config> {
 }
 
 fn release_from(row: &SqliteRow) -> Result<Release> {
-    let config: Option<String> = col(row, "config")?;
     Ok(Release {
         project: col(row, "project")?,
         stage: col(row, "stage")?,
         number: count(row, "number")?,
         build: col(row, "build")?,
-        config: config
-            .map(|text| {
-                serde_json::from_str(&text).map_err(|e| StoreError::Backend {
-                    doing: READING,
-                    source: Box::new(e),
-                })
-            })
-            .transpose()?,
+        config: opt_from_json(row, "config")?,
         revision: count(row, "revision")?,
         state: parsed(row, "state")?,
         created_at: time(row, "created_at")?,
         created_by: col(row, "created_by")?,
     })
+}
+
+fn link_from(row: &SqliteRow) -> Result<OutpostLink> {
+    Ok(OutpostLink {
+        outpost: col(row, "outpost")?,
+        key_fingerprint: col(row, "key_fingerprint")?,
+        cert_serial: col(row, "cert_serial")?,
+        cert_not_after: opt_time(row, "cert_not_after")?,
+        agent: opt_from_json(row, "agent")?,
+        last_seen: opt_time(row, "last_seen")?,
+        last_disconnect: col(row, "last_disconnect")?,
+    })
+}
+
+fn sync_from(row: &SqliteRow) -> Result<StageSync> {
+    Ok(StageSync {
+        project: col(row, "project")?,
+        stage: col(row, "stage")?,
+        delivered_revision: count(row, "delivered_revision")?,
+        applied_revision: count(row, "applied_revision")?,
+        report: opt_from_json(row, "report")?,
+        updated_at: opt_time(row, "updated_at")?,
+    })
+}
+
+/// The sync record of a stage that has none stored yet.
+fn no_sync(project: &str, stage: &str) -> StageSync {
+    StageSync {
+        project: project.to_owned(),
+        stage: stage.to_owned(),
+        ..StageSync::default()
+    }
 }
 
 fn all<T>(rows: &[SqliteRow], decode: fn(&SqliteRow) -> Result<T>) -> Result<Vec<T>> {
@@ -441,6 +487,41 @@ async fn require_project(c: &mut SqliteConnection, name: &str) -> Result<()> {
     } else {
         Err(not_found("project", name.to_owned()))
     }
+}
+
+async fn require_outpost(c: &mut SqliteConnection, name: &str) -> Result<()> {
+    if exists(
+        c,
+        "SELECT 1 FROM outposts WHERE name = $1",
+        &[name],
+        "looking up an outpost",
+    )
+    .await?
+    {
+        Ok(())
+    } else {
+        Err(not_found("outpost", name.to_owned()))
+    }
+}
+
+async fn fetch_sync(
+    c: &mut SqliteConnection,
+    project: &str,
+    stage: &str,
+) -> Result<Option<StageSync>> {
+    sqlx::query(concat!(
+        "SELECT ",
+        sync_columns!(),
+        " FROM stage_syncs WHERE project = $1 AND stage = $2"
+    ))
+    .bind(project)
+    .bind(stage)
+    .fetch_optional(c)
+    .await
+    .map_err(backend("looking up a stage's sync record"))?
+    .as_ref()
+    .map(sync_from)
+    .transpose()
 }
 
 async fn fetch_stage(c: &mut SqliteConnection, project: &str, name: &str) -> Result<Option<Stage>> {
@@ -665,6 +746,7 @@ impl Store for SqliteStore {
         for sql in [
             "DELETE FROM releases WHERE project = $1",
             "DELETE FROM configs WHERE project = $1",
+            "DELETE FROM stage_syncs WHERE project = $1",
             "DELETE FROM stages WHERE project = $1",
             "DELETE FROM builds WHERE project = $1",
             "DELETE FROM members WHERE project = $1",
@@ -830,7 +912,12 @@ impl Store for SqliteStore {
              WHERE s.outpost = $1 AND s.project = releases.project AND s.name = releases.stage)",
             "DELETE FROM configs WHERE EXISTS (SELECT 1 FROM stages s \
              WHERE s.outpost = $1 AND s.project = configs.project AND s.name = configs.stage)",
+            "DELETE FROM stage_syncs WHERE EXISTS (SELECT 1 FROM stages s \
+             WHERE s.outpost = $1 AND s.project = stage_syncs.project \
+             AND s.name = stage_syncs.stage)",
             "DELETE FROM stages WHERE outpost = $1",
+            "DELETE FROM outpost_links WHERE outpost = $1",
+            "DELETE FROM join_tokens WHERE outpost = $1",
             "DELETE FROM outposts WHERE name = $1",
         ] {
             sqlx::query(sql)
@@ -1042,6 +1129,7 @@ impl Store for SqliteStore {
         for sql in [
             "DELETE FROM releases WHERE project = $1 AND stage = $2",
             "DELETE FROM configs WHERE project = $1 AND stage = $2",
+            "DELETE FROM stage_syncs WHERE project = $1 AND stage = $2",
             "DELETE FROM stages WHERE project = $1 AND name = $2",
         ] {
             sqlx::query(sql)
@@ -1428,6 +1516,272 @@ impl Store for SqliteStore {
         .await
         .map_err(backend("listing releases"))?;
         all(&rows, release_from)
+    }
+
+    async fn create_join_token(
+        &self,
+        token_hash: &str,
+        outpost: &str,
+        expires_at: Timestamp,
+    ) -> Result<()> {
+        const DOING: &str = "creating a join token";
+        let mut tx = self.write().await?;
+        require_outpost(&mut tx, outpost).await?;
+        sqlx::query(
+            "INSERT INTO join_tokens (token_hash, outpost, expires_at, used_at) \
+             VALUES ($1, $2, $3, NULL)",
+        )
+        .bind(token_hash)
+        .bind(outpost)
+        .bind(millis(expires_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(insert_error(DOING, "join token", token_hash.to_owned()))?;
+        commit(tx, DOING).await
+    }
+
+    async fn consume_join_token(
+        &self,
+        token_hash: &str,
+        now: Timestamp,
+    ) -> Result<Result<String, JoinTokenRefusal>> {
+        const DOING: &str = "using a join token";
+        let now = millis(now);
+        let mut tx = self.write().await?;
+        let Some(row) = sqlx::query(
+            "SELECT outpost, expires_at, used_at FROM join_tokens WHERE token_hash = $1",
+        )
+        .bind(token_hash)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend(DOING))?
+        else {
+            return Ok(Err(JoinTokenRefusal::Unknown));
+        };
+        let used_at: Option<i64> = col(&row, "used_at")?;
+        let expires_at: i64 = col(&row, "expires_at")?;
+        if used_at.is_some() {
+            return Ok(Err(JoinTokenRefusal::AlreadyUsed));
+        }
+        if now >= expires_at {
+            return Ok(Err(JoinTokenRefusal::Expired));
+        }
+        // Conditional, so that a token is used once even where writers are
+        // not serialized as they are here (PostgreSQL re-checks the
+        // condition against a concurrent update).
+        let used = sqlx::query(
+            "UPDATE join_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL",
+        )
+        .bind(now)
+        .bind(token_hash)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?
+        .rows_affected();
+        if used == 0 {
+            return Ok(Err(JoinTokenRefusal::AlreadyUsed));
+        }
+        let outpost: String = col(&row, "outpost")?;
+        commit(tx, DOING).await?;
+        Ok(Ok(outpost))
+    }
+
+    async fn get_outpost_link(&self, outpost: &str) -> Result<OutpostLink> {
+        let mut tx = self.read().await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            link_columns!(),
+            " FROM outpost_links WHERE outpost = $1"
+        ))
+        .bind(outpost)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend("looking up an outpost's link"))?;
+        match row {
+            Some(row) => link_from(&row),
+            None => {
+                require_outpost(&mut tx, outpost).await?;
+                Ok(OutpostLink {
+                    outpost: outpost.to_owned(),
+                    ..OutpostLink::default()
+                })
+            }
+        }
+    }
+
+    async fn put_outpost_link(&self, link: &OutpostLink) -> Result<()> {
+        const DOING: &str = "recording an outpost's link";
+        let agent = link.agent.as_ref().map(json).transpose()?;
+        let mut tx = self.write().await?;
+        require_outpost(&mut tx, &link.outpost).await?;
+        sqlx::query(concat!(
+            "INSERT INTO outpost_links (",
+            link_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (outpost) DO UPDATE SET \
+             key_fingerprint = excluded.key_fingerprint, cert_serial = excluded.cert_serial, \
+             cert_not_after = excluded.cert_not_after, agent = excluded.agent, \
+             last_seen = excluded.last_seen, last_disconnect = excluded.last_disconnect"
+        ))
+        .bind(&link.outpost)
+        .bind(&link.key_fingerprint)
+        .bind(&link.cert_serial)
+        .bind(link.cert_not_after.map(millis))
+        .bind(agent)
+        .bind(link.last_seen.map(millis))
+        .bind(&link.last_disconnect)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        commit(tx, DOING).await
+    }
+
+    async fn get_stage_sync(&self, project: &str, stage: &str) -> Result<StageSync> {
+        let mut tx = self.read().await?;
+        match fetch_sync(&mut tx, project, stage).await? {
+            Some(sync) => Ok(sync),
+            None => {
+                require_stage(&mut tx, project, stage).await?;
+                Ok(no_sync(project, stage))
+            }
+        }
+    }
+
+    async fn record_delivered(
+        &self,
+        project: &str,
+        stage: &str,
+        revision: u64,
+        now: Timestamp,
+    ) -> Result<StageSync> {
+        const DOING: &str = "recording a delivery";
+        let revision = int(revision)?;
+        let mut tx = self.write().await?;
+        require_stage(&mut tx, project, stage).await?;
+        // The maximum is taken in the statement, so it holds whatever else
+        // writes the row concurrently.
+        sqlx::query(concat!(
+            "INSERT INTO stage_syncs (",
+            sync_columns!(),
+            ") VALUES ($1, $2, $3, 0, NULL, $4) \
+             ON CONFLICT (project, stage) DO UPDATE SET \
+             delivered_revision = CASE \
+                 WHEN excluded.delivered_revision > stage_syncs.delivered_revision \
+                 THEN excluded.delivered_revision ELSE stage_syncs.delivered_revision END, \
+             updated_at = excluded.updated_at"
+        ))
+        .bind(project)
+        .bind(stage)
+        .bind(revision)
+        .bind(millis(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        let sync = fetch_sync(&mut tx, project, stage).await?.ok_or_else(|| {
+            corrupt(format!(
+                "no sync record for {} right after writing it",
+                wording::stage(project, stage)
+            ))
+        })?;
+        commit(tx, DOING).await?;
+        Ok(sync)
+    }
+
+    async fn record_status(
+        &self,
+        project: &str,
+        stage: &str,
+        applied_revision: u64,
+        failed_revision: Option<u64>,
+        report: &serde_json::Value,
+        now: Timestamp,
+    ) -> Result<StageSync> {
+        const DOING: &str = "recording a stage's status";
+        let applied = int(applied_revision)?;
+        let failed = failed_revision.map(int).transpose()?;
+        let report_text = json(report)?;
+        let mut tx = self.write().await?;
+        require_stage(&mut tx, project, stage).await?;
+        let current = fetch_sync(&mut tx, project, stage)
+            .await?
+            .unwrap_or_else(|| no_sync(project, stage));
+        if applied_revision < current.applied_revision {
+            // A report older than the one already recorded, arriving late.
+            return Ok(current);
+        }
+        sqlx::query(concat!(
+            "INSERT INTO stage_syncs (",
+            sync_columns!(),
+            ") VALUES ($1, $2, 0, $3, $4, $5) \
+             ON CONFLICT (project, stage) DO UPDATE SET \
+             applied_revision = excluded.applied_revision, report = excluded.report, \
+             updated_at = excluded.updated_at"
+        ))
+        .bind(project)
+        .bind(stage)
+        .bind(applied)
+        .bind(&report_text)
+        .bind(millis(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+
+        // Revisions start at 1, so nothing running (0) moves no release by
+        // these rules.
+        if applied > 0 {
+            for (sql, to, from) in [
+                (
+                    "UPDATE releases SET state = $1 \
+                     WHERE project = $2 AND stage = $3 AND revision = $4",
+                    ReleaseState::Applied,
+                    None,
+                ),
+                (
+                    "UPDATE releases SET state = $1 \
+                     WHERE project = $2 AND stage = $3 AND revision < $4 AND state = $5",
+                    ReleaseState::Replaced,
+                    Some(ReleaseState::Applied),
+                ),
+                (
+                    "UPDATE releases SET state = $1 \
+                     WHERE project = $2 AND stage = $3 AND revision < $4 AND state = $5",
+                    ReleaseState::Superseded,
+                    Some(ReleaseState::Pending),
+                ),
+            ] {
+                let mut query = sqlx::query(sql)
+                    .bind(to.as_str())
+                    .bind(project)
+                    .bind(stage)
+                    .bind(applied);
+                if let Some(from) = from {
+                    query = query.bind(from.as_str());
+                }
+                query.execute(&mut *tx).await.map_err(backend(DOING))?;
+            }
+        }
+        if let Some(failed) = failed
+            && failed != applied
+        {
+            sqlx::query(
+                "UPDATE releases SET state = $1 \
+                 WHERE project = $2 AND stage = $3 AND revision = $4",
+            )
+            .bind(ReleaseState::Failed.as_str())
+            .bind(project)
+            .bind(stage)
+            .bind(failed)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        }
+        commit(tx, DOING).await?;
+        Ok(StageSync {
+            applied_revision,
+            report: Some(report.clone()),
+            updated_at: Some(truncated(now)),
+            ..current
+        })
     }
 }
 

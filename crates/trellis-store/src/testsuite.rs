@@ -14,12 +14,15 @@ use std::collections::BTreeMap;
 use std::fmt::Debug;
 
 use chrono::DateTime;
+use serde_json::json;
 use trellis_model::{
-    Artifact, BuildComponent, ConfigData, ConfigSnapshot, NewBuild, Outpost, Project, ReleaseState,
-    Role, Stage, StageType, Timestamp, User,
+    Artifact, BuildComponent, ConfigData, ConfigSnapshot, NewBuild, Outpost, OutpostLink, Project,
+    ReleaseState, Role, Stage, StageSync, StageType, Timestamp, User,
 };
 
-use crate::{NewRelease, NewStage, Result, StageUpdate, Store, StoreError, StoredAccessKey};
+use crate::{
+    JoinTokenRefusal, NewRelease, NewStage, Result, StageUpdate, Store, StoreError, StoredAccessKey,
+};
 
 /// Calls `$callback!` with the name of every behaviour in the suite.
 ///
@@ -50,6 +53,11 @@ macro_rules! for_each_suite_test {
             delete_outpost_rules,
             timestamps_keep_milliseconds,
             concurrent_writes_keep_numbering,
+            join_tokens,
+            outpost_links,
+            stage_sync_delivery,
+            stage_sync_status_and_release_states,
+            deletes_remove_link_rows,
         }
     };
 }
@@ -170,6 +178,37 @@ async fn stage_in(store: &dyn Store, project: &str, name: &str) -> Stage {
         .create_stage(&new_stage(project, name, "local"), at(10))
         .await
         .expect("creating a stage")
+}
+
+/// The zeros of a stage nothing was delivered to or reported for yet.
+fn no_sync(project: &str, stage: &str) -> StageSync {
+    StageSync {
+        project: project.into(),
+        stage: stage.into(),
+        ..StageSync::default()
+    }
+}
+
+/// A status report of a stage where nothing runs.
+fn idle_report() -> serde_json::Value {
+    json!({ "components": [] })
+}
+
+fn suspension(suspended: bool) -> StageUpdate {
+    StageUpdate {
+        display_name: None,
+        suspended: Some(suspended),
+    }
+}
+
+/// The states of the stage's releases, oldest first.
+async fn release_states(store: &dyn Store, project: &str, stage: &str) -> Vec<ReleaseState> {
+    let mut releases = store
+        .list_releases(project, stage)
+        .await
+        .expect("listing releases");
+    releases.sort_by_key(|r| r.number);
+    releases.into_iter().map(|r| r.state).collect()
 }
 
 // --- error assertions ---
@@ -1325,4 +1364,573 @@ pub async fn outpost_uri_rotation_and_revocation(store: &dyn Store) {
     );
     assert_eq!(store.get_outpost("edge").await.unwrap(), again);
     assert_not_found(store.revoke_outpost("nope", at(1)).await, "outpost", "nope");
+}
+
+/// A join token works once, before it expires, and only for an outpost that
+/// exists.
+pub async fn join_tokens(store: &dyn Store) {
+    use JoinTokenRefusal::{AlreadyUsed, Expired, Unknown};
+
+    assert_not_found(
+        store.create_join_token("hash-1", "edge", at(1_000)).await,
+        "outpost",
+        "edge",
+    );
+    store.create_outpost(&outpost("edge", None)).await.unwrap();
+    store.create_outpost(&outpost("yard", None)).await.unwrap();
+    store
+        .create_join_token("hash-1", "edge", at(1_000))
+        .await
+        .unwrap();
+    store
+        .create_join_token("hash-2", "yard", at(1_000))
+        .await
+        .unwrap();
+    assert_exists(
+        store.create_join_token("hash-1", "yard", at(9_000)).await,
+        "join token",
+        "hash-1",
+    );
+
+    // Expiry is exclusive, and the refused duplicate changed nothing (it
+    // would have moved the expiry and the outpost). Being late does not use
+    // the token up.
+    assert_eq!(
+        store.consume_join_token("hash-1", at(1_000)).await.unwrap(),
+        Err(Expired)
+    );
+    assert_eq!(
+        store.consume_join_token("hash-1", at(999)).await.unwrap(),
+        Ok("edge".to_owned())
+    );
+    assert_eq!(
+        store.consume_join_token("hash-1", at(999)).await.unwrap(),
+        Err(AlreadyUsed)
+    );
+    // Used and since expired: saying it was used is the more useful answer.
+    assert_eq!(
+        store.consume_join_token("hash-1", at(5_000)).await.unwrap(),
+        Err(AlreadyUsed)
+    );
+    assert_eq!(
+        store.consume_join_token("nope", at(0)).await.unwrap(),
+        Err(Unknown)
+    );
+
+    // Sub-millisecond digits are dropped on both sides of the comparison.
+    let just_before = at(999) + chrono::Duration::nanoseconds(999_999);
+    assert_eq!(
+        store
+            .consume_join_token("hash-2", just_before)
+            .await
+            .unwrap(),
+        Ok("yard".to_owned())
+    );
+
+    // Of concurrent uses of one token, exactly one wins.
+    store
+        .create_join_token("hash-3", "edge", at(1_000))
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(
+        store.consume_join_token("hash-3", at(10)),
+        store.consume_join_token("hash-3", at(10)),
+    );
+    let mut outcomes = [a.unwrap(), b.unwrap()];
+    outcomes.sort_by_key(|o| o.is_err());
+    assert_eq!(outcomes, [Ok("edge".to_owned()), Err(AlreadyUsed)]);
+}
+
+/// The link record of an outpost: a default one until its agent joined,
+/// then exactly what was put, replaced as a whole by the next put.
+pub async fn outpost_links(store: &dyn Store) {
+    let unjoined = OutpostLink {
+        outpost: "edge".into(),
+        ..OutpostLink::default()
+    };
+    assert_not_found(store.get_outpost_link("edge").await, "outpost", "edge");
+    assert_not_found(store.put_outpost_link(&unjoined).await, "outpost", "edge");
+    store.create_outpost(&outpost("edge", None)).await.unwrap();
+    store.create_outpost(&outpost("yard", None)).await.unwrap();
+    assert_eq!(store.get_outpost_link("edge").await.unwrap(), unjoined);
+
+    let joined = OutpostLink {
+        outpost: "edge".into(),
+        key_fingerprint: Some(format!("sha256:{}", "ab".repeat(32))),
+        cert_serial: Some("5f0e9a11c3".into()),
+        // Sub-millisecond digits are dropped, as for every timestamp.
+        cert_not_after: Some(at(86_400_000) + chrono::Duration::nanoseconds(123_456)),
+        agent: Some(json!({
+            "version": "0.3.0",
+            "os": "linux",
+            "arch": "aarch64",
+            "runtimes": ["docker", "process"],
+            "capacity": { "cpus": 4, "memory_mb": 8192, "disk": null },
+            "hostname": "edge-01 \"line 7\" ✓",
+        })),
+        last_seen: Some(at(50)),
+        last_disconnect: None,
+    };
+    store.put_outpost_link(&joined).await.unwrap();
+    let stored = OutpostLink {
+        cert_not_after: Some(at(86_400_000)),
+        ..joined.clone()
+    };
+    assert_eq!(store.get_outpost_link("edge").await.unwrap(), stored);
+
+    // A put replaces the record: fields left out are cleared.
+    let gone = OutpostLink {
+        agent: None,
+        last_seen: Some(at(60)),
+        last_disconnect: Some("the connection was reset by the peer".into()),
+        ..stored.clone()
+    };
+    store.put_outpost_link(&gone).await.unwrap();
+    assert_eq!(store.get_outpost_link("edge").await.unwrap(), gone);
+
+    // Other outposts keep their own record.
+    assert_eq!(
+        store.get_outpost_link("yard").await.unwrap(),
+        OutpostLink {
+            outpost: "yard".into(),
+            ..OutpostLink::default()
+        }
+    );
+    assert_not_found(store.get_outpost_link("nope").await, "outpost", "nope");
+}
+
+/// The delivered revision only moves forwards, and a delivery leaves the
+/// reported status alone.
+pub async fn stage_sync_delivery(store: &dyn Store) {
+    setup(store, "shop").await;
+    stage_in(store, "shop", "dev").await;
+    stage_in(store, "shop", "prod").await;
+    assert_eq!(
+        store.get_stage_sync("shop", "dev").await.unwrap(),
+        no_sync("shop", "dev")
+    );
+
+    let first = store
+        .record_delivered("shop", "dev", 2, at(100))
+        .await
+        .unwrap();
+    assert_eq!(
+        first,
+        StageSync {
+            delivered_revision: 2,
+            updated_at: Some(at(100)),
+            ..no_sync("shop", "dev")
+        }
+    );
+    assert_eq!(store.get_stage_sync("shop", "dev").await.unwrap(), first);
+
+    // An acknowledgement overtaken by a newer one does not move it back.
+    let late = store
+        .record_delivered("shop", "dev", 1, at(101))
+        .await
+        .unwrap();
+    assert_eq!(late.delivered_revision, 2);
+    assert_eq!(store.get_stage_sync("shop", "dev").await.unwrap(), late);
+
+    let report = json!({ "components": [{ "name": "web", "state": "running" }] });
+    store
+        .record_status("shop", "dev", 2, None, &report, at(102))
+        .await
+        .unwrap();
+    let next = store
+        .record_delivered(
+            "shop",
+            "dev",
+            3,
+            at(103) + chrono::Duration::nanoseconds(999_999),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        next,
+        StageSync {
+            project: "shop".into(),
+            stage: "dev".into(),
+            delivered_revision: 3,
+            applied_revision: 2,
+            report: Some(report),
+            updated_at: Some(at(103)),
+        }
+    );
+    assert_eq!(store.get_stage_sync("shop", "dev").await.unwrap(), next);
+    assert_eq!(
+        store.get_stage_sync("shop", "prod").await.unwrap(),
+        no_sync("shop", "prod"),
+        "other stages keep their own record"
+    );
+
+    assert_not_found(store.get_stage_sync("shop", "qa").await, "stage", "shop/qa");
+    assert_not_found(store.get_stage_sync("nope", "dev").await, "project", "nope");
+    assert_not_found(
+        store.record_delivered("shop", "qa", 1, at(104)).await,
+        "stage",
+        "shop/qa",
+    );
+    assert_not_found(
+        store.record_delivered("nope", "dev", 1, at(104)).await,
+        "project",
+        "nope",
+    );
+}
+
+/// A status report moves the applied revision forwards and the stage's
+/// releases along with it; a late, older report changes nothing.
+pub async fn stage_sync_status_and_release_states(store: &dyn Store) {
+    use ReleaseState::{Applied, Failed, Pending, Replaced, Superseded};
+
+    setup(store, "shop").await;
+    stage_in(store, "shop", "dev").await;
+    stage_in(store, "shop", "prod").await;
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    let release = new_release("shop", "dev", &build.name);
+    for i in 0..3 {
+        let r = store.push_release(&release, at(30 + i)).await.unwrap();
+        assert_eq!(r.revision, r.number);
+    }
+    store
+        .push_release(&new_release("shop", "prod", &build.name), at(33))
+        .await
+        .unwrap();
+    store
+        .record_delivered("shop", "dev", 3, at(40))
+        .await
+        .unwrap();
+
+    // Nothing running yet: the report is kept, no release moves.
+    let idle = idle_report();
+    let nothing = store
+        .record_status("shop", "dev", 0, None, &idle, at(100))
+        .await
+        .unwrap();
+    assert_eq!(
+        nothing,
+        StageSync {
+            delivered_revision: 3,
+            report: Some(idle),
+            updated_at: Some(at(100)),
+            ..no_sync("shop", "dev")
+        }
+    );
+    assert_eq!(
+        release_states(store, "shop", "dev").await,
+        [Pending, Pending, Pending]
+    );
+
+    // The outpost went straight to revision 3: releases 1 and 2 never ran.
+    let running3 = json!({ "revision": 3, "components": [{ "name": "web", "state": "running" }] });
+    let at3 = store
+        .record_status("shop", "dev", 3, None, &running3, at(110))
+        .await
+        .unwrap();
+    assert_eq!(
+        at3,
+        StageSync {
+            delivered_revision: 3,
+            applied_revision: 3,
+            report: Some(running3.clone()),
+            updated_at: Some(at(110)),
+            ..no_sync("shop", "dev")
+        }
+    );
+    assert_eq!(store.get_stage_sync("shop", "dev").await.unwrap(), at3);
+    assert_eq!(
+        release_states(store, "shop", "dev").await,
+        [Superseded, Superseded, Applied]
+    );
+    assert_eq!(
+        release_states(store, "shop", "prod").await,
+        [Pending],
+        "other stages are not touched"
+    );
+
+    // Release 4 replaces release 3, which did run.
+    let r4 = store.push_release(&release, at(34)).await.unwrap();
+    assert_eq!(r4.revision, 4);
+    let running4 = json!({ "revision": 4 });
+    let at4 = store
+        .record_status("shop", "dev", 4, None, &running4, at(120))
+        .await
+        .unwrap();
+    assert_eq!(
+        (at4.applied_revision, at4.report.as_ref()),
+        (4, Some(&running4))
+    );
+    assert_eq!(
+        release_states(store, "shop", "dev").await,
+        [Superseded, Superseded, Replaced, Applied]
+    );
+
+    // A report of revision 3 arriving late changes nothing, not even with a
+    // failure in it.
+    let late = store
+        .record_status("shop", "dev", 3, Some(4), &running3, at(130))
+        .await
+        .unwrap();
+    assert_eq!(late, at4);
+    assert_eq!(store.get_stage_sync("shop", "dev").await.unwrap(), at4);
+    assert_eq!(
+        release_states(store, "shop", "dev").await,
+        [Superseded, Superseded, Replaced, Applied]
+    );
+
+    // A suspension takes a revision without a release; once it is applied,
+    // nothing runs and release 4 is replaced.
+    store
+        .update_stage("shop", "dev", &suspension(true))
+        .await
+        .unwrap();
+    store
+        .record_status("shop", "dev", 5, None, &idle_report(), at(140))
+        .await
+        .unwrap();
+    assert_eq!(
+        release_states(store, "shop", "dev").await,
+        [Superseded, Superseded, Replaced, Replaced]
+    );
+
+    // Resumed (revision 6), then release 5 (revision 7) fails to apply and
+    // the outpost stays at 6. Newer releases that did not fail are left as
+    // they are.
+    store
+        .update_stage("shop", "dev", &suspension(false))
+        .await
+        .unwrap();
+    let r5 = store.push_release(&release, at(35)).await.unwrap();
+    let r6 = store.push_release(&release, at(36)).await.unwrap();
+    assert_eq!((r5.revision, r6.revision), (7, 8));
+    let failing = json!({ "revision": 6, "error": "image pull failed" });
+    let at6 = store
+        .record_status("shop", "dev", 6, Some(7), &failing, at(150))
+        .await
+        .unwrap();
+    assert_eq!(at6.applied_revision, 6);
+    assert_eq!(
+        release_states(store, "shop", "dev").await,
+        [Superseded, Superseded, Replaced, Replaced, Failed, Pending]
+    );
+
+    // The same revision reported again is not older: its report replaces
+    // the previous one. A failure named for the applied revision is not one.
+    let again = json!({ "revision": 6, "components": [] });
+    let at6b = store
+        .record_status("shop", "dev", 6, Some(6), &again, at(155))
+        .await
+        .unwrap();
+    assert_eq!(
+        (at6b.applied_revision, at6b.report, at6b.updated_at),
+        (6, Some(again), Some(at(155)))
+    );
+
+    // Release 6 runs: a failed release stays failed.
+    store
+        .record_status(
+            "shop",
+            "dev",
+            8,
+            Some(8),
+            &json!({ "revision": 8 }),
+            at(160),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        release_states(store, "shop", "dev").await,
+        [Superseded, Superseded, Replaced, Replaced, Failed, Applied]
+    );
+    let dev = store.get_stage_sync("shop", "dev").await.unwrap();
+    assert_eq!(
+        (dev.delivered_revision, dev.applied_revision),
+        (3, 8),
+        "a status report leaves the delivered revision alone"
+    );
+
+    // With nothing running, a failure still marks its release.
+    store
+        .record_status("shop", "prod", 0, Some(1), &idle_report(), at(170))
+        .await
+        .unwrap();
+    assert_eq!(release_states(store, "shop", "prod").await, [Failed]);
+
+    assert_not_found(
+        store
+            .record_status("shop", "qa", 1, None, &idle_report(), at(180))
+            .await,
+        "stage",
+        "shop/qa",
+    );
+    assert_not_found(
+        store
+            .record_status("nope", "dev", 1, None, &idle_report(), at(180))
+            .await,
+        "project",
+        "nope",
+    );
+}
+
+/// Forced deletions take the link rows of what they delete with them: the
+/// parent's records are gone, and a parent created again under the same
+/// name starts without them.
+pub async fn deletes_remove_link_rows(store: &dyn Store) {
+    setup(store, "shop").await;
+    setup(store, "lab").await;
+    store.create_outpost(&outpost("edge", None)).await.unwrap();
+    store.create_outpost(&outpost("yard", None)).await.unwrap();
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    for (project, stage, on) in [
+        ("shop", "dev", "local"),
+        ("shop", "qa", "local"),
+        ("lab", "dev", "edge"),
+    ] {
+        store
+            .create_stage(&new_stage(project, stage, on), at(10))
+            .await
+            .unwrap();
+        store
+            .record_delivered(project, stage, 1, at(40))
+            .await
+            .unwrap();
+        store
+            .record_status(project, stage, 1, None, &idle_report(), at(41))
+            .await
+            .unwrap();
+    }
+    store
+        .push_release(&new_release("shop", "dev", &build.name), at(30))
+        .await
+        .unwrap();
+    for on in ["edge", "yard", "local"] {
+        store
+            .put_outpost_link(&OutpostLink {
+                outpost: on.into(),
+                key_fingerprint: Some(format!("sha256:{on}")),
+                last_seen: Some(at(50)),
+                ..OutpostLink::default()
+            })
+            .await
+            .unwrap();
+        store
+            .create_join_token(&format!("{on}-used"), on, at(1_000))
+            .await
+            .unwrap();
+        store
+            .create_join_token(&format!("{on}-fresh"), on, at(1_000))
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .consume_join_token(&format!("{on}-used"), at(60))
+                .await
+                .unwrap(),
+            Ok(on.to_owned())
+        );
+    }
+
+    // A stage.
+    store.delete_stage("shop", "dev", true).await.unwrap();
+    assert_not_found(
+        store.get_stage_sync("shop", "dev").await,
+        "stage",
+        "shop/dev",
+    );
+    stage_in(store, "shop", "dev").await;
+    assert_eq!(
+        store.get_stage_sync("shop", "dev").await.unwrap(),
+        no_sync("shop", "dev")
+    );
+
+    // A project, with its stages.
+    store
+        .record_delivered("shop", "dev", 1, at(70))
+        .await
+        .unwrap();
+    store.delete_project("shop", true).await.unwrap();
+    assert_not_found(store.get_stage_sync("shop", "qa").await, "project", "shop");
+    setup(store, "shop").await;
+    for stage in ["dev", "qa"] {
+        stage_in(store, "shop", stage).await;
+        assert_eq!(
+            store.get_stage_sync("shop", stage).await.unwrap(),
+            no_sync("shop", stage)
+        );
+    }
+
+    // An outpost, with its stages, link and join tokens.
+    store.delete_outpost("edge", true).await.unwrap();
+    assert_not_found(store.get_outpost_link("edge").await, "outpost", "edge");
+    assert_not_found(store.get_stage_sync("lab", "dev").await, "stage", "lab/dev");
+    assert_eq!(
+        store
+            .consume_join_token("edge-fresh", at(60))
+            .await
+            .unwrap(),
+        Err(JoinTokenRefusal::Unknown)
+    );
+    store.create_outpost(&outpost("edge", None)).await.unwrap();
+    assert_eq!(
+        store.get_outpost_link("edge").await.unwrap(),
+        OutpostLink {
+            outpost: "edge".into(),
+            ..OutpostLink::default()
+        }
+    );
+    assert_eq!(
+        store
+            .consume_join_token("edge-fresh", at(60))
+            .await
+            .unwrap(),
+        Err(JoinTokenRefusal::Unknown)
+    );
+    // The used token's hash is free again too.
+    store
+        .create_join_token("edge-used", "edge", at(1_000))
+        .await
+        .unwrap();
+    store
+        .create_stage(&new_stage("lab", "dev", "edge"), at(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_stage_sync("lab", "dev").await.unwrap(),
+        no_sync("lab", "dev")
+    );
+
+    // A link and join tokens do not hold an outpost without stages.
+    store.delete_outpost("yard", false).await.unwrap();
+    assert_not_found(store.get_outpost_link("yard").await, "outpost", "yard");
+    assert_eq!(
+        store
+            .consume_join_token("yard-fresh", at(60))
+            .await
+            .unwrap(),
+        Err(JoinTokenRefusal::Unknown)
+    );
+
+    // What belongs to other outposts stays.
+    assert_eq!(
+        store
+            .get_outpost_link("local")
+            .await
+            .unwrap()
+            .key_fingerprint
+            .as_deref(),
+        Some("sha256:local")
+    );
+    assert_eq!(
+        store
+            .consume_join_token("local-fresh", at(60))
+            .await
+            .unwrap(),
+        Ok("local".to_owned())
+    );
 }

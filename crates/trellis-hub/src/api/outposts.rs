@@ -8,7 +8,8 @@ use chrono::Utc;
 use trellis_model::{LOCAL_OUTPOST, NameKind, Outpost, validate_name};
 
 use super::types::{
-    CreateOutpostRequest, DeleteQuery, OutpostUriResponse, ValidateOutpostUriRequest,
+    CreateOutpostRequest, CreatedOutpost, DeleteQuery, JoinTokenRequest, JoinTokenResponse,
+    OutpostUriResponse, ValidateOutpostUriRequest,
 };
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -25,12 +26,12 @@ pub async fn list_outposts(
 }
 
 #[utoipa::path(post, path = "/outposts", tag = "outposts", request_body = CreateOutpostRequest,
-    responses((status = 201, body = Outpost)))]
+    responses((status = 201, body = CreatedOutpost)))]
 pub async fn create_outpost(
     State(state): State<AppState>,
     caller: Caller,
     Json(req): Json<CreateOutpostRequest>,
-) -> ApiResult<(StatusCode, Json<Outpost>)> {
+) -> ApiResult<(StatusCode, Json<CreatedOutpost>)> {
     caller.require_admin("create outposts")?;
     validate_name(NameKind::Outpost, &req.name)?;
     for (key, value) in &req.labels {
@@ -52,7 +53,8 @@ pub async fn create_outpost(
         created_at: Utc::now(),
     };
     state.store().create_outpost(&outpost).await?;
-    Ok((StatusCode::CREATED, Json(outpost)))
+    let join = mint_join_token(&state, &outpost.name, req.token_ttl_secs).await?;
+    Ok((StatusCode::CREATED, Json(CreatedOutpost { outpost, join })))
 }
 
 #[utoipa::path(get, path = "/outposts/{outpost}", tag = "outposts", responses((status = 200, body = Outpost)))]
@@ -167,4 +169,76 @@ async fn remote_outpost(state: &AppState, name: &str) -> ApiResult<Outpost> {
         ));
     }
     Ok(state.store().get_outpost(name).await?)
+}
+
+/// A new one-time join token for the outpost's agent (to join a host for
+/// the first time, or again after its state was lost).
+#[utoipa::path(post, path = "/outposts/{outpost}/join-tokens", tag = "outposts", request_body = JoinTokenRequest,
+    responses((status = 201, body = JoinTokenResponse)))]
+pub async fn create_join_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(outpost): Path<String>,
+    Json(req): Json<JoinTokenRequest>,
+) -> ApiResult<(StatusCode, Json<JoinTokenResponse>)> {
+    caller.require_admin("create join tokens")?;
+    let record = remote_outpost(&state, &outpost).await?;
+    if record.revoked_at.is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "revoked",
+            format!("outpost {outpost:?} is revoked; it takes no agents"),
+            "register a new outpost for this host",
+        ));
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(mint_join_token(&state, &outpost, req.ttl_secs).await?),
+    ))
+}
+
+/// The longest a join token may live: a week.
+const MAX_TOKEN_TTL_SECS: u64 = 7 * 24 * 3600;
+
+async fn mint_join_token(
+    state: &AppState,
+    outpost: &str,
+    ttl_secs: Option<u64>,
+) -> ApiResult<JoinTokenResponse> {
+    let ttl = ttl_secs.unwrap_or(24 * 3600);
+    if ttl == 0 || ttl > MAX_TOKEN_TTL_SECS {
+        return Err(ApiError::bad_request(
+            format!("a join token cannot live {ttl} s"),
+            "give between 1 second and 7 days",
+        ));
+    }
+    let secret: [u8; 32] = rand::random();
+    let expires_at = Utc::now() + chrono::Duration::seconds(i64::try_from(ttl).unwrap_or(i64::MAX));
+    state
+        .store()
+        .create_join_token(
+            &crate::link::endpoint::token_hash(&secret),
+            outpost,
+            expires_at,
+        )
+        .await?;
+    let (host, port) = state.public_address();
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let hub_url = format!("https://{host}:{port}");
+    let token = trellis_link::identity::JoinToken {
+        hub_url: hub_url.clone(),
+        outpost: outpost.to_owned(),
+        secret,
+        ca_fingerprint: state.ca().fingerprint(),
+    };
+    Ok(JoinTokenResponse {
+        outpost: outpost.to_owned(),
+        command: format!("trellis agent join {hub_url} --token {token}"),
+        token: token.to_string(),
+        expires_at,
+    })
 }

@@ -70,7 +70,11 @@ pub async fn delete_project(
     Query(q): Query<DeleteQuery>,
 ) -> ApiResult<StatusCode> {
     caller.require_owner(&state, &project, "delete it").await?;
+    let stages = state.store().list_stages(&project).await?;
     state.store().delete_project(&project, q.force).await?;
+    for stage in stages {
+        state.links().poke(&stage.outpost);
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

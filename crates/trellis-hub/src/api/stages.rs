@@ -92,12 +92,12 @@ pub async fn update_stage(
         display_name: req.display_name,
         suspended: req.suspended,
     };
-    Ok(Json(
-        state
-            .store()
-            .update_stage(&project, &stage, &update)
-            .await?,
-    ))
+    let updated = state
+        .store()
+        .update_stage(&project, &stage, &update)
+        .await?;
+    state.links().poke(&updated.outpost);
+    Ok(Json(updated))
 }
 
 #[utoipa::path(delete, path = "/projects/{project}/stages/{stage}", tag = "stages",
@@ -110,10 +110,13 @@ pub async fn delete_stage(
     Query(q): Query<DeleteQuery>,
 ) -> ApiResult<StatusCode> {
     caller.role_in(&state, &project).await?;
+    let outpost = state.store().get_stage(&project, &stage).await?.outpost;
     state
         .store()
         .delete_stage(&project, &stage, q.force)
         .await?;
+    // The outpost's agent is told to forget the stage.
+    state.links().poke(&outpost);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -237,7 +240,7 @@ pub async fn push_release(
     Json(req): Json<PushReleaseRequest>,
 ) -> ApiResult<(StatusCode, Json<Release>)> {
     caller.role_in(&state, &project).await?;
-    state.store().get_stage(&project, &stage).await?;
+    let stage_record = state.store().get_stage(&project, &stage).await?;
     let build = match req.build {
         Some(name) => state.store().get_build(&project, &name).await?,
         None => state
@@ -279,6 +282,9 @@ pub async fn push_release(
             Utc::now(),
         )
         .await?;
+    // The deploy is recorded; the outpost's session picks it up on its own.
+    // Nothing here waits for the outpost.
+    state.links().poke(&stage_record.outpost);
     Ok((StatusCode::CREATED, Json(release)))
 }
 

@@ -85,6 +85,9 @@ pub struct CreateOutpostRequest {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub max_stages: Option<u32>,
+    /// Validity of the first join token in seconds; 24 hours when absent.
+    #[serde(default)]
+    pub token_ttl_secs: Option<u64>,
 }
 
 /// `POST /projects/{p}/builds`: the build as recorded by `trellis push build`.
@@ -137,4 +140,29 @@ pub struct ValidateOutpostUriRequest {
 pub struct OutpostUriResponse {
     pub outpost: String,
     pub uri: String,
+}
+
+/// A join token for an outpost's agent, and the command to run on its host.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct JoinTokenResponse {
+    pub outpost: String,
+    /// `tjt1.…`: carries the hub's address and CA fingerprint, and a
+    /// one-time secret.
+    pub token: String,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    /// What to run on the outpost's host.
+    pub command: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedOutpost {
+    pub outpost: trellis_model::Outpost,
+    pub join: JoinTokenResponse,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+pub struct JoinTokenRequest {
+    /// Validity in seconds; 24 hours when absent.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
 }

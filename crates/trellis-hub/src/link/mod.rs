@@ -1,0 +1,389 @@
+//! The hub's half of the outpost link: which outposts are connected, their
+//! live link state, admission of new links, and the sessions that keep each
+//! connected agent in sync.
+//!
+//! Sync is level-triggered. A change to a stage (a release push, suspend,
+//! resume, deletion) only *pokes* the session of the stage's outpost; the
+//! session then reads the current desired revisions from the store and sends
+//! whatever is newer than what the agent holds. A poke can never carry stale
+//! data and a lost poke is repaired by the next one or the next reconnect.
+//!
+//! # Layout
+//! - `mod.rs`: [`Links`], the registry and admission.
+//! - `session.rs`: one connected agent's session.
+//! - `endpoint.rs`: the WebSocket endpoint and the join/renew endpoints.
+//! - `status.rs`: the connection-status view of a stage.
+//! - `errors.rs`: the bounded, de-duplicated error log.
+
+pub mod endpoint;
+pub mod errors;
+pub mod session;
+pub mod status;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+
+use errors::ErrorLog;
+
+/// The state of an outpost's link, as the status popup shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkState {
+    /// No agent has ever connected.
+    AwaitingAgent,
+    Online,
+    /// Connected, but something needs attention (e.g. certificate near expiry).
+    Degraded,
+    Offline,
+    Revoked,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::AwaitingAgent => "awaiting-agent",
+            LinkState::Online => "online",
+            LinkState::Degraded => "degraded",
+            LinkState::Offline => "offline",
+            LinkState::Revoked => "revoked",
+        }
+    }
+}
+
+/// Settings of the link layer.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    /// How often the hub pings each agent. Silence for two intervals marks
+    /// the outpost offline. The default (25 s) stays under common NAT idle
+    /// timeouts (30 s and up).
+    pub heartbeat: Duration,
+    /// New links admitted per second; the rest are told when to retry.
+    pub admissions_per_sec: u32,
+    /// TLS handshakes in flight at most.
+    pub max_handshakes: usize,
+    /// Validity of the client certificates the hub issues.
+    pub cert_validity: Duration,
+}
+
+impl Default for LinkSettings {
+    fn default() -> Self {
+        LinkSettings {
+            heartbeat: Duration::from_secs(25),
+            admissions_per_sec: 200,
+            max_handshakes: 64,
+            cert_validity: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// What the hub knows live about one outpost's link.
+#[derive(Debug)]
+struct Live {
+    state: LinkState,
+    since: DateTime<Utc>,
+    last_seen: Option<DateTime<Utc>>,
+    rtt: Option<Duration>,
+    agent_version: Option<String>,
+    last_disconnect: Option<String>,
+    session: Option<SessionHandle>,
+    errors: ErrorLog,
+    /// Why the link is degraded, if it is.
+    degraded: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct SessionHandle {
+    id: u64,
+    poke: Arc<Notify>,
+    cancel: CancellationToken,
+}
+
+/// A snapshot of one outpost's link, for status views.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LinkView {
+    pub state: LinkState,
+    pub since: DateTime<Utc>,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub rtt_ms: Option<u64>,
+    pub agent_version: Option<String>,
+    pub last_disconnect: Option<String>,
+    /// Why the link is degraded, when it is.
+    pub attention: Option<String>,
+    pub errors: Vec<errors::ErrorEntry>,
+}
+
+/// The registry of links. One per hub.
+pub struct Links {
+    settings: LinkSettings,
+    live: Mutex<HashMap<String, Live>>,
+    admission: Mutex<TokenBucket>,
+    next_session: std::sync::atomic::AtomicU64,
+    pub handshakes: Arc<crate::tls::HandshakeGauge>,
+}
+
+impl Links {
+    pub fn new(settings: LinkSettings) -> Self {
+        let rate = settings.admissions_per_sec.max(1);
+        Links {
+            admission: Mutex::new(TokenBucket::new(rate)),
+            settings,
+            live: Mutex::new(HashMap::new()),
+            next_session: std::sync::atomic::AtomicU64::new(1),
+            handshakes: Arc::default(),
+        }
+    }
+
+    pub fn settings(&self) -> &LinkSettings {
+        &self.settings
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        // A poisoned lock means a panic mid-update of plain status fields;
+        // the map is still usable and the next update repairs the entry.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a new link now, or says how long to wait.
+    pub fn admit(&self) -> Result<(), Duration> {
+        self.admission
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(Instant::now())
+    }
+
+    /// Registers a connected session, replacing (and closing) an older one
+    /// of the same outpost.
+    pub(crate) fn connected(&self, outpost: &str, agent_version: &str) -> SessionHandle {
+        let handle = SessionHandle {
+            id: self
+                .next_session
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            poke: Arc::new(Notify::new()),
+            cancel: CancellationToken::new(),
+        };
+        let now = Utc::now();
+        let mut live = self.lock();
+        let entry = live
+            .entry(outpost.to_owned())
+            .or_insert_with(|| Live::new(LinkState::Online, now));
+        if let Some(old) = entry.session.replace(handle.clone()) {
+            old.cancel.cancel();
+        }
+        entry.state = LinkState::Online;
+        entry.since = now;
+        entry.last_seen = Some(now);
+        entry.agent_version = Some(agent_version.to_owned());
+        entry.degraded = None;
+        handle
+    }
+
+    /// The session ended; the outpost is offline unless a newer session has
+    /// taken over already.
+    pub(crate) fn disconnected(&self, outpost: &str, session: u64, reason: &str) {
+        let now = Utc::now();
+        let mut live = self.lock();
+        let Some(entry) = live.get_mut(outpost) else {
+            return;
+        };
+        if entry.session.as_ref().is_some_and(|s| s.id == session) {
+            entry.session = None;
+            if entry.state != LinkState::Revoked {
+                entry.state = LinkState::Offline;
+                entry.since = now;
+            }
+            entry.last_disconnect = Some(reason.to_owned());
+        }
+    }
+
+    pub(crate) fn seen(&self, outpost: &str, rtt: Option<Duration>) {
+        let mut live = self.lock();
+        if let Some(entry) = live.get_mut(outpost) {
+            entry.last_seen = Some(Utc::now());
+            if rtt.is_some() {
+                entry.rtt = rtt;
+            }
+        }
+    }
+
+    pub(crate) fn set_degraded(&self, outpost: &str, why: Option<String>) {
+        let mut live = self.lock();
+        if let Some(entry) = live.get_mut(outpost) {
+            let connected = entry.session.is_some();
+            entry.degraded = why;
+            if connected {
+                let want = if entry.degraded.is_some() {
+                    LinkState::Degraded
+                } else {
+                    LinkState::Online
+                };
+                if entry.state != want {
+                    entry.state = want;
+                    entry.since = Utc::now();
+                }
+            }
+        }
+    }
+
+    /// Records an error about the outpost's link (hub side).
+    pub fn record_error(&self, outpost: &str, code: &str, message: &str, hint: &str) {
+        let now = Utc::now();
+        let mut live = self.lock();
+        let entry = live
+            .entry(outpost.to_owned())
+            .or_insert_with(|| Live::new(LinkState::Offline, now));
+        entry.errors.record("hub", code, message, hint, now, now, 1);
+    }
+
+    /// Something about the outpost's stages changed: its session re-syncs.
+    pub fn poke(&self, outpost: &str) {
+        if let Some(session) = self.lock().get(outpost).and_then(|e| e.session.as_ref()) {
+            session.poke.notify_one();
+        }
+    }
+
+    /// Revokes the outpost's link: its session is closed at once.
+    pub fn revoke(&self, outpost: &str) {
+        let now = Utc::now();
+        let mut live = self.lock();
+        let entry = live
+            .entry(outpost.to_owned())
+            .or_insert_with(|| Live::new(LinkState::Revoked, now));
+        entry.state = LinkState::Revoked;
+        entry.since = now;
+        if let Some(session) = entry.session.take() {
+            session.cancel.cancel();
+        }
+    }
+
+    /// The live view, or `None` if no session has existed since the hub
+    /// started (the caller then falls back to what the store remembers).
+    pub fn view(&self, outpost: &str) -> Option<LinkView> {
+        let live = self.lock();
+        let entry = live.get(outpost)?;
+        Some(LinkView {
+            state: entry.state,
+            since: entry.since,
+            last_seen: entry.last_seen,
+            rtt_ms: entry
+                .rtt
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            agent_version: entry.agent_version.clone(),
+            last_disconnect: entry.last_disconnect.clone(),
+            attention: entry.degraded.clone(),
+            errors: entry.errors.entries(),
+        })
+    }
+
+    pub fn is_connected(&self, outpost: &str) -> bool {
+        self.lock()
+            .get(outpost)
+            .is_some_and(|e| e.session.is_some())
+    }
+
+    /// How many outposts have a session right now.
+    pub fn connected_count(&self) -> usize {
+        self.lock().values().filter(|e| e.session.is_some()).count()
+    }
+}
+
+impl Live {
+    fn new(state: LinkState, now: DateTime<Utc>) -> Self {
+        Live {
+            state,
+            since: now,
+            last_seen: None,
+            rtt: None,
+            agent_version: None,
+            last_disconnect: None,
+            session: None,
+            errors: ErrorLog::default(),
+            degraded: None,
+        }
+    }
+}
+
+/// A token bucket: `rate` tokens per second, bursts up to `rate`.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl TokenBucket {
+    fn new(rate: u32) -> Self {
+        TokenBucket {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            last: None,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        if let Some(last) = self.last {
+            let elapsed = now.saturating_duration_since(last).as_secs_f64();
+            self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        }
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_admits_its_rate_then_says_when_to_retry() {
+        let mut bucket = TokenBucket::new(10);
+        let t0 = Instant::now();
+        for _ in 0..10 {
+            assert!(bucket.take(t0).is_ok());
+        }
+        let wait = bucket.take(t0).unwrap_err();
+        assert!(
+            wait <= Duration::from_millis(100) && wait > Duration::ZERO,
+            "{wait:?}"
+        );
+        assert!(bucket.take(t0 + Duration::from_millis(100)).is_ok());
+    }
+
+    #[test]
+    fn a_newer_session_replaces_an_older_one() {
+        let links = Links::new(LinkSettings::default());
+        let first = links.connected("edge", "1.0");
+        let second = links.connected("edge", "1.0");
+        assert!(first.cancel.is_cancelled());
+        links.disconnected("edge", first.id, "replaced");
+        assert_eq!(
+            links.view("edge").unwrap().state,
+            LinkState::Online,
+            "the old session's end must not mark it offline"
+        );
+        links.disconnected("edge", second.id, "closed");
+        assert_eq!(links.view("edge").unwrap().state, LinkState::Offline);
+    }
+
+    #[test]
+    fn revoking_cancels_the_session_and_sticks() {
+        let links = Links::new(LinkSettings::default());
+        let s = links.connected("edge", "1.0");
+        links.revoke("edge");
+        assert!(s.cancel.is_cancelled());
+        links.disconnected("edge", s.id, "revoked");
+        assert_eq!(links.view("edge").unwrap().state, LinkState::Revoked);
+    }
+}

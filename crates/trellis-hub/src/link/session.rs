@@ -1,0 +1,465 @@
+//! One connected agent's session: hello, then keeping every stage of the
+//! outpost at its newest desired revision, recording what the agent
+//! reports, answering certificate renewals, and watching liveness.
+//!
+//! The session talks to a [`LinkIo`], so the same code runs over a real
+//! WebSocket and inside the deterministic simulation.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use trellis_link::identity::PeerIdentity;
+use trellis_link::protocol::{AgentError, DesiredAck, StageRevision, StatusReport};
+use trellis_link::{Envelope, Incoming, LinkIo, Message};
+use trellis_model::Stage;
+
+use crate::state::AppState;
+
+/// How long a new connection may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+type StageId = (String, String);
+
+/// Runs a session until the link closes, the agent falls silent, the
+/// outpost is revoked or a newer session replaces this one.
+pub async fn run(mut io: Box<dyn LinkIo>, peer: PeerIdentity, state: AppState) {
+    let outpost = peer.outpost.clone();
+    let reason = match serve(&mut io, &peer, &state).await {
+        Ok(reason) => reason,
+        Err(reason) => {
+            state.links().record_error(&outpost, "link-protocol-error", &reason, "the agent and hub disagree about the protocol; check that both run compatible versions");
+            reason
+        }
+    };
+    tracing::info!(%outpost, %reason, "link closed");
+}
+
+struct Session<'a> {
+    outpost: &'a str,
+    state: &'a AppState,
+    seq: u64,
+    /// The newest revision per stage the agent holds or was sent.
+    known: HashMap<StageId, u64>,
+}
+
+impl Session<'_> {
+    async fn send(&mut self, io: &mut Box<dyn LinkIo>, msg: Message) -> Result<(), String> {
+        self.seq += 1;
+        io.send(&Envelope::new(self.seq, msg))
+            .await
+            .map_err(|e| format!("sending to the agent failed: {e}"))
+    }
+
+    /// Sends every stage whose desired revision is newer than what the
+    /// agent has, and tells the agent to forget stages that are gone.
+    async fn sync(&mut self, io: &mut Box<dyn LinkIo>) -> Result<(), String> {
+        let stages = self
+            .state
+            .store()
+            .stages_on_outpost(self.outpost)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut present = std::collections::HashSet::new();
+        for stage in &stages {
+            let id = (stage.project.clone(), stage.name.clone());
+            present.insert(id.clone());
+            let known = self.known.get(&id).copied().unwrap_or(0);
+            if stage.desired_revision > known {
+                let desired = desired_state(self.state, stage).await?;
+                self.send(
+                    io,
+                    Message::Desired {
+                        project: stage.project.clone(),
+                        stage: stage.name.clone(),
+                        revision: stage.desired_revision,
+                        state: desired,
+                    },
+                )
+                .await?;
+                self.known.insert(id, stage.desired_revision);
+            }
+        }
+        let gone: Vec<StageId> = self
+            .known
+            .keys()
+            .filter(|id| !present.contains(*id))
+            .cloned()
+            .collect();
+        for (project, stage) in gone {
+            self.send(
+                io,
+                Message::Forget {
+                    project: project.clone(),
+                    stage: stage.clone(),
+                },
+            )
+            .await?;
+            self.known.remove(&(project, stage));
+        }
+        Ok(())
+    }
+}
+
+/// The full desired state of a stage at its current desired revision:
+/// everything the agent needs to run it without asking again.
+pub async fn desired_state(state: &AppState, stage: &Stage) -> Result<Value, String> {
+    let store = state.store();
+    let release = match stage.latest_release {
+        Some(n) => Some(
+            store
+                .get_release(&stage.project, &stage.name, n)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
+    let build = match &release {
+        Some(r) => Some(
+            store
+                .get_build(&stage.project, &r.build)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
+    Ok(json!({
+        "revision": stage.desired_revision,
+        "suspended": stage.suspended,
+        "release": release,
+        "build": build,
+    }))
+}
+
+async fn serve(
+    io: &mut Box<dyn LinkIo>,
+    peer: &PeerIdentity,
+    state: &AppState,
+) -> Result<String, String> {
+    let outpost = peer.outpost.as_str();
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, io.recv()).await {
+        Err(_) => return Ok("the agent sent no hello within 10 s".into()),
+        Ok(Ok(Some(Incoming::Frame(env)))) => env,
+        Ok(Ok(_)) => return Ok("the agent closed the link before its hello".into()),
+        Ok(Err(e)) => return Err(format!("the agent's first frame was not understood: {e}")),
+    };
+    let Message::Hello {
+        agent_version,
+        os,
+        arch,
+        runtimes,
+        capacity,
+        stages,
+        ..
+    } = hello.msg
+    else {
+        return Err(format!(
+            "the agent's first message was {:?}, not hello",
+            hello.msg.kind()
+        ));
+    };
+
+    // Remember what the agent said about its host.
+    let mut link = state
+        .store()
+        .get_outpost_link(outpost)
+        .await
+        .map_err(|e| e.to_string())?;
+    link.agent = Some(json!({
+        "version": agent_version, "os": os, "arch": arch,
+        "runtimes": runtimes, "capacity": capacity,
+    }));
+    link.last_seen = Some(Utc::now());
+    link.cert_serial = Some(peer.serial_hex.clone());
+    link.cert_not_after = Some(peer.not_after);
+    state
+        .store()
+        .put_outpost_link(&link)
+        .await
+        .map_err(|e| e.to_string())?;
+
+    let handle = state.links().connected(outpost, &agent_version);
+    let result = session_loop(io, peer, state, &handle, &stages).await;
+    let reason = match &result {
+        Ok(r) | Err(r) => r.clone(),
+    };
+    state.links().disconnected(outpost, handle.id, &reason);
+    if let Ok(mut link) = state.store().get_outpost_link(outpost).await {
+        link.last_seen = Some(Utc::now());
+        link.last_disconnect = Some(reason.clone());
+        let _ = state.store().put_outpost_link(&link).await;
+    }
+    result
+}
+
+async fn session_loop(
+    io: &mut Box<dyn LinkIo>,
+    peer: &PeerIdentity,
+    state: &AppState,
+    handle: &super::SessionHandle,
+    held: &[StageRevision],
+) -> Result<String, String> {
+    let outpost = peer.outpost.as_str();
+    let heartbeat = state.links().settings().heartbeat;
+    let mut session = Session {
+        outpost,
+        state,
+        seq: 0,
+        known: held
+            .iter()
+            .map(|s| {
+                (
+                    (s.project.clone(), s.stage.clone()),
+                    s.desired_revision_held,
+                )
+            })
+            .collect(),
+    };
+    session
+        .send(
+            io,
+            Message::Welcome {
+                hub_version: env!("CARGO_PKG_VERSION").into(),
+                heartbeat_secs: u32::try_from(heartbeat.as_secs().max(1)).unwrap_or(u32::MAX),
+                server_time: Utc::now(),
+            },
+        )
+        .await?;
+    check_certificate(state, peer);
+    session.sync(io).await?;
+
+    let started = Instant::now();
+    let mut last_heard = Instant::now();
+    let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    loop {
+        tokio::select! {
+            () = handle.cancel.cancelled() => {
+                let revoked = state.store().get_outpost(outpost).await.map(|o| o.revoked_at.is_some()).unwrap_or(false);
+                if revoked {
+                    let _ = session.send(io, Message::Revoked { reason: "an administrator revoked this outpost".into() }).await;
+                    io.close("revoked").await;
+                    return Ok("the outpost was revoked".into());
+                }
+                io.close("replaced by a newer connection").await;
+                return Ok("a newer connection of the same outpost replaced this one".into());
+            }
+            () = handle.poke.notified() => {
+                session.sync(io).await?;
+            }
+            _ = ticker.tick() => {
+                if last_heard.elapsed() > heartbeat * 2 {
+                    io.close("no heartbeat").await;
+                    return Ok(format!("the agent was silent for more than {} s", (heartbeat * 2).as_secs()));
+                }
+                let sent_at = started.elapsed().as_nanos().to_be_bytes().to_vec();
+                io.ping(sent_at).await.map_err(|e| format!("pinging the agent failed: {e}"))?;
+            }
+            incoming = io.recv() => {
+                let incoming = match incoming {
+                    Ok(Some(i)) => i,
+                    Ok(None) => return Ok("the agent closed the link".into()),
+                    Err(e) => {
+                        let _ = session.send(io, Message::Error { code: e.code().into(), message: e.to_string() }).await;
+                        io.close("bad frame").await;
+                        return Err(format!("the agent sent a frame that was not understood: {e}"));
+                    }
+                };
+                last_heard = Instant::now();
+                match incoming {
+                    Incoming::Pong(payload) => {
+                        let rtt = <[u8; 16]>::try_from(payload.as_slice()).ok().map(|b| {
+                            let sent = Duration::from_nanos(u64::try_from(u128::from_be_bytes(b)).unwrap_or(u64::MAX));
+                            started.elapsed().saturating_sub(sent)
+                        });
+                        state.links().seen(outpost, rtt);
+                    }
+                    Incoming::Frame(env) => {
+                        state.links().seen(outpost, None);
+                        handle_frame(io, &mut session, peer, env.msg).await?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn handle_frame(
+    io: &mut Box<dyn LinkIo>,
+    session: &mut Session<'_>,
+    peer: &PeerIdentity,
+    msg: Message,
+) -> Result<(), String> {
+    let state = session.state;
+    let store = state.store();
+    match msg {
+        Message::Ack { desired } => {
+            for DesiredAck {
+                project,
+                stage,
+                revision,
+            } in desired
+            {
+                if !owns(session, &project, &stage).await {
+                    continue;
+                }
+                store
+                    .record_delivered(&project, &stage, revision, Utc::now())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Message::Status { seq, reports } => {
+            for report in reports {
+                if !owns(session, &report.project, &report.stage).await {
+                    continue;
+                }
+                record_report(state, report).await?;
+            }
+            session
+                .send(io, Message::StatusAck { up_to_seq: seq })
+                .await?;
+        }
+        Message::RenewCertificate { csr_pem } => {
+            match super::endpoint::issue_for_registered_key(state, &peer.outpost, &csr_pem).await {
+                Ok(issued) => {
+                    session
+                        .send(
+                            io,
+                            Message::Certificate {
+                                cert_pem: issued.cert_pem,
+                            },
+                        )
+                        .await?
+                }
+                Err(e) => {
+                    state
+                        .links()
+                        .record_error(&peer.outpost, e.code, &e.message, &e.hint);
+                    session
+                        .send(
+                            io,
+                            Message::Error {
+                                code: e.code.into(),
+                                message: e.message,
+                            },
+                        )
+                        .await?;
+                }
+            }
+        }
+        other => {
+            let message = format!(
+                "the agent sent {:?}, which agents do not send after hello",
+                other.kind()
+            );
+            let _ = session
+                .send(
+                    io,
+                    Message::Error {
+                        code: "unexpected-message".into(),
+                        message: message.clone(),
+                    },
+                )
+                .await;
+            return Err(message);
+        }
+    }
+    Ok(())
+}
+
+/// A report or ack may only touch stages placed on this session's outpost.
+async fn owns(session: &Session<'_>, project: &str, stage: &str) -> bool {
+    match session.state.store().get_stage(project, stage).await {
+        Ok(s) => s.outpost == session.outpost,
+        Err(_) => false,
+    }
+}
+
+/// Stores a status report, merging its errors into those already known so
+/// errors the agent reported once are kept (bounded) for the status view.
+async fn record_report(state: &AppState, report: StatusReport) -> Result<(), String> {
+    let store = state.store();
+    let previous = store
+        .get_stage_sync(&report.project, &report.stage)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut log = super::errors::ErrorLog::default();
+    if let Some(old) = previous
+        .report
+        .as_ref()
+        .and_then(|r| r.get("errors"))
+        .and_then(|e| e.as_array())
+    {
+        for e in old {
+            if let Ok(entry) = serde_json::from_value::<super::errors::ErrorEntry>(e.clone()) {
+                log.record(
+                    &entry.source,
+                    &entry.code,
+                    &entry.message,
+                    &entry.hint,
+                    entry.first_seen,
+                    entry.last_seen,
+                    entry.count,
+                );
+            }
+        }
+    }
+    for AgentError {
+        code,
+        message,
+        hint,
+        first_seen,
+        last_seen,
+        count,
+    } in &report.errors
+    {
+        log.record(
+            "agent",
+            code,
+            message,
+            hint.as_deref().unwrap_or(""),
+            *first_seen,
+            *last_seen,
+            u64::from(*count),
+        );
+    }
+    let failed = (report.state == "failed"
+        && previous.delivered_revision > report.applied_revision)
+        .then_some(previous.delivered_revision);
+    let stored = json!({
+        "state": report.state,
+        "message": report.message,
+        "components": report.components,
+        "errors": log.entries(),
+        "applied_revision": report.applied_revision,
+    });
+    store
+        .record_status(
+            &report.project,
+            &report.stage,
+            report.applied_revision,
+            failed,
+            &stored,
+            Utc::now(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// A certificate in its last third of life marks the link degraded until
+/// the agent renews it.
+fn check_certificate(state: &AppState, peer: &PeerIdentity) {
+    let left = peer.not_after - Utc::now();
+    let total = chrono::Duration::from_std(state.links().settings().cert_validity)
+        .unwrap_or(chrono::Duration::MAX);
+    let why = (left < total / 3).then(|| {
+        format!(
+            "the agent's certificate expires on {}; it renews over the link by itself",
+            peer.not_after.format("%Y-%m-%d %H:%M UTC")
+        )
+    });
+    state.links().set_degraded(&peer.outpost, why);
+}

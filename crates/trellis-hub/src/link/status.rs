@@ -1,0 +1,231 @@
+//! The connection status of a stage, as the status popup and
+//! `trellis status stage` show it: the outpost's link, how far the stage's
+//! sync has come, its components, and the errors seen — kept truthful:
+//! nothing is reported green that the agent has not confirmed.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::errors::ErrorEntry;
+use super::{LinkState, LinkView};
+use crate::auth::Caller;
+use crate::error::ApiResult;
+use crate::extract::{Json, Path};
+use crate::state::AppState;
+use axum::extract::State;
+use trellis_model::ReleaseState;
+
+/// Where a stage's sync stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncState {
+    /// The agent has not acknowledged the stage yet.
+    Linking,
+    InSync,
+    /// The agent is receiving or applying the desired revision.
+    Syncing,
+    /// The desired revision waits for the link to come up.
+    PendingDelivery,
+    /// The agent could not apply the desired revision.
+    Failed,
+    Suspended,
+}
+
+/// The sync state from the revisions and the link. Pure, so every
+/// combination is tested.
+pub fn sync_state(
+    online: bool,
+    desired: u64,
+    delivered: u64,
+    applied: u64,
+    suspended: bool,
+    report_failed: bool,
+) -> SyncState {
+    if desired == 0 {
+        return if online {
+            SyncState::InSync
+        } else {
+            SyncState::Linking
+        };
+    }
+    if applied >= desired {
+        return if suspended {
+            SyncState::Suspended
+        } else {
+            SyncState::InSync
+        };
+    }
+    if report_failed && delivered >= desired {
+        return SyncState::Failed;
+    }
+    if delivered >= desired {
+        return SyncState::Syncing;
+    }
+    match (online, delivered, applied) {
+        (true, _, _) => SyncState::Syncing,
+        (false, 0, 0) => SyncState::Linking,
+        (false, _, _) => SyncState::PendingDelivery,
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SyncView {
+    pub state: SyncState,
+    pub desired_revision: u64,
+    pub delivered_revision: u64,
+    pub applied_revision: u64,
+    /// The stage's newest release (what should run).
+    pub desired_release: Option<u64>,
+    /// The release running on the outpost, as the agent reported.
+    pub applied_release: Option<u64>,
+    /// The agent's own words about the stage, if any.
+    pub message: Option<String>,
+    pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StageStatus {
+    pub project: String,
+    pub stage: String,
+    pub outpost: String,
+    pub link: LinkView,
+    pub sync: SyncView,
+    /// Per component, as the agent last reported.
+    #[schema(value_type = Vec<Object>)]
+    pub components: Vec<Value>,
+    /// Link errors and the stage's errors, newest first.
+    pub errors: Vec<ErrorEntry>,
+}
+
+/// The link view of an outpost: live if a session existed since the hub
+/// started, else reconstructed from what the store remembers.
+pub async fn link_view(state: &AppState, outpost: &str) -> ApiResult<LinkView> {
+    if let Some(view) = state.links().view(outpost) {
+        return Ok(view);
+    }
+    let record = state.store().get_outpost(outpost).await?;
+    let link = state.store().get_outpost_link(outpost).await?;
+    let agent_version = link
+        .agent
+        .as_ref()
+        .and_then(|a| a.get("version"))
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
+    let (state, since) = match (record.revoked_at, link.last_seen) {
+        (Some(at), _) => (LinkState::Revoked, at),
+        (None, Some(seen)) => (LinkState::Offline, seen),
+        (None, None) => (LinkState::AwaitingAgent, record.created_at),
+    };
+    Ok(LinkView {
+        state,
+        since,
+        last_seen: link.last_seen,
+        rtt_ms: None,
+        agent_version,
+        last_disconnect: link.last_disconnect,
+        attention: None,
+        errors: Vec::new(),
+    })
+}
+
+/// The connection status of a stage: link, sync, components, errors.
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/outpost-status", tag = "stages",
+    responses((status = 200, body = StageStatus)))]
+pub async fn stage_status(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+) -> ApiResult<Json<StageStatus>> {
+    caller.role_in(&state, &project).await?;
+    Ok(Json(compute(&state, &project, &stage).await?))
+}
+
+pub async fn compute(state: &AppState, project: &str, stage_name: &str) -> ApiResult<StageStatus> {
+    let store = state.store();
+    let stage = store.get_stage(project, stage_name).await?;
+    let sync = store.get_stage_sync(project, stage_name).await?;
+    let link = link_view(state, &stage.outpost).await?;
+    let online = matches!(link.state, LinkState::Online | LinkState::Degraded);
+    let report = sync.report.clone().unwrap_or(Value::Null);
+    let report_failed = report.get("state").and_then(Value::as_str) == Some("failed");
+    let applied_release = store
+        .list_releases(project, stage_name)
+        .await?
+        .into_iter()
+        .find(|r| r.state == ReleaseState::Applied)
+        .map(|r| r.number);
+    let mut errors = link.errors.clone();
+    if let Some(list) = report.get("errors").and_then(Value::as_array) {
+        errors.extend(
+            list.iter()
+                .filter_map(|e| serde_json::from_value::<ErrorEntry>(e.clone()).ok()),
+        );
+    }
+    errors.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+    Ok(StageStatus {
+        project: project.to_owned(),
+        stage: stage_name.to_owned(),
+        outpost: stage.outpost.clone(),
+        sync: SyncView {
+            state: sync_state(
+                online,
+                stage.desired_revision,
+                sync.delivered_revision,
+                sync.applied_revision,
+                stage.suspended,
+                report_failed,
+            ),
+            desired_revision: stage.desired_revision,
+            delivered_revision: sync.delivered_revision,
+            applied_revision: sync.applied_revision,
+            desired_release: stage.latest_release,
+            applied_release,
+            message: report
+                .get("message")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            updated_at: sync.updated_at,
+        },
+        components: report
+            .get("components")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default(),
+        errors,
+        link,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SyncState::*;
+    use super::*;
+
+    #[test]
+    fn sync_states_follow_the_revisions_and_the_link() {
+        // (online, desired, delivered, applied, suspended, failed) -> state
+        let cases = [
+            ((false, 0, 0, 0, false, false), Linking),
+            ((true, 0, 0, 0, false, false), InSync),
+            ((false, 3, 0, 0, false, false), Linking),
+            ((false, 3, 1, 1, false, false), PendingDelivery),
+            ((true, 3, 1, 1, false, false), Syncing),
+            ((true, 3, 3, 1, false, false), Syncing),
+            ((false, 3, 3, 1, false, false), Syncing),
+            ((true, 3, 3, 3, false, false), InSync),
+            ((false, 3, 3, 3, false, false), InSync),
+            ((true, 4, 4, 4, true, false), Suspended),
+            ((true, 3, 3, 2, false, true), Failed),
+            // A failure of an older revision does not hide a newer delivery in flight.
+            ((true, 4, 3, 2, false, true), Syncing),
+        ];
+        for ((online, desired, delivered, applied, suspended, failed), want) in cases {
+            assert_eq!(
+                sync_state(online, desired, delivered, applied, suspended, failed),
+                want,
+                "online={online} desired={desired} delivered={delivered} applied={applied} suspended={suspended} failed={failed}"
+            );
+        }
+    }
+}
