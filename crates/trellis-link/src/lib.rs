@@ -13,6 +13,7 @@
 //! - [`frame`]: bytes ⇄ envelope, with size and version checks and errors
 //!   meant for people.
 //! - [`io`]: the transport seam ([`io::LinkIo`]) both halves' sessions use.
+//! - [`mem`]: an in-memory link, for the hub's local outpost and simulation.
 //! - [`identity`]: the hub CA, agent keys and CSRs, client certificates,
 //!   the join token, CA fingerprint pinning and rustls configurations.
 //!
@@ -28,6 +29,7 @@
 pub mod frame;
 pub mod identity;
 pub mod io;
+pub mod mem;
 pub mod protocol;
 
 pub use frame::{FrameError, MAX_FRAME_BYTES, decode, encode};
