@@ -12,6 +12,8 @@ pub use reqwest::Method as M;
 pub struct TestHub {
     pub base: String,
     pub admin: String,
+    /// The hub's shared state, for tests that attach link sessions directly.
+    pub state: trellis_hub::state::AppState,
     http: reqwest::Client,
     _data: tempfile::TempDir,
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -26,6 +28,7 @@ pub async fn start() -> TestHub {
     .await
     .unwrap();
     let admin = hub.first_admin_key().unwrap().to_string();
+    let state = hub.state().clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}/api/v1", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -35,6 +38,7 @@ pub async fn start() -> TestHub {
     TestHub {
         base,
         admin,
+        state,
         http: reqwest::Client::new(),
         _data: data,
         _stop: stop,

@@ -1,0 +1,386 @@
+//! The hub's link session, driven by a scripted agent over an in-memory
+//! link: what the hub sends, what it records, and the release history it
+//! derives — the sync rules, without sockets.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use common::{M, TestHub, start};
+use reqwest::StatusCode;
+use serde_json::json;
+use trellis_link::identity::{KeyFingerprint, PeerIdentity};
+use trellis_link::mem::{MemLink, pair};
+use trellis_link::protocol::{Capacity, DesiredAck, StageRevision, StatusReport};
+use trellis_link::{Envelope, Incoming, LinkIo, Message};
+
+const MANIFEST: &str = "version: v1\ncomponents:\n  - name: web\n    docker:\n      image: web:1\n";
+
+/// Project `shop` with stage `line3` on outpost `edge` and one build.
+async fn setup(hub: &TestHub) {
+    let admin = Some(hub.admin.as_str());
+    hub.call(admin, M::POST, "/outposts", Some(json!({"name": "edge"})))
+        .await;
+    hub.call(admin, M::POST, "/projects", Some(json!({"name": "shop"})))
+        .await;
+    let (_, uri) = hub.call(admin, M::GET, "/outposts/edge/uri", None).await;
+    let (s, b) = hub
+        .call(
+            admin,
+            M::POST,
+            "/projects/shop/stages",
+            Some(json!({"name": "line3", "type": "prod", "outpost_uri": uri["uri"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, b) = hub
+        .call(
+            admin,
+            M::POST,
+            "/projects/shop/builds",
+            Some(json!({
+            "branch": "main", "commit": "0123456789abcdef0123456789abcdef01234567",
+            "manifest_file": "trellis.yaml", "manifest": MANIFEST,
+            "components": [{"name": "web", "artifact": {"kind": "image", "reference": "web:1"}}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+}
+
+async fn push(hub: &TestHub) -> u64 {
+    let (s, r) = hub
+        .call(
+            Some(&hub.admin),
+            M::POST,
+            "/projects/shop/stages/line3/releases",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    r["revision"].as_u64().unwrap()
+}
+
+fn peer() -> PeerIdentity {
+    PeerIdentity {
+        outpost: "edge".into(),
+        serial_hex: "01".into(),
+        not_after: Utc::now() + chrono::Duration::days(30),
+        public_key_fingerprint: KeyFingerprint([7; 32]),
+    }
+}
+
+struct Agent {
+    link: MemLink,
+    seq: u64,
+}
+
+impl Agent {
+    async fn connect(hub: &TestHub, held: &[(u64, u64)]) -> Agent {
+        let (hub_end, agent_end) = pair();
+        tokio::spawn(trellis_hub::link::session::run(
+            Box::new(hub_end),
+            peer(),
+            hub.state.clone(),
+        ));
+        let mut agent = Agent {
+            link: agent_end,
+            seq: 0,
+        };
+        let stages = held
+            .iter()
+            .map(|&(applied, desired)| StageRevision {
+                project: "shop".into(),
+                stage: "line3".into(),
+                applied_revision: applied,
+                desired_revision_held: desired,
+            })
+            .collect();
+        agent
+            .send(Message::Hello {
+                agent_version: "test".into(),
+                os: "linux".into(),
+                arch: "x86_64".into(),
+                runtimes: vec![],
+                capacity: Capacity {
+                    cpus: 2,
+                    memory_bytes: 1 << 30,
+                    disk_free_bytes: 1 << 30,
+                },
+                stages,
+                outbox_from: 0,
+            })
+            .await;
+        match agent.next().await {
+            Message::Welcome { heartbeat_secs, .. } => assert!(heartbeat_secs > 0),
+            other => panic!("expected welcome, got {other:?}"),
+        }
+        agent
+    }
+
+    async fn send(&mut self, msg: Message) {
+        self.seq += 1;
+        self.link.send(&Envelope::new(self.seq, msg)).await.unwrap();
+    }
+
+    /// The next frame from the hub (pongs skipped), within 5 s.
+    async fn next(&mut self) -> Message {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), self.link.recv()).await {
+                Ok(Ok(Some(Incoming::Frame(env)))) => return env.msg,
+                Ok(Ok(Some(Incoming::Pong(_)))) => continue,
+                other => panic!("expected a frame from the hub, got {other:?}"),
+            }
+        }
+    }
+
+    /// Nothing arrives for a while.
+    async fn quiet(&mut self) {
+        if let Ok(Ok(Some(Incoming::Frame(env)))) =
+            tokio::time::timeout(Duration::from_millis(300), self.link.recv()).await
+        {
+            panic!("expected nothing from the hub, got {:?}", env.msg);
+        }
+    }
+
+    async fn report(&mut self, seq: u64, applied: u64, state: &str) {
+        self.send(Message::Status {
+            seq,
+            reports: vec![StatusReport {
+                project: "shop".into(),
+                stage: "line3".into(),
+                applied_revision: applied,
+                state: state.into(),
+                message: None,
+                components: vec![],
+                errors: vec![],
+            }],
+        })
+        .await;
+        match self.next().await {
+            Message::StatusAck { up_to_seq } => assert_eq!(up_to_seq, seq),
+            other => panic!("expected status-ack, got {other:?}"),
+        }
+    }
+}
+
+async fn status(hub: &TestHub) -> serde_json::Value {
+    let (s, b) = hub
+        .call(
+            Some(&hub.admin),
+            M::GET,
+            "/projects/shop/stages/line3/outpost-status",
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    b
+}
+
+async fn release_states(hub: &TestHub) -> Vec<String> {
+    let (_, list) = hub
+        .call(
+            Some(&hub.admin),
+            M::GET,
+            "/projects/shop/stages/line3/releases",
+            None,
+        )
+        .await;
+    let mut states: Vec<(u64, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["number"].as_u64().unwrap(),
+                r["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    states.sort();
+    states.into_iter().map(|(_, s)| s).collect()
+}
+
+#[tokio::test]
+async fn releases_pushed_while_offline_arrive_as_the_newest_only() {
+    let hub = start().await;
+    setup(&hub).await;
+    assert_eq!(status(&hub).await["sync"]["state"], "linking");
+    assert_eq!(status(&hub).await["link"]["state"], "awaiting-agent");
+    let r1 = push(&hub).await;
+    push(&hub).await;
+    let r3 = push(&hub).await;
+    assert_eq!(status(&hub).await["sync"]["state"], "linking");
+
+    let mut agent = Agent::connect(&hub, &[]).await;
+    match agent.next().await {
+        Message::Desired {
+            revision, state, ..
+        } => {
+            assert_eq!(revision, r3, "only the newest desired state is sent");
+            assert_eq!(state["release"]["number"], 3);
+            assert_eq!(state["build"]["name"], "main_b1");
+        }
+        other => panic!("expected desired, got {other:?}"),
+    }
+    agent.quiet().await;
+    assert_eq!(status(&hub).await["link"]["state"], "online");
+    assert_eq!(status(&hub).await["sync"]["state"], "syncing");
+    agent
+        .send(Message::Ack {
+            desired: vec![DesiredAck {
+                project: "shop".into(),
+                stage: "line3".into(),
+                revision: r3,
+            }],
+        })
+        .await;
+    agent.report(1, r3, "running").await;
+    let s = status(&hub).await;
+    assert_eq!(s["sync"]["state"], "in-sync", "{s}");
+    assert_eq!(s["sync"]["applied_release"], 3);
+    assert_eq!(
+        release_states(&hub).await,
+        ["superseded", "superseded", "applied"]
+    );
+    assert!(r1 < r3);
+
+    // A push while online is delivered at once; the older release is replaced once the newer runs.
+    let r4 = push(&hub).await;
+    match agent.next().await {
+        Message::Desired { revision, .. } => assert_eq!(revision, r4),
+        other => panic!("expected desired, got {other:?}"),
+    }
+    agent.report(2, r4, "running").await;
+    assert_eq!(
+        release_states(&hub).await,
+        ["superseded", "superseded", "replaced", "applied"]
+    );
+    // A late report of an older revision changes nothing.
+    agent.report(3, r3, "running").await;
+    assert_eq!(status(&hub).await["sync"]["applied_revision"], r4);
+}
+
+#[tokio::test]
+async fn a_reconnecting_agent_gets_only_what_it_lacks_and_deleted_stages_are_forgotten() {
+    let hub = start().await;
+    setup(&hub).await;
+    let r1 = push(&hub).await;
+    // The agent already holds r1: nothing to send.
+    let mut agent = Agent::connect(&hub, &[(r1, r1)]).await;
+    agent.quiet().await;
+    drop(agent);
+    // Offline now; a new release waits for delivery.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r2 = push(&hub).await;
+    let s = status(&hub).await;
+    assert_eq!(s["link"]["state"], "offline", "{s}");
+    let mut agent = Agent::connect(&hub, &[(r1, r1)]).await;
+    match agent.next().await {
+        Message::Desired { revision, .. } => assert_eq!(revision, r2),
+        other => panic!("expected desired, got {other:?}"),
+    }
+    let (s, _) = hub
+        .call(
+            Some(&hub.admin),
+            M::DELETE,
+            "/projects/shop/stages/line3?force=true",
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    match agent.next().await {
+        Message::Forget { project, stage } => {
+            assert_eq!((project.as_str(), stage.as_str()), ("shop", "line3"))
+        }
+        other => panic!("expected forget, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn errors_and_failures_reach_the_status_view() {
+    let hub = start().await;
+    setup(&hub).await;
+    let r1 = push(&hub).await;
+    let mut agent = Agent::connect(&hub, &[]).await;
+    let _ = agent.next().await;
+    agent
+        .send(Message::Ack {
+            desired: vec![DesiredAck {
+                project: "shop".into(),
+                stage: "line3".into(),
+                revision: r1,
+            }],
+        })
+        .await;
+    let now = Utc::now();
+    agent
+        .send(Message::Status {
+            seq: 1,
+            reports: vec![StatusReport {
+                project: "shop".into(),
+                stage: "line3".into(),
+                applied_revision: 0,
+                state: "failed".into(),
+                message: Some("component web exited with code 1".into()),
+                components: vec![],
+                errors: vec![trellis_link::protocol::AgentError {
+                    code: "hub-unreachable".into(),
+                    message: "connection refused".into(),
+                    hint: Some("check the hub's address".into()),
+                    first_seen: now,
+                    last_seen: now,
+                    count: 4,
+                }],
+            }],
+        })
+        .await;
+    let _ack = agent.next().await;
+    let s = status(&hub).await;
+    assert_eq!(s["sync"]["state"], "failed", "{s}");
+    assert_eq!(s["sync"]["message"], "component web exited with code 1");
+    let errors = s["errors"].as_array().unwrap();
+    assert_eq!(errors[0]["code"], "hub-unreachable");
+    assert_eq!(errors[0]["count"], 4);
+    assert_eq!(errors[0]["source"], "agent");
+    assert_eq!(release_states(&hub).await, ["failed"]);
+}
+
+#[tokio::test]
+async fn a_hostile_frame_ends_only_that_link() {
+    let hub = start().await;
+    setup(&hub).await;
+    let mut agent = Agent::connect(&hub, &[]).await;
+    // Agents never send welcome; the hub drops the link with an error.
+    agent
+        .send(Message::Welcome {
+            hub_version: "x".into(),
+            heartbeat_secs: 1,
+            server_time: Utc::now(),
+        })
+        .await;
+    match agent.next().await {
+        Message::Error { code, .. } => assert_eq!(code, "unexpected-message"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), agent.link.recv())
+            .await
+            .unwrap()
+            .unwrap(),
+        None
+    );
+    // The hub still works, and a new connection is accepted.
+    let mut again = Agent::connect(&hub, &[]).await;
+    again.quiet().await;
+    let s = status(&hub).await;
+    assert_eq!(s["link"]["state"], "online");
+    assert!(
+        s["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["code"] == "link-protocol-error"),
+        "{s}"
+    );
+}
