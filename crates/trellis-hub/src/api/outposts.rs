@@ -140,9 +140,10 @@ pub async fn revoke_outpost(
 ) -> ApiResult<Json<Outpost>> {
     caller.require_admin("revoke outposts")?;
     remote_outpost(&state, &outpost).await?;
-    Ok(Json(
-        state.store().revoke_outpost(&outpost, Utc::now()).await?,
-    ))
+    let revoked = state.store().revoke_outpost(&outpost, Utc::now()).await?;
+    // After the store knows, so a reconnect in between is refused too.
+    state.links().revoke(&outpost);
+    Ok(Json(revoked))
 }
 
 /// Validates an Outpost URI: the outpost's description, or one error with a

@@ -80,7 +80,7 @@ impl LinkIo for AxumLink {
 pub async fn link(
     State(state): State<AppState>,
     connection: Option<axum::Extension<ConnectionInfo>>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
     let Some(peer) = connection.and_then(|c| c.0.peer) else {
         return ApiError::new(
@@ -115,6 +115,19 @@ pub async fn link(
     if registered.as_deref() != Some(peer.public_key_fingerprint.to_string().as_str()) {
         return unknown_key(&outpost.name).into_response();
     }
+    let upgrade = match upgrade {
+        Ok(u) => u,
+        Err(rejection) => {
+            return ApiError::bad_request(
+                format!(
+                    "this endpoint takes a WebSocket upgrade: {}",
+                    rejection.body_text()
+                ),
+                "it is for outpost agents; `trellis agent run` connects to it",
+            )
+            .into_response();
+        }
+    };
     if let Err(wait) = state.links().admit() {
         // Whole seconds, at least one, so agents spread their retries.
         let secs = wait.as_secs().max(1);
