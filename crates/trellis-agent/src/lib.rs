@@ -1,14 +1,229 @@
 //! The Trellis Outpost Agent: runs stages on a remote host and keeps them
 //! running while its link to the hub is down (BRIEF §4–5).
 //!
+//! [`join()`] enrols the outpost once, with a join token; [`run`] then keeps
+//! two loops going until told to stop:
+//!
+//! - the **link** ([`link::run_link`]) dials the hub, says which revisions
+//!   the outpost holds, persists every desired state *before* acknowledging
+//!   it, sends the status outbox, renews the certificate, and reconnects with
+//!   jittered backoff when the link breaks;
+//! - the **reconciler** ([`reconciler::Reconciler`]) applies the newest held
+//!   desired state of each stage through a [`runtime::Runtime`], whether or
+//!   not the link is up, and queues a status report for each apply.
+//!
+//! They meet only in the durable [`state::AgentState`] and the
+//! [`report::Reporter`], so a crash of the agent at any instant loses
+//! nothing that was acknowledged.
+//!
 //! # Layout
 //! - [`state`]: the agent's durable local state — identity, desired and
 //!   applied revisions per stage, and the outbox of status reports — in one
-//!   crash-safe file.
+//!   crash-safe file (`<data>/agent.redb`).
+//! - [`runtime`]: the [`runtime::Runtime`] seam and [`runtime::RecordOnly`],
+//!   the one runtime shipped so far.
+//! - [`reconciler`]: applies the newest held revision of each stage.
+//! - [`report`]: status reports into the outbox; the bounded, de-duplicated
+//!   log of errors met while the hub could not be reached.
+//! - [`link`]: the session with the hub over any [`trellis_link::LinkIo`],
+//!   the [`link::Connector`] seam, reconnects with backoff.
+//! - [`ws`]: the real transport — TLS (tokio-rustls) + WebSocket — and
+//!   [`ws::HubConnector`].
+//! - [`mod@join`]: first contact with a join token, and renewal of an expired
+//!   certificate over HTTPS.
+//! - `https`, `cert`, `host`: the hub URL and the two HTTPS calls, reading
+//!   the agent's own certificate, probing the host's capacity.
+//! - [`shutdown`]: the stop signal every task waits on.
 
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+pub mod join;
+pub mod link;
+pub mod reconciler;
+pub mod report;
+pub mod runtime;
+pub mod shutdown;
 pub mod state;
+pub mod ws;
 
+mod cert;
+mod host;
+mod https;
+
+pub use join::{JoinError, join};
+pub use link::{Backoff, BackoffConfig, ConnectError, Connector, LinkConfig};
+pub use runtime::{ApplyOutcome, RecordOnly, Runtime};
+pub use shutdown::{Shutdown, ShutdownTrigger};
 pub use state::{
     AgentState, DEFAULT_OUTBOX_CAPACITY, Identity, OutboxStats, SCHEMA_VERSION, StageKey,
     StageRecord, StateError, StateOptions, StoreOutcome,
 };
+
+/// The agent's state file inside its data directory.
+pub const STATE_FILE: &str = "agent.redb";
+
+/// This agent's version, sent in `hello`.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why the agent stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    State(#[from] StateError),
+
+    #[error(
+        "this outpost has not joined a hub yet (no identity in {path}); run `trellis agent join \
+         <hub-url> --token <token>` with the token printed by `trellis create outpost`",
+        path = .path.display()
+    )]
+    NotJoined { path: PathBuf },
+
+    #[error(
+        "this outpost was revoked by the hub ({reason}); ask the administrator — `trellis agent \
+         join` with a new token is needed"
+    )]
+    Revoked { reason: String },
+
+    #[error("the agent could not {what}; this is a bug in the agent, please report it")]
+    Internal { what: String },
+}
+
+impl AgentError {
+    /// The stable error code, for logs and the status model.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AgentError::State(_) => "agent-state-failed",
+            AgentError::NotJoined { .. } => "not-joined",
+            AgentError::Revoked { .. } => "revoked",
+            AgentError::Internal { .. } => "agent-internal",
+        }
+    }
+}
+
+/// How [`run`] is wired; the defaults are production's.
+pub struct AgentOptions {
+    /// What runs the stages; default [`RecordOnly`] under the data directory.
+    pub runtime: Option<Arc<dyn Runtime>>,
+    /// How the hub is reached; default [`ws::HubConnector`] from the stored
+    /// identity (which then must exist).
+    pub connector: Option<Arc<dyn Connector>>,
+    pub link: LinkConfig,
+    /// Seed of the backoff jitter; default from the OS. Tests fix it.
+    pub rng_seed: Option<u64>,
+    pub state: StateOptions,
+    /// How many distinct errors are kept while the hub is unreachable.
+    pub error_log_capacity: usize,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            runtime: None,
+            connector: None,
+            link: LinkConfig::default(),
+            rng_seed: None,
+            state: StateOptions::default(),
+            error_log_capacity: report::DEFAULT_ERROR_LOG_CAPACITY,
+        }
+    }
+}
+
+impl std::fmt::Debug for AgentOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentOptions")
+            .field("runtime", &self.runtime.is_some())
+            .field("connector", &self.connector.is_some())
+            .field("link", &self.link)
+            .field("rng_seed", &self.rng_seed)
+            .field("state", &self.state)
+            .field("error_log_capacity", &self.error_log_capacity)
+            .finish()
+    }
+}
+
+/// Runs the agent on `data_dir` until `shutdown` completes (then `Ok`) or
+/// the hub revokes the outpost ([`AgentError::Revoked`]). Stages keep their
+/// last applied state when the agent stops.
+pub async fn run(
+    data_dir: &Path,
+    options: AgentOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    let state_path = data_dir.join(STATE_FILE);
+    let state_options = options.state;
+    let path = state_path.clone();
+    let state = tokio::task::spawn_blocking(move || AgentState::open_with(&path, state_options))
+        .await
+        .map_err(|e| AgentError::Internal {
+            what: format!("open its state file ({e})"),
+        })??;
+    let state = Arc::new(state);
+
+    let connector: Arc<dyn Connector> = match options.connector {
+        Some(connector) => connector,
+        None => {
+            if blocking(&state, |s| s.identity()).await?.is_none() {
+                return Err(AgentError::NotJoined { path: state_path });
+            }
+            Arc::new(ws::HubConnector::new(state.clone()))
+        }
+    };
+    let runtime: Arc<dyn Runtime> = options
+        .runtime
+        .unwrap_or_else(|| Arc::new(RecordOnly::new(data_dir)));
+    let reporter = Arc::new(report::Reporter::new(
+        state.clone(),
+        options.error_log_capacity,
+    ));
+    let reconciler = reconciler::Reconciler::new(runtime.clone(), reporter.clone());
+    let ctx = link::LinkContext {
+        state,
+        reporter,
+        reconciler: reconciler.handle(),
+        runtime,
+        data_dir: data_dir.to_path_buf(),
+    };
+    let rng = match options.rng_seed {
+        Some(seed) => StdRng::seed_from_u64(seed),
+        None => StdRng::from_entropy(),
+    };
+
+    let (trigger, signal) = Shutdown::channel();
+    let reconciler_task = tokio::spawn(reconciler.run(signal.clone()));
+    let link = link::run_link(connector.as_ref(), &ctx, options.link, rng, signal);
+    tokio::pin!(link);
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        result = &mut link => result,
+        _ = &mut shutdown => {
+            trigger.trigger();
+            // Let the link close politely (it tells the hub why).
+            link.await
+        }
+    };
+    trigger.trigger();
+    if let Err(e) = reconciler_task.await {
+        tracing::error!(error = %e, "the reconciler task failed");
+    }
+    result
+}
+
+/// Runs a call on the (synchronous, fsyncing) state off the async threads.
+pub(crate) async fn blocking<T, F>(state: &Arc<AgentState>, f: F) -> Result<T, AgentError>
+where
+    T: Send + 'static,
+    F: FnOnce(&AgentState) -> Result<T, StateError> + Send + 'static,
+{
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || f(&state))
+        .await
+        .map_err(|e| AgentError::Internal {
+            what: format!("finish a call on its state file ({e})"),
+        })?
+        .map_err(AgentError::State)
+}

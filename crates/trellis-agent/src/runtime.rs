@@ -1,0 +1,185 @@
+//! The seam between the agent and whatever runs a stage's components.
+//!
+//! The reconciler hands a [`Runtime`] the complete desired state of a stage
+//! at a revision and gets back an [`ApplyOutcome`] it reports to the hub. A
+//! runtime never sees revisions out of order: the reconciler applies only
+//! the newest held revision of a stage, and never one older than the last it
+//! applied (BRIEF §4, "Sync is level-triggered").
+//!
+//! Container and process runtimes come later (BRIEF §5). Until then the
+//! agent ships [`RecordOnly`], which is honest about what it does: it
+//! records the release on the outpost and says that nothing runs it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use trellis_link::protocol::{ComponentStatus, RuntimeInfo};
+use trellis_model::{NameKind, validate_name};
+
+use crate::state::StageKey;
+
+/// What applying a desired state did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// Whether the stage now runs the applied revision as desired.
+    pub ok: bool,
+    /// The stage's state as reported to the hub, e.g. `running`, `failed`,
+    /// `recorded`.
+    pub state: String,
+    /// A sentence for people: what happened, and on failure what to try.
+    pub message: Option<String>,
+    pub components: Vec<ComponentStatus>,
+}
+
+impl ApplyOutcome {
+    /// A failed apply with a message; the state is `failed`.
+    pub fn failed(message: impl Into<String>) -> Self {
+        ApplyOutcome {
+            ok: false,
+            state: "failed".into(),
+            message: Some(message.into()),
+            components: Vec::new(),
+        }
+    }
+}
+
+/// Something that turns a stage's desired state into running components.
+///
+/// Implementations must be idempotent (the same revision may be applied
+/// again after an agent restart) and must never panic on a desired state:
+/// it comes from the network, so a malformed one is an [`ApplyOutcome`] with
+/// `ok: false` and a message saying what is wrong.
+#[async_trait]
+pub trait Runtime: Send + Sync {
+    /// The runtimes found on this host, for the `hello` frame.
+    fn describe(&self) -> Vec<RuntimeInfo>;
+
+    /// Makes `stage` run `desired` at `revision`.
+    async fn apply(
+        &self,
+        stage: &StageKey,
+        revision: u64,
+        desired: &serde_json::Value,
+    ) -> ApplyOutcome;
+
+    /// Removes everything of `stage` (the hub deleted it).
+    async fn remove(&self, stage: &StageKey) -> Result<(), String>;
+}
+
+/// The message [`RecordOnly`] reports with every apply.
+pub const RECORD_ONLY_MESSAGE: &str =
+    "this agent has no runtime that runs components yet; the release is recorded on the outpost";
+
+/// A runtime that runs nothing: it writes each stage's desired state to
+/// `<data>/stages/<project>/<stage>/desired.json` (atomically: temporary
+/// file, fsync, rename, fsync of the directory) and reports `recorded`.
+#[derive(Debug, Clone)]
+pub struct RecordOnly {
+    root: PathBuf,
+}
+
+impl RecordOnly {
+    /// A runtime recording under `<data_dir>/stages`.
+    pub fn new(data_dir: &Path) -> Self {
+        RecordOnly {
+            root: data_dir.join("stages"),
+        }
+    }
+
+    /// The directory of `stage`. Refuses names that are not valid project
+    /// and stage names, because they come from the network and become path
+    /// components (`..` or `/` must never reach the file system).
+    pub fn stage_dir(&self, stage: &StageKey) -> Result<PathBuf, String> {
+        validate_name(NameKind::Project, &stage.project)
+            .map_err(|e| format!("the hub sent an invalid project name: {e}"))?;
+        validate_name(NameKind::Stage, &stage.stage)
+            .map_err(|e| format!("the hub sent an invalid stage name: {e}"))?;
+        Ok(self.root.join(&stage.project).join(&stage.stage))
+    }
+}
+
+#[async_trait]
+impl Runtime for RecordOnly {
+    fn describe(&self) -> Vec<RuntimeInfo> {
+        Vec::new()
+    }
+
+    async fn apply(
+        &self,
+        stage: &StageKey,
+        revision: u64,
+        desired: &serde_json::Value,
+    ) -> ApplyOutcome {
+        let dir = match self.stage_dir(stage) {
+            Ok(dir) => dir,
+            Err(message) => return ApplyOutcome::failed(message),
+        };
+        let bytes = match serde_json::to_vec_pretty(desired) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                return ApplyOutcome::failed(format!(
+                    "could not encode revision {revision} of stage {stage} as JSON: {e}"
+                ));
+            }
+        };
+        let written =
+            tokio::task::spawn_blocking(move || write_atomically(&dir, "desired.json", &bytes))
+                .await;
+        match written {
+            Ok(Ok(())) => ApplyOutcome {
+                ok: true,
+                state: "recorded".into(),
+                message: Some(RECORD_ONLY_MESSAGE.into()),
+                components: Vec::new(),
+            },
+            Ok(Err(e)) => ApplyOutcome::failed(format!(
+                "could not record revision {revision} of stage {stage} on the outpost: {e}; \
+                 check that the agent's data directory is writable and the disk is not full"
+            )),
+            Err(e) => ApplyOutcome::failed(format!(
+                "recording revision {revision} of stage {stage} failed unexpectedly ({e}); \
+                 this is a bug in the agent"
+            )),
+        }
+    }
+
+    async fn remove(&self, stage: &StageKey) -> Result<(), String> {
+        let dir = self.stage_dir(stage)?;
+        let stage_name = stage.to_string();
+        tokio::task::spawn_blocking(move || {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("could not remove {}: {e}", dir.display())),
+            }
+            // The project directory goes when its last stage does; failing
+            // (not empty, already gone) is expected and harmless.
+            if let Some(project_dir) = dir.parent() {
+                let _ = std::fs::remove_dir(project_dir);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| format!("removing stage {stage_name} failed unexpectedly ({e})"))?
+    }
+}
+
+/// Writes `name` in `dir` so that it holds either the old or the new content
+/// whenever the process dies: temporary file, fsync, rename, fsync of the
+/// directory (a rename is durable only once its directory is).
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, dir.join(name))?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
