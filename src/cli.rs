@@ -85,6 +85,32 @@ pub enum Command {
     /// Show the connection status of an outpost stage
     #[command(subcommand)]
     Status(StatusCommand),
+    /// Run an Outpost Agent (on the outpost's host)
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Enrol this host as an outpost with a join token, then run the agent
+    Join {
+        /// The hub's URL, as printed with the token (https://host:port)
+        hub: String,
+        /// The join token printed by `trellis create outpost`
+        #[arg(long, env = "TRELLIS_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The agent's data directory (identity, state, stages)
+        #[arg(long, env = "TRELLIS_AGENT_DATA", default_value = "trellis-agent")]
+        data: PathBuf,
+        /// Only enrol; do not start the agent
+        #[arg(long)]
+        no_run: bool,
+    },
+    /// Run the agent of an enrolled host
+    Run {
+        #[arg(long, env = "TRELLIS_AGENT_DATA", default_value = "trellis-agent")]
+        data: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +154,12 @@ pub struct HubArgs {
     /// New outpost links admitted per second; the rest retry later (default 200)
     #[arg(long)]
     pub admissions_per_sec: Option<u32>,
+    /// TLS handshakes in progress at once at most (default 64)
+    #[arg(long)]
+    pub max_handshakes: Option<usize>,
+    /// Validity of the certificates issued to agents, in seconds (default 30 days)
+    #[arg(long)]
+    pub cert_validity_secs: Option<u64>,
 }
 
 #[derive(Debug, Args)]

@@ -18,7 +18,7 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListe
     })
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -53,6 +53,12 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
     }
     if let Some(rate) = args.admissions_per_sec {
         link.admissions_per_sec = rate.max(1);
+    }
+    if let Some(n) = args.max_handshakes {
+        link.max_handshakes = n.max(1);
+    }
+    if let Some(secs) = args.cert_validity_secs {
+        link.cert_validity = std::time::Duration::from_secs(secs.max(1));
     }
     let hub = Hub::open(HubOptions {
         data_dir: args.data.clone(),

@@ -1,5 +1,6 @@
 //! One module per group of commands; `run` dispatches.
 
+mod agent;
 mod build;
 mod hub;
 mod outposts;
@@ -20,6 +21,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rotate(crate::cli::RotateCommand::OutpostUri { outpost }) => {
             outposts::rotate(&settings::client(&global)?, &outpost).await
         }
+        Command::Agent(crate::cli::AgentCommand::Join {
+            hub,
+            token,
+            data,
+            no_run,
+        }) => agent::join(&hub, &token, &data, no_run).await,
+        Command::Agent(crate::cli::AgentCommand::Run { data }) => agent::run(&data).await,
         Command::Status(crate::cli::StatusCommand::Stage { name, project }) => {
             outposts::stage_status(&settings::client(&global)?, &project, &name, global.output)
                 .await

@@ -23,8 +23,15 @@ impl HubProcess {
     /// Starts `trellis hub` on 127.0.0.1:0 and waits for its "listening"
     /// line.
     pub fn start(data: &Path) -> HubProcess {
+        Self::start_with(data, &["--listen", "127.0.0.1:0"])
+    }
+
+    /// Starts `trellis hub --data DATA ARGS…`.
+    pub fn start_with(data: &Path, args: &[&str]) -> HubProcess {
         let mut child = Command::new(bin())
-            .args(["hub", "--listen", "127.0.0.1:0", "--data"])
+            .arg("hub")
+            .args(args)
+            .arg("--data")
             .arg(data)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -191,4 +198,77 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// An Outpost Agent process.
+pub struct AgentProcess {
+    pub child: Child,
+    pub data: PathBuf,
+}
+
+impl AgentProcess {
+    /// `trellis agent join HUB --token TOKEN --data DIR` (enrols, then runs).
+    pub fn join(join_command: &str, data: &Path) -> AgentProcess {
+        let words: Vec<&str> = join_command.split_whitespace().collect();
+        assert_eq!(&words[..3], ["trellis", "agent", "join"], "{join_command}");
+        let child = Command::new(bin())
+            .args(&words[1..])
+            .arg("--data")
+            .arg(data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start trellis agent join");
+        AgentProcess {
+            child,
+            data: data.to_owned(),
+        }
+    }
+
+    /// `trellis agent run --data DIR` of an enrolled agent.
+    pub fn run(data: &Path) -> AgentProcess {
+        let child = Command::new(bin())
+            .args(["agent", "run", "--data"])
+            .arg(data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start trellis agent run");
+        AgentProcess {
+            child,
+            data: data.to_owned(),
+        }
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().expect("SIGKILL the agent");
+        self.child.wait().expect("reap the agent");
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `trellis agent join …` line that `trellis create outpost` printed.
+pub fn join_command(create_outpost_output: &str) -> String {
+    create_outpost_output
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("trellis agent join "))
+        .unwrap_or_else(|| panic!("no join command in:\n{create_outpost_output}"))
+        .to_owned()
+}
+
+/// A loopback port that was free a moment ago (for a hub that must come
+/// back on the same port after a restart).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

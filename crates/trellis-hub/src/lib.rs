@@ -13,6 +13,8 @@
 //! - `auth.rs`: access keys and the [`auth::Caller`] extractor.
 //! - `error.rs`: the API's error type and JSON error shape.
 //! - `link/`: the outpost link — registry, sessions, join/renew, status.
+//! - `local.rs`: the local outpost — an embedded agent on an in-memory link.
+//! - `metrics.rs`: `/metrics` in the Prometheus text format.
 //! - `tls.rs`: the hub's CA and the HTTPS accept loop.
 //! - `outposts.rs`: Outpost URIs — deriving their keys, validating them.
 //! - `console.rs`: browser pages.
@@ -24,6 +26,8 @@ pub mod console;
 pub mod error;
 pub mod extract;
 pub mod link;
+pub mod local;
+pub mod metrics;
 pub mod outposts;
 mod server;
 pub mod state;

@@ -241,22 +241,75 @@ pub async fn validate(
             your_stages.push(format!("{}/{}", stage.project, stage.name));
         }
     }
+    let view = crate::link::status::link_view(state, &outpost.name).await?;
+    let agent = state
+        .store()
+        .get_outpost_link(&outpost.name)
+        .await?
+        .agent
+        .as_ref()
+        .and_then(agent_facts);
     let description = OutpostDescription {
         name: outpost.name.clone(),
         display_name: outpost.display_name.clone(),
         description: outpost.description.clone(),
         labels: outpost.labels.clone(),
-        // The link layer reports real link states; until an agent has ever
-        // connected the honest answer is that the hub is waiting for it.
         link: LinkStatus {
-            state: "awaiting-agent".into(),
-            since: outpost.created_at,
-            last_seen: None,
+            state: view.state.as_str().to_owned(),
+            since: view.since,
+            last_seen: view.last_seen,
         },
-        agent: None,
+        agent,
         stage_count,
         max_stages: outpost.max_stages,
         your_stages,
     };
     Ok((outpost, description))
+}
+
+/// The agent's hello, as the hub stored it, in the description's terms.
+fn agent_facts(hello: &serde_json::Value) -> Option<AgentFacts> {
+    let text = |key: &str| {
+        hello
+            .get(key)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let capacity = hello.get("capacity")?;
+    let number = |key: &str| {
+        capacity
+            .get(key)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    };
+    let runtimes = hello
+        .get("runtimes")
+        .and_then(|r| r.as_array())
+        .map(|list| {
+            list.iter()
+                .map(|r| RuntimeFact {
+                    name: r
+                        .get("name")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    version: r
+                        .get("version")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default()
+                        .to_owned(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(AgentFacts {
+        version: text("version"),
+        os: text("os"),
+        arch: text("arch"),
+        runtimes,
+        cpus: u32::try_from(number("cpus")).unwrap_or(u32::MAX),
+        memory_bytes: number("memory_bytes"),
+        disk_free_bytes: number("disk_free_bytes"),
+    })
 }

@@ -107,6 +107,7 @@ impl Hub {
     pub fn router(&self) -> axum::Router {
         let link = axum::Router::new()
             .route("/link/v1", axum::routing::get(crate::link::endpoint::link))
+            .route("/metrics", axum::routing::get(crate::metrics::metrics))
             .with_state(self.state.clone());
         axum::Router::new()
             .route("/", axum::routing::get(crate::console::index))
@@ -124,10 +125,27 @@ impl Hub {
         let local = listener.local_addr()?;
         self.state
             .set_public_address(local.ip().to_string(), local.port());
+        let cancel = self.start_background(shutdown);
         let router = self.router();
         axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(cancel.cancelled_owned())
             .await
+    }
+
+    /// Starts what runs beside the server (the local outpost's agent) and
+    /// returns the token that `shutdown` cancels.
+    fn start_background(
+        &self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio_util::sync::CancellationToken {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let trigger = cancel.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            trigger.cancel();
+        });
+        crate::local::spawn(self.state.clone(), self.data_dir.clone(), cancel.clone());
+        cancel
     }
 
     /// Serves HTTPS (the API, the console and the outpost link on one port)
@@ -158,12 +176,7 @@ impl Hub {
         ips.sort();
         ips.dedup();
         let config = crate::tls::server_tls(self.state.ca(), &names, &ips)?;
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let trigger = cancel.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            trigger.cancel();
-        });
+        let cancel = self.start_background(shutdown);
         let settings = self.state.links().settings().clone();
         let gauge = self.state.links().handshakes.clone();
         let router = self.router();
