@@ -110,10 +110,10 @@ fn five_hundred_agents_all_come_back_after_a_hub_restart_within_the_handshake_li
         let started = std::time::Instant::now();
         rt.block_on(async {
             loop {
-                if let Some((connected, _)) = metrics().await {
-                    if connected as usize > AGENTS {
-                        break;
-                    }
+                if let Some((connected, _)) = metrics().await
+                    && connected as usize > AGENTS
+                {
+                    break;
                 }
                 assert!(
                     started.elapsed() < Duration::from_secs(180),

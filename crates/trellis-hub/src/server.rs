@@ -113,7 +113,12 @@ impl Hub {
             .route("/", axum::routing::get(crate::console::index))
             .merge(link)
             .nest("/api/v1", crate::api::router(self.state.clone()))
-            .layer(tower_http::trace::TraceLayer::new_for_http())
+            // A 503 from the link's admission control is back-pressure, not
+            // a fault; failures are for debugging, errors are logged where
+            // they are handled.
+            .layer(tower_http::trace::TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ))
     }
 
     /// Serves until `shutdown` resolves, then finishes in-flight requests.

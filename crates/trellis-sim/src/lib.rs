@@ -121,17 +121,17 @@ impl Runtime for SimRuntime {
         let list = applied
             .entry(format!("{}/{}", stage.project, stage.stage))
             .or_default();
-        if let Some(&last) = list.last() {
-            if revision < last {
-                self.recorder
-                    .violations
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(format!(
-                        "outpost {} applied revision {revision} of {}/{} after revision {last}",
-                        self.outpost, stage.project, stage.stage
-                    ));
-            }
+        if let Some(&last) = list.last()
+            && revision < last
+        {
+            self.recorder
+                .violations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(format!(
+                    "outpost {} applied revision {revision} of {}/{} after revision {last}",
+                    self.outpost, stage.project, stage.stage
+                ));
         }
         list.push(revision);
         ApplyOutcome {

@@ -42,7 +42,7 @@ fn main() -> std::process::ExitCode {
                 println!("seed {seed}: VIOLATION: {violation}");
             }
         }
-        if (seed - first + 1) % 100 == 0 {
+        if (seed - first + 1).is_multiple_of(100) {
             eprintln!(
                 "{} seeds, {violations} violations, {:.0?}",
                 seed - first + 1,

@@ -50,16 +50,15 @@ impl ErrorLog {
             e.count = e.count.saturating_add(count);
             return;
         }
-        if self.entries.len() >= MAX_ERRORS {
-            if let Some(oldest) = self
+        if self.entries.len() >= MAX_ERRORS
+            && let Some(oldest) = self
                 .entries
                 .iter()
                 .enumerate()
                 .min_by_key(|(_, e)| e.last_seen)
                 .map(|(i, _)| i)
-            {
-                self.entries.remove(oldest);
-            }
+        {
+            self.entries.remove(oldest);
         }
         self.entries.push(ErrorEntry {
             source: source.to_owned(),
@@ -75,7 +74,7 @@ impl ErrorLog {
     /// Newest first.
     pub fn entries(&self) -> Vec<ErrorEntry> {
         let mut v = self.entries.clone();
-        v.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+        v.sort_by_key(|e| std::cmp::Reverse(e.last_seen));
         v
     }
 }

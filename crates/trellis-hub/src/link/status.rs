@@ -162,7 +162,7 @@ pub async fn compute(state: &AppState, project: &str, stage_name: &str) -> ApiRe
                 .filter_map(|e| serde_json::from_value::<ErrorEntry>(e.clone()).ok()),
         );
     }
-    errors.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+    errors.sort_by_key(|e| std::cmp::Reverse(e.last_seen));
     Ok(StageStatus {
         project: project.to_owned(),
         stage: stage_name.to_owned(),
