@@ -274,3 +274,56 @@ fn an_agent_whose_certificate_expired_during_an_outage_renews_and_reconnects() {
             && s["sync"]["applied_release"] == 1
     });
 }
+
+#[test]
+fn a_connected_agent_renews_its_certificate_over_the_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("hub");
+    // Certificates live 6 s; the agent renews in their last third.
+    let hub = HubProcess::start_with(
+        &data,
+        &["--listen", "127.0.0.1:0", "--cert-validity-secs", "6"],
+    );
+    let cli = Cli::for_hub(&hub, &hub.admin_key(), &tmp.path().join("config"));
+    cli.ok(&["create", "project", "plant"]);
+    let out = cli.ok(&["create", "outpost", "edge"]);
+    let uri = cli.ok(&["get", "outpost-uri", "edge"]).trim().to_owned();
+    cli.ok(&[
+        "create",
+        "stage",
+        "line",
+        "-p",
+        "plant",
+        "--type",
+        "dev",
+        "--outpost-uri",
+        &uri,
+    ]);
+    let _agent = AgentProcess::join(&join_command(&out), &tmp.path().join("agent"));
+    let status = || cli.json(&["status", "stage", "line", "-p", "plant"]);
+    wait_until("online", Duration::from_secs(20), || {
+        status()["link"]["state"] == "online"
+    });
+    let first = status()["link"]["certificate_expires"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The link stays up past the first certificate's end, on a renewed one.
+    wait_until("a renewed certificate", Duration::from_secs(20), || {
+        let s = status();
+        s["link"]["state"] == "online"
+            && s["link"]["certificate_expires"].as_str().unwrap() > first.as_str()
+    });
+    std::thread::sleep(Duration::from_secs(7));
+    let s = status();
+    assert_eq!(s["link"]["state"], "online", "{s}");
+    let expires: chrono::DateTime<chrono::Utc> = s["link"]["certificate_expires"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        expires > chrono::Utc::now(),
+        "the certificate in use has expired: {s}"
+    );
+}

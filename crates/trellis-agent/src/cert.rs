@@ -26,7 +26,13 @@ pub(crate) fn validity(cert_pem: &str) -> Result<(DateTime<Utc>, DateTime<Utc>),
 /// When to ask for a new certificate: with a third of its lifetime left
 /// (BRIEF §4: "renewed over the link well before expiry").
 pub(crate) fn renew_at(not_before: DateTime<Utc>, not_after: DateTime<Utc>) -> DateTime<Utc> {
-    let lifetime = (not_after - not_before).max(Duration::zero());
+    // The hub back-dates `not_before` by a clock-skew allowance; the
+    // lifetime counts from issuance, or a short-lived certificate would look
+    // due at once and be renewed in a loop.
+    let issued = (not_before
+        + Duration::minutes(trellis_link::identity::CLOCK_SKEW_ALLOWANCE_MINUTES))
+    .min(not_after);
+    let lifetime = (not_after - issued).max(Duration::zero());
     not_after - lifetime / 3
 }
 
@@ -48,4 +54,25 @@ pub(crate) fn check_own(identity: &Identity, cert_pem: &str) -> Result<DateTime<
         return Err("it certifies a different key than the one this agent holds".into());
     }
     Ok(peer.not_after)
+}
+
+#[cfg(test)]
+mod renewal_tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_with_a_third_of_the_issued_lifetime_left() {
+        let issued = DateTime::from_timestamp(1_000_000, 0).unwrap();
+        let back_dated =
+            issued - Duration::minutes(trellis_link::identity::CLOCK_SKEW_ALLOWANCE_MINUTES);
+        // A 6-second certificate is due 4 s after issuance, not at once.
+        let not_after = issued + Duration::seconds(6);
+        assert_eq!(
+            renew_at(back_dated, not_after),
+            issued + Duration::seconds(4)
+        );
+        // A 30-day certificate is due after 20 days.
+        let not_after = issued + Duration::days(30);
+        assert_eq!(renew_at(back_dated, not_after), issued + Duration::days(20));
+    }
 }

@@ -336,3 +336,74 @@ async fn links_beyond_the_admission_rate_are_told_when_to_retry() {
         "only {refused} of 6 rapid links were refused at 2/s"
     );
 }
+
+#[tokio::test]
+async fn hostile_frames_drop_only_that_link() {
+    let hub = start(LinkSettings::default()).await;
+    let token = hub.outpost("edge").await;
+    let key = AgentKey::generate().unwrap();
+    let (_, issued) = hub.join(&token, &key).await;
+    let cert = issued["cert_pem"].as_str().unwrap().to_owned();
+
+    // An unknown protocol version is named as such, and the link dropped.
+    let mut ws = hub.link(&cert, &key).await.unwrap();
+    ws.send(hello()).await.unwrap();
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        Some(Message::Welcome { .. })
+    ));
+    ws.send(Ws::Text(
+        r#"{"v":99,"seq":2,"msg":{"type":"ack","desired":[]}}"#.into(),
+    ))
+    .await
+    .unwrap();
+    match next_frame(&mut ws).await {
+        Some(Message::Error { code, message }) => {
+            assert_eq!(code, "unsupported-protocol-version", "{message}");
+        }
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    assert!(
+        next_frame(&mut ws).await.is_none(),
+        "the link must be closed"
+    );
+
+    // Garbage: the same.
+    let mut ws = hub.link(&cert, &key).await.unwrap();
+    ws.send(hello()).await.unwrap();
+    let _ = next_frame(&mut ws).await;
+    ws.send(Ws::Text("{not json".into())).await.unwrap();
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        Some(Message::Error { .. })
+    ));
+    assert!(next_frame(&mut ws).await.is_none());
+
+    // Oversized: refused by the WebSocket layer before it is parsed.
+    let mut ws = hub.link(&cert, &key).await.unwrap();
+    ws.send(hello()).await.unwrap();
+    let _ = next_frame(&mut ws).await;
+    let big = "x".repeat(trellis_link::MAX_FRAME_BYTES + 1024);
+    let _ = ws.send(Ws::Text(big.into())).await;
+    // The hub may say why before it closes; either way the link ends.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(frame) = next_frame(&mut ws).await {
+            assert!(
+                matches!(frame, Message::Error { .. }),
+                "unexpected {frame:?}"
+            );
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "an oversized message must end the link");
+
+    // Nothing else is affected: a new link works, and so does the API.
+    let mut ws = hub.link(&cert, &key).await.unwrap();
+    ws.send(hello()).await.unwrap();
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        Some(Message::Welcome { .. })
+    ));
+    let (s, _) = hub.api(reqwest::Method::GET, "/outposts", json!({})).await;
+    assert_eq!(s, 200);
+}

@@ -384,3 +384,82 @@ async fn a_hostile_frame_ends_only_that_link() {
         "{s}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_outpost_is_offline_after_two_heartbeats() {
+    // A hub whose heartbeat is 10 s, and an agent that stops answering.
+    let data = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(trellis_store::memory::MemoryStore::new());
+    let hub = trellis_hub::Hub::open_with_store(
+        trellis_hub::HubOptions {
+            data_dir: data.path().join("hub"),
+            link: trellis_hub::link::LinkSettings {
+                heartbeat: Duration::from_secs(10),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+        store.clone(),
+    )
+    .await
+    .unwrap();
+    let state = hub.state().clone();
+    trellis_store::Store::create_outpost(
+        store.as_ref(),
+        &trellis_model::Outpost {
+            name: "edge".into(),
+            display_name: "edge".into(),
+            description: String::new(),
+            labels: Default::default(),
+            max_stages: None,
+            uri_generation: 1,
+            revoked_at: None,
+            created_at: Utc::now(),
+        },
+    )
+    .await
+    .unwrap();
+    let (hub_end, mut agent) = pair();
+    let session = tokio::spawn(trellis_hub::link::session::run(
+        Box::new(hub_end),
+        peer(),
+        state.clone(),
+    ));
+    agent
+        .send(&Envelope::new(
+            1,
+            Message::Hello {
+                agent_version: "test".into(),
+                os: "linux".into(),
+                arch: "x86_64".into(),
+                runtimes: vec![],
+                capacity: Capacity {
+                    cpus: 1,
+                    memory_bytes: 1,
+                    disk_free_bytes: 1,
+                },
+                stages: vec![],
+                outbox_from: 0,
+            },
+        ))
+        .await
+        .unwrap();
+    // Read the welcome, then go silent (pings are answered only while reading).
+    let _welcome = agent.recv().await.unwrap();
+    let silent_from = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(19)).await;
+    assert!(
+        state.links().is_connected("edge"),
+        "still within two heartbeats"
+    );
+    session.await.unwrap();
+    let took = silent_from.elapsed();
+    assert!(
+        took >= Duration::from_secs(20) && took <= Duration::from_secs(21),
+        "offline after {took:?}"
+    );
+    assert!(!state.links().is_connected("edge"));
+    let view = state.links().view("edge").unwrap();
+    assert_eq!(view.state, trellis_hub::link::LinkState::Offline);
+    assert!(view.last_disconnect.unwrap().contains("silent"));
+}

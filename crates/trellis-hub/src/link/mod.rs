@@ -117,6 +117,9 @@ pub struct LinkView {
     pub last_disconnect: Option<String>,
     /// Why the link is degraded, when it is.
     pub attention: Option<String>,
+    /// When the agent's current client certificate expires (it renews
+    /// itself over the link well before).
+    pub certificate_expires: Option<DateTime<Utc>>,
     pub errors: Vec<errors::ErrorEntry>,
 }
 
@@ -278,6 +281,7 @@ impl Links {
             agent_version: entry.agent_version.clone(),
             last_disconnect: entry.last_disconnect.clone(),
             attention: entry.degraded.clone(),
+            certificate_expires: None,
             errors: entry.errors.entries(),
         })
     }

@@ -248,11 +248,13 @@ async fn session_loop(
             () = handle.poke.notified() => {
                 session.sync(io).await?;
             }
+            // Silence for two heartbeat intervals ends the link: the
+            // deadline moves with every frame or pong heard.
+            () = tokio::time::sleep_until(last_heard + heartbeat * 2) => {
+                io.close("no heartbeat").await;
+                return Ok(format!("the agent was silent for {} s (two heartbeats)", (heartbeat * 2).as_secs()));
+            }
             _ = ticker.tick() => {
-                if last_heard.elapsed() > heartbeat * 2 {
-                    io.close("no heartbeat").await;
-                    return Ok(format!("the agent was silent for more than {} s", (heartbeat * 2).as_secs()));
-                }
                 let sent_at = started.elapsed().as_nanos().to_be_bytes().to_vec();
                 io.ping(sent_at).await.map_err(|e| format!("pinging the agent failed: {e}"))?;
             }
@@ -331,7 +333,8 @@ async fn handle_frame(
                                 cert_pem: issued.cert_pem,
                             },
                         )
-                        .await?
+                        .await?;
+                    state.links().set_degraded(&peer.outpost, None);
                 }
                 Err(e) => {
                     state

@@ -101,11 +101,12 @@ pub struct StageStatus {
 /// The link view of an outpost: live if a session existed since the hub
 /// started, else reconstructed from what the store remembers.
 pub async fn link_view(state: &AppState, outpost: &str) -> ApiResult<LinkView> {
-    if let Some(view) = state.links().view(outpost) {
+    let link = state.store().get_outpost_link(outpost).await?;
+    if let Some(mut view) = state.links().view(outpost) {
+        view.certificate_expires = link.cert_not_after;
         return Ok(view);
     }
     let record = state.store().get_outpost(outpost).await?;
-    let link = state.store().get_outpost_link(outpost).await?;
     let agent_version = link
         .agent
         .as_ref()
@@ -125,6 +126,7 @@ pub async fn link_view(state: &AppState, outpost: &str) -> ApiResult<LinkView> {
         agent_version,
         last_disconnect: link.last_disconnect,
         attention: None,
+        certificate_expires: link.cert_not_after,
         errors: Vec::new(),
     })
 }

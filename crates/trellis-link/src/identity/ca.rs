@@ -33,7 +33,7 @@ const CA_VALIDITY_DAYS: i64 = 3650;
 const SERVER_CERT_VALIDITY_DAYS: i64 = 397;
 /// Certificates start being valid a little in the past, so a peer whose
 /// clock runs slightly behind does not reject a certificate issued just now.
-const CLOCK_SKEW_ALLOWANCE_MINUTES: i64 = 5;
+pub const CLOCK_SKEW_ALLOWANCE_MINUTES: i64 = 5;
 
 /// The hub's CA: its certificate and private key.
 pub struct HubCa {
