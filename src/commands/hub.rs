@@ -162,14 +162,14 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!();
     println!("Three things to try:");
     println!("  trellis list stage -p hello");
-    println!("  trellis list release -p hello -s dev");
+    println!("  trellis status stage dev -p hello");
     println!(
         "  cd {} && trellis push build -p hello && trellis push release -p hello -s dev",
         example.display()
     );
     println!();
     println!("Project `hello` has stage `dev` with a release of the example app (a static site).");
-    println!("The hub records it; running releases on the local outpost is not built yet.");
+    println!("The hub's local outpost receives it and records it; running components is not built yet.");
     println!();
     if args.no_serve {
         let _ = stop_tx.send(());
