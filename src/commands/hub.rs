@@ -169,7 +169,9 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     );
     println!();
     println!("Project `hello` has stage `dev` with a release of the example app (a static site).");
-    println!("The hub's local outpost receives it and records it; running components is not built yet.");
+    println!(
+        "The hub's local outpost receives it and records it; running components is not built yet."
+    );
     println!();
     if args.no_serve {
         let _ = stop_tx.send(());
