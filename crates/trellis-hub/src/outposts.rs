@@ -6,7 +6,6 @@
 //! reveal any URI, and rotating a URI (generation + 1) invalidates every copy
 //! handed out before.
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
@@ -43,21 +42,7 @@ impl LinkSecret {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let secret: [u8; 32] = rand::random();
-                let tmp = path.with_extension("tmp");
-                let mut options = std::fs::OpenOptions::new();
-                options.write(true).create(true).truncate(true);
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    options.mode(0o600);
-                }
-                let mut file = options
-                    .open(&tmp)
-                    .with_context(|| format!("creating {}", tmp.display()))?;
-                file.write_all(hex::encode(secret).as_bytes())?;
-                file.sync_all()?;
-                std::fs::rename(&tmp, path)
-                    .with_context(|| format!("creating {}", path.display()))?;
+                crate::tls::write_file(path, &hex::encode(secret), 0o600)?;
                 Ok(LinkSecret(secret))
             }
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),

@@ -1,7 +1,6 @@
 //! Hub start-up and serving.
 
 use std::future::Future;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -219,7 +218,11 @@ async fn bootstrap_admin(store: &dyn Store, data_dir: &Path) -> anyhow::Result<O
         return Ok(None);
     }
     let minted = mint_key(ADMIN_USER, "created at first start")?;
-    write_secret_file(&data_dir.join(ADMIN_KEY_FILE), &format!("{}\n", minted.key))?;
+    crate::tls::write_file(
+        &data_dir.join(ADMIN_KEY_FILE),
+        &format!("{}\n", minted.key),
+        0o600,
+    )?;
     match store
         .create_user(&User {
             name: ADMIN_USER.into(),
@@ -233,25 +236,6 @@ async fn bootstrap_admin(store: &dyn Store, data_dir: &Path) -> anyhow::Result<O
     }
     store.create_access_key(&minted.stored).await?;
     Ok(Some(minted.key))
-}
-
-/// Writes a file readable by its owner only, atomically.
-fn write_secret_file(path: &Path, content: &str) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(content.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 async fn ensure_local_outpost(store: &dyn Store) -> anyhow::Result<()> {

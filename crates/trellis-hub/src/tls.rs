@@ -73,7 +73,9 @@ pub fn server_tls(
     Ok(Arc::new(config))
 }
 
-fn write_file(path: &Path, content: &str, mode: u32) -> anyhow::Result<()> {
+/// Writes a file atomically (temporary file, fsync, rename) with `mode`:
+/// the hub's secrets and its CA are never seen half-written.
+pub(crate) fn write_file(path: &Path, content: &str, mode: u32) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
