@@ -194,15 +194,31 @@ impl HubClient {
 
     /// Whether the hub has a blob already.
     pub async fn has_blob(&self, digest: &str) -> Result<bool, ClientError> {
-        let req = self.request(Method::HEAD, &format!("/blobs/{digest}"));
-        match self.send(req, "checking for an uploaded package").await {
-            Ok(_) => Ok(true),
-            Err(ClientError::Refused { status, .. }) if status == StatusCode::NOT_FOUND => {
-                Ok(false)
-            }
-            // HEAD answers have no body, so a 404 arrives as unreadable.
-            Err(ClientError::Server { .. }) => Ok(false),
-            Err(e) => Err(e),
+        let doing = "checking for an uploaded package";
+        // HEAD answers carry no body, so the status is all there is to read.
+        let resp = self
+            .request(Method::HEAD, &format!("/blobs/{digest}"))
+            .send()
+            .await
+            .map_err(|source| ClientError::Transport {
+                endpoint: self.endpoint.clone(),
+                doing: doing.to_owned(),
+                source,
+            })?;
+        match resp.status() {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            status if status.is_client_error() => Err(ClientError::Refused {
+                status,
+                code: "refused".into(),
+                message: format!("the hub refused {doing} (HTTP {status})"),
+                hint: "check your access key (TRELLIS_KEY or `trellis login`)".into(),
+            }),
+            status => Err(ClientError::Server {
+                doing: doing.to_owned(),
+                message: format!("HTTP {status}"),
+                hint: "retry; if it persists, look at the hub's log".into(),
+            }),
         }
     }
 
