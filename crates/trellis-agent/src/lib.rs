@@ -9,7 +9,7 @@
 //!   it, sends the status outbox, renews the certificate, and reconnects with
 //!   jittered backoff when the link breaks;
 //! - the **reconciler** ([`reconciler::Reconciler`]) applies the newest held
-//!   desired state of each stage through a [`runtime::Runtime`], whether or
+//!   desired state of each stage through a [`runner::StageRunner`], whether or
 //!   not the link is up, and queues a status report for each apply.
 //!
 //! They meet only in the durable [`state::AgentState`] and the
@@ -20,7 +20,7 @@
 //! - [`state`]: the agent's durable local state — identity, desired and
 //!   applied revisions per stage, and the outbox of status reports — in one
 //!   crash-safe file (`<data>/agent.redb`).
-//! - [`runtime`]: the [`runtime::Runtime`] seam and [`runtime::RecordOnly`],
+//! - [`runtime`]: the [`runner::StageRunner`] seam and [`runner::RecordOnly`],
 //!   the one runtime shipped so far.
 //! - [`reconciler`]: applies the newest held revision of each stage.
 //! - [`report`]: status reports into the outbox; the bounded, de-duplicated
@@ -46,6 +46,7 @@ pub mod join;
 pub mod link;
 pub mod reconciler;
 pub mod report;
+pub mod runner;
 pub mod runtime;
 pub mod shutdown;
 pub mod state;
@@ -57,7 +58,7 @@ mod https;
 
 pub use join::{JoinError, join};
 pub use link::{Backoff, BackoffConfig, ConnectError, Connector, LinkConfig};
-pub use runtime::{ApplyOutcome, RecordOnly, Runtime};
+pub use runner::{ApplyOutcome, RecordOnly, StageRunner};
 pub use shutdown::{Shutdown, ShutdownTrigger};
 pub use state::{
     AgentState, DEFAULT_OUTBOX_CAPACITY, Identity, OutboxStats, SCHEMA_VERSION, StageKey,
@@ -108,7 +109,7 @@ impl AgentError {
 /// How [`run`] is wired; the defaults are production's.
 pub struct AgentOptions {
     /// What runs the stages; default [`RecordOnly`] under the data directory.
-    pub runtime: Option<Arc<dyn Runtime>>,
+    pub runtime: Option<Arc<dyn StageRunner>>,
     /// How the hub is reached; default [`ws::HubConnector`] from the stored
     /// identity (which then must exist).
     pub connector: Option<Arc<dyn Connector>>,
@@ -173,7 +174,7 @@ pub async fn run(
             Arc::new(ws::HubConnector::new(state.clone()))
         }
     };
-    let runtime: Arc<dyn Runtime> = options
+    let runtime: Arc<dyn StageRunner> = options
         .runtime
         .unwrap_or_else(|| Arc::new(RecordOnly::new(data_dir)));
     let reporter = Arc::new(report::Reporter::new(

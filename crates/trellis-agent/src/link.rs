@@ -41,7 +41,7 @@ use trellis_model::{NameKind, validate_name};
 
 use crate::reconciler::ReconcilerHandle;
 use crate::report::Reporter;
-use crate::runtime::Runtime;
+use crate::runner::StageRunner;
 use crate::shutdown::Shutdown;
 use crate::state::{AgentState, StageKey, StoreOutcome};
 use crate::{AGENT_VERSION, AgentError, blocking, cert, host};
@@ -205,7 +205,7 @@ pub struct LinkContext {
     pub state: Arc<AgentState>,
     pub reporter: Arc<Reporter>,
     pub reconciler: ReconcilerHandle,
-    pub runtime: Arc<dyn Runtime>,
+    pub runtime: Arc<dyn StageRunner>,
     /// Where free disk space is measured for `hello`.
     pub data_dir: PathBuf,
 }
@@ -569,10 +569,26 @@ impl Session<'_> {
                 tracing::warn!(%code, %message, "the hub reported an error");
                 Next::Continue
             }
+            // Log streaming over the link: handled by the logs plumbing
+            // (in progress); until then the request is answered at once.
+            Message::Logs { id, .. } => {
+                self.send_or_end(
+                    io,
+                    Message::LogLines {
+                        id,
+                        lines: Vec::new(),
+                        end: true,
+                        error: Some("this agent cannot stream logs yet".into()),
+                    },
+                )
+                .await
+            }
+            Message::LogsCancel { .. } => Next::Continue,
             other @ (Message::Hello { .. }
             | Message::Ack { .. }
             | Message::Status { .. }
-            | Message::RenewCertificate { .. }) => {
+            | Message::RenewCertificate { .. }
+            | Message::LogLines { .. }) => {
                 let kind = other.kind();
                 tracing::warn!(kind, "the hub sent a message only agents send; ignoring it");
                 self.send_or_end(

@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 use trellis_link::protocol::StatusReport;
 
 use crate::report::Reporter;
-use crate::runtime::Runtime;
+use crate::runner::StageRunner;
 use crate::shutdown::Shutdown;
 use crate::state::{StageKey, StateError};
 use crate::{AgentError, blocking};
@@ -76,7 +76,7 @@ impl ReconcilerHandle {
 
 /// The reconcile loop; see the module docs.
 pub struct Reconciler {
-    runtime: Arc<dyn Runtime>,
+    runtime: Arc<dyn StageRunner>,
     reporter: Arc<Reporter>,
     handle: ReconcilerHandle,
     /// The revision last attempted per stage in this process, so a stage
@@ -86,7 +86,7 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(runtime: Arc<dyn Runtime>, reporter: Arc<Reporter>) -> Self {
+    pub fn new(runtime: Arc<dyn StageRunner>, reporter: Arc<Reporter>) -> Self {
         Reconciler {
             runtime,
             reporter,
@@ -206,6 +206,7 @@ impl Reconciler {
                 message: outcome.message,
                 components: outcome.components,
                 errors: Vec::new(),
+                rolled_back_to: outcome.rolled_back_to,
             })
             .await?;
         Ok(())

@@ -255,6 +255,7 @@ impl Reporter {
             message: Some(message.into()),
             components: Vec::new(),
             errors: Vec::new(),
+            rolled_back_to: None,
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::TestConnector;
 use serde_json::json;
-use trellis_agent::runtime::RECORD_ONLY_MESSAGE;
+use trellis_agent::runner::RECORD_ONLY_MESSAGE;
 use trellis_agent::{AgentError, AgentOptions, run};
 use trellis_link::Message;
 

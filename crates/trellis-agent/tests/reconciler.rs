@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc};
 use trellis_agent::reconciler::Reconciler;
 use trellis_agent::report::Reporter;
-use trellis_agent::runtime::{RECORD_ONLY_MESSAGE, RecordOnly, Runtime};
+use trellis_agent::runner::{RECORD_ONLY_MESSAGE, RecordOnly, StageRunner};
 use trellis_agent::{AgentState, Shutdown, StageKey};
 use trellis_link::protocol::StatusReport;
 

@@ -154,6 +154,7 @@ impl Agent {
                 message: None,
                 components: vec![],
                 errors: vec![],
+                rolled_back_to: None,
             }],
         })
         .await;
@@ -332,6 +333,7 @@ async fn errors_and_failures_reach_the_status_view() {
                     last_seen: now,
                     count: 4,
                 }],
+                rolled_back_to: None,
             }],
         })
         .await;

@@ -74,6 +74,17 @@ pub enum Message {
     /// Agent → hub: a CSR (PEM) for a fresh client certificate, sent well
     /// before the current one expires.
     RenewCertificate { csr_pem: String },
+    /// Agent → hub: log lines answering [`Message::Logs`] request `id`.
+    /// `end` says no more lines follow (the request is done, or failed with
+    /// `error`).
+    LogLines {
+        id: u64,
+        lines: Vec<LogLine>,
+        #[serde(default)]
+        end: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 
     // --- hub → agent ---
     /// Hub → agent, answer to `hello`: the link is up.
@@ -104,6 +115,17 @@ pub enum Message {
     RetryAfter { secs: u32, reason: String },
     /// Hub → agent: this outpost was revoked; do not reconnect.
     Revoked { reason: String },
+    /// Hub → agent: send the log lines of a stage matching `query` as
+    /// [`Message::LogLines`] with this `id`. Ids are the hub's, unique per
+    /// link session.
+    Logs {
+        id: u64,
+        project: String,
+        stage: String,
+        query: LogQuery,
+    },
+    /// Hub → agent: stop sending lines for request `id` (the reader left).
+    LogsCancel { id: u64 },
 
     // --- both ---
     /// Either side: a request could not be handled.
@@ -118,6 +140,7 @@ impl Message {
             Message::Ack { .. } => "ack",
             Message::Status { .. } => "status",
             Message::RenewCertificate { .. } => "renew-certificate",
+            Message::LogLines { .. } => "log-lines",
             Message::Welcome { .. } => "welcome",
             Message::Desired { .. } => "desired",
             Message::Forget { .. } => "forget",
@@ -125,6 +148,8 @@ impl Message {
             Message::Certificate { .. } => "certificate",
             Message::RetryAfter { .. } => "retry-after",
             Message::Revoked { .. } => "revoked",
+            Message::Logs { .. } => "logs",
+            Message::LogsCancel { .. } => "logs-cancel",
             Message::Error { .. } => "error",
         }
     }
@@ -137,6 +162,7 @@ pub const MESSAGE_TYPES: &[&str] = &[
     "ack",
     "status",
     "renew-certificate",
+    "log-lines",
     "welcome",
     "desired",
     "forget",
@@ -144,6 +170,8 @@ pub const MESSAGE_TYPES: &[&str] = &[
     "certificate",
     "retry-after",
     "revoked",
+    "logs",
+    "logs-cancel",
     "error",
 ];
 
@@ -196,17 +224,82 @@ pub struct StatusReport {
     pub components: Vec<ComponentStatus>,
     #[serde(default)]
     pub errors: Vec<AgentError>,
+    /// When the applied revision's release did not come up and the agent
+    /// restored an earlier one: that release's number (0: the stage was
+    /// emptied, there was nothing to go back to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_to: Option<u64>,
 }
 
 /// The state of one component of a stage.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComponentStatus {
     pub name: String,
-    /// e.g. `running`, `starting`, `exited`, `crash-looping`.
+    /// e.g. `running`, `starting`, `stopped`, `crash-looping`, `failed`,
+    /// `waiting`, `succeeded`.
     pub state: String,
     pub restarts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// Replicas asked for (`scaling.min`) and running now.
+    #[serde(default)]
+    pub replicas: u32,
+    #[serde(default)]
+    pub running: u32,
+    /// Since when it is in `state`, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    /// The release its workloads were made for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<u64>,
+    /// Container ids or process ids of its replicas.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<String>,
+    /// Scheduled components: when the last run ended and the next begins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_run: Option<DateTime<Utc>>,
+    /// Why it is failed or crash-looping, for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Which log lines a [`Message::Logs`] request wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogQuery {
+    /// One component, or every component of the stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
+    /// Only lines written at or after this instant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<DateTime<Utc>>,
+    /// At most this many of the newest lines (before following).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<usize>,
+    /// Keep sending new lines until the request is cancelled.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+/// One line a component wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub time: DateTime<Utc>,
+    pub component: String,
+    /// Replica number (0-based) for components with several.
+    #[serde(default)]
+    pub replica: u32,
+    pub stream: LogStream,
+    /// Without its line ending; invalid UTF-8 is replaced.
+    pub line: String,
 }
 
 /// A de-duplicated error the agent met, including ones from while the link

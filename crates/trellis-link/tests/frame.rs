@@ -57,6 +57,7 @@ fn examples() -> Vec<Message> {
                     state: "exited".into(),
                     restarts: 3,
                     exit_code: Some(-1),
+                    ..Default::default()
                 }],
                 errors: vec![AgentError {
                     code: "image-pull-failed".into(),
@@ -66,6 +67,7 @@ fn examples() -> Vec<Message> {
                     last_seen: t(60),
                     count: 5,
                 }],
+                rolled_back_to: Some(6),
             }],
         },
         Message::RenewCertificate {
@@ -101,6 +103,30 @@ fn examples() -> Vec<Message> {
             code: "bad-request".into(),
             message: "nope".into(),
         },
+        Message::Logs {
+            id: 9,
+            project: "shop".into(),
+            stage: "line-3".into(),
+            query: LogQuery {
+                component: Some("web".into()),
+                since: Some(t(5)),
+                tail: Some(100),
+                follow: true,
+            },
+        },
+        Message::LogsCancel { id: 9 },
+        Message::LogLines {
+            id: 9,
+            lines: vec![LogLine {
+                time: t(6),
+                component: "web".into(),
+                replica: 1,
+                stream: LogStream::Stderr,
+                line: "listening on :8080 — ünïcode".into(),
+            }],
+            end: true,
+            error: Some("the component has no logs yet".into()),
+        },
     ];
     for m in &all {
         match m {
@@ -115,6 +141,9 @@ fn examples() -> Vec<Message> {
             | Message::Certificate { .. }
             | Message::RetryAfter { .. }
             | Message::Revoked { .. }
+            | Message::Logs { .. }
+            | Message::LogsCancel { .. }
+            | Message::LogLines { .. }
             | Message::Error { .. } => {}
         }
     }

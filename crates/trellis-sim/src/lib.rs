@@ -32,7 +32,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::task::JoinHandle;
 use trellis_agent::state::StageKey;
-use trellis_agent::{ApplyOutcome, BackoffConfig, ConnectError, Connector, LinkConfig, Runtime};
+use trellis_agent::{
+    ApplyOutcome, BackoffConfig, ConnectError, Connector, LinkConfig, StageRunner,
+};
 use trellis_hub::link::LinkSettings;
 use trellis_hub::state::AppState;
 use trellis_hub::{Hub, HubOptions};
@@ -99,7 +101,7 @@ struct SimRuntime {
 }
 
 #[async_trait]
-impl Runtime for SimRuntime {
+impl StageRunner for SimRuntime {
     fn describe(&self) -> Vec<RuntimeInfo> {
         vec![RuntimeInfo {
             name: "sim".into(),
@@ -139,6 +141,7 @@ impl Runtime for SimRuntime {
             state: "running".into(),
             message: None,
             components: vec![],
+            rolled_back_to: None,
         }
     }
 

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use trellis_agent::link::{self, LinkContext};
 use trellis_agent::reconciler::Reconciler;
 use trellis_agent::report::Reporter;
-use trellis_agent::runtime::{ApplyOutcome, Runtime};
+use trellis_agent::runner::{ApplyOutcome, StageRunner};
 use trellis_agent::{
     AgentError, AgentState, ConnectError, Connector, LinkConfig, Shutdown, ShutdownTrigger,
     StageKey,
@@ -235,7 +235,7 @@ impl TestRuntime {
 }
 
 #[async_trait]
-impl Runtime for TestRuntime {
+impl StageRunner for TestRuntime {
     fn describe(&self) -> Vec<RuntimeInfo> {
         vec![RuntimeInfo {
             name: "test".into(),
@@ -268,7 +268,9 @@ impl Runtime for TestRuntime {
                 state: "running".into(),
                 restarts: 0,
                 exit_code: None,
+                ..Default::default()
             }],
+            rolled_back_to: None,
         }
     }
 

@@ -352,6 +352,9 @@ async fn handle_frame(
                 }
             }
         }
+        // Answers to log requests; routed to their readers by the logs
+        // plumbing (in progress).
+        Message::LogLines { .. } => {}
         other => {
             let message = format!(
                 "the agent sent {:?}, which agents do not send after hello",

@@ -1,26 +1,29 @@
 //! The seam between the agent and whatever runs a stage's components.
 //!
-//! The reconciler hands a [`Runtime`] the complete desired state of a stage
+//! The reconciler hands a [`StageRunner`] the complete desired state of a stage
 //! at a revision and gets back an [`ApplyOutcome`] it reports to the hub. A
-//! runtime never sees revisions out of order: the reconciler applies only
+//! runner never sees revisions out of order: the reconciler applies only
 //! the newest held revision of a stage, and never one older than the last it
 //! applied (BRIEF §4, "Sync is level-triggered").
 //!
-//! Container and process runtimes come later (BRIEF §5). Until then the
-//! agent ships [`RecordOnly`], which is honest about what it does: it
-//! records the release on the outpost and says that nothing runs it.
+//! The production runner is the [`Deployer`](crate::deploy::Deployer),
+//! which runs components through the workload runtimes
+//! ([`crate::runtime`]). [`RecordOnly`] runs nothing: it records the
+//! release on the outpost and says so; the link tests and the simulation
+//! use it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use trellis_link::protocol::{ComponentStatus, RuntimeInfo};
+use tokio::sync::mpsc;
+use trellis_link::protocol::{ComponentStatus, LogLine, LogQuery, RuntimeInfo};
 use trellis_model::{NameKind, validate_name};
 
 use crate::state::StageKey;
 
 /// What applying a desired state did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
     /// Whether the stage now runs the applied revision as desired.
     pub ok: bool,
@@ -30,6 +33,9 @@ pub struct ApplyOutcome {
     /// A sentence for people: what happened, and on failure what to try.
     pub message: Option<String>,
     pub components: Vec<ComponentStatus>,
+    /// The applied revision's release did not come up and this release was
+    /// restored instead (0: nothing to restore, the stage was emptied).
+    pub rolled_back_to: Option<u64>,
 }
 
 impl ApplyOutcome {
@@ -40,6 +46,7 @@ impl ApplyOutcome {
             state: "failed".into(),
             message: Some(message.into()),
             components: Vec::new(),
+            rolled_back_to: None,
         }
     }
 }
@@ -51,7 +58,7 @@ impl ApplyOutcome {
 /// it comes from the network, so a malformed one is an [`ApplyOutcome`] with
 /// `ok: false` and a message saying what is wrong.
 #[async_trait]
-pub trait Runtime: Send + Sync {
+pub trait StageRunner: Send + Sync {
     /// The runtimes found on this host, for the `hello` frame.
     fn describe(&self) -> Vec<RuntimeInfo>;
 
@@ -65,6 +72,27 @@ pub trait Runtime: Send + Sync {
 
     /// Removes everything of `stage` (the hub deleted it).
     async fn remove(&self, stage: &StageKey) -> Result<(), String>;
+
+    /// How the stage stands now, looked at again (not applied): the
+    /// reconciler calls it periodically and reports a change, so a
+    /// component that starts crash-looping an hour after its release is
+    /// seen. `None`: this runner cannot tell more than its last apply said.
+    async fn observe(&self, _stage: &StageKey, _revision: u64) -> Option<ApplyOutcome> {
+        None
+    }
+
+    /// Sends the log lines of `stage` matching `query` to `sink`; with
+    /// `query.follow`, keeps going until `sink` is closed.
+    async fn logs(
+        &self,
+        stage: &StageKey,
+        _query: &LogQuery,
+        _sink: mpsc::Sender<LogLine>,
+    ) -> Result<(), String> {
+        Err(format!(
+            "the outpost of stage {stage} runs no components, so there are no logs"
+        ))
+    }
 }
 
 /// The message [`RecordOnly`] reports with every apply.
@@ -100,7 +128,7 @@ impl RecordOnly {
 }
 
 #[async_trait]
-impl Runtime for RecordOnly {
+impl StageRunner for RecordOnly {
     fn describe(&self) -> Vec<RuntimeInfo> {
         Vec::new()
     }
@@ -132,6 +160,7 @@ impl Runtime for RecordOnly {
                 state: "recorded".into(),
                 message: Some(RECORD_ONLY_MESSAGE.into()),
                 components: Vec::new(),
+                rolled_back_to: None,
             },
             Ok(Err(e)) => ApplyOutcome::failed(format!(
                 "could not record revision {revision} of stage {stage} on the outpost: {e}; \

@@ -1,0 +1,1 @@
+//! The container runtime (Docker Engine API: Docker or Podman's API service).
