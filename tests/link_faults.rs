@@ -17,7 +17,7 @@ components:
   - name: bridge
     process:
       path: ./bin
-      command: [\"./bridge.sh\"]
+      command: [\"sh\", \"./bridge.sh\"]
 ";
 
 fn hub_args(port: u16, public: &str, extra: &[&str]) -> Vec<String> {
@@ -75,7 +75,10 @@ fn the_agent_converges_through_faults_and_kills_without_losing_anything() {
         &app,
         &[
             ("trellis.yaml", MANIFEST),
-            ("bin/bridge.sh", "#!/bin/sh\necho hi\n"),
+            (
+                "bin/bridge.sh",
+                "#!/bin/sh\necho bridge up\n# Runs until its directory goes away (the test cleans up), so nothing leaks.\nwhile [ -e \"$PWD/bridge.sh\" ]; do sleep 1; done\n",
+            ),
         ],
     );
     assert!(
@@ -258,7 +261,13 @@ fn an_agent_whose_certificate_expired_during_an_outage_renews_and_reconnects() {
     let app = tmp.path().join("app");
     git_project(
         &app,
-        &[("trellis.yaml", MANIFEST), ("bin/bridge.sh", "#!/bin/sh\n")],
+        &[
+            ("trellis.yaml", MANIFEST),
+            (
+                "bin/bridge.sh",
+                "#!/bin/sh\necho bridge up\n# Runs until its directory goes away (the test cleans up), so nothing leaks.\nwhile [ -e \"$PWD/bridge.sh\" ]; do sleep 1; done\n",
+            ),
+        ],
     );
     assert!(
         cli.run_in(&app, &["push", "build", "-p", "plant"])

@@ -90,6 +90,8 @@ fn five_hundred_agents_all_come_back_after_a_hub_restart_within_the_handshake_li
                 drop(permit);
                 tokio::spawn(async move {
                     let options = trellis_agent::AgentOptions {
+                        // The storm is about the link; nothing is released.
+                        runtime: Some(Arc::new(trellis_agent::RecordOnly::new(&dir))),
                         rng_seed: Some(i as u64),
                         ..Default::default()
                     };

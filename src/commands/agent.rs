@@ -6,9 +6,17 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use trellis_link::identity::JoinToken;
 
+use crate::cli::RuntimeArgs;
+
 /// Enrols this host with a join token, then runs the agent unless told not
 /// to.
-pub async fn join(hub: &str, token: &str, data: &Path, no_run: bool) -> anyhow::Result<()> {
+pub async fn join(
+    hub: &str,
+    token: &str,
+    data: &Path,
+    no_run: bool,
+    runtime: &RuntimeArgs,
+) -> anyhow::Result<()> {
     let token: JoinToken = token
         .trim()
         .parse()
@@ -39,17 +47,20 @@ pub async fn join(hub: &str, token: &str, data: &Path, no_run: bool) -> anyhow::
         );
         return Ok(());
     }
-    run(data).await
+    run(data, runtime).await
 }
 
 /// Runs the agent until Ctrl-C or SIGTERM. Components keep running when it
 /// stops; the next start adopts them.
-pub async fn run(data: &Path) -> anyhow::Result<()> {
+pub async fn run(data: &Path, runtime: &RuntimeArgs) -> anyhow::Result<()> {
     trellis_link::identity::install_crypto_provider();
     println!("agent running (data in {}); Ctrl-C to stop", data.display());
     trellis_agent::run(
         data,
-        trellis_agent::AgentOptions::default(),
+        trellis_agent::AgentOptions {
+            runtime_settings: runtime.settings(),
+            ..Default::default()
+        },
         super::hub::shutdown_signal(),
     )
     .await

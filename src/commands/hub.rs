@@ -64,6 +64,7 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
         data_dir: args.data.clone(),
         public_address: args.public_address.clone(),
         link,
+        local_runtime: args.runtime.settings(),
     })
     .await?;
     let listener = bind(args.listen).await?;
@@ -86,14 +87,15 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
 }
 
 /// The example app `trellis dev` releases: a static site served by a
-/// process component, so it needs nothing beyond a fresh machine.
+/// process component, so it needs nothing beyond a fresh machine (Python
+/// ships with it). `{port}` is the example's port.
 const EXAMPLE_MANIFEST: &str = r#"version: v1
 components:
   - name: web
     process:
       path: ./site
-      command: ["python3", "-m", "http.server", "8080", "--bind", "127.0.0.1"]
-    ports: [8080]
+      command: ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
+    ports: [{port}]
     env:
       - name: GREETING
         config-ref: greeting
@@ -104,8 +106,14 @@ const EXAMPLE_INDEX: &str = "<!doctype html>\n<title>hello</title>\n<h1>Hello fr
 
 pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let data = &args.data;
+    let mut local_runtime = args.runtime.settings();
+    // Container components of the example's kind are reached on loopback.
+    local_runtime.publish_ports = local_runtime
+        .publish_ports
+        .or(Some(std::net::Ipv4Addr::LOCALHOST.into()));
     let hub = Hub::open(HubOptions {
         data_dir: data.join("hub"),
+        local_runtime,
         ..Default::default()
     })
     .await?;
@@ -133,7 +141,8 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let ca_cert = data.join("hub").join(CA_CERT_FILE);
     let client = HubClient::new(&endpoint, Some(key.clone()), Some(&ca_cert))?;
     let example = data.join("example");
-    setup_example(&client, &example).await?;
+    setup_example(&client, &example, args.example_port).await?;
+    let example_url = wait_for_example(&client, &example).await;
 
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
@@ -151,6 +160,10 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         );
     }
     println!();
+    match &example_url {
+        Ok(url) => println!("  example:   {url}   (project hello, stage dev, running)"),
+        Err(why) => println!("  example:   not running: {why}"),
+    }
     println!("  console:   {endpoint}/");
     println!("  endpoint:  {endpoint}");
     println!("  key:       {key}");
@@ -168,9 +181,9 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
         example.display()
     );
     println!();
-    println!("Project `hello` has stage `dev` with a release of the example app (a static site).");
     println!(
-        "The hub's local outpost receives it and records it; running components is not built yet."
+        "Project `hello` has stage `dev` with a release of the example app (a static site), run \
+         by the hub's local outpost as a supervised process."
     );
     println!();
     if args.no_serve {
@@ -187,7 +200,7 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
 /// Creates project `hello` with stage `dev`, the example's git work tree,
 /// a build of it and a first release — each only if not there yet, so
 /// `trellis dev` can be run again on the same data.
-async fn setup_example(client: &HubClient, dir: &Path) -> anyhow::Result<()> {
+async fn setup_example(client: &HubClient, dir: &Path, port: u16) -> anyhow::Result<()> {
     match client
         .post::<_, Project>(
             "/projects",
@@ -221,7 +234,7 @@ async fn setup_example(client: &HubClient, dir: &Path) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     }
     if !dir.join(".git").exists() {
-        write_example(dir)?;
+        write_example(dir, port)?;
     }
     let releases: Vec<Release> = client
         .get(
@@ -245,10 +258,13 @@ async fn setup_example(client: &HubClient, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_example(dir: &Path) -> anyhow::Result<()> {
+fn write_example(dir: &Path, port: u16) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("site"))
         .with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(dir.join("trellis.yaml"), EXAMPLE_MANIFEST)?;
+    std::fs::write(
+        dir.join("trellis.yaml"),
+        EXAMPLE_MANIFEST.replace("{port}", &port.to_string()),
+    )?;
     std::fs::write(dir.join("site").join("index.html"), EXAMPLE_INDEX)?;
     let git = |args: &[&str]| -> anyhow::Result<()> {
         let out = Command::new("git")
@@ -278,6 +294,54 @@ fn write_example(dir: &Path) -> anyhow::Result<()> {
     git(&["add", "-A"])?;
     git(&["commit", "-q", "-m", "Example app"])?;
     Ok(())
+}
+
+/// Waits until the example's release runs on the local outpost and
+/// answers; returns its URL, or why it is not running.
+async fn wait_for_example(client: &HubClient, dir: &Path) -> Result<String, String> {
+    // The port is the one in the example's manifest (an earlier run may
+    // have written it with another `--example-port`).
+    let manifest = std::fs::read_to_string(dir.join("trellis.yaml"))
+        .map_err(|e| format!("cannot read the example's manifest: {e}"))?;
+    let port = trellis_model::manifest::parse_manifest(&manifest)
+        .ok()
+        .and_then(|m| m.components.first().and_then(|c| c.ports.first().copied()))
+        .ok_or("the example's manifest has no port")?;
+    let url = format!("http://127.0.0.1:{port}/");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut last = String::from("the local outpost has not reported yet");
+    while std::time::Instant::now() < deadline {
+        let status: Result<trellis_hub::link::status::StageStatus, _> = client
+            .get(
+                "/projects/hello/stages/dev/outpost-status",
+                "checking the example's status",
+            )
+            .await;
+        if let Ok(s) = status {
+            let state = serde_json::to_value(s.sync.state).unwrap_or_default();
+            if state == "failed" {
+                return Err(s
+                    .sync
+                    .message
+                    .unwrap_or_else(|| "its release failed".into()));
+            }
+            if state == "in-sync" && answers(port).await {
+                return Ok(url);
+            }
+            last = s
+                .sync
+                .message
+                .unwrap_or_else(|| format!("sync state {state}"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    Err(format!("it did not come up within 120 s ({last})"))
+}
+
+async fn answers(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
 }
 
 fn absolute(path: &Path) -> std::path::PathBuf {

@@ -243,8 +243,38 @@ pub async fn stage_status(
     if let Some(reason) = &s.link.last_disconnect {
         fields.push(("last disconnect", reason.clone()));
     }
+    if let Some(back) = s.sync.rolled_back_to {
+        fields.push((
+            "rolled back to",
+            if back == 0 {
+                "nothing (no earlier release ran; the stage runs nothing)".into()
+            } else {
+                format!("release {back}")
+            },
+        ));
+    }
     if let Some(message) = &s.sync.message {
         fields.push(("agent says", message.clone()));
+    }
+    for c in &s.components {
+        let text = |key: &str| c.get(key).and_then(|v| v.as_str()).unwrap_or("-");
+        let number = |key: &str| c.get(key).and_then(|v| v.as_u64()).unwrap_or(0);
+        let mut line = format!(
+            "{} {} ({}/{} running, {} restarts",
+            text("name"),
+            text("state"),
+            number("running"),
+            number("replicas"),
+            number("restarts")
+        );
+        if let Some(code) = c.get("exit_code").and_then(|v| v.as_i64()) {
+            line.push_str(&format!(", last exit code {code}"));
+        }
+        line.push(')');
+        if let Some(message) = c.get("message").and_then(|v| v.as_str()) {
+            line.push_str(&format!(": {message}"));
+        }
+        fields.push(("component", line));
     }
     for e in &s.errors {
         fields.push((

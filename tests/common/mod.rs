@@ -17,6 +17,9 @@ pub struct HubProcess {
     pub child: Child,
     pub endpoint: String,
     pub data: PathBuf,
+    /// Whether dropping it also stops the stage processes its local outpost
+    /// started (they outlive the hub on purpose; a test cleans them up).
+    sweep: bool,
 }
 
 impl HubProcess {
@@ -54,6 +57,7 @@ impl HubProcess {
             child,
             endpoint,
             data: data.to_owned(),
+            sweep: true,
         }
     }
 
@@ -69,8 +73,10 @@ impl HubProcess {
             .to_owned()
     }
 
-    /// SIGKILL: no chance to flush or clean up.
+    /// SIGKILL: no chance to flush or clean up. Stage processes keep
+    /// running, as they would.
     pub fn kill9(mut self) {
+        self.sweep = false;
         self.child.kill().expect("SIGKILL the hub");
         self.child.wait().expect("reap the hub");
     }
@@ -80,6 +86,39 @@ impl Drop for HubProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.sweep {
+            kill_processes_under(&self.data);
+        }
+    }
+}
+
+/// Kills (SIGKILL) every process whose working directory is under `dir`:
+/// the stage processes an agent started there, which outlive the agent by
+/// design. Tests call it (through the process guards) so nothing leaks.
+pub fn kill_processes_under(dir: &Path) {
+    let Ok(dir) = dir.canonicalize() else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if let Ok(cwd) = std::fs::read_link(entry.path().join("cwd"))
+            && cwd.starts_with(&dir)
+        {
+            let _ = Command::new("kill")
+                .args(["-9", pid])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 
@@ -204,15 +243,23 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 pub struct AgentProcess {
     pub child: Child,
     pub data: PathBuf,
+    /// See [`HubProcess`]'s field of the same name.
+    sweep: bool,
 }
 
 impl AgentProcess {
     /// `trellis agent join HUB --token TOKEN --data DIR` (enrols, then runs).
     pub fn join(join_command: &str, data: &Path) -> AgentProcess {
+        Self::join_with(join_command, data, &[])
+    }
+
+    /// [`AgentProcess::join`] with more arguments (runtime settings).
+    pub fn join_with(join_command: &str, data: &Path, args: &[&str]) -> AgentProcess {
         let words: Vec<&str> = join_command.split_whitespace().collect();
         assert_eq!(&words[..3], ["trellis", "agent", "join"], "{join_command}");
         let child = Command::new(bin())
             .args(&words[1..])
+            .args(args)
             .arg("--data")
             .arg(data)
             .stdout(Stdio::null())
@@ -222,13 +269,21 @@ impl AgentProcess {
         AgentProcess {
             child,
             data: data.to_owned(),
+            sweep: true,
         }
     }
 
     /// `trellis agent run --data DIR` of an enrolled agent.
     pub fn run(data: &Path) -> AgentProcess {
+        Self::run_with(data, &[])
+    }
+
+    /// [`AgentProcess::run`] with more arguments (runtime settings).
+    pub fn run_with(data: &Path, args: &[&str]) -> AgentProcess {
         let child = Command::new(bin())
-            .args(["agent", "run", "--data"])
+            .args(["agent", "run"])
+            .args(args)
+            .arg("--data")
             .arg(data)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -237,10 +292,13 @@ impl AgentProcess {
         AgentProcess {
             child,
             data: data.to_owned(),
+            sweep: true,
         }
     }
 
+    /// SIGKILL; the stage processes it started keep running, as they would.
     pub fn kill9(mut self) {
+        self.sweep = false;
         self.child.kill().expect("SIGKILL the agent");
         self.child.wait().expect("reap the agent");
     }
@@ -250,6 +308,9 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.sweep {
+            kill_processes_under(&self.data);
+        }
     }
 }
 

@@ -42,6 +42,7 @@ use std::sync::Arc;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
+pub mod deploy;
 pub mod join;
 pub mod link;
 pub mod reconciler;
@@ -106,10 +107,66 @@ impl AgentError {
     }
 }
 
+/// How the production runner ([`deploy::Deployer`]) runs components.
+#[derive(Clone)]
+pub struct RuntimeSettings {
+    /// Use a container engine when one is reachable (for `docker:`
+    /// components). Off: only `process:` components run.
+    pub containers: bool,
+    /// The engine's API address (`unix:///path.sock`); default: `DOCKER_HOST`,
+    /// then Podman's and Docker's usual sockets.
+    pub docker_host: Option<String>,
+    /// Publish container components' ports on the host at this address
+    /// (same port numbers); `None`: not published (reachable inside the
+    /// stage's network only).
+    pub publish_ports: Option<std::net::IpAddr>,
+    /// Health window and settle time of new releases.
+    pub deploy: deploy::DeployOptions,
+    /// How often running stages are looked at again, so a component that
+    /// starts failing later is reported.
+    pub observe_interval: std::time::Duration,
+    /// Where process packages come from; default: the hub, over HTTPS with
+    /// the agent's certificate.
+    pub packages: Option<Arc<dyn runtime::packages::PackageSource>>,
+    /// The outpost's name on workload labels; default: from the identity.
+    pub outpost: Option<String>,
+}
+
+impl std::fmt::Debug for RuntimeSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeSettings")
+            .field("containers", &self.containers)
+            .field("docker_host", &self.docker_host)
+            .field("publish_ports", &self.publish_ports)
+            .field("deploy", &self.deploy)
+            .field("observe_interval", &self.observe_interval)
+            .field("packages", &self.packages.is_some())
+            .field("outpost", &self.outpost)
+            .finish()
+    }
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        RuntimeSettings {
+            containers: true,
+            docker_host: None,
+            publish_ports: None,
+            deploy: deploy::DeployOptions::default(),
+            observe_interval: reconciler::DEFAULT_OBSERVE_INTERVAL,
+            packages: None,
+            outpost: None,
+        }
+    }
+}
+
 /// How [`run`] is wired; the defaults are production's.
 pub struct AgentOptions {
-    /// What runs the stages; default [`RecordOnly`] under the data directory.
+    /// What runs the stages; default a [`deploy::Deployer`] over the process
+    /// runtime and, when an engine is reachable, the container runtime
+    /// (see [`RuntimeSettings`]).
     pub runtime: Option<Arc<dyn StageRunner>>,
+    pub runtime_settings: RuntimeSettings,
     /// How the hub is reached; default [`ws::HubConnector`] from the stored
     /// identity (which then must exist).
     pub connector: Option<Arc<dyn Connector>>,
@@ -125,6 +182,7 @@ impl Default for AgentOptions {
     fn default() -> Self {
         AgentOptions {
             runtime: None,
+            runtime_settings: RuntimeSettings::default(),
             connector: None,
             link: LinkConfig::default(),
             rng_seed: None,
@@ -138,6 +196,7 @@ impl std::fmt::Debug for AgentOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentOptions")
             .field("runtime", &self.runtime.is_some())
+            .field("runtime_settings", &self.runtime_settings)
             .field("connector", &self.connector.is_some())
             .field("link", &self.link)
             .field("rng_seed", &self.rng_seed)
@@ -174,14 +233,18 @@ pub async fn run(
             Arc::new(ws::HubConnector::new(state.clone()))
         }
     };
-    let runtime: Arc<dyn StageRunner> = options
-        .runtime
-        .unwrap_or_else(|| Arc::new(RecordOnly::new(data_dir)));
+    let settings = options.runtime_settings;
+    let observe_interval = settings.observe_interval;
+    let runtime: Arc<dyn StageRunner> = match options.runtime {
+        Some(runtime) => runtime,
+        None => Arc::new(deployer(data_dir, &state, settings).await?),
+    };
     let reporter = Arc::new(report::Reporter::new(
         state.clone(),
         options.error_log_capacity,
     ));
-    let reconciler = reconciler::Reconciler::new(runtime.clone(), reporter.clone());
+    let reconciler = reconciler::Reconciler::new(runtime.clone(), reporter.clone())
+        .with_observe_interval(observe_interval);
     let ctx = link::LinkContext {
         state,
         reporter,
@@ -212,6 +275,64 @@ pub async fn run(
         tracing::error!(error = %e, "the reconciler task failed");
     }
     result
+}
+
+/// The production runner: the process runtime always, the container
+/// runtime when an engine answers.
+async fn deployer(
+    data_dir: &Path,
+    state: &Arc<AgentState>,
+    settings: RuntimeSettings,
+) -> Result<deploy::Deployer, AgentError> {
+    let outpost = match settings.outpost {
+        Some(name) => name,
+        None => blocking(state, |s| s.identity())
+            .await?
+            .map(|id| id.outpost)
+            .unwrap_or_else(|| trellis_model::LOCAL_OUTPOST.to_owned()),
+    };
+    let packages = settings.packages.unwrap_or_else(|| {
+        Arc::new(runtime::packages::HubPackages::new(
+            state.clone(),
+            data_dir.join("packages"),
+        ))
+    });
+    let mut runtimes: Vec<Arc<dyn runtime::Runtime>> = vec![Arc::new(
+        runtime::process::ProcessRuntime::new(data_dir.join("processes"), packages),
+    )];
+    if settings.containers {
+        let publish = runtime::container::PublishPolicy {
+            publish: settings.publish_ports.is_some(),
+            host_ip: settings
+                .publish_ports
+                .map(|ip| ip.to_string())
+                .unwrap_or_else(|| "127.0.0.1".into()),
+        };
+        match runtime::container::ContainerRuntime::connect(
+            settings.docker_host.as_deref(),
+            &outpost,
+            data_dir,
+            publish,
+        )
+        .await
+        {
+            Ok(containers) => runtimes.push(Arc::new(containers)),
+            // Asked for by address: the operator should hear that it failed.
+            Err(e) if settings.docker_host.is_some() => tracing::error!(
+                error = %e.sentence(),
+                "the container engine given with --docker-host does not answer; only process components run on this outpost"
+            ),
+            Err(e) => tracing::info!(
+                error = %e.sentence(),
+                "no container engine answered; only process components run on this outpost"
+            ),
+        }
+    }
+    for r in &runtimes {
+        let info = r.describe();
+        tracing::info!(runtime = %r.kind(), engine = %info.name, version = %info.version, "runtime ready");
+    }
+    Ok(deploy::Deployer::new(data_dir, runtimes, settings.deploy))
 }
 
 /// Runs a call on the (synchronous, fsyncing) state off the async threads.

@@ -20,10 +20,13 @@
 //! the stage's revisions may start over) and queued here for
 //! [`Runtime::remove`], which runs before any apply of the same pass.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use std::time::Duration;
+
 use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use trellis_link::protocol::StatusReport;
 
 use crate::report::Reporter;
@@ -74,25 +77,49 @@ impl ReconcilerHandle {
     }
 }
 
+/// How often applied stages are looked at again by default.
+pub const DEFAULT_OBSERVE_INTERVAL: Duration = Duration::from_secs(3);
+
 /// The reconcile loop; see the module docs.
 pub struct Reconciler {
-    runtime: Arc<dyn StageRunner>,
+    runner: Arc<dyn StageRunner>,
     reporter: Arc<Reporter>,
     handle: ReconcilerHandle,
     /// The revision last attempted per stage in this process, so a stage
     /// whose result could not be recorded (storage trouble) is not applied
     /// again in a tight loop.
     attempted: HashMap<StageKey, u64>,
+    /// Stages being applied right now (each stage has at most one apply in
+    /// flight; different stages apply concurrently, so one release's health
+    /// window never holds up another stage).
+    busy: HashSet<StageKey>,
+    /// Removals waiting for an apply of the same stage to finish.
+    deferred_removals: Vec<StageKey>,
+    /// The last report made per stage, so observation reports changes only.
+    reported: Arc<Mutex<HashMap<StageKey, StatusReport>>>,
+    observe_interval: Duration,
 }
 
+type ApplyResult = (StageKey, Option<u64>, Result<(), AgentError>);
+
 impl Reconciler {
-    pub fn new(runtime: Arc<dyn StageRunner>, reporter: Arc<Reporter>) -> Self {
+    pub fn new(runner: Arc<dyn StageRunner>, reporter: Arc<Reporter>) -> Self {
         Reconciler {
-            runtime,
+            runner,
             reporter,
             handle: ReconcilerHandle::new(),
             attempted: HashMap::new(),
+            busy: HashSet::new(),
+            deferred_removals: Vec::new(),
+            reported: Arc::default(),
+            observe_interval: DEFAULT_OBSERVE_INTERVAL,
         }
+    }
+
+    /// Looks at applied stages every `interval` (see [`StageRunner::observe`]).
+    pub fn with_observe_interval(mut self, interval: Duration) -> Self {
+        self.observe_interval = interval.max(Duration::from_millis(50));
+        self
     }
 
     /// The handle that wakes this reconciler.
@@ -103,6 +130,9 @@ impl Reconciler {
     /// Runs until `shutdown`. Errors of single stages are logged and
     /// reported, never fatal; storage errors are retried on the next wake.
     pub async fn run(mut self, mut shutdown: Shutdown) {
+        let mut inflight: JoinSet<ApplyResult> = JoinSet::new();
+        let mut observe = tokio::time::interval(self.observe_interval);
+        observe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // Register interest before looking, so a change made while this
             // pass runs wakes the next one instead of being missed.
@@ -111,104 +141,282 @@ impl Reconciler {
             tokio::pin!(notified);
             notified.as_mut().enable();
 
-            let pass = self.pass();
+            let start = self.start_due(&mut inflight);
             tokio::select! {
                 _ = shutdown.wait() => return,
-                result = pass => {
+                result = start => {
                     if let Err(e) = result {
                         tracing::error!(error = %e, "reconciling stages failed; retrying when the desired state changes");
                     }
                 }
             }
             tokio::select! {
-                _ = shutdown.wait() => return,
+                _ = shutdown.wait() => {
+                    // An apply cut short is applied again after the restart:
+                    // its revision was not recorded as applied.
+                    inflight.abort_all();
+                    return;
+                }
+                Some(done) = inflight.join_next() => self.finished(done),
                 _ = &mut notified => {}
+                _ = observe.tick() => {
+                    tokio::select! {
+                        _ = shutdown.wait() => return,
+                        _ = self.observe_stages() => {}
+                    }
+                }
             }
         }
     }
 
-    /// One pass: pending removals, then every stage that is behind, each at
-    /// its newest held revision.
+    /// One pass, waited for: pending removals, then every stage that is
+    /// behind, each at its newest held revision.
     pub async fn pass(&mut self) -> Result<(), AgentError> {
+        let mut inflight = JoinSet::new();
+        let result = self.start_due(&mut inflight).await;
+        while let Some(done) = inflight.join_next().await {
+            self.finished(done);
+        }
+        result
+    }
+
+    /// Looks at every applied stage that is not being applied and reports
+    /// the ones whose status changed (a component started crash-looping, a
+    /// replica came back…).
+    pub async fn observe_stages(&mut self) {
+        let stages = match blocking(self.reporter.state(), |s| s.stages()).await {
+            Ok(stages) => stages,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list stages to observe them");
+                return;
+            }
+        };
+        for record in stages {
+            let Some(applied) = record.applied_revision else {
+                continue;
+            };
+            if self.busy.contains(&record.key) {
+                continue;
+            }
+            let Some(outcome) = self.runner.observe(&record.key, applied).await else {
+                continue;
+            };
+            let last = self
+                .reported
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&record.key)
+                .cloned();
+            let report = match last {
+                // A failed apply stays failed (with its reason and what was
+                // rolled back to) until a newer revision is applied; only
+                // the components' view is refreshed.
+                Some(last) if last.state == "failed" => StatusReport {
+                    components: outcome.components,
+                    ..last
+                },
+                Some(last) => StatusReport {
+                    state: outcome.state,
+                    message: outcome.message,
+                    components: outcome.components,
+                    ..last
+                },
+                // After a restart nothing was reported by this process; a
+                // failed revision's reason is not known any more, so leave
+                // its report alone.
+                None if !record.applied_ok => continue,
+                None => StatusReport {
+                    project: record.key.project.clone(),
+                    stage: record.key.stage.clone(),
+                    applied_revision: applied,
+                    state: outcome.state,
+                    message: outcome.message,
+                    components: outcome.components,
+                    errors: Vec::new(),
+                    rolled_back_to: None,
+                },
+            };
+            if let Err(e) = enqueue_if_changed(&self.reporter, &self.reported, report).await {
+                tracing::warn!(stage = %record.key, error = %e, "could not queue a status report");
+            }
+        }
+    }
+
+    fn finished(&mut self, done: Result<ApplyResult, tokio::task::JoinError>) {
+        match done {
+            Ok((stage, revision, result)) => {
+                self.busy.remove(&stage);
+                if let Some(revision) = revision {
+                    self.attempted.insert(stage.clone(), revision);
+                }
+                if let Err(e) = result {
+                    tracing::error!(%stage, error = %e, "applying a stage failed; retrying when the desired state changes");
+                }
+            }
+            Err(e) => {
+                // Only a panic of a runner gets here; the stage stays busy
+                // (not re-applied in a loop) until the agent restarts.
+                tracing::error!(error = %e, "an apply task failed unexpectedly; this is a bug in the agent");
+            }
+        }
+    }
+
+    /// Runs pending removals and starts an apply for every stage that is
+    /// behind and not being applied.
+    async fn start_due(&mut self, inflight: &mut JoinSet<ApplyResult>) -> Result<(), AgentError> {
+        let mut removals = std::mem::take(&mut self.deferred_removals);
         while let Some(stage) = self.handle.next_removal() {
-            match self.runtime.remove(&stage).await {
+            removals.push(stage);
+        }
+        for stage in removals {
+            if self.busy.contains(&stage) {
+                self.deferred_removals.push(stage);
+                continue;
+            }
+            match self.runner.remove(&stage).await {
                 Ok(()) => tracing::info!(%stage, "stage removed: the hub deleted it"),
                 Err(e) => {
                     tracing::warn!(%stage, error = %e, "could not remove a stage the hub deleted")
                 }
             }
             self.attempted.remove(&stage);
+            self.reported
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&stage);
         }
 
         let stages = blocking(self.reporter.state(), |s| s.stages()).await?;
         for record in stages {
+            if self.busy.contains(&record.key) {
+                continue;
+            }
             let applied = record.applied_revision.unwrap_or(0);
             let attempted = self.attempted.get(&record.key).copied().unwrap_or(0);
             if record.desired_revision <= applied.max(attempted) {
                 continue;
             }
-            self.apply_newest(&record.key).await?;
+            self.busy.insert(record.key.clone());
+            let runner = self.runner.clone();
+            let reporter = self.reporter.clone();
+            let reported = self.reported.clone();
+            let handle = self.handle.clone();
+            let key = record.key.clone();
+            inflight.spawn(async move {
+                let (revision, result) = apply_newest(&runner, &reporter, &reported, &key).await;
+                // Look again: a newer revision may have arrived meanwhile.
+                handle.desired_changed();
+                (key, revision, result)
+            });
         }
         Ok(())
     }
+}
 
-    /// Applies the newest held revision of `stage`, records and reports it.
-    async fn apply_newest(&mut self, stage: &StageKey) -> Result<(), AgentError> {
-        let key = stage.clone();
-        // Read at apply time, not from the pass's listing: a newer revision
-        // that arrived since is the one to apply.
-        let Some((revision, desired)) =
-            blocking(self.reporter.state(), move |s| s.desired(&key)).await?
-        else {
-            return Ok(()); // forgotten meanwhile
-        };
-        self.attempted.insert(stage.clone(), revision);
-        tracing::info!(%stage, revision, "applying desired state");
-        let outcome = self.runtime.apply(stage, revision, &desired).await;
-        if outcome.ok {
-            tracing::info!(%stage, revision, state = %outcome.state, "applied");
-        } else {
-            tracing::warn!(%stage, revision, state = %outcome.state, message = ?outcome.message, "apply failed");
-        }
-
-        let key = stage.clone();
-        let ok = outcome.ok;
-        match blocking(self.reporter.state(), move |s| {
-            s.record_applied(&key, revision, ok)
-        })
-        .await
-        {
-            Ok(()) => {}
-            // The hub deleted the stage (and maybe re-created it with
-            // revisions starting over) while this apply ran; the removal
-            // and the new revision are handled next, and a report of the
-            // old stage would only confuse.
-            Err(AgentError::State(
-                StateError::UnknownStage { .. } | StateError::AppliedAheadOfDesired { .. },
-            )) => {
-                tracing::info!(%stage, revision, "stage was forgotten while being applied; not reporting it");
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        }
-
-        let state = if outcome.state.is_empty() {
-            if outcome.ok { "running" } else { "failed" }.to_owned()
-        } else {
-            outcome.state
-        };
-        self.reporter
-            .enqueue(StatusReport {
-                project: stage.project.clone(),
-                stage: stage.stage.clone(),
-                applied_revision: revision,
-                state,
-                message: outcome.message,
-                components: outcome.components,
-                errors: Vec::new(),
-                rolled_back_to: outcome.rolled_back_to,
-            })
-            .await?;
-        Ok(())
+/// Queues `report` unless it says what the last report of its stage said
+/// (ignoring `since` timestamps, which move without news).
+async fn enqueue_if_changed(
+    reporter: &Reporter,
+    reported: &Mutex<HashMap<StageKey, StatusReport>>,
+    report: StatusReport,
+) -> Result<(), AgentError> {
+    let key = StageKey::new(report.project.clone(), report.stage.clone());
+    let unchanged = reported
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&key)
+        .is_some_and(|last| same_news(last, &report));
+    if unchanged {
+        return Ok(());
     }
+    reporter.enqueue(report.clone()).await?;
+    reported
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(key, report);
+    Ok(())
+}
+
+fn same_news(a: &StatusReport, b: &StatusReport) -> bool {
+    let strip = |r: &StatusReport| {
+        let mut r = r.clone();
+        r.errors.clear();
+        for c in &mut r.components {
+            c.since = None;
+        }
+        r
+    };
+    strip(a) == strip(b)
+}
+
+/// Applies the newest held revision of `stage`, records and reports it.
+/// Returns the revision attempted.
+async fn apply_newest(
+    runner: &Arc<dyn StageRunner>,
+    reporter: &Arc<Reporter>,
+    reported: &Mutex<HashMap<StageKey, StatusReport>>,
+    stage: &StageKey,
+) -> (Option<u64>, Result<(), AgentError>) {
+    let key = stage.clone();
+    // Read at apply time, not from the pass's listing: a newer revision
+    // that arrived since is the one to apply.
+    let (revision, desired) = match blocking(reporter.state(), move |s| s.desired(&key)).await {
+        Ok(Some(held)) => held,
+        Ok(None) => return (None, Ok(())), // forgotten meanwhile
+        Err(e) => return (None, Err(e)),
+    };
+    tracing::info!(%stage, revision, "applying desired state");
+    let outcome = runner.apply(stage, revision, &desired).await;
+    if outcome.ok {
+        tracing::info!(%stage, revision, state = %outcome.state, "applied");
+    } else {
+        tracing::warn!(%stage, revision, state = %outcome.state, message = ?outcome.message, "apply failed");
+    }
+
+    let key = stage.clone();
+    let ok = outcome.ok;
+    match blocking(reporter.state(), move |s| {
+        s.record_applied(&key, revision, ok)
+    })
+    .await
+    {
+        Ok(()) => {}
+        // The hub deleted the stage (and maybe re-created it with
+        // revisions starting over) while this apply ran; the removal and
+        // the new revision are handled next, and a report of the old stage
+        // would only confuse.
+        Err(AgentError::State(
+            StateError::UnknownStage { .. } | StateError::AppliedAheadOfDesired { .. },
+        )) => {
+            tracing::info!(%stage, revision, "stage was forgotten while being applied; not reporting it");
+            return (Some(revision), Ok(()));
+        }
+        Err(e) => return (Some(revision), Err(e)),
+    }
+
+    let state = if outcome.state.is_empty() {
+        if outcome.ok { "running" } else { "failed" }.to_owned()
+    } else {
+        outcome.state
+    };
+    let report = StatusReport {
+        project: stage.project.clone(),
+        stage: stage.stage.clone(),
+        applied_revision: revision,
+        state,
+        message: outcome.message,
+        components: outcome.components,
+        errors: Vec::new(),
+        rolled_back_to: outcome.rolled_back_to,
+    };
+    // Every apply is reported, even when it says what the last one did:
+    // the applied revision is news to the hub.
+    let result = reporter.enqueue(report.clone()).await.map(|_| ());
+    if result.is_ok() {
+        reported
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(stage.clone(), report);
+    }
+    (Some(revision), result)
 }

@@ -197,7 +197,7 @@ impl StageRunner for RecordOnly {
 /// Writes `name` in `dir` so that it holds either the old or the new content
 /// whenever the process dies: temporary file, fsync, rename, fsync of the
 /// directory (a rename is durable only once its directory is).
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {

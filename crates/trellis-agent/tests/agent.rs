@@ -19,6 +19,7 @@ async fn run_records_desired_state_reports_it_and_stops_on_shutdown() {
     let (connector, mut hubs) = TestConnector::new();
     let options = AgentOptions {
         connector: Some(connector.clone()),
+        runtime: Some(Arc::new(trellis_agent::RecordOnly::new(dir.path()))),
         rng_seed: Some(1),
         ..AgentOptions::default()
     };

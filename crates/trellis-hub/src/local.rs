@@ -45,15 +45,26 @@ impl Connector for LocalConnector {
 }
 
 /// Runs the local outpost's agent until `shutdown`.
-pub fn spawn(state: AppState, data_dir: PathBuf, shutdown: CancellationToken) {
+pub fn spawn(
+    state: AppState,
+    data_dir: PathBuf,
+    mut runtime: trellis_agent::RuntimeSettings,
+    shutdown: CancellationToken,
+) {
     tokio::spawn(async move {
         let dir = data_dir.join(LOCAL_AGENT_DIR);
         if let Err(e) = std::fs::create_dir_all(&dir) {
             tracing::error!(error = %e, dir = %dir.display(), "cannot create the local outpost's directory");
             return;
         }
+        // The local agent reads packages from the hub's own store.
+        runtime.packages = Some(Arc::new(
+            trellis_agent::runtime::packages::LocalPackages::new(state.blobs().clone()),
+        ));
+        runtime.outpost = Some(LOCAL_OUTPOST.to_owned());
         let options = trellis_agent::AgentOptions {
             connector: Some(Arc::new(LocalConnector { state })),
+            runtime_settings: runtime,
             ..Default::default()
         };
         if let Err(e) = trellis_agent::run(&dir, options, shutdown.cancelled_owned()).await {

@@ -34,12 +34,17 @@ pub struct HubOptions {
     pub public_address: Option<String>,
     /// Heartbeat, admission and certificate settings of the outpost link.
     pub link: LinkSettings,
+    /// How the local outpost's agent runs components (container engine,
+    /// published ports, health window). Its packages always come straight
+    /// from the hub's artifact store.
+    pub local_runtime: trellis_agent::RuntimeSettings,
 }
 
 /// A hub ready to serve.
 pub struct Hub {
     state: AppState,
     data_dir: PathBuf,
+    local_runtime: trellis_agent::RuntimeSettings,
     admin_key: Option<AccessKey>,
 }
 
@@ -83,6 +88,7 @@ impl Hub {
         Ok(Hub {
             state,
             data_dir: options.data_dir,
+            local_runtime: options.local_runtime,
             admin_key,
         })
     }
@@ -148,7 +154,12 @@ impl Hub {
             shutdown.await;
             trigger.cancel();
         });
-        crate::local::spawn(self.state.clone(), self.data_dir.clone(), cancel.clone());
+        crate::local::spawn(
+            self.state.clone(),
+            self.data_dir.clone(),
+            self.local_runtime.clone(),
+            cancel.clone(),
+        );
         cancel
     }
 

@@ -49,15 +49,17 @@ pub fn sync_state(
             SyncState::Linking
         };
     }
+    // The agent tried the desired revision and it failed (and was rolled
+    // back): never in-sync, whatever the revision numbers say.
+    if report_failed && (applied >= desired || delivered >= desired) {
+        return SyncState::Failed;
+    }
     if applied >= desired {
         return if suspended {
             SyncState::Suspended
         } else {
             SyncState::InSync
         };
-    }
-    if report_failed && delivered >= desired {
-        return SyncState::Failed;
     }
     if delivered >= desired {
         return SyncState::Syncing;
@@ -81,6 +83,9 @@ pub struct SyncView {
     pub applied_release: Option<u64>,
     /// The agent's own words about the stage, if any.
     pub message: Option<String>,
+    /// When the desired release failed to come up: the release the agent
+    /// restored instead (0: none, the stage runs nothing).
+    pub rolled_back_to: Option<u64>,
     pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
@@ -187,6 +192,7 @@ pub async fn compute(state: &AppState, project: &str, stage_name: &str) -> ApiRe
                 .get("message")
                 .and_then(Value::as_str)
                 .map(str::to_owned),
+            rolled_back_to: report.get("rolled_back_to").and_then(Value::as_u64),
             updated_at: sync.updated_at,
         },
         components: report
@@ -219,6 +225,9 @@ mod tests {
             ((false, 3, 3, 3, false, false), InSync),
             ((true, 4, 4, 4, true, false), Suspended),
             ((true, 3, 3, 2, false, true), Failed),
+            // The desired revision itself was tried, failed and rolled back.
+            ((true, 3, 3, 3, false, true), Failed),
+            ((false, 3, 3, 3, false, true), Failed),
             // A failure of an older revision does not hide a newer delivery in flight.
             ((true, 4, 3, 2, false, true), Syncing),
         ];

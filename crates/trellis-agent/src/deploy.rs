@@ -1,0 +1,616 @@
+//! The deployer: the [`StageRunner`] that runs stages through the workload
+//! runtimes, checks that a new release comes up, and rolls back when it
+//! does not (BRIEF §5).
+//!
+//! For every desired revision it
+//! 1. turns the desired state into a [`StagePlan`] (env, files, refs
+//!    resolved; `component-ref` resolved by the runtime of the referenced
+//!    component);
+//! 2. has each runtime plan and apply its part — containers for `docker:`
+//!    components, processes for `process:` ones;
+//! 3. watches the result for the **health window**: every component that
+//!    should run must run all its replicas, answer on its first port when it
+//!    has one, and not restart, continuously for the **settle** time;
+//! 4. on success remembers the plan as the stage's last good one; on
+//!    failure of a *new release* restores the last good plan (or empties the
+//!    stage when there is none) and reports `failed` with the reason and
+//!    what it rolled back to. The desired revision on the hub is not changed:
+//!    the failed revision counts as applied-and-failed, so it is not retried
+//!    until the hub sends a newer one.
+//!
+//! A failure that is not a new release (a restart or start of a component)
+//! is reported without a rollback: there is nothing older to go back to.
+//!
+//! Plans are kept under `<data>/deploy/<project>/<stage>/` (`good.json`,
+//! `current.json`), written atomically, so a restarted agent knows which
+//! release is running and which one to roll back to.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use trellis_link::protocol::{ComponentStatus, LogLine, LogQuery, RuntimeInfo};
+use trellis_model::{NameKind, validate_name};
+
+use crate::runner::{ApplyOutcome, StageRunner, write_atomically};
+use crate::runtime::plan::plan_from_desired;
+use crate::runtime::{
+    ActionKind, ComponentObservation, ComponentPlan, ComponentState, Runtime, RuntimeKind,
+    StagePlan,
+};
+use crate::state::StageKey;
+
+/// How the deployer judges a new release.
+#[derive(Debug, Clone)]
+pub struct DeployOptions {
+    /// How long a new release has to come up before it is rolled back.
+    pub health_window: Duration,
+    /// How long every component must stay up, without a restart, to count
+    /// as up (catches a process that starts and dies a moment later).
+    pub settle: Duration,
+    /// How often the components are looked at during the window.
+    pub probe_interval: Duration,
+}
+
+impl Default for DeployOptions {
+    fn default() -> Self {
+        DeployOptions {
+            health_window: Duration::from_secs(60),
+            settle: Duration::from_secs(3),
+            probe_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+/// See the module docs.
+pub struct Deployer {
+    runtimes: Vec<Arc<dyn Runtime>>,
+    root: PathBuf,
+    options: DeployOptions,
+}
+
+const GOOD_PLAN: &str = "good.json";
+const CURRENT_PLAN: &str = "current.json";
+
+/// Why a release is not up (yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verdict {
+    Up,
+    /// Not up yet; may still come up within the window.
+    Waiting(String),
+    /// Will not come up: it failed or restarted.
+    Down(String),
+}
+
+impl Deployer {
+    /// A deployer over `runtimes` (at most one per kind), keeping its plans
+    /// under `<data_dir>/deploy`.
+    pub fn new(data_dir: &Path, runtimes: Vec<Arc<dyn Runtime>>, options: DeployOptions) -> Self {
+        Deployer {
+            runtimes,
+            root: data_dir.join("deploy"),
+            options,
+        }
+    }
+
+    fn runtime(&self, kind: RuntimeKind) -> Option<&Arc<dyn Runtime>> {
+        self.runtimes.iter().find(|r| r.kind() == kind)
+    }
+
+    fn stage_dir(&self, stage: &StageKey) -> Result<PathBuf, String> {
+        validate_name(NameKind::Project, &stage.project)
+            .map_err(|e| format!("the hub sent an invalid project name: {e}"))?;
+        validate_name(NameKind::Stage, &stage.stage)
+            .map_err(|e| format!("the hub sent an invalid stage name: {e}"))?;
+        Ok(self.root.join(&stage.project).join(&stage.stage))
+    }
+
+    async fn load_plan(&self, stage: &StageKey, name: &'static str) -> Option<StagePlan> {
+        let path = self.stage_dir(stage).ok()?.join(name);
+        let bytes = tokio::fs::read(&path).await.ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(plan) => Some(plan),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable saved plan");
+                None
+            }
+        }
+    }
+
+    async fn save_plan(&self, stage: &StageKey, name: &'static str, plan: &StagePlan) {
+        let Ok(dir) = self.stage_dir(stage) else {
+            return;
+        };
+        let Ok(bytes) = serde_json::to_vec_pretty(plan) else {
+            return;
+        };
+        let written =
+            tokio::task::spawn_blocking(move || write_atomically(&dir, name, &bytes)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::warn!(%stage, file = name, "could not save the stage's plan; a restarted agent may not know what to roll back to");
+        }
+    }
+
+    /// Components the runtimes of this host cannot run.
+    fn unrunnable(&self, plan: &StagePlan) -> Option<String> {
+        let missing: Vec<&str> = plan
+            .components
+            .iter()
+            .filter(|c| self.runtime(c.workload.kind()).is_none())
+            .map(|c| c.name.as_str())
+            .collect();
+        if missing.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "component{} {} run{} container images, but this outpost has no container engine \
+             (the agent looked at DOCKER_HOST, /run/podman/podman.sock and /var/run/docker.sock); \
+             install Podman or Docker on the outpost and restart the agent, or use `process:` components",
+            if missing.len() == 1 { "" } else { "s" },
+            missing.join(", "),
+            if missing.len() == 1 { "s" } else { "" },
+        ))
+    }
+
+    /// Plans and applies `plan` on every runtime. Returns the action each
+    /// component got.
+    async fn run_plan(
+        &self,
+        stage: &StageKey,
+        plan: &StagePlan,
+    ) -> Result<HashMap<String, ActionKind>, String> {
+        let mut actions = HashMap::new();
+        for runtime in &self.runtimes {
+            let planned = runtime.plan(stage, plan).await.map_err(|e| {
+                format!(
+                    "planning {} of stage {stage} failed: {}",
+                    runtime.kind(),
+                    e.sentence()
+                )
+            })?;
+            for action in &planned {
+                tracing::info!(%stage, component = %action.component, action = ?action.kind, reason = %action.reason, "planned");
+                actions.insert(action.component.clone(), action.kind);
+            }
+            runtime.apply(stage, plan, &planned).await.map_err(|e| {
+                format!(
+                    "applying {} of stage {stage} failed: {}",
+                    runtime.kind(),
+                    e.sentence()
+                )
+            })?;
+        }
+        Ok(actions)
+    }
+
+    /// Every component of `stage` as the runtimes see it, by name.
+    async fn observe_all(&self, stage: &StageKey) -> HashMap<String, ComponentObservation> {
+        let mut all = HashMap::new();
+        for runtime in &self.runtimes {
+            match runtime.observe(stage).await {
+                Ok(list) => {
+                    for o in list {
+                        all.insert(o.name.clone(), o);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%stage, runtime = %runtime.kind(), error = %e.sentence(), "could not observe the stage's components");
+                }
+            }
+        }
+        all
+    }
+
+    /// Watches `plan` come up; see the module docs.
+    async fn wait_until_up(
+        &self,
+        stage: &StageKey,
+        plan: &StagePlan,
+        baseline: &HashMap<String, u32>,
+    ) -> (Verdict, HashMap<String, ComponentObservation>) {
+        let deadline = Instant::now() + self.options.health_window;
+        let mut up_since: Option<Instant> = None;
+        loop {
+            let observed = self.observe_all(stage).await;
+            let verdict = judge(plan, &observed, baseline).await;
+            let now = Instant::now();
+            match &verdict {
+                Verdict::Down(_) => return (verdict, observed),
+                Verdict::Up => {
+                    let since = *up_since.get_or_insert(now);
+                    if now.duration_since(since) >= self.options.settle {
+                        return (verdict, observed);
+                    }
+                }
+                Verdict::Waiting(_) => up_since = None,
+            }
+            if now >= deadline {
+                let why = match verdict {
+                    Verdict::Waiting(why) => why,
+                    // Up, but not for the whole settle time before the
+                    // window closed: it counts.
+                    Verdict::Up => return (Verdict::Up, observed),
+                    Verdict::Down(why) => why,
+                };
+                return (
+                    Verdict::Down(format!(
+                        "{why} after {} s (the health window)",
+                        self.options.health_window.as_secs()
+                    )),
+                    observed,
+                );
+            }
+            tokio::time::sleep(self.options.probe_interval).await;
+        }
+    }
+
+    fn outcome(
+        plan: &StagePlan,
+        observed: &HashMap<String, ComponentObservation>,
+        ok: bool,
+        message: Option<String>,
+    ) -> ApplyOutcome {
+        let state = if !ok {
+            "failed"
+        } else if plan.suspended {
+            "suspended"
+        } else {
+            "running"
+        };
+        ApplyOutcome {
+            ok,
+            state: state.into(),
+            message,
+            components: component_statuses(plan, observed),
+            rolled_back_to: None,
+        }
+    }
+
+    async fn apply_plan(&self, stage: &StageKey, plan: StagePlan) -> ApplyOutcome {
+        let release = describe_release(&plan);
+        let previous_good = self.load_plan(stage, GOOD_PLAN).await;
+        let is_new_release = previous_good.as_ref().map(|p| (p.release, &p.build))
+            != Some((plan.release, &plan.build));
+
+        if let Some(why) = self.unrunnable(&plan) {
+            return ApplyOutcome {
+                rolled_back_to: previous_good.as_ref().and_then(|p| p.release),
+                ..ApplyOutcome::failed(format!("{release} cannot run here: {why}"))
+            };
+        }
+
+        // Restart counts of workloads that are kept: a kept component that
+        // restarts during the window is as down as a new one.
+        let before = self.observe_all(stage).await;
+        self.save_plan(stage, CURRENT_PLAN, &plan).await;
+        let applied = self.run_plan(stage, &plan).await;
+        let (verdict, observed) = match applied {
+            Ok(actions) => {
+                let baseline = actions
+                    .iter()
+                    .filter(|(_, kind)| **kind == ActionKind::Keep)
+                    .filter_map(|(name, _)| before.get(name).map(|o| (name.clone(), o.restarts)))
+                    .collect();
+                self.wait_until_up(stage, &plan, &baseline).await
+            }
+            Err(why) => (Verdict::Down(why), self.observe_all(stage).await),
+        };
+
+        let why = match verdict {
+            Verdict::Up => {
+                self.save_plan(stage, GOOD_PLAN, &plan).await;
+                return Self::outcome(&plan, &observed, true, Some(format!("{release} is up")));
+            }
+            Verdict::Down(why) | Verdict::Waiting(why) => why,
+        };
+        if !is_new_release {
+            let mut outcome =
+                Self::outcome(&plan, &observed, false, Some(format!("{release}: {why}")));
+            outcome.rolled_back_to = None;
+            return outcome;
+        }
+
+        // Roll back: the last good plan, or nothing at all.
+        let (restore, back_to) = match previous_good {
+            Some(good) => {
+                let back = good.release.unwrap_or(0);
+                (good, back)
+            }
+            None => (StagePlan::empty(plan.revision), 0),
+        };
+        tracing::warn!(%stage, %why, rolled_back_to = back_to, "{release} did not come up; rolling back");
+        self.save_plan(stage, CURRENT_PLAN, &restore).await;
+        let restored = match self.run_plan(stage, &restore).await {
+            Ok(_) => {
+                if back_to == 0 {
+                    "nothing ran before it, so the stage now runs nothing".to_owned()
+                } else {
+                    format!("rolled back to release {back_to}")
+                }
+            }
+            Err(e) => format!("rolling back to release {back_to} failed too: {e}"),
+        };
+        let mut outcome = Self::outcome(
+            &plan,
+            &observed,
+            false,
+            Some(format!("{release} did not come up: {why}; {restored}")),
+        );
+        outcome.rolled_back_to = Some(back_to);
+        outcome
+    }
+}
+
+/// "release 3 (build main_b2)" for messages.
+fn describe_release(plan: &StagePlan) -> String {
+    match (plan.release, &plan.build) {
+        (Some(n), Some(b)) => format!("release {n} (build {b})"),
+        (Some(n), None) => format!("release {n}"),
+        _ => format!("revision {}", plan.revision),
+    }
+}
+
+/// Whether a component counts for health: it should be running all the
+/// time (not stopped, not a scheduled job, not scaled to zero).
+fn runs_continuously(c: &ComponentPlan) -> bool {
+    !c.stopped && c.schedule.is_none() && c.replicas > 0
+}
+
+/// The health verdict of `plan` given what runs.
+async fn judge(
+    plan: &StagePlan,
+    observed: &HashMap<String, ComponentObservation>,
+    baseline: &HashMap<String, u32>,
+) -> Verdict {
+    let mut waiting = None;
+    for c in plan.components.iter() {
+        let Some(o) = observed.get(&c.name) else {
+            if runs_continuously(c) {
+                waiting.get_or_insert_with(|| format!("component {} has not been created", c.name));
+            }
+            continue;
+        };
+        if !runs_continuously(c) {
+            continue;
+        }
+        if o.state == ComponentState::Failed {
+            return Verdict::Down(format!(
+                "component {} failed: {}",
+                c.name,
+                o.message.as_deref().unwrap_or("no reason given")
+            ));
+        }
+        let restarted = o.restarts > baseline.get(&c.name).copied().unwrap_or(0);
+        if o.state == ComponentState::CrashLooping || restarted {
+            return Verdict::Down(format!(
+                "component {} {} (restarted {} time{})",
+                c.name,
+                match o.exit_code {
+                    Some(code) => format!("exited with code {code}"),
+                    None => "exited".to_owned(),
+                },
+                o.restarts,
+                if o.restarts == 1 { "" } else { "s" }
+            ));
+        }
+        if o.state != ComponentState::Running || o.replicas_running < c.replicas {
+            waiting.get_or_insert_with(|| {
+                format!(
+                    "component {} is {} ({} of {} replicas running)",
+                    c.name,
+                    o.state.as_str(),
+                    o.replicas_running,
+                    c.replicas
+                )
+            });
+            continue;
+        }
+        if let (Some(port), Some(endpoint)) = (c.first_port(), o.endpoint)
+            && !answers(endpoint).await
+        {
+            waiting.get_or_insert_with(|| {
+                format!("component {} does not answer on port {port}", c.name)
+            });
+        }
+    }
+    match waiting {
+        Some(why) => Verdict::Waiting(why),
+        None => Verdict::Up,
+    }
+}
+
+/// Whether something accepts TCP connections at `addr`.
+async fn answers(addr: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// The status of each planned component (and of workloads the plan no
+/// longer has, while they exist), in plan order.
+fn component_statuses(
+    plan: &StagePlan,
+    observed: &HashMap<String, ComponentObservation>,
+) -> Vec<ComponentStatus> {
+    let mut out: Vec<ComponentStatus> = plan
+        .components
+        .iter()
+        .map(|c| match observed.get(&c.name) {
+            Some(o) => to_status(o, c.replicas),
+            None => ComponentStatus {
+                name: c.name.clone(),
+                state: if c.stopped { "stopped" } else { "missing" }.into(),
+                replicas: c.replicas,
+                ..Default::default()
+            },
+        })
+        .collect();
+    let mut extra: Vec<&ComponentObservation> = observed
+        .values()
+        .filter(|o| plan.component(&o.name).is_none())
+        .collect();
+    extra.sort_by(|a, b| a.name.cmp(&b.name));
+    out.extend(extra.into_iter().map(|o| to_status(o, o.replicas_desired)));
+    out
+}
+
+fn to_status(o: &ComponentObservation, replicas: u32) -> ComponentStatus {
+    ComponentStatus {
+        name: o.name.clone(),
+        state: o.state.as_str().into(),
+        restarts: o.restarts,
+        exit_code: o.exit_code,
+        replicas,
+        running: o.replicas_running,
+        since: o.since,
+        release: o.release,
+        ids: o.ids.clone(),
+        last_run: o.last_run,
+        next_run: o.next_run,
+        message: o.message.clone(),
+    }
+}
+
+#[async_trait]
+impl StageRunner for Deployer {
+    fn describe(&self) -> Vec<RuntimeInfo> {
+        self.runtimes.iter().map(|r| r.describe()).collect()
+    }
+
+    async fn apply(
+        &self,
+        stage: &StageKey,
+        revision: u64,
+        desired: &serde_json::Value,
+    ) -> ApplyOutcome {
+        if let Err(why) = self.stage_dir(stage) {
+            return ApplyOutcome::failed(why);
+        }
+        let address_of = |name: &str, kind: RuntimeKind, port: Option<u16>| match self.runtime(kind)
+        {
+            Some(runtime) => runtime.address_of(name, port),
+            None => name.to_owned(),
+        };
+        match plan_from_desired(revision, desired, &address_of) {
+            Ok(plan) => self.apply_plan(stage, plan).await,
+            Err(e) => {
+                // Nothing was touched: what ran before still runs.
+                let good = self.load_plan(stage, GOOD_PLAN).await;
+                ApplyOutcome {
+                    rolled_back_to: good.and_then(|p| p.release),
+                    ..ApplyOutcome::failed(format!("revision {revision} cannot be run: {e}"))
+                }
+            }
+        }
+    }
+
+    async fn remove(&self, stage: &StageKey) -> Result<(), String> {
+        let dir = self.stage_dir(stage)?;
+        let mut failures = Vec::new();
+        for runtime in &self.runtimes {
+            if let Err(e) = runtime.remove(stage).await {
+                failures.push(format!("{}: {}", runtime.kind(), e.sentence()));
+            }
+        }
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => failures.push(format!("could not remove {}: {e}", dir.display())),
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "removing stage {stage} left things behind: {}",
+                failures.join("; ")
+            ))
+        }
+    }
+
+    async fn observe(&self, stage: &StageKey, _revision: u64) -> Option<ApplyOutcome> {
+        let plan = self.load_plan(stage, CURRENT_PLAN).await?;
+        let observed = self.observe_all(stage).await;
+        let components = component_statuses(&plan, &observed);
+        let troubled: Vec<&ComponentStatus> = components
+            .iter()
+            .filter(|c| matches!(c.state.as_str(), "crash-looping" | "failed" | "missing"))
+            .filter(|c| plan.component(&c.name).is_some_and(runs_continuously))
+            .collect();
+        let (state, message) = if plan.suspended {
+            ("suspended", None)
+        } else if troubled.is_empty() {
+            ("running", None)
+        } else {
+            (
+                "degraded",
+                Some(
+                    troubled
+                        .iter()
+                        .map(|c| match (&c.message, c.exit_code) {
+                            (Some(m), _) => format!("component {} is {}: {m}", c.name, c.state),
+                            (None, Some(code)) => format!(
+                                "component {} is {} (last exit code {code}, {} restarts)",
+                                c.name, c.state, c.restarts
+                            ),
+                            (None, None) => format!("component {} is {}", c.name, c.state),
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ),
+            )
+        };
+        Some(ApplyOutcome {
+            ok: true,
+            state: state.into(),
+            message,
+            components,
+            rolled_back_to: None,
+        })
+    }
+
+    async fn logs(
+        &self,
+        stage: &StageKey,
+        query: &LogQuery,
+        sink: mpsc::Sender<LogLine>,
+    ) -> Result<(), String> {
+        self.stage_dir(stage)?;
+        let plan = self.load_plan(stage, CURRENT_PLAN).await;
+        let runtimes: Vec<&Arc<dyn Runtime>> = match (&query.component, &plan) {
+            (Some(name), Some(plan)) => match plan.component(name) {
+                Some(c) => self.runtime(c.workload.kind()).into_iter().collect(),
+                None => {
+                    return Err(format!(
+                        "stage {stage} has no component {name:?}; it has {}",
+                        plan.components
+                            .iter()
+                            .map(|c| c.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            },
+            _ => self.runtimes.iter().collect(),
+        };
+        let runs = runtimes.into_iter().map(|runtime| {
+            let sink = sink.clone();
+            async move { runtime.logs(stage, query, sink).await }
+        });
+        let results = futures_util::future::join_all(runs).await;
+        let errors: Vec<String> = results
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.sentence()))
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+}
