@@ -20,28 +20,36 @@ use std::time::{Duration, Instant};
 
 use common::{AgentProcess, Cli, HubProcess, git_project, join_command};
 
-/// The `web` component serves its root (the config file and the shared
-/// volume are in it) and logs every request; `client` fetches the file from
-/// `web` through `component-ref`, writes it into the volume, and records
-/// its mark there once per start.
-const CLIENT_SH: &str = r#"#!/bin/sh
-echo "client starting, web is at $WEB"
-echo "$MARK" >> "$DATA/history.txt"
-while true; do
-  $FETCH "http://$WEB/conf/greeting.txt" > "$DATA/last.tmp" 2>/dev/null && mv "$DATA/last.tmp" "$DATA/last.txt"
-  sleep 0.3
-done
-"#;
-
+/// `web` records its mark (a config value) in its volume at every start,
+/// then serves its root — the config file and the volume are in it — and
+/// logs every request. `client` fetches the config file from `web` through
+/// `component-ref` into its own volume, which it serves on a second port:
+/// what the test reads there went through both components.
 struct Flavour {
-    /// Manifest of release 1 and 2 (mark and greeting come from config).
+    /// Manifest of releases 1 and 2 (mark and greeting come from config).
     manifest: String,
-    /// A manifest whose `web` exits at once.
+    /// The same, but `web` exits at once.
     broken: String,
     files: Vec<(&'static str, String)>,
 }
 
-fn process_flavour(port: u16) -> Flavour {
+const WEB_SH: &str = r#"#!/bin/sh
+echo "$MARK" >> data/history.txt
+exec python3 -m http.server "$PORT" --bind 127.0.0.1
+"#;
+
+const CLIENT_SH: &str = r#"#!/bin/sh
+echo "client starting, web is at $WEB"
+python3 -m http.server "$PORT" --bind 127.0.0.1 --directory data &
+while true; do
+  python3 fetch.py "http://$WEB/conf/greeting.txt" > data/last.tmp 2>/dev/null && mv data/last.tmp data/last.txt
+  sleep 0.3
+done
+"#;
+
+const FETCH_PY: &str = "import sys, urllib.request\nprint(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode(), end='')\n";
+
+fn process_flavour(web_port: u16, client_port: u16) -> Flavour {
     let manifest = |web_command: &str| {
         format!(
             r#"version: v1
@@ -50,7 +58,12 @@ components:
     process:
       path: ./web
       command: {web_command}
-    ports: [{port}]
+    ports: [{web_port}]
+    env:
+      - name: PORT
+        value: "{web_port}"
+      - name: MARK
+        config-ref: mark
     files:
       - path: /conf/greeting.txt
         config-ref: greeting
@@ -61,15 +74,12 @@ components:
     process:
       path: ./client
       command: ["sh", "./client.sh"]
+    ports: [{client_port}]
     env:
       - name: WEB
         component-ref: web
-      - name: MARK
-        config-ref: mark
-      - name: FETCH
-        value: "python3 fetch.py"
-      - name: DATA
-        value: data
+      - name: PORT
+        value: "{client_port}"
     storage:
       - name: data
         path: /data
@@ -77,31 +87,36 @@ components:
         )
     };
     Flavour {
-        manifest: manifest(&format!(
-            r#"["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]"#
-        )),
+        manifest: manifest(r#"["sh", "./web.sh"]"#),
         broken: manifest(r#"["sh", "-c", "echo giving up >&2; exit 3"]"#),
         files: vec![
-            ("web/README", "served by python3 -m http.server\n".into()),
+            ("web/web.sh", WEB_SH.into()),
             ("client/client.sh", CLIENT_SH.into()),
-            (
-                "client/fetch.py",
-                "import sys, urllib.request\nprint(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode(), end='')\n".into(),
-            ),
+            ("client/fetch.py", FETCH_PY.into()),
         ],
     }
 }
 
-fn container_flavour(image: &str, port: u16) -> Flavour {
-    let manifest = |web_command: &str| {
+fn container_flavour(image: &str, web_port: u16, client_port: u16) -> Flavour {
+    let web = format!(
+        r#"trap 'exit 0' TERM; echo "$MARK" >> /www/data/history.txt; httpd -f -vv -p {web_port} -h /www & wait"#
+    );
+    let client = format!(
+        r#"trap 'exit 0' TERM; echo "client starting, web is at $WEB"; httpd -p {client_port} -h /data; while true; do wget -qO- "http://$WEB:{web_port}/conf/greeting.txt" > /data/last.tmp 2>/dev/null && mv /data/last.tmp /data/last.txt; sleep 0.3; done"#
+    );
+    let manifest = |web_script: &str| {
         format!(
             r#"version: v1
 components:
   - name: web
     docker:
       image: {image}
-    command: {web_command}
-    ports: [{port}]
+    command: ["sh", "-c"]
+    args: [{web_script}]
+    ports: [{web_port}]
+    env:
+      - name: MARK
+        config-ref: mark
     files:
       - path: /www/conf/greeting.txt
         config-ref: greeting
@@ -112,31 +127,24 @@ components:
     docker:
       image: {image}
     command: ["sh", "-c"]
-    args: ["$SCRIPT"]
+    args: [{client}]
+    ports: [{client_port}]
     env:
       - name: WEB
         component-ref: web
-      - name: MARK
-        config-ref: mark
-      - name: FETCH
-        value: "wget -qO-"
-      - name: DATA
-        value: /data
-      - name: SCRIPT
-        value: {script}
     storage:
       - name: data
         path: /data
 "#,
-            script =
-                serde_json::to_string(&CLIENT_SH.replace("$WEB", &format!("$WEB:{port}"))).unwrap()
+            web_script = serde_json::to_string(web_script).unwrap(),
+            client = serde_json::to_string(&client).unwrap(),
         )
     };
     Flavour {
-        manifest: manifest(&format!(
-            r#"["httpd", "-f", "-vv", "-p", "{port}", "-h", "/www"]"#
-        )),
-        broken: manifest(r#"["sh", "-c", "echo giving up >&2; exit 3"]"#),
+        manifest: manifest(&web),
+        broken: manifest("echo giving up >&2; exit 3"),
+        // (`trap`: a shell as PID 1 ignores SIGTERM, and every replaced
+        // container would wait out the engine's stop timeout.)
         files: Vec::new(),
     }
 }
@@ -263,9 +271,9 @@ fn fetch(url: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The scenario of the module docs. `web_url` is where the test reaches
-/// `web` from the host.
-fn scenario(flavour: Flavour, agent_args: &[&str], web_url: &dyn Fn(&World) -> String) {
+/// The scenario of the module docs; the test reaches `web` and `client` on
+/// loopback at their ports.
+fn scenario(flavour: Flavour, agent_args: &[&str], web_port: u16, client_port: u16) {
     let w = world(&flavour);
     let agent_data = w.tmp.path().join("agent");
     let agent = AgentProcess::join_with(&w.join, &agent_data, agent_args);
@@ -285,9 +293,10 @@ fn scenario(flavour: Flavour, agent_args: &[&str], web_url: &dyn Fn(&World) -> S
     w.config("mark-one", "hello from config");
     w.release();
     w.wait_running(1);
-    let url = web_url(&w);
+    let url = format!("http://127.0.0.1:{web_port}");
+    let client_url = format!("http://127.0.0.1:{client_port}");
     let ok = wait_for(Duration::from_secs(30), || {
-        fetch(&format!("{url}/data/last.txt")).as_deref() == Some("hello from config")
+        fetch(&format!("{client_url}/last.txt")).as_deref() == Some("hello from config")
     });
     assert!(
         ok,
@@ -452,11 +461,12 @@ fn git_commit(dir: &Path, message: &str) {
 
 #[test]
 fn a_process_release_runs_keeps_its_volume_rolls_back_and_is_adopted() {
-    let port = common::free_port();
+    let (web, client) = (common::free_port(), common::free_port());
     scenario(
-        process_flavour(port),
+        process_flavour(web, client),
         &["--no-containers", "--health-window", "20s"],
-        &move |_| format!("http://127.0.0.1:{port}"),
+        web,
+        client,
     );
 }
 
@@ -467,10 +477,18 @@ fn a_container_release_runs_keeps_its_volume_rolls_back_and_is_adopted() {
         return;
     };
     let image = engine.busybox_image();
-    // Published on the host at the same port, so the test reaches it.
-    let port = common::free_port();
+    // Whatever happens, the stage's containers, network and volumes go.
+    struct Cleanup(trellis_testkit::podman::PodmanEngine);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            self.0.remove_labelled("io.trellis.outpost=cell-4");
+        }
+    }
+    let _cleanup = Cleanup(engine.clone());
+    // Published on loopback at the same ports, so the test reaches them.
+    let (web, client) = (common::free_port(), common::free_port());
     scenario(
-        container_flavour(image, port),
+        container_flavour(image, web, client),
         &[
             "--docker-host",
             &engine.docker_host(),
@@ -479,6 +497,7 @@ fn a_container_release_runs_keeps_its_volume_rolls_back_and_is_adopted() {
             "--publish-ports",
             "127.0.0.1",
         ],
-        &move |_| format!("http://127.0.0.1:{port}"),
+        web,
+        client,
     );
 }
