@@ -30,6 +30,7 @@ pub use trellis_link::protocol::{LogLine, LogQuery, LogStream};
 use crate::state::StageKey;
 
 pub mod container;
+pub mod packages;
 pub mod plan;
 pub mod process;
 pub mod schedule;

@@ -78,6 +78,7 @@ pub fn router(state: AppState) -> axum::Router {
         .routes(routes!(outposts::create_join_token))
         .routes(routes!(crate::link::endpoint::join))
         .routes(routes!(crate::link::endpoint::renew))
+        .routes(routes!(crate::link::endpoint::package))
         .routes(routes!(crate::link::status::stage_status))
         .routes(routes!(builds::list_builds, builds::create_build))
         .routes(routes!(builds::get_build, builds::delete_build))

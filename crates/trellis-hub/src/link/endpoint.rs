@@ -1,6 +1,7 @@
 //! The link's HTTP endpoints: the WebSocket an agent keeps open
-//! (`/link/v1`), enrolment with a join token (`/api/v1/agent/join`), and
-//! certificate renewal after expiry (`/api/v1/agent/renew`).
+//! (`/link/v1`), enrolment with a join token (`/api/v1/agent/join`),
+//! certificate renewal after expiry (`/api/v1/agent/renew`), and the
+//! packages of process components (`/api/v1/agent/packages/{digest}`).
 
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use trellis_link::identity::IssuedCert;
+use trellis_link::identity::{IssuedCert, PeerIdentity};
 use trellis_link::{Incoming, LinkIo, LinkIoError, MAX_FRAME_BYTES, decode, encode};
 use trellis_store::JoinTokenRefusal;
 use utoipa::ToSchema;
@@ -82,39 +83,10 @@ pub async fn link(
     connection: Option<axum::Extension<ConnectionInfo>>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    let Some(peer) = connection.and_then(|c| c.0.peer) else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "client-certificate-required",
-            "this endpoint is for outpost agents, which connect with their client certificate",
-            "enrol the agent with `trellis agent join HUB --token TOKEN`",
-        )
-        .into_response();
+    let peer = match authorize_agent(&state, connection).await {
+        Ok(peer) => peer,
+        Err(e) => return e.into_response(),
     };
-    let outpost = match state.store().get_outpost(&peer.outpost).await {
-        Ok(o) => o,
-        Err(_) => {
-            return ApiError::new(
-                StatusCode::FORBIDDEN,
-                "unknown-outpost",
-                format!("this hub has no outpost {:?} any more", peer.outpost),
-                "ask the administrator to register it again and re-join the agent",
-            )
-            .into_response();
-        }
-    };
-    if outpost.revoked_at.is_some() {
-        return revoked(&outpost.name).into_response();
-    }
-    let registered = state
-        .store()
-        .get_outpost_link(&outpost.name)
-        .await
-        .ok()
-        .and_then(|l| l.key_fingerprint);
-    if registered.as_deref() != Some(peer.public_key_fingerprint.to_string().as_str()) {
-        return unknown_key(&outpost.name).into_response();
-    }
     let upgrade = match upgrade {
         Ok(u) => u,
         Err(rejection) => {
@@ -147,6 +119,47 @@ pub async fn link(
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| super::session::run(Box::new(AxumLink(socket)), peer, state))
+}
+
+/// The outpost agent behind a request: a client certificate of this hub's
+/// CA (verified during the TLS handshake), for an outpost that exists, is
+/// not revoked, and whose registered key it carries.
+async fn authorize_agent(
+    state: &AppState,
+    connection: Option<axum::Extension<ConnectionInfo>>,
+) -> Result<PeerIdentity, ApiError> {
+    let Some(peer) = connection.and_then(|c| c.0.peer) else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "client-certificate-required",
+            "this endpoint is for outpost agents, which connect with their client certificate",
+            "enrol the agent with `trellis agent join HUB --token TOKEN`",
+        ));
+    };
+    let outpost = match state.store().get_outpost(&peer.outpost).await {
+        Ok(o) => o,
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "unknown-outpost",
+                format!("this hub has no outpost {:?} any more", peer.outpost),
+                "ask the administrator to register it again and re-join the agent",
+            ));
+        }
+    };
+    if outpost.revoked_at.is_some() {
+        return Err(revoked(&outpost.name));
+    }
+    let registered = state
+        .store()
+        .get_outpost_link(&outpost.name)
+        .await
+        .ok()
+        .and_then(|l| l.key_fingerprint);
+    if registered.as_deref() != Some(peer.public_key_fingerprint.to_string().as_str()) {
+        return Err(unknown_key(&outpost.name));
+    }
+    Ok(peer)
 }
 
 fn revoked(outpost: &str) -> ApiError {
@@ -331,4 +344,226 @@ pub async fn issue_for_registered_key(
     link.cert_not_after = Some(issued.not_after);
     state.store().put_outpost_link(&link).await?;
     Ok(issued)
+}
+
+// === packages ===
+
+/// Whether a build released to a stage on `outpost` has the package
+/// `digest` (releases are history, so a rollback target counts too).
+async fn outpost_uses_package(state: &AppState, outpost: &str, digest: &str) -> ApiResult<bool> {
+    for stage in state.store().stages_on_outpost(outpost).await? {
+        let mut seen = std::collections::HashSet::new();
+        for release in state
+            .store()
+            .list_releases(&stage.project, &stage.name)
+            .await?
+        {
+            if !seen.insert(release.build.clone()) {
+                continue;
+            }
+            let Ok(build) = state
+                .store()
+                .get_build(&stage.project, &release.build)
+                .await
+            else {
+                continue;
+            };
+            if build.components.iter().any(|c| {
+                matches!(&c.artifact, trellis_model::Artifact::Package { digest: d, .. } if d == digest)
+            }) {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// A single byte range (`bytes=A-B`, `bytes=A-`, `bytes=-N`) of a blob of
+/// `len` bytes, as inclusive bounds. `Ok(None)`: serve the whole blob (no
+/// range, or one this endpoint does not do, such as several ranges).
+/// `Err(())`: the range lies outside the blob.
+fn byte_range(header: Option<&HeaderValue>, len: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = header
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("bytes="))
+    else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((start, end)) = spec.split_once('-') else {
+        return Ok(None);
+    };
+    let (start, end) = (start.trim(), end.trim());
+    let range = if start.is_empty() {
+        let Ok(suffix) = end.parse::<u64>() else {
+            return Ok(None);
+        };
+        if suffix == 0 || len == 0 {
+            return Err(());
+        }
+        (len.saturating_sub(suffix), len - 1)
+    } else {
+        let Ok(start) = start.parse::<u64>() else {
+            return Ok(None);
+        };
+        let end = match end {
+            "" => len.saturating_sub(1),
+            e => match e.parse::<u64>() {
+                Ok(e) => e.min(len.saturating_sub(1)),
+                Err(_) => return Ok(None),
+            },
+        };
+        if start >= len || end < start {
+            return Err(());
+        }
+        (start, end)
+    };
+    Ok(Some(range))
+}
+
+/// A process component's package, for the outpost agents that run it:
+/// needs the agent's client certificate, and the package must belong to a
+/// build released to a stage on that outpost. Supports one `Range`, so an
+/// interrupted download resumes.
+#[utoipa::path(get, path = "/agent/packages/{digest}", tag = "outposts",
+    params(
+        ("digest" = String, Path, description = "BLAKE3 digest of the package, 64 lowercase hexadecimal characters"),
+        ("Range" = Option<String>, Header, description = "One byte range, e.g. `bytes=1000-`"),
+    ),
+    responses(
+        (status = 200, description = "The package", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "The requested range of the package", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 401, description = "No client certificate", body = crate::error::ErrorBody),
+        (status = 403, description = "The outpost is revoked or the key is not its registered one", body = crate::error::ErrorBody),
+        (status = 404, description = "No such package for this outpost", body = crate::error::ErrorBody),
+        (status = 416, description = "The range lies outside the package", body = crate::error::ErrorBody),
+    ))]
+pub async fn package(
+    State(state): State<AppState>,
+    connection: Option<axum::Extension<ConnectionInfo>>,
+    crate::extract::Path(digest): crate::extract::Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    match serve_package(&state, connection, &digest, &headers).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn serve_package(
+    state: &AppState,
+    connection: Option<axum::Extension<ConnectionInfo>>,
+    digest: &str,
+    headers: &axum::http::HeaderMap,
+) -> ApiResult<Response> {
+    let peer = authorize_agent(state, connection).await?;
+    let parsed: trellis_cas::Digest = digest.parse().map_err(|e| {
+        ApiError::bad_request(
+            format!("{digest:?} is not a package digest: {e}"),
+            "a digest is 64 lowercase hexadecimal characters (BLAKE3)",
+        )
+    })?;
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "package-not-found",
+            format!(
+                "this hub has no package {digest} for outpost {:?}",
+                peer.outpost
+            ),
+            "the package belongs to a build released to a stage on this outpost; push the build again if it was deleted",
+        )
+    };
+    if !outpost_uses_package(state, &peer.outpost, digest).await? {
+        return Err(not_found());
+    }
+    let path = state.blobs().path(&parsed);
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_found()),
+        Err(e) => {
+            return Err(ApiError::internal(format!(
+                "cannot open package {digest}: {e}"
+            )));
+        }
+    };
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot read package {digest}: {e}")))?
+        .len();
+    let range = match byte_range(headers.get(header::RANGE), len) {
+        Ok(range) => range,
+        Err(()) => {
+            let mut response = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range-not-satisfiable",
+                format!("package {digest} has {len} bytes; the requested range lies outside"),
+                "ask for a range within the package, or for all of it",
+            )
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                response.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(response);
+        }
+    };
+    let (status, start, count) = match range {
+        Some((start, end)) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
+        None => (StatusCode::OK, 0, len),
+    };
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    if start > 0 {
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot read package {digest}: {e}")))?;
+    }
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file.take(count)));
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(&count.to_string()) {
+        h.insert(header::CONTENT_LENGTH, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+        h.insert(header::ETAG, v);
+    }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{len}", start + count - 1))
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(v: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
+        byte_range(Some(&HeaderValue::from_str(v).unwrap()), len)
+    }
+
+    #[test]
+    fn reads_byte_ranges() {
+        assert_eq!(byte_range(None, 10), Ok(None));
+        assert_eq!(range("bytes=0-", 10), Ok(Some((0, 9))));
+        assert_eq!(range("bytes=4-", 10), Ok(Some((4, 9))));
+        assert_eq!(range("bytes=2-5", 10), Ok(Some((2, 5))));
+        assert_eq!(range("bytes=2-50", 10), Ok(Some((2, 9))));
+        assert_eq!(range("bytes=-3", 10), Ok(Some((7, 9))));
+        assert_eq!(range("bytes=-30", 10), Ok(Some((0, 9))));
+        assert_eq!(range("bytes=10-", 10), Err(()));
+        assert_eq!(range("bytes=5-2", 10), Err(()));
+        assert_eq!(range("bytes=0-1,3-4", 10), Ok(None));
+        assert_eq!(range("items=0-1", 10), Ok(None));
+        assert_eq!(range("bytes=x-", 10), Ok(None));
+    }
 }

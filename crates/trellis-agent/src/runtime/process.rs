@@ -1,1 +1,0 @@
-//! The process runtime: supervised native processes.
