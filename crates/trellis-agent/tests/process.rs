@@ -306,7 +306,7 @@ components:
 
     // The client fetched the api's config file through the component-ref
     // and wrote it into its volume.
-    let volume = world.stage_dir(&stage).join("volumes/data");
+    let volume = world.stage_dir(&stage).join("volumes/client/data");
     let fetched = wait_file(&volume.join("fetched"), |t| !t.is_empty()).await;
     assert_eq!(fetched, "hello from config\n");
     let api_obs = wait_for(&runtime, &stage, "api", "ran", |o| {
@@ -394,7 +394,10 @@ components:
     );
     runtime.apply(&stage, &plan2, &actions).await.unwrap();
     assert_eq!(observe(&runtime, &stage, "api").await.ids, api_ids);
-    assert_eq!(runtime.stages().await.unwrap(), std::slice::from_ref(&stage));
+    assert_eq!(
+        runtime.stages().await.unwrap(),
+        std::slice::from_ref(&stage)
+    );
 
     // Removing the stage stops everything and leaves nothing behind.
     let client_pid: i32 = client_obs.ids[0].parse().unwrap();
@@ -528,12 +531,21 @@ async fn stages_see_only_their_own_env_files_and_volumes() {
             0o700
         );
         let link = std::fs::read_link(Path::new(root).join("data")).unwrap();
-        assert_eq!(link, dir.join("volumes/data"));
+        assert_eq!(link, dir.join("volumes/env/data"));
     }
     assert_ne!(world.stage_dir(&a), world.stage_dir(&b));
+    // A stage without process components has no lines here, and no error
+    // (its containers may have some).
+    let none = all_logs(
+        &runtime,
+        &StageKey::new("gamma", "prod"),
+        LogQuery::default(),
+    )
+    .await;
+    assert!(none.is_empty());
     runtime.remove(&a).await.unwrap();
     assert!(!world.stage_dir(&a).exists());
-    assert!(world.stage_dir(&b).join("volumes/data").is_dir());
+    assert!(world.stage_dir(&b).join("volumes/env/data").is_dir());
     runtime.remove(&b).await.unwrap();
 }
 
@@ -573,7 +585,7 @@ async fn logs_follow_delivers_a_new_line_within_a_second() {
         .unwrap();
     assert_eq!(first.line, "waiting");
     let go = Instant::now();
-    std::fs::write(world.stage_dir(&stage).join("volumes/data/go"), b"").unwrap();
+    std::fs::write(world.stage_dir(&stage).join("volumes/watcher/data/go"), b"").unwrap();
     let line = tokio::time::timeout(Duration::from_secs(1), rx.recv())
         .await
         .expect("the new line arrived within a second")
@@ -635,17 +647,21 @@ async fn stopping_kills_the_whole_group_and_sigkills_after_the_grace_period() {
         ..fast()
     });
     deploy(&runtime, &stage, &stage_plan(1, vec![a.clone(), b.clone()])).await;
-    let data = world.stage_dir(&stage).join("volumes/data");
-    let polite_child: i32 = wait_file(&data.join("polite.child"), |t| t.ends_with('\n'))
-        .await
-        .trim()
-        .parse()
-        .unwrap();
-    let stubborn_child: i32 = wait_file(&data.join("stubborn.child"), |t| t.ends_with('\n'))
-        .await
-        .trim()
-        .parse()
-        .unwrap();
+    let volumes = world.stage_dir(&stage).join("volumes");
+    let polite_child: i32 = wait_file(&volumes.join("polite/data/polite.child"), |t| {
+        t.ends_with('\n')
+    })
+    .await
+    .trim()
+    .parse()
+    .unwrap();
+    let stubborn_child: i32 = wait_file(&volumes.join("stubborn/data/stubborn.child"), |t| {
+        t.ends_with('\n')
+    })
+    .await
+    .trim()
+    .parse()
+    .unwrap();
     let polite_pid: i32 = observe(&runtime, &stage, "polite").await.ids[0]
         .parse()
         .unwrap();
@@ -717,7 +733,7 @@ async fn release_jobs_run_once_per_release_with_retries_even_across_agent_restar
     .await;
     assert_eq!(obs.exit_code, Some(7));
     assert!(obs.message.unwrap().contains("2 attempt"));
-    let n = world.stage_dir(&stage).join("volumes/data/n");
+    let n = world.stage_dir(&stage).join("volumes/migrate/data/n");
     assert_eq!(std::fs::read_to_string(&n).unwrap(), "2\n");
 
     // The agent restarts: nothing runs again for the same release.

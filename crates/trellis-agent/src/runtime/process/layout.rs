@@ -85,6 +85,7 @@ impl Layout {
         let stage_dir = self.stage_dir(stage)?;
         Ok(ComponentDirs {
             dir: stage_dir.join(COMPONENTS).join(component),
+            component: component.to_owned(),
             stage_dir,
         })
     }
@@ -124,6 +125,7 @@ impl Layout {
 #[derive(Debug, Clone)]
 pub(super) struct ComponentDirs {
     pub stage_dir: PathBuf,
+    pub component: String,
     pub dir: PathBuf,
 }
 
@@ -152,8 +154,13 @@ impl ComponentDirs {
     pub fn is_ready(&self, spec_hash: &str) -> bool {
         self.spec(spec_hash).join(READY).is_file()
     }
+    /// The component's volumes (they outlive its releases, and its
+    /// removal from the plan; the stage's removal takes them).
+    pub fn volumes(&self) -> PathBuf {
+        self.stage_dir.join(VOLUMES).join(&self.component)
+    }
     pub fn volume(&self, name: &str) -> PathBuf {
-        self.stage_dir.join(VOLUMES).join(name)
+        self.volumes().join(name)
     }
     pub fn scratch(&self, spec_hash: &str, name: &str) -> PathBuf {
         self.spec(spec_hash).join(SCRATCH).join(name)

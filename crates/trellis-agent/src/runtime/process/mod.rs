@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! <root>/<project>/<stage>/                    mode 0700: one stage's world
-//!   volumes/<storage>/                         standard/premium storage; outlives releases
+//!   volumes/<component>/<storage>/             standard/premium storage; outlives releases
 //!   components/<component>/
 //!     component.json                           the plan it runs (revision, release, spec)
 //!     schedule.json                            scheduled components: runs so far
@@ -30,8 +30,9 @@
 //! `storage: [{path: /data}]`). For a process they are read relative to
 //! its root directory (the unpacked package, also its working directory):
 //! `/etc/app.conf` is `<root>/etc/app.conf` (written read-only, 0444), and
-//! `/data` is a symlink `<root>/data` → `<stage>/volumes/<storage>/`, so
-//! a program opens `./data/…` (or `$TRELLIS_ROOT/data/…`).
+//! `/data` is a symlink `<root>/data` → `<stage>/volumes/<component>/<storage>/`,
+//! so a program opens `./data/…` (or `$TRELLIS_ROOT/data/…`). Like the
+//! container runtime's named volumes, a storage belongs to its component.
 //!
 //! # Environment
 //!
@@ -262,6 +263,7 @@ impl Inner {
                 // Names were checked before; keep the component visible.
                 let dirs = layout::ComponentDirs {
                     stage_dir: PathBuf::new(),
+                    component: record.plan.name.clone(),
                     dir: PathBuf::new(),
                 };
                 return Handle::start(Launch {
@@ -539,12 +541,8 @@ impl Runtime for ProcessRuntime {
                 })
                 .collect()
         };
-        if !stage_dir.is_dir() {
-            return Err(RuntimeError::new(
-                "stage-unknown",
-                format!("stage {stage} has no process components on this host"),
-            ));
-        }
+        // A stage without process components has no lines here (its
+        // containers may have some); a named component must exist.
         if let Some(name) = &query.component
             && !stage_dir.join(layout::COMPONENTS).join(name).is_dir()
         {

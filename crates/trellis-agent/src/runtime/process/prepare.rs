@@ -200,6 +200,7 @@ fn furnish(
             dirs.stage_dir.clone(),
             dirs.stage_dir.join(super::layout::COMPONENTS),
             dirs.stage_dir.join(super::layout::VOLUMES),
+            dirs.volumes(),
             dirs.dir.clone(),
         ]) {
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o711))
