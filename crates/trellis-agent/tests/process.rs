@@ -425,6 +425,7 @@ async fn a_component_that_exits_at_once_is_crash_looping_with_its_exit_code() {
     assert_eq!(obs.exit_code, Some(3));
     let message = obs.message.unwrap();
     assert!(message.contains("exit code 3"), "{message}");
+    assert!(message.contains("last output: boom"), "{message}");
     let (tx, mut rx) = mpsc::channel(1024);
     runtime
         .logs(&stage, &LogQuery::default(), tx)

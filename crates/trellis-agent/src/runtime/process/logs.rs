@@ -65,6 +65,8 @@ pub(super) struct Collector {
     /// Bytes consumed of each raw file, by file name.
     offsets: BTreeMap<String, u64>,
     dirty: bool,
+    /// The last line collected (stderr preferred), for crash messages.
+    last_line: Option<LogLine>,
 }
 
 impl Collector {
@@ -75,7 +77,13 @@ impl Collector {
             max_bytes: max_bytes.max(4096),
             offsets: read_json(&dir.join(OFFSETS)).unwrap_or_default(),
             dirty: false,
+            last_line: None,
         }
+    }
+
+    /// The last non-empty line collected, stderr preferred over stdout.
+    pub fn last_line(&self) -> Option<&str> {
+        self.last_line.as_ref().map(|l| l.line.as_str())
     }
 
     /// Collects what is new. With `flush`, a last line without its line
@@ -116,6 +124,15 @@ impl Collector {
         }
         if !lines.is_empty() {
             self.append(&lines)?;
+            let last = |stream| {
+                lines
+                    .iter()
+                    .rev()
+                    .find(|l| l.stream == stream && !l.line.trim().is_empty())
+            };
+            if let Some(line) = last(LogStream::Stderr).or_else(|| last(LogStream::Stdout)) {
+                self.last_line = Some(line.clone());
+            }
         }
         if self.dirty {
             write_json(&self.dir.join(OFFSETS), &self.offsets)?;

@@ -794,7 +794,13 @@ impl Supervisor {
                 if let Some(error) = self.replicas.iter().find_map(|r| r.last_error.clone()) {
                     message.push_str(&format!(" ({error})"));
                 }
-                message.push_str("; its logs tell why");
+                match self.collector.last_line() {
+                    Some(line) => {
+                        let line: String = line.chars().take(200).collect();
+                        message.push_str(&format!("; last output: {line}"));
+                    }
+                    None => message.push_str("; its logs tell why"),
+                }
                 (ComponentState::CrashLooping, Some(message), None)
             } else if running == self.replicas.len() as u32 {
                 (ComponentState::Running, None, newest_start)
