@@ -137,6 +137,12 @@ pub struct ComponentPlan {
 }
 
 impl ComponentPlan {
+    /// Sets [`ComponentPlan::spec_hash`] from the other fields (for plans
+    /// made by hand, e.g. in tests).
+    pub fn update_spec_hash(&mut self) {
+        self.spec_hash = spec_hash(self);
+    }
+
     pub fn first_port(&self) -> Option<u16> {
         self.ports.first().copied()
     }
@@ -397,7 +403,7 @@ fn plan_components(
             restart_generation: control.restarts,
             spec_hash: String::new(),
         };
-        plan.spec_hash = spec_hash(&plan);
+        plan.update_spec_hash();
         out.push(plan);
     }
     Ok(out)

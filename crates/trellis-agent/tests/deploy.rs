@@ -1,0 +1,274 @@
+//! The deployer over the real process runtime: what a user sees when a
+//! release does not come up, when a component starts failing later, when
+//! the outpost cannot run a component at all, and when its disk is full.
+//! Packages come from a blob store in a temporary directory, standing in
+//! for the hub.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use trellis_agent::deploy::{DeployOptions, Deployer};
+use trellis_agent::runtime::Runtime;
+use trellis_agent::runtime::packages::{LocalPackages, PackageSource};
+use trellis_agent::runtime::process::{ProcessOptions, ProcessRuntime};
+use trellis_agent::{StageKey, StageRunner};
+use trellis_cas::BlobStore;
+
+struct World {
+    dir: tempfile::TempDir,
+    blobs: BlobStore,
+}
+
+impl World {
+    fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(&dir.path().join("hub-blobs")).unwrap();
+        World { dir, blobs }
+    }
+
+    fn packages(&self) -> Arc<dyn PackageSource> {
+        Arc::new(LocalPackages::new(self.blobs.clone()))
+    }
+
+    /// A deployer with a quick health check over a process runtime whose
+    /// directory is `root`.
+    fn deployer(&self, root: &Path) -> Deployer {
+        let runtime = ProcessRuntime::with_options(
+            root.join("processes"),
+            self.packages(),
+            ProcessOptions {
+                stop_grace: Duration::from_secs(2),
+                restart_initial: Duration::from_millis(100),
+                restart_max: Duration::from_millis(500),
+                tick: Duration::from_millis(50),
+                ..ProcessOptions::default()
+            },
+        );
+        Deployer::new(
+            root,
+            vec![Arc::new(runtime) as Arc<dyn Runtime>],
+            DeployOptions {
+                health_window: Duration::from_secs(10),
+                settle: Duration::from_secs(1),
+                probe_interval: Duration::from_millis(100),
+            },
+        )
+    }
+
+    /// Packs `files` (path, content) into a package in the blob store.
+    fn package(&self, files: &[(&str, &[u8])]) -> (String, u64) {
+        let src = tempfile::tempdir().unwrap();
+        for (path, content) in files {
+            let p = src.path().join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, content).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut writer = self.blobs.writer().unwrap();
+        trellis_cas::pack_dir(src.path(), &mut writer).unwrap();
+        let info = writer.finish(None).unwrap();
+        (info.digest.to_string(), info.size)
+    }
+}
+
+/// The desired state the hub would send: release `release` of a build
+/// whose one process component `app` runs `script` from its package.
+fn desired(release: u64, package: &(String, u64), manifest_extra: &str) -> serde_json::Value {
+    let manifest = format!(
+        "version: v1\ncomponents:\n  - name: app\n    process:\n      path: ./app\n      command: [\"sh\", \"./run.sh\"]\n{manifest_extra}"
+    );
+    json!({
+        "revision": release,
+        "suspended": false,
+        "release": {
+            "project": "p", "stage": "s", "number": release, "build": format!("main_b{release}"),
+            "config": null, "revision": release, "state": "pending",
+            "created_at": "2026-01-01T00:00:00Z", "created_by": "admin"
+        },
+        "build": {
+            "project": "p", "name": format!("main_b{release}"), "number": release,
+            "branch": "main", "commit": "abc", "manifest_file": "trellis.yaml",
+            "manifest": manifest,
+            "components": [
+                {"name": "app", "artifact": {"kind": "package", "digest": package.0, "size": package.1}}
+            ],
+            "created_at": "2026-01-01T00:00:00Z", "created_by": "admin"
+        }
+    })
+}
+
+fn stage(name: &str) -> StageKey {
+    StageKey::new("plant", name)
+}
+
+#[tokio::test]
+async fn a_first_release_that_does_not_come_up_leaves_the_stage_empty_and_says_so() {
+    let w = World::new();
+    let d = w.deployer(w.dir.path());
+    let pkg = w.package(&[(
+        "run.sh",
+        b"#!/bin/sh\necho 'no config, giving up' >&2\nexit 4\n",
+    )]);
+    let s = stage("first");
+    let outcome = d.apply(&s, 1, &desired(1, &pkg, "")).await;
+    assert!(!outcome.ok);
+    assert_eq!(outcome.state, "failed");
+    assert_eq!(outcome.rolled_back_to, Some(0));
+    let message = outcome.message.unwrap();
+    assert!(message.contains("release 1"), "{message}");
+    assert!(message.contains("exited with code 4"), "{message}");
+    assert!(message.contains("runs nothing"), "{message}");
+    let app = outcome.components.iter().find(|c| c.name == "app").unwrap();
+    assert_eq!(app.exit_code, Some(4), "{app:?}");
+    // Nothing of it runs any more.
+    let now = d.observe(&s, 1).await.unwrap();
+    assert!(
+        now.components.iter().all(|c| c.running == 0),
+        "{:?}",
+        now.components
+    );
+    d.remove(&s).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_component_that_starts_failing_later_is_reported_with_restarts_and_exit_code() {
+    let w = World::new();
+    let d = w.deployer(w.dir.path());
+    // Up long enough to pass the health check, then dies, again and again.
+    let pkg = w.package(&[("run.sh", b"#!/bin/sh\nsleep 2\nexit 7\n")]);
+    let s = stage("later");
+    let outcome = d.apply(&s, 1, &desired(1, &pkg, "")).await;
+    assert!(outcome.ok, "{outcome:?}");
+    assert_eq!(outcome.state, "running");
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    while Instant::now() < end {
+        let now = d.observe(&s, 1).await.unwrap();
+        let looping = now
+            .components
+            .iter()
+            .any(|a| a.name == "app" && a.restarts >= 2 && a.exit_code == Some(7));
+        last = Some(now);
+        if looping {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let now = last.unwrap();
+    let app = now.components.iter().find(|c| c.name == "app").unwrap();
+    assert!(app.restarts >= 2, "{app:?}");
+    assert_eq!(app.exit_code, Some(7));
+    // The stage says which component is in trouble (when the observation
+    // caught it between runs) — never a silent green with a hidden loop.
+    if now.state == "degraded" {
+        let message = now.message.clone().unwrap();
+        assert!(message.contains("component app"), "{message}");
+    }
+    d.remove(&s).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_container_component_on_an_outpost_without_an_engine_is_refused_clearly() {
+    let w = World::new();
+    let d = w.deployer(w.dir.path());
+    let mut desired = desired(1, &("0".repeat(64), 1), "");
+    desired["build"]["manifest"] =
+        json!("version: v1\ncomponents:\n  - name: db\n    docker: {image: \"localhost/db:1\"}\n");
+    desired["build"]["components"] =
+        json!([{"name": "db", "artifact": {"kind": "image", "reference": "localhost/db:1"}}]);
+    let outcome = d.apply(&stage("engine"), 1, &desired).await;
+    assert!(!outcome.ok);
+    let message = outcome.message.unwrap();
+    assert!(message.contains("no container engine"), "{message}");
+    assert!(message.contains("component db"), "{message}");
+}
+
+#[tokio::test]
+async fn garbage_desired_state_fails_the_revision_without_touching_what_runs() {
+    let w = World::new();
+    let d = w.deployer(w.dir.path());
+    let pkg = w.package(&[("run.sh", b"#!/bin/sh\nexec sleep 60\n")]);
+    let s = stage("garbage");
+    assert!(d.apply(&s, 1, &desired(1, &pkg, "")).await.ok);
+    let before = d.observe(&s, 1).await.unwrap().components[0].ids.clone();
+    for bad in [
+        json!({"release": 7}),
+        json!({"revision": 2, "release": {"number": 2}, "build": {"manifest": "::"}}),
+    ] {
+        let outcome = d.apply(&s, 2, &bad).await;
+        assert!(!outcome.ok);
+        assert!(outcome.message.unwrap().contains("revision 2"));
+        assert_eq!(outcome.rolled_back_to, Some(1));
+    }
+    let after = d.observe(&s, 1).await.unwrap().components[0].ids.clone();
+    assert_eq!(before, after, "what ran was touched");
+    d.remove(&s).await.unwrap();
+}
+
+/// A full disk fails the one release that needs the space, with a message
+/// that says so; another stage on the same outpost keeps running.
+#[tokio::test]
+async fn a_full_disk_fails_one_stage_and_not_the_other() {
+    let w = World::new();
+    let root = w.dir.path().join("small-disk");
+    std::fs::create_dir_all(&root).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&root)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        if std::env::var_os("CI").is_some() {
+            panic!("cannot mount a small tmpfs (CI runs as root, so this should work)");
+        }
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(root.clone());
+
+    let d = w.deployer(&root);
+    let small = w.package(&[("run.sh", b"#!/bin/sh\nexec sleep 60\n")]);
+    let running = stage("fits");
+    assert!(d.apply(&running, 1, &desired(1, &small, "")).await.ok);
+
+    // 6 MiB that does not compress: the package alone overflows the disk.
+    let mut noise = vec![0u8; 6 << 20];
+    let mut x: u64 = 0x9E3779B97F4A7C15;
+    for b in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let big = w.package(&[
+        ("run.sh", b"#!/bin/sh\nexec sleep 60\n"),
+        ("blob.bin", &noise),
+    ]);
+    let full = stage("too-big");
+    let outcome = d.apply(&full, 1, &desired(1, &big, "")).await;
+    assert!(!outcome.ok, "{outcome:?}");
+    let message = outcome.message.unwrap().to_lowercase();
+    assert!(
+        message.contains("disk is full") || message.contains("no space"),
+        "{message}"
+    );
+
+    // The other stage was not disturbed.
+    let now = d.observe(&running, 1).await.unwrap();
+    assert_eq!(now.state, "running", "{now:?}");
+    assert_eq!(now.components[0].running, 1, "{now:?}");
+    d.remove(&running).await.unwrap();
+    d.remove(&full).await.unwrap();
+}
