@@ -718,9 +718,41 @@ async fn release_jobs_run_once_per_release_with_retries_even_across_agent_restar
     broken.schedule = Some(Schedule::OnRelease);
     broken.max_retries = 1;
     rehash(&mut broken);
-    let plan = stage_plan(1, vec![migrate.clone(), broken.clone()]);
+    let mut nightly = component("nightly", &package, &["sh", "fail.sh"]);
+    nightly.schedule = Some(Schedule::Cron("0 3 * * *".into()));
+    nightly.timezone = Some("Europe/Zurich".into());
+    rehash(&mut nightly);
+    let mut lost = component("lost", &package, &["sh", "fail.sh"]);
+    lost.schedule = Some(Schedule::Cron("* * * * *".into()));
+    lost.timezone = Some("Mars/Olympus".into());
+    rehash(&mut lost);
+    let plan = stage_plan(
+        1,
+        vec![
+            migrate.clone(),
+            broken.clone(),
+            nightly.clone(),
+            lost.clone(),
+        ],
+    );
     let runtime = world.runtime(fast());
     deploy(&runtime, &stage, &plan).await;
+    // Cron components wait for their time, read in their time zone.
+    let obs = observe(&runtime, &stage, "nightly").await;
+    assert_eq!(obs.state, ComponentState::Waiting, "{obs:?}");
+    let next = obs.next_run.unwrap();
+    let zurich = next.with_timezone(&chrono_tz::Europe::Zurich);
+    assert_eq!(
+        (
+            chrono::Timelike::hour(&zurich),
+            chrono::Timelike::minute(&zurich)
+        ),
+        (3, 0)
+    );
+    assert!(next > chrono::Utc::now() && next < chrono::Utc::now() + chrono::Duration::days(1));
+    let obs = observe(&runtime, &stage, "lost").await;
+    assert_eq!(obs.state, ComponentState::Failed);
+    assert!(obs.message.unwrap().contains("Mars/Olympus"));
     let obs = wait_for(&runtime, &stage, "migrate", "succeeded", |o| {
         o.state == ComponentState::Succeeded
     })
@@ -751,7 +783,7 @@ async fn release_jobs_run_once_per_release_with_retries_even_across_agent_restar
     );
 
     // A new release runs it again (and it succeeds at once now).
-    let mut plan2 = stage_plan(2, vec![migrate, broken]);
+    let mut plan2 = stage_plan(2, vec![migrate, broken, nightly, lost]);
     plan2.release = Some(2);
     let actions = runtime.plan(&stage, &plan2).await.unwrap();
     runtime.apply(&stage, &plan2, &actions).await.unwrap();
