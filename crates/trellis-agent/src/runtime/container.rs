@@ -1,1 +1,0 @@
-//! The container runtime (Docker Engine API: Docker or Podman's API service).

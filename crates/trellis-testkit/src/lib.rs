@@ -1,0 +1,9 @@
+//! Test helpers shared by Trellis' test suites. Development only: this
+//! crate is never a normal dependency of a Trellis crate.
+//!
+//! - [`podman`]: a Podman API service (Docker Engine API over a unix
+//!   socket) for the container runtime's tests, started once and shared by
+//!   every test binary, and a small local test image built from the host's
+//!   static busybox — no registry needed.
+
+pub mod podman;
