@@ -69,6 +69,35 @@ impl World {
     }
 }
 
+/// A failing test must not leave its processes behind: every process group
+/// still recorded in a pid file is killed when the world goes away.
+impl Drop for World {
+    fn drop(&mut self) {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() && !path.is_symlink() {
+                    walk(&path, out);
+                } else if path.parent().and_then(Path::file_name) == Some("run".as_ref()) {
+                    out.push(path);
+                }
+            }
+        }
+        let mut pid_files = Vec::new();
+        walk(&self.root(), &mut pid_files);
+        for file in pid_files {
+            let pid = std::fs::read(&file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["pid"].as_i64())
+                .and_then(|p| rustix::process::Pid::from_raw(p as i32));
+            if let Some(pid) = pid {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
 fn fast() -> ProcessOptions {
     ProcessOptions {
         stop_grace: Duration::from_secs(2),
