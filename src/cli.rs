@@ -85,6 +85,24 @@ pub enum Command {
     /// Show the connection status of an outpost stage
     #[command(subcommand)]
     Status(StatusCommand),
+    /// Start a stopped component of a stage
+    #[command(subcommand)]
+    Start(ComponentTarget),
+    /// Stop a component of a stage (it stays stopped across releases until started)
+    #[command(subcommand)]
+    Stop(ComponentTarget),
+    /// Restart a component of a stage (starts it if it was stopped)
+    #[command(subcommand)]
+    Restart(ComponentTarget),
+    /// Suspend a stage: every component stops; releases and settings are kept
+    #[command(subcommand)]
+    Suspend(StageTarget),
+    /// Resume a suspended stage
+    #[command(subcommand)]
+    Resume(StageTarget),
+    /// Show the log lines of a stage's components, read live from its outpost
+    #[command(subcommand)]
+    Logs(LogsCommand),
     /// Run an Outpost Agent (on the outpost's host)
     #[command(subcommand)]
     Agent(AgentCommand),
@@ -105,12 +123,55 @@ pub enum AgentCommand {
         /// Only enrol; do not start the agent
         #[arg(long)]
         no_run: bool,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
     },
     /// Run the agent of an enrolled host
     Run {
         #[arg(long, env = "TRELLIS_AGENT_DATA", default_value = "trellis-agent")]
         data: PathBuf,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
     },
+}
+
+/// How an outpost runs components (the agent's, or the hub's local outpost's).
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeArgs {
+    /// How long a new release has to come up (components running and
+    /// answering on their first port) before it is rolled back, e.g. 60s, 5m
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub health_window: std::time::Duration,
+    /// How long every component must stay up without restarting to count as up
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub settle_time: std::time::Duration,
+    /// The container engine's API socket, e.g. unix:///run/podman/podman.sock
+    /// (default: DOCKER_HOST, then Podman's and Docker's usual sockets)
+    #[arg(long, env = "DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    /// Run only `process:` components, even when a container engine is reachable
+    #[arg(long)]
+    pub no_containers: bool,
+    /// Publish container components' ports on the host at this address
+    /// (same port numbers), e.g. 127.0.0.1 or 0.0.0.0
+    #[arg(long, value_name = "IP")]
+    pub publish_ports: Option<std::net::IpAddr>,
+}
+
+impl RuntimeArgs {
+    pub fn settings(&self) -> trellis_agent::RuntimeSettings {
+        trellis_agent::RuntimeSettings {
+            containers: !self.no_containers,
+            docker_host: self.docker_host.clone(),
+            publish_ports: self.publish_ports,
+            deploy: trellis_agent::deploy::DeployOptions {
+                health_window: self.health_window,
+                settle: self.settle_time,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -121,6 +182,65 @@ pub enum StatusCommand {
         #[arg(short, long)]
         project: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ComponentTarget {
+    Component {
+        name: String,
+        #[arg(short, long)]
+        project: String,
+        #[arg(short, long)]
+        stage: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StageTarget {
+    Stage {
+        name: String,
+        #[arg(short, long)]
+        project: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LogsCommand {
+    /// The lines of one component
+    Component {
+        name: String,
+        #[arg(short, long)]
+        project: String,
+        #[arg(short, long)]
+        stage: String,
+        #[command(flatten)]
+        logs: LogArgs,
+    },
+    /// The lines of every component of a stage
+    Stage {
+        name: String,
+        #[arg(short, long)]
+        project: String,
+        #[command(flatten)]
+        logs: LogArgs,
+    },
+}
+
+/// Which lines `trellis logs` shows. Lines print as
+/// `<time> <component>[<replica>] <line>`; lines written to stderr have `!`
+/// before the text.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Keep printing new lines as they are written (stop with Ctrl-C)
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only lines written since then: a duration back from now (30s, 10m,
+    /// 2h, 1d, 1h30m) or a time (2024-05-01T12:00:00Z)
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many of the newest lines (before following)
+    #[arg(long)]
+    pub tail: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,6 +280,9 @@ pub struct HubArgs {
     /// Validity of the certificates issued to agents, in seconds (default 30 days)
     #[arg(long)]
     pub cert_validity_secs: Option<u64>,
+    /// How the hub's local outpost runs components
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -173,6 +296,13 @@ pub struct DevArgs {
     /// Set everything up, print what to try, then stop instead of serving
     #[arg(long)]
     pub no_serve: bool,
+    /// The loopback port the example app serves on (written into its
+    /// manifest on the first run)
+    #[arg(long, default_value_t = 7441)]
+    pub example_port: u16,
+    /// How the local outpost runs components
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -324,6 +454,9 @@ pub enum Kind {
     Member,
     /// An outpost's URI (`get outpost-uri NAME`)
     OutpostUri,
+    /// The components of a stage's release, with their state
+    /// (`list component -p PROJECT -s STAGE`)
+    Component,
 }
 
 #[derive(Debug, Args)]

@@ -31,6 +31,15 @@ pub enum ClientError {
         message: String,
         hint: String,
     },
+    /// The hub is fine but what it needs is not available now (an outpost
+    /// offline or busy, or its agent failed to answer): 502/503 with a
+    /// reason.
+    #[error("{message}\nhint: {hint}")]
+    Unavailable {
+        code: String,
+        message: String,
+        hint: String,
+    },
     /// The hub could not be reached.
     #[error(
         "could not reach the hub at {endpoint} while {doing}: {source}\nhint: check that the hub runs and that --endpoint / TRELLIS_ENDPOINT is right"
@@ -48,7 +57,9 @@ impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::Refused { .. } => 1,
-            ClientError::Server { .. } | ClientError::Transport { .. } => 2,
+            ClientError::Server { .. }
+            | ClientError::Unavailable { .. }
+            | ClientError::Transport { .. } => 2,
         }
     }
 }
@@ -123,6 +134,18 @@ impl HubClient {
         let body = resp.bytes().await.unwrap_or_default();
         let parsed: Option<ErrorBody> = serde_json::from_slice(&body).ok();
         match (status.is_client_error(), parsed) {
+            (false, Some(e))
+                if matches!(
+                    status,
+                    StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+                ) =>
+            {
+                Err(ClientError::Unavailable {
+                    code: e.error.code,
+                    message: e.error.message,
+                    hint: e.error.hint,
+                })
+            }
             (true, Some(e)) => Err(ClientError::Refused {
                 status,
                 code: e.error.code,
@@ -183,6 +206,18 @@ impl HubClient {
         doing: &str,
     ) -> Result<T, ClientError> {
         self.json(self.request(Method::PUT, path).json(body), doing)
+            .await
+    }
+
+    /// A GET whose answer is read as it arrives (`resp.chunk()`); errors
+    /// before the body are classified like every other request's.
+    pub async fn get_stream(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        doing: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        self.send(self.request(Method::GET, path).query(query), doing)
             .await
     }
 

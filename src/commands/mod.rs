@@ -3,6 +3,7 @@
 mod agent;
 mod build;
 mod hub;
+mod lifecycle;
 mod outposts;
 mod resources;
 
@@ -26,8 +27,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             token,
             data,
             no_run,
-        }) => agent::join(&hub, &token, &data, no_run).await,
-        Command::Agent(crate::cli::AgentCommand::Run { data }) => agent::run(&data).await,
+            runtime,
+        }) => agent::join(&hub, &token, &data, no_run, &runtime).await,
+        Command::Agent(crate::cli::AgentCommand::Run { data, runtime }) => {
+            agent::run(&data, &runtime).await
+        }
         Command::Status(crate::cli::StatusCommand::Stage { name, project }) => {
             outposts::stage_status(&settings::client(&global)?, &project, &name, global.output)
                 .await
@@ -35,6 +39,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Revoke(crate::cli::RevokeCommand::Outpost { name }) => {
             outposts::revoke(&settings::client(&global)?, &name).await
         }
+        Command::Start(target) => {
+            lifecycle::component(&settings::client(&global)?, "start", target, global.output).await
+        }
+        Command::Stop(target) => {
+            lifecycle::component(&settings::client(&global)?, "stop", target, global.output).await
+        }
+        Command::Restart(target) => {
+            lifecycle::component(
+                &settings::client(&global)?,
+                "restart",
+                target,
+                global.output,
+            )
+            .await
+        }
+        Command::Suspend(target) => {
+            lifecycle::stage(&settings::client(&global)?, true, target, global.output).await
+        }
+        Command::Resume(target) => {
+            lifecycle::stage(&settings::client(&global)?, false, target, global.output).await
+        }
+        Command::Logs(command) => lifecycle::logs(&global, command).await,
         Command::Login => resources::login(&global).await,
         Command::Whoami => resources::whoami(&settings::client(&global)?, global.output).await,
         Command::Create(c) => resources::create(&settings::client(&global)?, c).await,

@@ -41,6 +41,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Key => "key",
         Kind::Member => "member",
         Kind::OutpostUri => "outpost-uri",
+        Kind::Component => "component",
     }
 }
 
@@ -527,6 +528,11 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
             )
         }
         Kind::OutpostUri => bail!("use `trellis get outpost-uri NAME` for one outpost's URI"),
+        Kind::Component => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let stage = need(&args.stage, "-s STAGE", kind)?;
+            super::lifecycle::list_components(client, project, stage, format).await
+        }
         Kind::Member => {
             let project = need(&args.project, "-p PROJECT", kind)?;
             let items: Vec<Member> = client
@@ -713,7 +719,7 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
             )
         }
         Kind::OutpostUri => super::outposts::get_uri(client, name).await,
-        Kind::User | Kind::Key | Kind::Member => {
+        Kind::User | Kind::Key | Kind::Member | Kind::Component => {
             bail!(
                 "`trellis get {}` is not available; use `trellis list {}`",
                 kind_name(kind),
@@ -747,11 +753,14 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
         ),
         Kind::Outpost => format!("/outposts/{}{force}", seg(name)),
         Kind::Key => format!("/keys/{}", seg(name)),
-        Kind::Release | Kind::User | Kind::Member | Kind::OutpostUri => bail!(
+        Kind::Release | Kind::User | Kind::Member | Kind::OutpostUri | Kind::Component => bail!(
             "{}s cannot be deleted{}",
             kind_name(kind),
             match kind {
                 Kind::Release => ": releases are the stage's history",
+                Kind::Component => {
+                    "; they come with the release (use `trellis stop component` to stop one)"
+                }
                 Kind::Member => "; use `trellis remove member`",
                 Kind::OutpostUri =>
                     "; use `trellis rotate outpost-uri` or `trellis revoke outpost`",

@@ -18,7 +18,9 @@
 //! - ask for a new certificate when a third of its lifetime is left; store
 //!   the one the hub sends for the next connection;
 //! - treat a link silent for three heartbeats as dead. The agent pings every
-//!   heartbeat itself, so a live hub always has something to answer.
+//!   heartbeat itself, so a live hub always has something to answer;
+//! - answer log requests with the runner's lines, batched into frames
+//!   ([`logs`]); cancelled by the hub or with the session.
 //!
 //! [`run_link`] reconnects with exponential backoff and full jitter
 //! ([`Backoff`]), honours the hub's "retry after", and stops for good only
@@ -45,6 +47,11 @@ use crate::runner::StageRunner;
 use crate::shutdown::Shutdown;
 use crate::state::{AgentState, StageKey, StoreOutcome};
 use crate::{AGENT_VERSION, AgentError, blocking, cert, host};
+
+pub mod logs;
+
+/// Log frames the session's log tasks may queue for the link.
+const LOG_FRAME_QUEUE: usize = 16;
 
 /// The longest heartbeat or "retry after" the agent accepts from the hub:
 /// a hub bug must not park its outposts for days.
@@ -365,6 +372,9 @@ struct Session<'a> {
     outbox_dirty: bool,
     /// When to ask for a new certificate, if the agent has one.
     renew_at: Option<Instant>,
+    /// Log requests being answered, and where their frames go.
+    log_tasks: logs::LogTasks,
+    log_frames: tokio::sync::mpsc::Sender<Message>,
 }
 
 /// Runs one session on an established link until it ends; see the module
@@ -375,6 +385,7 @@ pub async fn run_session(
     config: &LinkConfig,
     shutdown: &mut Shutdown,
 ) -> SessionEnd {
+    let (log_frames, mut log_out) = tokio::sync::mpsc::channel(LOG_FRAME_QUEUE);
     let mut session = Session {
         ctx,
         config,
@@ -384,6 +395,8 @@ pub async fn run_session(
         sent_up_to: 0,
         outbox_dirty: true,
         renew_at: None,
+        log_tasks: logs::LogTasks::default(),
+        log_frames,
     };
 
     let hello = match hello(ctx).await {
@@ -482,6 +495,14 @@ pub async fn run_session(
             _ = ctx.reporter.outbox_changed(), if session.welcomed => {
                 session.outbox_dirty = true;
             }
+            Some(frame) = log_out.recv() => {
+                if let Message::LogLines { id, end: true, .. } = &frame {
+                    session.log_tasks.finished(*id);
+                }
+                if let Next::End(end) = session.send_or_end(io, frame).await {
+                    return end;
+                }
+            }
             _ = std::future::ready(()), if send_now => {
                 if let Some(end) = session.send_outbox(io).await {
                     return end;
@@ -569,21 +590,21 @@ impl Session<'_> {
                 tracing::warn!(%code, %message, "the hub reported an error");
                 Next::Continue
             }
-            // Log streaming over the link: handled by the logs plumbing
-            // (in progress); until then the request is answered at once.
-            Message::Logs { id, .. } => {
-                self.send_or_end(
-                    io,
-                    Message::LogLines {
-                        id,
-                        lines: Vec::new(),
-                        end: true,
-                        error: Some("this agent cannot stream logs yet".into()),
-                    },
-                )
-                .await
+            Message::Logs {
+                id,
+                project,
+                stage,
+                query,
+            } => {
+                self.start_logs(io, id, StageKey::new(project, stage), query)
+                    .await
             }
-            Message::LogsCancel { .. } => Next::Continue,
+            Message::LogsCancel { id } => {
+                if self.log_tasks.cancel(id) {
+                    tracing::debug!(id, "the hub cancelled a log request");
+                }
+                Next::Continue
+            }
             other @ (Message::Hello { .. }
             | Message::Ack { .. }
             | Message::Status { .. }
@@ -668,6 +689,52 @@ impl Session<'_> {
                     tracing::warn!(stage = %key, error = %e, "could not queue the stage's current status");
                 }
                 Next::Continue
+            }
+        }
+    }
+
+    /// Starts answering log request `id`, or answers it with an error at
+    /// once (invalid names, too many requests).
+    async fn start_logs(
+        &mut self,
+        io: &mut dyn LinkIo,
+        id: u64,
+        key: StageKey,
+        query: trellis_link::protocol::LogQuery,
+    ) -> Next {
+        let started = validate_name(NameKind::Project, &key.project)
+            .and_then(|()| validate_name(NameKind::Stage, &key.stage))
+            .and_then(|()| match &query.component {
+                Some(c) => validate_name(NameKind::Component, c),
+                None => Ok(()),
+            })
+            .map_err(|e| format!("the hub asked for logs with an invalid name: {e}"))
+            .and_then(|()| {
+                self.log_tasks.start(
+                    id,
+                    self.ctx.runtime.clone(),
+                    key.clone(),
+                    query,
+                    self.log_frames.clone(),
+                )
+            });
+        match started {
+            Ok(()) => {
+                tracing::debug!(stage = %key, id, "answering a log request");
+                Next::Continue
+            }
+            Err(error) => {
+                tracing::info!(stage = %key, id, %error, "refusing a log request");
+                self.send_or_end(
+                    io,
+                    Message::LogLines {
+                        id,
+                        lines: Vec::new(),
+                        end: true,
+                        error: Some(error),
+                    },
+                )
+                .await
             }
         }
     }

@@ -362,3 +362,114 @@ pub struct StageSync {
     pub report: Option<serde_json::Value>,
     pub updated_at: Option<DateTime<Utc>>,
 }
+
+/// What a user asks of one component of a stage (`trellis start|stop|restart
+/// component`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum ComponentAction {
+    /// Run it again after a stop.
+    Start,
+    /// Stop it (it stays stopped across releases until started).
+    Stop,
+    /// Replace its running workloads with fresh ones; a stopped component
+    /// is started.
+    Restart,
+}
+
+impl ComponentAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComponentAction::Start => "start",
+            ComponentAction::Stop => "stop",
+            ComponentAction::Restart => "restart",
+        }
+    }
+
+    /// The control after this action, and whether what should run changed
+    /// (only then does the stage get a new desired revision).
+    pub fn apply(self, control: &ComponentControl) -> (ComponentControl, bool) {
+        let mut next = control.clone();
+        match self {
+            ComponentAction::Start => next.stopped = false,
+            ComponentAction::Stop => next.stopped = true,
+            ComponentAction::Restart => {
+                next.stopped = false;
+                next.restarts += 1;
+            }
+        }
+        let changed = next.stopped != control.stopped || next.restarts != control.restarts;
+        (next, changed)
+    }
+}
+
+impl fmt::Display for ComponentAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ComponentAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "start" => Ok(ComponentAction::Start),
+            "stop" => Ok(ComponentAction::Stop),
+            "restart" => Ok(ComponentAction::Restart),
+            other => Err(format!(
+                "unknown component action {other:?}; use one of start, stop, restart"
+            )),
+        }
+    }
+}
+
+/// The standing requests on one component of a stage. Part of the stage's
+/// desired state (`controls`), so they survive releases and reach the
+/// outpost like everything else that should run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ComponentControl {
+    pub component: String,
+    /// Stopped on request; a stopped component does not run until started.
+    pub stopped: bool,
+    /// How many restarts were requested; each one bumps it, and a change
+    /// makes the outpost restart the component.
+    pub restarts: u64,
+}
+
+#[cfg(test)]
+mod control_tests {
+    use super::*;
+
+    #[test]
+    fn actions_change_controls_only_when_needed() {
+        let idle = ComponentControl {
+            component: "web".into(),
+            ..Default::default()
+        };
+        let (started, changed) = ComponentAction::Start.apply(&idle);
+        assert!(!changed);
+        assert_eq!(started, idle);
+        let (stopped, changed) = ComponentAction::Stop.apply(&idle);
+        assert!(changed && stopped.stopped);
+        assert!(!ComponentAction::Stop.apply(&stopped).1, "stop twice");
+        let (restarted, changed) = ComponentAction::Restart.apply(&stopped);
+        assert!(changed && !restarted.stopped && restarted.restarts == 1);
+        let (again, changed) = ComponentAction::Restart.apply(&restarted);
+        assert!(changed && again.restarts == 2, "every restart counts");
+        for a in [
+            ComponentAction::Start,
+            ComponentAction::Stop,
+            ComponentAction::Restart,
+        ] {
+            assert_eq!(a.as_str().parse::<ComponentAction>().unwrap(), a);
+        }
+        assert!(
+            "kill"
+                .parse::<ComponentAction>()
+                .unwrap_err()
+                .contains("start, stop, restart")
+        );
+    }
+}

@@ -20,8 +20,9 @@
 
 use async_trait::async_trait;
 use trellis_model::{
-    AccessKeyInfo, Build, Config, ConfigData, ConfigSnapshot, Member, NewBuild, Outpost,
-    OutpostLink, Project, Release, Role, Stage, StageSync, StageType, Timestamp, User,
+    AccessKeyInfo, Build, ComponentAction, ComponentControl, Config, ConfigData, ConfigSnapshot,
+    Member, NewBuild, Outpost, OutpostLink, Project, Release, Role, Stage, StageSync, StageType,
+    Timestamp, User,
 };
 
 pub mod memory;
@@ -76,6 +77,17 @@ pub struct StageUpdate {
     /// Suspending or resuming changes what should run, so it bumps the
     /// desired revision when the value actually changes.
     pub suspended: Option<bool>,
+}
+
+/// What [`Store::control_component`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlOutcome {
+    /// The stage afterwards, with its (possibly bumped) desired revision.
+    pub stage: Stage,
+    /// The component's control afterwards.
+    pub control: ComponentControl,
+    /// Whether what should run changed (and so the desired revision moved).
+    pub changed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +151,28 @@ pub trait Store: Send + Sync + 'static {
     async fn update_stage(&self, project: &str, name: &str, update: &StageUpdate) -> Result<Stage>;
     /// Refuses while the stage has releases or configs, unless `force`.
     async fn delete_stage(&self, project: &str, name: &str, force: bool) -> Result<()>;
+
+    // --- component controls ---
+    /// The controls of the stage's components that were ever started,
+    /// stopped or restarted, by component name. Components never touched
+    /// have none (they run as their release says).
+    async fn list_component_controls(
+        &self,
+        project: &str,
+        stage: &str,
+    ) -> Result<Vec<ComponentControl>>;
+    /// Applies `action` to one component of the stage. When that changes what
+    /// should run, the stage's desired revision is bumped in the same
+    /// transaction; a stop of a stopped component (or a start of a running
+    /// one) changes nothing. Whether the component is in the stage's release
+    /// is the caller's to check: the store does not read manifests.
+    async fn control_component(
+        &self,
+        project: &str,
+        stage: &str,
+        component: &str,
+        action: ComponentAction,
+    ) -> Result<ControlOutcome>;
 
     // --- builds ---
     /// Assigns the next build number of the project and the name

@@ -18,12 +18,13 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use chrono::DateTime;
 use trellis_model::{
-    AccessKeyInfo, Build, Config, ConfigData, Member, NewBuild, Outpost, OutpostLink, Project,
-    Release, ReleaseState, Role, Stage, StageSync, Timestamp, User, build_name,
+    AccessKeyInfo, Build, ComponentAction, ComponentControl, Config, ConfigData, Member, NewBuild,
+    Outpost, OutpostLink, Project, Release, ReleaseState, Role, Stage, StageSync, Timestamp, User,
+    build_name,
 };
 
 use crate::{
-    JoinTokenRefusal, NewRelease, NewStage, Result, StageUpdate, Store, StoreError,
+    ControlOutcome, JoinTokenRefusal, NewRelease, NewStage, Result, StageUpdate, Store, StoreError,
     StoredAccessKey, wording,
 };
 
@@ -67,6 +68,8 @@ struct StageState {
     releases: BTreeMap<u64, Release>,
     /// `None` until something was delivered to or reported for the stage.
     sync: Option<StageSync>,
+    /// By component; only components ever started, stopped or restarted.
+    controls: BTreeMap<String, ComponentControl>,
 }
 
 impl MemoryStore {
@@ -469,6 +472,7 @@ impl Store for MemoryStore {
                 configs: BTreeMap::new(),
                 releases: BTreeMap::new(),
                 sync: None,
+                controls: BTreeMap::new(),
             },
         );
         Ok(created)
@@ -516,6 +520,51 @@ impl Store for MemoryStore {
         }
         state.project_mut(project)?.stages.remove(name);
         Ok(())
+    }
+
+    async fn list_component_controls(
+        &self,
+        project: &str,
+        stage: &str,
+    ) -> Result<Vec<ComponentControl>> {
+        Ok(self
+            .state()
+            .stage(project, stage)?
+            .controls
+            .values()
+            .cloned()
+            .collect())
+    }
+
+    async fn control_component(
+        &self,
+        project: &str,
+        stage: &str,
+        component: &str,
+        action: ComponentAction,
+    ) -> Result<ControlOutcome> {
+        let mut state = self.state();
+        let record = state.stage_mut(project, stage)?;
+        let current = record
+            .controls
+            .get(component)
+            .cloned()
+            .unwrap_or_else(|| ComponentControl {
+                component: component.to_owned(),
+                ..ComponentControl::default()
+            });
+        let (control, changed) = action.apply(&current);
+        if changed {
+            record
+                .controls
+                .insert(component.to_owned(), control.clone());
+            record.stage.desired_revision += 1;
+        }
+        Ok(ControlOutcome {
+            stage: record.stage.clone(),
+            control,
+            changed,
+        })
     }
 
     async fn create_build(

@@ -32,12 +32,13 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 use trellis_model::{
-    AccessKeyInfo, Build, Config, ConfigData, Member, NewBuild, Outpost, OutpostLink, Project,
-    Release, ReleaseState, Role, Stage, StageSync, Timestamp, User, build_name,
+    AccessKeyInfo, Build, ComponentAction, ComponentControl, Config, ConfigData, Member, NewBuild,
+    Outpost, OutpostLink, Project, Release, ReleaseState, Role, Stage, StageSync, Timestamp, User,
+    build_name,
 };
 
 use crate::{
-    JoinTokenRefusal, NewRelease, NewStage, Result, StageUpdate, Store, StoreError,
+    ControlOutcome, JoinTokenRefusal, NewRelease, NewStage, Result, StageUpdate, Store, StoreError,
     StoredAccessKey, wording,
 };
 
@@ -413,6 +414,14 @@ fn link_from(row: &SqliteRow) -> Result<OutpostLink> {
     })
 }
 
+fn control_from(row: &SqliteRow) -> Result<ComponentControl> {
+    Ok(ComponentControl {
+        component: col(row, "component")?,
+        stopped: col(row, "stopped")?,
+        restarts: count(row, "restarts")?,
+    })
+}
+
 fn sync_from(row: &SqliteRow) -> Result<StageSync> {
     Ok(StageSync {
         project: col(row, "project")?,
@@ -747,6 +756,7 @@ impl Store for SqliteStore {
             "DELETE FROM releases WHERE project = $1",
             "DELETE FROM configs WHERE project = $1",
             "DELETE FROM stage_syncs WHERE project = $1",
+            "DELETE FROM component_controls WHERE project = $1",
             "DELETE FROM stages WHERE project = $1",
             "DELETE FROM builds WHERE project = $1",
             "DELETE FROM members WHERE project = $1",
@@ -915,6 +925,9 @@ impl Store for SqliteStore {
             "DELETE FROM stage_syncs WHERE EXISTS (SELECT 1 FROM stages s \
              WHERE s.outpost = $1 AND s.project = stage_syncs.project \
              AND s.name = stage_syncs.stage)",
+            "DELETE FROM component_controls WHERE EXISTS (SELECT 1 FROM stages s \
+             WHERE s.outpost = $1 AND s.project = component_controls.project \
+             AND s.name = component_controls.stage)",
             "DELETE FROM stages WHERE outpost = $1",
             "DELETE FROM outpost_links WHERE outpost = $1",
             "DELETE FROM join_tokens WHERE outpost = $1",
@@ -1130,6 +1143,7 @@ impl Store for SqliteStore {
             "DELETE FROM releases WHERE project = $1 AND stage = $2",
             "DELETE FROM configs WHERE project = $1 AND stage = $2",
             "DELETE FROM stage_syncs WHERE project = $1 AND stage = $2",
+            "DELETE FROM component_controls WHERE project = $1 AND stage = $2",
             "DELETE FROM stages WHERE project = $1 AND name = $2",
         ] {
             sqlx::query(sql)
@@ -1140,6 +1154,85 @@ impl Store for SqliteStore {
                 .map_err(backend(DOING))?;
         }
         commit(tx, DOING).await
+    }
+
+    async fn list_component_controls(
+        &self,
+        project: &str,
+        stage: &str,
+    ) -> Result<Vec<ComponentControl>> {
+        let mut tx = self.read().await?;
+        require_stage(&mut tx, project, stage).await?;
+        let rows = sqlx::query(
+            "SELECT component, stopped, restarts FROM component_controls \
+             WHERE project = $1 AND stage = $2 ORDER BY component",
+        )
+        .bind(project)
+        .bind(stage)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend("listing component controls"))?;
+        all(&rows, control_from)
+    }
+
+    async fn control_component(
+        &self,
+        project: &str,
+        stage: &str,
+        component: &str,
+        action: ComponentAction,
+    ) -> Result<ControlOutcome> {
+        const DOING: &str = "changing a component's control";
+        let mut tx = self.write().await?;
+        let mut record = require_stage(&mut tx, project, stage).await?;
+        let current = sqlx::query(
+            "SELECT component, stopped, restarts FROM component_controls \
+             WHERE project = $1 AND stage = $2 AND component = $3",
+        )
+        .bind(project)
+        .bind(stage)
+        .bind(component)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend(DOING))?
+        .as_ref()
+        .map(control_from)
+        .transpose()?
+        .unwrap_or_else(|| ComponentControl {
+            component: component.to_owned(),
+            ..ComponentControl::default()
+        });
+        let (control, changed) = action.apply(&current);
+        if changed {
+            sqlx::query(
+                "INSERT INTO component_controls (project, stage, component, stopped, restarts) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (project, stage, component) DO UPDATE SET \
+                 stopped = excluded.stopped, restarts = excluded.restarts",
+            )
+            .bind(project)
+            .bind(stage)
+            .bind(component)
+            .bind(control.stopped)
+            .bind(int(control.restarts)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+            record.desired_revision += 1;
+            sqlx::query("UPDATE stages SET desired_revision = $1 WHERE project = $2 AND name = $3")
+                .bind(int(record.desired_revision)?)
+                .bind(project)
+                .bind(stage)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend(DOING))?;
+            commit(tx, DOING).await?;
+        }
+        Ok(ControlOutcome {
+            stage: record,
+            control,
+            changed,
+        })
     }
 
     async fn create_build(

@@ -16,8 +16,9 @@ use std::fmt::Debug;
 use chrono::DateTime;
 use serde_json::json;
 use trellis_model::{
-    Artifact, BuildComponent, ConfigData, ConfigSnapshot, NewBuild, Outpost, OutpostLink, Project,
-    ReleaseState, Role, Stage, StageSync, StageType, Timestamp, User,
+    Artifact, BuildComponent, ComponentAction, ComponentControl, ConfigData, ConfigSnapshot,
+    NewBuild, Outpost, OutpostLink, Project, ReleaseState, Role, Stage, StageSync, StageType,
+    Timestamp, User,
 };
 
 use crate::{
@@ -58,6 +59,8 @@ macro_rules! for_each_suite_test {
             stage_sync_delivery,
             stage_sync_status_and_release_states,
             deletes_remove_link_rows,
+            component_controls,
+            deletes_remove_component_controls,
         }
     };
 }
@@ -1932,5 +1935,187 @@ pub async fn deletes_remove_link_rows(store: &dyn Store) {
             .await
             .unwrap(),
         Ok("local".to_owned())
+    );
+}
+
+fn control(component: &str, stopped: bool, restarts: u64) -> ComponentControl {
+    ComponentControl {
+        component: component.into(),
+        stopped,
+        restarts,
+    }
+}
+
+/// Starting, stopping and restarting components: each change of what should
+/// run bumps the stage's desired revision, in step with releases and
+/// suspension; a request that changes nothing bumps nothing.
+pub async fn component_controls(store: &dyn Store) {
+    setup(store, "shop").await;
+    stage_in(store, "shop", "dev").await;
+    stage_in(store, "shop", "qa").await;
+    assert_eq!(
+        store.list_component_controls("shop", "dev").await.unwrap(),
+        vec![]
+    );
+
+    let stop = store
+        .control_component("shop", "dev", "web", ComponentAction::Stop)
+        .await
+        .unwrap();
+    assert!(stop.changed);
+    assert_eq!(stop.control, control("web", true, 0));
+    assert_eq!(stop.stage.desired_revision, 1);
+    assert_eq!(store.get_stage("shop", "dev").await.unwrap(), stop.stage);
+
+    let again = store
+        .control_component("shop", "dev", "web", ComponentAction::Stop)
+        .await
+        .unwrap();
+    assert!(!again.changed, "stopping a stopped component");
+    assert_eq!(again.stage.desired_revision, 1);
+    assert_eq!(again.control, control("web", true, 0));
+
+    let restart = store
+        .control_component("shop", "dev", "web", ComponentAction::Restart)
+        .await
+        .unwrap();
+    assert!(restart.changed);
+    assert_eq!(
+        restart.control,
+        control("web", false, 1),
+        "a restart starts it"
+    );
+    assert_eq!(restart.stage.desired_revision, 2);
+
+    let start = store
+        .control_component("shop", "dev", "web", ComponentAction::Start)
+        .await
+        .unwrap();
+    assert!(!start.changed, "starting a running component");
+    assert_eq!(start.stage.desired_revision, 2);
+
+    let start_untouched = store
+        .control_component("shop", "dev", "api", ComponentAction::Start)
+        .await
+        .unwrap();
+    assert!(!start_untouched.changed);
+    assert_eq!(start_untouched.control, control("api", false, 0));
+
+    store
+        .control_component("shop", "dev", "worker", ComponentAction::Stop)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_component_controls("shop", "dev").await.unwrap(),
+        vec![control("web", false, 1), control("worker", true, 0)],
+        "only components ever changed, by name"
+    );
+    assert_eq!(
+        store.list_component_controls("shop", "qa").await.unwrap(),
+        vec![],
+        "controls belong to one stage"
+    );
+
+    // Releases and suspension share the one revision counter, and leave
+    // the controls standing.
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    let release = store
+        .push_release(&new_release("shop", "dev", &build.name), at(30))
+        .await
+        .unwrap();
+    assert_eq!(release.revision, 4);
+    let suspended = store
+        .update_stage("shop", "dev", &suspension(true))
+        .await
+        .unwrap();
+    assert_eq!(suspended.desired_revision, 5);
+    let restart = store
+        .control_component("shop", "dev", "web", ComponentAction::Restart)
+        .await
+        .unwrap();
+    assert_eq!(restart.stage.desired_revision, 6);
+    assert!(
+        restart.stage.suspended,
+        "a restart does not resume the stage"
+    );
+    assert_eq!(restart.stage.latest_release, Some(1));
+    assert_eq!(
+        store.list_component_controls("shop", "dev").await.unwrap(),
+        vec![control("web", false, 2), control("worker", true, 0)]
+    );
+
+    assert_not_found(
+        store
+            .control_component("shop", "prod", "web", ComponentAction::Stop)
+            .await,
+        "stage",
+        "shop/prod",
+    );
+    assert_not_found(
+        store
+            .control_component("nope", "dev", "web", ComponentAction::Stop)
+            .await,
+        "project",
+        "nope",
+    );
+    assert_not_found(
+        store.list_component_controls("shop", "prod").await,
+        "stage",
+        "shop/prod",
+    );
+    assert_eq!(
+        store
+            .get_stage("shop", "qa")
+            .await
+            .unwrap()
+            .desired_revision,
+        0,
+        "other stages keep their revision"
+    );
+}
+
+/// Controls go with their stage, whichever way it is deleted, and a new
+/// stage of the same name starts without them.
+pub async fn deletes_remove_component_controls(store: &dyn Store) {
+    setup(store, "shop").await;
+    store.create_outpost(&outpost("edge", None)).await.unwrap();
+    for (stage, on) in [("dev", "local"), ("qa", "local"), ("edge", "edge")] {
+        store
+            .create_stage(&new_stage("shop", stage, on), at(10))
+            .await
+            .unwrap();
+        store
+            .control_component("shop", stage, "web", ComponentAction::Stop)
+            .await
+            .unwrap();
+    }
+
+    store.delete_stage("shop", "dev", true).await.unwrap();
+    stage_in(store, "shop", "dev").await;
+    assert_eq!(
+        store.list_component_controls("shop", "dev").await.unwrap(),
+        vec![]
+    );
+
+    store.delete_outpost("edge", true).await.unwrap();
+    store.create_outpost(&outpost("edge", None)).await.unwrap();
+    store
+        .create_stage(&new_stage("shop", "edge", "edge"), at(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.list_component_controls("shop", "edge").await.unwrap(),
+        vec![]
+    );
+
+    store.delete_project("shop", true).await.unwrap();
+    setup(store, "shop").await;
+    stage_in(store, "shop", "qa").await;
+    assert_eq!(
+        store.list_component_controls("shop", "qa").await.unwrap(),
+        vec![]
     );
 }

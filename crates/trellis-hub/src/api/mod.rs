@@ -10,6 +10,7 @@
 
 pub mod access;
 pub mod builds;
+pub mod components;
 pub mod outposts;
 pub mod projects;
 pub mod stages;
@@ -69,6 +70,11 @@ pub fn router(state: AppState) -> axum::Router {
         .routes(routes!(stages::add_config_data))
         .routes(routes!(stages::list_releases, stages::push_release))
         .routes(routes!(stages::get_release))
+        .routes(routes!(components::list_components))
+        .routes(routes!(components::control_component))
+        .routes(routes!(components::suspend_stage))
+        .routes(routes!(components::resume_stage))
+        .routes(routes!(components::stage_logs))
         .routes(routes!(outposts::list_outposts, outposts::create_outpost))
         .routes(routes!(outposts::get_outpost, outposts::delete_outpost))
         .routes(routes!(outposts::validate_outpost_uri))

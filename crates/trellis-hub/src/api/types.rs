@@ -166,3 +166,122 @@ pub struct JoinTokenRequest {
     #[serde(default)]
     pub ttl_secs: Option<u64>,
 }
+
+/// What `POST …/components/{component}/{start|stop|restart}` did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ComponentActionResponse {
+    pub project: String,
+    pub stage: String,
+    pub component: String,
+    pub action: trellis_model::ComponentAction,
+    /// Whether what should run changed; stopping a stopped component (or
+    /// starting a running one) changes nothing and bumps no revision.
+    pub changed: bool,
+    /// The stage's desired revision afterwards; the outpost applies it as
+    /// soon as its link is up.
+    pub desired_revision: u64,
+    /// The component's standing control afterwards.
+    pub control: ComponentDesired,
+    /// The stage is suspended: nothing runs until it is resumed, whatever
+    /// its components' controls say.
+    pub stage_suspended: bool,
+}
+
+/// What should be true of a component, as asked with start/stop/restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ComponentDesired {
+    /// Stopped on request.
+    pub stopped: bool,
+    /// Restarts requested so far.
+    pub restarts: u64,
+}
+
+/// What the outpost last reported about a component.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ComponentObserved {
+    /// `unknown` when the outpost has not reported the component; else its
+    /// words, e.g. `running`, `starting`, `stopped`, `crash-looping`,
+    /// `failed`, `waiting`, `succeeded`.
+    pub state: String,
+    /// Replicas asked for and running.
+    pub replicas: u32,
+    pub running: u32,
+    /// Restarts the outpost counted (crashes and requested restarts).
+    pub restarts: u32,
+    pub exit_code: Option<i32>,
+    /// Since when it is in `state`.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// The release its workloads were made for.
+    pub release: Option<u64>,
+    /// Why it is failed or crash-looping.
+    pub message: Option<String>,
+    /// Scheduled components: when the last run ended and the next begins.
+    pub last_run: Option<chrono::DateTime<chrono::Utc>>,
+    pub next_run: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// One component of a stage: what should be, and what the outpost saw.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ComponentView {
+    pub name: String,
+    /// In the stage's latest release. The outpost may still report a
+    /// component that is not (one it runs from an earlier release).
+    pub in_release: bool,
+    /// Runs on a schedule (cron or `@release`) rather than permanently.
+    pub scheduled: bool,
+    pub desired: ComponentDesired,
+    pub observed: ComponentObserved,
+}
+
+/// `GET …/components`: the components of a stage's latest release, desired
+/// and observed. Observed states are as of `observed_at`; unless `current`,
+/// the outpost has not yet reported the desired revision and they may lag
+/// behind what was asked.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StageComponents {
+    pub project: String,
+    pub stage: String,
+    pub outpost: String,
+    /// The outpost's link right now.
+    pub link: crate::link::LinkState,
+    pub suspended: bool,
+    /// The stage's latest release (what should run); none yet when absent.
+    pub release: Option<u64>,
+    pub build: Option<String>,
+    pub desired_revision: u64,
+    /// The revision the outpost had applied when it last reported (0: it
+    /// never reported).
+    pub reported_revision: u64,
+    /// When the hub received that report.
+    pub observed_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The report covers the desired revision.
+    pub current: bool,
+    /// The stage's state in that report, e.g. `running`, `failed`.
+    pub reported_state: Option<String>,
+    /// The outpost's words about the stage in that report.
+    pub reported_message: Option<String>,
+    /// The desired release did not come up and the outpost restored this
+    /// one instead (0: none, the stage runs nothing).
+    pub rolled_back_to: Option<u64>,
+    pub components: Vec<ComponentView>,
+}
+
+/// The query of `GET …/logs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogsQuery {
+    /// One component of the stage; every component when absent.
+    #[serde(default)]
+    pub component: Option<String>,
+    /// Only lines written since then: RFC 3339 (`2024-05-01T12:00:00Z`) or a
+    /// duration back from now (`30s`, `10m`, `2h`, `1d`, `1h30m`).
+    #[serde(default)]
+    pub since: Option<String>,
+    /// At most this many of the newest lines (before following), up to
+    /// 100000.
+    #[serde(default)]
+    pub tail: Option<usize>,
+    /// Keep the response open and send new lines as they are written.
+    #[serde(default)]
+    pub follow: bool,
+}

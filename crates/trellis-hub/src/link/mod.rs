@@ -12,11 +12,13 @@
 //! - `mod.rs`: [`Links`], the registry and admission.
 //! - `session.rs`: one connected agent's session.
 //! - `endpoint.rs`: the WebSocket endpoint and the join/renew endpoints.
+//! - `logs.rs`: log requests into a live session and their lines back out.
 //! - `status.rs`: the connection-status view of a stage.
 //! - `errors.rs`: the bounded, de-duplicated error log.
 
 pub mod endpoint;
 pub mod errors;
+pub mod logs;
 pub mod session;
 pub mod status;
 
@@ -27,8 +29,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
+use trellis_link::protocol::LogQuery;
 use utoipa::ToSchema;
 
 use errors::ErrorLog;
@@ -104,6 +107,10 @@ pub(crate) struct SessionHandle {
     id: u64,
     poke: Arc<Notify>,
     cancel: CancellationToken,
+    /// Requests for the session's loop (log streams).
+    requests: mpsc::Sender<logs::SessionRequest>,
+    /// Log streams the session may still take.
+    log_slots: Arc<Semaphore>,
 }
 
 /// A snapshot of one outpost's link, for status views.
@@ -129,6 +136,7 @@ pub struct Links {
     live: Mutex<HashMap<String, Live>>,
     admission: Mutex<TokenBucket>,
     next_session: std::sync::atomic::AtomicU64,
+    next_request: std::sync::atomic::AtomicU64,
     pub handshakes: Arc<crate::tls::HandshakeGauge>,
 }
 
@@ -140,6 +148,7 @@ impl Links {
             settings,
             live: Mutex::new(HashMap::new()),
             next_session: std::sync::atomic::AtomicU64::new(1),
+            next_request: std::sync::atomic::AtomicU64::new(1),
             handshakes: Arc::default(),
         }
     }
@@ -163,14 +172,21 @@ impl Links {
     }
 
     /// Registers a connected session, replacing (and closing) an older one
-    /// of the same outpost.
-    pub(crate) fn connected(&self, outpost: &str, agent_version: &str) -> SessionHandle {
+    /// of the same outpost. The receiver is the session's queue of requests.
+    pub(crate) fn connected(
+        &self,
+        outpost: &str,
+        agent_version: &str,
+    ) -> (SessionHandle, mpsc::Receiver<logs::SessionRequest>) {
+        let (requests, inbox) = mpsc::channel(logs::SESSION_QUEUE);
         let handle = SessionHandle {
             id: self
                 .next_session
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             poke: Arc::new(Notify::new()),
             cancel: CancellationToken::new(),
+            requests,
+            log_slots: Arc::new(Semaphore::new(logs::MAX_STREAMS_PER_SESSION)),
         };
         let now = Utc::now();
         let mut live = self.lock();
@@ -185,7 +201,7 @@ impl Links {
         entry.last_seen = Some(now);
         entry.agent_version = Some(agent_version.to_owned());
         entry.degraded = None;
-        handle
+        (handle, inbox)
     }
 
     /// The session ended; the outpost is offline unless a newer session has
@@ -250,6 +266,34 @@ impl Links {
         if let Some(session) = self.lock().get(outpost).and_then(|e| e.session.as_ref()) {
             session.poke.notify_one();
         }
+    }
+
+    /// Asks the outpost's live session for the log lines of a stage placed
+    /// on it. Never waits for the outpost: the stream's first event comes
+    /// when the agent answers.
+    pub fn open_logs(
+        &self,
+        outpost: &str,
+        project: &str,
+        stage: &str,
+        query: LogQuery,
+    ) -> Result<logs::LogStream, logs::OpenLogsError> {
+        let session = self
+            .lock()
+            .get(outpost)
+            .and_then(|e| e.session.clone())
+            .ok_or(logs::OpenLogsError::Offline)?;
+        let id = self
+            .next_request
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        logs::LogStream::open(
+            id,
+            project,
+            stage,
+            query,
+            &session.requests,
+            &session.log_slots,
+        )
     }
 
     /// Revokes the outpost's link: its session is closed at once.
@@ -368,8 +412,8 @@ mod tests {
     #[test]
     fn a_newer_session_replaces_an_older_one() {
         let links = Links::new(LinkSettings::default());
-        let first = links.connected("edge", "1.0");
-        let second = links.connected("edge", "1.0");
+        let (first, _) = links.connected("edge", "1.0");
+        let (second, _) = links.connected("edge", "1.0");
         assert!(first.cancel.is_cancelled());
         links.disconnected("edge", first.id, "replaced");
         assert_eq!(
@@ -384,7 +428,7 @@ mod tests {
     #[test]
     fn revoking_cancels_the_session_and_sticks() {
         let links = Links::new(LinkSettings::default());
-        let s = links.connected("edge", "1.0");
+        let (s, _) = links.connected("edge", "1.0");
         links.revoke("edge");
         assert!(s.cancel.is_cancelled());
         links.disconnected("edge", s.id, "revoked");

@@ -43,6 +43,8 @@ struct Session<'a> {
     seq: u64,
     /// The newest revision per stage the agent holds or was sent.
     known: HashMap<StageId, u64>,
+    /// Open log requests, by id.
+    logs: super::logs::LogRouter,
 }
 
 impl Session<'_> {
@@ -105,8 +107,22 @@ impl Session<'_> {
 
 /// The full desired state of a stage at its current desired revision:
 /// everything the agent needs to run it without asking again.
+/// `controls` maps each component ever started, stopped or restarted to
+/// `{"stopped": bool, "restarts": n}`.
 pub async fn desired_state(state: &AppState, stage: &Stage) -> Result<Value, String> {
     let store = state.store();
+    let controls: serde_json::Map<String, Value> = store
+        .list_component_controls(&stage.project, &stage.name)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|c| {
+            (
+                c.component,
+                json!({"stopped": c.stopped, "restarts": c.restarts}),
+            )
+        })
+        .collect();
     let release = match stage.latest_release {
         Some(n) => Some(
             store
@@ -130,6 +146,7 @@ pub async fn desired_state(state: &AppState, stage: &Stage) -> Result<Value, Str
         "suspended": stage.suspended,
         "release": release,
         "build": build,
+        "controls": controls,
     }))
 }
 
@@ -180,8 +197,8 @@ async fn serve(
         .await
         .map_err(|e| e.to_string())?;
 
-    let handle = state.links().connected(outpost, &agent_version);
-    let result = session_loop(io, peer, state, &handle, &stages).await;
+    let (handle, inbox) = state.links().connected(outpost, &agent_version);
+    let result = session_loop(io, peer, state, &handle, inbox, &stages).await;
     let reason = match &result {
         Ok(r) | Err(r) => r.clone(),
     };
@@ -199,6 +216,7 @@ async fn session_loop(
     peer: &PeerIdentity,
     state: &AppState,
     handle: &super::SessionHandle,
+    mut inbox: tokio::sync::mpsc::Receiver<super::logs::SessionRequest>,
     held: &[StageRevision],
 ) -> Result<String, String> {
     let outpost = peer.outpost.as_str();
@@ -216,6 +234,7 @@ async fn session_loop(
                 )
             })
             .collect(),
+        logs: super::logs::LogRouter::default(),
     };
     session
         .send(
@@ -247,6 +266,11 @@ async fn session_loop(
             }
             () = handle.poke.notified() => {
                 session.sync(io).await?;
+            }
+            Some(request) = inbox.recv() => {
+                if let Some(msg) = session.logs.request(request) {
+                    session.send(io, msg).await?;
+                }
             }
             // Silence for two heartbeat intervals ends the link: the
             // deadline moves with every frame or pong heard.
@@ -352,9 +376,16 @@ async fn handle_frame(
                 }
             }
         }
-        // Answers to log requests; routed to their readers by the logs
-        // plumbing (in progress).
-        Message::LogLines { .. } => {}
+        Message::LogLines {
+            id,
+            lines,
+            end,
+            error,
+        } => {
+            if let Some(reply) = session.logs.lines(id, lines, end, error) {
+                session.send(io, reply).await?;
+            }
+        }
         other => {
             let message = format!(
                 "the agent sent {:?}, which agents do not send after hello",

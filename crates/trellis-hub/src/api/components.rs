@@ -1,0 +1,720 @@
+//! A stage's components: starting, stopping and restarting them, listing
+//! them (desired and observed), suspending and resuming the whole stage,
+//! and reading their logs live from the outpost.
+//!
+//! Lifecycle requests are desired state like a release: they are stored,
+//! bump the stage's desired revision and poke the outpost's session; the
+//! request never waits for the outpost. Logs are the one thing read from the
+//! outpost on demand — they never leave it otherwise — so they need its
+//! link to be up.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use trellis_link::protocol::{ComponentStatus, LogLine, LogQuery};
+use trellis_model::manifest::{Manifest, parse_manifest};
+use trellis_model::{
+    Build, ComponentAction, ComponentControl, NameKind, Release, Stage, validate_name,
+};
+use trellis_store::StageUpdate;
+
+use super::types::{
+    ComponentActionResponse, ComponentDesired, ComponentObserved, ComponentView, LogsQuery,
+    StageComponents,
+};
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Json, Path, Query};
+use crate::link::LinkState;
+use crate::link::logs::{LogEnd, LogEvent, LogStream, OpenLogsError};
+use crate::state::AppState;
+
+/// How long a log request waits for the outpost's first answer before the
+/// response starts anyway (an agent answers within ~100 ms plus the
+/// round trip).
+const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(5);
+
+/// The largest `tail` accepted.
+pub const MAX_TAIL: usize = 100_000;
+
+/// Response chunks queued for a slow HTTP reader before the stream stops
+/// pulling from the link (and the link, in turn, cuts the request off).
+const BODY_QUEUE: usize = 8;
+
+// === what the stage runs ===
+
+/// The stage's latest release, its build and the parsed manifest; `None`
+/// when nothing was released to the stage yet.
+async fn latest_release(
+    state: &AppState,
+    stage: &Stage,
+) -> ApiResult<Option<(Release, Build, Manifest)>> {
+    let Some(number) = stage.latest_release else {
+        return Ok(None);
+    };
+    let store = state.store();
+    let release = store
+        .get_release(&stage.project, &stage.name, number)
+        .await?;
+    let build = store.get_build(&stage.project, &release.build).await?;
+    let manifest = parse_manifest(&build.manifest).map_err(|e| {
+        ApiError::internal(format!(
+            "the manifest of build {} (release {number} of stage {}/{}) no longer parses: {e}",
+            build.name, stage.project, stage.name
+        ))
+    })?;
+    Ok(Some((release, build, manifest)))
+}
+
+fn no_release(stage: &Stage) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "no-release",
+        format!(
+            "stage {:?} of project {:?} has no release yet, so it runs no components",
+            stage.name, stage.project
+        ),
+        format!(
+            "push a release first: `trellis push release -p {} -s {}`",
+            stage.project, stage.name
+        ),
+    )
+}
+
+/// The manifest of the stage's latest release, or the error for a stage
+/// without one; and a 404 naming the components if `component` is not in
+/// it.
+async fn release_with_component(
+    state: &AppState,
+    stage: &Stage,
+    component: Option<&str>,
+) -> ApiResult<(Release, Build, Manifest)> {
+    let (release, build, manifest) = latest_release(state, stage)
+        .await?
+        .ok_or_else(|| no_release(stage))?;
+    if let Some(name) = component
+        && manifest.component(name).is_none()
+    {
+        let names: Vec<&str> = manifest.component_names().collect();
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no-such-component",
+            format!(
+                "stage {:?} has no component {name:?}: release {} (build {}) has {}",
+                stage.name,
+                release.number,
+                build.name,
+                names.join(", ")
+            ),
+            format!(
+                "use one of: {}; `trellis list component -p {} -s {}` shows them with their state",
+                names.join(", "),
+                stage.project,
+                stage.name
+            ),
+        ));
+    }
+    Ok((release, build, manifest))
+}
+
+// === lifecycle ===
+
+/// Starts, stops or restarts one component of a stage (`action` is
+/// `start`, `stop` or `restart`). A stopped component stays stopped across
+/// releases until started; a restart replaces its running workloads (and
+/// starts it if it was stopped). A change bumps the stage's desired
+/// revision; the outpost applies it as soon as it can — the request does
+/// not wait for it.
+#[utoipa::path(post, path = "/projects/{project}/stages/{stage}/components/{component}/{action}",
+    tag = "components",
+    params(("action" = String, Path, description = "start, stop or restart")),
+    responses(
+        (status = 200, body = ComponentActionResponse),
+        (status = 400, description = "unknown action (`invalid-action`)", body = crate::error::ErrorBody),
+        (status = 404, description = "no such component in the latest release (`no-such-component`)", body = crate::error::ErrorBody),
+        (status = 409, description = "the stage has no release (`no-release`)", body = crate::error::ErrorBody)))]
+pub async fn control_component(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage, component, action)): Path<(String, String, String, String)>,
+) -> ApiResult<Json<ComponentActionResponse>> {
+    caller.role_in(&state, &project).await?;
+    let action: ComponentAction = action.parse().map_err(|message: String| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-action",
+            message,
+            "POST …/components/NAME/start, …/stop or …/restart",
+        )
+    })?;
+    let record = state.store().get_stage(&project, &stage).await?;
+    validate_name(NameKind::Component, &component)?;
+    release_with_component(&state, &record, Some(&component)).await?;
+    let outcome = state
+        .store()
+        .control_component(&project, &stage, &component, action)
+        .await?;
+    if outcome.changed {
+        state.links().poke(&outcome.stage.outpost);
+    }
+    Ok(Json(ComponentActionResponse {
+        project,
+        stage,
+        component,
+        action,
+        changed: outcome.changed,
+        desired_revision: outcome.stage.desired_revision,
+        control: ComponentDesired {
+            stopped: outcome.control.stopped,
+            restarts: outcome.control.restarts,
+        },
+        stage_suspended: outcome.stage.suspended,
+    }))
+}
+
+async fn set_suspended(
+    state: &AppState,
+    caller: &Caller,
+    project: &str,
+    stage: &str,
+    suspended: bool,
+) -> ApiResult<Json<Stage>> {
+    caller.role_in(state, project).await?;
+    let update = StageUpdate {
+        display_name: None,
+        suspended: Some(suspended),
+    };
+    let updated = state.store().update_stage(project, stage, &update).await?;
+    state.links().poke(&updated.outpost);
+    Ok(Json(updated))
+}
+
+/// Suspends a stage: every component stops, releases and controls are
+/// kept. Bumps the desired revision unless it is suspended already.
+#[utoipa::path(post, path = "/projects/{project}/stages/{stage}/suspend", tag = "stages",
+    responses((status = 200, body = Stage)))]
+pub async fn suspend_stage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+) -> ApiResult<Json<Stage>> {
+    set_suspended(&state, &caller, &project, &stage, true).await
+}
+
+/// Resumes a suspended stage: its components run again as their controls
+/// say. Bumps the desired revision unless it is running already.
+#[utoipa::path(post, path = "/projects/{project}/stages/{stage}/resume", tag = "stages",
+    responses((status = 200, body = Stage)))]
+pub async fn resume_stage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+) -> ApiResult<Json<Stage>> {
+    set_suspended(&state, &caller, &project, &stage, false).await
+}
+
+// === listing ===
+
+/// The components of the stage's latest release: what should be (stopped
+/// on request, restarts asked for) and what the outpost last reported. A
+/// component the outpost has not reported is `unknown`; `current` says
+/// whether the report covers the desired revision, `observed_at` when it
+/// came.
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/components", tag = "components",
+    responses((status = 200, body = StageComponents)))]
+pub async fn list_components(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+) -> ApiResult<Json<StageComponents>> {
+    caller.role_in(&state, &project).await?;
+    let store = state.store();
+    let record = store.get_stage(&project, &stage).await?;
+    let latest = latest_release(&state, &record).await?;
+    let controls = store.list_component_controls(&project, &stage).await?;
+    let sync = store.get_stage_sync(&project, &stage).await?;
+    let link = crate::link::status::link_view(&state, &record.outpost)
+        .await?
+        .state;
+
+    let reported: Vec<ComponentStatus> = sync
+        .report
+        .as_ref()
+        .and_then(|r| r.get("components"))
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .unwrap_or_default();
+    let reported_revision = sync
+        .report
+        .as_ref()
+        .and_then(|r| r.get("applied_revision"))
+        .and_then(Value::as_u64)
+        .unwrap_or(sync.applied_revision);
+    let report_text = |key: &str| {
+        sync.report
+            .as_ref()
+            .and_then(|r| r.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let components = component_views(latest.as_ref().map(|(_, _, m)| m), &controls, &reported);
+    Ok(Json(StageComponents {
+        project,
+        stage,
+        outpost: record.outpost.clone(),
+        link,
+        suspended: record.suspended,
+        release: latest.as_ref().map(|(r, _, _)| r.number),
+        build: latest.as_ref().map(|(_, b, _)| b.name.clone()),
+        desired_revision: record.desired_revision,
+        reported_revision,
+        observed_at: sync.report.as_ref().and(sync.updated_at),
+        current: sync.report.is_some() && reported_revision >= record.desired_revision,
+        reported_state: report_text("state"),
+        reported_message: report_text("message"),
+        rolled_back_to: sync
+            .report
+            .as_ref()
+            .and_then(|r| r.get("rolled_back_to"))
+            .and_then(Value::as_u64),
+        components,
+    }))
+}
+
+/// The manifest's components in manifest order, then any the outpost
+/// reports that the manifest does not have. Pure, for tests.
+pub fn component_views(
+    manifest: Option<&Manifest>,
+    controls: &[ComponentControl],
+    reported: &[ComponentStatus],
+) -> Vec<ComponentView> {
+    let desired = |name: &str| {
+        controls
+            .iter()
+            .find(|c| c.component == name)
+            .map(|c| ComponentDesired {
+                stopped: c.stopped,
+                restarts: c.restarts,
+            })
+            .unwrap_or_default()
+    };
+    let observed = |name: &str| {
+        reported
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| ComponentObserved {
+                state: if c.state.is_empty() {
+                    "unknown".into()
+                } else {
+                    c.state.clone()
+                },
+                replicas: c.replicas,
+                running: c.running,
+                restarts: c.restarts,
+                exit_code: c.exit_code,
+                since: c.since,
+                release: c.release,
+                message: c.message.clone(),
+                last_run: c.last_run,
+                next_run: c.next_run,
+            })
+            .unwrap_or_else(|| ComponentObserved {
+                state: "unknown".into(),
+                ..ComponentObserved::default()
+            })
+    };
+    let mut views: Vec<ComponentView> = manifest
+        .map(|m| m.components.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| ComponentView {
+            name: c.name.clone(),
+            in_release: true,
+            scheduled: c.is_scheduled(),
+            desired: desired(&c.name),
+            observed: observed(&c.name),
+        })
+        .collect();
+    for c in reported {
+        if !views.iter().any(|v| v.name == c.name) {
+            views.push(ComponentView {
+                name: c.name.clone(),
+                in_release: false,
+                scheduled: c.next_run.is_some() || c.last_run.is_some(),
+                desired: desired(&c.name),
+                observed: observed(&c.name),
+            });
+        }
+    }
+    views
+}
+
+// === logs ===
+
+/// `since` as an instant: RFC 3339, or a duration back from `now` made of
+/// `<number><unit>` parts with units `s`, `m`, `h`, `d` (`10m`, `1h30m`).
+pub fn parse_since(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    let text = text.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let bad = || {
+        format!(
+            "{text:?} is neither a time (RFC 3339, e.g. 2024-05-01T12:00:00Z) nor a duration \
+             (e.g. 30s, 10m, 2h, 1d, 1h30m)"
+        )
+    };
+    if text.is_empty() {
+        return Err(bad());
+    }
+    let mut seconds: i64 = 0;
+    let mut digits = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit: i64 = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return Err(bad()),
+        };
+        let n: i64 = digits.parse().map_err(|_| bad())?;
+        digits.clear();
+        seconds = n
+            .checked_mul(unit)
+            .and_then(|s| seconds.checked_add(s))
+            .ok_or_else(bad)?;
+    }
+    if !digits.is_empty() {
+        return Err(bad());
+    }
+    chrono::Duration::try_seconds(seconds)
+        .and_then(|d| now.checked_sub_signed(d))
+        .ok_or_else(bad)
+}
+
+fn invalid_query(code: &'static str, message: String, hint: &str) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, code, message, hint)
+}
+
+/// The log lines of a stage's components, read live from its outpost.
+///
+/// The response is `application/x-ndjson`: one JSON object per line, each
+/// a log line `{"time", "component", "replica", "stream": "stdout"|"stderr",
+/// "line"}`, oldest first. With `follow` it stays open and new lines arrive
+/// as they are written (within a second), until the client disconnects.
+/// If the stream breaks after it started, its last line is an error object
+/// `{"error": {"code", "message", "hint"}}` (codes `outpost-logs-failed`,
+/// `logs-reader-too-slow`, `outpost-offline`). Errors before the first line
+/// are ordinary error responses.
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/logs", tag = "components",
+    params(LogsQuery),
+    responses(
+        (status = 200, description = "one JSON log line per line (see above)", content_type = "application/x-ndjson", body = String),
+        (status = 400, description = "bad `since`, `tail` or component name", body = crate::error::ErrorBody),
+        (status = 404, description = "no such component in the latest release (`no-such-component`)", body = crate::error::ErrorBody),
+        (status = 409, description = "the stage has no release (`no-release`)", body = crate::error::ErrorBody),
+        (status = 502, description = "the outpost could not read the logs (`outpost-logs-failed`)", body = crate::error::ErrorBody),
+        (status = 503, description = "the outpost is offline (`outpost-offline`) or busy (`outpost-busy`)", body = crate::error::ErrorBody)))]
+pub async fn stage_logs(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<Response> {
+    caller.role_in(&state, &project).await?;
+    let record = state.store().get_stage(&project, &stage).await?;
+    let since = q
+        .since
+        .as_deref()
+        .map(|s| parse_since(s, Utc::now()))
+        .transpose()
+        .map_err(|m| {
+            invalid_query(
+                "invalid-since",
+                m,
+                "give since as a time like 2024-05-01T12:00:00Z or a duration like 10m",
+            )
+        })?;
+    if let Some(tail) = q.tail
+        && tail > MAX_TAIL
+    {
+        return Err(invalid_query(
+            "invalid-tail",
+            format!("tail {tail} is more than the {MAX_TAIL} lines a request may ask for"),
+            "ask for fewer lines, or narrow them down with since",
+        ));
+    }
+    if let Some(component) = &q.component {
+        validate_name(NameKind::Component, component)?;
+    }
+    release_with_component(&state, &record, q.component.as_deref()).await?;
+
+    let query = LogQuery {
+        component: q.component.clone(),
+        since,
+        tail: q.tail,
+        follow: q.follow,
+    };
+    let mut stream = match state
+        .links()
+        .open_logs(&record.outpost, &project, &stage, query)
+    {
+        Ok(stream) => stream,
+        Err(OpenLogsError::Offline) => return Err(offline(&state, &record).await),
+        Err(OpenLogsError::Busy) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outpost-busy",
+                format!(
+                    "outpost {:?} is streaming as many logs as it may at once",
+                    record.outpost
+                ),
+                "retry in a moment, or stop a `trellis logs --follow` that is still running",
+            ));
+        }
+    };
+
+    // Wait for the outpost's first answer, so that a request it refuses at
+    // once gets a proper error status instead of an error line.
+    let first = match tokio::time::timeout(FIRST_ANSWER_WAIT, stream.next()).await {
+        Ok(Some(LogEvent::Lines(lines))) => lines,
+        Ok(Some(LogEvent::End(LogEnd::Done)) | None) => Vec::new(),
+        Ok(Some(LogEvent::End(end))) => {
+            return Err(match end_error(&record, &end) {
+                Some(e) if end == LogEnd::LinkClosed => offline_with(e, &state, &record).await,
+                Some(e) => e,
+                None => ApiError::internal("the log stream ended unexpectedly"),
+            });
+        }
+        Err(_) => Vec::new(),
+    };
+    tracing::debug!(id = stream.id(), project, stage, "streaming logs");
+
+    let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(BODY_QUEUE);
+    tokio::spawn(pump(stream, first, tx, record));
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// Moves batches from the link into the response body until the stream
+/// ends or the client goes away (then dropping `stream` cancels the request
+/// on the outpost).
+async fn pump(
+    mut stream: LogStream,
+    first: Vec<LogLine>,
+    tx: mpsc::Sender<Result<Bytes, Infallible>>,
+    stage: Stage,
+) {
+    if !first.is_empty() && tx.send(Ok(ndjson(&first))).await.is_err() {
+        return;
+    }
+    loop {
+        let event = tokio::select! {
+            () = tx.closed() => return,
+            event = stream.next() => event,
+        };
+        let chunk = match event {
+            None => return,
+            Some(LogEvent::Lines(lines)) if lines.is_empty() => continue,
+            Some(LogEvent::Lines(lines)) => ndjson(&lines),
+            Some(LogEvent::End(end)) => match end_error(&stage, &end) {
+                None => return,
+                Some(e) => {
+                    let mut line = serde_json::to_vec(&json!({"error": {
+                        "code": e.code, "message": e.message, "hint": e.hint}}))
+                    .unwrap_or_default();
+                    line.push(b'\n');
+                    let _ = tx.send(Ok(Bytes::from(line))).await;
+                    return;
+                }
+            },
+        };
+        // Waits while the client is slow; the link meanwhile queues a
+        // bounded number of batches, then cuts the request off.
+        if tx.send(Ok(chunk)).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn ndjson(lines: &[LogLine]) -> Bytes {
+    let mut out = Vec::with_capacity(lines.len() * 128);
+    for line in lines {
+        if serde_json::to_writer(&mut out, line).is_ok() {
+            out.push(b'\n');
+        }
+    }
+    Bytes::from(out)
+}
+
+/// The error a stream's end means, if it is one.
+fn end_error(stage: &Stage, end: &LogEnd) -> Option<ApiError> {
+    match end {
+        LogEnd::Done => None,
+        LogEnd::Failed(message) => Some(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "outpost-logs-failed",
+            format!(
+                "the outpost {:?} could not read the logs of stage {:?}: {message}",
+                stage.outpost, stage.name
+            ),
+            format!(
+                "check the stage with `trellis status stage {} -p {}`",
+                stage.name, stage.project
+            ),
+        )),
+        LogEnd::TooSlow => Some(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "logs-reader-too-slow",
+            "the log lines came faster than this client read them, so the stream was stopped \
+             rather than hold up the outpost's link",
+            "read the response faster, or ask for fewer lines with since or tail",
+        )),
+        LogEnd::LinkClosed => Some(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "outpost-offline",
+            format!(
+                "the link to outpost {:?} closed while its logs were being read",
+                stage.outpost
+            ),
+            "retry once the outpost is online again (`trellis status stage` shows its link)",
+        )),
+    }
+}
+
+/// 503 for a stage whose outpost has no live link.
+async fn offline(state: &AppState, stage: &Stage) -> ApiError {
+    let base = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "outpost-offline",
+        format!(
+            "outpost {:?}, where stage {:?} runs, is not connected to the hub",
+            stage.outpost, stage.name
+        ),
+        String::new(),
+    );
+    offline_with(base, state, stage).await
+}
+
+async fn offline_with(mut err: ApiError, state: &AppState, stage: &Stage) -> ApiError {
+    let view = crate::link::status::link_view(state, &stage.outpost)
+        .await
+        .ok();
+    let seen = view
+        .as_ref()
+        .and_then(|v| v.last_seen)
+        .map(|t| format!(" (last seen {})", t.format("%Y-%m-%d %H:%M:%S UTC")))
+        .unwrap_or_default();
+    let revoked = view.as_ref().is_some_and(|v| v.state == LinkState::Revoked);
+    err.hint = if revoked {
+        format!(
+            "outpost {:?} was revoked; ask an administrator about it",
+            stage.outpost
+        )
+    } else {
+        format!(
+            "logs are read live from the outpost{seen}; its components keep running while it \
+             is offline, and logs can be read once its agent is connected again \
+             (`trellis status stage {} -p {}` shows the link)",
+            stage.name, stage.project
+        )
+    };
+    err
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_takes_times_and_durations() {
+        let now = DateTime::parse_from_rfc3339("2024-05-01T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let ago = |s: &str| (now - parse_since(s, now).unwrap()).num_seconds();
+        assert_eq!(ago("30s"), 30);
+        assert_eq!(ago("10m"), 600);
+        assert_eq!(ago("2h"), 7200);
+        assert_eq!(ago("1d"), 86_400);
+        assert_eq!(ago("1h30m"), 5400);
+        assert_eq!(ago(" 0s "), 0);
+        assert_eq!(
+            parse_since("2024-05-01T11:00:00+01:00", now).unwrap(),
+            now - chrono::Duration::hours(2)
+        );
+        for bad in [
+            "",
+            "10",
+            "m",
+            "10x",
+            "ten minutes",
+            "-5m",
+            "10m5",
+            "99999999999999999999s",
+        ] {
+            let err = parse_since(bad, now).unwrap_err();
+            assert!(
+                err.contains("RFC 3339") && err.contains("10m"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn components_unreported_are_unknown_and_extras_are_listed() {
+        let manifest = parse_manifest(
+            "version: v1\ncomponents:\n  - name: web\n    docker:\n      image: web:1\n  - name: nightly\n    docker:\n      image: job:1\n    scheduled: \"0 3 * * *\"\n",
+        )
+        .unwrap();
+        let controls = vec![ComponentControl {
+            component: "web".into(),
+            stopped: true,
+            restarts: 2,
+        }];
+        let reported = vec![
+            ComponentStatus {
+                name: "web".into(),
+                state: "stopped".into(),
+                replicas: 1,
+                ..Default::default()
+            },
+            ComponentStatus {
+                name: "old".into(),
+                state: "running".into(),
+                ..Default::default()
+            },
+        ];
+        let views = component_views(Some(&manifest), &controls, &reported);
+        let names: Vec<&str> = views.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["web", "nightly", "old"]);
+        assert_eq!(
+            views[0].desired,
+            ComponentDesired {
+                stopped: true,
+                restarts: 2
+            }
+        );
+        assert_eq!(views[0].observed.state, "stopped");
+        assert_eq!(views[1].observed.state, "unknown");
+        assert!(views[1].scheduled && views[1].in_release);
+        assert!(!views[2].in_release);
+        assert!(component_views(None, &[], &[]).is_empty());
+    }
+}

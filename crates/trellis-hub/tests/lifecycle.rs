@@ -1,0 +1,559 @@
+//! Component lifecycle through the API — start, stop, restart, suspend,
+//! resume — and the component listing: what the store records, the desired
+//! revisions they bump, the controls the outpost's agent receives, and the
+//! desired and observed state the listing shows (never a stale green).
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use common::{M, TestHub, start};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use trellis_link::identity::{KeyFingerprint, PeerIdentity};
+use trellis_link::mem::{MemLink, pair};
+use trellis_link::protocol::{Capacity, ComponentStatus, DesiredAck, StatusReport};
+use trellis_link::{Envelope, Incoming, LinkIo, Message};
+
+const MANIFEST: &str = "version: v1
+components:
+  - name: web
+    docker:
+      image: web:1
+  - name: worker
+    docker:
+      image: worker:1
+  - name: nightly
+    docker:
+      image: job:1
+    scheduled: \"0 3 * * *\"
+";
+
+const STAGE: &str = "/projects/shop/stages/line3";
+
+/// Project `shop` with stage `line3` on outpost `edge` and one build; no
+/// release yet.
+async fn setup(hub: &TestHub) {
+    let admin = Some(hub.admin.as_str());
+    hub.call(admin, M::POST, "/outposts", Some(json!({"name": "edge"})))
+        .await;
+    hub.call(admin, M::POST, "/projects", Some(json!({"name": "shop"})))
+        .await;
+    let (_, uri) = hub.call(admin, M::GET, "/outposts/edge/uri", None).await;
+    let (s, b) = hub
+        .call(
+            admin,
+            M::POST,
+            "/projects/shop/stages",
+            Some(json!({"name": "line3", "type": "prod", "outpost_uri": uri["uri"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, b) = hub
+        .call(
+            admin,
+            M::POST,
+            "/projects/shop/builds",
+            Some(json!({
+            "branch": "main", "commit": "0123456789abcdef0123456789abcdef01234567",
+            "manifest_file": "trellis.yaml", "manifest": MANIFEST,
+            "components": [
+                {"name": "web", "artifact": {"kind": "image", "reference": "web:1"}},
+                {"name": "worker", "artifact": {"kind": "image", "reference": "worker:1"}},
+                {"name": "nightly", "artifact": {"kind": "image", "reference": "job:1"}}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+}
+
+async fn push(hub: &TestHub) -> u64 {
+    let (s, r) = hub
+        .call(
+            Some(&hub.admin),
+            M::POST,
+            &format!("{STAGE}/releases"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    r["revision"].as_u64().unwrap()
+}
+
+async fn act(hub: &TestHub, key: &str, component: &str, action: &str) -> (StatusCode, Value) {
+    hub.call(
+        Some(key),
+        M::POST,
+        &format!("{STAGE}/components/{component}/{action}"),
+        None,
+    )
+    .await
+}
+
+async fn components(hub: &TestHub) -> Value {
+    let (s, b) = hub
+        .call(
+            Some(&hub.admin),
+            M::GET,
+            &format!("{STAGE}/components"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    b
+}
+
+fn component<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {list}"))
+}
+
+/// A scripted agent of outpost `edge` over an in-memory link.
+struct Agent {
+    link: MemLink,
+    seq: u64,
+}
+
+impl Agent {
+    async fn connect(hub: &TestHub) -> Agent {
+        let (hub_end, agent_end) = pair();
+        tokio::spawn(trellis_hub::link::session::run(
+            Box::new(hub_end),
+            PeerIdentity {
+                outpost: "edge".into(),
+                serial_hex: "01".into(),
+                not_after: Utc::now() + chrono::Duration::days(30),
+                public_key_fingerprint: KeyFingerprint([7; 32]),
+            },
+            hub.state.clone(),
+        ));
+        let mut agent = Agent {
+            link: agent_end,
+            seq: 0,
+        };
+        agent
+            .send(Message::Hello {
+                agent_version: "test".into(),
+                os: "linux".into(),
+                arch: "x86_64".into(),
+                runtimes: vec![],
+                capacity: Capacity {
+                    cpus: 2,
+                    memory_bytes: 1 << 30,
+                    disk_free_bytes: 1 << 30,
+                },
+                stages: vec![],
+                outbox_from: 0,
+            })
+            .await;
+        assert!(matches!(agent.next().await, Message::Welcome { .. }));
+        agent
+    }
+
+    async fn send(&mut self, msg: Message) {
+        self.seq += 1;
+        self.link.send(&Envelope::new(self.seq, msg)).await.unwrap();
+    }
+
+    async fn next(&mut self) -> Message {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), self.link.recv()).await {
+                Ok(Ok(Some(Incoming::Frame(env)))) => return env.msg,
+                Ok(Ok(Some(Incoming::Pong(_)))) => continue,
+                other => panic!("expected a frame from the hub, got {other:?}"),
+            }
+        }
+    }
+
+    async fn quiet(&mut self) {
+        if let Ok(Ok(Some(Incoming::Frame(env)))) =
+            tokio::time::timeout(Duration::from_millis(300), self.link.recv()).await
+        {
+            panic!("expected nothing from the hub, got {:?}", env.msg);
+        }
+    }
+
+    /// The next desired state: its revision and state, acknowledged.
+    async fn desired(&mut self) -> (u64, Value) {
+        match self.next().await {
+            Message::Desired {
+                revision, state, ..
+            } => {
+                self.send(Message::Ack {
+                    desired: vec![DesiredAck {
+                        project: "shop".into(),
+                        stage: "line3".into(),
+                        revision,
+                    }],
+                })
+                .await;
+                (revision, state)
+            }
+            other => panic!("expected desired, got {other:?}"),
+        }
+    }
+
+    async fn report(&mut self, seq: u64, applied: u64, components: Vec<ComponentStatus>) {
+        self.send(Message::Status {
+            seq,
+            reports: vec![StatusReport {
+                project: "shop".into(),
+                stage: "line3".into(),
+                applied_revision: applied,
+                state: "running".into(),
+                message: None,
+                components,
+                errors: vec![],
+                rolled_back_to: None,
+            }],
+        })
+        .await;
+        match self.next().await {
+            Message::StatusAck { up_to_seq } => assert_eq!(up_to_seq, seq),
+            other => panic!("expected status-ack, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn controls_bump_the_revision_and_reach_the_outpost() {
+    let hub = start().await;
+    setup(&hub).await;
+    let admin = hub.admin.clone();
+    let mut agent = Agent::connect(&hub).await;
+
+    // Nothing released yet: nothing to stop.
+    let (s, b) = act(&hub, &admin, "web", "stop").await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    assert_eq!(b["error"]["code"], "no-release");
+    assert!(
+        b["error"]["hint"]
+            .as_str()
+            .unwrap()
+            .contains("trellis push release"),
+        "{b}"
+    );
+
+    assert_eq!(push(&hub).await, 1);
+    let (revision, state) = agent.desired().await;
+    assert_eq!(revision, 1);
+    assert_eq!(state["controls"], json!({}));
+
+    let (s, b) = act(&hub, &admin, "web", "stop").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["changed"], true);
+    assert_eq!(b["desired_revision"], 2);
+    assert_eq!(b["control"], json!({"stopped": true, "restarts": 0}));
+    assert_eq!(b["stage_suspended"], false);
+    let (revision, state) = agent.desired().await;
+    assert_eq!(revision, 2);
+    assert_eq!(
+        state["controls"],
+        json!({"web": {"stopped": true, "restarts": 0}})
+    );
+    assert_eq!(state["release"]["number"], 1, "the release stays");
+
+    // A stop of a stopped component changes nothing and sends nothing.
+    let (s, b) = act(&hub, &admin, "web", "stop").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["changed"], false);
+    assert_eq!(b["desired_revision"], 2);
+    agent.quiet().await;
+
+    let (_, b) = act(&hub, &admin, "web", "restart").await;
+    assert_eq!(b["desired_revision"], 3);
+    assert_eq!(b["control"], json!({"stopped": false, "restarts": 1}));
+    let (revision, state) = agent.desired().await;
+    assert_eq!(revision, 3);
+    assert_eq!(
+        state["controls"]["web"],
+        json!({"stopped": false, "restarts": 1})
+    );
+
+    // Suspend and resume, by their own endpoints and by PATCH.
+    let (s, b) = hub
+        .call(Some(&admin), M::POST, &format!("{STAGE}/suspend"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["suspended"], true);
+    assert_eq!(b["desired_revision"], 4);
+    let (revision, state) = agent.desired().await;
+    assert_eq!((revision, state["suspended"].clone()), (4, json!(true)));
+    let (_, b) = hub
+        .call(Some(&admin), M::POST, &format!("{STAGE}/suspend"), None)
+        .await;
+    assert_eq!(b["desired_revision"], 4, "suspending twice");
+    let (_, b) = act(&hub, &admin, "worker", "stop").await;
+    assert_eq!(b["stage_suspended"], true);
+    assert_eq!(b["desired_revision"], 5);
+    agent.desired().await;
+    let (_, b) = hub
+        .call(Some(&admin), M::POST, &format!("{STAGE}/resume"), None)
+        .await;
+    assert_eq!(
+        (b["suspended"].clone(), b["desired_revision"].clone()),
+        (json!(false), json!(6))
+    );
+    let (revision, state) = agent.desired().await;
+    assert_eq!(revision, 6);
+    assert_eq!(state["suspended"], false);
+    assert_eq!(state["controls"]["worker"]["stopped"], true);
+    let (s, b) = hub
+        .call(
+            Some(&admin),
+            M::PATCH,
+            STAGE,
+            Some(json!({"suspended": true})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["desired_revision"], 7);
+    assert_eq!(agent.desired().await.0, 7);
+}
+
+#[tokio::test]
+async fn bad_requests_get_stable_codes_and_only_members_may_act() {
+    let hub = start().await;
+    setup(&hub).await;
+    push(&hub).await;
+    let admin = hub.admin.clone();
+
+    let (s, b) = act(&hub, &admin, "db", "stop").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    assert_eq!(b["error"]["code"], "no-such-component");
+    let hint = b["error"]["hint"].as_str().unwrap();
+    assert!(hint.contains("web, worker, nightly"), "{hint}");
+
+    let (s, b) = act(&hub, &admin, "web", "kill").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(b["error"]["code"], "invalid-action");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("start, stop, restart")
+    );
+
+    let (s, b) = act(&hub, &admin, "Bad_Name", "stop").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(b["error"]["code"], "invalid-name");
+
+    let (s, b) = hub
+        .call(
+            Some(&admin),
+            M::POST,
+            "/projects/shop/stages/nope/components/web/stop",
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+
+    // Outsiders see no project; members may act.
+    let eve = hub.user("eve").await;
+    let (s, b) = act(&hub, &eve, "web", "stop").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a member")
+    );
+    for path in ["components", "logs", "suspend"] {
+        let method = if path == "suspend" { M::POST } else { M::GET };
+        let (s, _) = hub
+            .call(Some(&eve), method, &format!("{STAGE}/{path}"), None)
+            .await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{path}");
+    }
+    let bob = hub.user("bob").await;
+    let (s, b) = hub
+        .call(
+            Some(&admin),
+            M::PUT,
+            "/projects/shop/members/bob",
+            Some(json!({"role": "member"})),
+        )
+        .await;
+    assert!(s.is_success(), "{b}");
+    let (s, b) = act(&hub, &bob, "web", "stop").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["changed"], true);
+
+    // No key at all.
+    let (s, _) = hub
+        .call(
+            None,
+            M::POST,
+            &format!("{STAGE}/components/web/start"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn the_listing_shows_desired_and_observed_and_unknown_until_reported() {
+    let hub = start().await;
+    setup(&hub).await;
+
+    // No release: no components, and it says so.
+    let list = components(&hub).await;
+    assert_eq!(list["release"], Value::Null);
+    assert_eq!(list["components"], json!([]));
+    assert_eq!(list["link"], "awaiting-agent");
+
+    let revision = push(&hub).await;
+    let list = components(&hub).await;
+    assert_eq!(list["release"], 1);
+    assert_eq!(list["build"], "main_b1");
+    assert_eq!(list["desired_revision"], revision);
+    assert_eq!(list["reported_revision"], 0);
+    assert_eq!(list["current"], false);
+    assert_eq!(list["observed_at"], Value::Null);
+    let names: Vec<&str> = list["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["web", "worker", "nightly"], "manifest order");
+    for name in names {
+        assert_eq!(
+            component(&list, name)["observed"]["state"],
+            "unknown",
+            "never reported: {list}"
+        );
+    }
+    assert_eq!(component(&list, "nightly")["scheduled"], true);
+
+    let mut agent = Agent::connect(&hub).await;
+    agent.desired().await;
+    let since = Utc::now();
+    agent
+        .report(
+            1,
+            revision,
+            vec![
+                ComponentStatus {
+                    name: "web".into(),
+                    state: "running".into(),
+                    replicas: 2,
+                    running: 2,
+                    restarts: 1,
+                    since: Some(since),
+                    release: Some(1),
+                    ..Default::default()
+                },
+                ComponentStatus {
+                    name: "worker".into(),
+                    state: "crash-looping".into(),
+                    replicas: 1,
+                    running: 0,
+                    restarts: 5,
+                    exit_code: Some(3),
+                    release: Some(1),
+                    message: Some("exits with 3 right after starting".into()),
+                    ..Default::default()
+                },
+            ],
+        )
+        .await;
+    let list = components(&hub).await;
+    assert_eq!(list["current"], true, "{list}");
+    assert_eq!(list["reported_revision"], revision);
+    assert!(list["observed_at"].is_string());
+    assert_eq!(list["link"], "online");
+    let web = component(&list, "web");
+    assert_eq!(web["observed"]["state"], "running");
+    assert_eq!(
+        (
+            web["observed"]["running"].clone(),
+            web["observed"]["replicas"].clone()
+        ),
+        (json!(2), json!(2))
+    );
+    assert_eq!(web["observed"]["restarts"], 1);
+    assert_eq!(web["desired"], json!({"stopped": false, "restarts": 0}));
+    let worker = component(&list, "worker");
+    assert_eq!(worker["observed"]["exit_code"], 3);
+    assert!(
+        worker["observed"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exits with 3")
+    );
+    assert_eq!(
+        component(&list, "nightly")["observed"]["state"],
+        "unknown",
+        "a component the agent did not report is not assumed fine"
+    );
+
+    // A stop the outpost has not applied yet: desired changes at once, the
+    // observation is marked as not current.
+    act(&hub, &hub.admin, "worker", "stop").await;
+    let list = components(&hub).await;
+    assert_eq!(list["current"], false);
+    assert_eq!(list["desired_revision"], revision + 1);
+    let worker = component(&list, "worker");
+    assert_eq!(worker["desired"]["stopped"], true);
+    assert_eq!(worker["observed"]["state"], "crash-looping");
+    let (applied, _) = agent.desired().await;
+    agent
+        .report(
+            2,
+            applied,
+            vec![ComponentStatus {
+                name: "worker".into(),
+                state: "stopped".into(),
+                replicas: 1,
+                ..Default::default()
+            }],
+        )
+        .await;
+    let list = components(&hub).await;
+    assert_eq!(list["current"], true);
+    assert_eq!(component(&list, "worker")["observed"]["state"], "stopped");
+    assert_eq!(
+        component(&list, "web")["observed"]["state"],
+        "unknown",
+        "the newest report no longer mentions web"
+    );
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_the_new_endpoints() {
+    let hub = start().await;
+    let (s, doc) = hub.call(None, M::GET, "/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let paths = &doc["paths"];
+    for (path, method) in [
+        (
+            "/projects/{project}/stages/{stage}/components/{component}/{action}",
+            "post",
+        ),
+        ("/projects/{project}/stages/{stage}/components", "get"),
+        ("/projects/{project}/stages/{stage}/suspend", "post"),
+        ("/projects/{project}/stages/{stage}/resume", "post"),
+        ("/projects/{project}/stages/{stage}/logs", "get"),
+    ] {
+        assert!(paths[path][method].is_object(), "{method} {path} missing");
+    }
+    let logs = &paths["/projects/{project}/stages/{stage}/logs"]["get"];
+    assert!(
+        logs["responses"]["200"]["content"]["application/x-ndjson"].is_object(),
+        "{logs}"
+    );
+    let params: Vec<&str> = logs["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for p in ["component", "since", "tail", "follow"] {
+        assert!(params.contains(&p), "{params:?}");
+    }
+}
