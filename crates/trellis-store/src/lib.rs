@@ -253,7 +253,9 @@ pub trait Store: Send + Sync + 'static {
     /// release states that follow in the same transaction — the release of
     /// the applied revision becomes `applied`; older `applied` ones
     /// `replaced`; older `pending` ones `superseded` (they never ran); the
-    /// release of `failed_revision`, if given, `failed`.
+    /// release of `failed_revision`, if given, `failed`. When the failed
+    /// revision is the applied one (the agent rolled it back), the release
+    /// that was applied before stays `applied`.
     async fn record_status(
         &self,
         project: &str,

@@ -112,12 +112,16 @@ impl StageState {
 /// applied rules.
 fn reported_state(release: &Release, applied: u64, failed: Option<u64>) -> ReleaseState {
     let revision = release.revision;
-    if applied > 0 && revision == applied {
-        ReleaseState::Applied
-    } else if failed == Some(revision) {
+    // The applied revision itself failed: the agent restored what ran
+    // before, which therefore stays applied.
+    let applied_failed = applied > 0 && failed == Some(applied);
+    if failed == Some(revision) {
         ReleaseState::Failed
+    } else if applied > 0 && revision == applied {
+        ReleaseState::Applied
     } else if revision < applied {
         match release.state {
+            ReleaseState::Applied if applied_failed => ReleaseState::Applied,
             ReleaseState::Applied => ReleaseState::Replaced,
             ReleaseState::Pending => ReleaseState::Superseded,
             other => other,

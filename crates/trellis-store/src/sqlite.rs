@@ -1821,6 +1821,9 @@ impl Store for SqliteStore {
 
         // Revisions start at 1, so nothing running (0) moves no release by
         // these rules.
+        // The applied revision itself failed: the agent restored what ran
+        // before, which therefore stays applied (nothing is replaced).
+        let applied_failed = applied > 0 && failed == Some(applied);
         if applied > 0 {
             for (sql, to, from) in [
                 (
@@ -1842,6 +1845,9 @@ impl Store for SqliteStore {
                     Some(ReleaseState::Pending),
                 ),
             ] {
+                if applied_failed && to != ReleaseState::Superseded {
+                    continue;
+                }
                 let mut query = sqlx::query(sql)
                     .bind(to.as_str())
                     .bind(project)
@@ -1853,9 +1859,7 @@ impl Store for SqliteStore {
                 query.execute(&mut *tx).await.map_err(backend(DOING))?;
             }
         }
-        if let Some(failed) = failed
-            && failed != applied
-        {
+        if let Some(failed) = failed {
             sqlx::query(
                 "UPDATE releases SET state = $1 \
                  WHERE project = $2 AND stage = $3 AND revision = $4",

@@ -1721,7 +1721,8 @@ pub async fn stage_sync_status_and_release_states(store: &dyn Store) {
     );
 
     // The same revision reported again is not older: its report replaces
-    // the previous one. A failure named for the applied revision is not one.
+    // the previous one. (A failure named for the applied revision marks
+    // that revision's release failed; revision 6 has none.)
     let again = json!({ "revision": 6, "components": [] });
     let at6b = store
         .record_status("shop", "dev", 6, Some(6), &again, at(155))
@@ -1734,24 +1735,39 @@ pub async fn stage_sync_status_and_release_states(store: &dyn Store) {
 
     // Release 6 runs: a failed release stays failed.
     store
-        .record_status(
-            "shop",
-            "dev",
-            8,
-            Some(8),
-            &json!({ "revision": 8 }),
-            at(160),
-        )
+        .record_status("shop", "dev", 8, None, &json!({ "revision": 8 }), at(160))
         .await
         .unwrap();
     assert_eq!(
         release_states(store, "shop", "dev").await,
         [Superseded, Superseded, Replaced, Replaced, Failed, Applied]
     );
+
+    // Release 7 (revision 9) is applied, does not come up and is rolled
+    // back: it is failed, and release 6 — running again — stays applied.
+    let r7 = store.push_release(&release, at(37)).await.unwrap();
+    assert_eq!(r7.revision, 9);
+    store
+        .record_status(
+            "shop",
+            "dev",
+            9,
+            Some(9),
+            &json!({ "revision": 9, "rolled_back_to": 6 }),
+            at(162),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        release_states(store, "shop", "dev").await,
+        [
+            Superseded, Superseded, Replaced, Replaced, Failed, Applied, Failed
+        ]
+    );
     let dev = store.get_stage_sync("shop", "dev").await.unwrap();
     assert_eq!(
         (dev.delivered_revision, dev.applied_revision),
-        (3, 8),
+        (3, 9),
         "a status report leaves the delivered revision alone"
     );
 

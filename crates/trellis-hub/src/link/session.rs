@@ -462,15 +462,18 @@ async fn record_report(state: &AppState, report: StatusReport) -> Result<(), Str
             u64::from(*count),
         );
     }
-    let failed = (report.state == "failed"
-        && previous.delivered_revision > report.applied_revision)
-        .then_some(previous.delivered_revision);
+    // A failed report names the revision that failed: the one it reports
+    // (the agent rolled it back, or kept what ran), or a newer delivered one
+    // it could not get to.
+    let failed = (report.state == "failed")
+        .then(|| previous.delivered_revision.max(report.applied_revision));
     let stored = json!({
         "state": report.state,
         "message": report.message,
         "components": report.components,
         "errors": log.entries(),
         "applied_revision": report.applied_revision,
+        "rolled_back_to": report.rolled_back_to,
     });
     store
         .record_status(
