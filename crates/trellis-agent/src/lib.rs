@@ -245,6 +245,7 @@ pub async fn run(
     ));
     let reconciler = reconciler::Reconciler::new(runtime.clone(), reporter.clone())
         .with_observe_interval(observe_interval);
+    let state_in_use = Arc::downgrade(&state);
     let ctx = link::LinkContext {
         state,
         reporter,
@@ -259,20 +260,31 @@ pub async fn run(
 
     let (trigger, signal) = Shutdown::channel();
     let reconciler_task = tokio::spawn(reconciler.run(signal.clone()));
-    let link = link::run_link(connector.as_ref(), &ctx, options.link, rng, signal);
-    tokio::pin!(link);
-    tokio::pin!(shutdown);
-    let result = tokio::select! {
-        result = &mut link => result,
-        _ = &mut shutdown => {
-            trigger.trigger();
-            // Let the link close politely (it tells the hub why).
-            link.await
+    let result = {
+        let link = link::run_link(connector.as_ref(), &ctx, options.link, rng, signal);
+        tokio::pin!(link);
+        tokio::pin!(shutdown);
+        tokio::select! {
+            result = &mut link => result,
+            _ = &mut shutdown => {
+                trigger.trigger();
+                // Let the link close politely (it tells the hub why).
+                link.await
+            }
         }
     };
     trigger.trigger();
     if let Err(e) = reconciler_task.await {
         tracing::error!(error = %e, "the reconciler task failed");
+    }
+    drop(ctx);
+    // Calls on the state that the shutdown cut short may still be finishing
+    // on a blocking thread; the state file is free (for the next `run` in
+    // this process) once they are done. Runtimes that keep supervising
+    // components after the agent stops may hold it longer; not waited for.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while state_in_use.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     result
 }

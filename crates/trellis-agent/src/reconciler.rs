@@ -155,6 +155,7 @@ impl Reconciler {
                     // An apply cut short is applied again after the restart:
                     // its revision was not recorded as applied.
                     inflight.abort_all();
+                    while inflight.join_next().await.is_some() {}
                     return;
                 }
                 Some(done) = inflight.join_next() => self.finished(done),
