@@ -122,7 +122,7 @@ impl Default for ProcessOptions {
             restart_initial: Duration::from_millis(500),
             restart_max: Duration::from_secs(30),
             reset_after: Duration::from_secs(30),
-            tick: Duration::from_millis(200),
+            tick: Duration::from_millis(100),
             log_file_max: 10 << 20,
         }
     }
