@@ -304,7 +304,23 @@ impl Deployer {
         let why = match verdict {
             Verdict::Up => {
                 self.save_plan(stage, GOOD_PLAN, &plan).await;
-                return Self::outcome(&plan, &observed, true, Some(format!("{release} is up")));
+                let stopped: Vec<&str> = plan
+                    .components
+                    .iter()
+                    .filter(|c| c.stopped)
+                    .map(|c| c.name.as_str())
+                    .collect();
+                let message = if plan.suspended {
+                    format!("the stage is suspended: the components of {release} are stopped")
+                } else if stopped.is_empty() {
+                    format!("{release} is up")
+                } else {
+                    format!(
+                        "{release} is up; stopped on request: {}",
+                        stopped.join(", ")
+                    )
+                };
+                return Self::outcome(&plan, &observed, true, Some(message));
             }
             Verdict::Down(why) | Verdict::Waiting(why) => why,
         };

@@ -250,12 +250,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<StageSync>;
     /// Records a status report of the stage: the applied revision (never
     /// moved backwards; an older one is ignored), the report itself, and the
-    /// release states that follow in the same transaction — the release of
-    /// the applied revision becomes `applied`; older `applied` ones
-    /// `replaced`; older `pending` ones `superseded` (they never ran); the
-    /// release of `failed_revision`, if given, `failed`. When the failed
-    /// revision is the applied one (the agent rolled it back), the release
-    /// that was applied before stays `applied`.
+    /// release states that follow in the same transaction — the release in
+    /// place at the applied revision (the newest at or below it: suspend,
+    /// resume and component controls take revisions without a release)
+    /// becomes `applied`; older `applied` ones `replaced`; older `pending`
+    /// ones `superseded` (they never ran); the release of `failed_revision`,
+    /// if given, `failed`. When the failed revision is the applied one (the
+    /// agent rolled it back), the release that was applied before stays
+    /// `applied`.
     async fn record_status(
         &self,
         project: &str,

@@ -106,21 +106,29 @@ impl StageState {
     }
 }
 
-/// Where a release stands after its stage's outpost reported `applied`
-/// running and `failed` failed (see [`Store::record_status`]). Revisions
-/// start at 1, so `applied = 0` (nothing running) moves no release by the
-/// applied rules.
-fn reported_state(release: &Release, applied: u64, failed: Option<u64>) -> ReleaseState {
+/// Where a release stands after its stage's outpost reported (see
+/// [`Store::record_status`]): `running` is the revision of the release in
+/// place at the applied revision, if any; `applied_failed` says the applied
+/// revision itself failed (and was rolled back).
+fn reported_state(
+    release: &Release,
+    running: Option<u64>,
+    applied_failed: bool,
+    failed: Option<u64>,
+) -> ReleaseState {
     let revision = release.revision;
-    // The applied revision itself failed: the agent restored what ran
-    // before, which therefore stays applied.
-    let applied_failed = applied > 0 && failed == Some(applied);
     if failed == Some(revision) {
-        ReleaseState::Failed
-    } else if applied > 0 && revision == applied {
+        return ReleaseState::Failed;
+    }
+    let Some(running) = running else {
+        return release.state;
+    };
+    if revision == running && !applied_failed {
         ReleaseState::Applied
-    } else if revision < applied {
+    } else if revision < running {
         match release.state {
+            // The applied revision itself failed: the agent restored what
+            // ran before, which therefore stays applied.
             ReleaseState::Applied if applied_failed => ReleaseState::Applied,
             ReleaseState::Applied => ReleaseState::Replaced,
             ReleaseState::Pending => ReleaseState::Superseded,
@@ -877,8 +885,18 @@ impl Store for MemoryStore {
         sync.applied_revision = applied_revision;
         sync.report = Some(report.clone());
         sync.updated_at = Some(millis(now));
+        // The release the stage runs is the newest one at or below the
+        // applied revision (suspend, resume and component controls carry
+        // none).
+        let running = stage_state
+            .releases
+            .values()
+            .map(|r| r.revision)
+            .filter(|r| *r <= applied_revision && applied_revision > 0)
+            .max();
+        let applied_failed = applied_revision > 0 && failed_revision == Some(applied_revision);
         for release in stage_state.releases.values_mut() {
-            release.state = reported_state(release, applied_revision, failed_revision);
+            release.state = reported_state(release, running, applied_failed, failed_revision);
         }
         stage_state.sync = Some(sync.clone());
         Ok(sync)

@@ -1819,12 +1819,24 @@ impl Store for SqliteStore {
         .await
         .map_err(backend(DOING))?;
 
-        // Revisions start at 1, so nothing running (0) moves no release by
-        // these rules.
+        // The release the stage runs at the applied revision is the newest
+        // one at or below it: revisions that carry no release (suspend,
+        // resume, component start/stop/restart) keep it running. Revisions
+        // start at 1, so nothing running (0) moves no release.
+        let running: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(revision) FROM releases \
+             WHERE project = $1 AND stage = $2 AND revision <= $3",
+        )
+        .bind(project)
+        .bind(stage)
+        .bind(applied)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
         // The applied revision itself failed: the agent restored what ran
         // before, which therefore stays applied (nothing is replaced).
         let applied_failed = applied > 0 && failed == Some(applied);
-        if applied > 0 {
+        if let Some(running) = running {
             for (sql, to, from) in [
                 (
                     "UPDATE releases SET state = $1 \
@@ -1852,7 +1864,7 @@ impl Store for SqliteStore {
                     .bind(to.as_str())
                     .bind(project)
                     .bind(stage)
-                    .bind(applied);
+                    .bind(running);
                 if let Some(from) = from {
                     query = query.bind(from.as_str());
                 }

@@ -1684,8 +1684,9 @@ pub async fn stage_sync_status_and_release_states(store: &dyn Store) {
         [Superseded, Superseded, Replaced, Applied]
     );
 
-    // A suspension takes a revision without a release; once it is applied,
-    // nothing runs and release 4 is replaced.
+    // A suspension (like a component's stop, start or restart) takes a
+    // revision without a release; once it is applied, release 4 is still
+    // the one in place — its components are just stopped.
     store
         .update_stage("shop", "dev", &suspension(true))
         .await
@@ -1696,7 +1697,7 @@ pub async fn stage_sync_status_and_release_states(store: &dyn Store) {
         .unwrap();
     assert_eq!(
         release_states(store, "shop", "dev").await,
-        [Superseded, Superseded, Replaced, Replaced]
+        [Superseded, Superseded, Replaced, Applied]
     );
 
     // Resumed (revision 6), then release 5 (revision 7) fails to apply and
@@ -1717,7 +1718,7 @@ pub async fn stage_sync_status_and_release_states(store: &dyn Store) {
     assert_eq!(at6.applied_revision, 6);
     assert_eq!(
         release_states(store, "shop", "dev").await,
-        [Superseded, Superseded, Replaced, Replaced, Failed, Pending]
+        [Superseded, Superseded, Replaced, Applied, Failed, Pending]
     );
 
     // The same revision reported again is not older: its report replaces
