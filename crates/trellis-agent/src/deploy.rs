@@ -35,9 +35,8 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use trellis_link::protocol::{ComponentStatus, LogLine, LogQuery, RuntimeInfo};
-use trellis_model::{NameKind, validate_name};
 
-use crate::runner::{ApplyOutcome, StageRunner, write_atomically};
+use crate::runner::{ApplyOutcome, StageRunner, stage_dir_under, write_atomically};
 use crate::runtime::plan::plan_from_desired;
 use crate::runtime::{
     ActionKind, ComponentObservation, ComponentPlan, ComponentState, Runtime, RuntimeKind,
@@ -103,11 +102,7 @@ impl Deployer {
     }
 
     fn stage_dir(&self, stage: &StageKey) -> Result<PathBuf, String> {
-        validate_name(NameKind::Project, &stage.project)
-            .map_err(|e| format!("the hub sent an invalid project name: {e}"))?;
-        validate_name(NameKind::Stage, &stage.stage)
-            .map_err(|e| format!("the hub sent an invalid stage name: {e}"))?;
-        Ok(self.root.join(&stage.project).join(&stage.stage))
+        stage_dir_under(&self.root, stage)
     }
 
     async fn load_plan(&self, stage: &StageKey, name: &'static str) -> Option<StagePlan> {

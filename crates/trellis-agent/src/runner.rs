@@ -119,11 +119,7 @@ impl RecordOnly {
     /// and stage names, because they come from the network and become path
     /// components (`..` or `/` must never reach the file system).
     pub fn stage_dir(&self, stage: &StageKey) -> Result<PathBuf, String> {
-        validate_name(NameKind::Project, &stage.project)
-            .map_err(|e| format!("the hub sent an invalid project name: {e}"))?;
-        validate_name(NameKind::Stage, &stage.stage)
-            .map_err(|e| format!("the hub sent an invalid stage name: {e}"))?;
-        Ok(self.root.join(&stage.project).join(&stage.stage))
+        stage_dir_under(&self.root, stage)
     }
 }
 
@@ -192,6 +188,17 @@ impl StageRunner for RecordOnly {
         .await
         .map_err(|e| format!("removing stage {stage_name} failed unexpectedly ({e})"))?
     }
+}
+
+/// `<root>/<project>/<stage>`, after checking that the names are valid
+/// project and stage names: they come from the network and become path
+/// components (`..` or `/` must never reach the file system).
+pub(crate) fn stage_dir_under(root: &Path, stage: &StageKey) -> Result<PathBuf, String> {
+    validate_name(NameKind::Project, &stage.project)
+        .map_err(|e| format!("the hub sent an invalid project name: {e}"))?;
+    validate_name(NameKind::Stage, &stage.stage)
+        .map_err(|e| format!("the hub sent an invalid stage name: {e}"))?;
+    Ok(root.join(&stage.project).join(&stage.stage))
 }
 
 /// Writes `name` in `dir` so that it holds either the old or the new content

@@ -5,7 +5,6 @@
 //!
 //! Without podman installed these tests pass as skipped, except under `CI`.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -88,27 +87,14 @@ impl Env {
     /// A component running the test image.
     fn component(&self, name: &str, command: &[&str]) -> ComponentPlan {
         ComponentPlan {
-            name: name.to_owned(),
-            workload: Workload::Image {
-                reference: self.image.to_owned(),
-                platform: None,
-            },
-            ports: vec![],
-            env: BTreeMap::new(),
-            files: vec![],
-            volumes: vec![],
-            cpu_millis: None,
-            memory_bytes: None,
-            replicas: 1,
             command: Some(command.iter().map(|s| s.to_string()).collect()),
-            args: None,
-            user: None,
-            schedule: None,
-            timezone: None,
-            max_retries: 0,
-            stopped: false,
-            restart_generation: 0,
-            spec_hash: String::new(),
+            ..ComponentPlan::new(
+                name,
+                Workload::Image {
+                    reference: self.image.to_owned(),
+                    platform: None,
+                },
+            )
         }
     }
 

@@ -4,7 +4,6 @@
 //! reach each other over loopback, crash loops, adoption by a new runtime
 //! over the same root, logs, stopping process groups, scheduled runs.
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -111,40 +110,18 @@ fn fast() -> ProcessOptions {
 
 /// A component plan made by hand, with its spec hash.
 fn component(name: &str, package: &(String, u64), argv: &[&str]) -> ComponentPlan {
-    let mut plan = ComponentPlan {
-        name: name.into(),
-        workload: Workload::Package {
+    ComponentPlan::new(
+        name,
+        Workload::Package {
             digest: package.0.clone(),
             size: package.1,
             argv: argv.iter().map(|s| s.to_string()).collect(),
         },
-        ports: vec![],
-        env: BTreeMap::new(),
-        files: vec![],
-        volumes: vec![],
-        cpu_millis: None,
-        memory_bytes: None,
-        replicas: 1,
-        command: None,
-        args: None,
-        user: None,
-        schedule: None,
-        timezone: None,
-        max_retries: 0,
-        stopped: false,
-        restart_generation: 0,
-        spec_hash: String::new(),
-    };
-    rehash(&mut plan);
-    plan
+    )
 }
 
 fn rehash(plan: &mut ComponentPlan) {
-    let mut spec = plan.clone();
-    spec.stopped = false;
-    spec.restart_generation = 0;
-    spec.spec_hash = String::new();
-    plan.spec_hash = blake3::hash(&serde_json::to_vec(&spec).unwrap()).to_hex()[..16].to_owned();
+    plan.update_spec_hash();
 }
 
 fn volume(name: &str, path: &str) -> PlannedVolume {

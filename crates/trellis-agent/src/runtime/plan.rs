@@ -137,6 +137,34 @@ pub struct ComponentPlan {
 }
 
 impl ComponentPlan {
+    /// A component running `workload` with nothing else set (one replica,
+    /// no ports, env, files or volumes), its spec hash computed. For plans
+    /// made by hand: set fields, then [`ComponentPlan::update_spec_hash`].
+    pub fn new(name: impl Into<String>, workload: Workload) -> Self {
+        let mut plan = ComponentPlan {
+            name: name.into(),
+            workload,
+            ports: Vec::new(),
+            env: BTreeMap::new(),
+            files: Vec::new(),
+            volumes: Vec::new(),
+            cpu_millis: None,
+            memory_bytes: None,
+            replicas: 1,
+            command: None,
+            args: None,
+            user: None,
+            schedule: None,
+            timezone: None,
+            max_retries: 0,
+            stopped: false,
+            restart_generation: 0,
+            spec_hash: String::new(),
+        };
+        plan.update_spec_hash();
+        plan
+    }
+
     /// Sets [`ComponentPlan::spec_hash`] from the other fields (for plans
     /// made by hand, e.g. in tests).
     pub fn update_spec_hash(&mut self) {

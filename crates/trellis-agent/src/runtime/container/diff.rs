@@ -186,7 +186,6 @@ fn display_hash(hash: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use trellis_model::manifest::Schedule;
 
@@ -195,27 +194,14 @@ mod tests {
 
     fn plan(name: &str, spec: &str) -> ComponentPlan {
         ComponentPlan {
-            name: name.to_owned(),
-            workload: Workload::Image {
-                reference: "localhost/x:1".to_owned(),
-                platform: None,
-            },
-            ports: vec![],
-            env: BTreeMap::new(),
-            files: vec![],
-            volumes: vec![],
-            cpu_millis: None,
-            memory_bytes: None,
-            replicas: 1,
-            command: None,
-            args: None,
-            user: None,
-            schedule: None,
-            timezone: None,
-            max_retries: 0,
-            stopped: false,
-            restart_generation: 0,
             spec_hash: spec.to_owned(),
+            ..ComponentPlan::new(
+                name,
+                Workload::Image {
+                    reference: "localhost/x:1".to_owned(),
+                    platform: None,
+                },
+            )
         }
     }
 

@@ -652,28 +652,18 @@ mod tests {
 
     fn plan(spec: &str, stopped: bool, generation: u64) -> ComponentPlan {
         ComponentPlan {
-            name: "web".into(),
-            workload: Workload::Package {
-                digest: "d".into(),
-                size: 1,
-                argv: vec!["./web".into()],
-            },
             ports: vec![8080],
-            env: Default::default(),
-            files: vec![],
-            volumes: vec![],
-            cpu_millis: None,
-            memory_bytes: None,
-            replicas: 1,
-            command: None,
-            args: None,
-            user: None,
-            schedule: None,
-            timezone: None,
-            max_retries: 0,
             stopped,
             restart_generation: generation,
             spec_hash: spec.into(),
+            ..ComponentPlan::new(
+                "web",
+                Workload::Package {
+                    digest: "d".into(),
+                    size: 1,
+                    argv: vec!["./web".into()],
+                },
+            )
         }
     }
 
