@@ -19,33 +19,12 @@ const MANIFEST: &str = "version: v1\ncomponents:\n  - name: web\n    docker:\n  
 
 /// Project `shop` with stage `line3` on outpost `edge` and one build.
 async fn setup(hub: &TestHub) {
-    let admin = Some(hub.admin.as_str());
-    hub.call(admin, M::POST, "/outposts", Some(json!({"name": "edge"})))
-        .await;
-    hub.call(admin, M::POST, "/projects", Some(json!({"name": "shop"})))
-        .await;
-    let (_, uri) = hub.call(admin, M::GET, "/outposts/edge/uri", None).await;
-    let (s, b) = hub
-        .call(
-            admin,
-            M::POST,
-            "/projects/shop/stages",
-            Some(json!({"name": "line3", "type": "prod", "outpost_uri": uri["uri"]})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{b}");
-    let (s, b) = hub
-        .call(
-            admin,
-            M::POST,
-            "/projects/shop/builds",
-            Some(json!({
-            "branch": "main", "commit": "0123456789abcdef0123456789abcdef01234567",
-            "manifest_file": "trellis.yaml", "manifest": MANIFEST,
-            "components": [{"name": "web", "artifact": {"kind": "image", "reference": "web:1"}}]})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{b}");
+    common::shop_line3_on_edge(
+        hub,
+        MANIFEST,
+        json!([{"name": "web", "artifact": {"kind": "image", "reference": "web:1"}}]),
+    )
+    .await;
 }
 
 async fn push(hub: &TestHub) -> u64 {

@@ -79,3 +79,35 @@ impl TestHub {
         body["key"].as_str().unwrap().to_owned()
     }
 }
+
+/// Project `shop` with stage `line3` on outpost `edge`, and one build of
+/// `manifest` whose components are `components` (`[{name, artifact}]`).
+pub async fn shop_line3_on_edge(hub: &TestHub, manifest: &str, components: Value) {
+    let admin = Some(hub.admin.as_str());
+    hub.call(admin, M::POST, "/outposts", Some(json!({"name": "edge"})))
+        .await;
+    hub.call(admin, M::POST, "/projects", Some(json!({"name": "shop"})))
+        .await;
+    let (_, uri) = hub.call(admin, M::GET, "/outposts/edge/uri", None).await;
+    let (s, b) = hub
+        .call(
+            admin,
+            M::POST,
+            "/projects/shop/stages",
+            Some(json!({"name": "line3", "type": "prod", "outpost_uri": uri["uri"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, b) = hub
+        .call(
+            admin,
+            M::POST,
+            "/projects/shop/builds",
+            Some(json!({
+                "branch": "main", "commit": "0123456789abcdef0123456789abcdef01234567",
+                "manifest_file": "trellis.yaml", "manifest": manifest,
+                "components": components})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+}
