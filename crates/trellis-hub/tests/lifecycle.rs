@@ -5,16 +5,12 @@
 
 mod common;
 
-use std::time::Duration;
-
 use chrono::Utc;
 use common::{M, TestHub, start};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use trellis_link::identity::{KeyFingerprint, PeerIdentity};
-use trellis_link::mem::{MemLink, pair};
-use trellis_link::protocol::{Capacity, ComponentStatus, DesiredAck, StatusReport};
-use trellis_link::{Envelope, Incoming, LinkIo, Message};
+use trellis_link::Message;
+use trellis_link::protocol::{ComponentStatus, DesiredAck, StatusReport};
 
 const MANIFEST: &str = "version: v1
 components:
@@ -92,71 +88,9 @@ fn component<'a>(list: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {name} in {list}"))
 }
 
-/// A scripted agent of outpost `edge` over an in-memory link.
-struct Agent {
-    link: MemLink,
-    seq: u64,
-}
+use common::ScriptedAgent as Agent;
 
 impl Agent {
-    async fn connect(hub: &TestHub) -> Agent {
-        let (hub_end, agent_end) = pair();
-        tokio::spawn(trellis_hub::link::session::run(
-            Box::new(hub_end),
-            PeerIdentity {
-                outpost: "edge".into(),
-                serial_hex: "01".into(),
-                not_after: Utc::now() + chrono::Duration::days(30),
-                public_key_fingerprint: KeyFingerprint([7; 32]),
-            },
-            hub.state.clone(),
-        ));
-        let mut agent = Agent {
-            link: agent_end,
-            seq: 0,
-        };
-        agent
-            .send(Message::Hello {
-                agent_version: "test".into(),
-                os: "linux".into(),
-                arch: "x86_64".into(),
-                runtimes: vec![],
-                capacity: Capacity {
-                    cpus: 2,
-                    memory_bytes: 1 << 30,
-                    disk_free_bytes: 1 << 30,
-                },
-                stages: vec![],
-                outbox_from: 0,
-            })
-            .await;
-        assert!(matches!(agent.next().await, Message::Welcome { .. }));
-        agent
-    }
-
-    async fn send(&mut self, msg: Message) {
-        self.seq += 1;
-        self.link.send(&Envelope::new(self.seq, msg)).await.unwrap();
-    }
-
-    async fn next(&mut self) -> Message {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(5), self.link.recv()).await {
-                Ok(Ok(Some(Incoming::Frame(env)))) => return env.msg,
-                Ok(Ok(Some(Incoming::Pong(_)))) => continue,
-                other => panic!("expected a frame from the hub, got {other:?}"),
-            }
-        }
-    }
-
-    async fn quiet(&mut self) {
-        if let Ok(Ok(Some(Incoming::Frame(env)))) =
-            tokio::time::timeout(Duration::from_millis(300), self.link.recv()).await
-        {
-            panic!("expected nothing from the hub, got {:?}", env.msg);
-        }
-    }
-
     /// The next desired state: its revision and state, acknowledged.
     async fn desired(&mut self) -> (u64, Value) {
         match self.next().await {
@@ -204,7 +138,7 @@ async fn controls_bump_the_revision_and_reach_the_outpost() {
     let hub = start().await;
     setup(&hub).await;
     let admin = hub.admin.clone();
-    let mut agent = Agent::connect(&hub).await;
+    let mut agent = Agent::connect(&hub, &[]).await;
 
     // Nothing released yet: nothing to stop.
     let (s, b) = act(&hub, &admin, "web", "stop").await;
@@ -410,7 +344,7 @@ async fn the_listing_shows_desired_and_observed_and_unknown_until_reported() {
     }
     assert_eq!(component(&list, "nightly")["scheduled"], true);
 
-    let mut agent = Agent::connect(&hub).await;
+    let mut agent = Agent::connect(&hub, &[]).await;
     agent.desired().await;
     let since = Utc::now();
     agent

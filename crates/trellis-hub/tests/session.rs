@@ -10,10 +10,9 @@ use chrono::Utc;
 use common::{M, TestHub, start};
 use reqwest::StatusCode;
 use serde_json::json;
-use trellis_link::identity::{KeyFingerprint, PeerIdentity};
-use trellis_link::mem::{MemLink, pair};
-use trellis_link::protocol::{Capacity, DesiredAck, StageRevision, StatusReport};
-use trellis_link::{Envelope, Incoming, LinkIo, Message};
+use trellis_link::mem::pair;
+use trellis_link::protocol::{Capacity, DesiredAck, StatusReport};
+use trellis_link::{Envelope, LinkIo, Message};
 
 const MANIFEST: &str = "version: v1\ncomponents:\n  - name: web\n    docker:\n      image: web:1\n";
 
@@ -40,88 +39,9 @@ async fn push(hub: &TestHub) -> u64 {
     r["revision"].as_u64().unwrap()
 }
 
-fn peer() -> PeerIdentity {
-    PeerIdentity {
-        outpost: "edge".into(),
-        serial_hex: "01".into(),
-        not_after: Utc::now() + chrono::Duration::days(30),
-        public_key_fingerprint: KeyFingerprint([7; 32]),
-    }
-}
-
-struct Agent {
-    link: MemLink,
-    seq: u64,
-}
+use common::{ScriptedAgent as Agent, peer};
 
 impl Agent {
-    async fn connect(hub: &TestHub, held: &[(u64, u64)]) -> Agent {
-        let (hub_end, agent_end) = pair();
-        tokio::spawn(trellis_hub::link::session::run(
-            Box::new(hub_end),
-            peer(),
-            hub.state.clone(),
-        ));
-        let mut agent = Agent {
-            link: agent_end,
-            seq: 0,
-        };
-        let stages = held
-            .iter()
-            .map(|&(applied, desired)| StageRevision {
-                project: "shop".into(),
-                stage: "line3".into(),
-                applied_revision: applied,
-                desired_revision_held: desired,
-            })
-            .collect();
-        agent
-            .send(Message::Hello {
-                agent_version: "test".into(),
-                os: "linux".into(),
-                arch: "x86_64".into(),
-                runtimes: vec![],
-                capacity: Capacity {
-                    cpus: 2,
-                    memory_bytes: 1 << 30,
-                    disk_free_bytes: 1 << 30,
-                },
-                stages,
-                outbox_from: 0,
-            })
-            .await;
-        match agent.next().await {
-            Message::Welcome { heartbeat_secs, .. } => assert!(heartbeat_secs > 0),
-            other => panic!("expected welcome, got {other:?}"),
-        }
-        agent
-    }
-
-    async fn send(&mut self, msg: Message) {
-        self.seq += 1;
-        self.link.send(&Envelope::new(self.seq, msg)).await.unwrap();
-    }
-
-    /// The next frame from the hub (pongs skipped), within 5 s.
-    async fn next(&mut self) -> Message {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(5), self.link.recv()).await {
-                Ok(Ok(Some(Incoming::Frame(env)))) => return env.msg,
-                Ok(Ok(Some(Incoming::Pong(_)))) => continue,
-                other => panic!("expected a frame from the hub, got {other:?}"),
-            }
-        }
-    }
-
-    /// Nothing arrives for a while.
-    async fn quiet(&mut self) {
-        if let Ok(Ok(Some(Incoming::Frame(env)))) =
-            tokio::time::timeout(Duration::from_millis(300), self.link.recv()).await
-        {
-            panic!("expected nothing from the hub, got {:?}", env.msg);
-        }
-    }
-
     async fn report(&mut self, seq: u64, applied: u64, state: &str) {
         self.send(Message::Status {
             seq,

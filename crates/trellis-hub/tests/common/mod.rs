@@ -5,7 +5,14 @@
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use std::time::Duration;
+
+use chrono::Utc;
 use trellis_hub::{Hub, HubOptions};
+use trellis_link::identity::{KeyFingerprint, PeerIdentity};
+use trellis_link::mem::{MemLink, pair};
+use trellis_link::protocol::{Capacity, StageRevision};
+use trellis_link::{Envelope, Incoming, LinkIo, Message};
 
 pub use reqwest::Method as M;
 
@@ -110,4 +117,90 @@ pub async fn shop_line3_on_edge(hub: &TestHub, manifest: &str, components: Value
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
+}
+
+/// The identity of outpost `edge` as a session sees it.
+pub fn peer() -> PeerIdentity {
+    PeerIdentity {
+        outpost: "edge".into(),
+        serial_hex: "01".into(),
+        not_after: Utc::now() + chrono::Duration::days(30),
+        public_key_fingerprint: KeyFingerprint([7; 32]),
+    }
+}
+
+/// A scripted agent of outpost `edge` over an in-memory link, holding
+/// revisions of stage `shop/line3`.
+pub struct ScriptedAgent {
+    pub link: MemLink,
+    pub seq: u64,
+}
+
+impl ScriptedAgent {
+    pub async fn connect(hub: &TestHub, held: &[(u64, u64)]) -> ScriptedAgent {
+        let (hub_end, agent_end) = pair();
+        tokio::spawn(trellis_hub::link::session::run(
+            Box::new(hub_end),
+            peer(),
+            hub.state.clone(),
+        ));
+        let mut agent = ScriptedAgent {
+            link: agent_end,
+            seq: 0,
+        };
+        let stages = held
+            .iter()
+            .map(|&(applied, desired)| StageRevision {
+                project: "shop".into(),
+                stage: "line3".into(),
+                applied_revision: applied,
+                desired_revision_held: desired,
+            })
+            .collect();
+        agent
+            .send(Message::Hello {
+                agent_version: "test".into(),
+                os: "linux".into(),
+                arch: "x86_64".into(),
+                runtimes: vec![],
+                capacity: Capacity {
+                    cpus: 2,
+                    memory_bytes: 1 << 30,
+                    disk_free_bytes: 1 << 30,
+                },
+                stages,
+                outbox_from: 0,
+            })
+            .await;
+        match agent.next().await {
+            Message::Welcome { heartbeat_secs, .. } => assert!(heartbeat_secs > 0),
+            other => panic!("expected welcome, got {other:?}"),
+        }
+        agent
+    }
+
+    pub async fn send(&mut self, msg: Message) {
+        self.seq += 1;
+        self.link.send(&Envelope::new(self.seq, msg)).await.unwrap();
+    }
+
+    /// The next frame from the hub (pongs skipped), within 5 s.
+    pub async fn next(&mut self) -> Message {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), self.link.recv()).await {
+                Ok(Ok(Some(Incoming::Frame(env)))) => return env.msg,
+                Ok(Ok(Some(Incoming::Pong(_)))) => continue,
+                other => panic!("expected a frame from the hub, got {other:?}"),
+            }
+        }
+    }
+
+    /// Nothing arrives for a while.
+    pub async fn quiet(&mut self) {
+        if let Ok(Ok(Some(Incoming::Frame(env)))) =
+            tokio::time::timeout(Duration::from_millis(300), self.link.recv()).await
+        {
+            panic!("expected nothing from the hub, got {:?}", env.msg);
+        }
+    }
 }
