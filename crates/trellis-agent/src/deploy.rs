@@ -71,6 +71,9 @@ pub struct Deployer {
     runtimes: Vec<Arc<dyn Runtime>>,
     root: PathBuf,
     options: DeployOptions,
+    /// The plan each stage runs now (`current.json`), kept in memory so the
+    /// periodic observation does not read it from disk every time.
+    current: std::sync::Mutex<std::collections::HashMap<StageKey, StagePlan>>,
 }
 
 const GOOD_PLAN: &str = "good.json";
@@ -94,6 +97,7 @@ impl Deployer {
             runtimes,
             root: data_dir.join("deploy"),
             options,
+            current: Default::default(),
         }
     }
 
@@ -106,10 +110,20 @@ impl Deployer {
     }
 
     async fn load_plan(&self, stage: &StageKey, name: &'static str) -> Option<StagePlan> {
+        if name == CURRENT_PLAN
+            && let Some(plan) = self.cached_current(stage)
+        {
+            return Some(plan);
+        }
         let path = self.stage_dir(stage).ok()?.join(name);
         let bytes = tokio::fs::read(&path).await.ok()?;
         match serde_json::from_slice(&bytes) {
-            Ok(plan) => Some(plan),
+            Ok(plan) => {
+                if name == CURRENT_PLAN {
+                    self.cache_current(stage, Some(&plan));
+                }
+                Some(plan)
+            }
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable saved plan");
                 None
@@ -117,10 +131,32 @@ impl Deployer {
         }
     }
 
+    fn cached_current(&self, stage: &StageKey) -> Option<StagePlan> {
+        self.current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(stage)
+            .cloned()
+    }
+
+    fn cache_current(&self, stage: &StageKey, plan: Option<&StagePlan>) {
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match plan {
+            Some(plan) => current.insert(stage.clone(), plan.clone()),
+            None => current.remove(stage),
+        };
+    }
+
     async fn save_plan(&self, stage: &StageKey, name: &'static str, plan: &StagePlan) {
         let Ok(dir) = self.stage_dir(stage) else {
             return;
         };
+        if name == CURRENT_PLAN {
+            self.cache_current(stage, Some(plan));
+        }
         let Ok(bytes) = serde_json::to_vec_pretty(plan) else {
             return;
         };
@@ -523,6 +559,7 @@ impl StageRunner for Deployer {
 
     async fn remove(&self, stage: &StageKey) -> Result<(), String> {
         let dir = self.stage_dir(stage)?;
+        self.cache_current(stage, None);
         let mut failures = Vec::new();
         for runtime in &self.runtimes {
             if let Err(e) = runtime.remove(stage).await {
