@@ -18,6 +18,15 @@
 //!    the failed revision counts as applied-and-failed, so it is not retried
 //!    until the hub sends a newer one.
 //!
+//! Before step 2, every artifact the release needs (image archives,
+//! packages) is **delivered** into the agent's cache, with progress on the
+//! [`DeliveryBoard`] for the hub's status view. A delivery that fails
+//! (a chunk that does not verify twice, a full disk, the hub gone for
+//! longer than [`DELIVERY_PATIENCE`]) fails the revision before anything
+//! running is touched. After every apply the cache is **collected**: it
+//! keeps the artifacts of each stage's current and last good plan (for a
+//! rollback) and of deliveries in flight, and frees the rest.
+//!
 //! A failure that is not a new release (a restart or start of a component)
 //! is reported without a rollback: there is nothing older to go back to.
 //!
@@ -36,7 +45,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use trellis_link::protocol::{ComponentStatus, LogLine, LogQuery, RuntimeInfo};
 
+use crate::delivery::{Delivery, DeliveryBoard};
 use crate::runner::{ApplyOutcome, StageRunner, stage_dir_under, write_atomically};
+use crate::runtime::artifacts::ArtifactSource;
 use crate::runtime::plan::plan_from_desired;
 use crate::runtime::{
     ActionKind, ComponentObservation, ComponentPlan, ComponentState, Runtime, RuntimeKind,
@@ -74,6 +85,24 @@ pub struct Deployer {
     /// The plan each stage runs now (`current.json`), kept in memory so the
     /// periodic observation does not read it from disk every time.
     current: std::sync::Mutex<std::collections::HashMap<StageKey, StagePlan>>,
+    artifacts: Option<Arc<dyn ArtifactSource>>,
+    deliveries: Option<Arc<DeliveryBoard>>,
+    /// Held (shared) by every apply, from delivery to the end of its
+    /// health window, and (exclusive) by the collection of the artifact
+    /// store: so the collection never frees what a release in flight needs.
+    applying: tokio::sync::RwLock<()>,
+}
+
+/// How long a delivery waits for an unreachable hub (while no byte
+/// arrives) before the revision fails.
+pub const DELIVERY_PATIENCE: Duration = Duration::from_secs(300);
+
+/// What [`Deployer::collect_garbage`] freed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CollectReport {
+    pub kept: usize,
+    pub freed: usize,
+    pub freed_bytes: u64,
 }
 
 const GOOD_PLAN: &str = "good.json";
@@ -98,7 +127,155 @@ impl Deployer {
             root: data_dir.join("deploy"),
             options,
             current: Default::default(),
+            artifacts: None,
+            deliveries: None,
+            applying: Default::default(),
         }
+    }
+
+    /// Delivers the artifacts of releases from `artifacts` before applying
+    /// them, and collects its store after every apply.
+    pub fn with_artifacts(mut self, artifacts: Arc<dyn ArtifactSource>) -> Self {
+        self.artifacts = Some(artifacts);
+        self
+    }
+
+    /// Puts the progress of deliveries on `board`.
+    pub fn with_deliveries(mut self, board: Arc<DeliveryBoard>) -> Self {
+        self.deliveries = Some(board);
+        self
+    }
+
+    fn report_delivery(&self, stage: &StageKey, delivery: Delivery, last: bool) {
+        if let Some(board) = &self.deliveries {
+            board.update(stage, delivery, last);
+        }
+    }
+
+    /// Fetches every artifact of `plan` that this host lacks into the
+    /// artifact store. Retries while the hub cannot be reached, for up to
+    /// [`DELIVERY_PATIENCE`] without progress.
+    async fn deliver(&self, stage: &StageKey, plan: &StagePlan) -> Result<(), String> {
+        let Some(artifacts) = &self.artifacts else {
+            return Ok(());
+        };
+        let mut wanted: Vec<(String, u64)> = Vec::new();
+        for component in &plan.components {
+            let artifact = match &component.workload {
+                crate::runtime::Workload::Image {
+                    archive: Some(archive),
+                    ..
+                } => (archive.index.clone(), archive.size),
+                crate::runtime::Workload::Package { digest, size, .. } => (digest.clone(), *size),
+                crate::runtime::Workload::Image { archive: None, .. } => continue,
+            };
+            if wanted.iter().any(|(index, _)| *index == artifact.0) {
+                continue;
+            }
+            if let Some(runtime) = self.runtime(component.workload.kind())
+                && runtime.has_workload(component).await
+            {
+                continue;
+            }
+            wanted.push(artifact);
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let total: u64 = wanted.iter().map(|(_, size)| size).sum();
+        let revision = plan.revision;
+        let mut before = 0u64;
+        for (index, size) in &wanted {
+            let mut last_progress = Instant::now();
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                let seen = std::sync::atomic::AtomicU64::new(0);
+                let progress = |fetched: u64| {
+                    seen.fetch_max(fetched, std::sync::atomic::Ordering::Relaxed);
+                    self.report_delivery(
+                        stage,
+                        Delivery {
+                            revision,
+                            fetched: before + fetched,
+                            total,
+                            step: "fetching artifacts".into(),
+                        },
+                        false,
+                    );
+                };
+                let started_at = seen.load(std::sync::atomic::Ordering::Relaxed);
+                match artifacts.fetch(index, &progress).await {
+                    Ok(_) => break,
+                    Err(e) if e.code == "artifact-fetch-failed" => {
+                        if seen.load(std::sync::atomic::Ordering::Relaxed) > started_at {
+                            last_progress = Instant::now();
+                            backoff = Duration::from_secs(1);
+                        }
+                        if last_progress.elapsed() >= DELIVERY_PATIENCE {
+                            return Err(format!(
+                                "{} (no progress for {} s)",
+                                e.sentence(),
+                                DELIVERY_PATIENCE.as_secs()
+                            ));
+                        }
+                        tracing::warn!(%stage, error = %e.sentence(), retry_in = ?backoff, "delivery interrupted; trying again");
+                        self.report_delivery(
+                            stage,
+                            Delivery {
+                                revision,
+                                fetched: before + seen.load(std::sync::atomic::Ordering::Relaxed),
+                                total,
+                                step: format!("waiting for the hub: {}", e.message),
+                            },
+                            true,
+                        );
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                    Err(e) => return Err(e.sentence()),
+                }
+            }
+            before += size;
+        }
+        self.report_delivery(
+            stage,
+            Delivery {
+                revision,
+                fetched: total,
+                total,
+                step: "delivered; starting the release".into(),
+            },
+            true,
+        );
+        Ok(())
+    }
+
+    /// Frees every artifact in the store that no stage's current or last
+    /// good plan needs. Waits for applies in flight to finish first.
+    pub async fn collect_garbage(&self) -> Result<CollectReport, String> {
+        let guard = self.applying.write().await;
+        self.collect_locked(guard).await
+    }
+
+    async fn collect_locked(
+        &self,
+        _guard: tokio::sync::RwLockWriteGuard<'_, ()>,
+    ) -> Result<CollectReport, String> {
+        let Some(artifacts) = &self.artifacts else {
+            return Ok(CollectReport::default());
+        };
+        let store = artifacts.store().clone();
+        let root = self.root.clone();
+        let keep: Vec<String> = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .flat_map(plan_artifacts)
+            .collect();
+        tokio::task::spawn_blocking(move || collect(&store, &root, keep))
+            .await
+            .map_err(|e| format!("collecting the artifact cache stopped: {e}"))?
     }
 
     fn runtime(&self, kind: RuntimeKind) -> Option<&Arc<dyn Runtime>> {
@@ -314,6 +491,16 @@ impl Deployer {
                 ..ApplyOutcome::failed(format!("{release} cannot run here: {why}"))
             };
         }
+        if let Err(why) = self.deliver(stage, &plan).await {
+            // Nothing was touched: what ran before still runs.
+            tracing::warn!(%stage, %why, "{release} was not delivered");
+            return ApplyOutcome {
+                rolled_back_to: previous_good.as_ref().and_then(|p| p.release),
+                ..ApplyOutcome::failed(format!(
+                    "{release} was not delivered, so nothing changed on the stage: {why}"
+                ))
+            };
+        }
 
         // Restart counts of workloads that are kept: a kept component that
         // restarts during the window is as down as a new one.
@@ -391,6 +578,75 @@ impl Deployer {
         outcome.rolled_back_to = Some(back_to);
         outcome
     }
+}
+
+/// The artifact indexes a plan's components use.
+fn plan_artifacts(plan: &StagePlan) -> Vec<String> {
+    plan.components
+        .iter()
+        .filter_map(|c| match &c.workload {
+            crate::runtime::Workload::Image {
+                archive: Some(archive),
+                ..
+            } => Some(archive.index.clone()),
+            crate::runtime::Workload::Package { digest, .. } => Some(digest.clone()),
+            crate::runtime::Workload::Image { archive: None, .. } => None,
+        })
+        .collect()
+}
+
+/// The garbage collection of the artifact store: keeps `keep` and the
+/// artifacts of every saved plan under `root`, frees every other chunk.
+/// Blocking; runs while no apply is in flight.
+fn collect(
+    store: &trellis_cas::ChunkStore,
+    root: &Path,
+    mut keep: Vec<String>,
+) -> Result<CollectReport, String> {
+    // <root>/<project>/<stage>/{current,good}.json
+    for project in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        for stage in std::fs::read_dir(project.path()).into_iter().flatten().flatten() {
+            for name in [CURRENT_PLAN, GOOD_PLAN] {
+                let Ok(bytes) = std::fs::read(stage.path().join(name)) else {
+                    continue;
+                };
+                match serde_json::from_slice::<StagePlan>(&bytes) {
+                    Ok(plan) => keep.extend(plan_artifacts(&plan)),
+                    // A plan we cannot read may still name what runs: keep
+                    // everything rather than guess.
+                    Err(e) => {
+                        return Err(format!(
+                            "{} cannot be read ({e}); nothing was collected",
+                            stage.path().join(name).display()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let mut live = std::collections::HashSet::new();
+    for index in keep {
+        let Ok(digest) = index.parse::<trellis_cas::Digest>() else {
+            continue;
+        };
+        live.insert(digest);
+        if let Ok(artifact) = store.artifact(&digest) {
+            live.extend(artifact.chunks.iter().map(|c| c.digest));
+        }
+    }
+    let chunks = store.list().map_err(|e| e.to_string())?;
+    let mut report = CollectReport::default();
+    for chunk in chunks {
+        if live.contains(&chunk.digest) {
+            report.kept += 1;
+            continue;
+        }
+        if store.remove(&chunk.digest).unwrap_or(false) {
+            report.freed += 1;
+            report.freed_bytes += chunk.stored;
+        }
+    }
+    Ok(report)
 }
 
 /// "release 3 (build main_b2)" for messages.
@@ -545,7 +801,28 @@ impl StageRunner for Deployer {
             None => name.to_owned(),
         };
         match plan_from_desired(revision, desired, &address_of) {
-            Ok(plan) => self.apply_plan(stage, plan).await,
+            Ok(plan) => {
+                let applying = self.applying.read().await;
+                let outcome = self.apply_plan(stage, plan).await;
+                drop(applying);
+                if let Some(board) = &self.deliveries {
+                    board.finish(stage);
+                }
+                // Another stage's apply in flight collects when it ends.
+                let Ok(guard) = self.applying.try_write() else {
+                    return outcome;
+                };
+                match self.collect_locked(guard).await {
+                    Ok(report) if report.freed > 0 => tracing::info!(
+                        freed = report.freed,
+                        bytes = report.freed_bytes,
+                        "freed artifacts no release here needs"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not collect the artifact cache"),
+                }
+                outcome
+            }
             Err(e) => {
                 // Nothing was touched: what ran before still runs.
                 let good = self.load_plan(stage, GOOD_PLAN).await;

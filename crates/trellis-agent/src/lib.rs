@@ -42,6 +42,7 @@ use std::sync::Arc;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
+pub mod delivery;
 pub mod deploy;
 pub mod join;
 pub mod link;
@@ -125,9 +126,10 @@ pub struct RuntimeSettings {
     /// How often running stages are looked at again, so a component that
     /// starts failing later is reported.
     pub observe_interval: std::time::Duration,
-    /// Where process packages come from; default: the hub, over HTTPS with
-    /// the agent's certificate.
-    pub packages: Option<Arc<dyn runtime::packages::PackageSource>>,
+    /// Where the artifacts of releases (image archives, process packages)
+    /// come from; default: the hub, over HTTPS with the agent's
+    /// certificate, cached in `<data>/artifacts`.
+    pub artifacts: Option<Arc<dyn runtime::artifacts::ArtifactSource>>,
     /// The outpost's name on workload labels; default: from the identity.
     pub outpost: Option<String>,
 }
@@ -140,7 +142,7 @@ impl std::fmt::Debug for RuntimeSettings {
             .field("publish_ports", &self.publish_ports)
             .field("deploy", &self.deploy)
             .field("observe_interval", &self.observe_interval)
-            .field("packages", &self.packages.is_some())
+            .field("artifacts", &self.artifacts.is_some())
             .field("outpost", &self.outpost)
             .finish()
     }
@@ -154,7 +156,7 @@ impl Default for RuntimeSettings {
             publish_ports: None,
             deploy: deploy::DeployOptions::default(),
             observe_interval: reconciler::DEFAULT_OBSERVE_INTERVAL,
-            packages: None,
+            artifacts: None,
             outpost: None,
         }
     }
@@ -235,14 +237,18 @@ pub async fn run(
     };
     let settings = options.runtime_settings;
     let observe_interval = settings.observe_interval;
-    let runtime: Arc<dyn StageRunner> = match options.runtime {
-        Some(runtime) => runtime,
-        None => Arc::new(deployer(data_dir, &state, settings).await?),
-    };
     let reporter = Arc::new(report::Reporter::new(
         state.clone(),
         options.error_log_capacity,
     ));
+    let runtime: Arc<dyn StageRunner> = match options.runtime {
+        Some(runtime) => runtime,
+        None => Arc::new(
+            deployer(data_dir, &state, settings)
+                .await?
+                .with_deliveries(reporter.deliveries().clone()),
+        ),
+    };
     let reconciler = reconciler::Reconciler::new(runtime.clone(), reporter.clone())
         .with_observe_interval(observe_interval);
     let state_in_use = Arc::downgrade(&state);
@@ -303,14 +309,19 @@ async fn deployer(
             .map(|id| id.outpost)
             .unwrap_or_else(|| trellis_model::LOCAL_OUTPOST.to_owned()),
     };
-    let packages = settings.packages.unwrap_or_else(|| {
-        Arc::new(runtime::packages::HubPackages::new(
-            state.clone(),
-            data_dir.join("packages"),
-        ))
-    });
+    let artifacts: Arc<dyn runtime::artifacts::ArtifactSource> = match settings.artifacts {
+        Some(artifacts) => artifacts,
+        None => {
+            let cache = data_dir.join("artifacts");
+            let store = trellis_cas::ChunkStore::open(&cache, trellis_cas::Durability::Cache)
+                .map_err(|e| AgentError::Internal {
+                    what: format!("open its artifact cache: {e}"),
+                })?;
+            Arc::new(runtime::artifacts::HubArtifacts::new(state.clone(), store))
+        }
+    };
     let mut runtimes: Vec<Arc<dyn runtime::Runtime>> = vec![Arc::new(
-        runtime::process::ProcessRuntime::new(data_dir.join("processes"), packages),
+        runtime::process::ProcessRuntime::new(data_dir.join("processes"), artifacts.clone()),
     )];
     if settings.containers {
         let publish = runtime::container::PublishPolicy {
@@ -328,7 +339,7 @@ async fn deployer(
         )
         .await
         {
-            Ok(containers) => runtimes.push(Arc::new(containers)),
+            Ok(containers) => runtimes.push(Arc::new(containers.with_artifacts(artifacts.clone()))),
             // Asked for by address: the operator should hear that it failed.
             Err(e) if settings.docker_host.is_some() => tracing::error!(
                 error = %e.sentence(),
@@ -344,7 +355,7 @@ async fn deployer(
         let info = r.describe();
         tracing::info!(runtime = %r.kind(), engine = %info.name, version = %info.version, "runtime ready");
     }
-    Ok(deploy::Deployer::new(data_dir, runtimes, settings.deploy))
+    Ok(deploy::Deployer::new(data_dir, runtimes, settings.deploy).with_artifacts(artifacts))
 }
 
 /// Runs a call on the (synchronous, fsyncing) state off the async threads.

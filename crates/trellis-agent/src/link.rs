@@ -495,6 +495,13 @@ pub async fn run_session(
             _ = ctx.reporter.outbox_changed(), if session.welcomed => {
                 session.outbox_dirty = true;
             }
+            _ = ctx.reporter.deliveries().changed(), if session.welcomed => {
+                for frame in ctx.reporter.deliveries().take_changes() {
+                    if let Next::End(end) = session.send_or_end(io, frame).await {
+                        return end;
+                    }
+                }
+            }
             Some(frame) = log_out.recv() => {
                 if let Message::LogLines { id, end: true, .. } = &frame {
                     session.log_tasks.finished(*id);
@@ -537,6 +544,8 @@ impl Session<'_> {
                     let skew = (Utc::now() - server_time).num_seconds();
                     tracing::info!(%hub_version, heartbeat_secs, clock_skew_secs = skew, "link is up");
                     self.renew_at = self.renewal_time().await;
+                    // Deliveries in progress, for this session's hub.
+                    self.ctx.reporter.deliveries().resend_all();
                 }
                 Next::Continue
             }
@@ -609,7 +618,8 @@ impl Session<'_> {
             | Message::Ack { .. }
             | Message::Status { .. }
             | Message::RenewCertificate { .. }
-            | Message::LogLines { .. }) => {
+            | Message::LogLines { .. }
+            | Message::Delivery { .. }) => {
                 let kind = other.kind();
                 tracing::warn!(kind, "the hub sent a message only agents send; ignoring it");
                 self.send_or_end(

@@ -101,6 +101,7 @@ pub struct Reporter {
     last: Mutex<HashMap<StageKey, StatusReport>>,
     errors: Mutex<ErrorLog>,
     outbox_changed: Notify,
+    deliveries: Arc<crate::delivery::DeliveryBoard>,
 }
 
 impl std::fmt::Debug for Reporter {
@@ -122,7 +123,13 @@ impl Reporter {
             last: Mutex::new(HashMap::new()),
             errors: Mutex::new(ErrorLog::new(error_log_capacity)),
             outbox_changed: Notify::new(),
+            deliveries: Arc::default(),
         }
+    }
+
+    /// Deliveries in progress, sent to the hub by the link session.
+    pub fn deliveries(&self) -> &Arc<crate::delivery::DeliveryBoard> {
+        &self.deliveries
     }
 
     pub fn state(&self) -> &Arc<AgentState> {

@@ -93,6 +93,7 @@ impl Env {
                 Workload::Image {
                     reference: self.image.to_owned(),
                     platform: None,
+                    archive: None,
                 },
             )
         }
@@ -442,6 +443,7 @@ async fn a_missing_image_fails_that_component_only() {
     bad.workload = Workload::Image {
         reference: "localhost/trellis-test/missing:1".into(),
         platform: None,
+        archive: None,
     };
     plan_and_apply(&rt, &stage, &plan(1, 1, vec![bad, ok])).await;
     until_state(&rt, &stage, "ok", ComponentState::Running).await;

@@ -129,6 +129,40 @@ pub enum CasError {
         source: io::Error,
     },
 
+    /// Bytes offered as the stored form of a chunk are not one zstd frame
+    /// of acceptable size. Nothing was stored.
+    #[error(
+        "the bytes received for chunk {digest} are not a valid stored chunk ({reason}); nothing was stored. The transfer was damaged: send or fetch it again"
+    )]
+    ChunkUnreadable { digest: Digest, reason: String },
+
+    /// A stored chunk cannot be decompressed any more (disk damage, or
+    /// someone edited the file).
+    #[error(
+        "chunk {digest} in {} is damaged ({reason}); delete it so that it is stored or fetched again",
+        path.display()
+    )]
+    ChunkDamaged {
+        digest: Digest,
+        path: PathBuf,
+        reason: String,
+    },
+
+    /// An artifact index is not one this version of trellis can read.
+    #[error("artifact index {digest} cannot be read: {reason}")]
+    InvalidIndex { digest: Digest, reason: String },
+
+    /// The chunks of an artifact, put together, do not hash to the
+    /// artifact's digest.
+    #[error(
+        "artifact {index}: its chunks put together hash to {actual}, not to {expected}; the artifact was not used. Push the build again"
+    )]
+    ArtifactMismatch {
+        index: Digest,
+        expected: Digest,
+        actual: Digest,
+    },
+
     /// `unpack` refuses to replace or merge into an existing directory.
     #[error(
         "cannot unpack into {}: it already exists; remove it first, or keep using it if it came from the same package",

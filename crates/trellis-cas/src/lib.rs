@@ -7,13 +7,16 @@
 //! - [`Digest`]: the name of a piece of content.
 //! - [`BlobStore`]: a directory of blobs named by digest, written
 //!   atomically and durably through a [`BlobWriter`].
+//! - [`ChunkStore`]: compressed chunks named by the digest of their
+//!   content; every read is verified.
+//! - [`ChunkStore::put_artifact`] / [`ChunkStore::open_artifact`]: an
+//!   artifact (image archive, package) cut into content-defined chunks
+//!   plus an [`ArtifactIndex`] listing them, and read back verified. A small
+//!   change to a large artifact changes few chunks, so transfers move only
+//!   what the other side lacks.
 //! - [`pack_dir`] / [`unpack`]: turn the directory of a `process:` component
-//!   into one deterministic, zstd-compressed tar stream (a package) and
-//!   back, refusing anything that could escape the destination.
-//!
-//! A package is stored as one blob today. Content-defined chunking will
-//! later split large blobs into chunk blobs plus a list of their digests;
-//! those are blobs too, so the store and its layout stay as they are.
+//!   into one deterministic tar stream (a package) and back, refusing
+//!   anything that could escape the destination.
 //!
 //! ```
 //! # fn main() -> Result<(), trellis_cas::CasError> {
@@ -37,18 +40,30 @@
 //! # Layout
 //! - `digest.rs`: [`Digest`].
 //! - `error.rs`: [`CasError`], the crate's only error type.
-//! - `blob.rs`: [`BlobStore`], [`BlobWriter`], [`BlobInfo`].
+//! - `blob.rs`: [`BlobStore`], [`BlobWriter`], [`BlobInfo`]: whole blobs,
+//!   hashed as they are written.
+//! - `chunk.rs`: [`ChunkStore`] and the chunk size bounds.
+//! - `artifact.rs`: [`ArtifactIndex`], chunking and reading artifacts.
 //! - `package/`: packing (`pack.rs`), unpacking (`unpack.rs`) and the path
 //!   rules both sides enforce (`rules.rs`).
 //! - `fsutil.rs`: directory syncing and copying helpers.
 
+mod artifact;
 mod blob;
+mod chunk;
 mod digest;
 mod error;
 mod fsutil;
 mod package;
 
+pub use artifact::{
+    ArtifactIndex, ArtifactKind, ArtifactReader, ChunkRef, INDEX_FORMAT, PutArtifact,
+};
 pub use blob::{BlobInfo, BlobStore, BlobWriter};
+pub use chunk::{
+    CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkInfo, ChunkStore, Durability, MAX_CHUNK_BYTES,
+    StoredChunk, decompress, verify_stored,
+};
 pub use digest::Digest;
 pub use error::{CasError, Result};
 pub use package::{PackSummary, pack_dir, unpack};

@@ -57,9 +57,9 @@ pub fn spawn(
             tracing::error!(error = %e, dir = %dir.display(), "cannot create the local outpost's directory");
             return;
         }
-        // The local agent reads packages from the hub's own store.
-        runtime.packages = Some(Arc::new(
-            trellis_agent::runtime::packages::LocalPackages::new(state.blobs().clone()),
+        // The local agent reads artifacts from the hub's own store.
+        runtime.artifacts = Some(Arc::new(
+            trellis_agent::runtime::artifacts::LocalArtifacts::new(state.chunks().clone()),
         ));
         runtime.outpost = Some(LOCAL_OUTPOST.to_owned());
         let options = trellis_agent::AgentOptions {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use chrono::Utc;
 use tokio::net::TcpListener;
-use trellis_cas::BlobStore;
+use trellis_cas::{ChunkStore, Durability};
 use trellis_model::{AccessKey, LOCAL_OUTPOST, Outpost, User};
 use trellis_store::sqlite::SqliteStore;
 use trellis_store::{Store, StoreError};
@@ -68,7 +68,7 @@ impl Hub {
     ) -> anyhow::Result<Hub> {
         create_private_dir(&options.data_dir)?;
         let artifacts = options.data_dir.join("artifacts");
-        let blobs = BlobStore::open(&artifacts)
+        let chunks = ChunkStore::open(&artifacts, Durability::Synced)
             .with_context(|| format!("opening the artifact store {}", artifacts.display()))?;
         let link_secret = LinkSecret::load_or_create(&options.data_dir.join(LINK_SECRET_FILE))?;
         let admin_key = bootstrap_admin(store.as_ref(), &options.data_dir).await?;
@@ -76,7 +76,7 @@ impl Hub {
         let ca = crate::tls::load_or_create_ca(&options.data_dir)?;
         let state = AppState::new(
             store,
-            blobs,
+            chunks,
             link_secret,
             ca,
             Links::new(options.link.clone()),

@@ -2,12 +2,13 @@
 
 use std::sync::{Arc, OnceLock};
 
-use trellis_cas::BlobStore;
+use trellis_cas::ChunkStore;
 use trellis_link::identity::HubCa;
 use trellis_store::Store;
 
 use crate::auth::KeyVerifier;
 use crate::link::Links;
+use crate::link::artifacts::ArtifactAccess;
 use crate::outposts::LinkSecret;
 
 /// Cheap to clone: one `Arc` around everything.
@@ -16,11 +17,12 @@ pub struct AppState(Arc<Inner>);
 
 struct Inner {
     store: Arc<dyn Store>,
-    blobs: BlobStore,
+    chunks: ChunkStore,
     keys: KeyVerifier,
     link_secret: LinkSecret,
     ca: HubCa,
     links: Links,
+    artifact_access: ArtifactAccess,
     /// `(host, port)` under which users and agents reach this hub; it goes
     /// into Outpost URIs. Set once, before the first request is served.
     public_address: OnceLock<(String, u16)>,
@@ -29,18 +31,19 @@ struct Inner {
 impl AppState {
     pub fn new(
         store: Arc<dyn Store>,
-        blobs: BlobStore,
+        chunks: ChunkStore,
         link_secret: LinkSecret,
         ca: HubCa,
         links: Links,
     ) -> Self {
         AppState(Arc::new(Inner {
             store,
-            blobs,
+            chunks,
             keys: KeyVerifier::default(),
             link_secret,
             ca,
             links,
+            artifact_access: ArtifactAccess::default(),
             public_address: OnceLock::new(),
         }))
     }
@@ -49,8 +52,9 @@ impl AppState {
         self.0.store.as_ref()
     }
 
-    pub fn blobs(&self) -> &BlobStore {
-        &self.0.blobs
+    /// The artifact store: every build's images and packages, as chunks.
+    pub fn chunks(&self) -> &ChunkStore {
+        &self.0.chunks
     }
 
     pub fn keys(&self) -> &KeyVerifier {
@@ -59,6 +63,11 @@ impl AppState {
 
     pub fn ca(&self) -> &HubCa {
         &self.0.ca
+    }
+
+    /// Which artifacts each outpost's agent may fetch.
+    pub fn artifact_access(&self) -> &ArtifactAccess {
+        &self.0.artifact_access
     }
 
     pub fn links(&self) -> &Links {

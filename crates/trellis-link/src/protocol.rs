@@ -85,6 +85,19 @@ pub enum Message {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// Agent → hub: how far the delivery of a stage's revision has come
+    /// (its artifacts are being fetched): `fetched` of `total` content
+    /// bytes, and the `step` in words. Neither acknowledged nor kept by
+    /// the agent: a newer one replaces it, and the status report of the
+    /// apply ends it.
+    Delivery {
+        project: String,
+        stage: String,
+        revision: u64,
+        fetched: u64,
+        total: u64,
+        step: String,
+    },
 
     // --- hub → agent ---
     /// Hub → agent, answer to `hello`: the link is up.
@@ -141,6 +154,7 @@ impl Message {
             Message::Status { .. } => "status",
             Message::RenewCertificate { .. } => "renew-certificate",
             Message::LogLines { .. } => "log-lines",
+            Message::Delivery { .. } => "delivery",
             Message::Welcome { .. } => "welcome",
             Message::Desired { .. } => "desired",
             Message::Forget { .. } => "forget",
@@ -163,6 +177,7 @@ pub const MESSAGE_TYPES: &[&str] = &[
     "status",
     "renew-certificate",
     "log-lines",
+    "delivery",
     "welcome",
     "desired",
     "forget",

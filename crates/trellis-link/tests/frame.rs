@@ -127,6 +127,14 @@ fn examples() -> Vec<Message> {
             end: true,
             error: Some("the component has no logs yet".into()),
         },
+        Message::Delivery {
+            project: "shop".into(),
+            stage: "line-3".into(),
+            revision: 8,
+            fetched: 3 << 20,
+            total: 412 << 20,
+            step: "fetching artifacts".into(),
+        },
     ];
     for m in &all {
         match m {
@@ -144,6 +152,7 @@ fn examples() -> Vec<Message> {
             | Message::Logs { .. }
             | Message::LogsCancel { .. }
             | Message::LogLines { .. }
+            | Message::Delivery { .. }
             | Message::Error { .. } => {}
         }
     }

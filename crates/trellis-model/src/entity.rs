@@ -148,9 +148,31 @@ pub struct Stage {
 pub enum Artifact {
     /// A container image, by reference (`docker.image`) or built from a
     /// Dockerfile (`docker.file`; the image is produced by the build step).
-    Image { reference: String },
-    /// A packed `process:` directory, stored on the hub by its BLAKE3 digest.
+    Image {
+        reference: String,
+        /// The image itself, stored on the hub, when the build carried it
+        /// (`trellis push build` does); outposts then need no registry.
+        /// Without it, outposts must have or pull `reference`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        archive: Option<ImageArchive>,
+    },
+    /// A packed `process:` directory stored on the hub as chunks: `digest`
+    /// names its artifact index, `size` is the package's size in bytes.
     Package { digest: String, size: u64 },
+}
+
+/// A container image stored on the hub as chunks of its `docker save`
+/// archive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ImageArchive {
+    /// The digest of the archive's artifact index.
+    pub index: String,
+    /// The archive's size in bytes.
+    pub size: u64,
+    /// The engine's id of the image (`sha256:…`), so an outpost that
+    /// already has it skips loading it.
+    pub image_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -123,6 +123,7 @@ fn new_build(branch: &str) -> NewBuild {
                 name: "web".into(),
                 artifact: Artifact::Image {
                     reference: "registry.example/web:1".into(),
+                    archive: None,
                 },
             },
             BuildComponent {

@@ -30,7 +30,7 @@ pub use trellis_link::protocol::{LogLine, LogQuery, LogStream};
 use crate::state::StageKey;
 
 pub mod container;
-pub mod packages;
+pub mod artifacts;
 pub mod plan;
 pub mod process;
 pub mod schedule;
@@ -267,4 +267,11 @@ pub trait Runtime: Send + Sync {
     /// Every stage this runtime holds workloads for (to clean up stages the
     /// agent no longer knows).
     async fn stages(&self) -> Result<Vec<StageKey>, RuntimeError>;
+
+    /// Whether the component's workload is on this host already, so its
+    /// artifact need not be delivered (a container runtime that has the
+    /// image). Default: no.
+    async fn has_workload(&self, _component: &ComponentPlan) -> bool {
+        false
+    }
 }

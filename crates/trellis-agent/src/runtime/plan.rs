@@ -59,13 +59,17 @@ impl StagePlan {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Workload {
-    /// A container image the outpost's engine has or can pull.
+    /// A container image: delivered from the hub when the build stored it
+    /// (`archive`), else one the outpost's engine has or can pull.
     Image {
         reference: String,
         platform: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        archive: Option<trellis_model::ImageArchive>,
     },
-    /// A packed `process:` directory (tar + zstd), fetched from the hub by
-    /// its BLAKE3 digest; `argv` runs from inside the unpacked directory.
+    /// A packed `process:` directory, delivered from the hub as chunks:
+    /// `digest` names its artifact index. `argv` runs from inside the
+    /// unpacked directory.
     Package {
         digest: String,
         size: u64,
@@ -301,16 +305,18 @@ fn plan_components(
             .find(|b| b.name == c.name)
             .map(|b| &b.artifact);
         let workload = match (&c.source, artifact) {
-            (ComponentSource::Docker(docker), Some(Artifact::Image { reference })) => {
+            (ComponentSource::Docker(docker), Some(Artifact::Image { reference, archive })) => {
                 Workload::Image {
                     reference: reference.clone(),
                     platform: docker.platform.clone(),
+                    archive: archive.clone(),
                 }
             }
             (ComponentSource::Docker(docker), None) => match &docker.build {
                 DockerBuild::Image(reference) => Workload::Image {
                     reference: reference.clone(),
                     platform: docker.platform.clone(),
+                    archive: None,
                 },
                 DockerBuild::Dockerfile { .. } => {
                     return Err(PlanError(format!(

@@ -1,4 +1,4 @@
-//! Packing a directory into a deterministic, zstd-compressed tar stream.
+//! Packing a directory into a deterministic tar stream.
 //!
 //! Determinism is what makes packages content-addressed in practice: two
 //! builds that produce the same files must produce the same digest, so
@@ -17,12 +17,6 @@ use tar::{EntryType, Header};
 use super::rules;
 use crate::error::{CasError, Result};
 
-/// zstd level for packages. Packages are made once and downloaded by every
-/// agent that runs them, so a slower, tighter level than zstd's default (3)
-/// pays off; decompression speed hardly depends on the level. Changing it
-/// changes the digest of new packages (see the module docs).
-const ZSTD_LEVEL: i32 = 9;
-
 /// What [`pack_dir`] put into the package.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -38,7 +32,10 @@ pub struct PackSummary {
 }
 
 /// Packs the content of `dir` (not `dir` itself) into `out` as a
-/// deterministic zstd-compressed tar stream.
+/// deterministic tar stream. The stream is not compressed: it is stored as
+/// content-defined chunks that are compressed one by one, so that an edit
+/// to one file changes only the chunks around it (a compressed stream would
+/// differ from the edit to its end).
 ///
 /// Fails, naming the offending path, on sockets, fifos and devices, on
 /// symlinks whose target is absolute or could lead outside `dir`, and on
@@ -58,10 +55,7 @@ pub fn pack_dir(dir: &Path, out: impl Write) -> Result<PackSummary> {
         source,
     };
 
-    // Single-threaded on purpose: zstd's output is reproducible for the same
-    // level and parameters, which is what the digest relies on.
-    let encoder = zstd::stream::write::Encoder::new(out, ZSTD_LEVEL).map_err(write_err)?;
-    let mut builder = tar::Builder::new(encoder);
+    let mut builder = tar::Builder::new(out);
     let mut summary = PackSummary::default();
 
     // Depth-first with an explicit stack (a deep tree cannot overflow the
@@ -109,8 +103,7 @@ pub fn pack_dir(dir: &Path, out: impl Write) -> Result<PackSummary> {
         }
     }
 
-    let encoder = builder.into_inner().map_err(write_err)?;
-    let mut out = encoder.finish().map_err(write_err)?;
+    let mut out = builder.into_inner().map_err(write_err)?;
     out.flush().map_err(write_err)?;
     Ok(summary)
 }

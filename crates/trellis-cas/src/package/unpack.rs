@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::path::{Path, PathBuf};
 
 use tar::EntryType;
@@ -122,6 +122,9 @@ impl Written {
     }
 }
 
+/// The first bytes of a zstd frame.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
 /// Writes the entries of the package into `root` (the empty staging
 /// directory). `dest` is only used in error messages.
 fn extract(reader: impl Read, root: &Path, dest: &Path) -> Result<Written> {
@@ -135,8 +138,16 @@ fn extract(reader: impl Read, root: &Path, dest: &Path) -> Result<Written> {
         reason,
     };
 
-    let decoder = zstd::stream::read::Decoder::new(reader).map_err(invalid)?;
-    let mut archive = tar::Archive::new(decoder);
+    // Packages made before chunking were zstd-compressed as a whole; they
+    // still unpack.
+    let mut reader = io::BufReader::new(reader);
+    let compressed = reader.fill_buf().map_err(invalid)?.starts_with(&ZSTD_MAGIC);
+    let stream: Box<dyn Read + '_> = if compressed {
+        Box::new(zstd::stream::read::Decoder::with_buffer(reader).map_err(invalid)?)
+    } else {
+        Box::new(reader)
+    };
+    let mut archive = tar::Archive::new(stream);
     let mut written = Written::default();
     // Every path written so far, and which of them are symlinks: nothing
     // may be written twice, or beneath a symlink (that would follow it).

@@ -1,18 +1,13 @@
-//! Builds and the blobs (packed `process:` directories) they reference.
-
-use std::io::Write;
+//! Builds, and the check that every artifact they name is on the hub.
 
 use crate::extract::{Json, Path};
-use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::Utc;
-use tokio_stream::StreamExt;
-use trellis_cas::Digest;
+use trellis_cas::{ArtifactKind, ChunkStore, Digest};
 use trellis_model::manifest::{ComponentSource, DockerBuild, parse_manifest};
 use trellis_model::{Artifact, Build, NewBuild};
 
-use super::types::BlobInfoResponse;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
@@ -39,8 +34,9 @@ pub async fn get_build(
 }
 
 /// Records a build. The manifest must be valid, and every component must
-/// come with its artifact: the image reference of a `docker.image`
-/// component, the digest of an uploaded package for a `process:` one.
+/// come with its artifact: for a container component the image reference
+/// (the manifest's for `docker.image`) and, for `docker.file` always, the
+/// uploaded image archive; for a `process:` one the uploaded package.
 #[utoipa::path(post, path = "/projects/{project}/builds", tag = "builds", request_body = NewBuild,
     responses((status = 201, body = Build)))]
 pub async fn create_build(
@@ -50,7 +46,10 @@ pub async fn create_build(
     Json(req): Json<NewBuild>,
 ) -> ApiResult<(StatusCode, Json<Build>)> {
     caller.role_in(&state, &project).await?;
-    check_build(&state, &req)?;
+    let chunks = state.chunks().clone();
+    let req = tokio::task::spawn_blocking(move || check_build(&chunks, &req).map(|()| req))
+        .await
+        .map_err(|e| ApiError::internal(format!("checking the build failed: {e}")))??;
     let build = state
         .store()
         .create_build(&project, &req, &caller.user, Utc::now())
@@ -73,7 +72,61 @@ fn invalid_build(message: impl Into<String>, hint: impl Into<String>) -> ApiErro
     ApiError::new(StatusCode::BAD_REQUEST, "invalid-build", message, hint)
 }
 
-fn check_build(state: &AppState, build: &NewBuild) -> ApiResult<()> {
+/// Checks that artifact `index` of `component` is on the hub: its index
+/// and every one of its chunks. Blocking (reads the index, looks at every
+/// chunk file).
+fn check_stored(
+    chunks: &ChunkStore,
+    component: &str,
+    kind: ArtifactKind,
+    index: &str,
+    size: u64,
+) -> ApiResult<()> {
+    let digest: Digest = index
+        .parse()
+        .map_err(|e| invalid_build(format!("component {component:?}: {e}"), ""))?;
+    let not_uploaded = |what: String| {
+        invalid_build(
+            format!("component {component:?}: {what}"),
+            "upload it first (`trellis push build` does this); push again if a push was interrupted",
+        )
+    };
+    let artifact = match chunks.artifact(&digest) {
+        Ok(artifact) => artifact,
+        Err(trellis_cas::CasError::NotFound { .. }) => {
+            return Err(not_uploaded(format!(
+                "artifact {digest} has not been uploaded"
+            )));
+        }
+        Err(e) => {
+            return Err(invalid_build(
+                format!("component {component:?}: {e}"),
+                "push the build again",
+            ));
+        }
+    };
+    if artifact.kind != kind || artifact.size != size {
+        return Err(invalid_build(
+            format!(
+                "component {component:?}: artifact {digest} is {:?} of {} bytes, not {kind:?} of {size} bytes",
+                artifact.kind, artifact.size
+            ),
+            "push the build again",
+        ));
+    }
+    let missing = chunks.missing(&artifact);
+    if !missing.is_empty() {
+        return Err(not_uploaded(format!(
+            "{} of the {} chunks of artifact {digest} have not been uploaded",
+            missing.len(),
+            artifact.distinct_chunks().len()
+        )));
+    }
+    Ok(())
+}
+
+/// Blocking: looks at the stored artifacts.
+fn check_build(chunks: &ChunkStore, build: &NewBuild) -> ApiResult<()> {
     let commit_ok = matches!(build.commit.len(), 40 | 64)
         && build.commit.bytes().all(|b| b.is_ascii_hexdigit());
     if !commit_ok {
@@ -112,34 +165,40 @@ fn check_build(state: &AppState, build: &NewBuild) -> ApiResult<()> {
                 )
             })?;
         match (&component.source, artifact) {
-            (ComponentSource::Docker(docker), Artifact::Image { reference }) => {
-                if !matches!(&docker.build, DockerBuild::Image(image) if image == reference) {
-                    return Err(invalid_build(
-                        format!(
-                            "component {:?}: image {reference:?} is not the manifest's image",
-                            component.name
-                        ),
-                        "the build must use the image the manifest names",
-                    ));
+            (ComponentSource::Docker(docker), Artifact::Image { reference, archive }) => {
+                match &docker.build {
+                    DockerBuild::Image(image) if image != reference => {
+                        return Err(invalid_build(
+                            format!(
+                                "component {:?}: image {reference:?} is not the manifest's image {image:?}",
+                                component.name
+                            ),
+                            "the build must use the image the manifest names",
+                        ));
+                    }
+                    DockerBuild::Dockerfile { .. } if archive.is_none() => {
+                        return Err(invalid_build(
+                            format!(
+                                "component {:?} is built from a Dockerfile, but the build does not carry its image",
+                                component.name
+                            ),
+                            "push builds with `trellis push build`, which builds and uploads the image",
+                        ));
+                    }
+                    _ => {}
+                }
+                if let Some(archive) = archive {
+                    check_stored(
+                        chunks,
+                        &component.name,
+                        ArtifactKind::Image,
+                        &archive.index,
+                        archive.size,
+                    )?;
                 }
             }
             (ComponentSource::Process(_), Artifact::Package { digest, size }) => {
-                let parsed: Digest = digest.parse().map_err(|e| {
-                    invalid_build(format!("component {:?}: {e}", component.name), "")
-                })?;
-                match state.blobs().size(&parsed) {
-                    Ok(Some(stored)) if stored == *size => {}
-                    Ok(_) => {
-                        return Err(invalid_build(
-                            format!(
-                                "component {:?}: package {digest} ({size} bytes) has not been uploaded",
-                                component.name
-                            ),
-                            "upload it first (`trellis push build` does this)",
-                        ));
-                    }
-                    Err(e) => return Err(ApiError::internal(e.to_string())),
-                }
+                check_stored(chunks, &component.name, ArtifactKind::Package, digest, *size)?;
             }
             _ => {
                 return Err(invalid_build(
@@ -166,113 +225,4 @@ fn check_build(state: &AppState, build: &NewBuild) -> ApiResult<()> {
         ));
     }
     Ok(())
-}
-
-/// The largest blob the hub accepts in one upload.
-pub const MAX_BLOB_BYTES: u64 = 8 << 30;
-
-/// Whether the hub already has a blob (so clients upload only what it lacks).
-#[utoipa::path(head, path = "/blobs/{digest}", tag = "builds", responses((status = 200), (status = 404)))]
-pub async fn head_blob(
-    State(state): State<AppState>,
-    _caller: Caller,
-    Path(digest): Path<String>,
-) -> ApiResult<StatusCode> {
-    let digest = parse_digest(&digest)?;
-    match state.blobs().size(&digest) {
-        Ok(Some(_)) => Ok(StatusCode::OK),
-        Ok(None) => Ok(StatusCode::NOT_FOUND),
-        Err(e) => Err(ApiError::internal(e.to_string())),
-    }
-}
-
-/// Uploads a blob. The body is hashed while it is written to a temporary
-/// file; only if it hashes to `digest` does it become visible.
-#[utoipa::path(put, path = "/blobs/{digest}", tag = "builds", request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 201, body = BlobInfoResponse)))]
-pub async fn put_blob(
-    State(state): State<AppState>,
-    _caller: Caller,
-    Path(digest): Path<String>,
-    body: Body,
-) -> ApiResult<(StatusCode, Json<BlobInfoResponse>)> {
-    let expected = parse_digest(&digest)?;
-    let writer = state
-        .blobs()
-        .writer()
-        .map_err(|e| ApiError::internal(e.to_string()))?;
-    // File writes block, so they happen on a blocking thread fed by a
-    // bounded channel; the channel's bound keeps memory flat for big blobs.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
-    let write_task = tokio::task::spawn_blocking(move || {
-        let mut writer = writer;
-        while let Some(chunk) = rx.blocking_recv() {
-            writer.write_all(&chunk)?;
-        }
-        Ok::<_, std::io::Error>(writer)
-    });
-    let mut stream = body.into_data_stream();
-    let mut received: u64 = 0;
-    let mut failure = None;
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(chunk) => {
-                received += chunk.len() as u64;
-                if received > MAX_BLOB_BYTES {
-                    failure = Some(ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "too-large",
-                        format!("the upload exceeds the hub's limit of {MAX_BLOB_BYTES} bytes"),
-                        "split the component's directory, or leave large data out of the package",
-                    ));
-                    break;
-                }
-                if tx.send(chunk).await.is_err() {
-                    break;
-                }
-            }
-            Err(e) => {
-                failure = Some(ApiError::bad_request(
-                    format!("the upload was interrupted: {e}"),
-                    "push again; blobs already on the hub are not sent twice",
-                ));
-                break;
-            }
-        }
-    }
-    drop(tx);
-    let writer = write_task
-        .await
-        .map_err(|e| ApiError::internal(format!("the blob writer failed: {e}")))?
-        .map_err(|e| ApiError::internal(format!("writing the blob failed: {e}")))?;
-    if let Some(failure) = failure {
-        // Dropping the unfinished writer removes its temporary file.
-        drop(writer);
-        return Err(failure);
-    }
-    let info = tokio::task::spawn_blocking(move || writer.finish(Some(&expected)))
-        .await
-        .map_err(|e| ApiError::internal(format!("the blob writer failed: {e}")))?
-        .map_err(|e| {
-            ApiError::bad_request(
-                format!("the upload was not stored: {e}"),
-                "the bytes sent do not hash to the digest in the URL; push again",
-            )
-        })?;
-    Ok((
-        StatusCode::CREATED,
-        Json(BlobInfoResponse {
-            digest: info.digest.to_string(),
-            size: info.size,
-        }),
-    ))
-}
-
-fn parse_digest(s: &str) -> ApiResult<Digest> {
-    s.parse().map_err(|e| {
-        ApiError::bad_request(
-            format!("{s:?} is not a blob digest: {e}"),
-            "a digest is 64 lowercase hexadecimal characters (BLAKE3)",
-        )
-    })
 }

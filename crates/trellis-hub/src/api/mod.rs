@@ -5,11 +5,12 @@
 //! is generated from the same list the router is built from and cannot
 //! miss a route.
 //!
-//! JSON bodies keep axum's default 2 MiB limit; blob uploads stream the raw
-//! body to disk and enforce their own bound (`builds::MAX_BLOB_BYTES`).
+//! JSON bodies keep axum's default 2 MiB limit; chunk uploads read the raw
+//! body with their own bound (`chunks::MAX_STORED_CHUNK_BYTES`).
 
 pub mod access;
 pub mod builds;
+pub mod chunks;
 pub mod components;
 pub mod outposts;
 pub mod projects;
@@ -84,11 +85,13 @@ pub fn router(state: AppState) -> axum::Router {
         .routes(routes!(outposts::create_join_token))
         .routes(routes!(crate::link::endpoint::join))
         .routes(routes!(crate::link::endpoint::renew))
-        .routes(routes!(crate::link::endpoint::package))
+        .routes(routes!(crate::link::artifacts::chunk))
+        .routes(routes!(crate::link::artifacts::artifact_content))
         .routes(routes!(crate::link::status::stage_status))
         .routes(routes!(builds::list_builds, builds::create_build))
         .routes(routes!(builds::get_build, builds::delete_build))
-        .routes(routes!(builds::head_blob, builds::put_blob))
+        .routes(routes!(chunks::missing_chunks))
+        .routes(routes!(chunks::put_chunk))
         .split_for_parts();
     doc.servers = Some(vec![utoipa::openapi::Server::new("/api/v1")]);
     let doc = std::sync::Arc::new(doc);

@@ -109,10 +109,25 @@ pub struct PushReleaseRequest {
     pub config: Option<String>,
 }
 
+/// `POST /chunks/missing`: the digests of the chunks a client is about to
+/// upload (hex, at most 10,000).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct BlobInfoResponse {
+pub struct MissingChunksRequest {
+    pub digests: Vec<String>,
+}
+
+/// The digests of the request the hub does not have, in request order.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MissingChunksResponse {
+    pub missing: Vec<String>,
+}
+
+/// A stored chunk: its digest, content size and stored (compressed) size.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChunkInfoResponse {
     pub digest: String,
     pub size: u64,
+    pub stored: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]

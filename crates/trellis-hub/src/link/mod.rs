@@ -16,6 +16,7 @@
 //! - `status.rs`: the connection-status view of a stage.
 //! - `errors.rs`: the bounded, de-duplicated error log.
 
+pub mod artifacts;
 pub mod endpoint;
 pub mod errors;
 pub mod logs;
@@ -138,6 +139,8 @@ pub struct Links {
     next_session: std::sync::atomic::AtomicU64,
     next_request: std::sync::atomic::AtomicU64,
     pub handshakes: Arc<crate::tls::HandshakeGauge>,
+    /// The newest delivery progress each stage's agent sent.
+    deliveries: Mutex<HashMap<(String, String), status::DeliveryView>>,
 }
 
 impl Links {
@@ -150,7 +153,22 @@ impl Links {
             next_session: std::sync::atomic::AtomicU64::new(1),
             next_request: std::sync::atomic::AtomicU64::new(1),
             handshakes: Arc::default(),
+            deliveries: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Keeps the delivery progress an agent sent for a stage.
+    pub fn record_delivery(&self, project: &str, stage: &str, view: status::DeliveryView) {
+        let mut deliveries = self.deliveries.lock().unwrap_or_else(|p| p.into_inner());
+        deliveries.insert((project.to_owned(), stage.to_owned()), view);
+    }
+
+    /// The newest delivery progress of a stage, if any was sent.
+    pub fn delivery(&self, project: &str, stage: &str) -> Option<status::DeliveryView> {
+        let deliveries = self.deliveries.lock().unwrap_or_else(|p| p.into_inner());
+        deliveries
+            .get(&(project.to_owned(), stage.to_owned()))
+            .cloned()
     }
 
     pub fn settings(&self) -> &LinkSettings {

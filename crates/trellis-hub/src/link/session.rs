@@ -376,6 +376,28 @@ async fn handle_frame(
                 }
             }
         }
+        Message::Delivery {
+            project,
+            stage,
+            revision,
+            fetched,
+            total,
+            step,
+        } => {
+            if owns(session, &project, &stage).await {
+                state.links().record_delivery(
+                    &project,
+                    &stage,
+                    super::status::DeliveryView {
+                        revision,
+                        fetched,
+                        total,
+                        step,
+                        updated_at: Utc::now(),
+                    },
+                );
+            }
+        }
         Message::LogLines {
             id,
             lines,

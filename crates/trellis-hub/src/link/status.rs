@@ -86,7 +86,22 @@ pub struct SyncView {
     /// When the desired release failed to come up: the release the agent
     /// restored instead (0: none, the stage runs nothing).
     pub rolled_back_to: Option<u64>,
+    /// While the agent fetches the artifacts of a newer revision: how far
+    /// it has come.
+    pub delivery: Option<DeliveryView>,
     pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// How far the delivery of a revision to the outpost has come.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DeliveryView {
+    pub revision: u64,
+    /// Content bytes present on the outpost, of `total`.
+    pub fetched: u64,
+    pub total: u64,
+    /// What the agent is doing, e.g. `fetching artifacts`, or why it waits.
+    pub step: String,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -170,19 +185,25 @@ pub async fn compute(state: &AppState, project: &str, stage_name: &str) -> ApiRe
         );
     }
     errors.sort_by_key(|e| std::cmp::Reverse(e.last_seen));
+    let state_now = sync_state(
+        online,
+        stage.desired_revision,
+        sync.delivered_revision,
+        sync.applied_revision,
+        stage.suspended,
+        report_failed,
+    );
+    // Only while the revision it is about has not been reported applied.
+    let delivery = state
+        .links()
+        .delivery(project, stage_name)
+        .filter(|d| state_now == SyncState::Syncing && d.revision > sync.applied_revision);
     Ok(StageStatus {
         project: project.to_owned(),
         stage: stage_name.to_owned(),
         outpost: stage.outpost.clone(),
         sync: SyncView {
-            state: sync_state(
-                online,
-                stage.desired_revision,
-                sync.delivered_revision,
-                sync.applied_revision,
-                stage.suspended,
-                report_failed,
-            ),
+            state: state_now,
             desired_revision: stage.desired_revision,
             delivered_revision: sync.delivered_revision,
             applied_revision: sync.applied_revision,
@@ -193,6 +214,7 @@ pub async fn compute(state: &AppState, project: &str, stage_name: &str) -> ApiRe
                 .and_then(Value::as_str)
                 .map(str::to_owned),
             rolled_back_to: report.get("rolled_back_to").and_then(Value::as_u64),
+            delivery,
             updated_at: sync.updated_at,
         },
         components: report

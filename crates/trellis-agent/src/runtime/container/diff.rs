@@ -200,6 +200,7 @@ mod tests {
                 Workload::Image {
                     reference: "localhost/x:1".to_owned(),
                     platform: None,
+                    archive: None,
                 },
             )
         }

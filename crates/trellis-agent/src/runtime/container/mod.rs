@@ -50,6 +50,7 @@ use self::diff::{FoundContainer, Wanted};
 use self::engine::{Engine, Inspected, Listed, engine_error, message_of, status_of};
 use self::jobs::JobSpec;
 use self::state::{Failure, StageStore};
+use super::artifacts::ArtifactSource;
 use super::{
     Action, ActionKind, ComponentObservation, ComponentPlan, LogLine, LogQuery, Runtime,
     RuntimeError, RuntimeKind, StagePlan, Workload,
@@ -115,6 +116,8 @@ pub struct ContainerRuntime {
     retry_delay: Duration,
     pull_timeout: Duration,
     stages: Mutex<HashMap<StageKey, Arc<StageCtl>>>,
+    /// Where images stored on the hub come from.
+    artifacts: Option<Arc<dyn ArtifactSource>>,
 }
 
 /// What the runtime holds per stage.
@@ -196,7 +199,15 @@ impl ContainerRuntime {
             retry_delay: Duration::from_secs(10),
             pull_timeout: Duration::from_secs(600),
             stages: Mutex::new(HashMap::new()),
+            artifacts: None,
         })
+    }
+
+    /// Loads images that builds carry (stored on the hub) from `artifacts`.
+    /// Without a source, such images must already be on the engine.
+    pub fn with_artifacts(mut self, artifacts: Arc<dyn ArtifactSource>) -> Self {
+        self.artifacts = Some(artifacts);
+        self
     }
 
     /// [`ContainerRuntime::connect`] to the default engine, or `None` when
@@ -401,6 +412,7 @@ impl ContainerRuntime {
         let Workload::Image {
             reference,
             platform,
+            archive,
         } = &component.workload
         else {
             return Err(RuntimeError::new(
@@ -424,6 +436,9 @@ impl ContainerRuntime {
                 ),
             ));
         }
+        if let Some(archive) = archive {
+            return self.load_archive(component, archive).await;
+        }
         if self.engine.image_exists(reference).await? {
             return Ok(());
         }
@@ -445,6 +460,106 @@ impl ContainerRuntime {
             "load it with `{0} load` (e.g. `{0} save {reference} | ssh outpost {0} load`), or let the outpost reach its registry",
             self.engine_name()
         )))
+    }
+
+    /// Makes sure the image a build stored on the hub is on the engine:
+    /// fetches its archive's chunks (usually delivered already, before the
+    /// apply started) and loads it, streaming the verified archive into the
+    /// engine. Nothing is loaded from a chunk that does not verify.
+    async fn load_archive(
+        &self,
+        component: &ComponentPlan,
+        archive: &trellis_model::ImageArchive,
+    ) -> Result<(), RuntimeError> {
+        if self.engine.image_exists(&archive.image_id).await? {
+            return Ok(());
+        }
+        let Some(artifacts) = &self.artifacts else {
+            return Err(RuntimeError::new(
+                "image-missing",
+                format!(
+                    "image {} of component {:?} is not on this outpost's engine, and this agent has no artifact source to load it from",
+                    archive.image_id, component.name
+                ),
+            ));
+        };
+        let index_digest = super::artifacts::parse_digest(&archive.index)?;
+        let index = artifacts.fetch(&archive.index, &|_| {}).await?;
+        let reader = artifacts.store().open_artifact(&index_digest, &index);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+        let feeder = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut reader = reader;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => {
+                        if tx
+                            .blocking_send(Ok(bytes::Bytes::copy_from_slice(&buf[..n])))
+                            .is_err()
+                        {
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        let _ = tx.blocking_send(Err(e));
+                        return Err(message);
+                    }
+                }
+            }
+        });
+        let options = bollard::query_parameters::ImportImageOptions {
+            quiet: true,
+            platform: None,
+        };
+        let mut progress = self.engine.docker.import_image_stream(
+            options,
+            futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|item| (item, rx))
+            }),
+            None,
+        );
+        let mut engine_error = None;
+        while let Some(step) = progress.next().await {
+            if let Err(e) = step {
+                engine_error = Some(message_of(&e));
+                break;
+            }
+        }
+        drop(progress);
+        let fed = feeder.await.unwrap_or_else(|e| Err(e.to_string()));
+        if let Err(why) = fed {
+            return Err(RuntimeError::new(
+                "artifact-corrupt",
+                format!(
+                    "the image of component {:?} was not loaded: its archive failed verification ({why})",
+                    component.name
+                ),
+            )
+            .with_hint("the damaged chunk was reported; the next apply fetches it again"));
+        }
+        if let Some(why) = engine_error {
+            return Err(RuntimeError::new(
+                "image-load-failed",
+                format!(
+                    "the engine refused the image of component {:?}: {why}",
+                    component.name
+                ),
+            ));
+        }
+        if !self.engine.image_exists(&archive.image_id).await? {
+            return Err(RuntimeError::new(
+                "image-load-failed",
+                format!(
+                    "the engine loaded the archive of component {:?} but has no image {} afterwards",
+                    component.name, archive.image_id
+                ),
+            )
+            .with_hint("the build's image id does not match its archive; push the build again"));
+        }
+        Ok(())
     }
 
     async fn pull(&self, reference: &str, platform: &Option<String>) -> Result<(), String> {
@@ -857,6 +972,16 @@ fn split_reference(reference: &str) -> (&str, &str) {
 
 #[async_trait]
 impl Runtime for ContainerRuntime {
+    async fn has_workload(&self, component: &ComponentPlan) -> bool {
+        match &component.workload {
+            Workload::Image {
+                archive: Some(archive),
+                ..
+            } => matches!(self.engine.image_exists(&archive.image_id).await, Ok(true)),
+            _ => false,
+        }
+    }
+
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Container
     }

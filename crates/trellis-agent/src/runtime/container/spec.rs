@@ -32,6 +32,12 @@ pub fn create_body(spec: &ContainerSpec<'_>) -> ContainerCreateBody {
     let plan = spec.plan;
     let network = naming::network_name(spec.stage);
     let image = match &plan.workload {
+        // A stored image is run by id: the tag may name something else on
+        // this engine.
+        Workload::Image {
+            archive: Some(archive),
+            ..
+        } => archive.image_id.clone(),
         Workload::Image { reference, .. } => reference.clone(),
         Workload::Package { .. } => String::new(),
     };
@@ -149,6 +155,7 @@ mod tests {
             workload: Workload::Image {
                 reference: "localhost/web:1".to_owned(),
                 platform: None,
+                archive: None,
             },
             ports: vec![8080, 9090],
             env: BTreeMap::from([

@@ -91,7 +91,7 @@ use trellis_link::protocol::RuntimeInfo;
 
 use self::layout::{ComponentRecord, Layout, check_name, fs_error, read_json, remove_tree};
 use self::supervisor::{Handle, Launch};
-use super::packages::PackageSource;
+use super::artifacts::ArtifactSource;
 use super::{
     Action, ActionKind, ComponentObservation, ComponentPlan, LogLine, LogQuery, Runtime,
     RuntimeError, RuntimeKind, StagePlan,
@@ -137,7 +137,7 @@ pub struct ProcessRuntime {
 
 struct Inner {
     layout: Layout,
-    packages: Arc<dyn PackageSource>,
+    artifacts: Arc<dyn ArtifactSource>,
     options: Arc<ProcessOptions>,
     components: Mutex<BTreeMap<Key, Handle>>,
     stage_locks: Mutex<HashMap<StageKey, Arc<tokio::sync::Mutex<()>>>>,
@@ -165,22 +165,22 @@ impl std::fmt::Debug for ProcessRuntime {
 
 impl ProcessRuntime {
     /// A runtime over `root` (e.g. `<agent data>/processes`) that gets
-    /// packages from `packages`. The processes recorded under `root` are
+    /// packages from `artifacts`. The processes recorded under `root` are
     /// adopted on the first call of any [`Runtime`] method (or right away
     /// when called inside a Tokio runtime).
-    pub fn new(root: impl Into<PathBuf>, packages: Arc<dyn PackageSource>) -> Self {
-        Self::with_options(root, packages, ProcessOptions::default())
+    pub fn new(root: impl Into<PathBuf>, artifacts: Arc<dyn ArtifactSource>) -> Self {
+        Self::with_options(root, artifacts, ProcessOptions::default())
     }
 
     pub fn with_options(
         root: impl Into<PathBuf>,
-        packages: Arc<dyn PackageSource>,
+        artifacts: Arc<dyn ArtifactSource>,
         options: ProcessOptions,
     ) -> Self {
         let runtime = ProcessRuntime {
             inner: Arc::new(Inner {
                 layout: Layout { root: root.into() },
-                packages,
+                artifacts,
                 options: Arc::new(options),
                 components: Mutex::new(BTreeMap::new()),
                 stage_locks: Mutex::new(HashMap::new()),
@@ -275,7 +275,7 @@ impl Inner {
                 .await;
             }
         };
-        let root = prepare::prepare(&dirs, &record.plan, self.packages.as_ref()).await;
+        let root = prepare::prepare(&dirs, &record.plan, self.artifacts.as_ref()).await;
         if let Err(e) = &root {
             tracing::warn!(stage = %stage, component = %record.plan.name, code = e.code,
                 error = %e.sentence(), "a process component cannot be prepared");
@@ -481,7 +481,7 @@ impl Runtime for ProcessRuntime {
                 | ActionKind::Stop => {
                     // The new spec is made ready while the old one runs.
                     let dirs = self.inner.layout.component(stage, &component.name)?;
-                    let ready = prepare::prepare(&dirs, component, self.inner.packages.as_ref())
+                    let ready = prepare::prepare(&dirs, component, self.inner.artifacts.as_ref())
                         .await
                         .map(|_| ());
                     if let Err(e) = &ready {

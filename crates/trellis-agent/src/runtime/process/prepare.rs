@@ -16,19 +16,17 @@ use super::layout::{
     remove_tree,
 };
 use super::sys;
-use crate::runtime::packages::PackageSource;
+use crate::runtime::artifacts::{ArtifactSource, parse_digest};
 use crate::runtime::{ComponentPlan, RuntimeError, Workload};
-
-const PACKAGE_FILE: &str = "package.tar.zst";
 
 /// Makes (or finds made) the root directory the component runs in.
 pub(super) async fn prepare(
     dirs: &ComponentDirs,
     plan: &ComponentPlan,
-    packages: &dyn PackageSource,
+    artifacts: &dyn ArtifactSource,
 ) -> Result<PathBuf, RuntimeError> {
     check_spec_hash(&plan.spec_hash)?;
-    let Workload::Package { digest, size, .. } = &plan.workload else {
+    let Workload::Package { digest, .. } = &plan.workload else {
         return Err(RuntimeError::new(
             "invalid-plan",
             format!("component {:?} runs an image, not a package", plan.name),
@@ -44,16 +42,19 @@ pub(super) async fn prepare(
     remove_tree(&spec).map_err(|e| fs_error("remove the incomplete", &spec, e))?;
     private_dir(&spec).map_err(|e| fs_error("create", &spec, e))?;
 
-    let package = spec.join(PACKAGE_FILE);
-    packages.fetch(digest, *size, &package).await?;
-    let (from, to) = (package.clone(), root.clone());
+    // Usually delivered already (the deployer fetches every artifact of a
+    // release before touching anything); then this only checks.
+    let index_digest = parse_digest(digest)?;
+    let index = artifacts.fetch(digest, &|_| {}).await?;
+    let store = artifacts.store().clone();
+    let to = root.clone();
     let unpacked = tokio::task::spawn_blocking(move || {
-        let file = fs::File::open(&from)?;
-        trellis_cas::unpack(io::BufReader::new(file), &to).map_err(io::Error::other)
+        let content = store.open_artifact(&index_digest, &index);
+        trellis_cas::unpack(io::BufReader::with_capacity(1 << 20, content), &to)
+            .map_err(io::Error::other)
     })
     .await
     .map_err(|e| RuntimeError::new("agent-internal", format!("unpacking stopped: {e}")))?;
-    let _ = fs::remove_file(&package);
     if let Err(e) = unpacked {
         let _ = remove_tree(&spec);
         let error = RuntimeError::new(

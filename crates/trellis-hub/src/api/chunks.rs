@@ -1,0 +1,135 @@
+//! Uploading artifacts as chunks: the client asks which chunks the hub
+//! lacks, then sends only those (BRIEF §5).
+//!
+//! Chunks travel in their stored form (one zstd frame) and are named by the
+//! BLAKE3 digest of their uncompressed content; the hub decompresses and
+//! hashes every upload before storing it, so a damaged or forged chunk is
+//! refused and nothing is half-written.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use trellis_cas::{CasError, Digest, MAX_CHUNK_BYTES};
+
+use super::types::{ChunkInfoResponse, MissingChunksRequest, MissingChunksResponse};
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Json, Path};
+use crate::state::AppState;
+
+/// The most digests one `missing` request may ask about.
+pub const MAX_DIGESTS_PER_QUERY: usize = 10_000;
+
+/// The largest stored chunk an upload may carry: a chunk that does not
+/// compress at all is a little larger than its content.
+pub const MAX_STORED_CHUNK_BYTES: usize = (MAX_CHUNK_BYTES as usize) + 64 * 1024;
+
+/// Which of the given chunks the hub does not have. Chunks it has are
+/// marked as wanted, which keeps them through garbage collection's grace
+/// period while the client finishes its push.
+#[utoipa::path(post, path = "/chunks/missing", tag = "builds", request_body = MissingChunksRequest,
+    responses((status = 200, body = MissingChunksResponse)))]
+pub async fn missing_chunks(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Json(req): Json<MissingChunksRequest>,
+) -> ApiResult<Json<MissingChunksResponse>> {
+    if req.digests.len() > MAX_DIGESTS_PER_QUERY {
+        return Err(ApiError::bad_request(
+            format!(
+                "{} digests in one query; the hub answers for at most {MAX_DIGESTS_PER_QUERY}",
+                req.digests.len()
+            ),
+            "ask in batches",
+        ));
+    }
+    let digests = req
+        .digests
+        .iter()
+        .map(|d| parse_digest(d))
+        .collect::<ApiResult<Vec<_>>>()?;
+    let chunks = state.chunks().clone();
+    let missing = tokio::task::spawn_blocking(move || {
+        digests
+            .into_iter()
+            .filter(|d| !chunks.touch(d))
+            .map(|d| d.as_hex())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("looking up chunks failed: {e}")))?;
+    Ok(Json(MissingChunksResponse { missing }))
+}
+
+/// Stores one chunk, sent in its stored form (a zstd frame of content that
+/// hashes to `digest`).
+#[utoipa::path(put, path = "/chunks/{digest}", tag = "builds",
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = ChunkInfoResponse)))]
+pub async fn put_chunk(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(digest): Path<String>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<ChunkInfoResponse>)> {
+    let digest = parse_digest(&digest)?;
+    // Read with our own bound (JSON bodies keep axum's 2 MiB default).
+    let body = axum::body::to_bytes(body, MAX_STORED_CHUNK_BYTES)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "chunk-upload-failed",
+                format!(
+                    "chunk {digest} was not stored: the upload broke off or exceeds {MAX_STORED_CHUNK_BYTES} bytes ({e})"
+                ),
+                "upload with `trellis push build`, which cuts artifacts into chunks of the right size; push again if the connection dropped",
+            )
+        })?;
+    let chunks = state.chunks().clone();
+    let info = tokio::task::spawn_blocking(move || chunks.insert_stored(&digest, &body))
+        .await
+        .map_err(|e| ApiError::internal(format!("storing a chunk failed: {e}")))?
+        .map_err(|e| chunk_error(&digest, e))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(ChunkInfoResponse {
+            digest: info.digest.as_hex(),
+            size: info.size,
+            stored: info.stored,
+        }),
+    ))
+}
+
+/// Maps a failure to store chunk `digest` to what the uploader is told.
+pub(crate) fn chunk_error(digest: &Digest, e: CasError) -> ApiError {
+    match e {
+        CasError::ChunkUnreadable { .. } | CasError::DigestMismatch { .. } => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "chunk-invalid",
+            format!("chunk {digest} was not stored: {e}"),
+            "the upload was damaged on the way; push again",
+        ),
+        CasError::Io { ref source, .. } if is_disk_full(source) => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "hub-disk-full",
+            format!("chunk {digest} was not stored: the hub's disk is full ({e})"),
+            "free space on the hub (delete old builds, then they are collected), then push again; chunks already uploaded are kept",
+        ),
+        other => ApiError::internal(format!("chunk {digest} was not stored: {other}")),
+    }
+}
+
+/// Whether an I/O error means the disk (or the quota) is full.
+pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28 | 122)) || e.kind() == std::io::ErrorKind::StorageFull
+}
+
+pub(crate) fn parse_digest(s: &str) -> ApiResult<Digest> {
+    s.parse().map_err(|e| {
+        ApiError::bad_request(
+            format!("{s:?} is not a chunk digest: {e}"),
+            "a digest is 64 lowercase hexadecimal characters (BLAKE3)",
+        )
+    })
+}

@@ -1,0 +1,485 @@
+//! Artifacts for outpost agents (BRIEF §4–5): chunks by digest
+//! (`/api/v1/agent/chunks/{digest}`, with `Range` so an interrupted chunk
+//! resumes) and, for clients that cannot assemble chunks, an artifact's
+//! whole content (`/api/v1/agent/artifacts/{index}/content`).
+//!
+//! Both need the agent's client certificate, and serve only what belongs
+//! to a build released to a stage on the agent's outpost: an artifact
+//! index of such a build, or a chunk listed by one. Which indexes an
+//! outpost may read is worked out from the store and cached briefly per
+//! outpost ([`ArtifactAccess`]); the chunk list of each index is cached
+//! for good (an index never changes), so serving hundreds of chunks of one
+//! delivery costs one store walk, not one per chunk.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use trellis_cas::{Digest, INDEX_FORMAT};
+use trellis_model::Artifact;
+
+use super::endpoint::authorize_agent;
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+use crate::tls::ConnectionInfo;
+
+/// How long an outpost's set of readable artifacts is reused before the
+/// store is asked again. A digest not in the cached set makes the hub look
+/// again at once (at most once per [`RECHECK_INTERVAL`]), so a release
+/// pushed a moment ago is readable immediately.
+const ACCESS_TTL: Duration = Duration::from_secs(30);
+const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Chunk lists of this many indexes are kept in memory.
+const MAX_CACHED_INDEXES: usize = 1024;
+
+/// Which artifacts each outpost may read. See the module docs.
+#[derive(Default)]
+pub struct ArtifactAccess {
+    outposts: Mutex<HashMap<String, Allowed>>,
+    indexes: Mutex<HashMap<Digest, Arc<HashSet<Digest>>>>,
+}
+
+struct Allowed {
+    at: Instant,
+    indexes: Arc<HashSet<Digest>>,
+}
+
+impl std::fmt::Debug for ArtifactAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArtifactAccess").finish_non_exhaustive()
+    }
+}
+
+/// What a request may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    Index,
+    IndexOrChunk,
+}
+
+impl ArtifactAccess {
+    /// Whether `outpost` may read `digest` (as an index, or as a chunk of
+    /// one when `wanted` allows).
+    async fn allows(
+        &self,
+        state: &AppState,
+        outpost: &str,
+        digest: &Digest,
+        wanted: Wanted,
+    ) -> ApiResult<bool> {
+        let cached = self.cached(outpost);
+        if let Some(indexes) = &cached
+            && self.permits(state, indexes, digest, wanted).await
+        {
+            return Ok(true);
+        }
+        // Not in what we knew: look again, unless we just did.
+        let fresh = match &cached {
+            Some(_) if !self.may_recheck(outpost) => return Ok(false),
+            _ => self.refresh(state, outpost).await?,
+        };
+        Ok(self.permits(state, &fresh, digest, wanted).await)
+    }
+
+    fn cached(&self, outpost: &str) -> Option<Arc<HashSet<Digest>>> {
+        let outposts = self.outposts.lock().unwrap_or_else(|p| p.into_inner());
+        outposts
+            .get(outpost)
+            .filter(|a| a.at.elapsed() < ACCESS_TTL)
+            .map(|a| a.indexes.clone())
+    }
+
+    fn may_recheck(&self, outpost: &str) -> bool {
+        let outposts = self.outposts.lock().unwrap_or_else(|p| p.into_inner());
+        outposts
+            .get(outpost)
+            .is_none_or(|a| a.at.elapsed() >= RECHECK_INTERVAL)
+    }
+
+    async fn refresh(&self, state: &AppState, outpost: &str) -> ApiResult<Arc<HashSet<Digest>>> {
+        let indexes = Arc::new(released_indexes(state, outpost).await?);
+        let mut outposts = self.outposts.lock().unwrap_or_else(|p| p.into_inner());
+        outposts.insert(
+            outpost.to_owned(),
+            Allowed {
+                at: Instant::now(),
+                indexes: indexes.clone(),
+            },
+        );
+        Ok(indexes)
+    }
+
+    async fn permits(
+        &self,
+        state: &AppState,
+        indexes: &HashSet<Digest>,
+        digest: &Digest,
+        wanted: Wanted,
+    ) -> bool {
+        if indexes.contains(digest) {
+            return true;
+        }
+        if wanted == Wanted::Index {
+            return false;
+        }
+        for index in indexes {
+            if let Some(chunks) = self.chunks_of(state, index).await
+                && chunks.contains(digest)
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The chunks listed by `index`, read once and cached. `None` when the
+    /// index cannot be read (it is then not cached, and the request fails
+    /// as not found).
+    async fn chunks_of(&self, state: &AppState, index: &Digest) -> Option<Arc<HashSet<Digest>>> {
+        if let Some(chunks) = self
+            .indexes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(index)
+        {
+            return Some(chunks.clone());
+        }
+        let store = state.chunks().clone();
+        let digest = *index;
+        let artifact = tokio::task::spawn_blocking(move || store.artifact(&digest))
+            .await
+            .ok()?
+            .ok()?;
+        let chunks: Arc<HashSet<Digest>> =
+            Arc::new(artifact.chunks.iter().map(|c| c.digest).collect());
+        let mut indexes = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
+        if indexes.len() >= MAX_CACHED_INDEXES {
+            indexes.clear();
+        }
+        indexes.insert(*index, chunks.clone());
+        Some(chunks)
+    }
+}
+
+/// The artifact indexes of every build released to a stage on `outpost`.
+async fn released_indexes(state: &AppState, outpost: &str) -> ApiResult<HashSet<Digest>> {
+    let mut indexes = HashSet::new();
+    for stage in state.store().stages_on_outpost(outpost).await? {
+        let mut seen = HashSet::new();
+        for release in state
+            .store()
+            .list_releases(&stage.project, &stage.name)
+            .await?
+        {
+            if !seen.insert(release.build.clone()) {
+                continue;
+            }
+            let Ok(build) = state
+                .store()
+                .get_build(&stage.project, &release.build)
+                .await
+            else {
+                continue;
+            };
+            for component in &build.components {
+                let index = match &component.artifact {
+                    Artifact::Package { digest, .. } => Some(digest.as_str()),
+                    Artifact::Image {
+                        archive: Some(archive),
+                        ..
+                    } => Some(archive.index.as_str()),
+                    Artifact::Image { archive: None, .. } => None,
+                };
+                if let Some(Ok(digest)) = index.map(str::parse::<Digest>) {
+                    indexes.insert(digest);
+                }
+            }
+        }
+    }
+    Ok(indexes)
+}
+
+fn parse_digest(digest: &str) -> ApiResult<Digest> {
+    digest.parse().map_err(|e| {
+        ApiError::bad_request(
+            format!("{digest:?} is not a chunk digest: {e}"),
+            "a digest is 64 lowercase hexadecimal characters (BLAKE3)",
+        )
+    })
+}
+
+fn not_found(what: &str, digest: &Digest, outpost: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "artifact-not-found",
+        format!("this hub has no {what} {digest} for outpost {outpost:?}"),
+        "it belongs to a build released to a stage on this outpost; push the build again if it was deleted",
+    )
+}
+
+/// One chunk in its stored form (a zstd frame), for the outpost agents
+/// whose releases use it. Supports one `Range`, so an interrupted chunk
+/// resumes.
+#[utoipa::path(get, path = "/agent/chunks/{digest}", tag = "outposts",
+    params(
+        ("digest" = String, Path, description = "BLAKE3 digest of the chunk's content, 64 lowercase hexadecimal characters"),
+        ("Range" = Option<String>, Header, description = "One byte range, e.g. `bytes=1000-`"),
+    ),
+    responses(
+        (status = 200, description = "The stored chunk", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "The requested range of the stored chunk", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 401, description = "No client certificate", body = crate::error::ErrorBody),
+        (status = 403, description = "The outpost is revoked or the key is not its registered one", body = crate::error::ErrorBody),
+        (status = 404, description = "No such chunk for this outpost", body = crate::error::ErrorBody),
+        (status = 416, description = "The range lies outside the chunk", body = crate::error::ErrorBody),
+    ))]
+pub async fn chunk(
+    State(state): State<AppState>,
+    connection: Option<axum::Extension<ConnectionInfo>>,
+    crate::extract::Path(digest): crate::extract::Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    match serve_chunk(&state, connection, &digest, &headers).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn serve_chunk(
+    state: &AppState,
+    connection: Option<axum::Extension<ConnectionInfo>>,
+    digest: &str,
+    headers: &axum::http::HeaderMap,
+) -> ApiResult<Response> {
+    let peer = authorize_agent(state, connection).await?;
+    let digest = parse_digest(digest)?;
+    if !state
+        .artifact_access()
+        .allows(state, &peer.outpost, &digest, Wanted::IndexOrChunk)
+        .await?
+    {
+        return Err(not_found("chunk", &digest, &peer.outpost));
+    }
+    let path = state.chunks().path(&digest);
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(not_found("chunk", &digest, &peer.outpost));
+        }
+        Err(e) => {
+            return Err(ApiError::internal(format!("cannot open chunk {digest}: {e}")));
+        }
+    };
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot read chunk {digest}: {e}")))?
+        .len();
+    let range = match byte_range(headers.get(header::RANGE), len) {
+        Ok(range) => range,
+        Err(()) => {
+            let mut response = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range-not-satisfiable",
+                format!("chunk {digest} has {len} bytes; the requested range lies outside"),
+                "ask for a range within the chunk, or for all of it",
+            )
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                response.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(response);
+        }
+    };
+    let (status, start, count) = match range {
+        Some((start, end)) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
+        None => (StatusCode::OK, 0, len),
+    };
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    if start > 0 {
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot read chunk {digest}: {e}")))?;
+    }
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file.take(count)));
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(&count.to_string()) {
+        h.insert(header::CONTENT_LENGTH, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+        h.insert(header::ETAG, v);
+    }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{len}", start + count - 1))
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    Ok(response)
+}
+
+/// An artifact's whole content (an image archive, a package), put together
+/// from its chunks and verified on the way: a damaged chunk ends the
+/// response early with an error instead of sending wrong bytes. For
+/// clients that fetch whole artifacts; agents fetch chunks.
+#[utoipa::path(get, path = "/agent/artifacts/{index}/content", tag = "outposts",
+    params(("index" = String, Path, description = "Digest of the artifact's index")),
+    responses(
+        (status = 200, description = "The artifact's content", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 401, description = "No client certificate", body = crate::error::ErrorBody),
+        (status = 404, description = "No such artifact for this outpost", body = crate::error::ErrorBody),
+    ))]
+pub async fn artifact_content(
+    State(state): State<AppState>,
+    connection: Option<axum::Extension<ConnectionInfo>>,
+    crate::extract::Path(index): crate::extract::Path<String>,
+) -> Response {
+    match serve_content(&state, connection, &index).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn serve_content(
+    state: &AppState,
+    connection: Option<axum::Extension<ConnectionInfo>>,
+    index: &str,
+) -> ApiResult<Response> {
+    let peer = authorize_agent(state, connection).await?;
+    let digest = parse_digest(index)?;
+    if !state
+        .artifact_access()
+        .allows(state, &peer.outpost, &digest, Wanted::Index)
+        .await?
+    {
+        return Err(not_found("artifact", &digest, &peer.outpost));
+    }
+    let store = state.chunks().clone();
+    let artifact = tokio::task::spawn_blocking(move || store.artifact(&digest))
+        .await
+        .map_err(|e| ApiError::internal(format!("reading artifact {digest} failed: {e}")))?
+        .map_err(|e| match e {
+            trellis_cas::CasError::NotFound { .. } => not_found("artifact", &digest, &peer.outpost),
+            other => ApiError::internal(format!(
+                "artifact {digest} cannot be served: {other} (this hub reads {INDEX_FORMAT})"
+            )),
+        })?;
+    let size = artifact.size;
+    let reader = state.chunks().open_artifact(&digest, &artifact);
+    // Chunks are read on a blocking thread and handed over through a small
+    // channel, so a slow client holds at most a few chunks in memory.
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut reader = reader;
+        let mut buf = vec![0u8; 1024 * 1024];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if tx
+                        .blocking_send(Ok(bytes::Bytes::copy_from_slice(&buf[..n])))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(%digest, error = %e, "an artifact could not be served");
+                    let _ = tx.blocking_send(Err(e));
+                    break;
+                }
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut response = Response::new(body);
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&size.to_string()) {
+        h.insert(header::CONTENT_LENGTH, v);
+    }
+    Ok(response)
+}
+
+/// A single byte range (`bytes=A-B`, `bytes=A-`, `bytes=-N`) of a file of
+/// `len` bytes, as inclusive bounds. `Ok(None)`: serve the whole file (no
+/// range, or one this endpoint does not do, such as several ranges).
+/// `Err(())`: the range lies outside the file.
+fn byte_range(header: Option<&HeaderValue>, len: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = header
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("bytes="))
+    else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((start, end)) = spec.split_once('-') else {
+        return Ok(None);
+    };
+    let (start, end) = (start.trim(), end.trim());
+    let range = if start.is_empty() {
+        let Ok(suffix) = end.parse::<u64>() else {
+            return Ok(None);
+        };
+        if suffix == 0 || len == 0 {
+            return Err(());
+        }
+        (len.saturating_sub(suffix), len - 1)
+    } else {
+        let Ok(start) = start.parse::<u64>() else {
+            return Ok(None);
+        };
+        let end = match end {
+            "" => len.saturating_sub(1),
+            e => match e.parse::<u64>() {
+                Ok(e) => e.min(len.saturating_sub(1)),
+                Err(_) => return Ok(None),
+            },
+        };
+        if start >= len || end < start {
+            return Err(());
+        }
+        (start, end)
+    };
+    Ok(Some(range))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(v: &str, len: u64) -> Result<Option<(u64, u64)>, ()> {
+        byte_range(Some(&HeaderValue::from_str(v).unwrap()), len)
+    }
+
+    #[test]
+    fn reads_byte_ranges() {
+        assert_eq!(byte_range(None, 10), Ok(None));
+        assert_eq!(range("bytes=0-", 10), Ok(Some((0, 9))));
+        assert_eq!(range("bytes=4-", 10), Ok(Some((4, 9))));
+        assert_eq!(range("bytes=2-5", 10), Ok(Some((2, 5))));
+        assert_eq!(range("bytes=2-50", 10), Ok(Some((2, 9))));
+        assert_eq!(range("bytes=-3", 10), Ok(Some((7, 9))));
+        assert_eq!(range("bytes=-30", 10), Ok(Some((0, 9))));
+        assert_eq!(range("bytes=10-", 10), Err(()));
+        assert_eq!(range("bytes=5-2", 10), Err(()));
+        assert_eq!(range("bytes=0-1,3-4", 10), Ok(None));
+        assert_eq!(range("items=0-1", 10), Ok(None));
+        assert_eq!(range("bytes=x-", 10), Ok(None));
+    }
+}

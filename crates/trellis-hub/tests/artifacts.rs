@@ -1,0 +1,534 @@
+//! Artifacts over real TLS: a client uploads only the chunks the hub lacks;
+//! a joined agent fetches the chunks of a build released to a stage on its
+//! outpost with its client certificate (through the agent's own
+//! `HubArtifacts`), resumes an interrupted delivery without fetching
+//! complete chunks again, refuses a chunk damaged on the hub's disk, and
+//! is refused without a certificate, for other outposts' artifacts, for
+//! unknown digests and once revoked.
+
+use std::sync::Arc;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use trellis_agent::runtime::artifacts::{ArtifactSource, HubArtifacts};
+use trellis_cas::{ArtifactKind, ChunkStore, Durability, PutArtifact};
+use trellis_agent::{AgentState, STATE_FILE};
+use trellis_hub::{Hub, HubOptions};
+use trellis_link::identity::JoinToken;
+
+struct TlsHub {
+    addr: std::net::SocketAddr,
+    admin: String,
+    ca_pem: String,
+    http: reqwest::Client,
+    data: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start() -> TlsHub {
+    let data = tempfile::tempdir().unwrap();
+    let hub = Hub::open(HubOptions {
+        data_dir: data.path().join("hub"),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let admin = hub.first_admin_key().unwrap().to_string();
+    let ca_pem = std::fs::read_to_string(data.path().join("hub/ca.pem")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(hub.serve_tls(listener, async {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    TlsHub {
+        addr,
+        admin,
+        ca_pem,
+        http,
+        data,
+        _stop: stop,
+    }
+}
+
+impl TlsHub {
+    async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("https://{}/api/v1{path}", self.addr))
+            .bearer_auth(&self.admin);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Registers an outpost, joins an agent to it (the real `trellis agent
+    /// join`) and returns the agent's state.
+    async fn joined_agent(&self, name: &str) -> Arc<AgentState> {
+        let (s, b) = self
+            .api(
+                reqwest::Method::POST,
+                "/outposts",
+                Some(json!({"name": name})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        let token: JoinToken = b["join"]["token"].as_str().unwrap().parse().unwrap();
+        let dir = self.data.path().join(format!("agent-{name}"));
+        trellis_agent::join(&token, &dir).await.unwrap();
+        Arc::new(AgentState::open(&dir.join(STATE_FILE)).unwrap())
+    }
+
+    /// A project with a stage on `outpost`, and a build with one process
+    /// component whose package is `package`, released to that stage.
+    /// Returns the package's artifact as stored by the client.
+    async fn release_on(&self, outpost: &str, project: &str, package: &[u8]) -> PutArtifact {
+        let (s, b) = self
+            .api(
+                reqwest::Method::GET,
+                &format!("/outposts/{outpost}/uri"),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        let uri = b["uri"].as_str().unwrap().to_owned();
+        let (s, b) = self
+            .api(
+                reqwest::Method::POST,
+                "/projects",
+                Some(json!({"name": project})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        let (s, b) = self
+            .api(
+                reqwest::Method::POST,
+                &format!("/projects/{project}/stages"),
+                Some(json!({"name": "line", "type": "prod", "outpost_uri": uri})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        let put = self.upload(package).await;
+        let digest = put.index_digest.as_hex();
+        let manifest = "version: v1\ncomponents:\n  - name: sensor\n    process: {path: ./sensor, command: [./sensor]}\n";
+        let (s, b) = self
+            .api(
+                reqwest::Method::POST,
+                &format!("/projects/{project}/builds"),
+                Some(json!({
+                    "branch": "main", "commit": "0123456789abcdef0123456789abcdef01234567",
+                    "manifest_file": "trellis.yaml", "manifest": manifest,
+                    "components": [{"name": "sensor", "artifact":
+                        {"kind": "package", "digest": digest, "size": package.len()}}]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        let (s, b) = self
+            .api(
+                reqwest::Method::POST,
+                &format!("/projects/{project}/stages/line/releases"),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        put
+    }
+
+    /// Chunks `bytes` as a package and uploads the chunks the hub lacks,
+    /// as `trellis push build` does. Returns what was stored.
+    async fn upload(&self, bytes: &[u8]) -> PutArtifact {
+        let staging = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(staging.path(), Durability::Cache).unwrap();
+        let put = store.put_artifact(ArtifactKind::Package, bytes).unwrap();
+        let mut digests: Vec<String> = put
+            .index
+            .distinct_chunks()
+            .iter()
+            .map(|c| c.digest.as_hex())
+            .collect();
+        digests.push(put.index_digest.as_hex());
+        let missing = self.missing(&digests).await;
+        for digest in &missing {
+            let stored = std::fs::read(store.path(&digest.parse().unwrap())).unwrap();
+            let (s, b) = self.put_chunk(digest, stored).await;
+            assert_eq!(s, StatusCode::CREATED, "{b}");
+        }
+        put
+    }
+
+    async fn missing(&self, digests: &[String]) -> Vec<String> {
+        let (s, b) = self
+            .api(
+                reqwest::Method::POST,
+                "/chunks/missing",
+                Some(json!({ "digests": digests })),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        serde_json::from_value(b["missing"].clone()).unwrap()
+    }
+
+    async fn put_chunk(&self, digest: &str, stored: Vec<u8>) -> (StatusCode, Value) {
+        let resp = self
+            .http
+            .put(format!("https://{}/api/v1/chunks/{digest}", self.addr))
+            .bearer_auth(&self.admin)
+            .body(stored)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The hub's own chunk store.
+    fn hub_chunks(&self) -> ChunkStore {
+        ChunkStore::open(&self.data.path().join("hub/artifacts"), Durability::Synced).unwrap()
+    }
+
+    /// A client that presents the agent's certificate.
+    async fn agent_http(&self, state: &AgentState) -> reqwest::Client {
+        let id = state.identity().unwrap().unwrap();
+        let pem = format!("{}\n{}", id.cert_pem, id.key_pem);
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap())
+            .identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap())
+            .build()
+            .unwrap()
+    }
+
+    fn chunk_url(&self, digest: &str) -> String {
+        format!("https://{}/api/v1/agent/chunks/{digest}", self.addr)
+    }
+
+    /// Points the agent at `addr` instead of the hub (a fault proxy).
+    fn route_agent_through(&self, agent: &AgentState, addr: std::net::SocketAddr) {
+        let mut id = agent.identity().unwrap().unwrap();
+        id.hub_url = format!("https://{addr}");
+        agent.set_identity(&id).unwrap();
+    }
+}
+
+/// Incompressible bytes, the same for the same seed.
+fn noise(seed: &str, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(seed.as_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
+/// A real package: a packed directory with some incompressible content.
+fn package(model_bytes: usize) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("sensor"), b"#!/bin/sh\necho hi\n").unwrap();
+    std::fs::write(dir.path().join("model.bin"), noise("model", model_bytes)).unwrap();
+    let mut out = Vec::new();
+    trellis_cas::pack_dir(dir.path(), &mut out).unwrap();
+    out
+}
+
+fn agent_store(dir: &std::path::Path) -> ChunkStore {
+    ChunkStore::open(dir, Durability::Cache).unwrap()
+}
+
+#[tokio::test]
+async fn uploads_send_only_missing_chunks_and_builds_need_every_chunk() {
+    let hub = start().await;
+    let bytes = package(2 << 20);
+    let staging = tempfile::tempdir().unwrap();
+    let store = agent_store(staging.path());
+    let put = store.put_artifact(ArtifactKind::Package, &bytes[..]).unwrap();
+    let all: Vec<String> = put
+        .index
+        .distinct_chunks()
+        .iter()
+        .map(|c| c.digest.as_hex())
+        .collect();
+    assert_eq!(hub.missing(&all).await, all, "a new hub lacks everything");
+
+    // Only the first chunk goes up; the hub then lacks the rest.
+    let first = &all[0];
+    let stored = std::fs::read(store.path(&first.parse().unwrap())).unwrap();
+    let (s, b) = hub.put_chunk(first, stored.clone()).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(hub.missing(&all).await, all[1..].to_vec());
+
+    // A build naming the artifact is refused until every chunk is there.
+    let manifest = "version: v1\ncomponents:\n  - name: sensor\n    process: {path: ./sensor, command: [./sensor]}\n";
+    let build = json!({
+        "branch": "main", "commit": "0123456789abcdef0123456789abcdef01234567",
+        "manifest_file": "trellis.yaml", "manifest": manifest,
+        "components": [{"name": "sensor", "artifact":
+            {"kind": "package", "digest": put.index_digest.as_hex(), "size": bytes.len()}}]});
+    let (s, b) = hub
+        .api(reqwest::Method::POST, "/projects", Some(json!({"name": "plant"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, b) = hub
+        .api(reqwest::Method::POST, "/projects/plant/builds", Some(build.clone()))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(b["error"]["code"], "invalid-build");
+    assert!(b["error"]["message"].as_str().unwrap().contains("not been uploaded"), "{b}");
+    let put_again = hub.upload(&bytes).await;
+    assert_eq!(put_again.index_digest, put.index_digest);
+    assert!(hub.missing(&all).await.is_empty());
+    let (s, b) = hub
+        .api(reqwest::Method::POST, "/projects/plant/builds", Some(build))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+
+    // A chunk that does not match its name is refused and not stored.
+    let other = blake3::hash(b"another chunk").to_hex().to_string();
+    let (s, b) = hub.put_chunk(&other, stored).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(b["error"]["code"], "chunk-invalid");
+    let (s, b) = hub.put_chunk(&other, b"not a zstd frame".to_vec()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(b["error"]["code"], "chunk-invalid");
+    assert!(!hub.hub_chunks().contains(&other.parse().unwrap()));
+    let (s, _) = hub.put_chunk("not-a-digest", vec![1]).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn an_agent_fetches_its_artifacts_with_its_certificate() {
+    let hub = start().await;
+    let agent = hub.joined_agent("edge-1").await;
+    let bytes = package(3 << 20);
+    let put = hub.release_on("edge-1", "plant", &bytes).await;
+    let index = put.index_digest.as_hex();
+
+    // The agent's own fetcher: mTLS, verified, into its store.
+    let work = tempfile::tempdir().unwrap();
+    let store = agent_store(&work.path().join("cache"));
+    let fetcher = HubArtifacts::new(agent.clone(), store.clone());
+    let seen = std::sync::atomic::AtomicU64::new(0);
+    let fetched = fetcher
+        .fetch(&index, &|n| {
+            seen.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+        })
+        .await
+        .unwrap();
+    assert_eq!(fetched, put.index);
+    assert_eq!(seen.into_inner(), bytes.len() as u64);
+    let mut back = Vec::new();
+    std::io::Read::read_to_end(
+        &mut store.open_artifact(&put.index_digest, &fetched),
+        &mut back,
+    )
+    .unwrap();
+    assert_eq!(back, bytes);
+    // It unpacks.
+    trellis_cas::unpack(&back[..], &work.path().join("unpacked")).unwrap();
+    assert!(work.path().join("unpacked/model.bin").is_file());
+
+    // The chunk endpoint: 200 with the stored chunk, 206 for a range, 416.
+    let chunk = put.index.chunks[0].digest;
+    let stored = std::fs::read(store.path(&chunk)).unwrap();
+    let http = hub.agent_http(&agent).await;
+    let resp = http.get(hub.chunk_url(&chunk.as_hex())).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["accept-ranges"], "bytes");
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), &stored[..]);
+    let resp = http
+        .get(hub.chunk_url(&chunk.as_hex()))
+        .header("Range", "bytes=1000-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        resp.headers()["content-range"],
+        format!("bytes 1000-{}/{}", stored.len() - 1, stored.len()).as_str()
+    );
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), &stored[1000..]);
+    let resp = http
+        .get(hub.chunk_url(&chunk.as_hex()))
+        .header("Range", format!("bytes={}-", stored.len()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "range-not-satisfiable");
+
+    // The whole artifact in one plain download.
+    let resp = http
+        .get(format!(
+            "https://{}/api/v1/agent/artifacts/{index}/content",
+            hub.addr
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), &bytes[..]);
+}
+
+#[tokio::test]
+async fn an_interrupted_delivery_resumes_without_fetching_complete_chunks_again() {
+    let hub = start().await;
+    let agent = hub.joined_agent("edge-1").await;
+    let bytes = package(16 << 20);
+    let put = hub.release_on("edge-1", "plant", &bytes).await;
+    let index = put.index_digest.as_hex();
+    let proxy = trellis_faultproxy::FaultProxy::start(hub.addr).await.unwrap();
+    hub.route_agent_through(&agent, proxy.addr());
+    // Slow enough to be caught halfway: 4 connections of 2 MiB/s each.
+    proxy.set(trellis_faultproxy::Mode::Throttle {
+        bytes_per_sec: 2 << 20,
+    });
+
+    let work = tempfile::tempdir().unwrap();
+    let store = agent_store(&work.path().join("cache"));
+    let fetcher = Arc::new(HubArtifacts::new(agent.clone(), store.clone()));
+    let task = {
+        let fetcher = fetcher.clone();
+        let index = index.clone();
+        tokio::spawn(async move { fetcher.fetch(&index, &|_| {}).await })
+    };
+    // Wait until about half the chunks are here, then cut the link and
+    // stop the delivery, as a killed agent would.
+    let chunks = put.index.distinct_chunks();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let present = chunks.iter().filter(|c| store.contains(&c.digest)).count();
+        if present * 2 >= chunks.len() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the delivery did not get halfway");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    task.abort();
+    proxy.drop_connections();
+    let _ = task.await;
+    let present = chunks.iter().filter(|c| store.contains(&c.digest)).count();
+    assert!(present < chunks.len(), "the delivery was not interrupted");
+
+    // A new fetcher (a restarted agent) on the same cache finishes it.
+    proxy.set(trellis_faultproxy::Mode::Pass);
+    let fetcher = HubArtifacts::new(agent.clone(), store.clone());
+    let fetched = fetcher.fetch(&index, &|_| {}).await.unwrap();
+    let mut back = Vec::new();
+    std::io::Read::read_to_end(&mut store.open_artifact(&put.index_digest, &fetched), &mut back)
+        .unwrap();
+    assert_eq!(back, bytes);
+
+    // Everything that crossed the link, TLS and HTTP included, against
+    // what the artifact takes on the hub's disk.
+    let moved = proxy.stats().bytes_down;
+    let ratio = moved as f64 / put.stored as f64;
+    println!("moved {moved} bytes for {} stored: {ratio:.3}", put.stored);
+    assert!(ratio <= 1.05, "moved {moved} bytes for an artifact of {} stored", put.stored);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_chunk_damaged_on_the_hub_is_refused_and_never_stored() {
+    let hub = start().await;
+    let agent = hub.joined_agent("edge-1").await;
+    let bytes = package(1 << 20);
+    let put = hub.release_on("edge-1", "plant", &bytes).await;
+    // Damage one chunk on the hub's disk: still a valid zstd frame, of
+    // other content.
+    let victim = put.index.chunks[1].digest;
+    let path = hub.hub_chunks().path(&victim);
+    std::fs::write(&path, zstd::bulk::compress(&noise("other", 1000), 3).unwrap()).unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    let store = agent_store(&work.path().join("cache"));
+    let fetcher = HubArtifacts::new(agent.clone(), store.clone());
+    let err = fetcher
+        .fetch(&put.index_digest.as_hex(), &|_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, "artifact-corrupt", "{err:?}");
+    assert!(err.message.contains(&victim.as_hex()), "{}", err.message);
+    assert!(!store.contains(&victim), "a damaged chunk is never kept");
+    assert!(
+        std::fs::read_dir(store.tmp_dir()).unwrap().next().is_none(),
+        "nothing half-written is left behind"
+    );
+}
+
+#[tokio::test]
+async fn artifacts_are_refused_without_a_certificate_to_other_outposts_unknown_and_revoked() {
+    let hub = start().await;
+    let agent = hub.joined_agent("edge-1").await;
+    let other = hub.joined_agent("edge-2").await;
+    let bytes = package(300_000);
+    let put = hub.release_on("edge-1", "plant", &bytes).await;
+    let index = put.index_digest.as_hex();
+    let chunk = put.index.chunks[0].digest.as_hex();
+
+    // No client certificate: 401 with a JSON error.
+    let resp = hub.http.get(hub.chunk_url(&chunk)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "client-certificate-required");
+
+    // An access key is no substitute for the agent's certificate.
+    let resp = hub
+        .http
+        .get(hub.chunk_url(&chunk))
+        .bearer_auth(&hub.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    // Another outpost's agent gets neither this outpost's index nor its
+    // chunks.
+    let other_http = hub.agent_http(&other).await;
+    for digest in [&index, &chunk] {
+        let resp = other_http.get(hub.chunk_url(digest)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    }
+
+    // An unknown digest: 404 with a stable code, also through HubArtifacts.
+    let unknown = blake3::hash(b"no such artifact").to_hex().to_string();
+    let http = hub.agent_http(&agent).await;
+    let resp = http.get(hub.chunk_url(&unknown)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "artifact-not-found");
+    let work = tempfile::tempdir().unwrap();
+    let fetcher = HubArtifacts::new(agent.clone(), agent_store(&work.path().join("cache")));
+    let err = fetcher.fetch(&unknown, &|_| {}).await.unwrap_err();
+    assert_eq!(err.code, "artifact-not-found", "{err:?}");
+    let resp = http.get(hub.chunk_url("not-a-digest")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+
+    // Revoked: refused, even though the certificate is still valid.
+    let (s, _) = hub
+        .api(reqwest::Method::POST, "/outposts/edge-1/revoke", None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let resp = hub
+        .agent_http(&agent)
+        .await
+        .get(hub.chunk_url(&chunk))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "revoked");
+    let err = fetcher.fetch(&index, &|_| {}).await.unwrap_err();
+    assert_eq!(err.code, "revoked", "{err:?}");
+}
