@@ -137,7 +137,7 @@ mod tests {
     #[test]
     fn coalesces_and_throttles_updates() {
         let board = DeliveryBoard::default();
-        let stage = StageKey::new("shop".into(), "line3".into());
+        let stage = StageKey::new("shop", "line3");
         board.update(&stage, delivery(10), false);
         board.update(&stage, delivery(20), false);
         let frames = board.take_changes();

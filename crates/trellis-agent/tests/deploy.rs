@@ -1,7 +1,7 @@
 //! The deployer over the real process runtime: what a user sees when a
 //! release does not come up, when a component starts failing later, when
 //! the outpost cannot run a component at all, and when its disk is full.
-//! Packages come from a blob store in a temporary directory, standing in
+//! Packages come from a chunk store in a temporary directory, standing in
 //! for the hub.
 
 use std::os::unix::fs::PermissionsExt;
@@ -12,25 +12,25 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use trellis_agent::deploy::{DeployOptions, Deployer};
 use trellis_agent::runtime::Runtime;
-use trellis_agent::runtime::packages::{LocalPackages, PackageSource};
+use trellis_agent::runtime::artifacts::{ArtifactSource, LocalArtifacts};
 use trellis_agent::runtime::process::{ProcessOptions, ProcessRuntime};
 use trellis_agent::{StageKey, StageRunner};
-use trellis_cas::BlobStore;
+use trellis_cas::{ArtifactKind, ChunkStore, Durability};
 
 struct World {
     dir: tempfile::TempDir,
-    blobs: BlobStore,
+    blobs: ChunkStore,
 }
 
 impl World {
     fn new() -> World {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(&dir.path().join("hub-blobs")).unwrap();
+        let blobs = ChunkStore::open(&dir.path().join("hub-blobs"), Durability::Synced).unwrap();
         World { dir, blobs }
     }
 
-    fn packages(&self) -> Arc<dyn PackageSource> {
-        Arc::new(LocalPackages::new(self.blobs.clone()))
+    fn packages(&self) -> Arc<dyn ArtifactSource> {
+        Arc::new(LocalArtifacts::new(self.blobs.clone()))
     }
 
     /// A deployer with a quick health check over a process runtime whose
@@ -67,10 +67,13 @@ impl World {
             std::fs::write(&p, content).unwrap();
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
-        let mut writer = self.blobs.writer().unwrap();
-        trellis_cas::pack_dir(src.path(), &mut writer).unwrap();
-        let info = writer.finish(None).unwrap();
-        (info.digest.to_string(), info.size)
+        let mut tar = Vec::new();
+        trellis_cas::pack_dir(src.path(), &mut tar).unwrap();
+        let put = self
+            .blobs
+            .put_artifact(ArtifactKind::Package, &tar[..])
+            .unwrap();
+        (put.index_digest.to_string(), put.index.size)
     }
 }
 

@@ -1,6 +1,6 @@
 //! The process runtime with real processes: packages made with
-//! `trellis_cas::pack_dir` and served from a blob store in a temporary
-//! directory (`LocalPackages`, standing in for the hub), components that
+//! `trellis_cas::pack_dir` and served from a chunk store in a temporary
+//! directory (`LocalArtifacts`, standing in for the hub), components that
 //! reach each other over loopback, crash loops, adoption by a new runtime
 //! over the same root, logs, stopping process groups, scheduled runs.
 
@@ -12,26 +12,26 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::sync::mpsc;
 use trellis_agent::StageKey;
-use trellis_agent::runtime::packages::{LocalPackages, PackageSource};
+use trellis_agent::runtime::artifacts::{ArtifactSource, LocalArtifacts};
 use trellis_agent::runtime::plan::plan_from_desired;
 use trellis_agent::runtime::process::{ProcessOptions, ProcessRuntime};
 use trellis_agent::runtime::{
     ActionKind, ComponentObservation, ComponentPlan, ComponentState, LogQuery, LogStream,
     PlannedVolume, Runtime, RuntimeKind, StagePlan, Workload,
 };
-use trellis_cas::BlobStore;
+use trellis_cas::{ArtifactKind, ChunkStore, Durability};
 use trellis_model::manifest::{Schedule, StorageKind};
 
 /// A temporary world: a blob store with packages and a runtime root.
 struct World {
     dir: tempfile::TempDir,
-    blobs: BlobStore,
+    blobs: ChunkStore,
 }
 
 impl World {
     fn new() -> World {
         let dir = tempfile::tempdir().unwrap();
-        let blobs = BlobStore::open(&dir.path().join("hub-blobs")).unwrap();
+        let blobs = ChunkStore::open(&dir.path().join("hub-blobs"), Durability::Synced).unwrap();
         World { dir, blobs }
     }
 
@@ -39,8 +39,8 @@ impl World {
         self.dir.path().join("processes")
     }
 
-    fn packages(&self) -> Arc<dyn PackageSource> {
-        Arc::new(LocalPackages::new(self.blobs.clone()))
+    fn packages(&self) -> Arc<dyn ArtifactSource> {
+        Arc::new(LocalArtifacts::new(self.blobs.clone()))
     }
 
     fn runtime(&self, options: ProcessOptions) -> ProcessRuntime {
@@ -57,10 +57,13 @@ impl World {
             let mode = if *exec { 0o755 } else { 0o644 };
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
         }
-        let mut writer = self.blobs.writer().unwrap();
-        trellis_cas::pack_dir(src.path(), &mut writer).unwrap();
-        let info = writer.finish(None).unwrap();
-        (info.digest.to_string(), info.size)
+        let mut tar = Vec::new();
+        trellis_cas::pack_dir(src.path(), &mut tar).unwrap();
+        let put = self
+            .blobs
+            .put_artifact(ArtifactKind::Package, &tar[..])
+            .unwrap();
+        (put.index_digest.to_string(), put.index.size)
     }
 
     fn stage_dir(&self, stage: &StageKey) -> PathBuf {
@@ -470,7 +473,7 @@ async fn a_command_that_cannot_start_or_a_missing_package_fails_only_its_compone
     let nopkg = observe(&runtime, &stage, "nopkg").await;
     assert_eq!(nopkg.state, ComponentState::Failed);
     assert!(
-        nopkg.message.as_deref().unwrap().contains("not stored"),
+        nopkg.message.as_deref().unwrap().contains("not in the store"),
         "{nopkg:?}"
     );
     wait_for(&runtime, &stage, "fine", "ran", |o| {

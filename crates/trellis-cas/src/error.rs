@@ -31,7 +31,7 @@ pub enum CasError {
 
     /// The blob is not in the store.
     #[error(
-        "blob {digest} is not in the store at {}; store or fetch it first",
+        "{digest} is not in the store at {}; store or fetch it first",
         root.display()
     )]
     NotFound { digest: Digest, root: PathBuf },

@@ -147,7 +147,7 @@ fn extract(reader: impl Read, root: &Path, dest: &Path) -> Result<Written> {
     } else {
         Box::new(reader)
     };
-    let mut archive = tar::Archive::new(stream);
+    let mut archive = tar::Archive::new(Tail::new(stream));
     let mut written = Written::default();
     // Every path written so far, and which of them are symlinks: nothing
     // may be written twice, or beneath a symlink (that would follow it).
@@ -229,7 +229,51 @@ fn extract(reader: impl Read, root: &Path, dest: &Path) -> Result<Written> {
             }
         }
     }
+    // A tar stream ends with two zero blocks; one cut short ends early,
+    // which the entries alone do not show.
+    let mut tail = archive.into_inner();
+    io::copy(&mut tail, &mut io::sink()).map_err(invalid)?;
+    if !tail.is_complete_tar() {
+        return Err(invalid(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the tar stream is cut short (it does not end with its end-of-archive blocks)",
+        )));
+    }
     Ok(written)
+}
+
+/// Counts what passes through and how many zero bytes end it.
+struct Tail<R> {
+    inner: R,
+    total: u64,
+    trailing_zeros: u64,
+}
+
+impl<R: Read> Tail<R> {
+    fn new(inner: R) -> Self {
+        Tail {
+            inner,
+            total: 0,
+            trailing_zeros: 0,
+        }
+    }
+
+    /// Whether the stream was whole blocks ending in two zero blocks.
+    fn is_complete_tar(&self) -> bool {
+        self.total % 512 == 0 && self.trailing_zeros >= 1024
+    }
+}
+
+impl<R: Read> Read for Tail<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.total += n as u64;
+        match buf[..n].iter().rposition(|&b| b != 0) {
+            Some(last) => self.trailing_zeros = (n - 1 - last) as u64,
+            None => self.trailing_zeros += n as u64,
+        }
+        Ok(n)
+    }
 }
 
 /// Creates `root/rel` and any missing parents, remembering each directory
