@@ -384,13 +384,24 @@ pub enum CreateCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum PushCommand {
-    /// Record a build from the project's git work tree (its HEAD commit)
+    /// Record a build from the project's git work tree (its HEAD commit):
+    /// build or take each component's image, pack each `process:`
+    /// directory, and upload the chunks the hub lacks
     Build {
         #[arg(short, long)]
         project: String,
         /// The project's directory
         #[arg(long, default_value = ".")]
         path: PathBuf,
+        /// The container engine that builds, pulls and saves images (default:
+        /// the first of podman, docker found on PATH; needed only when the
+        /// manifest has `docker:` components)
+        #[arg(long, value_enum, env = "TRELLIS_ENGINE")]
+        engine: Option<EngineKind>,
+        /// Pull `docker.image` images the local engine does not have
+        /// (otherwise such an image is an error)
+        #[arg(long)]
+        pull: bool,
     },
     /// Push a release of a build (the newest by default) to a stage
     Release {
@@ -403,6 +414,13 @@ pub enum PushCommand {
         #[arg(short, long)]
         config: Option<String>,
     },
+}
+
+/// A container engine's command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EngineKind {
+    Podman,
+    Docker,
 }
 
 #[derive(Debug, Subcommand)]

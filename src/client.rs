@@ -11,6 +11,8 @@ use anyhow::Context;
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use trellis_hub::api::chunks::MAX_DIGESTS_PER_QUERY;
+use trellis_hub::api::types::{ChunkInfoResponse, MissingChunksRequest, MissingChunksResponse};
 use trellis_hub::error::ErrorBody;
 
 /// Why a request to the hub failed.
@@ -227,54 +229,45 @@ impl HubClient {
             .map(drop)
     }
 
-    /// Whether the hub has a blob already.
-    pub async fn has_blob(&self, digest: &str) -> Result<bool, ClientError> {
-        let doing = "checking for an uploaded package";
-        // HEAD answers carry no body, so the status is all there is to read.
-        let resp = self
-            .request(Method::HEAD, &format!("/blobs/{digest}"))
-            .send()
-            .await
-            .map_err(|source| ClientError::Transport {
-                endpoint: self.endpoint.clone(),
-                doing: doing.to_owned(),
-                source,
-            })?;
-        match resp.status() {
-            StatusCode::OK => Ok(true),
-            StatusCode::NOT_FOUND => Ok(false),
-            status if status.is_client_error() => Err(ClientError::Refused {
-                status,
-                code: "refused".into(),
-                message: format!("the hub refused {doing} (HTTP {status})"),
-                hint: "check your access key (TRELLIS_KEY or `trellis login`)".into(),
-            }),
-            status => Err(ClientError::Server {
-                doing: doing.to_owned(),
-                message: format!("HTTP {status}"),
-                hint: "retry; if it persists, look at the hub's log".into(),
-            }),
+    /// Which of `digests` (hex) the hub lacks, asked in batches of at most
+    /// what one query may carry.
+    pub async fn missing_chunks(&self, digests: &[String]) -> Result<Vec<String>, ClientError> {
+        let mut missing = Vec::new();
+        for batch in digests.chunks(MAX_DIGESTS_PER_QUERY) {
+            let answer: MissingChunksResponse = self
+                .post(
+                    "/chunks/missing",
+                    &MissingChunksRequest {
+                        digests: batch.to_vec(),
+                    },
+                    "asking which chunks the hub lacks",
+                )
+                .await?;
+            missing.extend(answer.missing);
         }
+        Ok(missing)
     }
 
-    /// Uploads a file as a blob under its digest, streaming it.
-    pub async fn put_blob(&self, digest: &str, file: &Path) -> Result<(), ClientError> {
-        let doing = "uploading a package";
-        let handle = tokio::fs::File::open(file)
-            .await
-            .map_err(|e| ClientError::Server {
-                doing: doing.into(),
-                message: format!("cannot read {}: {e}", file.display()),
-                hint: "retry".into(),
-            })?;
-        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(handle));
+    /// Uploads one chunk in its stored form (one zstd frame of content
+    /// named `digest`).
+    pub async fn put_chunk(
+        &self,
+        digest: &str,
+        stored: Vec<u8>,
+    ) -> Result<ChunkInfoResponse, ClientError> {
         let req = self
-            .request(Method::PUT, &format!("/blobs/{digest}"))
+            .request(Method::PUT, &format!("/chunks/{}", seg(digest)))
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(body);
-        self.send(req, doing).await.map(drop)
+            .timeout(CHUNK_UPLOAD_TIMEOUT)
+            .body(stored);
+        self.json(req, &format!("uploading chunk {digest}")).await
     }
 }
+
+/// How long one chunk upload (at most about a mebibyte, more only for the
+/// index of a very large artifact) may take before it counts as a broken
+/// connection and is tried again.
+const CHUNK_UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Path segments come from the user: escape anything that is not a plain
 /// name character so it cannot change the URL's shape.

@@ -151,7 +151,7 @@ fn push_build_records_branch_commit_and_refuses_non_git_directories() {
     // Packing is deterministic: the same commit gives the same digest.
     let out = cli.run_in(&repo, &["push", "build", "-p", "p"]);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("already on the hub"),
+        String::from_utf8_lossy(&out.stdout).contains("100.0% already on hub"),
         "{}",
         describe(&out)
     );
@@ -483,4 +483,413 @@ fn lifecycle_and_logs_of_a_component() {
         listed.contains("has not reported this stage yet"),
         "{listed}"
     );
+}
+
+/// Commits everything in the work tree `dir` (after [`git_project`]).
+fn git_commit_all(dir: &std::path::Path, message: &str) {
+    for args in [&["add", "-A"][..], &["commit", "-q", "-m", message]] {
+        let out = Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t.invalid",
+                "-c",
+                "commit.gpgsign=false",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", describe(&out));
+    }
+}
+
+/// `n` bytes that do not compress, the same every run (xorshift64*).
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+/// The `uploaded X of Y; Z% already on hub` line of a push: (X, Y) in bytes
+/// (as exact as the printed figures) and the line.
+fn upload_summary(out: &std::process::Output) -> (f64, f64, String) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("uploaded "))
+        .unwrap_or_else(|| panic!("no upload summary: {}", describe(out)))
+        .to_owned();
+    let size = |text: &str| -> f64 {
+        let (number, unit) = text.split_once(' ').unwrap();
+        let scale = match unit {
+            "B" => 1.0,
+            "KiB" => 1024.0,
+            "MiB" => 1024.0 * 1024.0,
+            "GiB" => 1024.0 * 1024.0 * 1024.0,
+            other => panic!("unit {other:?} in {line}"),
+        };
+        number.parse::<f64>().unwrap() * scale
+    };
+    let rest = line.strip_prefix("uploaded ").unwrap();
+    let (uploaded, rest) = rest.split_once(" of ").unwrap();
+    let (total, share) = rest.split_once("; ").unwrap();
+    assert!(share.ends_with("% already on hub"), "{line}");
+    (size(uploaded), size(total), line)
+}
+
+/// Chunked uploads of a `process:` package: the first push sends it all,
+/// an unchanged commit sends nothing, and a small edit to a large package
+/// sends a small part of it.
+#[test]
+fn push_build_uploads_only_the_chunks_the_hub_lacks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(&tmp.path().join("hub"));
+    let cli = Cli::for_hub(&hub, &hub.admin_key(), &tmp.path().join("config"));
+    cli.ok(&["create", "project", "p"]);
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(repo.join("app")).unwrap();
+    std::fs::write(repo.join("app/data.bin"), noise(7, 8 * 1024 * 1024)).unwrap();
+    git_project(
+        &repo,
+        &[
+            (
+                "trellis.yaml",
+                "version: v1\ncomponents:\n  - name: app\n    process:\n      path: ./app\n      command: [\"./run.sh\"]\n",
+            ),
+            ("app/run.sh", "#!/bin/sh\necho version 1\n"),
+        ],
+    );
+
+    let push = || {
+        let out = cli.run_in(&repo, &["push", "build", "-p", "p"]);
+        assert!(out.status.success(), "{}", describe(&out));
+        out
+    };
+    let first = push();
+    let (uploaded, total, line) = upload_summary(&first);
+    assert!(line.ends_with("; 0.0% already on hub"), "{line}");
+    assert!(
+        uploaded == total && total >= 8.0 * 1024.0 * 1024.0,
+        "{line}"
+    );
+
+    let again = push();
+    let (uploaded, _, line) = upload_summary(&again);
+    assert_eq!(uploaded, 0.0, "{line}");
+    assert!(
+        line.starts_with("uploaded 0 B of ") && line.ends_with("; 100.0% already on hub"),
+        "{line}"
+    );
+
+    std::fs::write(repo.join("app/run.sh"), "#!/bin/sh\necho version 2\n").unwrap();
+    git_commit_all(&repo, "version 2");
+    let edited = push();
+    let (uploaded, total, line) = upload_summary(&edited);
+    assert!(uploaded > 0.0, "{line}");
+    assert!(uploaded * 10.0 < total, "more than 10% sent again: {line}");
+
+    let builds = cli.json(&["list", "build", "-p", "p"]);
+    let digests: Vec<&str> = builds
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["components"][0]["artifact"]["digest"].as_str().unwrap())
+        .collect();
+    assert_eq!(digests.len(), 3, "{builds}");
+    assert_eq!(
+        digests
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        2,
+        "the unchanged commit names the same package: {digests:?}"
+    );
+}
+
+/// A project with container components needs an engine, and says how to
+/// get one; a process-only project does not.
+#[test]
+fn push_build_needs_an_engine_only_for_container_components() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(&tmp.path().join("hub"));
+    let cli = Cli::for_hub(&hub, &hub.admin_key(), &tmp.path().join("config"));
+    cli.ok(&["create", "project", "p"]);
+    // A PATH with git and nothing else.
+    let bin_dir = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let git = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v git"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(git.trim(), bin_dir.join("git")).unwrap();
+    let run = |repo: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["push", "build", "-p", "p"];
+        args.extend_from_slice(extra);
+        cli.command()
+            .current_dir(repo)
+            .env("PATH", &bin_dir)
+            .env_remove("TRELLIS_ENGINE")
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+
+    let processes = tmp.path().join("processes");
+    git_project(
+        &processes,
+        &[
+            (
+                "trellis.yaml",
+                "version: v1\ncomponents:\n  - name: app\n    process:\n      path: ./app\n      command: [\"./run.sh\"]\n",
+            ),
+            ("app/run.sh", "#!/bin/sh\necho hi\n"),
+        ],
+    );
+    let out = run(&processes, &[]);
+    assert!(out.status.success(), "{}", describe(&out));
+
+    let containers = tmp.path().join("containers");
+    git_project(
+        &containers,
+        &[
+            (
+                "trellis.yaml",
+                "version: v1\ncomponents:\n  - name: web\n    docker:\n      file: Dockerfile\n",
+            ),
+            ("Dockerfile", "FROM scratch\n"),
+        ],
+    );
+    let out = run(&containers, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`podman` nor `docker`") && err.contains("--engine") && err.contains("web"),
+        "{err}"
+    );
+    let out = run(&containers, &["--engine", "docker"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no `docker` on PATH"), "{err}");
+    let builds = cli.json(&["list", "build", "-p", "p"]);
+    assert_eq!(builds.as_array().unwrap().len(), 1, "{builds}");
+}
+
+/// Runs `trellis push build` in `repo` with Podman as the engine (and the
+/// test kit's containers.conf).
+fn push_with_podman(
+    cli: &Cli,
+    engine: &trellis_testkit::podman::PodmanEngine,
+    repo: &std::path::Path,
+    project: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec!["push", "build", "-p", project];
+    args.extend_from_slice(extra);
+    cli.command()
+        .current_dir(repo)
+        .env("CONTAINERS_CONF", engine.containers_conf())
+        .env("TRELLIS_ENGINE", "podman")
+        .args(&args)
+        .output()
+        .unwrap()
+}
+
+fn head_commit(repo: &std::path::Path) -> String {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["rev-parse", "HEAD"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Removes the images a test built, whatever happens.
+struct RemoveImages(trellis_testkit::podman::PodmanEngine, Vec<String>);
+impl Drop for RemoveImages {
+    fn drop(&mut self) {
+        for image in &self.1 {
+            let _ = self.0.podman(&["rmi", "-f", image]);
+        }
+    }
+}
+
+/// Container components: a `docker.file` image is built from the commit and
+/// a `docker.image` taken from the local engine; both are saved, chunked
+/// and recorded with their archives; pushing again sends nothing.
+#[test]
+fn push_build_builds_and_uploads_container_images() {
+    let Some(engine) = trellis_testkit::podman::engine() else {
+        return;
+    };
+    let busybox = engine.busybox_image();
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(&tmp.path().join("hub"));
+    let cli = Cli::for_hub(&hub, &hub.admin_key(), &tmp.path().join("config"));
+    cli.ok(&["create", "project", "imgs"]);
+    let repo = tmp.path().join("repo");
+    let manifest = format!(
+        "version: v1\ncomponents:\n  - name: web\n    docker:\n      file: web/Dockerfile\n      build-context: web\n      build-args:\n        GREETING: moin\n  - name: tools\n    docker:\n      image: {busybox}\n"
+    );
+    git_project(
+        &repo,
+        &[
+            ("trellis.yaml", manifest.as_str()),
+            (
+                "web/Dockerfile",
+                "FROM scratch\nARG GREETING\nCOPY hello.txt /hello.txt\n",
+            ),
+            ("web/hello.txt", "hello from a trellis build\n"),
+        ],
+    );
+    let commit = head_commit(&repo);
+    let reference = format!("trellis.local/imgs/web:{}", &commit[..12]);
+    let _cleanup = RemoveImages(engine.clone(), vec![reference.clone()]);
+
+    let out = push_with_podman(&cli, &engine, &repo, "imgs", &[]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("COPY hello.txt /hello.txt"),
+        "the build's output is shown: {stderr}"
+    );
+    let (uploaded, total, line) = upload_summary(&out);
+    assert!(uploaded > 0.0 && uploaded == total, "{line}");
+
+    let build = cli.json(&["get", "build", "main_b1", "-p", "imgs"]);
+    let components = build["components"].as_array().unwrap();
+    let artifact = |name: &str| {
+        components
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {build}"))["artifact"]
+            .clone()
+    };
+    let web = artifact("web");
+    assert_eq!(web["kind"], "image", "{web}");
+    assert_eq!(web["reference"], reference.as_str(), "{web}");
+    let archive = &web["archive"];
+    assert_eq!(archive["index"].as_str().unwrap().len(), 64, "{web}");
+    assert!(archive["size"].as_u64().unwrap() > 0, "{web}");
+    let image_id = archive["image_id"].as_str().unwrap();
+    let local_id = engine.podman_ok(&["image", "inspect", "--format", "{{.Id}}", &reference]);
+    assert_eq!(image_id, format!("sha256:{}", local_id.trim()), "{web}");
+    let tools = artifact("tools");
+    assert_eq!(tools["reference"], busybox, "{tools}");
+    assert!(
+        tools["archive"]["image_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:"),
+        "{tools}"
+    );
+
+    let out = push_with_podman(&cli, &engine, &repo, "imgs", &[]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let (_, _, line) = upload_summary(&out);
+    assert!(
+        line.starts_with("uploaded 0 B of ") && line.ends_with("; 100.0% already on hub"),
+        "{line}"
+    );
+}
+
+/// What goes wrong with container components is said clearly, exits 1 and
+/// records nothing: a Dockerfile that is not committed, a build that fails
+/// (its output repeated in the error), an image the engine does not have,
+/// and a pull that fails.
+#[test]
+fn push_build_explains_container_build_failures() {
+    let Some(engine) = trellis_testkit::podman::engine() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(&tmp.path().join("hub"));
+    let cli = Cli::for_hub(&hub, &hub.admin_key(), &tmp.path().join("config"));
+    cli.ok(&["create", "project", "bad"]);
+    let failing = |repo: &std::path::Path, extra: &[&str]| -> String {
+        let out = push_with_podman(&cli, &engine, repo, "bad", extra);
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        // The error itself, after whatever the engine printed.
+        stderr
+            .split_once("error: ")
+            .map(|(_, e)| e.to_owned())
+            .unwrap_or_else(|| panic!("no error line: {stderr}"))
+    };
+
+    // A Dockerfile in the work tree but not in the commit.
+    let uncommitted = tmp.path().join("uncommitted");
+    git_project(
+        &uncommitted,
+        &[(
+            "trellis.yaml",
+            "version: v1\ncomponents:\n  - name: web\n    docker:\n      file: Dockerfile\n",
+        )],
+    );
+    std::fs::write(uncommitted.join("Dockerfile"), "FROM scratch\n").unwrap();
+    let err = failing(&uncommitted, &[]);
+    assert!(
+        err.contains("docker.file")
+            && err.contains("\"Dockerfile\"")
+            && err.contains("not committed"),
+        "{err}"
+    );
+
+    // A build that fails: its output is streamed, and its end repeated.
+    let broken = tmp.path().join("broken");
+    git_project(
+        &broken,
+        &[
+            (
+                "trellis.yaml",
+                "version: v1\ncomponents:\n  - name: web\n    docker:\n      file: Dockerfile\n",
+            ),
+            ("Dockerfile", "FROM scratch\nCOPY nonexistent /x\n"),
+        ],
+    );
+    let reference = format!("trellis.local/bad/web:{}", &head_commit(&broken)[..12]);
+    let _cleanup = RemoveImages(engine.clone(), vec![reference]);
+    let err = failing(&broken, &[]);
+    assert!(
+        err.contains("building its image") && err.contains("nonexistent") && err.contains("  | "),
+        "{err}"
+    );
+
+    // An image the engine does not have, without and with --pull (no
+    // registry answers on this loopback port).
+    let absent = tmp.path().join("absent");
+    git_project(
+        &absent,
+        &[(
+            "trellis.yaml",
+            "version: v1\ncomponents:\n  - name: db\n    docker:\n      image: 127.0.0.1:9/trellis-test/absent:1\n",
+        )],
+    );
+    let err = failing(&absent, &[]);
+    assert!(
+        err.contains("127.0.0.1:9/trellis-test/absent:1") && err.contains("--pull"),
+        "{err}"
+    );
+    let err = failing(&absent, &["--pull"]);
+    assert!(
+        err.contains("pulling \"127.0.0.1:9/trellis-test/absent:1\"") && err.contains("  | "),
+        "{err}"
+    );
+
+    let builds = cli.json(&["list", "build", "-p", "bad"]);
+    assert_eq!(builds, serde_json::json!([]), "nothing was recorded");
 }

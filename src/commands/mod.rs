@@ -64,9 +64,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Login => resources::login(&global).await,
         Command::Whoami => resources::whoami(&settings::client(&global)?, global.output).await,
         Command::Create(c) => resources::create(&settings::client(&global)?, c).await,
-        Command::Push(crate::cli::PushCommand::Build { project, path }) => {
+        Command::Push(crate::cli::PushCommand::Build {
+            project,
+            path,
+            engine,
+            pull,
+        }) => {
             let client = settings::client(&global)?;
-            let build = build::push_build(&client, &project, &path, true).await?;
+            let options = build::PushOptions {
+                engine,
+                pull,
+                verbose: true,
+            };
+            let build = build::push_build_with(&client, &project, &path, &options).await?;
             println!(
                 "pushed build {} ({} on {})",
                 build.name,

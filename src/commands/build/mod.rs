@@ -1,17 +1,27 @@
 //! `validate manifest` and `push build`: reading a project's manifest,
-//! packing its `process:` components from the HEAD commit, uploading what
-//! the hub lacks, and recording the build.
+//! making every component's artifact from the HEAD commit, uploading the
+//! chunks the hub lacks, and recording the build.
+//!
+//! - `mod.rs`: the commands, the git side (HEAD's commit exported into the
+//!   staging directory) and the order of the steps.
+//! - `stage.rs`: artifacts made and chunked into a staging chunk store.
+//! - `engine.rs`: the container engine's command line (Podman, Docker).
+//! - `upload.rs`: the missing-chunks query, parallel uploads, the summary.
+
+mod engine;
+mod stage;
+mod upload;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
-use trellis_cas::BlobStore;
-use trellis_model::manifest::{
-    ComponentSource, DockerBuild, MANIFEST_FILE_NAMES, Manifest, parse_manifest,
-};
-use trellis_model::{Artifact, Build, BuildComponent, NewBuild};
+use trellis_model::manifest::{MANIFEST_FILE_NAMES, Manifest, parse_manifest};
+use trellis_model::{Build, NewBuild};
 
+use crate::cli::EngineKind;
 use crate::client::HubClient;
 
 /// Finds the manifest in a directory (or takes the file given).
@@ -97,14 +107,46 @@ fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// Records a build of the project's HEAD commit. Everything in the build
-/// comes from that commit (not from uncommitted files), so a build name
-/// always means the same bits.
+/// How `push build` runs.
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    /// `--engine` / `TRELLIS_ENGINE`; the first of podman, docker on PATH
+    /// when `None`.
+    pub engine: Option<EngineKind>,
+    /// `--pull`: pull `docker.image` images the local engine lacks.
+    pub pull: bool,
+    /// Narrate on stderr, show upload progress, and print a line per
+    /// component and the upload summary on stdout.
+    pub verbose: bool,
+}
+
+/// Records a build of the project's HEAD commit, with the engine found on
+/// PATH and no pulling. See [`push_build_with`].
 pub async fn push_build(
     client: &HubClient,
     project: &str,
     dir: &Path,
     verbose: bool,
+) -> anyhow::Result<Build> {
+    let options = PushOptions {
+        verbose,
+        ..PushOptions::default()
+    };
+    push_build_with(client, project, dir, &options).await
+}
+
+/// Records a build of the project's HEAD commit. Everything in the build
+/// comes from that commit (not from uncommitted files), so a build name
+/// always means the same bits: each component's artifact is made from it
+/// and chunked in a staging directory (`stage.rs`), the chunks the hub
+/// lacks are uploaded (`upload.rs`), and only then is the build recorded —
+/// so a push that fails or is interrupted records nothing, and pushing
+/// again sends only what is still missing.
+pub async fn push_build_with(
+    client: &HubClient,
+    project: &str,
+    dir: &Path,
+    options: &PushOptions,
 ) -> anyhow::Result<Build> {
     let root = git(dir, &["rev-parse", "--show-toplevel"]).map_err(|_| {
         anyhow::anyhow!(
@@ -125,9 +167,19 @@ pub async fn push_build(
     };
     // The project may live in a subdirectory of the repository.
     let prefix = git(dir, &["rev-parse", "--show-prefix"])?;
-    let export = tempfile::tempdir().context("creating a temporary directory")?;
-    export_commit(&root, &commit, export.path())?;
-    let project_dir = export.path().join(&prefix);
+    // One temporary directory holds the exported commit and the staged
+    // chunks; TMPDIR says where.
+    let staging = tempfile::Builder::new()
+        .prefix("trellis-push-")
+        .tempdir()
+        .context("creating a staging directory (TMPDIR says where)")?;
+    let staging_path = staging.path().to_owned();
+    let export = staging_path.join("source");
+    std::fs::create_dir(&export)
+        .with_context(|| format!("creating {}", export.display()))
+        .and_then(|()| export_commit(&root, &commit, &export))
+        .map_err(|e| stage::staging_error(e, &staging_path))?;
+    let project_dir = export.join(&prefix);
     let manifest_file = manifest_path(&project_dir).map_err(|_| {
         anyhow::anyhow!(
             "commit {} has no manifest in {}; expected one of {} (is it committed?)",
@@ -148,80 +200,75 @@ pub async fn push_build(
     let manifest_text = std::fs::read_to_string(&manifest_file).context("reading the manifest")?;
     let manifest = parse_reported(&manifest_name, &manifest_text)?;
     let dirty = git(&root, &["status", "--porcelain"]).unwrap_or_default();
-    if verbose && !dirty.is_empty() {
+    if options.verbose && !dirty.is_empty() {
         eprintln!(
             "note: uncommitted changes are not part of the build; it is made from commit {}",
             crate::output::short(&commit)
         );
     }
 
-    let staging = tempfile::tempdir().context("creating a temporary directory")?;
-    let blobs = BlobStore::open(staging.path())?;
-    let mut components = Vec::new();
-    for component in &manifest.components {
-        let artifact = match &component.source {
-            ComponentSource::Docker(docker) => match &docker.build {
-                DockerBuild::Image(image) => Artifact::Image {
-                    reference: image.clone(),
-                },
-                DockerBuild::Dockerfile { .. } => bail!(
-                    "component {:?} is built from a Dockerfile, which this version of Trellis cannot build yet; \
-                     give it `docker.image` with an image your outposts have",
-                    component.name
-                ),
-            },
-            ComponentSource::Process(process) => {
-                let source = project_dir.join(&process.path);
-                if !source.is_dir() {
-                    bail!(
-                        "component {:?}: process.path {:?} is not a directory in commit {}",
-                        component.name,
-                        process.path,
-                        crate::output::short(&commit)
-                    );
-                }
-                let mut writer = blobs.writer()?;
-                trellis_cas::pack_dir(&source, &mut writer)
-                    .with_context(|| format!("packing component {:?}", component.name))?;
-                let info = writer.finish(None)?;
-                let digest = info.digest.to_string();
-                if client.has_blob(&digest).await? {
-                    if verbose {
-                        println!(
-                            "{}: package {} ({} bytes) already on the hub",
-                            component.name,
-                            crate::output::short(&digest),
-                            info.size
-                        );
-                    }
-                } else {
-                    client.put_blob(&digest, &blobs.path(&info.digest)).await?;
-                    if verbose {
-                        println!(
-                            "{}: uploaded package {} ({} bytes)",
-                            component.name,
-                            crate::output::short(&digest),
-                            info.size
-                        );
-                    }
-                }
-                Artifact::Package {
-                    digest,
-                    size: info.size,
-                }
-            }
-        };
-        components.push(BuildComponent {
-            name: component.name.clone(),
-            artifact,
-        });
+    let store = stage::open_store(&staging_path)?;
+    let cancel = Arc::new(AtomicBool::new(false));
+    let job = stage::Job {
+        project: project.to_owned(),
+        commit: commit.clone(),
+        manifest,
+        manifest_name: manifest_name.clone(),
+        export_root: export.clone(),
+        project_dir,
+        work_dir: root.join(&prefix),
+        engine: options.engine,
+        pull: options.pull,
+        verbose: options.verbose,
+        cancel: Arc::clone(&cancel),
+    };
+    let mut staging_task = tokio::task::spawn_blocking({
+        let store = store.clone();
+        let staging_path = staging_path.clone();
+        move || {
+            stage::stage(&job, &store, &staging_path)
+                .map_err(|e| stage::staging_error(e, &staging_path))
+        }
+    });
+    let staged = tokio::select! {
+        joined = &mut staging_task => joined.context("preparing the build's artifacts")??,
+        _ = tokio::signal::ctrl_c() => {
+            // Stop at the next chunk, and let the staging directory go only
+            // once nothing writes to it any more.
+            cancel.store(true, Ordering::Relaxed);
+            let _ = staging_task.await;
+            bail!("{INTERRUPTED}");
+        }
+    };
+    if options.verbose {
+        for line in &staged.report {
+            println!("{line}");
+        }
     }
+
+    let mut chunks = upload::ChunkList::default();
+    for artifact in &staged.artifacts {
+        chunks.add_artifact(
+            &store,
+            &artifact.component,
+            &artifact.put.index_digest,
+            stage::chunk_digests(&artifact.put),
+        )?;
+    }
+    let summary = tokio::select! {
+        summary = upload::upload(client, &store, &chunks, options.verbose) => summary?,
+        _ = tokio::signal::ctrl_c() => bail!("{INTERRUPTED}"),
+    };
+    if options.verbose {
+        println!("{}", summary.line());
+    }
+
     let build = NewBuild {
         branch,
         commit,
         manifest_file: manifest_name,
         manifest: manifest_text,
-        components,
+        components: staged.components,
     };
     let build: Build = client
         .post(
@@ -230,25 +277,35 @@ pub async fn push_build(
             "recording the build",
         )
         .await?;
+    drop(staging);
     Ok(build)
 }
 
-/// Writes the tree of `commit` into `dest` (`git archive`, unpacked).
+const INTERRUPTED: &str = "interrupted; no build was recorded. Chunks already uploaded stay on \
+    the hub, so pushing again sends only what is still missing";
+
+/// Writes the tree of `commit` into `dest` (`git archive`, unpacked as it
+/// streams).
 fn export_commit(repo: &Path, commit: &str, dest: &Path) -> anyhow::Result<()> {
-    let out = Command::new("git")
+    let mut child = Command::new("git")
         .arg("-C")
         .arg(repo)
         .args(["archive", "--format=tar", commit])
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("running git archive")?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let unpacked = tar::Archive::new(stdout).unpack(dest);
+    // The archive (and with it the pipe) is gone: git cannot block on it.
+    let out = child.wait_with_output().context("running git archive")?;
     if !out.status.success() {
         bail!(
             "git archive failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    tar::Archive::new(out.stdout.as_slice())
-        .unpack(dest)
-        .context("unpacking the commit's files")?;
+    unpacked.with_context(|| format!("unpacking the commit's files into {}", dest.display()))?;
     Ok(())
 }

@@ -1,0 +1,522 @@
+//! Staging a build: every component's artifact made from the exported
+//! commit and cut into chunks in a staging [`ChunkStore`] in a temporary
+//! directory, before anything is uploaded.
+//!
+//! - `process:` components: the directory packed ([`trellis_cas::pack_dir`])
+//!   into a file, then chunked as a package.
+//! - `docker.file` components: the image built by the local engine from the
+//!   commit's Dockerfile and context, tagged
+//!   `trellis.local/<project>/<component>:<commit, 12 hex>`.
+//! - `docker.image` components: the image the local engine has (pulled
+//!   first only with `--pull`).
+//!
+//! Images are then saved as a `docker save` archive and chunked as an
+//! image; the archive file is removed once chunked, so the staging
+//! directory holds each artifact once, compressed.
+//!
+//! Everything here blocks (engine commands, packing, hashing); it runs on a
+//! blocking thread and stops at the next chunk once `cancel` is set.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Seek};
+use std::path::{Component as PathPart, Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, bail};
+use trellis_cas::{ArtifactKind, ChunkStore, Digest, Durability, PutArtifact};
+use trellis_model::manifest::{ComponentSource, DockerBuild, Manifest};
+use trellis_model::{Artifact, BuildComponent, ImageArchive};
+
+use super::engine::{Engine, Failed};
+use crate::cli::EngineKind;
+use crate::output::{bytes, short};
+
+/// What `stage` is given.
+pub struct Job {
+    pub project: String,
+    pub commit: String,
+    pub manifest: Manifest,
+    /// The manifest's file name, for messages (`trellis.yaml`).
+    pub manifest_name: String,
+    /// The exported commit (the repository's root).
+    pub export_root: PathBuf,
+    /// The project's directory in the export (the root, or a subdirectory).
+    pub project_dir: PathBuf,
+    /// The project's directory in the user's work tree, to tell a file that
+    /// is not committed from one that does not exist.
+    pub work_dir: PathBuf,
+    pub engine: Option<EngineKind>,
+    pub pull: bool,
+    /// Narrate on stderr (and stream the engine's output there).
+    pub verbose: bool,
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// One staged artifact.
+pub struct StagedArtifact {
+    pub component: String,
+    pub put: PutArtifact,
+}
+
+/// What `stage` made.
+pub struct Staged {
+    pub components: Vec<BuildComponent>,
+    pub artifacts: Vec<StagedArtifact>,
+    /// One line per component for the user, e.g.
+    /// `web: image trellis.local/shop/web:0123456789ab (sha256:…), 3.1 MiB`.
+    pub report: Vec<String>,
+}
+
+/// The reference a `docker.file` component's image is tagged with.
+pub fn built_reference(project: &str, component: &str, commit: &str) -> String {
+    format!("trellis.local/{project}/{component}:{}", short(commit)).to_ascii_lowercase()
+}
+
+/// Makes every component's artifact in `store`; see the module docs.
+pub fn stage(job: &Job, store: &ChunkStore, staging: &Path) -> anyhow::Result<Staged> {
+    let containers: Vec<&str> = job
+        .manifest
+        .components
+        .iter()
+        .filter(|c| matches!(c.source, ComponentSource::Docker(_)))
+        .map(|c| c.name.as_str())
+        .collect();
+    let engine = if containers.is_empty() {
+        None
+    } else {
+        Some(Engine::find(
+            job.engine,
+            &format!("docker: in {}", containers.join(", ")),
+        )?)
+    };
+    let mut staged = Staged {
+        components: Vec::new(),
+        artifacts: Vec::new(),
+        report: Vec::new(),
+    };
+    // An image named by several components is saved once.
+    let mut saved: HashMap<String, (ImageArchive, PutArtifact)> = HashMap::new();
+    for component in &job.manifest.components {
+        check_cancel(&job.cancel)?;
+        let name = component.name.as_str();
+        let (artifact, put, line) = match &component.source {
+            ComponentSource::Process(process) => {
+                let (put, line) = stage_package(job, store, staging, name, &process.path)?;
+                let artifact = Artifact::Package {
+                    digest: put.index_digest.as_hex(),
+                    size: put.index.size,
+                };
+                (artifact, put, line)
+            }
+            ComponentSource::Docker(docker) => {
+                let engine = engine
+                    .as_ref()
+                    .expect("found above for container components");
+                let platform = docker.platform.as_deref();
+                let reference = match &docker.build {
+                    DockerBuild::Image(image) => {
+                        ensure_image(job, engine, name, image, platform)?;
+                        image.clone()
+                    }
+                    DockerBuild::Dockerfile {
+                        file,
+                        context,
+                        args,
+                    } => {
+                        let reference = built_reference(&job.project, name, &job.commit);
+                        let dockerfile = committed_path(job, name, "docker.file", file, false)?;
+                        let context = committed_path(
+                            job,
+                            name,
+                            "docker.build-context",
+                            context.as_deref().unwrap_or("."),
+                            true,
+                        )?;
+                        if job.verbose {
+                            eprintln!(
+                                "{name}: building {reference} from {file} with {}",
+                                engine.name()
+                            );
+                        }
+                        if let Err(failed) = engine.build(
+                            &dockerfile,
+                            &context,
+                            &reference,
+                            args,
+                            platform,
+                            job.verbose,
+                        )? {
+                            check_cancel(&job.cancel)?;
+                            bail!(
+                                "component {name:?}: building its image from {file} with {engine} \
+                                 failed ({status}){shown}; the last lines of its output:\n{tail}\n\
+                                 Fix the Dockerfile or the files it uses, commit, and push again. \
+                                 Nothing was recorded on the hub.",
+                                engine = engine.name(),
+                                status = failed.status,
+                                shown = if job.verbose { ", output above" } else { "" },
+                                tail = failed.quoted(),
+                            );
+                        }
+                        reference
+                    }
+                };
+                let (archive, put) = match saved.get(&reference) {
+                    Some(done) => done.clone(),
+                    None => {
+                        let done = stage_image(job, engine, store, staging, name, &reference)?;
+                        saved.insert(reference.clone(), done.clone());
+                        done
+                    }
+                };
+                let line = format!(
+                    "{name}: image {reference} ({}, archive {})",
+                    archive.image_id,
+                    bytes(archive.size)
+                );
+                let artifact = Artifact::Image {
+                    reference,
+                    archive: Some(archive),
+                };
+                (artifact, put, line)
+            }
+        };
+        staged.components.push(BuildComponent {
+            name: name.to_owned(),
+            artifact,
+        });
+        staged.artifacts.push(StagedArtifact {
+            component: name.to_owned(),
+            put,
+        });
+        staged.report.push(line);
+    }
+    Ok(staged)
+}
+
+/// Packs a `process:` directory and chunks the package.
+fn stage_package(
+    job: &Job,
+    store: &ChunkStore,
+    staging: &Path,
+    name: &str,
+    path: &str,
+) -> anyhow::Result<(PutArtifact, String)> {
+    let source = job.project_dir.join(path);
+    if !source.is_dir() {
+        bail!(
+            "component {name:?}: process.path {path:?} is not a directory in commit {}; commit \
+             the directory, or fix process.path in {}",
+            short(&job.commit),
+            job.manifest_name
+        );
+    }
+    if job.verbose {
+        eprintln!("{name}: packing {path}");
+    }
+    let package = staging.join(format!("{name}.package.tar"));
+    let mut file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&package)
+        .with_context(|| format!("creating {}", package.display()))?;
+    trellis_cas::pack_dir(&source, &mut file)
+        .with_context(|| format!("component {name:?}: packing {path}"))?;
+    file.rewind()
+        .with_context(|| format!("reading {}", package.display()))?;
+    let put = chunk(job, store, ArtifactKind::Package, file)
+        .with_context(|| format!("component {name:?}: chunking its package"))?;
+    let _ = std::fs::remove_file(&package);
+    let line = format!(
+        "{name}: package {} ({})",
+        short(&put.index_digest.as_hex()),
+        bytes(put.index.size)
+    );
+    Ok((put, line))
+}
+
+/// Checks that the engine has `image`, pulling it with `--pull`.
+fn ensure_image(
+    job: &Job,
+    engine: &Engine,
+    name: &str,
+    image: &str,
+    platform: Option<&str>,
+) -> anyhow::Result<()> {
+    let absent = match engine.image_id(image)? {
+        Ok(_) => return Ok(()),
+        Err(failed) => failed,
+    };
+    if !job.pull {
+        bail!(
+            "component {name:?}: the local {engine} has no image {image:?} (docker.image in {}); \
+             {engine} said:\n{}\nPull it with `trellis push build --pull` (or `{engine} pull \
+             {image}`), or build it locally first. Nothing was recorded on the hub.",
+            job.manifest_name,
+            absent.quoted(),
+            engine = engine.name(),
+        );
+    }
+    if job.verbose {
+        eprintln!("{name}: pulling {image} with {}", engine.name());
+    }
+    if let Err(failed) = engine.pull(image, platform, job.verbose)? {
+        check_cancel(&job.cancel)?;
+        bail!(
+            "component {name:?}: pulling {image:?} with {engine} failed ({}); the last lines of \
+             its output:\n{}\nCheck the image's name in {} and that its registry is reachable \
+             from here (and logged in to, if it needs that), then push again. Nothing was \
+             recorded on the hub.",
+            failed.status,
+            failed.quoted(),
+            job.manifest_name,
+            engine = engine.name(),
+        );
+    }
+    Ok(())
+}
+
+/// Saves the image into the staging directory and chunks the archive.
+fn stage_image(
+    job: &Job,
+    engine: &Engine,
+    store: &ChunkStore,
+    staging: &Path,
+    name: &str,
+    reference: &str,
+) -> anyhow::Result<(ImageArchive, PutArtifact)> {
+    let image_id = match engine.image_id(reference)? {
+        Ok(id) => id,
+        Err(failed) => bail!(
+            "component {name:?}: {} cannot find the image {reference:?} it should have; it \
+             said:\n{}",
+            engine.name(),
+            failed.quoted()
+        ),
+    };
+    if job.verbose {
+        eprintln!("{name}: saving {reference} ({image_id})");
+    }
+    let archive = staging.join(format!("{name}.image.tar"));
+    if let Err(failed) = engine.save(reference, &archive)? {
+        let _ = std::fs::remove_file(&archive);
+        if failed.disk_full() {
+            return Err(disk_full(
+                staging,
+                &format!(
+                    "{} save {reference} said:\n{}",
+                    engine.name(),
+                    failed.quoted()
+                ),
+            ));
+        }
+        check_cancel(&job.cancel)?;
+        return Err(save_failed(engine, name, reference, &failed));
+    }
+    let file = File::open(&archive).with_context(|| format!("opening {}", archive.display()))?;
+    let put = chunk(job, store, ArtifactKind::Image, file)
+        .with_context(|| format!("component {name:?}: chunking the archive of {reference}"));
+    let _ = std::fs::remove_file(&archive);
+    let put = put?;
+    let archive = ImageArchive {
+        index: put.index_digest.as_hex(),
+        size: put.index.size,
+        image_id,
+    };
+    Ok((archive, put))
+}
+
+fn save_failed(engine: &Engine, name: &str, reference: &str, failed: &Failed) -> anyhow::Error {
+    anyhow::anyhow!(
+        "component {name:?}: saving the image {reference:?} with {engine} failed ({}); it \
+         said:\n{}\nNothing was recorded on the hub.",
+        failed.status,
+        failed.quoted(),
+        engine = engine.name(),
+    )
+}
+
+/// Chunks `content` into the store, stopping early once cancelled.
+fn chunk(
+    job: &Job,
+    store: &ChunkStore,
+    kind: ArtifactKind,
+    content: File,
+) -> anyhow::Result<PutArtifact> {
+    let reader = Cancellable {
+        inner: content,
+        cancel: &job.cancel,
+    };
+    Ok(store.put_artifact(kind, reader)?)
+}
+
+/// A path named by the manifest, in the exported commit: it must stay in
+/// the repository and exist there (as a directory when `dir`).
+fn committed_path(
+    job: &Job,
+    name: &str,
+    field: &str,
+    path: &str,
+    dir: bool,
+) -> anyhow::Result<PathBuf> {
+    let what = if dir { "directory" } else { "file" };
+    let relative = Path::new(path);
+    // Resolved by hand from the repository's root, so `..` may reach a
+    // sibling of the project's directory but never leave the repository.
+    let mut parts: Vec<&std::ffi::OsStr> = job
+        .project_dir
+        .strip_prefix(&job.export_root)
+        .map(|p| p.iter().collect())
+        .unwrap_or_default();
+    for part in relative.components() {
+        let inside = match part {
+            PathPart::Normal(p) => {
+                parts.push(p);
+                true
+            }
+            PathPart::CurDir => true,
+            PathPart::ParentDir => parts.pop().is_some(),
+            PathPart::RootDir | PathPart::Prefix(_) => false,
+        };
+        if !inside {
+            bail!(
+                "component {name:?}: {field} {path:?} is not a path inside the repository; name \
+                 the {what} relative to the project's directory (where {} is)",
+                job.manifest_name
+            );
+        }
+    }
+    let full = job.project_dir.join(relative);
+    let exists = if dir { full.is_dir() } else { full.is_file() };
+    if !exists {
+        let in_work_tree = job.work_dir.join(relative);
+        let uncommitted = if dir {
+            in_work_tree.is_dir()
+        } else {
+            in_work_tree.is_file()
+        };
+        let advice = if uncommitted {
+            format!(
+                "it exists in the work tree but is not committed (builds are made from commits): \
+                 `git add {path}`, commit, and push again"
+            )
+        } else {
+            format!("add it and commit, or fix {field} in {}", job.manifest_name)
+        };
+        bail!(
+            "component {name:?}: {field} names {path:?}, but commit {} has no such {what} in the \
+             project; {advice}. Nothing was recorded on the hub.",
+            short(&job.commit),
+        );
+    }
+    // A symlink in the commit could still point outside it.
+    let real = full
+        .canonicalize()
+        .with_context(|| format!("resolving {}", full.display()))?;
+    let root = job
+        .export_root
+        .canonicalize()
+        .with_context(|| format!("resolving {}", job.export_root.display()))?;
+    if !real.starts_with(&root) {
+        bail!(
+            "component {name:?}: {field} {path:?} leads outside the repository (through a \
+             symlink); name a {what} inside it"
+        );
+    }
+    Ok(real)
+}
+
+fn check_cancel(cancel: &AtomicBool) -> anyhow::Result<()> {
+    if cancel.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// A reader that fails once `cancel` is set, so chunking a large artifact
+/// stops at the next read.
+struct Cancellable<'a> {
+    inner: File,
+    cancel: &'a AtomicBool,
+}
+
+impl Read for Cancellable<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// Opens the staging chunk store under `staging`.
+pub fn open_store(staging: &Path) -> anyhow::Result<ChunkStore> {
+    ChunkStore::open(&staging.join("chunks"), Durability::Cache)
+        .map_err(|e| staging_error(e.into(), staging))
+}
+
+/// Whether an I/O error means the disk (or the quota) is full.
+fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28 | 122)) || e.kind() == io::ErrorKind::StorageFull
+}
+
+/// `err`, or when it comes from a full disk, an error that says so and
+/// where the staging directory is.
+pub fn staging_error(err: anyhow::Error, staging: &Path) -> anyhow::Error {
+    let full = err
+        .chain()
+        .any(|e| e.downcast_ref::<io::Error>().is_some_and(is_disk_full));
+    if full {
+        disk_full(staging, &format!("{err:#}"))
+    } else {
+        err
+    }
+}
+
+fn disk_full(staging: &Path, cause: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the disk holding the staging directory {} filled up while Trellis was preparing the \
+         build's artifacts there ({cause}). Free space on it, or point TMPDIR at a filesystem \
+         with room (e.g. `TMPDIR=/var/tmp trellis push build …`). Nothing was recorded on the hub.",
+        staging.display()
+    )
+}
+
+/// The digests of an artifact's distinct chunks.
+pub fn chunk_digests(put: &PutArtifact) -> impl Iterator<Item = Digest> + '_ {
+    put.index.distinct_chunks().into_iter().map(|c| c.digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_images_are_named_after_project_component_and_commit() {
+        assert_eq!(
+            built_reference("shop", "web", "0123456789ABCDEF0123456789abcdef01234567"),
+            "trellis.local/shop/web:0123456789ab"
+        );
+    }
+
+    #[test]
+    fn a_full_disk_is_reported_with_the_staging_directory_and_tmpdir() {
+        let err = trellis_cas::CasError::Io {
+            action: "write the temporary chunk file",
+            path: "/tmp/x".into(),
+            source: io::Error::from_raw_os_error(28),
+        };
+        let shown = format!(
+            "{:#}",
+            staging_error(anyhow::Error::from(err), Path::new("/tmp/trellis-push-1"))
+        );
+        assert!(shown.contains("/tmp/trellis-push-1"), "{shown}");
+        assert!(shown.contains("TMPDIR"), "{shown}");
+        let other = anyhow::anyhow!("something else");
+        let shown = format!("{:#}", staging_error(other, Path::new("/tmp/s")));
+        assert_eq!(shown, "something else");
+    }
+}
