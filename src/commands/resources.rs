@@ -615,7 +615,16 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
             ];
             for c in &b.components {
                 let what = match &c.artifact {
-                    trellis_model::Artifact::Image { reference } => format!("image {reference}"),
+                    trellis_model::Artifact::Image {
+                        reference,
+                        archive: Some(archive),
+                    } => format!(
+                        "image {reference} (stored, {})",
+                        crate::output::bytes(archive.size)
+                    ),
+                    trellis_model::Artifact::Image { reference, .. } => {
+                        format!("image {reference}")
+                    }
                     trellis_model::Artifact::Package { digest, size } => {
                         format!("package {} ({size} bytes)", short(digest))
                     }
