@@ -893,3 +893,65 @@ fn push_build_explains_container_build_failures() {
     let builds = cli.json(&["list", "build", "-p", "bad"]);
     assert_eq!(builds, serde_json::json!([]), "nothing was recorded");
 }
+
+/// A staging directory on a full disk: the error names it and TMPDIR, and
+/// nothing is recorded. The CLI runs in its own mount namespace with TMPDIR
+/// on a small tmpfs (skipped where namespaces cannot be made, i.e. not root).
+#[test]
+fn push_build_says_when_the_staging_disk_is_full() {
+    let usable = Command::new("unshare")
+        .args(["-m", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !usable {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "`unshare -m` does not work, and this test must not be skipped in CI"
+        );
+        eprintln!("skipping: `unshare -m` does not work here (run as root)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(&tmp.path().join("hub"));
+    let cli = Cli::for_hub(&hub, &hub.admin_key(), &tmp.path().join("config"));
+    cli.ok(&["create", "project", "p"]);
+    let repo = tmp.path().join("repo");
+    std::fs::create_dir_all(repo.join("app")).unwrap();
+    std::fs::write(repo.join("app/data.bin"), noise(11, 3_000_000)).unwrap();
+    git_project(
+        &repo,
+        &[(
+            "trellis.yaml",
+            "version: v1\ncomponents:\n  - name: app\n    process:\n      path: ./app\n      command: [\"true\"]\n",
+        )],
+    );
+    let small = tmp.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    // The commit's files fit; the package packed next to them does not.
+    let template = cli.command();
+    let mut command = Command::new("unshare");
+    for (key, value) in template.get_envs() {
+        match value {
+            Some(value) => command.env(key, value),
+            None => command.env_remove(key),
+        };
+    }
+    let out = command
+        .current_dir(&repo)
+        .env("TMPDIR", &small)
+        .args(["-m", "sh", "-c"])
+        .arg(r#"mount -t tmpfs -o size=4m tmpfs "$TMPDIR" && exec "$0" push build -p p"#)
+        .arg(bin())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("staging directory {}", small.display()))
+            && err.contains("TMPDIR")
+            && err.contains("Nothing was recorded"),
+        "{err}"
+    );
+    let builds = cli.json(&["list", "build", "-p", "p"]);
+    assert_eq!(builds, serde_json::json!([]), "nothing was recorded");
+}

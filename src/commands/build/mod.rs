@@ -300,12 +300,13 @@ fn export_commit(repo: &Path, commit: &str, dest: &Path) -> anyhow::Result<()> {
     let unpacked = tar::Archive::new(stdout).unpack(dest);
     // The archive (and with it the pipe) is gone: git cannot block on it.
     let out = child.wait_with_output().context("running git archive")?;
+    // When unpacking failed, git failed only because the pipe closed.
+    unpacked.with_context(|| format!("unpacking the commit's files into {}", dest.display()))?;
     if !out.status.success() {
         bail!(
             "git archive failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    unpacked.with_context(|| format!("unpacking the commit's files into {}", dest.display()))?;
     Ok(())
 }

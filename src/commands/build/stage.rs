@@ -470,10 +470,27 @@ pub fn staging_error(err: anyhow::Error, staging: &Path) -> anyhow::Error {
         .chain()
         .any(|e| e.downcast_ref::<io::Error>().is_some_and(is_disk_full));
     if full {
-        disk_full(staging, &format!("{err:#}"))
+        disk_full(staging, &causes(&err))
     } else {
         err
     }
+}
+
+/// The error's chain joined with `: `, leaving out a cause its outer
+/// message already quotes.
+fn causes(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let message = cause.to_string();
+        if text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
 }
 
 fn disk_full(staging: &Path, cause: &str) -> anyhow::Error {
