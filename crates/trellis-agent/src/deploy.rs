@@ -24,8 +24,10 @@
 //! (a chunk that does not verify twice, a full disk, the hub gone for
 //! longer than [`DELIVERY_PATIENCE`]) fails the revision before anything
 //! running is touched. After every apply the cache is **collected**: it
-//! keeps the artifacts of each stage's current and last good plan (for a
-//! rollback) and of deliveries in flight, and frees the rest.
+//! keeps the artifacts of each stage's current plan, its last good plan
+//! (what a failing release rolls back to) and the good plan before that
+//! (`previous.json`), and frees the rest — never while an apply is in
+//! flight.
 //!
 //! A failure that is not a new release (a restart or start of a component)
 //! is reported without a rollback: there is nothing older to go back to.
@@ -106,6 +108,8 @@ pub struct CollectReport {
 }
 
 const GOOD_PLAN: &str = "good.json";
+/// The good plan before the current good one: its artifacts are kept too.
+const PREVIOUS_PLAN: &str = "previous.json";
 const CURRENT_PLAN: &str = "current.json";
 
 /// Why a release is not up (yet).
@@ -261,7 +265,7 @@ impl Deployer {
         &self,
         _guard: tokio::sync::RwLockWriteGuard<'_, ()>,
     ) -> Result<CollectReport, String> {
-        let Some(artifacts) = &self.artifacts else {
+        let Some(artifacts) = self.artifacts.as_ref().filter(|a| a.is_cache()) else {
             return Ok(CollectReport::default());
         };
         let store = artifacts.store().clone();
@@ -521,6 +525,9 @@ impl Deployer {
 
         let why = match verdict {
             Verdict::Up => {
+                if let Some(old) = previous_good.as_ref().filter(|_| is_new_release) {
+                    self.save_plan(stage, PREVIOUS_PLAN, old).await;
+                }
                 self.save_plan(stage, GOOD_PLAN, &plan).await;
                 let stopped: Vec<&str> = plan
                     .components
@@ -606,7 +613,7 @@ fn collect(
     // <root>/<project>/<stage>/{current,good}.json
     for project in std::fs::read_dir(root).into_iter().flatten().flatten() {
         for stage in std::fs::read_dir(project.path()).into_iter().flatten().flatten() {
-            for name in [CURRENT_PLAN, GOOD_PLAN] {
+            for name in [CURRENT_PLAN, GOOD_PLAN, PREVIOUS_PLAN] {
                 let Ok(bytes) = std::fs::read(stage.path().join(name)) else {
                     continue;
                 };

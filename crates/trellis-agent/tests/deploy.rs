@@ -275,3 +275,144 @@ async fn a_full_disk_fails_one_stage_and_not_the_other() {
     d.remove(&running).await.unwrap();
     d.remove(&full).await.unwrap();
 }
+
+/// An agent's artifact cache fed from the "hub" store of the world: copies
+/// the chunks it lacks, and holds each delivery at `gate` once it is half
+/// done, so a test can look at the cache while a delivery is in flight.
+struct CacheFromHub {
+    hub: ChunkStore,
+    cache: ChunkStore,
+    gate: tokio::sync::Semaphore,
+    held: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl ArtifactSource for CacheFromHub {
+    async fn fetch(
+        &self,
+        index: &str,
+        progress: trellis_agent::runtime::artifacts::Progress<'_>,
+    ) -> Result<trellis_cas::ArtifactIndex, trellis_agent::runtime::RuntimeError> {
+        let digest: trellis_cas::Digest = index.parse().unwrap();
+        let artifact = self.hub.artifact(&digest).unwrap();
+        let copy = |d: &trellis_cas::Digest| {
+            if !self.cache.contains(d) {
+                let stored = std::fs::read(self.hub.path(d)).unwrap();
+                self.cache.insert_stored(d, &stored).unwrap();
+            }
+        };
+        copy(&digest);
+        let missing = self.cache.missing(&artifact);
+        for (i, chunk) in missing.iter().enumerate() {
+            if i == missing.len() / 2 {
+                if self.gate.available_permits() == 0 {
+                    self.held.notify_one();
+                }
+                let _permit = self.gate.acquire().await.unwrap();
+            }
+            copy(&chunk.digest);
+        }
+        progress(artifact.size);
+        Ok(artifact)
+    }
+
+    fn store(&self) -> &ChunkStore {
+        &self.cache
+    }
+
+    fn is_cache(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn the_cache_keeps_current_and_previous_releases_and_what_is_in_flight() {
+    let w = World::new();
+    let source = Arc::new(CacheFromHub {
+        hub: w.blobs.clone(),
+        cache: ChunkStore::open(&w.dir.path().join("cache"), Durability::Cache).unwrap(),
+        gate: tokio::sync::Semaphore::new(100),
+        held: tokio::sync::Notify::new(),
+    });
+    let root = w.dir.path().join("agent");
+    let runtime = ProcessRuntime::with_options(
+        root.join("processes"),
+        source.clone(),
+        ProcessOptions {
+            tick: Duration::from_millis(50),
+            ..ProcessOptions::default()
+        },
+    );
+    let d = Arc::new(
+        Deployer::new(
+            &root,
+            vec![Arc::new(runtime) as Arc<dyn Runtime>],
+            DeployOptions {
+                health_window: Duration::from_secs(10),
+                settle: Duration::from_millis(300),
+                probe_interval: Duration::from_millis(50),
+            },
+        )
+        .with_artifacts(source.clone()),
+    );
+    // Four releases, each with its own large file (several chunks).
+    let packages: Vec<(String, u64)> = (1..=4u8)
+        .map(|n| {
+            let mut data = vec![0u8; 1 << 20];
+            blake3::Hasher::new()
+                .update(&[n])
+                .finalize_xof()
+                .fill(&mut data);
+            w.package(&[("run.sh", b"#!/bin/sh\nexec sleep 1000\n"), ("data.bin", &data)])
+        })
+        .collect();
+    let chunks_of = |p: &(String, u64)| {
+        let artifact = w.blobs.artifact(&p.0.parse().unwrap()).unwrap();
+        let mut all: Vec<trellis_cas::Digest> =
+            artifact.distinct_chunks().iter().map(|c| c.digest).collect();
+        all.push(p.0.parse().unwrap());
+        all
+    };
+    let cached = |p: &(String, u64)| {
+        let chunks = chunks_of(p);
+        chunks.iter().filter(|c| source.cache.contains(c)).count() as f64 / chunks.len() as f64
+    };
+    let s = stage("gc");
+    for n in 1..=3u64 {
+        let outcome = d.apply(&s, n, &desired(n, &packages[n as usize - 1], "")).await;
+        assert!(outcome.ok, "{outcome:?}");
+    }
+    // Release 3 runs, 2 is the one before it; 1 is freed.
+    assert_eq!(cached(&packages[2]), 1.0);
+    assert_eq!(cached(&packages[1]), 1.0);
+    assert!(cached(&packages[0]) < 0.5, "release 1 is still cached");
+
+    // Release 4's delivery is held halfway; a collection asked for now
+    // waits for it and frees none of what it fetched.
+    let permits = source.gate.available_permits();
+    let _all = source.gate.acquire_many(permits as u32).await.unwrap();
+    let apply = {
+        let d = d.clone();
+        let s = s.clone();
+        let desired = desired(4, &packages[3], "");
+        tokio::spawn(async move { d.apply(&s, 4, &desired).await })
+    };
+    source.held.notified().await;
+    let partly = cached(&packages[3]);
+    assert!(partly > 0.0 && partly < 1.0, "{partly}");
+    let collect = {
+        let d = d.clone();
+        tokio::spawn(async move { d.collect_garbage().await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!collect.is_finished(), "the collection ran during a delivery");
+    assert!(cached(&packages[3]) >= partly);
+    drop(_all);
+    let outcome = apply.await.unwrap();
+    assert!(outcome.ok, "{outcome:?}");
+    collect.await.unwrap().unwrap();
+    assert_eq!(cached(&packages[3]), 1.0);
+    assert_eq!(cached(&packages[2]), 1.0, "the previous release is kept");
+    assert!(cached(&packages[1]) < 0.5, "release 2 is still cached");
+    d.remove(&s).await.unwrap();
+}

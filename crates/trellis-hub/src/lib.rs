@@ -25,6 +25,7 @@ pub mod auth;
 pub mod console;
 pub mod error;
 pub mod extract;
+pub mod gc;
 pub mod link;
 pub mod local;
 pub mod metrics;

@@ -160,6 +160,7 @@ impl Hub {
             self.local_runtime.clone(),
             cancel.clone(),
         );
+        crate::gc::spawn(self.state.clone(), cancel.clone());
         cancel
     }
 

@@ -446,7 +446,11 @@ async fn the_openapi_document_describes_every_route() {
     for path in [
         "/projects",
         "/projects/{project}/stages/{stage}/releases",
-        "/blobs/{digest}",
+        "/chunks/missing",
+        "/chunks/{digest}",
+        "/agent/chunks/{digest}",
+        "/agent/artifacts/{index}/content",
+        "/admin/collect-garbage",
         "/outposts",
         "/users",
     ] {

@@ -532,3 +532,77 @@ async fn artifacts_are_refused_without_a_certificate_to_other_outposts_unknown_a
     let err = fetcher.fetch(&index, &|_| {}).await.unwrap_err();
     assert_eq!(err.code, "revoked", "{err:?}");
 }
+
+#[tokio::test]
+async fn the_hub_collects_chunks_no_build_references_after_the_grace_period() {
+    let hub = start().await;
+    hub.joined_agent("edge-1").await;
+    // Released: a release in flight needs it, so its build cannot go.
+    let released = hub.release_on("edge-1", "plant", &package(1 << 20)).await;
+    // Uploaded by a push that never recorded its build.
+    let orphan = hub.upload(&package(700_000)).await;
+    let chunks_of = |put: &PutArtifact| {
+        let mut all: Vec<trellis_cas::Digest> =
+            put.index.distinct_chunks().iter().map(|c| c.digest).collect();
+        all.push(put.index_digest);
+        all
+    };
+    let store = hub.hub_chunks();
+    let collect = |grace: u64| {
+        hub.api(
+            reqwest::Method::POST,
+            "/admin/collect-garbage",
+            Some(json!({ "grace_secs": grace })),
+        )
+    };
+
+    // Within the grace period nothing goes: a push may still be running.
+    let (s, report) = collect(3600).await;
+    assert_eq!(s, StatusCode::OK, "{report}");
+    assert_eq!(report["freed"], 0, "{report}");
+    assert!(chunks_of(&orphan).iter().all(|d| store.contains(d)));
+
+    // After it, the orphan goes and the released build stays whole.
+    let (s, report) = collect(0).await;
+    assert_eq!(s, StatusCode::OK, "{report}");
+    assert_eq!(
+        report["freed"].as_u64().unwrap() as usize,
+        chunks_of(&orphan).len(),
+        "{report}"
+    );
+    assert!(chunks_of(&orphan).iter().all(|d| !store.contains(d)));
+    assert!(chunks_of(&released).iter().all(|d| store.contains(d)));
+
+    // The released build cannot be deleted while its release exists.
+    let builds = hub
+        .api(reqwest::Method::GET, "/projects/plant/builds", None)
+        .await
+        .1;
+    let name = builds[0]["name"].as_str().unwrap().to_owned();
+    let (s, _) = hub
+        .api(
+            reqwest::Method::DELETE,
+            &format!("/projects/plant/builds/{name}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (_, report) = collect(0).await;
+    assert_eq!(report["freed"], 0, "{report}");
+    assert!(chunks_of(&released).iter().all(|d| store.contains(d)));
+
+    // Only administrators collect.
+    let (s, b) = hub
+        .api(reqwest::Method::POST, "/users", Some(json!({"name": "op"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let resp = hub
+        .http
+        .post(format!("https://{}/api/v1/admin/collect-garbage", hub.addr))
+        .bearer_auth(b["key"].as_str().unwrap())
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+}

@@ -60,6 +60,10 @@ pub trait ArtifactSource: Send + Sync {
 
     /// The store fetched artifacts are read from.
     fn store(&self) -> &ChunkStore;
+
+    /// Whether the store is this agent's own cache, which it may collect.
+    /// The hub's store, read by the hub's local outpost, is not.
+    fn is_cache(&self) -> bool;
 }
 
 pub(crate) fn parse_digest(digest: &str) -> Result<Digest, RuntimeError> {
@@ -170,6 +174,10 @@ impl ArtifactSource for LocalArtifacts {
 
     fn store(&self) -> &ChunkStore {
         &self.store
+    }
+
+    fn is_cache(&self) -> bool {
+        false
     }
 }
 
@@ -366,6 +374,10 @@ impl ArtifactSource for HubArtifacts {
 
     fn store(&self) -> &ChunkStore {
         &self.store
+    }
+
+    fn is_cache(&self) -> bool {
+        true
     }
 }
 

@@ -92,6 +92,7 @@ pub fn router(state: AppState) -> axum::Router {
         .routes(routes!(builds::get_build, builds::delete_build))
         .routes(routes!(chunks::missing_chunks))
         .routes(routes!(chunks::put_chunk))
+        .routes(routes!(crate::gc::collect_garbage))
         .split_for_parts();
     doc.servers = Some(vec![utoipa::openapi::Server::new("/api/v1")]);
     let doc = std::sync::Arc::new(doc);

@@ -1,0 +1,63 @@
+//! `trellis-bench`: benchmarks of the real hub, agent and CLI. Each command
+//! sets up what it measures on this machine (a hub on loopback, an outpost
+//! agent's fetcher, the `trellis` binary, the local container engine),
+//! measures the compared things in the same run, and prints a table.
+//!
+//! Timing claims live here, not in tests: these machines are noisy, so
+//! every timing is the median of several runs, alternating the order of
+//! the compared operations.
+
+mod artifacts;
+mod setup;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "trellis-bench", about = "Benchmarks of Trellis, printed as tables")]
+struct Args {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Bytes moved by a second push and a second delivery of an image
+    /// with 1% of one layer changed, and the time of a full first delivery
+    /// against a plain HTTPS download of the same artifact from the same
+    /// hub.
+    Artifacts {
+        /// Size of the generated image in MiB.
+        #[arg(long, default_value_t = 200)]
+        size_mib: u64,
+        /// Timed runs of each delivery (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// The `trellis` binary (default: next to this one).
+        #[arg(long)]
+        trellis: Option<PathBuf>,
+        /// Where to put the hub, the project and the caches (default: the
+        /// system's temporary directory). Needs about 8× the image size.
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    match args.bench {
+        Bench::Artifacts {
+            size_mib,
+            runs,
+            trellis,
+            work_dir,
+        } => runtime.block_on(artifacts::run(artifacts::Settings {
+            size: size_mib << 20,
+            runs: runs.max(1),
+            trellis: setup::trellis_binary(trellis)?,
+            work_dir,
+        })),
+    }
+}

@@ -1,0 +1,195 @@
+//! What the benchmarks stand on: an in-process hub serving real HTTPS on
+//! loopback, its API, a joined outpost agent's identity, and the `trellis`
+//! CLI binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use trellis_agent::{AgentState, STATE_FILE};
+use trellis_hub::{Hub, HubOptions};
+
+/// The `trellis` binary: the one given, or the one next to this program
+/// (`cargo build --release` puts both in `target/release`).
+pub fn trellis_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let path = match given {
+        Some(path) => path,
+        None => std::env::current_exe()?
+            .parent()
+            .context("this program has no directory")?
+            .join("trellis"),
+    };
+    if !path.is_file() {
+        bail!(
+            "{} does not exist; build it first (`cargo build --release -p trellis -p trellis-bench`) or pass --trellis PATH",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A hub serving HTTPS on 127.0.0.1 until dropped.
+pub struct BenchHub {
+    pub addr: std::net::SocketAddr,
+    pub data: PathBuf,
+    pub admin: String,
+    pub http: reqwest::Client,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl BenchHub {
+    pub async fn start(data: &Path) -> anyhow::Result<BenchHub> {
+        let hub = Hub::open(HubOptions {
+            data_dir: data.to_path_buf(),
+            local_runtime: trellis_agent::RuntimeSettings {
+                containers: false,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await?;
+        let admin = hub
+            .first_admin_key()
+            .context("a new hub has an admin key")?
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(hub.serve_tls(listener, async {
+            let _ = stopped.await;
+        }));
+        let ca = std::fs::read(data.join("ca.pem"))?;
+        let http = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+            .build()?;
+        Ok(BenchHub {
+            addr,
+            data: data.to_path_buf(),
+            admin,
+            http,
+            _stop: stop,
+        })
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.data.join("ca.pem")
+    }
+
+    /// An API call with the admin key; fails unless the status is 2xx.
+    pub async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let mut request = self
+            .http
+            .request(method.clone(), format!("https://{}/api/v1{path}", self.addr))
+            .bearer_auth(&self.admin);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("{method} {path} answered {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// Registers outpost `name` and joins an agent to it in `dir`.
+    pub async fn joined_agent(&self, name: &str, dir: &Path) -> anyhow::Result<Arc<AgentState>> {
+        let created = self
+            .api(reqwest::Method::POST, "/outposts", Some(json!({ "name": name })))
+            .await?;
+        let token = created["join"]["token"]
+            .as_str()
+            .context("the outpost came with a join token")?
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        trellis_agent::join(&token, dir).await?;
+        Ok(Arc::new(AgentState::open(&dir.join(STATE_FILE))?))
+    }
+
+    /// A client that presents the agent's certificate, as the agent does.
+    pub fn agent_http(&self, agent: &AgentState) -> anyhow::Result<reqwest::Client> {
+        let id = agent.identity()?.context("the agent has joined")?;
+        let pem = format!("{}\n{}", id.cert_pem, id.key_pem);
+        let ca = std::fs::read(self.ca_path())?;
+        Ok(reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+            .identity(reqwest::Identity::from_pem(pem.as_bytes())?)
+            .build()?)
+    }
+}
+
+/// Points the agent at `addr` (a fault proxy, or the hub itself).
+pub fn route_agent(agent: &AgentState, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let mut id = agent.identity()?.context("the agent has joined")?;
+    id.hub_url = format!("https://{addr}");
+    agent.set_identity(&id)?;
+    Ok(())
+}
+
+/// Runs `trellis ARGS` in `dir` against the hub at `endpoint`.
+pub fn trellis(
+    binary: &Path,
+    hub: &BenchHub,
+    endpoint: std::net::SocketAddr,
+    config: &Path,
+    dir: &Path,
+    args: &[&str],
+) -> anyhow::Result<Output> {
+    let output = Command::new(binary)
+        .current_dir(dir)
+        .args(args)
+        .env("TRELLIS_ENDPOINT", format!("https://{endpoint}"))
+        .env("TRELLIS_KEY", &hub.admin)
+        .env("TRELLIS_CA_CERT", hub.ca_path())
+        .env("TRELLIS_CONFIG_DIR", config)
+        .output()
+        .with_context(|| format!("running {}", binary.display()))?;
+    if !output.status.success() {
+        bail!(
+            "trellis {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(output)
+}
+
+/// Runs a command and fails with its output unless it succeeds.
+pub fn run(dir: &Path, program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let output = Command::new(program)
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !output.status.success() {
+        bail!(
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The median of some durations, in seconds.
+pub fn median(mut secs: Vec<f64>) -> f64 {
+    secs.sort_by(f64::total_cmp);
+    let n = secs.len();
+    if n % 2 == 1 {
+        secs[n / 2]
+    } else {
+        (secs[n / 2 - 1] + secs[n / 2]) / 2.0
+    }
+}
+
+/// A byte count for people.
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
