@@ -513,3 +513,215 @@ fn a_container_release_runs_keeps_its_volume_rolls_back_and_is_adopted() {
         client,
     );
 }
+
+/// An image built from a Dockerfile `FROM scratch` reaches an outpost that
+/// has no registry to pull from: the engine on the outpost does not have
+/// it (it is removed after the push), so the component can only run from
+/// the archive the agent fetched from the hub as chunks and loaded.
+#[test]
+fn an_image_built_from_a_dockerfile_runs_on_an_outpost_without_a_registry() {
+    let Some(engine) = trellis_testkit::podman::engine() else {
+        eprintln!("skipped: Podman is not installed (CI would fail here)");
+        return;
+    };
+    struct Cleanup(trellis_testkit::podman::PodmanEngine, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            self.0.remove_labelled("io.trellis.outpost=kiosk-2");
+            if !self.1.is_empty() {
+                let _ = self.0.podman(&["rmi", "--force", &self.1]);
+            }
+        }
+    }
+    let port = common::free_port();
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(&tmp.path().join("hub"));
+    let cli = Cli::for_hub(&hub, &hub.admin_key(), &tmp.path().join("config"));
+    cli.ok(&["create", "project", "kiosk"]);
+    let app = tmp.path().join("app");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::copy("/bin/busybox", app.join("busybox")).expect("busybox-static is installed");
+    let manifest = format!(
+        r#"version: v1
+components:
+  - name: web
+    docker:
+      file: Dockerfile
+    command: ["/bin/busybox", "httpd", "-f", "-p", "{port}", "-h", "/www"]
+    ports: [{port}]
+"#
+    );
+    git_project(
+        &app,
+        &[
+            (
+                "Dockerfile",
+                "FROM scratch\nCOPY busybox /bin/busybox\nCOPY www /www\n",
+            ),
+            ("www/index.html", "delivered without a registry\n"),
+            ("trellis.yaml", &manifest),
+        ],
+    );
+    let out = cli
+        .command()
+        .current_dir(&app)
+        .args(["push", "build", "-p", "kiosk"])
+        .env("CONTAINERS_CONF", engine.containers_conf())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::describe(&out));
+    let builds = cli.json(&["list", "build", "-p", "kiosk"]);
+    let artifact = &builds[0]["components"][0]["artifact"];
+    let reference = artifact["reference"].as_str().unwrap().to_owned();
+    let image_id = artifact["archive"]["image_id"].as_str().unwrap().to_owned();
+    let _cleanup = Cleanup(engine.clone(), reference.clone());
+    // The outpost's engine does not have the image, and cannot pull it.
+    engine.podman_ok(&["rmi", "--force", &reference]);
+    assert!(
+        engine
+            .inspect(trellis_testkit::podman::Object::Image, &image_id)
+            .is_none()
+    );
+
+    let created = cli.ok(&["create", "outpost", "kiosk-2"]);
+    let uri = cli.ok(&["get", "outpost-uri", "kiosk-2"]).trim().to_owned();
+    let _agent = AgentProcess::join_with(
+        &join_command(&created),
+        &tmp.path().join("agent"),
+        &[
+            "--docker-host",
+            &engine.docker_host(),
+            "--health-window",
+            "30s",
+            "--publish-ports",
+            "127.0.0.1",
+        ],
+    );
+    cli.ok(&[
+        "create",
+        "stage",
+        "shop",
+        "-p",
+        "kiosk",
+        "--type",
+        "prod",
+        "--outpost-uri",
+        &uri,
+    ]);
+    cli.ok(&["push", "release", "-p", "kiosk", "-s", "shop"]);
+    let mut last = serde_json::Value::Null;
+    let ok = wait_for(Duration::from_secs(120), || {
+        last = cli.json(&["status", "stage", "shop", "-p", "kiosk"]);
+        last["sync"]["state"] == "in-sync" && last["components"][0]["state"] == "running"
+    });
+    assert!(ok, "the release never ran: {last:#}");
+    let page = wait_for(Duration::from_secs(20), || {
+        fetch(&format!("http://127.0.0.1:{port}/index.html")).as_deref()
+            == Some("delivered without a registry\n")
+    });
+    assert!(page, "the delivered image does not serve its page");
+    // The engine has the image now: loaded from what the agent fetched.
+    assert!(
+        engine
+            .inspect(trellis_testkit::podman::Object::Image, &image_id)
+            .is_some()
+    );
+    let cache = tmp.path().join("agent/artifacts/chunks");
+    assert!(
+        std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0) > 0,
+        "the agent's cache holds the image's chunks"
+    );
+}
+
+/// A chunk damaged on the hub's disk: the agent refuses it, the stage's
+/// status says so, and the stage keeps running the release it had.
+#[test]
+fn a_chunk_damaged_on_the_hub_never_reaches_a_running_stage() {
+    let (web, client) = (common::free_port(), common::free_port());
+    let flavour = process_flavour(web, client);
+    let w = world(&flavour);
+    let _agent = AgentProcess::join_with(
+        &w.join,
+        &w.tmp.path().join("agent"),
+        &["--no-containers", "--health-window", "20s"],
+    );
+    w.cli.ok(&[
+        "create",
+        "stage",
+        "line",
+        "-p",
+        "plant",
+        "--type",
+        "prod",
+        "--outpost-uri",
+        &w.uri,
+    ]);
+    w.config("mark-one", "hello");
+    w.release();
+    w.wait_running(1);
+
+    // Build 2 has new content in `web`'s package; damage a chunk only it has.
+    let builds = w.cli.json(&["list", "build", "-p", "plant"]);
+    let old_index: String = builds[0]["components"][0]["artifact"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::write(
+        w.app.join("web/new-data.bin"),
+        (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    git_commit(&w.app, "more data");
+    let out = w.cli.run_in(&w.app, &["push", "build", "-p", "plant"]);
+    assert!(out.status.success(), "{}", common::describe(&out));
+    let builds = w.cli.json(&["list", "build", "-p", "plant"]);
+    let new_index: String = builds[0]["components"][0]["artifact"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(old_index, new_index);
+    let store = trellis_cas::ChunkStore::open(
+        &w.tmp.path().join("hub/artifacts"),
+        trellis_cas::Durability::Cache,
+    )
+    .unwrap();
+    let old = store.artifact(&old_index.parse().unwrap()).unwrap();
+    let new = store.artifact(&new_index.parse().unwrap()).unwrap();
+    let victim = new
+        .chunks
+        .iter()
+        .find(|c| !old.chunks.contains(c))
+        .expect("build 2 has a chunk build 1 lacks")
+        .digest;
+    std::fs::write(
+        store.path(&victim),
+        zstd::bulk::compress(b"not what this chunk held", 3).unwrap(),
+    )
+    .unwrap();
+    w.release();
+
+    let mut last = serde_json::Value::Null;
+    let failed = wait_for(Duration::from_secs(90), || {
+        last = w.status();
+        last["sync"]["state"] == "failed"
+    });
+    assert!(failed, "the damaged release was not refused: {last:#}");
+    let message = last["sync"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(&victim.as_hex()), "{last:#}");
+    assert!(message.contains("nothing changed"), "{last:#}");
+    assert_eq!(last["sync"]["applied_release"], 1, "{last:#}");
+    assert!(
+        last["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["state"] == "running"),
+        "{last:#}"
+    );
+    assert_eq!(
+        fetch(&format!("http://127.0.0.1:{client}/last.txt")).as_deref(),
+        Some("hello")
+    );
+}

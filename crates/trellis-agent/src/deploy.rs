@@ -612,7 +612,11 @@ fn collect(
 ) -> Result<CollectReport, String> {
     // <root>/<project>/<stage>/{current,good}.json
     for project in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        for stage in std::fs::read_dir(project.path()).into_iter().flatten().flatten() {
+        for stage in std::fs::read_dir(project.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             for name in [CURRENT_PLAN, GOOD_PLAN, PREVIOUS_PLAN] {
                 let Ok(bytes) = std::fs::read(stage.path().join(name)) else {
                     continue;

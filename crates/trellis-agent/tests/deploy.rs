@@ -363,13 +363,19 @@ async fn the_cache_keeps_current_and_previous_releases_and_what_is_in_flight() {
                 .update(&[n])
                 .finalize_xof()
                 .fill(&mut data);
-            w.package(&[("run.sh", b"#!/bin/sh\nexec sleep 1000\n"), ("data.bin", &data)])
+            w.package(&[
+                ("run.sh", b"#!/bin/sh\nexec sleep 1000\n"),
+                ("data.bin", &data),
+            ])
         })
         .collect();
     let chunks_of = |p: &(String, u64)| {
         let artifact = w.blobs.artifact(&p.0.parse().unwrap()).unwrap();
-        let mut all: Vec<trellis_cas::Digest> =
-            artifact.distinct_chunks().iter().map(|c| c.digest).collect();
+        let mut all: Vec<trellis_cas::Digest> = artifact
+            .distinct_chunks()
+            .iter()
+            .map(|c| c.digest)
+            .collect();
         all.push(p.0.parse().unwrap());
         all
     };
@@ -379,7 +385,9 @@ async fn the_cache_keeps_current_and_previous_releases_and_what_is_in_flight() {
     };
     let s = stage("gc");
     for n in 1..=3u64 {
-        let outcome = d.apply(&s, n, &desired(n, &packages[n as usize - 1], "")).await;
+        let outcome = d
+            .apply(&s, n, &desired(n, &packages[n as usize - 1], ""))
+            .await;
         assert!(outcome.ok, "{outcome:?}");
     }
     // Release 3 runs, 2 is the one before it; 1 is freed.
@@ -405,7 +413,10 @@ async fn the_cache_keeps_current_and_previous_releases_and_what_is_in_flight() {
         tokio::spawn(async move { d.collect_garbage().await })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!collect.is_finished(), "the collection ran during a delivery");
+    assert!(
+        !collect.is_finished(),
+        "the collection ran during a delivery"
+    );
     assert!(cached(&packages[3]) >= partly);
     drop(_all);
     let outcome = apply.await.unwrap();

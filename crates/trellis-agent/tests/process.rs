@@ -473,7 +473,11 @@ async fn a_command_that_cannot_start_or_a_missing_package_fails_only_its_compone
     let nopkg = observe(&runtime, &stage, "nopkg").await;
     assert_eq!(nopkg.state, ComponentState::Failed);
     assert!(
-        nopkg.message.as_deref().unwrap().contains("not in the store"),
+        nopkg
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("not in the store"),
         "{nopkg:?}"
     );
     wait_for(&runtime, &stage, "fine", "ran", |o| {

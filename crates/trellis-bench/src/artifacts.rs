@@ -95,11 +95,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let hub = BenchHub::start(&work.path().join("hub")).await?;
     let proxy = FaultProxy::start(hub.addr).await?;
-    let agent = hub
-        .joined_agent("edge", &work.path().join("agent"))
-        .await?;
-    hub.api(reqwest::Method::POST, "/projects", Some(json!({"name": "bench"})))
-        .await?;
+    let agent = hub.joined_agent("edge", &work.path().join("agent")).await?;
+    hub.api(
+        reqwest::Method::POST,
+        "/projects",
+        Some(json!({"name": "bench"})),
+    )
+    .await?;
     let uri = hub
         .api(reqwest::Method::GET, "/outposts/edge/uri", None)
         .await?["uri"]
@@ -133,13 +135,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     release(&hub, &first.build).await?;
 
     // Full first delivery against a plain download, same hub, same run.
-    eprintln!("timing {} full deliveries and plain downloads…", settings.runs);
+    eprintln!(
+        "timing {} full deliveries and plain downloads…",
+        settings.runs
+    );
     setup::route_agent(&agent, hub.addr)?;
     let plain_http = hub.agent_http(&agent)?;
     let mut chunked = Vec::new();
     let mut plain = Vec::new();
     for run in 0..settings.runs {
-        let order = if run % 2 == 0 { [true, false] } else { [false, true] };
+        let order = if run % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
         for chunked_first in order {
             if chunked_first {
                 let cache = work.path().join(format!("cache-{run}"));
@@ -190,10 +199,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     println!();
     println!("| measure | value |");
     println!("|---|---|");
-    println!(
-        "| first push: bytes uploaded | {} |",
-        mib(first.uploaded)
-    );
+    println!("| first push: bytes uploaded | {} |", mib(first.uploaded));
     println!(
         "| second push: bytes uploaded | {} ({} of the image) |",
         mib(second.uploaded),

@@ -15,7 +15,10 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "trellis-bench", about = "Benchmarks of Trellis, printed as tables")]
+#[command(
+    name = "trellis-bench",
+    about = "Benchmarks of Trellis, printed as tables"
+)]
 struct Args {
     #[command(subcommand)]
     bench: Bench,

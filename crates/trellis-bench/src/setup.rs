@@ -86,7 +86,10 @@ impl BenchHub {
     ) -> anyhow::Result<Value> {
         let mut request = self
             .http
-            .request(method.clone(), format!("https://{}/api/v1{path}", self.addr))
+            .request(
+                method.clone(),
+                format!("https://{}/api/v1{path}", self.addr),
+            )
             .bearer_auth(&self.admin);
         if let Some(body) = body {
             request = request.json(&body);
@@ -103,7 +106,11 @@ impl BenchHub {
     /// Registers outpost `name` and joins an agent to it in `dir`.
     pub async fn joined_agent(&self, name: &str, dir: &Path) -> anyhow::Result<Arc<AgentState>> {
         let created = self
-            .api(reqwest::Method::POST, "/outposts", Some(json!({ "name": name })))
+            .api(
+                reqwest::Method::POST,
+                "/outposts",
+                Some(json!({ "name": name })),
+            )
             .await?;
         let token = created["join"]["token"]
             .as_str()

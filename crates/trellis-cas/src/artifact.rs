@@ -150,8 +150,7 @@ impl ChunkStore {
         let mut size = 0u64;
         let mut stored = 0u64;
         let mut seen = std::collections::HashSet::new();
-        for chunk in fastcdc::v2020::StreamCDC::new(&mut hashing, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX)
-        {
+        for chunk in fastcdc::v2020::StreamCDC::new(&mut hashing, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
             let chunk = chunk.map_err(|e| match e {
                 fastcdc::v2020::Error::IoError(e) => {
                     CasError::io("read the artifact's content for", self.root(), e)
@@ -344,7 +343,9 @@ mod tests {
     fn a_small_edit_changes_few_chunks() {
         let (_dir, store) = store();
         let mut content = noise(2, 8 * 1024 * 1024);
-        let first = store.put_artifact(ArtifactKind::Image, &content[..]).unwrap();
+        let first = store
+            .put_artifact(ArtifactKind::Image, &content[..])
+            .unwrap();
         // Overwrite 1% in the middle, and insert a few bytes elsewhere.
         let mid = content.len() / 2;
         let edit = content.len() / 100;
@@ -352,7 +353,9 @@ mod tests {
         content.splice(1000..1000, *b"inserted");
         let before: std::collections::HashSet<_> =
             first.index.chunks.iter().map(|c| c.digest).collect();
-        let second = store.put_artifact(ArtifactKind::Image, &content[..]).unwrap();
+        let second = store
+            .put_artifact(ArtifactKind::Image, &content[..])
+            .unwrap();
         let new_bytes: u64 = second
             .index
             .chunks
@@ -371,7 +374,9 @@ mod tests {
     fn a_damaged_chunk_fails_the_read() {
         let (_dir, store) = store();
         let content = noise(4, 2 * 1024 * 1024);
-        let put = store.put_artifact(ArtifactKind::Image, &content[..]).unwrap();
+        let put = store
+            .put_artifact(ArtifactKind::Image, &content[..])
+            .unwrap();
         let victim = put.index.chunks[1].digest;
         std::fs::write(
             store.path(&victim),

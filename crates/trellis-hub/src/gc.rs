@@ -151,7 +151,9 @@ pub fn spawn(state: AppState, cancel: tokio_util::sync::CancellationToken) {
                     referenced = report.referenced,
                     "collected the artifact store"
                 ),
-                Err(e) => tracing::warn!(error = %e.message, "could not collect the artifact store"),
+                Err(e) => {
+                    tracing::warn!(error = %e.message, "could not collect the artifact store")
+                }
             }
         }
     });

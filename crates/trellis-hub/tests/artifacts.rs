@@ -11,8 +11,8 @@ use std::sync::Arc;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use trellis_agent::runtime::artifacts::{ArtifactSource, HubArtifacts};
-use trellis_cas::{ArtifactKind, ChunkStore, Durability, PutArtifact};
 use trellis_agent::{AgentState, STATE_FILE};
+use trellis_cas::{ArtifactKind, ChunkStore, Durability, PutArtifact};
 use trellis_hub::{Hub, HubOptions};
 use trellis_link::identity::JoinToken;
 
@@ -251,7 +251,9 @@ async fn uploads_send_only_missing_chunks_and_builds_need_every_chunk() {
     let bytes = package(2 << 20);
     let staging = tempfile::tempdir().unwrap();
     let store = agent_store(staging.path());
-    let put = store.put_artifact(ArtifactKind::Package, &bytes[..]).unwrap();
+    let put = store
+        .put_artifact(ArtifactKind::Package, &bytes[..])
+        .unwrap();
     let all: Vec<String> = put
         .index
         .distinct_chunks()
@@ -275,15 +277,29 @@ async fn uploads_send_only_missing_chunks_and_builds_need_every_chunk() {
         "components": [{"name": "sensor", "artifact":
             {"kind": "package", "digest": put.index_digest.as_hex(), "size": bytes.len()}}]});
     let (s, b) = hub
-        .api(reqwest::Method::POST, "/projects", Some(json!({"name": "plant"})))
+        .api(
+            reqwest::Method::POST,
+            "/projects",
+            Some(json!({"name": "plant"})),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
     let (s, b) = hub
-        .api(reqwest::Method::POST, "/projects/plant/builds", Some(build.clone()))
+        .api(
+            reqwest::Method::POST,
+            "/projects/plant/builds",
+            Some(build.clone()),
+        )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
     assert_eq!(b["error"]["code"], "invalid-build");
-    assert!(b["error"]["message"].as_str().unwrap().contains("not been uploaded"), "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not been uploaded"),
+        "{b}"
+    );
     let put_again = hub.upload(&bytes).await;
     assert_eq!(put_again.index_digest, put.index_digest);
     assert!(hub.missing(&all).await.is_empty());
@@ -341,7 +357,11 @@ async fn an_agent_fetches_its_artifacts_with_its_certificate() {
     let chunk = put.index.chunks[0].digest;
     let stored = std::fs::read(store.path(&chunk)).unwrap();
     let http = hub.agent_http(&agent).await;
-    let resp = http.get(hub.chunk_url(&chunk.as_hex())).send().await.unwrap();
+    let resp = http
+        .get(hub.chunk_url(&chunk.as_hex()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["accept-ranges"], "bytes");
     assert_eq!(resp.bytes().await.unwrap().as_ref(), &stored[..]);
@@ -387,7 +407,9 @@ async fn an_interrupted_delivery_resumes_without_fetching_complete_chunks_again(
     let bytes = package(16 << 20);
     let put = hub.release_on("edge-1", "plant", &bytes).await;
     let index = put.index_digest.as_hex();
-    let proxy = trellis_faultproxy::FaultProxy::start(hub.addr).await.unwrap();
+    let proxy = trellis_faultproxy::FaultProxy::start(hub.addr)
+        .await
+        .unwrap();
     hub.route_agent_through(&agent, proxy.addr());
     // Slow enough to be caught halfway: 4 connections of 2 MiB/s each.
     proxy.set(trellis_faultproxy::Mode::Throttle {
@@ -411,7 +433,10 @@ async fn an_interrupted_delivery_resumes_without_fetching_complete_chunks_again(
         if present * 2 >= chunks.len() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the delivery did not get halfway");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delivery did not get halfway"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     task.abort();
@@ -425,8 +450,11 @@ async fn an_interrupted_delivery_resumes_without_fetching_complete_chunks_again(
     let fetcher = HubArtifacts::new(agent.clone(), store.clone());
     let fetched = fetcher.fetch(&index, &|_| {}).await.unwrap();
     let mut back = Vec::new();
-    std::io::Read::read_to_end(&mut store.open_artifact(&put.index_digest, &fetched), &mut back)
-        .unwrap();
+    std::io::Read::read_to_end(
+        &mut store.open_artifact(&put.index_digest, &fetched),
+        &mut back,
+    )
+    .unwrap();
     assert_eq!(back, bytes);
 
     // Everything that crossed the link, TLS and HTTP included, against
@@ -434,7 +462,11 @@ async fn an_interrupted_delivery_resumes_without_fetching_complete_chunks_again(
     let moved = proxy.stats().bytes_down;
     let ratio = moved as f64 / put.stored as f64;
     println!("moved {moved} bytes for {} stored: {ratio:.3}", put.stored);
-    assert!(ratio <= 1.05, "moved {moved} bytes for an artifact of {} stored", put.stored);
+    assert!(
+        ratio <= 1.05,
+        "moved {moved} bytes for an artifact of {} stored",
+        put.stored
+    );
     proxy.shutdown().await;
 }
 
@@ -448,7 +480,11 @@ async fn a_chunk_damaged_on_the_hub_is_refused_and_never_stored() {
     // other content.
     let victim = put.index.chunks[1].digest;
     let path = hub.hub_chunks().path(&victim);
-    std::fs::write(&path, zstd::bulk::compress(&noise("other", 1000), 3).unwrap()).unwrap();
+    std::fs::write(
+        &path,
+        zstd::bulk::compress(&noise("other", 1000), 3).unwrap(),
+    )
+    .unwrap();
 
     let work = tempfile::tempdir().unwrap();
     let store = agent_store(&work.path().join("cache"));
@@ -511,7 +547,11 @@ async fn artifacts_are_refused_without_a_certificate_to_other_outposts_unknown_a
     let fetcher = HubArtifacts::new(agent.clone(), agent_store(&work.path().join("cache")));
     let err = fetcher.fetch(&unknown, &|_| {}).await.unwrap_err();
     assert_eq!(err.code, "artifact-not-found", "{err:?}");
-    let resp = http.get(hub.chunk_url("not-a-digest")).send().await.unwrap();
+    let resp = http
+        .get(hub.chunk_url("not-a-digest"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
 
     // Revoked: refused, even though the certificate is still valid.
@@ -542,8 +582,12 @@ async fn the_hub_collects_chunks_no_build_references_after_the_grace_period() {
     // Uploaded by a push that never recorded its build.
     let orphan = hub.upload(&package(700_000)).await;
     let chunks_of = |put: &PutArtifact| {
-        let mut all: Vec<trellis_cas::Digest> =
-            put.index.distinct_chunks().iter().map(|c| c.digest).collect();
+        let mut all: Vec<trellis_cas::Digest> = put
+            .index
+            .distinct_chunks()
+            .iter()
+            .map(|c| c.digest)
+            .collect();
         all.push(put.index_digest);
         all
     };

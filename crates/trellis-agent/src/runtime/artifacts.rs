@@ -55,8 +55,11 @@ pub trait ArtifactSource: Send + Sync {
     /// present and verified in [`ArtifactSource::store`], calling
     /// `progress` with the content bytes present so far (of
     /// `ArtifactIndex::size`). Returns the artifact's index.
-    async fn fetch(&self, index: &str, progress: Progress<'_>)
-    -> Result<ArtifactIndex, RuntimeError>;
+    async fn fetch(
+        &self,
+        index: &str,
+        progress: Progress<'_>,
+    ) -> Result<ArtifactIndex, RuntimeError>;
 
     /// The store fetched artifacts are read from.
     fn store(&self) -> &ChunkStore;
@@ -592,7 +595,8 @@ async fn download(
                 )
             })?;
         let Some(frame) = frame else { break };
-        let frame = frame.map_err(|e| connector.http(digest, format!("the download broke off: {e}")))?;
+        let frame =
+            frame.map_err(|e| connector.http(digest, format!("the download broke off: {e}")))?;
         if let Ok(data) = frame.into_data() {
             written += data.len() as u64;
             if written > limit {
@@ -614,7 +618,9 @@ async fn download(
 }
 
 async fn drain(body: hyper::body::Incoming) {
-    let _ = http_body_util::Limited::new(body, 64 * 1024).collect().await;
+    let _ = http_body_util::Limited::new(body, 64 * 1024)
+        .collect()
+        .await;
 }
 
 /// The first byte of `Content-Range: bytes START-END/TOTAL`.

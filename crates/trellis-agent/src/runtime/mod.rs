@@ -29,8 +29,8 @@ pub use trellis_link::protocol::{LogLine, LogQuery, LogStream};
 
 use crate::state::StageKey;
 
-pub mod container;
 pub mod artifacts;
+pub mod container;
 pub mod plan;
 pub mod process;
 pub mod schedule;

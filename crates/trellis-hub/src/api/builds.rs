@@ -198,7 +198,13 @@ fn check_build(chunks: &ChunkStore, build: &NewBuild) -> ApiResult<()> {
                 }
             }
             (ComponentSource::Process(_), Artifact::Package { digest, size }) => {
-                check_stored(chunks, &component.name, ArtifactKind::Package, digest, *size)?;
+                check_stored(
+                    chunks,
+                    &component.name,
+                    ArtifactKind::Package,
+                    digest,
+                    *size,
+                )?;
             }
             _ => {
                 return Err(invalid_build(

@@ -270,7 +270,9 @@ async fn serve_chunk(
             return Err(not_found("chunk", &digest, &peer.outpost));
         }
         Err(e) => {
-            return Err(ApiError::internal(format!("cannot open chunk {digest}: {e}")));
+            return Err(ApiError::internal(format!(
+                "cannot open chunk {digest}: {e}"
+            )));
         }
     };
     let len = file
