@@ -260,7 +260,7 @@ impl<R: Read> Tail<R> {
 
     /// Whether the stream was whole blocks ending in two zero blocks.
     fn is_complete_tar(&self) -> bool {
-        self.total % 512 == 0 && self.trailing_zeros >= 1024
+        self.total.is_multiple_of(512) && self.trailing_zeros >= 1024
     }
 }
 
