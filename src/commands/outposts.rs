@@ -243,6 +243,23 @@ pub async fn stage_status(
     if let Some(reason) = &s.link.last_disconnect {
         fields.push(("last disconnect", reason.clone()));
     }
+    if let Some(d) = &s.sync.delivery {
+        let percent = if d.total == 0 {
+            100.0
+        } else {
+            100.0 * d.fetched as f64 / d.total as f64
+        };
+        fields.push((
+            "delivery",
+            format!(
+                "revision {}: {} of {} ({percent:.0}%), {}",
+                d.revision,
+                crate::output::bytes(d.fetched),
+                crate::output::bytes(d.total),
+                d.step
+            ),
+        ));
+    }
     if let Some(back) = s.sync.rolled_back_to {
         fields.push((
             "rolled back to",

@@ -471,3 +471,57 @@ async fn the_openapi_document_describes_the_new_endpoints() {
         assert!(params.contains(&p), "{params:?}");
     }
 }
+
+#[tokio::test]
+async fn the_status_shows_how_far_a_delivery_has_come_until_the_revision_is_applied() {
+    let hub = start().await;
+    setup(&hub).await;
+    let revision = push(&hub).await;
+    let mut agent = Agent::connect(&hub, &[]).await;
+    let (got, _) = agent.desired().await;
+    assert_eq!(got, revision);
+    agent
+        .send(Message::Delivery {
+            project: "shop".into(),
+            stage: "line3".into(),
+            revision,
+            fetched: 3 << 20,
+            total: 12 << 20,
+            step: "fetching artifacts".into(),
+        })
+        .await;
+    // A delivery frame of a stage that is not on this outpost is ignored.
+    agent
+        .send(Message::Delivery {
+            project: "shop".into(),
+            stage: "elsewhere".into(),
+            revision,
+            fetched: 1,
+            total: 2,
+            step: "fetching artifacts".into(),
+        })
+        .await;
+    let path = format!("{STAGE}/outpost-status");
+    let mut seen = Value::Null;
+    for _ in 0..50 {
+        let (s, body) = hub.call(Some(&hub.admin), M::GET, &path, None).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        seen = body;
+        if !seen["sync"]["delivery"].is_null() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen["sync"]["state"], "syncing", "{seen}");
+    let delivery = &seen["sync"]["delivery"];
+    assert_eq!(delivery["revision"], revision, "{seen}");
+    assert_eq!(delivery["fetched"], 3 << 20, "{seen}");
+    assert_eq!(delivery["total"], 12 << 20, "{seen}");
+    assert_eq!(delivery["step"], "fetching artifacts", "{seen}");
+
+    // Once the revision is reported applied, the progress is history.
+    agent.report(1, revision, vec![]).await;
+    let (_, body) = hub.call(Some(&hub.admin), M::GET, &path, None).await;
+    assert_eq!(body["sync"]["state"], "in-sync", "{body}");
+    assert!(body["sync"]["delivery"].is_null(), "{body}");
+}
