@@ -16,8 +16,9 @@ components:
         config-ref: greeting
         value: hello
   - name: cache
-    docker:
-      image: docker.io/library/redis:7
+    process:
+      path: ./cache
+      command: [\"sleep\", \"1000\"]
     ports: [6379]
 ";
 
@@ -31,6 +32,7 @@ fn everything_acknowledged_survives_sigkill_and_restart() {
         &[
             ("trellis.yaml", MANIFEST),
             ("site/index.html", "<h1>hi</h1>\n"),
+            ("cache/README", "a second process component\n"),
         ],
     );
 
