@@ -163,12 +163,12 @@ impl ChunkStore {
         })
     }
 
-    /// Moves a file holding the stored form of `digest` (a finished
-    /// download) into the store, after verifying it. A file that does not
-    /// verify is removed and the error returned.
-    pub fn adopt_file(&self, digest: &Digest, file: &Path) -> Result<ChunkInfo> {
-        let stored = fs::read(file).map_err(|e| CasError::io("read", file, e))?;
-        let size = match verify_stored(digest, &stored) {
+    /// Moves `file` into the store as chunk `digest`, once `stored` — the
+    /// file's content, held in memory by the caller who wrote it — is
+    /// verified. Saves writing the bytes a second time. A `stored` that
+    /// does not verify removes the file and returns the error.
+    pub fn adopt_written(&self, digest: &Digest, file: &Path, stored: &[u8]) -> Result<ChunkInfo> {
+        let size = match verify_stored(digest, stored) {
             Ok(size) => size,
             Err(e) => {
                 let _ = fs::remove_file(file);
@@ -277,7 +277,7 @@ impl ChunkStore {
     }
 
     /// Where downloads and uploads in progress may keep their files: on the
-    /// store's filesystem, so [`ChunkStore::adopt_file`] renames atomically.
+    /// store's filesystem, so [`ChunkStore::adopt_written`] renames atomically.
     pub fn tmp_dir(&self) -> &Path {
         &self.tmp
     }
@@ -333,21 +333,49 @@ pub fn decompress(stored: &[u8]) -> io::Result<Vec<u8>> {
 }
 
 /// Checks that `stored` decompresses to content named `digest`; returns the
-/// content's size.
+/// content's size. Streams the content through the hash in small pieces
+/// instead of holding it, since every delivered chunk passes here.
 pub fn verify_stored(digest: &Digest, stored: &[u8]) -> Result<u64> {
-    let data = decompress(stored).map_err(|e| CasError::ChunkUnreadable {
+    let unreadable = |e: io::Error| CasError::ChunkUnreadable {
         digest: *digest,
         reason: e.to_string(),
-    })?;
-    let actual = Digest::of(&data);
+    };
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(stored).map_err(unreadable)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = [0u8; 64 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = match decoder.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(unreadable(e)),
+        };
+        size += n as u64;
+        if size > MAX_CHUNK_BYTES {
+            return Err(unreadable(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("it decompresses to more than {MAX_CHUNK_BYTES} bytes"),
+            )));
+        }
+        hasher.update(&buf[..n]);
+    }
+    let mut rest = [0u8; 1];
+    if decoder.finish().read(&mut rest).map_err(unreadable)? != 0 {
+        return Err(unreadable(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "it has bytes after its compressed frame",
+        )));
+    }
+    let actual = Digest::from_hash(hasher.finalize());
     if actual != *digest {
         return Err(CasError::DigestMismatch {
             expected: *digest,
             actual,
-            size: data.len() as u64,
+            size,
         });
     }
-    Ok(data.len() as u64)
+    Ok(size)
 }
 
 fn corrupt_at(digest: &Digest, path: &Path, e: io::Error) -> CasError {
@@ -436,11 +464,18 @@ mod tests {
     fn adopts_only_verified_downloads() {
         let (_dir, store) = store(Durability::Cache);
         let file = store.tmp_dir().join("download");
-        fs::write(&file, zstd::bulk::compress(b"payload", 3).unwrap()).unwrap();
-        assert!(store.adopt_file(&Digest::of(b"other"), &file).is_err());
+        let stored = zstd::bulk::compress(b"payload", 3).unwrap();
+        fs::write(&file, &stored).unwrap();
+        assert!(
+            store
+                .adopt_written(&Digest::of(b"other"), &file, &stored)
+                .is_err()
+        );
         assert!(!file.exists(), "a download that does not verify is dropped");
-        fs::write(&file, zstd::bulk::compress(b"payload", 3).unwrap()).unwrap();
-        let info = store.adopt_file(&Digest::of(b"payload"), &file).unwrap();
+        fs::write(&file, &stored).unwrap();
+        let info = store
+            .adopt_written(&Digest::of(b"payload"), &file, &stored)
+            .unwrap();
         assert_eq!(store.read(&info.digest).unwrap(), b"payload");
     }
 }

@@ -461,7 +461,11 @@ async fn an_interrupted_delivery_resumes_without_fetching_complete_chunks_again(
     // what the artifact takes on the hub's disk.
     let moved = proxy.stats().bytes_down;
     let ratio = moved as f64 / put.stored as f64;
-    println!("moved {moved} bytes for {} stored: {ratio:.3}", put.stored);
+    println!(
+        "moved {moved} bytes for {} stored: {ratio:.3}, over {} connections",
+        put.stored,
+        proxy.stats().accepted
+    );
     assert!(
         ratio <= 1.05,
         "moved {moved} bytes for an artifact of {} stored",

@@ -32,7 +32,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
 use trellis_cas::{ArtifactIndex, CasError, ChunkRef, ChunkStore, Digest};
 
 use super::RuntimeError;
@@ -43,7 +42,7 @@ use crate::state::AgentState;
 pub const CHUNKS_PATH: &str = "/api/v1/agent/chunks";
 
 /// Chunks fetched at the same time, each over its own connection.
-pub const PARALLEL_FETCHES: usize = 4;
+pub const PARALLEL_FETCHES: usize = 6;
 
 /// Told how many content bytes of an artifact have arrived so far.
 pub type Progress<'a> = &'a (dyn Fn(u64) + Send + Sync);
@@ -429,8 +428,9 @@ impl Connector {
 
 /// Why one download attempt did not produce a complete file.
 enum Attempt {
-    /// The partial file is complete (as far as the hub is concerned).
-    Done,
+    /// The chunk's stored form, complete as far as the hub is concerned
+    /// (not verified yet).
+    Done(Vec<u8>),
     /// Start over from byte 0 (the hub refused the range).
     Restart,
 }
@@ -463,19 +463,26 @@ async fn fetch_chunk(
                 return Err(e);
             }
         };
-        if let Attempt::Restart = attempt {
-            let _ = fs::remove_file(&partial);
-            fresh_tries += 1;
-            if fresh_tries > 1 {
-                return Err(RuntimeError::new(
-                    "artifact-fetch-failed",
-                    format!("the hub kept refusing the byte range of chunk {digest}"),
-                ));
+        let stored = match attempt {
+            Attempt::Done(stored) => stored,
+            Attempt::Restart => {
+                let _ = fs::remove_file(&partial);
+                fresh_tries += 1;
+                if fresh_tries > 1 {
+                    return Err(RuntimeError::new(
+                        "artifact-fetch-failed",
+                        format!("the hub kept refusing the byte range of chunk {digest}"),
+                    ));
+                }
+                continue;
             }
-            continue;
-        }
+        };
         let (s, file) = (store.clone(), partial.clone());
-        match blocking(move || s.adopt_file(&digest, &file).map_err(cas_error)).await {
+        // The partial file holds exactly `stored`: verified, it becomes the
+        // chunk; not verified, it is removed.
+        let kept =
+            blocking(move || s.adopt_written(&digest, &file, &stored).map_err(cas_error)).await;
+        match kept {
             Ok(_) => return Ok(()),
             Err(e) if e.code == "artifact-corrupt" && fresh_tries == 0 => {
                 // A resumed download can join bytes of two different answers
@@ -570,16 +577,31 @@ async fn download(
             return Err(refusal(digest, status, &body));
         }
     };
-    let mut file = tokio::fs::OpenOptions::new()
+    // The chunk is kept in memory (chunks are small) and also appended to
+    // the partial file as it arrives, so a delivery cut off — even by a
+    // SIGKILL — resumes after the last byte written. The file writes go to
+    // the page cache in microseconds; they are not worth a thread hop each.
+    let announced = response
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(2 << 20);
+    let mut stored = if append {
+        fs::read(partial).map_err(|e| io_error("artifact-write-failed", "read", partial, e))?
+    } else {
+        Vec::new()
+    };
+    stored.reserve(announced);
+    let mut file = fs::OpenOptions::new()
         .create(true)
         .write(true)
         .append(append)
         .truncate(!append)
         .open(partial)
-        .await
         .map_err(|e| io_error("artifact-write-failed", "open", partial, e))?;
-    let mut written = if append { have } else { 0 };
-    let limit = trellis_cas::MAX_CHUNK_BYTES + 64 * 1024;
+    let limit = (trellis_cas::MAX_CHUNK_BYTES + 64 * 1024) as usize;
     let mut body = response.into_body();
     loop {
         let frame = tokio::time::timeout(timeout, body.frame())
@@ -598,23 +620,19 @@ async fn download(
         let frame =
             frame.map_err(|e| connector.http(digest, format!("the download broke off: {e}")))?;
         if let Ok(data) = frame.into_data() {
-            written += data.len() as u64;
-            if written > limit {
+            if stored.len() + data.len() > limit {
                 let _ = fs::remove_file(partial);
                 return Err(RuntimeError::new(
                     "artifact-corrupt",
                     format!("the hub sent more than {limit} bytes for chunk {digest}"),
                 ));
             }
-            file.write_all(&data)
-                .await
+            std::io::Write::write_all(&mut file, &data)
                 .map_err(|e| io_error("artifact-write-failed", "write", partial, e))?;
+            stored.extend_from_slice(&data);
         }
     }
-    file.flush()
-        .await
-        .map_err(|e| io_error("artifact-write-failed", "write", partial, e))?;
-    Ok(Attempt::Done)
+    Ok(Attempt::Done(stored))
 }
 
 async fn drain(body: hyper::body::Incoming) {

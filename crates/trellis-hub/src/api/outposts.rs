@@ -86,6 +86,7 @@ pub async fn delete_outpost(
         ));
     }
     state.store().delete_outpost(&outpost, q.force).await?;
+    state.artifact_access().forget(&outpost);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -143,6 +144,7 @@ pub async fn revoke_outpost(
     let revoked = state.store().revoke_outpost(&outpost, Utc::now()).await?;
     // After the store knows, so a reconnect in between is refused too.
     state.links().revoke(&outpost);
+    state.artifact_access().forget(&outpost);
     Ok(Json(revoked))
 }
 

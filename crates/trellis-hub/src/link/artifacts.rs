@@ -34,12 +34,19 @@ const ACCESS_TTL: Duration = Duration::from_secs(30);
 const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Chunk lists of this many indexes are kept in memory.
 const MAX_CACHED_INDEXES: usize = 1024;
+/// How long an agent found allowed (outpost exists, not revoked, its
+/// registered key) is believed without asking the store again. A delivery
+/// makes hundreds of requests in a few seconds; revoking or deleting the
+/// outpost on this hub forgets it at once ([`ArtifactAccess::forget`]).
+const AGENT_TTL: Duration = Duration::from_secs(2);
 
 /// Which artifacts each outpost may read. See the module docs.
 #[derive(Default)]
 pub struct ArtifactAccess {
     outposts: Mutex<HashMap<String, Allowed>>,
     indexes: Mutex<HashMap<Digest, Arc<HashSet<Digest>>>>,
+    /// Agents recently found allowed: outpost → (key fingerprint, when).
+    agents: Mutex<HashMap<String, (String, Instant)>>,
 }
 
 struct Allowed {
@@ -61,6 +68,46 @@ enum Wanted {
 }
 
 impl ArtifactAccess {
+    /// The outpost was revoked or deleted: its agent is asked about anew.
+    pub fn forget(&self, outpost: &str) {
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(outpost);
+        self.outposts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(outpost);
+    }
+
+    /// The agent behind a request, checked against the store at most every
+    /// [`AGENT_TTL`].
+    async fn agent(
+        &self,
+        state: &AppState,
+        connection: Option<axum::Extension<ConnectionInfo>>,
+    ) -> ApiResult<trellis_link::identity::PeerIdentity> {
+        if let Some(peer) = connection.as_ref().and_then(|c| c.0.peer.clone()) {
+            let fingerprint = peer.public_key_fingerprint.to_string();
+            let agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+            if agents
+                .get(&peer.outpost)
+                .is_some_and(|(f, at)| *f == fingerprint && at.elapsed() < AGENT_TTL)
+            {
+                return Ok(peer);
+            }
+        }
+        let peer = authorize_agent(state, connection).await?;
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                peer.outpost.clone(),
+                (peer.public_key_fingerprint.to_string(), Instant::now()),
+            );
+        Ok(peer)
+    }
+
     /// Whether `outpost` may read `digest` (as an index, or as a chunk of
     /// one when `wanted` allows).
     async fn allows(
@@ -254,7 +301,7 @@ async fn serve_chunk(
     digest: &str,
     headers: &axum::http::HeaderMap,
 ) -> ApiResult<Response> {
-    let peer = authorize_agent(state, connection).await?;
+    let peer = state.artifact_access().agent(state, connection).await?;
     let digest = parse_digest(digest)?;
     if !state
         .artifact_access()
@@ -263,23 +310,21 @@ async fn serve_chunk(
     {
         return Err(not_found("chunk", &digest, &peer.outpost));
     }
+    // Chunks are small (a stored chunk is at most about 1 MiB): one read
+    // into memory beats streaming it in small blocking reads.
     let path = state.chunks().path(&digest);
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(file) => file,
+    let bytes = match tokio::fs::read(&path).await {
+        Ok(bytes) => bytes::Bytes::from(bytes),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(not_found("chunk", &digest, &peer.outpost));
         }
         Err(e) => {
             return Err(ApiError::internal(format!(
-                "cannot open chunk {digest}: {e}"
+                "cannot read chunk {digest}: {e}"
             )));
         }
     };
-    let len = file
-        .metadata()
-        .await
-        .map_err(|e| ApiError::internal(format!("cannot read chunk {digest}: {e}")))?
-        .len();
+    let len = bytes.len() as u64;
     let range = match byte_range(headers.get(header::RANGE), len) {
         Ok(range) => range,
         Err(()) => {
@@ -300,13 +345,7 @@ async fn serve_chunk(
         Some((start, end)) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
         None => (StatusCode::OK, 0, len),
     };
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(|e| ApiError::internal(format!("cannot read chunk {digest}: {e}")))?;
-    }
-    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file.take(count)));
+    let body = axum::body::Body::from(bytes.slice(start as usize..(start + count) as usize));
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let h = response.headers_mut();
@@ -356,7 +395,7 @@ async fn serve_content(
     connection: Option<axum::Extension<ConnectionInfo>>,
     index: &str,
 ) -> ApiResult<Response> {
-    let peer = authorize_agent(state, connection).await?;
+    let peer = state.artifact_access().agent(state, connection).await?;
     let digest = parse_digest(index)?;
     if !state
         .artifact_access()
