@@ -645,6 +645,18 @@ fn collect(
             live.extend(artifact.chunks.iter().map(|c| c.digest));
         }
     }
+    // Chunks cut off by a delivery that stopped wait in `tmp/` to be
+    // resumed; after a day nobody will.
+    let day = Duration::from_secs(24 * 3600);
+    for entry in std::fs::read_dir(store.tmp_dir()).into_iter().flatten().flatten() {
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() > day);
+        if stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
     let chunks = store.list().map_err(|e| e.to_string())?;
     let mut report = CollectReport::default();
     for chunk in chunks {
