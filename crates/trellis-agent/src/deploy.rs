@@ -648,7 +648,11 @@ fn collect(
     // Chunks cut off by a delivery that stopped wait in `tmp/` to be
     // resumed; after a day nobody will.
     let day = Duration::from_secs(24 * 3600);
-    for entry in std::fs::read_dir(store.tmp_dir()).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(store.tmp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let stale = entry
             .metadata()
             .and_then(|m| m.modified())

@@ -297,8 +297,17 @@ fn export_commit(repo: &Path, commit: &str, dest: &Path) -> anyhow::Result<()> {
         .spawn()
         .context("running git archive")?;
     let stdout = child.stdout.take().expect("piped stdout");
-    let unpacked = tar::Archive::new(stdout).unpack(dest);
-    // The archive (and with it the pipe) is gone: git cannot block on it.
+    let mut archive = tar::Archive::new(stdout);
+    let unpacked = archive.unpack(dest);
+    // git pads its output past the end-of-archive blocks, where unpacking
+    // stops: read the rest, or git may die of a closed pipe (SIGPIPE, no
+    // message) depending on timing.
+    if unpacked.is_ok() {
+        let _ = std::io::copy(&mut archive.into_inner(), &mut std::io::sink());
+    } else {
+        drop(archive);
+    }
+    // The pipe is closed or drained: git cannot block on it.
     let out = child.wait_with_output().context("running git archive")?;
     // When unpacking failed, git failed only because the pipe closed.
     unpacked.with_context(|| format!("unpacking the commit's files into {}", dest.display()))?;
