@@ -485,27 +485,6 @@ fn lifecycle_and_logs_of_a_component() {
     );
 }
 
-/// Commits everything in the work tree `dir` (after [`git_project`]).
-fn git_commit_all(dir: &std::path::Path, message: &str) {
-    for args in [&["add", "-A"][..], &["commit", "-q", "-m", message]] {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args([
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t.invalid",
-                "-c",
-                "commit.gpgsign=false",
-            ])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", describe(&out));
-    }
-}
-
 /// `n` bytes that do not compress, the same every run (xorshift64*).
 fn noise(seed: u64, n: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -592,7 +571,7 @@ fn push_build_uploads_only_the_chunks_the_hub_lacks() {
     );
 
     std::fs::write(repo.join("app/run.sh"), "#!/bin/sh\necho version 2\n").unwrap();
-    git_commit_all(&repo, "version 2");
+    common::git_commit(&repo, "version 2");
     let edited = push();
     let (uploaded, total, line) = upload_summary(&edited);
     assert!(uploaded > 0.0, "{line}");

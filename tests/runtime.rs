@@ -14,11 +14,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{AgentProcess, Cli, HubProcess, git_project, join_command};
+use common::{AgentProcess, Cli, HubProcess, git_commit, git_project, join_command};
 
 /// `web` records its mark (a config value) in its volume at every start,
 /// then serves its root — the config file and the volume are in it — and
@@ -447,28 +446,6 @@ fn probe_request(port: u16, path: &str) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = write!(stream, "GET /{path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
     let _ = stream.read_to_end(&mut Vec::new());
-}
-
-fn git_commit(dir: &Path, message: &str) {
-    for args in [
-        vec!["add", "-A"],
-        vec![
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.com",
-            "commit",
-            "-qm",
-            message,
-        ],
-    ] {
-        let out = Command::new("git")
-            .args(&args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", common::describe(&out));
-    }
 }
 
 #[test]
