@@ -192,8 +192,11 @@ impl Deployer {
         for (index, size) in &wanted {
             let mut last_progress = Instant::now();
             let mut backoff = Duration::from_secs(1);
+            // The most bytes ever present, across attempts: an attempt made
+            // progress only if it got beyond that (each attempt first counts
+            // what earlier ones left in the cache).
+            let seen = std::sync::atomic::AtomicU64::new(0);
             loop {
-                let seen = std::sync::atomic::AtomicU64::new(0);
                 let progress = |fetched: u64| {
                     seen.fetch_max(fetched, std::sync::atomic::Ordering::Relaxed);
                     self.report_delivery(
