@@ -28,8 +28,8 @@ use crate::tls::ConnectionInfo;
 
 /// How long an outpost's set of readable artifacts is reused before the
 /// store is asked again. A digest not in the cached set makes the hub look
-/// again at once (at most once per [`RECHECK_INTERVAL`]), so a release
-/// pushed a moment ago is readable immediately.
+/// again (at most once per [`RECHECK_INTERVAL`], waiting out the rest of
+/// it), so a release pushed a moment ago is readable at once.
 const ACCESS_TTL: Duration = Duration::from_secs(30);
 const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Chunk lists of this many indexes are kept in memory.
@@ -123,11 +123,17 @@ impl ArtifactAccess {
         {
             return Ok(true);
         }
-        // Not in what we knew: look again, unless we just did.
-        let fresh = match &cached {
-            Some(_) if !self.may_recheck(outpost) => return Ok(false),
-            _ => self.refresh(state, outpost).await?,
-        };
+        // Not in what we knew: look again — after waiting out the rest of
+        // the recheck interval if we just looked, so a release pushed a
+        // moment after the last look is found, and a caller asking for
+        // unknown digests costs at most one look per interval.
+        if cached.is_some() {
+            let wait = self.recheck_wait(outpost);
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let fresh = self.refresh(state, outpost).await?;
         Ok(self.permits(state, &fresh, digest, wanted).await)
     }
 
@@ -139,11 +145,13 @@ impl ArtifactAccess {
             .map(|a| a.indexes.clone())
     }
 
-    fn may_recheck(&self, outpost: &str) -> bool {
+    /// How long until the outpost's set may be looked up again.
+    fn recheck_wait(&self, outpost: &str) -> Duration {
         let outposts = self.outposts.lock().unwrap_or_else(|p| p.into_inner());
         outposts
             .get(outpost)
-            .is_none_or(|a| a.at.elapsed() >= RECHECK_INTERVAL)
+            .map(|a| RECHECK_INTERVAL.saturating_sub(a.at.elapsed()))
+            .unwrap_or_default()
     }
 
     async fn refresh(&self, state: &AppState, outpost: &str) -> ApiResult<Arc<HashSet<Digest>>> {
