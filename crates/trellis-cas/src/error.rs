@@ -16,7 +16,7 @@ use crate::digest::Digest;
 pub enum CasError {
     /// Text that was supposed to be a digest is not one.
     #[error(
-        "{input:?} is not a blob digest: {reason}; a digest is 64 lowercase hexadecimal characters (a BLAKE3 hash), as printed by trellis"
+        "{input:?} is not a digest: {reason}; a digest is 64 lowercase hexadecimal characters (a BLAKE3 hash), as printed by trellis"
     )]
     InvalidDigest { input: String, reason: String },
 
@@ -29,17 +29,17 @@ pub enum CasError {
         source: io::Error,
     },
 
-    /// The blob is not in the store.
+    /// The chunk is not in the store.
     #[error(
         "{digest} is not in the store at {}; store or fetch it first",
         root.display()
     )]
     NotFound { digest: Digest, root: PathBuf },
 
-    /// A stored blob no longer matches its digest (disk damage, or someone
+    /// A stored chunk no longer matches its digest (disk damage, or someone
     /// edited the file).
     #[error(
-        "blob {digest} is corrupt: its content in {} hashes to {actual}; delete it so that it is stored or fetched again",
+        "chunk {digest} is corrupt: its content in {} hashes to {actual}; delete it so that it is stored or fetched again",
         path.display()
     )]
     Corrupt {
@@ -48,10 +48,10 @@ pub enum CasError {
         path: PathBuf,
     },
 
-    /// Content written to a [`BlobWriter`](crate::BlobWriter) is not what the
-    /// caller said it would be. Nothing was stored.
+    /// Content received for a chunk does not hash to the chunk's name.
+    /// Nothing was stored.
     #[error(
-        "expected blob {expected} but the {size} bytes received hash to {actual}; nothing was stored. The transfer was cut short or damaged, or the digest is wrong: fetch it again"
+        "expected chunk {expected} but the {size} bytes received hash to {actual}; nothing was stored. The transfer was cut short or damaged, or the digest is wrong: fetch it again"
     )]
     DigestMismatch {
         expected: Digest,

@@ -1,6 +1,7 @@
-//! Small filesystem helpers shared by the blob store and the unpacker:
-//! making directory entries durable, and copying while telling read
-//! failures apart from write failures (so errors can name the right path).
+//! Small filesystem helpers shared by the chunk store and the unpacker:
+//! making directory entries durable, copying while telling read failures
+//! apart from write failures (so errors can name the right path), and
+//! recognising a full disk.
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -46,4 +47,10 @@ pub(crate) fn copy(from: &mut impl Read, to: &mut impl Write) -> Result<u64, Cop
         to.write_all(&buf[..n]).map_err(CopyError::Write)?;
         total += n as u64;
     }
+}
+
+/// Whether an I/O error means the disk (or the disk quota) is full: what
+/// the hub, the agent and the CLI each turn into "free space" advice.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(28 | 122)) || e.kind() == io::ErrorKind::StorageFull
 }

@@ -5,8 +5,6 @@
 //! so a transfer can be checked, deduplicated and resumed by name alone.
 //!
 //! - [`Digest`]: the name of a piece of content.
-//! - [`BlobStore`]: a directory of blobs named by digest, written
-//!   atomically and durably through a [`BlobWriter`].
 //! - [`ChunkStore`]: compressed chunks named by the digest of their
 //!   content; every read is verified.
 //! - [`ChunkStore::put_artifact`] / [`ChunkStore::open_artifact`]: an
@@ -24,15 +22,15 @@
 //! # let build = tmp.path().join("build");
 //! # std::fs::create_dir(&build).unwrap();
 //! # std::fs::write(build.join("app"), b"#!/bin/sh\n").unwrap();
-//! use trellis_cas::{BlobStore, pack_dir, unpack};
+//! use trellis_cas::{ArtifactKind, ChunkStore, Durability, pack_dir, unpack};
 //!
-//! let store = BlobStore::open(&tmp.path().join("store"))?;
-//! let mut writer = store.writer()?;
-//! pack_dir(&build, &mut writer)?;
-//! let package = writer.finish(None)?;
+//! let store = ChunkStore::open(&tmp.path().join("store"), Durability::Synced)?;
+//! let mut package = Vec::new();
+//! pack_dir(&build, &mut package)?;
+//! let put = store.put_artifact(ArtifactKind::Package, &package[..])?;
 //!
-//! store.verify(&package.digest)?;
-//! unpack(store.open_blob(&package.digest)?, &tmp.path().join("run"))?;
+//! let index = store.artifact(&put.index_digest)?;
+//! unpack(store.open_artifact(&put.index_digest, &index), &tmp.path().join("run"))?;
 //! # assert!(tmp.path().join("run/app").is_file());
 //! # Ok(()) }
 //! ```
@@ -40,8 +38,6 @@
 //! # Layout
 //! - `digest.rs`: [`Digest`].
 //! - `error.rs`: [`CasError`], the crate's only error type.
-//! - `blob.rs`: [`BlobStore`], [`BlobWriter`], [`BlobInfo`]: whole blobs,
-//!   hashed as they are written.
 //! - `chunk.rs`: [`ChunkStore`] and the chunk size bounds.
 //! - `artifact.rs`: [`ArtifactIndex`], chunking and reading artifacts.
 //! - `package/`: packing (`pack.rs`), unpacking (`unpack.rs`) and the path
@@ -49,7 +45,6 @@
 //! - `fsutil.rs`: directory syncing and copying helpers.
 
 mod artifact;
-mod blob;
 mod chunk;
 mod digest;
 mod error;
@@ -59,11 +54,11 @@ mod package;
 pub use artifact::{
     ArtifactIndex, ArtifactKind, ArtifactReader, ChunkRef, INDEX_FORMAT, PutArtifact,
 };
-pub use blob::{BlobInfo, BlobStore, BlobWriter};
 pub use chunk::{
     CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkInfo, ChunkStore, Durability, MAX_CHUNK_BYTES,
     StoredChunk, decompress, verify_stored,
 };
 pub use digest::Digest;
 pub use error::{CasError, Result};
+pub use fsutil::is_disk_full;
 pub use package::{PackSummary, pack_dir, unpack};

@@ -10,7 +10,9 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use trellis_cas::{BlobStore, CasError, Digest, PackSummary, pack_dir, unpack};
+use trellis_cas::{
+    ArtifactKind, CasError, ChunkStore, Digest, Durability, PackSummary, pack_dir, unpack,
+};
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -347,22 +349,28 @@ fn packing_an_empty_directory_round_trips() {
 }
 
 #[test]
-fn packages_go_into_the_blob_store_by_digest() {
+fn packages_go_into_the_chunk_store_under_one_name() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     build_tree(&src, 0o644, 0o755);
-    let store = BlobStore::open(&tmp.path().join("store")).unwrap();
+    let store = ChunkStore::open(&tmp.path().join("store"), Durability::Synced).unwrap();
 
-    let mut writer = store.writer().unwrap();
-    pack_dir(&src, &mut writer).unwrap();
-    let first = writer.finish(None).unwrap();
-    let mut writer = store.writer().unwrap();
-    pack_dir(&src, &mut writer).unwrap();
-    let second = writer.finish(None).unwrap();
-    assert_eq!(first, second);
+    let (first, _) = pack_to_vec(&src);
+    let (second, _) = pack_to_vec(&src);
+    let first = store
+        .put_artifact(ArtifactKind::Package, &first[..])
+        .unwrap();
+    let second = store
+        .put_artifact(ArtifactKind::Package, &second[..])
+        .unwrap();
+    assert_eq!(first.index_digest, second.index_digest);
 
     let dest = tmp.path().join("run");
-    unpack(store.open_blob(&first.digest).unwrap(), &dest).unwrap();
+    unpack(
+        store.open_artifact(&first.index_digest, &first.index),
+        &dest,
+    )
+    .unwrap();
     assert_eq!(snapshot(&dest), snapshot(&src));
 }
 

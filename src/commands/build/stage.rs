@@ -458,17 +458,13 @@ pub fn open_store(staging: &Path) -> anyhow::Result<ChunkStore> {
         .map_err(|e| staging_error(e.into(), staging))
 }
 
-/// Whether an I/O error means the disk (or the quota) is full.
-fn is_disk_full(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(28 | 122)) || e.kind() == io::ErrorKind::StorageFull
-}
-
 /// `err`, or when it comes from a full disk, an error that says so and
 /// where the staging directory is.
 pub fn staging_error(err: anyhow::Error, staging: &Path) -> anyhow::Error {
-    let full = err
-        .chain()
-        .any(|e| e.downcast_ref::<io::Error>().is_some_and(is_disk_full));
+    let full = err.chain().any(|e| {
+        e.downcast_ref::<io::Error>()
+            .is_some_and(trellis_cas::is_disk_full)
+    });
     if full {
         disk_full(staging, &causes(&err))
     } else {

@@ -86,11 +86,8 @@ pub(crate) fn io_error(code: &'static str, doing: &str, path: &Path, e: io::Erro
 }
 
 fn disk_full_hint(e: &io::Error) -> Option<&'static str> {
-    match e.raw_os_error() {
-        Some(28) => Some("the disk is full; free space on the outpost"),
-        Some(122) => Some("the disk quota is exhausted; free space on the outpost"),
-        _ => None,
-    }
+    trellis_cas::is_disk_full(e)
+        .then_some("the disk (or its quota) is full; free space on the outpost")
 }
 
 /// A store error met while delivering, as a runtime error.
@@ -131,6 +128,44 @@ async fn blocking<T: Send + 'static>(
 async fn read_index(store: &ChunkStore, index: Digest) -> Result<ArtifactIndex, RuntimeError> {
     let store = store.clone();
     blocking(move || store.artifact(&index).map_err(cas_error)).await
+}
+
+/// Reads an artifact's content (verified as it is read) on a blocking
+/// thread, in pieces of up to 1 MiB, into a channel that holds four: a slow
+/// consumer keeps only a few pieces in memory. A read error is the stream's
+/// last item, and what the handle returns; a consumer that goes away stops
+/// the reading.
+pub fn stream_artifact(
+    reader: trellis_cas::ArtifactReader,
+) -> (
+    tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
+    tokio::task::JoinHandle<Result<(), String>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let reading = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut reader = reader;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    if tx
+                        .blocking_send(Ok(Bytes::copy_from_slice(&buf[..n])))
+                        .is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    let _ = tx.blocking_send(Err(e));
+                    return Err(message);
+                }
+            }
+        }
+    });
+    (rx, reading)
 }
 
 // === LocalArtifacts ===

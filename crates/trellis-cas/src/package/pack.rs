@@ -42,7 +42,7 @@ pub struct PackSummary {
 /// files that change while they are read. Symlinks inside `dir` are packed
 /// as symlinks, never followed; `dir` itself may be a symlink. On failure
 /// `out` holds an unusable partial stream and should be discarded (a
-/// dropped [`BlobWriter`](crate::BlobWriter) does exactly that).
+/// partial file is best removed).
 pub fn pack_dir(dir: &Path, out: impl Write) -> Result<PackSummary> {
     let meta = fs::metadata(dir).map_err(|e| CasError::io("pack", dir, e))?;
     if !meta.is_dir() {

@@ -110,7 +110,7 @@ pub(crate) fn chunk_error(digest: &Digest, e: CasError) -> ApiError {
             format!("chunk {digest} was not stored: {e}"),
             "the upload was damaged on the way; push again",
         ),
-        CasError::Io { ref source, .. } if is_disk_full(source) => ApiError::new(
+        CasError::Io { ref source, .. } if trellis_cas::is_disk_full(source) => ApiError::new(
             StatusCode::INSUFFICIENT_STORAGE,
             "hub-disk-full",
             format!("chunk {digest} was not stored: the hub's disk is full ({e})"),
@@ -118,11 +118,6 @@ pub(crate) fn chunk_error(digest: &Digest, e: CasError) -> ApiError {
         ),
         other => ApiError::internal(format!("chunk {digest} was not stored: {other}")),
     }
-}
-
-/// Whether an I/O error means the disk (or the quota) is full.
-pub(crate) fn is_disk_full(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(28 | 122)) || e.kind() == std::io::ErrorKind::StorageFull
 }
 
 pub(crate) fn parse_digest(s: &str) -> ApiResult<Digest> {

@@ -22,6 +22,7 @@ use trellis_cas::{Digest, INDEX_FORMAT};
 use trellis_model::Artifact;
 
 use super::endpoint::authorize_agent;
+use crate::api::chunks::parse_digest;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::tls::ConnectionInfo;
@@ -257,15 +258,6 @@ async fn released_indexes(state: &AppState, outpost: &str) -> ApiResult<HashSet<
     Ok(indexes)
 }
 
-fn parse_digest(digest: &str) -> ApiResult<Digest> {
-    digest.parse().map_err(|e| {
-        ApiError::bad_request(
-            format!("{digest:?} is not a chunk digest: {e}"),
-            "a digest is 64 lowercase hexadecimal characters (BLAKE3)",
-        )
-    })
-}
-
 fn not_found(what: &str, digest: &Digest, outpost: &str) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -424,30 +416,10 @@ async fn serve_content(
         })?;
     let size = artifact.size;
     let reader = state.chunks().open_artifact(&digest, &artifact);
-    // Chunks are read on a blocking thread and handed over through a small
-    // channel, so a slow client holds at most a few chunks in memory.
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut reader = reader;
-        let mut buf = vec![0u8; 1024 * 1024];
-        loop {
-            match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    if tx
-                        .blocking_send(Ok(bytes::Bytes::copy_from_slice(&buf[..n])))
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(%digest, error = %e, "an artifact could not be served");
-                    let _ = tx.blocking_send(Err(e));
-                    break;
-                }
-            }
+    let (rx, reading) = trellis_agent::runtime::artifacts::stream_artifact(reader);
+    tokio::spawn(async move {
+        if let Ok(Err(e)) = reading.await {
+            tracing::error!(%digest, error = %e, "an artifact could not be served");
         }
     });
     let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));

@@ -486,30 +486,7 @@ impl ContainerRuntime {
         let index_digest = super::artifacts::parse_digest(&archive.index)?;
         let index = artifacts.fetch(&archive.index, &|_| {}).await?;
         let reader = artifacts.store().open_artifact(&index_digest, &index);
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
-        let feeder = tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let mut reader = reader;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                match reader.read(&mut buf) {
-                    Ok(0) => return Ok(()),
-                    Ok(n) => {
-                        if tx
-                            .blocking_send(Ok(bytes::Bytes::copy_from_slice(&buf[..n])))
-                            .is_err()
-                        {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) => {
-                        let message = e.to_string();
-                        let _ = tx.blocking_send(Err(e));
-                        return Err(message);
-                    }
-                }
-            }
-        });
+        let (rx, feeder) = super::artifacts::stream_artifact(reader);
         let options = bollard::query_parameters::ImportImageOptions {
             quiet: true,
             platform: None,

@@ -233,9 +233,10 @@ pub(super) fn fs_error(doing: &str, path: &Path, e: io::Error) -> RuntimeError {
         "process-runtime-io",
         format!("could not {doing} {}: {e}", path.display()),
     );
-    match e.raw_os_error() {
-        Some(28) | Some(122) => error.with_hint("the disk is full; free space on the outpost"),
-        _ => error,
+    if trellis_cas::is_disk_full(&e) {
+        error.with_hint("the disk is full; free space on the outpost")
+    } else {
+        error
     }
 }
 
