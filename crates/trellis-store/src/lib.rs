@@ -90,6 +90,18 @@ pub struct ControlOutcome {
     pub changed: bool,
 }
 
+/// A stage with what a list of stages shows of it: its sync record and the
+/// release running on its outpost. Read in one query, so a project with a
+/// thousand stages lists in one round trip.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageSummary {
+    pub stage: Stage,
+    /// Zeros if nothing was delivered to the stage yet.
+    pub sync: StageSync,
+    /// The release in state `applied`, if any.
+    pub applied_release: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRelease {
     pub project: String,
@@ -148,6 +160,9 @@ pub trait Store: Send + Sync + 'static {
     async fn create_stage(&self, stage: &NewStage, now: Timestamp) -> Result<Stage>;
     async fn get_stage(&self, project: &str, name: &str) -> Result<Stage>;
     async fn list_stages(&self, project: &str) -> Result<Vec<Stage>>;
+    /// The project's stages by name, each with its sync record and applied
+    /// release.
+    async fn list_stage_summaries(&self, project: &str) -> Result<Vec<StageSummary>>;
     async fn update_stage(&self, project: &str, name: &str, update: &StageUpdate) -> Result<Stage>;
     /// Refuses while the stage has releases or configs, unless `force`.
     async fn delete_stage(&self, project: &str, name: &str, force: bool) -> Result<()>;

@@ -24,7 +24,8 @@ use trellis_model::{
 };
 
 use crate::{
-    ControlOutcome, JoinTokenRefusal, NewRelease, NewStage, Result, StageUpdate, Store, StoreError,
+    ControlOutcome, JoinTokenRefusal, NewRelease, NewStage, Result, StageSummary, StageUpdate, Store,
+    StoreError,
     StoredAccessKey, wording,
 };
 
@@ -501,6 +502,25 @@ impl Store for MemoryStore {
             .stages
             .values()
             .map(|s| s.stage.clone())
+            .collect())
+    }
+
+    async fn list_stage_summaries(&self, project: &str) -> Result<Vec<StageSummary>> {
+        Ok(self
+            .state()
+            .project(project)?
+            .stages
+            .values()
+            .map(|s| StageSummary {
+                stage: s.stage.clone(),
+                sync: s.current_sync(),
+                applied_release: s
+                    .releases
+                    .values()
+                    .rev()
+                    .find(|r| r.state == ReleaseState::Applied)
+                    .map(|r| r.number),
+            })
             .collect())
     }
 

@@ -38,7 +38,8 @@ use trellis_model::{
 };
 
 use crate::{
-    ControlOutcome, JoinTokenRefusal, NewRelease, NewStage, Result, StageUpdate, Store, StoreError,
+    ControlOutcome, JoinTokenRefusal, NewRelease, NewStage, Result, StageSummary, StageUpdate, Store,
+    StoreError,
     StoredAccessKey, wording,
 };
 
@@ -430,6 +431,30 @@ fn sync_from(row: &SqliteRow) -> Result<StageSync> {
         applied_revision: count(row, "applied_revision")?,
         report: opt_from_json(row, "report")?,
         updated_at: opt_time(row, "updated_at")?,
+    })
+}
+
+/// A row of [`SqliteStore::list_stage_summaries`]: a stage's columns, its
+/// sync record's (NULL without one) and its applied release.
+fn summary_from(row: &SqliteRow) -> Result<StageSummary> {
+    let stage = stage_from(row)?;
+    let delivered: Option<i64> = col(row, "delivered_revision")?;
+    let sync = match delivered {
+        None => no_sync(&stage.project, &stage.name),
+        Some(delivered) => StageSync {
+            project: stage.project.clone(),
+            stage: stage.name.clone(),
+            delivered_revision: unsigned(delivered)?,
+            applied_revision: count(row, "applied_revision")?,
+            report: opt_from_json(row, "report")?,
+            updated_at: opt_time(row, "updated_at")?,
+        },
+    };
+    let applied: Option<i64> = col(row, "applied_release")?;
+    Ok(StageSummary {
+        stage,
+        sync,
+        applied_release: applied.map(unsigned).transpose()?,
     })
 }
 
@@ -1091,6 +1116,26 @@ impl Store for SqliteStore {
         .await
         .map_err(backend("listing stages"))?;
         all(&rows, stage_from)
+    }
+
+    async fn list_stage_summaries(&self, project: &str) -> Result<Vec<StageSummary>> {
+        let mut tx = self.read().await?;
+        require_project(&mut tx, project).await?;
+        let rows = sqlx::query(
+            "SELECT s.project, s.name, s.stage_type, s.display_name, s.suspended, s.outpost, \
+             s.desired_revision, s.latest_release, s.created_at, \
+             y.delivered_revision, y.applied_revision, y.report, y.updated_at, \
+             (SELECT MAX(r.number) FROM releases r \
+              WHERE r.project = s.project AND r.stage = s.name AND r.state = $2) AS applied_release \
+             FROM stages s LEFT JOIN stage_syncs y ON y.project = s.project AND y.stage = s.name \
+             WHERE s.project = $1 ORDER BY s.name",
+        )
+        .bind(project)
+        .bind(ReleaseState::Applied.as_str())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend("listing stages with their sync records"))?;
+        all(&rows, summary_from)
     }
 
     async fn update_stage(&self, project: &str, name: &str, update: &StageUpdate) -> Result<Stage> {

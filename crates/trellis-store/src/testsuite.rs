@@ -58,6 +58,7 @@ macro_rules! for_each_suite_test {
             outpost_links,
             stage_sync_delivery,
             stage_sync_status_and_release_states,
+            stage_summaries,
             deletes_remove_link_rows,
             component_controls,
             deletes_remove_component_controls,
@@ -1799,6 +1800,49 @@ pub async fn stage_sync_status_and_release_states(store: &dyn Store) {
 /// Forced deletions take the link rows of what they delete with them: the
 /// parent's records are gone, and a parent created again under the same
 /// name starts without them.
+/// One read gives every stage of a project with its sync record and the
+/// release running on it, and matches what the single-stage reads say.
+pub async fn stage_summaries(store: &dyn Store) {
+    setup(store, "shop").await;
+    setup(store, "other").await;
+    stage_in(store, "shop", "dev").await;
+    stage_in(store, "shop", "prod").await;
+    stage_in(store, "other", "dev").await;
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    for i in 0..2 {
+        store
+            .push_release(&new_release("shop", "dev", &build.name), at(30 + i))
+            .await
+            .unwrap();
+    }
+    store
+        .record_delivered("shop", "dev", 2, at(40))
+        .await
+        .unwrap();
+    let report = json!({ "state": "running", "components": [] });
+    store
+        .record_status("shop", "dev", 1, None, &report, at(50))
+        .await
+        .unwrap();
+
+    let summaries = store.list_stage_summaries("shop").await.unwrap();
+    let names: Vec<&str> = summaries.iter().map(|s| s.stage.name.as_str()).collect();
+    assert_eq!(names, ["dev", "prod"]);
+    let dev = &summaries[0];
+    assert_eq!(dev.stage, store.get_stage("shop", "dev").await.unwrap());
+    assert_eq!(dev.sync, store.get_stage_sync("shop", "dev").await.unwrap());
+    assert_eq!(dev.sync.applied_revision, 1);
+    assert_eq!(dev.applied_release, Some(1));
+    let prod = &summaries[1];
+    assert_eq!(prod.sync, no_sync("shop", "prod"));
+    assert_eq!(prod.applied_release, None);
+
+    assert_not_found(store.list_stage_summaries("nope").await, "project", "nope");
+}
+
 pub async fn deletes_remove_link_rows(store: &dyn Store) {
     setup(store, "shop").await;
     setup(store, "lab").await;
