@@ -17,7 +17,8 @@
 //! - `metrics.rs`: `/metrics` in the Prometheus text format.
 //! - `tls.rs`: the hub's CA and the HTTPS accept loop.
 //! - `outposts.rs`: Outpost URIs — deriving their keys, validating them.
-//! - `console.rs`: browser pages.
+//! - `console/`: the browser console (server-rendered pages, templates in
+//!   `templates/`, assets in `assets/`).
 //! - `state.rs`: what handlers share.
 
 pub mod api;

@@ -49,6 +49,15 @@ impl LinkSecret {
         }
     }
 
+    /// The key console sessions are signed with. Derived, so that it needs
+    /// no file of its own and sessions survive hub restarts; changing
+    /// `link.secret` ends them.
+    pub fn console_session_key(&self) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new_keyed(&self.0);
+        hasher.update(b"trellis console session key v1\0");
+        *hasher.finalize().as_bytes()
+    }
+
     /// The key of the outpost's URI at a generation.
     pub fn uri_key(&self, outpost: &str, generation: u64) -> LinkKey {
         let mut hasher = blake3::Hasher::new_keyed(&self.0);
@@ -253,7 +262,7 @@ pub async fn validate(
 }
 
 /// The agent's hello, as the hub stored it, in the description's terms.
-fn agent_facts(hello: &serde_json::Value) -> Option<AgentFacts> {
+pub(crate) fn agent_facts(hello: &serde_json::Value) -> Option<AgentFacts> {
     let text = |key: &str| {
         hello
             .get(key)

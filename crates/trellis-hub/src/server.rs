@@ -115,7 +115,7 @@ impl Hub {
             .route("/metrics", axum::routing::get(crate::metrics::metrics))
             .with_state(self.state.clone());
         axum::Router::new()
-            .route("/", axum::routing::get(crate::console::index))
+            .merge(crate::console::router(self.state.clone()))
             .merge(link)
             .nest("/api/v1", crate::api::router(self.state.clone()))
             // A 503 from the link's admission control is back-pressure, not
@@ -148,7 +148,7 @@ impl Hub {
         &self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> tokio_util::sync::CancellationToken {
-        let cancel = tokio_util::sync::CancellationToken::new();
+        let cancel = self.state.shutdown_token().clone();
         let trigger = cancel.clone();
         tokio::spawn(async move {
             shutdown.await;

@@ -4,6 +4,7 @@ use std::sync::{Arc, OnceLock};
 
 use trellis_cas::ChunkStore;
 use trellis_link::identity::HubCa;
+use tokio_util::sync::CancellationToken;
 use trellis_store::Store;
 
 use crate::auth::KeyVerifier;
@@ -26,6 +27,9 @@ struct Inner {
     /// `(host, port)` under which users and agents reach this hub; it goes
     /// into Outpost URIs. Set once, before the first request is served.
     public_address: OnceLock<(String, u16)>,
+    /// Cancelled when the hub shuts down, so that responses that never end
+    /// by themselves (live status streams) end and let shutdown finish.
+    shutdown: CancellationToken,
 }
 
 impl AppState {
@@ -45,6 +49,7 @@ impl AppState {
             links,
             artifact_access: ArtifactAccess::default(),
             public_address: OnceLock::new(),
+            shutdown: CancellationToken::new(),
         }))
     }
 
@@ -72,6 +77,11 @@ impl AppState {
 
     pub fn links(&self) -> &Links {
         &self.0.links
+    }
+
+    /// Cancelled when the hub shuts down.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.0.shutdown
     }
 
     pub fn link_secret(&self) -> &LinkSecret {

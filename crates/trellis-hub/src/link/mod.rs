@@ -51,6 +51,11 @@ pub enum LinkState {
 }
 
 impl LinkState {
+    /// The agent is connected (possibly needing attention).
+    pub fn is_connected(self) -> bool {
+        matches!(self, LinkState::Online | LinkState::Degraded)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             LinkState::AwaitingAgent => "awaiting-agent",

@@ -14,7 +14,7 @@ use crate::error::ApiResult;
 use crate::extract::{Json, Path};
 use crate::state::AppState;
 use axum::extract::State;
-use trellis_model::ReleaseState;
+use trellis_model::{ReleaseState, Stage, StageSync};
 
 /// Where a stage's sync stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -30,6 +30,20 @@ pub enum SyncState {
     /// The agent could not apply the desired revision.
     Failed,
     Suspended,
+}
+
+impl SyncState {
+    /// The word the API uses for it (`in-sync`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncState::Linking => "linking",
+            SyncState::InSync => "in-sync",
+            SyncState::Syncing => "syncing",
+            SyncState::PendingDelivery => "pending-delivery",
+            SyncState::Failed => "failed",
+            SyncState::Suspended => "suspended",
+        }
+    }
 }
 
 /// The sync state from the revisions and the link. Pure, so every
@@ -69,6 +83,25 @@ pub fn sync_state(
         (false, 0, 0) => SyncState::Linking,
         (false, _, _) => SyncState::PendingDelivery,
     }
+}
+
+/// The sync state of a stage from its record, its sync record and whether
+/// its outpost is connected.
+pub fn stage_sync_state(stage: &Stage, sync: &StageSync, online: bool) -> SyncState {
+    let report_failed = sync
+        .report
+        .as_ref()
+        .and_then(|r| r.get("state"))
+        .and_then(Value::as_str)
+        == Some("failed");
+    sync_state(
+        online,
+        stage.desired_revision,
+        sync.delivered_revision,
+        sync.applied_revision,
+        stage.suspended,
+        report_failed,
+    )
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -168,9 +201,8 @@ pub async fn compute(state: &AppState, project: &str, stage_name: &str) -> ApiRe
     let stage = store.get_stage(project, stage_name).await?;
     let sync = store.get_stage_sync(project, stage_name).await?;
     let link = link_view(state, &stage.outpost).await?;
-    let online = matches!(link.state, LinkState::Online | LinkState::Degraded);
+    let state_now = stage_sync_state(&stage, &sync, link.state.is_connected());
     let report = sync.report.clone().unwrap_or(Value::Null);
-    let report_failed = report.get("state").and_then(Value::as_str) == Some("failed");
     let applied_release = store
         .list_releases(project, stage_name)
         .await?
@@ -185,14 +217,6 @@ pub async fn compute(state: &AppState, project: &str, stage_name: &str) -> ApiRe
         );
     }
     errors.sort_by_key(|e| std::cmp::Reverse(e.last_seen));
-    let state_now = sync_state(
-        online,
-        stage.desired_revision,
-        sync.delivered_revision,
-        sync.applied_revision,
-        stage.suspended,
-        report_failed,
-    );
     // Only while the revision it is about has not been reported applied.
     let delivery = state
         .links()
@@ -253,6 +277,12 @@ mod tests {
             // A failure of an older revision does not hide a newer delivery in flight.
             ((true, 4, 3, 2, false, true), Syncing),
         ];
+        for state in [Linking, InSync, Syncing, PendingDelivery, Failed, Suspended] {
+            assert_eq!(
+                serde_json::to_value(state).unwrap(),
+                serde_json::Value::String(state.as_str().into())
+            );
+        }
         for ((online, desired, delivered, applied, suspended, failed), want) in cases {
             assert_eq!(
                 sync_state(online, desired, delivered, applied, suspended, failed),
