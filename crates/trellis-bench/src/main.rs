@@ -8,6 +8,7 @@
 //! the compared operations.
 
 mod artifacts;
+mod console;
 mod setup;
 
 use std::path::PathBuf;
@@ -45,6 +46,19 @@ enum Bench {
         #[arg(long)]
         work_dir: Option<PathBuf>,
     },
+    /// Server time of the console's pages with many stages in the store
+    /// (the hub's router and SQLite store, in process).
+    Console {
+        /// Stages in the one project.
+        #[arg(long, default_value_t = 1000)]
+        stages: usize,
+        /// Outposts the stages are spread over (plus the hub's own).
+        #[arg(long, default_value_t = 20)]
+        outposts: usize,
+        /// Timed requests of each page.
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +75,15 @@ fn main() -> anyhow::Result<()> {
             runs: runs.max(1),
             trellis: setup::trellis_binary(trellis)?,
             work_dir,
+        })),
+        Bench::Console {
+            stages,
+            outposts,
+            runs,
+        } => runtime.block_on(console::run(console::Settings {
+            stages,
+            outposts: outposts.max(6),
+            runs: runs.max(1),
         })),
     }
 }

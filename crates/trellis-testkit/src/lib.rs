@@ -5,5 +5,8 @@
 //!   socket) for the container runtime's tests, started once and shared by
 //!   every test binary, and a small local test image built from the host's
 //!   static busybox — no registry needed.
+//! - [`browser`]: headless Chromium driven over WebDriver (chromedriver),
+//!   for the console's tests.
 
+pub mod browser;
 pub mod podman;
