@@ -99,9 +99,7 @@ async fn element(client: &Client, css: &str) -> Element {
         .at_most(WAIT)
         .for_element(Locator::Css(css))
         .await
-        .unwrap_or_else(|e| {
-            panic!("no element {css:?} on the page within {WAIT:?}: {e}")
-        })
+        .unwrap_or_else(|e| panic!("no element {css:?} on the page within {WAIT:?}: {e}"))
 }
 
 async fn sign_in(client: &Client, hub: &HubProcess) {
@@ -212,7 +210,10 @@ async fn an_outpost_stage_is_created_validated_released_and_monitored_in_the_bro
         "{checkbox_label}"
     );
     click(&client, "#on-outpost").await;
-    assert!(!is_enabled(&client, "#create").await, "disabled before validation");
+    assert!(
+        !is_enabled(&client, "#create").await,
+        "disabled before validation"
+    );
 
     // A bad URI: its error and hint, and Create stays disabled.
     fill(&client, "#outpost-uri", "trellis://nonsense").await;
@@ -258,7 +259,10 @@ async fn an_outpost_stage_is_created_validated_released_and_monitored_in_the_bro
             "{fact:?} missing from:\n{description}"
         );
     }
-    assert!(is_enabled(&client, "#create").await, "enabled after validation");
+    assert!(
+        is_enabled(&client, "#create").await,
+        "enabled after validation"
+    );
     let shot = browser.screenshot(&shots, "create-stage-validated").await;
     announce(&format!("saved {}", shot.display()));
 
@@ -270,7 +274,10 @@ async fn an_outpost_stage_is_created_validated_released_and_monitored_in_the_bro
         .send_keys("x")
         .await
         .unwrap();
-    assert!(!is_enabled(&client, "#create").await, "disabled after an edit");
+    assert!(
+        !is_enabled(&client, "#create").await,
+        "disabled after an edit"
+    );
     fill(&client, "#outpost-uri", &uri).await;
     click(&client, "#validate").await;
     browser
@@ -310,13 +317,21 @@ async fn an_outpost_stage_is_created_validated_released_and_monitored_in_the_bro
         )
         .await
         .unwrap();
-    assert_eq!(focus_inside, serde_json::json!(true), "focus moved into the popup");
+    assert_eq!(
+        focus_inside,
+        serde_json::json!(true),
+        "focus moved into the popup"
+    );
     browser
-        .wait("the popup to say online and in-sync", WAIT, |c| async move {
-            let link = try_text(&c, "#status-dialog #status-link").await?;
-            let sync = try_text(&c, "#status-dialog #status-sync").await?;
-            (link == "online" && sync == "in-sync").then_some(())
-        })
+        .wait(
+            "the popup to say online and in-sync",
+            WAIT,
+            |c| async move {
+                let link = try_text(&c, "#status-dialog #status-link").await?;
+                let sync = try_text(&c, "#status-dialog #status-sync").await?;
+                (link == "online" && sync == "in-sync").then_some(())
+            },
+        )
         .await;
     let body = text(&client, "#status-dialog .status-body").await;
     for field in [
@@ -344,6 +359,15 @@ async fn an_outpost_stage_is_created_validated_released_and_monitored_in_the_bro
         .await
         .unwrap();
     assert_eq!(still, serde_json::json!(true), "the page was not reloaded");
+    let body = text(&client, "#status-dialog .status-body").await;
+    assert!(
+        body.contains("the connection to the agent broke"),
+        "the popup says why the link went down:\n{body}"
+    );
+    assert!(
+        !body.contains("link-protocol-error"),
+        "a killed agent is an outage, not a protocol error:\n{body}"
+    );
     assert_eq!(
         text(&client, "#connection-status .badge").await,
         "offline",

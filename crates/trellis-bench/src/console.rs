@@ -13,7 +13,9 @@ use chrono::Utc;
 use serde_json::json;
 use tower::ServiceExt;
 use trellis_hub::{Hub, HubOptions};
-use trellis_model::{Artifact, BuildComponent, LOCAL_OUTPOST, NewBuild, Outpost, Project, StageType};
+use trellis_model::{
+    Artifact, BuildComponent, LOCAL_OUTPOST, NewBuild, Outpost, Project, StageType,
+};
 use trellis_store::{NewRelease, NewStage};
 
 pub struct Settings {
@@ -47,10 +49,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let middle = format!("s-{:04}", settings.stages / 2);
     let pages = [
         ("projects list", "/projects".to_owned()),
-        (
-            "project (all stages)",
-            "/projects/plant".to_owned(),
-        ),
+        ("project (all stages)", "/projects/plant".to_owned()),
         ("stage", format!("/projects/plant/stages/{middle}")),
         (
             "connection status",

@@ -59,6 +59,13 @@ function setupStageForm(form) {
   refresh();
 }
 
+function follow(from, to, key) {
+  if (!from || !to) return;
+  to.textContent = from.textContent;
+  to.dataset[key] = from.textContent;
+  to.className = from.className;
+}
+
 // --- connection status: a modal dialog (focus moves in, Escape closes it)
 // kept live by server-sent events while it is open.
 function setupStatus(button) {
@@ -81,13 +88,9 @@ function setupStatus(button) {
     source.onmessage = (message) => {
       body.innerHTML = message.data;
       note.textContent = "Live: updates as the status changes.";
-      // The button's badge follows the popup's.
-      const link = body.querySelector("#status-link");
-      if (link && badge) {
-        badge.textContent = link.textContent;
-        badge.dataset.linkState = link.textContent;
-        badge.className = link.className;
-      }
+      // The button's badge and the page's sync badge follow the popup.
+      follow(body.querySelector("#status-link"), badge, "linkState");
+      follow(body.querySelector("#status-sync"), document.getElementById("sync-state"), "syncState");
     };
     source.onerror = () => {
       note.textContent = "Lost the connection to the hub; retrying. What is shown may be out of date.";

@@ -2,9 +2,9 @@
 
 use std::sync::{Arc, OnceLock};
 
+use tokio_util::sync::CancellationToken;
 use trellis_cas::ChunkStore;
 use trellis_link::identity::HubCa;
-use tokio_util::sync::CancellationToken;
 use trellis_store::Store;
 
 use crate::auth::KeyVerifier;

@@ -24,9 +24,8 @@ use trellis_model::{
 };
 
 use crate::{
-    ControlOutcome, JoinTokenRefusal, NewRelease, NewStage, Result, StageSummary, StageUpdate, Store,
-    StoreError,
-    StoredAccessKey, wording,
+    ControlOutcome, JoinTokenRefusal, NewRelease, NewStage, Result, StageSummary, StageUpdate,
+    Store, StoreError, StoredAccessKey, wording,
 };
 
 /// The in-memory store. Cheap to create; holds nothing on disk.

@@ -38,9 +38,8 @@ use trellis_model::{
 };
 
 use crate::{
-    ControlOutcome, JoinTokenRefusal, NewRelease, NewStage, Result, StageSummary, StageUpdate, Store,
-    StoreError,
-    StoredAccessKey, wording,
+    ControlOutcome, JoinTokenRefusal, NewRelease, NewStage, Result, StageSummary, StageUpdate,
+    Store, StoreError, StoredAccessKey, wording,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -41,7 +41,9 @@ impl Browser {
                      skipped in CI (CI is set); {advice}"
                 );
             }
-            eprintln!("trellis-testkit: chromium or chromedriver is missing; skipping this browser test ({advice})");
+            eprintln!(
+                "trellis-testkit: chromium or chromedriver is missing; skipping this browser test ({advice})"
+            );
             return None;
         };
         let port = free_port();

@@ -51,10 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/login", get(session::login_form).post(session::login))
         .route("/logout", post(session::logout))
         .route("/assets/{name}", get(asset))
-        .route(
-            "/projects",
-            get(projects::list).post(projects::create),
-        )
+        .route("/projects", get(projects::list).post(projects::create))
         .route("/projects/{project}", get(projects::show))
         .route("/projects/{project}/stages/new", get(stages::new_form))
         .route("/projects/{project}/stages", post(stages::create))
@@ -92,10 +89,7 @@ pub fn router(state: AppState) -> Router {
         .route("/outposts/{outpost}", get(outposts::show))
         .route("/outposts/{outpost}/rotate", post(outposts::rotate))
         .route("/outposts/{outpost}/revoke", post(outposts::revoke))
-        .route(
-            "/outposts/{outpost}/join-token",
-            post(outposts::join_token),
-        )
+        .route("/outposts/{outpost}/join-token", post(outposts::join_token))
         .layer(axum::middleware::from_fn(session::same_origin))
         .with_state(state)
 }

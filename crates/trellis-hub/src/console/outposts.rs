@@ -165,8 +165,8 @@ pub async fn create(
     };
     match created {
         Ok((_, Json(created))) => {
-            let page = outpost_page(&state, &caller, &created.outpost.name, Some(created.join))
-                .await?;
+            let page =
+                outpost_page(&state, &caller, &created.outpost.name, Some(created.join)).await?;
             Ok((StatusCode::CREATED, render(&page)?).into_response())
         }
         Err(e) => {

@@ -47,8 +47,7 @@ async fn projects_page(
     form: ProjectForm,
     error: Option<ErrorView>,
 ) -> Result<ProjectsPage, ConsoleError> {
-    let Json(projects) =
-        crate::api::projects::list_projects(State(state), caller.clone()).await?;
+    let Json(projects) = crate::api::projects::list_projects(State(state), caller.clone()).await?;
     Ok(ProjectsPage {
         page: Page::signed("Projects", &caller, "projects"),
         projects: projects

@@ -143,9 +143,7 @@ pub async fn same_origin(
         return next.run(request).await;
     }
     let headers = request.headers();
-    let site = headers
-        .get("sec-fetch-site")
-        .and_then(|v| v.to_str().ok());
+    let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
     let cross_site = matches!(site, Some(s) if s != "same-origin" && s != "none");
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
@@ -236,11 +234,7 @@ pub async fn login(
     let cookie = format!(
         "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={LIFETIME_SECS}{secure}"
     );
-    Ok((
-        [(header::SET_COOKIE, cookie)],
-        Redirect::to(&next),
-    )
-        .into_response())
+    Ok(([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response())
 }
 
 pub async fn logout(parts: Parts) -> Response {
@@ -287,7 +281,10 @@ mod tests {
     #[test]
     fn the_session_cookie_is_found_among_others() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::COOKIE, "a=1; trellis_session=v.1.x; b=2".parse().unwrap());
+        headers.insert(
+            header::COOKIE,
+            "a=1; trellis_session=v.1.x; b=2".parse().unwrap(),
+        );
         assert_eq!(cookie_value(&headers, COOKIE), Some("v.1.x"));
         assert_eq!(cookie_value(&headers, "c"), None);
     }

@@ -274,20 +274,17 @@ pub async fn create(
     caller.role_in(&state, &project).await?;
     let result = match form.stage_type.parse::<StageType>() {
         Err(e) => Err(ApiError::bad_request(e, "choose dev, qa or prod")),
-        Ok(_) if form.on_outpost() && form.outpost_uri.trim().is_empty() => {
-            Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "malformed-uri",
-                "\"This stage is an outpost\" is ticked but the Outpost URI field is empty",
-                "paste the Outpost URI your administrator gave you and press Validate, or untick the box",
-            ))
-        }
+        Ok(_) if form.on_outpost() && form.outpost_uri.trim().is_empty() => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed-uri",
+            "\"This stage is an outpost\" is ticked but the Outpost URI field is empty",
+            "paste the Outpost URI your administrator gave you and press Validate, or untick the box",
+        )),
         Ok(stage_type) => {
             let request = CreateStageRequest {
                 name: form.name.trim().to_owned(),
                 stage_type,
-                display_name: Some(form.display_name.trim().to_owned())
-                    .filter(|d| !d.is_empty()),
+                display_name: Some(form.display_name.trim().to_owned()).filter(|d| !d.is_empty()),
                 outpost_uri: form
                     .on_outpost()
                     .then(|| form.outpost_uri.trim().to_owned()),

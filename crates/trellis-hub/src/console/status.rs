@@ -157,7 +157,11 @@ pub async fn page(
     caller.role_in(&state, &project).await?;
     let status = compute(&state, &project, &stage).await?;
     let page = StatusPage {
-        page: Page::signed(format!("{project} · {stage} · connection"), &caller, "projects"),
+        page: Page::signed(
+            format!("{project} · {stage} · connection"),
+            &caller,
+            "projects",
+        ),
         status: status_view(status, Utc::now()),
         project,
         stage,

@@ -116,7 +116,13 @@ mod tests {
         for good in ["online", "in-sync", "running", "applied"] {
             assert_eq!(tone(good), "good", "{good}");
         }
-        for warn in ["syncing", "pending-delivery", "linking", "awaiting-agent", "degraded"] {
+        for warn in [
+            "syncing",
+            "pending-delivery",
+            "linking",
+            "awaiting-agent",
+            "degraded",
+        ] {
             assert_eq!(tone(warn), "warn", "{warn}");
         }
         for bad in ["offline", "failed", "revoked", "crash-looping"] {

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use trellis_link::identity::PeerIdentity;
 use trellis_link::protocol::{AgentError, DesiredAck, StageRevision, StatusReport};
-use trellis_link::{Envelope, Incoming, LinkIo, Message};
+use trellis_link::{Envelope, Incoming, LinkIo, LinkIoError, Message};
 use trellis_model::Stage;
 
 use crate::state::AppState;
@@ -286,6 +286,12 @@ async fn session_loop(
                 let incoming = match incoming {
                     Ok(Some(i)) => i,
                     Ok(None) => return Ok("the agent closed the link".into()),
+                    // A connection that broke (the agent's host or process
+                    // died, the network dropped it) is an outage, shown as
+                    // `offline` with this reason, not a protocol error.
+                    Err(LinkIoError::Transport(reason)) => {
+                        return Ok(format!("the connection to the agent broke: {reason}"));
+                    }
                     Err(e) => {
                         let _ = session.send(io, Message::Error { code: e.code().into(), message: e.to_string() }).await;
                         io.close("bad frame").await;
