@@ -43,6 +43,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         settings.outposts,
         started.elapsed().as_secs_f64()
     );
+    // The project page's one store read, alone, for comparison.
+    let mut reads = Vec::new();
+    for _ in 0..settings.runs {
+        let t = Instant::now();
+        hub.state().store().list_stage_summaries("plant").await?;
+        reads.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    reads.sort_by(f64::total_cmp);
+    eprintln!(
+        "reading the {} stage summaries from the store: median {:.1} ms",
+        settings.stages,
+        reads[reads.len() / 2]
+    );
     let router = hub.router();
     let cookie = sign_in(&router, &admin).await?;
 

@@ -90,14 +90,18 @@ pub struct ControlOutcome {
     pub changed: bool,
 }
 
-/// A stage with what a list of stages shows of it: its sync record and the
-/// release running on its outpost. Read in one query, so a project with a
-/// thousand stages lists in one round trip.
+/// A stage with what a list of stages shows of it: how far its sync came
+/// and the release running on its outpost. Read in one query, and without
+/// the agents' full reports, so a project with a thousand stages lists in
+/// one round trip.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StageSummary {
     pub stage: Stage,
-    /// Zeros if nothing was delivered to the stage yet.
-    pub sync: StageSync,
+    /// As in the stage's [`StageSync`] (0 before anything was delivered).
+    pub delivered_revision: u64,
+    pub applied_revision: u64,
+    /// The `state` of the agent's latest report (`running`, `failed`, …).
+    pub report_state: Option<String>,
     /// The release in state `applied`, if any.
     pub applied_release: Option<u64>,
 }

@@ -510,15 +510,25 @@ impl Store for MemoryStore {
             .project(project)?
             .stages
             .values()
-            .map(|s| StageSummary {
-                stage: s.stage.clone(),
-                sync: s.current_sync(),
-                applied_release: s
-                    .releases
-                    .values()
-                    .rev()
-                    .find(|r| r.state == ReleaseState::Applied)
-                    .map(|r| r.number),
+            .map(|s| {
+                let sync = s.current_sync();
+                StageSummary {
+                    stage: s.stage.clone(),
+                    delivered_revision: sync.delivered_revision,
+                    applied_revision: sync.applied_revision,
+                    report_state: sync
+                        .report
+                        .as_ref()
+                        .and_then(|r| r.get("state"))
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned),
+                    applied_release: s
+                        .releases
+                        .values()
+                        .rev()
+                        .find(|r| r.state == ReleaseState::Applied)
+                        .map(|r| r.number),
+                }
             })
             .collect())
     }

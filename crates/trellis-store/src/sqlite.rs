@@ -436,24 +436,15 @@ fn sync_from(row: &SqliteRow) -> Result<StageSync> {
 /// A row of [`SqliteStore::list_stage_summaries`]: a stage's columns, its
 /// sync record's (NULL without one) and its applied release.
 fn summary_from(row: &SqliteRow) -> Result<StageSummary> {
-    let stage = stage_from(row)?;
     let delivered: Option<i64> = col(row, "delivered_revision")?;
-    let sync = match delivered {
-        None => no_sync(&stage.project, &stage.name),
-        Some(delivered) => StageSync {
-            project: stage.project.clone(),
-            stage: stage.name.clone(),
-            delivered_revision: unsigned(delivered)?,
-            applied_revision: count(row, "applied_revision")?,
-            report: opt_from_json(row, "report")?,
-            updated_at: opt_time(row, "updated_at")?,
-        },
-    };
-    let applied: Option<i64> = col(row, "applied_release")?;
+    let applied: Option<i64> = col(row, "applied_revision")?;
+    let release: Option<i64> = col(row, "applied_release")?;
     Ok(StageSummary {
-        stage,
-        sync,
-        applied_release: applied.map(unsigned).transpose()?,
+        stage: stage_from(row)?,
+        delivered_revision: delivered.map(unsigned).transpose()?.unwrap_or(0),
+        applied_revision: applied.map(unsigned).transpose()?.unwrap_or(0),
+        report_state: col(row, "report_state")?,
+        applied_release: release.map(unsigned).transpose()?,
     })
 }
 
@@ -1123,7 +1114,8 @@ impl Store for SqliteStore {
         let rows = sqlx::query(
             "SELECT s.project, s.name, s.stage_type, s.display_name, s.suspended, s.outpost, \
              s.desired_revision, s.latest_release, s.created_at, \
-             y.delivered_revision, y.applied_revision, y.report, y.updated_at, \
+             y.delivered_revision, y.applied_revision, \
+             json_extract(y.report, '$.state') AS report_state, \
              (SELECT MAX(r.number) FROM releases r \
               WHERE r.project = s.project AND r.stage = s.name AND r.state = $2) AS applied_release \
              FROM stages s LEFT JOIN stage_syncs y ON y.project = s.project AND y.stage = s.name \

@@ -1833,11 +1833,17 @@ pub async fn stage_summaries(store: &dyn Store) {
     assert_eq!(names, ["dev", "prod"]);
     let dev = &summaries[0];
     assert_eq!(dev.stage, store.get_stage("shop", "dev").await.unwrap());
-    assert_eq!(dev.sync, store.get_stage_sync("shop", "dev").await.unwrap());
-    assert_eq!(dev.sync.applied_revision, 1);
+    let sync = store.get_stage_sync("shop", "dev").await.unwrap();
+    assert_eq!(
+        (dev.delivered_revision, dev.applied_revision),
+        (sync.delivered_revision, sync.applied_revision)
+    );
+    assert_eq!((dev.delivered_revision, dev.applied_revision), (2, 1));
+    assert_eq!(dev.report_state.as_deref(), Some("running"));
     assert_eq!(dev.applied_release, Some(1));
     let prod = &summaries[1];
-    assert_eq!(prod.sync, no_sync("shop", "prod"));
+    assert_eq!((prod.delivered_revision, prod.applied_revision), (0, 0));
+    assert_eq!(prod.report_state, None);
     assert_eq!(prod.applied_release, None);
 
     assert_not_found(store.list_stage_summaries("nope").await, "project", "nope");

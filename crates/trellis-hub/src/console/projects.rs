@@ -137,7 +137,13 @@ pub async fn show(
                 link
             }
         };
-        let sync = stage_sync_state(stage, &summary.sync, link.is_connected());
+        let sync = stage_sync_state(
+            stage,
+            summary.delivered_revision,
+            summary.applied_revision,
+            summary.report_state.as_deref(),
+            link.is_connected(),
+        );
         let on_outpost = stage.outpost != LOCAL_OUTPOST;
         stages.push(StageRow {
             name: stage.name.clone(),

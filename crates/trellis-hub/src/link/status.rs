@@ -14,7 +14,7 @@ use crate::error::ApiResult;
 use crate::extract::{Json, Path};
 use crate::state::AppState;
 use axum::extract::State;
-use trellis_model::{ReleaseState, Stage, StageSync};
+use trellis_model::{ReleaseState, Stage};
 
 /// Where a stage's sync stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -85,22 +85,23 @@ pub fn sync_state(
     }
 }
 
-/// The sync state of a stage from its record, its sync record and whether
-/// its outpost is connected.
-pub fn stage_sync_state(stage: &Stage, sync: &StageSync, online: bool) -> SyncState {
-    let report_failed = sync
-        .report
-        .as_ref()
-        .and_then(|r| r.get("state"))
-        .and_then(Value::as_str)
-        == Some("failed");
+/// The sync state of a stage from its record, its delivered and applied
+/// revisions, the state its agent last reported and whether its outpost is
+/// connected.
+pub fn stage_sync_state(
+    stage: &Stage,
+    delivered: u64,
+    applied: u64,
+    report_state: Option<&str>,
+    online: bool,
+) -> SyncState {
     sync_state(
         online,
         stage.desired_revision,
-        sync.delivered_revision,
-        sync.applied_revision,
+        delivered,
+        applied,
         stage.suspended,
-        report_failed,
+        report_state == Some("failed"),
     )
 }
 
@@ -201,7 +202,16 @@ pub async fn compute(state: &AppState, project: &str, stage_name: &str) -> ApiRe
     let stage = store.get_stage(project, stage_name).await?;
     let sync = store.get_stage_sync(project, stage_name).await?;
     let link = link_view(state, &stage.outpost).await?;
-    let state_now = stage_sync_state(&stage, &sync, link.state.is_connected());
+    let state_now = stage_sync_state(
+        &stage,
+        sync.delivered_revision,
+        sync.applied_revision,
+        sync.report
+            .as_ref()
+            .and_then(|r| r.get("state"))
+            .and_then(Value::as_str),
+        link.state.is_connected(),
+    );
     let report = sync.report.clone().unwrap_or(Value::Null);
     let applied_release = store
         .list_releases(project, stage_name)
