@@ -53,24 +53,11 @@ pub fn one<T: Serialize>(
 }
 
 pub fn time(t: &chrono::DateTime<chrono::Utc>) -> String {
-    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+    trellis_model::display::time(*t)
 }
 
 pub fn short(commit: &str) -> String {
     commit.chars().take(12).collect()
 }
 
-/// A byte count for people: `512 B`, `3.1 KiB`, `412.0 MiB`, `1.2 GiB`.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
+pub use trellis_model::display::bytes;

@@ -14,8 +14,11 @@
 //! - [`entity`]: the records the hub stores and serves (projects, stages,
 //!   outposts, builds, configs, releases, users, access keys).
 //! - [`access`]: roles and the access-key format.
+//! - [`display`]: byte counts and instants as people read them (CLI and
+//!   console alike).
 
 pub mod access;
+pub mod display;
 pub mod entity;
 pub mod manifest;
 pub mod name;

@@ -138,45 +138,20 @@ pub fn render(template: &impl Template) -> Result<Html<String>, ConsoleError> {
     })
 }
 
-/// An error as a page: what happened, the stable code, what to try.
+/// An error as a page: what happened, the stable code, what to try. The
+/// console's errors are the API's, shown to a person.
 #[derive(Debug)]
-pub struct ConsoleError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-    pub hint: String,
-}
-
-impl ConsoleError {
-    pub fn new(
-        status: StatusCode,
-        code: &'static str,
-        message: impl Into<String>,
-        hint: impl Into<String>,
-    ) -> Self {
-        ConsoleError {
-            status,
-            code,
-            message: message.into(),
-            hint: hint.into(),
-        }
-    }
-}
+pub struct ConsoleError(pub ApiError);
 
 impl From<ApiError> for ConsoleError {
     fn from(e: ApiError) -> Self {
-        ConsoleError {
-            status: e.status,
-            code: e.code,
-            message: e.message,
-            hint: e.hint,
-        }
+        ConsoleError(e)
     }
 }
 
 impl From<trellis_store::StoreError> for ConsoleError {
     fn from(e: trellis_store::StoreError) -> Self {
-        ApiError::from(e).into()
+        ConsoleError(e.into())
     }
 }
 
@@ -184,39 +159,22 @@ impl From<trellis_store::StoreError> for ConsoleError {
 #[template(path = "error.html")]
 struct ErrorPage<'a> {
     page: Page,
-    error: &'a ConsoleError,
+    error: &'a ApiError,
 }
 
 impl IntoResponse for ConsoleError {
     fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::warn!(code = self.code, message = %self.message, "console request failed");
+        let error = &self.0;
+        if error.status.is_server_error() {
+            tracing::warn!(code = error.code, message = %error.message, "console request failed");
         }
         let page = ErrorPage {
-            page: Page::anonymous(format!("Error: {}", self.code)),
-            error: &self,
+            page: Page::anonymous(format!("Error: {}", error.code)),
+            error,
         };
         match page.render() {
-            Ok(html) => (self.status, Html(html)).into_response(),
-            Err(_) => (self.status, format!("{}: {}", self.message, self.hint)).into_response(),
-        }
-    }
-}
-
-/// An error shown inside a page, e.g. under a form field.
-#[derive(Debug, Clone)]
-pub struct ErrorView {
-    pub code: String,
-    pub message: String,
-    pub hint: String,
-}
-
-impl From<ApiError> for ErrorView {
-    fn from(e: ApiError) -> Self {
-        ErrorView {
-            code: e.code.to_owned(),
-            message: e.message,
-            hint: e.hint,
+            Ok(html) => (error.status, Html(html)).into_response(),
+            Err(_) => (error.status, format!("{}: {}", error.message, error.hint)).into_response(),
         }
     }
 }
@@ -243,12 +201,12 @@ async fn asset(Path(name): Path<String>) -> Response {
         "console.css" => (CSS, "text/css; charset=utf-8"),
         "console.js" => (JS, "text/javascript; charset=utf-8"),
         _ => {
-            return ConsoleError::new(
+            return ConsoleError(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not-found",
                 format!("the console has no asset {name:?}"),
                 "reload the page; it names the assets this hub serves",
-            )
+            ))
             .into_response();
         }
     };

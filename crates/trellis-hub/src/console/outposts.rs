@@ -15,7 +15,7 @@ use trellis_model::LOCAL_OUTPOST;
 use super::session::Signed;
 use super::stages::AgentView;
 use super::view::{Badge, when, when_ago};
-use super::{ConsoleError, ErrorView, Page, render};
+use super::{ConsoleError, Page, render};
 use crate::api::types::{CreateOutpostRequest, JoinTokenRequest, JoinTokenResponse};
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -54,7 +54,7 @@ struct OutpostsPage {
     page: Page,
     outposts: Vec<OutpostRow>,
     form: OutpostForm,
-    error: Option<ErrorView>,
+    error: Option<ApiError>,
 }
 
 fn labels_text(labels: &BTreeMap<String, String>) -> String {
@@ -69,7 +69,7 @@ async fn outposts_page(
     state: &AppState,
     caller: &Caller,
     form: OutpostForm,
-    error: Option<ErrorView>,
+    error: Option<ApiError>,
 ) -> Result<OutpostsPage, ConsoleError> {
     caller.require_admin("manage outposts")?;
     let now = Utc::now();
@@ -171,7 +171,7 @@ pub async fn create(
         }
         Err(e) => {
             let status = e.status;
-            let page = outposts_page(&state, &caller, form, Some(e.into())).await?;
+            let page = outposts_page(&state, &caller, form, Some(e)).await?;
             Ok((status, render(&page)?).into_response())
         }
     }

@@ -11,8 +11,9 @@ use trellis_model::LOCAL_OUTPOST;
 
 use super::session::Signed;
 use super::view::{Badge, ago, when};
-use super::{ConsoleError, ErrorView, Page, render};
+use super::{ConsoleError, Page, render};
 use crate::api::types::CreateProjectRequest;
+use crate::error::ApiError;
 use crate::extract::{Json, Path};
 use crate::link::LinkState;
 use crate::link::status::{link_view, stage_sync_state};
@@ -30,7 +31,7 @@ struct ProjectsPage {
     page: Page,
     projects: Vec<ProjectRow>,
     form: ProjectForm,
-    error: Option<ErrorView>,
+    error: Option<ApiError>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -45,7 +46,7 @@ async fn projects_page(
     state: AppState,
     caller: crate::auth::Caller,
     form: ProjectForm,
-    error: Option<ErrorView>,
+    error: Option<ApiError>,
 ) -> Result<ProjectsPage, ConsoleError> {
     let Json(projects) = crate::api::projects::list_projects(State(state), caller.clone()).await?;
     Ok(ProjectsPage {
@@ -88,7 +89,7 @@ pub async fn create(
         }
         Err(e) => {
             let status = e.status;
-            let page = projects_page(state, caller, form, Some(e.into())).await?;
+            let page = projects_page(state, caller, form, Some(e)).await?;
             Ok((status, render(&page)?).into_response())
         }
     }

@@ -23,6 +23,7 @@ use trellis_model::AccessKey;
 use super::view::is_local_path;
 use super::{ConsoleError, Page, render};
 use crate::auth::Caller;
+use crate::error::ApiError;
 use crate::state::AppState;
 
 pub const COOKIE: &str = "trellis_session";
@@ -82,14 +83,14 @@ impl FromRequestParts<AppState> for Signed {
         let stored = store
             .find_access_key(key_id)
             .await
-            .map_err(|e| ConsoleError::from(crate::error::ApiError::from(e)).into_response())?;
+            .map_err(|e| ConsoleError::from(e).into_response())?;
         let Some(stored) = stored else {
             return Err(to_sign_in(parts));
         };
         let user = store
             .get_user(&stored.info.user)
             .await
-            .map_err(|e| ConsoleError::from(crate::error::ApiError::from(e)).into_response())?;
+            .map_err(|e| ConsoleError::from(e).into_response())?;
         Ok(Signed(Caller {
             user: user.name,
             admin: user.admin,
@@ -109,12 +110,12 @@ fn to_sign_in(parts: &Parts) -> Response {
         let target = format!("/login?next={}", urlencode(next));
         return Redirect::to(&target).into_response();
     }
-    ConsoleError::new(
+    ConsoleError(ApiError::new(
         StatusCode::UNAUTHORIZED,
         "unauthenticated",
         "you are not signed in, or your session ended",
         "reload the page and sign in with your access key",
-    )
+    ))
     .into_response()
 }
 
@@ -158,12 +159,12 @@ pub async fn same_origin(
         (None, _) => false,
     };
     if cross_site || foreign_origin {
-        return ConsoleError::new(
+        return ConsoleError(ApiError::new(
             StatusCode::FORBIDDEN,
             "cross-site-request",
             "this request came from a page that is not this hub's console, so it was refused",
             "open the console at this hub's own address and try again from there",
-        )
+        ))
         .into_response();
     }
     next.run(request).await

@@ -12,7 +12,7 @@ use trellis_model::{LOCAL_OUTPOST, ReleaseState, StageType};
 use super::session::Signed;
 use super::status::{StatusView, status_view};
 use super::view::{Badge, ago, bytes, when};
-use super::{ConsoleError, ErrorView, Page, render, wants_fragment};
+use super::{ConsoleError, Page, render, wants_fragment};
 use crate::api::types::{CreateStageRequest, LogsQuery, PushReleaseRequest, UpdateStageRequest};
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -145,8 +145,8 @@ struct NewStagePage {
     project: String,
     form: StageForm,
     validation: Option<ValidationView>,
-    validation_error: Option<ErrorView>,
-    error: Option<ErrorView>,
+    validation_error: Option<ApiError>,
+    error: Option<ApiError>,
     /// The URI the shown description belongs to; Create is enabled only
     /// while the field holds it.
     validated_uri: String,
@@ -168,7 +168,7 @@ impl NewStagePage {
 #[template(path = "validation.html")]
 struct ValidationFragment {
     validation: Option<ValidationView>,
-    validation_error: Option<ErrorView>,
+    validation_error: Option<ApiError>,
 }
 
 pub async fn new_form(
@@ -225,7 +225,7 @@ pub async fn validate(
     };
     let (validation, validation_error) = match result {
         Ok(v) => (Some(v), None),
-        Err(e) => (None, Some(ErrorView::from(e))),
+        Err(e) => (None, Some(e)),
     };
     if wants_fragment(&headers) {
         let fragment = ValidationFragment {
@@ -308,7 +308,7 @@ pub async fn create(
         Err(e) => {
             let status = e.status;
             let on_uri = VALIDATION_CODES.contains(&e.code);
-            let error = ErrorView::from(e);
+            let error = e;
             let page = NewStagePage {
                 page: Page::signed(format!("{project} · new stage"), &caller, "projects"),
                 project,

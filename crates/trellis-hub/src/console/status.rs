@@ -217,9 +217,9 @@ fn error_fragment(e: &ConsoleError) -> String {
     #[derive(Template)]
     #[template(path = "error_fragment.html")]
     struct ErrorFragment<'a> {
-        error: &'a ConsoleError,
+        error: &'a crate::error::ApiError,
     }
-    ErrorFragment { error: e }
+    ErrorFragment { error: &e.0 }
         .render()
         .unwrap_or_else(|_| "<p class=\"error\">The status could not be read.</p>".to_owned())
 }

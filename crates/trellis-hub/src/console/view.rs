@@ -1,5 +1,6 @@
 //! Small pure helpers that turn the hub's data into what pages show: times
-//! relative to now, byte counts, and the tone of a state badge.
+//! relative to now, and the tone of a state badge (byte counts and instants
+//! read as in the command line, from `trellis_model::display`).
 
 use chrono::{DateTime, Utc};
 
@@ -52,29 +53,11 @@ pub fn ago(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
     }
 }
 
-/// An instant as people read it, in UTC: `2026-11-26 19:13:48 UTC`.
-pub fn when(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
-}
+pub use trellis_model::display::{bytes, time as when};
 
 /// An instant with how long ago it was: `2026-11-26 19:13:48 UTC (3 min ago)`.
 pub fn when_ago(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
     format!("{} ({})", when(t), ago(t, now))
-}
-
-/// `512 B`, `1.5 KiB`, `200.0 MiB`, `3.2 GiB`.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// Whether `next` is a path on this hub that is safe to send a browser to
@@ -100,15 +83,6 @@ mod tests {
         assert_eq!(ago(at(100_000 - 5 * 3600), now), "5 h ago");
         assert_eq!(ago(at(100_000 - 2 * 86400), now), "2 d ago");
         assert_eq!(ago(at(100_240), now), "in 4 min");
-    }
-
-    #[test]
-    fn byte_counts_use_binary_units() {
-        assert_eq!(bytes(0), "0 B");
-        assert_eq!(bytes(1023), "1023 B");
-        assert_eq!(bytes(1536), "1.5 KiB");
-        assert_eq!(bytes(200 * 1024 * 1024), "200.0 MiB");
-        assert_eq!(bytes(u64::MAX), "16777216.0 TiB");
     }
 
     #[test]
