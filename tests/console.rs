@@ -394,6 +394,21 @@ async fn an_outpost_stage_is_created_validated_released_and_monitored_in_the_bro
         .unwrap();
     assert_eq!(closed, serde_json::json!(true), "Escape closed the popup");
 
+    // The page behind kept itself current: the component the agent reported
+    // running and the release it applied, without a reload.
+    browser
+        .wait("the live components table", WAIT, |c| async move {
+            let row = try_text(&c, "tr[data-component='bridge']").await?;
+            row.contains("running").then_some(())
+        })
+        .await;
+    assert_eq!(text(&client, "#running-release").await, "#1");
+    let still = client
+        .execute("return window.notReloaded === true", vec![])
+        .await
+        .unwrap();
+    assert_eq!(still, serde_json::json!(true), "the page was not reloaded");
+
     // The project page shows the stage with its link badge.
     client
         .goto(&format!("{}/projects/plant", hub.endpoint))

@@ -174,6 +174,29 @@ function setupLogs(section) {
   load();
 }
 
+// --- live sections: the page is fetched again every few seconds and the
+// marked sections that changed are replaced (not while focus is in them,
+// so a button being used stays put). Stops when the session has ended.
+function setupLiveSections(sections, everyMs) {
+  if (!sections.length) return;
+  const timer = setInterval(async () => {
+    if (document.hidden) return;
+    try {
+      const response = await fetch(location.pathname, { headers: FRAGMENT, credentials: "same-origin" });
+      if (response.status === 401) clearInterval(timer);
+      if (!response.ok) return;
+      const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
+      for (const section of sections) {
+        const next = fresh.getElementById(section.id);
+        if (!next || section.contains(document.activeElement)) continue;
+        if (next.innerHTML !== section.innerHTML) section.innerHTML = next.innerHTML;
+      }
+    } catch {
+      // The hub is unreachable for a moment; the next round tries again.
+    }
+  }, everyMs);
+}
+
 // --- small things: copy buttons, confirmations.
 function setupCopy(button) {
   button.addEventListener("click", async () => {
@@ -196,6 +219,7 @@ document.addEventListener("DOMContentLoaded", () => {
   if (status) setupStatus(status);
   const logs = document.getElementById("logs");
   if (logs) setupLogs(logs);
+  setupLiveSections([...document.querySelectorAll("[data-live]")], 3000);
   document.querySelectorAll("[data-copy]").forEach(setupCopy);
   document.querySelectorAll("form[data-confirm]").forEach((f) => {
     f.addEventListener("submit", (event) => {

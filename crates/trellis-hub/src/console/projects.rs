@@ -5,12 +5,11 @@ use std::collections::HashMap;
 use askama::Template;
 use axum::extract::State;
 use axum::response::{IntoResponse, Redirect, Response};
-use chrono::Utc;
 use serde::Deserialize;
 use trellis_model::LOCAL_OUTPOST;
 
 use super::session::Signed;
-use super::view::{Badge, ago, when};
+use super::view::{Badge, when};
 use super::{ConsoleError, Page, render};
 use crate::api::types::CreateProjectRequest;
 use crate::error::ApiError;
@@ -115,7 +114,6 @@ struct ProjectPage {
     project: String,
     description: String,
     stages: Vec<StageRow>,
-    updated: String,
 }
 
 pub async fn show(
@@ -157,13 +155,11 @@ pub async fn show(
             suspended: stage.suspended,
         });
     }
-    let now = Utc::now();
     let page = ProjectPage {
         page: Page::signed(format!("{project} · stages"), &caller, "projects"),
         description: record.description,
         project,
         stages,
-        updated: ago(now, now),
     };
     Ok(render(&page)?.into_response())
 }
