@@ -417,5 +417,39 @@ async fn an_outpost_stage_is_created_validated_released_and_monitored_in_the_bro
     let row = text(&client, "tr[data-stage='line']").await;
     assert!(row.contains("line-7") && row.contains("offline"), "{row}");
 
+    // On a phone-sized screen the pages fit the width (wide tables scroll
+    // inside their own box).
+    client.set_window_size(390, 844).await.unwrap();
+    for (page, shot) in [
+        ("/projects/plant/stages/line", "stage-phone"),
+        ("/projects/plant/stages/new", "create-stage-phone"),
+    ] {
+        client
+            .goto(&format!("{}{page}", hub.endpoint))
+            .await
+            .unwrap();
+        let fits = client
+            .execute(
+                "return document.documentElement.scrollWidth <= window.innerWidth",
+                vec![],
+            )
+            .await
+            .unwrap();
+        let wide = client
+            .execute(
+                "return [window.innerWidth, document.documentElement.scrollWidth, ...[...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > window.innerWidth + 1).slice(0, 8).map(e => e.tagName + '#' + e.id + '.' + e.className + ':' + Math.round(e.getBoundingClientRect().right))]",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            fits,
+            serde_json::json!(true),
+            "{page} is wider than a phone: {wide}"
+        );
+        let saved = browser.screenshot(&shots, shot).await;
+        announce(&format!("saved {}", saved.display()));
+    }
+
     browser.close().await;
 }
