@@ -369,6 +369,11 @@ async fn an_outpost_stage_is_created_validated_released_and_monitored_in_the_bro
         "a killed agent is an outage, not a protocol error:\n{body}"
     );
     assert_eq!(
+        text(&client, "#status-dialog #status-sync").await,
+        "in-sync (last known)",
+        "what the agent confirmed is no longer shown as current"
+    );
+    assert_eq!(
         text(&client, "#connection-status .badge").await,
         "offline",
         "the button's badge follows"

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use trellis_model::LOCAL_OUTPOST;
 
 use super::session::Signed;
-use super::view::{Badge, when};
+use super::view::{Badge, sync_badge, when};
 use super::{ConsoleError, Page, render};
 use crate::api::types::CreateProjectRequest;
 use crate::error::ApiError;
@@ -150,7 +150,7 @@ pub async fn show(
             stage_type: stage.stage_type.to_string(),
             outpost: on_outpost.then(|| stage.outpost.clone()),
             link: on_outpost.then(|| Badge::of(link.as_str())),
-            sync: Badge::of(sync.as_str()),
+            sync: sync_badge(sync.as_str(), link.is_connected()),
             release: release_text(summary.applied_release, stage.latest_release),
             suspended: stage.suspended,
         });

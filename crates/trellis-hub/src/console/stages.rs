@@ -11,7 +11,7 @@ use trellis_model::{LOCAL_OUTPOST, ReleaseState, StageType};
 
 use super::session::Signed;
 use super::status::{StatusView, status_view};
-use super::view::{Badge, ago, bytes, when};
+use super::view::{Badge, ago, bytes, sync_badge, when};
 use super::{ConsoleError, Page, render, wants_fragment};
 use crate::api::types::{CreateStageRequest, LogsQuery, PushReleaseRequest, UpdateStageRequest};
 use crate::auth::Caller;
@@ -409,7 +409,7 @@ pub async fn show(
         stage_type: record.stage_type.to_string(),
         suspended: record.suspended,
         outpost: on_outpost.then(|| record.outpost.clone()),
-        sync: Badge::of(status.sync.state.as_str()),
+        sync: sync_badge(status.sync.state.as_str(), status.link.state.is_connected()),
         running: super::projects::release_text(
             status.sync.applied_release,
             status.sync.desired_release,

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::session::Signed;
-use super::view::{Badge, ago, bytes, when, when_ago};
+use super::view::{Badge, ago, bytes, sync_badge, when, when_ago};
 use super::{ConsoleError, Page, render};
 use crate::extract::Path;
 use crate::link::status::{StageStatus, compute};
@@ -84,7 +84,7 @@ pub fn status_view(s: StageStatus, now: DateTime<Utc>) -> StatusView {
         last_disconnect: link.last_disconnect,
         attention: link.attention,
         certificate_expires: link.certificate_expires.map(|t| when_ago(t, now)),
-        sync: Badge::of(sync.state.as_str()),
+        sync: sync_badge(sync.state.as_str(), link.state.is_connected()),
         desired_revision: sync.desired_revision,
         applied_revision: sync.applied_revision,
         desired_release: release(sync.desired_release),

@@ -32,6 +32,19 @@ impl Badge {
     }
 }
 
+/// A stage's sync badge. While its outpost is not connected, a state the
+/// agent confirmed earlier is shown as last known and not in green: it may
+/// no longer hold.
+pub fn sync_badge(sync: &str, connected: bool) -> Badge {
+    if connected || !matches!(sync, "in-sync" | "suspended") {
+        return Badge::of(sync);
+    }
+    Badge {
+        text: format!("{sync} (last known)"),
+        tone: "idle",
+    }
+}
+
 /// `12 s ago`, `3 min ago`, `5 h ago`, `2 d ago`; `in 4 min` for the future.
 pub fn ago(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
     let secs = (now - t).num_seconds();
@@ -104,6 +117,21 @@ mod tests {
         }
         assert_eq!(tone("superseded"), "idle");
         assert_eq!(tone("something new"), "idle");
+    }
+
+    #[test]
+    fn confirmed_states_of_unreachable_outposts_are_not_green() {
+        assert_eq!(sync_badge("in-sync", true), Badge::of("in-sync"));
+        let stale = sync_badge("in-sync", false);
+        assert_eq!(
+            (stale.text.as_str(), stale.tone),
+            ("in-sync (last known)", "idle")
+        );
+        assert_eq!(
+            sync_badge("pending-delivery", false),
+            Badge::of("pending-delivery")
+        );
+        assert_eq!(sync_badge("failed", false), Badge::of("failed"));
     }
 
     #[test]
