@@ -168,6 +168,23 @@ async fn changes_from_other_sites_are_refused() {
     assert_eq!(ours.status(), StatusCode::SEE_OTHER);
     assert_eq!(location(&ours), "/projects/shop");
 
+    // A body that is not a form gets the error page.
+    let json_body = admin
+        .request(M::POST, "/projects")
+        .header(ORIGIN, &admin.base)
+        .json(&json!({"name": "shop2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json_body.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert!(
+        json_body
+            .text()
+            .await
+            .unwrap()
+            .contains("the form was not understood")
+    );
+
     // Bad input gets the form back with the error, and loses nothing typed.
     let bad = admin
         .post(

@@ -179,6 +179,23 @@ impl IntoResponse for ConsoleError {
     }
 }
 
+/// A submitted form; one that cannot be read gets the error page, not
+/// axum's plain-text rejection.
+#[derive(axum::extract::FromRequest)]
+#[from_request(via(axum::Form), rejection(ConsoleError))]
+pub struct Form<T>(pub T);
+
+impl From<axum::extract::rejection::FormRejection> for ConsoleError {
+    fn from(rejection: axum::extract::rejection::FormRejection) -> Self {
+        let mut error = ApiError::bad_request(
+            format!("the form was not understood: {}", rejection.body_text()),
+            "submit the form from the console's own page",
+        );
+        error.status = rejection.status();
+        ConsoleError(error)
+    }
+}
+
 /// The embedded assets and their cache-busting URLs.
 struct Assets {
     css_url: String,

@@ -15,7 +15,7 @@ use trellis_model::LOCAL_OUTPOST;
 use super::session::Signed;
 use super::stages::AgentView;
 use super::view::{Badge, when, when_ago};
-use super::{ConsoleError, Page, render};
+use super::{ConsoleError, Form, Page, render};
 use crate::api::types::{CreateOutpostRequest, JoinTokenRequest, JoinTokenResponse};
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -150,7 +150,7 @@ fn create_request(form: &OutpostForm) -> Result<CreateOutpostRequest, ApiError> 
 pub async fn create(
     State(state): State<AppState>,
     Signed(caller): Signed,
-    axum::Form(form): axum::Form<OutpostForm>,
+    Form(form): Form<OutpostForm>,
 ) -> Result<Response, ConsoleError> {
     let created = match create_request(&form) {
         Ok(request) => {

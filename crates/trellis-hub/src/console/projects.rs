@@ -10,7 +10,7 @@ use trellis_model::LOCAL_OUTPOST;
 
 use super::session::Signed;
 use super::view::{Badge, sync_badge, when};
-use super::{ConsoleError, Page, render};
+use super::{ConsoleError, Form, Page, render};
 use crate::api::types::CreateProjectRequest;
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
@@ -74,7 +74,7 @@ pub async fn list(
 pub async fn create(
     State(state): State<AppState>,
     Signed(caller): Signed,
-    axum::Form(form): axum::Form<ProjectForm>,
+    Form(form): Form<ProjectForm>,
 ) -> Result<Response, ConsoleError> {
     let request = CreateProjectRequest {
         name: form.name.trim().to_owned(),

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use trellis_model::AccessKey;
 
 use super::view::is_local_path;
-use super::{ConsoleError, Page, render};
+use super::{ConsoleError, Form, Page, render};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -211,7 +211,7 @@ pub struct LoginForm {
 pub async fn login(
     State(state): State<AppState>,
     parts: Parts,
-    axum::Form(form): axum::Form<LoginForm>,
+    Form(form): Form<LoginForm>,
 ) -> Result<Response, ConsoleError> {
     let next = safe_next(form.next);
     let refused = |message: String| -> Result<Response, ConsoleError> {

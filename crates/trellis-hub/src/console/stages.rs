@@ -12,7 +12,7 @@ use trellis_model::{LOCAL_OUTPOST, ReleaseState, StageType};
 use super::session::Signed;
 use super::status::{StatusView, status_view};
 use super::view::{Badge, ago, bytes, sync_badge, when};
-use super::{ConsoleError, Page, render, wants_fragment};
+use super::{ConsoleError, Form, Page, render, wants_fragment};
 use crate::api::types::{CreateStageRequest, LogsQuery, PushReleaseRequest, UpdateStageRequest};
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -215,7 +215,7 @@ pub async fn validate(
     Signed(caller): Signed,
     Path(project): Path<String>,
     headers: HeaderMap,
-    axum::Form(form): axum::Form<StageForm>,
+    Form(form): Form<StageForm>,
 ) -> Result<Response, ConsoleError> {
     caller.role_in(&state, &project).await?;
     let result = validate_uri(&state, &caller, &project, &form.outpost_uri).await;
@@ -269,7 +269,7 @@ pub async fn create(
     State(state): State<AppState>,
     Signed(caller): Signed,
     Path(project): Path<String>,
-    axum::Form(form): axum::Form<StageForm>,
+    Form(form): Form<StageForm>,
 ) -> Result<Response, ConsoleError> {
     caller.role_in(&state, &project).await?;
     let result = match form.stage_type.parse::<StageType>() {
@@ -479,7 +479,7 @@ pub async fn push_release(
     State(state): State<AppState>,
     Signed(caller): Signed,
     Path((project, stage)): Path<(String, String)>,
-    axum::Form(form): axum::Form<PushForm>,
+    Form(form): Form<PushForm>,
 ) -> Result<Response, ConsoleError> {
     let request = PushReleaseRequest {
         build: Some(form.build).filter(|b| !b.is_empty()),
