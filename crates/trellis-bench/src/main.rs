@@ -7,6 +7,7 @@
 //! every timing is the median of several runs, alternating the order of
 //! the compared operations.
 
+mod agent;
 mod artifacts;
 mod console;
 mod setup;
@@ -46,6 +47,16 @@ enum Bench {
         #[arg(long)]
         work_dir: Option<PathBuf>,
     },
+    /// The real agent's memory and CPU while idle and while deploying a
+    /// release, and the size of the binary it ships in.
+    Agent {
+        /// How long to measure the idle agent, in seconds.
+        #[arg(long, default_value_t = 60)]
+        idle_secs: u64,
+        /// The `trellis` binary (default: next to this one).
+        #[arg(long)]
+        trellis: Option<PathBuf>,
+    },
     /// Server time of the console's pages with many stages in the store
     /// (the hub's router and SQLite store, in process).
     Console {
@@ -75,6 +86,10 @@ fn main() -> anyhow::Result<()> {
             runs: runs.max(1),
             trellis: setup::trellis_binary(trellis)?,
             work_dir,
+        })),
+        Bench::Agent { idle_secs, trellis } => runtime.block_on(agent::run(agent::Settings {
+            idle: std::time::Duration::from_secs(idle_secs.max(1)),
+            trellis: setup::trellis_binary(trellis)?,
         })),
         Bench::Console {
             stages,

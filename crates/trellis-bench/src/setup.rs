@@ -27,7 +27,8 @@ pub fn trellis_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
             path.display()
         );
     }
-    Ok(path)
+    // Absolute: the benchmarks run it in other working directories.
+    Ok(path.canonicalize()?)
 }
 
 /// A hub serving HTTPS on 127.0.0.1 until dropped.

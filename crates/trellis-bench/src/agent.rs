@@ -1,0 +1,251 @@
+//! The real Outpost Agent's footprint: the `trellis agent join` process
+//! linked to a hub on loopback, measured from `/proc` while idle and while
+//! it deploys a release of a process component; and the size of the
+//! binary it ships in.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+use crate::setup::{self, BenchHub};
+
+pub struct Settings {
+    pub idle: Duration,
+    pub trellis: std::path::PathBuf,
+}
+
+const MANIFEST: &str = "version: v1
+components:
+  - name: bridge
+    process:
+      path: ./bin
+      command: [\"sh\", \"./bridge.sh\"]
+";
+
+/// Kills the agent (and the component it started) when dropped.
+struct AgentProcess(Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `VmRSS` and `VmHWM` (peak) of a process, in bytes.
+fn memory(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|kib| kib.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .with_context(|| format!("{name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// CPU time (user + system) of a process so far, in seconds.
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("a readable /proc stat line")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields.get(i).context("utime/stime")?.parse::<f64>()?)
+    };
+    // Clock ticks are 100 per second on Linux.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+async fn stage_status(hub: &BenchHub) -> anyhow::Result<serde_json::Value> {
+    hub.api(
+        reqwest::Method::GET,
+        "/projects/bench/stages/line/outpost-status",
+        None,
+    )
+    .await
+}
+
+async fn wait_for(
+    hub: &BenchHub,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        if check(&stage_status(hub).await?) {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            bail!("{what} did not happen within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let work = tempfile::tempdir()?;
+    let hub = BenchHub::start(&work.path().join("hub")).await?;
+    let created = hub
+        .api(
+            reqwest::Method::POST,
+            "/outposts",
+            Some(json!({"name": "edge"})),
+        )
+        .await?;
+    let command = created["join"]["command"]
+        .as_str()
+        .context("a join command")?
+        .to_owned();
+    hub.api(
+        reqwest::Method::POST,
+        "/projects",
+        Some(json!({"name": "bench"})),
+    )
+    .await?;
+    let uri = hub
+        .api(reqwest::Method::GET, "/outposts/edge/uri", None)
+        .await?["uri"]
+        .as_str()
+        .context("a URI")?
+        .to_owned();
+    hub.api(
+        reqwest::Method::POST,
+        "/projects/bench/stages",
+        Some(json!({"name": "line", "type": "prod", "outpost_uri": uri})),
+    )
+    .await?;
+
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let agent = AgentProcess(
+        Command::new(&settings.trellis)
+            .args(&words[1..])
+            .arg("--data")
+            .arg(work.path().join("agent"))
+            .arg("--no-containers")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting trellis agent join")?,
+    );
+    let pid = agent.0.id();
+    wait_for(&hub, "the agent linking", Duration::from_secs(60), |s| {
+        s["link"]["state"] == "online"
+    })
+    .await?;
+
+    // Idle: linked, one stage, nothing to do but heartbeats.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let cpu_before = cpu_seconds(pid)?;
+    let idle_started = Instant::now();
+    tokio::time::sleep(settings.idle).await;
+    let idle_cpu = (cpu_seconds(pid)? - cpu_before) / idle_started.elapsed().as_secs_f64();
+    let (idle_rss, _) = memory(pid)?;
+
+    // A deploy: a build of a process component, pushed and applied.
+    let project = work.path().join("project");
+    std::fs::create_dir_all(project.join("bin"))?;
+    std::fs::write(project.join("trellis.yaml"), MANIFEST)?;
+    std::fs::write(
+        project.join("bin/bridge.sh"),
+        "#!/bin/sh\necho up\nwhile [ -e \"$PWD/bridge.sh\" ]; do sleep 1; done\n",
+    )?;
+    setup::run(&project, "git", &["init", "-q", "-b", "main"])?;
+    setup::run(&project, "git", &["add", "-A"])?;
+    setup::run(
+        &project,
+        "git",
+        &[
+            "-c",
+            "user.name=bench",
+            "-c",
+            "user.email=bench@example.invalid",
+            "commit",
+            "-q",
+            "-m",
+            "bench",
+        ],
+    )?;
+    let config = work.path().join("config");
+    setup::trellis(
+        &settings.trellis,
+        &hub,
+        hub.addr,
+        &config,
+        &project,
+        &["push", "build", "-p", "bench"],
+    )?;
+    let cpu_before = cpu_seconds(pid)?;
+    let started = Instant::now();
+    hub.api(
+        reqwest::Method::POST,
+        "/projects/bench/stages/line/releases",
+        Some(json!({})),
+    )
+    .await?;
+    let mut peak = idle_rss;
+    loop {
+        peak = peak.max(memory(pid)?.0);
+        let status = stage_status(&hub).await?;
+        if status["sync"]["state"] == "in-sync" && status["sync"]["applied_release"] == 1 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("the release was not applied within 120 s: {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deploy_time = started.elapsed();
+    let deploy_cpu = cpu_seconds(pid)? - cpu_before;
+    let (_, hwm) = memory(pid)?;
+    drop(agent);
+
+    let size = std::fs::metadata(&settings.trellis)?.len();
+    let stripped = stripped_size(&settings.trellis, work.path());
+
+    println!(
+        "{:<40} {:>14}",
+        "agent (trellis agent join, process runtime)", ""
+    );
+    println!("{:<40} {:>14}", "idle RSS", setup::mib(idle_rss));
+    println!(
+        "{:<40} {:>13.2}%",
+        format!("idle CPU ({} s, one core = 100%)", settings.idle.as_secs()),
+        idle_cpu * 100.0
+    );
+    println!(
+        "{:<40} {:>14}",
+        "peak RSS while deploying",
+        setup::mib(peak.max(hwm))
+    );
+    println!(
+        "{:<40} {:>13.2}s",
+        "deploy: push to in-sync",
+        deploy_time.as_secs_f64()
+    );
+    println!("{:<40} {:>13.2}s", "deploy: agent CPU time", deploy_cpu);
+    println!("{:<40} {:>14}", "trellis binary", setup::mib(size));
+    match stripped {
+        Some(s) => println!("{:<40} {:>14}", "trellis binary, stripped", setup::mib(s)),
+        None => println!("{:<40} {:>14}", "trellis binary, stripped", "no strip(1)"),
+    }
+    Ok(())
+}
+
+/// The size of a stripped copy of the binary, if `strip` is installed.
+fn stripped_size(binary: &Path, scratch: &Path) -> Option<u64> {
+    let copy = scratch.join("trellis-stripped");
+    std::fs::copy(binary, &copy).ok()?;
+    let ok = Command::new("strip").arg(&copy).status().ok()?.success();
+    ok.then(|| std::fs::metadata(&copy).ok().map(|m| m.len()))
+        .flatten()
+}
