@@ -251,7 +251,11 @@ pub async fn run(
     };
     let reconciler = reconciler::Reconciler::new(runtime.clone(), reporter.clone())
         .with_observe_interval(observe_interval);
-    let state_in_use = Arc::downgrade(&state);
+    // A reference of our own, so that when the others are gone the last
+    // one is dropped here and the state file is closed before `run`
+    // returns (a weak reference would see the count reach zero while
+    // another thread is still closing the file).
+    let state_in_use = state.clone();
     let ctx = link::LinkContext {
         state,
         reporter,
@@ -289,9 +293,11 @@ pub async fn run(
     // this process) once they are done. Runtimes that keep supervising
     // components after the agent stops may hold it longer; not waited for.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-    while state_in_use.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+    while Arc::strong_count(&state_in_use) > 1 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
+    // Closing the file may write; not on an async worker.
+    let _ = tokio::task::spawn_blocking(move || drop(state_in_use)).await;
     result
 }
 

@@ -15,6 +15,9 @@ use crate::setup::{self, BenchHub};
 pub struct Settings {
     pub idle: Duration,
     pub trellis: std::path::PathBuf,
+    /// Extra environment for the agent process (`KEY=VALUE`), to compare
+    /// e.g. allocator or runtime settings in the same setup.
+    pub env: Vec<(String, String)>,
 }
 
 const MANIFEST: &str = "version: v1
@@ -132,6 +135,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .arg("--data")
             .arg(work.path().join("agent"))
             .arg("--no-containers")
+            .envs(settings.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -216,6 +220,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         "{:<40} {:>14}",
         "agent (trellis agent join, process runtime)", ""
     );
+    for (key, value) in &settings.env {
+        println!("{:<40} {:>14}", format!("  with {key}"), value);
+    }
     println!("{:<40} {:>14}", "idle RSS", setup::mib(idle_rss));
     println!(
         "{:<40} {:>13.2}%",

@@ -56,6 +56,9 @@ enum Bench {
         /// The `trellis` binary (default: next to this one).
         #[arg(long)]
         trellis: Option<PathBuf>,
+        /// Extra environment for the agent, KEY=VALUE (repeatable).
+        #[arg(long = "agent-env", value_parser = parse_env)]
+        env: Vec<(String, String)>,
     },
     /// Server time of the console's pages with many stages in the store
     /// (the hub's router and SQLite store, in process).
@@ -87,9 +90,14 @@ fn main() -> anyhow::Result<()> {
             trellis: setup::trellis_binary(trellis)?,
             work_dir,
         })),
-        Bench::Agent { idle_secs, trellis } => runtime.block_on(agent::run(agent::Settings {
+        Bench::Agent {
+            idle_secs,
+            trellis,
+            env,
+        } => runtime.block_on(agent::run(agent::Settings {
             idle: std::time::Duration::from_secs(idle_secs.max(1)),
             trellis: setup::trellis_binary(trellis)?,
+            env,
         })),
         Bench::Console {
             stages,
@@ -101,4 +109,10 @@ fn main() -> anyhow::Result<()> {
             runs: runs.max(1),
         })),
     }
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
 }
