@@ -40,6 +40,11 @@ impl Drop for AgentProcess {
 
 /// `VmRSS` and `VmHWM` (peak) of a process, in bytes.
 fn memory(pid: u32) -> anyhow::Result<(u64, u64)> {
+    Ok((status_field(pid, "VmRSS:")?, status_field(pid, "VmHWM:")?))
+}
+
+/// A memory figure of `/proc/<pid>/status`, in bytes.
+fn status_field(pid: u32, name: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| {
         status
@@ -50,7 +55,7 @@ fn memory(pid: u32) -> anyhow::Result<(u64, u64)> {
             .map(|kib| kib * 1024)
             .with_context(|| format!("{name} in /proc/{pid}/status"))
     };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
+    field(name)
 }
 
 /// CPU time (user + system) of a process so far, in seconds.
@@ -154,6 +159,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::time::sleep(settings.idle).await;
     let idle_cpu = (cpu_seconds(pid)? - cpu_before) / idle_started.elapsed().as_secs_f64();
     let (idle_rss, _) = memory(pid)?;
+    // Private memory, and pages of the binary and libraries (shared).
+    let idle_anon = status_field(pid, "RssAnon:")?;
+    let idle_file = status_field(pid, "RssFile:")?;
 
     // A deploy: a build of a process component, pushed and applied.
     let project = work.path().join("project");
@@ -224,6 +232,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         println!("{:<40} {:>14}", format!("  with {key}"), value);
     }
     println!("{:<40} {:>14}", "idle RSS", setup::mib(idle_rss));
+    println!(
+        "{:<40} {:>14}",
+        "  of it private (RssAnon)",
+        setup::mib(idle_anon)
+    );
+    println!(
+        "{:<40} {:>14}",
+        "  of it file pages (RssFile)",
+        setup::mib(idle_file)
+    );
     println!(
         "{:<40} {:>13.2}%",
         format!("idle CPU ({} s, one core = 100%)", settings.idle.as_secs()),
