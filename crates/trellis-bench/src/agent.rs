@@ -114,24 +114,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .as_str()
         .context("a join command")?
         .to_owned();
-    hub.api(
-        reqwest::Method::POST,
-        "/projects",
-        Some(json!({"name": "bench"})),
-    )
-    .await?;
-    let uri = hub
-        .api(reqwest::Method::GET, "/outposts/edge/uri", None)
-        .await?["uri"]
-        .as_str()
-        .context("a URI")?
-        .to_owned();
-    hub.api(
-        reqwest::Method::POST,
-        "/projects/bench/stages",
-        Some(json!({"name": "line", "type": "prod", "outpost_uri": uri})),
-    )
-    .await?;
+    hub.stage_on_outpost("edge").await?;
 
     let words: Vec<&str> = command.split_whitespace().collect();
     let agent = AgentProcess(

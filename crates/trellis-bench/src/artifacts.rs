@@ -96,24 +96,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let hub = BenchHub::start(&work.path().join("hub")).await?;
     let proxy = FaultProxy::start(hub.addr).await?;
     let agent = hub.joined_agent("edge", &work.path().join("agent")).await?;
-    hub.api(
-        reqwest::Method::POST,
-        "/projects",
-        Some(json!({"name": "bench"})),
-    )
-    .await?;
-    let uri = hub
-        .api(reqwest::Method::GET, "/outposts/edge/uri", None)
-        .await?["uri"]
-        .as_str()
-        .context("the outpost has a URI")?
-        .to_owned();
-    hub.api(
-        reqwest::Method::POST,
-        "/projects/bench/stages",
-        Some(json!({"name": "line", "type": "prod", "outpost_uri": uri})),
-    )
-    .await?;
+    hub.stage_on_outpost("edge").await?;
 
     // The project: two layers, 3/4 incompressible, 1/4 text.
     let project = work.path().join("project");

@@ -104,6 +104,34 @@ impl BenchHub {
         Ok(body)
     }
 
+    /// Project `bench` with stage `line` placed on `outpost` through its
+    /// Outpost URI, as a user would.
+    pub async fn stage_on_outpost(&self, outpost: &str) -> anyhow::Result<()> {
+        self.api(
+            reqwest::Method::POST,
+            "/projects",
+            Some(json!({"name": "bench"})),
+        )
+        .await?;
+        let uri = self
+            .api(
+                reqwest::Method::GET,
+                &format!("/outposts/{outpost}/uri"),
+                None,
+            )
+            .await?["uri"]
+            .as_str()
+            .context("the outpost has a URI")?
+            .to_owned();
+        self.api(
+            reqwest::Method::POST,
+            "/projects/bench/stages",
+            Some(json!({"name": "line", "type": "prod", "outpost_uri": uri})),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Registers outpost `name` and joins an agent to it in `dir`.
     pub async fn joined_agent(&self, name: &str, dir: &Path) -> anyhow::Result<Arc<AgentState>> {
         let created = self

@@ -14,7 +14,7 @@ use trellis_model::LOCAL_OUTPOST;
 
 use super::session::Signed;
 use super::stages::AgentView;
-use super::view::{Badge, when, when_ago};
+use super::view::{Badge, last_seen, rtt, when, when_ago};
 use super::{ConsoleError, Form, Page, render};
 use crate::api::types::{CreateOutpostRequest, JoinTokenRequest, JoinTokenResponse};
 use crate::auth::Caller;
@@ -79,9 +79,7 @@ async fn outposts_page(
         let stages = state.store().stages_on_outpost(&outpost.name).await?.len();
         rows.push(OutpostRow {
             link: Badge::of(link.state.as_str()),
-            last_seen: link
-                .last_seen
-                .map_or_else(|| "never".to_owned(), |t| when_ago(t, now)),
+            last_seen: last_seen(link.last_seen, now),
             labels: labels_text(&outpost.labels),
             stages: match outpost.max_stages {
                 Some(max) => format!("{stages} of {max}"),
@@ -232,12 +230,8 @@ async fn outpost_page(
         revoked: outpost.revoked_at.map(when),
         link: Badge::of(link.state.as_str()),
         link_since: when_ago(link.since, now),
-        last_seen: link
-            .last_seen
-            .map_or_else(|| "never".to_owned(), |t| when_ago(t, now)),
-        rtt: link
-            .rtt_ms
-            .map_or_else(|| "—".to_owned(), |ms| format!("{ms} ms")),
+        last_seen: last_seen(link.last_seen, now),
+        rtt: rtt(link.rtt_ms),
         last_disconnect: link.last_disconnect,
         agent: stored
             .agent

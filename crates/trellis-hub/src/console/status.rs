@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::session::Signed;
-use super::view::{Badge, ago, bytes, sync_badge, when, when_ago};
+use super::view::{Badge, ago, bytes, last_seen, rtt, sync_badge, when, when_ago};
 use super::{ConsoleError, Page, render};
 use crate::extract::Path;
 use crate::link::status::{StageStatus, compute};
@@ -74,12 +74,8 @@ pub fn status_view(s: StageStatus, now: DateTime<Utc>) -> StatusView {
         outpost: s.outpost,
         link: Badge::of(link.state.as_str()),
         link_since: when_ago(link.since, now),
-        last_seen: link
-            .last_seen
-            .map_or_else(|| "never".to_owned(), |t| when_ago(t, now)),
-        rtt: link
-            .rtt_ms
-            .map_or_else(|| "—".to_owned(), |ms| format!("{ms} ms")),
+        last_seen: last_seen(link.last_seen, now),
+        rtt: rtt(link.rtt_ms),
         agent_version: link.agent_version.unwrap_or_else(|| "unknown".to_owned()),
         last_disconnect: link.last_disconnect,
         attention: link.attention,

@@ -73,6 +73,16 @@ pub fn when_ago(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
     format!("{} ({})", when(t), ago(t, now))
 }
 
+/// When an outpost was last heard from, or `never`.
+pub fn last_seen(t: Option<DateTime<Utc>>, now: DateTime<Utc>) -> String {
+    t.map_or_else(|| "never".to_owned(), |t| when_ago(t, now))
+}
+
+/// A link's round-trip time, or a dash before the first one is measured.
+pub fn rtt(ms: Option<u64>) -> String {
+    ms.map_or_else(|| "—".to_owned(), |ms| format!("{ms} ms"))
+}
+
 /// Whether `next` is a path on this hub that is safe to send a browser to
 /// after signing in (no other host, no scheme).
 pub fn is_local_path(next: &str) -> bool {
