@@ -155,21 +155,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         "#!/bin/sh\necho up\nwhile [ -e \"$PWD/bridge.sh\" ]; do sleep 1; done\n",
     )?;
     setup::run(&project, "git", &["init", "-q", "-b", "main"])?;
-    setup::run(&project, "git", &["add", "-A"])?;
-    setup::run(
-        &project,
-        "git",
-        &[
-            "-c",
-            "user.name=bench",
-            "-c",
-            "user.email=bench@example.invalid",
-            "commit",
-            "-q",
-            "-m",
-            "bench",
-        ],
-    )?;
+    setup::commit(&project, "bench")?;
     let config = work.path().join("config");
     setup::trellis(
         &settings.trellis,

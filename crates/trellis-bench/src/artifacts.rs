@@ -111,7 +111,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     std::fs::write(project.join("Dockerfile"), DOCKERFILE)?;
     std::fs::write(project.join("trellis.yaml"), MANIFEST)?;
     setup::run(&project, "git", &["init", "-q", "-b", "main"])?;
-    commit(&project, "first")?;
+    setup::commit(&project, "first")?;
 
     eprintln!("pushing the first build…");
     let first = push(&settings, &hub, &proxy, work.path(), &project).await?;
@@ -163,7 +163,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     big[at..at + edit].copy_from_slice(&noise("the edit", edit));
     std::fs::write(project.join("big.bin"), &big)?;
     drop(big);
-    commit(&project, "change 1% of the big layer")?;
+    setup::commit(&project, "change 1% of the big layer")?;
     eprintln!("pushing the second build…");
     let second = push(&settings, &hub, &proxy, work.path(), &project).await?;
     release(&hub, &second.build).await?;
@@ -227,25 +227,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .output();
     }
     proxy.shutdown().await;
-    Ok(())
-}
-
-fn commit(project: &Path, message: &str) -> anyhow::Result<()> {
-    setup::run(project, "git", &["add", "-A"])?;
-    setup::run(
-        project,
-        "git",
-        &[
-            "-c",
-            "user.name=bench",
-            "-c",
-            "user.email=bench@example.invalid",
-            "commit",
-            "-q",
-            "-m",
-            message,
-        ],
-    )?;
     Ok(())
 }
 

@@ -214,6 +214,26 @@ pub fn run(dir: &Path, program: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// Commits everything in `project` (a git work tree) as the benchmark.
+pub fn commit(project: &Path, message: &str) -> anyhow::Result<()> {
+    run(project, "git", &["add", "-A"])?;
+    run(
+        project,
+        "git",
+        &[
+            "-c",
+            "user.name=bench",
+            "-c",
+            "user.email=bench@example.invalid",
+            "commit",
+            "-q",
+            "-m",
+            message,
+        ],
+    )?;
+    Ok(())
+}
+
 /// The median of some durations, in seconds.
 pub fn median(mut secs: Vec<f64>) -> f64 {
     secs.sort_by(f64::total_cmp);
