@@ -61,6 +61,9 @@ impl<S> WsLink<S> {
 /// be, so a hostile peer cannot make the agent buffer more.
 pub fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
+        .read_buffer_size(trellis_link::LINK_READ_BUFFER_BYTES)
+        // Frames are sent and flushed one by one; nothing to gather.
+        .write_buffer_size(0)
         .max_message_size(Some(MAX_FRAME_BYTES))
         .max_frame_size(Some(MAX_FRAME_BYTES))
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::json;
 
-use crate::setup::{self, BenchHub};
+use crate::report::Report;
+use crate::setup::{self, BenchHub, status_field};
 
 pub struct Settings {
     pub idle: Duration,
@@ -18,6 +19,7 @@ pub struct Settings {
     /// Extra environment for the agent process (`KEY=VALUE`), to compare
     /// e.g. allocator or runtime settings in the same setup.
     pub env: Vec<(String, String)>,
+    pub json: Option<std::path::PathBuf>,
 }
 
 const MANIFEST: &str = "version: v1
@@ -43,34 +45,9 @@ fn memory(pid: u32) -> anyhow::Result<(u64, u64)> {
     Ok((status_field(pid, "VmRSS:")?, status_field(pid, "VmHWM:")?))
 }
 
-/// A memory figure of `/proc/<pid>/status`, in bytes.
-fn status_field(pid: u32, name: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|kib| kib.parse::<u64>().ok())
-            .map(|kib| kib * 1024)
-            .with_context(|| format!("{name} in /proc/{pid}/status"))
-    };
-    field(name)
-}
-
 /// CPU time (user + system) of a process so far, in seconds.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("a readable /proc stat line")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> anyhow::Result<f64> {
-        Ok(fields.get(i).context("utime/stime")?.parse::<f64>()?)
-    };
-    // Clock ticks are 100 per second on Linux.
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
+    Ok(setup::cpu_seconds_in(&format!("/proc/{pid}/stat")))
 }
 
 async fn stage_status(hub: &BenchHub) -> anyhow::Result<serde_json::Value> {
@@ -193,45 +170,37 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let size = std::fs::metadata(&settings.trellis)?.len();
     let stripped = stripped_size(&settings.trellis, work.path());
 
-    println!(
-        "{:<40} {:>14}",
-        "agent (trellis agent join, process runtime)", ""
+    const MIB: f64 = (1 << 20) as f64;
+    let mut report = Report::new(
+        "agent",
+        json!({
+            "agent": "trellis agent join --no-containers (process runtime)",
+            "idle_secs": settings.idle.as_secs(),
+            "env": settings.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        }),
     );
-    for (key, value) in &settings.env {
-        println!("{:<40} {:>14}", format!("  with {key}"), value);
-    }
-    println!("{:<40} {:>14}", "idle RSS", setup::mib(idle_rss));
-    println!(
-        "{:<40} {:>14}",
-        "  of it private (RssAnon)",
-        setup::mib(idle_anon)
-    );
-    println!(
-        "{:<40} {:>14}",
+    report.at_most("idle RSS", idle_rss as f64 / MIB, "MiB", 15.0);
+    report.add("  of it private (RssAnon)", idle_anon as f64 / MIB, "MiB");
+    report.add(
         "  of it file pages (RssFile)",
-        setup::mib(idle_file)
+        idle_file as f64 / MIB,
+        "MiB",
     );
-    println!(
-        "{:<40} {:>13.2}%",
-        format!("idle CPU ({} s, one core = 100%)", settings.idle.as_secs()),
-        idle_cpu * 100.0
-    );
-    println!(
-        "{:<40} {:>14}",
+    report.at_most("idle CPU", idle_cpu * 100.0, "% of a core", 0.5);
+    report.add(
         "peak RSS while deploying",
-        setup::mib(peak.max(hwm))
+        peak.max(hwm) as f64 / MIB,
+        "MiB",
     );
-    println!(
-        "{:<40} {:>13.2}s",
-        "deploy: push to in-sync",
-        deploy_time.as_secs_f64()
-    );
-    println!("{:<40} {:>13.2}s", "deploy: agent CPU time", deploy_cpu);
-    println!("{:<40} {:>14}", "trellis binary", setup::mib(size));
+    report.add("deploy: push to in-sync", deploy_time.as_secs_f64(), "s");
+    report.add("deploy: agent CPU time", deploy_cpu, "s");
+    report.add("trellis binary", size as f64 / 1e6, "MB");
     match stripped {
-        Some(s) => println!("{:<40} {:>14}", "trellis binary, stripped", setup::mib(s)),
-        None => println!("{:<40} {:>14}", "trellis binary, stripped", "no strip(1)"),
+        Some(s) => report.at_most("trellis binary, stripped", s as f64 / 1e6, "MB", 15.0),
+        None => report.note("strip(1) is not installed: no stripped size"),
     }
+    report.note("the agent ships in the one `trellis` binary, which holds the hub and the CLI too");
+    report.finish(settings.json.as_deref())?;
     Ok(())
 }
 

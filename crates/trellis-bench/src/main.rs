@@ -9,7 +9,13 @@
 
 mod agent;
 mod artifacts;
+mod baseline;
+mod catchup;
+mod chaos;
 mod console;
+mod fleet;
+mod report;
+mod scale;
 mod setup;
 
 use std::path::PathBuf;
@@ -31,7 +37,8 @@ enum Bench {
     /// Bytes moved by a second push and a second delivery of an image
     /// with 1% of one layer changed, and the time of a full first delivery
     /// against a plain HTTPS download of the same artifact from the same
-    /// hub.
+    /// hub. (Also `delta`.)
+    #[command(alias = "delta")]
     Artifacts {
         /// Size of the generated image in MiB.
         #[arg(long, default_value_t = 200)]
@@ -59,6 +66,10 @@ enum Bench {
         /// Extra environment for the agent, KEY=VALUE (repeatable).
         #[arg(long = "agent-env", value_parser = parse_env)]
         env: Vec<(String, String)>,
+        /// Where to write the results as JSON (default:
+        /// target/bench/agent.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Server time of the console's pages with many stages in the store
     /// (the hub's router and SQLite store, in process).
@@ -73,12 +84,197 @@ enum Bench {
         #[arg(long, default_value_t = 30)]
         runs: usize,
     },
+    /// Outposts linked and idle: hub memory per outpost against a bare
+    /// TLS server holding the same connections, idle bytes per outpost,
+    /// hub CPU.
+    Connect {
+        #[arg(long, default_value_t = 15_000)]
+        outposts: usize,
+        /// How long to measure the idle fleet, in seconds (the heartbeat
+        /// is 25 s).
+        #[arg(long, default_value_t = 100)]
+        idle_secs: u64,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
+    /// A release pushed to many outpost stages: time until each reports it
+    /// applied, against one message sent over as many bare TLS connections.
+    Fanout {
+        #[arg(long, default_value_t = 1000)]
+        stages: usize,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
+    /// The hub killed with SIGKILL and restarted under a linked fleet:
+    /// time until 99% and all are back, peak memory, handshakes in flight.
+    Storm {
+        #[arg(long, default_value_t = 15_000)]
+        outposts: usize,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
+    /// Link cut, release pushed, link restored: time from link-up to
+    /// in-sync.
+    Catchup {
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        /// Where to write the results as JSON (default:
+        /// target/bench/catchup.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The fault campaign with real processes: a hub and agent processes
+    /// behind fault proxies, releases pushed while links flap and agents
+    /// and the hub are killed with SIGKILL; then checks that every stage
+    /// converged and nothing acknowledged was lost. Exits non-zero on a
+    /// violation.
+    Chaos {
+        #[arg(long, default_value_t = 10)]
+        outposts: usize,
+        #[arg(long, default_value_t = 60)]
+        releases: usize,
+        #[arg(long, default_value_t = 120)]
+        flaps: usize,
+        #[arg(long, default_value_t = 12)]
+        agent_kills: usize,
+        #[arg(long, default_value_t = 6)]
+        hub_kills: usize,
+        /// Seed of the schedule (default: from the clock, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// The `trellis` binary (default: next to this one).
+        #[arg(long)]
+        trellis: Option<PathBuf>,
+        /// Where to write the results as JSON (default:
+        /// target/bench/chaos.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Runs fleet outposts `from..to` until stdin closes (started by the
+    /// fleet scenarios).
+    #[command(hide = true)]
+    FleetWorker {
+        #[arg(long)]
+        agents_dir: PathBuf,
+        #[arg(long)]
+        from: usize,
+        #[arg(long)]
+        to: usize,
+        /// Hold bare TLS connections to the baseline server on this port
+        /// instead of running agents.
+        #[arg(long)]
+        tls_baseline: Option<u16>,
+    },
+    /// The bare TLS server the fleet scenarios compare with (started by
+    /// them).
+    #[command(hide = true)]
+    TlsBaseline {
+        #[arg(long)]
+        hub_data: PathBuf,
+    },
+}
+
+/// Where the fleet lives and how its hub runs.
+#[derive(clap::Args)]
+struct FleetArgs {
+    /// The `trellis` binary (default: next to this one).
+    #[arg(long)]
+    trellis: Option<PathBuf>,
+    /// The hub's data and the fleet record; kept between runs so a fleet
+    /// joined once is reused (default: $TMPDIR/trellis-bench-fleet).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// The agents' data directories (default: /dev/shm/trellis-bench-fleet-agents).
+    #[arg(long)]
+    agents_dir: Option<PathBuf>,
+    /// An extra `trellis hub` argument (repeatable), e.g.
+    /// `--hub-arg=--admissions-per-sec --hub-arg=400`.
+    #[arg(long = "hub-arg", allow_hyphen_values = true)]
+    hub_args: Vec<String>,
+    /// Where to write the results as JSON (default:
+    /// target/bench/<scenario>.json).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+impl FleetArgs {
+    fn common(self) -> anyhow::Result<scale::Common> {
+        Ok(scale::Common {
+            trellis: setup::trellis_binary(self.trellis)?,
+            dirs: fleet::FleetDirs::new(self.work_dir, self.agents_dir),
+            json: self.json,
+            hub_args: self.hub_args,
+        })
+    }
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The child processes build their own runtimes.
+    match args.bench {
+        Bench::FleetWorker {
+            agents_dir,
+            from,
+            to,
+            tls_baseline,
+        } => return fleet::run_worker(&agents_dir, from, to, tls_baseline),
+        Bench::TlsBaseline { hub_data } => return baseline::serve(&hub_data),
+        _ => {}
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     match args.bench {
+        Bench::FleetWorker { .. } | Bench::TlsBaseline { .. } => unreachable!("handled above"),
+        Bench::Connect {
+            outposts,
+            idle_secs,
+            fleet,
+        } => runtime.block_on(scale::connect(
+            fleet.common()?,
+            scale::ConnectSettings {
+                outposts: outposts.max(1),
+                idle: std::time::Duration::from_secs(idle_secs.max(1)),
+            },
+        )),
+        Bench::Fanout { stages, fleet } => runtime.block_on(scale::fanout(
+            fleet.common()?,
+            scale::FanoutSettings {
+                stages: stages.max(1),
+            },
+        )),
+        Bench::Storm { outposts, fleet } => runtime.block_on(scale::storm(
+            fleet.common()?,
+            scale::StormSettings {
+                outposts: outposts.max(1),
+            },
+        )),
+        Bench::Chaos {
+            outposts,
+            releases,
+            flaps,
+            agent_kills,
+            hub_kills,
+            seed,
+            trellis,
+            json,
+        } => runtime.block_on(chaos::run(chaos::Settings {
+            outposts: outposts.max(1),
+            releases,
+            flaps,
+            agent_kills,
+            hub_kills,
+            seed: seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+            }),
+            trellis: setup::trellis_binary(trellis)?,
+            json,
+        })),
+        Bench::Catchup { runs, json } => runtime.block_on(catchup::run(catchup::Settings {
+            runs: runs.max(1),
+            json,
+        })),
         Bench::Artifacts {
             size_mib,
             runs,
@@ -94,10 +290,12 @@ fn main() -> anyhow::Result<()> {
             idle_secs,
             trellis,
             env,
+            json,
         } => runtime.block_on(agent::run(agent::Settings {
             idle: std::time::Duration::from_secs(idle_secs.max(1)),
             trellis: setup::trellis_binary(trellis)?,
             env,
+            json,
         })),
         Bench::Console {
             stages,

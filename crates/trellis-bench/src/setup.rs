@@ -179,23 +179,44 @@ pub fn trellis(
     dir: &Path,
     args: &[&str],
 ) -> anyhow::Result<Output> {
-    let output = Command::new(binary)
-        .current_dir(dir)
-        .args(args)
-        .env("TRELLIS_ENDPOINT", format!("https://{endpoint}"))
-        .env("TRELLIS_KEY", &hub.admin)
-        .env("TRELLIS_CA_CERT", hub.ca_path())
-        .env("TRELLIS_CONFIG_DIR", config)
-        .output()
-        .with_context(|| format!("running {}", binary.display()))?;
-    if !output.status.success() {
-        bail!(
-            "trellis {args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+    let client = Client {
+        endpoint: format!("https://{endpoint}"),
+        key: hub.admin.clone(),
+        ca: hub.ca_path(),
+        config: config.to_path_buf(),
+    };
+    client.run(binary, dir, args)
+}
+
+/// How the `trellis` CLI reaches a hub.
+pub struct Client {
+    pub endpoint: String,
+    pub key: String,
+    pub ca: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Client {
+    /// Runs `trellis ARGS` in `dir`; fails with its output unless it succeeds.
+    pub fn run(&self, binary: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<Output> {
+        let output = Command::new(binary)
+            .current_dir(dir)
+            .args(args)
+            .env("TRELLIS_ENDPOINT", &self.endpoint)
+            .env("TRELLIS_KEY", &self.key)
+            .env("TRELLIS_CA_CERT", &self.ca)
+            .env("TRELLIS_CONFIG_DIR", &self.config)
+            .output()
+            .with_context(|| format!("running {}", binary.display()))?;
+        if !output.status.success() {
+            bail!(
+                "trellis {args:?} failed:\n{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(output)
     }
-    Ok(output)
 }
 
 /// Runs a command and fails with its output unless it succeeds.
@@ -252,7 +273,12 @@ pub fn mib(bytes: u64) -> String {
 
 /// CPU time (user + system) this process has used so far, in seconds.
 pub fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+    cpu_seconds_in("/proc/self/stat")
+}
+
+/// CPU time (user + system) of the process whose `stat` file is `path`.
+pub fn cpu_seconds_in(path: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return 0.0;
     };
     // Fields after the command name (which is in parentheses and may hold
@@ -269,4 +295,16 @@ pub fn cpu_seconds() -> f64 {
     };
     // Clock ticks are 100 per second on Linux.
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A memory figure of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`, …), in bytes.
+pub fn status_field(pid: u32, name: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .with_context(|| format!("{name} in /proc/{pid}/status"))
 }

@@ -525,3 +525,70 @@ async fn the_status_shows_how_far_a_delivery_has_come_until_the_revision_is_appl
     assert_eq!(body["sync"]["state"], "in-sync", "{body}");
     assert!(body["sync"]["delivery"].is_null(), "{body}");
 }
+
+#[tokio::test]
+async fn the_project_overview_shows_every_stage_sync_in_one_call() {
+    let hub = start().await;
+    setup(&hub).await;
+    // A second stage, on the hub's own outpost, never released.
+    let (s, b) = hub
+        .call(
+            Some(&hub.admin),
+            M::POST,
+            "/projects/shop/stages",
+            Some(json!({"name": "lab", "type": "test"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let revision = push(&hub).await;
+    let overview = || async {
+        let (s, body) = hub
+            .call(
+                Some(&hub.admin),
+                M::GET,
+                "/projects/shop/outpost-status",
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        let rows = body.as_array().unwrap().clone();
+        assert_eq!(rows.len(), 2, "{body}");
+        let line3 = rows.iter().find(|r| r["stage"] == "line3").unwrap().clone();
+        let lab = rows.iter().find(|r| r["stage"] == "lab").unwrap().clone();
+        (line3, lab)
+    };
+    // Pushed while the outpost has never linked: not in sync, not connected.
+    let (line3, lab) = overview().await;
+    assert_eq!(line3["outpost"], "edge");
+    assert_eq!(line3["connected"], false);
+    assert_eq!(line3["sync"], "linking", "{line3}");
+    assert_eq!(line3["desired_revision"], revision);
+    assert_eq!(line3["applied_revision"], 0);
+    assert_eq!(line3["latest_release"], 1);
+    assert!(line3["applied_release"].is_null(), "{line3}");
+    assert_eq!(lab["outpost"], "local");
+    assert_eq!(lab["desired_revision"], 0);
+
+    // The agent links, takes the release and reports it applied.
+    let mut agent = Agent::connect(&hub, &[]).await;
+    let (got, _) = agent.desired().await;
+    assert_eq!(got, revision);
+    agent.report(1, revision, vec![]).await;
+    let (line3, _) = overview().await;
+    assert_eq!(line3["connected"], true, "{line3}");
+    assert_eq!(line3["sync"], "in-sync", "{line3}");
+    assert_eq!(line3["applied_revision"], revision);
+    assert_eq!(line3["applied_release"], 1, "{line3}");
+
+    // Members of other projects see nothing of it.
+    let outsider = hub.user("outsider").await;
+    let (s, _) = hub
+        .call(
+            Some(&outsider),
+            M::GET,
+            "/projects/shop/outpost-status",
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}

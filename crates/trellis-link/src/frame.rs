@@ -15,6 +15,12 @@ use crate::protocol::{Envelope, MESSAGE_TYPES, PROTOCOL_VERSION};
 /// memory a misbehaving peer can make the other side allocate.
 pub const MAX_FRAME_BYTES: usize = 4 << 20;
 
+/// The WebSocket read buffer of a link, on both sides. tungstenite's
+/// default (128 KiB) is zero-filled on every read, so each idle link would
+/// keep 128 KiB resident at each end; links carry small frames, and a
+/// larger one only grows the buffer while it is read.
+pub const LINK_READ_BUFFER_BYTES: usize = 8 << 10;
+
 /// Errors are kept short: the message of a serde error can quote input, so
 /// reasons are cut to this many bytes.
 const MAX_REASON_LEN: usize = 300;
@@ -144,10 +150,29 @@ fn classify(text: &str, err: serde_json::Error) -> FrameError {
         && !MESSAGE_TYPES.contains(&kind)
     {
         return FrameError::UnknownMessageType {
-            type_name: truncate(kind.to_owned()),
+            type_name: truncate_quoted(kind),
         };
     }
     FrameError::malformed(err)
+}
+
+/// Cuts a text that an error shows with `{:?}` (the unknown type name) so
+/// that its *escaped* form fits in [`MAX_REASON_LEN`]: escaping can make a
+/// text several times longer (`\u{7f}` is six bytes for one), so cutting
+/// the raw text to the limit is not enough. Each character counts as long
+/// as `char::escape_debug` writes it, which is never shorter than what
+/// `Debug` for `str` writes.
+fn truncate_quoted(s: &str) -> String {
+    let mut escaped = 0;
+    for (i, c) in s.char_indices() {
+        escaped += c.escape_debug().len();
+        if escaped > MAX_REASON_LEN {
+            let mut cut = s[..i].to_owned();
+            cut.push('…');
+            return cut;
+        }
+    }
+    s.to_owned()
 }
 
 fn truncate(mut s: String) -> String {

@@ -32,6 +32,6 @@ pub mod io;
 pub mod mem;
 pub mod protocol;
 
-pub use frame::{FrameError, MAX_FRAME_BYTES, decode, encode};
+pub use frame::{FrameError, LINK_READ_BUFFER_BYTES, MAX_FRAME_BYTES, decode, encode};
 pub use io::{Incoming, LinkIo, LinkIoError};
 pub use protocol::{Envelope, Message, PROTOCOL_VERSION};

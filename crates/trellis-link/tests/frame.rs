@@ -277,6 +277,44 @@ fn unknown_message_types_are_reported_as_such() {
     assert_eq!(err.code(), "unknown-message-type");
 }
 
+/// Found by the `link_frame` fuzz target (the frame is in
+/// `fuzz/seeds/link_frame/`): the unknown type name was cut to 300 bytes,
+/// but the message shows it with `{:?}`, which writes each DEL (0x7f) as the
+/// six bytes `\u{7f}`. This 237-byte frame made a message of over 1 KB, and
+/// a 300-byte name one of about 2 KB.
+#[test]
+fn unknown_type_names_are_cut_after_escaping() {
+    let del = |n: usize| "\u{7f}".repeat(n);
+    let found = format!(
+        r#"{{"v":1,"seq":3,"msg":{{"type":"sta{}a{}type{}tus","ports":[{{"project":"shop","lied_reback_to":6}}]}}}}"#,
+        del(81),
+        del(30),
+        del(34)
+    );
+    assert_eq!(found.len(), 237);
+    let frame = |name: &str| format!(r#"{{"v":1,"seq":1,"msg":{{"type":"{name}"}}}}"#);
+    let cases = [
+        found,
+        frame(&del(1000)),
+        // JSON escapes that decode to characters `Debug` escapes again.
+        frame(&"\\u0001".repeat(1000)),
+        frame(&"\\\"".repeat(1000)),
+        frame(&"\u{200b}".repeat(1000)),
+        frame(&"\u{e0001}".repeat(1000)),
+        frame(&"x".repeat(10_000)),
+    ];
+    for frame in cases {
+        let err = decode(frame.as_bytes()).unwrap_err();
+        assert_eq!(err.code(), "unknown-message-type");
+        let FrameError::UnknownMessageType { type_name } = &err else {
+            unreachable!()
+        };
+        assert!(type_name.ends_with('…'), "{type_name:?}");
+        let message = err.to_string();
+        assert!(message.len() < 1000, "{} bytes: {message}", message.len());
+    }
+}
+
 #[test]
 fn hostile_frames_are_errors_not_panics() {
     let deep_array = "[".repeat(100_000);

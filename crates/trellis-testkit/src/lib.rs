@@ -7,6 +7,9 @@
 //!   static busybox — no registry needed.
 //! - [`browser`]: headless Chromium driven over WebDriver (chromedriver),
 //!   for the console's tests.
+//! - [`procs`]: sweeping up the stage processes agents started, which
+//!   outlive their agent by design.
 
 pub mod browser;
 pub mod podman;
+pub mod procs;

@@ -88,6 +88,7 @@ pub fn router(state: AppState) -> axum::Router {
         .routes(routes!(crate::link::artifacts::chunk))
         .routes(routes!(crate::link::artifacts::artifact_content))
         .routes(routes!(crate::link::status::stage_status))
+        .routes(routes!(crate::link::status::project_status))
         .routes(routes!(builds::list_builds, builds::create_build))
         .routes(routes!(builds::get_build, builds::delete_build))
         .routes(routes!(chunks::missing_chunks))

@@ -101,8 +101,9 @@ pub async fn link(
         }
     };
     if let Err(wait) = state.links().admit() {
-        // Whole seconds, at least one, so agents spread their retries.
-        let secs = wait.as_secs().max(1);
+        // Whole seconds, rounded up so the agent does not come back before
+        // its slot (and at least one).
+        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
         let mut response = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "busy",
@@ -116,6 +117,9 @@ pub async fn link(
         return response;
     }
     upgrade
+        .read_buffer_size(trellis_link::LINK_READ_BUFFER_BYTES)
+        // Frames are sent and flushed one by one; nothing to gather.
+        .write_buffer_size(0)
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| super::session::run(Box::new(AxumLink(socket)), peer, state))

@@ -381,13 +381,27 @@ impl Live {
     }
 }
 
-/// A token bucket: `rate` tokens per second, bursts up to `rate`.
+/// Admission of new links: a token bucket (`rate` per second, bursts up to
+/// `rate`) that gives every refused link a **slot** of its own, one
+/// `1/rate` after the last slot given out, and tells it to come back then.
+///
+/// Telling every refused agent "retry in a second" would bring the whole
+/// queue back every second, each retry costing a TLS handshake at both
+/// ends: 15,000 agents after a hub restart would spend the hub's CPU on
+/// refusals. With slots, agents return at about the rate they can be
+/// admitted, and each is refused about once.
 #[derive(Debug)]
 struct TokenBucket {
     rate: f64,
     tokens: f64,
     last: Option<Instant>,
+    /// The end of the queue of slots handed to refused links.
+    queue_end: Option<Instant>,
 }
+
+/// No refused link is told to wait longer than this; beyond it the queue
+/// is far longer than any restart should make it.
+const MAX_ADMISSION_WAIT: Duration = Duration::from_secs(600);
 
 impl TokenBucket {
     fn new(rate: u32) -> Self {
@@ -395,6 +409,7 @@ impl TokenBucket {
             rate: f64::from(rate),
             tokens: f64::from(rate),
             last: None,
+            queue_end: None,
         }
     }
 
@@ -406,10 +421,16 @@ impl TokenBucket {
         self.last = Some(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+            return Ok(());
         }
+        let interval = Duration::from_secs_f64(1.0 / self.rate);
+        let first_free = now + Duration::from_secs_f64((1.0 - self.tokens) / self.rate);
+        let slot = self
+            .queue_end
+            .map_or(first_free, |end| (end + interval).max(first_free))
+            .min(now + MAX_ADMISSION_WAIT);
+        self.queue_end = Some(slot);
+        Err(slot - now)
     }
 }
 
@@ -430,6 +451,40 @@ mod tests {
             "{wait:?}"
         );
         assert!(bucket.take(t0 + Duration::from_millis(100)).is_ok());
+    }
+
+    #[test]
+    fn refused_links_get_slots_spread_at_the_admission_rate() {
+        let mut bucket = TokenBucket::new(100);
+        let t0 = Instant::now();
+        for _ in 0..100 {
+            assert!(bucket.take(t0).is_ok());
+        }
+        // 1,000 more at once: each told a later time, 10 ms apart, so they
+        // come back at the rate they can be admitted.
+        let waits: Vec<Duration> = (0..1000).map(|_| bucket.take(t0).unwrap_err()).collect();
+        for pair in waits.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= Duration::from_micros(9_999) && gap <= Duration::from_micros(10_001),
+                "{gap:?}"
+            );
+        }
+        assert!(waits[999] >= Duration::from_secs(9), "{:?}", waits[999]);
+        // Returning at its slot, a link finds a token.
+        let mut admitted = 0;
+        for wait in waits.iter().take(200) {
+            if bucket.take(t0 + *wait).is_ok() {
+                admitted += 1;
+            }
+        }
+        assert!(admitted >= 199, "{admitted} of 200 admitted at their slots");
+        // Nobody is sent away for longer than the cap.
+        let mut flood = TokenBucket::new(1);
+        let t1 = Instant::now();
+        let _ = flood.take(t1);
+        let longest = (0..2000).map(|_| flood.take(t1).unwrap_err()).max().unwrap();
+        assert!(longest <= MAX_ADMISSION_WAIT, "{longest:?}");
     }
 
     #[test]

@@ -302,3 +302,62 @@ mod tests {
         }
     }
 }
+
+/// One stage in a project's status overview.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct StageSyncSummary {
+    pub stage: String,
+    pub outpost: String,
+    /// Whether the outpost has a live link right now.
+    pub connected: bool,
+    /// As in [`SyncView::state`]: `in-sync` only for what the agent
+    /// confirmed (for an outpost that is not connected, the last state it
+    /// confirmed).
+    pub sync: SyncState,
+    pub desired_revision: u64,
+    pub delivered_revision: u64,
+    pub applied_revision: u64,
+    pub latest_release: Option<u64>,
+    pub applied_release: Option<u64>,
+}
+
+/// How far every stage of a project has synced, in one call: what a
+/// dashboard (or a fleet-wide rollout watcher) polls instead of asking
+/// stage by stage. Components and errors are in each stage's
+/// `outpost-status`.
+#[utoipa::path(get, path = "/projects/{project}/outpost-status", tag = "stages",
+    responses((status = 200, body = Vec<StageSyncSummary>)))]
+pub async fn project_status(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(project): Path<String>,
+) -> ApiResult<Json<Vec<StageSyncSummary>>> {
+    caller.role_in(&state, &project).await?;
+    let summaries = state.store().list_stage_summaries(&project).await?;
+    let links = state.links();
+    Ok(Json(
+        summaries
+            .into_iter()
+            .map(|s| {
+                let connected = links.is_connected(&s.stage.outpost);
+                StageSyncSummary {
+                    sync: stage_sync_state(
+                        &s.stage,
+                        s.delivered_revision,
+                        s.applied_revision,
+                        s.report_state.as_deref(),
+                        connected,
+                    ),
+                    connected,
+                    desired_revision: s.stage.desired_revision,
+                    delivered_revision: s.delivered_revision,
+                    applied_revision: s.applied_revision,
+                    latest_release: s.stage.latest_release,
+                    applied_release: s.applied_release,
+                    stage: s.stage.name,
+                    outpost: s.stage.outpost,
+                }
+            })
+            .collect(),
+    ))
+}

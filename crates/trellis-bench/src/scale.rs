@@ -1,0 +1,543 @@
+//! The fleet scenarios: `connect` (what idle outposts cost the hub),
+//! `fanout` (how fast a release reaches many stages) and `storm` (how a
+//! fleet comes back after the hub is killed). Each runs its baseline in the
+//! same run: a bare TLS server holding the same number of connections from
+//! the same outposts' certificates.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+
+use crate::fleet::{
+    self, FleetDirs, HubChild, LineChild, WorkerMode, Workers, cpu_seconds_of, rss, socket_bytes,
+};
+use crate::report::{Report, percentile};
+
+/// What every fleet scenario is given.
+pub struct Common {
+    pub trellis: PathBuf,
+    pub dirs: FleetDirs,
+    pub json: Option<PathBuf>,
+    /// Extra `trellis hub` arguments (e.g. `--admissions-per-sec 400`).
+    pub hub_args: Vec<String>,
+}
+
+const KIB: f64 = 1024.0;
+
+/// Waits for a hub that was just (re)started to settle before its memory
+/// is read as the zero point.
+const SETTLE: Duration = Duration::from_secs(5);
+
+// === the bare-TLS baseline ===
+
+struct Baseline {
+    server: LineChild,
+    workers: Workers,
+    rss_empty: u64,
+    rss_held: u64,
+}
+
+impl Baseline {
+    /// The baseline server holding one connection per outpost `0..n`.
+    fn start(common: &Common, n: usize) -> anyhow::Result<Baseline> {
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .arg("tls-baseline")
+            .arg("--hub-data")
+            .arg(&common.dirs.hub);
+        let mut server = LineChild::spawn(command)?;
+        let port: u16 = server
+            .read_line()?
+            .strip_prefix("listening ")
+            .context("the baseline server says where it listens")?
+            .parse()?;
+        std::thread::sleep(SETTLE);
+        let rss_empty = rss(server.child.id());
+        let workers = Workers::start(&common.dirs, n, WorkerMode::Tls(port))?;
+        let started = Instant::now();
+        loop {
+            let held: usize = server
+                .ask("count")?
+                .strip_prefix("count ")
+                .context("count")?
+                .parse()?;
+            if held >= n {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                bail!("the baseline server holds only {held} of {n} connections after 10 min");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        std::thread::sleep(SETTLE);
+        let rss_held = rss(server.child.id());
+        Ok(Baseline {
+            server,
+            workers,
+            rss_empty,
+            rss_held,
+        })
+    }
+
+    fn per_connection(&self, n: usize) -> f64 {
+        self.rss_held.saturating_sub(self.rss_empty) as f64 / n.max(1) as f64
+    }
+
+    /// Seconds until every connection echoed one small message sent to all:
+    /// (p50, p99, all).
+    fn fanout(&mut self, n: usize) -> anyhow::Result<(f64, f64, f64)> {
+        let answer = self.server.ask("fanout")?;
+        let fields: Vec<f64> = answer
+            .strip_prefix("fanout ")
+            .context("fanout answer")?
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        if fields[0] as usize != n {
+            bail!("only {} of {n} baseline connections echoed", fields[0]);
+        }
+        Ok((fields[1], fields[2], fields[3]))
+    }
+
+    fn stop(self) {
+        self.workers.stop();
+        drop(self.server);
+    }
+}
+
+// === connect ===
+
+pub struct ConnectSettings {
+    pub outposts: usize,
+    pub idle: Duration,
+}
+
+pub async fn connect(common: Common, s: ConnectSettings) -> anyhow::Result<()> {
+    let n = s.outposts;
+    let (hub, record) = fleet::prepare(&common.trellis, &common.dirs, n, &common.hub_args).await?;
+    // A fresh hub process, so its memory before the fleet links is the
+    // zero point.
+    drop(hub);
+    let hub = HubChild::start(
+        &common.trellis,
+        &common.dirs.hub,
+        record.port,
+        &common.hub_args,
+    )
+    .await?;
+    tokio::time::sleep(SETTLE).await;
+    let hub_empty = rss(hub.pid());
+
+    eprintln!("baseline: a bare TLS server holding {n} connections");
+    let baseline = Baseline::start(&common, n)?;
+    let tls_per_conn = baseline.per_connection(n);
+    baseline.stop();
+
+    eprintln!("linking {n} outposts to the hub");
+    let workers = Workers::start(&common.dirs, n, WorkerMode::Agents)?;
+    let took = fleet::wait_connected(&hub, n, Duration::from_secs(1800)).await?;
+    // Let the admission queue drain and the first heartbeats pass.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let hub_held = rss(hub.pid());
+    let hub_per_outpost = hub_held.saturating_sub(hub_empty) as f64 / n as f64;
+
+    eprintln!("idle for {} s", s.idle.as_secs());
+    let (sent0, received0, sockets) = socket_bytes(record.port)?;
+    let cpu0 = cpu_seconds_of(hub.pid());
+    let t0 = Instant::now();
+    tokio::time::sleep(s.idle).await;
+    let (sent1, received1, _) = socket_bytes(record.port)?;
+    let cpu1 = cpu_seconds_of(hub.pid());
+    let window = t0.elapsed().as_secs_f64();
+    let still = hub.metrics().await?.connected;
+    workers.stop();
+
+    let sent = sent1.saturating_sub(sent0) as f64 / window / n as f64;
+    let received = received1.saturating_sub(received0) as f64 / window / n as f64;
+    let cpu = (cpu1 - cpu0) / window * 100.0;
+
+    let mut report = Report::new(
+        "connect",
+        json!({"outposts": n, "idle_secs": s.idle.as_secs(), "hub_args": common.hub_args}),
+    );
+    report.at_least("outposts linked to one hub", still as f64, "", 15_000.0);
+    report.add(
+        "time to link them all (admission-limited)",
+        took.as_secs_f64(),
+        "s",
+    );
+    report.add(
+        "hub RSS before / with the fleet",
+        hub_held as f64 / KIB / KIB,
+        "MiB",
+    );
+    report.at_most("hub RSS per outpost", hub_per_outpost / KIB, "KiB", 64.0);
+    report.add(
+        "bare TLS server RSS per connection (baseline)",
+        tls_per_conn / KIB,
+        "KiB",
+    );
+    report.at_most(
+        "hub per outpost ÷ bare TLS per connection",
+        hub_per_outpost / tls_per_conn.max(1.0),
+        "×",
+        2.0,
+    );
+    report.at_most(
+        "idle payload per outpost, both ways",
+        sent + received,
+        "B/s",
+        4.0,
+    );
+    report.add("  of which hub → outpost", sent, "B/s");
+    report.add("  of which outpost → hub", received, "B/s");
+    report.at_most("hub CPU while idle", cpu, "% of a core", 10.0);
+    report.note(format!(
+        "hub RSS {:.1} MiB before the fleet linked, {:.1} MiB with {n} linked; payload is TCP payload \
+         (TLS records) of the hub's {sockets} established sockets over {window:.0} s, from the kernel's \
+         tcp_info; the default heartbeat is 25 s",
+        hub_empty as f64 / KIB / KIB,
+        hub_held as f64 / KIB / KIB
+    ));
+    if still < n {
+        report.note(format!(
+            "{} outposts dropped during the idle window",
+            n - still
+        ));
+    }
+    report.finish(common.json.as_deref())?;
+    Ok(())
+}
+
+// === storm ===
+
+pub struct StormSettings {
+    pub outposts: usize,
+}
+
+pub async fn storm(common: Common, s: StormSettings) -> anyhow::Result<()> {
+    let n = s.outposts;
+    let (hub, record) = fleet::prepare(&common.trellis, &common.dirs, n, &common.hub_args).await?;
+    eprintln!("linking {n} outposts");
+    let workers = Workers::start(&common.dirs, n, WorkerMode::Agents)?;
+    fleet::wait_connected(&hub, n, Duration::from_secs(1800)).await?;
+    tokio::time::sleep(SETTLE).await;
+
+    eprintln!("SIGKILL to the hub, and a restart");
+    hub.kill9()?;
+    let restarted = Instant::now();
+    let mut hub = HubChild::start(
+        &common.trellis,
+        &common.dirs.hub,
+        record.port,
+        &common.hub_args,
+    )
+    .await?;
+    let serving = restarted.elapsed().as_secs_f64();
+    let ninety_nine = (n * 99).div_ceil(100);
+    let (mut at_99, mut at_all) = (None, None);
+    let mut peak_rss = 0u64;
+    let mut metrics = hub.metrics().await?;
+    while at_all.is_none() && restarted.elapsed() < Duration::from_secs(600) {
+        peak_rss = peak_rss.max(rss(hub.pid()));
+        if let Ok(m) = hub.metrics().await {
+            metrics = m;
+            let t = restarted.elapsed().as_secs_f64();
+            if m.connected >= ninety_nine && at_99.is_none() {
+                at_99 = Some(t);
+            }
+            if m.connected >= n {
+                at_all = Some(t);
+            }
+        }
+        if !hub.alive() {
+            bail!("the hub crashed during the reconnect storm; see its log");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let alive = hub.alive();
+    workers.stop();
+
+    let mut report = Report::new("storm", json!({"outposts": n, "hub_args": common.hub_args}));
+    report.add("hub serving again after the restart", serving, "s");
+    report.at_most("99% back online", at_99.unwrap_or(f64::INFINITY), "s", 60.0);
+    report.at_most(
+        "all back online",
+        at_all.unwrap_or(f64::INFINITY),
+        "s",
+        120.0,
+    );
+    report.add(
+        "back online at the end",
+        metrics.connected as f64,
+        "outposts",
+    );
+    report.add(
+        "peak hub RSS during the storm",
+        peak_rss as f64 / KIB / KIB,
+        "MiB",
+    );
+    report.at_most(
+        "TLS handshakes in flight at most",
+        metrics.handshakes_peak as f64,
+        "",
+        metrics.handshake_limit as f64,
+    );
+    report.at_least(
+        "hub alive afterwards (1 = yes)",
+        f64::from(u8::from(alive)),
+        "",
+        1.0,
+    );
+    report.note(
+        "times from the moment the killed hub was started again; agents back off with full \
+         jitter (0.5 s doubling to 30 s) and the hub admits new links at its admission rate",
+    );
+    report.finish(common.json.as_deref())?;
+    Ok(())
+}
+
+// === fanout ===
+
+pub struct FanoutSettings {
+    pub stages: usize,
+}
+
+const FANOUT_PROJECT: &str = "fanout";
+
+const IMAGE_MANIFEST: &str = "version: v1
+components:
+  - name: web
+    docker:
+      image: web:1
+";
+
+pub async fn fanout(common: Common, s: FanoutSettings) -> anyhow::Result<()> {
+    let n = s.stages;
+    let (hub, _) = fleet::prepare(&common.trellis, &common.dirs, n, &common.hub_args).await?;
+    place_stages(&hub, n).await?;
+
+    eprintln!("baseline: one small message over {n} bare TLS connections");
+    let mut baseline = Baseline::start(&common, n)?;
+    let mut base_runs = Vec::new();
+    for _ in 0..3 {
+        base_runs.push(baseline.fanout(n)?);
+    }
+    baseline.stop();
+    base_runs.sort_by(|a, b| a.2.total_cmp(&b.2));
+    let (base_p50, base_p99, base_all) = base_runs[1];
+
+    eprintln!("linking {n} outposts");
+    let workers = Workers::start(&common.dirs, n, WorkerMode::Agents)?;
+    fleet::wait_connected(&hub, n, Duration::from_secs(1800)).await?;
+    tokio::time::sleep(SETTLE).await;
+
+    eprintln!("pushing a release to {n} stages");
+    let hub = Arc::new(hub);
+    let started = Instant::now();
+    let limit = Arc::new(tokio::sync::Semaphore::new(32));
+    let mut pushes = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let permit = limit.clone().acquire_owned().await?;
+        let hub = hub.clone();
+        pushes.spawn(async move {
+            let _permit = permit;
+            let release = hub
+                .api(
+                    reqwest::Method::POST,
+                    &format!(
+                        "/projects/{FANOUT_PROJECT}/stages/{}/releases",
+                        stage_name(i)
+                    ),
+                    Some(json!({})),
+                )
+                .await?;
+            let revision = release["revision"]
+                .as_u64()
+                .context("the release has a revision")?;
+            anyhow::Ok((stage_name(i), revision, started.elapsed().as_secs_f64()))
+        });
+    }
+    let mut pushed = std::collections::HashMap::new();
+    while let Some(done) = pushes.join_next().await {
+        let (stage, revision, at) = done??;
+        pushed.insert(stage, (revision, at));
+    }
+    let push_phase = started.elapsed().as_secs_f64();
+
+    let mut applied_at = std::collections::HashMap::new();
+    let mut polls = Vec::new();
+    while applied_at.len() < n && started.elapsed() < Duration::from_secs(600) {
+        let poll = Instant::now();
+        let rows = hub
+            .api(
+                reqwest::Method::GET,
+                &format!("/projects/{FANOUT_PROJECT}/outpost-status"),
+                None,
+            )
+            .await?;
+        let seen = started.elapsed().as_secs_f64();
+        polls.push(poll.elapsed().as_secs_f64());
+        for row in rows.as_array().into_iter().flatten() {
+            let Some(stage) = row["stage"].as_str() else {
+                continue;
+            };
+            if applied_at.contains_key(stage) {
+                continue;
+            }
+            if let Some(&(revision, _)) = pushed.get(stage)
+                && row["applied_revision"].as_u64().unwrap_or(0) >= revision
+            {
+                applied_at.insert(stage.to_owned(), seen);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    workers.stop();
+
+    let latencies: Vec<f64> = applied_at
+        .iter()
+        .filter_map(|(stage, seen)| pushed.get(stage).map(|(_, at)| seen - at))
+        .collect();
+    let all = applied_at.values().copied().fold(0.0, f64::max);
+    let mut report = Report::new("fanout", json!({"stages": n, "hub_args": common.hub_args}));
+    report.at_least(
+        "stages that reported the release applied",
+        applied_at.len() as f64,
+        "",
+        n as f64,
+    );
+    report.add(
+        "pushing the release to every stage (API calls, 32 at a time)",
+        push_phase,
+        "s",
+    );
+    report.add("push → applied, p50", percentile(&latencies, 50.0), "s");
+    let p99 = percentile(&latencies, 99.0);
+    if n <= 1000 {
+        report.at_most("push → applied, p99", p99, "s", 3.0);
+    } else {
+        report.add("push → applied, p99", p99, "s");
+    }
+    report.add("push → applied, max", percentile(&latencies, 100.0), "s");
+    let all_target = if n > 1000 { 15.0 } else { 3.0 };
+    report.at_most(
+        "first push → last stage applied",
+        if applied_at.len() == n {
+            all
+        } else {
+            f64::INFINITY
+        },
+        "s",
+        all_target,
+    );
+    report.add("baseline: one message over bare TLS, p50", base_p50, "s");
+    report.add("baseline: p99", base_p99, "s");
+    report.add("baseline: all echoed", base_all, "s");
+    report.add(
+        "ratio: last stage applied ÷ baseline all echoed",
+        all / base_all.max(1e-6),
+        "×",
+    );
+    report.note(format!(
+        "applied = the hub's record of the agent's report (`GET /projects/{{p}}/outpost-status`, \
+         polled every 100 ms; a poll took {:.0} ms at the median), so times include up to one poll",
+        crate::setup::median(polls.clone()) * 1000.0
+    ));
+    report.finish(common.json.as_deref())?;
+    Ok(())
+}
+
+/// A build of one container component by image reference: nothing to
+/// download, which the record-only agents do not do anyway.
+pub fn image_build() -> Value {
+    json!({
+        "branch": "main", "commit": "0123456789abcdef0123456789abcdef01234567",
+        "manifest_file": "trellis.yaml", "manifest": IMAGE_MANIFEST,
+        "components": [{"name": "web", "artifact": {"kind": "image", "reference": "web:1"}}]
+    })
+}
+
+fn stage_name(i: usize) -> String {
+    format!("s{i}")
+}
+
+/// Project `fanout` with stage `s<i>` on outpost `edge-<i>` for `i < n`,
+/// each placed through its Outpost URI, and one build.
+async fn place_stages(hub: &HubChild, n: usize) -> anyhow::Result<()> {
+    let projects = hub.api(reqwest::Method::GET, "/projects", None).await?;
+    let exists = projects
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|p| p["name"] == FANOUT_PROJECT);
+    if !exists {
+        hub.api(
+            reqwest::Method::POST,
+            "/projects",
+            Some(json!({"name": FANOUT_PROJECT})),
+        )
+        .await?;
+        hub.api(
+            reqwest::Method::POST,
+            &format!("/projects/{FANOUT_PROJECT}/builds"),
+            Some(image_build()),
+        )
+        .await?;
+    }
+    let stages = hub
+        .api(
+            reqwest::Method::GET,
+            &format!("/projects/{FANOUT_PROJECT}/stages"),
+            None,
+        )
+        .await?;
+    let have: std::collections::HashSet<String> = stages
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str().map(str::to_owned))
+        .collect();
+    let missing: Vec<usize> = (0..n).filter(|i| !have.contains(&stage_name(*i))).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("placing {} stages on their outposts", missing.len());
+    let limit = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut creates = tokio::task::JoinSet::new();
+    for i in missing {
+        let permit = limit.clone().acquire_owned().await?;
+        let http = hub.http.clone();
+        let admin = hub.admin.clone();
+        let base = hub.url("/api/v1");
+        creates.spawn(async move {
+            let _permit = permit;
+            let uri: Value = http
+                .get(format!("{base}/outposts/{}/uri", fleet::outpost_name(i)))
+                .bearer_auth(&admin)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            http.post(format!("{base}/projects/{FANOUT_PROJECT}/stages"))
+                .bearer_auth(&admin)
+                .json(&json!({"name": stage_name(i), "type": "prod", "outpost_uri": uri["uri"]}))
+                .send()
+                .await?
+                .error_for_status()?;
+            anyhow::Ok(())
+        });
+        while let Some(done) = creates.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = creates.join_next().await {
+        done??;
+    }
+    Ok(())
+}
