@@ -132,11 +132,14 @@ pub async fn hold_connection(port: u16, identity: &Identity) -> anyhow::Result<(
     // with jittered backoff, as agents do.
     let mut attempt = 0u32;
     let mut tls = loop {
-        let connected = async {
+        // A connection the server's full backlog dropped looks open to
+        // the client until something is sent; give each attempt 10 s.
+        let connected = tokio::time::timeout(std::time::Duration::from_secs(10), async {
             let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
             anyhow::Ok(connector.connect(name.clone(), tcp).await?)
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 10 s")));
         match connected {
             Ok(tls) => break tls,
             Err(e) if attempt >= 20 => {

@@ -57,6 +57,17 @@ impl AppState {
         self.0.store.as_ref()
     }
 
+    /// The store, for a task that outlives the request.
+    pub fn store_handle(&self) -> Arc<dyn Store> {
+        self.0.store.clone()
+    }
+
+    /// Queues what a link session saw for the store (see
+    /// [`crate::link::record`]).
+    pub fn record_link_activity(&self, activity: trellis_store::LinkActivity) {
+        self.0.links.recorder.record(self.store_handle(), activity);
+    }
+
     /// The artifact store: every build's images and packages, as chunks.
     pub fn chunks(&self) -> &ChunkStore {
         &self.0.chunks

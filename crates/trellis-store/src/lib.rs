@@ -29,6 +29,50 @@ pub mod memory;
 pub mod sqlite;
 pub mod testsuite;
 
+/// What one or more link sessions of an outpost saw, for
+/// [`Store::record_link_activity`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkActivity {
+    pub outpost: String,
+    pub seen: Timestamp,
+    /// What the agent said at hello, and the certificate it linked with.
+    pub hello: Option<LinkHello>,
+    /// Why the last session ended.
+    pub disconnect: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkHello {
+    pub agent: serde_json::Value,
+    pub cert_serial: String,
+    pub cert_not_after: Timestamp,
+}
+
+impl LinkActivity {
+    /// Folds a later activity of the same outpost into this one.
+    pub fn merge(&mut self, later: LinkActivity) {
+        self.seen = self.seen.max(later.seen);
+        if later.hello.is_some() {
+            self.hello = later.hello;
+        }
+        if later.disconnect.is_some() {
+            self.disconnect = later.disconnect;
+        }
+    }
+
+    fn apply_to(&self, link: &mut OutpostLink) {
+        link.last_seen = Some(link.last_seen.map_or(self.seen, |t| t.max(self.seen)));
+        if let Some(hello) = &self.hello {
+            link.agent = Some(hello.agent.clone());
+            link.cert_serial = Some(hello.cert_serial.clone());
+            link.cert_not_after = Some(hello.cert_not_after);
+        }
+        if let Some(reason) = &self.disconnect {
+            link.last_disconnect = Some(reason.clone());
+        }
+    }
+}
+
 /// Why a store operation did not happen. The messages are shown to users,
 /// so they say what was being done and what to try.
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +300,27 @@ pub trait Store: Send + Sync + 'static {
     async fn get_outpost_link(&self, outpost: &str) -> Result<OutpostLink>;
     /// Creates or replaces the outpost's link record.
     async fn put_outpost_link(&self, link: &OutpostLink) -> Result<()>;
+    /// Records what link sessions saw, many outposts at once (one
+    /// transaction where the backend has them): the last time each was
+    /// seen, the agent it said it was at hello, why its last session ended.
+    /// Fields an entry leaves `None` keep their value; so do the ones it
+    /// does not carry (the registered key). Entries of outposts that no
+    /// longer exist are skipped.
+    async fn record_link_activity(&self, activity: &[LinkActivity]) -> Result<()> {
+        for a in activity {
+            let mut link = match self.get_outpost_link(&a.outpost).await {
+                Ok(link) => link,
+                Err(StoreError::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            a.apply_to(&mut link);
+            match self.put_outpost_link(&link).await {
+                Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
     /// The stage's sync record (zeros if nothing was delivered yet).
     async fn get_stage_sync(&self, project: &str, stage: &str) -> Result<StageSync>;
     /// The agent acknowledged holding `revision` of the stage's desired

@@ -38,8 +38,8 @@ use trellis_model::{
 };
 
 use crate::{
-    ControlOutcome, JoinTokenRefusal, NewRelease, NewStage, Result, StageSummary, StageUpdate,
-    Store, StoreError, StoredAccessKey, wording,
+    ControlOutcome, JoinTokenRefusal, LinkActivity, NewRelease, NewStage, Result, StageSummary,
+    StageUpdate, Store, StoreError, StoredAccessKey, wording,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -1762,6 +1762,47 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(backend(DOING))?;
+        commit(tx, DOING).await
+    }
+
+    async fn record_link_activity(&self, activity: &[LinkActivity]) -> Result<()> {
+        const DOING: &str = "recording what outpost links saw";
+        if activity.is_empty() {
+            return Ok(());
+        }
+        // One transaction (one fsync) for the whole batch: a fleet linking
+        // after a hub restart brings hundreds of these a second.
+        let mut tx = self.write().await?;
+        for a in activity {
+            let agent = a.hello.as_ref().map(|h| json(&h.agent)).transpose()?;
+            sqlx::query(
+                "INSERT INTO outpost_links (outpost) SELECT $1 \
+                 WHERE EXISTS (SELECT 1 FROM outposts WHERE name = $1) \
+                 ON CONFLICT (outpost) DO NOTHING",
+            )
+            .bind(&a.outpost)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+            sqlx::query(
+                "UPDATE outpost_links SET \
+                 last_seen = MAX(COALESCE(last_seen, 0), $2), \
+                 agent = COALESCE($3, agent), \
+                 cert_serial = COALESCE($4, cert_serial), \
+                 cert_not_after = COALESCE($5, cert_not_after), \
+                 last_disconnect = COALESCE($6, last_disconnect) \
+                 WHERE outpost = $1",
+            )
+            .bind(&a.outpost)
+            .bind(millis(a.seen))
+            .bind(agent)
+            .bind(a.hello.as_ref().map(|h| h.cert_serial.clone()))
+            .bind(a.hello.as_ref().map(|h| millis(h.cert_not_after)))
+            .bind(&a.disconnect)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        }
         commit(tx, DOING).await
     }
 

@@ -22,7 +22,8 @@ use trellis_model::{
 };
 
 use crate::{
-    JoinTokenRefusal, NewRelease, NewStage, Result, StageUpdate, Store, StoreError, StoredAccessKey,
+    JoinTokenRefusal, LinkActivity, LinkHello, NewRelease, NewStage, Result, StageUpdate, Store,
+    StoreError, StoredAccessKey,
 };
 
 /// Calls `$callback!` with the name of every behaviour in the suite.
@@ -56,6 +57,7 @@ macro_rules! for_each_suite_test {
             concurrent_writes_keep_numbering,
             join_tokens,
             outpost_links,
+            link_activity,
             stage_sync_delivery,
             stage_sync_status_and_release_states,
             stage_summaries,
@@ -1448,6 +1450,84 @@ pub async fn join_tokens(store: &dyn Store) {
 
 /// The link record of an outpost: a default one until its agent joined,
 /// then exactly what was put, replaced as a whole by the next put.
+pub async fn link_activity(store: &dyn Store) {
+    store.create_outpost(&outpost("edge", None)).await.unwrap();
+    store.create_outpost(&outpost("yard", None)).await.unwrap();
+    // Joined: the registered key is not something activity touches.
+    let joined = OutpostLink {
+        outpost: "edge".into(),
+        key_fingerprint: Some(format!("sha256:{}", "cd".repeat(32))),
+        cert_serial: Some("01".into()),
+        cert_not_after: Some(at(1_000)),
+        ..OutpostLink::default()
+    };
+    store.put_outpost_link(&joined).await.unwrap();
+    let hello = LinkHello {
+        agent: json!({"version": "0.3.0", "os": "linux"}),
+        cert_serial: "02".into(),
+        cert_not_after: at(2_000),
+    };
+    store
+        .record_link_activity(&[
+            LinkActivity {
+                outpost: "edge".into(),
+                seen: at(100),
+                hello: Some(hello.clone()),
+                disconnect: None,
+            },
+            // A yard that never joined gets a record; a deleted outpost is skipped.
+            LinkActivity {
+                outpost: "yard".into(),
+                seen: at(90),
+                hello: None,
+                disconnect: Some("the connection was reset".into()),
+            },
+            LinkActivity {
+                outpost: "gone".into(),
+                seen: at(90),
+                hello: None,
+                disconnect: None,
+            },
+        ])
+        .await
+        .unwrap();
+    let edge = store.get_outpost_link("edge").await.unwrap();
+    assert_eq!(
+        edge,
+        OutpostLink {
+            cert_serial: Some("02".into()),
+            cert_not_after: Some(at(2_000)),
+            agent: Some(hello.agent.clone()),
+            last_seen: Some(at(100)),
+            ..joined.clone()
+        }
+    );
+    let yard = store.get_outpost_link("yard").await.unwrap();
+    assert_eq!(yard.last_seen, Some(at(90)));
+    assert_eq!(
+        yard.last_disconnect.as_deref(),
+        Some("the connection was reset")
+    );
+    assert_eq!(yard.key_fingerprint, None);
+
+    // A disconnect keeps what the hello said; last seen never goes back.
+    store
+        .record_link_activity(&[LinkActivity {
+            outpost: "edge".into(),
+            seen: at(80),
+            hello: None,
+            disconnect: Some("closed".into()),
+        }])
+        .await
+        .unwrap();
+    let edge = store.get_outpost_link("edge").await.unwrap();
+    assert_eq!(edge.last_seen, Some(at(100)));
+    assert_eq!(edge.last_disconnect.as_deref(), Some("closed"));
+    assert_eq!(edge.agent, Some(hello.agent));
+    assert_eq!(edge.key_fingerprint, joined.key_fingerprint);
+    store.record_link_activity(&[]).await.unwrap();
+}
+
 pub async fn outpost_links(store: &dyn Store) {
     let unjoined = OutpostLink {
         outpost: "edge".into(),

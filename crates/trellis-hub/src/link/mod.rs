@@ -15,11 +15,13 @@
 //! - `logs.rs`: log requests into a live session and their lines back out.
 //! - `status.rs`: the connection-status view of a stage.
 //! - `errors.rs`: the bounded, de-duplicated error log.
+//! - `record.rs`: what sessions saw, written to the store in batches.
 
 pub mod artifacts;
 pub mod endpoint;
 pub mod errors;
 pub mod logs;
+pub mod record;
 pub mod session;
 pub mod status;
 
@@ -146,6 +148,8 @@ pub struct Links {
     pub handshakes: Arc<crate::tls::HandshakeGauge>,
     /// The newest delivery progress each stage's agent sent.
     deliveries: Mutex<HashMap<(String, String), status::DeliveryView>>,
+    /// Link bookkeeping on its way to the store.
+    pub recorder: Arc<record::LinkRecorder>,
 }
 
 impl Links {
@@ -158,6 +162,7 @@ impl Links {
             next_session: std::sync::atomic::AtomicU64::new(1),
             next_request: std::sync::atomic::AtomicU64::new(1),
             handshakes: Arc::default(),
+            recorder: Arc::default(),
             deliveries: Mutex::new(HashMap::new()),
         }
     }
@@ -483,7 +488,10 @@ mod tests {
         let mut flood = TokenBucket::new(1);
         let t1 = Instant::now();
         let _ = flood.take(t1);
-        let longest = (0..2000).map(|_| flood.take(t1).unwrap_err()).max().unwrap();
+        let longest = (0..2000)
+            .map(|_| flood.take(t1).unwrap_err())
+            .max()
+            .unwrap();
         assert!(longest <= MAX_ADMISSION_WAIT, "{longest:?}");
     }
 

@@ -15,6 +15,7 @@ use trellis_link::identity::PeerIdentity;
 use trellis_link::protocol::{AgentError, DesiredAck, StageRevision, StatusReport};
 use trellis_link::{Envelope, Incoming, LinkIo, LinkIoError, Message};
 use trellis_model::Stage;
+use trellis_store::{LinkActivity, LinkHello};
 
 use crate::state::AppState;
 
@@ -178,24 +179,21 @@ async fn serve(
         ));
     };
 
-    // Remember what the agent said about its host.
-    let mut link = state
-        .store()
-        .get_outpost_link(outpost)
-        .await
-        .map_err(|e| e.to_string())?;
-    link.agent = Some(json!({
-        "version": agent_version, "os": os, "arch": arch,
-        "runtimes": runtimes, "capacity": capacity,
-    }));
-    link.last_seen = Some(Utc::now());
-    link.cert_serial = Some(peer.serial_hex.clone());
-    link.cert_not_after = Some(peer.not_after);
-    state
-        .store()
-        .put_outpost_link(&link)
-        .await
-        .map_err(|e| e.to_string())?;
+    // Remember what the agent said about its host (written in a batch, off
+    // this path: the welcome does not wait for the disk).
+    state.record_link_activity(LinkActivity {
+        outpost: outpost.to_owned(),
+        seen: Utc::now(),
+        hello: Some(LinkHello {
+            agent: json!({
+                "version": agent_version, "os": os, "arch": arch,
+                "runtimes": runtimes, "capacity": capacity,
+            }),
+            cert_serial: peer.serial_hex.clone(),
+            cert_not_after: peer.not_after,
+        }),
+        disconnect: None,
+    });
 
     let (handle, inbox) = state.links().connected(outpost, &agent_version);
     let result = session_loop(io, peer, state, &handle, inbox, &stages).await;
@@ -203,11 +201,12 @@ async fn serve(
         Ok(r) | Err(r) => r.clone(),
     };
     state.links().disconnected(outpost, handle.id, &reason);
-    if let Ok(mut link) = state.store().get_outpost_link(outpost).await {
-        link.last_seen = Some(Utc::now());
-        link.last_disconnect = Some(reason.clone());
-        let _ = state.store().put_outpost_link(&link).await;
-    }
+    state.record_link_activity(LinkActivity {
+        outpost: outpost.to_owned(),
+        seen: Utc::now(),
+        hello: None,
+        disconnect: Some(reason.clone()),
+    });
     result
 }
 
