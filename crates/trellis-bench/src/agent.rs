@@ -22,14 +22,6 @@ pub struct Settings {
     pub json: Option<std::path::PathBuf>,
 }
 
-const MANIFEST: &str = "version: v1
-components:
-  - name: bridge
-    process:
-      path: ./bin
-      command: [\"sh\", \"./bridge.sh\"]
-";
-
 /// Kills the agent (and the component it started) when dropped.
 struct AgentProcess(Child);
 
@@ -125,14 +117,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     // A deploy: a build of a process component, pushed and applied.
     let project = work.path().join("project");
-    std::fs::create_dir_all(project.join("bin"))?;
-    std::fs::write(project.join("trellis.yaml"), MANIFEST)?;
-    std::fs::write(
-        project.join("bin/bridge.sh"),
-        "#!/bin/sh\necho up\nwhile [ -e \"$PWD/bridge.sh\" ]; do sleep 1; done\n",
-    )?;
-    setup::run(&project, "git", &["init", "-q", "-b", "main"])?;
-    setup::commit(&project, "bench")?;
+    setup::bridge_project(&project)?;
     let config = work.path().join("config");
     setup::trellis(
         &settings.trellis,

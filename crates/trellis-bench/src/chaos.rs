@@ -45,14 +45,6 @@ pub struct Settings {
 
 const PROJECT: &str = "chaos";
 
-const MANIFEST: &str = "version: v1
-components:
-  - name: bridge
-    process:
-      path: ./bin
-      command: [\"sh\", \"./bridge.sh\"]
-";
-
 #[derive(Debug, Clone, Copy)]
 enum Event {
     Push,
@@ -162,14 +154,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     )
     .await?;
     let project = work.path().join("project");
-    std::fs::create_dir_all(project.join("bin"))?;
-    std::fs::write(project.join("trellis.yaml"), MANIFEST)?;
-    std::fs::write(
-        project.join("bin/bridge.sh"),
-        "#!/bin/sh\necho up\nwhile [ -e \"$PWD/bridge.sh\" ]; do sleep 1; done\n",
-    )?;
-    setup::run(&project, "git", &["init", "-q", "-b", "main"])?;
-    setup::commit(&project, "chaos")?;
+    setup::bridge_project(&project)?;
     let client = Client {
         endpoint: hub.url(""),
         key: hub.admin.clone(),

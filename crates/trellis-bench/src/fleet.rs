@@ -156,20 +156,7 @@ impl HubChild {
         path: &str,
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
-        let mut request = self
-            .http
-            .request(method.clone(), self.url(&format!("/api/v1{path}")))
-            .bearer_auth(&self.admin);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await?;
-        let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            bail!("{method} {path} answered {status}: {body}");
-        }
-        Ok(body)
+        crate::setup::api_call(&self.http, &self.url(""), &self.admin, method, path, body).await
     }
 
     /// The hub's `/metrics` gauges.

@@ -85,23 +85,15 @@ impl BenchHub {
         path: &str,
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
-        let mut request = self
-            .http
-            .request(
-                method.clone(),
-                format!("https://{}/api/v1{path}", self.addr),
-            )
-            .bearer_auth(&self.admin);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await?;
-        let status = response.status();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            bail!("{method} {path} answered {status}: {body}");
-        }
-        Ok(body)
+        api_call(
+            &self.http,
+            &format!("https://{}", self.addr),
+            &self.admin,
+            method,
+            path,
+            body,
+        )
+        .await
     }
 
     /// Project `bench` with stage `line` placed on `outpost` through its
@@ -307,4 +299,52 @@ pub fn status_field(pid: u32, name: &str) -> anyhow::Result<u64> {
         .and_then(|kib| kib.parse::<u64>().ok())
         .map(|kib| kib * 1024)
         .with_context(|| format!("{name} in /proc/{pid}/status"))
+}
+
+/// The manifest of the bridge project: one process component that stays up
+/// until its package is removed.
+const BRIDGE_MANIFEST: &str = "version: v1
+components:
+  - name: bridge
+    process:
+      path: ./bin
+      command: [\"sh\", \"./bridge.sh\"]
+";
+
+/// Writes the bridge project (a git work tree, committed) into `project`,
+/// ready for `trellis push build`.
+pub fn bridge_project(project: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(project.join("bin"))?;
+    std::fs::write(project.join("trellis.yaml"), BRIDGE_MANIFEST)?;
+    std::fs::write(
+        project.join("bin/bridge.sh"),
+        "#!/bin/sh\necho up\nwhile [ -e \"$PWD/bridge.sh\" ]; do sleep 1; done\n",
+    )?;
+    run(project, "git", &["init", "-q", "-b", "main"])?;
+    commit(project, "bridge")
+}
+
+/// An API call to the hub at `base` (`https://host:port`) with `key`;
+/// fails unless the status is 2xx.
+pub async fn api_call(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
+    let mut request = http
+        .request(method.clone(), format!("{base}/api/v1{path}"))
+        .bearer_auth(key);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!("{method} {path} answered {status}: {body}");
+    }
+    Ok(body)
 }
