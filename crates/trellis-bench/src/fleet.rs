@@ -330,7 +330,7 @@ async fn join_range(
                 .await
                 .with_context(|| format!("joining {}", outpost_name(i)))?;
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            if n % 1000 == 0 {
+            if n.is_multiple_of(1000) {
                 eprintln!("  {n} joined");
             }
             anyhow::Ok(())
