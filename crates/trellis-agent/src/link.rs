@@ -462,7 +462,7 @@ pub async fn run_session(
                         }
                         return SessionEnd::from_io(&e, "receiving");
                     }
-                    Ok(Ok(Some(Incoming::Pong(_)))) => last_heard = Instant::now(),
+                    Ok(Ok(Some(Incoming::Pong(_) | Incoming::Ping))) => last_heard = Instant::now(),
                     Ok(Ok(Some(Incoming::Frame(envelope)))) => {
                         last_heard = Instant::now();
                         let was_welcomed = session.welcomed;

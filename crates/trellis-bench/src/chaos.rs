@@ -169,20 +169,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let mut outposts = Vec::with_capacity(s.outposts);
     for i in 0..s.outposts {
         let name = format!("line-{i}");
-        let created = hub
-            .api(
-                reqwest::Method::POST,
-                "/outposts",
-                Some(json!({ "name": name })),
-            )
-            .await?;
-        let token = created["join"]["token"]
-            .as_str()
-            .context("a join token")?
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
         let dir = work.path().join(&name);
-        trellis_agent::join(&token, &dir).await?;
+        setup::register_and_join(&hub.http, &hub.url(""), &hub.admin, &name, &dir).await?;
         let proxy = FaultProxy::start(hub_addr).await?;
         let state = trellis_agent::AgentState::open(&dir.join(trellis_agent::STATE_FILE))?;
         setup::route_agent(&state, proxy.addr())?;

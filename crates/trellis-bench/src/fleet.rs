@@ -306,29 +306,13 @@ async fn join_range(
     for i in from..to {
         let permit = limit.clone().acquire_owned().await?;
         let http = hub.http.clone();
-        let url = hub.url("/api/v1/outposts");
+        let base = hub.url("");
         let admin = hub.admin.clone();
         let dir = dirs.agent(i);
         let done = done.clone();
         joins.spawn(async move {
             let _permit = permit;
-            let created: Value = http
-                .post(url)
-                .bearer_auth(admin)
-                .json(&json!({ "name": outpost_name(i) }))
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
-            let token = created["join"]["token"]
-                .as_str()
-                .context("the outpost came with a join token")?
-                .parse()
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            trellis_agent::join(&token, &dir)
-                .await
-                .with_context(|| format!("joining {}", outpost_name(i)))?;
+            crate::setup::register_and_join(&http, &base, &admin, &outpost_name(i), &dir).await?;
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             if n.is_multiple_of(1000) {
                 eprintln!("  {n} joined");

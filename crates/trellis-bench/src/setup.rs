@@ -126,19 +126,14 @@ impl BenchHub {
 
     /// Registers outpost `name` and joins an agent to it in `dir`.
     pub async fn joined_agent(&self, name: &str, dir: &Path) -> anyhow::Result<Arc<AgentState>> {
-        let created = self
-            .api(
-                reqwest::Method::POST,
-                "/outposts",
-                Some(json!({ "name": name })),
-            )
-            .await?;
-        let token = created["join"]["token"]
-            .as_str()
-            .context("the outpost came with a join token")?
-            .parse()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        trellis_agent::join(&token, dir).await?;
+        register_and_join(
+            &self.http,
+            &format!("https://{}", self.addr),
+            &self.admin,
+            name,
+            dir,
+        )
+        .await?;
         Ok(Arc::new(AgentState::open(&dir.join(STATE_FILE))?))
     }
 
@@ -347,4 +342,33 @@ pub async fn api_call(
         bail!("{method} {path} answered {status}: {body}");
     }
     Ok(body)
+}
+
+/// Registers outpost `name` on the hub at `base` and joins an agent to it
+/// in `dir`, as an administrator and `trellis agent join` would.
+pub async fn register_and_join(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    name: &str,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let created = api_call(
+        http,
+        base,
+        key,
+        reqwest::Method::POST,
+        "/outposts",
+        Some(json!({ "name": name })),
+    )
+    .await?;
+    let token = created["join"]["token"]
+        .as_str()
+        .context("the outpost came with a join token")?
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    trellis_agent::join(&token, dir)
+        .await
+        .with_context(|| format!("joining outpost {name}"))?;
+    Ok(())
 }

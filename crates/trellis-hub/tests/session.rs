@@ -286,16 +286,23 @@ async fn a_hostile_frame_ends_only_that_link() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_silent_outpost_is_offline_after_two_heartbeats() {
-    // A hub whose heartbeat is 10 s, and an agent that stops answering.
+/// A hub in process (memory store) with a heartbeat of `heartbeat`, and
+/// the agent end of a session of outpost `edge` that has said hello.
+async fn session_of_edge(
+    heartbeat: Duration,
+) -> (
+    trellis_hub::state::AppState,
+    trellis_link::mem::MemLink,
+    tokio::task::JoinHandle<Result<String, String>>,
+    tempfile::TempDir,
+) {
     let data = tempfile::tempdir().unwrap();
     let store = std::sync::Arc::new(trellis_store::memory::MemoryStore::new());
     let hub = trellis_hub::Hub::open_with_store(
         trellis_hub::HubOptions {
             data_dir: data.path().join("hub"),
             link: trellis_hub::link::LinkSettings {
-                heartbeat: Duration::from_secs(10),
+                heartbeat,
                 ..Default::default()
             },
             ..Default::default()
@@ -345,6 +352,13 @@ async fn a_silent_outpost_is_offline_after_two_heartbeats() {
         ))
         .await
         .unwrap();
+    (state, agent, session, data)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_outpost_is_offline_after_two_heartbeats() {
+    // A hub whose heartbeat is 10 s, and an agent that stops answering.
+    let (state, mut agent, session, _data) = session_of_edge(Duration::from_secs(10)).await;
     // Read the welcome, then go silent (pings are answered only while reading).
     let _welcome = agent.recv().await.unwrap();
     let silent_from = tokio::time::Instant::now();
@@ -363,4 +377,58 @@ async fn a_silent_outpost_is_offline_after_two_heartbeats() {
     let view = state.links().view("edge").unwrap();
     assert_eq!(view.state, trellis_hub::link::LinkState::Offline);
     assert!(view.last_disconnect.unwrap().contains("silent"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hub_does_not_ping_an_agent_it_hears_except_to_measure_the_round_trip() {
+    // The agent pings every heartbeat, as the real one does; the hub then
+    // pings only on its first tick and every fourth, for the round trip.
+    let heartbeat = Duration::from_secs(10);
+    let (state, mut agent, _session, _data) = session_of_edge(heartbeat).await;
+    let _welcome = agent.recv().await.unwrap();
+    let mut hub_pings = 0;
+    let mut pongs = 0;
+    let until = tokio::time::Instant::now() + heartbeat * 12;
+    let mut next_ping = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        tokio::select! {
+            got = agent.recv() => match got.unwrap() {
+                Some(trellis_link::Incoming::Ping) => hub_pings += 1,
+                Some(trellis_link::Incoming::Pong(_)) => pongs += 1,
+                Some(trellis_link::Incoming::Frame(_)) => {}
+                None => panic!("the hub closed a link it hears"),
+            },
+            () = tokio::time::sleep_until(next_ping) => {
+                agent.ping(vec![1]).await.unwrap();
+                next_ping += heartbeat;
+            }
+        }
+    }
+    assert!(state.links().is_connected("edge"), "heard, so still online");
+    assert_eq!(pongs, 12, "the hub answers every ping");
+    assert!(
+        (2..=3).contains(&hub_pings),
+        "{hub_pings} hub pings in 12 heartbeats (ticks 1, 5, 9 measure the round trip)"
+    );
+    assert!(
+        state.links().view("edge").unwrap().rtt_ms.is_some(),
+        "the round trip is still measured"
+    );
+
+    // Once the agent goes quiet, the hub probes it every heartbeat.
+    let quiet_from = hub_pings;
+    let until = tokio::time::Instant::now() + heartbeat * 5 / 2;
+    while tokio::time::Instant::now() < until {
+        tokio::select! {
+            got = agent.recv() => if let Some(trellis_link::Incoming::Ping) = got.unwrap() {
+                hub_pings += 1;
+            },
+            () = tokio::time::sleep_until(until) => {}
+        }
+    }
+    assert!(
+        hub_pings >= quiet_from + 2,
+        "a quiet agent is probed every heartbeat ({} pings)",
+        hub_pings - quiet_from
+    );
 }

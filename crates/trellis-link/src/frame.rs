@@ -19,7 +19,7 @@ pub const MAX_FRAME_BYTES: usize = 4 << 20;
 /// default (128 KiB) is zero-filled on every read, so each idle link would
 /// keep 128 KiB resident at each end; links carry small frames, and a
 /// larger one only grows the buffer while it is read.
-pub const LINK_READ_BUFFER_BYTES: usize = 8 << 10;
+pub const LINK_READ_BUFFER_BYTES: usize = 4 << 10;
 
 /// Errors are kept short: the message of a serde error can quote input, so
 /// reasons are cut to this many bytes.

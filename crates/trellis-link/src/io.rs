@@ -14,6 +14,11 @@ pub enum Incoming {
     Frame(Envelope),
     /// The answer to a [`LinkIo::ping`], with its payload.
     Pong(Vec<u8>),
+    /// The peer's heartbeat, already answered by the transport. Surfaced
+    /// where the receiver wants to know the peer is alive (the hub, which
+    /// then need not ping an agent it hears); transports may also answer
+    /// pings silently.
+    Ping,
 }
 
 /// Why a link operation failed.

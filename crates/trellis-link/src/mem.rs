@@ -71,9 +71,11 @@ impl LinkIo for MemLink {
                 }
                 Some(Item::Frame(frame)) => return Ok(Some(Incoming::Frame(frame))),
                 Some(Item::Pong(payload)) => return Ok(Some(Incoming::Pong(payload))),
-                // Answered here, like a WebSocket answers pings while read.
+                // Answered here, like a WebSocket answers pings while read,
+                // and surfaced as the peer's heartbeat.
                 Some(Item::Ping(payload)) => {
                     let _ = self.tx.send(Item::Pong(payload)).await;
+                    return Ok(Some(Incoming::Ping));
                 }
             }
         }
@@ -110,12 +112,14 @@ mod tests {
         a.ping(vec![1, 2]).await.unwrap();
         // b answers the ping while reading; a then sees the pong.
         let reader = tokio::spawn(async move {
+            let ping = b.recv().await.unwrap();
             let got = b.recv().await.unwrap();
-            (b, got)
+            (ping, got)
         });
         assert_eq!(a.recv().await.unwrap(), Some(Incoming::Pong(vec![1, 2])));
         a.close("done").await;
-        let (_b, got) = reader.await.unwrap();
+        let (ping, got) = reader.await.unwrap();
+        assert_eq!(ping, Some(Incoming::Ping));
         assert_eq!(got, None);
     }
 

@@ -49,8 +49,9 @@ impl LinkIo for AxumLink {
                 }
                 WsMessage::Binary(bytes) => return Ok(Some(Incoming::Frame(decode(&bytes)?))),
                 WsMessage::Pong(payload) => return Ok(Some(Incoming::Pong(payload.to_vec()))),
-                // Pings are answered by the WebSocket layer itself.
-                WsMessage::Ping(_) => continue,
+                // Answered by the WebSocket layer itself; the session only
+                // learns the agent is alive.
+                WsMessage::Ping(_) => return Ok(Some(Incoming::Ping)),
                 WsMessage::Close(_) => return Ok(None),
             }
         }

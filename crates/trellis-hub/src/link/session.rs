@@ -210,6 +210,10 @@ async fn serve(
     result
 }
 
+/// The hub measures the round trip on the first heartbeat tick of a
+/// session and then on every this-many ticks.
+const RTT_EVERY_TICKS: u64 = 4;
+
 async fn session_loop(
     io: &mut Box<dyn LinkIo>,
     peer: &PeerIdentity,
@@ -251,6 +255,7 @@ async fn session_loop(
     let started = Instant::now();
     let mut last_heard = Instant::now();
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             () = handle.cancel.cancelled() => {
@@ -278,8 +283,19 @@ async fn session_loop(
                 return Ok(format!("the agent was silent for {} s (two heartbeats)", (heartbeat * 2).as_secs()));
             }
             _ = ticker.tick() => {
-                let sent_at = started.elapsed().as_nanos().to_be_bytes().to_vec();
-                io.ping(sent_at).await.map_err(|e| format!("pinging the agent failed: {e}"))?;
+                // The agent pings every heartbeat, so hearing it is the
+                // rule. The hub pings only to measure the round trip (the
+                // first tick, then every fourth) or when the agent has been
+                // quiet for a whole heartbeat: on a metered link every
+                // ping and pong is a TLS record of ~35 bytes.
+                let rtt_due = ticks % RTT_EVERY_TICKS == 0;
+                ticks += 1;
+                if rtt_due || last_heard.elapsed() >= heartbeat {
+                    let sent_at = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                    io.ping(sent_at.to_be_bytes().to_vec())
+                        .await
+                        .map_err(|e| format!("pinging the agent failed: {e}"))?;
+                }
             }
             incoming = io.recv() => {
                 let incoming = match incoming {
@@ -300,12 +316,14 @@ async fn session_loop(
                 last_heard = Instant::now();
                 match incoming {
                     Incoming::Pong(payload) => {
-                        let rtt = <[u8; 16]>::try_from(payload.as_slice()).ok().map(|b| {
-                            let sent = Duration::from_nanos(u64::try_from(u128::from_be_bytes(b)).unwrap_or(u64::MAX));
+                        // Only our own pings carry 8 bytes of send time.
+                        let rtt = <[u8; 8]>::try_from(payload.as_slice()).ok().map(|b| {
+                            let sent = Duration::from_nanos(u64::from_be_bytes(b));
                             started.elapsed().saturating_sub(sent)
                         });
                         state.links().seen(outpost, rtt);
                     }
+                    Incoming::Ping => state.links().seen(outpost, None),
                     Incoming::Frame(env) => {
                         state.links().seen(outpost, None);
                         handle_frame(io, &mut session, peer, env.msg).await?;

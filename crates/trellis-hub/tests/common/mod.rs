@@ -189,7 +189,7 @@ impl ScriptedAgent {
         loop {
             match tokio::time::timeout(Duration::from_secs(5), self.link.recv()).await {
                 Ok(Ok(Some(Incoming::Frame(env)))) => return env.msg,
-                Ok(Ok(Some(Incoming::Pong(_)))) => continue,
+                Ok(Ok(Some(Incoming::Pong(_) | Incoming::Ping))) => continue,
                 other => panic!("expected a frame from the hub, got {other:?}"),
             }
         }
