@@ -171,7 +171,7 @@ pub async fn connect(common: Common, s: ConnectSettings) -> anyhow::Result<()> {
         "s",
     );
     report.add(
-        "hub RSS before / with the fleet",
+        "hub RSS with the fleet linked",
         hub_held as f64 / KIB / KIB,
         "MiB",
     );
