@@ -63,20 +63,18 @@ impl LinkIo for MemLink {
         if self.closed {
             return Ok(None);
         }
-        loop {
-            match self.rx.recv().await {
-                None | Some(Item::Close) => {
-                    self.closed = true;
-                    return Ok(None);
-                }
-                Some(Item::Frame(frame)) => return Ok(Some(Incoming::Frame(frame))),
-                Some(Item::Pong(payload)) => return Ok(Some(Incoming::Pong(payload))),
-                // Answered here, like a WebSocket answers pings while read,
-                // and surfaced as the peer's heartbeat.
-                Some(Item::Ping(payload)) => {
-                    let _ = self.tx.send(Item::Pong(payload)).await;
-                    return Ok(Some(Incoming::Ping));
-                }
+        match self.rx.recv().await {
+            None | Some(Item::Close) => {
+                self.closed = true;
+                Ok(None)
+            }
+            Some(Item::Frame(frame)) => Ok(Some(Incoming::Frame(frame))),
+            Some(Item::Pong(payload)) => Ok(Some(Incoming::Pong(payload))),
+            // Answered here, like a WebSocket answers pings while read,
+            // and surfaced as the peer's heartbeat.
+            Some(Item::Ping(payload)) => {
+                let _ = self.tx.send(Item::Pong(payload)).await;
+                Ok(Some(Incoming::Ping))
             }
         }
     }
