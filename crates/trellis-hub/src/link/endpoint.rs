@@ -39,22 +39,20 @@ impl LinkIo for AxumLink {
     }
 
     async fn recv(&mut self) -> Result<Option<Incoming>, LinkIoError> {
-        loop {
-            let Some(message) = self.0.recv().await else {
-                return Ok(None);
-            };
+        let Some(message) = self.0.recv().await else {
+            return Ok(None);
+        };
+        Ok(
             match message.map_err(|e| LinkIoError::Transport(e.to_string()))? {
-                WsMessage::Text(text) => {
-                    return Ok(Some(Incoming::Frame(decode(text.as_bytes())?)));
-                }
-                WsMessage::Binary(bytes) => return Ok(Some(Incoming::Frame(decode(&bytes)?))),
-                WsMessage::Pong(payload) => return Ok(Some(Incoming::Pong(payload.to_vec()))),
+                WsMessage::Text(text) => Some(Incoming::Frame(decode(text.as_bytes())?)),
+                WsMessage::Binary(bytes) => Some(Incoming::Frame(decode(&bytes)?)),
+                WsMessage::Pong(payload) => Some(Incoming::Pong(payload.to_vec())),
                 // Answered by the WebSocket layer itself; the session only
                 // learns the agent is alive.
-                WsMessage::Ping(_) => return Ok(Some(Incoming::Ping)),
-                WsMessage::Close(_) => return Ok(None),
-            }
-        }
+                WsMessage::Ping(_) => Some(Incoming::Ping),
+                WsMessage::Close(_) => None,
+            },
+        )
     }
 
     async fn ping(&mut self, payload: Vec<u8>) -> Result<(), LinkIoError> {

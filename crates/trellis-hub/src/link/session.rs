@@ -288,7 +288,7 @@ async fn session_loop(
                 // first tick, then every fourth) or when the agent has been
                 // quiet for a whole heartbeat: on a metered link every
                 // ping and pong is a TLS record of ~35 bytes.
-                let rtt_due = ticks % RTT_EVERY_TICKS == 0;
+                let rtt_due = ticks.is_multiple_of(RTT_EVERY_TICKS);
                 ticks += 1;
                 if rtt_due || last_heard.elapsed() >= heartbeat {
                     let sent_at = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
