@@ -293,7 +293,7 @@ async fn session_of_edge(
 ) -> (
     trellis_hub::state::AppState,
     trellis_link::mem::MemLink,
-    tokio::task::JoinHandle<Result<String, String>>,
+    tokio::task::JoinHandle<()>,
     tempfile::TempDir,
 ) {
     let data = tempfile::tempdir().unwrap();
