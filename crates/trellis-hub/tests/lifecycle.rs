@@ -536,7 +536,7 @@ async fn the_project_overview_shows_every_stage_sync_in_one_call() {
             Some(&hub.admin),
             M::POST,
             "/projects/shop/stages",
-            Some(json!({"name": "lab", "type": "test"})),
+            Some(json!({"name": "lab", "type": "qa"})),
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
