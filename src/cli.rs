@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use trellis_agent::cli::RuntimeArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -105,73 +106,7 @@ pub enum Command {
     Logs(LogsCommand),
     /// Run an Outpost Agent (on the outpost's host)
     #[command(subcommand)]
-    Agent(AgentCommand),
-}
-
-#[derive(Debug, Subcommand)]
-pub enum AgentCommand {
-    /// Enrol this host as an outpost with a join token, then run the agent
-    Join {
-        /// The hub's URL, as printed with the token (https://host:port)
-        hub: String,
-        /// The join token printed by `trellis create outpost`
-        #[arg(long, env = "TRELLIS_JOIN_TOKEN", hide_env_values = true)]
-        token: String,
-        /// The agent's data directory (identity, state, stages)
-        #[arg(long, env = "TRELLIS_AGENT_DATA", default_value = "trellis-agent")]
-        data: PathBuf,
-        /// Only enrol; do not start the agent
-        #[arg(long)]
-        no_run: bool,
-        #[command(flatten)]
-        runtime: RuntimeArgs,
-    },
-    /// Run the agent of an enrolled host
-    Run {
-        #[arg(long, env = "TRELLIS_AGENT_DATA", default_value = "trellis-agent")]
-        data: PathBuf,
-        #[command(flatten)]
-        runtime: RuntimeArgs,
-    },
-}
-
-/// How an outpost runs components (the agent's, or the hub's local outpost's).
-#[derive(Debug, Clone, Args)]
-pub struct RuntimeArgs {
-    /// How long a new release has to come up (components running and
-    /// answering on their first port) before it is rolled back, e.g. 60s, 5m
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    pub health_window: std::time::Duration,
-    /// How long every component must stay up without restarting to count as up
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-    pub settle_time: std::time::Duration,
-    /// The container engine's API socket, e.g. unix:///run/podman/podman.sock
-    /// (default: DOCKER_HOST, then Podman's and Docker's usual sockets)
-    #[arg(long, env = "DOCKER_HOST")]
-    pub docker_host: Option<String>,
-    /// Run only `process:` components, even when a container engine is reachable
-    #[arg(long)]
-    pub no_containers: bool,
-    /// Publish container components' ports on the host at this address
-    /// (same port numbers), e.g. 127.0.0.1 or 0.0.0.0
-    #[arg(long, value_name = "IP")]
-    pub publish_ports: Option<std::net::IpAddr>,
-}
-
-impl RuntimeArgs {
-    pub fn settings(&self) -> trellis_agent::RuntimeSettings {
-        trellis_agent::RuntimeSettings {
-            containers: !self.no_containers,
-            docker_host: self.docker_host.clone(),
-            publish_ports: self.publish_ports,
-            deploy: trellis_agent::deploy::DeployOptions {
-                health_window: self.health_window,
-                settle: self.settle_time,
-                ..Default::default()
-            },
-            ..Default::default()
-        }
-    }
+    Agent(trellis_agent::cli::AgentCommand),
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,6 +1,5 @@
 //! One module per group of commands; `run` dispatches.
 
-mod agent;
 mod build;
 mod hub;
 mod lifecycle;
@@ -22,16 +21,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rotate(crate::cli::RotateCommand::OutpostUri { outpost }) => {
             outposts::rotate(&settings::client(&global)?, &outpost).await
         }
-        Command::Agent(crate::cli::AgentCommand::Join {
-            hub,
-            token,
-            data,
-            no_run,
-            runtime,
-        }) => agent::join(&hub, &token, &data, no_run, &runtime).await,
-        Command::Agent(crate::cli::AgentCommand::Run { data, runtime }) => {
-            agent::run(&data, &runtime).await
-        }
+        Command::Agent(command) => trellis_agent::cli::execute(command, "trellis agent").await,
         Command::Status(crate::cli::StatusCommand::Stage { name, project }) => {
             outposts::stage_status(&settings::client(&global)?, &project, &name, global.output)
                 .await

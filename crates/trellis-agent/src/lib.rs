@@ -34,6 +34,8 @@
 //! - `https`, `cert`, `host`: the hub URL and the two HTTPS calls, reading
 //!   the agent's own certificate, probing the host's capacity.
 //! - [`shutdown`]: the stop signal every task waits on.
+//! - `cli` (feature `cli`, on by default): the command line shared by the
+//!   standalone `trellis-agent` binary and `trellis agent …`.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -42,6 +44,8 @@ use std::sync::Arc;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod delivery;
 pub mod deploy;
 pub mod join;

@@ -1,7 +1,7 @@
-//! The real Outpost Agent's footprint: the `trellis agent join` process
-//! linked to a hub on loopback, measured from `/proc` while idle and while
-//! it deploys a release of a process component; and the size of the
-//! binary it ships in.
+//! The real Outpost Agent's footprint: the standalone `trellis-agent join`
+//! process linked to a hub on loopback, measured from `/proc` while idle and
+//! while it deploys a release of a process component; and the size of the
+//! binary it ships in (and of the all-roles `trellis` binary, for scale).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -16,6 +16,7 @@ use crate::setup::{self, BenchHub, status_field};
 pub struct Settings {
     pub idle: Duration,
     pub trellis: std::path::PathBuf,
+    pub agent: std::path::PathBuf,
     /// Extra environment for the agent process (`KEY=VALUE`), to compare
     /// e.g. allocator or runtime settings in the same setup.
     pub env: Vec<(String, String)>,
@@ -85,10 +86,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .to_owned();
     hub.stage_on_outpost("edge").await?;
 
+    // `trellis agent join …` as printed; the standalone binary takes the
+    // same words after `trellis agent`.
     let words: Vec<&str> = command.split_whitespace().collect();
+    if words.get(..2) != Some(&["trellis", "agent"][..]) {
+        bail!("unexpected join command: {command}");
+    }
     let agent = AgentProcess(
-        Command::new(&settings.trellis)
-            .args(&words[1..])
+        Command::new(&settings.agent)
+            .args(&words[2..])
             .arg("--data")
             .arg(work.path().join("agent"))
             .arg("--no-containers")
@@ -96,7 +102,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting trellis agent join")?,
+            .context("starting trellis-agent join")?,
     );
     let pid = agent.0.id();
     wait_for(&hub, "the agent linking", Duration::from_secs(60), |s| {
@@ -152,14 +158,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let (_, hwm) = memory(pid)?;
     drop(agent);
 
-    let size = std::fs::metadata(&settings.trellis)?.len();
-    let stripped = stripped_size(&settings.trellis, work.path());
+    let size = std::fs::metadata(&settings.agent)?.len();
+    let stripped = stripped_size(&settings.agent, work.path());
+    let all_roles = stripped_size(&settings.trellis, work.path());
 
     const MIB: f64 = (1 << 20) as f64;
     let mut report = Report::new(
         "agent",
         json!({
-            "agent": "trellis agent join --no-containers (process runtime)",
+            "agent": "trellis-agent join --no-containers (process runtime)",
             "idle_secs": settings.idle.as_secs(),
             "env": settings.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         }),
@@ -179,19 +186,31 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     report.add("deploy: push to in-sync", deploy_time.as_secs_f64(), "s");
     report.add("deploy: agent CPU time", deploy_cpu, "s");
-    report.add("trellis binary", size as f64 / 1e6, "MB");
-    match stripped {
-        Some(s) => report.at_most("trellis binary, stripped", s as f64 / 1e6, "MB", 15.0),
-        None => report.note("strip(1) is not installed: no stripped size"),
+    report.add("trellis-agent binary", size as f64 / 1e6, "MB");
+    match (stripped, all_roles) {
+        (Some(agent), Some(all)) => {
+            report.at_most(
+                "trellis-agent binary, stripped",
+                agent as f64 / 1e6,
+                "MB",
+                15.0,
+            );
+            report.add(
+                "trellis binary (all roles), stripped",
+                all as f64 / 1e6,
+                "MB",
+            );
+        }
+        _ => report.note("strip(1) is not installed: no stripped sizes"),
     }
-    report.note("the agent ships in the one `trellis` binary, which holds the hub and the CLI too");
     report.finish(settings.json.as_deref())?;
     Ok(())
 }
 
 /// The size of a stripped copy of the binary, if `strip` is installed.
 fn stripped_size(binary: &Path, scratch: &Path) -> Option<u64> {
-    let copy = scratch.join("trellis-stripped");
+    let name = binary.file_name().unwrap_or_default().to_string_lossy();
+    let copy = scratch.join(format!("{name}-stripped"));
     std::fs::copy(binary, &copy).ok()?;
     let ok = Command::new("strip").arg(&copy).status().ok()?.success();
     ok.then(|| std::fs::metadata(&copy).ok().map(|m| m.len()))

@@ -60,9 +60,14 @@ enum Bench {
         /// How long to measure the idle agent, in seconds.
         #[arg(long, default_value_t = 60)]
         idle_secs: u64,
-        /// The `trellis` binary (default: next to this one).
+        /// The `trellis` binary, for pushing the build (default: next to
+        /// this one).
         #[arg(long)]
         trellis: Option<PathBuf>,
+        /// The standalone `trellis-agent` binary measured (default: next to
+        /// this one).
+        #[arg(long)]
+        agent: Option<PathBuf>,
         /// Extra environment for the agent, KEY=VALUE (repeatable).
         #[arg(long = "agent-env", value_parser = parse_env)]
         env: Vec<(String, String)>,
@@ -289,11 +294,13 @@ fn main() -> anyhow::Result<()> {
         Bench::Agent {
             idle_secs,
             trellis,
+            agent,
             env,
             json,
         } => runtime.block_on(agent::run(agent::Settings {
             idle: std::time::Duration::from_secs(idle_secs.max(1)),
             trellis: setup::trellis_binary(trellis)?,
+            agent: setup::sibling_binary(agent, "trellis-agent")?,
             env,
             json,
         })),

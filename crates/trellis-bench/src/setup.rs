@@ -14,16 +14,21 @@ use trellis_hub::{Hub, HubOptions};
 /// The `trellis` binary: the one given, or the one next to this program
 /// (`cargo build --release` puts both in `target/release`).
 pub fn trellis_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    sibling_binary(given, "trellis")
+}
+
+/// `given`, or the program `name` built next to this one; absolute.
+pub fn sibling_binary(given: Option<PathBuf>, name: &str) -> anyhow::Result<PathBuf> {
     let path = match given {
         Some(path) => path,
         None => std::env::current_exe()?
             .parent()
             .context("this program has no directory")?
-            .join("trellis"),
+            .join(name),
     };
     if !path.is_file() {
         bail!(
-            "{} does not exist; build it first (`cargo build --release -p trellis -p trellis-bench`) or pass --trellis PATH",
+            "{} does not exist; build it first (`cargo build --release -p trellis -p trellis-agent -p trellis-bench`) or pass its path",
             path.display()
         );
     }

@@ -41,6 +41,24 @@ pub struct LinkActivity {
     pub disconnect: Option<String>,
 }
 
+/// One write to a stage's sync record, for [`Store::record_sync_batch`]:
+/// what [`Store::record_delivered`] or [`Store::record_status`] writes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SyncUpdate {
+    Delivered {
+        project: String,
+        stage: String,
+        revision: u64,
+    },
+    Status {
+        project: String,
+        stage: String,
+        applied_revision: u64,
+        failed_revision: Option<u64>,
+        report: serde_json::Value,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinkHello {
     pub agent: serde_json::Value,
@@ -275,6 +293,10 @@ pub trait Store: Send + Sync + 'static {
     /// stage's desired revision and stores the release with that revision,
     /// all at once. The build must exist in the stage's project.
     async fn push_release(&self, release: &NewRelease, now: Timestamp) -> Result<Release>;
+    /// Records a release on each of several stages, all or none: one
+    /// [`Store::push_release`] per entry, in order, in one transaction where
+    /// the backend has them (the first error leaves every stage as it was).
+    async fn push_releases(&self, releases: &[NewRelease], now: Timestamp) -> Result<Vec<Release>>;
     async fn get_release(&self, project: &str, stage: &str, number: u64) -> Result<Release>;
     /// The stage's full history, newest first.
     async fn list_releases(&self, project: &str, stage: &str) -> Result<Vec<Release>>;
@@ -320,6 +342,49 @@ pub trait Store: Send + Sync + 'static {
             }
         }
         Ok(())
+    }
+    /// Several sync writes at once (in one transaction where the backend
+    /// has them, so many links' reports cost one commit). Each update gets
+    /// its own result: one whose stage is gone is `NotFound` and the others
+    /// are still written; any other error fails the whole batch.
+    async fn record_sync_batch(
+        &self,
+        updates: &[SyncUpdate],
+        now: Timestamp,
+    ) -> Result<Vec<Result<StageSync>>> {
+        let mut results = Vec::with_capacity(updates.len());
+        for update in updates {
+            let result = match update {
+                SyncUpdate::Delivered {
+                    project,
+                    stage,
+                    revision,
+                } => self.record_delivered(project, stage, *revision, now).await,
+                SyncUpdate::Status {
+                    project,
+                    stage,
+                    applied_revision,
+                    failed_revision,
+                    report,
+                } => {
+                    self.record_status(
+                        project,
+                        stage,
+                        *applied_revision,
+                        *failed_revision,
+                        report,
+                        now,
+                    )
+                    .await
+                }
+            };
+            match result {
+                Err(e @ StoreError::NotFound { .. }) => results.push(Err(e)),
+                Err(e) => return Err(e),
+                Ok(sync) => results.push(Ok(sync)),
+            }
+        }
+        Ok(results)
     }
     /// The stage's sync record (zeros if nothing was delivered yet).
     async fn get_stage_sync(&self, project: &str, stage: &str) -> Result<StageSync>;

@@ -785,6 +785,31 @@ impl Store for MemoryStore {
         Ok(created)
     }
 
+    async fn push_releases(&self, releases: &[NewRelease], now: Timestamp) -> Result<Vec<Release>> {
+        // All or none: check every entry before changing anything.
+        {
+            let state = self.state();
+            for release in releases {
+                state.stage(&release.project, &release.stage)?;
+                if !state
+                    .project(&release.project)?
+                    .builds
+                    .contains_key(&release.build)
+                {
+                    return Err(not_found(
+                        "build",
+                        wording::build(&release.project, &release.build),
+                    ));
+                }
+            }
+        }
+        let mut created = Vec::with_capacity(releases.len());
+        for release in releases {
+            created.push(self.push_release(release, now).await?);
+        }
+        Ok(created)
+    }
+
     async fn get_release(&self, project: &str, stage: &str, number: u64) -> Result<Release> {
         self.state()
             .stage(project, stage)?

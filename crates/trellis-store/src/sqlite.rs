@@ -39,7 +39,7 @@ use trellis_model::{
 
 use crate::{
     ControlOutcome, JoinTokenRefusal, LinkActivity, NewRelease, NewStage, Result, StageSummary,
-    StageUpdate, Store, StoreError, StoredAccessKey, wording,
+    StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate, wording,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -574,6 +574,74 @@ async fn require_stage(c: &mut SqliteConnection, project: &str, name: &str) -> R
             Err(not_found("stage", wording::stage(project, name)))
         }
     }
+}
+
+const RECORDING_RELEASE: &str = "recording a release";
+
+/// Records one release in the open write transaction `c` (see
+/// [`Store::push_release`]).
+async fn release_in(
+    c: &mut SqliteConnection,
+    release: &NewRelease,
+    now: Timestamp,
+) -> Result<Release> {
+    const DOING: &str = RECORDING_RELEASE;
+    let stage = require_stage(&mut *c, &release.project, &release.stage).await?;
+    if !exists(
+        &mut *c,
+        "SELECT 1 FROM builds WHERE project = $1 AND name = $2",
+        &[&release.project, &release.build],
+        DOING,
+    )
+    .await?
+    {
+        return Err(not_found(
+            "build",
+            wording::build(&release.project, &release.build),
+        ));
+    }
+    let number = stage.latest_release.unwrap_or(0) + 1;
+    let revision = stage.desired_revision + 1;
+    sqlx::query(
+        "UPDATE stages SET desired_revision = $1, latest_release = $2 \
+         WHERE project = $3 AND name = $4",
+    )
+    .bind(int(revision)?)
+    .bind(int(number)?)
+    .bind(&release.project)
+    .bind(&release.stage)
+    .execute(&mut *c)
+    .await
+    .map_err(backend(DOING))?;
+    let created = Release {
+        project: release.project.clone(),
+        stage: release.stage.clone(),
+        number,
+        build: release.build.clone(),
+        config: release.config.clone(),
+        revision,
+        state: ReleaseState::Pending,
+        created_at: truncated(now),
+        created_by: release.created_by.clone(),
+    };
+    sqlx::query(concat!(
+        "INSERT INTO releases (",
+        release_columns!(),
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    ))
+    .bind(&created.project)
+    .bind(&created.stage)
+    .bind(int(number)?)
+    .bind(&created.build)
+    .bind(created.config.as_ref().map(json).transpose()?)
+    .bind(int(revision)?)
+    .bind(created.state.as_str())
+    .bind(millis(now))
+    .bind(&created.created_by)
+    .execute(&mut *c)
+    .await
+    .map_err(backend(DOING))?;
+    Ok(created)
 }
 
 #[async_trait]
@@ -1545,64 +1613,20 @@ impl Store for SqliteStore {
     }
 
     async fn push_release(&self, release: &NewRelease, now: Timestamp) -> Result<Release> {
-        const DOING: &str = "recording a release";
         let mut tx = self.write().await?;
-        let stage = require_stage(&mut tx, &release.project, &release.stage).await?;
-        if !exists(
-            &mut tx,
-            "SELECT 1 FROM builds WHERE project = $1 AND name = $2",
-            &[&release.project, &release.build],
-            DOING,
-        )
-        .await?
-        {
-            return Err(not_found(
-                "build",
-                wording::build(&release.project, &release.build),
-            ));
+        let created = release_in(&mut tx, release, now).await?;
+        commit(tx, RECORDING_RELEASE).await?;
+        Ok(created)
+    }
+
+    async fn push_releases(&self, releases: &[NewRelease], now: Timestamp) -> Result<Vec<Release>> {
+        let mut tx = self.write().await?;
+        let mut created = Vec::with_capacity(releases.len());
+        for release in releases {
+            // An error drops the transaction: none of the releases is kept.
+            created.push(release_in(&mut tx, release, now).await?);
         }
-        let number = stage.latest_release.unwrap_or(0) + 1;
-        let revision = stage.desired_revision + 1;
-        sqlx::query(
-            "UPDATE stages SET desired_revision = $1, latest_release = $2 \
-             WHERE project = $3 AND name = $4",
-        )
-        .bind(int(revision)?)
-        .bind(int(number)?)
-        .bind(&release.project)
-        .bind(&release.stage)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend(DOING))?;
-        let created = Release {
-            project: release.project.clone(),
-            stage: release.stage.clone(),
-            number,
-            build: release.build.clone(),
-            config: release.config.clone(),
-            revision,
-            state: ReleaseState::Pending,
-            created_at: truncated(now),
-            created_by: release.created_by.clone(),
-        };
-        sqlx::query(concat!(
-            "INSERT INTO releases (",
-            release_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-        ))
-        .bind(&created.project)
-        .bind(&created.stage)
-        .bind(int(number)?)
-        .bind(&created.build)
-        .bind(created.config.as_ref().map(json).transpose()?)
-        .bind(int(revision)?)
-        .bind(created.state.as_str())
-        .bind(millis(now))
-        .bind(&created.created_by)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend(DOING))?;
-        commit(tx, DOING).await?;
+        commit(tx, RECORDING_RELEASE).await?;
         Ok(created)
     }
 
@@ -1824,36 +1848,9 @@ impl Store for SqliteStore {
         revision: u64,
         now: Timestamp,
     ) -> Result<StageSync> {
-        const DOING: &str = "recording a delivery";
-        let revision = int(revision)?;
         let mut tx = self.write().await?;
-        require_stage(&mut tx, project, stage).await?;
-        // The maximum is taken in the statement, so it holds whatever else
-        // writes the row concurrently.
-        sqlx::query(concat!(
-            "INSERT INTO stage_syncs (",
-            sync_columns!(),
-            ") VALUES ($1, $2, $3, 0, NULL, $4) \
-             ON CONFLICT (project, stage) DO UPDATE SET \
-             delivered_revision = CASE \
-                 WHEN excluded.delivered_revision > stage_syncs.delivered_revision \
-                 THEN excluded.delivered_revision ELSE stage_syncs.delivered_revision END, \
-             updated_at = excluded.updated_at"
-        ))
-        .bind(project)
-        .bind(stage)
-        .bind(revision)
-        .bind(millis(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(backend(DOING))?;
-        let sync = fetch_sync(&mut tx, project, stage).await?.ok_or_else(|| {
-            corrupt(format!(
-                "no sync record for {} right after writing it",
-                wording::stage(project, stage)
-            ))
-        })?;
-        commit(tx, DOING).await?;
+        let sync = delivered_in(&mut tx, project, stage, revision, now).await?;
+        commit(tx, "recording a delivery").await?;
         Ok(sync)
     }
 
@@ -1866,109 +1863,217 @@ impl Store for SqliteStore {
         report: &serde_json::Value,
         now: Timestamp,
     ) -> Result<StageSync> {
-        const DOING: &str = "recording a stage's status";
-        let applied = int(applied_revision)?;
-        let failed = failed_revision.map(int).transpose()?;
-        let report_text = json(report)?;
         let mut tx = self.write().await?;
-        require_stage(&mut tx, project, stage).await?;
-        let current = fetch_sync(&mut tx, project, stage)
-            .await?
-            .unwrap_or_else(|| no_sync(project, stage));
-        if applied_revision < current.applied_revision {
-            // A report older than the one already recorded, arriving late.
-            return Ok(current);
-        }
-        sqlx::query(concat!(
-            "INSERT INTO stage_syncs (",
-            sync_columns!(),
-            ") VALUES ($1, $2, 0, $3, $4, $5) \
-             ON CONFLICT (project, stage) DO UPDATE SET \
-             applied_revision = excluded.applied_revision, report = excluded.report, \
-             updated_at = excluded.updated_at"
-        ))
-        .bind(project)
-        .bind(stage)
-        .bind(applied)
-        .bind(&report_text)
-        .bind(millis(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(backend(DOING))?;
-
-        // The release the stage runs at the applied revision is the newest
-        // one at or below it: revisions that carry no release (suspend,
-        // resume, component start/stop/restart) keep it running. Revisions
-        // start at 1, so nothing running (0) moves no release.
-        let running: Option<i64> = sqlx::query_scalar(
-            "SELECT MAX(revision) FROM releases \
-             WHERE project = $1 AND stage = $2 AND revision <= $3",
+        let sync = status_in(
+            &mut tx,
+            project,
+            stage,
+            applied_revision,
+            failed_revision,
+            report,
+            now,
         )
-        .bind(project)
-        .bind(stage)
-        .bind(applied)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(backend(DOING))?;
-        // The applied revision itself failed: the agent restored what ran
-        // before, which therefore stays applied (nothing is replaced).
-        let applied_failed = applied > 0 && failed == Some(applied);
-        if let Some(running) = running {
-            for (sql, to, from) in [
-                (
-                    "UPDATE releases SET state = $1 \
-                     WHERE project = $2 AND stage = $3 AND revision = $4",
-                    ReleaseState::Applied,
-                    None,
-                ),
-                (
-                    "UPDATE releases SET state = $1 \
-                     WHERE project = $2 AND stage = $3 AND revision < $4 AND state = $5",
-                    ReleaseState::Replaced,
-                    Some(ReleaseState::Applied),
-                ),
-                (
-                    "UPDATE releases SET state = $1 \
-                     WHERE project = $2 AND stage = $3 AND revision < $4 AND state = $5",
-                    ReleaseState::Superseded,
-                    Some(ReleaseState::Pending),
-                ),
-            ] {
-                if applied_failed && to != ReleaseState::Superseded {
-                    continue;
+        .await?;
+        commit(tx, "recording a stage's status").await?;
+        Ok(sync)
+    }
+
+    async fn record_sync_batch(
+        &self,
+        updates: &[SyncUpdate],
+        now: Timestamp,
+    ) -> Result<Vec<Result<StageSync>>> {
+        let mut tx = self.write().await?;
+        let mut results = Vec::with_capacity(updates.len());
+        for update in updates {
+            let result = match update {
+                SyncUpdate::Delivered {
+                    project,
+                    stage,
+                    revision,
+                } => delivered_in(&mut tx, project, stage, *revision, now).await,
+                SyncUpdate::Status {
+                    project,
+                    stage,
+                    applied_revision,
+                    failed_revision,
+                    report,
+                } => {
+                    status_in(
+                        &mut tx,
+                        project,
+                        stage,
+                        *applied_revision,
+                        *failed_revision,
+                        report,
+                        now,
+                    )
+                    .await
                 }
-                let mut query = sqlx::query(sql)
-                    .bind(to.as_str())
-                    .bind(project)
-                    .bind(stage)
-                    .bind(running);
-                if let Some(from) = from {
-                    query = query.bind(from.as_str());
-                }
-                query.execute(&mut *tx).await.map_err(backend(DOING))?;
+            };
+            match result {
+                // The update's stage is gone: it wrote nothing, and the
+                // others still count.
+                Err(e @ StoreError::NotFound { .. }) => results.push(Err(e)),
+                // The database failed: nothing of the batch is kept.
+                Err(e) => return Err(e),
+                Ok(sync) => results.push(Ok(sync)),
             }
         }
-        if let Some(failed) = failed {
-            sqlx::query(
+        commit(tx, "recording stages' sync").await?;
+        Ok(results)
+    }
+}
+
+/// [`Store::record_delivered`] in the open write transaction `c`.
+async fn delivered_in(
+    c: &mut SqliteConnection,
+    project: &str,
+    stage: &str,
+    revision: u64,
+    now: Timestamp,
+) -> Result<StageSync> {
+    const DOING: &str = "recording a delivery";
+    let revision = int(revision)?;
+    require_stage(&mut *c, project, stage).await?;
+    // The maximum is taken in the statement, so it holds whatever else
+    // writes the row concurrently.
+    sqlx::query(concat!(
+        "INSERT INTO stage_syncs (",
+        sync_columns!(),
+        ") VALUES ($1, $2, $3, 0, NULL, $4) \
+         ON CONFLICT (project, stage) DO UPDATE SET \
+         delivered_revision = CASE \
+             WHEN excluded.delivered_revision > stage_syncs.delivered_revision \
+             THEN excluded.delivered_revision ELSE stage_syncs.delivered_revision END, \
+         updated_at = excluded.updated_at"
+    ))
+    .bind(project)
+    .bind(stage)
+    .bind(revision)
+    .bind(millis(now))
+    .execute(&mut *c)
+    .await
+    .map_err(backend(DOING))?;
+    let sync = fetch_sync(&mut *c, project, stage).await?.ok_or_else(|| {
+        corrupt(format!(
+            "no sync record for {} right after writing it",
+            wording::stage(project, stage)
+        ))
+    })?;
+    Ok(sync)
+}
+
+/// [`Store::record_status`] in the open write transaction `c`.
+async fn status_in(
+    c: &mut SqliteConnection,
+    project: &str,
+    stage: &str,
+    applied_revision: u64,
+    failed_revision: Option<u64>,
+    report: &serde_json::Value,
+    now: Timestamp,
+) -> Result<StageSync> {
+    const DOING: &str = "recording a stage's status";
+    let applied = int(applied_revision)?;
+    let failed = failed_revision.map(int).transpose()?;
+    let report_text = json(report)?;
+    require_stage(&mut *c, project, stage).await?;
+    let current = fetch_sync(&mut *c, project, stage)
+        .await?
+        .unwrap_or_else(|| no_sync(project, stage));
+    if applied_revision < current.applied_revision {
+        // A report older than the one already recorded, arriving late.
+        return Ok(current);
+    }
+    sqlx::query(concat!(
+        "INSERT INTO stage_syncs (",
+        sync_columns!(),
+        ") VALUES ($1, $2, 0, $3, $4, $5) \
+         ON CONFLICT (project, stage) DO UPDATE SET \
+         applied_revision = excluded.applied_revision, report = excluded.report, \
+         updated_at = excluded.updated_at"
+    ))
+    .bind(project)
+    .bind(stage)
+    .bind(applied)
+    .bind(&report_text)
+    .bind(millis(now))
+    .execute(&mut *c)
+    .await
+    .map_err(backend(DOING))?;
+
+    // The release the stage runs at the applied revision is the newest
+    // one at or below it: revisions that carry no release (suspend,
+    // resume, component start/stop/restart) keep it running. Revisions
+    // start at 1, so nothing running (0) moves no release.
+    let running: Option<i64> = sqlx::query_scalar(
+        "SELECT MAX(revision) FROM releases \
+         WHERE project = $1 AND stage = $2 AND revision <= $3",
+    )
+    .bind(project)
+    .bind(stage)
+    .bind(applied)
+    .fetch_one(&mut *c)
+    .await
+    .map_err(backend(DOING))?;
+    // The applied revision itself failed: the agent restored what ran
+    // before, which therefore stays applied (nothing is replaced).
+    let applied_failed = applied > 0 && failed == Some(applied);
+    if let Some(running) = running {
+        for (sql, to, from) in [
+            (
                 "UPDATE releases SET state = $1 \
                  WHERE project = $2 AND stage = $3 AND revision = $4",
-            )
-            .bind(ReleaseState::Failed.as_str())
-            .bind(project)
-            .bind(stage)
-            .bind(failed)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend(DOING))?;
+                ReleaseState::Applied,
+                None,
+            ),
+            (
+                "UPDATE releases SET state = $1 \
+                 WHERE project = $2 AND stage = $3 AND revision < $4 AND state = $5",
+                ReleaseState::Replaced,
+                Some(ReleaseState::Applied),
+            ),
+            (
+                "UPDATE releases SET state = $1 \
+                 WHERE project = $2 AND stage = $3 AND revision < $4 AND state = $5",
+                ReleaseState::Superseded,
+                Some(ReleaseState::Pending),
+            ),
+        ] {
+            if applied_failed && to != ReleaseState::Superseded {
+                continue;
+            }
+            let mut query = sqlx::query(sql)
+                .bind(to.as_str())
+                .bind(project)
+                .bind(stage)
+                .bind(running);
+            if let Some(from) = from {
+                query = query.bind(from.as_str());
+            }
+            query.execute(&mut *c).await.map_err(backend(DOING))?;
         }
-        commit(tx, DOING).await?;
-        Ok(StageSync {
-            applied_revision,
-            report: Some(report.clone()),
-            updated_at: Some(truncated(now)),
-            ..current
-        })
     }
+    if let Some(failed) = failed {
+        sqlx::query(
+            "UPDATE releases SET state = $1 \
+             WHERE project = $2 AND stage = $3 AND revision = $4",
+        )
+        .bind(ReleaseState::Failed.as_str())
+        .bind(project)
+        .bind(stage)
+        .bind(failed)
+        .execute(&mut *c)
+        .await
+        .map_err(backend(DOING))?;
+    }
+    Ok(StageSync {
+        applied_revision,
+        report: Some(report.clone()),
+        updated_at: Some(truncated(now)),
+        ..current
+    })
 }
 
 /// What a timestamp reads back as: the database keeps milliseconds.

@@ -23,7 +23,7 @@ use trellis_model::{
 
 use crate::{
     JoinTokenRefusal, LinkActivity, LinkHello, NewRelease, NewStage, Result, StageUpdate, Store,
-    StoreError, StoredAccessKey,
+    StoreError, StoredAccessKey, SyncUpdate,
 };
 
 /// Calls `$callback!` with the name of every behaviour in the suite.
@@ -48,6 +48,7 @@ macro_rules! for_each_suite_test {
             build_numbering,
             release_push,
             failed_push_changes_nothing,
+            release_push_to_many_stages,
             configs,
             delete_project_rules,
             delete_stage_rules,
@@ -60,6 +61,7 @@ macro_rules! for_each_suite_test {
             link_activity,
             stage_sync_delivery,
             stage_sync_status_and_release_states,
+            stage_sync_batches,
             stage_summaries,
             deletes_remove_link_rows,
             component_controls,
@@ -883,6 +885,80 @@ pub async fn failed_push_changes_nothing(store: &dyn Store) {
     assert_eq!((r.number, r.revision), (1, 1));
 }
 
+/// One push to several stages: each gets its next number and revision, in
+/// one go; a stage or build that does not exist leaves every stage as it was.
+pub async fn release_push_to_many_stages(store: &dyn Store) {
+    setup(store, "shop").await;
+    stage_in(store, "shop", "dev").await;
+    stage_in(store, "shop", "prod").await;
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    store
+        .push_release(&new_release("shop", "dev", &build.name), at(30))
+        .await
+        .unwrap();
+
+    let created = store
+        .push_releases(
+            &[
+                new_release("shop", "dev", &build.name),
+                new_release("shop", "prod", &build.name),
+            ],
+            at(31),
+        )
+        .await
+        .unwrap();
+    let numbers: Vec<_> = created
+        .iter()
+        .map(|r| (r.stage.as_str(), r.number, r.revision, r.created_at))
+        .collect();
+    assert_eq!(numbers, [("dev", 2, 2, at(31)), ("prod", 1, 1, at(31))]);
+    assert_eq!(
+        store.get_release("shop", "prod", 1).await.unwrap(),
+        created[1]
+    );
+
+    let before = (
+        store.get_stage("shop", "dev").await.unwrap(),
+        store.get_stage("shop", "prod").await.unwrap(),
+    );
+    assert_not_found(
+        store
+            .push_releases(
+                &[
+                    new_release("shop", "dev", &build.name),
+                    new_release("shop", "qa", &build.name),
+                ],
+                at(32),
+            )
+            .await,
+        "stage",
+        "shop/qa",
+    );
+    assert_not_found(
+        store
+            .push_releases(
+                &[
+                    new_release("shop", "dev", &build.name),
+                    new_release("shop", "prod", "main_b9"),
+                ],
+                at(32),
+            )
+            .await,
+        "build",
+        "shop/main_b9",
+    );
+    let after = (
+        store.get_stage("shop", "dev").await.unwrap(),
+        store.get_stage("shop", "prod").await.unwrap(),
+    );
+    assert_eq!(after, before, "a refused push changes no stage");
+    assert_eq!(store.list_releases("shop", "dev").await.unwrap().len(), 2);
+    assert!(store.push_releases(&[], at(33)).await.unwrap().is_empty());
+}
+
 pub async fn configs(store: &dyn Store) {
     setup(store, "shop").await;
     stage_in(store, "shop", "dev").await;
@@ -1660,6 +1736,85 @@ pub async fn stage_sync_delivery(store: &dyn Store) {
         store.record_delivered("nope", "dev", 1, at(104)).await,
         "project",
         "nope",
+    );
+}
+
+/// Many links' sync writes in one batch: each as if written alone, in
+/// order; one for a stage that is gone is refused and the rest kept.
+pub async fn stage_sync_batches(store: &dyn Store) {
+    setup(store, "shop").await;
+    stage_in(store, "shop", "dev").await;
+    stage_in(store, "shop", "prod").await;
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    store
+        .push_releases(
+            &[
+                new_release("shop", "dev", &build.name),
+                new_release("shop", "prod", &build.name),
+            ],
+            at(30),
+        )
+        .await
+        .unwrap();
+    let report = json!({ "components": [{ "name": "web", "state": "running" }] });
+    let delivered = |stage: &str, revision| SyncUpdate::Delivered {
+        project: "shop".into(),
+        stage: stage.into(),
+        revision,
+    };
+    let status = |stage: &str, applied_revision| SyncUpdate::Status {
+        project: "shop".into(),
+        stage: stage.into(),
+        applied_revision,
+        failed_revision: None,
+        report: report.clone(),
+    };
+    let mut results = store
+        .record_sync_batch(
+            &[
+                delivered("dev", 1),
+                delivered("qa", 1),
+                status("dev", 1),
+                delivered("prod", 1),
+                // Late and older: changes nothing, like a lone write.
+                delivered("dev", 0),
+            ],
+            at(40),
+        )
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 5);
+    let late = results.remove(4);
+    assert_not_found(results.remove(1), "stage", "shop/qa");
+    let dev = store.get_stage_sync("shop", "dev").await.unwrap();
+    assert_eq!(
+        dev,
+        StageSync {
+            project: "shop".into(),
+            stage: "dev".into(),
+            delivered_revision: 1,
+            applied_revision: 1,
+            report: Some(report.clone()),
+            updated_at: Some(at(40)),
+        }
+    );
+    assert_eq!(late.unwrap(), dev);
+    assert_eq!(
+        store.get_release("shop", "dev", 1).await.unwrap().state,
+        ReleaseState::Applied,
+        "a batched status moves the release like a lone one"
+    );
+    let prod = store.get_stage_sync("shop", "prod").await.unwrap();
+    assert_eq!((prod.delivered_revision, prod.applied_revision), (1, 0));
+    assert!(
+        store
+            .record_sync_batch(&[], at(41))
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
 

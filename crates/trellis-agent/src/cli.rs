@@ -1,0 +1,183 @@
+//! The agent's command line: `join` and `run`, and how the outpost runs
+//! components. The standalone `trellis-agent` binary parses it at the top
+//! level; the `trellis` binary nests it as `trellis agent …`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use trellis_link::identity::JoinToken;
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Enrol this host as an outpost with a join token, then run the agent
+    Join {
+        /// The hub's URL, as printed with the token (https://host:port)
+        hub: String,
+        /// The join token printed by `trellis create outpost`
+        #[arg(long, env = "TRELLIS_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The agent's data directory (identity, state, stages)
+        #[arg(long, env = "TRELLIS_AGENT_DATA", default_value = "trellis-agent")]
+        data: PathBuf,
+        /// Only enrol; do not start the agent
+        #[arg(long)]
+        no_run: bool,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
+    /// Run the agent of an enrolled host
+    Run {
+        #[arg(long, env = "TRELLIS_AGENT_DATA", default_value = "trellis-agent")]
+        data: PathBuf,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
+}
+
+/// How an outpost runs components (the agent's, or the hub's local outpost's).
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeArgs {
+    /// How long a new release has to come up (components running and
+    /// answering on their first port) before it is rolled back, e.g. 60s, 5m
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub health_window: std::time::Duration,
+    /// How long every component must stay up without restarting to count as up
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub settle_time: std::time::Duration,
+    /// The container engine's API socket, e.g. unix:///run/podman/podman.sock
+    /// (default: DOCKER_HOST, then Podman's and Docker's usual sockets)
+    #[arg(long, env = "DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    /// Run only `process:` components, even when a container engine is reachable
+    #[arg(long)]
+    pub no_containers: bool,
+    /// Publish container components' ports on the host at this address
+    /// (same port numbers), e.g. 127.0.0.1 or 0.0.0.0
+    #[arg(long, value_name = "IP")]
+    pub publish_ports: Option<std::net::IpAddr>,
+}
+
+impl RuntimeArgs {
+    pub fn settings(&self) -> crate::RuntimeSettings {
+        crate::RuntimeSettings {
+            containers: !self.no_containers,
+            docker_host: self.docker_host.clone(),
+            publish_ports: self.publish_ports,
+            deploy: crate::deploy::DeployOptions {
+                health_window: self.health_window,
+                settle: self.settle_time,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+}
+
+/// Runs one agent command. `program` is how the user invoked the agent
+/// (`trellis agent` or `trellis-agent`), for the commands it prints.
+pub async fn execute(command: AgentCommand, program: &str) -> anyhow::Result<()> {
+    match command {
+        AgentCommand::Join {
+            hub,
+            token,
+            data,
+            no_run,
+            runtime,
+        } => join(&hub, &token, &data, no_run, &runtime, program).await,
+        AgentCommand::Run { data, runtime } => run(&data, &runtime).await,
+    }
+}
+
+/// Enrols this host with a join token, then runs the agent unless told not
+/// to.
+async fn join(
+    hub: &str,
+    token: &str,
+    data: &Path,
+    no_run: bool,
+    runtime: &RuntimeArgs,
+    program: &str,
+) -> anyhow::Result<()> {
+    let token: JoinToken = token
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("reading the join token")?;
+    if hub.trim_end_matches('/') != token.hub_url.trim_end_matches('/') {
+        bail!(
+            "the join token is for the hub at {}, not {hub}; run the command exactly as `trellis create outpost` printed it",
+            token.hub_url
+        );
+    }
+    std::fs::create_dir_all(data)
+        .with_context(|| format!("creating the agent's data directory {}", data.display()))?;
+    let identity = crate::join(&token, data).await.map_err(|e| {
+        let hint = e.hint().map(|h| format!("\nhint: {h}")).unwrap_or_default();
+        anyhow::anyhow!("{e}{hint}")
+    })?;
+    println!(
+        "joined the hub at {} as outpost {}; identity stored in {}",
+        identity.hub_url,
+        identity.outpost,
+        data.display()
+    );
+    if no_run {
+        println!(
+            "start the agent with: {program} run --data {}",
+            data.display()
+        );
+        return Ok(());
+    }
+    run(data, runtime).await
+}
+
+/// Runs the agent until Ctrl-C or SIGTERM. Components keep running when it
+/// stops; the next start adopts them.
+async fn run(data: &Path, runtime: &RuntimeArgs) -> anyhow::Result<()> {
+    trellis_link::identity::install_crypto_provider();
+    println!("agent running (data in {}); Ctrl-C to stop", data.display());
+    crate::run(
+        data,
+        crate::AgentOptions {
+            runtime_settings: runtime.settings(),
+            ..Default::default()
+        },
+        shutdown_signal(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .context("running the agent")
+}
+
+/// Completes on Ctrl-C or SIGTERM (how service managers stop a process).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+/// Logs to stderr, filtered by `TRELLIS_LOG` (default: warnings).
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TRELLIS_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
