@@ -338,12 +338,13 @@ pub enum PushCommand {
         #[arg(long)]
         pull: bool,
     },
-    /// Push a release of a build (the newest by default) to a stage
+    /// Push a release of a build (the newest by default) to a stage, or to
+    /// several at once (`-s line-1 -s line-2`: all get it, or none does)
     Release {
         #[arg(short, long)]
         project: String,
-        #[arg(short, long)]
-        stage: String,
+        #[arg(short, long = "stage", required = true)]
+        stage: Vec<String>,
         #[arg(short, long)]
         build: Option<String>,
         #[arg(short, long)]

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use trellis_hub::api::types::{
     AddConfigDataRequest, CreateKeyRequest, CreateOutpostRequest, CreateProjectRequest,
     CreateStageRequest, CreateUserRequest, CreatedKey, CreatedOutpost, JoinTokenRequest,
-    JoinTokenResponse, PushReleaseRequest, SetMemberRequest, WhoAmI,
+    JoinTokenResponse, PushReleaseRequest, PushReleasesRequest, SetMemberRequest, WhoAmI,
 };
 use trellis_model::{
     AccessKey, AccessKeyInfo, Build, Config, ConfigData, Member, Outpost, Project, Release, Role,
@@ -226,10 +226,14 @@ fn print_key(k: &CreatedKey) {
 pub async fn push_release(
     client: &HubClient,
     project: &str,
-    stage: &str,
+    stages: &[String],
     build: Option<String>,
     config: Option<String>,
 ) -> anyhow::Result<()> {
+    let stage = match stages {
+        [stage] => stage,
+        _ => return push_releases(client, project, stages, build, config).await,
+    };
     let r: Release = client
         .post(
             &format!("/projects/{}/stages/{}/releases", seg(project), seg(stage)),
@@ -248,6 +252,38 @@ pub async fn push_release(
             .unwrap_or_default(),
         r.revision
     );
+    Ok(())
+}
+
+/// One build to several stages, in one request: all or none.
+async fn push_releases(
+    client: &HubClient,
+    project: &str,
+    stages: &[String],
+    build: Option<String>,
+    config: Option<String>,
+) -> anyhow::Result<()> {
+    if let Some(config) = config {
+        anyhow::bail!(
+            "--config {config} names a config of one stage; push to each stage on its own to release it with a config"
+        );
+    }
+    let releases: Vec<Release> = client
+        .post(
+            &format!("/projects/{}/releases", seg(project)),
+            &PushReleasesRequest {
+                stages: stages.to_vec(),
+                build,
+            },
+            "pushing the releases",
+        )
+        .await?;
+    for r in &releases {
+        println!(
+            "pushed release {} of stage {} (build {}), desired revision {}",
+            r.number, r.stage, r.build, r.revision
+        );
+    }
     Ok(())
 }
 

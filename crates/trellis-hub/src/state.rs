@@ -68,6 +68,16 @@ impl AppState {
         self.0.links.recorder.record(self.store_handle(), activity);
     }
 
+    /// Writes what an agent acknowledged or reported, committed together
+    /// with other links' writes (see [`crate::link::commit`]); returns once
+    /// it is durable.
+    pub async fn record_sync(
+        &self,
+        update: trellis_store::SyncUpdate,
+    ) -> Result<trellis_model::StageSync, String> {
+        self.0.links.syncs.write(self.store_handle(), update).await
+    }
+
     /// The artifact store: every build's images and packages, as chunks.
     pub fn chunks(&self) -> &ChunkStore {
         &self.0.chunks

@@ -592,3 +592,115 @@ async fn the_project_overview_shows_every_stage_sync_in_one_call() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+/// One push releases the build to several stages; the outpost's agent gets
+/// its release and its report is kept. A push naming a stage that does not
+/// exist releases nothing anywhere.
+#[tokio::test]
+async fn one_push_releases_a_build_to_several_stages_or_to_none() {
+    let hub = start().await;
+    setup(&hub).await;
+    let (s, b) = hub
+        .call(
+            Some(&hub.admin),
+            M::POST,
+            "/projects/shop/stages",
+            Some(json!({"name": "lab", "type": "qa"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let push_to = |stages: Value| {
+        let hub = &hub;
+        async move {
+            hub.call(
+                Some(&hub.admin),
+                M::POST,
+                "/projects/shop/releases",
+                Some(json!({ "stages": stages })),
+            )
+            .await
+        }
+    };
+    let latest = |stage: &'static str| {
+        let hub = &hub;
+        async move {
+            let (s, b) = hub
+                .call(
+                    Some(&hub.admin),
+                    M::GET,
+                    &format!("/projects/shop/stages/{stage}"),
+                    None,
+                )
+                .await;
+            assert_eq!(s, StatusCode::OK, "{b}");
+            b["latest_release"].clone()
+        }
+    };
+
+    let (s, releases) = push_to(json!(["line3", "lab"])).await;
+    assert_eq!(s, StatusCode::CREATED, "{releases}");
+    let pushed: Vec<(&str, u64, u64)> = releases
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["stage"].as_str().unwrap(),
+                r["number"].as_u64().unwrap(),
+                r["revision"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(pushed, [("line3", 1, 1), ("lab", 1, 1)]);
+
+    // The outpost's agent gets line3's release and reports it applied.
+    let mut agent = Agent::connect(&hub, &[]).await;
+    let (got, _) = agent.desired().await;
+    assert_eq!(got, 1);
+    agent.report(1, 1, vec![]).await;
+    let (s, b) = hub
+        .call(
+            Some(&hub.admin),
+            M::GET,
+            &format!("{STAGE}/outpost-status"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["sync"]["state"], "in-sync", "{b}");
+    assert_eq!(b["sync"]["applied_release"], 1, "{b}");
+
+    // Refused pushes change no stage.
+    for (stages, status, code) in [
+        (json!(["line3", "nope"]), StatusCode::NOT_FOUND, "not-found"),
+        (json!([]), StatusCode::BAD_REQUEST, "no-stages"),
+        (
+            json!(["lab", "lab"]),
+            StatusCode::BAD_REQUEST,
+            "duplicate-stage",
+        ),
+    ] {
+        let (s, b) = push_to(stages.clone()).await;
+        assert_eq!(s, status, "{stages}: {b}");
+        assert_eq!(b["error"]["code"], code, "{stages}: {b}");
+        assert!(
+            b["error"]["hint"].as_str().is_some_and(|h| !h.is_empty()),
+            "{b}"
+        );
+    }
+    assert_eq!(latest("line3").await, 1);
+    assert_eq!(latest("lab").await, 1);
+
+    // Members of other projects cannot push to its stages.
+    let outsider = hub.user("outsider").await;
+    let (s, _) = hub
+        .call(
+            Some(&outsider),
+            M::POST,
+            "/projects/shop/releases",
+            Some(json!({"stages": ["lab"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(latest("lab").await, 1);
+}

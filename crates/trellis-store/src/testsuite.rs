@@ -189,6 +189,15 @@ async fn stage_in(store: &dyn Store, project: &str, name: &str) -> Stage {
         .expect("creating a stage")
 }
 
+/// A project with stages `s0`, `s1`, … on the local outpost, for tests of
+/// code built on a store.
+pub async fn seed_stages(store: &dyn Store, project: &str, stages: usize) {
+    setup(store, project).await;
+    for i in 0..stages {
+        stage_in(store, project, &format!("s{i}")).await;
+    }
+}
+
 /// The zeros of a stage nothing was delivered to or reported for yet.
 fn no_sync(project: &str, stage: &str) -> StageSync {
     StageSync {

@@ -70,6 +70,7 @@ pub fn router(state: AppState) -> axum::Router {
         .routes(routes!(stages::get_config, stages::delete_config))
         .routes(routes!(stages::add_config_data))
         .routes(routes!(stages::list_releases, stages::push_release))
+        .routes(routes!(stages::push_releases))
         .routes(routes!(stages::get_release))
         .routes(routes!(components::list_components))
         .routes(routes!(components::control_component))

@@ -10,7 +10,8 @@ use trellis_model::{
 use trellis_store::{NewRelease, NewStage, StageUpdate};
 
 use super::types::{
-    AddConfigDataRequest, CreateStageRequest, DeleteQuery, PushReleaseRequest, UpdateStageRequest,
+    AddConfigDataRequest, CreateStageRequest, DeleteQuery, PushReleaseRequest, PushReleasesRequest,
+    UpdateStageRequest,
 };
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -241,23 +242,7 @@ pub async fn push_release(
 ) -> ApiResult<(StatusCode, Json<Release>)> {
     caller.role_in(&state, &project).await?;
     let stage_record = state.store().get_stage(&project, &stage).await?;
-    let build = match req.build {
-        Some(name) => state.store().get_build(&project, &name).await?,
-        None => state
-            .store()
-            .list_builds(&project)
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::CONFLICT,
-                    "no-build",
-                    format!("project {project:?} has no build to release"),
-                    "push one first with `trellis push build -p PROJECT` in the project's directory",
-                )
-            })?,
-    };
+    let build = release_build(&state, &project, req.build).await?;
     let config = match req.config {
         Some(name) => {
             let config = state.store().get_config(&project, &stage, &name).await?;
@@ -286,6 +271,117 @@ pub async fn push_release(
     // Nothing here waits for the outpost.
     state.links().poke(&stage_record.outpost);
     Ok((StatusCode::CREATED, Json(release)))
+}
+
+/// The most stages one push may name.
+pub const MAX_STAGES_PER_PUSH: usize = 100_000;
+
+/// Pushes one build (the newest when not named) to several stages of the
+/// project at once: each stage gets its next release, or — if any stage or
+/// the build does not exist — none does. For rolling a build out to a
+/// fleet of outposts in one request and one transaction. Returns at once;
+/// each outpost picks its release up on its own.
+#[utoipa::path(post, path = "/projects/{project}/releases", tag = "releases",
+    request_body = PushReleasesRequest, responses((status = 201, body = Vec<Release>)))]
+pub async fn push_releases(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(project): Path<String>,
+    Json(req): Json<PushReleasesRequest>,
+) -> ApiResult<(StatusCode, Json<Vec<Release>>)> {
+    caller.role_in(&state, &project).await?;
+    if req.stages.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "no-stages",
+            "the push names no stage",
+            "list the stages to release to, e.g. {\"stages\": [\"line-1\", \"line-2\"]}",
+        ));
+    }
+    if req.stages.len() > MAX_STAGES_PER_PUSH {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too-many-stages",
+            format!(
+                "the push names {} stages; one push takes at most {MAX_STAGES_PER_PUSH}",
+                req.stages.len()
+            ),
+            "split the stages over several pushes",
+        ));
+    }
+    let mut named = std::collections::HashSet::new();
+    if let Some(twice) = req.stages.iter().find(|s| !named.insert(s.as_str())) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "duplicate-stage",
+            format!("the push names stage {twice:?} more than once"),
+            "name each stage once",
+        ));
+    }
+    let build = release_build(&state, &project, req.build).await?;
+    let outposts: std::collections::HashMap<String, String> = state
+        .store()
+        .list_stages(&project)
+        .await?
+        .into_iter()
+        .map(|s| (s.name, s.outpost))
+        .collect();
+    let new: Vec<NewRelease> = req
+        .stages
+        .into_iter()
+        .map(|stage| NewRelease {
+            project: project.clone(),
+            stage,
+            build: build.name.clone(),
+            config: None,
+            created_by: caller.user.clone(),
+        })
+        .collect();
+    // An unknown stage is refused here, with nothing pushed.
+    let releases = state.store().push_releases(&new, Utc::now()).await?;
+    let mut poked = std::collections::HashSet::new();
+    for release in &releases {
+        let outpost = match outposts.get(&release.stage) {
+            Some(outpost) => outpost.clone(),
+            // Created after the listing above, before the push.
+            None => {
+                state
+                    .store()
+                    .get_stage(&project, &release.stage)
+                    .await?
+                    .outpost
+            }
+        };
+        if poked.insert(outpost.clone()) {
+            state.links().poke(&outpost);
+        }
+    }
+    Ok((StatusCode::CREATED, Json(releases)))
+}
+
+/// The build a release takes: the one named, or the project's newest.
+async fn release_build(
+    state: &AppState,
+    project: &str,
+    name: Option<String>,
+) -> ApiResult<trellis_model::Build> {
+    match name {
+        Some(name) => Ok(state.store().get_build(project, &name).await?),
+        None => state
+            .store()
+            .list_builds(project)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "no-build",
+                    format!("project {project:?} has no build to release"),
+                    "push one first with `trellis push build -p PROJECT` in the project's directory",
+                )
+            }),
+    }
 }
 
 fn is_env_name(name: &str) -> bool {

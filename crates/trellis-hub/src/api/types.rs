@@ -109,6 +109,16 @@ pub struct PushReleaseRequest {
     pub config: Option<String>,
 }
 
+/// `POST /projects/{project}/releases`: one build to several stages.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+pub struct PushReleasesRequest {
+    /// The stages of the project to release to, each named once.
+    pub stages: Vec<String>,
+    /// Build name; the project's newest build when absent.
+    #[serde(default)]
+    pub build: Option<String>,
+}
+
 /// `POST /chunks/missing`: the digests of the chunks a client is about to
 /// upload (hex, at most 10,000).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -18,6 +18,7 @@
 //! - `record.rs`: what sessions saw, written to the store in batches.
 
 pub mod artifacts;
+pub mod commit;
 pub mod endpoint;
 pub mod errors;
 pub mod logs;
@@ -150,6 +151,9 @@ pub struct Links {
     deliveries: Mutex<HashMap<(String, String), status::DeliveryView>>,
     /// Link bookkeeping on its way to the store.
     pub recorder: Arc<record::LinkRecorder>,
+    /// Agents' acknowledgements and status reports on their way to the
+    /// store, committed in groups.
+    pub syncs: Arc<commit::SyncCommitter>,
 }
 
 impl Links {
@@ -163,6 +167,7 @@ impl Links {
             next_request: std::sync::atomic::AtomicU64::new(1),
             handshakes: Arc::default(),
             recorder: Arc::default(),
+            syncs: Arc::default(),
             deliveries: Mutex::new(HashMap::new()),
         }
     }

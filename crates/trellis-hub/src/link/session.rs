@@ -15,7 +15,7 @@ use trellis_link::identity::PeerIdentity;
 use trellis_link::protocol::{AgentError, DesiredAck, StageRevision, StatusReport};
 use trellis_link::{Envelope, Incoming, LinkIo, LinkIoError, Message};
 use trellis_model::Stage;
-use trellis_store::{LinkActivity, LinkHello};
+use trellis_store::{LinkActivity, LinkHello, SyncUpdate};
 
 use crate::state::AppState;
 
@@ -341,7 +341,6 @@ async fn handle_frame(
     msg: Message,
 ) -> Result<(), String> {
     let state = session.state;
-    let store = state.store();
     match msg {
         Message::Ack { desired } => {
             for DesiredAck {
@@ -353,10 +352,13 @@ async fn handle_frame(
                 if !owns(session, &project, &stage).await {
                     continue;
                 }
-                store
-                    .record_delivered(&project, &stage, revision, Utc::now())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                state
+                    .record_sync(SyncUpdate::Delivered {
+                        project,
+                        stage,
+                        revision,
+                    })
+                    .await?;
             }
         }
         Message::Status { seq, reports } => {
@@ -520,17 +522,15 @@ async fn record_report(state: &AppState, report: StatusReport) -> Result<(), Str
         "applied_revision": report.applied_revision,
         "rolled_back_to": report.rolled_back_to,
     });
-    store
-        .record_status(
-            &report.project,
-            &report.stage,
-            report.applied_revision,
-            failed,
-            &stored,
-            Utc::now(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    state
+        .record_sync(SyncUpdate::Status {
+            project: report.project,
+            stage: report.stage,
+            applied_revision: report.applied_revision,
+            failed_revision: failed,
+            report: stored,
+        })
+        .await?;
     Ok(())
 }
 

@@ -1,0 +1,143 @@
+//! Group commit of what agents acknowledge: delivered revisions and status
+//! reports from every link, written to the store together.
+//!
+//! Each of these is a promise — the hub tells the agent its report is kept
+//! (`status-ack`) only after the write is committed — so unlike link
+//! bookkeeping ([`super::record`]) they cannot be dropped or merged. But one
+//! fsync'd transaction per report caps a fleet at the disk's commit rate:
+//! a release pushed to 10,000 stages means 20,000 writes. Here a session
+//! queues its write and waits; one writer takes everything queued, commits
+//! it in one transaction, and answers each waiter with its own result. A
+//! lone write goes out at once, and under load a batch gathers while the
+//! previous one commits, so nothing waits on a timer.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+use trellis_model::StageSync;
+use trellis_store::{Store, SyncUpdate};
+
+/// The most writes committed in one transaction.
+const BATCH: usize = 1000;
+
+type Waiter = oneshot::Sender<Result<StageSync, String>>;
+
+/// Queued writes, and whether a writer is running.
+#[derive(Default)]
+pub struct SyncCommitter {
+    inner: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    writes: Vec<(SyncUpdate, Waiter)>,
+    writing: bool,
+}
+
+impl SyncCommitter {
+    /// Writes `update` with whatever else is queued, and returns once it is
+    /// committed (or with what went wrong).
+    pub async fn write(
+        self: &Arc<Self>,
+        store: Arc<dyn Store>,
+        update: SyncUpdate,
+    ) -> Result<StageSync, String> {
+        let (tx, rx) = oneshot::channel();
+        let start_writer = {
+            let mut queue = self.lock();
+            queue.writes.push((update, tx));
+            !std::mem::replace(&mut queue.writing, true)
+        };
+        if start_writer {
+            let committer = self.clone();
+            tokio::spawn(async move { committer.write_all(store).await });
+        }
+        rx.await
+            .map_err(|_| "the hub stopped before the write was committed".to_owned())?
+    }
+
+    async fn write_all(self: Arc<Self>, store: Arc<dyn Store>) {
+        loop {
+            let batch: Vec<(SyncUpdate, Waiter)> = {
+                let mut queue = self.lock();
+                if queue.writes.is_empty() {
+                    queue.writing = false;
+                    return;
+                }
+                let take = queue.writes.len().min(BATCH);
+                queue.writes.drain(..take).collect()
+            };
+            let (updates, waiters): (Vec<SyncUpdate>, Vec<Waiter>) = batch.into_iter().unzip();
+            match store.record_sync_batch(&updates, chrono::Utc::now()).await {
+                Ok(results) => {
+                    for (waiter, result) in waiters.into_iter().zip(results) {
+                        let _ = waiter.send(result.map_err(|e| e.to_string()));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for waiter in waiters {
+                        let _ = waiter.send(Err(message.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // A poisoned lock only means a panic mid-push; the queue is usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_store::memory::MemoryStore;
+
+    /// Writes queued from many tasks at once each get their own answer,
+    /// and all of them are in the store when the answers arrive.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_each_get_their_own_committed_result() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        trellis_store::testsuite::seed_stages(store.as_ref(), "shop", 50).await;
+        let committer = Arc::new(SyncCommitter::default());
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..50u64 {
+            let committer = committer.clone();
+            let store = store.clone();
+            tasks.spawn(async move {
+                let stage = format!("s{i}");
+                let synced = committer
+                    .write(
+                        store.clone(),
+                        SyncUpdate::Delivered {
+                            project: "shop".into(),
+                            stage: stage.clone(),
+                            revision: i + 1,
+                        },
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(synced.delivered_revision, i + 1);
+                let stored = store.get_stage_sync("shop", &stage).await.unwrap();
+                assert_eq!(stored.delivered_revision, i + 1);
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        let missing = committer
+            .write(
+                store.clone(),
+                SyncUpdate::Delivered {
+                    project: "shop".into(),
+                    stage: "gone".into(),
+                    revision: 1,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(missing.contains("shop/gone"), "{missing}");
+    }
+}
