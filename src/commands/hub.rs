@@ -12,8 +12,29 @@ use trellis_model::{Project, Release, Stage, StageType};
 use crate::cli::{DevArgs, HubArgs};
 use crate::client::{ClientError, HubClient};
 
+/// Connections the kernel holds for the hub until it accepts them. Tokio's
+/// default (1,024) overflows when a whole fleet reconnects after a hub
+/// restart while the hub admits a few dozen TLS handshakes at a time: the
+/// kernel then drops connection attempts, and each such agent waits out
+/// TCP's retransmission timers (1 s, 3 s, 7 s, …) on top of its own
+/// backoff. The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 16_384;
+
 async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+    let listen = || -> std::io::Result<tokio::net::TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        // As `TcpListener::bind` does: a restarted hub can listen again
+        // while the old connections linger in TIME_WAIT.
+        #[cfg(unix)]
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().with_context(|| {
         format!("cannot listen on {addr}; is another hub running there? Choose another address with --listen (port 0 picks a free one)")
     })
 }

@@ -242,11 +242,17 @@ pub async fn storm(common: Common, s: StormSettings) -> anyhow::Result<()> {
     let (mut at_99, mut at_all) = (None, None);
     let mut peak_rss = 0u64;
     let mut metrics = hub.metrics().await?;
+    // Outposts online every 10 s after the restart, for the report.
+    let mut timeline: Vec<(u64, usize)> = Vec::new();
     while at_all.is_none() && restarted.elapsed() < Duration::from_secs(600) {
         peak_rss = peak_rss.max(rss(hub.pid()));
         if let Ok(m) = hub.metrics().await {
             metrics = m;
             let t = restarted.elapsed().as_secs_f64();
+            let tick = t as u64 / 10 * 10;
+            if timeline.last().is_none_or(|(last, _)| *last < tick) {
+                timeline.push((tick, m.connected));
+            }
             if m.connected >= ninety_nine && at_99.is_none() {
                 at_99 = Some(t);
             }
@@ -297,6 +303,14 @@ pub async fn storm(common: Common, s: StormSettings) -> anyhow::Result<()> {
         "times from the moment the killed hub was started again; agents back off with full \
          jitter (0.5 s doubling to 30 s) and the hub admits new links at its admission rate",
     );
+    report.note(format!(
+        "online after the restart: {}",
+        timeline
+            .iter()
+            .map(|(t, n)| format!("{t} s: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     report.finish(common.json.as_deref())?;
     Ok(())
 }
@@ -308,6 +322,9 @@ pub struct FanoutSettings {
 }
 
 const FANOUT_PROJECT: &str = "fanout";
+
+/// Stages per push request.
+const PUSH_CHUNK: usize = 1000;
 
 const IMAGE_MANIFEST: &str = "version: v1
 components:
@@ -379,36 +396,28 @@ pub async fn fanout(common: Common, s: FanoutSettings) -> anyhow::Result<()> {
             anyhow::Ok((applied_at, polls))
         })
     };
-    let limit = Arc::new(tokio::sync::Semaphore::new(32));
-    let mut pushes = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let permit = limit.clone().acquire_owned().await?;
-        let hub = hub.clone();
-        let pushed = pushed.clone();
-        pushes.spawn(async move {
-            let _permit = permit;
-            let release = hub
-                .api(
-                    reqwest::Method::POST,
-                    &format!(
-                        "/projects/{FANOUT_PROJECT}/stages/{}/releases",
-                        stage_name(i)
-                    ),
-                    Some(json!({})),
-                )
-                .await?;
-            let revision = release["revision"]
-                .as_u64()
-                .context("the release has a revision")?;
-            pushed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(stage_name(i), (revision, started.elapsed().as_secs_f64()));
-            anyhow::Ok(())
-        });
-    }
-    while let Some(done) = pushes.join_next().await {
-        done??;
+    // One request per `PUSH_CHUNK` stages (`POST /projects/{p}/releases`,
+    // one transaction each), one after the other: the way an operator rolls
+    // a build out to a fleet, with the first outposts busy applying while
+    // the rest are still being pushed.
+    let names: Vec<String> = (0..n).map(stage_name).collect();
+    let mut requests = 0;
+    for chunk in names.chunks(PUSH_CHUNK) {
+        let releases = hub
+            .api(
+                reqwest::Method::POST,
+                &format!("/projects/{FANOUT_PROJECT}/releases"),
+                Some(json!({ "stages": chunk })),
+            )
+            .await?;
+        requests += 1;
+        let at = started.elapsed().as_secs_f64();
+        let mut pushed = pushed.lock().unwrap_or_else(|p| p.into_inner());
+        for release in releases.as_array().context("a list of releases")? {
+            let stage = release["stage"].as_str().context("a stage")?;
+            let revision = release["revision"].as_u64().context("a revision")?;
+            pushed.insert(stage.to_owned(), (revision, at));
+        }
     }
     let push_phase = started.elapsed().as_secs_f64();
     let (applied_at, polls) = watcher.await??;
@@ -428,7 +437,7 @@ pub async fn fanout(common: Common, s: FanoutSettings) -> anyhow::Result<()> {
         n as f64,
     );
     report.add(
-        "pushing the release to every stage (API calls, 32 at a time)",
+        &format!("pushing the release to every stage ({requests} API calls of ≤ {PUSH_CHUNK} stages)"),
         push_phase,
         "s",
     );
