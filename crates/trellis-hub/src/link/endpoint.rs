@@ -99,7 +99,7 @@ pub async fn link(
             .into_response();
         }
     };
-    if let Err(wait) = state.links().admit() {
+    if let Err(wait) = state.links().admit(&peer.outpost) {
         // Whole seconds, rounded up so the agent does not come back before
         // its slot (and at least one).
         let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);

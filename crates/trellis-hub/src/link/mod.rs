@@ -143,7 +143,7 @@ pub struct LinkView {
 pub struct Links {
     settings: LinkSettings,
     live: Mutex<HashMap<String, Live>>,
-    admission: Mutex<TokenBucket>,
+    admission: Mutex<Admission>,
     next_session: std::sync::atomic::AtomicU64,
     next_request: std::sync::atomic::AtomicU64,
     pub handshakes: Arc<crate::tls::HandshakeGauge>,
@@ -160,7 +160,7 @@ impl Links {
     pub fn new(settings: LinkSettings) -> Self {
         let rate = settings.admissions_per_sec.max(1);
         Links {
-            admission: Mutex::new(TokenBucket::new(rate)),
+            admission: Mutex::new(Admission::new(rate)),
             settings,
             live: Mutex::new(HashMap::new()),
             next_session: std::sync::atomic::AtomicU64::new(1),
@@ -196,12 +196,13 @@ impl Links {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Admits a new link now, or says how long to wait.
-    pub fn admit(&self) -> Result<(), Duration> {
+    /// Admits a new link of `outpost` now, or says how long until the slot
+    /// reserved for it.
+    pub fn admit(&self, outpost: &str) -> Result<(), Duration> {
         self.admission
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take(Instant::now())
+            .admit(outpost, Instant::now())
     }
 
     /// Registers a connected session, replacing (and closing) an older one
@@ -391,55 +392,86 @@ impl Live {
     }
 }
 
-/// Admission of new links: a token bucket (`rate` per second, bursts up to
-/// `rate`) that gives every refused link a **slot** of its own, one
-/// `1/rate` after the last slot given out, and tells it to come back then.
+/// Admission of new links: at most `rate` a second on average, with a
+/// burst of up to `rate` at once. A link that cannot be admitted now gets
+/// a **reserved slot** — the next free one, `1/rate` after the last given
+/// out — and is told to come back then; when it does, it is admitted on
+/// its reservation, whatever else arrived in the meantime.
 ///
 /// Telling every refused agent "retry in a second" would bring the whole
 /// queue back every second, each retry costing a TLS handshake at both
 /// ends: 15,000 agents after a hub restart would spend the hub's CPU on
-/// refusals. With slots, agents return at about the rate they can be
-/// admitted, and each is refused about once.
+/// refusals. Slots without reservations were not enough either: agents
+/// returning at their slot met newcomers that had taken the capacity, were
+/// refused again and sent to the back of an ever longer queue (15,000
+/// agents at 400 a second stalled for 30 s). With reservations each agent
+/// is refused about once, and the hub admits at its rate throughout.
+///
+/// The schedule is the generic cell rate algorithm: `next_free` is when
+/// the next unreserved admission falls due; a link is admitted at once if
+/// that is at most one burst ahead of now.
 #[derive(Debug)]
-struct TokenBucket {
-    rate: f64,
-    tokens: f64,
-    last: Option<Instant>,
-    /// The end of the queue of slots handed to refused links.
-    queue_end: Option<Instant>,
+struct Admission {
+    interval: Duration,
+    /// How far `next_free` may run ahead of now with links still admitted
+    /// at once: the burst.
+    burst: Duration,
+    next_free: Option<Instant>,
+    /// The slot each refused outpost holds.
+    reservations: HashMap<String, Instant>,
+    /// Prune reservations nobody came back for when there are this many.
+    prune_at: usize,
 }
 
 /// No refused link is told to wait longer than this; beyond it the queue
 /// is far longer than any restart should make it.
 const MAX_ADMISSION_WAIT: Duration = Duration::from_secs(600);
 
-impl TokenBucket {
+/// A reservation nobody claimed this long after its slot is dropped.
+const RESERVATION_KEPT: Duration = Duration::from_secs(600);
+
+impl Admission {
     fn new(rate: u32) -> Self {
-        TokenBucket {
-            rate: f64::from(rate),
-            tokens: f64::from(rate),
-            last: None,
-            queue_end: None,
+        let rate = rate.max(1);
+        let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+        Admission {
+            interval,
+            // `rate` at once: the first, and `rate - 1` more ahead of it.
+            burst: interval * (rate - 1),
+            next_free: None,
+            reservations: HashMap::new(),
+            prune_at: 1024,
         }
     }
 
-    fn take(&mut self, now: Instant) -> Result<(), Duration> {
-        if let Some(last) = self.last {
-            let elapsed = now.saturating_duration_since(last).as_secs_f64();
-            self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+    /// Admits `outpost` now, or says how long until its slot.
+    fn admit(&mut self, outpost: &str, now: Instant) -> Result<(), Duration> {
+        if let Some(&slot) = self.reservations.get(outpost) {
+            if slot <= now {
+                self.reservations.remove(outpost);
+                return Ok(());
+            }
+            // Back early: the same slot, not a new one.
+            return Err(slot - now);
         }
-        self.last = Some(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let due = self.next_free.map_or(now, |t| t.max(now));
+        let slot = due.checked_sub(self.burst).unwrap_or(now).max(now);
+        if slot <= now {
+            self.next_free = Some(due + self.interval);
             return Ok(());
         }
-        let interval = Duration::from_secs_f64(1.0 / self.rate);
-        let first_free = now + Duration::from_secs_f64((1.0 - self.tokens) / self.rate);
-        let slot = self
-            .queue_end
-            .map_or(first_free, |end| (end + interval).max(first_free))
-            .min(now + MAX_ADMISSION_WAIT);
-        self.queue_end = Some(slot);
+        if slot - now > MAX_ADMISSION_WAIT {
+            // The queue is past any sensible length: no reservation; the
+            // link tries again later like any other.
+            return Err(MAX_ADMISSION_WAIT);
+        }
+        self.next_free = Some(due + self.interval);
+        self.reservations.insert(outpost.to_owned(), slot);
+        if self.reservations.len() >= self.prune_at {
+            self.reservations
+                .retain(|_, slot| *slot + RESERVATION_KEPT > now);
+            self.prune_at = (self.reservations.len() * 2).max(1024);
+        }
         Err(slot - now)
     }
 }
@@ -448,31 +480,42 @@ impl TokenBucket {
 mod tests {
     use super::*;
 
+    fn name(i: usize) -> String {
+        format!("edge-{i}")
+    }
+
     #[test]
-    fn the_bucket_admits_its_rate_then_says_when_to_retry() {
-        let mut bucket = TokenBucket::new(10);
+    fn admission_takes_a_burst_then_says_when_to_retry() {
+        let mut admission = Admission::new(10);
         let t0 = Instant::now();
-        for _ in 0..10 {
-            assert!(bucket.take(t0).is_ok());
+        for i in 0..10 {
+            assert!(admission.admit(&name(i), t0).is_ok());
         }
-        let wait = bucket.take(t0).unwrap_err();
+        let wait = admission.admit(&name(10), t0).unwrap_err();
         assert!(
             wait <= Duration::from_millis(100) && wait > Duration::ZERO,
             "{wait:?}"
         );
-        assert!(bucket.take(t0 + Duration::from_millis(100)).is_ok());
+        // Early, it is told the rest of the same wait.
+        let again = admission
+            .admit(&name(10), t0 + Duration::from_millis(50))
+            .unwrap_err();
+        assert_eq!(again, wait - Duration::from_millis(50));
+        assert!(admission.admit(&name(10), t0 + wait).is_ok());
     }
 
     #[test]
-    fn refused_links_get_slots_spread_at_the_admission_rate() {
-        let mut bucket = TokenBucket::new(100);
+    fn refused_links_get_reserved_slots_spread_at_the_admission_rate() {
+        let mut admission = Admission::new(100);
         let t0 = Instant::now();
-        for _ in 0..100 {
-            assert!(bucket.take(t0).is_ok());
+        for i in 0..100 {
+            assert!(admission.admit(&name(i), t0).is_ok());
         }
         // 1,000 more at once: each told a later time, 10 ms apart, so they
         // come back at the rate they can be admitted.
-        let waits: Vec<Duration> = (0..1000).map(|_| bucket.take(t0).unwrap_err()).collect();
+        let waits: Vec<Duration> = (100..1100)
+            .map(|i| admission.admit(&name(i), t0).unwrap_err())
+            .collect();
         for pair in waits.windows(2) {
             let gap = pair[1] - pair[0];
             assert!(
@@ -481,20 +524,23 @@ mod tests {
             );
         }
         assert!(waits[999] >= Duration::from_secs(9), "{:?}", waits[999]);
-        // Returning at its slot, a link finds a token.
-        let mut admitted = 0;
-        for wait in waits.iter().take(200) {
-            if bucket.take(t0 + *wait).is_ok() {
-                admitted += 1;
-            }
+        // Newcomers keep arriving while the queue drains; each link that
+        // returns at its slot — even late — is admitted on its reservation,
+        // and the newcomers queue behind.
+        for (k, wait) in waits.iter().enumerate() {
+            let at = t0 + *wait + Duration::from_millis(k as u64 % 7);
+            let newcomer = admission.admit(&name(5000 + k), at);
+            assert!(newcomer.is_err(), "newcomer {k} took a reserved slot");
+            assert!(
+                admission.admit(&name(100 + k), at).is_ok(),
+                "link {k} refused at its slot"
+            );
         }
-        assert!(admitted >= 199, "{admitted} of 200 admitted at their slots");
         // Nobody is sent away for longer than the cap.
-        let mut flood = TokenBucket::new(1);
+        let mut flood = Admission::new(1);
         let t1 = Instant::now();
-        let _ = flood.take(t1);
         let longest = (0..2000)
-            .map(|_| flood.take(t1).unwrap_err())
+            .map(|i| flood.admit(&name(i), t1).err().unwrap_or_default())
             .max()
             .unwrap();
         assert!(longest <= MAX_ADMISSION_WAIT, "{longest:?}");
