@@ -206,7 +206,7 @@ pub struct HubArgs {
     /// Seconds between heartbeats on each outpost link (default 25)
     #[arg(long)]
     pub heartbeat_secs: Option<u64>,
-    /// New outpost links admitted per second; the rest retry later (default 200)
+    /// New outpost links admitted per second; the rest retry later (default 400)
     #[arg(long)]
     pub admissions_per_sec: Option<u32>,
     /// TLS handshakes in progress at once at most (default 64)

@@ -166,10 +166,12 @@ impl Backoff {
     }
 
     /// How long to wait when the hub said "retry after `after`": that, plus
-    /// up to a quarter of it (at least up to `base`) so agents told the same
-    /// number spread out.
+    /// up to a twentieth of it (at least up to `base`) so agents told the
+    /// same number spread out. Little, because the hub already spreads the
+    /// slots it hands out and keeps each agent's: a quarter made a restarted
+    /// fleet return ~10 s later than its slots, its capacity idle meanwhile.
     pub fn retry_after(&mut self, after: Duration) -> Duration {
-        let spread = (after / 4).max(self.config.base);
+        let spread = (after / 20).max(self.config.base);
         after + self.uniform(spread)
     }
 

@@ -75,7 +75,7 @@ fn retry_after_waits_at_least_as_long_as_asked_plus_some_spread() {
         .map(|_| backoff.retry_after(Duration::from_secs(40)))
         .collect();
     assert!(delays.iter().all(|d| *d >= Duration::from_secs(40)));
-    assert!(delays.iter().all(|d| *d <= Duration::from_secs(50)));
+    assert!(delays.iter().all(|d| *d <= Duration::from_secs(42)));
     assert!(delays.iter().any(|d| *d != delays[0]), "jittered");
     // Honouring the hub does not advance the exponential backoff.
     assert_eq!(backoff.ceiling(), Duration::from_millis(500));

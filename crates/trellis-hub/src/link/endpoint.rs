@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use trellis_link::identity::{IssuedCert, PeerIdentity};
 use trellis_link::{Incoming, LinkIo, LinkIoError, MAX_FRAME_BYTES, decode, encode};
-use trellis_store::JoinTokenRefusal;
+use trellis_store::{JoinTokenRefusal, StoreError};
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
@@ -82,7 +82,10 @@ pub async fn link(
     connection: Option<axum::Extension<ConnectionInfo>>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Response {
-    let peer = match authorize_agent(&state, connection).await {
+    // The certificate alone (checked against the hub's CA in the TLS
+    // handshake) names the outpost; admission comes before any database
+    // read, so the links a storm refuses cost the hub no reads.
+    let peer = match presented_peer(connection) {
         Ok(peer) => peer,
         Err(e) => return e.into_response(),
     };
@@ -115,6 +118,9 @@ pub async fn link(
         }
         return response;
     }
+    if let Err(e) = check_registered(&state, &peer).await {
+        return e.into_response();
+    }
     upgrade
         .read_buffer_size(trellis_link::LINK_READ_BUFFER_BYTES)
         // Frames are sent and flushed one by one; nothing to gather.
@@ -131,17 +137,31 @@ pub(crate) async fn authorize_agent(
     state: &AppState,
     connection: Option<axum::Extension<ConnectionInfo>>,
 ) -> Result<PeerIdentity, ApiError> {
-    let Some(peer) = connection.and_then(|c| c.0.peer) else {
-        return Err(ApiError::new(
+    let peer = presented_peer(connection)?;
+    check_registered(state, &peer).await?;
+    Ok(peer)
+}
+
+/// The outpost identity of the client certificate the connection presented.
+fn presented_peer(
+    connection: Option<axum::Extension<ConnectionInfo>>,
+) -> Result<PeerIdentity, ApiError> {
+    connection.and_then(|c| c.0.peer).ok_or_else(|| {
+        ApiError::new(
             StatusCode::UNAUTHORIZED,
             "client-certificate-required",
             "this endpoint is for outpost agents, which connect with their client certificate",
             "enrol the agent with `trellis agent join HUB --token TOKEN`",
-        ));
-    };
+        )
+    })
+}
+
+/// The peer's outpost exists, is not revoked, and linked with the key
+/// registered for it.
+async fn check_registered(state: &AppState, peer: &PeerIdentity) -> Result<(), ApiError> {
     let outpost = match state.store().get_outpost(&peer.outpost).await {
         Ok(o) => o,
-        Err(_) => {
+        Err(StoreError::NotFound { .. }) => {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "unknown-outpost",
@@ -149,20 +169,22 @@ pub(crate) async fn authorize_agent(
                 "ask the administrator to register it again and re-join the agent",
             ));
         }
+        // The database failed or is overloaded: that says nothing about
+        // the outpost, so it must not be told it is unknown.
+        Err(e) => return Err(e.into()),
     };
     if outpost.revoked_at.is_some() {
         return Err(revoked(&outpost.name));
     }
-    let registered = state
-        .store()
-        .get_outpost_link(&outpost.name)
-        .await
-        .ok()
-        .and_then(|l| l.key_fingerprint);
+    let registered = match state.store().get_outpost_link(&outpost.name).await {
+        Ok(link) => link.key_fingerprint,
+        Err(StoreError::NotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
     if registered.as_deref() != Some(peer.public_key_fingerprint.to_string().as_str()) {
         return Err(unknown_key(&outpost.name));
     }
-    Ok(peer)
+    Ok(())
 }
 
 fn revoked(outpost: &str) -> ApiError {
