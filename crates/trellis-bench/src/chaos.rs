@@ -139,6 +139,13 @@ impl Ledger {
 }
 
 pub async fn run(s: Settings) -> anyhow::Result<()> {
+    if s.outposts == 0 || s.releases < s.outposts {
+        anyhow::bail!(
+            "--releases ({}) must be at least --outposts ({}), and there must be an outpost: every stage needs a release to converge to",
+            s.releases,
+            s.outposts
+        );
+    }
     let work = tempfile::tempdir()?;
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(s.seed);
@@ -211,6 +218,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     );
 
     let mut ledger = Ledger::default();
+    let mut pushes = 0;
     // Links restored at these times.
     let mut restore_at: Vec<Option<Instant>> = vec![None; s.outposts];
     for (n, event) in plan.iter().enumerate() {
@@ -220,9 +228,16 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
                 *at = None;
             }
         }
-        let i = rng.gen_range(0..s.outposts);
+        let mut i = rng.gen_range(0..s.outposts);
         match event {
             Event::Push => {
+                // The first pushes go round the stages, so that every stage
+                // has a release to converge to (seed 2 once left one
+                // without any, and the check waited for it in vain).
+                if pushes < s.outposts {
+                    i = pushes;
+                }
+                pushes += 1;
                 let stage = outposts[i].stage.clone();
                 match hub
                     .api(
