@@ -437,7 +437,7 @@ pub async fn fanout(common: Common, s: FanoutSettings) -> anyhow::Result<()> {
         n as f64,
     );
     report.add(
-        &format!(
+        format!(
             "pushing the release to every stage ({requests} API calls of ≤ {PUSH_CHUNK} stages)"
         ),
         push_phase,
