@@ -140,6 +140,45 @@ fn reported_state(
 }
 
 impl State {
+    /// The release's stage and build exist (see [`Store::push_release`]).
+    fn check_release(&self, release: &NewRelease) -> Result<()> {
+        self.stage(&release.project, &release.stage)?;
+        if !self
+            .project(&release.project)?
+            .builds
+            .contains_key(&release.build)
+        {
+            return Err(not_found(
+                "build",
+                wording::build(&release.project, &release.build),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records a release that passed [`State::check_release`]: the stage's
+    /// next number and revision.
+    fn record_release(&mut self, release: &NewRelease, now: Timestamp) -> Result<Release> {
+        let stage_state = self.stage_mut(&release.project, &release.stage)?;
+        let stage = &mut stage_state.stage;
+        let number = stage.latest_release.unwrap_or(0) + 1;
+        stage.desired_revision += 1;
+        stage.latest_release = Some(number);
+        let created = Release {
+            project: release.project.clone(),
+            stage: release.stage.clone(),
+            number,
+            build: release.build.clone(),
+            config: release.config.clone(),
+            revision: stage.desired_revision,
+            state: ReleaseState::Pending,
+            created_at: millis(now),
+            created_by: release.created_by.clone(),
+        };
+        stage_state.releases.insert(number, created.clone());
+        Ok(created)
+    }
+
     fn project(&self, name: &str) -> Result<&ProjectState> {
         self.projects
             .get(name)
@@ -754,60 +793,21 @@ impl Store for MemoryStore {
 
     async fn push_release(&self, release: &NewRelease, now: Timestamp) -> Result<Release> {
         let mut state = self.state();
-        state.stage(&release.project, &release.stage)?;
-        if !state
-            .project(&release.project)?
-            .builds
-            .contains_key(&release.build)
-        {
-            return Err(not_found(
-                "build",
-                wording::build(&release.project, &release.build),
-            ));
-        }
-        let stage_state = state.stage_mut(&release.project, &release.stage)?;
-        let stage = &mut stage_state.stage;
-        let number = stage.latest_release.unwrap_or(0) + 1;
-        stage.desired_revision += 1;
-        stage.latest_release = Some(number);
-        let created = Release {
-            project: release.project.clone(),
-            stage: release.stage.clone(),
-            number,
-            build: release.build.clone(),
-            config: release.config.clone(),
-            revision: stage.desired_revision,
-            state: ReleaseState::Pending,
-            created_at: millis(now),
-            created_by: release.created_by.clone(),
-        };
-        stage_state.releases.insert(number, created.clone());
-        Ok(created)
+        state.check_release(release)?;
+        state.record_release(release, now)
     }
 
     async fn push_releases(&self, releases: &[NewRelease], now: Timestamp) -> Result<Vec<Release>> {
-        // All or none: check every entry before changing anything.
-        {
-            let state = self.state();
-            for release in releases {
-                state.stage(&release.project, &release.stage)?;
-                if !state
-                    .project(&release.project)?
-                    .builds
-                    .contains_key(&release.build)
-                {
-                    return Err(not_found(
-                        "build",
-                        wording::build(&release.project, &release.build),
-                    ));
-                }
-            }
-        }
-        let mut created = Vec::with_capacity(releases.len());
+        // All or none: every entry checked, under the same lock, before
+        // anything changes.
+        let mut state = self.state();
         for release in releases {
-            created.push(self.push_release(release, now).await?);
+            state.check_release(release)?;
         }
-        Ok(created)
+        releases
+            .iter()
+            .map(|release| state.record_release(release, now))
+            .collect()
     }
 
     async fn get_release(&self, project: &str, stage: &str, number: u64) -> Result<Release> {
