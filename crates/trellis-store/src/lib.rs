@@ -168,6 +168,29 @@ pub struct StageSummary {
     pub applied_release: Option<u64>,
 }
 
+/// What an agent needs to run a stage at its desired revision, besides
+/// the stage record: read with it by [`Store::outpost_desired`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredParts {
+    /// As [`Store::list_component_controls`] lists them.
+    pub controls: Vec<ComponentControl>,
+    /// The stage's newest release, if it has one.
+    pub release: Option<Release>,
+    /// That release's build.
+    pub build: Option<Build>,
+}
+
+/// A stage placed on an outpost, with the parts of its desired state when
+/// [`Store::outpost_desired`] was asked for them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutpostStage {
+    pub stage: Stage,
+    pub desired: Option<DesiredParts>,
+}
+
+/// A stage by project and name.
+pub type StageKey = (String, String);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRelease {
     pub project: String,
@@ -214,6 +237,16 @@ pub trait Store: Send + Sync + 'static {
     /// those stages are deleted too.
     async fn delete_outpost(&self, name: &str, force: bool) -> Result<()>;
     async fn stages_on_outpost(&self, outpost: &str) -> Result<Vec<Stage>>;
+    /// What a link session sends an outpost, in one read (one transaction
+    /// where the backend has them, so the parts agree with the stage's
+    /// revision): the stages on it as [`Store::stages_on_outpost`] lists
+    /// them, each with its [`DesiredParts`] when its desired revision is
+    /// above the one `held` gives for it (a stage missing there holds 0).
+    async fn outpost_desired(
+        &self,
+        outpost: &str,
+        held: &std::collections::HashMap<StageKey, u64>,
+    ) -> Result<Vec<OutpostStage>>;
     /// Increments the outpost's URI generation, so URIs handed out before
     /// stop validating. Stages already on it are not affected.
     async fn rotate_outpost_uri(&self, name: &str) -> Result<Outpost>;

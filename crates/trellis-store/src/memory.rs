@@ -12,7 +12,7 @@
 //! Each operation validates everything before it changes anything, under one
 //! lock, so operations are atomic just like the SQLite transactions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
@@ -24,8 +24,8 @@ use trellis_model::{
 };
 
 use crate::{
-    ControlOutcome, JoinTokenRefusal, NewRelease, NewStage, Result, StageSummary, StageUpdate,
-    Store, StoreError, StoredAccessKey, wording,
+    ControlOutcome, DesiredParts, JoinTokenRefusal, NewRelease, NewStage, OutpostStage, Result,
+    StageKey, StageSummary, StageUpdate, Store, StoreError, StoredAccessKey, wording,
 };
 
 /// The in-memory store. Cheap to create; holds nothing on disk.
@@ -481,6 +481,50 @@ impl Store for MemoryStore {
             .filter(|s| s.stage.outpost == outpost)
             .map(|s| s.stage.clone())
             .collect())
+    }
+
+    async fn outpost_desired(
+        &self,
+        outpost: &str,
+        held: &HashMap<StageKey, u64>,
+    ) -> Result<Vec<OutpostStage>> {
+        let state = self.state();
+        if !state.outposts.contains_key(outpost) {
+            return Err(not_found("outpost", outpost.to_owned()));
+        }
+        let mut listed = Vec::new();
+        for (project, p) in &state.projects {
+            for s in p.stages.values().filter(|s| s.stage.outpost == outpost) {
+                let key = (project.clone(), s.stage.name.clone());
+                let wanted = s.stage.desired_revision > held.get(&key).copied().unwrap_or(0);
+                let desired = if wanted {
+                    let release = match s.stage.latest_release {
+                        Some(n) => Some(s.releases.get(&n).cloned().ok_or_else(|| {
+                            not_found("release", wording::release(project, &s.stage.name, n))
+                        })?),
+                        None => None,
+                    };
+                    let build = match &release {
+                        Some(r) => Some(p.builds.get(&r.build).cloned().ok_or_else(|| {
+                            not_found("build", wording::build(project, &r.build))
+                        })?),
+                        None => None,
+                    };
+                    Some(DesiredParts {
+                        controls: s.controls.values().cloned().collect(),
+                        release,
+                        build,
+                    })
+                } else {
+                    None
+                };
+                listed.push(OutpostStage {
+                    stage: s.stage.clone(),
+                    desired,
+                });
+            }
+        }
+        Ok(listed)
     }
 
     async fn create_stage(&self, stage: &NewStage, now: Timestamp) -> Result<Stage> {

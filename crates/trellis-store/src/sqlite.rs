@@ -18,6 +18,7 @@
 //! `ON CONFLICT … DO UPDATE`, standard types) so the planned PostgreSQL
 //! backend can share it.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -38,8 +39,9 @@ use trellis_model::{
 };
 
 use crate::{
-    ControlOutcome, JoinTokenRefusal, LinkActivity, NewRelease, NewStage, Result, StageSummary,
-    StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate, wording,
+    ControlOutcome, DesiredParts, JoinTokenRefusal, LinkActivity, NewRelease, NewStage,
+    OutpostStage, Result, StageKey, StageSummary, StageUpdate, Store, StoreError, StoredAccessKey,
+    SyncUpdate, wording,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -644,6 +646,68 @@ async fn release_in(
     Ok(created)
 }
 
+/// A stage's controls, newest release and its build, read on `c` (in the
+/// caller's transaction).
+async fn desired_parts_in(c: &mut SqliteConnection, stage: &Stage) -> Result<DesiredParts> {
+    const DOING: &str = "reading a stage's desired state";
+    let controls = sqlx::query(
+        "SELECT component, stopped, restarts FROM component_controls \
+         WHERE project = $1 AND stage = $2 ORDER BY component",
+    )
+    .bind(&stage.project)
+    .bind(&stage.name)
+    .fetch_all(&mut *c)
+    .await
+    .map_err(backend(DOING))?;
+    let controls = all(&controls, control_from)?;
+    let Some(number) = stage.latest_release else {
+        return Ok(DesiredParts {
+            controls,
+            release: None,
+            build: None,
+        });
+    };
+    let release = sqlx::query(concat!(
+        "SELECT ",
+        release_columns!(),
+        " FROM releases WHERE project = $1 AND stage = $2 AND number = $3"
+    ))
+    .bind(&stage.project)
+    .bind(&stage.name)
+    .bind(int(number)?)
+    .fetch_optional(&mut *c)
+    .await
+    .map_err(backend(DOING))?
+    .as_ref()
+    .map(release_from)
+    .transpose()?
+    .ok_or_else(|| {
+        not_found(
+            "release",
+            wording::release(&stage.project, &stage.name, number),
+        )
+    })?;
+    let build = sqlx::query(concat!(
+        "SELECT ",
+        build_columns!(),
+        " FROM builds WHERE project = $1 AND name = $2"
+    ))
+    .bind(&stage.project)
+    .bind(&release.build)
+    .fetch_optional(&mut *c)
+    .await
+    .map_err(backend(DOING))?
+    .as_ref()
+    .map(build_from)
+    .transpose()?
+    .ok_or_else(|| not_found("build", wording::build(&stage.project, &release.build)))?;
+    Ok(DesiredParts {
+        controls,
+        release: Some(release),
+        build: Some(build),
+    })
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_user(&self, user: &User) -> Result<()> {
@@ -1048,6 +1112,49 @@ impl Store for SqliteStore {
         .await
         .map_err(backend(DOING))?;
         all(&rows, stage_from)
+    }
+
+    async fn outpost_desired(
+        &self,
+        outpost: &str,
+        held: &HashMap<StageKey, u64>,
+    ) -> Result<Vec<OutpostStage>> {
+        const DOING: &str = "reading the desired state of an outpost's stages";
+        let mut tx = self.read().await?;
+        let stages = {
+            if !exists(
+                &mut tx,
+                "SELECT 1 FROM outposts WHERE name = $1",
+                &[outpost],
+                DOING,
+            )
+            .await?
+            {
+                return Err(not_found("outpost", outpost.to_owned()));
+            }
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                stage_columns!(),
+                " FROM stages WHERE outpost = $1 ORDER BY project, name"
+            ))
+            .bind(outpost)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+            all(&rows, stage_from)?
+        };
+        let mut listed = Vec::with_capacity(stages.len());
+        for stage in stages {
+            let key = (stage.project.clone(), stage.name.clone());
+            let wanted = stage.desired_revision > held.get(&key).copied().unwrap_or(0);
+            let desired = if wanted {
+                Some(desired_parts_in(&mut tx, &stage).await?)
+            } else {
+                None
+            };
+            listed.push(OutpostStage { stage, desired });
+        }
+        Ok(listed)
     }
 
     async fn rotate_outpost_uri(&self, name: &str) -> Result<Outpost> {

@@ -10,7 +10,7 @@
 //! This is test code that ships in the library so other crates (a future
 //! PostgreSQL backend) can run it; its panics are its assertions.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
 
 use chrono::DateTime;
@@ -66,6 +66,7 @@ macro_rules! for_each_suite_test {
             deletes_remove_link_rows,
             component_controls,
             deletes_remove_component_controls,
+            outpost_desired_states,
         }
     };
 }
@@ -2429,5 +2430,88 @@ pub async fn deletes_remove_component_controls(store: &dyn Store) {
     assert_eq!(
         store.list_component_controls("shop", "qa").await.unwrap(),
         vec![]
+    );
+}
+
+/// What a link session reads for an outpost: its stages, and the desired
+/// state of those newer than the agent holds, agreeing with each other.
+pub async fn outpost_desired_states(store: &dyn Store) {
+    setup(store, "shop").await;
+    store
+        .create_outpost(&outpost("edge", None))
+        .await
+        .expect("creating outpost edge");
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", at(5))
+        .await
+        .unwrap();
+    for (name, on) in [("a", "edge"), ("b", "edge"), ("elsewhere", "local")] {
+        store
+            .create_stage(&new_stage("shop", name, on), at(10))
+            .await
+            .unwrap();
+    }
+    store
+        .push_release(&new_release("shop", "a", &build.name), at(20))
+        .await
+        .unwrap();
+    store
+        .control_component("shop", "a", "web", ComponentAction::Stop)
+        .await
+        .unwrap();
+    store
+        .control_component("shop", "b", "web", ComponentAction::Restart)
+        .await
+        .unwrap();
+    let key = |stage: &str| ("shop".to_owned(), stage.to_owned());
+
+    let all = store
+        .outpost_desired("edge", &HashMap::new())
+        .await
+        .unwrap();
+    let names: Vec<&str> = all.iter().map(|s| s.stage.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"], "the outpost's stages only, by name");
+    let a = all[0].desired.as_ref().expect("a is newer than nothing");
+    assert_eq!(all[0].stage.desired_revision, 2);
+    assert_eq!(
+        a.release,
+        Some(store.get_release("shop", "a", 1).await.unwrap())
+    );
+    assert_eq!(a.build, Some(build.clone()));
+    assert_eq!(a.controls, vec![control("web", true, 0)]);
+    let b = all[1].desired.as_ref().expect("b is newer than nothing");
+    assert_eq!((b.release.as_ref(), b.build.as_ref()), (None, None));
+    assert_eq!(b.controls, vec![control("web", false, 1)]);
+
+    // What the agent holds already is listed without its parts.
+    let held = HashMap::from([(key("a"), 2), (key("b"), 0)]);
+    let some = store.outpost_desired("edge", &held).await.unwrap();
+    assert_eq!(some.len(), 2, "every stage is listed, held or not");
+    assert_eq!(some[0].desired, None, "a is held at its desired revision");
+    assert!(some[1].desired.is_some());
+    assert_eq!(
+        store
+            .outpost_desired("edge", &HashMap::from([(key("a"), 1)]))
+            .await
+            .unwrap()[0]
+            .desired
+            .as_ref()
+            .and_then(|d| d.release.as_ref())
+            .map(|r| r.number),
+        Some(1),
+        "a stage held at an older revision gets its parts"
+    );
+
+    assert!(matches!(
+        store.outpost_desired("nowhere", &HashMap::new()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(
+        store
+            .outpost_desired("local", &HashMap::new())
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| s.stage.outpost == "local")
     );
 }

@@ -5,7 +5,7 @@
 //! The session talks to a [`LinkIo`], so the same code runs over a real
 //! WebSocket and inside the deterministic simulation.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -14,15 +14,15 @@ use tokio::time::Instant;
 use trellis_link::identity::PeerIdentity;
 use trellis_link::protocol::{AgentError, DesiredAck, StageRevision, StatusReport};
 use trellis_link::{Envelope, Incoming, LinkIo, LinkIoError, Message};
-use trellis_model::Stage;
-use trellis_store::{LinkActivity, LinkHello, SyncUpdate};
+use trellis_model::{Stage, StageSync};
+use trellis_store::{DesiredParts, LinkActivity, LinkHello, OutpostStage, SyncUpdate};
 
 use crate::state::AppState;
 
 /// How long a new connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-type StageId = (String, String);
+type StageId = trellis_store::StageKey;
 
 /// Runs a session until the link closes, the agent falls silent, the
 /// outpost is revoked or a newer session replaces this one.
@@ -44,6 +44,13 @@ struct Session<'a> {
     seq: u64,
     /// The newest revision per stage the agent holds or was sent.
     known: HashMap<StageId, u64>,
+    /// The stages the store placed on this outpost at the last sync: what
+    /// the agent may report on without another read.
+    placed: HashSet<StageId>,
+    /// Each stage's sync record as this session last committed it. One
+    /// session writes an outpost's stages at a time, so the next report
+    /// merges its errors into this without reading it back.
+    synced: HashMap<StageId, StageSync>,
     /// Open log requests, by id.
     logs: super::logs::LogRouter,
 }
@@ -57,38 +64,41 @@ impl Session<'_> {
     }
 
     /// Sends every stage whose desired revision is newer than what the
-    /// agent has, and tells the agent to forget stages that are gone.
+    /// agent has, and tells the agent to forget stages that are gone: one
+    /// read of the store for all of it.
     async fn sync(&mut self, io: &mut Box<dyn LinkIo>) -> Result<(), String> {
         let stages = self
             .state
             .store()
-            .stages_on_outpost(self.outpost)
+            .outpost_desired(self.outpost, &self.known)
             .await
             .map_err(|e| e.to_string())?;
-        let mut present = std::collections::HashSet::new();
-        for stage in &stages {
-            let id = (stage.project.clone(), stage.name.clone());
-            present.insert(id.clone());
-            let known = self.known.get(&id).copied().unwrap_or(0);
-            if stage.desired_revision > known {
-                let desired = desired_state(self.state, stage).await?;
-                self.send(
-                    io,
-                    Message::Desired {
-                        project: stage.project.clone(),
-                        stage: stage.name.clone(),
-                        revision: stage.desired_revision,
-                        state: desired,
-                    },
-                )
-                .await?;
-                self.known.insert(id, stage.desired_revision);
-            }
+        self.placed = stages
+            .iter()
+            .map(|s| (s.stage.project.clone(), s.stage.name.clone()))
+            .collect();
+        self.synced.retain(|id, _| self.placed.contains(id));
+        for OutpostStage { stage, desired } in stages {
+            let Some(parts) = desired else { continue };
+            let revision = stage.desired_revision;
+            let state = desired_state(&stage, parts);
+            let id = (stage.project, stage.name);
+            self.send(
+                io,
+                Message::Desired {
+                    project: id.0.clone(),
+                    stage: id.1.clone(),
+                    revision,
+                    state,
+                },
+            )
+            .await?;
+            self.known.insert(id, revision);
         }
         let gone: Vec<StageId> = self
             .known
             .keys()
-            .filter(|id| !present.contains(*id))
+            .filter(|id| !self.placed.contains(*id))
             .cloned()
             .collect();
         for (project, stage) in gone {
@@ -104,18 +114,41 @@ impl Session<'_> {
         }
         Ok(())
     }
+
+    /// Whether a report or ack may touch the stage: only stages placed on
+    /// this session's outpost. One placed after the last sync is looked up.
+    async fn owns(&self, project: &str, stage: &str) -> bool {
+        if self.placed.contains(&(project.to_owned(), stage.to_owned())) {
+            return true;
+        }
+        match self.state.store().get_stage(project, stage).await {
+            Ok(s) => s.outpost == self.outpost,
+            Err(_) => false,
+        }
+    }
+
+    /// Commits a sync write and remembers what was committed.
+    async fn record(&mut self, id: StageId, update: SyncUpdate) -> Result<(), String> {
+        match self.state.record_sync(update).await {
+            Ok(sync) => {
+                self.synced.insert(id, sync);
+                Ok(())
+            }
+            Err(e) => {
+                self.synced.remove(&id);
+                Err(e)
+            }
+        }
+    }
 }
 
 /// The full desired state of a stage at its current desired revision:
 /// everything the agent needs to run it without asking again.
 /// `controls` maps each component ever started, stopped or restarted to
 /// `{"stopped": bool, "restarts": n}`.
-pub async fn desired_state(state: &AppState, stage: &Stage) -> Result<Value, String> {
-    let store = state.store();
-    let controls: serde_json::Map<String, Value> = store
-        .list_component_controls(&stage.project, &stage.name)
-        .await
-        .map_err(|e| e.to_string())?
+pub fn desired_state(stage: &Stage, parts: DesiredParts) -> Value {
+    let controls: serde_json::Map<String, Value> = parts
+        .controls
         .into_iter()
         .map(|c| {
             (
@@ -124,31 +157,13 @@ pub async fn desired_state(state: &AppState, stage: &Stage) -> Result<Value, Str
             )
         })
         .collect();
-    let release = match stage.latest_release {
-        Some(n) => Some(
-            store
-                .get_release(&stage.project, &stage.name, n)
-                .await
-                .map_err(|e| e.to_string())?,
-        ),
-        None => None,
-    };
-    let build = match &release {
-        Some(r) => Some(
-            store
-                .get_build(&stage.project, &r.build)
-                .await
-                .map_err(|e| e.to_string())?,
-        ),
-        None => None,
-    };
-    Ok(json!({
+    json!({
         "revision": stage.desired_revision,
         "suspended": stage.suspended,
-        "release": release,
-        "build": build,
+        "release": parts.release,
+        "build": parts.build,
         "controls": controls,
-    }))
+    })
 }
 
 async fn serve(
@@ -237,6 +252,8 @@ async fn session_loop(
                 )
             })
             .collect(),
+        placed: HashSet::new(),
+        synced: HashMap::new(),
         logs: super::logs::LogRouter::default(),
     };
     session
@@ -349,24 +366,28 @@ async fn handle_frame(
                 revision,
             } in desired
             {
-                if !owns(session, &project, &stage).await {
+                if !session.owns(&project, &stage).await {
                     continue;
                 }
-                state
-                    .record_sync(SyncUpdate::Delivered {
-                        project,
-                        stage,
-                        revision,
-                    })
+                let id = (project.clone(), stage.clone());
+                session
+                    .record(
+                        id,
+                        SyncUpdate::Delivered {
+                            project,
+                            stage,
+                            revision,
+                        },
+                    )
                     .await?;
             }
         }
         Message::Status { seq, reports } => {
             for report in reports {
-                if !owns(session, &report.project, &report.stage).await {
+                if !session.owns(&report.project, &report.stage).await {
                     continue;
                 }
-                record_report(state, report).await?;
+                record_report(session, report).await?;
             }
             session
                 .send(io, Message::StatusAck { up_to_seq: seq })
@@ -409,7 +430,7 @@ async fn handle_frame(
             total,
             step,
         } => {
-            if owns(session, &project, &stage).await {
+            if session.owns(&project, &stage).await {
                 state.links().record_delivery(
                     &project,
                     &stage,
@@ -453,22 +474,19 @@ async fn handle_frame(
     Ok(())
 }
 
-/// A report or ack may only touch stages placed on this session's outpost.
-async fn owns(session: &Session<'_>, project: &str, stage: &str) -> bool {
-    match session.state.store().get_stage(project, stage).await {
-        Ok(s) => s.outpost == session.outpost,
-        Err(_) => false,
-    }
-}
-
 /// Stores a status report, merging its errors into those already known so
 /// errors the agent reported once are kept (bounded) for the status view.
-async fn record_report(state: &AppState, report: StatusReport) -> Result<(), String> {
-    let store = state.store();
-    let previous = store
-        .get_stage_sync(&report.project, &report.stage)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn record_report(session: &mut Session<'_>, report: StatusReport) -> Result<(), String> {
+    let id = (report.project.clone(), report.stage.clone());
+    let previous = match session.synced.get(&id) {
+        Some(sync) => sync.clone(),
+        None => session
+            .state
+            .store()
+            .get_stage_sync(&report.project, &report.stage)
+            .await
+            .map_err(|e| e.to_string())?,
+    };
     let mut log = super::errors::ErrorLog::default();
     if let Some(old) = previous
         .report
@@ -522,16 +540,18 @@ async fn record_report(state: &AppState, report: StatusReport) -> Result<(), Str
         "applied_revision": report.applied_revision,
         "rolled_back_to": report.rolled_back_to,
     });
-    state
-        .record_sync(SyncUpdate::Status {
-            project: report.project,
-            stage: report.stage,
-            applied_revision: report.applied_revision,
-            failed_revision: failed,
-            report: stored,
-        })
-        .await?;
-    Ok(())
+    session
+        .record(
+            id,
+            SyncUpdate::Status {
+                project: report.project,
+                stage: report.stage,
+                applied_revision: report.applied_revision,
+                failed_revision: failed,
+                report: stored,
+            },
+        )
+        .await
 }
 
 /// A certificate in its last third of life marks the link degraded until
