@@ -437,7 +437,14 @@ pub fn run_worker(
     to: usize,
     tls_baseline: Option<u16>,
 ) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Runtime::new()?;
+    // Each agent of a real fleet is its own process with its own blocking
+    // pool and a handful of state commits at a time. Thousands of agents
+    // sharing tokio's default pool (up to 512 threads) spend the machine's
+    // two cores switching between those threads instead.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .build()?;
     runtime.block_on(async move {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         // The parent closes our stdin to stop us.

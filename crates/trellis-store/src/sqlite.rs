@@ -18,7 +18,7 @@
 //! `ON CONFLICT … DO UPDATE`, standard types) so the planned PostgreSQL
 //! backend can share it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -54,6 +54,13 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// costs a thread.
 const READERS: u32 = 4;
 
+/// Rows a connection's worker thread hands over before it waits for the
+/// reading task to take them. sqlx's default (50) makes a 10,000-row read
+/// wait 200 times for the task to be polled again, which on a busy hub
+/// means 200 trips to the back of the runtime's queue while the
+/// connection stays taken.
+const ROW_BUFFER: usize = 4096;
+
 /// The SQLite store. Cloning is not offered: open it once and share it
 /// behind an `Arc<dyn Store>`.
 pub struct SqliteStore {
@@ -69,8 +76,9 @@ impl SqliteStore {
             .filename(path)
             .foreign_keys(true)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(BUSY_TIMEOUT);
-        let writer = SqlitePoolOptions::new()
+            .busy_timeout(BUSY_TIMEOUT)
+            .row_buffer_size(ROW_BUFFER);
+        let writer = pool_options()
             .max_connections(1)
             .connect_with(
                 options
@@ -89,7 +97,7 @@ impl SqliteStore {
             })?;
         // Opened only after the writer has switched the file to WAL (a
         // persistent setting), so readers never race it for that.
-        let reader = SqlitePoolOptions::new()
+        let reader = pool_options()
             .max_connections(READERS)
             .connect_with(options.pragma("query_only", "ON"))
             .await
@@ -122,6 +130,14 @@ impl SqliteStore {
             .await
             .map_err(backend("starting a read"))
     }
+}
+
+fn pool_options() -> SqlitePoolOptions {
+    // A call waiting seconds for a connection is what a link storm looks
+    // like (the hub admits links at a bounded rate and their reads queue);
+    // at sqlx's default `warn` every such wait is a log line, 100 MB of
+    // them in one 15,000-outpost storm. Failures still surface as errors.
+    SqlitePoolOptions::new().acquire_slow_level(log::LevelFilter::Debug)
 }
 
 async fn commit(tx: Transaction<'static, Sqlite>, doing: &'static str) -> Result<()> {
@@ -581,40 +597,56 @@ async fn require_stage(c: &mut SqliteConnection, project: &str, name: &str) -> R
 const RECORDING_RELEASE: &str = "recording a release";
 
 /// Records one release in the open write transaction `c` (see
-/// [`Store::push_release`]).
+/// [`Store::push_release`]). `builds` holds the builds already found in
+/// this transaction, so a push of one build to many stages checks it once.
 async fn release_in(
     c: &mut SqliteConnection,
     release: &NewRelease,
     now: Timestamp,
+    builds: &mut HashSet<(String, String)>,
 ) -> Result<Release> {
     const DOING: &str = RECORDING_RELEASE;
-    let stage = require_stage(&mut *c, &release.project, &release.stage).await?;
-    if !exists(
-        &mut *c,
-        "SELECT 1 FROM builds WHERE project = $1 AND name = $2",
-        &[&release.project, &release.build],
-        DOING,
+    // Takes the stage's next release number and desired revision in the
+    // same statement that finds it.
+    let taken = sqlx::query(
+        "UPDATE stages SET desired_revision = desired_revision + 1, \
+         latest_release = COALESCE(latest_release, 0) + 1 \
+         WHERE project = $1 AND name = $2 \
+         RETURNING desired_revision, latest_release",
     )
-    .await?
-    {
-        return Err(not_found(
-            "build",
-            wording::build(&release.project, &release.build),
-        ));
-    }
-    let number = stage.latest_release.unwrap_or(0) + 1;
-    let revision = stage.desired_revision + 1;
-    sqlx::query(
-        "UPDATE stages SET desired_revision = $1, latest_release = $2 \
-         WHERE project = $3 AND name = $4",
-    )
-    .bind(int(revision)?)
-    .bind(int(number)?)
     .bind(&release.project)
     .bind(&release.stage)
-    .execute(&mut *c)
+    .fetch_optional(&mut *c)
     .await
     .map_err(backend(DOING))?;
+    let Some(taken) = taken else {
+        require_project(&mut *c, &release.project).await?;
+        return Err(not_found(
+            "stage",
+            wording::stage(&release.project, &release.stage),
+        ));
+    };
+    let revision = unsigned(col(&taken, "desired_revision")?)?;
+    let number = unsigned(col(&taken, "latest_release")?)?;
+    let build = (release.project.clone(), release.build.clone());
+    if !builds.contains(&build) {
+        if !exists(
+            &mut *c,
+            "SELECT 1 FROM builds WHERE project = $1 AND name = $2",
+            &[&release.project, &release.build],
+            DOING,
+        )
+        .await?
+        {
+            // The caller drops the transaction, and the stage's numbers
+            // with it.
+            return Err(not_found(
+                "build",
+                wording::build(&release.project, &release.build),
+            ));
+        }
+        builds.insert(build);
+    }
     let created = Release {
         project: release.project.clone(),
         stage: release.stage.clone(),
@@ -1721,7 +1753,7 @@ impl Store for SqliteStore {
 
     async fn push_release(&self, release: &NewRelease, now: Timestamp) -> Result<Release> {
         let mut tx = self.write().await?;
-        let created = release_in(&mut tx, release, now).await?;
+        let created = release_in(&mut tx, release, now, &mut HashSet::new()).await?;
         commit(tx, RECORDING_RELEASE).await?;
         Ok(created)
     }
@@ -1729,9 +1761,10 @@ impl Store for SqliteStore {
     async fn push_releases(&self, releases: &[NewRelease], now: Timestamp) -> Result<Vec<Release>> {
         let mut tx = self.write().await?;
         let mut created = Vec::with_capacity(releases.len());
+        let mut builds = HashSet::new();
         for release in releases {
             // An error drops the transaction: none of the releases is kept.
-            created.push(release_in(&mut tx, release, now).await?);
+            created.push(release_in(&mut tx, release, now, &mut builds).await?);
         }
         commit(tx, RECORDING_RELEASE).await?;
         Ok(created)
@@ -2042,10 +2075,10 @@ async fn delivered_in(
 ) -> Result<StageSync> {
     const DOING: &str = "recording a delivery";
     let revision = int(revision)?;
-    require_stage(&mut *c, project, stage).await?;
-    // The maximum is taken in the statement, so it holds whatever else
-    // writes the row concurrently.
-    sqlx::query(concat!(
+    // One statement: the maximum is taken in it, so it holds whatever else
+    // writes the row concurrently, and a stage that is gone fails its
+    // foreign key.
+    let row = sqlx::query(concat!(
         "INSERT INTO stage_syncs (",
         sync_columns!(),
         ") VALUES ($1, $2, $3, 0, NULL, $4) \
@@ -2053,25 +2086,40 @@ async fn delivered_in(
          delivered_revision = CASE \
              WHEN excluded.delivered_revision > stage_syncs.delivered_revision \
              THEN excluded.delivered_revision ELSE stage_syncs.delivered_revision END, \
-         updated_at = excluded.updated_at"
+         updated_at = excluded.updated_at \
+         RETURNING ",
+        sync_columns!()
     ))
     .bind(project)
     .bind(stage)
     .bind(revision)
     .bind(millis(now))
-    .execute(&mut *c)
-    .await
-    .map_err(backend(DOING))?;
-    let sync = fetch_sync(&mut *c, project, stage).await?.ok_or_else(|| {
-        corrupt(format!(
-            "no sync record for {} right after writing it",
-            wording::stage(project, stage)
-        ))
-    })?;
-    Ok(sync)
+    .fetch_one(&mut *c)
+    .await;
+    match row {
+        Ok(row) => sync_from(&row),
+        Err(e) => Err(sync_write_error(c, project, stage, e, DOING).await),
+    }
 }
 
-/// [`Store::record_status`] in the open write transaction `c`.
+/// A sync write that failed: `NotFound` when it failed because the stage
+/// (or its project) is gone, else the database's error.
+async fn sync_write_error(
+    c: &mut SqliteConnection,
+    project: &str,
+    stage: &str,
+    error: sqlx::Error,
+    doing: &'static str,
+) -> StoreError {
+    let gone = matches!(&error, sqlx::Error::Database(db) if db.is_foreign_key_violation());
+    if gone && let Err(not_found) = require_stage(c, project, stage).await {
+        return not_found;
+    }
+    backend(doing)(error)
+}
+
+/// [`Store::record_status`] in the open write transaction `c`: two
+/// statements, one for the sync record and one for the release states.
 async fn status_in(
     c: &mut SqliteConnection,
     project: &str,
@@ -2085,102 +2133,77 @@ async fn status_in(
     let applied = int(applied_revision)?;
     let failed = failed_revision.map(int).transpose()?;
     let report_text = json(report)?;
-    require_stage(&mut *c, project, stage).await?;
-    let current = fetch_sync(&mut *c, project, stage)
-        .await?
-        .unwrap_or_else(|| no_sync(project, stage));
-    if applied_revision < current.applied_revision {
-        // A report older than the one already recorded, arriving late.
-        return Ok(current);
-    }
-    sqlx::query(concat!(
+    // A report older than the one already recorded (arriving late) changes
+    // nothing: the update's condition leaves the row, and no row comes back.
+    let written = sqlx::query(concat!(
         "INSERT INTO stage_syncs (",
         sync_columns!(),
         ") VALUES ($1, $2, 0, $3, $4, $5) \
          ON CONFLICT (project, stage) DO UPDATE SET \
          applied_revision = excluded.applied_revision, report = excluded.report, \
-         updated_at = excluded.updated_at"
+         updated_at = excluded.updated_at \
+         WHERE excluded.applied_revision >= stage_syncs.applied_revision \
+         RETURNING ",
+        sync_columns!()
     ))
     .bind(project)
     .bind(stage)
     .bind(applied)
     .bind(&report_text)
     .bind(millis(now))
-    .execute(&mut *c)
-    .await
-    .map_err(backend(DOING))?;
+    .fetch_optional(&mut *c)
+    .await;
+    let sync = match written {
+        Ok(Some(row)) => sync_from(&row)?,
+        Ok(None) => {
+            return fetch_sync(&mut *c, project, stage).await?.ok_or_else(|| {
+                corrupt(format!(
+                    "no sync record for {} though a write met one",
+                    wording::stage(project, stage)
+                ))
+            });
+        }
+        Err(e) => return Err(sync_write_error(c, project, stage, e, DOING).await),
+    };
 
-    // The release the stage runs at the applied revision is the newest
-    // one at or below it: revisions that carry no release (suspend,
-    // resume, component start/stop/restart) keep it running. Revisions
-    // start at 1, so nothing running (0) moves no release.
-    let running: Option<i64> = sqlx::query_scalar(
-        "SELECT MAX(revision) FROM releases \
-         WHERE project = $1 AND stage = $2 AND revision <= $3",
+    // The release the stage runs at the applied revision (`running`) is the
+    // newest one at or below it: revisions that carry no release (suspend,
+    // resume, component start/stop/restart) keep it running; nothing
+    // running (revision 0) moves no release. It becomes `applied`, older
+    // `applied` ones `replaced`, older `pending` ones `superseded` (they
+    // never ran) — unless the applied revision itself failed ($5): the
+    // agent restored what ran before, which therefore stays applied and
+    // nothing is replaced. The failed revision's release ($4) is `failed`
+    // whatever else holds.
+    let applied_failed = applied > 0 && failed == Some(applied);
+    sqlx::query(
+        "UPDATE releases SET state = CASE \
+             WHEN revision = $4 THEN $6 \
+             WHEN revision = r.running THEN $7 \
+             WHEN state = $7 THEN $8 \
+             ELSE $9 END \
+         FROM (SELECT MAX(revision) AS running FROM releases \
+               WHERE project = $1 AND stage = $2 AND revision <= $3) AS r \
+         WHERE releases.project = $1 AND releases.stage = $2 AND ( \
+             revision = $4 \
+             OR (NOT $5 AND revision = r.running) \
+             OR (NOT $5 AND revision < r.running AND state = $7) \
+             OR (revision < r.running AND state = $10))",
     )
     .bind(project)
     .bind(stage)
     .bind(applied)
-    .fetch_one(&mut *c)
+    .bind(failed)
+    .bind(applied_failed)
+    .bind(ReleaseState::Failed.as_str())
+    .bind(ReleaseState::Applied.as_str())
+    .bind(ReleaseState::Replaced.as_str())
+    .bind(ReleaseState::Superseded.as_str())
+    .bind(ReleaseState::Pending.as_str())
+    .execute(&mut *c)
     .await
     .map_err(backend(DOING))?;
-    // The applied revision itself failed: the agent restored what ran
-    // before, which therefore stays applied (nothing is replaced).
-    let applied_failed = applied > 0 && failed == Some(applied);
-    if let Some(running) = running {
-        for (sql, to, from) in [
-            (
-                "UPDATE releases SET state = $1 \
-                 WHERE project = $2 AND stage = $3 AND revision = $4",
-                ReleaseState::Applied,
-                None,
-            ),
-            (
-                "UPDATE releases SET state = $1 \
-                 WHERE project = $2 AND stage = $3 AND revision < $4 AND state = $5",
-                ReleaseState::Replaced,
-                Some(ReleaseState::Applied),
-            ),
-            (
-                "UPDATE releases SET state = $1 \
-                 WHERE project = $2 AND stage = $3 AND revision < $4 AND state = $5",
-                ReleaseState::Superseded,
-                Some(ReleaseState::Pending),
-            ),
-        ] {
-            if applied_failed && to != ReleaseState::Superseded {
-                continue;
-            }
-            let mut query = sqlx::query(sql)
-                .bind(to.as_str())
-                .bind(project)
-                .bind(stage)
-                .bind(running);
-            if let Some(from) = from {
-                query = query.bind(from.as_str());
-            }
-            query.execute(&mut *c).await.map_err(backend(DOING))?;
-        }
-    }
-    if let Some(failed) = failed {
-        sqlx::query(
-            "UPDATE releases SET state = $1 \
-             WHERE project = $2 AND stage = $3 AND revision = $4",
-        )
-        .bind(ReleaseState::Failed.as_str())
-        .bind(project)
-        .bind(stage)
-        .bind(failed)
-        .execute(&mut *c)
-        .await
-        .map_err(backend(DOING))?;
-    }
-    Ok(StageSync {
-        applied_revision,
-        report: Some(report.clone()),
-        updated_at: Some(truncated(now)),
-        ..current
-    })
+    Ok(sync)
 }
 
 /// What a timestamp reads back as: the database keeps milliseconds.

@@ -118,7 +118,10 @@ impl Session<'_> {
     /// Whether a report or ack may touch the stage: only stages placed on
     /// this session's outpost. One placed after the last sync is looked up.
     async fn owns(&self, project: &str, stage: &str) -> bool {
-        if self.placed.contains(&(project.to_owned(), stage.to_owned())) {
+        if self
+            .placed
+            .contains(&(project.to_owned(), stage.to_owned()))
+        {
             return true;
         }
         match self.state.store().get_stage(project, stage).await {
