@@ -353,6 +353,10 @@ pub trait Store: Send + Sync + 'static {
     /// The outpost's link record (a default one, with only `outpost` set,
     /// if the agent never joined).
     async fn get_outpost_link(&self, outpost: &str) -> Result<OutpostLink>;
+    /// The outpost and its link record (as [`Store::get_outpost_link`]
+    /// returns it) in one read: what deciding whether an agent may link
+    /// needs, once per link-up.
+    async fn get_outpost_and_link(&self, name: &str) -> Result<(Outpost, OutpostLink)>;
     /// Creates or replaces the outpost's link record.
     async fn put_outpost_link(&self, link: &OutpostLink) -> Result<()>;
     /// Records what link sessions saw, many outposts at once (one

@@ -932,6 +932,24 @@ impl Store for MemoryStore {
             }))
     }
 
+    async fn get_outpost_and_link(&self, name: &str) -> Result<(Outpost, OutpostLink)> {
+        let state = self.state();
+        let outpost = state
+            .outposts
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_found("outpost", name.to_owned()))?;
+        let link = state
+            .links
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| OutpostLink {
+                outpost: name.to_owned(),
+                ..OutpostLink::default()
+            });
+        Ok((outpost, link))
+    }
+
     async fn put_outpost_link(&self, link: &OutpostLink) -> Result<()> {
         let mut state = self.state();
         state.outpost_exists(&link.outpost)?;

@@ -678,6 +678,111 @@ async fn release_in(
     Ok(created)
 }
 
+/// The stages of a push that releases one build (same project, config and
+/// author) to distinct stages — a fleet rollout — or `None`.
+fn one_build_to_stages(releases: &[NewRelease]) -> Option<Vec<&str>> {
+    let first = releases.first()?;
+    let mut seen = HashSet::with_capacity(releases.len());
+    releases
+        .iter()
+        .all(|r| {
+            r.project == first.project
+                && r.build == first.build
+                && r.config == first.config
+                && r.created_by == first.created_by
+                && seen.insert(r.stage.as_str())
+        })
+        .then(|| releases.iter().map(|r| r.stage.as_str()).collect())
+}
+
+/// Releases `release`'s build to every one of `stages` (distinct) in the
+/// open write transaction `c`, in three statements whatever their number:
+/// each stage's next release number and desired revision are taken in one
+/// update, the releases written in one insert. Returns them in the order
+/// of `stages`. The statements name the stages through `json_each`, which
+/// is SQLite's; a PostgreSQL backend would use `unnest`.
+async fn releases_to_stages_in(
+    c: &mut SqliteConnection,
+    release: &NewRelease,
+    stages: &[&str],
+    now: Timestamp,
+) -> Result<Vec<Release>> {
+    const DOING: &str = RECORDING_RELEASE;
+    let names = json(&stages)?;
+    let taken = sqlx::query(
+        "UPDATE stages SET desired_revision = desired_revision + 1, \
+         latest_release = COALESCE(latest_release, 0) + 1 \
+         WHERE project = $1 AND name IN (SELECT value FROM json_each($2)) \
+         RETURNING name, desired_revision, latest_release",
+    )
+    .bind(&release.project)
+    .bind(&names)
+    .fetch_all(&mut *c)
+    .await
+    .map_err(backend(DOING))?;
+    let mut numbers = HashMap::with_capacity(taken.len());
+    for row in &taken {
+        let name: String = col(row, "name")?;
+        let revision = unsigned(col(row, "desired_revision")?)?;
+        let number = unsigned(col(row, "latest_release")?)?;
+        numbers.insert(name, (number, revision));
+    }
+    if let Some(missing) = stages.iter().find(|s| !numbers.contains_key(**s)) {
+        require_project(&mut *c, &release.project).await?;
+        return Err(not_found(
+            "stage",
+            wording::stage(&release.project, missing),
+        ));
+    }
+    if !exists(
+        &mut *c,
+        "SELECT 1 FROM builds WHERE project = $1 AND name = $2",
+        &[&release.project, &release.build],
+        DOING,
+    )
+    .await?
+    {
+        return Err(not_found(
+            "build",
+            wording::build(&release.project, &release.build),
+        ));
+    }
+    let config = release.config.as_ref().map(json).transpose()?;
+    sqlx::query(concat!(
+        "INSERT INTO releases (",
+        release_columns!(),
+        ") SELECT project, name, latest_release, $3, $4, desired_revision, $5, $6, $7 \
+         FROM stages WHERE project = $1 AND name IN (SELECT value FROM json_each($2))"
+    ))
+    .bind(&release.project)
+    .bind(&names)
+    .bind(&release.build)
+    .bind(&config)
+    .bind(ReleaseState::Pending.as_str())
+    .bind(millis(now))
+    .bind(&release.created_by)
+    .execute(&mut *c)
+    .await
+    .map_err(backend(DOING))?;
+    Ok(stages
+        .iter()
+        .map(|stage| {
+            let (number, revision) = numbers[*stage];
+            Release {
+                project: release.project.clone(),
+                stage: (*stage).to_owned(),
+                number,
+                build: release.build.clone(),
+                config: release.config.clone(),
+                revision,
+                state: ReleaseState::Pending,
+                created_at: truncated(now),
+                created_by: release.created_by.clone(),
+            }
+        })
+        .collect())
+}
+
 /// A stage's controls, newest release and its build, read on `c` (in the
 /// caller's transaction).
 async fn desired_parts_in(c: &mut SqliteConnection, stage: &Stage) -> Result<DesiredParts> {
@@ -1153,28 +1258,29 @@ impl Store for SqliteStore {
     ) -> Result<Vec<OutpostStage>> {
         const DOING: &str = "reading the desired state of an outpost's stages";
         let mut tx = self.read().await?;
-        let stages = {
-            if !exists(
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            stage_columns!(),
+            " FROM stages WHERE outpost = $1 ORDER BY project, name"
+        ))
+        .bind(outpost)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        // Stages placed on it say the outpost exists; only an empty list
+        // needs asking.
+        if rows.is_empty()
+            && !exists(
                 &mut tx,
                 "SELECT 1 FROM outposts WHERE name = $1",
                 &[outpost],
                 DOING,
             )
             .await?
-            {
-                return Err(not_found("outpost", outpost.to_owned()));
-            }
-            let rows = sqlx::query(concat!(
-                "SELECT ",
-                stage_columns!(),
-                " FROM stages WHERE outpost = $1 ORDER BY project, name"
-            ))
-            .bind(outpost)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(backend(DOING))?;
-            all(&rows, stage_from)?
-        };
+        {
+            return Err(not_found("outpost", outpost.to_owned()));
+        }
+        let stages = all(&rows, stage_from)?;
         let mut listed = Vec::with_capacity(stages.len());
         for stage in stages {
             let key = (stage.project.clone(), stage.name.clone());
@@ -1760,12 +1866,18 @@ impl Store for SqliteStore {
 
     async fn push_releases(&self, releases: &[NewRelease], now: Timestamp) -> Result<Vec<Release>> {
         let mut tx = self.write().await?;
-        let mut created = Vec::with_capacity(releases.len());
-        let mut builds = HashSet::new();
-        for release in releases {
-            // An error drops the transaction: none of the releases is kept.
-            created.push(release_in(&mut tx, release, now, &mut builds).await?);
-        }
+        // An error drops the transaction: none of the releases is kept.
+        let created = match one_build_to_stages(releases) {
+            Some(stages) => releases_to_stages_in(&mut tx, &releases[0], &stages, now).await?,
+            None => {
+                let mut created = Vec::with_capacity(releases.len());
+                let mut builds = HashSet::new();
+                for release in releases {
+                    created.push(release_in(&mut tx, release, now, &mut builds).await?);
+                }
+                created
+            }
+        };
         commit(tx, RECORDING_RELEASE).await?;
         Ok(created)
     }
@@ -1900,6 +2012,33 @@ impl Store for SqliteStore {
                 })
             }
         }
+    }
+
+    async fn get_outpost_and_link(&self, name: &str) -> Result<(Outpost, OutpostLink)> {
+        // One statement, so no transaction: the two tables share no column
+        // name, and the link's are NULL before the agent joined.
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            outpost_columns!(),
+            ", ",
+            link_columns!(),
+            " FROM outposts LEFT JOIN outpost_links ON outpost_links.outpost = outposts.name \
+             WHERE outposts.name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(backend("looking up an outpost and its link"))?
+        .ok_or_else(|| not_found("outpost", name.to_owned()))?;
+        let joined: Option<String> = col(&row, "outpost")?;
+        let link = match joined {
+            Some(_) => link_from(&row)?,
+            None => OutpostLink {
+                outpost: name.to_owned(),
+                ..OutpostLink::default()
+            },
+        };
+        Ok((outpost_from(&row)?, link))
     }
 
     async fn put_outpost_link(&self, link: &OutpostLink) -> Result<()> {

@@ -967,6 +967,28 @@ pub async fn release_push_to_many_stages(store: &dyn Store) {
     assert_eq!(after, before, "a refused push changes no stage");
     assert_eq!(store.list_releases("shop", "dev").await.unwrap().len(), 2);
     assert!(store.push_releases(&[], at(33)).await.unwrap().is_empty());
+
+    // A stage named twice gets two releases, one after the other.
+    let twice = store
+        .push_releases(
+            &[
+                new_release("shop", "dev", &build.name),
+                new_release("shop", "dev", &build.name),
+            ],
+            at(34),
+        )
+        .await
+        .unwrap();
+    let numbers: Vec<_> = twice.iter().map(|r| (r.number, r.revision)).collect();
+    assert_eq!(numbers, [(3, 3), (4, 4)]);
+    assert_eq!(
+        store
+            .get_stage("shop", "dev")
+            .await
+            .unwrap()
+            .desired_revision,
+        4
+    );
 }
 
 pub async fn configs(store: &dyn Store) {
@@ -1624,6 +1646,11 @@ pub async fn outpost_links(store: &dyn Store) {
     store.create_outpost(&outpost("edge", None)).await.unwrap();
     store.create_outpost(&outpost("yard", None)).await.unwrap();
     assert_eq!(store.get_outpost_link("edge").await.unwrap(), unjoined);
+    assert_eq!(
+        store.get_outpost_and_link("edge").await.unwrap(),
+        (outpost("edge", None), unjoined.clone()),
+        "an outpost whose agent never joined has an empty link"
+    );
 
     let joined = OutpostLink {
         outpost: "edge".into(),
@@ -1658,6 +1685,11 @@ pub async fn outpost_links(store: &dyn Store) {
     };
     store.put_outpost_link(&gone).await.unwrap();
     assert_eq!(store.get_outpost_link("edge").await.unwrap(), gone);
+    assert_eq!(
+        store.get_outpost_and_link("edge").await.unwrap(),
+        (outpost("edge", None), gone.clone())
+    );
+    assert_not_found(store.get_outpost_and_link("nope").await, "outpost", "nope");
 
     // Other outposts keep their own record.
     assert_eq!(

@@ -159,8 +159,8 @@ fn presented_peer(
 /// The peer's outpost exists, is not revoked, and linked with the key
 /// registered for it.
 async fn check_registered(state: &AppState, peer: &PeerIdentity) -> Result<(), ApiError> {
-    let outpost = match state.store().get_outpost(&peer.outpost).await {
-        Ok(o) => o,
+    let (outpost, link) = match state.store().get_outpost_and_link(&peer.outpost).await {
+        Ok(found) => found,
         Err(StoreError::NotFound { .. }) => {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -176,11 +176,7 @@ async fn check_registered(state: &AppState, peer: &PeerIdentity) -> Result<(), A
     if outpost.revoked_at.is_some() {
         return Err(revoked(&outpost.name));
     }
-    let registered = match state.store().get_outpost_link(&outpost.name).await {
-        Ok(link) => link.key_fingerprint,
-        Err(StoreError::NotFound { .. }) => None,
-        Err(e) => return Err(e.into()),
-    };
+    let registered = link.key_fingerprint;
     if registered.as_deref() != Some(peer.public_key_fingerprint.to_string().as_str()) {
         return Err(unknown_key(&outpost.name));
     }
@@ -352,15 +348,14 @@ pub async fn issue_for_registered_key(
     outpost: &str,
     csr_pem: &str,
 ) -> ApiResult<IssuedCert> {
-    let record = state
-        .store()
-        .get_outpost(outpost)
-        .await
-        .map_err(|_| unknown_key(outpost))?;
+    let (record, mut link) = match state.store().get_outpost_and_link(outpost).await {
+        Ok(found) => found,
+        Err(StoreError::NotFound { .. }) => return Err(unknown_key(outpost)),
+        Err(e) => return Err(e.into()),
+    };
     if record.revoked_at.is_some() {
         return Err(revoked(outpost));
     }
-    let mut link = state.store().get_outpost_link(outpost).await?;
     let issued = issue(state, outpost, csr_pem)?;
     if link.key_fingerprint.as_deref() != Some(issued.public_key_fingerprint.to_string().as_str()) {
         return Err(unknown_key(outpost));
