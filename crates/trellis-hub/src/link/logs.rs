@@ -34,16 +34,21 @@ pub(crate) const SESSION_QUEUE: usize = 2 * MAX_STREAMS_PER_SESSION;
 /// What a reader asks of a live session.
 #[derive(Debug)]
 pub(crate) enum SessionRequest {
-    Logs {
-        id: u64,
-        project: String,
-        stage: String,
-        query: LogQuery,
-        reader: ReaderEnd,
-    },
+    /// Boxed: every session's queue allocates room for a block of
+    /// requests up front, so the enum's size is paid per link, idle or not.
+    Logs(Box<LogsRequest>),
     Cancel {
         id: u64,
     },
+}
+
+#[derive(Debug)]
+pub(crate) struct LogsRequest {
+    id: u64,
+    project: String,
+    stage: String,
+    query: LogQuery,
+    reader: ReaderEnd,
 }
 
 /// The session's side of one stream.
@@ -114,7 +119,7 @@ impl LogStream {
             .map_err(|_| OpenLogsError::Busy)?;
         let (lines_tx, lines_rx) = mpsc::channel(STREAM_QUEUE_BATCHES);
         let (end_tx, end_rx) = oneshot::channel();
-        let request = SessionRequest::Logs {
+        let request = SessionRequest::Logs(Box::new(LogsRequest {
             id,
             project: project.to_owned(),
             stage: stage.to_owned(),
@@ -123,7 +128,7 @@ impl LogStream {
                 lines: lines_tx,
                 end: end_tx,
             },
-        };
+        }));
         requests.try_send(request).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => OpenLogsError::Busy,
             mpsc::error::TrySendError::Closed(_) => OpenLogsError::Offline,
@@ -186,13 +191,14 @@ impl LogRouter {
     /// A reader's request; returns the frame to send to the agent.
     pub(crate) fn request(&mut self, request: SessionRequest) -> Option<Message> {
         match request {
-            SessionRequest::Logs {
-                id,
-                project,
-                stage,
-                query,
-                reader,
-            } => {
+            SessionRequest::Logs(request) => {
+                let LogsRequest {
+                    id,
+                    project,
+                    stage,
+                    query,
+                    reader,
+                } = *request;
                 if reader.lines.is_closed() {
                     // Gone before the session got to it.
                     return None;

@@ -47,10 +47,10 @@ struct Session<'a> {
     /// The stages the store placed on this outpost at the last sync: what
     /// the agent may report on without another read.
     placed: HashSet<StageId>,
-    /// Each stage's sync record as this session last committed it. One
+    /// What this session last committed of each stage's sync record. One
     /// session writes an outpost's stages at a time, so the next report
-    /// merges its errors into this without reading it back.
-    synced: HashMap<StageId, StageSync>,
+    /// builds on this without reading it back.
+    synced: HashMap<StageId, Committed>,
     /// Open log requests, by id.
     logs: super::logs::LogRouter,
 }
@@ -134,13 +134,37 @@ impl Session<'_> {
     async fn record(&mut self, id: StageId, update: SyncUpdate) -> Result<(), String> {
         match self.state.record_sync(update).await {
             Ok(sync) => {
-                self.synced.insert(id, sync);
+                self.synced.insert(id, Committed::from(sync));
                 Ok(())
             }
             Err(e) => {
                 self.synced.remove(&id);
                 Err(e)
             }
+        }
+    }
+}
+
+/// What a status report builds on of the stage's stored sync record: only
+/// that, so an idle link keeps a few bytes per stage, not the report.
+struct Committed {
+    delivered_revision: u64,
+    /// The `errors` of the stored report.
+    errors: Vec<Value>,
+}
+
+impl From<StageSync> for Committed {
+    fn from(sync: StageSync) -> Self {
+        let errors = match sync.report {
+            Some(Value::Object(mut report)) => match report.remove("errors") {
+                Some(Value::Array(errors)) => errors,
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
+        Committed {
+            delivered_revision: sync.delivered_revision,
+            errors,
         }
     }
 }
@@ -270,7 +294,7 @@ async fn session_loop(
         )
         .await?;
     check_certificate(state, peer);
-    session.sync(io).await?;
+    Box::pin(session.sync(io)).await?;
 
     let started = Instant::now();
     let mut last_heard = Instant::now();
@@ -289,7 +313,9 @@ async fn session_loop(
                 return Ok("a newer connection of the same outpost replaced this one".into());
             }
             () = handle.poke.notified() => {
-                session.sync(io).await?;
+                // Boxed, here and below: an idle link's task then holds
+                // only the waiting below, not room for the work.
+                Box::pin(session.sync(io)).await?;
             }
             Some(request) = inbox.recv() => {
                 if let Some(msg) = session.logs.request(request) {
@@ -346,7 +372,7 @@ async fn session_loop(
                     Incoming::Ping => state.links().seen(outpost, None),
                     Incoming::Frame(env) => {
                         state.links().seen(outpost, None);
-                        handle_frame(io, &mut session, peer, env.msg).await?;
+                        Box::pin(handle_frame(io, &mut session, peer, env.msg)).await?;
                     }
                 }
             }
@@ -481,34 +507,28 @@ async fn handle_frame(
 /// errors the agent reported once are kept (bounded) for the status view.
 async fn record_report(session: &mut Session<'_>, report: StatusReport) -> Result<(), String> {
     let id = (report.project.clone(), report.stage.clone());
-    let previous = match session.synced.get(&id) {
-        Some(sync) => sync.clone(),
+    let previous = match session.synced.remove(&id) {
+        Some(committed) => committed,
         None => session
             .state
             .store()
             .get_stage_sync(&report.project, &report.stage)
             .await
-            .map_err(|e| e.to_string())?,
+            .map_err(|e| e.to_string())?
+            .into(),
     };
     let mut log = super::errors::ErrorLog::default();
-    if let Some(old) = previous
-        .report
-        .as_ref()
-        .and_then(|r| r.get("errors"))
-        .and_then(|e| e.as_array())
-    {
-        for e in old {
-            if let Ok(entry) = serde_json::from_value::<super::errors::ErrorEntry>(e.clone()) {
-                log.record(
-                    &entry.source,
-                    &entry.code,
-                    &entry.message,
-                    &entry.hint,
-                    entry.first_seen,
-                    entry.last_seen,
-                    entry.count,
-                );
-            }
+    for e in previous.errors {
+        if let Ok(entry) = serde_json::from_value::<super::errors::ErrorEntry>(e) {
+            log.record(
+                &entry.source,
+                &entry.code,
+                &entry.message,
+                &entry.hint,
+                entry.first_seen,
+                entry.last_seen,
+                entry.count,
+            );
         }
     }
     for AgentError {
