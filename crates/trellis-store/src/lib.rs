@@ -200,6 +200,24 @@ pub struct NewRelease {
     pub created_by: String,
 }
 
+impl NewRelease {
+    /// The release this becomes: `pending`, numbered `number` at the
+    /// stage's desired revision `revision`.
+    pub fn pending(&self, number: u64, revision: u64, created_at: Timestamp) -> Release {
+        Release {
+            project: self.project.clone(),
+            stage: self.stage.clone(),
+            number,
+            build: self.build.clone(),
+            config: self.config.clone(),
+            revision,
+            state: trellis_model::ReleaseState::Pending,
+            created_at,
+            created_by: self.created_by.clone(),
+        }
+    }
+}
+
 /// The hub's persistence. All methods are atomic: either everything they
 /// describe happened, or nothing did.
 #[async_trait]

@@ -164,17 +164,7 @@ impl State {
         let number = stage.latest_release.unwrap_or(0) + 1;
         stage.desired_revision += 1;
         stage.latest_release = Some(number);
-        let created = Release {
-            project: release.project.clone(),
-            stage: release.stage.clone(),
-            number,
-            build: release.build.clone(),
-            config: release.config.clone(),
-            revision: stage.desired_revision,
-            state: ReleaseState::Pending,
-            created_at: millis(now),
-            created_by: release.created_by.clone(),
-        };
+        let created = release.pending(number, stage.desired_revision, millis(now));
         stage_state.releases.insert(number, created.clone());
         Ok(created)
     }

@@ -597,13 +597,11 @@ async fn require_stage(c: &mut SqliteConnection, project: &str, name: &str) -> R
 const RECORDING_RELEASE: &str = "recording a release";
 
 /// Records one release in the open write transaction `c` (see
-/// [`Store::push_release`]). `builds` holds the builds already found in
-/// this transaction, so a push of one build to many stages checks it once.
+/// [`Store::push_release`]).
 async fn release_in(
     c: &mut SqliteConnection,
     release: &NewRelease,
     now: Timestamp,
-    builds: &mut HashSet<(String, String)>,
 ) -> Result<Release> {
     const DOING: &str = RECORDING_RELEASE;
     // Takes the stage's next release number and desired revision in the
@@ -628,36 +626,10 @@ async fn release_in(
     };
     let revision = unsigned(col(&taken, "desired_revision")?)?;
     let number = unsigned(col(&taken, "latest_release")?)?;
-    let build = (release.project.clone(), release.build.clone());
-    if !builds.contains(&build) {
-        if !exists(
-            &mut *c,
-            "SELECT 1 FROM builds WHERE project = $1 AND name = $2",
-            &[&release.project, &release.build],
-            DOING,
-        )
-        .await?
-        {
-            // The caller drops the transaction, and the stage's numbers
-            // with it.
-            return Err(not_found(
-                "build",
-                wording::build(&release.project, &release.build),
-            ));
-        }
-        builds.insert(build);
-    }
-    let created = Release {
-        project: release.project.clone(),
-        stage: release.stage.clone(),
-        number,
-        build: release.build.clone(),
-        config: release.config.clone(),
-        revision,
-        state: ReleaseState::Pending,
-        created_at: truncated(now),
-        created_by: release.created_by.clone(),
-    };
+    // A missing build fails the call; the caller drops the transaction,
+    // and the stage's numbers with it.
+    require_build(&mut *c, &release.project, &release.build).await?;
+    let created = release.pending(number, revision, truncated(now));
     sqlx::query(concat!(
         "INSERT INTO releases (",
         release_columns!(),
@@ -676,6 +648,21 @@ async fn release_in(
     .await
     .map_err(backend(DOING))?;
     Ok(created)
+}
+
+async fn require_build(c: &mut SqliteConnection, project: &str, build: &str) -> Result<()> {
+    if exists(
+        c,
+        "SELECT 1 FROM builds WHERE project = $1 AND name = $2",
+        &[project, build],
+        RECORDING_RELEASE,
+    )
+    .await?
+    {
+        Ok(())
+    } else {
+        Err(not_found("build", wording::build(project, build)))
+    }
 }
 
 /// The stages of a push that releases one build (same project, config and
@@ -734,19 +721,7 @@ async fn releases_to_stages_in(
             wording::stage(&release.project, missing),
         ));
     }
-    if !exists(
-        &mut *c,
-        "SELECT 1 FROM builds WHERE project = $1 AND name = $2",
-        &[&release.project, &release.build],
-        DOING,
-    )
-    .await?
-    {
-        return Err(not_found(
-            "build",
-            wording::build(&release.project, &release.build),
-        ));
-    }
+    require_build(&mut *c, &release.project, &release.build).await?;
     let config = release.config.as_ref().map(json).transpose()?;
     sqlx::query(concat!(
         "INSERT INTO releases (",
@@ -769,15 +744,8 @@ async fn releases_to_stages_in(
         .map(|stage| {
             let (number, revision) = numbers[*stage];
             Release {
-                project: release.project.clone(),
                 stage: (*stage).to_owned(),
-                number,
-                build: release.build.clone(),
-                config: release.config.clone(),
-                revision,
-                state: ReleaseState::Pending,
-                created_at: truncated(now),
-                created_by: release.created_by.clone(),
+                ..release.pending(number, revision, truncated(now))
             }
         })
         .collect())
@@ -1859,7 +1827,7 @@ impl Store for SqliteStore {
 
     async fn push_release(&self, release: &NewRelease, now: Timestamp) -> Result<Release> {
         let mut tx = self.write().await?;
-        let created = release_in(&mut tx, release, now, &mut HashSet::new()).await?;
+        let created = release_in(&mut tx, release, now).await?;
         commit(tx, RECORDING_RELEASE).await?;
         Ok(created)
     }
@@ -1871,9 +1839,8 @@ impl Store for SqliteStore {
             Some(stages) => releases_to_stages_in(&mut tx, &releases[0], &stages, now).await?,
             None => {
                 let mut created = Vec::with_capacity(releases.len());
-                let mut builds = HashSet::new();
                 for release in releases {
-                    created.push(release_in(&mut tx, release, now, &mut builds).await?);
+                    created.push(release_in(&mut tx, release, now).await?);
                 }
                 created
             }
