@@ -665,6 +665,35 @@ async fn require_build(c: &mut SqliteConnection, project: &str, build: &str) -> 
     }
 }
 
+/// The stages placed on `outpost`, by project and name, read on `c`; the
+/// outpost must exist.
+async fn stages_on_outpost_in(c: &mut SqliteConnection, outpost: &str) -> Result<Vec<Stage>> {
+    const DOING: &str = "listing the stages on an outpost";
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        stage_columns!(),
+        " FROM stages WHERE outpost = $1 ORDER BY project, name"
+    ))
+    .bind(outpost)
+    .fetch_all(&mut *c)
+    .await
+    .map_err(backend(DOING))?;
+    // Stages placed on it say the outpost exists; only an empty list needs
+    // asking.
+    if rows.is_empty()
+        && !exists(
+            c,
+            "SELECT 1 FROM outposts WHERE name = $1",
+            &[outpost],
+            DOING,
+        )
+        .await?
+    {
+        return Err(not_found("outpost", outpost.to_owned()));
+    }
+    all(&rows, stage_from)
+}
+
 /// The stages of a push that releases one build (same project, config and
 /// author) to distinct stages — a fleet rollout — or `None`.
 fn one_build_to_stages(releases: &[NewRelease]) -> Option<Vec<&str>> {
@@ -1195,28 +1224,8 @@ impl Store for SqliteStore {
     }
 
     async fn stages_on_outpost(&self, outpost: &str) -> Result<Vec<Stage>> {
-        const DOING: &str = "listing the stages on an outpost";
         let mut tx = self.read().await?;
-        if !exists(
-            &mut tx,
-            "SELECT 1 FROM outposts WHERE name = $1",
-            &[outpost],
-            DOING,
-        )
-        .await?
-        {
-            return Err(not_found("outpost", outpost.to_owned()));
-        }
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            stage_columns!(),
-            " FROM stages WHERE outpost = $1 ORDER BY project, name"
-        ))
-        .bind(outpost)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(backend(DOING))?;
-        all(&rows, stage_from)
+        stages_on_outpost_in(&mut tx, outpost).await
     }
 
     async fn outpost_desired(
@@ -1224,31 +1233,8 @@ impl Store for SqliteStore {
         outpost: &str,
         held: &HashMap<StageKey, u64>,
     ) -> Result<Vec<OutpostStage>> {
-        const DOING: &str = "reading the desired state of an outpost's stages";
         let mut tx = self.read().await?;
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            stage_columns!(),
-            " FROM stages WHERE outpost = $1 ORDER BY project, name"
-        ))
-        .bind(outpost)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(backend(DOING))?;
-        // Stages placed on it say the outpost exists; only an empty list
-        // needs asking.
-        if rows.is_empty()
-            && !exists(
-                &mut tx,
-                "SELECT 1 FROM outposts WHERE name = $1",
-                &[outpost],
-                DOING,
-            )
-            .await?
-        {
-            return Err(not_found("outpost", outpost.to_owned()));
-        }
-        let stages = all(&rows, stage_from)?;
+        let stages = stages_on_outpost_in(&mut tx, outpost).await?;
         let mut listed = Vec::with_capacity(stages.len());
         for stage in stages {
             let key = (stage.project.clone(), stage.name.clone());
