@@ -670,6 +670,13 @@ async fn one_push_releases_a_build_to_several_stages_or_to_none() {
     assert_eq!(b["sync"]["state"], "in-sync", "{b}");
     assert_eq!(b["sync"]["applied_release"], 1, "{b}");
 
+    // A push while the agent is linked reaches it at once: the push tells
+    // the session of each outpost it touched.
+    let (s, releases) = push_to(json!(["lab", "line3"])).await;
+    assert_eq!(s, StatusCode::CREATED, "{releases}");
+    let (got, _) = agent.desired().await;
+    assert_eq!(got, 2);
+
     // Refused pushes change no stage.
     for (stages, status, code) in [
         (json!(["line3", "nope"]), StatusCode::NOT_FOUND, "not-found"),
@@ -688,8 +695,8 @@ async fn one_push_releases_a_build_to_several_stages_or_to_none() {
             "{b}"
         );
     }
-    assert_eq!(latest("line3").await, 1);
-    assert_eq!(latest("lab").await, 1);
+    assert_eq!(latest("line3").await, 2);
+    assert_eq!(latest("lab").await, 2);
 
     // Members of other projects cannot push to its stages.
     let outsider = hub.user("outsider").await;
@@ -702,5 +709,5 @@ async fn one_push_releases_a_build_to_several_stages_or_to_none() {
         )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    assert_eq!(latest("lab").await, 1);
+    assert_eq!(latest("lab").await, 2);
 }

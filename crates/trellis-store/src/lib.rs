@@ -218,6 +218,24 @@ impl NewRelease {
     }
 }
 
+/// What one [`Store::push_releases`] recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PushedReleases {
+    /// One per entry pushed, in the order pushed.
+    pub releases: Vec<Release>,
+    /// The outposts the stages are placed on, each once, sorted: the
+    /// sessions that now have something to deliver.
+    pub outposts: Vec<String>,
+}
+
+impl PushedReleases {
+    pub(crate) fn new(releases: Vec<Release>, mut outposts: Vec<String>) -> Self {
+        outposts.sort_unstable();
+        outposts.dedup();
+        PushedReleases { releases, outposts }
+    }
+}
+
 /// The hub's persistence. All methods are atomic: either everything they
 /// describe happened, or nothing did.
 #[async_trait]
@@ -347,7 +365,13 @@ pub trait Store: Send + Sync + 'static {
     /// Records a release on each of several stages, all or none: one
     /// [`Store::push_release`] per entry, in order, in one transaction where
     /// the backend has them (the first error leaves every stage as it was).
-    async fn push_releases(&self, releases: &[NewRelease], now: Timestamp) -> Result<Vec<Release>>;
+    /// Also says which outposts hold those stages, so the caller can tell
+    /// their sessions without reading the stages again.
+    async fn push_releases(
+        &self,
+        releases: &[NewRelease],
+        now: Timestamp,
+    ) -> Result<PushedReleases>;
     async fn get_release(&self, project: &str, stage: &str, number: u64) -> Result<Release>;
     /// The stage's full history, newest first.
     async fn list_releases(&self, project: &str, stage: &str) -> Result<Vec<Release>>;

@@ -24,8 +24,9 @@ use trellis_model::{
 };
 
 use crate::{
-    ControlOutcome, DesiredParts, JoinTokenRefusal, NewRelease, NewStage, OutpostStage, Result,
-    StageKey, StageSummary, StageUpdate, Store, StoreError, StoredAccessKey, wording,
+    ControlOutcome, DesiredParts, JoinTokenRefusal, NewRelease, NewStage, OutpostStage,
+    PushedReleases, Result, StageKey, StageSummary, StageUpdate, Store, StoreError,
+    StoredAccessKey, wording,
 };
 
 /// The in-memory store. Cheap to create; holds nothing on disk.
@@ -831,17 +832,30 @@ impl Store for MemoryStore {
         state.record_release(release, now)
     }
 
-    async fn push_releases(&self, releases: &[NewRelease], now: Timestamp) -> Result<Vec<Release>> {
+    async fn push_releases(
+        &self,
+        releases: &[NewRelease],
+        now: Timestamp,
+    ) -> Result<PushedReleases> {
         // All or none: every entry checked, under the same lock, before
         // anything changes.
         let mut state = self.state();
+        let mut outposts = Vec::with_capacity(releases.len());
         for release in releases {
             state.check_release(release)?;
+            outposts.push(
+                state
+                    .stage(&release.project, &release.stage)?
+                    .stage
+                    .outpost
+                    .clone(),
+            );
         }
-        releases
+        let created = releases
             .iter()
             .map(|release| state.record_release(release, now))
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok(PushedReleases::new(created, outposts))
     }
 
     async fn get_release(&self, project: &str, stage: &str, number: u64) -> Result<Release> {

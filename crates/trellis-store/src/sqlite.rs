@@ -40,8 +40,8 @@ use trellis_model::{
 
 use crate::{
     ControlOutcome, DesiredParts, JoinTokenRefusal, LinkActivity, NewRelease, NewStage,
-    OutpostStage, Result, StageKey, StageSummary, StageUpdate, Store, StoreError, StoredAccessKey,
-    SyncUpdate, wording,
+    OutpostStage, PushedReleases, Result, StageKey, StageSummary, StageUpdate, Store, StoreError,
+    StoredAccessKey, SyncUpdate, wording,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -598,11 +598,13 @@ const RECORDING_RELEASE: &str = "recording a release";
 
 /// Records one release in the open write transaction `c` (see
 /// [`Store::push_release`]).
+/// Records `release` in the open write transaction `c`; returns it with
+/// the outpost its stage is placed on.
 async fn release_in(
     c: &mut SqliteConnection,
     release: &NewRelease,
     now: Timestamp,
-) -> Result<Release> {
+) -> Result<(Release, String)> {
     const DOING: &str = RECORDING_RELEASE;
     // Takes the stage's next release number and desired revision in the
     // same statement that finds it.
@@ -610,7 +612,7 @@ async fn release_in(
         "UPDATE stages SET desired_revision = desired_revision + 1, \
          latest_release = COALESCE(latest_release, 0) + 1 \
          WHERE project = $1 AND name = $2 \
-         RETURNING desired_revision, latest_release",
+         RETURNING desired_revision, latest_release, outpost",
     )
     .bind(&release.project)
     .bind(&release.stage)
@@ -626,6 +628,7 @@ async fn release_in(
     };
     let revision = unsigned(col(&taken, "desired_revision")?)?;
     let number = unsigned(col(&taken, "latest_release")?)?;
+    let outpost: String = col(&taken, "outpost")?;
     // A missing build fails the call; the caller drops the transaction,
     // and the stage's numbers with it.
     require_build(&mut *c, &release.project, &release.build).await?;
@@ -647,7 +650,7 @@ async fn release_in(
     .execute(&mut *c)
     .await
     .map_err(backend(DOING))?;
-    Ok(created)
+    Ok((created, outpost))
 }
 
 async fn require_build(c: &mut SqliteConnection, project: &str, build: &str) -> Result<()> {
@@ -722,14 +725,14 @@ async fn releases_to_stages_in(
     release: &NewRelease,
     stages: &[&str],
     now: Timestamp,
-) -> Result<Vec<Release>> {
+) -> Result<PushedReleases> {
     const DOING: &str = RECORDING_RELEASE;
     let names = json(&stages)?;
     let taken = sqlx::query(
         "UPDATE stages SET desired_revision = desired_revision + 1, \
          latest_release = COALESCE(latest_release, 0) + 1 \
          WHERE project = $1 AND name IN (SELECT value FROM json_each($2)) \
-         RETURNING name, desired_revision, latest_release",
+         RETURNING name, desired_revision, latest_release, outpost",
     )
     .bind(&release.project)
     .bind(&names)
@@ -737,11 +740,13 @@ async fn releases_to_stages_in(
     .await
     .map_err(backend(DOING))?;
     let mut numbers = HashMap::with_capacity(taken.len());
+    let mut outposts = Vec::with_capacity(taken.len());
     for row in &taken {
         let name: String = col(row, "name")?;
         let revision = unsigned(col(row, "desired_revision")?)?;
         let number = unsigned(col(row, "latest_release")?)?;
         numbers.insert(name, (number, revision));
+        outposts.push(col(row, "outpost")?);
     }
     if let Some(missing) = stages.iter().find(|s| !numbers.contains_key(**s)) {
         require_project(&mut *c, &release.project).await?;
@@ -768,7 +773,7 @@ async fn releases_to_stages_in(
     .execute(&mut *c)
     .await
     .map_err(backend(DOING))?;
-    Ok(stages
+    let created = stages
         .iter()
         .map(|stage| {
             let (number, revision) = numbers[*stage];
@@ -777,7 +782,8 @@ async fn releases_to_stages_in(
                 ..release.pending(number, revision, truncated(now))
             }
         })
-        .collect())
+        .collect();
+    Ok(PushedReleases::new(created, outposts))
 }
 
 /// A stage's controls, newest release and its build, read on `c` (in the
@@ -1813,22 +1819,29 @@ impl Store for SqliteStore {
 
     async fn push_release(&self, release: &NewRelease, now: Timestamp) -> Result<Release> {
         let mut tx = self.write().await?;
-        let created = release_in(&mut tx, release, now).await?;
+        let (created, _outpost) = release_in(&mut tx, release, now).await?;
         commit(tx, RECORDING_RELEASE).await?;
         Ok(created)
     }
 
-    async fn push_releases(&self, releases: &[NewRelease], now: Timestamp) -> Result<Vec<Release>> {
+    async fn push_releases(
+        &self,
+        releases: &[NewRelease],
+        now: Timestamp,
+    ) -> Result<PushedReleases> {
         let mut tx = self.write().await?;
         // An error drops the transaction: none of the releases is kept.
         let created = match one_build_to_stages(releases) {
             Some(stages) => releases_to_stages_in(&mut tx, &releases[0], &stages, now).await?,
             None => {
                 let mut created = Vec::with_capacity(releases.len());
+                let mut outposts = Vec::with_capacity(releases.len());
                 for release in releases {
-                    created.push(release_in(&mut tx, release, now).await?);
+                    let (release, outpost) = release_in(&mut tx, release, now).await?;
+                    created.push(release);
+                    outposts.push(outpost);
                 }
-                created
+                PushedReleases::new(created, outposts)
             }
         };
         commit(tx, RECORDING_RELEASE).await?;

@@ -22,8 +22,8 @@ use trellis_model::{
 };
 
 use crate::{
-    JoinTokenRefusal, LinkActivity, LinkHello, NewRelease, NewStage, Result, StageUpdate, Store,
-    StoreError, StoredAccessKey, SyncUpdate,
+    JoinTokenRefusal, LinkActivity, LinkHello, NewRelease, NewStage, PushedReleases, Result,
+    StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate,
 };
 
 /// Calls `$callback!` with the name of every behaviour in the suite.
@@ -900,7 +900,11 @@ pub async fn failed_push_changes_nothing(store: &dyn Store) {
 pub async fn release_push_to_many_stages(store: &dyn Store) {
     setup(store, "shop").await;
     stage_in(store, "shop", "dev").await;
-    stage_in(store, "shop", "prod").await;
+    store.create_outpost(&outpost("edge", None)).await.unwrap();
+    store
+        .create_stage(&new_stage("shop", "prod", "edge"), at(10))
+        .await
+        .unwrap();
     let build = store
         .create_build("shop", &new_build("main"), "alice", at(20))
         .await
@@ -920,6 +924,8 @@ pub async fn release_push_to_many_stages(store: &dyn Store) {
         )
         .await
         .unwrap();
+    assert_eq!(created.outposts, ["edge", "local"], "each outpost once");
+    let created = created.releases;
     let numbers: Vec<_> = created
         .iter()
         .map(|r| (r.stage.as_str(), r.number, r.revision, r.created_at))
@@ -966,7 +972,10 @@ pub async fn release_push_to_many_stages(store: &dyn Store) {
     );
     assert_eq!(after, before, "a refused push changes no stage");
     assert_eq!(store.list_releases("shop", "dev").await.unwrap().len(), 2);
-    assert!(store.push_releases(&[], at(33)).await.unwrap().is_empty());
+    assert_eq!(
+        store.push_releases(&[], at(33)).await.unwrap(),
+        PushedReleases::default()
+    );
 
     // A stage named twice gets two releases, one after the other.
     let twice = store
@@ -979,7 +988,12 @@ pub async fn release_push_to_many_stages(store: &dyn Store) {
         )
         .await
         .unwrap();
-    let numbers: Vec<_> = twice.iter().map(|r| (r.number, r.revision)).collect();
+    assert_eq!(twice.outposts, ["local"]);
+    let numbers: Vec<_> = twice
+        .releases
+        .iter()
+        .map(|r| (r.number, r.revision))
+        .collect();
     assert_eq!(numbers, [(3, 3), (4, 4)]);
     assert_eq!(
         store

@@ -319,13 +319,6 @@ pub async fn push_releases(
         ));
     }
     let build = release_build(&state, &project, req.build).await?;
-    let outposts: std::collections::HashMap<String, String> = state
-        .store()
-        .list_stages(&project)
-        .await?
-        .into_iter()
-        .map(|s| (s.name, s.outpost))
-        .collect();
     let new: Vec<NewRelease> = req
         .stages
         .into_iter()
@@ -338,25 +331,11 @@ pub async fn push_releases(
         })
         .collect();
     // An unknown stage is refused here, with nothing pushed.
-    let releases = state.store().push_releases(&new, Utc::now()).await?;
-    let mut poked = std::collections::HashSet::new();
-    for release in &releases {
-        let outpost = match outposts.get(&release.stage) {
-            Some(outpost) => outpost.clone(),
-            // Created after the listing above, before the push.
-            None => {
-                state
-                    .store()
-                    .get_stage(&project, &release.stage)
-                    .await?
-                    .outpost
-            }
-        };
-        if poked.insert(outpost.clone()) {
-            state.links().poke(&outpost);
-        }
+    let pushed = state.store().push_releases(&new, Utc::now()).await?;
+    for outpost in &pushed.outposts {
+        state.links().poke(outpost);
     }
-    Ok((StatusCode::CREATED, Json(releases)))
+    Ok((StatusCode::CREATED, Json(pushed.releases)))
 }
 
 /// The build a release takes: the one named, or the project's newest.
