@@ -16,6 +16,16 @@ use clap::Parser;
 
 use crate::client::ClientError;
 
+/// jemalloc, not the C library's allocator: a hub holding thousands of
+/// links allocates transient buffers for every link-up (TLS handshake,
+/// HTTP request) between the small allocations each link keeps, and glibc's
+/// allocator leaves that freed memory stranded between them (hub RSS per
+/// idle link 23.2 KiB with glibc, 20.1 KiB with jemalloc, at 15,000 links),
+/// and spent a fifth of the hub's CPU in a 10,000-stage fan-out. Background
+/// threads return unused pages to the system while the hub is idle.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     trellis_agent::cli::init_tracing();

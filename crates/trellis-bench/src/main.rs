@@ -22,6 +22,13 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// The hub's allocator (see the `trellis` binary), so that the bare-TLS
+/// baseline served from this binary is measured with the same allocator
+/// as the hub it is compared with. The fleet's simulated agents run here
+/// too; the agent binary itself is measured by `agent`.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "trellis-bench",
