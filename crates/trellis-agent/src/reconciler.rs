@@ -374,27 +374,7 @@ async fn apply_newest(
         tracing::warn!(%stage, revision, state = %outcome.state, message = ?outcome.message, "apply failed");
     }
 
-    let key = stage.clone();
     let ok = outcome.ok;
-    match blocking(reporter.state(), move |s| {
-        s.record_applied(&key, revision, ok)
-    })
-    .await
-    {
-        Ok(()) => {}
-        // The hub deleted the stage (and maybe re-created it with
-        // revisions starting over) while this apply ran; the removal and
-        // the new revision are handled next, and a report of the old stage
-        // would only confuse.
-        Err(AgentError::State(
-            StateError::UnknownStage { .. } | StateError::AppliedAheadOfDesired { .. },
-        )) => {
-            tracing::info!(%stage, revision, "stage was forgotten while being applied; not reporting it");
-            return (Some(revision), Ok(()));
-        }
-        Err(e) => return (Some(revision), Err(e)),
-    }
-
     let state = if outcome.state.is_empty() {
         if outcome.ok { "running" } else { "failed" }.to_owned()
     } else {
@@ -410,14 +390,26 @@ async fn apply_newest(
         errors: Vec::new(),
         rolled_back_to: outcome.rolled_back_to,
     };
-    // Every apply is reported, even when it says what the last one did:
-    // the applied revision is news to the hub.
-    let result = reporter.enqueue(report.clone()).await.map(|_| ());
-    if result.is_ok() {
-        reported
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(stage.clone(), report);
+    // Every apply is recorded and reported in one write, even when it says
+    // what the last one did: the applied revision is news to the hub.
+    match reporter.applied(report.clone(), ok).await {
+        Ok(_) => {
+            reported
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(stage.clone(), report);
+            (Some(revision), Ok(()))
+        }
+        // The hub deleted the stage (and maybe re-created it with
+        // revisions starting over) while this apply ran; the removal and
+        // the new revision are handled next, and a report of the old stage
+        // would only confuse. Nothing was recorded or queued.
+        Err(AgentError::State(
+            StateError::UnknownStage { .. } | StateError::AppliedAheadOfDesired { .. },
+        )) => {
+            tracing::info!(%stage, revision, "stage was forgotten while being applied; not reporting it");
+            (Some(revision), Ok(()))
+        }
+        Err(e) => (Some(revision), Err(e)),
     }
-    (Some(revision), result)
 }

@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 use trellis_link::protocol::{AgentError as ReportedError, StatusReport};
 
-use crate::state::{AgentState, StageKey, StageRecord};
+use crate::state::{AgentState, StageKey, StageRecord, StateError};
 use crate::{AgentError, blocking};
 
 /// How many distinct errors the log keeps by default.
@@ -138,12 +138,34 @@ impl Reporter {
 
     /// Queues `report` durably and wakes the link.
     pub async fn enqueue(&self, report: StatusReport) -> Result<u64, AgentError> {
+        self.queue(report, |s, key, json| s.enqueue_status(key, json))
+            .await
+    }
+
+    /// Records that the report's revision was applied (`ok`: successfully)
+    /// and queues the report, in one write (see
+    /// [`AgentState::record_applied_and_report`]), then wakes the link.
+    pub async fn applied(&self, report: StatusReport, ok: bool) -> Result<u64, AgentError> {
+        let revision = report.applied_revision;
+        self.queue(report, move |s, key, json| {
+            s.record_applied_and_report(key, revision, ok, json)
+        })
+        .await
+    }
+
+    async fn queue(
+        &self,
+        report: StatusReport,
+        write: impl FnOnce(&AgentState, &StageKey, &serde_json::Value) -> Result<u64, StateError>
+        + Send
+        + 'static,
+    ) -> Result<u64, AgentError> {
         let stage = StageKey::new(report.project.clone(), report.stage.clone());
         let json = serde_json::to_value(&report).map_err(|e| AgentError::Internal {
             what: format!("encode a status report of stage {stage}: {e}"),
         })?;
         let key = stage.clone();
-        let seq = blocking(&self.state, move |s| s.enqueue_status(&key, &json)).await?;
+        let seq = blocking(&self.state, move |s| write(s, &key, &json)).await?;
         lock(&self.last).insert(stage, report);
         self.outbox_changed.notify_one();
         Ok(seq)

@@ -337,6 +337,41 @@ fn applying_a_revision_that_was_never_stored_is_refused() {
     assert_eq!(state.stages().unwrap()[0].applied_revision, Some(1));
 }
 
+#[test]
+fn an_apply_and_its_report_are_kept_together_or_not_at_all() {
+    let (_dir, path) = temp_state();
+    let state = open(&path);
+    let stage = web();
+    state.store_desired(&stage, 2, &json!({})).unwrap();
+    let report = json!({"applied_revision": 2, "state": "running"});
+
+    let seq = state
+        .record_applied_and_report(&stage, 2, true, &report)
+        .unwrap();
+    drop(state);
+    let state = open(&path);
+    let record = &state.stages().unwrap()[0];
+    assert_eq!(
+        (record.applied_revision, record.applied_ok),
+        (Some(2), true)
+    );
+    assert_eq!(state.pending_status(0, 10).unwrap(), [(seq, report)]);
+
+    // A refused apply (older than the applied one, or of a stage not held)
+    // queues no report either.
+    let stale = json!({"applied_revision": 1});
+    let err = state
+        .record_applied_and_report(&stage, 1, true, &stale)
+        .unwrap_err();
+    assert!(matches!(err, StateError::OutOfOrderApply { .. }), "{err:?}");
+    let err = state
+        .record_applied_and_report(&StageKey::new("shop", "gone"), 1, true, &stale)
+        .unwrap_err();
+    assert!(matches!(err, StateError::UnknownStage { .. }), "{err:?}");
+    assert_eq!(seqs(&state.pending_status(0, 10).unwrap()), [seq]);
+    assert_eq!(state.stages().unwrap()[0].applied_revision, Some(2));
+}
+
 // === forget ===
 
 #[test]
