@@ -47,7 +47,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut reads = Vec::new();
     for _ in 0..settings.runs {
         let t = Instant::now();
-        hub.state().store().list_stage_summaries("plant").await?;
+        hub.state()
+            .store()
+            .list_stage_summaries("plant", trellis_store::StageFilter::All)
+            .await?;
         reads.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     reads.sort_by(f64::total_cmp);

@@ -367,28 +367,35 @@ pub async fn fanout(common: Common, s: FanoutSettings) -> anyhow::Result<()> {
             let mut applied_at = std::collections::HashMap::new();
             let mut polls = Vec::new();
             while applied_at.len() < n && started.elapsed() < Duration::from_secs(600) {
+                // Stages whose push had returned before this poll: their
+                // new desired revision is in what the poll reads, so one
+                // the poll does not list as pending has applied it.
+                let waiting: Vec<String> = pushed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keys()
+                    .filter(|stage| !applied_at.contains_key(*stage))
+                    .cloned()
+                    .collect();
                 let poll = Instant::now();
                 let rows = hub
                     .api(
                         reqwest::Method::GET,
-                        &format!("/projects/{FANOUT_PROJECT}/outpost-status"),
+                        &format!("/projects/{FANOUT_PROJECT}/outpost-status?pending=true"),
                         None,
                     )
                     .await?;
                 let seen = started.elapsed().as_secs_f64();
                 polls.push(poll.elapsed().as_secs_f64());
-                let pushed = pushed.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                for row in rows.as_array().into_iter().flatten() {
-                    let Some(stage) = row["stage"].as_str() else {
-                        continue;
-                    };
-                    if applied_at.contains_key(stage) {
-                        continue;
-                    }
-                    if let Some(&(revision, _)) = pushed.get(stage)
-                        && row["applied_revision"].as_u64().unwrap_or(0) >= revision
-                    {
-                        applied_at.insert(stage.to_owned(), seen);
+                let pending: std::collections::HashSet<&str> = rows
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|row| row["stage"].as_str())
+                    .collect();
+                for stage in waiting {
+                    if !pending.contains(stage.as_str()) {
+                        applied_at.insert(stage, seen);
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -472,8 +479,9 @@ pub async fn fanout(common: Common, s: FanoutSettings) -> anyhow::Result<()> {
         "×",
     );
     report.note(format!(
-        "applied = the hub's record of the agent's report (`GET /projects/{{p}}/outpost-status`, \
-         polled every 100 ms; a poll took {:.0} ms at the median), so times include up to one poll",
+        "applied = the hub's record of the agent's report: the stage left the rollout's pending \
+         list (`GET /projects/{{p}}/outpost-status?pending=true`, polled every 100 ms; a poll \
+         took {:.0} ms at the median), so times include up to one poll",
         crate::setup::median(polls.clone()) * 1000.0
     ));
     report.finish(common.json.as_deref())?;

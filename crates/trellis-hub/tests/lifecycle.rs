@@ -557,6 +557,22 @@ async fn the_project_overview_shows_every_stage_sync_in_one_call() {
         let lab = rows.iter().find(|r| r["stage"] == "lab").unwrap().clone();
         (line3, lab)
     };
+    let pending = || async {
+        let (s, body) = hub
+            .call(
+                Some(&hub.admin),
+                M::GET,
+                "/projects/shop/outpost-status?pending=true",
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        body.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["stage"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
     // Pushed while the outpost has never linked: not in sync, not connected.
     let (line3, lab) = overview().await;
     assert_eq!(line3["outpost"], "edge");
@@ -568,6 +584,8 @@ async fn the_project_overview_shows_every_stage_sync_in_one_call() {
     assert!(line3["applied_release"].is_null(), "{line3}");
     assert_eq!(lab["outpost"], "local");
     assert_eq!(lab["desired_revision"], 0);
+    // What the rollout still waits for: line3 only (lab has nothing to apply).
+    assert_eq!(pending().await, ["line3"]);
 
     // The agent links, takes the release and reports it applied.
     let mut agent = Agent::connect(&hub, &[]).await;
@@ -579,6 +597,19 @@ async fn the_project_overview_shows_every_stage_sync_in_one_call() {
     assert_eq!(line3["sync"], "in-sync", "{line3}");
     assert_eq!(line3["applied_revision"], revision);
     assert_eq!(line3["applied_release"], 1, "{line3}");
+    assert!(pending().await.is_empty());
+
+    // A malformed filter is refused with the API's error shape.
+    let (s, body) = hub
+        .call(
+            Some(&hub.admin),
+            M::GET,
+            "/projects/shop/outpost-status?pending=maybe",
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["error"]["code"].is_string(), "{body}");
 
     // Members of other projects see nothing of it.
     let outsider = hub.user("outsider").await;

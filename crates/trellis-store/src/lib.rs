@@ -168,6 +168,15 @@ pub struct StageSummary {
     pub applied_release: Option<u64>,
 }
 
+/// Which stages [`Store::list_stage_summaries`] lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageFilter {
+    All,
+    /// Only stages whose agent has not yet applied their desired revision:
+    /// what a rollout is still waiting for.
+    Pending,
+}
+
 /// What an agent needs to run a stage at its desired revision, besides
 /// the stage record: read with it by [`Store::outpost_desired`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,9 +304,13 @@ pub trait Store: Send + Sync + 'static {
     async fn create_stage(&self, stage: &NewStage, now: Timestamp) -> Result<Stage>;
     async fn get_stage(&self, project: &str, name: &str) -> Result<Stage>;
     async fn list_stages(&self, project: &str) -> Result<Vec<Stage>>;
-    /// The project's stages by name, each with its sync record and applied
-    /// release.
-    async fn list_stage_summaries(&self, project: &str) -> Result<Vec<StageSummary>>;
+    /// The project's stages by name (all, or only those still waiting for
+    /// their outpost), each with its sync record and applied release.
+    async fn list_stage_summaries(
+        &self,
+        project: &str,
+        which: StageFilter,
+    ) -> Result<Vec<StageSummary>>;
     async fn update_stage(&self, project: &str, name: &str, update: &StageUpdate) -> Result<Stage>;
     /// Refuses while the stage has releases or configs, unless `force`.
     async fn delete_stage(&self, project: &str, name: &str, force: bool) -> Result<()>;

@@ -25,7 +25,7 @@ use trellis_model::{
 
 use crate::{
     ControlOutcome, DesiredParts, JoinTokenRefusal, NewRelease, NewStage, OutpostStage,
-    PushedReleases, Result, StageKey, StageSummary, StageUpdate, Store, StoreError,
+    PushedReleases, Result, StageFilter, StageKey, StageSummary, StageUpdate, Store, StoreError,
     StoredAccessKey, wording,
 };
 
@@ -578,12 +578,20 @@ impl Store for MemoryStore {
             .collect())
     }
 
-    async fn list_stage_summaries(&self, project: &str) -> Result<Vec<StageSummary>> {
+    async fn list_stage_summaries(
+        &self,
+        project: &str,
+        which: StageFilter,
+    ) -> Result<Vec<StageSummary>> {
         Ok(self
             .state()
             .project(project)?
             .stages
             .values()
+            .filter(|s| {
+                which == StageFilter::All
+                    || s.current_sync().applied_revision < s.stage.desired_revision
+            })
             .map(|s| {
                 let sync = s.current_sync();
                 StageSummary {

@@ -40,8 +40,8 @@ use trellis_model::{
 
 use crate::{
     ControlOutcome, DesiredParts, JoinTokenRefusal, LinkActivity, NewRelease, NewStage,
-    OutpostStage, PushedReleases, Result, StageKey, StageSummary, StageUpdate, Store, StoreError,
-    StoredAccessKey, SyncUpdate, wording,
+    OutpostStage, PushedReleases, Result, StageFilter, StageKey, StageSummary, StageUpdate, Store,
+    StoreError, StoredAccessKey, SyncUpdate, wording,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -1381,7 +1381,11 @@ impl Store for SqliteStore {
         all(&rows, stage_from)
     }
 
-    async fn list_stage_summaries(&self, project: &str) -> Result<Vec<StageSummary>> {
+    async fn list_stage_summaries(
+        &self,
+        project: &str,
+        which: StageFilter,
+    ) -> Result<Vec<StageSummary>> {
         let mut tx = self.read().await?;
         require_project(&mut tx, project).await?;
         let rows = sqlx::query(
@@ -1392,10 +1396,13 @@ impl Store for SqliteStore {
              (SELECT MAX(r.number) FROM releases r \
               WHERE r.project = s.project AND r.stage = s.name AND r.state = $2) AS applied_release \
              FROM stages s LEFT JOIN stage_syncs y ON y.project = s.project AND y.stage = s.name \
-             WHERE s.project = $1 ORDER BY s.name",
+             WHERE s.project = $1 \
+             AND (NOT $3 OR s.desired_revision > COALESCE(y.applied_revision, 0)) \
+             ORDER BY s.name",
         )
         .bind(project)
         .bind(ReleaseState::Applied.as_str())
+        .bind(which == StageFilter::Pending)
         .fetch_all(&mut *tx)
         .await
         .map_err(backend("listing stages with their sync records"))?;

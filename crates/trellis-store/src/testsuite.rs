@@ -23,7 +23,7 @@ use trellis_model::{
 
 use crate::{
     JoinTokenRefusal, LinkActivity, LinkHello, NewRelease, NewStage, PushedReleases, Result,
-    StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate,
+    StageFilter, StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate,
 };
 
 /// Calls `$callback!` with the name of every behaviour in the suite.
@@ -2119,7 +2119,10 @@ pub async fn stage_summaries(store: &dyn Store) {
         .await
         .unwrap();
 
-    let summaries = store.list_stage_summaries("shop").await.unwrap();
+    let summaries = store
+        .list_stage_summaries("shop", StageFilter::All)
+        .await
+        .unwrap();
     let names: Vec<&str> = summaries.iter().map(|s| s.stage.name.as_str()).collect();
     assert_eq!(names, ["dev", "prod"]);
     let dev = &summaries[0];
@@ -2137,7 +2140,30 @@ pub async fn stage_summaries(store: &dyn Store) {
     assert_eq!(prod.report_state, None);
     assert_eq!(prod.applied_release, None);
 
-    assert_not_found(store.list_stage_summaries("nope").await, "project", "nope");
+    // Pending: only what still waits for its outpost (dev has revision 2,
+    // its agent applied 1; prod has nothing to apply).
+    let pending = store
+        .list_stage_summaries("shop", StageFilter::Pending)
+        .await
+        .unwrap();
+    assert_eq!(pending, summaries[..1]);
+    store
+        .record_status("shop", "dev", 2, None, &report, at(60))
+        .await
+        .unwrap();
+    let pending = store
+        .list_stage_summaries("shop", StageFilter::Pending)
+        .await
+        .unwrap();
+    assert!(pending.is_empty(), "{pending:?}");
+
+    for which in [StageFilter::All, StageFilter::Pending] {
+        assert_not_found(
+            store.list_stage_summaries("nope", which).await,
+            "project",
+            "nope",
+        );
+    }
 }
 
 pub async fn deletes_remove_link_rows(store: &dyn Store) {

@@ -123,7 +123,10 @@ pub async fn show(
 ) -> Result<Response, ConsoleError> {
     caller.role_in(&state, &project).await?;
     let record = state.store().get_project(&project).await?;
-    let summaries = state.store().list_stage_summaries(&project).await?;
+    let summaries = state
+        .store()
+        .list_stage_summaries(&project, trellis_store::StageFilter::All)
+        .await?;
     let mut links: HashMap<String, LinkState> = HashMap::new();
     let mut stages = Vec::with_capacity(summaries.len());
     for summary in summaries {

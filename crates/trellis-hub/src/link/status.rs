@@ -11,10 +11,11 @@ use super::errors::ErrorEntry;
 use super::{LinkState, LinkView};
 use crate::auth::Caller;
 use crate::error::ApiResult;
-use crate::extract::{Json, Path};
+use crate::extract::{Json, Path, Query};
 use crate::state::AppState;
 use axum::extract::State;
 use trellis_model::{ReleaseState, Stage};
+use trellis_store::StageFilter;
 
 /// Where a stage's sync stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -321,19 +322,38 @@ pub struct StageSyncSummary {
     pub applied_release: Option<u64>,
 }
 
+/// The query of `GET /projects/{project}/outpost-status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ProjectStatusQuery {
+    /// Only the stages whose outpost has not yet applied their desired
+    /// revision: what a rollout is still waiting for. A stage leaves this
+    /// list once its agent reports the revision applied.
+    #[serde(default)]
+    pub pending: bool,
+}
+
 /// How far every stage of a project has synced, in one call: what a
 /// dashboard (or a fleet-wide rollout watcher) polls instead of asking
 /// stage by stage. Components and errors are in each stage's
-/// `outpost-status`.
+/// `outpost-status`. With `?pending=true`, only the stages a rollout is
+/// still waiting for, so a watcher's poll shrinks as the rollout lands.
 #[utoipa::path(get, path = "/projects/{project}/outpost-status", tag = "stages",
+    params(ProjectStatusQuery),
     responses((status = 200, body = Vec<StageSyncSummary>)))]
 pub async fn project_status(
     State(state): State<AppState>,
     caller: Caller,
     Path(project): Path<String>,
+    Query(q): Query<ProjectStatusQuery>,
 ) -> ApiResult<Json<Vec<StageSyncSummary>>> {
     caller.role_in(&state, &project).await?;
-    let summaries = state.store().list_stage_summaries(&project).await?;
+    let which = if q.pending {
+        StageFilter::Pending
+    } else {
+        StageFilter::All
+    };
+    let summaries = state.store().list_stage_summaries(&project, which).await?;
     let links = state.links();
     Ok(Json(
         summaries
