@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::access::Role;
+use crate::manifest::Arch;
 
 /// Every timestamp Trellis stores or shows is UTC.
 pub type Timestamp = DateTime<Utc>;
@@ -155,10 +156,43 @@ pub enum Artifact {
         /// Without it, outposts must have or pull `reference`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         archive: Option<ImageArchive>,
+        /// One image per architecture, when the manifest lists
+        /// `docker.platform`: an outpost runs the one of its own
+        /// architecture, and refuses the release when there is none.
+        /// `archive` is unset then.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        platforms: Vec<PlatformImage>,
     },
     /// A packed `process:` directory stored on the hub as chunks: `digest`
     /// names its artifact index, `size` is the package's size in bytes.
     Package { digest: String, size: u64 },
+}
+
+impl Artifact {
+    /// Every image archive the artifact carries (of every architecture).
+    pub fn archives(&self) -> impl Iterator<Item = &ImageArchive> {
+        let (single, platforms) = match self {
+            Artifact::Image {
+                archive, platforms, ..
+            } => (archive.as_ref(), platforms.as_slice()),
+            Artifact::Package { .. } => (None, &[][..]),
+        };
+        single
+            .into_iter()
+            .chain(platforms.iter().filter_map(|p| p.archive.as_ref()))
+    }
+}
+
+/// The image of one architecture in a multi-architecture build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PlatformImage {
+    pub arch: Arch,
+    /// The reference it was built or pulled as, e.g.
+    /// `trellis.local/shop/web:0123456789ab-arm64`.
+    pub reference: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ImageArchive>,
 }
 
 /// A container image stored on the hub as chunks of its `docker save`

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 use trellis_model::manifest::{
-    ComponentSource, DockerBuild, EnvSource, FileSource, MANIFEST_FILE_NAMES, Manifest,
+    Arch, ComponentSource, DockerBuild, EnvSource, FileSource, MANIFEST_FILE_NAMES, Manifest,
     ManifestError, Schedule, StorageKind, parse_manifest,
 };
 
@@ -202,7 +202,7 @@ fn webshop_decodes_into_the_typed_model() {
 
     let db = m.component("db").unwrap();
     assert_eq!(db.storage[0].kind, StorageKind::Premium);
-    assert_eq!(db.storage[0].size.as_ref().unwrap().bytes, 20 << 30);
+    assert_eq!(db.storage[0].size.bytes, 20 << 30);
 
     let migrate = m.component("migrate").unwrap();
     assert!(migrate.is_scheduled());
@@ -261,7 +261,7 @@ fn json_manifests_parse_like_yaml() {
     let ComponentSource::Docker(mysql) = &m.component("mysql").unwrap().source else {
         panic!()
     };
-    assert_eq!(mysql.platform.as_deref(), Some("linux/amd64"));
+    assert_eq!(mysql.platforms, [Arch::Amd64]);
 }
 
 #[test]
@@ -292,7 +292,7 @@ fn schedules_and_time_zones() {
         Some(Schedule::Cron("*/5 * * * *".into()))
     );
     assert_eq!(cleanup.storage[0].kind, StorageKind::Temporary);
-    assert_eq!(cleanup.storage[0].size, None);
+    assert_eq!(cleanup.storage[0].size.text, "1Gi");
 }
 
 #[test]
@@ -303,7 +303,13 @@ fn files_hold_content_or_a_config_ref() {
         files[0].source,
         FileSource::Content(":80 {\n  reverse_proxy app:8000\n}\n".into())
     );
-    assert_eq!(files[1].source, FileSource::ConfigRef("tls-cert".into()));
+    assert_eq!(
+        files[1].source,
+        FileSource::ConfigRef {
+            key: "tls-cert".into(),
+            default: None
+        }
+    );
     assert_eq!(files[2].source, FileSource::Content(String::new()));
 }
 

@@ -193,24 +193,6 @@ pub(crate) fn check_env_name(text: &str) -> Result<(), String> {
     }
 }
 
-/// Checks a container platform such as `linux/amd64` or `linux/arm/v7`.
-pub(crate) fn check_platform(text: &str) -> Result<(), String> {
-    let parts: Vec<&str> = text.split('/').collect();
-    let ok = (2..=3).contains(&parts.len())
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{text:?} is not a platform; use os/architecture[/variant], like linux/amd64 or linux/arm/v7"
-        ))
-    }
-}
-
 /// Checks the URL path prefix of an ingress.
 pub(crate) fn check_url_path(text: &str) -> Result<(), String> {
     if !text.starts_with('/') {
@@ -383,15 +365,6 @@ mod tests {
         }
         for bad in ["", "1A", "A-B", "A B", "ÄRGER"] {
             assert!(check_env_name(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn platforms() {
-        assert!(check_platform("linux/amd64").is_ok());
-        assert!(check_platform("linux/arm/v7").is_ok());
-        for bad in ["linux", "linux/", "Linux/AMD64", "a/b/c/d"] {
-            assert!(check_platform(bad).is_err(), "{bad}");
         }
     }
 

@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use super::checks;
 use super::yaml::{Node, Pos, Value};
 use super::{
-    ByteQuantity, Component, ComponentSource, CpuQuantity, DockerBuild, DockerSource, EnvSource,
-    EnvVar, FileMount, FileSource, Ingress, MANIFEST_VERSION, Manifest, ManifestError,
+    Arch, ByteQuantity, Component, ComponentSource, CpuQuantity, DockerBuild, DockerSource,
+    EnvSource, EnvVar, FileMount, FileSource, Ingress, MANIFEST_VERSION, Manifest, ManifestError,
     ProcessSource, Resources, Scaling, Schedule, Storage, StorageKind,
 };
 use crate::name::{NameKind, validate_name};
@@ -35,10 +35,13 @@ const COMPONENT_FIELDS: &[&str] = &[
     "command",
     "args",
     "user",
+    "identity",
 ];
 const DOCKER_FIELDS: &[&str] = &["image", "file", "build-context", "build-args", "platform"];
 const PROCESS_FIELDS: &[&str] = &["path", "command"];
 const INGRESS_FIELDS: &[&str] = &["host", "port", "path", "sticky"];
+const BUILD_ARG_FIELDS: &[&str] = &["name", "value"];
+const PLATFORM_FIELDS: &[&str] = &["arch"];
 const ENV_FIELDS: &[&str] = &["name", "value", "config-ref", "component-ref"];
 const FILE_FIELDS: &[&str] = &["path", "content", "config-ref"];
 const RESOURCES_FIELDS: &[&str] = &["cpu", "memory"];
@@ -57,7 +60,6 @@ pub(crate) fn decode(root: &Node) -> Result<Manifest, Vec<ManifestError>> {
 
 /// A `component-ref`, checked once all component names are known.
 struct PendingRef {
-    component: usize,
     target: String,
     path: String,
     pos: Pos,
@@ -353,6 +355,15 @@ impl Decoder {
         }
     }
 
+    /// Like [`Self::text`], but a value left empty (`value:`, `~`, `null`)
+    /// is the empty text, as Kubernetes reads an env value without one.
+    fn text_or_empty(&mut self, node: &Node, path: &str, expected: &str) -> Option<String> {
+        if node.is_null() {
+            return Some(String::new());
+        }
+        self.text(node, path, expected)
+    }
+
     /// Like [`Self::text`] but blank text is an error too.
     fn non_blank(&mut self, node: &Node, path: &str, expected: &str) -> Option<String> {
         let text = self.text(node, path, expected)?;
@@ -529,18 +540,9 @@ impl Decoder {
             .map(|c| c.name.as_str())
             .filter(|n| !n.is_empty())
             .collect();
+        // A component may name itself: that gives its own host name.
         for r in std::mem::take(&mut self.refs) {
-            let own = components.get(r.component).map(|c| c.name.as_str());
-            if own == Some(r.target.as_str()) {
-                self.error(
-                    &r.path,
-                    r.pos,
-                    format!(
-                        "component-ref {:?} names this component itself; it must name another component",
-                        r.target
-                    ),
-                );
-            } else if !names.contains(&r.target.as_str()) {
+            if !names.contains(&r.target.as_str()) {
                 self.error(
                     &r.path,
                     r.pos,
@@ -575,6 +577,7 @@ impl Decoder {
             command: None,
             args: None,
             user: None,
+            identity: None,
         };
         let Some(f) = self.fields(node, &path, COMPONENT_FIELDS) else {
             return component;
@@ -621,7 +624,7 @@ impl Decoder {
             component.ingresses = self.ingresses(n, &f.path("ingresses"), &component.ports);
         }
         if let Some(n) = f.get("env") {
-            component.env = self.env(i, n, &f.path("env"));
+            component.env = self.env(n, &f.path("env"));
         }
         if let Some(n) = f.get("files") {
             component.files = self.files(n, &f.path("files"));
@@ -663,6 +666,13 @@ impl Decoder {
         if let Some(n) = f.get("user") {
             component.user = self.non_blank(n, &f.path("user"), "a uid, uid:gid or user name");
         }
+        if let Some(n) = f.get("identity") {
+            component.identity = self.non_blank(
+                n,
+                &f.path("identity"),
+                "the name of a cloud identity of the stage",
+            );
+        }
 
         if f.get("scheduled").is_some() {
             if f.get("scaling").is_some() {
@@ -686,7 +696,7 @@ impl Decoder {
     fn docker(&mut self, node: &Node, path: &str) -> ComponentSource {
         let mut source = DockerSource {
             build: DockerBuild::Image(String::new()),
-            platform: None,
+            platforms: Vec::new(),
         };
         let Some(f) = self.fields(node, path, DOCKER_FIELDS) else {
             return ComponentSource::Docker(source);
@@ -720,16 +730,10 @@ impl Decoder {
                 let context = f.get("build-context").and_then(|n| {
                     self.non_blank(n, &f.path("build-context"), "a directory of the project")
                 });
-                let mut args = BTreeMap::new();
-                if let Some(n) = f.get("build-args") {
-                    let args_path = f.path("build-args");
-                    for (key, value) in self.entries(n, &args_path) {
-                        let p = join(&args_path, key);
-                        if let Some(value) = self.text(value, &p, "a string") {
-                            args.insert(key.to_owned(), value);
-                        }
-                    }
-                }
+                let args = match f.get("build-args") {
+                    Some(n) => self.build_args(n, &f.path("build-args")),
+                    None => BTreeMap::new(),
+                };
                 source.build = DockerBuild::Dockerfile {
                     file: file.unwrap_or_default(),
                     context,
@@ -749,13 +753,116 @@ impl Decoder {
             ),
         }
         if let Some(n) = f.get("platform") {
-            let p = f.path("platform");
-            if let Some(platform) = self.text(n, &p, "a platform like linux/amd64") {
-                self.check(checks::check_platform(&platform), &p, n);
-                source.platform = Some(platform);
-            }
+            source.platforms = self.platforms(n, &f.path("platform"));
         }
         ComponentSource::Docker(source)
+    }
+
+    /// `build-args`: the platform's list of `{name, value}`; a mapping of
+    /// names to values is read too, as manifests of earlier Trellis
+    /// versions wrote it (builds keep their manifest, and agents read it
+    /// again).
+    fn build_args(&mut self, node: &Node, path: &str) -> BTreeMap<String, String> {
+        let mut args = BTreeMap::new();
+        if let Value::Map(_) = node.value {
+            for (key, value) in self.entries(node, path) {
+                let p = join(path, key);
+                if let Some(value) = self.text_or_empty(value, &p, "a string") {
+                    args.insert(key.to_owned(), value);
+                }
+            }
+            return args;
+        }
+        let items = self.list(node, path, "build arguments (name plus value)");
+        let mut seen: Vec<(String, usize, Pos)> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let ap = index(path, i);
+            let Some(f) = self.fields(item, &ap, BUILD_ARG_FIELDS) else {
+                continue;
+            };
+            let name = self
+                .required(&f, "name", "the build argument's name, as the Dockerfile's ARG")
+                .and_then(|n| {
+                    let p = f.path("name");
+                    let name = self.non_blank(n, &p, "a build argument name")?;
+                    if let Some((_, first, pos)) = seen.iter().find(|(s, _, _)| *s == name) {
+                        let message = format!(
+                            "{name} is already set by {path}[{first}] (line {}); set each build argument once",
+                            pos.line
+                        );
+                        self.error(&p, n.pos, message);
+                        return None;
+                    }
+                    seen.push((name.clone(), i, n.pos));
+                    Some(name)
+                });
+            let value = self
+                .required(&f, "value", "the build argument's value")
+                .and_then(|n| self.text(n, &f.path("value"), "a string, number or true/false"));
+            if let (Some(name), Some(value)) = (name, value) {
+                args.insert(name, value);
+            }
+        }
+        args
+    }
+
+    /// `platform`: the platform's list of `{arch: amd64|arm64}`. A single
+    /// `linux/amd64` or `linux/arm64`, as manifests of earlier Trellis
+    /// versions wrote it, is read as a list of one.
+    fn platforms(&mut self, node: &Node, path: &str) -> Vec<Arch> {
+        if let Value::Scalar(_) = node.value {
+            let Some(text) = self.text(node, path, "a list of architectures") else {
+                return Vec::new();
+            };
+            let arch = text.strip_prefix("linux/").unwrap_or(&text);
+            return match arch.parse::<Arch>() {
+                Ok(arch) => vec![arch],
+                Err(_) => {
+                    self.error(
+                        path,
+                        node.pos,
+                        format!(
+                            "{text:?} is not a platform list; write platform: [{{arch: amd64}}, {{arch: arm64}}] (amd64 and arm64 are the architectures there are)"
+                        ),
+                    );
+                    Vec::new()
+                }
+            };
+        }
+        let items = self.list(node, path, "architectures, like {arch: arm64}");
+        let mut out: Vec<(Arch, usize)> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let pp = index(path, i);
+            let Some(f) = self.fields(item, &pp, PLATFORM_FIELDS) else {
+                continue;
+            };
+            let Some(n) = self.required(&f, "arch", "amd64 or arm64") else {
+                continue;
+            };
+            let p = f.path("arch");
+            let Some(text) = self.text(n, &p, "amd64 or arm64") else {
+                continue;
+            };
+            match text.parse::<Arch>() {
+                Err(message) => {
+                    let hint = match text.as_str() {
+                        "x86_64" | "x86-64" | "x64" => "; x86_64 is called amd64 here",
+                        "aarch64" | "arm64v8" => "; aarch64 is called arm64 here",
+                        _ => "",
+                    };
+                    self.error(&p, n.pos, format!("{message}{hint}"));
+                }
+                Ok(arch) => match out.iter().find(|(a, _)| *a == arch) {
+                    Some((_, first)) => self.error(
+                        &p,
+                        n.pos,
+                        format!("{arch} is already listed as {path}[{first}]; list each architecture once"),
+                    ),
+                    None => out.push((arch, i)),
+                },
+            }
+        }
+        out.into_iter().map(|(a, _)| a).collect()
     }
 
     fn process(&mut self, node: &Node, path: &str) -> ComponentSource {
@@ -861,6 +968,17 @@ impl Decoder {
                     f.pos,
                     "has no port to route to: the component lists no ports; add the port the component listens on to ports",
                 ),
+                None if ports.len() > 1 => {
+                    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+                    self.error(
+                        &ip,
+                        f.pos,
+                        format!(
+                            "needs a port: the component has several ports ({}); add port: with the one this ingress routes to",
+                            list.join(", ")
+                        ),
+                    );
+                }
                 None => {}
             }
             if let Some(n) = f.get("path") {
@@ -878,7 +996,7 @@ impl Decoder {
         out
     }
 
-    fn env(&mut self, component: usize, node: &Node, path: &str) -> Vec<EnvVar> {
+    fn env(&mut self, node: &Node, path: &str) -> Vec<EnvVar> {
         let items = self.list(
             node,
             path,
@@ -917,11 +1035,7 @@ impl Decoder {
             let (has_value, has_config, has_component) =
                 (f.has("value"), f.has("config-ref"), f.has("component-ref"));
             let value = f.raw("value").and_then(|n| {
-                self.text(
-                    n,
-                    &f.path("value"),
-                    "a string, number or true/false (quote \"\" for empty)",
-                )
+                self.text_or_empty(n, &f.path("value"), "a string, number or true/false")
             });
             let config = f
                 .raw("config-ref")
@@ -930,7 +1044,6 @@ impl Decoder {
                 let p = f.path("component-ref");
                 let target = self.non_blank(n, &p, "the name of another component")?;
                 self.refs.push(PendingRef {
-                    component,
                     target: target.clone(),
                     path: p,
                     pos: n.pos,
@@ -1000,32 +1113,24 @@ impl Decoder {
                     file_path = text;
                 }
             }
-            let source = match (f.raw("content"), f.raw("config-ref")) {
-                (Some(n), None) => FileSource::Content(
-                    self.text(
-                        n,
-                        &f.path("content"),
-                        "the file's text (quote \"\" for an empty file)",
-                    )
-                    .unwrap_or_default(),
-                ),
-                (None, Some(n)) => FileSource::ConfigRef(
-                    self.non_blank(n, &f.path("config-ref"), "the name of a config key")
+            let content = f
+                .raw("content")
+                .map(|n| self.text_or_empty(n, &f.path("content"), "the file's text"));
+            let source = match (content, f.raw("config-ref")) {
+                (Some(content), None) => FileSource::Content(content.unwrap_or_default()),
+                // Content next to a config-ref is its default, like an env
+                // value next to a config-ref.
+                (default, Some(n)) => FileSource::ConfigRef {
+                    key: self
+                        .non_blank(n, &f.path("config-ref"), "the name of a config key")
                         .unwrap_or_default(),
-                ),
-                (Some(_), Some(_)) => {
-                    self.error(
-                        &fp,
-                        f.pos,
-                        "sets both content and config-ref; use exactly one: content for text in the manifest, config-ref for a key of the stage's config",
-                    );
-                    continue;
-                }
+                    default: default.flatten(),
+                },
                 (None, None) => {
                     self.error(
                         &fp,
                         f.pos,
-                        "sets neither content nor config-ref; use exactly one: content for text in the manifest, config-ref for a key of the stage's config",
+                        "sets neither content nor config-ref; use content for text in the manifest, config-ref for a key of the stage's config (content next to config-ref is its default)",
                     );
                     continue;
                 }
@@ -1101,7 +1206,7 @@ impl Decoder {
             let mut storage = Storage {
                 name: String::new(),
                 path: String::new(),
-                size: None,
+                size: ByteQuantity::default(),
                 kind: StorageKind::Standard,
             };
             if let Some(n) = self.required(&f, "name", "a DNS label like data") {
@@ -1135,8 +1240,8 @@ impl Decoder {
                     storage.path = text;
                 }
             }
-            if let Some(n) = f.get("size") {
-                storage.size = self.bytes(n, &f.path("size"));
+            if let Some(n) = self.required(&f, "size", "a size like 1Gi or 500Mi") {
+                storage.size = self.bytes(n, &f.path("size")).unwrap_or_default();
             }
             if let Some(n) = f.get("type") {
                 let p = f.path("type");

@@ -13,9 +13,12 @@
 //!   collecting errors.
 //! - `checks`: the rules for single values (cron, time zones, paths, …).
 //! - `quantity`: CPU and byte quantities (`500m`, `2Gi`).
+//! - [`expand`]: dependent variables (`$(NAME)`) in env values, `command`
+//!   and `args`, by the rules of Kubernetes, which the platform runs on.
 
 mod checks;
 mod decode;
+pub mod expand;
 mod quantity;
 mod yaml;
 
@@ -141,13 +144,17 @@ pub struct Component {
     /// An IANA zone name; cron schedules are in UTC without it.
     pub scheduled_timezone: Option<String>,
     pub max_retries: Option<u32>,
-    /// Replaces the image's entrypoint; `None` keeps it.
+    /// Replaces the image's entrypoint; `None` keeps it. Dependent
+    /// variables (`$(NAME)`, see [`expand`]) are expanded from `env` when
+    /// the component starts.
     pub command: Option<Vec<String>>,
-    /// Replaces the image's arguments; `$VAR` is expanded from `env` when the
-    /// component starts.
+    /// Replaces the image's arguments, expanded like `command`.
     pub args: Option<Vec<String>>,
     /// A uid, `uid:gid` or user name, as written.
     pub user: Option<String>,
+    /// A cloud identity of the stage the component runs as (an AWS role, a
+    /// GCP service account, an Azure identity), as written.
+    pub identity: Option<String>,
 }
 
 impl Component {
@@ -163,7 +170,8 @@ impl Component {
         matches!(self.source, ComponentSource::Process(_))
     }
 
-    /// The names of the components this one's env refers to.
+    /// The names of the components this one's env refers to (its own name
+    /// too, when it refers to itself).
     pub fn component_refs(&self) -> impl Iterator<Item = &str> {
         self.env.iter().filter_map(|e| match &e.source {
             EnvSource::ComponentRef(name) => Some(name.as_str()),
@@ -187,8 +195,69 @@ pub enum ComponentSource {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DockerSource {
     pub build: DockerBuild,
-    /// `os/arch[/variant]`, e.g. `linux/amd64`.
-    pub platform: Option<String>,
+    /// The architectures the image is built for and may run on, distinct,
+    /// in manifest order (`platform: [{arch: amd64}, {arch: arm64}]`).
+    /// Empty: the build machine's own, and outposts run whatever the build
+    /// made.
+    #[serde(default)]
+    pub platforms: Vec<Arch>,
+}
+
+/// A CPU architecture of container images, named as OCI platforms name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Amd64,
+    Arm64,
+}
+
+impl Arch {
+    /// Every architecture a manifest may list.
+    pub const ALL: [Arch; 2] = [Arch::Amd64, Arch::Arm64];
+
+    /// `amd64` or `arm64`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+
+    /// The engine's platform, e.g. `linux/arm64` (`--platform`).
+    pub fn platform(self) -> String {
+        format!("linux/{}", self.as_str())
+    }
+
+    /// The OCI name of a CPU architecture as Rust names it
+    /// (`std::env::consts::ARCH`): `x86_64` is `amd64`, `aarch64` is
+    /// `arm64`; others keep their name.
+    pub fn oci_name(rust_arch: &str) -> &str {
+        match rust_arch {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "powerpc64" => "ppc64le",
+            other => other,
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.as_str() == text)
+            .ok_or_else(|| format!("{text:?} is not an architecture; use amd64 or arm64"))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,15 +308,18 @@ pub struct EnvVar {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum EnvSource {
-    /// A literal; numbers and booleans are kept as written.
+    /// A literal; numbers and booleans are kept as written. Dependent
+    /// variables (`$(NAME)`) in it are expanded when the component starts.
     Value(String),
     /// A key of the stage's config; `default` is used when the config lacks
-    /// it (written as `config-ref` plus `value`).
+    /// it (written as `config-ref` plus `value`), and without a default the
+    /// variable is empty then: a missing key does not fail a release.
     ConfigRef {
         key: String,
         default: Option<String>,
     },
-    /// The address at which another component of the stage is reached.
+    /// The host name at which a component of the stage is reached (no
+    /// scheme, no port); it may name the component itself.
     ComponentRef(String),
 }
 
@@ -264,8 +336,13 @@ pub struct FileMount {
 #[serde(rename_all = "kebab-case")]
 pub enum FileSource {
     Content(String),
-    /// A key of the stage's config whose value becomes the file.
-    ConfigRef(String),
+    /// A key of the stage's config whose value becomes the file; `default`
+    /// is used when the config lacks it (written as `config-ref` plus
+    /// `content`).
+    ConfigRef {
+        key: String,
+        default: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -290,7 +367,7 @@ pub struct Storage {
     pub name: String,
     /// Absolute mount path inside the container.
     pub path: String,
-    pub size: Option<ByteQuantity>,
+    pub size: ByteQuantity,
     #[serde(rename = "type")]
     pub kind: StorageKind,
 }

@@ -38,7 +38,7 @@ fn a_minimal_manifest_parses() {
         web.source,
         ComponentSource::Docker(DockerSource {
             build: DockerBuild::Image("nginx:1.27".into()),
-            platform: None
+            platforms: Vec::new()
         })
     );
     assert!(!web.is_scheduled() && !web.is_process());
@@ -100,7 +100,7 @@ fn every_error_is_collected_in_source_order() {
 #[test]
 fn a_missing_field_is_reported_at_the_mapping_that_lacks_it() {
     let (path, line, column, message) = single(&with_components(
-        "  - name: web\n    docker: {image: x}\n    storage:\n      - path: /data\n",
+        "  - name: web\n    docker: {image: x}\n    storage:\n      - path: /data\n        size: 1Gi\n",
     ));
     assert_eq!(
         (path.as_str(), line, column),
@@ -207,12 +207,19 @@ fn build_args_keep_values_as_text_and_refuse_duplicates() {
 }
 
 #[test]
-fn a_component_cannot_refer_to_itself() {
-    let (path, _, _, message) = single(&with_components(
+fn a_component_may_refer_to_itself() {
+    let m = parse_manifest(&with_components(
         "  - name: web\n    docker: {image: x}\n    env: [{name: SELF, component-ref: web}]\n",
-    ));
-    assert_eq!(path, "components[0].env[0].component-ref");
-    assert!(message.contains("itself"), "{message}");
+    ))
+    .unwrap();
+    assert_eq!(
+        m.components[0].env[0].source,
+        EnvSource::ComponentRef("web".into())
+    );
+    assert_eq!(
+        m.components[0].component_refs().collect::<Vec<_>>(),
+        ["web"]
+    );
 }
 
 #[test]
@@ -243,11 +250,36 @@ fn env_with_every_source_names_them_all() {
 }
 
 #[test]
-fn values_must_not_be_null_where_text_is_needed() {
+fn an_env_value_or_file_content_left_empty_is_empty_text() {
+    let m = parse_manifest(&with_components(concat!(
+        "  - name: web\n",
+        "    docker: {image: x}\n",
+        "    env: [{name: A, value: }, {name: B, value: ~}, {name: C, config-ref: k, value: null}]\n",
+        "    files: [{path: /a, content: }]\n",
+    )))
+    .unwrap();
+    let env = &m.components[0].env;
+    assert_eq!(env[0].source, EnvSource::Value(String::new()));
+    assert_eq!(env[1].source, EnvSource::Value(String::new()));
+    assert_eq!(
+        env[2].source,
+        EnvSource::ConfigRef {
+            key: "k".into(),
+            default: Some(String::new())
+        }
+    );
+    assert_eq!(
+        m.components[0].files[0].source,
+        FileSource::Content(String::new())
+    );
+}
+
+#[test]
+fn values_must_not_be_null_where_a_name_is_needed() {
     let (path, _, _, message) = single(&with_components(
-        "  - name: web\n    docker: {image: x}\n    env: [{name: A, value: }]\n",
+        "  - name: web\n    docker: {image: x}\n    env: [{name: A, config-ref: }]\n",
     ));
-    assert_eq!(path, "components[0].env[0].value");
+    assert_eq!(path, "components[0].env[0].config-ref");
     assert!(message.contains("found no value"), "{message}");
 }
 
@@ -346,7 +378,7 @@ fn the_stored_json_mirrors_the_manifest_words() {
         "  - name: web\n",
         "    docker: {image: x}\n",
         "    env: [{name: A, config-ref: k, value: d}, {name: B, component-ref: db}]\n",
-        "    storage: [{name: data, path: /data, type: memory}]\n",
+        "    storage: [{name: data, path: /data, size: 64Mi, type: memory}]\n",
         "  - name: db\n",
         "    process: {path: ., command: [./db]}\n",
         "    scheduled: '@release'\n",
@@ -373,4 +405,183 @@ fn inputs_that_once_hung_the_parser_fail_promptly() {
     ] {
         assert!(parse_manifest(text).is_err(), "{text:?}");
     }
+}
+
+// === the platform's shapes ===
+
+#[test]
+fn build_args_are_a_list_of_name_and_value() {
+    let m = parse_manifest(&with_components(concat!(
+        "  - name: web\n",
+        "    docker:\n",
+        "      file: Dockerfile\n",
+        "      build-args:\n",
+        "        - name: NODE_VERSION\n",
+        "          value: 22\n",
+        "        - {name: FLAVOUR, value: slim}\n",
+    )))
+    .unwrap();
+    let ComponentSource::Docker(DockerSource {
+        build: DockerBuild::Dockerfile { args, .. },
+        ..
+    }) = &m.components[0].source
+    else {
+        panic!("a Dockerfile build")
+    };
+    assert_eq!(args.get("NODE_VERSION").map(String::as_str), Some("22"));
+    assert_eq!(args.get("FLAVOUR").map(String::as_str), Some("slim"));
+}
+
+#[test]
+fn build_args_need_name_and_value_each_once() {
+    let all = errors(&with_components(concat!(
+        "  - name: web\n",                           // 3
+        "    docker:\n",                             // 4
+        "      file: Dockerfile\n",                  // 5
+        "      build-args:\n",                       // 6
+        "        - {name: A, value: 1}\n",           // 7
+        "        - {name: A, value: 2}\n",           // 8
+        "        - {name: B}\n",                     // 9
+        "        - {name: C, value: 1, vlaue: 2}\n", // 10
+    )));
+    let got: Vec<(&str, usize)> = all.iter().map(|e| (e.0.as_str(), e.1)).collect();
+    assert_eq!(
+        got,
+        [
+            ("components[0].docker.build-args[1].name", 8),
+            ("components[0].docker.build-args[2]", 9),
+            ("components[0].docker.build-args[3].vlaue", 10),
+        ]
+    );
+    assert!(all[0].3.contains("already set by"), "{}", all[0].3);
+    assert!(
+        all[1].3.contains("missing required field value"),
+        "{}",
+        all[1].3
+    );
+    assert!(all[2].3.contains("did you mean value?"), "{}", all[2].3);
+}
+
+#[test]
+fn platform_is_a_list_of_architectures() {
+    let m = parse_manifest(&with_components(concat!(
+        "  - name: web\n",
+        "    docker:\n",
+        "      image: x\n",
+        "      platform: [{arch: arm64}, {arch: amd64}]\n",
+        "  - name: old\n",
+        "    docker: {image: x, platform: linux/arm64}\n",
+    )))
+    .unwrap();
+    let platforms = |i: usize| match &m.components[i].source {
+        ComponentSource::Docker(d) => d.platforms.clone(),
+        ComponentSource::Process(_) => panic!("docker"),
+    };
+    assert_eq!(platforms(0), [Arch::Arm64, Arch::Amd64]);
+    assert_eq!(platforms(1), [Arch::Arm64], "the earlier single form");
+}
+
+#[test]
+fn platform_errors_name_the_architectures_there_are() {
+    let all = errors(&with_components(concat!(
+        "  - name: web\n",  // 3
+        "    docker:\n",    // 4
+        "      image: x\n", // 5
+        "      platform: [{arch: x86_64}, {arch: arm64}, {arch: arm64}, {os: linux}]\n", // 6
+        "  - name: b\n",    // 7
+        "    docker: {image: x, platform: linux/arm/v7}\n", // 8
+    )));
+    let got: Vec<&str> = all.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        got,
+        [
+            "components[0].docker.platform[0].arch",
+            "components[0].docker.platform[2].arch",
+            "components[0].docker.platform[3]",
+            "components[0].docker.platform[3].os",
+            "components[1].docker.platform",
+        ]
+    );
+    assert!(all[0].3.contains("amd64 or arm64") && all[0].3.contains("x86_64 is called amd64"));
+    assert!(all[1].3.contains("already listed"), "{}", all[1].3);
+    assert!(
+        all[4].3.contains("[{arch: amd64}, {arch: arm64}]"),
+        "{}",
+        all[4].3
+    );
+}
+
+#[test]
+fn identity_is_accepted_and_kept() {
+    let m = parse_manifest(&with_components(
+        "  - name: job\n    docker: {image: x}\n    identity: reports-writer\n",
+    ))
+    .unwrap();
+    assert_eq!(m.components[0].identity.as_deref(), Some("reports-writer"));
+    let (path, _, _, message) = single(&with_components(
+        "  - name: job\n    docker: {image: x}\n    identity: [a]\n",
+    ));
+    assert_eq!(path, "components[0].identity");
+    assert!(message.contains("found a list"), "{message}");
+}
+
+#[test]
+fn file_content_next_to_a_config_ref_is_its_default() {
+    let m = parse_manifest(&with_components(concat!(
+        "  - name: web\n",
+        "    docker: {image: x}\n",
+        "    files:\n",
+        "      - {path: /etc/app.json, config-ref: app.json, content: '{}'}\n",
+        "      - {path: /etc/other, config-ref: other}\n",
+    )))
+    .unwrap();
+    let files = &m.components[0].files;
+    assert_eq!(
+        files[0].source,
+        FileSource::ConfigRef {
+            key: "app.json".into(),
+            default: Some("{}".into())
+        }
+    );
+    assert_eq!(
+        files[1].source,
+        FileSource::ConfigRef {
+            key: "other".into(),
+            default: None
+        }
+    );
+}
+
+#[test]
+fn storage_needs_a_size() {
+    let (path, line, column, message) = single(&with_components(
+        "  - name: db\n    docker: {image: x}\n    storage:\n      - name: data\n        path: /data\n",
+    ));
+    assert_eq!(
+        (path.as_str(), line, column),
+        ("components[0].storage[0]", 6, 9)
+    );
+    assert!(message.contains("missing required field size"), "{message}");
+}
+
+#[test]
+fn an_ingress_of_a_component_with_several_ports_names_its_port() {
+    let (path, line, _, message) = single(&with_components(concat!(
+        "  - name: api\n",
+        "    docker: {image: x}\n",
+        "    ports: [8080, 9090]\n",
+        "    ingresses:\n",
+        "      - host: api\n",
+        "        port: 8080\n",
+        "      - host: metrics\n",
+    )));
+    assert_eq!((path.as_str(), line), ("components[0].ingresses[1]", 9));
+    assert!(message.contains("several ports (8080, 9090)"), "{message}");
+    // One port: host alone is enough.
+    let m = parse_manifest(&with_components(
+        "  - name: web\n    docker: {image: x}\n    ports: [80]\n    ingresses: [{host: www}, {host: shop, path: \"/\"}]\n",
+    ))
+    .unwrap();
+    assert_eq!(m.components[0].ingresses.len(), 2);
+    assert_eq!(m.components[0].ingresses[1].path.as_deref(), Some("/"));
 }
