@@ -41,7 +41,7 @@ const CLIENT_SH: &str = r#"#!/bin/sh
 echo "client starting, web is at $WEB"
 python3 -m http.server "$PORT" --bind 127.0.0.1 --directory data &
 while true; do
-  python3 fetch.py "http://$WEB/conf/greeting.txt" > data/last.tmp 2>/dev/null && mv data/last.tmp data/last.txt
+  python3 fetch.py "http://$WEB:$WEB_PORT/conf/greeting.txt" > data/last.tmp 2>/dev/null && mv data/last.tmp data/last.txt
   sleep 0.3
 done
 "#;
@@ -69,6 +69,7 @@ components:
     storage:
       - name: data
         path: /data
+        size: 1Gi
   - name: client
     process:
       path: ./client
@@ -77,11 +78,14 @@ components:
     env:
       - name: WEB
         component-ref: web
+      - name: WEB_PORT
+        value: "{web_port}"
       - name: PORT
         value: "{client_port}"
     storage:
       - name: data
         path: /data
+        size: 1Gi
 "#
         )
     };
@@ -122,6 +126,7 @@ components:
     storage:
       - name: data
         path: /www/data
+        size: 1Gi
   - name: client
     docker:
       image: {image}
@@ -134,6 +139,7 @@ components:
     storage:
       - name: data
         path: /data
+        size: 1Gi
 "#,
             web_script = serde_json::to_string(web_script).unwrap(),
             client = serde_json::to_string(&client).unwrap(),

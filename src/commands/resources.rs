@@ -654,10 +654,27 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
                     trellis_model::Artifact::Image {
                         reference,
                         archive: Some(archive),
+                        ..
                     } => format!(
                         "image {reference} (stored, {})",
                         crate::output::bytes(archive.size)
                     ),
+                    trellis_model::Artifact::Image {
+                        reference,
+                        platforms,
+                        ..
+                    } if !platforms.is_empty() => {
+                        let each: Vec<String> = platforms
+                            .iter()
+                            .map(|p| match &p.archive {
+                                Some(a) => {
+                                    format!("{} (stored, {})", p.arch, crate::output::bytes(a.size))
+                                }
+                                None => p.arch.to_string(),
+                            })
+                            .collect();
+                        format!("image {reference} for {}", each.join(", "))
+                    }
                     trellis_model::Artifact::Image { reference, .. } => {
                         format!("image {reference}")
                     }

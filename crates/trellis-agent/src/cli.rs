@@ -56,6 +56,26 @@ pub struct RuntimeArgs {
     /// (same port numbers), e.g. 127.0.0.1 or 0.0.0.0
     #[arg(long, value_name = "IP")]
     pub publish_ports: Option<std::net::IpAddr>,
+    /// The CPU architecture the outpost reports and runs images for
+    /// (amd64, arm64, …), instead of this host's; for testing
+    /// multi-architecture builds on one machine
+    #[arg(long, env = "TRELLIS_AGENT_ARCH", value_parser = parse_arch)]
+    pub arch: Option<String>,
+}
+
+/// An architecture as OCI platforms name it: lower-case letters and digits.
+fn parse_arch(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "{text:?} is not an architecture; use the name OCI platforms give it, like amd64 or arm64"
+        ))
+    }
 }
 
 impl RuntimeArgs {
@@ -67,6 +87,10 @@ impl RuntimeArgs {
             deploy: crate::deploy::DeployOptions {
                 health_window: self.health_window,
                 settle: self.settle_time,
+                arch: self
+                    .arch
+                    .clone()
+                    .unwrap_or_else(|| crate::host::arch().to_owned()),
                 ..Default::default()
             },
             ..Default::default()

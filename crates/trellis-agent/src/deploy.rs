@@ -50,7 +50,7 @@ use trellis_link::protocol::{ComponentStatus, LogLine, LogQuery, RuntimeInfo};
 use crate::delivery::{Delivery, DeliveryBoard};
 use crate::runner::{ApplyOutcome, StageRunner, stage_dir_under, write_atomically};
 use crate::runtime::artifacts::ArtifactSource;
-use crate::runtime::plan::plan_from_desired;
+use crate::runtime::plan::{PlanContext, plan_from_desired};
 use crate::runtime::{
     ActionKind, ComponentObservation, ComponentPlan, ComponentState, Runtime, RuntimeKind,
     StagePlan,
@@ -67,6 +67,10 @@ pub struct DeployOptions {
     pub settle: Duration,
     /// How often the components are looked at during the window.
     pub probe_interval: Duration,
+    /// The outpost's CPU architecture as OCI platforms name it (`amd64`,
+    /// `arm64`): which image of a multi-architecture build runs here.
+    /// Default: this host's ([`crate::host::arch`]).
+    pub arch: String,
 }
 
 impl Default for DeployOptions {
@@ -75,6 +79,7 @@ impl Default for DeployOptions {
             health_window: Duration::from_secs(60),
             settle: Duration::from_secs(3),
             probe_interval: Duration::from_millis(250),
+            arch: crate::host::arch().to_owned(),
         }
     }
 }
@@ -483,6 +488,7 @@ impl Deployer {
             message,
             components: component_statuses(plan, observed),
             rolled_back_to: None,
+            notices: Vec::new(),
         }
     }
 
@@ -825,15 +831,25 @@ impl StageRunner for Deployer {
         if let Err(why) = self.stage_dir(stage) {
             return ApplyOutcome::failed(why);
         }
-        let address_of = |name: &str, kind: RuntimeKind, port: Option<u16>| match self.runtime(kind)
-        {
-            Some(runtime) => runtime.address_of(name, port),
-            None => name.to_owned(),
+        // Planned before anything is awaited: the context is not `Send`.
+        let planned = {
+            let address_of =
+                |name: &str, kind: RuntimeKind, port: Option<u16>| match self.runtime(kind) {
+                    Some(runtime) => runtime.address_of(name, port),
+                    None => name.to_owned(),
+                };
+            let ctx = PlanContext {
+                arch: &self.options.arch,
+                address_of: &address_of,
+            };
+            plan_from_desired(revision, desired, &ctx)
         };
-        match plan_from_desired(revision, desired, &address_of) {
-            Ok(plan) => {
+        match planned {
+            Ok(mut plan) => {
+                let notices = std::mem::take(&mut plan.notices);
                 let applying = self.applying.read().await;
-                let outcome = self.apply_plan(stage, plan).await;
+                let mut outcome = self.apply_plan(stage, plan).await;
+                outcome.notices = notices;
                 drop(applying);
                 if let Some(board) = &self.deliveries {
                     board.finish(stage);
@@ -926,6 +942,7 @@ impl StageRunner for Deployer {
             message,
             components,
             rolled_back_to: None,
+            notices: Vec::new(),
         })
     }
 

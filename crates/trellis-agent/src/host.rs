@@ -8,6 +8,12 @@ use std::path::Path;
 use trellis_link::protocol::Capacity;
 
 /// Probes the host; `data_dir` is where free disk space is measured.
+/// This host's CPU architecture as OCI platforms (and manifests'
+/// `docker.platform`) name it: `amd64`, `arm64`, ….
+pub fn arch() -> &'static str {
+    trellis_model::manifest::Arch::oci_name(std::env::consts::ARCH)
+}
+
 pub fn capacity(data_dir: &Path) -> Capacity {
     Capacity {
         cpus: std::thread::available_parallelism()

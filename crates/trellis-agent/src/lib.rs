@@ -241,6 +241,7 @@ pub async fn run(
     };
     let settings = options.runtime_settings;
     let observe_interval = settings.observe_interval;
+    let arch = settings.deploy.arch.clone();
     let reporter = Arc::new(report::Reporter::new(
         state.clone(),
         options.error_log_capacity,
@@ -266,6 +267,7 @@ pub async fn run(
         reconciler: reconciler.handle(),
         runtime,
         data_dir: data_dir.to_path_buf(),
+        arch,
     };
     let rng = match options.rng_seed {
         Some(seed) => StdRng::seed_from_u64(seed),

@@ -217,6 +217,9 @@ pub struct LinkContext {
     pub runtime: Arc<dyn StageRunner>,
     /// Where free disk space is measured for `hello`.
     pub data_dir: PathBuf,
+    /// The architecture `hello` reports (`amd64`, `arm64`, …): the one the
+    /// runner picks images for.
+    pub arch: String,
 }
 
 impl std::fmt::Debug for LinkContext {
@@ -908,7 +911,7 @@ async fn hello(ctx: &LinkContext) -> Result<Message, AgentError> {
     Ok(Message::Hello {
         agent_version: AGENT_VERSION.into(),
         os: std::env::consts::OS.into(),
-        arch: std::env::consts::ARCH.into(),
+        arch: ctx.arch.clone(),
         runtimes: ctx.runtime.describe(),
         capacity,
         stages: stages

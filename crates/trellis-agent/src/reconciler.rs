@@ -380,6 +380,22 @@ async fn apply_newest(
     } else {
         outcome.state
     };
+    // What the release asks for that the outpost runs differently goes to
+    // the stage's error list, where the hub keeps it with first and last
+    // sighting.
+    let now = chrono::Utc::now();
+    let errors = outcome
+        .notices
+        .into_iter()
+        .map(|n| trellis_link::protocol::AgentError {
+            code: n.code,
+            message: n.message,
+            hint: Some(n.hint),
+            first_seen: now,
+            last_seen: now,
+            count: 1,
+        })
+        .collect();
     let report = StatusReport {
         project: stage.project.clone(),
         stage: stage.stage.clone(),
@@ -387,7 +403,7 @@ async fn apply_newest(
         state,
         message: outcome.message,
         components: outcome.components,
-        errors: Vec::new(),
+        errors,
         rolled_back_to: outcome.rolled_back_to,
     };
     // Every apply is recorded and reported in one write, even when it says

@@ -36,6 +36,19 @@ pub struct ApplyOutcome {
     /// The applied revision's release did not come up and this release was
     /// restored instead (0: nothing to restore, the stage was emptied).
     pub rolled_back_to: Option<u64>,
+    /// What the stage's status should say about this release besides its
+    /// state: something it asks for that the outpost runs differently.
+    pub notices: Vec<Notice>,
+}
+
+/// A remark about an applied release for the stage's status (reported as
+/// one of its errors), with a stable code.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Notice {
+    /// e.g. `identity-unavailable`, `config-key-missing`.
+    pub code: String,
+    pub message: String,
+    pub hint: String,
 }
 
 impl ApplyOutcome {
@@ -47,6 +60,7 @@ impl ApplyOutcome {
             message: Some(message.into()),
             components: Vec::new(),
             rolled_back_to: None,
+            notices: Vec::new(),
         }
     }
 }
@@ -157,6 +171,7 @@ impl StageRunner for RecordOnly {
                 message: Some(RECORD_ONLY_MESSAGE.into()),
                 components: Vec::new(),
                 rolled_back_to: None,
+                notices: Vec::new(),
             },
             Ok(Err(e)) => ApplyOutcome::failed(format!(
                 "could not record revision {revision} of stage {stage} on the outpost: {e}; \

@@ -131,6 +131,7 @@ fn plan(revision: u64, release: u64, mut components: Vec<ComponentPlan>) -> Stag
         build: Some(format!("main_b{release}")),
         suspended: false,
         components,
+        notices: Vec::new(),
     }
 }
 

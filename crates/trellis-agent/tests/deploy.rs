@@ -54,6 +54,7 @@ impl World {
                 health_window: Duration::from_secs(10),
                 settle: Duration::from_secs(1),
                 probe_interval: Duration::from_millis(100),
+                ..DeployOptions::default()
             },
         )
     }
@@ -351,6 +352,7 @@ async fn the_cache_keeps_current_and_previous_releases_and_what_is_in_flight() {
                 health_window: Duration::from_secs(10),
                 settle: Duration::from_millis(300),
                 probe_interval: Duration::from_millis(50),
+                ..DeployOptions::default()
             },
         )
         .with_artifacts(source.clone()),

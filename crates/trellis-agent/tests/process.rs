@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use trellis_agent::StageKey;
 use trellis_agent::runtime::artifacts::{ArtifactSource, LocalArtifacts};
-use trellis_agent::runtime::plan::plan_from_desired;
+use trellis_agent::runtime::plan::{PlanContext, plan_from_desired};
 use trellis_agent::runtime::process::{ProcessOptions, ProcessRuntime};
 use trellis_agent::runtime::{
     ActionKind, ComponentObservation, ComponentPlan, ComponentState, LogQuery, LogStream,
@@ -143,6 +143,7 @@ fn stage_plan(revision: u64, components: Vec<ComponentPlan>) -> StagePlan {
         build: Some("main_b1".into()),
         suspended: false,
         components,
+        notices: Vec::new(),
     }
 }
 
@@ -232,9 +233,9 @@ async fn all_logs(runtime: &ProcessRuntime, stage: &StageKey, query: LogQuery) -
 }
 
 const CLIENT: &str = r#"#!/bin/sh
-echo "client starting in mode $MODE, api at $API"
+echo "client starting in mode $MODE, api at $API_URL"
 while true; do
-  python3 -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen('http://$API/etc/greeting', timeout=2).read().decode())" > data/fetched.tmp 2>/dev/null && mv data/fetched.tmp data/fetched
+  python3 -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen('$API_URL/etc/greeting', timeout=2).read().decode())" > data/fetched.tmp 2>/dev/null && mv data/fetched.tmp data/fetched
   echo "$MODE" >> data/runs
   sleep 0.1
 done
@@ -284,9 +285,10 @@ components:
     process: {{path: ./client, command: [sh, ./client.sh]}}
     env:
       - {{name: API, component-ref: api}}
+      - {{name: API_URL, value: "http://$(API):{port}"}}
       - {{name: MODE, config-ref: mode}}
     storage:
-      - {{name: data, path: /data}}
+      - {{name: data, path: /data, size: 1Gi}}
 "#
     );
     let artifacts = json!([
@@ -298,6 +300,10 @@ components:
         assert_eq!(kind, RuntimeKind::Process);
         runtime.address_of(name, port)
     };
+    let address = PlanContext {
+        arch: "amd64",
+        address_of: &address,
+    };
     let plan = plan_from_desired(
         1,
         &desired(&manifest, artifacts.clone(), "fast", 1),
@@ -306,7 +312,12 @@ components:
     .unwrap();
     assert_eq!(
         plan.component("client").unwrap().env["API"],
-        format!("127.0.0.1:{port}")
+        "127.0.0.1",
+        "a component-ref is a host name, without the port"
+    );
+    assert_eq!(
+        plan.component("client").unwrap().env["API_URL"],
+        format!("http://127.0.0.1:{port}")
     );
     assert_eq!(
         deploy(&runtime, &stage, &plan).await,
@@ -356,7 +367,7 @@ components:
     .await;
     assert!(
         logs.iter()
-            .any(|l| l == &format!("client starting in mode fast, api at 127.0.0.1:{port}")),
+            .any(|l| l == &format!("client starting in mode fast, api at http://127.0.0.1:{port}")),
         "{logs:?}"
     );
 

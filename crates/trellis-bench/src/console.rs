@@ -143,6 +143,7 @@ async fn populate(hub: &Hub, settings: &Settings) -> anyhow::Result<()> {
                         artifact: Artifact::Image {
                             reference: format!("{name}:1"),
                             archive: None,
+                            platforms: Vec::new(),
                         },
                     })
                     .collect(),

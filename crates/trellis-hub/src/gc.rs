@@ -51,16 +51,15 @@ async fn referenced_indexes(state: &AppState) -> ApiResult<HashSet<Digest>> {
     for project in state.store().list_projects().await? {
         for build in state.store().list_builds(&project.name).await? {
             for component in &build.components {
-                let index = match &component.artifact {
-                    Artifact::Package { digest, .. } => digest.as_str(),
-                    Artifact::Image {
-                        archive: Some(archive),
-                        ..
-                    } => archive.index.as_str(),
-                    Artifact::Image { archive: None, .. } => continue,
+                let package = match &component.artifact {
+                    Artifact::Package { digest, .. } => Some(digest.as_str()),
+                    Artifact::Image { .. } => None,
                 };
-                if let Ok(digest) = index.parse() {
-                    indexes.insert(digest);
+                let images = component.artifact.archives().map(|a| a.index.as_str());
+                for index in package.into_iter().chain(images) {
+                    if let Ok(digest) = index.parse() {
+                        indexes.insert(digest);
+                    }
                 }
             }
         }

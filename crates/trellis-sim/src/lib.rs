@@ -142,6 +142,7 @@ impl StageRunner for SimRuntime {
             message: None,
             components: vec![],
             rolled_back_to: None,
+            notices: Vec::new(),
         }
     }
 

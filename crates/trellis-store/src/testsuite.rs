@@ -130,6 +130,7 @@ fn new_build(branch: &str) -> NewBuild {
                 artifact: Artifact::Image {
                     reference: "registry.example/web:1".into(),
                     archive: None,
+                    platforms: Vec::new(),
                 },
             },
             BuildComponent {

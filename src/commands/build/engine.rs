@@ -188,6 +188,24 @@ impl Engine {
         })
     }
 
+    /// The architecture the engine's image is for (`amd64`, `arm64`, …), or
+    /// `None` when it does not say.
+    pub fn image_arch(&self, reference: &str) -> anyhow::Result<Option<String>> {
+        let out = self
+            .command([
+                "image",
+                "inspect",
+                "--format",
+                "{{.Architecture}}",
+                reference,
+            ])
+            .output()
+            .with_context(|| format!("running {} image inspect", self.program.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let arch = text.lines().next().unwrap_or("").trim();
+        Ok((out.status.success() && !arch.is_empty()).then(|| arch.to_owned()))
+    }
+
     /// Saves the image as a `docker save` archive into `file`.
     pub fn save(&self, reference: &str, file: &Path) -> anyhow::Result<Result<(), Failed>> {
         let mut argv: Vec<OsString> = vec!["save".into()];

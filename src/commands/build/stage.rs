@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
 use trellis_cas::{ArtifactKind, ChunkStore, Digest, Durability, PutArtifact};
-use trellis_model::manifest::{ComponentSource, DockerBuild, Manifest};
-use trellis_model::{Artifact, BuildComponent, ImageArchive};
+use trellis_model::manifest::{Arch, ComponentSource, DockerBuild, DockerSource, Manifest};
+use trellis_model::{Artifact, BuildComponent, ImageArchive, PlatformImage};
 
 use super::engine::{Engine, Failed};
 use crate::cli::EngineKind;
@@ -97,103 +97,194 @@ pub fn stage(job: &Job, store: &ChunkStore, staging: &Path) -> anyhow::Result<St
         report: Vec::new(),
     };
     // An image named by several components is saved once.
-    let mut saved: HashMap<String, (ImageArchive, PutArtifact)> = HashMap::new();
+    let mut saved = HashMap::new();
     for component in &job.manifest.components {
         check_cancel(&job.cancel)?;
         let name = component.name.as_str();
-        let (artifact, put, line) = match &component.source {
+        let (artifact, puts, line) = match &component.source {
             ComponentSource::Process(process) => {
                 let (put, line) = stage_package(job, store, staging, name, &process.path)?;
                 let artifact = Artifact::Package {
                     digest: put.index_digest.as_hex(),
                     size: put.index.size,
                 };
-                (artifact, put, line)
+                (artifact, vec![put], line)
             }
             ComponentSource::Docker(docker) => {
                 let engine = engine
                     .as_ref()
                     .expect("found above for container components");
-                let platform = docker.platform.as_deref();
-                let reference = match &docker.build {
-                    DockerBuild::Image(image) => {
-                        ensure_image(job, engine, name, image, platform)?;
-                        image.clone()
-                    }
-                    DockerBuild::Dockerfile {
-                        file,
-                        context,
-                        args,
-                    } => {
-                        let reference = built_reference(&job.project, name, &job.commit);
-                        let dockerfile = committed_path(job, name, "docker.file", file, false)?;
-                        let context = committed_path(
-                            job,
-                            name,
-                            "docker.build-context",
-                            context.as_deref().unwrap_or("."),
-                            true,
-                        )?;
-                        if job.verbose {
-                            eprintln!(
-                                "{name}: building {reference} from {file} with {}",
-                                engine.name()
-                            );
-                        }
-                        if let Err(failed) = engine.build(
-                            &dockerfile,
-                            &context,
-                            &reference,
-                            args,
-                            platform,
-                            job.verbose,
-                        )? {
-                            check_cancel(&job.cancel)?;
-                            bail!(
-                                "component {name:?}: building its image from {file} with {engine} \
-                                 failed ({status}){shown}; the last lines of its output:\n{tail}\n\
-                                 Fix the Dockerfile or the files it uses, commit, and push again. \
-                                 Nothing was recorded on the hub.",
-                                engine = engine.name(),
-                                status = failed.status,
-                                shown = if job.verbose { ", output above" } else { "" },
-                                tail = failed.quoted(),
-                            );
-                        }
-                        reference
-                    }
-                };
-                let (archive, put) = match saved.get(&reference) {
-                    Some(done) => done.clone(),
-                    None => {
-                        let done = stage_image(job, engine, store, staging, name, &reference)?;
-                        saved.insert(reference.clone(), done.clone());
-                        done
-                    }
-                };
-                let line = format!(
-                    "{name}: image {reference} ({}, archive {})",
-                    archive.image_id,
-                    bytes(archive.size)
-                );
-                let artifact = Artifact::Image {
-                    reference,
-                    archive: Some(archive),
-                };
-                (artifact, put, line)
+                stage_docker(job, engine, store, staging, &mut saved, name, docker)?
             }
         };
         staged.components.push(BuildComponent {
             name: name.to_owned(),
             artifact,
         });
-        staged.artifacts.push(StagedArtifact {
-            component: name.to_owned(),
-            put,
-        });
+        staged
+            .artifacts
+            .extend(puts.into_iter().map(|put| StagedArtifact {
+                component: name.to_owned(),
+                put,
+            }));
         staged.report.push(line);
     }
     Ok(staged)
+}
+
+/// Makes a container component's image — one per listed architecture when
+/// the manifest lists `docker.platform` — and chunks its archive.
+fn stage_docker(
+    job: &Job,
+    engine: &Engine,
+    store: &ChunkStore,
+    staging: &Path,
+    saved: &mut HashMap<(String, Option<Arch>), (ImageArchive, PutArtifact)>,
+    name: &str,
+    docker: &DockerSource,
+) -> anyhow::Result<(Artifact, Vec<PutArtifact>, String)> {
+    let base = match &docker.build {
+        DockerBuild::Image(image) => image.clone(),
+        DockerBuild::Dockerfile { .. } => built_reference(&job.project, name, &job.commit),
+    };
+    if docker.platforms.is_empty() {
+        let reference = make_image(job, engine, name, docker, &base, None)?;
+        let (archive, put) = save_once(job, engine, store, staging, saved, name, &reference, None)?;
+        let line = format!(
+            "{name}: image {reference} ({}, archive {})",
+            archive.image_id,
+            bytes(archive.size)
+        );
+        let artifact = Artifact::Image {
+            reference,
+            archive: Some(archive),
+            platforms: Vec::new(),
+        };
+        return Ok((artifact, vec![put], line));
+    }
+    let mut platforms = Vec::with_capacity(docker.platforms.len());
+    let mut puts = Vec::with_capacity(docker.platforms.len());
+    let mut each = Vec::with_capacity(docker.platforms.len());
+    for &arch in &docker.platforms {
+        check_cancel(&job.cancel)?;
+        let tagged = match &docker.build {
+            // One tag per architecture, so the builds do not replace each other.
+            DockerBuild::Dockerfile { .. } => format!("{base}-{arch}"),
+            DockerBuild::Image(_) => base.clone(),
+        };
+        let reference = make_image(job, engine, name, docker, &tagged, Some(arch))?;
+        let (archive, put) = save_once(
+            job,
+            engine,
+            store,
+            staging,
+            saved,
+            name,
+            &reference,
+            Some(arch),
+        )?;
+        each.push(format!(
+            "{arch} ({}, archive {})",
+            archive.image_id,
+            bytes(archive.size)
+        ));
+        platforms.push(PlatformImage {
+            arch,
+            reference,
+            archive: Some(archive),
+        });
+        puts.push(put);
+    }
+    let line = format!("{name}: image {base} for {}", each.join(", "));
+    let artifact = Artifact::Image {
+        reference: base,
+        archive: None,
+        platforms,
+    };
+    Ok((artifact, puts, line))
+}
+
+/// Builds (`docker.file`) or finds (`docker.image`) the image of one
+/// architecture (`None`: the engine's own), and returns its reference.
+fn make_image(
+    job: &Job,
+    engine: &Engine,
+    name: &str,
+    docker: &DockerSource,
+    reference: &str,
+    arch: Option<Arch>,
+) -> anyhow::Result<String> {
+    let platform = arch.map(Arch::platform);
+    let for_arch = arch.map(|a| format!(" for {a}")).unwrap_or_default();
+    match &docker.build {
+        DockerBuild::Image(image) => {
+            ensure_image(job, engine, name, image, arch)?;
+            Ok(image.clone())
+        }
+        DockerBuild::Dockerfile {
+            file,
+            context,
+            args,
+        } => {
+            let dockerfile = committed_path(job, name, "docker.file", file, false)?;
+            let context = committed_path(
+                job,
+                name,
+                "docker.build-context",
+                context.as_deref().unwrap_or("."),
+                true,
+            )?;
+            if job.verbose {
+                eprintln!(
+                    "{name}: building {reference}{for_arch} from {file} with {}",
+                    engine.name()
+                );
+            }
+            if let Err(failed) = engine.build(
+                &dockerfile,
+                &context,
+                reference,
+                args,
+                platform.as_deref(),
+                job.verbose,
+            )? {
+                check_cancel(&job.cancel)?;
+                bail!(
+                    "component {name:?}: building its image{for_arch} from {file} with {engine} \
+                     failed ({status}){shown}; the last lines of its output:\n{tail}\n\
+                     Fix the Dockerfile or the files it uses, commit, and push again. \
+                     Nothing was recorded on the hub.",
+                    engine = engine.name(),
+                    status = failed.status,
+                    shown = if job.verbose { ", output above" } else { "" },
+                    tail = failed.quoted(),
+                );
+            }
+            Ok(reference.to_owned())
+        }
+    }
+}
+
+/// Saves and chunks an image once per build, however many components name
+/// it.
+#[allow(clippy::too_many_arguments)]
+fn save_once(
+    job: &Job,
+    engine: &Engine,
+    store: &ChunkStore,
+    staging: &Path,
+    saved: &mut HashMap<(String, Option<Arch>), (ImageArchive, PutArtifact)>,
+    name: &str,
+    reference: &str,
+    arch: Option<Arch>,
+) -> anyhow::Result<(ImageArchive, PutArtifact)> {
+    let key = (reference.to_owned(), arch);
+    if let Some(done) = saved.get(&key) {
+        return Ok(done.clone());
+    }
+    let done = stage_image(job, engine, store, staging, name, reference, arch)?;
+    saved.insert(key, done.clone());
+    Ok(done)
 }
 
 /// Packs a `process:` directory and chunks the package.
@@ -238,30 +329,49 @@ fn stage_package(
     Ok((put, line))
 }
 
-/// Checks that the engine has `image`, pulling it with `--pull`.
+/// Checks that the engine has `image` (of `arch`, when given), pulling it
+/// with `--pull`.
 fn ensure_image(
     job: &Job,
     engine: &Engine,
     name: &str,
     image: &str,
-    platform: Option<&str>,
+    arch: Option<Arch>,
 ) -> anyhow::Result<()> {
-    let absent = match engine.image_id(image)? {
-        Ok(_) => return Ok(()),
-        Err(failed) => failed,
-    };
-    if !job.pull {
-        bail!(
+    let platform = arch.map(Arch::platform);
+    let platform = platform.as_deref();
+    match (engine.image_id(image)?, arch) {
+        (Ok(_), None) => return Ok(()),
+        // The engine keeps one architecture per tag: without --pull the
+        // local image must be of the one asked for, and with it every
+        // listed architecture is pulled in turn.
+        (Ok(_), Some(arch)) if !job.pull => {
+            let local = engine.image_arch(image)?;
+            if local.as_deref() == Some(arch.as_str()) {
+                return Ok(());
+            }
+            bail!(
+                "component {name:?}: docker.platform lists {arch}, but the local {engine}'s \
+                 {image:?} is for {}; pull every listed architecture with `trellis push build \
+                 --pull`. Nothing was recorded on the hub.",
+                local.as_deref().unwrap_or("an unknown architecture"),
+                engine = engine.name(),
+            );
+        }
+        (Ok(_), Some(_)) => {}
+        (Err(absent), _) if !job.pull => bail!(
             "component {name:?}: the local {engine} has no image {image:?} (docker.image in {}); \
              {engine} said:\n{}\nPull it with `trellis push build --pull` (or `{engine} pull \
              {image}`), or build it locally first. Nothing was recorded on the hub.",
             job.manifest_name,
             absent.quoted(),
             engine = engine.name(),
-        );
+        ),
+        (Err(_), _) => {}
     }
     if job.verbose {
-        eprintln!("{name}: pulling {image} with {}", engine.name());
+        let for_arch = arch.map(|a| format!(" for {a}")).unwrap_or_default();
+        eprintln!("{name}: pulling {image}{for_arch} with {}", engine.name());
     }
     if let Err(failed) = engine.pull(image, platform, job.verbose)? {
         check_cancel(&job.cancel)?;
@@ -287,6 +397,7 @@ fn stage_image(
     staging: &Path,
     name: &str,
     reference: &str,
+    arch: Option<Arch>,
 ) -> anyhow::Result<(ImageArchive, PutArtifact)> {
     let image_id = match engine.image_id(reference)? {
         Ok(id) => id,
@@ -300,7 +411,11 @@ fn stage_image(
     if job.verbose {
         eprintln!("{name}: saving {reference} ({image_id})");
     }
-    let archive = staging.join(format!("{name}.image.tar"));
+    let file_name = match arch {
+        Some(arch) => format!("{name}.{arch}.image.tar"),
+        None => format!("{name}.image.tar"),
+    };
+    let archive = staging.join(file_name);
     if let Err(failed) = engine.save(reference, &archive)? {
         let _ = std::fs::remove_file(&archive);
         if failed.disk_full() {

@@ -226,9 +226,10 @@ pub trait Runtime: Send + Sync {
     /// it (name and version of the engine).
     fn describe(&self) -> RuntimeInfo;
 
-    /// What a `component-ref` to `component` resolves to inside a stage
-    /// (BRIEF §3): a network alias for containers, `127.0.0.1:<port>` for
-    /// processes.
+    /// What a `component-ref` to `component` resolves to inside a stage: a
+    /// host name without scheme or port, as on the platform — a network
+    /// alias for containers, `127.0.0.1` for processes. `first_port` is the
+    /// component's first port, for runtimes whose addresses depend on it.
     fn address_of(&self, component: &str, first_port: Option<u16>) -> String;
 
     /// What [`Runtime::apply`] would do to make `stage` run `plan`'s

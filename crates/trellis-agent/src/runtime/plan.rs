@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use trellis_model::manifest::{
-    ComponentSource, DockerBuild, EnvSource, FileSource, Manifest, Schedule, StorageKind,
-    parse_manifest,
+    Component, ComponentSource, DockerBuild, DockerSource, EnvSource, FileSource, Manifest,
+    Schedule, StorageKind, expand, parse_manifest,
 };
 use trellis_model::{Artifact, Build, ConfigData, Release};
 
@@ -29,7 +29,15 @@ pub struct StagePlan {
     pub build: Option<String>,
     pub suspended: bool,
     pub components: Vec<ComponentPlan>,
+    /// What the release asks for that this outpost runs differently (a
+    /// config key it lacks, an identity it cannot provide): reported with
+    /// the stage's status, never silently dropped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notices: Vec<PlanNotice>,
 }
+
+/// Something about a plan the stage's status should say.
+pub use crate::runner::Notice as PlanNotice;
 
 impl StagePlan {
     /// A plan that runs nothing (a stage without a release).
@@ -40,6 +48,7 @@ impl StagePlan {
             build: None,
             suspended: false,
             components: Vec::new(),
+            notices: Vec::new(),
         }
     }
 
@@ -118,10 +127,11 @@ pub struct ComponentPlan {
     pub memory_bytes: Option<u64>,
     /// `scaling.min` (1 when not given).
     pub replicas: u32,
-    /// `command` with `$VAR`s expanded: replaces the image's entrypoint
-    /// (containers) or the package's command (processes).
+    /// `command` with its variables expanded ([`expand::command_word`]):
+    /// replaces the image's entrypoint (containers) or the package's
+    /// command (processes).
     pub command: Option<Vec<String>>,
-    /// `args` with `$VAR`s expanded: the image's cmd (containers) or
+    /// `args`, expanded like `command`: the image's cmd (containers) or
     /// appended to the command (processes).
     pub args: Option<Vec<String>>,
     pub user: Option<String>,
@@ -222,13 +232,21 @@ struct DesiredState {
     controls: HashMap<String, ComponentControl>,
 }
 
+/// What a plan is made for: the outpost it runs on.
+pub struct PlanContext<'a> {
+    /// The outpost's CPU architecture, as OCI platforms name it (`amd64`,
+    /// `arm64`): which image of a multi-architecture build it runs.
+    pub arch: &'a str,
+    /// What a `component-ref` resolves to: `address_of(component, kind,
+    /// first_port)` (the runtime of the referenced component decides).
+    pub address_of: &'a dyn Fn(&str, RuntimeKind, Option<u16>) -> String,
+}
+
 /// Makes the plan of `desired` (the JSON the hub sent at `revision`).
-/// `address_of(component, kind, first_port)` is what a `component-ref`
-/// resolves to (the runtime of the referenced component decides).
 pub fn plan_from_desired(
     revision: u64,
     desired: &serde_json::Value,
-    address_of: &dyn Fn(&str, RuntimeKind, Option<u16>) -> String,
+    ctx: &PlanContext<'_>,
 ) -> Result<StagePlan, PlanError> {
     let state: DesiredState = serde_json::from_value(desired.clone()).map_err(|e| {
         PlanError(format!(
@@ -260,133 +278,283 @@ pub fn plan_from_desired(
         .as_ref()
         .map(|c| c.name.as_str())
         .unwrap_or("(none)");
-    let components = plan_components(
-        &manifest,
-        &build,
+    let mut planner = Planner {
+        manifest: &manifest,
+        build: &build,
         config,
         config_name,
-        &state.controls,
-        state.suspended,
-        address_of,
-    )?;
+        ctx,
+        notices: Vec::new(),
+    };
+    let components = planner.components(&state.controls, state.suspended)?;
+    let notices = planner.notices;
     Ok(StagePlan {
         revision,
         release: Some(release.number),
         build: Some(build.name),
         suspended: state.suspended,
         components,
+        notices,
     })
 }
 
-fn plan_components(
-    manifest: &Manifest,
-    build: &Build,
-    config: &ConfigData,
-    config_name: &str,
-    controls: &HashMap<String, ComponentControl>,
-    suspended: bool,
-    address_of: &dyn Fn(&str, RuntimeKind, Option<u16>) -> String,
-) -> Result<Vec<ComponentPlan>, PlanError> {
-    // Kinds first: a component-ref needs the kind of the referenced one.
-    let mut kinds = HashMap::new();
-    for c in &manifest.components {
-        let kind = match c.source {
-            ComponentSource::Docker(_) => RuntimeKind::Container,
-            ComponentSource::Process(_) => RuntimeKind::Process,
-        };
-        kinds.insert(c.name.as_str(), (kind, c.ports.first().copied()));
+/// Turns one release's manifest, build and config into component plans,
+/// collecting the notices the stage's status should carry.
+struct Planner<'a> {
+    manifest: &'a Manifest,
+    build: &'a Build,
+    config: &'a ConfigData,
+    config_name: &'a str,
+    ctx: &'a PlanContext<'a>,
+    notices: Vec<PlanNotice>,
+}
+
+impl Planner<'_> {
+    fn components(
+        &mut self,
+        controls: &HashMap<String, ComponentControl>,
+        suspended: bool,
+    ) -> Result<Vec<ComponentPlan>, PlanError> {
+        let mut out = Vec::with_capacity(self.manifest.components.len());
+        for c in &self.manifest.components {
+            let workload = self.workload(c)?;
+            let env = self.env(c);
+            let files = self.files(c)?;
+            if let Some(identity) = &c.identity {
+                self.notices.push(PlanNotice {
+                    code: "identity-unavailable".into(),
+                    message: format!(
+                        "component {:?} asks for the cloud identity {identity:?}, which outposts cannot provide; it runs without it",
+                        c.name
+                    ),
+                    hint: "give the component the credentials it needs through config (config-ref), or run the stage where the identity exists".into(),
+                });
+            }
+            let volumes = c
+                .storage
+                .iter()
+                .map(|s| PlannedVolume {
+                    name: s.name.clone(),
+                    path: s.path.clone(),
+                    kind: s.kind,
+                    size_bytes: Some(s.size.bytes),
+                })
+                .collect();
+            // `command` and `args` see every variable of the env.
+            let known = |name: &str| env.get(name).map(String::as_str);
+            let expand_words = |words: &Vec<String>| {
+                words
+                    .iter()
+                    .map(|w| expand::command_word(w, known))
+                    .collect::<Vec<_>>()
+            };
+            let command = c.command.as_ref().map(expand_words);
+            let args = c.args.as_ref().map(expand_words);
+            let control = controls.get(&c.name).cloned().unwrap_or_default();
+
+            let mut plan = ComponentPlan {
+                name: c.name.clone(),
+                workload,
+                ports: c.ports.clone(),
+                env,
+                files,
+                volumes,
+                cpu_millis: c.resources.cpu.as_ref().map(|q| q.millicores),
+                memory_bytes: c.resources.memory.as_ref().map(|q| q.bytes),
+                replicas: c.scaling.as_ref().map(|s| s.min).unwrap_or(1),
+                command,
+                args,
+                user: c.user.clone(),
+                schedule: c.scheduled.clone(),
+                timezone: c.scheduled_timezone.clone(),
+                max_retries: c.max_retries.unwrap_or(0),
+                stopped: suspended || control.stopped,
+                restart_generation: control.restarts,
+                spec_hash: String::new(),
+            };
+            plan.update_spec_hash();
+            out.push(plan);
+        }
+        Ok(out)
     }
 
-    let mut out = Vec::with_capacity(manifest.components.len());
-    for c in &manifest.components {
-        let artifact = build
+    /// What the component runs: the build's artifact, and of a
+    /// multi-architecture build the image of this outpost's architecture.
+    fn workload(&self, c: &Component) -> Result<Workload, PlanError> {
+        let build = &self.build.name;
+        let artifact = self
+            .build
             .components
             .iter()
             .find(|b| b.name == c.name)
             .map(|b| &b.artifact);
-        let workload = match (&c.source, artifact) {
-            (ComponentSource::Docker(docker), Some(Artifact::Image { reference, archive })) => {
-                Workload::Image {
-                    reference: reference.clone(),
-                    platform: docker.platform.clone(),
-                    archive: archive.clone(),
+        match (&c.source, artifact) {
+            (
+                ComponentSource::Docker(docker),
+                Some(Artifact::Image {
+                    reference,
+                    archive,
+                    platforms,
+                }),
+            ) => {
+                let platform = self.platform(c, docker)?;
+                if platforms.is_empty() {
+                    return Ok(Workload::Image {
+                        reference: reference.clone(),
+                        platform,
+                        archive: archive.clone(),
+                    });
                 }
+                let arch = self.ctx.arch;
+                let Some(image) = platforms.iter().find(|p| p.arch.as_str() == arch) else {
+                    let carried: Vec<&str> = platforms.iter().map(|p| p.arch.as_str()).collect();
+                    return Err(PlanError(format!(
+                        "component {:?}: build {build} has images for {} only, and this outpost is {arch}; \
+                         push a build that lists {{arch: {arch}}} in docker.platform",
+                        c.name,
+                        carried.join(", ")
+                    )));
+                };
+                Ok(Workload::Image {
+                    reference: image.reference.clone(),
+                    platform,
+                    archive: image.archive.clone(),
+                })
             }
             (ComponentSource::Docker(docker), None) => match &docker.build {
-                DockerBuild::Image(reference) => Workload::Image {
+                DockerBuild::Image(reference) => Ok(Workload::Image {
                     reference: reference.clone(),
-                    platform: docker.platform.clone(),
+                    platform: self.platform(c, docker)?,
                     archive: None,
-                },
-                DockerBuild::Dockerfile { .. } => {
-                    return Err(PlanError(format!(
-                        "build {} has no image for component {:?} (it is built from a Dockerfile)",
-                        build.name, c.name
-                    )));
-                }
+                }),
+                DockerBuild::Dockerfile { .. } => Err(PlanError(format!(
+                    "build {build} has no image for component {:?} (it is built from a Dockerfile)",
+                    c.name
+                ))),
             },
             (ComponentSource::Process(process), Some(Artifact::Package { digest, size })) => {
-                Workload::Package {
+                Ok(Workload::Package {
                     digest: digest.clone(),
                     size: *size,
                     argv: process.command.clone(),
-                }
+                })
             }
-            (ComponentSource::Process(_), _) => {
-                return Err(PlanError(format!(
-                    "build {} has no package for process component {:?}; push the build again",
-                    build.name, c.name
-                )));
-            }
+            (ComponentSource::Process(_), _) => Err(PlanError(format!(
+                "build {build} has no package for process component {:?}; push the build again",
+                c.name
+            ))),
             (ComponentSource::Docker(_), Some(Artifact::Package { .. })) => {
-                return Err(PlanError(format!(
-                    "build {} holds a package, not an image, for container component {:?}",
-                    build.name, c.name
-                )));
+                Err(PlanError(format!(
+                    "build {build} holds a package, not an image, for container component {:?}",
+                    c.name
+                )))
             }
-        };
-
-        let mut env = BTreeMap::new();
-        for var in &c.env {
-            let value = match &var.source {
-                EnvSource::Value(v) => v.clone(),
-                EnvSource::ConfigRef { key, default } => match (config.env.get(key), default) {
-                    (Some(v), _) => v.clone(),
-                    (None, Some(d)) => d.clone(),
-                    (None, None) => {
-                        return Err(PlanError(format!(
-                            "component {:?}: env {} refers to config key {key:?}, which config {config_name} does not have; \
-                                 add it with `trellis add config-data` and push a new release",
-                            c.name, var.name
-                        )));
-                    }
-                },
-                EnvSource::ComponentRef(target) => {
-                    let Some((kind, port)) = kinds.get(target.as_str()) else {
-                        return Err(PlanError(format!(
-                            "component {:?}: env {} refers to component {target:?}, which the manifest does not have",
-                            c.name, var.name
-                        )));
-                    };
-                    address_of(target, *kind, *port)
-                }
-            };
-            env.insert(var.name.clone(), value);
         }
+    }
 
+    /// The engine platform to pull with (`linux/<arch>`), when the manifest
+    /// lists architectures; an outpost of an unlisted one refuses the
+    /// release before anything changes.
+    fn platform(&self, c: &Component, docker: &DockerSource) -> Result<Option<String>, PlanError> {
+        if docker.platforms.is_empty() {
+            return Ok(None);
+        }
+        let arch = self.ctx.arch;
+        match docker.platforms.iter().find(|a| a.as_str() == arch) {
+            Some(listed) => Ok(Some(listed.platform())),
+            None => {
+                let listed: Vec<&str> = docker.platforms.iter().map(|a| a.as_str()).collect();
+                Err(PlanError(format!(
+                    "component {:?} runs on {} (docker.platform), and this outpost is {arch}; \
+                     add {{arch: {arch}}} to docker.platform and push a new build, or place the stage on an outpost of a listed architecture",
+                    c.name,
+                    listed.join(", ")
+                )))
+            }
+        }
+    }
+
+    /// The component's environment. Each `value` (and a config-ref's
+    /// default) has its dependent variables expanded from the variables
+    /// before it, as Kubernetes does; a config key the release's config
+    /// lacks falls back to the default or leaves the variable empty (the
+    /// platform does not fail a release for it), and the status says so.
+    fn env(&mut self, c: &Component) -> BTreeMap<String, String> {
+        let mut defined: Vec<(&str, String)> = Vec::with_capacity(c.env.len());
+        for var in &c.env {
+            let earlier = |name: &str| {
+                defined
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| v.as_str())
+            };
+            let value = match &var.source {
+                EnvSource::Value(v) => expand::env_value(v, earlier),
+                EnvSource::ConfigRef { key, default } => {
+                    match (self.config.env.get(key), default) {
+                        (Some(v), _) => v.clone(),
+                        (None, Some(d)) => expand::env_value(d, earlier),
+                        (None, None) => {
+                            self.notices.push(PlanNotice {
+                            code: "config-key-missing".into(),
+                            message: format!(
+                                "component {:?}: env {} refers to config key {key:?}, which config {} does not have; the variable is empty",
+                                c.name, var.name, self.config_name
+                            ),
+                            hint: format!(
+                                "add it with `trellis add config-data {} --env {key}=…` and push a new release, or give the variable a default value",
+                                self.config_name
+                            ),
+                        });
+                            String::new()
+                        }
+                    }
+                }
+                EnvSource::ComponentRef(target) => self.address(target),
+            };
+            defined.push((var.name.as_str(), value));
+        }
+        defined
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect()
+    }
+
+    /// Where a component of this stage is reached (its own name, for a
+    /// self reference, too).
+    fn address(&self, target: &str) -> String {
+        let (kind, port) = match self.manifest.component(target) {
+            Some(c) => (
+                match c.source {
+                    ComponentSource::Docker(_) => RuntimeKind::Container,
+                    ComponentSource::Process(_) => RuntimeKind::Process,
+                },
+                c.ports.first().copied(),
+            ),
+            // The parser refuses references to no component; should one
+            // reach here anyway, the bare name is the best guess.
+            None => return target.to_owned(),
+        };
+        (self.ctx.address_of)(target, kind, port)
+    }
+
+    fn files(&self, c: &Component) -> Result<Vec<PlannedFile>, PlanError> {
         let mut files = Vec::with_capacity(c.files.len());
         for f in &c.files {
             let content = match &f.source {
                 FileSource::Content(text) => text.clone(),
-                FileSource::ConfigRef(key) => config
+                FileSource::ConfigRef { key, default } => self
+                    .config
                     .files
                     .get(key)
-                    .or_else(|| config.env.get(key))
+                    .or_else(|| self.config.env.get(key))
+                    .or(default.as_ref())
                     .cloned()
                     .ok_or_else(|| {
                         PlanError(format!(
-                            "component {:?}: file {} refers to config key {key:?}, which config {config_name} does not have",
-                            c.name, f.path
+                            "component {:?}: file {} refers to config key {key:?}, which config {} does not have; \
+                             add it with `trellis add config-data {} --file …` and push a new release, or give the file a default content",
+                            c.name, f.path, self.config_name, self.config_name
                         ))
                     })?,
             };
@@ -395,52 +563,8 @@ fn plan_components(
                 content,
             });
         }
-
-        let volumes = c
-            .storage
-            .iter()
-            .map(|s| PlannedVolume {
-                name: s.name.clone(),
-                path: s.path.clone(),
-                kind: s.kind,
-                size_bytes: s.size.as_ref().map(|q| q.bytes),
-            })
-            .collect();
-
-        let command = c
-            .command
-            .as_ref()
-            .map(|words| words.iter().map(|w| expand_vars(w, &env)).collect());
-        let args = c
-            .args
-            .as_ref()
-            .map(|words| words.iter().map(|w| expand_vars(w, &env)).collect());
-        let control = controls.get(&c.name).cloned().unwrap_or_default();
-
-        let mut plan = ComponentPlan {
-            name: c.name.clone(),
-            workload,
-            ports: c.ports.clone(),
-            env,
-            files,
-            volumes,
-            cpu_millis: c.resources.cpu.as_ref().map(|q| q.millicores),
-            memory_bytes: c.resources.memory.as_ref().map(|q| q.bytes),
-            replicas: c.scaling.as_ref().map(|s| s.min).unwrap_or(1),
-            command,
-            args,
-            user: c.user.clone(),
-            schedule: c.scheduled.clone(),
-            timezone: c.scheduled_timezone.clone(),
-            max_retries: c.max_retries.unwrap_or(0),
-            stopped: suspended || control.stopped,
-            restart_generation: control.restarts,
-            spec_hash: String::new(),
-        };
-        plan.update_spec_hash();
-        out.push(plan);
+        Ok(files)
     }
-    Ok(out)
 }
 
 /// See [`ComponentPlan::spec_hash`].
@@ -454,82 +578,20 @@ fn spec_hash(plan: &ComponentPlan) -> String {
     blake3::hash(&bytes).to_hex()[..16].to_owned()
 }
 
-/// Expands `$VAR` and `${VAR}` from `env`; `$$` is a literal `$`. A
-/// variable the component's env lacks is left as written, so a `$` meant
-/// for a shell inside the command survives.
-pub fn expand_vars(word: &str, env: &BTreeMap<String, String>) -> String {
-    let mut out = String::with_capacity(word.len());
-    let mut rest = word;
-    while let Some(at) = rest.find('$') {
-        out.push_str(&rest[..at]);
-        let after = &rest[at + 1..];
-        if let Some(tail) = after.strip_prefix('$') {
-            out.push('$');
-            rest = tail;
-            continue;
-        }
-        if let Some(inner) = after.strip_prefix('{')
-            && let Some(end) = inner.find('}')
-        {
-            let name = &inner[..end];
-            match env.get(name) {
-                Some(v) if is_var_name(name) => out.push_str(v),
-                _ => out.push_str(&rest[at..at + 1 + 1 + end + 1]),
-            }
-            rest = &inner[end + 1..];
-            continue;
-        }
-        let len = after
-            .char_indices()
-            .find(|&(i, ch)| {
-                !(ch == '_' || ch.is_ascii_alphanumeric()) || (i == 0 && ch.is_ascii_digit())
-            })
-            .map(|(i, _)| i)
-            .unwrap_or(after.len());
-        let name = &after[..len];
-        match env.get(name) {
-            Some(v) if !name.is_empty() => out.push_str(v),
-            _ => {
-                out.push('$');
-                out.push_str(name);
-            }
-        }
-        rest = &after[len..];
-    }
-    out.push_str(rest);
-    out
-}
-
-fn is_var_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
-    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+    fn ctx<'a>(
+        arch: &'a str,
+        address_of: &'a dyn Fn(&str, RuntimeKind, Option<u16>) -> String,
+    ) -> PlanContext<'a> {
+        PlanContext { arch, address_of }
     }
 
-    #[test]
-    fn expands_dollar_forms() {
-        let e = env(&[("PORT", "7000"), ("HOST", "db")]);
-        assert_eq!(expand_vars("--port=$PORT", &e), "--port=7000");
-        assert_eq!(expand_vars("${HOST}:${PORT}", &e), "db:7000");
-        assert_eq!(expand_vars("$$PORT", &e), "$PORT");
-        assert_eq!(expand_vars("$MISSING x", &e), "$MISSING x");
-        assert_eq!(expand_vars("${MISSING}", &e), "${MISSING}");
-        assert_eq!(expand_vars("cost: $5", &e), "cost: $5");
-        assert_eq!(expand_vars("end$", &e), "end$");
-        assert_eq!(expand_vars("${unclosed", &e), "${unclosed");
-        assert_eq!(expand_vars("é$HOST€", &e), "édb€");
+    fn by_name(name: &str, _: RuntimeKind, _: Option<u16>) -> String {
+        name.to_owned()
     }
 
     fn desired(
@@ -584,10 +646,10 @@ components:
             json!({"name": "prod", "version": 1, "data": {
                 "env": {"mode": "fast"}, "files": {"api.conf": "x=1"}}}),
         );
-        let plan = plan_from_desired(4, &d, &|name, kind, port| {
+        let address = |name: &str, kind: RuntimeKind, port: Option<u16>| {
             format!("{name}/{kind}/{}", port.unwrap_or(0))
-        })
-        .unwrap();
+        };
+        let plan = plan_from_desired(4, &d, &ctx("amd64", &address)).unwrap();
         assert_eq!(plan.release, Some(2));
         let api = plan.component("api").unwrap();
         assert_eq!(api.env["DB"], "db/process/5432");
@@ -616,7 +678,7 @@ components:
             json!({"name": "prod", "version": 1, "data": {
                 "env": {"mode": mode}, "files": {"api.conf": "x=1"}}})
         };
-        let addr = |n: &str, _: RuntimeKind, _: Option<u16>| n.to_owned();
+        let addr = ctx("amd64", &by_name);
         let a = plan_from_desired(
             4,
             &desired(MANIFEST, components.clone(), config("fast")),
@@ -634,7 +696,35 @@ components:
     }
 
     #[test]
-    fn missing_config_key_is_a_clear_error() {
+    fn a_missing_config_key_leaves_the_variable_empty_and_says_so() {
+        let manifest = r#"version: v1
+components:
+  - name: api
+    docker: {image: "localhost/api:1"}
+    env:
+      - {name: MODE, config-ref: mode}
+      - {name: LEVEL, config-ref: level, value: info}
+"#;
+        let d = desired(
+            manifest,
+            json!([{"name": "api", "artifact": {"kind": "image", "reference": "localhost/api:1"}}]),
+            json!(null),
+        );
+        let plan = plan_from_desired(4, &d, &ctx("amd64", &by_name)).unwrap();
+        let api = plan.component("api").unwrap();
+        assert_eq!(api.env["MODE"], "");
+        assert_eq!(api.env["LEVEL"], "info");
+        assert_eq!(plan.notices.len(), 1, "{:?}", plan.notices);
+        assert_eq!(plan.notices[0].code, "config-key-missing");
+        assert!(
+            plan.notices[0].message.contains("config key \"mode\""),
+            "{:?}",
+            plan.notices
+        );
+    }
+
+    #[test]
+    fn a_missing_config_file_without_default_is_a_clear_error() {
         let d = desired(
             MANIFEST,
             json!([
@@ -643,8 +733,141 @@ components:
             ]),
             json!(null),
         );
-        let err = plan_from_desired(4, &d, &|n, _, _| n.to_owned()).unwrap_err();
-        assert!(err.0.contains("config key \"mode\""), "{err}");
+        let err = plan_from_desired(4, &d, &ctx("amd64", &by_name)).unwrap_err();
+        assert!(err.0.contains("config key \"api.conf\""), "{err}");
+        assert!(err.0.contains("default content"), "{err}");
+    }
+
+    const DEPENDENT: &str = r#"version: v1
+components:
+  - name: api
+    docker: {image: "localhost/api:1"}
+    ports: [8080]
+    env:
+      - {name: POSTGRES_USER, config-ref: db-user, value: app}
+      - {name: POSTGRES_PASSWORD, config-ref: db-password}
+      - {name: DB_HOST, component-ref: store}
+      - name: DATABASE_URL
+        value: postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@$(DB_HOST):5432/app
+      - {name: EARLY, value: "$(LATE)-$$(DB_HOST)"}
+      - {name: LATE, value: late}
+      - {name: SELF, component-ref: api}
+      - {name: JSON, value: '{"url": "$(DATABASE_URL)", "me": "$(SELF)"}'}
+      - {name: DEFAULTED, config-ref: absent, value: "at $(DB_HOST)"}
+    command: ["sh", "-c"]
+    args: ["echo started at $(date) for $(DATABASE_URL) by $POSTGRES_USER, $(LATE) $$(LATE)"]
+    identity: reports-writer
+  - name: store
+    process: {path: ./store, command: ["./store", "--port", "$(PORT)"]}
+    ports: [5432]
+    env: [{name: PORT, value: "5432"}]
+    args: ["--data", "$(DATA)"]
+"#;
+
+    #[test]
+    fn dependent_variables_expand_from_earlier_env_and_components() {
+        let d = desired(
+            DEPENDENT,
+            json!([
+                {"name": "api", "artifact": {"kind": "image", "reference": "localhost/api:1"}},
+                {"name": "store", "artifact": {"kind": "package", "digest": "ab", "size": 10}}
+            ]),
+            json!({"name": "prod", "version": 1, "data": {
+                "env": {"db-password": "s3cr3t$(X)"}, "files": {}}}),
+        );
+        // As the runtimes answer: containers by name, processes on the host.
+        let address = |name: &str, kind: RuntimeKind, _: Option<u16>| match kind {
+            RuntimeKind::Container => name.to_owned(),
+            RuntimeKind::Process => "127.0.0.1".to_owned(),
+        };
+        let plan = plan_from_desired(4, &d, &ctx("amd64", &address)).unwrap();
+        let api = plan.component("api").unwrap();
+        assert_eq!(
+            api.env["DATABASE_URL"], "postgresql://app:s3cr3t$(X)@127.0.0.1:5432/app",
+            "a config value is used as it is, never expanded again"
+        );
+        assert_eq!(
+            api.env["EARLY"], "$(LATE)-$(DB_HOST)",
+            "only earlier variables"
+        );
+        assert_eq!(api.env["SELF"], "api");
+        assert_eq!(
+            api.env["JSON"],
+            r#"{"url": "postgresql://app:s3cr3t$(X)@127.0.0.1:5432/app", "me": "api"}"#
+        );
+        assert_eq!(api.env["DEFAULTED"], "at 127.0.0.1");
+        assert_eq!(
+            api.args.as_deref().unwrap(),
+            [
+                "echo started at $(date) for postgresql://app:s3cr3t$(X)@127.0.0.1:5432/app by app, late $(LATE)"
+            ],
+            "command and args see every variable; a shell's $(date) stays"
+        );
+        let store = plan.component("store").unwrap();
+        assert_eq!(
+            store.process_argv(),
+            ["./store", "--port", "$(PORT)", "--data", "$(DATA)"],
+            "the process command is the package's, as written; args expand"
+        );
+        let codes: Vec<&str> = plan.notices.iter().map(|n| n.code.as_str()).collect();
+        assert_eq!(codes, ["identity-unavailable"]);
+        assert!(plan.notices[0].message.contains("reports-writer"));
+    }
+
+    const MULTI_ARCH: &str = r#"version: v1
+components:
+  - name: web
+    docker:
+      file: Dockerfile
+      platform: [{arch: amd64}, {arch: arm64}]
+"#;
+
+    fn multi_arch_build() -> serde_json::Value {
+        let image = |arch: &str, id: &str| {
+            json!({"arch": arch, "reference": format!("trellis.local/p/web:abc-{arch}"),
+                   "archive": {"index": id, "size": 10, "image_id": format!("sha256:{id}")}})
+        };
+        json!([{"name": "web", "artifact": {"kind": "image", "reference": "trellis.local/p/web:abc",
+            "platforms": [image("amd64", "aa"), image("arm64", "bb")]}}])
+    }
+
+    #[test]
+    fn an_outpost_runs_the_image_of_its_architecture() {
+        let d = desired(MULTI_ARCH, multi_arch_build(), json!(null));
+        for (arch, reference, index) in [
+            ("amd64", "trellis.local/p/web:abc-amd64", "aa"),
+            ("arm64", "trellis.local/p/web:abc-arm64", "bb"),
+        ] {
+            let plan = plan_from_desired(4, &d, &ctx(arch, &by_name)).unwrap();
+            let Workload::Image {
+                reference: got,
+                platform,
+                archive,
+            } = &plan.components[0].workload
+            else {
+                panic!("an image")
+            };
+            assert_eq!(got, reference);
+            assert_eq!(platform.as_deref(), Some(&*format!("linux/{arch}")));
+            assert_eq!(archive.as_ref().unwrap().index, index);
+        }
+    }
+
+    #[test]
+    fn an_outpost_of_an_architecture_the_build_lacks_refuses_the_release() {
+        let d = desired(MULTI_ARCH, multi_arch_build(), json!(null));
+        let err = plan_from_desired(4, &d, &ctx("riscv64", &by_name)).unwrap_err();
+        assert!(err.0.contains("runs on amd64, arm64"), "{err}");
+        assert!(err.0.contains("this outpost is riscv64"), "{err}");
+        // A build that lacks one of the listed architectures.
+        let mut build = multi_arch_build();
+        build[0]["artifact"]["platforms"]
+            .as_array_mut()
+            .unwrap()
+            .remove(1);
+        let d = desired(MULTI_ARCH, build, json!(null));
+        let err = plan_from_desired(4, &d, &ctx("arm64", &by_name)).unwrap_err();
+        assert!(err.0.contains("has images for amd64 only"), "{err}");
     }
 
     #[test]
@@ -652,7 +875,7 @@ components:
         let plan = plan_from_desired(
             1,
             &json!({"revision": 1, "suspended": false, "release": null, "build": null}),
-            &|n, _, _| n.to_owned(),
+            &ctx("amd64", &by_name),
         )
         .unwrap();
         assert!(plan.components.is_empty());
@@ -665,7 +888,7 @@ components:
             json!({"release": 3}),
             json!({"build": {"manifest": 1}}),
         ] {
-            let _ = plan_from_desired(1, &value, &|n, _, _| n.to_owned());
+            let _ = plan_from_desired(1, &value, &ctx("amd64", &by_name));
         }
     }
 }

@@ -271,6 +271,7 @@ impl StageRunner for TestRuntime {
                 ..Default::default()
             }],
             rolled_back_to: None,
+            notices: Vec::new(),
         }
     }
 
@@ -322,6 +323,7 @@ impl Harness {
             reconciler: reconciler.handle(),
             runtime: runtime.clone(),
             data_dir: dir.path().to_path_buf(),
+            arch: "amd64".into(),
         };
         let (trigger, shutdown) = Shutdown::channel();
         Harness {

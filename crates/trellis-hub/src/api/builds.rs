@@ -5,8 +5,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::Utc;
 use trellis_cas::{ArtifactKind, ChunkStore, Digest};
-use trellis_model::manifest::{ComponentSource, DockerBuild, parse_manifest};
-use trellis_model::{Artifact, Build, NewBuild};
+use trellis_model::manifest::{Arch, ComponentSource, DockerBuild, DockerSource, parse_manifest};
+use trellis_model::{Artifact, Build, NewBuild, PlatformImage};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -165,7 +165,16 @@ fn check_build(chunks: &ChunkStore, build: &NewBuild) -> ApiResult<()> {
                 )
             })?;
         match (&component.source, artifact) {
-            (ComponentSource::Docker(docker), Artifact::Image { reference, archive }) => {
+            (
+                ComponentSource::Docker(docker),
+                artifact @ Artifact::Image {
+                    reference,
+                    archive,
+                    platforms,
+                },
+            ) => {
+                check_platforms(&component.name, docker, archive.is_some(), platforms)?;
+                let carries_images = archive.is_some() || !platforms.is_empty();
                 match &docker.build {
                     DockerBuild::Image(image) if image != reference => {
                         return Err(invalid_build(
@@ -176,7 +185,7 @@ fn check_build(chunks: &ChunkStore, build: &NewBuild) -> ApiResult<()> {
                             "the build must use the image the manifest names",
                         ));
                     }
-                    DockerBuild::Dockerfile { .. } if archive.is_none() => {
+                    DockerBuild::Dockerfile { .. } if !carries_images => {
                         return Err(invalid_build(
                             format!(
                                 "component {:?} is built from a Dockerfile, but the build does not carry its image",
@@ -187,7 +196,7 @@ fn check_build(chunks: &ChunkStore, build: &NewBuild) -> ApiResult<()> {
                     }
                     _ => {}
                 }
-                if let Some(archive) = archive {
+                for archive in artifact.archives() {
                     check_stored(
                         chunks,
                         &component.name,
@@ -228,6 +237,50 @@ fn check_build(chunks: &ChunkStore, build: &NewBuild) -> ApiResult<()> {
                 extra.name
             ),
             "send artifacts only for the manifest's components",
+        ));
+    }
+    Ok(())
+}
+
+/// A component whose manifest lists `docker.platform` carries one image per
+/// listed architecture, and no other; one without it carries a single image.
+fn check_platforms(
+    component: &str,
+    docker: &DockerSource,
+    single: bool,
+    platforms: &[PlatformImage],
+) -> ApiResult<()> {
+    let listed: Vec<String> = docker.platforms.iter().map(|a| a.to_string()).collect();
+    if docker.platforms.is_empty() {
+        if !platforms.is_empty() {
+            return Err(invalid_build(
+                format!(
+                    "component {component:?} carries images per architecture, but its manifest lists no docker.platform"
+                ),
+                "push builds with `trellis push build`, which builds what the manifest lists",
+            ));
+        }
+        return Ok(());
+    }
+    let mut carried: Vec<Arch> = platforms.iter().map(|p| p.arch).collect();
+    carried.sort();
+    let mut wanted = docker.platforms.clone();
+    wanted.sort();
+    let missing_archive = matches!(docker.build, DockerBuild::Dockerfile { .. })
+        && platforms.iter().any(|p| p.archive.is_none());
+    if single || carried != wanted || missing_archive {
+        let carried: Vec<String> = platforms.iter().map(|p| p.arch.to_string()).collect();
+        return Err(invalid_build(
+            format!(
+                "component {component:?} lists docker.platform {}, but the build carries images for {}",
+                listed.join(", "),
+                if carried.is_empty() {
+                    "no architecture".to_owned()
+                } else {
+                    carried.join(", ")
+                }
+            ),
+            "push builds with `trellis push build`, which builds one image per listed architecture",
         ));
     }
     Ok(())

@@ -241,16 +241,15 @@ async fn released_indexes(state: &AppState, outpost: &str) -> ApiResult<HashSet<
                 continue;
             };
             for component in &build.components {
-                let index = match &component.artifact {
+                let package = match &component.artifact {
                     Artifact::Package { digest, .. } => Some(digest.as_str()),
-                    Artifact::Image {
-                        archive: Some(archive),
-                        ..
-                    } => Some(archive.index.as_str()),
-                    Artifact::Image { archive: None, .. } => None,
+                    Artifact::Image { .. } => None,
                 };
-                if let Some(Ok(digest)) = index.map(str::parse::<Digest>) {
-                    indexes.insert(digest);
+                let images = component.artifact.archives().map(|a| a.index.as_str());
+                for index in package.into_iter().chain(images) {
+                    if let Ok(digest) = index.parse::<Digest>() {
+                        indexes.insert(digest);
+                    }
                 }
             }
         }

@@ -379,11 +379,11 @@ impl Runtime for ProcessRuntime {
         }
     }
 
-    fn address_of(&self, _component: &str, first_port: Option<u16>) -> String {
-        match first_port {
-            Some(port) => format!("127.0.0.1:{port}"),
-            None => "127.0.0.1".into(),
-        }
+    fn address_of(&self, _component: &str, _first_port: Option<u16>) -> String {
+        // Processes share the host's network; like the platform's
+        // component-ref, the address is a host name only, so an app that
+        // writes `$(DB_HOST):5432` works whichever runtime runs the db.
+        "127.0.0.1".into()
     }
 
     async fn plan(&self, stage: &StageKey, plan: &StagePlan) -> Result<Vec<Action>, RuntimeError> {
