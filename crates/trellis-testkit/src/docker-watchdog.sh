@@ -14,6 +14,9 @@
 #
 #   sh docker-watchdog.sh prepare DIR          (the caller holds the lock)
 #   sh docker-watchdog.sh watch DIR PID IDLE POLL
+#
+# The kit writes the watchdog's pid into DIR/docker-watchdog.pid; the
+# watchdog removes the file when it ends.
 set -u
 
 mode=$1
@@ -147,14 +150,13 @@ cleanup() {
 
 prepare() {
     cleanup
-    iptables -S FORWARD | sed -n 's/^-P FORWARD //p' >"$policy_file"
+    iptables -S FORWARD 2>/dev/null | sed -n 's/^-P FORWARD //p' >"$policy_file"
 }
 
 watch() {
     daemon=$1
     idle=$2
     poll=$3
-    echo $$ >"$dir/docker-watchdog.pid"
     say "watching dockerd $daemon: it stops after ${idle} s without users"
     busy=$(date +%s)
     while alive "$daemon"; do

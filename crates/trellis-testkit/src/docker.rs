@@ -235,10 +235,15 @@ impl DockerEngine {
         }
     }
 
+    /// The watchdog, the daemon's config and the client's link, once per
+    /// process (other processes write their own temporary files).
     fn write_files(&self) {
-        shared::write_if_changed(&self.path("docker-watchdog.sh"), WATCHDOG, 0o755);
-        shared::write_if_changed(&self.path("docker-daemon.json"), DAEMON_JSON, 0o644);
-        self.link_client();
+        static WRITTEN: OnceLock<()> = OnceLock::new();
+        WRITTEN.get_or_init(|| {
+            shared::write_if_changed(&self.path("docker-watchdog.sh"), WATCHDOG, 0o755);
+            shared::write_if_changed(&self.path("docker-daemon.json"), DAEMON_JSON, 0o644);
+            self.link_client();
+        });
     }
 
     /// `docker-bin/docker` → the client, for [`DockerEngine::cli_env`].
@@ -431,6 +436,9 @@ impl DockerEngine {
         pid
     }
 
+    /// Starts the watchdog for dockerd `pid`. Its pid file is written here,
+    /// before the caller releases the service lock, so that a concurrent
+    /// caller never sees the daemon without its watchdog and starts another.
     fn spawn_watchdog(&self, pid: u32) {
         let (log, log_err) = shared::log_pair(&self.path("docker-watchdog.log"));
         let spawned = Command::new("sh")
@@ -447,10 +455,15 @@ impl DockerEngine {
             .stderr(log_err)
             .process_group(0)
             .spawn();
-        match spawned {
-            Ok(child) => reap_later(child),
+        let child = match spawned {
+            Ok(child) => child,
             Err(e) => panic!("trellis-testkit: cannot start the Docker daemon's watchdog: {e}"),
+        };
+        let pid_file = self.path("docker-watchdog.pid");
+        if let Err(e) = fs::write(&pid_file, format!("{}\n", child.id())) {
+            panic!("trellis-testkit: cannot write {}: {e}", pid_file.display());
         }
+        reap_later(child);
     }
 
     fn build_busybox(&self) {

@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use rustix::fs::{FlockOperation, flock};
@@ -100,7 +101,13 @@ pub fn write_if_changed(path: &Path, content: &str, mode: u32) {
     if fs::read_to_string(path).is_ok_and(|now| now == content) {
         return;
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per writer: threads of one test binary write concurrently too.
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let tmp = path.with_extension(format!(
+        "tmp{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     let written = fs::write(&tmp, content)
         .and_then(|()| fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)))
         .and_then(|()| fs::rename(&tmp, path));
