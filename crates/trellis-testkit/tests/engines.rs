@@ -41,9 +41,18 @@ fn the_test_image_runs_and_labelled_objects_go(engine: TestEngine) {
     ]);
     engine.cli_ok(&["network", "create", "--label", &label, &name]);
     engine.cli_ok(&["volume", "create", "--label", &label, &name]);
-    assert_eq!(engine.labelled(Object::Container, &label), [name.clone()]);
-    assert_eq!(engine.labelled(Object::Network, &label), [name.clone()]);
-    assert_eq!(engine.labelled(Object::Volume, &label), [name.clone()]);
+    assert_eq!(
+        engine.labelled(Object::Container, &label),
+        std::slice::from_ref(&name)
+    );
+    assert_eq!(
+        engine.labelled(Object::Network, &label),
+        std::slice::from_ref(&name)
+    );
+    assert_eq!(
+        engine.labelled(Object::Volume, &label),
+        std::slice::from_ref(&name)
+    );
     assert!(engine.inspect(Object::Container, &name).is_some());
     engine.cli_ok(&["start", &name]);
     let out = engine.exec(&name, &["sh", "-c", "echo $((6 * 7))"]);
