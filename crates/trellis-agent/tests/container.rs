@@ -1,9 +1,11 @@
-//! The container runtime against a real engine: Podman's API service,
-//! started by `trellis-testkit` (see `crates/trellis-testkit`). Every test
-//! uses its own project name, so they run in parallel, and removes what it
-//! made even when it fails.
+//! The container runtime against real engines: every test runs on
+//! Podman's API service (`on_podman::…`) and on Docker Engine
+//! (`on_docker::…`), both started and shared by `trellis-testkit` (see
+//! `crates/trellis-testkit`). Every test uses its own project name, so they
+//! run in parallel, and removes what it made even when it fails.
 //!
-//! Without podman installed these tests pass as skipped, except under `CI`.
+//! Without an engine installed its tests pass as skipped, except under
+//! `CI`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -19,7 +21,7 @@ use trellis_agent::runtime::{
     PlannedFile, PlannedVolume, Runtime, StagePlan, Workload,
 };
 use trellis_model::manifest::{Schedule, StorageKind};
-use trellis_testkit::podman::{self, Object, PodmanEngine};
+use trellis_testkit::engines::{self, EngineKind, Object, TestEngine};
 
 const OUTPOST: &str = "test-outpost";
 
@@ -27,7 +29,7 @@ const OUTPOST: &str = "test-outpost";
 /// run in parallel, and an outpost's stages are all of its stages);
 /// removes every object of the project when dropped.
 struct Env {
-    engine: PodmanEngine,
+    engine: TestEngine,
     image: &'static str,
     data: tempfile::TempDir,
     project: String,
@@ -35,8 +37,8 @@ struct Env {
 }
 
 impl Env {
-    fn new() -> Option<Env> {
-        let engine = podman::engine()?;
+    fn new(kind: EngineKind) -> Option<Env> {
+        let engine = engines::get(kind)?;
         let image = engine.busybox_image();
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let project = format!(
@@ -51,6 +53,17 @@ impl Env {
             outpost: format!("outpost-{project}"),
             project,
         })
+    }
+
+    /// The engine's version as its own CLI tells it.
+    fn engine_version(&self) -> String {
+        let format = match self.engine.kind() {
+            // Podman runs the service itself: its client is its version.
+            EngineKind::Podman => "{{.Client.Version}}",
+            EngineKind::Docker => "{{.Server.Version}}",
+        };
+        let version = self.engine.cli_ok(&["version", "--format", format]);
+        version.trim().to_owned()
     }
 
     fn stage(&self, name: &str) -> StageKey {
@@ -270,13 +283,49 @@ fn web_and_client(env: &Env, mode: &str, rt: &ContainerRuntime) -> Vec<Component
     vec![web, client]
 }
 
-#[tokio::test]
-async fn a_stage_runs_keeps_its_volume_and_is_adopted_without_restarts() {
-    let Some(env) = Env::new() else { return };
+/// Runs each test body on both engines: `on_podman::<body>` and
+/// `on_docker::<body>`.
+macro_rules! on_both_engines {
+    ($($body:ident),+ $(,)?) => {
+        mod on_podman {
+            $(
+                #[tokio::test]
+                async fn $body() {
+                    if let Some(env) = super::Env::new(super::EngineKind::Podman) {
+                        super::$body(env).await;
+                    }
+                }
+            )+
+        }
+        mod on_docker {
+            $(
+                #[tokio::test]
+                async fn $body() {
+                    if let Some(env) = super::Env::new(super::EngineKind::Docker) {
+                        super::$body(env).await;
+                    }
+                }
+            )+
+        }
+    };
+}
+
+on_both_engines!(
+    a_stage_runs_keeps_its_volume_and_is_adopted_without_restarts,
+    a_missing_image_fails_that_component_only,
+    a_component_that_exits_at_once_is_crash_looping,
+    stages_cannot_reach_each_others_components_or_volumes,
+    followed_logs_of_a_stage_arrive_within_a_second,
+    a_taken_port_fails_that_component_and_the_others_are_published,
+    release_jobs_run_once_per_release_and_retry,
+    stop_start_and_restart_on_request,
+);
+
+async fn a_stage_runs_keeps_its_volume_and_is_adopted_without_restarts(env: Env) {
     let rt = env.runtime(PublishPolicy::off()).await;
     let info = rt.describe();
-    assert_eq!(info.name, "podman");
-    assert!(info.version.starts_with('4'), "{info:?}");
+    assert_eq!(info.name, env.engine.name());
+    assert_eq!(info.version, env.engine_version(), "{info:?}");
     assert_eq!(rt.address_of("web", Some(8080)), "web");
 
     let stage = env.stage("dev");
@@ -341,8 +390,18 @@ async fn a_stage_runs_keeps_its_volume_and_is_adopted_without_restarts() {
         .engine
         .inspect(Object::Network, &format!("trellis-{}_dev", env.project))
         .unwrap();
-    assert_eq!(network["labels"]["io.trellis.stage"], "dev");
-    assert_eq!(network["dns_enabled"], true);
+    match env.engine.kind() {
+        // Podman shows its own network format, where name resolution is a
+        // setting; Docker's user-defined networks always resolve names.
+        EngineKind::Podman => {
+            assert_eq!(network["labels"]["io.trellis.stage"], "dev");
+            assert_eq!(network["dns_enabled"], true);
+        }
+        EngineKind::Docker => {
+            assert_eq!(network["Labels"]["io.trellis.stage"], "dev");
+            assert_eq!(network["Driver"], "bridge");
+        }
+    }
     let volume = env
         .engine
         .inspect(
@@ -434,9 +493,7 @@ async fn a_stage_runs_keeps_its_volume_and_is_adopted_without_restarts() {
     assert!(rt.stages().await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn a_missing_image_fails_that_component_only() {
-    let Some(env) = Env::new() else { return };
+async fn a_missing_image_fails_that_component_only(env: Env) {
     let rt = env.runtime(PublishPolicy::off()).await;
     let stage = env.stage("dev");
     let ok = env.component("ok", &["sleep", "3600"]);
@@ -454,7 +511,7 @@ async fn a_missing_image_fails_that_component_only() {
     assert!(
         message.contains("image \"localhost/trellis-test/missing:1\"")
             && message.contains("is not on this outpost and could not be pulled")
-            && message.contains("podman load"),
+            && message.contains(&format!("{} load", env.engine.name())),
         "{message}"
     );
     // A restarted agent still knows why.
@@ -468,9 +525,7 @@ async fn a_missing_image_fails_that_component_only() {
     assert_eq!(env.leftovers(), Vec::<String>::new());
 }
 
-#[tokio::test]
-async fn a_component_that_exits_at_once_is_crash_looping() {
-    let Some(env) = Env::new() else { return };
+async fn a_component_that_exits_at_once_is_crash_looping(env: Env) {
     let rt = env.runtime(PublishPolicy::off()).await;
     let stage = env.stage("dev");
     let crash = env.component("crash", &["sh", "-c", "echo boom; exit 3"]);
@@ -510,9 +565,7 @@ async fn a_component_that_exits_at_once_is_crash_looping() {
     assert_eq!(env.leftovers(), Vec::<String>::new());
 }
 
-#[tokio::test]
-async fn stages_cannot_reach_each_others_components_or_volumes() {
-    let Some(env) = Env::new() else { return };
+async fn stages_cannot_reach_each_others_components_or_volumes(env: Env) {
     let rt = env.runtime(PublishPolicy::off()).await;
     let a = env.stage("a");
     let b = env.stage("b");
@@ -579,9 +632,7 @@ async fn stages_cannot_reach_each_others_components_or_volumes() {
     assert_eq!(env.leftovers(), Vec::<String>::new());
 }
 
-#[tokio::test]
-async fn followed_logs_of_a_stage_arrive_within_a_second() {
-    let Some(env) = Env::new() else { return };
+async fn followed_logs_of_a_stage_arrive_within_a_second(env: Env) {
     let rt = env.runtime(PublishPolicy::off()).await;
     let stage = env.stage("dev");
     let quiet = env.component(
@@ -657,9 +708,7 @@ async fn followed_logs_of_a_stage_arrive_within_a_second() {
     assert_eq!(env.leftovers(), Vec::<String>::new());
 }
 
-#[tokio::test]
-async fn a_taken_port_fails_that_component_and_the_others_are_published() {
-    let Some(env) = Env::new() else { return };
+async fn a_taken_port_fails_that_component_and_the_others_are_published(env: Env) {
     let rt = env.runtime(PublishPolicy::on("127.0.0.1")).await;
     let stage = env.stage("dev");
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -699,9 +748,7 @@ async fn a_taken_port_fails_that_component_and_the_others_are_published() {
     assert_eq!(env.leftovers(), Vec::<String>::new());
 }
 
-#[tokio::test]
-async fn release_jobs_run_once_per_release_and_retry() {
-    let Some(env) = Env::new() else { return };
+async fn release_jobs_run_once_per_release_and_retry(env: Env) {
     let rt = env.runtime(PublishPolicy::off()).await;
     let stage = env.stage("dev");
     let mut once = env.component("once", &["sh", "-c", "echo ran >> /data/runs"]);
@@ -771,9 +818,7 @@ async fn release_jobs_run_once_per_release_and_retry() {
     assert_eq!(env.leftovers(), Vec::<String>::new());
 }
 
-#[tokio::test]
-async fn stop_start_and_restart_on_request() {
-    let Some(env) = Env::new() else { return };
+async fn stop_start_and_restart_on_request(env: Env) {
     let rt = env.runtime(PublishPolicy::off()).await;
     let stage = env.stage("dev");
     let mut svc = env.component("svc", &["sleep", "3600"]);
