@@ -25,12 +25,12 @@ use std::time::{Duration, Instant};
 
 use common::{AgentProcess, Cli, HubProcess, git_commit, git_project, join_command};
 use serde_json::Value;
-use trellis_testkit::engines::{Engine, EngineKind, Object};
+use trellis_testkit::engines::{self, EngineKind, Object, TestEngine};
 
 /// The engine under test, and everything the test made on it removed when
 /// it ends, however it ends.
 struct OnEngine {
-    engine: Engine,
+    engine: TestEngine,
     outposts: Vec<String>,
     images: Vec<String>,
 }
@@ -38,7 +38,7 @@ struct OnEngine {
 impl OnEngine {
     fn new(kind: EngineKind) -> Option<OnEngine> {
         Some(OnEngine {
-            engine: trellis_testkit::engines::engine(kind)?,
+            engine: engines::get(kind)?,
             outposts: Vec::new(),
             images: Vec::new(),
         })
@@ -91,7 +91,7 @@ impl Drop for OnEngine {
                 .remove_labelled(&format!("io.trellis.outpost={outpost}"));
         }
         for image in &self.images {
-            self.engine.remove_image(image);
+            let _ = self.engine.cli(&["rmi", "-f", image]);
         }
     }
 }
