@@ -214,7 +214,9 @@ fn ids_of(status: &Value, component: &str) -> Vec<String> {
 
 /// The app, as a platform user writes it: only `image` is ours (the test
 /// image, as no registry is reachable).
-fn shop_manifest(image: &str, front_port: u16) -> String {
+/// The ports are the test's own: the outpost publishes every component's
+/// ports on the host, and the tests of both engines run at once.
+fn shop_manifest(image: &str, front_port: u16, api_port: u16, store_port: u16) -> String {
     format!(
         r#"# A shop: the front serves what the API gets from the store.
 version: v1
@@ -229,7 +231,7 @@ components:
       - name: API_HOST
         component-ref: api
       - name: API_URL
-        value: http://$(API_HOST):8080
+        value: http://$(API_HOST):{api_port}
     command: ["sh", "-c"]
     args:
       - >-
@@ -240,7 +242,7 @@ components:
   - name: api
     docker:
       image: {image}
-    ports: [8080]
+    ports: [{api_port}]
     identity: shop-orders-reader
     env:
       - {{name: POSTGRES_USER, config-ref: db-user, value: app}}
@@ -249,25 +251,25 @@ components:
       - name: DATABASE_URL
         value: postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@$(DB_HOST):5432/app
       - name: STORE_URL
-        value: "http://$(DB_HOST):8081"
+        value: "http://$(DB_HOST):{store_port}"
       - name: SELF
         component-ref: api
     command: ["sh", "-c"]
     args:
       - >-
         trap 'exit 0' TERM; mkdir -p /www; echo "started at $(date)" > /www/started.txt;
-        httpd -p 8080 -h /www;
+        httpd -p {api_port} -h /www;
         while true; do wget -qO /www/next "$STORE_URL/greeting.txt" && mv /www/next /www/from-store.txt;
         sleep 0.3; done
 
   - name: store
     docker:
       image: {image}
-    ports: [8081]
+    ports: [{store_port}]
     env:
       - name: GREETING
         config-ref: greeting
-    command: ["sh", "-c", "trap 'exit 0' TERM; echo \"$GREETING\" > /data/greeting.txt; echo boot >> /data/boots.txt; httpd -f -p 8081 -h /data & wait"]
+    command: ["sh", "-c", "trap 'exit 0' TERM; echo \"$GREETING\" > /data/greeting.txt; echo boot >> /data/boots.txt; httpd -f -p {store_port} -h /data & wait"]
     storage:
       - name: data
         path: /data
@@ -283,12 +285,19 @@ fn a_three_component_app_runs_unchanged(kind: EngineKind) {
     };
     let image = on.engine.busybox_image();
     let outpost = on.outpost("shop-edge");
-    let front_port = common::free_port();
+    let (front_port, api_port, store_port) = (
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    );
     let mut w = World::new("shop");
     let app = w.tmp.path().join("app");
     git_project(
         &app,
-        &[("pergola.yaml", shop_manifest(image, front_port).as_str())],
+        &[(
+            "pergola.yaml",
+            shop_manifest(image, front_port, api_port, store_port).as_str(),
+        )],
     );
     let out = on.push_build(&w.cli, &app, "shop");
     assert!(out.status.success(), "{}", common::describe(&out));
@@ -332,9 +341,10 @@ fn a_three_component_app_runs_unchanged(kind: EngineKind) {
         .iter()
         .filter_map(Value::as_str)
         .collect();
+    let store_url = format!("STORE_URL=http://store:{store_port}");
     for want in [
         "DATABASE_URL=postgresql://app:s3cr3t@store:5432/app",
-        "STORE_URL=http://store:8081",
+        store_url.as_str(),
         "SELF=api",
         "DB_HOST=store",
     ] {
@@ -480,7 +490,9 @@ fn each_outpost_runs_the_image_of_its_architecture(kind: EngineKind) {
     let container = on.container(&ids_of(&status, "kiosk")[0]);
     let running_image = container["Image"].as_str().unwrap().to_owned();
     assert!(
-        built[1].1.ends_with(running_image.trim_start_matches("sha256:")),
+        built[1]
+            .1
+            .ends_with(running_image.trim_start_matches("sha256:")),
         "the arm64 outpost runs {running_image}, not the arm64 image {}",
         built[1].1
     );
@@ -495,7 +507,11 @@ fn each_outpost_runs_the_image_of_its_architecture(kind: EngineKind) {
 
     // A native (amd64) outpost runs the amd64 image of a build for the
     // x86 stage's port.
-    std::fs::write(app.join("pergola.yaml"), manifest(x86_port, &["amd64", "arm64"])).unwrap();
+    std::fs::write(
+        app.join("pergola.yaml"),
+        manifest(x86_port, &["amd64", "arm64"]),
+    )
+    .unwrap();
     git_commit(&app, "the x86 kiosk's port");
     let out = on.push_build(&w.cli, &app, "kiosk");
     assert!(out.status.success(), "{}", common::describe(&out));
@@ -509,7 +525,9 @@ fn each_outpost_runs_the_image_of_its_architecture(kind: EngineKind) {
         .unwrap()
         .to_owned();
     assert!(
-        built2[0].1.ends_with(running_image.trim_start_matches("sha256:")),
+        built2[0]
+            .1
+            .ends_with(running_image.trim_start_matches("sha256:")),
         "the amd64 outpost runs {running_image}, not the amd64 image {}",
         built2[0].1
     );
@@ -535,7 +553,10 @@ fn each_outpost_runs_the_image_of_its_architecture(kind: EngineKind) {
         last = w.status("kiosk", "x86");
         last["sync"]["state"] == "failed"
     });
-    assert!(failed, "the release without amd64 was not refused: {last:#}");
+    assert!(
+        failed,
+        "the release without amd64 was not refused: {last:#}"
+    );
     let message = last["sync"]["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("runs on arm64") && message.contains("this outpost is amd64"),

@@ -870,10 +870,16 @@ impl StageRunner for Deployer {
                 outcome
             }
             Err(e) => {
-                // Nothing was touched: what ran before still runs.
+                // Nothing was touched: what ran before still runs, and the
+                // report says so (its components, not an empty stage).
                 let good = self.load_plan(stage, GOOD_PLAN).await;
+                let components = match self.load_plan(stage, CURRENT_PLAN).await {
+                    Some(current) => component_statuses(&current, &self.observe_all(stage).await),
+                    None => Vec::new(),
+                };
                 ApplyOutcome {
                     rolled_back_to: good.and_then(|p| p.release),
+                    components,
                     ..ApplyOutcome::failed(format!("revision {revision} cannot be run: {e}"))
                 }
             }

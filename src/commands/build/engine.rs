@@ -128,7 +128,9 @@ impl Engine {
     }
 
     /// `<engine> build -f DOCKERFILE -t REFERENCE [--build-arg K=V …]
-    /// [--platform P] CONTEXT`, its output streamed to stderr when `echo`.
+    /// [--platform P] [--no-cache] CONTEXT`, its output streamed to stderr
+    /// when `echo`.
+    #[allow(clippy::too_many_arguments)]
     pub fn build(
         &self,
         dockerfile: &Path,
@@ -136,10 +138,14 @@ impl Engine {
         reference: &str,
         args: &BTreeMap<String, String>,
         platform: Option<&str>,
+        no_cache: bool,
         echo: bool,
     ) -> anyhow::Result<Result<(), Failed>> {
         let mut argv: Vec<OsString> = vec!["build".into(), "-f".into(), dockerfile.into()];
         argv.extend(["-t".into(), reference.into()]);
+        if no_cache {
+            argv.push("--no-cache".into());
+        }
         for (key, value) in args {
             argv.extend(["--build-arg".into(), format!("{key}={value}").into()]);
         }

@@ -214,7 +214,6 @@ fn make_image(
     reference: &str,
     arch: Option<Arch>,
 ) -> anyhow::Result<String> {
-    let platform = arch.map(Arch::platform);
     let for_arch = arch.map(|a| format!(" for {a}")).unwrap_or_default();
     match &docker.build {
         DockerBuild::Image(image) => {
@@ -240,29 +239,94 @@ fn make_image(
                     engine.name()
                 );
             }
-            if let Err(failed) = engine.build(
+            run_build(
+                job,
+                engine,
+                name,
+                file,
                 &dockerfile,
                 &context,
                 reference,
                 args,
-                platform.as_deref(),
-                job.verbose,
-            )? {
-                check_cancel(&job.cancel)?;
-                bail!(
-                    "component {name:?}: building its image{for_arch} from {file} with {engine} \
-                     failed ({status}){shown}; the last lines of its output:\n{tail}\n\
-                     Fix the Dockerfile or the files it uses, commit, and push again. \
-                     Nothing was recorded on the hub.",
-                    engine = engine.name(),
-                    status = failed.status,
-                    shown = if job.verbose { ", output above" } else { "" },
-                    tail = failed.quoted(),
-                );
+                arch,
+                false,
+            )?;
+            let Some(arch) = arch else {
+                return Ok(reference.to_owned());
+            };
+            // Podman 4 and Docker's classic builder reuse cached layers of a
+            // `FROM scratch` build made for another architecture, and the
+            // image then claims that architecture: build once more without
+            // the cache when the image is not of the one asked for.
+            if engine.image_arch(reference)?.as_deref() != Some(arch.as_str()) {
+                run_build(
+                    job,
+                    engine,
+                    name,
+                    file,
+                    &dockerfile,
+                    &context,
+                    reference,
+                    args,
+                    Some(arch),
+                    true,
+                )?;
+                let built = engine.image_arch(reference)?;
+                if built.as_deref() != Some(arch.as_str()) {
+                    bail!(
+                        "component {name:?}: {engine} built {reference} for {}, though asked for \
+                         {arch} (--platform {}); check that this {engine} can build for other \
+                         architectures. Nothing was recorded on the hub.",
+                        built.as_deref().unwrap_or("an unknown architecture"),
+                        arch.platform(),
+                        engine = engine.name(),
+                    );
+                }
             }
             Ok(reference.to_owned())
         }
     }
+}
+
+/// One `build` of the engine; a failure is the user's error, with the
+/// engine's last lines.
+#[allow(clippy::too_many_arguments)]
+fn run_build(
+    job: &Job,
+    engine: &Engine,
+    name: &str,
+    file: &str,
+    dockerfile: &Path,
+    context: &Path,
+    reference: &str,
+    args: &std::collections::BTreeMap<String, String>,
+    arch: Option<Arch>,
+    no_cache: bool,
+) -> anyhow::Result<()> {
+    let platform = arch.map(Arch::platform);
+    let for_arch = arch.map(|a| format!(" for {a}")).unwrap_or_default();
+    if let Err(failed) = engine.build(
+        dockerfile,
+        context,
+        reference,
+        args,
+        platform.as_deref(),
+        no_cache,
+        job.verbose,
+    )? {
+        check_cancel(&job.cancel)?;
+        bail!(
+            "component {name:?}: building its image{for_arch} from {file} with {engine} \
+             failed ({status}){shown}; the last lines of its output:\n{tail}\n\
+             Fix the Dockerfile or the files it uses, commit, and push again. \
+             Nothing was recorded on the hub.",
+            engine = engine.name(),
+            status = failed.status,
+            shown = if job.verbose { ", output above" } else { "" },
+            tail = failed.quoted(),
+        );
+    }
+    Ok(())
 }
 
 /// Saves and chunks an image once per build, however many components name

@@ -170,10 +170,10 @@ pub async fn add_config_data(
     caller.role_in(&state, &project).await?;
     validate_name(NameKind::Config, &config)?;
     for key in req.data.env.keys() {
-        if !is_env_name(key) {
+        if !is_config_key(key) {
             return Err(ApiError::bad_request(
-                format!("{key:?} is not a valid environment variable name"),
-                "use letters, digits and '_', not starting with a digit (e.g. DATABASE_URL)",
+                format!("{key:?} is not a valid config key"),
+                "use letters, digits, '-', '_' and '.', at most 253 of them (e.g. db.user or LOG_LEVEL); manifests name the key with config-ref",
             ));
         }
     }
@@ -363,8 +363,37 @@ async fn release_build(
     }
 }
 
-fn is_env_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+/// A key of a config's env values: what a manifest's `config-ref` names.
+/// The platform's keys are Kubernetes ConfigMap keys (`db.user`,
+/// `public_hostname`, `postgres-initial-pwd`), not variable names: the
+/// variable's name is the manifest's `env[].name`.
+fn is_config_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 253
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && key != "."
+        && key != ".."
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_config_key;
+
+    #[test]
+    fn config_keys_are_the_platforms_not_variable_names() {
+        for key in [
+            "db.user",
+            "public_hostname",
+            "postgres-initial-pwd",
+            "LOG_LEVEL",
+            "1st",
+        ] {
+            assert!(is_config_key(key), "{key}");
+        }
+        for key in ["", ".", "..", "a b", "a/b", "é", "a=b", &"k".repeat(254)] {
+            assert!(!is_config_key(key), "{key}");
+        }
+    }
 }
