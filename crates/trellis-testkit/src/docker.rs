@@ -48,19 +48,20 @@
 //! [`crate::podman::PodmanEngine`], and on [`crate::engines::TestEngine`]
 //! for tests written once for both engines):
 //!
-//! - [`DockerEngine::docker_host`]: `unix:///run/trellis-test/docker.sock`,
-//!   for the code under test; [`DockerEngine::socket`]: its path.
-//! - [`DockerEngine::busybox_image`]: the test image
+//! - [`DockerEngine::docker_host`] gives `unix:///run/trellis-test/docker.sock`
+//!   for the code under test, and [`DockerEngine::socket`] its path.
+//! - [`DockerEngine::busybox_image`] gives the test image
 //!   ([`BUSYBOX_IMAGE`], imported once with `CMD ["/bin/sh"]`).
-//! - [`DockerEngine::docker`] / [`DockerEngine::docker_ok`]: the CLI
-//!   (`Output`, or the standard output of a run that must succeed).
-//! - [`DockerEngine::inspect`]`(Object, name)`: the object's inspection as
-//!   JSON, `None` when it does not exist; [`DockerEngine::exec`].
-//! - [`DockerEngine::labelled`]`(Object, label)`: names carrying a label;
-//!   [`DockerEngine::remove_labelled`]: the test's clean-up.
-//! - [`DockerEngine::cli_env`]: `DOCKER_HOST`, `PATH` and
-//!   `DOCKER_BUILDKIT` for another program; [`DockerEngine::client`]: the
-//!   client's path.
+//! - [`DockerEngine::docker`] and [`DockerEngine::docker_ok`] run the CLI
+//!   (its `Output`, or the standard output of a run that must succeed).
+//! - [`DockerEngine::inspect`] gives an object's inspection as JSON, or
+//!   `None` when it does not exist; [`DockerEngine::exec`] runs in a
+//!   container.
+//! - [`DockerEngine::labelled`] lists the names carrying a label, and
+//!   [`DockerEngine::remove_labelled`] is a test's clean-up.
+//! - [`DockerEngine::cli_env`] gives `DOCKER_HOST`, `PATH` and
+//!   `DOCKER_BUILDKIT` for another program, and [`DockerEngine::client`]
+//!   the client's path.
 //!
 //! The daemon must be the only `dockerd` on the machine: two daemons share
 //! `docker0` and the `DOCKER` iptables chains, and the clean-up would take
