@@ -22,8 +22,10 @@
 //! and once nobody has held it for two minutes the watchdog stops the
 //! daemon and removes what dockerd leaves behind on the host (`docker0`
 //! and the `br-…` bridges, the `DOCKER…` iptables rules and chains, the
-//! FORWARD policy it set to DROP, mounts under its directories). It runs
-//! `docker-watchdog.sh` from this crate. Concurrent callers are serialised
+//! FORWARD policy it set to DROP, mounts under its directories). The
+//! watchdog is a shell script, `src/docker-watchdog.sh`, written next to
+//! the socket; it also cleans up after a daemon that died on its own, and
+//! the kit does before it starts one. Concurrent callers are serialised
 //! by `flock` on `docker-service.lock` (starting and stopping) and
 //! `docker-image.lock` (the test image), so exactly one daemon runs and
 //! the image is built once.
@@ -41,6 +43,25 @@
 //! ```text
 //! DOCKER_HOST=unix:///run/trellis-test/docker.sock /usr/bin/docker ps -a
 //! ```
+//!
+//! What a test uses, all on [`DockerEngine`] (the same as on
+//! [`crate::podman::PodmanEngine`], and on [`crate::engines::TestEngine`]
+//! for tests written once for both engines):
+//!
+//! - [`DockerEngine::docker_host`] gives `unix:///run/trellis-test/docker.sock`
+//!   for the code under test, and [`DockerEngine::socket`] its path.
+//! - [`DockerEngine::busybox_image`] gives the test image
+//!   ([`BUSYBOX_IMAGE`], imported once with `CMD ["/bin/sh"]`).
+//! - [`DockerEngine::docker`] and [`DockerEngine::docker_ok`] run the CLI
+//!   (its `Output`, or the standard output of a run that must succeed).
+//! - [`DockerEngine::inspect`] gives an object's inspection as JSON, or
+//!   `None` when it does not exist; [`DockerEngine::exec`] runs in a
+//!   container.
+//! - [`DockerEngine::labelled`] lists the names carrying a label, and
+//!   [`DockerEngine::remove_labelled`] is a test's clean-up.
+//! - [`DockerEngine::cli_env`] gives `DOCKER_HOST`, `PATH` and
+//!   `DOCKER_BUILDKIT` for another program, and [`DockerEngine::client`]
+//!   the client's path.
 //!
 //! The daemon must be the only `dockerd` on the machine: two daemons share
 //! `docker0` and the `DOCKER` iptables chains, and the clean-up would take
