@@ -51,8 +51,9 @@ impl OnEngine {
         name
     }
 
-    /// `trellis push build` in `dir`, with this engine's command line.
-    fn push_build(&self, cli: &Cli, dir: &std::path::Path, project: &str) -> Output {
+    /// `trellis push build` in `dir`, with this engine's command line; the
+    /// images it built are removed at the end.
+    fn push_build(&mut self, cli: &Cli, dir: &std::path::Path, project: &str) -> Output {
         let mut command = cli.command();
         command
             .current_dir(dir)
@@ -61,7 +62,24 @@ impl OnEngine {
         for (key, value) in self.engine.cli_env() {
             command.env(key, value);
         }
-        command.output().expect("run trellis push build")
+        let out = command.output().expect("run trellis push build");
+        if out.status.success() {
+            let builds = cli.json(&["list", "build", "-p", project]);
+            for component in builds[0]["components"].as_array().unwrap() {
+                let artifact = &component["artifact"];
+                let each = artifact["platforms"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let references = std::iter::once(&artifact["reference"])
+                    .chain(each.iter().map(|p| &p["reference"]))
+                    .filter_map(Value::as_str)
+                    // Only what the build made, never the shared test image.
+                    .filter(|r| r.starts_with("trellis.local/"));
+                self.images.extend(references.map(str::to_owned));
+            }
+        }
+        out
     }
 
     fn agent_args(&self) -> Vec<String> {
@@ -465,13 +483,6 @@ fn each_outpost_runs_the_image_of_its_architecture(kind: EngineKind) {
         ["amd64", "arm64"]
     );
     assert_ne!(built[0].1, built[1].1, "one image per architecture");
-    let builds = w.cli.json(&["list", "build", "-p", "kiosk"]);
-    for p in builds[0]["components"][0]["artifact"]["platforms"]
-        .as_array()
-        .unwrap()
-    {
-        on.images.push(p["reference"].as_str().unwrap().to_owned());
-    }
     let engine_arch = |image_id: &str| {
         on.engine
             .inspect(Object::Image, image_id)
@@ -544,9 +555,6 @@ fn each_outpost_runs_the_image_of_its_architecture(kind: EngineKind) {
     git_commit(&app, "arm only");
     let out = on.push_build(&w.cli, &app, "kiosk");
     assert!(out.status.success(), "{}", common::describe(&out));
-    for (_, id) in image_ids(&w.cli) {
-        on.images.push(id);
-    }
     w.cli.ok(&["push", "release", "-p", "kiosk", "-s", "x86"]);
     let mut last = Value::Null;
     let failed = wait_for(Duration::from_secs(90), || {
