@@ -89,7 +89,7 @@ fn parse_expected(text: &str) -> Vec<Expected> {
 #[test]
 fn every_valid_manifest_parses_and_survives_a_json_round_trip() {
     let files = corpus("valid");
-    assert!(files.len() >= 20, "only {} valid manifests", files.len());
+    assert!(files.len() >= 25, "only {} valid manifests", files.len());
     for (path, text) in &files {
         let manifest = parse_manifest(text)
             .unwrap_or_else(|e| panic!("{} should parse:\n{e}", path.display()));
@@ -102,7 +102,7 @@ fn every_valid_manifest_parses_and_survives_a_json_round_trip() {
 #[test]
 fn every_broken_manifest_reports_exactly_the_expected_errors() {
     let files = corpus("invalid");
-    assert!(files.len() >= 20, "only {} broken manifests", files.len());
+    assert!(files.len() >= 25, "only {} broken manifests", files.len());
     let mut failures = Vec::new();
     for (path, text) in &files {
         let name = path.file_name().unwrap().to_string_lossy();
@@ -354,6 +354,141 @@ fn quantities_keep_text_and_value() {
             (0, 129_000_000)
         ]
     );
+}
+
+// === the platform's shapes ===
+
+fn docker(m: &Manifest, component: &str) -> trellis_model::manifest::DockerSource {
+    match &m.component(component).unwrap().source {
+        ComponentSource::Docker(d) => d.clone(),
+        ComponentSource::Process(_) => panic!("{component} is a docker component"),
+    }
+}
+
+#[test]
+fn platform_lists_and_build_arg_lists_decode() {
+    let m = valid("multi-arch-edge.pergola.yml");
+    let bridge = docker(&m, "camera-bridge");
+    assert_eq!(bridge.platforms, [Arch::Amd64, Arch::Arm64]);
+    let DockerBuild::Dockerfile {
+        file,
+        context,
+        args,
+    } = &bridge.build
+    else {
+        panic!("built from a Dockerfile")
+    };
+    assert_eq!(file, "edge/camera-bridge/Dockerfile");
+    assert_eq!(context.as_deref(), Some("edge/camera-bridge"));
+    assert_eq!(args.get("RUST_VERSION").map(String::as_str), Some("1.95"));
+    assert_eq!(args.get("FEATURES").map(String::as_str), Some("v4l2,rtsp"));
+    assert_eq!(
+        docker(&m, "inference").platforms,
+        [Arch::Arm64, Arch::Amd64]
+    );
+    let json = valid("iot-pipeline.pergola.json");
+    assert_eq!(docker(&json, "mqtt").platforms, [Arch::Amd64, Arch::Arm64]);
+    // The shapes of earlier Trellis versions.
+    let legacy = valid("build-args.yaml");
+    let frontend = docker(&legacy, "frontend");
+    assert_eq!(frontend.platforms, [Arch::Amd64]);
+    let DockerBuild::Dockerfile { args, .. } = &frontend.build else {
+        panic!("built from a Dockerfile")
+    };
+    assert_eq!(args.get("NODE_MAJOR").map(String::as_str), Some("22"));
+}
+
+#[test]
+fn dependent_variables_are_kept_as_written_for_the_outpost_to_expand() {
+    let m = valid("dependent-vars.yaml");
+    let api = m.component("orders-api").unwrap();
+    let value = |name: &str| {
+        api.env
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.source.clone())
+            .unwrap()
+    };
+    assert_eq!(
+        value("DATABASE_URL"),
+        EnvSource::Value(
+            "postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@$(DB_HOST):$(DB_PORT)/orders?sslmode=disable".into()
+        )
+    );
+    assert_eq!(value("DB_PORT"), EnvSource::Value("5432".into()));
+    assert_eq!(
+        value("SELF_HOST"),
+        EnvSource::ComponentRef("orders-api".into()),
+        "a component may name itself"
+    );
+    assert!(api.args.as_ref().unwrap()[0].contains("$(date -u +%FT%TZ)"));
+}
+
+#[test]
+fn identities_schedules_and_file_defaults_are_kept() {
+    let m = valid("identity-jobs.yaml");
+    let exporter = m.component("exporter").unwrap();
+    assert_eq!(exporter.identity.as_deref(), Some("reports-bucket-writer"));
+    assert_eq!(
+        exporter.scheduled,
+        Some(Schedule::Cron("25 7 * 12 *".into()))
+    );
+    assert_eq!(exporter.max_retries, Some(0));
+    let api = m.component("api").unwrap();
+    assert_eq!(api.ingresses[0].path.as_deref(), Some("/"));
+    assert!(api.ingresses[0].sticky);
+
+    let kasse = valid("yaml-styles.pergola.yaml");
+    let kassa = &kasse.components[0];
+    assert_eq!(
+        kassa.files[1].source,
+        FileSource::ConfigRef {
+            key: "kasse-settings.json".into(),
+            default: Some("{\"currency\": \"EUR\"}\n".into())
+        }
+    );
+    let value = |name: &str| {
+        kassa
+            .env
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.source.clone())
+            .unwrap()
+    };
+    assert_eq!(value("WORKERS"), EnvSource::Value("1".into()));
+    assert_eq!(value("DEBUG"), EnvSource::Value("false".into()));
+    assert_eq!(value("RATIO"), EnvSource::Value("1.5".into()));
+    assert_eq!(
+        value("GRUSS"),
+        EnvSource::Value("Grüß Gott, schön dass Sie da sind — 👋".into())
+    );
+    assert_eq!(kassa.user.as_deref(), Some("1000"));
+    assert_eq!(kassa.resources.memory.as_ref().unwrap().bytes, 500_000_000);
+    assert_eq!(kassa.ingresses[1].path.as_deref(), Some("/admin"));
+}
+
+#[test]
+fn storage_sizes_and_several_volumes_per_component() {
+    let m = valid("iot-pipeline.pergola.json");
+    let influx = m.component("influxdb").unwrap();
+    let sizes: Vec<(&str, u64, StorageKind)> = influx
+        .storage
+        .iter()
+        .map(|s| (s.name.as_str(), s.size.bytes, s.kind))
+        .collect();
+    assert_eq!(
+        sizes,
+        [
+            ("influx", 100 << 30, StorageKind::Premium),
+            ("influx-config", 100 << 20, StorageKind::Standard)
+        ]
+    );
+    let ml = valid("ml-inference.pergola.yaml");
+    let gateway = ml.component("gateway").unwrap();
+    assert_eq!(gateway.resources.cpu.as_ref().unwrap().millicores, 500);
+    assert_eq!(gateway.resources.memory.as_ref().unwrap().bytes, 512 << 20);
+    assert_eq!(gateway.ingresses.len(), 3);
+    assert_eq!(gateway.scaling.map(|s| (s.min, s.max)), Some((0, 10)));
 }
 
 // === what the broken manifests say (beyond the .expected files) ===
