@@ -202,7 +202,7 @@ fn webshop_decodes_into_the_typed_model() {
 
     let db = m.component("db").unwrap();
     assert_eq!(db.storage[0].kind, StorageKind::Premium);
-    assert_eq!(db.storage[0].size.bytes, 20 << 30);
+    assert_eq!(db.storage[0].size.as_ref().unwrap().bytes, 20 << 30);
 
     let migrate = m.component("migrate").unwrap();
     assert!(migrate.is_scheduled());
@@ -292,7 +292,7 @@ fn schedules_and_time_zones() {
         Some(Schedule::Cron("*/5 * * * *".into()))
     );
     assert_eq!(cleanup.storage[0].kind, StorageKind::Temporary);
-    assert_eq!(cleanup.storage[0].size.text, "1Gi");
+    assert_eq!(cleanup.storage[0].size.as_ref().unwrap().text, "1Gi");
 }
 
 #[test]
@@ -474,7 +474,7 @@ fn storage_sizes_and_several_volumes_per_component() {
     let sizes: Vec<(&str, u64, StorageKind)> = influx
         .storage
         .iter()
-        .map(|s| (s.name.as_str(), s.size.bytes, s.kind))
+        .map(|s| (s.name.as_str(), s.size.as_ref().unwrap().bytes, s.kind))
         .collect();
     assert_eq!(
         sizes,

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 use trellis_model::manifest::{
     Component, ComponentSource, DockerBuild, DockerSource, EnvSource, FileSource, Manifest,
-    Schedule, StorageKind, expand, parse_manifest,
+    Schedule, StorageKind, expand, parse_recorded_manifest,
 };
 use trellis_model::{Artifact, Build, ConfigData, Release};
 
@@ -265,7 +265,7 @@ pub fn plan_from_desired(
             ..StagePlan::empty(revision)
         });
     };
-    let manifest = parse_manifest(&build.manifest).map_err(|e| {
+    let manifest = parse_recorded_manifest(&build.manifest).map_err(|e| {
         PlanError(format!(
             "the manifest of build {} does not parse on the outpost: {e}",
             build.name
@@ -337,7 +337,7 @@ impl Planner<'_> {
                     name: s.name.clone(),
                     path: s.path.clone(),
                     kind: s.kind,
-                    size_bytes: Some(s.size.bytes),
+                    size_bytes: s.size.as_ref().map(|q| q.bytes),
                 })
                 .collect();
             // `command` and `args` see every variable of the env.

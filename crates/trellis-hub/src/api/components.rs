@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use trellis_link::protocol::{ComponentStatus, LogLine, LogQuery};
-use trellis_model::manifest::{Manifest, parse_manifest};
+use trellis_model::manifest::{Manifest, parse_recorded_manifest};
 use trellis_model::{
     Build, ComponentAction, ComponentControl, NameKind, Release, Stage, validate_name,
 };
@@ -64,7 +64,7 @@ async fn latest_release(
         .get_release(&stage.project, &stage.name, number)
         .await?;
     let build = store.get_build(&stage.project, &release.build).await?;
-    let manifest = parse_manifest(&build.manifest).map_err(|e| {
+    let manifest = parse_recorded_manifest(&build.manifest).map_err(|e| {
         ApiError::internal(format!(
             "the manifest of build {} (release {number} of stage {}/{}) no longer parses: {e}",
             build.name, stage.project, stage.name
@@ -679,7 +679,7 @@ mod tests {
 
     #[test]
     fn components_unreported_are_unknown_and_extras_are_listed() {
-        let manifest = parse_manifest(
+        let manifest = parse_recorded_manifest(
             "version: v1\ncomponents:\n  - name: web\n    docker:\n      image: web:1\n  - name: nightly\n    docker:\n      image: job:1\n    scheduled: \"0 3 * * *\"\n",
         )
         .unwrap();

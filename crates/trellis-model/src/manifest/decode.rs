@@ -48,8 +48,24 @@ const RESOURCES_FIELDS: &[&str] = &["cpu", "memory"];
 const SCALING_FIELDS: &[&str] = &["min", "max"];
 const STORAGE_FIELDS: &[&str] = &["name", "path", "size", "type"];
 
-pub(crate) fn decode(root: &Node) -> Result<Manifest, Vec<ManifestError>> {
-    let mut decoder = Decoder::default();
+/// How strictly a manifest is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Strictness {
+    /// A manifest being validated or pushed: the platform's rules.
+    #[default]
+    New,
+    /// The manifest of a build already recorded: also what earlier Trellis
+    /// versions accepted (storage without `size`, an ingress without `port`
+    /// on a component with several), so an upgraded hub or agent can still
+    /// run every build it holds.
+    Recorded,
+}
+
+pub(crate) fn decode(root: &Node, strictness: Strictness) -> Result<Manifest, Vec<ManifestError>> {
+    let mut decoder = Decoder {
+        strictness,
+        ..Decoder::default()
+    };
     let manifest = decoder.manifest(root);
     if decoder.errors.is_empty() {
         Ok(manifest)
@@ -69,6 +85,7 @@ struct PendingRef {
 struct Decoder {
     errors: Vec<ManifestError>,
     refs: Vec<PendingRef>,
+    strictness: Strictness,
 }
 
 /// The fields of a mapping that passed the unknown/duplicate key checks.
@@ -968,7 +985,7 @@ impl Decoder {
                     f.pos,
                     "has no port to route to: the component lists no ports; add the port the component listens on to ports",
                 ),
-                None if ports.len() > 1 => {
+                None if ports.len() > 1 && self.strictness == Strictness::New => {
                     let list: Vec<String> = ports.iter().map(u16::to_string).collect();
                     self.error(
                         &ip,
@@ -1206,7 +1223,7 @@ impl Decoder {
             let mut storage = Storage {
                 name: String::new(),
                 path: String::new(),
-                size: ByteQuantity::default(),
+                size: None,
                 kind: StorageKind::Standard,
             };
             if let Some(n) = self.required(&f, "name", "a DNS label like data") {
@@ -1240,8 +1257,10 @@ impl Decoder {
                     storage.path = text;
                 }
             }
-            if let Some(n) = self.required(&f, "size", "a size like 1Gi or 500Mi") {
-                storage.size = self.bytes(n, &f.path("size")).unwrap_or_default();
+            if self.strictness == Strictness::Recorded && !f.has("size") {
+                // Sizes became required later; see `Strictness::Recorded`.
+            } else if let Some(n) = self.required(&f, "size", "a size like 1Gi or 500Mi") {
+                storage.size = self.bytes(n, &f.path("size"));
             }
             if let Some(n) = f.get("type") {
                 let p = f.path("type");

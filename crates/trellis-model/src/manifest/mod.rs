@@ -41,9 +41,23 @@ pub const MANIFEST_FILE_NAMES: [&str; 4] = [
 /// The only manifest version there is.
 pub const MANIFEST_VERSION: &str = "v1";
 
-/// Parses and validates a manifest. On failure, returns every problem found,
-/// in source order.
+/// Parses and validates a manifest by the platform's rules. On failure,
+/// returns every problem found, in source order.
 pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestErrors> {
+    parse(text, decode::Strictness::New)
+}
+
+/// Parses the manifest of a build already recorded: like
+/// [`parse_manifest`], but it also takes what earlier Trellis versions
+/// accepted (storage without `size`, an ingress without `port` on a
+/// component with several ports — it then routes to the first), so every
+/// build a hub holds stays runnable after an upgrade. New builds are
+/// checked with [`parse_manifest`].
+pub fn parse_recorded_manifest(text: &str) -> Result<Manifest, ManifestErrors> {
+    parse(text, decode::Strictness::Recorded)
+}
+
+fn parse(text: &str, strictness: decode::Strictness) -> Result<Manifest, ManifestErrors> {
     // A byte-order mark is invisible in editors, so columns are counted
     // without it.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -77,7 +91,7 @@ pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestErrors> {
             }]));
         }
     };
-    decode::decode(&root).map_err(|mut errors| {
+    decode::decode(&root, strictness).map_err(|mut errors| {
         // Sorting is stable, so problems at one position keep the order in
         // which the walker found them.
         errors.sort_by_key(|e| (e.line, e.column));
@@ -367,7 +381,9 @@ pub struct Storage {
     pub name: String,
     /// Absolute mount path inside the container.
     pub path: String,
-    pub size: ByteQuantity,
+    /// Always set by [`parse_manifest`]; absent only in builds recorded
+    /// before sizes were required ([`parse_recorded_manifest`]).
+    pub size: Option<ByteQuantity>,
     #[serde(rename = "type")]
     pub kind: StorageKind,
 }

@@ -22,7 +22,7 @@ pub struct CpuQuantity {
 }
 
 /// An amount of bytes: `1000000`, `1G` (10^9), `2Gi` (2^31), `129e6`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ByteQuantity {
     /// As written in the manifest.

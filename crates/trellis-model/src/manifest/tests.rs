@@ -585,3 +585,23 @@ fn an_ingress_of_a_component_with_several_ports_names_its_port() {
     assert_eq!(m.components[0].ingresses.len(), 2);
     assert_eq!(m.components[0].ingresses[1].path.as_deref(), Some("/"));
 }
+
+#[test]
+fn recorded_builds_keep_what_earlier_versions_accepted() {
+    let text = with_components(concat!(
+        "  - name: db\n",
+        "    docker: {image: x}\n",
+        "    ports: [5432, 9187]\n",
+        "    ingresses: [{host: db}]\n",
+        "    storage: [{name: data, path: /data}]\n",
+    ));
+    let all = errors(&text);
+    assert_eq!(all.len(), 2, "{all:#?}");
+    let m = parse_recorded_manifest(&text).unwrap();
+    assert_eq!(m.components[0].storage[0].size, None);
+    assert_eq!(m.components[0].ingresses[0].port, None, "the first port");
+    // Everything else is as strict.
+    let broken =
+        with_components("  - name: db\n    docker: {image: x}\n    storage: [{name: data}]\n");
+    assert!(parse_recorded_manifest(&broken).is_err());
+}
