@@ -239,26 +239,7 @@ fn make_image(
                     engine.name()
                 );
             }
-            run_build(
-                job,
-                engine,
-                name,
-                file,
-                &dockerfile,
-                &context,
-                reference,
-                args,
-                arch,
-                false,
-            )?;
-            let Some(arch) = arch else {
-                return Ok(reference.to_owned());
-            };
-            // Podman 4 and Docker's classic builder reuse cached layers of a
-            // `FROM scratch` build made for another architecture, and the
-            // image then claims that architecture: build once more without
-            // the cache when the image is not of the one asked for.
-            if engine.image_arch(reference)?.as_deref() != Some(arch.as_str()) {
+            let build = |no_cache| {
                 run_build(
                     job,
                     engine,
@@ -268,9 +249,20 @@ fn make_image(
                     &context,
                     reference,
                     args,
-                    Some(arch),
-                    true,
-                )?;
+                    arch,
+                    no_cache,
+                )
+            };
+            build(false)?;
+            let Some(arch) = arch else {
+                return Ok(reference.to_owned());
+            };
+            // Podman 4 and Docker's classic builder reuse cached layers of a
+            // `FROM scratch` build made for another architecture, and the
+            // image then claims that architecture: build once more without
+            // the cache when the image is not of the one asked for.
+            if engine.image_arch(reference)?.as_deref() != Some(arch.as_str()) {
+                build(true)?;
                 let built = engine.image_arch(reference)?;
                 if built.as_deref() != Some(arch.as_str()) {
                     bail!(
