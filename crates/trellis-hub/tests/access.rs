@@ -399,7 +399,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         (
             M::POST,
             "/projects/alpha/stages/dev/configs/c/data",
-            json!({"env": {"1BAD": "x"}, "files": {}}),
+            json!({"env": {"BAD KEY": "x"}, "files": {}}),
             "invalid-request",
         ),
         (

@@ -21,6 +21,10 @@ use serde::{Deserialize, Deserializer};
 
 use crate::runtime::RuntimeError;
 
+/// How often a listing the engine refused is asked for before the refusal
+/// is reported (see `Engine::containers`).
+const LISTING_ATTEMPTS: u32 = 3;
+
 /// Seconds bollard waits for an answer's headers.
 const REQUEST_TIMEOUT_SECS: u64 = 120;
 /// How long one of our reads may take.
@@ -143,10 +147,21 @@ impl Engine {
     /// or not.
     pub async fn containers(&self, labels: &[String]) -> Result<Vec<Listed>, RuntimeError> {
         let path = format!("/containers/json?all=true&filters={}", label_filter(labels));
-        let mut found = self
-            .get::<Vec<Listed>>(&path, "listing containers")
-            .await?
-            .unwrap_or_default();
+        // Podman answers 500 ("read /proc/<pid>/cgroup: no such process")
+        // when a container exits while it is being listed; the next listing
+        // sees the settled state, so a refused listing is tried again a few
+        // times before it is reported.
+        let mut attempt = 1;
+        let listed = loop {
+            match self.get::<Vec<Listed>>(&path, "listing containers").await {
+                Err(e) if e.code == "engine-error" && attempt < LISTING_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => break other?,
+            }
+        };
+        let mut found = listed.unwrap_or_default();
         found.retain(|c| has_labels(&c.labels, labels));
         Ok(found)
     }
