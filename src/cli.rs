@@ -80,6 +80,9 @@ pub enum Command {
     /// Replace an outpost's URI with a new one (administrators)
     #[command(subcommand)]
     Rotate(RotateCommand),
+    /// Change an outpost's description or ingress domain (administrators)
+    #[command(subcommand)]
+    Update(UpdateCommand),
     /// Revoke an outpost (administrators)
     #[command(subcommand)]
     Revoke(RevokeCommand),
@@ -183,6 +186,22 @@ pub enum RotateCommand {
     /// Copies of the old URI stop validating; stages already placed keep working
     #[command(name = "outpost-uri")]
     OutpostUri { outpost: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UpdateCommand {
+    /// Change what is given; the rest stays
+    Outpost {
+        name: String,
+        #[arg(long)]
+        display_name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// The DNS name its ingresses are reachable under (`""`: back to
+        /// `localhost`); every stage on it is sent its new hosts
+        #[arg(long)]
+        ingress_domain: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -290,6 +309,11 @@ pub enum CreateCommand {
         /// How many stages it may hold
         #[arg(long)]
         max_stages: Option<u32>,
+        /// The DNS name its ingresses are reachable under, with a wildcard
+        /// record pointing at the outpost (`plant7.example.net` serves
+        /// `<host>.<stage>.<project>.plant7.example.net`); default `localhost`
+        #[arg(long)]
+        ingress_domain: Option<String>,
         /// How long the printed join token stays valid, in seconds (default: 24 h)
         #[arg(long)]
         token_ttl_secs: Option<u64>,

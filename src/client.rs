@@ -211,6 +211,16 @@ impl HubClient {
             .await
     }
 
+    pub async fn patch<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        doing: &str,
+    ) -> Result<T, ClientError> {
+        self.json(self.request(Method::PATCH, path).json(body), doing)
+            .await
+    }
+
     /// A GET whose answer is read as it arrives (`resp.chunk()`); errors
     /// before the body are classified like every other request's.
     pub async fn get_stream(

@@ -26,6 +26,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             outposts::stage_status(&settings::client(&global)?, &project, &name, global.output)
                 .await
         }
+        Command::Update(crate::cli::UpdateCommand::Outpost {
+            name,
+            display_name,
+            description,
+            ingress_domain,
+        }) => {
+            let update = trellis_hub::api::types::UpdateOutpostRequest {
+                display_name,
+                description,
+                ingress_domain,
+            };
+            outposts::update(&settings::client(&global)?, &name, &update, global.output).await
+        }
         Command::Revoke(crate::cli::RevokeCommand::Outpost { name }) => {
             outposts::revoke(&settings::client(&global)?, &name).await
         }

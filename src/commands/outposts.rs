@@ -1,6 +1,8 @@
 //! Outpost URIs: get, rotate, validate; revoking an outpost.
 
-use trellis_hub::api::types::{JoinTokenResponse, OutpostUriResponse, ValidateOutpostUriRequest};
+use trellis_hub::api::types::{
+    JoinTokenResponse, OutpostUriResponse, UpdateOutpostRequest, ValidateOutpostUriRequest,
+};
 use trellis_hub::link::status::StageStatus;
 use trellis_hub::outposts::OutpostDescription;
 use trellis_model::Outpost;
@@ -48,6 +50,34 @@ pub async fn revoke(client: &HubClient, name: &str) -> anyhow::Result<()> {
         "revoked outpost {}; its URI no longer validates and it takes no new stages",
         o.name
     );
+    Ok(())
+}
+
+pub async fn update(
+    client: &HubClient,
+    name: &str,
+    update: &UpdateOutpostRequest,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let o: Outpost = client
+        .patch(
+            &format!("/outposts/{}", seg(name)),
+            update,
+            "changing the outpost",
+        )
+        .await?;
+    output::one(
+        format,
+        &o,
+        &[
+            ("outpost", format!("{} ({})", o.name, o.display_name)),
+            ("description", o.description.clone()),
+            (
+                "ingresses",
+                format!("<host>.<stage>.<project>.{}", o.ingress_domain()),
+            ),
+        ],
+    )?;
     Ok(())
 }
 
@@ -123,6 +153,10 @@ pub async fn validate(
             ),
             ("agent", agent),
             ("runtimes", runtimes),
+            (
+                "ingresses",
+                format!("<host>.<stage>.<project>.{}", d.ingress_domain),
+            ),
             ("capacity", capacity),
             (
                 "stages",

@@ -147,6 +147,7 @@ pub async fn create(client: &HubClient, command: CreateCommand) -> anyhow::Resul
             description,
             labels,
             max_stages,
+            ingress_domain,
             token_ttl_secs,
         } => {
             let labels = parse_pairs(&labels, "label")?;
@@ -159,6 +160,7 @@ pub async fn create(client: &HubClient, command: CreateCommand) -> anyhow::Resul
                         description,
                         labels,
                         max_stages,
+                        ingress_domain,
                         token_ttl_secs,
                     },
                     "registering the outpost",

@@ -124,6 +124,7 @@ async fn populate(hub: &Hub, settings: &Settings) -> anyhow::Result<()> {
                 max_stages: None,
                 uri_generation: 1,
                 revoked_at: None,
+                ingress_domain: None,
                 created_at: now,
             })
             .await?;

@@ -102,6 +102,9 @@ pub struct OutpostDescription {
     pub stage_count: u32,
     /// The outpost's limit; `None` means no limit.
     pub max_stages: Option<u32>,
+    /// The DNS name its stages' ingresses are reachable under
+    /// (`<host>.<stage>.<project>.<domain>`).
+    pub ingress_domain: String,
     /// Those of its stages that are in projects the caller belongs to
     /// (`project/stage`); others' stages are not disclosed.
     pub your_stages: Vec<String>,
@@ -256,6 +259,7 @@ pub async fn validate(
         agent,
         stage_count,
         max_stages: outpost.max_stages,
+        ingress_domain: outpost.ingress_domain().to_owned(),
         your_stages,
     };
     Ok((outpost, description))

@@ -261,6 +261,7 @@ async fn ensure_local_outpost(store: &dyn Store) -> anyhow::Result<()> {
         max_stages: None,
         uri_generation: 1,
         revoked_at: None,
+        ingress_domain: None,
         created_at: Utc::now(),
     };
     match store.create_outpost(&local).await {

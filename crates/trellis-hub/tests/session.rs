@@ -322,6 +322,7 @@ async fn session_of_edge(
             max_stages: None,
             uri_generation: 1,
             revoked_at: None,
+            ingress_domain: None,
             created_at: Utc::now(),
         },
     )

@@ -116,7 +116,20 @@ pub struct Outpost {
     /// stages and its agent is refused.
     #[serde(default)]
     pub revoked_at: Option<DateTime<Utc>>,
+    /// The DNS name its ingresses are reachable under (see
+    /// [`crate::ingress`]); `localhost` when unset.
+    #[serde(default)]
+    pub ingress_domain: Option<String>,
     pub created_at: DateTime<Utc>,
+}
+
+impl Outpost {
+    /// The domain its ingress hosts end in.
+    pub fn ingress_domain(&self) -> &str {
+        self.ingress_domain
+            .as_deref()
+            .unwrap_or(crate::ingress::DEFAULT_INGRESS_DOMAIN)
+    }
 }
 
 fn first_generation() -> u64 {

@@ -20,6 +20,7 @@
 pub mod access;
 pub mod display;
 pub mod entity;
+pub mod ingress;
 pub mod manifest;
 pub mod name;
 pub mod outpost_uri;

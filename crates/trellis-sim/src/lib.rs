@@ -391,6 +391,7 @@ async fn simulate(seed: u64, config: SimConfig) -> Result<SimStats, String> {
             max_stages: None,
             uri_generation: 1,
             revoked_at: None,
+            ingress_domain: None,
             created_at: now,
         })
         .await

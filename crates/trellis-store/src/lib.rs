@@ -141,6 +141,17 @@ pub struct StageUpdate {
     pub suspended: Option<bool>,
 }
 
+/// Changes to an outpost; `None` leaves a field as it is.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OutpostUpdate {
+    pub display_name: Option<String>,
+    pub description: Option<String>,
+    /// `Some(None)` goes back to the default domain. A change alters every
+    /// ingress host on the outpost, so it bumps the desired revision of each
+    /// stage placed there.
+    pub ingress_domain: Option<Option<String>>,
+}
+
 /// What [`Store::control_component`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ControlOutcome {
@@ -295,6 +306,9 @@ pub trait Store: Send + Sync + 'static {
     /// Increments the outpost's URI generation, so URIs handed out before
     /// stop validating. Stages already on it are not affected.
     async fn rotate_outpost_uri(&self, name: &str) -> Result<Outpost>;
+    /// Changes an outpost's description or ingress domain (see
+    /// [`OutpostUpdate`]).
+    async fn update_outpost(&self, name: &str, update: &OutpostUpdate) -> Result<Outpost>;
     /// Marks the outpost revoked (idempotent: the first time is kept).
     async fn revoke_outpost(&self, name: &str, now: Timestamp) -> Result<Outpost>;
 

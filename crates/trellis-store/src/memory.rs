@@ -24,7 +24,7 @@ use trellis_model::{
 };
 
 use crate::{
-    ControlOutcome, DesiredParts, JoinTokenRefusal, NewRelease, NewStage, OutpostStage,
+    ControlOutcome, DesiredParts, JoinTokenRefusal, NewRelease, NewStage, OutpostStage, OutpostUpdate,
     PushedReleases, Result, StageFilter, StageKey, StageSummary, StageUpdate, Store, StoreError,
     StoredAccessKey, wording,
 };
@@ -448,6 +448,39 @@ impl Store for MemoryStore {
             .ok_or_else(|| not_found("outpost", name.to_owned()))?;
         outpost.uri_generation += 1;
         Ok(outpost.clone())
+    }
+
+    async fn update_outpost(&self, name: &str, update: &OutpostUpdate) -> Result<Outpost> {
+        let mut state = self.state();
+        let outpost = state
+            .outposts
+            .get_mut(name)
+            .ok_or_else(|| not_found("outpost", name.to_owned()))?;
+        if let Some(display_name) = &update.display_name {
+            outpost.display_name = display_name.clone();
+        }
+        if let Some(description) = &update.description {
+            outpost.description = description.clone();
+        }
+        let changed = match &update.ingress_domain {
+            Some(domain) if *domain != outpost.ingress_domain => {
+                outpost.ingress_domain = domain.clone();
+                true
+            }
+            _ => false,
+        };
+        let outpost = outpost.clone();
+        if changed {
+            for stage in state
+                .projects
+                .values_mut()
+                .flat_map(|p| p.stages.values_mut())
+                .filter(|s| s.stage.outpost == name)
+            {
+                stage.stage.desired_revision += 1;
+            }
+        }
+        Ok(outpost)
     }
 
     async fn revoke_outpost(&self, name: &str, now: Timestamp) -> Result<Outpost> {

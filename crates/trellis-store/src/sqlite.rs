@@ -40,7 +40,7 @@ use trellis_model::{
 
 use crate::{
     ControlOutcome, DesiredParts, JoinTokenRefusal, LinkActivity, NewRelease, NewStage,
-    OutpostStage, PushedReleases, Result, StageFilter, StageKey, StageSummary, StageUpdate, Store,
+    OutpostStage, OutpostUpdate, PushedReleases, Result, StageFilter, StageKey, StageSummary, StageUpdate, Store,
     StoreError, StoredAccessKey, SyncUpdate, wording,
 };
 
@@ -270,7 +270,7 @@ macro_rules! project_columns {
 macro_rules! outpost_columns {
     () => {
         "name, display_name, description, labels, max_stages, uri_generation, revoked_at, \
-         created_at"
+         created_at, ingress_domain"
     };
 }
 macro_rules! stage_columns {
@@ -347,6 +347,7 @@ fn outpost_from(row: &SqliteRow) -> Result<Outpost> {
             .transpose()?,
         uri_generation: u64_col(row, "uri_generation")?,
         revoked_at: opt_time(row, "revoked_at")?,
+        ingress_domain: col(row, "ingress_domain")?,
         created_at: time(row, "created_at")?,
     })
 }
@@ -1129,7 +1130,7 @@ impl Store for SqliteStore {
         sqlx::query(concat!(
             "INSERT INTO outposts (",
             outpost_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
         ))
         .bind(&outpost.name)
         .bind(&outpost.display_name)
@@ -1139,6 +1140,7 @@ impl Store for SqliteStore {
         .bind(i64::try_from(outpost.uri_generation).unwrap_or(i64::MAX))
         .bind(outpost.revoked_at.map(millis))
         .bind(millis(outpost.created_at))
+        .bind(&outpost.ingress_domain)
         .execute(&self.writer)
         .await
         .map_err(insert_error(DOING, "outpost", outpost.name.clone()))?;
@@ -1267,6 +1269,43 @@ impl Store for SqliteStore {
                 .rows_affected();
         if changed == 0 {
             return Err(not_found("outpost", name.to_owned()));
+        }
+        commit(tx, DOING).await?;
+        self.get_outpost(name).await
+    }
+
+    async fn update_outpost(&self, name: &str, update: &OutpostUpdate) -> Result<Outpost> {
+        const DOING: &str = "updating an outpost";
+        let mut tx = self.write().await?;
+        let before: Option<Option<String>> =
+            sqlx::query_scalar("SELECT ingress_domain FROM outposts WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(backend(DOING))?;
+        let Some(before) = before else {
+            return Err(not_found("outpost", name.to_owned()));
+        };
+        let domain = update.ingress_domain.clone().unwrap_or(before.clone());
+        sqlx::query(
+            "UPDATE outposts SET display_name = COALESCE($2, display_name), \
+             description = COALESCE($3, description), ingress_domain = $4 WHERE name = $1",
+        )
+        .bind(name)
+        .bind(&update.display_name)
+        .bind(&update.description)
+        .bind(&domain)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        if domain != before {
+            sqlx::query(
+                "UPDATE stages SET desired_revision = desired_revision + 1 WHERE outpost = $1",
+            )
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
         }
         commit(tx, DOING).await?;
         self.get_outpost(name).await

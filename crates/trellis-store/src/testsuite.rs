@@ -22,7 +22,8 @@ use trellis_model::{
 };
 
 use crate::{
-    JoinTokenRefusal, LinkActivity, LinkHello, NewRelease, NewStage, PushedReleases, Result,
+    JoinTokenRefusal, LinkActivity, LinkHello, NewRelease, NewStage, OutpostUpdate, PushedReleases,
+    Result,
     StageFilter, StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate,
 };
 
@@ -44,6 +45,7 @@ macro_rules! for_each_suite_test {
             stage_creation,
             outpost_capacity,
             outpost_uri_rotation_and_revocation,
+            outpost_updates,
             stage_updates,
             build_numbering,
             release_push,
@@ -104,6 +106,7 @@ fn outpost(name: &str, max_stages: Option<u32>) -> Outpost {
         max_stages,
         uri_generation: 1,
         revoked_at: None,
+        ingress_domain: None,
         created_at: at(2),
     }
 }
@@ -1494,6 +1497,68 @@ pub async fn outpost_uri_rotation_and_revocation(store: &dyn Store) {
     );
     assert_eq!(store.get_outpost("edge").await.unwrap(), again);
     assert_not_found(store.revoke_outpost("nope", at(1)).await, "outpost", "nope");
+}
+
+/// An outpost's description and ingress domain change; a new domain bumps
+/// the desired revision of every stage on it (their hosts changed), the
+/// same domain again and other changes bump nothing.
+pub async fn outpost_updates(store: &dyn Store) {
+    setup(store, "shop").await;
+    store.create_outpost(&outpost("plant", None)).await.unwrap();
+    let on_plant = store
+        .create_stage(&new_stage("shop", "line", "plant"), at(10))
+        .await
+        .unwrap();
+    let elsewhere = stage_in(store, "shop", "dev").await;
+    let revision = |name: &'static str| async move {
+        store.get_stage("shop", name).await.unwrap().desired_revision
+    };
+
+    let described = store
+        .update_outpost(
+            "plant",
+            &OutpostUpdate {
+                description: Some("line 7".into()),
+                ..OutpostUpdate::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(described.description, "line 7");
+    assert_eq!(described.ingress_domain, None);
+    assert_eq!(revision("line").await, on_plant.desired_revision);
+
+    let domain = OutpostUpdate {
+        ingress_domain: Some(Some("plant7.example.net".into())),
+        ..OutpostUpdate::default()
+    };
+    let moved = store.update_outpost("plant", &domain).await.unwrap();
+    assert_eq!(moved.ingress_domain(), "plant7.example.net");
+    assert_eq!(moved.description, "line 7", "other fields are kept");
+    assert_eq!(store.get_outpost("plant").await.unwrap(), moved);
+    assert_eq!(revision("line").await, on_plant.desired_revision + 1);
+    assert_eq!(revision("dev").await, elsewhere.desired_revision);
+
+    store.update_outpost("plant", &domain).await.unwrap();
+    assert_eq!(
+        revision("line").await,
+        on_plant.desired_revision + 1,
+        "the same domain again changes nothing"
+    );
+    let reset = OutpostUpdate {
+        ingress_domain: Some(None),
+        ..OutpostUpdate::default()
+    };
+    assert_eq!(
+        store.update_outpost("plant", &reset).await.unwrap().ingress_domain(),
+        "localhost"
+    );
+    assert_eq!(revision("line").await, on_plant.desired_revision + 2);
+    assert_not_found(
+        store.update_outpost("nope", &reset).await,
+        "outpost",
+        "nope",
+    );
 }
 
 /// A join token works once, before it expires, and only for an outpost that

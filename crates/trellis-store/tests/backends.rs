@@ -75,6 +75,7 @@ mod sqlite_file {
                     max_stages: None,
                     uri_generation: 1,
                     revoked_at: None,
+                    ingress_domain: None,
                     created_at: now,
                 })
                 .await
@@ -176,6 +177,7 @@ mod sqlite_link {
                 max_stages: None,
                 uri_generation: 1,
                 revoked_at: None,
+                ingress_domain: None,
                 created_at: at(0),
             })
             .await;

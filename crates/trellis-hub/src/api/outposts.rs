@@ -5,11 +5,13 @@ use crate::extract::{Json, Path, Query};
 use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::Utc;
+use trellis_model::ingress::validate_ingress_domain;
 use trellis_model::{LOCAL_OUTPOST, NameKind, Outpost, validate_name};
+use trellis_store::OutpostUpdate;
 
 use super::types::{
     CreateOutpostRequest, CreatedOutpost, DeleteQuery, JoinTokenRequest, JoinTokenResponse,
-    OutpostUriResponse, ValidateOutpostUriRequest,
+    OutpostUriResponse, UpdateOutpostRequest, ValidateOutpostUriRequest,
 };
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -42,6 +44,7 @@ pub async fn create_outpost(
             ));
         }
     }
+    let ingress_domain = req.ingress_domain.map(ingress_domain).transpose()?.flatten();
     let outpost = Outpost {
         display_name: req.display_name.unwrap_or_else(|| req.name.clone()),
         name: req.name,
@@ -50,6 +53,7 @@ pub async fn create_outpost(
         max_stages: req.max_stages,
         uri_generation: 1,
         revoked_at: None,
+        ingress_domain,
         created_at: Utc::now(),
     };
     state.store().create_outpost(&outpost).await?;
@@ -65,6 +69,40 @@ pub async fn get_outpost(
 ) -> ApiResult<Json<Outpost>> {
     caller.require_admin("inspect outposts")?;
     Ok(Json(state.store().get_outpost(&outpost).await?))
+}
+
+#[utoipa::path(patch, path = "/outposts/{outpost}", tag = "outposts", request_body = UpdateOutpostRequest,
+    responses((status = 200, body = Outpost)))]
+pub async fn update_outpost(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(outpost): Path<String>,
+    Json(req): Json<UpdateOutpostRequest>,
+) -> ApiResult<Json<Outpost>> {
+    caller.require_admin("change outposts")?;
+    let update = OutpostUpdate {
+        display_name: req.display_name,
+        description: req.description,
+        ingress_domain: req.ingress_domain.map(ingress_domain).transpose()?,
+    };
+    let updated = state.store().update_outpost(&outpost, &update).await?;
+    // A new domain bumped its stages' revisions: send them their hosts.
+    state.links().poke(&updated.name);
+    Ok(Json(updated))
+}
+
+/// An ingress domain as given: `""` means the default.
+fn ingress_domain(domain: String) -> ApiResult<Option<String>> {
+    if domain.is_empty() {
+        return Ok(None);
+    }
+    validate_ingress_domain(&domain).map_err(|message| {
+        ApiError::bad_request(
+            message,
+            "point a DNS wildcard (*.plant7.example.net) at the outpost and give that domain",
+        )
+    })?;
+    Ok(Some(domain))
 }
 
 #[utoipa::path(delete, path = "/outposts/{outpost}", tag = "outposts",

@@ -85,9 +85,26 @@ pub struct CreateOutpostRequest {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub max_stages: Option<u32>,
+    /// The DNS name its ingresses are reachable under; `localhost` when
+    /// absent.
+    #[serde(default)]
+    pub ingress_domain: Option<String>,
     /// Validity of the first join token in seconds; 24 hours when absent.
     #[serde(default)]
     pub token_ttl_secs: Option<u64>,
+}
+
+/// `PATCH /outposts/{outpost}`: what to change; absent fields stay.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+pub struct UpdateOutpostRequest {
+    #[serde(default)]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// A new ingress domain; `""` goes back to the default (`localhost`).
+    /// Every stage on the outpost is sent its new hosts.
+    #[serde(default)]
+    pub ingress_domain: Option<String>,
 }
 
 /// `POST /projects/{p}/builds`: the build as recorded by `trellis push build`.

@@ -46,6 +46,8 @@ pub struct OutpostForm {
     labels: String,
     #[serde(default)]
     max_stages: String,
+    #[serde(default)]
+    ingress_domain: String,
 }
 
 #[derive(Template)]
@@ -141,6 +143,7 @@ fn create_request(form: &OutpostForm) -> Result<CreateOutpostRequest, ApiError> 
         description: form.description.trim().to_owned(),
         labels: parse_labels(&form.labels)?,
         max_stages,
+        ingress_domain: Some(form.ingress_domain.trim().to_owned()).filter(|d| !d.is_empty()),
         token_ttl_secs: None,
     })
 }
@@ -199,6 +202,8 @@ struct OutpostPage {
     uri: Option<String>,
     stages: Vec<(String, String)>,
     limit: String,
+    /// `<host>.<stage>.<project>.<domain>`.
+    ingresses: String,
     join: Option<JoinView>,
 }
 
@@ -245,6 +250,7 @@ async fn outpost_page(
             .into_iter()
             .map(|s| (s.project, s.name))
             .collect(),
+        ingresses: format!("<host>.<stage>.<project>.{}", outpost.ingress_domain()),
         limit: outpost
             .max_stages
             .map_or_else(|| "no limit".to_owned(), |m| m.to_string()),

@@ -78,10 +78,25 @@ impl Session<'_> {
             .map(|s| (s.stage.project.clone(), s.stage.name.clone()))
             .collect();
         self.synced.retain(|id, _| self.placed.contains(id));
+        // A new ingress domain bumps the revision of every stage on the
+        // outpost, so whenever one is sent the domain is read afresh.
+        let mut ingress_domain = None;
         for OutpostStage { stage, desired } in stages {
             let Some(parts) = desired else { continue };
             let revision = stage.desired_revision;
-            let state = desired_state(&stage, parts);
+            let domain = match &ingress_domain {
+                Some(domain) => domain,
+                None => {
+                    let outpost = self
+                        .state
+                        .store()
+                        .get_outpost(self.outpost)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    ingress_domain.insert(outpost.ingress_domain().to_owned())
+                }
+            };
+            let state = desired_state(&stage, parts, domain);
             let id = (stage.project, stage.name);
             self.send(
                 io,
@@ -172,8 +187,9 @@ impl From<StageSync> for Committed {
 /// The full desired state of a stage at its current desired revision:
 /// everything the agent needs to run it without asking again.
 /// `controls` maps each component ever started, stopped or restarted to
-/// `{"stopped": bool, "restarts": n}`.
-pub fn desired_state(stage: &Stage, parts: DesiredParts) -> Value {
+/// `{"stopped": bool, "restarts": n}`; `ingress.domain` is the outpost's
+/// ingress domain, which the stage's ingress hosts end in.
+pub fn desired_state(stage: &Stage, parts: DesiredParts, ingress_domain: &str) -> Value {
     let controls: serde_json::Map<String, Value> = parts
         .controls
         .into_iter()
@@ -190,6 +206,7 @@ pub fn desired_state(stage: &Stage, parts: DesiredParts) -> Value {
         "release": parts.release,
         "build": parts.build,
         "controls": controls,
+        "ingress": {"domain": ingress_domain},
     })
 }
 

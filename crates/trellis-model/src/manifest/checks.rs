@@ -175,6 +175,33 @@ pub(crate) fn check_hostname(text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks an ingress host as the platform writes it: a prefix of one DNS
+/// label (`shop`), to which the outpost adds the stage, the project and its
+/// ingress domain.
+pub(crate) fn check_host_prefix(text: &str) -> Result<(), String> {
+    const FORM: &str = "use one DNS label like shop: letters, digits and '-', at most 63 characters, not starting or ending with '-'; the outpost adds the stage, the project and its ingress domain";
+    let bad = |why: &str| Err(format!("{text:?} is not a host prefix ({why}); {FORM}"));
+    if text.contains("://") {
+        return bad("it is a URL");
+    }
+    if text.contains('.') {
+        return bad("it has dots: the host is a prefix, not a whole host name");
+    }
+    if text.is_empty() {
+        return bad("it is empty");
+    }
+    if text.len() > 63 {
+        return bad("it is longer than 63 characters");
+    }
+    if text.starts_with('-') || text.ends_with('-') {
+        return bad("it starts or ends with '-'");
+    }
+    if !text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return bad("it contains a character other than letters, digits and '-'");
+    }
+    Ok(())
+}
+
 /// Checks an environment variable name: `[A-Za-z_][A-Za-z0-9_]*`, the set
 /// every shell and `$VAR` expansion in `args` understand.
 pub(crate) fn check_env_name(text: &str) -> Result<(), String> {

@@ -85,7 +85,19 @@ struct PendingRef {
 struct Decoder {
     errors: Vec<ManifestError>,
     refs: Vec<PendingRef>,
+    /// Every ingress's host and path, to refuse two that route the same
+    /// requests.
+    routes: Vec<IngressRoute>,
     strictness: Strictness,
+}
+
+/// Where one ingress routes from, as written.
+struct IngressRoute {
+    /// The host prefix, lowercased (hosts are case-insensitive).
+    host: String,
+    path: String,
+    at: String,
+    pos: Pos,
 }
 
 /// The fields of a mapping that passed the unknown/duplicate key checks.
@@ -521,6 +533,7 @@ impl Decoder {
                 .collect();
             self.check_names(items, &manifest.components);
             self.check_refs(&manifest.components);
+            self.check_routes();
         }
         manifest
     }
@@ -567,6 +580,28 @@ impl Decoder {
                         "component-ref {:?} names no component in this manifest; components are: {}",
                         r.target,
                         list_names(&names)
+                    ),
+                );
+            }
+        }
+    }
+
+    /// One host and path go to one place: a second ingress with both the
+    /// same would make which component answers a matter of chance.
+    fn check_routes(&mut self) {
+        let routes = std::mem::take(&mut self.routes);
+        for (i, route) in routes.iter().enumerate() {
+            if let Some(first) = routes[..i]
+                .iter()
+                .find(|r| r.host == route.host && r.path == route.path)
+            {
+                self.error(
+                    &route.at,
+                    route.pos,
+                    format!(
+                        "host {:?} with path {:?} is already routed by {} (line {}); \
+                         give this ingress another host or path, or remove one of them",
+                        route.host, route.path, first.at, first.pos.line
                     ),
                 );
             }
@@ -950,10 +985,17 @@ impl Decoder {
                 path: None,
                 sticky: false,
             };
-            if let Some(n) = self.required(&f, "host", "a host name like shop.example.com") {
+            if let Some(n) = self.required(&f, "host", "a host prefix like shop") {
                 let p = f.path("host");
-                if let Some(host) = self.text(n, &p, "a host name") {
-                    self.check(checks::check_hostname(&host), &p, n);
+                if let Some(host) = self.text(n, &p, "a host prefix like shop") {
+                    // Builds recorded before hosts became prefixes carry
+                    // whole host names; they stay runnable (the outpost
+                    // adds its names after them just the same).
+                    let checked = match self.strictness {
+                        Strictness::New => checks::check_host_prefix(&host),
+                        Strictness::Recorded => checks::check_hostname(&host),
+                    };
+                    self.check(checked, &p, n);
                     ingress.host = host;
                 }
             }
@@ -1008,6 +1050,12 @@ impl Decoder {
             if let Some(n) = f.get("sticky") {
                 ingress.sticky = self.boolean(n, &f.path("sticky")).unwrap_or(false);
             }
+            self.routes.push(IngressRoute {
+                host: ingress.host.to_ascii_lowercase(),
+                path: ingress.path.clone().unwrap_or_else(|| "/".to_owned()),
+                at: ip,
+                pos: f.pos,
+            });
             out.push(ingress);
         }
         out

@@ -135,7 +135,7 @@ fn wrong_scalar_types_name_what_was_found() {
         "  - name: web\n",
         "    docker: {image: x}\n",
         "    ports: [80, 1.5, {a: 1}]\n",
-        "    ingresses: [{host: a.example.com, sticky: yes}]\n",
+        "    ingresses: [{host: a, sticky: yes}]\n",
         "    scaling: {min: one, max: 2}\n",
         "    command: [run, [nested]]\n",
     )));
@@ -154,7 +154,7 @@ fn wrong_scalar_types_name_what_was_found() {
 #[test]
 fn an_ingress_needs_a_port_to_route_to() {
     let (path, line, _, message) = single(&with_components(
-        "  - name: web\n    docker: {image: x}\n    ingresses:\n      - host: web.example.com\n",
+        "  - name: web\n    docker: {image: x}\n    ingresses:\n      - host: web\n",
     ));
     assert_eq!((path.as_str(), line), ("components[0].ingresses[0]", 6));
     assert!(message.contains("lists no ports"), "{message}");
