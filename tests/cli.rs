@@ -179,6 +179,7 @@ fn dev_sets_up_an_example_project_with_a_release_that_runs() {
         .current_dir(tmp.path())
         .args(["dev", "--listen", "127.0.0.1:0", "--no-serve"])
         .args(["--example-port", &port.to_string()])
+        .args(["--ingress-listen", "127.0.0.1:0"])
         .env("TRELLIS_CONFIG_DIR", tmp.path().join("config"))
         .output()
         .unwrap();
@@ -202,6 +203,22 @@ fn dev_sets_up_an_example_project_with_a_release_that_runs() {
         String::from_utf8_lossy(&page.stdout).contains("Hello from a Trellis stage"),
         "{}",
         describe(&page)
+    );
+    // And by its ingress host, through the local outpost's entry point
+    // (which `dev --no-serve` stopped again: only the URL is checked).
+    let ingress = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("ingress:"))
+        .map(|rest| {
+            rest.split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .unwrap_or_else(|| panic!("no ingress URL in:\n{stdout}"));
+    assert!(
+        ingress.starts_with("http://web.dev.hello.localhost:") && ingress.ends_with('/'),
+        "{ingress}"
     );
     for expected in [
         "console:",

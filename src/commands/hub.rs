@@ -98,11 +98,17 @@ components:
       path: ./site
       command: ["python3", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]
     ports: [{port}]
+    ingresses:
+      - host: web
     env:
       - name: GREETING
         config-ref: greeting
         value: "Hello from Trellis"
 "#;
+
+/// Where `trellis dev`'s local outpost serves ingresses unless told
+/// otherwise (`--ingress-listen`).
+const DEV_INGRESS_LISTEN: &str = "127.0.0.1:7480";
 
 const EXAMPLE_INDEX: &str = "<!doctype html>\n<title>hello</title>\n<h1>Hello from a Trellis stage</h1>\n<p>This page is the example release of project <code>hello</code>.</p>\n";
 
@@ -113,6 +119,15 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     local_runtime.publish_ports = local_runtime
         .publish_ports
         .or(Some(std::net::Ipv4Addr::LOCALHOST.into()));
+    // The local outpost serves its stages' ingresses on loopback, so the
+    // example has a URL by its host name.
+    local_runtime.ingress = local_runtime
+        .ingress
+        .or(Some(trellis_agent::IngressSettings {
+            listen: DEV_INGRESS_LISTEN.parse().expect("a socket address"),
+            tls: None,
+            public_port: None,
+        }));
     let hub = Hub::open(HubOptions {
         data_dir: data.join("hub"),
         local_runtime,
@@ -165,6 +180,13 @@ pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     match &example_url {
         Ok(url) => println!("  example:   {url}   (project hello, stage dev, running)"),
         Err(why) => println!("  example:   not running: {why}"),
+    }
+    if example_url.is_ok() {
+        for url in example_ingress_urls(&client).await {
+            println!(
+                "  ingress:   {url}   (the example by its host name, through the local outpost's entry point)"
+            );
+        }
     }
     println!("  console:   {endpoint}/");
     println!("  endpoint:  {endpoint}");
@@ -338,6 +360,32 @@ async fn wait_for_example(client: &HubClient, dir: &Path) -> Result<String, Stri
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
     Err(format!("it did not come up within 120 s ({last})"))
+}
+
+/// The URLs the local outpost reports for the example's ingresses (it
+/// reports them with the stage's status, shortly after the release is up).
+async fn example_ingress_urls(client: &HubClient) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let listed: Result<trellis_hub::api::types::StageComponents, _> = client
+            .get(
+                "/projects/hello/stages/dev/components",
+                "listing the example's components",
+            )
+            .await;
+        let urls: Vec<String> = listed
+            .map(|l| {
+                l.components
+                    .into_iter()
+                    .flat_map(|c| c.observed.urls)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !urls.is_empty() || std::time::Instant::now() > deadline {
+            return urls;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
 }
 
 async fn answers(port: u16) -> bool {

@@ -114,6 +114,19 @@ pub async fn stage(
     Ok(())
 }
 
+/// Where a component is reachable: the outpost's URLs when it reports
+/// them, else its ingress hosts (the outpost serves no entry point, or has
+/// not reported yet).
+fn url_text(c: &ComponentView) -> String {
+    if !c.observed.urls.is_empty() {
+        c.observed.urls.join(" ")
+    } else if c.hosts.is_empty() {
+        "-".into()
+    } else {
+        c.hosts.join(" ")
+    }
+}
+
 /// `trellis list component -p P -s S`.
 pub async fn list_components(
     client: &HubClient,
@@ -143,6 +156,10 @@ pub async fn list_components(
         .iter()
         .any(|c| c.observed.message.is_some() || c.observed.exit_code.is_some() || !c.in_release);
     let mut header = vec!["name", "state", "replicas", "restarts", "since", "release"];
+    let reachable = list.components.iter().any(|c| !c.hosts.is_empty());
+    if reachable {
+        header.push("url");
+    }
     if detail {
         header.push("message");
     }
@@ -166,6 +183,9 @@ pub async fn list_components(
                 .map(|n| n.to_string())
                 .unwrap_or_else(|| "-".into()),
         ];
+        if reachable {
+            row.push(url_text(c));
+        }
         if detail {
             row.push(message_text(c));
         }

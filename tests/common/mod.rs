@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod apps;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -130,6 +132,13 @@ impl Cli {
             cmd.env("TRELLIS_CA_CERT", ca);
         }
         cmd
+    }
+
+    /// [`Cli::run_in`], asserting success; its stdout.
+    pub fn ok_in(&self, dir: &Path, args: &[&str]) -> String {
+        let out = self.run_in(dir, args);
+        assert!(out.status.success(), "trellis {args:?}: {}", describe(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn run_in(&self, dir: &Path, args: &[&str]) -> Output {
@@ -272,6 +281,18 @@ impl AgentProcess {
             data: data.to_owned(),
             sweep: true,
         }
+    }
+
+    /// `trellis agent run` that is expected to stop by itself (refusing its
+    /// settings): its output.
+    pub fn run_output(data: &Path, args: &[&str]) -> Output {
+        Command::new(bin())
+            .args(["agent", "run"])
+            .args(args)
+            .arg("--data")
+            .arg(data)
+            .output()
+            .expect("run trellis agent run")
     }
 
     /// SIGKILL; the stage processes it started keep running, as they would.

@@ -61,6 +61,26 @@ pub struct RuntimeArgs {
     /// multi-architecture builds on one machine
     #[arg(long, env = "TRELLIS_AGENT_ARCH", value_parser = parse_arch)]
     pub arch: Option<String>,
+    /// Serve the outpost's entry point here: every ingress of its stages at
+    /// http(s)://<host>.<stage>.<project>.<ingress domain>, e.g. 0.0.0.0:80
+    #[arg(long, value_name = "ADDR", env = "TRELLIS_INGRESS_LISTEN")]
+    pub ingress_listen: Option<std::net::SocketAddr>,
+    /// Serve the entry point over HTTPS with this certificate chain (PEM;
+    /// re-read when it changes); needs --ingress-key
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "ingress_key",
+        requires = "ingress_listen"
+    )]
+    pub ingress_cert: Option<PathBuf>,
+    /// The private key (PEM) of --ingress-cert
+    #[arg(long, value_name = "FILE", requires = "ingress_cert")]
+    pub ingress_key: Option<PathBuf>,
+    /// The port clients reach the entry point on, for the URLs the outpost
+    /// reports, when it differs from the one listened on
+    #[arg(long, value_name = "PORT", requires = "ingress_listen")]
+    pub ingress_public_port: Option<u16>,
 }
 
 /// An architecture as OCI platforms name it: lower-case letters and digits.
@@ -93,6 +113,11 @@ impl RuntimeArgs {
                     .unwrap_or_else(|| crate::host::arch().to_owned()),
                 ..Default::default()
             },
+            ingress: self.ingress_listen.map(|listen| crate::IngressSettings {
+                listen,
+                tls: self.ingress_cert.clone().zip(self.ingress_key.clone()),
+                public_port: self.ingress_public_port,
+            }),
             ..Default::default()
         }
     }

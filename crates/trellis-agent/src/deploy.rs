@@ -48,6 +48,7 @@ use tokio::time::Instant;
 use trellis_link::protocol::{ComponentStatus, LogLine, LogQuery, RuntimeInfo};
 
 use crate::delivery::{Delivery, DeliveryBoard};
+use crate::ingress::IngressRoutes;
 use crate::runner::{ApplyOutcome, StageRunner, stage_dir_under, write_atomically};
 use crate::runtime::artifacts::ArtifactSource;
 use crate::runtime::plan::{PlanContext, plan_from_desired};
@@ -98,6 +99,8 @@ pub struct Deployer {
     /// health window, and (exclusive) by the collection of the artifact
     /// store: so the collection never frees what a release in flight needs.
     applying: tokio::sync::RwLock<()>,
+    /// The outpost's entry point, when it serves one.
+    ingress: Option<Arc<IngressRoutes>>,
 }
 
 /// How long a delivery waits for an unreachable hub (while no byte
@@ -138,6 +141,7 @@ impl Deployer {
             current: Default::default(),
             artifacts: None,
             deliveries: None,
+            ingress: None,
             applying: Default::default(),
         }
     }
@@ -150,6 +154,78 @@ impl Deployer {
     }
 
     /// Puts the progress of deliveries on `board`.
+    /// Routes the entry point to what runs (see [`crate::ingress`]).
+    pub fn with_ingress(mut self, routes: Arc<IngressRoutes>) -> Self {
+        self.ingress = Some(routes);
+        self
+    }
+
+    /// Points the entry point at the replicas of `plan` in `observed`.
+    fn route(
+        &self,
+        stage: &StageKey,
+        plan: &StagePlan,
+        observed: &HashMap<String, ComponentObservation>,
+    ) {
+        if let Some(routes) = &self.ingress {
+            routes.update(stage, plan, observed);
+        }
+    }
+
+    /// Routes every stage that has a current plan to what runs now: at
+    /// start, so a restarted agent serves its adopted replicas at once.
+    pub async fn route_all(&self) {
+        if self.ingress.is_none() {
+            return;
+        }
+        for stage in self.stages_with_plans() {
+            if let Some(plan) = self.load_plan(&stage, CURRENT_PLAN).await {
+                let observed = self.observe_all(&stage).await;
+                self.route(&stage, &plan, &observed);
+            }
+        }
+    }
+
+    /// Stages that have a saved plan (`<root>/<project>/<stage>/current.json`).
+    fn stages_with_plans(&self) -> Vec<StageKey> {
+        let mut out = Vec::new();
+        for project in std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for stage in std::fs::read_dir(project.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if stage.path().join(CURRENT_PLAN).is_file() {
+                    out.push(StageKey::new(
+                        project.file_name().to_string_lossy().into_owned(),
+                        stage.file_name().to_string_lossy().into_owned(),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// The components' statuses, with their URLs when the entry point
+    /// serves them.
+    fn statuses(
+        &self,
+        plan: &StagePlan,
+        observed: &HashMap<String, ComponentObservation>,
+    ) -> Vec<ComponentStatus> {
+        let mut statuses = component_statuses(plan, observed);
+        if let Some(routes) = &self.ingress {
+            for status in &mut statuses {
+                status.urls = routes.urls(plan, &status.name);
+            }
+        }
+        statuses
+    }
+
     pub fn with_deliveries(mut self, board: Arc<DeliveryBoard>) -> Self {
         self.deliveries = Some(board);
         self
@@ -437,6 +513,7 @@ impl Deployer {
         let mut up_since: Option<Instant> = None;
         loop {
             let observed = self.observe_all(stage).await;
+            self.route(stage, plan, &observed);
             let verdict = judge(plan, &observed, baseline).await;
             let now = Instant::now();
             match &verdict {
@@ -470,6 +547,7 @@ impl Deployer {
     }
 
     fn outcome(
+        &self,
         plan: &StagePlan,
         observed: &HashMap<String, ComponentObservation>,
         ok: bool,
@@ -486,7 +564,7 @@ impl Deployer {
             ok,
             state: state.into(),
             message,
-            components: component_statuses(plan, observed),
+            components: self.statuses(plan, observed),
             rolled_back_to: None,
             notices: Vec::new(),
         }
@@ -498,7 +576,11 @@ impl Deployer {
         let is_new_release = previous_good.as_ref().map(|p| (p.release, &p.build))
             != Some((plan.release, &plan.build));
 
-        if let Some(why) = self.unrunnable(&plan) {
+        let taken = self
+            .ingress
+            .as_ref()
+            .and_then(|routes| routes.host_taken(stage, &plan));
+        if let Some(why) = taken.or_else(|| self.unrunnable(&plan)) {
             return ApplyOutcome {
                 rolled_back_to: previous_good.as_ref().and_then(|p| p.release),
                 ..ApplyOutcome::failed(format!("{release} cannot run here: {why}"))
@@ -554,13 +636,13 @@ impl Deployer {
                         stopped.join(", ")
                     )
                 };
-                return Self::outcome(&plan, &observed, true, Some(message));
+                return self.outcome(&plan, &observed, true, Some(message));
             }
             Verdict::Down(why) | Verdict::Waiting(why) => why,
         };
         if !is_new_release {
             let mut outcome =
-                Self::outcome(&plan, &observed, false, Some(format!("{release}: {why}")));
+                self.outcome(&plan, &observed, false, Some(format!("{release}: {why}")));
             outcome.rolled_back_to = None;
             return outcome;
         }
@@ -575,7 +657,10 @@ impl Deployer {
         };
         tracing::warn!(%stage, %why, rolled_back_to = back_to, "{release} did not come up; rolling back");
         self.save_plan(stage, CURRENT_PLAN, &restore).await;
-        let restored = match self.run_plan(stage, &restore).await {
+        let restored = self.run_plan(stage, &restore).await;
+        let now_running = self.observe_all(stage).await;
+        self.route(stage, &restore, &now_running);
+        let restored = match restored {
             Ok(_) => {
                 if back_to == 0 {
                     "nothing ran before it, so the stage now runs nothing".to_owned()
@@ -585,7 +670,7 @@ impl Deployer {
             }
             Err(e) => format!("rolling back to release {back_to} failed too: {e}"),
         };
-        let mut outcome = Self::outcome(
+        let mut outcome = self.outcome(
             &plan,
             &observed,
             false,
@@ -813,6 +898,8 @@ fn to_status(o: &ComponentObservation, replicas: u32) -> ComponentStatus {
         last_run: o.last_run,
         next_run: o.next_run,
         message: o.message.clone(),
+        // The deployer adds them: it knows the plan's ingresses.
+        urls: Vec::new(),
     }
 }
 
@@ -889,6 +976,9 @@ impl StageRunner for Deployer {
     async fn remove(&self, stage: &StageKey) -> Result<(), String> {
         let dir = self.stage_dir(stage)?;
         self.cache_current(stage, None);
+        if let Some(routes) = &self.ingress {
+            routes.forget(stage);
+        }
         let mut failures = Vec::new();
         for runtime in &self.runtimes {
             if let Err(e) = runtime.remove(stage).await {
@@ -913,7 +1003,8 @@ impl StageRunner for Deployer {
     async fn observe(&self, stage: &StageKey, _revision: u64) -> Option<ApplyOutcome> {
         let plan = self.load_plan(stage, CURRENT_PLAN).await?;
         let observed = self.observe_all(stage).await;
-        let components = component_statuses(&plan, &observed);
+        self.route(stage, &plan, &observed);
+        let components = self.statuses(&plan, &observed);
         let troubled: Vec<&ComponentStatus> = components
             .iter()
             .filter(|c| matches!(c.state.as_str(), "crash-looping" | "failed" | "missing"))

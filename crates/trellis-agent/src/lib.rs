@@ -48,6 +48,7 @@ use rand::rngs::StdRng;
 pub mod cli;
 pub mod delivery;
 pub mod deploy;
+pub mod ingress;
 pub mod join;
 pub mod link;
 pub mod reconciler;
@@ -96,6 +97,9 @@ pub enum AgentError {
     )]
     Revoked { reason: String },
 
+    #[error("the outpost's entry point cannot start: {message}")]
+    Ingress { message: String },
+
     #[error("the agent could not {what}; this is a bug in the agent, please report it")]
     Internal { what: String },
 }
@@ -107,6 +111,7 @@ impl AgentError {
             AgentError::State(_) => "agent-state-failed",
             AgentError::NotJoined { .. } => "not-joined",
             AgentError::Revoked { .. } => "revoked",
+            AgentError::Ingress { .. } => "ingress-unavailable",
             AgentError::Internal { .. } => "agent-internal",
         }
     }
@@ -136,6 +141,21 @@ pub struct RuntimeSettings {
     pub artifacts: Option<Arc<dyn runtime::artifacts::ArtifactSource>>,
     /// The outpost's name on workload labels; default: from the identity.
     pub outpost: Option<String>,
+    /// Serve the outpost's entry point (its ingresses); `None`: no entry
+    /// point, components are reachable only by their published ports.
+    pub ingress: Option<IngressSettings>,
+}
+
+/// Where and how the outpost's entry point listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressSettings {
+    pub listen: std::net::SocketAddr,
+    /// A certificate chain and its key (PEM files, re-read when they
+    /// change) to serve HTTPS; `None`: plain HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The port clients connect to, for the URLs the outpost reports, when
+    /// it is not the one listened on (a port forwarded by a firewall).
+    pub public_port: Option<u16>,
 }
 
 impl std::fmt::Debug for RuntimeSettings {
@@ -148,6 +168,7 @@ impl std::fmt::Debug for RuntimeSettings {
             .field("observe_interval", &self.observe_interval)
             .field("artifacts", &self.artifacts.is_some())
             .field("outpost", &self.outpost)
+            .field("ingress", &self.ingress)
             .finish()
     }
 }
@@ -162,6 +183,7 @@ impl Default for RuntimeSettings {
             observe_interval: reconciler::DEFAULT_OBSERVE_INTERVAL,
             artifacts: None,
             outpost: None,
+            ingress: None,
         }
     }
 }
@@ -220,6 +242,23 @@ pub async fn run(
     options: AgentOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
+    // The entry point's certificate is checked first: a wrong file is the
+    // operator's to fix before anything else happens.
+    let certificates = match options
+        .runtime_settings
+        .ingress
+        .as_ref()
+        .and_then(|i| i.tls.as_ref())
+    {
+        Some((cert, key)) => Some(
+            trellis_ingress::Certificates::from_files(cert, key).map_err(|e| {
+                AgentError::Ingress {
+                    message: e.to_string(),
+                }
+            })?,
+        ),
+        None => None,
+    };
     let state_path = data_dir.join(STATE_FILE);
     let state_options = options.state;
     let path = state_path.clone();
@@ -246,13 +285,33 @@ pub async fn run(
         state.clone(),
         options.error_log_capacity,
     ));
+    let (trigger, signal) = Shutdown::channel();
     let runtime: Arc<dyn StageRunner> = match options.runtime {
         Some(runtime) => runtime,
-        None => Arc::new(
-            deployer(data_dir, &state, settings)
+        None => {
+            let outpost = outpost_name(&state, settings.outpost.clone()).await?;
+            let routes = match &settings.ingress {
+                Some(ingress) => {
+                    Some(serve_ingress(ingress, certificates, &outpost, signal.clone()).await?)
+                }
+                None => None,
+            };
+            let traffic = routes.clone().map(|r| r as Arc<dyn runtime::Traffic>);
+            let mut deployer = deployer(data_dir, &state, &outpost, settings, traffic)
                 .await?
-                .with_deliveries(reporter.deliveries().clone()),
-        ),
+                .with_deliveries(reporter.deliveries().clone());
+            if let Some(routes) = routes {
+                deployer = deployer.with_ingress(routes);
+            }
+            let deployer = Arc::new(deployer);
+            // What runs from before the agent started is served at once,
+            // not only after the first observation or release.
+            tokio::spawn({
+                let deployer = deployer.clone();
+                async move { deployer.route_all().await }
+            });
+            deployer
+        }
     };
     let reconciler = reconciler::Reconciler::new(runtime.clone(), reporter.clone())
         .with_observe_interval(observe_interval);
@@ -274,7 +333,6 @@ pub async fn run(
         None => StdRng::from_entropy(),
     };
 
-    let (trigger, signal) = Shutdown::channel();
     let reconciler_task = tokio::spawn(reconciler.run(signal.clone()));
     let result = {
         let link = link::run_link(connector.as_ref(), &ctx, options.link, rng, signal);
@@ -312,15 +370,10 @@ pub async fn run(
 async fn deployer(
     data_dir: &Path,
     state: &Arc<AgentState>,
+    outpost: &str,
     settings: RuntimeSettings,
+    traffic: Option<Arc<dyn runtime::Traffic>>,
 ) -> Result<deploy::Deployer, AgentError> {
-    let outpost = match settings.outpost {
-        Some(name) => name,
-        None => blocking(state, |s| s.identity())
-            .await?
-            .map(|id| id.outpost)
-            .unwrap_or_else(|| trellis_model::LOCAL_OUTPOST.to_owned()),
-    };
     let artifacts: Arc<dyn runtime::artifacts::ArtifactSource> = match settings.artifacts {
         Some(artifacts) => artifacts,
         None => {
@@ -345,13 +398,19 @@ async fn deployer(
         };
         match runtime::container::ContainerRuntime::connect(
             settings.docker_host.as_deref(),
-            &outpost,
+            outpost,
             data_dir,
             publish,
         )
         .await
         {
-            Ok(containers) => runtimes.push(Arc::new(containers.with_artifacts(artifacts.clone()))),
+            Ok(containers) => {
+                let mut containers = containers.with_artifacts(artifacts.clone());
+                if let Some(traffic) = traffic {
+                    containers = containers.with_traffic(traffic);
+                }
+                runtimes.push(Arc::new(containers));
+            }
             // Asked for by address: the operator should hear that it failed.
             Err(e) if settings.docker_host.is_some() => tracing::error!(
                 error = %e.sentence(),
@@ -368,6 +427,60 @@ async fn deployer(
         tracing::info!(runtime = %r.kind(), engine = %info.name, version = %info.version, "runtime ready");
     }
     Ok(deploy::Deployer::new(data_dir, runtimes, settings.deploy).with_artifacts(artifacts))
+}
+
+/// The outpost's name: given, or from the identity.
+async fn outpost_name(
+    state: &Arc<AgentState>,
+    given: Option<String>,
+) -> Result<String, AgentError> {
+    Ok(match given {
+        Some(name) => name,
+        None => blocking(state, |s| s.identity())
+            .await?
+            .map(|id| id.outpost)
+            .unwrap_or_else(|| trellis_model::LOCAL_OUTPOST.to_owned()),
+    })
+}
+
+/// Binds the entry point and serves it until `shutdown`; its routes are
+/// the deployer's to set.
+async fn serve_ingress(
+    settings: &IngressSettings,
+    certificates: Option<trellis_ingress::Certificates>,
+    outpost: &str,
+    mut shutdown: Shutdown,
+) -> Result<Arc<ingress::IngressRoutes>, AgentError> {
+    let fail = |message: String| AgentError::Ingress { message };
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| {
+            fail(format!(
+                "listening on {} failed ({e}); free the port or give another with --ingress-listen",
+                settings.listen
+            ))
+        })?;
+    let bound = listener.local_addr().map_err(|e| fail(e.to_string()))?;
+    let base = ingress::PublicBase {
+        scheme: if certificates.is_some() {
+            "https"
+        } else {
+            "http"
+        },
+        port: settings.public_port.unwrap_or(bound.port()),
+    };
+    tracing::info!(listen = %bound, scheme = base.scheme, "the outpost's entry point is serving");
+    let entry = trellis_ingress::Ingress::new(outpost);
+    let routes = Arc::new(ingress::IngressRoutes::new(entry.clone(), base));
+    tokio::spawn(async move {
+        if let Err(e) = entry
+            .serve(listener, certificates, async move { shutdown.wait().await })
+            .await
+        {
+            tracing::error!(error = %e, "the outpost's entry point stopped");
+        }
+    });
+    Ok(routes)
 }
 
 /// Runs a call on the (synchronous, fsyncing) state off the async threads.

@@ -145,6 +145,7 @@ fn plan(revision: u64, release: u64, mut components: Vec<ComponentPlan>) -> Stag
         suspended: false,
         components,
         notices: Vec::new(),
+        ingresses: Vec::new(),
     }
 }
 

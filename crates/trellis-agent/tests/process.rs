@@ -144,6 +144,7 @@ fn stage_plan(revision: u64, components: Vec<ComponentPlan>) -> StagePlan {
         suspended: false,
         components,
         notices: Vec::new(),
+        ingresses: Vec::new(),
     }
 }
 

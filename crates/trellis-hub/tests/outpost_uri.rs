@@ -98,6 +98,7 @@ async fn a_valid_uri_describes_the_outpost() {
     assert!(d["agent"].is_null(), "no agent has connected: {d}");
     assert_eq!(d["stage_count"], 0);
     assert_eq!(d["max_stages"], 3);
+    assert_eq!(d["ingress_domain"], "localhost");
     // Surrounding whitespace from a copy-paste is fine.
     let (status, _) = validate(&hub, &alice, &format!("  {uri}\n"), None).await;
     assert_eq!(status, StatusCode::OK);
@@ -179,6 +180,88 @@ async fn an_outpost_stage_is_created_with_the_uri_and_takes_releases_at_once() {
     let (_, d) = validate(&hub, &alice, &uri, None).await;
     assert_eq!(d["stage_count"], 1);
     assert_eq!(d["your_stages"], json!(["shop/line3"]));
+}
+
+#[tokio::test]
+async fn an_outposts_ingress_domain_is_checked_described_and_sends_its_stages_again() {
+    let hub = start().await;
+    let alice = alice(&hub).await;
+    let admin = Some(hub.admin.as_str());
+    // A domain that is not a DNS name is refused, and nothing is created.
+    for bad in ["https://plant7.example.net", "Plant7.example.net", "a..b"] {
+        let (s, b) = hub
+            .call(
+                admin,
+                M::POST,
+                "/outposts",
+                Some(json!({"name": "plant7", "ingress_domain": bad})),
+            )
+            .await;
+        assert_code(&(s, b), StatusCode::BAD_REQUEST, "invalid-request");
+    }
+    let (s, _) = hub.call(admin, M::GET, "/outposts/plant7", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let uri = outpost(&hub, "plant7", None).await;
+    let (s, stage) = hub
+        .call(
+            Some(&alice),
+            M::POST,
+            "/projects/shop/stages",
+            Some(json!({"name": "line3", "type": "prod", "outpost_uri": uri})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{stage}");
+    let revision = stage["desired_revision"].as_u64().unwrap();
+
+    // Only administrators change it; a bad one changes nothing.
+    let change = json!({"ingress_domain": "plant7.example.net"});
+    let (s, _) = hub
+        .call(
+            Some(&alice),
+            M::PATCH,
+            "/outposts/plant7",
+            Some(change.clone()),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, b) = hub
+        .call(
+            admin,
+            M::PATCH,
+            "/outposts/plant7",
+            Some(json!({"ingress_domain": "-bad.example"})),
+        )
+        .await;
+    assert_code(&(s, b), StatusCode::BAD_REQUEST, "invalid-request");
+    let (s, b) = hub
+        .call(admin, M::PATCH, "/outposts/plant7", Some(change))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["ingress_domain"], "plant7.example.net");
+    assert_eq!(
+        b["description"], "Edge box next to line 3",
+        "the rest stays"
+    );
+
+    // The stage is sent again (its hosts changed), and the description
+    // shows the domain.
+    let (_, stage) = hub
+        .call(Some(&alice), M::GET, "/projects/shop/stages/line3", None)
+        .await;
+    assert_eq!(stage["desired_revision"], revision + 1);
+    let (_, d) = validate(&hub, &alice, &uri, None).await;
+    assert_eq!(d["ingress_domain"], "plant7.example.net");
+    // Back to the default.
+    let (_, b) = hub
+        .call(
+            admin,
+            M::PATCH,
+            "/outposts/plant7",
+            Some(json!({"ingress_domain": ""})),
+        )
+        .await;
+    assert_eq!(b["ingress_domain"], Value::Null);
 }
 
 #[tokio::test]

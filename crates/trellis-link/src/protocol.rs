@@ -278,6 +278,11 @@ pub struct ComponentStatus {
     /// Why it is failed or crash-looping, for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Where its ingresses are reachable through the outpost's entry point
+    /// (`http://shop.dev.kasse.plant7.example.net:8080/`); empty when the
+    /// outpost serves no entry point or the component has no ingress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
 }
 
 /// Which log lines a [`Message::Logs`] request wants.

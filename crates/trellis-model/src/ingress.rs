@@ -44,7 +44,11 @@ pub fn check_ingress_host(host: &str) -> Result<(), String> {
 /// and '.', leaving room for the names put before it.
 pub fn validate_ingress_domain(domain: &str) -> Result<(), String> {
     const FORM: &str = "use a DNS name like plant7.example.net: dot-separated labels of lowercase letters, digits and '-', each at most 63 characters and not starting or ending with '-'";
-    let bad = |why: &str| Err(format!("{domain:?} is not an ingress domain ({why}); {FORM}"));
+    let bad = |why: &str| {
+        Err(format!(
+            "{domain:?} is not an ingress domain ({why}); {FORM}"
+        ))
+    };
     if domain.is_empty() {
         return bad("it is empty");
     }
@@ -53,7 +57,9 @@ pub fn validate_ingress_domain(domain: &str) -> Result<(), String> {
     }
     // Three labels of at most 63 characters and their dots go before it.
     if domain.len() > MAX_HOST_LEN - 3 * 64 {
-        return bad("it is longer than 61 characters, which leaves no room for the host prefix, stage and project");
+        return bad(
+            "it is longer than 61 characters, which leaves no room for the host prefix, stage and project",
+        );
     }
     for label in domain.split('.') {
         if label.is_empty() {
@@ -69,7 +75,9 @@ pub fn validate_ingress_domain(domain: &str) -> Result<(), String> {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
-            return bad("it contains a character other than lowercase letters, digits, '-' and '.'");
+            return bad(
+                "it contains a character other than lowercase letters, digits, '-' and '.'",
+            );
         }
     }
     Ok(())

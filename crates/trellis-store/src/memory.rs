@@ -24,9 +24,9 @@ use trellis_model::{
 };
 
 use crate::{
-    ControlOutcome, DesiredParts, JoinTokenRefusal, NewRelease, NewStage, OutpostStage, OutpostUpdate,
-    PushedReleases, Result, StageFilter, StageKey, StageSummary, StageUpdate, Store, StoreError,
-    StoredAccessKey, wording,
+    ControlOutcome, DesiredParts, JoinTokenRefusal, NewRelease, NewStage, OutpostStage,
+    OutpostUpdate, PushedReleases, Result, StageFilter, StageKey, StageSummary, StageUpdate, Store,
+    StoreError, StoredAccessKey, wording,
 };
 
 /// The in-memory store. Cheap to create; holds nothing on disk.

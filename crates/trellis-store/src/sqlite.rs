@@ -40,8 +40,8 @@ use trellis_model::{
 
 use crate::{
     ControlOutcome, DesiredParts, JoinTokenRefusal, LinkActivity, NewRelease, NewStage,
-    OutpostStage, OutpostUpdate, PushedReleases, Result, StageFilter, StageKey, StageSummary, StageUpdate, Store,
-    StoreError, StoredAccessKey, SyncUpdate, wording,
+    OutpostStage, OutpostUpdate, PushedReleases, Result, StageFilter, StageKey, StageSummary,
+    StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate, wording,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -23,8 +23,7 @@ use trellis_model::{
 
 use crate::{
     JoinTokenRefusal, LinkActivity, LinkHello, NewRelease, NewStage, OutpostUpdate, PushedReleases,
-    Result,
-    StageFilter, StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate,
+    Result, StageFilter, StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate,
 };
 
 /// Calls `$callback!` with the name of every behaviour in the suite.
@@ -1511,7 +1510,11 @@ pub async fn outpost_updates(store: &dyn Store) {
         .unwrap();
     let elsewhere = stage_in(store, "shop", "dev").await;
     let revision = |name: &'static str| async move {
-        store.get_stage("shop", name).await.unwrap().desired_revision
+        store
+            .get_stage("shop", name)
+            .await
+            .unwrap()
+            .desired_revision
     };
 
     let described = store
@@ -1550,7 +1553,11 @@ pub async fn outpost_updates(store: &dyn Store) {
         ..OutpostUpdate::default()
     };
     assert_eq!(
-        store.update_outpost("plant", &reset).await.unwrap().ingress_domain(),
+        store
+            .update_outpost("plant", &reset)
+            .await
+            .unwrap()
+            .ingress_domain(),
         "localhost"
     );
     assert_eq!(revision("line").await, on_plant.desired_revision + 2);

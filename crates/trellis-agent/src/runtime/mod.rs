@@ -18,7 +18,8 @@
 //! ([`process`]) implement it; a Kubernetes runtime would too, without any
 //! change to the deployer or the reconciler.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -183,6 +184,11 @@ pub struct ComponentObservation {
     /// Where the agent itself can reach the component's first port (for
     /// the health check), when it has one and runs.
     pub endpoint: Option<SocketAddr>,
+    /// Where the agent reaches each running replica's ports (a container's
+    /// address on the stage network; loopback for processes, which share
+    /// the host's): what the outpost's entry point routes to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpAddr>,
     /// Container ids or process ids of its replicas, for people and tests.
     pub ids: Vec<String>,
     /// For scheduled components: when the last run ended, and the next.
@@ -207,12 +213,38 @@ impl ComponentObservation {
             exit_code: None,
             since: None,
             endpoint: None,
+            addresses: Vec::new(),
             ids: Vec::new(),
             last_run: None,
             next_run: None,
             message: None,
         }
     }
+}
+
+/// Where a runtime moves a component's requests when it replaces the
+/// component's replicas beside the old ones (the outpost's entry point).
+#[async_trait]
+pub trait Traffic: Send + Sync {
+    /// Whether requests reach `component` of `stage` through here at all
+    /// (it has an ingress the entry point serves): only then is a
+    /// replacement worth starting beside the old replicas.
+    fn serves(&self, stage: &StageKey, component: &str) -> bool;
+    /// Sends `component`'s requests to the replicas at `to` instead of
+    /// those at `from`, then waits — at most `drain` — until the requests
+    /// open to `from` have finished. `from` gets no new requests until
+    /// [`Traffic::retired`] says it is gone.
+    async fn switch(
+        &self,
+        stage: &StageKey,
+        component: &str,
+        from: &[IpAddr],
+        to: &[IpAddr],
+        drain: Duration,
+    );
+    /// The replicas at `addresses` are gone; their addresses may be given
+    /// to new ones.
+    fn retired(&self, addresses: &[IpAddr]);
 }
 
 /// Something that runs the components of stages on this host; see the

@@ -2,15 +2,17 @@
 //! env, files, command and args resolved, so a runtime only has to run it.
 //!
 //! The desired state (see `trellis_hub::link::session::desired_state`) is
-//! `{revision, suspended, release, build, controls}`: the release names its
+//! `{revision, suspended, release, build, controls, ingress}`: the release names its
 //! config snapshot, the build carries the manifest text and the artifact of
 //! each component, and `controls` holds per-component requests made with
-//! `trellis stop|start|restart component`. All of it comes from the network,
+//! `trellis stop|start|restart component`, and `ingress.domain` is the
+//! outpost's ingress domain its ingress hosts end in. All of it comes from the network,
 //! so every lookup that can miss is a [`PlanError`] naming what is missing.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
+use trellis_model::ingress::{check_ingress_host, ingress_host};
 use trellis_model::manifest::{
     Component, ComponentSource, DockerBuild, DockerSource, EnvSource, FileSource, Manifest,
     Schedule, StorageKind, expand, parse_recorded_manifest,
@@ -34,6 +36,24 @@ pub struct StagePlan {
     /// the stage's status, never silently dropped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notices: Vec<PlanNotice>,
+    /// The host names and paths the outpost's entry point routes to the
+    /// stage's components. Not part of any component's spec: a new host
+    /// re-routes without restarting anything.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingresses: Vec<PlannedIngress>,
+}
+
+/// One ingress of a component, with its host name on this outpost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedIngress {
+    pub component: String,
+    /// `<prefix>.<stage>.<project>.<ingress domain>`, lowercase.
+    pub host: String,
+    /// A path prefix starting with `/`.
+    pub path: String,
+    /// The component's port requests go to.
+    pub port: u16,
+    pub sticky: bool,
 }
 
 /// Something about a plan the stage's status should say.
@@ -49,6 +69,7 @@ impl StagePlan {
             suspended: false,
             components: Vec::new(),
             notices: Vec::new(),
+            ingresses: Vec::new(),
         }
     }
 
@@ -230,6 +251,52 @@ struct DesiredState {
     build: Option<Build>,
     #[serde(default)]
     controls: HashMap<String, ComponentControl>,
+    /// The outpost's ingress settings (absent from hubs before ingresses).
+    #[serde(default)]
+    ingress: IngressSettings,
+}
+
+#[derive(Debug, Deserialize)]
+struct IngressSettings {
+    domain: String,
+}
+
+impl Default for IngressSettings {
+    fn default() -> Self {
+        IngressSettings {
+            domain: trellis_model::ingress::DEFAULT_INGRESS_DOMAIN.to_owned(),
+        }
+    }
+}
+
+/// Every ingress of the manifest with its host name on an outpost whose
+/// ingress domain is `domain`.
+fn ingresses(
+    manifest: &Manifest,
+    release: &Release,
+    domain: &str,
+) -> Result<Vec<PlannedIngress>, PlanError> {
+    let mut out = Vec::new();
+    for c in &manifest.components {
+        for ingress in &c.ingresses {
+            let host = ingress_host(&ingress.host, &release.stage, &release.project, domain);
+            check_ingress_host(&host)
+                .map_err(|e| PlanError(format!("component {:?} cannot be reached: {e}", c.name)))?;
+            // The manifest check makes sure a component with an ingress
+            // has a port to route to.
+            let Some(port) = ingress.port.or_else(|| c.ports.first().copied()) else {
+                continue;
+            };
+            out.push(PlannedIngress {
+                component: c.name.clone(),
+                host,
+                path: ingress.path.clone().unwrap_or_else(|| "/".to_owned()),
+                port,
+                sticky: ingress.sticky,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// What a plan is made for: the outpost it runs on.
@@ -288,6 +355,7 @@ pub fn plan_from_desired(
     };
     let components = planner.components(&state.controls, state.suspended)?;
     let notices = planner.notices;
+    let ingresses = ingresses(&manifest, &release, &state.ingress.domain)?;
     Ok(StagePlan {
         revision,
         release: Some(release.number),
@@ -295,6 +363,7 @@ pub fn plan_from_desired(
         suspended: state.suspended,
         components,
         notices,
+        ingresses,
     })
 }
 

@@ -19,7 +19,8 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use trellis_link::protocol::{ComponentStatus, LogLine, LogQuery};
-use trellis_model::manifest::{Manifest, parse_recorded_manifest};
+use trellis_model::ingress::ingress_host;
+use trellis_model::manifest::{Component, Manifest, parse_recorded_manifest};
 use trellis_model::{
     Build, ComponentAction, ComponentControl, NameKind, Release, Stage, validate_name,
 };
@@ -263,7 +264,22 @@ pub async fn list_components(
             .and_then(Value::as_str)
             .map(str::to_owned)
     };
-    let components = component_views(latest.as_ref().map(|(_, _, m)| m), &controls, &reported);
+    let domain = store
+        .get_outpost(&record.outpost)
+        .await?
+        .ingress_domain()
+        .to_owned();
+    let names = IngressNames {
+        project: &project,
+        stage: &stage,
+        domain: &domain,
+    };
+    let components = component_views(
+        latest.as_ref().map(|(_, _, m)| m),
+        &controls,
+        &reported,
+        &names,
+    );
     Ok(Json(StageComponents {
         project,
         stage,
@@ -287,12 +303,35 @@ pub async fn list_components(
     }))
 }
 
+/// What a stage's ingress hosts are made of.
+pub struct IngressNames<'a> {
+    pub project: &'a str,
+    pub stage: &'a str,
+    /// The outpost's ingress domain.
+    pub domain: &'a str,
+}
+
+impl IngressNames<'_> {
+    /// `host.stage.project.domain/path` of each of `component`'s ingresses.
+    pub fn of(&self, component: &Component) -> Vec<String> {
+        component
+            .ingresses
+            .iter()
+            .map(|i| {
+                let host = ingress_host(&i.host, self.stage, self.project, self.domain);
+                format!("{host}{}", i.path.as_deref().unwrap_or("/"))
+            })
+            .collect()
+    }
+}
+
 /// The manifest's components in manifest order, then any the outpost
 /// reports that the manifest does not have. Pure, for tests.
 pub fn component_views(
     manifest: Option<&Manifest>,
     controls: &[ComponentControl],
     reported: &[ComponentStatus],
+    names: &IngressNames<'_>,
 ) -> Vec<ComponentView> {
     let desired = |name: &str| {
         controls
@@ -323,6 +362,7 @@ pub fn component_views(
                 message: c.message.clone(),
                 last_run: c.last_run,
                 next_run: c.next_run,
+                urls: c.urls.clone(),
             })
             .unwrap_or_else(|| ComponentObserved {
                 state: "unknown".into(),
@@ -337,6 +377,7 @@ pub fn component_views(
             name: c.name.clone(),
             in_release: true,
             scheduled: c.is_scheduled(),
+            hosts: names.of(c),
             desired: desired(&c.name),
             observed: observed(&c.name),
         })
@@ -347,6 +388,7 @@ pub fn component_views(
                 name: c.name.clone(),
                 in_release: false,
                 scheduled: c.next_run.is_some() || c.last_run.is_some(),
+                hosts: Vec::new(),
                 desired: desired(&c.name),
                 observed: observed(&c.name),
             });
@@ -677,10 +719,16 @@ mod tests {
         }
     }
 
+    const NAMES: IngressNames<'static> = IngressNames {
+        project: "kasse",
+        stage: "dev",
+        domain: "plant7.example.net",
+    };
+
     #[test]
     fn components_unreported_are_unknown_and_extras_are_listed() {
         let manifest = parse_recorded_manifest(
-            "version: v1\ncomponents:\n  - name: web\n    docker:\n      image: web:1\n  - name: nightly\n    docker:\n      image: job:1\n    scheduled: \"0 3 * * *\"\n",
+            "version: v1\ncomponents:\n  - name: web\n    docker:\n      image: web:1\n    ports: [80]\n    ingresses: [{host: shop}, {host: shop, path: /api}]\n  - name: nightly\n    docker:\n      image: job:1\n    scheduled: \"0 3 * * *\"\n",
         )
         .unwrap();
         let controls = vec![ComponentControl {
@@ -701,7 +749,7 @@ mod tests {
                 ..Default::default()
             },
         ];
-        let views = component_views(Some(&manifest), &controls, &reported);
+        let views = component_views(Some(&manifest), &controls, &reported, &NAMES);
         let names: Vec<&str> = views.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(names, ["web", "nightly", "old"]);
         assert_eq!(
@@ -715,6 +763,14 @@ mod tests {
         assert_eq!(views[1].observed.state, "unknown");
         assert!(views[1].scheduled && views[1].in_release);
         assert!(!views[2].in_release);
-        assert!(component_views(None, &[], &[]).is_empty());
+        assert_eq!(
+            views[0].hosts,
+            [
+                "shop.dev.kasse.plant7.example.net/",
+                "shop.dev.kasse.plant7.example.net/api"
+            ]
+        );
+        assert!(views[1].hosts.is_empty());
+        assert!(component_views(None, &[], &[], &NAMES).is_empty());
     }
 }

@@ -78,7 +78,11 @@ pub fn router(state: AppState) -> axum::Router {
         .routes(routes!(components::resume_stage))
         .routes(routes!(components::stage_logs))
         .routes(routes!(outposts::list_outposts, outposts::create_outpost))
-        .routes(routes!(outposts::get_outpost, outposts::update_outpost, outposts::delete_outpost))
+        .routes(routes!(
+            outposts::get_outpost,
+            outposts::update_outpost,
+            outposts::delete_outpost
+        ))
         .routes(routes!(outposts::validate_outpost_uri))
         .routes(routes!(outposts::get_outpost_uri))
         .routes(routes!(outposts::rotate_outpost_uri))

@@ -44,7 +44,11 @@ pub async fn create_outpost(
             ));
         }
     }
-    let ingress_domain = req.ingress_domain.map(ingress_domain).transpose()?.flatten();
+    let ingress_domain = req
+        .ingress_domain
+        .map(ingress_domain)
+        .transpose()?
+        .flatten();
     let outpost = Outpost {
         display_name: req.display_name.unwrap_or_else(|| req.name.clone()),
         name: req.name,

@@ -260,6 +260,11 @@ pub struct ComponentObserved {
     /// Scheduled components: when the last run ended and the next begins.
     pub last_run: Option<chrono::DateTime<chrono::Utc>>,
     pub next_run: Option<chrono::DateTime<chrono::Utc>>,
+    /// Where the outpost's entry point serves its ingresses
+    /// (`http://shop.dev.kasse.localhost:8080/`); empty when the outpost
+    /// runs no entry point.
+    #[serde(default)]
+    pub urls: Vec<String>,
 }
 
 /// One component of a stage: what should be, and what the outpost saw.
@@ -271,6 +276,11 @@ pub struct ComponentView {
     pub in_release: bool,
     /// Runs on a schedule (cron or `@release`) rather than permanently.
     pub scheduled: bool,
+    /// The host names and paths its ingresses have on the stage's outpost
+    /// (`shop.dev.kasse.plant7.example.net/api`), whether or not the
+    /// outpost serves them yet.
+    #[serde(default)]
+    pub hosts: Vec<String>,
     pub desired: ComponentDesired,
     pub observed: ComponentObserved,
 }

@@ -331,6 +331,10 @@ struct ComponentRow {
     note: String,
     stopped: bool,
     in_release: bool,
+    /// The URLs the outpost's entry point serves it at (links), or, while
+    /// it reports none, its ingress hosts (text).
+    urls: Vec<String>,
+    hosts: Vec<String>,
 }
 
 struct ReleaseRow {
@@ -436,6 +440,12 @@ pub async fn show(
                     .unwrap_or_default(),
                 stopped: c.desired.stopped,
                 in_release: c.in_release,
+                hosts: if c.observed.urls.is_empty() {
+                    c.hosts
+                } else {
+                    Vec::new()
+                },
+                urls: c.observed.urls,
                 name: c.name,
             })
             .collect(),

@@ -27,6 +27,7 @@
 //! kept in [`state`].
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,7 +54,7 @@ use self::state::{Failure, StageStore};
 use super::artifacts::ArtifactSource;
 use super::{
     Action, ActionKind, ComponentObservation, ComponentPlan, LogLine, LogQuery, Runtime,
-    RuntimeError, RuntimeKind, StagePlan, Workload,
+    RuntimeError, RuntimeKind, StagePlan, Traffic, Workload,
 };
 use crate::state::StageKey;
 
@@ -118,6 +119,46 @@ pub struct ContainerRuntime {
     stages: Mutex<HashMap<StageKey, Arc<StageCtl>>>,
     /// Where images stored on the hub come from.
     artifacts: Option<Arc<dyn ArtifactSource>>,
+    /// The outpost's entry point, when it serves one: components behind it
+    /// are replaced beside their old replicas, without a gap.
+    traffic: Option<Arc<dyn Traffic>>,
+}
+
+/// How long the new replicas of a component replaced beside its old ones
+/// have to answer on their ingress port; the old ones serve meanwhile, and
+/// keep serving if they do not.
+const SURGE_READY: Duration = Duration::from_secs(60);
+
+/// How long requests still open to replaced replicas may take to finish
+/// before those replicas are stopped.
+const SURGE_DRAIN: Duration = Duration::from_secs(10);
+
+/// What a replacement beside the old replicas needs.
+struct Surge<'a> {
+    traffic: &'a dyn Traffic,
+    /// The port the entry point sends the component's requests to.
+    port: u16,
+    config_hash: &'a str,
+    mounts: &'a [(PathBuf, String)],
+}
+
+/// How a new container is made: the config hash it is labelled with, the
+/// files mounted into it, and whether it starts beside a replica it
+/// replaces (so it needs a name of its own).
+struct Made<'a> {
+    config_hash: &'a str,
+    mounts: &'a [(PathBuf, String)],
+    beside: bool,
+}
+
+/// A container's address on its stage's network.
+fn address_on(stage: &StageKey, c: &Inspected) -> Option<IpAddr> {
+    c.network
+        .networks
+        .get(&naming::network_name(stage))?
+        .ip_address
+        .parse()
+        .ok()
 }
 
 /// What the runtime holds per stage.
@@ -200,6 +241,7 @@ impl ContainerRuntime {
             pull_timeout: Duration::from_secs(600),
             stages: Mutex::new(HashMap::new()),
             artifacts: None,
+            traffic: None,
         })
     }
 
@@ -207,6 +249,13 @@ impl ContainerRuntime {
     /// Without a source, such images must already be on the engine.
     pub fn with_artifacts(mut self, artifacts: Arc<dyn ArtifactSource>) -> Self {
         self.artifacts = Some(artifacts);
+        self
+    }
+
+    /// Replaces components behind the outpost's entry point beside their
+    /// old replicas, moving their requests over once the new ones answer.
+    pub fn with_traffic(mut self, traffic: Arc<dyn Traffic>) -> Self {
+        self.traffic = Some(traffic);
         self
     }
 
@@ -665,6 +714,34 @@ impl ContainerRuntime {
         if !retired.is_empty() && component.schedule.is_some() {
             ctl.stop_job(&component.name);
         }
+        let ingress_port = plan
+            .ingresses
+            .iter()
+            .find(|i| i.component == component.name)
+            .map(|i| i.port);
+        // A component behind the entry point is replaced beside its old
+        // replicas (not when ports are published on the host: two replicas
+        // cannot publish one port).
+        if let (Some(traffic), Some(port)) = (&self.traffic, ingress_port)
+            && kept.is_empty()
+            && !retired.is_empty()
+            && !component.stopped
+            && component.schedule.is_none()
+            && !self.publish.publish
+            && traffic.serves(stage, &component.name)
+        {
+            let surge = Surge {
+                traffic: traffic.as_ref(),
+                port,
+                config_hash: &config_hash,
+                mounts: &mounts,
+            };
+            let replaced = self
+                .replace_beside(stage, plan, component, &retired, surge)
+                .await;
+            files::prune(&component_dir, &component.spec_hash);
+            return replaced;
+        }
         self.stop_and_remove_all(&retired).await?;
 
         let mut errors = Vec::new();
@@ -672,7 +749,17 @@ impl ContainerRuntime {
             let (id, running) = match kept.get(&replica) {
                 Some(c) => (c.id.clone(), c.state == "running"),
                 None => match self
-                    .create_container(stage, plan, component, replica, &config_hash, &mounts)
+                    .create_container(
+                        stage,
+                        plan,
+                        component,
+                        replica,
+                        Made {
+                            config_hash: &config_hash,
+                            mounts: &mounts,
+                            beside: false,
+                        },
+                    )
                     .await
                 {
                     Ok(id) => (id, false),
@@ -703,16 +790,161 @@ impl ContainerRuntime {
         }
     }
 
+    /// Replaces `retired` (every replica of `component`) with new replicas
+    /// started beside them: once every new one answers on the ingress
+    /// port, the component's requests move over, the old ones drain and are
+    /// removed. New replicas that do not come up are removed again and the
+    /// old ones never stop serving.
+    async fn replace_beside(
+        &self,
+        stage: &StageKey,
+        plan: &StagePlan,
+        component: &ComponentPlan,
+        retired: &[&Listed],
+        surge: Surge<'_>,
+    ) -> Result<(), RuntimeError> {
+        let mut created = Vec::new();
+        let started = self
+            .start_beside(stage, plan, component, &surge, &mut created)
+            .await;
+        let new_addresses = match started {
+            Ok(addresses) => addresses,
+            Err(e) => {
+                for id in &created {
+                    if let Err(e) = self.stop_and_remove(id, id).await {
+                        tracing::warn!(%stage, component = %component.name, error = %e.sentence(),
+                            "could not remove a new replica that did not come up");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let mut old_addresses = Vec::new();
+        for c in retired {
+            if let Ok(Some(inspected)) = self.engine.inspect(&c.id).await
+                && let Some(ip) = address_on(stage, &inspected)
+            {
+                old_addresses.push(ip);
+            }
+        }
+        tracing::info!(%stage, component = %component.name, "the new replicas answer; moving requests over");
+        surge
+            .traffic
+            .switch(
+                stage,
+                &component.name,
+                &old_addresses,
+                &new_addresses,
+                SURGE_DRAIN,
+            )
+            .await;
+        let removed = self.stop_and_remove_all(retired).await;
+        surge.traffic.retired(&old_addresses);
+        removed
+    }
+
+    /// Creates and starts every replica of `component` beside the running
+    /// ones (their ids pushed to `created` as they are made) and waits
+    /// until each answers on the ingress port; their addresses.
+    async fn start_beside(
+        &self,
+        stage: &StageKey,
+        plan: &StagePlan,
+        component: &ComponentPlan,
+        surge: &Surge<'_>,
+        created: &mut Vec<String>,
+    ) -> Result<Vec<IpAddr>, RuntimeError> {
+        for replica in 0..naming::replicas_of(component) {
+            let id = self
+                .create_container(
+                    stage,
+                    plan,
+                    component,
+                    replica,
+                    Made {
+                        config_hash: surge.config_hash,
+                        mounts: surge.mounts,
+                        beside: true,
+                    },
+                )
+                .await?;
+            created.push(id.clone());
+            self.start(component, replica, &id).await?;
+        }
+        let deadline = tokio::time::Instant::now() + SURGE_READY;
+        let mut addresses = Vec::with_capacity(created.len());
+        for id in created.iter() {
+            addresses.push(
+                self.answering(stage, component, id, surge.port, deadline)
+                    .await?,
+            );
+        }
+        Ok(addresses)
+    }
+
+    /// Waits until container `id` answers on `port` at its address on the
+    /// stage network; fails when it stops or `deadline` passes.
+    async fn answering(
+        &self,
+        stage: &StageKey,
+        component: &ComponentPlan,
+        id: &str,
+        port: u16,
+        deadline: tokio::time::Instant,
+    ) -> Result<IpAddr, RuntimeError> {
+        loop {
+            let inspected = self.engine.inspect(id).await?;
+            let Some(inspected) = inspected.filter(|c| c.state.running) else {
+                return Err(RuntimeError::new(
+                    "replica-not-up",
+                    format!(
+                        "a new replica of component {:?} stopped before it answered on port {port}; the replicas of the release before keep serving",
+                        component.name
+                    ),
+                )
+                .with_hint("its logs (`trellis logs`) tell why it stopped"));
+            };
+            if let Some(ip) = address_on(stage, &inspected) {
+                let addr = SocketAddr::new(ip, port);
+                let connect = tokio::net::TcpStream::connect(addr);
+                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), connect).await {
+                    return Ok(ip);
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RuntimeError::new(
+                    "replica-not-up",
+                    format!(
+                        "a new replica of component {:?} did not answer on port {port} within {} s; the replicas of the release before keep serving",
+                        component.name,
+                        SURGE_READY.as_secs()
+                    ),
+                )
+                .with_hint("check that the component listens on that port, on every address (0.0.0.0)"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     async fn create_container(
         &self,
         stage: &StageKey,
         plan: &StagePlan,
         component: &ComponentPlan,
         replica: u32,
-        config_hash: &str,
-        mounts: &[(PathBuf, String)],
+        made: Made<'_>,
     ) -> Result<String, RuntimeError> {
-        let name = naming::container_name(stage, &component.name, replica);
+        let Made {
+            config_hash,
+            mounts,
+            beside,
+        } = made;
+        let mut name = naming::container_name(stage, &component.name, replica);
+        if beside {
+            // Started next to the replica it replaces, which has the
+            // plain name until it is removed.
+            name.push_str(&format!("-r{}", plan.revision));
+        }
         let publish_on = (self.publish.publish
             && replica == 0
             && component.schedule.is_none()

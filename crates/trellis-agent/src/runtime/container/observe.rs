@@ -108,6 +108,12 @@ pub fn observe_component(
         .iter()
         .find(|c| c.state.running)
         .and_then(|c| endpoint(stage, publish, c));
+    let network = naming::network_name(stage);
+    obs.addresses = replicas
+        .iter()
+        .filter(|c| c.state.running)
+        .filter_map(|c| c.network.networks.get(&network)?.ip_address.parse().ok())
+        .collect();
 
     if let Some(schedule) = labels.get(naming::SCHEDULE) {
         let job = record

@@ -827,6 +827,11 @@ impl Supervisor {
         {
             obs.endpoint = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
         }
+        if obs.replicas_running > 0 {
+            // Replicas share the host's network: one address serves them
+            // all (each binds the port with SO_REUSEPORT, or only one can).
+            obs.addresses = vec![std::net::Ipv4Addr::LOCALHOST.into()];
+        }
         *self.status.lock().unwrap_or_else(|p| p.into_inner()) = obs;
     }
 }
