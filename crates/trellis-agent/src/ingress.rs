@@ -135,19 +135,31 @@ impl IngressRoutes {
         {
             return;
         }
-        if routes.is_empty() {
-            table.stages.remove(stage);
+        let previous = if routes.is_empty() {
+            table.stages.remove(stage)
         } else {
-            table.stages.insert(stage.clone(), routes);
+            table.stages.insert(stage.clone(), routes)
+        };
+        if let Err(e) = self.publish(&table) {
+            // Plans are checked before they run (one host per stage, one
+            // path per host), so this is a bug; it must not take the other
+            // stages' routes with it: this stage keeps its previous ones.
+            tracing::error!(%stage, error = %e, "the entry point refused the stage's new routes; it keeps its previous ones");
+            match previous {
+                Some(previous) => table.stages.insert(stage.clone(), previous),
+                None => table.stages.remove(stage),
+            };
+            let _ = self.publish(&table);
         }
-        self.publish(&table);
     }
 
     /// The stage is gone: nothing routes to it any more.
     pub fn forget(&self, stage: &StageKey) {
         let mut table = self.lock();
-        if table.stages.remove(stage).is_some() {
-            self.publish(&table);
+        if table.stages.remove(stage).is_some()
+            && let Err(e) = self.publish(&table)
+        {
+            tracing::error!(error = %e, "the entry point refused the routes left after removing a stage");
         }
     }
 
@@ -160,18 +172,15 @@ impl IngressRoutes {
             .collect()
     }
 
-    fn publish(&self, table: &Table) {
+    /// Hands the whole table to the proxy, which swaps it at once.
+    fn publish(&self, table: &Table) -> Result<(), trellis_ingress::RouteError> {
         let all: Vec<Route> = table
             .stages
             .values()
             .flatten()
             .map(|r| r.route.clone())
             .collect();
-        if let Err(e) = self.ingress.set_routes(all) {
-            // Plans are checked before they run (one host per stage, one
-            // path per host), so this is a bug; keep the old table.
-            tracing::error!(error = %e, "the entry point refused the new routes; it keeps the previous ones");
-        }
+        self.ingress.set_routes(all)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -216,7 +225,9 @@ impl Traffic for IngressRoutes {
                     r.route.endpoints = endpoints;
                 }
             }
-            self.publish(&table);
+            if let Err(e) = self.publish(&table) {
+                tracing::error!(%stage, error = %e, "the entry point refused the switched routes");
+            }
         }
         if !self.ingress.drain(&draining, drain).await {
             tracing::warn!(%stage, component, bound = ?drain, "requests to the old replicas were still open when the drain time ran out; they are cut off");

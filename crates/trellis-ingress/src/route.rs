@@ -286,11 +286,11 @@ fn normalize_route_path(path: &str) -> Result<&str, String> {
     }
     if let Some(bad) = path
         .chars()
-        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '?' | '#' | ';' | ','))
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '?' | '#' | ';'))
     {
+        // '?' and '#' end a path; ';' would end the sticky cookie's Path.
         return Err(format!(
-            "it has the character {bad:?}, which cannot be part of a path prefix \
-             (nor of the sticky cookie's Path)"
+            "it has the character {bad:?}, which a path prefix cannot have"
         ));
     }
     let trimmed = path.trim_end_matches('/');

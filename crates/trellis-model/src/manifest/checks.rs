@@ -232,6 +232,11 @@ pub(crate) fn check_url_path(text: &str) -> Result<(), String> {
             "{text:?} contains white space; use a URL path like /api"
         ));
     }
+    if let Some(c) = text.chars().find(|c| matches!(c, '?' | '#' | ';')) {
+        return Err(format!(
+            "{text:?} contains {c:?}, which ends a URL's path; an ingress routes by path prefix only, like /api"
+        ));
+    }
     Ok(())
 }
 

@@ -1052,7 +1052,11 @@ impl Decoder {
             }
             self.routes.push(IngressRoute {
                 host: ingress.host.to_ascii_lowercase(),
-                path: ingress.path.clone().unwrap_or_else(|| "/".to_owned()),
+                // `/api` and `/api/` route the same requests.
+                path: match ingress.path.as_deref().map(|p| p.trim_end_matches('/')) {
+                    None | Some("") => "/".to_owned(),
+                    Some(p) => p.to_owned(),
+                },
                 at: ip,
                 pos: f.pos,
             });
