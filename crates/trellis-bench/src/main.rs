@@ -14,6 +14,7 @@ mod catchup;
 mod chaos;
 mod console;
 mod fleet;
+mod ingress;
 mod report;
 mod scale;
 mod setup;
@@ -162,6 +163,50 @@ enum Bench {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The outpost's HTTP entry point (trellis-ingress, 100 routes) against
+    /// nginx as the same reverse proxy in front of the same backend:
+    /// requests/s, p50 and p99 latency with `wrk` over HTTP and HTTPS with 1
+    /// and 64 connections, and the entry point's idle memory. Needs nginx
+    /// and wrk.
+    Ingress {
+        /// Length of each `wrk` run, in seconds.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Runs of each case (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Where to write the results as JSON (default:
+        /// target/bench/ingress.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The ingress benchmark's backend, until stdin closes (started by it).
+    #[command(hide = true)]
+    IngressBackend {
+        /// 0: any free port (printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+    },
+    /// The ingress benchmark's Trellis entry point, until stdin closes
+    /// (started by it).
+    #[command(hide = true)]
+    IngressServe {
+        /// HTTP port; 0: any free port (printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// HTTPS port, with --tls-cert and --tls-key; 0: any free port.
+        #[arg(long, default_value_t = 0)]
+        tls_port: u16,
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        #[arg(long, default_value_t = 100)]
+        routes: usize,
+        /// Where route `app0` sends its requests.
+        #[arg(long)]
+        backend: std::net::SocketAddr,
+    },
     /// Runs fleet outposts `from..to` until stdin closes (started by the
     /// fleet scenarios).
     #[command(hide = true)]
@@ -231,11 +276,31 @@ fn main() -> anyhow::Result<()> {
             tls_baseline,
         } => return fleet::run_worker(&agents_dir, from, to, tls_baseline),
         Bench::TlsBaseline { hub_data } => return baseline::serve(&hub_data),
+        Bench::IngressBackend { port } => return ingress::backend(port),
+        Bench::IngressServe {
+            port,
+            tls_port,
+            tls_cert,
+            tls_key,
+            routes,
+            backend,
+        } => {
+            return ingress::serve_ingress(ingress::ServeSettings {
+                port,
+                tls_port,
+                tls: tls_cert.zip(tls_key),
+                routes,
+                backend,
+            });
+        }
         _ => {}
     }
     let runtime = tokio::runtime::Runtime::new()?;
     match args.bench {
-        Bench::FleetWorker { .. } | Bench::TlsBaseline { .. } => unreachable!("handled above"),
+        Bench::FleetWorker { .. }
+        | Bench::TlsBaseline { .. }
+        | Bench::IngressBackend { .. }
+        | Bench::IngressServe { .. } => unreachable!("handled above"),
         Bench::Connect {
             outposts,
             idle_secs,
@@ -309,6 +374,11 @@ fn main() -> anyhow::Result<()> {
             trellis: setup::trellis_binary(trellis)?,
             agent: setup::sibling_binary(agent, "trellis-agent")?,
             env,
+            json,
+        })),
+        Bench::Ingress { secs, runs, json } => runtime.block_on(ingress::run(ingress::Settings {
+            secs: secs.max(1),
+            runs: runs.max(1),
             json,
         })),
         Bench::Console {
