@@ -701,3 +701,94 @@ fn the_entry_point_serves_https_with_the_administrators_certificate() {
     });
     assert!(reported, "{url} not reported: {listed:#}");
 }
+
+/// The serial number of the certificate the entry point on `port` serves
+/// for `host`, read with openssl (no verification).
+fn served_serial(port: u16, host: &str) -> Option<String> {
+    let script = format!(
+        "openssl s_client -connect 127.0.0.1:{port} -servername {host} </dev/null 2>/dev/null \
+         | openssl x509 -noout -serial"
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .expect("run openssl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .strip_prefix("serial=")
+        .map(str::to_owned)
+        .filter(|s| !s.is_empty())
+}
+
+#[test]
+fn the_entry_point_serves_https_with_a_certificate_from_the_hubs_ca() {
+    // Certificates live 40 s here, so the test sees the agent renew the
+    // entry point's one (and its own) in their last third of life.
+    let mut w = World::with_hub_args("shop", &["--cert-validity-secs", "40"]);
+    let app = w.tmp.path().join("app");
+    let live_port = common::free_port();
+    git_project(
+        &app,
+        &[
+            (
+                "pergola.yaml",
+                &format!(
+                    "version: v1\ncomponents:\n  - name: live\n    process:\n      path: ./live\n      command: [\"python3\", \"server.py\", \"{live_port}\"]\n    ports: [{live_port}]\n    ingresses:\n      - host: live\n"
+                ),
+            ),
+            ("live/server.py", LIVE_SERVER),
+        ],
+    );
+    w.cli.ok_in(&app, &["push", "build", "-p", "shop"]);
+    let port = common::free_port();
+    let args: Vec<String> = [
+        "--no-containers",
+        "--ingress-listen",
+        &format!("127.0.0.1:{port}"),
+        "--ingress-hub-cert",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    w.stage_on("shop", "prod", "plant-hubtls", &args);
+    w.cli.ok(&["push", "release", "-p", "shop", "-s", "prod"]);
+    w.running("shop", "prod", 1, 1);
+
+    // A client that trusts only the hub's CA verifies the entry point.
+    let host = "live.prod.shop.localhost";
+    let ca = w.hub.ca_cert().display().to_string();
+    let mut answer = None;
+    let served = wait_for(Duration::from_secs(30), || {
+        answer = curl(port, host, "/", &["--cacert", &ca]);
+        answer.is_some()
+    });
+    assert!(served, "HTTPS with the hub's certificate failed");
+    assert_eq!(answer.map(|(_, body)| body), Some("live\n".to_owned()));
+    // Without the hub's CA it is not trusted, and the certificate covers
+    // only this outpost's stages.
+    assert_eq!(curl(port, host, "/", &[]), None);
+    let kept = w.tmp.path().join("agent-plant-hubtls/ingress-tls");
+    assert!(kept.join("cert.pem").exists() && kept.join("key.pem").exists());
+
+    // Renewed in its last third of life: another certificate, still
+    // trusted, with no request failing in between.
+    let first = served_serial(port, host).expect("a served certificate");
+    let mut failures = 0;
+    let renewed = wait_for(Duration::from_secs(60), || {
+        if curl(port, host, "/", &["--cacert", &ca]).is_none() {
+            failures += 1;
+        }
+        served_serial(port, host).is_some_and(|serial| serial != first)
+    });
+    assert!(
+        renewed,
+        "the entry point's certificate {first} was not renewed"
+    );
+    assert_eq!(
+        failures, 0,
+        "requests failed while the certificate was renewed"
+    );
+    assert_eq!(
+        curl(port, host, "/", &["--cacert", &ca]).map(|(_, body)| body),
+        Some("live\n".to_owned())
+    );
+}

@@ -135,8 +135,15 @@ pub struct World {
 
 impl World {
     pub fn new(project: &str) -> World {
+        Self::with_hub_args(project, &[])
+    }
+
+    /// A world whose hub runs with `args` besides a free loopback port.
+    pub fn with_hub_args(project: &str, args: &[&str]) -> World {
         let tmp = tempfile::tempdir().unwrap();
-        let hub = HubProcess::start(&tmp.path().join("hub"));
+        let mut all = vec!["--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let hub = HubProcess::start_with(&tmp.path().join("hub"), &all);
         let cli = Cli::for_hub(&hub, &hub.admin_key(), &tmp.path().join("config"));
         cli.ok(&["create", "project", project]);
         World {

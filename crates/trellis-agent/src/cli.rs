@@ -77,6 +77,12 @@ pub struct RuntimeArgs {
     /// The private key (PEM) of --ingress-cert
     #[arg(long, value_name = "FILE", requires = "ingress_cert")]
     pub ingress_key: Option<PathBuf>,
+    /// Serve the entry point over HTTPS with a certificate the hub's CA
+    /// issues for the outpost's stages (*.<stage>.<project>.<ingress
+    /// domain>), kept in the data directory and renewed by the agent, so
+    /// clients that trust the hub's CA trust the ingresses
+    #[arg(long, requires = "ingress_listen", conflicts_with = "ingress_cert")]
+    pub ingress_hub_cert: bool,
     /// The port clients reach the entry point on, for the URLs the outpost
     /// reports, when it differs from the one listened on
     #[arg(long, value_name = "PORT", requires = "ingress_listen")]
@@ -115,7 +121,14 @@ impl RuntimeArgs {
             },
             ingress: self.ingress_listen.map(|listen| crate::IngressSettings {
                 listen,
-                tls: self.ingress_cert.clone().zip(self.ingress_key.clone()),
+                tls: match (&self.ingress_cert, &self.ingress_key) {
+                    (Some(cert), Some(key)) => Some(crate::IngressTls::Files {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    }),
+                    _ if self.ingress_hub_cert => Some(crate::IngressTls::FromHub),
+                    _ => None,
+                },
                 public_port: self.ingress_public_port,
             }),
             ..Default::default()

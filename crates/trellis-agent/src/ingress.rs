@@ -23,7 +23,7 @@
 //! (the names are `<host>.<stage>.<project>.<domain>`, so only a stage that
 //! outlived a rename of the domain or an older agent could collide).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -62,6 +62,9 @@ pub struct IngressRoutes {
     ingress: Ingress,
     base: PublicBase,
     table: Mutex<Table>,
+    /// The names an HTTPS certificate must cover for every host served
+    /// (see [`IngressRoutes::certificate_names`]).
+    names: tokio::sync::watch::Sender<BTreeSet<String>>,
 }
 
 #[derive(Default)]
@@ -88,7 +91,16 @@ impl IngressRoutes {
             ingress,
             base,
             table: Mutex::new(Table::default()),
+            names: tokio::sync::watch::Sender::new(BTreeSet::new()),
         }
+    }
+
+    /// The names a certificate must cover to serve every host routed now,
+    /// one wildcard per stage and domain: `*.<stage>.<project>.<domain>`
+    /// for hosts `<prefix>.<stage>.<project>.<domain>`. Changes whenever a
+    /// stage's hosts do.
+    pub fn certificate_names(&self) -> tokio::sync::watch::Receiver<BTreeSet<String>> {
+        self.names.subscribe()
     }
 
     pub fn ingress(&self) -> &Ingress {
@@ -180,7 +192,14 @@ impl IngressRoutes {
             .flatten()
             .map(|r| r.route.clone())
             .collect();
-        self.ingress.set_routes(all)
+        let names: BTreeSet<String> = all.iter().map(|r| wildcard_of(&r.host)).collect();
+        self.ingress.set_routes(all)?;
+        self.names.send_if_modified(|current| {
+            let changed = *current != names;
+            *current = names;
+            changed
+        });
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -239,6 +258,14 @@ impl Traffic for IngressRoutes {
         for ip in addresses {
             table.retiring.remove(ip);
         }
+    }
+}
+
+/// The wildcard name that covers `host`: its first label replaced by `*`.
+fn wildcard_of(host: &str) -> String {
+    match host.split_once('.') {
+        Some((_, parent)) => format!("*.{parent}"),
+        None => host.to_owned(),
     }
 }
 
@@ -345,6 +372,34 @@ mod tests {
         assert!(routes.ingress().routes()[0].endpoints.is_empty());
         routes.forget(&prod);
         assert!(routes.ingress().routes().is_empty());
+    }
+
+    #[test]
+    fn certificate_names_cover_each_stage_with_ingresses_once() {
+        let routes = routes();
+        let names = routes.certificate_names();
+        assert!(names.borrow().is_empty());
+        let prod = StageKey::new("shop", "prod");
+        let plan_prod = plan(&[
+            ("front", "shop.prod.shop.localhost", "/"),
+            ("api", "api.prod.shop.localhost", "/"),
+        ]);
+        routes.update(&prod, &plan_prod, &running("front", &[2]));
+        let dev = StageKey::new("shop", "dev");
+        routes.update(
+            &dev,
+            &plan(&[("front", "shop.dev.shop.localhost", "/")]),
+            &HashMap::new(),
+        );
+        assert_eq!(
+            names.borrow().iter().collect::<Vec<_>>(),
+            ["*.dev.shop.localhost", "*.prod.shop.localhost"]
+        );
+        routes.forget(&dev);
+        assert_eq!(
+            names.borrow().iter().collect::<Vec<_>>(),
+            ["*.prod.shop.localhost"]
+        );
     }
 
     #[test]

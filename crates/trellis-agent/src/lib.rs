@@ -49,6 +49,7 @@ pub mod cli;
 pub mod delivery;
 pub mod deploy;
 pub mod ingress;
+mod ingress_cert;
 pub mod join;
 pub mod link;
 pub mod reconciler;
@@ -150,12 +151,22 @@ pub struct RuntimeSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IngressSettings {
     pub listen: std::net::SocketAddr,
-    /// A certificate chain and its key (PEM files, re-read when they
-    /// change) to serve HTTPS; `None`: plain HTTP.
-    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Where the HTTPS certificate comes from; `None`: plain HTTP.
+    pub tls: Option<IngressTls>,
     /// The port clients connect to, for the URLs the outpost reports, when
     /// it is not the one listened on (a port forwarded by a firewall).
     pub public_port: Option<u16>,
+}
+
+/// The entry point's HTTPS certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IngressTls {
+    /// A certificate chain and its key, PEM files the administrator
+    /// provides (re-read when they change).
+    Files { cert: PathBuf, key: PathBuf },
+    /// Issued by the hub's CA for the names of the stages served, kept in
+    /// `<data>/ingress-tls` and renewed by the agent.
+    FromHub,
 }
 
 impl std::fmt::Debug for RuntimeSettings {
@@ -244,20 +255,25 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     // The entry point's certificate is checked first: a wrong file is the
     // operator's to fix before anything else happens.
-    let certificates = match options
+    let fail = |message: String| AgentError::Ingress { message };
+    let (certificates, kept_cert) = match options
         .runtime_settings
         .ingress
         .as_ref()
         .and_then(|i| i.tls.as_ref())
     {
-        Some((cert, key)) => Some(
-            trellis_ingress::Certificates::from_files(cert, key).map_err(|e| {
-                AgentError::Ingress {
-                    message: e.to_string(),
-                }
-            })?,
+        Some(IngressTls::Files { cert, key }) => (
+            Some(
+                trellis_ingress::Certificates::from_files(cert, key)
+                    .map_err(|e| fail(e.to_string()))?,
+            ),
+            None,
         ),
-        None => None,
+        Some(IngressTls::FromHub) => {
+            let (certificates, kept) = ingress_cert::initial(data_dir)?;
+            (Some(certificates), Some(kept))
+        }
+        None => (None, None),
     };
     let state_path = data_dir.join(STATE_FILE);
     let state_options = options.state;
@@ -291,11 +307,22 @@ pub async fn run(
         None => {
             let outpost = outpost_name(&state, settings.outpost.clone()).await?;
             let routes = match &settings.ingress {
-                Some(ingress) => {
-                    Some(serve_ingress(ingress, certificates, &outpost, signal.clone()).await?)
-                }
+                Some(ingress) => Some(
+                    serve_ingress(ingress, certificates.clone(), &outpost, signal.clone()).await?,
+                ),
                 None => None,
             };
+            if let (Some(routes), Some(certificates), Some(kept)) =
+                (&routes, certificates, kept_cert)
+            {
+                let keeper = ingress_cert::Keeper {
+                    state: state.clone(),
+                    reporter: reporter.clone(),
+                    certificates,
+                    dir: data_dir.join(ingress_cert::DIR),
+                };
+                tokio::spawn(keeper.run(kept, routes.certificate_names(), signal.clone()));
+            }
             let traffic = routes.clone().map(|r| r as Arc<dyn runtime::Traffic>);
             let mut deployer = deployer(data_dir, &state, &outpost, settings, traffic)
                 .await?

@@ -452,3 +452,80 @@ fn pem(label: &str, der: &[u8]) -> String {
         body.join("\n")
     )
 }
+
+/// A server configuration presenting an entry point certificate the hub's
+/// CA issued for `names`.
+fn ingress_server(ca: &HubCa, names: &[&str]) -> (Arc<ServerConfig>, IssuedCert) {
+    let key = AgentKey::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let issued = ca
+        .issue_ingress_cert(
+            &key.csr_pem("plant7").unwrap(),
+            "plant7",
+            &names,
+            DAY,
+            Utc::now(),
+        )
+        .unwrap();
+    let config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                CertificateDer::pem_slice_iter(issued.cert_pem.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap(),
+                rustls_pki_types::PrivateKeyDer::from_pem_slice(key.to_pem().as_bytes()).unwrap(),
+            )
+            .unwrap();
+    (Arc::new(config), issued)
+}
+
+#[tokio::test]
+async fn an_entry_point_certificate_from_the_hub_ca_is_trusted_for_its_names_only() {
+    let hub = hub();
+    let (server, issued) = ingress_server(&hub.ca, &["*.prod.shop.plant7.example.net"]);
+    let client = client_config(hub.ca.cert_pem(), None).unwrap();
+    let name = |n: &str| ServerName::try_from(n.to_owned()).unwrap();
+
+    let ok = handshake(
+        server.clone(),
+        client.clone(),
+        name("front.prod.shop.plant7.example.net"),
+    )
+    .await;
+    assert!(ok.client.is_ok(), "{:?}", ok.client);
+
+    // Another stage's name, and a name two labels below the wildcard, are
+    // not covered.
+    for other in [
+        "front.dev.shop.plant7.example.net",
+        "a.front.prod.shop.plant7.example.net",
+    ] {
+        let refused = handshake(server.clone(), client.clone(), name(other)).await;
+        let err = refused.client.unwrap_err();
+        assert!(err.contains("not valid for name"), "{other}: {err}");
+    }
+
+    // It is a server certificate only: no outpost identity in it.
+    let der = CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
+    assert!(peer_identity(der.as_ref()).is_err());
+}
+
+#[test]
+fn an_entry_point_certificate_needs_a_name_and_a_sound_csr() {
+    let hub = hub();
+    let key = AgentKey::generate().unwrap();
+    let csr = key.csr_pem("plant7").unwrap();
+    let err = hub
+        .ca
+        .issue_ingress_cert(&csr, "plant7", &[], DAY, Utc::now())
+        .unwrap_err();
+    assert!(err.to_string().contains("no host name"), "{err}");
+    let err = hub
+        .ca
+        .issue_ingress_cert("garbage", "plant7", &["a.b".into()], DAY, Utc::now())
+        .unwrap_err();
+    assert_eq!(err.code(), "csr-invalid");
+}

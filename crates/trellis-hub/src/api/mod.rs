@@ -90,6 +90,7 @@ pub fn router(state: AppState) -> axum::Router {
         .routes(routes!(outposts::create_join_token))
         .routes(routes!(crate::link::endpoint::join))
         .routes(routes!(crate::link::endpoint::renew))
+        .routes(routes!(crate::link::ingress_cert::ingress_certificate))
         .routes(routes!(crate::link::artifacts::chunk))
         .routes(routes!(crate::link::artifacts::artifact_content))
         .routes(routes!(crate::link::status::stage_status))

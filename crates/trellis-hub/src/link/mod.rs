@@ -21,6 +21,7 @@ pub mod artifacts;
 pub mod commit;
 pub mod endpoint;
 pub mod errors;
+pub mod ingress_cert;
 pub mod logs;
 pub mod record;
 pub mod session;

@@ -203,38 +203,15 @@ impl HubCa {
         now: DateTime<Utc>,
     ) -> Result<IssuedCert, IdentityError> {
         validate_name(NameKind::Outpost, outpost_name)?;
-        let csr_der =
-            CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).map_err(|e| {
-                IdentityError::CsrInvalid {
-                    reason: format!("it is not a PEM certificate request ({e})"),
-                }
-            })?;
-        // rcgen verifies the CSR's self-signature here.
-        let csr = CertificateSigningRequestParams::from_der(&csr_der).map_err(|e| {
-            IdentityError::CsrInvalid {
-                reason: e.to_string(),
-            }
-        })?;
-        let (_, parsed) =
-            x509_parser::certification_request::X509CertificationRequest::from_der(&csr_der)
-                .map_err(|e| IdentityError::CsrInvalid {
-                    reason: e.to_string(),
-                })?;
-        let requested = parsed
-            .certification_request_info
-            .subject
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .unwrap_or("");
-        if requested != outpost_name {
+        let csr = read_csr(csr_pem)?;
+        if csr.common_name != outpost_name {
             return Err(IdentityError::CsrNameMismatch {
-                requested: requested.to_owned(),
+                requested: csr.common_name,
                 expected: outpost_name.to_owned(),
             });
         }
-        let public_key_fingerprint =
-            KeyFingerprint::of(parsed.certification_request_info.subject_pki.raw);
+        let public_key_fingerprint = csr.public_key_fingerprint;
+        let csr = csr.params;
 
         let validity = chrono::Duration::from_std(validity).map_err(|e| {
             IdentityError::crypto("issue the outpost certificate", format!("validity: {e}"))
@@ -269,6 +246,104 @@ impl HubCa {
             public_key_fingerprint,
         })
     }
+
+    /// Issues the HTTPS server certificate of an outpost's entry point from
+    /// a CSR, for `dns_names` (which the caller has checked belong to the
+    /// outpost: this only signs). As with [`HubCa::issue_client_cert`],
+    /// the CSR's signature must verify and nothing but its public key is
+    /// used; the certificate is for server authentication only, so it can
+    /// never serve as an outpost's identity on the link.
+    pub fn issue_ingress_cert(
+        &self,
+        csr_pem: &str,
+        outpost_name: &str,
+        dns_names: &[String],
+        validity: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<IssuedCert, IdentityError> {
+        const DOING: &str = "issue the entry point's certificate";
+        if dns_names.is_empty() {
+            return Err(IdentityError::crypto(DOING, "no host name was asked for"));
+        }
+        let csr = read_csr(csr_pem)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, dns_names[0].as_str());
+        dn.push(
+            DnType::OrganizationName,
+            format!("Trellis outpost {outpost_name} entry point"),
+        );
+        params.distinguished_name = dn;
+        for name in dns_names {
+            let ia5 = rcgen::string::Ia5String::try_from(name.as_str()).map_err(|e| {
+                IdentityError::crypto(DOING, format!("{name:?} is not a valid DNS name: {e}"))
+            })?;
+            params.subject_alt_names.push(SanType::DnsName(ia5));
+        }
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let validity = chrono::Duration::from_std(validity)
+            .map_err(|e| IdentityError::crypto(DOING, format!("validity: {e}")))?;
+        let not_after = now + validity;
+        params.not_before =
+            to_offset_date_time(now - chrono::Duration::minutes(CLOCK_SKEW_ALLOWANCE_MINUTES))?;
+        params.not_after = to_offset_date_time(not_after)?;
+        let (serial, serial_hex) = random_serial();
+        params.serial_number = Some(serial);
+        let cert = params
+            .signed_by(&csr.params.public_key, &self.issuer)
+            .map_err(|e| IdentityError::crypto(DOING, e))?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            serial_hex,
+            not_after: from_timestamp(not_after.timestamp())?,
+            public_key_fingerprint: csr.public_key_fingerprint,
+        })
+    }
+}
+
+/// A self-signed server certificate for `name` with a fresh key, as
+/// `(cert_pem, key_pem)`: what a TLS listener serves before its real
+/// certificate has arrived. No client trusts it, which is the point: the
+/// listener is up, and says so only to clients told to skip verification.
+pub fn self_signed_server_cert(name: &str) -> Result<(String, String), IdentityError> {
+    let certified = rcgen::generate_simple_self_signed(vec![name.to_owned()])
+        .map_err(|e| IdentityError::crypto("make a self-signed certificate", e))?;
+    Ok((certified.cert.pem(), certified.signing_key.serialize_pem()))
+}
+
+/// A certificate request whose self-signature verified.
+struct Csr {
+    params: CertificateSigningRequestParams,
+    /// The subject's common name ("" when it has none).
+    common_name: String,
+    public_key_fingerprint: KeyFingerprint,
+}
+
+fn read_csr(csr_pem: &str) -> Result<Csr, IdentityError> {
+    let invalid = |reason: String| IdentityError::CsrInvalid { reason };
+    let csr_der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(|e| invalid(format!("it is not a PEM certificate request ({e})")))?;
+    // rcgen verifies the CSR's self-signature here.
+    let params =
+        CertificateSigningRequestParams::from_der(&csr_der).map_err(|e| invalid(e.to_string()))?;
+    let (_, parsed) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&csr_der)
+            .map_err(|e| invalid(e.to_string()))?;
+    let info = &parsed.certification_request_info;
+    let common_name = info
+        .subject
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    Ok(Csr {
+        public_key_fingerprint: KeyFingerprint::of(info.subject_pki.raw),
+        common_name,
+        params,
+    })
 }
 
 fn distinguished_name(common_name: &str) -> DistinguishedName {

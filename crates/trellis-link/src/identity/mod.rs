@@ -30,7 +30,7 @@ mod peer;
 mod tls;
 
 pub use agent::AgentKey;
-pub use ca::{CLOCK_SKEW_ALLOWANCE_MINUTES, HubCa, IssuedCert};
+pub use ca::{CLOCK_SKEW_ALLOWANCE_MINUTES, HubCa, IssuedCert, self_signed_server_cert};
 pub use fingerprint::{CaFingerprint, FingerprintError, KeyFingerprint};
 pub use join_token::{JOIN_TOKEN_PREFIX, JoinToken, JoinTokenError};
 pub use peer::{PeerIdentity, peer_identity};
