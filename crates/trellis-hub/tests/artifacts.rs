@@ -4,7 +4,8 @@
 //! `HubArtifacts`), resumes an interrupted delivery without fetching
 //! complete chunks again, refuses a chunk damaged on the hub's disk, and
 //! is refused without a certificate, for other outposts' artifacts, for
-//! unknown digests and once revoked.
+//! unknown digests and once revoked. The entry point's HTTPS certificate,
+//! the other endpoint an agent calls with its certificate, is here too.
 
 use std::sync::Arc;
 
@@ -657,4 +658,93 @@ async fn the_hub_collects_chunks_no_build_references_after_the_grace_period() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+}
+
+/// The other endpoint an agent calls with its certificate: the entry
+/// point's HTTPS certificate, for its own stages' names only.
+#[tokio::test]
+async fn the_entry_point_certificate_is_issued_for_the_outposts_own_stages_only() {
+    let hub = start().await;
+    let agent = hub.joined_agent("edge-1").await;
+    let other = hub.joined_agent("edge-2").await;
+    hub.release_on("edge-1", "plant", &package(1000)).await;
+    let url = format!("https://{}/api/v1/agent/ingress-certificate", hub.addr);
+    let csr = trellis_link::identity::AgentKey::generate()
+        .unwrap()
+        .csr_pem("edge-1")
+        .unwrap();
+    let ask = |client: reqwest::Client, names: Vec<&'static str>, csr: String| {
+        let url = url.clone();
+        async move {
+            let resp = client
+                .post(url)
+                .json(&json!({"csr_pem": csr, "names": names}))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let http = hub.agent_http(&agent).await;
+
+    let (s, b) = ask(http.clone(), vec!["*.line.plant.localhost"], csr.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["names"], json!(["*.line.plant.localhost"]));
+    assert_eq!(b["ca_pem"], hub.ca_pem.as_str());
+    assert!(
+        b["cert_pem"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+
+    // Another outpost's agent, a name of no stage, the hub's own name: refused.
+    let (s, b) = ask(
+        hub.agent_http(&other).await,
+        vec!["*.line.plant.localhost"],
+        csr.clone(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(b["error"]["code"], "ingress-names-refused");
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("edge-2"),
+        "{b}"
+    );
+    for name in ["*.qa.plant.localhost", "localhost", "*.localhost"] {
+        let (s, b) = ask(http.clone(), vec![name], csr.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{name}: {b}");
+        assert_eq!(b["error"]["code"], "ingress-names-refused", "{name}");
+    }
+    // A CSR that is not one, and no client certificate at all.
+    let (s, b) = ask(
+        http.clone(),
+        vec!["*.line.plant.localhost"],
+        "garbage".into(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(b["error"]["code"], "csr-invalid");
+    let (s, b) = ask(
+        hub.http.clone(),
+        vec!["*.line.plant.localhost"],
+        csr.clone(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
+
+    // The names follow the outpost's ingress domain.
+    let (s, b) = hub
+        .api(
+            reqwest::Method::PATCH,
+            "/outposts/edge-1",
+            Some(json!({"ingress_domain": "plant7.example.net"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, _) = ask(http.clone(), vec!["*.line.plant.localhost"], csr.clone()).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, b) = ask(http, vec!["*.line.plant.plant7.example.net"], csr).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
 }
