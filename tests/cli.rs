@@ -174,7 +174,13 @@ fn dev_sets_up_an_example_project_with_a_release_that_runs() {
         }
     }
     let _sweep = Sweep(tmp.path().to_owned());
-    let port = common::free_port();
+    // The example on the demo outpost takes the port after the example's.
+    let port = loop {
+        let port = common::free_port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            break port;
+        }
+    };
     let out = Command::new(bin())
         .current_dir(tmp.path())
         .args(["dev", "--listen", "127.0.0.1:0", "--no-serve"])
@@ -191,18 +197,36 @@ fn dev_sets_up_an_example_project_with_a_release_that_runs() {
         stdout.contains(&format!("example:   {url}")),
         "no running example in:\n{stdout}"
     );
-    let page = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sys, urllib.request\nprint(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())",
-            &url,
-        ])
-        .output()
-        .unwrap();
+    let fetch = |url: &str| {
+        let page = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys, urllib.request\nprint(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())",
+                url,
+            ])
+            .output()
+            .unwrap();
+        assert!(page.status.success(), "{url}: {}", describe(&page));
+        String::from_utf8_lossy(&page.stdout).into_owned()
+    };
+    assert!(fetch(&url).contains("Hello from a Trellis stage"));
+    // A copy of it runs on the demo outpost, whose agent joined and linked
+    // over mutual TLS: the release ran there and answers.
+    let demo_url = format!("http://127.0.0.1:{}/", port + 1);
     assert!(
-        String::from_utf8_lossy(&page.stdout).contains("Hello from a Trellis stage"),
-        "{}",
-        describe(&page)
+        stdout.contains(&format!(
+            "outpost:   {demo_url}   (project hello-outpost, stage demo on outpost demo, running)"
+        )),
+        "no running stage on the demo outpost in:\n{stdout}"
+    );
+    assert!(fetch(&demo_url).contains("project <code>hello-outpost</code>"));
+    assert!(
+        stdout.contains("/projects/hello-outpost/stages/demo/status   (its connection status)"),
+        "no connection-status page in:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("ingress:   http://web.demo.hello-outpost.localhost:"),
+        "no ingress URL of the demo outpost in:\n{stdout}"
     );
     // And by its ingress host, through the local outpost's entry point
     // (which `dev --no-serve` stopped again: only the URL is checked).
@@ -243,6 +267,12 @@ fn dev_sets_up_an_example_project_with_a_release_that_runs() {
     let cli = Cli::for_hub(&hub, &hub.admin_key(), &tmp.path().join("config"));
     let releases = cli.json(&["list", "release", "-p", "hello", "-s", "dev"]);
     assert_eq!(releases.as_array().unwrap().len(), 1);
+    // The demo outpost is a registered outpost like any other, with the
+    // stage on it and its agent's report.
+    let outpost = cli.json(&["get", "outpost", "demo"]);
+    assert_eq!(outpost["name"], "demo", "{outpost:#}");
+    let status = cli.json(&["status", "stage", "demo", "-p", "hello-outpost"]);
+    assert_eq!(status["sync"]["applied_release"], 1, "{status:#}");
 }
 
 /// The manifest corpus of `trellis-model`, checked through the command a

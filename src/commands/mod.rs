@@ -1,6 +1,7 @@
 //! One module per group of commands; `run` dispatches.
 
 mod build;
+mod dev;
 mod hub;
 mod lifecycle;
 mod outposts;
@@ -13,7 +14,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let global = cli.global;
     match cli.command {
         Command::Hub(args) => hub::hub(args).await,
-        Command::Dev(args) => hub::dev(args).await,
+        Command::Dev(args) => dev::dev(args).await,
         Command::Validate(ValidateCommand::Manifest { path }) => build::validate_manifest(&path),
         Command::Validate(ValidateCommand::OutpostUri { uri, project }) => {
             outposts::validate(&settings::client(&global)?, &uri, project, global.output).await

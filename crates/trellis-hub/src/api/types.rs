@@ -74,7 +74,7 @@ pub struct UpdateStageRequest {
     pub suspended: Option<bool>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
 pub struct CreateOutpostRequest {
     pub name: String,
     #[serde(default)]
