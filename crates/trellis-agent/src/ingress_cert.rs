@@ -173,6 +173,12 @@ impl Keeper {
                     tracing::warn!(error = %e.message, retry_in = ?retry, "the entry point's certificate could not be issued; it keeps the one it serves");
                     self.reporter
                         .record_error(ERROR_CODE, &e.message, e.hint.as_deref());
+                    // Into the outbox now, so a link that is up carries it
+                    // to the connection status at once (a link that is
+                    // down sends the outbox when it is back).
+                    if let Err(e) = self.reporter.flush_errors().await {
+                        tracing::warn!(error = %e, "could not queue the entry point's certificate error");
+                    }
                     if failed {
                         retry = (retry * 2).min(RETRY_MAX);
                     }
