@@ -234,7 +234,10 @@ async fn shop_and_edge(hub: &TestHub) -> (Console, String) {
         admin,
         M::POST,
         "/outposts",
-        Some(json!({"name": "edge", "display_name": "Edge box", "labels": {"site": "plant-3"}})),
+        Some(
+            json!({"name": "edge", "display_name": "Edge box", "labels": {"site": "plant-3"},
+                    "ingress_domain": "plant3.example.net"}),
+        ),
     )
     .await;
     hub.call(admin, M::POST, "/projects", Some(json!({"name": "shop"})))
@@ -366,7 +369,7 @@ async fn the_stage_page_shows_history_and_outpost_stages_a_live_status() {
             Some(json!({
                 "branch": "main", "commit": "0123456789abcdef0123456789abcdef01234567",
                 "manifest_file": "trellis.yaml",
-                "manifest": "version: v1\ncomponents:\n  - name: web\n    docker:\n      image: nginx:1\n",
+                "manifest": "version: v1\ncomponents:\n  - name: web\n    docker:\n      image: nginx:1\n    ports: [80]\n    ingresses:\n      - host: shop\n",
                 "components": [{"name": "web", "artifact": {"kind": "image", "reference": "nginx:1"}}]})),
         )
         .await;
@@ -394,7 +397,8 @@ async fn the_stage_page_shows_history_and_outpost_stages_a_live_status() {
             2,
             None,
             &json!({"state": "running", "components": [
-                {"name": "web", "state": "running", "restarts": 3, "replicas": 1, "running": 1}]}),
+                {"name": "web", "state": "running", "restarts": 3, "replicas": 1, "running": 1,
+                 "urls": ["https://shop.line3.shop.localhost:8443/"]}]}),
             Utc::now(),
         )
         .await
@@ -417,6 +421,21 @@ async fn the_stage_page_shows_history_and_outpost_stages_a_live_status() {
     assert!(page.contains("data-component=\"web\""));
     assert!(
         page.contains("<td>1/1</td>") && page.contains("<td>3</td>"),
+        "{page}"
+    );
+    // The URL the outpost's entry point reported is a link.
+    assert!(
+        page.contains(
+            "<a class=\"small\" href=\"https://shop.line3.shop.localhost:8443/\" rel=\"noopener\">"
+        ),
+        "{page}"
+    );
+    // The outpost's page says where its ingresses are reachable.
+    let (_, page) = console.page("/outposts/edge").await;
+    assert!(
+        page.contains(
+            "<code>&#60;host&#62;.&#60;stage&#62;.&#60;project&#62;.plant3.example.net</code>"
+        ),
         "{page}"
     );
     let (_, page) = console.page("/projects/shop/stages/dev").await;
