@@ -604,6 +604,26 @@ fn curl(port: u16, host: &str, path: &str, extra: &[&str]) -> Option<(String, St
     (code == "200").then(|| (version.to_owned(), body.to_owned()))
 }
 
+/// Pushes a build of project `shop` with one process component, `live`
+/// (`LIVE_SERVER` on a free port), behind ingress host `live`.
+fn push_live_app(w: &World) {
+    let app = w.tmp.path().join("app");
+    let live_port = common::free_port();
+    git_project(
+        &app,
+        &[
+            (
+                "pergola.yaml",
+                &format!(
+                    "version: v1\ncomponents:\n  - name: live\n    process:\n      path: ./live\n      command: [\"python3\", \"server.py\", \"{live_port}\"]\n    ports: [{live_port}]\n    ingresses:\n      - host: live\n"
+                ),
+            ),
+            ("live/server.py", LIVE_SERVER),
+        ],
+    );
+    w.cli.ok_in(&app, &["push", "build", "-p", "shop"]);
+}
+
 #[test]
 fn the_entry_point_serves_https_with_the_administrators_certificate() {
     let mut w = World::new("shop");
@@ -642,21 +662,7 @@ fn the_entry_point_serves_https_with_the_administrators_certificate() {
         assert!(stderr.contains(says), "{cert}/{key}: {stderr}");
     }
 
-    let app = w.tmp.path().join("app");
-    let live_port = common::free_port();
-    git_project(
-        &app,
-        &[
-            (
-                "pergola.yaml",
-                &format!(
-                    "version: v1\ncomponents:\n  - name: live\n    process:\n      path: ./live\n      command: [\"python3\", \"server.py\", \"{live_port}\"]\n    ports: [{live_port}]\n    ingresses:\n      - host: live\n"
-                ),
-            ),
-            ("live/server.py", LIVE_SERVER),
-        ],
-    );
-    w.cli.ok_in(&app, &["push", "build", "-p", "shop"]);
+    push_live_app(&w);
     let args: Vec<String> = [
         "--no-containers",
         "--ingress-listen",
@@ -725,21 +731,7 @@ fn the_entry_point_serves_https_with_a_certificate_from_the_hubs_ca() {
     // Certificates live 40 s here, so the test sees the agent renew the
     // entry point's one (and its own) in their last third of life.
     let mut w = World::with_hub_args("shop", &["--cert-validity-secs", "40"]);
-    let app = w.tmp.path().join("app");
-    let live_port = common::free_port();
-    git_project(
-        &app,
-        &[
-            (
-                "pergola.yaml",
-                &format!(
-                    "version: v1\ncomponents:\n  - name: live\n    process:\n      path: ./live\n      command: [\"python3\", \"server.py\", \"{live_port}\"]\n    ports: [{live_port}]\n    ingresses:\n      - host: live\n"
-                ),
-            ),
-            ("live/server.py", LIVE_SERVER),
-        ],
-    );
-    w.cli.ok_in(&app, &["push", "build", "-p", "shop"]);
+    push_live_app(&w);
     let port = common::free_port();
     let args: Vec<String> = [
         "--no-containers",

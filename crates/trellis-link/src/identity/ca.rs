@@ -217,7 +217,8 @@ impl HubCa {
             IdentityError::crypto("issue the outpost certificate", format!("validity: {e}"))
         })?;
         let not_after = now + validity;
-        let mut params = CertificateParams::default();
+        let (mut params, serial_hex) =
+            leaf_params(ExtendedKeyUsagePurpose::ClientAuth, now, not_after)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, outpost_name);
         dn.push(DnType::OrganizationName, "Trellis outpost");
@@ -226,14 +227,6 @@ impl HubCa {
             rcgen::string::Ia5String::try_from(format!("{OUTPOST_URI_SAN_PREFIX}{outpost_name}"))
                 .map_err(|e| IdentityError::crypto("issue the outpost certificate", e))?;
         params.subject_alt_names = vec![SanType::URI(san)];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before =
-            to_offset_date_time(now - chrono::Duration::minutes(CLOCK_SKEW_ALLOWANCE_MINUTES))?;
-        params.not_after = to_offset_date_time(not_after)?;
-        let (serial, serial_hex) = random_serial();
-        params.serial_number = Some(serial);
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)
             .map_err(|e| IdentityError::crypto("issue the outpost certificate", e))?;
@@ -266,7 +259,11 @@ impl HubCa {
             return Err(IdentityError::crypto(DOING, "no host name was asked for"));
         }
         let csr = read_csr(csr_pem)?;
-        let mut params = CertificateParams::default();
+        let validity = chrono::Duration::from_std(validity)
+            .map_err(|e| IdentityError::crypto(DOING, format!("validity: {e}")))?;
+        let not_after = now + validity;
+        let (mut params, serial_hex) =
+            leaf_params(ExtendedKeyUsagePurpose::ServerAuth, now, not_after)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, dns_names[0].as_str());
         dn.push(
@@ -280,17 +277,6 @@ impl HubCa {
             })?;
             params.subject_alt_names.push(SanType::DnsName(ia5));
         }
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        let validity = chrono::Duration::from_std(validity)
-            .map_err(|e| IdentityError::crypto(DOING, format!("validity: {e}")))?;
-        let not_after = now + validity;
-        params.not_before =
-            to_offset_date_time(now - chrono::Duration::minutes(CLOCK_SKEW_ALLOWANCE_MINUTES))?;
-        params.not_after = to_offset_date_time(not_after)?;
-        let (serial, serial_hex) = random_serial();
-        params.serial_number = Some(serial);
         let cert = params
             .signed_by(&csr.params.public_key, &self.issuer)
             .map_err(|e| IdentityError::crypto(DOING, e))?;
@@ -301,6 +287,27 @@ impl HubCa {
             public_key_fingerprint: csr.public_key_fingerprint,
         })
     }
+}
+
+/// The parameters every certificate issued from a CSR shares: a leaf for
+/// `usage` only, signed with digital signatures, valid from `now` (less the
+/// clock-skew allowance) to `not_after`, with a fresh random serial
+/// (returned as hex too).
+fn leaf_params(
+    usage: ExtendedKeyUsagePurpose,
+    now: DateTime<Utc>,
+    not_after: DateTime<Utc>,
+) -> Result<(CertificateParams, String), IdentityError> {
+    let mut params = CertificateParams::default();
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![usage];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before =
+        to_offset_date_time(now - chrono::Duration::minutes(CLOCK_SKEW_ALLOWANCE_MINUTES))?;
+    params.not_after = to_offset_date_time(not_after)?;
+    let (serial, serial_hex) = random_serial();
+    params.serial_number = Some(serial);
+    Ok((params, serial_hex))
 }
 
 /// A self-signed server certificate for `name` with a fresh key, as
