@@ -143,8 +143,16 @@ impl Answer {
 }
 
 fn get(port: u16, host: &str, path: &str, cookie: Option<&str>) -> Option<Answer> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    try_get(port, host, path, cookie).ok()
+}
+
+/// [`get`], saying what went wrong when no answer came.
+fn try_get(port: u16, host: &str, path: &str, cookie: Option<&str>) -> Result<Answer, String> {
+    let mut stream =
+        TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| format!("set a read timeout: {e}"))?;
     let cookie = cookie
         .map(|c| format!("Cookie: {c}\r\n"))
         .unwrap_or_default();
@@ -152,13 +160,25 @@ fn get(port: u16, host: &str, path: &str, cookie: Option<&str>) -> Option<Answer
         stream,
         "GET {path} HTTP/1.1\r\nHost: {host}\r\n{cookie}Connection: close\r\n\r\n"
     )
-    .ok()?;
+    .map_err(|e| format!("send the request: {e}"))?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).ok()?;
+    let read = stream.read_to_end(&mut response);
     let response = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1)?.parse().ok()?;
-    Some(Answer {
+    read.map_err(|e| {
+        format!(
+            "read the answer ({} bytes came: {response:?}): {e}",
+            response.len()
+        )
+    })?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("an answer without a complete head: {response:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("an answer without a status: {head:?}"))?;
+    Ok(Answer {
         status,
         head: head.to_owned(),
         body: body.to_owned(),
@@ -188,10 +208,11 @@ impl Load {
             move || {
                 let (mut ok, mut failed) = (0, Vec::new());
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    match get(port, &host, "/id.txt", None) {
-                        Some(a) if a.status == 200 => ok += 1,
-                        Some(a) => failed.push(format!("{}: {}", a.status, a.body)),
-                        None => failed.push("no answer".to_owned()),
+                    let sent = std::time::SystemTime::now();
+                    match try_get(port, &host, "/id.txt", None) {
+                        Ok(a) if a.status == 200 => ok += 1,
+                        Ok(a) => failed.push(format!("{}: {}", a.status, a.body)),
+                        Err(e) => failed.push(format!("sent at {sent:?}: {e}")),
                     }
                 }
                 (ok, failed)

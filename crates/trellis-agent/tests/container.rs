@@ -320,6 +320,7 @@ on_both_engines!(
     a_taken_port_fails_that_component_and_the_others_are_published,
     release_jobs_run_once_per_release_and_retry,
     stop_start_and_restart_on_request,
+    the_stage_networks_bridge_keeps_its_hardware_address,
 );
 
 async fn a_stage_runs_keeps_its_volume_and_is_adopted_without_restarts(env: Env) {
@@ -873,4 +874,74 @@ async fn an_engine_that_does_not_answer_is_a_clear_error() {
     .await
     .unwrap_err();
     assert_eq!(err.code, "engine-unsupported");
+}
+
+/// The host's bridge of container `name`'s network: (interface, hardware
+/// address, how the kernel assigned it — 3 is "set").
+fn bridge_of(env: &Env, name: &str) -> (String, String, String) {
+    let inspected = env.engine.inspect(Object::Container, name).unwrap();
+    let networks = inspected["NetworkSettings"]["Networks"]
+        .as_object()
+        .unwrap();
+    let gateway = networks
+        .values()
+        .find_map(|n| n["Gateway"].as_str().filter(|g| !g.is_empty()))
+        .unwrap_or_else(|| panic!("{name} has no gateway: {networks:?}"))
+        .to_owned();
+    let out = std::process::Command::new("ip")
+        .args(["-o", "addr", "show", "to", &gateway])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let interface = listed
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no interface holds {gateway}: {listed}"))
+        .to_owned();
+    let read = |file: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/{interface}/{file}"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    (interface.clone(), read("address"), read("addr_assign_type"))
+}
+
+/// Linux gives an unset bridge address the lowest of its ports', so
+/// containers joining and leaving would change the gateway's address under
+/// the others (their answers stall until their ARP entry expires); the
+/// runtime keeps it fixed.
+async fn the_stage_networks_bridge_keeps_its_hardware_address(env: Env) {
+    let rt = env.runtime(PublishPolicy::off()).await;
+    let stage = env.stage("dev");
+    let sleeper = |name: &str| env.component(name, &["sleep", "3600"]);
+    let container = |name: &str| format!("trellis-{}_dev_{name}-0", env.project);
+
+    plan_and_apply(&rt, &stage, &plan(1, 1, vec![sleeper("a")])).await;
+    until_state(&rt, &stage, "a", ComponentState::Running).await;
+    let (interface, address, assigned) = bridge_of(&env, &container("a"));
+    assert_eq!(
+        assigned, "3",
+        "{interface} {address}: the address is not set"
+    );
+
+    // Three containers join; then the first two leave, the first of which
+    // gave the bridge its address.
+    let three = vec![sleeper("a"), sleeper("b"), sleeper("c")];
+    plan_and_apply(&rt, &stage, &plan(2, 2, three)).await;
+    for name in ["a", "b", "c"] {
+        until_state(&rt, &stage, name, ComponentState::Running).await;
+    }
+    assert_eq!(
+        bridge_of(&env, &container("c")),
+        (interface.clone(), address.clone(), "3".into())
+    );
+    plan_and_apply(&rt, &stage, &plan(3, 3, vec![sleeper("c")])).await;
+    assert_eq!(
+        bridge_of(&env, &container("c")),
+        (interface, address, "3".into())
+    );
+
+    rt.remove(&stage).await.unwrap();
+    assert_eq!(env.leftovers(), Vec::<String>::new());
 }

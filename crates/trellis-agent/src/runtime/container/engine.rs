@@ -389,6 +389,9 @@ pub struct InspectedNetwork {
 pub struct InspectedEndpoint {
     #[serde(rename = "IPAddress", deserialize_with = "null_default")]
     pub ip_address: String,
+    /// The network's gateway: the host's address on its bridge.
+    #[serde(rename = "Gateway", deserialize_with = "null_default")]
+    pub gateway: String,
 }
 
 /// `null` as the type's default (engines send `"Labels": null`).

@@ -6,6 +6,7 @@
 //!   container of a component answers to the component's name, so a
 //!   `component-ref` is the bare component name ([`Runtime::address_of`]);
 //!   stages do not share networks, so they cannot reach each other by name;
+//!   its bridge keeps one hardware address ([`bridge`]);
 //! - **containers** `trellis-<project>_<stage>_<component>-<n>`, one per
 //!   replica (`scaling.min`), with the component's env, command (entrypoint),
 //!   args (cmd), user, CPU and memory limits, restart policy
@@ -47,6 +48,7 @@ use trellis_link::protocol::RuntimeInfo;
 use trellis_model::NameKind;
 use trellis_model::manifest::StorageKind;
 
+use self::bridge::BridgePins;
 use self::diff::{FoundContainer, Wanted};
 use self::engine::{Engine, Inspected, Listed, engine_error, message_of, status_of};
 use self::jobs::JobSpec;
@@ -58,6 +60,7 @@ use super::{
 };
 use crate::state::StageKey;
 
+mod bridge;
 pub mod diff;
 mod engine;
 pub mod files;
@@ -122,6 +125,8 @@ pub struct ContainerRuntime {
     /// The outpost's entry point, when it serves one: components behind it
     /// are replaced beside their old replicas, without a gap.
     traffic: Option<Arc<dyn Traffic>>,
+    /// Stage network bridges whose hardware address must not change.
+    bridges: BridgePins,
 }
 
 /// How long the new replicas of a component replaced beside its old ones
@@ -242,6 +247,7 @@ impl ContainerRuntime {
             stages: Mutex::new(HashMap::new()),
             artifacts: None,
             traffic: None,
+            bridges: BridgePins::default(),
         })
     }
 
@@ -803,6 +809,11 @@ impl ContainerRuntime {
         retired: &[&Listed],
         surge: Surge<'_>,
     ) -> Result<(), RuntimeError> {
+        // The bridge of a network made by an earlier agent may not be
+        // pinned yet; it must be before new replicas join it.
+        if let Some(old) = retired.first() {
+            self.pin_bridges(&old.id).await;
+        }
         let mut created = Vec::new();
         let started = self
             .start_beside(stage, plan, component, &surge, &mut created)
@@ -1008,6 +1019,7 @@ impl ContainerRuntime {
         id: &str,
     ) -> Result<(), RuntimeError> {
         let Err(e) = self.engine.docker.start_container(id, None).await else {
+            self.pin_bridges(id).await;
             return Ok(());
         };
         if status_of(&e) == Some(304) {
@@ -1050,6 +1062,19 @@ impl ContainerRuntime {
             ),
         )
         .with_hint("check the component's command, args and user against its image"))
+    }
+
+    /// Pins the hardware address of the bridges of the networks container
+    /// `id` is on (see [`bridge`]).
+    async fn pin_bridges(&self, id: &str) {
+        let Ok(Some(inspected)) = self.engine.inspect(id).await else {
+            return;
+        };
+        for endpoint in inspected.network.networks.values() {
+            if let Ok(gateway) = endpoint.gateway.parse::<IpAddr>() {
+                self.bridges.pin(gateway).await;
+            }
+        }
     }
 
     async fn remove_component(
