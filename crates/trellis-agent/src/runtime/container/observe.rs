@@ -267,6 +267,7 @@ mod tests {
             naming::network_name(&stage),
             InspectedEndpoint {
                 ip_address: format!("10.89.0.{}", replica + 2),
+                gateway: "10.89.0.1".into(),
             },
         );
         c
