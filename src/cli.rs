@@ -1,5 +1,10 @@
 //! The command line's grammar. Verbs first, as users of comparable
 //! platforms know them: `trellis create stage …`, `trellis list build …`.
+//!
+//! The client's settings (`--endpoint`, `--key`, `--ca-cert`, `-o`) belong
+//! to the client verbs only, so `trellis hub --help` shows the hub's flags
+//! and nothing else: [`Client`] carries them into each verb, where they are
+//! global to its nouns (`trellis list release -p shop -s prod -o json`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,64 +18,81 @@ use trellis_agent::cli::RuntimeArgs;
     version,
     about = "Trellis: deliver applications to stages that run anywhere",
     long_about = "Trellis: deliver applications to stages that run anywhere.\n\n\
-        Client commands talk to a hub. Say which with --endpoint/--key, the \
+        Client commands talk to a hub. Say which with --endpoint/--access-key, the \
         TRELLIS_ENDPOINT/TRELLIS_KEY environment variables, or once with `trellis login`."
 )]
 pub struct Cli {
-    #[command(flatten)]
-    pub global: GlobalArgs,
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// Where the hub is, who is asking, and how to print the answer.
 #[derive(Debug, Args, Clone)]
 pub struct GlobalArgs {
-    /// The hub's address, e.g. http://127.0.0.1:7440
+    /// The hub's address, e.g. https://127.0.0.1:7440
     #[arg(long, env = "TRELLIS_ENDPOINT", global = true)]
     pub endpoint: Option<String>,
     /// Access key `<key-id>:<secret>`
-    #[arg(long, env = "TRELLIS_KEY", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        visible_alias = "access-key",
+        env = "TRELLIS_KEY",
+        global = true,
+        hide_env_values = true
+    )]
     pub key: Option<String>,
     /// PEM file of the CA that signed the hub's certificate, when the hub
     /// uses its own CA
     #[arg(long, env = "TRELLIS_CA_CERT", global = true)]
     pub ca_cert: Option<PathBuf>,
-    /// Output format of list and get
+    /// Output format: a table for people, JSON or YAML for programs
     #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table, global = true)]
     pub output: OutputFormat,
+}
+
+/// A client verb: its nouns, and the client's settings.
+#[derive(Debug, Args)]
+pub struct Client<T: Subcommand> {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: T,
+}
+
+/// A client verb without nouns (`whoami`, `login`).
+#[derive(Debug, Args)]
+pub struct ClientOnly {
+    #[command(flatten)]
+    pub global: GlobalArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Table,
     Json,
+    Yaml,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a hub
-    Hub(HubArgs),
+    /// Run a hub, or work on a hub's data directory
+    Hub(HubCommand),
     /// Run a hub on loopback with an example project, for a first look
     Dev(DevArgs),
     /// Check and remember the endpoint and key for later commands
-    Login,
+    Login(ClientOnly),
     /// Show who the key belongs to
-    Whoami,
+    Whoami(ClientOnly),
     /// Check something without changing anything
-    #[command(subcommand)]
-    Validate(ValidateCommand),
+    Validate(Client<ValidateCommand>),
     /// Create a project, stage, outpost, user or key
-    #[command(subcommand)]
-    Create(CreateCommand),
+    Create(Client<CreateCommand>),
     /// Push a build or a release
-    #[command(subcommand)]
-    Push(PushCommand),
+    Push(Client<PushCommand>),
     /// Add config data or a project member
-    #[command(subcommand)]
-    Add(AddCommand),
+    Add(Client<AddCommand>),
     /// Remove a project member
-    #[command(subcommand)]
-    Remove(RemoveCommand),
+    Remove(Client<RemoveCommand>),
     /// List things
     List(ListArgs),
     /// Show one thing
@@ -78,35 +100,25 @@ pub enum Command {
     /// Delete a thing (refused while others depend on it, unless --force)
     Delete(DeleteArgs),
     /// Replace an outpost's URI with a new one (administrators)
-    #[command(subcommand)]
-    Rotate(RotateCommand),
-    /// Change an outpost's description or ingress domain (administrators)
-    #[command(subcommand)]
-    Update(UpdateCommand),
+    Rotate(Client<RotateCommand>),
+    /// Change an outpost or a user (administrators)
+    Update(Client<UpdateCommand>),
     /// Revoke an outpost (administrators)
-    #[command(subcommand)]
-    Revoke(RevokeCommand),
+    Revoke(Client<RevokeCommand>),
     /// Show the connection status of an outpost stage
-    #[command(subcommand)]
-    Status(StatusCommand),
+    Status(Client<StatusCommand>),
     /// Start a stopped component of a stage
-    #[command(subcommand)]
-    Start(ComponentTarget),
+    Start(Client<ComponentTarget>),
     /// Stop a component of a stage (it stays stopped across releases until started)
-    #[command(subcommand)]
-    Stop(ComponentTarget),
+    Stop(Client<ComponentTarget>),
     /// Restart a component of a stage (starts it if it was stopped)
-    #[command(subcommand)]
-    Restart(ComponentTarget),
+    Restart(Client<ComponentTarget>),
     /// Suspend a stage: every component stops; releases and settings are kept
-    #[command(subcommand)]
-    Suspend(StageTarget),
+    Suspend(Client<StageTarget>),
     /// Resume a suspended stage
-    #[command(subcommand)]
-    Resume(StageTarget),
+    Resume(Client<StageTarget>),
     /// Show the log lines of a stage's components, read live from its outpost
-    #[command(subcommand)]
-    Logs(LogsCommand),
+    Logs(Client<LogsCommand>),
     /// Run an Outpost Agent (on the outpost's host)
     #[command(subcommand)]
     Agent(trellis_agent::cli::AgentCommand),
@@ -115,6 +127,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum StatusCommand {
     /// Link state, sync state, revisions, components and errors of a stage
+    #[command(alias = "stages")]
     Stage {
         name: String,
         #[arg(short, long)]
@@ -124,6 +137,7 @@ pub enum StatusCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ComponentTarget {
+    #[command(alias = "components")]
     Component {
         name: String,
         #[arg(short, long)]
@@ -135,6 +149,7 @@ pub enum ComponentTarget {
 
 #[derive(Debug, Subcommand)]
 pub enum StageTarget {
+    #[command(alias = "stages")]
     Stage {
         name: String,
         #[arg(short, long)]
@@ -145,6 +160,7 @@ pub enum StageTarget {
 #[derive(Debug, Subcommand)]
 pub enum LogsCommand {
     /// The lines of one component
+    #[command(alias = "components")]
     Component {
         name: String,
         #[arg(short, long)]
@@ -155,6 +171,7 @@ pub enum LogsCommand {
         logs: LogArgs,
     },
     /// The lines of every component of a stage
+    #[command(alias = "stages")]
     Stage {
         name: String,
         #[arg(short, long)]
@@ -190,7 +207,16 @@ pub enum RotateCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum UpdateCommand {
+    /// Make a user an administrator, or no longer one
+    #[command(alias = "users")]
+    User {
+        name: String,
+        /// true or false
+        #[arg(long, action = clap::ArgAction::Set)]
+        admin: bool,
+    },
     /// Change what is given; the rest stays
+    #[command(alias = "outposts")]
     Outpost {
         name: String,
         #[arg(long)]
@@ -208,6 +234,34 @@ pub enum UpdateCommand {
 pub enum RevokeCommand {
     /// Its URI stops validating and it takes no new stages
     Outpost { name: String },
+}
+
+/// `trellis hub [FLAGS]` runs a hub; `trellis hub reset-admin-key` works on
+/// its data directory.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct HubCommand {
+    #[command(subcommand)]
+    pub action: Option<HubAction>,
+    #[command(flatten)]
+    pub run: HubArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HubAction {
+    /// Mint a fresh administrator key and write it to `<data>/admin.key`,
+    /// as at the first start (for when every administrator key is lost;
+    /// works while the hub runs or is stopped)
+    #[command(name = "reset-admin-key")]
+    ResetAdminKey(StoreArgs),
+}
+
+/// Which hub's data a command works on.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The hub's data directory
+    #[arg(long, env = "TRELLIS_DATA", default_value = "trellis-data")]
+    pub data: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -278,11 +332,13 @@ pub enum ValidateCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum CreateCommand {
+    #[command(alias = "projects")]
     Project {
         name: String,
         #[arg(long, default_value = "")]
         description: String,
     },
+    #[command(alias = "stages")]
     Stage {
         name: String,
         #[arg(short, long)]
@@ -297,6 +353,7 @@ pub enum CreateCommand {
         outpost_uri: Option<String>,
     },
     /// Register an outpost (administrators)
+    #[command(alias = "outposts")]
     Outpost {
         name: String,
         #[arg(long)]
@@ -327,12 +384,14 @@ pub enum CreateCommand {
         token_ttl_secs: Option<u64>,
     },
     /// Create a user and print their first key (administrators)
+    #[command(alias = "users")]
     User {
         name: String,
         #[arg(long)]
         admin: bool,
     },
     /// Create another access key (for yourself, or for --user as an administrator)
+    #[command(alias = "keys", alias = "access-key")]
     Key {
         #[arg(long)]
         user: Option<String>,
@@ -346,6 +405,7 @@ pub enum PushCommand {
     /// Record a build from the project's git work tree (its HEAD commit):
     /// build or take each component's image, pack each `process:`
     /// directory, and upload the chunks the hub lacks
+    #[command(alias = "builds")]
     Build {
         #[arg(short, long)]
         project: String,
@@ -364,6 +424,7 @@ pub enum PushCommand {
     },
     /// Push a release of a build (the newest by default) to a stage, or to
     /// several at once (`-s line-1 -s line-2`: all get it, or none does)
+    #[command(alias = "releases")]
     Release {
         #[arg(short, long)]
         project: String,
@@ -400,6 +461,7 @@ pub enum AddCommand {
         files: Vec<String>,
     },
     /// Add a user to a project, or change their role
+    #[command(alias = "members")]
     Member {
         user: String,
         #[arg(short, long)]
@@ -412,6 +474,7 @@ pub enum AddCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum RemoveCommand {
+    #[command(alias = "members")]
     Member {
         user: String,
         #[arg(short, long)]
@@ -421,24 +484,37 @@ pub enum RemoveCommand {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Kind {
+    #[value(alias = "projects")]
     Project,
+    #[value(alias = "stages")]
     Stage,
+    #[value(alias = "builds")]
     Build,
+    #[value(alias = "releases")]
     Release,
+    #[value(alias = "configs")]
     Config,
+    #[value(alias = "outposts")]
     Outpost,
+    #[value(alias = "users")]
     User,
+    #[value(alias = "keys", alias = "access-key", alias = "access-keys")]
     Key,
+    #[value(alias = "members")]
     Member,
     /// An outpost's URI (`get outpost-uri NAME`)
+    #[value(alias = "outpost-uris")]
     OutpostUri,
     /// The components of a stage's release, with their state
     /// (`list component -p PROJECT -s STAGE`)
+    #[value(alias = "components")]
     Component,
 }
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    #[command(flatten)]
+    pub global: GlobalArgs,
     pub kind: Kind,
     #[arg(short, long)]
     pub project: Option<String>,
@@ -451,6 +527,8 @@ pub struct ListArgs {
 
 #[derive(Debug, Args)]
 pub struct GetArgs {
+    #[command(flatten)]
+    pub global: GlobalArgs,
     pub kind: Kind,
     /// The name (a release's number for releases)
     pub name: String,
@@ -462,6 +540,8 @@ pub struct GetArgs {
 
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
+    #[command(flatten)]
+    pub global: GlobalArgs,
     pub kind: Kind,
     pub name: String,
     #[arg(short, long)]

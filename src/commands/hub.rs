@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use trellis_hub::link::LinkSettings;
 use trellis_hub::{ADMIN_KEY_FILE, CA_CERT_FILE, Hub, HubOptions};
 
-use crate::cli::HubArgs;
+use crate::cli::{HubArgs, StoreArgs};
 
 /// Connections the kernel holds for the hub until it accepts them. Tokio's
 /// default (1,024) overflows when a whole fleet reconnects after a hub
@@ -79,5 +79,17 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
     // Tests and scripts read this line to find a hub started on port 0.
     println!("hub listening on https://{addr}");
     hub.serve_tls(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// `trellis hub reset-admin-key --data DIR`.
+pub async fn reset_admin_key(args: StoreArgs) -> anyhow::Result<()> {
+    let store = trellis_hub::open_existing_store(&args.data).await?;
+    let key = trellis_hub::reset_admin_key(store.as_ref(), &args.data).await?;
+    println!(
+        "a new administrator key (shown once; also in {}):",
+        args.data.join(ADMIN_KEY_FILE).display()
+    );
+    println!("{key}");
     Ok(())
 }

@@ -8,7 +8,8 @@ use anyhow::{Context, bail};
 use trellis_hub::api::types::{
     AddConfigDataRequest, CreateKeyRequest, CreateOutpostRequest, CreateProjectRequest,
     CreateStageRequest, CreateUserRequest, CreatedKey, CreatedOutpost, JoinTokenRequest,
-    JoinTokenResponse, PushReleaseRequest, PushReleasesRequest, SetMemberRequest, WhoAmI,
+    JoinTokenResponse, PushReleaseRequest, PushReleasesRequest, SetMemberRequest,
+    UpdateUserRequest, WhoAmI,
 };
 use trellis_model::{
     AccessKey, AccessKeyInfo, Build, Config, ConfigData, Member, Outpost, Project, Release, Role,
@@ -73,6 +74,31 @@ pub async fn login(global: &GlobalArgs) -> anyhow::Result<()> {
         me.user,
         path.display()
     );
+    Ok(())
+}
+
+/// `trellis update user NAME --admin true|false`.
+pub async fn update_user(
+    client: &HubClient,
+    name: &str,
+    admin: bool,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let user: User = client
+        .patch(
+            &format!("/users/{}", seg(name)),
+            &UpdateUserRequest { admin: Some(admin) },
+            "changing the user",
+        )
+        .await?;
+    if output::machine(format, &user)? {
+        return Ok(());
+    }
+    if user.admin {
+        println!("{} is an administrator", user.name);
+    } else {
+        println!("{} is not an administrator", user.name);
+    }
     Ok(())
 }
 

@@ -35,5 +35,8 @@ mod server;
 pub mod state;
 pub mod tls;
 
-pub use server::{ADMIN_KEY_FILE, Hub, HubOptions, LINK_SECRET_FILE};
+pub use server::{
+    ADMIN_KEY_FILE, DATABASE_FILE, Hub, HubOptions, LINK_SECRET_FILE, open_existing_store,
+    reset_admin_key,
+};
 pub use tls::CA_CERT_FILE;

@@ -24,6 +24,8 @@ pub const ADMIN_KEY_FILE: &str = "admin.key";
 pub const LINK_SECRET_FILE: &str = "link.secret";
 /// The first administrator's user name.
 pub const ADMIN_USER: &str = "admin";
+/// The default store's database file in the data directory.
+pub const DATABASE_FILE: &str = "hub.db";
 
 #[derive(Debug, Clone, Default)]
 pub struct HubOptions {
@@ -53,11 +55,8 @@ impl Hub {
     /// store.
     pub async fn open(options: HubOptions) -> anyhow::Result<Hub> {
         create_private_dir(&options.data_dir)?;
-        let db = options.data_dir.join("hub.db");
-        let store = SqliteStore::open(&db)
-            .await
-            .with_context(|| format!("opening the hub database {}", db.display()))?;
-        Self::open_with_store(options, Arc::new(store)).await
+        let store = open_store(&options.data_dir).await?;
+        Self::open_with_store(options, store).await
     }
 
     /// Opens the hub over a store the caller chose (tests use the
@@ -207,6 +206,62 @@ impl Hub {
         .await?;
         Ok(())
     }
+}
+
+/// The store a hub with this data directory uses.
+async fn open_store(data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    let db = data_dir.join(DATABASE_FILE);
+    let store = SqliteStore::open(&db)
+        .await
+        .with_context(|| format!("opening the hub database {}", db.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// The store of a hub that has run with this data directory before, for
+/// commands that work on its data (the hub may be running: the store
+/// serialises writers). Refuses a directory that holds no hub, so a typo
+/// does not make an empty one.
+pub async fn open_existing_store(data_dir: &Path) -> anyhow::Result<Arc<dyn Store>> {
+    let db = data_dir.join(DATABASE_FILE);
+    if !db.is_file() {
+        anyhow::bail!(
+            "{} holds no hub database ({DATABASE_FILE}); give the directory the hub runs with \
+             (`trellis hub --data DIR`, or TRELLIS_DATA)",
+            data_dir.display()
+        );
+    }
+    open_store(data_dir).await
+}
+
+/// Mints a fresh key for the administrator [`ADMIN_USER`] — created again,
+/// or made an administrator again, if needed — and writes it to
+/// `<data>/admin.key` as the first start does: for when every
+/// administrator key is lost. Keys that exist stay valid. Works while the
+/// hub runs: it looks keys up in the store on every request.
+pub async fn reset_admin_key(store: &dyn Store, data_dir: &Path) -> anyhow::Result<AccessKey> {
+    match store
+        .create_user(&User {
+            name: ADMIN_USER.into(),
+            admin: true,
+            created_at: Utc::now(),
+        })
+        .await
+    {
+        Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    // Promoting is never refused.
+    store.set_user_admin(ADMIN_USER, true).await?;
+    let minted = mint_key(ADMIN_USER, "reset with `trellis hub reset-admin-key`")?;
+    // Written before it is stored, as at the first start: a failure in
+    // between leaves no key that nobody knows.
+    crate::tls::write_file(
+        &data_dir.join(ADMIN_KEY_FILE),
+        &format!("{}\n", minted.key),
+        0o600,
+    )?;
+    store.create_access_key(&minted.stored).await?;
+    Ok(minted.key)
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {

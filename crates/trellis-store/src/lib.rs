@@ -115,6 +115,15 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// What a change that could lock every administrator out did (see
+/// [`Store::delete_access_key_keeping_admin`], [`Store::set_user_admin`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminGuarded<T> {
+    Done(T),
+    /// Refused: afterwards no administrator would hold an access key.
+    LastAdminKey,
+}
+
 /// An access key as stored: its public part and the hash of its secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredAccessKey {
@@ -269,6 +278,14 @@ pub trait Store: Send + Sync + 'static {
     async fn find_access_key(&self, id: &str) -> Result<Option<StoredAccessKey>>;
     async fn list_access_keys(&self, user: Option<&str>) -> Result<Vec<AccessKeyInfo>>;
     async fn delete_access_key(&self, id: &str) -> Result<()>;
+    /// Deletes an access key unless it is the last one any administrator
+    /// has: then nothing changes and the answer says so, because nobody
+    /// could sign in as an administrator again.
+    async fn delete_access_key_keeping_admin(&self, id: &str) -> Result<AdminGuarded<()>>;
+    /// Makes a user an administrator, or no longer one. Taking it away is
+    /// refused (nothing changes) when the user holds a key and no other
+    /// administrator does.
+    async fn set_user_admin(&self, name: &str, admin: bool) -> Result<AdminGuarded<User>>;
 
     // --- projects and members ---
     async fn create_project(&self, project: &Project, owner: &str) -> Result<()>;

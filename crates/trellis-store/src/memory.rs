@@ -24,9 +24,9 @@ use trellis_model::{
 };
 
 use crate::{
-    ControlOutcome, DesiredParts, JoinTokenRefusal, NewRelease, NewStage, OutpostStage,
-    OutpostUpdate, PushedReleases, Result, StageFilter, StageKey, StageSummary, StageUpdate, Store,
-    StoreError, StoredAccessKey, wording,
+    AdminGuarded, ControlOutcome, DesiredParts, JoinTokenRefusal, NewRelease, NewStage,
+    OutpostStage, OutpostUpdate, PushedReleases, Result, StageFilter, StageKey, StageSummary,
+    StageUpdate, Store, StoreError, StoredAccessKey, wording,
 };
 
 /// The in-memory store. Cheap to create; holds nothing on disk.
@@ -182,6 +182,18 @@ impl State {
             .ok_or_else(|| not_found("project", name.to_owned()))
     }
 
+    fn is_admin(&self, name: &str) -> bool {
+        self.users.get(name).is_some_and(|u| u.admin)
+    }
+
+    /// Keys of administrators that `keep` selects.
+    fn admin_keys(&self, keep: impl Fn(&StoredAccessKey) -> bool) -> usize {
+        self.keys
+            .values()
+            .filter(|k| self.is_admin(&k.info.user) && keep(k))
+            .count()
+    }
+
     fn user_exists(&self, name: &str) -> Result<()> {
         if self.users.contains_key(name) {
             Ok(())
@@ -289,6 +301,37 @@ impl Store for MemoryStore {
             .remove(id)
             .map(|_| ())
             .ok_or_else(|| not_found("access key", id.to_owned()))
+    }
+
+    async fn delete_access_key_keeping_admin(&self, id: &str) -> Result<AdminGuarded<()>> {
+        let mut state = self.state();
+        let key = state
+            .keys
+            .get(id)
+            .ok_or_else(|| not_found("access key", id.to_owned()))?;
+        if state.is_admin(&key.info.user) && state.admin_keys(|k| k.info.id != id) == 0 {
+            return Ok(AdminGuarded::LastAdminKey);
+        }
+        state.keys.remove(id);
+        Ok(AdminGuarded::Done(()))
+    }
+
+    async fn set_user_admin(&self, name: &str, admin: bool) -> Result<AdminGuarded<User>> {
+        let mut state = self.state();
+        let user = state
+            .users
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_found("user", name.to_owned()))?;
+        if user.admin && !admin {
+            let own = state.keys.values().filter(|k| k.info.user == name).count();
+            if own > 0 && state.admin_keys(|k| k.info.user != name) == 0 {
+                return Ok(AdminGuarded::LastAdminKey);
+            }
+        }
+        let user = User { admin, ..user };
+        state.users.insert(name.to_owned(), user.clone());
+        Ok(AdminGuarded::Done(user))
     }
 
     async fn create_project(&self, project: &Project, owner: &str) -> Result<()> {

@@ -39,9 +39,9 @@ use trellis_model::{
 };
 
 use crate::{
-    ControlOutcome, DesiredParts, JoinTokenRefusal, LinkActivity, NewRelease, NewStage,
-    OutpostStage, OutpostUpdate, PushedReleases, Result, StageFilter, StageKey, StageSummary,
-    StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate, wording,
+    AdminGuarded, ControlOutcome, DesiredParts, JoinTokenRefusal, LinkActivity, NewRelease,
+    NewStage, OutpostStage, OutpostUpdate, PushedReleases, Result, StageFilter, StageKey,
+    StageSummary, StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate, wording,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -968,6 +968,81 @@ impl Store for SqliteStore {
             return Err(not_found("access key", id.to_owned()));
         }
         Ok(())
+    }
+
+    async fn delete_access_key_keeping_admin(&self, id: &str) -> Result<AdminGuarded<()>> {
+        const DOING: &str = "deleting an access key";
+        let mut tx = self.write().await?;
+        let owner = sqlx::query(
+            "SELECT u.admin AS admin FROM access_keys k JOIN users u ON u.name = k.user_name \
+             WHERE k.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend(DOING))?
+        .ok_or_else(|| not_found("access key", id.to_owned()))?;
+        let owner_is_admin: bool = col(&owner, "admin")?;
+        if owner_is_admin {
+            let others = sqlx::query(
+                "SELECT COUNT(*) AS n FROM access_keys k JOIN users u ON u.name = k.user_name \
+                 WHERE u.admin AND k.id <> $1",
+            )
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+            if count(&others, "n")? == 0 {
+                return Ok(AdminGuarded::LastAdminKey);
+            }
+        }
+        sqlx::query("DELETE FROM access_keys WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        commit(tx, DOING).await?;
+        Ok(AdminGuarded::Done(()))
+    }
+
+    async fn set_user_admin(&self, name: &str, admin: bool) -> Result<AdminGuarded<User>> {
+        const DOING: &str = "changing a user's administrator role";
+        let mut tx = self.write().await?;
+        let user = sqlx::query(concat!(
+            "SELECT ",
+            user_columns!(),
+            " FROM users WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend(DOING))?
+        .as_ref()
+        .map(user_from)
+        .transpose()?
+        .ok_or_else(|| not_found("user", name.to_owned()))?;
+        if user.admin && !admin {
+            let row = sqlx::query(
+                "SELECT (SELECT COUNT(*) FROM access_keys WHERE user_name = $1) AS own, \
+                        (SELECT COUNT(*) FROM access_keys k JOIN users u ON u.name = k.user_name \
+                         WHERE u.admin AND u.name <> $1) AS others",
+            )
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+            if count(&row, "own")? > 0 && count(&row, "others")? == 0 {
+                return Ok(AdminGuarded::LastAdminKey);
+            }
+        }
+        sqlx::query("UPDATE users SET admin = $2 WHERE name = $1")
+            .bind(name)
+            .bind(admin)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        commit(tx, DOING).await?;
+        Ok(AdminGuarded::Done(User { admin, ..user }))
     }
 
     async fn create_project(&self, project: &Project, owner: &str) -> Result<()> {

@@ -22,8 +22,9 @@ use trellis_model::{
 };
 
 use crate::{
-    JoinTokenRefusal, LinkActivity, LinkHello, NewRelease, NewStage, OutpostUpdate, PushedReleases,
-    Result, StageFilter, StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate,
+    AdminGuarded, JoinTokenRefusal, LinkActivity, LinkHello, NewRelease, NewStage, OutpostUpdate,
+    PushedReleases, Result, StageFilter, StageUpdate, Store, StoreError, StoredAccessKey,
+    SyncUpdate,
 };
 
 /// Calls `$callback!` with the name of every behaviour in the suite.
@@ -38,6 +39,7 @@ macro_rules! for_each_suite_test {
         $callback! {
             users,
             access_keys,
+            last_admin_key,
             projects,
             members,
             outposts,
@@ -349,6 +351,108 @@ pub async fn access_keys(store: &dyn Store) {
         ids(store.list_access_keys(Some("alice")).await.unwrap()),
         ["tk_3"]
     );
+}
+
+/// Nobody can lock every administrator out: the last key an administrator
+/// holds cannot be deleted, nor its holder demoted, while keys of other
+/// users and other administrators can.
+pub async fn last_admin_key(store: &dyn Store) {
+    let key = |id: &str, user: &str| StoredAccessKey {
+        info: trellis_model::AccessKeyInfo {
+            id: id.into(),
+            user: user.into(),
+            description: String::new(),
+            created_at: at(5),
+        },
+        secret_hash: format!("$argon2id$v=19$m=19456,t=2,p=1$salt${id}"),
+    };
+    let admin = |name: &str| User {
+        admin: true,
+        ..user(name)
+    };
+    store.create_user(&admin("root")).await.unwrap();
+    store.create_user(&admin("ops")).await.unwrap();
+    store.create_user(&user("alice")).await.unwrap();
+    for (id, owner) in [
+        ("tk_r1", "root"),
+        ("tk_r2", "root"),
+        ("tk_o1", "ops"),
+        ("tk_a1", "alice"),
+    ] {
+        store.create_access_key(&key(id, owner)).await.unwrap();
+    }
+    assert_not_found(
+        store.delete_access_key_keeping_admin("tk_none").await,
+        "access key",
+        "tk_none",
+    );
+    assert_not_found(
+        store.set_user_admin("nobody", false).await,
+        "user",
+        "nobody",
+    );
+    // While another administrator holds a key, anything goes.
+    for id in ["tk_r1", "tk_o1"] {
+        assert_eq!(
+            store.delete_access_key_keeping_admin(id).await.unwrap(),
+            AdminGuarded::Done(())
+        );
+    }
+    assert_eq!(
+        store.set_user_admin("ops", false).await.unwrap(),
+        AdminGuarded::Done(User {
+            admin: false,
+            ..user("ops")
+        })
+    );
+    // root's tk_r2 is now the last administrator key.
+    assert_eq!(
+        store
+            .delete_access_key_keeping_admin("tk_r2")
+            .await
+            .unwrap(),
+        AdminGuarded::LastAdminKey
+    );
+    assert_eq!(
+        store.set_user_admin("root", false).await.unwrap(),
+        AdminGuarded::LastAdminKey
+    );
+    assert!(store.find_access_key("tk_r2").await.unwrap().is_some());
+    assert!(store.get_user("root").await.unwrap().admin);
+    // Keys of users who are not administrators are not guarded.
+    assert_eq!(
+        store
+            .delete_access_key_keeping_admin("tk_a1")
+            .await
+            .unwrap(),
+        AdminGuarded::Done(())
+    );
+    // A second administrator with a key lifts the guard; promoting is never
+    // refused.
+    assert!(matches!(
+        store.set_user_admin("alice", true).await.unwrap(),
+        AdminGuarded::Done(User { admin: true, .. })
+    ));
+    store
+        .create_access_key(&key("tk_a2", "alice"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .delete_access_key_keeping_admin("tk_r2")
+            .await
+            .unwrap(),
+        AdminGuarded::Done(())
+    );
+    assert_eq!(
+        store.set_user_admin("alice", false).await.unwrap(),
+        AdminGuarded::LastAdminKey
+    );
+    // An administrator without keys may be demoted: nobody loses a way in.
+    assert!(matches!(
+        store.set_user_admin("root", false).await.unwrap(),
+        AdminGuarded::Done(User { admin: false, .. })
+    ));
 }
 
 pub async fn projects(store: &dyn Store) {

@@ -6,10 +6,13 @@ use axum::http::StatusCode;
 use chrono::Utc;
 use trellis_model::{AccessKeyInfo, NameKind, User, validate_name};
 
-use super::types::{CreateKeyRequest, CreateUserRequest, CreatedKey, KeysQuery, WhoAmI};
+use super::types::{
+    CreateKeyRequest, CreateUserRequest, CreatedKey, KeysQuery, UpdateUserRequest, WhoAmI,
+};
 use crate::auth::{Caller, mint_key};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
+use trellis_store::AdminGuarded;
 
 #[utoipa::path(get, path = "/whoami", tag = "access", responses((status = 200, body = WhoAmI)))]
 pub async fn whoami(caller: Caller) -> Json<WhoAmI> {
@@ -102,9 +105,56 @@ pub async fn delete_key(
     if key.info.user != caller.user {
         caller.require_admin("delete other users' keys")?;
     }
-    state.store().delete_access_key(&id).await?;
+    match state.store().delete_access_key_keeping_admin(&id).await? {
+        AdminGuarded::Done(()) => {}
+        AdminGuarded::LastAdminKey => {
+            return Err(last_admin_key(format!(
+                "key {id:?} is the last access key any administrator holds; without it nobody \
+                 could administer this hub"
+            )));
+        }
+    }
     state.keys().forget(&id);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Makes a user an administrator or takes that away (administrators only).
+/// Demoting the holder of the last administrator key is refused.
+#[utoipa::path(patch, path = "/users/{user}", tag = "access", request_body = UpdateUserRequest,
+    responses((status = 200, body = User)))]
+pub async fn update_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(user): Path<String>,
+    Json(req): Json<UpdateUserRequest>,
+) -> ApiResult<Json<User>> {
+    caller.require_admin("change users")?;
+    let updated = match req.admin {
+        Some(admin) => match state.store().set_user_admin(&user, admin).await? {
+            AdminGuarded::Done(user) => user,
+            AdminGuarded::LastAdminKey => {
+                return Err(last_admin_key(format!(
+                    "{user:?} holds the last access keys of any administrator; without them \
+                     nobody could administer this hub"
+                )));
+            }
+        },
+        None => state.store().get_user(&user).await?,
+    };
+    Ok(Json(updated))
+}
+
+/// The refusal of a change that would leave no administrator able to sign
+/// in.
+fn last_admin_key(message: String) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "last-admin-key",
+        message,
+        "give another user an administrator key first (`trellis create user NAME --admin`, or \
+         `trellis create key --user ADMIN`); if every administrator key is lost, run \
+         `trellis hub reset-admin-key --data DIR` on the hub's host",
+    )
 }
 
 async fn issue_key(state: &AppState, user: &str, description: &str) -> ApiResult<CreatedKey> {

@@ -52,6 +52,7 @@ pub fn router(state: AppState) -> axum::Router {
         .routes(routes!(health))
         .routes(routes!(access::whoami))
         .routes(routes!(access::create_user, access::list_users))
+        .routes(routes!(access::update_user))
         .routes(routes!(access::create_key))
         .routes(routes!(access::list_keys))
         .routes(routes!(access::delete_key))

@@ -26,6 +26,14 @@ pub struct CreateUserRequest {
     pub admin: bool,
 }
 
+/// `PATCH /users/{user}`: what to change; absent fields stay.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+pub struct UpdateUserRequest {
+    /// Make the user an administrator, or no longer one.
+    #[serde(default)]
+    pub admin: Option<bool>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct CreateKeyRequest {
     #[serde(default)]
