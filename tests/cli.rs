@@ -1000,6 +1000,14 @@ fn the_last_administrator_key_stays_and_a_lost_one_can_be_reset() {
     let second = last_line(admin.ok(&["create", "key", "--description", "spare"]));
     let id = |key: &str| key.split_once(':').unwrap().0.to_owned();
     let ops = Cli::for_hub(&hub, &ops_key, &config);
+    // Nobody demotes themselves or deletes the key they sign with, even
+    // while other administrators hold keys.
+    let out = admin.run(&["update", "user", "admin", "--admin", "false"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot take their own"));
+    let out = admin.run(&["delete", "key", &id(&first)]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("signed with key"));
     // Every administrator key but the last goes.
     ops.ok(&["delete", "key", &id(&second)]);
     admin.ok(&["delete", "access-key", &id(&ops_key)]);

@@ -119,6 +119,8 @@ fn invalid_key() -> ApiError {
 pub struct Caller {
     pub user: String,
     pub admin: bool,
+    /// The id of the access key the request was signed with.
+    pub key_id: String,
 }
 
 impl Caller {
@@ -200,6 +202,7 @@ impl FromRequestParts<AppState> for Caller {
         Ok(Caller {
             user: user.name,
             admin: user.admin,
+            key_id: key.id,
         })
     }
 }

@@ -17,6 +17,7 @@
 //! - `metrics.rs`: `/metrics` in the Prometheus text format.
 //! - `tls.rs`: the hub's CA and the HTTPS accept loop.
 //! - `outposts.rs`: Outpost URIs — deriving their keys, validating them.
+//! - `drain.rs`: reading what a handler left of a request's body.
 //! - `console/`: the browser console (server-rendered pages, templates in
 //!   `templates/`, assets in `assets/`).
 //! - `state.rs`: what handlers share.
@@ -24,6 +25,7 @@
 pub mod api;
 pub mod auth;
 pub mod console;
+pub mod drain;
 pub mod error;
 pub mod extract;
 pub mod gc;

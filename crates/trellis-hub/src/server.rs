@@ -117,6 +117,7 @@ impl Hub {
             .merge(crate::console::router(self.state.clone()))
             .merge(link)
             .nest("/api/v1", crate::api::router(self.state.clone()))
+            .layer(axum::middleware::from_fn(crate::drain::unread_body))
             // A 503 from the link's admission control is back-pressure, not
             // a fault; failures are for debugging, errors are logged where
             // they are handled.

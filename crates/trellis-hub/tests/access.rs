@@ -400,13 +400,13 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             M::POST,
             "/projects/alpha/stages/dev/configs/c/data",
             json!({"env": {"BAD KEY": "x"}, "files": {}}),
-            "invalid-request",
+            "invalid-config-key",
         ),
         (
             M::POST,
             "/projects/alpha/stages/dev/configs/c/data",
             json!({"env": {}, "files": {"../etc/passwd": "x"}}),
-            "invalid-request",
+            "invalid-file-name",
         ),
     ];
     for (method, path, body, code) in cases {

@@ -251,7 +251,17 @@ pub struct Build {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NewBuild {
+    /// The branch it was built from (1 to 255 characters).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 255, example = "main")
+    )]
     pub branch: String,
+    /// The full git commit id (SHA-1 or SHA-256, hexadecimal).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^([0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")
+    )]
     pub commit: String,
     pub manifest_file: String,
     pub manifest: String,

@@ -55,7 +55,8 @@ pub async fn list_users(
 
 /// Creates another key for a user. Users may create keys for themselves;
 /// admins for anyone.
-#[utoipa::path(post, path = "/users/{user}/keys", tag = "access", request_body = CreateKeyRequest,
+#[utoipa::path(post, path = "/users/{user}/keys", tag = "access",
+    params(crate::api::params::UserPath), request_body = CreateKeyRequest,
     responses((status = 201, body = CreatedKey)))]
 pub async fn create_key(
     State(state): State<AppState>,
@@ -91,7 +92,8 @@ pub async fn list_keys(
     Ok(Json(state.store().list_access_keys(user.as_deref()).await?))
 }
 
-#[utoipa::path(delete, path = "/keys/{id}", tag = "access", responses((status = 204)))]
+#[utoipa::path(delete, path = "/keys/{id}", tag = "access",
+    params(crate::api::params::KeyPath), responses((status = 204)))]
 pub async fn delete_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -104,6 +106,21 @@ pub async fn delete_key(
         .ok_or_else(|| ApiError::not_found("key", &id))?;
     if key.info.user != caller.user {
         caller.require_admin("delete other users' keys")?;
+    }
+    if id == caller.key_id {
+        // The last administrator key says why it stays, whoever asks.
+        if caller.admin && is_last_admin_key(&state, &id).await? {
+            return Err(last_admin_key(format!(
+                "key {id:?} is the last access key any administrator holds; without it nobody \
+                 could administer this hub"
+            )));
+        }
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "key-in-use",
+            format!("this request is signed with key {id:?}, the one it would delete"),
+            "sign in with another of your keys to delete this one (`trellis create key` makes one)",
+        ));
     }
     match state.store().delete_access_key_keeping_admin(&id).await? {
         AdminGuarded::Done(()) => {}
@@ -120,7 +137,8 @@ pub async fn delete_key(
 
 /// Makes a user an administrator or takes that away (administrators only).
 /// Demoting the holder of the last administrator key is refused.
-#[utoipa::path(patch, path = "/users/{user}", tag = "access", request_body = UpdateUserRequest,
+#[utoipa::path(patch, path = "/users/{user}", tag = "access",
+    params(crate::api::params::UserPath), request_body = UpdateUserRequest,
     responses((status = 200, body = User)))]
 pub async fn update_user(
     State(state): State<AppState>,
@@ -129,6 +147,20 @@ pub async fn update_user(
     Json(req): Json<UpdateUserRequest>,
 ) -> ApiResult<Json<User>> {
     caller.require_admin("change users")?;
+    if req.admin == Some(false) && user == caller.user {
+        if holds_last_admin_keys(&state, &user).await? {
+            return Err(last_admin_key(format!(
+                "{user:?} holds the last access keys of any administrator; without them \
+                 nobody could administer this hub"
+            )));
+        }
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "self-demotion",
+            format!("{user:?} cannot take their own administrator role away"),
+            "ask another administrator to do it",
+        ));
+    }
     let updated = match req.admin {
         Some(admin) => match state.store().set_user_admin(&user, admin).await? {
             AdminGuarded::Done(user) => user,
@@ -142,6 +174,36 @@ pub async fn update_user(
         None => state.store().get_user(&user).await?,
     };
     Ok(Json(updated))
+}
+
+/// Whether `id` is the only key any administrator holds (a read; the
+/// deletion itself is guarded in the store).
+async fn is_last_admin_key(state: &AppState, id: &str) -> ApiResult<bool> {
+    let admins: Vec<String> = state
+        .store()
+        .list_users()
+        .await?
+        .into_iter()
+        .filter(|u| u.admin)
+        .map(|u| u.name)
+        .collect();
+    let keys = state.store().list_access_keys(None).await?;
+    Ok(!keys.iter().any(|k| k.id != id && admins.contains(&k.user)))
+}
+
+/// Whether `user` holds keys and no other administrator does (a read; the
+/// change itself is guarded in the store).
+async fn holds_last_admin_keys(state: &AppState, user: &str) -> ApiResult<bool> {
+    let admins: Vec<String> = state
+        .store()
+        .list_users()
+        .await?
+        .into_iter()
+        .filter(|u| u.admin && u.name != user)
+        .map(|u| u.name)
+        .collect();
+    let keys = state.store().list_access_keys(None).await?;
+    Ok(keys.iter().any(|k| k.user == user) && !keys.iter().any(|k| admins.contains(&k.user)))
 }
 
 /// The refusal of a change that would leave no administrator able to sign

@@ -13,7 +13,8 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
 /// Newest first.
-#[utoipa::path(get, path = "/projects/{project}/builds", tag = "builds", responses((status = 200, body = Vec<Build>)))]
+#[utoipa::path(get, path = "/projects/{project}/builds", tag = "builds",
+    params(crate::api::params::ProjectPath), responses((status = 200, body = Vec<Build>)))]
 pub async fn list_builds(
     State(state): State<AppState>,
     caller: Caller,
@@ -23,7 +24,8 @@ pub async fn list_builds(
     Ok(Json(state.store().list_builds(&project).await?))
 }
 
-#[utoipa::path(get, path = "/projects/{project}/builds/{build}", tag = "builds", responses((status = 200, body = Build)))]
+#[utoipa::path(get, path = "/projects/{project}/builds/{build}", tag = "builds",
+    params(crate::api::params::BuildPath), responses((status = 200, body = Build)))]
 pub async fn get_build(
     State(state): State<AppState>,
     caller: Caller,
@@ -37,7 +39,8 @@ pub async fn get_build(
 /// come with its artifact: for a container component the image reference
 /// (the manifest's for `docker.image`) and, for `docker.file` always, the
 /// uploaded image archive; for a `process:` one the uploaded package.
-#[utoipa::path(post, path = "/projects/{project}/builds", tag = "builds", request_body = NewBuild,
+#[utoipa::path(post, path = "/projects/{project}/builds", tag = "builds",
+    params(crate::api::params::ProjectPath), request_body = NewBuild,
     responses((status = 201, body = Build)))]
 pub async fn create_build(
     State(state): State<AppState>,
@@ -57,7 +60,8 @@ pub async fn create_build(
     Ok((StatusCode::CREATED, Json(build)))
 }
 
-#[utoipa::path(delete, path = "/projects/{project}/builds/{build}", tag = "builds", responses((status = 204)))]
+#[utoipa::path(delete, path = "/projects/{project}/builds/{build}", tag = "builds",
+    params(crate::api::params::BuildPath), responses((status = 204)))]
 pub async fn delete_build(
     State(state): State<AppState>,
     caller: Caller,
@@ -68,8 +72,16 @@ pub async fn delete_build(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// A build whose content does not hold together (its manifest and
+/// artifacts are checked against each other and the artifact store, which
+/// no schema can say): 422.
 fn invalid_build(message: impl Into<String>, hint: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "invalid-build", message, hint)
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid-build",
+        message,
+        hint,
+    )
 }
 
 /// Checks that artifact `index` of `component` is on the hub: its index
@@ -135,7 +147,7 @@ fn check_build(chunks: &ChunkStore, build: &NewBuild) -> ApiResult<()> {
             "send the full hexadecimal commit id (`git rev-parse HEAD`)",
         ));
     }
-    if build.branch.is_empty() || build.branch.len() > 255 {
+    if build.branch.is_empty() || build.branch.chars().count() > 255 {
         return Err(invalid_build(
             "the branch name is empty or longer than 255 characters",
             "push builds from a checked-out branch",
@@ -143,7 +155,7 @@ fn check_build(chunks: &ChunkStore, build: &NewBuild) -> ApiResult<()> {
     }
     let manifest = parse_manifest(&build.manifest).map_err(|errors| {
         ApiError::new(
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-manifest",
             format!("{} is not a valid manifest:\n{errors}", build.manifest_file),
             "fix it and check with `trellis validate manifest PATH` before pushing",

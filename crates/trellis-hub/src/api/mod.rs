@@ -12,7 +12,9 @@ pub mod access;
 pub mod builds;
 pub mod chunks;
 pub mod components;
+pub mod contract;
 pub mod outposts;
+pub mod params;
 pub mod projects;
 pub mod stages;
 pub mod types;
@@ -46,9 +48,9 @@ async fn health() -> Json<HealthResponse> {
     })
 }
 
-/// The `/api/v1` router and the OpenAPI document describing it.
-pub fn router(state: AppState) -> axum::Router {
-    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+/// Every route of the API, with the OpenAPI description of each.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health))
         .routes(routes!(access::whoami))
         .routes(routes!(access::create_user, access::list_users))
@@ -101,9 +103,20 @@ pub fn router(state: AppState) -> axum::Router {
         .routes(routes!(chunks::missing_chunks))
         .routes(routes!(chunks::put_chunk))
         .routes(routes!(crate::gc::collect_garbage))
-        .split_for_parts();
+}
+
+/// The OpenAPI document served at `/api/v1/openapi.json` (see
+/// [`contract`]).
+pub fn document() -> serde_json::Value {
+    let (_, mut doc) = routes().split_for_parts();
     doc.servers = Some(vec![utoipa::openapi::Server::new("/api/v1")]);
-    let doc = std::sync::Arc::new(doc);
+    contract::complete(&doc)
+}
+
+/// The `/api/v1` router and the OpenAPI document describing it.
+pub fn router(state: AppState) -> axum::Router {
+    let (router, _) = routes().split_for_parts();
+    let doc = std::sync::Arc::new(document());
     router
         .route(
             "/openapi.json",

@@ -50,7 +50,8 @@ pub async fn create_project(
     Ok((StatusCode::CREATED, Json(project)))
 }
 
-#[utoipa::path(get, path = "/projects/{project}", tag = "projects", responses((status = 200, body = Project)))]
+#[utoipa::path(get, path = "/projects/{project}", tag = "projects",
+    params(crate::api::params::ProjectPath), responses((status = 200, body = Project)))]
 pub async fn get_project(
     State(state): State<AppState>,
     caller: Caller,
@@ -61,7 +62,7 @@ pub async fn get_project(
 }
 
 #[utoipa::path(delete, path = "/projects/{project}", tag = "projects",
-    params(("force" = Option<bool>, Query, description = "also delete its stages, builds and releases")),
+    params(crate::api::params::ProjectPath, ("force" = Option<bool>, Query, description = "also delete its stages, builds and releases")),
     responses((status = 204)))]
 pub async fn delete_project(
     State(state): State<AppState>,
@@ -78,7 +79,8 @@ pub async fn delete_project(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/projects/{project}/members", tag = "projects", responses((status = 200, body = Vec<Member>)))]
+#[utoipa::path(get, path = "/projects/{project}/members", tag = "projects",
+    params(crate::api::params::ProjectPath), responses((status = 200, body = Vec<Member>)))]
 pub async fn list_members(
     State(state): State<AppState>,
     caller: Caller,
@@ -88,7 +90,8 @@ pub async fn list_members(
     Ok(Json(state.store().list_members(&project).await?))
 }
 
-#[utoipa::path(put, path = "/projects/{project}/members/{user}", tag = "projects", request_body = SetMemberRequest,
+#[utoipa::path(put, path = "/projects/{project}/members/{user}", tag = "projects",
+    params(crate::api::params::MemberPath), request_body = SetMemberRequest,
     responses((status = 200, body = Member)))]
 pub async fn set_member(
     State(state): State<AppState>,
@@ -111,7 +114,8 @@ pub async fn set_member(
     }))
 }
 
-#[utoipa::path(delete, path = "/projects/{project}/members/{user}", tag = "projects", responses((status = 204)))]
+#[utoipa::path(delete, path = "/projects/{project}/members/{user}", tag = "projects",
+    params(crate::api::params::MemberPath), responses((status = 204)))]
 pub async fn remove_member(
     State(state): State<AppState>,
     caller: Caller,

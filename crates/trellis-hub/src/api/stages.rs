@@ -17,7 +17,8 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
-#[utoipa::path(get, path = "/projects/{project}/stages", tag = "stages", responses((status = 200, body = Vec<Stage>)))]
+#[utoipa::path(get, path = "/projects/{project}/stages", tag = "stages",
+    params(crate::api::params::ProjectPath), responses((status = 200, body = Vec<Stage>)))]
 pub async fn list_stages(
     State(state): State<AppState>,
     caller: Caller,
@@ -30,7 +31,8 @@ pub async fn list_stages(
 /// Creates a stage: on the outpost an Outpost URI names, or on the hub's
 /// local outpost. The stage is usable at once, whether or not the outpost's
 /// agent is connected.
-#[utoipa::path(post, path = "/projects/{project}/stages", tag = "stages", request_body = CreateStageRequest,
+#[utoipa::path(post, path = "/projects/{project}/stages", tag = "stages",
+    params(crate::api::params::ProjectPath), request_body = CreateStageRequest,
     responses((status = 201, body = Stage)))]
 pub async fn create_stage(
     State(state): State<AppState>,
@@ -68,7 +70,8 @@ pub async fn create_stage(
     Ok((StatusCode::CREATED, Json(stage)))
 }
 
-#[utoipa::path(get, path = "/projects/{project}/stages/{stage}", tag = "stages", responses((status = 200, body = Stage)))]
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}", tag = "stages",
+    params(crate::api::params::StagePath), responses((status = 200, body = Stage)))]
 pub async fn get_stage(
     State(state): State<AppState>,
     caller: Caller,
@@ -80,7 +83,8 @@ pub async fn get_stage(
 
 /// Renames a stage for display, or suspends/resumes it (which bumps its
 /// desired revision).
-#[utoipa::path(patch, path = "/projects/{project}/stages/{stage}", tag = "stages", request_body = UpdateStageRequest,
+#[utoipa::path(patch, path = "/projects/{project}/stages/{stage}", tag = "stages",
+    params(crate::api::params::StagePath), request_body = UpdateStageRequest,
     responses((status = 200, body = Stage)))]
 pub async fn update_stage(
     State(state): State<AppState>,
@@ -102,7 +106,7 @@ pub async fn update_stage(
 }
 
 #[utoipa::path(delete, path = "/projects/{project}/stages/{stage}", tag = "stages",
-    params(("force" = Option<bool>, Query, description = "also delete its releases and configs")),
+    params(crate::api::params::StagePath, ("force" = Option<bool>, Query, description = "also delete its releases and configs")),
     responses((status = 204)))]
 pub async fn delete_stage(
     State(state): State<AppState>,
@@ -121,7 +125,8 @@ pub async fn delete_stage(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/configs", tag = "configs", responses((status = 200, body = Vec<Config>)))]
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/configs", tag = "configs",
+    params(crate::api::params::StagePath), responses((status = 200, body = Vec<Config>)))]
 pub async fn list_configs(
     State(state): State<AppState>,
     caller: Caller,
@@ -135,7 +140,8 @@ pub async fn list_configs(
 }
 
 /// All configs of a project, across its stages.
-#[utoipa::path(get, path = "/projects/{project}/configs", tag = "configs", responses((status = 200, body = Vec<Config>)))]
+#[utoipa::path(get, path = "/projects/{project}/configs", tag = "configs",
+    params(crate::api::params::ProjectPath), responses((status = 200, body = Vec<Config>)))]
 pub async fn list_project_configs(
     State(state): State<AppState>,
     caller: Caller,
@@ -145,7 +151,8 @@ pub async fn list_project_configs(
     Ok(Json(state.store().list_configs(&project, None).await?))
 }
 
-#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/configs/{config}", tag = "configs", responses((status = 200, body = Config)))]
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/configs/{config}", tag = "configs",
+    params(crate::api::params::ConfigPath), responses((status = 200, body = Config)))]
 pub async fn get_config(
     State(state): State<AppState>,
     caller: Caller,
@@ -160,6 +167,7 @@ pub async fn get_config(
 /// Adds env values and files to a config, creating it if needed. Keys that
 /// exist are replaced.
 #[utoipa::path(post, path = "/projects/{project}/stages/{stage}/configs/{config}/data", tag = "configs",
+    params(crate::api::params::ConfigPath),
     request_body = AddConfigDataRequest, responses((status = 200, body = Config)))]
 pub async fn add_config_data(
     State(state): State<AppState>,
@@ -171,7 +179,9 @@ pub async fn add_config_data(
     validate_name(NameKind::Config, &config)?;
     for key in req.data.env.keys() {
         if !is_config_key(key) {
-            return Err(ApiError::bad_request(
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-config-key",
                 format!("{key:?} is not a valid config key"),
                 "use letters, digits, '-', '_' and '.', at most 253 of them (e.g. db.user or LOG_LEVEL); manifests name the key with config-ref",
             ));
@@ -179,7 +189,9 @@ pub async fn add_config_data(
     }
     for name in req.data.files.keys() {
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-            return Err(ApiError::bad_request(
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-file-name",
                 format!("{name:?} is not a valid config file name"),
                 "a config file is referenced by its plain file name, e.g. settings.json",
             ));
@@ -192,7 +204,8 @@ pub async fn add_config_data(
     Ok(Json(updated))
 }
 
-#[utoipa::path(delete, path = "/projects/{project}/stages/{stage}/configs/{config}", tag = "configs", responses((status = 204)))]
+#[utoipa::path(delete, path = "/projects/{project}/stages/{stage}/configs/{config}", tag = "configs",
+    params(crate::api::params::ConfigPath), responses((status = 204)))]
 pub async fn delete_config(
     State(state): State<AppState>,
     caller: Caller,
@@ -206,7 +219,8 @@ pub async fn delete_config(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/releases", tag = "releases", responses((status = 200, body = Vec<Release>)))]
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/releases", tag = "releases",
+    params(crate::api::params::StagePath), responses((status = 200, body = Vec<Release>)))]
 pub async fn list_releases(
     State(state): State<AppState>,
     caller: Caller,
@@ -217,7 +231,8 @@ pub async fn list_releases(
     Ok(Json(state.store().list_releases(&project, &stage).await?))
 }
 
-#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/releases/{number}", tag = "releases", responses((status = 200, body = Release)))]
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/releases/{number}", tag = "releases",
+    params(crate::api::params::ReleasePath), responses((status = 200, body = Release)))]
 pub async fn get_release(
     State(state): State<AppState>,
     caller: Caller,
@@ -233,6 +248,7 @@ pub async fn get_release(
 /// config of the stage, frozen as they are now. Returns at once; the
 /// stage's outpost picks the new desired revision up on its own.
 #[utoipa::path(post, path = "/projects/{project}/stages/{stage}/releases", tag = "releases",
+    params(crate::api::params::StagePath),
     request_body = PushReleaseRequest, responses((status = 201, body = Release)))]
 pub async fn push_release(
     State(state): State<AppState>,
@@ -282,6 +298,7 @@ pub const MAX_STAGES_PER_PUSH: usize = 100_000;
 /// fleet of outposts in one request and one transaction. Returns at once;
 /// each outpost picks its release up on its own.
 #[utoipa::path(post, path = "/projects/{project}/releases", tag = "releases",
+    params(crate::api::params::ProjectPath),
     request_body = PushReleasesRequest, responses((status = 201, body = Vec<Release>)))]
 pub async fn push_releases(
     State(state): State<AppState>,
