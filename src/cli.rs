@@ -459,6 +459,19 @@ pub enum AddCommand {
         /// A file to add under its file name, or `NAME=PATH`; repeatable
         #[arg(long = "file")]
         files: Vec<String>,
+        /// A secret env value, `KEY=VALUE`, or `KEY` to take the value of
+        /// the environment variable KEY (keeping it off the command line);
+        /// repeatable. Secret values are never printed without
+        /// `--with-values`
+        #[arg(long = "secret-env")]
+        secret_env: Vec<String>,
+        /// A secret file, as for --file; repeatable
+        #[arg(long = "secret-file")]
+        secret_files: Vec<String>,
+        /// Mark a key the config already holds (an env value or a file)
+        /// secret; repeatable
+        #[arg(long = "secret")]
+        secret: Vec<String>,
     },
     /// Add a user to a project, or change their role
     #[command(alias = "members")]
@@ -474,6 +487,18 @@ pub enum AddCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum RemoveCommand {
+    /// Remove env values or files from a stage's config (a new version of it)
+    #[command(name = "config-data")]
+    ConfigData {
+        config: String,
+        #[arg(short, long)]
+        project: String,
+        #[arg(short, long)]
+        stage: String,
+        /// The env key or file name to remove; repeatable
+        #[arg(long = "key", required = true)]
+        keys: Vec<String>,
+    },
     #[command(alias = "members")]
     Member {
         user: String,
@@ -509,6 +534,9 @@ pub enum Kind {
     /// (`list component -p PROJECT -s STAGE`)
     #[value(alias = "components")]
     Component,
+    /// The keys and values of a stage's configs (`list config-data -p
+    /// PROJECT -s STAGE [-c CONFIG] [--with-values]`)
+    ConfigData,
 }
 
 #[derive(Debug, Args)]
@@ -523,6 +551,13 @@ pub struct ListArgs {
     /// For `list key`: another user's keys (administrators)
     #[arg(long)]
     pub user: Option<String>,
+    /// For `list config-data`: only this config
+    #[arg(short, long)]
+    pub config: Option<String>,
+    /// For `list config-data` and `list config`: show secret values too
+    /// (owners only)
+    #[arg(long)]
+    pub with_values: bool,
 }
 
 #[derive(Debug, Args)]
@@ -536,6 +571,9 @@ pub struct GetArgs {
     pub project: Option<String>,
     #[arg(short, long)]
     pub stage: Option<String>,
+    /// For `get config`: show secret values too (owners only)
+    #[arg(long)]
+    pub with_values: bool,
 }
 
 #[derive(Debug, Args)]

@@ -228,6 +228,15 @@ impl HubClient {
             .await
     }
 
+    /// A DELETE whose answer is a JSON body.
+    pub async fn delete_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        doing: &str,
+    ) -> Result<T, ClientError> {
+        self.json(self.request(Method::DELETE, path), doing).await
+    }
+
     pub async fn delete(&self, path: &str, doing: &str) -> Result<(), ClientError> {
         self.send(self.request(Method::DELETE, path), doing)
             .await

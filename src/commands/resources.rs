@@ -43,7 +43,66 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Member => "member",
         Kind::OutpostUri => "outpost-uri",
         Kind::Component => "component",
+        Kind::ConfigData => "config-data",
     }
+}
+
+/// `path`, asking for secret values when `yes`.
+fn with_values(path: &str, yes: bool) -> String {
+    if yes {
+        format!("{path}?with_values=true")
+    } else {
+        path.to_owned()
+    }
+}
+
+/// A config's keys for a table: secret ones marked.
+fn keys_of(
+    values: &BTreeMap<String, String>,
+    secret: &std::collections::BTreeSet<String>,
+) -> String {
+    let mut keys: Vec<String> = values
+        .keys()
+        .filter(|k| !secret.contains(*k))
+        .cloned()
+        .collect();
+    keys.extend(secret.iter().map(|k| format!("{k} (secret)")));
+    keys.sort();
+    keys.join(", ")
+}
+
+/// One key of a config, as `list config-data` prints it.
+#[derive(serde::Serialize)]
+struct ConfigEntry {
+    config: String,
+    kind: &'static str,
+    key: String,
+    /// Absent for a secret whose value was not asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<String>,
+    secret: bool,
+}
+
+fn config_entries(c: &Config) -> Vec<ConfigEntry> {
+    let mut out = Vec::new();
+    for (kind, values, secret) in [
+        ("env", &c.data.env, &c.data.secret_env),
+        ("file", &c.data.files, &c.data.secret_files),
+    ] {
+        let mut keys: Vec<&String> = values.keys().chain(secret.iter()).collect();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            out.push(ConfigEntry {
+                config: c.name.clone(),
+                kind,
+                key: key.clone(),
+                value: values.get(key).cloned(),
+                secret: secret.contains(key),
+            });
+        }
+    }
+    out
 }
 
 pub async fn login(global: &GlobalArgs) -> anyhow::Result<()> {
@@ -323,53 +382,60 @@ pub async fn add(client: &HubClient, command: AddCommand) -> anyhow::Result<()> 
             stage,
             env,
             files,
+            secret_env,
+            secret_files,
+            secret,
         } => {
-            let env = parse_pairs(&env, "env value")?;
-            let mut file_map = BTreeMap::new();
-            for spec in files {
-                let (name, path) = match spec.split_once('=') {
-                    Some((n, p)) => (n.to_owned(), p.to_owned()),
+            let mut data = ConfigData {
+                env: parse_pairs(&env, "env value")?,
+                files: read_files(&files)?,
+                ..ConfigData::default()
+            };
+            for item in &secret_env {
+                let (key, value) = match item.split_once('=') {
+                    Some((k, v)) => (k.to_owned(), v.to_owned()),
                     None => {
-                        let name = Path::new(&spec)
-                            .file_name()
-                            .and_then(|n| n.to_str())
-                            .with_context(|| format!("{spec:?} names no file"))?
-                            .to_owned();
-                        (name, spec.clone())
+                        let value = std::env::var(item).with_context(|| {
+                            format!(
+                                "--secret-env {item}: the environment variable {item} is not set; \
+                                 set it, or write --secret-env {item}=VALUE"
+                            )
+                        })?;
+                        (item.clone(), value)
                     }
                 };
-                let content = std::fs::read_to_string(&path).with_context(|| {
-                    format!("reading config file {path} (config files must be UTF-8 text)")
-                })?;
-                file_map.insert(name, content);
+                data.secret_env.insert(key.clone());
+                data.env.insert(key, value);
             }
-            if env.is_empty() && file_map.is_empty() {
-                bail!("nothing to add: give --env KEY=VALUE and/or --file PATH");
+            for (name, content) in read_files(&secret_files)? {
+                data.secret_files.insert(name.clone());
+                data.files.insert(name, content);
+            }
+            let path = config_path(&project, &stage, &config);
+            if !secret.is_empty() {
+                mark_secret(client, &path, &config, &secret, &mut data).await?;
+            }
+            if data.env.is_empty() && data.files.is_empty() && secret.is_empty() {
+                bail!(
+                    "nothing to add: give --env KEY=VALUE, --file PATH, --secret-env KEY=VALUE, \
+                     --secret-file PATH and/or --secret KEY"
+                );
             }
             let c: Config = client
                 .post(
-                    &format!(
-                        "/projects/{}/stages/{}/configs/{}/data",
-                        seg(&project),
-                        seg(&stage),
-                        seg(&config)
-                    ),
-                    &AddConfigDataRequest {
-                        data: ConfigData {
-                            env,
-                            files: file_map,
-                        },
-                    },
+                    &format!("{path}/data"),
+                    &AddConfigDataRequest { data },
                     "adding config data",
                 )
                 .await?;
             println!(
-                "config {} of stage {} is now version {} ({} env values, {} files)",
+                "config {} of stage {} is now version {} ({} env values, {} files; {} secret)",
                 c.name,
                 c.stage,
                 c.version,
-                c.data.env.len(),
-                c.data.files.len()
+                c.data.env.len() + c.data.secret_env.len(),
+                c.data.files.len() + c.data.secret_files.len(),
+                c.data.secret_env.len() + c.data.secret_files.len()
             );
         }
         AddCommand::Member {
@@ -391,8 +457,97 @@ pub async fn add(client: &HubClient, command: AddCommand) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `--file`/`--secret-file` arguments: a path (the file's name is its
+/// key) or `NAME=PATH`, read as UTF-8 text.
+fn read_files(specs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut files = BTreeMap::new();
+    for spec in specs {
+        let (name, path) = match spec.split_once('=') {
+            Some((n, p)) => (n.to_owned(), p.to_owned()),
+            None => {
+                let name = Path::new(spec)
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .with_context(|| format!("{spec:?} names no file"))?
+                    .to_owned();
+                (name, spec.clone())
+            }
+        };
+        let content = std::fs::read_to_string(&path).with_context(|| {
+            format!("reading config file {path} (config files must be UTF-8 text)")
+        })?;
+        files.insert(name, content);
+    }
+    Ok(files)
+}
+
+fn config_path(project: &str, stage: &str, config: &str) -> String {
+    format!(
+        "/projects/{}/stages/{}/configs/{}",
+        seg(project),
+        seg(stage),
+        seg(config)
+    )
+}
+
+/// `--secret KEY`: marks keys the config holds, as env values or files.
+async fn mark_secret(
+    client: &HubClient,
+    path: &str,
+    config: &str,
+    keys: &[String],
+    data: &mut ConfigData,
+) -> anyhow::Result<()> {
+    let existing: Config = client.get(path, "reading the config").await?;
+    for key in keys {
+        let d = &existing.data;
+        if d.env.contains_key(key) || d.secret_env.contains(key) || data.env.contains_key(key) {
+            data.secret_env.insert(key.clone());
+        } else if d.files.contains_key(key)
+            || d.secret_files.contains(key)
+            || data.files.contains_key(key)
+        {
+            data.secret_files.insert(key.clone());
+        } else {
+            bail!(
+                "config {config} has no env value or file {key:?} to mark secret; give its value \
+                 with --secret-env {key}=VALUE or --secret-file PATH"
+            );
+        }
+    }
+    Ok(())
+}
+
 pub async fn remove(client: &HubClient, command: RemoveCommand) -> anyhow::Result<()> {
     match command {
+        RemoveCommand::ConfigData {
+            config,
+            project,
+            stage,
+            keys,
+        } => {
+            let path = config_path(&project, &stage, &config);
+            let mut last: Option<Config> = None;
+            for key in &keys {
+                last = Some(
+                    client
+                        .delete_json(
+                            &format!("{path}/keys/{}", seg(key)),
+                            &format!("removing {key:?} from config {config}"),
+                        )
+                        .await?,
+                );
+            }
+            if let Some(c) = last {
+                println!(
+                    "removed {} from config {} of stage {}; it is now version {}",
+                    keys.join(", "),
+                    c.name,
+                    c.stage,
+                    c.version
+                );
+            }
+        }
         RemoveCommand::Member { user, project } => {
             client
                 .delete(
@@ -519,7 +674,9 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
                 Some(stage) => format!("/projects/{}/stages/{}/configs", seg(project), seg(stage)),
                 None => format!("/projects/{}/configs", seg(project)),
             };
-            let items: Vec<Config> = client.get(&path, "listing configs").await?;
+            let items: Vec<Config> = client
+                .get(&with_values(&path, args.with_values), "listing configs")
+                .await?;
             output::list(
                 format,
                 &items,
@@ -529,9 +686,50 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
                         c.name.clone(),
                         c.stage.clone(),
                         c.version.to_string(),
-                        c.data.env.keys().cloned().collect::<Vec<_>>().join(", "),
-                        c.data.files.keys().cloned().collect::<Vec<_>>().join(", "),
+                        keys_of(&c.data.env, &c.data.secret_env),
+                        keys_of(&c.data.files, &c.data.secret_files),
                         time(&c.updated_at),
+                    ]
+                },
+            )
+        }
+        Kind::ConfigData => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let stage = need(&args.stage, "-s STAGE", kind)?;
+            let path = format!("/projects/{}/stages/{}/configs", seg(project), seg(stage));
+            let configs: Vec<Config> = client
+                .get(&with_values(&path, args.with_values), "listing config data")
+                .await?;
+            let entries: Vec<ConfigEntry> = configs
+                .iter()
+                .filter(|c| args.config.as_ref().is_none_or(|name| &c.name == name))
+                .flat_map(config_entries)
+                .collect();
+            if let Some(name) = &args.config
+                && !configs.iter().any(|c| &c.name == name)
+            {
+                bail!(
+                    "stage {stage} has no config {name:?}; `trellis list config -p {project} -s \
+                     {stage}` shows its configs"
+                );
+            }
+            output::list(
+                format,
+                &entries,
+                &["config", "kind", "key", "value", "secret"],
+                |e| {
+                    vec![
+                        e.config.clone(),
+                        e.kind.into(),
+                        e.key.clone(),
+                        match (&e.value, e.kind) {
+                            (None, _) => "(secret; --with-values shows it)".into(),
+                            (Some(v), "file") if !args.with_values => {
+                                format!("({} bytes)", v.len())
+                            }
+                            (Some(v), _) => v.clone(),
+                        },
+                        if e.secret { "yes".into() } else { "no".into() },
                     ]
                 },
             )
@@ -758,12 +956,7 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
             let stage = need(&args.stage, "-s STAGE", kind)?;
             let c: Config = client
                 .get(
-                    &format!(
-                        "/projects/{}/stages/{}/configs/{}",
-                        seg(project),
-                        seg(stage),
-                        seg(name)
-                    ),
+                    &with_values(&config_path(project, stage, name), args.with_values),
                     "getting the config",
                 )
                 .await?;
@@ -772,11 +965,19 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
                 ("stage", c.stage.clone()),
                 ("version", c.version.to_string()),
             ];
-            for (k, v) in &c.data.env {
-                fields.push(("env", format!("{k}={v}")));
-            }
-            for (k, v) in &c.data.files {
-                fields.push(("file", format!("{k} ({} bytes)", v.len())));
+            for e in config_entries(&c) {
+                let shown = match (&e.value, e.kind) {
+                    (None, _) => "(secret)".to_owned(),
+                    (Some(v), "file") => format!("({} bytes)", v.len()),
+                    (Some(v), _) => v.clone(),
+                };
+                let secret = if e.secret && e.value.is_some() {
+                    " (secret)"
+                } else {
+                    ""
+                };
+                let label = if e.kind == "env" { "env" } else { "file" };
+                fields.push((label, format!("{}={shown}{secret}", e.key)));
             }
             output::one(format, &c, &fields)
         }
@@ -809,7 +1010,7 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
             )
         }
         Kind::OutpostUri => super::outposts::get_uri(client, name).await,
-        Kind::User | Kind::Key | Kind::Member | Kind::Component => {
+        Kind::User | Kind::Key | Kind::Member | Kind::Component | Kind::ConfigData => {
             bail!(
                 "`trellis get {}` is not available; use `trellis list {}`",
                 kind_name(kind),
@@ -843,6 +1044,10 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
         ),
         Kind::Outpost => format!("/outposts/{}{force}", seg(name)),
         Kind::Key => format!("/keys/{}", seg(name)),
+        Kind::ConfigData => bail!(
+            "config data is removed key by key: `trellis remove config-data CONFIG -p PROJECT -s \
+             STAGE --key KEY`; `trellis delete config` deletes a whole config"
+        ),
         Kind::Release | Kind::User | Kind::Member | Kind::OutpostUri | Kind::Component => bail!(
             "{}s cannot be deleted{}",
             kind_name(kind),

@@ -56,6 +56,7 @@ pub mod reconciler;
 pub mod report;
 pub mod runner;
 pub mod runtime;
+pub mod seal;
 pub mod shutdown;
 pub mod state;
 pub mod ws;
@@ -453,7 +454,9 @@ async fn deployer(
         let info = r.describe();
         tracing::info!(runtime = %r.kind(), engine = %info.name, version = %info.version, "runtime ready");
     }
-    Ok(deploy::Deployer::new(data_dir, runtimes, settings.deploy).with_artifacts(artifacts))
+    Ok(deploy::Deployer::new(data_dir, runtimes, settings.deploy)
+        .with_artifacts(artifacts)
+        .with_seal(state.seal_key()))
 }
 
 /// The outpost's name: given, or from the identity.

@@ -20,6 +20,7 @@
 //! - `drain.rs`: reading what a handler left of a request's body.
 //! - `console/`: the browser console (server-rendered pages, templates in
 //!   `templates/`, assets in `assets/`).
+//! - `sealed.rs`: the store around the backend, sealing config data.
 //! - `state.rs`: what handlers share.
 
 pub mod api;
@@ -33,6 +34,7 @@ pub mod link;
 pub mod local;
 pub mod metrics;
 pub mod outposts;
+pub mod sealed;
 mod server;
 pub mod state;
 pub mod tls;

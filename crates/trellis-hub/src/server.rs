@@ -70,6 +70,10 @@ impl Hub {
         let chunks = ChunkStore::open(&artifacts, Durability::Synced)
             .with_context(|| format!("opening the artifact store {}", artifacts.display()))?;
         let link_secret = LinkSecret::load_or_create(&options.data_dir.join(LINK_SECRET_FILE))?;
+        let config_key_file = options.data_dir.join(crate::sealed::CONFIG_KEY_FILE);
+        let config_key = trellis_agent::seal::SealKey::load_or_create(&config_key_file)
+            .with_context(|| format!("reading the config key {}", config_key_file.display()))?;
+        let store: Arc<dyn Store> = Arc::new(crate::sealed::SealedStore::new(store, config_key));
         let admin_key = bootstrap_admin(store.as_ref(), &options.data_dir).await?;
         ensure_local_outpost(store.as_ref()).await?;
         let ca = crate::tls::load_or_create_ca(&options.data_dir)?;

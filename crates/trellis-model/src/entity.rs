@@ -6,7 +6,7 @@
 //! deleted, …) are enforced by the store, so every backend enforces the same
 //! ones and one test suite checks them all.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -297,6 +297,37 @@ pub struct ConfigData {
     pub env: BTreeMap<String, String>,
     /// File name → content.
     pub files: BTreeMap<String, String>,
+    /// The env keys whose values are secret: never shown unless an owner
+    /// asks for them, and, when a config is shown without values, listed
+    /// here while their values are left out of `env`.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub secret_env: BTreeSet<String>,
+    /// The same for files.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub secret_files: BTreeSet<String>,
+}
+
+impl ConfigData {
+    /// The data with the values of secret keys left out (their keys stay
+    /// listed in `secret_env`/`secret_files`).
+    pub fn without_secret_values(&self) -> ConfigData {
+        ConfigData {
+            env: self
+                .env
+                .iter()
+                .filter(|(k, _)| !self.secret_env.contains(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            files: self
+                .files
+                .iter()
+                .filter(|(k, _)| !self.secret_files.contains(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            secret_env: self.secret_env.clone(),
+            secret_files: self.secret_files.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

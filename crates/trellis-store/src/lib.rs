@@ -396,6 +396,18 @@ pub trait Store: Send + Sync + 'static {
         data: &ConfigData,
         now: Timestamp,
     ) -> Result<Config>;
+    /// Removes `keys` from the config — each from its env values or its
+    /// files, whichever holds it — incrementing its version. A key the
+    /// config holds in neither is `NotFound` (kind `config key`), and
+    /// nothing changes.
+    async fn remove_config_keys(
+        &self,
+        project: &str,
+        stage: &str,
+        name: &str,
+        keys: &[String],
+        now: Timestamp,
+    ) -> Result<Config>;
     async fn get_config(&self, project: &str, stage: &str, name: &str) -> Result<Config>;
     /// All configs of the project, or of one stage.
     async fn list_configs(&self, project: &str, stage: Option<&str>) -> Result<Vec<Config>>;
@@ -561,6 +573,32 @@ pub(crate) mod wording {
 
     pub fn config(project: &str, stage: &str, config: &str) -> String {
         format!("{project}/{stage}/{config}")
+    }
+
+    pub fn config_key(project: &str, stage: &str, config: &str, key: &str) -> String {
+        format!("{project}/{stage}/{config}:{key}")
+    }
+
+    /// Removes `keys` from `data` (env or files); the first key it holds
+    /// in neither is the error.
+    pub fn remove_keys(
+        data: &mut trellis_model::ConfigData,
+        keys: &[String],
+        project: &str,
+        stage: &str,
+        config: &str,
+    ) -> Result<(), StoreError> {
+        for key in keys {
+            let in_env = data.env.remove(key).is_some();
+            let in_files = data.files.remove(key).is_some();
+            if !in_env && !in_files {
+                return Err(StoreError::NotFound {
+                    kind: "config key",
+                    name: config_key(project, stage, config, key),
+                });
+            }
+        }
+        Ok(())
     }
 
     pub fn release(project: &str, stage: &str, number: u64) -> String {

@@ -873,6 +873,28 @@ impl Store for MemoryStore {
         Ok(config)
     }
 
+    async fn remove_config_keys(
+        &self,
+        project: &str,
+        stage: &str,
+        name: &str,
+        keys: &[String],
+        now: Timestamp,
+    ) -> Result<Config> {
+        let mut state = self.state();
+        let stage_state = state.stage_mut(project, stage)?;
+        let existing = stage_state
+            .configs
+            .get(name)
+            .ok_or_else(|| not_found("config", wording::config(project, stage, name)))?;
+        let mut config = existing.clone();
+        wording::remove_keys(&mut config.data, keys, project, stage, name)?;
+        config.version += 1;
+        config.updated_at = millis(now);
+        stage_state.configs.insert(name.to_owned(), config.clone());
+        Ok(config)
+    }
+
     async fn get_config(&self, project: &str, stage: &str, name: &str) -> Result<Config> {
         self.state()
             .stage(project, stage)?

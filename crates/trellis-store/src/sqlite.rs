@@ -402,6 +402,7 @@ fn config_from(row: &SqliteRow) -> Result<Config> {
         data: ConfigData {
             env: from_json(row, "env")?,
             files: from_json(row, "files")?,
+            ..ConfigData::default()
         },
         updated_at: time(row, "updated_at")?,
     })
@@ -1863,6 +1864,55 @@ impl Store for SqliteStore {
             data: merged,
             updated_at: truncated(now),
         })
+    }
+
+    async fn remove_config_keys(
+        &self,
+        project: &str,
+        stage: &str,
+        name: &str,
+        keys: &[String],
+        now: Timestamp,
+    ) -> Result<Config> {
+        const DOING: &str = "removing keys from a config";
+        let mut tx = self.write().await?;
+        let existing = sqlx::query(concat!(
+            "SELECT ",
+            config_columns!(),
+            " FROM configs WHERE project = $1 AND stage = $2 AND name = $3"
+        ))
+        .bind(project)
+        .bind(stage)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend(DOING))?
+        .as_ref()
+        .map(config_from)
+        .transpose()?;
+        let Some(mut config) = existing else {
+            require_stage(&mut tx, project, stage).await?;
+            return Err(not_found("config", wording::config(project, stage, name)));
+        };
+        wording::remove_keys(&mut config.data, keys, project, stage, name)?;
+        config.version += 1;
+        config.updated_at = truncated(now);
+        sqlx::query(
+            "UPDATE configs SET version = $4, env = $5, files = $6, updated_at = $7 \
+             WHERE project = $1 AND stage = $2 AND name = $3",
+        )
+        .bind(project)
+        .bind(stage)
+        .bind(name)
+        .bind(int(config.version)?)
+        .bind(json(&config.data.env)?)
+        .bind(json(&config.data.files)?)
+        .bind(millis(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        commit(tx, DOING).await?;
+        Ok(config)
     }
 
     async fn get_config(&self, project: &str, stage: &str, name: &str) -> Result<Config> {

@@ -53,6 +53,7 @@ macro_rules! for_each_suite_test {
             failed_push_changes_nothing,
             release_push_to_many_stages,
             configs,
+            config_key_removal,
             delete_project_rules,
             delete_stage_rules,
             delete_build_rules,
@@ -168,6 +169,7 @@ fn config_data(env: &[(&str, &str)], files: &[(&str, &str)]) -> ConfigData {
     ConfigData {
         env: map(env),
         files: map(files),
+        ..ConfigData::default()
     }
 }
 
@@ -1229,6 +1231,62 @@ pub async fn configs(store: &dyn Store) {
     assert_not_found(store.list_configs("nope", None).await, "project", "nope");
     assert_not_found(
         store.delete_config("shop", "qa", "db").await,
+        "stage",
+        "shop/qa",
+    );
+}
+
+/// Keys leave a config one by one, each from its env values or files;
+/// every removal is a new version, and a key the config lacks changes
+/// nothing.
+pub async fn config_key_removal(store: &dyn Store) {
+    setup(store, "shop").await;
+    stage_in(store, "shop", "dev").await;
+    let keys = |k: &[&str]| k.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_not_found(
+        store
+            .remove_config_keys("shop", "dev", "app", &keys(&["A"]), at(20))
+            .await,
+        "config",
+        "shop/dev/app",
+    );
+    store
+        .add_config_data(
+            "shop",
+            "dev",
+            "app",
+            &config_data(&[("A", "1"), ("B", "2")], &[("app.json", "{}")]),
+            at(21),
+        )
+        .await
+        .unwrap();
+    let removed = store
+        .remove_config_keys("shop", "dev", "app", &keys(&["A", "app.json"]), at(22))
+        .await
+        .unwrap();
+    assert_eq!(removed.version, 2);
+    assert_eq!(removed.data, config_data(&[("B", "2")], &[]));
+    assert_eq!(removed.updated_at, at(22));
+    assert_eq!(
+        store.get_config("shop", "dev", "app").await.unwrap(),
+        removed
+    );
+    // One missing key refuses the whole removal.
+    assert_not_found(
+        store
+            .remove_config_keys("shop", "dev", "app", &keys(&["B", "A"]), at(23))
+            .await,
+        "config key",
+        "shop/dev/app:A",
+    );
+    assert_eq!(
+        store.get_config("shop", "dev", "app").await.unwrap(),
+        removed
+    );
+    assert_not_found(
+        store
+            .remove_config_keys("shop", "qa", "app", &keys(&["B"]), at(23))
+            .await,
         "stage",
         "shop/qa",
     );

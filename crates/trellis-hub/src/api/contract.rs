@@ -121,9 +121,18 @@ pub const ERRORS: &[(&str, Refusals)] = &[
     ("stage_status", &[(404, &["not-found"])]),
     ("project_status", &[(404, &["not-found"])]),
     // configs
-    ("list_project_configs", &[(404, &["not-found"])]),
-    ("list_configs", &[(404, &["not-found"])]),
-    ("get_config", &[(404, &["not-found"])]),
+    (
+        "list_project_configs",
+        &[(403, &["forbidden"]), (404, &["not-found"])],
+    ),
+    (
+        "list_configs",
+        &[(403, &["forbidden"]), (404, &["not-found"])],
+    ),
+    (
+        "get_config",
+        &[(403, &["forbidden"]), (404, &["not-found"])],
+    ),
     ("delete_config", &[(404, &["not-found"])]),
     (
         "add_config_data",
@@ -133,8 +142,10 @@ pub const ERRORS: &[(&str, Refusals)] = &[
                 &["invalid-name", "invalid-config-key", "invalid-file-name"],
             ),
             (404, &["not-found"]),
+            (409, &["unknown-config-key"]),
         ],
     ),
+    ("remove_config_key", &[(404, &["not-found"])]),
     // releases
     ("list_releases", &[(404, &["not-found"])]),
     ("get_release", &[(404, &["not-found"])]),
@@ -416,6 +427,10 @@ pub const CODES: &[(&str, &str)] = &[
     (
         "invalid-file-name",
         "a config file name is empty or holds '/'",
+    ),
+    (
+        "unknown-config-key",
+        "a key marked secret is neither given nor in the config",
     ),
     ("no-build", "the project has no build to release"),
     ("no-stages", "the push names no stage"),

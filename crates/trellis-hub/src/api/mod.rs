@@ -72,6 +72,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(stages::list_configs))
         .routes(routes!(stages::get_config, stages::delete_config))
         .routes(routes!(stages::add_config_data))
+        .routes(routes!(stages::remove_config_key))
         .routes(routes!(stages::list_releases, stages::push_release))
         .routes(routes!(stages::push_releases))
         .routes(routes!(stages::get_release))

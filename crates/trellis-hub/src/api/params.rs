@@ -52,6 +52,23 @@ pub struct ConfigPath {
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
+pub struct ConfigKeyPath {
+    /// The project's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "shop")]
+    pub project: String,
+    /// The stage's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "dev")]
+    pub stage: String,
+    /// The config's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "app")]
+    pub config: String,
+    /// An env key or a file name of the config
+    #[param(pattern = "^[^/]+$", example = "LOG_LEVEL")]
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
 pub struct ReleasePath {
     /// The project's name
     #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "shop")]

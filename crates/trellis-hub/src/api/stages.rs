@@ -10,8 +10,8 @@ use trellis_model::{
 use trellis_store::{NewRelease, NewStage, StageUpdate};
 
 use super::types::{
-    AddConfigDataRequest, CreateStageRequest, DeleteQuery, PushReleaseRequest, PushReleasesRequest,
-    UpdateStageRequest,
+    AddConfigDataRequest, ConfigValuesQuery, CreateStageRequest, DeleteQuery, PushReleaseRequest,
+    PushReleasesRequest, UpdateStageRequest,
 };
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -125,47 +125,95 @@ pub async fn delete_stage(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The stage's configs. Values of secret keys are left out (their keys
+/// are listed in `secret_env`/`secret_files`) unless an owner asks for
+/// them with `with_values`.
 #[utoipa::path(get, path = "/projects/{project}/stages/{stage}/configs", tag = "configs",
-    params(crate::api::params::StagePath), responses((status = 200, body = Vec<Config>)))]
+    params(crate::api::params::StagePath, ConfigValuesQuery),
+    responses((status = 200, body = Vec<Config>)))]
 pub async fn list_configs(
     State(state): State<AppState>,
     caller: Caller,
     Path((project, stage)): Path<(String, String)>,
+    Query(q): Query<ConfigValuesQuery>,
 ) -> ApiResult<Json<Vec<Config>>> {
-    caller.role_in(&state, &project).await?;
+    let show = secrets_shown(&state, &caller, &project, q.with_values).await?;
     state.store().get_stage(&project, &stage).await?;
-    Ok(Json(
-        state.store().list_configs(&project, Some(&stage)).await?,
-    ))
+    let configs = state.store().list_configs(&project, Some(&stage)).await?;
+    Ok(Json(configs.into_iter().map(|c| shown(c, show)).collect()))
 }
 
-/// All configs of a project, across its stages.
+/// All configs of a project, across its stages; secret values as for
+/// one stage's.
 #[utoipa::path(get, path = "/projects/{project}/configs", tag = "configs",
-    params(crate::api::params::ProjectPath), responses((status = 200, body = Vec<Config>)))]
+    params(crate::api::params::ProjectPath, ConfigValuesQuery),
+    responses((status = 200, body = Vec<Config>)))]
 pub async fn list_project_configs(
     State(state): State<AppState>,
     caller: Caller,
     Path(project): Path<String>,
+    Query(q): Query<ConfigValuesQuery>,
 ) -> ApiResult<Json<Vec<Config>>> {
-    caller.role_in(&state, &project).await?;
-    Ok(Json(state.store().list_configs(&project, None).await?))
+    let show = secrets_shown(&state, &caller, &project, q.with_values).await?;
+    let configs = state.store().list_configs(&project, None).await?;
+    Ok(Json(configs.into_iter().map(|c| shown(c, show)).collect()))
 }
 
+/// One config; secret values as for a stage's list.
 #[utoipa::path(get, path = "/projects/{project}/stages/{stage}/configs/{config}", tag = "configs",
-    params(crate::api::params::ConfigPath), responses((status = 200, body = Config)))]
+    params(crate::api::params::ConfigPath, ConfigValuesQuery),
+    responses((status = 200, body = Config)))]
 pub async fn get_config(
     State(state): State<AppState>,
     caller: Caller,
     Path((project, stage, config)): Path<(String, String, String)>,
+    Query(q): Query<ConfigValuesQuery>,
 ) -> ApiResult<Json<Config>> {
-    caller.role_in(&state, &project).await?;
-    Ok(Json(
-        state.store().get_config(&project, &stage, &config).await?,
-    ))
+    let show = secrets_shown(&state, &caller, &project, q.with_values).await?;
+    let config = state.store().get_config(&project, &stage, &config).await?;
+    Ok(Json(shown(config, show)))
+}
+
+/// Whether secret values go out: only when asked, and only to owners (and
+/// administrators, who act as owners). Also checks the caller may see the
+/// project at all.
+async fn secrets_shown(
+    state: &AppState,
+    caller: &Caller,
+    project: &str,
+    asked: bool,
+) -> ApiResult<bool> {
+    if asked {
+        caller
+            .require_owner(state, project, "see the values of secret config keys")
+            .await?;
+    } else {
+        caller.role_in(state, project).await?;
+    }
+    Ok(asked)
+}
+
+/// `config` as it goes out: secret values left out unless `show`.
+fn shown(mut config: Config, show: bool) -> Config {
+    if !show {
+        config.data = config.data.without_secret_values();
+    }
+    config
+}
+
+/// A release as it goes out: its config snapshot's secret values are never
+/// shown (the config they came from shows them to owners).
+pub(crate) fn release_shown(mut release: Release) -> Release {
+    if let Some(snapshot) = &mut release.config {
+        snapshot.data = snapshot.data.without_secret_values();
+    }
+    release
 }
 
 /// Adds env values and files to a config, creating it if needed. Keys that
-/// exist are replaced.
+/// exist are replaced. Keys listed in `secret_env`/`secret_files` are
+/// secret: given in this request, or already in the config (then only
+/// marked). The answer leaves secret values out.
 #[utoipa::path(post, path = "/projects/{project}/stages/{stage}/configs/{config}/data", tag = "configs",
     params(crate::api::params::ConfigPath),
     request_body = AddConfigDataRequest, responses((status = 200, body = Config)))]
@@ -197,11 +245,66 @@ pub async fn add_config_data(
             ));
         }
     }
+    let mut data = req.data;
+    // Secret marks of keys the request does not carry mark the config's
+    // own: their values are written again, marked.
+    let unmarked_env: Vec<String> = data
+        .secret_env
+        .iter()
+        .filter(|k| !data.env.contains_key(*k))
+        .cloned()
+        .collect();
+    let unmarked_files: Vec<String> = data
+        .secret_files
+        .iter()
+        .filter(|k| !data.files.contains_key(*k))
+        .cloned()
+        .collect();
+    if !unmarked_env.is_empty() || !unmarked_files.is_empty() {
+        let existing = match state.store().get_config(&project, &stage, &config).await {
+            Ok(existing) => existing.data,
+            Err(trellis_store::StoreError::NotFound { kind: "config", .. }) => Default::default(),
+            Err(e) => return Err(e.into()),
+        };
+        for (wanted, have, into, kind) in [
+            (&unmarked_env, &existing.env, &mut data.env, "env value"),
+            (&unmarked_files, &existing.files, &mut data.files, "file"),
+        ] {
+            for key in wanted {
+                let value = have.get(key).ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::CONFLICT,
+                        "unknown-config-key",
+                        format!("config {config:?} of stage {stage:?} has no {kind} {key:?} to mark secret"),
+                        "give its value too (`--secret-env KEY=VALUE`, `--secret-file PATH`)",
+                    )
+                })?;
+                into.insert(key.clone(), value.clone());
+            }
+        }
+    }
     let updated = state
         .store()
-        .add_config_data(&project, &stage, &config, &req.data, Utc::now())
+        .add_config_data(&project, &stage, &config, &data, Utc::now())
         .await?;
-    Ok(Json(updated))
+    Ok(Json(shown(updated, false)))
+}
+
+/// Removes one key — an env value or a file — from a config, as a new
+/// version of it. The answer leaves secret values out.
+#[utoipa::path(delete, path = "/projects/{project}/stages/{stage}/configs/{config}/keys/{key}", tag = "configs",
+    params(crate::api::params::ConfigKeyPath), responses((status = 200, body = Config)))]
+pub async fn remove_config_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage, config, key)): Path<(String, String, String, String)>,
+) -> ApiResult<Json<Config>> {
+    caller.role_in(&state, &project).await?;
+    let updated = state
+        .store()
+        .remove_config_keys(&project, &stage, &config, &[key], Utc::now())
+        .await?;
+    Ok(Json(shown(updated, false)))
 }
 
 #[utoipa::path(delete, path = "/projects/{project}/stages/{stage}/configs/{config}", tag = "configs",
@@ -228,7 +331,8 @@ pub async fn list_releases(
 ) -> ApiResult<Json<Vec<Release>>> {
     caller.role_in(&state, &project).await?;
     state.store().get_stage(&project, &stage).await?;
-    Ok(Json(state.store().list_releases(&project, &stage).await?))
+    let releases = state.store().list_releases(&project, &stage).await?;
+    Ok(Json(releases.into_iter().map(release_shown).collect()))
 }
 
 #[utoipa::path(get, path = "/projects/{project}/stages/{stage}/releases/{number}", tag = "releases",
@@ -239,9 +343,9 @@ pub async fn get_release(
     Path((project, stage, number)): Path<(String, String, u64)>,
 ) -> ApiResult<Json<Release>> {
     caller.role_in(&state, &project).await?;
-    Ok(Json(
+    Ok(Json(release_shown(
         state.store().get_release(&project, &stage, number).await?,
-    ))
+    )))
 }
 
 /// Pushes a release: a build (the newest when not named) and optionally a
@@ -286,7 +390,7 @@ pub async fn push_release(
     // The deploy is recorded; the outpost's session picks it up on its own.
     // Nothing here waits for the outpost.
     state.links().poke(&stage_record.outpost);
-    Ok((StatusCode::CREATED, Json(release)))
+    Ok((StatusCode::CREATED, Json(release_shown(release))))
 }
 
 /// The most stages one push may name.
@@ -352,7 +456,10 @@ pub async fn push_releases(
     for outpost in &pushed.outposts {
         state.links().poke(outpost);
     }
-    Ok((StatusCode::CREATED, Json(pushed.releases)))
+    Ok((
+        StatusCode::CREATED,
+        Json(pushed.releases.into_iter().map(release_shown).collect()),
+    ))
 }
 
 /// The build a release takes: the one named, or the project's newest.

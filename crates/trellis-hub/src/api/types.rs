@@ -199,6 +199,15 @@ pub struct DeleteQuery {
     pub force: bool,
 }
 
+/// Whether a config's secret values are shown.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConfigValuesQuery {
+    /// Show the values of secret keys too (owners only).
+    #[serde(default)]
+    pub with_values: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
 pub struct KeysQuery {
     #[serde(default)]
