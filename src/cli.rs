@@ -66,6 +66,17 @@ pub struct ClientOnly {
     pub global: GlobalArgs,
 }
 
+/// A duration as users write one: `30d`, `12h`, `90s`, `1h30m`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let seconds = trellis_hub::api::components::parse_since(text, chrono::DateTime::UNIX_EPOCH)
+        .ok()
+        .filter(|_| !text.contains('-') && !text.contains(':'))
+        .map(|back| (chrono::DateTime::UNIX_EPOCH - back).num_seconds())
+        .and_then(|s| u64::try_from(s).ok())
+        .ok_or_else(|| format!("{text:?} is not a duration like 30d, 12h, 90s or 1h30m"))?;
+    Ok(std::time::Duration::from_secs(seconds))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Table,
@@ -97,11 +108,15 @@ pub enum Command {
     List(ListArgs),
     /// Show one thing
     Get(GetArgs),
-    /// Delete a thing (refused while others depend on it, unless --force)
+    /// Delete a thing: a project or stage is archived (restorable until the
+    /// hub's retention period ends; --purge deletes it for good); others are
+    /// refused while something depends on them, unless --force
     Delete(DeleteArgs),
+    /// Bring back an archived project or stage
+    Restore(Client<RestoreCommand>),
     /// Replace an outpost's URI with a new one (administrators)
     Rotate(Client<RotateCommand>),
-    /// Change an outpost or a user (administrators)
+    /// Change a project, a stage, an outpost or a user
     Update(Client<UpdateCommand>),
     /// Revoke an outpost (administrators)
     Revoke(Client<RevokeCommand>),
@@ -207,6 +222,27 @@ pub enum RotateCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum UpdateCommand {
+    /// Change a project's display name or description (owners)
+    #[command(alias = "projects")]
+    Project {
+        name: String,
+        #[arg(long)]
+        display_name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Change a stage's display name or type
+    #[command(alias = "stages")]
+    Stage {
+        name: String,
+        #[arg(short, long)]
+        project: String,
+        #[arg(long)]
+        display_name: Option<String>,
+        /// dev, qa or prod
+        #[arg(short = 't', long = "type")]
+        stage_type: Option<String>,
+    },
     /// Make a user an administrator, or no longer one
     #[command(alias = "users")]
     User {
@@ -288,6 +324,10 @@ pub struct HubArgs {
     /// Validity of the certificates issued to agents, in seconds (default 30 days)
     #[arg(long)]
     pub cert_validity_secs: Option<u64>,
+    /// How long deleted projects and stages stay archived (restorable)
+    /// before they are purged, e.g. 30d, 12h
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    pub archive_retention: std::time::Duration,
     /// How the hub's local outpost runs components
     #[command(flatten)]
     pub runtime: RuntimeArgs,
@@ -337,6 +377,9 @@ pub enum CreateCommand {
         name: String,
         #[arg(long, default_value = "")]
         description: String,
+        /// How people see it named (default: its name)
+        #[arg(long)]
+        display_name: Option<String>,
     },
     #[command(alias = "stages")]
     Stage {
@@ -554,6 +597,10 @@ pub struct ListArgs {
     /// For `list config-data`: only this config
     #[arg(short, long)]
     pub config: Option<String>,
+    /// For `list project` and `list stage`: the archived ones (deleted,
+    /// restorable) instead
+    #[arg(long)]
+    pub archived: bool,
     /// For `list config-data` and `list config`: show secret values too
     /// (owners only)
     #[arg(long)]
@@ -586,7 +633,28 @@ pub struct DeleteArgs {
     pub project: Option<String>,
     #[arg(short, long)]
     pub stage: Option<String>,
-    /// Delete what depends on it too
+    /// Delete what depends on it too (for a project or stage: as --purge)
     #[arg(long)]
     pub force: bool,
+    /// A project or stage: delete it for good at once instead of archiving
+    /// it (`trellis restore` brings an archived one back until the hub's
+    /// retention period ends)
+    #[arg(long)]
+    pub purge: bool,
+}
+
+/// `trellis restore project|stage`.
+#[derive(Debug, Subcommand)]
+pub enum RestoreCommand {
+    /// Bring an archived project back, with the stages archived with it
+    #[command(alias = "projects")]
+    Project { name: String },
+    /// Bring an archived stage back: its outpost runs its release again,
+    /// with the volumes it kept
+    #[command(alias = "stages")]
+    Stage {
+        name: String,
+        #[arg(short, long)]
+        project: String,
+    },
 }

@@ -61,6 +61,7 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
         public_address: args.public_address.clone(),
         link,
         local_runtime: args.runtime.settings(),
+        archive_retention: Some(args.archive_retention),
     })
     .await?;
     let listener = bind(args.listen).await?;

@@ -59,6 +59,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 UpdateCommand::User { name, admin } => {
                     resources::update_user(&client, &name, admin, global.output).await
                 }
+                UpdateCommand::Project {
+                    name,
+                    display_name,
+                    description,
+                } => {
+                    let update = trellis_hub::api::types::UpdateProjectRequest {
+                        display_name,
+                        description,
+                    };
+                    resources::update_project(&client, &name, &update, global.output).await
+                }
+                UpdateCommand::Stage {
+                    name,
+                    project,
+                    display_name,
+                    stage_type,
+                } => {
+                    resources::update_stage(
+                        &client,
+                        &project,
+                        &name,
+                        display_name,
+                        stage_type,
+                        global.output,
+                    )
+                    .await
+                }
             }
         }
         Command::Revoke(Client {
@@ -147,5 +174,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             resources::get(&settings::client(&args.global)?, args, output).await
         }
         Command::Delete(args) => resources::delete(&settings::client(&args.global)?, args).await,
+        Command::Restore(Client { global, command }) => {
+            resources::restore(&settings::client(&global)?, command).await
+        }
     }
 }

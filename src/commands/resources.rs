@@ -9,7 +9,7 @@ use trellis_hub::api::types::{
     AddConfigDataRequest, CreateKeyRequest, CreateOutpostRequest, CreateProjectRequest,
     CreateStageRequest, CreateUserRequest, CreatedKey, CreatedOutpost, JoinTokenRequest,
     JoinTokenResponse, PushReleaseRequest, PushReleasesRequest, SetMemberRequest,
-    UpdateUserRequest, WhoAmI,
+    UpdateProjectRequest, UpdateStageRequest, UpdateUserRequest, WhoAmI,
 };
 use trellis_model::{
     AccessKey, AccessKeyInfo, Build, Config, ConfigData, Member, Outpost, Project, Release, Role,
@@ -18,7 +18,7 @@ use trellis_model::{
 
 use crate::cli::{
     AddCommand, CreateCommand, DeleteArgs, GetArgs, GlobalArgs, Kind, ListArgs, OutputFormat,
-    RemoveCommand,
+    RemoveCommand, RestoreCommand,
 };
 use crate::client::{HubClient, seg};
 use crate::output::{self, short, time};
@@ -183,11 +183,19 @@ fn parse_pairs(items: &[String], what: &str) -> anyhow::Result<BTreeMap<String, 
 
 pub async fn create(client: &HubClient, command: CreateCommand) -> anyhow::Result<()> {
     match command {
-        CreateCommand::Project { name, description } => {
+        CreateCommand::Project {
+            name,
+            description,
+            display_name,
+        } => {
             let p: Project = client
                 .post(
                     "/projects",
-                    &CreateProjectRequest { name, description },
+                    &CreateProjectRequest {
+                        name,
+                        description,
+                        display_name,
+                    },
                     "creating the project",
                 )
                 .await?;
@@ -564,17 +572,46 @@ pub async fn remove(client: &HubClient, command: RemoveCommand) -> anyhow::Resul
 pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> anyhow::Result<()> {
     let kind = args.kind;
     match kind {
+        Kind::Project if args.archived => {
+            let items: Vec<Project> = client
+                .get("/projects?archived=true", "listing archived projects")
+                .await?;
+            output::list(
+                format,
+                &items,
+                &["name", "display name", "description", "deleted"],
+                |p| {
+                    vec![
+                        p.name.clone(),
+                        p.display_name.clone(),
+                        p.description.clone(),
+                        p.archived_at.as_ref().map(time).unwrap_or_default(),
+                    ]
+                },
+            )
+        }
         Kind::Project => {
             let items: Vec<Project> = client.get("/projects", "listing projects").await?;
-            output::list(format, &items, &["name", "description", "created"], |p| {
-                vec![p.name.clone(), p.description.clone(), time(&p.created_at)]
-            })
+            output::list(
+                format,
+                &items,
+                &["name", "display name", "description", "created"],
+                |p| {
+                    vec![
+                        p.name.clone(),
+                        p.display_name.clone(),
+                        p.description.clone(),
+                        time(&p.created_at),
+                    ]
+                },
+            )
         }
         Kind::Stage => {
             let project = need(&args.project, "-p PROJECT", kind)?;
+            let archived = if args.archived { "?archived=true" } else { "" };
             let items: Vec<Stage> = client
                 .get(
-                    &format!("/projects/{}/stages", seg(project)),
+                    &format!("/projects/{}/stages{archived}", seg(project)),
                     "listing stages",
                 )
                 .await?;
@@ -823,8 +860,16 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
                 &p,
                 &[
                     ("name", p.name.clone()),
+                    ("display name", p.display_name.clone()),
                     ("description", p.description.clone()),
                     ("created", time(&p.created_at)),
+                    (
+                        "deleted",
+                        p.archived_at
+                            .as_ref()
+                            .map(|t| format!("{} (archived)", time(t)))
+                            .unwrap_or_else(|| "-".into()),
+                    ),
                 ],
             )
         }
@@ -854,6 +899,13 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
                     ("desired revision", s.desired_revision.to_string()),
                     ("suspended", s.suspended.to_string()),
                     ("created", time(&s.created_at)),
+                    (
+                        "deleted",
+                        s.archived_at
+                            .as_ref()
+                            .map(|t| format!("{} (archived)", time(t)))
+                            .unwrap_or_else(|| "-".into()),
+                    ),
                 ],
             )
         }
@@ -1024,10 +1076,23 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
     let kind = args.kind;
     let name = &args.name;
     let force = if args.force { "?force=true" } else { "" };
+    let archives = matches!(kind, Kind::Project | Kind::Stage) && !(args.purge || args.force);
+    if args.purge && !matches!(kind, Kind::Project | Kind::Stage) {
+        bail!(
+            "--purge is for projects and stages, which are otherwise archived; a {} is deleted \
+             for good anyway",
+            kind_name(kind)
+        );
+    }
+    let purge = if args.purge || args.force {
+        "?purge=true"
+    } else {
+        ""
+    };
     let path = match kind {
-        Kind::Project => format!("/projects/{}{force}", seg(name)),
+        Kind::Project => format!("/projects/{}{purge}", seg(name)),
         Kind::Stage => format!(
-            "/projects/{}/stages/{}{force}",
+            "/projects/{}/stages/{}{purge}",
             seg(need(&args.project, "-p PROJECT", kind)?),
             seg(name)
         ),
@@ -1066,6 +1131,116 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
     client
         .delete(&path, &format!("deleting the {}", kind_name(kind)))
         .await?;
-    println!("deleted {} {name}", kind_name(kind));
+    if archives {
+        let restore = match kind {
+            Kind::Project => format!("trellis restore project {name}"),
+            _ => format!(
+                "trellis restore stage {name} -p {}",
+                args.project.as_deref().unwrap_or("PROJECT")
+            ),
+        };
+        println!(
+            "deleted {} {name}: it is archived, with its releases and configs (and its \
+             outpost keeps its volumes) until the hub's retention period ends; `{restore}` \
+             brings it back, `--purge` deletes it for good",
+            kind_name(kind)
+        );
+    } else {
+        println!("deleted {} {name}", kind_name(kind));
+    }
+    Ok(())
+}
+
+/// `trellis restore project|stage`.
+pub async fn restore(client: &HubClient, command: RestoreCommand) -> anyhow::Result<()> {
+    match command {
+        RestoreCommand::Project { name } => {
+            let p: Project = client
+                .post(
+                    &format!("/projects/{}/restore", seg(&name)),
+                    &serde_json::json!({}),
+                    "restoring the project",
+                )
+                .await?;
+            println!(
+                "restored project {} with the stages deleted with it",
+                p.name
+            );
+        }
+        RestoreCommand::Stage { name, project } => {
+            let s: Stage = client
+                .post(
+                    &format!("/projects/{}/stages/{}/restore", seg(&project), seg(&name)),
+                    &serde_json::json!({}),
+                    "restoring the stage",
+                )
+                .await?;
+            println!(
+                "restored stage {} of project {}; desired revision {}, its outpost runs its \
+                 release again",
+                s.name, s.project, s.desired_revision
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `trellis update project`.
+pub async fn update_project(
+    client: &HubClient,
+    name: &str,
+    update: &UpdateProjectRequest,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let p: Project = client
+        .patch(
+            &format!("/projects/{}", seg(name)),
+            update,
+            "changing the project",
+        )
+        .await?;
+    if output::machine(format, &p)? {
+        return Ok(());
+    }
+    println!(
+        "project {} is now displayed as {:?}: {}",
+        p.name, p.display_name, p.description
+    );
+    Ok(())
+}
+
+/// `trellis update stage`.
+pub async fn update_stage(
+    client: &HubClient,
+    project: &str,
+    name: &str,
+    display_name: Option<String>,
+    stage_type: Option<String>,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let stage_type = stage_type
+        .map(|t| t.parse::<StageType>().map_err(anyhow::Error::msg))
+        .transpose()?;
+    if display_name.is_none() && stage_type.is_none() {
+        bail!("nothing to change: give --display-name and/or --type");
+    }
+    let s: Stage = client
+        .patch(
+            &format!("/projects/{}/stages/{}", seg(project), seg(name)),
+            &UpdateStageRequest {
+                display_name,
+                stage_type,
+                suspended: None,
+            },
+            "changing the stage",
+        )
+        .await?;
+    if output::machine(format, &s)? {
+        return Ok(());
+    }
+    println!(
+        "stage {} of project {} is now {:?} ({})",
+        s.name, s.project, s.display_name, s.stage_type
+    );
     Ok(())
 }

@@ -159,6 +159,17 @@ impl Caller {
         }
     }
 
+    /// [`Caller::role_in`] for a change: an archived project is refused
+    /// (409 `archived`), to members; others still get the 404.
+    pub async fn role_in_live(&self, state: &AppState, project: &str) -> ApiResult<Role> {
+        let role = self.role_in(state, project).await?;
+        let record = state.store().get_project(project).await?;
+        if let Some(at) = record.archived_at {
+            return Err(crate::error::archived("project", project, project, at));
+        }
+        Ok(role)
+    }
+
     pub async fn require_owner(
         &self,
         state: &AppState,

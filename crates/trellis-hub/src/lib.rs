@@ -10,6 +10,7 @@
 //! - `server.rs`: [`Hub`], start-up and serving.
 //! - `api/`: the `/api/v1` handlers, one module per resource, and the
 //!   OpenAPI document.
+//! - `archive.rs`: purging archived projects and stages past retention.
 //! - `auth.rs`: access keys and the [`auth::Caller`] extractor.
 //! - `error.rs`: the API's error type and JSON error shape.
 //! - `link/`: the outpost link — registry, sessions, join/renew, status.
@@ -24,6 +25,7 @@
 //! - `state.rs`: what handlers share.
 
 pub mod api;
+pub mod archive;
 pub mod auth;
 pub mod console;
 pub mod drain;

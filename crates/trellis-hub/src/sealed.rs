@@ -27,8 +27,8 @@ use trellis_model::{
 };
 use trellis_store::{
     AdminGuarded, ControlOutcome, JoinTokenRefusal, LinkActivity, NewRelease, NewStage,
-    OutpostStage, OutpostUpdate, PushedReleases, Result, StageFilter, StageKey, StageSummary,
-    StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate,
+    OutpostStage, OutpostUpdate, ProjectUpdate, PushedReleases, Result, StageFilter, StageKey,
+    StageSummary, StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate,
 };
 
 /// The file in the data directory holding the key config data is sealed
@@ -304,6 +304,21 @@ impl Store for SealedStore {
     }
     async fn delete_project(&self, name: &str, force: bool) -> Result<()> {
         self.inner.delete_project(name, force).await
+    }
+    async fn update_project(&self, name: &str, update: &ProjectUpdate) -> Result<Project> {
+        self.inner.update_project(name, update).await
+    }
+    async fn archive_project(&self, name: &str, now: Timestamp) -> Result<Vec<Stage>> {
+        self.inner.archive_project(name, now).await
+    }
+    async fn restore_project(&self, name: &str) -> Result<Vec<Stage>> {
+        self.inner.restore_project(name).await
+    }
+    async fn archive_stage(&self, project: &str, name: &str, now: Timestamp) -> Result<Stage> {
+        self.inner.archive_stage(project, name, now).await
+    }
+    async fn restore_stage(&self, project: &str, name: &str) -> Result<Stage> {
+        self.inner.restore_stage(project, name).await
     }
     async fn set_member(&self, project: &str, user: &str, role: Role) -> Result<()> {
         self.inner.set_member(project, user, role).await

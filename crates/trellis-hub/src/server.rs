@@ -40,6 +40,9 @@ pub struct HubOptions {
     /// published ports, health window). Its packages always come straight
     /// from the hub's artifact store.
     pub local_runtime: trellis_agent::RuntimeSettings,
+    /// How long deleted (archived) projects and stages are kept before
+    /// they are purged; [`crate::archive::DEFAULT_RETENTION`] when `None`.
+    pub archive_retention: Option<std::time::Duration>,
 }
 
 /// A hub ready to serve.
@@ -47,6 +50,7 @@ pub struct Hub {
     state: AppState,
     data_dir: PathBuf,
     local_runtime: trellis_agent::RuntimeSettings,
+    archive_retention: std::time::Duration,
     admin_key: Option<AccessKey>,
 }
 
@@ -92,6 +96,9 @@ impl Hub {
             state,
             data_dir: options.data_dir,
             local_runtime: options.local_runtime,
+            archive_retention: options
+                .archive_retention
+                .unwrap_or(crate::archive::DEFAULT_RETENTION),
             admin_key,
         })
     }
@@ -165,6 +172,7 @@ impl Hub {
             cancel.clone(),
         );
         crate::gc::spawn(self.state.clone(), cancel.clone());
+        crate::archive::spawn(self.state.clone(), self.archive_retention, cancel.clone());
         cancel
     }
 

@@ -83,10 +83,21 @@ pub struct AccessKeyInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(example = json!({
+    "name": "shop", "display_name": "Web shop", "description": "The web shop",
+    "created_at": "2024-05-01T12:00:00Z"})))]
 pub struct Project {
     pub name: String,
+    /// How people see it named; its name when not given.
+    #[serde(default)]
+    pub display_name: String,
     pub description: String,
     pub created_at: DateTime<Utc>,
+    /// When it was deleted, if it is archived: it and its stages keep
+    /// everything (releases, configs, volumes on their outposts) until
+    /// restored or purged, when the hub's retention period has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +164,10 @@ pub struct Stage {
     /// Number of the newest release pushed to the stage, if any.
     pub latest_release: Option<u64>,
     pub created_at: DateTime<Utc>,
+    /// When it was deleted, if it is archived: its outpost runs nothing of
+    /// it (volumes are kept), its records stay until restored or purged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived_at: Option<DateTime<Utc>>,
 }
 
 /// What a build holds for one component.

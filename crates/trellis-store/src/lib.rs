@@ -148,6 +148,32 @@ pub struct StageUpdate {
     /// Suspending or resuming changes what should run, so it bumps the
     /// desired revision when the value actually changes.
     pub suspended: Option<bool>,
+    pub stage_type: Option<StageType>,
+}
+
+impl StageUpdate {
+    /// The change made to `stage` (what every backend writes).
+    pub fn apply(&self, stage: &mut Stage) {
+        if let Some(display_name) = &self.display_name {
+            stage.display_name = display_name.clone();
+        }
+        if let Some(stage_type) = self.stage_type {
+            stage.stage_type = stage_type;
+        }
+        if let Some(suspended) = self.suspended
+            && suspended != stage.suspended
+        {
+            stage.suspended = suspended;
+            stage.desired_revision += 1;
+        }
+    }
+}
+
+/// Changes to a project; `None` leaves a field as it is.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProjectUpdate {
+    pub display_name: Option<String>,
+    pub description: Option<String>,
 }
 
 /// Changes to an outpost; `None` leaves a field as it is.
@@ -294,6 +320,16 @@ pub trait Store: Send + Sync + 'static {
     /// Refuses while the project has stages or builds, unless `force`, in
     /// which case everything in the project goes with it.
     async fn delete_project(&self, name: &str, force: bool) -> Result<()>;
+    async fn update_project(&self, name: &str, update: &ProjectUpdate) -> Result<Project>;
+    /// Archives the project and each of its stages not archived yet, at
+    /// `now`, bumping their desired revisions (their outposts stop running
+    /// them); returns the stages it archived. Nothing is deleted. An
+    /// archived project changes nothing.
+    async fn archive_project(&self, name: &str, now: Timestamp) -> Result<Vec<Stage>>;
+    /// Restores an archived project and the stages archived with it (at the
+    /// same instant), bumping their desired revisions; returns them. A
+    /// project that is not archived changes nothing.
+    async fn restore_project(&self, name: &str) -> Result<Vec<Stage>>;
     /// Adds a member or changes their role.
     async fn set_member(&self, project: &str, user: &str, role: Role) -> Result<()>;
     async fn remove_member(&self, project: &str, user: &str) -> Result<()>;
@@ -345,6 +381,14 @@ pub trait Store: Send + Sync + 'static {
     async fn update_stage(&self, project: &str, name: &str, update: &StageUpdate) -> Result<Stage>;
     /// Refuses while the stage has releases or configs, unless `force`.
     async fn delete_stage(&self, project: &str, name: &str, force: bool) -> Result<()>;
+    /// Archives the stage at `now` and bumps its desired revision: what its
+    /// outpost is sent then runs nothing (no release, no build), while its
+    /// records stay. An archived stage changes nothing.
+    async fn archive_stage(&self, project: &str, name: &str, now: Timestamp) -> Result<Stage>;
+    /// Brings an archived stage back, bumping its desired revision so its
+    /// outpost runs its release again. Refused (`InUse`) while its project
+    /// is archived; a stage that is not archived changes nothing.
+    async fn restore_stage(&self, project: &str, name: &str) -> Result<Stage>;
 
     // --- component controls ---
     /// The controls of the stage's components that were ever started,
@@ -603,6 +647,13 @@ pub(crate) mod wording {
 
     pub fn release(project: &str, stage: &str, number: u64) -> String {
         format!("{project}/{stage}#{number}")
+    }
+
+    pub fn project_archived(project: &str) -> StoreError {
+        StoreError::InUse {
+            what: format!("project {project:?} is archived"),
+            hint: format!("restore the project first (`trellis restore project {project}`)"),
+        }
     }
 
     pub fn outpost_full(outpost: &str, held: u64, max: u32) -> StoreError {

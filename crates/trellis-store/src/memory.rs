@@ -25,8 +25,8 @@ use trellis_model::{
 
 use crate::{
     AdminGuarded, ControlOutcome, DesiredParts, JoinTokenRefusal, NewRelease, NewStage,
-    OutpostStage, OutpostUpdate, PushedReleases, Result, StageFilter, StageKey, StageSummary,
-    StageUpdate, Store, StoreError, StoredAccessKey, wording,
+    OutpostStage, OutpostUpdate, ProjectUpdate, PushedReleases, Result, StageFilter, StageKey,
+    StageSummary, StageUpdate, Store, StoreError, StoredAccessKey, wording,
 };
 
 /// The in-memory store. Cheap to create; holds nothing on disk.
@@ -387,6 +387,54 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn update_project(&self, name: &str, update: &ProjectUpdate) -> Result<Project> {
+        let mut state = self.state();
+        let project = &mut state.project_mut(name)?.project;
+        if let Some(display_name) = &update.display_name {
+            project.display_name = display_name.clone();
+        }
+        if let Some(description) = &update.description {
+            project.description = description.clone();
+        }
+        Ok(project.clone())
+    }
+
+    async fn archive_project(&self, name: &str, now: Timestamp) -> Result<Vec<Stage>> {
+        let mut state = self.state();
+        let p = state.project_mut(name)?;
+        if p.project.archived_at.is_some() {
+            return Ok(Vec::new());
+        }
+        let now = millis(now);
+        p.project.archived_at = Some(now);
+        let mut archived = Vec::new();
+        for s in p.stages.values_mut() {
+            if s.stage.archived_at.is_none() {
+                s.stage.archived_at = Some(now);
+                s.stage.desired_revision += 1;
+                archived.push(s.stage.clone());
+            }
+        }
+        Ok(archived)
+    }
+
+    async fn restore_project(&self, name: &str) -> Result<Vec<Stage>> {
+        let mut state = self.state();
+        let p = state.project_mut(name)?;
+        let Some(at) = p.project.archived_at.take() else {
+            return Ok(Vec::new());
+        };
+        let mut restored = Vec::new();
+        for s in p.stages.values_mut() {
+            if s.stage.archived_at == Some(at) {
+                s.stage.archived_at = None;
+                s.stage.desired_revision += 1;
+                restored.push(s.stage.clone());
+            }
+        }
+        Ok(restored)
+    }
+
     async fn set_member(&self, project: &str, user: &str, role: Role) -> Result<()> {
         let mut state = self.state();
         state.project(project)?;
@@ -565,7 +613,12 @@ impl Store for MemoryStore {
                 let key = (project.clone(), s.stage.name.clone());
                 let wanted = s.stage.desired_revision > held.get(&key).copied().unwrap_or(0);
                 let desired = if wanted {
-                    let release = match s.stage.latest_release {
+                    // An archived stage runs nothing on its outpost.
+                    let running = s
+                        .stage
+                        .latest_release
+                        .filter(|_| s.stage.archived_at.is_none());
+                    let release = match running {
                         Some(n) => Some(s.releases.get(&n).cloned().ok_or_else(|| {
                             not_found("release", wording::release(project, &s.stage.name, n))
                         })?),
@@ -626,6 +679,7 @@ impl Store for MemoryStore {
             desired_revision: 0,
             latest_release: None,
             created_at: millis(now),
+            archived_at: None,
         };
         state.project_mut(&stage.project)?.stages.insert(
             stage.name.clone(),
@@ -694,13 +748,29 @@ impl Store for MemoryStore {
     async fn update_stage(&self, project: &str, name: &str, update: &StageUpdate) -> Result<Stage> {
         let mut state = self.state();
         let stage = &mut state.stage_mut(project, name)?.stage;
-        if let Some(display_name) = &update.display_name {
-            stage.display_name = display_name.clone();
+        update.apply(stage);
+        Ok(stage.clone())
+    }
+
+    async fn archive_stage(&self, project: &str, name: &str, now: Timestamp) -> Result<Stage> {
+        let mut state = self.state();
+        let stage = &mut state.stage_mut(project, name)?.stage;
+        if stage.archived_at.is_none() {
+            stage.archived_at = Some(millis(now));
+            stage.desired_revision += 1;
         }
-        if let Some(suspended) = update.suspended
-            && suspended != stage.suspended
-        {
-            stage.suspended = suspended;
+        Ok(stage.clone())
+    }
+
+    async fn restore_stage(&self, project: &str, name: &str) -> Result<Stage> {
+        let mut state = self.state();
+        let project_archived = state.project(project)?.project.archived_at.is_some();
+        let stage = &mut state.stage_mut(project, name)?.stage;
+        if stage.archived_at.is_some() {
+            if project_archived {
+                return Err(wording::project_archived(project));
+            }
+            stage.archived_at = None;
             stage.desired_revision += 1;
         }
         Ok(stage.clone())

@@ -40,8 +40,8 @@ use trellis_model::{
 
 use crate::{
     AdminGuarded, ControlOutcome, DesiredParts, JoinTokenRefusal, LinkActivity, NewRelease,
-    NewStage, OutpostStage, OutpostUpdate, PushedReleases, Result, StageFilter, StageKey,
-    StageSummary, StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate, wording,
+    NewStage, OutpostStage, OutpostUpdate, ProjectUpdate, PushedReleases, Result, StageFilter,
+    StageKey, StageSummary, StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate, wording,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -264,7 +264,7 @@ macro_rules! key_columns {
 }
 macro_rules! project_columns {
     () => {
-        "name, description, created_at"
+        "name, description, created_at, display_name, archived_at"
     };
 }
 macro_rules! outpost_columns {
@@ -276,7 +276,7 @@ macro_rules! outpost_columns {
 macro_rules! stage_columns {
     () => {
         "project, name, stage_type, display_name, suspended, outpost, desired_revision, \
-         latest_release, created_at"
+         latest_release, created_at, archived_at"
     };
 }
 macro_rules! build_columns {
@@ -330,8 +330,10 @@ fn key_from(row: &SqliteRow) -> Result<StoredAccessKey> {
 fn project_from(row: &SqliteRow) -> Result<Project> {
     Ok(Project {
         name: col(row, "name")?,
+        display_name: col(row, "display_name")?,
         description: col(row, "description")?,
         created_at: time(row, "created_at")?,
+        archived_at: opt_time(row, "archived_at")?,
     })
 }
 
@@ -375,6 +377,7 @@ fn stage_from(row: &SqliteRow) -> Result<Stage> {
         desired_revision: count(row, "desired_revision")?,
         latest_release: latest_release.map(unsigned).transpose()?,
         created_at: time(row, "created_at")?,
+        archived_at: opt_time(row, "archived_at")?,
     })
 }
 
@@ -582,6 +585,22 @@ async fn fetch_stage(c: &mut SqliteConnection, project: &str, name: &str) -> Res
     .as_ref()
     .map(stage_from)
     .transpose()
+}
+
+async fn fetch_project(c: &mut SqliteConnection, name: &str) -> Result<Project> {
+    sqlx::query(concat!(
+        "SELECT ",
+        project_columns!(),
+        " FROM projects WHERE name = $1"
+    ))
+    .bind(name)
+    .fetch_optional(c)
+    .await
+    .map_err(backend("looking up a project"))?
+    .as_ref()
+    .map(project_from)
+    .transpose()?
+    .ok_or_else(|| not_found("project", name.to_owned()))
 }
 
 /// The stage, or the right NotFound: for the project if that is what is
@@ -802,7 +821,8 @@ async fn desired_parts_in(c: &mut SqliteConnection, stage: &Stage) -> Result<Des
     .await
     .map_err(backend(DOING))?;
     let controls = all(&controls, control_from)?;
-    let Some(number) = stage.latest_release else {
+    // An archived stage runs nothing on its outpost (its volumes stay).
+    let Some(number) = stage.latest_release.filter(|_| stage.archived_at.is_none()) else {
         return Ok(DesiredParts {
             controls,
             release: None,
@@ -1053,11 +1073,12 @@ impl Store for SqliteStore {
         sqlx::query(concat!(
             "INSERT INTO projects (",
             project_columns!(),
-            ", last_build) VALUES ($1, $2, $3, 0)"
+            ", last_build) VALUES ($1, $2, $3, $4, NULL, 0)"
         ))
         .bind(&project.name)
         .bind(&project.description)
         .bind(millis(project.created_at))
+        .bind(&project.display_name)
         .execute(&mut *tx)
         .await
         .map_err(insert_error(DOING, "project", project.name.clone()))?;
@@ -1133,6 +1154,84 @@ impl Store for SqliteStore {
                 .map_err(backend(DOING))?;
         }
         commit(tx, DOING).await
+    }
+
+    async fn update_project(&self, name: &str, update: &ProjectUpdate) -> Result<Project> {
+        const DOING: &str = "updating a project";
+        let mut tx = self.write().await?;
+        let mut project = fetch_project(&mut tx, name).await?;
+        if let Some(display_name) = &update.display_name {
+            project.display_name = display_name.clone();
+        }
+        if let Some(description) = &update.description {
+            project.description = description.clone();
+        }
+        sqlx::query("UPDATE projects SET display_name = $2, description = $3 WHERE name = $1")
+            .bind(name)
+            .bind(&project.display_name)
+            .bind(&project.description)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        commit(tx, DOING).await?;
+        Ok(project)
+    }
+
+    async fn archive_project(&self, name: &str, now: Timestamp) -> Result<Vec<Stage>> {
+        const DOING: &str = "archiving a project";
+        let mut tx = self.write().await?;
+        let project = fetch_project(&mut tx, name).await?;
+        if project.archived_at.is_some() {
+            return Ok(Vec::new());
+        }
+        sqlx::query("UPDATE projects SET archived_at = $2 WHERE name = $1")
+            .bind(name)
+            .bind(millis(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        let rows = sqlx::query(concat!(
+            "UPDATE stages SET archived_at = $2, desired_revision = desired_revision + 1 \
+             WHERE project = $1 AND archived_at IS NULL RETURNING ",
+            stage_columns!()
+        ))
+        .bind(name)
+        .bind(millis(now))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        let mut stages = all(&rows, stage_from)?;
+        stages.sort_by(|a, b| a.name.cmp(&b.name));
+        commit(tx, DOING).await?;
+        Ok(stages)
+    }
+
+    async fn restore_project(&self, name: &str) -> Result<Vec<Stage>> {
+        const DOING: &str = "restoring a project";
+        let mut tx = self.write().await?;
+        let project = fetch_project(&mut tx, name).await?;
+        let Some(archived_at) = project.archived_at else {
+            return Ok(Vec::new());
+        };
+        sqlx::query("UPDATE projects SET archived_at = NULL WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        let rows = sqlx::query(concat!(
+            "UPDATE stages SET archived_at = NULL, desired_revision = desired_revision + 1 \
+             WHERE project = $1 AND archived_at = $2 RETURNING ",
+            stage_columns!()
+        ))
+        .bind(name)
+        .bind(millis(archived_at))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        let mut stages = all(&rows, stage_from)?;
+        stages.sort_by(|a, b| a.name.cmp(&b.name));
+        commit(tx, DOING).await?;
+        Ok(stages)
     }
 
     async fn set_member(&self, project: &str, user: &str, role: Role) -> Result<()> {
@@ -1450,11 +1549,12 @@ impl Store for SqliteStore {
             desired_revision: 0,
             latest_release: None,
             created_at: truncated(now),
+            archived_at: None,
         };
         sqlx::query(concat!(
             "INSERT INTO stages (",
             stage_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL)"
         ))
         .bind(&created.project)
         .bind(&created.name)
@@ -1505,7 +1605,7 @@ impl Store for SqliteStore {
         require_project(&mut tx, project).await?;
         let rows = sqlx::query(
             "SELECT s.project, s.name, s.stage_type, s.display_name, s.suspended, s.outpost, \
-             s.desired_revision, s.latest_release, s.created_at, \
+             s.desired_revision, s.latest_release, s.created_at, s.archived_at, \
              y.delivered_revision, y.applied_revision, \
              json_extract(y.report, '$.state') AS report_state, \
              (SELECT MAX(r.number) FROM releases r \
@@ -1528,22 +1628,69 @@ impl Store for SqliteStore {
         const DOING: &str = "updating a stage";
         let mut tx = self.write().await?;
         let mut stage = require_stage(&mut tx, project, name).await?;
-        if let Some(display_name) = &update.display_name {
-            stage.display_name = display_name.clone();
-        }
-        if let Some(suspended) = update.suspended
-            && suspended != stage.suspended
-        {
-            stage.suspended = suspended;
-            stage.desired_revision += 1;
-        }
+        update.apply(&mut stage);
         sqlx::query(
-            "UPDATE stages SET display_name = $1, suspended = $2, desired_revision = $3 \
-             WHERE project = $4 AND name = $5",
+            "UPDATE stages SET display_name = $1, suspended = $2, desired_revision = $3, \
+             stage_type = $6 WHERE project = $4 AND name = $5",
         )
         .bind(&stage.display_name)
         .bind(stage.suspended)
         .bind(int(stage.desired_revision)?)
+        .bind(project)
+        .bind(name)
+        .bind(stage.stage_type.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        commit(tx, DOING).await?;
+        Ok(stage)
+    }
+
+    async fn archive_stage(&self, project: &str, name: &str, now: Timestamp) -> Result<Stage> {
+        const DOING: &str = "archiving a stage";
+        let mut tx = self.write().await?;
+        let mut stage = require_stage(&mut tx, project, name).await?;
+        if stage.archived_at.is_some() {
+            return Ok(stage);
+        }
+        stage.archived_at = Some(truncated(now));
+        stage.desired_revision += 1;
+        sqlx::query(
+            "UPDATE stages SET archived_at = $3, desired_revision = desired_revision + 1 \
+             WHERE project = $1 AND name = $2",
+        )
+        .bind(project)
+        .bind(name)
+        .bind(millis(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        commit(tx, DOING).await?;
+        Ok(stage)
+    }
+
+    async fn restore_stage(&self, project: &str, name: &str) -> Result<Stage> {
+        const DOING: &str = "restoring a stage";
+        let mut tx = self.write().await?;
+        let mut stage = require_stage(&mut tx, project, name).await?;
+        if stage.archived_at.is_none() {
+            return Ok(stage);
+        }
+        let project_archived: Option<i64> =
+            sqlx::query_scalar("SELECT archived_at FROM projects WHERE name = $1")
+                .bind(project)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(backend(DOING))?;
+        if project_archived.is_some() {
+            return Err(wording::project_archived(project));
+        }
+        stage.archived_at = None;
+        stage.desired_revision += 1;
+        sqlx::query(
+            "UPDATE stages SET archived_at = NULL, desired_revision = desired_revision + 1 \
+             WHERE project = $1 AND name = $2",
+        )
         .bind(project)
         .bind(name)
         .execute(&mut *tx)
@@ -2028,7 +2175,8 @@ impl Store for SqliteStore {
         ))
         .bind(project)
         .bind(stage)
-        .bind(int(number)?)
+        // Numbers beyond what the database holds name no release.
+        .bind(i64::try_from(number).unwrap_or(-1))
         .fetch_optional(&mut *tx)
         .await
         .map_err(backend("looking up a release"))?;

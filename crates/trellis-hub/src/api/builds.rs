@@ -48,7 +48,7 @@ pub async fn create_build(
     Path(project): Path<String>,
     Json(req): Json<NewBuild>,
 ) -> ApiResult<(StatusCode, Json<Build>)> {
-    caller.role_in(&state, &project).await?;
+    caller.role_in_live(&state, &project).await?;
     let chunks = state.chunks().clone();
     let req = tokio::task::spawn_blocking(move || check_build(&chunks, &req).map(|()| req))
         .await

@@ -151,7 +151,7 @@ pub async fn control_component(
             "POST …/components/NAME/start, …/stop or …/restart",
         )
     })?;
-    let record = state.store().get_stage(&project, &stage).await?;
+    let record = super::stages::live_stage(&state, &project, &stage).await?;
     validate_name(NameKind::Component, &component)?;
     release_with_component(&state, &record, Some(&component)).await?;
     let outcome = state
@@ -184,9 +184,10 @@ async fn set_suspended(
     suspended: bool,
 ) -> ApiResult<Json<Stage>> {
     caller.role_in(state, project).await?;
+    super::stages::live_stage(state, project, stage).await?;
     let update = StageUpdate {
-        display_name: None,
         suspended: Some(suspended),
+        ..StageUpdate::default()
     };
     let updated = state.store().update_stage(project, stage, &update).await?;
     state.links().poke(&updated.outpost);

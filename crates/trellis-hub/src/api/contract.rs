@@ -84,6 +84,22 @@ pub const ERRORS: &[(&str, Refusals)] = &[
             (409, &["in-use"]),
         ],
     ),
+    (
+        "update_project",
+        &[
+            (403, &["forbidden"]),
+            (404, &["not-found"]),
+            (409, &["archived"]),
+        ],
+    ),
+    (
+        "restore_project",
+        &[(403, &["forbidden"]), (404, &["not-found"])],
+    ),
+    (
+        "restore_stage",
+        &[(404, &["not-found"]), (409, &["archived"])],
+    ),
     ("list_members", &[(404, &["not-found"])]),
     (
         "set_member",
@@ -109,15 +125,27 @@ pub const ERRORS: &[(&str, Refusals)] = &[
             (400, &["invalid-name", "malformed-uri"]),
             (403, &["wrong-key", "revoked", "not-allowed"]),
             (404, &["not-found"]),
-            (409, &["already-exists", "outpost-full", "in-use"]),
+            (
+                409,
+                &["already-exists", "outpost-full", "in-use", "archived"],
+            ),
             (422, &["unknown-outpost", "other-hub"]),
         ],
     ),
     ("get_stage", &[(404, &["not-found"])]),
-    ("update_stage", &[(404, &["not-found"])]),
+    (
+        "update_stage",
+        &[(404, &["not-found"]), (409, &["archived"])],
+    ),
     ("delete_stage", &[(404, &["not-found"]), (409, &["in-use"])]),
-    ("suspend_stage", &[(404, &["not-found"])]),
-    ("resume_stage", &[(404, &["not-found"])]),
+    (
+        "suspend_stage",
+        &[(404, &["not-found"]), (409, &["archived"])],
+    ),
+    (
+        "resume_stage",
+        &[(404, &["not-found"]), (409, &["archived"])],
+    ),
     ("stage_status", &[(404, &["not-found"])]),
     ("project_status", &[(404, &["not-found"])]),
     // configs
@@ -133,7 +161,10 @@ pub const ERRORS: &[(&str, Refusals)] = &[
         "get_config",
         &[(403, &["forbidden"]), (404, &["not-found"])],
     ),
-    ("delete_config", &[(404, &["not-found"])]),
+    (
+        "delete_config",
+        &[(404, &["not-found"]), (409, &["archived"])],
+    ),
     (
         "add_config_data",
         &[
@@ -142,23 +173,26 @@ pub const ERRORS: &[(&str, Refusals)] = &[
                 &["invalid-name", "invalid-config-key", "invalid-file-name"],
             ),
             (404, &["not-found"]),
-            (409, &["unknown-config-key"]),
+            (409, &["unknown-config-key", "archived"]),
         ],
     ),
-    ("remove_config_key", &[(404, &["not-found"])]),
+    (
+        "remove_config_key",
+        &[(404, &["not-found"]), (409, &["archived"])],
+    ),
     // releases
     ("list_releases", &[(404, &["not-found"])]),
     ("get_release", &[(404, &["not-found"])]),
     (
         "push_release",
-        &[(404, &["not-found"]), (409, &["no-build"])],
+        &[(404, &["not-found"]), (409, &["no-build", "archived"])],
     ),
     (
         "push_releases",
         &[
             (400, &["no-stages", "too-many-stages", "duplicate-stage"]),
             (404, &["not-found"]),
-            (409, &["no-build"]),
+            (409, &["no-build", "archived"]),
         ],
     ),
     // components
@@ -168,7 +202,7 @@ pub const ERRORS: &[(&str, Refusals)] = &[
         &[
             (400, &["invalid-action", "invalid-name"]),
             (404, &["not-found", "no-such-component"]),
-            (409, &["no-release"]),
+            (409, &["no-release", "archived"]),
         ],
     ),
     (
@@ -331,6 +365,7 @@ pub const ERRORS: &[(&str, Refusals)] = &[
         "create_build",
         &[
             (404, &["not-found"]),
+            (409, &["archived"]),
             (422, &["invalid-build", "invalid-manifest"]),
         ],
     ),
@@ -406,6 +441,10 @@ pub const CODES: &[(&str, &str)] = &[
     (
         "last-owner",
         "the change would leave the project without an owner",
+    ),
+    (
+        "archived",
+        "it (or its project) was deleted and is archived; restore it first",
     ),
     ("malformed-uri", "the text is not an Outpost URI"),
     ("other-hub", "the Outpost URI names another hub"),

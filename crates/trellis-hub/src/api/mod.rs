@@ -59,7 +59,12 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(access::list_keys))
         .routes(routes!(access::delete_key))
         .routes(routes!(projects::list_projects, projects::create_project))
-        .routes(routes!(projects::get_project, projects::delete_project))
+        .routes(routes!(
+            projects::get_project,
+            projects::update_project,
+            projects::delete_project
+        ))
+        .routes(routes!(projects::restore_project))
         .routes(routes!(projects::list_members))
         .routes(routes!(projects::set_member, projects::remove_member))
         .routes(routes!(stages::list_stages, stages::create_stage))
@@ -68,6 +73,7 @@ fn routes() -> OpenApiRouter<AppState> {
             stages::update_stage,
             stages::delete_stage
         ))
+        .routes(routes!(stages::restore_stage))
         .routes(routes!(stages::list_project_configs))
         .routes(routes!(stages::list_configs))
         .routes(routes!(stages::get_config, stages::delete_config))

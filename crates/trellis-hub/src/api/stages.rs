@@ -10,22 +10,45 @@ use trellis_model::{
 use trellis_store::{NewRelease, NewStage, StageUpdate};
 
 use super::types::{
-    AddConfigDataRequest, ConfigValuesQuery, CreateStageRequest, DeleteQuery, PushReleaseRequest,
-    PushReleasesRequest, UpdateStageRequest,
+    AddConfigDataRequest, ArchivedQuery, ConfigValuesQuery, CreateStageRequest, DeleteQuery,
+    PushReleaseRequest, PushReleasesRequest, UpdateStageRequest,
 };
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
+/// The project's live stages, or with `archived` its archived ones.
 #[utoipa::path(get, path = "/projects/{project}/stages", tag = "stages",
-    params(crate::api::params::ProjectPath), responses((status = 200, body = Vec<Stage>)))]
+    params(crate::api::params::ProjectPath, ArchivedQuery),
+    responses((status = 200, body = Vec<Stage>)))]
 pub async fn list_stages(
     State(state): State<AppState>,
     caller: Caller,
     Path(project): Path<String>,
+    Query(q): Query<ArchivedQuery>,
 ) -> ApiResult<Json<Vec<Stage>>> {
     caller.role_in(&state, &project).await?;
-    Ok(Json(state.store().list_stages(&project).await?))
+    let stages = state.store().list_stages(&project).await?;
+    Ok(Json(
+        stages
+            .into_iter()
+            .filter(|s| s.archived_at.is_some() == q.archived)
+            .collect(),
+    ))
+}
+
+/// The stage, for a change: refused (409 `archived`) when it or its
+/// project is archived.
+pub(crate) async fn live_stage(state: &AppState, project: &str, stage: &str) -> ApiResult<Stage> {
+    let record = state.store().get_stage(project, stage).await?;
+    let owner = state.store().get_project(project).await?;
+    if let Some(at) = owner.archived_at {
+        return Err(crate::error::archived("project", project, project, at));
+    }
+    if let Some(at) = record.archived_at {
+        return Err(crate::error::archived("stage", stage, project, at));
+    }
+    Ok(record)
 }
 
 /// Creates a stage: on the outpost an Outpost URI names, or on the hub's
@@ -40,7 +63,7 @@ pub async fn create_stage(
     Path(project): Path<String>,
     Json(req): Json<CreateStageRequest>,
 ) -> ApiResult<(StatusCode, Json<Stage>)> {
-    caller.role_in(&state, &project).await?;
+    caller.role_in_live(&state, &project).await?;
     validate_name(NameKind::Stage, &req.name)?;
     // Re-validated here (the console and CLI validated before): the URI
     // may have been rotated or the outpost filled up in between.
@@ -81,8 +104,8 @@ pub async fn get_stage(
     Ok(Json(state.store().get_stage(&project, &stage).await?))
 }
 
-/// Renames a stage for display, or suspends/resumes it (which bumps its
-/// desired revision).
+/// Renames a stage for display, changes its type, or suspends/resumes it
+/// (which bumps its desired revision).
 #[utoipa::path(patch, path = "/projects/{project}/stages/{stage}", tag = "stages",
     params(crate::api::params::StagePath), request_body = UpdateStageRequest,
     responses((status = 200, body = Stage)))]
@@ -93,9 +116,11 @@ pub async fn update_stage(
     Json(req): Json<UpdateStageRequest>,
 ) -> ApiResult<Json<Stage>> {
     caller.role_in(&state, &project).await?;
+    live_stage(&state, &project, &stage).await?;
     let update = StageUpdate {
         display_name: req.display_name,
         suspended: req.suspended,
+        stage_type: req.stage_type,
     };
     let updated = state
         .store()
@@ -105,8 +130,12 @@ pub async fn update_stage(
     Ok(Json(updated))
 }
 
+/// Deletes a stage: it is archived — its outpost stops running it and
+/// keeps its volumes; its records, releases and configs are kept — until
+/// it is restored or the hub's retention period ends. With `purge` it is
+/// deleted for good at once.
 #[utoipa::path(delete, path = "/projects/{project}/stages/{stage}", tag = "stages",
-    params(crate::api::params::StagePath, ("force" = Option<bool>, Query, description = "also delete its releases and configs")),
+    params(crate::api::params::StagePath, DeleteQuery),
     responses((status = 204)))]
 pub async fn delete_stage(
     State(state): State<AppState>,
@@ -116,13 +145,34 @@ pub async fn delete_stage(
 ) -> ApiResult<StatusCode> {
     caller.role_in(&state, &project).await?;
     let outpost = state.store().get_stage(&project, &stage).await?.outpost;
-    state
-        .store()
-        .delete_stage(&project, &stage, q.force)
-        .await?;
-    // The outpost's agent is told to forget the stage.
+    if q.purge || q.force {
+        state.store().delete_stage(&project, &stage, true).await?;
+    } else {
+        state
+            .store()
+            .archive_stage(&project, &stage, Utc::now())
+            .await?;
+    }
+    // The outpost's agent is told to stop running the stage, or to forget
+    // it.
     state.links().poke(&outpost);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Brings an archived stage back: its outpost runs its release again, with
+/// the volumes it kept. Refused while its project is archived (restore the
+/// project).
+#[utoipa::path(post, path = "/projects/{project}/stages/{stage}/restore", tag = "stages",
+    params(crate::api::params::StagePath), responses((status = 200, body = Stage)))]
+pub async fn restore_stage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+) -> ApiResult<Json<Stage>> {
+    caller.role_in_live(&state, &project).await?;
+    let restored = state.store().restore_stage(&project, &stage).await?;
+    state.links().poke(&restored.outpost);
+    Ok(Json(restored))
 }
 
 /// The stage's configs. Values of secret keys are left out (their keys
@@ -224,6 +274,7 @@ pub async fn add_config_data(
     Json(req): Json<AddConfigDataRequest>,
 ) -> ApiResult<Json<Config>> {
     caller.role_in(&state, &project).await?;
+    live_stage(&state, &project, &stage).await?;
     validate_name(NameKind::Config, &config)?;
     for key in req.data.env.keys() {
         if !is_config_key(key) {
@@ -300,6 +351,7 @@ pub async fn remove_config_key(
     Path((project, stage, config, key)): Path<(String, String, String, String)>,
 ) -> ApiResult<Json<Config>> {
     caller.role_in(&state, &project).await?;
+    live_stage(&state, &project, &stage).await?;
     let updated = state
         .store()
         .remove_config_keys(&project, &stage, &config, &[key], Utc::now())
@@ -315,6 +367,7 @@ pub async fn delete_config(
     Path((project, stage, config)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
     caller.role_in(&state, &project).await?;
+    live_stage(&state, &project, &stage).await?;
     state
         .store()
         .delete_config(&project, &stage, &config)
@@ -361,7 +414,7 @@ pub async fn push_release(
     Json(req): Json<PushReleaseRequest>,
 ) -> ApiResult<(StatusCode, Json<Release>)> {
     caller.role_in(&state, &project).await?;
-    let stage_record = state.store().get_stage(&project, &stage).await?;
+    let stage_record = live_stage(&state, &project, &stage).await?;
     let build = release_build(&state, &project, req.build).await?;
     let config = match req.config {
         Some(name) => {
@@ -410,7 +463,7 @@ pub async fn push_releases(
     Path(project): Path<String>,
     Json(req): Json<PushReleasesRequest>,
 ) -> ApiResult<(StatusCode, Json<Vec<Release>>)> {
-    caller.role_in(&state, &project).await?;
+    caller.role_in_live(&state, &project).await?;
     if req.stages.is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -438,6 +491,17 @@ pub async fn push_releases(
             format!("the push names stage {twice:?} more than once"),
             "name each stage once",
         ));
+    }
+    let archived = state
+        .store()
+        .list_stages(&project)
+        .await?
+        .into_iter()
+        .filter(|s| s.archived_at.is_some());
+    for stage in archived {
+        if let (Some(at), true) = (stage.archived_at, req.stages.contains(&stage.name)) {
+            return Err(crate::error::archived("stage", &stage.name, &project, at));
+        }
     }
     let build = release_build(&state, &project, req.build).await?;
     let new: Vec<NewRelease> = req

@@ -56,6 +56,9 @@ pub struct CreatedKey {
 pub struct CreateProjectRequest {
     #[schema(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
+    /// How people see it named; its name when absent.
+    #[serde(default)]
+    pub display_name: Option<String>,
     #[serde(default)]
     pub description: String,
 }
@@ -89,6 +92,9 @@ pub struct UpdateStageRequest {
     pub display_name: Option<String>,
     #[serde(default)]
     pub suspended: Option<bool>,
+    /// dev, qa or prod
+    #[serde(default, rename = "type")]
+    pub stage_type: Option<StageType>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
@@ -193,10 +199,38 @@ pub struct ChunkInfoResponse {
     pub stored: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+/// How a project, stage or outpost is deleted.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeleteQuery {
+    /// Delete what depends on it too. For a project or a stage: delete it
+    /// for good at once, as `purge` does.
     #[serde(default)]
     pub force: bool,
+    /// A project or stage: delete it for good at once, with its releases,
+    /// configs (and a project's stages and builds), instead of archiving
+    /// it.
+    #[serde(default)]
+    pub purge: bool,
+}
+
+/// Which projects or stages a list shows.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ArchivedQuery {
+    /// The archived ones (deleted, kept until restored or purged) instead
+    /// of the live ones.
+    #[serde(default)]
+    pub archived: bool,
+}
+
+/// `PATCH /projects/{project}`: what to change; absent fields stay.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+pub struct UpdateProjectRequest {
+    #[serde(default)]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
 }
 
 /// Whether a config's secret values are shown.
