@@ -78,6 +78,13 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Table,
     Json,
@@ -94,6 +101,13 @@ pub enum Command {
     Login(ClientOnly),
     /// Show who the key belongs to
     Whoami(ClientOnly),
+    /// Show this command line's version, the hub it talks to and who you
+    /// are there
+    #[command(alias = "version", alias = "about")]
+    Info(ClientOnly),
+    /// Print the shell completion script for bash, zsh or fish (e.g.
+    /// `trellis completion bash > /etc/bash_completion.d/trellis`)
+    Completion { shell: CompletionShell },
     /// Check something without changing anything
     Validate(Client<ValidateCommand>),
     /// Create a project, stage, outpost, user or key
@@ -477,6 +491,15 @@ pub enum PushCommand {
         build: Option<String>,
         #[arg(short, long)]
         config: Option<String>,
+        /// Wait until the release runs on its stage's outpost (past its
+        /// health window), showing how its delivery goes; exit 1 with the
+        /// reason if it fails and is rolled back, 2 at --timeout (an
+        /// offline outpost keeps it pending-delivery)
+        #[arg(long)]
+        when_ready: bool,
+        /// How long --when-ready waits, e.g. 90s, 10m
+        #[arg(long, default_value = "30m", value_parser = parse_duration, requires = "when_ready")]
+        timeout: std::time::Duration,
     },
 }
 
@@ -538,9 +561,14 @@ pub enum RemoveCommand {
         project: String,
         #[arg(short, long)]
         stage: String,
-        /// The env key or file name to remove; repeatable
-        #[arg(long = "key", required = true)]
+        /// The env key or file name to remove; repeatable. (Here `--key`
+        /// is the platform's, a config key: give the access key with
+        /// --access-key or TRELLIS_KEY.)
+        #[arg(id = "key", long = "key", required = true)]
         keys: Vec<String>,
+        /// Access key `<key-id>:<secret>`
+        #[arg(long = "access-key", hide_env_values = true)]
+        access_key: Option<String>,
     },
     #[command(alias = "members")]
     Member {
@@ -657,4 +685,16 @@ pub enum RestoreCommand {
         #[arg(short, long)]
         project: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own checks of the whole grammar (one long option per name in
+    /// each command, aliases that do not collide, …), which otherwise run
+    /// only when a command is used.
+    #[test]
+    fn the_grammar_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -5,6 +5,7 @@ mod dev;
 mod hub;
 mod lifecycle;
 mod outposts;
+mod ready;
 mod resources;
 
 use crate::cli::{
@@ -115,6 +116,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Logs(Client { global, command }) => lifecycle::logs(&global, command).await,
         Command::Login(args) => resources::login(&args.global).await,
+        Command::Info(args) => resources::info(&args.global).await,
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            let shell = match shell {
+                crate::cli::CompletionShell::Bash => clap_complete::Shell::Bash,
+                crate::cli::CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                crate::cli::CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(
+                shell,
+                &mut crate::cli::Cli::command(),
+                "trellis",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Whoami(args) => {
             resources::whoami(&settings::client(&args.global)?, args.global.output).await
         }
@@ -154,15 +171,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     stage,
                     build,
                     config,
+                    when_ready,
+                    timeout,
                 },
         }) => {
-            resources::push_release(&settings::client(&global)?, &project, &stage, build, config)
-                .await
+            let client = settings::client(&global)?;
+            let releases =
+                resources::push_release(&client, &project, &stage, build, config).await?;
+            if when_ready {
+                ready::wait(&client, &releases, timeout).await?;
+            }
+            Ok(())
         }
         Command::Add(Client { global, command }) => {
             resources::add(&settings::client(&global)?, command).await
         }
-        Command::Remove(Client { global, command }) => {
+        Command::Remove(Client {
+            mut global,
+            command,
+        }) => {
+            // `remove config-data --key` is a config key; the access key
+            // comes with its own --access-key there.
+            if let crate::cli::RemoveCommand::ConfigData {
+                access_key: Some(key),
+                ..
+            } = &command
+            {
+                global.key = Some(key.clone());
+            }
             resources::remove(&settings::client(&global)?, command).await
         }
         Command::List(args) => {

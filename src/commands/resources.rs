@@ -161,6 +161,72 @@ pub async fn update_user(
     Ok(())
 }
 
+/// What `trellis info` prints.
+#[derive(serde::Serialize)]
+struct Info {
+    cli_version: &'static str,
+    endpoint: Option<String>,
+    hub_version: Option<String>,
+    user: Option<String>,
+    admin: Option<bool>,
+    /// Why the hub or the user is not shown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
+}
+
+/// `trellis info`: this command line, the hub it would talk to and who the
+/// key is there. Works without a hub (it says so).
+pub async fn info(global: &GlobalArgs) -> anyhow::Result<()> {
+    let mut info = Info {
+        cli_version: env!("CARGO_PKG_VERSION"),
+        endpoint: None,
+        hub_version: None,
+        user: None,
+        admin: None,
+        note: None,
+    };
+    match settings::client(global) {
+        Err(e) => info.note = Some(format!("{e:#}")),
+        Ok(client) => {
+            info.endpoint = Some(client.endpoint().to_owned());
+            match client
+                .get::<trellis_hub::api::types::HealthResponse>("/health", "asking the hub")
+                .await
+            {
+                Err(e) => info.note = Some(e.to_string()),
+                Ok(health) => {
+                    info.hub_version = Some(health.version);
+                    match client.get::<WhoAmI>("/whoami", "asking who you are").await {
+                        Ok(me) => {
+                            info.user = Some(me.user);
+                            info.admin = Some(me.admin);
+                        }
+                        Err(e) => info.note = Some(e.to_string()),
+                    }
+                }
+            }
+        }
+    }
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let mut fields = vec![
+        ("trellis", info.cli_version.to_owned()),
+        ("hub", dash(&info.endpoint)),
+        ("hub version", dash(&info.hub_version)),
+        (
+            "user",
+            match (&info.user, info.admin) {
+                (Some(u), Some(true)) => format!("{u} (administrator)"),
+                (Some(u), _) => u.clone(),
+                _ => "-".into(),
+            },
+        ),
+    ];
+    if let Some(note) = &info.note {
+        fields.push(("note", note.replace('\n', " ")));
+    }
+    output::one(global.output, &info, &fields)
+}
+
 pub async fn whoami(client: &HubClient, format: OutputFormat) -> anyhow::Result<()> {
     let me: WhoAmI = client.get("/whoami", "asking who you are").await?;
     output::one(
@@ -318,13 +384,14 @@ fn print_key(k: &CreatedKey) {
     println!("{}", k.key);
 }
 
+/// `trellis push release`: the releases it recorded.
 pub async fn push_release(
     client: &HubClient,
     project: &str,
     stages: &[String],
     build: Option<String>,
     config: Option<String>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<Release>> {
     let stage = match stages {
         [stage] => stage,
         _ => return push_releases(client, project, stages, build, config).await,
@@ -347,7 +414,7 @@ pub async fn push_release(
             .unwrap_or_default(),
         r.revision
     );
-    Ok(())
+    Ok(vec![r])
 }
 
 /// One build to several stages, in one request: all or none.
@@ -357,7 +424,7 @@ async fn push_releases(
     stages: &[String],
     build: Option<String>,
     config: Option<String>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<Release>> {
     if let Some(config) = config {
         anyhow::bail!(
             "--config {config} names a config of one stage; push to each stage on its own to release it with a config"
@@ -379,7 +446,7 @@ async fn push_releases(
             r.number, r.stage, r.build, r.revision
         );
     }
-    Ok(())
+    Ok(releases)
 }
 
 pub async fn add(client: &HubClient, command: AddCommand) -> anyhow::Result<()> {
@@ -533,6 +600,7 @@ pub async fn remove(client: &HubClient, command: RemoveCommand) -> anyhow::Resul
             project,
             stage,
             keys,
+            access_key: _,
         } => {
             let path = config_path(&project, &stage, &config);
             let mut last: Option<Config> = None;
