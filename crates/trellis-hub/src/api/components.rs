@@ -27,7 +27,7 @@ use trellis_model::{
 use trellis_store::StageUpdate;
 
 use super::types::{
-    ComponentActionResponse, ComponentDesired, ComponentObserved, ComponentView, LogsQuery,
+    ComponentActionQuery, ComponentActionResponse, ComponentDesired, ComponentObserved, ComponentView, LogsQuery,
     StageComponents,
 };
 use crate::auth::Caller;
@@ -135,12 +135,13 @@ async fn release_with_component(
 /// not wait for it.
 #[utoipa::path(post, path = "/projects/{project}/stages/{stage}/components/{component}/{action}",
     tag = "components",
-    params(crate::api::params::ComponentActionPath),
+    params(crate::api::params::ComponentActionPath, ComponentActionQuery),
     responses((status = 200, body = ComponentActionResponse)))]
 pub async fn control_component(
     State(state): State<AppState>,
     caller: Caller,
     Path((project, stage, component, action)): Path<(String, String, String, String)>,
+    Query(q): Query<ComponentActionQuery>,
 ) -> ApiResult<Json<ComponentActionResponse>> {
     caller.role_in(&state, &project).await?;
     let action: ComponentAction = action.parse().map_err(|message: String| {
@@ -153,7 +154,16 @@ pub async fn control_component(
     })?;
     let record = super::stages::live_stage(&state, &project, &stage).await?;
     validate_name(NameKind::Component, &component)?;
-    release_with_component(&state, &record, Some(&component)).await?;
+    let (_, _, manifest) = release_with_component(&state, &record, Some(&component)).await?;
+    let scheduled = manifest
+        .component(&component)
+        .is_some_and(|c| c.is_scheduled());
+    let action = match action {
+        // A restart is what makes a scheduled component run at once.
+        ComponentAction::Start if q.now && scheduled => ComponentAction::Restart,
+        ComponentAction::Stop if q.kill => ComponentAction::Kill,
+        other => other,
+    };
     let outcome = state
         .store()
         .control_component(&project, &stage, &component, action)
