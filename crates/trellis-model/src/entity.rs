@@ -499,13 +499,8 @@ pub enum ComponentAction {
     /// Stop it (it stays stopped across releases until started).
     Stop,
     /// Replace its running workloads with fresh ones; a stopped component
-    /// is started. A scheduled component runs once at once, outside its
-    /// schedule (`trellis start component --now`).
+    /// is started.
     Restart,
-    /// Stop it at once, without the grace period a stop gives
-    /// (`trellis stop component --kill`): on the outpost, a stop whose
-    /// restart generation moved is a kill.
-    Kill,
 }
 
 impl ComponentAction {
@@ -514,7 +509,6 @@ impl ComponentAction {
             ComponentAction::Start => "start",
             ComponentAction::Stop => "stop",
             ComponentAction::Restart => "restart",
-            ComponentAction::Kill => "kill",
         }
     }
 
@@ -527,10 +521,6 @@ impl ComponentAction {
             ComponentAction::Stop => next.stopped = true,
             ComponentAction::Restart => {
                 next.stopped = false;
-                next.restarts += 1;
-            }
-            ComponentAction::Kill => {
-                next.stopped = true;
                 next.restarts += 1;
             }
         }
@@ -593,8 +583,6 @@ mod control_tests {
         assert!(changed && !restarted.stopped && restarted.restarts == 1);
         let (again, changed) = ComponentAction::Restart.apply(&restarted);
         assert!(changed && again.restarts == 2, "every restart counts");
-        let (killed, changed) = ComponentAction::Kill.apply(&again);
-        assert!(changed && killed.stopped && killed.restarts == 3, "a kill moves the generation");
         for a in [
             ComponentAction::Start,
             ComponentAction::Stop,

@@ -27,7 +27,7 @@ use trellis_model::{
 use trellis_store::StageUpdate;
 
 use super::types::{
-    ComponentActionQuery, ComponentActionResponse, ComponentDesired, ComponentObserved, ComponentView, LogsQuery,
+    ComponentActionResponse, ComponentDesired, ComponentObserved, ComponentView, LogsQuery,
     StageComponents,
 };
 use crate::auth::Caller;
@@ -135,13 +135,12 @@ async fn release_with_component(
 /// not wait for it.
 #[utoipa::path(post, path = "/projects/{project}/stages/{stage}/components/{component}/{action}",
     tag = "components",
-    params(crate::api::params::ComponentActionPath, ComponentActionQuery),
+    params(crate::api::params::ComponentActionPath),
     responses((status = 200, body = ComponentActionResponse)))]
 pub async fn control_component(
     State(state): State<AppState>,
     caller: Caller,
     Path((project, stage, component, action)): Path<(String, String, String, String)>,
-    Query(q): Query<ComponentActionQuery>,
 ) -> ApiResult<Json<ComponentActionResponse>> {
     caller.role_in(&state, &project).await?;
     let action: ComponentAction = action.parse().map_err(|message: String| {
@@ -154,16 +153,7 @@ pub async fn control_component(
     })?;
     let record = super::stages::live_stage(&state, &project, &stage).await?;
     validate_name(NameKind::Component, &component)?;
-    let (_, _, manifest) = release_with_component(&state, &record, Some(&component)).await?;
-    let scheduled = manifest
-        .component(&component)
-        .is_some_and(|c| c.is_scheduled());
-    let action = match action {
-        // A restart is what makes a scheduled component run at once.
-        ComponentAction::Start if q.now && scheduled => ComponentAction::Restart,
-        ComponentAction::Stop if q.kill => ComponentAction::Kill,
-        other => other,
-    };
+    release_with_component(&state, &record, Some(&component)).await?;
     let outcome = state
         .store()
         .control_component(&project, &stage, &component, action)

@@ -95,16 +95,7 @@ pub struct ComponentActionPath {
     pub component: String,
     /// What to do with it
     #[param(inline)]
-    pub action: PathAction,
-}
-
-/// The actions a component's path names.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum PathAction {
-    Start,
-    Stop,
-    Restart,
+    pub action: trellis_model::ComponentAction,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -294,20 +294,6 @@ pub struct JoinTokenRequest {
     pub ttl_secs: Option<u64>,
 }
 
-/// How `POST …/components/{component}/{start|stop|restart}` acts.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ComponentActionQuery {
-    /// With `start`: a scheduled component also runs once at once,
-    /// outside its schedule (for a permanent one it is a start).
-    #[serde(default)]
-    pub now: bool,
-    /// With `stop`: stop it at once, without the grace period (SIGKILL;
-    /// the container engine's kill).
-    #[serde(default)]
-    pub kill: bool,
-}
-
 /// What `POST …/components/{component}/{start|stop|restart}` did.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ComponentActionResponse {
