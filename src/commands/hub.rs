@@ -58,9 +58,13 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
     }
     let hub = Hub::open(HubOptions {
         data_dir: args.data.clone(),
+        store: args.store.clone(),
+        store_connections: args.store_connections,
+        chunks: args.chunks.clone(),
         public_address: args.public_address.clone(),
         link,
         local_runtime: args.runtime.settings(),
+        ..HubOptions::default()
     })
     .await?;
     let listener = bind(args.listen).await?;

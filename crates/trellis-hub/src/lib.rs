@@ -11,6 +11,7 @@
 //! - `api/`: the `/api/v1` handlers, one module per resource, and the
 //!   OpenAPI document.
 //! - `auth.rs`: access keys and the [`auth::Caller`] extractor.
+//! - `chunks/`: the artifact store, on a directory or on S3.
 //! - `error.rs`: the API's error type and JSON error shape.
 //! - `link/`: the outpost link — registry, sessions, join/renew, status.
 //! - `local.rs`: the local outpost — an embedded agent on an in-memory link.
@@ -23,6 +24,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod chunks;
 pub mod console;
 pub mod error;
 pub mod extract;

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use chrono::Utc;
 use tokio::net::TcpListener;
-use trellis_cas::{ChunkStore, Durability};
 use trellis_model::{AccessKey, LOCAL_OUTPOST, Outpost, User};
 use trellis_store::sqlite::SqliteStore;
 use trellis_store::{Store, StoreError};
@@ -29,6 +28,17 @@ pub const ADMIN_USER: &str = "admin";
 pub struct HubOptions {
     /// Where the database, the artifacts, `admin.key` and `link.secret` live.
     pub data_dir: PathBuf,
+    /// The store: `None` for SQLite in the data directory (`hub.db`), or a
+    /// `postgres://` URL, which several hubs may share.
+    pub store: Option<String>,
+    /// Pooled connections to PostgreSQL (default 10).
+    pub store_connections: Option<u32>,
+    /// The artifact store: `None` for the directory `artifacts/` in the
+    /// data directory, or `s3://BUCKET[/PREFIX]?endpoint=…`.
+    pub chunks: Option<String>,
+    /// An artifact store the caller opened (tests), used instead of
+    /// `chunks`.
+    pub chunk_store: Option<crate::chunks::Chunks>,
     /// `host:port` under which users and agents reach the hub, as written
     /// into Outpost URIs. Defaults to the address the hub listens on.
     pub public_address: Option<String>,
@@ -49,15 +59,21 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Opens (or creates) the hub's data directory with the default SQLite
-    /// store.
+    /// Opens (or creates) the hub's data directory and the store the
+    /// options name: SQLite in the data directory, or PostgreSQL.
     pub async fn open(options: HubOptions) -> anyhow::Result<Hub> {
         create_private_dir(&options.data_dir)?;
-        let db = options.data_dir.join("hub.db");
-        let store = SqliteStore::open(&db)
-            .await
-            .with_context(|| format!("opening the hub database {}", db.display()))?;
-        Self::open_with_store(options, Arc::new(store)).await
+        let store: Arc<dyn Store> = match &options.store {
+            None => {
+                let db = options.data_dir.join("hub.db");
+                let store = SqliteStore::open(&db)
+                    .await
+                    .with_context(|| format!("opening the hub database {}", db.display()))?;
+                Arc::new(store)
+            }
+            Some(url) => Arc::new(open_postgres(url, options.store_connections).await?),
+        };
+        Self::open_with_store(options, store).await
     }
 
     /// Opens the hub over a store the caller chose (tests use the
@@ -67,9 +83,12 @@ impl Hub {
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Hub> {
         create_private_dir(&options.data_dir)?;
-        let artifacts = options.data_dir.join("artifacts");
-        let chunks = ChunkStore::open(&artifacts, Durability::Synced)
-            .with_context(|| format!("opening the artifact store {}", artifacts.display()))?;
+        let chunks = match &options.chunk_store {
+            Some(chunks) => chunks.clone(),
+            None => {
+                crate::chunks::Chunks::open(options.chunks.as_deref(), &options.data_dir).await?
+            }
+        };
         let link_secret = LinkSecret::load_or_create(&options.data_dir.join(LINK_SECRET_FILE))?;
         let admin_key = bootstrap_admin(store.as_ref(), &options.data_dir).await?;
         ensure_local_outpost(store.as_ref()).await?;
@@ -206,6 +225,41 @@ impl Hub {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// Opens a `postgres://` store, or says what is wrong with the URL.
+pub async fn open_postgres(
+    url: &str,
+    connections: Option<u32>,
+) -> anyhow::Result<trellis_store::postgres::PgStore> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        anyhow::bail!(
+            "the store {:?} is not a PostgreSQL URL; give postgres://USER:PASSWORD@HOST:PORT/DATABASE, or leave --store out for SQLite in the data directory",
+            redact(url)
+        );
+    }
+    let mut options = trellis_store::postgres::PgOptions::default();
+    if let Some(n) = connections {
+        options.max_connections = n.max(2);
+    }
+    trellis_store::postgres::PgStore::open(url, &options)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("the hub cannot use its PostgreSQL store (--store / TRELLIS_STORE)")
+}
+
+/// A URL with its password replaced, for messages.
+pub fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => url.to_owned(),
+            },
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
     }
 }
 

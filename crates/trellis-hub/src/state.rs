@@ -2,8 +2,8 @@
 
 use std::sync::{Arc, OnceLock};
 
+use crate::chunks::Chunks;
 use tokio_util::sync::CancellationToken;
-use trellis_cas::ChunkStore;
 use trellis_link::identity::HubCa;
 use trellis_store::Store;
 
@@ -18,7 +18,7 @@ pub struct AppState(Arc<Inner>);
 
 struct Inner {
     store: Arc<dyn Store>,
-    chunks: ChunkStore,
+    chunks: Chunks,
     keys: KeyVerifier,
     link_secret: LinkSecret,
     ca: HubCa,
@@ -35,7 +35,7 @@ struct Inner {
 impl AppState {
     pub fn new(
         store: Arc<dyn Store>,
-        chunks: ChunkStore,
+        chunks: Chunks,
         link_secret: LinkSecret,
         ca: HubCa,
         links: Links,
@@ -79,7 +79,7 @@ impl AppState {
     }
 
     /// The artifact store: every build's images and packages, as chunks.
-    pub fn chunks(&self) -> &ChunkStore {
+    pub fn chunks(&self) -> &Chunks {
         &self.0.chunks
     }
 

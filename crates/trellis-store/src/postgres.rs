@@ -102,7 +102,7 @@ fn open_error(target: &str, e: sqlx::Error) -> StoreError {
         _ => "check the URL",
     };
     StoreError::Backend {
-        doing: "opening the PostgreSQL database",
+        doing: "connecting to PostgreSQL",
         source: format!("cannot use {target}: {e}; {hint}").into(),
     }
 }
@@ -129,6 +129,22 @@ impl SqlStore<PgBackend> {
             // A hub linking a fleet waits for connections by design (see
             // the SQLite store's note); that is not worth a warning each.
             .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(5));
+        // One connection first, on its own: a pool that cannot connect
+        // only says it timed out, this says why (refused, password, …).
+        let probe = tokio::time::timeout(
+            options.connect_timeout,
+            PgConnection::connect_with(&connect),
+        )
+        .await
+        .map_err(|_| {
+            let waited = std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {:?}", options.connect_timeout),
+            );
+            open_error(&target, sqlx::Error::Io(waited))
+        })?
+        .map_err(|e| open_error(&target, e))?;
+        let _ = probe.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(2))
             .acquire_timeout(options.connect_timeout)

@@ -72,6 +72,7 @@ fn start_shared() -> Option<TestS3> {
             let pid = child.id();
             service::reap_later(child);
             wait_ready(&ports, &service.path(".log"), pid);
+            create_bucket(&format!("http://127.0.0.1:{}", ports.s3), SHARED_BUCKET);
             if let Err(e) = fs::write(&ports_file, ports.line()) {
                 panic!(
                     "trellis-testkit: cannot write {}: {e}",
@@ -89,8 +90,28 @@ fn start_shared() -> Option<TestS3> {
     })
 }
 
+/// The bucket tests share, each under a prefix of its own.
+pub const SHARED_BUCKET: &str = "trellis-test";
+
 impl TestS3 {
-    /// A new, empty bucket of the test's own.
+    /// A place of the test's own in the shared bucket: `(bucket, prefix)`,
+    /// the prefix ending in `/`.
+    pub fn area(&self) -> (String, String) {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let prefix = format!(
+            "t-{}-{}-{}/",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+        );
+        (SHARED_BUCKET.to_owned(), prefix)
+    }
+
+    /// A new, empty bucket of the test's own (for tests about buckets;
+    /// others share one, see [`TestS3::area`]).
     pub fn bucket(&self) -> String {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -286,7 +307,11 @@ fn spawn(weed: &Path, data: &Path, ports: &Ports, log: &Path) -> Child {
         .arg("-s3")
         .arg(format!("-s3.port={}", ports.s3))
         .arg(format!("-s3.config={}", config.display()))
-        .args(["-volume.max=8", "-master.volumeSizeLimitMB=64"])
+        // Each bucket is a collection of its own, and SeaweedFS grows 7
+        // volumes for each: room for a few dozen buckets (empty volumes
+        // cost a few bytes). Tests share one bucket by prefix where they can
+        // ([`TestS3::area`]).
+        .args(["-volume.max=300", "-master.volumeSizeLimitMB=64"])
         // Its other front ends listen on fixed ports, which two servers
         // (the shared one and a test's own) would fight over; and a bucket
         // must exist before it is written to, as on any S3 service.
