@@ -60,7 +60,7 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
         data_dir: args.data.clone(),
         public_address: args.public_address.clone(),
         link,
-        local_runtime: args.runtime.settings(),
+        local_runtime: args.runtime.settings()?,
     })
     .await?;
     let listener = bind(args.listen).await?;

@@ -301,9 +301,11 @@ components:
         assert_eq!(kind, RuntimeKind::Process);
         runtime.address_of(name, port)
     };
+    let no_devices = trellis_agent::devices::DeviceOffers::default();
     let address = PlanContext {
         arch: "amd64",
         address_of: &address,
+        devices: &no_devices,
     };
     let plan = plan_from_desired(
         1,
