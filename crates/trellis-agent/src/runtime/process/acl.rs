@@ -172,6 +172,10 @@ pub fn sync(record: &Path, wanted: &Wanted) {
         .and_then(|b| serde_json::from_slice::<Recorded>(&b).ok())
         .map(|r| r.entries)
         .unwrap_or_default();
+    if had.is_empty() && wanted.is_empty() {
+        // No component holds a device, and the agent added no entry.
+        return;
+    }
     let mut kept = Wanted::new();
     let paths: std::collections::BTreeSet<&String> = had.keys().chain(wanted.keys()).collect();
     for path in paths {
@@ -198,6 +202,9 @@ pub fn sync(record: &Path, wanted: &Wanted) {
                     "could not give a process component's user access to its device (POSIX ACL)"),
             }
         }
+    }
+    if kept == had {
+        return;
     }
     let bytes = serde_json::to_vec_pretty(&Recorded { entries: kept }).unwrap_or_default();
     let dir = record.parent().unwrap_or(Path::new("."));
