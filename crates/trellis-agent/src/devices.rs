@@ -282,6 +282,15 @@ pub fn node_state(path: &Path) -> NodeState {
     }
 }
 
+/// Whether the host shows a GPU: an NVIDIA device node, or a CDI
+/// specification of some vendor's devices.
+fn host_has_gpu() -> bool {
+    Path::new("/dev/nvidia0").exists()
+        || ["/etc/cdi", "/var/run/cdi"]
+            .iter()
+            .any(|dir| std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some()))
+}
+
 /// The variable a component finds a device node's path in:
 /// `TRELLIS_DEVICE_PLC_SERIAL` for `plc-serial`.
 pub fn env_name(device: &str) -> String {
@@ -349,6 +358,12 @@ impl DeviceOffers {
             });
         }
         if let Some(gpu) = gpu {
+            if !host_has_gpu() {
+                tracing::warn!(
+                    "GPUs are offered (--gpu), but this host shows none (no /dev/nvidia0, no CDI \
+                     specification in /etc/cdi or /var/run/cdi); releases asking for them will fail"
+                );
+            }
             offers.push(Offer {
                 name: GPU.to_owned(),
                 kind: OfferKind::Gpu {
