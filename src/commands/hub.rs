@@ -63,7 +63,7 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
         chunks: args.chunks.clone(),
         public_address: args.public_address.clone(),
         link,
-        local_runtime: args.runtime.settings(),
+        local_runtime: args.runtime.settings()?,
         ..HubOptions::default()
     })
     .await?;

@@ -48,6 +48,7 @@ use rand::rngs::StdRng;
 pub mod cli;
 pub mod delivery;
 pub mod deploy;
+pub mod devices;
 pub mod ingress;
 mod ingress_cert;
 pub mod join;
@@ -145,6 +146,9 @@ pub struct RuntimeSettings {
     /// Serve the outpost's entry point (its ingresses); `None`: no entry
     /// point, components are reachable only by their published ports.
     pub ingress: Option<IngressSettings>,
+    /// The devices the outpost offers its components (`--device`,
+    /// `--gpu`); default: none.
+    pub devices: devices::DeviceOffers,
 }
 
 /// Where and how the outpost's entry point listens.
@@ -180,6 +184,7 @@ impl std::fmt::Debug for RuntimeSettings {
             .field("artifacts", &self.artifacts.is_some())
             .field("outpost", &self.outpost)
             .field("ingress", &self.ingress)
+            .field("devices", &self.devices)
             .finish()
     }
 }
@@ -195,6 +200,7 @@ impl Default for RuntimeSettings {
             artifacts: None,
             outpost: None,
             ingress: None,
+            devices: devices::DeviceOffers::default(),
         }
     }
 }
@@ -453,7 +459,12 @@ async fn deployer(
         let info = r.describe();
         tracing::info!(runtime = %r.kind(), engine = %info.name, version = %info.version, "runtime ready");
     }
-    Ok(deploy::Deployer::new(data_dir, runtimes, settings.deploy).with_artifacts(artifacts))
+    for offer in settings.devices.offers() {
+        tracing::info!(device = %offer.name, exclusive = offer.exclusive, "offering a device");
+    }
+    Ok(deploy::Deployer::new(data_dir, runtimes, settings.deploy)
+        .with_artifacts(artifacts)
+        .with_devices(settings.devices.for_outpost(outpost)))
 }
 
 /// The outpost's name: given, or from the identity.

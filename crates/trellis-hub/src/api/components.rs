@@ -363,6 +363,7 @@ pub fn component_views(
                 last_run: c.last_run,
                 next_run: c.next_run,
                 urls: c.urls.clone(),
+                devices: c.devices.clone(),
             })
             .unwrap_or_else(|| ComponentObserved {
                 state: "unknown".into(),
@@ -378,6 +379,7 @@ pub fn component_views(
             in_release: true,
             scheduled: c.is_scheduled(),
             hosts: names.of(c),
+            devices: c.device_names().map(str::to_owned).collect(),
             desired: desired(&c.name),
             observed: observed(&c.name),
         })
@@ -389,6 +391,7 @@ pub fn component_views(
                 in_release: false,
                 scheduled: c.next_run.is_some() || c.last_run.is_some(),
                 hosts: Vec::new(),
+                devices: Vec::new(),
                 desired: desired(&c.name),
                 observed: observed(&c.name),
             });

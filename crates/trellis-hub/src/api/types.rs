@@ -265,6 +265,9 @@ pub struct ComponentObserved {
     /// runs no entry point.
     #[serde(default)]
     pub urls: Vec<String>,
+    /// The outpost's devices it holds (by the names offered).
+    #[serde(default)]
+    pub devices: Vec<String>,
 }
 
 /// One component of a stage: what should be, and what the outpost saw.
@@ -281,6 +284,10 @@ pub struct ComponentView {
     /// outpost serves them yet.
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// The outpost's devices its manifest asks for (`devices:`); which it
+    /// holds is `observed.devices`.
+    #[serde(default)]
+    pub devices: Vec<String>,
     pub desired: ComponentDesired,
     pub observed: ComponentObserved,
 }

@@ -228,6 +228,7 @@ async fn serve(
         arch,
         runtimes,
         capacity,
+        devices,
         stages,
         ..
     } = hello.msg
@@ -246,7 +247,7 @@ async fn serve(
         hello: Some(LinkHello {
             agent: json!({
                 "version": agent_version, "os": os, "arch": arch,
-                "runtimes": runtimes, "capacity": capacity,
+                "runtimes": runtimes, "capacity": capacity, "devices": devices,
             }),
             cert_serial: peer.serial_hex.clone(),
             cert_not_after: peer.not_after,
