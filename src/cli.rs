@@ -231,6 +231,14 @@ pub struct HubArgs {
     /// the directory artifacts/ in the data directory)
     #[arg(long, env = "TRELLIS_CHUNKS")]
     pub chunks: Option<String>,
+    /// With a shared (PostgreSQL) store: host:port at which the other hub
+    /// instances reach this one (default: the listen address)
+    #[arg(long, env = "TRELLIS_INSTANCE_ADDRESS")]
+    pub instance_address: Option<String>,
+    /// With a shared (PostgreSQL) store, run the local outpost here too (one
+    /// instance at a time runs it; off by default there)
+    #[arg(long)]
+    pub local_outpost: bool,
     /// Address to listen on
     #[arg(long, env = "TRELLIS_LISTEN", default_value = "127.0.0.1:7440")]
     pub listen: SocketAddr,

@@ -10,8 +10,9 @@
 //! (`POST /chunks/missing`), so neither is freed under a push that is
 //! still running.
 //!
-//! The hub collects once an hour in the background; administrators can run
-//! a collection at once with `POST /api/v1/admin/collect-garbage`.
+//! The hub collects once an hour in the background (one instance at a
+//! time where several share the store: [`run`]); administrators can run a
+//! collection at once with `POST /api/v1/admin/collect-garbage`.
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
@@ -130,27 +131,27 @@ pub async fn collect_garbage(
     Ok(Json(collect(&state, grace).await?))
 }
 
-/// Collects every [`INTERVAL`] until `cancel`.
-pub fn spawn(state: AppState, cancel: tokio_util::sync::CancellationToken) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(INTERVAL);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            match collect(&state, DEFAULT_GRACE).await {
-                Ok(report) => tracing::info!(
-                    freed = report.freed,
-                    bytes = report.freed_bytes,
-                    referenced = report.referenced,
-                    "collected the artifact store"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e.message, "could not collect the artifact store")
-                }
+/// Collects every [`INTERVAL`] until `cancel`. The hub runs it under the
+/// job lock `collect-garbage`: of several hubs sharing a store and its
+/// artifacts, one collects at a time, and another takes over when it dies.
+pub async fn run(state: AppState, cancel: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(INTERVAL);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match collect(&state, DEFAULT_GRACE).await {
+            Ok(report) => tracing::info!(
+                freed = report.freed,
+                bytes = report.freed_bytes,
+                referenced = report.referenced,
+                "collected the artifact store"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e.message, "could not collect the artifact store")
             }
         }
-    });
+    }
 }

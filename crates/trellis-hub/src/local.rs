@@ -115,47 +115,47 @@ impl ArtifactSource for BackendArtifacts {
     }
 }
 
-/// Runs the local outpost's agent until `shutdown`.
-pub fn spawn(
+/// Runs the local outpost's agent until `shutdown` (the hub calls it under
+/// the job lock `local-outpost`, so that of several hubs sharing a store
+/// one runs it at a time).
+pub async fn run(
     state: AppState,
     data_dir: PathBuf,
     mut runtime: trellis_agent::RuntimeSettings,
     shutdown: CancellationToken,
 ) {
-    tokio::spawn(async move {
-        let dir = data_dir.join(LOCAL_AGENT_DIR);
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            tracing::error!(error = %e, dir = %dir.display(), "cannot create the local outpost's directory");
-            return;
-        }
-        // The local agent reads artifacts from the hub's own store: in
-        // place when it is a directory, else through a cache of its own.
-        runtime.artifacts = Some(match state.chunks().local() {
-            Some(store) => Arc::new(trellis_agent::runtime::artifacts::LocalArtifacts::new(
-                store.clone(),
-            )),
-            None => {
-                let root = dir.join("artifacts");
-                match ChunkStore::open(&root, Durability::Cache) {
-                    Ok(cache) => Arc::new(BackendArtifacts {
-                        chunks: state.chunks().clone(),
-                        cache,
-                    }),
-                    Err(e) => {
-                        tracing::error!(error = %e, dir = %root.display(), "cannot create the local outpost's artifact cache");
-                        return;
-                    }
+    let dir = data_dir.join(LOCAL_AGENT_DIR);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        tracing::error!(error = %e, dir = %dir.display(), "cannot create the local outpost's directory");
+        return;
+    }
+    // The local agent reads artifacts from the hub's own store: in place
+    // when it is a directory, else through a cache of its own.
+    runtime.artifacts = Some(match state.chunks().local() {
+        Some(store) => Arc::new(trellis_agent::runtime::artifacts::LocalArtifacts::new(
+            store.clone(),
+        )),
+        None => {
+            let root = dir.join("artifacts");
+            match ChunkStore::open(&root, Durability::Cache) {
+                Ok(cache) => Arc::new(BackendArtifacts {
+                    chunks: state.chunks().clone(),
+                    cache,
+                }),
+                Err(e) => {
+                    tracing::error!(error = %e, dir = %root.display(), "cannot create the local outpost's artifact cache");
+                    return;
                 }
             }
-        });
-        runtime.outpost = Some(LOCAL_OUTPOST.to_owned());
-        let options = trellis_agent::AgentOptions {
-            connector: Some(Arc::new(LocalConnector { state })),
-            runtime_settings: runtime,
-            ..Default::default()
-        };
-        if let Err(e) = trellis_agent::run(&dir, options, shutdown.cancelled_owned()).await {
-            tracing::error!(error = %e, "the local outpost's agent stopped");
         }
     });
+    runtime.outpost = Some(LOCAL_OUTPOST.to_owned());
+    let options = trellis_agent::AgentOptions {
+        connector: Some(Arc::new(LocalConnector { state })),
+        runtime_settings: runtime,
+        ..Default::default()
+    };
+    if let Err(e) = trellis_agent::run(&dir, options, shutdown.cancelled_owned()).await {
+        tracing::error!(error = %e, "the local outpost's agent stopped");
+    }
 }

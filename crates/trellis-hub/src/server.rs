@@ -48,6 +48,17 @@ pub struct HubOptions {
     /// published ports, health window). Its packages always come straight
     /// from the hub's artifact store.
     pub local_runtime: trellis_agent::RuntimeSettings,
+    /// Do not run the local outpost's agent. On a store several hubs share
+    /// it runs on one instance at a time (a job lock), where it runs at all.
+    pub no_local_outpost: bool,
+    /// With a store several hubs share: the key the secrets every instance
+    /// needs (CA, link secret) are sealed with in the store (see
+    /// [`crate::cluster::secrets`]). Without it each instance uses its data
+    /// directory's own.
+    pub cluster_key: Option<crate::cluster::secrets::ClusterKey>,
+    /// `host:port` at which the other hub instances reach this one
+    /// (default: the listen address, which must then be a specific one).
+    pub instance_address: Option<String>,
 }
 
 /// A hub ready to serve.
@@ -55,6 +66,8 @@ pub struct Hub {
     state: AppState,
     data_dir: PathBuf,
     local_runtime: trellis_agent::RuntimeSettings,
+    no_local_outpost: bool,
+    instance_address: Option<String>,
     admin_key: Option<AccessKey>,
 }
 
@@ -89,16 +102,23 @@ impl Hub {
                 crate::chunks::Chunks::open(options.chunks.as_deref(), &options.data_dir).await?
             }
         };
+        if let Some(key) = &options.cluster_key {
+            crate::cluster::secrets::share(store.as_ref(), &options.data_dir, key).await?;
+        }
         let link_secret = LinkSecret::load_or_create(&options.data_dir.join(LINK_SECRET_FILE))?;
         let admin_key = bootstrap_admin(store.as_ref(), &options.data_dir).await?;
         ensure_local_outpost(store.as_ref()).await?;
         let ca = crate::tls::load_or_create_ca(&options.data_dir)?;
+        let timing =
+            crate::cluster::Timing::for_heartbeat(options.link.heartbeat, options.link.resync);
+        let cluster = crate::cluster::Cluster::new(store.is_shared(), timing);
         let state = AppState::new(
             store,
             chunks,
             link_secret,
             ca,
             Links::new(options.link.clone()),
+            cluster,
         );
         if let Some(address) = &options.public_address {
             let (host, port) = split_address(address)?;
@@ -108,6 +128,8 @@ impl Hub {
             state,
             data_dir: options.data_dir,
             local_runtime: options.local_runtime,
+            no_local_outpost: options.no_local_outpost,
+            instance_address: options.instance_address,
             admin_key,
         })
     }
@@ -154,6 +176,8 @@ impl Hub {
         let local = listener.local_addr()?;
         self.state
             .set_public_address(local.ip().to_string(), local.port());
+        self.set_instance_address(local)
+            .map_err(std::io::Error::other)?;
         let cancel = self.start_background(shutdown);
         let router = self.router();
         axum::serve(listener, router)
@@ -173,14 +197,59 @@ impl Hub {
             shutdown.await;
             trigger.cancel();
         });
-        crate::local::spawn(
+        crate::cluster::spawn(self.state.clone(), cancel.clone());
+        if !self.no_local_outpost {
+            let (data_dir, runtime) = (self.data_dir.clone(), self.local_runtime.clone());
+            crate::cluster::lead(
+                self.state.clone(),
+                "local-outpost",
+                cancel.clone(),
+                move |state, stop| {
+                    crate::local::run(state, data_dir.clone(), runtime.clone(), stop)
+                },
+            );
+        }
+        crate::cluster::lead(
             self.state.clone(),
-            self.data_dir.clone(),
-            self.local_runtime.clone(),
+            "collect-garbage",
             cancel.clone(),
+            crate::gc::run,
         );
-        crate::gc::spawn(self.state.clone(), cancel.clone());
+        if self.state.cluster().is_shared() {
+            crate::cluster::lead(
+                self.state.clone(),
+                "forget-dead-instances",
+                cancel.clone(),
+                crate::cluster::forget_dead_instances,
+            );
+        }
         cancel
+    }
+
+    /// Where the other instances reach this one: the address given, else
+    /// the listen address. Needed only on a shared store.
+    fn set_instance_address(&self, local: std::net::SocketAddr) -> anyhow::Result<()> {
+        let address = match &self.instance_address {
+            Some(address) => {
+                split_address(address).map_err(|_| {
+                    anyhow::anyhow!(
+                        "the instance address {address:?} is not host:port (the address the other hub instances reach this one at)"
+                    )
+                })?;
+                address.clone()
+            }
+            None if local.ip().is_unspecified() => {
+                if self.state.cluster().is_shared() {
+                    anyhow::bail!(
+                        "this hub listens on all interfaces ({local}) and shares its store with other hub instances, which must reach it: give --instance-address host:port (this host's address among the instances)"
+                    );
+                }
+                return Ok(());
+            }
+            None => local.to_string(),
+        };
+        self.state.cluster().set_address(address);
+        Ok(())
     }
 
     /// Serves HTTPS (the API, the console and the outpost link on one port)
@@ -195,6 +264,7 @@ impl Hub {
         let (host, _) = self
             .state
             .set_public_address(local.ip().to_string(), local.port());
+        self.set_instance_address(local)?;
         let mut names = vec!["localhost".to_owned()];
         let mut ips: Vec<std::net::IpAddr> = vec![
             std::net::Ipv4Addr::LOCALHOST.into(),
@@ -206,6 +276,15 @@ impl Hub {
         }
         if !local.ip().is_unspecified() {
             ips.push(local.ip());
+        }
+        // The other instances call this one at its instance address.
+        if let Some(address) = self.state.cluster().address()
+            && let Ok((instance_host, _)) = split_address(address)
+        {
+            match instance_host.parse::<std::net::IpAddr>() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => names.push(instance_host),
+            }
         }
         names.dedup();
         ips.sort();

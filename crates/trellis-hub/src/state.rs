@@ -8,6 +8,7 @@ use trellis_link::identity::HubCa;
 use trellis_store::Store;
 
 use crate::auth::KeyVerifier;
+use crate::cluster::Cluster;
 use crate::link::Links;
 use crate::link::artifacts::ArtifactAccess;
 use crate::outposts::LinkSecret;
@@ -23,6 +24,7 @@ struct Inner {
     link_secret: LinkSecret,
     ca: HubCa,
     links: Links,
+    cluster: Cluster,
     artifact_access: ArtifactAccess,
     /// `(host, port)` under which users and agents reach this hub; it goes
     /// into Outpost URIs. Set once, before the first request is served.
@@ -39,6 +41,7 @@ impl AppState {
         link_secret: LinkSecret,
         ca: HubCa,
         links: Links,
+        cluster: Cluster,
     ) -> Self {
         AppState(Arc::new(Inner {
             store,
@@ -47,6 +50,7 @@ impl AppState {
             link_secret,
             ca,
             links,
+            cluster,
             artifact_access: ArtifactAccess::default(),
             public_address: OnceLock::new(),
             shutdown: CancellationToken::new(),
@@ -98,6 +102,11 @@ impl AppState {
 
     pub fn links(&self) -> &Links {
         &self.0.links
+    }
+
+    /// This hub instance among those sharing the store.
+    pub fn cluster(&self) -> &Cluster {
+        &self.0.cluster
     }
 
     /// Cancelled when the hub shuts down.

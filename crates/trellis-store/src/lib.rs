@@ -549,6 +549,10 @@ pub trait Store: Send + Sync + 'static {
     fn changes(&self) -> Option<ChangeFeed> {
         None
     }
+    /// Whether several hubs may share this store (it has a change feed).
+    fn is_shared(&self) -> bool {
+        false
+    }
     /// Waits for database connections so far, if the backend pools them.
     fn pool_stats(&self) -> Option<PoolStats> {
         None
@@ -589,6 +593,14 @@ pub trait Store: Send + Sync + 'static {
     /// Every outpost's latest claim (or only those `instance` holds).
     async fn link_claims(&self, _instance: Option<&str>) -> Result<Vec<LinkClaim>> {
         Ok(Vec::new())
+    }
+    /// The outpost's latest claim, if it was ever claimed.
+    async fn link_claim(&self, outpost: &str) -> Result<Option<LinkClaim>> {
+        Ok(self
+            .link_claims(None)
+            .await?
+            .into_iter()
+            .find(|c| c.outpost == outpost))
     }
     /// The lock of a single-writer job, if no other hub holds it: held until
     /// dropped, or until the hub's connection to the store is lost (then

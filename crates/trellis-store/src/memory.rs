@@ -1170,6 +1170,10 @@ impl Store for MemoryStore {
         Ok(sync)
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     fn changes(&self) -> Option<ChangeFeed> {
         let (tx, rx) = mpsc::channel(FEED_CAPACITY);
         self.feed
@@ -1277,6 +1281,10 @@ impl Store for MemoryStore {
             .filter(|c| instance.is_none_or(|i| c.instance == i))
             .cloned()
             .collect())
+    }
+
+    async fn link_claim(&self, outpost: &str) -> Result<Option<LinkClaim>> {
+        Ok(self.state().claims.get(outpost).cloned())
     }
 
     async fn lock_job(&self, job: &str) -> Result<Option<JobLock>> {

@@ -330,6 +330,10 @@ impl Backend for PgBackend {
         })
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     fn changes(&self) -> Option<ChangeFeed> {
         let (tx, rx) = mpsc::channel(FEED_CAPACITY);
         let options = self.options.clone();
@@ -455,6 +459,22 @@ impl Backend for PgBackend {
         .await
         .map_err(backend("listing which hub instances hold outpost links"))?;
         rows.iter().map(claim_from).collect()
+    }
+
+    async fn link_claim(&self, outpost: &str) -> Result<Option<LinkClaim>> {
+        sqlx::query(
+            "SELECT outpost, instance, epoch, since, released_at FROM link_claims \
+             WHERE outpost = $1",
+        )
+        .bind(outpost)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend(
+            "looking up which hub instance holds an outpost link",
+        ))?
+        .as_ref()
+        .map(claim_from)
+        .transpose()
     }
 
     async fn lock_job(&self, job: &str) -> Result<Option<JobLock>> {

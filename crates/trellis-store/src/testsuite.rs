@@ -2794,6 +2794,8 @@ pub async fn shared_link_claims(a: &dyn Store, b: &dyn Store) {
         ("hub-b", second[0], None)
     );
     assert_eq!(edge1.since, at(20));
+    assert_eq!(a.link_claim("edge-1").await.unwrap().as_ref(), Some(edge1));
+    assert_eq!(a.link_claim("edge-9").await.unwrap(), None);
     // Its own release ends it.
     b.release_link("hub-b", "edge-1", second[0], at(40))
         .await

@@ -102,6 +102,9 @@ pub trait Backend: Send + Sync + 'static {
     fn changes(&self) -> Option<ChangeFeed> {
         None
     }
+    fn is_shared(&self) -> bool {
+        false
+    }
     async fn beat_instance(&self, _instance: &Instance) -> Result<()> {
         Ok(())
     }
@@ -130,6 +133,9 @@ pub trait Backend: Send + Sync + 'static {
     }
     async fn link_claims(&self, _instance: Option<&str>) -> Result<Vec<LinkClaim>> {
         Ok(Vec::new())
+    }
+    async fn link_claim(&self, _outpost: &str) -> Result<Option<LinkClaim>> {
+        Ok(None)
     }
     async fn lock_job(&self, _job: &str) -> Result<Option<JobLock>> {
         Ok(Some(JobLock::local()))
@@ -2246,6 +2252,10 @@ impl<B: Backend> Store for SqlStore<B> {
         self.backend.changes()
     }
 
+    fn is_shared(&self) -> bool {
+        self.backend.is_shared()
+    }
+
     fn pool_stats(&self) -> Option<PoolStats> {
         self.backend.pool_stats()
     }
@@ -2285,6 +2295,10 @@ impl<B: Backend> Store for SqlStore<B> {
 
     async fn link_claims(&self, instance: Option<&str>) -> Result<Vec<LinkClaim>> {
         self.backend.link_claims(instance).await
+    }
+
+    async fn link_claim(&self, outpost: &str) -> Result<Option<LinkClaim>> {
+        self.backend.link_claim(outpost).await
     }
 
     async fn lock_job(&self, job: &str) -> Result<Option<JobLock>> {
