@@ -63,7 +63,7 @@ struct Example {
 
 pub async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let data = &args.data;
-    let mut local_runtime = args.runtime.settings();
+    let mut local_runtime = args.runtime.settings()?;
     // Container components of the example's kind are reached on loopback.
     local_runtime.publish_ports = local_runtime
         .publish_ports

@@ -125,6 +125,18 @@ fn url_text(c: &ComponentView) -> String {
     }
 }
 
+/// The devices a component holds, as the outpost reports them; while it
+/// reports none, those its manifest asks for, marked as such.
+fn devices_text(c: &ComponentView) -> String {
+    if !c.observed.devices.is_empty() {
+        c.observed.devices.join(" ")
+    } else if c.devices.is_empty() {
+        "-".into()
+    } else {
+        format!("({} asked)", c.devices.join(" "))
+    }
+}
+
 /// `trellis list component -p P -s S`.
 pub async fn list_components(
     client: &HubClient,
@@ -157,6 +169,13 @@ pub async fn list_components(
     if reachable {
         header.push("url");
     }
+    let with_devices = list
+        .components
+        .iter()
+        .any(|c| !c.devices.is_empty() || !c.observed.devices.is_empty());
+    if with_devices {
+        header.push("devices");
+    }
     if detail {
         header.push("message");
     }
@@ -182,6 +201,9 @@ pub async fn list_components(
         ];
         if reachable {
             row.push(url_text(c));
+        }
+        if with_devices {
+            row.push(devices_text(c));
         }
         if detail {
             row.push(message_text(c));

@@ -9,16 +9,19 @@ mod ready;
 mod resources;
 
 use crate::cli::{
-    Cli, Client, Command, HubAction, PushCommand, RevokeCommand, RotateCommand, StatusCommand,
-    UpdateCommand, ValidateCommand,
+    Cli, Client, Command, HubAction, HubCommand, PushCommand, RevokeCommand, RotateCommand,
+    StatusCommand, UpdateCommand, ValidateCommand,
 };
 use crate::settings;
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Hub(hub) => match hub.action {
-            None => hub::hub(hub.run).await,
-            Some(HubAction::ResetAdminKey(args)) => hub::reset_admin_key(args).await,
+        Command::Hub(hub) => match *hub {
+            HubCommand { action: None, run } => hub::hub(run).await,
+            HubCommand {
+                action: Some(HubAction::ResetAdminKey(args)),
+                ..
+            } => hub::reset_admin_key(args).await,
         },
         Command::Dev(args) => dev::dev(args).await,
         Command::Agent(command) => trellis_agent::cli::execute(command, "trellis agent").await,

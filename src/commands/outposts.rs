@@ -125,6 +125,12 @@ pub async fn validate(
             )
         })
         .unwrap_or_else(|| "-".into());
+    let devices = d
+        .agent
+        .as_ref()
+        .map(|a| device_lines(&a.devices))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "-".into());
     output::one(
         format,
         &d,
@@ -153,6 +159,7 @@ pub async fn validate(
             ),
             ("agent", agent),
             ("runtimes", runtimes),
+            ("devices", devices),
             (
                 "ingresses",
                 format!("<host>.<stage>.<project>.{}", d.ingress_domain),
@@ -347,4 +354,37 @@ pub async fn stage_status(
         ));
     }
     output::one(format, &s, &fields)
+}
+
+/// The offered devices: `camera: /dev/video0 (rw, exclusive); gpu: GPUs
+/// nvidia.com/gpu=all`.
+fn device_lines(devices: &[trellis_hub::outposts::DeviceFact]) -> String {
+    devices
+        .iter()
+        .map(|d| {
+            let what = if d.kind == "gpu" {
+                format!("GPUs {}", d.gpus.join(", "))
+            } else {
+                d.path.clone()
+            };
+            let mut notes: Vec<&str> = Vec::new();
+            if !d.access.is_empty() {
+                notes.push(&d.access);
+            }
+            if d.exclusive {
+                notes.push("exclusive");
+            }
+            match d.granted {
+                Some(false) => notes.push("not granted to this project"),
+                _ if d.restricted => notes.push("some projects only"),
+                _ => {}
+            }
+            if notes.is_empty() {
+                format!("{}: {what}", d.name)
+            } else {
+                format!("{}: {what} ({})", d.name, notes.join(", "))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }

@@ -190,7 +190,7 @@ pub async fn info(global: &GlobalArgs) -> anyhow::Result<()> {
         Ok(client) => {
             info.endpoint = Some(client.endpoint().to_owned());
             match client
-                .get::<trellis_hub::api::types::HealthResponse>("/health", "asking the hub")
+                .get::<trellis_hub::health::Health>("/health", "asking the hub")
                 .await
             {
                 Err(e) => info.note = Some(e.to_string()),

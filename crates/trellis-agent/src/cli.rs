@@ -87,6 +87,26 @@ pub struct RuntimeArgs {
     /// reports, when it differs from the one listened on
     #[arg(long, value_name = "PORT", requires = "ingress_listen")]
     pub ingress_public_port: Option<u16>,
+    /// Offer a device node of this host to components under NAME (what a
+    /// manifest asks for with `devices: [{name: NAME}]`), with the access
+    /// given (r, w, m for mknod; default rw), e.g. camera=/dev/video0 or
+    /// plc-serial=/dev/ttyUSB0:rw; repeat it for every device
+    #[arg(long = "device", value_name = "NAME=PATH[:MODE]")]
+    pub devices: Vec<crate::devices::DeviceFlag>,
+    /// Offer GPUs to components as the device `gpu`, through the engine's
+    /// CDI support: all, indexes like 0,1, or CDI device names like
+    /// nvidia.com/gpu=0
+    #[arg(long, value_name = "all|0,1|CDI-NAME,…")]
+    pub gpu: Option<crate::devices::GpuFlag>,
+    /// Let at most one replica on the outpost hold this device (across
+    /// stages and replicas); a release asking for it while another stage
+    /// holds it fails, naming the holder; repeatable
+    #[arg(long = "device-exclusive", value_name = "NAME")]
+    pub device_exclusive: Vec<String>,
+    /// Let only the stages of these projects use this device (without it:
+    /// every project's); repeatable
+    #[arg(long = "device-grant", value_name = "NAME=PROJECT[,PROJECT…]")]
+    pub device_grants: Vec<crate::devices::GrantFlag>,
 }
 
 /// An architecture as OCI platforms name it: lower-case letters and digits.
@@ -105,8 +125,18 @@ fn parse_arch(text: &str) -> Result<String, String> {
 }
 
 impl RuntimeArgs {
-    pub fn settings(&self) -> crate::RuntimeSettings {
-        crate::RuntimeSettings {
+    /// The settings these flags make; fails on a device offer that does not
+    /// add up (see [`crate::devices::DeviceOffers::new`]).
+    pub fn settings(&self) -> anyhow::Result<crate::RuntimeSettings> {
+        let devices = crate::devices::DeviceOffers::new(
+            &self.devices,
+            self.gpu.as_ref(),
+            &self.device_exclusive,
+            &self.device_grants,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("reading the devices the outpost offers")?;
+        Ok(crate::RuntimeSettings {
             containers: !self.no_containers,
             docker_host: self.docker_host.clone(),
             publish_ports: self.publish_ports,
@@ -131,8 +161,9 @@ impl RuntimeArgs {
                 },
                 public_port: self.ingress_public_port,
             }),
+            devices,
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -202,7 +233,7 @@ async fn run(data: &Path, runtime: &RuntimeArgs) -> anyhow::Result<()> {
     crate::run(
         data,
         crate::AgentOptions {
-            runtime_settings: runtime.settings(),
+            runtime_settings: runtime.settings()?,
             ..Default::default()
         },
         shutdown_signal(),

@@ -47,9 +47,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use trellis_link::protocol::{ComponentStatus, LogLine, LogQuery, RuntimeInfo};
+use trellis_link::protocol::{ComponentStatus, DeviceOffer, LogLine, LogQuery, RuntimeInfo};
 
 use crate::delivery::{Delivery, DeliveryBoard};
+use crate::devices::{DeviceOffers, NodeState, node_state};
 use crate::ingress::IngressRoutes;
 use crate::runner::{ApplyOutcome, StageRunner, stage_dir_under, write_atomically};
 use crate::runtime::artifacts::ArtifactSource;
@@ -103,6 +104,12 @@ pub struct Deployer {
     applying: tokio::sync::RwLock<()>,
     /// The outpost's entry point, when it serves one.
     ingress: Option<Arc<IngressRoutes>>,
+    /// The devices the outpost offers its components.
+    devices: DeviceOffers,
+    /// Held from the last check of who holds the exclusive devices a plan
+    /// asks for until that plan is the stage's current one, so two stages
+    /// applied at once cannot both take one device.
+    claims: tokio::sync::Mutex<()>,
     /// What saved plans are sealed with; without it they are plain JSON.
     seal: Option<Arc<crate::seal::SealKey>>,
 }
@@ -153,7 +160,15 @@ impl Deployer {
             ingress: None,
             applying: Default::default(),
             seal: None,
+            devices: DeviceOffers::default(),
+            claims: Default::default(),
         }
+    }
+
+    /// Offers `devices` to the components of its stages.
+    pub fn with_devices(mut self, devices: DeviceOffers) -> Self {
+        self.devices = devices;
+        self
     }
 
     /// Seals the plans it saves with `key` (the agent state's): they hold
@@ -235,6 +250,13 @@ impl Deployer {
         observed: &HashMap<String, ComponentObservation>,
     ) -> Vec<ComponentStatus> {
         let mut statuses = component_statuses(plan, observed);
+        for status in &mut statuses {
+            if let Some(c) = plan.component(&status.name)
+                && holds_devices(plan, c)
+            {
+                status.devices = c.devices.iter().map(|d| d.name.clone()).collect();
+            }
+        }
         if let Some(routes) = &self.ingress {
             for status in &mut statuses {
                 status.urls = routes.urls(plan, &status.name);
@@ -464,6 +486,120 @@ impl Deployer {
         }
     }
 
+    /// Why the devices `plan` asks for cannot be had now: a device node
+    /// that is not on the host, a runtime that cannot hand a device over,
+    /// an exclusive device asked for twice in the plan or held by another
+    /// stage (named, so its users know whom to ask).
+    async fn device_conflicts(&self, stage: &StageKey, plan: &StagePlan) -> Option<String> {
+        let outpost = self.devices.outpost_words();
+        for c in plan.components.iter().filter(|c| holds_devices(plan, c)) {
+            for device in &c.devices {
+                let Some(path) = &device.path else { continue };
+                match node_state(Path::new(path)) {
+                    NodeState::Present => {}
+                    state => {
+                        return Some(format!(
+                            "component {:?} asks for device {:?}, and {path} {} on the host of {outpost}; \
+                             connect the device (or fix the offer: trellis agent run --device {}=PATH) and push the release again",
+                            c.name,
+                            device.name,
+                            if state == NodeState::Missing {
+                                "is not there now"
+                            } else {
+                                "is not a device node"
+                            },
+                            device.name,
+                        ));
+                    }
+                }
+            }
+            if let Some(runtime) = self.runtime(c.workload.kind())
+                && let Some(why) = runtime.cannot_hold(c)
+            {
+                return Some(why);
+            }
+        }
+        // Exclusive devices: one replica of one component on the outpost.
+        let mut wanted: Vec<(&str, &ComponentPlan)> = Vec::new();
+        for c in plan.components.iter().filter(|c| holds_devices(plan, c)) {
+            for device in c.devices.iter().filter(|d| d.exclusive) {
+                if let Some((_, first)) = wanted.iter().find(|(n, _)| *n == device.name) {
+                    return Some(format!(
+                        "device {:?} of {outpost} is exclusive, and components {:?} and {:?} both ask for it; \
+                         one replica of one component may hold it",
+                        device.name, first.name, c.name
+                    ));
+                }
+                if c.replicas > 1 {
+                    return Some(format!(
+                        "device {:?} of {outpost} is exclusive, and component {:?} asks for it with {} replicas; \
+                         one replica may hold it: set scaling.min to 1",
+                        device.name, c.name, c.replicas
+                    ));
+                }
+                wanted.push((&device.name, c));
+            }
+        }
+        if wanted.is_empty() {
+            return None;
+        }
+        for other in self.stages_with_plans() {
+            if &other == stage {
+                continue;
+            }
+            let Some(held) = self.load_plan(&other, CURRENT_PLAN).await else {
+                continue;
+            };
+            for c in held.components.iter().filter(|c| holds_devices(&held, c)) {
+                if let Some((name, asking)) = wanted
+                    .iter()
+                    .find(|(name, _)| c.devices.iter().any(|d| d.name == *name))
+                {
+                    return Some(format!(
+                        "device {name:?} of {outpost} is exclusive and held by stage {other} \
+                         (component {:?}), so component {:?} cannot have it; stop that component \
+                         (trellis stop component {} -p {} -s {}) or suspend that stage, then push the release again",
+                        c.name, asking.name, c.name, other.project, other.stage
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// The device nodes held by components of `plan` that are no longer on
+    /// the host (an unplugged camera), as notices for the stage's errors.
+    fn devices_gone(&self, plan: &StagePlan) -> Vec<crate::runner::Notice> {
+        let outpost = self.devices.outpost_words();
+        let mut out = Vec::new();
+        for c in plan.components.iter().filter(|c| holds_devices(plan, c)) {
+            for device in &c.devices {
+                let Some(path) = &device.path else { continue };
+                let state = node_state(Path::new(path));
+                if state == NodeState::Present {
+                    continue;
+                }
+                out.push(crate::runner::Notice {
+                    code: "device-missing".into(),
+                    message: format!(
+                        "device {:?} ({path}) held by component {:?} {} on the host of {outpost}",
+                        device.name,
+                        c.name,
+                        if state == NodeState::Missing {
+                            "is gone"
+                        } else {
+                            "is no longer a device node"
+                        }
+                    ),
+                    hint: "reconnect the device; then restart the component \
+                           (trellis restart component) if it does not recover by itself"
+                        .into(),
+                });
+            }
+        }
+        out
+    }
+
     /// Components the runtimes of this host cannot run.
     fn unrunnable(&self, plan: &StagePlan) -> Option<String> {
         let missing: Vec<&str> = plan
@@ -612,7 +748,11 @@ impl Deployer {
             .ingress
             .as_ref()
             .and_then(|routes| routes.host_taken(stage, &plan));
-        if let Some(why) = taken.or_else(|| self.unrunnable(&plan)) {
+        let refused = match taken.or_else(|| self.unrunnable(&plan)) {
+            Some(why) => Some(why),
+            None => self.device_conflicts(stage, &plan).await,
+        };
+        if let Some(why) = refused {
             return ApplyOutcome {
                 rolled_back_to: previous_good.as_ref().and_then(|p| p.release),
                 ..ApplyOutcome::failed(format!("{release} cannot run here: {why}"))
@@ -632,7 +772,19 @@ impl Deployer {
         // Restart counts of workloads that are kept: a kept component that
         // restarts during the window is as down as a new one.
         let before = self.observe_all(stage).await;
-        self.save_plan(stage, CURRENT_PLAN, &plan).await;
+        {
+            // Another stage may have taken an exclusive device while this
+            // one was delivered: look again, and make this plan the
+            // current one before anyone else looks.
+            let _claims = self.claims.lock().await;
+            if let Some(why) = self.device_conflicts(stage, &plan).await {
+                return ApplyOutcome {
+                    rolled_back_to: previous_good.as_ref().and_then(|p| p.release),
+                    ..ApplyOutcome::failed(format!("{release} cannot run here: {why}"))
+                };
+            }
+            self.save_plan(stage, CURRENT_PLAN, &plan).await;
+        }
         let applied = self.run_plan(stage, &plan).await;
         let (verdict, observed) = match applied {
             Ok(actions) => {
@@ -827,6 +979,15 @@ fn runs_continuously(c: &ComponentPlan) -> bool {
     !c.stopped && c.schedule.is_none() && c.replicas > 0
 }
 
+/// Whether `c` holds its devices under `plan`: it may run (not stopped,
+/// the stage not suspended, scaled above zero or scheduled).
+fn holds_devices(plan: &StagePlan, c: &ComponentPlan) -> bool {
+    !c.devices.is_empty()
+        && !plan.suspended
+        && !c.stopped
+        && (c.replicas > 0 || c.schedule.is_some())
+}
+
 /// The health verdict of `plan` given what runs.
 async fn judge(
     plan: &StagePlan,
@@ -940,8 +1101,10 @@ fn to_status(o: &ComponentObservation, replicas: u32) -> ComponentStatus {
         last_run: o.last_run,
         next_run: o.next_run,
         message: o.message.clone(),
-        // The deployer adds them: it knows the plan's ingresses.
+        // The deployer adds them: it knows the plan's ingresses and
+        // devices.
         urls: Vec::new(),
+        devices: Vec::new(),
     }
 }
 
@@ -949,6 +1112,10 @@ fn to_status(o: &ComponentObservation, replicas: u32) -> ComponentStatus {
 impl StageRunner for Deployer {
     fn describe(&self) -> Vec<RuntimeInfo> {
         self.runtimes.iter().map(|r| r.describe()).collect()
+    }
+
+    fn devices(&self) -> Vec<DeviceOffer> {
+        self.devices.wire()
     }
 
     async fn apply(
@@ -970,6 +1137,7 @@ impl StageRunner for Deployer {
             let ctx = PlanContext {
                 arch: &self.options.arch,
                 address_of: &address_of,
+                devices: &self.devices,
             };
             plan_from_desired(revision, desired, &ctx)
         };
@@ -1052,28 +1220,25 @@ impl StageRunner for Deployer {
             .filter(|c| matches!(c.state.as_str(), "crash-looping" | "failed" | "missing"))
             .filter(|c| plan.component(&c.name).is_some_and(runs_continuously))
             .collect();
+        let mut problems: Vec<String> = troubled
+            .iter()
+            .map(|c| match (&c.message, c.exit_code) {
+                (Some(m), _) => format!("component {} is {}: {m}", c.name, c.state),
+                (None, Some(code)) => format!(
+                    "component {} is {} (last exit code {code}, {} restarts)",
+                    c.name, c.state, c.restarts
+                ),
+                (None, None) => format!("component {} is {}", c.name, c.state),
+            })
+            .collect();
+        let notices = self.devices_gone(&plan);
+        problems.extend(notices.iter().map(|n| n.message.clone()));
         let (state, message) = if plan.suspended {
             ("suspended", None)
-        } else if troubled.is_empty() {
+        } else if problems.is_empty() {
             ("running", None)
         } else {
-            (
-                "degraded",
-                Some(
-                    troubled
-                        .iter()
-                        .map(|c| match (&c.message, c.exit_code) {
-                            (Some(m), _) => format!("component {} is {}: {m}", c.name, c.state),
-                            (None, Some(code)) => format!(
-                                "component {} is {} (last exit code {code}, {} restarts)",
-                                c.name, c.state, c.restarts
-                            ),
-                            (None, None) => format!("component {} is {}", c.name, c.state),
-                        })
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                ),
-            )
+            ("degraded", Some(problems.join("; ")))
         };
         Some(ApplyOutcome {
             ok: true,
@@ -1081,7 +1246,7 @@ impl StageRunner for Deployer {
             message,
             components,
             rolled_back_to: None,
-            notices: Vec::new(),
+            notices,
         })
     }
 

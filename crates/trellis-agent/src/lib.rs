@@ -48,6 +48,7 @@ use rand::rngs::StdRng;
 pub mod cli;
 pub mod delivery;
 pub mod deploy;
+pub mod devices;
 pub mod ingress;
 mod ingress_cert;
 pub mod join;
@@ -146,6 +147,9 @@ pub struct RuntimeSettings {
     /// Serve the outpost's entry point (its ingresses); `None`: no entry
     /// point, components are reachable only by their published ports.
     pub ingress: Option<IngressSettings>,
+    /// The devices the outpost offers its components (`--device`,
+    /// `--gpu`); default: none.
+    pub devices: devices::DeviceOffers,
 }
 
 /// Where and how the outpost's entry point listens.
@@ -181,6 +185,7 @@ impl std::fmt::Debug for RuntimeSettings {
             .field("artifacts", &self.artifacts.is_some())
             .field("outpost", &self.outpost)
             .field("ingress", &self.ingress)
+            .field("devices", &self.devices)
             .finish()
     }
 }
@@ -196,6 +201,7 @@ impl Default for RuntimeSettings {
             artifacts: None,
             outpost: None,
             ingress: None,
+            devices: devices::DeviceOffers::default(),
         }
     }
 }
@@ -454,8 +460,12 @@ async fn deployer(
         let info = r.describe();
         tracing::info!(runtime = %r.kind(), engine = %info.name, version = %info.version, "runtime ready");
     }
+    for offer in settings.devices.offers() {
+        tracing::info!(device = %offer.name, exclusive = offer.exclusive, "offering a device");
+    }
     Ok(deploy::Deployer::new(data_dir, runtimes, settings.deploy)
         .with_artifacts(artifacts)
+        .with_devices(settings.devices.for_outpost(outpost))
         .with_seal(state.seal_key()))
 }
 

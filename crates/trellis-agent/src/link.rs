@@ -914,6 +914,7 @@ async fn hello(ctx: &LinkContext) -> Result<Message, AgentError> {
         arch: ctx.arch.clone(),
         runtimes: ctx.runtime.describe(),
         capacity,
+        devices: ctx.runtime.devices(),
         stages: stages
             .into_iter()
             .map(|r| StageRevision {

@@ -208,18 +208,24 @@ impl Reconciler {
                 .unwrap_or_else(PoisonError::into_inner)
                 .get(&record.key)
                 .cloned();
+            // What the observation found wrong now (a device node gone):
+            // the errors of this report. The apply's own were reported with
+            // it, and the hub keeps them.
+            let errors = notice_errors(outcome.notices);
             let report = match last {
                 // A failed apply stays failed (with its reason and what was
                 // rolled back to) until a newer revision is applied; only
                 // the components' view is refreshed.
                 Some(last) if last.state == "failed" => StatusReport {
                     components: outcome.components,
+                    errors,
                     ..last
                 },
                 Some(last) => StatusReport {
                     state: outcome.state,
                     message: outcome.message,
                     components: outcome.components,
+                    errors,
                     ..last
                 },
                 // After a restart nothing was reported by this process; a
@@ -233,7 +239,7 @@ impl Reconciler {
                     state: outcome.state,
                     message: outcome.message,
                     components: outcome.components,
-                    errors: Vec::new(),
+                    errors,
                     rolled_back_to: None,
                 },
             };
@@ -338,6 +344,9 @@ async fn enqueue_if_changed(
     Ok(())
 }
 
+/// Whether `b` tells the hub nothing `a` did not: the same state and
+/// components, and no error `a` lacked (an error that went away is no
+/// news: the hub keeps the ones it was told).
 fn same_news(a: &StatusReport, b: &StatusReport) -> bool {
     let strip = |r: &StatusReport| {
         let mut r = r.clone();
@@ -347,7 +356,28 @@ fn same_news(a: &StatusReport, b: &StatusReport) -> bool {
         }
         r
     };
-    strip(a) == strip(b)
+    let known = |e: &trellis_link::protocol::AgentError| {
+        a.errors
+            .iter()
+            .any(|k| k.code == e.code && k.message == e.message)
+    };
+    strip(a) == strip(b) && b.errors.iter().all(known)
+}
+
+/// Notices as the errors of a status report, seen now.
+fn notice_errors(notices: Vec<crate::runner::Notice>) -> Vec<trellis_link::protocol::AgentError> {
+    let now = chrono::Utc::now();
+    notices
+        .into_iter()
+        .map(|n| trellis_link::protocol::AgentError {
+            code: n.code,
+            message: n.message,
+            hint: Some(n.hint),
+            first_seen: now,
+            last_seen: now,
+            count: 1,
+        })
+        .collect()
 }
 
 /// Applies the newest held revision of `stage`, records and reports it.
@@ -383,19 +413,7 @@ async fn apply_newest(
     // What the release asks for that the outpost runs differently goes to
     // the stage's error list, where the hub keeps it with first and last
     // sighting.
-    let now = chrono::Utc::now();
-    let errors = outcome
-        .notices
-        .into_iter()
-        .map(|n| trellis_link::protocol::AgentError {
-            code: n.code,
-            message: n.message,
-            hint: Some(n.hint),
-            first_seen: now,
-            last_seen: now,
-            count: 1,
-        })
-        .collect();
+    let errors = notice_errors(outcome.notices);
     let report = StatusReport {
         project: stage.project.clone(),
         stage: stage.stage.clone(),

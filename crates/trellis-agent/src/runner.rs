@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
-use trellis_link::protocol::{ComponentStatus, LogLine, LogQuery, RuntimeInfo};
+use trellis_link::protocol::{ComponentStatus, DeviceOffer, LogLine, LogQuery, RuntimeInfo};
 use trellis_model::{NameKind, validate_name};
 
 use crate::state::StageKey;
@@ -75,6 +75,12 @@ impl ApplyOutcome {
 pub trait StageRunner: Send + Sync {
     /// The runtimes found on this host, for the `hello` frame.
     fn describe(&self) -> Vec<RuntimeInfo>;
+
+    /// The devices this outpost offers its components, for the `hello`
+    /// frame. Default: none.
+    fn devices(&self) -> Vec<DeviceOffer> {
+        Vec::new()
+    }
 
     /// Makes `stage` run `desired` at `revision`.
     async fn apply(

@@ -18,7 +18,7 @@ use trellis_agent::StageKey;
 use trellis_agent::runtime::container::{ContainerRuntime, PublishPolicy};
 use trellis_agent::runtime::{
     Action, ActionKind, ComponentObservation, ComponentPlan, ComponentState, LogLine, LogQuery,
-    PlannedFile, PlannedVolume, Runtime, StagePlan, Workload,
+    PlannedDevice, PlannedFile, PlannedVolume, Runtime, StagePlan, Workload,
 };
 use trellis_model::manifest::{Schedule, StorageKind};
 use trellis_testkit::engines::{self, EngineKind, Object, TestEngine};
@@ -321,6 +321,8 @@ on_both_engines!(
     release_jobs_run_once_per_release_and_retry,
     stop_start_and_restart_on_request,
     the_stage_networks_bridge_keeps_its_hardware_address,
+    a_component_gets_exactly_the_device_node_it_holds,
+    a_gpu_reaches_the_container_where_the_host_has_one,
 );
 
 async fn a_stage_runs_keeps_its_volume_and_is_adopted_without_restarts(env: Env) {
@@ -944,4 +946,134 @@ async fn the_stage_networks_bridge_keeps_its_hardware_address(env: Env) {
 
     rt.remove(&stage).await.unwrap();
     assert_eq!(env.leftovers(), Vec::<String>::new());
+}
+
+/// A character device node made for the test (a copy of `/dev/zero`,
+/// 1:5), readable by root only.
+fn make_zero_node(path: &std::path::Path) {
+    let made = std::process::Command::new("mknod")
+        .arg(path)
+        .args(["c", "1", "5"])
+        .status()
+        .expect("mknod runs");
+    assert!(made.success(), "mknod {} (needs root)", path.display());
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+}
+
+async fn a_component_gets_exactly_the_device_node_it_holds(env: Env) {
+    let rt = env.runtime(PublishPolicy::off()).await;
+    let node = env.data.path().join("camera");
+    make_zero_node(&node);
+    let path = node.to_string_lossy().into_owned();
+    let device = PlannedDevice {
+        name: "camera".into(),
+        path: Some(path.clone()),
+        access: "r".into(),
+        cdi: vec![],
+        exclusive: false,
+    };
+    let mut holder = env.component("holder", &["sleep", "1000"]);
+    holder.devices = vec![device];
+    holder
+        .env
+        .insert("TRELLIS_DEVICE_CAMERA".into(), path.clone());
+    let other = env.component("other", &["sleep", "1000"]);
+    let stage = env.stage("line");
+    plan_and_apply(&rt, &stage, &plan(1, 1, vec![holder, other])).await;
+    until_state(&rt, &stage, "holder", ComponentState::Running).await;
+    until_state(&rt, &stage, "other", ComponentState::Running).await;
+    let holder_name = format!("trellis-{}_line_holder-0", env.project);
+    let other_name = format!("trellis-{}_line_other-0", env.project);
+
+    // The holder reads the node, at its host path.
+    let read = exec_ok(
+        &env,
+        &holder_name,
+        &[
+            "sh",
+            "-c",
+            "test -c \"$TRELLIS_DEVICE_CAMERA\" && head -c 16 \"$TRELLIS_DEVICE_CAMERA\" | wc -c",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("the holder cannot read its device: {e}"));
+    assert_eq!(read.trim(), "16");
+    // The other component of the same stage does not see it at all.
+    let seen = exec_ok(&env, &other_name, &["test", "-e", &path]);
+    assert!(
+        seen.is_err(),
+        "{path} is visible in a component not granted it"
+    );
+    // Nothing else of the host's /dev came with it: both see the same /dev.
+    let dev = |name: &str| exec_ok(&env, name, &["ls", "/dev"]).unwrap();
+    assert_eq!(dev(&holder_name), dev(&other_name));
+
+    // One device mapping, with the access given; nothing privileged.
+    let inspected = env.engine.inspect(Object::Container, &holder_name).unwrap();
+    let host = &inspected["HostConfig"];
+    let devices = host["Devices"].as_array().cloned().unwrap_or_default();
+    assert_eq!(devices.len(), 1, "{host}");
+    assert_eq!(devices[0]["PathInContainer"], path.as_str(), "{host}");
+    if env.engine.kind() == EngineKind::Docker {
+        // Podman 4 reports the node back by the /dev name of its numbers
+        // (/dev/zero here), and no permissions.
+        assert_eq!(devices[0]["PathOnHost"], path.as_str(), "{host}");
+        assert_eq!(devices[0]["CgroupPermissions"], "r", "{host}");
+    }
+    assert_eq!(host["Privileged"], false, "{host}");
+    let other_host = env.engine.inspect(Object::Container, &other_name).unwrap();
+    let none = other_host["HostConfig"]["Devices"]
+        .as_array()
+        .is_none_or(|d| d.is_empty());
+    assert!(none, "{}", other_host["HostConfig"]);
+}
+
+/// Whether this host has a GPU a container could be given: an NVIDIA
+/// device node, or a CDI specification of some vendor's devices.
+fn host_gpu() -> Option<String> {
+    if std::path::Path::new("/dev/nvidia0").exists() {
+        return Some("/dev/nvidia0".into());
+    }
+    ["/etc/cdi", "/var/run/cdi"]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten())
+        .map(|e| e.path().display().to_string())
+        .next()
+}
+
+async fn a_gpu_reaches_the_container_where_the_host_has_one(env: Env) {
+    let rt = env.runtime(PublishPolicy::off()).await;
+    let mut infer = env.component("infer", &["sleep", "1000"]);
+    infer.devices = vec![PlannedDevice {
+        name: "gpu".into(),
+        path: None,
+        access: String::new(),
+        cdi: vec!["nvidia.com/gpu=all".into()],
+        exclusive: false,
+    }];
+    let refusal = rt.cannot_hold(&infer);
+    let Some(gpu) = host_gpu() else {
+        eprintln!(
+            "skipped: this host has no GPU (no /dev/nvidia0, no CDI specification in /etc/cdi \
+             or /var/run/cdi); the request {} would get is unit-tested in \
+             runtime::container::spec{}",
+            env.engine.name(),
+            refusal
+                .map(|why| format!(", and this engine would refuse it: {why}"))
+                .unwrap_or_default()
+        );
+        return;
+    };
+    if let Some(why) = refusal {
+        eprintln!("skipped: the host has a GPU ({gpu}), but {why}");
+        return;
+    }
+    let stage = env.stage("gpu");
+    plan_and_apply(&rt, &stage, &plan(1, 1, vec![infer])).await;
+    until_state(&rt, &stage, "infer", ComponentState::Running).await;
+    let name = format!("trellis-{}_gpu_infer-0", env.project);
+    let listed = exec_ok(&env, &name, &["ls", "/dev"]).unwrap();
+    assert!(
+        listed.lines().any(|l| l.starts_with("nvidia")),
+        "no GPU device in the container: {listed}"
+    );
 }

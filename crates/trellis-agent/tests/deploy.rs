@@ -429,3 +429,88 @@ async fn the_cache_keeps_current_and_previous_releases_and_what_is_in_flight() {
     assert!(cached(&packages[1]) < 0.5, "release 2 is still cached");
     d.remove(&s).await.unwrap();
 }
+
+/// The desired state of [`desired`] with the stage's components stopped on
+/// request (as `trellis stop component app` sends it).
+fn stopped(mut desired: serde_json::Value) -> serde_json::Value {
+    desired["controls"] = json!({"app": {"stopped": true}});
+    desired
+}
+
+#[tokio::test]
+async fn an_exclusive_device_is_held_by_one_replica_of_one_component_on_the_outpost() {
+    let w = World::new();
+    let node = w.dir.path().join("cam");
+    let made = std::process::Command::new("mknod")
+        .arg(&node)
+        .args(["c", "1", "5"])
+        .status()
+        .unwrap();
+    if !made.success() {
+        assert!(std::env::var_os("CI").is_none(), "mknod needs root");
+        eprintln!("skipped: mknod needs root");
+        return;
+    }
+    let offers = trellis_agent::devices::DeviceOffers::new(
+        &[format!("cam={}", node.display()).parse().unwrap()],
+        None,
+        &["cam".into()],
+        &[],
+    )
+    .unwrap()
+    .for_outpost("plant-7");
+    let d = w.deployer(w.dir.path()).with_devices(offers);
+    let pkg = w.package(&[("run.sh", b"#!/bin/sh\nexec sleep 1000\n")]);
+    let asks = "    devices: [{name: cam}]\n";
+
+    // Two replicas of one component: refused before anything runs.
+    let two = format!("{asks}    scaling: {{min: 2, max: 2}}\n");
+    let outcome = d.apply(&stage("one"), 1, &desired(1, &pkg, &two)).await;
+    assert!(!outcome.ok);
+    let message = outcome.message.unwrap();
+    assert!(
+        message.contains("device \"cam\" of outpost plant-7 is exclusive")
+            && message.contains("with 2 replicas"),
+        "{message}"
+    );
+    assert!(outcome.components.is_empty(), "nothing was started");
+
+    // One replica holds it; another stage is refused it, naming the holder.
+    let outcome = d.apply(&stage("one"), 2, &desired(2, &pkg, asks)).await;
+    assert!(outcome.ok, "{:?}", outcome.message);
+    assert_eq!(outcome.components[0].devices, ["cam"]);
+    let outcome = d.apply(&stage("two"), 1, &desired(1, &pkg, asks)).await;
+    assert!(!outcome.ok);
+    let message = outcome.message.unwrap();
+    assert!(
+        message.contains("held by stage plant/one (component \"app\")"),
+        "{message}"
+    );
+
+    // Stopped, the holder lets go of it; the other stage may have it.
+    let outcome = d
+        .apply(&stage("one"), 3, &stopped(desired(2, &pkg, asks)))
+        .await;
+    assert!(outcome.ok, "{:?}", outcome.message);
+    assert!(
+        outcome.components[0].devices.is_empty(),
+        "a stopped component holds nothing"
+    );
+    let outcome = d.apply(&stage("two"), 2, &desired(2, &pkg, asks)).await;
+    assert!(outcome.ok, "{:?}", outcome.message);
+
+    // Unplugged while it runs: the observation says so.
+    std::fs::remove_file(&node).unwrap();
+    let observed = d.observe(&stage("two"), 2).await.unwrap();
+    assert_eq!(observed.state, "degraded");
+    let notice = &observed.notices[0];
+    assert_eq!(notice.code, "device-missing");
+    assert!(
+        notice.message.contains("device \"cam\"") && notice.message.contains("is gone"),
+        "{}",
+        notice.message
+    );
+    for s in ["one", "two"] {
+        d.remove(&stage(s)).await.unwrap();
+    }
+}

@@ -53,6 +53,7 @@ async fn hello_says_what_the_outpost_holds_and_offers() {
         arch,
         runtimes,
         capacity,
+        devices,
         stages,
         outbox_from,
     } = hub.next().await
@@ -72,6 +73,7 @@ async fn hello_says_what_the_outpost_holds_and_offers() {
         }]
     );
     assert!(capacity.cpus >= 1);
+    assert!(devices.is_empty(), "the test runner offers no devices");
     if cfg!(target_os = "linux") {
         assert!(capacity.memory_bytes > 0);
         assert!(capacity.disk_free_bytes > 0);

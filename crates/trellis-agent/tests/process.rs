@@ -17,7 +17,7 @@ use trellis_agent::runtime::plan::{PlanContext, plan_from_desired};
 use trellis_agent::runtime::process::{ProcessOptions, ProcessRuntime};
 use trellis_agent::runtime::{
     ActionKind, ComponentObservation, ComponentPlan, ComponentState, LogQuery, LogStream,
-    PlannedVolume, Runtime, RuntimeKind, StagePlan, Workload,
+    PlannedDevice, PlannedVolume, Runtime, RuntimeKind, StagePlan, Workload,
 };
 use trellis_cas::{ArtifactKind, ChunkStore, Durability};
 use trellis_model::manifest::{Schedule, StorageKind};
@@ -301,9 +301,11 @@ components:
         assert_eq!(kind, RuntimeKind::Process);
         runtime.address_of(name, port)
     };
+    let no_devices = trellis_agent::devices::DeviceOffers::default();
     let address = PlanContext {
         arch: "amd64",
         address_of: &address,
+        devices: &no_devices,
     };
     let plan = plan_from_desired(
         1,
@@ -817,5 +819,104 @@ async fn release_jobs_run_once_per_release_with_retries_even_across_agent_restar
         o.state == ComponentState::Succeeded && o.release == Some(2)
     })
     .await;
+    runtime.remove(&stage).await.unwrap();
+}
+
+/// Reads four bytes of `$TARGET` every 100 ms and says what happened.
+const READ_DEVICE: &str = r#"#!/bin/sh
+while true; do
+  if head -c 4 "$TARGET" > data/bytes 2> data/err; then
+    echo "read $(wc -c < data/bytes) bytes" > data/result
+  else
+    echo "refused: $(cat data/err)" > data/result
+  fi
+  sleep 0.1
+done
+"#;
+
+#[tokio::test]
+async fn a_process_component_reaches_the_device_node_it_holds_and_no_other() {
+    if !rustix::process::geteuid().is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root (to make a device node and switch users)"
+        );
+        eprintln!("skipped: needs root to make a device node and switch users");
+        return;
+    }
+    let world = World::new();
+    // The components run as users of their own, who must pass through the
+    // directories above the runtime's root.
+    std::fs::set_permissions(world.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    // A copy of /dev/zero (1:5) that only root may open.
+    let node = world.dir.path().join("sensor");
+    let made = std::process::Command::new("mknod")
+        .arg(&node)
+        .args(["c", "1", "5"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::set_permissions(&node, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path = node.to_string_lossy().into_owned();
+
+    let package = world.package(&[("read.sh", READ_DEVICE, true)]);
+    let reader = |name: &str, uid: u32, holds: bool| {
+        let mut c = component(name, &package, &["./read.sh"]);
+        c.user = Some(format!("{uid}:{uid}"));
+        c.env.insert("TARGET".into(), path.clone());
+        c.volumes = vec![volume("data", "/data")];
+        if holds {
+            c.devices = vec![PlannedDevice {
+                name: "sensor".into(),
+                path: Some(path.clone()),
+                access: "r".into(),
+                cdi: vec![],
+                exclusive: false,
+            }];
+        }
+        rehash(&mut c);
+        c
+    };
+    let runtime = world.runtime(fast());
+    let stage = StageKey::new("line", "dev");
+    let result = |name: &str| {
+        world
+            .stage_dir(&stage)
+            .join(format!("volumes/{name}/data/result"))
+    };
+
+    deploy(
+        &runtime,
+        &stage,
+        &stage_plan(
+            1,
+            vec![reader("holder", 65534, true), reader("other", 65533, false)],
+        ),
+    )
+    .await;
+    // The holder's user reads it (through its ACL entry); the other
+    // component's user, like every user but root, may not open it.
+    wait_file(&result("holder"), |t| t == "read 4 bytes\n").await;
+    let refused = wait_file(&result("other"), |t| t.starts_with("refused")).await;
+    assert!(refused.contains("Permission denied"), "{refused}");
+    let mode = std::fs::metadata(&node).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o640,
+        "the ACL's mask shows in the group bits: {mode:o}"
+    );
+
+    // Letting go of it (the holder is removed) takes the entry off again:
+    // the node is back to root only, without an ACL.
+    deploy(
+        &runtime,
+        &stage,
+        &stage_plan(2, vec![reader("other", 65533, false)]),
+    )
+    .await;
+    let mut buf = [0u8; 256];
+    let acl = rustix::fs::getxattr(&node, "system.posix_acl_access", &mut buf[..]);
+    assert_eq!(acl, Err(rustix::io::Errno::NODATA), "the ACL is gone");
+    let mode = std::fs::metadata(&node).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
     runtime.remove(&stage).await.unwrap();
 }

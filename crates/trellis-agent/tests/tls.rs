@@ -300,6 +300,7 @@ async fn the_link_carries_frames_and_pings_both_ways() {
             memory_bytes: 1,
             disk_free_bytes: 1,
         },
+        devices: vec![],
         stages: Vec::new(),
         outbox_from: 1,
     };

@@ -17,27 +17,26 @@ use crate::state::AppState;
 /// How long archived projects and stages are kept by default.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 
-/// Starts the purge task; it ends when `cancel` fires.
-pub fn spawn(state: AppState, retention: Duration, cancel: CancellationToken) {
+/// The purge job: looks for what is due until `cancel` fires. On a store
+/// several hubs share one instance runs it at a time (`cluster::lead`).
+pub async fn run(state: AppState, retention: Duration, cancel: CancellationToken) {
     let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600));
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(every) => {}
-            }
-            match purge_expired(&state, retention).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    purged = n,
-                    "purged archived projects and stages past their retention"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "purging archived projects and stages failed; trying again later")
-                }
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        match purge_expired(&state, retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                purged = n,
+                "purged archived projects and stages past their retention"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "purging archived projects and stages failed; trying again later")
             }
         }
-    });
+    }
 }
 
 /// Purges what was archived more than `retention` ago; returns how many

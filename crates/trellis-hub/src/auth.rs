@@ -121,6 +121,9 @@ pub struct Caller {
     pub admin: bool,
     /// The id of the access key the request was signed with.
     pub key_id: String,
+    /// The request was forwarded by another hub instance on the user's
+    /// behalf (see [`crate::cluster::forward`]): it is not forwarded again.
+    pub forwarded: bool,
 }
 
 impl Caller {
@@ -193,6 +196,26 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        if let Some(forwarded) = parts.headers.get(crate::cluster::forward::HEADER) {
+            let value = forwarded.to_str().map_err(|_| {
+                ApiError::unauthenticated("the forwarded request's header is not readable text")
+            })?;
+            let path = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let user = crate::cluster::forward::verify(state, parts.method.as_str(), path, value)?;
+            let user = state.store().get_user(&user).await?;
+            return Ok(Caller {
+                user: user.name,
+                admin: user.admin,
+                // The forwarding instance checked the key; only requests
+                // that read (logs) are forwarded, and none asks which key.
+                key_id: String::new(),
+                forwarded: true,
+            });
+        }
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -214,6 +237,7 @@ impl FromRequestParts<AppState> for Caller {
             user: user.name,
             admin: user.admin,
             key_id: key.id,
+            forwarded: false,
         })
     }
 }

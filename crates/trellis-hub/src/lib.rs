@@ -12,6 +12,10 @@
 //!   OpenAPI document.
 //! - `archive.rs`: purging archived projects and stages past retention.
 //! - `auth.rs`: access keys and the [`auth::Caller`] extractor.
+//! - `chunks/`: the artifact store, on a directory or on S3.
+//! - `cluster/`: several hub instances on one store — change feed,
+//!   link claims and fencing, liveness, forwarding, shared secrets.
+//! - `health.rs`: `GET /api/v1/health`, for balancers and operators.
 //! - `error.rs`: the API's error type and JSON error shape.
 //! - `link/`: the outpost link — registry, sessions, join/renew, status.
 //! - `local.rs`: the local outpost — an embedded agent on an in-memory link.
@@ -27,11 +31,14 @@
 pub mod api;
 pub mod archive;
 pub mod auth;
+pub mod chunks;
+pub mod cluster;
 pub mod console;
 pub mod drain;
 pub mod error;
 pub mod extract;
 pub mod gc;
+pub mod health;
 pub mod link;
 pub mod local;
 pub mod metrics;
@@ -43,6 +50,6 @@ pub mod tls;
 
 pub use server::{
     ADMIN_KEY_FILE, DATABASE_FILE, Hub, HubOptions, LINK_SECRET_FILE, open_existing_store,
-    reset_admin_key,
+    redact as redact_url, reset_admin_key,
 };
 pub use tls::CA_CERT_FILE;

@@ -58,6 +58,14 @@ impl LinkSecret {
         *hasher.finalize().as_bytes()
     }
 
+    /// The key hub instances sharing a store sign requests they forward to
+    /// each other with (see [`crate::cluster::forward`]).
+    pub fn forward_key(&self) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new_keyed(&self.0);
+        hasher.update(b"trellis forwarded request key v1\0");
+        *hasher.finalize().as_bytes()
+    }
+
     /// The key of the outpost's URI at a generation.
     pub fn uri_key(&self, outpost: &str, generation: u64) -> LinkKey {
         let mut hasher = blake3::Hasher::new_keyed(&self.0);
@@ -127,6 +135,38 @@ pub struct AgentFacts {
     pub cpus: u32,
     pub memory_bytes: u64,
     pub disk_free_bytes: u64,
+    /// The devices the outpost offers its stages' components, by the names
+    /// manifests ask for them with (`devices: [{name: camera}]`).
+    #[serde(default)]
+    pub devices: Vec<DeviceFact>,
+}
+
+/// A device an outpost offers, as users may see it: which projects it is
+/// granted to is the administrator's business, so only whether it is
+/// restricted (and, validating for a project, whether that one may use it).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeviceFact {
+    pub name: String,
+    /// `device` (a device node of the outpost's host) or `gpu`.
+    pub kind: String,
+    /// The device node on the host, for `device`; components find it in
+    /// `TRELLIS_DEVICE_<NAME>`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path: String,
+    /// `rw`, `r`, `rwm`: the access components get.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub access: String,
+    /// The GPUs, as CDI device names (`nvidia.com/gpu=all`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<String>,
+    /// One replica on the whole outpost may hold it at a time.
+    pub exclusive: bool,
+    /// Granted to some projects only.
+    pub restricted: bool,
+    /// Whether the project the URI was validated for may use it; absent
+    /// when validated without a project.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -248,7 +288,7 @@ pub async fn validate(
         .await?
         .agent
         .as_ref()
-        .and_then(agent_facts);
+        .and_then(|hello| agent_facts_for(hello, project));
     let description = OutpostDescription {
         name: outpost.name.clone(),
         display_name: outpost.display_name.clone(),
@@ -270,6 +310,11 @@ pub async fn validate(
 
 /// The agent's hello, as the hub stored it, in the description's terms.
 pub(crate) fn agent_facts(hello: &serde_json::Value) -> Option<AgentFacts> {
+    agent_facts_for(hello, None)
+}
+
+/// [`agent_facts`], saying of each device whether `project` may use it.
+fn agent_facts_for(hello: &serde_json::Value, project: Option<&str>) -> Option<AgentFacts> {
     let text = |key: &str| {
         hello
             .get(key)
@@ -304,7 +349,25 @@ pub(crate) fn agent_facts(hello: &serde_json::Value) -> Option<AgentFacts> {
                 .collect()
         })
         .unwrap_or_default();
+    let devices = hello
+        .get("devices")
+        .cloned()
+        .and_then(|d| serde_json::from_value::<Vec<trellis_link::protocol::DeviceOffer>>(d).ok())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| DeviceFact {
+            granted: project.map(|p| d.projects.is_empty() || d.projects.iter().any(|q| q == p)),
+            restricted: !d.projects.is_empty(),
+            name: d.name,
+            kind: d.kind,
+            path: d.path,
+            access: d.access,
+            gpus: d.cdi,
+            exclusive: d.exclusive,
+        })
+        .collect();
     Some(AgentFacts {
+        devices,
         version: text("version"),
         os: text("os"),
         arch: text("arch"),

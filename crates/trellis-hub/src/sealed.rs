@@ -489,12 +489,88 @@ impl Store for SealedStore {
             )
             .await
     }
+
+    // --- several hubs on one store: nothing sealed, all the inner store's ---
+
+    fn changes(&self) -> Option<trellis_store::ChangeFeed> {
+        self.inner.changes()
+    }
+
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
+
+    fn pool_stats(&self) -> Option<trellis_store::PoolStats> {
+        self.inner.pool_stats()
+    }
+
+    async fn beat_instance(&self, instance: &trellis_store::Instance) -> Result<()> {
+        self.inner.beat_instance(instance).await
+    }
+
+    async fn instances(&self) -> Result<Vec<trellis_store::Instance>> {
+        self.inner.instances().await
+    }
+
+    async fn forget_instance(&self, id: &str) -> Result<()> {
+        self.inner.forget_instance(id).await
+    }
+
+    async fn claim_links(
+        &self,
+        instance: &str,
+        outposts: &[String],
+        now: Timestamp,
+    ) -> Result<Vec<u64>> {
+        self.inner.claim_links(instance, outposts, now).await
+    }
+
+    async fn release_link(
+        &self,
+        instance: &str,
+        outpost: &str,
+        epoch: u64,
+        now: Timestamp,
+    ) -> Result<()> {
+        self.inner.release_link(instance, outpost, epoch, now).await
+    }
+
+    async fn link_claims(&self, instance: Option<&str>) -> Result<Vec<trellis_store::LinkClaim>> {
+        self.inner.link_claims(instance).await
+    }
+
+    async fn link_claim(&self, outpost: &str) -> Result<Option<trellis_store::LinkClaim>> {
+        self.inner.link_claim(outpost).await
+    }
+
+    async fn lock_job(&self, job: &str) -> Result<Option<trellis_store::JobLock>> {
+        self.inner.lock_job(job).await
+    }
+
+    async fn cluster_secret(&self, name: &str, offer: &str) -> Result<String> {
+        self.inner.cluster_secret(name, offer).await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use trellis_store::memory::MemoryStore;
+
+    /// A store several hubs share stays one through the seal: its change
+    /// feed, its job locks and its shared secrets are the inner store's.
+    #[tokio::test]
+    async fn the_cluster_side_of_the_store_passes_through() {
+        let backend = Arc::new(MemoryStore::new());
+        let store = SealedStore::new(backend.clone(), SealKey::from_bytes(&[9; 32]));
+        assert!(store.is_shared() && store.changes().is_some());
+        assert_eq!(store.cluster_secret("x", "first").await.unwrap(), "first");
+        assert_eq!(
+            backend.cluster_secret("x", "second").await.unwrap(),
+            "first"
+        );
+        assert!(store.lock_job("job").await.unwrap().is_some());
+    }
 
     #[tokio::test]
     async fn values_are_sealed_in_the_backend_and_open_with_their_marks() {

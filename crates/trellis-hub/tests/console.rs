@@ -474,3 +474,122 @@ async fn the_stage_page_shows_history_and_outpost_stages_a_live_status() {
         .await;
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn devices_show_in_the_description_and_on_the_stage_page() {
+    let hub = common::start().await;
+    let (console, uri) = shop_and_edge(&hub).await;
+    // What the agent of `edge` said at hello (as the link session stores
+    // it): a camera offered to every project, exclusive, and a serial port
+    // granted to another project only.
+    let store = hub.state.store();
+    store
+        .record_link_activity(&[trellis_store::LinkActivity {
+            outpost: "edge".into(),
+            seen: Utc::now(),
+            hello: Some(trellis_store::LinkHello {
+                agent: json!({
+                    "version": "0.1.0", "os": "linux", "arch": "amd64", "runtimes": [],
+                    "capacity": {"cpus": 2, "memory_bytes": 1, "disk_free_bytes": 1},
+                    "devices": [
+                        {"name": "camera", "kind": "device", "path": "/dev/video0",
+                         "access": "rw", "exclusive": true},
+                        {"name": "plc", "kind": "device", "path": "/dev/ttyUSB0",
+                         "access": "rw", "projects": ["yard"]},
+                        {"name": "gpu", "kind": "gpu", "cdi": ["nvidia.com/gpu=all"]}
+                    ]
+                }),
+                cert_serial: "01".into(),
+                cert_not_after: Utc::now(),
+            }),
+            disconnect: None,
+        }])
+        .await
+        .unwrap();
+
+    let response = console
+        .request(M::POST, "/projects/shop/stages/validate")
+        .header(ORIGIN, &console.base)
+        .header("x-trellis-fragment", "1")
+        .form(&[("name", "line3"), ("outpost", "on"), ("outpost_uri", &uri)])
+        .send()
+        .await
+        .unwrap();
+    let fragment = response.text().await.unwrap();
+    for fact in [
+        "camera (/dev/video0, rw, exclusive)",
+        "plc (/dev/ttyUSB0, rw, not granted to this project)",
+        "gpu (nvidia.com/gpu=all)",
+    ] {
+        assert!(fragment.contains(fact), "{fact:?} missing:\n{fragment}");
+    }
+    assert!(
+        !fragment.contains("yard"),
+        "another project named: {fragment}"
+    );
+
+    // The stage page: what each component holds, as the outpost reports
+    // it, and what its manifest asks for until then.
+    let response = console
+        .post(
+            "/projects/shop/stages",
+            &[
+                ("name", "line3"),
+                ("type", "prod"),
+                ("outpost", "on"),
+                ("outpost_uri", &uri),
+            ],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let manifest = "version: v1\ncomponents:\n  - name: inspect\n    docker:\n      image: vision:1\n    devices: [{name: camera}, {name: gpu}]\n  - name: report\n    docker:\n      image: report:1\n";
+    let (status, body) = hub
+        .call(
+            Some(&hub.admin),
+            M::POST,
+            "/projects/shop/builds",
+            Some(json!({
+                "branch": "main", "commit": "0123456789abcdef0123456789abcdef01234567",
+                "manifest_file": "trellis.yaml", "manifest": manifest,
+                "components": [
+                    {"name": "inspect", "artifact": {"kind": "image", "reference": "vision:1"}},
+                    {"name": "report", "artifact": {"kind": "image", "reference": "report:1"}}]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let response = console
+        .post(
+            "/projects/shop/stages/line3/releases",
+            &[("build", "main_b1")],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let (_, page) = console.page("/projects/shop/stages/line3").await;
+    assert!(
+        page.contains("data-devices=\"asked\"")
+            && page.contains("devices: <code>camera</code>, <code>gpu</code>"),
+        "{page}"
+    );
+    store
+        .record_status(
+            "shop",
+            "line3",
+            1,
+            None,
+            &json!({"state": "running", "components": [
+                {"name": "inspect", "state": "running", "restarts": 0, "replicas": 1, "running": 1,
+                 "devices": ["camera", "gpu"]},
+                {"name": "report", "state": "running", "restarts": 0, "replicas": 1, "running": 1}]}),
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    let (_, page) = console.page("/projects/shop/stages/line3").await;
+    assert!(page.contains("data-devices=\"held\""), "{page}");
+    let report_row = page
+        .split("data-component=\"report\"")
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .unwrap();
+    assert!(!report_row.contains("devices:"), "{report_row}");
+}

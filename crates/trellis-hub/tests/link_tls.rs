@@ -144,6 +144,7 @@ fn hello() -> Ws {
                 memory_bytes: 1 << 30,
                 disk_free_bytes: 1 << 30,
             },
+            devices: vec![],
             stages: vec![],
             outbox_from: 0,
         },

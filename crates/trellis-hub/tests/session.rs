@@ -347,6 +347,7 @@ async fn session_of_edge(
                     memory_bytes: 1,
                     disk_free_bytes: 1,
                 },
+                devices: vec![],
                 stages: vec![],
                 outbox_from: 0,
             },

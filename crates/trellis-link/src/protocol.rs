@@ -59,6 +59,10 @@ pub enum Message {
         arch: String,
         runtimes: Vec<RuntimeInfo>,
         capacity: Capacity,
+        /// The devices the outpost offers its stages' components (absent
+        /// from agents before devices).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        devices: Vec<DeviceOffer>,
         stages: Vec<StageRevision>,
         /// The sequence number of the oldest status report still in the
         /// agent's outbox (not yet acknowledged); reports from here on follow.
@@ -206,6 +210,30 @@ pub struct Capacity {
     pub disk_free_bytes: u64,
 }
 
+/// A device the outpost offers (`--device camera=/dev/video0`, `--gpu`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceOffer {
+    /// What manifests name it by, e.g. `camera`.
+    pub name: String,
+    /// `device` (a device node of the host) or `gpu`.
+    pub kind: String,
+    /// The device node, for `device`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path: String,
+    /// The access given to it, as cgroups write it (`rw`, `r`, `rwm`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub access: String,
+    /// The CDI device names of `gpu` (`nvidia.com/gpu=all`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cdi: Vec<String>,
+    /// Held by at most one replica on the outpost.
+    #[serde(default)]
+    pub exclusive: bool,
+    /// The projects whose stages may use it; empty: every project.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub projects: Vec<String>,
+}
+
 /// The revisions the agent holds for one stage.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StageRevision {
@@ -283,6 +311,9 @@ pub struct ComponentStatus {
     /// outpost serves no entry point or the component has no ingress.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub urls: Vec<String>,
+    /// The devices of the outpost it holds (by the names offered).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
 }
 
 /// Which log lines a [`Message::Logs`] request wants.

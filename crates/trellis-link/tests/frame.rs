@@ -29,6 +29,26 @@ fn examples() -> Vec<Message> {
                 memory_bytes: 8 << 30,
                 disk_free_bytes: u64::MAX,
             },
+            devices: vec![
+                DeviceOffer {
+                    name: "camera".into(),
+                    kind: "device".into(),
+                    path: "/dev/video0".into(),
+                    access: "rw".into(),
+                    cdi: vec![],
+                    exclusive: true,
+                    projects: vec!["shop".into()],
+                },
+                DeviceOffer {
+                    name: "gpu".into(),
+                    kind: "gpu".into(),
+                    path: String::new(),
+                    access: String::new(),
+                    cdi: vec!["nvidia.com/gpu=all".into()],
+                    exclusive: false,
+                    projects: vec![],
+                },
+            ],
             stages: vec![StageRevision {
                 project: "shop".into(),
                 stage: "line-3".into(),

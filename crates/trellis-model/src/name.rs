@@ -15,6 +15,8 @@ pub enum NameKind {
     Config,
     User,
     Storage,
+    /// A device an outpost offers (`--device camera=/dev/video0`).
+    Device,
 }
 
 impl fmt::Display for NameKind {
@@ -27,6 +29,7 @@ impl fmt::Display for NameKind {
             NameKind::Config => "config",
             NameKind::User => "user",
             NameKind::Storage => "storage",
+            NameKind::Device => "device",
         })
     }
 }

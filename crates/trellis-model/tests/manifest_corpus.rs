@@ -585,3 +585,28 @@ proptest! {
         let _ = parse_manifest(&text);
     }
 }
+
+#[test]
+fn devices_are_named_as_the_outpost_offers_them() {
+    let m = valid("line-devices.yaml");
+    let names = |c: &str| {
+        m.component(c)
+            .unwrap()
+            .device_names()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names("inspect"), ["camera", "gpu"]);
+    assert_eq!(
+        names("plc-bridge"),
+        ["plc-serial"],
+        "process components too"
+    );
+    assert!(m.component("plc-bridge").unwrap().is_process());
+    assert_eq!(names("calibrate"), ["camera"], "scheduled components too");
+    assert!(names("report").is_empty(), "an empty list asks for nothing");
+    // Manifests without devices serialise as before (no `devices` key), so
+    // recorded builds and API answers do not change.
+    let json = serde_json::to_value(m.component("report").unwrap()).unwrap();
+    assert!(json.get("devices").is_none(), "{json}");
+}

@@ -36,7 +36,9 @@ pub mod plan;
 pub mod process;
 pub mod schedule;
 
-pub use plan::{ComponentPlan, PlanError, PlannedFile, PlannedVolume, StagePlan, Workload};
+pub use plan::{
+    ComponentPlan, PlanError, PlannedDevice, PlannedFile, PlannedVolume, StagePlan, Workload,
+};
 
 /// Which runtime runs a component: containers for `docker:` components,
 /// processes for `process:` ones.
@@ -300,6 +302,13 @@ pub trait Runtime: Send + Sync {
     /// Every stage this runtime holds workloads for (to clean up stages the
     /// agent no longer knows).
     async fn stages(&self) -> Result<Vec<StageKey>, RuntimeError>;
+
+    /// Why this runtime cannot hand `component` the devices it holds (an
+    /// engine that takes no CDI requests for a GPU); checked before a
+    /// release changes anything. Default: it can.
+    fn cannot_hold(&self, _component: &ComponentPlan) -> Option<String> {
+        None
+    }
 
     /// Whether the component's workload is on this host already, so its
     /// artifact need not be delivered (a container runtime that has the

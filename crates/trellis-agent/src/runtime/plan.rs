@@ -20,6 +20,7 @@ use trellis_model::manifest::{
 use trellis_model::{Artifact, Build, ConfigData, Release};
 
 use super::RuntimeKind;
+use crate::devices::DeviceOffers;
 
 /// Everything a stage should run at one desired revision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +135,27 @@ pub struct PlannedVolume {
     pub size_bytes: Option<u64>,
 }
 
+/// A device of the outpost a component holds (see [`crate::devices`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedDevice {
+    /// The name it is offered under.
+    pub name: String,
+    /// A device node: its path on the host, which is also its path inside
+    /// a container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A device node's access as cgroups write it (`rw`, `r`, `rwm`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub access: String,
+    /// GPUs: their CDI device names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cdi: Vec<String>,
+    /// Held by one replica at most (not part of the spec hash: the
+    /// administrator changing it does not replace a workload).
+    #[serde(default)]
+    pub exclusive: bool,
+}
+
 /// One component, resolved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComponentPlan {
@@ -167,8 +189,12 @@ pub struct ComponentPlan {
     pub restart_generation: u64,
     /// BLAKE3 of everything that, when changed, needs a new workload
     /// (workload, ports, env, files, volumes, resources, replicas, command,
-    /// args, user, schedule). Not of `stopped` or the restart generation.
+    /// args, user, schedule, devices). Not of `stopped` or the restart
+    /// generation.
     pub spec_hash: String,
+    /// The outpost's devices it holds, in manifest order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<PlannedDevice>,
 }
 
 impl ComponentPlan {
@@ -195,6 +221,7 @@ impl ComponentPlan {
             stopped: false,
             restart_generation: 0,
             spec_hash: String::new(),
+            devices: Vec::new(),
         };
         plan.update_spec_hash();
         plan
@@ -307,6 +334,8 @@ pub struct PlanContext<'a> {
     /// What a `component-ref` resolves to: `address_of(component, kind,
     /// first_port)` (the runtime of the referenced component decides).
     pub address_of: &'a dyn Fn(&str, RuntimeKind, Option<u16>) -> String,
+    /// The devices the outpost offers.
+    pub devices: &'a DeviceOffers,
 }
 
 /// Makes the plan of `desired` (the JSON the hub sent at `revision`).
@@ -346,6 +375,7 @@ pub fn plan_from_desired(
         .map(|c| c.name.as_str())
         .unwrap_or("(none)");
     let mut planner = Planner {
+        project: &release.project,
         manifest: &manifest,
         build: &build,
         config,
@@ -370,6 +400,7 @@ pub fn plan_from_desired(
 /// Turns one release's manifest, build and config into component plans,
 /// collecting the notices the stage's status should carry.
 struct Planner<'a> {
+    project: &'a str,
     manifest: &'a Manifest,
     build: &'a Build,
     config: &'a ConfigData,
@@ -387,7 +418,12 @@ impl Planner<'_> {
         let mut out = Vec::with_capacity(self.manifest.components.len());
         for c in &self.manifest.components {
             let workload = self.workload(c)?;
-            let env = self.env(c);
+            let devices = self
+                .ctx
+                .devices
+                .resolve(self.project, &c.name, &c.devices)
+                .map_err(PlanError)?;
+            let env = self.env(c, &DeviceOffers::env(&devices));
             let files = self.files(c)?;
             if let Some(identity) = &c.identity {
                 self.notices.push(PlanNotice {
@@ -440,6 +476,7 @@ impl Planner<'_> {
                 stopped: suspended || control.stopped,
                 restart_generation: control.restarts,
                 spec_hash: String::new(),
+                devices,
             };
             plan.update_spec_hash();
             out.push(plan);
@@ -548,12 +585,23 @@ impl Planner<'_> {
     /// before it, as Kubernetes does; a config key the release's config
     /// lacks falls back to the default or leaves the variable empty (the
     /// platform does not fail a release for it), and the status says so.
-    fn env(&mut self, c: &Component) -> BTreeMap<String, String> {
-        let mut defined: Vec<(&str, String)> = Vec::with_capacity(c.env.len());
+    /// `devices` (the paths of the device nodes it holds) come first, so
+    /// values may use them (`$(TRELLIS_DEVICE_CAMERA)`) and a variable of
+    /// the manifest with the same name wins.
+    fn env(
+        &mut self,
+        c: &Component,
+        devices: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
+        let mut defined: Vec<(&str, String)> = devices
+            .iter()
+            .map(|(name, path)| (name.as_str(), path.clone()))
+            .collect();
         for var in &c.env {
             let earlier = |name: &str| {
                 defined
                     .iter()
+                    .rev()
                     .find(|(n, _)| *n == name)
                     .map(|(_, v)| v.as_str())
             };
@@ -642,6 +690,9 @@ fn spec_hash(plan: &ComponentPlan) -> String {
     spec.stopped = false;
     spec.restart_generation = 0;
     spec.spec_hash = String::new();
+    for device in &mut spec.devices {
+        device.exclusive = false;
+    }
     // Serializing our own plain struct cannot fail.
     let bytes = serde_json::to_vec(&spec).unwrap_or_default();
     blake3::hash(&bytes).to_hex()[..16].to_owned()
@@ -656,8 +707,15 @@ mod tests {
         arch: &'a str,
         address_of: &'a dyn Fn(&str, RuntimeKind, Option<u16>) -> String,
     ) -> PlanContext<'a> {
-        PlanContext { arch, address_of }
+        PlanContext {
+            arch,
+            address_of,
+            devices: &NO_DEVICES,
+        }
     }
+
+    static NO_DEVICES: std::sync::LazyLock<DeviceOffers> =
+        std::sync::LazyLock::new(DeviceOffers::default);
 
     fn by_name(name: &str, _: RuntimeKind, _: Option<u16>) -> String {
         name.to_owned()

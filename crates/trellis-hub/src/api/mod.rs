@@ -26,7 +26,6 @@ use utoipa_axum::routes;
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use types::HealthResponse;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -39,19 +38,10 @@ use types::HealthResponse;
 )]
 struct ApiDoc;
 
-/// Liveness of the hub; needs no key.
-#[utoipa::path(get, path = "/health", tag = "hub", responses((status = 200, body = HealthResponse)))]
-async fn health() -> Json<HealthResponse> {
-    Json(HealthResponse {
-        status: "ok".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-    })
-}
-
 /// Every route of the API, with the OpenAPI description of each.
 fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(health))
+        .routes(routes!(crate::health::health))
         .routes(routes!(access::whoami))
         .routes(routes!(access::create_user, access::list_users))
         .routes(routes!(access::update_user))

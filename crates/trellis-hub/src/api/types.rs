@@ -8,12 +8,6 @@ use trellis_model::{ConfigData, NewBuild, Role, StageType};
 use utoipa::ToSchema;
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct HealthResponse {
-    pub status: String,
-    pub version: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct WhoAmI {
     pub user: String,
     pub admin: bool,
@@ -350,6 +344,9 @@ pub struct ComponentObserved {
     /// runs no entry point.
     #[serde(default)]
     pub urls: Vec<String>,
+    /// The outpost's devices it holds (by the names offered).
+    #[serde(default)]
+    pub devices: Vec<String>,
 }
 
 /// One component of a stage: what should be, and what the outpost saw.
@@ -366,6 +363,10 @@ pub struct ComponentView {
     /// outpost serves them yet.
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// The outpost's devices its manifest asks for (`devices:`); which it
+    /// holds is `observed.devices`.
+    #[serde(default)]
+    pub devices: Vec<String>,
     pub desired: ComponentDesired,
     pub observed: ComponentObserved,
 }

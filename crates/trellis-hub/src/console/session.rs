@@ -95,6 +95,7 @@ impl FromRequestParts<AppState> for Signed {
             user: user.name,
             admin: user.admin,
             key_id: stored.info.id,
+            forwarded: false,
         }))
     }
 }

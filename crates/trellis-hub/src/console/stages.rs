@@ -76,6 +76,9 @@ pub struct AgentView {
     pub version: String,
     pub platform: String,
     pub runtimes: String,
+    /// The devices offered, e.g. `camera (/dev/video0, rw, exclusive), gpu
+    /// (nvidia.com/gpu=all)`; `none`.
+    pub devices: String,
     pub cpus: u32,
     pub memory: String,
     pub disk_free: String,
@@ -94,12 +97,43 @@ impl AgentView {
                     .collect::<Vec<_>>()
                     .join(", ")
             },
+            devices: devices_text(&a.devices),
             cpus: a.cpus,
             memory: bytes(a.memory_bytes),
             disk_free: bytes(a.disk_free_bytes),
             version: a.version,
         }
     }
+}
+
+/// The offered devices in a line.
+fn devices_text(devices: &[crate::outposts::DeviceFact]) -> String {
+    if devices.is_empty() {
+        return "none".to_owned();
+    }
+    devices
+        .iter()
+        .map(|d| {
+            let mut facts: Vec<String> = Vec::new();
+            if !d.path.is_empty() {
+                facts.push(d.path.clone());
+            }
+            if !d.access.is_empty() {
+                facts.push(d.access.clone());
+            }
+            facts.extend(d.gpus.iter().cloned());
+            if d.exclusive {
+                facts.push("exclusive".into());
+            }
+            match d.granted {
+                Some(false) => facts.push("not granted to this project".into()),
+                _ if d.restricted => facts.push("some projects only".into()),
+                _ => {}
+            }
+            format!("{} ({})", d.name, facts.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl ValidationView {
@@ -335,6 +369,10 @@ struct ComponentRow {
     /// it reports none, its ingress hosts (text).
     urls: Vec<String>,
     hosts: Vec<String>,
+    /// The outpost's devices it holds, or, while the outpost reports none,
+    /// those its manifest asks for (`devices_held` says which).
+    devices: Vec<String>,
+    devices_held: bool,
 }
 
 struct ReleaseRow {
@@ -444,6 +482,12 @@ pub async fn show(
                     c.hosts
                 } else {
                     Vec::new()
+                },
+                devices_held: !c.observed.devices.is_empty(),
+                devices: if c.observed.devices.is_empty() {
+                    c.devices
+                } else {
+                    c.observed.devices.clone()
                 },
                 urls: c.observed.urls,
                 name: c.name,

@@ -228,6 +228,7 @@ async fn serve(
         arch,
         runtimes,
         capacity,
+        devices,
         stages,
         ..
     } = hello.msg
@@ -246,7 +247,7 @@ async fn serve(
         hello: Some(LinkHello {
             agent: json!({
                 "version": agent_version, "os": os, "arch": arch,
-                "runtimes": runtimes, "capacity": capacity,
+                "runtimes": runtimes, "capacity": capacity, "devices": devices,
             }),
             cert_serial: peer.serial_hex.clone(),
             cert_not_after: peer.not_after,
@@ -255,11 +256,15 @@ async fn serve(
     });
 
     let (handle, inbox) = state.links().connected(outpost, &agent_version);
+    // Where hubs share the store, this session now holds the outpost's
+    // link: an older one on any instance ends.
+    state.cluster().claim(state, outpost, &handle);
     let result = session_loop(io, peer, state, &handle, inbox, &stages).await;
     let reason = match &result {
         Ok(r) | Err(r) => r.clone(),
     };
-    state.links().disconnected(outpost, handle.id, &reason);
+    state.links().disconnected(outpost, handle.id(), &reason);
+    state.cluster().release(state, outpost, &handle);
     state.record_link_activity(LinkActivity {
         outpost: outpost.to_owned(),
         seen: Utc::now(),

@@ -168,6 +168,7 @@ impl ScriptedAgent {
                     memory_bytes: 1 << 30,
                     disk_free_bytes: 1 << 30,
                 },
+                devices: vec![],
                 stages,
                 outbox_from: 0,
             })

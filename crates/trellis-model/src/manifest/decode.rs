@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 use super::checks;
 use super::yaml::{Node, Pos, Value};
 use super::{
-    Arch, ByteQuantity, Component, ComponentSource, CpuQuantity, DockerBuild, DockerSource,
-    EnvSource, EnvVar, FileMount, FileSource, Ingress, MANIFEST_VERSION, Manifest, ManifestError,
-    ProcessSource, Resources, Scaling, Schedule, Storage, StorageKind,
+    Arch, ByteQuantity, Component, ComponentSource, CpuQuantity, DeviceRequest, DockerBuild,
+    DockerSource, EnvSource, EnvVar, FileMount, FileSource, Ingress, MANIFEST_VERSION, Manifest,
+    ManifestError, ProcessSource, Resources, Scaling, Schedule, Storage, StorageKind,
 };
 use crate::name::{NameKind, validate_name};
 
@@ -36,6 +36,7 @@ const COMPONENT_FIELDS: &[&str] = &[
     "args",
     "user",
     "identity",
+    "devices",
 ];
 const DOCKER_FIELDS: &[&str] = &["image", "file", "build-context", "build-args", "platform"];
 const PROCESS_FIELDS: &[&str] = &["path", "command"];
@@ -47,6 +48,7 @@ const FILE_FIELDS: &[&str] = &["path", "content", "config-ref"];
 const RESOURCES_FIELDS: &[&str] = &["cpu", "memory"];
 const SCALING_FIELDS: &[&str] = &["min", "max"];
 const STORAGE_FIELDS: &[&str] = &["name", "path", "size", "type"];
+const DEVICE_FIELDS: &[&str] = &["name"];
 
 /// How strictly a manifest is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -630,6 +632,7 @@ impl Decoder {
             args: None,
             user: None,
             identity: None,
+            devices: Vec::new(),
         };
         let Some(f) = self.fields(node, &path, COMPONENT_FIELDS) else {
             return component;
@@ -724,6 +727,10 @@ impl Decoder {
                 &f.path("identity"),
                 "the name of a cloud identity of the stage",
             );
+        }
+
+        if let Some(n) = f.get("devices") {
+            component.devices = self.devices(n, &f.path("devices"));
         }
 
         if f.get("scheduled").is_some() {
@@ -1262,6 +1269,68 @@ impl Decoder {
         Some(Scaling { min, max })
     }
 
+    /// `devices`: a list of `{name}`, each a name the outpost offers a
+    /// device under. Host paths are refused with the reason: the manifest
+    /// must run on outposts wired differently.
+    fn devices(&mut self, node: &Node, path: &str) -> Vec<DeviceRequest> {
+        let items = self.list(
+            node,
+            path,
+            "devices, each `- name: <a device the outpost offers>`",
+        );
+        let mut out: Vec<DeviceRequest> = Vec::with_capacity(items.len());
+        let mut seen: Vec<(String, usize)> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let dp = index(path, i);
+            if let Value::Scalar(s) = &item.value
+                && !s.is_null()
+            {
+                let message = if looks_like_host_path(&s.text) {
+                    host_path_message(&s.text)
+                } else {
+                    format!(
+                        "expected a mapping with the field name, found the text {:?}; write - name: {}",
+                        s.text, s.text
+                    )
+                };
+                self.error(&dp, item.pos, message);
+                continue;
+            }
+            let Some(f) = self.fields(item, &dp, DEVICE_FIELDS) else {
+                continue;
+            };
+            let Some(n) = self.required(
+                &f,
+                "name",
+                "the name the outpost offers the device under, like camera",
+            ) else {
+                continue;
+            };
+            let p = f.path("name");
+            let Some(name) = self.text(n, &p, "a device name like camera") else {
+                continue;
+            };
+            if looks_like_host_path(&name) {
+                self.error(&p, n.pos, host_path_message(&name));
+                continue;
+            }
+            if let Err(err) = validate_name(NameKind::Device, &name) {
+                self.error(&p, n.pos, err.to_string());
+                continue;
+            }
+            if let Some((_, first)) = seen.iter().find(|(s, _)| *s == name) {
+                let message = format!(
+                    "device {name:?} is already listed as {path}[{first}]; list each device once"
+                );
+                self.error(&p, n.pos, message);
+                continue;
+            }
+            seen.push((name.clone(), i));
+            out.push(DeviceRequest { name });
+        }
+        out
+    }
+
     fn storage(&mut self, node: &Node, path: &str) -> Vec<Storage> {
         let items = self.list(node, path, "volumes (name, path, size, type)");
         let mut out: Vec<Storage> = Vec::with_capacity(items.len());
@@ -1337,6 +1406,20 @@ impl Decoder {
         }
         out
     }
+}
+
+/// Whether a device name is really a path of the host (`/dev/video0`,
+/// `dev/ttyUSB0`).
+fn looks_like_host_path(text: &str) -> bool {
+    text.contains('/')
+}
+
+fn host_path_message(text: &str) -> String {
+    format!(
+        "{text:?} is a path on a host; a component names a device by the name the outpost offers it under \
+         (like - name: camera), so the manifest runs on outposts wired differently; \
+         `trellis validate outpost-uri` lists the devices an outpost offers"
+    )
 }
 
 /// Where a component's name is written, or the component itself if the name

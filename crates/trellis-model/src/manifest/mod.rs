@@ -169,6 +169,21 @@ pub struct Component {
     /// A cloud identity of the stage the component runs as (an AWS role, a
     /// GCP service account, an Azure identity), as written.
     pub identity: Option<String>,
+    /// Devices of the outpost it needs (a Trellis extension), by the names
+    /// the outpost offers them under; distinct, in manifest order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceRequest>,
+}
+
+/// A device of the outpost a component asks for (`devices: [{name:
+/// camera}]`): named as the outpost's administrator offers it (`camera`,
+/// `plc-serial`, `gpu`), never by a host path, so one manifest runs on
+/// outposts wired differently.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DeviceRequest {
+    /// A DNS label: what the outpost offers the device as.
+    pub name: String,
 }
 
 impl Component {
@@ -182,6 +197,11 @@ impl Component {
     /// container.
     pub fn is_process(&self) -> bool {
         matches!(self.source, ComponentSource::Process(_))
+    }
+
+    /// The names of the devices it asks for, in manifest order.
+    pub fn device_names(&self) -> impl Iterator<Item = &str> {
+        self.devices.iter().map(|d| d.name.as_str())
     }
 
     /// The names of the components this one's env refers to (its own name

@@ -48,6 +48,21 @@ impl EngineKind {
     }
 }
 
+/// How an engine takes GPUs in a container-create request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuRequests {
+    /// Device requests of the `cdi` driver naming CDI devices: Docker with
+    /// CDI enabled (25 and later; `CDISpecDirs` in `GET /info`), Podman 5
+    /// and later.
+    Cdi,
+    /// Only NVIDIA GPUs, as `docker run --gpus` asks for them (a device
+    /// request with the `gpu` capability): Docker without CDI.
+    NvidiaCapability,
+    /// None through the API: Podman 4, whose compatibility API ignores
+    /// device requests.
+    Unsupported,
+}
+
 /// A connected engine; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Engine {
@@ -57,6 +72,7 @@ pub struct Engine {
     api: String,
     pub kind: EngineKind,
     pub version: String,
+    pub gpus: GpuRequests,
 }
 
 impl Engine {
@@ -106,12 +122,27 @@ impl Engine {
         let path = socket.to_string_lossy().into_owned();
         let docker = Docker::connect_with_unix(&path, REQUEST_TIMEOUT_SECS, &client)
             .map_err(|e| unreachable(e.to_string()))?;
+        let gpus = match kind {
+            EngineKind::Podman => podman_gpus(&engine_version),
+            EngineKind::Docker => {
+                let info = raw_get(&socket, "/info")
+                    .await
+                    .ok()
+                    .and_then(|(status, body)| {
+                        serde_json::from_slice::<serde_json::Value>(&body)
+                            .ok()
+                            .filter(|_| status == 200)
+                    });
+                docker_gpus(info.as_ref())
+            }
+        };
         Ok(Engine {
             docker,
             socket,
             api: client.to_string(),
             kind,
             version: engine_version,
+            gpus,
         })
     }
 
@@ -221,6 +252,35 @@ impl Engine {
             )
             .await?;
         Ok(found.is_some())
+    }
+}
+
+/// Podman's compatibility API turns `cdi` device requests into CDI devices
+/// from version 5 on.
+fn podman_gpus(version: &str) -> GpuRequests {
+    let major = version
+        .split('.')
+        .next()
+        .and_then(|m| m.parse::<u32>().ok())
+        .unwrap_or(0);
+    if major >= 5 {
+        GpuRequests::Cdi
+    } else {
+        GpuRequests::Unsupported
+    }
+}
+
+/// Docker lists its CDI specification directories in `GET /info` when CDI
+/// is enabled.
+fn docker_gpus(info: Option<&serde_json::Value>) -> GpuRequests {
+    let cdi = info
+        .and_then(|i| i.get("CDISpecDirs"))
+        .and_then(serde_json::Value::as_array)
+        .is_some_and(|dirs| !dirs.is_empty());
+    if cdi {
+        GpuRequests::Cdi
+    } else {
+        GpuRequests::NvidiaCapability
     }
 }
 
@@ -530,6 +590,19 @@ mod tests {
         );
         assert_eq!(encode_reference("a b/c"), "a%20b/c");
         assert!(label_filter(&["k=v".to_owned()]).starts_with("%7B%22label%22"));
+    }
+
+    #[test]
+    fn gpu_requests_follow_the_engine() {
+        assert_eq!(podman_gpus("4.3.1"), GpuRequests::Unsupported);
+        assert_eq!(podman_gpus("5.2.0"), GpuRequests::Cdi);
+        assert_eq!(podman_gpus("unknown"), GpuRequests::Unsupported);
+        let info = serde_json::json!({"CDISpecDirs": ["/etc/cdi", "/var/run/cdi"]});
+        assert_eq!(docker_gpus(Some(&info)), GpuRequests::Cdi);
+        let off = serde_json::json!({"CDISpecDirs": []});
+        assert_eq!(docker_gpus(Some(&off)), GpuRequests::NvidiaCapability);
+        let old = serde_json::json!({"ServerVersion": "20.10.24"});
+        assert_eq!(docker_gpus(Some(&old)), GpuRequests::NvidiaCapability);
     }
 
     #[test]

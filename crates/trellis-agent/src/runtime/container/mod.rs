@@ -727,13 +727,15 @@ impl ContainerRuntime {
             .map(|i| i.port);
         // A component behind the entry point is replaced beside its old
         // replicas (not when ports are published on the host: two replicas
-        // cannot publish one port).
+        // cannot publish one port; nor when it holds an exclusive device,
+        // which one replica at a time may hold).
         if let (Some(traffic), Some(port)) = (&self.traffic, ingress_port)
             && kept.is_empty()
             && !retired.is_empty()
             && !component.stopped
             && component.schedule.is_none()
             && !self.publish.publish
+            && !component.devices.iter().any(|d| d.exclusive)
             && traffic.serves(stage, &component.name)
         {
             let surge = Surge {
@@ -981,6 +983,7 @@ impl ContainerRuntime {
             files: mounts,
             publish_on,
             stop_timeout: i64::try_from(self.stop_timeout.as_secs()).unwrap_or(i64::MAX),
+            gpus: self.engine.gpus,
         });
         let platform = match &component.workload {
             Workload::Image { platform, .. } => platform.clone().unwrap_or_default(),
@@ -1206,6 +1209,12 @@ fn split_reference(reference: &str) -> (&str, &str) {
 
 #[async_trait]
 impl Runtime for ContainerRuntime {
+    fn cannot_hold(&self, component: &ComponentPlan) -> Option<String> {
+        spec::gpu_requests(&component.devices, self.engine.gpus)
+            .err()
+            .map(|why| format!("component {:?} asks for GPUs, and {why}", component.name))
+    }
+
     async fn has_workload(&self, component: &ComponentPlan) -> bool {
         match &component.workload {
             Workload::Image {

@@ -4,13 +4,15 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use bollard::models::{
-    ContainerCreateBody, EndpointSettings, HostConfig, Mount, MountTmpfsOptions, MountType,
-    NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, DeviceMapping, DeviceRequest, EndpointSettings, HostConfig, Mount,
+    MountTmpfsOptions, MountType, NetworkingConfig, PortBinding, RestartPolicy,
+    RestartPolicyNameEnum,
 };
 use trellis_model::manifest::StorageKind;
 
+use super::engine::GpuRequests;
 use super::naming;
-use crate::runtime::{ComponentPlan, Workload};
+use crate::runtime::{ComponentPlan, PlannedDevice, Workload};
 use crate::state::StageKey;
 
 /// One container to create.
@@ -25,6 +27,74 @@ pub struct ContainerSpec<'a> {
     pub publish_on: Option<&'a str>,
     /// Seconds between the stop signal and the kill.
     pub stop_timeout: i64,
+    /// How the engine takes GPUs.
+    pub gpus: GpuRequests,
+}
+
+/// The device nodes of `devices` as the engine's device mappings: each at
+/// its host path inside the container too, with the access given (the
+/// device cgroup allows exactly that; nothing else of the host's `/dev`
+/// is added, and the container is never privileged).
+pub fn device_mappings(devices: &[PlannedDevice]) -> Vec<DeviceMapping> {
+    devices
+        .iter()
+        .filter_map(|d| {
+            d.path.as_ref().map(|path| DeviceMapping {
+                path_on_host: Some(path.clone()),
+                path_in_container: Some(path.clone()),
+                cgroup_permissions: Some(d.access.clone()),
+            })
+        })
+        .collect()
+}
+
+/// The device requests that give a container the GPUs of `devices`, in
+/// the form the engine takes: CDI device names for the `cdi` driver, or
+/// for Docker without CDI the request `docker run --gpus` makes (NVIDIA
+/// GPUs only). Refuses what the engine cannot be asked for.
+pub fn gpu_requests(
+    devices: &[PlannedDevice],
+    how: GpuRequests,
+) -> Result<Vec<DeviceRequest>, String> {
+    let cdi: Vec<String> = devices.iter().flat_map(|d| d.cdi.clone()).collect();
+    if cdi.is_empty() {
+        return Ok(Vec::new());
+    }
+    match how {
+        GpuRequests::Cdi => Ok(vec![DeviceRequest {
+            driver: Some("cdi".into()),
+            device_ids: Some(cdi),
+            ..Default::default()
+        }]),
+        GpuRequests::NvidiaCapability => {
+            let mut ids = Vec::new();
+            let mut all = false;
+            for name in &cdi {
+                match name.strip_prefix("nvidia.com/gpu=") {
+                    Some("all") => all = true,
+                    Some(id) => ids.push(id.to_owned()),
+                    None => {
+                        return Err(format!(
+                            "the engine takes no CDI device requests (CDI is not enabled in Docker), \
+                             so it can give NVIDIA GPUs only, not {name}; enable CDI in the daemon's \
+                             configuration (Docker 25 or later)"
+                        ));
+                    }
+                }
+            }
+            Ok(vec![DeviceRequest {
+                count: all.then_some(-1),
+                device_ids: (!all).then_some(ids),
+                capabilities: Some(vec![vec!["gpu".into()]]),
+                ..Default::default()
+            }])
+        }
+        GpuRequests::Unsupported => Err(
+            "the container engine (Podman before version 5) takes no CDI device requests \
+             through its API, so it cannot give a container GPUs; run Podman 5 or later, or Docker"
+                .into(),
+        ),
+    }
 }
 
 /// The create request for `spec`.
@@ -102,6 +172,11 @@ pub fn create_body(spec: &ContainerSpec<'_>) -> ContainerCreateBody {
         RestartPolicyNameEnum::UNLESS_STOPPED
     };
 
+    let devices = device_mappings(&plan.devices);
+    // `cannot_hold` refused a plan whose GPUs the engine cannot take before
+    // anything was created; should one get here, it gets none.
+    let gpus = gpu_requests(&plan.devices, spec.gpus).unwrap_or_default();
+
     ContainerCreateBody {
         image: Some(image),
         user: plan.user.clone().filter(|u| !u.is_empty()),
@@ -125,6 +200,8 @@ pub fn create_body(spec: &ContainerSpec<'_>) -> ContainerCreateBody {
                 .map(|b| i64::try_from(b).unwrap_or(i64::MAX)),
             mounts: (!mounts.is_empty()).then_some(mounts),
             port_bindings,
+            devices: (!devices.is_empty()).then_some(devices),
+            device_requests: (!gpus.is_empty()).then_some(gpus),
             ..Default::default()
         }),
         networking_config: Some(NetworkingConfig {
@@ -189,6 +266,7 @@ mod tests {
             stopped: false,
             restart_generation: 0,
             spec_hash: "h".into(),
+            devices: vec![],
         }
     }
 
@@ -204,6 +282,7 @@ mod tests {
             files: &files,
             publish_on: Some("127.0.0.1"),
             stop_timeout: 3,
+            gpus: GpuRequests::Cdi,
         });
         assert_eq!(body.env.as_deref().unwrap(), ["A=1", "B=2"]);
         assert_eq!(body.entrypoint.as_deref().unwrap(), ["httpd"]);
@@ -245,6 +324,7 @@ mod tests {
             files: &[],
             publish_on: None,
             stop_timeout: 3,
+            gpus: GpuRequests::Cdi,
         });
         assert!(body.entrypoint.is_none());
         let host = body.host_config.unwrap();
@@ -253,5 +333,115 @@ mod tests {
             Some(RestartPolicyNameEnum::NO)
         );
         assert!(host.port_bindings.is_none());
+        assert!(host.devices.is_none() && host.device_requests.is_none());
+        assert_eq!(host.privileged, None, "never privileged");
+    }
+
+    fn camera_and_gpu(gpus: &[&str]) -> Vec<PlannedDevice> {
+        vec![
+            PlannedDevice {
+                name: "camera".into(),
+                path: Some("/dev/video0".into()),
+                access: "r".into(),
+                cdi: vec![],
+                exclusive: true,
+            },
+            PlannedDevice {
+                name: "gpu".into(),
+                path: None,
+                access: String::new(),
+                cdi: gpus.iter().map(|g| (*g).to_owned()).collect(),
+                exclusive: false,
+            },
+        ]
+    }
+
+    /// The create body as the engine receives it (JSON, the Engine API's
+    /// field names).
+    fn wire_body(devices: Vec<PlannedDevice>, gpus: GpuRequests) -> serde_json::Value {
+        let stage = StageKey::new("p", "s");
+        let mut plan = plan();
+        plan.devices = devices;
+        let body = create_body(&ContainerSpec {
+            stage: &stage,
+            plan: &plan,
+            labels: HashMap::new(),
+            files: &[],
+            publish_on: None,
+            stop_timeout: 3,
+            gpus,
+        });
+        serde_json::to_value(&body).unwrap()
+    }
+
+    #[test]
+    fn a_device_node_is_mapped_at_its_path_with_its_access_and_nothing_more() {
+        let body = wire_body(camera_and_gpu(&[]), GpuRequests::Unsupported);
+        let host = &body["HostConfig"];
+        assert_eq!(
+            host["Devices"],
+            serde_json::json!([{
+                "PathOnHost": "/dev/video0",
+                "PathInContainer": "/dev/video0",
+                "CgroupPermissions": "r"
+            }])
+        );
+        assert!(host.get("DeviceRequests").is_none(), "{host}");
+        assert!(host.get("Privileged").is_none(), "{host}");
+        assert!(host.get("CapAdd").is_none(), "{host}");
+    }
+
+    #[test]
+    fn gpus_are_cdi_device_requests_where_the_engine_takes_them() {
+        let body = wire_body(camera_and_gpu(&["nvidia.com/gpu=all"]), GpuRequests::Cdi);
+        assert_eq!(
+            body["HostConfig"]["DeviceRequests"],
+            serde_json::json!([{"Driver": "cdi", "DeviceIDs": ["nvidia.com/gpu=all"]}])
+        );
+        let body = wire_body(
+            camera_and_gpu(&["nvidia.com/gpu=0", "amd.com/gpu=1"]),
+            GpuRequests::Cdi,
+        );
+        assert_eq!(
+            body["HostConfig"]["DeviceRequests"][0]["DeviceIDs"],
+            serde_json::json!(["nvidia.com/gpu=0", "amd.com/gpu=1"])
+        );
+        assert_eq!(
+            body["HostConfig"]["Devices"][0]["PathOnHost"], "/dev/video0",
+            "device nodes beside GPUs"
+        );
+    }
+
+    #[test]
+    fn docker_without_cdi_gets_the_gpus_request_of_docker_run() {
+        let body = wire_body(
+            camera_and_gpu(&["nvidia.com/gpu=all"]),
+            GpuRequests::NvidiaCapability,
+        );
+        assert_eq!(
+            body["HostConfig"]["DeviceRequests"],
+            serde_json::json!([{"Count": -1, "Capabilities": [["gpu"]]}])
+        );
+        let body = wire_body(
+            camera_and_gpu(&["nvidia.com/gpu=0", "nvidia.com/gpu=1"]),
+            GpuRequests::NvidiaCapability,
+        );
+        assert_eq!(
+            body["HostConfig"]["DeviceRequests"],
+            serde_json::json!([{"DeviceIDs": ["0", "1"], "Capabilities": [["gpu"]]}])
+        );
+        let other = camera_and_gpu(&["amd.com/gpu=0"]);
+        let err = gpu_requests(&other, GpuRequests::NvidiaCapability).unwrap_err();
+        assert!(
+            err.contains("amd.com/gpu=0") && err.contains("enable CDI"),
+            "{err}"
+        );
+        let err = gpu_requests(&other, GpuRequests::Unsupported).unwrap_err();
+        assert!(err.contains("Podman before version 5"), "{err}");
+        assert!(
+            gpu_requests(&[], GpuRequests::Unsupported)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

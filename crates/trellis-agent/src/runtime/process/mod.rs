@@ -74,6 +74,7 @@
 //! above them become passable (0711) but not listable; the agent's data
 //! directory must be passable too.
 
+mod acl;
 mod layout;
 mod logs;
 mod prepare;
@@ -130,6 +131,9 @@ impl Default for ProcessOptions {
 
 type Key = (StageKey, String);
 
+/// The ACL entries the agent added to device nodes (see `acl`).
+const DEVICE_ACL_RECORD: &str = "device-acl.json";
+
 /// Supervised native processes; see the module docs.
 pub struct ProcessRuntime {
     inner: Arc<Inner>,
@@ -142,6 +146,8 @@ struct Inner {
     components: Mutex<BTreeMap<Key, Handle>>,
     stage_locks: Mutex<HashMap<StageKey, Arc<tokio::sync::Mutex<()>>>>,
     adopted: tokio::sync::OnceCell<()>,
+    /// Held while the device nodes' ACL entries are brought in line.
+    acls: Mutex<()>,
 }
 
 impl Drop for Inner {
@@ -185,6 +191,7 @@ impl ProcessRuntime {
                 components: Mutex::new(BTreeMap::new()),
                 stage_locks: Mutex::new(HashMap::new()),
                 adopted: tokio::sync::OnceCell::new(),
+                acls: Mutex::new(()),
             }),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
@@ -286,6 +293,10 @@ impl Inner {
             tracing::warn!(stage = %stage, component = %record.plan.name, error = %e,
                 "cannot record a process component; a restarted agent will not know it");
         }
+        if !record.plan.devices.is_empty() {
+            // Before it starts: it may open its devices at once.
+            self.sync_device_acls();
+        }
         Handle::start(Launch {
             dirs,
             record,
@@ -297,6 +308,37 @@ impl Inner {
 
     fn take(&self, key: &Key) -> Option<Handle> {
         self.lock().remove(key)
+    }
+
+    /// Gives every process component recorded on disk that runs as a user
+    /// of its own an ACL entry on each device node it holds, with the
+    /// access offered, and takes the entries it added before off the nodes
+    /// no component needs them on any more (see `acl`). A component that
+    /// runs as the agent's own user needs none.
+    fn sync_device_acls(&self) {
+        let _guard = self.acls.lock().unwrap_or_else(|p| p.into_inner());
+        let mut wanted = acl::Wanted::new();
+        for stage in self.layout.stages().unwrap_or_default() {
+            for record in self.records(&stage).unwrap_or_default().into_values() {
+                let plan = &record.plan;
+                if plan.stopped || plan.devices.is_empty() {
+                    continue;
+                }
+                let Ok(Some((uid, _))) = prepare::owner(plan) else {
+                    continue;
+                };
+                for device in &plan.devices {
+                    if let Some(path) = &device.path {
+                        *wanted
+                            .entry(path.clone())
+                            .or_default()
+                            .entry(uid)
+                            .or_default() |= acl::perm_of(&device.access);
+                    }
+                }
+            }
+        }
+        acl::sync(&self.layout.root.join(DEVICE_ACL_RECORD), &wanted);
     }
 
     fn records(&self, stage: &StageKey) -> Result<BTreeMap<String, ComponentRecord>, RuntimeError> {
@@ -500,6 +542,9 @@ impl Runtime for ProcessRuntime {
                 }
             }
         }
+        // Components removed, stopped or given other devices let go of
+        // their nodes.
+        self.inner.sync_device_acls();
         Ok(())
     }
 
@@ -632,6 +677,7 @@ impl Runtime for ProcessRuntime {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(stage);
+        self.inner.sync_device_acls();
         tracing::info!(stage = %stage, "removed the stage's processes and files");
         Ok(())
     }
