@@ -1089,3 +1089,51 @@ fn the_last_administrator_key_stays_and_a_lost_one_can_be_reset() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds no hub database"));
     assert!(!empty.join("hub.db").exists());
 }
+
+/// `trellis hub reset-admin-key` works on the store the hub is given:
+/// with `--store postgres://…` it mints the key in PostgreSQL, for the
+/// running hub and for a stopped one. Skipped without PostgreSQL (except
+/// under `CI`).
+#[test]
+fn reset_admin_key_works_on_a_postgresql_store() {
+    let Some(server) = trellis_testkit::postgres::server() else {
+        return;
+    };
+    let db = server.database();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("hub");
+    let config = tmp.path().join("config");
+    let args = ["--listen", "127.0.0.1:0", "--store", db.url.as_str()];
+    let hub = HubProcess::start_with(&data, &args);
+    let first = hub.admin_key();
+    let reset = || {
+        let out = Command::new(bin())
+            .args(["hub", "reset-admin-key", "--data"])
+            .arg(&data)
+            .args(["--store", &db.url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let running = reset();
+    assert_ne!(running, first);
+    assert!(
+        Cli::for_hub(&hub, &running, &config)
+            .ok(&["whoami"])
+            .contains("admin")
+    );
+    hub.kill9();
+    let stopped = reset();
+    let hub = HubProcess::start_with(&data, &args);
+    let after = Cli::for_hub(&hub, &stopped, &config);
+    assert!(after.ok(&["whoami"]).contains("admin"));
+    // All three keys are in PostgreSQL: the hub reads no SQLite file.
+    assert_eq!(after.json(&["list", "keys"]).as_array().unwrap().len(), 3);
+    assert!(!data.join("hub.db").exists());
+}

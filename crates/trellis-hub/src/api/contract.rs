@@ -348,6 +348,8 @@ pub const ERRORS: &[(&str, Refusals)] = &[
             (403, &["unknown-outpost", "revoked", "unknown-key"]),
             (404, &["artifact-not-found"]),
             (416, &["range-not-satisfiable"]),
+            (500, &["chunk-damaged-on-hub"]),
+            (503, &["artifact-store-unavailable"]),
         ],
     ),
     (
@@ -357,6 +359,8 @@ pub const ERRORS: &[(&str, Refusals)] = &[
             (401, &["client-certificate-required"]),
             (403, &["unknown-outpost", "revoked", "unknown-key"]),
             (404, &["artifact-not-found"]),
+            (500, &["chunk-damaged-on-hub"]),
+            (503, &["artifact-store-unavailable"]),
         ],
     ),
     // builds and their chunks
@@ -367,13 +371,17 @@ pub const ERRORS: &[(&str, Refusals)] = &[
             (404, &["not-found"]),
             (409, &["archived"]),
             (422, &["invalid-build", "invalid-manifest"]),
+            (503, &["artifact-store-unavailable"]),
         ],
     ),
     ("get_build", &[(404, &["not-found"])]),
     ("delete_build", &[(404, &["not-found"]), (409, &["in-use"])]),
     (
         "missing_chunks",
-        &[(400, &["invalid-digest", "too-many-digests"])],
+        &[
+            (400, &["invalid-digest", "too-many-digests"]),
+            (503, &["artifact-store-unavailable"]),
+        ],
     ),
     (
         "put_chunk",
@@ -381,10 +389,17 @@ pub const ERRORS: &[(&str, Refusals)] = &[
             (400, &["invalid-digest"]),
             (413, &["chunk-upload-failed"]),
             (422, &["chunk-invalid"]),
+            (503, &["artifact-store-unavailable"]),
             (507, &["hub-disk-full"]),
         ],
     ),
-    ("collect_garbage", &[(403, &["forbidden"])]),
+    (
+        "collect_garbage",
+        &[
+            (403, &["forbidden"]),
+            (503, &["artifact-store-unavailable"]),
+        ],
+    ),
 ];
 
 /// What each code means, for the responses' descriptions.
@@ -565,6 +580,14 @@ pub const CODES: &[(&str, &str)] = &[
         "the upload does not decompress to content with that digest",
     ),
     ("hub-disk-full", "the hub's disk is full"),
+    (
+        "artifact-store-unavailable",
+        "the hub's artifact store (its directory or S3 bucket) is down or refuses the hub",
+    ),
+    (
+        "chunk-damaged-on-hub",
+        "a chunk in the hub's artifact store does not verify",
+    ),
 ];
 
 /// What the handlers check of a body's fields that utoipa's attributes
