@@ -173,6 +173,14 @@ pub enum ComponentTarget {
         project: String,
         #[arg(short, long)]
         stage: String,
+        /// With `start`: a scheduled component also runs once now, outside
+        /// its schedule
+        #[arg(long)]
+        now: bool,
+        /// With `stop`: end it at once, without the grace period (SIGKILL,
+        /// the container engine's kill)
+        #[arg(long)]
+        kill: bool,
     },
 }
 

@@ -385,3 +385,180 @@ fn when_ready_waits_for_an_offline_outpost_until_its_timeout() {
     assert!(out.status.success(), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("release 3 of stage line runs"));
 }
+
+/// A project `night` with `stubborn`, a process component that traps
+/// SIGTERM (it says so and runs on: a plain stop waits the grace period
+/// for it), and `nightly`, scheduled once a year.
+fn stubborn_project(dir: &std::path::Path) {
+    git_project(
+        dir,
+        &[
+            (
+                "trellis.yaml",
+                "version: v1\ncomponents:\n  - name: stubborn\n    process:\n      path: ./app\n      command: [\"sh\", \"./stubborn.sh\"]\n  - name: nightly\n    process:\n      path: ./app\n      command: [\"sh\", \"./nightly.sh\"]\n    scheduled: \"0 0 1 1 *\"\n",
+            ),
+            (
+                "app/stubborn.sh",
+                "#!/bin/sh\ntrap 'echo got TERM' TERM\necho \"up $$\"\nwhile true; do sleep 0.2; done\n",
+            ),
+            ("app/nightly.sh", "#!/bin/sh\necho nightly ran\n"),
+        ],
+    );
+}
+
+/// The pid `stubborn.sh` printed last (`up PID`), from its logs.
+fn stubborn_pid(cli: &Cli, stage: &str) -> Option<i32> {
+    let logs = cli.ok(&["logs", "component", "stubborn", "-p", "night", "-s", stage]);
+    logs.lines().rev().find_map(|l| {
+        l.split_once("] up ")
+            .and_then(|(_, pid)| pid.trim().parse().ok())
+    })
+}
+
+fn component_state(cli: &Cli, stage: &str, name: &str) -> serde_json::Value {
+    let list = cli.json(&["list", "component", "-p", "night", "-s", stage]);
+    list["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// `stop component --kill` ends a component that ignores SIGTERM without
+/// sending it one (a plain stop sends it and waits the grace period);
+/// `start component --now` runs a scheduled component once outside its
+/// schedule; flags on the wrong verb and unknown components are refused.
+#[test]
+fn stop_kill_and_start_now() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(&tmp.path().join("hub"));
+    let cli = Cli::for_hub(&hub, &hub.admin_key(), &tmp.path().join("config"));
+    cli.ok(&["create", "project", "night"]);
+    cli.ok(&["create", "stage", "dev", "-p", "night"]);
+    let repo = tmp.path().join("repo");
+    stubborn_project(&repo);
+    let out = cli.run_in(&repo, &["push", "build", "-p", "night"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    cli.ok(&["push", "release", "-p", "night", "-s", "dev"]);
+    let on_dev = |args: &[&str]| -> Vec<String> {
+        args.iter()
+            .chain(["-p", "night", "-s", "dev"].iter())
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let run = |args: &[&str]| {
+        let args = on_dev(args);
+        cli.run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let ok = |args: &[&str]| {
+        let out = run(args);
+        assert!(out.status.success(), "{args:?}: {}", describe(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let state = |name: &str| component_state(&cli, "dev", name)["observed"]["state"].clone();
+    wait_until("stubborn running", Duration::from_secs(60), || {
+        state("stubborn") == "running" && stubborn_pid(&cli, "dev").is_some()
+    });
+    let pid = stubborn_pid(&cli, "dev").unwrap();
+    let logs = || ok(&["logs", "component", "stubborn"]);
+
+    // Bad input first: nothing changes.
+    for (args, says) in [
+        (
+            &["stop", "component", "stubborn", "--now"][..],
+            "`now` goes with start, not with stop",
+        ),
+        (
+            &["start", "component", "stubborn", "--kill"],
+            "`kill` goes with stop, not with start",
+        ),
+        (
+            &["restart", "component", "stubborn", "--kill"],
+            "`kill` goes with stop, not with restart",
+        ),
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", describe(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(err.contains("hint:"), "{args:?}: {err}");
+    }
+    for verb in [
+        &["stop", "component", "nope", "--kill"][..],
+        &["start", "component", "nope", "--now"],
+    ] {
+        let out = run(verb);
+        assert_eq!(out.status.code(), Some(1), "{verb:?}: {}", describe(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("no component \"nope\"") && err.contains("stubborn, nightly"),
+            "{verb:?}: {err}"
+        );
+    }
+    assert_eq!(
+        component_state(&cli, "dev", "stubborn")["desired"]["stopped"],
+        false
+    );
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+
+    // A kill: SIGKILL only, so its TERM trap never runs.
+    let out = ok(&["stop", "component", "stubborn", "--kill"]);
+    assert!(out.contains("kill requested"), "{out}");
+    wait_until("stubborn killed", Duration::from_secs(30), || {
+        state("stubborn") == "stopped"
+    });
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "process {pid} is gone"
+    );
+    assert!(!logs().contains("got TERM"), "{}", logs());
+    let desired = component_state(&cli, "dev", "stubborn")["desired"].clone();
+    assert_eq!(desired["stopped"], true);
+    assert_eq!(desired["killed"], true);
+    let again = ok(&["stop", "component", "stubborn", "--kill"]);
+    assert!(again.contains("already killed"), "{again}");
+
+    // The same component stopped plainly gets its SIGTERM (which it traps,
+    // so it is killed only after the grace period).
+    let out = ok(&["start", "component", "stubborn"]);
+    assert!(out.contains("start requested"), "{out}");
+    wait_until("stubborn running again", Duration::from_secs(30), || {
+        state("stubborn") == "running" && stubborn_pid(&cli, "dev").is_some_and(|p| p != pid)
+    });
+    assert_eq!(
+        component_state(&cli, "dev", "stubborn")["desired"]["killed"],
+        false
+    );
+    ok(&["stop", "component", "stubborn"]);
+    wait_until("stubborn stopped", Duration::from_secs(60), || {
+        state("stubborn") == "stopped"
+    });
+    assert!(logs().contains("got TERM"), "{}", logs());
+
+    // A scheduled component runs once now, outside its schedule (next
+    // January); every --now is one more run.
+    let nightly = || {
+        ok(&["logs", "component", "nightly"])
+            .matches("nightly ran")
+            .count()
+    };
+    assert_eq!(nightly(), 0, "it has not run yet");
+    let out = ok(&["start", "component", "nightly", "--now"]);
+    assert!(out.contains("a run now"), "{out}");
+    wait_until("nightly ran once", Duration::from_secs(60), || {
+        nightly() == 1
+    });
+    wait_until(
+        "the outpost reports the run",
+        Duration::from_secs(30),
+        || component_state(&cli, "dev", "nightly")["observed"]["last_run"].is_string(),
+    );
+    ok(&["start", "component", "nightly", "--now"]);
+    wait_until("nightly ran twice", Duration::from_secs(60), || {
+        nightly() == 2
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(nightly(), 2, "each --now is one run");
+}

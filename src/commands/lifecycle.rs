@@ -32,11 +32,20 @@ pub async fn component(
         name,
         project,
         stage,
+        now,
+        kill,
     } = target;
+    // The hub says which flag goes with which verb.
+    let query = match (now, kill) {
+        (false, false) => "",
+        (true, false) => "?now=true",
+        (false, true) => "?kill=true",
+        (true, true) => "?now=true&kill=true",
+    };
     let done: ComponentActionResponse = client
         .post(
             &format!(
-                "{}/components/{}/{action}",
+                "{}/components/{}/{action}{query}",
                 stage_path(&project, &stage),
                 seg(&name)
             ),
@@ -50,7 +59,9 @@ pub async fn component(
     let what = format!("component {name} of stage {stage}");
     if done.changed {
         let asked = match action {
+            "start" if now => "start requested, and a run now if it is scheduled",
             "start" => "start requested",
+            "stop" if kill => "kill requested (no grace period)",
             "stop" => "stop requested",
             _ => "restart requested",
         };
@@ -60,7 +71,9 @@ pub async fn component(
             done.desired_revision
         );
     } else {
-        let already = if done.control.stopped {
+        let already = if done.control.killed {
+            "killed"
+        } else if done.control.stopped {
             "stopped"
         } else {
             "not stopped"

@@ -366,3 +366,24 @@ pub struct AgentError {
     pub last_seen: DateTime<Utc>,
     pub count: u32,
 }
+
+/// One component's standing requests in a stage's desired state
+/// ([`Message::Desired`]`.state.controls.<component>`), made by `trellis
+/// start|stop|restart component`. Level, not edge: an agent that hears of
+/// them late (it was offline) acts on the state they describe. Fields
+/// missing on the wire (hubs before them) read as their defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredControl {
+    /// The component does not run until started.
+    #[serde(default)]
+    pub stopped: bool,
+    /// With `stopped`: it was killed (`stop --kill`), so its workloads end
+    /// at once (SIGKILL, the container engine's kill), without the grace
+    /// period a stop gives.
+    #[serde(default)]
+    pub killed: bool,
+    /// How many restarts were requested; a change restarts the component,
+    /// and makes a scheduled one run once at once (`start --now`).
+    #[serde(default)]
+    pub restarts: u64,
+}

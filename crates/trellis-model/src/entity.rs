@@ -499,8 +499,14 @@ pub enum ComponentAction {
     /// Stop it (it stays stopped across releases until started).
     Stop,
     /// Replace its running workloads with fresh ones; a stopped component
-    /// is started.
+    /// is started. A scheduled component also runs once at once, outside
+    /// its schedule (what `trellis start component --now` asks for).
     Restart,
+    /// Stop it at once, without the grace period a stop gives
+    /// (`trellis stop component --kill`, `POST …/stop?kill=true`): the
+    /// control stays `killed` until the component is started, so an agent
+    /// that hears of it late still kills rather than stops.
+    Kill,
 }
 
 impl ComponentAction {
@@ -509,6 +515,7 @@ impl ComponentAction {
             ComponentAction::Start => "start",
             ComponentAction::Stop => "stop",
             ComponentAction::Restart => "restart",
+            ComponentAction::Kill => "kill",
         }
     }
 
@@ -517,14 +524,25 @@ impl ComponentAction {
     pub fn apply(self, control: &ComponentControl) -> (ComponentControl, bool) {
         let mut next = control.clone();
         match self {
-            ComponentAction::Start => next.stopped = false,
+            ComponentAction::Start => {
+                next.stopped = false;
+                next.killed = false;
+            }
+            // A stop after a kill keeps it killed: it is stopped already.
             ComponentAction::Stop => next.stopped = true,
             ComponentAction::Restart => {
                 next.stopped = false;
+                next.killed = false;
                 next.restarts += 1;
             }
+            ComponentAction::Kill => {
+                next.stopped = true;
+                next.killed = true;
+            }
         }
-        let changed = next.stopped != control.stopped || next.restarts != control.restarts;
+        let changed = next.stopped != control.stopped
+            || next.killed != control.killed
+            || next.restarts != control.restarts;
         (next, changed)
     }
 }
@@ -558,6 +576,10 @@ pub struct ComponentControl {
     pub component: String,
     /// Stopped on request; a stopped component does not run until started.
     pub stopped: bool,
+    /// Stopped by a kill (`stop --kill`): its workloads are ended at once,
+    /// without the grace period. Only with `stopped`; a start clears it.
+    #[serde(default)]
+    pub killed: bool,
     /// How many restarts were requested; each one bumps it, and a change
     /// makes the outpost restart the component.
     pub restarts: u64,
@@ -583,6 +605,21 @@ mod control_tests {
         assert!(changed && !restarted.stopped && restarted.restarts == 1);
         let (again, changed) = ComponentAction::Restart.apply(&restarted);
         assert!(changed && again.restarts == 2, "every restart counts");
+        let (killed, changed) = ComponentAction::Kill.apply(&again);
+        assert!(changed && killed.stopped && killed.killed);
+        assert!(!ComponentAction::Kill.apply(&killed).1, "kill twice");
+        let (still, changed) = ComponentAction::Stop.apply(&killed);
+        assert!(
+            !changed && still.killed,
+            "a stop after a kill changes nothing"
+        );
+        let (escalated, changed) = ComponentAction::Kill.apply(&stopped);
+        assert!(
+            changed && escalated.killed,
+            "a kill after a stop escalates it"
+        );
+        let (started, _) = ComponentAction::Start.apply(&killed);
+        assert!(!started.stopped && !started.killed);
         for a in [
             ComponentAction::Start,
             ComponentAction::Stop,

@@ -2580,6 +2580,7 @@ fn control(component: &str, stopped: bool, restarts: u64) -> ComponentControl {
         component: component.into(),
         stopped,
         restarts,
+        killed: false,
     }
 }
 
@@ -2683,6 +2684,28 @@ pub async fn component_controls(store: &dyn Store) {
         store.list_component_controls("shop", "dev").await.unwrap(),
         vec![control("web", false, 2), control("worker", true, 0)]
     );
+
+    // A kill is a standing state, kept until a start, and escalates a stop.
+    let kill = store
+        .control_component("shop", "dev", "worker", ComponentAction::Kill)
+        .await
+        .unwrap();
+    assert!(kill.changed, "a kill after a stop escalates it");
+    assert_eq!(kill.stage.desired_revision, 7);
+    let killed = ComponentControl {
+        killed: true,
+        ..control("worker", true, 0)
+    };
+    assert_eq!(kill.control, killed);
+    assert_eq!(
+        store.list_component_controls("shop", "dev").await.unwrap(),
+        vec![control("web", false, 2), killed]
+    );
+    let start = store
+        .control_component("shop", "dev", "worker", ComponentAction::Start)
+        .await
+        .unwrap();
+    assert_eq!(start.control, control("worker", false, 0));
 
     assert_not_found(
         store

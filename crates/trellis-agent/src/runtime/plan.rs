@@ -185,6 +185,11 @@ pub struct ComponentPlan {
     pub max_retries: u32,
     /// Stopped on request, or because the stage is suspended.
     pub stopped: bool,
+    /// Stopped by a kill (`trellis stop component --kill`): its workloads
+    /// end at once, without the grace period. Left out when false, so
+    /// records written before it read, and hash, the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub killed: bool,
     /// Bumped by every `trellis restart component`.
     pub restart_generation: u64,
     /// BLAKE3 of everything that, when changed, needs a new workload
@@ -219,6 +224,7 @@ impl ComponentPlan {
             timezone: None,
             max_retries: 0,
             stopped: false,
+            killed: false,
             restart_generation: 0,
             spec_hash: String::new(),
             devices: Vec::new(),
@@ -252,15 +258,9 @@ impl ComponentPlan {
 }
 
 /// Per-component requests made from the hub (`trellis stop|start|restart
-/// component`), part of the desired state under `controls`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ComponentControl {
-    #[serde(default)]
-    pub stopped: bool,
-    /// How many restarts were requested; a change restarts the component.
-    #[serde(default)]
-    pub restarts: u64,
-}
+/// component`), part of the desired state under `controls`; the wire
+/// format is the link's.
+pub use trellis_link::protocol::DesiredControl as ComponentControl;
 
 /// Why a desired state cannot be turned into a plan.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -474,6 +474,7 @@ impl Planner<'_> {
                 timezone: c.scheduled_timezone.clone(),
                 max_retries: c.max_retries.unwrap_or(0),
                 stopped: suspended || control.stopped,
+                killed: control.stopped && control.killed,
                 restart_generation: control.restarts,
                 spec_hash: String::new(),
                 devices,
@@ -688,6 +689,7 @@ impl Planner<'_> {
 fn spec_hash(plan: &ComponentPlan) -> String {
     let mut spec = plan.clone();
     spec.stopped = false;
+    spec.killed = false;
     spec.restart_generation = 0;
     spec.spec_hash = String::new();
     for device in &mut spec.devices {

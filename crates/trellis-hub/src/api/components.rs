@@ -27,8 +27,8 @@ use trellis_model::{
 use trellis_store::StageUpdate;
 
 use super::types::{
-    ComponentActionResponse, ComponentDesired, ComponentObserved, ComponentView, LogsQuery,
-    StageComponents,
+    ComponentActionQuery, ComponentActionResponse, ComponentDesired, ComponentObserved,
+    ComponentView, LogsQuery, StageComponents,
 };
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -133,14 +133,19 @@ async fn release_with_component(
 /// starts it if it was stopped). A change bumps the stage's desired
 /// revision; the outpost applies it as soon as it can — the request does
 /// not wait for it.
+///
+/// `stop?kill=true` kills it: its workloads end at once, without the grace
+/// period, and it stays stopped. `start?now=true` on a scheduled component
+/// also runs it once at once, outside its schedule (a restart of it).
 #[utoipa::path(post, path = "/projects/{project}/stages/{stage}/components/{component}/{action}",
     tag = "components",
-    params(crate::api::params::ComponentActionPath),
+    params(crate::api::params::ComponentActionPath, ComponentActionQuery),
     responses((status = 200, body = ComponentActionResponse)))]
 pub async fn control_component(
     State(state): State<AppState>,
     caller: Caller,
     Path((project, stage, component, action)): Path<(String, String, String, String)>,
+    Query(q): Query<ComponentActionQuery>,
 ) -> ApiResult<Json<ComponentActionResponse>> {
     caller.role_in(&state, &project).await?;
     let action: ComponentAction = action.parse().map_err(|message: String| {
@@ -151,9 +156,39 @@ pub async fn control_component(
             "POST …/components/NAME/start, …/stop or …/restart",
         )
     })?;
+    let misplaced = match action {
+        ComponentAction::Start if q.kill => Some("kill"),
+        ComponentAction::Stop if q.now => Some("now"),
+        ComponentAction::Restart if q.kill || q.now => Some(if q.kill { "kill" } else { "now" }),
+        _ => None,
+    };
+    if let Some(flag) = misplaced {
+        let (goes_with, cli) = if flag == "kill" {
+            ("stop", "trellis stop component NAME --kill")
+        } else {
+            ("start", "trellis start component NAME --now")
+        };
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-action",
+            format!("`{flag}` goes with {goes_with}, not with {action}"),
+            format!("POST …/components/NAME/{goes_with}?{flag}=true (`{cli}`)"),
+        ));
+    }
     let record = super::stages::live_stage(&state, &project, &stage).await?;
     validate_name(NameKind::Component, &component)?;
-    release_with_component(&state, &record, Some(&component)).await?;
+    let (_, _, manifest) = release_with_component(&state, &record, Some(&component)).await?;
+    let scheduled = manifest
+        .components
+        .iter()
+        .any(|c| c.name == component && c.scheduled.is_some());
+    let action = match action {
+        // A new restart generation is what makes the outpost run a
+        // scheduled component once at once.
+        ComponentAction::Start if q.now && scheduled => ComponentAction::Restart,
+        ComponentAction::Stop if q.kill => ComponentAction::Kill,
+        other => other,
+    };
     let outcome = state
         .store()
         .control_component(&project, &stage, &component, action)
@@ -170,6 +205,7 @@ pub async fn control_component(
         desired_revision: outcome.stage.desired_revision,
         control: ComponentDesired {
             stopped: outcome.control.stopped,
+            killed: outcome.control.killed,
             restarts: outcome.control.restarts,
         },
         stage_suspended: outcome.stage.suspended,
@@ -339,6 +375,7 @@ pub fn component_views(
             .find(|c| c.component == name)
             .map(|c| ComponentDesired {
                 stopped: c.stopped,
+                killed: c.killed,
                 restarts: c.restarts,
             })
             .unwrap_or_default()
@@ -774,6 +811,7 @@ mod tests {
             component: "web".into(),
             stopped: true,
             restarts: 2,
+            killed: false,
         }];
         let reported = vec![
             ComponentStatus {
@@ -795,6 +833,7 @@ mod tests {
             views[0].desired,
             ComponentDesired {
                 stopped: true,
+                killed: false,
                 restarts: 2
             }
         );

@@ -493,7 +493,10 @@ pub const CODES: &[(&str, &str)] = &[
         "the push names more stages than one push may",
     ),
     ("duplicate-stage", "the push names a stage twice"),
-    ("invalid-action", "the action is not start, stop or restart"),
+    (
+        "invalid-action",
+        "the action is not start, stop or restart, or `now`/`kill` do not go with it",
+    ),
     (
         "no-such-component",
         "the stage's latest release has no such component",

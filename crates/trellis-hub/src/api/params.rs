@@ -95,7 +95,16 @@ pub struct ComponentActionPath {
     pub component: String,
     /// What to do with it
     #[param(inline)]
-    pub action: trellis_model::ComponentAction,
+    pub action: PathAction,
+}
+
+/// The actions a component's path names (a kill is `stop?kill=true`).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PathAction {
+    Start,
+    Stop,
+    Restart,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -288,6 +288,22 @@ pub struct JoinTokenRequest {
     pub ttl_secs: Option<u64>,
 }
 
+/// How `POST …/components/{component}/{start|stop|restart}` acts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ComponentActionQuery {
+    /// With `start` only (`trellis start component --now`): a scheduled
+    /// component also runs once at once, outside its schedule; a
+    /// permanently running one is simply started.
+    #[serde(default)]
+    pub now: bool,
+    /// With `stop` only (`trellis stop component --kill`): its workloads
+    /// end at once, without the grace period (SIGKILL; the container
+    /// engine's kill). It stays killed until started.
+    #[serde(default)]
+    pub kill: bool,
+}
+
 /// What `POST …/components/{component}/{start|stop|restart}` did.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ComponentActionResponse {
@@ -313,6 +329,9 @@ pub struct ComponentActionResponse {
 pub struct ComponentDesired {
     /// Stopped on request.
     pub stopped: bool,
+    /// Stopped by a kill (without the grace period).
+    #[serde(default)]
+    pub killed: bool,
     /// Restarts requested so far.
     pub restarts: u64,
 }

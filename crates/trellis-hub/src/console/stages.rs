@@ -558,6 +558,7 @@ pub async fn control_component(
         State(state),
         caller,
         Path((project.clone(), stage.clone(), component, action)),
+        Query(crate::api::types::ComponentActionQuery::default()),
     )
     .await?;
     Ok(back_to(&project, &stage, "components"))

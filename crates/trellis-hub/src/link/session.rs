@@ -12,7 +12,7 @@ use chrono::Utc;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use trellis_link::identity::PeerIdentity;
-use trellis_link::protocol::{AgentError, DesiredAck, StageRevision, StatusReport};
+use trellis_link::protocol::{AgentError, DesiredAck, DesiredControl, StageRevision, StatusReport};
 use trellis_link::{Envelope, Incoming, LinkIo, LinkIoError, Message};
 use trellis_model::{Stage, StageSync};
 use trellis_store::{DesiredParts, LinkActivity, LinkHello, OutpostStage, SyncUpdate};
@@ -187,17 +187,19 @@ impl From<StageSync> for Committed {
 /// The full desired state of a stage at its current desired revision:
 /// everything the agent needs to run it without asking again.
 /// `controls` maps each component ever started, stopped or restarted to
-/// `{"stopped": bool, "restarts": n}`; `ingress.domain` is the outpost's
+/// its [`DesiredControl`]; `ingress.domain` is the outpost's
 /// ingress domain, which the stage's ingress hosts end in.
 pub fn desired_state(stage: &Stage, parts: DesiredParts, ingress_domain: &str) -> Value {
     let controls: serde_json::Map<String, Value> = parts
         .controls
         .into_iter()
         .map(|c| {
-            (
-                c.component,
-                json!({"stopped": c.stopped, "restarts": c.restarts}),
-            )
+            let wire = DesiredControl {
+                stopped: c.stopped,
+                killed: c.killed,
+                restarts: c.restarts,
+            };
+            (c.component, json!(wire))
         })
         .collect();
     json!({

@@ -478,6 +478,7 @@ fn control_from<R: SqlRow>(row: &R) -> Result<ComponentControl> {
     Ok(ComponentControl {
         component: col(row, "component")?,
         stopped: col(row, "stopped")?,
+        killed: col(row, "killed")?,
         restarts: count(row, "restarts")?,
     })
 }
@@ -860,7 +861,7 @@ async fn releases_to_stages_in<C: Conn + ?Sized>(
 async fn desired_parts_in<C: Conn + ?Sized>(c: &mut C, stage: &Stage) -> Result<DesiredParts> {
     const DOING: &str = "reading a stage's desired state";
     let controls = q(
-        "SELECT component, stopped, restarts FROM component_controls \
+        "SELECT component, stopped, killed, restarts FROM component_controls \
          WHERE project = $1 AND stage = $2 ORDER BY component",
     )
     .bind(&stage.project)
@@ -1785,7 +1786,7 @@ impl<B: Backend> Store for SqlStore<B> {
         let mut tx = self.read().await?;
         require_stage(&mut *tx, project, stage).await?;
         let rows = q(
-            "SELECT component, stopped, restarts FROM component_controls \
+            "SELECT component, stopped, killed, restarts FROM component_controls \
              WHERE project = $1 AND stage = $2 ORDER BY component",
         )
         .bind(project)
@@ -1807,7 +1808,7 @@ impl<B: Backend> Store for SqlStore<B> {
         let mut tx = self.write().await?;
         let mut record = require_stage(&mut *tx, project, stage).await?;
         let current = q(
-            "SELECT component, stopped, restarts FROM component_controls \
+            "SELECT component, stopped, killed, restarts FROM component_controls \
              WHERE project = $1 AND stage = $2 AND component = $3",
         )
         .bind(project)
@@ -1825,16 +1826,17 @@ impl<B: Backend> Store for SqlStore<B> {
         });
         let (control, changed) = action.apply(&current);
         if changed {
-            q(
-                "INSERT INTO component_controls (project, stage, component, stopped, restarts) \
-                 VALUES ($1, $2, $3, $4, $5) \
+            q("INSERT INTO component_controls \
+                 (project, stage, component, stopped, killed, restarts) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (project, stage, component) DO UPDATE SET \
-                 stopped = excluded.stopped, restarts = excluded.restarts",
-            )
+                 stopped = excluded.stopped, killed = excluded.killed, \
+                 restarts = excluded.restarts")
             .bind(project)
             .bind(stage)
             .bind(component)
             .bind(control.stopped)
+            .bind(control.killed)
             .bind(int(control.restarts)?)
             .execute(&mut *tx)
             .await

@@ -36,8 +36,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bollard::models::{NetworkCreateRequest, VolumeCreateRequest};
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptions, RemoveContainerOptions, RemoveVolumeOptions,
-    StopContainerOptions,
+    CreateContainerOptions, CreateImageOptions, KillContainerOptions, RemoveContainerOptions,
+    RemoveVolumeOptions, StopContainerOptions,
 };
 use chrono::Utc;
 use futures_util::StreamExt;
@@ -633,6 +633,24 @@ impl ContainerRuntime {
         }
     }
 
+    /// Ends a container at once: the engine's kill (SIGKILL), no grace
+    /// period (`trellis stop component --kill`).
+    async fn kill_container(&self, id: &str) -> Result<(), RuntimeError> {
+        let options = KillContainerOptions {
+            signal: "SIGKILL".into(),
+        };
+        match self.engine.docker.kill_container(id, Some(options)).await {
+            Ok(()) => Ok(()),
+            // 404: gone; 409: not running.
+            Err(e) if matches!(status_of(&e), Some(404 | 409)) => Ok(()),
+            Err(e) => Err(engine_error(
+                "container-kill-failed",
+                "killing a container",
+                &e,
+            )),
+        }
+    }
+
     async fn stop_and_remove(&self, id: &str, name: &str) -> Result<(), RuntimeError> {
         if let Err(e) = self.stop_container(id).await {
             tracing::warn!(container = name, error = %e.sentence(), "could not stop; removing by force");
@@ -682,7 +700,13 @@ impl ContainerRuntime {
                 ctl.stop_job(&component.name);
                 // Every replica, running or not: a crash-looping one may be
                 // between two restarts.
-                let stops = listed.iter().map(|c| self.stop_container(&c.id));
+                let stops = listed.iter().map(|c| async {
+                    if component.killed {
+                        self.kill_container(&c.id).await
+                    } else {
+                        self.stop_container(&c.id).await
+                    }
+                });
                 return join_all(stops).await.into_iter().collect();
             }
             ActionKind::Remove => return Ok(()),

@@ -264,6 +264,7 @@ mod tests {
             timezone: None,
             max_retries: 0,
             stopped: false,
+            killed: false,
             restart_generation: 0,
             spec_hash: "h".into(),
             devices: vec![],

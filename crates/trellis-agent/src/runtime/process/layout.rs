@@ -220,6 +220,10 @@ pub(super) struct PidRecord {
 pub(super) struct ScheduleRecord {
     /// The release (or revision, without one) `@release` last ran for.
     pub release_ran: Option<u64>,
+    /// The restart generation last run at once (`trellis start component
+    /// --now`, a restart): a higher one in the plan runs it once more.
+    #[serde(default)]
+    pub restart_ran: u64,
     pub last_run: Option<DateTime<Utc>>,
     pub exit_code: Option<i32>,
     /// `Succeeded` or `Failed` once a run (with its retries) ended.

@@ -398,6 +398,7 @@ fn decide(
         return (ActionKind::Restart, "a new release runs it again".into());
     }
     match (had.stopped, plan.stopped) {
+        (false, true) if plan.killed => (ActionKind::Stop, "it is killed on request".into()),
         (false, true) => (ActionKind::Stop, "it is stopped on request".into()),
         (true, true) => (ActionKind::Keep, "it stays stopped".into()),
         (true, false) => (ActionKind::Restart, "it is started again".into()),
@@ -530,10 +531,16 @@ impl Runtime for ProcessRuntime {
                         tracing::warn!(stage = %stage, component = %component.name, code = e.code,
                             error = %e.sentence(), "a process component cannot be prepared");
                     }
-                    if let Some(old) = self.inner.take(&key) {
-                        old.stop().await;
+                    // A kill ends the processes without the grace period.
+                    let grace = if action.kind == ActionKind::Stop && component.killed {
+                        Duration::ZERO
                     } else {
-                        supervisor::kill_recorded(&dirs, self.inner.options.stop_grace).await;
+                        self.inner.options.stop_grace
+                    };
+                    if let Some(old) = self.inner.take(&key) {
+                        old.stop_within(grace).await;
+                    } else {
+                        supervisor::kill_recorded(&dirs, grace).await;
                     }
                     let handle = self.inner.launch(stage, record).await;
                     tracing::info!(stage = %stage, component = %component.name,
@@ -700,6 +707,7 @@ mod tests {
         ComponentPlan {
             ports: vec![8080],
             stopped,
+            killed: false,
             restart_generation: generation,
             spec_hash: spec.into(),
             ..ComponentPlan::new(

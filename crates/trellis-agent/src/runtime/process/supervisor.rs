@@ -44,9 +44,11 @@ pub(super) struct Launch {
 }
 
 enum Cmd {
-    /// Stop (with `kill`: the processes too) and end the task.
+    /// Stop (with `kill`: the processes too, SIGKILL after `grace`) and
+    /// end the task.
     Shutdown {
         kill: bool,
+        grace: Duration,
         done: oneshot::Sender<()>,
     },
 }
@@ -102,10 +104,21 @@ impl Handle {
     /// Stops the processes (SIGTERM, then SIGKILL after the grace period)
     /// and ends the supervisor.
     pub async fn stop(self) {
+        let grace = self.grace;
+        self.stop_within(grace).await;
+    }
+
+    /// As [`Handle::stop`], with SIGKILL after `grace`; a zero grace sends
+    /// SIGKILL only (`trellis stop component --kill`).
+    pub async fn stop_within(self, grace: Duration) {
         let (done, done_rx) = oneshot::channel();
         if self
             .cmd
-            .send(Cmd::Shutdown { kill: true, done })
+            .send(Cmd::Shutdown {
+                kill: true,
+                grace,
+                done,
+            })
             .await
             .is_ok()
         {
@@ -113,7 +126,7 @@ impl Handle {
         }
         let _ = self.task.await;
         // Whatever a failed supervisor left behind.
-        kill_recorded(&self.dirs, self.grace).await;
+        kill_recorded(&self.dirs, grace).await;
     }
 
     /// Ends the supervisor and leaves the processes running (the agent
@@ -304,9 +317,9 @@ impl Supervisor {
             }
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(Cmd::Shutdown { kill, done }) => {
+                    Some(Cmd::Shutdown { kill, grace, done }) => {
                         if kill {
-                            self.stop_all().await;
+                            self.stop_all(grace).await;
                         }
                         self.collector.collect(true);
                         let _ = done.send(());
@@ -524,7 +537,16 @@ impl Supervisor {
                     job.retry_at = None;
                 })
             } else {
+                let generation = self.record.plan.restart_generation;
                 match &self.record.plan.schedule {
+                    // A restart generation not run yet (`start component
+                    // --now`): once at once, recorded before it starts so
+                    // a restarted agent does not run it again.
+                    Some(_) if generation > job.record.restart_ran => {
+                        job.record.restart_ran = generation;
+                        job.attempt = 0;
+                        Some(())
+                    }
                     Some(Schedule::OnRelease) => {
                         let key = self.release_key();
                         (job.record.release_ran != Some(key)).then(|| {
@@ -532,6 +554,7 @@ impl Supervisor {
                             // must not run it again.
                             job.record = ScheduleRecord {
                                 release_ran: Some(key),
+                                restart_ran: job.record.restart_ran,
                                 ..ScheduleRecord::default()
                             };
                             job.attempt = 0;
@@ -688,8 +711,7 @@ impl Supervisor {
         })
     }
 
-    async fn stop_all(&mut self) {
-        let grace = self.options.stop_grace;
+    async fn stop_all(&mut self, grace: Duration) {
         let mut procs: Vec<Proc> = self
             .replicas
             .iter_mut()

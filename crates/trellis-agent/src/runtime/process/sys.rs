@@ -82,7 +82,7 @@ pub(super) fn exit_code(status: ExitStatus) -> i32 {
 }
 
 /// Stops the process group led by `pid`: SIGTERM to the group, SIGKILL to
-/// whatever is left of it after `grace`. `child` (when the process is ours)
+/// whatever is left of it after `grace` (a zero grace: SIGKILL at once). `child` (when the process is ours)
 /// is reaped on the way; its exit status is returned.
 ///
 /// A group whose leader is an adopted process (not our child) is checked
@@ -99,7 +99,10 @@ pub(super) async fn terminate(
     {
         return None;
     }
-    if let Err(e) = signal_group(pid, Signal::TERM) {
+    // No grace (a kill): SIGKILL only, so a TERM handler never runs.
+    if !grace.is_zero()
+        && let Err(e) = signal_group(pid, Signal::TERM)
+    {
         tracing::warn!(pid, error = %e, "cannot send SIGTERM to a process group");
     }
     let mut status = None;
