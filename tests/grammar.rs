@@ -562,3 +562,74 @@ fn stop_kill_and_start_now() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(nightly(), 2, "each --now is one run");
 }
+
+/// A kill asked for while the outpost is offline: the component runs on
+/// (components outlive their agent), and the agent that comes back kills
+/// it — SIGKILL only, as if it had been online — instead of stopping it.
+#[test]
+fn a_kill_reaches_an_outpost_that_was_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(&tmp.path().join("hub"));
+    let cli = Cli::for_hub(&hub, &hub.admin_key(), &tmp.path().join("config"));
+    let agent_data = tmp.path().join("agent");
+    let created = cli.ok(&["create", "outpost", "edge"]);
+    let agent = AgentProcess::join_with(&join_command(&created), &agent_data, &["--no-containers"]);
+    let uri = cli.ok(&["get", "outpost-uri", "edge"]);
+    cli.ok(&["create", "project", "night"]);
+    cli.ok(&[
+        "create",
+        "stage",
+        "far",
+        "-p",
+        "night",
+        "--outpost-uri",
+        uri.trim(),
+    ]);
+    let repo = tmp.path().join("repo");
+    stubborn_project(&repo);
+    let out = cli.run_in(&repo, &["push", "build", "-p", "night"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    cli.ok(&["push", "release", "-p", "night", "-s", "far"]);
+    let state = || component_state(&cli, "far", "stubborn")["observed"]["state"].clone();
+    wait_until("stubborn running", Duration::from_secs(60), || {
+        state() == "running" && stubborn_pid(&cli, "far").is_some()
+    });
+    let pid = stubborn_pid(&cli, "far").unwrap();
+
+    agent.kill9();
+    wait_until(
+        "the hub sees the outpost offline",
+        Duration::from_secs(90),
+        || {
+            let status = cli.json(&["status", "stage", "far", "-p", "night"]);
+            status["link"]["state"] != "online"
+        },
+    );
+    let out = cli.ok(&[
+        "stop",
+        "component",
+        "stubborn",
+        "-p",
+        "night",
+        "-s",
+        "far",
+        "--kill",
+    ]);
+    assert!(out.contains("kill requested"), "{out}");
+    assert!(
+        std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "it runs on while its outpost is offline"
+    );
+
+    let _agent = AgentProcess::run_with(&agent_data, &["--no-containers"]);
+    wait_until("stubborn killed", Duration::from_secs(60), || {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    });
+    wait_until(
+        "the outpost reports it stopped",
+        Duration::from_secs(60),
+        || state() == "stopped",
+    );
+    let logs = cli.ok(&["logs", "component", "stubborn", "-p", "night", "-s", "far"]);
+    assert!(!logs.contains("got TERM"), "killed, not stopped: {logs}");
+}
