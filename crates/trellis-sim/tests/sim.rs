@@ -1,6 +1,7 @@
-//! The deterministic simulation in the normal test suite: one hub and 50
-//! agents under partitions, link cuts, agent and hub crashes and delays,
-//! over 200 seeds (`TRELLIS_SIM_SEEDS` sets another count). A failing seed
+//! The deterministic simulation in the normal test suite: three hubs over
+//! one store and 50 agents under partitions, link cuts, half-open links,
+//! agent and hub crashes, lost change notifications and delays, over 200
+//! seeds (`TRELLIS_SIM_SEEDS` sets another count). A failing seed
 //! is printed; `cargo run -p trellis-sim --release -- --first SEED --seeds 1`
 //! replays it.
 
@@ -28,6 +29,7 @@ fn every_agent_converges_in_order_and_no_acknowledged_status_is_lost() {
                                     + stats.agent_crashes
                                     + stats.hub_crashes
                                     + stats.link_cuts
+                                    + stats.half_open
                             }
                             Err(violation) => failures.push(format!("seed {seed}: {violation}")),
                         }
