@@ -274,7 +274,10 @@ impl Connector for SimConnector {
         // The balancer sends the connection to any live hub.
         let live = self.net.live_hubs();
         if live.is_empty() {
-            return Err(ConnectError::new("hub-refused", "every simulated hub is down"));
+            return Err(ConnectError::new(
+                "hub-refused",
+                "every simulated hub is down",
+            ));
         }
         let (h, hub) = live[lock(&self.net.rng).gen_range(0..live.len())].clone();
         let (hub_end, agent_end) = pair();
