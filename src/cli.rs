@@ -257,6 +257,24 @@ pub struct HubArgs {
     /// How the hub's local outpost runs components
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    #[command(subcommand)]
+    pub action: Option<HubAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HubAction {
+    /// Copy a hub's whole state from its SQLite store into an empty
+    /// PostgreSQL database, then run it (and more instances) there with
+    /// `trellis hub --data <the same data directory> --store <URL>`
+    Migrate {
+        /// The hub's data directory (holding hub.db) or its SQLite file;
+        /// stop that hub first
+        #[arg(long)]
+        from: PathBuf,
+        /// postgres://USER:PASSWORD@HOST:PORT/DATABASE of an empty database
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Debug, Args)]
