@@ -312,6 +312,18 @@ pub enum HubAction {
     /// works while the hub runs or is stopped, with the hub's --store)
     #[command(name = "reset-admin-key")]
     ResetAdminKey(StoreArgs),
+    /// Copy a hub's whole state from its SQLite store into an empty
+    /// PostgreSQL database, then run it (and more instances) there with
+    /// `trellis hub --data <the same data directory> --store <URL>`
+    Migrate {
+        /// The hub's data directory (holding hub.db) or its SQLite file;
+        /// stop that hub first
+        #[arg(long)]
+        from: PathBuf,
+        /// postgres://USER:PASSWORD@HOST:PORT/DATABASE of an empty database
+        #[arg(long)]
+        to: String,
+    },
 }
 
 /// Which hub's data a command works on.

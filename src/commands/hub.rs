@@ -144,3 +144,55 @@ pub async fn reset_admin_key(args: StoreArgs) -> anyhow::Result<()> {
     println!("{key}");
     Ok(())
 }
+
+/// `trellis hub migrate`: copies a SQLite hub into PostgreSQL, all or
+/// nothing, and says what it copied and how to go on.
+pub async fn migrate(from: &std::path::Path, to: &str) -> anyhow::Result<()> {
+    let (file, data_dir) = if from.is_dir() {
+        (from.join("hub.db"), from.to_owned())
+    } else {
+        (
+            from.to_owned(),
+            from.parent()
+                .map(std::path::Path::to_owned)
+                .unwrap_or_default(),
+        )
+    };
+    if !file.is_file() {
+        bail!(
+            "there is no SQLite hub at {}; give --from the hub's data directory (the one holding hub.db) or its hub.db file",
+            file.display()
+        );
+    }
+    let sqlite = trellis_store::sqlite::SqliteStore::open(&file)
+        .await
+        .with_context(|| format!("opening the hub's SQLite store {}", file.display()))?;
+    let pg = trellis_store::postgres::PgStore::open(to, &Default::default())
+        .await
+        .context("opening the PostgreSQL store to copy into")?;
+    let report = trellis_store::copy::sqlite_to_postgres(&sqlite, &pg)
+        .await
+        .context("copying the hub into PostgreSQL (nothing was copied)");
+    pg.close().await;
+    sqlite.close().await;
+    let report = report?;
+    let total: u64 = report.tables.iter().map(|(_, n)| n).sum();
+    println!(
+        "copied {total} rows from {} into {}:",
+        file.display(),
+        trellis_hub::redact_url(to)
+    );
+    for (table, rows) in report.tables.iter().filter(|(_, n)| *n > 0) {
+        println!("  {table}: {rows}");
+    }
+    println!(
+        "now run the hub on it from the same data directory (its CA and link secret stay valid, so agents, \
+         Outpost URIs and keys keep working):"
+    );
+    println!(
+        "  trellis hub --data {} --store '{}'",
+        data_dir.display(),
+        trellis_hub::redact_url(to)
+    );
+    Ok(())
+}

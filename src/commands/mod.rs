@@ -22,6 +22,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 action: Some(HubAction::ResetAdminKey(args)),
                 ..
             } => hub::reset_admin_key(args).await,
+            HubCommand {
+                action: Some(HubAction::Migrate { from, to }),
+                ..
+            } => hub::migrate(&from, &to).await,
         },
         Command::Dev(args) => dev::dev(args).await,
         Command::Agent(command) => trellis_agent::cli::execute(command, "trellis agent").await,

@@ -294,7 +294,7 @@ pub async fn prepare(
 
 /// Registers outposts `from..to` and joins an agent to each, as an
 /// administrator and `trellis agent join` would.
-async fn join_range(
+pub async fn join_range(
     hub: &HubChild,
     dirs: &FleetDirs,
     from: usize,

@@ -12,6 +12,7 @@ mod artifacts;
 mod baseline;
 mod catchup;
 mod chaos;
+mod cluster;
 mod console;
 mod fleet;
 mod ingress;
@@ -123,6 +124,41 @@ enum Bench {
     Storm {
         #[arg(long, default_value_t = 15_000)]
         outposts: usize,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
+    /// Several hub instances on one PostgreSQL behind HAProxy, outposts
+    /// linked through it and idle: linked count, hub memory and idle bytes
+    /// per outpost over all instances. Needs PostgreSQL and HAProxy.
+    ClusterConnect {
+        #[arg(long, default_value_t = 3)]
+        hubs: usize,
+        #[arg(long, default_value_t = 15_000)]
+        outposts: usize,
+        #[arg(long, default_value_t = 100)]
+        idle_secs: u64,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
+    /// Several hub instances behind HAProxy with the fleet linked: the one
+    /// holding the most links is SIGKILLed; time until 99% and all of its
+    /// outposts are back on the others, double sessions, crashes.
+    Failover {
+        #[arg(long, default_value_t = 3)]
+        hubs: usize,
+        #[arg(long, default_value_t = 15_000)]
+        outposts: usize,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
+    /// A release pushed through one of several instances to stages whose
+    /// outposts are linked to all of them: time until each reports it
+    /// applied.
+    ClusterFanout {
+        #[arg(long, default_value_t = 3)]
+        hubs: usize,
+        #[arg(long, default_value_t = 10_000)]
+        stages: usize,
         #[command(flatten)]
         fleet: FleetArgs,
     },
@@ -316,6 +352,43 @@ fn main() -> anyhow::Result<()> {
             fleet.common()?,
             scale::FanoutSettings {
                 stages: stages.max(1),
+            },
+        )),
+        Bench::ClusterConnect {
+            hubs,
+            outposts,
+            idle_secs,
+            fleet,
+        } => runtime.block_on(cluster::connect(
+            fleet.common()?,
+            cluster::ClusterSettings {
+                hubs: hubs.max(1),
+                outposts: outposts.max(1),
+                idle: std::time::Duration::from_secs(idle_secs.max(1)),
+            },
+        )),
+        Bench::Failover {
+            hubs,
+            outposts,
+            fleet,
+        } => runtime.block_on(cluster::failover(
+            fleet.common()?,
+            cluster::ClusterSettings {
+                hubs,
+                outposts: outposts.max(1),
+                idle: std::time::Duration::from_secs(1),
+            },
+        )),
+        Bench::ClusterFanout {
+            hubs,
+            stages,
+            fleet,
+        } => runtime.block_on(cluster::fanout(
+            fleet.common()?,
+            cluster::ClusterSettings {
+                hubs: hubs.max(1),
+                outposts: stages.max(1),
+                idle: std::time::Duration::from_secs(1),
             },
         )),
         Bench::Storm { outposts, fleet } => runtime.block_on(scale::storm(

@@ -1,28 +1,41 @@
-//! A deterministic simulation of one hub and many outpost agents.
+//! A deterministic simulation of several hub instances sharing one store,
+//! and many outpost agents.
 //!
 //! Everything runs in one single-threaded Tokio runtime with paused time, so
 //! minutes of simulated partitions, crashes and delays take milliseconds and
 //! every random choice comes from one seed: a failing seed replays.
 //!
-//! The hub and the agents are the real code — the hub's link sessions, the
-//! agent's reconnect loop, session, reconciler and durable state — joined by
-//! in-memory links ([`trellis_link::mem`]) instead of sockets. What the
-//! simulation adds is a network that can partition an agent, delay frames,
-//! cut live links, refuse connections while the hub is "down", crash agents
-//! (their task is dropped mid-flight; their state file stays) and crash the
-//! hub (all sessions and all in-memory link state are dropped; the store
-//! stays, as a database would).
+//! The hubs and the agents are the real code — the hub's link sessions and
+//! its cluster side (the change feed, link claims and fencing, the safety
+//! nets), the agent's reconnect loop, session, reconciler and durable state
+//! — joined by in-memory links ([`trellis_link::mem`]) instead of sockets,
+//! over one in-memory store that announces changes as PostgreSQL's
+//! triggers do. What the simulation adds is a network that can partition an
+//! agent, delay frames, cut live links, leave a link half-open (the agent
+//! gave up on it and reconnected elsewhere, its hub never heard), refuse
+//! connections to hubs that are down, send each new connection to a random
+//! live hub (as a balancer would), lose change notifications on their way
+//! to a hub (nobody is told), crash agents (their task is dropped
+//! mid-flight; their state file stays) and crash hubs (all of that hub's
+//! sessions and in-memory state are dropped; its link claims stay in the
+//! store, as a killed process leaves them; it comes back as a new
+//! instance).
 //!
-//! After the faults stop and the network heals, the run checks:
+//! The run checks, during the faults and after the network heals:
 //! 1. every stage's agent applied the stage's newest desired revision, and
-//!    the hub knows it (convergence);
+//!    the store knows it (convergence);
 //! 2. no agent ever applied a revision older than one it applied before
 //!    (no out-of-order apply), across its own crashes;
-//! 3. the hub's record of each stage's applied revision never went
-//!    backwards (no acknowledged status lost).
+//! 3. the store's record of each stage's applied revision never went
+//!    backwards (no acknowledged status lost);
+//! 4. no outpost keeps live sessions on two hubs for longer than a
+//!    heartbeat and a bit (a newer link-up fences the older one, by
+//!    notification or by the claim check), and at the end each outpost has
+//!    exactly one session, on the hub the store says holds it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +44,7 @@ use chrono::Utc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use trellis_agent::state::StageKey;
 use trellis_agent::{
     ApplyOutcome, BackoffConfig, ConnectError, Connector, LinkConfig, StageRunner,
@@ -46,10 +60,23 @@ use trellis_model::{NewBuild, Outpost, Project, StageType, User};
 use trellis_store::memory::MemoryStore;
 use trellis_store::{NewRelease, NewStage, Store};
 
+/// The link heartbeat of the simulated hubs.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// How long two hubs may both hold a session of one outpost: the claim
+/// check runs every heartbeat (fencing a session whose notification was
+/// lost), plus the time a claim takes. Without fencing a half-open link's
+/// session would live two heartbeats.
+const FENCE_LIMIT: Duration = Duration::from_secs(7);
+
 /// The shape of one simulated run.
 #[derive(Debug, Clone, Copy)]
 pub struct SimConfig {
     pub agents: usize,
+    /// Hub instances sharing the store.
+    pub hubs: usize,
+    /// The chance that a change notification is lost on its way to a hub.
+    pub lose_notifications: f64,
     /// How long faults are injected (simulated time).
     pub fault_phase: Duration,
     /// How long the healed system gets to converge (simulated time).
@@ -60,6 +87,8 @@ impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
             agents: 50,
+            hubs: 3,
+            lose_notifications: 0.1,
             fault_phase: Duration::from_secs(30),
             settle: Duration::from_secs(40),
         }
@@ -72,9 +101,29 @@ pub struct SimStats {
     pub releases: u64,
     pub partitions: u64,
     pub link_cuts: u64,
+    /// Links the agent gave up on without its hub hearing of it.
+    pub half_open: u64,
     pub agent_crashes: u64,
     pub hub_crashes: u64,
     pub applies: u64,
+    /// Change notifications lost on their way to a hub.
+    pub notifications_lost: u64,
+    /// Sessions ended because a newer link-up replaced them.
+    pub fenced: u64,
+}
+
+impl SimStats {
+    pub fn add(&mut self, other: &SimStats) {
+        self.releases += other.releases;
+        self.partitions += other.partitions;
+        self.link_cuts += other.link_cuts;
+        self.half_open += other.half_open;
+        self.agent_crashes += other.agent_crashes;
+        self.hub_crashes += other.hub_crashes;
+        self.applies += other.applies;
+        self.notifications_lost += other.notifications_lost;
+        self.fenced += other.fenced;
+    }
 }
 
 /// Runs one seed; `Err` describes the violated invariant.
@@ -151,26 +200,62 @@ impl StageRunner for SimRuntime {
     }
 }
 
-/// The simulated network between the agents and the hub.
+/// One hub instance: its data directory, and while it runs, its state,
+/// what stops its background work, and its sessions.
+struct HubSlot {
+    dir: PathBuf,
+    state: Option<AppState>,
+    cancel: CancellationToken,
+    sessions: Vec<JoinHandle<()>>,
+}
+
+/// An agent's current link: the hub it reached, the switch that breaks it
+/// for both ends, and the one that breaks it for the agent only (the hub
+/// keeps a half-open link until its heartbeat or a newer link-up ends it).
+struct AgentLink {
+    hub: usize,
+    cut: CancellationToken,
+    agent_cut: CancellationToken,
+}
+
+/// The simulated network between the agents and the hubs.
 struct Net {
     rng: Mutex<StdRng>,
-    hub: Mutex<Option<AppState>>,
+    hubs: Mutex<Vec<HubSlot>>,
     partitioned: Mutex<Vec<bool>>,
-    /// Per agent, the cut switch of its current link.
-    cuts: Mutex<Vec<Option<tokio_util::sync::CancellationToken>>>,
-    sessions: Mutex<Vec<JoinHandle<()>>>,
+    links: Mutex<Vec<Option<AgentLink>>>,
+    /// Agent ends of half-open links, kept so their hub sees no close.
+    zombies: Mutex<Vec<MemLink>>,
     max_delay_ms: Mutex<u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Net {
     fn delay(&self) -> Duration {
-        let max = *self.max_delay_ms.lock().unwrap_or_else(|p| p.into_inner());
-        let ms = self
-            .rng
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .gen_range(0..=max);
-        Duration::from_millis(ms)
+        let max = *lock(&self.max_delay_ms);
+        Duration::from_millis(lock(&self.rng).gen_range(0..=max))
+    }
+
+    /// Breaks agent `i`'s link for both ends.
+    fn cut(&self, i: usize) -> bool {
+        match lock(&self.links)[i].take() {
+            Some(link) => {
+                link.cut.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn live_hubs(&self) -> Vec<(usize, AppState)> {
+        lock(&self.hubs)
+            .iter()
+            .enumerate()
+            .filter_map(|(h, slot)| slot.state.clone().map(|s| (h, s)))
+            .collect()
     }
 }
 
@@ -183,26 +268,24 @@ struct SimConnector {
 impl Connector for SimConnector {
     async fn connect(&self) -> Result<Box<dyn LinkIo>, ConnectError> {
         tokio::time::sleep(self.net.delay()).await;
-        if self
-            .net
-            .partitioned
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())[self.index]
-        {
+        if lock(&self.net.partitioned)[self.index] {
             return Err(ConnectError::new("hub-unreachable", "simulated partition"));
         }
-        let Some(hub) = self
-            .net
-            .hub
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        else {
-            return Err(ConnectError::new("hub-refused", "simulated hub is down"));
-        };
+        // The balancer sends the connection to any live hub.
+        let live = self.net.live_hubs();
+        if live.is_empty() {
+            return Err(ConnectError::new(
+                "hub-refused",
+                "every simulated hub is down",
+            ));
+        }
+        let (h, hub) = live[lock(&self.net.rng).gen_range(0..live.len())].clone();
         let (hub_end, agent_end) = pair();
-        let cut = tokio_util::sync::CancellationToken::new();
-        self.net.cuts.lock().unwrap_or_else(|p| p.into_inner())[self.index] = Some(cut.clone());
+        let link = AgentLink {
+            hub: h,
+            cut: CancellationToken::new(),
+            agent_cut: CancellationToken::new(),
+        };
         let peer = PeerIdentity {
             outpost: outpost_name(self.index),
             serial_hex: "5e".into(),
@@ -210,8 +293,15 @@ impl Connector for SimConnector {
             public_key_fingerprint: KeyFingerprint([0; 32]),
         };
         let hub_side = FaultyLink {
-            inner: hub_end,
-            cut: cut.clone(),
+            inner: Some(hub_end),
+            cut: link.cut.clone(),
+            agent_cut: None,
+            net: self.net.clone(),
+        };
+        let agent_side = FaultyLink {
+            inner: Some(agent_end),
+            cut: link.cut.clone(),
+            agent_cut: Some(link.agent_cut.clone()),
             net: self.net.clone(),
         };
         let session = tokio::spawn(trellis_hub::link::session::run(
@@ -219,24 +309,23 @@ impl Connector for SimConnector {
             peer,
             hub,
         ));
-        self.net
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(session);
-        Ok(Box::new(FaultyLink {
-            inner: agent_end,
-            cut,
-            net: self.net.clone(),
-        }))
+        lock(&self.net.hubs)[h].sessions.push(session);
+        if let Some(old) = lock(&self.net.links)[self.index].replace(link) {
+            old.cut.cancel();
+        }
+        Ok(Box::new(agent_side))
     }
 }
 
 /// A link end whose frames are delayed by the network and which fails at
-/// once when its link is cut.
+/// once when its link is cut. The agent's end also fails when the link goes
+/// half-open, and then keeps its channel alive, so the hub's end hears
+/// nothing.
 struct FaultyLink {
-    inner: MemLink,
-    cut: tokio_util::sync::CancellationToken,
+    inner: Option<MemLink>,
+    cut: CancellationToken,
+    /// The agent's end only.
+    agent_cut: Option<CancellationToken>,
     net: Arc<Net>,
 }
 
@@ -244,36 +333,83 @@ fn cut_error() -> LinkIoError {
     LinkIoError::Transport("simulated link failure".into())
 }
 
+impl FaultyLink {
+    async fn broken(&self) {
+        match &self.agent_cut {
+            Some(agent_cut) => {
+                tokio::select! {
+                    () = self.cut.cancelled() => {}
+                    () = agent_cut.cancelled() => {}
+                }
+            }
+            None => self.cut.cancelled().await,
+        }
+    }
+
+    fn is_broken(&self) -> bool {
+        self.cut.is_cancelled() || self.agent_cut.as_ref().is_some_and(|c| c.is_cancelled())
+    }
+}
+
+impl Drop for FaultyLink {
+    fn drop(&mut self) {
+        if let Some(agent_cut) = &self.agent_cut
+            && agent_cut.is_cancelled()
+            && !self.cut.is_cancelled()
+            && let Some(inner) = self.inner.take()
+        {
+            lock(&self.net.zombies).push(inner);
+        }
+    }
+}
+
 #[async_trait]
 impl LinkIo for FaultyLink {
     async fn send(&mut self, envelope: &Envelope) -> Result<(), LinkIoError> {
         let delay = self.net.delay();
         tokio::select! {
-            () = self.cut.cancelled() => return Err(cut_error()),
+            () = self.broken() => return Err(cut_error()),
             () = tokio::time::sleep(delay) => {}
         }
+        let Some(inner) = self.inner.as_mut() else {
+            return Err(cut_error());
+        };
         tokio::select! {
-            () = self.cut.cancelled() => Err(cut_error()),
-            r = self.inner.send(envelope) => r,
+            () = async { match &self.agent_cut {
+                Some(a) => tokio::select! { () = self.cut.cancelled() => {}, () = a.cancelled() => {} },
+                None => self.cut.cancelled().await,
+            } } => Err(cut_error()),
+            r = inner.send(envelope) => r,
         }
     }
 
     async fn recv(&mut self) -> Result<Option<Incoming>, LinkIoError> {
+        let cut = self.cut.clone();
+        let agent_cut = self.agent_cut.clone();
+        let Some(inner) = self.inner.as_mut() else {
+            return Err(cut_error());
+        };
         tokio::select! {
-            () = self.cut.cancelled() => Err(cut_error()),
-            r = self.inner.recv() => r,
+            () = cut.cancelled() => Err(cut_error()),
+            () = async { match &agent_cut { Some(a) => a.cancelled().await, None => std::future::pending().await } } => Err(cut_error()),
+            r = inner.recv() => r,
         }
     }
 
     async fn ping(&mut self, payload: Vec<u8>) -> Result<(), LinkIoError> {
-        if self.cut.is_cancelled() {
+        if self.is_broken() {
             return Err(cut_error());
         }
-        self.inner.ping(payload).await
+        match self.inner.as_mut() {
+            Some(inner) => inner.ping(payload).await,
+            None => Err(cut_error()),
+        }
     }
 
     async fn close(&mut self, reason: &str) {
-        self.inner.close(reason).await;
+        if let Some(inner) = self.inner.as_mut() {
+            inner.close(reason).await;
+        }
     }
 }
 
@@ -329,12 +465,15 @@ fn start_agent(
     }));
 }
 
-async fn open_hub(dir: &std::path::Path, store: Arc<MemoryStore>) -> Result<AppState, String> {
+/// Opens hub `h` over the shared store and starts its cluster side.
+async fn start_hub(net: &Net, h: usize, store: Arc<MemoryStore>) -> Result<(), String> {
+    let dir = lock(&net.hubs)[h].dir.clone();
     let hub = Hub::open_with_store(
         HubOptions {
-            data_dir: dir.to_owned(),
+            data_dir: dir,
             link: LinkSettings {
-                heartbeat: Duration::from_secs(5),
+                heartbeat: HEARTBEAT,
+                resync: Duration::from_secs(10),
                 ..LinkSettings::default()
             },
             ..Default::default()
@@ -342,8 +481,38 @@ async fn open_hub(dir: &std::path::Path, store: Arc<MemoryStore>) -> Result<AppS
         store,
     )
     .await
-    .map_err(|e| format!("opening the hub: {e:#}"))?;
-    Ok(hub.state().clone())
+    .map_err(|e| format!("opening hub {h}: {e:#}"))?;
+    let state = hub.state().clone();
+    let cancel = CancellationToken::new();
+    trellis_hub::cluster::spawn(state.clone(), cancel.clone());
+    let mut hubs = lock(&net.hubs);
+    hubs[h].state = Some(state);
+    hubs[h].cancel = cancel;
+    Ok(())
+}
+
+/// Hub `h` dies: its sessions and background work stop mid-flight, its
+/// agents' links break; its claims stay in the store.
+fn crash_hub(net: &Net, h: usize, stats: &mut SimStats) {
+    let (sessions, state) = {
+        let mut hubs = lock(&net.hubs);
+        hubs[h].cancel.cancel();
+        (std::mem::take(&mut hubs[h].sessions), hubs[h].state.take())
+    };
+    if let Some(state) = state {
+        stats.fenced += state.links().fenced.load(Ordering::Relaxed);
+    }
+    for session in sessions {
+        session.abort();
+    }
+    let on_it: Vec<usize> = lock(&net.links)
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.as_ref().filter(|l| l.hub == h).map(|_| i))
+        .collect();
+    for i in on_it {
+        net.cut(i);
+    }
 }
 
 async fn simulate(seed: u64, config: SimConfig) -> Result<SimStats, String> {
@@ -360,8 +529,39 @@ async fn simulate(seed: u64, config: SimConfig) -> Result<SimStats, String> {
     .map_err(|e| format!("creating a temporary directory: {e}"))?;
 
     let store = Arc::new(MemoryStore::new());
-    let hub_dir = base.path().join("hub");
-    let hub = open_hub(&hub_dir, store.clone()).await?;
+    let lost = Arc::new(AtomicU64::new(0));
+    {
+        let mut loss = StdRng::seed_from_u64(seed ^ 0x1055);
+        let lost = lost.clone();
+        let chance = config.lose_notifications;
+        store.set_change_filter(Box::new(move |_| {
+            let keep = !loss.gen_bool(chance.clamp(0.0, 1.0));
+            if !keep {
+                lost.fetch_add(1, Ordering::Relaxed);
+            }
+            keep
+        }));
+    }
+    let net = Arc::new(Net {
+        rng: Mutex::new(StdRng::seed_from_u64(seed ^ 0x5eed)),
+        hubs: Mutex::new(
+            (0..config.hubs.max(1))
+                .map(|h| HubSlot {
+                    dir: base.path().join(format!("hub-{h}")),
+                    state: None,
+                    cancel: CancellationToken::new(),
+                    sessions: Vec::new(),
+                })
+                .collect(),
+        ),
+        partitioned: Mutex::new(vec![false; config.agents]),
+        links: Mutex::new((0..config.agents).map(|_| None).collect()),
+        zombies: Mutex::new(Vec::new()),
+        max_delay_ms: Mutex::new(50),
+    });
+    for h in 0..config.hubs.max(1) {
+        start_hub(&net, h, store.clone()).await?;
+    }
     let s: &dyn Store = store.as_ref();
     let now = Utc::now();
     let fail = |e: trellis_store::StoreError| e.to_string();
@@ -429,14 +629,6 @@ async fn simulate(seed: u64, config: SimConfig) -> Result<SimStats, String> {
         .await
         .map_err(fail)?;
 
-    let net = Arc::new(Net {
-        rng: Mutex::new(StdRng::seed_from_u64(seed ^ 0x5eed)),
-        hub: Mutex::new(Some(hub)),
-        partitioned: Mutex::new(vec![false; config.agents]),
-        cuts: Mutex::new(vec![None; config.agents]),
-        sessions: Mutex::new(Vec::new()),
-        max_delay_ms: Mutex::new(50),
-    });
     let recorder = Arc::new(Recorder::default());
     let mut slots: Vec<AgentSlot> = (0..config.agents)
         .map(|i| AgentSlot {
@@ -449,13 +641,15 @@ async fn simulate(seed: u64, config: SimConfig) -> Result<SimStats, String> {
         start_agent(i, slot, &net, &recorder, seed, 0);
     }
 
-    // Per stage, the hub's applied revision must never go backwards.
+    // Per stage, the store's applied revision must never go backwards.
     let mut hub_applied = vec![0u64; config.agents];
+    // Per outpost, since when more than one hub holds a session of it.
+    let mut doubled: Vec<Option<tokio::time::Instant>> = vec![None; config.agents];
 
     // Fault phase: one event every 0–500 ms of simulated time.
     let mut restarts: Vec<(tokio::time::Instant, usize)> = Vec::new();
     let mut heal_partition: Vec<(tokio::time::Instant, usize)> = Vec::new();
-    let mut hub_back: Option<tokio::time::Instant> = None;
+    let mut hub_back: Vec<(tokio::time::Instant, usize)> = Vec::new();
     let mut generation = 1;
     let end = tokio::time::Instant::now() + config.fault_phase;
     while tokio::time::Instant::now() < end {
@@ -467,106 +661,89 @@ async fn simulate(seed: u64, config: SimConfig) -> Result<SimStats, String> {
             start_agent(i, &mut slots[i], &net, &recorder, seed, generation);
         }
         for (_, i) in heal_partition.extract_if(.., |(at, _)| *at <= now) {
-            net.partitioned.lock().unwrap_or_else(|p| p.into_inner())[i] = false;
+            lock(&net.partitioned)[i] = false;
         }
-        if hub_back.is_some_and(|at| at <= now) {
-            hub_back = None;
-            let state = open_hub(&hub_dir, store.clone()).await?;
-            *net.hub.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+        let back: Vec<usize> = hub_back
+            .extract_if(.., |(at, _)| *at <= now)
+            .map(|(_, h)| h)
+            .collect();
+        for h in back {
+            start_hub(&net, h, store.clone()).await?;
         }
         let i = rng.gen_range(0..config.agents);
         match rng.gen_range(0..100) {
             0..=44 => {
-                let release = s
-                    .push_release(
-                        &NewRelease {
-                            project: PROJECT.into(),
-                            stage: stage_name(i),
-                            build: build.name.clone(),
-                            config: None,
-                            created_by: "sim".into(),
-                        },
-                        Utc::now(),
-                    )
-                    .await
-                    .map_err(fail)?;
-                let _ = release;
+                // A release, through the store as any hub's API writes it;
+                // the store's feed tells the hubs (or loses it).
+                s.push_release(
+                    &NewRelease {
+                        project: PROJECT.into(),
+                        stage: stage_name(i),
+                        build: build.name.clone(),
+                        config: None,
+                        created_by: "sim".into(),
+                    },
+                    Utc::now(),
+                )
+                .await
+                .map_err(fail)?;
                 stats.releases += 1;
-                if let Some(hub) = net.hub.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                    hub.links().poke(&outpost_name(i));
-                }
             }
-            45..=64 => {
+            45..=59 => {
                 // Partition: the live link dies and reconnects fail for a while.
-                net.partitioned.lock().unwrap_or_else(|p| p.into_inner())[i] = true;
-                if let Some(cut) = net.cuts.lock().unwrap_or_else(|p| p.into_inner())[i].take() {
-                    cut.cancel();
-                }
+                lock(&net.partitioned)[i] = true;
+                net.cut(i);
                 heal_partition.push((now + Duration::from_millis(rng.gen_range(500..20_000)), i));
                 stats.partitions += 1;
             }
-            65..=79 => {
-                if let Some(cut) = net.cuts.lock().unwrap_or_else(|p| p.into_inner())[i].take() {
-                    cut.cancel();
+            60..=69 => {
+                if net.cut(i) {
                     stats.link_cuts += 1;
                 }
             }
-            80..=91 => {
+            70..=77 => {
+                // Half-open: the agent gives up on its link and reconnects
+                // (to any hub); the hub holding it hears nothing.
+                if let Some(link) = lock(&net.links)[i].take() {
+                    link.agent_cut.cancel();
+                    stats.half_open += 1;
+                }
+            }
+            78..=89 => {
                 if let Some(task) = slots[i].task.take() {
                     task.abort();
                     let _ = task.await;
-                    if let Some(cut) = net.cuts.lock().unwrap_or_else(|p| p.into_inner())[i].take()
-                    {
-                        cut.cancel();
-                    }
+                    net.cut(i);
                     restarts.push((now + Duration::from_millis(rng.gen_range(100..10_000)), i));
                     stats.agent_crashes += 1;
                 }
             }
-            92..=93 if hub_back.is_none() => {
-                // The hub crashes: every session and all live link state go.
-                *net.hub.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                for session in net
-                    .sessions
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .drain(..)
-                {
-                    session.abort();
+            90..=92 => {
+                // A hub dies (its agents reconnect to the others) and comes
+                // back later as a new instance.
+                let live = net.live_hubs();
+                if !live.is_empty() {
+                    let (h, _) = live[rng.gen_range(0..live.len())];
+                    crash_hub(&net, h, &mut stats);
+                    hub_back.push((now + Duration::from_millis(rng.gen_range(500..8_000)), h));
+                    stats.hub_crashes += 1;
                 }
-                for cut in net
-                    .cuts
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .iter_mut()
-                {
-                    if let Some(cut) = cut.take() {
-                        cut.cancel();
-                    }
-                }
-                hub_back = Some(now + Duration::from_millis(rng.gen_range(500..5_000)));
-                stats.hub_crashes += 1;
             }
             _ => {
-                *net.max_delay_ms.lock().unwrap_or_else(|p| p.into_inner()) = rng.gen_range(0..300);
+                *lock(&net.max_delay_ms) = rng.gen_range(0..300);
             }
         }
         check_hub(&mut hub_applied, store.as_ref()).await?;
+        check_fencing(&net, &mut doubled)?;
     }
 
     // Heal everything and let the system settle.
-    *net.max_delay_ms.lock().unwrap_or_else(|p| p.into_inner()) = 20;
-    for flag in net
-        .partitioned
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter_mut()
-    {
+    *lock(&net.max_delay_ms) = 20;
+    for flag in lock(&net.partitioned).iter_mut() {
         *flag = false;
     }
-    if net.hub.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
-        let state = open_hub(&hub_dir, store.clone()).await?;
-        *net.hub.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+    for (_, h) in hub_back.drain(..) {
+        start_hub(&net, h, store.clone()).await?;
     }
     for (_, i) in restarts.drain(..) {
         generation += 1;
@@ -576,22 +753,14 @@ async fn simulate(seed: u64, config: SimConfig) -> Result<SimStats, String> {
     while tokio::time::Instant::now() < settle_end {
         tokio::time::sleep(Duration::from_secs(1)).await;
         check_hub(&mut hub_applied, store.as_ref()).await?;
+        check_fencing(&net, &mut doubled)?;
     }
 
     // Invariants.
-    if let Some(v) = recorder
-        .violations
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .first()
-    {
+    if let Some(v) = lock(&recorder.violations).first() {
         return Err(v.clone());
     }
-    let applied = recorder
-        .applied
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let applied = lock(&recorder.applied).clone();
     for i in 0..config.agents {
         let stage = s.get_stage(PROJECT, &stage_name(i)).await.map_err(fail)?;
         let sync = s
@@ -611,30 +780,57 @@ async fn simulate(seed: u64, config: SimConfig) -> Result<SimStats, String> {
         }
         if sync.applied_revision != stage.desired_revision {
             return Err(format!(
-                "{key}: the hub records applied revision {}, but desired is {} and the agent applied {agent_last}",
+                "{key}: the store records applied revision {}, but desired is {} and the agent applied {agent_last}",
                 sync.applied_revision, stage.desired_revision
             ));
         }
         stats.applies += applied.get(&key).map_or(0, |l| l.len() as u64);
     }
+    // One session per outpost, on the hub the store says holds it.
+    let live = net.live_hubs();
+    for i in 0..config.agents {
+        let outpost = outpost_name(i);
+        let holders: Vec<&AppState> = live
+            .iter()
+            .map(|(_, s)| s)
+            .filter(|s| s.links().is_connected(&outpost))
+            .collect();
+        if holders.len() != 1 {
+            return Err(format!(
+                "after settling, {outpost} has sessions on {} hubs",
+                holders.len()
+            ));
+        }
+        let claim = s.link_claim(&outpost).await.map_err(fail)?;
+        let holder = holders[0].cluster().id();
+        if !claim
+            .as_ref()
+            .is_some_and(|c| c.instance == holder && c.released_at.is_none())
+        {
+            return Err(format!(
+                "{outpost} is held by hub {holder}, but the store's claim says {claim:?}"
+            ));
+        }
+    }
+    for (_, state) in &live {
+        stats.fenced += state.links().fenced.load(Ordering::Relaxed);
+    }
+    stats.notifications_lost = lost.load(Ordering::Relaxed);
     for slot in &mut slots {
         if let Some(task) = slot.task.take() {
             task.abort();
         }
     }
-    for session in net
-        .sessions
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain(..)
-    {
-        session.abort();
+    let hubs: Vec<usize> = (0..config.hubs.max(1)).collect();
+    for h in hubs {
+        let mut ignored = SimStats::default();
+        crash_hub(&net, h, &mut ignored);
     }
     Ok(stats)
 }
 
-/// The hub's applied revision of every stage must never go backwards: a
-/// status it acknowledged is never lost.
+/// The store's applied revision of every stage must never go backwards: a
+/// status a hub acknowledged is never lost.
 async fn check_hub(hub_applied: &mut [u64], store: &dyn Store) -> Result<(), String> {
     for (i, seen) in hub_applied.iter_mut().enumerate() {
         let sync = store
@@ -643,12 +839,38 @@ async fn check_hub(hub_applied: &mut [u64], store: &dyn Store) -> Result<(), Str
             .map_err(|e| e.to_string())?;
         if sync.applied_revision < *seen {
             return Err(format!(
-                "the hub's applied revision of {PROJECT}/{} went back from {seen} to {}",
+                "the applied revision of {PROJECT}/{} went back from {seen} to {}",
                 stage_name(i),
                 sync.applied_revision
             ));
         }
         *seen = sync.applied_revision;
+    }
+    Ok(())
+}
+
+/// No outpost may keep sessions on two live hubs for longer than
+/// [`FENCE_LIMIT`]: the newer link-up fences the older one.
+fn check_fencing(net: &Net, doubled: &mut [Option<tokio::time::Instant>]) -> Result<(), String> {
+    let live = net.live_hubs();
+    let now = tokio::time::Instant::now();
+    for (i, since) in doubled.iter_mut().enumerate() {
+        let outpost = outpost_name(i);
+        let holders = live
+            .iter()
+            .filter(|(_, s)| s.links().is_connected(&outpost))
+            .count();
+        if holders > 1 {
+            let since = *since.get_or_insert(now);
+            if now - since > FENCE_LIMIT {
+                return Err(format!(
+                    "{outpost} kept sessions on {holders} hubs for over {} s: the older one was not fenced",
+                    FENCE_LIMIT.as_secs()
+                ));
+            }
+        } else {
+            *since = None;
+        }
     }
     Ok(())
 }

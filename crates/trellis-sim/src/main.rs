@@ -1,7 +1,7 @@
 //! The fault campaign: runs the simulation over many seeds and prints every
 //! violation with the seed that reproduces it.
 //!
-//! `trellis-sim [--seeds N] [--first SEED] [--agents N]`
+//! `trellis-sim [--seeds N] [--first SEED] [--agents N] [--hubs N]`
 
 use std::time::Instant;
 
@@ -18,8 +18,9 @@ fn main() -> std::process::ExitCode {
             ("--seeds", Some(v)) => seeds = v,
             ("--first", Some(v)) => first = v,
             ("--agents", Some(v)) => config.agents = usize::try_from(v).unwrap_or(50).max(1),
+            ("--hubs", Some(v)) => config.hubs = usize::try_from(v).unwrap_or(3).max(1),
             _ => {
-                eprintln!("usage: trellis-sim [--seeds N] [--first SEED] [--agents N]");
+                eprintln!("usage: trellis-sim [--seeds N] [--first SEED] [--agents N] [--hubs N]");
                 return std::process::ExitCode::from(1);
             }
         }
@@ -29,14 +30,7 @@ fn main() -> std::process::ExitCode {
     let mut totals = trellis_sim::SimStats::default();
     for seed in first..first + seeds {
         match run_seed(seed, config) {
-            Ok(s) => {
-                totals.releases += s.releases;
-                totals.partitions += s.partitions;
-                totals.link_cuts += s.link_cuts;
-                totals.agent_crashes += s.agent_crashes;
-                totals.hub_crashes += s.hub_crashes;
-                totals.applies += s.applies;
-            }
+            Ok(s) => totals.add(&s),
             Err(violation) => {
                 violations += 1;
                 println!("seed {seed}: VIOLATION: {violation}");
@@ -51,14 +45,19 @@ fn main() -> std::process::ExitCode {
         }
     }
     println!(
-        "{seeds} seeds × {} agents: {violations} violations; {} releases, {} partitions, {} link cuts, \
-         {} agent crashes, {} hub crashes, {} applies; {:.1?}",
+        "{seeds} seeds × {} agents × {} hubs: {violations} violations; {} releases, {} partitions, \
+         {} link cuts, {} half-open links, {} agent crashes, {} hub crashes, {} notifications \
+         lost, {} sessions fenced, {} applies; {:.1?}",
         config.agents,
+        config.hubs,
         totals.releases,
         totals.partitions,
         totals.link_cuts,
+        totals.half_open,
         totals.agent_crashes,
         totals.hub_crashes,
+        totals.notifications_lost,
+        totals.fenced,
         totals.applies,
         started.elapsed()
     );

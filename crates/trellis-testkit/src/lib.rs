@@ -28,10 +28,13 @@
 //! - Both are shared services (`service.rs`): lock files in the kit's
 //!   directory, and a watchdog that stops them when nobody has used them
 //!   for two minutes.
+//! - [`haproxy`]: HAProxy running the repository's balancer configuration
+//!   in front of hub instances, one per test.
 
 pub mod browser;
 pub mod docker;
 pub mod engines;
+pub mod haproxy;
 pub mod podman;
 pub mod postgres;
 pub mod procs;
