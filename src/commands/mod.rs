@@ -6,6 +6,7 @@ mod hub;
 mod lifecycle;
 mod outposts;
 mod resources;
+mod streams;
 
 use crate::cli::{Cli, Command, ValidateCommand};
 use crate::settings;
@@ -65,6 +66,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             lifecycle::stage(&settings::client(&global)?, false, target, global.output).await
         }
         Command::Logs(command) => lifecycle::logs(&global, command).await,
+        Command::Exec(args) => {
+            let code = streams::exec(&global, args).await?;
+            // The command's own exit code, as a local command's would be.
+            std::process::exit(code)
+        }
+        Command::PortForward(args) => streams::port_forward(&global, args).await,
         Command::Login => resources::login(&global).await,
         Command::Whoami => resources::whoami(&settings::client(&global)?, global.output).await,
         Command::Create(c) => resources::create(&settings::client(&global)?, c).await,

@@ -33,7 +33,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 use trellis_model::{
-    AccessKeyInfo, Build, ComponentAction, ComponentControl, Config, ConfigData, Member, NewBuild,
+    AccessKeyInfo, AuditEntry, NewAuditEntry, Build, ComponentAction, ComponentControl, Config, ConfigData, Member, NewBuild,
     Outpost, OutpostLink, Project, Release, ReleaseState, Role, Stage, StageSync, Timestamp, User,
     build_name,
 };
@@ -190,6 +190,21 @@ fn json<T: Serialize>(value: &T) -> Result<String> {
         doing: "encoding a record",
         source: Box::new(e),
     })
+}
+
+fn audit_entry(id: u64, entry: &NewAuditEntry) -> AuditEntry {
+    AuditEntry {
+        id,
+        time: entry.time,
+        user: entry.user.clone(),
+        project: entry.project.clone(),
+        stage: entry.stage.clone(),
+        component: entry.component.clone(),
+        outpost: entry.outpost.clone(),
+        action: entry.action.clone(),
+        detail: entry.detail.clone(),
+        result: entry.result.clone(),
+    }
 }
 
 // --- decoding ---
@@ -1048,6 +1063,7 @@ impl Store for SqliteStore {
             "DELETE FROM stages WHERE project = $1",
             "DELETE FROM builds WHERE project = $1",
             "DELETE FROM members WHERE project = $1",
+            "DELETE FROM audit_log WHERE project = $1",
             "DELETE FROM projects WHERE name = $1",
         ] {
             sqlx::query(sql)
@@ -1109,6 +1125,60 @@ impl Store for SqliteStore {
                     project: col(row, "project")?,
                     user: col(row, "user_name")?,
                     role: parsed(row, "role")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_audit(&self, entry: &NewAuditEntry) -> Result<AuditEntry> {
+        const DOING: &str = "recording an audit entry";
+        let mut tx = self.write().await?;
+        require_project(&mut tx, &entry.project).await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO audit_log (time_ms, user_name, project, stage, component, outpost, \
+             action, detail, result) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+        )
+        .bind(millis(entry.time))
+        .bind(&entry.user)
+        .bind(&entry.project)
+        .bind(&entry.stage)
+        .bind(&entry.component)
+        .bind(&entry.outpost)
+        .bind(&entry.action)
+        .bind(&entry.detail)
+        .bind(&entry.result)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        commit(tx, DOING).await?;
+        Ok(audit_entry(u64::try_from(id).unwrap_or(0), entry))
+    }
+
+    async fn list_audit(&self, project: &str, limit: usize) -> Result<Vec<AuditEntry>> {
+        let mut tx = self.read().await?;
+        require_project(&mut tx, project).await?;
+        let rows = sqlx::query(
+            "SELECT id, time_ms, user_name, project, stage, component, outpost, action, detail, \
+             result FROM audit_log WHERE project = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(project)
+        .bind(int(limit as u64)?)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend("listing the audit log"))?;
+        rows.iter()
+            .map(|row| {
+                Ok(AuditEntry {
+                    id: u64_col(row, "id")?,
+                    time: time(row, "time_ms")?,
+                    user: col(row, "user_name")?,
+                    project: col(row, "project")?,
+                    stage: col(row, "stage")?,
+                    component: col(row, "component")?,
+                    outpost: col(row, "outpost")?,
+                    action: col(row, "action")?,
+                    detail: col(row, "detail")?,
+                    result: col(row, "result")?,
                 })
             })
             .collect()
