@@ -269,6 +269,26 @@ pub struct HubArgs {
     /// Data directory (database, artifacts, admin.key)
     #[arg(long, env = "TRELLIS_DATA", default_value = "trellis-data")]
     pub data: PathBuf,
+    /// The store: a postgres://USER:PASSWORD@HOST:PORT/DATABASE URL, which
+    /// several hubs may share (default: SQLite in the data directory)
+    #[arg(long, env = "TRELLIS_STORE")]
+    pub store: Option<String>,
+    /// Pooled connections to PostgreSQL (default 10)
+    #[arg(long)]
+    pub store_connections: Option<u32>,
+    /// The artifact store: s3://BUCKET[/PREFIX]?endpoint=URL[&region=R], with
+    /// credentials from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (default:
+    /// the directory artifacts/ in the data directory)
+    #[arg(long, env = "TRELLIS_CHUNKS")]
+    pub chunks: Option<String>,
+    /// With a shared (PostgreSQL) store: host:port at which the other hub
+    /// instances reach this one (default: the listen address)
+    #[arg(long, env = "TRELLIS_INSTANCE_ADDRESS")]
+    pub instance_address: Option<String>,
+    /// With a shared (PostgreSQL) store, run the local outpost here too (one
+    /// instance at a time runs it; off by default there)
+    #[arg(long)]
+    pub local_outpost: bool,
     /// Address to listen on
     #[arg(long, env = "TRELLIS_LISTEN", default_value = "127.0.0.1:7440")]
     pub listen: SocketAddr,

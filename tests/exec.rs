@@ -55,9 +55,14 @@ fn exec(cli: &Cli, args: &[&str], stdin: &[u8]) -> std::process::Output {
         .spawn()
         .expect("run trellis exec");
     let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin).unwrap();
-    drop(input);
-    child.wait_with_output().unwrap()
+    // Written beside the reading: output comes back while input goes in.
+    let stdin = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&stdin);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
 }
 
 fn stdout(out: &std::process::Output) -> String {
@@ -96,7 +101,8 @@ impl Forward {
     /// GET `path` through the forward: status line and body.
     fn get(&self, path: &str) -> (String, Vec<u8>) {
         let mut conn = std::net::TcpStream::connect(&self.addr).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
         write!(
             conn,
             "GET {path} HTTP/1.0\r\nHost: web\r\nConnection: close\r\n\r\n"
@@ -139,11 +145,16 @@ fn sha256(bytes: &[u8]) -> String {
         .to_owned()
 }
 
-/// A process on the host whose command line is exactly `cmdline`.
-fn processes_running(cmdline: &str) -> usize {
+/// Processes whose command line is exactly `cmdline` and whose working
+/// directory is under `under` (this test's own: other tests on the host
+/// may run the same commands).
+fn processes_running(cmdline: &str, under: &std::path::Path) -> usize {
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(under))
+        })
         .filter(|e| {
             std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
                 c.split(|b| *b == 0)
@@ -165,7 +176,10 @@ fn exec_and_port_forward_reach_process_components_and_a_flood_holds_up_no_releas
     let page = "<h1>shop</h1>\n";
     git_project(
         &app,
-        &[("trellis.yaml", manifest(port).as_str()), ("web/index.html", page)],
+        &[
+            ("trellis.yaml", manifest(port).as_str()),
+            ("web/index.html", page),
+        ],
     );
     let out = w.cli.run_in(&app, &["push", "build", "-p", "shop"]);
     assert!(out.status.success(), "{}", describe(&out));
@@ -178,7 +192,14 @@ fn exec_and_port_forward_reach_process_components_and_a_flood_holds_up_no_releas
     let out = exec(
         &w.cli,
         &[
-            "web", "-p", "shop", "-s", "prod", "--", "sh", "-c",
+            "web",
+            "-p",
+            "shop",
+            "-s",
+            "prod",
+            "--",
+            "sh",
+            "-c",
             "echo $GREETING; pwd; cat index.html; echo to-stderr >&2; exit 3",
         ],
         b"",
@@ -190,24 +211,53 @@ fn exec_and_port_forward_reach_process_components_and_a_flood_holds_up_no_releas
     assert_eq!(String::from_utf8_lossy(&out.stderr), "to-stderr\n");
 
     // --- stdin piped in ---
-    let input: Vec<u8> = (0..200_000u32).flat_map(|n| format!("line {n}\n").into_bytes()).collect();
+    let input: Vec<u8> = (0..200_000u32)
+        .flat_map(|n| format!("line {n}\n").into_bytes())
+        .collect();
     let out = exec(
         &w.cli,
-        &["-i", "web", "-p", "shop", "-s", "prod", "--", "sh", "-c", "tr a-z A-Z; echo done"],
+        &[
+            "-i",
+            "web",
+            "-p",
+            "shop",
+            "-s",
+            "prod",
+            "--",
+            "sh",
+            "-c",
+            "tr a-z A-Z; echo done",
+        ],
         &input,
     );
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let mut want = String::from_utf8(input.clone()).unwrap().to_uppercase();
     want.push_str("done\n");
-    assert!(stdout(&out) == want, "stdin came back changed ({} bytes against {})", out.stdout.len(), want.len());
+    assert!(
+        stdout(&out) == want,
+        "stdin came back changed ({} bytes against {})",
+        out.stdout.len(),
+        want.len()
+    );
 
     // --- port-forward: an HTTP request, then 100 MiB intact ---
-    let forward = Forward::start(&w.cli, &["web", &format!("0:{port}"), "-p", "shop", "-s", "prod"]);
+    let forward = Forward::start(
+        &w.cli,
+        &["web", &format!("0:{port}"), "-p", "shop", "-s", "prod"],
+    );
     let (status, body) = forward.get("/index.html");
     assert!(status.contains("200"), "{status}");
     assert_eq!(body, page.as_bytes());
     let made = w.cli.ok(&[
-        "exec", "web", "-p", "shop", "-s", "prod", "--", "sh", "-c",
+        "exec",
+        "web",
+        "-p",
+        "shop",
+        "-s",
+        "prod",
+        "--",
+        "sh",
+        "-c",
         "head -c 104857600 /dev/urandom > big.bin && sha256sum big.bin",
     ]);
     let want_sum = made.split_whitespace().next().unwrap().to_owned();
@@ -224,14 +274,37 @@ fn exec_and_port_forward_reach_process_components_and_a_flood_holds_up_no_releas
     );
 
     // --- a flood on one stream while another stage's releases apply ---
+    // The other stage's web listens on a port of its own (a second build).
+    std::fs::write(app.join("trellis.yaml"), manifest(free_port())).unwrap();
+    common::git_commit(&app, "line2's port");
+    let out = w.cli.run_in(&app, &["push", "build", "-p", "shop"]);
+    assert!(out.status.success(), "{}", describe(&out));
     let uri = w.cli.ok(&["get", "outpost-uri", "edge"]).trim().to_owned();
     w.cli.ok(&[
-        "create", "stage", "line2", "-p", "shop", "--type", "prod", "--outpost-uri", &uri,
+        "create",
+        "stage",
+        "line2",
+        "-p",
+        "shop",
+        "--type",
+        "prod",
+        "--outpost-uri",
+        &uri,
     ]);
     let mut flood = w
         .cli
         .command()
-        .args(["exec", "web", "-p", "shop", "-s", "prod", "--", "cat", "/dev/zero"])
+        .args([
+            "exec",
+            "web",
+            "-p",
+            "shop",
+            "-s",
+            "prod",
+            "--",
+            "cat",
+            "/dev/zero",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -249,10 +322,11 @@ fn exec_and_port_forward_reach_process_components_and_a_flood_holds_up_no_releas
         }
     });
     assert!(
-        wait_for(Duration::from_secs(30), || flooded.load(Ordering::Relaxed) > 32 << 20),
+        wait_for(Duration::from_secs(30), || flooded.load(Ordering::Relaxed)
+            > 32 << 20),
         "the flood never got going"
     );
-    assert_eq!(processes_running("cat /dev/zero"), 1);
+    assert_eq!(processes_running("cat /dev/zero", w.tmp.path()), 1);
     let mut applies = Vec::new();
     for release in 1..=3u64 {
         let before = flooded.load(Ordering::Relaxed);
@@ -280,7 +354,10 @@ fn exec_and_port_forward_reach_process_components_and_a_flood_holds_up_no_releas
     let _ = flood.wait();
     reader.join().unwrap();
     assert!(
-        wait_for(Duration::from_secs(10), || processes_running("cat /dev/zero") == 0),
+        wait_for(Duration::from_secs(10), || processes_running(
+            "cat /dev/zero",
+            w.tmp.path()
+        ) == 0),
         "the flooding command outlived its stream"
     );
 
@@ -292,16 +369,25 @@ fn exec_and_port_forward_reach_process_components_and_a_flood_holds_up_no_releas
         assert!(err.contains(code), "{args:?}: {err}");
         err
     };
-    refused(&["nope", "-p", "shop", "-s", "prod", "--", "true"], "no component");
-    w.cli.ok(&["stop", "component", "idle", "-p", "shop", "-s", "prod"]);
+    refused(
+        &["nope", "-p", "shop", "-s", "prod", "--", "true"],
+        "no component",
+    );
+    w.cli
+        .ok(&["stop", "component", "idle", "-p", "shop", "-s", "prod"]);
     assert!(wait_for(Duration::from_secs(30), || {
-        let out = exec(&w.cli, &["idle", "-p", "shop", "-s", "prod", "--", "true"], b"");
+        let out = exec(
+            &w.cli,
+            &["idle", "-p", "shop", "-s", "prod", "--", "true"],
+            b"",
+        );
         String::from_utf8_lossy(&out.stderr).contains("stopped")
     }));
     // The port check is the hub's: the connection is refused and closed.
     let pf = Forward::start(&w.cli, &["web", "0:9", "-p", "shop", "-s", "prod"]);
     let mut conn = std::net::TcpStream::connect(&pf.addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut rest = Vec::new();
     let _ = conn.read_to_end(&mut rest);
     assert!(rest.is_empty(), "a refused forward carries nothing");
@@ -309,9 +395,9 @@ fn exec_and_port_forward_reach_process_components_and_a_flood_holds_up_no_releas
     let audit = w.cli.json(&["list", "audit", "-p", "shop"]);
     let entries = audit.as_array().unwrap();
     assert!(
-        entries
-            .iter()
-            .any(|e| e["action"] == "port-forward" && e["detail"] == "9" && e["result"] == "port-not-exposed"),
+        entries.iter().any(|e| e["action"] == "port-forward"
+            && e["detail"] == "9"
+            && e["result"] == "port-not-exposed"),
         "{audit:#}"
     );
 
@@ -320,47 +406,102 @@ fn exec_and_port_forward_reach_process_components_and_a_flood_holds_up_no_releas
     let created = w.cli.ok(&["create", "user", "bob"]);
     let bob_key = created.lines().last().unwrap().trim().to_owned();
     let bob = Cli::for_hub(&w.hub, &bob_key, &w.tmp.path().join("bob"));
-    refused_as(&bob, &["web", "-p", "shop", "-s", "prod", "--", "id"], "not-found");
-    w.cli.ok(&["add", "member", "bob", "-p", "shop", "--role", "member"]);
-    let out = exec(&bob, &["web", "-p", "shop", "-s", "prod", "--", "echo", "member"], b"");
+    refused_as(
+        &bob,
+        &["web", "-p", "shop", "-s", "prod", "--", "id"],
+        "not a member",
+    );
+    w.cli
+        .ok(&["add", "member", "bob", "-p", "shop", "--role", "member"]);
+    let out = exec(
+        &bob,
+        &["web", "-p", "shop", "-s", "prod", "--", "echo", "member"],
+        b"",
+    );
     assert_eq!(stdout(&out), "member\n", "{}", describe(&out));
     let out = bob.run(&["list", "audit", "-p", "shop"]);
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("owners"), "{}", describe(&out));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("owners"),
+        "{}",
+        describe(&out)
+    );
     bob.ok(&["create", "project", "bobs"]);
     w.cli.ok(&["remove", "member", "bob", "-p", "shop"]);
-    refused_as(&bob, &["web", "-p", "shop", "-s", "prod", "--", "id"], "not-found");
+    refused_as(
+        &bob,
+        &["web", "-p", "shop", "-s", "prod", "--", "id"],
+        "not a member",
+    );
 
     // Too many streams: this hub lets a user hold 3.
     let sleepers: Vec<Child> = (0..3)
         .map(|_| {
             w.cli
                 .command()
-                .args(["exec", "web", "-p", "shop", "-s", "prod", "--", "sleep", "30"])
+                .args([
+                    "exec", "web", "-p", "shop", "-s", "prod", "--", "sleep", "30",
+                ])
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(Stdio::piped())
                 .spawn()
                 .unwrap()
         })
         .collect();
-    assert!(wait_for(Duration::from_secs(20), || processes_running("sleep 30") == 3));
-    let err = refused(&["web", "-p", "shop", "-s", "prod", "--", "true"], "too-many-streams");
+    let all_sleep = wait_for(Duration::from_secs(20), || {
+        processes_running("sleep 30", w.tmp.path()) == 3
+    });
+    if !all_sleep {
+        let mut said = String::new();
+        for mut s in sleepers {
+            let _ = s.kill();
+            let out = s.wait_with_output().unwrap();
+            said.push_str(&describe(&out));
+        }
+        panic!(
+            "{} of 3 sleepers run: {said}",
+            processes_running("sleep 30", w.tmp.path())
+        );
+    }
+    let err = refused(
+        &["web", "-p", "shop", "-s", "prod", "--", "true"],
+        "too-many-streams",
+    );
     assert!(err.contains("3 streams"), "{err}");
     for mut s in sleepers {
         let _ = s.kill();
         let _ = s.wait();
     }
-    assert!(wait_for(Duration::from_secs(10), || processes_running("sleep 30") == 0));
+    assert!(wait_for(Duration::from_secs(10), || processes_running(
+        "sleep 30",
+        w.tmp.path()
+    ) == 0));
 
     // A revoked outpost: nothing reaches it.
     w.cli.ok(&["revoke", "outpost", "edge"]);
-    let out = exec(&w.cli, &["web", "-p", "shop", "-s", "prod", "--", "true"], b"");
+    let out = exec(
+        &w.cli,
+        &["web", "-p", "shop", "-s", "prod", "--", "true"],
+        b"",
+    );
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("revoked"), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("revoked"),
+        "{}",
+        describe(&out)
+    );
 
     let audit = w.cli.json(&["list", "audit", "-p", "shop"]);
     let entries = audit.as_array().unwrap();
-    assert!(entries.iter().any(|e| e["user"] == "bob" && e["result"] == "opened"));
-    assert!(entries.iter().any(|e| e["action"] == "exec" && e["detail"] == "cat /dev/zero"));
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["user"] == "bob" && e["result"] == "opened")
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["action"] == "exec" && e["detail"] == "cat /dev/zero")
+    );
     assert!(entries.iter().any(|e| e["result"] == "outpost-offline"));
     assert!(entries.iter().all(|e| e["project"] == "shop"));
 }
@@ -369,5 +510,178 @@ fn refused_as(cli: &Cli, args: &[&str], code: &str) {
     let out = exec(cli, args, b"");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{args:?}: {}", describe(&out));
-    assert!(err.contains(code) || err.contains("no project"), "{args:?}: {err}");
+    assert!(err.contains(code), "{args:?}: {err}");
+}
+
+// === container components (Podman and Docker through the test kit) ===
+
+fn container_manifest(image: &str) -> String {
+    format!(
+        r#"version: v1
+components:
+  - name: app
+    docker:
+      image: {image}
+    command: ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]
+    env:
+      - name: GREETING
+        value: hello-from-env
+"#
+    )
+}
+
+/// `trellis exec -it` under a pseudo-terminal (`script` gives it one):
+/// `input` typed in, the terminal's output and the exit code back.
+fn exec_in_terminal(cli: &Cli, args: &[&str], input: &[u8]) -> std::process::Output {
+    let quoted: Vec<String> = std::iter::once(common::bin().display().to_string())
+        .chain(std::iter::once("exec".to_owned()))
+        .chain(args.iter().map(|a| (*a).to_owned()))
+        .map(|w| format!("'{}'", w.replace('\'', r"'\''")))
+        .collect();
+    let command = cli.command();
+    let envs: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)> = command
+        .get_envs()
+        .map(|(k, v)| (k.to_owned(), v.map(ToOwned::to_owned)))
+        .collect();
+    let mut script = Command::new("script");
+    script.args(["-q", "-e", "-c", &quoted.join(" "), "/dev/null"]);
+    for (key, value) in envs {
+        match value {
+            Some(v) => script.env(key, v),
+            None => script.env_remove(key),
+        };
+    }
+    let mut child = script
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run script");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let typist = std::thread::spawn(move || {
+        // Typed after the terminal is up, as a person would.
+        std::thread::sleep(Duration::from_secs(2));
+        let _ = stdin.write_all(&input);
+        std::thread::sleep(Duration::from_secs(5));
+    });
+    let out = child.wait_with_output().unwrap();
+    typist.join().unwrap();
+    out
+}
+
+fn exec_reaches_a_container_component(kind: trellis_testkit::engines::EngineKind) {
+    let Some(mut on) = common::apps::OnEngine::new(kind) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{kind:?} is not installed; CI must run this test"
+        );
+        eprintln!("skipped: {kind:?} is not installed (CI would fail here)");
+        return;
+    };
+    let image = on.engine.busybox_image().to_owned();
+    let outpost = on.outpost("exec-edge");
+    let mut w = World::new("box");
+    let app = w.tmp.path().join("app");
+    git_project(
+        &app,
+        &[("trellis.yaml", container_manifest(&image).as_str())],
+    );
+    let out = on.push_build(&w.cli, &app, "box");
+    assert!(out.status.success(), "{}", describe(&out));
+    w.stage_on("box", "c", &outpost, &on.agent_args());
+    w.cli.ok(&["push", "release", "-p", "box", "-s", "c"]);
+    w.running("box", "c", 1, 1);
+
+    // Output, stderr apart, the exit code, the component's environment.
+    let out = exec(
+        &w.cli,
+        &[
+            "app",
+            "-p",
+            "box",
+            "-s",
+            "c",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING; echo to-stderr >&2; exit 4",
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
+    assert_eq!(stdout(&out), "hello-from-env\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "to-stderr\n");
+
+    // Stdin piped in, 1.3 MB of it.
+    let input: Vec<u8> = (0..150_000u32)
+        .flat_map(|n| format!("row {n}\n").into_bytes())
+        .collect();
+    let out = exec(
+        &w.cli,
+        &[
+            "-i",
+            "app",
+            "-p",
+            "box",
+            "-s",
+            "c",
+            "--",
+            "sh",
+            "-c",
+            "tr a-z A-Z; echo done",
+        ],
+        &input,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let mut want = String::from_utf8(input).unwrap().to_uppercase();
+    want.push_str("done\n");
+    assert!(
+        stdout(&out) == want,
+        "stdin came back changed ({} bytes against {})",
+        out.stdout.len(),
+        want.len()
+    );
+
+    // -it: a shell under a terminal; what is typed runs, the exit code
+    // comes back.
+    let out = exec_in_terminal(
+        &w.cli,
+        &["-it", "app", "-p", "box", "-s", "c", "--", "sh"],
+        b"tty; echo answer-$((6*7)); exit 5\n",
+    );
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
+    assert!(
+        text.contains("/dev/pts/"),
+        "no terminal in the container: {text:?}"
+    );
+    assert!(text.contains("answer-42"), "{text:?}");
+
+    // A component that is not there, and one the engine stopped.
+    let out = exec(&w.cli, &["nope", "-p", "box", "-s", "c", "--", "true"], b"");
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no component"),
+        "{}",
+        describe(&out)
+    );
+    let audit = w.cli.json(&["list", "audit", "-p", "box"]);
+    let entries = audit.as_array().unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["component"] == "app" && e["detail"] == "sh" && e["result"] == "opened"),
+        "{audit:#}"
+    );
+}
+
+#[test]
+fn exec_reaches_a_podman_container_component() {
+    exec_reaches_a_container_component(trellis_testkit::engines::EngineKind::Podman);
+}
+
+#[test]
+fn exec_reaches_a_docker_container_component() {
+    exec_reaches_a_container_component(trellis_testkit::engines::EngineKind::Docker);
 }

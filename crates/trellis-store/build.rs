@@ -2,4 +2,5 @@
 // to rebuild when they change.
 fn main() {
     println!("cargo:rerun-if-changed=migrations");
+    println!("cargo:rerun-if-changed=migrations-postgres");
 }

@@ -62,13 +62,59 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
     if let Some(secs) = args.cert_validity_secs {
         link.cert_validity = std::time::Duration::from_secs(secs.max(1));
     }
+    // Several hubs share a PostgreSQL store: they share their CA and link
+    // secret through it, sealed with the cluster key.
+    let shared = args.store.is_some();
+    let cluster_key = if shared {
+        std::fs::create_dir_all(&args.data)
+            .with_context(|| format!("creating the data directory {}", args.data.display()))?;
+        Some(trellis_hub::cluster::secrets::ClusterKey::find_or_create(
+            &args.data,
+        )?)
+    } else {
+        None
+    };
     let hub = Hub::open(HubOptions {
         data_dir: args.data.clone(),
+        store: args.store.clone(),
+        store_connections: args.store_connections,
+        chunks: args.chunks.clone(),
         public_address: args.public_address.clone(),
         link,
         local_runtime: args.runtime.settings()?,
+        no_local_outpost: shared && !args.local_outpost,
+        cluster_key: cluster_key.as_ref().map(|(key, _)| key.clone()),
+        instance_address: args.instance_address.clone(),
+        ..HubOptions::default()
     })
     .await?;
+    if let Some((key, made)) = &cluster_key
+        && *made
+    {
+        println!(
+            "made the cluster key, in {} (keep it with the database's backups); to add a hub \
+             instance on another host, run there:",
+            args.data
+                .join(trellis_hub::cluster::secrets::CLUSTER_KEY_FILE)
+                .display()
+        );
+        println!(
+            "  {}={} trellis hub --store '{}'{} --public-address {} --listen 0.0.0.0:{} --instance-address THAT-HOST:{}",
+            trellis_hub::cluster::secrets::CLUSTER_KEY_ENV,
+            key.to_hex(),
+            args.store
+                .as_deref()
+                .map(trellis_hub::redact_url)
+                .unwrap_or_default(),
+            args.chunks
+                .as_deref()
+                .map(|c| format!(" --chunks '{c}'"))
+                .unwrap_or_default(),
+            args.public_address.as_deref().unwrap_or("BALANCER:7440"),
+            args.listen.port(),
+            args.listen.port(),
+        );
+    }
     let listener = bind(args.listen).await?;
     let addr = listener.local_addr()?;
     if let Some(key) = hub.first_admin_key() {

@@ -583,7 +583,15 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
             output::list(
                 format,
                 &items,
-                &["time", "user", "stage", "component", "action", "detail", "result"],
+                &[
+                    "time",
+                    "user",
+                    "stage",
+                    "component",
+                    "action",
+                    "detail",
+                    "result",
+                ],
                 |e| {
                     vec![
                         e.time.format("%Y-%m-%d %H:%M:%S").to_string(),

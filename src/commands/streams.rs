@@ -49,7 +49,11 @@ impl Hub {
 
     /// Opens the WebSocket of `path?query`; a refusal is the hub's error.
     async fn connect(&self, path: &str, query: &str, doing: &str) -> anyhow::Result<Socket> {
-        let host = self.url.host_str().context("the endpoint has no host")?.to_owned();
+        let host = self
+            .url
+            .host_str()
+            .context("the endpoint has no host")?
+            .to_owned();
         let port = self.url.port_or_known_default().unwrap_or(443);
         let transport = |source: std::io::Error| ClientError::Stream {
             endpoint: self.url.to_string(),
@@ -110,7 +114,10 @@ fn tls_config(ca_cert: Option<PathBuf>) -> anyhow::Result<Arc<rustls::ClientConf
             use rustls::pki_types::pem::PemObject;
             for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
                 let cert = cert.with_context(|| {
-                    format!("{} is not a PEM certificate (TRELLIS_CA_CERT)", path.display())
+                    format!(
+                        "{} is not a PEM certificate (TRELLIS_CA_CERT)",
+                        path.display()
+                    )
                 })?;
                 roots
                     .add(cert)
@@ -131,7 +138,9 @@ fn tls_config(ca_cert: Option<PathBuf>) -> anyhow::Result<Arc<rustls::ClientConf
 
 /// The hub's refusal of an upgrade, classified like other requests.
 fn refused(status: u16, body: &[u8]) -> ClientError {
-    let error = serde_json::from_slice::<ErrorBody>(body).ok().map(|b| b.error);
+    let error = serde_json::from_slice::<ErrorBody>(body)
+        .ok()
+        .map(|b| b.error);
     let (code, message, hint) = match error {
         Some(e) => (e.code, e.message, e.hint),
         None => (
@@ -147,7 +156,8 @@ fn refused(status: u16, body: &[u8]) -> ClientError {
             hint,
         },
         400..=499 => ClientError::Refused {
-            status: reqwest::StatusCode::from_u16(status).unwrap_or(reqwest::StatusCode::BAD_REQUEST),
+            status: reqwest::StatusCode::from_u16(status)
+                .unwrap_or(reqwest::StatusCode::BAD_REQUEST),
             code,
             message,
             hint,
@@ -165,8 +175,12 @@ fn refused(status: u16, body: &[u8]) -> ClientError {
 #[serde(tag = "type", rename_all = "kebab-case")]
 enum HubText {
     Eof,
-    Exit { code: Option<i32> },
-    Error { error: trellis_hub::error::ErrorDetail },
+    Exit {
+        code: Option<i32>,
+    },
+    Error {
+        error: trellis_hub::error::ErrorDetail,
+    },
 }
 
 // === exec ===
@@ -202,7 +216,11 @@ pub async fn exec(global: &GlobalArgs, args: ExecArgs) -> anyhow::Result<i32> {
     let (mut tx, mut rx) = socket.split();
 
     // Raw mode for as long as the command runs (restored on drop).
-    let raw = if tty { terminal::RawMode::enter() } else { None };
+    let raw = if tty {
+        terminal::RawMode::enter()
+    } else {
+        None
+    };
 
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<WsMessage>(8);
     if args.stdin {
@@ -213,9 +231,7 @@ pub async fn exec(global: &GlobalArgs, args: ExecArgs) -> anyhow::Result<i32> {
             loop {
                 match stdin.read(&mut buf).await {
                     Ok(0) | Err(_) => {
-                        let _ = out_tx
-                            .send(WsMessage::text(r#"{"type":"eof"}"#))
-                            .await;
+                        let _ = out_tx.send(WsMessage::text(r#"{"type":"eof"}"#)).await;
                         return;
                     }
                     Ok(n) => {
@@ -332,7 +348,9 @@ pub fn parse_forward(spec: &str) -> anyhow::Result<(SocketAddr, u16)> {
         Some(rest) => match rest.rsplit_once(':') {
             None => ("127.0.0.1".to_owned(), rest.parse().map_err(|_| bad())?),
             Some((addr, local)) => (
-                addr.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                addr.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned(),
                 local.parse().map_err(|_| bad())?,
             ),
         },
@@ -414,8 +432,12 @@ async fn forward(client: TcpStream, socket: Socket) {
     let down = async move {
         while let Some(Ok(message)) = rx.next().await {
             match message {
-                WsMessage::Binary(bytes) if bytes.len() > 1 => {
-                    if local_tx.write_all(&bytes[1..]).await.is_err() {
+                WsMessage::Binary(bytes) => {
+                    let written = match bytes.get(1..) {
+                        Some(data) if !data.is_empty() => local_tx.write_all(data).await,
+                        _ => Ok(()),
+                    };
+                    if written.is_err() {
                         return;
                     }
                 }
@@ -484,8 +506,21 @@ mod tests {
         assert_eq!(ok("0:80"), ("127.0.0.1:0".parse().unwrap(), 80));
         assert_eq!(ok("0.0.0.0:9000:80"), ("0.0.0.0:9000".parse().unwrap(), 80));
         assert_eq!(ok("[::1]:9000:80"), ("[::1]:9000".parse().unwrap(), 80));
-        assert_eq!(ok("localhost:9000:80"), ("127.0.0.1:9000".parse().unwrap(), 80));
-        for bad in ["", "0", "x", "80:", ":80", "99999", "1.2.3:80:80", "a:b:c", "9000:0"] {
+        assert_eq!(
+            ok("localhost:9000:80"),
+            ("127.0.0.1:9000".parse().unwrap(), 80)
+        );
+        for bad in [
+            "",
+            "0",
+            "x",
+            "80:",
+            ":80",
+            "99999",
+            "1.2.3:80:80",
+            "a:b:c",
+            "9000:0",
+        ] {
             assert!(parse_forward(bad).is_err(), "{bad}");
         }
     }

@@ -425,16 +425,19 @@ impl Deployer {
                 "start it with `trellis start component` (or resume the stage) first",
             ));
         }
-        let runtime = self.runtime(found.workload.kind()).cloned().ok_or_else(|| {
-            crate::runner::stream_error(
-                "no-runtime",
-                format!(
-                    "this outpost has no {} runtime for {component}",
-                    found.workload.kind()
-                ),
-                "",
-            )
-        })?;
+        let runtime = self
+            .runtime(found.workload.kind())
+            .cloned()
+            .ok_or_else(|| {
+                crate::runner::stream_error(
+                    "no-runtime",
+                    format!(
+                        "this outpost has no {} runtime for {component}",
+                        found.workload.kind()
+                    ),
+                    "",
+                )
+            })?;
         Ok((runtime, found.clone()))
     }
 

@@ -63,7 +63,11 @@ pub trait ExecControl: Send {
 }
 
 /// A stream refused, with a stable code and a hint.
-pub fn stream_error(code: &str, message: impl Into<String>, hint: impl Into<String>) -> StreamError {
+pub fn stream_error(
+    code: &str,
+    message: impl Into<String>,
+    hint: impl Into<String>,
+) -> StreamError {
     let hint = hint.into();
     StreamError {
         code: code.into(),
@@ -165,7 +169,11 @@ pub trait StageRunner: Send + Sync {
     }
 
     /// Runs a command in a component of `stage` (`trellis exec`).
-    async fn exec(&self, stage: &StageKey, _request: ExecRequest) -> Result<ExecProcess, StreamError> {
+    async fn exec(
+        &self,
+        stage: &StageKey,
+        _request: ExecRequest,
+    ) -> Result<ExecProcess, StreamError> {
         Err(no_components(stage))
     }
 

@@ -26,7 +26,9 @@ use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use trellis_link::identity::client_config;
-use trellis_link::{Envelope, FrameError, Incoming, LinkIo, LinkIoError, MAX_FRAME_BYTES, WireFrame};
+use trellis_link::{
+    Envelope, FrameError, Incoming, LinkIo, LinkIoError, MAX_FRAME_BYTES, WireFrame,
+};
 
 use crate::https::{self, HubUrl};
 use crate::link::{ConnectError, Connector};

@@ -39,7 +39,7 @@ impl Digest {
 
     /// Converts a finished BLAKE3 hash. Crate-private so that `blake3`
     /// stays out of the public API.
-    pub(crate) fn from_hash(hash: blake3::Hash) -> Digest {
+    pub fn from_hash(hash: blake3::Hash) -> Digest {
         Digest(*hash.as_bytes())
     }
 

@@ -176,7 +176,7 @@ pub type Result<T, E = CasError> = std::result::Result<T, E>;
 
 impl CasError {
     /// Shorthand for the [`CasError::Io`] variant.
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         CasError::Io {
             action,
             path: path.into(),

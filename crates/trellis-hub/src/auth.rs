@@ -119,6 +119,9 @@ fn invalid_key() -> ApiError {
 pub struct Caller {
     pub user: String,
     pub admin: bool,
+    /// The request was forwarded by another hub instance on the user's
+    /// behalf (see [`crate::cluster::forward`]): it is not forwarded again.
+    pub forwarded: bool,
 }
 
 impl Caller {
@@ -180,6 +183,23 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        if let Some(forwarded) = parts.headers.get(crate::cluster::forward::HEADER) {
+            let value = forwarded.to_str().map_err(|_| {
+                ApiError::unauthenticated("the forwarded request's header is not readable text")
+            })?;
+            let path = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let user = crate::cluster::forward::verify(state, parts.method.as_str(), path, value)?;
+            let user = state.store().get_user(&user).await?;
+            return Ok(Caller {
+                user: user.name,
+                admin: user.admin,
+                forwarded: true,
+            });
+        }
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -200,6 +220,7 @@ impl FromRequestParts<AppState> for Caller {
         Ok(Caller {
             user: user.name,
             admin: user.admin,
+            forwarded: false,
         })
     }
 }

@@ -10,8 +10,9 @@
 //! (`POST /chunks/missing`), so neither is freed under a push that is
 //! still running.
 //!
-//! The hub collects once an hour in the background; administrators can run
-//! a collection at once with `POST /api/v1/admin/collect-garbage`.
+//! The hub collects once an hour in the background (one instance at a
+//! time where several share the store: [`run`]); administrators can run a
+//! collection at once with `POST /api/v1/admin/collect-garbage`.
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
@@ -70,42 +71,39 @@ async fn referenced_indexes(state: &AppState) -> ApiResult<HashSet<Digest>> {
 /// Frees every chunk no build references that is older than `grace`.
 pub async fn collect(state: &AppState, grace: Duration) -> ApiResult<CollectReport> {
     let indexes = referenced_indexes(state).await?;
-    let store = state.chunks().clone();
-    tokio::task::spawn_blocking(move || {
-        let mut live: HashSet<Digest> = HashSet::new();
-        for index in indexes {
-            live.insert(index);
-            match store.artifact(&index) {
-                Ok(artifact) => live.extend(artifact.chunks.iter().map(|c| c.digest)),
-                // The index is damaged or gone: its chunks cannot be told
-                // apart from garbage, so nothing is collected this time.
-                Err(trellis_cas::CasError::NotFound { .. }) => {}
-                Err(e) => {
-                    return Err(ApiError::internal(format!(
-                        "artifact index {index} cannot be read ({e}); nothing was collected"
-                    )));
-                }
+    let store = state.chunks();
+    let mut live: HashSet<Digest> = HashSet::new();
+    for index in indexes {
+        live.insert(index);
+        match store.artifact(&index).await {
+            Ok(artifact) => live.extend(artifact.chunks.iter().map(|c| c.digest)),
+            Err(crate::chunks::ChunkError::NotFound { .. }) => {}
+            // The index is damaged or unreadable: its chunks cannot be told
+            // apart from garbage, so nothing is collected this time.
+            Err(e) => {
+                return Err(ApiError::internal(format!(
+                    "artifact index {index} cannot be read ({e}); nothing was collected"
+                )));
             }
         }
-        let now = SystemTime::now();
-        let mut report = CollectReport::default();
-        let chunks = store
-            .list()
-            .map_err(|e| ApiError::internal(format!("listing the artifact store failed: {e}")))?;
-        for chunk in chunks {
-            if live.contains(&chunk.digest) {
-                report.referenced += 1;
-            } else if now.duration_since(chunk.modified).unwrap_or_default() < grace {
-                report.recent += 1;
-            } else if store.remove(&chunk.digest).unwrap_or(false) {
-                report.freed += 1;
-                report.freed_bytes += chunk.stored;
-            }
+    }
+    let now = SystemTime::now();
+    let mut report = CollectReport::default();
+    let chunks = store
+        .list()
+        .await
+        .map_err(|e| e.to_api("listing the artifact store; nothing was collected"))?;
+    for chunk in chunks {
+        if live.contains(&chunk.digest) {
+            report.referenced += 1;
+        } else if now.duration_since(chunk.modified).unwrap_or_default() < grace {
+            report.recent += 1;
+        } else if store.remove(&chunk.digest).await.unwrap_or(false) {
+            report.freed += 1;
+            report.freed_bytes += chunk.stored;
         }
-        Ok(report)
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("the collection stopped: {e}")))?
+    }
+    Ok(report)
 }
 
 /// `POST /admin/collect-garbage`: how long unreferenced chunks are kept.
@@ -133,27 +131,27 @@ pub async fn collect_garbage(
     Ok(Json(collect(&state, grace).await?))
 }
 
-/// Collects every [`INTERVAL`] until `cancel`.
-pub fn spawn(state: AppState, cancel: tokio_util::sync::CancellationToken) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(INTERVAL);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            match collect(&state, DEFAULT_GRACE).await {
-                Ok(report) => tracing::info!(
-                    freed = report.freed,
-                    bytes = report.freed_bytes,
-                    referenced = report.referenced,
-                    "collected the artifact store"
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e.message, "could not collect the artifact store")
-                }
+/// Collects every [`INTERVAL`] until `cancel`. The hub runs it under the
+/// job lock `collect-garbage`: of several hubs sharing a store and its
+/// artifacts, one collects at a time, and another takes over when it dies.
+pub async fn run(state: AppState, cancel: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(INTERVAL);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match collect(&state, DEFAULT_GRACE).await {
+            Ok(report) => tracing::info!(
+                freed = report.freed,
+                bytes = report.freed_bytes,
+                referenced = report.referenced,
+                "collected the artifact store"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e.message, "could not collect the artifact store")
             }
         }
-    });
+    }
 }

@@ -11,6 +11,10 @@
 //! - `api/`: the `/api/v1` handlers, one module per resource, and the
 //!   OpenAPI document.
 //! - `auth.rs`: access keys and the [`auth::Caller`] extractor.
+//! - `chunks/`: the artifact store, on a directory or on S3.
+//! - `cluster/`: several hub instances on one store — change feed,
+//!   link claims and fencing, liveness, forwarding, shared secrets.
+//! - `health.rs`: `GET /api/v1/health`, for balancers and operators.
 //! - `error.rs`: the API's error type and JSON error shape.
 //! - `link/`: the outpost link — registry, sessions, join/renew, status.
 //! - `local.rs`: the local outpost — an embedded agent on an in-memory link.
@@ -23,10 +27,13 @@
 
 pub mod api;
 pub mod auth;
+pub mod chunks;
+pub mod cluster;
 pub mod console;
 pub mod error;
 pub mod extract;
 pub mod gc;
+pub mod health;
 pub mod link;
 pub mod local;
 pub mod metrics;
@@ -35,5 +42,5 @@ mod server;
 pub mod state;
 pub mod tls;
 
-pub use server::{ADMIN_KEY_FILE, Hub, HubOptions, LINK_SECRET_FILE};
+pub use server::{ADMIN_KEY_FILE, Hub, HubOptions, LINK_SECRET_FILE, redact as redact_url};
 pub use tls::CA_CERT_FILE;

@@ -14,7 +14,11 @@ use trellis_link::LinkIo;
 use trellis_link::identity::{KeyFingerprint, PeerIdentity};
 use trellis_model::LOCAL_OUTPOST;
 
+use crate::chunks::{ChunkError, Chunks};
 use crate::state::AppState;
+use trellis_agent::runtime::RuntimeError;
+use trellis_agent::runtime::artifacts::{ArtifactSource, Progress};
+use trellis_cas::{ArtifactIndex, ChunkStore, Digest, Durability};
 
 /// Directory of the local outpost's agent, under the hub's data directory.
 pub const LOCAL_AGENT_DIR: &str = "local-outpost";
@@ -44,31 +48,114 @@ impl Connector for LocalConnector {
     }
 }
 
-/// Runs the local outpost's agent until `shutdown`.
-pub fn spawn(
+/// Artifacts for the local outpost's agent when the hub keeps its chunks
+/// in object storage: each chunk the agent needs is copied (verified) into
+/// a cache in the agent's directory, as a remote agent fetches them.
+struct BackendArtifacts {
+    chunks: Chunks,
+    cache: ChunkStore,
+}
+
+fn runtime_error(e: ChunkError) -> RuntimeError {
+    let code = match e {
+        ChunkError::NotFound { .. } => "artifact-not-found",
+        ChunkError::Damaged { .. } => "artifact-corrupt",
+        // The store may come back: the deployer retries these.
+        _ => "artifact-fetch-failed",
+    };
+    RuntimeError::new(code, e.to_string())
+}
+
+impl BackendArtifacts {
+    async fn copy(&self, digest: Digest) -> Result<(), RuntimeError> {
+        let stored = self.chunks.stored(&digest).await.map_err(runtime_error)?;
+        let cache = self.cache.clone();
+        tokio::task::spawn_blocking(move || cache.insert_stored(&digest, &stored))
+            .await
+            .map_err(|e| RuntimeError::new("artifact-fetch-failed", e.to_string()))?
+            .map_err(|e| RuntimeError::new("artifact-corrupt", e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ArtifactSource for BackendArtifacts {
+    async fn fetch(
+        &self,
+        index: &str,
+        progress: Progress<'_>,
+    ) -> Result<ArtifactIndex, RuntimeError> {
+        let digest: Digest = index.parse().map_err(|e| {
+            RuntimeError::new(
+                "artifact-digest-invalid",
+                format!("the plan names artifact {index:?}, which is not a digest: {e}"),
+            )
+        })?;
+        let artifact = self.chunks.artifact(&digest).await.map_err(runtime_error)?;
+        if !self.cache.contains(&digest) {
+            self.copy(digest).await?;
+        }
+        let mut done = 0u64;
+        for chunk in &artifact.chunks {
+            if !self.cache.contains(&chunk.digest) {
+                self.copy(chunk.digest).await?;
+            }
+            done += chunk.size;
+            progress(done);
+        }
+        Ok(artifact)
+    }
+
+    fn store(&self) -> &ChunkStore {
+        &self.cache
+    }
+
+    fn is_cache(&self) -> bool {
+        true
+    }
+}
+
+/// Runs the local outpost's agent until `shutdown` (the hub calls it under
+/// the job lock `local-outpost`, so that of several hubs sharing a store
+/// one runs it at a time).
+pub async fn run(
     state: AppState,
     data_dir: PathBuf,
     mut runtime: trellis_agent::RuntimeSettings,
     shutdown: CancellationToken,
 ) {
-    tokio::spawn(async move {
-        let dir = data_dir.join(LOCAL_AGENT_DIR);
-        if let Err(e) = std::fs::create_dir_all(&dir) {
-            tracing::error!(error = %e, dir = %dir.display(), "cannot create the local outpost's directory");
-            return;
-        }
-        // The local agent reads artifacts from the hub's own store.
-        runtime.artifacts = Some(Arc::new(
-            trellis_agent::runtime::artifacts::LocalArtifacts::new(state.chunks().clone()),
-        ));
-        runtime.outpost = Some(LOCAL_OUTPOST.to_owned());
-        let options = trellis_agent::AgentOptions {
-            connector: Some(Arc::new(LocalConnector { state })),
-            runtime_settings: runtime,
-            ..Default::default()
-        };
-        if let Err(e) = trellis_agent::run(&dir, options, shutdown.cancelled_owned()).await {
-            tracing::error!(error = %e, "the local outpost's agent stopped");
+    let dir = data_dir.join(LOCAL_AGENT_DIR);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        tracing::error!(error = %e, dir = %dir.display(), "cannot create the local outpost's directory");
+        return;
+    }
+    // The local agent reads artifacts from the hub's own store: in place
+    // when it is a directory, else through a cache of its own.
+    runtime.artifacts = Some(match state.chunks().local() {
+        Some(store) => Arc::new(trellis_agent::runtime::artifacts::LocalArtifacts::new(
+            store.clone(),
+        )),
+        None => {
+            let root = dir.join("artifacts");
+            match ChunkStore::open(&root, Durability::Cache) {
+                Ok(cache) => Arc::new(BackendArtifacts {
+                    chunks: state.chunks().clone(),
+                    cache,
+                }),
+                Err(e) => {
+                    tracing::error!(error = %e, dir = %root.display(), "cannot create the local outpost's artifact cache");
+                    return;
+                }
+            }
         }
     });
+    runtime.outpost = Some(LOCAL_OUTPOST.to_owned());
+    let options = trellis_agent::AgentOptions {
+        connector: Some(Arc::new(LocalConnector { state })),
+        runtime_settings: runtime,
+        ..Default::default()
+    };
+    if let Err(e) = trellis_agent::run(&dir, options, shutdown.cancelled_owned()).await {
+        tracing::error!(error = %e, "the local outpost's agent stopped");
+    }
 }

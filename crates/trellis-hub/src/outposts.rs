@@ -58,6 +58,14 @@ impl LinkSecret {
         *hasher.finalize().as_bytes()
     }
 
+    /// The key hub instances sharing a store sign requests they forward to
+    /// each other with (see [`crate::cluster::forward`]).
+    pub fn forward_key(&self) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new_keyed(&self.0);
+        hasher.update(b"trellis forwarded request key v1\0");
+        *hasher.finalize().as_bytes()
+    }
+
     /// The key of the outpost's URI at a generation.
     pub fn uri_key(&self, outpost: &str, generation: u64) -> LinkKey {
         let mut hasher = blake3::Hasher::new_keyed(&self.0);

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use chrono::Utc;
 use tokio::net::TcpListener;
-use trellis_cas::{ChunkStore, Durability};
 use trellis_model::{AccessKey, LOCAL_OUTPOST, Outpost, User};
 use trellis_store::sqlite::SqliteStore;
 use trellis_store::{Store, StoreError};
@@ -29,6 +28,17 @@ pub const ADMIN_USER: &str = "admin";
 pub struct HubOptions {
     /// Where the database, the artifacts, `admin.key` and `link.secret` live.
     pub data_dir: PathBuf,
+    /// The store: `None` for SQLite in the data directory (`hub.db`), or a
+    /// `postgres://` URL, which several hubs may share.
+    pub store: Option<String>,
+    /// Pooled connections to PostgreSQL (default 10).
+    pub store_connections: Option<u32>,
+    /// The artifact store: `None` for the directory `artifacts/` in the
+    /// data directory, or `s3://BUCKET[/PREFIX]?endpoint=…`.
+    pub chunks: Option<String>,
+    /// An artifact store the caller opened (tests), used instead of
+    /// `chunks`.
+    pub chunk_store: Option<crate::chunks::Chunks>,
     /// `host:port` under which users and agents reach the hub, as written
     /// into Outpost URIs. Defaults to the address the hub listens on.
     pub public_address: Option<String>,
@@ -38,6 +48,17 @@ pub struct HubOptions {
     /// published ports, health window). Its packages always come straight
     /// from the hub's artifact store.
     pub local_runtime: trellis_agent::RuntimeSettings,
+    /// Do not run the local outpost's agent. On a store several hubs share
+    /// it runs on one instance at a time (a job lock), where it runs at all.
+    pub no_local_outpost: bool,
+    /// With a store several hubs share: the key the secrets every instance
+    /// needs (CA, link secret) are sealed with in the store (see
+    /// [`crate::cluster::secrets`]). Without it each instance uses its data
+    /// directory's own.
+    pub cluster_key: Option<crate::cluster::secrets::ClusterKey>,
+    /// `host:port` at which the other hub instances reach this one
+    /// (default: the listen address, which must then be a specific one).
+    pub instance_address: Option<String>,
 }
 
 /// A hub ready to serve.
@@ -45,19 +66,27 @@ pub struct Hub {
     state: AppState,
     data_dir: PathBuf,
     local_runtime: trellis_agent::RuntimeSettings,
+    no_local_outpost: bool,
+    instance_address: Option<String>,
     admin_key: Option<AccessKey>,
 }
 
 impl Hub {
-    /// Opens (or creates) the hub's data directory with the default SQLite
-    /// store.
+    /// Opens (or creates) the hub's data directory and the store the
+    /// options name: SQLite in the data directory, or PostgreSQL.
     pub async fn open(options: HubOptions) -> anyhow::Result<Hub> {
         create_private_dir(&options.data_dir)?;
-        let db = options.data_dir.join("hub.db");
-        let store = SqliteStore::open(&db)
-            .await
-            .with_context(|| format!("opening the hub database {}", db.display()))?;
-        Self::open_with_store(options, Arc::new(store)).await
+        let store: Arc<dyn Store> = match &options.store {
+            None => {
+                let db = options.data_dir.join("hub.db");
+                let store = SqliteStore::open(&db)
+                    .await
+                    .with_context(|| format!("opening the hub database {}", db.display()))?;
+                Arc::new(store)
+            }
+            Some(url) => Arc::new(open_postgres(url, options.store_connections).await?),
+        };
+        Self::open_with_store(options, store).await
     }
 
     /// Opens the hub over a store the caller chose (tests use the
@@ -67,19 +96,29 @@ impl Hub {
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Hub> {
         create_private_dir(&options.data_dir)?;
-        let artifacts = options.data_dir.join("artifacts");
-        let chunks = ChunkStore::open(&artifacts, Durability::Synced)
-            .with_context(|| format!("opening the artifact store {}", artifacts.display()))?;
+        let chunks = match &options.chunk_store {
+            Some(chunks) => chunks.clone(),
+            None => {
+                crate::chunks::Chunks::open(options.chunks.as_deref(), &options.data_dir).await?
+            }
+        };
+        if let Some(key) = &options.cluster_key {
+            crate::cluster::secrets::share(store.as_ref(), &options.data_dir, key).await?;
+        }
         let link_secret = LinkSecret::load_or_create(&options.data_dir.join(LINK_SECRET_FILE))?;
         let admin_key = bootstrap_admin(store.as_ref(), &options.data_dir).await?;
         ensure_local_outpost(store.as_ref()).await?;
         let ca = crate::tls::load_or_create_ca(&options.data_dir)?;
+        let timing =
+            crate::cluster::Timing::for_heartbeat(options.link.heartbeat, options.link.resync);
+        let cluster = crate::cluster::Cluster::new(store.is_shared(), timing);
         let state = AppState::new(
             store,
             chunks,
             link_secret,
             ca,
             Links::new(options.link.clone()),
+            cluster,
         );
         if let Some(address) = &options.public_address {
             let (host, port) = split_address(address)?;
@@ -89,6 +128,8 @@ impl Hub {
             state,
             data_dir: options.data_dir,
             local_runtime: options.local_runtime,
+            no_local_outpost: options.no_local_outpost,
+            instance_address: options.instance_address,
             admin_key,
         })
     }
@@ -135,6 +176,8 @@ impl Hub {
         let local = listener.local_addr()?;
         self.state
             .set_public_address(local.ip().to_string(), local.port());
+        self.set_instance_address(local)
+            .map_err(std::io::Error::other)?;
         let cancel = self.start_background(shutdown);
         let router = self.router();
         axum::serve(listener, router)
@@ -154,14 +197,59 @@ impl Hub {
             shutdown.await;
             trigger.cancel();
         });
-        crate::local::spawn(
+        crate::cluster::spawn(self.state.clone(), cancel.clone());
+        if !self.no_local_outpost {
+            let (data_dir, runtime) = (self.data_dir.clone(), self.local_runtime.clone());
+            crate::cluster::lead(
+                self.state.clone(),
+                "local-outpost",
+                cancel.clone(),
+                move |state, stop| {
+                    crate::local::run(state, data_dir.clone(), runtime.clone(), stop)
+                },
+            );
+        }
+        crate::cluster::lead(
             self.state.clone(),
-            self.data_dir.clone(),
-            self.local_runtime.clone(),
+            "collect-garbage",
             cancel.clone(),
+            crate::gc::run,
         );
-        crate::gc::spawn(self.state.clone(), cancel.clone());
+        if self.state.cluster().is_shared() {
+            crate::cluster::lead(
+                self.state.clone(),
+                "forget-dead-instances",
+                cancel.clone(),
+                crate::cluster::forget_dead_instances,
+            );
+        }
         cancel
+    }
+
+    /// Where the other instances reach this one: the address given, else
+    /// the listen address. Needed only on a shared store.
+    fn set_instance_address(&self, local: std::net::SocketAddr) -> anyhow::Result<()> {
+        let address = match &self.instance_address {
+            Some(address) => {
+                split_address(address).map_err(|_| {
+                    anyhow::anyhow!(
+                        "the instance address {address:?} is not host:port (the address the other hub instances reach this one at)"
+                    )
+                })?;
+                address.clone()
+            }
+            None if local.ip().is_unspecified() => {
+                if self.state.cluster().is_shared() {
+                    anyhow::bail!(
+                        "this hub listens on all interfaces ({local}) and shares its store with other hub instances, which must reach it: give --instance-address host:port (this host's address among the instances)"
+                    );
+                }
+                return Ok(());
+            }
+            None => local.to_string(),
+        };
+        self.state.cluster().set_address(address);
+        Ok(())
     }
 
     /// Serves HTTPS (the API, the console and the outpost link on one port)
@@ -176,6 +264,7 @@ impl Hub {
         let (host, _) = self
             .state
             .set_public_address(local.ip().to_string(), local.port());
+        self.set_instance_address(local)?;
         let mut names = vec!["localhost".to_owned()];
         let mut ips: Vec<std::net::IpAddr> = vec![
             std::net::Ipv4Addr::LOCALHOST.into(),
@@ -187,6 +276,15 @@ impl Hub {
         }
         if !local.ip().is_unspecified() {
             ips.push(local.ip());
+        }
+        // The other instances call this one at its instance address.
+        if let Some(address) = self.state.cluster().address()
+            && let Ok((instance_host, _)) = split_address(address)
+        {
+            match instance_host.parse::<std::net::IpAddr>() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => names.push(instance_host),
+            }
         }
         names.dedup();
         ips.sort();
@@ -206,6 +304,41 @@ impl Hub {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// Opens a `postgres://` store, or says what is wrong with the URL.
+pub async fn open_postgres(
+    url: &str,
+    connections: Option<u32>,
+) -> anyhow::Result<trellis_store::postgres::PgStore> {
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        anyhow::bail!(
+            "the store {:?} is not a PostgreSQL URL; give postgres://USER:PASSWORD@HOST:PORT/DATABASE, or leave --store out for SQLite in the data directory",
+            redact(url)
+        );
+    }
+    let mut options = trellis_store::postgres::PgOptions::default();
+    if let Some(n) = connections {
+        options.max_connections = n.max(2);
+    }
+    trellis_store::postgres::PgStore::open(url, &options)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("the hub cannot use its PostgreSQL store (--store / TRELLIS_STORE)")
+}
+
+/// A URL with its password replaced, for messages.
+pub fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => url.to_owned(),
+            },
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
     }
 }
 

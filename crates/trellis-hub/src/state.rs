@@ -2,12 +2,13 @@
 
 use std::sync::{Arc, OnceLock};
 
+use crate::chunks::Chunks;
 use tokio_util::sync::CancellationToken;
-use trellis_cas::ChunkStore;
 use trellis_link::identity::HubCa;
 use trellis_store::Store;
 
 use crate::auth::KeyVerifier;
+use crate::cluster::Cluster;
 use crate::link::Links;
 use crate::link::artifacts::ArtifactAccess;
 use crate::outposts::LinkSecret;
@@ -18,11 +19,12 @@ pub struct AppState(Arc<Inner>);
 
 struct Inner {
     store: Arc<dyn Store>,
-    chunks: ChunkStore,
+    chunks: Chunks,
     keys: KeyVerifier,
     link_secret: LinkSecret,
     ca: HubCa,
     links: Links,
+    cluster: Cluster,
     artifact_access: ArtifactAccess,
     /// `(host, port)` under which users and agents reach this hub; it goes
     /// into Outpost URIs. Set once, before the first request is served.
@@ -35,10 +37,11 @@ struct Inner {
 impl AppState {
     pub fn new(
         store: Arc<dyn Store>,
-        chunks: ChunkStore,
+        chunks: Chunks,
         link_secret: LinkSecret,
         ca: HubCa,
         links: Links,
+        cluster: Cluster,
     ) -> Self {
         AppState(Arc::new(Inner {
             store,
@@ -47,6 +50,7 @@ impl AppState {
             link_secret,
             ca,
             links,
+            cluster,
             artifact_access: ArtifactAccess::default(),
             public_address: OnceLock::new(),
             shutdown: CancellationToken::new(),
@@ -79,7 +83,7 @@ impl AppState {
     }
 
     /// The artifact store: every build's images and packages, as chunks.
-    pub fn chunks(&self) -> &ChunkStore {
+    pub fn chunks(&self) -> &Chunks {
         &self.0.chunks
     }
 
@@ -98,6 +102,11 @@ impl AppState {
 
     pub fn links(&self) -> &Links {
         &self.0.links
+    }
+
+    /// This hub instance among those sharing the store.
+    pub fn cluster(&self) -> &Cluster {
+        &self.0.cluster
     }
 
     /// Cancelled when the hub shuts down.

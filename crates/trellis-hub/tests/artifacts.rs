@@ -2,10 +2,13 @@
 //! a joined agent fetches the chunks of a build released to a stage on its
 //! outpost with its client certificate (through the agent's own
 //! `HubArtifacts`), resumes an interrupted delivery without fetching
-//! complete chunks again, refuses a chunk damaged on the hub's disk, and
+//! complete chunks again, refuses a chunk damaged in the hub's store, and
 //! is refused without a certificate, for other outposts' artifacts, for
-//! unknown digests and once revoked. The entry point's HTTPS certificate,
-//! the other endpoint an agent calls with its certificate, is here too.
+//! unknown digests and once revoked; the hub collects what no build needs.
+//! Every one of these runs twice: on the directory store (`dir::…`) and on
+//! S3 (`s3::…`, SeaweedFS from the test kit, a bucket per test). The entry
+//! point's HTTPS certificate, the other endpoint an agent calls with its
+//! certificate, is here too.
 
 use std::sync::Arc;
 
@@ -13,7 +16,9 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use trellis_agent::runtime::artifacts::{ArtifactSource, HubArtifacts};
 use trellis_agent::{AgentState, STATE_FILE};
-use trellis_cas::{ArtifactKind, ChunkStore, Durability, PutArtifact};
+use trellis_cas::{ArtifactKind, ChunkStore, Digest, Durability, PutArtifact};
+use trellis_hub::chunks::Chunks;
+use trellis_hub::chunks::s3::{Credentials, S3Chunks, S3Location};
 use trellis_hub::{Hub, HubOptions};
 use trellis_link::identity::JoinToken;
 
@@ -23,13 +28,63 @@ struct TlsHub {
     ca_pem: String,
     http: reqwest::Client,
     data: tempfile::TempDir,
+    /// The hub's artifact store, as the hub sees it.
+    chunks: Chunks,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-async fn start() -> TlsHub {
+/// Where the hub keeps its chunks.
+#[derive(Debug, Clone)]
+enum Backend {
+    Dir,
+    S3,
+    /// A bucket on a SeaweedFS server of the test's own, at this endpoint.
+    PrivateS3(String),
+}
+
+fn s3_chunks(endpoint: &str, bucket: &str, prefix: &str, secret: &str) -> Chunks {
+    let location =
+        S3Location::parse(&format!("s3://{bucket}/{prefix}?endpoint={endpoint}")).unwrap();
+    let credentials = Credentials::new(trellis_testkit::seaweedfs::ACCESS_KEY, secret);
+    Chunks::new(Arc::new(
+        S3Chunks::new(location, Some(credentials)).unwrap(),
+    ))
+}
+
+/// The artifact store of a hub with data directory `hub_dir`: its
+/// `artifacts/`, or a new bucket on the test kit's SeaweedFS (`None` when
+/// SeaweedFS cannot run here: the test is skipped).
+fn chunk_store(backend: Backend, hub_dir: &std::path::Path) -> Option<Chunks> {
+    match backend {
+        Backend::Dir => Some(Chunks::dir(&hub_dir.join("artifacts")).unwrap()),
+        Backend::S3 => {
+            let s3 = trellis_testkit::seaweedfs::server()?;
+            let (bucket, prefix) = s3.area();
+            Some(s3_chunks(
+                &s3.endpoint,
+                &bucket,
+                &prefix,
+                trellis_testkit::seaweedfs::SECRET_KEY,
+            ))
+        }
+        Backend::PrivateS3(endpoint) => {
+            trellis_testkit::seaweedfs::create_bucket(&endpoint, "private");
+            Some(s3_chunks(
+                &endpoint,
+                "private",
+                "",
+                trellis_testkit::seaweedfs::SECRET_KEY,
+            ))
+        }
+    }
+}
+
+async fn start(backend: Backend) -> Option<TlsHub> {
     let data = tempfile::tempdir().unwrap();
+    let chunks = chunk_store(backend, &data.path().join("hub"))?;
     let hub = Hub::open(HubOptions {
         data_dir: data.path().join("hub"),
+        chunk_store: Some(chunks.clone()),
         ..Default::default()
     })
     .await
@@ -46,14 +101,15 @@ async fn start() -> TlsHub {
         .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
         .build()
         .unwrap();
-    TlsHub {
+    Some(TlsHub {
         addr,
         admin,
         ca_pem,
         http,
         data,
+        chunks,
         _stop: stop,
-    }
+    })
 }
 
 impl TlsHub {
@@ -194,9 +250,9 @@ impl TlsHub {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
-    /// The hub's own chunk store.
-    fn hub_chunks(&self) -> ChunkStore {
-        ChunkStore::open(&self.data.path().join("hub/artifacts"), Durability::Synced).unwrap()
+    /// Whether the hub's store holds `digest`.
+    async fn stores(&self, digest: &Digest) -> bool {
+        self.chunks.backend().contains(digest).await.unwrap()
     }
 
     /// A client that presents the agent's certificate.
@@ -246,9 +302,7 @@ fn agent_store(dir: &std::path::Path) -> ChunkStore {
     ChunkStore::open(dir, Durability::Cache).unwrap()
 }
 
-#[tokio::test]
-async fn uploads_send_only_missing_chunks_and_builds_need_every_chunk() {
-    let hub = start().await;
+async fn uploads_send_only_missing_chunks_and_builds_need_every_chunk(hub: TlsHub) {
     let bytes = package(2 << 20);
     let staging = tempfile::tempdir().unwrap();
     let store = agent_store(staging.path());
@@ -317,14 +371,12 @@ async fn uploads_send_only_missing_chunks_and_builds_need_every_chunk() {
     let (s, b) = hub.put_chunk(&other, b"not a zstd frame".to_vec()).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
     assert_eq!(b["error"]["code"], "chunk-invalid");
-    assert!(!hub.hub_chunks().contains(&other.parse().unwrap()));
+    assert!(!hub.stores(&other.parse().unwrap()).await);
     let (s, _) = hub.put_chunk("not-a-digest", vec![1]).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
 
-#[tokio::test]
-async fn an_agent_fetches_its_artifacts_with_its_certificate() {
-    let hub = start().await;
+async fn an_agent_fetches_its_artifacts_with_its_certificate(hub: TlsHub) {
     let agent = hub.joined_agent("edge-1").await;
     let bytes = package(3 << 20);
     let put = hub.release_on("edge-1", "plant", &bytes).await;
@@ -401,9 +453,7 @@ async fn an_agent_fetches_its_artifacts_with_its_certificate() {
     assert_eq!(resp.bytes().await.unwrap().as_ref(), &bytes[..]);
 }
 
-#[tokio::test]
-async fn an_interrupted_delivery_resumes_without_fetching_complete_chunks_again() {
-    let hub = start().await;
+async fn an_interrupted_delivery_resumes_without_fetching_complete_chunks_again(hub: TlsHub) {
     let agent = hub.joined_agent("edge-1").await;
     let bytes = package(16 << 20);
     let put = hub.release_on("edge-1", "plant", &bytes).await;
@@ -475,21 +525,23 @@ async fn an_interrupted_delivery_resumes_without_fetching_complete_chunks_again(
     proxy.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_chunk_damaged_on_the_hub_is_refused_and_never_stored() {
-    let hub = start().await;
+async fn a_chunk_damaged_on_the_hub_is_refused_and_never_stored(hub: TlsHub) {
     let agent = hub.joined_agent("edge-1").await;
     let bytes = package(1 << 20);
     let put = hub.release_on("edge-1", "plant", &bytes).await;
-    // Damage one chunk on the hub's disk: still a valid zstd frame, of
-    // other content.
+    // Damage one chunk in the hub's store: still a valid zstd frame, of
+    // other content (written past the hub, which would refuse it).
     let victim = put.index.chunks[1].digest;
-    let path = hub.hub_chunks().path(&victim);
-    std::fs::write(
-        &path,
-        zstd::bulk::compress(&noise("other", 1000), 3).unwrap(),
-    )
-    .unwrap();
+    let damaged = zstd::bulk::compress(&noise("other", 1000), 3).unwrap();
+    match hub.chunks.local() {
+        Some(local) => std::fs::write(local.path(&victim), damaged).unwrap(),
+        None => hub
+            .chunks
+            .backend()
+            .put(&victim, damaged.into())
+            .await
+            .unwrap(),
+    }
 
     let work = tempfile::tempdir().unwrap();
     let store = agent_store(&work.path().join("cache"));
@@ -511,9 +563,9 @@ async fn a_chunk_damaged_on_the_hub_is_refused_and_never_stored() {
     }
 }
 
-#[tokio::test]
-async fn artifacts_are_refused_without_a_certificate_to_other_outposts_unknown_and_revoked() {
-    let hub = start().await;
+async fn artifacts_are_refused_without_a_certificate_to_other_outposts_unknown_and_revoked(
+    hub: TlsHub,
+) {
     let agent = hub.joined_agent("edge-1").await;
     let other = hub.joined_agent("edge-2").await;
     let bytes = package(300_000);
@@ -582,9 +634,7 @@ async fn artifacts_are_refused_without_a_certificate_to_other_outposts_unknown_a
     assert_eq!(err.code, "revoked", "{err:?}");
 }
 
-#[tokio::test]
-async fn the_hub_collects_chunks_no_build_references_after_the_grace_period() {
-    let hub = start().await;
+async fn the_hub_collects_chunks_no_build_references_after_the_grace_period(hub: TlsHub) {
     hub.joined_agent("edge-1").await;
     // Released: a release in flight needs it, so its build cannot go.
     let released = hub.release_on("edge-1", "plant", &package(1 << 20)).await;
@@ -600,7 +650,6 @@ async fn the_hub_collects_chunks_no_build_references_after_the_grace_period() {
         all.push(put.index_digest);
         all
     };
-    let store = hub.hub_chunks();
     let collect = |grace: u64| {
         hub.api(
             reqwest::Method::POST,
@@ -613,7 +662,9 @@ async fn the_hub_collects_chunks_no_build_references_after_the_grace_period() {
     let (s, report) = collect(3600).await;
     assert_eq!(s, StatusCode::OK, "{report}");
     assert_eq!(report["freed"], 0, "{report}");
-    assert!(chunks_of(&orphan).iter().all(|d| store.contains(d)));
+    for d in chunks_of(&orphan) {
+        assert!(hub.stores(&d).await);
+    }
 
     // After it, the orphan goes and the released build stays whole.
     let (s, report) = collect(0).await;
@@ -623,8 +674,12 @@ async fn the_hub_collects_chunks_no_build_references_after_the_grace_period() {
         chunks_of(&orphan).len(),
         "{report}"
     );
-    assert!(chunks_of(&orphan).iter().all(|d| !store.contains(d)));
-    assert!(chunks_of(&released).iter().all(|d| store.contains(d)));
+    for d in chunks_of(&orphan) {
+        assert!(!hub.stores(&d).await);
+    }
+    for d in chunks_of(&released) {
+        assert!(hub.stores(&d).await);
+    }
 
     // The released build cannot be deleted while its release exists.
     let builds = hub
@@ -642,7 +697,9 @@ async fn the_hub_collects_chunks_no_build_references_after_the_grace_period() {
     assert_eq!(s, StatusCode::CONFLICT);
     let (_, report) = collect(0).await;
     assert_eq!(report["freed"], 0, "{report}");
-    assert!(chunks_of(&released).iter().all(|d| store.contains(d)));
+    for d in chunks_of(&released) {
+        assert!(hub.stores(&d).await);
+    }
 
     // Only administrators collect.
     let (s, b) = hub
@@ -664,7 +721,7 @@ async fn the_hub_collects_chunks_no_build_references_after_the_grace_period() {
 /// point's HTTPS certificate, for its own stages' names only.
 #[tokio::test]
 async fn the_entry_point_certificate_is_issued_for_the_outposts_own_stages_only() {
-    let hub = start().await;
+    let hub = start(Backend::Dir).await.unwrap();
     let agent = hub.joined_agent("edge-1").await;
     let other = hub.joined_agent("edge-2").await;
     hub.release_on("edge-1", "plant", &package(1000)).await;
@@ -747,4 +804,199 @@ async fn the_entry_point_certificate_is_issued_for_the_outposts_own_stages_only(
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let (s, b) = ask(http, vec!["*.line.plant.plant7.example.net"], csr).await;
     assert_eq!(s, StatusCode::OK, "{b}");
+}
+
+/// Runs each named test on both stores.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod dir {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let hub = super::start(super::Backend::Dir).await.unwrap();
+                    super::$name(hub).await;
+                }
+            )*
+        }
+
+        mod s3 {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(hub) = super::start(super::Backend::S3).await else {
+                        return;
+                    };
+                    super::$name(hub).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    uploads_send_only_missing_chunks_and_builds_need_every_chunk,
+    an_agent_fetches_its_artifacts_with_its_certificate,
+    an_interrupted_delivery_resumes_without_fetching_complete_chunks_again,
+    a_chunk_damaged_on_the_hub_is_refused_and_never_stored,
+    artifacts_are_refused_without_a_certificate_to_other_outposts_unknown_and_revoked,
+    the_hub_collects_chunks_no_build_references_after_the_grace_period,
+);
+
+/// What the hub does when its S3 store fails or is set up wrong.
+mod s3_faults {
+    use super::*;
+
+    /// Wrong credentials and a missing bucket are found when the store is
+    /// opened, each named with what to fix.
+    #[tokio::test]
+    async fn wrong_credentials_and_a_missing_bucket_are_named_at_start() {
+        let Some(s3) = trellis_testkit::seaweedfs::server() else {
+            return;
+        };
+        let (bucket, prefix) = s3.area();
+        let wrong = s3_chunks(&s3.endpoint, &bucket, &prefix, "not-the-secret");
+        let e = wrong.check().await.unwrap_err().to_string();
+        assert!(e.contains("refused the hub"), "{e}");
+        assert!(e.contains("AWS_SECRET_ACCESS_KEY"), "{e}");
+        let missing = s3_chunks(
+            &s3.endpoint,
+            "no-such-bucket",
+            "",
+            trellis_testkit::seaweedfs::SECRET_KEY,
+        );
+        let e = missing.check().await.unwrap_err().to_string();
+        assert!(e.contains("\"no-such-bucket\""), "{e}");
+        assert!(e.contains("does not exist"), "{e}");
+        let gone = trellis_testkit::free_port(None);
+        let unreachable = s3_chunks(
+            &format!("http://127.0.0.1:{gone}"),
+            &bucket,
+            "",
+            trellis_testkit::seaweedfs::SECRET_KEY,
+        );
+        let e = unreachable.check().await.unwrap_err().to_string();
+        assert!(e.contains("cannot be reached"), "{e}");
+
+        // A hub will not start on them (this test process has no S3
+        // credentials in its environment: that is named too).
+        let data = tempfile::tempdir().unwrap();
+        let refused = Hub::open(HubOptions {
+            data_dir: data.path().to_owned(),
+            chunks: Some(format!("s3://{bucket}?endpoint={}", s3.endpoint)),
+            ..Default::default()
+        })
+        .await
+        .err()
+        .expect("a hub with an unusable artifact store does not start")
+        .to_string();
+        assert!(refused.contains("AWS_ACCESS_KEY_ID"), "{refused}");
+        let refused = Hub::open(HubOptions {
+            data_dir: data.path().to_owned(),
+            chunks: Some("s3-is-not-a-url".into()),
+            ..Default::default()
+        })
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(refused.contains("s3://BUCKET?endpoint=URL"), "{refused}");
+    }
+
+    /// The store down during a push: the push fails, nothing is recorded,
+    /// and the next push once it is back succeeds. Down during a delivery:
+    /// the agent's fetch fails in the way the agent retries, and finishes
+    /// once the store is back.
+    #[tokio::test]
+    async fn the_store_down_fails_a_push_cleanly_and_delays_a_delivery() {
+        let Some(mut s3) = trellis_testkit::seaweedfs::PrivateSeaweed::start() else {
+            return;
+        };
+        let hub = start(Backend::PrivateS3(s3.endpoint())).await.unwrap();
+        let agent = hub.joined_agent("edge-1").await;
+        let bytes = package(1 << 20);
+        let put = hub.release_on("edge-1", "plant", &bytes).await;
+
+        // A delivery while the store is down.
+        s3.kill();
+        let work = tempfile::tempdir().unwrap();
+        let store = agent_store(&work.path().join("cache"));
+        let fetcher = HubArtifacts::new(agent.clone(), store.clone());
+        let err = fetcher
+            .fetch(&put.index_digest.as_hex(), &|_| {})
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code, "artifact-fetch-failed",
+            "the code the agent's deployer retries: {err:?}"
+        );
+        assert!(err.message.contains("cannot be reached"), "{}", err.message);
+
+        // A push while it is down: refused, and no build recorded.
+        let staging = tempfile::tempdir().unwrap();
+        let local = agent_store(staging.path());
+        let next = package(700_000);
+        let put2 = local
+            .put_artifact(ArtifactKind::Package, &next[..])
+            .unwrap();
+        let first = put2.index.chunks[0].digest;
+        let (s, b) = hub
+            .put_chunk(&first.as_hex(), std::fs::read(local.path(&first)).unwrap())
+            .await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
+        assert_eq!(b["error"]["code"], "artifact-store-unavailable");
+        let (s, b) = hub
+            .api(
+                reqwest::Method::POST,
+                "/chunks/missing",
+                Some(json!({"digests": [first.as_hex()]})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
+        let manifest = "version: v1\ncomponents:\n  - name: sensor\n    process: {path: ./sensor, command: [./sensor]}\n";
+        let build = json!({
+            "branch": "main", "commit": "0123456789abcdef0123456789abcdef01234567",
+            "manifest_file": "trellis.yaml", "manifest": manifest,
+            "components": [{"name": "sensor", "artifact":
+                {"kind": "package", "digest": put2.index_digest.as_hex(), "size": next.len()}}]});
+        let (s, b) = hub
+            .api(
+                reqwest::Method::POST,
+                "/projects/plant/builds",
+                Some(build.clone()),
+            )
+            .await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{b}");
+        let (_, builds) = hub
+            .api(reqwest::Method::GET, "/projects/plant/builds", None)
+            .await;
+        assert_eq!(
+            builds.as_array().unwrap().len(),
+            1,
+            "nothing recorded: {builds}"
+        );
+
+        // Back: the delivery finishes — retried as the agent's deployer
+        // does, since a restarted store may answer errors for a moment —
+        // and the push goes through.
+        s3.resume();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let fetched = loop {
+            match fetcher.fetch(&put.index_digest.as_hex(), &|_| {}).await {
+                Ok(fetched) => break fetched,
+                Err(e)
+                    if e.code == "artifact-fetch-failed"
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("the delivery did not finish once the store was back: {e:?}"),
+            }
+        };
+        assert_eq!(fetched, put.index);
+        hub.upload(&next).await;
+        let (s, b) = hub
+            .api(reqwest::Method::POST, "/projects/plant/builds", Some(build))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+    }
 }

@@ -196,7 +196,9 @@ impl Mux {
         match msg {
             Message::StreamOpened { id, window } => {
                 let entry = self.entries.get_mut(&id)?;
-                entry.credit.add_permits(window.min(WINDOW_BYTES * 4) as usize);
+                entry
+                    .credit
+                    .add_permits(window.min(WINDOW_BYTES * 4) as usize);
                 let _ = entry.to_task.send(Inbound::Opened);
                 None
             }
@@ -310,10 +312,10 @@ impl Mux {
             }
             Message::StreamEof { id }
             | Message::StreamOpened { id, .. }
-            | Message::StreamResize { id, .. } => {
-                if !self.entries.contains_key(id) {
-                    return None;
-                }
+            | Message::StreamResize { id, .. }
+                if !self.entries.contains_key(id) =>
+            {
+                return None;
             }
             _ => {}
         }
@@ -407,11 +409,7 @@ impl StreamWriter {
     pub async fn send(&mut self, channel: StreamChannel, bytes: &[u8]) -> Result<(), StreamGone> {
         for chunk in bytes.chunks(CHUNK_BYTES) {
             let n = u32::try_from(chunk.len()).map_err(|_| StreamGone)?;
-            let permits = self
-                .credit
-                .acquire_many(n)
-                .await
-                .map_err(|_| StreamGone)?;
+            let permits = self.credit.acquire_many(n).await.map_err(|_| StreamGone)?;
             permits.forget();
             self.data
                 .send(Message::StreamData {
@@ -592,7 +590,11 @@ mod tests {
         drop(h);
         assert!(matches!(
             out(&mut a).await,
-            Message::StreamClose { id: 1, error: Some(_), .. }
+            Message::StreamClose {
+                id: 1,
+                error: Some(_),
+                ..
+            }
         ));
         let mut h = a.register(2, 10, 0);
         drop(a);

@@ -3,11 +3,17 @@
 //! The hub talks only to [`Store`]. Backends:
 //! - [`sqlite::SqliteStore`]: the default, a bundled SQLite database in WAL
 //!   mode in the hub's data directory, with versioned migrations.
+//! - [`postgres::PgStore`]: a PostgreSQL database that several hubs share;
+//!   it also tells them what changed (`LISTEN`/`NOTIFY`), which hub holds
+//!   each outpost's link, and runs single-writer jobs under advisory locks.
 //! - [`memory::MemoryStore`]: everything in a mutex, for tests and the
-//!   deterministic simulation.
+//!   deterministic simulation (which runs several hubs over one).
 //!
-//! A PostgreSQL backend is planned; the SQL is kept portable for it (no
-//! SQLite-only syntax beyond what both accept, integers for time).
+//! SQLite and PostgreSQL share one implementation of every method
+//! ([`sql::SqlStore`]); the few places where their SQL differs are each
+//! dialect's ([`sql::Dialect`]). Their schema is one set of portable
+//! migrations (`migrations/`), plus PostgreSQL's own (`migrations-postgres/`:
+//! notification triggers, the tables of the hubs sharing it).
 //!
 //! Every backend enforces the same domain rules (numbering, desired
 //! revisions, refusal to leave dangling references) and the same test suite,
@@ -15,19 +21,29 @@
 //!
 //! # Layout
 //! - `lib.rs`: the trait and its error type.
-//! - `memory.rs`, `sqlite.rs`: the backends.
+//! - `sql/`: the shared SQL; `sqlite.rs`, `postgres.rs`: its dialects;
+//!   `memory.rs`: the in-memory backend.
+//! - `cluster.rs`: what the hubs sharing a store see of each other.
+//! - `copy.rs`: copying a hub's whole state between stores (`trellis hub
+//!   migrate`).
 //! - `testsuite.rs`: the behaviour every backend must show.
 
 use async_trait::async_trait;
 use trellis_model::{
-    AccessKeyInfo, AuditEntry, NewAuditEntry, Build, ComponentAction, ComponentControl, Config, ConfigData, ConfigSnapshot,
-    Member, NewBuild, Outpost, OutpostLink, Project, Release, Role, Stage, StageSync, StageType,
-    Timestamp, User,
+    AccessKeyInfo, AuditEntry, Build, ComponentAction, ComponentControl, Config, ConfigData,
+    ConfigSnapshot, Member, NewAuditEntry, NewBuild, Outpost, OutpostLink, Project, Release, Role,
+    Stage, StageSync, StageType, Timestamp, User,
 };
 
+pub mod cluster;
+pub mod copy;
 pub mod memory;
+pub mod postgres;
+pub mod sql;
 pub mod sqlite;
 pub mod testsuite;
+
+pub use cluster::{Change, ChangeFeed, Instance, JobLock, LinkClaim, PoolStats};
 
 /// What one or more link sessions of an outpost saw, for
 /// [`Store::record_link_activity`].
@@ -527,6 +543,85 @@ pub trait Store: Send + Sync + 'static {
         report: &serde_json::Value,
         now: Timestamp,
     ) -> Result<StageSync>;
+
+    // --- several hubs on one store (see `cluster.rs`) ---
+    //
+    // The defaults are those of a store only one hub opens.
+
+    /// What other hubs change, for a store several hubs share: each call
+    /// gives the caller its own feed. `None`: only this hub writes here, so
+    /// it knows what it changed.
+    fn changes(&self) -> Option<ChangeFeed> {
+        None
+    }
+    /// Whether several hubs may share this store (it has a change feed).
+    fn is_shared(&self) -> bool {
+        false
+    }
+    /// Waits for database connections so far, if the backend pools them.
+    fn pool_stats(&self) -> Option<PoolStats> {
+        None
+    }
+    /// Records that the instance is alive (creating its record).
+    async fn beat_instance(&self, _instance: &Instance) -> Result<()> {
+        Ok(())
+    }
+    /// Every instance that ever beat and was not forgotten.
+    async fn instances(&self) -> Result<Vec<Instance>> {
+        Ok(Vec::new())
+    }
+    /// Removes the instance's record and releases the links it held.
+    async fn forget_instance(&self, _id: &str) -> Result<()> {
+        Ok(())
+    }
+    /// `instance` now holds the link of each of `outposts`: each claim gets
+    /// a new, higher epoch, which every other holder learns through the
+    /// change feed ([`Change::Claimed`]). Returns the epochs in order.
+    async fn claim_links(
+        &self,
+        _instance: &str,
+        outposts: &[String],
+        _now: Timestamp,
+    ) -> Result<Vec<u64>> {
+        Ok(vec![0; outposts.len()])
+    }
+    /// The link claimed at `epoch` ended; a newer claim is left alone.
+    async fn release_link(
+        &self,
+        _instance: &str,
+        _outpost: &str,
+        _epoch: u64,
+        _now: Timestamp,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// Every outpost's latest claim (or only those `instance` holds).
+    async fn link_claims(&self, _instance: Option<&str>) -> Result<Vec<LinkClaim>> {
+        Ok(Vec::new())
+    }
+    /// The outpost's latest claim, if it was ever claimed.
+    async fn link_claim(&self, outpost: &str) -> Result<Option<LinkClaim>> {
+        Ok(self
+            .link_claims(None)
+            .await?
+            .into_iter()
+            .find(|c| c.outpost == outpost))
+    }
+    /// The lock of a single-writer job, if no other hub holds it: held until
+    /// dropped, or until the hub's connection to the store is lost (then
+    /// [`JobLock::lost`] resolves and the job must stop).
+    async fn lock_job(&self, _job: &str) -> Result<Option<JobLock>> {
+        Ok(Some(JobLock::local()))
+    }
+    /// A value every hub sharing the store must agree on (its CA, its URI
+    /// secret): stores `offer` under `name` unless a value is there already,
+    /// and returns the value stored.
+    async fn cluster_secret(&self, _name: &str, _offer: &str) -> Result<String> {
+        Err(StoreError::Backend {
+            doing: "sharing the hub's secrets",
+            source: "this store is not shared by several hubs".into(),
+        })
+    }
 }
 
 /// How every backend names things in errors and words its refusals, so that

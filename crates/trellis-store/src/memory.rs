@@ -11,6 +11,11 @@
 //!
 //! Each operation validates everything before it changes anything, under one
 //! lock, so operations are atomic just like the SQLite transactions.
+//!
+//! It is also a store several hubs can share (the simulation runs several
+//! over one): it announces changes as PostgreSQL's triggers do (see
+//! [`crate::cluster`]), under the same lock as the change, so in commit
+//! order — and a test can make it lose some ([`MemoryStore::set_change_filter`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -18,22 +23,47 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use chrono::DateTime;
 use trellis_model::{
-    AccessKeyInfo, AuditEntry, NewAuditEntry, Build, ComponentAction, ComponentControl, Config, ConfigData, Member, NewBuild,
-    Outpost, OutpostLink, Project, Release, ReleaseState, Role, Stage, StageSync, Timestamp, User,
-    build_name,
+    AccessKeyInfo, AuditEntry, Build, ComponentAction, ComponentControl, Config, ConfigData,
+    Member, NewAuditEntry, NewBuild, Outpost, OutpostLink, Project, Release, ReleaseState, Role,
+    Stage, StageSync, Timestamp, User, build_name,
 };
 
+use tokio::sync::{mpsc, watch};
+
 use crate::{
-    ControlOutcome, DesiredParts, JoinTokenRefusal, NewRelease, NewStage, OutpostStage,
-    OutpostUpdate, PushedReleases, Result, StageFilter, StageKey, StageSummary, StageUpdate, Store,
-    StoreError, StoredAccessKey, wording,
+    Change, ChangeFeed, ControlOutcome, DesiredParts, Instance, JobLock, JoinTokenRefusal,
+    LinkClaim, NewRelease, NewStage, OutpostStage, OutpostUpdate, PushedReleases, Result,
+    StageFilter, StageKey, StageSummary, StageUpdate, Store, StoreError, StoredAccessKey, wording,
 };
 
 /// The in-memory store. Cheap to create; holds nothing on disk.
 #[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    feed: Mutex<Feed>,
+    /// Jobs whose lock is held, shared with the locks' guards.
+    jobs: std::sync::Arc<Mutex<std::collections::HashSet<String>>>,
 }
+
+/// Decides which announced changes a subscriber gets (`true`: delivered);
+/// see [`MemoryStore::set_change_filter`].
+pub type ChangeFilter = Box<dyn FnMut(&Change) -> bool + Send>;
+
+/// The subscribers of the change feed.
+#[derive(Default)]
+struct Feed {
+    subscribers: Vec<Subscriber>,
+    filter: Option<ChangeFilter>,
+}
+
+struct Subscriber {
+    tx: mpsc::Sender<Change>,
+    /// A change did not fit: it is told [`Change::Missed`] when one does.
+    missed: bool,
+}
+
+/// Changes a subscriber may fall behind on, as with PostgreSQL's listener.
+const FEED_CAPACITY: usize = 65_536;
 
 #[derive(Default)]
 struct State {
@@ -47,6 +77,9 @@ struct State {
     join_tokens: BTreeMap<String, JoinToken>,
     /// The last audit entry's id.
     last_audit: u64,
+    instances: BTreeMap<String, Instance>,
+    claims: BTreeMap<String, LinkClaim>,
+    secrets: BTreeMap<String, String>,
 }
 
 struct JoinToken {
@@ -80,6 +113,42 @@ struct StageState {
 impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// From now on, announces only the changes `filter` lets through, as
+    /// if the others were lost on their way to the hubs (the simulation's
+    /// lost notifications). Nobody is told they were lost.
+    pub fn set_change_filter(&self, filter: ChangeFilter) {
+        self.feed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .filter = Some(filter);
+    }
+
+    /// Sends `changes` to every subscriber. Called with the state locked,
+    /// so changes go out in the order they were made.
+    fn announce(&self, changes: impl IntoIterator<Item = Change>) {
+        let mut feed = self.feed.lock().unwrap_or_else(PoisonError::into_inner);
+        let Feed {
+            subscribers,
+            filter,
+        } = &mut *feed;
+        subscribers.retain(|s| !s.tx.is_closed());
+        for change in changes {
+            for subscriber in subscribers.iter_mut() {
+                if let Some(filter) = filter.as_mut()
+                    && !filter(&change)
+                {
+                    continue;
+                }
+                if subscriber.missed && subscriber.tx.try_send(Change::Missed).is_ok() {
+                    subscriber.missed = false;
+                }
+                if subscriber.tx.try_send(change.clone()).is_err() {
+                    subscriber.missed = true;
+                }
+            }
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -345,7 +414,16 @@ impl Store for MemoryStore {
                 project.builds.len() as u64,
             ));
         }
-        state.projects.remove(name);
+        if let Some(removed) = state.projects.remove(name) {
+            let mut outposts: Vec<String> = removed
+                .stages
+                .values()
+                .map(|s| s.stage.outpost.clone())
+                .collect();
+            outposts.sort_unstable();
+            outposts.dedup();
+            self.announce(outposts.into_iter().map(Change::Outpost));
+        }
         Ok(())
     }
 
@@ -474,7 +552,12 @@ impl Store for MemoryStore {
         }
         state.links.remove(name);
         state.join_tokens.retain(|_, t| t.outpost != name);
+        state.claims.remove(name);
         state.outposts.remove(name);
+        self.announce([
+            Change::Outpost(name.to_owned()),
+            Change::Revoked(name.to_owned()),
+        ]);
         Ok(())
     }
 
@@ -517,6 +600,7 @@ impl Store for MemoryStore {
             {
                 stage.stage.desired_revision += 1;
             }
+            self.announce([Change::Outpost(name.to_owned())]);
         }
         Ok(outpost)
     }
@@ -527,8 +611,13 @@ impl Store for MemoryStore {
             .outposts
             .get_mut(name)
             .ok_or_else(|| not_found("outpost", name.to_owned()))?;
+        let first = outpost.revoked_at.is_none();
         outpost.revoked_at.get_or_insert(millis(now));
-        Ok(outpost.clone())
+        let outpost = outpost.clone();
+        if first {
+            self.announce([Change::Revoked(name.to_owned())]);
+        }
+        Ok(outpost)
     }
 
     async fn stages_on_outpost(&self, outpost: &str) -> Result<Vec<Stage>> {
@@ -697,6 +786,9 @@ impl Store for MemoryStore {
         {
             stage.suspended = suspended;
             stage.desired_revision += 1;
+            let (stage, outpost) = (stage.clone(), stage.outpost.clone());
+            self.announce([Change::Outpost(outpost)]);
+            return Ok(stage);
         }
         Ok(stage.clone())
     }
@@ -712,7 +804,9 @@ impl Store for MemoryStore {
                 stage.configs.len() as u64,
             ));
         }
-        state.project_mut(project)?.stages.remove(name);
+        if let Some(removed) = state.project_mut(project)?.stages.remove(name) {
+            self.announce([Change::Outpost(removed.stage.outpost)]);
+        }
         Ok(())
     }
 
@@ -754,11 +848,15 @@ impl Store for MemoryStore {
                 .insert(component.to_owned(), control.clone());
             record.stage.desired_revision += 1;
         }
-        Ok(ControlOutcome {
+        let outcome = ControlOutcome {
             stage: record.stage.clone(),
             control,
             changed,
-        })
+        };
+        if changed {
+            self.announce([Change::Outpost(outcome.stage.outpost.clone())]);
+        }
+        Ok(outcome)
     }
 
     async fn create_build(
@@ -908,7 +1006,14 @@ impl Store for MemoryStore {
     async fn push_release(&self, release: &NewRelease, now: Timestamp) -> Result<Release> {
         let mut state = self.state();
         state.check_release(release)?;
-        state.record_release(release, now)
+        let created = state.record_release(release, now)?;
+        let outpost = state
+            .stage(&release.project, &release.stage)?
+            .stage
+            .outpost
+            .clone();
+        self.announce([Change::Outpost(outpost)]);
+        Ok(created)
     }
 
     async fn push_releases(
@@ -934,7 +1039,9 @@ impl Store for MemoryStore {
             .iter()
             .map(|release| state.record_release(release, now))
             .collect::<Result<_>>()?;
-        Ok(PushedReleases::new(created, outposts))
+        let pushed = PushedReleases::new(created, outposts);
+        self.announce(pushed.outposts.iter().cloned().map(Change::Outpost));
+        Ok(pushed)
     }
 
     async fn get_release(&self, project: &str, stage: &str, number: u64) -> Result<Release> {
@@ -1099,5 +1206,162 @@ impl Store for MemoryStore {
         }
         stage_state.sync = Some(sync.clone());
         Ok(sync)
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn changes(&self) -> Option<ChangeFeed> {
+        let (tx, rx) = mpsc::channel(FEED_CAPACITY);
+        self.feed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .subscribers
+            .push(Subscriber { tx, missed: false });
+        Some(ChangeFeed(rx))
+    }
+
+    async fn beat_instance(&self, instance: &Instance) -> Result<()> {
+        let mut state = self.state();
+        let record = Instance {
+            started_at: millis(instance.started_at),
+            beat_at: millis(instance.beat_at),
+            ..instance.clone()
+        };
+        match state.instances.get_mut(&instance.id) {
+            Some(existing) => {
+                existing.address = record.address;
+                existing.version = record.version;
+                existing.beat_at = record.beat_at;
+            }
+            None => {
+                state.instances.insert(instance.id.clone(), record);
+            }
+        }
+        Ok(())
+    }
+
+    async fn instances(&self) -> Result<Vec<Instance>> {
+        Ok(self.state().instances.values().cloned().collect())
+    }
+
+    async fn forget_instance(&self, id: &str) -> Result<()> {
+        let mut state = self.state();
+        let Some(gone) = state.instances.remove(id) else {
+            return Ok(());
+        };
+        for claim in state.claims.values_mut().filter(|c| c.instance == id) {
+            claim.released_at.get_or_insert(gone.beat_at);
+        }
+        Ok(())
+    }
+
+    async fn claim_links(
+        &self,
+        instance: &str,
+        outposts: &[String],
+        now: Timestamp,
+    ) -> Result<Vec<u64>> {
+        let mut state = self.state();
+        let mut epochs = Vec::with_capacity(outposts.len());
+        let mut changes = Vec::new();
+        for outpost in outposts {
+            if !state.outposts.contains_key(outpost) {
+                epochs.push(0);
+                continue;
+            }
+            let epoch = state.claims.get(outpost).map_or(1, |c| c.epoch + 1);
+            state.claims.insert(
+                outpost.clone(),
+                LinkClaim {
+                    outpost: outpost.clone(),
+                    instance: instance.to_owned(),
+                    epoch,
+                    since: millis(now),
+                    released_at: None,
+                },
+            );
+            epochs.push(epoch);
+            changes.push(Change::Claimed {
+                outpost: outpost.clone(),
+                instance: instance.to_owned(),
+                epoch,
+            });
+        }
+        self.announce(changes);
+        Ok(epochs)
+    }
+
+    async fn release_link(
+        &self,
+        instance: &str,
+        outpost: &str,
+        epoch: u64,
+        now: Timestamp,
+    ) -> Result<()> {
+        let mut state = self.state();
+        if let Some(claim) = state.claims.get_mut(outpost)
+            && claim.instance == instance
+            && claim.epoch == epoch
+            && claim.released_at.is_none()
+        {
+            claim.released_at = Some(millis(now));
+        }
+        Ok(())
+    }
+
+    async fn link_claims(&self, instance: Option<&str>) -> Result<Vec<LinkClaim>> {
+        Ok(self
+            .state()
+            .claims
+            .values()
+            .filter(|c| instance.is_none_or(|i| c.instance == i))
+            .cloned()
+            .collect())
+    }
+
+    async fn link_claim(&self, outpost: &str) -> Result<Option<LinkClaim>> {
+        Ok(self.state().claims.get(outpost).cloned())
+    }
+
+    async fn lock_job(&self, job: &str) -> Result<Option<JobLock>> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        if !jobs.insert(job.to_owned()) {
+            return Ok(None);
+        }
+        // The lock lives in this process, so it is only ever given up.
+        let (held_tx, held) = watch::channel(true);
+        let guard = JobGuard {
+            jobs: self.jobs.clone(),
+            job: job.to_owned(),
+            _held: held_tx,
+        };
+        Ok(Some(JobLock::new(held, Box::new(guard))))
+    }
+
+    async fn cluster_secret(&self, name: &str, offer: &str) -> Result<String> {
+        Ok(self
+            .state()
+            .secrets
+            .entry(name.to_owned())
+            .or_insert_with(|| offer.to_owned())
+            .clone())
+    }
+}
+
+/// Gives a job's lock back when the [`JobLock`] is dropped.
+struct JobGuard {
+    jobs: std::sync::Arc<Mutex<std::collections::HashSet<String>>>,
+    job: String,
+    _held: watch::Sender<bool>,
+}
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        self.jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.job);
     }
 }

@@ -400,15 +400,28 @@ pub async fn audit_log(store: &dyn Store) {
         detail: detail.into(),
         result: "opened".into(),
     };
-    let first = store.record_audit(&entry("shop", "sh -c ls", 1_000)).await.unwrap();
-    let second = store.record_audit(&entry("shop", "8080", 2_000)).await.unwrap();
-    store.record_audit(&entry("other", "id", 3_000)).await.unwrap();
+    let first = store
+        .record_audit(&entry("shop", "sh -c ls", 1_000))
+        .await
+        .unwrap();
+    let second = store
+        .record_audit(&entry("shop", "8080", 2_000))
+        .await
+        .unwrap();
+    store
+        .record_audit(&entry("other", "id", 3_000))
+        .await
+        .unwrap();
     assert!(second.id > first.id);
     assert_eq!(first.detail, "sh -c ls");
     assert_eq!(first.time, at(1_000));
 
     let listed = store.list_audit("shop", 100).await.unwrap();
-    assert_eq!(listed, vec![second.clone(), first.clone()], "newest first, per project");
+    assert_eq!(
+        listed,
+        vec![second.clone(), first.clone()],
+        "newest first, per project"
+    );
     assert_eq!(store.list_audit("shop", 1).await.unwrap(), vec![second]);
     assert_not_found(store.list_audit("nope", 10).await, "project", "nope");
     assert_not_found(
@@ -2699,4 +2712,265 @@ pub async fn outpost_desired_states(store: &dyn Store) {
             .iter()
             .all(|s| s.stage.outpost == "local")
     );
+}
+
+// --- several hubs on one store ---
+
+/// Calls `$callback!` with the name of every behaviour a store that several
+/// hubs share must show. Each takes two handles on one fresh store, as two
+/// hubs would have (`(a, b)`).
+#[macro_export]
+macro_rules! for_each_shared_suite_test {
+    ($callback:ident) => {
+        $callback! {
+            shared_change_feed,
+            shared_link_claims,
+            shared_instances,
+            shared_job_locks,
+            shared_secrets,
+            shared_writers_keep_the_rules,
+        }
+    };
+}
+
+/// The next change on `feed`, waiting at most 5 s.
+async fn next_change(feed: &mut crate::ChangeFeed) -> crate::Change {
+    match tokio::time::timeout(std::time::Duration::from_secs(5), feed.recv()).await {
+        Ok(Some(change)) => change,
+        Ok(None) => panic!("the change feed ended"),
+        Err(_) => panic!("no change announced within 5 s"),
+    }
+}
+
+/// Changes on `feed` until one matches, skipping others (a store may
+/// announce a change more than once).
+async fn expect_change(feed: &mut crate::ChangeFeed, want: &crate::Change) {
+    loop {
+        let got = next_change(feed).await;
+        if &got == want {
+            return;
+        }
+        assert!(
+            matches!(
+                got,
+                crate::Change::Outpost(_) | crate::Change::Claimed { .. }
+            ),
+            "unexpected change {got:?} while waiting for {want:?}"
+        );
+    }
+}
+
+/// Every hub hears what any of them changed: the desired state of an
+/// outpost's stages, revocation, deletion, link claims.
+pub async fn shared_change_feed(a: &dyn Store, b: &dyn Store) {
+    use crate::Change;
+    let mut feed_a = a.changes().expect("a shared store has a change feed");
+    let mut feed_b = b.changes().expect("a shared store has a change feed");
+    setup(a, "shop").await;
+    a.create_outpost(&outpost("edge", None)).await.unwrap();
+    a.create_stage(&new_stage("shop", "line", "edge"), at(0))
+        .await
+        .unwrap();
+    a.push_release(&new_release("shop", "line", &b_build(a).await), at(1))
+        .await
+        .unwrap();
+    let edge = Change::Outpost("edge".into());
+    expect_change(&mut feed_a, &edge).await;
+    expect_change(&mut feed_b, &edge).await;
+    b.update_stage("shop", "line", &suspension(true))
+        .await
+        .unwrap();
+    expect_change(&mut feed_a, &edge).await;
+    b.control_component("shop", "line", "web", ComponentAction::Stop)
+        .await
+        .unwrap();
+    expect_change(&mut feed_a, &edge).await;
+
+    let epochs = b
+        .claim_links("hub-b", &["edge".to_owned()], at(2))
+        .await
+        .unwrap();
+    let claimed = Change::Claimed {
+        outpost: "edge".into(),
+        instance: "hub-b".into(),
+        epoch: epochs[0],
+    };
+    expect_change(&mut feed_a, &claimed).await;
+    expect_change(&mut feed_b, &claimed).await;
+
+    b.revoke_outpost("edge", at(3)).await.unwrap();
+    expect_change(&mut feed_a, &Change::Revoked("edge".into())).await;
+    expect_change(&mut feed_b, &Change::Revoked("edge".into())).await;
+    a.delete_stage("shop", "line", true).await.unwrap();
+    expect_change(&mut feed_b, &edge).await;
+    a.create_outpost(&outpost("gone", None)).await.unwrap();
+    a.delete_outpost("gone", false).await.unwrap();
+    expect_change(&mut feed_b, &Change::Revoked("gone".into())).await;
+}
+
+/// The build every shared test releases.
+async fn b_build(store: &dyn Store) -> String {
+    store
+        .create_build("shop", &new_build("main"), "alice", at(0))
+        .await
+        .unwrap()
+        .name
+}
+
+/// A newer claim takes a higher epoch wherever it is made; a release ends
+/// only the claim it names; claims of a forgotten instance are released.
+pub async fn shared_link_claims(a: &dyn Store, b: &dyn Store) {
+    setup(a, "shop").await;
+    for name in ["edge-1", "edge-2"] {
+        a.create_outpost(&outpost(name, None)).await.unwrap();
+    }
+    let first = a
+        .claim_links("hub-a", &["edge-1".into(), "edge-2".into()], at(10))
+        .await
+        .unwrap();
+    assert!(first.iter().all(|e| *e >= 1), "{first:?}");
+    let second = b
+        .claim_links("hub-b", &["edge-1".into(), "nowhere".into()], at(20))
+        .await
+        .unwrap();
+    assert!(second[0] > first[0], "{second:?} after {first:?}");
+    assert_eq!(second[1], 0, "an outpost that does not exist has no claim");
+
+    // hub-a's session of edge-1 ends late: the newer claim stays.
+    a.release_link("hub-a", "edge-1", first[0], at(30))
+        .await
+        .unwrap();
+    let claims = b.link_claims(None).await.unwrap();
+    let edge1 = claims.iter().find(|c| c.outpost == "edge-1").unwrap();
+    assert_eq!(
+        (edge1.instance.as_str(), edge1.epoch, edge1.released_at),
+        ("hub-b", second[0], None)
+    );
+    assert_eq!(edge1.since, at(20));
+    assert_eq!(a.link_claim("edge-1").await.unwrap().as_ref(), Some(edge1));
+    assert_eq!(a.link_claim("edge-9").await.unwrap(), None);
+    // Its own release ends it.
+    b.release_link("hub-b", "edge-1", second[0], at(40))
+        .await
+        .unwrap();
+    let edge1 = b
+        .link_claims(Some("hub-b"))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| c.outpost == "edge-1")
+        .unwrap();
+    assert_eq!(edge1.released_at, Some(at(40)));
+    assert_eq!(
+        a.link_claims(Some("hub-a"))
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.outpost.as_str())
+            .collect::<Vec<_>>(),
+        ["edge-2"]
+    );
+
+    // hub-a dies and is forgotten: what it held is released at its last beat.
+    a.beat_instance(&instance("hub-a", 50)).await.unwrap();
+    b.forget_instance("hub-a").await.unwrap();
+    let edge2 = b
+        .link_claims(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| c.outpost == "edge-2")
+        .unwrap();
+    assert_eq!(edge2.released_at, Some(at(50)));
+    // Deleting an outpost takes its claim along.
+    a.delete_outpost("edge-2", false).await.unwrap();
+    assert!(
+        b.link_claims(None)
+            .await
+            .unwrap()
+            .iter()
+            .all(|c| c.outpost != "edge-2")
+    );
+}
+
+fn instance(id: &str, beat: i64) -> crate::Instance {
+    crate::Instance {
+        id: id.into(),
+        address: format!("{id}.example:7440"),
+        version: "1.0".into(),
+        started_at: at(0),
+        beat_at: at(beat),
+    }
+}
+
+/// Instances beat their record; every hub sees every other.
+pub async fn shared_instances(a: &dyn Store, b: &dyn Store) {
+    a.beat_instance(&instance("hub-a", 1)).await.unwrap();
+    b.beat_instance(&instance("hub-b", 2)).await.unwrap();
+    a.beat_instance(&instance("hub-a", 3)).await.unwrap();
+    let seen = b.instances().await.unwrap();
+    assert_eq!(seen, vec![instance("hub-a", 3), instance("hub-b", 2)]);
+    a.forget_instance("hub-b").await.unwrap();
+    assert_eq!(b.instances().await.unwrap(), vec![instance("hub-a", 3)]);
+}
+
+/// A job's lock is held by one hub at a time and free again once dropped.
+pub async fn shared_job_locks(a: &dyn Store, b: &dyn Store) {
+    let held = a.lock_job("collect-garbage").await.unwrap();
+    let held = held.expect("the first hub takes the lock");
+    assert!(held.is_held());
+    assert!(b.lock_job("collect-garbage").await.unwrap().is_none());
+    assert!(
+        b.lock_job("other-job").await.unwrap().is_some(),
+        "locks are per job"
+    );
+    drop(held);
+    // Released asynchronously where a connection holds it.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if b.lock_job("collect-garbage").await.unwrap().is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lock was not given back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The first value offered for a secret is the one every hub gets.
+pub async fn shared_secrets(a: &dyn Store, b: &dyn Store) {
+    assert_eq!(a.cluster_secret("ca", "first").await.unwrap(), "first");
+    assert_eq!(b.cluster_secret("ca", "second").await.unwrap(), "first");
+    assert_eq!(b.cluster_secret("other", "x").await.unwrap(), "x");
+}
+
+/// Two hubs writing at once keep the store's rules: an outpost's last
+/// place is taken once, build numbers are given once.
+pub async fn shared_writers_keep_the_rules(a: &dyn Store, b: &dyn Store) {
+    setup(a, "shop").await;
+    a.create_outpost(&outpost("tiny", Some(1))).await.unwrap();
+    let (one, two) = (
+        new_stage("shop", "one", "tiny"),
+        new_stage("shop", "two", "tiny"),
+    );
+    let (ra, rb) = tokio::join!(a.create_stage(&one, at(0)), b.create_stage(&two, at(0)));
+    assert_eq!(
+        [ra.is_ok(), rb.is_ok()].iter().filter(|ok| **ok).count(),
+        1,
+        "exactly one takes the last place: {ra:?} {rb:?}"
+    );
+    let mut numbers = Vec::new();
+    let build = new_build("main");
+    for _ in 0..5 {
+        let (x, y) = tokio::join!(
+            a.create_build("shop", &build, "alice", at(0)),
+            b.create_build("shop", &build, "alice", at(0)),
+        );
+        numbers.push(x.unwrap().number);
+        numbers.push(y.unwrap().number);
+    }
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=10).collect::<Vec<u64>>());
 }

@@ -1,7 +1,8 @@
 //! Runs the shared behaviour suite against every backend, one test per
 //! behaviour and backend, so a failure names both (`sqlite::release_push`).
 //! Every test gets a fresh store; SQLite ones a database in their own
-//! temporary directory.
+//! temporary directory, PostgreSQL ones a database of their own on the test
+//! kit's shared server (skipped without PostgreSQL, except under `CI`).
 //!
 //! Also holds what only the SQLite backend has to prove: that its file
 //! survives being closed and reopened, that a join token is used once by
@@ -9,6 +10,7 @@
 //! link rows behind in the file.
 
 use trellis_store::memory::MemoryStore;
+use trellis_store::postgres::{PgOptions, PgStore};
 use trellis_store::sqlite::SqliteStore;
 
 macro_rules! backend_tests {
@@ -36,10 +38,65 @@ macro_rules! backend_tests {
                 }
             )*
         }
+
+        /// On the test kit's PostgreSQL, a database per test.
+        mod postgres {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(server) = trellis_testkit::postgres::server() else {
+                        return;
+                    };
+                    let db = server.database();
+                    let store = PgStore::open(&db.url, &PgOptions::default()).await.unwrap();
+                    trellis_store::testsuite::$name(&store).await;
+                    store.close().await;
+                }
+            )*
+        }
     };
 }
 
 trellis_store::for_each_suite_test!(backend_tests);
+
+/// What a store several hubs share must do, with two handles on one store:
+/// the same in-memory store twice, or two pools on one PostgreSQL database
+/// (as two hub processes would have).
+macro_rules! shared_tests {
+    ($($name:ident),* $(,)?) => {
+        mod memory_shared {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let store = MemoryStore::new();
+                    trellis_store::testsuite::$name(&store, &store).await;
+                }
+            )*
+        }
+
+        mod postgres_shared {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(server) = trellis_testkit::postgres::server() else {
+                        return;
+                    };
+                    let db = server.database();
+                    let a = PgStore::open(&db.url, &PgOptions::default()).await.unwrap();
+                    let b = PgStore::open(&db.url, &PgOptions::default()).await.unwrap();
+                    trellis_store::testsuite::$name(&a, &b).await;
+                    a.close().await;
+                    b.close().await;
+                }
+            )*
+        }
+    };
+}
+
+trellis_store::for_each_shared_suite_test!(shared_tests);
 
 mod sqlite_file {
     use chrono::DateTime;

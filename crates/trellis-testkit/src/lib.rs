@@ -20,10 +20,23 @@
 //!   for the console's tests.
 //! - [`procs`]: sweeping up the stage processes agents started, which
 //!   outlive their agent by design.
+//! - [`postgres`]: a PostgreSQL cluster started once per test run and
+//!   shared by every test binary, a database per test, and private
+//!   clusters for tests that restart the server.
+//! - [`seaweedfs`]: SeaweedFS's S3 gateway, shared the same way, and
+//!   private servers for tests that stop it.
+//! - Both are shared services (`service.rs`): lock files in the kit's
+//!   directory, and a watchdog that stops them when nobody has used them
+//!   for two minutes.
 
 pub mod browser;
 pub mod docker;
 pub mod engines;
 pub mod podman;
+pub mod postgres;
 pub mod procs;
+pub mod seaweedfs;
+mod service;
 mod shared;
+
+pub use service::free_port;

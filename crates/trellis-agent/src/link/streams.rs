@@ -47,7 +47,12 @@ impl Drop for StreamTasks {
 
 impl StreamTasks {
     /// Checks a `stream-open`: `Err` is the reason to refuse it.
-    pub(super) fn check(&mut self, id: u64, stage: &StageKey, target: &StreamTarget) -> Result<(), StreamError> {
+    pub(super) fn check(
+        &mut self,
+        id: u64,
+        stage: &StageKey,
+        target: &StreamTarget,
+    ) -> Result<(), StreamError> {
         self.tasks.retain(|_, task| !task.is_finished());
         if self.tasks.contains_key(&id) {
             return Err(stream_error(
@@ -183,26 +188,34 @@ enum FromHub {
 
 async fn pump_exec(process: ExecProcess, mut reader: StreamReader, mut writer: StreamWriter) {
     let ExecProcess {
-        mut stdin,
+        stdin,
         mut output,
         mut control,
     } = process;
     let (resize_tx, mut resize_rx) = tokio::sync::mpsc::unbounded_channel::<FromHub>();
     // Stdin: from the hub into the command until EOF; ends with the stream.
     let input = async move {
+        let mut stdin = Some(stdin);
         loop {
             match reader.recv().await {
                 Some(Inbound::Data { bytes, .. }) => {
                     let n = bytes.len();
-                    if stdin.write_all(&bytes).await.is_err() || stdin.flush().await.is_err() {
+                    if let Some(pipe) = stdin.as_mut()
+                        && (pipe.write_all(&bytes).await.is_err() || pipe.flush().await.is_err())
+                    {
                         // The command closed its stdin; what follows is
                         // dropped, and still credited so the hub is not
                         // stuck.
+                        stdin = None;
                     }
                     reader.consumed(n);
                 }
                 Some(Inbound::Eof) => {
-                    let _ = stdin.shutdown().await;
+                    // Shut down (an engine's attached stream), then closed:
+                    // a child's pipe ends only when its end is dropped.
+                    if let Some(mut pipe) = stdin.take() {
+                        let _ = pipe.shutdown().await;
+                    }
                 }
                 Some(Inbound::Resize { cols, rows }) => {
                     let _ = resize_tx.send(FromHub::Resize(cols, rows));

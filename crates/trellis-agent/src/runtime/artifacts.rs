@@ -695,6 +695,9 @@ fn refusal(digest: &Digest, status: u16, body: &[u8]) -> RuntimeError {
     let stable: &'static str = match (status, code.as_str()) {
         (404, _) => "artifact-not-found",
         (_, "revoked") => "revoked",
+        // The hub read it from its object store and it did not verify: no
+        // retry will bring a good copy.
+        (_, "chunk-damaged-on-hub") => "artifact-corrupt",
         (401 | 403, _) => "artifact-fetch-refused",
         _ => "artifact-fetch-failed",
     };

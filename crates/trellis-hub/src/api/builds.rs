@@ -4,7 +4,9 @@ use crate::extract::{Json, Path};
 use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::Utc;
-use trellis_cas::{ArtifactKind, ChunkStore, Digest};
+use trellis_cas::{ArtifactKind, Digest};
+
+use crate::chunks::{ChunkError, Chunks};
 use trellis_model::manifest::{Arch, ComponentSource, DockerBuild, DockerSource, parse_manifest};
 use trellis_model::{Artifact, Build, NewBuild, PlatformImage};
 
@@ -46,10 +48,10 @@ pub async fn create_build(
     Json(req): Json<NewBuild>,
 ) -> ApiResult<(StatusCode, Json<Build>)> {
     caller.role_in(&state, &project).await?;
-    let chunks = state.chunks().clone();
-    let req = tokio::task::spawn_blocking(move || check_build(&chunks, &req).map(|()| req))
-        .await
-        .map_err(|e| ApiError::internal(format!("checking the build failed: {e}")))??;
+    let stored = check_build(&req)?;
+    for artifact in &stored {
+        check_stored(state.chunks(), artifact).await?;
+    }
     let build = state
         .store()
         .create_build(&project, &req, &caller.user, Utc::now())
@@ -72,16 +74,23 @@ fn invalid_build(message: impl Into<String>, hint: impl Into<String>) -> ApiErro
     ApiError::new(StatusCode::BAD_REQUEST, "invalid-build", message, hint)
 }
 
-/// Checks that artifact `index` of `component` is on the hub: its index
-/// and every one of its chunks. Blocking (reads the index, looks at every
-/// chunk file).
-fn check_stored(
-    chunks: &ChunkStore,
-    component: &str,
+/// An artifact a build names, which must be on the hub.
+struct Wanted<'a> {
+    component: String,
     kind: ArtifactKind,
-    index: &str,
+    index: &'a str,
     size: u64,
-) -> ApiResult<()> {
+}
+
+/// Checks that artifact `index` of `component` is on the hub: its index
+/// and every one of its chunks.
+async fn check_stored(chunks: &Chunks, wanted: &Wanted<'_>) -> ApiResult<()> {
+    let Wanted {
+        ref component,
+        kind,
+        index,
+        size,
+    } = *wanted;
     let digest: Digest = index
         .parse()
         .map_err(|e| invalid_build(format!("component {component:?}: {e}"), ""))?;
@@ -91,12 +100,15 @@ fn check_stored(
             "upload it first (`trellis push build` does this); push again if a push was interrupted",
         )
     };
-    let artifact = match chunks.artifact(&digest) {
+    let artifact = match chunks.artifact(&digest).await {
         Ok(artifact) => artifact,
-        Err(trellis_cas::CasError::NotFound { .. }) => {
+        Err(ChunkError::NotFound { .. }) => {
             return Err(not_uploaded(format!(
                 "artifact {digest} has not been uploaded"
             )));
+        }
+        Err(e @ (ChunkError::Unavailable { .. } | ChunkError::Refused { .. })) => {
+            return Err(e.to_api("checking the build's artifacts"));
         }
         Err(e) => {
             return Err(invalid_build(
@@ -114,7 +126,10 @@ fn check_stored(
             "push the build again",
         ));
     }
-    let missing = chunks.missing(&artifact);
+    let missing = chunks
+        .missing(&artifact)
+        .await
+        .map_err(|e| e.to_api("checking the build's artifacts"))?;
     if !missing.is_empty() {
         return Err(not_uploaded(format!(
             "{} of the {} chunks of artifact {digest} have not been uploaded",
@@ -125,8 +140,10 @@ fn check_stored(
     Ok(())
 }
 
-/// Blocking: looks at the stored artifacts.
-fn check_build(chunks: &ChunkStore, build: &NewBuild) -> ApiResult<()> {
+/// Checks the build without the artifact store; returns the artifacts that
+/// must be stored.
+fn check_build(build: &NewBuild) -> ApiResult<Vec<Wanted<'_>>> {
+    let mut stored = Vec::new();
     let commit_ok = matches!(build.commit.len(), 40 | 64)
         && build.commit.bytes().all(|b| b.is_ascii_hexdigit());
     if !commit_ok {
@@ -197,23 +214,21 @@ fn check_build(chunks: &ChunkStore, build: &NewBuild) -> ApiResult<()> {
                     _ => {}
                 }
                 for archive in artifact.archives() {
-                    check_stored(
-                        chunks,
-                        &component.name,
-                        ArtifactKind::Image,
-                        &archive.index,
-                        archive.size,
-                    )?;
+                    stored.push(Wanted {
+                        component: component.name.clone(),
+                        kind: ArtifactKind::Image,
+                        index: &archive.index,
+                        size: archive.size,
+                    });
                 }
             }
             (ComponentSource::Process(_), Artifact::Package { digest, size }) => {
-                check_stored(
-                    chunks,
-                    &component.name,
-                    ArtifactKind::Package,
-                    digest,
-                    *size,
-                )?;
+                stored.push(Wanted {
+                    component: component.name.clone(),
+                    kind: ArtifactKind::Package,
+                    index: digest,
+                    size: *size,
+                });
             }
             _ => {
                 return Err(invalid_build(
@@ -239,7 +254,7 @@ fn check_build(chunks: &ChunkStore, build: &NewBuild) -> ApiResult<()> {
             "send artifacts only for the manifest's components",
         ));
     }
-    Ok(())
+    Ok(stored)
 }
 
 /// A component whose manifest lists `docker.platform` carries one image per

@@ -9,7 +9,7 @@
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
-use trellis_cas::{CasError, Digest, MAX_CHUNK_BYTES};
+use trellis_cas::{Digest, MAX_CHUNK_BYTES};
 
 use super::types::{ChunkInfoResponse, MissingChunksRequest, MissingChunksResponse};
 use crate::auth::Caller;
@@ -48,16 +48,14 @@ pub async fn missing_chunks(
         .iter()
         .map(|d| parse_digest(d))
         .collect::<ApiResult<Vec<_>>>()?;
-    let chunks = state.chunks().clone();
-    let missing = tokio::task::spawn_blocking(move || {
-        digests
-            .into_iter()
-            .filter(|d| !chunks.touch(d))
-            .map(|d| d.as_hex())
-            .collect::<Vec<_>>()
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("looking up chunks failed: {e}")))?;
+    let missing = state
+        .chunks()
+        .missing_of(digests)
+        .await
+        .map_err(|e| e.to_api("looking up which chunks the hub has"))?
+        .into_iter()
+        .map(|d| d.as_hex())
+        .collect();
     Ok(Json(MissingChunksResponse { missing }))
 }
 
@@ -86,11 +84,11 @@ pub async fn put_chunk(
                 "upload with `trellis push build`, which cuts artifacts into chunks of the right size; push again if the connection dropped",
             )
         })?;
-    let chunks = state.chunks().clone();
-    let info = tokio::task::spawn_blocking(move || chunks.insert_stored(&digest, &body))
+    let info = state
+        .chunks()
+        .put_stored(&digest, body)
         .await
-        .map_err(|e| ApiError::internal(format!("storing a chunk failed: {e}")))?
-        .map_err(|e| chunk_error(&digest, e))?;
+        .map_err(|e| e.to_api(&format!("chunk {digest} was not stored")))?;
     Ok((
         StatusCode::CREATED,
         Json(ChunkInfoResponse {
@@ -99,25 +97,6 @@ pub async fn put_chunk(
             stored: info.stored,
         }),
     ))
-}
-
-/// Maps a failure to store chunk `digest` to what the uploader is told.
-pub(crate) fn chunk_error(digest: &Digest, e: CasError) -> ApiError {
-    match e {
-        CasError::ChunkUnreadable { .. } | CasError::DigestMismatch { .. } => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "chunk-invalid",
-            format!("chunk {digest} was not stored: {e}"),
-            "the upload was damaged on the way; push again",
-        ),
-        CasError::Io { ref source, .. } if trellis_cas::is_disk_full(source) => ApiError::new(
-            StatusCode::INSUFFICIENT_STORAGE,
-            "hub-disk-full",
-            format!("chunk {digest} was not stored: the hub's disk is full ({e})"),
-            "free space on the hub (delete old builds, then they are collected), then push again; chunks already uploaded are kept",
-        ),
-        other => ApiError::internal(format!("chunk {digest} was not stored: {other}")),
-    }
 }
 
 pub(crate) fn parse_digest(s: &str) -> ApiResult<Digest> {

@@ -515,7 +515,21 @@ pub async fn stage_logs(
         .open_logs(&record.outpost, &project, &stage, query)
     {
         Ok(stream) => stream,
-        Err(OpenLogsError::Offline) => return Err(offline(&state, &record).await),
+        Err(OpenLogsError::Offline) => {
+            // Where hubs share the store, the link may be on another
+            // instance: the request goes there (once).
+            if state.cluster().is_shared()
+                && !caller.forwarded
+                && let crate::cluster::Holder::Other { instance, .. } = state
+                    .cluster()
+                    .holder(state.store(), &record.outpost)
+                    .await?
+            {
+                let path = logs_path(&project, &stage, &q);
+                return crate::cluster::forward::get(&state, &instance, &caller.user, &path).await;
+            }
+            return Err(offline(&state, &record).await);
+        }
         Err(OpenLogsError::Busy) => {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -556,6 +570,30 @@ pub async fn stage_logs(
         body,
     )
         .into_response())
+}
+
+/// The path and query of a logs request, as the API's router sees it.
+fn logs_path(project: &str, stage: &str, q: &LogsQuery) -> String {
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    if let Some(component) = &q.component {
+        query.append_pair("component", component);
+    }
+    if let Some(since) = &q.since {
+        query.append_pair("since", since);
+    }
+    if let Some(tail) = q.tail {
+        query.append_pair("tail", &tail.to_string());
+    }
+    if q.follow {
+        query.append_pair("follow", "true");
+    }
+    let query = query.finish();
+    let path = format!("/projects/{project}/stages/{stage}/logs");
+    if query.is_empty() {
+        path
+    } else {
+        format!("{path}?{query}")
+    }
 }
 
 /// Moves batches from the link into the response body until the stream

@@ -25,7 +25,6 @@ use utoipa_axum::routes;
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use types::HealthResponse;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -38,19 +37,10 @@ use types::HealthResponse;
 )]
 struct ApiDoc;
 
-/// Liveness of the hub; needs no key.
-#[utoipa::path(get, path = "/health", tag = "hub", responses((status = 200, body = HealthResponse)))]
-async fn health() -> Json<HealthResponse> {
-    Json(HealthResponse {
-        status: "ok".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-    })
-}
-
 /// The `/api/v1` router and the OpenAPI document describing it.
 pub fn router(state: AppState) -> axum::Router {
     let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(health))
+        .routes(routes!(crate::health::health))
         .routes(routes!(access::whoami))
         .routes(routes!(access::create_user, access::list_users))
         .routes(routes!(access::create_key))

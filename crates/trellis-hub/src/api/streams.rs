@@ -27,7 +27,7 @@
 
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use chrono::Utc;
 use futures_util::{SinkExt, StreamExt};
@@ -36,7 +36,7 @@ use serde_json::json;
 use trellis_link::Message;
 use trellis_link::protocol::{StreamChannel, StreamError, StreamTarget};
 use trellis_link::stream::{Inbound, StreamHandle};
-use trellis_model::{AuditEntry, NewAuditEntry, NameKind, validate_name};
+use trellis_model::{AuditEntry, NameKind, NewAuditEntry, validate_name};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -84,6 +84,7 @@ pub async fn exec(
     caller: Caller,
     Path((project, stage, component)): Path<(String, String, String)>,
     RawQuery(query): RawQuery,
+    uri: Uri,
     upgrade: Upgrade,
 ) -> ApiResult<Response> {
     let query = ExecQuery::parse(query.as_deref().unwrap_or(""))?;
@@ -97,18 +98,11 @@ pub async fn exec(
         cols: query.cols,
         rows: query.rows,
     };
-    let opened = open(
-        &state,
-        &caller,
-        &project,
-        &stage,
-        &component,
-        target,
-        "exec",
-        &detail,
+    let route = open(
+        &state, &caller, &project, &stage, &component, target, "exec", &detail,
     )
     .await?;
-    Ok(upgrade.on_upgrade(move |socket| relay(socket, opened)))
+    route.answer(&state, &caller, &uri, upgrade).await
 }
 
 /// The query of an exec: `command` repeats, which the usual query
@@ -195,6 +189,7 @@ pub async fn port_forward(
     caller: Caller,
     Path((project, stage, component)): Path<(String, String, String)>,
     Query(query): Query<ForwardQuery>,
+    uri: Uri,
     upgrade: Upgrade,
 ) -> ApiResult<Response> {
     let upgrade = upgrade.map_err(not_upgrade)?;
@@ -203,7 +198,7 @@ pub async fn port_forward(
         replica: query.replica,
         port: query.port,
     };
-    let opened = open(
+    let route = open(
         &state,
         &caller,
         &project,
@@ -214,7 +209,7 @@ pub async fn port_forward(
         &query.port.to_string(),
     )
     .await?;
-    Ok(upgrade.on_upgrade(move |socket| relay(socket, opened)))
+    route.answer(&state, &caller, &uri, upgrade).await
 }
 
 fn not_upgrade(rejection: axum::extract::ws::rejection::WebSocketUpgradeRejection) -> ApiError {
@@ -272,6 +267,43 @@ pub struct Opened {
     _permit: StreamPermit,
 }
 
+/// Where a stream asked of this instance runs.
+pub enum Route {
+    /// Opened on this instance's session.
+    Here(Opened),
+    /// The outpost's link is on another hub instance (they share the
+    /// store): the request goes there, which checks, limits and records it
+    /// again ([`crate::cluster::forward_stream`]).
+    Forward(trellis_store::Instance),
+}
+
+impl Route {
+    /// Upgrades the client's request: relayed to this instance's stream,
+    /// or to the instance holding the link.
+    pub async fn answer(
+        self,
+        state: &AppState,
+        caller: &Caller,
+        uri: &Uri,
+        upgrade: WebSocketUpgrade,
+    ) -> ApiResult<Response> {
+        match self {
+            Route::Here(opened) => Ok(upgrade.on_upgrade(move |socket| relay(socket, opened))),
+            Route::Forward(instance) => {
+                let path = uri.path_and_query().map_or("/", |p| p.as_str());
+                crate::cluster::forward_stream::websocket(
+                    state,
+                    &instance,
+                    &caller.user,
+                    path,
+                    upgrade,
+                )
+                .await
+            }
+        }
+    }
+}
+
 /// Authorises, limits, opens and records a stream; see the module docs.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn open(
@@ -283,7 +315,7 @@ pub(crate) async fn open(
     target: StreamTarget,
     action: &str,
     detail: &str,
-) -> ApiResult<Opened> {
+) -> ApiResult<Route> {
     // Members and owners alike; a non-member sees a missing project.
     caller.role_in(state, project).await?;
     let user = caller.user.as_str();
@@ -296,6 +328,16 @@ pub(crate) async fn open(
         && !c.ports.iter().any(|p| p == port)
     {
         let ports: Vec<String> = c.ports.iter().map(u16::to_string).collect();
+        let entry = audit_entry(
+            user,
+            project,
+            stage,
+            component,
+            &record.outpost,
+            action,
+            detail,
+        );
+        record_audit(state, entry, "port-not-exposed").await?;
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "port-not-exposed",
@@ -310,7 +352,7 @@ pub(crate) async fn open(
             "forward one of the ports the manifest lists for the component",
         ));
     }
-    let permit = state
+    let limited = state
         .links()
         .stream_limits
         .acquire(user, &record.outpost)
@@ -318,7 +360,9 @@ pub(crate) async fn open(
             LimitError::Outpost { outpost, limit } => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too-many-streams",
-                format!("outpost {outpost:?} already carries {limit} streams, the most it may at once"),
+                format!(
+                    "outpost {outpost:?} already carries {limit} streams, the most it may at once"
+                ),
                 "end an exec or port-forward that is still open, or retry in a moment",
             ),
             LimitError::User { user, limit } => ApiError::new(
@@ -327,45 +371,112 @@ pub(crate) async fn open(
                 format!("{user} already has {limit} streams open, the most a user may at once"),
                 "end an exec or port-forward that is still open",
             ),
-        })?;
+        });
+    let permit = match limited {
+        Ok(permit) => permit,
+        Err(e) => {
+            let entry = audit_entry(
+                user,
+                project,
+                stage,
+                component,
+                &record.outpost,
+                action,
+                detail,
+            );
+            record_audit(state, entry, e.code).await?;
+            return Err(e);
+        }
+    };
 
     let result = match state
         .links()
         .open_stream(&record.outpost, project, stage, target)
     {
         Ok(pending) => pending.opened().await,
+        Err(OpenStreamError::Offline) => {
+            // Where hubs share the store, the link may be on another
+            // instance: the request goes there (once), which records it.
+            if state.cluster().is_shared()
+                && !caller.forwarded
+                && let crate::cluster::Holder::Other { instance, .. } = state
+                    .cluster()
+                    .holder(state.store(), &record.outpost)
+                    .await?
+            {
+                drop(permit);
+                return Ok(Route::Forward(instance));
+            }
+            Err(OpenStreamError::Offline)
+        }
         Err(e) => Err(e),
     };
     let outcome = match &result {
-        Ok(_) => "opened".to_owned(),
-        Err(e) => refusal_code(e).to_owned(),
+        Ok(_) => "opened",
+        Err(e) => refusal_code(e),
     };
-    let audit = NewAuditEntry {
+    let entry = audit_entry(
+        user,
+        project,
+        stage,
+        component,
+        &record.outpost,
+        action,
+        detail,
+    );
+    // Nothing opens unrecorded.
+    record_audit(state, entry, outcome).await?;
+    match result {
+        Ok(handle) => {
+            tracing::info!(
+                user,
+                project,
+                stage,
+                component,
+                action,
+                detail,
+                "stream opened"
+            );
+            Ok(Route::Here(Opened {
+                handle,
+                _permit: permit,
+            }))
+        }
+        Err(e) => Err(refusal(state, &record, e).await),
+    }
+}
+
+fn audit_entry(
+    user: &str,
+    project: &str,
+    stage: &str,
+    component: &str,
+    outpost: &str,
+    action: &str,
+    detail: &str,
+) -> NewAuditEntry {
+    NewAuditEntry {
         time: Utc::now(),
         user: user.to_owned(),
         project: project.to_owned(),
         stage: stage.to_owned(),
         component: component.to_owned(),
-        outpost: record.outpost.clone(),
+        outpost: outpost.to_owned(),
         action: action.to_owned(),
         detail: detail.to_owned(),
-        result: outcome,
-    };
-    if let Err(e) = state.store().record_audit(&audit).await {
-        // Nothing opens unrecorded.
+        result: String::new(),
+    }
+}
+
+/// Writes the entry with its outcome; an entry that cannot be written
+/// refuses the open.
+async fn record_audit(state: &AppState, mut entry: NewAuditEntry, result: &str) -> ApiResult<()> {
+    entry.result = result.to_owned();
+    if let Err(e) = state.store().record_audit(&entry).await {
         tracing::error!(error = %e, "could not record a stream in the audit log");
         return Err(e.into());
     }
-    match result {
-        Ok(handle) => {
-            tracing::info!(user, project, stage, component, action, detail, "stream opened");
-            Ok(Opened {
-                handle,
-                _permit: permit,
-            })
-        }
-        Err(e) => Err(refusal(state, &record, e).await),
-    }
+    Ok(())
 }
 
 fn refusal_code(e: &OpenStreamError) -> &str {
@@ -551,7 +662,14 @@ mod tests {
         assert_eq!(q.command, ["sh", "-c", "echo hi && id"]);
         assert!(q.tty);
         assert_eq!((q.replica, q.cols, q.rows), (Some(1), 80, 24));
-        for bad in ["", "tty=true", "command=", "command=ls&tty=yes", "command=ls&replica=-1", "command=ls&x=1"] {
+        for bad in [
+            "",
+            "tty=true",
+            "command=",
+            "command=ls&tty=yes",
+            "command=ls&replica=-1",
+            "command=ls&x=1",
+        ] {
             let e = ExecQuery::parse(bad).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
         }

@@ -31,6 +31,8 @@ struct OutpostRow {
     labels: String,
     stages: String,
     local: bool,
+    /// The hub instance holding the link, where several share the store.
+    instance: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -54,6 +56,9 @@ pub struct OutpostForm {
 #[template(path = "outposts.html")]
 struct OutpostsPage {
     page: Page,
+    /// Several hub instances share the store: the list says which holds
+    /// each link.
+    clustered: bool,
     outposts: Vec<OutpostRow>,
     form: OutpostForm,
     error: Option<ApiError>,
@@ -88,12 +93,18 @@ async fn outposts_page(
                 None => stages.to_string(),
             },
             local: outpost.name == LOCAL_OUTPOST,
+            instance: match (&link.instance_address, &link.instance) {
+                (Some(address), Some(id)) => format!("{address} ({id})"),
+                (None, Some(id)) => id.clone(),
+                _ => String::new(),
+            },
             display_name: outpost.display_name,
             name: outpost.name,
         });
     }
     Ok(OutpostsPage {
         page: Page::signed("Outposts", caller, "outposts"),
+        clustered: state.cluster().is_shared(),
         outposts: rows,
         form,
         error,

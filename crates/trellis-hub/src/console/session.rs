@@ -94,6 +94,7 @@ impl FromRequestParts<AppState> for Signed {
         Ok(Signed(Caller {
             user: user.name,
             admin: user.admin,
+            forwarded: false,
         }))
     }
 }

@@ -203,12 +203,7 @@ impl ArtifactAccess {
         {
             return Some(chunks.clone());
         }
-        let store = state.chunks().clone();
-        let digest = *index;
-        let artifact = tokio::task::spawn_blocking(move || store.artifact(&digest))
-            .await
-            .ok()?
-            .ok()?;
+        let artifact = state.chunks().artifact(index).await.ok()?;
         let chunks: Arc<HashSet<Digest>> =
             Arc::new(artifact.chunks.iter().map(|c| c.digest).collect());
         let mut indexes = self.indexes.lock().unwrap_or_else(|p| p.into_inner());
@@ -310,18 +305,13 @@ async fn serve_chunk(
         return Err(not_found("chunk", &digest, &peer.outpost));
     }
     // Chunks are small (a stored chunk is at most about 1 MiB): one read
-    // into memory beats streaming it in small blocking reads.
-    let path = state.chunks().path(&digest);
-    let bytes = match tokio::fs::read(&path).await {
-        Ok(bytes) => bytes::Bytes::from(bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    // into memory beats streaming it in small reads.
+    let bytes = match state.chunks().stored(&digest).await {
+        Ok(bytes) => bytes,
+        Err(crate::chunks::ChunkError::NotFound { .. }) => {
             return Err(not_found("chunk", &digest, &peer.outpost));
         }
-        Err(e) => {
-            return Err(ApiError::internal(format!(
-                "cannot read chunk {digest}: {e}"
-            )));
-        }
+        Err(e) => return Err(e.to_api(&format!("chunk {digest} cannot be served"))),
     };
     let len = bytes.len() as u64;
     let range = match byte_range(headers.get(header::RANGE), len) {
@@ -403,24 +393,19 @@ async fn serve_content(
     {
         return Err(not_found("artifact", &digest, &peer.outpost));
     }
-    let store = state.chunks().clone();
-    let artifact = tokio::task::spawn_blocking(move || store.artifact(&digest))
-        .await
-        .map_err(|e| ApiError::internal(format!("reading artifact {digest} failed: {e}")))?
-        .map_err(|e| match e {
-            trellis_cas::CasError::NotFound { .. } => not_found("artifact", &digest, &peer.outpost),
-            other => ApiError::internal(format!(
-                "artifact {digest} cannot be served: {other} (this hub reads {INDEX_FORMAT})"
-            )),
-        })?;
-    let size = artifact.size;
-    let reader = state.chunks().open_artifact(&digest, &artifact);
-    let (rx, reading) = trellis_agent::runtime::artifacts::stream_artifact(reader);
-    tokio::spawn(async move {
-        if let Ok(Err(e)) = reading.await {
-            tracing::error!(%digest, error = %e, "an artifact could not be served");
+    let artifact = match state.chunks().artifact(&digest).await {
+        Ok(artifact) => artifact,
+        Err(crate::chunks::ChunkError::NotFound { .. }) => {
+            return Err(not_found("artifact", &digest, &peer.outpost));
         }
-    });
+        Err(e) => {
+            return Err(e.to_api(&format!(
+                "artifact {digest} cannot be served (this hub reads {INDEX_FORMAT})"
+            )));
+        }
+    };
+    let size = artifact.size;
+    let rx = state.chunks().content(digest, artifact);
     let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut response = Response::new(body);
     let h = response.headers_mut();

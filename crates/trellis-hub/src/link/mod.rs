@@ -87,6 +87,10 @@ pub struct LinkSettings {
     pub cert_validity: Duration,
     /// Streams (exec, port forwarding) open at once per outpost and user.
     pub streams: streams::StreamLimitSettings,
+    /// On a store several hubs share: how often every session re-reads its
+    /// desired state even without a change announced (a safety net for a
+    /// lost notification).
+    pub resync: Duration,
 }
 
 impl Default for LinkSettings {
@@ -99,6 +103,7 @@ impl Default for LinkSettings {
             max_handshakes: 64,
             cert_validity: Duration::from_secs(30 * 24 * 3600),
             streams: streams::StreamLimitSettings::default(),
+            resync: Duration::from_secs(300),
         }
     }
 }
@@ -118,6 +123,10 @@ struct Live {
     degraded: Option<String>,
     /// The connected agent serves streams.
     streams: bool,
+    /// The highest epoch another hub instance claimed this outpost's link
+    /// at (see [`Links::fence`]): a session of ours whose own claim comes
+    /// back lower has been replaced.
+    foreign_epoch: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +138,21 @@ pub(crate) struct SessionHandle {
     requests: mpsc::Sender<logs::SessionRequest>,
     /// Log streams the session may still take.
     log_slots: Arc<Semaphore>,
+    /// The epoch this session's claim of the link got from the store (0
+    /// until it is known; only on a store several hubs share).
+    pub(crate) epoch: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SessionHandle {
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The session has ended (its loop no longer takes requests) or was
+    /// told to.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.requests.is_closed() || self.cancel.is_cancelled()
+    }
 }
 
 /// A snapshot of one outpost's link, for status views.
@@ -142,6 +166,12 @@ pub struct LinkView {
     pub last_disconnect: Option<String>,
     /// Why the link is degraded, when it is.
     pub attention: Option<String>,
+    /// The hub instance holding the link, when several share the store
+    /// (its id and the address the instances reach it at).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_address: Option<String>,
     /// When the agent's current client certificate expires (it renews
     /// itself over the link well before).
     pub certificate_expires: Option<DateTime<Utc>>,
@@ -165,6 +195,12 @@ pub struct Links {
     pub syncs: Arc<commit::SyncCommitter>,
     /// Streams open per outpost and per user.
     pub stream_limits: Arc<streams::StreamLimits>,
+    /// The store announces changes to every hub (it is shared): pokes come
+    /// from its feed, not from the handler that made the change.
+    feed_pokes: std::sync::atomic::AtomicBool,
+    /// Sessions ended because another connection of their outpost (on any
+    /// hub instance) replaced them.
+    pub fenced: std::sync::atomic::AtomicU64,
 }
 
 impl Links {
@@ -181,7 +217,18 @@ impl Links {
             recorder: Arc::default(),
             syncs: Arc::default(),
             deliveries: Mutex::new(HashMap::new()),
+            feed_pokes: std::sync::atomic::AtomicBool::new(false),
+            fenced: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// From now on, changes poke sessions through the store's feed
+    /// ([`Links::poke_local`]) and [`Links::poke`] does nothing: on a shared
+    /// store the hub that made a change and the one holding the link are
+    /// told the same way.
+    pub fn use_feed_pokes(&self) {
+        self.feed_pokes
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Keeps the delivery progress an agent sent for a stage.
@@ -233,6 +280,7 @@ impl Links {
             cancel: CancellationToken::new(),
             requests,
             log_slots: Arc::new(Semaphore::new(logs::MAX_STREAMS_PER_SESSION)),
+            epoch: Arc::default(),
         };
         let now = Utc::now();
         let mut live = self.lock();
@@ -241,6 +289,8 @@ impl Links {
             .or_insert_with(|| Live::new(LinkState::Online, now));
         if let Some(old) = entry.session.replace(handle.clone()) {
             old.cancel.cancel();
+            self.fenced
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         entry.state = LinkState::Online;
         entry.since = now;
@@ -308,11 +358,98 @@ impl Links {
         entry.errors.record("hub", code, message, hint, now, now, 1);
     }
 
-    /// Something about the outpost's stages changed: its session re-syncs.
+    /// Something about the outpost's stages changed: its session re-syncs
+    /// (unless the store's feed says so to every hub, see
+    /// [`Links::use_feed_pokes`]).
     pub fn poke(&self, outpost: &str) {
+        if !self.feed_pokes.load(std::sync::atomic::Ordering::Relaxed) {
+            self.poke_local(outpost);
+        }
+    }
+
+    /// Pokes this hub's session of the outpost, if it has one.
+    pub fn poke_local(&self, outpost: &str) {
         if let Some(session) = self.lock().get(outpost).and_then(|e| e.session.as_ref()) {
             session.poke.notify_one();
         }
+    }
+
+    /// The outposts with a session here, each with its session's id and
+    /// claim epoch (0 while unknown).
+    pub fn local_sessions(&self) -> Vec<(String, u64, u64)> {
+        self.lock()
+            .iter()
+            .filter_map(|(outpost, e)| {
+                e.session.as_ref().map(|s| {
+                    (
+                        outpost.clone(),
+                        s.id,
+                        s.epoch.load(std::sync::atomic::Ordering::Relaxed),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Another hub instance claimed the outpost's link at `epoch`: a
+    /// session of ours with a lower (or no longer matching) epoch ends. A
+    /// session whose own claim is still on its way remembers the epoch and
+    /// ends if its claim comes back lower ([`Links::claimed`]). Returns
+    /// whether a session was ended.
+    pub fn fence(&self, outpost: &str, epoch: u64) -> bool {
+        let mut live = self.lock();
+        let Some(entry) = live.get_mut(outpost) else {
+            return false;
+        };
+        entry.foreign_epoch = entry.foreign_epoch.max(epoch);
+        let mine = entry
+            .session
+            .as_ref()
+            .map(|s| s.epoch.load(std::sync::atomic::Ordering::Relaxed));
+        match mine {
+            Some(mine) if mine != 0 && mine < epoch => {
+                if let Some(session) = entry.session.as_ref() {
+                    session.cancel.cancel();
+                }
+                self.fenced
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Ends our session of the outpost, if it is `session`: its claim is
+    /// gone from the store (another instance took the link, or the store
+    /// was told this instance died).
+    pub fn fence_session(&self, outpost: &str, session: u64) -> bool {
+        let live = self.lock();
+        match live.get(outpost).and_then(|e| e.session.as_ref()) {
+            Some(s) if s.id == session => {
+                s.cancel.cancel();
+                self.fenced
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Session `session` of the outpost got its claim at `epoch`. Returns
+    /// `false` if another instance claimed it higher meanwhile (the session
+    /// is ended).
+    pub(crate) fn claimed(&self, outpost: &str, session: &SessionHandle, epoch: u64) -> bool {
+        session
+            .epoch
+            .store(epoch, std::sync::atomic::Ordering::Relaxed);
+        let foreign = self.lock().get(outpost).map_or(0, |e| e.foreign_epoch);
+        if foreign > epoch {
+            session.cancel.cancel();
+            self.fenced
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
     /// Asks the outpost's live session for the log lines of a stage placed
@@ -426,6 +563,8 @@ impl Links {
             agent_version: entry.agent_version.clone(),
             last_disconnect: entry.last_disconnect.clone(),
             attention: entry.degraded.clone(),
+            instance: None,
+            instance_address: None,
             certificate_expires: None,
             errors: entry.errors.entries(),
         })
@@ -456,6 +595,7 @@ impl Live {
             errors: ErrorLog::default(),
             degraded: None,
             streams: false,
+            foreign_epoch: 0,
         }
     }
 }

@@ -261,16 +261,20 @@ async fn serve(
     let (handle, inbox) = state.links().connected(outpost, &agent_version);
     state.links().set_streams(
         outpost,
-        handle.id,
+        handle.id(),
         features
             .iter()
             .any(|f| f == trellis_link::protocol::FEATURE_STREAMS),
     );
+    // Where hubs share the store, this session now holds the outpost's
+    // link: an older one on any instance ends.
+    state.cluster().claim(state, outpost, &handle);
     let result = session_loop(io, peer, state, &handle, inbox, &stages).await;
     let reason = match &result {
         Ok(r) | Err(r) => r.clone(),
     };
-    state.links().disconnected(outpost, handle.id, &reason);
+    state.links().disconnected(outpost, handle.id(), &reason);
+    state.cluster().release(state, outpost, &handle);
     state.record_link_activity(LinkActivity {
         outpost: outpost.to_owned(),
         seen: Utc::now(),

@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 use super::errors::ErrorEntry;
 use super::{LinkState, LinkView};
 use crate::auth::Caller;
+use crate::cluster::Holder;
 use crate::error::ApiResult;
 use crate::extract::{Json, Path, Query};
 use crate::state::AppState;
@@ -154,11 +155,23 @@ pub struct StageStatus {
 }
 
 /// The link view of an outpost: live if a session existed since the hub
-/// started, else reconstructed from what the store remembers.
+/// started, else reconstructed from what the store remembers. Where hubs
+/// share the store, an outpost this instance does not hold is shown as the
+/// store's link claims say: online on the instance holding it while that
+/// instance beats, offline once it stops (a dead instance's links are
+/// never shown online from a stale record).
 pub async fn link_view(state: &AppState, outpost: &str) -> ApiResult<LinkView> {
     let link = state.store().get_outpost_link(outpost).await?;
-    if let Some(mut view) = state.links().view(outpost) {
+    let cluster = state.cluster();
+    let local = state.links().view(outpost);
+    if let Some(mut view) = local.clone()
+        && (view.state.is_connected() || !cluster.is_shared())
+    {
         view.certificate_expires = link.cert_not_after;
+        if cluster.is_shared() {
+            view.instance = Some(cluster.id().to_owned());
+            view.instance_address = cluster.address().map(str::to_owned);
+        }
         return Ok(view);
     }
     let record = state.store().get_outpost(outpost).await?;
@@ -168,6 +181,52 @@ pub async fn link_view(state: &AppState, outpost: &str) -> ApiResult<LinkView> {
         .and_then(|a| a.get("version"))
         .and_then(|v| v.as_str())
         .map(str::to_owned);
+    if cluster.is_shared() && record.revoked_at.is_none() {
+        let errors = local.as_ref().map(|v| v.errors.clone()).unwrap_or_default();
+        match cluster.holder(state.store(), outpost).await? {
+            Holder::Other { instance, claim } => {
+                return Ok(LinkView {
+                    state: LinkState::Online,
+                    since: claim.since,
+                    last_seen: Some(instance.beat_at.max(link.last_seen.unwrap_or(claim.since))),
+                    rtt_ms: None,
+                    agent_version,
+                    last_disconnect: link.last_disconnect,
+                    attention: None,
+                    instance: Some(instance.id),
+                    instance_address: Some(instance.address),
+                    certificate_expires: link.cert_not_after,
+                    errors,
+                });
+            }
+            Holder::Dead { instance, claim } => {
+                let (since, who) = match &instance {
+                    Some(i) => (i.beat_at, format!("{} ({})", i.id, i.address)),
+                    None => (claim.since, claim.instance.clone()),
+                };
+                return Ok(LinkView {
+                    state: LinkState::Offline,
+                    since,
+                    last_seen: Some(since),
+                    rtt_ms: None,
+                    agent_version,
+                    last_disconnect: Some(format!(
+                        "the hub instance {who} that held the link stopped answering"
+                    )),
+                    attention: None,
+                    instance: Some(claim.instance),
+                    instance_address: instance.map(|i| i.address),
+                    certificate_expires: link.cert_not_after,
+                    errors,
+                });
+            }
+            Holder::Me(_) | Holder::Released(_) | Holder::Nobody => {}
+        }
+    }
+    if let Some(mut view) = local {
+        view.certificate_expires = link.cert_not_after;
+        return Ok(view);
+    }
     let (state, since) = match (record.revoked_at, link.last_seen) {
         (Some(at), _) => (LinkState::Revoked, at),
         (None, Some(seen)) => (LinkState::Offline, seen),
@@ -181,6 +240,8 @@ pub async fn link_view(state: &AppState, outpost: &str) -> ApiResult<LinkView> {
         agent_version,
         last_disconnect: link.last_disconnect,
         attention: None,
+        instance: None,
+        instance_address: None,
         certificate_expires: link.cert_not_after,
         errors: Vec::new(),
     })

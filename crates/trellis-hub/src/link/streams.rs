@@ -113,10 +113,7 @@ impl PendingStream {
     /// Waits for the agent to accept the stream.
     pub async fn opened(self) -> Result<StreamHandle, OpenStreamError> {
         let wait = async {
-            let mut handle = self
-                .reply
-                .await
-                .map_err(|_| OpenStreamError::LinkClosed)?;
+            let mut handle = self.reply.await.map_err(|_| OpenStreamError::LinkClosed)?;
             match handle.reader.recv().await {
                 Some(Inbound::Opened) => Ok(handle),
                 Some(Inbound::Closed {

@@ -13,7 +13,9 @@ use tokio::sync::mpsc;
 
 use super::engine::Inspected;
 use super::{ContainerRuntime, naming};
-use crate::runner::{ExecControl, ExecProcess, ExecRequest, StreamChannel, StreamError, stream_error};
+use crate::runner::{
+    ExecControl, ExecProcess, ExecRequest, StreamChannel, StreamError, stream_error,
+};
 use crate::runtime::ComponentPlan;
 use crate::state::StageKey;
 
@@ -32,9 +34,17 @@ impl ContainerRuntime {
         let mut filters = self.stage_filters(stage);
         filters.push(format!("{}={}", naming::COMPONENT, component.name));
         let engine_error = |e: crate::runtime::RuntimeError| {
-            stream_error(e.code, format!("the container engine failed: {}", e.message), "")
+            stream_error(
+                e.code,
+                format!("the container engine failed: {}", e.message),
+                "",
+            )
         };
-        let listed = self.engine.containers(&filters).await.map_err(engine_error)?;
+        let listed = self
+            .engine
+            .containers(&filters)
+            .await
+            .map_err(engine_error)?;
         let mut replicas = Vec::new();
         for c in &listed {
             if c.labels.get(naming::COMPONENT) != Some(&component.name) {
@@ -53,7 +63,10 @@ impl ContainerRuntime {
         replicas.sort_by_key(|(n, _)| *n);
         let running = |r: &&(u32, Inspected)| r.1.state.running;
         let found = match replica {
-            Some(n) => replicas.iter().filter(running).find(|(number, _)| *number == n),
+            Some(n) => replicas
+                .iter()
+                .filter(running)
+                .find(|(number, _)| *number == n),
             None => replicas.iter().find(running),
         };
         match found {
@@ -75,7 +88,10 @@ impl ContainerRuntime {
         let failed = |doing: &str, e: bollard::errors::Error| {
             stream_error(
                 "exec-failed",
-                format!("the container engine could not {doing} in {}: {e}", component.name),
+                format!(
+                    "the container engine could not {doing} in {}: {e}",
+                    component.name
+                ),
                 "",
             )
         };
@@ -104,11 +120,7 @@ impl ContainerRuntime {
             )
             .await
             .map_err(|e| failed("start the command", e))?;
-        let StartExecResults::Attached {
-            mut output,
-            input,
-        } = started
-        else {
+        let StartExecResults::Attached { mut output, input } = started else {
             return Err(stream_error(
                 "exec-failed",
                 "the container engine started the command detached",
@@ -185,7 +197,11 @@ pub(crate) async fn connect(
     component: &str,
     addr: std::net::SocketAddr,
 ) -> Result<tokio::net::TcpStream, StreamError> {
-    match tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(addr)).await
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
     {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err(stream_error(

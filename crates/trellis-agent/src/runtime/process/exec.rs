@@ -16,7 +16,9 @@ use tokio::sync::mpsc;
 
 use super::supervisor::DEFAULT_PATH;
 use super::{ProcessRuntime, prepare};
-use crate::runner::{ExecControl, ExecProcess, ExecRequest, StreamChannel, StreamError, stream_error};
+use crate::runner::{
+    ExecControl, ExecProcess, ExecRequest, StreamChannel, StreamError, stream_error,
+};
 use crate::runtime::{ComponentPlan, ComponentState};
 use crate::state::StageKey;
 
@@ -72,15 +74,16 @@ impl ProcessRuntime {
                 "run the command without -t (stdin still works with -i)",
             ));
         }
-        self.check_running(stage, component, request.replica).await?;
+        self.check_running(stage, component, request.replica)
+            .await?;
         let dirs = self
             .inner
             .layout
             .component(stage, &component.name)
             .map_err(|e| stream_error(e.code, e.message, ""))?;
         let root = dirs.root(&component.spec_hash);
-        let owner =
-            prepare::owner(component).map_err(|e| stream_error(e.code, e.message, e.hint.unwrap_or_default()))?;
+        let owner = prepare::owner(component)
+            .map_err(|e| stream_error(e.code, e.message, e.hint.unwrap_or_default()))?;
         let program = &request.command[0];
         let path = if program.contains('/') && !program.starts_with('/') {
             root.join(program)

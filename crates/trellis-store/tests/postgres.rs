@@ -1,0 +1,370 @@
+//! What only the PostgreSQL store has to prove, on real servers of the test
+//! kit: bad URLs are refused at once with what to fix, a hub that lost its
+//! listening connection is told it may have missed changes, a job's lock
+//! goes with its connection, and nothing acknowledged is lost when the
+//! server restarts.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use trellis_model::{Outpost, User};
+use trellis_store::postgres::{PgOptions, PgStore};
+use trellis_store::{Change, Store};
+
+fn quick() -> PgOptions {
+    PgOptions {
+        connect_timeout: Duration::from_secs(3),
+        ..PgOptions::default()
+    }
+}
+
+async fn refused(url: &str) -> String {
+    match PgStore::open(url, &quick()).await {
+        Ok(_) => panic!("{url} opened"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[tokio::test]
+async fn bad_urls_are_refused_naming_what_to_fix() {
+    let Some(server) = trellis_testkit::postgres::server() else {
+        return;
+    };
+    let db = server.database();
+    let unreachable = trellis_testkit::free_port(None);
+    let e = refused(&format!(
+        "postgres://trellis:trellis@127.0.0.1:{unreachable}/x"
+    ))
+    .await;
+    assert!(e.contains(&format!("127.0.0.1:{unreachable}")), "{e}");
+    assert!(e.contains("check that PostgreSQL runs there"), "{e}");
+
+    let e = refused(&db.url.replace("trellis:trellis@", "trellis:wrong@")).await;
+    assert!(e.contains("password authentication failed"), "{e}");
+    assert!(e.contains("check the user name and password"), "{e}");
+    assert!(!e.contains("wrong"), "the password is never shown: {e}");
+
+    let e = refused(&server.url("no_such_database")).await;
+    assert!(e.contains("no_such_database"), "{e}");
+    assert!(e.contains("create the database first"), "{e}");
+
+    let e = refused("postgres://trellis@127.0.0.1:notaport/x").await;
+    assert!(
+        e.contains("postgres://USER:PASSWORD@HOST:PORT/DATABASE"),
+        "{e}"
+    );
+}
+
+fn outpost(name: &str) -> Outpost {
+    Outpost {
+        name: name.into(),
+        display_name: name.into(),
+        description: String::new(),
+        labels: Default::default(),
+        max_stages: None,
+        uri_generation: 1,
+        revoked_at: None,
+        ingress_domain: None,
+        created_at: Utc::now(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_loses_nothing_and_listeners_hear_they_missed_changes() {
+    let Some(pg) = trellis_testkit::postgres::PrivatePostgres::start() else {
+        return;
+    };
+    let store = PgStore::open(&pg.url(), &PgOptions::default())
+        .await
+        .unwrap();
+    let mut feed = store.changes().unwrap();
+    let mut lock = store.lock_job("collect-garbage").await.unwrap().unwrap();
+    store
+        .create_user(&User {
+            name: "alice".into(),
+            admin: true,
+            created_at: Utc::now(),
+        })
+        .await
+        .unwrap();
+    store.create_outpost(&outpost("before")).await.unwrap();
+
+    // A crash of the server: what was acknowledged must be there after it.
+    pg.stop(false);
+    tokio::time::timeout(Duration::from_secs(20), lock.lost())
+        .await
+        .expect("the job's lock is known lost once its connection is");
+    assert!(store.create_outpost(&outpost("during")).await.is_err());
+    pg.resume();
+
+    // The listener comes back by itself and says changes may have been
+    // missed meanwhile.
+    let missed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match feed.recv().await {
+                Some(Change::Missed) => return,
+                Some(_) => continue,
+                None => panic!("the feed ended"),
+            }
+        }
+    })
+    .await;
+    assert!(missed.is_ok(), "no Missed after the server came back");
+    // The pool reconnects by itself too.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match store.create_outpost(&outpost("after")).await {
+            Ok(()) => break,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the store did not recover: {e}"),
+        }
+    }
+    let names: Vec<String> = store
+        .list_outposts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    assert_eq!(names, ["after", "before"]);
+    assert!(store.get_user("alice").await.unwrap().admin);
+    // And the lock can be taken again.
+    assert!(store.lock_job("collect-garbage").await.unwrap().is_some());
+    store.close().await;
+}
+
+/// `trellis hub migrate`'s copy: a SQLite hub's every record arrives in
+/// PostgreSQL as it was, and the copy refuses a database that holds a hub.
+#[tokio::test]
+async fn a_sqlite_hub_copies_into_postgres_whole() {
+    use trellis_model::{ComponentAction, ConfigData, NewBuild, Project, Role, StageType};
+    use trellis_store::sqlite::SqliteStore;
+    use trellis_store::{
+        LinkActivity, LinkHello, NewRelease, NewStage, StoredAccessKey, SyncUpdate,
+    };
+
+    let Some(server) = trellis_testkit::postgres::server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStore::open(&dir.path().join("hub.db")).await.unwrap();
+    let now = Utc::now();
+    let s: &dyn Store = &sqlite;
+    s.create_user(&User {
+        name: "admin".into(),
+        admin: true,
+        created_at: now,
+    })
+    .await
+    .unwrap();
+    s.create_user(&User {
+        name: "bob".into(),
+        admin: false,
+        created_at: now,
+    })
+    .await
+    .unwrap();
+    s.create_access_key(&StoredAccessKey {
+        info: trellis_model::AccessKeyInfo {
+            id: "tk_1".into(),
+            user: "bob".into(),
+            description: "laptop".into(),
+            created_at: now,
+        },
+        secret_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+    })
+    .await
+    .unwrap();
+    s.create_project(
+        &Project {
+            name: "shop".into(),
+            description: "the shop".into(),
+            created_at: now,
+        },
+        "admin",
+    )
+    .await
+    .unwrap();
+    s.set_member("shop", "bob", Role::Member).await.unwrap();
+    s.create_outpost(&outpost("local")).await.unwrap();
+    s.create_outpost(&outpost("edge")).await.unwrap();
+    s.create_join_token("hash-1", "edge", now + chrono::Duration::hours(1))
+        .await
+        .unwrap();
+    let mut link = s.get_outpost_link("edge").await.unwrap();
+    link.key_fingerprint = Some("sha256:abc".into());
+    s.put_outpost_link(&link).await.unwrap();
+    s.record_link_activity(&[LinkActivity {
+        outpost: "edge".into(),
+        seen: now,
+        hello: Some(LinkHello {
+            agent: serde_json::json!({"version": "1"}),
+            cert_serial: "5e".into(),
+            cert_not_after: now,
+        }),
+        disconnect: None,
+    }])
+    .await
+    .unwrap();
+    for (name, outpost) in [("dev", "local"), ("line", "edge")] {
+        s.create_stage(
+            &NewStage {
+                project: "shop".into(),
+                name: name.into(),
+                stage_type: StageType::Dev,
+                display_name: name.into(),
+                outpost: outpost.into(),
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    }
+    let build = s
+        .create_build(
+            "shop",
+            &NewBuild {
+                branch: "main".into(),
+                commit: "0".repeat(40),
+                manifest_file: "trellis.yaml".into(),
+                manifest: "version: v1\ncomponents: []\n".into(),
+                components: vec![],
+            },
+            "admin",
+            now,
+        )
+        .await
+        .unwrap();
+    s.add_config_data(
+        "shop",
+        "line",
+        "app",
+        &ConfigData {
+            env: [("A".to_owned(), "1".to_owned())].into(),
+            files: Default::default(),
+        },
+        now,
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        s.push_release(
+            &NewRelease {
+                project: "shop".into(),
+                stage: "line".into(),
+                build: build.name.clone(),
+                config: None,
+                created_by: "admin".into(),
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    }
+    s.control_component("shop", "line", "web", ComponentAction::Stop)
+        .await
+        .unwrap();
+    s.record_sync_batch(
+        &[
+            SyncUpdate::Delivered {
+                project: "shop".into(),
+                stage: "line".into(),
+                revision: 4,
+            },
+            SyncUpdate::Status {
+                project: "shop".into(),
+                stage: "line".into(),
+                applied_revision: 2,
+                failed_revision: None,
+                report: serde_json::json!({"state": "running"}),
+            },
+        ],
+        now,
+    )
+    .await
+    .unwrap();
+
+    let db = server.database();
+    let pg = PgStore::open(&db.url, &PgOptions::default()).await.unwrap();
+    let report = trellis_store::copy::sqlite_to_postgres(&sqlite, &pg)
+        .await
+        .unwrap();
+    assert_eq!(report.rows("users"), 2);
+    assert_eq!(report.rows("releases"), 3);
+    assert_eq!(report.rows("stages"), 2);
+    assert_eq!(report.rows("join_tokens"), 1);
+    assert_eq!(report.rows("component_controls"), 1);
+
+    let p: &dyn Store = &pg;
+    assert_eq!(p.list_users().await.unwrap(), s.list_users().await.unwrap());
+    assert_eq!(
+        p.find_access_key("tk_1").await.unwrap(),
+        s.find_access_key("tk_1").await.unwrap()
+    );
+    assert_eq!(
+        p.list_members("shop").await.unwrap(),
+        s.list_members("shop").await.unwrap()
+    );
+    assert_eq!(
+        p.list_outposts().await.unwrap(),
+        s.list_outposts().await.unwrap()
+    );
+    assert_eq!(
+        p.get_outpost_link("edge").await.unwrap(),
+        s.get_outpost_link("edge").await.unwrap()
+    );
+    assert_eq!(
+        p.list_stages("shop").await.unwrap(),
+        s.list_stages("shop").await.unwrap()
+    );
+    assert_eq!(
+        p.list_builds("shop").await.unwrap(),
+        s.list_builds("shop").await.unwrap()
+    );
+    assert_eq!(
+        p.list_configs("shop", None).await.unwrap(),
+        s.list_configs("shop", None).await.unwrap()
+    );
+    assert_eq!(
+        p.list_releases("shop", "line").await.unwrap(),
+        s.list_releases("shop", "line").await.unwrap()
+    );
+    assert_eq!(
+        p.get_stage_sync("shop", "line").await.unwrap(),
+        s.get_stage_sync("shop", "line").await.unwrap()
+    );
+    assert_eq!(
+        p.list_component_controls("shop", "line").await.unwrap(),
+        s.list_component_controls("shop", "line").await.unwrap()
+    );
+    // Numbering goes on where it was.
+    let next = p
+        .push_release(
+            &NewRelease {
+                project: "shop".into(),
+                stage: "line".into(),
+                build: build.name.clone(),
+                config: None,
+                created_by: "admin".into(),
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    assert_eq!((next.number, next.revision), (4, 5));
+    assert_eq!(
+        p.consume_join_token("hash-1", now).await.unwrap(),
+        Ok("edge".to_owned())
+    );
+
+    // A second copy into the same database is refused: it holds a hub now.
+    let again = trellis_store::copy::sqlite_to_postgres(&sqlite, &pg)
+        .await
+        .unwrap_err();
+    assert!(again.to_string().contains("already holds a hub"), "{again}");
+    pg.close().await;
+    sqlite.close().await;
+}
