@@ -256,6 +256,17 @@ async fn pump_exec(process: ExecProcess, mut reader: StreamReader, mut writer: S
     writer.close(code, None).await;
 }
 
+/// How the hub's side of a forwarded connection ended.
+enum Up {
+    /// The hub closed the stream (or the link ended).
+    Closed,
+    /// The hub sends no more; the connection's write half is shut. Once
+    /// the component has finished sending too, the stream is over.
+    Eof,
+    /// The component stopped taking bytes.
+    Broken,
+}
+
 async fn pump_tcp(
     connection: tokio::net::TcpStream,
     mut reader: StreamReader,
@@ -268,16 +279,16 @@ async fn pump_tcp(
             match reader.recv().await {
                 Some(Inbound::Data { bytes, .. }) => {
                     if tx.write_all(&bytes).await.is_err() {
-                        return false;
+                        return Up::Broken;
                     }
                     reader.consumed(bytes.len());
                 }
                 Some(Inbound::Eof) => {
                     let _ = tx.shutdown().await;
-                    // Keep reading: a close may still come.
+                    return Up::Eof;
                 }
                 Some(Inbound::Opened | Inbound::Resize { .. }) => {}
-                Some(Inbound::Closed { .. }) | None => return true,
+                Some(Inbound::Closed { .. }) | None => return Up::Closed,
             }
         }
     };
@@ -306,22 +317,30 @@ async fn pump_tcp(
     };
     let error = {
         tokio::pin!(upstream, downstream);
-        let mut down_done = false;
+        let (mut up_done, mut down_done) = (false, false);
         loop {
             tokio::select! {
-                closed = &mut upstream => {
+                up = &mut upstream, if !up_done => match up {
                     // The hub closed the stream or the link ended: nothing
-                    // to say. Otherwise the component stopped taking bytes.
-                    if closed { return; }
-                    break None;
-                }
+                    // to say.
+                    Up::Closed => return,
+                    // The component stopped taking bytes.
+                    Up::Broken => break None,
+                    Up::Eof => {
+                        up_done = true;
+                        if down_done {
+                            break None;
+                        }
+                    }
+                },
                 e = &mut downstream, if !down_done => {
                     down_done = true;
                     if e.is_some() {
                         break e;
                     }
-                    // The component finished sending; the hub ends the
-                    // stream when its side is done too.
+                    if up_done {
+                        break None;
+                    }
                 }
             }
         }

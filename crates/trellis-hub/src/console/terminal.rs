@@ -140,3 +140,32 @@ fn same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(host: &str, origin: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, host.parse().unwrap());
+        if let Some(o) = origin {
+            h.insert(header::ORIGIN, o.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn only_the_consoles_own_pages_open_a_terminal() {
+        assert!(same_origin(&headers("hub:8443", Some("https://hub:8443"))).is_ok());
+        assert!(same_origin(&headers("127.0.0.1:80", Some("http://127.0.0.1:80"))).is_ok());
+        for (host, origin) in [
+            ("hub:8443", Some("https://evil.example")),
+            ("hub:8443", Some("https://hub:8443.evil.example")),
+            ("hub:8443", Some("null")),
+            ("hub:8443", None),
+        ] {
+            let e = same_origin(&headers(host, origin)).unwrap_err();
+            assert_eq!((e.status, e.code), (StatusCode::FORBIDDEN, "cross-origin"));
+        }
+    }
+}
