@@ -1,5 +1,10 @@
 //! The command line's grammar. Verbs first, as users of comparable
 //! platforms know them: `trellis create stage …`, `trellis list build …`.
+//!
+//! The client's settings (`--endpoint`, `--key`, `--ca-cert`, `-o`) belong
+//! to the client verbs only, so `trellis hub --help` shows the hub's flags
+//! and nothing else: [`Client`] carries them into each verb, where they are
+//! global to its nouns (`trellis list release -p shop -s prod -o json`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,100 +18,136 @@ use trellis_agent::cli::RuntimeArgs;
     version,
     about = "Trellis: deliver applications to stages that run anywhere",
     long_about = "Trellis: deliver applications to stages that run anywhere.\n\n\
-        Client commands talk to a hub. Say which with --endpoint/--key, the \
+        Client commands talk to a hub. Say which with --endpoint/--access-key, the \
         TRELLIS_ENDPOINT/TRELLIS_KEY environment variables, or once with `trellis login`."
 )]
 pub struct Cli {
-    #[command(flatten)]
-    pub global: GlobalArgs,
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// Where the hub is, who is asking, and how to print the answer.
 #[derive(Debug, Args, Clone)]
 pub struct GlobalArgs {
-    /// The hub's address, e.g. http://127.0.0.1:7440
+    /// The hub's address, e.g. https://127.0.0.1:7440
     #[arg(long, env = "TRELLIS_ENDPOINT", global = true)]
     pub endpoint: Option<String>,
     /// Access key `<key-id>:<secret>`
-    #[arg(long, env = "TRELLIS_KEY", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        visible_alias = "access-key",
+        env = "TRELLIS_KEY",
+        global = true,
+        hide_env_values = true
+    )]
     pub key: Option<String>,
     /// PEM file of the CA that signed the hub's certificate, when the hub
     /// uses its own CA
     #[arg(long, env = "TRELLIS_CA_CERT", global = true)]
     pub ca_cert: Option<PathBuf>,
-    /// Output format of list and get
+    /// Output format: a table for people, JSON or YAML for programs
     #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Table, global = true)]
     pub output: OutputFormat,
+}
+
+/// A client verb: its nouns, and the client's settings.
+#[derive(Debug, Args)]
+pub struct Client<T: Subcommand> {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: T,
+}
+
+/// A client verb without nouns (`whoami`, `login`).
+#[derive(Debug, Args)]
+pub struct ClientOnly {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+}
+
+/// A duration as users write one: `30d`, `12h`, `90s`, `1h30m`.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let seconds = trellis_hub::api::components::parse_since(text, chrono::DateTime::UNIX_EPOCH)
+        .ok()
+        .filter(|_| !text.contains('-') && !text.contains(':'))
+        .map(|back| (chrono::DateTime::UNIX_EPOCH - back).num_seconds())
+        .and_then(|s| u64::try_from(s).ok())
+        .ok_or_else(|| format!("{text:?} is not a duration like 30d, 12h, 90s or 1h30m"))?;
+    Ok(std::time::Duration::from_secs(seconds))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Table,
     Json,
+    Yaml,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run a hub
-    Hub(HubArgs),
+    /// Run a hub, or work on a hub's data directory
+    Hub(Box<HubCommand>),
     /// Run a hub on loopback with an example project, for a first look
     Dev(DevArgs),
     /// Check and remember the endpoint and key for later commands
-    Login,
+    Login(ClientOnly),
     /// Show who the key belongs to
-    Whoami,
+    Whoami(ClientOnly),
+    /// Show this command line's version, the hub it talks to and who you
+    /// are there
+    #[command(alias = "version", alias = "about")]
+    Info(ClientOnly),
+    /// Print the shell completion script for bash, zsh or fish (e.g.
+    /// `trellis completion bash > /etc/bash_completion.d/trellis`)
+    Completion { shell: CompletionShell },
     /// Check something without changing anything
-    #[command(subcommand)]
-    Validate(ValidateCommand),
+    Validate(Client<ValidateCommand>),
     /// Create a project, stage, outpost, user or key
-    #[command(subcommand)]
-    Create(CreateCommand),
+    Create(Client<CreateCommand>),
     /// Push a build or a release
-    #[command(subcommand)]
-    Push(PushCommand),
+    Push(Client<PushCommand>),
     /// Add config data or a project member
-    #[command(subcommand)]
-    Add(AddCommand),
+    Add(Client<AddCommand>),
     /// Remove a project member
-    #[command(subcommand)]
-    Remove(RemoveCommand),
+    Remove(Client<RemoveCommand>),
     /// List things
     List(ListArgs),
     /// Show one thing
     Get(GetArgs),
-    /// Delete a thing (refused while others depend on it, unless --force)
+    /// Delete a thing: a project or stage is archived (restorable until the
+    /// hub's retention period ends; --purge deletes it for good); others are
+    /// refused while something depends on them, unless --force
     Delete(DeleteArgs),
+    /// Bring back an archived project or stage
+    Restore(Client<RestoreCommand>),
     /// Replace an outpost's URI with a new one (administrators)
-    #[command(subcommand)]
-    Rotate(RotateCommand),
-    /// Change an outpost's description or ingress domain (administrators)
-    #[command(subcommand)]
-    Update(UpdateCommand),
+    Rotate(Client<RotateCommand>),
+    /// Change a project, a stage, an outpost or a user
+    Update(Client<UpdateCommand>),
     /// Revoke an outpost (administrators)
-    #[command(subcommand)]
-    Revoke(RevokeCommand),
+    Revoke(Client<RevokeCommand>),
     /// Show the connection status of an outpost stage
-    #[command(subcommand)]
-    Status(StatusCommand),
+    Status(Client<StatusCommand>),
     /// Start a stopped component of a stage
-    #[command(subcommand)]
-    Start(ComponentTarget),
+    Start(Client<ComponentTarget>),
     /// Stop a component of a stage (it stays stopped across releases until started)
-    #[command(subcommand)]
-    Stop(ComponentTarget),
+    Stop(Client<ComponentTarget>),
     /// Restart a component of a stage (starts it if it was stopped)
-    #[command(subcommand)]
-    Restart(ComponentTarget),
+    Restart(Client<ComponentTarget>),
     /// Suspend a stage: every component stops; releases and settings are kept
-    #[command(subcommand)]
-    Suspend(StageTarget),
+    Suspend(Client<StageTarget>),
     /// Resume a suspended stage
-    #[command(subcommand)]
-    Resume(StageTarget),
+    Resume(Client<StageTarget>),
     /// Show the log lines of a stage's components, read live from its outpost
-    #[command(subcommand)]
-    Logs(LogsCommand),
+    Logs(Client<LogsCommand>),
     /// Run a command in a component of a stage, on its outpost
     ///
     /// In a container component it runs in a container of it (the engine's
@@ -125,6 +166,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ExecArgs {
+    #[command(flatten)]
+    pub global: GlobalArgs,
     /// The component
     pub component: String,
     #[arg(short, long)]
@@ -147,6 +190,8 @@ pub struct ExecArgs {
 
 #[derive(Debug, Args)]
 pub struct ForwardArgs {
+    #[command(flatten)]
+    pub global: GlobalArgs,
     /// The component
     pub component: String,
     /// `[[ADDR:]LOCAL:]REMOTE`: listen on ADDR (default 127.0.0.1) port
@@ -165,6 +210,7 @@ pub struct ForwardArgs {
 #[derive(Debug, Subcommand)]
 pub enum StatusCommand {
     /// Link state, sync state, revisions, components and errors of a stage
+    #[command(alias = "stages")]
     Stage {
         name: String,
         #[arg(short, long)]
@@ -174,6 +220,7 @@ pub enum StatusCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum ComponentTarget {
+    #[command(alias = "components")]
     Component {
         name: String,
         #[arg(short, long)]
@@ -185,6 +232,7 @@ pub enum ComponentTarget {
 
 #[derive(Debug, Subcommand)]
 pub enum StageTarget {
+    #[command(alias = "stages")]
     Stage {
         name: String,
         #[arg(short, long)]
@@ -195,6 +243,7 @@ pub enum StageTarget {
 #[derive(Debug, Subcommand)]
 pub enum LogsCommand {
     /// The lines of one component
+    #[command(alias = "components")]
     Component {
         name: String,
         #[arg(short, long)]
@@ -205,6 +254,7 @@ pub enum LogsCommand {
         logs: LogArgs,
     },
     /// The lines of every component of a stage
+    #[command(alias = "stages")]
     Stage {
         name: String,
         #[arg(short, long)]
@@ -240,7 +290,37 @@ pub enum RotateCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum UpdateCommand {
+    /// Change a project's display name or description (owners)
+    #[command(alias = "projects")]
+    Project {
+        name: String,
+        #[arg(long)]
+        display_name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Change a stage's display name or type
+    #[command(alias = "stages")]
+    Stage {
+        name: String,
+        #[arg(short, long)]
+        project: String,
+        #[arg(long)]
+        display_name: Option<String>,
+        /// dev, qa or prod
+        #[arg(short = 't', long = "type")]
+        stage_type: Option<String>,
+    },
+    /// Make a user an administrator, or no longer one
+    #[command(alias = "users")]
+    User {
+        name: String,
+        /// true or false
+        #[arg(long, action = clap::ArgAction::Set)]
+        admin: bool,
+    },
     /// Change what is given; the rest stays
+    #[command(alias = "outposts")]
     Outpost {
         name: String,
         #[arg(long)]
@@ -258,6 +338,39 @@ pub enum UpdateCommand {
 pub enum RevokeCommand {
     /// Its URI stops validating and it takes no new stages
     Outpost { name: String },
+}
+
+/// `trellis hub [FLAGS]` runs a hub; `trellis hub reset-admin-key` works on
+/// its data directory.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct HubCommand {
+    #[command(subcommand)]
+    pub action: Option<HubAction>,
+    #[command(flatten)]
+    pub run: HubArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HubAction {
+    /// Mint a fresh administrator key and write it to `<data>/admin.key`,
+    /// as at the first start (for when every administrator key is lost;
+    /// works while the hub runs or is stopped, with the hub's --store)
+    #[command(name = "reset-admin-key")]
+    ResetAdminKey(StoreArgs),
+}
+
+/// Which hub's data a command works on.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The hub's data directory
+    #[arg(long, env = "TRELLIS_DATA", default_value = "trellis-data")]
+    pub data: PathBuf,
+    /// The hub's store, as `trellis hub --store` gives it: a
+    /// postgres://USER:PASSWORD@HOST:PORT/DATABASE URL (default: SQLite in
+    /// the data directory)
+    #[arg(long, env = "TRELLIS_STORE")]
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -311,6 +424,10 @@ pub struct HubArgs {
     /// Validity of the certificates issued to agents, in seconds (default 30 days)
     #[arg(long)]
     pub cert_validity_secs: Option<u64>,
+    /// How long deleted projects and stages stay archived (restorable)
+    /// before they are purged, e.g. 30d, 12h
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    pub archive_retention: std::time::Duration,
     /// How the hub's local outpost runs components
     #[command(flatten)]
     pub runtime: RuntimeArgs,
@@ -355,11 +472,16 @@ pub enum ValidateCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum CreateCommand {
+    #[command(alias = "projects")]
     Project {
         name: String,
         #[arg(long, default_value = "")]
         description: String,
+        /// How people see it named (default: its name)
+        #[arg(long)]
+        display_name: Option<String>,
     },
+    #[command(alias = "stages")]
     Stage {
         name: String,
         #[arg(short, long)]
@@ -374,6 +496,7 @@ pub enum CreateCommand {
         outpost_uri: Option<String>,
     },
     /// Register an outpost (administrators)
+    #[command(alias = "outposts")]
     Outpost {
         name: String,
         #[arg(long)]
@@ -404,12 +527,14 @@ pub enum CreateCommand {
         token_ttl_secs: Option<u64>,
     },
     /// Create a user and print their first key (administrators)
+    #[command(alias = "users")]
     User {
         name: String,
         #[arg(long)]
         admin: bool,
     },
     /// Create another access key (for yourself, or for --user as an administrator)
+    #[command(alias = "keys", alias = "access-key")]
     Key {
         #[arg(long)]
         user: Option<String>,
@@ -423,6 +548,7 @@ pub enum PushCommand {
     /// Record a build from the project's git work tree (its HEAD commit):
     /// build or take each component's image, pack each `process:`
     /// directory, and upload the chunks the hub lacks
+    #[command(alias = "builds")]
     Build {
         #[arg(short, long)]
         project: String,
@@ -441,6 +567,7 @@ pub enum PushCommand {
     },
     /// Push a release of a build (the newest by default) to a stage, or to
     /// several at once (`-s line-1 -s line-2`: all get it, or none does)
+    #[command(alias = "releases")]
     Release {
         #[arg(short, long)]
         project: String,
@@ -450,6 +577,15 @@ pub enum PushCommand {
         build: Option<String>,
         #[arg(short, long)]
         config: Option<String>,
+        /// Wait until the release runs on its stage's outpost (past its
+        /// health window), showing how its delivery goes; exit 1 with the
+        /// reason if it fails and is rolled back, 2 at --timeout (an
+        /// offline outpost keeps it pending-delivery)
+        #[arg(long)]
+        when_ready: bool,
+        /// How long --when-ready waits, e.g. 90s, 10m
+        #[arg(long, default_value = "30m", value_parser = parse_duration, requires = "when_ready")]
+        timeout: std::time::Duration,
     },
 }
 
@@ -475,8 +611,22 @@ pub enum AddCommand {
         /// A file to add under its file name, or `NAME=PATH`; repeatable
         #[arg(long = "file")]
         files: Vec<String>,
+        /// A secret env value, `KEY=VALUE`, or `KEY` to take the value of
+        /// the environment variable KEY (keeping it off the command line);
+        /// repeatable. Secret values are never printed without
+        /// `--with-values`
+        #[arg(long = "secret-env")]
+        secret_env: Vec<String>,
+        /// A secret file, as for --file; repeatable
+        #[arg(long = "secret-file")]
+        secret_files: Vec<String>,
+        /// Mark a key the config already holds (an env value or a file)
+        /// secret; repeatable
+        #[arg(long = "secret")]
+        secret: Vec<String>,
     },
     /// Add a user to a project, or change their role
+    #[command(alias = "members")]
     Member {
         user: String,
         #[arg(short, long)]
@@ -489,6 +639,24 @@ pub enum AddCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum RemoveCommand {
+    /// Remove env values or files from a stage's config (a new version of it)
+    #[command(name = "config-data")]
+    ConfigData {
+        config: String,
+        #[arg(short, long)]
+        project: String,
+        #[arg(short, long)]
+        stage: String,
+        /// The env key or file name to remove; repeatable. (Here `--key`
+        /// is the platform's, a config key: give the access key with
+        /// --access-key or TRELLIS_KEY.)
+        #[arg(id = "key", long = "key", required = true)]
+        keys: Vec<String>,
+        /// Access key `<key-id>:<secret>`
+        #[arg(long = "access-key", hide_env_values = true)]
+        access_key: Option<String>,
+    },
+    #[command(alias = "members")]
     Member {
         user: String,
         #[arg(short, long)]
@@ -498,27 +666,41 @@ pub enum RemoveCommand {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Kind {
+    #[value(alias = "projects")]
     Project,
+    #[value(alias = "stages")]
     Stage,
+    #[value(alias = "builds")]
     Build,
+    #[value(alias = "releases")]
     Release,
+    #[value(alias = "configs")]
     Config,
+    #[value(alias = "outposts")]
     Outpost,
+    #[value(alias = "users")]
     User,
+    #[value(alias = "keys", alias = "access-key", alias = "access-keys")]
     Key,
+    #[value(alias = "members")]
     Member,
     /// An outpost's URI (`get outpost-uri NAME`)
+    #[value(alias = "outpost-uris")]
     OutpostUri,
     /// The components of a stage's release, with their state
     /// (`list component -p PROJECT -s STAGE`)
+    #[value(alias = "components")]
     Component,
-    /// Execs, port forwards and console terminals opened into a project's
-    /// stages (`list audit -p PROJECT`, owners)
+    /// The keys and values of a stage's configs (`list config-data -p
+    /// PROJECT -s STAGE [-c CONFIG] [--with-values]`)
+    ConfigData,
     Audit,
 }
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    #[command(flatten)]
+    pub global: GlobalArgs,
     pub kind: Kind,
     #[arg(short, long)]
     pub project: Option<String>,
@@ -527,10 +709,23 @@ pub struct ListArgs {
     /// For `list key`: another user's keys (administrators)
     #[arg(long)]
     pub user: Option<String>,
+    /// For `list config-data`: only this config
+    #[arg(short, long)]
+    pub config: Option<String>,
+    /// For `list project` and `list stage`: the archived ones (deleted,
+    /// restorable) instead
+    #[arg(long)]
+    pub archived: bool,
+    /// For `list config-data` and `list config`: show secret values too
+    /// (owners only)
+    #[arg(long)]
+    pub with_values: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct GetArgs {
+    #[command(flatten)]
+    pub global: GlobalArgs,
     pub kind: Kind,
     /// The name (a release's number for releases)
     pub name: String,
@@ -538,17 +733,55 @@ pub struct GetArgs {
     pub project: Option<String>,
     #[arg(short, long)]
     pub stage: Option<String>,
+    /// For `get config`: show secret values too (owners only)
+    #[arg(long)]
+    pub with_values: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
+    #[command(flatten)]
+    pub global: GlobalArgs,
     pub kind: Kind,
     pub name: String,
     #[arg(short, long)]
     pub project: Option<String>,
     #[arg(short, long)]
     pub stage: Option<String>,
-    /// Delete what depends on it too
+    /// Delete what depends on it too (for a project or stage: as --purge)
     #[arg(long)]
     pub force: bool,
+    /// A project or stage: delete it for good at once instead of archiving
+    /// it (`trellis restore` brings an archived one back until the hub's
+    /// retention period ends)
+    #[arg(long)]
+    pub purge: bool,
+}
+
+/// `trellis restore project|stage`.
+#[derive(Debug, Subcommand)]
+pub enum RestoreCommand {
+    /// Bring an archived project back, with the stages archived with it
+    #[command(alias = "projects")]
+    Project { name: String },
+    /// Bring an archived stage back: its outpost runs its release again,
+    /// with the volumes it kept
+    #[command(alias = "stages")]
+    Stage {
+        name: String,
+        #[arg(short, long)]
+        project: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own checks of the whole grammar (one long option per name in
+    /// each command, aliases that do not collide, …), which otherwise run
+    /// only when a command is used.
+    #[test]
+    fn the_grammar_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

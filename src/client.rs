@@ -146,12 +146,7 @@ impl HubClient {
         let body = resp.bytes().await.unwrap_or_default();
         let parsed: Option<ErrorBody> = serde_json::from_slice(&body).ok();
         match (status.is_client_error(), parsed) {
-            (false, Some(e))
-                if matches!(
-                    status,
-                    StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
-                ) =>
-            {
+            (_, Some(e)) if is_unavailable(status, &e.error.code) => {
                 Err(ClientError::Unavailable {
                     code: e.error.code,
                     message: e.error.message,
@@ -243,6 +238,15 @@ impl HubClient {
             .await
     }
 
+    /// A DELETE whose answer is a JSON body.
+    pub async fn delete_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        doing: &str,
+    ) -> Result<T, ClientError> {
+        self.json(self.request(Method::DELETE, path), doing).await
+    }
+
     pub async fn delete(&self, path: &str, doing: &str) -> Result<(), ClientError> {
         self.send(self.request(Method::DELETE, path), doing)
             .await
@@ -282,6 +286,16 @@ impl HubClient {
             .body(stored);
         self.json(req, &format!("uploading chunk {digest}")).await
     }
+}
+
+/// Whether an answer says the hub is fine but what it needs is not
+/// available now: a gateway status, or an outpost that is offline or busy
+/// (which the hub answers with 409 and 429, as states rather than faults).
+fn is_unavailable(status: StatusCode, code: &str) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+    ) || matches!(code, "outpost-offline" | "outpost-busy")
 }
 
 /// How long one chunk upload (at most about a mebibyte, more only for the

@@ -1,4 +1,5 @@
-//! Printing records: a table for people, JSON for programs (`-o json`).
+//! Printing records: a table for people, JSON or YAML for programs (`-o
+//! json`, `-o yaml`).
 
 use comfy_table::presets::UTF8_BORDERS_ONLY;
 use comfy_table::{ContentArrangement, Table};
@@ -14,7 +15,9 @@ pub fn list<T: Serialize>(
     row: impl Fn(&T) -> Vec<String>,
 ) -> anyhow::Result<()> {
     match format {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(items)?),
+        OutputFormat::Json | OutputFormat::Yaml => {
+            machine(format, &items)?;
+        }
         OutputFormat::Table => {
             if items.is_empty() {
                 println!("(none)");
@@ -41,7 +44,9 @@ pub fn one<T: Serialize>(
     fields: &[(&str, String)],
 ) -> anyhow::Result<()> {
     match format {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(item)?),
+        OutputFormat::Json | OutputFormat::Yaml => {
+            machine(format, item)?;
+        }
         OutputFormat::Table => {
             let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
             for (k, v) in fields {
@@ -50,6 +55,33 @@ pub fn one<T: Serialize>(
         }
     }
     Ok(())
+}
+
+/// Prints `value` as JSON or YAML when `format` asks for one of them, and
+/// says whether it did (a table is the caller's to print).
+pub fn machine<T: Serialize + ?Sized>(format: OutputFormat, value: &T) -> anyhow::Result<bool> {
+    match format {
+        OutputFormat::Table => Ok(false),
+        OutputFormat::Json => {
+            println!("{}", serde_json::to_string_pretty(value)?);
+            Ok(true)
+        }
+        OutputFormat::Yaml => {
+            print!("{}", yaml(value)?);
+            Ok(true)
+        }
+    }
+}
+
+/// `value` as a YAML document. Serialised through JSON first, so YAML and
+/// JSON output carry the same fields under the same names.
+pub fn yaml<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<String> {
+    let value = serde_json::to_value(value)?;
+    let mut text = serde_saphyr::to_string(&value)?;
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    Ok(text)
 }
 
 pub fn time(t: &chrono::DateTime<chrono::Utc>) -> String {

@@ -981,3 +981,159 @@ fn push_build_says_when_the_staging_disk_is_full() {
     let builds = cli.json(&["list", "build", "-p", "p"]);
     assert_eq!(builds, serde_json::json!([]), "nothing was recorded");
 }
+
+/// Nobody can lock the hub's administrators out: every administrator key
+/// but the last can be deleted, the last one (and demoting its holder) is
+/// refused with a hint, and `trellis hub reset-admin-key` mints a fresh
+/// one on a running and on a stopped hub.
+#[test]
+fn the_last_administrator_key_stays_and_a_lost_one_can_be_reset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("hub");
+    let config = tmp.path().join("config");
+    let hub = HubProcess::start(&data);
+    let first = hub.admin_key();
+    let admin = Cli::for_hub(&hub, &first, &config);
+    let last_line = |out: String| out.lines().last().unwrap().trim().to_owned();
+    // A second administrator and a second key of the first one.
+    let ops_key = last_line(admin.ok(&["create", "user", "ops", "--admin"]));
+    let second = last_line(admin.ok(&["create", "key", "--description", "spare"]));
+    let id = |key: &str| key.split_once(':').unwrap().0.to_owned();
+    let ops = Cli::for_hub(&hub, &ops_key, &config);
+    // Nobody demotes themselves or deletes the key they sign with, even
+    // while other administrators hold keys.
+    let out = admin.run(&["update", "user", "admin", "--admin", "false"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot take their own"));
+    let out = admin.run(&["delete", "key", &id(&first)]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("signed with key"));
+    // Every administrator key but the last goes.
+    ops.ok(&["delete", "key", &id(&second)]);
+    admin.ok(&["delete", "access-key", &id(&ops_key)]);
+    let out = admin.run(&["delete", "key", &id(&first)]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("last access key any administrator holds")
+            && err.contains("trellis hub reset-admin-key"),
+        "{err}"
+    );
+    // Its holder cannot be demoted either; ops (no key left) can.
+    let out = admin.run(&["update", "user", "admin", "--admin", "false"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("last access keys of any administrator"),
+        "{}",
+        describe(&out)
+    );
+    let ops_now = admin.json(&["update", "users", "ops", "--admin", "false"]);
+    assert_eq!(ops_now["admin"], false, "{ops_now}");
+    assert!(admin.ok(&["whoami"]).contains("admin"));
+
+    // Lost anyway (say the file was deleted): reset on the running hub.
+    let reset = |data: &std::path::Path| {
+        let out = Command::new(bin())
+            .args(["hub", "reset-admin-key", "--data"])
+            .arg(data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        let key = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+            .to_owned();
+        assert_eq!(
+            std::fs::read_to_string(data.join("admin.key"))
+                .unwrap()
+                .trim(),
+            key,
+            "written like the first one"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.join("admin.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        key
+    };
+    let running = reset(&data);
+    assert_ne!(running, first);
+    let fresh = Cli::for_hub(&hub, &running, &config);
+    assert!(fresh.ok(&["whoami"]).contains("admin"));
+    // With a fresh key, the old one may go.
+    fresh.ok(&["delete", "key", &id(&first)]);
+    assert_eq!(admin.run(&["whoami"]).status.code(), Some(1));
+
+    // And on a stopped hub.
+    hub.kill9();
+    let stopped = reset(&data);
+    let hub = HubProcess::start(&data);
+    let after = Cli::for_hub(&hub, &stopped, &config);
+    assert!(after.ok(&["whoami"]).contains("admin"));
+    let keys = after.json(&["list", "keys"]);
+    assert_eq!(keys.as_array().unwrap().len(), 2, "{keys}");
+
+    // A directory that holds no hub is refused, not turned into one.
+    let empty = tmp.path().join("not-a-hub");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = Command::new(bin())
+        .args(["hub", "reset-admin-key", "--data"])
+        .arg(&empty)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds no hub database"));
+    assert!(!empty.join("hub.db").exists());
+}
+
+/// `trellis hub reset-admin-key` works on the store the hub is given:
+/// with `--store postgres://…` it mints the key in PostgreSQL, for the
+/// running hub and for a stopped one. Skipped without PostgreSQL (except
+/// under `CI`).
+#[test]
+fn reset_admin_key_works_on_a_postgresql_store() {
+    let Some(server) = trellis_testkit::postgres::server() else {
+        return;
+    };
+    let db = server.database();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("hub");
+    let config = tmp.path().join("config");
+    let args = ["--listen", "127.0.0.1:0", "--store", db.url.as_str()];
+    let hub = HubProcess::start_with(&data, &args);
+    let first = hub.admin_key();
+    let reset = || {
+        let out = Command::new(bin())
+            .args(["hub", "reset-admin-key", "--data"])
+            .arg(&data)
+            .args(["--store", &db.url])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let running = reset();
+    assert_ne!(running, first);
+    assert!(
+        Cli::for_hub(&hub, &running, &config)
+            .ok(&["whoami"])
+            .contains("admin")
+    );
+    hub.kill9();
+    let stopped = reset();
+    let hub = HubProcess::start_with(&data, &args);
+    let after = Cli::for_hub(&hub, &stopped, &config);
+    assert!(after.ok(&["whoami"]).contains("admin"));
+    // All three keys are in PostgreSQL: the hub reads no SQLite file.
+    assert_eq!(after.json(&["list", "keys"]).as_array().unwrap().len(), 3);
+    assert!(!data.join("hub.db").exists());
+}

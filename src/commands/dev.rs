@@ -349,6 +349,7 @@ async fn setup_example(client: &HubClient, example: &Example) -> anyhow::Result<
             &CreateProjectRequest {
                 name: project.into(),
                 description: "Example project of `trellis dev`".into(),
+                display_name: None,
             },
             "creating the example project",
         )

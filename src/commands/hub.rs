@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use trellis_hub::link::LinkSettings;
 use trellis_hub::{ADMIN_KEY_FILE, CA_CERT_FILE, Hub, HubOptions};
 
-use crate::cli::HubArgs;
+use crate::cli::{HubArgs, StoreArgs};
 
 /// Connections the kernel holds for the hub until it accepts them. Tokio's
 /// default (1,024) overflows when a whole fleet reconnects after a hub
@@ -82,6 +82,7 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
         public_address: args.public_address.clone(),
         link,
         local_runtime: args.runtime.settings()?,
+        archive_retention: Some(args.archive_retention),
         no_local_outpost: shared && !args.local_outpost,
         cluster_key: cluster_key.as_ref().map(|(key, _)| key.clone()),
         instance_address: args.instance_address.clone(),
@@ -131,5 +132,21 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
     // Tests and scripts read this line to find a hub started on port 0.
     println!("hub listening on https://{addr}");
     hub.serve_tls(listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// `trellis hub reset-admin-key --data DIR [--store URL]`.
+pub async fn reset_admin_key(args: StoreArgs) -> anyhow::Result<()> {
+    if args.store.is_some() {
+        std::fs::create_dir_all(&args.data)
+            .with_context(|| format!("creating the data directory {}", args.data.display()))?;
+    }
+    let store = trellis_hub::open_existing_store(&args.data, args.store.as_deref()).await?;
+    let key = trellis_hub::reset_admin_key(store.as_ref(), &args.data).await?;
+    println!(
+        "a new administrator key (shown once; also in {}):",
+        args.data.join(ADMIN_KEY_FILE).display()
+    );
+    println!("{key}");
     Ok(())
 }

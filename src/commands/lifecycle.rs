@@ -44,8 +44,7 @@ pub async fn component(
             &format!("asking to {action} component {name}"),
         )
         .await?;
-    if format == OutputFormat::Json {
-        println!("{}", serde_json::to_string_pretty(&done)?);
+    if output::machine(format, &done)? {
         return Ok(());
     }
     let what = format!("component {name} of stage {stage}");
@@ -93,8 +92,7 @@ pub async fn stage(
             &format!("asking to {verb} stage {name}"),
         )
         .await?;
-    if format == OutputFormat::Json {
-        println!("{}", serde_json::to_string_pretty(&stage)?);
+    if output::machine(format, &stage)? {
         return Ok(());
     }
     if suspend {
@@ -152,8 +150,7 @@ pub async fn list_components(
             "listing the stage's components",
         )
         .await?;
-    if format == OutputFormat::Json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+    if output::machine(format, &list)? {
         return Ok(());
     }
     if list.release.is_none() {
@@ -328,7 +325,7 @@ pub async fn logs(global: &GlobalArgs, command: LogsCommand) -> anyhow::Result<(
         )
         .await?;
 
-    let json = global.output == OutputFormat::Json;
+    let format = global.output;
     let mut buf: Vec<u8> = Vec::new();
     loop {
         let chunk = resp.chunk().await.map_err(|e| ClientError::Server {
@@ -342,7 +339,7 @@ pub async fn logs(global: &GlobalArgs, command: LogsCommand) -> anyhow::Result<(
         let mut written = Ok(());
         while let Some(at) = buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buf.drain(..=at).collect();
-            written = print_line(&mut out, &line[..line.len() - 1], json, &doing);
+            written = print_line(&mut out, &line[..line.len() - 1], format, &doing);
             if written.is_err() {
                 break;
             }
@@ -397,11 +394,21 @@ fn log_query(
 
 /// Prints one line of the hub's answer: a log line, or the error that
 /// ended the stream.
-fn print_line(out: &mut impl Write, raw: &[u8], json: bool, doing: &str) -> anyhow::Result<()> {
+/// `-o json` prints each line as the hub sent it (one JSON object per
+/// line), `-o yaml` each as a YAML document of its own, so both can be
+/// read while lines keep coming.
+fn print_line(
+    out: &mut impl Write,
+    raw: &[u8],
+    format: OutputFormat,
+    doing: &str,
+) -> anyhow::Result<()> {
     if let Ok(line) = serde_json::from_slice::<LogLine>(raw) {
-        if json {
+        if format == OutputFormat::Json {
             out.write_all(raw)?;
             writeln!(out)?;
+        } else if format == OutputFormat::Yaml {
+            write!(out, "---\n{}", output::yaml(&line)?)?;
         } else {
             let marker = match line.stream {
                 LogStream::Stdout => "",

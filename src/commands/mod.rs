@@ -5,81 +5,162 @@ mod dev;
 mod hub;
 mod lifecycle;
 mod outposts;
+mod ready;
 mod resources;
 mod streams;
 
-use crate::cli::{Cli, Command, ValidateCommand};
+use crate::cli::{
+    Cli, Client, Command, HubAction, HubCommand, PushCommand, RevokeCommand, RotateCommand,
+    StatusCommand, UpdateCommand, ValidateCommand,
+};
 use crate::settings;
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let global = cli.global;
     match cli.command {
-        Command::Hub(args) => hub::hub(args).await,
+        Command::Hub(hub) => match *hub {
+            HubCommand { action: None, run } => hub::hub(run).await,
+            HubCommand {
+                action: Some(HubAction::ResetAdminKey(args)),
+                ..
+            } => hub::reset_admin_key(args).await,
+        },
         Command::Dev(args) => dev::dev(args).await,
-        Command::Validate(ValidateCommand::Manifest { path }) => build::validate_manifest(&path),
-        Command::Validate(ValidateCommand::OutpostUri { uri, project }) => {
-            outposts::validate(&settings::client(&global)?, &uri, project, global.output).await
-        }
-        Command::Rotate(crate::cli::RotateCommand::OutpostUri { outpost }) => {
-            outposts::rotate(&settings::client(&global)?, &outpost).await
-        }
         Command::Agent(command) => trellis_agent::cli::execute(command, "trellis agent").await,
-        Command::Status(crate::cli::StatusCommand::Stage { name, project }) => {
+        Command::Validate(Client {
+            command: ValidateCommand::Manifest { path },
+            ..
+        }) => build::validate_manifest(&path),
+        Command::Validate(Client {
+            global,
+            command: ValidateCommand::OutpostUri { uri, project },
+        }) => outposts::validate(&settings::client(&global)?, &uri, project, global.output).await,
+        Command::Rotate(Client {
+            global,
+            command: RotateCommand::OutpostUri { outpost },
+        }) => outposts::rotate(&settings::client(&global)?, &outpost).await,
+        Command::Status(Client {
+            global,
+            command: StatusCommand::Stage { name, project },
+        }) => {
             outposts::stage_status(&settings::client(&global)?, &project, &name, global.output)
                 .await
         }
-        Command::Update(crate::cli::UpdateCommand::Outpost {
-            name,
-            display_name,
-            description,
-            ingress_domain,
-        }) => {
-            let update = trellis_hub::api::types::UpdateOutpostRequest {
-                display_name,
-                description,
-                ingress_domain,
-            };
-            outposts::update(&settings::client(&global)?, &name, &update, global.output).await
+        Command::Update(Client { global, command }) => {
+            let client = settings::client(&global)?;
+            match command {
+                UpdateCommand::Outpost {
+                    name,
+                    display_name,
+                    description,
+                    ingress_domain,
+                } => {
+                    let update = trellis_hub::api::types::UpdateOutpostRequest {
+                        display_name,
+                        description,
+                        ingress_domain,
+                    };
+                    outposts::update(&client, &name, &update, global.output).await
+                }
+                UpdateCommand::User { name, admin } => {
+                    resources::update_user(&client, &name, admin, global.output).await
+                }
+                UpdateCommand::Project {
+                    name,
+                    display_name,
+                    description,
+                } => {
+                    let update = trellis_hub::api::types::UpdateProjectRequest {
+                        display_name,
+                        description,
+                    };
+                    resources::update_project(&client, &name, &update, global.output).await
+                }
+                UpdateCommand::Stage {
+                    name,
+                    project,
+                    display_name,
+                    stage_type,
+                } => {
+                    resources::update_stage(
+                        &client,
+                        &project,
+                        &name,
+                        display_name,
+                        stage_type,
+                        global.output,
+                    )
+                    .await
+                }
+            }
         }
-        Command::Revoke(crate::cli::RevokeCommand::Outpost { name }) => {
-            outposts::revoke(&settings::client(&global)?, &name).await
+        Command::Revoke(Client {
+            global,
+            command: RevokeCommand::Outpost { name },
+        }) => outposts::revoke(&settings::client(&global)?, &name).await,
+        Command::Start(Client { global, command }) => {
+            lifecycle::component(&settings::client(&global)?, "start", command, global.output).await
         }
-        Command::Start(target) => {
-            lifecycle::component(&settings::client(&global)?, "start", target, global.output).await
+        Command::Stop(Client { global, command }) => {
+            lifecycle::component(&settings::client(&global)?, "stop", command, global.output).await
         }
-        Command::Stop(target) => {
-            lifecycle::component(&settings::client(&global)?, "stop", target, global.output).await
-        }
-        Command::Restart(target) => {
+        Command::Restart(Client { global, command }) => {
             lifecycle::component(
                 &settings::client(&global)?,
                 "restart",
-                target,
+                command,
                 global.output,
             )
             .await
         }
-        Command::Suspend(target) => {
-            lifecycle::stage(&settings::client(&global)?, true, target, global.output).await
+        Command::Suspend(Client { global, command }) => {
+            lifecycle::stage(&settings::client(&global)?, true, command, global.output).await
         }
-        Command::Resume(target) => {
-            lifecycle::stage(&settings::client(&global)?, false, target, global.output).await
+        Command::Resume(Client { global, command }) => {
+            lifecycle::stage(&settings::client(&global)?, false, command, global.output).await
         }
-        Command::Logs(command) => lifecycle::logs(&global, command).await,
+        Command::Logs(Client { global, command }) => lifecycle::logs(&global, command).await,
         Command::Exec(args) => {
+            let global = args.global.clone();
             let code = streams::exec(&global, args).await?;
             // The command's own exit code, as a local command's would be.
             std::process::exit(code)
         }
-        Command::PortForward(args) => streams::port_forward(&global, args).await,
-        Command::Login => resources::login(&global).await,
-        Command::Whoami => resources::whoami(&settings::client(&global)?, global.output).await,
-        Command::Create(c) => resources::create(&settings::client(&global)?, c).await,
-        Command::Push(crate::cli::PushCommand::Build {
-            project,
-            path,
-            engine,
-            pull,
+        Command::PortForward(args) => {
+            let global = args.global.clone();
+            streams::port_forward(&global, args).await
+        }
+        Command::Login(args) => resources::login(&args.global).await,
+        Command::Info(args) => resources::info(&args.global).await,
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            let shell = match shell {
+                crate::cli::CompletionShell::Bash => clap_complete::Shell::Bash,
+                crate::cli::CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                crate::cli::CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            clap_complete::generate(
+                shell,
+                &mut crate::cli::Cli::command(),
+                "trellis",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Whoami(args) => {
+            resources::whoami(&settings::client(&args.global)?, args.global.output).await
+        }
+        Command::Create(Client { global, command }) => {
+            resources::create(&settings::client(&global)?, command).await
+        }
+        Command::Push(Client {
+            global,
+            command:
+                PushCommand::Build {
+                    project,
+                    path,
+                    engine,
+                    pull,
+                },
         }) => {
             let client = settings::client(&global)?;
             let options = build::PushOptions {
@@ -96,23 +177,55 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Push(crate::cli::PushCommand::Release {
-            project,
-            stage,
-            build,
-            config,
+        Command::Push(Client {
+            global,
+            command:
+                PushCommand::Release {
+                    project,
+                    stage,
+                    build,
+                    config,
+                    when_ready,
+                    timeout,
+                },
         }) => {
-            resources::push_release(&settings::client(&global)?, &project, &stage, build, config)
-                .await
+            let client = settings::client(&global)?;
+            let releases =
+                resources::push_release(&client, &project, &stage, build, config).await?;
+            if when_ready {
+                ready::wait(&client, &releases, timeout).await?;
+            }
+            Ok(())
         }
-        Command::Add(c) => resources::add(&settings::client(&global)?, c).await,
-        Command::Remove(c) => resources::remove(&settings::client(&global)?, c).await,
+        Command::Add(Client { global, command }) => {
+            resources::add(&settings::client(&global)?, command).await
+        }
+        Command::Remove(Client {
+            mut global,
+            command,
+        }) => {
+            // `remove config-data --key` is a config key; the access key
+            // comes with its own --access-key there.
+            if let crate::cli::RemoveCommand::ConfigData {
+                access_key: Some(key),
+                ..
+            } = &command
+            {
+                global.key = Some(key.clone());
+            }
+            resources::remove(&settings::client(&global)?, command).await
+        }
         Command::List(args) => {
-            resources::list(&settings::client(&global)?, args, global.output).await
+            let output = args.global.output;
+            resources::list(&settings::client(&args.global)?, args, output).await
         }
         Command::Get(args) => {
-            resources::get(&settings::client(&global)?, args, global.output).await
+            let output = args.global.output;
+            resources::get(&settings::client(&args.global)?, args, output).await
         }
-        Command::Delete(args) => resources::delete(&settings::client(&global)?, args).await,
+        Command::Delete(args) => resources::delete(&settings::client(&args.global)?, args).await,
+        Command::Restore(Client { global, command }) => {
+            resources::restore(&settings::client(&global)?, command).await
+        }
     }
 }

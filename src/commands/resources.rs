@@ -8,7 +8,8 @@ use anyhow::{Context, bail};
 use trellis_hub::api::types::{
     AddConfigDataRequest, CreateKeyRequest, CreateOutpostRequest, CreateProjectRequest,
     CreateStageRequest, CreateUserRequest, CreatedKey, CreatedOutpost, JoinTokenRequest,
-    JoinTokenResponse, PushReleaseRequest, PushReleasesRequest, SetMemberRequest, WhoAmI,
+    JoinTokenResponse, PushReleaseRequest, PushReleasesRequest, SetMemberRequest,
+    UpdateProjectRequest, UpdateStageRequest, UpdateUserRequest, WhoAmI,
 };
 use trellis_model::{
     AccessKey, AccessKeyInfo, Build, Config, ConfigData, Member, Outpost, Project, Release, Role,
@@ -17,7 +18,7 @@ use trellis_model::{
 
 use crate::cli::{
     AddCommand, CreateCommand, DeleteArgs, GetArgs, GlobalArgs, Kind, ListArgs, OutputFormat,
-    RemoveCommand,
+    RemoveCommand, RestoreCommand,
 };
 use crate::client::{HubClient, seg};
 use crate::output::{self, short, time};
@@ -43,7 +44,66 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::OutpostUri => "outpost-uri",
         Kind::Component => "component",
         Kind::Audit => "audit",
+        Kind::ConfigData => "config-data",
     }
+}
+
+/// `path`, asking for secret values when `yes`.
+fn with_values(path: &str, yes: bool) -> String {
+    if yes {
+        format!("{path}?with_values=true")
+    } else {
+        path.to_owned()
+    }
+}
+
+/// A config's keys for a table: secret ones marked.
+fn keys_of(
+    values: &BTreeMap<String, String>,
+    secret: &std::collections::BTreeSet<String>,
+) -> String {
+    let mut keys: Vec<String> = values
+        .keys()
+        .filter(|k| !secret.contains(*k))
+        .cloned()
+        .collect();
+    keys.extend(secret.iter().map(|k| format!("{k} (secret)")));
+    keys.sort();
+    keys.join(", ")
+}
+
+/// One key of a config, as `list config-data` prints it.
+#[derive(serde::Serialize)]
+struct ConfigEntry {
+    config: String,
+    kind: &'static str,
+    key: String,
+    /// Absent for a secret whose value was not asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<String>,
+    secret: bool,
+}
+
+fn config_entries(c: &Config) -> Vec<ConfigEntry> {
+    let mut out = Vec::new();
+    for (kind, values, secret) in [
+        ("env", &c.data.env, &c.data.secret_env),
+        ("file", &c.data.files, &c.data.secret_files),
+    ] {
+        let mut keys: Vec<&String> = values.keys().chain(secret.iter()).collect();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            out.push(ConfigEntry {
+                config: c.name.clone(),
+                kind,
+                key: key.clone(),
+                value: values.get(key).cloned(),
+                secret: secret.contains(key),
+            });
+        }
+    }
+    out
 }
 
 pub async fn login(global: &GlobalArgs) -> anyhow::Result<()> {
@@ -77,6 +137,97 @@ pub async fn login(global: &GlobalArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `trellis update user NAME --admin true|false`.
+pub async fn update_user(
+    client: &HubClient,
+    name: &str,
+    admin: bool,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let user: User = client
+        .patch(
+            &format!("/users/{}", seg(name)),
+            &UpdateUserRequest { admin: Some(admin) },
+            "changing the user",
+        )
+        .await?;
+    if output::machine(format, &user)? {
+        return Ok(());
+    }
+    if user.admin {
+        println!("{} is an administrator", user.name);
+    } else {
+        println!("{} is not an administrator", user.name);
+    }
+    Ok(())
+}
+
+/// What `trellis info` prints.
+#[derive(serde::Serialize)]
+struct Info {
+    cli_version: &'static str,
+    endpoint: Option<String>,
+    hub_version: Option<String>,
+    user: Option<String>,
+    admin: Option<bool>,
+    /// Why the hub or the user is not shown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
+}
+
+/// `trellis info`: this command line, the hub it would talk to and who the
+/// key is there. Works without a hub (it says so).
+pub async fn info(global: &GlobalArgs) -> anyhow::Result<()> {
+    let mut info = Info {
+        cli_version: env!("CARGO_PKG_VERSION"),
+        endpoint: None,
+        hub_version: None,
+        user: None,
+        admin: None,
+        note: None,
+    };
+    match settings::client(global) {
+        Err(e) => info.note = Some(format!("{e:#}")),
+        Ok(client) => {
+            info.endpoint = Some(client.endpoint().to_owned());
+            match client
+                .get::<trellis_hub::health::Health>("/health", "asking the hub")
+                .await
+            {
+                Err(e) => info.note = Some(e.to_string()),
+                Ok(health) => {
+                    info.hub_version = Some(health.version);
+                    match client.get::<WhoAmI>("/whoami", "asking who you are").await {
+                        Ok(me) => {
+                            info.user = Some(me.user);
+                            info.admin = Some(me.admin);
+                        }
+                        Err(e) => info.note = Some(e.to_string()),
+                    }
+                }
+            }
+        }
+    }
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let mut fields = vec![
+        ("trellis", info.cli_version.to_owned()),
+        ("hub", dash(&info.endpoint)),
+        ("hub version", dash(&info.hub_version)),
+        (
+            "user",
+            match (&info.user, info.admin) {
+                (Some(u), Some(true)) => format!("{u} (administrator)"),
+                (Some(u), _) => u.clone(),
+                _ => "-".into(),
+            },
+        ),
+    ];
+    if let Some(note) = &info.note {
+        fields.push(("note", note.replace('\n', " ")));
+    }
+    output::one(global.output, &info, &fields)
+}
+
 pub async fn whoami(client: &HubClient, format: OutputFormat) -> anyhow::Result<()> {
     let me: WhoAmI = client.get("/whoami", "asking who you are").await?;
     output::one(
@@ -99,11 +250,19 @@ fn parse_pairs(items: &[String], what: &str) -> anyhow::Result<BTreeMap<String, 
 
 pub async fn create(client: &HubClient, command: CreateCommand) -> anyhow::Result<()> {
     match command {
-        CreateCommand::Project { name, description } => {
+        CreateCommand::Project {
+            name,
+            description,
+            display_name,
+        } => {
             let p: Project = client
                 .post(
                     "/projects",
-                    &CreateProjectRequest { name, description },
+                    &CreateProjectRequest {
+                        name,
+                        description,
+                        display_name,
+                    },
                     "creating the project",
                 )
                 .await?;
@@ -226,13 +385,14 @@ fn print_key(k: &CreatedKey) {
     println!("{}", k.key);
 }
 
+/// `trellis push release`: the releases it recorded.
 pub async fn push_release(
     client: &HubClient,
     project: &str,
     stages: &[String],
     build: Option<String>,
     config: Option<String>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<Release>> {
     let stage = match stages {
         [stage] => stage,
         _ => return push_releases(client, project, stages, build, config).await,
@@ -255,7 +415,7 @@ pub async fn push_release(
             .unwrap_or_default(),
         r.revision
     );
-    Ok(())
+    Ok(vec![r])
 }
 
 /// One build to several stages, in one request: all or none.
@@ -265,7 +425,7 @@ async fn push_releases(
     stages: &[String],
     build: Option<String>,
     config: Option<String>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<Release>> {
     if let Some(config) = config {
         anyhow::bail!(
             "--config {config} names a config of one stage; push to each stage on its own to release it with a config"
@@ -287,7 +447,7 @@ async fn push_releases(
             r.number, r.stage, r.build, r.revision
         );
     }
-    Ok(())
+    Ok(releases)
 }
 
 pub async fn add(client: &HubClient, command: AddCommand) -> anyhow::Result<()> {
@@ -298,53 +458,60 @@ pub async fn add(client: &HubClient, command: AddCommand) -> anyhow::Result<()> 
             stage,
             env,
             files,
+            secret_env,
+            secret_files,
+            secret,
         } => {
-            let env = parse_pairs(&env, "env value")?;
-            let mut file_map = BTreeMap::new();
-            for spec in files {
-                let (name, path) = match spec.split_once('=') {
-                    Some((n, p)) => (n.to_owned(), p.to_owned()),
+            let mut data = ConfigData {
+                env: parse_pairs(&env, "env value")?,
+                files: read_files(&files)?,
+                ..ConfigData::default()
+            };
+            for item in &secret_env {
+                let (key, value) = match item.split_once('=') {
+                    Some((k, v)) => (k.to_owned(), v.to_owned()),
                     None => {
-                        let name = Path::new(&spec)
-                            .file_name()
-                            .and_then(|n| n.to_str())
-                            .with_context(|| format!("{spec:?} names no file"))?
-                            .to_owned();
-                        (name, spec.clone())
+                        let value = std::env::var(item).with_context(|| {
+                            format!(
+                                "--secret-env {item}: the environment variable {item} is not set; \
+                                 set it, or write --secret-env {item}=VALUE"
+                            )
+                        })?;
+                        (item.clone(), value)
                     }
                 };
-                let content = std::fs::read_to_string(&path).with_context(|| {
-                    format!("reading config file {path} (config files must be UTF-8 text)")
-                })?;
-                file_map.insert(name, content);
+                data.secret_env.insert(key.clone());
+                data.env.insert(key, value);
             }
-            if env.is_empty() && file_map.is_empty() {
-                bail!("nothing to add: give --env KEY=VALUE and/or --file PATH");
+            for (name, content) in read_files(&secret_files)? {
+                data.secret_files.insert(name.clone());
+                data.files.insert(name, content);
+            }
+            let path = config_path(&project, &stage, &config);
+            if !secret.is_empty() {
+                mark_secret(client, &path, &config, &secret, &mut data).await?;
+            }
+            if data.env.is_empty() && data.files.is_empty() && secret.is_empty() {
+                bail!(
+                    "nothing to add: give --env KEY=VALUE, --file PATH, --secret-env KEY=VALUE, \
+                     --secret-file PATH and/or --secret KEY"
+                );
             }
             let c: Config = client
                 .post(
-                    &format!(
-                        "/projects/{}/stages/{}/configs/{}/data",
-                        seg(&project),
-                        seg(&stage),
-                        seg(&config)
-                    ),
-                    &AddConfigDataRequest {
-                        data: ConfigData {
-                            env,
-                            files: file_map,
-                        },
-                    },
+                    &format!("{path}/data"),
+                    &AddConfigDataRequest { data },
                     "adding config data",
                 )
                 .await?;
             println!(
-                "config {} of stage {} is now version {} ({} env values, {} files)",
+                "config {} of stage {} is now version {} ({} env values, {} files; {} secret)",
                 c.name,
                 c.stage,
                 c.version,
-                c.data.env.len(),
-                c.data.files.len()
+                c.data.env.len() + c.data.secret_env.len(),
+                c.data.files.len() + c.data.secret_files.len(),
+                c.data.secret_env.len() + c.data.secret_files.len()
             );
         }
         AddCommand::Member {
@@ -366,8 +533,98 @@ pub async fn add(client: &HubClient, command: AddCommand) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `--file`/`--secret-file` arguments: a path (the file's name is its
+/// key) or `NAME=PATH`, read as UTF-8 text.
+fn read_files(specs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut files = BTreeMap::new();
+    for spec in specs {
+        let (name, path) = match spec.split_once('=') {
+            Some((n, p)) => (n.to_owned(), p.to_owned()),
+            None => {
+                let name = Path::new(spec)
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .with_context(|| format!("{spec:?} names no file"))?
+                    .to_owned();
+                (name, spec.clone())
+            }
+        };
+        let content = std::fs::read_to_string(&path).with_context(|| {
+            format!("reading config file {path} (config files must be UTF-8 text)")
+        })?;
+        files.insert(name, content);
+    }
+    Ok(files)
+}
+
+fn config_path(project: &str, stage: &str, config: &str) -> String {
+    format!(
+        "/projects/{}/stages/{}/configs/{}",
+        seg(project),
+        seg(stage),
+        seg(config)
+    )
+}
+
+/// `--secret KEY`: marks keys the config holds, as env values or files.
+async fn mark_secret(
+    client: &HubClient,
+    path: &str,
+    config: &str,
+    keys: &[String],
+    data: &mut ConfigData,
+) -> anyhow::Result<()> {
+    let existing: Config = client.get(path, "reading the config").await?;
+    for key in keys {
+        let d = &existing.data;
+        if d.env.contains_key(key) || d.secret_env.contains(key) || data.env.contains_key(key) {
+            data.secret_env.insert(key.clone());
+        } else if d.files.contains_key(key)
+            || d.secret_files.contains(key)
+            || data.files.contains_key(key)
+        {
+            data.secret_files.insert(key.clone());
+        } else {
+            bail!(
+                "config {config} has no env value or file {key:?} to mark secret; give its value \
+                 with --secret-env {key}=VALUE or --secret-file PATH"
+            );
+        }
+    }
+    Ok(())
+}
+
 pub async fn remove(client: &HubClient, command: RemoveCommand) -> anyhow::Result<()> {
     match command {
+        RemoveCommand::ConfigData {
+            config,
+            project,
+            stage,
+            keys,
+            access_key: _,
+        } => {
+            let path = config_path(&project, &stage, &config);
+            let mut last: Option<Config> = None;
+            for key in &keys {
+                last = Some(
+                    client
+                        .delete_json(
+                            &format!("{path}/keys/{}", seg(key)),
+                            &format!("removing {key:?} from config {config}"),
+                        )
+                        .await?,
+                );
+            }
+            if let Some(c) = last {
+                println!(
+                    "removed {} from config {} of stage {}; it is now version {}",
+                    keys.join(", "),
+                    c.name,
+                    c.stage,
+                    c.version
+                );
+            }
+        }
         RemoveCommand::Member { user, project } => {
             client
                 .delete(
@@ -384,17 +641,46 @@ pub async fn remove(client: &HubClient, command: RemoveCommand) -> anyhow::Resul
 pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> anyhow::Result<()> {
     let kind = args.kind;
     match kind {
+        Kind::Project if args.archived => {
+            let items: Vec<Project> = client
+                .get("/projects?archived=true", "listing archived projects")
+                .await?;
+            output::list(
+                format,
+                &items,
+                &["name", "display name", "description", "deleted"],
+                |p| {
+                    vec![
+                        p.name.clone(),
+                        p.display_name.clone(),
+                        p.description.clone(),
+                        p.archived_at.as_ref().map(time).unwrap_or_default(),
+                    ]
+                },
+            )
+        }
         Kind::Project => {
             let items: Vec<Project> = client.get("/projects", "listing projects").await?;
-            output::list(format, &items, &["name", "description", "created"], |p| {
-                vec![p.name.clone(), p.description.clone(), time(&p.created_at)]
-            })
+            output::list(
+                format,
+                &items,
+                &["name", "display name", "description", "created"],
+                |p| {
+                    vec![
+                        p.name.clone(),
+                        p.display_name.clone(),
+                        p.description.clone(),
+                        time(&p.created_at),
+                    ]
+                },
+            )
         }
         Kind::Stage => {
             let project = need(&args.project, "-p PROJECT", kind)?;
+            let archived = if args.archived { "?archived=true" } else { "" };
             let items: Vec<Stage> = client
                 .get(
-                    &format!("/projects/{}/stages", seg(project)),
+                    &format!("/projects/{}/stages{archived}", seg(project)),
                     "listing stages",
                 )
                 .await?;
@@ -494,7 +780,9 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
                 Some(stage) => format!("/projects/{}/stages/{}/configs", seg(project), seg(stage)),
                 None => format!("/projects/{}/configs", seg(project)),
             };
-            let items: Vec<Config> = client.get(&path, "listing configs").await?;
+            let items: Vec<Config> = client
+                .get(&with_values(&path, args.with_values), "listing configs")
+                .await?;
             output::list(
                 format,
                 &items,
@@ -504,9 +792,50 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
                         c.name.clone(),
                         c.stage.clone(),
                         c.version.to_string(),
-                        c.data.env.keys().cloned().collect::<Vec<_>>().join(", "),
-                        c.data.files.keys().cloned().collect::<Vec<_>>().join(", "),
+                        keys_of(&c.data.env, &c.data.secret_env),
+                        keys_of(&c.data.files, &c.data.secret_files),
                         time(&c.updated_at),
+                    ]
+                },
+            )
+        }
+        Kind::ConfigData => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let stage = need(&args.stage, "-s STAGE", kind)?;
+            let path = format!("/projects/{}/stages/{}/configs", seg(project), seg(stage));
+            let configs: Vec<Config> = client
+                .get(&with_values(&path, args.with_values), "listing config data")
+                .await?;
+            let entries: Vec<ConfigEntry> = configs
+                .iter()
+                .filter(|c| args.config.as_ref().is_none_or(|name| &c.name == name))
+                .flat_map(config_entries)
+                .collect();
+            if let Some(name) = &args.config
+                && !configs.iter().any(|c| &c.name == name)
+            {
+                bail!(
+                    "stage {stage} has no config {name:?}; `trellis list config -p {project} -s \
+                     {stage}` shows its configs"
+                );
+            }
+            output::list(
+                format,
+                &entries,
+                &["config", "kind", "key", "value", "secret"],
+                |e| {
+                    vec![
+                        e.config.clone(),
+                        e.kind.into(),
+                        e.key.clone(),
+                        match (&e.value, e.kind) {
+                            (None, _) => "(secret; --with-values shows it)".into(),
+                            (Some(v), "file") if !args.with_values => {
+                                format!("({} bytes)", v.len())
+                            }
+                            (Some(v), _) => v.clone(),
+                        },
+                        if e.secret { "yes".into() } else { "no".into() },
                     ]
                 },
             )
@@ -633,8 +962,16 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
                 &p,
                 &[
                     ("name", p.name.clone()),
+                    ("display name", p.display_name.clone()),
                     ("description", p.description.clone()),
                     ("created", time(&p.created_at)),
+                    (
+                        "deleted",
+                        p.archived_at
+                            .as_ref()
+                            .map(|t| format!("{} (archived)", time(t)))
+                            .unwrap_or_else(|| "-".into()),
+                    ),
                 ],
             )
         }
@@ -664,6 +1001,13 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
                     ("desired revision", s.desired_revision.to_string()),
                     ("suspended", s.suspended.to_string()),
                     ("created", time(&s.created_at)),
+                    (
+                        "deleted",
+                        s.archived_at
+                            .as_ref()
+                            .map(|t| format!("{} (archived)", time(t)))
+                            .unwrap_or_else(|| "-".into()),
+                    ),
                 ],
             )
         }
@@ -766,12 +1110,7 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
             let stage = need(&args.stage, "-s STAGE", kind)?;
             let c: Config = client
                 .get(
-                    &format!(
-                        "/projects/{}/stages/{}/configs/{}",
-                        seg(project),
-                        seg(stage),
-                        seg(name)
-                    ),
+                    &with_values(&config_path(project, stage, name), args.with_values),
                     "getting the config",
                 )
                 .await?;
@@ -780,11 +1119,19 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
                 ("stage", c.stage.clone()),
                 ("version", c.version.to_string()),
             ];
-            for (k, v) in &c.data.env {
-                fields.push(("env", format!("{k}={v}")));
-            }
-            for (k, v) in &c.data.files {
-                fields.push(("file", format!("{k} ({} bytes)", v.len())));
+            for e in config_entries(&c) {
+                let shown = match (&e.value, e.kind) {
+                    (None, _) => "(secret)".to_owned(),
+                    (Some(v), "file") => format!("({} bytes)", v.len()),
+                    (Some(v), _) => v.clone(),
+                };
+                let secret = if e.secret && e.value.is_some() {
+                    " (secret)"
+                } else {
+                    ""
+                };
+                let label = if e.kind == "env" { "env" } else { "file" };
+                fields.push((label, format!("{}={shown}{secret}", e.key)));
             }
             output::one(format, &c, &fields)
         }
@@ -817,7 +1164,12 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
             )
         }
         Kind::OutpostUri => super::outposts::get_uri(client, name).await,
-        Kind::User | Kind::Key | Kind::Member | Kind::Component | Kind::Audit => {
+        Kind::User
+        | Kind::Key
+        | Kind::Member
+        | Kind::Component
+        | Kind::ConfigData
+        | Kind::Audit => {
             bail!(
                 "`trellis get {}` is not available; use `trellis list {}`",
                 kind_name(kind),
@@ -831,10 +1183,23 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
     let kind = args.kind;
     let name = &args.name;
     let force = if args.force { "?force=true" } else { "" };
+    let archives = matches!(kind, Kind::Project | Kind::Stage) && !(args.purge || args.force);
+    if args.purge && !matches!(kind, Kind::Project | Kind::Stage) {
+        bail!(
+            "--purge is for projects and stages, which are otherwise archived; a {} is deleted \
+             for good anyway",
+            kind_name(kind)
+        );
+    }
+    let purge = if args.purge || args.force {
+        "?purge=true"
+    } else {
+        ""
+    };
     let path = match kind {
-        Kind::Project => format!("/projects/{}{force}", seg(name)),
+        Kind::Project => format!("/projects/{}{purge}", seg(name)),
         Kind::Stage => format!(
-            "/projects/{}/stages/{}{force}",
+            "/projects/{}/stages/{}{purge}",
             seg(need(&args.project, "-p PROJECT", kind)?),
             seg(name)
         ),
@@ -851,6 +1216,10 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
         ),
         Kind::Outpost => format!("/outposts/{}{force}", seg(name)),
         Kind::Key => format!("/keys/{}", seg(name)),
+        Kind::ConfigData => bail!(
+            "config data is removed key by key: `trellis remove config-data CONFIG -p PROJECT -s \
+             STAGE --key KEY`; `trellis delete config` deletes a whole config"
+        ),
         Kind::Release
         | Kind::User
         | Kind::Member
@@ -875,6 +1244,116 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
     client
         .delete(&path, &format!("deleting the {}", kind_name(kind)))
         .await?;
-    println!("deleted {} {name}", kind_name(kind));
+    if archives {
+        let restore = match kind {
+            Kind::Project => format!("trellis restore project {name}"),
+            _ => format!(
+                "trellis restore stage {name} -p {}",
+                args.project.as_deref().unwrap_or("PROJECT")
+            ),
+        };
+        println!(
+            "deleted {} {name}: it is archived, with its releases and configs (and its \
+             outpost keeps its volumes) until the hub's retention period ends; `{restore}` \
+             brings it back, `--purge` deletes it for good",
+            kind_name(kind)
+        );
+    } else {
+        println!("deleted {} {name}", kind_name(kind));
+    }
+    Ok(())
+}
+
+/// `trellis restore project|stage`.
+pub async fn restore(client: &HubClient, command: RestoreCommand) -> anyhow::Result<()> {
+    match command {
+        RestoreCommand::Project { name } => {
+            let p: Project = client
+                .post(
+                    &format!("/projects/{}/restore", seg(&name)),
+                    &serde_json::json!({}),
+                    "restoring the project",
+                )
+                .await?;
+            println!(
+                "restored project {} with the stages deleted with it",
+                p.name
+            );
+        }
+        RestoreCommand::Stage { name, project } => {
+            let s: Stage = client
+                .post(
+                    &format!("/projects/{}/stages/{}/restore", seg(&project), seg(&name)),
+                    &serde_json::json!({}),
+                    "restoring the stage",
+                )
+                .await?;
+            println!(
+                "restored stage {} of project {}; desired revision {}, its outpost runs its \
+                 release again",
+                s.name, s.project, s.desired_revision
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `trellis update project`.
+pub async fn update_project(
+    client: &HubClient,
+    name: &str,
+    update: &UpdateProjectRequest,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let p: Project = client
+        .patch(
+            &format!("/projects/{}", seg(name)),
+            update,
+            "changing the project",
+        )
+        .await?;
+    if output::machine(format, &p)? {
+        return Ok(());
+    }
+    println!(
+        "project {} is now displayed as {:?}: {}",
+        p.name, p.display_name, p.description
+    );
+    Ok(())
+}
+
+/// `trellis update stage`.
+pub async fn update_stage(
+    client: &HubClient,
+    project: &str,
+    name: &str,
+    display_name: Option<String>,
+    stage_type: Option<String>,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let stage_type = stage_type
+        .map(|t| t.parse::<StageType>().map_err(anyhow::Error::msg))
+        .transpose()?;
+    if display_name.is_none() && stage_type.is_none() {
+        bail!("nothing to change: give --display-name and/or --type");
+    }
+    let s: Stage = client
+        .patch(
+            &format!("/projects/{}/stages/{}", seg(project), seg(name)),
+            &UpdateStageRequest {
+                display_name,
+                stage_type,
+                suspended: None,
+            },
+            "changing the stage",
+        )
+        .await?;
+    if output::machine(format, &s)? {
+        return Ok(());
+    }
+    println!(
+        "stage {} of project {} is now {:?} ({})",
+        s.name, s.project, s.display_name, s.stage_type
+    );
     Ok(())
 }

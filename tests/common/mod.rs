@@ -33,15 +33,34 @@ impl HubProcess {
 
     /// Starts `trellis hub --data DATA ARGS…`.
     pub fn start_with(data: &Path, args: &[&str]) -> HubProcess {
-        let mut child = Command::new(bin())
+        Self::spawn(data, args, None)
+    }
+
+    /// Starts `trellis hub --listen 127.0.0.1:0 --data DATA` logging at
+    /// trace level (`TRELLIS_LOG=trace`) into `log`.
+    pub fn start_logged(data: &Path, log: &Path) -> HubProcess {
+        Self::spawn(data, &["--listen", "127.0.0.1:0"], Some(log))
+    }
+
+    fn spawn(data: &Path, args: &[&str], log: Option<&Path>) -> HubProcess {
+        let mut command = Command::new(bin());
+        command
             .arg("hub")
             .args(args)
             .arg("--data")
             .arg(data)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start trellis hub");
+            .stdout(Stdio::piped());
+        match log {
+            Some(log) => {
+                command
+                    .env("TRELLIS_LOG", "trace")
+                    .stderr(std::fs::File::create(log).expect("create the hub's log"));
+            }
+            None => {
+                command.stderr(Stdio::inherit());
+            }
+        }
+        let mut child = command.spawn().expect("start trellis hub");
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -242,17 +261,40 @@ impl AgentProcess {
 
     /// [`AgentProcess::join`] with more arguments (runtime settings).
     pub fn join_with(join_command: &str, data: &Path, args: &[&str]) -> AgentProcess {
+        Self::join_spawn(join_command, data, args, None)
+    }
+
+    /// [`AgentProcess::join_with`] logging at trace level into `log`.
+    pub fn join_logged(join_command: &str, data: &Path, args: &[&str], log: &Path) -> AgentProcess {
+        Self::join_spawn(join_command, data, args, Some(log))
+    }
+
+    fn join_spawn(
+        join_command: &str,
+        data: &Path,
+        args: &[&str],
+        log: Option<&Path>,
+    ) -> AgentProcess {
         let words: Vec<&str> = join_command.split_whitespace().collect();
         assert_eq!(&words[..3], ["trellis", "agent", "join"], "{join_command}");
-        let child = Command::new(bin())
+        let mut command = Command::new(bin());
+        command
             .args(&words[1..])
             .args(args)
             .arg("--data")
             .arg(data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start trellis agent join");
+            .stdout(Stdio::null());
+        match log {
+            Some(log) => {
+                command
+                    .env("TRELLIS_LOG", "trace")
+                    .stderr(std::fs::File::create(log).expect("create the agent's log"));
+            }
+            None => {
+                command.stderr(Stdio::inherit());
+            }
+        }
+        let child = command.spawn().expect("start trellis agent join");
         AgentProcess {
             child,
             data: data.to_owned(),

@@ -265,10 +265,23 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Libraries whose trace-level output would carry message contents.
+pub const NEVER_TRACED: &[&str] = &["tungstenite", "tokio_tungstenite"];
+
 /// Logs to stderr, filtered by `TRELLIS_LOG` (default: warnings).
 pub fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("TRELLIS_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let mut filter =
+        EnvFilter::try_from_env("TRELLIS_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    // The WebSocket library logs every message it sends and receives at
+    // trace level, and the link's desired states carry config values
+    // (passwords, tokens): whatever TRELLIS_LOG asks (`tungstenite=trace`
+    // too, which this directive replaces), its messages are never logged.
+    for target in NEVER_TRACED {
+        if let Ok(directive) = format!("{target}=debug").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

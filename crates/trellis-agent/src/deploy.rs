@@ -34,7 +34,9 @@
 //!
 //! Plans are kept under `<data>/deploy/<project>/<stage>/` (`good.json`,
 //! `current.json`), written atomically, so a restarted agent knows which
-//! release is running and which one to roll back to.
+//! release is running and which one to roll back to. They hold the
+//! release's config values (resolved env, file contents), so they are
+//! sealed with the agent state's key ([`Deployer::with_seal`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -108,6 +110,13 @@ pub struct Deployer {
     /// asks for until that plan is the stage's current one, so two stages
     /// applied at once cannot both take one device.
     claims: tokio::sync::Mutex<()>,
+    /// What saved plans are sealed with; without it they are plain JSON.
+    seal: Option<Arc<crate::seal::SealKey>>,
+}
+
+/// What a stage's sealed plan file is bound to.
+fn plan_aad(stage: &StageKey, name: &str) -> Vec<u8> {
+    format!("plan:{stage}:{name}").into_bytes()
 }
 
 /// How long a delivery waits for an unreachable hub (while no byte
@@ -150,6 +159,7 @@ impl Deployer {
             deliveries: None,
             ingress: None,
             applying: Default::default(),
+            seal: None,
             devices: DeviceOffers::default(),
             claims: Default::default(),
         }
@@ -158,6 +168,13 @@ impl Deployer {
     /// Offers `devices` to the components of its stages.
     pub fn with_devices(mut self, devices: DeviceOffers) -> Self {
         self.devices = devices;
+        self
+    }
+
+    /// Seals the plans it saves with `key` (the agent state's): they hold
+    /// config values.
+    pub fn with_seal(mut self, key: Arc<crate::seal::SealKey>) -> Self {
+        self.seal = Some(key);
         self
     }
 
@@ -383,7 +400,8 @@ impl Deployer {
             .values()
             .flat_map(plan_artifacts)
             .collect();
-        tokio::task::spawn_blocking(move || collect(&store, &root, keep))
+        let seal = self.seal.clone();
+        tokio::task::spawn_blocking(move || collect(&store, &root, keep, seal.as_deref()))
             .await
             .map_err(|e| format!("collecting the artifact cache stopped: {e}"))?
     }
@@ -457,6 +475,16 @@ impl Deployer {
         }
         let path = self.stage_dir(stage).ok()?.join(name);
         let bytes = tokio::fs::read(&path).await.ok()?;
+        let bytes = match &self.seal {
+            Some(key) => match crate::seal::open_marked(key, &bytes, &plan_aad(stage, name)) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "ignoring a saved plan that does not open");
+                    return None;
+                }
+            },
+            None => bytes,
+        };
         match serde_json::from_slice(&bytes) {
             Ok(plan) => {
                 if name == CURRENT_PLAN {
@@ -499,6 +527,10 @@ impl Deployer {
         }
         let Ok(bytes) = serde_json::to_vec_pretty(plan) else {
             return;
+        };
+        let bytes = match &self.seal {
+            Some(key) => crate::seal::seal_marked(key, &bytes, &plan_aad(stage, name)),
+            None => bytes,
         };
         let written =
             tokio::task::spawn_blocking(move || write_atomically(&dir, name, &bytes)).await;
@@ -908,6 +940,7 @@ fn collect(
     store: &trellis_cas::ChunkStore,
     root: &Path,
     mut keep: Vec<String>,
+    seal: Option<&crate::seal::SealKey>,
 ) -> Result<CollectReport, String> {
     // <root>/<project>/<stage>/{current,good}.json
     for project in std::fs::read_dir(root).into_iter().flatten().flatten() {
@@ -919,6 +952,15 @@ fn collect(
             for name in [CURRENT_PLAN, GOOD_PLAN, PREVIOUS_PLAN] {
                 let Ok(bytes) = std::fs::read(stage.path().join(name)) else {
                     continue;
+                };
+                let key = StageKey::new(
+                    project.file_name().to_string_lossy(),
+                    stage.file_name().to_string_lossy(),
+                );
+                let bytes = match seal {
+                    Some(seal) => crate::seal::open_marked(seal, &bytes, &plan_aad(&key, name))
+                        .map_err(|e| format!("{}: {e}", stage.path().join(name).display()))?,
+                    None => bytes,
                 };
                 match serde_json::from_slice::<StagePlan>(&bytes) {
                     Ok(plan) => keep.extend(plan_artifacts(&plan)),

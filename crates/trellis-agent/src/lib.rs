@@ -57,6 +57,7 @@ pub mod reconciler;
 pub mod report;
 pub mod runner;
 pub mod runtime;
+pub mod seal;
 pub mod shutdown;
 pub mod state;
 pub mod ws;
@@ -464,7 +465,8 @@ async fn deployer(
     }
     Ok(deploy::Deployer::new(data_dir, runtimes, settings.deploy)
         .with_artifacts(artifacts)
-        .with_devices(settings.devices.for_outpost(outpost)))
+        .with_devices(settings.devices.for_outpost(outpost))
+        .with_seal(state.seal_key()))
 }
 
 /// The outpost's name: given, or from the identity.

@@ -85,7 +85,9 @@ pub const DEFAULT_OUTBOX_CAPACITY: usize = 10_000;
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// The outpost identity as one JSON document under [`IDENTITY_KEY`].
 const IDENTITY: TableDefinition<&str, &[u8]> = TableDefinition::new("identity");
-/// `(project, stage) -> (desired revision, desired state JSON)`.
+/// `(project, stage) -> (desired revision, desired state JSON)`, sealed
+/// with the key in [`STATE_KEY_FILE`] (it carries the release's config
+/// values); states written before sealing are read as they are.
 const DESIRED: TableDefinition<(&str, &str), (u64, &[u8])> = TableDefinition::new("desired");
 /// `(project, stage) -> (applied revision, applied ok)`.
 const APPLIED: TableDefinition<(&str, &str), (u64, bool)> = TableDefinition::new("applied");
@@ -94,6 +96,10 @@ const OUTBOX: TableDefinition<u64, (&str, &str, &[u8])> = TableDefinition::new("
 /// `(project, stage) -> seq` of that stage's newest queued report; what makes
 /// "is this report superseded?" one lookup when coalescing.
 const OUTBOX_NEWEST: TableDefinition<(&str, &str), u64> = TableDefinition::new("outbox_newest");
+
+/// The file beside the state file holding the key desired states are
+/// sealed with (see [`crate::seal`]); back it up with the state file.
+pub const STATE_KEY_FILE: &str = "state.key";
 
 const META_SCHEMA_VERSION: &str = "schema_version";
 const META_LAST_SEQ: &str = "last_seq";
@@ -328,6 +334,7 @@ pub struct AgentState {
     db: Database,
     path: PathBuf,
     outbox_capacity: usize,
+    seal: std::sync::Arc<crate::seal::SealKey>,
 }
 
 impl fmt::Debug for AgentState {
@@ -359,10 +366,18 @@ impl AgentState {
             create_file(&path)?;
         }
         let db = open_database(&path, false)?;
+        let key_path = path.with_file_name(STATE_KEY_FILE);
+        let seal =
+            crate::seal::SealKey::load_or_create(&key_path).map_err(|source| StateError::Io {
+                path: key_path.clone(),
+                action: "read or create",
+                source,
+            })?;
         let state = AgentState {
             db,
             path,
             outbox_capacity: options.outbox_capacity.max(1),
+            seal: std::sync::Arc::new(seal),
         };
         state.check_schema()?;
         Ok(state)
@@ -371,6 +386,12 @@ impl AgentState {
     /// The file this state lives in.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The key desired states are sealed with, for what else keeps config
+    /// values on disk (the deployer's plans).
+    pub fn seal_key(&self) -> std::sync::Arc<crate::seal::SealKey> {
+        self.seal.clone()
     }
 
     // --- identity ---
@@ -421,7 +442,11 @@ impl AgentState {
                 stage: stage.clone(),
             });
         }
-        let bytes = encode_value(state, "the desired state")?;
+        let bytes = crate::seal::seal_marked(
+            &self.seal,
+            &encode_value(state, "the desired state")?,
+            &desired_aad(stage),
+        );
         let txn = self.begin_write()?;
         let outcome = {
             let mut table = txn
@@ -432,7 +457,12 @@ impl AgentState {
                 .ctx(self, "read the desired state")?
                 .map(|guard| {
                     let (held, held_bytes) = guard.value();
-                    (held, held_bytes == bytes.as_slice())
+                    // Sealing uses a fresh nonce each time: compare what
+                    // the bytes hold.
+                    let same = self
+                        .open_desired(stage, held_bytes)
+                        .is_ok_and(|held_state| &held_state == state);
+                    (held, same)
                 });
             match held {
                 Some((held, _)) if held > revision => StoreOutcome::Stale { held },
@@ -477,7 +507,22 @@ impl AgentState {
             return Ok(None);
         };
         let (revision, bytes) = guard.value();
-        Ok(Some((revision, self.decode(bytes, "a desired state")?)))
+        Ok(Some((revision, self.open_desired(stage, bytes)?)))
+    }
+
+    /// A stored desired state, opened and decoded.
+    fn open_desired(&self, stage: &StageKey, bytes: &[u8]) -> Result<Value> {
+        let plain =
+            crate::seal::open_marked(&self.seal, bytes, &desired_aad(stage)).map_err(|e| {
+                StateError::Damaged {
+                    path: self.path.clone(),
+                    detail: format!(
+                        "the desired state of stage {stage}: {e} ({})",
+                        self.path.with_file_name(STATE_KEY_FILE).display()
+                    ),
+                }
+            })?;
+        self.decode(&plain, "a desired state")
     }
 
     /// Drops everything held for `stage` (the hub deleted it), so its
@@ -892,6 +937,11 @@ impl AgentState {
             detail: format!("{what} in it is not valid JSON: {err}"),
         })
     }
+}
+
+/// What a stage's sealed desired state is bound to.
+fn desired_aad(stage: &StageKey) -> Vec<u8> {
+    format!("desired:{stage}").into_bytes()
 }
 
 fn encode_value(value: &Value, what: &'static str) -> Result<Vec<u8>> {

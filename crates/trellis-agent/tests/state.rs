@@ -69,12 +69,20 @@ fn open_creates_a_missing_file_and_reopens_it() {
     assert_eq!(stats.capacity, DEFAULT_OUTBOX_CAPACITY);
     drop(state);
     open(&path);
-    // No temporary file is left behind by the create-then-rename.
-    let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+    // No temporary file is left behind by the create-then-rename; beside
+    // the state is the key its desired states are sealed with.
+    let mut names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
         .unwrap()
         .map(|entry| entry.unwrap().file_name())
         .collect();
-    assert_eq!(names, vec![std::ffi::OsString::from("agent.redb")]);
+    names.sort();
+    assert_eq!(
+        names,
+        vec![
+            std::ffi::OsString::from("agent.redb"),
+            std::ffi::OsString::from("state.key")
+        ]
+    );
 }
 
 #[cfg(unix)]
@@ -614,4 +622,33 @@ fn the_state_can_be_shared_between_threads() {
         .collect();
     all.sort_unstable();
     assert_eq!(all, (1..=40).collect::<Vec<_>>(), "no seq assigned twice");
+}
+
+/// Desired states carry config values (passwords among them): the file
+/// holds them sealed with the key beside it, and they read back whole —
+/// also after a reopen, and a re-sent copy of a held revision is still
+/// recognised as the same.
+#[test]
+fn desired_states_are_sealed_in_the_file() {
+    let (dir, path) = temp_state();
+    let secret = "pa55word-that-must-not-be-on-disk";
+    let desired = serde_json::json!({"release": {"config": {"data": {"env": {"DB": secret}}}}});
+    let stage = StageKey::new("shop", "dev");
+    {
+        let state = open(&path);
+        assert!(state.store_desired(&stage, 1, &desired).unwrap().is_held());
+        assert_eq!(
+            state.store_desired(&stage, 1, &desired).unwrap(),
+            StoreOutcome::AlreadyHeld
+        );
+    }
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
+    let state = open(&path);
+    assert_eq!(state.desired(&stage).unwrap(), Some((1, desired)));
+    // Without its key, the state is not readable.
+    drop(state);
+    std::fs::write(dir.path().join("state.key"), "00".repeat(32)).unwrap();
+    let state = open(&path);
+    assert!(state.desired(&stage).is_err());
 }

@@ -108,6 +108,8 @@ async fn populate(hub: &Hub, settings: &Settings) -> anyhow::Result<()> {
         .create_project(
             &Project {
                 name: "plant".into(),
+                display_name: String::new(),
+                archived_at: None,
                 description: "1,000 stages".into(),
                 created_at: now,
             },

@@ -119,6 +119,8 @@ fn invalid_key() -> ApiError {
 pub struct Caller {
     pub user: String,
     pub admin: bool,
+    /// The id of the access key the request was signed with.
+    pub key_id: String,
     /// The request was forwarded by another hub instance on the user's
     /// behalf (see [`crate::cluster::forward`]): it is not forwarded again.
     pub forwarded: bool,
@@ -160,6 +162,17 @@ impl Caller {
         }
     }
 
+    /// [`Caller::role_in`] for a change: an archived project is refused
+    /// (409 `archived`), to members; others still get the 404.
+    pub async fn role_in_live(&self, state: &AppState, project: &str) -> ApiResult<Role> {
+        let role = self.role_in(state, project).await?;
+        let record = state.store().get_project(project).await?;
+        if let Some(at) = record.archived_at {
+            return Err(crate::error::archived("project", project, project, at));
+        }
+        Ok(role)
+    }
+
     pub async fn require_owner(
         &self,
         state: &AppState,
@@ -197,6 +210,9 @@ impl FromRequestParts<AppState> for Caller {
             return Ok(Caller {
                 user: user.name,
                 admin: user.admin,
+                // The forwarding instance checked the key; only requests
+                // that read (logs) are forwarded, and none asks which key.
+                key_id: String::new(),
                 forwarded: true,
             });
         }
@@ -220,6 +236,7 @@ impl FromRequestParts<AppState> for Caller {
         Ok(Caller {
             user: user.name,
             admin: user.admin,
+            key_id: key.id,
             forwarded: false,
         })
     }

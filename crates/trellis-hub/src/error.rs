@@ -140,4 +140,28 @@ impl From<trellis_model::NameError> for ApiError {
     }
 }
 
+/// The refusal of a change to something archived (deleted, kept until its
+/// retention ends): `restore` names what to restore.
+pub fn archived(
+    kind: &str,
+    name: &str,
+    project: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> ApiError {
+    let restore = if kind == "project" {
+        format!("trellis restore project {project}")
+    } else {
+        format!("trellis restore stage {name} -p {project}")
+    };
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "archived",
+        format!(
+            "{kind} {name:?} was deleted on {} and is archived; it takes no changes",
+            at.format("%Y-%m-%d %H:%M UTC")
+        ),
+        format!("restore it first (`{restore}`), or create another"),
+    )
+}
+
 pub type ApiResult<T> = Result<T, ApiError>;

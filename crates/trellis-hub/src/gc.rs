@@ -111,7 +111,8 @@ pub async fn collect(state: &AppState, grace: Duration) -> ApiResult<CollectRepo
 pub struct CollectRequest {
     /// Seconds; default one day.
     #[serde(default)]
-    pub grace_secs: Option<u64>,
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 4294967295u64)]
+    pub grace_secs: Option<u32>,
 }
 
 /// Frees the chunks no build references that are older than the grace
@@ -126,7 +127,7 @@ pub async fn collect_garbage(
     caller.require_admin("collect the artifact store's garbage")?;
     let grace = req
         .grace_secs
-        .map(Duration::from_secs)
+        .map(|s| Duration::from_secs(s.into()))
         .unwrap_or(DEFAULT_GRACE);
     Ok(Json(collect(&state, grace).await?))
 }

@@ -10,6 +10,7 @@
 //! - `server.rs`: [`Hub`], start-up and serving.
 //! - `api/`: the `/api/v1` handlers, one module per resource, and the
 //!   OpenAPI document.
+//! - `archive.rs`: purging archived projects and stages past retention.
 //! - `auth.rs`: access keys and the [`auth::Caller`] extractor.
 //! - `chunks/`: the artifact store, on a directory or on S3.
 //! - `cluster/`: several hub instances on one store — change feed,
@@ -21,15 +22,19 @@
 //! - `metrics.rs`: `/metrics` in the Prometheus text format.
 //! - `tls.rs`: the hub's CA and the HTTPS accept loop.
 //! - `outposts.rs`: Outpost URIs — deriving their keys, validating them.
+//! - `drain.rs`: reading what a handler left of a request's body.
 //! - `console/`: the browser console (server-rendered pages, templates in
 //!   `templates/`, assets in `assets/`).
+//! - `sealed.rs`: the store around the backend, sealing config data.
 //! - `state.rs`: what handlers share.
 
 pub mod api;
+pub mod archive;
 pub mod auth;
 pub mod chunks;
 pub mod cluster;
 pub mod console;
+pub mod drain;
 pub mod error;
 pub mod extract;
 pub mod gc;
@@ -38,9 +43,13 @@ pub mod link;
 pub mod local;
 pub mod metrics;
 pub mod outposts;
+pub mod sealed;
 mod server;
 pub mod state;
 pub mod tls;
 
-pub use server::{ADMIN_KEY_FILE, Hub, HubOptions, LINK_SECRET_FILE, redact as redact_url};
+pub use server::{
+    ADMIN_KEY_FILE, DATABASE_FILE, Hub, HubOptions, LINK_SECRET_FILE, open_existing_store,
+    redact as redact_url, reset_admin_key,
+};
 pub use tls::CA_CERT_FILE;

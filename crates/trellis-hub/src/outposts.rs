@@ -195,9 +195,12 @@ pub async fn validate(
     let own = OutpostUri::new(&host, port, &uri.outpost, uri.key.clone())
         .map(|u| u.authority())
         .unwrap_or_default();
+    // A well-formed URI that names no outpost of this hub: 422, its
+    // content does not hold (404 would say the request's own resource,
+    // the project, is missing).
     if uri.authority() != own {
         return Err(refuse(
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "other-hub",
             format!(
                 "this Outpost URI belongs to the hub at {}, not to this hub ({own})",
@@ -210,7 +213,7 @@ pub async fn validate(
         Ok(o) => o,
         Err(StoreError::NotFound { .. }) => {
             return Err(refuse(
-                StatusCode::NOT_FOUND,
+                StatusCode::UNPROCESSABLE_ENTITY,
                 "unknown-outpost",
                 format!("this hub has no outpost named {:?}", uri.outpost),
                 "check the URI with your administrator; the outpost may have been deleted",

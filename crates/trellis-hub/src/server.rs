@@ -23,6 +23,8 @@ pub const ADMIN_KEY_FILE: &str = "admin.key";
 pub const LINK_SECRET_FILE: &str = "link.secret";
 /// The first administrator's user name.
 pub const ADMIN_USER: &str = "admin";
+/// The default store's database file in the data directory.
+pub const DATABASE_FILE: &str = "hub.db";
 
 #[derive(Debug, Clone, Default)]
 pub struct HubOptions {
@@ -48,6 +50,9 @@ pub struct HubOptions {
     /// published ports, health window). Its packages always come straight
     /// from the hub's artifact store.
     pub local_runtime: trellis_agent::RuntimeSettings,
+    /// How long deleted (archived) projects and stages are kept before
+    /// they are purged; [`crate::archive::DEFAULT_RETENTION`] when `None`.
+    pub archive_retention: Option<std::time::Duration>,
     /// Do not run the local outpost's agent. On a store several hubs share
     /// it runs on one instance at a time (a job lock), where it runs at all.
     pub no_local_outpost: bool,
@@ -66,6 +71,7 @@ pub struct Hub {
     state: AppState,
     data_dir: PathBuf,
     local_runtime: trellis_agent::RuntimeSettings,
+    archive_retention: std::time::Duration,
     no_local_outpost: bool,
     instance_address: Option<String>,
     admin_key: Option<AccessKey>,
@@ -76,16 +82,12 @@ impl Hub {
     /// options name: SQLite in the data directory, or PostgreSQL.
     pub async fn open(options: HubOptions) -> anyhow::Result<Hub> {
         create_private_dir(&options.data_dir)?;
-        let store: Arc<dyn Store> = match &options.store {
-            None => {
-                let db = options.data_dir.join("hub.db");
-                let store = SqliteStore::open(&db)
-                    .await
-                    .with_context(|| format!("opening the hub database {}", db.display()))?;
-                Arc::new(store)
-            }
-            Some(url) => Arc::new(open_postgres(url, options.store_connections).await?),
-        };
+        let store = open_store(
+            &options.data_dir,
+            options.store.as_deref(),
+            options.store_connections,
+        )
+        .await?;
         Self::open_with_store(options, store).await
     }
 
@@ -106,6 +108,10 @@ impl Hub {
             crate::cluster::secrets::share(store.as_ref(), &options.data_dir, key).await?;
         }
         let link_secret = LinkSecret::load_or_create(&options.data_dir.join(LINK_SECRET_FILE))?;
+        let config_key_file = options.data_dir.join(crate::sealed::CONFIG_KEY_FILE);
+        let config_key = trellis_agent::seal::SealKey::load_or_create(&config_key_file)
+            .with_context(|| format!("reading the config key {}", config_key_file.display()))?;
+        let store: Arc<dyn Store> = Arc::new(crate::sealed::SealedStore::new(store, config_key));
         let admin_key = bootstrap_admin(store.as_ref(), &options.data_dir).await?;
         ensure_local_outpost(store.as_ref()).await?;
         let ca = crate::tls::load_or_create_ca(&options.data_dir)?;
@@ -128,6 +134,9 @@ impl Hub {
             state,
             data_dir: options.data_dir,
             local_runtime: options.local_runtime,
+            archive_retention: options
+                .archive_retention
+                .unwrap_or(crate::archive::DEFAULT_RETENTION),
             no_local_outpost: options.no_local_outpost,
             instance_address: options.instance_address,
             admin_key,
@@ -159,6 +168,7 @@ impl Hub {
             .merge(crate::console::router(self.state.clone()))
             .merge(link)
             .nest("/api/v1", crate::api::router(self.state.clone()))
+            .layer(axum::middleware::from_fn(crate::drain::unread_body))
             // A 503 from the link's admission control is back-pressure, not
             // a fault; failures are for debugging, errors are logged where
             // they are handled.
@@ -214,6 +224,13 @@ impl Hub {
             "collect-garbage",
             cancel.clone(),
             crate::gc::run,
+        );
+        let retention = self.archive_retention;
+        crate::cluster::lead(
+            self.state.clone(),
+            "purge-archives",
+            cancel.clone(),
+            move |state, stop| crate::archive::run(state, retention, stop),
         );
         if self.state.cluster().is_shared() {
             crate::cluster::lead(
@@ -305,6 +322,77 @@ impl Hub {
         .await?;
         Ok(())
     }
+}
+
+/// The store a hub uses: PostgreSQL when `store` names one (`--store`),
+/// else SQLite in its data directory.
+async fn open_store(
+    data_dir: &Path,
+    store: Option<&str>,
+    connections: Option<u32>,
+) -> anyhow::Result<Arc<dyn Store>> {
+    if let Some(url) = store {
+        return Ok(Arc::new(open_postgres(url, connections).await?));
+    }
+    let db = data_dir.join(DATABASE_FILE);
+    let store = SqliteStore::open(&db)
+        .await
+        .with_context(|| format!("opening the hub database {}", db.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// The store of a hub that has run with this data directory before, for
+/// commands that work on its data (the hub may be running: the store
+/// serialises writers): `store` is the hub's `--store`, if it has one.
+/// Refuses a directory that holds no hub, so a typo does not make an empty
+/// one.
+pub async fn open_existing_store(
+    data_dir: &Path,
+    store: Option<&str>,
+) -> anyhow::Result<Arc<dyn Store>> {
+    if let Some(url) = store {
+        return Ok(Arc::new(open_postgres(url, None).await?));
+    }
+    let db = data_dir.join(DATABASE_FILE);
+    if !db.is_file() {
+        anyhow::bail!(
+            "{} holds no hub database ({DATABASE_FILE}); give the directory the hub runs with \
+             (`trellis hub --data DIR`, or TRELLIS_DATA)",
+            data_dir.display()
+        );
+    }
+    open_store(data_dir, None, None).await
+}
+
+/// Mints a fresh key for the administrator [`ADMIN_USER`] — created again,
+/// or made an administrator again, if needed — and writes it to
+/// `<data>/admin.key` as the first start does: for when every
+/// administrator key is lost. Keys that exist stay valid. Works while the
+/// hub runs: it looks keys up in the store on every request.
+pub async fn reset_admin_key(store: &dyn Store, data_dir: &Path) -> anyhow::Result<AccessKey> {
+    match store
+        .create_user(&User {
+            name: ADMIN_USER.into(),
+            admin: true,
+            created_at: Utc::now(),
+        })
+        .await
+    {
+        Ok(()) | Err(StoreError::AlreadyExists { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    // Promoting is never refused.
+    store.set_user_admin(ADMIN_USER, true).await?;
+    let minted = mint_key(ADMIN_USER, "reset with `trellis hub reset-admin-key`")?;
+    // Written before it is stored, as at the first start: a failure in
+    // between leaves no key that nobody knows.
+    crate::tls::write_file(
+        &data_dir.join(ADMIN_KEY_FILE),
+        &format!("{}\n", minted.key),
+        0o600,
+    )?;
+    store.create_access_key(&minted.stored).await?;
+    Ok(minted.key)
 }
 
 /// Opens a `postgres://` store, or says what is wrong with the URL.

@@ -349,16 +349,89 @@ async fn releases_bump_the_desired_revision_and_deletes_refuse_dangling_referenc
         .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"]["code"], "in-use");
+    // Deleting a stage or a project archives it: kept, listed apart,
+    // refusing changes, restorable.
     let (status, _) = hub
         .call(Some(&alice), M::DELETE, "/projects/alpha/stages/dev", None)
         .await;
-    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, stage) = hub
+        .call(Some(&alice), M::GET, "/projects/alpha/stages/dev", None)
+        .await;
+    assert!(stage["archived_at"].is_string(), "{stage}");
+    let (_, live) = hub
+        .call(Some(&alice), M::GET, "/projects/alpha/stages", None)
+        .await;
+    assert!(live.as_array().unwrap().iter().all(|s| s["name"] != "dev"));
+    let (_, archived) = hub
+        .call(
+            Some(&alice),
+            M::GET,
+            "/projects/alpha/stages?archived=true",
+            None,
+        )
+        .await;
+    assert_eq!(archived[0]["name"], "dev", "{archived}");
+    let (status, body) = hub
+        .call(
+            Some(&alice),
+            M::POST,
+            "/projects/alpha/stages/dev/releases",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "archived");
+    assert!(
+        body["error"]["hint"]
+            .as_str()
+            .unwrap()
+            .contains("trellis restore stage dev")
+    );
+    let (status, restored) = hub
+        .call(
+            Some(&alice),
+            M::POST,
+            "/projects/alpha/stages/dev/restore",
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{restored}");
+    assert!(restored.get("archived_at").is_none(), "{restored}");
     let (status, _) = hub
         .call(Some(&alice), M::DELETE, "/projects/alpha", None)
         .await;
-    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, projects) = hub.call(Some(&alice), M::GET, "/projects", None).await;
+    assert!(
+        projects
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["name"] != "alpha")
+    );
+    let (_, archived) = hub
+        .call(Some(&alice), M::GET, "/projects?archived=true", None)
+        .await;
+    assert_eq!(archived[0]["name"], "alpha", "{archived}");
+    let (status, body) = hub
+        .call(
+            Some(&alice),
+            M::POST,
+            "/projects/alpha/stages/dev/restore",
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(
+        body["error"]["hint"]
+            .as_str()
+            .unwrap()
+            .contains("trellis restore project alpha")
+    );
+    // Purged: gone for good.
     let (status, _) = hub
-        .call(Some(&alice), M::DELETE, "/projects/alpha?force=true", None)
+        .call(Some(&alice), M::DELETE, "/projects/alpha?purge=true", None)
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = hub
@@ -400,13 +473,13 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             M::POST,
             "/projects/alpha/stages/dev/configs/c/data",
             json!({"env": {"BAD KEY": "x"}, "files": {}}),
-            "invalid-request",
+            "invalid-config-key",
         ),
         (
             M::POST,
             "/projects/alpha/stages/dev/configs/c/data",
             json!({"env": {}, "files": {"../etc/passwd": "x"}}),
-            "invalid-request",
+            "invalid-file-name",
         ),
     ];
     for (method, path, body, code) in cases {

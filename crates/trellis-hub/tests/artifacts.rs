@@ -346,7 +346,7 @@ async fn uploads_send_only_missing_chunks_and_builds_need_every_chunk(hub: TlsHu
             Some(build.clone()),
         )
         .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
     assert_eq!(b["error"]["code"], "invalid-build");
     assert!(
         b["error"]["message"]
@@ -366,10 +366,10 @@ async fn uploads_send_only_missing_chunks_and_builds_need_every_chunk(hub: TlsHu
     // A chunk that does not match its name is refused and not stored.
     let other = blake3::hash(b"another chunk").to_hex().to_string();
     let (s, b) = hub.put_chunk(&other, stored).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
     assert_eq!(b["error"]["code"], "chunk-invalid");
     let (s, b) = hub.put_chunk(&other, b"not a zstd frame".to_vec()).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
     assert_eq!(b["error"]["code"], "chunk-invalid");
     assert!(!hub.stores(&other.parse().unwrap()).await);
     let (s, _) = hub.put_chunk("not-a-digest", vec![1]).await;
@@ -763,7 +763,7 @@ async fn the_entry_point_certificate_is_issued_for_the_outposts_own_stages_only(
         csr.clone(),
     )
     .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
     assert_eq!(b["error"]["code"], "ingress-names-refused");
     assert!(
         b["error"]["message"].as_str().unwrap().contains("edge-2"),
@@ -771,7 +771,7 @@ async fn the_entry_point_certificate_is_issued_for_the_outposts_own_stages_only(
     );
     for name in ["*.qa.plant.localhost", "localhost", "*.localhost"] {
         let (s, b) = ask(http.clone(), vec![name], csr.clone()).await;
-        assert_eq!(s, StatusCode::BAD_REQUEST, "{name}: {b}");
+        assert_eq!(s, StatusCode::FORBIDDEN, "{name}: {b}");
         assert_eq!(b["error"]["code"], "ingress-names-refused", "{name}");
     }
     // A CSR that is not one, and no client certificate at all.
@@ -781,7 +781,7 @@ async fn the_entry_point_certificate_is_issued_for_the_outposts_own_stages_only(
         "garbage".into(),
     )
     .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
     assert_eq!(b["error"]["code"], "csr-invalid");
     let (s, b) = ask(
         hub.http.clone(),
@@ -801,7 +801,7 @@ async fn the_entry_point_certificate_is_issued_for_the_outposts_own_stages_only(
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let (s, _) = ask(http.clone(), vec!["*.line.plant.localhost"], csr.clone()).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(s, StatusCode::FORBIDDEN);
     let (s, b) = ask(http, vec!["*.line.plant.plant7.example.net"], csr).await;
     assert_eq!(s, StatusCode::OK, "{b}");
 }

@@ -861,3 +861,73 @@ async fn the_console_works_across_hubs_and_shows_the_holder() {
         "the holder B is named: {html}"
     );
 }
+
+/// Config values are sealed with the config key, which every instance
+/// shares through the store: a secret written through one instance is read
+/// through another, the database holds it only sealed, and an instance
+/// whose data directory brings another config key is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_values_sealed_by_one_hub_open_on_another() {
+    let Some(c) = cluster(2).await else { return };
+    c.joined(0, "edge-1").await;
+    c.stage_on(0, "edge-1").await;
+    let secret = "s3cr3t-across-hubs";
+    let (s, b) = c
+        .api(
+            0,
+            reqwest::Method::POST,
+            "/projects/plant/stages/line/configs/app/data",
+            json!({"env": {"USER": "shop", "PASSWORD": secret}, "files": {},
+                   "secret_env": ["PASSWORD"]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = c
+        .api(
+            1,
+            reqwest::Method::GET,
+            "/projects/plant/stages/line/configs/app?with_values=true",
+            Value::Null,
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["data"]["env"]["PASSWORD"], secret, "{b}");
+    assert_eq!(b["data"]["env"]["USER"], "shop", "{b}");
+    let key = |i: usize| {
+        std::fs::read_to_string(c.data.path().join(format!("hub-{i}/config.key"))).unwrap()
+    };
+    assert_eq!(key(0).trim(), key(1).trim(), "one config key for all");
+
+    // In the database only sealed: the store itself, without the hub's
+    // seal, hands out what it holds.
+    let raw = trellis_store::postgres::PgStore::open(
+        &c.db.url,
+        &trellis_store::postgres::PgOptions::default(),
+    )
+    .await
+    .unwrap();
+    let text = serde_json::to_string(
+        &trellis_store::Store::get_config(&raw, "plant", "line", "app")
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(!text.contains(secret), "{text}");
+    assert!(!text.contains("\"shop\""), "{text}");
+    raw.close().await;
+
+    // A data directory with a config key of its own does not join.
+    let chunks = Chunks::dir(&c.data.path().join("artifacts")).unwrap();
+    let own = c.data.path().join("own-config-key");
+    std::fs::create_dir_all(&own).unwrap();
+    for file in ["ca.pem", "ca.key", "link.secret"] {
+        std::fs::copy(c.data.path().join("hub-0").join(file), own.join(file)).unwrap();
+    }
+    std::fs::write(own.join("config.key"), format!("{}\n", "ab".repeat(32))).unwrap();
+    let refused = open_instance(&c.db.url, &own, &chunks, &c.key)
+        .await
+        .err()
+        .expect("an instance with another config key must not start")
+        .to_string();
+    assert!(refused.contains("config key"), "{refused}");
+}

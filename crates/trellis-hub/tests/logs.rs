@@ -537,9 +537,10 @@ async fn a_link_lost_mid_stream_ends_with_an_error_line() {
     assert_eq!(last["error"]["code"], "outpost-offline", "{last}");
     (&mut s.agent).await.unwrap();
 
-    // Now offline: a proper 503.
+    // Now offline: a proper refusal (a state of the outpost, not a fault
+    // of the hub).
     let (status, error) = error_of(request(&s.hub, "line3", "").await).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(error["code"], "outpost-offline");
 }
 
@@ -547,7 +548,7 @@ async fn a_link_lost_mid_stream_ends_with_an_error_line() {
 async fn offline_outposts_and_bad_queries_get_stable_codes() {
     let s = setup().await;
     let (status, error) = error_of(request(&s.hub, "line4", "?follow=true").await).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(error["code"], "outpost-offline");
     assert!(error["message"].as_str().unwrap().contains("\"yard\""));
     assert!(
@@ -562,8 +563,8 @@ async fn offline_outposts_and_bad_queries_get_stable_codes() {
         ("?since=yesterday", "invalid-since", StatusCode::BAD_REQUEST),
         ("?since=10", "invalid-since", StatusCode::BAD_REQUEST),
         ("?tail=1000000", "invalid-tail", StatusCode::BAD_REQUEST),
-        ("?tail=-1", "invalid-request", StatusCode::BAD_REQUEST),
-        ("?follow=maybe", "invalid-request", StatusCode::BAD_REQUEST),
+        ("?tail=-1", "invalid-query", StatusCode::BAD_REQUEST),
+        ("?follow=maybe", "invalid-query", StatusCode::BAD_REQUEST),
         ("?component=Web", "invalid-name", StatusCode::BAD_REQUEST),
         ("?component=db", "no-such-component", StatusCode::NOT_FOUND),
     ] {

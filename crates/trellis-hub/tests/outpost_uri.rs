@@ -197,7 +197,7 @@ async fn an_outposts_ingress_domain_is_checked_described_and_sends_its_stages_ag
                 Some(json!({"name": "plant7", "ingress_domain": bad})),
             )
             .await;
-        assert_code(&(s, b), StatusCode::BAD_REQUEST, "invalid-request");
+        assert_code(&(s, b), StatusCode::BAD_REQUEST, "invalid-ingress-domain");
     }
     let (s, _) = hub.call(admin, M::GET, "/outposts/plant7", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
@@ -233,7 +233,7 @@ async fn an_outposts_ingress_domain_is_checked_described_and_sends_its_stages_ag
             Some(json!({"ingress_domain": "-bad.example"})),
         )
         .await;
-    assert_code(&(s, b), StatusCode::BAD_REQUEST, "invalid-request");
+    assert_code(&(s, b), StatusCode::BAD_REQUEST, "invalid-ingress-domain");
     let (s, b) = hub
         .call(admin, M::PATCH, "/outposts/plant7", Some(change))
         .await;
@@ -293,7 +293,7 @@ async fn every_validation_error_has_its_code_and_hint() {
     let other = format!("trellis://hub.elsewhere.example:7443/factory-7?key={key}");
     assert_code(
         &validate(&hub, &alice, &other, None).await,
-        StatusCode::BAD_REQUEST,
+        StatusCode::UNPROCESSABLE_ENTITY,
         "other-hub",
     );
     // unknown outpost
@@ -305,7 +305,7 @@ async fn every_validation_error_has_its_code_and_hint() {
     let unknown = format!("trellis://{authority}/factory-9?key={key}");
     assert_code(
         &validate(&hub, &alice, &unknown, None).await,
-        StatusCode::NOT_FOUND,
+        StatusCode::UNPROCESSABLE_ENTITY,
         "unknown-outpost",
     );
     // wrong key: another outpost's key, and a rotated URI
@@ -444,5 +444,5 @@ async fn rotating_a_uri_invalidates_old_copies_and_keeps_existing_stages() {
     let (s, b) = hub
         .call(Some(&hub.admin), M::GET, "/outposts/local/uri", None)
         .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    assert_code(&(s, b), StatusCode::CONFLICT, "local-outpost");
 }

@@ -6,7 +6,7 @@
 //! deleted, …) are enforced by the store, so every backend enforces the same
 //! ones and one test suite checks them all.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -83,10 +83,21 @@ pub struct AccessKeyInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(example = json!({
+    "name": "shop", "display_name": "Web shop", "description": "The web shop",
+    "created_at": "2024-05-01T12:00:00Z"})))]
 pub struct Project {
     pub name: String,
+    /// How people see it named; its name when not given.
+    #[serde(default)]
+    pub display_name: String,
     pub description: String,
     pub created_at: DateTime<Utc>,
+    /// When it was deleted, if it is archived: it and its stages keep
+    /// everything (releases, configs, volumes on their outposts) until
+    /// restored or purged, when the hub's retention period has passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +164,10 @@ pub struct Stage {
     /// Number of the newest release pushed to the stage, if any.
     pub latest_release: Option<u64>,
     pub created_at: DateTime<Utc>,
+    /// When it was deleted, if it is archived: its outpost runs nothing of
+    /// it (volumes are kept), its records stay until restored or purged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived_at: Option<DateTime<Utc>>,
 }
 
 /// What a build holds for one component.
@@ -251,7 +266,17 @@ pub struct Build {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NewBuild {
+    /// The branch it was built from (1 to 255 characters).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 255, example = "main")
+    )]
     pub branch: String,
+    /// The full git commit id (SHA-1 or SHA-256, hexadecimal).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^([0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")
+    )]
     pub commit: String,
     pub manifest_file: String,
     pub manifest: String,
@@ -287,6 +312,37 @@ pub struct ConfigData {
     pub env: BTreeMap<String, String>,
     /// File name → content.
     pub files: BTreeMap<String, String>,
+    /// The env keys whose values are secret: never shown unless an owner
+    /// asks for them, and, when a config is shown without values, listed
+    /// here while their values are left out of `env`.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub secret_env: BTreeSet<String>,
+    /// The same for files.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub secret_files: BTreeSet<String>,
+}
+
+impl ConfigData {
+    /// The data with the values of secret keys left out (their keys stay
+    /// listed in `secret_env`/`secret_files`).
+    pub fn without_secret_values(&self) -> ConfigData {
+        ConfigData {
+            env: self
+                .env
+                .iter()
+                .filter(|(k, _)| !self.secret_env.contains(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            files: self
+                .files
+                .iter()
+                .filter(|(k, _)| !self.secret_files.contains(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            secret_env: self.secret_env.clone(),
+            secret_files: self.secret_files.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -375,6 +375,8 @@ async fn simulate(seed: u64, config: SimConfig) -> Result<SimStats, String> {
     s.create_project(
         &Project {
             name: PROJECT.into(),
+            display_name: String::new(),
+            archived_at: None,
             description: String::new(),
             created_at: now,
         },

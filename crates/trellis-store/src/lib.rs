@@ -131,6 +131,15 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// What a change that could lock every administrator out did (see
+/// [`Store::delete_access_key_keeping_admin`], [`Store::set_user_admin`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminGuarded<T> {
+    Done(T),
+    /// Refused: afterwards no administrator would hold an access key.
+    LastAdminKey,
+}
+
 /// An access key as stored: its public part and the hash of its secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredAccessKey {
@@ -155,6 +164,32 @@ pub struct StageUpdate {
     /// Suspending or resuming changes what should run, so it bumps the
     /// desired revision when the value actually changes.
     pub suspended: Option<bool>,
+    pub stage_type: Option<StageType>,
+}
+
+impl StageUpdate {
+    /// The change made to `stage` (what every backend writes).
+    pub fn apply(&self, stage: &mut Stage) {
+        if let Some(display_name) = &self.display_name {
+            stage.display_name = display_name.clone();
+        }
+        if let Some(stage_type) = self.stage_type {
+            stage.stage_type = stage_type;
+        }
+        if let Some(suspended) = self.suspended
+            && suspended != stage.suspended
+        {
+            stage.suspended = suspended;
+            stage.desired_revision += 1;
+        }
+    }
+}
+
+/// Changes to a project; `None` leaves a field as it is.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProjectUpdate {
+    pub display_name: Option<String>,
+    pub description: Option<String>,
 }
 
 /// Changes to an outpost; `None` leaves a field as it is.
@@ -285,6 +320,14 @@ pub trait Store: Send + Sync + 'static {
     async fn find_access_key(&self, id: &str) -> Result<Option<StoredAccessKey>>;
     async fn list_access_keys(&self, user: Option<&str>) -> Result<Vec<AccessKeyInfo>>;
     async fn delete_access_key(&self, id: &str) -> Result<()>;
+    /// Deletes an access key unless it is the last one any administrator
+    /// has: then nothing changes and the answer says so, because nobody
+    /// could sign in as an administrator again.
+    async fn delete_access_key_keeping_admin(&self, id: &str) -> Result<AdminGuarded<()>>;
+    /// Makes a user an administrator, or no longer one. Taking it away is
+    /// refused (nothing changes) when the user holds a key and no other
+    /// administrator does.
+    async fn set_user_admin(&self, name: &str, admin: bool) -> Result<AdminGuarded<User>>;
 
     // --- projects and members ---
     async fn create_project(&self, project: &Project, owner: &str) -> Result<()>;
@@ -293,6 +336,16 @@ pub trait Store: Send + Sync + 'static {
     /// Refuses while the project has stages or builds, unless `force`, in
     /// which case everything in the project goes with it.
     async fn delete_project(&self, name: &str, force: bool) -> Result<()>;
+    async fn update_project(&self, name: &str, update: &ProjectUpdate) -> Result<Project>;
+    /// Archives the project and each of its stages not archived yet, at
+    /// `now`, bumping their desired revisions (their outposts stop running
+    /// them); returns the stages it archived. Nothing is deleted. An
+    /// archived project changes nothing.
+    async fn archive_project(&self, name: &str, now: Timestamp) -> Result<Vec<Stage>>;
+    /// Restores an archived project and the stages archived with it (at the
+    /// same instant), bumping their desired revisions; returns them. A
+    /// project that is not archived changes nothing.
+    async fn restore_project(&self, name: &str) -> Result<Vec<Stage>>;
     /// Adds a member or changes their role.
     async fn set_member(&self, project: &str, user: &str, role: Role) -> Result<()>;
     async fn remove_member(&self, project: &str, user: &str) -> Result<()>;
@@ -349,6 +402,14 @@ pub trait Store: Send + Sync + 'static {
     async fn update_stage(&self, project: &str, name: &str, update: &StageUpdate) -> Result<Stage>;
     /// Refuses while the stage has releases or configs, unless `force`.
     async fn delete_stage(&self, project: &str, name: &str, force: bool) -> Result<()>;
+    /// Archives the stage at `now` and bumps its desired revision: what its
+    /// outpost is sent then runs nothing (no release, no build), while its
+    /// records stay. An archived stage changes nothing.
+    async fn archive_stage(&self, project: &str, name: &str, now: Timestamp) -> Result<Stage>;
+    /// Brings an archived stage back, bumping its desired revision so its
+    /// outpost runs its release again. Refused (`InUse`) while its project
+    /// is archived; a stage that is not archived changes nothing.
+    async fn restore_stage(&self, project: &str, name: &str) -> Result<Stage>;
 
     // --- component controls ---
     /// The controls of the stage's components that were ever started,
@@ -398,6 +459,18 @@ pub trait Store: Send + Sync + 'static {
         stage: &str,
         name: &str,
         data: &ConfigData,
+        now: Timestamp,
+    ) -> Result<Config>;
+    /// Removes `keys` from the config — each from its env values or its
+    /// files, whichever holds it — incrementing its version. A key the
+    /// config holds in neither is `NotFound` (kind `config key`), and
+    /// nothing changes.
+    async fn remove_config_keys(
+        &self,
+        project: &str,
+        stage: &str,
+        name: &str,
+        keys: &[String],
         now: Timestamp,
     ) -> Result<Config>;
     async fn get_config(&self, project: &str, stage: &str, name: &str) -> Result<Config>;
@@ -646,8 +719,41 @@ pub(crate) mod wording {
         format!("{project}/{stage}/{config}")
     }
 
+    pub fn config_key(project: &str, stage: &str, config: &str, key: &str) -> String {
+        format!("{project}/{stage}/{config}:{key}")
+    }
+
+    /// Removes `keys` from `data` (env or files); the first key it holds
+    /// in neither is the error.
+    pub fn remove_keys(
+        data: &mut trellis_model::ConfigData,
+        keys: &[String],
+        project: &str,
+        stage: &str,
+        config: &str,
+    ) -> Result<(), StoreError> {
+        for key in keys {
+            let in_env = data.env.remove(key).is_some();
+            let in_files = data.files.remove(key).is_some();
+            if !in_env && !in_files {
+                return Err(StoreError::NotFound {
+                    kind: "config key",
+                    name: config_key(project, stage, config, key),
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn release(project: &str, stage: &str, number: u64) -> String {
         format!("{project}/{stage}#{number}")
+    }
+
+    pub fn project_archived(project: &str) -> StoreError {
+        StoreError::InUse {
+            what: format!("project {project:?} is archived"),
+            hint: format!("restore the project first (`trellis restore project {project}`)"),
+        }
     }
 
     pub fn outpost_full(outpost: &str, held: u64, max: u32) -> StoreError {

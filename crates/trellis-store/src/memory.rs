@@ -31,9 +31,10 @@ use trellis_model::{
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    Change, ChangeFeed, ControlOutcome, DesiredParts, Instance, JobLock, JoinTokenRefusal,
-    LinkClaim, NewRelease, NewStage, OutpostStage, OutpostUpdate, PushedReleases, Result,
-    StageFilter, StageKey, StageSummary, StageUpdate, Store, StoreError, StoredAccessKey, wording,
+    AdminGuarded, Change, ChangeFeed, ControlOutcome, DesiredParts, Instance, JobLock,
+    JoinTokenRefusal, LinkClaim, NewRelease, NewStage, OutpostStage, OutpostUpdate, ProjectUpdate,
+    PushedReleases, Result, StageFilter, StageKey, StageSummary, StageUpdate, Store, StoreError,
+    StoredAccessKey, wording,
 };
 
 /// The in-memory store. Cheap to create; holds nothing on disk.
@@ -255,6 +256,18 @@ impl State {
             .ok_or_else(|| not_found("project", name.to_owned()))
     }
 
+    fn is_admin(&self, name: &str) -> bool {
+        self.users.get(name).is_some_and(|u| u.admin)
+    }
+
+    /// Keys of administrators that `keep` selects.
+    fn admin_keys(&self, keep: impl Fn(&StoredAccessKey) -> bool) -> usize {
+        self.keys
+            .values()
+            .filter(|k| self.is_admin(&k.info.user) && keep(k))
+            .count()
+    }
+
     fn user_exists(&self, name: &str) -> Result<()> {
         if self.users.contains_key(name) {
             Ok(())
@@ -364,6 +377,37 @@ impl Store for MemoryStore {
             .ok_or_else(|| not_found("access key", id.to_owned()))
     }
 
+    async fn delete_access_key_keeping_admin(&self, id: &str) -> Result<AdminGuarded<()>> {
+        let mut state = self.state();
+        let key = state
+            .keys
+            .get(id)
+            .ok_or_else(|| not_found("access key", id.to_owned()))?;
+        if state.is_admin(&key.info.user) && state.admin_keys(|k| k.info.id != id) == 0 {
+            return Ok(AdminGuarded::LastAdminKey);
+        }
+        state.keys.remove(id);
+        Ok(AdminGuarded::Done(()))
+    }
+
+    async fn set_user_admin(&self, name: &str, admin: bool) -> Result<AdminGuarded<User>> {
+        let mut state = self.state();
+        let user = state
+            .users
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_found("user", name.to_owned()))?;
+        if user.admin && !admin {
+            let own = state.keys.values().filter(|k| k.info.user == name).count();
+            if own > 0 && state.admin_keys(|k| k.info.user != name) == 0 {
+                return Ok(AdminGuarded::LastAdminKey);
+            }
+        }
+        let user = User { admin, ..user };
+        state.users.insert(name.to_owned(), user.clone());
+        Ok(AdminGuarded::Done(user))
+    }
+
     async fn create_project(&self, project: &Project, owner: &str) -> Result<()> {
         let mut state = self.state();
         state.user_exists(owner)?;
@@ -425,6 +469,56 @@ impl Store for MemoryStore {
             self.announce(outposts.into_iter().map(Change::Outpost));
         }
         Ok(())
+    }
+
+    async fn update_project(&self, name: &str, update: &ProjectUpdate) -> Result<Project> {
+        let mut state = self.state();
+        let project = &mut state.project_mut(name)?.project;
+        if let Some(display_name) = &update.display_name {
+            project.display_name = display_name.clone();
+        }
+        if let Some(description) = &update.description {
+            project.description = description.clone();
+        }
+        Ok(project.clone())
+    }
+
+    async fn archive_project(&self, name: &str, now: Timestamp) -> Result<Vec<Stage>> {
+        let mut state = self.state();
+        let p = state.project_mut(name)?;
+        if p.project.archived_at.is_some() {
+            return Ok(Vec::new());
+        }
+        let now = millis(now);
+        p.project.archived_at = Some(now);
+        let mut archived = Vec::new();
+        for s in p.stages.values_mut() {
+            if s.stage.archived_at.is_none() {
+                s.stage.archived_at = Some(now);
+                s.stage.desired_revision += 1;
+                archived.push(s.stage.clone());
+            }
+        }
+        self.announce(archived.iter().map(|s| Change::Outpost(s.outpost.clone())));
+        Ok(archived)
+    }
+
+    async fn restore_project(&self, name: &str) -> Result<Vec<Stage>> {
+        let mut state = self.state();
+        let p = state.project_mut(name)?;
+        let Some(at) = p.project.archived_at.take() else {
+            return Ok(Vec::new());
+        };
+        let mut restored = Vec::new();
+        for s in p.stages.values_mut() {
+            if s.stage.archived_at == Some(at) {
+                s.stage.archived_at = None;
+                s.stage.desired_revision += 1;
+                restored.push(s.stage.clone());
+            }
+        }
+        self.announce(restored.iter().map(|s| Change::Outpost(s.outpost.clone())));
+        Ok(restored)
     }
 
     async fn set_member(&self, project: &str, user: &str, role: Role) -> Result<()> {
@@ -649,7 +743,12 @@ impl Store for MemoryStore {
                 let key = (project.clone(), s.stage.name.clone());
                 let wanted = s.stage.desired_revision > held.get(&key).copied().unwrap_or(0);
                 let desired = if wanted {
-                    let release = match s.stage.latest_release {
+                    // An archived stage runs nothing on its outpost.
+                    let running = s
+                        .stage
+                        .latest_release
+                        .filter(|_| s.stage.archived_at.is_none());
+                    let release = match running {
                         Some(n) => Some(s.releases.get(&n).cloned().ok_or_else(|| {
                             not_found("release", wording::release(project, &s.stage.name, n))
                         })?),
@@ -710,6 +809,7 @@ impl Store for MemoryStore {
             desired_revision: 0,
             latest_release: None,
             created_at: millis(now),
+            archived_at: None,
         };
         state.project_mut(&stage.project)?.stages.insert(
             stage.name.clone(),
@@ -778,13 +878,34 @@ impl Store for MemoryStore {
     async fn update_stage(&self, project: &str, name: &str, update: &StageUpdate) -> Result<Stage> {
         let mut state = self.state();
         let stage = &mut state.stage_mut(project, name)?.stage;
-        if let Some(display_name) = &update.display_name {
-            stage.display_name = display_name.clone();
+        let revision = stage.desired_revision;
+        update.apply(stage);
+        if stage.desired_revision != revision {
+            self.announce([Change::Outpost(stage.outpost.clone())]);
         }
-        if let Some(suspended) = update.suspended
-            && suspended != stage.suspended
-        {
-            stage.suspended = suspended;
+        Ok(stage.clone())
+    }
+
+    async fn archive_stage(&self, project: &str, name: &str, now: Timestamp) -> Result<Stage> {
+        let mut state = self.state();
+        let stage = &mut state.stage_mut(project, name)?.stage;
+        if stage.archived_at.is_none() {
+            stage.archived_at = Some(millis(now));
+            stage.desired_revision += 1;
+            self.announce([Change::Outpost(stage.outpost.clone())]);
+        }
+        Ok(stage.clone())
+    }
+
+    async fn restore_stage(&self, project: &str, name: &str) -> Result<Stage> {
+        let mut state = self.state();
+        let project_archived = state.project(project)?.project.archived_at.is_some();
+        let stage = &mut state.stage_mut(project, name)?.stage;
+        if stage.archived_at.is_some() {
+            if project_archived {
+                return Err(wording::project_archived(project));
+            }
+            stage.archived_at = None;
             stage.desired_revision += 1;
             let (stage, outpost) = (stage.clone(), stage.outpost.clone());
             self.announce([Change::Outpost(outpost)]);
@@ -962,6 +1083,28 @@ impl Store for MemoryStore {
                 updated_at: millis(now),
             },
         };
+        stage_state.configs.insert(name.to_owned(), config.clone());
+        Ok(config)
+    }
+
+    async fn remove_config_keys(
+        &self,
+        project: &str,
+        stage: &str,
+        name: &str,
+        keys: &[String],
+        now: Timestamp,
+    ) -> Result<Config> {
+        let mut state = self.state();
+        let stage_state = state.stage_mut(project, stage)?;
+        let existing = stage_state
+            .configs
+            .get(name)
+            .ok_or_else(|| not_found("config", wording::config(project, stage, name)))?;
+        let mut config = existing.clone();
+        wording::remove_keys(&mut config.data, keys, project, stage, name)?;
+        config.version += 1;
+        config.updated_at = millis(now);
         stage_state.configs.insert(name.to_owned(), config.clone());
         Ok(config)
     }

@@ -22,8 +22,9 @@ use trellis_model::{
 };
 
 use crate::{
-    JoinTokenRefusal, LinkActivity, LinkHello, NewRelease, NewStage, OutpostUpdate, PushedReleases,
-    Result, StageFilter, StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate,
+    AdminGuarded, JoinTokenRefusal, LinkActivity, LinkHello, NewRelease, NewStage, OutpostStage,
+    OutpostUpdate, ProjectUpdate, PushedReleases, Result, StageFilter, StageUpdate, Store,
+    StoreError, StoredAccessKey, SyncUpdate,
 };
 
 /// Calls `$callback!` with the name of every behaviour in the suite.
@@ -38,6 +39,7 @@ macro_rules! for_each_suite_test {
         $callback! {
             users,
             access_keys,
+            last_admin_key,
             projects,
             members,
             audit_log,
@@ -52,6 +54,7 @@ macro_rules! for_each_suite_test {
             failed_push_changes_nothing,
             release_push_to_many_stages,
             configs,
+            config_key_removal,
             delete_project_rules,
             delete_stage_rules,
             delete_build_rules,
@@ -69,6 +72,8 @@ macro_rules! for_each_suite_test {
             component_controls,
             deletes_remove_component_controls,
             outpost_desired_states,
+            project_updates,
+            archive_and_restore,
         }
     };
 }
@@ -91,6 +96,8 @@ fn user(name: &str) -> User {
 
 fn project(name: &str) -> Project {
     Project {
+        display_name: format!("Project {name}"),
+        archived_at: None,
         name: name.into(),
         description: format!("the {name} project"),
         created_at: at(1),
@@ -167,6 +174,7 @@ fn config_data(env: &[(&str, &str)], files: &[(&str, &str)]) -> ConfigData {
     ConfigData {
         env: map(env),
         files: map(files),
+        ..ConfigData::default()
     }
 }
 
@@ -221,6 +229,7 @@ fn suspension(suspended: bool) -> StageUpdate {
     StageUpdate {
         display_name: None,
         suspended: Some(suspended),
+        stage_type: None,
     }
 }
 
@@ -350,6 +359,108 @@ pub async fn access_keys(store: &dyn Store) {
         ids(store.list_access_keys(Some("alice")).await.unwrap()),
         ["tk_3"]
     );
+}
+
+/// Nobody can lock every administrator out: the last key an administrator
+/// holds cannot be deleted, nor its holder demoted, while keys of other
+/// users and other administrators can.
+pub async fn last_admin_key(store: &dyn Store) {
+    let key = |id: &str, user: &str| StoredAccessKey {
+        info: trellis_model::AccessKeyInfo {
+            id: id.into(),
+            user: user.into(),
+            description: String::new(),
+            created_at: at(5),
+        },
+        secret_hash: format!("$argon2id$v=19$m=19456,t=2,p=1$salt${id}"),
+    };
+    let admin = |name: &str| User {
+        admin: true,
+        ..user(name)
+    };
+    store.create_user(&admin("root")).await.unwrap();
+    store.create_user(&admin("ops")).await.unwrap();
+    store.create_user(&user("alice")).await.unwrap();
+    for (id, owner) in [
+        ("tk_r1", "root"),
+        ("tk_r2", "root"),
+        ("tk_o1", "ops"),
+        ("tk_a1", "alice"),
+    ] {
+        store.create_access_key(&key(id, owner)).await.unwrap();
+    }
+    assert_not_found(
+        store.delete_access_key_keeping_admin("tk_none").await,
+        "access key",
+        "tk_none",
+    );
+    assert_not_found(
+        store.set_user_admin("nobody", false).await,
+        "user",
+        "nobody",
+    );
+    // While another administrator holds a key, anything goes.
+    for id in ["tk_r1", "tk_o1"] {
+        assert_eq!(
+            store.delete_access_key_keeping_admin(id).await.unwrap(),
+            AdminGuarded::Done(())
+        );
+    }
+    assert_eq!(
+        store.set_user_admin("ops", false).await.unwrap(),
+        AdminGuarded::Done(User {
+            admin: false,
+            ..user("ops")
+        })
+    );
+    // root's tk_r2 is now the last administrator key.
+    assert_eq!(
+        store
+            .delete_access_key_keeping_admin("tk_r2")
+            .await
+            .unwrap(),
+        AdminGuarded::LastAdminKey
+    );
+    assert_eq!(
+        store.set_user_admin("root", false).await.unwrap(),
+        AdminGuarded::LastAdminKey
+    );
+    assert!(store.find_access_key("tk_r2").await.unwrap().is_some());
+    assert!(store.get_user("root").await.unwrap().admin);
+    // Keys of users who are not administrators are not guarded.
+    assert_eq!(
+        store
+            .delete_access_key_keeping_admin("tk_a1")
+            .await
+            .unwrap(),
+        AdminGuarded::Done(())
+    );
+    // A second administrator with a key lifts the guard; promoting is never
+    // refused.
+    assert!(matches!(
+        store.set_user_admin("alice", true).await.unwrap(),
+        AdminGuarded::Done(User { admin: true, .. })
+    ));
+    store
+        .create_access_key(&key("tk_a2", "alice"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .delete_access_key_keeping_admin("tk_r2")
+            .await
+            .unwrap(),
+        AdminGuarded::Done(())
+    );
+    assert_eq!(
+        store.set_user_admin("alice", false).await.unwrap(),
+        AdminGuarded::LastAdminKey
+    );
+    // An administrator without keys may be demoted: nobody loses a way in.
+    assert!(matches!(
+        store.set_user_admin("root", false).await.unwrap(),
+        AdminGuarded::Done(User { admin: false, .. })
+    ));
 }
 
 pub async fn projects(store: &dyn Store) {
@@ -583,6 +694,7 @@ pub async fn stage_creation(store: &dyn Store) {
             desired_revision: 0,
             latest_release: None,
             created_at: at(10),
+            archived_at: None,
         }
     );
     assert_eq!(store.get_stage("shop", "prod").await.unwrap(), prod);
@@ -683,20 +795,23 @@ pub async fn stage_updates(store: &dyn Store) {
             "dev",
             &StageUpdate {
                 display_name: Some("Development".into()),
-                suspended: None,
+                stage_type: Some(StageType::Qa),
+                ..StageUpdate::default()
             },
         )
         .await
         .unwrap();
     assert_eq!(renamed.display_name, "Development");
+    assert_eq!(renamed.stage_type, StageType::Qa);
+    assert_eq!(store.get_stage("shop", "dev").await.unwrap(), renamed);
     assert_eq!(
         renamed.desired_revision, 0,
         "a new display name runs nothing new"
     );
 
     let suspend = StageUpdate {
-        display_name: None,
         suspended: Some(true),
+        ..StageUpdate::default()
     };
     let suspended = store.update_stage("shop", "dev", &suspend).await.unwrap();
     assert!(suspended.suspended);
@@ -711,6 +826,7 @@ pub async fn stage_updates(store: &dyn Store) {
             &StageUpdate {
                 display_name: Some("Dev".into()),
                 suspended: Some(false),
+                stage_type: None,
             },
         )
         .await
@@ -866,6 +982,7 @@ pub async fn release_push(store: &dyn Store) {
             &StageUpdate {
                 display_name: None,
                 suspended: Some(true),
+                stage_type: None,
             },
         )
         .await
@@ -900,6 +1017,12 @@ pub async fn release_push(store: &dyn Store) {
     assert_not_found(store.get_release("shop", "qa", 1).await, "stage", "shop/qa");
     assert_not_found(store.list_releases("shop", "qa").await, "stage", "shop/qa");
     assert_not_found(store.list_releases("nope", "dev").await, "project", "nope");
+    // A number beyond any the database can hold names no release.
+    assert_not_found(
+        store.get_release("shop", "dev", u64::MAX).await,
+        "release",
+        &format!("shop/dev#{}", u64::MAX),
+    );
 }
 
 pub async fn failed_push_changes_nothing(store: &dyn Store) {
@@ -1178,6 +1301,62 @@ pub async fn configs(store: &dyn Store) {
     assert_not_found(store.list_configs("nope", None).await, "project", "nope");
     assert_not_found(
         store.delete_config("shop", "qa", "db").await,
+        "stage",
+        "shop/qa",
+    );
+}
+
+/// Keys leave a config one by one, each from its env values or files;
+/// every removal is a new version, and a key the config lacks changes
+/// nothing.
+pub async fn config_key_removal(store: &dyn Store) {
+    setup(store, "shop").await;
+    stage_in(store, "shop", "dev").await;
+    let keys = |k: &[&str]| k.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_not_found(
+        store
+            .remove_config_keys("shop", "dev", "app", &keys(&["A"]), at(20))
+            .await,
+        "config",
+        "shop/dev/app",
+    );
+    store
+        .add_config_data(
+            "shop",
+            "dev",
+            "app",
+            &config_data(&[("A", "1"), ("B", "2")], &[("app.json", "{}")]),
+            at(21),
+        )
+        .await
+        .unwrap();
+    let removed = store
+        .remove_config_keys("shop", "dev", "app", &keys(&["A", "app.json"]), at(22))
+        .await
+        .unwrap();
+    assert_eq!(removed.version, 2);
+    assert_eq!(removed.data, config_data(&[("B", "2")], &[]));
+    assert_eq!(removed.updated_at, at(22));
+    assert_eq!(
+        store.get_config("shop", "dev", "app").await.unwrap(),
+        removed
+    );
+    // One missing key refuses the whole removal.
+    assert_not_found(
+        store
+            .remove_config_keys("shop", "dev", "app", &keys(&["B", "A"]), at(23))
+            .await,
+        "config key",
+        "shop/dev/app:A",
+    );
+    assert_eq!(
+        store.get_config("shop", "dev", "app").await.unwrap(),
+        removed
+    );
+    assert_not_found(
+        store
+            .remove_config_keys("shop", "qa", "app", &keys(&["B"]), at(23))
+            .await,
         "stage",
         "shop/qa",
     );
@@ -2712,6 +2891,141 @@ pub async fn outpost_desired_states(store: &dyn Store) {
             .iter()
             .all(|s| s.stage.outpost == "local")
     );
+}
+
+pub async fn project_updates(store: &dyn Store) {
+    setup(store, "shop").await;
+    assert_eq!(
+        store.get_project("shop").await.unwrap().display_name,
+        "Project shop"
+    );
+    let updated = store
+        .update_project(
+            "shop",
+            &ProjectUpdate {
+                display_name: Some("Web shop".into()),
+                description: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.display_name, "Web shop");
+    assert_eq!(updated.description, "the shop project");
+    assert_eq!(store.get_project("shop").await.unwrap(), updated);
+    assert_not_found(
+        store
+            .update_project("nope", &ProjectUpdate::default())
+            .await,
+        "project",
+        "nope",
+    );
+}
+
+/// Deleting archives: the stage (or the project with its stages) keeps its
+/// records and releases, bumps its revision, and sends its outpost no
+/// release; restoring brings back exactly what was archived with it.
+pub async fn archive_and_restore(store: &dyn Store) {
+    setup(store, "shop").await;
+    for name in ["dev", "prod", "old"] {
+        stage_in(store, "shop", name).await;
+    }
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    for name in ["dev", "prod"] {
+        store
+            .push_release(&new_release("shop", name, &build.name), at(21))
+            .await
+            .unwrap();
+    }
+    let desired = |stages: Vec<OutpostStage>, name: &str| {
+        stages
+            .into_iter()
+            .find(|s| s.stage.name == name)
+            .and_then(|s| s.desired)
+            .expect("desired parts")
+    };
+    let held = HashMap::new();
+
+    // A stage alone.
+    let old = store.archive_stage("shop", "old", at(30)).await.unwrap();
+    assert_eq!(old.archived_at, Some(at(30)));
+    assert_eq!(old.desired_revision, 1);
+    let again = store.archive_stage("shop", "old", at(31)).await.unwrap();
+    assert_eq!(again, old, "archiving an archived stage changes nothing");
+    assert_eq!(store.get_stage("shop", "old").await.unwrap(), old);
+
+    let dev = store.archive_stage("shop", "dev", at(32)).await.unwrap();
+    assert_eq!(dev.desired_revision, 2);
+    assert_eq!(dev.latest_release, Some(1), "its releases stay");
+    assert_eq!(store.list_releases("shop", "dev").await.unwrap().len(), 1);
+    let parts = desired(store.outpost_desired("local", &held).await.unwrap(), "dev");
+    assert!(
+        parts.release.is_none() && parts.build.is_none(),
+        "nothing runs"
+    );
+    let dev = store.restore_stage("shop", "dev").await.unwrap();
+    assert_eq!((dev.archived_at, dev.desired_revision), (None, 3));
+    let parts = desired(store.outpost_desired("local", &held).await.unwrap(), "dev");
+    assert_eq!(
+        parts.release.unwrap().number,
+        1,
+        "it runs its release again"
+    );
+    let same = store.restore_stage("shop", "dev").await.unwrap();
+    assert_eq!(same, dev, "restoring a live stage changes nothing");
+
+    // The project, with the stages not archived yet.
+    let archived = store.archive_project("shop", at(40)).await.unwrap();
+    let names: Vec<&str> = archived.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["dev", "prod"]);
+    assert!(archived.iter().all(|s| s.archived_at == Some(at(40))));
+    assert_eq!(
+        store.get_project("shop").await.unwrap().archived_at,
+        Some(at(40))
+    );
+    assert!(
+        store
+            .archive_project("shop", at(41))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    match store.restore_stage("shop", "prod").await {
+        Err(StoreError::InUse { what, .. }) => assert!(what.contains("archived"), "{what}"),
+        other => panic!("restoring a stage of an archived project: {other:?}"),
+    }
+    let restored = store.restore_project("shop").await.unwrap();
+    let names: Vec<&str> = restored.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["dev", "prod"],
+        "old was archived before, on its own"
+    );
+    assert_eq!(store.get_project("shop").await.unwrap().archived_at, None);
+    assert!(
+        store
+            .get_stage("shop", "old")
+            .await
+            .unwrap()
+            .archived_at
+            .is_some()
+    );
+    assert!(store.restore_project("shop").await.unwrap().is_empty());
+    assert_not_found(
+        store.archive_stage("shop", "nope", at(50)).await,
+        "stage",
+        "shop/nope",
+    );
+    assert_not_found(
+        store.archive_project("nope", at(50)).await,
+        "project",
+        "nope",
+    );
+    // Purging is deleting, as before.
+    store.delete_stage("shop", "old", true).await.unwrap();
+    assert_not_found(store.get_stage("shop", "old").await, "stage", "shop/old");
 }
 
 // --- several hubs on one store ---

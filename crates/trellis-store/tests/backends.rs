@@ -141,6 +141,8 @@ mod sqlite_file {
                 .create_project(
                     &Project {
                         name: "shop".into(),
+                        display_name: String::new(),
+                        archived_at: None,
                         description: String::new(),
                         created_at: now,
                     },
@@ -248,6 +250,8 @@ mod sqlite_link {
             .create_project(
                 &Project {
                     name: name.into(),
+                    display_name: String::new(),
+                    archived_at: None,
                     description: String::new(),
                     created_at: at(0),
                 },

@@ -181,8 +181,10 @@ async fn a_sqlite_hub_copies_into_postgres_whole() {
     s.create_project(
         &Project {
             name: "shop".into(),
+            display_name: "The shop".into(),
             description: "the shop".into(),
             created_at: now,
+            archived_at: None,
         },
         "admin",
     )
@@ -245,6 +247,7 @@ async fn a_sqlite_hub_copies_into_postgres_whole() {
         &ConfigData {
             env: [("A".to_owned(), "1".to_owned())].into(),
             files: Default::default(),
+            ..Default::default()
         },
         now,
     )

@@ -15,7 +15,8 @@ use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
 /// Newest first.
-#[utoipa::path(get, path = "/projects/{project}/builds", tag = "builds", responses((status = 200, body = Vec<Build>)))]
+#[utoipa::path(get, path = "/projects/{project}/builds", tag = "builds",
+    params(crate::api::params::ProjectPath), responses((status = 200, body = Vec<Build>)))]
 pub async fn list_builds(
     State(state): State<AppState>,
     caller: Caller,
@@ -25,7 +26,8 @@ pub async fn list_builds(
     Ok(Json(state.store().list_builds(&project).await?))
 }
 
-#[utoipa::path(get, path = "/projects/{project}/builds/{build}", tag = "builds", responses((status = 200, body = Build)))]
+#[utoipa::path(get, path = "/projects/{project}/builds/{build}", tag = "builds",
+    params(crate::api::params::BuildPath), responses((status = 200, body = Build)))]
 pub async fn get_build(
     State(state): State<AppState>,
     caller: Caller,
@@ -39,7 +41,8 @@ pub async fn get_build(
 /// come with its artifact: for a container component the image reference
 /// (the manifest's for `docker.image`) and, for `docker.file` always, the
 /// uploaded image archive; for a `process:` one the uploaded package.
-#[utoipa::path(post, path = "/projects/{project}/builds", tag = "builds", request_body = NewBuild,
+#[utoipa::path(post, path = "/projects/{project}/builds", tag = "builds",
+    params(crate::api::params::ProjectPath), request_body = NewBuild,
     responses((status = 201, body = Build)))]
 pub async fn create_build(
     State(state): State<AppState>,
@@ -47,7 +50,7 @@ pub async fn create_build(
     Path(project): Path<String>,
     Json(req): Json<NewBuild>,
 ) -> ApiResult<(StatusCode, Json<Build>)> {
-    caller.role_in(&state, &project).await?;
+    caller.role_in_live(&state, &project).await?;
     let stored = check_build(&req)?;
     for artifact in &stored {
         check_stored(state.chunks(), artifact).await?;
@@ -59,7 +62,8 @@ pub async fn create_build(
     Ok((StatusCode::CREATED, Json(build)))
 }
 
-#[utoipa::path(delete, path = "/projects/{project}/builds/{build}", tag = "builds", responses((status = 204)))]
+#[utoipa::path(delete, path = "/projects/{project}/builds/{build}", tag = "builds",
+    params(crate::api::params::BuildPath), responses((status = 204)))]
 pub async fn delete_build(
     State(state): State<AppState>,
     caller: Caller,
@@ -70,8 +74,16 @@ pub async fn delete_build(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// A build whose content does not hold together (its manifest and
+/// artifacts are checked against each other and the artifact store, which
+/// no schema can say): 422.
 fn invalid_build(message: impl Into<String>, hint: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "invalid-build", message, hint)
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid-build",
+        message,
+        hint,
+    )
 }
 
 /// An artifact a build names, which must be on the hub.
@@ -152,7 +164,7 @@ fn check_build(build: &NewBuild) -> ApiResult<Vec<Wanted<'_>>> {
             "send the full hexadecimal commit id (`git rev-parse HEAD`)",
         ));
     }
-    if build.branch.is_empty() || build.branch.len() > 255 {
+    if build.branch.is_empty() || build.branch.chars().count() > 255 {
         return Err(invalid_build(
             "the branch name is empty or longer than 255 characters",
             "push builds from a checked-out branch",
@@ -160,7 +172,7 @@ fn check_build(build: &NewBuild) -> ApiResult<Vec<Wanted<'_>>> {
     }
     let manifest = parse_manifest(&build.manifest).map_err(|errors| {
         ApiError::new(
-            StatusCode::BAD_REQUEST,
+            StatusCode::UNPROCESSABLE_ENTITY,
             "invalid-manifest",
             format!("{} is not a valid manifest:\n{errors}", build.manifest_file),
             "fix it and check with `trellis validate manifest PATH` before pushing",

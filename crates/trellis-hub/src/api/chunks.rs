@@ -35,7 +35,9 @@ pub async fn missing_chunks(
     Json(req): Json<MissingChunksRequest>,
 ) -> ApiResult<Json<MissingChunksResponse>> {
     if req.digests.len() > MAX_DIGESTS_PER_QUERY {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too-many-digests",
             format!(
                 "{} digests in one query; the hub answers for at most {MAX_DIGESTS_PER_QUERY}",
                 req.digests.len()
@@ -62,6 +64,7 @@ pub async fn missing_chunks(
 /// Stores one chunk, sent in its stored form (a zstd frame of content that
 /// hashes to `digest`).
 #[utoipa::path(put, path = "/chunks/{digest}", tag = "builds",
+    params(crate::api::params::DigestPath),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 201, body = ChunkInfoResponse)))]
 pub async fn put_chunk(
@@ -101,7 +104,9 @@ pub async fn put_chunk(
 
 pub(crate) fn parse_digest(s: &str) -> ApiResult<Digest> {
     s.parse().map_err(|e| {
-        ApiError::bad_request(
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-digest",
             format!("{s:?} is not a chunk digest: {e}"),
             "a digest is 64 lowercase hexadecimal characters (BLAKE3)",
         )

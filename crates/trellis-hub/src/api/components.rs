@@ -135,12 +135,8 @@ pub(crate) async fn release_with_component(
 /// not wait for it.
 #[utoipa::path(post, path = "/projects/{project}/stages/{stage}/components/{component}/{action}",
     tag = "components",
-    params(("action" = String, Path, description = "start, stop or restart")),
-    responses(
-        (status = 200, body = ComponentActionResponse),
-        (status = 400, description = "unknown action (`invalid-action`)", body = crate::error::ErrorBody),
-        (status = 404, description = "no such component in the latest release (`no-such-component`)", body = crate::error::ErrorBody),
-        (status = 409, description = "the stage has no release (`no-release`)", body = crate::error::ErrorBody)))]
+    params(crate::api::params::ComponentActionPath),
+    responses((status = 200, body = ComponentActionResponse)))]
 pub async fn control_component(
     State(state): State<AppState>,
     caller: Caller,
@@ -155,7 +151,7 @@ pub async fn control_component(
             "POST …/components/NAME/start, …/stop or …/restart",
         )
     })?;
-    let record = state.store().get_stage(&project, &stage).await?;
+    let record = super::stages::live_stage(&state, &project, &stage).await?;
     validate_name(NameKind::Component, &component)?;
     release_with_component(&state, &record, Some(&component)).await?;
     let outcome = state
@@ -188,9 +184,10 @@ async fn set_suspended(
     suspended: bool,
 ) -> ApiResult<Json<Stage>> {
     caller.role_in(state, project).await?;
+    super::stages::live_stage(state, project, stage).await?;
     let update = StageUpdate {
-        display_name: None,
         suspended: Some(suspended),
+        ..StageUpdate::default()
     };
     let updated = state.store().update_stage(project, stage, &update).await?;
     state.links().poke(&updated.outpost);
@@ -200,6 +197,7 @@ async fn set_suspended(
 /// Suspends a stage: every component stops, releases and controls are
 /// kept. Bumps the desired revision unless it is suspended already.
 #[utoipa::path(post, path = "/projects/{project}/stages/{stage}/suspend", tag = "stages",
+    params(crate::api::params::StagePath),
     responses((status = 200, body = Stage)))]
 pub async fn suspend_stage(
     State(state): State<AppState>,
@@ -212,6 +210,7 @@ pub async fn suspend_stage(
 /// Resumes a suspended stage: its components run again as their controls
 /// say. Bumps the desired revision unless it is running already.
 #[utoipa::path(post, path = "/projects/{project}/stages/{stage}/resume", tag = "stages",
+    params(crate::api::params::StagePath),
     responses((status = 200, body = Stage)))]
 pub async fn resume_stage(
     State(state): State<AppState>,
@@ -229,6 +228,7 @@ pub async fn resume_stage(
 /// whether the report covers the desired revision, `observed_at` when it
 /// came.
 #[utoipa::path(get, path = "/projects/{project}/stages/{stage}/components", tag = "components",
+    params(crate::api::params::StagePath),
     responses((status = 200, body = StageComponents)))]
 pub async fn list_components(
     State(state): State<AppState>,
@@ -462,14 +462,9 @@ fn invalid_query(code: &'static str, message: String, hint: &str) -> ApiError {
 /// `logs-reader-too-slow`, `outpost-offline`). Errors before the first line
 /// are ordinary error responses.
 #[utoipa::path(get, path = "/projects/{project}/stages/{stage}/logs", tag = "components",
-    params(LogsQuery),
+    params(crate::api::params::StagePath, LogsQuery),
     responses(
-        (status = 200, description = "one JSON log line per line (see above)", content_type = "application/x-ndjson", body = String),
-        (status = 400, description = "bad `since`, `tail` or component name", body = crate::error::ErrorBody),
-        (status = 404, description = "no such component in the latest release (`no-such-component`)", body = crate::error::ErrorBody),
-        (status = 409, description = "the stage has no release (`no-release`)", body = crate::error::ErrorBody),
-        (status = 502, description = "the outpost could not read the logs (`outpost-logs-failed`)", body = crate::error::ErrorBody),
-        (status = 503, description = "the outpost is offline (`outpost-offline`) or busy (`outpost-busy`)", body = crate::error::ErrorBody)))]
+        (status = 200, description = "one JSON log line per line (see above)", content_type = "application/x-ndjson", body = String)))]
 pub async fn stage_logs(
     State(state): State<AppState>,
     caller: Caller,
@@ -532,7 +527,7 @@ pub async fn stage_logs(
         }
         Err(OpenLogsError::Busy) => {
             return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::TOO_MANY_REQUESTS,
                 "outpost-busy",
                 format!(
                     "outpost {:?} is streaming as many logs as it may at once",
@@ -670,8 +665,10 @@ fn end_error(stage: &Stage, end: &LogEnd) -> Option<ApiError> {
              rather than hold up the outpost's link",
             "read the response faster, or ask for fewer lines with since or tail",
         )),
+        // A state of the outpost, not a fault of the hub: 409, as for an
+        // outpost that was offline from the start.
         LogEnd::LinkClosed => Some(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::CONFLICT,
             "outpost-offline",
             format!(
                 "the link to outpost {:?} closed while its logs were being read",
@@ -682,10 +679,11 @@ fn end_error(stage: &Stage, end: &LogEnd) -> Option<ApiError> {
     }
 }
 
-/// 503 for a stage whose outpost has no live link.
+/// 409 for a stage whose outpost has no live link: what the stage is in,
+/// not a fault of the hub.
 pub(crate) async fn offline(state: &AppState, stage: &Stage) -> ApiError {
     let base = ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::CONFLICT,
         "outpost-offline",
         format!(
             "outpost {:?}, where stage {:?} runs, is not connected to the hub",

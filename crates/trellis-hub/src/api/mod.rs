@@ -12,7 +12,9 @@ pub mod access;
 pub mod builds;
 pub mod chunks;
 pub mod components;
+pub mod contract;
 pub mod outposts;
+pub mod params;
 pub mod projects;
 pub mod stages;
 pub mod streams;
@@ -37,17 +39,23 @@ use crate::state::AppState;
 )]
 struct ApiDoc;
 
-/// The `/api/v1` router and the OpenAPI document describing it.
-pub fn router(state: AppState) -> axum::Router {
-    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+/// Every route of the API, with the OpenAPI description of each.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(crate::health::health))
         .routes(routes!(access::whoami))
         .routes(routes!(access::create_user, access::list_users))
+        .routes(routes!(access::update_user))
         .routes(routes!(access::create_key))
         .routes(routes!(access::list_keys))
         .routes(routes!(access::delete_key))
         .routes(routes!(projects::list_projects, projects::create_project))
-        .routes(routes!(projects::get_project, projects::delete_project))
+        .routes(routes!(
+            projects::get_project,
+            projects::update_project,
+            projects::delete_project
+        ))
+        .routes(routes!(projects::restore_project))
         .routes(routes!(projects::list_members))
         .routes(routes!(projects::set_member, projects::remove_member))
         .routes(routes!(stages::list_stages, stages::create_stage))
@@ -56,10 +64,12 @@ pub fn router(state: AppState) -> axum::Router {
             stages::update_stage,
             stages::delete_stage
         ))
+        .routes(routes!(stages::restore_stage))
         .routes(routes!(stages::list_project_configs))
         .routes(routes!(stages::list_configs))
         .routes(routes!(stages::get_config, stages::delete_config))
         .routes(routes!(stages::add_config_data))
+        .routes(routes!(stages::remove_config_key))
         .routes(routes!(stages::list_releases, stages::push_release))
         .routes(routes!(stages::push_releases))
         .routes(routes!(stages::get_release))
@@ -94,9 +104,20 @@ pub fn router(state: AppState) -> axum::Router {
         .routes(routes!(chunks::missing_chunks))
         .routes(routes!(chunks::put_chunk))
         .routes(routes!(crate::gc::collect_garbage))
-        .split_for_parts();
+}
+
+/// The OpenAPI document served at `/api/v1/openapi.json` (see
+/// [`contract`]).
+pub fn document() -> serde_json::Value {
+    let (_, mut doc) = routes().split_for_parts();
     doc.servers = Some(vec![utoipa::openapi::Server::new("/api/v1")]);
-    let doc = std::sync::Arc::new(doc);
+    contract::complete(&doc)
+}
+
+/// The `/api/v1` router and the OpenAPI document describing it.
+pub fn router(state: AppState) -> axum::Router {
+    let (router, _) = routes().split_for_parts();
+    let doc = std::sync::Arc::new(document());
     router
         .route(
             "/openapi.json",

@@ -37,8 +37,11 @@ pub async fn create_outpost(
     caller.require_admin("create outposts")?;
     validate_name(NameKind::Outpost, &req.name)?;
     for (key, value) in &req.labels {
-        if !is_label_part(key) || value.len() > 253 || value.chars().any(char::is_control) {
-            return Err(ApiError::bad_request(
+        if !is_label_part(key) || value.chars().count() > 253 || value.chars().any(char::is_control)
+        {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-label",
                 format!("label {key:?}={value:?} is not valid"),
                 "label keys use letters, digits, '-', '_', '.', '/' (at most 63 characters); values are plain text",
             ));
@@ -65,7 +68,8 @@ pub async fn create_outpost(
     Ok((StatusCode::CREATED, Json(CreatedOutpost { outpost, join })))
 }
 
-#[utoipa::path(get, path = "/outposts/{outpost}", tag = "outposts", responses((status = 200, body = Outpost)))]
+#[utoipa::path(get, path = "/outposts/{outpost}", tag = "outposts",
+    params(crate::api::params::OutpostPath), responses((status = 200, body = Outpost)))]
 pub async fn get_outpost(
     State(state): State<AppState>,
     caller: Caller,
@@ -75,7 +79,8 @@ pub async fn get_outpost(
     Ok(Json(state.store().get_outpost(&outpost).await?))
 }
 
-#[utoipa::path(patch, path = "/outposts/{outpost}", tag = "outposts", request_body = UpdateOutpostRequest,
+#[utoipa::path(patch, path = "/outposts/{outpost}", tag = "outposts",
+    params(crate::api::params::OutpostPath), request_body = UpdateOutpostRequest,
     responses((status = 200, body = Outpost)))]
 pub async fn update_outpost(
     State(state): State<AppState>,
@@ -101,7 +106,9 @@ fn ingress_domain(domain: String) -> ApiResult<Option<String>> {
         return Ok(None);
     }
     validate_ingress_domain(&domain).map_err(|message| {
-        ApiError::bad_request(
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-ingress-domain",
             message,
             "point a DNS wildcard (*.plant7.example.net) at the outpost and give that domain",
         )
@@ -110,7 +117,7 @@ fn ingress_domain(domain: String) -> ApiResult<Option<String>> {
 }
 
 #[utoipa::path(delete, path = "/outposts/{outpost}", tag = "outposts",
-    params(("force" = Option<bool>, Query, description = "also delete the stages placed on it")),
+    params(crate::api::params::OutpostPath, ("force" = Option<bool>, Query, description = "also delete the stages placed on it")),
     responses((status = 204)))]
 pub async fn delete_outpost(
     State(state): State<AppState>,
@@ -140,7 +147,8 @@ fn is_label_part(s: &str) -> bool {
 }
 
 /// The outpost's current Outpost URI, to hand to users (administrators).
-#[utoipa::path(get, path = "/outposts/{outpost}/uri", tag = "outposts", responses((status = 200, body = OutpostUriResponse)))]
+#[utoipa::path(get, path = "/outposts/{outpost}/uri", tag = "outposts",
+    params(crate::api::params::OutpostPath), responses((status = 200, body = OutpostUriResponse)))]
 pub async fn get_outpost_uri(
     State(state): State<AppState>,
     caller: Caller,
@@ -157,7 +165,8 @@ pub async fn get_outpost_uri(
 
 /// Replaces the outpost's URI with a new one; copies of the old one stop
 /// validating. Stages already on the outpost are not affected.
-#[utoipa::path(post, path = "/outposts/{outpost}/uri/rotate", tag = "outposts", responses((status = 200, body = OutpostUriResponse)))]
+#[utoipa::path(post, path = "/outposts/{outpost}/uri/rotate", tag = "outposts",
+    params(crate::api::params::OutpostPath), responses((status = 200, body = OutpostUriResponse)))]
 pub async fn rotate_outpost_uri(
     State(state): State<AppState>,
     caller: Caller,
@@ -175,7 +184,8 @@ pub async fn rotate_outpost_uri(
 
 /// Revokes the outpost: its URI stops validating and no new stages can be
 /// placed on it.
-#[utoipa::path(post, path = "/outposts/{outpost}/revoke", tag = "outposts", responses((status = 200, body = Outpost)))]
+#[utoipa::path(post, path = "/outposts/{outpost}/revoke", tag = "outposts",
+    params(crate::api::params::OutpostPath), responses((status = 200, body = Outpost)))]
 pub async fn revoke_outpost(
     State(state): State<AppState>,
     caller: Caller,
@@ -208,8 +218,11 @@ pub async fn validate_outpost_uri(
 /// The local outpost is part of the hub: it has no URI and cannot be revoked.
 async fn remote_outpost(state: &AppState, name: &str) -> ApiResult<Outpost> {
     if name == LOCAL_OUTPOST {
-        return Err(ApiError::bad_request(
-            "the local outpost is part of the hub; it has no Outpost URI and cannot be revoked",
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "local-outpost",
+            "the local outpost is part of the hub; it has no Outpost URI, no agent to join and \
+             cannot be revoked",
             "stages created without an Outpost URI run on it",
         ));
     }
@@ -218,7 +231,8 @@ async fn remote_outpost(state: &AppState, name: &str) -> ApiResult<Outpost> {
 
 /// A new one-time join token for the outpost's agent (to join a host for
 /// the first time, or again after its state was lost).
-#[utoipa::path(post, path = "/outposts/{outpost}/join-tokens", tag = "outposts", request_body = JoinTokenRequest,
+#[utoipa::path(post, path = "/outposts/{outpost}/join-tokens", tag = "outposts",
+    params(crate::api::params::OutpostPath), request_body = JoinTokenRequest,
     responses((status = 201, body = JoinTokenResponse)))]
 pub async fn create_join_token(
     State(state): State<AppState>,
@@ -252,7 +266,9 @@ async fn mint_join_token(
 ) -> ApiResult<JoinTokenResponse> {
     let ttl = ttl_secs.unwrap_or(24 * 3600);
     if ttl == 0 || ttl > MAX_TOKEN_TTL_SECS {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-token-ttl",
             format!("a join token cannot live {ttl} s"),
             "give between 1 second and 7 days",
         ));

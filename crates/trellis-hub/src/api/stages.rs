@@ -10,27 +10,52 @@ use trellis_model::{
 use trellis_store::{NewRelease, NewStage, StageUpdate};
 
 use super::types::{
-    AddConfigDataRequest, CreateStageRequest, DeleteQuery, PushReleaseRequest, PushReleasesRequest,
-    UpdateStageRequest,
+    AddConfigDataRequest, ArchivedQuery, ConfigValuesQuery, CreateStageRequest, DeleteQuery,
+    PushReleaseRequest, PushReleasesRequest, UpdateStageRequest,
 };
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
-#[utoipa::path(get, path = "/projects/{project}/stages", tag = "stages", responses((status = 200, body = Vec<Stage>)))]
+/// The project's live stages, or with `archived` its archived ones.
+#[utoipa::path(get, path = "/projects/{project}/stages", tag = "stages",
+    params(crate::api::params::ProjectPath, ArchivedQuery),
+    responses((status = 200, body = Vec<Stage>)))]
 pub async fn list_stages(
     State(state): State<AppState>,
     caller: Caller,
     Path(project): Path<String>,
+    Query(q): Query<ArchivedQuery>,
 ) -> ApiResult<Json<Vec<Stage>>> {
     caller.role_in(&state, &project).await?;
-    Ok(Json(state.store().list_stages(&project).await?))
+    let stages = state.store().list_stages(&project).await?;
+    Ok(Json(
+        stages
+            .into_iter()
+            .filter(|s| s.archived_at.is_some() == q.archived)
+            .collect(),
+    ))
+}
+
+/// The stage, for a change: refused (409 `archived`) when it or its
+/// project is archived.
+pub(crate) async fn live_stage(state: &AppState, project: &str, stage: &str) -> ApiResult<Stage> {
+    let record = state.store().get_stage(project, stage).await?;
+    let owner = state.store().get_project(project).await?;
+    if let Some(at) = owner.archived_at {
+        return Err(crate::error::archived("project", project, project, at));
+    }
+    if let Some(at) = record.archived_at {
+        return Err(crate::error::archived("stage", stage, project, at));
+    }
+    Ok(record)
 }
 
 /// Creates a stage: on the outpost an Outpost URI names, or on the hub's
 /// local outpost. The stage is usable at once, whether or not the outpost's
 /// agent is connected.
-#[utoipa::path(post, path = "/projects/{project}/stages", tag = "stages", request_body = CreateStageRequest,
+#[utoipa::path(post, path = "/projects/{project}/stages", tag = "stages",
+    params(crate::api::params::ProjectPath), request_body = CreateStageRequest,
     responses((status = 201, body = Stage)))]
 pub async fn create_stage(
     State(state): State<AppState>,
@@ -38,7 +63,7 @@ pub async fn create_stage(
     Path(project): Path<String>,
     Json(req): Json<CreateStageRequest>,
 ) -> ApiResult<(StatusCode, Json<Stage>)> {
-    caller.role_in(&state, &project).await?;
+    caller.role_in_live(&state, &project).await?;
     validate_name(NameKind::Stage, &req.name)?;
     // Re-validated here (the console and CLI validated before): the URI
     // may have been rotated or the outpost filled up in between.
@@ -68,7 +93,8 @@ pub async fn create_stage(
     Ok((StatusCode::CREATED, Json(stage)))
 }
 
-#[utoipa::path(get, path = "/projects/{project}/stages/{stage}", tag = "stages", responses((status = 200, body = Stage)))]
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}", tag = "stages",
+    params(crate::api::params::StagePath), responses((status = 200, body = Stage)))]
 pub async fn get_stage(
     State(state): State<AppState>,
     caller: Caller,
@@ -78,9 +104,10 @@ pub async fn get_stage(
     Ok(Json(state.store().get_stage(&project, &stage).await?))
 }
 
-/// Renames a stage for display, or suspends/resumes it (which bumps its
-/// desired revision).
-#[utoipa::path(patch, path = "/projects/{project}/stages/{stage}", tag = "stages", request_body = UpdateStageRequest,
+/// Renames a stage for display, changes its type, or suspends/resumes it
+/// (which bumps its desired revision).
+#[utoipa::path(patch, path = "/projects/{project}/stages/{stage}", tag = "stages",
+    params(crate::api::params::StagePath), request_body = UpdateStageRequest,
     responses((status = 200, body = Stage)))]
 pub async fn update_stage(
     State(state): State<AppState>,
@@ -89,9 +116,11 @@ pub async fn update_stage(
     Json(req): Json<UpdateStageRequest>,
 ) -> ApiResult<Json<Stage>> {
     caller.role_in(&state, &project).await?;
+    live_stage(&state, &project, &stage).await?;
     let update = StageUpdate {
         display_name: req.display_name,
         suspended: req.suspended,
+        stage_type: req.stage_type,
     };
     let updated = state
         .store()
@@ -101,8 +130,12 @@ pub async fn update_stage(
     Ok(Json(updated))
 }
 
+/// Deletes a stage: it is archived — its outpost stops running it and
+/// keeps its volumes; its records, releases and configs are kept — until
+/// it is restored or the hub's retention period ends. With `purge` it is
+/// deleted for good at once.
 #[utoipa::path(delete, path = "/projects/{project}/stages/{stage}", tag = "stages",
-    params(("force" = Option<bool>, Query, description = "also delete its releases and configs")),
+    params(crate::api::params::StagePath, DeleteQuery),
     responses((status = 204)))]
 pub async fn delete_stage(
     State(state): State<AppState>,
@@ -112,54 +145,127 @@ pub async fn delete_stage(
 ) -> ApiResult<StatusCode> {
     caller.role_in(&state, &project).await?;
     let outpost = state.store().get_stage(&project, &stage).await?.outpost;
-    state
-        .store()
-        .delete_stage(&project, &stage, q.force)
-        .await?;
-    // The outpost's agent is told to forget the stage.
+    if q.purge || q.force {
+        state.store().delete_stage(&project, &stage, true).await?;
+    } else {
+        state
+            .store()
+            .archive_stage(&project, &stage, Utc::now())
+            .await?;
+    }
+    // The outpost's agent is told to stop running the stage, or to forget
+    // it.
     state.links().poke(&outpost);
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/configs", tag = "configs", responses((status = 200, body = Vec<Config>)))]
+/// Brings an archived stage back: its outpost runs its release again, with
+/// the volumes it kept. Refused while its project is archived (restore the
+/// project).
+#[utoipa::path(post, path = "/projects/{project}/stages/{stage}/restore", tag = "stages",
+    params(crate::api::params::StagePath), responses((status = 200, body = Stage)))]
+pub async fn restore_stage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+) -> ApiResult<Json<Stage>> {
+    caller.role_in_live(&state, &project).await?;
+    let restored = state.store().restore_stage(&project, &stage).await?;
+    state.links().poke(&restored.outpost);
+    Ok(Json(restored))
+}
+
+/// The stage's configs. Values of secret keys are left out (their keys
+/// are listed in `secret_env`/`secret_files`) unless an owner asks for
+/// them with `with_values`.
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/configs", tag = "configs",
+    params(crate::api::params::StagePath, ConfigValuesQuery),
+    responses((status = 200, body = Vec<Config>)))]
 pub async fn list_configs(
     State(state): State<AppState>,
     caller: Caller,
     Path((project, stage)): Path<(String, String)>,
+    Query(q): Query<ConfigValuesQuery>,
 ) -> ApiResult<Json<Vec<Config>>> {
-    caller.role_in(&state, &project).await?;
+    let show = secrets_shown(&state, &caller, &project, q.with_values).await?;
     state.store().get_stage(&project, &stage).await?;
-    Ok(Json(
-        state.store().list_configs(&project, Some(&stage)).await?,
-    ))
+    let configs = state.store().list_configs(&project, Some(&stage)).await?;
+    Ok(Json(configs.into_iter().map(|c| shown(c, show)).collect()))
 }
 
-/// All configs of a project, across its stages.
-#[utoipa::path(get, path = "/projects/{project}/configs", tag = "configs", responses((status = 200, body = Vec<Config>)))]
+/// All configs of a project, across its stages; secret values as for
+/// one stage's.
+#[utoipa::path(get, path = "/projects/{project}/configs", tag = "configs",
+    params(crate::api::params::ProjectPath, ConfigValuesQuery),
+    responses((status = 200, body = Vec<Config>)))]
 pub async fn list_project_configs(
     State(state): State<AppState>,
     caller: Caller,
     Path(project): Path<String>,
+    Query(q): Query<ConfigValuesQuery>,
 ) -> ApiResult<Json<Vec<Config>>> {
-    caller.role_in(&state, &project).await?;
-    Ok(Json(state.store().list_configs(&project, None).await?))
+    let show = secrets_shown(&state, &caller, &project, q.with_values).await?;
+    let configs = state.store().list_configs(&project, None).await?;
+    Ok(Json(configs.into_iter().map(|c| shown(c, show)).collect()))
 }
 
-#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/configs/{config}", tag = "configs", responses((status = 200, body = Config)))]
+/// One config; secret values as for a stage's list.
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/configs/{config}", tag = "configs",
+    params(crate::api::params::ConfigPath, ConfigValuesQuery),
+    responses((status = 200, body = Config)))]
 pub async fn get_config(
     State(state): State<AppState>,
     caller: Caller,
     Path((project, stage, config)): Path<(String, String, String)>,
+    Query(q): Query<ConfigValuesQuery>,
 ) -> ApiResult<Json<Config>> {
-    caller.role_in(&state, &project).await?;
-    Ok(Json(
-        state.store().get_config(&project, &stage, &config).await?,
-    ))
+    let show = secrets_shown(&state, &caller, &project, q.with_values).await?;
+    let config = state.store().get_config(&project, &stage, &config).await?;
+    Ok(Json(shown(config, show)))
+}
+
+/// Whether secret values go out: only when asked, and only to owners (and
+/// administrators, who act as owners). Also checks the caller may see the
+/// project at all.
+async fn secrets_shown(
+    state: &AppState,
+    caller: &Caller,
+    project: &str,
+    asked: bool,
+) -> ApiResult<bool> {
+    if asked {
+        caller
+            .require_owner(state, project, "see the values of secret config keys")
+            .await?;
+    } else {
+        caller.role_in(state, project).await?;
+    }
+    Ok(asked)
+}
+
+/// `config` as it goes out: secret values left out unless `show`.
+fn shown(mut config: Config, show: bool) -> Config {
+    if !show {
+        config.data = config.data.without_secret_values();
+    }
+    config
+}
+
+/// A release as it goes out: its config snapshot's secret values are never
+/// shown (the config they came from shows them to owners).
+pub(crate) fn release_shown(mut release: Release) -> Release {
+    if let Some(snapshot) = &mut release.config {
+        snapshot.data = snapshot.data.without_secret_values();
+    }
+    release
 }
 
 /// Adds env values and files to a config, creating it if needed. Keys that
-/// exist are replaced.
+/// exist are replaced. Keys listed in `secret_env`/`secret_files` are
+/// secret: given in this request, or already in the config (then only
+/// marked). The answer leaves secret values out.
 #[utoipa::path(post, path = "/projects/{project}/stages/{stage}/configs/{config}/data", tag = "configs",
+    params(crate::api::params::ConfigPath),
     request_body = AddConfigDataRequest, responses((status = 200, body = Config)))]
 pub async fn add_config_data(
     State(state): State<AppState>,
@@ -168,10 +274,13 @@ pub async fn add_config_data(
     Json(req): Json<AddConfigDataRequest>,
 ) -> ApiResult<Json<Config>> {
     caller.role_in(&state, &project).await?;
+    live_stage(&state, &project, &stage).await?;
     validate_name(NameKind::Config, &config)?;
     for key in req.data.env.keys() {
         if !is_config_key(key) {
-            return Err(ApiError::bad_request(
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-config-key",
                 format!("{key:?} is not a valid config key"),
                 "use letters, digits, '-', '_' and '.', at most 253 of them (e.g. db.user or LOG_LEVEL); manifests name the key with config-ref",
             ));
@@ -179,26 +288,86 @@ pub async fn add_config_data(
     }
     for name in req.data.files.keys() {
         if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-            return Err(ApiError::bad_request(
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid-file-name",
                 format!("{name:?} is not a valid config file name"),
                 "a config file is referenced by its plain file name, e.g. settings.json",
             ));
         }
     }
+    let mut data = req.data;
+    // Secret marks of keys the request does not carry mark the config's
+    // own: their values are written again, marked.
+    let unmarked_env: Vec<String> = data
+        .secret_env
+        .iter()
+        .filter(|k| !data.env.contains_key(*k))
+        .cloned()
+        .collect();
+    let unmarked_files: Vec<String> = data
+        .secret_files
+        .iter()
+        .filter(|k| !data.files.contains_key(*k))
+        .cloned()
+        .collect();
+    if !unmarked_env.is_empty() || !unmarked_files.is_empty() {
+        let existing = match state.store().get_config(&project, &stage, &config).await {
+            Ok(existing) => existing.data,
+            Err(trellis_store::StoreError::NotFound { kind: "config", .. }) => Default::default(),
+            Err(e) => return Err(e.into()),
+        };
+        for (wanted, have, into, kind) in [
+            (&unmarked_env, &existing.env, &mut data.env, "env value"),
+            (&unmarked_files, &existing.files, &mut data.files, "file"),
+        ] {
+            for key in wanted {
+                let value = have.get(key).ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::CONFLICT,
+                        "unknown-config-key",
+                        format!("config {config:?} of stage {stage:?} has no {kind} {key:?} to mark secret"),
+                        "give its value too (`--secret-env KEY=VALUE`, `--secret-file PATH`)",
+                    )
+                })?;
+                into.insert(key.clone(), value.clone());
+            }
+        }
+    }
     let updated = state
         .store()
-        .add_config_data(&project, &stage, &config, &req.data, Utc::now())
+        .add_config_data(&project, &stage, &config, &data, Utc::now())
         .await?;
-    Ok(Json(updated))
+    Ok(Json(shown(updated, false)))
 }
 
-#[utoipa::path(delete, path = "/projects/{project}/stages/{stage}/configs/{config}", tag = "configs", responses((status = 204)))]
+/// Removes one key — an env value or a file — from a config, as a new
+/// version of it. The answer leaves secret values out.
+#[utoipa::path(delete, path = "/projects/{project}/stages/{stage}/configs/{config}/keys/{key}", tag = "configs",
+    params(crate::api::params::ConfigKeyPath), responses((status = 200, body = Config)))]
+pub async fn remove_config_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage, config, key)): Path<(String, String, String, String)>,
+) -> ApiResult<Json<Config>> {
+    caller.role_in(&state, &project).await?;
+    live_stage(&state, &project, &stage).await?;
+    let updated = state
+        .store()
+        .remove_config_keys(&project, &stage, &config, &[key], Utc::now())
+        .await?;
+    Ok(Json(shown(updated, false)))
+}
+
+#[utoipa::path(delete, path = "/projects/{project}/stages/{stage}/configs/{config}", tag = "configs",
+    params(crate::api::params::ConfigPath), responses((status = 204)))]
 pub async fn delete_config(
     State(state): State<AppState>,
     caller: Caller,
     Path((project, stage, config)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
     caller.role_in(&state, &project).await?;
+    live_stage(&state, &project, &stage).await?;
     state
         .store()
         .delete_config(&project, &stage, &config)
@@ -206,7 +375,8 @@ pub async fn delete_config(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/releases", tag = "releases", responses((status = 200, body = Vec<Release>)))]
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/releases", tag = "releases",
+    params(crate::api::params::StagePath), responses((status = 200, body = Vec<Release>)))]
 pub async fn list_releases(
     State(state): State<AppState>,
     caller: Caller,
@@ -214,25 +384,28 @@ pub async fn list_releases(
 ) -> ApiResult<Json<Vec<Release>>> {
     caller.role_in(&state, &project).await?;
     state.store().get_stage(&project, &stage).await?;
-    Ok(Json(state.store().list_releases(&project, &stage).await?))
+    let releases = state.store().list_releases(&project, &stage).await?;
+    Ok(Json(releases.into_iter().map(release_shown).collect()))
 }
 
-#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/releases/{number}", tag = "releases", responses((status = 200, body = Release)))]
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/releases/{number}", tag = "releases",
+    params(crate::api::params::ReleasePath), responses((status = 200, body = Release)))]
 pub async fn get_release(
     State(state): State<AppState>,
     caller: Caller,
     Path((project, stage, number)): Path<(String, String, u64)>,
 ) -> ApiResult<Json<Release>> {
     caller.role_in(&state, &project).await?;
-    Ok(Json(
+    Ok(Json(release_shown(
         state.store().get_release(&project, &stage, number).await?,
-    ))
+    )))
 }
 
 /// Pushes a release: a build (the newest when not named) and optionally a
 /// config of the stage, frozen as they are now. Returns at once; the
 /// stage's outpost picks the new desired revision up on its own.
 #[utoipa::path(post, path = "/projects/{project}/stages/{stage}/releases", tag = "releases",
+    params(crate::api::params::StagePath),
     request_body = PushReleaseRequest, responses((status = 201, body = Release)))]
 pub async fn push_release(
     State(state): State<AppState>,
@@ -241,7 +414,7 @@ pub async fn push_release(
     Json(req): Json<PushReleaseRequest>,
 ) -> ApiResult<(StatusCode, Json<Release>)> {
     caller.role_in(&state, &project).await?;
-    let stage_record = state.store().get_stage(&project, &stage).await?;
+    let stage_record = live_stage(&state, &project, &stage).await?;
     let build = release_build(&state, &project, req.build).await?;
     let config = match req.config {
         Some(name) => {
@@ -270,7 +443,7 @@ pub async fn push_release(
     // The deploy is recorded; the outpost's session picks it up on its own.
     // Nothing here waits for the outpost.
     state.links().poke(&stage_record.outpost);
-    Ok((StatusCode::CREATED, Json(release)))
+    Ok((StatusCode::CREATED, Json(release_shown(release))))
 }
 
 /// The most stages one push may name.
@@ -282,6 +455,7 @@ pub const MAX_STAGES_PER_PUSH: usize = 100_000;
 /// fleet of outposts in one request and one transaction. Returns at once;
 /// each outpost picks its release up on its own.
 #[utoipa::path(post, path = "/projects/{project}/releases", tag = "releases",
+    params(crate::api::params::ProjectPath),
     request_body = PushReleasesRequest, responses((status = 201, body = Vec<Release>)))]
 pub async fn push_releases(
     State(state): State<AppState>,
@@ -289,7 +463,7 @@ pub async fn push_releases(
     Path(project): Path<String>,
     Json(req): Json<PushReleasesRequest>,
 ) -> ApiResult<(StatusCode, Json<Vec<Release>>)> {
-    caller.role_in(&state, &project).await?;
+    caller.role_in_live(&state, &project).await?;
     if req.stages.is_empty() {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -318,6 +492,17 @@ pub async fn push_releases(
             "name each stage once",
         ));
     }
+    let archived = state
+        .store()
+        .list_stages(&project)
+        .await?
+        .into_iter()
+        .filter(|s| s.archived_at.is_some());
+    for stage in archived {
+        if let (Some(at), true) = (stage.archived_at, req.stages.contains(&stage.name)) {
+            return Err(crate::error::archived("stage", &stage.name, &project, at));
+        }
+    }
     let build = release_build(&state, &project, req.build).await?;
     let new: Vec<NewRelease> = req
         .stages
@@ -335,7 +520,10 @@ pub async fn push_releases(
     for outpost in &pushed.outposts {
         state.links().poke(outpost);
     }
-    Ok((StatusCode::CREATED, Json(pushed.releases)))
+    Ok((
+        StatusCode::CREATED,
+        Json(pushed.releases.into_iter().map(release_shown).collect()),
+    ))
 }
 
 /// The build a release takes: the one named, or the project's newest.

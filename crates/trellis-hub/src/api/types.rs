@@ -14,10 +14,20 @@ pub struct WhoAmI {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"name": "alice", "admin": false}))]
 pub struct CreateUserRequest {
+    #[schema(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
     #[serde(default)]
     pub admin: bool,
+}
+
+/// `PATCH /users/{user}`: what to change; absent fields stay.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+pub struct UpdateUserRequest {
+    /// Make the user an administrator, or no longer one.
+    #[serde(default)]
+    pub admin: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -36,8 +46,13 @@ pub struct CreatedKey {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"name": "shop", "description": "The web shop"}))]
 pub struct CreateProjectRequest {
+    #[schema(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
+    /// How people see it named; its name when absent.
+    #[serde(default)]
+    pub display_name: Option<String>,
     #[serde(default)]
     pub description: String,
 }
@@ -48,7 +63,9 @@ pub struct SetMemberRequest {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"name": "prod", "type": "prod", "display_name": "Production"}))]
 pub struct CreateStageRequest {
+    #[schema(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
     #[serde(rename = "type")]
     pub stage_type: StageType,
@@ -57,6 +74,9 @@ pub struct CreateStageRequest {
     /// Place the stage on the outpost this URI names (validated again);
     /// without it the stage runs on the hub's local outpost.
     #[serde(default)]
+    #[schema(
+        pattern = "^(trellis|outpost)://((([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\.){0,3}[a-z]([a-z0-9-]{0,61}[a-z0-9])?)|((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3})):([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/[a-z]([a-z0-9-]{0,61}[a-z0-9])?\\?key=[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]$"
+    )]
     pub outpost_uri: Option<String>,
 }
 
@@ -66,10 +86,15 @@ pub struct UpdateStageRequest {
     pub display_name: Option<String>,
     #[serde(default)]
     pub suspended: Option<bool>,
+    /// dev, qa or prod
+    #[serde(default, rename = "type")]
+    pub stage_type: Option<StageType>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[schema(example = json!({"name": "factory-7", "description": "Line 3, hall B", "labels": {"site": "plant-3"}, "max_stages": 4}))]
 pub struct CreateOutpostRequest {
+    #[schema(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
     #[serde(default)]
     pub display_name: Option<String>,
@@ -78,13 +103,20 @@ pub struct CreateOutpostRequest {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 4294967295u64)]
     pub max_stages: Option<u32>,
     /// The DNS name its ingresses are reachable under; `localhost` when
-    /// absent.
+    /// absent (or `""`).
     #[serde(default)]
+    #[schema(
+        max_length = 61,
+        pattern = "^([a-z0-9]([a-z0-9-]*[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*)?$"
+    )]
     pub ingress_domain: Option<String>,
-    /// Validity of the first join token in seconds; 24 hours when absent.
+    /// Validity of the first join token in seconds (at most 7 days); 24
+    /// hours when absent.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 604800)]
     pub token_ttl_secs: Option<u64>,
 }
 
@@ -98,6 +130,10 @@ pub struct UpdateOutpostRequest {
     /// A new ingress domain; `""` goes back to the default (`localhost`).
     /// Every stage on the outpost is sent its new hosts.
     #[serde(default)]
+    #[schema(
+        max_length = 61,
+        pattern = "^([a-z0-9]([a-z0-9-]*[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*)?$"
+    )]
     pub ingress_domain: Option<String>,
 }
 
@@ -105,25 +141,30 @@ pub struct UpdateOutpostRequest {
 pub type CreateBuildRequest = NewBuild;
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"env": {"LOG_LEVEL": "info", "db.user": "shop"}, "files": {"settings.json": "{\"theme\": \"dark\"}"}}))]
 pub struct AddConfigDataRequest {
     #[serde(flatten)]
     pub data: ConfigData,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[schema(example = json!({"build": "main_b1", "config": "app"}))]
 pub struct PushReleaseRequest {
     /// Build name; the project's newest build when absent.
     #[serde(default)]
     pub build: Option<String>,
     /// Config of the stage to take (frozen into the release).
     #[serde(default)]
+    #[schema(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub config: Option<String>,
 }
 
 /// `POST /projects/{project}/releases`: one build to several stages.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[schema(example = json!({"stages": ["line-1", "line-2"], "build": "main_b1"}))]
 pub struct PushReleasesRequest {
     /// The stages of the project to release to, each named once.
+    #[schema(min_items = 1, max_items = 100000)]
     pub stages: Vec<String>,
     /// Build name; the project's newest build when absent.
     #[serde(default)]
@@ -134,6 +175,7 @@ pub struct PushReleasesRequest {
 /// upload (hex, at most 10,000).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MissingChunksRequest {
+    #[schema(max_items = 10000)]
     pub digests: Vec<String>,
 }
 
@@ -151,10 +193,47 @@ pub struct ChunkInfoResponse {
     pub stored: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+/// How a project, stage or outpost is deleted.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeleteQuery {
+    /// Delete what depends on it too. For a project or a stage: delete it
+    /// for good at once, as `purge` does.
     #[serde(default)]
     pub force: bool,
+    /// A project or stage: delete it for good at once, with its releases,
+    /// configs (and a project's stages and builds), instead of archiving
+    /// it.
+    #[serde(default)]
+    pub purge: bool,
+}
+
+/// Which projects or stages a list shows.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ArchivedQuery {
+    /// The archived ones (deleted, kept until restored or purged) instead
+    /// of the live ones.
+    #[serde(default)]
+    pub archived: bool,
+}
+
+/// `PATCH /projects/{project}`: what to change; absent fields stay.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+pub struct UpdateProjectRequest {
+    #[serde(default)]
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// Whether a config's secret values are shown.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ConfigValuesQuery {
+    /// Show the values of secret keys too (owners only).
+    #[serde(default)]
+    pub with_values: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
@@ -164,11 +243,16 @@ pub struct KeysQuery {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"uri": "trellis://hub.example:7440/factory-7?key=2uJmaXHu0YyhGh2vJ2oQ0t5CM2oXcrRJxDm2VAyDl0A", "project": "shop"}))]
 pub struct ValidateOutpostUriRequest {
+    #[schema(
+        pattern = "^(trellis|outpost)://((([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\.){0,3}[a-z]([a-z0-9-]{0,61}[a-z0-9])?)|((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3})):([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])/[a-z]([a-z0-9-]{0,61}[a-z0-9])?\\?key=[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]$"
+    )]
     pub uri: String,
     /// The project the stage would belong to, to check the caller may
     /// place its stages there.
     #[serde(default)]
+    #[schema(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub project: Option<String>,
 }
 
@@ -198,8 +282,9 @@ pub struct CreatedOutpost {
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
 pub struct JoinTokenRequest {
-    /// Validity in seconds; 24 hours when absent.
+    /// Validity in seconds (at most 7 days); 24 hours when absent.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 604800)]
     pub ttl_secs: Option<u64>,
 }
 
@@ -325,14 +410,20 @@ pub struct StageComponents {
 pub struct LogsQuery {
     /// One component of the stage; every component when absent.
     #[serde(default)]
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub component: Option<String>,
     /// Only lines written since then: RFC 3339 (`2024-05-01T12:00:00Z`) or a
     /// duration back from now (`30s`, `10m`, `2h`, `1d`, `1h30m`).
     #[serde(default)]
+    #[param(
+        pattern = "^(([0-9]{1,6}[smhd]){1,4}|[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9]))$",
+        example = "10m"
+    )]
     pub since: Option<String>,
     /// At most this many of the newest lines (before following), up to
     /// 100000.
     #[serde(default)]
+    #[param(maximum = 100000)]
     pub tail: Option<usize>,
     /// Keep the response open and send new lines as they are written.
     #[serde(default)]

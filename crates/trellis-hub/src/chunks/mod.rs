@@ -89,8 +89,9 @@ impl ChunkError {
                 format!("{doing}: {self}"),
                 "push the build again to store a good copy",
             ),
+            // The content does not verify: 422, like every content check.
             ChunkError::Invalid(_) => ApiError::new(
-                StatusCode::BAD_REQUEST,
+                StatusCode::UNPROCESSABLE_ENTITY,
                 "chunk-invalid",
                 format!("{doing}: {self}"),
                 "the upload was damaged on the way; push again",

@@ -8,14 +8,19 @@
 //! - the link secret (`link.secret`): Outpost URI keys are derived from it,
 //!   and so is the console's session key (a session signed by one instance
 //!   is accepted by the others), and the key instances sign forwarded
-//!   requests with ([`super::forward`]).
+//!   requests with ([`super::forward`]);
+//! - the config key (`config.key`): every config value is sealed with it in
+//!   the store ([`crate::sealed`]), so an instance with another key could
+//!   not open what the others wrote.
 //!
 //! The first instance on a database offers its own (created at first start,
-//! or those of the hub `trellis hub migrate` copied); later instances
+//! or those of the hub `trellis hub migrate` copied — its config key must
+//! come along, since the values it copied are sealed with it); later instances
 //! receive them and write them into their data directory, where the rest
 //! of the hub reads them as a single hub does. An instance whose data
-//! directory already holds a different CA or link secret refuses to start,
-//! naming both: running it would hand agents two CAs.
+//! directory already holds a different CA, link secret or config key refuses
+//! to start, naming both: running it would hand agents two CAs (or leave
+//! config values nobody can open).
 //!
 //! The cluster key is 256 random bits, given as `TRELLIS_CLUSTER_KEY` (64
 //! hexadecimal characters) or kept in `<data>/cluster.key`; the first
@@ -146,8 +151,8 @@ fn wrong_key(data_dir: &Path) -> anyhow::Error {
     )
 }
 
-/// Makes the data directory's CA and link secret those of the cluster:
-/// offers this instance's (creating them if it has none) when the store
+/// Makes the data directory's CA, link secret and config key those of the
+/// cluster: offers this instance's (creating them if it has none) when the store
 /// has none yet, takes the cluster's when the directory has none, and
 /// refuses to go on when they differ.
 pub async fn share(store: &dyn Store, data_dir: &Path, key: &ClusterKey) -> anyhow::Result<()> {
@@ -217,6 +222,34 @@ pub async fn share(store: &dyn Store, data_dir: &Path, key: &ClusterKey) -> anyh
             );
         }
         crate::tls::write_file(&secret_path, &cluster_secret, 0o600)?;
+    }
+
+    let config_path = data_dir.join(crate::sealed::CONFIG_KEY_FILE);
+    let had_config = config_path.exists();
+    trellis_agent::seal::SealKey::load_or_create(&config_path)
+        .with_context(|| format!("reading the config key {}", config_path.display()))?;
+    let own_config = std::fs::read_to_string(&config_path)?.trim().to_owned();
+    let offer = key.seal("config-key", own_config.as_bytes());
+    let stored = store
+        .cluster_secret("config-key", &offer)
+        .await
+        .context("sharing the hub's config key with the other instances")?;
+    let cluster_config = String::from_utf8(
+        key.open("config-key", &stored)
+            .ok_or_else(|| wrong_key(data_dir))?,
+    )
+    .context("the cluster's config key record is damaged")?;
+    if cluster_config != own_config {
+        if had_config {
+            bail!(
+                "this instance's config key ({}) is not the one of the hubs sharing this \
+                 database: it could not open the config values the others sealed. Remove it \
+                 so this instance takes the cluster's, or point --store at this hub's own \
+                 database",
+                config_path.display()
+            );
+        }
+        crate::tls::write_file(&config_path, &format!("{cluster_config}\n"), 0o600)?;
     }
     Ok(())
 }

@@ -47,7 +47,12 @@ async fn projects_page(
     form: ProjectForm,
     error: Option<ApiError>,
 ) -> Result<ProjectsPage, ConsoleError> {
-    let Json(projects) = crate::api::projects::list_projects(State(state), caller.clone()).await?;
+    let Json(projects) = crate::api::projects::list_projects(
+        State(state),
+        caller.clone(),
+        crate::extract::Query(Default::default()),
+    )
+    .await?;
     Ok(ProjectsPage {
         page: Page::signed("Projects", &caller, "projects"),
         projects: projects
@@ -79,6 +84,7 @@ pub async fn create(
     let request = CreateProjectRequest {
         name: form.name.trim().to_owned(),
         description: form.description.trim().to_owned(),
+        display_name: None,
     };
     match crate::api::projects::create_project(State(state.clone()), caller.clone(), Json(request))
         .await
@@ -129,7 +135,10 @@ pub async fn show(
         .await?;
     let mut links: HashMap<String, LinkState> = HashMap::new();
     let mut stages = Vec::with_capacity(summaries.len());
-    for summary in summaries {
+    for summary in summaries
+        .into_iter()
+        .filter(|s| s.stage.archived_at.is_none())
+    {
         let stage = &summary.stage;
         let link = match links.get(&stage.outpost) {
             Some(link) => *link,

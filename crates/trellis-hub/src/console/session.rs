@@ -94,6 +94,7 @@ impl FromRequestParts<AppState> for Signed {
         Ok(Signed(Caller {
             user: user.name,
             admin: user.admin,
+            key_id: stored.info.id,
             forwarded: false,
         }))
     }

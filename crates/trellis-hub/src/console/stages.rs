@@ -575,8 +575,8 @@ async fn set_suspended(
         caller,
         Path((project.clone(), stage.clone())),
         Json(UpdateStageRequest {
-            display_name: None,
             suspended: Some(suspended),
+            ..UpdateStageRequest::default()
         }),
     )
     .await?;

@@ -265,17 +265,12 @@ fn not_found(what: &str, digest: &Digest, outpost: &str) -> ApiError {
 /// whose releases use it. Supports one `Range`, so an interrupted chunk
 /// resumes.
 #[utoipa::path(get, path = "/agent/chunks/{digest}", tag = "outposts",
-    params(
-        ("digest" = String, Path, description = "BLAKE3 digest of the chunk's content, 64 lowercase hexadecimal characters"),
+    params(crate::api::params::DigestPath,
         ("Range" = Option<String>, Header, description = "One byte range, e.g. `bytes=1000-`"),
     ),
     responses(
         (status = 200, description = "The stored chunk", content_type = "application/octet-stream", body = Vec<u8>),
         (status = 206, description = "The requested range of the stored chunk", content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 401, description = "No client certificate", body = crate::error::ErrorBody),
-        (status = 403, description = "The outpost is revoked or the key is not its registered one", body = crate::error::ErrorBody),
-        (status = 404, description = "No such chunk for this outpost", body = crate::error::ErrorBody),
-        (status = 416, description = "The range lies outside the chunk", body = crate::error::ErrorBody),
     ))]
 pub async fn chunk(
     State(state): State<AppState>,
@@ -362,11 +357,9 @@ async fn serve_chunk(
 /// response early with an error instead of sending wrong bytes. For
 /// clients that fetch whole artifacts; agents fetch chunks.
 #[utoipa::path(get, path = "/agent/artifacts/{index}/content", tag = "outposts",
-    params(("index" = String, Path, description = "Digest of the artifact's index")),
+    params(crate::api::params::IndexPath),
     responses(
         (status = 200, description = "The artifact's content", content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 401, description = "No client certificate", body = crate::error::ErrorBody),
-        (status = 404, description = "No such artifact for this outpost", body = crate::error::ErrorBody),
     ))]
 pub async fn artifact_content(
     State(state): State<AppState>,

@@ -337,7 +337,7 @@ fn issue(state: &AppState, outpost: &str, csr_pem: &str) -> ApiResult<IssuedCert
         .issue_client_cert(csr_pem, outpost, validity, Utc::now())
         .map_err(|e| {
             ApiError::new(
-                StatusCode::BAD_REQUEST,
+                StatusCode::UNPROCESSABLE_ENTITY,
                 "csr-invalid",
                 e.to_string(),
                 "the agent makes the CSR itself; update the agent if this persists",

@@ -80,7 +80,7 @@ pub async fn ingress_certificate(
         .issue_ingress_cert(&req.csr_pem, &peer.outpost, &names, validity, Utc::now())
         .map_err(|e| {
             ApiError::new(
-                StatusCode::BAD_REQUEST,
+                StatusCode::UNPROCESSABLE_ENTITY,
                 e.code(),
                 e.to_string(),
                 "the agent makes the CSR itself; update the agent if this persists",
@@ -106,7 +106,7 @@ fn check_names(
 ) -> Result<Vec<String>, ApiError> {
     let refused = |message: String| {
         ApiError::new(
-            StatusCode::BAD_REQUEST,
+            StatusCode::FORBIDDEN,
             "ingress-names-refused",
             message,
             "the agent asks for the names of the stages it serves; if a stage was just moved or \

@@ -249,6 +249,7 @@ pub async fn link_view(state: &AppState, outpost: &str) -> ApiResult<LinkView> {
 
 /// The connection status of a stage: link, sync, components, errors.
 #[utoipa::path(get, path = "/projects/{project}/stages/{stage}/outpost-status", tag = "stages",
+    params(crate::api::params::StagePath),
     responses((status = 200, body = StageStatus)))]
 pub async fn stage_status(
     State(state): State<AppState>,
@@ -400,7 +401,7 @@ pub struct ProjectStatusQuery {
 /// `outpost-status`. With `?pending=true`, only the stages a rollout is
 /// still waiting for, so a watcher's poll shrinks as the rollout lands.
 #[utoipa::path(get, path = "/projects/{project}/outpost-status", tag = "stages",
-    params(ProjectStatusQuery),
+    params(crate::api::params::ProjectPath, ProjectStatusQuery),
     responses((status = 200, body = Vec<StageSyncSummary>)))]
 pub async fn project_status(
     State(state): State<AppState>,

@@ -37,10 +37,10 @@ use trellis_model::{
 };
 
 use crate::{
-    ChangeFeed, ControlOutcome, DesiredParts, Instance, JobLock, JoinTokenRefusal, LinkActivity,
-    LinkClaim, NewRelease, NewStage, OutpostStage, OutpostUpdate, PoolStats, PushedReleases,
-    Result, StageFilter, StageKey, StageSummary, StageUpdate, Store, StoreError, StoredAccessKey,
-    SyncUpdate, wording,
+    AdminGuarded, ChangeFeed, ControlOutcome, DesiredParts, Instance, JobLock, JoinTokenRefusal,
+    LinkActivity, LinkClaim, NewRelease, NewStage, OutpostStage, OutpostUpdate, PoolStats,
+    ProjectUpdate, PushedReleases, Result, StageFilter, StageKey, StageSummary, StageUpdate, Store,
+    StoreError, StoredAccessKey, SyncUpdate, wording,
 };
 use conn::{Conn, FromCol, SqlRow, q};
 
@@ -301,7 +301,7 @@ macro_rules! key_columns {
 }
 macro_rules! project_columns {
     () => {
-        "name, description, created_at"
+        "name, description, created_at, display_name, archived_at"
     };
 }
 macro_rules! outpost_columns {
@@ -313,7 +313,7 @@ macro_rules! outpost_columns {
 macro_rules! stage_columns {
     () => {
         "project, name, stage_type, display_name, suspended, outpost, desired_revision, \
-         latest_release, created_at"
+         latest_release, created_at, archived_at"
     };
 }
 macro_rules! build_columns {
@@ -367,8 +367,10 @@ fn key_from<R: SqlRow>(row: &R) -> Result<StoredAccessKey> {
 fn project_from<R: SqlRow>(row: &R) -> Result<Project> {
     Ok(Project {
         name: col(row, "name")?,
+        display_name: col(row, "display_name")?,
         description: col(row, "description")?,
         created_at: time(row, "created_at")?,
+        archived_at: opt_time(row, "archived_at")?,
     })
 }
 
@@ -412,6 +414,7 @@ fn stage_from<R: SqlRow>(row: &R) -> Result<Stage> {
         desired_revision: count(row, "desired_revision")?,
         latest_release: latest_release.map(unsigned).transpose()?,
         created_at: time(row, "created_at")?,
+        archived_at: opt_time(row, "archived_at")?,
     })
 }
 
@@ -439,6 +442,7 @@ fn config_from<R: SqlRow>(row: &R) -> Result<Config> {
         data: ConfigData {
             env: from_json(row, "env")?,
             files: from_json(row, "files")?,
+            ..ConfigData::default()
         },
         updated_at: time(row, "updated_at")?,
     })
@@ -626,6 +630,22 @@ async fn fetch_stage<C: Conn + ?Sized>(
 
 /// The stage, or the right NotFound: for the project if that is what is
 /// missing, else for the stage.
+async fn fetch_project<C: Conn + ?Sized>(c: &mut C, name: &str) -> Result<Project> {
+    q(concat!(
+        "SELECT ",
+        project_columns!(),
+        " FROM projects WHERE name = $1"
+    ))
+    .bind(name)
+    .fetch_optional(c)
+    .await
+    .map_err(backend("looking up a project"))?
+    .as_ref()
+    .map(project_from)
+    .transpose()?
+    .ok_or_else(|| not_found("project", name.to_owned()))
+}
+
 async fn require_stage<C: Conn + ?Sized>(c: &mut C, project: &str, name: &str) -> Result<Stage> {
     match fetch_stage(c, project, name).await? {
         Some(stage) => Ok(stage),
@@ -849,7 +869,8 @@ async fn desired_parts_in<C: Conn + ?Sized>(c: &mut C, stage: &Stage) -> Result<
     .await
     .map_err(backend(DOING))?;
     let controls = all(&controls, control_from)?;
-    let Some(number) = stage.latest_release else {
+    // An archived stage runs nothing on its outpost (its volumes stay).
+    let Some(number) = stage.latest_release.filter(|_| stage.archived_at.is_none()) else {
         return Ok(DesiredParts {
             controls,
             release: None,
@@ -1021,6 +1042,81 @@ impl<B: Backend> Store for SqlStore<B> {
         self.commit(tx, DOING).await
     }
 
+    async fn delete_access_key_keeping_admin(&self, id: &str) -> Result<AdminGuarded<()>> {
+        const DOING: &str = "deleting an access key";
+        let mut tx = self.write().await?;
+        let owner = q(
+            "SELECT u.admin AS admin FROM access_keys k JOIN users u ON u.name = k.user_name \
+             WHERE k.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend(DOING))?
+        .ok_or_else(|| not_found("access key", id.to_owned()))?;
+        let owner_is_admin: bool = col(&owner, "admin")?;
+        if owner_is_admin {
+            let others = q(
+                "SELECT COUNT(*) AS n FROM access_keys k JOIN users u ON u.name = k.user_name \
+                 WHERE u.admin AND k.id <> $1",
+            )
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+            if count(&others, "n")? == 0 {
+                return Ok(AdminGuarded::LastAdminKey);
+            }
+        }
+        q("DELETE FROM access_keys WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        self.commit(tx, DOING).await?;
+        Ok(AdminGuarded::Done(()))
+    }
+
+    async fn set_user_admin(&self, name: &str, admin: bool) -> Result<AdminGuarded<User>> {
+        const DOING: &str = "changing a user's administrator role";
+        let mut tx = self.write().await?;
+        let user = q(concat!(
+            "SELECT ",
+            user_columns!(),
+            " FROM users WHERE name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend(DOING))?
+        .as_ref()
+        .map(user_from)
+        .transpose()?
+        .ok_or_else(|| not_found("user", name.to_owned()))?;
+        if user.admin && !admin {
+            let row = q(
+                "SELECT (SELECT COUNT(*) FROM access_keys WHERE user_name = $1) AS own, \
+                        (SELECT COUNT(*) FROM access_keys k JOIN users u ON u.name = k.user_name \
+                         WHERE u.admin AND u.name <> $1) AS others",
+            )
+            .bind(name)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+            if count(&row, "own")? > 0 && count(&row, "others")? == 0 {
+                return Ok(AdminGuarded::LastAdminKey);
+            }
+        }
+        q("UPDATE users SET admin = $2 WHERE name = $1")
+            .bind(name)
+            .bind(admin)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        self.commit(tx, DOING).await?;
+        Ok(AdminGuarded::Done(User { admin, ..user }))
+    }
+
     async fn create_project(&self, project: &Project, owner: &str) -> Result<()> {
         const DOING: &str = "creating a project";
         let mut tx = self.write().await?;
@@ -1028,11 +1124,12 @@ impl<B: Backend> Store for SqlStore<B> {
         q(concat!(
             "INSERT INTO projects (",
             project_columns!(),
-            ", last_build) VALUES ($1, $2, $3, 0)"
+            ", last_build) VALUES ($1, $2, $3, $4, NULL, 0)"
         ))
         .bind(&project.name)
         .bind(&project.description)
         .bind(millis(project.created_at))
+        .bind(&project.display_name)
         .execute(&mut *tx)
         .await
         .map_err(insert_error(DOING, "project", project.name.clone()))?;
@@ -1109,6 +1206,84 @@ impl<B: Backend> Store for SqlStore<B> {
                 .map_err(backend(DOING))?;
         }
         self.commit(tx, DOING).await
+    }
+
+    async fn update_project(&self, name: &str, update: &ProjectUpdate) -> Result<Project> {
+        const DOING: &str = "updating a project";
+        let mut tx = self.write().await?;
+        let mut project = fetch_project(&mut *tx, name).await?;
+        if let Some(display_name) = &update.display_name {
+            project.display_name = display_name.clone();
+        }
+        if let Some(description) = &update.description {
+            project.description = description.clone();
+        }
+        q("UPDATE projects SET display_name = $2, description = $3 WHERE name = $1")
+            .bind(name)
+            .bind(&project.display_name)
+            .bind(&project.description)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        self.commit(tx, DOING).await?;
+        Ok(project)
+    }
+
+    async fn archive_project(&self, name: &str, now: Timestamp) -> Result<Vec<Stage>> {
+        const DOING: &str = "archiving a project";
+        let mut tx = self.write().await?;
+        let project = fetch_project(&mut *tx, name).await?;
+        if project.archived_at.is_some() {
+            return Ok(Vec::new());
+        }
+        q("UPDATE projects SET archived_at = $2 WHERE name = $1")
+            .bind(name)
+            .bind(millis(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        let rows = q(concat!(
+            "UPDATE stages SET archived_at = $2, desired_revision = desired_revision + 1 \
+             WHERE project = $1 AND archived_at IS NULL RETURNING ",
+            stage_columns!()
+        ))
+        .bind(name)
+        .bind(millis(now))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        let mut stages = all(&rows, stage_from)?;
+        stages.sort_by(|a, b| a.name.cmp(&b.name));
+        self.commit(tx, DOING).await?;
+        Ok(stages)
+    }
+
+    async fn restore_project(&self, name: &str) -> Result<Vec<Stage>> {
+        const DOING: &str = "restoring a project";
+        let mut tx = self.write().await?;
+        let project = fetch_project(&mut *tx, name).await?;
+        let Some(archived_at) = project.archived_at else {
+            return Ok(Vec::new());
+        };
+        q("UPDATE projects SET archived_at = NULL WHERE name = $1")
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        let rows = q(concat!(
+            "UPDATE stages SET archived_at = NULL, desired_revision = desired_revision + 1 \
+             WHERE project = $1 AND archived_at = $2 RETURNING ",
+            stage_columns!()
+        ))
+        .bind(name)
+        .bind(millis(archived_at))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        let mut stages = all(&rows, stage_from)?;
+        stages.sort_by(|a, b| a.name.cmp(&b.name));
+        self.commit(tx, DOING).await?;
+        Ok(stages)
     }
 
     async fn set_member(&self, project: &str, user: &str, role: Role) -> Result<()> {
@@ -1491,11 +1666,12 @@ impl<B: Backend> Store for SqlStore<B> {
             desired_revision: 0,
             latest_release: None,
             created_at: truncated(now),
+            archived_at: None,
         };
         q(concat!(
             "INSERT INTO stages (",
             stage_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL)"
         ))
         .bind(&created.project)
         .bind(&created.name)
@@ -1546,7 +1722,7 @@ impl<B: Backend> Store for SqlStore<B> {
         require_project(&mut *tx, project).await?;
         let sql = format!(
             "SELECT s.project, s.name, s.stage_type, s.display_name, s.suspended, s.outpost, \
-             s.desired_revision, s.latest_release, s.created_at, \
+             s.desired_revision, s.latest_release, s.created_at, s.archived_at, \
              y.delivered_revision, y.applied_revision, \
              {} AS report_state, \
              (SELECT MAX(r.number) FROM releases r \
@@ -1571,22 +1747,67 @@ impl<B: Backend> Store for SqlStore<B> {
         const DOING: &str = "updating a stage";
         let mut tx = self.write().await?;
         let mut stage = require_stage(&mut *tx, project, name).await?;
-        if let Some(display_name) = &update.display_name {
-            stage.display_name = display_name.clone();
-        }
-        if let Some(suspended) = update.suspended
-            && suspended != stage.suspended
-        {
-            stage.suspended = suspended;
-            stage.desired_revision += 1;
-        }
+        update.apply(&mut stage);
         q(
-            "UPDATE stages SET display_name = $1, suspended = $2, desired_revision = $3 \
-             WHERE project = $4 AND name = $5",
+            "UPDATE stages SET display_name = $1, suspended = $2, desired_revision = $3, \
+             stage_type = $6 WHERE project = $4 AND name = $5",
         )
         .bind(&stage.display_name)
         .bind(stage.suspended)
         .bind(int(stage.desired_revision)?)
+        .bind(project)
+        .bind(name)
+        .bind(stage.stage_type.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        self.commit(tx, DOING).await?;
+        Ok(stage)
+    }
+
+    async fn archive_stage(&self, project: &str, name: &str, now: Timestamp) -> Result<Stage> {
+        const DOING: &str = "archiving a stage";
+        let mut tx = self.write().await?;
+        let mut stage = require_stage(&mut *tx, project, name).await?;
+        if stage.archived_at.is_some() {
+            return Ok(stage);
+        }
+        stage.archived_at = Some(truncated(now));
+        stage.desired_revision += 1;
+        q(
+            "UPDATE stages SET archived_at = $3, desired_revision = desired_revision + 1 \
+             WHERE project = $1 AND name = $2",
+        )
+        .bind(project)
+        .bind(name)
+        .bind(millis(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        self.commit(tx, DOING).await?;
+        Ok(stage)
+    }
+
+    async fn restore_stage(&self, project: &str, name: &str) -> Result<Stage> {
+        const DOING: &str = "restoring a stage";
+        let mut tx = self.write().await?;
+        let mut stage = require_stage(&mut *tx, project, name).await?;
+        if stage.archived_at.is_none() {
+            return Ok(stage);
+        }
+        if fetch_project(&mut *tx, project)
+            .await?
+            .archived_at
+            .is_some()
+        {
+            return Err(wording::project_archived(project));
+        }
+        stage.archived_at = None;
+        stage.desired_revision += 1;
+        q(
+            "UPDATE stages SET archived_at = NULL, desired_revision = desired_revision + 1 \
+             WHERE project = $1 AND name = $2",
+        )
         .bind(project)
         .bind(name)
         .execute(&mut *tx)
@@ -1907,6 +2128,55 @@ impl<B: Backend> Store for SqlStore<B> {
         })
     }
 
+    async fn remove_config_keys(
+        &self,
+        project: &str,
+        stage: &str,
+        name: &str,
+        keys: &[String],
+        now: Timestamp,
+    ) -> Result<Config> {
+        const DOING: &str = "removing keys from a config";
+        let mut tx = self.write().await?;
+        let existing = q(concat!(
+            "SELECT ",
+            config_columns!(),
+            " FROM configs WHERE project = $1 AND stage = $2 AND name = $3"
+        ))
+        .bind(project)
+        .bind(stage)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend(DOING))?
+        .as_ref()
+        .map(config_from)
+        .transpose()?;
+        let Some(mut config) = existing else {
+            require_stage(&mut *tx, project, stage).await?;
+            return Err(not_found("config", wording::config(project, stage, name)));
+        };
+        wording::remove_keys(&mut config.data, keys, project, stage, name)?;
+        config.version += 1;
+        config.updated_at = truncated(now);
+        q(
+            "UPDATE configs SET version = $4, env = $5, files = $6, updated_at = $7 \
+             WHERE project = $1 AND stage = $2 AND name = $3",
+        )
+        .bind(project)
+        .bind(stage)
+        .bind(name)
+        .bind(int(config.version)?)
+        .bind(json(&config.data.env)?)
+        .bind(json(&config.data.files)?)
+        .bind(millis(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        self.commit(tx, DOING).await?;
+        Ok(config)
+    }
+
     async fn get_config(&self, project: &str, stage: &str, name: &str) -> Result<Config> {
         let mut tx = self.read().await?;
         let row = q(concat!(
@@ -2021,7 +2291,8 @@ impl<B: Backend> Store for SqlStore<B> {
         ))
         .bind(project)
         .bind(stage)
-        .bind(int(number)?)
+        // Numbers beyond what the database holds name no release.
+        .bind(i64::try_from(number).unwrap_or(-1))
         .fetch_optional(&mut *tx)
         .await
         .map_err(backend("looking up a release"))?;

@@ -1,0 +1,203 @@
+//! The path parameters of the API, described once for the OpenAPI document.
+//!
+//! Handlers read their paths as tuples; these structs only say what each
+//! segment is (`params(StagePath)` in a route's `#[utoipa::path]`), with
+//! the rules the handlers apply, so that a client generated from the
+//! document sends what the hub accepts. The names match the `{…}` in the
+//! routes' paths.
+
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+/// What every name a user gives (project, stage, config, component,
+/// outpost, user) must look like: a DNS label, as
+/// [`trellis_model::validate_name`] checks it.
+pub const NAME_PATTERN: &str = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$";
+
+/// A BLAKE3 digest as the artifact store names chunks and artifacts.
+pub const DIGEST_PATTERN: &str = "^[0-9a-f]{64}$";
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ProjectPath {
+    /// The project's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "shop")]
+    pub project: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct StagePath {
+    /// The project's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "shop")]
+    pub project: String,
+    /// The stage's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "dev")]
+    pub stage: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ConfigPath {
+    /// The project's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "shop")]
+    pub project: String,
+    /// The stage's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "dev")]
+    pub stage: String,
+    /// The config's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "app")]
+    pub config: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ConfigKeyPath {
+    /// The project's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "shop")]
+    pub project: String,
+    /// The stage's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "dev")]
+    pub stage: String,
+    /// The config's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "app")]
+    pub config: String,
+    /// An env key or a file name of the config
+    #[param(pattern = "^[^/]+$", example = "LOG_LEVEL")]
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ReleasePath {
+    /// The project's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "shop")]
+    pub project: String,
+    /// The stage's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "dev")]
+    pub stage: String,
+    /// The release's number on its stage (1, 2, …)
+    #[param(minimum = 1, example = 1)]
+    pub number: u64,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ComponentActionPath {
+    /// The project's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "shop")]
+    pub project: String,
+    /// The stage's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "dev")]
+    pub stage: String,
+    /// A component of the manifest of the stage's latest release
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "web")]
+    pub component: String,
+    /// What to do with it
+    #[param(inline)]
+    pub action: trellis_model::ComponentAction,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct BuildPath {
+    /// The project's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "shop")]
+    pub project: String,
+    /// The build's name, `<branch>_b<number>`
+    #[param(min_length = 1, max_length = 300, example = "main_b1")]
+    pub build: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct MemberPath {
+    /// The project's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "shop")]
+    pub project: String,
+    /// The member's user name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "alice")]
+    pub user: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct OutpostPath {
+    /// The outpost's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "factory-7")]
+    pub outpost: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct UserPath {
+    /// The user's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "alice")]
+    pub user: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct KeyPath {
+    /// The key's id, the part of the key before `:`
+    #[param(min_length = 1, max_length = 64, example = "tk_0123456789abcdef")]
+    pub id: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct DigestPath {
+    /// BLAKE3 digest of the chunk's content: 64 lowercase hexadecimal
+    /// characters
+    #[param(pattern = "^[0-9a-f]{64}$")]
+    pub digest: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct IndexPath {
+    /// Digest of the artifact's index (64 lowercase hexadecimal characters)
+    #[param(pattern = "^[0-9a-f]{64}$")]
+    pub index: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The patterns in the document say what the handlers check.
+    #[test]
+    fn the_patterns_are_the_rules() {
+        let name = regex_automata::meta::Regex::new(NAME_PATTERN).unwrap();
+        for candidate in [
+            "a",
+            "web",
+            "factory-7",
+            "a1",
+            &"a".repeat(63),
+            "",
+            "-a",
+            "a-",
+            "A",
+            "1a",
+            &"a".repeat(64),
+            "a_b",
+            "a b",
+            "é",
+        ] {
+            let valid =
+                trellis_model::validate_name(trellis_model::NameKind::Project, candidate).is_ok();
+            assert_eq!(valid, name.is_match(candidate), "{candidate:?}");
+        }
+        let digest = regex_automata::meta::Regex::new(DIGEST_PATTERN).unwrap();
+        for candidate in [
+            "ab".repeat(32),
+            "AB".repeat(32),
+            "ab".repeat(31),
+            "g".repeat(64),
+        ] {
+            let valid = candidate.parse::<trellis_cas::Digest>().is_ok();
+            assert_eq!(valid, digest.is_match(&candidate), "{candidate:?}");
+        }
+    }
+}
