@@ -148,9 +148,63 @@ pub enum Command {
     Resume(Client<StageTarget>),
     /// Show the log lines of a stage's components, read live from its outpost
     Logs(Client<LogsCommand>),
+    /// Run a command in a component of a stage, on its outpost
+    ///
+    /// In a container component it runs in a container of it (the engine's
+    /// exec); in a process component in its directory, with its env and
+    /// user. Output, errors and the exit code come back; -i passes stdin,
+    /// -t gives a terminal (raw mode, window size followed).
+    Exec(ExecArgs),
+    /// Reach a port of a component from here: each connection to the local
+    /// port is carried to the component over the outpost's link
+    #[command(name = "port-forward", alias = "local-connect")]
+    PortForward(ForwardArgs),
     /// Run an Outpost Agent (on the outpost's host)
     #[command(subcommand)]
     Agent(trellis_agent::cli::AgentCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// The component
+    pub component: String,
+    #[arg(short, long)]
+    pub project: String,
+    #[arg(short, long)]
+    pub stage: String,
+    /// Which replica (0-based; default: the first running one)
+    #[arg(long)]
+    pub replica: Option<u32>,
+    /// Pass stdin to the command
+    #[arg(short = 'i', long = "stdin")]
+    pub stdin: bool,
+    /// Run it under a terminal (containers)
+    #[arg(short = 't', long = "tty")]
+    pub tty: bool,
+    /// The command and its arguments, after `--`
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// The component
+    pub component: String,
+    /// `[[ADDR:]LOCAL:]REMOTE`: listen on ADDR (default 127.0.0.1) port
+    /// LOCAL (default REMOTE; 0: any free port) and forward to the
+    /// component's port REMOTE
+    pub ports: String,
+    #[arg(short, long)]
+    pub project: String,
+    #[arg(short, long)]
+    pub stage: String,
+    /// Which replica (0-based; default: the first running one)
+    #[arg(long)]
+    pub replica: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -380,6 +434,13 @@ pub struct HubArgs {
     /// TLS handshakes in progress at once at most (default 64)
     #[arg(long)]
     pub max_handshakes: Option<usize>,
+    /// Streams (execs, forwarded connections, console terminals) an
+    /// outpost's link carries at once (default 64)
+    #[arg(long)]
+    pub max_streams_per_outpost: Option<usize>,
+    /// Streams one user may have open at once (default 32)
+    #[arg(long)]
+    pub max_streams_per_user: Option<usize>,
     /// Validity of the certificates issued to agents, in seconds (default 30 days)
     #[arg(long)]
     pub cert_validity_secs: Option<u64>,
@@ -653,6 +714,7 @@ pub enum Kind {
     /// The keys and values of a stage's configs (`list config-data -p
     /// PROJECT -s STAGE [-c CONFIG] [--with-values]`)
     ConfigData,
+    Audit,
 }
 
 #[derive(Debug, Args)]

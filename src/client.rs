@@ -42,6 +42,15 @@ pub enum ClientError {
         message: String,
         hint: String,
     },
+    /// A stream (exec, port forward) to the hub could not be set up.
+    #[error(
+        "could not reach the hub at {endpoint} while {doing}: {message}\nhint: check that the hub runs and that --endpoint / TRELLIS_ENDPOINT is right"
+    )]
+    Stream {
+        endpoint: String,
+        doing: String,
+        message: String,
+    },
     /// The hub could not be reached.
     #[error(
         "could not reach the hub at {endpoint} while {doing}: {source}\nhint: check that the hub runs and that --endpoint / TRELLIS_ENDPOINT is right"
@@ -61,6 +70,7 @@ impl ClientError {
             ClientError::Refused { .. } => 1,
             ClientError::Server { .. }
             | ClientError::Unavailable { .. }
+            | ClientError::Stream { .. }
             | ClientError::Transport { .. } => 2,
         }
     }

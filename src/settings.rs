@@ -66,6 +66,13 @@ pub fn save(login: &SavedLogin) -> anyhow::Result<PathBuf> {
 /// Resolves endpoint and key and builds the client. The key may be absent
 /// (the hub will then say what is missing).
 pub fn client(global: &GlobalArgs) -> anyhow::Result<HubClient> {
+    let (endpoint, key, ca_cert) = resolve(global)?;
+    HubClient::new(&endpoint, key, ca_cert.as_deref())
+}
+
+/// The endpoint, key and CA certificate from flags, environment or the
+/// saved login.
+pub fn resolve(global: &GlobalArgs) -> anyhow::Result<(String, Option<String>, Option<PathBuf>)> {
     let saved = load_saved();
     let endpoint = global
         .endpoint
@@ -82,5 +89,5 @@ pub fn client(global: &GlobalArgs) -> anyhow::Result<HubClient> {
         .ca_cert
         .clone()
         .or_else(|| saved.and_then(|s| s.ca_cert));
-    HubClient::new(&endpoint, key, ca_cert.as_deref())
+    Ok((endpoint, key, ca_cert))
 }

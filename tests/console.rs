@@ -458,3 +458,94 @@ async fn an_outpost_stage_is_created_validated_released_and_monitored_in_the_bro
 
     browser.close().await;
 }
+
+/// The stage page's terminal: a shell in a container component (Podman
+/// through the test kit) in xterm.js, over the hub's WebSocket and a stream
+/// on the outpost's link; what is typed runs and its output shows; the
+/// open is in the project's audit log as a terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_on_the_stage_page_runs_what_is_typed() {
+    let Some(mut on) = common::apps::OnEngine::new(trellis_testkit::engines::EngineKind::Podman)
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "Podman is not installed; CI must run this test"
+        );
+        eprintln!("skipped: Podman is not installed (CI would fail here)");
+        return;
+    };
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let client = browser.client.clone();
+    let image = on.engine.busybox_image();
+    let outpost = on.outpost("term-edge");
+    let mut w = common::apps::World::new("term");
+    let app = w.tmp.path().join("app");
+    let manifest = format!(
+        "version: v1
+components:
+  - name: app
+    docker:
+      image: {image}
+    command: [\"sh\", \"-c\", \"trap 'exit 0' TERM; while true; do sleep 1; done\"]
+"
+    );
+    git_project(&app, &[("trellis.yaml", manifest.as_str())]);
+    let out = on.push_build(&w.cli, &app, "term");
+    assert!(out.status.success(), "{}", common::describe(&out));
+    w.stage_on("term", "dev", &outpost, &on.agent_args());
+    w.cli.ok(&["push", "release", "-p", "term", "-s", "dev"]);
+    w.running("term", "dev", 1, 1);
+
+    sign_in(&client, &w.hub).await;
+    client
+        .goto(&format!("{}/projects/term/stages/dev", w.hub.endpoint))
+        .await
+        .unwrap();
+    click(&client, "tr[data-component='app'] a[data-terminal]").await;
+    wait_path(&client, "/projects/term/stages/dev/components/app/terminal").await;
+    browser
+        .wait("the terminal to connect", WAIT, |c| async move {
+            try_text(&c, "#terminal-state")
+                .await
+                .filter(|t| t == "Connected.")
+        })
+        .await;
+    let input = element(&client, ".xterm-helper-textarea").await;
+    input
+        .send_keys("echo typed-$((6*7))\u{E007}")
+        .await
+        .unwrap();
+    let shown = browser
+        .wait(
+            "the command's output in the terminal",
+            WAIT,
+            |c| async move {
+                try_text(&c, ".xterm-rows")
+                    .await
+                    .filter(|t| t.contains("typed-42"))
+            },
+        )
+        .await;
+    announce(&format!("the terminal shows: {shown:?}"));
+    browser.screenshot(&screenshot_dir(), "terminal").await;
+    input.send_keys("exit 3\u{E007}").await.unwrap();
+    browser
+        .wait("the shell's end", WAIT, |c| async move {
+            try_text(&c, "#terminal-state")
+                .await
+                .filter(|t| t.contains("exited with code 3"))
+        })
+        .await;
+
+    let audit = w.cli.json(&["list", "audit", "-p", "term"]);
+    let entries = audit.as_array().unwrap();
+    assert!(
+        entries.iter().any(|e| e["action"] == "terminal"
+            && e["component"] == "app"
+            && e["result"] == "opened"),
+        "{audit:#}"
+    );
+    browser.close().await;
+}

@@ -50,6 +50,12 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
     if let Some(rate) = args.admissions_per_sec {
         link.admissions_per_sec = rate.max(1);
     }
+    if let Some(n) = args.max_streams_per_outpost {
+        link.streams.per_outpost = n;
+    }
+    if let Some(n) = args.max_streams_per_user {
+        link.streams.per_user = n;
+    }
     if let Some(n) = args.max_handshakes {
         link.max_handshakes = n.max(1);
     }

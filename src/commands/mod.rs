@@ -7,6 +7,7 @@ mod lifecycle;
 mod outposts;
 mod ready;
 mod resources;
+mod streams;
 
 use crate::cli::{
     Cli, Client, Command, HubAction, HubCommand, PushCommand, RevokeCommand, RotateCommand,
@@ -122,6 +123,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             lifecycle::stage(&settings::client(&global)?, false, command, global.output).await
         }
         Command::Logs(Client { global, command }) => lifecycle::logs(&global, command).await,
+        Command::Exec(args) => {
+            let global = args.global.clone();
+            let code = streams::exec(&global, args).await?;
+            // The command's own exit code, as a local command's would be.
+            std::process::exit(code)
+        }
+        Command::PortForward(args) => {
+            let global = args.global.clone();
+            streams::port_forward(&global, args).await
+        }
         Command::Login(args) => resources::login(&args.global).await,
         Command::Info(args) => resources::info(&args.global).await,
         Command::Completion { shell } => {

@@ -43,6 +43,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Member => "member",
         Kind::OutpostUri => "outpost-uri",
         Kind::Component => "component",
+        Kind::Audit => "audit",
         Kind::ConfigData => "config-data",
     }
 }
@@ -900,6 +901,39 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
             let stage = need(&args.stage, "-s STAGE", kind)?;
             super::lifecycle::list_components(client, project, stage, format).await
         }
+        Kind::Audit => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let items: Vec<trellis_model::AuditEntry> = client
+                .get(
+                    &format!("/projects/{}/audit", seg(project)),
+                    "reading the audit log",
+                )
+                .await?;
+            output::list(
+                format,
+                &items,
+                &[
+                    "time",
+                    "user",
+                    "stage",
+                    "component",
+                    "action",
+                    "detail",
+                    "result",
+                ],
+                |e| {
+                    vec![
+                        e.time.format("%Y-%m-%d %H:%M:%S").to_string(),
+                        e.user.clone(),
+                        e.stage.clone(),
+                        e.component.clone(),
+                        e.action.clone(),
+                        e.detail.clone(),
+                        e.result.clone(),
+                    ]
+                },
+            )
+        }
         Kind::Member => {
             let project = need(&args.project, "-p PROJECT", kind)?;
             let items: Vec<Member> = client
@@ -1130,7 +1164,12 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
             )
         }
         Kind::OutpostUri => super::outposts::get_uri(client, name).await,
-        Kind::User | Kind::Key | Kind::Member | Kind::Component | Kind::ConfigData => {
+        Kind::User
+        | Kind::Key
+        | Kind::Member
+        | Kind::Component
+        | Kind::ConfigData
+        | Kind::Audit => {
             bail!(
                 "`trellis get {}` is not available; use `trellis list {}`",
                 kind_name(kind),
@@ -1181,7 +1220,12 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
             "config data is removed key by key: `trellis remove config-data CONFIG -p PROJECT -s \
              STAGE --key KEY`; `trellis delete config` deletes a whole config"
         ),
-        Kind::Release | Kind::User | Kind::Member | Kind::OutpostUri | Kind::Component => bail!(
+        Kind::Release
+        | Kind::User
+        | Kind::Member
+        | Kind::OutpostUri
+        | Kind::Component
+        | Kind::Audit => bail!(
             "{}s cannot be deleted{}",
             kind_name(kind),
             match kind {
@@ -1190,6 +1234,7 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
                     "; they come with the release (use `trellis stop component` to stop one)"
                 }
                 Kind::Member => "; use `trellis remove member`",
+                Kind::Audit => ": the audit log is kept with its project",
                 Kind::OutpostUri =>
                     "; use `trellis rotate outpost-uri` or `trellis revoke outpost`",
                 _ => "",

@@ -277,8 +277,11 @@ pub fn init_tracing() {
     // trace level, and the link's desired states carry config values
     // (passwords, tokens): whatever TRELLIS_LOG asks (`tungstenite=trace`
     // too, which this directive replaces), its messages are never logged.
+    // Capped at warnings: a directive enables its level, and at debug the
+    // library's handshake notes would land on every CLI command's stderr
+    // (`trellis exec` passes the command's stderr through).
     for target in NEVER_TRACED {
-        if let Ok(directive) = format!("{target}=debug").parse() {
+        if let Ok(directive) = format!("{target}=warn").parse() {
             filter = filter.add_directive(directive);
         }
     }

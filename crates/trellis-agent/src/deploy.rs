@@ -406,6 +406,59 @@ impl Deployer {
             .map_err(|e| format!("collecting the artifact cache stopped: {e}"))?
     }
 
+    /// The runtime and plan of `component` in the plan `stage` runs now,
+    /// for exec and port forwarding; refused when it is not there or is
+    /// stopped.
+    async fn stream_component(
+        &self,
+        stage: &StageKey,
+        component: &str,
+    ) -> Result<(Arc<dyn Runtime>, ComponentPlan), crate::runner::StreamError> {
+        let plan = match self.cached_current(stage) {
+            Some(plan) => Some(plan),
+            None => self.load_plan(stage, CURRENT_PLAN).await,
+        };
+        let Some(plan) = plan else {
+            return Err(crate::runner::stream_error(
+                "no-release",
+                format!("stage {stage} runs no release on this outpost yet"),
+                "push a release to the stage first",
+            ));
+        };
+        let Some(found) = plan.components.iter().find(|c| c.name == component) else {
+            let names: Vec<&str> = plan.components.iter().map(|c| c.name.as_str()).collect();
+            return Err(crate::runner::stream_error(
+                "no-such-component",
+                format!(
+                    "stage {stage} runs no component {component:?} (it runs {})",
+                    names.join(", ")
+                ),
+                "`trellis list component` shows the stage's components",
+            ));
+        };
+        if found.stopped || plan.suspended {
+            return Err(crate::runner::stream_error(
+                "component-not-running",
+                format!("component {component} of stage {stage} is stopped"),
+                "start it with `trellis start component` (or resume the stage) first",
+            ));
+        }
+        let runtime = self
+            .runtime(found.workload.kind())
+            .cloned()
+            .ok_or_else(|| {
+                crate::runner::stream_error(
+                    "no-runtime",
+                    format!(
+                        "this outpost has no {} runtime for {component}",
+                        found.workload.kind()
+                    ),
+                    "",
+                )
+            })?;
+        Ok((runtime, found.clone()))
+    }
+
     fn runtime(&self, kind: RuntimeKind) -> Option<&Arc<dyn Runtime>> {
         self.runtimes.iter().find(|r| r.kind() == kind)
     }
@@ -1110,6 +1163,42 @@ fn to_status(o: &ComponentObservation, replicas: u32) -> ComponentStatus {
 
 #[async_trait]
 impl StageRunner for Deployer {
+    async fn exec(
+        &self,
+        stage: &StageKey,
+        request: crate::runner::ExecRequest,
+    ) -> Result<crate::runner::ExecProcess, crate::runner::StreamError> {
+        let (runtime, component) = self.stream_component(stage, &request.component).await?;
+        runtime.exec(stage, &component, request).await
+    }
+
+    async fn connect(
+        &self,
+        stage: &StageKey,
+        component: &str,
+        replica: Option<u32>,
+        port: u16,
+    ) -> Result<tokio::net::TcpStream, crate::runner::StreamError> {
+        let (runtime, component) = self.stream_component(stage, component).await?;
+        if !component.ports.contains(&port) {
+            let ports: Vec<String> = component.ports.iter().map(u16::to_string).collect();
+            return Err(crate::runner::stream_error(
+                "port-not-exposed",
+                format!(
+                    "component {} does not expose port {port}{}",
+                    component.name,
+                    if ports.is_empty() {
+                        " (its manifest lists no ports)".to_owned()
+                    } else {
+                        format!(" (its ports: {})", ports.join(", "))
+                    }
+                ),
+                "forward one of the ports the manifest lists for it",
+            ));
+        }
+        runtime.connect(stage, &component, replica, port).await
+    }
+
     fn describe(&self) -> Vec<RuntimeInfo> {
         self.runtimes.iter().map(|r| r.describe()).collect()
     }

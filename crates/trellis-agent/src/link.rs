@@ -49,6 +49,7 @@ use crate::state::{AgentState, StageKey, StoreOutcome};
 use crate::{AGENT_VERSION, AgentError, blocking, cert, host};
 
 pub mod logs;
+pub mod streams;
 
 /// Log frames the session's log tasks may queue for the link.
 const LOG_FRAME_QUEUE: usize = 16;
@@ -380,6 +381,9 @@ struct Session<'a> {
     /// Log requests being answered, and where their frames go.
     log_tasks: logs::LogTasks,
     log_frames: tokio::sync::mpsc::Sender<Message>,
+    /// Streams (exec, port forwarding) open on this link, and their tasks.
+    streams: trellis_link::stream::Mux,
+    stream_tasks: streams::StreamTasks,
 }
 
 /// Runs one session on an established link until it ends; see the module
@@ -402,6 +406,8 @@ pub async fn run_session(
         renew_at: None,
         log_tasks: logs::LogTasks::default(),
         log_frames,
+        streams: trellis_link::stream::Mux::new(),
+        stream_tasks: streams::StreamTasks::default(),
     };
 
     let hello = match hello(ctx).await {
@@ -520,6 +526,12 @@ pub async fn run_session(
                     return end;
                 }
             }
+            // Stream data goes only when nothing above is ready.
+            frame = session.streams.next_outgoing() => {
+                if let Next::End(end) = session.send_or_end(io, frame).await {
+                    return end;
+                }
+            }
         }
     }
 }
@@ -619,11 +631,53 @@ impl Session<'_> {
                 }
                 Next::Continue
             }
+            Message::StreamOpen {
+                id,
+                project,
+                stage,
+                target,
+                window,
+            } => {
+                let key = StageKey::new(project, stage);
+                match self.stream_tasks.check(id, &key, &target) {
+                    Err(error) => {
+                        tracing::info!(stage = %key, id, code = %error.code, "refusing a stream");
+                        self.send_or_end(
+                            io,
+                            Message::StreamClose {
+                                id,
+                                exit_code: None,
+                                error: Some(error),
+                            },
+                        )
+                        .await
+                    }
+                    Ok(()) => {
+                        let handle = self.streams.register(
+                            id,
+                            trellis_link::stream::WINDOW_BYTES,
+                            window.min(trellis_link::stream::WINDOW_BYTES * 4),
+                        );
+                        self.stream_tasks
+                            .start(id, self.ctx.runtime.clone(), key, target, handle);
+                        Next::Continue
+                    }
+                }
+            }
+            msg @ (Message::StreamData { .. }
+            | Message::StreamCredit { .. }
+            | Message::StreamEof { .. }
+            | Message::StreamResize { .. }
+            | Message::StreamClose { .. }) => match self.streams.incoming(msg) {
+                Some(reply) => self.send_or_end(io, reply).await,
+                None => Next::Continue,
+            },
             other @ (Message::Hello { .. }
             | Message::Ack { .. }
             | Message::Status { .. }
             | Message::RenewCertificate { .. }
             | Message::LogLines { .. }
+            | Message::StreamOpened { .. }
             | Message::Delivery { .. }) => {
                 let kind = other.kind();
                 tracing::warn!(kind, "the hub sent a message only agents send; ignoring it");
@@ -927,5 +981,6 @@ async fn hello(ctx: &LinkContext) -> Result<Message, AgentError> {
         outbox_from: outbox
             .oldest_seq
             .unwrap_or_else(|| outbox.last_seq.saturating_add(1)),
+        features: vec![trellis_link::protocol::FEATURE_STREAMS.into()],
     })
 }

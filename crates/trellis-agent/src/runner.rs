@@ -22,6 +22,60 @@ use trellis_model::{NameKind, validate_name};
 
 use crate::state::StageKey;
 
+pub use trellis_link::protocol::{StreamChannel, StreamError};
+
+/// A command to run in a component ([`StageRunner::exec`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRequest {
+    pub component: String,
+    /// Which replica; the first running one when absent.
+    pub replica: Option<u32>,
+    pub command: Vec<String>,
+    /// Under a pseudo-terminal of this size.
+    pub tty: bool,
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// A command started by [`StageRunner::exec`].
+pub struct ExecProcess {
+    /// Its standard input.
+    pub stdin: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+    /// What it writes, in order, until it closed its output.
+    pub output: mpsc::Receiver<(StreamChannel, Vec<u8>)>,
+    /// Resizing its terminal, waiting for its exit.
+    pub control: Box<dyn ExecControl>,
+}
+
+impl std::fmt::Debug for ExecProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecProcess").finish_non_exhaustive()
+    }
+}
+
+/// The parts of a running exec that depend on where it runs.
+#[async_trait]
+pub trait ExecControl: Send {
+    /// Its terminal changed size (nothing without one).
+    async fn resize(&mut self, cols: u16, rows: u16);
+    /// Its exit code, once its output has ended; `None` when unknown.
+    async fn wait(&mut self) -> Option<i32>;
+}
+
+/// A stream refused, with a stable code and a hint.
+pub fn stream_error(
+    code: &str,
+    message: impl Into<String>,
+    hint: impl Into<String>,
+) -> StreamError {
+    let hint = hint.into();
+    StreamError {
+        code: code.into(),
+        message: message.into(),
+        hint: (!hint.is_empty()).then_some(hint),
+    }
+}
+
 /// What applying a desired state did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyOutcome {
@@ -113,6 +167,35 @@ pub trait StageRunner: Send + Sync {
             "the outpost of stage {stage} runs no components, so there are no logs"
         ))
     }
+
+    /// Runs a command in a component of `stage` (`trellis exec`).
+    async fn exec(
+        &self,
+        stage: &StageKey,
+        _request: ExecRequest,
+    ) -> Result<ExecProcess, StreamError> {
+        Err(no_components(stage))
+    }
+
+    /// Opens a TCP connection to `port` of a component of `stage`
+    /// (`trellis port-forward`).
+    async fn connect(
+        &self,
+        stage: &StageKey,
+        _component: &str,
+        _replica: Option<u32>,
+        _port: u16,
+    ) -> Result<tokio::net::TcpStream, StreamError> {
+        Err(no_components(stage))
+    }
+}
+
+fn no_components(stage: &StageKey) -> StreamError {
+    stream_error(
+        "no-runtime",
+        format!("the outpost of stage {stage} runs no components"),
+        "",
+    )
 }
 
 /// The message [`RecordOnly`] reports with every apply.

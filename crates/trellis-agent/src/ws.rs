@@ -26,7 +26,9 @@ use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use trellis_link::identity::client_config;
-use trellis_link::{Envelope, FrameError, Incoming, LinkIo, LinkIoError, MAX_FRAME_BYTES};
+use trellis_link::{
+    Envelope, FrameError, Incoming, LinkIo, LinkIoError, MAX_FRAME_BYTES, WireFrame,
+};
 
 use crate::https::{self, HubUrl};
 use crate::link::{ConnectError, Connector};
@@ -74,14 +76,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     async fn send(&mut self, envelope: &Envelope) -> Result<(), LinkIoError> {
-        let bytes = trellis_link::encode(envelope)?;
-        // `encode` writes JSON, which is UTF-8; the error path only guards
-        // against that changing.
-        let text = String::from_utf8(bytes).map_err(|e| FrameError::Encode {
-            reason: format!("the encoded frame is not UTF-8 ({e})"),
-        })?;
+        let message = match trellis_link::encode_wire(envelope)? {
+            WireFrame::Text(text) => WsMessage::text(text),
+            WireFrame::Binary(bytes) => WsMessage::binary(bytes),
+        };
         self.ws
-            .send(WsMessage::text(text))
+            .send(message)
             .await
             .map_err(|e| LinkIoError::Transport(e.to_string()))
     }
@@ -97,11 +97,8 @@ where
                         text.as_bytes(),
                     )?)));
                 }
-                Ok(WsMessage::Binary(_)) => {
-                    return Err(FrameError::Malformed {
-                        reason: "it is a binary WebSocket message; link frames are text".into(),
-                    }
-                    .into());
+                Ok(WsMessage::Binary(bytes)) => {
+                    return Ok(Some(Incoming::Frame(trellis_link::decode_binary(&bytes)?)));
                 }
                 Ok(WsMessage::Pong(payload)) => return Ok(Some(Incoming::Pong(payload.to_vec()))),
                 // tungstenite queues the pong itself and sends it with the

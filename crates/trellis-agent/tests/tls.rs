@@ -303,6 +303,7 @@ async fn the_link_carries_frames_and_pings_both_ways() {
         devices: vec![],
         stages: Vec::new(),
         outbox_from: 1,
+        features: vec![],
     };
     io.send(&Envelope::new(1, hello)).await.unwrap();
     let reply = io.recv().await.unwrap().unwrap();

@@ -197,6 +197,62 @@ function setupLiveSections(sections, everyMs) {
   }, everyMs);
 }
 
+// --- the terminal: a shell in a component (xterm.js, vendored) over the
+// hub's WebSocket: binary messages are a channel byte and bytes (0 in, 1
+// out), text messages JSON (resize from here; exit and error from the hub).
+function setupTerminal(box) {
+  const state = document.getElementById("terminal-state");
+  if (typeof Terminal === "undefined") {
+    state.textContent = "The terminal emulator did not load; reload the page.";
+    return;
+  }
+  const term = new Terminal({ cursorBlink: true, fontSize: 14, scrollback: 5000 });
+  term.open(box);
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(
+    `${scheme}//${location.host}${box.dataset.socket}?cols=${term.cols}&rows=${term.rows}`);
+  ws.binaryType = "arraybuffer";
+  let ended = false;
+  const encoder = new TextEncoder();
+  ws.onopen = () => {
+    state.textContent = "Connected.";
+    term.focus();
+  };
+  ws.onmessage = (event) => {
+    if (typeof event.data === "string") {
+      const msg = JSON.parse(event.data);
+      if (msg.type === "exit") {
+        ended = true;
+        state.textContent = `The shell exited${msg.code === null ? "" : ` with code ${msg.code}`}.`;
+      } else if (msg.type === "error") {
+        ended = true;
+        state.textContent = `${msg.error.message} (${msg.error.code}). ${msg.error.hint}`;
+      }
+      return;
+    }
+    const bytes = new Uint8Array(event.data);
+    if (bytes.length > 1) term.write(bytes.subarray(1));
+  };
+  ws.onclose = () => {
+    if (!ended) {
+      state.textContent = ws.readyState === WebSocket.CLOSED && state.textContent === "Connected."
+        ? "The connection closed."
+        : "The terminal could not be opened: the component may be stopped, the outpost offline, " +
+          "or too many streams open. The stage page shows which; reload to try again.";
+    }
+  };
+  term.onData((data) => {
+    if (ws.readyState !== WebSocket.OPEN) return;
+    const bytes = encoder.encode(data);
+    const message = new Uint8Array(bytes.length + 1);
+    message.set(bytes, 1);
+    ws.send(message);
+  });
+  term.onResize(({ cols, rows }) => {
+    if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "resize", cols, rows }));
+  });
+}
+
 // --- small things: copy buttons, confirmations.
 function setupCopy(button) {
   button.addEventListener("click", async () => {
@@ -219,6 +275,8 @@ document.addEventListener("DOMContentLoaded", () => {
   if (status) setupStatus(status);
   const logs = document.getElementById("logs");
   if (logs) setupLogs(logs);
+  const terminal = document.getElementById("terminal");
+  if (terminal) setupTerminal(terminal);
   setupLiveSections([...document.querySelectorAll("[data-live]")], 3000);
   document.querySelectorAll("[data-copy]").forEach(setupCopy);
   document.querySelectorAll("form[data-confirm]").forEach((f) => {

@@ -332,6 +332,19 @@ impl Store for SealedStore {
     async fn role_of(&self, project: &str, user: &str) -> Result<Option<Role>> {
         self.inner.role_of(project, user).await
     }
+    async fn record_audit(
+        &self,
+        entry: &trellis_model::NewAuditEntry,
+    ) -> Result<trellis_model::AuditEntry> {
+        self.inner.record_audit(entry).await
+    }
+    async fn list_audit(
+        &self,
+        project: &str,
+        limit: usize,
+    ) -> Result<Vec<trellis_model::AuditEntry>> {
+        self.inner.list_audit(project, limit).await
+    }
     async fn create_outpost(&self, outpost: &Outpost) -> Result<()> {
         self.inner.create_outpost(outpost).await
     }

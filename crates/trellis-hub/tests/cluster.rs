@@ -213,6 +213,58 @@ impl Cluster {
         link
     }
 
+    /// An exec of component web of plant/line through hub `via`: its
+    /// stdout and exit code, or the refusal's status and body.
+    async fn exec(&self, via: usize, query: &str) -> Result<(String, Option<i32>), (u16, String)> {
+        let addr = self.hubs[via].addr;
+        let config = client_config(&self.ca_pem, None).unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = TlsConnector::from(Arc::clone(&config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request =
+            format!("wss://{addr}/api/v1/projects/plant/stages/line/components/web/exec?{query}")
+                .into_client_request()
+                .unwrap();
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.admin).parse().unwrap(),
+        );
+        let mut ws = match tokio_tungstenite::client_async(request, tls).await {
+            Ok((ws, _)) => ws,
+            Err(tokio_tungstenite::tungstenite::Error::Http(answer)) => {
+                let body = String::from_utf8_lossy(answer.body().as_deref().unwrap_or_default())
+                    .into_owned();
+                return Err((answer.status().as_u16(), body));
+            }
+            Err(e) => panic!("the exec's WebSocket failed: {e}"),
+        };
+        let mut output = Vec::new();
+        while let Some(Ok(msg)) = ws.next().await {
+            match msg {
+                Ws::Binary(bytes) if bytes.first() == Some(&1) => {
+                    output.extend_from_slice(&bytes[1..]);
+                }
+                Ws::Text(text) => {
+                    let v: Value = serde_json::from_str(&text).unwrap();
+                    if v["type"] == "exit" {
+                        return Ok((
+                            String::from_utf8(output).unwrap(),
+                            v["code"].as_i64().map(|c| c as i32),
+                        ));
+                    }
+                    assert_ne!(v["type"], "error", "{v}");
+                }
+                Ws::Close(_) => break,
+                _ => {}
+            }
+        }
+        panic!("the exec ended without an exit code");
+    }
+
     async fn status(&self, via: usize, project: &str, stage: &str) -> Value {
         let (s, b) = self
             .api(
@@ -293,12 +345,11 @@ impl Link {
     async fn send(&mut self, msg: Message) {
         self.seq += 1;
         let env = Envelope::new(self.seq, msg);
-        self.ws
-            .send(Ws::Text(
-                String::from_utf8(encode(&env).unwrap()).unwrap().into(),
-            ))
-            .await
-            .unwrap();
+        let frame = match trellis_link::frame::encode_wire(&env).unwrap() {
+            trellis_link::frame::WireFrame::Text(text) => Ws::Text(text.into()),
+            trellis_link::frame::WireFrame::Binary(bytes) => Ws::Binary(bytes.into()),
+        };
+        self.ws.send(frame).await.unwrap();
     }
 
     /// Waits at most `within` for the hub to close the link.
@@ -325,6 +376,7 @@ fn hello() -> Ws {
             devices: vec![],
             stages: vec![],
             outbox_from: 0,
+            features: vec![trellis_link::protocol::FEATURE_STREAMS.into()],
         },
     );
     Ws::Text(String::from_utf8(encode(&env).unwrap()).unwrap().into())
@@ -563,6 +615,100 @@ async fn logs_are_read_through_any_hub() {
         .await
         .unwrap();
     assert_eq!(forged.status(), 401);
+    agent.abort();
+}
+
+/// An exec asked of C runs on the agent linked to B: C relays the
+/// WebSocket to B, which checks, limits, records and opens the stream over
+/// its link; a refusal by the agent comes back through C as B's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_open_through_any_hub() {
+    let Some(c) = cluster(3).await else { return };
+    let (cert, key) = c.joined(0, "edge-1").await;
+    c.stage_on(0, "edge-1").await;
+    let (s, _) = c
+        .api(
+            0,
+            reqwest::Method::POST,
+            "/projects/plant/stages/line/releases",
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let mut on_b = c.link(1, &cert, &key).await;
+    // The agent's side: run "echo" by answering it, refuse the rest.
+    let agent = tokio::spawn(async move {
+        while let Some(msg) = on_b.next().await {
+            let Message::StreamOpen { id, target, .. } = msg else {
+                continue;
+            };
+            let trellis_link::protocol::StreamTarget::Exec { command, .. } = target else {
+                continue;
+            };
+            if command[0] != "echo" {
+                on_b.send(Message::StreamClose {
+                    id,
+                    exit_code: None,
+                    error: Some(trellis_link::protocol::StreamError {
+                        code: "component-not-running".into(),
+                        message: "component \"web\" is stopped".into(),
+                        hint: None,
+                    }),
+                })
+                .await;
+                continue;
+            }
+            on_b.send(Message::StreamOpened {
+                id,
+                window: trellis_link::stream::WINDOW_BYTES,
+            })
+            .await;
+            on_b.send(Message::StreamData {
+                id,
+                channel: trellis_link::protocol::StreamChannel::Out,
+                data: format!("{} (from the agent on B)\n", command[1..].join(" ")).into_bytes(),
+            })
+            .await;
+            on_b.send(Message::StreamClose {
+                id,
+                exit_code: Some(7),
+                error: None,
+            })
+            .await;
+        }
+    });
+    eventually(Duration::from_secs(5), "C seeing the link on B", || async {
+        c.status(2, "plant", "line").await["link"]["state"] == "online"
+    })
+    .await;
+
+    let (output, code) = c.exec(2, "command=echo&command=hi").await.unwrap();
+    assert_eq!(output, "hi (from the agent on B)\n");
+    assert_eq!(code, Some(7));
+    assert_eq!(
+        c.metric(2, "trellis_cluster_forwarded_requests_total")
+            .await,
+        1.0
+    );
+    // The agent's refusal, through C, is B's answer.
+    let (status, body) = c.exec(2, "command=false").await.unwrap_err();
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("component-not-running"), "{body}");
+    // B recorded both, once each; any instance reads it.
+    let (s, audit) = c
+        .api(
+            0,
+            reqwest::Method::GET,
+            "/projects/plant/audit",
+            Value::Null,
+        )
+        .await;
+    assert_eq!(s, 200, "{audit}");
+    let entries = audit.as_array().unwrap();
+    assert_eq!(entries.len(), 2, "{audit:#}");
+    assert_eq!(entries[1]["detail"], "echo hi");
+    assert_eq!(entries[1]["result"], "opened");
+    assert_eq!(entries[0]["result"], "component-not-running");
     agent.abort();
 }
 

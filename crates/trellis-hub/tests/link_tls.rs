@@ -147,6 +147,7 @@ fn hello() -> Ws {
             devices: vec![],
             stages: vec![],
             outbox_from: 0,
+            features: vec![],
         },
     );
     Ws::Text(String::from_utf8(encode(&env).unwrap()).unwrap().into())

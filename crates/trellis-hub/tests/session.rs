@@ -350,6 +350,7 @@ async fn session_of_edge(
                 devices: vec![],
                 stages: vec![],
                 outbox_from: 0,
+                features: vec![],
             },
         ))
         .await

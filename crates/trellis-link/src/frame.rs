@@ -8,7 +8,7 @@
 
 use serde::Deserialize;
 
-use crate::protocol::{Envelope, MESSAGE_TYPES, PROTOCOL_VERSION};
+use crate::protocol::{Envelope, MESSAGE_TYPES, Message, PROTOCOL_VERSION, StreamChannel};
 
 /// The largest frame either side sends or accepts: 4 MiB. Desired states are
 /// small (artifacts travel out of band, by digest); the limit bounds the
@@ -97,6 +97,97 @@ pub fn encode(envelope: &Envelope) -> Result<Vec<u8>, FrameError> {
         });
     }
     Ok(bytes)
+}
+
+/// A frame as it travels on a WebSocket: JSON text, or — for stream data
+/// only — binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WireFrame {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+/// The first bytes of every binary frame.
+const BINARY_MAGIC: &[u8; 2] = b"TS";
+
+/// Magic, version, sequence number, stream id, channel.
+pub const BINARY_HEADER_BYTES: usize = 2 + 2 + 8 + 8 + 1;
+
+/// Encodes an envelope as it goes on a WebSocket. Stream data is a binary
+/// frame — `TS`, the protocol version (u16), the envelope's sequence
+/// number (u64), the stream id (u64), the channel byte, then the bytes, all
+/// integers big-endian — because as JSON its bytes would be base64 (a third
+/// larger) and parsed twice on the way through the hub. Everything else
+/// is JSON text ([`encode`]).
+pub fn encode_wire(envelope: &Envelope) -> Result<WireFrame, FrameError> {
+    if let Message::StreamData { id, channel, data } = &envelope.msg {
+        let len = BINARY_HEADER_BYTES + data.len();
+        if len > MAX_FRAME_BYTES {
+            return Err(FrameError::TooLarge {
+                len,
+                max: MAX_FRAME_BYTES,
+            });
+        }
+        let mut out = Vec::with_capacity(len);
+        out.extend_from_slice(BINARY_MAGIC);
+        out.extend_from_slice(&envelope.v.to_be_bytes());
+        out.extend_from_slice(&envelope.seq.to_be_bytes());
+        out.extend_from_slice(&id.to_be_bytes());
+        out.push(channel.as_byte());
+        out.extend_from_slice(data);
+        return Ok(WireFrame::Binary(out));
+    }
+    let bytes = encode(envelope)?;
+    // `encode` writes JSON, which is UTF-8; the error path only guards
+    // against that changing.
+    String::from_utf8(bytes)
+        .map(WireFrame::Text)
+        .map_err(|e| FrameError::Encode {
+            reason: truncate(format!("the encoded frame is not UTF-8 ({e})")),
+        })
+}
+
+/// Decodes a binary frame (stream data; see [`encode_wire`]).
+pub fn decode_binary(bytes: &[u8]) -> Result<Envelope, FrameError> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge {
+            len: bytes.len(),
+            max: MAX_FRAME_BYTES,
+        });
+    }
+    if bytes.len() < BINARY_HEADER_BYTES || &bytes[..2] != BINARY_MAGIC {
+        return Err(FrameError::malformed(
+            "it is a binary message that is not a stream data frame",
+        ));
+    }
+    let u16_at = |at: usize| u16::from_be_bytes([bytes[at], bytes[at + 1]]);
+    let u64_at = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&bytes[at..at + 8]);
+        u64::from_be_bytes(b)
+    };
+    let v = u16_at(2);
+    if v != PROTOCOL_VERSION {
+        return Err(FrameError::UnsupportedVersion {
+            got: u64::from(v),
+            supported: PROTOCOL_VERSION,
+        });
+    }
+    let channel = StreamChannel::from_byte(bytes[20]).ok_or_else(|| {
+        FrameError::malformed(format_args!(
+            "a stream data frame names channel {}, which does not exist",
+            bytes[20]
+        ))
+    })?;
+    Ok(Envelope {
+        v,
+        seq: u64_at(4),
+        msg: Message::StreamData {
+            id: u64_at(12),
+            channel,
+            data: bytes[BINARY_HEADER_BYTES..].to_vec(),
+        },
+    })
 }
 
 /// Decodes one frame.

@@ -14,6 +14,8 @@
 //!   meant for people.
 //! - [`io`]: the transport seam ([`io::LinkIo`]) both halves' sessions use.
 //! - [`mem`]: an in-memory link, for the hub's local outpost and simulation.
+//! - [`stream`]: streams multiplexed on a link (exec, port forwarding):
+//!   windows, credit and the table each side's session keeps.
 //! - [`identity`]: the hub CA, agent keys and CSRs, client certificates,
 //!   the join token, CA fingerprint pinning and rustls configurations.
 //!
@@ -31,7 +33,11 @@ pub mod identity;
 pub mod io;
 pub mod mem;
 pub mod protocol;
+pub mod stream;
 
-pub use frame::{FrameError, LINK_READ_BUFFER_BYTES, MAX_FRAME_BYTES, decode, encode};
+pub use frame::{
+    FrameError, LINK_READ_BUFFER_BYTES, MAX_FRAME_BYTES, WireFrame, decode, decode_binary, encode,
+    encode_wire,
+};
 pub use io::{Incoming, LinkIo, LinkIoError};
 pub use protocol::{Envelope, Message, PROTOCOL_VERSION};

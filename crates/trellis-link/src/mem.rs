@@ -54,8 +54,10 @@ impl LinkIo for MemLink {
     async fn send(&mut self, envelope: &Envelope) -> Result<(), LinkIoError> {
         // Round-trip through the wire format, so size limits and encoding
         // errors behave exactly as on a socket.
-        let bytes = crate::frame::encode(envelope)?;
-        let frame = crate::frame::decode(&bytes)?;
+        let frame = match crate::frame::encode_wire(envelope)? {
+            crate::frame::WireFrame::Text(text) => crate::frame::decode(text.as_bytes())?,
+            crate::frame::WireFrame::Binary(bytes) => crate::frame::decode_binary(&bytes)?,
+        };
         self.tx.send(Item::Frame(frame)).await.map_err(|_| gone())
     }
 

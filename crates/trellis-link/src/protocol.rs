@@ -67,6 +67,11 @@ pub enum Message {
         /// The sequence number of the oldest status report still in the
         /// agent's outbox (not yet acknowledged); reports from here on follow.
         outbox_from: u64,
+        /// What this agent understands beyond the messages every agent of
+        /// this protocol version knows ([`FEATURE_STREAMS`]); the hub sends
+        /// the messages of a feature only to agents that announce it.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     /// Agent → hub: these desired states are persisted on the outpost.
     Ack { desired: Vec<DesiredAck> },
@@ -102,6 +107,10 @@ pub enum Message {
         total: u64,
         step: String,
     },
+
+    /// Agent → hub: stream `id` (a [`Message::StreamOpen`]) is open; the
+    /// hub may send `window` bytes of data before the agent grants more.
+    StreamOpened { id: u64, window: u32 },
 
     // --- hub → agent ---
     /// Hub → agent, answer to `hello`: the link is up.
@@ -143,6 +152,46 @@ pub enum Message {
     },
     /// Hub → agent: stop sending lines for request `id` (the reader left).
     LogsCancel { id: u64 },
+    /// Hub → agent (agents announcing [`FEATURE_STREAMS`]): open stream
+    /// `id` to `target` in a component of a stage on the outpost. The agent
+    /// may send `window` bytes of data before the hub grants more. Answered
+    /// by [`Message::StreamOpened`] or [`Message::StreamClose`] with the
+    /// reason. Ids are the hub's, unique per link session.
+    StreamOpen {
+        id: u64,
+        project: String,
+        stage: String,
+        target: StreamTarget,
+        window: u32,
+    },
+    /// Hub → agent: the terminal of stream `id` changed size.
+    StreamResize { id: u64, cols: u16, rows: u16 },
+
+    // --- both, streams ---
+    /// Either side: bytes of stream `id`. On a WebSocket this travels as a
+    /// binary message ([`crate::frame`]), never as JSON; the JSON form
+    /// (base64) exists for logs and tests.
+    StreamData {
+        id: u64,
+        channel: StreamChannel,
+        #[serde(with = "base64_bytes")]
+        data: Vec<u8>,
+    },
+    /// Either side: the receiver consumed `bytes` more of stream `id`; the
+    /// sender may send that much more.
+    StreamCredit { id: u64, bytes: u32 },
+    /// Either side: no more data follows from this side on stream `id`
+    /// (stdin closed, a connection's write half shut).
+    StreamEof { id: u64 },
+    /// Either side: stream `id` is over. `exit_code`: an exec's command
+    /// exited so; `error`: why it was refused or broke off.
+    StreamClose {
+        id: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<StreamError>,
+    },
 
     // --- both ---
     /// Either side: a request could not be handled.
@@ -168,6 +217,13 @@ impl Message {
             Message::Revoked { .. } => "revoked",
             Message::Logs { .. } => "logs",
             Message::LogsCancel { .. } => "logs-cancel",
+            Message::StreamOpened { .. } => "stream-opened",
+            Message::StreamOpen { .. } => "stream-open",
+            Message::StreamResize { .. } => "stream-resize",
+            Message::StreamData { .. } => "stream-data",
+            Message::StreamCredit { .. } => "stream-credit",
+            Message::StreamEof { .. } => "stream-eof",
+            Message::StreamClose { .. } => "stream-close",
             Message::Error { .. } => "error",
         }
     }
@@ -191,8 +247,107 @@ pub const MESSAGE_TYPES: &[&str] = &[
     "revoked",
     "logs",
     "logs-cancel",
+    "stream-opened",
+    "stream-open",
+    "stream-resize",
+    "stream-data",
+    "stream-credit",
+    "stream-eof",
+    "stream-close",
     "error",
 ];
+
+/// The feature an agent announces in `hello` when it serves streams
+/// (exec, port forwarding).
+pub const FEATURE_STREAMS: &str = "streams";
+
+/// What a stream reaches on the outpost.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum StreamTarget {
+    /// A command run in a component: in one of its containers (the
+    /// engine's exec), or for a process component in its directory, with
+    /// its env and user.
+    Exec {
+        component: String,
+        /// Which replica (0-based); the first running one when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replica: Option<u32>,
+        command: Vec<String>,
+        /// Under a terminal (pseudo-terminal), its size given.
+        #[serde(default)]
+        tty: bool,
+        #[serde(default)]
+        cols: u16,
+        #[serde(default)]
+        rows: u16,
+    },
+    /// A TCP connection to one of the component's ports.
+    Forward {
+        component: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replica: Option<u32>,
+        port: u16,
+    },
+}
+
+/// Which way stream bytes flow: `in` towards the command or connection on
+/// the outpost, `out` and `err` from it (an exec's stdout and stderr; a
+/// connection's bytes come on `out`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamChannel {
+    In,
+    Out,
+    Err,
+}
+
+impl StreamChannel {
+    /// Its byte in a binary frame.
+    pub fn as_byte(self) -> u8 {
+        match self {
+            StreamChannel::In => 0,
+            StreamChannel::Out => 1,
+            StreamChannel::Err => 2,
+        }
+    }
+
+    pub fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(StreamChannel::In),
+            1 => Some(StreamChannel::Out),
+            2 => Some(StreamChannel::Err),
+            _ => None,
+        }
+    }
+}
+
+/// Why a stream was refused or broke off, with a stable code
+/// (`no-such-component`, `component-not-running`, `port-not-exposed`,
+/// `too-many-streams`, …).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamError {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+mod base64_bytes {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
 
 /// A container or process runtime the agent found on its host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,7 +5,9 @@
 use chrono::{TimeZone, Utc};
 use proptest::prelude::*;
 use serde_json::json;
-use trellis_link::frame::{FrameError, MAX_FRAME_BYTES, decode, encode};
+use trellis_link::frame::{
+    FrameError, MAX_FRAME_BYTES, WireFrame, decode, decode_binary, encode, encode_wire,
+};
 use trellis_link::protocol::*;
 
 fn t(secs: i64) -> chrono::DateTime<Utc> {
@@ -56,6 +58,7 @@ fn examples() -> Vec<Message> {
                 desired_revision_held: 7,
             }],
             outbox_from: 41,
+            features: vec!["streams".into()],
         },
         Message::Ack {
             desired: vec![DesiredAck {
@@ -155,6 +158,48 @@ fn examples() -> Vec<Message> {
             total: 412 << 20,
             step: "fetching artifacts".into(),
         },
+        Message::StreamOpen {
+            id: 4,
+            project: "shop".into(),
+            stage: "line-3".into(),
+            target: StreamTarget::Exec {
+                component: "web".into(),
+                replica: Some(1),
+                command: vec!["sh".into(), "-c".into(), "echo hi".into()],
+                tty: true,
+                cols: 80,
+                rows: 24,
+            },
+            window: 262_144,
+        },
+        Message::StreamOpened {
+            id: 4,
+            window: 262_144,
+        },
+        Message::StreamResize {
+            id: 4,
+            cols: 120,
+            rows: 40,
+        },
+        Message::StreamData {
+            id: 4,
+            channel: StreamChannel::Err,
+            data: vec![0, 1, 2, 255],
+        },
+        Message::StreamCredit {
+            id: 4,
+            bytes: 65_536,
+        },
+        Message::StreamEof { id: 4 },
+        Message::StreamClose {
+            id: 4,
+            exit_code: Some(1),
+            error: Some(StreamError {
+                code: "component-not-running".into(),
+                message: "web is stopped".into(),
+                hint: None,
+            }),
+        },
     ];
     for m in &all {
         match m {
@@ -173,6 +218,13 @@ fn examples() -> Vec<Message> {
             | Message::LogsCancel { .. }
             | Message::LogLines { .. }
             | Message::Delivery { .. }
+            | Message::StreamOpen { .. }
+            | Message::StreamOpened { .. }
+            | Message::StreamResize { .. }
+            | Message::StreamData { .. }
+            | Message::StreamCredit { .. }
+            | Message::StreamEof { .. }
+            | Message::StreamClose { .. }
             | Message::Error { .. } => {}
         }
     }
@@ -186,6 +238,64 @@ fn every_message_round_trips() {
         let bytes = encode(&env).unwrap();
         assert_eq!(decode(&bytes).unwrap(), env);
     }
+}
+
+#[test]
+fn every_message_round_trips_as_it_goes_on_a_websocket() {
+    for (i, msg) in examples().into_iter().enumerate() {
+        let env = Envelope::new(i as u64 + 1, msg);
+        let back = match encode_wire(&env).unwrap() {
+            WireFrame::Text(text) => decode(text.as_bytes()).unwrap(),
+            WireFrame::Binary(bytes) => {
+                assert!(matches!(env.msg, Message::StreamData { .. }));
+                decode_binary(&bytes).unwrap()
+            }
+        };
+        assert_eq!(back, env);
+    }
+}
+
+#[test]
+fn hostile_binary_frames_are_errors() {
+    let good = match encode_wire(&Envelope::new(
+        9,
+        Message::StreamData {
+            id: 3,
+            channel: StreamChannel::Out,
+            data: b"hello".to_vec(),
+        },
+    ))
+    .unwrap()
+    {
+        WireFrame::Binary(bytes) => bytes,
+        WireFrame::Text(_) => panic!("stream data goes binary"),
+    };
+    assert_eq!(&good[..2], b"TS");
+    for cut in 0..21 {
+        assert_eq!(
+            decode_binary(&good[..cut]).unwrap_err().code(),
+            "frame-malformed"
+        );
+    }
+    let mut other_version = good.clone();
+    other_version[3] = 9;
+    assert_eq!(
+        decode_binary(&other_version).unwrap_err().code(),
+        "unsupported-protocol-version"
+    );
+    let mut bad_channel = good.clone();
+    bad_channel[20] = 7;
+    assert_eq!(
+        decode_binary(&bad_channel).unwrap_err().code(),
+        "frame-malformed"
+    );
+    let huge = vec![b'T'; trellis_link::MAX_FRAME_BYTES + 1];
+    assert_eq!(decode_binary(&huge).unwrap_err().code(), "frame-too-large");
+    let empty_data = &good[..21];
+    assert!(matches!(
+        decode_binary(empty_data).unwrap().msg,
+        Message::StreamData { ref data, .. } if data.is_empty()
+    ));
 }
 
 #[test]

@@ -635,3 +635,41 @@ mod control_tests {
         );
     }
 }
+
+/// One stream opened into a stage (an exec, a forwarded connection, a
+/// console terminal): who, when, into what, and how it went. Kept per
+/// project; owners read it (`trellis list audit`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuditEntry {
+    /// Grows with every entry of the hub.
+    pub id: u64,
+    pub time: DateTime<Utc>,
+    /// The user who opened it.
+    pub user: String,
+    pub project: String,
+    pub stage: String,
+    pub component: String,
+    /// The outpost it went to.
+    pub outpost: String,
+    /// `exec`, `port-forward` or `terminal`.
+    pub action: String,
+    /// The command (its words joined by spaces) or the port.
+    pub detail: String,
+    /// `opened`, or the code it was refused with.
+    pub result: String,
+}
+
+/// An [`AuditEntry`] to record (the store numbers it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAuditEntry {
+    pub time: Timestamp,
+    pub user: String,
+    pub project: String,
+    pub stage: String,
+    pub component: String,
+    pub outpost: String,
+    pub action: String,
+    pub detail: String,
+    pub result: String,
+}

@@ -30,9 +30,9 @@
 
 use async_trait::async_trait;
 use trellis_model::{
-    AccessKeyInfo, Build, ComponentAction, ComponentControl, Config, ConfigData, ConfigSnapshot,
-    Member, NewBuild, Outpost, OutpostLink, Project, Release, Role, Stage, StageSync, StageType,
-    Timestamp, User,
+    AccessKeyInfo, AuditEntry, Build, ComponentAction, ComponentControl, Config, ConfigData,
+    ConfigSnapshot, Member, NewAuditEntry, NewBuild, Outpost, OutpostLink, Project, Release, Role,
+    Stage, StageSync, StageType, Timestamp, User,
 };
 
 pub mod cluster;
@@ -350,6 +350,11 @@ pub trait Store: Send + Sync + 'static {
     async fn set_member(&self, project: &str, user: &str, role: Role) -> Result<()>;
     async fn remove_member(&self, project: &str, user: &str) -> Result<()>;
     async fn list_members(&self, project: &str) -> Result<Vec<Member>>;
+    /// Records a stream opened into one of the project's stages; the entry
+    /// goes with the project.
+    async fn record_audit(&self, entry: &NewAuditEntry) -> Result<AuditEntry>;
+    /// The project's audit log, newest first, at most `limit` entries.
+    async fn list_audit(&self, project: &str, limit: usize) -> Result<Vec<AuditEntry>>;
     /// The user's role in the project, `None` if they are not a member
     /// (including when the project does not exist: nobody is a member).
     async fn role_of(&self, project: &str, user: &str) -> Result<Option<Role>>;

@@ -23,9 +23,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use chrono::DateTime;
 use trellis_model::{
-    AccessKeyInfo, Build, ComponentAction, ComponentControl, Config, ConfigData, Member, NewBuild,
-    Outpost, OutpostLink, Project, Release, ReleaseState, Role, Stage, StageSync, Timestamp, User,
-    build_name,
+    AccessKeyInfo, AuditEntry, Build, ComponentAction, ComponentControl, Config, ConfigData,
+    Member, NewAuditEntry, NewBuild, Outpost, OutpostLink, Project, Release, ReleaseState, Role,
+    Stage, StageSync, Timestamp, User, build_name,
 };
 
 use tokio::sync::{mpsc, watch};
@@ -76,6 +76,8 @@ struct State {
     links: BTreeMap<String, OutpostLink>,
     /// By token hash.
     join_tokens: BTreeMap<String, JoinToken>,
+    /// The last audit entry's id.
+    last_audit: u64,
     instances: BTreeMap<String, Instance>,
     claims: BTreeMap<String, LinkClaim>,
     secrets: BTreeMap<String, String>,
@@ -93,6 +95,8 @@ struct ProjectState {
     /// numbers are never reused.
     last_build: u64,
     members: BTreeMap<String, Role>,
+    /// Oldest first.
+    audit: Vec<AuditEntry>,
     stages: BTreeMap<String, StageState>,
     builds: BTreeMap<String, Build>,
 }
@@ -423,6 +427,7 @@ impl Store for MemoryStore {
                 project,
                 last_build: 0,
                 members: BTreeMap::from([(owner.to_owned(), Role::Owner)]),
+                audit: Vec::new(),
                 stages: BTreeMap::new(),
                 builds: BTreeMap::new(),
             },
@@ -547,6 +552,39 @@ impl Store for MemoryStore {
                 user: user.clone(),
                 role: *role,
             })
+            .collect())
+    }
+
+    async fn record_audit(&self, entry: &NewAuditEntry) -> Result<AuditEntry> {
+        let mut state = self.state();
+        state.last_audit += 1;
+        let id = state.last_audit;
+        let project = state.project_mut(&entry.project)?;
+        let stored = AuditEntry {
+            id,
+            time: entry.time,
+            user: entry.user.clone(),
+            project: entry.project.clone(),
+            stage: entry.stage.clone(),
+            component: entry.component.clone(),
+            outpost: entry.outpost.clone(),
+            action: entry.action.clone(),
+            detail: entry.detail.clone(),
+            result: entry.result.clone(),
+        };
+        project.audit.push(stored.clone());
+        Ok(stored)
+    }
+
+    async fn list_audit(&self, project: &str, limit: usize) -> Result<Vec<AuditEntry>> {
+        Ok(self
+            .state()
+            .project(project)?
+            .audit
+            .iter()
+            .rev()
+            .take(limit)
+            .cloned()
             .collect())
     }
 

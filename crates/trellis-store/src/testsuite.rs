@@ -42,6 +42,7 @@ macro_rules! for_each_suite_test {
             last_admin_key,
             projects,
             members,
+            audit_log,
             outposts,
             stage_creation,
             outpost_capacity,
@@ -494,6 +495,58 @@ pub async fn projects(store: &dyn Store) {
     );
     assert_eq!(store.get_project("shop").await.unwrap(), project("shop"));
     assert_not_found(store.get_project("nope").await, "project", "nope");
+}
+
+pub async fn audit_log(store: &dyn Store) {
+    setup(store, "shop").await;
+    setup(store, "other").await;
+    let entry = |project: &str, detail: &str, ms: i64| trellis_model::NewAuditEntry {
+        time: at(ms),
+        user: "alice".into(),
+        project: project.into(),
+        stage: "dev".into(),
+        component: "web".into(),
+        outpost: "local".into(),
+        action: "exec".into(),
+        detail: detail.into(),
+        result: "opened".into(),
+    };
+    let first = store
+        .record_audit(&entry("shop", "sh -c ls", 1_000))
+        .await
+        .unwrap();
+    let second = store
+        .record_audit(&entry("shop", "8080", 2_000))
+        .await
+        .unwrap();
+    store
+        .record_audit(&entry("other", "id", 3_000))
+        .await
+        .unwrap();
+    assert!(second.id > first.id);
+    assert_eq!(first.detail, "sh -c ls");
+    assert_eq!(first.time, at(1_000));
+
+    let listed = store.list_audit("shop", 100).await.unwrap();
+    assert_eq!(
+        listed,
+        vec![second.clone(), first.clone()],
+        "newest first, per project"
+    );
+    assert_eq!(store.list_audit("shop", 1).await.unwrap(), vec![second]);
+    assert_not_found(store.list_audit("nope", 10).await, "project", "nope");
+    assert_not_found(
+        store.record_audit(&entry("nope", "x", 1)).await,
+        "project",
+        "nope",
+    );
+    store.delete_project("shop", true).await.unwrap();
+    setup(store, "shop").await;
+    assert!(
+        store.list_audit("shop", 10).await.unwrap().is_empty(),
+        "the log goes with its project"
+    );
+    assert_eq!(store.list_audit("other", 10).await.unwrap().len(), 1);
 }
 
 pub async fn members(store: &dyn Store) {

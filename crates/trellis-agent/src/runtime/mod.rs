@@ -316,4 +316,34 @@ pub trait Runtime: Send + Sync {
     async fn has_workload(&self, _component: &ComponentPlan) -> bool {
         false
     }
+
+    /// Runs a command in `component` of `stage` (`trellis exec`).
+    async fn exec(
+        &self,
+        _stage: &StageKey,
+        component: &ComponentPlan,
+        _request: crate::runner::ExecRequest,
+    ) -> Result<crate::runner::ExecProcess, crate::runner::StreamError> {
+        Err(crate::runner::stream_error(
+            "exec-unsupported",
+            format!("this runtime cannot run commands in {}", component.name),
+            "",
+        ))
+    }
+
+    /// Connects to `port` of `component` of `stage` (`trellis
+    /// port-forward`).
+    async fn connect(
+        &self,
+        _stage: &StageKey,
+        component: &ComponentPlan,
+        _replica: Option<u32>,
+        _port: u16,
+    ) -> Result<tokio::net::TcpStream, crate::runner::StreamError> {
+        Err(crate::runner::stream_error(
+            "forward-unsupported",
+            format!("this runtime cannot connect to {}", component.name),
+            "",
+        ))
+    }
 }

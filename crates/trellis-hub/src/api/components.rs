@@ -92,7 +92,7 @@ fn no_release(stage: &Stage) -> ApiError {
 /// The manifest of the stage's latest release, or the error for a stage
 /// without one; and a 404 naming the components if `component` is not in
 /// it.
-async fn release_with_component(
+pub(crate) async fn release_with_component(
     state: &AppState,
     stage: &Stage,
     component: Option<&str>,
@@ -718,7 +718,7 @@ fn end_error(stage: &Stage, end: &LogEnd) -> Option<ApiError> {
 
 /// 409 for a stage whose outpost has no live link: what the stage is in,
 /// not a fault of the hub.
-async fn offline(state: &AppState, stage: &Stage) -> ApiError {
+pub(crate) async fn offline(state: &AppState, stage: &Stage) -> ApiError {
     let base = ApiError::new(
         StatusCode::CONFLICT,
         "outpost-offline",

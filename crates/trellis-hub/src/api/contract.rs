@@ -215,6 +215,56 @@ pub const ERRORS: &[(&str, Refusals)] = &[
             (502, &["outpost-logs-failed"]),
         ],
     ),
+    // streams into components (WebSocket upgrades; see .ci/schemathesis.toml)
+    (
+        "exec",
+        &[
+            (400, &["invalid-request", "invalid-name", "tty-unsupported"]),
+            (404, &["not-found", "no-such-component"]),
+            (
+                409,
+                &[
+                    "no-release",
+                    "component-not-running",
+                    "replica-not-running",
+                    "outpost-offline",
+                    "streams-unsupported",
+                ],
+            ),
+            (429, &["too-many-streams"]),
+            (502, &["command-not-started", "exec-failed"]),
+            (503, &["outpost-busy", "hub-instance-unreachable"]),
+            (504, &["outpost-timeout"]),
+        ],
+    ),
+    (
+        "port_forward",
+        &[
+            (
+                400,
+                &["invalid-request", "invalid-name", "port-not-exposed"],
+            ),
+            (404, &["not-found", "no-such-component"]),
+            (
+                409,
+                &[
+                    "no-release",
+                    "component-not-running",
+                    "replica-not-running",
+                    "outpost-offline",
+                    "streams-unsupported",
+                ],
+            ),
+            (429, &["too-many-streams"]),
+            (502, &["connection-refused", "exec-failed"]),
+            (503, &["outpost-busy", "hub-instance-unreachable"]),
+            (504, &["outpost-timeout", "connection-timeout"]),
+        ],
+    ),
+    (
+        "list_audit",
+        &[(403, &["forbidden"]), (404, &["not-found"])],
+    ),
     // outposts
     ("list_outposts", &[(403, &["forbidden"])]),
     (
@@ -590,6 +640,43 @@ pub const CODES: &[(&str, &str)] = &[
     (
         "chunk-damaged-on-hub",
         "a chunk in the hub's artifact store does not verify",
+    ),
+    (
+        "invalid-request",
+        "the request is not one this operation takes (the message says why)",
+    ),
+    (
+        "tty-unsupported",
+        "a terminal was asked for where the component cannot give one",
+    ),
+    (
+        "component-not-running",
+        "the component is stopped or its stage suspended",
+    ),
+    ("replica-not-running", "the replica asked for does not run"),
+    (
+        "streams-unsupported",
+        "the outpost's agent predates exec and port-forward",
+    ),
+    (
+        "too-many-streams",
+        "the outpost or the user holds as many streams as allowed",
+    ),
+    (
+        "command-not-started",
+        "the outpost could not start the command",
+    ),
+    ("exec-failed", "the outpost could not open the stream"),
+    (
+        "hub-instance-unreachable",
+        "the hub instance holding the outpost's link did not answer",
+    ),
+    ("outpost-timeout", "the outpost did not answer in time"),
+    ("port-not-exposed", "the component does not list that port"),
+    ("connection-refused", "the component refused the connection"),
+    (
+        "connection-timeout",
+        "the component did not accept the connection in time",
     ),
 ];
 
@@ -974,8 +1061,9 @@ mod tests {
                     "{method} {id} has no entry in ERRORS"
                 );
                 let responses = op["responses"].as_object().unwrap();
+                // A WebSocket endpoint's success is its upgrade (101).
                 assert!(
-                    responses.keys().any(|s| s.starts_with('2')),
+                    responses.keys().any(|s| s.starts_with('2') || s == "101"),
                     "{id} documents no success"
                 );
                 for (status, response) in responses {
@@ -985,7 +1073,7 @@ mod tests {
                         assert!(response.to_string().contains("Health"), "{response}");
                         continue;
                     }
-                    if !status.starts_with('2') {
+                    if !status.starts_with('2') && status != "101" {
                         let codes = &response["content"]["application/json"]["schema"]["properties"]
                             ["error"]["properties"]["code"]["enum"];
                         assert!(

@@ -17,6 +17,7 @@ pub mod outposts;
 pub mod params;
 pub mod projects;
 pub mod stages;
+pub mod streams;
 pub mod types;
 
 use axum::Json;
@@ -77,6 +78,9 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(components::suspend_stage))
         .routes(routes!(components::resume_stage))
         .routes(routes!(components::stage_logs))
+        .routes(routes!(streams::exec))
+        .routes(routes!(streams::port_forward))
+        .routes(routes!(streams::list_audit))
         .routes(routes!(outposts::list_outposts, outposts::create_outpost))
         .routes(routes!(
             outposts::get_outpost,

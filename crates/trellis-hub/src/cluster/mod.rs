@@ -29,6 +29,7 @@
 //! every change it makes.
 
 pub mod forward;
+pub mod forward_stream;
 pub mod secrets;
 
 use std::collections::HashMap;

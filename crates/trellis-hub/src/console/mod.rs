@@ -12,6 +12,7 @@
 //!   stage page with its actions.
 //! - `status.rs`: the connection status of an outpost stage, as a page, a
 //!   fragment and a live event stream.
+//! - `terminal.rs`: a shell in a component (xterm.js over a stream).
 //! - `outposts.rs`: outposts, for administrators.
 //! - `view.rs`: formatting helpers.
 //!
@@ -23,6 +24,7 @@ mod projects;
 mod session;
 mod stages;
 mod status;
+mod terminal;
 pub mod view;
 
 use std::sync::LazyLock;
@@ -77,6 +79,14 @@ pub fn router(state: AppState) -> Router {
             post(stages::resume),
         )
         .route("/projects/{project}/stages/{stage}/logs", get(stages::logs))
+        .route(
+            "/projects/{project}/stages/{stage}/components/{component}/terminal",
+            get(terminal::page),
+        )
+        .route(
+            "/projects/{project}/stages/{stage}/components/{component}/terminal/socket",
+            get(terminal::socket),
+        )
         .route(
             "/projects/{project}/stages/{stage}/status",
             get(status::page),
@@ -200,16 +210,23 @@ impl From<axum::extract::rejection::FormRejection> for ConsoleError {
 struct Assets {
     css_url: String,
     js_url: String,
+    xterm_js_url: String,
+    xterm_css_url: String,
 }
 
 const CSS: &str = include_str!("../../assets/console.css");
 const JS: &str = include_str!("../../assets/console.js");
+/// The terminal emulator, vendored from npm (see `assets/vendor/README.md`).
+const XTERM_JS: &str = include_str!("../../assets/vendor/xterm.js");
+const XTERM_CSS: &str = include_str!("../../assets/vendor/xterm.css");
 
 static ASSETS: LazyLock<Assets> = LazyLock::new(|| {
     let tag = |text: &str| blake3::hash(text.as_bytes()).to_hex()[..12].to_owned();
     Assets {
         css_url: format!("/assets/console.css?v={}", tag(CSS)),
         js_url: format!("/assets/console.js?v={}", tag(JS)),
+        xterm_js_url: format!("/assets/xterm.js?v={}", tag(XTERM_JS)),
+        xterm_css_url: format!("/assets/xterm.css?v={}", tag(XTERM_CSS)),
     }
 });
 
@@ -217,6 +234,8 @@ async fn asset(Path(name): Path<String>) -> Response {
     let (body, kind) = match name.as_str() {
         "console.css" => (CSS, "text/css; charset=utf-8"),
         "console.js" => (JS, "text/javascript; charset=utf-8"),
+        "xterm.js" => (XTERM_JS, "text/javascript; charset=utf-8"),
+        "xterm.css" => (XTERM_CSS, "text/css; charset=utf-8"),
         _ => {
             return ConsoleError(ApiError::new(
                 StatusCode::NOT_FOUND,

@@ -13,7 +13,9 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use trellis_link::identity::{IssuedCert, PeerIdentity};
-use trellis_link::{Incoming, LinkIo, LinkIoError, MAX_FRAME_BYTES, decode, encode};
+use trellis_link::{
+    Incoming, LinkIo, LinkIoError, MAX_FRAME_BYTES, WireFrame, decode, decode_binary, encode_wire,
+};
 use trellis_store::{JoinTokenRefusal, StoreError};
 use utoipa::ToSchema;
 
@@ -30,10 +32,12 @@ struct AxumLink(WebSocket);
 #[async_trait]
 impl LinkIo for AxumLink {
     async fn send(&mut self, envelope: &trellis_link::Envelope) -> Result<(), LinkIoError> {
-        let bytes = encode(envelope)?;
-        let text = String::from_utf8(bytes).map_err(|e| LinkIoError::Transport(e.to_string()))?;
+        let message = match encode_wire(envelope)? {
+            WireFrame::Text(text) => WsMessage::Text(text.into()),
+            WireFrame::Binary(bytes) => WsMessage::Binary(bytes.into()),
+        };
         self.0
-            .send(WsMessage::Text(text.into()))
+            .send(message)
             .await
             .map_err(|e| LinkIoError::Transport(e.to_string()))
     }
@@ -45,7 +49,7 @@ impl LinkIo for AxumLink {
         Ok(
             match message.map_err(|e| LinkIoError::Transport(e.to_string()))? {
                 WsMessage::Text(text) => Some(Incoming::Frame(decode(text.as_bytes())?)),
-                WsMessage::Binary(bytes) => Some(Incoming::Frame(decode(&bytes)?)),
+                WsMessage::Binary(bytes) => Some(Incoming::Frame(decode_binary(&bytes)?)),
                 WsMessage::Pong(payload) => Some(Incoming::Pong(payload.to_vec())),
                 // Answered by the WebSocket layer itself; the session only
                 // learns the agent is alive.

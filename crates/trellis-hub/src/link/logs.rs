@@ -40,6 +40,8 @@ pub(crate) enum SessionRequest {
     Cancel {
         id: u64,
     },
+    /// A stream to open (see [`super::streams`]).
+    Stream(Box<super::streams::StreamRequest>),
 }
 
 #[derive(Debug)]
@@ -214,6 +216,8 @@ impl LogRouter {
             SessionRequest::Cancel { id } => {
                 self.readers.remove(&id).map(|_| Message::LogsCancel { id })
             }
+            // The session hands streams to `streams::open`.
+            SessionRequest::Stream(_) => None,
         }
     }
 

@@ -26,6 +26,7 @@ pub mod logs;
 pub mod record;
 pub mod session;
 pub mod status;
+pub mod streams;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -84,6 +85,8 @@ pub struct LinkSettings {
     pub max_handshakes: usize,
     /// Validity of the client certificates the hub issues.
     pub cert_validity: Duration,
+    /// Streams (exec, port forwarding) open at once per outpost and user.
+    pub streams: streams::StreamLimitSettings,
     /// On a store several hubs share: how often every session re-reads its
     /// desired state even without a change announced (a safety net for a
     /// lost notification).
@@ -99,6 +102,7 @@ impl Default for LinkSettings {
             admissions_per_sec: 400,
             max_handshakes: 64,
             cert_validity: Duration::from_secs(30 * 24 * 3600),
+            streams: streams::StreamLimitSettings::default(),
             resync: Duration::from_secs(300),
         }
     }
@@ -117,6 +121,8 @@ struct Live {
     errors: ErrorLog,
     /// Why the link is degraded, if it is.
     degraded: Option<String>,
+    /// The connected agent serves streams.
+    streams: bool,
     /// The highest epoch another hub instance claimed this outpost's link
     /// at (see [`Links::fence`]): a session of ours whose own claim comes
     /// back lower has been replaced.
@@ -187,6 +193,8 @@ pub struct Links {
     /// Agents' acknowledgements and status reports on their way to the
     /// store, committed in groups.
     pub syncs: Arc<commit::SyncCommitter>,
+    /// Streams open per outpost and per user.
+    pub stream_limits: Arc<streams::StreamLimits>,
     /// The store announces changes to every hub (it is shared): pokes come
     /// from its feed, not from the handler that made the change.
     feed_pokes: std::sync::atomic::AtomicBool,
@@ -200,6 +208,7 @@ impl Links {
         let rate = settings.admissions_per_sec.max(1);
         Links {
             admission: Mutex::new(Admission::new(rate)),
+            stream_limits: Arc::new(streams::StreamLimits::new(settings.streams)),
             settings,
             live: Mutex::new(HashMap::new()),
             next_session: std::sync::atomic::AtomicU64::new(1),
@@ -288,6 +297,7 @@ impl Links {
         entry.last_seen = Some(now);
         entry.agent_version = Some(agent_version.to_owned());
         entry.degraded = None;
+        entry.streams = false;
         (handle, inbox)
     }
 
@@ -470,6 +480,60 @@ impl Links {
         )
     }
 
+    /// Says whether session `session` of `outpost` serves streams (its
+    /// agent announced them in hello).
+    pub(crate) fn set_streams(&self, outpost: &str, session: u64, streams: bool) {
+        let mut live = self.lock();
+        if let Some(entry) = live.get_mut(outpost)
+            && entry.session.as_ref().is_some_and(|s| s.id == session)
+        {
+            entry.streams = streams;
+        }
+    }
+
+    /// Asks the outpost's live session to open a stream into a stage placed
+    /// on it (same path as [`Links::open_logs`]). Never waits for the
+    /// outpost: [`streams::PendingStream::opened`] does.
+    pub fn open_stream(
+        &self,
+        outpost: &str,
+        project: &str,
+        stage: &str,
+        target: trellis_link::protocol::StreamTarget,
+    ) -> Result<streams::PendingStream, streams::OpenStreamError> {
+        let session = {
+            let live = self.lock();
+            let entry = live.get(outpost);
+            let session = entry
+                .and_then(|e| e.session.clone())
+                .ok_or(streams::OpenStreamError::Offline)?;
+            if !entry.is_some_and(|e| e.streams) {
+                return Err(streams::OpenStreamError::Unsupported);
+            }
+            session
+        };
+        let id = self
+            .next_request
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (reply, pending) = tokio::sync::oneshot::channel();
+        session
+            .requests
+            .try_send(logs::SessionRequest::Stream(Box::new(
+                streams::StreamRequest {
+                    id,
+                    project: project.to_owned(),
+                    stage: stage.to_owned(),
+                    target,
+                    reply,
+                },
+            )))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => streams::OpenStreamError::Busy,
+                mpsc::error::TrySendError::Closed(_) => streams::OpenStreamError::Offline,
+            })?;
+        Ok(streams::PendingStream { reply: pending })
+    }
+
     /// Revokes the outpost's link: its session is closed at once.
     pub fn revoke(&self, outpost: &str) {
         let now = Utc::now();
@@ -530,6 +594,7 @@ impl Live {
             session: None,
             errors: ErrorLog::default(),
             degraded: None,
+            streams: false,
             foreign_epoch: 0,
         }
     }

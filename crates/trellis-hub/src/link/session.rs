@@ -53,6 +53,8 @@ struct Session<'a> {
     synced: HashMap<StageId, Committed>,
     /// Open log requests, by id.
     logs: super::logs::LogRouter,
+    /// Open streams; made with the first one.
+    streams: Option<Box<trellis_link::stream::Mux>>,
 }
 
 impl Session<'_> {
@@ -232,6 +234,7 @@ async fn serve(
         capacity,
         devices,
         stages,
+        features,
         ..
     } = hello.msg
     else {
@@ -258,6 +261,13 @@ async fn serve(
     });
 
     let (handle, inbox) = state.links().connected(outpost, &agent_version);
+    state.links().set_streams(
+        outpost,
+        handle.id(),
+        features
+            .iter()
+            .any(|f| f == trellis_link::protocol::FEATURE_STREAMS),
+    );
     // Where hubs share the store, this session now holds the outpost's
     // link: an older one on any instance ends.
     state.cluster().claim(state, outpost, &handle);
@@ -306,6 +316,7 @@ async fn session_loop(
         placed: HashSet::new(),
         synced: HashMap::new(),
         logs: super::logs::LogRouter::default(),
+        streams: None,
     };
     session
         .send(
@@ -342,9 +353,19 @@ async fn session_loop(
                 Box::pin(session.sync(io)).await?;
             }
             Some(request) = inbox.recv() => {
-                if let Some(msg) = session.logs.request(request) {
+                let msg = match request {
+                    super::logs::SessionRequest::Stream(request) => {
+                        super::streams::open(&mut session.streams, *request)
+                    }
+                    request => session.logs.request(request),
+                };
+                if let Some(msg) = msg {
                     session.send(io, msg).await?;
                 }
+            }
+            // Stream data goes only when nothing above is ready.
+            msg = super::streams::outgoing(&mut session.streams) => {
+                session.send(io, msg).await?;
             }
             // Silence for two heartbeat intervals ends the link: the
             // deadline moves with every frame or pong heard.
@@ -504,6 +525,15 @@ async fn handle_frame(
             error,
         } => {
             if let Some(reply) = session.logs.lines(id, lines, end, error) {
+                session.send(io, reply).await?;
+            }
+        }
+        msg @ (Message::StreamOpened { .. }
+        | Message::StreamData { .. }
+        | Message::StreamCredit { .. }
+        | Message::StreamEof { .. }
+        | Message::StreamClose { .. }) => {
+            if let Some(reply) = super::streams::incoming(&mut session.streams, msg) {
                 session.send(io, reply).await?;
             }
         }

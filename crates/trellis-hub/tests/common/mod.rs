@@ -171,6 +171,7 @@ impl ScriptedAgent {
                 devices: vec![],
                 stages,
                 outbox_from: 0,
+                features: vec![],
             })
             .await;
         match agent.next().await {

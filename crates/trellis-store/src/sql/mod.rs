@@ -31,9 +31,9 @@ use chrono::DateTime;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use trellis_model::{
-    AccessKeyInfo, Build, ComponentAction, ComponentControl, Config, ConfigData, Member, NewBuild,
-    Outpost, OutpostLink, Project, Release, ReleaseState, Role, Stage, StageSync, Timestamp, User,
-    build_name,
+    AccessKeyInfo, AuditEntry, Build, ComponentAction, ComponentControl, Config, ConfigData,
+    Member, NewAuditEntry, NewBuild, Outpost, OutpostLink, Project, Release, ReleaseState, Role,
+    Stage, StageSync, Timestamp, User, build_name,
 };
 
 use crate::{
@@ -1197,6 +1197,7 @@ impl<B: Backend> Store for SqlStore<B> {
             "DELETE FROM stages WHERE project = $1",
             "DELETE FROM builds WHERE project = $1",
             "DELETE FROM members WHERE project = $1",
+            "DELETE FROM audit_log WHERE project = $1",
             "DELETE FROM projects WHERE name = $1",
         ] {
             q(sql)
@@ -1335,6 +1336,79 @@ impl<B: Backend> Store for SqlStore<B> {
                     project: col(row, "project")?,
                     user: col(row, "user_name")?,
                     role: parsed(row, "role")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_audit(&self, entry: &NewAuditEntry) -> Result<AuditEntry> {
+        const DOING: &str = "recording an audit entry";
+        let mut tx = self.write().await?;
+        require_project(&mut *tx, &entry.project).await?;
+        // Writers are serial (see the module docs), so the next number is
+        // the largest plus one on every backend.
+        let row = q("SELECT COALESCE(MAX(id), 0) AS last FROM audit_log")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        let id = count(&row, "last")? + 1;
+        q(
+            "INSERT INTO audit_log (id, time_ms, user_name, project, stage, component, outpost, \
+           action, detail, result) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(int(id)?)
+        .bind(millis(entry.time))
+        .bind(&entry.user)
+        .bind(&entry.project)
+        .bind(&entry.stage)
+        .bind(&entry.component)
+        .bind(&entry.outpost)
+        .bind(&entry.action)
+        .bind(&entry.detail)
+        .bind(&entry.result)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        self.commit(tx, DOING).await?;
+        Ok(AuditEntry {
+            id,
+            time: truncated(entry.time),
+            user: entry.user.clone(),
+            project: entry.project.clone(),
+            stage: entry.stage.clone(),
+            component: entry.component.clone(),
+            outpost: entry.outpost.clone(),
+            action: entry.action.clone(),
+            detail: entry.detail.clone(),
+            result: entry.result.clone(),
+        })
+    }
+
+    async fn list_audit(&self, project: &str, limit: usize) -> Result<Vec<AuditEntry>> {
+        let mut tx = self.read().await?;
+        require_project(&mut *tx, project).await?;
+        let rows = q(
+            "SELECT id, time_ms, user_name, project, stage, component, outpost, action, detail, \
+             result FROM audit_log WHERE project = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(project)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend("listing the audit log"))?;
+        rows.iter()
+            .map(|row| {
+                Ok(AuditEntry {
+                    id: count(row, "id")?,
+                    time: time(row, "time_ms")?,
+                    user: col(row, "user_name")?,
+                    project: col(row, "project")?,
+                    stage: col(row, "stage")?,
+                    component: col(row, "component")?,
+                    outpost: col(row, "outpost")?,
+                    action: col(row, "action")?,
+                    detail: col(row, "detail")?,
+                    result: col(row, "result")?,
                 })
             })
             .collect()

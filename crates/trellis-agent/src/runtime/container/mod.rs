@@ -63,6 +63,7 @@ use crate::state::StageKey;
 mod bridge;
 pub mod diff;
 mod engine;
+pub(crate) mod exec;
 pub mod files;
 mod jobs;
 mod logs;
@@ -1233,6 +1234,25 @@ fn split_reference(reference: &str) -> (&str, &str) {
 
 #[async_trait]
 impl Runtime for ContainerRuntime {
+    async fn exec(
+        &self,
+        stage: &StageKey,
+        component: &ComponentPlan,
+        request: crate::runner::ExecRequest,
+    ) -> Result<crate::runner::ExecProcess, crate::runner::StreamError> {
+        self.exec_in(stage, component, request).await
+    }
+
+    async fn connect(
+        &self,
+        stage: &StageKey,
+        component: &ComponentPlan,
+        replica: Option<u32>,
+        port: u16,
+    ) -> Result<tokio::net::TcpStream, crate::runner::StreamError> {
+        self.connect_to(stage, component, replica, port).await
+    }
+
     fn cannot_hold(&self, component: &ComponentPlan) -> Option<String> {
         spec::gpu_requests(&component.devices, self.engine.gpus)
             .err()

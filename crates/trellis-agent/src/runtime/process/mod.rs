@@ -75,6 +75,7 @@
 //! directory must be passable too.
 
 mod acl;
+mod exec;
 mod layout;
 mod logs;
 mod prepare;
@@ -411,6 +412,25 @@ fn decide(
 
 #[async_trait]
 impl Runtime for ProcessRuntime {
+    async fn exec(
+        &self,
+        stage: &StageKey,
+        component: &ComponentPlan,
+        request: crate::runner::ExecRequest,
+    ) -> Result<crate::runner::ExecProcess, crate::runner::StreamError> {
+        self.exec_in(stage, component, request).await
+    }
+
+    async fn connect(
+        &self,
+        stage: &StageKey,
+        component: &ComponentPlan,
+        replica: Option<u32>,
+        port: u16,
+    ) -> Result<tokio::net::TcpStream, crate::runner::StreamError> {
+        self.connect_to(stage, component, replica, port).await
+    }
+
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Process
     }
