@@ -222,8 +222,9 @@ pub(super) struct ScheduleRecord {
     pub release_ran: Option<u64>,
     /// The restart generation last run at once (`trellis start component
     /// --now`, a restart): a higher one in the plan runs it once more.
+    /// `None` in a record written before generations were run here.
     #[serde(default)]
-    pub restart_ran: u64,
+    pub restart_ran: Option<u64>,
     pub last_run: Option<DateTime<Utc>>,
     pub exit_code: Option<i32>,
     /// `Succeeded` or `Failed` once a run (with its retries) ended.

@@ -28,7 +28,9 @@ use super::logs::{Collector, open_raw};
 use super::prepare;
 use super::sys;
 use crate::runtime::schedule::next_run;
-use crate::runtime::{ComponentObservation, ComponentState, LogStream, RuntimeError};
+use crate::runtime::{
+    ComponentObservation, ComponentPlan, ComponentState, LogStream, RuntimeError,
+};
 
 /// `PATH` of a component that sets none.
 pub(super) const DEFAULT_PATH: &str =
@@ -208,6 +210,23 @@ struct Job {
     record: ScheduleRecord,
 }
 
+/// A scheduled component's record of runs. One that knows no restart
+/// generation yet (a component new to this outpost, or recorded by an
+/// agent from before `start --now`) takes the plan's current one as run,
+/// and says so on disk at once: only a generation that moves while the
+/// component is here — `start --now`, a restart — runs it outside its
+/// schedule, never an upgrade or a first deploy.
+fn schedule_record(dirs: &ComponentDirs, plan: &ComponentPlan) -> ScheduleRecord {
+    let mut record: ScheduleRecord = read_json(&dirs.schedule()).unwrap_or_default();
+    if record.restart_ran.is_none() {
+        record.restart_ran = Some(plan.restart_generation);
+        if let Err(e) = write_json(&dirs.schedule(), &record) {
+            tracing::warn!(component = %plan.name, error = %e, "cannot record a scheduled run");
+        }
+    }
+    record
+}
+
 struct SpawnError {
     permanent: bool,
     message: String,
@@ -256,7 +275,7 @@ impl Supervisor {
             retry_at: None,
             next_run: None,
             backoff: options.restart_initial,
-            record: read_json(&dirs.schedule()).unwrap_or_default(),
+            record: schedule_record(&dirs, plan),
         });
         let replicas = if job.is_some() {
             Vec::new()
@@ -542,8 +561,8 @@ impl Supervisor {
                     // A restart generation not run yet (`start component
                     // --now`): once at once, recorded before it starts so
                     // a restarted agent does not run it again.
-                    Some(_) if generation > job.record.restart_ran => {
-                        job.record.restart_ran = generation;
+                    Some(_) if job.record.restart_ran.is_some_and(|ran| generation > ran) => {
+                        job.record.restart_ran = Some(generation);
                         job.attempt = 0;
                         Some(())
                     }
