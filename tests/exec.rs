@@ -506,7 +506,8 @@ fn exec_and_port_forward_reach_process_components_and_a_flood_holds_up_no_releas
         &["web", "-p", "shop", "-s", "prod", "--", "true"],
         b"",
     );
-    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    // A refusal the user can act on (409 outpost-offline): exit code 1.
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("revoked"),
         "{}",
