@@ -263,7 +263,11 @@ pub const ERRORS: &[(&str, Refusals)] = &[
     ),
     (
         "list_audit",
-        &[(403, &["forbidden"]), (404, &["not-found"])],
+        &[
+            (400, &["invalid-limit"]),
+            (403, &["forbidden"]),
+            (404, &["not-found"]),
+        ],
     ),
     // outposts
     ("list_outposts", &[(403, &["forbidden"])]),
@@ -642,6 +646,10 @@ pub const CODES: &[(&str, &str)] = &[
         "a chunk in the hub's artifact store does not verify",
     ),
     (
+        "invalid-limit",
+        "`limit` is outside the range the operation documents",
+    ),
+    (
         "invalid-request",
         "the request is not one this operation takes (the message says why)",
     ),
@@ -759,8 +767,9 @@ fn links() -> Vec<(&'static str, &'static str, &'static str, Value)> {
         "list_members",
         "list_project_configs",
         "project_status",
-        "push_releases",
     ] {
+        // Not push_releases: it also needs a build, which a new project
+        // does not have, so its 404 would name the build, not the project.
         out.push(("create_project", "201", to, project.clone()));
     }
     for to in [

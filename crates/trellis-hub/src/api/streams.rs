@@ -229,6 +229,7 @@ fn not_upgrade(rejection: axum::extract::ws::rejection::WebSocketUpgradeRejectio
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// At most this many entries, newest first (default and most: 1000).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
@@ -252,10 +253,15 @@ pub async fn list_audit(
     caller
         .require_owner(&state, &project, "read the audit log")
         .await?;
-    let limit = query
-        .limit
-        .unwrap_or(MAX_AUDIT_ENTRIES)
-        .min(MAX_AUDIT_ENTRIES);
+    let limit = query.limit.unwrap_or(MAX_AUDIT_ENTRIES);
+    if !(1..=MAX_AUDIT_ENTRIES).contains(&limit) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-limit",
+            format!("limit {limit} is not between 1 and {MAX_AUDIT_ENTRIES}"),
+            "ask for at most 1000 entries (the newest come first)",
+        ));
+    }
     Ok(Json(state.store().list_audit(&project, limit).await?))
 }
 
