@@ -161,13 +161,16 @@ async fn controls_bump_the_revision_and_reach_the_outpost() {
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["changed"], true);
     assert_eq!(b["desired_revision"], 2);
-    assert_eq!(b["control"], json!({"stopped": true, "restarts": 0}));
+    assert_eq!(
+        b["control"],
+        json!({"stopped": true, "killed": false, "restarts": 0})
+    );
     assert_eq!(b["stage_suspended"], false);
     let (revision, state) = agent.desired().await;
     assert_eq!(revision, 2);
     assert_eq!(
         state["controls"],
-        json!({"web": {"stopped": true, "restarts": 0}})
+        json!({"web": {"stopped": true, "killed": false, "restarts": 0}})
     );
     assert_eq!(state["release"]["number"], 1, "the release stays");
 
@@ -180,12 +183,15 @@ async fn controls_bump_the_revision_and_reach_the_outpost() {
 
     let (_, b) = act(&hub, &admin, "web", "restart").await;
     assert_eq!(b["desired_revision"], 3);
-    assert_eq!(b["control"], json!({"stopped": false, "restarts": 1}));
+    assert_eq!(
+        b["control"],
+        json!({"stopped": false, "killed": false, "restarts": 1})
+    );
     let (revision, state) = agent.desired().await;
     assert_eq!(revision, 3);
     assert_eq!(
         state["controls"]["web"],
-        json!({"stopped": false, "restarts": 1})
+        json!({"stopped": false, "killed": false, "restarts": 1})
     );
 
     // Suspend and resume, by their own endpoints and by PATCH.
@@ -391,7 +397,10 @@ async fn the_listing_shows_desired_and_observed_and_unknown_until_reported() {
         (json!(2), json!(2))
     );
     assert_eq!(web["observed"]["restarts"], 1);
-    assert_eq!(web["desired"], json!({"stopped": false, "restarts": 0}));
+    assert_eq!(
+        web["desired"],
+        json!({"stopped": false, "killed": false, "restarts": 0})
+    );
     let worker = component(&list, "worker");
     assert_eq!(worker["observed"]["exit_code"], 3);
     assert!(
