@@ -629,6 +629,29 @@ async fn fetch_stage<C: Conn + ?Sized>(
     .transpose()
 }
 
+/// The config `name` of a stage, if it exists.
+async fn fetch_config<C: Conn + ?Sized>(
+    c: &mut C,
+    project: &str,
+    stage: &str,
+    name: &str,
+) -> Result<Option<Config>> {
+    q(concat!(
+        "SELECT ",
+        config_columns!(),
+        " FROM configs WHERE project = $1 AND stage = $2 AND name = $3"
+    ))
+    .bind(project)
+    .bind(stage)
+    .bind(name)
+    .fetch_optional(c)
+    .await
+    .map_err(backend("looking up a config"))?
+    .as_ref()
+    .map(config_from)
+    .transpose()
+}
+
 /// The stage, or the right NotFound: for the project if that is what is
 /// missing, else for the stage.
 async fn fetch_project<C: Conn + ?Sized>(c: &mut C, name: &str) -> Result<Project> {
@@ -2078,20 +2101,7 @@ impl<B: Backend> Store for SqlStore<B> {
         const DOING: &str = "updating a config";
         let mut tx = self.write().await?;
         require_stage(&mut *tx, project, stage).await?;
-        let existing = q(concat!(
-            "SELECT ",
-            config_columns!(),
-            " FROM configs WHERE project = $1 AND stage = $2 AND name = $3"
-        ))
-        .bind(project)
-        .bind(stage)
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(backend(DOING))?
-        .as_ref()
-        .map(config_from)
-        .transpose()?;
+        let existing = fetch_config(&mut *tx, project, stage, name).await?;
         let (version, merged) = match existing {
             Some(existing) => {
                 let mut merged = existing.data;
@@ -2140,20 +2150,7 @@ impl<B: Backend> Store for SqlStore<B> {
     ) -> Result<Config> {
         const DOING: &str = "removing keys from a config";
         let mut tx = self.write().await?;
-        let existing = q(concat!(
-            "SELECT ",
-            config_columns!(),
-            " FROM configs WHERE project = $1 AND stage = $2 AND name = $3"
-        ))
-        .bind(project)
-        .bind(stage)
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(backend(DOING))?
-        .as_ref()
-        .map(config_from)
-        .transpose()?;
+        let existing = fetch_config(&mut *tx, project, stage, name).await?;
         let Some(mut config) = existing else {
             require_stage(&mut *tx, project, stage).await?;
             return Err(not_found("config", wording::config(project, stage, name)));
@@ -2181,19 +2178,8 @@ impl<B: Backend> Store for SqlStore<B> {
 
     async fn get_config(&self, project: &str, stage: &str, name: &str) -> Result<Config> {
         let mut tx = self.read().await?;
-        let row = q(concat!(
-            "SELECT ",
-            config_columns!(),
-            " FROM configs WHERE project = $1 AND stage = $2 AND name = $3"
-        ))
-        .bind(project)
-        .bind(stage)
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(backend("looking up a config"))?;
-        match row {
-            Some(row) => config_from(&row),
+        match fetch_config(&mut *tx, project, stage, name).await? {
+            Some(config) => Ok(config),
             None => {
                 require_stage(&mut *tx, project, stage).await?;
                 Err(not_found("config", wording::config(project, stage, name)))
