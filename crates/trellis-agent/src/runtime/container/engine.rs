@@ -174,6 +174,49 @@ impl Engine {
         }
     }
 
+    /// `GET /v<api><path>` of a stream of JSON lines (the engine's events),
+    /// giving each line to `on_line` until the engine ends the stream.
+    pub async fn follow(&self, path: &str, mut on_line: impl FnMut(&[u8])) -> Result<(), String> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", self.socket.display()))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        let connection = AbortOnDrop(tokio::spawn(connection));
+        let request = hyper::Request::get(format!("/v{}{path}", self.api))
+            .header(hyper::header::HOST, "engine")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("the engine answered {}", response.status()));
+        }
+        let mut body = response.into_body();
+        let mut pending = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            let Some(data) = frame.data_ref() else {
+                continue;
+            };
+            pending.extend_from_slice(data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                on_line(&pending[..end]);
+                pending.drain(..=end);
+            }
+            // One event is far smaller than this; a stream that never
+            // ends a line is not one of events.
+            if pending.len() > READ_LIMIT {
+                return Err("the engine sent a line too long to be an event".to_owned());
+            }
+        }
+        drop(connection);
+        Ok(())
+    }
+
     /// Containers carrying every label of `labels` (`key=value`), running
     /// or not.
     pub async fn containers(&self, labels: &[String]) -> Result<Vec<Listed>, RuntimeError> {
@@ -508,6 +551,15 @@ fn server_message(body: &[u8]) -> String {
         .ok()
         .and_then(|v| v["message"].as_str().map(str::to_owned))
         .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_owned())
+}
+
+/// Aborts the connection task it holds when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<Result<(), hyper::Error>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One `GET` over the engine's socket: status and body.

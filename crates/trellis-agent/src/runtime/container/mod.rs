@@ -51,6 +51,7 @@ use trellis_model::manifest::StorageKind;
 use self::bridge::BridgePins;
 use self::diff::{FoundContainer, Wanted};
 use self::engine::{Engine, Inspected, Listed, engine_error, message_of, status_of};
+use self::exits::ExitLog;
 use self::jobs::JobSpec;
 use self::state::{Failure, StageStore};
 use super::artifacts::ArtifactSource;
@@ -64,6 +65,7 @@ mod bridge;
 pub mod diff;
 mod engine;
 pub(crate) mod exec;
+mod exits;
 pub mod files;
 mod jobs;
 mod logs;
@@ -128,6 +130,10 @@ pub struct ContainerRuntime {
     traffic: Option<Arc<dyn Traffic>>,
     /// Stage network bridges whose hardware address must not change.
     bridges: BridgePins,
+    /// The exit codes of containers the engine restarted, and the task
+    /// that follows the engine's events into it.
+    exits: ExitLog,
+    exit_watch: JoinHandle<()>,
 }
 
 /// How long the new replicas of a component replaced beside its old ones
@@ -213,6 +219,7 @@ impl std::fmt::Debug for ContainerRuntime {
 
 impl Drop for ContainerRuntime {
     fn drop(&mut self) {
+        self.exit_watch.abort();
         // Jobs belong to this instance; containers keep running.
         for ctl in self.stages_map().values() {
             ctl.stop_jobs();
@@ -237,8 +244,12 @@ impl ContainerRuntime {
             None => default_host()?,
         };
         let engine = Engine::connect(&host).await?;
+        let exits = ExitLog::default();
+        let exit_watch = tokio::spawn(exits::watch(engine.clone(), exits.clone()));
         Ok(ContainerRuntime {
             engine,
+            exits,
+            exit_watch,
             outpost: outpost.to_owned(),
             root: data_dir.join("container"),
             publish,
@@ -1390,6 +1401,7 @@ impl Runtime for ContainerRuntime {
                 let seen = observe::Seen {
                     stage,
                     publish: &self.publish,
+                    exits: &self.exits,
                     now: Utc::now(),
                 };
                 observe::observe_component(seen, &name, replicas, records.get(&name))

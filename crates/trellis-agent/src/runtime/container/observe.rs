@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 
 use super::PublishPolicy;
 use super::engine::Inspected;
+use super::exits::ExitLog;
 use super::jobs::{exit_code, parse_time};
 use super::naming;
 use super::state::{ComponentRecord, Failure, JobOutcome};
@@ -30,6 +31,8 @@ pub const CRASH_WINDOW: Duration = Duration::from_secs(10);
 pub struct Seen<'a> {
     pub stage: &'a StageKey,
     pub publish: &'a PublishPolicy,
+    /// What the engine's events said of restarted containers' exits.
+    pub exits: &'a ExitLog,
     pub now: DateTime<Utc>,
 }
 
@@ -67,6 +70,7 @@ pub fn observe_component(
     let Seen {
         stage,
         publish,
+        exits,
         now,
     } = seen;
     replicas.sort_by_key(|c| {
@@ -96,11 +100,21 @@ pub fn observe_component(
         .unwrap_or(replicas.len() as u32);
     obs.replicas_running = replicas.iter().filter(|c| c.state.running).count() as u32;
     obs.ids = replicas.iter().map(|c| c.id.clone()).collect();
+    // A container running again after an exit is inspected with code 0
+    // (the engine reset it when it restarted the container); its last code
+    // is the one its `die` event carried, if the agent saw it.
     let last_exit = replicas
         .iter()
-        .filter_map(|c| parse_time(&c.state.finished_at).map(|t| (t, c.state.exit_code)))
+        .filter_map(|c| {
+            let code = if c.state.running {
+                exits.code(&c.id)
+            } else {
+                Some(c.state.exit_code)
+            };
+            parse_time(&c.state.finished_at).map(|t| (t, code))
+        })
         .max_by_key(|(t, _)| *t);
-    obs.exit_code = last_exit.map(|(_, code)| exit_code(code));
+    obs.exit_code = last_exit.and_then(|(_, code)| code).map(exit_code);
     let started = parse_time(&first.state.started_at);
     let stopped = record.is_some_and(|r| r.stopped);
     let failure = record.and_then(|r| r.failure.as_ref());
@@ -278,10 +292,20 @@ mod tests {
         record: Option<&ComponentRecord>,
         publish: &PublishPolicy,
     ) -> ComponentObservation {
+        observe_with(replicas, record, publish, &ExitLog::default())
+    }
+
+    fn observe_with(
+        replicas: Vec<Inspected>,
+        record: Option<&ComponentRecord>,
+        publish: &PublishPolicy,
+        exits: &ExitLog,
+    ) -> ComponentObservation {
         let stage = StageKey::new("p", "s");
         let seen = Seen {
             stage: &stage,
             publish,
+            exits,
             now: now(),
         };
         observe_component(seen, "web", replicas, record)
@@ -341,6 +365,21 @@ mod tests {
             &PublishPolicy::off(),
         );
         assert_eq!(o.state, ComponentState::Running);
+    }
+
+    #[test]
+    fn a_restarted_replica_reports_the_code_it_exited_with_not_the_engines_zero() {
+        // Running again after an exit: the engine says code 0.
+        let restarted = || replica(0, true, 1, 0, Some(1), Some(2));
+        let o = observe(vec![restarted()], None, &PublishPolicy::off());
+        assert_eq!(o.state, ComponentState::CrashLooping);
+        assert_eq!(o.exit_code, None, "an unknown code is not 0");
+        assert!(!o.message.unwrap().contains("code"));
+        let exits = ExitLog::default();
+        exits.take(br#"{"Type":"container","Action":"die","Actor":{"ID":"id0","Attributes":{"exitCode":"3"}}}"#);
+        let o = observe_with(vec![restarted()], None, &PublishPolicy::off(), &exits);
+        assert_eq!(o.exit_code, Some(3));
+        assert!(o.message.unwrap().contains("code 3"));
     }
 
     #[test]
