@@ -805,13 +805,22 @@ async fn an_instance_with_another_ca_or_key_is_refused() {
     assert!(refused.contains("Remove ca.pem and ca.key"), "{refused}");
 
     let other_key = ClusterKey::parse(&hex::encode([7u8; 32])).unwrap();
-    let refused = open_instance(&c.db.url, &c.data.path().join("fresh"), &chunks, &other_key)
+    let fresh = c.data.path().join("fresh");
+    let refused = open_instance(&c.db.url, &fresh, &chunks, &other_key)
         .await
         .err()
         .expect("an instance with another cluster key must not start")
         .to_string();
     assert!(refused.contains("another cluster key"), "{refused}");
     assert!(refused.contains("TRELLIS_CLUSTER_KEY"), "{refused}");
+    // A new instance writes the cluster's CA and secrets once it has them,
+    // never ones of its own first: the refused one left none behind.
+    for file in ["ca.pem", "ca.key", "link.secret", "config.key"] {
+        assert!(
+            !fresh.join(file).exists(),
+            "a refused new instance left {file} of its own"
+        );
+    }
 }
 
 /// The console signed in on one instance works on another (they share the

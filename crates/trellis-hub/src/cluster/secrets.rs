@@ -34,6 +34,8 @@ use anyhow::{Context, bail};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use trellis_store::Store;
 
+use trellis_link::identity::HubCa;
+
 use crate::outposts::LinkSecret;
 use crate::tls::{CA_CERT_FILE, CA_KEY_FILE};
 
@@ -152,38 +154,43 @@ fn wrong_key(data_dir: &Path) -> anyhow::Error {
 }
 
 /// Makes the data directory's CA, link secret and config key those of the
-/// cluster: offers this instance's (creating them if it has none) when the store
-/// has none yet, takes the cluster's when the directory has none, and
-/// refuses to go on when they differ.
+/// cluster: offers this instance's (made in memory if it has none) when the
+/// store has none yet, takes the cluster's when the directory has none, and
+/// refuses to go on when they differ. A file is written only once the
+/// cluster's value is known, so a new instance's directory never holds a CA
+/// or secret of its own, not even for a moment, that the cluster does not share.
 pub async fn share(store: &dyn Store, data_dir: &Path, key: &ClusterKey) -> anyhow::Result<()> {
     let cert_path = data_dir.join(CA_CERT_FILE);
     let key_path = data_dir.join(CA_KEY_FILE);
-    let secret_path = data_dir.join(crate::LINK_SECRET_FILE);
-    // What this directory offers: its own CA and link secret if it has
-    // them, else new ones (replaced by the cluster's below if there are
-    // any already).
-    let had_ca = cert_path.exists();
-    let had_secret = secret_path.exists();
-    crate::tls::load_or_create_ca(data_dir)?;
-    let own_ca = SharedCa {
-        cert_pem: std::fs::read_to_string(&cert_path)?,
-        key_pem: std::fs::read_to_string(&key_path)?,
+    let own_ca = if cert_path.exists() {
+        // Read through the hub's own loader, which says what is wrong with
+        // a damaged pair.
+        crate::tls::load_or_create_ca(data_dir)?;
+        Some(SharedCa {
+            cert_pem: std::fs::read_to_string(&cert_path)?,
+            key_pem: std::fs::read_to_string(&key_path)?,
+        })
+    } else {
+        None
     };
-    LinkSecret::load_or_create(&secret_path)?;
-    let own_secret = std::fs::read_to_string(&secret_path)?.trim().to_owned();
-
-    let offer = key.seal("ca", serde_json::to_string(&own_ca)?.as_bytes());
-    let stored = store
-        .cluster_secret("ca", &offer)
-        .await
-        .context("sharing the hub's CA with the other instances")?;
+    let offer = match &own_ca {
+        Some(ca) => serde_json::to_string(ca)?,
+        None => {
+            trellis_link::identity::install_crypto_provider();
+            let ca = HubCa::generate("Trellis hub CA").context("creating the hub's CA")?;
+            serde_json::to_string(&SharedCa {
+                cert_pem: ca.cert_pem().to_owned(),
+                key_pem: ca.key_pem(),
+            })?
+        }
+    };
     let cluster_ca: SharedCa =
-        serde_json::from_slice(&key.open("ca", &stored).ok_or_else(|| wrong_key(data_dir))?)
+        serde_json::from_slice(&agree(store, key, data_dir, "ca", offer).await?)
             .context("the cluster's CA record is damaged")?;
-    if cluster_ca.cert_pem.trim() != own_ca.cert_pem.trim() {
-        if had_ca {
+    match own_ca {
+        Some(own) if own.cert_pem.trim() != cluster_ca.cert_pem.trim() => {
             let fingerprint = |pem: &str| {
-                trellis_link::identity::HubCa::from_pem(pem, &cluster_ca.key_pem)
+                HubCa::from_pem(pem, &cluster_ca.key_pem)
                     .map(|ca| ca.fingerprint().to_string())
                     .unwrap_or_else(|_| "unreadable".into())
             };
@@ -191,67 +198,95 @@ pub async fn share(store: &dyn Store, data_dir: &Path, key: &ClusterKey) -> anyh
                 "this instance's CA ({} in {}) is not the CA of the hubs sharing this database \
                  ({}): agents trust only one. Remove {CA_CERT_FILE} and {CA_KEY_FILE} from {} so \
                  this instance takes the cluster's, or point --store at this hub's own database",
-                own_fingerprint(&own_ca).unwrap_or_else(|| "unreadable".into()),
+                own_fingerprint(&own).unwrap_or_else(|| "unreadable".into()),
                 data_dir.display(),
                 fingerprint(&cluster_ca.cert_pem),
                 data_dir.display()
             );
         }
-        crate::tls::write_file(&key_path, &cluster_ca.key_pem, 0o600)?;
-        crate::tls::write_file(&cert_path, &cluster_ca.cert_pem, 0o644)?;
-    }
-
-    let offer = key.seal("link-secret", own_secret.as_bytes());
-    let stored = store
-        .cluster_secret("link-secret", &offer)
-        .await
-        .context("sharing the hub's link secret with the other instances")?;
-    let cluster_secret = String::from_utf8(
-        key.open("link-secret", &stored)
-            .ok_or_else(|| wrong_key(data_dir))?,
-    )
-    .context("the cluster's link secret record is damaged")?;
-    if cluster_secret != own_secret {
-        if had_secret {
-            bail!(
-                "this instance's link secret ({}) is not the one of the hubs sharing this \
-                 database: Outpost URIs and console sessions would not work across instances. \
-                 Remove it so this instance takes the cluster's, or point --store at this hub's \
-                 own database",
-                secret_path.display()
-            );
+        Some(_) => {}
+        None => {
+            // Key first: a CA certificate without its key would be unusable.
+            crate::tls::write_file(&key_path, &cluster_ca.key_pem, 0o600)?;
+            crate::tls::write_file(&cert_path, &cluster_ca.cert_pem, 0o644)?;
         }
-        crate::tls::write_file(&secret_path, &cluster_secret, 0o600)?;
     }
 
+    let secret_path = data_dir.join(crate::LINK_SECRET_FILE);
+    share_key(store, key, data_dir, "link-secret", &secret_path, |path| {
+        LinkSecret::load_or_create(path).map(drop)
+    })
+    .await?;
     let config_path = data_dir.join(crate::sealed::CONFIG_KEY_FILE);
-    let had_config = config_path.exists();
-    trellis_agent::seal::SealKey::load_or_create(&config_path)
-        .with_context(|| format!("reading the config key {}", config_path.display()))?;
-    let own_config = std::fs::read_to_string(&config_path)?.trim().to_owned();
-    let offer = key.seal("config-key", own_config.as_bytes());
+    share_key(store, key, data_dir, "config-key", &config_path, |path| {
+        trellis_agent::seal::SealKey::load_or_create(path)
+            .map(drop)
+            .with_context(|| format!("reading the config key {}", path.display()))
+    })
+    .await
+}
+
+/// Offers `offer` as the cluster's secret `name` and returns the cluster's
+/// (the offer, if it was the first).
+async fn agree(
+    store: &dyn Store,
+    key: &ClusterKey,
+    data_dir: &Path,
+    name: &str,
+    offer: String,
+) -> anyhow::Result<Vec<u8>> {
     let stored = store
-        .cluster_secret("config-key", &offer)
+        .cluster_secret(name, &key.seal(name, offer.as_bytes()))
         .await
-        .context("sharing the hub's config key with the other instances")?;
-    let cluster_config = String::from_utf8(
-        key.open("config-key", &stored)
-            .ok_or_else(|| wrong_key(data_dir))?,
-    )
-    .context("the cluster's config key record is damaged")?;
-    if cluster_config != own_config {
-        if had_config {
-            bail!(
-                "this instance's config key ({}) is not the one of the hubs sharing this \
-                 database: it could not open the config values the others sealed. Remove it \
-                 so this instance takes the cluster's, or point --store at this hub's own \
-                 database",
-                config_path.display()
-            );
-        }
-        crate::tls::write_file(&config_path, &format!("{cluster_config}\n"), 0o600)?;
+        .with_context(|| {
+            let what = if name == "ca" {
+                "CA"
+            } else {
+                &name.replace('-', " ")
+            };
+            format!("sharing the hub's {what} with the other instances")
+        })?;
+    key.open(name, &stored).ok_or_else(|| wrong_key(data_dir))
+}
+
+/// Shares a 256-bit key kept in hexadecimal at `path` (the link secret, the
+/// config key): this directory's, read with `check` so a damaged file is
+/// named, or 256 new random bits; written only once the cluster's is known.
+async fn share_key(
+    store: &dyn Store,
+    key: &ClusterKey,
+    data_dir: &Path,
+    name: &str,
+    path: &Path,
+    check: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let own = if path.exists() {
+        check(path)?;
+        Some(std::fs::read_to_string(path)?.trim().to_owned())
+    } else {
+        None
+    };
+    let offer = own
+        .clone()
+        .unwrap_or_else(|| hex::encode(rand::random::<[u8; 32]>()));
+    // "link-secret" → "link secret", for messages.
+    let what = name.replace('-', " ");
+    let cluster = String::from_utf8(agree(store, key, data_dir, name, offer).await?)
+        .with_context(|| format!("the cluster's {what} record is damaged"))?;
+    match own {
+        Some(own) if own != cluster.trim() => bail!(
+            "this instance's {what} ({}) is not the one of the hubs sharing this database: {}. \
+             Remove it so this instance takes the cluster's, or point --store at this hub's own \
+             database",
+            path.display(),
+            match name {
+                "config-key" => "it could not open the config values the others sealed",
+                _ => "Outpost URIs and console sessions would not work across instances",
+            }
+        ),
+        Some(_) => Ok(()),
+        None => crate::tls::write_file(path, &format!("{}\n", cluster.trim()), 0o600),
     }
-    Ok(())
 }
 
 fn own_fingerprint(ca: &SharedCa) -> Option<String> {
