@@ -561,6 +561,20 @@ pub enum CreateCommand {
         #[arg(long, default_value = "")]
         description: String,
     },
+    /// Back up a stage's storage (its components' volumes); the outpost
+    /// does it now, or when it is linked again
+    #[command(alias = "backups")]
+    Backup {
+        #[arg(short, long)]
+        project: String,
+        #[arg(short, long)]
+        stage: String,
+        #[arg(long)]
+        display_name: Option<String>,
+        /// Wait until the backup completed or failed
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -715,6 +729,9 @@ pub enum Kind {
     /// PROJECT -s STAGE [-c CONFIG] [--with-values]`)
     ConfigData,
     Audit,
+    /// A backup of a stage's storage (`list backup -p PROJECT -s STAGE`)
+    #[value(alias = "backups")]
+    Backup,
 }
 
 #[derive(Debug, Args)]
@@ -778,7 +795,7 @@ pub struct DeleteArgs {
     pub purge: bool,
 }
 
-/// `trellis restore project|stage`.
+/// `trellis restore project|stage|backup`.
 #[derive(Debug, Subcommand)]
 pub enum RestoreCommand {
     /// Bring an archived project back, with the stages archived with it
@@ -791,6 +808,20 @@ pub enum RestoreCommand {
         name: String,
         #[arg(short, long)]
         project: String,
+    },
+    /// Restore a backup into its stage's volumes (the stage must be
+    /// suspended: `trellis suspend stage`)
+    #[command(alias = "backups")]
+    Backup {
+        /// The backup's id (`trellis list backup` shows them)
+        id: u64,
+        #[arg(short, long)]
+        project: String,
+        #[arg(short, long)]
+        stage: String,
+        /// Return at once instead of waiting until the restore ends
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 

@@ -1,5 +1,6 @@
 //! One module per group of commands; `run` dispatches.
 
+mod backups;
 mod build;
 mod dev;
 mod hub;

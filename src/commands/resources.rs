@@ -45,6 +45,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Component => "component",
         Kind::Audit => "audit",
         Kind::ConfigData => "config-data",
+        Kind::Backup => "backup",
     }
 }
 
@@ -250,6 +251,14 @@ fn parse_pairs(items: &[String], what: &str) -> anyhow::Result<BTreeMap<String, 
 
 pub async fn create(client: &HubClient, command: CreateCommand) -> anyhow::Result<()> {
     match command {
+        CreateCommand::Backup {
+            project,
+            stage,
+            display_name,
+            wait,
+        } => {
+            super::backups::create(client, &project, &stage, display_name, wait).await?;
+        }
         CreateCommand::Project {
             name,
             description,
@@ -641,6 +650,11 @@ pub async fn remove(client: &HubClient, command: RemoveCommand) -> anyhow::Resul
 pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> anyhow::Result<()> {
     let kind = args.kind;
     match kind {
+        Kind::Backup => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let stage = need(&args.stage, "-s STAGE", kind)?;
+            super::backups::list(client, project, stage, format).await
+        }
         Kind::Project if args.archived => {
             let items: Vec<Project> = client
                 .get("/projects?archived=true", "listing archived projects")
@@ -953,6 +967,11 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
     let kind = args.kind;
     let name = &args.name;
     match kind {
+        Kind::Backup => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let stage = need(&args.stage, "-s STAGE", kind)?;
+            super::backups::show(client, project, stage, name, format).await
+        }
         Kind::Project => {
             let p: Project = client
                 .get(&format!("/projects/{}", seg(name)), "getting the project")
@@ -1197,6 +1216,11 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
         ""
     };
     let path = match kind {
+        Kind::Backup => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            let stage = need(&args.stage, "-s STAGE", kind)?;
+            return super::backups::delete(client, project, stage, name).await;
+        }
         Kind::Project => format!("/projects/{}{purge}", seg(name)),
         Kind::Stage => format!(
             "/projects/{}/stages/{}{purge}",
@@ -1264,9 +1288,17 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// `trellis restore project|stage`.
+/// `trellis restore project|stage|backup`.
 pub async fn restore(client: &HubClient, command: RestoreCommand) -> anyhow::Result<()> {
     match command {
+        RestoreCommand::Backup {
+            id,
+            project,
+            stage,
+            no_wait,
+        } => {
+            super::backups::restore(client, &project, &stage, id, !no_wait).await?;
+        }
         RestoreCommand::Project { name } => {
             let p: Project = client
                 .post(

@@ -33,6 +33,9 @@
 //!   certificate over HTTPS.
 //! - `https`, `cert`, `host`: the hub URL and the two HTTPS calls, reading
 //!   the agent's own certificate, probing the host's capacity.
+//! - [`backup`]: backups of stages' volumes and their restore (jobs the
+//!   hub sends over the link; content over HTTPS), and the restore journal
+//!   a restart finishes.
 //! - [`shutdown`]: the stop signal every task waits on.
 //! - `cli` (feature `cli`, on by default): the command line shared by the
 //!   standalone `trellis-agent` binary and `trellis agent …`.
@@ -44,6 +47,7 @@ use std::sync::Arc;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
+pub mod backup;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod delivery;
@@ -150,6 +154,9 @@ pub struct RuntimeSettings {
     /// The devices the outpost offers its components (`--device`,
     /// `--gpu`); default: none.
     pub devices: devices::DeviceOffers,
+    /// Where backups go and restores come from; default: the hub, over
+    /// HTTPS with the agent's certificate ([`backup::HttpBackupHub`]).
+    pub backups: Option<Arc<dyn backup::BackupHub>>,
 }
 
 /// Where and how the outpost's entry point listens.
@@ -186,6 +193,7 @@ impl std::fmt::Debug for RuntimeSettings {
             .field("outpost", &self.outpost)
             .field("ingress", &self.ingress)
             .field("devices", &self.devices)
+            .field("backups", &self.backups.is_some())
             .finish()
     }
 }
@@ -202,6 +210,7 @@ impl Default for RuntimeSettings {
             outpost: None,
             ingress: None,
             devices: devices::DeviceOffers::default(),
+            backups: None,
         }
     }
 }
@@ -309,6 +318,24 @@ pub async fn run(
         options.error_log_capacity,
     ));
     let (trigger, signal) = Shutdown::channel();
+    // Backups need the production runtimes' volumes; a restore the agent
+    // was stopped in is finished before they start.
+    let backups = match (&options.runtime, &settings.backups) {
+        (Some(_), _) => None,
+        (None, hub) => {
+            let hub = hub
+                .clone()
+                .unwrap_or_else(|| Arc::new(backup::HttpBackupHub::new(state.clone())));
+            let backups = Arc::new(backup::Backups::new(hub, data_dir));
+            let recovering = backups.clone();
+            tokio::task::spawn_blocking(move || recovering.recover())
+                .await
+                .map_err(|e| AgentError::Internal {
+                    what: format!("finish an interrupted restore ({e})"),
+                })?;
+            Some(backups)
+        }
+    };
     let runtime: Arc<dyn StageRunner> = match options.runtime {
         Some(runtime) => runtime,
         None => {
@@ -361,6 +388,7 @@ pub async fn run(
         runtime,
         data_dir: data_dir.to_path_buf(),
         arch,
+        backups,
     };
     let rng = match options.rng_seed {
         Some(seed) => StdRng::seed_from_u64(seed),

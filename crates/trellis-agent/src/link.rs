@@ -221,6 +221,9 @@ pub struct LinkContext {
     /// The architecture `hello` reports (`amd64`, `arm64`, …): the one the
     /// runner picks images for.
     pub arch: String,
+    /// Runs backup and restore jobs; `None`: this agent makes no backups
+    /// (its runner has no volumes), and `hello` does not offer them.
+    pub backups: Option<Arc<crate::backup::Backups>>,
 }
 
 impl std::fmt::Debug for LinkContext {
@@ -664,6 +667,23 @@ impl Session<'_> {
                     }
                 }
             }
+            Message::BackupJob {
+                id,
+                project,
+                stage,
+                op,
+            } => {
+                match &self.ctx.backups {
+                    Some(backups) => {
+                        tracing::info!(id, %project, %stage, ?op, "the hub asked for a backup job");
+                        backups.start(id, project, stage, op);
+                    }
+                    None => {
+                        tracing::warn!(id, "the hub asked for a backup job; this agent makes none");
+                    }
+                }
+                Next::Continue
+            }
             msg @ (Message::StreamData { .. }
             | Message::StreamCredit { .. }
             | Message::StreamEof { .. }
@@ -981,6 +1001,13 @@ async fn hello(ctx: &LinkContext) -> Result<Message, AgentError> {
         outbox_from: outbox
             .oldest_seq
             .unwrap_or_else(|| outbox.last_seq.saturating_add(1)),
-        features: vec![trellis_link::protocol::FEATURE_STREAMS.into()],
+        features: std::iter::once(trellis_link::protocol::FEATURE_STREAMS)
+            .chain(
+                ctx.backups
+                    .as_ref()
+                    .map(|_| trellis_link::protocol::FEATURE_BACKUPS),
+            )
+            .map(str::to_owned)
+            .collect(),
     })
 }

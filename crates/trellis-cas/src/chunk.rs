@@ -44,7 +44,7 @@ pub const MAX_CHUNK_BYTES: u64 = 64 * 1024 * 1024;
 
 /// zstd level for chunks: zstd's default, fast to compress on a build
 /// machine, and decompression speed does not depend on it.
-const ZSTD_LEVEL: i32 = 3;
+pub(crate) const ZSTD_LEVEL: i32 = 3;
 
 /// Whether every stored chunk is synced to disk before it becomes visible.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,6 +20,10 @@ pub enum CasError {
     )]
     InvalidDigest { input: String, reason: String },
 
+    /// A backup manifest that is not one, or that a restore must not follow.
+    #[error("not a usable backup manifest: {reason}")]
+    BadBackupManifest { reason: String },
+
     /// A filesystem operation failed. `action` says what was being done.
     #[error("cannot {action} {}: {source}", path.display())]
     Io {

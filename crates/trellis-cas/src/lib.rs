@@ -39,13 +39,17 @@
 //! - `digest.rs`: [`Digest`].
 //! - `error.rs`: [`CasError`], the crate's only error type.
 //! - `chunk.rs`: [`ChunkStore`] and the chunk size bounds.
+//! - `backup.rs`: [`BackupManifest`], what a backup of a stage's volumes lists.
+//! - `cut.rs`: [`cut_chunks`], chunking a stream without storing it (backups).
 //! - `artifact.rs`: [`ArtifactIndex`], chunking and reading artifacts.
 //! - `package/`: packing (`pack.rs`), unpacking (`unpack.rs`) and the path
 //!   rules both sides enforce (`rules.rs`).
 //! - `fsutil.rs`: directory syncing and copying helpers.
 
 mod artifact;
+mod backup;
 mod chunk;
+mod cut;
 mod digest;
 mod error;
 mod fsutil;
@@ -54,10 +58,12 @@ mod package;
 pub use artifact::{
     ArtifactIndex, ArtifactKind, ArtifactReader, ChunkRef, INDEX_FORMAT, PutArtifact,
 };
+pub use backup::{BACKUP_FORMAT, BackupEntry, BackupManifest, BackupVolume, EntryKind};
 pub use chunk::{
     CHUNK_AVG, CHUNK_MAX, CHUNK_MIN, ChunkInfo, ChunkStore, Durability, MAX_CHUNK_BYTES,
     StoredChunk, decompress, verify_stored,
 };
+pub use cut::{ARTIFACT_CHUNKS, BACKUP_CHUNKS, ChunkSizes, compress, cut_chunks};
 pub use digest::Digest;
 pub use error::{CasError, Result};
 pub use fsutil::is_disk_full;

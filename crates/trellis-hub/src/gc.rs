@@ -10,6 +10,12 @@
 //! (`POST /chunks/missing`), so neither is freed under a push that is
 //! still running.
 //!
+//! Backups count like builds: each completed backup's manifest and every
+//! chunk it lists are kept until the backup is deleted. A backup in
+//! progress uploads chunks before its manifest exists; like a push, it is
+//! protected by the grace period (and by asking which chunks the hub
+//! lacks, which marks those it has as wanted).
+//!
 //! The hub collects once an hour in the background (one instance at a
 //! time where several share the store: [`run`]); administrators can run a
 //! collection at once with `POST /api/v1/admin/collect-garbage`.
@@ -36,7 +42,7 @@ pub const INTERVAL: Duration = Duration::from_secs(3600);
 /// What a collection did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CollectReport {
-    /// Chunks kept because a build references them.
+    /// Chunks kept because a build or a backup references them.
     pub referenced: u64,
     /// Unreferenced chunks kept because they are younger than the grace
     /// period.
@@ -83,6 +89,21 @@ pub async fn collect(state: &AppState, grace: Duration) -> ApiResult<CollectRepo
             Err(e) => {
                 return Err(ApiError::internal(format!(
                     "artifact index {index} cannot be read ({e}); nothing was collected"
+                )));
+            }
+        }
+    }
+    for manifest in state.store().backup_manifests().await? {
+        let Ok(digest) = manifest.parse::<Digest>() else {
+            continue;
+        };
+        live.insert(digest);
+        match crate::backups::read_manifest(state, &digest).await {
+            Ok(manifest) => live.extend(manifest.chunks()),
+            Err(crate::chunks::ChunkError::NotFound { .. }) => {}
+            Err(e) => {
+                return Err(ApiError::internal(format!(
+                    "backup manifest {digest} cannot be read ({e}); nothing was collected"
                 )));
             }
         }

@@ -12,6 +12,8 @@
 //!   OpenAPI document.
 //! - `archive.rs`: purging archived projects and stages past retention.
 //! - `auth.rs`: access keys and the [`auth::Caller`] extractor.
+//! - `backups.rs`: backups of stages' storage — the outpost's side of the
+//!   work, and what garbage collection keeps of them.
 //! - `chunks/`: the artifact store, on a directory or on S3.
 //! - `cluster/`: several hub instances on one store — change feed,
 //!   link claims and fencing, liveness, forwarding, shared secrets.
@@ -31,6 +33,7 @@
 pub mod api;
 pub mod archive;
 pub mod auth;
+pub mod backups;
 pub mod chunks;
 pub mod cluster;
 pub mod console;

@@ -150,6 +150,9 @@ pub async fn run(
         }
     });
     runtime.outpost = Some(LOCAL_OUTPOST.to_owned());
+    runtime.backups = Some(Arc::new(LocalBackups {
+        state: state.clone(),
+    }));
     let options = trellis_agent::AgentOptions {
         connector: Some(Arc::new(LocalConnector { state })),
         runtime_settings: runtime,
@@ -157,5 +160,104 @@ pub async fn run(
     };
     if let Err(e) = trellis_agent::run(&dir, options, shutdown.cancelled_owned()).await {
         tracing::error!(error = %e, "the local outpost's agent stopped");
+    }
+}
+
+/// Backups of the local outpost's stages: the hub's own functions, called
+/// directly (the agent is part of the hub).
+struct LocalBackups {
+    state: AppState,
+}
+
+fn backup_ref(job: &trellis_agent::backup::JobRef) -> crate::backups::BackupRef {
+    crate::backups::BackupRef {
+        project: job.project.clone(),
+        stage: job.stage.clone(),
+        id: job.id,
+    }
+}
+
+fn said(e: crate::error::ApiError) -> String {
+    format!("the hub refused it ({}): {}", e.code, e.message)
+}
+
+#[async_trait]
+impl trellis_agent::backup::BackupHub for LocalBackups {
+    async fn report(
+        &self,
+        job: &trellis_agent::backup::JobRef,
+        report: &trellis_agent::backup::JobReport,
+    ) -> Result<(), String> {
+        let state = report
+            .state
+            .parse()
+            .map_err(|e: String| format!("a report with a bad state: {e}"))?;
+        let report = crate::backups::AgentReport {
+            op: match report.op {
+                trellis_link::protocol::BackupOp::Backup => "backup".into(),
+                trellis_link::protocol::BackupOp::Restore => "restore".into(),
+            },
+            state,
+            message: report.message.clone(),
+            size: report.size,
+        };
+        crate::backups::report(&self.state, LOCAL_OUTPOST, &backup_ref(job), &report)
+            .await
+            .map(|_| ())
+            .map_err(said)
+    }
+
+    async fn missing(
+        &self,
+        job: &trellis_agent::backup::JobRef,
+        digests: &[Digest],
+    ) -> Result<Vec<Digest>, String> {
+        crate::backups::missing(
+            &self.state,
+            LOCAL_OUTPOST,
+            &backup_ref(job),
+            digests.to_vec(),
+        )
+        .await
+        .map_err(said)
+    }
+
+    async fn put_chunk(
+        &self,
+        job: &trellis_agent::backup::JobRef,
+        digest: &Digest,
+        stored: bytes::Bytes,
+    ) -> Result<(), String> {
+        crate::backups::put_chunk(&self.state, LOCAL_OUTPOST, &backup_ref(job), digest, stored)
+            .await
+            .map(|_| ())
+            .map_err(said)
+    }
+
+    async fn complete(
+        &self,
+        job: &trellis_agent::backup::JobRef,
+        manifest: bytes::Bytes,
+    ) -> Result<(), String> {
+        crate::backups::complete(&self.state, LOCAL_OUTPOST, &backup_ref(job), &manifest)
+            .await
+            .map(|_| ())
+            .map_err(said)
+    }
+
+    async fn manifest(&self, job: &trellis_agent::backup::JobRef) -> Result<bytes::Bytes, String> {
+        crate::backups::manifest(&self.state, LOCAL_OUTPOST, &backup_ref(job))
+            .await
+            .map_err(said)
+    }
+
+    async fn chunk(
+        &self,
+        job: &trellis_agent::backup::JobRef,
+        digest: &Digest,
+    ) -> Result<bytes::Bytes, String> {
+        crate::backups::chunk(&self.state, LOCAL_OUTPOST, &backup_ref(job), digest)
+            .await
+            .map_err(said)
     }
 }

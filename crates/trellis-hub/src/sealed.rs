@@ -338,6 +338,42 @@ impl Store for SealedStore {
     ) -> Result<trellis_model::AuditEntry> {
         self.inner.record_audit(entry).await
     }
+    async fn create_backup(
+        &self,
+        backup: &trellis_model::NewBackup,
+    ) -> Result<trellis_model::Backup> {
+        self.inner.create_backup(backup).await
+    }
+
+    async fn get_backup(
+        &self,
+        project: &str,
+        stage: &str,
+        id: u64,
+    ) -> Result<trellis_model::Backup> {
+        self.inner.get_backup(project, stage, id).await
+    }
+
+    async fn list_backups(&self, project: &str, stage: &str) -> Result<Vec<trellis_model::Backup>> {
+        self.inner.list_backups(project, stage).await
+    }
+
+    async fn save_backup(&self, backup: &trellis_model::Backup) -> Result<()> {
+        self.inner.save_backup(backup).await
+    }
+
+    async fn delete_backup(&self, project: &str, stage: &str, id: u64) -> Result<()> {
+        self.inner.delete_backup(project, stage, id).await
+    }
+
+    async fn outpost_backup_work(&self, outpost: &str) -> Result<Vec<trellis_model::Backup>> {
+        self.inner.outpost_backup_work(outpost).await
+    }
+
+    async fn backup_manifests(&self) -> Result<Vec<String>> {
+        self.inner.backup_manifests().await
+    }
+
     async fn list_audit(
         &self,
         project: &str,

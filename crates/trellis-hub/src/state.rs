@@ -26,6 +26,8 @@ struct Inner {
     links: Links,
     cluster: Cluster,
     artifact_access: ArtifactAccess,
+    /// Backups in progress: uploads not yet recorded, manifests' chunks.
+    backups: crate::backups::BackupTracker,
     /// `(host, port)` under which users and agents reach this hub; it goes
     /// into Outpost URIs. Set once, before the first request is served.
     public_address: OnceLock<(String, u16)>,
@@ -52,6 +54,7 @@ impl AppState {
             links,
             cluster,
             artifact_access: ArtifactAccess::default(),
+            backups: crate::backups::BackupTracker::default(),
             public_address: OnceLock::new(),
             shutdown: CancellationToken::new(),
         }))
@@ -98,6 +101,11 @@ impl AppState {
     /// Which artifacts each outpost's agent may fetch.
     pub fn artifact_access(&self) -> &ArtifactAccess {
         &self.0.artifact_access
+    }
+
+    /// Backups in progress (see [`crate::backups`]).
+    pub fn backups(&self) -> &crate::backups::BackupTracker {
+        &self.0.backups
     }
 
     pub fn links(&self) -> &Links {

@@ -717,6 +717,196 @@ async fn the_hub_collects_chunks_no_build_references_after_the_grace_period(hub:
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 }
 
+/// A backup made through the agent's endpoints (the agent's own client,
+/// mutual TLS): the hub stores only what it lacks, completes the backup
+/// only with every chunk stored, answers no other outpost, and keeps the
+/// backup's chunks through garbage collection until it is deleted.
+async fn backups_go_through_the_agent_endpoints_and_count_for_garbage_collection(hub: TlsHub) {
+    use trellis_agent::backup::{BackupHub, HttpBackupHub, JobRef, JobReport};
+    use trellis_cas::{BACKUP_FORMAT, BackupEntry, BackupManifest, BackupVolume, EntryKind};
+    let agent = hub.joined_agent("edge-1").await;
+    let other = hub.joined_agent("edge-2").await;
+    hub.release_on("edge-1", "plant", &package(64 << 10)).await;
+
+    // Asked for while the outpost is not linked: pending, and says why.
+    let (s, b) = hub
+        .api(
+            reqwest::Method::POST,
+            "/projects/plant/stages/line/backups",
+            Some(json!({"display_name": "before the upgrade"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(b["state"], "pending", "{b}");
+    assert!(
+        b["message"]
+            .as_str()
+            .unwrap()
+            .contains("waits for outpost \"edge-1\""),
+        "{b}"
+    );
+    let id = b["id"].as_u64().unwrap();
+    let (s, b) = hub
+        .api(
+            reqwest::Method::POST,
+            "/projects/plant/stages/line/backups",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    assert_eq!(b["error"]["code"], "backup-in-progress", "{b}");
+
+    let job = JobRef {
+        id,
+        project: "plant".into(),
+        stage: "line".into(),
+    };
+    let client = HttpBackupHub::new(agent.clone());
+    let data = [noise("backup-a", 200_000), noise("backup-b", 90_000)];
+    let mut digests = Vec::new();
+    let mut stored_bytes = 0u64;
+    let mut entries = Vec::new();
+    for (i, content) in data.iter().enumerate() {
+        let mut chunks = Vec::new();
+        trellis_cas::cut_chunks::<std::io::Error>(
+            &content[..],
+            trellis_cas::BACKUP_CHUNKS,
+            |d, _| {
+                chunks.push(d);
+                Ok(())
+            },
+        )
+        .unwrap();
+        digests.extend(chunks.iter().copied());
+        entries.push(BackupEntry {
+            path: format!("file-{i}"),
+            kind: EntryKind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: content.len() as u64,
+            chunks,
+            target: None,
+        });
+    }
+    let manifest = BackupManifest {
+        format: BACKUP_FORMAT.into(),
+        volumes: vec![BackupVolume {
+            name: "sensor/data".into(),
+            entries,
+        }],
+    };
+    // Nothing uploaded yet: the manifest is refused.
+    let err = client
+        .complete(&job, manifest.to_bytes().into())
+        .await
+        .unwrap_err();
+    assert!(err.contains("chunks-missing"), "{err}");
+    assert_eq!(client.missing(&job, &digests).await.unwrap(), digests);
+    let all: Vec<u8> = data.concat();
+    let mut offset = 0usize;
+    let mut pieces = Vec::new();
+    for content in &data {
+        trellis_cas::cut_chunks::<std::io::Error>(
+            &content[..],
+            trellis_cas::BACKUP_CHUNKS,
+            |d, chunk| {
+                pieces.push((d, chunk));
+                Ok(())
+            },
+        )
+        .unwrap();
+        offset += content.len();
+    }
+    assert_eq!(offset, all.len());
+    // A chunk that does not verify is refused.
+    let d0 = &pieces[0].0;
+    let wrong = trellis_cas::compress(&pieces[1].1).unwrap();
+    let err = client.put_chunk(&job, d0, wrong.into()).await.unwrap_err();
+    assert!(err.contains("chunk-invalid"), "{err}");
+    assert!(!hub.stores(d0).await);
+    for (d, chunk) in &pieces {
+        let stored = trellis_cas::compress(chunk).unwrap();
+        stored_bytes += stored.len() as u64;
+        client.put_chunk(&job, d, stored.into()).await.unwrap();
+    }
+    assert!(client.missing(&job, &digests).await.unwrap().is_empty());
+
+    // Another outpost's agent reaches none of it.
+    let foreign = HttpBackupHub::new(other.clone());
+    let report = JobReport {
+        op: trellis_link::protocol::BackupOp::Backup,
+        state: "running".into(),
+        message: String::new(),
+        size: 0,
+    };
+    let err = foreign.report(&job, &report).await.unwrap_err();
+    assert!(err.contains("backup-not-found"), "{err}");
+    let err = foreign.missing(&job, &digests).await.unwrap_err();
+    assert!(err.contains("backup-not-found"), "{err}");
+
+    client.report(&job, &report).await.unwrap();
+    client
+        .complete(&job, manifest.to_bytes().into())
+        .await
+        .unwrap();
+    let (s, b) = hub
+        .api(
+            reqwest::Method::GET,
+            &format!("/projects/plant/stages/line/backups/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["state"], "completed", "{b}");
+    assert_eq!(b["size"], all.len() as u64, "{b}");
+    assert_eq!(b["uploaded"], stored_bytes, "{b}");
+    assert_eq!(b["volumes"], json!(["sensor/data"]), "{b}");
+    let manifest_digest: Digest = b["manifest"].as_str().unwrap().parse().unwrap();
+
+    // A restore reads them back through the same endpoints; another
+    // outpost cannot.
+    let back = BackupManifest::parse(&client.manifest(&job).await.unwrap()).unwrap();
+    assert_eq!(back, manifest);
+    let stored = client.chunk(&job, &digests[0]).await.unwrap();
+    assert_eq!(
+        trellis_cas::verify_stored(&digests[0], &stored).unwrap(),
+        pieces[0].1.len() as u64
+    );
+    assert!(foreign.chunk(&job, &digests[0]).await.is_err());
+
+    // Garbage collection keeps a backup's chunks and manifest…
+    let collect = |grace: u64| {
+        hub.api(
+            reqwest::Method::POST,
+            "/admin/collect-garbage",
+            Some(json!({ "grace_secs": grace })),
+        )
+    };
+    let (s, report) = collect(0).await;
+    assert_eq!(s, StatusCode::OK, "{report}");
+    for d in digests.iter().chain([&manifest_digest]) {
+        assert!(hub.stores(d).await, "{d} was collected");
+    }
+    // …until the backup is deleted.
+    let (s, b) = hub
+        .api(
+            reqwest::Method::DELETE,
+            &format!("/projects/plant/stages/line/backups/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    let (_, report) = collect(0).await;
+    assert!(
+        report["freed"].as_u64().unwrap() as usize >= digests.len(),
+        "{report}"
+    );
+    for d in digests.iter().chain([&manifest_digest]) {
+        assert!(!hub.stores(d).await, "{d} outlived its backup");
+    }
+}
+
 /// The other endpoint an agent calls with its certificate: the entry
 /// point's HTTPS certificate, for its own stages' names only.
 #[tokio::test]
@@ -840,6 +1030,7 @@ on_both_backends!(
     a_chunk_damaged_on_the_hub_is_refused_and_never_stored,
     artifacts_are_refused_without_a_certificate_to_other_outposts_unknown_and_revoked,
     the_hub_collects_chunks_no_build_references_after_the_grace_period,
+    backups_go_through_the_agent_endpoints_and_count_for_garbage_collection,
 );
 
 /// What the hub does when its S3 store fails or is set up wrong.

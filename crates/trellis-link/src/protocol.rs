@@ -166,6 +166,19 @@ pub enum Message {
     },
     /// Hub → agent: the terminal of stream `id` changed size.
     StreamResize { id: u64, cols: u16, rows: u16 },
+    /// Hub → agent (agents announcing [`FEATURE_BACKUPS`]): back up the
+    /// stage's volumes into backup `id`, or restore them from it. The
+    /// content travels over the agent's HTTPS (mutual TLS) endpoints
+    /// (`/api/v1/agent/backups/{id}/…`), which also take the outcome; the
+    /// link only says what to do. Sent again after every reconnect while
+    /// the work is open: the agent ignores an id it is already at, and a
+    /// backup asked again resumes (the hub keeps what was uploaded).
+    BackupJob {
+        id: u64,
+        project: String,
+        stage: String,
+        op: BackupOp,
+    },
 
     // --- both, streams ---
     /// Either side: bytes of stream `id`. On a WebSocket this travels as a
@@ -220,6 +233,7 @@ impl Message {
             Message::StreamOpened { .. } => "stream-opened",
             Message::StreamOpen { .. } => "stream-open",
             Message::StreamResize { .. } => "stream-resize",
+            Message::BackupJob { .. } => "backup-job",
             Message::StreamData { .. } => "stream-data",
             Message::StreamCredit { .. } => "stream-credit",
             Message::StreamEof { .. } => "stream-eof",
@@ -250,12 +264,25 @@ pub const MESSAGE_TYPES: &[&str] = &[
     "stream-opened",
     "stream-open",
     "stream-resize",
+    "backup-job",
     "stream-data",
     "stream-credit",
     "stream-eof",
     "stream-close",
     "error",
 ];
+
+/// What a [`Message::BackupJob`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackupOp {
+    Backup,
+    Restore,
+}
+
+/// The feature an agent announces in `hello` when it makes and restores
+/// backups ([`Message::BackupJob`]).
+pub const FEATURE_BACKUPS: &str = "backups";
 
 /// The feature an agent announces in `hello` when it serves streams
 /// (exec, port forwarding).

@@ -181,6 +181,12 @@ fn examples() -> Vec<Message> {
             cols: 120,
             rows: 40,
         },
+        Message::BackupJob {
+            id: 9,
+            project: "shop".into(),
+            stage: "prod".into(),
+            op: trellis_link::protocol::BackupOp::Restore,
+        },
         Message::StreamData {
             id: 4,
             channel: StreamChannel::Err,
@@ -221,6 +227,7 @@ fn examples() -> Vec<Message> {
             | Message::StreamOpen { .. }
             | Message::StreamOpened { .. }
             | Message::StreamResize { .. }
+            | Message::BackupJob { .. }
             | Message::StreamData { .. }
             | Message::StreamCredit { .. }
             | Message::StreamEof { .. }

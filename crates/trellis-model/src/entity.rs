@@ -673,3 +673,111 @@ pub struct NewAuditEntry {
     pub detail: String,
     pub result: String,
 }
+
+/// Where a backup, or a restore of one, stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum BackupState {
+    /// Asked for; waits for the outpost (its link, or its turn).
+    Pending,
+    /// The outpost is at it.
+    Running,
+    /// Done: for a backup, every chunk of its manifest is on the hub.
+    Completed,
+    /// Ended without success; the message says why.
+    Failed,
+}
+
+impl BackupState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupState::Pending => "pending",
+            BackupState::Running => "running",
+            BackupState::Completed => "completed",
+            BackupState::Failed => "failed",
+        }
+    }
+
+    /// Whether the work is still to be done or under way.
+    pub fn is_open(self) -> bool {
+        matches!(self, BackupState::Pending | BackupState::Running)
+    }
+}
+
+impl fmt::Display for BackupState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BackupState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pending" => Ok(BackupState::Pending),
+            "running" => Ok(BackupState::Running),
+            "completed" => Ok(BackupState::Completed),
+            "failed" => Ok(BackupState::Failed),
+            other => Err(format!(
+                "unknown backup state {other:?}; one of pending, running, completed, failed"
+            )),
+        }
+    }
+}
+
+/// The last restore asked of a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RestoreStatus {
+    pub state: BackupState,
+    /// Why it waits or failed; empty otherwise.
+    pub message: String,
+    pub requested_at: DateTime<Utc>,
+    /// Who asked for it.
+    pub requested_by: String,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A backup of a stage's storage: the content of its volumes (process
+/// components' storage directories, container volumes) at one time, kept
+/// on the hub as chunks named by digest plus a manifest listing them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Backup {
+    /// Grows with every backup of the hub.
+    pub id: u64,
+    pub project: String,
+    pub stage: String,
+    pub display_name: String,
+    pub state: BackupState,
+    /// What it waits for, or why it failed; empty otherwise.
+    pub message: String,
+    pub created_at: DateTime<Utc>,
+    /// Who asked for it.
+    pub created_by: String,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Bytes of volume content it covers.
+    pub size: u64,
+    /// Bytes the outpost sent the hub for it (stored, compressed form):
+    /// only chunks the hub lacked travel.
+    pub uploaded: u64,
+    /// Digest of the manifest (the chunk listing files and their chunks),
+    /// once completed.
+    pub manifest: Option<String>,
+    /// The volumes it covers, `component/storage`.
+    pub volumes: Vec<String>,
+    /// The last restore asked of it, if any.
+    pub restore: Option<RestoreStatus>,
+}
+
+/// A [`Backup`] to record (the store numbers it; it starts pending).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewBackup {
+    pub project: String,
+    pub stage: String,
+    pub display_name: String,
+    pub message: String,
+    pub created_at: Timestamp,
+    pub created_by: String,
+}

@@ -30,9 +30,9 @@
 
 use async_trait::async_trait;
 use trellis_model::{
-    AccessKeyInfo, AuditEntry, Build, ComponentAction, ComponentControl, Config, ConfigData,
-    ConfigSnapshot, Member, NewAuditEntry, NewBuild, Outpost, OutpostLink, Project, Release, Role,
-    Stage, StageSync, StageType, Timestamp, User,
+    AccessKeyInfo, AuditEntry, Backup, Build, ComponentAction, ComponentControl, Config,
+    ConfigData, ConfigSnapshot, Member, NewAuditEntry, NewBackup, NewBuild, Outpost, OutpostLink,
+    Project, Release, Role, Stage, StageSync, StageType, Timestamp, User,
 };
 
 pub mod cluster;
@@ -355,6 +355,26 @@ pub trait Store: Send + Sync + 'static {
     async fn record_audit(&self, entry: &NewAuditEntry) -> Result<AuditEntry>;
     /// The project's audit log, newest first, at most `limit` entries.
     async fn list_audit(&self, project: &str, limit: usize) -> Result<Vec<AuditEntry>>;
+    // --- backups ---
+    /// Records a new backup of the stage, `pending`; fails if the stage
+    /// does not exist. The backup goes with its stage.
+    async fn create_backup(&self, backup: &NewBackup) -> Result<Backup>;
+    /// A backup of the stage, by id (`NotFound` if it is not the stage's).
+    async fn get_backup(&self, project: &str, stage: &str, id: u64) -> Result<Backup>;
+    /// The stage's backups, newest first.
+    async fn list_backups(&self, project: &str, stage: &str) -> Result<Vec<Backup>>;
+    /// Replaces a backup's record (found by project, stage and id) with
+    /// `backup`; `NotFound` if it was deleted meanwhile.
+    async fn save_backup(&self, backup: &Backup) -> Result<()>;
+    async fn delete_backup(&self, project: &str, stage: &str, id: u64) -> Result<()>;
+    /// The backups of stages placed on the outpost with work open for it: a
+    /// backup pending or running, or a restore pending or running. Oldest
+    /// first.
+    async fn outpost_backup_work(&self, outpost: &str) -> Result<Vec<Backup>>;
+    /// The manifest digests of every backup that has one (garbage
+    /// collection keeps them and their chunks).
+    async fn backup_manifests(&self) -> Result<Vec<String>>;
+
     /// The user's role in the project, `None` if they are not a member
     /// (including when the project does not exist: nobody is a member).
     async fn role_of(&self, project: &str, user: &str) -> Result<Option<Role>>;
@@ -709,6 +729,10 @@ pub(crate) mod wording {
 
     pub fn build(project: &str, build: &str) -> String {
         format!("{project}/{build}")
+    }
+
+    pub fn backup(project: &str, stage: &str, id: u64) -> String {
+        format!("{id} of stage {project}/{stage}")
     }
 
     pub fn member(project: &str, user: &str) -> String {

@@ -23,9 +23,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use chrono::DateTime;
 use trellis_model::{
-    AccessKeyInfo, AuditEntry, Build, ComponentAction, ComponentControl, Config, ConfigData,
-    Member, NewAuditEntry, NewBuild, Outpost, OutpostLink, Project, Release, ReleaseState, Role,
-    Stage, StageSync, Timestamp, User, build_name,
+    AccessKeyInfo, AuditEntry, Backup, BackupState, Build, ComponentAction, ComponentControl,
+    Config, ConfigData, Member, NewAuditEntry, NewBackup, NewBuild, Outpost, OutpostLink, Project,
+    Release, ReleaseState, Role, Stage, StageSync, Timestamp, User, build_name,
 };
 
 use tokio::sync::{mpsc, watch};
@@ -78,6 +78,8 @@ struct State {
     join_tokens: BTreeMap<String, JoinToken>,
     /// The last audit entry's id.
     last_audit: u64,
+    /// The last backup id handed out (never given twice).
+    last_backup: u64,
     instances: BTreeMap<String, Instance>,
     claims: BTreeMap<String, LinkClaim>,
     secrets: BTreeMap<String, String>,
@@ -109,6 +111,8 @@ struct StageState {
     sync: Option<StageSync>,
     /// By component; only components ever started, stopped or restarted.
     controls: BTreeMap<String, ComponentControl>,
+    /// By id.
+    backups: BTreeMap<u64, Backup>,
 }
 
 impl MemoryStore {
@@ -588,6 +592,116 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn create_backup(&self, backup: &NewBackup) -> Result<Backup> {
+        let mut state = self.state();
+        state.stage(&backup.project, &backup.stage)?;
+        state.last_backup += 1;
+        let id = state.last_backup;
+        let record = Backup {
+            id,
+            project: backup.project.clone(),
+            stage: backup.stage.clone(),
+            display_name: backup.display_name.clone(),
+            state: BackupState::Pending,
+            message: backup.message.clone(),
+            created_at: millis(backup.created_at),
+            created_by: backup.created_by.clone(),
+            finished_at: None,
+            size: 0,
+            uploaded: 0,
+            manifest: None,
+            volumes: Vec::new(),
+            restore: None,
+        };
+        state
+            .stage_mut(&backup.project, &backup.stage)?
+            .backups
+            .insert(id, record.clone());
+        Ok(record)
+    }
+
+    async fn get_backup(&self, project: &str, stage: &str, id: u64) -> Result<Backup> {
+        self.state()
+            .stage(project, stage)?
+            .backups
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| not_found("backup", wording::backup(project, stage, id)))
+    }
+
+    async fn list_backups(&self, project: &str, stage: &str) -> Result<Vec<Backup>> {
+        Ok(self
+            .state()
+            .stage(project, stage)?
+            .backups
+            .values()
+            .rev()
+            .cloned()
+            .collect())
+    }
+
+    async fn save_backup(&self, backup: &Backup) -> Result<()> {
+        let mut state = self.state();
+        let gone = || {
+            not_found(
+                "backup",
+                wording::backup(&backup.project, &backup.stage, backup.id),
+            )
+        };
+        let stored = state
+            .stage_mut(&backup.project, &backup.stage)
+            .map_err(|_| gone())?
+            .backups
+            .get_mut(&backup.id)
+            .ok_or_else(gone)?;
+        let mut saved = backup.clone();
+        // As the SQL backends keep them: milliseconds.
+        saved.finished_at = saved.finished_at.map(millis);
+        if let Some(r) = &mut saved.restore {
+            r.requested_at = millis(r.requested_at);
+            r.finished_at = r.finished_at.map(millis);
+        }
+        saved.created_at = stored.created_at;
+        saved.created_by = stored.created_by.clone();
+        *stored = saved;
+        Ok(())
+    }
+
+    async fn delete_backup(&self, project: &str, stage: &str, id: u64) -> Result<()> {
+        self.state()
+            .stage_mut(project, stage)?
+            .backups
+            .remove(&id)
+            .map(|_| ())
+            .ok_or_else(|| not_found("backup", wording::backup(project, stage, id)))
+    }
+
+    async fn outpost_backup_work(&self, outpost: &str) -> Result<Vec<Backup>> {
+        let state = self.state();
+        let mut work: Vec<Backup> = state
+            .projects
+            .values()
+            .flat_map(|p| p.stages.values())
+            .filter(|s| s.stage.outpost == outpost)
+            .flat_map(|s| s.backups.values())
+            .filter(|b| b.state.is_open() || b.restore.as_ref().is_some_and(|r| r.state.is_open()))
+            .cloned()
+            .collect();
+        work.sort_by_key(|b| b.id);
+        Ok(work)
+    }
+
+    async fn backup_manifests(&self) -> Result<Vec<String>> {
+        Ok(self
+            .state()
+            .projects
+            .values()
+            .flat_map(|p| p.stages.values())
+            .flat_map(|s| s.backups.values())
+            .filter_map(|b| b.manifest.clone())
+            .collect())
+    }
+
     async fn role_of(&self, project: &str, user: &str) -> Result<Option<Role>> {
         Ok(self
             .state()
@@ -819,6 +933,7 @@ impl Store for MemoryStore {
                 releases: BTreeMap::new(),
                 sync: None,
                 controls: BTreeMap::new(),
+                backups: BTreeMap::new(),
             },
         );
         Ok(created)

@@ -43,6 +43,7 @@ macro_rules! for_each_suite_test {
             projects,
             members,
             audit_log,
+            backups,
             outposts,
             stage_creation,
             outpost_capacity,
@@ -495,6 +496,128 @@ pub async fn projects(store: &dyn Store) {
     );
     assert_eq!(store.get_project("shop").await.unwrap(), project("shop"));
     assert_not_found(store.get_project("nope").await, "project", "nope");
+}
+
+pub async fn backups(store: &dyn Store) {
+    use trellis_model::{BackupState, NewBackup, RestoreStatus};
+    setup(store, "shop").await;
+    stage_in(store, "shop", "dev").await;
+    stage_in(store, "shop", "prod").await;
+    let new = |stage: &str, name: &str| NewBackup {
+        project: "shop".into(),
+        stage: stage.into(),
+        display_name: name.into(),
+        message: "waits for outpost local".into(),
+        created_at: at(1_000),
+        created_by: "alice".into(),
+    };
+    let first = store.create_backup(&new("dev", "one")).await.unwrap();
+    let second = store.create_backup(&new("dev", "two")).await.unwrap();
+    let other = store.create_backup(&new("prod", "p")).await.unwrap();
+    assert!(second.id > first.id && other.id > second.id);
+    assert_eq!(first.state, BackupState::Pending);
+    assert_eq!(first.created_at, at(1_000));
+    assert_eq!(first.message, "waits for outpost local");
+    assert_eq!(
+        store.list_backups("shop", "dev").await.unwrap(),
+        vec![second.clone(), first.clone()],
+        "newest first, per stage"
+    );
+    assert_eq!(
+        store.get_backup("shop", "dev", first.id).await.unwrap(),
+        first
+    );
+    let wrong = wording_backup("shop", "dev", other.id);
+    assert_not_found(
+        store.get_backup("shop", "dev", other.id).await,
+        "backup",
+        &wrong,
+    );
+    assert_not_found(
+        store.create_backup(&new("nope", "x")).await,
+        "stage",
+        "shop/nope",
+    );
+    assert_not_found(
+        store.list_backups("shop", "nope").await,
+        "stage",
+        "shop/nope",
+    );
+
+    // Work for the outpost: the open ones, oldest first.
+    let work = store.outpost_backup_work("local").await.unwrap();
+    assert_eq!(
+        work.iter().map(|b| b.id).collect::<Vec<_>>(),
+        vec![first.id, second.id, other.id]
+    );
+    let mut done = first.clone();
+    done.state = BackupState::Completed;
+    done.message = String::new();
+    done.finished_at = Some(at(2_000));
+    done.size = 1 << 30;
+    done.uploaded = 12_345;
+    done.manifest = Some("ab".repeat(32));
+    done.volumes = vec!["db/data".into()];
+    store.save_backup(&done).await.unwrap();
+    assert_eq!(
+        store.get_backup("shop", "dev", first.id).await.unwrap(),
+        done
+    );
+    assert_eq!(
+        store.backup_manifests().await.unwrap(),
+        vec!["ab".repeat(32)]
+    );
+    let work = store.outpost_backup_work("local").await.unwrap();
+    assert!(work.iter().all(|b| b.id != first.id), "completed: no work");
+    done.restore = Some(RestoreStatus {
+        state: BackupState::Pending,
+        message: "waits".into(),
+        requested_at: at(3_000),
+        requested_by: "alice".into(),
+        finished_at: None,
+    });
+    store.save_backup(&done).await.unwrap();
+    assert_eq!(
+        store.get_backup("shop", "dev", first.id).await.unwrap(),
+        done
+    );
+    let work = store.outpost_backup_work("local").await.unwrap();
+    assert!(work.iter().any(|b| b.id == first.id), "a restore is work");
+    assert!(
+        store
+            .outpost_backup_work("elsewhere")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Numbers are never given twice, even after the newest is deleted.
+    store.delete_backup("shop", "prod", other.id).await.unwrap();
+    assert_not_found(
+        store.delete_backup("shop", "prod", other.id).await,
+        "backup",
+        &wording_backup("shop", "prod", other.id),
+    );
+    let mut gone = other.clone();
+    gone.state = BackupState::Failed;
+    assert_not_found(
+        store.save_backup(&gone).await,
+        "backup",
+        &wording_backup("shop", "prod", other.id),
+    );
+    let third = store.create_backup(&new("prod", "again")).await.unwrap();
+    assert!(third.id > other.id, "{} reused", third.id);
+
+    // Backups go with their stage.
+    store.delete_stage("shop", "prod", true).await.unwrap();
+    stage_in(store, "shop", "prod").await;
+    assert!(store.list_backups("shop", "prod").await.unwrap().is_empty());
+    store.delete_project("shop", true).await.unwrap();
+    assert!(store.backup_manifests().await.unwrap().is_empty());
+}
+
+fn wording_backup(project: &str, stage: &str, id: u64) -> String {
+    crate::wording::backup(project, stage, id)
 }
 
 pub async fn audit_log(store: &dyn Store) {

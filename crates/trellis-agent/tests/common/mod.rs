@@ -324,6 +324,7 @@ impl Harness {
             runtime: runtime.clone(),
             data_dir: dir.path().to_path_buf(),
             arch: "amd64".into(),
+            backups: None,
         };
         let (trigger, shutdown) = Shutdown::channel();
         Harness {

@@ -221,6 +221,25 @@ async fn set_suspended(
 ) -> ApiResult<Json<Stage>> {
     caller.role_in(state, project).await?;
     super::stages::live_stage(state, project, stage).await?;
+    if !suspended
+        && let Some(backup) = state
+            .store()
+            .list_backups(project, stage)
+            .await?
+            .into_iter()
+            .find(|b| b.restore.as_ref().is_some_and(|r| r.state.is_open()))
+    {
+        // Components started now would run on volumes being replaced.
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "restore-in-progress",
+            format!(
+                "stage {project}/{stage} is being restored from backup {}, so it stays suspended until that ends",
+                backup.id
+            ),
+            format!("wait for the restore: `trellis list backup -p {project} -s {stage}` shows it"),
+        ));
+    }
     let update = StageUpdate {
         suspended: Some(suspended),
         ..StageUpdate::default()

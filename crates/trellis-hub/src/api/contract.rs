@@ -26,7 +26,17 @@ pub type Refusals = &'static [(u16, &'static [&'static str])];
 
 /// The operations reached with an agent's client certificate (mutual TLS)
 /// instead of an access key.
-const AGENT_ONLY: &[&str] = &["chunk", "artifact_content", "ingress_certificate"];
+const AGENT_ONLY: &[&str] = &[
+    "chunk",
+    "artifact_content",
+    "ingress_certificate",
+    "backup_report",
+    "backup_missing",
+    "put_backup_chunk",
+    "get_backup_chunk",
+    "put_backup_manifest",
+    "get_backup_manifest",
+];
 
 /// Operations that need no credentials at all: the hub's liveness, and the
 /// agent's enrolment and renewal, which prove themselves with what their
@@ -144,7 +154,10 @@ pub const ERRORS: &[(&str, Refusals)] = &[
     ),
     (
         "resume_stage",
-        &[(404, &["not-found"]), (409, &["archived"])],
+        &[
+            (404, &["not-found"]),
+            (409, &["archived", "restore-in-progress"]),
+        ],
     ),
     ("stage_status", &[(404, &["not-found"])]),
     ("project_status", &[(404, &["not-found"])]),
@@ -417,6 +430,105 @@ pub const ERRORS: &[(&str, Refusals)] = &[
             (503, &["artifact-store-unavailable"]),
         ],
     ),
+    // backups
+    (
+        "create_backup",
+        &[
+            (400, &["invalid-display-name"]),
+            (404, &["not-found"]),
+            (409, &["archived", "backup-in-progress"]),
+        ],
+    ),
+    ("list_backups", &[(404, &["not-found"])]),
+    ("get_backup", &[(404, &["not-found"])]),
+    (
+        "delete_backup",
+        &[(404, &["not-found"]), (409, &["restore-in-progress"])],
+    ),
+    (
+        "restore_backup",
+        &[
+            (404, &["not-found"]),
+            (
+                409,
+                &[
+                    "archived",
+                    "backup-not-completed",
+                    "stage-not-suspended",
+                    "backup-in-progress",
+                ],
+            ),
+        ],
+    ),
+    (
+        "backup_report",
+        &[
+            (400, &["invalid-report"]),
+            (401, &["client-certificate-required"]),
+            (403, &["unknown-outpost", "revoked", "unknown-key"]),
+            (404, &["backup-not-found"]),
+            (409, &["backup-not-open"]),
+        ],
+    ),
+    (
+        "backup_missing",
+        &[
+            (400, &["invalid-digest", "too-many-digests"]),
+            (401, &["client-certificate-required"]),
+            (403, &["unknown-outpost", "revoked", "unknown-key"]),
+            (404, &["backup-not-found"]),
+            (409, &["backup-not-open"]),
+            (503, &["artifact-store-unavailable"]),
+        ],
+    ),
+    (
+        "put_backup_chunk",
+        &[
+            (400, &["invalid-digest"]),
+            (401, &["client-certificate-required"]),
+            (403, &["unknown-outpost", "revoked", "unknown-key"]),
+            (404, &["backup-not-found"]),
+            (409, &["backup-not-open"]),
+            (413, &["upload-failed"]),
+            (422, &["chunk-invalid"]),
+            (503, &["artifact-store-unavailable"]),
+            (507, &["hub-disk-full"]),
+        ],
+    ),
+    (
+        "get_backup_chunk",
+        &[
+            (400, &["invalid-digest"]),
+            (401, &["client-certificate-required"]),
+            (403, &["unknown-outpost", "revoked", "unknown-key"]),
+            (404, &["backup-not-found"]),
+            (409, &["backup-not-completed", "backup-damaged"]),
+            (503, &["artifact-store-unavailable"]),
+        ],
+    ),
+    (
+        "put_backup_manifest",
+        &[
+            (401, &["client-certificate-required"]),
+            (403, &["unknown-outpost", "revoked", "unknown-key"]),
+            (404, &["backup-not-found"]),
+            (409, &["backup-not-open", "chunks-missing"]),
+            (413, &["upload-failed"]),
+            (422, &["invalid-manifest"]),
+            (503, &["artifact-store-unavailable"]),
+            (507, &["hub-disk-full"]),
+        ],
+    ),
+    (
+        "get_backup_manifest",
+        &[
+            (401, &["client-certificate-required"]),
+            (403, &["unknown-outpost", "revoked", "unknown-key"]),
+            (404, &["backup-not-found"]),
+            (409, &["backup-not-completed", "backup-damaged"]),
+            (503, &["artifact-store-unavailable"]),
+        ],
+    ),
     // builds and their chunks
     ("list_builds", &[(404, &["not-found"])]),
     (
@@ -623,7 +735,10 @@ pub const CODES: &[(&str, &str)] = &[
         "invalid-build",
         "the build's artifacts or commit are not what it needs",
     ),
-    ("invalid-manifest", "the build's manifest is not valid"),
+    (
+        "invalid-manifest",
+        "the build's (or backup's) manifest is not valid",
+    ),
     (
         "too-many-digests",
         "more digests than one query may ask about",
@@ -682,6 +797,41 @@ pub const CODES: &[(&str, &str)] = &[
     ("outpost-timeout", "the outpost did not answer in time"),
     ("port-not-exposed", "the component does not list that port"),
     ("connection-refused", "the component refused the connection"),
+    (
+        "invalid-display-name",
+        "the display name is too long or holds control characters",
+    ),
+    (
+        "backup-in-progress",
+        "a backup or restore of the stage is pending or running",
+    ),
+    ("restore-in-progress", "the backup is being restored"),
+    (
+        "backup-not-completed",
+        "the backup did not complete, so there is nothing to restore",
+    ),
+    (
+        "stage-not-suspended",
+        "a restore needs the stage suspended (`trellis suspend stage`)",
+    ),
+    (
+        "backup-not-found",
+        "no such backup of a stage on the caller's outpost",
+    ),
+    ("backup-not-open", "the backup or restore job has ended"),
+    (
+        "invalid-report",
+        "the report's operation or state is not one",
+    ),
+    ("upload-failed", "the upload broke off or was too large"),
+    (
+        "chunks-missing",
+        "chunks the manifest lists are not on the hub yet",
+    ),
+    (
+        "backup-damaged",
+        "the hub's copy of the backup is lost or damaged",
+    ),
     (
         "connection-timeout",
         "the component did not accept the connection in time",

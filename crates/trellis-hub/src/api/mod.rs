@@ -9,6 +9,7 @@
 //! body with their own bound (`chunks::MAX_STORED_CHUNK_BYTES`).
 
 pub mod access;
+pub mod backups;
 pub mod builds;
 pub mod chunks;
 pub mod components;
@@ -81,6 +82,9 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(streams::exec))
         .routes(routes!(streams::port_forward))
         .routes(routes!(streams::list_audit))
+        .routes(routes!(backups::list_backups, backups::create_backup))
+        .routes(routes!(backups::get_backup, backups::delete_backup))
+        .routes(routes!(backups::restore_backup))
         .routes(routes!(outposts::list_outposts, outposts::create_outpost))
         .routes(routes!(
             outposts::get_outpost,
@@ -97,6 +101,16 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(crate::link::ingress_cert::ingress_certificate))
         .routes(routes!(crate::link::artifacts::chunk))
         .routes(routes!(crate::link::artifacts::artifact_content))
+        .routes(routes!(crate::link::backups::backup_report))
+        .routes(routes!(crate::link::backups::backup_missing))
+        .routes(routes!(
+            crate::link::backups::put_backup_chunk,
+            crate::link::backups::get_backup_chunk
+        ))
+        .routes(routes!(
+            crate::link::backups::put_backup_manifest,
+            crate::link::backups::get_backup_manifest
+        ))
         .routes(routes!(crate::link::status::stage_status))
         .routes(routes!(crate::link::status::project_status))
         .routes(routes!(builds::list_builds, builds::create_build))

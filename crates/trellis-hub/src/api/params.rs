@@ -210,3 +210,35 @@ mod tests {
         }
     }
 }
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct BackupPath {
+    /// The project's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "shop")]
+    pub project: String,
+    /// The stage's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "dev")]
+    pub stage: String,
+    /// The backup's id (`trellis list backup` shows them)
+    #[param(minimum = 1, example = 1)]
+    pub id: u64,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct BackupChunkPath {
+    /// The project's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "shop")]
+    pub project: String,
+    /// The stage's name
+    #[param(pattern = "^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$", example = "dev")]
+    pub stage: String,
+    /// The backup's id
+    #[param(minimum = 1, example = 1)]
+    pub id: u64,
+    /// BLAKE3 digest of the chunk's content: 64 lowercase hexadecimal
+    /// characters
+    #[param(pattern = "^[0-9a-f]{64}$")]
+    pub digest: String,
+}

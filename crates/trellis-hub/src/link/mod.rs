@@ -12,12 +12,15 @@
 //! - `mod.rs`: [`Links`], the registry and admission.
 //! - `session.rs`: one connected agent's session.
 //! - `endpoint.rs`: the WebSocket endpoint and the join/renew endpoints.
+//! - `backups.rs`: the agent's backup endpoints (chunks and manifests of
+//!   backups, over mutual TLS); the session sends the jobs (`backup-job`).
 //! - `logs.rs`: log requests into a live session and their lines back out.
 //! - `status.rs`: the connection-status view of a stage.
 //! - `errors.rs`: the bounded, de-duplicated error log.
 //! - `record.rs`: what sessions saw, written to the store in batches.
 
 pub mod artifacts;
+pub mod backups;
 pub mod commit;
 pub mod endpoint;
 pub mod errors;

@@ -12,7 +12,9 @@ use chrono::Utc;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use trellis_link::identity::PeerIdentity;
-use trellis_link::protocol::{AgentError, DesiredAck, DesiredControl, StageRevision, StatusReport};
+use trellis_link::protocol::{
+    AgentError, BackupOp, DesiredAck, DesiredControl, StageRevision, StatusReport,
+};
 use trellis_link::{Envelope, Incoming, LinkIo, LinkIoError, Message};
 use trellis_model::{Stage, StageSync};
 use trellis_store::{DesiredParts, LinkActivity, LinkHello, OutpostStage, SyncUpdate};
@@ -55,6 +57,10 @@ struct Session<'a> {
     logs: super::logs::LogRouter,
     /// Open streams; made with the first one.
     streams: Option<Box<trellis_link::stream::Mux>>,
+    /// The backup jobs sent this session (`None`: the agent does not make
+    /// backups). The store says what is open; a job is sent once per
+    /// session, so a reconnect sends the open ones again.
+    backup_jobs: Option<HashSet<(u64, BackupOp, i64)>>,
 }
 
 impl Session<'_> {
@@ -128,6 +134,75 @@ impl Session<'_> {
             )
             .await?;
             self.known.remove(&(project, stage));
+        }
+        self.send_backup_jobs(io).await
+    }
+
+    /// Sends the backups and restores open for stages on this outpost that
+    /// this session has not sent yet. An agent that does not make backups
+    /// has its pending ones say so.
+    async fn send_backup_jobs(&mut self, io: &mut Box<dyn LinkIo>) -> Result<(), String> {
+        let work = self
+            .state
+            .store()
+            .outpost_backup_work(self.outpost)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(sent) = &mut self.backup_jobs else {
+            for mut backup in work {
+                let message =
+                    "the outpost's agent does not make backups; upgrade it to this hub's version"
+                        .to_owned();
+                let mut changed = false;
+                if backup.state.is_open() && backup.message != message {
+                    backup.message.clone_from(&message);
+                    changed = true;
+                }
+                if let Some(r) = backup
+                    .restore
+                    .as_mut()
+                    .filter(|r| r.state.is_open() && r.message != message)
+                {
+                    r.message.clone_from(&message);
+                    changed = true;
+                }
+                if changed {
+                    let _ = self.state.store().save_backup(&backup).await;
+                }
+            }
+            return Ok(());
+        };
+        // A job is known by its backup, what it does, and for a restore
+        // when it was asked (a backup restored twice is two jobs).
+        let keyed: Vec<_> = work
+            .into_iter()
+            .map(|backup| {
+                let restore = backup.restore.as_ref().filter(|r| r.state.is_open());
+                let key = match restore {
+                    Some(r) => (
+                        backup.id,
+                        BackupOp::Restore,
+                        r.requested_at.timestamp_millis(),
+                    ),
+                    None => (backup.id, BackupOp::Backup, 0),
+                };
+                (key, backup)
+            })
+            .collect();
+        sent.retain(|k| keyed.iter().any(|(key, _)| key == k));
+        let mut jobs = Vec::new();
+        for ((id, op, at), backup) in keyed {
+            if sent.insert((id, op, at)) {
+                jobs.push(Message::BackupJob {
+                    id: backup.id,
+                    project: backup.project,
+                    stage: backup.stage,
+                    op,
+                });
+            }
+        }
+        for job in jobs {
+            self.send(io, job).await?;
         }
         Ok(())
     }
@@ -271,7 +346,10 @@ async fn serve(
     // Where hubs share the store, this session now holds the outpost's
     // link: an older one on any instance ends.
     state.cluster().claim(state, outpost, &handle);
-    let result = session_loop(io, peer, state, &handle, inbox, &stages).await;
+    let backups = features
+        .iter()
+        .any(|f| f == trellis_link::protocol::FEATURE_BACKUPS);
+    let result = session_loop(io, peer, state, &handle, inbox, &stages, backups).await;
     let reason = match &result {
         Ok(r) | Err(r) => r.clone(),
     };
@@ -297,6 +375,7 @@ async fn session_loop(
     handle: &super::SessionHandle,
     mut inbox: tokio::sync::mpsc::Receiver<super::logs::SessionRequest>,
     held: &[StageRevision],
+    backups: bool,
 ) -> Result<String, String> {
     let outpost = peer.outpost.as_str();
     let heartbeat = state.links().settings().heartbeat;
@@ -317,6 +396,7 @@ async fn session_loop(
         synced: HashMap::new(),
         logs: super::logs::LogRouter::default(),
         streams: None,
+        backup_jobs: backups.then(HashSet::new),
     };
     session
         .send(

@@ -31,9 +31,9 @@ use chrono::DateTime;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use trellis_model::{
-    AccessKeyInfo, AuditEntry, Build, ComponentAction, ComponentControl, Config, ConfigData,
-    Member, NewAuditEntry, NewBuild, Outpost, OutpostLink, Project, Release, ReleaseState, Role,
-    Stage, StageSync, Timestamp, User, build_name,
+    AccessKeyInfo, AuditEntry, Backup, Build, ComponentAction, ComponentControl, Config,
+    ConfigData, Member, NewAuditEntry, NewBackup, NewBuild, Outpost, OutpostLink, Project, Release,
+    ReleaseState, Role, Stage, StageSync, Timestamp, User, build_name,
 };
 
 use crate::{
@@ -289,6 +289,12 @@ fn decode_json<T: DeserializeOwned>(text: &str) -> Result<T> {
 
 // Column lists, shared by the SELECTs and INSERTs of each table so that the
 // row decoders below always see the columns they expect.
+macro_rules! backup_columns {
+    () => {
+        "id, project, stage, display_name, state, message, created_ms, created_by, finished_ms, \
+         size_bytes, uploaded_bytes, manifest, volumes, restore"
+    };
+}
 macro_rules! user_columns {
     () => {
         "name, admin, created_at"
@@ -400,6 +406,25 @@ fn opt_time<R: SqlRow>(row: &R, name: &str) -> Result<Option<Timestamp>> {
     let ms: Option<i64> = col(row, name)?;
     ms.map(|ms| DateTime::from_timestamp_millis(ms).ok_or_else(|| corrupt(format!("{name} {ms}"))))
         .transpose()
+}
+
+fn backup_from<R: SqlRow>(row: &R) -> Result<Backup> {
+    Ok(Backup {
+        id: count(row, "id")?,
+        project: col(row, "project")?,
+        stage: col(row, "stage")?,
+        display_name: col(row, "display_name")?,
+        state: parsed(row, "state")?,
+        message: col(row, "message")?,
+        created_at: time(row, "created_ms")?,
+        created_by: col(row, "created_by")?,
+        finished_at: opt_time(row, "finished_ms")?,
+        size: count(row, "size_bytes")?,
+        uploaded: count(row, "uploaded_bytes")?,
+        manifest: col(row, "manifest")?,
+        volumes: from_json(row, "volumes")?,
+        restore: opt_from_json(row, "restore")?,
+    })
 }
 
 fn stage_from<R: SqlRow>(row: &R) -> Result<Stage> {
@@ -1221,6 +1246,7 @@ impl<B: Backend> Store for SqlStore<B> {
             "DELETE FROM builds WHERE project = $1",
             "DELETE FROM members WHERE project = $1",
             "DELETE FROM audit_log WHERE project = $1",
+            "DELETE FROM backups WHERE project = $1",
             "DELETE FROM projects WHERE name = $1",
         ] {
             q(sql)
@@ -1437,6 +1463,194 @@ impl<B: Backend> Store for SqlStore<B> {
             .collect()
     }
 
+    async fn create_backup(&self, backup: &NewBackup) -> Result<Backup> {
+        const DOING: &str = "recording a backup";
+        let mut tx = self.write().await?;
+        require_stage(&mut *tx, &backup.project, &backup.stage).await?;
+        // Writers are serial (see the module docs): the next number is one
+        // above both the largest in use and the last handed out (that
+        // backup may be deleted; its number is not given again).
+        let row = q("SELECT COALESCE(MAX(id), 0) AS last FROM backups")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        let handed = q("SELECT last FROM id_counters WHERE name = 'backups'")
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend(DOING))?
+            .map(|row| count(&row, "last"))
+            .transpose()?
+            .unwrap_or(0);
+        let id = count(&row, "last")?.max(handed) + 1;
+        q(
+            "INSERT INTO id_counters (name, last) VALUES ('backups', $1) \
+           ON CONFLICT (name) DO UPDATE SET last = excluded.last",
+        )
+        .bind(int(id)?)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        let record = Backup {
+            id,
+            project: backup.project.clone(),
+            stage: backup.stage.clone(),
+            display_name: backup.display_name.clone(),
+            state: trellis_model::BackupState::Pending,
+            message: backup.message.clone(),
+            created_at: truncated(backup.created_at),
+            created_by: backup.created_by.clone(),
+            finished_at: None,
+            size: 0,
+            uploaded: 0,
+            manifest: None,
+            volumes: Vec::new(),
+            restore: None,
+        };
+        q(concat!(
+            "INSERT INTO backups (",
+            backup_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+        ))
+        .bind(int(id)?)
+        .bind(&record.project)
+        .bind(&record.stage)
+        .bind(&record.display_name)
+        .bind(record.state.as_str())
+        .bind(&record.message)
+        .bind(millis(record.created_at))
+        .bind(&record.created_by)
+        .bind(None::<i64>)
+        .bind(0_i64)
+        .bind(0_i64)
+        .bind(None::<String>)
+        .bind(json(&record.volumes)?)
+        .bind(None::<String>)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        self.commit(tx, DOING).await?;
+        Ok(record)
+    }
+
+    async fn get_backup(&self, project: &str, stage: &str, id: u64) -> Result<Backup> {
+        let mut tx = self.read().await?;
+        require_stage(&mut *tx, project, stage).await?;
+        q(concat!(
+            "SELECT ",
+            backup_columns!(),
+            " FROM backups WHERE project = $1 AND stage = $2 AND id = $3"
+        ))
+        .bind(project)
+        .bind(stage)
+        .bind(int(id)?)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend("looking up a backup"))?
+        .as_ref()
+        .map(backup_from)
+        .transpose()?
+        .ok_or_else(|| not_found("backup", wording::backup(project, stage, id)))
+    }
+
+    async fn list_backups(&self, project: &str, stage: &str) -> Result<Vec<Backup>> {
+        let mut tx = self.read().await?;
+        require_stage(&mut *tx, project, stage).await?;
+        q(concat!(
+            "SELECT ",
+            backup_columns!(),
+            " FROM backups WHERE project = $1 AND stage = $2 ORDER BY id DESC"
+        ))
+        .bind(project)
+        .bind(stage)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend("listing backups"))?
+        .iter()
+        .map(backup_from)
+        .collect()
+    }
+
+    async fn save_backup(&self, b: &Backup) -> Result<()> {
+        const DOING: &str = "updating a backup";
+        let mut tx = self.write().await?;
+        let restore = b.restore.as_ref().map(json).transpose()?;
+        let done = q(
+            "UPDATE backups SET display_name = $4, state = $5, message = $6, finished_ms = $7, \
+             size_bytes = $8, uploaded_bytes = $9, manifest = $10, volumes = $11, restore = $12 \
+             WHERE project = $1 AND stage = $2 AND id = $3",
+        )
+        .bind(&b.project)
+        .bind(&b.stage)
+        .bind(int(b.id)?)
+        .bind(&b.display_name)
+        .bind(b.state.as_str())
+        .bind(&b.message)
+        .bind(b.finished_at.map(millis))
+        .bind(int(b.size)?)
+        .bind(int(b.uploaded)?)
+        .bind(b.manifest.clone())
+        .bind(json(&b.volumes)?)
+        .bind(restore)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        if done == 0 {
+            return Err(not_found(
+                "backup",
+                wording::backup(&b.project, &b.stage, b.id),
+            ));
+        }
+        self.commit(tx, DOING).await
+    }
+
+    async fn delete_backup(&self, project: &str, stage: &str, id: u64) -> Result<()> {
+        const DOING: &str = "deleting a backup";
+        let mut tx = self.write().await?;
+        require_stage(&mut *tx, project, stage).await?;
+        let done = q("DELETE FROM backups WHERE project = $1 AND stage = $2 AND id = $3")
+            .bind(project)
+            .bind(stage)
+            .bind(int(id)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        if done == 0 {
+            return Err(not_found("backup", wording::backup(project, stage, id)));
+        }
+        self.commit(tx, DOING).await
+    }
+
+    async fn outpost_backup_work(&self, outpost: &str) -> Result<Vec<Backup>> {
+        let rows = q(concat!(
+            "SELECT ",
+            backup_columns!(),
+            " FROM backups b WHERE EXISTS (SELECT 1 FROM stages s WHERE s.outpost = $1 \
+             AND s.project = b.project AND s.name = b.stage) \
+             AND (b.state IN ('pending', 'running') OR b.restore IS NOT NULL) ORDER BY b.id"
+        ))
+        .bind(outpost)
+        .fetch_all(&mut *self.reader().await?)
+        .await
+        .map_err(backend("looking up an outpost's backups"))?;
+        let mut work = Vec::new();
+        for row in &rows {
+            let b = backup_from(row)?;
+            let restoring = b.restore.as_ref().is_some_and(|r| r.state.is_open());
+            if b.state.is_open() || restoring {
+                work.push(b);
+            }
+        }
+        Ok(work)
+    }
+
+    async fn backup_manifests(&self) -> Result<Vec<String>> {
+        let rows = q("SELECT manifest FROM backups WHERE manifest IS NOT NULL")
+            .fetch_all(&mut *self.reader().await?)
+            .await
+            .map_err(backend("listing backup manifests"))?;
+        rows.iter().map(|row| col(row, "manifest")).collect()
+    }
+
     async fn role_of(&self, project: &str, user: &str) -> Result<Option<Role>> {
         q("SELECT role FROM members WHERE project = $1 AND user_name = $2")
             .bind(project)
@@ -1539,6 +1753,8 @@ impl<B: Backend> Store for SqlStore<B> {
             "DELETE FROM component_controls WHERE EXISTS (SELECT 1 FROM stages s \
              WHERE s.outpost = $1 AND s.project = component_controls.project \
              AND s.name = component_controls.stage)",
+            "DELETE FROM backups WHERE EXISTS (SELECT 1 FROM stages s \
+             WHERE s.outpost = $1 AND s.project = backups.project AND s.name = backups.stage)",
             "DELETE FROM stages WHERE outpost = $1",
             "DELETE FROM outpost_links WHERE outpost = $1",
             "DELETE FROM join_tokens WHERE outpost = $1",
@@ -1863,6 +2079,7 @@ impl<B: Backend> Store for SqlStore<B> {
             "DELETE FROM configs WHERE project = $1 AND stage = $2",
             "DELETE FROM stage_syncs WHERE project = $1 AND stage = $2",
             "DELETE FROM component_controls WHERE project = $1 AND stage = $2",
+            "DELETE FROM backups WHERE project = $1 AND stage = $2",
             "DELETE FROM stages WHERE project = $1 AND name = $2",
         ] {
             q(sql)
