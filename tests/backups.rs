@@ -13,7 +13,9 @@
 //!   completes once it is back;
 //! - a restore cut by SIGKILL of the agent in the middle of its swap: the
 //!   restarted agent finishes it (never a mix of old and restored);
-//! - bad input: an unknown backup, an unknown stage, a non-member.
+//! - bad input: an unknown backup, an unknown stage, a non-member;
+//! - a container component's volume (Podman and Docker) backed up and
+//!   restored under the container's feet while the stage is suspended.
 //!
 //! The volume is 64 MiB here (CI runs on 2 cores);
 //! `TRELLIS_BACKUP_TEST_MIB=1024` runs the same with 1 GiB.
@@ -437,4 +439,103 @@ fn backups_move_little_restore_whole_and_survive_an_offline_outpost_and_a_crash(
     );
     let audit = w.cli.json(&["list", "audit", "-p", "shop"]);
     assert_eq!(audit[0]["action"], "backup-delete", "{audit:#}");
+}
+
+// === container volumes (Podman and Docker through the test kit) ===
+
+fn container_manifest(image: &str) -> String {
+    format!(
+        r#"version: v1
+components:
+  - name: app
+    docker:
+      image: {image}
+    command: ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"]
+    storage:
+      - name: data
+        path: /data
+        size: 1Gi
+"#
+    )
+}
+
+fn in_app(cli: &Cli, script: &str) -> String {
+    cli.ok(&[
+        "exec", "app", "-p", "box", "-s", "c", "--", "sh", "-c", script,
+    ])
+}
+
+fn a_container_volume_is_backed_up_and_restored(kind: trellis_testkit::engines::EngineKind) {
+    let Some(mut on) = common::apps::OnEngine::new(kind) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{kind:?} is not installed; CI must run this test"
+        );
+        eprintln!("skipped: {kind:?} is not installed (CI would fail here)");
+        return;
+    };
+    let image = on.engine.busybox_image().to_owned();
+    let outpost = on.outpost("backup-edge");
+    let mut w = World::new("box");
+    let app = w.tmp.path().join("app");
+    git_project(
+        &app,
+        &[("trellis.yaml", container_manifest(&image).as_str())],
+    );
+    let out = on.push_build(&w.cli, &app, "box");
+    assert!(out.status.success(), "{}", describe(&out));
+    let args = [
+        "--docker-host",
+        &on.engine.docker_host(),
+        "--health-window",
+        "2s",
+    ]
+    .map(str::to_owned);
+    w.stage_on("box", "c", &outpost, &args);
+    w.cli.ok(&["push", "release", "-p", "box", "-s", "c"]);
+    w.running("box", "c", 1, 1);
+
+    in_app(
+        &w.cli,
+        "mkdir -p /data/d && echo one > /data/v.txt && head -c 3000000 /dev/urandom > /data/d/blob && chmod 600 /data/v.txt",
+    );
+    let sums = "md5sum /data/v.txt /data/d/blob; stat -c %a /data/v.txt";
+    let before = in_app(&w.cli, sums);
+    let out = w
+        .cli
+        .ok(&["create", "backup", "-p", "box", "-s", "c", "--wait"]);
+    assert!(out.contains("completed"), "{out}");
+    let b = w.cli.json(&["get", "backup", "1", "-p", "box", "-s", "c"]);
+    assert_eq!(b["volumes"], serde_json::json!(["app/data"]), "{b:#}");
+    assert!(b["size"].as_u64().unwrap() >= 3_000_000, "{b:#}");
+
+    in_app(&w.cli, "echo two > /data/v.txt && rm -r /data/d");
+    assert_eq!(in_app(&w.cli, "cat /data/v.txt; ls /data"), "two\nv.txt\n");
+    w.cli.ok(&["suspend", "stage", "c", "-p", "box"]);
+    let out = w
+        .cli
+        .ok(&["restore", "backup", "1", "-p", "box", "-s", "c"]);
+    assert!(out.contains("restored backup 1"), "{out}");
+    w.cli.ok(&["resume", "stage", "c", "-p", "box"]);
+    let back = wait_for(Duration::from_secs(120), || {
+        let out = w.cli.run(&[
+            "exec", "app", "-p", "box", "-s", "c", "--", "sh", "-c", sums,
+        ]);
+        out.status.success() && String::from_utf8_lossy(&out.stdout) == before
+    });
+    assert!(
+        back,
+        "the container does not see the restored volume: {}",
+        in_app(&w.cli, sums)
+    );
+}
+
+#[test]
+fn a_podman_container_volume_is_backed_up_and_restored() {
+    a_container_volume_is_backed_up_and_restored(trellis_testkit::engines::EngineKind::Podman);
+}
+
+#[test]
+fn a_docker_container_volume_is_backed_up_and_restored() {
+    a_container_volume_is_backed_up_and_restored(trellis_testkit::engines::EngineKind::Docker);
 }

@@ -1163,6 +1163,15 @@ fn to_status(o: &ComponentObservation, replicas: u32) -> ComponentStatus {
 
 #[async_trait]
 impl StageRunner for Deployer {
+    async fn volumes(&self, stage: &StageKey) -> Result<Vec<(String, std::path::PathBuf)>, String> {
+        let mut all = Vec::new();
+        for runtime in &self.runtimes {
+            all.extend(runtime.volumes(stage).await.map_err(|e| e.to_string())?);
+        }
+        all.sort();
+        Ok(all)
+    }
+
     async fn exec(
         &self,
         stage: &StageKey,

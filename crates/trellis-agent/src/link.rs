@@ -676,7 +676,7 @@ impl Session<'_> {
                 match &self.ctx.backups {
                     Some(backups) => {
                         tracing::info!(id, %project, %stage, ?op, "the hub asked for a backup job");
-                        backups.start(id, project, stage, op);
+                        backups.start(self.ctx.runtime.clone(), id, project, stage, op);
                     }
                     None => {
                         tracing::warn!(id, "the hub asked for a backup job; this agent makes none");

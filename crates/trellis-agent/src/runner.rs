@@ -168,6 +168,15 @@ pub trait StageRunner: Send + Sync {
         ))
     }
 
+    /// The stage's volumes (`component/storage` and their directories),
+    /// which backups read and restores replace. Default: none.
+    async fn volumes(
+        &self,
+        _stage: &StageKey,
+    ) -> Result<Vec<(String, std::path::PathBuf)>, String> {
+        Ok(Vec::new())
+    }
+
     /// Runs a command in a component of `stage` (`trellis exec`).
     async fn exec(
         &self,

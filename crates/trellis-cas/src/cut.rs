@@ -23,16 +23,18 @@ pub const ARTIFACT_CHUNKS: ChunkSizes = ChunkSizes {
     max: CHUNK_MAX,
 };
 
-/// Backups' chunks: a quarter of artifacts'. A write into a volume changes
-/// the chunks it touches, so what a later backup moves is about the bytes
-/// written plus one average chunk per place written to: with 64 KiB
-/// chunks, 100 scattered writes of 100 KiB move about 17 MiB, not the
-/// 40 MiB that 256 KiB chunks would. More chunks cost more digests in the
-/// manifest (66 bytes per 64 KiB, 0.1%).
+/// Backups' chunks: an eighth of artifacts'. A write into a volume
+/// changes the chunks it touches, so what a later backup moves is about
+/// the bytes written plus the chunks cut on either side of them, about one
+/// and a half average chunks per place written to: 1% of a 1 GiB volume
+/// rewritten in 100 KiB writes moves about 2.3% of it with 64 KiB chunks,
+/// and well under 2% with 32 KiB ones (BENCHMARKS.md, `backup`). More
+/// chunks cost more digests in the manifest (66 bytes per 32 KiB, 0.2%)
+/// and more files in the hub's store.
 pub const BACKUP_CHUNKS: ChunkSizes = ChunkSizes {
-    min: 16 * 1024,
-    avg: 64 * 1024,
-    max: 256 * 1024,
+    min: 8 * 1024,
+    avg: 32 * 1024,
+    max: 128 * 1024,
 };
 
 /// Cuts `content` into chunks and hands each, with its digest, to `each`,

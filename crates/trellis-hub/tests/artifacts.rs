@@ -875,6 +875,161 @@ async fn backups_go_through_the_agent_endpoints_and_count_for_garbage_collection
     );
     assert!(foreign.chunk(&job, &digests[0]).await.is_err());
 
+    // Refusals, each with its code.
+    let code = |b: &Value| b["error"]["code"].as_str().unwrap_or_default().to_owned();
+    let (s, b) = hub
+        .api(
+            reqwest::Method::POST,
+            &format!("/projects/plant/stages/line/backups/{id}/restore"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, code(&b)),
+        (StatusCode::CONFLICT, "stage-not-suspended".into()),
+        "{b}"
+    );
+    assert!(
+        b["error"]["hint"]
+            .as_str()
+            .unwrap()
+            .contains("trellis suspend stage line -p plant"),
+        "{b}"
+    );
+    let (s, b) = hub
+        .api(
+            reqwest::Method::GET,
+            "/projects/plant/stages/line/backups/999",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, code(&b)),
+        (StatusCode::NOT_FOUND, "not-found".into()),
+        "{b}"
+    );
+    let (s, b) = hub
+        .api(
+            reqwest::Method::POST,
+            "/projects/plant/stages/line/backups/999/restore",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, code(&b)),
+        (StatusCode::NOT_FOUND, "not-found".into()),
+        "{b}"
+    );
+    let (s, b) = hub
+        .api(
+            reqwest::Method::POST,
+            "/projects/plant/stages/nope/backups",
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (s, code(&b)),
+        (StatusCode::NOT_FOUND, "not-found".into()),
+        "{b}"
+    );
+    let (s, b) = hub
+        .api(
+            reqwest::Method::POST,
+            "/users",
+            Some(json!({"name": "stranger"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let stranger = b["key"].as_str().unwrap().to_owned();
+    for (method, path) in [
+        (
+            reqwest::Method::GET,
+            "/projects/plant/stages/line/backups".to_owned(),
+        ),
+        (
+            reqwest::Method::POST,
+            "/projects/plant/stages/line/backups".to_owned(),
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/projects/plant/stages/line/backups/{id}/restore"),
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("/projects/plant/stages/line/backups/{id}"),
+        ),
+    ] {
+        let resp = hub
+            .http
+            .request(method.clone(), format!("https://{}/api/v1{path}", hub.addr))
+            .bearer_auth(&stranger)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{method} {path}");
+        let b: Value = resp.json().await.unwrap();
+        assert_eq!(code(&b), "not-found", "{b}");
+    }
+    // Suspended, the restore is asked for; resuming waits for it.
+    let (s, b) = hub
+        .api(
+            reqwest::Method::POST,
+            "/projects/plant/stages/line/suspend",
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = hub
+        .api(
+            reqwest::Method::POST,
+            &format!("/projects/plant/stages/line/backups/{id}/restore"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{b}");
+    assert_eq!(b["restore"]["state"], "pending", "{b}");
+    let (s, b) = hub
+        .api(
+            reqwest::Method::POST,
+            "/projects/plant/stages/line/resume",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, code(&b)),
+        (StatusCode::CONFLICT, "restore-in-progress".into()),
+        "{b}"
+    );
+    let (s, b) = hub
+        .api(
+            reqwest::Method::DELETE,
+            &format!("/projects/plant/stages/line/backups/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, code(&b)),
+        (StatusCode::CONFLICT, "restore-in-progress".into()),
+        "{b}"
+    );
+    let restore = JobReport {
+        op: trellis_link::protocol::BackupOp::Restore,
+        state: "failed".into(),
+        message: "the disk is full".into(),
+        size: 0,
+    };
+    client.report(&job, &restore).await.unwrap();
+    let (_, b) = hub
+        .api(
+            reqwest::Method::GET,
+            &format!("/projects/plant/stages/line/backups/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(b["restore"]["state"], "failed", "{b}");
+    assert_eq!(b["restore"]["message"], "the disk is full", "{b}");
+
     // Garbage collection keeps a backup's chunks and manifest…
     let collect = |grace: u64| {
         hub.api(

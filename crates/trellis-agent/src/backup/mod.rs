@@ -1,10 +1,11 @@
 //! Backups of a stage's storage, and their restore (the hub asks for both
 //! with `backup-job` messages on the link).
 //!
-//! A stage's volumes are its process components' storage directories,
-//! `<data>/processes/<project>/<stage>/volumes/<component>/<storage>/`
-//! (named `component/storage` in a backup). Container volumes are not
-//! backed up yet.
+//! A stage's volumes, named `component/storage` in a backup, are what its
+//! runtimes list (`StageRunner::volumes`): process components' storage
+//! directories (`<data>/processes/<project>/<stage>/volumes/<component>/
+//! <storage>/`) and container components' named volumes, read at their
+//! mountpoint on the host (the agent runs beside the engine, as root).
 //!
 //! **Backup** (`snapshot.rs`): every file of every volume is cut into
 //! content-defined chunks ([`trellis_cas::BACKUP_CHUNKS`]); in batches,
@@ -36,6 +37,9 @@ use std::sync::{Arc, Mutex};
 
 use trellis_link::protocol::BackupOp;
 use trellis_model::{NameKind, validate_name};
+
+use crate::runner::StageRunner;
+use crate::state::StageKey;
 
 pub use hub::{BackupHub, HttpBackupHub, JobRef, JobReport};
 
@@ -83,8 +87,16 @@ impl Backups {
         restore::recover(&self.journals, &self.processes);
     }
 
-    /// Starts a job unless one of the same backup runs already.
-    pub fn start(self: &Arc<Self>, id: u64, project: String, stage: String, op: BackupOp) {
+    /// Starts a job unless one of the same backup runs already; `runner`
+    /// says where the stage's volumes are.
+    pub fn start(
+        self: &Arc<Self>,
+        runner: Arc<dyn StageRunner>,
+        id: u64,
+        project: String,
+        stage: String,
+        op: BackupOp,
+    ) {
         let job = JobRef { id, project, stage };
         if let Err(e) = validate_name(NameKind::Project, &job.project)
             .and_then(|()| validate_name(NameKind::Stage, &job.stage))
@@ -104,10 +116,13 @@ impl Backups {
         let this = self.clone();
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let result = match op {
-                BackupOp::Backup => snapshot::run(&this, &handle, &job),
-                BackupOp::Restore => restore::run(&this, &handle, &job),
-            };
+            let volumes = handle
+                .block_on(runner.volumes(&StageKey::new(job.project.clone(), job.stage.clone())))
+                .map_err(|e| format!("the stage's volumes cannot be listed: {e}"));
+            let result = volumes.and_then(|volumes| match op {
+                BackupOp::Backup => snapshot::run(&this, &handle, &job, volumes),
+                BackupOp::Restore => restore::run(&this, &handle, &job, volumes),
+            });
             let (state, message) = match &result {
                 Ok(()) if op == BackupOp::Restore => ("completed", String::new()),
                 Ok(()) => ("", String::new()),
@@ -135,19 +150,12 @@ impl Backups {
                 .remove(&job.id);
         });
     }
-
-    fn stage_volumes(&self, job: &JobRef) -> PathBuf {
-        self.processes
-            .join(&job.project)
-            .join(&job.stage)
-            .join("volumes")
-    }
 }
 
 /// The `component/storage` volumes under a stage's `volumes` directory,
 /// sorted; names that are not a component's or storage's are skipped
 /// (staging and set-aside directories start with a dot).
-fn list_volumes(volumes: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+pub(crate) fn list_volumes(volumes: &Path) -> Result<Vec<(String, PathBuf)>, String> {
     let mut found = Vec::new();
     let components = match std::fs::read_dir(volumes) {
         Ok(rd) => rd,

@@ -41,7 +41,12 @@ fn journal_path(journals: &Path, id: u64) -> PathBuf {
     journals.join(format!("restore-{id}.json"))
 }
 
-pub(super) fn run(backups: &Backups, handle: &Handle, job: &JobRef) -> Result<(), String> {
+pub(super) fn run(
+    backups: &Backups,
+    handle: &Handle,
+    job: &JobRef,
+    volumes: Vec<(String, PathBuf)>,
+) -> Result<(), String> {
     let report = JobReport {
         op: BackupOp::Restore,
         state: "running".into(),
@@ -54,7 +59,6 @@ pub(super) fn run(backups: &Backups, handle: &Handle, job: &JobRef) -> Result<()
         .map_err(|e| format!("restore of {job} failed before anything was replaced: {e}"))?;
     let manifest = BackupManifest::parse(&bytes)
         .map_err(|e| format!("restore of {job} failed before anything was replaced: {e}"))?;
-    let volumes_dir = backups.stage_volumes(job);
     let mut swaps = Vec::new();
     for volume in &manifest.volumes {
         let Some((component, storage)) = volume.name.split_once('/') else {
@@ -66,11 +70,23 @@ pub(super) fn run(backups: &Backups, handle: &Handle, job: &JobRef) -> Result<()
         validate_name(NameKind::Component, component)
             .and_then(|()| validate_name(NameKind::Storage, storage))
             .map_err(|e| format!("{job}: volume {:?}: {e}", volume.name))?;
-        let parent = volumes_dir.join(component);
+        let Some((_, live)) = volumes.iter().find(|(name, _)| *name == volume.name) else {
+            return Err(format!(
+                "restore of {job} failed before anything was replaced: the stage has no volume {} now (its component or storage is not in the release the outpost runs)",
+                volume.name
+            ));
+        };
+        let (Some(parent), Some(base)) = (live.parent(), live.file_name()) else {
+            return Err(format!(
+                "{job}: volume {} has no parent directory",
+                volume.name
+            ));
+        };
+        let base = base.to_string_lossy();
         swaps.push(Swap {
-            live: parent.join(storage),
-            staging: parent.join(format!(".restore-{}-{storage}", job.id)),
-            old: parent.join(format!(".old-{}-{storage}", job.id)),
+            live: live.clone(),
+            staging: parent.join(format!(".restore-{}-{base}", job.id)),
+            old: parent.join(format!(".old-{}-{base}", job.id)),
         });
     }
     // Stage everything; on any failure remove what was staged.

@@ -103,7 +103,12 @@ impl Uploader<'_> {
     }
 }
 
-pub(super) fn run(backups: &Backups, handle: &Handle, job: &JobRef) -> Result<(), String> {
+pub(super) fn run(
+    backups: &Backups,
+    handle: &Handle,
+    job: &JobRef,
+    volumes: Vec<(String, std::path::PathBuf)>,
+) -> Result<(), String> {
     let mut up = Uploader {
         backups,
         handle,
@@ -115,7 +120,6 @@ pub(super) fn run(backups: &Backups, handle: &Handle, job: &JobRef) -> Result<()
         last_report: Instant::now(),
     };
     up.progress("reading the stage's volumes")?;
-    let volumes = super::list_volumes(&backups.stage_volumes(job))?;
     let mut manifest = BackupManifest {
         format: BACKUP_FORMAT.into(),
         volumes: Vec::new(),

@@ -21,6 +21,8 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -315,6 +317,12 @@ pub trait Runtime: Send + Sync {
     /// image). Default: no.
     async fn has_workload(&self, _component: &ComponentPlan) -> bool {
         false
+    }
+
+    /// The stage's volumes on this host (`component/storage`, and the
+    /// directory holding its content), for backups. Default: none.
+    async fn volumes(&self, _stage: &StageKey) -> Result<Vec<(String, PathBuf)>, RuntimeError> {
+        Ok(Vec::new())
     }
 
     /// Runs a command in `component` of `stage` (`trellis exec`).

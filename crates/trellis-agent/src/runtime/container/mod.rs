@@ -1245,6 +1245,45 @@ fn split_reference(reference: &str) -> (&str, &str) {
 
 #[async_trait]
 impl Runtime for ContainerRuntime {
+    /// Each labelled volume of the stage, at its mountpoint on the host
+    /// (the agent runs beside the engine, as root).
+    async fn volumes(
+        &self,
+        stage: &StageKey,
+    ) -> Result<Vec<(String, std::path::PathBuf)>, RuntimeError> {
+        naming::check_stage(stage)?;
+        let mut found = Vec::new();
+        for volume in self.engine.volumes(&self.stage_filters(stage)).await? {
+            let (Some(component), Some(storage)) = (
+                volume.labels.get(naming::COMPONENT),
+                volume.labels.get(naming::STORAGE),
+            ) else {
+                continue;
+            };
+            let inspected: Option<serde_json::Value> = self
+                .engine
+                .get(
+                    &format!("/volumes/{}", engine::encode(&volume.name)),
+                    "inspecting a volume",
+                )
+                .await?;
+            let Some(mountpoint) = inspected
+                .as_ref()
+                .and_then(|v| v.get("Mountpoint"))
+                .and_then(|m| m.as_str())
+                .filter(|m| !m.is_empty())
+            else {
+                continue;
+            };
+            found.push((
+                format!("{component}/{storage}"),
+                std::path::PathBuf::from(mountpoint),
+            ));
+        }
+        found.sort();
+        Ok(found)
+    }
+
     async fn exec(
         &self,
         stage: &StageKey,

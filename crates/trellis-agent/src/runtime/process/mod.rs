@@ -412,6 +412,14 @@ fn decide(
 
 #[async_trait]
 impl Runtime for ProcessRuntime {
+    async fn volumes(
+        &self,
+        stage: &StageKey,
+    ) -> Result<Vec<(String, std::path::PathBuf)>, RuntimeError> {
+        let dir = self.inner.layout.stage_dir(stage)?.join(layout::VOLUMES);
+        crate::backup::list_volumes(&dir).map_err(|e| RuntimeError::new("volumes-unreadable", e))
+    }
+
     async fn exec(
         &self,
         stage: &StageKey,
