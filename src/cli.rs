@@ -318,6 +318,15 @@ pub enum UpdateCommand {
         /// dev, qa or prod
         #[arg(short = 't', long = "type")]
         stage_type: Option<String>,
+        /// Back the stage up on this cron schedule (UTC; e.g. "0 3 * * *")
+        #[arg(long, requires = "backup_keep")]
+        backup_schedule: Option<String>,
+        /// With --backup-schedule: how many scheduled backups to keep
+        #[arg(long, requires = "backup_schedule")]
+        backup_keep: Option<u32>,
+        /// Stop backing the stage up on a schedule (its backups are kept)
+        #[arg(long, conflicts_with = "backup_schedule")]
+        no_backup_schedule: bool,
     },
     /// Make a user an administrator, or no longer one
     #[command(alias = "users")]

@@ -539,3 +539,114 @@ fn a_podman_container_volume_is_backed_up_and_restored() {
 fn a_docker_container_volume_is_backed_up_and_restored() {
     a_container_volume_is_backed_up_and_restored(trellis_testkit::engines::EngineKind::Docker);
 }
+
+/// A schedule on a stage of the hub's local outpost (whose agent is part of
+/// the hub): backups are made at its times and only the newest `keep`
+/// scheduled ones are kept; one made by hand stays.
+#[test]
+fn scheduled_backups_are_made_and_only_the_newest_are_kept() {
+    let w = World::new("shop");
+    let app = w.tmp.path().join("app");
+    git_project(&app, &[("trellis.yaml", MANIFEST), ("db/README", "db\n")]);
+    let out = w.cli.run_in(&app, &["push", "build", "-p", "shop"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    w.cli.ok(&["create", "stage", "dev", "-p", "shop"]);
+    w.cli.ok(&["push", "release", "-p", "shop", "-s", "dev"]);
+    w.running("shop", "dev", 1, 1);
+    let volume = w
+        .tmp
+        .path()
+        .join("hub/local-outpost/processes/shop/dev/volumes/db/data");
+    assert!(volume.is_dir(), "no volume at {}", volume.display());
+    std::fs::write(volume.join("notes.txt"), "kept\n").unwrap();
+    let by_hand = w
+        .cli
+        .ok(&["create", "backup", "-p", "shop", "-s", "dev", "--wait"]);
+    assert!(by_hand.contains("backup 1 completed"), "{by_hand}");
+
+    let err = refused(
+        &w.cli,
+        &[
+            "update",
+            "stage",
+            "dev",
+            "-p",
+            "shop",
+            "--backup-schedule",
+            "nightly",
+            "--backup-keep",
+            "2",
+        ],
+        "is not a cron schedule",
+    );
+    assert!(err.contains("0 3 * * *"), "{err}");
+    let out = w.cli.ok(&[
+        "update",
+        "stage",
+        "dev",
+        "-p",
+        "shop",
+        "--backup-schedule",
+        "*/2 * * * * *",
+        "--backup-keep",
+        "2",
+    ]);
+    assert!(out.contains("keeping the newest 2"), "{out}");
+    let list = || w.cli.json(&["list", "backup", "-p", "shop", "-s", "dev"]);
+    let mut last = serde_json::Value::Null;
+    let enough = wait_for(Duration::from_secs(90), || {
+        last = list();
+        let all = last.as_array().unwrap();
+        let newest = all.iter().map(|b| b["id"].as_u64().unwrap()).max().unwrap();
+        newest >= 5
+    });
+    assert!(enough, "the schedule made too few backups: {last:#}");
+    w.cli.ok(&[
+        "update",
+        "stage",
+        "dev",
+        "-p",
+        "shop",
+        "--no-backup-schedule",
+    ]);
+    // The last one asked for may still be running; let it end.
+    let settled = wait_for(Duration::from_secs(60), || {
+        last = list();
+        last.as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["state"] == "completed")
+    });
+    assert!(settled, "{last:#}");
+    let all = last.as_array().unwrap();
+    let scheduled: Vec<_> = all
+        .iter()
+        .filter(|b| b["created_by"] == "schedule")
+        .collect();
+    assert_eq!(
+        scheduled.len(),
+        2,
+        "only the newest two scheduled backups are kept: {last:#}"
+    );
+    assert!(
+        all.iter().any(|b| b["id"] == 1),
+        "the backup made by hand was deleted: {last:#}"
+    );
+    assert!(
+        scheduled
+            .iter()
+            .all(|b| b["volumes"] == serde_json::json!(["db/data"]))
+    );
+    refused(
+        &w.cli,
+        &[
+            "update",
+            "stage",
+            "dev",
+            "-p",
+            "shop",
+            "--no-backup-schedule",
+        ],
+        "has no backup schedule",
+    );
+}

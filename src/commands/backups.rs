@@ -221,3 +221,38 @@ pub async fn restore(
         }
     }
 }
+
+/// `update stage --backup-schedule S --backup-keep N` (or, with `None`,
+/// `--no-backup-schedule`).
+pub async fn schedule(
+    client: &HubClient,
+    project: &str,
+    stage: &str,
+    schedule: Option<(String, u32)>,
+) -> anyhow::Result<()> {
+    let path = format!(
+        "/projects/{}/stages/{}/backup-schedule",
+        seg(project),
+        seg(stage)
+    );
+    match schedule {
+        Some((schedule, keep)) => {
+            let set: trellis_model::BackupSchedule = client
+                .put(
+                    &path,
+                    &serde_json::json!({"schedule": schedule, "keep": keep}),
+                    "setting the backup schedule",
+                )
+                .await?;
+            println!(
+                "stage {project}/{stage} is backed up at {:?} (UTC), keeping the newest {} scheduled backups",
+                set.schedule, set.keep
+            );
+        }
+        None => {
+            client.delete(&path, "removing the backup schedule").await?;
+            println!("stage {project}/{stage} is no longer backed up on a schedule");
+        }
+    }
+    Ok(())
+}

@@ -85,7 +85,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     project,
                     display_name,
                     stage_type,
+                    backup_schedule,
+                    backup_keep,
+                    no_backup_schedule,
                 } => {
+                    let scheduling = backup_schedule.is_some() || no_backup_schedule;
+                    if scheduling {
+                        backups::schedule(
+                            &client,
+                            &project,
+                            &name,
+                            backup_schedule.zip(backup_keep),
+                        )
+                        .await?;
+                        if display_name.is_none() && stage_type.is_none() {
+                            return Ok(());
+                        }
+                    }
                     resources::update_stage(
                         &client,
                         &project,

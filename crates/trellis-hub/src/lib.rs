@@ -12,6 +12,7 @@
 //!   OpenAPI document.
 //! - `archive.rs`: purging archived projects and stages past retention.
 //! - `auth.rs`: access keys and the [`auth::Caller`] extractor.
+//! - `backup_schedule.rs`: scheduled backups and their retention.
 //! - `backups.rs`: backups of stages' storage — the outpost's side of the
 //!   work, and what garbage collection keeps of them.
 //! - `chunks/`: the artifact store, on a directory or on S3.
@@ -33,6 +34,7 @@
 pub mod api;
 pub mod archive;
 pub mod auth;
+pub mod backup_schedule;
 pub mod backups;
 pub mod chunks;
 pub mod cluster;

@@ -374,6 +374,29 @@ impl Store for SealedStore {
         self.inner.backup_manifests().await
     }
 
+    async fn set_backup_schedule(
+        &self,
+        project: &str,
+        stage: &str,
+        schedule: Option<&trellis_model::BackupSchedule>,
+    ) -> Result<()> {
+        self.inner
+            .set_backup_schedule(project, stage, schedule)
+            .await
+    }
+
+    async fn get_backup_schedule(
+        &self,
+        project: &str,
+        stage: &str,
+    ) -> Result<Option<trellis_model::BackupSchedule>> {
+        self.inner.get_backup_schedule(project, stage).await
+    }
+
+    async fn list_backup_schedules(&self) -> Result<Vec<trellis_model::BackupSchedule>> {
+        self.inner.list_backup_schedules().await
+    }
+
     async fn list_audit(
         &self,
         project: &str,

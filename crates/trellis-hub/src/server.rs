@@ -225,6 +225,12 @@ impl Hub {
             cancel.clone(),
             crate::gc::run,
         );
+        crate::cluster::lead(
+            self.state.clone(),
+            "backup-schedule",
+            cancel.clone(),
+            crate::backup_schedule::run,
+        );
         let retention = self.archive_retention;
         crate::cluster::lead(
             self.state.clone(),

@@ -781,3 +781,19 @@ pub struct NewBackup {
     pub created_at: Timestamp,
     pub created_by: String,
 }
+
+/// A stage's backup schedule: the hub backs the stage up at each time of
+/// `schedule` (cron, UTC) and keeps the newest `keep` completed scheduled
+/// backups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BackupSchedule {
+    pub project: String,
+    pub stage: String,
+    /// Five fields (minute hour day month weekday), or six with seconds
+    /// first.
+    pub schedule: String,
+    pub keep: u32,
+    /// When the hub last made a scheduled backup (or the schedule was set).
+    pub last_run: DateTime<Utc>,
+}

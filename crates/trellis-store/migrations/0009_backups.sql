@@ -30,3 +30,15 @@ CREATE TABLE id_counters (
     name TEXT   NOT NULL PRIMARY KEY,
     last BIGINT NOT NULL
 );
+
+-- A stage's backup schedule (`trellis update stage --backup-schedule`):
+-- a cron expression (UTC), how many scheduled backups to keep, and when
+-- the hub last made one (the next is the schedule's first time after it).
+CREATE TABLE backup_schedules (
+    project  TEXT   NOT NULL REFERENCES projects (name),
+    stage    TEXT   NOT NULL,
+    schedule TEXT   NOT NULL,
+    keep     BIGINT NOT NULL,
+    last_ms  BIGINT NOT NULL,
+    PRIMARY KEY (project, stage)
+);

@@ -374,6 +374,21 @@ pub trait Store: Send + Sync + 'static {
     /// The manifest digests of every backup that has one (garbage
     /// collection keeps them and their chunks).
     async fn backup_manifests(&self) -> Result<Vec<String>>;
+    /// Sets (or with `None` removes) the stage's backup schedule.
+    async fn set_backup_schedule(
+        &self,
+        project: &str,
+        stage: &str,
+        schedule: Option<&trellis_model::BackupSchedule>,
+    ) -> Result<()>;
+    /// The stage's backup schedule, if it has one.
+    async fn get_backup_schedule(
+        &self,
+        project: &str,
+        stage: &str,
+    ) -> Result<Option<trellis_model::BackupSchedule>>;
+    /// Every backup schedule of the hub.
+    async fn list_backup_schedules(&self) -> Result<Vec<trellis_model::BackupSchedule>>;
 
     /// The user's role in the project, `None` if they are not a member
     /// (including when the project does not exist: nobody is a member).

@@ -113,6 +113,7 @@ struct StageState {
     controls: BTreeMap<String, ComponentControl>,
     /// By id.
     backups: BTreeMap<u64, Backup>,
+    backup_schedule: Option<trellis_model::BackupSchedule>,
 }
 
 impl MemoryStore {
@@ -702,6 +703,42 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn set_backup_schedule(
+        &self,
+        project: &str,
+        stage: &str,
+        schedule: Option<&trellis_model::BackupSchedule>,
+    ) -> Result<()> {
+        let mut state = self.state();
+        let stage_state = state.stage_mut(project, stage)?;
+        stage_state.backup_schedule = schedule.map(|s| {
+            let mut s = s.clone();
+            s.project = project.to_owned();
+            s.stage = stage.to_owned();
+            s.last_run = millis(s.last_run);
+            s
+        });
+        Ok(())
+    }
+
+    async fn get_backup_schedule(
+        &self,
+        project: &str,
+        stage: &str,
+    ) -> Result<Option<trellis_model::BackupSchedule>> {
+        Ok(self.state().stage(project, stage)?.backup_schedule.clone())
+    }
+
+    async fn list_backup_schedules(&self) -> Result<Vec<trellis_model::BackupSchedule>> {
+        Ok(self
+            .state()
+            .projects
+            .values()
+            .flat_map(|p| p.stages.values())
+            .filter_map(|s| s.backup_schedule.clone())
+            .collect())
+    }
+
     async fn role_of(&self, project: &str, user: &str) -> Result<Option<Role>> {
         Ok(self
             .state()
@@ -934,6 +971,7 @@ impl Store for MemoryStore {
                 sync: None,
                 controls: BTreeMap::new(),
                 backups: BTreeMap::new(),
+                backup_schedule: None,
             },
         );
         Ok(created)

@@ -608,10 +608,58 @@ pub async fn backups(store: &dyn Store) {
     let third = store.create_backup(&new("prod", "again")).await.unwrap();
     assert!(third.id > other.id, "{} reused", third.id);
 
-    // Backups go with their stage.
+    // Schedules: set, read, replaced, removed; they go with the stage.
+    let schedule = trellis_model::BackupSchedule {
+        project: "shop".into(),
+        stage: "prod".into(),
+        schedule: "0 3 * * *".into(),
+        keep: 7,
+        last_run: at(5_000),
+    };
+    assert_eq!(
+        store.get_backup_schedule("shop", "prod").await.unwrap(),
+        None
+    );
+    store
+        .set_backup_schedule("shop", "prod", Some(&schedule))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_backup_schedule("shop", "prod").await.unwrap(),
+        Some(schedule.clone())
+    );
+    let mut later = schedule.clone();
+    later.last_run = at(9_000);
+    store
+        .set_backup_schedule("shop", "prod", Some(&later))
+        .await
+        .unwrap();
+    assert_eq!(store.list_backup_schedules().await.unwrap(), vec![later]);
+    store
+        .set_backup_schedule("shop", "dev", Some(&schedule))
+        .await
+        .unwrap();
+    store
+        .set_backup_schedule("shop", "dev", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_backup_schedule("shop", "dev").await.unwrap(),
+        None
+    );
+    assert_not_found(
+        store
+            .set_backup_schedule("shop", "nope", Some(&schedule))
+            .await,
+        "stage",
+        "shop/nope",
+    );
+
+    // Backups and schedules go with their stage.
     store.delete_stage("shop", "prod", true).await.unwrap();
     stage_in(store, "shop", "prod").await;
     assert!(store.list_backups("shop", "prod").await.unwrap().is_empty());
+    assert!(store.list_backup_schedules().await.unwrap().is_empty());
     store.delete_project("shop", true).await.unwrap();
     assert!(store.backup_manifests().await.unwrap().is_empty());
 }

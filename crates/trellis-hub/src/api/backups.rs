@@ -278,3 +278,123 @@ pub async fn restore_backup(
     let backup = state.store().get_backup(&project, &stage, id).await?;
     Ok((StatusCode::ACCEPTED, Json(backup)))
 }
+
+// === schedule ===
+
+/// The most scheduled backups a stage may keep.
+pub const MAX_KEEP: u32 = 1000;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"schedule": "0 3 * * *", "keep": 7}))]
+pub struct SetBackupScheduleRequest {
+    /// Cron, in UTC: five fields (minute hour day month weekday), or six
+    /// with seconds first.
+    pub schedule: String,
+    /// How many completed scheduled backups to keep (1 to 1000); older
+    /// ones are deleted as new ones are made.
+    #[schema(minimum = 1, maximum = 1000)]
+    pub keep: u32,
+}
+
+fn no_schedule(project: &str, stage: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no-backup-schedule",
+        format!("stage {project}/{stage} has no backup schedule"),
+        format!(
+            "set one with `trellis update stage {stage} -p {project} --backup-schedule \"0 3 * * *\" --backup-keep 7`"
+        ),
+    )
+}
+
+/// Backs the stage up on a schedule (cron, UTC) and keeps the newest
+/// `keep` completed scheduled backups; backups made by hand are kept until
+/// deleted. Replaces the stage's schedule, if it had one.
+#[utoipa::path(put, path = "/projects/{project}/stages/{stage}/backup-schedule", tag = "backups",
+    params(crate::api::params::StagePath), request_body = SetBackupScheduleRequest,
+    responses((status = 200, body = trellis_model::BackupSchedule)))]
+pub async fn set_backup_schedule(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+    Json(req): Json<SetBackupScheduleRequest>,
+) -> ApiResult<Json<trellis_model::BackupSchedule>> {
+    caller.role_in(&state, &project).await?;
+    super::stages::live_stage(&state, &project, &stage).await?;
+    let now = Utc::now();
+    crate::backup_schedule::next_time(&req.schedule, now).map_err(|message| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-schedule",
+            message,
+            "e.g. \"0 3 * * *\" for 03:00 UTC every day",
+        )
+    })?;
+    if !(1..=MAX_KEEP).contains(&req.keep) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-keep",
+            format!("keep {} is not between 1 and {MAX_KEEP}", req.keep),
+            "keep at least the newest scheduled backup",
+        ));
+    }
+    let schedule = trellis_model::BackupSchedule {
+        project: project.clone(),
+        stage: stage.clone(),
+        schedule: req.schedule,
+        keep: req.keep,
+        last_run: now,
+    };
+    state
+        .store()
+        .set_backup_schedule(&project, &stage, Some(&schedule))
+        .await?;
+    state
+        .store()
+        .get_backup_schedule(&project, &stage)
+        .await?
+        .map(Json)
+        .ok_or_else(|| no_schedule(&project, &stage))
+}
+
+#[utoipa::path(get, path = "/projects/{project}/stages/{stage}/backup-schedule", tag = "backups",
+    params(crate::api::params::StagePath),
+    responses((status = 200, body = trellis_model::BackupSchedule)))]
+pub async fn get_backup_schedule(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+) -> ApiResult<Json<trellis_model::BackupSchedule>> {
+    caller.role_in(&state, &project).await?;
+    state
+        .store()
+        .get_backup_schedule(&project, &stage)
+        .await?
+        .map(Json)
+        .ok_or_else(|| no_schedule(&project, &stage))
+}
+
+/// Stops backing the stage up on a schedule; its backups are kept.
+#[utoipa::path(delete, path = "/projects/{project}/stages/{stage}/backup-schedule", tag = "backups",
+    params(crate::api::params::StagePath),
+    responses((status = 204, description = "Removed")))]
+pub async fn delete_backup_schedule(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((project, stage)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    caller.role_in(&state, &project).await?;
+    if state
+        .store()
+        .get_backup_schedule(&project, &stage)
+        .await?
+        .is_none()
+    {
+        return Err(no_schedule(&project, &stage));
+    }
+    state
+        .store()
+        .set_backup_schedule(&project, &stage, None)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}

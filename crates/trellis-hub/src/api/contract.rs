@@ -461,6 +461,22 @@ pub const ERRORS: &[(&str, Refusals)] = &[
         ],
     ),
     (
+        "set_backup_schedule",
+        &[
+            (400, &["invalid-schedule", "invalid-keep"]),
+            (404, &["not-found"]),
+            (409, &["archived"]),
+        ],
+    ),
+    (
+        "get_backup_schedule",
+        &[(404, &["not-found", "no-backup-schedule"])],
+    ),
+    (
+        "delete_backup_schedule",
+        &[(404, &["not-found", "no-backup-schedule"])],
+    ),
+    (
         "backup_report",
         &[
             (400, &["invalid-report"]),
@@ -806,6 +822,15 @@ pub const CODES: &[(&str, &str)] = &[
         "a backup or restore of the stage is pending or running",
     ),
     ("restore-in-progress", "the backup is being restored"),
+    (
+        "invalid-schedule",
+        "the backup schedule is not a cron schedule",
+    ),
+    (
+        "invalid-keep",
+        "the count of backups to keep is out of range",
+    ),
+    ("no-backup-schedule", "the stage has no backup schedule"),
     (
         "backup-not-completed",
         "the backup did not complete, so there is nothing to restore",

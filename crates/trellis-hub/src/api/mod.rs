@@ -85,6 +85,11 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(backups::list_backups, backups::create_backup))
         .routes(routes!(backups::get_backup, backups::delete_backup))
         .routes(routes!(backups::restore_backup))
+        .routes(routes!(
+            backups::get_backup_schedule,
+            backups::set_backup_schedule,
+            backups::delete_backup_schedule
+        ))
         .routes(routes!(outposts::list_outposts, outposts::create_outpost))
         .routes(routes!(
             outposts::get_outpost,

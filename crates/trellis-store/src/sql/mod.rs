@@ -408,6 +408,17 @@ fn opt_time<R: SqlRow>(row: &R, name: &str) -> Result<Option<Timestamp>> {
         .transpose()
 }
 
+fn schedule_from<R: SqlRow>(row: &R) -> Result<trellis_model::BackupSchedule> {
+    let keep = count(row, "keep")?;
+    Ok(trellis_model::BackupSchedule {
+        project: col(row, "project")?,
+        stage: col(row, "stage")?,
+        schedule: col(row, "schedule")?,
+        keep: u32::try_from(keep).map_err(|_| corrupt(format!("keep {keep}")))?,
+        last_run: time(row, "last_ms")?,
+    })
+}
+
 fn backup_from<R: SqlRow>(row: &R) -> Result<Backup> {
     Ok(Backup {
         id: count(row, "id")?,
@@ -1247,6 +1258,7 @@ impl<B: Backend> Store for SqlStore<B> {
             "DELETE FROM members WHERE project = $1",
             "DELETE FROM audit_log WHERE project = $1",
             "DELETE FROM backups WHERE project = $1",
+            "DELETE FROM backup_schedules WHERE project = $1",
             "DELETE FROM projects WHERE name = $1",
         ] {
             q(sql)
@@ -1651,6 +1663,72 @@ impl<B: Backend> Store for SqlStore<B> {
         rows.iter().map(|row| col(row, "manifest")).collect()
     }
 
+    async fn set_backup_schedule(
+        &self,
+        project: &str,
+        stage: &str,
+        schedule: Option<&trellis_model::BackupSchedule>,
+    ) -> Result<()> {
+        const DOING: &str = "setting a backup schedule";
+        let mut tx = self.write().await?;
+        require_stage(&mut *tx, project, stage).await?;
+        q("DELETE FROM backup_schedules WHERE project = $1 AND stage = $2")
+            .bind(project)
+            .bind(stage)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        if let Some(s) = schedule {
+            q(
+                "INSERT INTO backup_schedules (project, stage, schedule, keep, last_ms) \
+               VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(project)
+            .bind(stage)
+            .bind(&s.schedule)
+            .bind(i64::from(s.keep))
+            .bind(millis(s.last_run))
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        }
+        self.commit(tx, DOING).await
+    }
+
+    async fn get_backup_schedule(
+        &self,
+        project: &str,
+        stage: &str,
+    ) -> Result<Option<trellis_model::BackupSchedule>> {
+        let mut tx = self.read().await?;
+        require_stage(&mut *tx, project, stage).await?;
+        q(
+            "SELECT project, stage, schedule, keep, last_ms FROM backup_schedules \
+           WHERE project = $1 AND stage = $2",
+        )
+        .bind(project)
+        .bind(stage)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend("reading a backup schedule"))?
+        .as_ref()
+        .map(schedule_from)
+        .transpose()
+    }
+
+    async fn list_backup_schedules(&self) -> Result<Vec<trellis_model::BackupSchedule>> {
+        q(
+            "SELECT project, stage, schedule, keep, last_ms FROM backup_schedules \
+           ORDER BY project, stage",
+        )
+        .fetch_all(&mut *self.reader().await?)
+        .await
+        .map_err(backend("listing backup schedules"))?
+        .iter()
+        .map(schedule_from)
+        .collect()
+    }
+
     async fn role_of(&self, project: &str, user: &str) -> Result<Option<Role>> {
         q("SELECT role FROM members WHERE project = $1 AND user_name = $2")
             .bind(project)
@@ -1755,6 +1833,9 @@ impl<B: Backend> Store for SqlStore<B> {
              AND s.name = component_controls.stage)",
             "DELETE FROM backups WHERE EXISTS (SELECT 1 FROM stages s \
              WHERE s.outpost = $1 AND s.project = backups.project AND s.name = backups.stage)",
+            "DELETE FROM backup_schedules WHERE EXISTS (SELECT 1 FROM stages s \
+             WHERE s.outpost = $1 AND s.project = backup_schedules.project \
+             AND s.name = backup_schedules.stage)",
             "DELETE FROM stages WHERE outpost = $1",
             "DELETE FROM outpost_links WHERE outpost = $1",
             "DELETE FROM join_tokens WHERE outpost = $1",
@@ -2080,6 +2161,7 @@ impl<B: Backend> Store for SqlStore<B> {
             "DELETE FROM stage_syncs WHERE project = $1 AND stage = $2",
             "DELETE FROM component_controls WHERE project = $1 AND stage = $2",
             "DELETE FROM backups WHERE project = $1 AND stage = $2",
+            "DELETE FROM backup_schedules WHERE project = $1 AND stage = $2",
             "DELETE FROM stages WHERE project = $1 AND name = $2",
         ] {
             q(sql)
