@@ -17,8 +17,9 @@
 //!   between: what the source itself can give.
 //!
 //! The three alternate, `--runs` times each; medians are compared. The exec
-//! round trip: `trellis exec -i source -- cat`, one short line written to
-//! its stdin and read back from its stdout, `--echoes` times after a warm-up.
+//! round trip: `trellis exec -i source -- sed -u s/x/y/`, a line `x`
+//! written to its stdin and `y` read back from its stdout (so it went
+//! through the command), `--echoes` times after a warm-up.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -91,7 +92,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if words.get(..2) != Some(&["trellis", "agent"][..]) {
         bail!("unexpected join command: {command}");
     }
-    let _agent = Killed(
+    let agent = Killed(
         Command::new(&settings.agent)
             .args(&words[2..])
             .arg("--data")
@@ -145,12 +146,24 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let forward = port_forward(&settings.trellis, &client, port)?;
     let tls = TlsSource::start(&hub.data, bytes).await?;
     let (mut forwarded, mut plain, mut direct_rates) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU seconds of each process while forwarded downloads run: the
+    // agent, the port-forward CLI, and this process (the hub and the
+    // downloading client).
+    let pids = [agent.0.id(), forward.0.0.id(), std::process::id()];
+    let mut forward_cpu = [0.0f64; 3];
     for run in 0..settings.runs {
         // Alternating, so that drift on a shared machine hits all three.
         let order: [u8; 3] = if run % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
         for which in order {
             let rate = match which {
-                0 => timed(bytes, || download(forward.1))?,
+                0 => {
+                    let before = pids.map(cpu_of);
+                    let rate = timed(bytes, || download(forward.1))?;
+                    for (i, pid) in pids.iter().enumerate() {
+                        forward_cpu[i] += cpu_of(*pid) - before[i];
+                    }
+                    rate
+                }
                 1 => {
                     let started = Instant::now();
                     let n = tls.read_all().await?;
@@ -171,7 +184,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     drop(forward);
 
-    let echoes = exec_echoes(&settings.trellis, &client, settings.echoes)?;
+    let echoes = exec_echoes(&settings.trellis, &client, settings.echoes);
+    // The agent leaves its components running when it is killed (a
+    // restarted agent adopts them); this run's must not outlive it.
+    drop(agent);
+    kill_processes_in(work.path());
+    let echoes = echoes?;
 
     let median = |v: &[f64]| percentile(v, 50.0);
     let mut report = Report::new(
@@ -200,6 +218,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         median(&forwarded) / median(&direct_rates),
         "×",
     );
+    let gib_forwarded = (bytes * settings.runs as u64) as f64 / (1u64 << 30) as f64;
+    for (name, cpu) in ["agent", "port-forward CLI", "hub (and the client)"]
+        .iter()
+        .zip(forward_cpu)
+    {
+        report.add(
+            format!("  CPU per GiB forwarded: {name}"),
+            cpu / gib_forwarded,
+            "s",
+        );
+    }
     report.add(
         "exec -i round trip (line → echo), p50",
         percentile(&echoes, 50.0) * 1e3,
@@ -212,6 +241,30 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     report.finish(settings.json.as_deref())?;
     Ok(())
+}
+
+/// Kills (SIGKILL) every process whose working directory is under `dir`.
+fn kill_processes_in(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(dir)) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
+/// CPU seconds (user + system) of process `pid` so far.
+fn cpu_of(pid: u32) -> f64 {
+    setup::cpu_seconds_in(&format!("/proc/{pid}/stat"))
 }
 
 fn check_size(got: u64, want: u64) -> anyhow::Result<()> {
@@ -300,13 +353,14 @@ fn port_forward(
     Ok((child, addr))
 }
 
-/// Seconds of each round trip through `trellis exec -i source -- cat`.
+/// Seconds of each round trip through `trellis exec -i source -- sed -u
+/// s/x/y/` (unbuffered: each line is answered as it arrives).
 fn exec_echoes(trellis: &Path, client: &Client, n: usize) -> anyhow::Result<Vec<f64>> {
     let mut child = Killed(
         client
             .command(trellis)
             .args([
-                "exec", "-i", "source", "-p", "bench", "-s", "line", "--", "cat",
+                "exec", "-i", "source", "-p", "bench", "-s", "line", "--", "sed", "-u", "s/x/y/",
             ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -326,7 +380,7 @@ fn exec_echoes(trellis: &Path, client: &Client, n: usize) -> anyhow::Result<Vec<
         stdout
             .read_exact(&mut echo)
             .context("trellis exec ended before echoing")?;
-        if &echo != b"x\n" {
+        if &echo != b"y\n" {
             bail!("the echo came back as {echo:?}");
         }
         if i >= WARM_UP {
