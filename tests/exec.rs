@@ -263,6 +263,22 @@ fn exec_and_port_forward_reach_process_components_and_a_flood_holds_up_no_releas
         want.len()
     );
 
+    // --- -it: a shell under a pseudo-terminal of its own; what is typed
+    // runs in the component's directory, the exit code comes back ---
+    let out = exec_in_terminal(
+        &w.cli,
+        &["-it", "web", "-p", "shop", "-s", "prod", "--", "sh"],
+        b"tty; echo answer-$((6*7)); cat index.html; exit 5\n",
+    );
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
+    assert!(
+        text.contains("/dev/pts/"),
+        "no terminal for the command: {text:?}"
+    );
+    assert!(text.contains("answer-42"), "{text:?}");
+    assert!(text.contains("<h1>shop</h1>"), "{text:?}");
+
     // --- port-forward: an HTTP request, then 100 MiB intact ---
     let forward = Forward::start(
         &w.cli,

@@ -90,19 +90,14 @@ impl Cluster {
             let data = work.join(format!("hub-{h}"));
             if h > 0 {
                 // What the first instance made and the others are given:
-                // the cluster key (as `TRELLIS_CLUSTER_KEY` would), the
-                // administrator key the benchmark calls the API with, and
-                // the CA. Without the CA a new instance would take it from
-                // the store by itself, but it writes a CA of its own into
-                // its data directory first and replaces it a moment later,
-                // and the benchmark's client, which reads ca.pem as soon as
-                // it appears, could trust the wrong one.
+                // the cluster key (as `TRELLIS_CLUSTER_KEY` would) and the
+                // administrator key the benchmark calls the API with. The
+                // CA they take from the store themselves, writing it only
+                // once they have it.
                 std::fs::create_dir_all(&data)?;
                 for file in [
                     trellis_hub::cluster::secrets::CLUSTER_KEY_FILE,
                     trellis_hub::ADMIN_KEY_FILE,
-                    "ca.pem",
-                    "ca.key",
                 ] {
                     std::fs::copy(work.join("hub-0").join(file), data.join(file))
                         .with_context(|| format!("copying {file} to instance {h}"))?;

@@ -20,6 +20,7 @@ mod ingress;
 mod report;
 mod scale;
 mod setup;
+mod streams;
 
 use std::path::PathBuf;
 
@@ -83,6 +84,30 @@ enum Bench {
         env: Vec<(String, String)>,
         /// Where to write the results as JSON (default:
         /// target/bench/agent.json).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Streams into a stage on an outpost: `trellis port-forward`
+    /// throughput against one plain TLS stream on the same loopback, and
+    /// the round trip of a line through `trellis exec -i`.
+    Streams {
+        /// Size of the file downloaded through each path, in MiB.
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+        /// Downloads through each path (medians are compared).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Timed round trips through `exec`.
+        #[arg(long, default_value_t = 500)]
+        echoes: usize,
+        /// The `trellis` binary (default: next to this one).
+        #[arg(long)]
+        trellis: Option<PathBuf>,
+        /// The standalone `trellis-agent` binary (default: next to this one).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// Where to write the results as JSON (default:
+        /// target/bench/streams.json).
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -473,6 +498,21 @@ fn main() -> anyhow::Result<()> {
             trellis: setup::trellis_binary(trellis)?,
             agent: setup::sibling_binary(agent, "trellis-agent")?,
             env,
+            json,
+        })),
+        Bench::Streams {
+            size_mib,
+            runs,
+            echoes,
+            trellis,
+            agent,
+            json,
+        } => runtime.block_on(streams::run(streams::Settings {
+            size_mib: size_mib.max(1),
+            runs: runs.max(1),
+            echoes: echoes.max(1),
+            trellis: setup::trellis_binary(trellis)?,
+            agent: setup::sibling_binary(agent, "trellis-agent")?,
             json,
         })),
         Bench::Ingress { secs, runs, json } => runtime.block_on(ingress::run(ingress::Settings {

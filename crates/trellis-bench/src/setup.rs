@@ -191,13 +191,10 @@ pub struct Client {
 impl Client {
     /// Runs `trellis ARGS` in `dir`; fails with its output unless it succeeds.
     pub fn run(&self, binary: &Path, dir: &Path, args: &[&str]) -> anyhow::Result<Output> {
-        let output = Command::new(binary)
+        let output = self
+            .command(binary)
             .current_dir(dir)
             .args(args)
-            .env("TRELLIS_ENDPOINT", &self.endpoint)
-            .env("TRELLIS_KEY", &self.key)
-            .env("TRELLIS_CA_CERT", &self.ca)
-            .env("TRELLIS_CONFIG_DIR", &self.config)
             .output()
             .with_context(|| format!("running {}", binary.display()))?;
         if !output.status.success() {
@@ -208,6 +205,19 @@ impl Client {
             );
         }
         Ok(output)
+    }
+}
+
+impl Client {
+    /// `binary` (the `trellis` CLI) set up to reach the hub.
+    pub fn command(&self, binary: &Path) -> Command {
+        let mut command = Command::new(binary);
+        command
+            .env("TRELLIS_ENDPOINT", &self.endpoint)
+            .env("TRELLIS_KEY", &self.key)
+            .env("TRELLIS_CA_CERT", &self.ca)
+            .env("TRELLIS_CONFIG_DIR", &self.config);
+        command
     }
 }
 

@@ -291,6 +291,7 @@ impl Backend for PgBackend {
     const DIALECT: Dialect = Dialect {
         greatest: "GREATEST",
         json_strings: "json_array_elements_text(CAST({} AS json))",
+        json_rows: "json_array_elements(CAST({} AS json))",
         json_field: "(CAST({} AS json) ->> '{f}')",
         // A failed statement aborts PostgreSQL's transaction.
         savepoints: true,

@@ -134,6 +134,7 @@ impl Backend for SqliteBackend {
     const DIALECT: Dialect = Dialect {
         greatest: "MAX",
         json_strings: "json_each({})",
+        json_rows: "json_each({})",
         json_field: "json_extract({}, '$.{f}')",
         // A failed statement leaves SQLite's transaction usable.
         savepoints: false,

@@ -2124,6 +2124,40 @@ pub async fn link_activity(store: &dyn Store) {
     assert_eq!(edge.agent, Some(hello.agent));
     assert_eq!(edge.key_fingerprint, joined.key_fingerprint);
     store.record_link_activity(&[]).await.unwrap();
+
+    // One outpost twice in a batch (it linked, then the session ended):
+    // as if recorded one after the other.
+    let again = LinkHello {
+        agent: json!({"version": "0.4.0", "os": "linux"}),
+        cert_serial: "03".into(),
+        cert_not_after: at(3_000),
+    };
+    store
+        .record_link_activity(&[
+            LinkActivity {
+                outpost: "yard".into(),
+                seen: at(300),
+                hello: Some(again.clone()),
+                disconnect: None,
+            },
+            LinkActivity {
+                outpost: "yard".into(),
+                seen: at(250),
+                hello: None,
+                disconnect: Some("the agent closed the link".into()),
+            },
+        ])
+        .await
+        .unwrap();
+    let yard = store.get_outpost_link("yard").await.unwrap();
+    assert_eq!(yard.last_seen, Some(at(300)));
+    assert_eq!(yard.agent, Some(again.agent));
+    assert_eq!(yard.cert_serial.as_deref(), Some("03"));
+    assert_eq!(yard.cert_not_after, Some(at(3_000)));
+    assert_eq!(
+        yard.last_disconnect.as_deref(),
+        Some("the agent closed the link")
+    );
 }
 
 pub async fn outpost_links(store: &dyn Store) {

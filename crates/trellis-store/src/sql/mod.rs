@@ -52,6 +52,9 @@ pub struct Dialect {
     /// Rows `value` of the text elements of a JSON array given as parameter
     /// `{}`: a `FROM` item.
     pub json_strings: &'static str,
+    /// Rows `value` of the elements (JSON objects) of a JSON array given as
+    /// parameter `{}`: a `FROM` item; read their fields with `json_field`.
+    pub json_rows: &'static str,
     /// Text field `{field}` of JSON text column `{col}`; `{}` is replaced by
     /// the column, `{f}` by the field name.
     pub json_field: &'static str,
@@ -63,6 +66,10 @@ pub struct Dialect {
 impl Dialect {
     fn json_strings(&self, param: &str) -> String {
         self.json_strings.replace("{}", param)
+    }
+
+    fn json_rows(&self, param: &str) -> String {
+        self.json_rows.replace("{}", param)
     }
 
     fn json_field(&self, col: &str, field: &str) -> String {
@@ -976,6 +983,42 @@ async fn desired_parts_in<C: Conn + ?Sized>(c: &mut C, stage: &Stage) -> Result<
         release: Some(release),
         build: Some(build),
     })
+}
+
+/// A batch of link activity as one JSON array for
+/// [`Store::record_link_activity`]'s statements: one object per outpost,
+/// its entries merged in order as applying them one by one would (the
+/// latest time seen; of the other fields, the last one given), since one
+/// statement updates each row once.
+fn merged_activity(activity: &[LinkActivity]) -> Result<String> {
+    let mut order: Vec<&str> = Vec::new();
+    let mut merged: HashMap<&str, serde_json::Map<String, serde_json::Value>> = HashMap::new();
+    for a in activity {
+        let row = merged.entry(a.outpost.as_str()).or_insert_with(|| {
+            order.push(&a.outpost);
+            serde_json::Map::new()
+        });
+        let seen = millis(a.seen);
+        let earlier = row.get("seen").and_then(serde_json::Value::as_i64);
+        row.insert("seen".into(), earlier.map_or(seen, |e| e.max(seen)).into());
+        if let Some(hello) = &a.hello {
+            row.insert("agent".into(), json(&hello.agent)?.into());
+            row.insert("cert_serial".into(), hello.cert_serial.clone().into());
+            row.insert("cert_not_after".into(), millis(hello.cert_not_after).into());
+        }
+        if let Some(disconnect) = &a.disconnect {
+            row.insert("disconnect".into(), disconnect.clone().into());
+        }
+    }
+    let rows: Vec<serde_json::Value> = order
+        .into_iter()
+        .map(|outpost| {
+            let mut row = merged.remove(outpost).unwrap_or_default();
+            row.insert("outpost".into(), outpost.into());
+            serde_json::Value::Object(row)
+        })
+        .collect();
+    json(&rows)
 }
 
 #[async_trait]
@@ -2758,35 +2801,44 @@ impl<B: Backend> Store for SqlStore<B> {
         if activity.is_empty() {
             return Ok(());
         }
-        // One transaction (one fsync) for the whole batch: a fleet linking
-        // after a hub restart brings hundreds of these a second.
+        // One transaction (one fsync) and two statements for the whole
+        // batch, whatever its size: a fleet linking after a hub restart
+        // brings hundreds of these a second, and on PostgreSQL each
+        // statement is a round trip made while holding the write lock.
+        let rows = merged_activity(activity)?;
+        let d = &B::DIALECT;
+        let field = |f: &str| d.json_field("value", f);
+        let insert = format!(
+            "INSERT INTO outpost_links (outpost) SELECT {o} FROM {rows} \
+             WHERE EXISTS (SELECT 1 FROM outposts WHERE name = {o}) \
+             ON CONFLICT (outpost) DO NOTHING",
+            o = field("outpost"),
+            rows = d.json_rows("$1"),
+        );
         let update = format!(
             "UPDATE outpost_links SET \
-             last_seen = {}(COALESCE(last_seen, 0), $2), \
-             agent = COALESCE($3, agent), \
-             cert_serial = COALESCE($4, cert_serial), \
-             cert_not_after = COALESCE($5, cert_not_after), \
-             last_disconnect = COALESCE($6, last_disconnect) \
-             WHERE outpost = $1",
-            B::DIALECT.greatest
+             last_seen = {greatest}(COALESCE(outpost_links.last_seen, 0), a.seen), \
+             agent = COALESCE(a.agent, outpost_links.agent), \
+             cert_serial = COALESCE(a.cert_serial, outpost_links.cert_serial), \
+             cert_not_after = COALESCE(a.cert_not_after, outpost_links.cert_not_after), \
+             last_disconnect = COALESCE(a.disconnect, outpost_links.last_disconnect) \
+             FROM (SELECT {o} AS outpost, CAST({seen} AS BIGINT) AS seen, {agent} AS agent, \
+             {serial} AS cert_serial, CAST({not_after} AS BIGINT) AS cert_not_after, \
+             {disconnect} AS disconnect FROM {rows}) AS a \
+             WHERE outpost_links.outpost = a.outpost",
+            greatest = d.greatest,
+            o = field("outpost"),
+            seen = field("seen"),
+            agent = field("agent"),
+            serial = field("cert_serial"),
+            not_after = field("cert_not_after"),
+            disconnect = field("disconnect"),
+            rows = d.json_rows("$1"),
         );
         let mut tx = self.write().await?;
-        for a in activity {
-            let agent = a.hello.as_ref().map(|h| json(&h.agent)).transpose()?;
-            q("INSERT INTO outpost_links (outpost) SELECT $1 \
-                 WHERE EXISTS (SELECT 1 FROM outposts WHERE name = $1) \
-                 ON CONFLICT (outpost) DO NOTHING")
-            .bind(&a.outpost)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend(DOING))?;
-            q(&update)
-                .bind(&a.outpost)
-                .bind(millis(a.seen))
-                .bind(agent)
-                .bind(a.hello.as_ref().map(|h| h.cert_serial.clone()))
-                .bind(a.hello.as_ref().map(|h| millis(h.cert_not_after)))
-                .bind(&a.disconnect)
+        for statement in [&insert, &update] {
+            q(statement)
+                .bind(&rows)
                 .execute(&mut *tx)
                 .await
                 .map_err(backend(DOING))?;

@@ -8,6 +8,7 @@
 //! `TRELLIS_ROOT` and `TRELLIS_REPLICA`, its user — with pipes instead of
 //! log files, in a process group of its own, killed when the stream ends.
 
+use std::os::fd::AsFd;
 use std::process::Stdio;
 
 use async_trait::async_trait;
@@ -64,16 +65,6 @@ impl ProcessRuntime {
         component: &ComponentPlan,
         request: ExecRequest,
     ) -> Result<ExecProcess, StreamError> {
-        if request.tty {
-            return Err(stream_error(
-                "tty-unsupported",
-                format!(
-                    "{} is a process component; a terminal (-t) is given only in containers",
-                    component.name
-                ),
-                "run the command without -t (stdin still works with -i)",
-            ));
-        }
         self.check_running(stage, component, request.replica)
             .await?;
         let dirs = self
@@ -90,30 +81,17 @@ impl ProcessRuntime {
         } else {
             std::path::PathBuf::from(program)
         };
-        let mut command = tokio::process::Command::new(&path);
-        command
-            .args(&request.command[1..])
-            .current_dir(&root)
-            .env_clear()
-            .envs(&component.env);
-        if !component.env.contains_key("PATH") {
-            command.env("PATH", DEFAULT_PATH);
-        }
-        if !component.env.contains_key("HOME") {
-            command.env("HOME", &root);
-        }
-        command
-            .env("TRELLIS_ROOT", &root)
-            .env("TRELLIS_REPLICA", request.replica.unwrap_or(0).to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        if let Some((uid, gid)) = owner {
-            command.uid(uid).gid(gid);
-        }
-        let mut child = command.spawn().map_err(|e| {
+        let mut env = component.env.clone();
+        env.entry("PATH".into())
+            .or_insert_with(|| DEFAULT_PATH.into());
+        env.entry("HOME".into())
+            .or_insert_with(|| root.display().to_string());
+        env.insert("TRELLIS_ROOT".into(), root.display().to_string());
+        env.insert(
+            "TRELLIS_REPLICA".into(),
+            request.replica.unwrap_or(0).to_string(),
+        );
+        let not_started = |e: &dyn std::fmt::Display| {
             stream_error(
                 "command-not-started",
                 format!(
@@ -123,7 +101,26 @@ impl ProcessRuntime {
                 "a relative path is taken from the component's directory; a bare name is \
                  looked up in its PATH",
             )
-        })?;
+        };
+        if request.tty {
+            return spawn_on_terminal(&path, &request, &root, &env, owner)
+                .map_err(|e| not_started(&e));
+        }
+        let mut command = tokio::process::Command::new(&path);
+        command
+            .args(&request.command[1..])
+            .current_dir(&root)
+            .env_clear()
+            .envs(&env)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some((uid, gid)) = owner {
+            command.uid(uid).gid(gid);
+        }
+        let mut child = command.spawn().map_err(|e| not_started(&e))?;
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
@@ -139,7 +136,10 @@ impl ProcessRuntime {
         Ok(ExecProcess {
             stdin: Box::pin(stdin),
             output: rx,
-            control: Box::new(ChildExec { child }),
+            control: Box::new(ChildExec {
+                child,
+                terminal: None,
+            }),
         })
     }
 
@@ -183,13 +183,67 @@ fn spawn_reader(
     });
 }
 
+/// The command under a pseudo-terminal: it is the session leader of a
+/// session of its own (so its process group is its own, as without one),
+/// the terminal its controlling one and its stdin, stdout and stderr;
+/// what it writes comes back as one stream, as from a terminal.
+fn spawn_on_terminal(
+    path: &std::path::Path,
+    request: &ExecRequest,
+    root: &std::path::Path,
+    env: &std::collections::BTreeMap<String, String>,
+    owner: Option<(u32, u32)>,
+) -> Result<ExecProcess, pty_process::Error> {
+    let (pty, pts) = pty_process::open()?;
+    if request.cols > 0 && request.rows > 0 {
+        pty.resize(pty_process::Size::new(request.rows, request.cols))?;
+    }
+    let mut command = pty_process::Command::new(path)
+        .args(&request.command[1..])
+        .current_dir(root)
+        .env_clear()
+        .envs(env)
+        .kill_on_drop(true);
+    if let Some((uid, gid)) = owner {
+        command = command.uid(uid).gid(gid);
+    }
+    let child = command.spawn(pts)?;
+    // Resizing goes through a descriptor of its own, as the writing half
+    // is the command's stdin.
+    let terminal = pty.as_fd().try_clone_to_owned()?;
+    let (output, input) = pty.into_split();
+    let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
+    spawn_reader(output, StreamChannel::Out, tx);
+    Ok(ExecProcess {
+        stdin: Box::pin(input),
+        output: rx,
+        control: Box::new(ChildExec {
+            child,
+            terminal: Some(terminal),
+        }),
+    })
+}
+
 struct ChildExec {
     child: tokio::process::Child,
+    /// The terminal's controlling side, when the command runs under one.
+    terminal: Option<std::os::fd::OwnedFd>,
 }
 
 #[async_trait]
 impl ExecControl for ChildExec {
-    async fn resize(&mut self, _cols: u16, _rows: u16) {}
+    async fn resize(&mut self, cols: u16, rows: u16) {
+        if let Some(terminal) = &self.terminal {
+            let size = rustix::termios::Winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // A terminal that is gone needs no size.
+            let _ = rustix::termios::tcsetwinsize(terminal, size);
+        }
+    }
 
     async fn wait(&mut self) -> Option<i32> {
         self.child.wait().await.ok().map(super::sys::exit_code)
