@@ -527,6 +527,11 @@ pub async fn backups(store: &dyn Store) {
         store.get_backup("shop", "dev", first.id).await.unwrap(),
         first
     );
+    assert_not_found(
+        store.get_backup("shop", "dev", u64::MAX).await,
+        "backup",
+        &wording_backup("shop", "dev", u64::MAX),
+    );
     let wrong = wording_backup("shop", "dev", other.id);
     assert_not_found(
         store.get_backup("shop", "dev", other.id).await,

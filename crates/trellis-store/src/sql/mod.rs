@@ -426,6 +426,12 @@ fn schedule_from<R: SqlRow>(row: &R) -> Result<trellis_model::BackupSchedule> {
     })
 }
 
+/// A backup id as the database holds it; one beyond what it can hold is
+/// no backup's.
+fn backup_id(project: &str, stage: &str, id: u64) -> Result<i64> {
+    i64::try_from(id).map_err(|_| not_found("backup", wording::backup(project, stage, id)))
+}
+
 fn backup_from<R: SqlRow>(row: &R) -> Result<Backup> {
     Ok(Backup {
         id: count(row, "id")?,
@@ -1597,7 +1603,7 @@ impl<B: Backend> Store for SqlStore<B> {
         ))
         .bind(project)
         .bind(stage)
-        .bind(int(id)?)
+        .bind(backup_id(project, stage, id)?)
         .fetch_optional(&mut *tx)
         .await
         .map_err(backend("looking up a backup"))?
@@ -1636,7 +1642,7 @@ impl<B: Backend> Store for SqlStore<B> {
         )
         .bind(&b.project)
         .bind(&b.stage)
-        .bind(int(b.id)?)
+        .bind(backup_id(&b.project, &b.stage, b.id)?)
         .bind(&b.display_name)
         .bind(b.state.as_str())
         .bind(&b.message)
@@ -1665,7 +1671,7 @@ impl<B: Backend> Store for SqlStore<B> {
         let done = q("DELETE FROM backups WHERE project = $1 AND stage = $2 AND id = $3")
             .bind(project)
             .bind(stage)
-            .bind(int(id)?)
+            .bind(backup_id(project, stage, id)?)
             .execute(&mut *tx)
             .await
             .map_err(backend(DOING))?;
