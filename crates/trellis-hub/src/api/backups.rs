@@ -21,9 +21,10 @@ const MAX_DISPLAY_NAME: usize = 200;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct CreateBackupRequest {
-    /// A name to tell it by (default: none; its id tells it apart).
+    /// A name to tell it by (default: none; its id tells it apart): at
+    /// most 200 characters, none of them a control character.
     #[serde(default)]
-    #[schema(max_length = 200)]
+    #[schema(max_length = 200, pattern = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$")]
     pub display_name: Option<String>,
 }
 
