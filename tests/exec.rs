@@ -234,49 +234,11 @@ fn exec_and_port_forward_reach_process_components_and_a_flood_holds_up_no_releas
     assert_eq!(String::from_utf8_lossy(&out.stderr), "to-stderr\n");
 
     // --- stdin piped in ---
-    let input: Vec<u8> = (0..200_000u32)
-        .flat_map(|n| format!("line {n}\n").into_bytes())
-        .collect();
-    let out = exec(
-        &w.cli,
-        &[
-            "-i",
-            "web",
-            "-p",
-            "shop",
-            "-s",
-            "prod",
-            "--",
-            "sh",
-            "-c",
-            "tr a-z A-Z; echo done",
-        ],
-        &input,
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    let mut want = String::from_utf8(input.clone()).unwrap().to_uppercase();
-    want.push_str("done\n");
-    assert!(
-        stdout(&out) == want,
-        "stdin came back changed ({} bytes against {})",
-        out.stdout.len(),
-        want.len()
-    );
+    stdin_comes_back(&w.cli, "web", "shop", "prod", 200_000);
 
     // --- -it: a shell under a pseudo-terminal of its own; what is typed
     // runs in the component's directory, the exit code comes back ---
-    let out = exec_in_terminal(
-        &w.cli,
-        &["-it", "web", "-p", "shop", "-s", "prod", "--", "sh"],
-        b"tty; echo answer-$((6*7)); cat index.html; exit 5\n",
-    );
-    let text = stdout(&out);
-    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
-    assert!(
-        text.contains("/dev/pts/"),
-        "no terminal for the command: {text:?}"
-    );
-    assert!(text.contains("answer-42"), "{text:?}");
+    let text = shell_in_terminal(&w.cli, "web", "shop", "prod", "cat index.html; ");
     assert!(text.contains("<h1>shop</h1>"), "{text:?}");
 
     // --- port-forward: an HTTP request, then 100 MiB intact ---
@@ -570,6 +532,59 @@ components:
     )
 }
 
+/// `rows` lines piped into `tr a-z A-Z` in `component` come back
+/// uppercased, whole, followed by what the command said after its stdin
+/// closed.
+fn stdin_comes_back(cli: &Cli, component: &str, project: &str, stage: &str, rows: u32) {
+    let input: Vec<u8> = (0..rows)
+        .flat_map(|n| format!("line {n}\n").into_bytes())
+        .collect();
+    let out = exec(
+        cli,
+        &[
+            "-i",
+            component,
+            "-p",
+            project,
+            "-s",
+            stage,
+            "--",
+            "sh",
+            "-c",
+            "tr a-z A-Z; echo done",
+        ],
+        &input,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let mut want = String::from_utf8(input).unwrap().to_uppercase();
+    want.push_str("done\n");
+    assert!(
+        stdout(&out) == want,
+        "stdin came back changed ({} bytes against {})",
+        out.stdout.len(),
+        want.len()
+    );
+}
+
+/// A shell in `component` under `trellis exec -it`: it has a terminal,
+/// runs what is typed (`tty`, a sum, then `also`) and exits with the code
+/// typed last. Returns what the terminal showed.
+fn shell_in_terminal(cli: &Cli, component: &str, project: &str, stage: &str, also: &str) -> String {
+    let out = exec_in_terminal(
+        cli,
+        &["-it", component, "-p", project, "-s", stage, "--", "sh"],
+        format!("tty; echo answer-$((6*7)); {also}exit 5\n").as_bytes(),
+    );
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
+    assert!(
+        text.contains("/dev/pts/"),
+        "no terminal for the command: {text:?}"
+    );
+    assert!(text.contains("answer-42"), "{text:?}");
+    text
+}
+
 /// `trellis exec -it` under a pseudo-terminal (`script` gives it one):
 /// `input` typed in, the terminal's output and the exit code back.
 fn exec_in_terminal(cli: &Cli, args: &[&str], input: &[u8]) -> std::process::Output {
@@ -654,49 +669,11 @@ fn exec_reaches_a_container_component(kind: trellis_testkit::engines::EngineKind
     assert_eq!(String::from_utf8_lossy(&out.stderr), "to-stderr\n");
 
     // Stdin piped in, 1.3 MB of it.
-    let input: Vec<u8> = (0..150_000u32)
-        .flat_map(|n| format!("row {n}\n").into_bytes())
-        .collect();
-    let out = exec(
-        &w.cli,
-        &[
-            "-i",
-            "app",
-            "-p",
-            "box",
-            "-s",
-            "c",
-            "--",
-            "sh",
-            "-c",
-            "tr a-z A-Z; echo done",
-        ],
-        &input,
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    let mut want = String::from_utf8(input).unwrap().to_uppercase();
-    want.push_str("done\n");
-    assert!(
-        stdout(&out) == want,
-        "stdin came back changed ({} bytes against {})",
-        out.stdout.len(),
-        want.len()
-    );
+    stdin_comes_back(&w.cli, "app", "box", "c", 150_000);
 
     // -it: a shell under a terminal; what is typed runs, the exit code
     // comes back.
-    let out = exec_in_terminal(
-        &w.cli,
-        &["-it", "app", "-p", "box", "-s", "c", "--", "sh"],
-        b"tty; echo answer-$((6*7)); exit 5\n",
-    );
-    let text = stdout(&out);
-    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
-    assert!(
-        text.contains("/dev/pts/"),
-        "no terminal in the container: {text:?}"
-    );
-    assert!(text.contains("answer-42"), "{text:?}");
+    shell_in_terminal(&w.cli, "app", "box", "c", "");
 
     // A component that is not there, and one the engine stopped.
     let out = exec(&w.cli, &["nope", "-p", "box", "-s", "c", "--", "true"], b"");

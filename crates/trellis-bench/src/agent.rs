@@ -4,10 +4,10 @@
 //! binary it ships in (and of the all-roles `trellis` binary, for scale).
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use serde_json::json;
 
 use crate::report::Report;
@@ -73,36 +73,9 @@ async fn wait_for(
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     let hub = BenchHub::start(&work.path().join("hub")).await?;
-    let created = hub
-        .api(
-            reqwest::Method::POST,
-            "/outposts",
-            Some(json!({"name": "edge"})),
-        )
-        .await?;
-    let command = created["join"]["command"]
-        .as_str()
-        .context("a join command")?
-        .to_owned();
-    hub.stage_on_outpost("edge").await?;
-
-    // `trellis agent join …` as printed; the standalone binary takes the
-    // same words after `trellis agent`.
-    let words: Vec<&str> = command.split_whitespace().collect();
-    if words.get(..2) != Some(&["trellis", "agent"][..]) {
-        bail!("unexpected join command: {command}");
-    }
     let agent = AgentProcess(
-        Command::new(&settings.agent)
-            .args(&words[2..])
-            .arg("--data")
-            .arg(work.path().join("agent"))
-            .arg("--no-containers")
-            .envs(settings.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting trellis-agent join")?,
+        hub.edge_agent(&settings.agent, &work.path().join("agent"), &settings.env)
+            .await?,
     );
     let pid = agent.0.id();
     wait_for(&hub, "the agent linking", Duration::from_secs(60), |s| {

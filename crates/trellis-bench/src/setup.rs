@@ -129,6 +129,45 @@ impl BenchHub {
         Ok(())
     }
 
+    /// Registers outpost `edge` with stage `bench/line` on it, and starts
+    /// the standalone agent (`agent`, process runtime) with `env` and its
+    /// data in `data`, joining it with the command the hub printed.
+    pub async fn edge_agent(
+        &self,
+        agent: &Path,
+        data: &Path,
+        env: &[(String, String)],
+    ) -> anyhow::Result<std::process::Child> {
+        let created = self
+            .api(
+                reqwest::Method::POST,
+                "/outposts",
+                Some(json!({"name": "edge"})),
+            )
+            .await?;
+        let command = created["join"]["command"]
+            .as_str()
+            .context("a join command")?
+            .to_owned();
+        self.stage_on_outpost("edge").await?;
+        // `trellis agent join …` as printed; the standalone binary takes
+        // the same words after `trellis agent`.
+        let words: Vec<&str> = command.split_whitespace().collect();
+        if words.get(..2) != Some(&["trellis", "agent"][..]) {
+            bail!("unexpected join command: {command}");
+        }
+        Command::new(agent)
+            .args(&words[2..])
+            .arg("--data")
+            .arg(data)
+            .arg("--no-containers")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting trellis-agent join")
+    }
+
     /// Registers outpost `name` and joins an agent to it in `dir`.
     pub async fn joined_agent(&self, name: &str, dir: &Path) -> anyhow::Result<Arc<AgentState>> {
         register_and_join(

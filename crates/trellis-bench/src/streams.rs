@@ -76,32 +76,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     let bytes = settings.size_mib << 20;
     let hub = BenchHub::start(&work.path().join("hub")).await?;
-    let created = hub
-        .api(
-            reqwest::Method::POST,
-            "/outposts",
-            Some(json!({"name": "edge"})),
-        )
-        .await?;
-    let command = created["join"]["command"]
-        .as_str()
-        .context("a join command")?
-        .to_owned();
-    hub.stage_on_outpost("edge").await?;
-    let words: Vec<&str> = command.split_whitespace().collect();
-    if words.get(..2) != Some(&["trellis", "agent"][..]) {
-        bail!("unexpected join command: {command}");
-    }
     let agent = Killed(
-        Command::new(&settings.agent)
-            .args(&words[2..])
-            .arg("--data")
-            .arg(work.path().join("agent"))
-            .arg("--no-containers")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting trellis-agent join")?,
+        hub.edge_agent(&settings.agent, &work.path().join("agent"), &[])
+            .await?,
     );
 
     let port = crate::fleet::free_port()?;

@@ -34,22 +34,7 @@ pub async fn missing_chunks(
     _caller: Caller,
     Json(req): Json<MissingChunksRequest>,
 ) -> ApiResult<Json<MissingChunksResponse>> {
-    if req.digests.len() > MAX_DIGESTS_PER_QUERY {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "too-many-digests",
-            format!(
-                "{} digests in one query; the hub answers for at most {MAX_DIGESTS_PER_QUERY}",
-                req.digests.len()
-            ),
-            "ask in batches",
-        ));
-    }
-    let digests = req
-        .digests
-        .iter()
-        .map(|d| parse_digest(d))
-        .collect::<ApiResult<Vec<_>>>()?;
+    let digests = parse_digest_query(&req.digests)?;
     let missing = state
         .chunks()
         .missing_of(digests)
@@ -100,6 +85,23 @@ pub async fn put_chunk(
             stored: info.stored,
         }),
     ))
+}
+
+/// The digests of a "which of these do you lack" query: at most
+/// [`MAX_DIGESTS_PER_QUERY`], each a valid digest.
+pub(crate) fn parse_digest_query(digests: &[String]) -> ApiResult<Vec<Digest>> {
+    if digests.len() > MAX_DIGESTS_PER_QUERY {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too-many-digests",
+            format!(
+                "{} digests in one query; the hub answers for at most {MAX_DIGESTS_PER_QUERY}",
+                digests.len()
+            ),
+            "ask in batches",
+        ));
+    }
+    digests.iter().map(|d| parse_digest(d)).collect()
 }
 
 pub(crate) fn parse_digest(s: &str) -> ApiResult<Digest> {

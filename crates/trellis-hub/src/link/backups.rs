@@ -10,7 +10,7 @@ use bytes::Bytes;
 use trellis_model::Backup;
 
 use super::endpoint::authorize_agent;
-use crate::api::chunks::{MAX_DIGESTS_PER_QUERY, MAX_STORED_CHUNK_BYTES, parse_digest};
+use crate::api::chunks::{MAX_STORED_CHUNK_BYTES, parse_digest, parse_digest_query};
 use crate::api::types::{ChunkInfoResponse, MissingChunksResponse};
 use crate::backups::{AgentMissing, AgentReport, BackupRef, MAX_MANIFEST_BYTES};
 use crate::error::{ApiError, ApiResult};
@@ -74,22 +74,7 @@ pub async fn backup_missing(
     Json(req): Json<AgentMissing>,
 ) -> ApiResult<Json<MissingChunksResponse>> {
     let peer = authorize_agent(&state, connection).await?;
-    if req.digests.len() > MAX_DIGESTS_PER_QUERY {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "too-many-digests",
-            format!(
-                "{} digests in one query; the hub answers for at most {MAX_DIGESTS_PER_QUERY}",
-                req.digests.len()
-            ),
-            "ask in batches",
-        ));
-    }
-    let digests = req
-        .digests
-        .iter()
-        .map(|d| parse_digest(d))
-        .collect::<ApiResult<Vec<_>>>()?;
+    let digests = parse_digest_query(&req.digests)?;
     let r = backup_ref(project, stage, id);
     let missing = crate::backups::missing(&state, &peer.outpost, &r, digests).await?;
     Ok(Json(MissingChunksResponse {
