@@ -367,10 +367,25 @@ pub fn join_command(create_outpost_output: &str) -> String {
 
 /// A loopback port that was free a moment ago (for a hub that must come
 /// back on the same port after a restart).
+///
+/// Taken below Linux's ephemeral range (32768–60999 by default), and not
+/// from it as binding port 0 would: a port the kernel hands out there is
+/// free only until it hands it out again as the source port of one of the
+/// many connections the tests in parallel make, and a component that
+/// publishes it later finds it in use. Each test process starts at its own
+/// place in the range and never gives out a port twice.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 15_000;
+    const SPAN: u32 = 32_768 - LOW;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOW + (start + n) % SPAN).expect("below 32768");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 between {LOW} and 32767");
 }
