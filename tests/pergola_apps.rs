@@ -97,7 +97,6 @@ components:
 
 fn a_three_component_app_runs_unchanged(kind: EngineKind) {
     let Some(mut on) = OnEngine::new(kind) else {
-        eprintln!("skipped: {kind:?} is not installed (CI would fail here)");
         return;
     };
     let image = on.engine.busybox_image();
@@ -251,7 +250,6 @@ fn image_ids(cli: &Cli) -> Vec<(String, String)> {
 
 fn each_outpost_runs_the_image_of_its_architecture(kind: EngineKind) {
     let Some(mut on) = OnEngine::new(kind) else {
-        eprintln!("skipped: {kind:?} is not installed (CI would fail here)");
         return;
     };
     let (arm_port, x86_port) = (common::free_port(), common::free_port());
