@@ -341,6 +341,9 @@ pub enum WorkerMode {
     Tls(u16),
 }
 
+/// The fleet workers' niceness (`nice -n`): below the hubs they measure.
+const WORKER_NICENESS: i32 = 15;
+
 /// The worker processes running outposts `0..n`; killed when dropped.
 pub struct Workers {
     children: Vec<(Child, Option<ChildStdin>)>,
@@ -353,8 +356,16 @@ impl Workers {
         let mut from = 0;
         while from < n {
             let to = (from + AGENTS_PER_WORKER).min(n);
-            let mut command = Command::new(&exe);
+            // The simulated fleet shares the hubs' cores, which a real one
+            // does not: at a lower priority its link-up retries cannot
+            // starve the hubs it measures (they took ~155% of two cores,
+            // the hubs fell behind on handshakes and heartbeats, and links
+            // already up timed out).
+            let mut command = Command::new("nice");
             command
+                .arg("-n")
+                .arg(WORKER_NICENESS.to_string())
+                .arg(&exe)
                 .arg("fleet-worker")
                 .arg("--agents-dir")
                 .arg(&dirs.agents)
