@@ -89,20 +89,21 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
         ..HubOptions::default()
     })
     .await?;
-    if let Some((key, made)) = &cluster_key
+    if let Some((_, made)) = &cluster_key
         && *made
     {
         println!(
-            "made the cluster key, in {} (keep it with the database's backups); to add a hub \
-             instance on another host, run there:",
+            "made the cluster key, in {} (keep it with the database's backups; it is the \
+             cluster's secret, so it is not printed); to add a hub instance on another host, \
+             copy that file there and run:",
             args.data
                 .join(trellis_hub::cluster::secrets::CLUSTER_KEY_FILE)
                 .display()
         );
         println!(
-            "  {}={} trellis hub --store '{}'{} --public-address {} --listen 0.0.0.0:{} --instance-address THAT-HOST:{}",
+            "  {}=\"$(cat {})\" trellis hub --store '{}'{} --public-address {} --listen 0.0.0.0:{} --instance-address THAT-HOST:{}",
             trellis_hub::cluster::secrets::CLUSTER_KEY_ENV,
-            key.to_hex(),
+            trellis_hub::cluster::secrets::CLUSTER_KEY_FILE,
             args.store
                 .as_deref()
                 .map(trellis_hub::redact_url)

@@ -39,19 +39,28 @@ pub struct Health {
     pub links: usize,
 }
 
+/// Runs one check in a task of its own and waits for it at most
+/// [`CHECK_TIMEOUT`]: a check that is late is reported failed but left to
+/// finish, not abandoned midway (a database call cut off mid-statement
+/// costs its connection).
 async fn check<F, E>(f: F) -> Check
 where
-    F: std::future::Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
+    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
 {
-    match tokio::time::timeout(CHECK_TIMEOUT, f).await {
-        Ok(Ok(())) => Check {
+    let task = tokio::spawn(async move { f.await.map_err(|e| e.to_string()) });
+    match tokio::time::timeout(CHECK_TIMEOUT, task).await {
+        Ok(Ok(Ok(()))) => Check {
             ok: true,
             error: None,
         },
+        Ok(Ok(Err(e))) => Check {
+            ok: false,
+            error: Some(e),
+        },
         Ok(Err(e)) => Check {
             ok: false,
-            error: Some(e.to_string()),
+            error: Some(format!("the check failed: {e}")),
         },
         Err(_) => Check {
             ok: false,
@@ -65,15 +74,21 @@ where
 #[utoipa::path(get, path = "/health", tag = "hub",
     responses((status = 200, body = Health), (status = 503, body = Health)))]
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
-    let store = check(async {
-        state
-            .store()
-            .get_outpost(trellis_model::LOCAL_OUTPOST)
-            .await
-            .map(|_| ())
-    })
-    .await;
-    let chunks = check(state.chunks().check()).await;
+    let store = {
+        let state = state.clone();
+        check(async move {
+            state
+                .store()
+                .get_outpost(trellis_model::LOCAL_OUTPOST)
+                .await
+                .map(|_| ())
+        })
+        .await
+    };
+    let chunks = {
+        let state = state.clone();
+        check(async move { state.chunks().check().await }).await
+    };
     let ok = store.ok && chunks.ok;
     let body = Health {
         status: if ok { "ok" } else { "unavailable" }.to_owned(),

@@ -93,6 +93,12 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             "Database connections open and idle.",
             pool.idle.to_string(),
         );
+        metric(
+            "trellis_store_pool_discarded_total",
+            counter,
+            "Database connections closed because they did not answer when handed back.",
+            pool.discarded.to_string(),
+        );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -157,6 +157,9 @@ pub struct PoolStats {
     /// Connections open and idle now.
     pub size: u32,
     pub idle: u32,
+    /// Connections closed because they did not answer the check when
+    /// handed back (PostgreSQL's `RELEASE_CHECK`).
+    pub discarded: u64,
 }
 
 #[cfg(test)]

@@ -20,6 +20,13 @@
 //!   they go when that connection does, so a dead hub's jobs are taken up
 //!   by another; server-side TCP keepalives notice a hub whose host
 //!   vanished.
+//! - **A connection handed back must answer within [`RELEASE_CHECK`]**, or
+//!   it is closed instead of pooled. The pool checks every connection it
+//!   gets back with a round trip that has no deadline of its own; one whose
+//!   server went silent (a host gone without a reset, a network partition,
+//!   a statement abandoned midway in a state the driver cannot resume)
+//!   would otherwise hold its pool slot forever, and a hub whose every slot
+//!   is held this way stops serving although the database is fine.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -52,6 +59,9 @@ const CHANNEL: &str = "trellis";
 const FEED_CAPACITY: usize = 65_536;
 /// How often a job lock's connection is checked.
 const JOB_PING: Duration = Duration::from_secs(5);
+/// How long a connection handed back to the pool may take to answer the
+/// check that it is usable (see the module docs).
+pub const RELEASE_CHECK: Duration = Duration::from_secs(2);
 
 /// How to open the store.
 #[derive(Debug, Clone)]
@@ -79,6 +89,30 @@ pub struct PgBackend {
     target: String,
     waits: Arc<AtomicU64>,
     wait_nanos: Arc<AtomicU64>,
+    /// Connections closed because they did not answer [`RELEASE_CHECK`].
+    discarded: Arc<AtomicU64>,
+}
+
+/// The check of a connection handed back to the pool, with a deadline: an
+/// error closes it (without a goodbye, which could wait as long), so its
+/// slot goes to a new connection.
+async fn check_released(
+    conn: &mut PgConnection,
+    discarded: &AtomicU64,
+) -> std::result::Result<bool, sqlx::Error> {
+    match tokio::time::timeout(RELEASE_CHECK, conn.ping()).await {
+        Ok(Ok(())) => Ok(true),
+        Ok(Err(e)) => Err(e),
+        Err(_) => {
+            discarded.fetch_add(1, Ordering::Relaxed);
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "a database connection handed back did not answer within {RELEASE_CHECK:?}; closed instead of pooled"
+                ),
+            )))
+        }
+    }
 }
 
 /// The PostgreSQL store.
@@ -145,10 +179,18 @@ impl SqlStore<PgBackend> {
         })?
         .map_err(|e| open_error(&target, e))?;
         let _ = probe.close().await;
+        let discarded = Arc::new(AtomicU64::new(0));
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(2))
             .acquire_timeout(options.connect_timeout)
             .acquire_slow_level(log::LevelFilter::Debug)
+            .after_release({
+                let discarded = discarded.clone();
+                move |conn, _| {
+                    let discarded = discarded.clone();
+                    Box::pin(async move { check_released(conn, &discarded).await })
+                }
+            })
             .connect_with(connect.clone())
             .await
             .map_err(|e| open_error(&target, e))?;
@@ -159,6 +201,7 @@ impl SqlStore<PgBackend> {
                 target,
                 waits: Arc::default(),
                 wait_nanos: Arc::default(),
+                discarded,
             },
         };
         store.backend.migrate().await?;
@@ -328,6 +371,7 @@ impl Backend for PgBackend {
             wait_seconds: self.wait_nanos.load(Ordering::Relaxed) as f64 / 1e9,
             size: self.pool.size(),
             idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+            discarded: self.discarded.load(Ordering::Relaxed),
         })
     }
 

@@ -371,3 +371,123 @@ async fn a_sqlite_hub_copies_into_postgres_whole() {
     pg.close().await;
     sqlite.close().await;
 }
+
+/// Callers give up on store calls: a link whose agent went away drops its
+/// session mid-statement, a health check stops waiting, an HTTP client
+/// disconnects. However many calls are abandoned, and wherever in the
+/// wire protocol they are cut, every pooled connection comes back, and
+/// the store answers afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_abandoned_midway_give_every_connection_back() {
+    let Some(server) = trellis_testkit::postgres::server() else {
+        return;
+    };
+    let db = server.database();
+    let store = PgStore::open(
+        &db.url,
+        &PgOptions {
+            max_connections: 4,
+            connect_timeout: Duration::from_secs(3),
+        },
+    )
+    .await
+    .unwrap();
+    store.create_outpost(&outpost("edge")).await.unwrap();
+    // Enough rows that a listing's answer spans several reads.
+    for i in 0..300 {
+        let mut o = outpost(&format!("many-{i}"));
+        o.description = "x".repeat(200);
+        store.create_outpost(&o).await.unwrap();
+    }
+    let store = std::sync::Arc::new(store);
+    // Give up after 0 to ~1.5 ms: before acquiring, while a statement is
+    // written, while its answer is read, between statements.
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..4_000u64 {
+        let store = store.clone();
+        calls.spawn(async move {
+            let patience = Duration::from_micros((i * 7_919) % 3_000);
+            let _ = tokio::time::timeout(patience, async {
+                if i % 3 == 0 {
+                    let mut o = outpost(&format!("o{i}"));
+                    o.description = "abandoned".into();
+                    let _ = store.create_outpost(&o).await;
+                } else {
+                    let _ = store.list_outposts().await;
+                }
+            })
+            .await;
+        });
+        if calls.len() >= 32 {
+            calls.join_next().await;
+        }
+    }
+    while calls.join_next().await.is_some() {}
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let stats = store.pool_stats().expect("PostgreSQL reports its pool");
+        if stats.idle == stats.size {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections never came back: {} in the pool, {} idle",
+            stats.size,
+            stats.idle
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And the pool serves more callers than it has connections.
+    let mut after = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let store = store.clone();
+        after.spawn(async move { store.get_outpost("edge").await.map(|o| o.name) });
+    }
+    while let Some(answer) = after.join_next().await {
+        assert_eq!(answer.unwrap().unwrap(), "edge");
+    }
+}
+
+/// A connection whose server goes silent while a hub has it checked out —
+/// the database's host gone without a reset, a partition — is closed when
+/// handed back instead of holding its pool slot forever; once the network
+/// heals the store answers with the slots it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_gone_silent_gives_its_slot_back() {
+    use trellis_faultproxy::{FaultProxy, Mode};
+    use trellis_store::postgres::RELEASE_CHECK;
+
+    let Some(server) = trellis_testkit::postgres::server() else {
+        return;
+    };
+    let db = server.database();
+    let direct = format!("127.0.0.1:{}", server.port());
+    let proxy = FaultProxy::start(direct.parse().unwrap()).await.unwrap();
+    let url = db.url.replace(&direct, &proxy.addr().to_string());
+    let store = PgStore::open(&url, &quick()).await.unwrap();
+    store.create_outpost(&outpost("edge")).await.unwrap();
+
+    let held = store.pool().acquire().await.unwrap();
+    proxy.set(Mode::Blackhole);
+    drop(held);
+    let deadline = tokio::time::Instant::now() + RELEASE_CHECK + Duration::from_secs(5);
+    loop {
+        let stats = store.pool_stats().unwrap();
+        if stats.discarded == 1 && stats.size == stats.idle {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the silent connection still holds its slot: {} in the pool, {} idle, {} discarded",
+            stats.size,
+            stats.idle,
+            stats.discarded
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    proxy.set(Mode::Pass);
+    assert_eq!(store.get_outpost("edge").await.unwrap().name, "edge");
+    proxy.shutdown().await;
+}
