@@ -540,8 +540,12 @@ async fn negotiated_suite(
         let mut tls = TlsAcceptor::from(server).accept(a).await.unwrap();
         let mut buf = [0u8; 4];
         tls.read_exact(&mut buf).await.unwrap();
+        tls.write_all(b"pong").await.unwrap();
+        tls.flush().await.unwrap();
         tls.get_ref().1.negotiated_cipher_suite().unwrap().suite()
     };
+    // The client waits for the answer: the server writes after the
+    // handshake (session tickets), and a client gone by then breaks it.
     let client_side = async move {
         let mut tls = TlsConnector::from(client)
             .connect(hub_name(), b)
@@ -549,6 +553,8 @@ async fn negotiated_suite(
             .unwrap();
         tls.write_all(b"ping").await.unwrap();
         tls.flush().await.unwrap();
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await.unwrap();
         tls.get_ref().1.negotiated_cipher_suite().unwrap().suite()
     };
     let (server, client) = tokio::join!(server_side, client_side);
