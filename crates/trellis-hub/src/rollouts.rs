@@ -154,14 +154,12 @@ async fn advance(
     let now = Utc::now();
     observe_stages(state, &mut r, online, settled).await?;
     match r.state {
-        RolloutState::Waiting => {
-            if settled && r.next_wave_at.is_some_and(|at| at <= now) {
-                r.state = RolloutState::Running;
-                r.next_wave_at = None;
-                if let Some(next) = r.next_wave() {
-                    start_wave(state, save(state, &before, r).await?, next, online).await?;
-                    return Ok(());
-                }
+        RolloutState::Waiting if settled && r.next_wave_at.is_some_and(|at| at <= now) => {
+            r.state = RolloutState::Running;
+            r.next_wave_at = None;
+            if let Some(next) = r.next_wave() {
+                start_wave(state, save(state, &before, r).await?, next, online).await?;
+                return Ok(());
             }
         }
         RolloutState::Running => match r.current_wave() {

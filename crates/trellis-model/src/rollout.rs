@@ -47,7 +47,7 @@ impl WaveSize {
 
 /// Basis points as people write a percentage: `95%`, `12.5%`.
 pub fn percent_text(bp: u32) -> String {
-    if bp % 100 == 0 {
+    if bp.is_multiple_of(100) {
         format!("{}%", bp / 100)
     } else {
         let text = format!("{}.{:02}", bp / 100, bp % 100);

@@ -707,7 +707,7 @@ impl Store for MemoryStore {
                 .flat_map(|p| p.rollouts.values().cloned())
                 .collect(),
         };
-        listed.sort_by(|a, b| b.id.cmp(&a.id));
+        listed.sort_by_key(|r| std::cmp::Reverse(r.id));
         for r in &mut listed {
             r.stages.clear();
         }
