@@ -144,8 +144,13 @@ pub enum Command {
     Restart(Client<ComponentTarget>),
     /// Suspend a stage: every component stops; releases and settings are kept
     Suspend(Client<StageTarget>),
-    /// Resume a suspended stage
-    Resume(Client<StageTarget>),
+    /// Resume a suspended stage, or a paused (or manual) rollout
+    Resume(Client<ResumeCommand>),
+    /// Pause a rollout: no wave starts or is judged until it is resumed
+    Pause(Client<RolloutTarget>),
+    /// Abort a rollout: no further wave starts (--rollback: the stages
+    /// that got its release go back to the release they ran before)
+    Abort(Client<AbortCommand>),
     /// Show the log lines of a stage's components, read live from its outpost
     Logs(Client<LogsCommand>),
     /// Run a command in a component of a stage, on its outpost
@@ -209,13 +214,21 @@ pub struct ForwardArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum StatusCommand {
-    /// Link state, sync state, revisions, components and errors of a stage
+    /// Link state, sync state, revisions, components and errors of a
+    /// stage; without a name, how far every stage of the project (or those
+    /// -l selects) has synced
     #[command(alias = "stages")]
     Stage {
-        name: String,
+        name: Option<String>,
         #[arg(short, long)]
         project: String,
+        /// Only the stages whose outpost's labels match, e.g. site=munich,line!=3
+        #[arg(short = 'l', long, conflicts_with = "name")]
+        selector: Option<String>,
     },
+    /// A rollout's waves, each stage's state and why it halted
+    #[command(alias = "rollouts")]
+    Rollout { id: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -235,6 +248,39 @@ pub enum ComponentTarget {
         /// the container engine's kill)
         #[arg(long)]
         kill: bool,
+    },
+}
+
+/// `trellis resume stage|rollout`.
+#[derive(Debug, Subcommand)]
+pub enum ResumeCommand {
+    /// Resume a suspended stage
+    #[command(alias = "stages")]
+    Stage {
+        name: String,
+        #[arg(short, long)]
+        project: String,
+    },
+    /// Resume a paused rollout, or start the next wave of one waiting
+    /// between waves
+    #[command(alias = "rollouts")]
+    Rollout { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutTarget {
+    #[command(alias = "rollouts")]
+    Rollout { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AbortCommand {
+    #[command(alias = "rollouts")]
+    Rollout {
+        id: u64,
+        /// Push each stage that got the release the release it ran before
+        #[arg(long)]
+        rollback: bool,
     },
 }
 
@@ -570,6 +616,42 @@ pub enum CreateCommand {
         #[arg(long, default_value = "")]
         description: String,
     },
+    /// Roll a build out to the stages -l selects, in waves: each wave must
+    /// be applied by the threshold of its online stages before the next
+    /// starts, or the rollout halts (outposts offline when their wave
+    /// starts get the release when they link, without counting)
+    #[command(alias = "rollouts")]
+    Rollout {
+        #[arg(short, long)]
+        project: String,
+        #[arg(short, long)]
+        build: String,
+        /// The config (of each stage, by name) the releases take
+        #[arg(short, long)]
+        config: Option<String>,
+        /// The stages whose outpost's labels match, e.g. site=munich,line!=3
+        #[arg(short = 'l', long)]
+        selector: String,
+        /// Each wave's cumulative size, a count or a share of the selected
+        /// stages, ending with 100%
+        #[arg(long, default_value = "1,5%,25%,100%")]
+        waves: String,
+        /// The share of a wave's online stages that must apply the release
+        #[arg(long, default_value = "100%")]
+        success_threshold: String,
+        /// How long a wave may take, e.g. 30m
+        #[arg(long, default_value = "30m", value_parser = parse_duration)]
+        wave_timeout: std::time::Duration,
+        /// Wait this long between waves, e.g. 10m
+        #[arg(long, value_parser = parse_duration, conflicts_with = "manual")]
+        pause: Option<std::time::Duration>,
+        /// Start each wave after the first only on `trellis resume rollout ID`
+        #[arg(long)]
+        manual: bool,
+        /// Only show which stage falls in which wave; create nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Back up a stage's storage (its components' volumes); the outpost
     /// does it now, or when it is linked again
     #[command(alias = "backups")]
@@ -614,8 +696,12 @@ pub enum PushCommand {
     Release {
         #[arg(short, long)]
         project: String,
-        #[arg(short, long = "stage", required = true)]
+        #[arg(short, long = "stage", required_unless_present = "selector")]
         stage: Vec<String>,
+        /// Instead of -s: every stage of the project whose outpost's labels
+        /// match, e.g. `-l site=munich,line!=3` or `-l 'site in (a,b)'`
+        #[arg(short = 'l', long, conflicts_with = "stage")]
+        selector: Option<String>,
         #[arg(short, long)]
         build: Option<String>,
         #[arg(short, long)]
@@ -741,6 +827,9 @@ pub enum Kind {
     /// A backup of a stage's storage (`list backup -p PROJECT -s STAGE`)
     #[value(alias = "backups")]
     Backup,
+    /// A rollout (`list rollout -p PROJECT`)
+    #[value(alias = "rollouts")]
+    Rollout,
 }
 
 #[derive(Debug, Args)]
@@ -755,6 +844,10 @@ pub struct ListArgs {
     /// For `list key`: another user's keys (administrators)
     #[arg(long)]
     pub user: Option<String>,
+    /// For `list stage` and `list outpost`: only those whose outpost's
+    /// labels match, e.g. site=munich,line!=3
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
     /// For `list config-data`: only this config
     #[arg(short, long)]
     pub config: Option<String>,

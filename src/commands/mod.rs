@@ -8,6 +8,7 @@ mod lifecycle;
 mod outposts;
 mod ready;
 mod resources;
+mod rollouts;
 mod streams;
 
 use crate::cli::{
@@ -45,10 +46,62 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }) => outposts::rotate(&settings::client(&global)?, &outpost).await,
         Command::Status(Client {
             global,
-            command: StatusCommand::Stage { name, project },
+            command:
+                StatusCommand::Stage {
+                    name: Some(name),
+                    project,
+                    ..
+                },
         }) => {
             outposts::stage_status(&settings::client(&global)?, &project, &name, global.output)
                 .await
+        }
+        Command::Status(Client {
+            global,
+            command:
+                StatusCommand::Stage {
+                    name: None,
+                    project,
+                    selector,
+                },
+        }) => {
+            rollouts::project_status(
+                &settings::client(&global)?,
+                &project,
+                selector.as_deref(),
+                global.output,
+            )
+            .await
+        }
+        Command::Status(Client {
+            global,
+            command: StatusCommand::Rollout { id },
+        }) => rollouts::status(&settings::client(&global)?, id, global.output).await,
+        Command::Pause(Client {
+            global,
+            command: crate::cli::RolloutTarget::Rollout { id },
+        }) => {
+            rollouts::act(
+                &settings::client(&global)?,
+                id,
+                "pause",
+                false,
+                global.output,
+            )
+            .await
+        }
+        Command::Abort(Client {
+            global,
+            command: crate::cli::AbortCommand::Rollout { id, rollback },
+        }) => {
+            rollouts::act(
+                &settings::client(&global)?,
+                id,
+                "abort",
+                rollback,
+                global.output,
+            )
+            .await
         }
         Command::Update(Client { global, command }) => {
             let client = settings::client(&global)?;
@@ -136,8 +189,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Suspend(Client { global, command }) => {
             lifecycle::stage(&settings::client(&global)?, true, command, global.output).await
         }
-        Command::Resume(Client { global, command }) => {
-            lifecycle::stage(&settings::client(&global)?, false, command, global.output).await
+        Command::Resume(Client {
+            global,
+            command: crate::cli::ResumeCommand::Stage { name, project },
+        }) => {
+            lifecycle::stage(
+                &settings::client(&global)?,
+                false,
+                crate::cli::StageTarget::Stage { name, project },
+                global.output,
+            )
+            .await
+        }
+        Command::Resume(Client {
+            global,
+            command: crate::cli::ResumeCommand::Rollout { id },
+        }) => {
+            rollouts::act(
+                &settings::client(&global)?,
+                id,
+                "resume",
+                false,
+                global.output,
+            )
+            .await
         }
         Command::Logs(Client { global, command }) => lifecycle::logs(&global, command).await,
         Command::Exec(args) => {
@@ -169,6 +244,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Whoami(args) => {
             resources::whoami(&settings::client(&args.global)?, args.global.output).await
+        }
+        Command::Create(Client {
+            global,
+            command:
+                crate::cli::CreateCommand::Rollout {
+                    project,
+                    build,
+                    config,
+                    selector,
+                    waves,
+                    success_threshold,
+                    wave_timeout,
+                    pause,
+                    manual,
+                    dry_run,
+                },
+        }) => {
+            let options = rollouts::CreateOptions {
+                project,
+                build,
+                config,
+                selector,
+                waves,
+                success_threshold,
+                wave_timeout,
+                pause,
+                manual,
+                dry_run,
+            };
+            rollouts::create(&settings::client(&global)?, options, global.output).await
         }
         Command::Create(Client { global, command }) => {
             resources::create(&settings::client(&global)?, command).await
@@ -204,6 +309,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 PushCommand::Release {
                     project,
                     stage,
+                    selector,
                     build,
                     config,
                     when_ready,
@@ -211,8 +317,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         }) => {
             let client = settings::client(&global)?;
-            let releases =
-                resources::push_release(&client, &project, &stage, build, config).await?;
+            let releases = match selector {
+                Some(selector) => {
+                    resources::push_selected(&client, &project, &selector, build, config).await?
+                }
+                None => resources::push_release(&client, &project, &stage, build, config).await?,
+            };
             if when_ready {
                 ready::wait(&client, &releases, timeout).await?;
             }

@@ -46,6 +46,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Audit => "audit",
         Kind::ConfigData => "config-data",
         Kind::Backup => "backup",
+        Kind::Rollout => "rollout",
     }
 }
 
@@ -251,6 +252,9 @@ fn parse_pairs(items: &[String], what: &str) -> anyhow::Result<BTreeMap<String, 
 
 pub async fn create(client: &HubClient, command: CreateCommand) -> anyhow::Result<()> {
     match command {
+        CreateCommand::Rollout { .. } => {
+            unreachable!("`create rollout` is dispatched by commands::run, with its output format")
+        }
         CreateCommand::Backup {
             project,
             stage,
@@ -427,6 +431,40 @@ pub async fn push_release(
     Ok(vec![r])
 }
 
+/// One build to every stage whose outpost the selector matches, in one
+/// request: all or none.
+pub async fn push_selected(
+    client: &HubClient,
+    project: &str,
+    selector: &str,
+    build: Option<String>,
+    config: Option<String>,
+) -> anyhow::Result<Vec<Release>> {
+    if let Some(config) = config {
+        anyhow::bail!(
+            "--config {config} names a config of one stage; with -l, use `trellis create rollout -c {config}`, which takes each stage's config of that name"
+        );
+    }
+    let releases: Vec<Release> = client
+        .post(
+            &format!("/projects/{}/releases", seg(project)),
+            &PushReleasesRequest {
+                stages: Vec::new(),
+                build,
+                selector: Some(selector.to_owned()),
+            },
+            "pushing the releases",
+        )
+        .await?;
+    for r in &releases {
+        println!(
+            "pushed release {} of stage {} (build {}), desired revision {}",
+            r.number, r.stage, r.build, r.revision
+        );
+    }
+    Ok(releases)
+}
+
 /// One build to several stages, in one request: all or none.
 async fn push_releases(
     client: &HubClient,
@@ -446,6 +484,7 @@ async fn push_releases(
             &PushReleasesRequest {
                 stages: stages.to_vec(),
                 build,
+                selector: None,
             },
             "pushing the releases",
         )
@@ -655,6 +694,10 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
             let stage = need(&args.stage, "-s STAGE", kind)?;
             super::backups::list(client, project, stage, format).await
         }
+        Kind::Rollout => {
+            let project = need(&args.project, "-p PROJECT", kind)?;
+            super::rollouts::list(client, project, format).await
+        }
         Kind::Project if args.archived => {
             let items: Vec<Project> = client
                 .get("/projects?archived=true", "listing archived projects")
@@ -691,10 +734,21 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
         }
         Kind::Stage => {
             let project = need(&args.project, "-p PROJECT", kind)?;
-            let archived = if args.archived { "?archived=true" } else { "" };
+            let mut query = Vec::new();
+            if args.archived {
+                query.push("archived=true".to_owned());
+            }
+            if let Some(selector) = &args.selector {
+                query.push(format!("selector={}", seg(selector)));
+            }
+            let query = if query.is_empty() {
+                String::new()
+            } else {
+                format!("?{}", query.join("&"))
+            };
             let items: Vec<Stage> = client
                 .get(
-                    &format!("/projects/{}/stages{archived}", seg(project)),
+                    &format!("/projects/{}/stages{query}", seg(project)),
                     "listing stages",
                 )
                 .await?;
@@ -855,7 +909,11 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
             )
         }
         Kind::Outpost => {
-            let items: Vec<Outpost> = client.get("/outposts", "listing outposts").await?;
+            let mut items: Vec<Outpost> = client.get("/outposts", "listing outposts").await?;
+            if let Some(text) = &args.selector {
+                let selector = trellis_model::Selector::parse(text)?;
+                items.retain(|o| selector.matches(&o.labels));
+            }
             output::list(
                 format,
                 &items,
@@ -971,6 +1029,12 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
             let project = need(&args.project, "-p PROJECT", kind)?;
             let stage = need(&args.stage, "-s STAGE", kind)?;
             super::backups::show(client, project, stage, name, format).await
+        }
+        Kind::Rollout => {
+            let id: u64 = name
+                .parse()
+                .with_context(|| format!("{name:?} is not a rollout's number"))?;
+            super::rollouts::status(client, id, format).await
         }
         Kind::Project => {
             let p: Project = client
@@ -1221,6 +1285,9 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
             let stage = need(&args.stage, "-s STAGE", kind)?;
             return super::backups::delete(client, project, stage, name).await;
         }
+        Kind::Rollout => anyhow::bail!(
+            "rollouts are kept as history and not deleted; stop one with `trellis abort rollout {name}`"
+        ),
         Kind::Project => format!("/projects/{}{purge}", seg(name)),
         Kind::Stage => format!(
             "/projects/{}/stages/{}{purge}",

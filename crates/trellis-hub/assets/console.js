@@ -182,7 +182,8 @@ function setupLiveSections(sections, everyMs) {
   const timer = setInterval(async () => {
     if (document.hidden) return;
     try {
-      const response = await fetch(location.pathname, { headers: FRAGMENT, credentials: "same-origin" });
+      // With its query: a filtered list stays filtered.
+      const response = await fetch(location.pathname + location.search, { headers: FRAGMENT, credentials: "same-origin" });
       if (response.status === 401) clearInterval(timer);
       if (!response.ok) return;
       const fresh = new DOMParser().parseFromString(await response.text(), "text/html");

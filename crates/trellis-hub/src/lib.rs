@@ -25,6 +25,8 @@
 //! - `metrics.rs`: `/metrics` in the Prometheus text format.
 //! - `tls.rs`: the hub's CA and the HTTPS accept loop.
 //! - `outposts.rs`: Outpost URIs — deriving their keys, validating them.
+//! - `rollouts.rs`: the rollout driver — waves pushed and judged, one
+//!   instance at a time, from the record in the store.
 //! - `drain.rs`: reading what a handler left of a request's body.
 //! - `console/`: the browser console (server-rendered pages, templates in
 //!   `templates/`, assets in `assets/`).
@@ -48,6 +50,7 @@ pub mod link;
 pub mod local;
 pub mod metrics;
 pub mod outposts;
+pub mod rollouts;
 pub mod sealed;
 mod server;
 pub mod state;

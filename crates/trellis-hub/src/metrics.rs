@@ -100,5 +100,26 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             pool.discarded.to_string(),
         );
     }
+    // Rollouts by state, from the store (every instance shows the same);
+    // waves counted by the instance that drove them.
+    if let Ok(rollouts) = state.store().list_rollouts(None).await {
+        out.push_str("# HELP trellis_rollouts Rollouts by state.\n# TYPE trellis_rollouts gauge\n");
+        for st in trellis_model::rollout::RolloutState::ALL {
+            let n = rollouts.iter().filter(|r| r.state == st).count();
+            out.push_str(&format!("trellis_rollouts{{state=\"{st}\"}} {n}\n"));
+        }
+    }
+    let waves = state.rollout_counters();
+    out.push_str("# HELP trellis_rollout_waves_total Rollout waves this instance started, and how they ended.\n# TYPE trellis_rollout_waves_total counter\n");
+    for (what, n) in [
+        ("started", &waves.waves_started),
+        ("passed", &waves.waves_passed),
+        ("halted", &waves.waves_halted),
+    ] {
+        out.push_str(&format!(
+            "trellis_rollout_waves_total{{event=\"{what}\"}} {}\n",
+            n.load(Ordering::Relaxed)
+        ));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

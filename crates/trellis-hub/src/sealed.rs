@@ -362,6 +362,31 @@ impl Store for SealedStore {
         self.inner.save_backup(backup).await
     }
 
+    async fn create_rollout(
+        &self,
+        rollout: &trellis_model::rollout::NewRollout,
+    ) -> Result<trellis_model::rollout::Rollout> {
+        self.inner.create_rollout(rollout).await
+    }
+
+    async fn get_rollout(&self, id: u64) -> Result<trellis_model::rollout::Rollout> {
+        self.inner.get_rollout(id).await
+    }
+
+    async fn list_rollouts(
+        &self,
+        project: Option<&str>,
+    ) -> Result<Vec<trellis_model::rollout::Rollout>> {
+        self.inner.list_rollouts(project).await
+    }
+
+    async fn save_rollout(
+        &self,
+        rollout: &trellis_model::rollout::Rollout,
+    ) -> Result<trellis_model::rollout::Rollout> {
+        self.inner.save_rollout(rollout).await
+    }
+
     async fn delete_backup(&self, project: &str, stage: &str, id: u64) -> Result<()> {
         self.inner.delete_backup(project, stage, id).await
     }

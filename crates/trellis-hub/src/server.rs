@@ -231,6 +231,12 @@ impl Hub {
             cancel.clone(),
             crate::backup_schedule::run,
         );
+        crate::cluster::lead(
+            self.state.clone(),
+            "rollouts",
+            cancel.clone(),
+            crate::rollouts::run,
+        );
         let retention = self.archive_retention;
         crate::cluster::lead(
             self.state.clone(),

@@ -28,6 +28,8 @@ struct Inner {
     artifact_access: ArtifactAccess,
     /// Backups in progress: uploads not yet recorded, manifests' chunks.
     backups: crate::backups::BackupTracker,
+    /// What the rollout driver counted.
+    rollouts: crate::rollouts::Counters,
     /// `(host, port)` under which users and agents reach this hub; it goes
     /// into Outpost URIs. Set once, before the first request is served.
     public_address: OnceLock<(String, u16)>,
@@ -55,6 +57,7 @@ impl AppState {
             cluster,
             artifact_access: ArtifactAccess::default(),
             backups: crate::backups::BackupTracker::default(),
+            rollouts: crate::rollouts::Counters::default(),
             public_address: OnceLock::new(),
             shutdown: CancellationToken::new(),
         }))
@@ -106,6 +109,11 @@ impl AppState {
     /// Backups in progress (see [`crate::backups`]).
     pub fn backups(&self) -> &crate::backups::BackupTracker {
         &self.0.backups
+    }
+
+    /// What the rollout driver counted (see [`crate::rollouts`]).
+    pub fn rollout_counters(&self) -> &crate::rollouts::Counters {
+        &self.0.rollouts
     }
 
     pub fn links(&self) -> &Links {

@@ -14,6 +14,9 @@
 //! - [`entity`]: the records the hub stores and serves (projects, stages,
 //!   outposts, builds, configs, releases, users, access keys).
 //! - [`access`]: roles and the access-key format.
+//! - [`selector`]: label selectors (`site=munich,line!=3`) over outposts.
+//! - [`rollout`]: rollouts in waves — their records, how stages fall into
+//!   waves, and how a wave is judged (pure, so tested without a hub).
 //! - [`display`]: byte counts and instants as people read them (CLI and
 //!   console alike).
 
@@ -24,7 +27,10 @@ pub mod ingress;
 pub mod manifest;
 pub mod name;
 pub mod outpost_uri;
+pub mod rollout;
+pub mod selector;
 
 pub use access::{AccessKey, AccessKeyParseError, Role};
 pub use entity::*;
 pub use name::{NameError, NameKind, validate_name};
+pub use selector::{Selector, SelectorError};

@@ -33,6 +33,7 @@ use trellis_model::{
     AccessKeyInfo, AuditEntry, Backup, Build, ComponentAction, ComponentControl, Config,
     ConfigData, ConfigSnapshot, Member, NewAuditEntry, NewBackup, NewBuild, Outpost, OutpostLink,
     Project, Release, Role, Stage, StageSync, StageType, Timestamp, User,
+    rollout::{NewRollout, Rollout},
 };
 
 pub mod cluster;
@@ -532,6 +533,24 @@ pub trait Store: Send + Sync + 'static {
     /// The stage's full history, newest first.
     async fn list_releases(&self, project: &str, stage: &str) -> Result<Vec<Release>>;
 
+    // --- rollouts ---
+    /// Records a rollout, `running`, numbered after every rollout before
+    /// it (across projects; a number is never given twice). Refused with
+    /// nothing recorded when the project does not exist, or when an active
+    /// rollout (running, waiting or paused) of the project holds one of its
+    /// stages: the error names that rollout and the stages.
+    async fn create_rollout(&self, rollout: &NewRollout) -> Result<Rollout>;
+    /// The rollout with its stages.
+    async fn get_rollout(&self, id: u64) -> Result<Rollout>;
+    /// The project's rollouts (every project's with `None`), newest first,
+    /// without their stages (`stages` is empty): what a list shows.
+    async fn list_rollouts(&self, project: Option<&str>) -> Result<Vec<Rollout>>;
+    /// Replaces the rollout's record with `rollout` if nobody saved it
+    /// since it was read (its `version` is still the stored one); returns
+    /// it as saved, with the next version. A rollout changed meanwhile is
+    /// refused (`InUse`) and nothing changes: read it again.
+    async fn save_rollout(&self, rollout: &Rollout) -> Result<Rollout>;
+
     // --- the outpost link ---
     /// Records a join token (by its hash) that lets one agent enrol as
     /// `outpost` until `expires_at`.
@@ -780,6 +799,61 @@ pub(crate) mod wording {
                     name: config_key(project, stage, config, key),
                 });
             }
+        }
+        Ok(())
+    }
+
+    pub fn rollout(id: u64) -> String {
+        id.to_string()
+    }
+
+    pub fn rollout_changed(id: u64) -> StoreError {
+        StoreError::InUse {
+            what: format!("rollout {id} changed while this change was made"),
+            hint: "read it again and retry".into(),
+        }
+    }
+
+    /// Refuses `new` if one of `active` (the project's active rollouts)
+    /// holds one of its stages.
+    pub fn rollout_overlap(
+        new: &trellis_model::rollout::NewRollout,
+        active: &[trellis_model::rollout::Rollout],
+    ) -> Result<(), StoreError> {
+        let wanted: std::collections::HashSet<&str> =
+            new.stages.iter().map(|s| s.stage.as_str()).collect();
+        for other in active.iter().filter(|r| r.state.is_active()) {
+            let shared: Vec<&str> = other
+                .stages
+                .iter()
+                .map(|s| s.stage.as_str())
+                .filter(|s| wanted.contains(s))
+                .collect();
+            if shared.is_empty() {
+                continue;
+            }
+            let mut listed = shared
+                .iter()
+                .take(10)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ");
+            if shared.len() > 10 {
+                listed.push_str(&format!(" and {} more", shared.len() - 10));
+            }
+            return Err(StoreError::InUse {
+                what: format!(
+                    "rollout {} ({}, build {}) is still rolling out to {} of these stages: {listed}",
+                    other.id,
+                    other.state,
+                    other.build,
+                    shared.len()
+                ),
+                hint: format!(
+                    "wait until it completes, or stop it first (`trellis abort rollout {}`), or choose other stages with the selector",
+                    other.id
+                ),
+            });
         }
         Ok(())
     }

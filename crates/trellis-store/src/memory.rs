@@ -26,6 +26,7 @@ use trellis_model::{
     AccessKeyInfo, AuditEntry, Backup, BackupState, Build, ComponentAction, ComponentControl,
     Config, ConfigData, Member, NewAuditEntry, NewBackup, NewBuild, Outpost, OutpostLink, Project,
     Release, ReleaseState, Role, Stage, StageSync, Timestamp, User, build_name,
+    rollout::{NewRollout, Rollout},
 };
 
 use tokio::sync::{mpsc, watch};
@@ -80,6 +81,8 @@ struct State {
     last_audit: u64,
     /// The last backup id handed out (never given twice).
     last_backup: u64,
+    /// The last rollout id handed out (never given twice).
+    last_rollout: u64,
     instances: BTreeMap<String, Instance>,
     claims: BTreeMap<String, LinkClaim>,
     secrets: BTreeMap<String, String>,
@@ -101,6 +104,7 @@ struct ProjectState {
     audit: Vec<AuditEntry>,
     stages: BTreeMap<String, StageState>,
     builds: BTreeMap<String, Build>,
+    rollouts: BTreeMap<u64, Rollout>,
 }
 
 struct StageState {
@@ -435,6 +439,7 @@ impl Store for MemoryStore {
                 audit: Vec::new(),
                 stages: BTreeMap::new(),
                 builds: BTreeMap::new(),
+                rollouts: BTreeMap::new(),
             },
         );
         Ok(())
@@ -666,6 +671,63 @@ impl Store for MemoryStore {
         saved.created_by = stored.created_by.clone();
         *stored = saved;
         Ok(())
+    }
+
+    async fn create_rollout(&self, rollout: &NewRollout) -> Result<Rollout> {
+        let mut state = self.state();
+        let project = state.project(&rollout.project)?;
+        let active: Vec<Rollout> = project.rollouts.values().cloned().collect();
+        wording::rollout_overlap(rollout, &active)?;
+        state.last_rollout += 1;
+        let record = rollout.numbered(state.last_rollout);
+        state
+            .project_mut(&rollout.project)?
+            .rollouts
+            .insert(record.id, record.clone());
+        Ok(record)
+    }
+
+    async fn get_rollout(&self, id: u64) -> Result<Rollout> {
+        let state = self.state();
+        state
+            .projects
+            .values()
+            .find_map(|p| p.rollouts.get(&id))
+            .cloned()
+            .ok_or_else(|| not_found("rollout", wording::rollout(id)))
+    }
+
+    async fn list_rollouts(&self, project: Option<&str>) -> Result<Vec<Rollout>> {
+        let state = self.state();
+        let mut listed: Vec<Rollout> = match project {
+            Some(name) => state.project(name)?.rollouts.values().cloned().collect(),
+            None => state
+                .projects
+                .values()
+                .flat_map(|p| p.rollouts.values().cloned())
+                .collect(),
+        };
+        listed.sort_by_key(|r| std::cmp::Reverse(r.id));
+        for r in &mut listed {
+            r.stages.clear();
+        }
+        Ok(listed)
+    }
+
+    async fn save_rollout(&self, rollout: &Rollout) -> Result<Rollout> {
+        let mut state = self.state();
+        let stored = state
+            .projects
+            .get_mut(&rollout.project)
+            .and_then(|p| p.rollouts.get_mut(&rollout.id))
+            .ok_or_else(|| not_found("rollout", wording::rollout(rollout.id)))?;
+        if stored.version != rollout.version {
+            return Err(wording::rollout_changed(rollout.id));
+        }
+        let mut saved = rollout.clone();
+        saved.version += 1;
+        *stored = saved.clone();
+        Ok(saved)
     }
 
     async fn delete_backup(&self, project: &str, stage: &str, id: u64) -> Result<()> {

@@ -75,6 +75,8 @@ macro_rules! for_each_suite_test {
             outpost_desired_states,
             project_updates,
             archive_and_restore,
+            rollouts,
+            rollouts_refuse_overlap,
         }
     };
 }
@@ -274,6 +276,153 @@ fn assert_in_use<T: Debug>(result: Result<T>) -> (String, String) {
 }
 
 // --- the behaviours ---
+
+fn new_rollout(project: &str, stages: &[&str], created: i64) -> trellis_model::rollout::NewRollout {
+    use trellis_model::rollout::{NewRollout, WavePause, parse_waves};
+    let sizes = parse_waves("1,100%").expect("valid waves");
+    let (waves, planned) = NewRollout::plan(
+        project,
+        &sizes,
+        stages
+            .iter()
+            .map(|s| (s.to_string(), "local".to_string()))
+            .collect(),
+    );
+    NewRollout {
+        project: project.into(),
+        build: "main_b1".into(),
+        config: None,
+        selector: "site=munich".into(),
+        waves,
+        success_threshold: 9500,
+        wave_timeout_seconds: 1800,
+        pause: WavePause::After { seconds: 60 },
+        created_at: at(created),
+        created_by: "alice".into(),
+        stages: planned,
+    }
+}
+
+/// A rollout is numbered, read back whole, listed without its stages, and
+/// saved only over the version it was read at; it goes with its project.
+pub async fn rollouts(store: &dyn Store) {
+    use trellis_model::rollout::{RolloutState, StageRolloutState};
+    setup(store, "shop").await;
+    setup(store, "mill").await;
+    let first = store
+        .create_rollout(&new_rollout("shop", &["a", "b", "c"], 1))
+        .await
+        .unwrap();
+    assert_eq!(first.id, 1);
+    assert_eq!(first.state, RolloutState::Running);
+    assert_eq!(first.version, 1);
+    assert_eq!(first.stages.len(), 3);
+    assert_eq!(first.waves.len(), 2);
+    assert_eq!(first.waves[0].stages, 1);
+    let other = store
+        .create_rollout(&new_rollout("mill", &["a"], 2))
+        .await
+        .unwrap();
+    assert_eq!(other.id, 2, "numbered across projects");
+    assert_eq!(store.get_rollout(1).await.unwrap(), first);
+    assert_not_found(store.get_rollout(99).await, "rollout", "99");
+    assert_not_found(
+        store.get_rollout(u64::MAX).await,
+        "rollout",
+        &u64::MAX.to_string(),
+    );
+    assert_not_found(
+        store.create_rollout(&new_rollout("nope", &["a"], 3)).await,
+        "project",
+        "nope",
+    );
+
+    // Lists: newest first, without stages.
+    let all = store.list_rollouts(None).await.unwrap();
+    assert_eq!(all.iter().map(|r| r.id).collect::<Vec<_>>(), vec![2, 1]);
+    assert!(all.iter().all(|r| r.stages.is_empty()));
+    let shop = store.list_rollouts(Some("shop")).await.unwrap();
+    assert_eq!(shop.len(), 1);
+    assert_eq!(
+        shop[0],
+        trellis_model::rollout::Rollout {
+            stages: Vec::new(),
+            ..first.clone()
+        }
+    );
+    assert_not_found(store.list_rollouts(Some("nope")).await, "project", "nope");
+
+    // A save bumps the version; one over a stale version changes nothing.
+    let mut changed = first.clone();
+    changed.state = RolloutState::Waiting;
+    changed.stages[0].state = StageRolloutState::Applied;
+    changed.stages[0].release = Some(4);
+    changed.halt_reason = Some("why".into());
+    let saved = store.save_rollout(&changed).await.unwrap();
+    assert_eq!(saved.version, 2);
+    assert_eq!(store.get_rollout(1).await.unwrap(), saved);
+    let mut stale = first.clone();
+    stale.state = RolloutState::Aborted;
+    let (what, _) = assert_in_use(store.save_rollout(&stale).await);
+    assert!(what.contains("rollout 1 changed"), "{what}");
+    assert_eq!(store.get_rollout(1).await.unwrap(), saved);
+    let mut gone = saved.clone();
+    gone.id = 77;
+    assert_not_found(store.save_rollout(&gone).await, "rollout", "77");
+
+    // Deleted with their project; numbers are not given again.
+    store.delete_project("mill", true).await.unwrap();
+    assert_not_found(store.get_rollout(2).await, "rollout", "2");
+    let next = store
+        .create_rollout(&new_rollout("shop", &["x"], 4))
+        .await
+        .unwrap();
+    assert_eq!(next.id, 3);
+}
+
+/// Two rollouts may not hold the same stage at once: the second is
+/// refused, naming the first, and recorded nowhere; once the first is no
+/// longer active (or in another project) the stages are free.
+pub async fn rollouts_refuse_overlap(store: &dyn Store) {
+    use trellis_model::rollout::RolloutState;
+    setup(store, "shop").await;
+    setup(store, "mill").await;
+    let first = store
+        .create_rollout(&new_rollout("shop", &["a", "b", "c"], 1))
+        .await
+        .unwrap();
+    let (what, hint) = assert_in_use(
+        store
+            .create_rollout(&new_rollout("shop", &["c", "d"], 2))
+            .await,
+    );
+    assert!(what.contains("rollout 1 (running"), "{what}");
+    assert!(what.contains("1 of these stages: c"), "{what}");
+    assert!(hint.contains("trellis abort rollout 1"), "{hint}");
+    assert_eq!(store.list_rollouts(None).await.unwrap().len(), 1);
+    // Other stages, or another project's, are free.
+    store
+        .create_rollout(&new_rollout("shop", &["d"], 3))
+        .await
+        .unwrap();
+    store
+        .create_rollout(&new_rollout("mill", &["a"], 4))
+        .await
+        .unwrap();
+    // A paused rollout still holds them; a halted one no longer does.
+    let mut paused = first.clone();
+    paused.state = RolloutState::Paused;
+    let paused = store.save_rollout(&paused).await.unwrap();
+    assert_in_use(store.create_rollout(&new_rollout("shop", &["a"], 5)).await);
+    let mut halted = paused;
+    halted.state = RolloutState::Halted;
+    store.save_rollout(&halted).await.unwrap();
+    let again = store
+        .create_rollout(&new_rollout("shop", &["a", "b"], 6))
+        .await
+        .unwrap();
+    assert_eq!(again.id, 4);
+}
 
 pub async fn users(store: &dyn Store) {
     assert!(store.list_users().await.unwrap().is_empty());

@@ -128,7 +128,10 @@ pub const ERRORS: &[(&str, Refusals)] = &[
         ],
     ),
     // stages
-    ("list_stages", &[(404, &["not-found"])]),
+    (
+        "list_stages",
+        &[(400, &["invalid-selector"]), (404, &["not-found"])],
+    ),
     (
         "create_stage",
         &[
@@ -160,7 +163,10 @@ pub const ERRORS: &[(&str, Refusals)] = &[
         ],
     ),
     ("stage_status", &[(404, &["not-found"])]),
-    ("project_status", &[(404, &["not-found"])]),
+    (
+        "project_status",
+        &[(400, &["invalid-selector"]), (404, &["not-found"])],
+    ),
     // configs
     (
         "list_project_configs",
@@ -203,9 +209,64 @@ pub const ERRORS: &[(&str, Refusals)] = &[
     (
         "push_releases",
         &[
-            (400, &["no-stages", "too-many-stages", "duplicate-stage"]),
+            (
+                400,
+                &[
+                    "no-stages",
+                    "too-many-stages",
+                    "duplicate-stage",
+                    "invalid-selector",
+                ],
+            ),
             (404, &["not-found"]),
             (409, &["no-build", "archived"]),
+            (422, &["no-match"]),
+        ],
+    ),
+    // rollouts
+    (
+        "create_rollout",
+        &[
+            (
+                400,
+                &[
+                    "invalid-selector",
+                    "invalid-waves",
+                    "invalid-threshold",
+                    "invalid-timeout",
+                    "invalid-pause",
+                    "too-many-stages",
+                ],
+            ),
+            (404, &["not-found"]),
+            (409, &["rollout-overlap", "missing-config", "archived"]),
+            (422, &["no-match"]),
+        ],
+    ),
+    ("list_rollouts", &[(404, &["not-found"])]),
+    ("get_rollout", &[(404, &["not-found"])]),
+    (
+        "pause_rollout",
+        &[
+            (404, &["not-found"]),
+            (409, &["rollout-state", "rollout-busy"]),
+        ],
+    ),
+    (
+        "resume_rollout",
+        &[
+            (404, &["not-found"]),
+            (409, &["rollout-state", "rollout-busy"]),
+        ],
+    ),
+    (
+        "abort_rollout",
+        &[
+            (404, &["not-found"]),
+            (
+                409,
+                &["rollout-state", "rollout-busy", "in-use", "archived"],
+            ),
         ],
     ),
     // components
@@ -669,7 +730,44 @@ pub const CODES: &[(&str, &str)] = &[
         "a key marked secret is neither given nor in the config",
     ),
     ("no-build", "the project has no build to release"),
-    ("no-stages", "the push names no stage"),
+    (
+        "no-stages",
+        "the push names no stage (or both stages and a selector)",
+    ),
+    (
+        "invalid-selector",
+        "the label selector does not parse; the message names the character",
+    ),
+    ("no-match", "the label selector chooses no live stage"),
+    ("invalid-waves", "the wave sizes do not grow to 100%"),
+    (
+        "invalid-threshold",
+        "the success threshold is not a percentage from 0% to 100%",
+    ),
+    (
+        "invalid-timeout",
+        "the wave timeout is outside 1 s to 30 days",
+    ),
+    (
+        "invalid-pause",
+        "the pause is longer than 30 days, or given with manual",
+    ),
+    (
+        "rollout-overlap",
+        "another active rollout holds some of the stages; the message names it",
+    ),
+    (
+        "missing-config",
+        "some selected stages lack the config the rollout names",
+    ),
+    (
+        "rollout-state",
+        "the rollout's state does not allow the change (e.g. it finished)",
+    ),
+    (
+        "rollout-busy",
+        "the rollout kept changing while the change was made",
+    ),
     (
         "too-many-stages",
         "the push names more stages than one push may",

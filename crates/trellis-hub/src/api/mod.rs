@@ -17,6 +17,7 @@ pub mod contract;
 pub mod outposts;
 pub mod params;
 pub mod projects;
+pub mod rollouts;
 pub mod stages;
 pub mod streams;
 pub mod types;
@@ -74,6 +75,11 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(stages::list_releases, stages::push_release))
         .routes(routes!(stages::push_releases))
         .routes(routes!(stages::get_release))
+        .routes(routes!(rollouts::list_rollouts, rollouts::create_rollout))
+        .routes(routes!(rollouts::get_rollout))
+        .routes(routes!(rollouts::pause_rollout))
+        .routes(routes!(rollouts::resume_rollout))
+        .routes(routes!(rollouts::abort_rollout))
         .routes(routes!(components::list_components))
         .routes(routes!(components::control_component))
         .routes(routes!(components::suspend_stage))

@@ -140,10 +140,7 @@ pub async fn delete_outpost(
 }
 
 fn is_label_part(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+    trellis_model::selector::is_label_key(s)
 }
 
 /// The outpost's current Outpost URI, to hand to users (administrators).

@@ -10,29 +10,40 @@ use trellis_model::{
 use trellis_store::{NewRelease, NewStage, StageUpdate};
 
 use super::types::{
-    AddConfigDataRequest, ArchivedQuery, ConfigValuesQuery, CreateStageRequest, DeleteQuery,
-    PushReleaseRequest, PushReleasesRequest, UpdateStageRequest,
+    AddConfigDataRequest, ConfigValuesQuery, CreateStageRequest, DeleteQuery, PushReleaseRequest,
+    PushReleasesRequest, StageListQuery, UpdateStageRequest,
 };
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
-/// The project's live stages, or with `archived` its archived ones.
+/// The project's live stages, or with `archived` its archived ones;
+/// with `selector`, only those whose outpost's labels match it.
 #[utoipa::path(get, path = "/projects/{project}/stages", tag = "stages",
-    params(crate::api::params::ProjectPath, ArchivedQuery),
+    params(crate::api::params::ProjectPath, StageListQuery),
     responses((status = 200, body = Vec<Stage>)))]
 pub async fn list_stages(
     State(state): State<AppState>,
     caller: Caller,
     Path(project): Path<String>,
-    Query(q): Query<ArchivedQuery>,
+    Query(q): Query<StageListQuery>,
 ) -> ApiResult<Json<Vec<Stage>>> {
+    let selector = q
+        .selector
+        .as_deref()
+        .map(super::rollouts::parse_selector)
+        .transpose()?;
     caller.role_in(&state, &project).await?;
     let stages = state.store().list_stages(&project).await?;
+    let chosen = match &selector {
+        Some(selector) => Some(super::rollouts::outposts_matching(&state, selector).await?),
+        None => None,
+    };
     Ok(Json(
         stages
             .into_iter()
             .filter(|s| s.archived_at.is_some() == q.archived)
+            .filter(|s| chosen.as_ref().is_none_or(|c| c.contains(&s.outpost)))
             .collect(),
     ))
 }
@@ -464,13 +475,33 @@ pub async fn push_releases(
     Json(req): Json<PushReleasesRequest>,
 ) -> ApiResult<(StatusCode, Json<Vec<Release>>)> {
     caller.role_in_live(&state, &project).await?;
-    if req.stages.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "no-stages",
-            "the push names no stage",
-            "list the stages to release to, e.g. {\"stages\": [\"line-1\", \"line-2\"]}",
-        ));
+    let mut req = req;
+    match (&req.selector, req.stages.is_empty()) {
+        (Some(_), false) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "no-stages",
+                "the push names stages and a selector",
+                "give either the stages or a selector that chooses them",
+            ));
+        }
+        (Some(text), true) => {
+            let selector = super::rollouts::parse_selector(text)?;
+            let chosen = super::rollouts::select_stages(&state, &project, &selector).await?;
+            if chosen.is_empty() {
+                return Err(super::rollouts::no_match(&project, &selector));
+            }
+            req.stages = chosen.into_iter().map(|s| s.name).collect();
+        }
+        (None, true) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "no-stages",
+                "the push names no stage",
+                "list the stages to release to, e.g. {\"stages\": [\"line-1\", \"line-2\"]}, or give a selector",
+            ));
+        }
+        (None, false) => {}
     }
     if req.stages.len() > MAX_STAGES_PER_PUSH {
         return Err(ApiError::new(

@@ -164,11 +164,17 @@ pub struct PushReleaseRequest {
 #[schema(example = json!({"stages": ["line-1", "line-2"], "build": "main_b1"}))]
 pub struct PushReleasesRequest {
     /// The stages of the project to release to, each named once.
-    #[schema(min_items = 1, max_items = 100000)]
+    /// Empty (or absent) when `selector` chooses them.
+    #[schema(max_items = 100000)]
+    #[serde(default)]
     pub stages: Vec<String>,
     /// Build name; the project's newest build when absent.
     #[serde(default)]
     pub build: Option<String>,
+    /// Instead of `stages`: every live stage of the project whose outpost's
+    /// labels match this label selector.
+    #[serde(default)]
+    pub selector: Option<String>,
 }
 
 /// `POST /chunks/missing`: the digests of the chunks a client is about to
@@ -216,6 +222,20 @@ pub struct ArchivedQuery {
     /// of the live ones.
     #[serde(default)]
     pub archived: bool,
+}
+
+/// Which stages `GET /projects/{project}/stages` lists.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StageListQuery {
+    /// The archived ones (deleted, kept until restored or purged) instead
+    /// of the live ones.
+    #[serde(default)]
+    pub archived: bool,
+    /// Only stages whose outpost's labels match this label selector
+    /// (`site=munich,line!=3`, `site in (a,b)`, `k`, `!k`).
+    #[serde(default)]
+    pub selector: Option<String>,
 }
 
 /// `PATCH /projects/{project}`: what to change; absent fields stay.

@@ -14,6 +14,7 @@
 //!   fragment and a live event stream.
 //! - `terminal.rs`: a shell in a component (xterm.js over a stream).
 //! - `outposts.rs`: outposts, for administrators.
+//! - `rollouts.rs`: a rollout's waves and stages, and its actions.
 //! - `view.rs`: formatting helpers.
 //!
 //! Templates are in `templates/` (compile-checked by askama), assets in
@@ -21,6 +22,7 @@
 
 mod outposts;
 mod projects;
+mod rollouts;
 mod session;
 mod stages;
 mod status;
@@ -95,6 +97,8 @@ pub fn router(state: AppState) -> Router {
             "/projects/{project}/stages/{stage}/status/events",
             get(status::events),
         )
+        .route("/rollouts/{id}", get(rollouts::show))
+        .route("/rollouts/{id}/{action}", post(rollouts::act))
         .route("/outposts", get(outposts::list).post(outposts::create))
         .route("/outposts/{outpost}", get(outposts::show))
         .route("/outposts/{outpost}/rotate", post(outposts::rotate))

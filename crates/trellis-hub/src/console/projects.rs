@@ -120,15 +120,48 @@ struct ProjectPage {
     project: String,
     description: String,
     stages: Vec<StageRow>,
+    /// The filter box's label selector, as typed.
+    selector: String,
+    /// Why the selector was not used.
+    selector_error: Option<String>,
+    rollouts: Vec<super::rollouts::RolloutRow>,
+}
+
+/// The stage list's filter: a label selector over the stages' outposts.
+#[derive(Debug, Default, Deserialize)]
+pub struct StageFilterQuery {
+    #[serde(default)]
+    selector: Option<String>,
 }
 
 pub async fn show(
     State(state): State<AppState>,
     Signed(caller): Signed,
     Path(project): Path<String>,
+    crate::extract::Query(filter): crate::extract::Query<StageFilterQuery>,
 ) -> Result<Response, ConsoleError> {
     caller.role_in(&state, &project).await?;
     let record = state.store().get_project(&project).await?;
+    let selector_text = filter.selector.unwrap_or_default().trim().to_owned();
+    let (chosen, selector_error) = if selector_text.is_empty() {
+        (None, None)
+    } else {
+        match trellis_model::Selector::parse(&selector_text) {
+            Ok(selector) => (
+                Some(crate::api::rollouts::outposts_matching(&state, &selector).await?),
+                None,
+            ),
+            Err(e) => (None, Some(e.to_string())),
+        }
+    };
+    let rollouts = state
+        .store()
+        .list_rollouts(Some(&project))
+        .await?
+        .iter()
+        .take(20)
+        .map(super::rollouts::RolloutRow::of)
+        .collect();
     let summaries = state
         .store()
         .list_stage_summaries(&project, trellis_store::StageFilter::All)
@@ -138,6 +171,7 @@ pub async fn show(
     for summary in summaries
         .into_iter()
         .filter(|s| s.stage.archived_at.is_none())
+        .filter(|s| chosen.as_ref().is_none_or(|c| c.contains(&s.stage.outpost)))
     {
         let stage = &summary.stage;
         let link = match links.get(&stage.outpost) {
@@ -172,6 +206,9 @@ pub async fn show(
         description: record.description,
         project,
         stages,
+        selector: selector_text,
+        selector_error,
+        rollouts,
     };
     Ok(render(&page)?.into_response())
 }

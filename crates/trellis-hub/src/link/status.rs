@@ -393,6 +393,9 @@ pub struct ProjectStatusQuery {
     /// list once its agent reports the revision applied.
     #[serde(default)]
     pub pending: bool,
+    /// Only stages whose outpost's labels match this label selector.
+    #[serde(default)]
+    pub selector: Option<String>,
 }
 
 /// How far every stage of a project has synced, in one call: what a
@@ -409,7 +412,16 @@ pub async fn project_status(
     Path(project): Path<String>,
     Query(q): Query<ProjectStatusQuery>,
 ) -> ApiResult<Json<Vec<StageSyncSummary>>> {
+    let selector = q
+        .selector
+        .as_deref()
+        .map(crate::api::rollouts::parse_selector)
+        .transpose()?;
     caller.role_in(&state, &project).await?;
+    let chosen = match &selector {
+        Some(selector) => Some(crate::api::rollouts::outposts_matching(&state, selector).await?),
+        None => None,
+    };
     let which = if q.pending {
         StageFilter::Pending
     } else {
@@ -420,6 +432,7 @@ pub async fn project_status(
     Ok(Json(
         summaries
             .into_iter()
+            .filter(|s| chosen.as_ref().is_none_or(|c| c.contains(&s.stage.outpost)))
             .map(|s| {
                 let connected = links.is_connected(&s.stage.outpost);
                 StageSyncSummary {

@@ -34,6 +34,7 @@ use trellis_model::{
     AccessKeyInfo, AuditEntry, Backup, Build, ComponentAction, ComponentControl, Config,
     ConfigData, Member, NewAuditEntry, NewBackup, NewBuild, Outpost, OutpostLink, Project, Release,
     ReleaseState, Role, Stage, StageSync, Timestamp, User, build_name,
+    rollout::{NewRollout, Rollout, RolloutStage},
 };
 
 use crate::{
@@ -430,6 +431,23 @@ fn schedule_from<R: SqlRow>(row: &R) -> Result<trellis_model::BackupSchedule> {
 /// no backup's.
 fn backup_id(project: &str, stage: &str, id: u64) -> Result<i64> {
     i64::try_from(id).map_err(|_| not_found("backup", wording::backup(project, stage, id)))
+}
+
+/// A rollout as stored: its record without the stages (what lists read),
+/// and its stages.
+fn rollout_parts(rollout: &Rollout) -> Result<(String, String)> {
+    let stages = json(&rollout.stages)?;
+    let head = json(&Rollout {
+        stages: Vec::new(),
+        ..rollout.clone()
+    })?;
+    Ok((head, stages))
+}
+
+fn rollout_from<R: SqlRow>(row: &R) -> Result<Rollout> {
+    let mut rollout: Rollout = from_json(row, "record")?;
+    rollout.stages = from_json::<Vec<RolloutStage>, _>(row, "stages")?;
+    Ok(rollout)
 }
 
 fn backup_from<R: SqlRow>(row: &R) -> Result<Backup> {
@@ -1308,6 +1326,7 @@ impl<B: Backend> Store for SqlStore<B> {
             "DELETE FROM audit_log WHERE project = $1",
             "DELETE FROM backups WHERE project = $1",
             "DELETE FROM backup_schedules WHERE project = $1",
+            "DELETE FROM rollouts WHERE project = $1",
             "DELETE FROM projects WHERE name = $1",
         ] {
             q(sql)
@@ -1662,6 +1681,129 @@ impl<B: Backend> Store for SqlStore<B> {
             ));
         }
         self.commit(tx, DOING).await
+    }
+
+    async fn create_rollout(&self, rollout: &NewRollout) -> Result<Rollout> {
+        const DOING: &str = "recording a rollout";
+        let mut tx = self.write().await?;
+        require_project(&mut *tx, &rollout.project).await?;
+        // Writers are serial (see the module docs): no other rollout can
+        // take these stages between this check and the insert.
+        let rows = q("SELECT record, stages FROM rollouts WHERE project = $1 AND state IN ('running', 'waiting', 'paused')")
+            .bind(&rollout.project)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        let active = all(&rows, rollout_from)?;
+        wording::rollout_overlap(rollout, &active)?;
+        let row = q("SELECT COALESCE(MAX(id), 0) AS last FROM rollouts")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        let handed = q("SELECT last FROM id_counters WHERE name = 'rollouts'")
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend(DOING))?
+            .map(|row| count(&row, "last"))
+            .transpose()?
+            .unwrap_or(0);
+        let id = count(&row, "last")?.max(handed) + 1;
+        q(
+            "INSERT INTO id_counters (name, last) VALUES ('rollouts', $1) \
+           ON CONFLICT (name) DO UPDATE SET last = excluded.last",
+        )
+        .bind(int(id)?)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        let record = rollout.numbered(id);
+        let (head, stages) = rollout_parts(&record)?;
+        q("INSERT INTO rollouts (id, project, state, version, record, stages) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(int(id)?)
+            .bind(&record.project)
+            .bind(record.state.as_str())
+            .bind(int(record.version)?)
+            .bind(head)
+            .bind(stages)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        self.commit(tx, DOING).await?;
+        Ok(record)
+    }
+
+    async fn get_rollout(&self, id: u64) -> Result<Rollout> {
+        let Ok(key) = i64::try_from(id) else {
+            return Err(not_found("rollout", wording::rollout(id)));
+        };
+        q("SELECT record, stages FROM rollouts WHERE id = $1")
+            .bind(key)
+            .fetch_optional(&mut *self.reader().await?)
+            .await
+            .map_err(backend("looking up a rollout"))?
+            .as_ref()
+            .map(rollout_from)
+            .transpose()?
+            .ok_or_else(|| not_found("rollout", wording::rollout(id)))
+    }
+
+    async fn list_rollouts(&self, project: Option<&str>) -> Result<Vec<Rollout>> {
+        const DOING: &str = "listing rollouts";
+        let mut tx = self.read().await?;
+        let rows = match project {
+            Some(name) => {
+                require_project(&mut *tx, name).await?;
+                q("SELECT record FROM rollouts WHERE project = $1 ORDER BY id DESC")
+                    .bind(name)
+                    .fetch_all(&mut *tx)
+                    .await
+            }
+            None => {
+                q("SELECT record FROM rollouts ORDER BY id DESC")
+                    .fetch_all(&mut *tx)
+                    .await
+            }
+        }
+        .map_err(backend(DOING))?;
+        rows.iter().map(|row| from_json(row, "record")).collect()
+    }
+
+    async fn save_rollout(&self, rollout: &Rollout) -> Result<Rollout> {
+        const DOING: &str = "updating a rollout";
+        let mut saved = rollout.clone();
+        saved.version += 1;
+        let (head, stages) = rollout_parts(&saved)?;
+        let mut tx = self.write().await?;
+        let done = q(
+            "UPDATE rollouts SET state = $3, version = $4, record = $5, stages = $6 \
+             WHERE id = $1 AND project = $2 AND version = $7",
+        )
+        .bind(int(rollout.id)?)
+        .bind(&rollout.project)
+        .bind(saved.state.as_str())
+        .bind(int(saved.version)?)
+        .bind(head)
+        .bind(stages)
+        .bind(int(rollout.version)?)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        if done == 0 {
+            let exists = q("SELECT 1 AS one FROM rollouts WHERE id = $1 AND project = $2")
+                .bind(int(rollout.id)?)
+                .bind(&rollout.project)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(backend(DOING))?
+                .is_some();
+            return Err(if exists {
+                wording::rollout_changed(rollout.id)
+            } else {
+                not_found("rollout", wording::rollout(rollout.id))
+            });
+        }
+        self.commit(tx, DOING).await?;
+        Ok(saved)
     }
 
     async fn delete_backup(&self, project: &str, stage: &str, id: u64) -> Result<()> {

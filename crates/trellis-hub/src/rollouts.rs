@@ -1,0 +1,468 @@
+//! The rollout driver: pushes each rollout's release wave by wave and
+//! judges every wave (see [`trellis_model::rollout`] for the rules).
+//!
+//! One hub instance at a time drives every rollout ([`run`], under the job
+//! lock `rollouts`), looking at the active ones every [`TICK`]. Everything
+//! it knows is in the store: a hub killed at any point and started again
+//! (or another instance taking the lock) carries on from the record. The
+//! one step that spans two writes — recording that a wave starts, then
+//! pushing its releases — is made safe to repeat: the record keeps each
+//! stage's newest release from before the push, and a stage whose newest
+//! release moved past it since got the push already (it is adopted, not
+//! pushed again).
+//!
+//! An outpost counts as online when its link is up on this instance, or,
+//! on a shared store, held by another live instance. For [`SETTLE`] after
+//! the driver starts, no wave starts and no stage is set aside as offline:
+//! agents take a moment to link again after a hub restart.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+use trellis_model::rollout::{
+    Rollout, RolloutState, StageRolloutState, Verdict, WaveOutcome, WavePause, judge, observe,
+};
+use trellis_model::{ConfigSnapshot, NewAuditEntry};
+use trellis_store::{NewRelease, StageFilter, StoreError};
+
+use crate::state::AppState;
+
+/// How often the active rollouts are looked at.
+const TICK: Duration = Duration::from_secs(1);
+
+/// How long after the driver starts before it starts waves or sets stages
+/// aside as offline.
+pub const SETTLE: Duration = Duration::from_secs(8);
+
+/// How long after a rollout ended its stages' reports are still read
+/// into it (stages carried along while offline catch up later).
+const FOLLOW_FINISHED: chrono::Duration = chrono::Duration::hours(1);
+
+/// Who the driver's audit entries are recorded as made by.
+pub const DRIVER: &str = "rollout-driver";
+
+/// What `/metrics` shows of the waves this instance drove.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub waves_started: AtomicU64,
+    pub waves_passed: AtomicU64,
+    pub waves_halted: AtomicU64,
+}
+
+/// Drives the rollouts every [`TICK`] until `cancel`.
+pub async fn run(state: AppState, cancel: CancellationToken) {
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let settled = started.elapsed() >= SETTLE;
+        if let Err(e) = round(&state, settled).await {
+            tracing::warn!(error = %e, "could not look at the rollouts");
+        }
+    }
+}
+
+async fn round(state: &AppState, settled: bool) -> Result<(), StoreError> {
+    let active: Vec<u64> = state
+        .store()
+        .list_rollouts(None)
+        .await?
+        .into_iter()
+        .filter(|r| {
+            r.state.is_active()
+                || r.finished_at
+                    .is_some_and(|at| Utc::now() - at < FOLLOW_FINISHED)
+        })
+        .map(|r| r.id)
+        .collect();
+    if active.is_empty() {
+        return Ok(());
+    }
+    let online = Online::read(state).await?;
+    for id in active {
+        let rollout = match state.store().get_rollout(id).await {
+            Ok(r) => r,
+            Err(StoreError::NotFound { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        match advance(state, rollout, &online, settled).await {
+            Ok(()) => {}
+            // A user paused or aborted it meanwhile: looked at again next
+            // time, as it is now.
+            Err(StoreError::InUse { what, .. }) => {
+                tracing::debug!(rollout = id, %what, "rollout changed meanwhile");
+            }
+            Err(e) => tracing::warn!(rollout = id, error = %e, "could not advance a rollout"),
+        }
+    }
+    Ok(())
+}
+
+/// Which outposts are linked now (to any instance).
+pub struct Online {
+    local: HashSet<String>,
+    elsewhere: HashSet<String>,
+}
+
+impl Online {
+    pub async fn read(state: &AppState) -> Result<Online, StoreError> {
+        let local = state
+            .links()
+            .local_sessions()
+            .into_iter()
+            .map(|(o, _, _)| o)
+            .collect();
+        let mut elsewhere = HashSet::new();
+        let cluster = state.cluster();
+        if cluster.is_shared() {
+            let instances = cluster.instances(state.store()).await?;
+            let alive: HashSet<&str> = instances
+                .iter()
+                .filter(|i| cluster.alive(i))
+                .map(|i| i.id.as_str())
+                .collect();
+            for claim in state.store().link_claims(None).await? {
+                if claim.released_at.is_none() && alive.contains(claim.instance.as_str()) {
+                    elsewhere.insert(claim.outpost);
+                }
+            }
+        }
+        Ok(Online { local, elsewhere })
+    }
+
+    pub fn has(&self, outpost: &str) -> bool {
+        self.local.contains(outpost) || self.elsewhere.contains(outpost)
+    }
+}
+
+/// One step of one rollout: what its stages' reports say, then the wave's
+/// verdict or the next wave's start. Saves only what changed.
+async fn advance(
+    state: &AppState,
+    mut r: Rollout,
+    online: &Online,
+    settled: bool,
+) -> Result<(), StoreError> {
+    let before = r.clone();
+    let now = Utc::now();
+    observe_stages(state, &mut r, online, settled).await?;
+    match r.state {
+        RolloutState::Waiting if settled && r.next_wave_at.is_some_and(|at| at <= now) => {
+            r.state = RolloutState::Running;
+            r.next_wave_at = None;
+            if let Some(next) = r.next_wave() {
+                start_wave(state, save(state, &before, r).await?, next, online).await?;
+                return Ok(());
+            }
+        }
+        RolloutState::Running => match r.current_wave() {
+            Some(w)
+                if r.wave_stages(w)
+                    .any(|s| s.state == StageRolloutState::Waiting) =>
+            {
+                // Recorded as started, not (all) pushed: a restart came in
+                // between.
+                r = save(state, &before, r).await?;
+                push_wave(state, r, w).await?;
+                return Ok(());
+            }
+            Some(w) => {
+                let started = r.waves[w].started_at.unwrap_or(now);
+                let timeout = chrono::Duration::seconds(
+                    i64::try_from(r.wave_timeout_seconds).unwrap_or(i64::MAX / 1000),
+                );
+                let timed_out = now - started >= timeout;
+                let stages: Vec<_> = r.wave_stages(w).collect();
+                match judge(w, &stages, r.success_threshold, timed_out) {
+                    Verdict::Watch => {}
+                    Verdict::Pass => passed(state, &mut r, w, now).await,
+                    Verdict::Halt(reason) => halted(state, &mut r, w, reason, now).await,
+                }
+            }
+            None => match r.next_wave() {
+                Some(next) if settled => {
+                    start_wave(state, save(state, &before, r).await?, next, online).await?;
+                    return Ok(());
+                }
+                Some(_) => {}
+                None => {
+                    r.state = RolloutState::Completed;
+                    r.finished_at = Some(now);
+                }
+            },
+        },
+        _ => {}
+    }
+    save(state, &before, r).await?;
+    Ok(())
+}
+
+/// Saves `r` if it differs from `before`; the record as stored.
+async fn save(state: &AppState, before: &Rollout, mut r: Rollout) -> Result<Rollout, StoreError> {
+    if &r == before {
+        return Ok(r);
+    }
+    r.updated_at = Utc::now();
+    state.store().save_rollout(&r).await
+}
+
+/// Reads what the agents reported of every stage the release was pushed
+/// to and is not settled; sets aside as offline the pending stages of the
+/// current wave whose outpost is not linked.
+async fn observe_stages(
+    state: &AppState,
+    r: &mut Rollout,
+    online: &Online,
+    settled: bool,
+) -> Result<(), StoreError> {
+    if !r
+        .stages
+        .iter()
+        .any(|s| s.state == StageRolloutState::Pushed)
+    {
+        return Ok(());
+    }
+    let summaries = state
+        .store()
+        .list_stage_summaries(&r.project, StageFilter::All)
+        .await?;
+    let by_name: HashMap<&str, &trellis_store::StageSummary> = summaries
+        .iter()
+        .map(|s| (s.stage.name.as_str(), s))
+        .collect();
+    let current = r.current_wave();
+    for s in r
+        .stages
+        .iter_mut()
+        .filter(|s| s.state == StageRolloutState::Pushed)
+    {
+        let Some(summary) = by_name.get(s.stage.as_str()) else {
+            s.state = StageRolloutState::Failed;
+            s.message = Some("the stage was deleted".into());
+            continue;
+        };
+        if let Some((new, message)) = observe(
+            s,
+            summary.applied_revision,
+            summary.applied_release,
+            summary.report_state.as_deref(),
+        ) {
+            s.state = new;
+            s.message = message;
+        } else if settled
+            && !s.carried
+            && current == Some(s.wave as usize)
+            && !online.has(&s.outpost)
+        {
+            s.carried = true;
+            s.message = Some(format!(
+                "outpost {:?} went offline before applying; the release waits for its link",
+                s.outpost
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn passed(state: &AppState, r: &mut Rollout, w: usize, now: chrono::DateTime<Utc>) {
+    state
+        .rollout_counters()
+        .waves_passed
+        .fetch_add(1, Ordering::Relaxed);
+    r.waves[w].outcome = Some(WaveOutcome::Passed);
+    r.waves[w].finished_at = Some(now);
+    tracing::info!(rollout = r.id, wave = w + 1, "wave passed");
+    if r.next_wave().is_none() {
+        r.state = RolloutState::Completed;
+        r.finished_at = Some(now);
+        audit(state, r, "rollout-completed", "every wave passed".into()).await;
+        return;
+    }
+    match r.pause {
+        WavePause::After { seconds: 0 } => {}
+        WavePause::After { seconds } => {
+            r.state = RolloutState::Waiting;
+            r.next_wave_at = Some(
+                now + chrono::Duration::seconds(i64::try_from(seconds).unwrap_or(i64::MAX / 1000)),
+            );
+        }
+        WavePause::Manual => {
+            r.state = RolloutState::Waiting;
+            r.next_wave_at = None;
+        }
+    }
+}
+
+async fn halted(
+    state: &AppState,
+    r: &mut Rollout,
+    w: usize,
+    reason: String,
+    now: chrono::DateTime<Utc>,
+) {
+    state
+        .rollout_counters()
+        .waves_halted
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(rollout = r.id, wave = w + 1, %reason, "rollout halted");
+    r.waves[w].outcome = Some(WaveOutcome::Halted);
+    r.waves[w].finished_at = Some(now);
+    r.state = RolloutState::Halted;
+    r.finished_at = Some(now);
+    r.halt_reason = Some(reason.clone());
+    audit(state, r, "rollout-halted", reason).await;
+}
+
+/// Records that wave `w` starts — each stage's release before it, and
+/// whether its outpost is online — then pushes it.
+async fn start_wave(
+    state: &AppState,
+    mut r: Rollout,
+    w: usize,
+    online: &Online,
+) -> Result<Rollout, StoreError> {
+    let now = Utc::now();
+    let summaries = state
+        .store()
+        .list_stage_summaries(&r.project, StageFilter::All)
+        .await?;
+    let by_name: HashMap<&str, &trellis_store::StageSummary> = summaries
+        .iter()
+        .map(|s| (s.stage.name.as_str(), s))
+        .collect();
+    r.waves[w].started_at = Some(now);
+    for s in r.stages.iter_mut().filter(|s| s.wave as usize == w) {
+        if let Some(summary) = by_name.get(s.stage.as_str()) {
+            s.latest_before = summary.stage.latest_release;
+            s.previous_release = summary.applied_release;
+            s.outpost = summary.stage.outpost.clone();
+        }
+        s.carried = !online.has(&s.outpost);
+        if s.carried {
+            s.message = Some(format!(
+                "outpost {:?} was offline when the wave started; the release waits for its link",
+                s.outpost
+            ));
+        }
+    }
+    state
+        .rollout_counters()
+        .waves_started
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        rollout = r.id,
+        wave = w + 1,
+        stages = r.waves[w].stages,
+        "wave starts"
+    );
+    r.updated_at = now;
+    let r = state.store().save_rollout(&r).await?;
+    push_wave(state, r, w).await
+}
+
+/// Pushes the release to the stages of wave `w` that do not have it yet
+/// (adopting pushes made before a restart), and records the releases.
+async fn push_wave(state: &AppState, mut r: Rollout, w: usize) -> Result<Rollout, StoreError> {
+    let stages = state.store().list_stages(&r.project).await?;
+    let by_name: HashMap<&str, &trellis_model::Stage> =
+        stages.iter().map(|s| (s.name.as_str(), s)).collect();
+    let mut new = Vec::new();
+    let mut targets = Vec::new();
+    for (i, s) in r.stages.iter_mut().enumerate() {
+        if s.wave as usize != w || s.state != StageRolloutState::Waiting {
+            continue;
+        }
+        let Some(stage) = by_name.get(s.stage.as_str()) else {
+            s.state = StageRolloutState::Failed;
+            s.message = Some("the stage was deleted".into());
+            continue;
+        };
+        if stage.archived_at.is_some() {
+            s.state = StageRolloutState::Failed;
+            s.message = Some("the stage is archived".into());
+            continue;
+        }
+        if let Some(latest) = stage.latest_release
+            && stage.latest_release != s.latest_before
+        {
+            // Pushed before a restart, not recorded.
+            let release = state
+                .store()
+                .get_release(&r.project, &s.stage, latest)
+                .await?;
+            if release.build == r.build {
+                s.release = Some(release.number);
+                s.revision = Some(release.revision);
+                s.state = StageRolloutState::Pushed;
+                continue;
+            }
+        }
+        let config = match &r.config {
+            Some(name) => match state.store().get_config(&r.project, &s.stage, name).await {
+                Ok(c) => Some(ConfigSnapshot {
+                    name: c.name,
+                    version: c.version,
+                    data: c.data,
+                }),
+                Err(StoreError::NotFound { .. }) => {
+                    s.state = StageRolloutState::Failed;
+                    s.message = Some(format!("the stage has no config {name:?}"));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+            None => None,
+        };
+        new.push(NewRelease {
+            project: r.project.clone(),
+            stage: s.stage.clone(),
+            build: r.build.clone(),
+            config,
+            created_by: r.created_by.clone(),
+        });
+        targets.push(i);
+    }
+    if !new.is_empty() {
+        let pushed = state.store().push_releases(&new, Utc::now()).await?;
+        for (i, release) in targets.into_iter().zip(&pushed.releases) {
+            let s = &mut r.stages[i];
+            s.release = Some(release.number);
+            s.revision = Some(release.revision);
+            s.state = StageRolloutState::Pushed;
+        }
+        for outpost in &pushed.outposts {
+            state.links().poke(outpost);
+        }
+    }
+    r.updated_at = Utc::now();
+    state.store().save_rollout(&r).await
+}
+
+/// Records what happened to the rollout in its project's audit log.
+pub async fn audit(state: &AppState, r: &Rollout, action: &str, detail: String) {
+    audit_as(state, r, DRIVER, action, detail).await;
+}
+
+pub async fn audit_as(state: &AppState, r: &Rollout, user: &str, action: &str, detail: String) {
+    let entry = NewAuditEntry {
+        time: Utc::now(),
+        user: user.to_owned(),
+        project: r.project.clone(),
+        stage: String::new(),
+        component: String::new(),
+        outpost: String::new(),
+        action: action.to_owned(),
+        detail: format!("rollout {} of build {}: {detail}", r.id, r.build),
+        result: "ok".into(),
+    };
+    if let Err(e) = state.store().record_audit(&entry).await {
+        tracing::warn!(rollout = r.id, error = %e, "could not record a rollout in the audit log");
+    }
+}
