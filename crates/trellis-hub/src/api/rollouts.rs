@@ -49,7 +49,7 @@ pub struct CreateRolloutRequest {
     pub success_threshold: Option<String>,
     /// How long a wave may take (default 1800).
     #[serde(default)]
-    #[schema(maximum = 2592000)]
+    #[schema(minimum = 1, maximum = 2592000)]
     pub wave_timeout_seconds: Option<u64>,
     /// How long to wait between waves (default 0).
     #[serde(default)]
