@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use trellis_hub::error::ErrorBody;
 
 use crate::cli::{ExecArgs, ForwardArgs, GlobalArgs};
@@ -64,6 +65,9 @@ impl Hub {
             .await
             .map_err(transport)?;
         let _ = tcp.set_nodelay(true);
+        // A port forward's bytes come in bulk: read the socket in large
+        // pieces under TLS (rustls asks for 4 KiB at a time).
+        let tcp = trellis_link::readahead::ReadAhead::new(tcp);
         let stream: Box<dyn Io> = match &self.tls {
             Some(config) => {
                 let name = rustls::pki_types::ServerName::try_from(host.clone())
@@ -88,7 +92,11 @@ impl Hub {
                     .context("the access key is not valid in a header")?,
             );
         }
-        match tokio_tungstenite::client_async(request, stream).await {
+        // Each read from TLS yields at most one record (16 KiB); the
+        // default read size (128 KiB) would zero-fill eight times that
+        // much before every read.
+        let config = WebSocketConfig::default().read_buffer_size(16 * 1024);
+        match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
             Ok((socket, _)) => Ok(socket),
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                 let status = response.status().as_u16();
@@ -126,8 +134,10 @@ fn tls_config(ca_cert: Option<PathBuf>) -> anyhow::Result<Arc<rustls::ClientConf
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
+    // The suites in the order the hub's own clients prefer (AES-128-GCM
+    // first; see `trellis_link::identity::crypto_provider`).
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        trellis_link::identity::crypto_provider(),
     ))
     .with_safe_default_protocol_versions()
     .context("setting up TLS")?

@@ -19,6 +19,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::ClientConfig;
 use tokio_rustls::rustls::pki_types::ServerName;
+use trellis_link::readahead::ReadAhead;
 
 /// The largest HTTP response body read from the hub (a certificate and a CA
 /// are a few KiB).
@@ -163,7 +164,7 @@ pub(crate) async fn connect_tls(
     hub: &HubUrl,
     config: Arc<ClientConfig>,
     timeout: Duration,
-) -> Result<TlsStream<TcpStream>, NetError> {
+) -> Result<TlsStream<ReadAhead<TcpStream>>, NetError> {
     let addr = hub.authority();
     let addrs: Vec<_> = match tokio::time::timeout(
         timeout,
@@ -238,6 +239,8 @@ pub(crate) async fn connect_tls(
             hub.host
         ))
     })?;
+    // Artifacts and a stream's bytes come in bulk over this connection.
+    let tcp = ReadAhead::new(tcp);
     match tokio::time::timeout(timeout, TlsConnector::from(config).connect(name, tcp)).await {
         Err(_) => Err(NetError::Timeout {
             addr,

@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use trellis_link::identity::client_config;
+use trellis_link::readahead::ReadAhead;
 use trellis_link::{
     Envelope, FrameError, Incoming, LinkIo, LinkIoError, MAX_FRAME_BYTES, WireFrame,
 };
@@ -51,7 +52,7 @@ pub struct WsLink<S> {
 }
 
 /// The production link: WebSocket over TLS over TCP.
-pub type TlsWsLink = WsLink<TlsStream<TcpStream>>;
+pub type TlsWsLink = WsLink<TlsStream<ReadAhead<TcpStream>>>;
 
 impl<S> WsLink<S> {
     pub fn new(ws: WebSocketStream<S>) -> Self {
@@ -98,7 +99,9 @@ where
                     )?)));
                 }
                 Ok(WsMessage::Binary(bytes)) => {
-                    return Ok(Some(Incoming::Frame(trellis_link::decode_binary(&bytes)?)));
+                    return Ok(Some(Incoming::Frame(trellis_link::decode_binary_shared(
+                        bytes,
+                    )?)));
                 }
                 Ok(WsMessage::Pong(payload)) => return Ok(Some(Incoming::Pong(payload.to_vec()))),
                 // tungstenite queues the pong itself and sends it with the

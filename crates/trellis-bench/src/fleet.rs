@@ -347,10 +347,62 @@ const WORKER_NICENESS: i32 = 15;
 /// The worker processes running outposts `0..n`; killed when dropped.
 pub struct Workers {
     children: Vec<(Child, Option<ChildStdin>)>,
+    _ports: Option<EphemeralPorts>,
+}
+
+const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+/// The widest ephemeral range that leaves the well-known ports alone.
+const WIDE_PORT_RANGE: (u32, u32) = (1024, 65535);
+
+/// The kernel's ephemeral port range, widened for the run and restored
+/// after it. Every simulated agent connects from loopback to the one
+/// balancer (or hub) address, and each such connection needs a source
+/// port of its own from this range: Debian's default, 32768–60999, caps a
+/// fleet at 28,232 links however many hubs there are.
+struct EphemeralPorts {
+    previous: String,
+}
+
+impl EphemeralPorts {
+    fn ensure(n: usize) -> anyhow::Result<Option<EphemeralPorts>> {
+        let previous =
+            std::fs::read_to_string(PORT_RANGE).with_context(|| format!("reading {PORT_RANGE}"))?;
+        let mut bounds = previous.split_whitespace().map(str::parse::<u32>);
+        let (Some(Ok(lo)), Some(Ok(hi))) = (bounds.next(), bounds.next()) else {
+            anyhow::bail!("{PORT_RANGE} holds {previous:?}, not two port numbers");
+        };
+        // Room for the hubs' and balancers' own connections besides.
+        if (hi - lo + 1) as usize >= n + 1000 {
+            return Ok(None);
+        }
+        let (wide_lo, wide_hi) = WIDE_PORT_RANGE;
+        if ((wide_hi - wide_lo + 1) as usize) < n + 1000 {
+            anyhow::bail!(
+                "{n} outposts cannot link from loopback to one address: a connection needs a source port of its own and there are {} at most; run fewer outposts",
+                wide_hi - wide_lo + 1
+            );
+        }
+        std::fs::write(PORT_RANGE, format!("{wide_lo} {wide_hi}")).with_context(|| {
+            format!(
+                "{n} outposts need more source ports than the kernel's ephemeral range {lo}-{hi} gives one address; widening it needs root (sysctl net.ipv4.ip_local_port_range=\"{wide_lo} {wide_hi}\")"
+            )
+        })?;
+        eprintln!(
+            "ephemeral ports widened from {lo}-{hi} to {wide_lo}-{wide_hi} for the run (restored after it)"
+        );
+        Ok(Some(EphemeralPorts { previous }))
+    }
+}
+
+impl Drop for EphemeralPorts {
+    fn drop(&mut self) {
+        let _ = std::fs::write(PORT_RANGE, self.previous.trim());
+    }
 }
 
 impl Workers {
     pub fn start(dirs: &FleetDirs, n: usize, mode: WorkerMode) -> anyhow::Result<Workers> {
+        let ports = EphemeralPorts::ensure(n)?;
         let exe = std::env::current_exe()?;
         let mut children = Vec::new();
         let mut from = 0;
@@ -387,7 +439,10 @@ impl Workers {
             children.push((child, stdin));
             from = to;
         }
-        Ok(Workers { children })
+        Ok(Workers {
+            children,
+            _ports: ports,
+        })
     }
 
     /// Stops the workers: their agents shut down cleanly.

@@ -12,7 +12,13 @@
 //!   TLS → hub → the link's TLS → agent → the component's port and back).
 //! - **Plain TLS**: the same number of bytes sent over one TLS connection on
 //!   loopback, with the hub's CA and a server certificate it issued (the
-//!   rustls configuration the hub serves with), both ends in this process.
+//!   rustls configuration the hub serves with, and the client configuration
+//!   agents use: the same provider, so the same cipher suite as every hop
+//!   of the forwarded path), both ends in this process; tokio-rustls on the
+//!   bare sockets, as any rustls user gets it.
+//! - **Plain TLS with read-ahead**: the same, with the sockets read in
+//!   large pieces under TLS as Trellis's own connections are
+//!   ([`trellis_link::readahead`]): the stricter baseline.
 //! - **Direct**: the same download from the component's port, no Trellis in
 //!   between: what the source itself can give.
 //!
@@ -122,7 +128,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let forward = port_forward(&settings.trellis, &client, port)?;
     let tls = TlsSource::start(&hub.data, bytes).await?;
-    let (mut forwarded, mut plain, mut direct_rates) = (Vec::new(), Vec::new(), Vec::new());
+    eprintln!("plain TLS cipher suite: {:?}", tls.suite().await?);
+    let (mut forwarded, mut plain, mut direct_rates, mut plain_ahead) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // CPU seconds of each process while forwarded downloads run: the
     // agent, the port-forward CLI, and this process (the hub and the
     // downloading client).
@@ -130,7 +138,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let mut forward_cpu = [0.0f64; 3];
     for run in 0..settings.runs {
         // Alternating, so that drift on a shared machine hits all three.
-        let order: [u8; 3] = if run % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        let order: [u8; 4] = if run % 2 == 0 {
+            [0, 1, 2, 3]
+        } else {
+            [3, 2, 1, 0]
+        };
         for which in order {
             let rate = match which {
                 0 => {
@@ -141,21 +153,28 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     }
                     rate
                 }
-                1 => {
+                1 | 3 => {
                     let started = Instant::now();
-                    let n = tls.read_all().await?;
+                    let n = tls.read_all(which == 3).await?;
                     check_size(n as u64, bytes)?;
                     n as f64 / MIB / started.elapsed().as_secs_f64()
                 }
                 _ => timed(bytes, || download(direct))?,
             };
-            [&mut forwarded, &mut plain, &mut direct_rates][which as usize].push(rate);
+            [
+                &mut forwarded,
+                &mut plain,
+                &mut direct_rates,
+                &mut plain_ahead,
+            ][which as usize]
+                .push(rate);
         }
         eprintln!(
-            "  run {}: forwarded {:.0}, plain TLS {:.0}, direct {:.0} MiB/s",
+            "  run {}: forwarded {:.0}, plain TLS {:.0} (with read-ahead {:.0}), direct {:.0} MiB/s",
             run + 1,
             forwarded[run],
             plain[run],
+            plain_ahead[run],
             direct_rates[run]
         );
     }
@@ -180,6 +199,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     report.add("port-forward download, median", median(&forwarded), "MiB/s");
     report.add("plain TLS stream, median", median(&plain), "MiB/s");
     report.add(
+        "plain TLS stream with read-ahead, median",
+        median(&plain_ahead),
+        "MiB/s",
+    );
+    report.add(
         "the component's port directly, median",
         median(&direct_rates),
         "MiB/s",
@@ -189,6 +213,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         median(&forwarded) / median(&plain),
         "×",
         FORWARD_AT_LEAST,
+    );
+    report.add(
+        "port-forward ÷ plain TLS with read-ahead",
+        median(&forwarded) / median(&plain_ahead),
+        "×",
     );
     report.add(
         "port-forward ÷ the component directly",
@@ -416,22 +445,48 @@ impl TlsSource {
         })
     }
 
-    /// One connection read to its end: the bytes received.
-    async fn read_all(&self) -> anyhow::Result<usize> {
+    /// The cipher suite a connection settles on.
+    async fn suite(&self) -> anyhow::Result<tokio_rustls::rustls::CipherSuite> {
         let tcp = tokio::net::TcpStream::connect(self.addr).await?;
         let name =
             tokio_rustls::rustls::pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
-        let mut tls = self.connector.connect(name, tcp).await?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0;
-        loop {
-            match tls.read(&mut buf).await {
-                Ok(0) => return Ok(total),
-                Ok(n) => total += n,
-                // The server closes without waiting for our close_notify.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(total),
-                Err(e) => return Err(e.into()),
-            }
+        let tls = self.connector.connect(name, tcp).await?;
+        tls.get_ref()
+            .1
+            .negotiated_cipher_suite()
+            .map(|s| s.suite())
+            .context("no cipher suite after the handshake")
+    }
+
+    /// One connection read to its end: the bytes received. `read_ahead`:
+    /// the socket under TLS is read as Trellis's connections read theirs.
+    async fn read_all(&self, read_ahead: bool) -> anyhow::Result<usize> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+        let name =
+            tokio_rustls::rustls::pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+        if read_ahead {
+            let tls = self
+                .connector
+                .connect(name, trellis_link::readahead::ReadAhead::new(tcp))
+                .await?;
+            return read_to_end(tls).await;
+        }
+        let tls = self.connector.connect(name, tcp).await?;
+        read_to_end(tls).await
+    }
+}
+
+/// Reads a TLS connection to its end: the bytes received.
+async fn read_to_end(mut tls: impl tokio::io::AsyncRead + Unpin) -> anyhow::Result<usize> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        match tls.read(&mut buf).await {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n,
+            // The server closes without waiting for our close_notify.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(total),
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -167,6 +167,9 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             gauge.enter();
+            // Agents' links and uploads bring bytes in bulk; an idle
+            // connection holds no read-ahead buffer.
+            let tcp = trellis_link::readahead::ReadAhead::new(tcp);
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
             gauge.leave();
             drop(permit);

@@ -666,7 +666,9 @@ async fn streams_open_through_any_hub() {
             on_b.send(Message::StreamData {
                 id,
                 channel: trellis_link::protocol::StreamChannel::Out,
-                data: format!("{} (from the agent on B)\n", command[1..].join(" ")).into_bytes(),
+                data: format!("{} (from the agent on B)\n", command[1..].join(" "))
+                    .into_bytes()
+                    .into(),
             })
             .await;
             on_b.send(Message::StreamClose {

@@ -147,8 +147,23 @@ pub fn encode_wire(envelope: &Envelope) -> Result<WireFrame, FrameError> {
         })
 }
 
-/// Decodes a binary frame (stream data; see [`encode_wire`]).
+/// Decodes a binary frame (stream data; see [`encode_wire`]), copying its
+/// data out of `bytes`.
 pub fn decode_binary(bytes: &[u8]) -> Result<Envelope, FrameError> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge {
+            len: bytes.len(),
+            max: MAX_FRAME_BYTES,
+        });
+    }
+    decode_binary_shared(bytes::Bytes::copy_from_slice(bytes))
+}
+
+/// Decodes a binary frame as [`decode_binary`] does, without copying: the
+/// data is a slice of `frame` (a WebSocket message's payload is already a
+/// `Bytes`, so the stream's bytes go on without another pass over them).
+pub fn decode_binary_shared(frame: bytes::Bytes) -> Result<Envelope, FrameError> {
+    let bytes = &frame[..];
     if bytes.len() > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge {
             len: bytes.len(),
@@ -185,7 +200,7 @@ pub fn decode_binary(bytes: &[u8]) -> Result<Envelope, FrameError> {
         msg: Message::StreamData {
             id: u64_at(12),
             channel,
-            data: bytes[BINARY_HEADER_BYTES..].to_vec(),
+            data: frame.slice(BINARY_HEADER_BYTES..),
         },
     })
 }

@@ -14,6 +14,8 @@
 //!   meant for people.
 //! - [`io`]: the transport seam ([`io::LinkIo`]) both halves' sessions use.
 //! - [`mem`]: an in-memory link, for the hub's local outpost and simulation.
+//! - [`readahead`]: the socket under a TLS connection, read in large
+//!   pieces while data flows.
 //! - [`stream`]: streams multiplexed on a link (exec, port forwarding):
 //!   windows, credit and the table each side's session keeps.
 //! - [`identity`]: the hub CA, agent keys and CSRs, client certificates,
@@ -33,11 +35,12 @@ pub mod identity;
 pub mod io;
 pub mod mem;
 pub mod protocol;
+pub mod readahead;
 pub mod stream;
 
 pub use frame::{
-    FrameError, LINK_READ_BUFFER_BYTES, MAX_FRAME_BYTES, WireFrame, decode, decode_binary, encode,
-    encode_wire,
+    FrameError, LINK_READ_BUFFER_BYTES, MAX_FRAME_BYTES, WireFrame, decode, decode_binary,
+    decode_binary_shared, encode, encode_wire,
 };
 pub use io::{Incoming, LinkIo, LinkIoError};
 pub use protocol::{Envelope, Message, PROTOCOL_VERSION};

@@ -56,7 +56,9 @@ impl LinkIo for MemLink {
         // errors behave exactly as on a socket.
         let frame = match crate::frame::encode_wire(envelope)? {
             crate::frame::WireFrame::Text(text) => crate::frame::decode(text.as_bytes())?,
-            crate::frame::WireFrame::Binary(bytes) => crate::frame::decode_binary(&bytes)?,
+            crate::frame::WireFrame::Binary(bytes) => {
+                crate::frame::decode_binary_shared(bytes.into())?
+            }
         };
         self.tx.send(Item::Frame(frame)).await.map_err(|_| gone())
     }

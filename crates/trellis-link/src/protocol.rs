@@ -188,7 +188,7 @@ pub enum Message {
         id: u64,
         channel: StreamChannel,
         #[serde(with = "base64_bytes")]
-        data: Vec<u8>,
+        data: bytes::Bytes,
     },
     /// Either side: the receiver consumed `bytes` more of stream `id`; the
     /// sender may send that much more.
@@ -368,10 +368,11 @@ mod base64_bytes {
         s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bytes::Bytes, D::Error> {
         let text = String::deserialize(d)?;
         base64::engine::general_purpose::STANDARD
             .decode(text.as_bytes())
+            .map(bytes::Bytes::from)
             .map_err(serde::de::Error::custom)
     }
 }

@@ -190,7 +190,7 @@ fn examples() -> Vec<Message> {
         Message::StreamData {
             id: 4,
             channel: StreamChannel::Err,
-            data: vec![0, 1, 2, 255],
+            data: vec![0, 1, 2, 255].into(),
         },
         Message::StreamCredit {
             id: 4,
@@ -269,7 +269,7 @@ fn hostile_binary_frames_are_errors() {
         Message::StreamData {
             id: 3,
             channel: StreamChannel::Out,
-            data: b"hello".to_vec(),
+            data: b"hello".to_vec().into(),
         },
     ))
     .unwrap()

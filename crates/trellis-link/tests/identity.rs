@@ -529,3 +529,59 @@ fn an_entry_point_certificate_needs_a_name_and_a_sound_csr() {
         .unwrap_err();
     assert_eq!(err.code(), "csr-invalid");
 }
+
+/// The cipher suite a client and the hub settle on.
+async fn negotiated_suite(
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+) -> rustls::CipherSuite {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let server_side = async move {
+        let mut tls = TlsAcceptor::from(server).accept(a).await.unwrap();
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await.unwrap();
+        tls.write_all(b"pong").await.unwrap();
+        tls.flush().await.unwrap();
+        tls.get_ref().1.negotiated_cipher_suite().unwrap().suite()
+    };
+    // The client waits for the answer: the server writes after the
+    // handshake (session tickets), and a client gone by then breaks it.
+    let client_side = async move {
+        let mut tls = TlsConnector::from(client)
+            .connect(hub_name(), b)
+            .await
+            .unwrap();
+        tls.write_all(b"ping").await.unwrap();
+        tls.flush().await.unwrap();
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await.unwrap();
+        tls.get_ref().1.negotiated_cipher_suite().unwrap().suite()
+    };
+    let (server, client) = tokio::join!(server_side, client_side);
+    assert_eq!(server, client);
+    server
+}
+
+#[tokio::test]
+async fn the_link_and_the_cli_settle_on_aes_128_gcm_and_other_clients_keep_their_choice() {
+    let hub = hub();
+    let outpost = outpost(&hub.ca, "factory-7");
+    assert_eq!(
+        negotiated_suite(hub.server.clone(), mtls_client(&hub.ca, &outpost)).await,
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+    );
+    // A client with rustls's default order (AES-256-GCM first) gets it:
+    // the hub follows the client's preference.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(hub.ca.cert_der().clone()).unwrap();
+    let default_order =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    assert_eq!(
+        negotiated_suite(hub.server.clone(), Arc::new(default_order)).await,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+    );
+}

@@ -293,15 +293,27 @@ async fn pump_tcp(
         }
     };
     let downstream = async {
-        let mut buf = vec![0u8; READ_BYTES];
+        // Each read lands in memory that goes to the link as it is (no
+        // copy); a new piece is allocated once the socket has bytes and the
+        // last piece is used up.
+        let mut buf = bytes::BytesMut::new();
         loop {
-            match rx.read(&mut buf).await {
+            if let Err(e) = rx.readable().await {
+                return Some(stream_error(
+                    "connection-failed",
+                    format!("the connection to the component broke: {e}"),
+                    "",
+                ));
+            }
+            buf.reserve(READ_BYTES);
+            match rx.read_buf(&mut buf).await {
                 Ok(0) => {
                     let _ = writer.eof().await;
                     return None;
                 }
-                Ok(n) => {
-                    if writer.send(StreamChannel::Out, &buf[..n]).await.is_err() {
+                Ok(_) => {
+                    let chunk = buf.split().freeze();
+                    if writer.send_bytes(StreamChannel::Out, chunk).await.is_err() {
                         return None;
                     }
                 }

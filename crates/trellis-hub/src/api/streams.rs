@@ -621,7 +621,7 @@ pub(crate) async fn relay(socket: WebSocket, opened: Opened) {
         while let Some(Ok(message)) = from_client.next().await {
             let sent = match message {
                 WsMessage::Binary(bytes) if bytes.len() > 1 => {
-                    writer.send(StreamChannel::In, &bytes[1..]).await
+                    writer.send_bytes(StreamChannel::In, bytes.slice(1..)).await
                 }
                 WsMessage::Text(text) => match serde_json::from_str::<ClientControl>(&text) {
                     Ok(ClientControl::Resize { cols, rows }) => {

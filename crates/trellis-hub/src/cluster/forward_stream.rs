@@ -81,7 +81,7 @@ fn tls(state: &AppState) -> Result<Arc<rustls::ClientConfig>, String> {
             .map_err(|e| format!("the hub's CA certificate cannot be used: {e}"))?;
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        trellis_link::identity::crypto_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| e.to_string())?

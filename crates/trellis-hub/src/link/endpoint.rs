@@ -14,7 +14,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use trellis_link::identity::{IssuedCert, PeerIdentity};
 use trellis_link::{
-    Incoming, LinkIo, LinkIoError, MAX_FRAME_BYTES, WireFrame, decode, decode_binary, encode_wire,
+    Incoming, LinkIo, LinkIoError, MAX_FRAME_BYTES, WireFrame, decode, decode_binary_shared,
+    encode_wire,
 };
 use trellis_store::{JoinTokenRefusal, StoreError};
 use utoipa::ToSchema;
@@ -49,7 +50,7 @@ impl LinkIo for AxumLink {
         Ok(
             match message.map_err(|e| LinkIoError::Transport(e.to_string()))? {
                 WsMessage::Text(text) => Some(Incoming::Frame(decode(text.as_bytes())?)),
-                WsMessage::Binary(bytes) => Some(Incoming::Frame(decode_binary(&bytes)?)),
+                WsMessage::Binary(bytes) => Some(Incoming::Frame(decode_binary_shared(bytes)?)),
                 WsMessage::Pong(payload) => Some(Incoming::Pong(payload.to_vec())),
                 // Answered by the WebSocket layer itself; the session only
                 // learns the agent is alive.

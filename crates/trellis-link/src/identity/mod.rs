@@ -34,7 +34,9 @@ pub use ca::{CLOCK_SKEW_ALLOWANCE_MINUTES, HubCa, IssuedCert, self_signed_server
 pub use fingerprint::{CaFingerprint, FingerprintError, KeyFingerprint};
 pub use join_token::{JOIN_TOKEN_PREFIX, JoinToken, JoinTokenError};
 pub use peer::{PeerIdentity, peer_identity};
-pub use tls::{client_config, install_crypto_provider, pinned_client_config, server_config};
+pub use tls::{
+    client_config, crypto_provider, install_crypto_provider, pinned_client_config, server_config,
+};
 
 /// The prefix of the URI subject alternative name that carries an outpost's
 /// name in its client certificate: `trellis-outpost:<name>`.
