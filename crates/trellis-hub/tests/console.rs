@@ -593,3 +593,90 @@ async fn devices_show_in_the_description_and_on_the_stage_page() {
         .unwrap();
     assert!(!report_row.contains("devices:"), "{report_row}");
 }
+
+/// The stage list filters by outpost labels (a malformed selector is shown,
+/// not applied); a rollout's page shows its waves and stages, and its
+/// buttons pause and abort it.
+#[tokio::test]
+async fn the_stage_list_filters_by_labels_and_a_rollout_has_its_page() {
+    let hub = common::start().await;
+    let admin = Some(hub.admin.as_str());
+    hub.call(admin, M::POST, "/projects", Some(json!({"name": "shop"})))
+        .await;
+    for (outpost, site) in [("edge-a", "munich"), ("edge-b", "hamburg")] {
+        hub.call(
+            admin,
+            M::POST,
+            "/outposts",
+            Some(json!({"name": outpost, "labels": {"site": site}})),
+        )
+        .await;
+        let (_, uri) = hub
+            .call(admin, M::GET, &format!("/outposts/{outpost}/uri"), None)
+            .await;
+        let (status, body) = hub
+            .call(
+                admin,
+                M::POST,
+                "/projects/shop/stages",
+                Some(json!({"name": format!("line-{site}"), "type": "prod", "outpost_uri": uri["uri"]})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    let console = Console::signed_in(&hub, &hub.admin).await;
+    let (status, page) = console.page("/projects/shop?selector=site%3Dmunich").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("data-stage=\"line-munich\""), "{page}");
+    assert!(!page.contains("data-stage=\"line-hamburg\""), "{page}");
+    let (_, page) = console.page("/projects/shop?selector=site+in+munich").await;
+    assert!(page.contains("id=\"selector-error\""), "{page}");
+    assert!(page.contains("at character 9"), "{page}");
+    assert!(
+        page.contains("data-stage=\"line-hamburg\""),
+        "unfiltered: {page}"
+    );
+
+    // A rollout over both (their outposts have no agent: carried along).
+    let build = json!({"branch": "main", "commit": "0123456789abcdef0123456789abcdef01234567",
+        "manifest_file": "trellis.yaml",
+        "manifest": "version: v1\ncomponents:\n  - name: web\n    docker:\n      image: web:1\n",
+        "components": [{"name": "web", "artifact": {"kind": "image", "reference": "web:1"}}]});
+    let (status, body) = hub
+        .call(admin, M::POST, "/projects/shop/builds", Some(build))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, rollout) = hub
+        .call(
+            admin,
+            M::POST,
+            "/projects/shop/rollouts",
+            Some(
+                json!({"build": "main_b1", "selector": "site", "waves": "1,100%", "manual": true}),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{rollout}");
+    let id = rollout["id"].as_u64().unwrap();
+    let (_, page) = console.page("/projects/shop").await;
+    assert!(page.contains(&format!("href=\"/rollouts/{id}\"")), "{page}");
+    let (status, page) = console.page(&format!("/rollouts/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("id=\"waves\""), "{page}");
+    assert!(page.contains("data-stage=\"line-munich\""), "{page}");
+    assert!(page.contains("data-rollout-state=\"running\""), "{page}");
+    let response = console.post(&format!("/rollouts/{id}/pause"), &[]).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let (_, page) = console.page(&format!("/rollouts/{id}")).await;
+    assert!(page.contains("data-rollout-state=\"paused\""), "{page}");
+    let response = console.post(&format!("/rollouts/{id}/abort"), &[]).await;
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let (_, page) = console.page(&format!("/rollouts/{id}")).await;
+    assert!(page.contains("data-rollout-state=\"aborted\""), "{page}");
+    // Another's rollout page is not found for outsiders.
+    let bob = Console::signed_in(&hub, &hub.user("bob").await).await;
+    assert_eq!(
+        bob.get(&format!("/rollouts/{id}")).await.status(),
+        StatusCode::NOT_FOUND
+    );
+}
