@@ -192,8 +192,9 @@ impl StageState {
 
 /// Where a release stands after its stage's outpost reported (see
 /// [`Store::record_status`]): `running` is the revision of the release in
-/// place at the applied revision, if any; `applied_failed` says the applied
-/// revision itself failed (and was rolled back).
+/// place at the applied revision, if any; `applied_failed` says the report
+/// is a failure, which promotes and replaces nothing (see the SQL store's
+/// `status_in`).
 fn reported_state(
     release: &Release,
     running: Option<u64>,
@@ -1558,7 +1559,7 @@ impl Store for MemoryStore {
             .map(|r| r.revision)
             .filter(|r| *r <= applied_revision && applied_revision > 0)
             .max();
-        let applied_failed = applied_revision > 0 && failed_revision == Some(applied_revision);
+        let applied_failed = failed_revision.is_some();
         for release in stage_state.releases.values_mut() {
             release.state = reported_state(release, running, applied_failed, failed_revision);
         }

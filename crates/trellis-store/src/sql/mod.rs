@@ -1550,26 +1550,7 @@ impl<B: Backend> Store for SqlStore<B> {
         // Writers are serial (see the module docs): the next number is one
         // above both the largest in use and the last handed out (that
         // backup may be deleted; its number is not given again).
-        let row = q("SELECT COALESCE(MAX(id), 0) AS last FROM backups")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(backend(DOING))?;
-        let handed = q("SELECT last FROM id_counters WHERE name = 'backups'")
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend(DOING))?
-            .map(|row| count(&row, "last"))
-            .transpose()?
-            .unwrap_or(0);
-        let id = count(&row, "last")?.max(handed) + 1;
-        q(
-            "INSERT INTO id_counters (name, last) VALUES ('backups', $1) \
-           ON CONFLICT (name) DO UPDATE SET last = excluded.last",
-        )
-        .bind(int(id)?)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend(DOING))?;
+        let id = next_id_in(&mut *tx, IdCounter::Backups, DOING).await?;
         let record = Backup {
             id,
             project: backup.project.clone(),
@@ -1696,26 +1677,7 @@ impl<B: Backend> Store for SqlStore<B> {
             .map_err(backend(DOING))?;
         let active = all(&rows, rollout_from)?;
         wording::rollout_overlap(rollout, &active)?;
-        let row = q("SELECT COALESCE(MAX(id), 0) AS last FROM rollouts")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(backend(DOING))?;
-        let handed = q("SELECT last FROM id_counters WHERE name = 'rollouts'")
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend(DOING))?
-            .map(|row| count(&row, "last"))
-            .transpose()?
-            .unwrap_or(0);
-        let id = count(&row, "last")?.max(handed) + 1;
-        q(
-            "INSERT INTO id_counters (name, last) VALUES ('rollouts', $1) \
-           ON CONFLICT (name) DO UPDATE SET last = excluded.last",
-        )
-        .bind(int(id)?)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend(DOING))?;
+        let id = next_id_in(&mut *tx, IdCounter::Rollouts, DOING).await?;
         let record = rollout.numbered(id);
         let (head, stages) = rollout_parts(&record)?;
         q("INSERT INTO rollouts (id, project, state, version, record, stages) VALUES ($1, $2, $3, $4, $5, $6)")
@@ -3282,11 +3244,14 @@ async fn status_in<C: Conn + ?Sized>(
     // resume, component start/stop/restart) keep it running; nothing
     // running (revision 0) moves no release. It becomes `applied`, older
     // `applied` ones `replaced`, older `pending` ones `superseded` (they
-    // never ran) — unless the applied revision itself failed ($5): the
-    // agent restored what ran before, which therefore stays applied and
-    // nothing is replaced. The failed revision's release ($4) is `failed`
-    // whatever else holds.
-    let applied_failed = applied > 0 && failed == Some(applied);
+    // never ran) — unless the report is a failure ($5): the agent runs
+    // what it restored or kept, which a report before made `applied`, so a
+    // failure promotes and replaces nothing. (A failure about an older
+    // revision can arrive after a newer one was delivered, naming the newer
+    // as failed: its applied revision is then the one rolled back from,
+    // and taking it for running marked a refused release applied.) The
+    // failed revision's release ($4) is `failed` whatever else holds.
+    let applied_failed = failed.is_some();
     q("UPDATE releases SET state = CASE \
              WHEN revision = $4 THEN $6 \
              WHEN revision = r.running THEN $7 \
@@ -3318,4 +3283,54 @@ async fn status_in<C: Conn + ?Sized>(
 /// What a timestamp reads back as: the database keeps milliseconds.
 fn truncated(t: Timestamp) -> Timestamp {
     DateTime::from_timestamp_millis(millis(t)).unwrap_or(t)
+}
+
+/// The records numbered by the hub rather than by the database: backups
+/// and rollouts. Their numbers are never given twice, even after the
+/// newest record was deleted.
+#[derive(Clone, Copy)]
+enum IdCounter {
+    Backups,
+    Rollouts,
+}
+
+/// The next number of `counter`'s records: one above both the largest in
+/// use and the last handed out, which it records. Writers are serial (see
+/// the module docs), so no two get the same.
+async fn next_id_in<C: Conn + ?Sized>(
+    c: &mut C,
+    counter: IdCounter,
+    doing: &'static str,
+) -> Result<u64> {
+    let (largest, name) = match counter {
+        IdCounter::Backups => (
+            "SELECT COALESCE(MAX(id), 0) AS last FROM backups",
+            "backups",
+        ),
+        IdCounter::Rollouts => (
+            "SELECT COALESCE(MAX(id), 0) AS last FROM rollouts",
+            "rollouts",
+        ),
+    };
+    let row = q(largest)
+        .fetch_one(&mut *c)
+        .await
+        .map_err(backend(doing))?;
+    let handed = q("SELECT last FROM id_counters WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(backend(doing))?
+        .map(|row| count(&row, "last"))
+        .transpose()?
+        .unwrap_or(0);
+    let id = count(&row, "last")?.max(handed) + 1;
+    q("INSERT INTO id_counters (name, last) VALUES ($1, $2) \
+       ON CONFLICT (name) DO UPDATE SET last = excluded.last")
+    .bind(name)
+    .bind(int(id)?)
+    .execute(&mut *c)
+    .await
+    .map_err(backend(doing))?;
+    Ok(id)
 }
