@@ -49,7 +49,7 @@ pub struct CreateRolloutRequest {
     pub success_threshold: Option<String>,
     /// How long a wave may take (default 1800).
     #[serde(default)]
-    #[schema(maximum = 2592000)]
+    #[schema(minimum = 1, maximum = 2592000)]
     pub wave_timeout_seconds: Option<u64>,
     /// How long to wait between waves (default 0).
     #[serde(default)]
@@ -82,6 +82,15 @@ pub struct RolloutPath {
 
 fn bad(code: &'static str, message: String, hint: &str) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, code, message, hint)
+}
+
+/// A list's `?selector=`: none when absent or blank (an empty filter box
+/// filters nothing).
+pub fn list_selector(text: Option<&str>) -> ApiResult<Option<Selector>> {
+    match text.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => parse_selector(text).map(Some),
+    }
 }
 
 /// Reads a selector given to the API; 400 `invalid-selector` says where it
