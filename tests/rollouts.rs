@@ -12,7 +12,10 @@
 //!     and they apply the release once their agents link again;
 //! (c) the hub is killed with SIGKILL while wave 3 is out and started
 //!     again: the rollout carries on from wave 3 (no stage gets the release
-//!     twice) and completes.
+//!     twice) and completes;
+//! then a third rollout over a subset (`site=hamburg`) is aborted after its
+//! first wave with `--rollback`: those stages run the build before again,
+//! the second wave's never got the new one.
 //!
 //! And the bad input: a selector that matches nothing, an unknown build,
 //! malformed selector, waves and threshold, an overlapping rollout.
@@ -633,6 +636,56 @@ fn a_fleet_rolls_out_in_waves_halts_carries_offline_outposts_and_survives_sigkil
             },
         );
     }
+
+    // --- abort --rollback: the stages that got build 3 go back to build 2 ---
+    let third = cli.json(&[
+        "create",
+        "rollout",
+        "-p",
+        "fleet",
+        "-b",
+        "main_b3",
+        "-c",
+        "app",
+        "-l",
+        "site=hamburg",
+        "--waves",
+        "5,100%",
+        "--manual",
+    ])["id"]
+        .as_u64()
+        .unwrap();
+    let waiting = fleet.rollout_until(
+        third,
+        "wave 1 of the third rollout passes",
+        Duration::from_secs(180),
+        |r| r["state"] == "waiting",
+    );
+    let first_wave = Fleet::stages_of_wave(&waiting, 0);
+    assert_eq!(first_wave.len(), 5);
+    cli.ok(&["abort", "rollout", &third.to_string(), "--rollback"]);
+    let aborted = fleet.rollout(third);
+    assert_eq!(aborted["state"], "aborted");
+    for s in &first_wave {
+        wait_until(
+            &format!("{s} runs build 2 again"),
+            Duration::from_secs(120),
+            || {
+                let releases = fleet.releases(s);
+                releases[0]["build"] == "main_b2" && releases[0]["state"] == "applied"
+            },
+        );
+        assert_eq!(fleet.releases(s)[1]["build"], "main_b3");
+    }
+    for s in Fleet::stages_of_wave(&aborted, 1) {
+        assert!(
+            fleet.releases(&s).iter().all(|r| r["build"] != "main_b3"),
+            "{s} of the wave after the abort got build 3"
+        );
+    }
+    let e = error_of(cli, &["resume", "rollout", &third.to_string()]);
+    assert!(e.contains("aborted"), "{e}");
+
     let metrics = reqwest_metrics(fleet.hub());
     assert!(
         metrics.contains("trellis_rollouts{state=\"completed\"} 1"),

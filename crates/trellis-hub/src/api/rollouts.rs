@@ -84,6 +84,15 @@ fn bad(code: &'static str, message: String, hint: &str) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, code, message, hint)
 }
 
+/// A list's `?selector=`: none when absent or blank (an empty filter box
+/// filters nothing).
+pub fn list_selector(text: Option<&str>) -> ApiResult<Option<Selector>> {
+    match text.map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(text) => parse_selector(text).map(Some),
+    }
+}
+
 /// Reads a selector given to the API; 400 `invalid-selector` says where it
 /// went wrong.
 pub fn parse_selector(text: &str) -> ApiResult<Selector> {

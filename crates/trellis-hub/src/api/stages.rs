@@ -28,11 +28,7 @@ pub async fn list_stages(
     Path(project): Path<String>,
     Query(q): Query<StageListQuery>,
 ) -> ApiResult<Json<Vec<Stage>>> {
-    let selector = q
-        .selector
-        .as_deref()
-        .map(super::rollouts::parse_selector)
-        .transpose()?;
+    let selector = super::rollouts::list_selector(q.selector.as_deref())?;
     caller.role_in(&state, &project).await?;
     let stages = state.store().list_stages(&project).await?;
     let chosen = match &selector {

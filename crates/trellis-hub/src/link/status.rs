@@ -412,11 +412,7 @@ pub async fn project_status(
     Path(project): Path<String>,
     Query(q): Query<ProjectStatusQuery>,
 ) -> ApiResult<Json<Vec<StageSyncSummary>>> {
-    let selector = q
-        .selector
-        .as_deref()
-        .map(crate::api::rollouts::parse_selector)
-        .transpose()?;
+    let selector = crate::api::rollouts::list_selector(q.selector.as_deref())?;
     caller.role_in(&state, &project).await?;
     let chosen = match &selector {
         Some(selector) => Some(crate::api::rollouts::outposts_matching(&state, selector).await?),
