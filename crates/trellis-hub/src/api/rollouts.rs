@@ -390,24 +390,16 @@ pub async fn pause_rollout(
     caller: Caller,
     Path(id): Path<u64>,
 ) -> ApiResult<Json<Rollout>> {
-    let rollout = change(&state, &caller, id, |r| {
-        if !matches!(r.state, RolloutState::Running | RolloutState::Waiting) {
-            return Err(not_now(r, "paused"));
-        }
-        r.state = RolloutState::Paused;
-        r.next_wave_at = None;
-        Ok(())
-    })
-    .await?;
-    audit_as(
+    transition(
         &state,
-        &rollout,
-        &caller.user,
-        "rollout-pause",
-        "paused".into(),
+        &caller,
+        id,
+        &[RolloutState::Running, RolloutState::Waiting],
+        RolloutState::Paused,
+        ("paused", "rollout-pause"),
     )
-    .await;
-    Ok(Json(rollout))
+    .await
+    .map(Json)
 }
 
 /// Resumes a paused rollout, or starts the next wave of one waiting
@@ -419,24 +411,39 @@ pub async fn resume_rollout(
     caller: Caller,
     Path(id): Path<u64>,
 ) -> ApiResult<Json<Rollout>> {
-    let rollout = change(&state, &caller, id, |r| {
-        if !matches!(r.state, RolloutState::Paused | RolloutState::Waiting) {
-            return Err(not_now(r, "resumed"));
+    transition(
+        &state,
+        &caller,
+        id,
+        &[RolloutState::Paused, RolloutState::Waiting],
+        RolloutState::Running,
+        ("resumed", "rollout-resume"),
+    )
+    .await
+    .map(Json)
+}
+
+/// Moves a rollout from one of `from` to `to` (refused in any other
+/// state, saying what it is) and audits it as `(done, action)`.
+async fn transition(
+    state: &AppState,
+    caller: &Caller,
+    id: u64,
+    from: &[RolloutState],
+    to: RolloutState,
+    (done, action): (&'static str, &'static str),
+) -> ApiResult<Rollout> {
+    let rollout = change(state, caller, id, |r| {
+        if !from.contains(&r.state) {
+            return Err(not_now(r, done));
         }
-        r.state = RolloutState::Running;
+        r.state = to;
         r.next_wave_at = None;
         Ok(())
     })
     .await?;
-    audit_as(
-        &state,
-        &rollout,
-        &caller.user,
-        "rollout-resume",
-        "resumed".into(),
-    )
-    .await;
-    Ok(Json(rollout))
+    audit_as(state, &rollout, &caller.user, action, done.into()).await;
+    Ok(rollout)
 }
 
 /// Aborts a rollout (also a halted one): no further wave starts. With
