@@ -21,7 +21,13 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    // At most two worker threads, whatever the host's cores: enough for the
+    // link, the reconciler and a delivery at once, and the agent's memory
+    // does not grow with the core count (each worker is a thread with its
+    // own stack and allocator arena).
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {

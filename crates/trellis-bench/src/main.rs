@@ -18,6 +18,7 @@ mod console;
 mod fleet;
 mod ingress;
 mod report;
+mod rollout;
 mod scale;
 mod setup;
 mod streams;
@@ -142,6 +143,25 @@ enum Bench {
     Fanout {
         #[arg(long, default_value_t = 1000)]
         stages: usize,
+        #[command(flatten)]
+        fleet: FleetArgs,
+    },
+    /// A rollout over the fleet's stages in waves, the threshold judged
+    /// between waves: each wave's time against a plain fan-out push of the
+    /// same stages in the same run.
+    Rollout {
+        #[arg(long, default_value_t = 1000)]
+        stages: usize,
+        /// Cumulative wave sizes, as `trellis create rollout --waves`.
+        #[arg(long, default_value = "1%,10%,50%,100%")]
+        waves: String,
+        /// The share of a wave's online stages that must apply it.
+        #[arg(long, default_value = "95%")]
+        success_threshold: String,
+        /// Rounds of (plain fan-outs, rollout), alternating which goes
+        /// first; figures are medians over them.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
         #[command(flatten)]
         fleet: FleetArgs,
     },
@@ -394,6 +414,21 @@ fn main() -> anyhow::Result<()> {
             fleet.common()?,
             scale::FanoutSettings {
                 stages: stages.max(1),
+            },
+        )),
+        Bench::Rollout {
+            stages,
+            waves,
+            success_threshold,
+            rounds,
+            fleet,
+        } => runtime.block_on(rollout::rollout(
+            fleet.common()?,
+            rollout::RolloutSettings {
+                stages: stages.max(1),
+                waves,
+                threshold: success_threshold,
+                rounds: rounds.max(1),
             },
         )),
         Bench::ClusterConnect {

@@ -321,7 +321,7 @@ pub struct FanoutSettings {
     pub stages: usize,
 }
 
-const FANOUT_PROJECT: &str = "fanout";
+pub const FANOUT_PROJECT: &str = "fanout";
 
 /// Stages per push request.
 const PUSH_CHUNK: usize = 1000;
@@ -360,6 +360,7 @@ pub async fn fanout(common: Common, s: FanoutSettings) -> anyhow::Result<()> {
         polls,
         push_phase,
         requests,
+        push_secs,
     } = push_and_watch(Arc::new(hub), n).await?;
     workers.stop();
 
@@ -382,6 +383,18 @@ pub async fn fanout(common: Common, s: FanoutSettings) -> anyhow::Result<()> {
         push_phase,
         "s",
     );
+    if let Some(first) = push_secs.first() {
+        // The first request meets a quiet hub; the later ones a hub busy
+        // delivering the earlier ones.
+        report.add("  the first push request", *first, "s");
+        if push_secs.len() > 1 {
+            report.add(
+                "  the push requests after it, median",
+                crate::setup::median(push_secs[1..].to_vec()),
+                "s",
+            );
+        }
+    }
     report.add("push → applied, p50", percentile(&latencies, 50.0), "s");
     let p99 = percentile(&latencies, 99.0);
     if n <= 1000 {
@@ -431,12 +444,23 @@ pub struct FanoutRun {
     /// Seconds until every push had returned.
     pub push_phase: f64,
     pub requests: usize,
+    /// Seconds each push request took, in order.
+    pub push_secs: Vec<f64>,
 }
 
 /// Pushes a release to stages `0..n` through `hub`, `PUSH_CHUNK` stages a
 /// request, while watching the hub's pending list until each has applied
 /// it (at most 10 min).
 pub async fn push_and_watch(hub: Arc<HubChild>, n: usize) -> anyhow::Result<FanoutRun> {
+    push_and_watch_stages(hub, (0..n).map(stage_name).collect()).await
+}
+
+/// [`push_and_watch`] for the named stages of the `fanout` project.
+pub async fn push_and_watch_stages(
+    hub: Arc<HubChild>,
+    names: Vec<String>,
+) -> anyhow::Result<FanoutRun> {
+    let n = names.len();
     let started = Instant::now();
     // Stage → (revision pushed, seconds since start when the push returned).
     let pushed = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
@@ -489,9 +513,10 @@ pub async fn push_and_watch(hub: Arc<HubChild>, n: usize) -> anyhow::Result<Fano
     // one transaction each), one after the other: the way an operator rolls
     // a build out to a fleet, with the first outposts busy applying while
     // the rest are still being pushed.
-    let names: Vec<String> = (0..n).map(stage_name).collect();
     let mut requests = 0;
+    let mut push_secs = Vec::new();
     for chunk in names.chunks(PUSH_CHUNK) {
+        let request = Instant::now();
         let releases = hub
             .api(
                 reqwest::Method::POST,
@@ -500,6 +525,7 @@ pub async fn push_and_watch(hub: Arc<HubChild>, n: usize) -> anyhow::Result<Fano
             )
             .await?;
         requests += 1;
+        push_secs.push(request.elapsed().as_secs_f64());
         let at = started.elapsed().as_secs_f64();
         let mut pushed = pushed.lock().unwrap_or_else(|p| p.into_inner());
         for release in releases.as_array().context("a list of releases")? {
@@ -517,6 +543,7 @@ pub async fn push_and_watch(hub: Arc<HubChild>, n: usize) -> anyhow::Result<Fano
         polls,
         push_phase,
         requests,
+        push_secs,
     })
 }
 

@@ -2,7 +2,10 @@
 //! judges every wave (see [`trellis_model::rollout`] for the rules).
 //!
 //! One hub instance at a time drives every rollout ([`run`], under the job
-//! lock `rollouts`), looking at the active ones every [`TICK`]. Everything
+//! lock `rollouts`), looking at the active ones every [`TICK`], and as soon
+//! as agents' status reports were committed on this instance (at most every
+//! [`WOKEN_GAP`]): a wave is judged when its last report is in, not up to a
+//! tick later, and the next wave starts right after. Everything
 //! it knows is in the store: a hub killed at any point and started again
 //! (or another instance taking the lock) carries on from the record. The
 //! one step that spans two writes — recording that a wave starts, then
@@ -33,6 +36,11 @@ use crate::state::AppState;
 /// How often the active rollouts are looked at.
 const TICK: Duration = Duration::from_secs(1);
 
+/// The least time between two rounds woken by reports or a passed wave:
+/// a wave landing on thousands of stages commits reports all the time,
+/// and a round reads every stage of each active rollout.
+const WOKEN_GAP: Duration = Duration::from_millis(100);
+
 /// How long after the driver starts before it starts waves or sets stages
 /// aside as offline.
 pub const SETTLE: Duration = Duration::from_secs(8);
@@ -50,26 +58,62 @@ pub struct Counters {
     pub waves_started: AtomicU64,
     pub waves_passed: AtomicU64,
     pub waves_halted: AtomicU64,
+    /// Told when a rollout was created or resumed, or a wave passed with
+    /// no pause after it: the next round comes without waiting for a tick.
+    pub wake: tokio::sync::Notify,
 }
 
-/// Drives the rollouts every [`TICK`] until `cancel`.
+/// Drives the rollouts every [`TICK`], and when woken by committed status
+/// reports or [`Counters::wake`], until `cancel`.
 pub async fn run(state: AppState, cancel: CancellationToken) {
     let started = Instant::now();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let reported = &state.links().syncs.reported;
+    let wake = &state.rollout_counters().wake;
+    let mut saves = Saves::default();
     loop {
+        // Rollouts that ended are still followed (their late stages), but
+        // only at the tick: reports from any push wake the driver.
+        let finished_too = tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => true,
+            () = reported.notified() => false,
+            () = wake.notified() => false,
+        };
+        let settled = started.elapsed() >= SETTLE;
+        if let Err(e) = round(&state, settled, finished_too, &mut saves).await {
+            tracing::warn!(error = %e, "could not look at the rollouts");
+        }
         tokio::select! {
             () = cancel.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let settled = started.elapsed() >= SETTLE;
-        if let Err(e) = round(&state, settled).await {
-            tracing::warn!(error = %e, "could not look at the rollouts");
+            () = tokio::time::sleep(WOKEN_GAP) => {}
         }
     }
 }
 
-async fn round(state: &AppState, settled: bool) -> Result<(), StoreError> {
+/// When the driver last saved each rollout: a round that only saw more
+/// stages apply saves at most once a [`TICK`] (the record is 10,000
+/// stages of a large rollout; what was seen is seen again next round).
+#[derive(Default)]
+struct Saves(HashMap<u64, Instant>);
+
+impl Saves {
+    fn due(&self, id: u64) -> bool {
+        self.0.get(&id).is_none_or(|at| at.elapsed() >= TICK)
+    }
+
+    fn done(&mut self, id: u64) {
+        self.0.insert(id, Instant::now());
+    }
+}
+
+async fn round(
+    state: &AppState,
+    settled: bool,
+    finished_too: bool,
+    saves: &mut Saves,
+) -> Result<(), StoreError> {
     let active: Vec<u64> = state
         .store()
         .list_rollouts(None)
@@ -77,8 +121,9 @@ async fn round(state: &AppState, settled: bool) -> Result<(), StoreError> {
         .into_iter()
         .filter(|r| {
             r.state.is_active()
-                || r.finished_at
-                    .is_some_and(|at| Utc::now() - at < FOLLOW_FINISHED)
+                || (finished_too
+                    && r.finished_at
+                        .is_some_and(|at| Utc::now() - at < FOLLOW_FINISHED))
         })
         .map(|r| r.id)
         .collect();
@@ -92,7 +137,7 @@ async fn round(state: &AppState, settled: bool) -> Result<(), StoreError> {
             Err(StoreError::NotFound { .. }) => continue,
             Err(e) => return Err(e),
         };
-        match advance(state, rollout, &online, settled).await {
+        match advance(state, rollout, &online, settled, saves).await {
             Ok(()) => {}
             // A user paused or aborted it meanwhile: looked at again next
             // time, as it is now.
@@ -149,6 +194,7 @@ async fn advance(
     mut r: Rollout,
     online: &Online,
     settled: bool,
+    saves: &mut Saves,
 ) -> Result<(), StoreError> {
     let before = r.clone();
     let now = Utc::now();
@@ -200,8 +246,22 @@ async fn advance(
         },
         _ => {}
     }
-    save(state, &before, r).await?;
+    if !observed_only(&before, &r) || saves.due(r.id) {
+        let id = r.id;
+        save(state, &before, r).await?;
+        saves.done(id);
+    }
     Ok(())
+}
+
+/// Whether `after` differs from `before` at most in what its stages'
+/// reports said (no verdict, no wave started, no state changed).
+fn observed_only(before: &Rollout, after: &Rollout) -> bool {
+    before.state == after.state
+        && before.waves == after.waves
+        && before.halt_reason == after.halt_reason
+        && before.next_wave_at == after.next_wave_at
+        && before.finished_at == after.finished_at
 }
 
 /// Saves `r` if it differs from `before`; the record as stored.
@@ -286,7 +346,8 @@ async fn passed(state: &AppState, r: &mut Rollout, w: usize, now: chrono::DateTi
         return;
     }
     match r.pause {
-        WavePause::After { seconds: 0 } => {}
+        // The next wave starts in the next round, which need not wait.
+        WavePause::After { seconds: 0 } => state.rollout_counters().wake.notify_one(),
         WavePause::After { seconds } => {
             r.state = RolloutState::Waiting;
             r.next_wave_at = Some(

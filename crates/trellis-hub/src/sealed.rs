@@ -462,6 +462,9 @@ impl Store for SealedStore {
     async fn list_stages(&self, project: &str) -> Result<Vec<Stage>> {
         self.inner.list_stages(project).await
     }
+    async fn list_archived_stages(&self, project: &str) -> Result<Vec<Stage>> {
+        self.inner.list_archived_stages(project).await
+    }
     async fn list_stage_summaries(
         &self,
         project: &str,

@@ -428,6 +428,17 @@ pub trait Store: Send + Sync + 'static {
     async fn create_stage(&self, stage: &NewStage, now: Timestamp) -> Result<Stage>;
     async fn get_stage(&self, project: &str, name: &str) -> Result<Stage>;
     async fn list_stages(&self, project: &str) -> Result<Vec<Stage>>;
+    /// The project's archived stages, by name: what a push to many stages
+    /// checks its stages against without reading every stage (a fleet
+    /// project holds thousands).
+    async fn list_archived_stages(&self, project: &str) -> Result<Vec<Stage>> {
+        Ok(self
+            .list_stages(project)
+            .await?
+            .into_iter()
+            .filter(|s| s.archived_at.is_some())
+            .collect())
+    }
     /// The project's stages by name (all, or only those still waiting for
     /// their outpost), each with its sync record and applied release.
     async fn list_stage_summaries(

@@ -3337,6 +3337,11 @@ pub async fn archive_and_restore(store: &dyn Store) {
     let again = store.archive_stage("shop", "old", at(31)).await.unwrap();
     assert_eq!(again, old, "archiving an archived stage changes nothing");
     assert_eq!(store.get_stage("shop", "old").await.unwrap(), old);
+    assert_eq!(
+        store.list_archived_stages("shop").await.unwrap(),
+        vec![old.clone()],
+        "the archived stage, and only it, is listed as archived"
+    );
 
     let dev = store.archive_stage("shop", "dev", at(32)).await.unwrap();
     assert_eq!(dev.desired_revision, 2);

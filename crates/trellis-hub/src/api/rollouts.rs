@@ -295,6 +295,8 @@ pub async fn create_rollout(
             }
             e => e.into(),
         })?;
+    // The driver starts the first wave now, not at its next tick.
+    state.rollout_counters().wake.notify_one();
     let waves: Vec<String> = rollout.waves.iter().map(|w| w.size.to_string()).collect();
     audit_as(
         &state,
@@ -420,7 +422,11 @@ pub async fn resume_rollout(
         ("resumed", "rollout-resume"),
     )
     .await
-    .map(Json)
+    .map(|r| {
+        // The driver starts the next wave now, not at its next tick.
+        state.rollout_counters().wake.notify_one();
+        Json(r)
+    })
 }
 
 /// Moves a rollout from one of `from` to `to` (refused in any other

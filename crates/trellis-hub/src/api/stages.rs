@@ -519,14 +519,9 @@ pub async fn push_releases(
             "name each stage once",
         ));
     }
-    let archived = state
-        .store()
-        .list_stages(&project)
-        .await?
-        .into_iter()
-        .filter(|s| s.archived_at.is_some());
-    for stage in archived {
-        if let (Some(at), true) = (stage.archived_at, req.stages.contains(&stage.name)) {
+    // Only the archived stages are read: a fleet project holds thousands.
+    for stage in state.store().list_archived_stages(&project).await? {
+        if let (Some(at), true) = (stage.archived_at, named.contains(stage.name.as_str())) {
             return Err(crate::error::archived("stage", &stage.name, &project, at));
         }
     }

@@ -26,6 +26,10 @@ type Waiter = oneshot::Sender<Result<StageSync, String>>;
 #[derive(Default)]
 pub struct SyncCommitter {
     inner: Mutex<Queue>,
+    /// Told after a batch with a status report was committed: the rollout
+    /// driver judges a wave as soon as its stages' reports are in, instead
+    /// of at its next tick.
+    pub reported: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -68,8 +72,16 @@ impl SyncCommitter {
                 queue.writes.drain(..take).collect()
             };
             let (updates, waiters): (Vec<SyncUpdate>, Vec<Waiter>) = batch.into_iter().unzip();
+            let reports = updates
+                .iter()
+                .any(|u| matches!(u, SyncUpdate::Status { .. }));
             match store.record_sync_batch(&updates, chrono::Utc::now()).await {
                 Ok(results) => {
+                    if reports {
+                        // One permit is kept while nobody waits: a report
+                        // committed during a round wakes the next one.
+                        self.reported.notify_one();
+                    }
                     for (waiter, result) in waiters.into_iter().zip(results) {
                         let _ = waiter.send(result.map_err(|e| e.to_string()));
                     }

@@ -2187,6 +2187,21 @@ impl<B: Backend> Store for SqlStore<B> {
         all(&rows, stage_from)
     }
 
+    async fn list_archived_stages(&self, project: &str) -> Result<Vec<Stage>> {
+        let mut tx = self.read().await?;
+        require_project(&mut *tx, project).await?;
+        let rows = q(concat!(
+            "SELECT ",
+            stage_columns!(),
+            " FROM stages WHERE project = $1 AND archived_at IS NOT NULL ORDER BY name"
+        ))
+        .bind(project)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(backend("listing archived stages"))?;
+        all(&rows, stage_from)
+    }
+
     async fn list_stage_summaries(
         &self,
         project: &str,
