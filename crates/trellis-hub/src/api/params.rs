@@ -162,6 +162,9 @@ pub struct DigestPath {
     pub digest: String,
 }
 
+/// What `trellis_model::agent_binary::check_arch` accepts.
+pub const ARCH_PATTERN: &str = "^(x86_64|aarch64|arm|riscv64|x86|powerpc64|s390x|loongarch64)$";
+
 /// What `trellis_model::agent_binary::check_version` accepts (it also
 /// caps the length at 64, which `max_length` says).
 pub const VERSION_PATTERN: &str = "^[0-9]{1,9}\\.[0-9]{1,9}\\.[0-9]{1,9}([-+][0-9A-Za-z.+-]+)?$";
@@ -177,7 +180,10 @@ pub struct AgentBinaryPath {
     )]
     pub version: String,
     /// The CPU architecture as Rust names it (`uname -m` on most hosts)
-    #[param(example = "x86_64")]
+    #[param(
+        pattern = "^(x86_64|aarch64|arm|riscv64|x86|powerpc64|s390x|loongarch64)$",
+        example = "x86_64"
+    )]
     pub arch: String,
 }
 
@@ -229,6 +235,14 @@ mod tests {
         ] {
             let valid = trellis_model::agent_binary::check_version(candidate).is_ok();
             assert_eq!(valid, version.is_match(candidate), "{candidate:?}");
+        }
+        let arch = regex_automata::meta::Regex::new(ARCH_PATTERN).unwrap();
+        for (candidate, _, _) in trellis_model::agent_binary::ARCHES {
+            assert!(arch.is_match(candidate), "{candidate}");
+        }
+        for candidate in ["amd64", "mips", "x86_64 ", ""] {
+            assert!(trellis_model::agent_binary::check_arch(candidate).is_err());
+            assert!(!arch.is_match(candidate), "{candidate:?}");
         }
         let digest = regex_automata::meta::Regex::new(DIGEST_PATTERN).unwrap();
         for candidate in [
