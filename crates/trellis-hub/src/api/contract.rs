@@ -913,6 +913,28 @@ pub const CODES: &[(&str, &str)] = &[
     ),
     ("hub-disk-full", "the hub's disk is full"),
     (
+        "invalid-version",
+        "not an agent version: MAJOR.MINOR.PATCH with an optional -pre-release or +build part",
+    ),
+    (
+        "unknown-arch",
+        "not an architecture agent binaries are held for (x86_64, aarch64, arm, riscv64, …)",
+    ),
+    ("empty-binary", "the uploaded agent binary is empty"),
+    ("not-an-executable", "the upload is not an ELF executable"),
+    (
+        "arch-mismatch",
+        "the binary's ELF header names another machine than the architecture in the URL",
+    ),
+    (
+        "binary-too-large",
+        "the upload broke off or is larger than an agent binary may be",
+    ),
+    (
+        "agent-binary-exists",
+        "another binary is held under this version and architecture; a version names one binary for good",
+    ),
+    (
         "artifact-store-unavailable",
         "the hub's artifact store (its directory or S3 bucket) is down or refuses the hub",
     ),
