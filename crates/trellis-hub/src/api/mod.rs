@@ -9,6 +9,7 @@
 //! body with their own bound (`chunks::MAX_STORED_CHUNK_BYTES`).
 
 pub mod access;
+pub mod agent_updates;
 pub mod backups;
 pub mod builds;
 pub mod chunks;
@@ -97,6 +98,10 @@ fn routes() -> OpenApiRouter<AppState> {
             backups::delete_backup_schedule
         ))
         .routes(routes!(outposts::list_outposts, outposts::create_outpost))
+        .routes(routes!(
+            agent_updates::list_agent_updates,
+            agent_updates::create_agent_updates
+        ))
         .routes(routes!(
             outposts::get_outpost,
             outposts::update_outpost,
