@@ -23,7 +23,7 @@
 //!    record (an atomic rename, so it and the watchdog cannot both act),
 //!    reports `applied`, and the watchdog exits.
 //! 5. **Rolled back** by the watchdog when the new agent has not linked by
-//!    the deadline (or, not under systemd, died): it takes the pending
+//!    the deadline (or its process ended first): it takes the pending
 //!    record, renames the previous binary back, stops the new agent, and
 //!    starts the previous one again (under systemd, `Restart=always` does
 //!    that). The restored agent reports the update `failed`, with why.
@@ -586,8 +586,9 @@ fn alive(pid: u32) -> bool {
 }
 
 /// The watchdog (`trellis-agent update-watchdog`): waits for the new agent
-/// to confirm; rolls back when it does not by the deadline or (with
-/// `restart`, not under systemd) dies first. Runs from the previous binary.
+/// to confirm; rolls back when it does not by the deadline, or its process
+/// ends first; with `restart` (no service manager to do it) starts the
+/// previous agent again as itself. Runs from the previous binary.
 pub fn watchdog(data_dir: &Path, restart: bool) -> Result<(), String> {
     let dir = data_dir.join(DIR);
     let Some(pending) = read_json::<Pending>(&dir.join(PENDING)) else {
@@ -598,8 +599,10 @@ pub fn watchdog(data_dir: &Path, restart: bool) -> Result<(), String> {
             // Confirmed by the new agent.
             return Ok(());
         }
-        let died = restart && !alive(pending.pid);
-        if died || now_secs() >= pending.deadline {
+        // A new agent that died before linking is not waited for; under a
+        // service manager a restarted one has another pid, and one that
+        // crashes at start is as good as gone.
+        if !alive(pending.pid) || now_secs() >= pending.deadline {
             break;
         }
         std::thread::sleep(Duration::from_millis(250));
@@ -607,7 +610,7 @@ pub fn watchdog(data_dir: &Path, restart: bool) -> Result<(), String> {
     if std::fs::rename(dir.join(PENDING), dir.join(ROLLING_BACK)).is_err() {
         return Ok(());
     }
-    let why = if restart && !alive(pending.pid) {
+    let why = if !alive(pending.pid) {
         format!("agent {} stopped before it linked", pending.to)
     } else {
         format!("agent {} did not link within the deadline", pending.to)
@@ -697,4 +700,103 @@ fn children_of(parent: u32) -> Vec<u32> {
                 == Some(parent)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(dir: &Path, exe: &Path, pid: u32, deadline: u64) -> Pending {
+        Pending {
+            id: 7,
+            from: "0.1.0".into(),
+            to: "0.2.0".into(),
+            exe: exe.to_path_buf(),
+            previous: previous_path(exe),
+            args: vec!["run".into(), "--data".into(), dir.display().to_string()],
+            deadline,
+            pid,
+        }
+    }
+
+    /// A pid that is not running: a child that exited and was reaped.
+    fn gone_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        pid
+    }
+
+    #[test]
+    fn the_watchdog_restores_the_previous_binary_when_the_new_agent_dies() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let exe = tmp.path().join("trellis-agent");
+        std::fs::write(&exe, b"new").unwrap();
+        std::fs::write(previous_path(&exe), b"old").unwrap();
+        let record = pending(&data, &exe, gone_pid(), now_secs() + 600);
+        write_json_synced(&data.join(DIR), PENDING, &record).unwrap();
+
+        // Not restarting (a service manager would): it only restores.
+        watchdog(&data, false).unwrap();
+        assert_eq!(std::fs::read(&exe).unwrap(), b"old");
+        assert!(!previous_path(&exe).exists());
+        assert!(!data.join(DIR).join(PENDING).exists());
+        let outcome: Outcome = read_json(&data.join(DIR).join(RESULT)).unwrap();
+        assert_eq!((outcome.id, outcome.state.as_str()), (7, "failed"));
+        assert!(outcome.message.contains("rolled back to agent 0.1.0"), "{}", outcome.message);
+    }
+
+    #[test]
+    fn the_watchdog_rolls_back_at_the_deadline_and_stands_down_once_confirmed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let exe = tmp.path().join("trellis-agent");
+        std::fs::write(&exe, b"new").unwrap();
+        std::fs::write(previous_path(&exe), b"old").unwrap();
+        // Past its deadline, the agent still running (a child that
+        // sleeps; the rollback kills it).
+        let mut agent = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let record = pending(&data, &exe, agent.id(), now_secs().saturating_sub(1));
+        write_json_synced(&data.join(DIR), PENDING, &record).unwrap();
+        watchdog(&data, false).unwrap();
+        assert_eq!(std::fs::read(&exe).unwrap(), b"old");
+        let outcome: Outcome = read_json(&data.join(DIR).join(RESULT)).unwrap();
+        assert!(outcome.message.contains("did not link within the deadline"), "{}", outcome.message);
+        let status = agent.wait().unwrap();
+        assert!(!status.success(), "the new agent was stopped");
+
+        // Confirmed: the pending record is gone, the watchdog leaves
+        // everything as it is.
+        std::fs::write(&exe, b"new").unwrap();
+        std::fs::write(previous_path(&exe), b"old").unwrap();
+        std::fs::remove_file(data.join(DIR).join(RESULT)).unwrap();
+        watchdog(&data, false).unwrap();
+        assert_eq!(std::fs::read(&exe).unwrap(), b"new");
+        assert!(!data.join(DIR).join(RESULT).exists());
+    }
+
+    #[test]
+    fn staged_binaries_sit_next_to_the_running_one_under_safe_names() {
+        let exe = Path::new("/usr/local/bin/trellis-agent");
+        assert_eq!(
+            staged_path(exe, "0.2.0-rc.1+build/../x"),
+            Path::new("/usr/local/bin/.trellis-agent.0.2.0-rc.1_build_.._x.new")
+        );
+        assert_eq!(
+            previous_path(exe),
+            Path::new("/usr/local/bin/.trellis-agent.previous")
+        );
+    }
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Exited but not reaped: a zombie.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!alive(pid));
+        child.wait().unwrap();
+        assert!(alive(std::process::id()));
+    }
 }
