@@ -187,9 +187,13 @@ fn an_agent_updates_itself_keeps_its_components_and_rolls_back_one_that_does_not
     let running = |release: u64| {
         move |cli: &Cli| {
             let s = cli.json(&["status", "stage", "line", "-p", "plant"]);
-            s["sync"]["applied_release"] == release
-                && s["components"][0]["state"] == "running"
-                && s["connected"] == true
+            let ok = s["sync"]["state"] == "in-sync"
+                && s["sync"]["applied_release"] == release
+                && s["components"][0]["state"] == "running";
+            if !ok {
+                eprintln!("waiting for release {release}: {s}");
+            }
+            ok
         }
     };
     wait_until("release 1 runs", Duration::from_secs(60), || {

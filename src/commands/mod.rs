@@ -1,5 +1,6 @@
 //! One module per group of commands; `run` dispatches.
 
+mod agent_binaries;
 mod backups;
 mod build;
 mod dev;
@@ -13,7 +14,7 @@ mod streams;
 
 use crate::cli::{
     Cli, Client, Command, HubAction, HubCommand, PushCommand, RevokeCommand, RotateCommand,
-    StatusCommand, UpdateCommand, ValidateCommand,
+    StatusCommand, UpdateCommand, UploadCommand, ValidateCommand,
 };
 use crate::settings;
 
@@ -191,6 +192,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                 }
             }
+        }
+        Command::Upload(Client {
+            global,
+            command:
+                UploadCommand::AgentBinary {
+                    file,
+                    agent_version,
+                    arch,
+                },
+        }) => {
+            agent_binaries::upload(
+                &settings::client(&global)?,
+                &file,
+                &agent_version,
+                arch.as_deref(),
+                global.output,
+            )
+            .await
         }
         Command::Revoke(Client {
             global,

@@ -195,7 +195,12 @@ pub fn print_join(join: &JoinTokenResponse) {
     );
     println!("{}", join.token);
     println!();
-    println!("run on the outpost's host:");
+    println!(
+        "install the agent on the outpost's host (as root; it downloads the agent from the hub and joins):"
+    );
+    println!("  {}", join.install_command);
+    println!();
+    println!("or, where the agent is on the host already:");
     println!("  {}", join.command);
 }
 

@@ -47,6 +47,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::ConfigData => "config-data",
         Kind::Backup => "backup",
         Kind::Rollout => "rollout",
+        Kind::AgentBinary => "agent-binary",
     }
 }
 
@@ -698,6 +699,7 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
             let project = need(&args.project, "-p PROJECT", kind)?;
             super::rollouts::list(client, project, format).await
         }
+        Kind::AgentBinary => super::agent_binaries::list(client, format).await,
         Kind::Project if args.archived => {
             let items: Vec<Project> = client
                 .get("/projects?archived=true", "listing archived projects")
@@ -1060,6 +1062,9 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
             let stage = need(&args.stage, "-s STAGE", kind)?;
             super::backups::show(client, project, stage, name, format).await
         }
+        Kind::AgentBinary => {
+            anyhow::bail!("agent binaries are shown by `trellis list agent-binaries`")
+        }
         Kind::Rollout => {
             let id: u64 = name
                 .parse()
@@ -1314,6 +1319,9 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
             let project = need(&args.project, "-p PROJECT", kind)?;
             let stage = need(&args.stage, "-s STAGE", kind)?;
             return super::backups::delete(client, project, stage, name).await;
+        }
+        Kind::AgentBinary => {
+            return super::agent_binaries::delete(client, name).await;
         }
         Kind::Rollout => anyhow::bail!(
             "rollouts are kept as history and not deleted; stop one with `trellis abort rollout {name}`"

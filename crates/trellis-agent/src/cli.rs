@@ -1,4 +1,4 @@
-//! The agent's command line: `join` and `run`, and how the outpost runs
+//! The agent's command line: `join`, `install`, `unit` and `run`, and how the outpost runs
 //! components. The standalone `trellis-agent` binary parses it at the top
 //! level; the `trellis` binary nests it as `trellis agent …`.
 
@@ -25,6 +25,39 @@ pub enum AgentCommand {
         no_run: bool,
         #[command(flatten)]
         runtime: RuntimeArgs,
+    },
+    /// Make this host an outpost: join the hub with a join token, copy
+    /// this binary to PREFIX/bin/trellis-agent, write the systemd unit
+    /// (KillMode=process, Restart=always) and enable and start it where
+    /// systemd runs. A failed join installs nothing
+    Install {
+        /// The join token printed by `trellis create outpost`
+        #[arg(long, env = "TRELLIS_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The hub's URL (default: the token's; given, it must be the token's)
+        #[arg(long)]
+        hub: Option<String>,
+        /// Where the binary goes: PREFIX/bin/trellis-agent
+        #[arg(long, default_value = crate::install::DEFAULT_PREFIX)]
+        prefix: PathBuf,
+        /// The installed agent's data directory
+        #[arg(long, default_value = crate::install::DEFAULT_DATA)]
+        data: PathBuf,
+        /// Where the unit file goes
+        #[arg(long, default_value = crate::install::DEFAULT_UNIT_DIR)]
+        unit_dir: PathBuf,
+        /// Install and join, but do not enable or start the unit
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Print the systemd unit `install` writes (for packaging)
+    Unit {
+        /// The agent binary's path on the host
+        #[arg(long, default_value = "/usr/local/bin/trellis-agent")]
+        binary: PathBuf,
+        /// The agent's data directory
+        #[arg(long, default_value = crate::install::DEFAULT_DATA)]
+        data: PathBuf,
     },
     /// Run the agent of an enrolled host
     Run {
@@ -251,6 +284,28 @@ pub async fn execute_with(
             runtime,
         } => join(&hub, &token, &data, no_run, &runtime, program, self_update).await,
         AgentCommand::Run { data, runtime } => run(&data, &runtime, self_update).await,
+        AgentCommand::Install {
+            token,
+            hub,
+            prefix,
+            data,
+            unit_dir,
+            no_start,
+        } => {
+            crate::install::install(&crate::install::InstallOptions {
+                hub,
+                token,
+                prefix,
+                data,
+                unit_dir,
+                no_start,
+            })
+            .await
+        }
+        AgentCommand::Unit { binary, data } => {
+            print!("{}", crate::install::unit_file(&binary, &data));
+            Ok(())
+        }
         AgentCommand::UpdateWatchdog { data, restart } => {
             tokio::task::spawn_blocking(move || crate::update::watchdog(&data, restart))
                 .await

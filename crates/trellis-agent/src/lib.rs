@@ -57,6 +57,8 @@ pub mod deploy;
 pub mod devices;
 pub mod ingress;
 mod ingress_cert;
+#[cfg(feature = "cli")]
+pub mod install;
 pub mod join;
 pub mod link;
 pub mod reconciler;

@@ -396,20 +396,18 @@ fn check_binary(path: &Path, job: &UpdateJob, arch: &str) -> Result<(), String> 
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut header))
         .map_err(|e| format!("could not read the new agent {}: {e}", path.display()))?;
-    match trellis_model::manifest::Arch::of_elf(&header) {
-        Some(found) if found == arch => {}
-        Some(found) => {
-            return Err(format!(
-                "agent {} is an executable for {found}, not for this outpost's {arch}; nothing was changed",
-                job.version
-            ));
-        }
-        None => {
-            return Err(format!(
-                "agent {} is not an executable this outpost can run (no ELF header for a known machine); nothing was changed",
-                job.version
-            ));
-        }
+    let found = trellis_model::agent_binary::elf_arch(&header).map_err(|e| {
+        format!(
+            "agent {} is not an executable this outpost can run ({e}); nothing was changed",
+            job.version
+        )
+    })?;
+    let found = trellis_model::manifest::Arch::oci_name(found);
+    if found != arch {
+        return Err(format!(
+            "agent {} is an executable for {found}, not for this outpost's {arch}; nothing was changed",
+            job.version
+        ));
     }
     let output = run_with_timeout(path, VERSION_CHECK_TIMEOUT).map_err(|e| {
         format!(
@@ -744,7 +742,11 @@ mod tests {
         assert!(!data.join(DIR).join(PENDING).exists());
         let outcome: Outcome = read_json(&data.join(DIR).join(RESULT)).unwrap();
         assert_eq!((outcome.id, outcome.state.as_str()), (7, "failed"));
-        assert!(outcome.message.contains("rolled back to agent 0.1.0"), "{}", outcome.message);
+        assert!(
+            outcome.message.contains("rolled back to agent 0.1.0"),
+            "{}",
+            outcome.message
+        );
     }
 
     #[test]
@@ -756,13 +758,20 @@ mod tests {
         std::fs::write(previous_path(&exe), b"old").unwrap();
         // Past its deadline, the agent still running (a child that
         // sleeps; the rollback kills it).
-        let mut agent = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+        let mut agent = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
         let record = pending(&data, &exe, agent.id(), now_secs().saturating_sub(1));
         write_json_synced(&data.join(DIR), PENDING, &record).unwrap();
         watchdog(&data, false).unwrap();
         assert_eq!(std::fs::read(&exe).unwrap(), b"old");
         let outcome: Outcome = read_json(&data.join(DIR).join(RESULT)).unwrap();
-        assert!(outcome.message.contains("did not link within the deadline"), "{}", outcome.message);
+        assert!(
+            outcome.message.contains("did not link within the deadline"),
+            "{}",
+            outcome.message
+        );
         let status = agent.wait().unwrap();
         assert!(!status.success(), "the new agent was stopped");
 

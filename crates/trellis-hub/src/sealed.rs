@@ -416,6 +416,29 @@ impl Store for SealedStore {
         self.inner.save_rollout(rollout).await
     }
 
+    async fn put_agent_binary(
+        &self,
+        binary: &trellis_model::AgentBinary,
+    ) -> Result<trellis_model::AgentBinary> {
+        self.inner.put_agent_binary(binary).await
+    }
+
+    async fn get_agent_binary(
+        &self,
+        version: &str,
+        arch: &str,
+    ) -> Result<trellis_model::AgentBinary> {
+        self.inner.get_agent_binary(version, arch).await
+    }
+
+    async fn list_agent_binaries(&self) -> Result<Vec<trellis_model::AgentBinary>> {
+        self.inner.list_agent_binaries().await
+    }
+
+    async fn delete_agent_binary(&self, version: &str, arch: &str) -> Result<()> {
+        self.inner.delete_agent_binary(version, arch).await
+    }
+
     async fn delete_backup(&self, project: &str, stage: &str, id: u64) -> Result<()> {
         self.inner.delete_backup(project, stage, id).await
     }

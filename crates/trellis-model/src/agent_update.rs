@@ -100,8 +100,8 @@ pub struct AgentUpdate {
     /// How long the new agent has to link before the old one is restored.
     pub deadline_secs: u32,
     pub created_by: String,
-    pub created_at: Timestamp,
-    pub updated_at: Timestamp,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl AgentUpdate {

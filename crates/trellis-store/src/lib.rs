@@ -30,9 +30,9 @@
 
 use async_trait::async_trait;
 use trellis_model::{
-    AccessKeyInfo, AuditEntry, Backup, Build, ComponentAction, ComponentControl, Config,
-    ConfigData, ConfigSnapshot, Member, NewAuditEntry, NewBackup, NewBuild, Outpost, OutpostLink,
-    Project, Release, Role, Stage, StageSync, StageType, Timestamp, User,
+    AccessKeyInfo, AgentBinary, AuditEntry, Backup, Build, ComponentAction, ComponentControl,
+    Config, ConfigData, ConfigSnapshot, Member, NewAuditEntry, NewBackup, NewBuild, Outpost,
+    OutpostLink, Project, Release, Role, Stage, StageSync, StageType, Timestamp, User,
     rollout::{NewRollout, Rollout},
 };
 
@@ -580,6 +580,20 @@ pub trait Store: Send + Sync + 'static {
     /// refused (`InUse`) and nothing changes: read it again.
     async fn save_rollout(&self, rollout: &Rollout) -> Result<Rollout>;
 
+    // --- agent binaries ---
+    /// Records an agent binary (its bytes are already in the chunk store).
+    /// A version and architecture name one binary for good: recording the
+    /// same binary again (same BLAKE3) returns the record stored first;
+    /// a different one is refused (`AlreadyExists`, named `VERSION/ARCH`)
+    /// and nothing changes.
+    async fn put_agent_binary(&self, binary: &AgentBinary) -> Result<AgentBinary>;
+    /// `NotFound` (kind `agent binary`, named `VERSION/ARCH`) if none.
+    async fn get_agent_binary(&self, version: &str, arch: &str) -> Result<AgentBinary>;
+    /// Every agent binary, newest version first (semantic version order),
+    /// then by architecture.
+    async fn list_agent_binaries(&self) -> Result<Vec<AgentBinary>>;
+    async fn delete_agent_binary(&self, version: &str, arch: &str) -> Result<()>;
+
     // --- the outpost link ---
     /// Records a join token (by its hash) that lets one agent enrol as
     /// `outpost` until `expires_at`.
@@ -911,6 +925,34 @@ pub(crate) mod wording {
             });
         }
         Ok(())
+    }
+
+    pub fn agent_binary(version: &str, arch: &str) -> String {
+        format!("{version}/{arch}")
+    }
+
+    /// Newest version first, then by architecture.
+    pub fn sort_agent_binaries(binaries: &mut [trellis_model::AgentBinary]) {
+        binaries.sort_by(|a, b| {
+            trellis_model::agent_binary::compare_versions(&b.version, &a.version)
+                .then_with(|| a.arch.cmp(&b.arch))
+        });
+    }
+
+    /// What recording `new` over `stored` (same version and architecture)
+    /// gives: the stored record when it is the same binary.
+    pub fn agent_binary_again(
+        stored: trellis_model::AgentBinary,
+        new: &trellis_model::AgentBinary,
+    ) -> Result<trellis_model::AgentBinary, StoreError> {
+        if stored.blake3 == new.blake3 {
+            Ok(stored)
+        } else {
+            Err(StoreError::AlreadyExists {
+                kind: "agent binary",
+                name: agent_binary(&new.version, &new.arch),
+            })
+        }
     }
 
     pub fn release(project: &str, stage: &str, number: u64) -> String {

@@ -23,9 +23,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use chrono::DateTime;
 use trellis_model::{
-    AccessKeyInfo, AuditEntry, Backup, BackupState, Build, ComponentAction, ComponentControl,
-    Config, ConfigData, Member, NewAuditEntry, NewBackup, NewBuild, Outpost, OutpostLink, Project,
-    Release, ReleaseState, Role, Stage, StageSync, Timestamp, User,
+    AccessKeyInfo, AgentBinary, AuditEntry, Backup, BackupState, Build, ComponentAction,
+    ComponentControl, Config, ConfigData, Member, NewAuditEntry, NewBackup, NewBuild, Outpost,
+    OutpostLink, Project, Release, ReleaseState, Role, Stage, StageSync, Timestamp, User,
     agent_update::{AgentUpdate, AgentUpdateState, NewAgentUpdate},
     build_name,
     rollout::{NewRollout, Rollout},
@@ -92,6 +92,8 @@ struct State {
     instances: BTreeMap<String, Instance>,
     claims: BTreeMap<String, LinkClaim>,
     secrets: BTreeMap<String, String>,
+    /// By (version, architecture).
+    agent_binaries: BTreeMap<(String, String), AgentBinary>,
 }
 
 struct JoinToken {
@@ -832,6 +834,38 @@ impl Store for MemoryStore {
         saved.version += 1;
         *stored = saved.clone();
         Ok(saved)
+    }
+
+    async fn put_agent_binary(&self, binary: &AgentBinary) -> Result<AgentBinary> {
+        let mut state = self.state();
+        let key = (binary.version.clone(), binary.arch.clone());
+        if let Some(stored) = state.agent_binaries.get(&key) {
+            return wording::agent_binary_again(stored.clone(), binary);
+        }
+        state.agent_binaries.insert(key, binary.clone());
+        Ok(binary.clone())
+    }
+
+    async fn get_agent_binary(&self, version: &str, arch: &str) -> Result<AgentBinary> {
+        self.state()
+            .agent_binaries
+            .get(&(version.to_owned(), arch.to_owned()))
+            .cloned()
+            .ok_or_else(|| not_found("agent binary", wording::agent_binary(version, arch)))
+    }
+
+    async fn list_agent_binaries(&self) -> Result<Vec<AgentBinary>> {
+        let mut listed: Vec<AgentBinary> = self.state().agent_binaries.values().cloned().collect();
+        wording::sort_agent_binaries(&mut listed);
+        Ok(listed)
+    }
+
+    async fn delete_agent_binary(&self, version: &str, arch: &str) -> Result<()> {
+        self.state()
+            .agent_binaries
+            .remove(&(version.to_owned(), arch.to_owned()))
+            .map(|_| ())
+            .ok_or_else(|| not_found("agent binary", wording::agent_binary(version, arch)))
     }
 
     async fn delete_backup(&self, project: &str, stage: &str, id: u64) -> Result<()> {

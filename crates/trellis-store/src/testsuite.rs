@@ -79,6 +79,7 @@ macro_rules! for_each_suite_test {
             rollouts_refuse_overlap,
             agent_updates,
             a_failure_report_promotes_no_release,
+            agent_binaries,
         }
     };
 }
@@ -424,6 +425,89 @@ pub async fn rollouts_refuse_overlap(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(again.id, 4);
+}
+
+fn agent_binary(version: &str, arch: &str, blake3: &str, at_ms: i64) -> trellis_model::AgentBinary {
+    trellis_model::AgentBinary {
+        version: version.into(),
+        arch: arch.into(),
+        size: 12_345_678,
+        blake3: blake3.repeat(64 / blake3.len()),
+        sha256: "5".repeat(64),
+        manifest: "a".repeat(64),
+        uploaded_at: at(at_ms),
+        uploaded_by: "alice".into(),
+    }
+}
+
+/// An agent binary is recorded once per version and architecture: read
+/// back as recorded, listed newest version first (semantic order, not
+/// text), recorded again idempotently when it is the same binary and
+/// refused when it is another; deleting removes it alone.
+pub async fn agent_binaries(store: &dyn Store) {
+    assert!(store.list_agent_binaries().await.unwrap().is_empty());
+    let x86 = agent_binary("0.9.0", "x86_64", "1", 1_700_000_000_123);
+    assert_eq!(store.put_agent_binary(&x86).await.unwrap(), x86);
+    assert_eq!(
+        store.get_agent_binary("0.9.0", "x86_64").await.unwrap(),
+        x86
+    );
+    let arm = agent_binary("0.9.0", "aarch64", "2", 1_700_000_001_000);
+    store.put_agent_binary(&arm).await.unwrap();
+    let newer = agent_binary("0.10.0", "x86_64", "3", 1_700_000_002_000);
+    store.put_agent_binary(&newer).await.unwrap();
+    let rc = agent_binary("0.10.0-rc.1", "x86_64", "4", 1_700_000_003_000);
+    store.put_agent_binary(&rc).await.unwrap();
+    let listed: Vec<(String, String)> = store
+        .list_agent_binaries()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.version, b.arch))
+        .collect();
+    let want = |v: &str, a: &str| (v.to_owned(), a.to_owned());
+    assert_eq!(
+        listed,
+        vec![
+            want("0.10.0", "x86_64"),
+            want("0.10.0-rc.1", "x86_64"),
+            want("0.9.0", "aarch64"),
+            want("0.9.0", "x86_64"),
+        ]
+    );
+
+    // The same binary again: the first record stands (its upload time).
+    let again = agent_binary("0.9.0", "x86_64", "1", 1_800_000_000_000);
+    assert_eq!(store.put_agent_binary(&again).await.unwrap(), x86);
+    // Another binary under the same version and architecture: refused.
+    let other = agent_binary("0.9.0", "x86_64", "9", 1_800_000_000_000);
+    assert_exists(
+        store.put_agent_binary(&other).await,
+        "agent binary",
+        "0.9.0/x86_64",
+    );
+    assert_eq!(
+        store.get_agent_binary("0.9.0", "x86_64").await.unwrap(),
+        x86
+    );
+
+    assert_not_found(
+        store.get_agent_binary("0.9.0", "riscv64").await,
+        "agent binary",
+        "0.9.0/riscv64",
+    );
+    store.delete_agent_binary("0.9.0", "x86_64").await.unwrap();
+    assert_not_found(
+        store.get_agent_binary("0.9.0", "x86_64").await,
+        "agent binary",
+        "0.9.0/x86_64",
+    );
+    assert_not_found(
+        store.delete_agent_binary("0.9.0", "x86_64").await,
+        "agent binary",
+        "0.9.0/x86_64",
+    );
+    assert_eq!(store.list_agent_binaries().await.unwrap().len(), 3);
 }
 
 pub async fn users(store: &dyn Store) {

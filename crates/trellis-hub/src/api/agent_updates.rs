@@ -18,7 +18,6 @@ use super::rollouts::{outposts_matching, parse_selector};
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::Json;
-use crate::link::agent_update::binary_arch;
 use crate::state::AppState;
 
 /// The shortest and longest time a new agent may be given to link back.
@@ -26,7 +25,7 @@ pub const MIN_DEADLINE_SECS: u32 = 10;
 pub const MAX_DEADLINE_SECS: u32 = 3600;
 
 /// Which outposts to update, and to what.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateAgentUpdatesRequest {
     /// A label selector over outposts (`site=munich,line!=3`). This or
@@ -77,7 +76,7 @@ enum Chosen {
     Names(Vec<String>),
 }
 
-fn bad(status: StatusCode, code: &str, message: String, hint: &str) -> ApiError {
+fn bad(status: StatusCode, code: &'static str, message: String, hint: &str) -> ApiError {
     ApiError::new(status, code, message, hint)
 }
 
@@ -230,7 +229,10 @@ pub async fn create_agent_updates(
             already.push(agent.outpost);
             continue;
         }
-        if !archs.contains(&binary_arch(arch)) {
+        if !archs
+            .iter()
+            .any(|a| a == trellis_model::agent_binary::arch_from_oci(arch))
+        {
             refused.push(format!(
                 "{} runs on {arch}, and agent {} is held only for {}",
                 agent.outpost,

@@ -41,7 +41,13 @@ const AGENT_ONLY: &[&str] = &[
 /// Operations that need no credentials at all: the hub's liveness, and the
 /// agent's enrolment and renewal, which prove themselves with what their
 /// body carries (a one-time join token; a CSR signed by the registered key).
-const PUBLIC: &[&str] = &["health", "join", "renew"];
+const PUBLIC: &[&str] = &[
+    "health",
+    "join",
+    "renew",
+    "list_agent_binaries",
+    "get_agent_binary",
+];
 
 /// Every operation (by its `operationId`, the handler's name) and the
 /// refusals of its own, beyond those [`complete`] derives.
@@ -648,6 +654,46 @@ pub const ERRORS: &[(&str, Refusals)] = &[
             (422, &["chunk-invalid"]),
             (503, &["artifact-store-unavailable"]),
             (507, &["hub-disk-full"]),
+        ],
+    ),
+    // agent binaries
+    ("list_agent_binaries", &[]),
+    (
+        "get_agent_binary",
+        &[
+            (400, &["invalid-version", "unknown-arch"]),
+            (404, &["not-found", "artifact-not-found"]),
+            (500, &["chunk-damaged-on-hub"]),
+            (503, &["artifact-store-unavailable"]),
+        ],
+    ),
+    (
+        "put_agent_binary",
+        &[
+            (400, &["invalid-version", "unknown-arch"]),
+            (403, &["forbidden"]),
+            (409, &["agent-binary-exists"]),
+            (413, &["binary-too-large"]),
+            (
+                422,
+                &[
+                    "empty-binary",
+                    "not-an-executable",
+                    "unknown-arch",
+                    "arch-mismatch",
+                    "chunk-invalid",
+                ],
+            ),
+            (503, &["artifact-store-unavailable"]),
+            (507, &["hub-disk-full"]),
+        ],
+    ),
+    (
+        "delete_agent_binary",
+        &[
+            (400, &["invalid-version", "unknown-arch"]),
+            (403, &["forbidden"]),
+            (404, &["not-found"]),
         ],
     ),
     (

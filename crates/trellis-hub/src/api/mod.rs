@@ -9,6 +9,7 @@
 //! body with their own bound (`chunks::MAX_STORED_CHUNK_BYTES`).
 
 pub mod access;
+pub mod agent_binaries;
 pub mod agent_updates;
 pub mod backups;
 pub mod builds;
@@ -134,6 +135,12 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(chunks::missing_chunks))
         .routes(routes!(chunks::put_chunk))
         .routes(routes!(crate::gc::collect_garbage))
+        .routes(routes!(agent_binaries::list_agent_binaries))
+        .routes(routes!(
+            agent_binaries::get_agent_binary,
+            agent_binaries::put_agent_binary,
+            agent_binaries::delete_agent_binary
+        ))
 }
 
 /// The OpenAPI document served at `/api/v1/openapi.json` (see

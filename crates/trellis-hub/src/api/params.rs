@@ -162,6 +162,25 @@ pub struct DigestPath {
     pub digest: String,
 }
 
+/// What `trellis_model::agent_binary::check_version` accepts (it also
+/// caps the length at 64, which `max_length` says).
+pub const VERSION_PATTERN: &str = "^[0-9]{1,9}\\.[0-9]{1,9}\\.[0-9]{1,9}([-+][0-9A-Za-z.+-]+)?$";
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct AgentBinaryPath {
+    /// The agent's version, as `trellis-agent --version` prints it
+    #[param(
+        pattern = "^[0-9]{1,9}\\.[0-9]{1,9}\\.[0-9]{1,9}([-+][0-9A-Za-z.+-]+)?$",
+        max_length = 64,
+        example = "0.1.0"
+    )]
+    pub version: String,
+    /// The CPU architecture as Rust names it (`uname -m` on most hosts)
+    #[param(example = "x86_64")]
+    pub arch: String,
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
 pub struct IndexPath {
@@ -197,6 +216,19 @@ mod tests {
             let valid =
                 trellis_model::validate_name(trellis_model::NameKind::Project, candidate).is_ok();
             assert_eq!(valid, name.is_match(candidate), "{candidate:?}");
+        }
+        let version = regex_automata::meta::Regex::new(VERSION_PATTERN).unwrap();
+        for candidate in [
+            "0.1.0",
+            "1.22.333-rc.1+x",
+            "1.2.3-",
+            "1.2",
+            "v1.2.3",
+            "1234567890.0.0",
+            "1.2.3 x",
+        ] {
+            let valid = trellis_model::agent_binary::check_version(candidate).is_ok();
+            assert_eq!(valid, version.is_match(candidate), "{candidate:?}");
         }
         let digest = regex_automata::meta::Regex::new(DIGEST_PATTERN).unwrap();
         for candidate in [

@@ -107,7 +107,10 @@ async fn frame(state: &AppState, update: &AgentUpdate) -> Result<Message, String
         .to_owned();
     let binary = state
         .store()
-        .get_agent_binary(&update.version, &binary_arch(&arch))
+        .get_agent_binary(
+            &update.version,
+            trellis_model::agent_binary::arch_from_oci(&arch),
+        )
         .await
         .map_err(|_| {
             format!(
@@ -124,18 +127,6 @@ async fn frame(state: &AppState, update: &AgentUpdate) -> Result<Message, String
         size: binary.size,
         deadline_secs: update.deadline_secs,
     })
-}
-
-/// Agent binaries are named by Rust's architecture names (`x86_64`);
-/// outposts report OCI's (`amd64`).
-pub fn binary_arch(oci: &str) -> String {
-    match oci {
-        "amd64" => "x86_64".into(),
-        "arm64" => "aarch64".into(),
-        "386" => "x86".into(),
-        "ppc64le" => "powerpc64".into(),
-        other => other.into(),
-    }
 }
 
 async fn fail(state: &AppState, update: &AgentUpdate, why: &str) {

@@ -275,31 +275,6 @@ impl Arch {
             other => other,
         }
     }
-
-    /// The OCI name of the machine an ELF executable is built for, from
-    /// its first 20 bytes (`e_machine`, in the file's byte order); `None`
-    /// when it is not ELF or the machine is not one Trellis names.
-    pub fn of_elf(header: &[u8]) -> Option<&'static str> {
-        if header.len() < 20 || header[..4] != *b"\x7fELF" {
-            return None;
-        }
-        let bytes = [header[18], header[19]];
-        let machine = match header[5] {
-            1 => u16::from_le_bytes(bytes),
-            2 => u16::from_be_bytes(bytes),
-            _ => return None,
-        };
-        Some(match machine {
-            0x3e => "amd64",
-            0xb7 => "arm64",
-            0x28 => "arm",
-            0x03 => "386",
-            0x15 => "ppc64le",
-            0x16 => "s390x",
-            0xf3 => "riscv64",
-            _ => return None,
-        })
-    }
 }
 
 impl fmt::Display for Arch {

@@ -605,31 +605,3 @@ fn recorded_builds_keep_what_earlier_versions_accepted() {
         with_components("  - name: db\n    docker: {image: x}\n    storage: [{name: data}]\n");
     assert!(parse_recorded_manifest(&broken).is_err());
 }
-
-#[test]
-fn elf_headers_name_their_machine() {
-    let mut header = [0u8; 20];
-    header[..4].copy_from_slice(b"\x7fELF");
-    header[5] = 1;
-    header[18..20].copy_from_slice(&0x3eu16.to_le_bytes());
-    assert_eq!(Arch::of_elf(&header), Some("amd64"));
-    header[18..20].copy_from_slice(&0xb7u16.to_le_bytes());
-    assert_eq!(Arch::of_elf(&header), Some("arm64"));
-    header[5] = 2;
-    header[18..20].copy_from_slice(&0x16u16.to_be_bytes());
-    assert_eq!(Arch::of_elf(&header), Some("s390x"));
-    header[18..20].copy_from_slice(&0x9999u16.to_be_bytes());
-    assert_eq!(
-        Arch::of_elf(&header),
-        None,
-        "a machine Trellis does not name"
-    );
-    assert_eq!(Arch::of_elf(b"#!/bin/sh\necho hi\n\n\n"), None, "not ELF");
-    assert_eq!(Arch::of_elf(b"\x7fELF"), None, "too short");
-    // The binary these tests run in.
-    let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
-    assert_eq!(
-        Arch::of_elf(&exe[..20]),
-        Some(Arch::oci_name(std::env::consts::ARCH))
-    );
-}

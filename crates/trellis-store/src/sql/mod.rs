@@ -31,9 +31,9 @@ use chrono::DateTime;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use trellis_model::{
-    AccessKeyInfo, AuditEntry, Backup, Build, ComponentAction, ComponentControl, Config,
-    ConfigData, Member, NewAuditEntry, NewBackup, NewBuild, Outpost, OutpostLink, Project, Release,
-    ReleaseState, Role, Stage, StageSync, Timestamp, User,
+    AccessKeyInfo, AgentBinary, AuditEntry, Backup, Build, ComponentAction, ComponentControl,
+    Config, ConfigData, Member, NewAuditEntry, NewBackup, NewBuild, Outpost, OutpostLink, Project,
+    Release, ReleaseState, Role, Stage, StageSync, Timestamp, User,
     agent_update::{AgentUpdate, AgentUpdateState, NewAgentUpdate},
     build_name,
     rollout::{NewRollout, Rollout, RolloutStage},
@@ -404,6 +404,25 @@ fn outpost_from<R: SqlRow>(row: &R) -> Result<Outpost> {
         revoked_at: opt_time(row, "revoked_at")?,
         ingress_domain: col(row, "ingress_domain")?,
         created_at: time(row, "created_at")?,
+    })
+}
+
+macro_rules! agent_binary_columns {
+    () => {
+        "version, arch, size, blake3, sha256, manifest, uploaded_at, uploaded_by"
+    };
+}
+
+fn agent_binary_from<R: SqlRow>(row: &R) -> Result<AgentBinary> {
+    Ok(AgentBinary {
+        version: col(row, "version")?,
+        arch: col(row, "arch")?,
+        size: u64_col(row, "size")?,
+        blake3: col(row, "blake3")?,
+        sha256: col(row, "sha256")?,
+        manifest: col(row, "manifest")?,
+        uploaded_at: time(row, "uploaded_at")?,
+        uploaded_by: col(row, "uploaded_by")?,
     })
 }
 
@@ -1834,6 +1853,97 @@ impl<B: Backend> Store for SqlStore<B> {
         }
         .map_err(backend(DOING))?;
         rows.iter().map(|row| from_json(row, "record")).collect()
+    }
+
+    async fn put_agent_binary(&self, binary: &AgentBinary) -> Result<AgentBinary> {
+        const DOING: &str = "recording an agent binary";
+        let mut tx = self.write().await?;
+        // Writers are serial (see the module docs): nobody records this
+        // version and architecture between the look and the insert.
+        let stored = q(concat!(
+            "SELECT ",
+            agent_binary_columns!(),
+            " FROM agent_binaries WHERE version = $1 AND arch = $2"
+        ))
+        .bind(&binary.version)
+        .bind(&binary.arch)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        if let Some(row) = stored {
+            return wording::agent_binary_again(agent_binary_from(&row)?, binary);
+        }
+        q(concat!(
+            "INSERT INTO agent_binaries (",
+            agent_binary_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        ))
+        .bind(&binary.version)
+        .bind(&binary.arch)
+        .bind(int(binary.size)?)
+        .bind(&binary.blake3)
+        .bind(&binary.sha256)
+        .bind(&binary.manifest)
+        .bind(millis(binary.uploaded_at))
+        .bind(&binary.uploaded_by)
+        .execute(&mut *tx)
+        .await
+        .map_err(insert_error(
+            DOING,
+            "agent binary",
+            wording::agent_binary(&binary.version, &binary.arch),
+        ))?;
+        self.commit(tx, DOING).await?;
+        Ok(binary.clone())
+    }
+
+    async fn get_agent_binary(&self, version: &str, arch: &str) -> Result<AgentBinary> {
+        q(concat!(
+            "SELECT ",
+            agent_binary_columns!(),
+            " FROM agent_binaries WHERE version = $1 AND arch = $2"
+        ))
+        .bind(version)
+        .bind(arch)
+        .fetch_optional(&mut *self.reader().await?)
+        .await
+        .map_err(backend("looking up an agent binary"))?
+        .as_ref()
+        .map(agent_binary_from)
+        .transpose()?
+        .ok_or_else(|| not_found("agent binary", wording::agent_binary(version, arch)))
+    }
+
+    async fn list_agent_binaries(&self) -> Result<Vec<AgentBinary>> {
+        let rows = q(concat!(
+            "SELECT ",
+            agent_binary_columns!(),
+            " FROM agent_binaries"
+        ))
+        .fetch_all(&mut *self.reader().await?)
+        .await
+        .map_err(backend("listing agent binaries"))?;
+        let mut listed = all(&rows, agent_binary_from)?;
+        wording::sort_agent_binaries(&mut listed);
+        Ok(listed)
+    }
+
+    async fn delete_agent_binary(&self, version: &str, arch: &str) -> Result<()> {
+        const DOING: &str = "deleting an agent binary";
+        let mut tx = self.write().await?;
+        let done = q("DELETE FROM agent_binaries WHERE version = $1 AND arch = $2")
+            .bind(version)
+            .bind(arch)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        if done == 0 {
+            return Err(not_found(
+                "agent binary",
+                wording::agent_binary(version, arch),
+            ));
+        }
+        self.commit(tx, DOING).await
     }
 
     async fn save_rollout(&self, rollout: &Rollout) -> Result<Rollout> {
