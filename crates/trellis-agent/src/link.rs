@@ -598,10 +598,11 @@ impl Session<'_> {
                     if let Some(u) = &self.ctx.updater {
                         // An outcome the hub has not stored yet, then (a
                         // new agent's first link) the confirmation.
-                        if let Some(outcome) = u.updater.unacknowledged() {
-                            if let Next::End(end) = self.send_or_end(io, outcome.to_message()).await {
-                                return Next::End(end);
-                            }
+                        if let Some(outcome) = u.updater.unacknowledged()
+                            && let Next::End(end) =
+                                self.send_or_end(io, outcome.to_message()).await
+                        {
+                            return Next::End(end);
                         }
                         u.updater.linked();
                     }

@@ -359,17 +359,11 @@ async fn serve(
     let updates_itself = features
         .iter()
         .any(|f| f == trellis_link::protocol::FEATURE_AGENT_UPDATE);
-    let result = session_loop(
-        io,
-        peer,
-        state,
-        &handle,
-        inbox,
-        &stages,
+    let features = Features {
         backups,
         updates_itself,
-    )
-    .await;
+    };
+    let result = session_loop(io, peer, state, &handle, inbox, &stages, features).await;
     let reason = match &result {
         Ok(r) | Err(r) => r.clone(),
     };
@@ -384,6 +378,14 @@ async fn serve(
     result
 }
 
+/// What the agent announced it does beyond the protocol's core.
+struct Features {
+    /// Makes and restores backups.
+    backups: bool,
+    /// Replaces itself with another version.
+    updates_itself: bool,
+}
+
 /// The hub measures the round trip on the first heartbeat tick of a
 /// session and then on every this-many ticks.
 const RTT_EVERY_TICKS: u64 = 4;
@@ -395,8 +397,7 @@ async fn session_loop(
     handle: &super::SessionHandle,
     mut inbox: tokio::sync::mpsc::Receiver<super::logs::SessionRequest>,
     held: &[StageRevision],
-    backups: bool,
-    updates_itself: bool,
+    features: Features,
 ) -> Result<String, String> {
     let outpost = peer.outpost.as_str();
     let heartbeat = state.links().settings().heartbeat;
@@ -417,8 +418,8 @@ async fn session_loop(
         synced: HashMap::new(),
         logs: super::logs::LogRouter::default(),
         streams: None,
-        backup_jobs: backups.then(HashSet::new),
-        updates: super::agent_update::Updates::new(updates_itself),
+        backup_jobs: features.backups.then(HashSet::new),
+        updates: super::agent_update::Updates::new(features.updates_itself),
     };
     session
         .send(
