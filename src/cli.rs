@@ -386,17 +386,36 @@ pub enum UpdateCommand {
         admin: bool,
     },
     /// Change what is given; the rest stays
+    ///
+    /// With --agent-version: replace the agents of the outposts chosen (by
+    /// NAME or -l SELECTOR) with that version; each agent fetches it, swaps
+    /// itself and restarts, keeping its components running, and goes back
+    /// to the version it ran if the new one does not link within the
+    /// deadline. `trellis list outposts` shows where each update stands.
     #[command(alias = "outposts")]
     Outpost {
-        name: String,
-        #[arg(long)]
+        /// The outpost (or -l SELECTOR with --agent-version)
+        #[arg(required_unless_present = "selector")]
+        name: Option<String>,
+        #[arg(long, conflicts_with = "agent_version")]
         display_name: Option<String>,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "agent_version")]
         description: Option<String>,
         /// The DNS name its ingresses are reachable under (`""`: back to
         /// `localhost`); every stage on it is sent its new hosts
-        #[arg(long)]
+        #[arg(long, conflicts_with = "agent_version")]
         ingress_domain: Option<String>,
+        /// The outposts to update by label, e.g. site=munich,line!=3
+        #[arg(short = 'l', long, requires = "agent_version", conflicts_with = "name")]
+        selector: Option<String>,
+        /// The agent version to run, one the hub holds (`trellis list
+        /// agent-binaries`)
+        #[arg(long, value_name = "VERSION")]
+        agent_version: Option<String>,
+        /// How long each new agent has to link back before the previous one
+        /// is restored, e.g. 2m
+        #[arg(long, requires = "agent_version", value_parser = parse_duration)]
+        deadline: Option<std::time::Duration>,
     },
 }
 

@@ -916,6 +916,31 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
                 let selector = trellis_model::Selector::parse(text)?;
                 items.retain(|o| selector.matches(&o.labels));
             }
+            // Each agent's version and its latest update, for the table.
+            let agents: std::collections::HashMap<String, (String, String)> =
+                if matches!(format, OutputFormat::Table) {
+                    let agents: Vec<trellis_hub::api::agent_updates::OutpostAgent> = client
+                        .get("/agent-updates", "listing the outposts' agents")
+                        .await?;
+                    agents
+                        .into_iter()
+                        .map(|a| {
+                            let update = a.update.map_or_else(
+                                || "-".to_owned(),
+                                |u| match u.state {
+                                    trellis_model::agent_update::AgentUpdateState::Failed => {
+                                        format!("{} failed: {}", u.version, u.message)
+                                    }
+                                    state => format!("{} {state}", u.version),
+                                },
+                            );
+                            (a.outpost, (a.version.unwrap_or_else(|| "-".into()), update))
+                        })
+                        .collect()
+                } else {
+                    Default::default()
+                };
+            let none = ("-".to_owned(), "-".to_owned());
             output::list(
                 format,
                 &items,
@@ -924,9 +949,12 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
                     "display name",
                     "labels",
                     "max stages",
+                    "agent",
+                    "agent update",
                     "description",
                 ],
                 |o| {
+                    let (version, update) = agents.get(&o.name).unwrap_or(&none);
                     vec![
                         o.name.clone(),
                         o.display_name.clone(),
@@ -938,6 +966,8 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
                         o.max_stages
                             .map(|n| n.to_string())
                             .unwrap_or_else(|| "-".into()),
+                        version.clone(),
+                        update.clone(),
                         o.description.clone(),
                     ]
                 },

@@ -66,6 +66,18 @@ pub enum AgentCommand {
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
+    /// Watches an agent update the agent started: restores the previous
+    /// agent when the new one does not link in time (started by the agent
+    /// itself, from the previous binary)
+    #[command(hide = true)]
+    UpdateWatchdog {
+        #[arg(long)]
+        data: PathBuf,
+        /// Start the previous agent again after rolling back (when no
+        /// service manager restarts it)
+        #[arg(long)]
+        restart: bool,
+    },
 }
 
 /// How an outpost runs components (the agent's, or the hub's local outpost's).
@@ -200,9 +212,69 @@ impl RuntimeArgs {
     }
 }
 
+/// The standalone `trellis-agent` binary: parses its command line, runs the
+/// command, exits 0 or 1 (2 when the async runtime cannot start).
+/// `version`: the version it reports, when a build ships under another
+/// than the crate's (see [`crate::update::set_version`]).
+pub fn standalone_main(version: Option<String>) -> std::process::ExitCode {
+    use clap::{CommandFactory, FromArgMatches};
+    use std::process::ExitCode;
+
+    /// The Trellis Outpost Agent: runs the stages the hub places on this host
+    #[derive(Debug, clap::Parser)]
+    #[command(name = "trellis-agent", version)]
+    struct Cli {
+        #[command(subcommand)]
+        command: AgentCommand,
+    }
+
+    crate::update::reap_inherited_children();
+    let mut command = Cli::command();
+    if let Some(version) = version {
+        let shown: &'static str = Box::leak(version.clone().into_boxed_str());
+        command = command.version(shown);
+        crate::update::set_version(version);
+    }
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // The standalone agent owns its binary, so it can replace it when the
+    // hub offers another version.
+    let self_update = crate::update::SelfUpdate::current().ok();
+    match runtime.block_on(execute_with(cli.command, "trellis-agent", self_update)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs one agent command. `program` is how the user invoked the agent
 /// (`trellis agent` or `trellis-agent`), for the commands it prints.
 pub async fn execute(command: AgentCommand, program: &str) -> anyhow::Result<()> {
+    execute_with(command, program, None).await
+}
+
+/// [`execute`], for a binary that can replace itself with another agent
+/// version (`self_update`: how to restart; see [`crate::update`]).
+pub async fn execute_with(
+    command: AgentCommand,
+    program: &str,
+    self_update: Option<crate::update::SelfUpdate>,
+) -> anyhow::Result<()> {
     match command {
         AgentCommand::Join {
             hub,
@@ -210,8 +282,8 @@ pub async fn execute(command: AgentCommand, program: &str) -> anyhow::Result<()>
             data,
             no_run,
             runtime,
-        } => join(&hub, &token, &data, no_run, &runtime, program).await,
-        AgentCommand::Run { data, runtime } => run(&data, &runtime).await,
+        } => join(&hub, &token, &data, no_run, &runtime, program, self_update).await,
+        AgentCommand::Run { data, runtime } => run(&data, &runtime, self_update).await,
         AgentCommand::Install {
             token,
             hub,
@@ -234,6 +306,13 @@ pub async fn execute(command: AgentCommand, program: &str) -> anyhow::Result<()>
             print!("{}", crate::install::unit_file(&binary, &data));
             Ok(())
         }
+        AgentCommand::UpdateWatchdog { data, restart } => {
+            tokio::task::spawn_blocking(move || crate::update::watchdog(&data, restart))
+                .await
+                .context("running the update watchdog")?
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .context("watching the agent update")
+        }
     }
 }
 
@@ -246,6 +325,7 @@ async fn join(
     no_run: bool,
     runtime: &RuntimeArgs,
     program: &str,
+    self_update: Option<crate::update::SelfUpdate>,
 ) -> anyhow::Result<()> {
     let token: JoinToken = token
         .trim()
@@ -277,18 +357,52 @@ async fn join(
         );
         return Ok(());
     }
-    run(data, runtime).await
+    // A restart after an update runs the agent, not the join again.
+    let self_update = self_update.map(|mut this| {
+        this.args = std::iter::once("run".into())
+            .chain(["--data".into(), data.as_os_str().to_owned()])
+            .chain(runtime_args(&this.args))
+            .collect();
+        this
+    });
+    run(data, runtime, self_update).await
+}
+
+/// The runtime flags of a `join` command line: everything after the hub
+/// URL except the token and `--data`.
+fn runtime_args(join_args: &[std::ffi::OsString]) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut args = join_args.iter().skip_while(|a| *a != "join").skip(1);
+    let mut positional_seen = false;
+    while let Some(arg) = args.next() {
+        let text = arg.to_string_lossy();
+        if text == "--token" || text == "--data" {
+            args.next();
+        } else if text.starts_with("--token=") || text.starts_with("--data=") || text == "--no-run"
+        {
+        } else if !positional_seen && !text.starts_with('-') {
+            positional_seen = true;
+        } else {
+            out.push(arg.clone());
+        }
+    }
+    out
 }
 
 /// Runs the agent until Ctrl-C or SIGTERM. Components keep running when it
 /// stops; the next start adopts them.
-async fn run(data: &Path, runtime: &RuntimeArgs) -> anyhow::Result<()> {
+async fn run(
+    data: &Path,
+    runtime: &RuntimeArgs,
+    self_update: Option<crate::update::SelfUpdate>,
+) -> anyhow::Result<()> {
     trellis_link::identity::install_crypto_provider();
     println!("agent running (data in {}); Ctrl-C to stop", data.display());
     crate::run(
         data,
         crate::AgentOptions {
             runtime_settings: runtime.settings()?,
+            self_update,
             ..Default::default()
         },
         shutdown_signal(),

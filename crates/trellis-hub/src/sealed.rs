@@ -362,6 +362,35 @@ impl Store for SealedStore {
         self.inner.save_backup(backup).await
     }
 
+    async fn create_agent_updates(
+        &self,
+        updates: &[trellis_model::agent_update::NewAgentUpdate],
+        at: trellis_model::Timestamp,
+    ) -> Result<Vec<trellis_model::agent_update::AgentUpdate>> {
+        self.inner.create_agent_updates(updates, at).await
+    }
+    async fn open_agent_update(
+        &self,
+        outpost: &str,
+    ) -> Result<Option<trellis_model::agent_update::AgentUpdate>> {
+        self.inner.open_agent_update(outpost).await
+    }
+    async fn report_agent_update(
+        &self,
+        outpost: &str,
+        id: u64,
+        state: trellis_model::agent_update::AgentUpdateState,
+        message: &str,
+        at: trellis_model::Timestamp,
+    ) -> Result<trellis_model::agent_update::AgentUpdate> {
+        self.inner
+            .report_agent_update(outpost, id, state, message, at)
+            .await
+    }
+    async fn latest_agent_updates(&self) -> Result<Vec<trellis_model::agent_update::AgentUpdate>> {
+        self.inner.latest_agent_updates().await
+    }
+
     async fn create_rollout(
         &self,
         rollout: &trellis_model::rollout::NewRollout,
@@ -558,6 +587,9 @@ impl Store for SealedStore {
     }
     async fn get_outpost_link(&self, outpost: &str) -> Result<OutpostLink> {
         self.inner.get_outpost_link(outpost).await
+    }
+    async fn list_outpost_links(&self) -> Result<Vec<OutpostLink>> {
+        self.inner.list_outpost_links().await
     }
     async fn get_outpost_and_link(&self, name: &str) -> Result<(Outpost, OutpostLink)> {
         self.inner.get_outpost_and_link(name).await

@@ -152,6 +152,19 @@ pub fn check_arch(arch: &str) -> Result<(), ArchError> {
     }
 }
 
+/// The architecture name of what an outpost reports, which is OCI's
+/// (`amd64` → `x86_64`, `arm64` → `aarch64`): the inverse of
+/// [`crate::manifest::Arch::oci_name`].
+pub fn arch_from_oci(oci: &str) -> &str {
+    match oci {
+        "amd64" => "x86_64",
+        "arm64" => "aarch64",
+        "386" => "x86",
+        "ppc64le" => "powerpc64",
+        other => other,
+    }
+}
+
 /// The architecture name of what `uname -m` prints (`armv7l` → `arm`,
 /// `arm64` → `aarch64`, …); `None` for a machine no agent is built for.
 pub fn arch_from_uname(machine: &str) -> Option<&'static str> {

@@ -14,6 +14,7 @@
 //! - [`entity`]: the records the hub stores and serves (projects, stages,
 //!   outposts, builds, configs, releases, users, access keys).
 //! - [`access`]: roles and the access-key format.
+//! - [`agent_update`]: an outpost's agent replaced by another version.
 //! - [`selector`]: label selectors (`site=munich,line!=3`) over outposts.
 //! - [`rollout`]: rollouts in waves — their records, how stages fall into
 //!   waves, and how a wave is judged (pure, so tested without a hub).
@@ -24,6 +25,7 @@
 
 pub mod access;
 pub mod agent_binary;
+pub mod agent_update;
 pub mod display;
 pub mod entity;
 pub mod ingress;

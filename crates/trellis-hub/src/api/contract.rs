@@ -351,6 +351,20 @@ pub const ERRORS: &[(&str, Refusals)] = &[
     ),
     // outposts
     ("list_outposts", &[(403, &["forbidden"])]),
+    ("list_agent_updates", &[(403, &["forbidden"])]),
+    (
+        "create_agent_updates",
+        &[
+            (
+                400,
+                &["invalid-selector", "invalid-version", "invalid-deadline"],
+            ),
+            (403, &["forbidden"]),
+            (404, &["unknown-agent-version", "not-found"]),
+            (409, &["agent-update-refused", "agent-update-under-way"]),
+            (422, &["no-match"]),
+        ],
+    ),
     (
         "create_outpost",
         &[
@@ -784,7 +798,30 @@ pub const CODES: &[(&str, &str)] = &[
         "invalid-selector",
         "the label selector does not parse; the message names the character",
     ),
-    ("no-match", "the label selector chooses no live stage"),
+    (
+        "no-match",
+        "the label selector chooses no live stage (no outpost, for agent updates)",
+    ),
+    (
+        "invalid-version",
+        "the agent version is not MAJOR.MINOR.PATCH with an optional pre-release or build part",
+    ),
+    (
+        "invalid-deadline",
+        "the deadline for a new agent to link is outside 10–3600 s",
+    ),
+    (
+        "unknown-agent-version",
+        "the hub holds no agent binary of that version",
+    ),
+    (
+        "agent-update-refused",
+        "a chosen outpost cannot take the version (another architecture, never linked, or an agent that cannot update itself); the message names each",
+    ),
+    (
+        "agent-update-under-way",
+        "a chosen outpost's agent is already being updated; the message names the update",
+    ),
     ("invalid-waves", "the wave sizes do not grow to 100%"),
     (
         "invalid-threshold",

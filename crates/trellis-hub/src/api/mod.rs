@@ -10,6 +10,7 @@
 
 pub mod access;
 pub mod agent_binaries;
+pub mod agent_updates;
 pub mod backups;
 pub mod builds;
 pub mod chunks;
@@ -98,6 +99,10 @@ fn routes() -> OpenApiRouter<AppState> {
             backups::delete_backup_schedule
         ))
         .routes(routes!(outposts::list_outposts, outposts::create_outpost))
+        .routes(routes!(
+            agent_updates::list_agent_updates,
+            agent_updates::create_agent_updates
+        ))
         .routes(routes!(
             outposts::get_outpost,
             outposts::update_outpost,
