@@ -134,6 +134,9 @@ pub enum Command {
     Update(Client<UpdateCommand>),
     /// Revoke an outpost (administrators)
     Revoke(Client<RevokeCommand>),
+    /// Upload an agent binary for outposts to install and update to
+    /// (administrators)
+    Upload(Client<UploadCommand>),
     /// Show the connection status of an outpost stage
     Status(Client<StatusCommand>),
     /// Start a stopped component of a stage
@@ -383,17 +386,36 @@ pub enum UpdateCommand {
         admin: bool,
     },
     /// Change what is given; the rest stays
+    ///
+    /// With --agent-version: replace the agents of the outposts chosen (by
+    /// NAME or -l SELECTOR) with that version; each agent fetches it, swaps
+    /// itself and restarts, keeping its components running, and goes back
+    /// to the version it ran if the new one does not link within the
+    /// deadline. `trellis list outposts` shows where each update stands.
     #[command(alias = "outposts")]
     Outpost {
-        name: String,
-        #[arg(long)]
+        /// The outpost (or -l SELECTOR with --agent-version)
+        #[arg(required_unless_present = "selector")]
+        name: Option<String>,
+        #[arg(long, conflicts_with = "agent_version")]
         display_name: Option<String>,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "agent_version")]
         description: Option<String>,
         /// The DNS name its ingresses are reachable under (`""`: back to
         /// `localhost`); every stage on it is sent its new hosts
-        #[arg(long)]
+        #[arg(long, conflicts_with = "agent_version")]
         ingress_domain: Option<String>,
+        /// The outposts to update by label, e.g. site=munich,line!=3
+        #[arg(short = 'l', long, requires = "agent_version", conflicts_with = "name")]
+        selector: Option<String>,
+        /// The agent version to run, one the hub holds (`trellis list
+        /// agent-binaries`)
+        #[arg(long, value_name = "VERSION")]
+        agent_version: Option<String>,
+        /// How long each new agent has to link back before the previous one
+        /// is restored, e.g. 2m
+        #[arg(long, requires = "agent_version", value_parser = parse_duration)]
+        deadline: Option<std::time::Duration>,
     },
 }
 
@@ -401,6 +423,24 @@ pub enum UpdateCommand {
 pub enum RevokeCommand {
     /// Its URI stops validating and it takes no new stages
     Outpost { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UploadCommand {
+    /// An Outpost Agent executable (`trellis-agent`), held by the hub per
+    /// version and architecture: `GET /install` installs the newest for
+    /// the outpost's architecture
+    AgentBinary {
+        /// The executable
+        file: std::path::PathBuf,
+        /// The version it reports with --version (e.g. 0.1.0)
+        #[arg(long = "version", value_name = "VERSION")]
+        agent_version: String,
+        /// Its architecture (x86_64, aarch64, arm, …; default: read from
+        /// the file's ELF header)
+        #[arg(long)]
+        arch: Option<String>,
+    },
 }
 
 /// `trellis hub [FLAGS]` runs a hub; `trellis hub reset-admin-key` works on
@@ -473,6 +513,16 @@ pub struct HubArgs {
     /// instances reach this one (default: the listen address)
     #[arg(long, env = "TRELLIS_INSTANCE_ADDRESS")]
     pub instance_address: Option<String>,
+    /// An agent binary of this host's architecture to hold from the start,
+    /// under the version it prints with --version (repeatable). Without
+    /// it, a `trellis-agent` next to the `trellis` binary is offered when
+    /// an outpost of this architecture asks for one and none was uploaded
+    #[arg(
+        long = "agent-binary",
+        value_name = "PATH",
+        env = "TRELLIS_AGENT_BINARY"
+    )]
+    pub agent_binaries: Vec<std::path::PathBuf>,
     /// With a shared (PostgreSQL) store, run the local outpost here too (one
     /// instance at a time runs it; off by default there)
     #[arg(long)]
@@ -830,6 +880,10 @@ pub enum Kind {
     /// A rollout (`list rollout -p PROJECT`)
     #[value(alias = "rollouts")]
     Rollout,
+    /// An agent binary the hub holds (`list agent-binary`; `delete
+    /// agent-binary VERSION/ARCH`)
+    #[value(alias = "agent-binaries")]
+    AgentBinary,
 }
 
 #[derive(Debug, Args)]

@@ -272,6 +272,21 @@ impl HubClient {
         Ok(missing)
     }
 
+    /// PUTs raw bytes (an agent binary) and reads the JSON answer.
+    pub async fn put_bytes<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        doing: &str,
+    ) -> Result<T, ClientError> {
+        let req = self
+            .request(Method::PUT, path)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .timeout(CHUNK_UPLOAD_TIMEOUT)
+            .body(body);
+        self.json(req, doing).await
+    }
+
     /// Uploads one chunk in its stored form (one zstd frame of content
     /// named `digest`).
     pub async fn put_chunk(

@@ -86,6 +86,7 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
         no_local_outpost: shared && !args.local_outpost,
         cluster_key: cluster_key.as_ref().map(|(key, _)| key.clone()),
         instance_address: args.instance_address.clone(),
+        agent_binaries: args.agent_binaries.clone(),
         ..HubOptions::default()
     })
     .await?;

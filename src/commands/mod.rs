@@ -1,5 +1,6 @@
 //! One module per group of commands; `run` dispatches.
 
+mod agent_binaries;
 mod backups;
 mod build;
 mod dev;
@@ -13,7 +14,7 @@ mod streams;
 
 use crate::cli::{
     Cli, Client, Command, HubAction, HubCommand, PushCommand, RevokeCommand, RotateCommand,
-    StatusCommand, UpdateCommand, ValidateCommand,
+    StatusCommand, UpdateCommand, UploadCommand, ValidateCommand,
 };
 use crate::settings;
 
@@ -111,7 +112,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     display_name,
                     description,
                     ingress_domain,
+                    selector,
+                    agent_version: Some(version),
+                    deadline,
                 } => {
+                    let _ = (display_name, description, ingress_domain);
+                    let request = trellis_hub::api::agent_updates::CreateAgentUpdatesRequest {
+                        outposts: name.map(|n| vec![n]),
+                        selector,
+                        version,
+                        deadline_secs: deadline
+                            .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
+                    };
+                    outposts::update_agents(&client, &request, global.output).await
+                }
+                UpdateCommand::Outpost {
+                    name,
+                    display_name,
+                    description,
+                    ingress_domain,
+                    ..
+                } => {
+                    let Some(name) = name else {
+                        anyhow::bail!(
+                            "name the outpost to change (-l SELECTOR goes with --agent-version)"
+                        );
+                    };
                     let update = trellis_hub::api::types::UpdateOutpostRequest {
                         display_name,
                         description,
@@ -166,6 +192,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                 }
             }
+        }
+        Command::Upload(Client {
+            global,
+            command:
+                UploadCommand::AgentBinary {
+                    file,
+                    agent_version,
+                    arch,
+                },
+        }) => {
+            agent_binaries::upload(
+                &settings::client(&global)?,
+                &file,
+                &agent_version,
+                arch.as_deref(),
+                global.output,
+            )
+            .await
         }
         Command::Revoke(Client {
             global,

@@ -195,7 +195,12 @@ pub fn print_join(join: &JoinTokenResponse) {
     );
     println!("{}", join.token);
     println!();
-    println!("run on the outpost's host:");
+    println!(
+        "install the agent on the outpost's host (as root; it downloads the agent from the hub and joins):"
+    );
+    println!("  {}", join.install_command);
+    println!();
+    println!("or, where the agent is on the host already:");
     println!("  {}", join.command);
 }
 
@@ -387,4 +392,40 @@ fn device_lines(devices: &[trellis_hub::outposts::DeviceFact]) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// `trellis update outposts -l SELECTOR --agent-version V`.
+pub async fn update_agents(
+    client: &HubClient,
+    request: &trellis_hub::api::agent_updates::CreateAgentUpdatesRequest,
+    format: OutputFormat,
+) -> anyhow::Result<()> {
+    let created: trellis_hub::api::agent_updates::CreatedAgentUpdates = client
+        .post("/agent-updates", request, "asking for agent updates")
+        .await?;
+    if output::machine(format, &created)? {
+        return Ok(());
+    }
+    for u in &created.updates {
+        println!(
+            "updating outpost {} from agent {} to {} (update {})",
+            u.outpost,
+            if u.from_version.is_empty() {
+                "?"
+            } else {
+                &u.from_version
+            },
+            u.version,
+            u.id
+        );
+    }
+    if !created.already.is_empty() {
+        println!(
+            "already at {}: {}",
+            request.version,
+            created.already.join(", ")
+        );
+    }
+    eprintln!("follow them with `trellis list outposts`");
+    Ok(())
 }

@@ -47,6 +47,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::ConfigData => "config-data",
         Kind::Backup => "backup",
         Kind::Rollout => "rollout",
+        Kind::AgentBinary => "agent-binary",
     }
 }
 
@@ -698,6 +699,7 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
             let project = need(&args.project, "-p PROJECT", kind)?;
             super::rollouts::list(client, project, format).await
         }
+        Kind::AgentBinary => super::agent_binaries::list(client, format).await,
         Kind::Project if args.archived => {
             let items: Vec<Project> = client
                 .get("/projects?archived=true", "listing archived projects")
@@ -914,6 +916,31 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
                 let selector = trellis_model::Selector::parse(text)?;
                 items.retain(|o| selector.matches(&o.labels));
             }
+            // Each agent's version and its latest update, for the table.
+            let agents: std::collections::HashMap<String, (String, String)> =
+                if matches!(format, OutputFormat::Table) {
+                    let agents: Vec<trellis_hub::api::agent_updates::OutpostAgent> = client
+                        .get("/agent-updates", "listing the outposts' agents")
+                        .await?;
+                    agents
+                        .into_iter()
+                        .map(|a| {
+                            let update = a.update.map_or_else(
+                                || "-".to_owned(),
+                                |u| match u.state {
+                                    trellis_model::agent_update::AgentUpdateState::Failed => {
+                                        format!("{} failed: {}", u.version, u.message)
+                                    }
+                                    state => format!("{} {state}", u.version),
+                                },
+                            );
+                            (a.outpost, (a.version.unwrap_or_else(|| "-".into()), update))
+                        })
+                        .collect()
+                } else {
+                    Default::default()
+                };
+            let none = ("-".to_owned(), "-".to_owned());
             output::list(
                 format,
                 &items,
@@ -922,9 +949,12 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
                     "display name",
                     "labels",
                     "max stages",
+                    "agent",
+                    "agent update",
                     "description",
                 ],
                 |o| {
+                    let (version, update) = agents.get(&o.name).unwrap_or(&none);
                     vec![
                         o.name.clone(),
                         o.display_name.clone(),
@@ -936,6 +966,8 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
                         o.max_stages
                             .map(|n| n.to_string())
                             .unwrap_or_else(|| "-".into()),
+                        version.clone(),
+                        update.clone(),
                         o.description.clone(),
                     ]
                 },
@@ -1029,6 +1061,9 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
             let project = need(&args.project, "-p PROJECT", kind)?;
             let stage = need(&args.stage, "-s STAGE", kind)?;
             super::backups::show(client, project, stage, name, format).await
+        }
+        Kind::AgentBinary => {
+            anyhow::bail!("agent binaries are shown by `trellis list agent-binaries`")
         }
         Kind::Rollout => {
             let id: u64 = name
@@ -1284,6 +1319,9 @@ pub async fn delete(client: &HubClient, args: DeleteArgs) -> anyhow::Result<()> 
             let project = need(&args.project, "-p PROJECT", kind)?;
             let stage = need(&args.stage, "-s STAGE", kind)?;
             return super::backups::delete(client, project, stage, name).await;
+        }
+        Kind::AgentBinary => {
+            return super::agent_binaries::delete(client, name).await;
         }
         Kind::Rollout => anyhow::bail!(
             "rollouts are kept as history and not deleted; stop one with `trellis abort rollout {name}`"

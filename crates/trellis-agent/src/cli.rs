@@ -1,4 +1,4 @@
-//! The agent's command line: `join` and `run`, and how the outpost runs
+//! The agent's command line: `join`, `install`, `unit` and `run`, and how the outpost runs
 //! components. The standalone `trellis-agent` binary parses it at the top
 //! level; the `trellis` binary nests it as `trellis agent …`.
 
@@ -26,12 +26,57 @@ pub enum AgentCommand {
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
+    /// Make this host an outpost: join the hub with a join token, copy
+    /// this binary to PREFIX/bin/trellis-agent, write the systemd unit
+    /// (KillMode=process, Restart=always) and enable and start it where
+    /// systemd runs. A failed join installs nothing
+    Install {
+        /// The join token printed by `trellis create outpost`
+        #[arg(long, env = "TRELLIS_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The hub's URL (default: the token's; given, it must be the token's)
+        #[arg(long)]
+        hub: Option<String>,
+        /// Where the binary goes: PREFIX/bin/trellis-agent
+        #[arg(long, default_value = crate::install::DEFAULT_PREFIX)]
+        prefix: PathBuf,
+        /// The installed agent's data directory
+        #[arg(long, default_value = crate::install::DEFAULT_DATA)]
+        data: PathBuf,
+        /// Where the unit file goes
+        #[arg(long, default_value = crate::install::DEFAULT_UNIT_DIR)]
+        unit_dir: PathBuf,
+        /// Install and join, but do not enable or start the unit
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Print the systemd unit `install` writes (for packaging)
+    Unit {
+        /// The agent binary's path on the host
+        #[arg(long, default_value = "/usr/local/bin/trellis-agent")]
+        binary: PathBuf,
+        /// The agent's data directory
+        #[arg(long, default_value = crate::install::DEFAULT_DATA)]
+        data: PathBuf,
+    },
     /// Run the agent of an enrolled host
     Run {
         #[arg(long, env = "TRELLIS_AGENT_DATA", default_value = "trellis-agent")]
         data: PathBuf,
         #[command(flatten)]
         runtime: RuntimeArgs,
+    },
+    /// Watches an agent update the agent started: restores the previous
+    /// agent when the new one does not link in time (started by the agent
+    /// itself, from the previous binary)
+    #[command(hide = true)]
+    UpdateWatchdog {
+        #[arg(long)]
+        data: PathBuf,
+        /// Start the previous agent again after rolling back (when no
+        /// service manager restarts it)
+        #[arg(long)]
+        restart: bool,
     },
 }
 
@@ -167,9 +212,75 @@ impl RuntimeArgs {
     }
 }
 
+/// The standalone `trellis-agent` binary: parses its command line, runs the
+/// command, exits 0 or 1 (2 when the async runtime cannot start).
+/// `version`: the version it reports, when a build ships under another
+/// than the crate's (see [`crate::update::set_version`]).
+pub fn standalone_main(version: Option<String>) -> std::process::ExitCode {
+    use clap::{CommandFactory, FromArgMatches};
+    use std::process::ExitCode;
+
+    /// The Trellis Outpost Agent: runs the stages the hub places on this host
+    #[derive(Debug, clap::Parser)]
+    #[command(name = "trellis-agent", version)]
+    struct Cli {
+        #[command(subcommand)]
+        command: AgentCommand,
+    }
+
+    crate::update::reap_inherited_children();
+    let mut command = Cli::command();
+    if let Some(version) = version {
+        let shown: &'static str = Box::leak(version.clone().into_boxed_str());
+        command = command.version(shown);
+        crate::update::set_version(version);
+    }
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    init_tracing();
+    // At most two worker threads, whatever the host's cores: enough for the
+    // link, the reconciler and a delivery at once, and the agent's memory
+    // does not grow with the core count (each worker is a thread with its
+    // own stack and allocator arena).
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // The standalone agent owns its binary, so it can replace it when the
+    // hub offers another version.
+    let self_update = crate::update::SelfUpdate::current().ok();
+    match runtime.block_on(execute_with(cli.command, "trellis-agent", self_update)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs one agent command. `program` is how the user invoked the agent
 /// (`trellis agent` or `trellis-agent`), for the commands it prints.
 pub async fn execute(command: AgentCommand, program: &str) -> anyhow::Result<()> {
+    execute_with(command, program, None).await
+}
+
+/// [`execute`], for a binary that can replace itself with another agent
+/// version (`self_update`: how to restart; see [`crate::update`]).
+pub async fn execute_with(
+    command: AgentCommand,
+    program: &str,
+    self_update: Option<crate::update::SelfUpdate>,
+) -> anyhow::Result<()> {
     match command {
         AgentCommand::Join {
             hub,
@@ -177,8 +288,37 @@ pub async fn execute(command: AgentCommand, program: &str) -> anyhow::Result<()>
             data,
             no_run,
             runtime,
-        } => join(&hub, &token, &data, no_run, &runtime, program).await,
-        AgentCommand::Run { data, runtime } => run(&data, &runtime).await,
+        } => join(&hub, &token, &data, no_run, &runtime, program, self_update).await,
+        AgentCommand::Run { data, runtime } => run(&data, &runtime, self_update).await,
+        AgentCommand::Install {
+            token,
+            hub,
+            prefix,
+            data,
+            unit_dir,
+            no_start,
+        } => {
+            crate::install::install(&crate::install::InstallOptions {
+                hub,
+                token,
+                prefix,
+                data,
+                unit_dir,
+                no_start,
+            })
+            .await
+        }
+        AgentCommand::Unit { binary, data } => {
+            print!("{}", crate::install::unit_file(&binary, &data));
+            Ok(())
+        }
+        AgentCommand::UpdateWatchdog { data, restart } => {
+            tokio::task::spawn_blocking(move || crate::update::watchdog(&data, restart))
+                .await
+                .context("running the update watchdog")?
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .context("watching the agent update")
+        }
     }
 }
 
@@ -191,6 +331,7 @@ async fn join(
     no_run: bool,
     runtime: &RuntimeArgs,
     program: &str,
+    self_update: Option<crate::update::SelfUpdate>,
 ) -> anyhow::Result<()> {
     let token: JoinToken = token
         .trim()
@@ -222,18 +363,52 @@ async fn join(
         );
         return Ok(());
     }
-    run(data, runtime).await
+    // A restart after an update runs the agent, not the join again.
+    let self_update = self_update.map(|mut this| {
+        this.args = std::iter::once("run".into())
+            .chain(["--data".into(), data.as_os_str().to_owned()])
+            .chain(runtime_args(&this.args))
+            .collect();
+        this
+    });
+    run(data, runtime, self_update).await
+}
+
+/// The runtime flags of a `join` command line: everything after the hub
+/// URL except the token and `--data`.
+fn runtime_args(join_args: &[std::ffi::OsString]) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut args = join_args.iter().skip_while(|a| *a != "join").skip(1);
+    let mut positional_seen = false;
+    while let Some(arg) = args.next() {
+        let text = arg.to_string_lossy();
+        if text == "--token" || text == "--data" {
+            args.next();
+        } else if text.starts_with("--token=") || text.starts_with("--data=") || text == "--no-run"
+        {
+        } else if !positional_seen && !text.starts_with('-') {
+            positional_seen = true;
+        } else {
+            out.push(arg.clone());
+        }
+    }
+    out
 }
 
 /// Runs the agent until Ctrl-C or SIGTERM. Components keep running when it
 /// stops; the next start adopts them.
-async fn run(data: &Path, runtime: &RuntimeArgs) -> anyhow::Result<()> {
+async fn run(
+    data: &Path,
+    runtime: &RuntimeArgs,
+    self_update: Option<crate::update::SelfUpdate>,
+) -> anyhow::Result<()> {
     trellis_link::identity::install_crypto_provider();
     println!("agent running (data in {}); Ctrl-C to stop", data.display());
     crate::run(
         data,
         crate::AgentOptions {
             runtime_settings: runtime.settings()?,
+            self_update,
             ..Default::default()
         },
         shutdown_signal(),

@@ -331,7 +331,7 @@ pub(crate) async fn post_json(
             .header(hyper::header::ACCEPT, "application/json")
             .header(
                 hyper::header::USER_AGENT,
-                format!("trellis-agent/{}", crate::AGENT_VERSION),
+                format!("trellis-agent/{}", crate::update::version()),
             )
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| http(e.to_string()))?;

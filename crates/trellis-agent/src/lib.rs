@@ -36,6 +36,8 @@
 //! - [`backup`]: backups of stages' volumes and their restore (jobs the
 //!   hub sends over the link; content over HTTPS), and the restore journal
 //!   a restart finishes.
+//! - [`update`]: self-update to another agent version, with the watchdog
+//!   that restores the previous one when the new one does not link.
 //! - [`shutdown`]: the stop signal every task waits on.
 //! - `cli` (feature `cli`, on by default): the command line shared by the
 //!   standalone `trellis-agent` binary and `trellis agent …`.
@@ -55,6 +57,8 @@ pub mod deploy;
 pub mod devices;
 pub mod ingress;
 mod ingress_cert;
+#[cfg(feature = "cli")]
+pub mod install;
 pub mod join;
 pub mod link;
 pub mod reconciler;
@@ -64,6 +68,7 @@ pub mod runtime;
 pub mod seal;
 pub mod shutdown;
 pub mod state;
+pub mod update;
 pub mod ws;
 
 mod cert;
@@ -231,6 +236,10 @@ pub struct AgentOptions {
     pub state: StateOptions,
     /// How many distinct errors are kept while the hub is unreachable.
     pub error_log_capacity: usize,
+    /// The binary and arguments to replace and restart with when the hub
+    /// asks for another agent version; `None`: this agent does not update
+    /// itself (it runs inside another program).
+    pub self_update: Option<update::SelfUpdate>,
 }
 
 impl Default for AgentOptions {
@@ -243,6 +252,7 @@ impl Default for AgentOptions {
             rng_seed: None,
             state: StateOptions::default(),
             error_log_capacity: report::DEFAULT_ERROR_LOG_CAPACITY,
+            self_update: None,
         }
     }
 }
@@ -381,6 +391,13 @@ pub async fn run(
     // returns (a weak reference would see the count reach zero while
     // another thread is still closing the file).
     let state_in_use = state.clone();
+    let updater = options.self_update.map(|this| {
+        let (updater, frames) = update::Updater::new(data_dir, state.clone(), arch.clone(), this);
+        Arc::new(link::UpdaterLink {
+            updater,
+            frames: tokio::sync::Mutex::new(frames),
+        })
+    });
     let ctx = link::LinkContext {
         state,
         reporter,
@@ -389,6 +406,7 @@ pub async fn run(
         data_dir: data_dir.to_path_buf(),
         arch,
         backups,
+        updater,
     };
     let rng = match options.rng_seed {
         Some(seed) => StdRng::seed_from_u64(seed),

@@ -46,7 +46,7 @@ use crate::report::Reporter;
 use crate::runner::StageRunner;
 use crate::shutdown::Shutdown;
 use crate::state::{AgentState, StageKey, StoreOutcome};
-use crate::{AGENT_VERSION, AgentError, blocking, cert, host};
+use crate::{AgentError, blocking, cert, host};
 
 pub mod logs;
 pub mod streams;
@@ -224,6 +224,16 @@ pub struct LinkContext {
     /// Runs backup and restore jobs; `None`: this agent makes no backups
     /// (its runner has no volumes), and `hello` does not offer them.
     pub backups: Option<Arc<crate::backup::Backups>>,
+    /// Replaces this agent with another version; `None`: this agent cannot
+    /// (it is not the standalone binary), and `hello` does not offer it.
+    pub updater: Option<Arc<UpdaterLink>>,
+}
+
+/// The updater and the frames it has for the hub, which sessions forward.
+#[derive(Debug)]
+pub struct UpdaterLink {
+    pub updater: Arc<crate::update::Updater>,
+    pub frames: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Message>>,
 }
 
 impl std::fmt::Debug for LinkContext {
@@ -398,6 +408,11 @@ pub async fn run_session(
     shutdown: &mut Shutdown,
 ) -> SessionEnd {
     let (log_frames, mut log_out) = tokio::sync::mpsc::channel(LOG_FRAME_QUEUE);
+    // Held for the session: only one session runs at a time.
+    let mut update_frames = match &ctx.updater {
+        Some(u) => Some(u.frames.lock().await),
+        None => None,
+    };
     let mut session = Session {
         ctx,
         config,
@@ -516,6 +531,11 @@ pub async fn run_session(
                     }
                 }
             }
+            Some(frame) = next_update_frame(&mut update_frames), if session.welcomed => {
+                if let Next::End(end) = session.send_or_end(io, frame).await {
+                    return end;
+                }
+            }
             Some(frame) = log_out.recv() => {
                 if let Message::LogLines { id, end: true, .. } = &frame {
                     session.log_tasks.finished(*id);
@@ -536,6 +556,15 @@ pub async fn run_session(
                 }
             }
         }
+    }
+}
+
+async fn next_update_frame(
+    frames: &mut Option<tokio::sync::MutexGuard<'_, tokio::sync::mpsc::UnboundedReceiver<Message>>>,
+) -> Option<Message> {
+    match frames {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -566,6 +595,17 @@ impl Session<'_> {
                     self.renew_at = self.renewal_time().await;
                     // Deliveries in progress, for this session's hub.
                     self.ctx.reporter.deliveries().resend_all();
+                    if let Some(u) = &self.ctx.updater {
+                        // An outcome the hub has not stored yet, then (a
+                        // new agent's first link) the confirmation.
+                        if let Some(outcome) = u.updater.unacknowledged()
+                            && let Next::End(end) =
+                                self.send_or_end(io, outcome.to_message()).await
+                        {
+                            return Next::End(end);
+                        }
+                        u.updater.linked();
+                    }
                 }
                 Next::Continue
             }
@@ -684,6 +724,47 @@ impl Session<'_> {
                 }
                 Next::Continue
             }
+            Message::AgentUpdate {
+                id,
+                version,
+                arch,
+                artifact,
+                digest,
+                size,
+                deadline_secs,
+            } => match &self.ctx.updater {
+                Some(u) => {
+                    tracing::info!(id, %version, "the hub asked for an agent update");
+                    u.updater.start(crate::update::UpdateJob {
+                        id,
+                        version,
+                        arch,
+                        artifact,
+                        digest,
+                        size,
+                        deadline: Duration::from_secs(u64::from(deadline_secs.max(1))),
+                    });
+                    Next::Continue
+                }
+                None => {
+                    self.send_or_end(
+                        io,
+                        Message::AgentUpdateState {
+                            id,
+                            version,
+                            state: "failed".into(),
+                            message: "this agent cannot update itself (it runs inside the `trellis` binary, not as `trellis-agent`)".into(),
+                        },
+                    )
+                    .await
+                }
+            },
+            Message::AgentUpdateAck { id } => {
+                if let Some(u) = &self.ctx.updater {
+                    u.updater.acknowledged(id);
+                }
+                Next::Continue
+            }
             msg @ (Message::StreamData { .. }
             | Message::StreamCredit { .. }
             | Message::StreamEof { .. }
@@ -698,6 +779,7 @@ impl Session<'_> {
             | Message::RenewCertificate { .. }
             | Message::LogLines { .. }
             | Message::StreamOpened { .. }
+            | Message::AgentUpdateState { .. }
             | Message::Delivery { .. }) => {
                 let kind = other.kind();
                 tracing::warn!(kind, "the hub sent a message only agents send; ignoring it");
@@ -983,7 +1065,7 @@ async fn hello(ctx: &LinkContext) -> Result<Message, AgentError> {
             what: format!("probe the host's capacity ({e})"),
         })?;
     Ok(Message::Hello {
-        agent_version: AGENT_VERSION.into(),
+        agent_version: crate::update::version().into(),
         os: std::env::consts::OS.into(),
         arch: ctx.arch.clone(),
         runtimes: ctx.runtime.describe(),
@@ -1006,6 +1088,11 @@ async fn hello(ctx: &LinkContext) -> Result<Message, AgentError> {
                 ctx.backups
                     .as_ref()
                     .map(|_| trellis_link::protocol::FEATURE_BACKUPS),
+            )
+            .chain(
+                ctx.updater
+                    .as_ref()
+                    .map(|_| trellis_link::protocol::FEATURE_AGENT_UPDATE),
             )
             .map(str::to_owned)
             .collect(),

@@ -31,6 +31,9 @@ pub enum ArtifactKind {
     Image,
     /// A packed `process:` directory (see [`crate::pack_dir`]).
     Package,
+    /// A single executable stored as is: an agent binary the hub holds
+    /// for installing and updating agents.
+    Binary,
 }
 
 /// One chunk of an artifact: its digest and uncompressed size.

@@ -10,6 +10,9 @@
 //! (`POST /chunks/missing`), so neither is freed under a push that is
 //! still running.
 //!
+//! Agent binaries count like builds: each recorded binary's index and
+//! chunks are kept until the binary is deleted.
+//!
 //! Backups count like builds: each completed backup's manifest and every
 //! chunk it lists are kept until the backup is deleted. A backup in
 //! progress uploads chunks before its manifest exists; like a push, it is
@@ -52,9 +55,15 @@ pub struct CollectReport {
     pub freed_bytes: u64,
 }
 
-/// The indexes of every artifact some build holds.
+/// The indexes of every artifact some build holds, and of every agent
+/// binary.
 async fn referenced_indexes(state: &AppState) -> ApiResult<HashSet<Digest>> {
     let mut indexes = HashSet::new();
+    for binary in state.store().list_agent_binaries().await? {
+        if let Ok(digest) = binary.manifest.parse() {
+            indexes.insert(digest);
+        }
+    }
     for project in state.store().list_projects().await? {
         for build in state.store().list_builds(&project.name).await? {
             for component in &build.components {

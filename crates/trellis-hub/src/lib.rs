@@ -10,6 +10,8 @@
 //! - `server.rs`: [`Hub`], start-up and serving.
 //! - `api/`: the `/api/v1` handlers, one module per resource, and the
 //!   OpenAPI document.
+//! - `agent_binaries.rs`: agent binaries per version and architecture,
+//!   checked and cut into the chunk store; `install.rs`: `GET /install`.
 //! - `archive.rs`: purging archived projects and stages past retention.
 //! - `auth.rs`: access keys and the [`auth::Caller`] extractor.
 //! - `backup_schedule.rs`: scheduled backups and their retention.
@@ -33,6 +35,7 @@
 //! - `sealed.rs`: the store around the backend, sealing config data.
 //! - `state.rs`: what handlers share.
 
+pub mod agent_binaries;
 pub mod api;
 pub mod archive;
 pub mod auth;
@@ -46,6 +49,7 @@ pub mod error;
 pub mod extract;
 pub mod gc;
 pub mod health;
+pub mod install;
 pub mod link;
 pub mod local;
 pub mod metrics;

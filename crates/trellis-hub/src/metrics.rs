@@ -109,6 +109,14 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             out.push_str(&format!("trellis_rollouts{{state=\"{st}\"}} {n}\n"));
         }
     }
+    // Where each outpost's latest agent update stands.
+    if let Ok(updates) = state.store().latest_agent_updates().await {
+        out.push_str("# HELP trellis_agent_updates Outposts by the state of their latest agent update.\n# TYPE trellis_agent_updates gauge\n");
+        for st in trellis_model::agent_update::AgentUpdateState::ALL {
+            let n = updates.iter().filter(|u| u.state == st).count();
+            out.push_str(&format!("trellis_agent_updates{{state=\"{st}\"}} {n}\n"));
+        }
+    }
     let waves = state.rollout_counters();
     out.push_str("# HELP trellis_rollout_waves_total Rollout waves this instance started, and how they ended.\n# TYPE trellis_rollout_waves_total counter\n");
     for (what, n) in [

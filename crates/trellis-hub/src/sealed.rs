@@ -362,6 +362,35 @@ impl Store for SealedStore {
         self.inner.save_backup(backup).await
     }
 
+    async fn create_agent_updates(
+        &self,
+        updates: &[trellis_model::agent_update::NewAgentUpdate],
+        at: trellis_model::Timestamp,
+    ) -> Result<Vec<trellis_model::agent_update::AgentUpdate>> {
+        self.inner.create_agent_updates(updates, at).await
+    }
+    async fn open_agent_update(
+        &self,
+        outpost: &str,
+    ) -> Result<Option<trellis_model::agent_update::AgentUpdate>> {
+        self.inner.open_agent_update(outpost).await
+    }
+    async fn report_agent_update(
+        &self,
+        outpost: &str,
+        id: u64,
+        state: trellis_model::agent_update::AgentUpdateState,
+        message: &str,
+        at: trellis_model::Timestamp,
+    ) -> Result<trellis_model::agent_update::AgentUpdate> {
+        self.inner
+            .report_agent_update(outpost, id, state, message, at)
+            .await
+    }
+    async fn latest_agent_updates(&self) -> Result<Vec<trellis_model::agent_update::AgentUpdate>> {
+        self.inner.latest_agent_updates().await
+    }
+
     async fn create_rollout(
         &self,
         rollout: &trellis_model::rollout::NewRollout,
@@ -385,6 +414,29 @@ impl Store for SealedStore {
         rollout: &trellis_model::rollout::Rollout,
     ) -> Result<trellis_model::rollout::Rollout> {
         self.inner.save_rollout(rollout).await
+    }
+
+    async fn put_agent_binary(
+        &self,
+        binary: &trellis_model::AgentBinary,
+    ) -> Result<trellis_model::AgentBinary> {
+        self.inner.put_agent_binary(binary).await
+    }
+
+    async fn get_agent_binary(
+        &self,
+        version: &str,
+        arch: &str,
+    ) -> Result<trellis_model::AgentBinary> {
+        self.inner.get_agent_binary(version, arch).await
+    }
+
+    async fn list_agent_binaries(&self) -> Result<Vec<trellis_model::AgentBinary>> {
+        self.inner.list_agent_binaries().await
+    }
+
+    async fn delete_agent_binary(&self, version: &str, arch: &str) -> Result<()> {
+        self.inner.delete_agent_binary(version, arch).await
     }
 
     async fn delete_backup(&self, project: &str, stage: &str, id: u64) -> Result<()> {
@@ -538,6 +590,9 @@ impl Store for SealedStore {
     }
     async fn get_outpost_link(&self, outpost: &str) -> Result<OutpostLink> {
         self.inner.get_outpost_link(outpost).await
+    }
+    async fn list_outpost_links(&self) -> Result<Vec<OutpostLink>> {
+        self.inner.list_outpost_links().await
     }
     async fn get_outpost_and_link(&self, name: &str) -> Result<(Outpost, OutpostLink)> {
         self.inner.get_outpost_and_link(name).await

@@ -64,6 +64,10 @@ pub struct HubOptions {
     /// `host:port` at which the other hub instances reach this one
     /// (default: the listen address, which must then be a specific one).
     pub instance_address: Option<String>,
+    /// Agent binaries to hold from the start (`--agent-binary`), each
+    /// registered under the version it prints with `--version` (see
+    /// [`crate::agent_binaries::register_file`]).
+    pub agent_binaries: Vec<PathBuf>,
 }
 
 /// A hub ready to serve.
@@ -130,6 +134,10 @@ impl Hub {
             let (host, port) = split_address(address)?;
             state.set_public_address(host, port);
         }
+        for path in &options.agent_binaries {
+            let binary = crate::agent_binaries::register_file(&state, path).await?;
+            tracing::info!(version = %binary.version, arch = %binary.arch, "holding agent binary");
+        }
         Ok(Hub {
             state,
             data_dir: options.data_dir,
@@ -167,6 +175,7 @@ impl Hub {
         axum::Router::new()
             .merge(crate::console::router(self.state.clone()))
             .merge(link)
+            .merge(crate::install::router(self.state.clone()))
             .nest("/api/v1", crate::api::router(self.state.clone()))
             .layer(axum::middleware::from_fn(crate::drain::unread_body))
             // A 503 from the link's admission control is back-pressure, not
@@ -318,7 +327,10 @@ impl Hub {
         names.dedup();
         ips.sort();
         ips.dedup();
-        let config = crate::tls::server_tls(self.state.ca(), &names, &ips)?;
+        let key = crate::tls::load_or_create_server_key(&self.data_dir)?;
+        self.state
+            .set_tls_pin(trellis_link::identity::HubCa::public_key_pin(&key)?);
+        let config = crate::tls::server_tls_with_key(self.state.ca(), &names, &ips, &key)?;
         let cancel = self.start_background(shutdown);
         let settings = self.state.links().settings().clone();
         let gauge = self.state.links().handshakes.clone();

@@ -33,6 +33,10 @@ struct Inner {
     /// `(host, port)` under which users and agents reach this hub; it goes
     /// into Outpost URIs. Set once, before the first request is served.
     public_address: OnceLock<(String, u16)>,
+    /// The public-key pin of the hub's TLS key (`sha256//…`, as `curl
+    /// --pinnedpubkey` takes it), once it serves TLS: what the install
+    /// script and the command that fetches it trust the hub by.
+    tls_pin: OnceLock<String>,
     /// Cancelled when the hub shuts down, so that responses that never end
     /// by themselves (live status streams) end and let shutdown finish.
     shutdown: CancellationToken,
@@ -59,6 +63,7 @@ impl AppState {
             backups: crate::backups::BackupTracker::default(),
             rollouts: crate::rollouts::Counters::default(),
             public_address: OnceLock::new(),
+            tls_pin: OnceLock::new(),
             shutdown: CancellationToken::new(),
         }))
     }
@@ -138,6 +143,25 @@ impl AppState {
     /// in force.
     pub fn set_public_address(&self, host: String, port: u16) -> (String, u16) {
         self.0.public_address.get_or_init(|| (host, port)).clone()
+    }
+
+    pub fn set_tls_pin(&self, pin: String) {
+        let _ = self.0.tls_pin.set(pin);
+    }
+
+    /// See [`Inner::tls_pin`]; `None` when the hub serves no TLS itself.
+    pub fn tls_pin(&self) -> Option<&str> {
+        self.0.tls_pin.get().map(String::as_str)
+    }
+
+    /// The URL users and agents reach the hub at: `https://host:port`.
+    pub fn public_url(&self) -> String {
+        let (host, port) = self.public_address();
+        if host.contains(':') {
+            format!("https://[{host}]:{port}")
+        } else {
+            format!("https://{host}:{port}")
+        }
     }
 
     pub fn public_address(&self) -> (String, u16) {

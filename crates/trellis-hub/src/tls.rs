@@ -30,6 +30,11 @@ pub const CA_CERT_FILE: &str = "ca.pem";
 /// The hub CA's private key (mode 0600).
 pub const CA_KEY_FILE: &str = "ca.key";
 
+/// The key of the hub's TLS server certificate (mode 0600). Kept across
+/// restarts (the certificate is issued anew at every start), so the pin
+/// `trellis create outpost` prints for the install command stays valid.
+pub const SERVER_KEY_FILE: &str = "server.key";
+
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -67,6 +72,45 @@ pub fn server_tls(
 ) -> anyhow::Result<Arc<ServerConfig>> {
     let (cert, key) = ca
         .issue_server_cert(names, ips)
+        .context("issuing the hub's TLS certificate")?;
+    let mut config = (*server_config(ca, &cert, &key).context("setting up TLS")?).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The hub's TLS key from the data directory, created on first start.
+pub fn load_or_create_server_key(data_dir: &Path) -> anyhow::Result<String> {
+    trellis_link::identity::install_crypto_provider();
+    let path = data_dir.join(SERVER_KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(pem) => {
+            HubCa::public_key_pin(&pem).with_context(|| {
+                format!(
+                    "the hub's TLS key {} is damaged; remove it and the hub makes a new one (install commands printed before then stop working)",
+                    path.display()
+                )
+            })?;
+            Ok(pem)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let pem = HubCa::new_server_key().context("creating the hub's TLS key")?;
+            write_file(&path, &pem, 0o600)?;
+            Ok(pem)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading the hub's TLS key {}", path.display())),
+    }
+}
+
+/// As [`server_tls`], for the key `key_pem` the hub keeps (see
+/// [`SERVER_KEY_FILE`]).
+pub fn server_tls_with_key(
+    ca: &HubCa,
+    names: &[String],
+    ips: &[IpAddr],
+    key_pem: &str,
+) -> anyhow::Result<Arc<ServerConfig>> {
+    let (cert, key) = ca
+        .issue_server_cert_with_key(names, ips, key_pem)
         .context("issuing the hub's TLS certificate")?;
     let mut config = (*server_config(ca, &cert, &key).context("setting up TLS")?).clone();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

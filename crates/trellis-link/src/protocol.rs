@@ -111,6 +111,20 @@ pub enum Message {
     /// Agent → hub: stream `id` (a [`Message::StreamOpen`]) is open; the
     /// hub may send `window` bytes of data before the agent grants more.
     StreamOpened { id: u64, window: u32 },
+    /// Agent → hub: how agent update `id` (a [`Message::AgentUpdate`]) to
+    /// `version` goes: `fetching` and `restarting` on the way, then
+    /// `applied` (the new agent linked) or `failed` (refused before anything
+    /// changed, or rolled back to the agent that ran before), with the
+    /// reason in `message`. The final state is kept by the agent and sent
+    /// after every link-up until the hub acknowledges it
+    /// ([`Message::AgentUpdateAck`]).
+    AgentUpdateState {
+        id: u64,
+        version: String,
+        state: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        message: String,
+    },
 
     // --- hub → agent ---
     /// Hub → agent, answer to `hello`: the link is up.
@@ -180,6 +194,26 @@ pub enum Message {
         op: BackupOp,
     },
 
+    /// Hub → agent (agents announcing [`FEATURE_AGENT_UPDATE`]): replace
+    /// yourself with agent `version` for `arch`, the artifact whose index
+    /// has digest `artifact` (fetched as chunks, like a release's), whose
+    /// whole content has BLAKE3 `digest` and `size` bytes. The new agent
+    /// must link back within `deadline_secs` or the old one is restored.
+    /// Sent again after every reconnect while the update is open: the agent
+    /// ignores an id it is already working on or has reported.
+    AgentUpdate {
+        id: u64,
+        version: String,
+        arch: String,
+        artifact: String,
+        digest: String,
+        size: u64,
+        deadline_secs: u32,
+    },
+    /// Hub → agent: the final state of agent update `id` is stored; stop
+    /// sending it.
+    AgentUpdateAck { id: u64 },
+
     // --- both, streams ---
     /// Either side: bytes of stream `id`. On a WebSocket this travels as a
     /// binary message ([`crate::frame`]), never as JSON; the JSON form
@@ -231,6 +265,9 @@ impl Message {
             Message::Logs { .. } => "logs",
             Message::LogsCancel { .. } => "logs-cancel",
             Message::StreamOpened { .. } => "stream-opened",
+            Message::AgentUpdateState { .. } => "agent-update-state",
+            Message::AgentUpdate { .. } => "agent-update",
+            Message::AgentUpdateAck { .. } => "agent-update-ack",
             Message::StreamOpen { .. } => "stream-open",
             Message::StreamResize { .. } => "stream-resize",
             Message::BackupJob { .. } => "backup-job",
@@ -262,6 +299,9 @@ pub const MESSAGE_TYPES: &[&str] = &[
     "logs",
     "logs-cancel",
     "stream-opened",
+    "agent-update-state",
+    "agent-update",
+    "agent-update-ack",
     "stream-open",
     "stream-resize",
     "backup-job",
@@ -283,6 +323,11 @@ pub enum BackupOp {
 /// The feature an agent announces in `hello` when it makes and restores
 /// backups ([`Message::BackupJob`]).
 pub const FEATURE_BACKUPS: &str = "backups";
+
+/// The feature an agent announces in `hello` when it can replace itself
+/// with another version ([`Message::AgentUpdate`]): the standalone
+/// `trellis-agent` binary, which owns the file it runs from.
+pub const FEATURE_AGENT_UPDATE: &str = "agent-update";
 
 /// The feature an agent announces in `hello` when it serves streams
 /// (exec, port forwarding).

@@ -197,6 +197,22 @@ fn examples() -> Vec<Message> {
             bytes: 65_536,
         },
         Message::StreamEof { id: 4 },
+        Message::AgentUpdate {
+            id: 3,
+            version: "0.2.0".into(),
+            arch: "amd64".into(),
+            artifact: "ab".repeat(32),
+            digest: "cd".repeat(32),
+            size: 12_000_000,
+            deadline_secs: 120,
+        },
+        Message::AgentUpdateState {
+            id: 3,
+            version: "0.2.0".into(),
+            state: "failed".into(),
+            message: "agent 0.2.0 stopped before it linked; rolled back to agent 0.1.0".into(),
+        },
+        Message::AgentUpdateAck { id: 3 },
         Message::StreamClose {
             id: 4,
             exit_code: Some(1),
@@ -228,6 +244,9 @@ fn examples() -> Vec<Message> {
             | Message::StreamOpened { .. }
             | Message::StreamResize { .. }
             | Message::BackupJob { .. }
+            | Message::AgentUpdate { .. }
+            | Message::AgentUpdateState { .. }
+            | Message::AgentUpdateAck { .. }
             | Message::StreamData { .. }
             | Message::StreamCredit { .. }
             | Message::StreamEof { .. }

@@ -14,13 +14,18 @@
 //! - [`entity`]: the records the hub stores and serves (projects, stages,
 //!   outposts, builds, configs, releases, users, access keys).
 //! - [`access`]: roles and the access-key format.
+//! - [`agent_update`]: an outpost's agent replaced by another version.
 //! - [`selector`]: label selectors (`site=munich,line!=3`) over outposts.
 //! - [`rollout`]: rollouts in waves — their records, how stages fall into
 //!   waves, and how a wave is judged (pure, so tested without a hub).
+//! - [`agent_binary`]: the agent binaries the hub holds per version and
+//!   architecture, and how an ELF header names its machine.
 //! - [`display`]: byte counts and instants as people read them (CLI and
 //!   console alike).
 
 pub mod access;
+pub mod agent_binary;
+pub mod agent_update;
 pub mod display;
 pub mod entity;
 pub mod ingress;
@@ -31,6 +36,7 @@ pub mod rollout;
 pub mod selector;
 
 pub use access::{AccessKey, AccessKeyParseError, Role};
+pub use agent_binary::AgentBinary;
 pub use entity::*;
 pub use name::{NameError, NameKind, validate_name};
 pub use selector::{Selector, SelectorError};

@@ -30,9 +30,9 @@
 
 use async_trait::async_trait;
 use trellis_model::{
-    AccessKeyInfo, AuditEntry, Backup, Build, ComponentAction, ComponentControl, Config,
-    ConfigData, ConfigSnapshot, Member, NewAuditEntry, NewBackup, NewBuild, Outpost, OutpostLink,
-    Project, Release, Role, Stage, StageSync, StageType, Timestamp, User,
+    AccessKeyInfo, AgentBinary, AuditEntry, Backup, Build, ComponentAction, ComponentControl,
+    Config, ConfigData, ConfigSnapshot, Member, NewAuditEntry, NewBackup, NewBuild, Outpost,
+    OutpostLink, Project, Release, Role, Stage, StageSync, StageType, Timestamp, User,
     rollout::{NewRollout, Rollout},
 };
 
@@ -544,6 +544,35 @@ pub trait Store: Send + Sync + 'static {
     /// The stage's full history, newest first.
     async fn list_releases(&self, project: &str, stage: &str) -> Result<Vec<Release>>;
 
+    // --- agent updates ---
+    /// Records an update of each outpost's agent, `pending`, numbered in
+    /// order (a number is never given twice). Refused with nothing recorded
+    /// when an outpost does not exist, or already has an update under way:
+    /// the error names the outpost and that update.
+    async fn create_agent_updates(
+        &self,
+        updates: &[trellis_model::agent_update::NewAgentUpdate],
+        at: Timestamp,
+    ) -> Result<Vec<trellis_model::agent_update::AgentUpdate>>;
+    /// The outpost's update still under way, if any.
+    async fn open_agent_update(
+        &self,
+        outpost: &str,
+    ) -> Result<Option<trellis_model::agent_update::AgentUpdate>>;
+    /// Records what `outpost`'s agent reported of its update `id` (a final
+    /// state is kept: see `AgentUpdate::advance`); returns the record as
+    /// stored. `NotFound` when the outpost has no such update.
+    async fn report_agent_update(
+        &self,
+        outpost: &str,
+        id: u64,
+        state: trellis_model::agent_update::AgentUpdateState,
+        message: &str,
+        at: Timestamp,
+    ) -> Result<trellis_model::agent_update::AgentUpdate>;
+    /// The newest update of every outpost that has one, by outpost.
+    async fn latest_agent_updates(&self) -> Result<Vec<trellis_model::agent_update::AgentUpdate>>;
+
     // --- rollouts ---
     /// Records a rollout, `running`, numbered after every rollout before
     /// it (across projects; a number is never given twice). Refused with
@@ -561,6 +590,20 @@ pub trait Store: Send + Sync + 'static {
     /// it as saved, with the next version. A rollout changed meanwhile is
     /// refused (`InUse`) and nothing changes: read it again.
     async fn save_rollout(&self, rollout: &Rollout) -> Result<Rollout>;
+
+    // --- agent binaries ---
+    /// Records an agent binary (its bytes are already in the chunk store).
+    /// A version and architecture name one binary for good: recording the
+    /// same binary again (same BLAKE3) returns the record stored first;
+    /// a different one is refused (`AlreadyExists`, named `VERSION/ARCH`)
+    /// and nothing changes.
+    async fn put_agent_binary(&self, binary: &AgentBinary) -> Result<AgentBinary>;
+    /// `NotFound` (kind `agent binary`, named `VERSION/ARCH`) if none.
+    async fn get_agent_binary(&self, version: &str, arch: &str) -> Result<AgentBinary>;
+    /// Every agent binary, newest version first (semantic version order),
+    /// then by architecture.
+    async fn list_agent_binaries(&self) -> Result<Vec<AgentBinary>>;
+    async fn delete_agent_binary(&self, version: &str, arch: &str) -> Result<()>;
 
     // --- the outpost link ---
     /// Records a join token (by its hash) that lets one agent enrol as
@@ -581,6 +624,9 @@ pub trait Store: Send + Sync + 'static {
     /// The outpost's link record (a default one, with only `outpost` set,
     /// if the agent never joined).
     async fn get_outpost_link(&self, outpost: &str) -> Result<OutpostLink>;
+    /// The link record of every outpost whose agent ever linked, by
+    /// outpost.
+    async fn list_outpost_links(&self) -> Result<Vec<OutpostLink>>;
     /// The outpost and its link record (as [`Store::get_outpost_link`]
     /// returns it) in one read: what deciding whether an agent may link
     /// needs, once per link-up.
@@ -827,6 +873,29 @@ pub(crate) mod wording {
 
     /// Refuses `new` if one of `active` (the project's active rollouts)
     /// holds one of its stages.
+    /// `t` to the millisecond, as every backend keeps instants.
+    pub fn millis(t: trellis_model::Timestamp) -> trellis_model::Timestamp {
+        chrono::DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
+    }
+
+    pub fn agent_update(id: u64) -> String {
+        format!("agent update {id}")
+    }
+
+    /// Refuses a new update of an outpost whose update `open` is under way.
+    pub fn agent_update_open(open: &trellis_model::agent_update::AgentUpdate) -> StoreError {
+        StoreError::InUse {
+            what: format!(
+                "outpost {:?} is already being updated to agent {} ({}, {})",
+                open.outpost,
+                open.version,
+                agent_update(open.id),
+                open.state
+            ),
+            hint: "wait until that update is applied or failed (`trellis list outposts` shows it), then ask again".into(),
+        }
+    }
+
     pub fn rollout_overlap(
         new: &trellis_model::rollout::NewRollout,
         active: &[trellis_model::rollout::Rollout],
@@ -867,6 +936,34 @@ pub(crate) mod wording {
             });
         }
         Ok(())
+    }
+
+    pub fn agent_binary(version: &str, arch: &str) -> String {
+        format!("{version}/{arch}")
+    }
+
+    /// Newest version first, then by architecture.
+    pub fn sort_agent_binaries(binaries: &mut [trellis_model::AgentBinary]) {
+        binaries.sort_by(|a, b| {
+            trellis_model::agent_binary::compare_versions(&b.version, &a.version)
+                .then_with(|| a.arch.cmp(&b.arch))
+        });
+    }
+
+    /// What recording `new` over `stored` (same version and architecture)
+    /// gives: the stored record when it is the same binary.
+    pub fn agent_binary_again(
+        stored: trellis_model::AgentBinary,
+        new: &trellis_model::AgentBinary,
+    ) -> Result<trellis_model::AgentBinary, StoreError> {
+        if stored.blake3 == new.blake3 {
+            Ok(stored)
+        } else {
+            Err(StoreError::AlreadyExists {
+                kind: "agent binary",
+                name: agent_binary(&new.version, &new.arch),
+            })
+        }
     }
 
     pub fn release(project: &str, stage: &str, number: u64) -> String {

@@ -23,9 +23,11 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use chrono::DateTime;
 use trellis_model::{
-    AccessKeyInfo, AuditEntry, Backup, BackupState, Build, ComponentAction, ComponentControl,
-    Config, ConfigData, Member, NewAuditEntry, NewBackup, NewBuild, Outpost, OutpostLink, Project,
-    Release, ReleaseState, Role, Stage, StageSync, Timestamp, User, build_name,
+    AccessKeyInfo, AgentBinary, AuditEntry, Backup, BackupState, Build, ComponentAction,
+    ComponentControl, Config, ConfigData, Member, NewAuditEntry, NewBackup, NewBuild, Outpost,
+    OutpostLink, Project, Release, ReleaseState, Role, Stage, StageSync, Timestamp, User,
+    agent_update::{AgentUpdate, AgentUpdateState, NewAgentUpdate},
+    build_name,
     rollout::{NewRollout, Rollout},
 };
 
@@ -83,9 +85,15 @@ struct State {
     last_backup: u64,
     /// The last rollout id handed out (never given twice).
     last_rollout: u64,
+    /// By id.
+    agent_updates: BTreeMap<u64, AgentUpdate>,
+    /// The last agent update id handed out (never given twice).
+    last_agent_update: u64,
     instances: BTreeMap<String, Instance>,
     claims: BTreeMap<String, LinkClaim>,
     secrets: BTreeMap<String, String>,
+    /// By (version, architecture).
+    agent_binaries: BTreeMap<(String, String), AgentBinary>,
 }
 
 struct JoinToken {
@@ -171,6 +179,15 @@ impl MemoryStore {
 
 /// The SQLite backend keeps milliseconds; truncating here too means both
 /// backends hand back identical records.
+/// The outpost's update still under way, if any.
+fn open_update<'a>(state: &'a State, outpost: &str) -> Option<&'a AgentUpdate> {
+    state
+        .agent_updates
+        .values()
+        .rev()
+        .find(|u| u.outpost == outpost && u.state.is_open())
+}
+
 fn millis(t: Timestamp) -> Timestamp {
     DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }
@@ -674,6 +691,94 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn create_agent_updates(
+        &self,
+        updates: &[NewAgentUpdate],
+        at: Timestamp,
+    ) -> Result<Vec<AgentUpdate>> {
+        let at = millis(at);
+        let mut state = self.state();
+        for (i, new) in updates.iter().enumerate() {
+            if !state.outposts.contains_key(&new.outpost) {
+                return Err(not_found("outpost", new.outpost.clone()));
+            }
+            if let Some(open) = open_update(&state, &new.outpost) {
+                return Err(wording::agent_update_open(open));
+            }
+            // An outpost named twice: the second finds the first open.
+            if let Some(first) = updates[..i].iter().find(|u| u.outpost == new.outpost) {
+                let open = AgentUpdate {
+                    id: state.last_agent_update + 1,
+                    outpost: first.outpost.clone(),
+                    version: first.version.clone(),
+                    from_version: first.from_version.clone(),
+                    state: AgentUpdateState::Pending,
+                    message: String::new(),
+                    deadline_secs: first.deadline_secs,
+                    created_by: first.created_by.clone(),
+                    created_at: at,
+                    updated_at: at,
+                };
+                return Err(wording::agent_update_open(&open));
+            }
+        }
+        let mut made = Vec::with_capacity(updates.len());
+        for new in updates {
+            state.last_agent_update += 1;
+            let record = AgentUpdate {
+                id: state.last_agent_update,
+                outpost: new.outpost.clone(),
+                version: new.version.clone(),
+                from_version: new.from_version.clone(),
+                state: AgentUpdateState::Pending,
+                message: String::new(),
+                deadline_secs: new.deadline_secs,
+                created_by: new.created_by.clone(),
+                created_at: at,
+                updated_at: at,
+            };
+            state.agent_updates.insert(record.id, record.clone());
+            made.push(record);
+        }
+        self.announce(
+            made.iter()
+                .map(|u| Change::Outpost(u.outpost.clone()))
+                .collect::<Vec<_>>(),
+        );
+        Ok(made)
+    }
+
+    async fn open_agent_update(&self, outpost: &str) -> Result<Option<AgentUpdate>> {
+        Ok(open_update(&self.state(), outpost).cloned())
+    }
+
+    async fn report_agent_update(
+        &self,
+        outpost: &str,
+        id: u64,
+        state: AgentUpdateState,
+        message: &str,
+        at: Timestamp,
+    ) -> Result<AgentUpdate> {
+        let mut all = self.state();
+        let record = all
+            .agent_updates
+            .get_mut(&id)
+            .filter(|u| u.outpost == outpost)
+            .ok_or_else(|| not_found("agent update", wording::agent_update(id)))?;
+        record.advance(state, message, millis(at));
+        Ok(record.clone())
+    }
+
+    async fn latest_agent_updates(&self) -> Result<Vec<AgentUpdate>> {
+        let state = self.state();
+        let mut latest: BTreeMap<&str, &AgentUpdate> = BTreeMap::new();
+        for u in state.agent_updates.values() {
+            latest.insert(&u.outpost, u);
+        }
+        Ok(latest.into_values().cloned().collect())
+    }
+
     async fn create_rollout(&self, rollout: &NewRollout) -> Result<Rollout> {
         let mut state = self.state();
         let project = state.project(&rollout.project)?;
@@ -729,6 +834,38 @@ impl Store for MemoryStore {
         saved.version += 1;
         *stored = saved.clone();
         Ok(saved)
+    }
+
+    async fn put_agent_binary(&self, binary: &AgentBinary) -> Result<AgentBinary> {
+        let mut state = self.state();
+        let key = (binary.version.clone(), binary.arch.clone());
+        if let Some(stored) = state.agent_binaries.get(&key) {
+            return wording::agent_binary_again(stored.clone(), binary);
+        }
+        state.agent_binaries.insert(key, binary.clone());
+        Ok(binary.clone())
+    }
+
+    async fn get_agent_binary(&self, version: &str, arch: &str) -> Result<AgentBinary> {
+        self.state()
+            .agent_binaries
+            .get(&(version.to_owned(), arch.to_owned()))
+            .cloned()
+            .ok_or_else(|| not_found("agent binary", wording::agent_binary(version, arch)))
+    }
+
+    async fn list_agent_binaries(&self) -> Result<Vec<AgentBinary>> {
+        let mut listed: Vec<AgentBinary> = self.state().agent_binaries.values().cloned().collect();
+        wording::sort_agent_binaries(&mut listed);
+        Ok(listed)
+    }
+
+    async fn delete_agent_binary(&self, version: &str, arch: &str) -> Result<()> {
+        self.state()
+            .agent_binaries
+            .remove(&(version.to_owned(), arch.to_owned()))
+            .map(|_| ())
+            .ok_or_else(|| not_found("agent binary", wording::agent_binary(version, arch)))
     }
 
     async fn delete_backup(&self, project: &str, stage: &str, id: u64) -> Result<()> {
@@ -860,6 +997,7 @@ impl Store for MemoryStore {
         }
         state.links.remove(name);
         state.join_tokens.retain(|_, t| t.outpost != name);
+        state.agent_updates.retain(|_, u| u.outpost != name);
         state.claims.remove(name);
         state.outposts.remove(name);
         self.announce([
@@ -1466,6 +1604,10 @@ impl Store for MemoryStore {
         }
         token.used_at = Some(now);
         Ok(Ok(token.outpost.clone()))
+    }
+
+    async fn list_outpost_links(&self) -> Result<Vec<OutpostLink>> {
+        Ok(self.state().links.values().cloned().collect())
     }
 
     async fn get_outpost_link(&self, outpost: &str) -> Result<OutpostLink> {

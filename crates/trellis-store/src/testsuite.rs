@@ -77,6 +77,9 @@ macro_rules! for_each_suite_test {
             archive_and_restore,
             rollouts,
             rollouts_refuse_overlap,
+            agent_updates,
+            a_failure_report_promotes_no_release,
+            agent_binaries,
         }
     };
 }
@@ -422,6 +425,89 @@ pub async fn rollouts_refuse_overlap(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(again.id, 4);
+}
+
+fn agent_binary(version: &str, arch: &str, blake3: &str, at_ms: i64) -> trellis_model::AgentBinary {
+    trellis_model::AgentBinary {
+        version: version.into(),
+        arch: arch.into(),
+        size: 12_345_678,
+        blake3: blake3.repeat(64 / blake3.len()),
+        sha256: "5".repeat(64),
+        manifest: "a".repeat(64),
+        uploaded_at: at(at_ms),
+        uploaded_by: "alice".into(),
+    }
+}
+
+/// An agent binary is recorded once per version and architecture: read
+/// back as recorded, listed newest version first (semantic order, not
+/// text), recorded again idempotently when it is the same binary and
+/// refused when it is another; deleting removes it alone.
+pub async fn agent_binaries(store: &dyn Store) {
+    assert!(store.list_agent_binaries().await.unwrap().is_empty());
+    let x86 = agent_binary("0.9.0", "x86_64", "1", 1_700_000_000_123);
+    assert_eq!(store.put_agent_binary(&x86).await.unwrap(), x86);
+    assert_eq!(
+        store.get_agent_binary("0.9.0", "x86_64").await.unwrap(),
+        x86
+    );
+    let arm = agent_binary("0.9.0", "aarch64", "2", 1_700_000_001_000);
+    store.put_agent_binary(&arm).await.unwrap();
+    let newer = agent_binary("0.10.0", "x86_64", "3", 1_700_000_002_000);
+    store.put_agent_binary(&newer).await.unwrap();
+    let rc = agent_binary("0.10.0-rc.1", "x86_64", "4", 1_700_000_003_000);
+    store.put_agent_binary(&rc).await.unwrap();
+    let listed: Vec<(String, String)> = store
+        .list_agent_binaries()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.version, b.arch))
+        .collect();
+    let want = |v: &str, a: &str| (v.to_owned(), a.to_owned());
+    assert_eq!(
+        listed,
+        vec![
+            want("0.10.0", "x86_64"),
+            want("0.10.0-rc.1", "x86_64"),
+            want("0.9.0", "aarch64"),
+            want("0.9.0", "x86_64"),
+        ]
+    );
+
+    // The same binary again: the first record stands (its upload time).
+    let again = agent_binary("0.9.0", "x86_64", "1", 1_800_000_000_000);
+    assert_eq!(store.put_agent_binary(&again).await.unwrap(), x86);
+    // Another binary under the same version and architecture: refused.
+    let other = agent_binary("0.9.0", "x86_64", "9", 1_800_000_000_000);
+    assert_exists(
+        store.put_agent_binary(&other).await,
+        "agent binary",
+        "0.9.0/x86_64",
+    );
+    assert_eq!(
+        store.get_agent_binary("0.9.0", "x86_64").await.unwrap(),
+        x86
+    );
+
+    assert_not_found(
+        store.get_agent_binary("0.9.0", "riscv64").await,
+        "agent binary",
+        "0.9.0/riscv64",
+    );
+    store.delete_agent_binary("0.9.0", "x86_64").await.unwrap();
+    assert_not_found(
+        store.get_agent_binary("0.9.0", "x86_64").await,
+        "agent binary",
+        "0.9.0/x86_64",
+    );
+    assert_not_found(
+        store.delete_agent_binary("0.9.0", "x86_64").await,
+        "agent binary",
+        "0.9.0/x86_64",
+    );
+    assert_eq!(store.list_agent_binaries().await.unwrap().len(), 3);
 }
 
 pub async fn users(store: &dyn Store) {
@@ -3674,4 +3760,194 @@ pub async fn shared_writers_keep_the_rules(a: &dyn Store, b: &dyn Store) {
     }
     numbers.sort_unstable();
     assert_eq!(numbers, (1..=10).collect::<Vec<u64>>());
+}
+
+/// Agent updates are numbered, one at a time per outpost; a final state
+/// sticks; the newest per outpost is listed; they go with their outpost.
+pub async fn agent_updates(store: &dyn Store) {
+    use trellis_model::agent_update::{AgentUpdateState, NewAgentUpdate};
+    for name in ["edge-1", "edge-2"] {
+        store.create_outpost(&outpost(name, None)).await.unwrap();
+    }
+    let new = |outpost: &str, version: &str| NewAgentUpdate {
+        outpost: outpost.into(),
+        version: version.into(),
+        from_version: "0.1.0".into(),
+        deadline_secs: 60,
+        created_by: "admin".into(),
+    };
+    let made = store
+        .create_agent_updates(&[new("edge-1", "0.2.0"), new("edge-2", "0.2.0")], at(10))
+        .await
+        .unwrap();
+    assert_eq!(made.iter().map(|u| u.id).collect::<Vec<_>>(), [1, 2]);
+    assert!(made.iter().all(|u| u.state == AgentUpdateState::Pending));
+    assert_eq!(made[0].created_at, at(10));
+    assert_eq!(
+        store.open_agent_update("edge-1").await.unwrap(),
+        Some(made[0].clone())
+    );
+
+    // One update at a time per outpost: refused, naming the open one, and
+    // nothing of the request is recorded.
+    store
+        .create_outpost(&outpost("edge-3", None))
+        .await
+        .unwrap();
+    match store
+        .create_agent_updates(&[new("edge-3", "0.3.0"), new("edge-1", "0.3.0")], at(11))
+        .await
+    {
+        Err(StoreError::InUse { what, .. }) => {
+            assert!(what.contains("edge-1") && what.contains("0.2.0"), "{what}");
+        }
+        other => panic!("expected InUse, got {other:?}"),
+    }
+    assert_eq!(store.open_agent_update("edge-3").await.unwrap(), None);
+    assert_not_found(
+        store
+            .create_agent_updates(&[new("nope", "0.2.0")], at(11))
+            .await,
+        "outpost",
+        "nope",
+    );
+
+    // Progress, then a final state that a late report does not reopen.
+    let u = store
+        .report_agent_update("edge-1", 1, AgentUpdateState::Fetching, "fetching", at(12))
+        .await
+        .unwrap();
+    assert_eq!(
+        (u.state, u.updated_at),
+        (AgentUpdateState::Fetching, at(12))
+    );
+    store
+        .report_agent_update("edge-1", 1, AgentUpdateState::Failed, "rolled back", at(13))
+        .await
+        .unwrap();
+    let late = store
+        .report_agent_update("edge-1", 1, AgentUpdateState::Restarting, "late", at(14))
+        .await
+        .unwrap();
+    assert_eq!(
+        (late.state, late.message.as_str()),
+        (AgentUpdateState::Failed, "rolled back")
+    );
+    assert_eq!(store.open_agent_update("edge-1").await.unwrap(), None);
+    assert_not_found(
+        store
+            .report_agent_update("edge-2", 1, AgentUpdateState::Applied, "", at(15))
+            .await,
+        "agent update",
+        "agent update 1",
+    );
+    assert_not_found(
+        store
+            .report_agent_update("edge-1", 99, AgentUpdateState::Applied, "", at(15))
+            .await,
+        "agent update",
+        "agent update 99",
+    );
+
+    // A new update once the last one is over; the newest is listed.
+    let again = store
+        .create_agent_updates(&[new("edge-1", "0.2.1")], at(16))
+        .await
+        .unwrap();
+    assert_eq!(again[0].id, 3);
+    let latest = store.latest_agent_updates().await.unwrap();
+    assert_eq!(
+        latest
+            .iter()
+            .map(|u| (u.outpost.as_str(), u.id))
+            .collect::<Vec<_>>(),
+        [("edge-1", 3), ("edge-2", 2)]
+    );
+
+    // The links of outposts whose agent linked, by outpost.
+    store
+        .put_outpost_link(&OutpostLink {
+            outpost: "edge-2".into(),
+            agent: Some(json!({"version": "0.1.0", "arch": "amd64"})),
+            ..OutpostLink::default()
+        })
+        .await
+        .unwrap();
+    let links = store.list_outpost_links().await.unwrap();
+    assert_eq!(links.len(), 1);
+    assert_eq!(links[0].agent.as_ref().unwrap()["version"], "0.1.0");
+
+    // Deleting an outpost deletes its updates; numbers are not given again.
+    store.delete_outpost("edge-1", false).await.unwrap();
+    let latest = store.latest_agent_updates().await.unwrap();
+    assert_eq!(latest.len(), 1);
+    store
+        .create_outpost(&outpost("edge-1", None))
+        .await
+        .unwrap();
+    let next = store
+        .create_agent_updates(&[new("edge-1", "0.2.1")], at(17))
+        .await
+        .unwrap();
+    assert_eq!(next[0].id, 4);
+}
+
+/// A status report that names a failure promotes no release to applied
+/// and replaces none. The sequence it guards: release 2 was refused and
+/// rolled back (release 1 runs), release 3 was delivered, and then a late
+/// report still about release 2 named revision 2 running and 3 failed —
+/// which once marked the refused release 2 applied and release 1 replaced.
+pub async fn a_failure_report_promotes_no_release(store: &dyn Store) {
+    use ReleaseState::{Applied, Failed};
+
+    setup(store, "shop").await;
+    stage_in(store, "shop", "dev").await;
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    let release = new_release("shop", "dev", &build.name);
+    store.push_release(&release, at(30)).await.unwrap();
+    store.push_release(&release, at(31)).await.unwrap();
+    store
+        .record_status("shop", "dev", 1, None, &json!({ "revision": 1 }), at(100))
+        .await
+        .unwrap();
+    store
+        .record_status(
+            "shop",
+            "dev",
+            1,
+            Some(2),
+            &json!({ "revision": 2, "rolled_back_to": 1 }),
+            at(110),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        release_states(store, "shop", "dev").await,
+        [Applied, Failed]
+    );
+    let r3 = store.push_release(&release, at(32)).await.unwrap();
+    store
+        .record_delivered("shop", "dev", r3.revision, at(120))
+        .await
+        .unwrap();
+    store
+        .record_status(
+            "shop",
+            "dev",
+            2,
+            Some(3),
+            &json!({ "revision": 2, "rolled_back_to": 1 }),
+            at(130),
+        )
+        .await
+        .unwrap();
+    let states = release_states(store, "shop", "dev").await;
+    assert_eq!(states[0], Applied, "release 1 still runs: {states:?}");
+    assert_eq!(
+        states[1], Failed,
+        "the refused release stays failed: {states:?}"
+    );
 }

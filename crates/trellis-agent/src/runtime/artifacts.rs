@@ -562,7 +562,7 @@ async fn download(
         .header(hyper::header::HOST, connector.hub.authority())
         .header(
             hyper::header::USER_AGENT,
-            format!("trellis-agent/{}", crate::AGENT_VERSION),
+            format!("trellis-agent/{}", crate::update::version()),
         );
     if have > 0 {
         request = request.header(hyper::header::RANGE, format!("bytes={have}-"));

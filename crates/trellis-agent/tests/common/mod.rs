@@ -325,6 +325,7 @@ impl Harness {
             data_dir: dir.path().to_path_buf(),
             arch: "amd64".into(),
             backups: None,
+            updater: None,
         };
         let (trigger, shutdown) = Shutdown::channel();
         Harness {

@@ -41,7 +41,13 @@ const AGENT_ONLY: &[&str] = &[
 /// Operations that need no credentials at all: the hub's liveness, and the
 /// agent's enrolment and renewal, which prove themselves with what their
 /// body carries (a one-time join token; a CSR signed by the registered key).
-const PUBLIC: &[&str] = &["health", "join", "renew"];
+const PUBLIC: &[&str] = &[
+    "health",
+    "join",
+    "renew",
+    "list_agent_binaries",
+    "get_agent_binary",
+];
 
 /// Every operation (by its `operationId`, the handler's name) and the
 /// refusals of its own, beyond those [`complete`] derives.
@@ -345,6 +351,20 @@ pub const ERRORS: &[(&str, Refusals)] = &[
     ),
     // outposts
     ("list_outposts", &[(403, &["forbidden"])]),
+    ("list_agent_updates", &[(403, &["forbidden"])]),
+    (
+        "create_agent_updates",
+        &[
+            (
+                400,
+                &["invalid-selector", "invalid-version", "invalid-deadline"],
+            ),
+            (403, &["forbidden"]),
+            (404, &["unknown-agent-version", "not-found"]),
+            (409, &["agent-update-refused", "agent-update-under-way"]),
+            (422, &["no-match"]),
+        ],
+    ),
     (
         "create_outpost",
         &[
@@ -636,6 +656,46 @@ pub const ERRORS: &[(&str, Refusals)] = &[
             (507, &["hub-disk-full"]),
         ],
     ),
+    // agent binaries
+    ("list_agent_binaries", &[]),
+    (
+        "get_agent_binary",
+        &[
+            (400, &["invalid-version", "unknown-arch"]),
+            (404, &["not-found", "artifact-not-found"]),
+            (500, &["chunk-damaged-on-hub"]),
+            (503, &["artifact-store-unavailable"]),
+        ],
+    ),
+    (
+        "put_agent_binary",
+        &[
+            (400, &["invalid-version", "unknown-arch"]),
+            (403, &["forbidden"]),
+            (409, &["agent-binary-exists"]),
+            (413, &["binary-too-large"]),
+            (
+                422,
+                &[
+                    "empty-binary",
+                    "not-an-executable",
+                    "unknown-arch",
+                    "arch-mismatch",
+                    "chunk-invalid",
+                ],
+            ),
+            (503, &["artifact-store-unavailable"]),
+            (507, &["hub-disk-full"]),
+        ],
+    ),
+    (
+        "delete_agent_binary",
+        &[
+            (400, &["invalid-version", "unknown-arch"]),
+            (403, &["forbidden"]),
+            (404, &["not-found"]),
+        ],
+    ),
     (
         "collect_garbage",
         &[
@@ -738,7 +798,30 @@ pub const CODES: &[(&str, &str)] = &[
         "invalid-selector",
         "the label selector does not parse; the message names the character",
     ),
-    ("no-match", "the label selector chooses no live stage"),
+    (
+        "no-match",
+        "the label selector chooses no live stage (no outpost, for agent updates)",
+    ),
+    (
+        "invalid-version",
+        "the agent version is not MAJOR.MINOR.PATCH with an optional pre-release or build part",
+    ),
+    (
+        "invalid-deadline",
+        "the deadline for a new agent to link is outside 10–3600 s",
+    ),
+    (
+        "unknown-agent-version",
+        "the hub holds no agent binary of that version",
+    ),
+    (
+        "agent-update-refused",
+        "a chosen outpost cannot take the version (another architecture, never linked, or an agent that cannot update itself); the message names each",
+    ),
+    (
+        "agent-update-under-way",
+        "a chosen outpost's agent is already being updated; the message names the update",
+    ),
     ("invalid-waves", "the wave sizes do not grow to 100%"),
     (
         "invalid-threshold",
@@ -866,6 +949,28 @@ pub const CODES: &[(&str, &str)] = &[
         "the upload does not decompress to content with that digest",
     ),
     ("hub-disk-full", "the hub's disk is full"),
+    (
+        "invalid-version",
+        "not an agent version: MAJOR.MINOR.PATCH with an optional -pre-release or +build part",
+    ),
+    (
+        "unknown-arch",
+        "not an architecture agent binaries are held for (x86_64, aarch64, arm, riscv64, …)",
+    ),
+    ("empty-binary", "the uploaded agent binary is empty"),
+    ("not-an-executable", "the upload is not an ELF executable"),
+    (
+        "arch-mismatch",
+        "the binary's ELF header names another machine than the architecture in the URL",
+    ),
+    (
+        "binary-too-large",
+        "the upload broke off or is larger than an agent binary may be",
+    ),
+    (
+        "agent-binary-exists",
+        "another binary is held under this version and architecture; a version names one binary for good",
+    ),
     (
         "artifact-store-unavailable",
         "the hub's artifact store (its directory or S3 bucket) is down or refuses the hub",

@@ -9,6 +9,8 @@
 //! body with their own bound (`chunks::MAX_STORED_CHUNK_BYTES`).
 
 pub mod access;
+pub mod agent_binaries;
+pub mod agent_updates;
 pub mod backups;
 pub mod builds;
 pub mod chunks;
@@ -98,6 +100,10 @@ fn routes() -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(outposts::list_outposts, outposts::create_outpost))
         .routes(routes!(
+            agent_updates::list_agent_updates,
+            agent_updates::create_agent_updates
+        ))
+        .routes(routes!(
             outposts::get_outpost,
             outposts::update_outpost,
             outposts::delete_outpost
@@ -129,6 +135,12 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(chunks::missing_chunks))
         .routes(routes!(chunks::put_chunk))
         .routes(routes!(crate::gc::collect_garbage))
+        .routes(routes!(agent_binaries::list_agent_binaries))
+        .routes(routes!(
+            agent_binaries::get_agent_binary,
+            agent_binaries::put_agent_binary,
+            agent_binaries::delete_agent_binary
+        ))
 }
 
 /// The OpenAPI document served at `/api/v1/openapi.json` (see

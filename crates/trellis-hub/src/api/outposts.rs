@@ -296,6 +296,7 @@ async fn mint_join_token(
     Ok(JoinTokenResponse {
         outpost: outpost.to_owned(),
         command: format!("trellis agent join {hub_url} --token {token}"),
+        install_command: crate::install::command(&hub_url, state.tls_pin(), &token.to_string()),
         token: token.to_string(),
         expires_at,
     })

@@ -162,6 +162,31 @@ pub struct DigestPath {
     pub digest: String,
 }
 
+/// What `trellis_model::agent_binary::check_arch` accepts.
+pub const ARCH_PATTERN: &str = "^(x86_64|aarch64|arm|riscv64|x86|powerpc64|s390x|loongarch64)$";
+
+/// What `trellis_model::agent_binary::check_version` accepts (it also
+/// caps the length at 64, which `max_length` says).
+pub const VERSION_PATTERN: &str = "^[0-9]{1,9}\\.[0-9]{1,9}\\.[0-9]{1,9}([-+][0-9A-Za-z.+-]+)?$";
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct AgentBinaryPath {
+    /// The agent's version, as `trellis-agent --version` prints it
+    #[param(
+        pattern = "^[0-9]{1,9}\\.[0-9]{1,9}\\.[0-9]{1,9}([-+][0-9A-Za-z.+-]+)?$",
+        max_length = 64,
+        example = "0.1.0"
+    )]
+    pub version: String,
+    /// The CPU architecture as Rust names it (`uname -m` on most hosts)
+    #[param(
+        pattern = "^(x86_64|aarch64|arm|riscv64|x86|powerpc64|s390x|loongarch64)$",
+        example = "x86_64"
+    )]
+    pub arch: String,
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
 pub struct IndexPath {
@@ -197,6 +222,27 @@ mod tests {
             let valid =
                 trellis_model::validate_name(trellis_model::NameKind::Project, candidate).is_ok();
             assert_eq!(valid, name.is_match(candidate), "{candidate:?}");
+        }
+        let version = regex_automata::meta::Regex::new(VERSION_PATTERN).unwrap();
+        for candidate in [
+            "0.1.0",
+            "1.22.333-rc.1+x",
+            "1.2.3-",
+            "1.2",
+            "v1.2.3",
+            "1234567890.0.0",
+            "1.2.3 x",
+        ] {
+            let valid = trellis_model::agent_binary::check_version(candidate).is_ok();
+            assert_eq!(valid, version.is_match(candidate), "{candidate:?}");
+        }
+        let arch = regex_automata::meta::Regex::new(ARCH_PATTERN).unwrap();
+        for (candidate, _, _) in trellis_model::agent_binary::ARCHES {
+            assert!(arch.is_match(candidate), "{candidate}");
+        }
+        for candidate in ["amd64", "mips", "x86_64 ", ""] {
+            assert!(trellis_model::agent_binary::check_arch(candidate).is_err());
+            assert!(!arch.is_match(candidate), "{candidate:?}");
         }
         let digest = regex_automata::meta::Regex::new(DIGEST_PATTERN).unwrap();
         for candidate in [

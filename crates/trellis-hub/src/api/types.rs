@@ -290,8 +290,12 @@ pub struct JoinTokenResponse {
     /// one-time secret.
     pub token: String,
     pub expires_at: chrono::DateTime<chrono::Utc>,
-    /// What to run on the outpost's host.
+    /// What to run on the outpost's host when the agent is on it already.
     pub command: String,
+    /// What to run on the outpost's host to install the agent from the hub
+    /// (binary, systemd unit) and join: `curl … HUB/install | sh -s --
+    /// --token …`, its download pinned to the hub's TLS key.
+    pub install_command: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

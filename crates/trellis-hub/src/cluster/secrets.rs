@@ -9,6 +9,9 @@
 //!   and so is the console's session key (a session signed by one instance
 //!   is accepted by the others), and the key instances sign forwarded
 //!   requests with ([`super::forward`]);
+//! - the TLS key (`server.key`): each instance issues its own server
+//!   certificate, for the same key, so the public-key pin an install
+//!   command carries holds at every instance;
 //! - the config key (`config.key`): every config value is sealed with it in
 //!   the store ([`crate::sealed`]), so an instance with another key could
 //!   not open what the others wrote.
@@ -223,6 +226,21 @@ pub async fn share(store: &dyn Store, data_dir: &Path, key: &ClusterKey) -> anyh
             .map(drop)
             .with_context(|| format!("reading the config key {}", path.display()))
     })
+    .await?;
+    // The TLS key: every instance serves the same public key, so the pin in
+    // an install command (`trellis create outpost`) holds whichever
+    // instance answers. A new instance offers a fresh key if none is shared.
+    let tls_key_path = data_dir.join(crate::tls::SERVER_KEY_FILE);
+    if !tls_key_path.exists() {
+        let fresh = HubCa::new_server_key().context("creating the hub's TLS key")?;
+        let cluster = String::from_utf8(agree(store, key, data_dir, "tls-key", fresh).await?)
+            .context("the cluster's TLS key record is damaged")?;
+        crate::tls::write_file(&tls_key_path, &cluster, 0o600)?;
+        return Ok(());
+    }
+    share_key(store, key, data_dir, "tls-key", &tls_key_path, |path| {
+        crate::tls::load_or_create_server_key(path.parent().unwrap_or(path)).map(drop)
+    })
     .await
 }
 
@@ -281,6 +299,7 @@ async fn share_key(
             path.display(),
             match name {
                 "config-key" => "it could not open the config values the others sealed",
+                "tls-key" => "install commands printed by one instance would not reach the others",
                 _ => "Outpost URIs and console sessions would not work across instances",
             }
         ),

@@ -6,7 +6,7 @@
 //! Both need the agent's client certificate, and serve only what belongs
 //! to a build released to a stage on the agent's outpost: an artifact
 //! index of such a build, or a chunk listed by one. Which indexes an
-//! outpost may read is worked out from the store and cached briefly per
+//! outpost may read (and every agent binary's index, for self-update) is worked out from the store and cached briefly per
 //! outpost ([`ArtifactAccess`]); the chunk list of each index is cached
 //! for good (an index never changes), so serving hundreds of chunks of one
 //! delivery costs one store walk, not one per chunk.
@@ -215,9 +215,16 @@ impl ArtifactAccess {
     }
 }
 
-/// The artifact indexes of every build released to a stage on `outpost`.
+/// The artifact indexes of every build released to a stage on `outpost`,
+/// and of every agent binary the hub holds (what an agent updates to; no
+/// secret, served to anyone at `/api/v1/agent-binaries` too).
 async fn released_indexes(state: &AppState, outpost: &str) -> ApiResult<HashSet<Digest>> {
     let mut indexes = HashSet::new();
+    for binary in state.store().list_agent_binaries().await? {
+        if let Ok(digest) = binary.manifest.parse::<Digest>() {
+            indexes.insert(digest);
+        }
+    }
     for stage in state.store().stages_on_outpost(outpost).await? {
         let mut seen = HashSet::new();
         for release in state

@@ -19,6 +19,7 @@
 //! - `errors.rs`: the bounded, de-duplicated error log.
 //! - `record.rs`: what sessions saw, written to the store in batches.
 
+pub mod agent_update;
 pub mod artifacts;
 pub mod backups;
 pub mod commit;

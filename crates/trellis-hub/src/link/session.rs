@@ -61,6 +61,8 @@ struct Session<'a> {
     /// backups). The store says what is open; a job is sent once per
     /// session, so a reconnect sends the open ones again.
     backup_jobs: Option<HashSet<(u64, BackupOp, i64)>>,
+    /// The outpost's agent update, if it can update itself.
+    updates: super::agent_update::Updates,
 }
 
 impl Session<'_> {
@@ -135,7 +137,11 @@ impl Session<'_> {
             .await?;
             self.known.remove(&(project, stage));
         }
-        self.send_backup_jobs(io).await
+        self.send_backup_jobs(io).await?;
+        if let Some(update) = self.updates.due(self.state, self.outpost).await? {
+            self.send(io, update).await?;
+        }
+        Ok(())
     }
 
     /// Sends the backups and restores open for stages on this outpost that
@@ -328,6 +334,7 @@ async fn serve(
             agent: json!({
                 "version": agent_version, "os": os, "arch": arch,
                 "runtimes": runtimes, "capacity": capacity, "devices": devices,
+                "features": features,
             }),
             cert_serial: peer.serial_hex.clone(),
             cert_not_after: peer.not_after,
@@ -349,7 +356,14 @@ async fn serve(
     let backups = features
         .iter()
         .any(|f| f == trellis_link::protocol::FEATURE_BACKUPS);
-    let result = session_loop(io, peer, state, &handle, inbox, &stages, backups).await;
+    let updates_itself = features
+        .iter()
+        .any(|f| f == trellis_link::protocol::FEATURE_AGENT_UPDATE);
+    let features = Features {
+        backups,
+        updates_itself,
+    };
+    let result = session_loop(io, peer, state, &handle, inbox, &stages, features).await;
     let reason = match &result {
         Ok(r) | Err(r) => r.clone(),
     };
@@ -364,6 +378,14 @@ async fn serve(
     result
 }
 
+/// What the agent announced it does beyond the protocol's core.
+struct Features {
+    /// Makes and restores backups.
+    backups: bool,
+    /// Replaces itself with another version.
+    updates_itself: bool,
+}
+
 /// The hub measures the round trip on the first heartbeat tick of a
 /// session and then on every this-many ticks.
 const RTT_EVERY_TICKS: u64 = 4;
@@ -375,7 +397,7 @@ async fn session_loop(
     handle: &super::SessionHandle,
     mut inbox: tokio::sync::mpsc::Receiver<super::logs::SessionRequest>,
     held: &[StageRevision],
-    backups: bool,
+    features: Features,
 ) -> Result<String, String> {
     let outpost = peer.outpost.as_str();
     let heartbeat = state.links().settings().heartbeat;
@@ -396,7 +418,8 @@ async fn session_loop(
         synced: HashMap::new(),
         logs: super::logs::LogRouter::default(),
         streams: None,
-        backup_jobs: backups.then(HashSet::new),
+        backup_jobs: features.backups.then(HashSet::new),
+        updates: super::agent_update::Updates::new(features.updates_itself),
     };
     session
         .send(
@@ -606,6 +629,24 @@ async fn handle_frame(
         } => {
             if let Some(reply) = session.logs.lines(id, lines, end, error) {
                 session.send(io, reply).await?;
+            }
+        }
+        Message::AgentUpdateState {
+            id,
+            version: _,
+            state: reported,
+            message,
+        } => {
+            if let Some(ack) = super::agent_update::Updates::reported(
+                state,
+                &peer.outpost,
+                id,
+                &reported,
+                &message,
+            )
+            .await
+            {
+                session.send(io, ack).await?;
             }
         }
         msg @ (Message::StreamOpened { .. }

@@ -145,14 +145,37 @@ impl HubCa {
         dns_names: &[String],
         ip_addrs: &[IpAddr],
     ) -> Result<(String, String), IdentityError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| IdentityError::crypto("generate the hub's TLS key", e))?;
+        self.issue_server_cert_for(dns_names, ip_addrs, key)
+    }
+
+    /// As [`HubCa::issue_server_cert`], for the key `key_pem` (PKCS#8 PEM)
+    /// the hub keeps across restarts, so a client that pins the server's
+    /// public key (`curl --pinnedpubkey`) still reaches it after one.
+    pub fn issue_server_cert_with_key(
+        &self,
+        dns_names: &[String],
+        ip_addrs: &[IpAddr],
+        key_pem: &str,
+    ) -> Result<(String, String), IdentityError> {
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| IdentityError::crypto("read the hub's TLS key", e))?;
+        self.issue_server_cert_for(dns_names, ip_addrs, key)
+    }
+
+    fn issue_server_cert_for(
+        &self,
+        dns_names: &[String],
+        ip_addrs: &[IpAddr],
+        key: KeyPair,
+    ) -> Result<(String, String), IdentityError> {
         if dns_names.is_empty() && ip_addrs.is_empty() {
             return Err(IdentityError::crypto(
                 "issue the hub's TLS certificate",
                 "no DNS name or IP address was given; pass the names agents and browsers use to reach the hub",
             ));
         }
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| IdentityError::crypto("generate the hub's TLS key", e))?;
         let now = Utc::now();
         let mut params = CertificateParams::default();
         params.distinguished_name = distinguished_name(
@@ -185,6 +208,28 @@ impl HubCa {
             .signed_by(&key, &self.issuer)
             .map_err(|e| IdentityError::crypto("issue the hub's TLS certificate", e))?;
         Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A new key for the hub's TLS server certificate (PKCS#8 PEM).
+    pub fn new_server_key() -> Result<String, IdentityError> {
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map(|k| k.serialize_pem())
+            .map_err(|e| IdentityError::crypto("generate the hub's TLS key", e))
+    }
+
+    /// What `curl --pinnedpubkey` takes for the key `key_pem`:
+    /// `sha256//` and the base64 of the SHA-256 of its SubjectPublicKeyInfo.
+    pub fn public_key_pin(key_pem: &str) -> Result<String, IdentityError> {
+        use base64::Engine;
+        use rcgen::PublicKeyData;
+        use sha2::Digest;
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| IdentityError::crypto("read the hub's TLS key", e))?;
+        let spki = key.subject_public_key_info();
+        Ok(format!(
+            "sha256//{}",
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&spki))
+        ))
     }
 
     /// Issues an outpost's client certificate from the agent's CSR.

@@ -31,9 +31,11 @@ use chrono::DateTime;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use trellis_model::{
-    AccessKeyInfo, AuditEntry, Backup, Build, ComponentAction, ComponentControl, Config,
-    ConfigData, Member, NewAuditEntry, NewBackup, NewBuild, Outpost, OutpostLink, Project, Release,
-    ReleaseState, Role, Stage, StageSync, Timestamp, User, build_name,
+    AccessKeyInfo, AgentBinary, AuditEntry, Backup, Build, ComponentAction, ComponentControl,
+    Config, ConfigData, Member, NewAuditEntry, NewBackup, NewBuild, Outpost, OutpostLink, Project,
+    Release, ReleaseState, Role, Stage, StageSync, Timestamp, User,
+    agent_update::{AgentUpdate, AgentUpdateState, NewAgentUpdate},
+    build_name,
     rollout::{NewRollout, Rollout, RolloutStage},
 };
 
@@ -402,6 +404,25 @@ fn outpost_from<R: SqlRow>(row: &R) -> Result<Outpost> {
         revoked_at: opt_time(row, "revoked_at")?,
         ingress_domain: col(row, "ingress_domain")?,
         created_at: time(row, "created_at")?,
+    })
+}
+
+macro_rules! agent_binary_columns {
+    () => {
+        "version, arch, size, blake3, sha256, manifest, uploaded_at, uploaded_by"
+    };
+}
+
+fn agent_binary_from<R: SqlRow>(row: &R) -> Result<AgentBinary> {
+    Ok(AgentBinary {
+        version: col(row, "version")?,
+        arch: col(row, "arch")?,
+        size: u64_col(row, "size")?,
+        blake3: col(row, "blake3")?,
+        sha256: col(row, "sha256")?,
+        manifest: col(row, "manifest")?,
+        uploaded_at: time(row, "uploaded_at")?,
+        uploaded_by: col(row, "uploaded_by")?,
     })
 }
 
@@ -1664,6 +1685,110 @@ impl<B: Backend> Store for SqlStore<B> {
         self.commit(tx, DOING).await
     }
 
+    async fn create_agent_updates(
+        &self,
+        updates: &[NewAgentUpdate],
+        at: Timestamp,
+    ) -> Result<Vec<AgentUpdate>> {
+        const DOING: &str = "recording agent updates";
+        let at = wording::millis(at);
+        let mut tx = self.write().await?;
+        let mut made = Vec::with_capacity(updates.len());
+        for new in updates {
+            if !exists(
+                &mut *tx,
+                "SELECT 1 FROM outposts WHERE name = $1",
+                &[new.outpost.as_str()],
+                DOING,
+            )
+            .await?
+            {
+                return Err(not_found("outpost", new.outpost.clone()));
+            }
+            if let Some(open) = open_agent_update_in(&mut *tx, &new.outpost, DOING).await? {
+                return Err(wording::agent_update_open(&open));
+            }
+            let id = next_id_in(&mut *tx, IdCounter::AgentUpdates, DOING).await?;
+            let record = AgentUpdate {
+                id,
+                outpost: new.outpost.clone(),
+                version: new.version.clone(),
+                from_version: new.from_version.clone(),
+                state: AgentUpdateState::Pending,
+                message: String::new(),
+                deadline_secs: new.deadline_secs,
+                created_by: new.created_by.clone(),
+                created_at: at,
+                updated_at: at,
+            };
+            q("INSERT INTO agent_updates (id, outpost, state, record) VALUES ($1, $2, $3, $4)")
+                .bind(int(id)?)
+                .bind(&record.outpost)
+                .bind(record.state.as_str())
+                .bind(json(&record)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend(DOING))?;
+            made.push(record);
+        }
+        self.commit(tx, DOING).await?;
+        Ok(made)
+    }
+
+    async fn open_agent_update(&self, outpost: &str) -> Result<Option<AgentUpdate>> {
+        let mut tx = self.read().await?;
+        open_agent_update_in(&mut *tx, outpost, "looking up an outpost's agent update").await
+    }
+
+    async fn report_agent_update(
+        &self,
+        outpost: &str,
+        id: u64,
+        state: AgentUpdateState,
+        message: &str,
+        at: Timestamp,
+    ) -> Result<AgentUpdate> {
+        const DOING: &str = "recording how an agent update goes";
+        let missing = || not_found("agent update", wording::agent_update(id));
+        let Ok(key) = i64::try_from(id) else {
+            return Err(missing());
+        };
+        let mut tx = self.write().await?;
+        let mut record: AgentUpdate =
+            q("SELECT record FROM agent_updates WHERE id = $1 AND outpost = $2")
+                .bind(key)
+                .bind(outpost)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(backend(DOING))?
+                .as_ref()
+                .map(|row| from_json(row, "record"))
+                .transpose()?
+                .ok_or_else(missing)?;
+        if record.advance(state, message, wording::millis(at)) {
+            q("UPDATE agent_updates SET state = $2, record = $3 WHERE id = $1")
+                .bind(key)
+                .bind(record.state.as_str())
+                .bind(json(&record)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend(DOING))?;
+            self.commit(tx, DOING).await?;
+        }
+        Ok(record)
+    }
+
+    async fn latest_agent_updates(&self) -> Result<Vec<AgentUpdate>> {
+        const DOING: &str = "listing agent updates";
+        let rows = q("SELECT u.record FROM agent_updates u WHERE u.id = \
+                      (SELECT MAX(l.id) FROM agent_updates l WHERE l.outpost = u.outpost) \
+                      ORDER BY u.outpost")
+        .fetch_all(&mut *self.reader().await?)
+        .await
+        .map_err(backend(DOING))?;
+        rows.iter().map(|row| from_json(row, "record")).collect()
+    }
+
     async fn create_rollout(&self, rollout: &NewRollout) -> Result<Rollout> {
         const DOING: &str = "recording a rollout";
         let mut tx = self.write().await?;
@@ -1728,6 +1853,97 @@ impl<B: Backend> Store for SqlStore<B> {
         }
         .map_err(backend(DOING))?;
         rows.iter().map(|row| from_json(row, "record")).collect()
+    }
+
+    async fn put_agent_binary(&self, binary: &AgentBinary) -> Result<AgentBinary> {
+        const DOING: &str = "recording an agent binary";
+        let mut tx = self.write().await?;
+        // Writers are serial (see the module docs): nobody records this
+        // version and architecture between the look and the insert.
+        let stored = q(concat!(
+            "SELECT ",
+            agent_binary_columns!(),
+            " FROM agent_binaries WHERE version = $1 AND arch = $2"
+        ))
+        .bind(&binary.version)
+        .bind(&binary.arch)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend(DOING))?;
+        if let Some(row) = stored {
+            return wording::agent_binary_again(agent_binary_from(&row)?, binary);
+        }
+        q(concat!(
+            "INSERT INTO agent_binaries (",
+            agent_binary_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        ))
+        .bind(&binary.version)
+        .bind(&binary.arch)
+        .bind(int(binary.size)?)
+        .bind(&binary.blake3)
+        .bind(&binary.sha256)
+        .bind(&binary.manifest)
+        .bind(millis(binary.uploaded_at))
+        .bind(&binary.uploaded_by)
+        .execute(&mut *tx)
+        .await
+        .map_err(insert_error(
+            DOING,
+            "agent binary",
+            wording::agent_binary(&binary.version, &binary.arch),
+        ))?;
+        self.commit(tx, DOING).await?;
+        Ok(binary.clone())
+    }
+
+    async fn get_agent_binary(&self, version: &str, arch: &str) -> Result<AgentBinary> {
+        q(concat!(
+            "SELECT ",
+            agent_binary_columns!(),
+            " FROM agent_binaries WHERE version = $1 AND arch = $2"
+        ))
+        .bind(version)
+        .bind(arch)
+        .fetch_optional(&mut *self.reader().await?)
+        .await
+        .map_err(backend("looking up an agent binary"))?
+        .as_ref()
+        .map(agent_binary_from)
+        .transpose()?
+        .ok_or_else(|| not_found("agent binary", wording::agent_binary(version, arch)))
+    }
+
+    async fn list_agent_binaries(&self) -> Result<Vec<AgentBinary>> {
+        let rows = q(concat!(
+            "SELECT ",
+            agent_binary_columns!(),
+            " FROM agent_binaries"
+        ))
+        .fetch_all(&mut *self.reader().await?)
+        .await
+        .map_err(backend("listing agent binaries"))?;
+        let mut listed = all(&rows, agent_binary_from)?;
+        wording::sort_agent_binaries(&mut listed);
+        Ok(listed)
+    }
+
+    async fn delete_agent_binary(&self, version: &str, arch: &str) -> Result<()> {
+        const DOING: &str = "deleting an agent binary";
+        let mut tx = self.write().await?;
+        let done = q("DELETE FROM agent_binaries WHERE version = $1 AND arch = $2")
+            .bind(version)
+            .bind(arch)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        if done == 0 {
+            return Err(not_found(
+                "agent binary",
+                wording::agent_binary(version, arch),
+            ));
+        }
+        self.commit(tx, DOING).await
     }
 
     async fn save_rollout(&self, rollout: &Rollout) -> Result<Rollout> {
@@ -1990,6 +2206,7 @@ impl<B: Backend> Store for SqlStore<B> {
              WHERE s.outpost = $1 AND s.project = backup_schedules.project \
              AND s.name = backup_schedules.stage)",
             "DELETE FROM stages WHERE outpost = $1",
+            "DELETE FROM agent_updates WHERE outpost = $1",
             "DELETE FROM outpost_links WHERE outpost = $1",
             "DELETE FROM join_tokens WHERE outpost = $1",
             "DELETE FROM outposts WHERE name = $1",
@@ -2844,6 +3061,18 @@ impl<B: Backend> Store for SqlStore<B> {
         Ok(Ok(outpost))
     }
 
+    async fn list_outpost_links(&self) -> Result<Vec<OutpostLink>> {
+        let rows = q(concat!(
+            "SELECT ",
+            link_columns!(),
+            " FROM outpost_links ORDER BY outpost"
+        ))
+        .fetch_all(&mut *self.reader().await?)
+        .await
+        .map_err(backend("listing outposts' links"))?;
+        all(&rows, link_from)
+    }
+
     async fn get_outpost_link(&self, outpost: &str) -> Result<OutpostLink> {
         let mut tx = self.read().await?;
         let row = q(concat!(
@@ -3307,11 +3536,29 @@ fn truncated(t: Timestamp) -> Timestamp {
 enum IdCounter {
     Backups,
     Rollouts,
+    AgentUpdates,
 }
 
 /// The next number of `counter`'s records: one above both the largest in
 /// use and the last handed out, which it records. Writers are serial (see
 /// the module docs), so no two get the same.
+/// The outpost's agent update still under way, if any.
+async fn open_agent_update_in<C: Conn + ?Sized>(
+    c: &mut C,
+    outpost: &str,
+    doing: &'static str,
+) -> Result<Option<AgentUpdate>> {
+    q("SELECT record FROM agent_updates WHERE outpost = $1 \
+       AND state IN ('pending', 'fetching', 'restarting') ORDER BY id DESC")
+    .bind(outpost)
+    .fetch_optional(&mut *c)
+    .await
+    .map_err(backend(doing))?
+    .as_ref()
+    .map(|row| from_json(row, "record"))
+    .transpose()
+}
+
 async fn next_id_in<C: Conn + ?Sized>(
     c: &mut C,
     counter: IdCounter,
@@ -3325,6 +3572,10 @@ async fn next_id_in<C: Conn + ?Sized>(
         IdCounter::Rollouts => (
             "SELECT COALESCE(MAX(id), 0) AS last FROM rollouts",
             "rollouts",
+        ),
+        IdCounter::AgentUpdates => (
+            "SELECT COALESCE(MAX(id), 0) AS last FROM agent_updates",
+            "agent_updates",
         ),
     };
     let row = q(largest)

@@ -446,7 +446,7 @@ impl Runtime for ProcessRuntime {
     fn describe(&self) -> RuntimeInfo {
         RuntimeInfo {
             name: "process".into(),
-            version: crate::AGENT_VERSION.into(),
+            version: crate::update::version().into(),
         }
     }
 
