@@ -111,13 +111,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     display_name,
                     description,
                     ingress_domain,
+                    heartbeat,
+                    bandwidth,
+                    windows,
+                    timezone,
                 } => {
                     let update = trellis_hub::api::types::UpdateOutpostRequest {
                         display_name,
                         description,
                         ingress_domain,
                     };
-                    outposts::update(&client, &name, &update, global.output).await
+                    let profile = trellis_hub::api::types::LinkProfileRequest {
+                        heartbeat,
+                        bandwidth,
+                        windows,
+                        timezone,
+                    };
+                    outposts::update(&client, &name, &update, &profile, global.output).await
                 }
                 UpdateCommand::User { name, admin } => {
                     resources::update_user(&client, &name, admin, global.output).await

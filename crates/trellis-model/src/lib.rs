@@ -17,6 +17,8 @@
 //! - [`selector`]: label selectors (`site=munich,line!=3`) over outposts.
 //! - [`rollout`]: rollouts in waves — their records, how stages fall into
 //!   waves, and how a wave is judged (pure, so tested without a hub).
+//! - [`link_profile`]: an outpost's link profile for metered networks —
+//!   heartbeat, delivery bandwidth cap, delivery windows — and their parsers.
 //! - [`display`]: byte counts and instants as people read them (CLI and
 //!   console alike).
 
@@ -24,6 +26,7 @@ pub mod access;
 pub mod display;
 pub mod entity;
 pub mod ingress;
+pub mod link_profile;
 pub mod manifest;
 pub mod name;
 pub mod outpost_uri;
