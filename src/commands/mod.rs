@@ -115,6 +115,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     selector,
                     agent_version: Some(version),
                     deadline,
+                    heartbeat: _,
+                    bandwidth: _,
+                    windows: _,
+                    timezone: _,
                 } => {
                     let _ = (display_name, description, ingress_domain);
                     let request = trellis_hub::api::agent_updates::CreateAgentUpdatesRequest {
@@ -131,6 +135,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     display_name,
                     description,
                     ingress_domain,
+                    heartbeat,
+                    bandwidth,
+                    windows,
+                    timezone,
                     ..
                 } => {
                     let Some(name) = name else {
@@ -143,7 +151,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         description,
                         ingress_domain,
                     };
-                    outposts::update(&client, &name, &update, global.output).await
+                    let profile = trellis_hub::api::types::LinkProfileRequest {
+                        heartbeat,
+                        bandwidth,
+                        windows,
+                        timezone,
+                    };
+                    outposts::update(&client, &name, &update, &profile, global.output).await
                 }
                 UpdateCommand::User { name, admin } => {
                     resources::update_user(&client, &name, admin, global.output).await

@@ -1,7 +1,8 @@
 //! Outpost URIs: get, rotate, validate; revoking an outpost.
 
 use trellis_hub::api::types::{
-    JoinTokenResponse, OutpostUriResponse, UpdateOutpostRequest, ValidateOutpostUriRequest,
+    JoinTokenResponse, LinkProfileRequest, LinkProfileView, OutpostUriResponse,
+    UpdateOutpostRequest, ValidateOutpostUriRequest,
 };
 use trellis_hub::link::status::StageStatus;
 use trellis_hub::outposts::OutpostDescription;
@@ -57,8 +58,29 @@ pub async fn update(
     client: &HubClient,
     name: &str,
     update: &UpdateOutpostRequest,
+    profile: &LinkProfileRequest,
     format: OutputFormat,
 ) -> anyhow::Result<()> {
+    let changes_profile = profile.heartbeat.is_some()
+        || profile.bandwidth.is_some()
+        || profile.windows.is_some()
+        || profile.timezone.is_some();
+    let changes_record = update.display_name.is_some()
+        || update.description.is_some()
+        || update.ingress_domain.is_some();
+    if changes_profile {
+        // The profile first: a part that does not parse changes nothing.
+        let view: LinkProfileView = client
+            .patch(
+                &format!("/outposts/{}/link-profile", seg(name)),
+                profile,
+                "changing the outpost's link profile",
+            )
+            .await?;
+        if !changes_record {
+            return print_link_profile(format, &view);
+        }
+    }
     let o: Outpost = client
         .patch(
             &format!("/outposts/{}", seg(name)),
@@ -427,5 +449,29 @@ pub async fn update_agents(
         );
     }
     eprintln!("follow them with `trellis list outposts`");
+/// The outpost's link profile, as `trellis get outpost` and `update
+/// outpost` show it.
+pub fn link_profile_lines(p: &LinkProfileView) -> Vec<(&'static str, String)> {
+    let heartbeat = if p.heartbeat_default {
+        format!("{} s (the hub's default)", p.heartbeat_secs)
+    } else {
+        format!("{} s", p.heartbeat_secs)
+    };
+    let delivery = match &p.opens {
+        Some(opens) => format!("waiting for delivery window (opens {opens})"),
+        None => "open".to_owned(),
+    };
+    vec![
+        ("heartbeat", heartbeat),
+        ("bandwidth", p.bandwidth.clone()),
+        ("windows", format!("{} ({})", p.windows, p.timezone)),
+        ("delivery", delivery),
+    ]
+}
+
+fn print_link_profile(format: OutputFormat, view: &LinkProfileView) -> anyhow::Result<()> {
+    let mut lines = vec![("outpost", view.outpost.clone())];
+    lines.extend(link_profile_lines(view));
+    output::one(format, view, &lines)?;
     Ok(())
 }

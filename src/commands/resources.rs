@@ -1257,29 +1257,36 @@ pub async fn get(client: &HubClient, args: GetArgs, format: OutputFormat) -> any
             let o: Outpost = client
                 .get(&format!("/outposts/{}", seg(name)), "getting the outpost")
                 .await?;
-            output::one(
-                format,
-                &o,
-                &[
-                    ("name", o.name.clone()),
-                    ("display name", o.display_name.clone()),
-                    ("description", o.description.clone()),
-                    (
-                        "labels",
-                        o.labels
-                            .iter()
-                            .map(|(k, v)| format!("{k}={v}"))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    ),
-                    (
-                        "max stages",
-                        o.max_stages
-                            .map(|n| n.to_string())
-                            .unwrap_or_else(|| "no limit".into()),
-                    ),
-                ],
-            )
+            let profile: trellis_hub::api::types::LinkProfileView = client
+                .get(
+                    &format!("/outposts/{}/link-profile", seg(name)),
+                    "getting the outpost's link profile",
+                )
+                .await?;
+            // The record with its profile, as one document.
+            let mut value = serde_json::to_value(&o)?;
+            value["link_profile"] = serde_json::to_value(&profile)?;
+            let mut lines = vec![
+                ("name", o.name.clone()),
+                ("display name", o.display_name.clone()),
+                ("description", o.description.clone()),
+                (
+                    "labels",
+                    o.labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
+                (
+                    "max stages",
+                    o.max_stages
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| "no limit".into()),
+                ),
+            ];
+            lines.extend(super::outposts::link_profile_lines(&profile));
+            output::one(format, &value, &lines)
         }
         Kind::OutpostUri => super::outposts::get_uri(client, name).await,
         Kind::User

@@ -33,7 +33,12 @@ impl HubProcess {
 
     /// Starts `trellis hub --data DATA ARGS…`.
     pub fn start_with(data: &Path, args: &[&str]) -> HubProcess {
-        Self::spawn(data, args, None)
+        Self::spawn_env(data, args, None, &[])
+    }
+
+    /// [`HubProcess::start_with`] with environment variables set for it.
+    pub fn start_with_env(data: &Path, args: &[&str], env: &[(&str, &Path)]) -> HubProcess {
+        Self::spawn_env(data, args, None, env)
     }
 
     /// Starts `trellis hub --listen 127.0.0.1:0 --data DATA` logging at
@@ -43,7 +48,17 @@ impl HubProcess {
     }
 
     fn spawn(data: &Path, args: &[&str], log: Option<&Path>) -> HubProcess {
+        Self::spawn_env(data, args, log, &[])
+    }
+
+    fn spawn_env(
+        data: &Path,
+        args: &[&str],
+        log: Option<&Path>,
+        env: &[(&str, &Path)],
+    ) -> HubProcess {
         let mut command = Command::new(bin());
+        command.envs(env.iter().copied());
         command
             .arg("hub")
             .args(args)

@@ -7,6 +7,10 @@
 //! acknowledged: only the newest value of each stage matters, a session
 //! that starts sends the values standing, and the status report of the
 //! apply supersedes them.
+//!
+//! The board also holds the outpost's delivery window as the hub last said
+//! ([`Message::LinkProfile`]): the deployer fetches no artifact while it is
+//! closed, and says what it waits for.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
@@ -36,11 +40,39 @@ struct Board {
     dirty: BTreeSet<StageKey>,
 }
 
+/// Whether the outpost's delivery window is open, as the hub said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub open: bool,
+    /// When closed: when it opens, in words (`22:00 Europe/Berlin`).
+    pub opens: Option<String>,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            open: true,
+            opens: None,
+        }
+    }
+}
+
+impl Window {
+    /// The delivery step shown while waiting for it.
+    pub fn waiting_step(&self) -> String {
+        match &self.opens {
+            Some(opens) => format!("waiting for delivery window (opens {opens})"),
+            None => "waiting for delivery window".into(),
+        }
+    }
+}
+
 /// See the module docs.
 #[derive(Default)]
 pub struct DeliveryBoard {
     board: Mutex<Board>,
     changed: Notify,
+    window: tokio::sync::watch::Sender<Window>,
 }
 
 impl std::fmt::Debug for DeliveryBoard {
@@ -50,6 +82,20 @@ impl std::fmt::Debug for DeliveryBoard {
 }
 
 impl DeliveryBoard {
+    /// The hub says the delivery window is now `window`.
+    pub fn set_window(&self, window: Window) {
+        self.window.send_if_modified(|w| {
+            let changed = *w != window;
+            *w = window;
+            changed
+        });
+    }
+
+    /// The delivery window as the hub last said, to wait on.
+    pub fn window(&self) -> tokio::sync::watch::Receiver<Window> {
+        self.window.subscribe()
+    }
+
     /// Puts `delivery` on the board, unless the stage's last value of the
     /// same step is younger than [`UPDATE_INTERVAL`] and `last` is false.
     pub fn update(&self, stage: &StageKey, delivery: Delivery, last: bool) {

@@ -123,6 +123,10 @@ fn plan_aad(stage: &StageKey, name: &str) -> Vec<u8> {
 /// arrives) before the revision fails.
 pub const DELIVERY_PATIENCE: Duration = Duration::from_secs(300);
 
+/// How long a delivery the hub held back for its window waits before
+/// asking again, when the hub has not said the window opened.
+const WINDOW_RECHECK: Duration = Duration::from_secs(60);
+
 /// What [`Deployer::collect_garbage`] freed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CollectReport {
@@ -270,6 +274,73 @@ impl Deployer {
         self
     }
 
+    /// Waits while the hub says the outpost's delivery window is closed,
+    /// showing what it waits for. With `recheck`, the hub refused although
+    /// it said the window was open: wait for word or `recheck`, whichever
+    /// comes first.
+    async fn wait_for_window(
+        &self,
+        stage: &StageKey,
+        revision: u64,
+        fetched: u64,
+        total: u64,
+        recheck: Option<Duration>,
+    ) {
+        let Some(board) = &self.deliveries else {
+            if let Some(recheck) = recheck {
+                tokio::time::sleep(recheck).await;
+            }
+            return;
+        };
+        let mut window = board.window();
+        let current = window.borrow_and_update().clone();
+        if current.open && recheck.is_none() {
+            return;
+        }
+        let step = if current.open {
+            "waiting for delivery window".to_owned()
+        } else {
+            current.waiting_step()
+        };
+        self.report_delivery(
+            stage,
+            Delivery {
+                revision,
+                fetched,
+                total,
+                step,
+            },
+            true,
+        );
+        match recheck {
+            Some(recheck) => {
+                let _ = tokio::time::timeout(recheck, window.changed()).await;
+            }
+            None => {
+                // Keeps showing when it opens if the hub moves that.
+                loop {
+                    if window.changed().await.is_err() {
+                        return;
+                    }
+                    let w = window.borrow_and_update().clone();
+                    if w.open {
+                        return;
+                    }
+                    self.report_delivery(
+                        stage,
+                        Delivery {
+                            revision,
+                            fetched,
+                            total,
+                            step: w.waiting_step(),
+                        },
+                        true,
+                    );
+                }
+            }
+        }
+    }
+
     fn report_delivery(&self, stage: &StageKey, delivery: Delivery, last: bool) {
         if let Some(board) = &self.deliveries {
             board.update(stage, delivery, last);
@@ -317,6 +388,14 @@ impl Deployer {
             // what earlier ones left in the cache).
             let seen = std::sync::atomic::AtomicU64::new(0);
             loop {
+                self.wait_for_window(
+                    stage,
+                    revision,
+                    before + seen.load(std::sync::atomic::Ordering::Relaxed),
+                    total,
+                    None,
+                )
+                .await;
                 let progress = |fetched: u64| {
                     seen.fetch_max(fetched, std::sync::atomic::Ordering::Relaxed);
                     self.report_delivery(
@@ -333,6 +412,17 @@ impl Deployer {
                 let started_at = seen.load(std::sync::atomic::Ordering::Relaxed);
                 match artifacts.fetch(index, &progress).await {
                     Ok(_) => break,
+                    Err(e) if e.code == "delivery-window-closed" => {
+                        // The hub refused: its window closed before it told
+                        // us, or mid-delivery. Wait for word of it opening
+                        // (or ask again a while later), without counting
+                        // the wait against the delivery's patience.
+                        tracing::info!(%stage, reason = %e.message, "the hub holds the delivery back until the outpost's delivery window opens");
+                        let fetched = before + seen.load(std::sync::atomic::Ordering::Relaxed);
+                        self.wait_for_window(stage, revision, fetched, total, Some(WINDOW_RECHECK))
+                            .await;
+                        last_progress = Instant::now();
+                    }
                     Err(e) if e.code == "artifact-fetch-failed" => {
                         if seen.load(std::sync::atomic::Ordering::Relaxed) > started_at {
                             last_progress = Instant::now();

@@ -386,6 +386,8 @@ struct Session<'a> {
     out: Outgoing,
     welcomed: bool,
     heartbeat: Duration,
+    /// The hub changed the heartbeat: the next ping is due within it.
+    heartbeat_changed: bool,
     /// Outbox entries up to here were sent on this connection.
     sent_up_to: u64,
     outbox_dirty: bool,
@@ -419,6 +421,7 @@ pub async fn run_session(
         out: Outgoing { seq: 0 },
         welcomed: false,
         heartbeat: config.handshake_timeout,
+        heartbeat_changed: false,
         sent_up_to: 0,
         outbox_dirty: true,
         renew_at: None,
@@ -498,6 +501,9 @@ pub async fn run_session(
                         match session.handle(io, envelope.msg).await {
                             Next::Continue => {}
                             Next::End(end) => return end,
+                        }
+                        if std::mem::take(&mut session.heartbeat_changed) {
+                            next_ping = next_ping.min(Instant::now() + session.heartbeat);
                         }
                         if session.welcomed && !was_welcomed {
                             next_ping = Instant::now() + session.heartbeat;
@@ -588,6 +594,12 @@ impl Session<'_> {
                 // a huge value would keep a dead link "up" for years.
                 self.heartbeat =
                     Duration::from_secs(u64::from(heartbeat_secs.clamp(1, MAX_HUB_DELAY_SECS)));
+                // A hub with a profile for this outpost says so right after
+                // the welcome; without one, deliveries may move.
+                self.ctx
+                    .reporter
+                    .deliveries()
+                    .set_window(crate::delivery::Window::default());
                 if !self.welcomed {
                     self.welcomed = true;
                     let skew = (Utc::now() - server_time).num_seconds();
@@ -607,6 +619,34 @@ impl Session<'_> {
                         u.updater.linked();
                     }
                 }
+                Next::Continue
+            }
+            Message::LinkProfile {
+                heartbeat_secs,
+                delivery_open,
+                opens,
+                ..
+            } => {
+                let heartbeat =
+                    Duration::from_secs(u64::from(heartbeat_secs.clamp(1, MAX_HUB_DELAY_SECS)));
+                if heartbeat != self.heartbeat {
+                    tracing::info!(heartbeat_secs, "the hub changed the link's heartbeat");
+                    self.heartbeat = heartbeat;
+                    self.heartbeat_changed = true;
+                }
+                if !delivery_open {
+                    tracing::info!(
+                        opens = opens.as_deref().unwrap_or("unknown"),
+                        "outside the outpost's delivery window: artifacts wait until it opens"
+                    );
+                }
+                self.ctx
+                    .reporter
+                    .deliveries()
+                    .set_window(crate::delivery::Window {
+                        open: delivery_open,
+                        opens,
+                    });
                 Next::Continue
             }
             Message::Desired {
@@ -1083,18 +1123,22 @@ async fn hello(ctx: &LinkContext) -> Result<Message, AgentError> {
         outbox_from: outbox
             .oldest_seq
             .unwrap_or_else(|| outbox.last_seq.saturating_add(1)),
-        features: std::iter::once(trellis_link::protocol::FEATURE_STREAMS)
-            .chain(
-                ctx.backups
-                    .as_ref()
-                    .map(|_| trellis_link::protocol::FEATURE_BACKUPS),
-            )
-            .chain(
-                ctx.updater
-                    .as_ref()
-                    .map(|_| trellis_link::protocol::FEATURE_AGENT_UPDATE),
-            )
-            .map(str::to_owned)
-            .collect(),
+        features: [
+            trellis_link::protocol::FEATURE_STREAMS,
+            trellis_link::protocol::FEATURE_LINK_PROFILE,
+        ]
+        .into_iter()
+        .chain(
+            ctx.backups
+                .as_ref()
+                .map(|_| trellis_link::protocol::FEATURE_BACKUPS),
+        )
+        .chain(
+            ctx.updater
+                .as_ref()
+                .map(|_| trellis_link::protocol::FEATURE_AGENT_UPDATE),
+        )
+        .map(str::to_owned)
+        .collect(),
     })
 }

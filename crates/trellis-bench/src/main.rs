@@ -135,6 +135,12 @@ enum Bench {
         /// is 25 s).
         #[arg(long, default_value_t = 100)]
         idle_secs: u64,
+        /// Give every outpost a link profile with this heartbeat (seconds)
+        /// before it links (as `trellis update outpost --heartbeat`), then
+        /// check that a pushed release still arrives at once; the profiles
+        /// are cleared again at the end. Measure at least two heartbeats.
+        #[arg(long)]
+        heartbeat: Option<u32>,
         #[command(flatten)]
         fleet: FleetArgs,
     },
@@ -402,12 +408,14 @@ fn main() -> anyhow::Result<()> {
         Bench::Connect {
             outposts,
             idle_secs,
+            heartbeat,
             fleet,
         } => runtime.block_on(scale::connect(
             fleet.common()?,
             scale::ConnectSettings {
                 outposts: outposts.max(1),
                 idle: std::time::Duration::from_secs(idle_secs.max(1)),
+                heartbeat,
             },
         )),
         Bench::Fanout { stages, fleet } => runtime.block_on(scale::fanout(

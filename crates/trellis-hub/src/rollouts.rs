@@ -220,11 +220,15 @@ async fn advance(
                 return Ok(());
             }
             Some(w) => {
+                let waiting = window_waits(state, &mut r, w, now);
                 let started = r.waves[w].started_at.unwrap_or(now);
+                let origin = r.waves[w]
+                    .window_opened_at
+                    .map_or(started, |opened| opened.max(started));
                 let timeout = chrono::Duration::seconds(
                     i64::try_from(r.wave_timeout_seconds).unwrap_or(i64::MAX / 1000),
                 );
-                let timed_out = now - started >= timeout;
+                let timed_out = !waiting && now - origin >= timeout;
                 let stages: Vec<_> = r.wave_stages(w).collect();
                 match judge(w, &stages, r.success_threshold, timed_out) {
                     Verdict::Watch => {}
@@ -262,6 +266,50 @@ fn observed_only(before: &Rollout, after: &Rollout) -> bool {
         && before.halt_reason == after.halt_reason
         && before.next_wave_at == after.next_wave_at
         && before.finished_at == after.finished_at
+/// The words a stage of a rollout shows while its outpost's delivery
+/// window is closed.
+const WINDOW_WAIT: &str = "waiting for delivery window";
+
+/// Marks the pending stages of wave `w` whose outposts are outside their
+/// delivery windows (`waiting for delivery window (opens …)`), and clears
+/// the mark of those whose window opened. Returns whether any waits: the
+/// wave then waits for them instead of timing out, since their releases
+/// cannot arrive before the window opens. The timeout counts again from
+/// when the last of them opened. (Unlike offline outposts they are not
+/// carried along: an outpost outside its window is reachable and will run
+/// the release soon, so it should count for the wave.)
+fn window_waits(state: &AppState, r: &mut Rollout, w: usize, now: chrono::DateTime<Utc>) -> bool {
+    let profiles = &state.links().profiles;
+    let mut waiting = false;
+    let mut opened = false;
+    for s in r
+        .stages
+        .iter_mut()
+        .filter(|s| s.wave as usize == w && s.state == StageRolloutState::Pushed && !s.carried)
+    {
+        match profiles.window(&s.outpost) {
+            trellis_model::link_profile::WindowState::Closed { opens, .. } => {
+                let message = format!("{WINDOW_WAIT} (opens {opens})");
+                if s.message.as_deref() != Some(message.as_str()) {
+                    s.message = Some(message);
+                }
+                waiting = true;
+            }
+            trellis_model::link_profile::WindowState::Open => {
+                if s.message
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with(WINDOW_WAIT))
+                {
+                    s.message = None;
+                    opened = true;
+                }
+            }
+        }
+    }
+    if opened && !waiting {
+        r.waves[w].window_opened_at = Some(now);
+    }
+    waiting
 }
 
 /// Saves `r` if it differs from `before`; the record as stored.

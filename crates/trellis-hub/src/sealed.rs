@@ -502,6 +502,24 @@ impl Store for SealedStore {
     async fn update_outpost(&self, name: &str, update: &OutpostUpdate) -> Result<Outpost> {
         self.inner.update_outpost(name, update).await
     }
+    async fn get_link_profile(
+        &self,
+        outpost: &str,
+    ) -> Result<trellis_model::link_profile::LinkProfile> {
+        self.inner.get_link_profile(outpost).await
+    }
+    async fn set_link_profile(
+        &self,
+        outpost: &str,
+        profile: &trellis_model::link_profile::LinkProfile,
+    ) -> Result<trellis_model::link_profile::LinkProfile> {
+        self.inner.set_link_profile(outpost, profile).await
+    }
+    async fn list_link_profiles(
+        &self,
+    ) -> Result<Vec<(String, trellis_model::link_profile::LinkProfile)>> {
+        self.inner.list_link_profiles().await
+    }
     async fn revoke_outpost(&self, name: &str, now: Timestamp) -> Result<Outpost> {
         self.inner.revoke_outpost(name, now).await
     }

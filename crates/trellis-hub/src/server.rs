@@ -130,6 +130,12 @@ impl Hub {
             Links::new(options.link.clone()),
             cluster,
         );
+        state
+            .links()
+            .profiles
+            .load(state.store())
+            .await
+            .context("reading the outposts' link profiles")?;
         if let Some(address) = &options.public_address {
             let (host, port) = split_address(address)?;
             state.set_public_address(host, port);

@@ -213,6 +213,25 @@ pub enum Message {
     /// Hub → agent: the final state of agent update `id` is stored; stop
     /// sending it.
     AgentUpdateAck { id: u64 },
+    /// Hub → agent (agents announcing [`FEATURE_LINK_PROFILE`]): the
+    /// outpost's link profile as it applies now. Sent after `welcome` when
+    /// the outpost has a profile, and again whenever it changes (an
+    /// administrator set it; a delivery window opened or closed).
+    LinkProfile {
+        /// How often the agent should send (and expect) heartbeats from now
+        /// on; replaces the one `welcome` gave.
+        heartbeat_secs: u32,
+        /// Whether artifacts may be fetched now (a delivery window is
+        /// open, or the outpost has none). Desired states flow regardless.
+        delivery_open: bool,
+        /// When closed: when the next window opens…
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        opens_at: Option<DateTime<Utc>>,
+        /// …and the same in words, in the outpost's time zone
+        /// (`22:00 Europe/Berlin`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        opens: Option<String>,
+    },
 
     // --- both, streams ---
     /// Either side: bytes of stream `id`. On a WebSocket this travels as a
@@ -271,6 +290,7 @@ impl Message {
             Message::StreamOpen { .. } => "stream-open",
             Message::StreamResize { .. } => "stream-resize",
             Message::BackupJob { .. } => "backup-job",
+            Message::LinkProfile { .. } => "link-profile",
             Message::StreamData { .. } => "stream-data",
             Message::StreamCredit { .. } => "stream-credit",
             Message::StreamEof { .. } => "stream-eof",
@@ -305,6 +325,7 @@ pub const MESSAGE_TYPES: &[&str] = &[
     "stream-open",
     "stream-resize",
     "backup-job",
+    "link-profile",
     "stream-data",
     "stream-credit",
     "stream-eof",
@@ -328,6 +349,10 @@ pub const FEATURE_BACKUPS: &str = "backups";
 /// with another version ([`Message::AgentUpdate`]): the standalone
 /// `trellis-agent` binary, which owns the file it runs from.
 pub const FEATURE_AGENT_UPDATE: &str = "agent-update";
+/// The feature an agent announces in `hello` when it follows the link
+/// profile the hub sends ([`Message::LinkProfile`]): a changed heartbeat,
+/// and deliveries held back while the outpost's delivery window is closed.
+pub const FEATURE_LINK_PROFILE: &str = "link-profile";
 
 /// The feature an agent announces in `hello` when it serves streams
 /// (exec, port forwarding).

@@ -187,6 +187,12 @@ fn examples() -> Vec<Message> {
             stage: "prod".into(),
             op: trellis_link::protocol::BackupOp::Restore,
         },
+        Message::LinkProfile {
+            heartbeat_secs: 300,
+            delivery_open: false,
+            opens_at: Some("2026-12-07T21:00:00Z".parse().unwrap()),
+            opens: Some("22:00 Europe/Berlin".into()),
+        },
         Message::StreamData {
             id: 4,
             channel: StreamChannel::Err,
@@ -247,6 +253,7 @@ fn examples() -> Vec<Message> {
             | Message::AgentUpdate { .. }
             | Message::AgentUpdateState { .. }
             | Message::AgentUpdateAck { .. }
+            | Message::LinkProfile { .. }
             | Message::StreamData { .. }
             | Message::StreamCredit { .. }
             | Message::StreamEof { .. }

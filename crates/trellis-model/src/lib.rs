@@ -20,6 +20,8 @@
 //!   waves, and how a wave is judged (pure, so tested without a hub).
 //! - [`agent_binary`]: the agent binaries the hub holds per version and
 //!   architecture, and how an ELF header names its machine.
+//! - [`link_profile`]: an outpost's link profile for metered networks —
+//!   heartbeat, delivery bandwidth cap, delivery windows — and their parsers.
 //! - [`display`]: byte counts and instants as people read them (CLI and
 //!   console alike).
 
@@ -29,6 +31,7 @@ pub mod agent_update;
 pub mod display;
 pub mod entity;
 pub mod ingress;
+pub mod link_profile;
 pub mod manifest;
 pub mod name;
 pub mod outpost_uri;

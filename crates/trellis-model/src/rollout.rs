@@ -307,6 +307,11 @@ pub struct RolloutWave {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub outcome: Option<WaveOutcome>,
+    /// When the last of its stages that waited for their outposts'
+    /// delivery windows saw them open: the wave timeout counts from here
+    /// (a wave does not time out while its stages wait for a window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_opened_at: Option<DateTime<Utc>>,
 }
 
 /// Where one stage of a rollout stands.
@@ -442,6 +447,7 @@ impl NewRollout {
                 started_at: None,
                 finished_at: None,
                 outcome: None,
+                window_opened_at: None,
             });
             for stage in &order[start..end] {
                 planned.push(RolloutStage {

@@ -33,6 +33,8 @@ pub enum Change {
     Outpost(String),
     /// The outpost was revoked or deleted: its link must close.
     Revoked(String),
+    /// The outpost's link profile changed: its session applies it.
+    Profile(String),
     /// `instance` claimed the outpost's link at `epoch`: any other session
     /// of it must end.
     Claimed {
@@ -53,6 +55,7 @@ impl Change {
         match kind {
             "o" => Some(Change::Outpost(rest.to_owned())),
             "r" => Some(Change::Revoked(rest.to_owned())),
+            "p" => Some(Change::Profile(rest.to_owned())),
             "c" => {
                 let (epoch, rest) = rest.split_once(':')?;
                 let (instance, outpost) = rest.split_once(':')?;
@@ -175,6 +178,10 @@ mod tests {
         assert_eq!(
             Change::parse("r:edge-1"),
             Some(Change::Revoked("edge-1".into()))
+        );
+        assert_eq!(
+            Change::parse("p:edge-1"),
+            Some(Change::Profile("edge-1".into()))
         );
         assert_eq!(
             Change::parse("c:42:i-7f3a:edge-1"),

@@ -33,6 +33,7 @@ use trellis_model::{
     AccessKeyInfo, AgentBinary, AuditEntry, Backup, Build, ComponentAction, ComponentControl,
     Config, ConfigData, ConfigSnapshot, Member, NewAuditEntry, NewBackup, NewBuild, Outpost,
     OutpostLink, Project, Release, Role, Stage, StageSync, StageType, Timestamp, User,
+    link_profile::LinkProfile,
     rollout::{NewRollout, Rollout},
 };
 
@@ -419,6 +420,15 @@ pub trait Store: Send + Sync + 'static {
     /// Changes an outpost's description or ingress domain (see
     /// [`OutpostUpdate`]).
     async fn update_outpost(&self, name: &str, update: &OutpostUpdate) -> Result<Outpost>;
+    /// The outpost's link profile (all parts unset when none was given).
+    async fn get_link_profile(&self, outpost: &str) -> Result<LinkProfile>;
+    /// Replaces the outpost's link profile (checked by the caller); an
+    /// all-default profile clears it. Where hubs share the store, the
+    /// instance holding the outpost's link hears of it
+    /// ([`cluster::Change::Profile`]).
+    async fn set_link_profile(&self, outpost: &str, profile: &LinkProfile) -> Result<LinkProfile>;
+    /// Every outpost given a profile other than the defaults, by name.
+    async fn list_link_profiles(&self) -> Result<Vec<(String, LinkProfile)>>;
     /// Marks the outpost revoked (idempotent: the first time is kept).
     async fn revoke_outpost(&self, name: &str, now: Timestamp) -> Result<Outpost>;
 

@@ -75,6 +75,8 @@ struct State {
     keys: BTreeMap<String, StoredAccessKey>,
     projects: BTreeMap<String, ProjectState>,
     outposts: BTreeMap<String, Outpost>,
+    /// By outpost; only outposts given a profile have one.
+    link_profiles: BTreeMap<String, trellis_model::link_profile::LinkProfile>,
     /// By outpost; only outposts whose agent joined have one.
     links: BTreeMap<String, OutpostLink>,
     /// By token hash.
@@ -1000,6 +1002,7 @@ impl Store for MemoryStore {
         state.agent_updates.retain(|_, u| u.outpost != name);
         state.claims.remove(name);
         state.outposts.remove(name);
+        state.link_profiles.remove(name);
         self.announce([
             Change::Outpost(name.to_owned()),
             Change::Revoked(name.to_owned()),
@@ -1049,6 +1052,54 @@ impl Store for MemoryStore {
             self.announce([Change::Outpost(name.to_owned())]);
         }
         Ok(outpost)
+    }
+
+    async fn get_link_profile(
+        &self,
+        outpost: &str,
+    ) -> Result<trellis_model::link_profile::LinkProfile> {
+        let state = self.state();
+        if !state.outposts.contains_key(outpost) {
+            return Err(not_found("outpost", outpost.to_owned()));
+        }
+        Ok(state
+            .link_profiles
+            .get(outpost)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn set_link_profile(
+        &self,
+        outpost: &str,
+        profile: &trellis_model::link_profile::LinkProfile,
+    ) -> Result<trellis_model::link_profile::LinkProfile> {
+        let mut state = self.state();
+        if !state.outposts.contains_key(outpost) {
+            return Err(not_found("outpost", outpost.to_owned()));
+        }
+        let before = if profile.is_default() {
+            state.link_profiles.remove(outpost)
+        } else {
+            state
+                .link_profiles
+                .insert(outpost.to_owned(), profile.clone())
+        };
+        if before.unwrap_or_default() != *profile {
+            self.announce([Change::Profile(outpost.to_owned())]);
+        }
+        Ok(profile.clone())
+    }
+
+    async fn list_link_profiles(
+        &self,
+    ) -> Result<Vec<(String, trellis_model::link_profile::LinkProfile)>> {
+        Ok(self
+            .state()
+            .link_profiles
+            .iter()
+            .map(|(o, p)| (o.clone(), p.clone()))
+            .collect())
     }
 
     async fn revoke_outpost(&self, name: &str, now: Timestamp) -> Result<Outpost> {

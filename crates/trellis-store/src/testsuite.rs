@@ -49,6 +49,7 @@ macro_rules! for_each_suite_test {
             outpost_capacity,
             outpost_uri_rotation_and_revocation,
             outpost_updates,
+            link_profiles,
             stage_updates,
             build_numbering,
             release_push,
@@ -1080,6 +1081,79 @@ pub async fn outposts(store: &dyn Store) {
         store.stages_on_outpost("factory-7").await,
         "outpost",
         "factory-7",
+    );
+}
+
+pub async fn link_profiles(store: &dyn Store) {
+    use trellis_model::link_profile::LinkProfile;
+    store.create_outpost(&outpost("edge", None)).await.unwrap();
+    store.create_outpost(&outpost("other", None)).await.unwrap();
+    assert_eq!(
+        store.get_link_profile("edge").await.unwrap(),
+        LinkProfile::default(),
+        "an outpost starts with the hub's defaults"
+    );
+    let metered = LinkProfile {
+        heartbeat_secs: Some(300),
+        bandwidth_bytes_per_sec: Some(1 << 20),
+        windows: Some("mon-fri 22:00-06:00,sat,sun".into()),
+        timezone: Some("Europe/Berlin".into()),
+    };
+    assert_eq!(
+        store.set_link_profile("edge", &metered).await.unwrap(),
+        metered
+    );
+    assert_eq!(store.get_link_profile("edge").await.unwrap(), metered);
+    assert_eq!(
+        store.list_link_profiles().await.unwrap(),
+        vec![("edge".to_owned(), metered.clone())],
+        "only outposts with a profile are listed"
+    );
+    assert_eq!(
+        store.get_link_profile("other").await.unwrap(),
+        LinkProfile::default(),
+        "profiles are per outpost"
+    );
+    let heartbeat_only = LinkProfile {
+        heartbeat_secs: Some(60),
+        ..LinkProfile::default()
+    };
+    store
+        .set_link_profile("edge", &heartbeat_only)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_link_profile("edge").await.unwrap(),
+        heartbeat_only,
+        "a profile is replaced whole"
+    );
+    store
+        .set_link_profile("edge", &LinkProfile::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_link_profile("edge").await.unwrap(),
+        LinkProfile::default()
+    );
+    assert!(store.list_link_profiles().await.unwrap().is_empty());
+    assert_not_found(
+        store.get_link_profile("nowhere").await,
+        "outpost",
+        "nowhere",
+    );
+    assert_not_found(
+        store.set_link_profile("nowhere", &metered).await,
+        "outpost",
+        "nowhere",
+    );
+
+    // A deleted outpost's profile goes with it.
+    store.set_link_profile("other", &metered).await.unwrap();
+    store.delete_outpost("other", false).await.unwrap();
+    store.create_outpost(&outpost("other", None)).await.unwrap();
+    assert_eq!(
+        store.get_link_profile("other").await.unwrap(),
+        LinkProfile::default()
     );
 }
 

@@ -698,6 +698,8 @@ fn refusal(digest: &Digest, status: u16, body: &[u8]) -> RuntimeError {
         // The hub read it from its object store and it did not verify: no
         // retry will bring a good copy.
         (_, "chunk-damaged-on-hub") => "artifact-corrupt",
+        // Outside the outpost's delivery window: wait, do not fail.
+        (503, "delivery-window-closed") => "delivery-window-closed",
         (401 | 403, _) => "artifact-fetch-refused",
         _ => "artifact-fetch-failed",
     };

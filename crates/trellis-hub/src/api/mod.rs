@@ -112,6 +112,10 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(outposts::get_outpost_uri))
         .routes(routes!(outposts::rotate_outpost_uri))
         .routes(routes!(outposts::revoke_outpost))
+        .routes(routes!(
+            outposts::get_link_profile,
+            outposts::update_link_profile
+        ))
         .routes(routes!(outposts::create_join_token))
         .routes(routes!(crate::link::endpoint::join))
         .routes(routes!(crate::link::endpoint::renew))

@@ -6,12 +6,14 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::Utc;
 use trellis_model::ingress::validate_ingress_domain;
+use trellis_model::link_profile::{LinkProfile, LinkProfileError};
 use trellis_model::{LOCAL_OUTPOST, NameKind, Outpost, validate_name};
 use trellis_store::OutpostUpdate;
 
 use super::types::{
     CreateOutpostRequest, CreatedOutpost, DeleteQuery, JoinTokenRequest, JoinTokenResponse,
-    OutpostUriResponse, UpdateOutpostRequest, ValidateOutpostUriRequest,
+    LinkProfileRequest, LinkProfileView, OutpostUriResponse, UpdateOutpostRequest,
+    ValidateOutpostUriRequest,
 };
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -300,4 +302,110 @@ async fn mint_join_token(
         token: token.to_string(),
         expires_at,
     })
+}
+
+/// The outpost's link profile (heartbeat, delivery cap and windows) and
+/// whether its delivery window is open now.
+#[utoipa::path(get, path = "/outposts/{outpost}/link-profile", tag = "outposts",
+    params(crate::api::params::OutpostPath),
+    responses(
+        (status = 200, body = LinkProfileView),
+        (status = 401, description = "no or a wrong access key", body = crate::error::ErrorBody),
+        (status = 403, description = "not an administrator", body = crate::error::ErrorBody),
+        (status = 404, description = "no such outpost (`not-found`)", body = crate::error::ErrorBody),
+    ))]
+pub async fn get_link_profile(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(outpost): Path<String>,
+) -> ApiResult<Json<LinkProfileView>> {
+    caller.require_admin("see link profiles")?;
+    let profile = state.store().get_link_profile(&outpost).await?;
+    Ok(Json(link_profile_view(&state, outpost, &profile)))
+}
+
+/// Changes the outpost's link profile; absent fields stay. The outpost's
+/// link takes the new heartbeat and windows at once (an agent too old to
+/// be told links again).
+#[utoipa::path(patch, path = "/outposts/{outpost}/link-profile", tag = "outposts",
+    params(crate::api::params::OutpostPath), request_body = LinkProfileRequest,
+    responses(
+        (status = 200, body = LinkProfileView),
+        (status = 400, description = "a part that does not parse or is out of bounds (`invalid-heartbeat`, `invalid-bandwidth`, `invalid-window`, `invalid-timezone`), the message naming the problem (for windows, the character)", body = crate::error::ErrorBody),
+        (status = 401, description = "no or a wrong access key", body = crate::error::ErrorBody),
+        (status = 403, description = "not an administrator", body = crate::error::ErrorBody),
+        (status = 404, description = "no such outpost (`not-found`)", body = crate::error::ErrorBody),
+    ))]
+pub async fn update_link_profile(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(outpost): Path<String>,
+    Json(req): Json<LinkProfileRequest>,
+) -> ApiResult<Json<LinkProfileView>> {
+    caller.require_admin("change link profiles")?;
+    let mut profile = state.store().get_link_profile(&outpost).await?;
+    apply_link_profile(&mut profile, &req)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.code(), e.to_string(), e.hint()))?;
+    let profile = state.store().set_link_profile(&outpost, &profile).await?;
+    // On a shared store the feed tells the instance holding the link
+    // (`p:`); this instance applies it either way.
+    state.links().profile_changed(&outpost, profile.clone());
+    Ok(Json(link_profile_view(&state, outpost, &profile)))
+}
+
+/// Applies the parts `req` gives to `profile`, each parsed by the model's
+/// one parser.
+fn apply_link_profile(
+    profile: &mut LinkProfile,
+    req: &LinkProfileRequest,
+) -> Result<(), LinkProfileError> {
+    use trellis_model::link_profile as lp;
+    if let Some(text) = &req.heartbeat {
+        profile.heartbeat_secs = if text.trim().eq_ignore_ascii_case("default") {
+            None
+        } else {
+            Some(lp::parse_heartbeat(text)?)
+        };
+    }
+    if let Some(text) = &req.bandwidth {
+        profile.bandwidth_bytes_per_sec = lp::parse_bandwidth(text)?;
+    }
+    if let Some(text) = &req.timezone {
+        let zone = lp::parse_timezone(text)?;
+        profile.timezone = (zone.name() != "UTC").then(|| zone.name().to_owned());
+    }
+    if let Some(text) = &req.windows {
+        let windows: lp::Windows = text.parse()?;
+        profile.windows = (!windows.is_always()).then(|| windows.to_string());
+    }
+    Ok(())
+}
+
+fn link_profile_view(state: &AppState, outpost: String, profile: &LinkProfile) -> LinkProfileView {
+    use trellis_model::link_profile::{WindowState, format_bandwidth};
+    let default = state.links().settings().heartbeat;
+    let window = match profile.schedule() {
+        Ok(Some(schedule)) => schedule.state_at(state.links().profiles.now()),
+        _ => WindowState::Open,
+    };
+    let (delivery, opens_at, opens) = match window {
+        WindowState::Open => ("open", None, None),
+        WindowState::Closed { opens_at, opens } => ("closed", Some(opens_at), Some(opens)),
+    };
+    LinkProfileView {
+        outpost,
+        heartbeat_secs: profile
+            .heartbeat_secs
+            .unwrap_or_else(|| u32::try_from(default.as_secs()).unwrap_or(u32::MAX)),
+        heartbeat_default: profile.heartbeat_secs.is_none(),
+        bandwidth_bytes_per_sec: profile.bandwidth_bytes_per_sec,
+        bandwidth: profile
+            .bandwidth_bytes_per_sec
+            .map_or_else(|| "none".to_owned(), format_bandwidth),
+        windows: profile.windows.clone().unwrap_or_else(|| "always".into()),
+        timezone: profile.timezone.clone().unwrap_or_else(|| "UTC".into()),
+        delivery: delivery.into(),
+        opens_at,
+        opens,
+    }
 }

@@ -472,3 +472,54 @@ pub struct LogsQuery {
     #[serde(default)]
     pub follow: bool,
 }
+
+/// `PATCH /outposts/{outpost}/link-profile`: what to change of the
+/// outpost's link profile; absent fields stay. Each is text as an
+/// administrator writes it, checked by the hub.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[schema(example = json!({"heartbeat": "300s", "bandwidth": "1MiB/s",
+    "windows": "mon-fri 22:00-06:00,sat,sun", "timezone": "Europe/Berlin"}))]
+pub struct LinkProfileRequest {
+    /// Seconds between heartbeats, 5 s to 1 h (`300`, `300s`, `5m`);
+    /// `default` goes back to the hub's.
+    #[serde(default)]
+    pub heartbeat: Option<String>,
+    /// The cap on the outpost's artifact deliveries (`1MiB/s`, `512KiB/s`,
+    /// `2MB/s`, at least 1KiB/s); `none` lifts it.
+    #[serde(default)]
+    pub bandwidth: Option<String>,
+    /// When large artifacts may move, in the outpost's time zone
+    /// (`mon-fri 22:00-06:00,sat,sun`); `always` lifts the restriction.
+    #[serde(default)]
+    pub windows: Option<String>,
+    /// The IANA time zone of the windows (`Europe/Berlin`); `UTC` by
+    /// default.
+    #[serde(default)]
+    pub timezone: Option<String>,
+}
+
+/// An outpost's link profile as it applies, with what it means now.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LinkProfileView {
+    pub outpost: String,
+    /// The heartbeat the outpost's link keeps, in seconds.
+    pub heartbeat_secs: u32,
+    /// Whether that is the hub's default (no heartbeat set for the outpost).
+    pub heartbeat_default: bool,
+    /// The delivery cap in bytes per second; absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth_bytes_per_sec: Option<u64>,
+    /// The cap as written back (`1MiB/s`), or `none`.
+    pub bandwidth: String,
+    /// The windows in canonical form, or `always`.
+    pub windows: String,
+    pub timezone: String,
+    /// `open` or `closed`: whether artifacts may move now.
+    pub delivery: String,
+    /// When closed: when the next window opens, and in words in the
+    /// outpost's zone (`22:00 Europe/Berlin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opens_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opens: Option<String>,
+}

@@ -398,6 +398,10 @@ async fn follow(state: AppState, mut feed: trellis_store::ChangeFeed, cancel: Ca
             .fetch_add(1, Ordering::Relaxed);
         match change {
             Change::Outpost(outpost) => state.links().poke_local(&outpost),
+            Change::Profile(outpost) => {
+                state.links().profiles.reload(state.store(), &outpost).await;
+                state.links().notify_profile(&outpost);
+            }
             Change::Revoked(outpost) => {
                 state.artifact_access().forget(&outpost);
                 // A deleted outpost has nobody to show as revoked; its
@@ -418,6 +422,10 @@ async fn follow(state: AppState, mut feed: trellis_store::ChangeFeed, cancel: Ca
             }
             Change::Missed => {
                 state.cluster().missed.fetch_add(1, Ordering::Relaxed);
+                // Profiles changed meanwhile are read again too.
+                if let Err(e) = state.links().profiles.load(state.store()).await {
+                    tracing::warn!(error = %e, "could not read the outposts' link profiles again");
+                }
                 recheck_everything(&state).await;
             }
         }

@@ -278,6 +278,7 @@ fn not_found(what: &str, digest: &Digest, outpost: &str) -> ApiError {
     responses(
         (status = 200, description = "The stored chunk", content_type = "application/octet-stream", body = Vec<u8>),
         (status = 206, description = "The requested range of the stored chunk", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 503, description = "the outpost is outside its delivery window (`delivery-window-closed`; `Retry-After` says when it opens)", body = crate::error::ErrorBody),
     ))]
 pub async fn chunk(
     State(state): State<AppState>,
@@ -305,6 +306,9 @@ async fn serve_chunk(
         .await?
     {
         return Err(not_found("chunk", &digest, &peer.outpost));
+    }
+    if let Some(closed) = window_closed(state, &peer.outpost) {
+        return Ok(closed);
     }
     // Chunks are small (a stored chunk is at most about 1 MiB): one read
     // into memory beats streaming it in small reads.
@@ -336,7 +340,11 @@ async fn serve_chunk(
         Some((start, end)) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
         None => (StatusCode::OK, 0, len),
     };
-    let body = axum::body::Body::from(bytes.slice(start as usize..(start + count) as usize));
+    let bytes = bytes.slice(start as usize..(start + count) as usize);
+    let body = match state.links().profiles.pacer(&peer.outpost) {
+        Some(pacer) => super::profile::paced_body(bytes, pacer),
+        None => axum::body::Body::from(bytes),
+    };
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let h = response.headers_mut();
@@ -367,6 +375,7 @@ async fn serve_chunk(
     params(crate::api::params::IndexPath),
     responses(
         (status = 200, description = "The artifact's content", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 503, description = "the outpost is outside its delivery window (`delivery-window-closed`; `Retry-After` says when it opens)", body = crate::error::ErrorBody),
     ))]
 pub async fn artifact_content(
     State(state): State<AppState>,
@@ -393,6 +402,9 @@ async fn serve_content(
     {
         return Err(not_found("artifact", &digest, &peer.outpost));
     }
+    if let Some(closed) = window_closed(state, &peer.outpost) {
+        return Ok(closed);
+    }
     let artifact = match state.chunks().artifact(&digest).await {
         Ok(artifact) => artifact,
         Err(crate::chunks::ChunkError::NotFound { .. }) => {
@@ -406,7 +418,21 @@ async fn serve_content(
     };
     let size = artifact.size;
     let rx = state.chunks().content(digest, artifact);
-    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let body = match state.links().profiles.pacer(&peer.outpost) {
+        Some(pacer) => {
+            axum::body::Body::from_stream(futures_util::StreamExt::then(stream, move |item| {
+                let pacer = pacer.clone();
+                async move {
+                    if let Ok(bytes) = &item {
+                        pacer.take(bytes.len()).await;
+                    }
+                    item
+                }
+            }))
+        }
+        None => axum::body::Body::from_stream(stream),
+    };
     let mut response = Response::new(body);
     let h = response.headers_mut();
     h.insert(
@@ -417,6 +443,31 @@ async fn serve_content(
         h.insert(header::CONTENT_LENGTH, v);
     }
     Ok(response)
+}
+
+/// The answer to an artifact request while the outpost's delivery window
+/// is closed: 503 `delivery-window-closed`, with when it opens (also as
+/// `Retry-After`). `None` while open.
+fn window_closed(state: &AppState, outpost: &str) -> Option<Response> {
+    let trellis_model::link_profile::WindowState::Closed { opens_at, opens } =
+        state.links().profiles.window(outpost)
+    else {
+        return None;
+    };
+    let mut response = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "delivery-window-closed",
+        format!("outpost {outpost:?} is outside its delivery window; artifacts move when it opens ({opens})"),
+        format!("waiting for delivery window (opens {opens}); an administrator can change the windows with `trellis update outpost {outpost} --windows …`"),
+    )
+    .into_response();
+    let wait = (opens_at - state.links().profiles.now())
+        .num_seconds()
+        .max(1);
+    if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    Some(response)
 }
 
 /// A single byte range (`bytes=A-B`, `bytes=A-`, `bytes=-N`) of a file of

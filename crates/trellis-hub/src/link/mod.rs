@@ -15,6 +15,8 @@
 //! - `backups.rs`: the agent's backup endpoints (chunks and manifests of
 //!   backups, over mutual TLS); the session sends the jobs (`backup-job`).
 //! - `logs.rs`: log requests into a live session and their lines back out.
+//! - `profile.rs`: outposts' link profiles as applied (heartbeat, delivery
+//!   pace and windows) and the clock windows are judged by.
 //! - `status.rs`: the connection-status view of a stage.
 //! - `errors.rs`: the bounded, de-duplicated error log.
 //! - `record.rs`: what sessions saw, written to the store in batches.
@@ -27,6 +29,7 @@ pub mod endpoint;
 pub mod errors;
 pub mod ingress_cert;
 pub mod logs;
+pub mod profile;
 pub mod record;
 pub mod session;
 pub mod status;
@@ -137,6 +140,8 @@ struct Live {
 pub(crate) struct SessionHandle {
     id: u64,
     poke: Arc<Notify>,
+    /// The outpost's link profile changed.
+    profile: Arc<Notify>,
     cancel: CancellationToken,
     /// Requests for the session's loop (log streams).
     requests: mpsc::Sender<logs::SessionRequest>,
@@ -205,6 +210,8 @@ pub struct Links {
     /// Sessions ended because another connection of their outpost (on any
     /// hub instance) replaced them.
     pub fenced: std::sync::atomic::AtomicU64,
+    /// Outposts' link profiles as applied.
+    pub profiles: profile::Profiles,
 }
 
 impl Links {
@@ -223,6 +230,26 @@ impl Links {
             deliveries: Mutex::new(HashMap::new()),
             feed_pokes: std::sync::atomic::AtomicBool::new(false),
             fenced: std::sync::atomic::AtomicU64::new(0),
+            profiles: profile::Profiles::new(profile::clock_from_env()),
+        }
+    }
+
+    /// The outpost's link profile is now `profile` (set on this hub): its
+    /// session here applies it.
+    pub fn profile_changed(
+        &self,
+        outpost: &str,
+        profile: trellis_model::link_profile::LinkProfile,
+    ) {
+        self.profiles.set(outpost, profile);
+        self.notify_profile(outpost);
+    }
+
+    /// Tells this hub's session of the outpost, if it has one, that its
+    /// profile changed.
+    pub fn notify_profile(&self, outpost: &str) {
+        if let Some(session) = self.lock().get(outpost).and_then(|e| e.session.as_ref()) {
+            session.profile.notify_one();
         }
     }
 
@@ -281,6 +308,7 @@ impl Links {
                 .next_session
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             poke: Arc::new(Notify::new()),
+            profile: Arc::new(Notify::new()),
             cancel: CancellationToken::new(),
             requests,
             log_slots: Arc::new(Semaphore::new(logs::MAX_STREAMS_PER_SESSION)),

@@ -16,6 +16,7 @@ use trellis_link::protocol::{
     AgentError, BackupOp, DesiredAck, DesiredControl, StageRevision, StatusReport,
 };
 use trellis_link::{Envelope, Incoming, LinkIo, LinkIoError, Message};
+use trellis_model::link_profile::WindowState;
 use trellis_model::{Stage, StageSync};
 use trellis_store::{DesiredParts, LinkActivity, LinkHello, OutpostStage, SyncUpdate};
 
@@ -359,9 +360,13 @@ async fn serve(
     let updates_itself = features
         .iter()
         .any(|f| f == trellis_link::protocol::FEATURE_AGENT_UPDATE);
+    let follows_profile = features
+        .iter()
+        .any(|f| f == trellis_link::protocol::FEATURE_LINK_PROFILE);
     let features = Features {
         backups,
         updates_itself,
+        follows_profile,
     };
     let result = session_loop(io, peer, state, &handle, inbox, &stages, features).await;
     let reason = match &result {
@@ -384,12 +389,69 @@ struct Features {
     backups: bool,
     /// Replaces itself with another version.
     updates_itself: bool,
+    /// Follows the link profile the hub sends (`link-profile`).
+    follows_profile: bool,
 }
 
 /// The hub measures the round trip on the first heartbeat tick of a
 /// session and then on every this-many ticks.
 const RTT_EVERY_TICKS: u64 = 4;
 
+/// What the session last told the agent of the outpost's link profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ProfileSent {
+    heartbeat_secs: u32,
+    delivery_open: bool,
+    opens: Option<String>,
+}
+
+/// The outpost's link profile as it applies now, as a frame and what it
+/// says; `None` when the outpost has no profile (the welcome said it all).
+fn profile_frame(
+    state: &AppState,
+    outpost: &str,
+    heartbeat: Duration,
+) -> Option<(Message, ProfileSent)> {
+    state.links().profiles.get(outpost)?;
+    let heartbeat_secs = secs(heartbeat);
+    let (delivery_open, opens_at, opens) = match state.links().profiles.window(outpost) {
+        WindowState::Open => (true, None, None),
+        WindowState::Closed { opens_at, opens } => (false, Some(opens_at), Some(opens)),
+    };
+    let sent = ProfileSent {
+        heartbeat_secs,
+        delivery_open,
+        opens: opens.clone(),
+    };
+    let msg = Message::LinkProfile {
+        heartbeat_secs,
+        delivery_open,
+        opens_at,
+        opens,
+    };
+    Some((msg, sent))
+}
+
+fn secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX)
+}
+
+/// When the session next looks at the outpost's delivery windows: only
+/// while it has some.
+fn window_check(state: &AppState, outpost: &str) -> Option<Instant> {
+    let applied = state.links().profiles.get(outpost)?;
+    applied.schedule.as_ref()?;
+    Some(Instant::now() + state.links().profiles.clock().recheck())
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one session's whole context, passed once
 async fn session_loop(
     io: &mut Box<dyn LinkIo>,
     peer: &PeerIdentity,
@@ -399,8 +461,12 @@ async fn session_loop(
     held: &[StageRevision],
     features: Features,
 ) -> Result<String, String> {
+    let follows_profile = features.follows_profile;
     let outpost = peer.outpost.as_str();
-    let heartbeat = state.links().settings().heartbeat;
+    // The outpost's own heartbeat (its link profile), else the hub's: the
+    // welcome tells the agent, and silence is judged by it.
+    let default_heartbeat = state.links().settings().heartbeat;
+    let mut heartbeat = state.links().profiles.heartbeat(outpost, default_heartbeat);
     let mut session = Session {
         outpost,
         state,
@@ -426,11 +492,18 @@ async fn session_loop(
             io,
             Message::Welcome {
                 hub_version: env!("CARGO_PKG_VERSION").into(),
-                heartbeat_secs: u32::try_from(heartbeat.as_secs().max(1)).unwrap_or(u32::MAX),
+                heartbeat_secs: secs(heartbeat),
                 server_time: Utc::now(),
             },
         )
         .await?;
+    // Before the desired states: an agent outside its delivery window
+    // knows to hold the artifacts back before it hears of them.
+    let mut profile_sent = None;
+    if follows_profile && let Some((msg, sent)) = profile_frame(state, outpost, heartbeat) {
+        session.send(io, msg).await?;
+        profile_sent = Some(sent);
+    }
     check_certificate(state, peer);
     Box::pin(session.sync(io)).await?;
 
@@ -438,6 +511,7 @@ async fn session_loop(
     let mut last_heard = Instant::now();
     let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     let mut ticks: u64 = 0;
+    let mut next_window_check = window_check(state, outpost);
     loop {
         tokio::select! {
             () = handle.cancel.cancelled() => {
@@ -454,6 +528,43 @@ async fn session_loop(
                 // Boxed, here and below: an idle link's task then holds
                 // only the waiting below, not room for the work.
                 Box::pin(session.sync(io)).await?;
+            }
+            () = handle.profile.notified() => {
+                let new = state.links().profiles.heartbeat(outpost, default_heartbeat);
+                if new != heartbeat {
+                    heartbeat = new;
+                    ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+                    if !follows_profile {
+                        // An agent that does not follow profiles learns a
+                        // heartbeat only from a welcome: have it link again.
+                        let _ = session.send(io, Message::RetryAfter { secs: 1, reason: "the outpost's link profile changed".into() }).await;
+                        io.close("link profile changed").await;
+                        return Ok("the outpost's link profile changed; the agent links again to take its new heartbeat".into());
+                    }
+                }
+                if follows_profile {
+                    let frame = profile_frame(state, outpost, heartbeat).unwrap_or_else(|| {
+                        // Back to the defaults: say so once.
+                        let sent = ProfileSent { heartbeat_secs: secs(heartbeat), delivery_open: true, opens: None };
+                        (Message::LinkProfile { heartbeat_secs: sent.heartbeat_secs, delivery_open: true, opens_at: None, opens: None }, sent)
+                    });
+                    if profile_sent.as_ref() != Some(&frame.1) {
+                        session.send(io, frame.0).await?;
+                        profile_sent = Some(frame.1);
+                    }
+                }
+                next_window_check = window_check(state, outpost);
+            }
+            () = sleep_until_opt(next_window_check) => {
+                if follows_profile
+                    && let Some((msg, sent)) = profile_frame(state, outpost, heartbeat)
+                    && profile_sent.as_ref() != Some(&sent)
+                {
+                    tracing::debug!(%outpost, open = sent.delivery_open, "the outpost's delivery window changed");
+                    session.send(io, msg).await?;
+                    profile_sent = Some(sent);
+                }
+                next_window_check = window_check(state, outpost);
             }
             Some(request) = inbox.recv() => {
                 let msg = match request {

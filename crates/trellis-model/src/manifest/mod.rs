@@ -16,7 +16,7 @@
 //! - [`expand`]: dependent variables (`$(NAME)`) in env values, `command`
 //!   and `args`, by the rules of Kubernetes, which the platform runs on.
 
-mod checks;
+pub(crate) mod checks;
 mod decode;
 pub mod expand;
 mod quantity;

@@ -36,6 +36,7 @@ use trellis_model::{
     Release, ReleaseState, Role, Stage, StageSync, Timestamp, User,
     agent_update::{AgentUpdate, AgentUpdateState, NewAgentUpdate},
     build_name,
+    link_profile::LinkProfile,
     rollout::{NewRollout, Rollout, RolloutStage},
 };
 
@@ -2294,6 +2295,51 @@ impl<B: Backend> Store for SqlStore<B> {
         }
         self.commit(tx, DOING).await?;
         self.get_outpost(name).await
+    }
+
+    async fn get_link_profile(&self, outpost: &str) -> Result<LinkProfile> {
+        const DOING: &str = "reading an outpost's link profile";
+        let row = q("SELECT link_profile FROM outposts WHERE name = $1")
+            .bind(outpost)
+            .fetch_optional(&mut *self.reader().await?)
+            .await
+            .map_err(backend(DOING))?
+            .ok_or_else(|| not_found("outpost", outpost.to_owned()))?;
+        Ok(opt_from_json(&row, "link_profile")?.unwrap_or_default())
+    }
+
+    async fn set_link_profile(&self, outpost: &str, profile: &LinkProfile) -> Result<LinkProfile> {
+        const DOING: &str = "changing an outpost's link profile";
+        // All defaults is stored as NULL, as before any profile was set.
+        let text = if profile.is_default() {
+            None
+        } else {
+            Some(json(profile)?)
+        };
+        let mut tx = self.write().await?;
+        let changed = q("UPDATE outposts SET link_profile = $2 WHERE name = $1")
+            .bind(outpost)
+            .bind(&text)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend(DOING))?;
+        if changed == 0 {
+            return Err(not_found("outpost", outpost.to_owned()));
+        }
+        self.commit(tx, DOING).await?;
+        Ok(profile.clone())
+    }
+
+    async fn list_link_profiles(&self) -> Result<Vec<(String, LinkProfile)>> {
+        const DOING: &str = "reading the outposts' link profiles";
+        let rows = q("SELECT name, link_profile FROM outposts \
+                      WHERE link_profile IS NOT NULL ORDER BY name")
+        .fetch_all(&mut *self.reader().await?)
+        .await
+        .map_err(backend(DOING))?;
+        rows.iter()
+            .map(|row| Ok((col(row, "name")?, from_json(row, "link_profile")?)))
+            .collect()
     }
 
     async fn revoke_outpost(&self, name: &str, now: Timestamp) -> Result<Outpost> {
