@@ -419,20 +419,36 @@ pub enum UpdateCommand {
         /// Link profile: seconds between heartbeats on its link, 5s to 1h
         /// (`300s`, `5m`); offline detection follows it; `default` for the
         /// hub's
-        #[arg(long, help_heading = "Link profile (metered networks)", conflicts_with = "agent_version")]
+        #[arg(
+            long,
+            help_heading = "Link profile (metered networks)",
+            conflicts_with = "agent_version"
+        )]
         heartbeat: Option<String>,
         /// Link profile: cap on its artifact deliveries (`1MiB/s`,
         /// `512KiB/s`; `none` for no cap)
-        #[arg(long, help_heading = "Link profile (metered networks)", conflicts_with = "agent_version")]
+        #[arg(
+            long,
+            help_heading = "Link profile (metered networks)",
+            conflicts_with = "agent_version"
+        )]
         bandwidth: Option<String>,
         /// Link profile: hours when artifacts may move, in its time zone
         /// (`mon-fri 22:00-06:00,sat,sun`; `always` for any time).
         /// Desired states flow regardless
-        #[arg(long, help_heading = "Link profile (metered networks)", conflicts_with = "agent_version")]
+        #[arg(
+            long,
+            help_heading = "Link profile (metered networks)",
+            conflicts_with = "agent_version"
+        )]
         windows: Option<String>,
         /// Link profile: the IANA time zone of --windows (`Europe/Berlin`;
         /// default UTC)
-        #[arg(long, help_heading = "Link profile (metered networks)", conflicts_with = "agent_version")]
+        #[arg(
+            long,
+            help_heading = "Link profile (metered networks)",
+            conflicts_with = "agent_version"
+        )]
         timezone: Option<String>,
     },
 }

@@ -449,6 +449,9 @@ pub async fn update_agents(
         );
     }
     eprintln!("follow them with `trellis list outposts`");
+    Ok(())
+}
+
 /// The outpost's link profile, as `trellis get outpost` and `update
 /// outpost` show it.
 pub fn link_profile_lines(p: &LinkProfileView) -> Vec<(&'static str, String)> {

@@ -266,6 +266,8 @@ fn observed_only(before: &Rollout, after: &Rollout) -> bool {
         && before.halt_reason == after.halt_reason
         && before.next_wave_at == after.next_wave_at
         && before.finished_at == after.finished_at
+}
+
 /// The words a stage of a rollout shows while its outpost's delivery
 /// window is closed.
 const WINDOW_WAIT: &str = "waiting for delivery window";
