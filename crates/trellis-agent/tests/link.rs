@@ -62,7 +62,14 @@ async fn hello_says_what_the_outpost_holds_and_offers() {
         panic!("the first frame is not hello");
     };
     assert_eq!(agent_version, env!("CARGO_PKG_VERSION"));
-    assert_eq!(features, [trellis_link::protocol::FEATURE_STREAMS]);
+    assert_eq!(
+        features,
+        [
+            trellis_link::protocol::FEATURE_STREAMS,
+            trellis_link::protocol::FEATURE_LINK_PROFILE
+        ],
+        "an agent inside another program does not offer to update itself"
+    );
     assert_eq!(os, std::env::consts::OS);
     // The harness's runner says amd64; architectures are named as OCI
     // platforms (and manifests) name them, not as Rust does.
