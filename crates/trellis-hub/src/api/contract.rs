@@ -353,6 +353,26 @@ pub const ERRORS: &[(&str, Refusals)] = &[
     ("list_outposts", &[(403, &["forbidden"])]),
     ("list_agent_updates", &[(403, &["forbidden"])]),
     (
+        "get_link_profile",
+        &[(403, &["forbidden"]), (404, &["not-found"])],
+    ),
+    (
+        "update_link_profile",
+        &[
+            (
+                400,
+                &[
+                    "invalid-heartbeat",
+                    "invalid-bandwidth",
+                    "invalid-window",
+                    "invalid-timezone",
+                ],
+            ),
+            (403, &["forbidden"]),
+            (404, &["not-found"]),
+        ],
+    ),
+    (
         "create_agent_updates",
         &[
             (
@@ -803,8 +823,20 @@ pub const CODES: &[(&str, &str)] = &[
         "the label selector chooses no live stage (no outpost, for agent updates)",
     ),
     (
-        "invalid-version",
-        "the agent version is not MAJOR.MINOR.PATCH with an optional pre-release or build part",
+        "invalid-heartbeat",
+        "the link profile's heartbeat is not a duration from 5 s to 1 h (or `default`)",
+    ),
+    (
+        "invalid-bandwidth",
+        "the delivery cap is not a rate like 1MiB/s or 512KiB/s (or `none`)",
+    ),
+    (
+        "invalid-window",
+        "a delivery window does not parse; the message names the character",
+    ),
+    (
+        "invalid-timezone",
+        "not an IANA time zone name like Europe/Berlin",
     ),
     (
         "invalid-deadline",
