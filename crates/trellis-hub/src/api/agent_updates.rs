@@ -143,9 +143,16 @@ pub async fn create_agent_updates(
     Json(req): Json<CreateAgentUpdatesRequest>,
 ) -> ApiResult<(StatusCode, Json<CreatedAgentUpdates>)> {
     caller.require_admin("update outposts' agents")?;
-    let chosen_by = match (req.selector.as_deref().map(str::trim), &req.outposts) {
-        (Some(text), None) if !text.is_empty() => Chosen::Selector(parse_selector(text)?),
-        (None, Some(names)) if !names.is_empty() => Chosen::Names(names.clone()),
+    // An empty selector or list is the same as none given.
+    let selector = req
+        .selector
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let names = req.outposts.as_ref().filter(|n| !n.is_empty());
+    let chosen_by = match (selector, names) {
+        (Some(text), None) => Chosen::Selector(parse_selector(text)?),
+        (None, Some(names)) => Chosen::Names(names.clone()),
         _ => {
             return Err(bad(
                 StatusCode::BAD_REQUEST,
