@@ -39,7 +39,11 @@ pub struct CreateAgentUpdatesRequest {
     pub outposts: Option<Vec<String>>,
     /// The agent version to run, one the hub holds (`trellis list
     /// agent-binaries`).
-    #[schema(min_length = 1, example = "0.2.0")]
+    #[schema(
+        pattern = "^[0-9]{1,9}\\.[0-9]{1,9}\\.[0-9]{1,9}([-+][0-9A-Za-z.+-]+)?$",
+        max_length = 64,
+        example = "0.2.0"
+    )]
     pub version: String,
     /// How long each new agent has to link back before the previous one is
     /// restored (10–3600 s; default 120).

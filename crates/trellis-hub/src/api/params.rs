@@ -255,6 +255,26 @@ mod tests {
             assert_eq!(valid, digest.is_match(&candidate), "{candidate:?}");
         }
     }
+
+    /// Every agent version the document takes, in a path or a body, carries
+    /// the pattern the handlers check (the attributes repeat it literally).
+    #[test]
+    fn every_version_in_the_document_has_the_pattern() {
+        let document = super::super::document();
+        let path_version = &document["paths"]["/agent-binaries/{version}/{arch}"]["put"]
+            ["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "version")
+            .unwrap()["schema"];
+        let body_version =
+            &document["components"]["schemas"]["CreateAgentUpdatesRequest"]["properties"]["version"];
+        for schema in [path_version, body_version] {
+            assert_eq!(schema["pattern"], VERSION_PATTERN, "{schema}");
+            assert_eq!(schema["maxLength"], 64, "{schema}");
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
