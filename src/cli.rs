@@ -391,7 +391,10 @@ pub enum UpdateCommand {
     /// NAME or -l SELECTOR) with that version; each agent fetches it, swaps
     /// itself and restarts, keeping its components running, and goes back
     /// to the version it ran if the new one does not link within the
-    /// deadline. `trellis list outposts` shows where each update stands.
+    /// deadline. With --waves, like a rollout: each wave is sent once the
+    /// one before it passed --success-threshold, and the rest are halted
+    /// when it cannot. `trellis list outposts` shows where each update
+    /// stands.
     #[command(alias = "outposts")]
     Outpost {
         /// The outpost (or -l SELECTOR with --agent-version)
@@ -416,6 +419,15 @@ pub enum UpdateCommand {
         /// is restored, e.g. 2m
         #[arg(long, requires = "agent_version", value_parser = parse_duration)]
         deadline: Option<std::time::Duration>,
+        /// Update in waves, each size cumulative, a count or a share of
+        /// the outposts, ending with 100%: e.g. 1,10%,100% (default: all at
+        /// once)
+        #[arg(long, requires = "agent_version")]
+        waves: Option<String>,
+        /// The share of a wave's online outposts that must update for the
+        /// next wave to be sent (default 100%), e.g. 95%
+        #[arg(long, requires = "agent_version")]
+        success_threshold: Option<String>,
         /// Link profile: seconds between heartbeats on its link, 5s to 1h
         /// (`300s`, `5m`); offline detection follows it; `default` for the
         /// hub's

@@ -74,14 +74,17 @@ fn component_ids(cli: &Cli) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-fn error_of(cli: &Cli, args: &[&str]) -> String {
-    let out = cli.run(args);
-    assert!(
-        !out.status.success(),
-        "{args:?} succeeded: {}",
-        common::describe(&out)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
+/// `trellis update outposts -l SELECTOR --agent-version VERSION`, which
+/// must fail; returns the error as printed.
+fn update_refused(cli: &Cli, selector: &str, version: &str) -> String {
+    cli.err(&[
+        "update",
+        "outposts",
+        "-l",
+        selector,
+        "--agent-version",
+        version,
+    ])
 }
 
 /// Kills every process whose command line names `dir` (the agent, after
@@ -216,17 +219,7 @@ fn an_agent_updates_itself_keeps_its_components_and_rolls_back_one_that_does_not
     ]);
     assert!(out.contains("edge-1"), "{out}");
     // One update at a time.
-    let err = error_of(
-        &cli,
-        &[
-            "update",
-            "outposts",
-            "-l",
-            "site=plant7",
-            "--agent-version",
-            &version_broken,
-        ],
-    );
+    let err = update_refused(&cli, "site=plant7", &version_broken);
     assert!(err.contains("already being updated"), "{err}");
     wait_until("the agent runs B", Duration::from_secs(90), || {
         let row = agent_row(&cli);
@@ -296,57 +289,17 @@ fn an_agent_updates_itself_keeps_its_components_and_rolls_back_one_that_does_not
         "--arch",
         "aarch64",
     ]);
-    let err = error_of(
-        &cli,
-        &[
-            "update",
-            "outposts",
-            "-l",
-            "site=plant7",
-            "--agent-version",
-            "9.9.9",
-        ],
-    );
+    let err = update_refused(&cli, "site=plant7", "9.9.9");
     assert!(
         err.contains("edge-1 runs on amd64") || err.contains("edge-1 runs on"),
         "{err}"
     );
     assert!(err.contains("nothing was done"), "{err}");
-    let err = error_of(
-        &cli,
-        &[
-            "update",
-            "outposts",
-            "-l",
-            "site=plant7",
-            "--agent-version",
-            "7.7.7",
-        ],
-    );
+    let err = update_refused(&cli, "site=plant7", "7.7.7");
     assert!(err.contains("holds no agent 7.7.7"), "{err}");
-    let err = error_of(
-        &cli,
-        &[
-            "update",
-            "outposts",
-            "-l",
-            "site=nowhere",
-            "--agent-version",
-            &version_a,
-        ],
-    );
+    let err = update_refused(&cli, "site=nowhere", &version_a);
     assert!(err.contains("no outpost matches"), "{err}");
-    let err = error_of(
-        &cli,
-        &[
-            "update",
-            "outposts",
-            "-l",
-            "site=plant7",
-            "--agent-version",
-            "not a version",
-        ],
-    );
+    let err = update_refused(&cli, "site=plant7", "not a version");
     assert!(err.contains("not an agent version"), "{err}");
     let row = agent_row(&cli);
     assert!(row.contains(&format!("{version_broken} failed")), "{row}");

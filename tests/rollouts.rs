@@ -209,16 +209,6 @@ fn fleet() -> Fleet {
     fleet
 }
 
-fn error_of(cli: &Cli, args: &[&str]) -> String {
-    let out = cli.run(args);
-    assert!(
-        !out.status.success(),
-        "{args:?} succeeded: {}",
-        common::describe(&out)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 #[test]
 fn a_fleet_rolls_out_in_waves_halts_carries_offline_outposts_and_survives_sigkill() {
     let mut fleet = fleet();
@@ -250,109 +240,88 @@ fn a_fleet_rolls_out_in_waves_halts_carries_offline_outposts_and_survives_sigkil
     assert_eq!(status, serde_json::json!([]));
 
     // --- bad input: each refused with a clear error, nothing created ---
-    let e = error_of(
-        cli,
-        &[
-            "create",
-            "rollout",
-            "-p",
-            "fleet",
-            "-b",
-            "main_b1",
-            "-l",
-            "site=nowhere",
-        ],
-    );
+    let e = cli.err(&[
+        "create",
+        "rollout",
+        "-p",
+        "fleet",
+        "-b",
+        "main_b1",
+        "-l",
+        "site=nowhere",
+    ]);
     assert!(
         e.contains("no live stage") && e.contains("site=nowhere"),
         "{e}"
     );
-    let e = error_of(
-        cli,
-        &[
-            "create",
-            "rollout",
-            "-p",
-            "fleet",
-            "-b",
-            "main_b99",
-            "-l",
-            "fleet=edge",
-        ],
-    );
+    let e = cli.err(&[
+        "create",
+        "rollout",
+        "-p",
+        "fleet",
+        "-b",
+        "main_b99",
+        "-l",
+        "fleet=edge",
+    ]);
     assert!(
         e.contains("main_b99") && e.contains("does not exist"),
         "{e}"
     );
-    let e = error_of(
-        cli,
-        &[
-            "create",
-            "rollout",
-            "-p",
-            "fleet",
-            "-b",
-            "main_b1",
-            "-l",
-            "site in munich",
-        ],
-    );
+    let e = cli.err(&[
+        "create",
+        "rollout",
+        "-p",
+        "fleet",
+        "-b",
+        "main_b1",
+        "-l",
+        "site in munich",
+    ]);
     assert!(
         e.contains("at character 9") && e.contains("expected '('"),
         "{e}"
     );
-    let e = error_of(
-        cli,
-        &[
-            "create",
-            "rollout",
-            "-p",
-            "fleet",
-            "-b",
-            "main_b1",
-            "-l",
-            "fleet=edge",
-            "--waves",
-            "50%,25%,100%",
-        ],
-    );
+    let e = cli.err(&[
+        "create",
+        "rollout",
+        "-p",
+        "fleet",
+        "-b",
+        "main_b1",
+        "-l",
+        "fleet=edge",
+        "--waves",
+        "50%,25%,100%",
+    ]);
     assert!(e.contains("do not grow"), "{e}");
-    let e = error_of(
-        cli,
-        &[
-            "create",
-            "rollout",
-            "-p",
-            "fleet",
-            "-b",
-            "main_b1",
-            "-l",
-            "fleet=edge",
-            "--waves",
-            "1,50%",
-        ],
-    );
+    let e = cli.err(&[
+        "create",
+        "rollout",
+        "-p",
+        "fleet",
+        "-b",
+        "main_b1",
+        "-l",
+        "fleet=edge",
+        "--waves",
+        "1,50%",
+    ]);
     assert!(e.contains("100%"), "{e}");
-    let e = error_of(
-        cli,
-        &[
-            "create",
-            "rollout",
-            "-p",
-            "fleet",
-            "-b",
-            "main_b1",
-            "-l",
-            "fleet=edge",
-            "--success-threshold",
-            "120%",
-        ],
-    );
+    let e = cli.err(&[
+        "create",
+        "rollout",
+        "-p",
+        "fleet",
+        "-b",
+        "main_b1",
+        "-l",
+        "fleet=edge",
+        "--success-threshold",
+        "120%",
+    ]);
     assert!(e.contains("success threshold"), "{e}");
-    let e = error_of(
-        cli,
-        &["push", "release", "-p", "fleet", "-l", "site=nowhere"],
-    );
+    let e = cli.err(&["push", "release", "-p", "fleet", "-l", "site=nowhere"]);
     assert!(e.contains("no live stage"), "{e}");
     assert_eq!(
         cli.json(&["list", "rollout", "-p", "fleet"]),
@@ -410,19 +379,16 @@ fn a_fleet_rolls_out_in_waves_halts_carries_offline_outposts_and_survives_sigkil
         "the plan is what was created"
     );
     // Two rollouts over the same stages at once: refused, naming the other.
-    let e = error_of(
-        cli,
-        &[
-            "create",
-            "rollout",
-            "-p",
-            "fleet",
-            "-b",
-            "main_b2",
-            "-l",
-            "site=munich",
-        ],
-    );
+    let e = cli.err(&[
+        "create",
+        "rollout",
+        "-p",
+        "fleet",
+        "-b",
+        "main_b2",
+        "-l",
+        "site=munich",
+    ]);
     assert!(e.contains(&format!("rollout {first}")), "{e}");
     assert!(e.contains(&format!("trellis abort rollout {first}")), "{e}");
 
@@ -683,7 +649,7 @@ fn a_fleet_rolls_out_in_waves_halts_carries_offline_outposts_and_survives_sigkil
             "{s} of the wave after the abort got build 3"
         );
     }
-    let e = error_of(cli, &["resume", "rollout", &third.to_string()]);
+    let e = cli.err(&["resume", "rollout", &third.to_string()]);
     assert!(e.contains("aborted"), "{e}");
 
     let metrics = reqwest_metrics(fleet.hub());

@@ -115,6 +115,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     selector,
                     agent_version: Some(version),
                     deadline,
+                    waves,
+                    success_threshold,
                     heartbeat: _,
                     bandwidth: _,
                     windows: _,
@@ -127,6 +129,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         version,
                         deadline_secs: deadline
                             .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
+                        waves,
+                        success_threshold,
                     };
                     outposts::update_agents(&client, &request, global.output).await
                 }

@@ -428,18 +428,25 @@ pub async fn update_agents(
     if output::machine(format, &created)? {
         return Ok(());
     }
+    let waves = created.updates.iter().map(|u| u.wave).max().unwrap_or(0) + 1;
     for u in &created.updates {
-        println!(
-            "updating outpost {} from agent {} to {} (update {})",
-            u.outpost,
-            if u.from_version.is_empty() {
-                "?"
-            } else {
-                &u.from_version
-            },
-            u.version,
-            u.id
+        let from = if u.from_version.is_empty() {
+            "?"
+        } else {
+            &u.from_version
+        };
+        let mut line = format!(
+            "updating outpost {} from agent {from} to {} (update {}",
+            u.outpost, u.version, u.id
         );
+        if waves > 1 {
+            line.push_str(&format!(", wave {} of {waves}", u.wave + 1));
+        }
+        if u.carried {
+            line.push_str(", offline: it updates when it links");
+        }
+        line.push(')');
+        println!("{line}");
     }
     if !created.already.is_empty() {
         println!(

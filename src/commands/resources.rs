@@ -925,15 +925,7 @@ pub async fn list(client: &HubClient, args: ListArgs, format: OutputFormat) -> a
                     agents
                         .into_iter()
                         .map(|a| {
-                            let update = a.update.map_or_else(
-                                || "-".to_owned(),
-                                |u| match u.state {
-                                    trellis_model::agent_update::AgentUpdateState::Failed => {
-                                        format!("{} failed: {}", u.version, u.message)
-                                    }
-                                    state => format!("{} {state}", u.version),
-                                },
-                            );
+                            let update = a.update.map_or_else(|| "-".to_owned(), |u| u.summary());
                             (a.outpost, (a.version.unwrap_or_else(|| "-".into()), update))
                         })
                         .collect()

@@ -198,6 +198,17 @@ impl Cli {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs and requires failure; returns stderr (the error as printed).
+    pub fn err(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "trellis {args:?} succeeded: {}",
+            describe(&out)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut all = args.to_vec();
         all.extend(["-o", "json"]);

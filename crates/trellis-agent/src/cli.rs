@@ -245,16 +245,9 @@ pub fn standalone_main(version: Option<String>) -> std::process::ExitCode {
     // does not grow with the core count (each worker is a thread with its
     // own stack and allocator arena).
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(Some(workers)) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     // The standalone agent owns its binary, so it can replace it when the
     // hub offers another version.
@@ -266,6 +259,20 @@ pub fn standalone_main(version: Option<String>) -> std::process::ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The async runtime a command line runs on (`workers`: that many worker
+/// threads, or one per core); when it cannot start, the error is printed
+/// and the exit code (2) returned.
+pub fn runtime(workers: Option<usize>) -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("error: cannot start the async runtime: {e}");
+        std::process::ExitCode::from(2)
+    })
 }
 
 /// Runs one agent command. `program` is how the user invoked the agent
@@ -443,11 +450,23 @@ pub async fn shutdown_signal() {
 /// Libraries whose trace-level output would carry message contents.
 pub const NEVER_TRACED: &[&str] = &["tungstenite", "tokio_tungstenite"];
 
-/// Logs to stderr, filtered by `TRELLIS_LOG` (default: warnings).
+/// Logs to stderr, filtered by `TRELLIS_LOG` (default: warnings): a
+/// level, and `target=level` directives, e.g. `info,trellis_hub=debug`. A
+/// value that does not parse is reported and the default used.
 pub fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let mut filter =
-        EnvFilter::try_from_env("TRELLIS_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let default = Targets::new().with_default(LevelFilter::WARN);
+    let mut filter = match std::env::var("TRELLIS_LOG") {
+        Ok(text) if !text.trim().is_empty() => text.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!(
+                "warning: TRELLIS_LOG={text:?} is not a log filter ({e}); logging warnings only. Give a level or target=level directives, e.g. info,trellis_hub=debug"
+            );
+            default.clone()
+        }),
+        _ => default.clone(),
+    };
     // The WebSocket library logs every message it sends and receives at
     // trace level, and the link's desired states carry config values
     // (passwords, tokens): whatever TRELLIS_LOG asks (`tungstenite=trace`
@@ -456,12 +475,10 @@ pub fn init_tracing() {
     // library's handshake notes would land on every CLI command's stderr
     // (`trellis exec` passes the command's stderr through).
     for target in NEVER_TRACED {
-        if let Ok(directive) = format!("{target}=warn").parse() {
-            filter = filter.add_directive(directive);
-        }
+        filter = filter.with_target(*target, LevelFilter::WARN);
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .try_init();
 }

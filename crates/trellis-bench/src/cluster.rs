@@ -434,7 +434,7 @@ pub async fn fanout(common: Common, s: ClusterSettings) -> anyhow::Result<()> {
     eprintln!("pushing a release to {n} stages through instance 1");
     let Cluster { mut hubs, .. } = cluster;
     let first = Arc::new(hubs[0].take().expect("instance 1 runs"));
-    let run = crate::scale::push_and_watch(first, n).await?;
+    let run = crate::scale::push_and_watch(first, n, crate::scale::PUSH_CHUNK).await?;
     workers.stop();
     drop(hubs);
     let latencies: Vec<f64> = run

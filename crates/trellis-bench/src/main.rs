@@ -149,6 +149,10 @@ enum Bench {
     Fanout {
         #[arg(long, default_value_t = 1000)]
         stages: usize,
+        /// Stages per push request, one request after the other (the CLI's
+        /// `push release -l SELECTOR` sends one request for all)
+        #[arg(long, default_value_t = scale::PUSH_CHUNK)]
+        push_chunk: usize,
         #[command(flatten)]
         fleet: FleetArgs,
     },
@@ -418,10 +422,15 @@ fn main() -> anyhow::Result<()> {
                 heartbeat,
             },
         )),
-        Bench::Fanout { stages, fleet } => runtime.block_on(scale::fanout(
+        Bench::Fanout {
+            stages,
+            push_chunk,
+            fleet,
+        } => runtime.block_on(scale::fanout(
             fleet.common()?,
             scale::FanoutSettings {
                 stages: stages.max(1),
+                push_chunk: push_chunk.max(1),
             },
         )),
         Bench::Rollout {

@@ -94,7 +94,8 @@ pub async fn rollout(common: Common, s: RolloutSettings) -> anyhow::Result<()> {
                 w + 1,
                 names.len()
             );
-            let run = push_and_watch_stages(hub.clone(), names.clone()).await?;
+            let run =
+                push_and_watch_stages(hub.clone(), names.clone(), crate::scale::PUSH_CHUNK).await?;
             if run.applied_at.len() != names.len() {
                 bail!(
                     "the plain fan-out of wave {}: {} of {} stages applied",

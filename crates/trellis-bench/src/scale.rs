@@ -206,7 +206,7 @@ pub async fn connect(common: Common, s: ConnectSettings) -> anyhow::Result<()> {
             // Placing the stages sent them their (empty) desired states;
             // let those settle, so the push below is what is timed.
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let run = push_and_watch(hub.clone(), stages).await?;
+            let run = push_and_watch(hub.clone(), stages, PUSH_CHUNK).await?;
             let latencies: Vec<f64> = run
                 .applied_at
                 .iter()
@@ -417,12 +417,16 @@ pub async fn storm(common: Common, s: StormSettings) -> anyhow::Result<()> {
 
 pub struct FanoutSettings {
     pub stages: usize,
+    /// Stages per push request (`--push-chunk`).
+    pub push_chunk: usize,
 }
 
 pub const FANOUT_PROJECT: &str = "fanout";
 
-/// Stages per push request.
-const PUSH_CHUNK: usize = 1000;
+/// Stages per push request, unless told otherwise: one request and one
+/// transaction per 1,000 stages, one after the other, so the first outposts
+/// are busy applying while the rest are still being pushed.
+pub const PUSH_CHUNK: usize = 1000;
 
 const IMAGE_MANIFEST: &str = "version: v1
 components:
@@ -459,7 +463,7 @@ pub async fn fanout(common: Common, s: FanoutSettings) -> anyhow::Result<()> {
         push_phase,
         requests,
         push_secs,
-    } = push_and_watch(Arc::new(hub), n).await?;
+    } = push_and_watch(Arc::new(hub), n, s.push_chunk).await?;
     workers.stop();
 
     let latencies: Vec<f64> = applied_at
@@ -467,7 +471,10 @@ pub async fn fanout(common: Common, s: FanoutSettings) -> anyhow::Result<()> {
         .filter_map(|(stage, seen)| pushed.get(stage).map(|(_, at)| seen - at))
         .collect();
     let all = applied_at.values().copied().fold(0.0, f64::max);
-    let mut report = Report::new("fanout", json!({"stages": n, "hub_args": common.hub_args}));
+    let mut report = Report::new(
+        "fanout",
+        json!({"stages": n, "push_chunk": s.push_chunk, "hub_args": common.hub_args}),
+    );
     report.at_least(
         "stages that reported the release applied",
         applied_at.len() as f64,
@@ -476,7 +483,8 @@ pub async fn fanout(common: Common, s: FanoutSettings) -> anyhow::Result<()> {
     );
     report.add(
         format!(
-            "pushing the release to every stage ({requests} API calls of ≤ {PUSH_CHUNK} stages)"
+            "pushing the release to every stage ({requests} API calls of ≤ {} stages)",
+            s.push_chunk
         ),
         push_phase,
         "s",
@@ -546,17 +554,22 @@ pub struct FanoutRun {
     pub push_secs: Vec<f64>,
 }
 
-/// Pushes a release to stages `0..n` through `hub`, `PUSH_CHUNK` stages a
+/// Pushes a release to stages `0..n` through `hub`, `chunk` stages a
 /// request, while watching the hub's pending list until each has applied
 /// it (at most 10 min).
-pub async fn push_and_watch(hub: Arc<HubChild>, n: usize) -> anyhow::Result<FanoutRun> {
-    push_and_watch_stages(hub, (0..n).map(stage_name).collect()).await
+pub async fn push_and_watch(
+    hub: Arc<HubChild>,
+    n: usize,
+    chunk: usize,
+) -> anyhow::Result<FanoutRun> {
+    push_and_watch_stages(hub, (0..n).map(stage_name).collect(), chunk).await
 }
 
 /// [`push_and_watch`] for the named stages of the `fanout` project.
 pub async fn push_and_watch_stages(
     hub: Arc<HubChild>,
     names: Vec<String>,
+    chunk: usize,
 ) -> anyhow::Result<FanoutRun> {
     let n = names.len();
     let started = Instant::now();
@@ -607,13 +620,11 @@ pub async fn push_and_watch_stages(
             anyhow::Ok((applied_at, polls))
         })
     };
-    // One request per `PUSH_CHUNK` stages (`POST /projects/{p}/releases`,
-    // one transaction each), one after the other: the way an operator rolls
-    // a build out to a fleet, with the first outposts busy applying while
-    // the rest are still being pushed.
+    // One request per `chunk` stages (`POST /projects/{p}/releases`, one
+    // transaction each), one after the other.
     let mut requests = 0;
     let mut push_secs = Vec::new();
-    for chunk in names.chunks(PUSH_CHUNK) {
+    for chunk in names.chunks(chunk.max(1)) {
         let request = Instant::now();
         let releases = hub
             .api(

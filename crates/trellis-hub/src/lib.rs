@@ -29,6 +29,8 @@
 //! - `outposts.rs`: Outpost URIs — deriving their keys, validating them.
 //! - `rollouts.rs`: the rollout driver — waves pushed and judged, one
 //!   instance at a time, from the record in the store.
+//! - `agent_update_waves.rs`: agent updates' waves, sent and judged by the
+//!   same driver.
 //! - `drain.rs`: reading what a handler left of a request's body.
 //! - `console/`: the browser console (server-rendered pages, templates in
 //!   `templates/`, assets in `assets/`).
@@ -36,6 +38,7 @@
 //! - `state.rs`: what handlers share.
 
 pub mod agent_binaries;
+pub mod agent_update_waves;
 pub mod api;
 pub mod archive;
 pub mod auth;

@@ -1,5 +1,6 @@
 //! The rollout driver: pushes each rollout's release wave by wave and
-//! judges every wave (see [`trellis_model::rollout`] for the rules).
+//! judges every wave (see [`trellis_model::rollout`] for the rules); it
+//! sends agent updates' waves too ([`crate::agent_update_waves`]).
 //!
 //! One hub instance at a time drives every rollout ([`run`], under the job
 //! lock `rollouts`), looking at the active ones every [`TICK`], and as soon
@@ -84,6 +85,9 @@ pub async fn run(state: AppState, cancel: CancellationToken) {
         let settled = started.elapsed() >= SETTLE;
         if let Err(e) = round(&state, settled, finished_too, &mut saves).await {
             tracing::warn!(error = %e, "could not look at the rollouts");
+        }
+        if let Err(e) = crate::agent_update_waves::round(&state, settled).await {
+            tracing::warn!(error = %e, "could not look at the agent updates in waves");
         }
         tokio::select! {
             () = cancel.cancelled() => return,

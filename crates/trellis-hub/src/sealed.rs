@@ -390,6 +390,34 @@ impl Store for SealedStore {
     async fn latest_agent_updates(&self) -> Result<Vec<trellis_model::agent_update::AgentUpdate>> {
         self.inner.latest_agent_updates().await
     }
+    async fn waiting_agent_update_batches(&self) -> Result<Vec<u64>> {
+        self.inner.waiting_agent_update_batches().await
+    }
+    async fn agent_update_batch(
+        &self,
+        batch: u64,
+    ) -> Result<Vec<trellis_model::agent_update::AgentUpdate>> {
+        self.inner.agent_update_batch(batch).await
+    }
+    async fn release_agent_update_wave(
+        &self,
+        batch: u64,
+        wave: u32,
+        offline: &[String],
+        at: trellis_model::Timestamp,
+    ) -> Result<Vec<trellis_model::agent_update::AgentUpdate>> {
+        self.inner
+            .release_agent_update_wave(batch, wave, offline, at)
+            .await
+    }
+    async fn halt_agent_update_batch(
+        &self,
+        batch: u64,
+        why: &str,
+        at: trellis_model::Timestamp,
+    ) -> Result<Vec<trellis_model::agent_update::AgentUpdate>> {
+        self.inner.halt_agent_update_batch(batch, why, at).await
+    }
 
     async fn create_rollout(
         &self,

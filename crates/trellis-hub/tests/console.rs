@@ -680,3 +680,161 @@ async fn the_stage_list_filters_by_labels_and_a_rollout_has_its_page() {
         StatusCode::NOT_FOUND
     );
 }
+
+/// The outposts list and an outpost's page show its agent's version and
+/// latest update as the agent reports it; the page shows the link profile
+/// and changes it (the linked agent is told), and a refused change shows
+/// the error with what was typed and changes nothing.
+#[tokio::test]
+async fn outposts_show_agent_updates_and_change_link_profiles() {
+    use trellis_link::Message;
+    use trellis_link::protocol::{FEATURE_AGENT_UPDATE, FEATURE_LINK_PROFILE};
+    let hub = common::start().await;
+    let admin = Some(hub.admin.as_str());
+    let (console, _) = shop_and_edge(&hub).await;
+    let mut agent = common::ScriptedAgent::connect_as(
+        &hub,
+        &[],
+        "0.1.0",
+        &[FEATURE_AGENT_UPDATE, FEATURE_LINK_PROFILE],
+    )
+    .await;
+    let (_, page) = console.page("/outposts").await;
+    assert!(page.contains("<td class=\"agent\">0.1.0</td>"), "{page}");
+
+    hub.put_agent_binary("0.2.0").await;
+    let (status, body) = hub
+        .call(
+            admin,
+            M::POST,
+            "/agent-updates",
+            Some(json!({"outposts": ["edge"], "version": "0.2.0"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = agent
+        .next_such(|m| match m {
+            Message::AgentUpdate { id, .. } => Some(id),
+            _ => None,
+        })
+        .await;
+
+    // The agent's reports show as they are stored.
+    for (state, message, shown) in [
+        ("fetching", "", "0.2.0 fetching"),
+        (
+            "failed",
+            "rolled back: the new agent did not link within 120 s",
+            "0.2.0 failed: rolled back: the new agent did not link within 120 s",
+        ),
+    ] {
+        agent
+            .send(Message::AgentUpdateState {
+                id,
+                version: "0.2.0".into(),
+                state: state.into(),
+                message: message.into(),
+            })
+            .await;
+        let mut stored = false;
+        for _ in 0..100 {
+            let (_, agents) = hub.call(admin, M::GET, "/agent-updates", None).await;
+            if agents[0]["update"]["state"] == state {
+                stored = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(stored, "the {state} report was not stored");
+        let (_, list) = console.page("/outposts").await;
+        assert!(
+            list.contains(&format!("data-agent-update>{shown}</span>")),
+            "{list}"
+        );
+        let (_, page) = console.page("/outposts/edge").await;
+        assert!(
+            page.contains(&format!("data-agent-update>{shown}</span> from 0.1.0")),
+            "{page}"
+        );
+    }
+    let (_, page) = console.page("/outposts/edge").await;
+    assert!(page.contains("badge bad\" data-agent-update"), "{page}");
+
+    // The link profile: the hub's defaults, then a refused change.
+    assert!(
+        page.contains("(the hub&#39;s default)") || page.contains("(the hub's default)"),
+        "{page}"
+    );
+    assert!(
+        page.contains("<dd data-windows>always (UTC)</dd>"),
+        "{page}"
+    );
+    let refused = console
+        .post(
+            "/outposts/edge/link-profile",
+            &[("windows", "mon-fri 25:00-06:00"), ("heartbeat", "5m")],
+        )
+        .await;
+    assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
+    let page = refused.text().await.unwrap();
+    assert!(page.contains("data-code=\"invalid-window\""), "{page}");
+    assert!(page.contains("value=\"mon-fri 25:00-06:00\""), "{page}");
+    let (_, profile) = hub
+        .call(admin, M::GET, "/outposts/edge/link-profile", None)
+        .await;
+    assert_eq!(profile["windows"], "always", "nothing changed: {profile}");
+    assert_eq!(
+        profile["heartbeat_default"], true,
+        "nothing changed: {profile}"
+    );
+
+    // A change: stored, shown, and the linked agent takes the heartbeat.
+    let changed = console
+        .post(
+            "/outposts/edge/link-profile",
+            &[
+                ("heartbeat", "5m"),
+                ("bandwidth", "1MiB/s"),
+                ("windows", "mon-fri 22:00-06:00"),
+                ("timezone", "Europe/Berlin"),
+            ],
+        )
+        .await;
+    assert_eq!(changed.status(), StatusCode::SEE_OTHER);
+    assert_eq!(location(&changed), "/outposts/edge#link-profile");
+    let (_, profile) = hub
+        .call(admin, M::GET, "/outposts/edge/link-profile", None)
+        .await;
+    assert_eq!(profile["heartbeat_secs"], 300, "{profile}");
+    assert_eq!(profile["bandwidth_bytes_per_sec"], 1 << 20, "{profile}");
+    assert_eq!(profile["timezone"], "Europe/Berlin", "{profile}");
+    let heartbeat = agent
+        .next_such(|m| match m {
+            Message::LinkProfile { heartbeat_secs, .. } => Some(heartbeat_secs),
+            _ => None,
+        })
+        .await;
+    assert_eq!(heartbeat, 300);
+    let (_, page) = console.page("/outposts/edge").await;
+    assert!(page.contains("<dd data-heartbeat>300 s</dd>"), "{page}");
+    let windows = profile["windows"].as_str().unwrap();
+    assert!(
+        page.contains(&format!(
+            "<dd data-windows>{windows} (Europe&#x2f;Berlin)</dd>"
+        )) || page.contains(&format!("<dd data-windows>{windows} (Europe/Berlin)</dd>")),
+        "{page}"
+    );
+    // The form leaves empty fields as they are.
+    let kept = console
+        .post("/outposts/edge/link-profile", &[("bandwidth", "none")])
+        .await;
+    assert_eq!(kept.status(), StatusCode::SEE_OTHER);
+    let (_, profile) = hub
+        .call(admin, M::GET, "/outposts/edge/link-profile", None)
+        .await;
+    assert_eq!(profile["heartbeat_secs"], 300, "{profile}");
+    assert!(
+        profile.get("bandwidth_bytes_per_sec").is_none(),
+        "{profile}"
+    );
+}

@@ -3,16 +3,28 @@
 //! records one update per outpost asked; the outpost's agent fetches the
 //! binary, swaps itself and reports how it went (see the agent's `update`
 //! module for the swap and the watchdog that rolls a failed one back).
+//!
+//! An update of many outposts goes in waves, like a rollout
+//! (`--waves 1,10%,100%`, `--success-threshold 95%`): the outposts are
+//! ordered by [`outpost_order`] and cut by [`crate::rollout::wave_ends`];
+//! the first wave is sent at once, each later one waits (`waiting`) until
+//! the wave before it passes [`judge_wave`]. A wave whose failures make
+//! the threshold unreachable halts the rest (`halted`, never sent). An
+//! outpost offline when its wave was sent is carried along: it updates
+//! when it links, and its wave is judged without it.
 
 use serde::{Deserialize, Serialize};
 
 use crate::Timestamp;
+use crate::rollout::Verdict;
 
 /// Where an agent update stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum AgentUpdateState {
+    /// Recorded in a later wave: sent once the waves before it passed.
+    Waiting,
     /// Recorded; sent to the agent when it is linked.
     Pending,
     /// The agent is fetching and checking the new binary.
@@ -24,30 +36,40 @@ pub enum AgentUpdateState {
     /// Refused before anything changed, or rolled back to the agent that
     /// ran before; the message says which and why. Final.
     Failed,
+    /// Never sent: an earlier wave failed past the threshold; the message
+    /// says which outposts failed. Final.
+    Halted,
 }
 
 impl AgentUpdateState {
     pub fn as_str(self) -> &'static str {
         match self {
+            AgentUpdateState::Waiting => "waiting",
             AgentUpdateState::Pending => "pending",
             AgentUpdateState::Fetching => "fetching",
             AgentUpdateState::Restarting => "restarting",
             AgentUpdateState::Applied => "applied",
             AgentUpdateState::Failed => "failed",
+            AgentUpdateState::Halted => "halted",
         }
     }
 
     /// Whether the update is still under way (another may not start).
     pub fn is_open(self) -> bool {
-        !matches!(self, AgentUpdateState::Applied | AgentUpdateState::Failed)
+        !matches!(
+            self,
+            AgentUpdateState::Applied | AgentUpdateState::Failed | AgentUpdateState::Halted
+        )
     }
 
-    pub const ALL: [AgentUpdateState; 5] = [
+    pub const ALL: [AgentUpdateState; 7] = [
+        AgentUpdateState::Waiting,
         AgentUpdateState::Pending,
         AgentUpdateState::Fetching,
         AgentUpdateState::Restarting,
         AgentUpdateState::Applied,
         AgentUpdateState::Failed,
+        AgentUpdateState::Halted,
     ];
 }
 
@@ -81,6 +103,41 @@ pub struct NewAgentUpdate {
     pub deadline_secs: u32,
     /// Who asked.
     pub created_by: String,
+    /// Its wave (from 0): the first is sent at once, a later one waits.
+    pub wave: u32,
+    /// Offline when its wave was sent: judged without it.
+    pub carried: bool,
+    /// The share of a wave's online outposts that must apply it for the
+    /// next wave to be sent, in basis points (10,000: all).
+    pub threshold_bp: u32,
+}
+
+impl NewAgentUpdate {
+    /// The record the store keeps for it, numbered `id` in the request
+    /// whose first update is `batch`: pending (waiting in a later wave),
+    /// nothing said yet.
+    pub fn record(&self, id: u64, batch: u64, at: Timestamp) -> AgentUpdate {
+        AgentUpdate {
+            id,
+            outpost: self.outpost.clone(),
+            version: self.version.clone(),
+            from_version: self.from_version.clone(),
+            state: if self.wave == 0 {
+                AgentUpdateState::Pending
+            } else {
+                AgentUpdateState::Waiting
+            },
+            message: String::new(),
+            deadline_secs: self.deadline_secs,
+            created_by: self.created_by.clone(),
+            created_at: at,
+            updated_at: at,
+            batch,
+            wave: self.wave,
+            carried: self.carried,
+            threshold_bp: self.threshold_bp,
+        }
+    }
 }
 
 /// How long a new agent has to link back unless the update says otherwise.
@@ -102,9 +159,113 @@ pub struct AgentUpdate {
     pub created_by: String,
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
+    /// The id of the first update asked in the same request: the updates
+    /// of one request go in waves together. (0 in records from before
+    /// waves: each is its own request.)
+    #[serde(default)]
+    pub batch: u64,
+    /// Its wave in the request, from 0.
+    #[serde(default)]
+    pub wave: u32,
+    /// The outpost was offline when its wave was sent: it updates when it
+    /// links, and the wave is judged without it.
+    #[serde(default)]
+    pub carried: bool,
+    /// The share of a wave's online outposts that must apply it for the
+    /// next wave to be sent, in basis points.
+    #[serde(default = "all_bp")]
+    pub threshold_bp: u32,
+}
+
+fn all_bp() -> u32 {
+    crate::rollout::ALL
+}
+
+/// The outposts of a request in wave order: by a fixed hash of the name,
+/// ties by name — the same order every time, spread over the fleet
+/// rather than the names that sort first.
+pub fn outpost_order(outposts: Vec<String>) -> Vec<String> {
+    crate::rollout::wave_order("agent-update", outposts)
+}
+
+/// Judges wave `wave` (from 0) of a request's updates, `updates` being that
+/// wave's: `threshold` (basis points) of those not carried along must
+/// apply. It halts as soon as so many failed that the threshold cannot be
+/// met, and passes once none not carried along is under way with the
+/// threshold met. A wave with nothing to judge passes. The reason of a
+/// halt names the outposts that failed.
+pub fn judge_wave(wave: u32, updates: &[&AgentUpdate], threshold: u32) -> Verdict {
+    let judged: Vec<&AgentUpdate> = updates.iter().copied().filter(|u| !u.carried).collect();
+    let total = judged.len();
+    let need = (total * threshold as usize).div_ceil(crate::rollout::ALL as usize);
+    let applied = judged
+        .iter()
+        .filter(|u| u.state == AgentUpdateState::Applied)
+        .count();
+    let failed: Vec<&str> = judged
+        .iter()
+        .filter(|u| !u.state.is_open() && u.state != AgentUpdateState::Applied)
+        .map(|u| u.outpost.as_str())
+        .collect();
+    if total - failed.len() < need {
+        let named = 20;
+        let mut names = failed
+            .iter()
+            .take(named)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if failed.len() > named {
+            names.push_str(&format!(" and {} more", failed.len() - named));
+        }
+        return Verdict::Halt(format!(
+            "wave {}: {} of its {total} online outpost(s) failed to update, so fewer than {} can — failed: {names}",
+            wave + 1,
+            failed.len(),
+            crate::rollout::percent_text(threshold)
+        ));
+    }
+    if judged.iter().all(|u| !u.state.is_open()) && applied >= need {
+        return Verdict::Pass;
+    }
+    Verdict::Watch
 }
 
 impl AgentUpdate {
+    /// One line for lists: `0.2.0 fetching`, `0.2.0 failed: <why>`.
+    pub fn summary(&self) -> String {
+        match self.state {
+            AgentUpdateState::Failed | AgentUpdateState::Halted if !self.message.is_empty() => {
+                format!("{} {}: {}", self.version, self.state, self.message)
+            }
+            state => format!("{} {state}", self.version),
+        }
+    }
+
+    /// Sends it: a waiting update becomes pending, `carried` along when its
+    /// outpost is offline now. Returns whether it changed.
+    pub fn release(&mut self, carried: bool, at: Timestamp) -> bool {
+        if self.state != AgentUpdateState::Waiting {
+            return false;
+        }
+        self.state = AgentUpdateState::Pending;
+        self.carried = carried;
+        self.updated_at = at;
+        true
+    }
+
+    /// Never sends it: a waiting update is halted with `why`. Returns
+    /// whether it changed.
+    pub fn halt(&mut self, why: &str, at: Timestamp) -> bool {
+        if self.state != AgentUpdateState::Waiting {
+            return false;
+        }
+        self.state = AgentUpdateState::Halted;
+        why.clone_into(&mut self.message);
+        self.updated_at = at;
+        true
+    }
+
     /// The record after the agent reported `state`: a final state is kept
     /// (a late progress report does not reopen it); returns whether it
     /// changed.
@@ -136,7 +297,94 @@ mod tests {
             created_by: "admin".into(),
             created_at: at,
             updated_at: at,
+            batch: 1,
+            wave: 0,
+            carried: false,
+            threshold_bp: crate::rollout::ALL,
         }
+    }
+
+    fn in_state(outpost: &str, state: AgentUpdateState, carried: bool) -> AgentUpdate {
+        AgentUpdate {
+            outpost: outpost.into(),
+            state,
+            carried,
+            ..update()
+        }
+    }
+
+    #[test]
+    fn a_wave_passes_on_its_online_outposts_and_halts_once_the_threshold_is_out_of_reach() {
+        use AgentUpdateState::*;
+        let judge = |updates: &[AgentUpdate], threshold| {
+            judge_wave(1, &updates.iter().collect::<Vec<_>>(), threshold)
+        };
+        // Under way: watched.
+        let wave = [
+            in_state("a", Applied, false),
+            in_state("b", Fetching, false),
+        ];
+        assert_eq!(judge(&wave, 10_000), Verdict::Watch);
+        // An offline one carried along does not hold the wave.
+        let wave = [in_state("a", Applied, false), in_state("b", Pending, true)];
+        assert_eq!(judge(&wave, 10_000), Verdict::Pass);
+        // One failure of four with 75% needed: passes once the rest applied.
+        let mut wave = vec![
+            in_state("a", Applied, false),
+            in_state("b", Failed, false),
+            in_state("c", Restarting, false),
+            in_state("d", Applied, false),
+        ];
+        assert_eq!(judge(&wave, 7_500), Verdict::Watch);
+        wave[2].state = Applied;
+        assert_eq!(judge(&wave, 7_500), Verdict::Pass);
+        // Two failures of four with 75% needed: halted at once, named.
+        wave[2].state = Restarting;
+        wave[3].state = Failed;
+        let Verdict::Halt(why) = judge(&wave, 7_500) else {
+            panic!("expected a halt");
+        };
+        assert!(
+            why.starts_with("wave 2: 2 of its 4 online outpost(s) failed"),
+            "{why}"
+        );
+        assert!(why.contains("failed: b, d"), "{why}");
+        // All offline, or empty: nothing to judge.
+        assert_eq!(
+            judge(&[in_state("a", Pending, true)], 10_000),
+            Verdict::Pass
+        );
+        assert_eq!(judge(&[], 10_000), Verdict::Pass);
+    }
+
+    #[test]
+    fn only_a_waiting_update_is_released_or_halted() {
+        let at = chrono::Utc::now();
+        let mut u = AgentUpdate {
+            state: AgentUpdateState::Waiting,
+            ..update()
+        };
+        assert!(u.release(true, at));
+        assert_eq!(u.state, AgentUpdateState::Pending);
+        assert!(u.carried);
+        assert!(!u.release(false, at), "already sent");
+        assert!(!u.halt("late", at), "already sent");
+        let mut u = AgentUpdate {
+            state: AgentUpdateState::Waiting,
+            ..update()
+        };
+        assert!(u.halt("wave 1 failed", at));
+        assert_eq!(u.summary(), "0.2.0 halted: wave 1 failed");
+        assert!(!u.state.is_open());
+    }
+
+    #[test]
+    fn the_wave_order_is_fixed() {
+        let order = outpost_order(vec!["b".into(), "a".into(), "c".into()]);
+        assert_eq!(
+            order,
+            outpost_order(vec!["c".into(), "a".into(), "b".into()])
+        );
     }
 
     #[test]

@@ -555,8 +555,9 @@ pub trait Store: Send + Sync + 'static {
     async fn list_releases(&self, project: &str, stage: &str) -> Result<Vec<Release>>;
 
     // --- agent updates ---
-    /// Records an update of each outpost's agent, `pending`, numbered in
-    /// order (a number is never given twice). Refused with nothing recorded
+    /// Records an update of each outpost's agent, `pending` (`waiting` in a
+    /// later wave), numbered in order (a number is never given twice), the
+    /// request's batch being the first one's number. Refused with nothing recorded
     /// when an outpost does not exist, or already has an update under way:
     /// the error names the outpost and that update.
     async fn create_agent_updates(
@@ -582,6 +583,33 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<trellis_model::agent_update::AgentUpdate>;
     /// The newest update of every outpost that has one, by outpost.
     async fn latest_agent_updates(&self) -> Result<Vec<trellis_model::agent_update::AgentUpdate>>;
+    /// The requests (by batch: the id of a request's first update) that
+    /// still have updates waiting for their wave, oldest first.
+    async fn waiting_agent_update_batches(&self) -> Result<Vec<u64>>;
+    /// Every update of request `batch`, by id.
+    async fn agent_update_batch(
+        &self,
+        batch: u64,
+    ) -> Result<Vec<trellis_model::agent_update::AgentUpdate>>;
+    /// Sends wave `wave` of request `batch`: its waiting updates become
+    /// pending, those of the outposts in `offline` carried along (see
+    /// `AgentUpdate::release`). Returns the updates it changed; none when
+    /// the wave was sent already (by another hub instance, say).
+    async fn release_agent_update_wave(
+        &self,
+        batch: u64,
+        wave: u32,
+        offline: &[String],
+        at: Timestamp,
+    ) -> Result<Vec<trellis_model::agent_update::AgentUpdate>>;
+    /// Halts request `batch`: every update still waiting is `halted` with
+    /// `why` and never sent. Returns the updates it changed.
+    async fn halt_agent_update_batch(
+        &self,
+        batch: u64,
+        why: &str,
+        at: Timestamp,
+    ) -> Result<Vec<trellis_model::agent_update::AgentUpdate>>;
 
     // --- rollouts ---
     /// Records a rollout, `running`, numbered after every rollout before

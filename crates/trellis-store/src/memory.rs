@@ -17,7 +17,7 @@
 //! [`crate::cluster`]), under the same lock as the change, so in commit
 //! order — and a test can make it lose some ([`MemoryStore::set_change_filter`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
@@ -709,41 +709,21 @@ impl Store for MemoryStore {
             }
             // An outpost named twice: the second finds the first open.
             if let Some(first) = updates[..i].iter().find(|u| u.outpost == new.outpost) {
-                let open = AgentUpdate {
-                    id: state.last_agent_update + 1,
-                    outpost: first.outpost.clone(),
-                    version: first.version.clone(),
-                    from_version: first.from_version.clone(),
-                    state: AgentUpdateState::Pending,
-                    message: String::new(),
-                    deadline_secs: first.deadline_secs,
-                    created_by: first.created_by.clone(),
-                    created_at: at,
-                    updated_at: at,
-                };
+                let open = first.record(state.last_agent_update + 1, 0, at);
                 return Err(wording::agent_update_open(&open));
             }
         }
         let mut made = Vec::with_capacity(updates.len());
+        let batch = state.last_agent_update + 1;
         for new in updates {
             state.last_agent_update += 1;
-            let record = AgentUpdate {
-                id: state.last_agent_update,
-                outpost: new.outpost.clone(),
-                version: new.version.clone(),
-                from_version: new.from_version.clone(),
-                state: AgentUpdateState::Pending,
-                message: String::new(),
-                deadline_secs: new.deadline_secs,
-                created_by: new.created_by.clone(),
-                created_at: at,
-                updated_at: at,
-            };
+            let record = new.record(state.last_agent_update, batch, at);
             state.agent_updates.insert(record.id, record.clone());
             made.push(record);
         }
         self.announce(
             made.iter()
+                .filter(|u| u.state == AgentUpdateState::Pending)
                 .map(|u| Change::Outpost(u.outpost.clone()))
                 .collect::<Vec<_>>(),
         );
@@ -779,6 +759,68 @@ impl Store for MemoryStore {
             latest.insert(&u.outpost, u);
         }
         Ok(latest.into_values().cloned().collect())
+    }
+
+    async fn waiting_agent_update_batches(&self) -> Result<Vec<u64>> {
+        let state = self.state();
+        let batches: BTreeSet<u64> = state
+            .agent_updates
+            .values()
+            .filter(|u| u.state == AgentUpdateState::Waiting)
+            .map(|u| u.batch)
+            .collect();
+        Ok(batches.into_iter().collect())
+    }
+
+    async fn agent_update_batch(&self, batch: u64) -> Result<Vec<AgentUpdate>> {
+        let state = self.state();
+        Ok(state
+            .agent_updates
+            .values()
+            .filter(|u| u.batch == batch)
+            .cloned()
+            .collect())
+    }
+
+    async fn release_agent_update_wave(
+        &self,
+        batch: u64,
+        wave: u32,
+        offline: &[String],
+        at: Timestamp,
+    ) -> Result<Vec<AgentUpdate>> {
+        let at = millis(at);
+        let mut state = self.state();
+        let mut released = Vec::new();
+        for u in state.agent_updates.values_mut() {
+            if u.batch == batch && u.wave == wave && u.release(offline.contains(&u.outpost), at) {
+                released.push(u.clone());
+            }
+        }
+        self.announce(
+            released
+                .iter()
+                .map(|u| Change::Outpost(u.outpost.clone()))
+                .collect::<Vec<_>>(),
+        );
+        Ok(released)
+    }
+
+    async fn halt_agent_update_batch(
+        &self,
+        batch: u64,
+        why: &str,
+        at: Timestamp,
+    ) -> Result<Vec<AgentUpdate>> {
+        let at = millis(at);
+        let mut state = self.state();
+        let mut halted = Vec::new();
+        for u in state.agent_updates.values_mut() {
+            if u.batch == batch && u.halt(why, at) {
+                halted.push(u.clone());
+            }
+        }
+        Ok(halted)
     }
 
     async fn create_rollout(&self, rollout: &NewRollout) -> Result<Rollout> {

@@ -79,6 +79,7 @@ macro_rules! for_each_suite_test {
             rollouts,
             rollouts_refuse_overlap,
             agent_updates,
+            agent_update_waves,
             a_failure_report_promotes_no_release,
             agent_binaries,
         }
@@ -3849,12 +3850,16 @@ pub async fn agent_updates(store: &dyn Store) {
         from_version: "0.1.0".into(),
         deadline_secs: 60,
         created_by: "admin".into(),
+        wave: 0,
+        carried: false,
+        threshold_bp: 10_000,
     };
     let made = store
         .create_agent_updates(&[new("edge-1", "0.2.0"), new("edge-2", "0.2.0")], at(10))
         .await
         .unwrap();
     assert_eq!(made.iter().map(|u| u.id).collect::<Vec<_>>(), [1, 2]);
+    assert!(made.iter().all(|u| u.batch == 1), "one request, one batch");
     assert!(made.iter().all(|u| u.state == AgentUpdateState::Pending));
     assert_eq!(made[0].created_at, at(10));
     assert_eq!(
@@ -3964,6 +3969,113 @@ pub async fn agent_updates(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(next[0].id, 4);
+}
+
+/// The updates of one request share a batch; a later wave waits (and
+/// counts as under way) until it is sent, offline outposts carried along;
+/// sending it twice changes nothing; a halt stops only what waits.
+pub async fn agent_update_waves(store: &dyn Store) {
+    use trellis_model::agent_update::{AgentUpdateState, NewAgentUpdate};
+    for name in ["a", "b", "c", "d", "e"] {
+        store.create_outpost(&outpost(name, None)).await.unwrap();
+    }
+    let new = |outpost: &str, wave: u32| NewAgentUpdate {
+        outpost: outpost.into(),
+        version: "0.2.0".into(),
+        from_version: "0.1.0".into(),
+        deadline_secs: 60,
+        created_by: "admin".into(),
+        wave,
+        carried: false,
+        threshold_bp: 9_000,
+    };
+    let first = store
+        .create_agent_updates(&[new("e", 0)], at(1))
+        .await
+        .unwrap();
+    let made = store
+        .create_agent_updates(&[new("a", 0), new("b", 1), new("c", 1), new("d", 2)], at(2))
+        .await
+        .unwrap();
+    let batch = made[0].id;
+    assert_eq!(first[0].batch, first[0].id);
+    assert!(made.iter().all(|u| u.batch == batch), "{made:?}");
+    assert_eq!(
+        made.iter().map(|u| u.state).collect::<Vec<_>>(),
+        [
+            AgentUpdateState::Pending,
+            AgentUpdateState::Waiting,
+            AgentUpdateState::Waiting,
+            AgentUpdateState::Waiting
+        ]
+    );
+    assert_eq!(made[3].threshold_bp, 9_000);
+    assert_eq!(store.waiting_agent_update_batches().await.unwrap(), [batch]);
+    // A waiting update is under way: another is refused for its outpost.
+    assert!(matches!(
+        store.create_agent_updates(&[new("d", 0)], at(3)).await,
+        Err(StoreError::InUse { .. })
+    ));
+    assert_eq!(
+        store.open_agent_update("b").await.unwrap().map(|u| u.state),
+        Some(AgentUpdateState::Waiting)
+    );
+
+    // Wave 1 sent: c offline, carried along; sent again, nothing changes.
+    let sent = store
+        .release_agent_update_wave(batch, 1, &["c".to_owned()], at(4))
+        .await
+        .unwrap();
+    assert_eq!(
+        sent.iter()
+            .map(|u| (u.outpost.as_str(), u.state, u.carried, u.updated_at))
+            .collect::<Vec<_>>(),
+        [
+            ("b", AgentUpdateState::Pending, false, at(4)),
+            ("c", AgentUpdateState::Pending, true, at(4)),
+        ]
+    );
+    assert!(
+        store
+            .release_agent_update_wave(batch, 1, &[], at(5))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Halted: only d, still waiting, is; the reason is kept.
+    let halted = store
+        .halt_agent_update_batch(batch, "wave 2: b failed", at(6))
+        .await
+        .unwrap();
+    assert_eq!(halted.len(), 1);
+    assert_eq!(
+        (
+            halted[0].outpost.as_str(),
+            halted[0].state,
+            halted[0].message.as_str()
+        ),
+        ("d", AgentUpdateState::Halted, "wave 2: b failed")
+    );
+    let all = store.agent_update_batch(batch).await.unwrap();
+    assert_eq!(
+        all.iter().map(|u| u.state).collect::<Vec<_>>(),
+        [
+            AgentUpdateState::Pending,
+            AgentUpdateState::Pending,
+            AgentUpdateState::Pending,
+            AgentUpdateState::Halted
+        ]
+    );
+    assert!(
+        store
+            .waiting_agent_update_batches()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.open_agent_update("d").await.unwrap(), None);
+    assert!(store.agent_update_batch(999).await.unwrap().is_empty());
 }
 
 /// A status report that names a failure promotes no release to applied

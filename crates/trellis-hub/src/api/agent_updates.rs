@@ -2,7 +2,10 @@
 //! of the outposts a label selector chooses to replace themselves with
 //! another version the hub holds; `GET /agent-updates` shows every
 //! outpost's agent version and where its latest update stands. The link
-//! sends the update to each agent (see `link::agent_update`).
+//! sends the update to each agent (see `link::agent_update`). A request
+//! goes in waves like a rollout (`waves`, `success_threshold`): the first
+//! is sent at once, the rollout driver sends each next one once the wave
+//! before passed (see `crate::agent_update_waves`).
 
 use std::collections::HashMap;
 
@@ -50,6 +53,19 @@ pub struct CreateAgentUpdatesRequest {
     #[serde(default)]
     #[schema(minimum = 10, maximum = 3600)]
     pub deadline_secs: Option<u32>,
+    /// Each wave's cumulative size, a count or a share of the outposts to
+    /// update, ending with 100% (`1,10%,100%`); default one wave of all.
+    /// Outposts are ordered by a hash of their name, so the same choice
+    /// gives the same waves.
+    #[serde(default)]
+    #[schema(example = "1,10%,100%")]
+    pub waves: Option<String>,
+    /// The share of a wave's online outposts whose agent must update for
+    /// the next wave to be sent (default 100%); one failure more halts the
+    /// rest, never sent.
+    #[serde(default)]
+    #[schema(example = "95%")]
+    pub success_threshold: Option<String>,
 }
 
 /// What was asked: an update per outpost not already at the version.
@@ -175,6 +191,35 @@ pub async fn create_agent_updates(
             "see the versions the hub holds with `trellis list agent-binaries`",
         )
     })?;
+    let sizes = match req.waves.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+        Some(text) => trellis_model::rollout::parse_waves(text).map_err(|e| {
+            bad(
+                StatusCode::BAD_REQUEST,
+                "invalid-waves",
+                e,
+                "give each wave's cumulative size, a count or a share, ending with 100%: e.g. 1,10%,100%",
+            )
+        })?,
+        None => vec![trellis_model::rollout::WaveSize::Percent(
+            trellis_model::rollout::ALL,
+        )],
+    };
+    let threshold_bp = match req
+        .success_threshold
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        Some(text) => trellis_model::rollout::parse_threshold(text).map_err(|e| {
+            bad(
+                StatusCode::BAD_REQUEST,
+                "invalid-threshold",
+                e,
+                "e.g. 95% or 99.5%",
+            )
+        })?,
+        None => trellis_model::rollout::ALL,
+    };
     let deadline_secs = req.deadline_secs.unwrap_or(DEFAULT_DEADLINE_SECS);
     if !(MIN_DEADLINE_SECS..=MAX_DEADLINE_SECS).contains(&deadline_secs) {
         return Err(bad(
@@ -265,6 +310,9 @@ pub async fn create_agent_updates(
             from_version: agent.version.unwrap_or_default(),
             deadline_secs,
             created_by: caller.user.clone(),
+            wave: 0,
+            carried: false,
+            threshold_bp,
         });
     }
     if !refused.is_empty() {
@@ -281,6 +329,24 @@ pub async fn create_agent_updates(
             "narrow the selector, upload the agent for the missing architectures, or install the standalone trellis-agent there",
         ));
     }
+    // Waves over the outposts in their fixed order; the first is sent now,
+    // those of its outposts offline now carried along.
+    let order =
+        trellis_model::agent_update::outpost_order(new.iter().map(|u| u.outpost.clone()).collect());
+    let ends = trellis_model::rollout::wave_ends(&sizes, order.len());
+    let place: HashMap<&str, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(i, o)| (o.as_str(), i))
+        .collect();
+    // Recorded (and numbered) in wave order.
+    new.sort_by_key(|u| place.get(u.outpost.as_str()).copied());
+    let online = crate::rollouts::Online::read(&state).await?;
+    for (i, u) in new.iter_mut().enumerate() {
+        let wave = ends.iter().position(|&end| i < end).unwrap_or(0);
+        u.wave = u32::try_from(wave).unwrap_or(u32::MAX);
+        u.carried = u.wave == 0 && !online.has(&u.outpost);
+    }
     let updates = state
         .store()
         .create_agent_updates(&new, Utc::now())
@@ -291,8 +357,11 @@ pub async fn create_agent_updates(
             }
             e => e.into(),
         })?;
-    for u in &updates {
+    for u in updates.iter().filter(|u| u.wave == 0) {
         state.links().poke(&u.outpost);
+    }
+    if updates.iter().any(|u| u.wave > 0) {
+        state.rollout_counters().wake.notify_one();
     }
     Ok((
         StatusCode::CREATED,

@@ -377,7 +377,13 @@ pub const ERRORS: &[(&str, Refusals)] = &[
         &[
             (
                 400,
-                &["invalid-selector", "invalid-version", "invalid-deadline"],
+                &[
+                    "invalid-selector",
+                    "invalid-version",
+                    "invalid-deadline",
+                    "invalid-waves",
+                    "invalid-threshold",
+                ],
             ),
             (403, &["forbidden"]),
             (404, &["unknown-agent-version", "not-found"]),

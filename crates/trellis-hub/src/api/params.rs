@@ -261,15 +261,15 @@ mod tests {
     #[test]
     fn every_version_in_the_document_has_the_pattern() {
         let document = super::super::document();
-        let path_version = &document["paths"]["/agent-binaries/{version}/{arch}"]["put"]
-            ["parameters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == "version")
-            .unwrap()["schema"];
-        let body_version =
-            &document["components"]["schemas"]["CreateAgentUpdatesRequest"]["properties"]["version"];
+        let path_version =
+            &document["paths"]["/agent-binaries/{version}/{arch}"]["put"]["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == "version")
+                .unwrap()["schema"];
+        let body_version = &document["components"]["schemas"]["CreateAgentUpdatesRequest"]["properties"]
+            ["version"];
         for schema in [path_version, body_version] {
             assert_eq!(schema["pattern"], VERSION_PATTERN, "{schema}");
             assert_eq!(schema["maxLength"], 64, "{schema}");

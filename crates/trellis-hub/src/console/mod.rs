@@ -104,6 +104,10 @@ pub fn router(state: AppState) -> Router {
         .route("/outposts/{outpost}/rotate", post(outposts::rotate))
         .route("/outposts/{outpost}/revoke", post(outposts::revoke))
         .route("/outposts/{outpost}/join-token", post(outposts::join_token))
+        .route(
+            "/outposts/{outpost}/link-profile",
+            post(outposts::link_profile),
+        )
         .layer(axum::middleware::from_fn(session::same_origin))
         .with_state(state)
 }

@@ -2,7 +2,7 @@
 //! stage count; registering an outpost and its join command; an outpost's
 //! page with its Outpost URI (copy, rotate), a new join command, revoke.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use askama::Template;
 use axum::extract::State;
@@ -11,12 +11,16 @@ use axum::response::{IntoResponse, Redirect, Response};
 use chrono::Utc;
 use serde::Deserialize;
 use trellis_model::LOCAL_OUTPOST;
+use trellis_model::agent_update::AgentUpdate;
 
 use super::session::Signed;
 use super::stages::AgentView;
 use super::view::{Badge, last_seen, rtt, when, when_ago};
 use super::{ConsoleError, Form, Page, render};
-use crate::api::types::{CreateOutpostRequest, JoinTokenRequest, JoinTokenResponse};
+use crate::api::agent_updates::{OutpostAgent, outpost_agents};
+use crate::api::types::{
+    CreateOutpostRequest, JoinTokenRequest, JoinTokenResponse, LinkProfileRequest, LinkProfileView,
+};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::{Json, Path};
@@ -33,6 +37,18 @@ struct OutpostRow {
     local: bool,
     /// The hub instance holding the link, where several share the store.
     instance: String,
+    /// The version its agent reported when it last linked.
+    agent: String,
+    /// Its latest agent update: `0.2.0 fetching`, `0.2.0 failed: <why>`.
+    update: Option<Badge>,
+}
+
+/// An agent update as a badge: the summary in the tone of its state.
+fn update_badge(update: &AgentUpdate) -> Badge {
+    Badge {
+        text: update.summary(),
+        tone: super::view::tone(update.state.as_str()),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -80,8 +96,14 @@ async fn outposts_page(
 ) -> Result<OutpostsPage, ConsoleError> {
     caller.require_admin("manage outposts")?;
     let now = Utc::now();
+    let mut agents: HashMap<String, OutpostAgent> = outpost_agents(state)
+        .await?
+        .into_iter()
+        .map(|a| (a.outpost.clone(), a))
+        .collect();
     let mut rows = Vec::new();
     for outpost in state.store().list_outposts().await? {
+        let agent = agents.remove(&outpost.name);
         let link = link_view(state, &outpost.name).await?;
         let stages = state.store().stages_on_outpost(&outpost.name).await?.len();
         rows.push(OutpostRow {
@@ -98,6 +120,11 @@ async fn outposts_page(
                 (None, Some(id)) => id.clone(),
                 _ => String::new(),
             },
+            agent: agent
+                .as_ref()
+                .and_then(|a| a.version.clone())
+                .unwrap_or_else(|| "-".into()),
+            update: agent.and_then(|a| a.update).as_ref().map(update_badge),
             display_name: outpost.display_name,
             name: outpost.name,
         });
@@ -177,8 +204,11 @@ pub async fn create(
     };
     match created {
         Ok((_, Json(created))) => {
-            let page =
-                outpost_page(&state, &caller, &created.outpost.name, Some(created.join)).await?;
+            let extras = OutpostExtras {
+                join: Some(created.join),
+                ..OutpostExtras::default()
+            };
+            let page = outpost_page(&state, &caller, &created.outpost.name, extras).await?;
             Ok((StatusCode::CREATED, render(&page)?).into_response())
         }
         Err(e) => {
@@ -192,6 +222,39 @@ pub async fn create(
 struct JoinView {
     command: String,
     expires: String,
+}
+
+struct UpdateView {
+    badge: Badge,
+    from_version: String,
+    asked: String,
+    changed: String,
+}
+
+/// The link-profile form: each field as typed; an empty one stays as it is.
+#[derive(Debug, Default, Deserialize)]
+pub struct LinkProfileForm {
+    #[serde(default)]
+    heartbeat: String,
+    #[serde(default)]
+    bandwidth: String,
+    #[serde(default)]
+    windows: String,
+    #[serde(default)]
+    timezone: String,
+}
+
+impl LinkProfileForm {
+    /// What the API is asked: the fields given, each as typed.
+    fn request(&self) -> LinkProfileRequest {
+        let given = |text: &str| Some(text.trim().to_owned()).filter(|t| !t.is_empty());
+        LinkProfileRequest {
+            heartbeat: given(&self.heartbeat),
+            bandwidth: given(&self.bandwidth),
+            windows: given(&self.windows),
+            timezone: given(&self.timezone),
+        }
+    }
 }
 
 #[derive(Template)]
@@ -210,6 +273,14 @@ struct OutpostPage {
     rtt: String,
     last_disconnect: Option<String>,
     agent: Option<AgentView>,
+    /// Its latest agent update, and what the agent last said of it.
+    update: Option<UpdateView>,
+    /// Heartbeat, delivery cap and windows, and whether delivery is open
+    /// (not for the hub's built-in outpost: it has no link).
+    profile: Option<LinkProfileView>,
+    /// What the link-profile form last sent, when it was refused.
+    profile_form: LinkProfileForm,
+    profile_error: Option<ApiError>,
     uri: Option<String>,
     stages: Vec<(String, String)>,
     limit: String,
@@ -218,14 +289,28 @@ struct OutpostPage {
     join: Option<JoinView>,
 }
 
+/// What the outpost page shows beyond the outpost itself: a join command
+/// just made, or a link-profile change that was refused.
+#[derive(Default)]
+struct OutpostExtras {
+    join: Option<JoinTokenResponse>,
+    profile_form: LinkProfileForm,
+    profile_error: Option<ApiError>,
+}
+
 async fn outpost_page(
     state: &AppState,
     caller: &Caller,
     name: &str,
-    join: Option<JoinTokenResponse>,
+    extras: OutpostExtras,
 ) -> Result<OutpostPage, ConsoleError> {
     caller.require_admin("manage outposts")?;
     let store = state.store();
+    let OutpostExtras {
+        join,
+        profile_form,
+        profile_error,
+    } = extras;
     let outpost = store.get_outpost(name).await?;
     let link = link_view(state, name).await?;
     let stored = store.get_outpost_link(name).await?;
@@ -236,8 +321,38 @@ async fn outpost_page(
         Some(crate::outposts::uri_of(state, &outpost)?.to_string())
     };
     let now = Utc::now();
+    let update = store
+        .latest_agent_updates()
+        .await?
+        .into_iter()
+        .find(|u| u.outpost == name)
+        .map(|u| UpdateView {
+            badge: update_badge(&u),
+            from_version: if u.from_version.is_empty() {
+                "-".into()
+            } else {
+                u.from_version.clone()
+            },
+            asked: format!("{} by {}", when_ago(u.created_at, now), u.created_by),
+            changed: when_ago(u.updated_at, now),
+        });
+    let profile = if local {
+        None
+    } else {
+        let Json(profile) = crate::api::outposts::get_link_profile(
+            State(state.clone()),
+            caller.clone(),
+            Path(name.to_owned()),
+        )
+        .await?;
+        Some(profile)
+    };
     Ok(OutpostPage {
         page: Page::signed(format!("Outpost {name}"), caller, "outposts"),
+        update,
+        profile,
+        profile_form,
+        profile_error,
         name: outpost.name.clone(),
         display_name: outpost.display_name.clone(),
         description: outpost.description.clone(),
@@ -277,7 +392,7 @@ pub async fn show(
     Signed(caller): Signed,
     Path(name): Path<String>,
 ) -> Result<Response, ConsoleError> {
-    let page = outpost_page(&state, &caller, &name, None).await?;
+    let page = outpost_page(&state, &caller, &name, OutpostExtras::default()).await?;
     Ok(render(&page)?.into_response())
 }
 
@@ -311,8 +426,43 @@ pub async fn join_token(
         Json(JoinTokenRequest::default()),
     )
     .await?;
-    let page = outpost_page(&state, &caller, &name, Some(join)).await?;
+    let extras = OutpostExtras {
+        join: Some(join),
+        ..OutpostExtras::default()
+    };
+    let page = outpost_page(&state, &caller, &name, extras).await?;
     Ok((StatusCode::CREATED, render(&page)?).into_response())
+}
+
+/// Changes the outpost's link profile; a refused change shows the page
+/// again with the error and what was typed, nothing changed.
+pub async fn link_profile(
+    State(state): State<AppState>,
+    Signed(caller): Signed,
+    Path(name): Path<String>,
+    Form(form): Form<LinkProfileForm>,
+) -> Result<Response, ConsoleError> {
+    let changed = crate::api::outposts::update_link_profile(
+        State(state.clone()),
+        caller.clone(),
+        Path(name.clone()),
+        Json(form.request()),
+    )
+    .await;
+    match changed {
+        Ok(_) => Ok(Redirect::to(&format!("/outposts/{name}#link-profile")).into_response()),
+        Err(e) if e.status == StatusCode::BAD_REQUEST => {
+            let status = e.status;
+            let extras = OutpostExtras {
+                profile_form: form,
+                profile_error: Some(e),
+                ..OutpostExtras::default()
+            };
+            let page = outpost_page(&state, &caller, &name, extras).await?;
+            Ok((status, render(&page)?).into_response())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

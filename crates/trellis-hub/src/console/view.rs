@@ -10,8 +10,8 @@ pub fn tone(state: &str) -> &'static str {
     match state {
         "online" | "in-sync" | "running" | "applied" | "succeeded" => "good",
         "degraded" | "syncing" | "pending-delivery" | "linking" | "awaiting-agent" | "starting"
-        | "waiting" | "pending" | "suspended" | "applying" => "warn",
-        "offline" | "failed" | "revoked" | "crash-looping" => "bad",
+        | "waiting" | "pending" | "suspended" | "applying" | "fetching" | "restarting" => "warn",
+        "offline" | "failed" | "revoked" | "crash-looping" | "halted" => "bad",
         _ => "idle",
     }
 }

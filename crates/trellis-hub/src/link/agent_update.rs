@@ -46,6 +46,10 @@ impl Updates {
         else {
             return Ok(None);
         };
+        // Its wave has not been sent yet.
+        if update.state == AgentUpdateState::Waiting {
+            return Ok(None);
+        }
         if !sent.insert(update.id) {
             return Ok(None);
         }
@@ -78,7 +82,13 @@ impl Updates {
         {
             Ok(record) => {
                 tracing::info!(%outpost, id, state = %record.state, message = %record.message, "agent update");
-                (!record.state.is_open()).then_some(Message::AgentUpdateAck { id })
+                if record.state.is_open() {
+                    return None;
+                }
+                // A wave may be decided now: the driver looks without
+                // waiting for its tick.
+                state.rollout_counters().wake.notify_one();
+                Some(Message::AgentUpdateAck { id })
             }
             // Not this outpost's (or deleted): nothing to keep, and the
             // agent may stop sending it.

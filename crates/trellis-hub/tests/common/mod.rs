@@ -73,6 +73,24 @@ impl TestHub {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// Uploads agent `version` for x86-64: an ELF header for that
+    /// machine, which is what the hub checks of a binary.
+    pub async fn put_agent_binary(&self, version: &str) {
+        let mut elf = vec![0u8; 64];
+        elf[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+        elf[16] = 2; // an executable
+        elf[18] = 62; // for x86-64
+        let put = self
+            .http
+            .put(format!("{}/agent-binaries/{version}/x86_64", self.base))
+            .bearer_auth(&self.admin)
+            .body(elf)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), StatusCode::CREATED);
+    }
+
     pub async fn user(&self, name: &str) -> String {
         let (status, body) = self
             .call(
@@ -121,8 +139,13 @@ pub async fn shop_line3_on_edge(hub: &TestHub, manifest: &str, components: Value
 
 /// The identity of outpost `edge` as a session sees it.
 pub fn peer() -> PeerIdentity {
+    peer_of("edge")
+}
+
+/// The identity of `outpost` as a session sees it.
+pub fn peer_of(outpost: &str) -> PeerIdentity {
     PeerIdentity {
-        outpost: "edge".into(),
+        outpost: outpost.into(),
         serial_hex: "01".into(),
         not_after: Utc::now() + chrono::Duration::days(30),
         public_key_fingerprint: KeyFingerprint([7; 32]),
@@ -138,10 +161,31 @@ pub struct ScriptedAgent {
 
 impl ScriptedAgent {
     pub async fn connect(hub: &TestHub, held: &[(u64, u64)]) -> ScriptedAgent {
+        ScriptedAgent::connect_as(hub, held, "test", &[]).await
+    }
+
+    /// Connects announcing agent `version` and `features` in its hello.
+    pub async fn connect_as(
+        hub: &TestHub,
+        held: &[(u64, u64)],
+        version: &str,
+        features: &[&str],
+    ) -> ScriptedAgent {
+        ScriptedAgent::connect_outpost(hub, "edge", held, version, features).await
+    }
+
+    /// [`ScriptedAgent::connect_as`] for the agent of `outpost`.
+    pub async fn connect_outpost(
+        hub: &TestHub,
+        outpost: &str,
+        held: &[(u64, u64)],
+        version: &str,
+        features: &[&str],
+    ) -> ScriptedAgent {
         let (hub_end, agent_end) = pair();
         tokio::spawn(trellis_hub::link::session::run(
             Box::new(hub_end),
-            peer(),
+            peer_of(outpost),
             hub.state.clone(),
         ));
         let mut agent = ScriptedAgent {
@@ -159,7 +203,7 @@ impl ScriptedAgent {
             .collect();
         agent
             .send(Message::Hello {
-                agent_version: "test".into(),
+                agent_version: version.into(),
                 os: "linux".into(),
                 arch: "x86_64".into(),
                 runtimes: vec![],
@@ -171,7 +215,7 @@ impl ScriptedAgent {
                 devices: vec![],
                 stages,
                 outbox_from: 0,
-                features: vec![],
+                features: features.iter().map(|f| (*f).to_owned()).collect(),
             })
             .await;
         match agent.next().await {
@@ -195,6 +239,16 @@ impl ScriptedAgent {
                 other => panic!("expected a frame from the hub, got {other:?}"),
             }
         }
+    }
+
+    /// The next frame from the hub that `pick` takes, others skipped.
+    pub async fn next_such<T>(&mut self, mut pick: impl FnMut(Message) -> Option<T>) -> T {
+        for _ in 0..20 {
+            if let Some(found) = pick(self.next().await) {
+                return found;
+            }
+        }
+        panic!("the hub did not send the frame looked for");
     }
 
     /// Nothing arrives for a while.

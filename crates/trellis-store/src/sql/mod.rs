@@ -1695,6 +1695,7 @@ impl<B: Backend> Store for SqlStore<B> {
         let at = wording::millis(at);
         let mut tx = self.write().await?;
         let mut made = Vec::with_capacity(updates.len());
+        let mut batch = None;
         for new in updates {
             if !exists(
                 &mut *tx,
@@ -1710,20 +1711,10 @@ impl<B: Backend> Store for SqlStore<B> {
                 return Err(wording::agent_update_open(&open));
             }
             let id = next_id_in(&mut *tx, IdCounter::AgentUpdates, DOING).await?;
-            let record = AgentUpdate {
-                id,
-                outpost: new.outpost.clone(),
-                version: new.version.clone(),
-                from_version: new.from_version.clone(),
-                state: AgentUpdateState::Pending,
-                message: String::new(),
-                deadline_secs: new.deadline_secs,
-                created_by: new.created_by.clone(),
-                created_at: at,
-                updated_at: at,
-            };
-            q("INSERT INTO agent_updates (id, outpost, state, record) VALUES ($1, $2, $3, $4)")
+            let record = new.record(id, *batch.get_or_insert(id), at);
+            q("INSERT INTO agent_updates (id, batch, outpost, state, record) VALUES ($1, $2, $3, $4, $5)")
                 .bind(int(id)?)
+                .bind(int(record.batch)?)
                 .bind(&record.outpost)
                 .bind(record.state.as_str())
                 .bind(json(&record)?)
@@ -1767,16 +1758,66 @@ impl<B: Backend> Store for SqlStore<B> {
                 .transpose()?
                 .ok_or_else(missing)?;
         if record.advance(state, message, wording::millis(at)) {
-            q("UPDATE agent_updates SET state = $2, record = $3 WHERE id = $1")
-                .bind(key)
-                .bind(record.state.as_str())
-                .bind(json(&record)?)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend(DOING))?;
+            save_agent_update(&mut *tx, &record, DOING).await?;
             self.commit(tx, DOING).await?;
         }
         Ok(record)
+    }
+
+    async fn waiting_agent_update_batches(&self) -> Result<Vec<u64>> {
+        const DOING: &str = "looking for agent updates waiting for their wave";
+        let rows =
+            q("SELECT DISTINCT batch FROM agent_updates WHERE state = 'waiting' ORDER BY batch")
+                .fetch_all(&mut *self.reader().await?)
+                .await
+                .map_err(backend(DOING))?;
+        rows.iter().map(|row| count(row, "batch")).collect()
+    }
+
+    async fn agent_update_batch(&self, batch: u64) -> Result<Vec<AgentUpdate>> {
+        let mut tx = self.read().await?;
+        agent_update_batch_in(&mut *tx, batch, "reading a request's agent updates").await
+    }
+
+    async fn release_agent_update_wave(
+        &self,
+        batch: u64,
+        wave: u32,
+        offline: &[String],
+        at: Timestamp,
+    ) -> Result<Vec<AgentUpdate>> {
+        const DOING: &str = "sending a wave of agent updates";
+        let at = wording::millis(at);
+        let mut tx = self.write().await?;
+        let mut released = Vec::new();
+        for mut record in agent_update_batch_in(&mut *tx, batch, DOING).await? {
+            if record.wave == wave && record.release(offline.contains(&record.outpost), at) {
+                save_agent_update(&mut *tx, &record, DOING).await?;
+                released.push(record);
+            }
+        }
+        self.commit(tx, DOING).await?;
+        Ok(released)
+    }
+
+    async fn halt_agent_update_batch(
+        &self,
+        batch: u64,
+        why: &str,
+        at: Timestamp,
+    ) -> Result<Vec<AgentUpdate>> {
+        const DOING: &str = "halting a request's agent updates";
+        let at = wording::millis(at);
+        let mut tx = self.write().await?;
+        let mut halted = Vec::new();
+        for mut record in agent_update_batch_in(&mut *tx, batch, DOING).await? {
+            if record.halt(why, at) {
+                save_agent_update(&mut *tx, &record, DOING).await?;
+                halted.push(record);
+            }
+        }
+        self.commit(tx, DOING).await?;
+        Ok(halted)
     }
 
     async fn latest_agent_updates(&self) -> Result<Vec<AgentUpdate>> {
@@ -3588,6 +3629,36 @@ enum IdCounter {
 /// The next number of `counter`'s records: one above both the largest in
 /// use and the last handed out, which it records. Writers are serial (see
 /// the module docs), so no two get the same.
+/// Every update of request `batch`, by id.
+async fn agent_update_batch_in<C: Conn + ?Sized>(
+    c: &mut C,
+    batch: u64,
+    doing: &'static str,
+) -> Result<Vec<AgentUpdate>> {
+    let rows = q("SELECT record FROM agent_updates WHERE batch = $1 ORDER BY id")
+        .bind(int(batch)?)
+        .fetch_all(&mut *c)
+        .await
+        .map_err(backend(doing))?;
+    rows.iter().map(|row| from_json(row, "record")).collect()
+}
+
+/// Writes back an update whose state changed.
+async fn save_agent_update<C: Conn + ?Sized>(
+    c: &mut C,
+    record: &AgentUpdate,
+    doing: &'static str,
+) -> Result<()> {
+    q("UPDATE agent_updates SET state = $2, record = $3 WHERE id = $1")
+        .bind(int(record.id)?)
+        .bind(record.state.as_str())
+        .bind(json(record)?)
+        .execute(&mut *c)
+        .await
+        .map_err(backend(doing))?;
+    Ok(())
+}
+
 /// The outpost's agent update still under way, if any.
 async fn open_agent_update_in<C: Conn + ?Sized>(
     c: &mut C,
@@ -3595,7 +3666,7 @@ async fn open_agent_update_in<C: Conn + ?Sized>(
     doing: &'static str,
 ) -> Result<Option<AgentUpdate>> {
     q("SELECT record FROM agent_updates WHERE outpost = $1 \
-       AND state IN ('pending', 'fetching', 'restarting') ORDER BY id DESC")
+       AND state IN ('waiting', 'pending', 'fetching', 'restarting') ORDER BY id DESC")
     .bind(outpost)
     .fetch_optional(&mut *c)
     .await

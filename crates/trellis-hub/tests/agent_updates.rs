@@ -1,0 +1,234 @@
+//! Agent updates in waves, against the real hub in process with scripted
+//! agents on in-memory links (the agent's side of an update — fetching,
+//! swapping, the watchdog — is tested with real processes in the
+//! workspace's `tests/agent_update.rs`): a wave is sent once the one
+//! before it passed, an outpost offline when its wave is sent is carried
+//! along and updated when it links, and a wave whose failures put the
+//! threshold out of reach halts the rest, which are never sent.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{M, ScriptedAgent, TestHub};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use trellis_link::Message;
+use trellis_link::protocol::FEATURE_AGENT_UPDATE;
+
+async fn connect(hub: &TestHub, outpost: &str) -> ScriptedAgent {
+    ScriptedAgent::connect_outpost(hub, outpost, &[], "0.1.0", &[FEATURE_AGENT_UPDATE]).await
+}
+
+/// The update the hub sends the agent: its id.
+async fn update_sent(agent: &mut ScriptedAgent) -> u64 {
+    agent
+        .next_such(|m| match m {
+            Message::AgentUpdate { id, version, .. } => {
+                assert_eq!(version, "0.2.0");
+                Some(id)
+            }
+            _ => None,
+        })
+        .await
+}
+
+async fn report(agent: &mut ScriptedAgent, id: u64, state: &str, message: &str) {
+    agent
+        .send(Message::AgentUpdateState {
+            id,
+            version: "0.2.0".into(),
+            state: state.into(),
+            message: message.into(),
+        })
+        .await;
+}
+
+/// Every outpost's latest update, by outpost, once `until` holds (within
+/// 30 s: the driver sends waves only once it has run for a few seconds).
+async fn updates_once(hub: &TestHub, until: impl Fn(&Value) -> bool) -> Value {
+    let admin = Some(hub.admin.as_str());
+    for _ in 0..300 {
+        let (_, agents) = hub.call(admin, M::GET, "/agent-updates", None).await;
+        let by_outpost: serde_json::Map<String, Value> = agents
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["outpost"].as_str().unwrap().to_owned(),
+                    a["update"].clone(),
+                )
+            })
+            .collect();
+        let by_outpost = Value::Object(by_outpost);
+        if until(&by_outpost) {
+            return by_outpost;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the agent updates did not get there");
+}
+
+#[tokio::test]
+async fn agent_updates_go_in_waves_carry_offline_outposts_and_halt_past_the_threshold() {
+    let hub = common::start().await;
+    let admin = Some(hub.admin.as_str());
+    let names: Vec<String> = (1..=7).map(|i| format!("line-{i}")).collect();
+    for name in &names {
+        let (status, body) = hub
+            .call(
+                admin,
+                M::POST,
+                "/outposts",
+                Some(json!({"name": name, "labels": {"site": "plant-3"}})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    hub.put_agent_binary("0.2.0").await;
+    // The waves as documented: the outposts in their fixed order, cut at
+    // 1, 3, 5 and 100% (7).
+    let order = trellis_model::agent_update::outpost_order(names.clone());
+    let mut agents = Vec::new();
+    for name in &order {
+        agents.push(Some(connect(&hub, name).await));
+    }
+    // The second of wave 2 linked once (its architecture is known) and is
+    // offline now.
+    agents[2] = None;
+
+    // Bad waves and thresholds are refused, nothing recorded.
+    for (body, code) in [
+        (
+            json!({"selector": "site=plant-3", "version": "0.2.0", "waves": "1,50%"}),
+            "invalid-waves",
+        ),
+        (
+            json!({"selector": "site=plant-3", "version": "0.2.0", "waves": "3,2,100%"}),
+            "invalid-waves",
+        ),
+        (
+            json!({"selector": "site=plant-3", "version": "0.2.0", "success_threshold": "120%"}),
+            "invalid-threshold",
+        ),
+    ] {
+        let (status, error) = hub.call(admin, M::POST, "/agent-updates", Some(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+        assert_eq!(error["error"]["code"], code, "{error}");
+    }
+    let (_, listed) = hub.call(admin, M::GET, "/agent-updates", None).await;
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["update"].is_null()),
+        "{listed}"
+    );
+
+    let (status, created) = hub
+        .call(
+            admin,
+            M::POST,
+            "/agent-updates",
+            Some(json!({"selector": "site=plant-3", "version": "0.2.0",
+                        "waves": "1,3,5,100%", "success_threshold": "50%"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let waves: Vec<(String, u64, String)> = created["updates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                u["outpost"].as_str().unwrap().to_owned(),
+                u["wave"].as_u64().unwrap(),
+                u["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, u64, String)> = order
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let wave = match i {
+                0 => 0,
+                1 | 2 => 1,
+                3 | 4 => 2,
+                _ => 3,
+            };
+            let state = if wave == 0 { "pending" } else { "waiting" };
+            (o.clone(), wave, state.to_owned())
+        })
+        .collect();
+    assert_eq!(waves, expected);
+
+    // Wave 1: sent at once, to its outpost only.
+    let first = agents[0].as_mut().unwrap();
+    let id = update_sent(first).await;
+    for agent in agents[1..].iter_mut().flatten() {
+        agent.quiet().await;
+    }
+    report(agents[0].as_mut().unwrap(), id, "applied", "").await;
+
+    // Wave 2 once wave 1 passed: the online outpost gets it, the offline
+    // one is carried along and does not hold the wave.
+    let seen = updates_once(&hub, |u| u[&order[2]]["state"] == "pending").await;
+    let id = update_sent(agents[1].as_mut().unwrap()).await;
+    assert_eq!(seen[&order[2]]["carried"], true, "{seen}");
+    assert_eq!(seen[&order[1]]["carried"], false, "{seen}");
+    for agent in agents[3..].iter_mut().flatten() {
+        agent.quiet().await;
+    }
+    report(agents[1].as_mut().unwrap(), id, "applied", "").await;
+
+    // Wave 3: both fail, so fewer than 50% can apply: the rest is halted,
+    // never sent, the reason naming the failed outposts.
+    for i in [3, 4] {
+        let agent = agents[i].as_mut().unwrap();
+        let id = update_sent(agent).await;
+        report(
+            agent,
+            id,
+            "failed",
+            "rolled back: the new agent did not link within 120 s",
+        )
+        .await;
+    }
+    let seen = updates_once(&hub, |u| u[&order[6]]["state"] == "halted").await;
+    for i in [5, 6] {
+        let message = seen[&order[i]]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("not sent: wave 3: 2 of its 2 online outpost(s) failed"),
+            "{message}"
+        );
+        assert!(
+            message.contains(&order[3]) && message.contains(&order[4]),
+            "{message}"
+        );
+        agents[i].as_mut().unwrap().quiet().await;
+    }
+    assert_eq!(seen[&order[0]]["state"], "applied");
+    assert_eq!(seen[&order[3]]["state"], "failed");
+
+    // The carried outpost updates when it links.
+    let mut late = connect(&hub, &order[2]).await;
+    let id = update_sent(&mut late).await;
+    report(&mut late, id, "applied", "").await;
+    let seen = updates_once(&hub, |u| u[&order[2]]["state"] == "applied").await;
+    assert_eq!(seen[&order[2]]["wave"], 1);
+
+    // A halted outpost takes a new update.
+    let (status, body) = hub
+        .call(
+            admin,
+            M::POST,
+            "/agent-updates",
+            Some(json!({"outposts": [order[5]], "version": "0.2.0"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    update_sent(agents[5].as_mut().unwrap()).await;
+}
