@@ -10,6 +10,7 @@
 //! same size or smaller: joining 15,000 outposts takes minutes, and every
 //! scenario needs them.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -582,9 +583,19 @@ pub fn cpu_seconds_of(pid: u32) -> f64 {
 }
 
 /// Bytes the hub's established connections on `port` have sent and
-/// received so far (TCP payload: TLS records, from the kernel's
-/// `tcp_info` via `ss`), and how many connections there are.
+/// received so far, and how many connections there are.
 pub fn socket_bytes(port: u16) -> anyhow::Result<(u64, u64, usize)> {
+    let sockets = socket_counters(port)?;
+    let (sent, received) = sockets
+        .values()
+        .fold((0, 0), |(s, r), (s1, r1)| (s + s1, r + r1));
+    Ok((sent, received, sockets.len()))
+}
+
+/// Bytes sent and received so far by each established connection of the
+/// hub's `port`, by peer address (TCP payload from the kernel's
+/// `tcp_info` via `ss`).
+pub fn socket_counters(port: u16) -> anyhow::Result<HashMap<String, (u64, u64)>> {
     let output = Command::new("ss")
         .args(["-tinH", "state", "established"])
         .arg(format!("( sport = :{port} )"))
@@ -594,24 +605,52 @@ pub fn socket_bytes(port: u16) -> anyhow::Result<(u64, u64, usize)> {
         bail!("ss failed: {}", String::from_utf8_lossy(&output.stderr));
     }
     let text = String::from_utf8_lossy(&output.stdout);
-    let (mut sent, mut received, mut sockets) = (0u64, 0u64, 0usize);
+    let mut sockets = HashMap::new();
+    let mut peer: Option<String> = None;
     for line in text.lines() {
+        // A socket's line names its addresses; its counters follow on an
+        // indented line (absent while zero).
+        if !line.starts_with(char::is_whitespace) {
+            peer = line.split_whitespace().nth(3).map(str::to_owned);
+            if let Some(p) = &peer {
+                sockets.insert(p.clone(), (0, 0));
+            }
+            continue;
+        }
+        let Some(entry) = peer.as_ref().and_then(|p| sockets.get_mut(p)) else {
+            continue;
+        };
         let field = |name: &str| {
             line.split_whitespace()
                 .find_map(|w| w.strip_prefix(name))
                 .and_then(|v| v.parse::<u64>().ok())
         };
         if let Some(s) = field("bytes_sent:") {
-            sent += s;
+            entry.0 = s;
         }
         if let Some(r) = field("bytes_received:") {
-            received += r;
-        }
-        if line.contains("rtt:") {
-            sockets += 1;
+            entry.1 = r;
         }
     }
-    Ok((sent, received, sockets))
+    Ok(sockets)
+}
+
+/// What the connections open at both snapshots sent and received in
+/// between, how many they are, and how many of the first snapshot's were
+/// gone by the second (closed, or replaced by a new link).
+pub fn payload_between(
+    before: &HashMap<String, (u64, u64)>,
+    after: &HashMap<String, (u64, u64)>,
+) -> (u64, u64, usize, usize) {
+    let (mut sent, mut received, mut kept) = (0, 0, 0);
+    for (peer, (s0, r0)) in before {
+        if let Some((s1, r1)) = after.get(peer) {
+            sent += s1.saturating_sub(*s0);
+            received += r1.saturating_sub(*r0);
+            kept += 1;
+        }
+    }
+    (sent, received, kept, before.len() - kept)
 }
 
 /// A line-oriented child process (the baseline server).

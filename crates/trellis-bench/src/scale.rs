@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
 use crate::fleet::{
-    self, FleetDirs, HubChild, LineChild, WorkerMode, Workers, cpu_seconds_of, rss, socket_bytes,
+    self, FleetDirs, HubChild, LineChild, WorkerMode, Workers, cpu_seconds_of, rss,
 };
 use crate::report::{Report, percentile};
 
@@ -189,11 +189,11 @@ pub async fn connect(common: Common, s: ConnectSettings) -> anyhow::Result<()> {
     let hub_per_outpost = hub_held.saturating_sub(hub_empty) as f64 / n as f64;
 
     eprintln!("idle for {} s", s.idle.as_secs());
-    let (sent0, received0, sockets) = socket_bytes(record.port)?;
+    let before = fleet::socket_counters(record.port)?;
     let cpu0 = cpu_seconds_of(hub.pid());
     let t0 = Instant::now();
     tokio::time::sleep(s.idle).await;
-    let (sent1, received1, _) = socket_bytes(record.port)?;
+    let after = fleet::socket_counters(record.port)?;
     let cpu1 = cpu_seconds_of(hub.pid());
     let window = t0.elapsed().as_secs_f64();
     let still = hub.metrics().await?.connected;
@@ -222,8 +222,11 @@ pub async fn connect(common: Common, s: ConnectSettings) -> anyhow::Result<()> {
         set_heartbeats(&hub, n, None).await?;
     }
 
-    let sent = sent1.saturating_sub(sent0) as f64 / window / n as f64;
-    let received = received1.saturating_sub(received0) as f64 / window / n as f64;
+    // Only links open through the whole window count: a link replaced
+    // meanwhile starts its counters again (and is reported).
+    let (sent, received, sockets, replaced) = fleet::payload_between(&before, &after);
+    let sent = sent as f64 / window / sockets.max(1) as f64;
+    let received = received as f64 / window / sockets.max(1) as f64;
     let cpu = (cpu1 - cpu0) / window * 100.0;
 
     let mut report = Report::new(
@@ -241,17 +244,32 @@ pub async fn connect(common: Common, s: ConnectSettings) -> anyhow::Result<()> {
         hub_held as f64 / KIB / KIB,
         "MiB",
     );
-    report.at_most("hub RSS per outpost", hub_per_outpost / KIB, "KiB", 64.0);
     report.add(
         "bare TLS server RSS per connection (baseline)",
         tls_per_conn / KIB,
         "KiB",
     );
-    report.at_most(
-        "hub per outpost ÷ bare TLS per connection",
-        hub_per_outpost / tls_per_conn.max(1.0),
-        "×",
-        2.0,
+    if hub_held > hub_empty {
+        report.at_most("hub RSS per outpost", hub_per_outpost / KIB, "KiB", 64.0);
+        report.at_most(
+            "hub per outpost ÷ bare TLS per connection",
+            hub_per_outpost / tls_per_conn.max(1.0),
+            "×",
+            2.0,
+        );
+    } else {
+        // The allocator gave back more than the links took (a hub started
+        // on a large store reads much at first): no per-outpost figure.
+        report.note(format!(
+            "hub RSS per outpost not measured: the hub's RSS fell from {:.1} to {:.1} MiB as the fleet linked",
+            hub_empty as f64 / KIB / KIB,
+            hub_held as f64 / KIB / KIB
+        ));
+    }
+    report.add(
+        "links closed or replaced during the idle window",
+        replaced as f64,
+        "",
     );
     match s.heartbeat {
         // Issue 21: on a metered link with a 300 s heartbeat, ≤ 0.5 B/s.
@@ -292,8 +310,8 @@ pub async fn connect(common: Common, s: ConnectSettings) -> anyhow::Result<()> {
     }
     report.note(format!(
         "hub RSS {:.1} MiB before the fleet linked, {:.1} MiB with {n} linked; payload is TCP payload \
-         (TLS records) of the hub's {sockets} established sockets over {window:.0} s, from the kernel's \
-         tcp_info; heartbeat {}",
+         (TLS records) of the hub's {sockets} connections open through the whole {window:.0} s \
+         ({replaced} others closed or replaced meanwhile), from the kernel's tcp_info; heartbeat {}",
         hub_empty as f64 / KIB / KIB,
         hub_held as f64 / KIB / KIB,
         s.heartbeat.map_or_else(

@@ -33,17 +33,6 @@ async fn update_sent(agent: &mut ScriptedAgent) -> u64 {
         .await
 }
 
-async fn report(agent: &mut ScriptedAgent, id: u64, state: &str, message: &str) {
-    agent
-        .send(Message::AgentUpdateState {
-            id,
-            version: "0.2.0".into(),
-            state: state.into(),
-            message: message.into(),
-        })
-        .await;
-}
-
 /// Every outpost's latest update, by outpost, once `until` holds (within
 /// 30 s: the driver sends waves only once it has run for a few seconds).
 async fn updates_once(hub: &TestHub, until: impl Fn(&Value) -> bool) -> Value {
@@ -171,7 +160,11 @@ async fn agent_updates_go_in_waves_carry_offline_outposts_and_halt_past_the_thre
     for agent in agents[1..].iter_mut().flatten() {
         agent.quiet().await;
     }
-    report(agents[0].as_mut().unwrap(), id, "applied", "").await;
+    agents[0]
+        .as_mut()
+        .unwrap()
+        .report_update(id, "applied", "")
+        .await;
 
     // Wave 2 once wave 1 passed: the online outpost gets it, the offline
     // one is carried along and does not hold the wave.
@@ -182,20 +175,24 @@ async fn agent_updates_go_in_waves_carry_offline_outposts_and_halt_past_the_thre
     for agent in agents[3..].iter_mut().flatten() {
         agent.quiet().await;
     }
-    report(agents[1].as_mut().unwrap(), id, "applied", "").await;
+    agents[1]
+        .as_mut()
+        .unwrap()
+        .report_update(id, "applied", "")
+        .await;
 
     // Wave 3: both fail, so fewer than 50% can apply: the rest is halted,
     // never sent, the reason naming the failed outposts.
     for i in [3, 4] {
         let agent = agents[i].as_mut().unwrap();
         let id = update_sent(agent).await;
-        report(
-            agent,
-            id,
-            "failed",
-            "rolled back: the new agent did not link within 120 s",
-        )
-        .await;
+        agent
+            .report_update(
+                id,
+                "failed",
+                "rolled back: the new agent did not link within 120 s",
+            )
+            .await;
     }
     let seen = updates_once(&hub, |u| u[&order[6]]["state"] == "halted").await;
     for i in [5, 6] {
@@ -216,7 +213,7 @@ async fn agent_updates_go_in_waves_carry_offline_outposts_and_halt_past_the_thre
     // The carried outpost updates when it links.
     let mut late = connect(&hub, &order[2]).await;
     let id = update_sent(&mut late).await;
-    report(&mut late, id, "applied", "").await;
+    late.report_update(id, "applied", "").await;
     let seen = updates_once(&hub, |u| u[&order[2]]["state"] == "applied").await;
     assert_eq!(seen[&order[2]]["wave"], 1);
 

@@ -728,14 +728,7 @@ async fn outposts_show_agent_updates_and_change_link_profiles() {
             "0.2.0 failed: rolled back: the new agent did not link within 120 s",
         ),
     ] {
-        agent
-            .send(Message::AgentUpdateState {
-                id,
-                version: "0.2.0".into(),
-                state: state.into(),
-                message: message.into(),
-            })
-            .await;
+        agent.report_update(id, state, message).await;
         let mut stored = false;
         for _ in 0..100 {
             let (_, agents) = hub.call(admin, M::GET, "/agent-updates", None).await;

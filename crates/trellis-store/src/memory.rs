@@ -190,6 +190,21 @@ fn open_update<'a>(state: &'a State, outpost: &str) -> Option<&'a AgentUpdate> {
         .find(|u| u.outpost == outpost && u.state.is_open())
 }
 
+/// Applies `change` to every update of request `batch`; returns those it
+/// changed (it says whether it did).
+fn change_batch(
+    state: &mut State,
+    batch: u64,
+    mut change: impl FnMut(&mut AgentUpdate) -> bool,
+) -> Vec<AgentUpdate> {
+    state
+        .agent_updates
+        .values_mut()
+        .filter(|u| u.batch == batch)
+        .filter_map(|u| change(u).then(|| u.clone()))
+        .collect()
+}
+
 fn millis(t: Timestamp) -> Timestamp {
     DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }
@@ -790,13 +805,9 @@ impl Store for MemoryStore {
         at: Timestamp,
     ) -> Result<Vec<AgentUpdate>> {
         let at = millis(at);
-        let mut state = self.state();
-        let mut released = Vec::new();
-        for u in state.agent_updates.values_mut() {
-            if u.batch == batch && u.wave == wave && u.release(offline.contains(&u.outpost), at) {
-                released.push(u.clone());
-            }
-        }
+        let released = change_batch(&mut self.state(), batch, |u| {
+            u.wave == wave && u.release(offline.contains(&u.outpost), at)
+        });
         self.announce(
             released
                 .iter()
@@ -813,14 +824,7 @@ impl Store for MemoryStore {
         at: Timestamp,
     ) -> Result<Vec<AgentUpdate>> {
         let at = millis(at);
-        let mut state = self.state();
-        let mut halted = Vec::new();
-        for u in state.agent_updates.values_mut() {
-            if u.batch == batch && u.halt(why, at) {
-                halted.push(u.clone());
-            }
-        }
-        Ok(halted)
+        Ok(change_batch(&mut self.state(), batch, |u| u.halt(why, at)))
     }
 
     async fn create_rollout(&self, rollout: &NewRollout) -> Result<Rollout> {

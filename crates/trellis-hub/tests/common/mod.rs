@@ -241,6 +241,17 @@ impl ScriptedAgent {
         }
     }
 
+    /// Reports agent update `id` (to version 0.2.0) in `state`.
+    pub async fn report_update(&mut self, id: u64, state: &str, message: &str) {
+        self.send(Message::AgentUpdateState {
+            id,
+            version: "0.2.0".into(),
+            state: state.into(),
+            message: message.into(),
+        })
+        .await;
+    }
+
     /// The next frame from the hub that `pick` takes, others skipped.
     pub async fn next_such<T>(&mut self, mut pick: impl FnMut(Message) -> Option<T>) -> T {
         for _ in 0..20 {

@@ -193,6 +193,27 @@ impl<B: Backend> SqlStore<B> {
     async fn commit(&self, tx: B::Tx, doing: &'static str) -> Result<()> {
         B::commit(tx).await.map_err(backend(doing))
     }
+
+    /// Applies `change` to every update of request `batch` and saves those
+    /// it changed (it says whether it did), in one transaction; returns
+    /// them.
+    async fn change_agent_update_batch(
+        &self,
+        batch: u64,
+        doing: &'static str,
+        mut change: impl FnMut(&mut AgentUpdate) -> bool + Send,
+    ) -> Result<Vec<AgentUpdate>> {
+        let mut tx = self.write().await?;
+        let mut changed = Vec::new();
+        for mut record in agent_update_batch_in(&mut *tx, batch, doing).await? {
+            if change(&mut record) {
+                save_agent_update(&mut *tx, &record, doing).await?;
+                changed.push(record);
+            }
+        }
+        self.commit(tx, doing).await?;
+        Ok(changed)
+    }
 }
 
 pub(crate) fn backend(doing: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
@@ -1786,18 +1807,11 @@ impl<B: Backend> Store for SqlStore<B> {
         offline: &[String],
         at: Timestamp,
     ) -> Result<Vec<AgentUpdate>> {
-        const DOING: &str = "sending a wave of agent updates";
         let at = wording::millis(at);
-        let mut tx = self.write().await?;
-        let mut released = Vec::new();
-        for mut record in agent_update_batch_in(&mut *tx, batch, DOING).await? {
-            if record.wave == wave && record.release(offline.contains(&record.outpost), at) {
-                save_agent_update(&mut *tx, &record, DOING).await?;
-                released.push(record);
-            }
-        }
-        self.commit(tx, DOING).await?;
-        Ok(released)
+        self.change_agent_update_batch(batch, "sending a wave of agent updates", |u| {
+            u.wave == wave && u.release(offline.contains(&u.outpost), at)
+        })
+        .await
     }
 
     async fn halt_agent_update_batch(
@@ -1806,18 +1820,11 @@ impl<B: Backend> Store for SqlStore<B> {
         why: &str,
         at: Timestamp,
     ) -> Result<Vec<AgentUpdate>> {
-        const DOING: &str = "halting a request's agent updates";
         let at = wording::millis(at);
-        let mut tx = self.write().await?;
-        let mut halted = Vec::new();
-        for mut record in agent_update_batch_in(&mut *tx, batch, DOING).await? {
-            if record.halt(why, at) {
-                save_agent_update(&mut *tx, &record, DOING).await?;
-                halted.push(record);
-            }
-        }
-        self.commit(tx, DOING).await?;
-        Ok(halted)
+        self.change_agent_update_batch(batch, "halting a request's agent updates", |u| {
+            u.halt(why, at)
+        })
+        .await
     }
 
     async fn latest_agent_updates(&self) -> Result<Vec<AgentUpdate>> {
