@@ -30,7 +30,7 @@ use trellis_model::rollout::{
     Rollout, RolloutState, StageRolloutState, Verdict, WaveOutcome, WavePause, judge, observe,
 };
 use trellis_model::{ConfigSnapshot, NewAuditEntry};
-use trellis_store::{NewRelease, StageFilter, StoreError};
+use trellis_store::{NewRelease, StoreError};
 
 use crate::state::AppState;
 
@@ -336,16 +336,20 @@ async fn observe_stages(
     online: &Online,
     settled: bool,
 ) -> Result<(), StoreError> {
-    if !r
+    // Only the stages still on their way are read: a round of a rollout
+    // over 10,000 stages whose wave has 100 reads 100.
+    let pushed: Vec<String> = r
         .stages
         .iter()
-        .any(|s| s.state == StageRolloutState::Pushed)
-    {
+        .filter(|s| s.state == StageRolloutState::Pushed)
+        .map(|s| s.stage.clone())
+        .collect();
+    if pushed.is_empty() {
         return Ok(());
     }
     let summaries = state
         .store()
-        .list_stage_summaries(&r.project, StageFilter::All)
+        .stage_summaries_named(&r.project, &pushed)
         .await?;
     let by_name: HashMap<&str, &trellis_store::StageSummary> = summaries
         .iter()
@@ -444,9 +448,15 @@ async fn start_wave(
     online: &Online,
 ) -> Result<Rollout, StoreError> {
     let now = Utc::now();
+    let names: Vec<String> = r
+        .stages
+        .iter()
+        .filter(|s| s.wave as usize == w)
+        .map(|s| s.stage.clone())
+        .collect();
     let summaries = state
         .store()
-        .list_stage_summaries(&r.project, StageFilter::All)
+        .stage_summaries_named(&r.project, &names)
         .await?;
     let by_name: HashMap<&str, &trellis_store::StageSummary> = summaries
         .iter()
@@ -485,9 +495,20 @@ async fn start_wave(
 /// Pushes the release to the stages of wave `w` that do not have it yet
 /// (adopting pushes made before a restart), and records the releases.
 async fn push_wave(state: &AppState, mut r: Rollout, w: usize) -> Result<Rollout, StoreError> {
-    let stages = state.store().list_stages(&r.project).await?;
-    let by_name: HashMap<&str, &trellis_model::Stage> =
-        stages.iter().map(|s| (s.name.as_str(), s)).collect();
+    let names: Vec<String> = r
+        .stages
+        .iter()
+        .filter(|s| s.wave as usize == w && s.state == StageRolloutState::Waiting)
+        .map(|s| s.stage.clone())
+        .collect();
+    let summaries = state
+        .store()
+        .stage_summaries_named(&r.project, &names)
+        .await?;
+    let by_name: HashMap<&str, &trellis_model::Stage> = summaries
+        .iter()
+        .map(|s| (s.stage.name.as_str(), &s.stage))
+        .collect();
     let mut new = Vec::new();
     let mut targets = Vec::new();
     for (i, s) in r.stages.iter_mut().enumerate() {

@@ -570,6 +570,13 @@ impl Store for SealedStore {
     ) -> Result<Vec<StageSummary>> {
         self.inner.list_stage_summaries(project, which).await
     }
+    async fn stage_summaries_named(
+        &self,
+        project: &str,
+        names: &[String],
+    ) -> Result<Vec<StageSummary>> {
+        self.inner.stage_summaries_named(project, names).await
+    }
     async fn update_stage(&self, project: &str, name: &str, update: &StageUpdate) -> Result<Stage> {
         self.inner.update_stage(project, name, update).await
     }

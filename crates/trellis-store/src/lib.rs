@@ -456,6 +456,23 @@ pub trait Store: Send + Sync + 'static {
         project: &str,
         which: StageFilter,
     ) -> Result<Vec<StageSummary>>;
+    /// [`Store::list_stage_summaries`] of the project's stages named in
+    /// `names` only (names of no stage are skipped), by name: what the
+    /// rollout driver reads of a wave, without the rest of a large
+    /// project.
+    async fn stage_summaries_named(
+        &self,
+        project: &str,
+        names: &[String],
+    ) -> Result<Vec<StageSummary>> {
+        let wanted: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        Ok(self
+            .list_stage_summaries(project, StageFilter::All)
+            .await?
+            .into_iter()
+            .filter(|s| wanted.contains(s.stage.name.as_str()))
+            .collect())
+    }
     async fn update_stage(&self, project: &str, name: &str, update: &StageUpdate) -> Result<Stage>;
     /// Refuses while the stage has releases or configs, unless `force`.
     async fn delete_stage(&self, project: &str, name: &str, force: bool) -> Result<()>;

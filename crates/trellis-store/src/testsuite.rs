@@ -2965,6 +2965,32 @@ pub async fn stage_summaries(store: &dyn Store) {
     assert_eq!(prod.report_state, None);
     assert_eq!(prod.applied_release, None);
 
+    // Named: only those, by name, the same records; other names skipped.
+    let named = store
+        .stage_summaries_named("shop", &["prod".to_owned(), "nope".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(named, summaries[1..]);
+    let named = store
+        .stage_summaries_named("shop", &["prod".to_owned(), "dev".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(named, summaries);
+    assert!(
+        store
+            .stage_summaries_named("shop", &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_not_found(
+        store
+            .stage_summaries_named("nope", &["dev".to_owned()])
+            .await,
+        "project",
+        "nope",
+    );
+
     // Pending: only what still waits for its outpost (dev has revision 2,
     // its agent applied 1; prod has nothing to apply).
     let pending = store

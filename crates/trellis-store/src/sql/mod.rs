@@ -194,6 +194,50 @@ impl<B: Backend> SqlStore<B> {
         B::commit(tx).await.map_err(backend(doing))
     }
 
+    /// The project's stages (`which`; only those in `names` if given),
+    /// each with its sync record and applied release, by name.
+    async fn stage_summaries(
+        &self,
+        project: &str,
+        which: StageFilter,
+        names: Option<&[String]>,
+    ) -> Result<Vec<StageSummary>> {
+        let mut tx = self.read().await?;
+        require_project(&mut *tx, project).await?;
+        let named = match names {
+            Some(_) => format!(
+                "AND s.name IN (SELECT value FROM {})",
+                B::DIALECT.json_strings("$4")
+            ),
+            None => String::new(),
+        };
+        let sql = format!(
+            "SELECT s.project, s.name, s.stage_type, s.display_name, s.suspended, s.outpost, \
+             s.desired_revision, s.latest_release, s.created_at, s.archived_at, \
+             y.delivered_revision, y.applied_revision, \
+             {} AS report_state, \
+             (SELECT MAX(r.number) FROM releases r \
+              WHERE r.project = s.project AND r.stage = s.name AND r.state = $2) AS applied_release \
+             FROM stages s LEFT JOIN stage_syncs y ON y.project = s.project AND y.stage = s.name \
+             WHERE s.project = $1 \
+             AND (NOT $3 OR s.desired_revision > COALESCE(y.applied_revision, 0)) {named} \
+             ORDER BY s.name",
+            B::DIALECT.json_field("y.report", "state")
+        );
+        let mut query = q(&sql)
+            .bind(project)
+            .bind(ReleaseState::Applied.as_str())
+            .bind(which == StageFilter::Pending);
+        if let Some(names) = names {
+            query = query.bind(json(&names)?);
+        }
+        let rows = query
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(backend("listing stages with their sync records"))?;
+        all(&rows, summary_from)
+    }
+
     /// Applies `change` to every update of request `batch` and saves those
     /// it changed (it says whether it did), in one transaction; returns
     /// them.
@@ -2518,29 +2562,16 @@ impl<B: Backend> Store for SqlStore<B> {
         project: &str,
         which: StageFilter,
     ) -> Result<Vec<StageSummary>> {
-        let mut tx = self.read().await?;
-        require_project(&mut *tx, project).await?;
-        let sql = format!(
-            "SELECT s.project, s.name, s.stage_type, s.display_name, s.suspended, s.outpost, \
-             s.desired_revision, s.latest_release, s.created_at, s.archived_at, \
-             y.delivered_revision, y.applied_revision, \
-             {} AS report_state, \
-             (SELECT MAX(r.number) FROM releases r \
-              WHERE r.project = s.project AND r.stage = s.name AND r.state = $2) AS applied_release \
-             FROM stages s LEFT JOIN stage_syncs y ON y.project = s.project AND y.stage = s.name \
-             WHERE s.project = $1 \
-             AND (NOT $3 OR s.desired_revision > COALESCE(y.applied_revision, 0)) \
-             ORDER BY s.name",
-            B::DIALECT.json_field("y.report", "state")
-        );
-        let rows = q(&sql)
-            .bind(project)
-            .bind(ReleaseState::Applied.as_str())
-            .bind(which == StageFilter::Pending)
-            .fetch_all(&mut *tx)
+        self.stage_summaries(project, which, None).await
+    }
+
+    async fn stage_summaries_named(
+        &self,
+        project: &str,
+        names: &[String],
+    ) -> Result<Vec<StageSummary>> {
+        self.stage_summaries(project, StageFilter::All, Some(names))
             .await
-            .map_err(backend("listing stages with their sync records"))?;
-        all(&rows, summary_from)
     }
 
     async fn update_stage(&self, project: &str, name: &str, update: &StageUpdate) -> Result<Stage> {
