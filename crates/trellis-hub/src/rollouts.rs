@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use trellis_model::rollout::{
-    Rollout, RolloutState, StageRolloutState, Verdict, WaveOutcome, WavePause, judge, observe,
+    Rollout, RolloutStage, RolloutState, StageRolloutState, Verdict, WaveOutcome, WavePause, judge,
+    observe,
 };
 use trellis_model::{ConfigSnapshot, NewAuditEntry};
 use trellis_store::{NewRelease, StoreError};
@@ -338,23 +339,14 @@ async fn observe_stages(
 ) -> Result<(), StoreError> {
     // Only the stages still on their way are read: a round of a rollout
     // over 10,000 stages whose wave has 100 reads 100.
-    let pushed: Vec<String> = r
+    if !r
         .stages
         .iter()
-        .filter(|s| s.state == StageRolloutState::Pushed)
-        .map(|s| s.stage.clone())
-        .collect();
-    if pushed.is_empty() {
+        .any(|s| s.state == StageRolloutState::Pushed)
+    {
         return Ok(());
     }
-    let summaries = state
-        .store()
-        .stage_summaries_named(&r.project, &pushed)
-        .await?;
-    let by_name: HashMap<&str, &trellis_store::StageSummary> = summaries
-        .iter()
-        .map(|s| (s.stage.name.as_str(), s))
-        .collect();
+    let by_name = summaries_of(state, r, |s| s.state == StageRolloutState::Pushed).await?;
     let current = r.current_wave();
     for s in r
         .stages
@@ -387,6 +379,28 @@ async fn observe_stages(
         }
     }
     Ok(())
+}
+
+/// The store's summaries of the rollout's stages that `which` picks, by
+/// stage name: only those are read, not the project's every stage.
+async fn summaries_of(
+    state: &AppState,
+    r: &Rollout,
+    which: impl Fn(&RolloutStage) -> bool,
+) -> Result<HashMap<String, trellis_store::StageSummary>, StoreError> {
+    let names: Vec<String> = r
+        .stages
+        .iter()
+        .filter(|s| which(s))
+        .map(|s| s.stage.clone())
+        .collect();
+    Ok(state
+        .store()
+        .stage_summaries_named(&r.project, &names)
+        .await?
+        .into_iter()
+        .map(|s| (s.stage.name.clone(), s))
+        .collect())
 }
 
 async fn passed(state: &AppState, r: &mut Rollout, w: usize, now: chrono::DateTime<Utc>) {
@@ -448,20 +462,7 @@ async fn start_wave(
     online: &Online,
 ) -> Result<Rollout, StoreError> {
     let now = Utc::now();
-    let names: Vec<String> = r
-        .stages
-        .iter()
-        .filter(|s| s.wave as usize == w)
-        .map(|s| s.stage.clone())
-        .collect();
-    let summaries = state
-        .store()
-        .stage_summaries_named(&r.project, &names)
-        .await?;
-    let by_name: HashMap<&str, &trellis_store::StageSummary> = summaries
-        .iter()
-        .map(|s| (s.stage.name.as_str(), s))
-        .collect();
+    let by_name = summaries_of(state, &r, |s| s.wave as usize == w).await?;
     r.waves[w].started_at = Some(now);
     for s in r.stages.iter_mut().filter(|s| s.wave as usize == w) {
         if let Some(summary) = by_name.get(s.stage.as_str()) {
@@ -495,27 +496,17 @@ async fn start_wave(
 /// Pushes the release to the stages of wave `w` that do not have it yet
 /// (adopting pushes made before a restart), and records the releases.
 async fn push_wave(state: &AppState, mut r: Rollout, w: usize) -> Result<Rollout, StoreError> {
-    let names: Vec<String> = r
-        .stages
-        .iter()
-        .filter(|s| s.wave as usize == w && s.state == StageRolloutState::Waiting)
-        .map(|s| s.stage.clone())
-        .collect();
-    let summaries = state
-        .store()
-        .stage_summaries_named(&r.project, &names)
-        .await?;
-    let by_name: HashMap<&str, &trellis_model::Stage> = summaries
-        .iter()
-        .map(|s| (s.stage.name.as_str(), &s.stage))
-        .collect();
+    let by_name = summaries_of(state, &r, |s| {
+        s.wave as usize == w && s.state == StageRolloutState::Waiting
+    })
+    .await?;
     let mut new = Vec::new();
     let mut targets = Vec::new();
     for (i, s) in r.stages.iter_mut().enumerate() {
         if s.wave as usize != w || s.state != StageRolloutState::Waiting {
             continue;
         }
-        let Some(stage) = by_name.get(s.stage.as_str()) else {
+        let Some(stage) = by_name.get(s.stage.as_str()).map(|summary| &summary.stage) else {
             s.state = StageRolloutState::Failed;
             s.message = Some("the stage was deleted".into());
             continue;
