@@ -209,6 +209,16 @@ fn fleet() -> Fleet {
     fleet
 }
 
+/// `trellis create rollout -p fleet -b BUILD -l SELECTOR MORE…`, which must
+/// fail; returns the error as printed.
+fn create_rollout_refused(cli: &Cli, build: &str, selector: &str, more: &[&str]) -> String {
+    let mut args = vec![
+        "create", "rollout", "-p", "fleet", "-b", build, "-l", selector,
+    ];
+    args.extend_from_slice(more);
+    cli.err(&args)
+}
+
 #[test]
 fn a_fleet_rolls_out_in_waves_halts_carries_offline_outposts_and_survives_sigkill() {
     let mut fleet = fleet();
@@ -240,87 +250,44 @@ fn a_fleet_rolls_out_in_waves_halts_carries_offline_outposts_and_survives_sigkil
     assert_eq!(status, serde_json::json!([]));
 
     // --- bad input: each refused with a clear error, nothing created ---
-    let e = cli.err(&[
-        "create",
-        "rollout",
-        "-p",
-        "fleet",
-        "-b",
-        "main_b1",
-        "-l",
-        "site=nowhere",
-    ]);
-    assert!(
-        e.contains("no live stage") && e.contains("site=nowhere"),
-        "{e}"
-    );
-    let e = cli.err(&[
-        "create",
-        "rollout",
-        "-p",
-        "fleet",
-        "-b",
-        "main_b99",
-        "-l",
-        "fleet=edge",
-    ]);
-    assert!(
-        e.contains("main_b99") && e.contains("does not exist"),
-        "{e}"
-    );
-    let e = cli.err(&[
-        "create",
-        "rollout",
-        "-p",
-        "fleet",
-        "-b",
-        "main_b1",
-        "-l",
-        "site in munich",
-    ]);
-    assert!(
-        e.contains("at character 9") && e.contains("expected '('"),
-        "{e}"
-    );
-    let e = cli.err(&[
-        "create",
-        "rollout",
-        "-p",
-        "fleet",
-        "-b",
-        "main_b1",
-        "-l",
-        "fleet=edge",
-        "--waves",
-        "50%,25%,100%",
-    ]);
-    assert!(e.contains("do not grow"), "{e}");
-    let e = cli.err(&[
-        "create",
-        "rollout",
-        "-p",
-        "fleet",
-        "-b",
-        "main_b1",
-        "-l",
-        "fleet=edge",
-        "--waves",
-        "1,50%",
-    ]);
-    assert!(e.contains("100%"), "{e}");
-    let e = cli.err(&[
-        "create",
-        "rollout",
-        "-p",
-        "fleet",
-        "-b",
-        "main_b1",
-        "-l",
-        "fleet=edge",
-        "--success-threshold",
-        "120%",
-    ]);
-    assert!(e.contains("success threshold"), "{e}");
+    // (build, selector, further arguments) and what the error must say.
+    let refused: [(&str, &str, &[&str], &[&str]); 6] = [
+        (
+            "main_b1",
+            "site=nowhere",
+            &[],
+            &["no live stage", "site=nowhere"],
+        ),
+        (
+            "main_b99",
+            "fleet=edge",
+            &[],
+            &["main_b99", "does not exist"],
+        ),
+        (
+            "main_b1",
+            "site in munich",
+            &[],
+            &["at character 9", "expected '('"],
+        ),
+        (
+            "main_b1",
+            "fleet=edge",
+            &["--waves", "50%,25%,100%"],
+            &["do not grow"],
+        ),
+        ("main_b1", "fleet=edge", &["--waves", "1,50%"], &["100%"]),
+        (
+            "main_b1",
+            "fleet=edge",
+            &["--success-threshold", "120%"],
+            &["success threshold"],
+        ),
+    ];
+    for (build, selector, more, says) in refused {
+        let e = create_rollout_refused(cli, build, selector, more);
+        assert!(says.iter().all(|s| e.contains(s)), "{e}");
+    }
     let e = cli.err(&["push", "release", "-p", "fleet", "-l", "site=nowhere"]);
     assert!(e.contains("no live stage"), "{e}");
     assert_eq!(
@@ -379,16 +346,7 @@ fn a_fleet_rolls_out_in_waves_halts_carries_offline_outposts_and_survives_sigkil
         "the plan is what was created"
     );
     // Two rollouts over the same stages at once: refused, naming the other.
-    let e = cli.err(&[
-        "create",
-        "rollout",
-        "-p",
-        "fleet",
-        "-b",
-        "main_b2",
-        "-l",
-        "site=munich",
-    ]);
+    let e = create_rollout_refused(cli, "main_b2", "site=munich", &[]);
     assert!(e.contains(&format!("rollout {first}")), "{e}");
     assert!(e.contains(&format!("trellis abort rollout {first}")), "{e}");
 
