@@ -8,13 +8,14 @@
 //! because these are exactly the errors the agent reports to the hub once it
 //! gets through (BRIEF §4, status model).
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::ClientConfig;
@@ -158,10 +159,40 @@ fn secs(d: Duration) -> u64 {
     d.as_secs().max(1)
 }
 
+/// A TCP connection to `to`, leaving from `source` when given.
+async fn connect_from(source: Option<IpAddr>, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(to).await;
+    };
+    let socket = if to.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("could not use the local address {source} as the source: {e}"),
+        )
+    })?;
+    socket.connect(to).await
+}
+
 /// Resolves, connects and completes a TLS handshake with `config`, SNI =
 /// the hub's host; each step bounded by `timeout`.
 pub(crate) async fn connect_tls(
     hub: &HubUrl,
+    config: Arc<ClientConfig>,
+    timeout: Duration,
+) -> Result<TlsStream<ReadAhead<TcpStream>>, NetError> {
+    connect_tls_from(hub, None, config, timeout).await
+}
+
+/// [`connect_tls`] from a given local address (`None`: the system's
+/// choice); the addresses of the hub's name tried are those of its family.
+pub(crate) async fn connect_tls_from(
+    hub: &HubUrl,
+    source: Option<IpAddr>,
     config: Arc<ClientConfig>,
     timeout: Duration,
 ) -> Result<TlsStream<ReadAhead<TcpStream>>, NetError> {
@@ -185,7 +216,9 @@ pub(crate) async fn connect_tls(
                 reason: e.to_string(),
             });
         }
-        Ok(Ok(addrs)) => addrs.collect(),
+        Ok(Ok(addrs)) => addrs
+            .filter(|a| source.is_none_or(|s| s.is_ipv4() == a.is_ipv4()))
+            .collect(),
     };
     if addrs.is_empty() {
         return Err(NetError::Dns {
@@ -198,7 +231,7 @@ pub(crate) async fn connect_tls(
     let mut last = None;
     let mut tcp = None;
     for sock in addrs {
-        match tokio::time::timeout(timeout, TcpStream::connect(sock)).await {
+        match tokio::time::timeout(timeout, connect_from(source, sock)).await {
             Ok(Ok(stream)) => {
                 tcp = Some(stream);
                 break;

@@ -240,6 +240,11 @@ pub struct AgentOptions {
     /// asks for another agent version; `None`: this agent does not update
     /// itself (it runs inside another program).
     pub self_update: Option<update::SelfUpdate>,
+    /// The local address the link to the hub leaves from, for the default
+    /// connector; `None`: the system's choice. The fleet benchmarks give
+    /// each worker process's agents a loopback address of their own, as
+    /// the agents of a real fleet each have their own host's address.
+    pub link_source: Option<std::net::IpAddr>,
 }
 
 impl Default for AgentOptions {
@@ -253,6 +258,7 @@ impl Default for AgentOptions {
             state: StateOptions::default(),
             error_log_capacity: report::DEFAULT_ERROR_LOG_CAPACITY,
             self_update: None,
+            link_source: None,
         }
     }
 }
@@ -267,6 +273,7 @@ impl std::fmt::Debug for AgentOptions {
             .field("rng_seed", &self.rng_seed)
             .field("state", &self.state)
             .field("error_log_capacity", &self.error_log_capacity)
+            .field("link_source", &self.link_source)
             .finish()
     }
 }
@@ -317,7 +324,7 @@ pub async fn run(
             if blocking(&state, |s| s.identity()).await?.is_none() {
                 return Err(AgentError::NotJoined { path: state_path });
             }
-            Arc::new(ws::HubConnector::new(state.clone()))
+            Arc::new(ws::HubConnector::new(state.clone()).with_source(options.link_source))
         }
     };
     let settings = options.runtime_settings;

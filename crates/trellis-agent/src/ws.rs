@@ -148,6 +148,8 @@ pub struct HubConnector {
     state: Arc<AgentState>,
     /// Bounds each step: name resolution, TCP, TLS, WebSocket upgrade.
     timeout: Duration,
+    /// The local address the link leaves from; `None`: the system's choice.
+    source: Option<std::net::IpAddr>,
 }
 
 impl HubConnector {
@@ -155,11 +157,18 @@ impl HubConnector {
         HubConnector {
             state,
             timeout: Duration::from_secs(15),
+            source: None,
         }
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Links from this local address (one of the host's own).
+    pub fn with_source(mut self, source: Option<std::net::IpAddr>) -> Self {
+        self.source = source;
         self
     }
 }
@@ -217,7 +226,7 @@ impl Connector for HubConnector {
             ConnectError::new(e.code(), format!("the stored identity is unusable: {e}"))
                 .with_hint("`trellis agent join` with a new token may be needed")
         })?;
-        let tls = https::connect_tls(&hub, config, self.timeout)
+        let tls = https::connect_tls_from(&hub, self.source, config, self.timeout)
             .await
             .map_err(|e| {
                 let error = ConnectError::new(e.code(), e.to_string());

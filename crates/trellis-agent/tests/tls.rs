@@ -368,3 +368,34 @@ async fn an_expired_certificate_is_renewed_over_https_before_connecting() {
     assert_ne!(stored.cert_pem, expired.cert_pem, "renewed");
     assert_eq!(stored.key_pem, expired.key_pem, "same key");
 }
+
+#[tokio::test]
+async fn the_link_leaves_from_the_source_address_given() {
+    let (ca, acceptor) = hub_tls();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let (_dir, _state, connector) = connector_for(&joined_identity(&url, &ca, Utc::now()));
+    let source: IpAddr = Ipv4Addr::new(127, 0, 3, 7).into();
+    let connector = connector.with_source(Some(source));
+    let accepted = tokio::spawn(async move {
+        let (tcp, peer) = listener.accept().await.unwrap();
+        // Complete the TLS handshake so the connector gets as far as the
+        // upgrade, which this stand-in then refuses by hanging up.
+        let _ = acceptor.accept(tcp).await;
+        peer
+    });
+    let _ = connector.connect().await;
+    assert_eq!(accepted.await.unwrap().ip(), source);
+}
+
+#[tokio::test]
+async fn a_source_address_not_of_this_host_is_named_in_the_error() {
+    let (ca, _acceptor) = hub_tls();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let (_dir, _state, connector) = connector_for(&joined_identity(&url, &ca, Utc::now()));
+    // TEST-NET-1: no host has it.
+    let connector = connector.with_source(Some(Ipv4Addr::new(192, 0, 2, 1).into()));
+    let err = connector.connect().await.err().unwrap();
+    assert!(err.message.contains("192.0.2.1 as the source"), "{err:?}");
+}

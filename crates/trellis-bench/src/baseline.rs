@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 use trellis_agent::state::Identity;
 
@@ -121,7 +121,11 @@ pub fn serve(hub_data: &Path) -> anyhow::Result<()> {
 
 /// One client connection: TLS with the outpost's certificate, then echo
 /// whatever the server sends, until it closes.
-pub async fn hold_connection(port: u16, identity: &Identity) -> anyhow::Result<()> {
+pub async fn hold_connection(
+    port: u16,
+    source: std::net::IpAddr,
+    identity: &Identity,
+) -> anyhow::Result<()> {
     let config = trellis_link::identity::client_config(
         &identity.ca_cert_pem,
         Some((&identity.cert_pem, &identity.key_pem)),
@@ -135,7 +139,9 @@ pub async fn hold_connection(port: u16, identity: &Identity) -> anyhow::Result<(
         // A connection the server's full backlog dropped looks open to
         // the client until something is sent; give each attempt 10 s.
         let connected = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind((source, 0).into())?;
+            let tcp = socket.connect((Ipv4Addr::LOCALHOST, port).into()).await?;
             anyhow::Ok(connector.connect(name.clone(), tcp).await?)
         })
         .await

@@ -241,6 +241,10 @@ pub async fn connect(common: Common, s: ClusterSettings) -> anyhow::Result<()> {
     tokio::time::sleep(SETTLE).await;
     let spread = cluster.links().await;
     let rss_held: Vec<u64> = pids.iter().map(|p| rss(*p)).collect();
+    // The simulated fleet's own footprint, which shares this machine with
+    // the hubs: what limits how many outposts one box can simulate.
+    let fleet_rss: u64 = workers.pids().iter().map(|p| rss(*p)).sum();
+    let memory_available = crate::setup::meminfo_field("MemAvailable:").unwrap_or(0);
     eprintln!("idle for {} s", s.idle.as_secs());
     let bytes_before: Vec<(u64, u64, usize)> = cluster
         .addrs
@@ -300,6 +304,13 @@ pub async fn connect(common: Common, s: ClusterSettings) -> anyhow::Result<()> {
             .map(|(e, h)| format!("{} → {} MiB", e >> 20, h >> 20))
             .collect::<Vec<_>>()
             .join(", ")
+    ));
+    report.note(format!(
+        "the simulated fleet: {} MiB in its worker processes ({:.0} KiB per agent), \
+         the machine's available memory {} MiB, when all were linked",
+        fleet_rss >> 20,
+        fleet_rss as f64 / n as f64 / 1024.0,
+        memory_available >> 20
     ));
     report.finish(common.json.as_deref())?;
     Ok(())

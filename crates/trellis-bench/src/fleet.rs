@@ -348,62 +348,10 @@ const WORKER_NICENESS: i32 = 15;
 /// The worker processes running outposts `0..n`; killed when dropped.
 pub struct Workers {
     children: Vec<(Child, Option<ChildStdin>)>,
-    _ports: Option<EphemeralPorts>,
-}
-
-const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
-/// The widest ephemeral range that leaves the well-known ports alone.
-const WIDE_PORT_RANGE: (u32, u32) = (1024, 65535);
-
-/// The kernel's ephemeral port range, widened for the run and restored
-/// after it. Every simulated agent connects from loopback to the one
-/// balancer (or hub) address, and each such connection needs a source
-/// port of its own from this range: Debian's default, 32768–60999, caps a
-/// fleet at 28,232 links however many hubs there are.
-struct EphemeralPorts {
-    previous: String,
-}
-
-impl EphemeralPorts {
-    fn ensure(n: usize) -> anyhow::Result<Option<EphemeralPorts>> {
-        let previous =
-            std::fs::read_to_string(PORT_RANGE).with_context(|| format!("reading {PORT_RANGE}"))?;
-        let mut bounds = previous.split_whitespace().map(str::parse::<u32>);
-        let (Some(Ok(lo)), Some(Ok(hi))) = (bounds.next(), bounds.next()) else {
-            anyhow::bail!("{PORT_RANGE} holds {previous:?}, not two port numbers");
-        };
-        // Room for the hubs' and balancers' own connections besides.
-        if (hi - lo + 1) as usize >= n + 1000 {
-            return Ok(None);
-        }
-        let (wide_lo, wide_hi) = WIDE_PORT_RANGE;
-        if ((wide_hi - wide_lo + 1) as usize) < n + 1000 {
-            anyhow::bail!(
-                "{n} outposts cannot link from loopback to one address: a connection needs a source port of its own and there are {} at most; run fewer outposts",
-                wide_hi - wide_lo + 1
-            );
-        }
-        std::fs::write(PORT_RANGE, format!("{wide_lo} {wide_hi}")).with_context(|| {
-            format!(
-                "{n} outposts need more source ports than the kernel's ephemeral range {lo}-{hi} gives one address; widening it needs root (sysctl net.ipv4.ip_local_port_range=\"{wide_lo} {wide_hi}\")"
-            )
-        })?;
-        eprintln!(
-            "ephemeral ports widened from {lo}-{hi} to {wide_lo}-{wide_hi} for the run (restored after it)"
-        );
-        Ok(Some(EphemeralPorts { previous }))
-    }
-}
-
-impl Drop for EphemeralPorts {
-    fn drop(&mut self) {
-        let _ = std::fs::write(PORT_RANGE, self.previous.trim());
-    }
 }
 
 impl Workers {
     pub fn start(dirs: &FleetDirs, n: usize, mode: WorkerMode) -> anyhow::Result<Workers> {
-        let ports = EphemeralPorts::ensure(n)?;
         let exe = std::env::current_exe()?;
         let mut children = Vec::new();
         let mut from = 0;
@@ -440,10 +388,12 @@ impl Workers {
             children.push((child, stdin));
             from = to;
         }
-        Ok(Workers {
-            children,
-            _ports: ports,
-        })
+        Ok(Workers { children })
+    }
+
+    /// The worker processes' ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|(c, _)| c.id()).collect()
     }
 
     /// Stops the workers: their agents shut down cleanly.
@@ -497,6 +447,16 @@ pub async fn wait_connected(
 
 // === inside a worker process ===
 
+/// The loopback address worker `k`'s connections leave from. A connection
+/// to one address and port needs a source port of its own, and one source
+/// address has at most ~64,000 of them: every worker on its own address,
+/// as every agent of a real fleet is on its own host, lifts that cap from
+/// the fleet (all of 127.0.0.0/8 is loopback on Linux).
+pub fn worker_source(k: usize) -> std::net::IpAddr {
+    let k = u16::try_from(k).unwrap_or(u16::MAX);
+    std::net::Ipv4Addr::new(127, 1, (k / 250) as u8, (k % 250) as u8 + 1).into()
+}
+
 /// Runs the agents `from..to` until stdin closes.
 pub fn run_worker(
     agents: &Path,
@@ -512,6 +472,7 @@ pub fn run_worker(
         .enable_all()
         .max_blocking_threads(16)
         .build()?;
+    let source = worker_source(from / AGENTS_PER_WORKER);
     runtime.block_on(async move {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         // The parent closes our stdin to stop us.
@@ -530,6 +491,7 @@ pub fn run_worker(
                         let options = trellis_agent::AgentOptions {
                             runtime: Some(Arc::new(trellis_agent::RecordOnly::new(&dir))),
                             rng_seed: Some(i as u64),
+                            link_source: Some(source),
                             ..Default::default()
                         };
                         if let Err(e) = trellis_agent::run(&dir, options, async move {
@@ -550,7 +512,7 @@ pub fn run_worker(
                     .await??;
                     tasks.spawn(async move {
                         tokio::select! {
-                            r = crate::baseline::hold_connection(port, &identity) => {
+                            r = crate::baseline::hold_connection(port, source, &identity) => {
                                 if let Err(e) = r {
                                     eprintln!("baseline connection edge-{i} ended: {e:#}");
                                 }

@@ -340,14 +340,23 @@ pub fn cpu_seconds_in(path: &str) -> f64 {
 
 /// A memory figure of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`, …), in bytes.
 pub fn status_field(pid: u32, name: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
+    kib_field(&format!("/proc/{pid}/status"), name)
+}
+
+/// A field of `/proc/meminfo` in bytes, e.g. `MemAvailable:`.
+pub fn meminfo_field(name: &str) -> anyhow::Result<u64> {
+    kib_field("/proc/meminfo", name)
+}
+
+/// A `name: N kB` line of a `/proc` file, in bytes.
+fn kib_field(path: &str, name: &str) -> anyhow::Result<u64> {
+    std::fs::read_to_string(path)?
         .lines()
         .find_map(|l| l.strip_prefix(name))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|kib| kib.parse::<u64>().ok())
         .map(|kib| kib * 1024)
-        .with_context(|| format!("{name} in /proc/{pid}/status"))
+        .with_context(|| format!("{name} in {path}"))
 }
 
 /// The manifest of the bridge project: one process component that stays up
