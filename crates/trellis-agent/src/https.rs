@@ -160,7 +160,7 @@ fn secs(d: Duration) -> u64 {
 }
 
 /// A TCP connection to `to`, leaving from `source` when given.
-async fn connect_from(source: Option<IpAddr>, to: SocketAddr) -> std::io::Result<TcpStream> {
+pub async fn connect_from(source: Option<IpAddr>, to: SocketAddr) -> std::io::Result<TcpStream> {
     let Some(source) = source else {
         return TcpStream::connect(to).await;
     };
@@ -169,6 +169,15 @@ async fn connect_from(source: Option<IpAddr>, to: SocketAddr) -> std::io::Result
     } else {
         TcpSocket::new_v6()?
     };
+    // The source port is chosen at connect, unique for this destination
+    // only: a port reserved at bind would be one no other connection of
+    // the host could use, whatever its destination.
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )
+    .map_err(std::io::Error::from)?;
     socket.bind(SocketAddr::new(source, 0)).map_err(|e| {
         std::io::Error::new(
             e.kind(),

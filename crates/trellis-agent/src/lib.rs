@@ -75,6 +75,7 @@ mod cert;
 mod host;
 mod https;
 
+pub use https::connect_from;
 pub use join::{JoinError, join};
 pub use link::{Backoff, BackoffConfig, ConnectError, Connector, LinkConfig};
 pub use runner::{ApplyOutcome, RecordOnly, StageRunner};

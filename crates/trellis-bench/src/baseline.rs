@@ -139,9 +139,8 @@ pub async fn hold_connection(
         // A connection the server's full backlog dropped looks open to
         // the client until something is sent; give each attempt 10 s.
         let connected = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            let socket = tokio::net::TcpSocket::new_v4()?;
-            socket.bind((source, 0).into())?;
-            let tcp = socket.connect((Ipv4Addr::LOCALHOST, port).into()).await?;
+            let tcp = trellis_agent::connect_from(Some(source), (Ipv4Addr::LOCALHOST, port).into())
+                .await?;
             anyhow::Ok(connector.connect(name.clone(), tcp).await?)
         })
         .await

@@ -181,6 +181,24 @@ impl Cluster {
         out
     }
 
+    /// Starts the fleet's workers one after the other, each once the
+    /// outposts of those before it have all but half a worker's worth
+    /// linked: a fleet powered on in stages. All at once, 100,000 agents'
+    /// handshakes starved the instances' health checks, HAProxy took
+    /// every instance out of service, and the agents it cut off came back
+    /// as a storm (1,476 linked after four minutes).
+    async fn power_on(&self, n: usize) -> anyhow::Result<Workers> {
+        let mut workers = Workers::none();
+        while workers.started() < n {
+            workers.add(&self.dirs, n, WorkerMode::Agents)?;
+            let lagging = workers
+                .started()
+                .saturating_sub(fleet::AGENTS_PER_WORKER / 2);
+            self.wait_linked(lagging, Duration::from_secs(1800)).await?;
+        }
+        Ok(workers)
+    }
+
     async fn wait_linked(&self, n: usize, within: Duration) -> anyhow::Result<Duration> {
         let started = Instant::now();
         let mut said = Instant::now();
@@ -235,9 +253,11 @@ pub async fn connect(common: Common, s: ClusterSettings) -> anyhow::Result<()> {
     tokio::time::sleep(SETTLE).await;
     let pids: Vec<u32> = cluster.hubs.iter().flatten().map(HubChild::pid).collect();
     let rss_empty: Vec<u64> = pids.iter().map(|p| rss(*p)).collect();
-    eprintln!("linking {n} outposts through the balancer");
-    let workers = Workers::start(&cluster.dirs, n, WorkerMode::Agents)?;
-    let linked = cluster.wait_linked(n, Duration::from_secs(3600)).await?;
+    eprintln!("linking {n} outposts through the balancer, a worker's at a time");
+    let started = Instant::now();
+    let workers = cluster.power_on(n).await?;
+    cluster.wait_linked(n, Duration::from_secs(3600)).await?;
+    let linked = started.elapsed();
     tokio::time::sleep(SETTLE).await;
     let spread = cluster.links().await;
     let rss_held: Vec<u64> = pids.iter().map(|p| rss(*p)).collect();

@@ -348,47 +348,71 @@ const WORKER_NICENESS: i32 = 15;
 /// The worker processes running outposts `0..n`; killed when dropped.
 pub struct Workers {
     children: Vec<(Child, Option<ChildStdin>)>,
+    /// Outposts `0..started` have a worker.
+    started: usize,
 }
 
 impl Workers {
     pub fn start(dirs: &FleetDirs, n: usize, mode: WorkerMode) -> anyhow::Result<Workers> {
-        let exe = std::env::current_exe()?;
-        let mut children = Vec::new();
-        let mut from = 0;
-        while from < n {
-            let to = (from + AGENTS_PER_WORKER).min(n);
-            // The simulated fleet shares the hubs' cores, which a real one
-            // does not: at a lower priority its link-up retries cannot
-            // starve the hubs it measures (they took ~155% of two cores,
-            // the hubs fell behind on handshakes and heartbeats, and links
-            // already up timed out).
-            let mut command = Command::new("nice");
-            command
-                .arg("-n")
-                .arg(WORKER_NICENESS.to_string())
-                .arg(&exe)
-                .arg("fleet-worker")
-                .arg("--agents-dir")
-                .arg(&dirs.agents)
-                .arg("--from")
-                .arg(from.to_string())
-                .arg("--to")
-                .arg(to.to_string());
-            if let WorkerMode::Tls(port) = mode {
-                command.arg("--tls-baseline").arg(port.to_string());
-            }
-            let mut child = command
-                .env("RUST_LOG", "error")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .context("starting a fleet worker")?;
-            let stdin = child.stdin.take();
-            children.push((child, stdin));
-            from = to;
+        let mut workers = Workers::none();
+        while workers.started < n {
+            workers.add(dirs, n, mode)?;
         }
-        Ok(Workers { children })
+        Ok(workers)
+    }
+
+    /// No worker yet: [`Workers::add`] starts them one by one.
+    pub fn none() -> Workers {
+        Workers {
+            children: Vec::new(),
+            started: 0,
+        }
+    }
+
+    /// How many outposts the workers started so far run.
+    pub fn started(&self) -> usize {
+        self.started
+    }
+
+    /// Starts the next worker process: the next [`AGENTS_PER_WORKER`]
+    /// outposts, up to outpost `n`.
+    pub fn add(&mut self, dirs: &FleetDirs, n: usize, mode: WorkerMode) -> anyhow::Result<()> {
+        let from = self.started;
+        let to = (from + AGENTS_PER_WORKER).min(n);
+        if from >= to {
+            return Ok(());
+        }
+        // The simulated fleet shares the hubs' cores, which a real one
+        // does not: at a lower priority its link-up retries cannot
+        // starve the hubs it measures (they took ~155% of two cores,
+        // the hubs fell behind on handshakes and heartbeats, and links
+        // already up timed out).
+        let mut command = Command::new("nice");
+        command
+            .arg("-n")
+            .arg(WORKER_NICENESS.to_string())
+            .arg(std::env::current_exe()?)
+            .arg("fleet-worker")
+            .arg("--agents-dir")
+            .arg(&dirs.agents)
+            .arg("--from")
+            .arg(from.to_string())
+            .arg("--to")
+            .arg(to.to_string());
+        if let WorkerMode::Tls(port) = mode {
+            command.arg("--tls-baseline").arg(port.to_string());
+        }
+        let mut child = command
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting a fleet worker")?;
+        let stdin = child.stdin.take();
+        self.children.push((child, stdin));
+        self.started = to;
+        Ok(())
     }
 
     /// The worker processes' ids.
