@@ -428,6 +428,10 @@ pub enum UpdateCommand {
         /// next wave to be sent (default 100%), e.g. 95%
         #[arg(long, requires = "agent_version")]
         success_threshold: Option<String>,
+        /// How long a wave may take once sent (default 30m): then its
+        /// outposts still under way count as not updated
+        #[arg(long, requires = "agent_version", value_parser = parse_duration)]
+        wave_timeout: Option<std::time::Duration>,
         /// Link profile: seconds between heartbeats on its link, 5s to 1h
         /// (`300s`, `5m`); offline detection follows it; `default` for the
         /// hub's

@@ -117,6 +117,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     deadline,
                     waves,
                     success_threshold,
+                    wave_timeout,
                     heartbeat: _,
                     bandwidth: _,
                     windows: _,
@@ -131,6 +132,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                             .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
                         waves,
                         success_threshold,
+                        wave_timeout_seconds: wave_timeout.map(|d| d.as_secs()),
                     };
                     outposts::update_agents(&client, &request, global.output).await
                 }

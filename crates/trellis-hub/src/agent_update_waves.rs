@@ -9,7 +9,7 @@
 //! none waiting), and a halt turns only those still waiting `halted`.
 
 use chrono::Utc;
-use trellis_model::agent_update::{AgentUpdate, AgentUpdateState, judge_wave};
+use trellis_model::agent_update::{AgentUpdate, AgentUpdateState, judge_wave, wave_timed_out};
 use trellis_model::rollout::Verdict;
 use trellis_store::StoreError;
 
@@ -64,7 +64,7 @@ async fn advance(
     let verdict = match sent {
         Some(sent) => {
             let wave: Vec<&AgentUpdate> = updates.iter().filter(|u| u.wave == sent).collect();
-            judge_wave(sent, &wave, threshold)
+            judge_wave(sent, &wave, threshold, wave_timed_out(&wave, Utc::now()))
         }
         None => Verdict::Pass,
     };

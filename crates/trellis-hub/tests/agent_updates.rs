@@ -229,3 +229,98 @@ async fn agent_updates_go_in_waves_carry_offline_outposts_and_halt_past_the_thre
     assert_eq!(status, StatusCode::CREATED, "{body}");
     update_sent(agents[5].as_mut().unwrap()).await;
 }
+
+#[tokio::test]
+async fn a_wave_with_a_silent_outpost_passes_or_halts_at_its_timeout() {
+    let hub = common::start().await;
+    let admin = Some(hub.admin.as_str());
+    let mut groups = Vec::new();
+    for group in ["a", "b"] {
+        let names: Vec<String> = (1..=3).map(|i| format!("{group}-{i}")).collect();
+        for name in &names {
+            let (status, body) = hub
+                .call(
+                    admin,
+                    M::POST,
+                    "/outposts",
+                    Some(json!({"name": name, "labels": {"group": group}})),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+        }
+        groups.push(trellis_model::agent_update::outpost_order(names));
+    }
+    hub.put_agent_binary("0.2.0").await;
+    let mut agents = std::collections::HashMap::new();
+    for name in groups.iter().flatten() {
+        agents.insert(name.clone(), connect(&hub, name).await);
+    }
+
+    // A wave timeout of none, or past 30 days, is refused.
+    for timeout in [0, 2_592_001] {
+        let (status, error) = hub
+            .call(
+                admin,
+                M::POST,
+                "/agent-updates",
+                Some(json!({"selector": "group=a", "version": "0.2.0",
+                            "wave_timeout_seconds": timeout})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{error}");
+        assert_eq!(error["error"]["code"], "invalid-timeout", "{error}");
+    }
+
+    // Each group: a first wave of two, one of which applies and one of
+    // which takes the update and goes silent; 3 s to finish.
+    for (group, threshold) in [("a", "50%"), ("b", "100%")] {
+        let (status, created) = hub
+            .call(
+                admin,
+                M::POST,
+                "/agent-updates",
+                Some(
+                    json!({"selector": format!("group={group}"), "version": "0.2.0",
+                            "waves": "2,100%", "success_threshold": threshold,
+                            "wave_timeout_seconds": 3}),
+                ),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        assert_eq!(
+            created["updates"][0]["wave_timeout_seconds"], 3,
+            "{created}"
+        );
+    }
+    for order in &groups {
+        let applies = agents.get_mut(&order[0]).unwrap();
+        let id = update_sent(applies).await;
+        applies.report_update(id, "applied", "").await;
+        let silent = agents.get_mut(&order[1]).unwrap();
+        update_sent(silent).await;
+    }
+
+    // Half needed: the silent one does not hold the wave, the last is sent
+    // at the timeout.
+    let (a, b) = (&groups[0], &groups[1]);
+    let seen = updates_once(&hub, |u| u[&a[2]]["state"] == "pending").await;
+    assert_eq!(seen[&a[1]]["state"], "pending", "{seen}");
+    update_sent(agents.get_mut(&a[2]).unwrap()).await;
+
+    // All needed: halted at the timeout, naming the one not finished.
+    let seen = updates_once(&hub, |u| u[&b[2]]["state"] == "halted").await;
+    let message = seen[&b[2]]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "not sent: wave 1: only 1 of its 2 online outpost(s) updated within the wave timeout (100% needed)"
+        ),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(&format!("not finished: {}", b[1])),
+        "{message}"
+    );
+    agents.get_mut(&b[2]).unwrap().quiet().await;
+    // The silent outpost's update stays open: it may still report.
+    assert_eq!(seen[&b[1]]["state"], "pending", "{seen}");
+}

@@ -16,7 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::Timestamp;
-use crate::rollout::Verdict;
+use crate::rollout::{Verdict, name_some};
 
 /// Where an agent update stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -110,6 +110,9 @@ pub struct NewAgentUpdate {
     /// The share of a wave's online outposts that must apply it for the
     /// next wave to be sent, in basis points (10,000: all).
     pub threshold_bp: u32,
+    /// How long its wave may take once sent before the outposts still
+    /// under way count as not updated.
+    pub wave_timeout_seconds: u64,
 }
 
 impl NewAgentUpdate {
@@ -136,6 +139,8 @@ impl NewAgentUpdate {
             wave: self.wave,
             carried: self.carried,
             threshold_bp: self.threshold_bp,
+            wave_timeout_seconds: self.wave_timeout_seconds,
+            sent_at: (self.wave == 0).then_some(at),
         }
     }
 }
@@ -175,10 +180,22 @@ pub struct AgentUpdate {
     /// next wave to be sent, in basis points.
     #[serde(default = "all_bp")]
     pub threshold_bp: u32,
+    /// How long its wave may take once sent: then those of it still under
+    /// way count as not updated.
+    #[serde(default = "default_wave_timeout")]
+    pub wave_timeout_seconds: u64,
+    /// When its wave was sent (`None`: still waiting, or recorded before
+    /// waves had timeouts).
+    #[serde(default)]
+    pub sent_at: Option<Timestamp>,
 }
 
 fn all_bp() -> u32 {
     crate::rollout::ALL
+}
+
+fn default_wave_timeout() -> u64 {
+    crate::rollout::DEFAULT_WAVE_TIMEOUT_SECS
 }
 
 /// The outposts of a request in wave order: by a fixed hash of the name,
@@ -191,10 +208,12 @@ pub fn outpost_order(outposts: Vec<String>) -> Vec<String> {
 /// Judges wave `wave` (from 0) of a request's updates, `updates` being that
 /// wave's: `threshold` (basis points) of those not carried along must
 /// apply. It halts as soon as so many failed that the threshold cannot be
-/// met, and passes once none not carried along is under way with the
-/// threshold met. A wave with nothing to judge passes. The reason of a
-/// halt names the outposts that failed.
-pub fn judge_wave(wave: u32, updates: &[&AgentUpdate], threshold: u32) -> Verdict {
+/// met; it passes once none not carried along is under way with the
+/// threshold met, or at the wave timeout ([`wave_timed_out`]) if the
+/// threshold is met by then — an outpost that went silent mid-update does
+/// not hold the request for ever. A wave with nothing to judge passes. The
+/// reason of a halt names the outposts that failed or did not finish.
+pub fn judge_wave(wave: u32, updates: &[&AgentUpdate], threshold: u32, timed_out: bool) -> Verdict {
     let judged: Vec<&AgentUpdate> = updates.iter().copied().filter(|u| !u.carried).collect();
     let total = judged.len();
     let need = (total * threshold as usize).div_ceil(crate::rollout::ALL as usize);
@@ -207,28 +226,52 @@ pub fn judge_wave(wave: u32, updates: &[&AgentUpdate], threshold: u32) -> Verdic
         .filter(|u| !u.state.is_open() && u.state != AgentUpdateState::Applied)
         .map(|u| u.outpost.as_str())
         .collect();
+    let under_way: Vec<&str> = judged
+        .iter()
+        .filter(|u| u.state.is_open())
+        .map(|u| u.outpost.as_str())
+        .collect();
+    let number = wave + 1;
+    let pct = crate::rollout::percent_text(threshold);
     if total - failed.len() < need {
-        let named = 20;
-        let mut names = failed
-            .iter()
-            .take(named)
-            .copied()
-            .collect::<Vec<_>>()
-            .join(", ");
-        if failed.len() > named {
-            names.push_str(&format!(" and {} more", failed.len() - named));
-        }
         return Verdict::Halt(format!(
-            "wave {}: {} of its {total} online outpost(s) failed to update, so fewer than {} can — failed: {names}",
-            wave + 1,
+            "wave {number}: {} of its {total} online outpost(s) failed to update, so fewer than {pct} can — failed: {}",
             failed.len(),
-            crate::rollout::percent_text(threshold)
+            name_some(&failed)
         ));
     }
-    if judged.iter().all(|u| !u.state.is_open()) && applied >= need {
+    if applied >= need && under_way.is_empty() {
         return Verdict::Pass;
     }
+    if timed_out {
+        if applied >= need {
+            return Verdict::Pass;
+        }
+        let mut reason = format!(
+            "wave {number}: only {applied} of its {total} online outpost(s) updated within the wave timeout ({pct} needed) — not finished: {}",
+            name_some(&under_way)
+        );
+        if !failed.is_empty() {
+            reason.push_str(&format!("; failed: {}", name_some(&failed)));
+        }
+        return Verdict::Halt(reason);
+    }
     Verdict::Watch
+}
+
+/// Whether a sent wave's timeout has passed at `now`: counted from when
+/// the wave was sent. Updates recorded before waves had timeouts carry no
+/// send time and never time out.
+pub fn wave_timed_out(updates: &[&AgentUpdate], now: Timestamp) -> bool {
+    updates
+        .iter()
+        .filter_map(|u| {
+            let secs = i64::try_from(u.wave_timeout_seconds).unwrap_or(i64::MAX / 1000);
+            u.sent_at
+                .and_then(|at| at.checked_add_signed(chrono::Duration::try_seconds(secs)?))
+        })
+        .min()
+        .is_some_and(|end| now >= end)
 }
 
 impl AgentUpdate {
@@ -251,6 +294,7 @@ impl AgentUpdate {
         self.state = AgentUpdateState::Pending;
         self.carried = carried;
         self.updated_at = at;
+        self.sent_at = Some(at);
         true
     }
 
@@ -301,6 +345,8 @@ mod tests {
             wave: 0,
             carried: false,
             threshold_bp: crate::rollout::ALL,
+            wave_timeout_seconds: 600,
+            sent_at: Some(at),
         }
     }
 
@@ -317,7 +363,7 @@ mod tests {
     fn a_wave_passes_on_its_online_outposts_and_halts_once_the_threshold_is_out_of_reach() {
         use AgentUpdateState::*;
         let judge = |updates: &[AgentUpdate], threshold| {
-            judge_wave(1, &updates.iter().collect::<Vec<_>>(), threshold)
+            judge_wave(1, &updates.iter().collect::<Vec<_>>(), threshold, false)
         };
         // Under way: watched.
         let wave = [
@@ -358,6 +404,41 @@ mod tests {
     }
 
     #[test]
+    fn at_the_wave_timeout_those_under_way_count_as_not_updated() {
+        use AgentUpdateState::*;
+        let sent = update().sent_at.unwrap();
+        let wave = [
+            in_state("a", Applied, false),
+            in_state("b", Fetching, false),
+            in_state("c", Pending, false),
+            in_state("d", Applied, false),
+        ];
+        let wave: Vec<&AgentUpdate> = wave.iter().collect();
+        // Not yet: 600 s from the send.
+        let secs = chrono::Duration::seconds;
+        assert!(!wave_timed_out(&wave, sent + secs(599)));
+        assert!(wave_timed_out(&wave, sent + secs(600)));
+        assert_eq!(judge_wave(0, &wave, 5_000, false), Verdict::Watch);
+        // Half needed, half applied: passes at the timeout.
+        assert_eq!(judge_wave(0, &wave, 5_000, true), Verdict::Pass);
+        // Three quarters needed: halts, naming those not finished.
+        let Verdict::Halt(why) = judge_wave(0, &wave, 7_500, true) else {
+            panic!("expected a halt");
+        };
+        assert!(
+            why.starts_with("wave 1: only 2 of its 4 online outpost(s) updated within the wave timeout (75% needed)"),
+            "{why}"
+        );
+        assert!(why.ends_with("not finished: b, c"), "{why}");
+        // Recorded before waves had timeouts: no send time, never times out.
+        let old = AgentUpdate {
+            sent_at: None,
+            ..update()
+        };
+        assert!(!wave_timed_out(&[&old], sent + secs(1_000_000)));
+    }
+
+    #[test]
     fn only_a_waiting_update_is_released_or_halted() {
         let at = chrono::Utc::now();
         let mut u = AgentUpdate {
@@ -367,6 +448,7 @@ mod tests {
         assert!(u.release(true, at));
         assert_eq!(u.state, AgentUpdateState::Pending);
         assert!(u.carried);
+        assert_eq!(u.sent_at, Some(at));
         assert!(!u.release(false, at), "already sent");
         assert!(!u.halt("late", at), "already sent");
         let mut u = AgentUpdate {

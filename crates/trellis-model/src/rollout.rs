@@ -26,6 +26,9 @@ pub const MAX_WAVES: usize = 100;
 /// 100 % in basis points (hundredths of a percent).
 pub const ALL: u32 = 10_000;
 
+/// How long a wave may take when no timeout is given: 30 minutes.
+pub const DEFAULT_WAVE_TIMEOUT_SECS: u64 = 1800;
+
 /// How large a wave is: cumulative, counted from the first wave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaveSize {
@@ -542,14 +545,19 @@ pub enum Verdict {
 const NAMED: usize = 20;
 
 fn names(stages: &[&RolloutStage]) -> String {
-    let mut text = stages
+    name_some(&stages.iter().map(|s| s.stage.as_str()).collect::<Vec<_>>())
+}
+
+/// The first [`NAMED`] of `names`, and how many more there are.
+pub(crate) fn name_some(names: &[&str]) -> String {
+    let mut text = names
         .iter()
         .take(NAMED)
-        .map(|s| s.stage.as_str())
+        .copied()
         .collect::<Vec<_>>()
         .join(", ");
-    if stages.len() > NAMED {
-        text.push_str(&format!(" and {} more", stages.len() - NAMED));
+    if names.len() > NAMED {
+        text.push_str(&format!(" and {} more", names.len() - NAMED));
     }
     text
 }

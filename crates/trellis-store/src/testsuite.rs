@@ -3879,6 +3879,7 @@ pub async fn agent_updates(store: &dyn Store) {
         wave: 0,
         carried: false,
         threshold_bp: 10_000,
+        wave_timeout_seconds: 1800,
     };
     let made = store
         .create_agent_updates(&[new("edge-1", "0.2.0"), new("edge-2", "0.2.0")], at(10))
@@ -4014,6 +4015,7 @@ pub async fn agent_update_waves(store: &dyn Store) {
         wave,
         carried: false,
         threshold_bp: 9_000,
+        wave_timeout_seconds: 600,
     };
     let first = store
         .create_agent_updates(&[new("e", 0)], at(1))
@@ -4036,6 +4038,12 @@ pub async fn agent_update_waves(store: &dyn Store) {
         ]
     );
     assert_eq!(made[3].threshold_bp, 9_000);
+    assert_eq!(made[3].wave_timeout_seconds, 600);
+    // The first wave is sent as it is recorded; the others when released.
+    assert_eq!(
+        made.iter().map(|u| u.sent_at).collect::<Vec<_>>(),
+        [Some(at(2)), None, None, None]
+    );
     assert_eq!(store.waiting_agent_update_batches().await.unwrap(), [batch]);
     // A waiting update is under way: another is refused for its outpost.
     assert!(matches!(
@@ -4054,11 +4062,17 @@ pub async fn agent_update_waves(store: &dyn Store) {
         .unwrap();
     assert_eq!(
         sent.iter()
-            .map(|u| (u.outpost.as_str(), u.state, u.carried, u.updated_at))
+            .map(|u| (
+                u.outpost.as_str(),
+                u.state,
+                u.carried,
+                u.updated_at,
+                u.sent_at
+            ))
             .collect::<Vec<_>>(),
         [
-            ("b", AgentUpdateState::Pending, false, at(4)),
-            ("c", AgentUpdateState::Pending, true, at(4)),
+            ("b", AgentUpdateState::Pending, false, at(4), Some(at(4))),
+            ("c", AgentUpdateState::Pending, true, at(4), Some(at(4))),
         ]
     );
     assert!(

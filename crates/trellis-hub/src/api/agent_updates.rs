@@ -3,7 +3,8 @@
 //! another version the hub holds; `GET /agent-updates` shows every
 //! outpost's agent version and where its latest update stands. The link
 //! sends the update to each agent (see `link::agent_update`). A request
-//! goes in waves like a rollout (`waves`, `success_threshold`): the first
+//! goes in waves like a rollout (`waves`, `success_threshold`,
+//! `wave_timeout_seconds`): the first
 //! is sent at once, the rollout driver sends each next one once the wave
 //! before passed (see `crate::agent_update_waves`).
 
@@ -66,6 +67,12 @@ pub struct CreateAgentUpdatesRequest {
     #[serde(default)]
     #[schema(example = "95%")]
     pub success_threshold: Option<String>,
+    /// How long a wave may take once sent (default 1800): then its outposts
+    /// still under way count as not updated, and the wave passes or halts
+    /// on the threshold, so a silent outpost does not hold the rest.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 2592000)]
+    pub wave_timeout_seconds: Option<u64>,
 }
 
 /// What was asked: an update per outpost not already at the version.
@@ -220,6 +227,7 @@ pub async fn create_agent_updates(
         })?,
         None => trellis_model::rollout::ALL,
     };
+    let wave_timeout_seconds = super::rollouts::wave_timeout(req.wave_timeout_seconds)?;
     let deadline_secs = req.deadline_secs.unwrap_or(DEFAULT_DEADLINE_SECS);
     if !(MIN_DEADLINE_SECS..=MAX_DEADLINE_SECS).contains(&deadline_secs) {
         return Err(bad(
@@ -313,6 +321,7 @@ pub async fn create_agent_updates(
             wave: 0,
             carried: false,
             threshold_bp,
+            wave_timeout_seconds,
         });
     }
     if !refused.is_empty() {

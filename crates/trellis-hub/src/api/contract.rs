@@ -383,6 +383,7 @@ pub const ERRORS: &[(&str, Refusals)] = &[
                     "invalid-deadline",
                     "invalid-waves",
                     "invalid-threshold",
+                    "invalid-timeout",
                 ],
             ),
             (403, &["forbidden"]),

@@ -24,7 +24,7 @@ use crate::state::AppState;
 pub const MAX_WAIT_SECONDS: u64 = 30 * 24 * 3600;
 
 /// The wave timeout when none is given: 30 minutes.
-pub const DEFAULT_WAVE_TIMEOUT: u64 = 1800;
+pub const DEFAULT_WAVE_TIMEOUT: u64 = trellis_model::rollout::DEFAULT_WAVE_TIMEOUT_SECS;
 
 /// `POST /projects/{project}/rollouts`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -82,6 +82,20 @@ pub struct RolloutPath {
 
 fn bad(code: &'static str, message: String, hint: &str) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, code, message, hint)
+}
+
+/// A request's wave timeout (rollouts, agent updates): the default when
+/// not given, refused outside 1 s to 30 days.
+pub fn wave_timeout(asked: Option<u64>) -> ApiResult<u64> {
+    let timeout = asked.unwrap_or(DEFAULT_WAVE_TIMEOUT);
+    if timeout == 0 || timeout > MAX_WAIT_SECONDS {
+        return Err(bad(
+            "invalid-timeout",
+            format!("a wave timeout of {timeout} s is outside 1 s to 30 days"),
+            "e.g. 1800 (30 minutes)",
+        ));
+    }
+    Ok(timeout)
 }
 
 /// A list's `?selector=`: none when absent or blank (an empty filter box
@@ -186,14 +200,7 @@ pub async fn create_rollout(
         }
         None => trellis_model::rollout::ALL,
     };
-    let timeout = req.wave_timeout_seconds.unwrap_or(DEFAULT_WAVE_TIMEOUT);
-    if timeout == 0 || timeout > MAX_WAIT_SECONDS {
-        return Err(bad(
-            "invalid-timeout",
-            format!("a wave timeout of {timeout} s is outside 1 s to 30 days"),
-            "e.g. 1800 (30 minutes)",
-        ));
-    }
+    let timeout = wave_timeout(req.wave_timeout_seconds)?;
     let pause = match (req.pause_seconds, req.manual) {
         (Some(_), true) => {
             return Err(bad(
