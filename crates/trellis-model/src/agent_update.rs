@@ -187,7 +187,7 @@ pub struct AgentUpdate {
     /// When its wave was sent (`None`: still waiting, or recorded before
     /// waves had timeouts).
     #[serde(default)]
-    pub sent_at: Option<Timestamp>,
+    pub sent_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 fn all_bp() -> u32 {
