@@ -33,6 +33,44 @@ async fn update_sent(agent: &mut ScriptedAgent) -> u64 {
         .await
 }
 
+/// Registers outposts `names` with `labels`.
+async fn add_outposts(hub: &TestHub, names: &[String], labels: Value) {
+    for name in names {
+        let (status, body) = hub
+            .call(
+                Some(hub.admin.as_str()),
+                M::POST,
+                "/outposts",
+                Some(json!({"name": name, "labels": labels})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+}
+
+/// Waits until the hub knows the architecture of every outpost in
+/// `names`: it records an agent's as it handles the hello, after the
+/// welcome, and refuses to update an outpost whose architecture it does
+/// not know.
+async fn architectures_known(hub: &TestHub, names: &[String]) {
+    let admin = Some(hub.admin.as_str());
+    for _ in 0..300 {
+        let (_, agents) = hub.call(admin, M::GET, "/agent-updates", None).await;
+        let known = |name: &String| {
+            agents
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|a| a["outpost"] == name.as_str() && !a["arch"].is_null())
+        };
+        if names.iter().all(known) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the hub did not record the agents' architectures");
+}
+
 /// Every outpost's latest update, by outpost, once `until` holds (within
 /// 30 s: the driver sends waves only once it has run for a few seconds).
 async fn updates_once(hub: &TestHub, until: impl Fn(&Value) -> bool) -> Value {
@@ -64,17 +102,7 @@ async fn agent_updates_go_in_waves_carry_offline_outposts_and_halt_past_the_thre
     let hub = common::start().await;
     let admin = Some(hub.admin.as_str());
     let names: Vec<String> = (1..=7).map(|i| format!("line-{i}")).collect();
-    for name in &names {
-        let (status, body) = hub
-            .call(
-                admin,
-                M::POST,
-                "/outposts",
-                Some(json!({"name": name, "labels": {"site": "plant-3"}})),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "{body}");
-    }
+    add_outposts(&hub, &names, json!({"site": "plant-3"})).await;
     hub.put_agent_binary("0.2.0").await;
     // The waves as documented: the outposts in their fixed order, cut at
     // 1, 3, 5 and 100% (7).
@@ -83,6 +111,7 @@ async fn agent_updates_go_in_waves_carry_offline_outposts_and_halt_past_the_thre
     for name in &order {
         agents.push(Some(connect(&hub, name).await));
     }
+    architectures_known(&hub, &names).await;
     // The second of wave 2 linked once (its architecture is known) and is
     // offline now.
     agents[2] = None;
@@ -237,17 +266,7 @@ async fn a_wave_with_a_silent_outpost_passes_or_halts_at_its_timeout() {
     let mut groups = Vec::new();
     for group in ["a", "b"] {
         let names: Vec<String> = (1..=3).map(|i| format!("{group}-{i}")).collect();
-        for name in &names {
-            let (status, body) = hub
-                .call(
-                    admin,
-                    M::POST,
-                    "/outposts",
-                    Some(json!({"name": name, "labels": {"group": group}})),
-                )
-                .await;
-            assert_eq!(status, StatusCode::CREATED, "{body}");
-        }
+        add_outposts(&hub, &names, json!({"group": group})).await;
         groups.push(trellis_model::agent_update::outpost_order(names));
     }
     hub.put_agent_binary("0.2.0").await;
@@ -255,6 +274,7 @@ async fn a_wave_with_a_silent_outpost_passes_or_halts_at_its_timeout() {
     for name in groups.iter().flatten() {
         agents.insert(name.clone(), connect(&hub, name).await);
     }
+    architectures_known(&hub, &groups.concat()).await;
 
     // A wave timeout of none, or past 30 days, is refused.
     for timeout in [0, 2_592_001] {
