@@ -327,7 +327,7 @@ async fn a_wave_with_a_silent_outpost_passes_or_halts_at_its_timeout() {
     assert_eq!(seen[&a[1]]["state"], "pending", "{seen}");
     update_sent(agents.get_mut(&a[2]).unwrap()).await;
 
-    // All needed: halted at the timeout, naming the one not finished.
+    // All needed: halted at the timeout, naming the one not updated.
     let seen = updates_once(&hub, |u| u[&b[2]]["state"] == "halted").await;
     let message = seen[&b[2]]["message"].as_str().unwrap();
     assert!(
@@ -337,7 +337,7 @@ async fn a_wave_with_a_silent_outpost_passes_or_halts_at_its_timeout() {
         "{message}"
     );
     assert!(
-        message.ends_with(&format!("not finished: {}", b[1])),
+        message.ends_with(&format!("not updated: {}", b[1])),
         "{message}"
     );
     agents.get_mut(&b[2]).unwrap().quiet().await;

@@ -16,7 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::Timestamp;
-use crate::rollout::{Verdict, name_some};
+use crate::rollout::{Tally, Verdict, Words};
 
 /// Where an agent update stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -215,49 +215,28 @@ pub fn outpost_order(outposts: Vec<String>) -> Vec<String> {
 /// reason of a halt names the outposts that failed or did not finish.
 pub fn judge_wave(wave: u32, updates: &[&AgentUpdate], threshold: u32, timed_out: bool) -> Verdict {
     let judged: Vec<&AgentUpdate> = updates.iter().copied().filter(|u| !u.carried).collect();
-    let total = judged.len();
-    let need = (total * threshold as usize).div_ceil(crate::rollout::ALL as usize);
-    let applied = judged
-        .iter()
-        .filter(|u| u.state == AgentUpdateState::Applied)
-        .count();
-    let failed: Vec<&str> = judged
-        .iter()
-        .filter(|u| !u.state.is_open() && u.state != AgentUpdateState::Applied)
-        .map(|u| u.outpost.as_str())
-        .collect();
-    let under_way: Vec<&str> = judged
-        .iter()
-        .filter(|u| u.state.is_open())
-        .map(|u| u.outpost.as_str())
-        .collect();
-    let number = wave + 1;
-    let pct = crate::rollout::percent_text(threshold);
-    if total - failed.len() < need {
-        return Verdict::Halt(format!(
-            "wave {number}: {} of its {total} online outpost(s) failed to update, so fewer than {pct} can — failed: {}",
-            failed.len(),
-            name_some(&failed)
-        ));
-    }
-    if applied >= need && under_way.is_empty() {
-        return Verdict::Pass;
-    }
-    if timed_out {
-        if applied >= need {
-            return Verdict::Pass;
-        }
-        let mut reason = format!(
-            "wave {number}: only {applied} of its {total} online outpost(s) updated within the wave timeout ({pct} needed) — not finished: {}",
-            name_some(&under_way)
-        );
-        if !failed.is_empty() {
-            reason.push_str(&format!("; failed: {}", name_some(&failed)));
-        }
-        return Verdict::Halt(reason);
-    }
-    Verdict::Watch
+    let named = |keep: fn(AgentUpdateState) -> bool| -> Vec<&str> {
+        judged
+            .iter()
+            .filter(|u| keep(u.state))
+            .map(|u| u.outpost.as_str())
+            .collect()
+    };
+    let tally = Tally {
+        total: judged.len(),
+        applied: named(|s| s == AgentUpdateState::Applied).len(),
+        failed: named(|s| !s.is_open() && s != AgentUpdateState::Applied),
+        under_way: named(AgentUpdateState::is_open),
+    };
+    tally.verdict(wave as usize, threshold, timed_out, &AGENT_WORDS)
 }
+
+const AGENT_WORDS: Words = Words {
+    member: "outpost",
+    can: "update",
+    did: "updated",
+    not: "updated",
+};
 
 /// Whether a sent wave's timeout has passed at `now`: counted from when
 /// the wave was sent. Updates recorded before waves had timeouts carry no
@@ -421,7 +400,7 @@ mod tests {
         assert_eq!(judge_wave(0, &wave, 5_000, false), Verdict::Watch);
         // Half needed, half applied: passes at the timeout.
         assert_eq!(judge_wave(0, &wave, 5_000, true), Verdict::Pass);
-        // Three quarters needed: halts, naming those not finished.
+        // Three quarters needed: halts, naming those not updated.
         let Verdict::Halt(why) = judge_wave(0, &wave, 7_500, true) else {
             panic!("expected a halt");
         };
@@ -429,7 +408,7 @@ mod tests {
             why.starts_with("wave 1: only 2 of its 4 online outpost(s) updated within the wave timeout (75% needed)"),
             "{why}"
         );
-        assert!(why.ends_with("not finished: b, c"), "{why}");
+        assert!(why.ends_with("not updated: b, c"), "{why}");
         // Recorded before waves had timeouts: no send time, never times out.
         let old = AgentUpdate {
             sent_at: None,

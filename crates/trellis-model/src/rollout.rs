@@ -544,12 +544,8 @@ pub enum Verdict {
 /// How many names a halt reason lists before it says how many more.
 const NAMED: usize = 20;
 
-fn names(stages: &[&RolloutStage]) -> String {
-    name_some(&stages.iter().map(|s| s.stage.as_str()).collect::<Vec<_>>())
-}
-
 /// The first [`NAMED`] of `names`, and how many more there are.
-pub(crate) fn name_some(names: &[&str]) -> String {
+fn name_some(names: &[&str]) -> String {
     let mut text = names
         .iter()
         .take(NAMED)
@@ -570,48 +566,97 @@ pub(crate) fn name_some(names: &[&str]) -> String {
 /// judge (all offline, or empty) passes.
 pub fn judge(wave: usize, stages: &[&RolloutStage], threshold: u32, timed_out: bool) -> Verdict {
     let judged: Vec<&RolloutStage> = stages.iter().copied().filter(|s| !s.carried).collect();
-    let total = judged.len();
-    let need = (total * threshold as usize).div_ceil(ALL as usize);
-    let applied = judged
-        .iter()
-        .filter(|s| s.state == StageRolloutState::Applied)
-        .count();
-    let failed: Vec<&RolloutStage> = judged
-        .iter()
-        .copied()
-        .filter(|s| s.state == StageRolloutState::Failed)
-        .collect();
-    let pending: Vec<&RolloutStage> = judged
-        .iter()
-        .copied()
-        .filter(|s| s.state == StageRolloutState::Pushed)
-        .collect();
-    let number = wave + 1;
-    let pct = percent_text(threshold);
-    if total - failed.len() < need {
-        return Verdict::Halt(format!(
-            "wave {number}: {} of its {total} online stage(s) failed, so fewer than {pct} can apply the release — failed: {}",
-            failed.len(),
-            names(&failed)
-        ));
-    }
-    if applied >= need && pending.is_empty() {
-        return Verdict::Pass;
-    }
-    if timed_out {
-        if applied >= need {
+    let named = |state: StageRolloutState| -> Vec<&str> {
+        judged
+            .iter()
+            .filter(|s| s.state == state)
+            .map(|s| s.stage.as_str())
+            .collect()
+    };
+    let tally = Tally {
+        total: judged.len(),
+        applied: named(StageRolloutState::Applied).len(),
+        failed: named(StageRolloutState::Failed),
+        under_way: named(StageRolloutState::Pushed),
+    };
+    tally.verdict(wave, threshold, timed_out, &RELEASE_WORDS)
+}
+
+/// A sent wave as its judge counts it, whatever it sends (a release to
+/// stages, an agent version to outposts): the online members, how many
+/// applied it, and the names of those that failed or are still under way.
+pub(crate) struct Tally<'a> {
+    pub total: usize,
+    pub applied: usize,
+    pub failed: Vec<&'a str>,
+    pub under_way: Vec<&'a str>,
+}
+
+/// How a verdict's reason names the members and what they do.
+pub(crate) struct Words {
+    /// `stage`, `outpost`.
+    pub member: &'static str,
+    /// What fewer than the threshold can do: `apply the release`.
+    pub can: &'static str,
+    /// What those counted did: `applied the release`.
+    pub did: &'static str,
+    /// What those still under way at the timeout did not: `applied`.
+    pub not: &'static str,
+}
+
+const RELEASE_WORDS: Words = Words {
+    member: "stage",
+    can: "apply the release",
+    did: "applied the release",
+    not: "applied",
+};
+
+impl Tally<'_> {
+    /// The rule of every wave: halt once the failures put `threshold` out
+    /// of reach; pass once none is under way with the threshold met, or at
+    /// the timeout if it is met by then; halt at the timeout otherwise.
+    pub(crate) fn verdict(
+        &self,
+        wave: usize,
+        threshold: u32,
+        timed_out: bool,
+        words: &Words,
+    ) -> Verdict {
+        let Tally {
+            total,
+            applied,
+            failed,
+            under_way,
+        } = self;
+        let need = (total * threshold as usize).div_ceil(ALL as usize);
+        let number = wave + 1;
+        let pct = percent_text(threshold);
+        let member = words.member;
+        if total - failed.len() < need {
+            return Verdict::Halt(format!(
+                "wave {number}: {} of its {total} online {member}(s) failed, so fewer than {pct} can {} — failed: {}",
+                failed.len(),
+                words.can,
+                name_some(failed)
+            ));
+        }
+        if *applied >= need && (under_way.is_empty() || timed_out) {
             return Verdict::Pass;
         }
-        let mut reason = format!(
-            "wave {number}: only {applied} of its {total} online stage(s) applied the release within the wave timeout ({pct} needed) — not applied: {}",
-            names(&pending)
-        );
-        if !failed.is_empty() {
-            reason.push_str(&format!("; failed: {}", names(&failed)));
+        if timed_out {
+            let mut reason = format!(
+                "wave {number}: only {applied} of its {total} online {member}(s) {} within the wave timeout ({pct} needed) — not {}: {}",
+                words.did,
+                words.not,
+                name_some(under_way)
+            );
+            if !failed.is_empty() {
+                reason.push_str(&format!("; failed: {}", name_some(failed)));
+            }
+            return Verdict::Halt(reason);
         }
-        return Verdict::Halt(reason);
+        Verdict::Watch
     }
-    Verdict::Watch
 }
 
 #[cfg(test)]
