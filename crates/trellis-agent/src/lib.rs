@@ -401,6 +401,7 @@ pub async fn run(
     let state_in_use = state.clone();
     let updater = options.self_update.map(|this| {
         let (updater, frames) = update::Updater::new(data_dir, state.clone(), arch.clone(), this);
+        updater.after_restart();
         Arc::new(link::UpdaterLink {
             updater,
             frames: tokio::sync::Mutex::new(frames),

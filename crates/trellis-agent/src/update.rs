@@ -28,6 +28,12 @@
 //!    starts the previous one again (under systemd, `Restart=always` does
 //!    that). The restored agent reports the update `failed`, with why.
 //!
+//! A host that restarts mid-update takes the watchdog with it. The record
+//! names the boot it was made in, so the agent that starts after the
+//! restart ([`Updater::after_restart`]) knows: the new agent arms a
+//! watchdog again, with the whole deadline, and an old agent whose swap
+//! never happened reports the update failed.
+//!
 //! The final state is kept in `<data>/update/result.json` and sent after
 //! every link-up until the hub acknowledges it.
 
@@ -112,6 +118,14 @@ struct Pending {
     deadline: u64,
     /// The pid that exec'd the new binary.
     pid: u32,
+    /// The host's boot the record was made in (`/proc/sys/kernel/random/boot_id`);
+    /// another at start means the host restarted and the watchdog is gone.
+    #[serde(default)]
+    boot: Option<String>,
+    /// How long the new agent has to link, in seconds (the deadline again
+    /// after a restart).
+    #[serde(default)]
+    grace_secs: u64,
 }
 
 /// The final state of an update, kept until the hub acknowledges it.
@@ -192,6 +206,24 @@ impl Updater {
     pub fn acknowledged(&self, id: u64) {
         if self.unacknowledged().is_some_and(|o| o.id == id) {
             let _ = std::fs::remove_file(self.dir().join(RESULT));
+        }
+    }
+
+    /// Called at start, before the link: after the host restarted mid-update,
+    /// watches the new agent again, or reports that the swap never happened.
+    pub fn after_restart(&self) {
+        match after_restart(&self.dir(), version(), std::process::id()) {
+            Ok(AfterRestart::Nothing) => {}
+            Ok(AfterRestart::Rewatched) => tracing::warn!(
+                version = %version(),
+                "the host restarted during this agent's update; a watchdog watches it again until it links"
+            ),
+            Ok(AfterRestart::NotSwapped) => tracing::warn!(
+                "the host restarted before the agent update swapped binaries; reporting it failed"
+            ),
+            Err(message) => {
+                tracing::warn!(%message, "the agent update could not be resumed after the host restarted")
+            }
         }
     }
 
@@ -497,6 +529,8 @@ fn swap_and_exec(
         args: args.clone(),
         deadline,
         pid: std::process::id(),
+        boot: boot_id(),
+        grace_secs: job.deadline.as_secs(),
     };
     write_json_synced(dir, PENDING, &pending)
         .map_err(|e| format!("could not record the update: {e}"))?;
@@ -505,19 +539,7 @@ fn swap_and_exec(
         let _ = std::fs::remove_file(staged);
         why
     };
-    let mut watchdog = std::process::Command::new(&previous);
-    watchdog
-        .arg("update-watchdog")
-        .arg("--data")
-        .arg(dir.parent().unwrap_or(dir))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .process_group(0);
-    if !under_systemd() {
-        watchdog.arg("--restart");
-    }
-    let mut watchdog = watchdog
-        .spawn()
+    let mut watchdog = spawn_watchdog(&previous, dir)
         .map_err(|e| undo(format!("could not start the update watchdog: {e}")))?;
     if let Err(e) = std::fs::rename(staged, &this.exe) {
         let _ = watchdog.kill();
@@ -533,6 +555,88 @@ fn swap_and_exec(
     let _ = std::fs::rename(&previous, &this.exe);
     let _ = watchdog.kill();
     Err(undo(format!("could not start the new agent: {err}")))
+}
+
+/// Starts the watchdog from the previous binary, in a process group of its
+/// own so that it outlives the agent it watches.
+fn spawn_watchdog(previous: &Path, dir: &Path) -> std::io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+
+    let mut watchdog = std::process::Command::new(previous);
+    watchdog
+        .arg("update-watchdog")
+        .arg("--data")
+        .arg(dir.parent().unwrap_or(dir))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .process_group(0);
+    if !under_systemd() {
+        watchdog.arg("--restart");
+    }
+    watchdog.spawn()
+}
+
+/// This boot of the host, or `None` where the kernel does not say.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
+}
+
+/// What [`after_restart`] found and did.
+#[derive(Debug, PartialEq, Eq)]
+enum AfterRestart {
+    /// No update under way, or one of this boot (its watchdog is there).
+    Nothing,
+    /// This is the new agent: a watchdog watches it again.
+    Rewatched,
+    /// This is the old agent and the swap never happened: the update is
+    /// reported failed.
+    NotSwapped,
+}
+
+/// The update record after the host restarted, from the agent with `pid`
+/// running `running` (its version).
+fn after_restart(dir: &Path, running: &str, pid: u32) -> Result<AfterRestart, String> {
+    let Some(mut pending) = read_json::<Pending>(&dir.join(PENDING)) else {
+        return Ok(AfterRestart::Nothing);
+    };
+    // A record without a boot predates the field: leave it to its watchdog.
+    let (Some(made_in), Some(now)) = (pending.boot.as_deref(), boot_id()) else {
+        return Ok(AfterRestart::Nothing);
+    };
+    if made_in == now {
+        return Ok(AfterRestart::Nothing);
+    }
+    if pending.to == running {
+        pending.pid = pid;
+        pending.boot = Some(now);
+        pending.deadline = now_secs() + pending.grace_secs.max(60);
+        write_json_synced(dir, PENDING, &pending)
+            .map_err(|e| format!("could not record the update again: {e}"))?;
+        spawn_watchdog(&pending.previous, dir)
+            .map_err(|e| format!("could not start the update watchdog again: {e}"))?;
+        return Ok(AfterRestart::Rewatched);
+    }
+    // Still the old agent: the host restarted before the new binary was in
+    // place. Whoever claims the record reports it.
+    if std::fs::rename(dir.join(PENDING), dir.join(ROLLING_BACK)).is_err() {
+        return Ok(AfterRestart::Nothing);
+    }
+    let outcome = Outcome {
+        id: pending.id,
+        version: pending.to.clone(),
+        state: "failed".into(),
+        message: format!(
+            "the host restarted before agent {} was in place; still agent {}",
+            pending.to, running
+        ),
+    };
+    write_json_synced(dir, RESULT, &outcome)
+        .map_err(|e| format!("could not record the update's end: {e}"))?;
+    let _ = std::fs::remove_file(dir.join(ROLLING_BACK));
+    Ok(AfterRestart::NotSwapped)
 }
 
 fn under_systemd() -> bool {
@@ -714,6 +818,8 @@ mod tests {
             args: vec!["run".into(), "--data".into(), dir.display().to_string()],
             deadline,
             pid,
+            boot: boot_id(),
+            grace_secs: 600,
         }
     }
 
@@ -783,6 +889,85 @@ mod tests {
         watchdog(&data, false).unwrap();
         assert_eq!(std::fs::read(&exe).unwrap(), b"new");
         assert!(!data.join(DIR).join(RESULT).exists());
+    }
+
+    #[test]
+    fn after_a_host_restart_the_new_agent_is_watched_again() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let exe = tmp.path().join("trellis-agent");
+        std::fs::write(&exe, b"new").unwrap();
+        // The previous binary stands in for the watchdog: it notes how it
+        // was started.
+        let started = tmp.path().join("watchdog-started");
+        std::fs::write(
+            previous_path(&exe),
+            format!(
+                "#!/bin/sh\necho \"$@\" > {}.tmp && mv {0}.tmp {0}\n",
+                started.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(previous_path(&exe), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let dir = data.join(DIR);
+        let mut record = pending(&data, &exe, gone_pid(), now_secs() - 3600);
+        record.to = version().to_owned();
+
+        // Made in this boot: its watchdog is there, nothing to do.
+        write_json_synced(&dir, PENDING, &record).unwrap();
+        assert_eq!(
+            after_restart(&dir, version(), std::process::id()).unwrap(),
+            AfterRestart::Nothing
+        );
+        assert!(!started.exists());
+
+        // Made in another boot: the new agent is watched again, with the
+        // whole grace period from now.
+        record.boot = Some("an-earlier-boot".into());
+        write_json_synced(&dir, PENDING, &record).unwrap();
+        assert_eq!(
+            after_restart(&dir, version(), std::process::id()).unwrap(),
+            AfterRestart::Rewatched
+        );
+        let again: Pending = read_json(&dir.join(PENDING)).unwrap();
+        assert_eq!(again.pid, std::process::id());
+        assert_eq!(again.boot, boot_id());
+        assert!(again.deadline >= now_secs() + 590, "{}", again.deadline);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !started.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let args = std::fs::read_to_string(&started).unwrap();
+        assert!(
+            args.starts_with(&format!("update-watchdog --data {}", data.display())),
+            "{args}"
+        );
+    }
+
+    #[test]
+    fn after_a_host_restart_before_the_swap_the_update_is_reported_failed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let exe = tmp.path().join("trellis-agent");
+        let dir = data.join(DIR);
+        let mut record = pending(&data, &exe, gone_pid(), now_secs() + 600);
+        record.to = format!("{}-next", version());
+        record.boot = Some("an-earlier-boot".into());
+        write_json_synced(&dir, PENDING, &record).unwrap();
+        assert_eq!(
+            after_restart(&dir, version(), std::process::id()).unwrap(),
+            AfterRestart::NotSwapped
+        );
+        assert!(!dir.join(PENDING).exists());
+        let outcome: Outcome = read_json(&dir.join(RESULT)).unwrap();
+        assert_eq!((outcome.id, outcome.state.as_str()), (7, "failed"));
+        assert!(
+            outcome.message.contains("host restarted before agent"),
+            "{}",
+            outcome.message
+        );
     }
 
     #[test]
