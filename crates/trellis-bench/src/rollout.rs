@@ -156,8 +156,8 @@ pub async fn rollout(common: Common, s: RolloutSettings) -> anyhow::Result<()> {
     }
     report.note(format!(
         "median of {} round(s); a wave's time is the hub's record (started_at → finished_at); \
-         a plain fan-out's is first push → last stage seen applied in the pending list \
-         (polled every 100 ms, so it includes up to one poll)",
+         a plain fan-out's is first push → the hub's record of the last stage's report \
+         (its `updated_at`): both read from the hub's clock",
         s.rounds.max(1)
     ));
     report.finish(common.json.as_deref())?;

@@ -591,6 +591,7 @@ async fn the_project_overview_shows_every_stage_sync_in_one_call() {
     assert_eq!(line3["applied_revision"], 0);
     assert_eq!(line3["latest_release"], 1);
     assert!(line3["applied_release"].is_null(), "{line3}");
+    assert!(line3["updated_at"].is_null(), "nothing heard yet: {line3}");
     assert_eq!(lab["outpost"], "local");
     assert_eq!(lab["desired_revision"], 0);
     // What the rollout still waits for: line3 only (lab has nothing to apply).
@@ -600,8 +601,18 @@ async fn the_project_overview_shows_every_stage_sync_in_one_call() {
     let mut agent = Agent::connect(&hub, &[]).await;
     let (got, _) = agent.desired().await;
     assert_eq!(got, revision);
+    let before_report = chrono::Utc::now() - chrono::Duration::seconds(1);
     agent.report(1, revision, vec![]).await;
     let (line3, _) = overview().await;
+    // When the hub recorded the report: what a watcher reads applied times from.
+    let heard: chrono::DateTime<chrono::Utc> = line3["updated_at"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("a time: {line3}"));
+    assert!(
+        heard >= before_report && heard <= chrono::Utc::now(),
+        "{line3}"
+    );
     assert_eq!(line3["connected"], true, "{line3}");
     assert_eq!(line3["sync"], "in-sync", "{line3}");
     assert_eq!(line3["applied_revision"], revision);

@@ -230,6 +230,9 @@ pub struct StageSummary {
     pub report_state: Option<String>,
     /// The release in state `applied`, if any.
     pub applied_release: Option<u64>,
+    /// As in the stage's [`StageSync`]: when the hub last recorded what the
+    /// agent said about the stage (a delivery or a status report).
+    pub sync_updated_at: Option<Timestamp>,
 }
 
 /// Which stages [`Store::list_stage_summaries`] lists.

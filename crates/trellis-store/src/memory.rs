@@ -1321,6 +1321,7 @@ impl Store for MemoryStore {
                         .rev()
                         .find(|r| r.state == ReleaseState::Applied)
                         .map(|r| r.number),
+                    sync_updated_at: sync.updated_at,
                 }
             })
             .collect())

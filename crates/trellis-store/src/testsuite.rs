@@ -2960,10 +2960,14 @@ pub async fn stage_summaries(store: &dyn Store) {
     assert_eq!((dev.delivered_revision, dev.applied_revision), (2, 1));
     assert_eq!(dev.report_state.as_deref(), Some("running"));
     assert_eq!(dev.applied_release, Some(1));
+    // When the hub recorded the last thing the agent said: the report.
+    assert_eq!(dev.sync_updated_at, Some(at(50)));
+    assert_eq!(dev.sync_updated_at, sync.updated_at);
     let prod = &summaries[1];
     assert_eq!((prod.delivered_revision, prod.applied_revision), (0, 0));
     assert_eq!(prod.report_state, None);
     assert_eq!(prod.applied_release, None);
+    assert_eq!(prod.sync_updated_at, None);
 
     // Named: only those, by name, the same records; other names skipped.
     let named = store

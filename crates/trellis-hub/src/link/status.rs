@@ -382,6 +382,11 @@ pub struct StageSyncSummary {
     pub applied_revision: u64,
     pub latest_release: Option<u64>,
     pub applied_release: Option<u64>,
+    /// When the hub last recorded what the outpost said about the stage (a
+    /// delivery acknowledged or a status report), as in the stage's own
+    /// `outpost-status`; absent before the first. A watcher can read when
+    /// each stage applied from one call after a rollout instead of polling.
+    pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The query of `GET /projects/{project}/outpost-status`.
@@ -445,6 +450,7 @@ pub async fn project_status(
                     applied_revision: s.applied_revision,
                     latest_release: s.stage.latest_release,
                     applied_release: s.applied_release,
+                    updated_at: s.sync_updated_at,
                     stage: s.stage.name,
                     outpost: s.stage.outpost,
                 }

@@ -214,7 +214,7 @@ impl<B: Backend> SqlStore<B> {
         let sql = format!(
             "SELECT s.project, s.name, s.stage_type, s.display_name, s.suspended, s.outpost, \
              s.desired_revision, s.latest_release, s.created_at, s.archived_at, \
-             y.delivered_revision, y.applied_revision, \
+             y.delivered_revision, y.applied_revision, y.updated_at AS sync_updated_at, \
              {} AS report_state, \
              (SELECT MAX(r.number) FROM releases r \
               WHERE r.project = s.project AND r.stage = s.name AND r.state = $2) AS applied_release \
@@ -660,6 +660,7 @@ fn summary_from<R: SqlRow>(row: &R) -> Result<StageSummary> {
         applied_revision: applied.map(unsigned).transpose()?.unwrap_or(0),
         report_state: col(row, "report_state")?,
         applied_release: release.map(unsigned).transpose()?,
+        sync_updated_at: opt_time(row, "sync_updated_at")?,
     })
 }
 
