@@ -93,6 +93,21 @@ impl AppState {
         self.0.links.syncs.write(self.store_handle(), update).await
     }
 
+    /// What [`trellis_store::Store::outpost_desired`] answers for
+    /// `outpost`, read together with other sessions' questions (see
+    /// [`crate::link::reads`]).
+    pub async fn outpost_desired(
+        &self,
+        outpost: &str,
+        held: &std::collections::HashMap<trellis_store::StageKey, u64>,
+    ) -> Result<Vec<trellis_store::OutpostStage>, String> {
+        self.0
+            .links
+            .desired_reads
+            .read(self.store_handle(), outpost, held)
+            .await
+    }
+
     /// The artifact store: every build's images and packages, as chunks.
     pub fn chunks(&self) -> &Chunks {
         &self.0.chunks

@@ -267,6 +267,14 @@ pub struct OutpostStage {
 /// A stage by project and name.
 pub type StageKey = (String, String);
 
+/// One outpost's question in [`Store::outposts_desired`]: its stages, with
+/// the desired state of those above what it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredAsk {
+    pub outpost: String,
+    pub held: std::collections::HashMap<StageKey, u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRelease {
     pub project: String,
@@ -417,6 +425,21 @@ pub trait Store: Send + Sync + 'static {
         outpost: &str,
         held: &std::collections::HashMap<StageKey, u64>,
     ) -> Result<Vec<OutpostStage>>;
+    /// [`Store::outpost_desired`] for several outposts in one read: each
+    /// outpost's answer, in the order asked (an outpost's own error, such
+    /// as an unknown outpost, is its answer; a failure of the read itself
+    /// fails them all). What a hub pushing to thousands of outposts at once
+    /// asks instead of one read each. By default, one read per outpost.
+    async fn outposts_desired(
+        &self,
+        asks: &[DesiredAsk],
+    ) -> Result<Vec<Result<Vec<OutpostStage>>>> {
+        let mut answers = Vec::with_capacity(asks.len());
+        for ask in asks {
+            answers.push(self.outpost_desired(&ask.outpost, &ask.held).await);
+        }
+        Ok(answers)
+    }
     /// Increments the outpost's URI generation, so URIs handed out before
     /// stop validating. Stages already on it are not affected.
     async fn rotate_outpost_uri(&self, name: &str) -> Result<Outpost>;

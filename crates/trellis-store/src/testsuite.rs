@@ -22,9 +22,9 @@ use trellis_model::{
 };
 
 use crate::{
-    AdminGuarded, JoinTokenRefusal, LinkActivity, LinkHello, NewRelease, NewStage, OutpostStage,
-    OutpostUpdate, ProjectUpdate, PushedReleases, Result, StageFilter, StageUpdate, Store,
-    StoreError, StoredAccessKey, SyncUpdate,
+    AdminGuarded, DesiredAsk, JoinTokenRefusal, LinkActivity, LinkHello, NewRelease, NewStage,
+    OutpostStage, OutpostUpdate, ProjectUpdate, PushedReleases, Result, StageFilter, StageKey,
+    StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate,
 };
 
 /// Calls `$callback!` with the name of every behaviour in the suite.
@@ -74,6 +74,7 @@ macro_rules! for_each_suite_test {
             component_controls,
             deletes_remove_component_controls,
             outpost_desired_states,
+            outposts_desired_in_one_read,
             project_updates,
             archive_and_restore,
             rollouts,
@@ -3464,6 +3465,104 @@ pub async fn outpost_desired_states(store: &dyn Store) {
             .iter()
             .all(|s| s.stage.outpost == "local")
     );
+}
+
+/// Several outposts' desired states in one read give what one read per
+/// outpost gives, each in the order asked, errors included.
+pub async fn outposts_desired_in_one_read(store: &dyn Store) {
+    setup(store, "shop").await;
+    for name in ["edge", "quiet", "empty"] {
+        store
+            .create_outpost(&outpost(name, None))
+            .await
+            .expect("creating an outpost");
+    }
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", at(5))
+        .await
+        .unwrap();
+    for (name, on) in [
+        ("a", "edge"),
+        ("b", "edge"),
+        ("gone", "edge"),
+        ("q", "quiet"),
+        ("l", "local"),
+    ] {
+        store
+            .create_stage(&new_stage("shop", name, on), at(10))
+            .await
+            .unwrap();
+    }
+    for stage in ["a", "gone", "q", "l", "a"] {
+        store
+            .push_release(&new_release("shop", stage, &build.name), at(20))
+            .await
+            .unwrap();
+    }
+    store
+        .control_component("shop", "a", "web", ComponentAction::Stop)
+        .await
+        .unwrap();
+    store
+        .control_component("shop", "a", "api", ComponentAction::Restart)
+        .await
+        .unwrap();
+    store.archive_stage("shop", "gone", at(30)).await.unwrap();
+    let key = |stage: &str| ("shop".to_owned(), stage.to_owned());
+    let quiet_held: HashMap<StageKey, u64> = HashMap::from([(
+        key("q"),
+        store.get_stage("shop", "q").await.unwrap().desired_revision,
+    )]);
+    let asks = vec![
+        DesiredAsk {
+            outpost: "edge".into(),
+            held: HashMap::from([(key("b"), 1)]),
+        },
+        DesiredAsk {
+            outpost: "nowhere".into(),
+            held: HashMap::new(),
+        },
+        DesiredAsk {
+            outpost: "quiet".into(),
+            held: quiet_held,
+        },
+        DesiredAsk {
+            outpost: "empty".into(),
+            held: HashMap::new(),
+        },
+        DesiredAsk {
+            outpost: "local".into(),
+            held: HashMap::from([(key("l"), 1)]),
+        },
+    ];
+    let batched = store.outposts_desired(&asks).await.unwrap();
+    assert_eq!(batched.len(), asks.len());
+    for (ask, answer) in asks.iter().zip(&batched) {
+        let alone = store.outpost_desired(&ask.outpost, &ask.held).await;
+        match (answer, alone) {
+            (Ok(answer), Ok(alone)) => assert_eq!(answer, &alone, "{}", ask.outpost),
+            (Err(StoreError::NotFound { .. }), Err(StoreError::NotFound { .. })) => {}
+            (answer, alone) => panic!("{}: {answer:?} against {alone:?}", ask.outpost),
+        }
+    }
+    // What the answers hold, beyond agreeing: edge's three stages, a with
+    // its second release and both controls, the archived one without a
+    // release; nothing for quiet (held), an error for the unknown outpost.
+    let edge = batched[0].as_ref().unwrap();
+    let names: Vec<&str> = edge.iter().map(|s| s.stage.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "gone"]);
+    let a = edge[0].desired.as_ref().unwrap();
+    assert_eq!(a.release.as_ref().map(|r| r.number), Some(2));
+    assert_eq!(a.build, Some(build.clone()));
+    assert_eq!(a.controls.len(), 2);
+    let gone = edge[2].desired.as_ref().unwrap();
+    assert_eq!((gone.release.as_ref(), gone.build.as_ref()), (None, None));
+    assert!(matches!(&batched[1], Err(StoreError::NotFound { .. })));
+    let quiet = batched[2].as_ref().unwrap();
+    assert_eq!(quiet.len(), 1);
+    assert_eq!(quiet[0].desired, None);
+    assert!(batched[3].as_ref().unwrap().is_empty());
+    assert!(store.outposts_desired(&[]).await.unwrap().is_empty());
 }
 
 pub async fn project_updates(store: &dyn Store) {

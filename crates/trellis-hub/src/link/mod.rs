@@ -30,6 +30,7 @@ pub mod errors;
 pub mod ingress_cert;
 pub mod logs;
 pub mod profile;
+pub mod reads;
 pub mod record;
 pub mod session;
 pub mod status;
@@ -202,6 +203,8 @@ pub struct Links {
     /// Agents' acknowledgements and status reports on their way to the
     /// store, committed in groups.
     pub syncs: Arc<commit::SyncCommitter>,
+    /// Sessions' reads of their outposts' desired state, read together.
+    pub desired_reads: Arc<reads::DesiredReads>,
     /// Streams open per outpost and per user.
     pub stream_limits: Arc<streams::StreamLimits>,
     /// The store announces changes to every hub (it is shared): pokes come
@@ -227,6 +230,7 @@ impl Links {
             handshakes: Arc::default(),
             recorder: Arc::default(),
             syncs: Arc::default(),
+            desired_reads: Arc::default(),
             deliveries: Mutex::new(HashMap::new()),
             feed_pokes: std::sync::atomic::AtomicBool::new(false),
             fenced: std::sync::atomic::AtomicU64::new(0),

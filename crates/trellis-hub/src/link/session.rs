@@ -80,10 +80,8 @@ impl Session<'_> {
     async fn sync(&mut self, io: &mut Box<dyn LinkIo>) -> Result<(), String> {
         let stages = self
             .state
-            .store()
             .outpost_desired(self.outpost, &self.known)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         self.placed = stages
             .iter()
             .map(|s| (s.stage.project.clone(), s.stage.name.clone()))

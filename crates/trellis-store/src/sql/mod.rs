@@ -41,10 +41,10 @@ use trellis_model::{
 };
 
 use crate::{
-    AdminGuarded, ChangeFeed, ControlOutcome, DesiredParts, Instance, JobLock, JoinTokenRefusal,
-    LinkActivity, LinkClaim, NewRelease, NewStage, OutpostStage, OutpostUpdate, PoolStats,
-    ProjectUpdate, PushedReleases, Result, StageFilter, StageKey, StageSummary, StageUpdate, Store,
-    StoreError, StoredAccessKey, SyncUpdate, wording,
+    AdminGuarded, ChangeFeed, ControlOutcome, DesiredAsk, DesiredParts, Instance, JobLock,
+    JoinTokenRefusal, LinkActivity, LinkClaim, NewRelease, NewStage, OutpostStage, OutpostUpdate,
+    PoolStats, ProjectUpdate, PushedReleases, Result, StageFilter, StageKey, StageSummary,
+    StageUpdate, Store, StoreError, StoredAccessKey, SyncUpdate, wording,
 };
 use conn::{Conn, FromCol, SqlRow, q};
 
@@ -1036,6 +1036,197 @@ async fn releases_to_stages_in<C: Conn + ?Sized>(
 
 /// A stage's controls, newest release and its build, read on `c` (in the
 /// caller's transaction).
+/// [`Store::outposts_desired`] in one read and five statements whatever
+/// the number of outposts (one read of four statements per outpost the
+/// other way, each a round trip to the database's thread): the stages on
+/// the outposts, which of the outposts exist, then the controls, releases
+/// and builds of the stages above what their outpost holds.
+async fn outposts_desired_in<C: Conn + ?Sized>(
+    c: &mut C,
+    dialect: &Dialect,
+    asks: &[DesiredAsk],
+) -> Result<Vec<Result<Vec<OutpostStage>>>> {
+    const DOING: &str = "reading the desired state of several outposts";
+    let outposts = json(&asks.iter().map(|a| a.outpost.as_str()).collect::<Vec<_>>())?;
+    let on_outposts = format!(
+        "outpost IN (SELECT value FROM {})",
+        dialect.json_strings("$1")
+    );
+    let rows = q(&format!(
+        "SELECT {} FROM stages WHERE {on_outposts} ORDER BY outpost, project, name",
+        stage_columns!()
+    ))
+    .bind(&outposts)
+    .fetch_all(&mut *c)
+    .await
+    .map_err(backend(DOING))?;
+    let mut stages: HashMap<String, Vec<Stage>> = HashMap::new();
+    for row in &rows {
+        let stage = stage_from(row)?;
+        stages.entry(stage.outpost.clone()).or_default().push(stage);
+    }
+    // Stages placed on an outpost say it exists; only the others are asked.
+    let known: HashSet<String> = if asks.iter().any(|a| !stages.contains_key(&a.outpost)) {
+        q(&format!(
+            "SELECT name FROM outposts WHERE name IN (SELECT value FROM {})",
+            dialect.json_strings("$1")
+        ))
+        .bind(&outposts)
+        .fetch_all(&mut *c)
+        .await
+        .map_err(backend(DOING))?
+        .iter()
+        .map(|row| col::<String, _>(row, "name"))
+        .collect::<Result<_>>()?
+    } else {
+        HashSet::new()
+    };
+    // The stages whose parts are wanted, as `project/stage` (names cannot
+    // hold a slash).
+    let wanted: Vec<String> = asks
+        .iter()
+        .flat_map(|ask| {
+            stages
+                .get(&ask.outpost)
+                .into_iter()
+                .flatten()
+                .filter(|s| {
+                    let key = (s.project.clone(), s.name.clone());
+                    s.desired_revision > ask.held.get(&key).copied().unwrap_or(0)
+                })
+                .map(|s| format!("{}/{}", s.project, s.name))
+        })
+        .collect();
+    let mut controls: HashMap<StageKey, Vec<ComponentControl>> = HashMap::new();
+    let mut releases: HashMap<StageKey, Release> = HashMap::new();
+    let mut builds: HashMap<StageKey, Build> = HashMap::new();
+    if !wanted.is_empty() {
+        let wanted = json(&wanted)?;
+        let chosen = format!(
+            "SELECT project, name FROM stages WHERE {on_outposts} \
+             AND project || '/' || name IN (SELECT value FROM {})",
+            dialect.json_strings("$2")
+        );
+        // Archived stages run nothing: no release is sent for them.
+        let running = format!(
+            "SELECT project, name, latest_release FROM stages WHERE {on_outposts} \
+             AND archived_at IS NULL AND project || '/' || name IN (SELECT value FROM {})",
+            dialect.json_strings("$2")
+        );
+        for row in q(&format!(
+            "SELECT project, stage, component, stopped, killed, restarts FROM component_controls \
+             WHERE (project, stage) IN ({chosen}) ORDER BY project, stage, component"
+        ))
+        .bind(&outposts)
+        .bind(&wanted)
+        .fetch_all(&mut *c)
+        .await
+        .map_err(backend(DOING))?
+        .iter()
+        {
+            controls
+                .entry((col(row, "project")?, col(row, "stage")?))
+                .or_default()
+                .push(control_from(row)?);
+        }
+        for row in q(&format!(
+            "SELECT {} FROM releases WHERE (project, stage, number) IN ({running})",
+            release_columns!()
+        ))
+        .bind(&outposts)
+        .bind(&wanted)
+        .fetch_all(&mut *c)
+        .await
+        .map_err(backend(DOING))?
+        .iter()
+        {
+            let release = release_from(row)?;
+            releases.insert((release.project.clone(), release.stage.clone()), release);
+        }
+        for row in q(&format!(
+            "SELECT {} FROM builds WHERE (project, name) IN \
+             (SELECT project, build FROM releases WHERE (project, stage, number) IN ({running}))",
+            build_columns!()
+        ))
+        .bind(&outposts)
+        .bind(&wanted)
+        .fetch_all(&mut *c)
+        .await
+        .map_err(backend(DOING))?
+        .iter()
+        {
+            let build = build_from(row)?;
+            builds.insert((build.project.clone(), build.name.clone()), build);
+        }
+    }
+    Ok(asks
+        .iter()
+        .map(|ask| {
+            let Some(on_it) = stages.get(&ask.outpost) else {
+                return if known.contains(&ask.outpost) {
+                    Ok(Vec::new())
+                } else {
+                    Err(not_found("outpost", ask.outpost.clone()))
+                };
+            };
+            on_it
+                .iter()
+                .map(|stage| {
+                    let key = (stage.project.clone(), stage.name.clone());
+                    let desired =
+                        if stage.desired_revision > ask.held.get(&key).copied().unwrap_or(0) {
+                            Some(parts_of(stage, &key, &controls, &releases, &builds)?)
+                        } else {
+                            None
+                        };
+                    Ok(OutpostStage {
+                        stage: stage.clone(),
+                        desired,
+                    })
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// A wanted stage's parts from what [`outposts_desired_in`] read, with the
+/// errors [`desired_parts_in`] gives for a release or build that is gone.
+fn parts_of(
+    stage: &Stage,
+    key: &StageKey,
+    controls: &HashMap<StageKey, Vec<ComponentControl>>,
+    releases: &HashMap<StageKey, Release>,
+    builds: &HashMap<StageKey, Build>,
+) -> Result<DesiredParts> {
+    let controls = controls.get(key).cloned().unwrap_or_default();
+    let Some(number) = stage.latest_release.filter(|_| stage.archived_at.is_none()) else {
+        return Ok(DesiredParts {
+            controls,
+            release: None,
+            build: None,
+        });
+    };
+    let release = releases
+        .get(key)
+        .filter(|r| r.number == number)
+        .cloned()
+        .ok_or_else(|| {
+            not_found(
+                "release",
+                wording::release(&stage.project, &stage.name, number),
+            )
+        })?;
+    let build = builds
+        .get(&(stage.project.clone(), release.build.clone()))
+        .cloned()
+        .ok_or_else(|| not_found("build", wording::build(&stage.project, &release.build)))?;
+    Ok(DesiredParts {
+        controls,
+        release: Some(release),
+        build: Some(build),
+    })
+}
+
 async fn desired_parts_in<C: Conn + ?Sized>(c: &mut C, stage: &Stage) -> Result<DesiredParts> {
     const DOING: &str = "reading a stage's desired state";
     let controls = q(
@@ -2338,6 +2529,21 @@ impl<B: Backend> Store for SqlStore<B> {
             listed.push(OutpostStage { stage, desired });
         }
         Ok(listed)
+    }
+
+    async fn outposts_desired(
+        &self,
+        asks: &[DesiredAsk],
+    ) -> Result<Vec<Result<Vec<OutpostStage>>>> {
+        if asks.len() <= 1 {
+            let mut answers = Vec::with_capacity(asks.len());
+            for ask in asks {
+                answers.push(self.outpost_desired(&ask.outpost, &ask.held).await);
+            }
+            return Ok(answers);
+        }
+        let mut tx = self.read().await?;
+        outposts_desired_in(&mut *tx, &B::DIALECT, asks).await
     }
 
     async fn rotate_outpost_uri(&self, name: &str) -> Result<Outpost> {
