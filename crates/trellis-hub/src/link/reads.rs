@@ -22,9 +22,14 @@ use trellis_store::{DesiredAsk, OutpostStage, StageKey, Store};
 /// The most outposts asked about in one read.
 const BATCH: usize = 500;
 
+/// Reads in flight at once. One would serialise every session behind each
+/// batch's round trips; a few keep the store's readers busy while a batch
+/// gathers for the next.
+const READERS: usize = 4;
+
 type Waiter = oneshot::Sender<Result<Vec<OutpostStage>, String>>;
 
-/// Queued questions, and whether a reader is running.
+/// Queued questions, and how many readers run.
 #[derive(Default)]
 pub struct DesiredReads {
     inner: Mutex<Queue>,
@@ -33,7 +38,7 @@ pub struct DesiredReads {
 #[derive(Default)]
 struct Queue {
     asks: Vec<(DesiredAsk, Waiter)>,
-    reading: bool,
+    readers: usize,
 }
 
 impl DesiredReads {
@@ -55,7 +60,11 @@ impl DesiredReads {
                 },
                 tx,
             ));
-            !std::mem::replace(&mut queue.reading, true)
+            let start = queue.readers < READERS;
+            if start {
+                queue.readers += 1;
+            }
+            start
         };
         if start_reader {
             let reads = self.clone();
@@ -70,7 +79,7 @@ impl DesiredReads {
             let batch: Vec<(DesiredAsk, Waiter)> = {
                 let mut queue = self.lock();
                 if queue.asks.is_empty() {
-                    queue.reading = false;
+                    queue.readers -= 1;
                     return;
                 }
                 let take = queue.asks.len().min(BATCH);
@@ -133,6 +142,6 @@ mod tests {
                 assert!(error.contains("nowhere"), "{i}: {error}");
             }
         }
-        assert!(!reads.lock().reading, "the reader stopped once idle");
+        assert_eq!(reads.lock().readers, 0, "the readers stopped once idle");
     }
 }
