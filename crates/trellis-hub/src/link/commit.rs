@@ -11,94 +11,67 @@
 //! lone write goes out at once, and under load a batch gathers while the
 //! previous one commits, so nothing waits on a timer.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use tokio::sync::oneshot;
 use trellis_model::StageSync;
 use trellis_store::{Store, SyncUpdate};
+
+use super::batch::Batches;
 
 /// The most writes committed in one transaction.
 const BATCH: usize = 1000;
 
-type Waiter = oneshot::Sender<Result<StageSync, String>>;
+type Answer = Result<StageSync, String>;
 
-/// Queued writes, and whether a writer is running.
-#[derive(Default)]
+/// Queued writes, committed by one writer at a time ([`super::batch`]).
 pub struct SyncCommitter {
-    inner: Mutex<Queue>,
+    batches: Arc<Batches<SyncUpdate, Answer>>,
     /// Told after a batch with a status report was committed: the rollout
     /// driver judges a wave as soon as its stages' reports are in, instead
     /// of at its next tick.
-    pub reported: tokio::sync::Notify,
+    pub reported: Arc<tokio::sync::Notify>,
 }
 
-#[derive(Default)]
-struct Queue {
-    writes: Vec<(SyncUpdate, Waiter)>,
-    writing: bool,
+impl Default for SyncCommitter {
+    fn default() -> Self {
+        SyncCommitter {
+            batches: Arc::new(Batches::new(BATCH, 1)),
+            reported: Arc::default(),
+        }
+    }
 }
 
 impl SyncCommitter {
     /// Writes `update` with whatever else is queued, and returns once it is
     /// committed (or with what went wrong).
-    pub async fn write(
-        self: &Arc<Self>,
-        store: Arc<dyn Store>,
-        update: SyncUpdate,
-    ) -> Result<StageSync, String> {
-        let (tx, rx) = oneshot::channel();
-        let start_writer = {
-            let mut queue = self.lock();
-            queue.writes.push((update, tx));
-            !std::mem::replace(&mut queue.writing, true)
-        };
-        if start_writer {
-            let committer = self.clone();
-            tokio::spawn(async move { committer.write_all(store).await });
-        }
-        rx.await
+    pub async fn write(&self, store: Arc<dyn Store>, update: SyncUpdate) -> Answer {
+        let reported = self.reported.clone();
+        self.batches
+            .call(update, move |updates| {
+                let (store, reported) = (store.clone(), reported.clone());
+                async move {
+                    let reports = updates
+                        .iter()
+                        .any(|u| matches!(u, SyncUpdate::Status { .. }));
+                    match store.record_sync_batch(&updates, chrono::Utc::now()).await {
+                        Ok(results) => {
+                            if reports {
+                                // One permit is kept while nobody waits: a
+                                // report committed during a round wakes the
+                                // next one.
+                                reported.notify_one();
+                            }
+                            results
+                                .into_iter()
+                                .map(|r| r.map_err(|e| e.to_string()))
+                                .collect()
+                        }
+                        Err(e) => vec![Err(e.to_string()); updates.len()],
+                    }
+                }
+            })
+            .await
             .map_err(|_| "the hub stopped before the write was committed".to_owned())?
-    }
-
-    async fn write_all(self: Arc<Self>, store: Arc<dyn Store>) {
-        loop {
-            let batch: Vec<(SyncUpdate, Waiter)> = {
-                let mut queue = self.lock();
-                if queue.writes.is_empty() {
-                    queue.writing = false;
-                    return;
-                }
-                let take = queue.writes.len().min(BATCH);
-                queue.writes.drain(..take).collect()
-            };
-            let (updates, waiters): (Vec<SyncUpdate>, Vec<Waiter>) = batch.into_iter().unzip();
-            let reports = updates
-                .iter()
-                .any(|u| matches!(u, SyncUpdate::Status { .. }));
-            match store.record_sync_batch(&updates, chrono::Utc::now()).await {
-                Ok(results) => {
-                    if reports {
-                        // One permit is kept while nobody waits: a report
-                        // committed during a round wakes the next one.
-                        self.reported.notify_one();
-                    }
-                    for (waiter, result) in waiters.into_iter().zip(results) {
-                        let _ = waiter.send(result.map_err(|e| e.to_string()));
-                    }
-                }
-                Err(e) => {
-                    let message = e.to_string();
-                    for waiter in waiters {
-                        let _ = waiter.send(Err(message.clone()));
-                    }
-                }
-            }
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        // A poisoned lock only means a panic mid-push; the queue is usable.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

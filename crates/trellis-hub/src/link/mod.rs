@@ -24,6 +24,7 @@
 pub mod agent_update;
 pub mod artifacts;
 pub mod backups;
+pub mod batch;
 pub mod commit;
 pub mod endpoint;
 pub mod errors;

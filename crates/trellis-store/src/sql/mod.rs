@@ -1113,47 +1113,42 @@ async fn outposts_desired_in<C: Conn + ?Sized>(
              AND archived_at IS NULL AND project || '/' || name IN (SELECT value FROM {})",
             dialect.json_strings("$2")
         );
-        for row in q(&format!(
+        for row in &both_bound(&mut *c, &outposts, &wanted, &format!(
             "SELECT project, stage, component, stopped, killed, restarts FROM component_controls \
              WHERE (project, stage) IN ({chosen}) ORDER BY project, stage, component"
         ))
-        .bind(&outposts)
-        .bind(&wanted)
-        .fetch_all(&mut *c)
-        .await
-        .map_err(backend(DOING))?
-        .iter()
+        .await?
         {
             controls
                 .entry((col(row, "project")?, col(row, "stage")?))
                 .or_default()
                 .push(control_from(row)?);
         }
-        for row in q(&format!(
-            "SELECT {} FROM releases WHERE (project, stage, number) IN ({running})",
-            release_columns!()
-        ))
-        .bind(&outposts)
-        .bind(&wanted)
-        .fetch_all(&mut *c)
-        .await
-        .map_err(backend(DOING))?
-        .iter()
+        for row in &both_bound(
+            &mut *c,
+            &outposts,
+            &wanted,
+            &format!(
+                "SELECT {} FROM releases WHERE (project, stage, number) IN ({running})",
+                release_columns!()
+            ),
+        )
+        .await?
         {
             let release = release_from(row)?;
             releases.insert((release.project.clone(), release.stage.clone()), release);
         }
-        for row in q(&format!(
-            "SELECT {} FROM builds WHERE (project, name) IN \
+        for row in &both_bound(
+            &mut *c,
+            &outposts,
+            &wanted,
+            &format!(
+                "SELECT {} FROM builds WHERE (project, name) IN \
              (SELECT project, build FROM releases WHERE (project, stage, number) IN ({running}))",
-            build_columns!()
-        ))
-        .bind(&outposts)
-        .bind(&wanted)
-        .fetch_all(&mut *c)
-        .await
-        .map_err(backend(DOING))?
-        .iter()
+                build_columns!()
+            ),
+        )
+        .await?
         {
             let build = build_from(row)?;
             builds.insert((build.project.clone(), build.name.clone()), build);
@@ -1187,6 +1182,22 @@ async fn outposts_desired_in<C: Conn + ?Sized>(
                 .collect()
         })
         .collect())
+}
+
+/// The rows of `sql` with the outposts ($1) and the wanted stages ($2) of
+/// [`outposts_desired_in`] bound.
+async fn both_bound<C: Conn + ?Sized>(
+    c: &mut C,
+    outposts: &str,
+    wanted: &str,
+    sql: &str,
+) -> Result<Vec<C::Row>> {
+    q(sql)
+        .bind(outposts)
+        .bind(wanted)
+        .fetch_all(c)
+        .await
+        .map_err(backend("reading the desired state of several outposts"))
 }
 
 /// A wanted stage's parts from what [`outposts_desired_in`] read, with the
