@@ -137,11 +137,13 @@ pub fn fetch(url: &str) -> Option<String> {
 
 /// A hub with a project, and an outpost of it whose agent runs on the
 /// engine with `extra` agent arguments.
+/// Fields drop in order: the agents (and the stage processes they started,
+/// swept by their working directory) go before the directory they live in.
 pub struct World {
-    pub tmp: tempfile::TempDir,
+    pub agents: Vec<AgentProcess>,
     pub hub: HubProcess,
     pub cli: Cli,
-    pub agents: Vec<AgentProcess>,
+    pub tmp: tempfile::TempDir,
 }
 
 impl World {

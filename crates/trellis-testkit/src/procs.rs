@@ -7,9 +7,11 @@ use std::process::{Command, Stdio};
 /// the stage processes an agent started there, which outlive the agent by
 /// design. Tests call it (through the process guards) so nothing leaks.
 pub fn kill_processes_under(dir: &Path) {
-    let Ok(dir) = dir.canonicalize() else {
-        return;
-    };
+    // A directory already deleted cannot be canonicalised, but the
+    // processes that had their working directory in it still run (their
+    // `cwd` reads `… (deleted)`, under the same path): match the path as
+    // given then.
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return;
     };
