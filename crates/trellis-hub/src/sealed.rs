@@ -143,6 +143,19 @@ impl SealedStore {
         release
     }
 
+    /// The stages of a desired-state read with their releases' config
+    /// values opened.
+    fn open_stages(&self, mut stages: Vec<OutpostStage>) -> Result<Vec<OutpostStage>> {
+        for stage in &mut stages {
+            if let Some(parts) = &mut stage.desired
+                && let Some(release) = parts.release.take()
+            {
+                parts.release = Some(self.open_release(release)?);
+            }
+        }
+        Ok(stages)
+    }
+
     fn open_release(&self, mut release: Release) -> Result<Release> {
         if let Some(snapshot) = release.config.take() {
             release.config = Some(ConfigSnapshot {
@@ -253,15 +266,21 @@ impl Store for SealedStore {
         outpost: &str,
         held: &HashMap<StageKey, u64>,
     ) -> Result<Vec<OutpostStage>> {
-        let mut stages = self.inner.outpost_desired(outpost, held).await?;
-        for stage in &mut stages {
-            if let Some(parts) = &mut stage.desired
-                && let Some(release) = parts.release.take()
-            {
-                parts.release = Some(self.open_release(release)?);
-            }
-        }
-        Ok(stages)
+        self.open_stages(self.inner.outpost_desired(outpost, held).await?)
+    }
+
+    async fn outposts_desired(
+        &self,
+        asks: &[trellis_store::DesiredAsk],
+    ) -> Result<Vec<Result<Vec<OutpostStage>>>> {
+        // The backend's own batched read, not the trait's one-by-one default.
+        Ok(self
+            .inner
+            .outposts_desired(asks)
+            .await?
+            .into_iter()
+            .map(|answer| answer.and_then(|stages| self.open_stages(stages)))
+            .collect())
     }
 
     // --- everything else, as the backend does it ---
