@@ -214,7 +214,7 @@ impl Updater {
     pub fn after_restart(&self) {
         match after_restart(&self.dir(), version(), std::process::id()) {
             Ok(AfterRestart::Nothing) => {}
-            Ok(AfterRestart::Rewatched) => tracing::warn!(
+            Ok(AfterRestart::Rewatched { .. }) => tracing::warn!(
                 version = %version(),
                 "the host restarted during this agent's update; a watchdog watches it again until it links"
             ),
@@ -589,8 +589,8 @@ fn boot_id() -> Option<String> {
 enum AfterRestart {
     /// No update under way, or one of this boot (its watchdog is there).
     Nothing,
-    /// This is the new agent: a watchdog watches it again.
-    Rewatched,
+    /// This is the new agent: a watchdog (this pid) watches it again.
+    Rewatched { watchdog: u32 },
     /// This is the old agent and the swap never happened: the update is
     /// reported failed.
     NotSwapped,
@@ -615,9 +615,15 @@ fn after_restart(dir: &Path, running: &str, pid: u32) -> Result<AfterRestart, St
         pending.deadline = now_secs() + pending.grace_secs.max(60);
         write_json_synced(dir, PENDING, &pending)
             .map_err(|e| format!("could not record the update again: {e}"))?;
-        spawn_watchdog(&pending.previous, dir)
+        let mut watchdog = spawn_watchdog(&pending.previous, dir)
             .map_err(|e| format!("could not start the update watchdog again: {e}"))?;
-        return Ok(AfterRestart::Rewatched);
+        let pid = watchdog.id();
+        // This agent stays the watchdog's parent: wait for it, or it lingers
+        // as a zombie once it stands down.
+        let _ = std::thread::Builder::new()
+            .name("update-watchdog".into())
+            .spawn(move || watchdog.wait());
+        return Ok(AfterRestart::Rewatched { watchdog: pid });
     }
     // Still the old agent: the host restarted before the new binary was in
     // place. Whoever claims the record reports it.
@@ -927,10 +933,11 @@ mod tests {
         // whole grace period from now.
         record.boot = Some("an-earlier-boot".into());
         write_json_synced(&dir, PENDING, &record).unwrap();
-        assert_eq!(
-            after_restart(&dir, version(), std::process::id()).unwrap(),
-            AfterRestart::Rewatched
-        );
+        let AfterRestart::Rewatched { watchdog } =
+            after_restart(&dir, version(), std::process::id()).unwrap()
+        else {
+            panic!("the new agent was not watched again");
+        };
         let again: Pending = read_json(&dir.join(PENDING)).unwrap();
         assert_eq!(again.pid, std::process::id());
         assert_eq!(again.boot, boot_id());
@@ -944,6 +951,12 @@ mod tests {
             args.starts_with(&format!("update-watchdog --data {}", data.display())),
             "{args}"
         );
+        // Once it exits, the watchdog is reaped rather than left a zombie.
+        let proc = PathBuf::from(format!("/proc/{watchdog}"));
+        while proc.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!proc.exists(), "watchdog {watchdog} was not reaped");
     }
 
     #[test]
