@@ -40,6 +40,7 @@ use trellis_model::{
 pub mod cluster;
 pub mod copy;
 pub mod memory;
+pub mod one_by_one;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;
@@ -429,17 +430,10 @@ pub trait Store: Send + Sync + 'static {
     /// outpost's answer, in the order asked (an outpost's own error, such
     /// as an unknown outpost, is its answer; a failure of the read itself
     /// fails them all). What a hub pushing to thousands of outposts at once
-    /// asks instead of one read each. By default, one read per outpost.
-    async fn outposts_desired(
-        &self,
-        asks: &[DesiredAsk],
-    ) -> Result<Vec<Result<Vec<OutpostStage>>>> {
-        let mut answers = Vec::with_capacity(asks.len());
-        for ask in asks {
-            answers.push(self.outpost_desired(&ask.outpost, &ask.held).await);
-        }
-        Ok(answers)
-    }
+    /// asks instead of one read each ([`one_by_one::outposts_desired`] says
+    /// what it means).
+    async fn outposts_desired(&self, asks: &[DesiredAsk])
+    -> Result<Vec<Result<Vec<OutpostStage>>>>;
     /// Increments the outpost's URI generation, so URIs handed out before
     /// stop validating. Stages already on it are not affected.
     async fn rotate_outpost_uri(&self, name: &str) -> Result<Outpost>;
@@ -467,14 +461,7 @@ pub trait Store: Send + Sync + 'static {
     /// The project's archived stages, by name: what a push to many stages
     /// checks its stages against without reading every stage (a fleet
     /// project holds thousands).
-    async fn list_archived_stages(&self, project: &str) -> Result<Vec<Stage>> {
-        Ok(self
-            .list_stages(project)
-            .await?
-            .into_iter()
-            .filter(|s| s.archived_at.is_some())
-            .collect())
-    }
+    async fn list_archived_stages(&self, project: &str) -> Result<Vec<Stage>>;
     /// The project's stages by name (all, or only those still waiting for
     /// their outpost), each with its sync record and applied release.
     async fn list_stage_summaries(
@@ -490,15 +477,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         project: &str,
         names: &[String],
-    ) -> Result<Vec<StageSummary>> {
-        let wanted: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
-        Ok(self
-            .list_stage_summaries(project, StageFilter::All)
-            .await?
-            .into_iter()
-            .filter(|s| wanted.contains(s.stage.name.as_str()))
-            .collect())
-    }
+    ) -> Result<Vec<StageSummary>>;
     async fn update_stage(&self, project: &str, name: &str, update: &StageUpdate) -> Result<Stage>;
     /// Refuses while the stage has releases or configs, unless `force`.
     async fn delete_stage(&self, project: &str, name: &str, force: bool) -> Result<()>;
@@ -720,21 +699,7 @@ pub trait Store: Send + Sync + 'static {
     /// Fields an entry leaves `None` keep their value; so do the ones it
     /// does not carry (the registered key). Entries of outposts that no
     /// longer exist are skipped.
-    async fn record_link_activity(&self, activity: &[LinkActivity]) -> Result<()> {
-        for a in activity {
-            let mut link = match self.get_outpost_link(&a.outpost).await {
-                Ok(link) => link,
-                Err(StoreError::NotFound { .. }) => continue,
-                Err(e) => return Err(e),
-            };
-            a.apply_to(&mut link);
-            match self.put_outpost_link(&link).await {
-                Ok(()) | Err(StoreError::NotFound { .. }) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
+    async fn record_link_activity(&self, activity: &[LinkActivity]) -> Result<()>;
     /// Several sync writes at once (in one transaction where the backend
     /// has them, so many links' reports cost one commit). Each update gets
     /// its own result: one whose stage is gone is `NotFound` and the others
@@ -743,41 +708,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         updates: &[SyncUpdate],
         now: Timestamp,
-    ) -> Result<Vec<Result<StageSync>>> {
-        let mut results = Vec::with_capacity(updates.len());
-        for update in updates {
-            let result = match update {
-                SyncUpdate::Delivered {
-                    project,
-                    stage,
-                    revision,
-                } => self.record_delivered(project, stage, *revision, now).await,
-                SyncUpdate::Status {
-                    project,
-                    stage,
-                    applied_revision,
-                    failed_revision,
-                    report,
-                } => {
-                    self.record_status(
-                        project,
-                        stage,
-                        *applied_revision,
-                        *failed_revision,
-                        report,
-                        now,
-                    )
-                    .await
-                }
-            };
-            match result {
-                Err(e @ StoreError::NotFound { .. }) => results.push(Err(e)),
-                Err(e) => return Err(e),
-                Ok(sync) => results.push(Ok(sync)),
-            }
-        }
-        Ok(results)
-    }
+    ) -> Result<Vec<Result<StageSync>>>;
     /// The stage's sync record (zeros if nothing was delivered yet).
     async fn get_stage_sync(&self, project: &str, stage: &str) -> Result<StageSync>;
     /// The agent acknowledged holding `revision` of the stage's desired

@@ -353,6 +353,38 @@ impl State {
 
 #[async_trait]
 impl Store for MemoryStore {
+    // Nothing here is faster in a batch than one at a time.
+    async fn outposts_desired(
+        &self,
+        asks: &[crate::DesiredAsk],
+    ) -> Result<Vec<Result<Vec<crate::OutpostStage>>>> {
+        crate::one_by_one::outposts_desired(self, asks).await
+    }
+
+    async fn list_archived_stages(&self, project: &str) -> Result<Vec<Stage>> {
+        crate::one_by_one::list_archived_stages(self, project).await
+    }
+
+    async fn stage_summaries_named(
+        &self,
+        project: &str,
+        names: &[String],
+    ) -> Result<Vec<crate::StageSummary>> {
+        crate::one_by_one::stage_summaries_named(self, project, names).await
+    }
+
+    async fn record_link_activity(&self, activity: &[crate::LinkActivity]) -> Result<()> {
+        crate::one_by_one::record_link_activity(self, activity).await
+    }
+
+    async fn record_sync_batch(
+        &self,
+        updates: &[crate::SyncUpdate],
+        now: Timestamp,
+    ) -> Result<Vec<Result<crate::StageSync>>> {
+        crate::one_by_one::record_sync_batch(self, updates, now).await
+    }
+
     async fn create_user(&self, user: &User) -> Result<()> {
         let mut state = self.state();
         if state.users.contains_key(&user.name) {
