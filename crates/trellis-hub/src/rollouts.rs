@@ -38,10 +38,14 @@ use crate::state::AppState;
 /// How often the active rollouts are looked at.
 const TICK: Duration = Duration::from_secs(1);
 
-/// The least time between two rounds woken by reports or a passed wave:
-/// a wave landing on thousands of stages commits reports all the time,
-/// and a round reads every stage of each active rollout.
+/// The most and the least time between two rounds woken by reports or a
+/// passed wave: a wave landing on thousands of stages commits reports all
+/// the time. In between, the gap is twice what the last round took, so the
+/// driver takes at most a third of a core from the links it waits on, and
+/// a small wave, whose rounds are cheap, is judged within milliseconds of
+/// its last report.
 const WOKEN_GAP: Duration = Duration::from_millis(100);
+const WOKEN_GAP_LEAST: Duration = Duration::from_millis(10);
 
 /// How long after the driver starts before it starts waves or sets stages
 /// aside as offline.
@@ -73,7 +77,7 @@ pub async fn run(state: AppState, cancel: CancellationToken) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reported = &state.links().syncs.reported;
     let wake = &state.rollout_counters().wake;
-    let mut saves = Saves::default();
+    let mut held = Held::default();
     loop {
         // Rollouts that ended are still followed (their late stages), but
         // only at the tick: reports from any push wake the driver.
@@ -84,32 +88,52 @@ pub async fn run(state: AppState, cancel: CancellationToken) {
             () = wake.notified() => false,
         };
         let settled = started.elapsed() >= SETTLE;
-        if let Err(e) = round(&state, settled, finished_too, &mut saves).await {
+        let began = Instant::now();
+        if let Err(e) = round(&state, settled, finished_too, &mut held).await {
             tracing::warn!(error = %e, "could not look at the rollouts");
         }
         if let Err(e) = crate::agent_update_waves::round(&state, settled).await {
             tracing::warn!(error = %e, "could not look at the agent updates in waves");
         }
+        let gap = (began.elapsed() * 2).clamp(WOKEN_GAP_LEAST, WOKEN_GAP);
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = tokio::time::sleep(WOKEN_GAP) => {}
+            () = tokio::time::sleep(gap) => {}
         }
     }
 }
 
-/// When the driver last saved each rollout: a round that only saw more
-/// stages apply saves at most once a [`TICK`] (the record is 10,000
-/// stages of a large rollout; what was seen is seen again next round).
+/// The active rollouts as the driver left them, by id. The record of a
+/// large rollout holds 10,000 stages: one whose stored version has not
+/// moved since the driver's last round is not read again, and what a round
+/// only observed (more stages applied) is saved at most once a [`TICK`]
+/// (lost with the hub, it is observed again from the stages' records).
 #[derive(Default)]
-struct Saves(HashMap<u64, Instant>);
+struct Held(HashMap<u64, HeldRollout>);
 
-impl Saves {
-    fn due(&self, id: u64) -> bool {
-        self.0.get(&id).is_none_or(|at| at.elapsed() >= TICK)
+struct HeldRollout {
+    /// As stored, plus what rounds observed since if `unsaved`.
+    rollout: Rollout,
+    unsaved: bool,
+    /// When this driver last saved it (`None`: read, never saved).
+    saved_at: Option<Instant>,
+}
+
+impl HeldRollout {
+    fn read(rollout: Rollout) -> HeldRollout {
+        HeldRollout {
+            rollout,
+            unsaved: false,
+            saved_at: None,
+        }
     }
 
-    fn done(&mut self, id: u64) {
-        self.0.insert(id, Instant::now());
+    fn saved(rollout: Rollout) -> HeldRollout {
+        HeldRollout {
+            rollout,
+            unsaved: false,
+            saved_at: Some(Instant::now()),
+        }
     }
 }
 
@@ -117,12 +141,13 @@ async fn round(
     state: &AppState,
     settled: bool,
     finished_too: bool,
-    saves: &mut Saves,
+    held: &mut Held,
 ) -> Result<(), StoreError> {
-    let active: Vec<u64> = state
-        .store()
-        .list_rollouts(None)
-        .await?
+    // The records without their stages: each with its version.
+    let listed = state.store().list_rollouts(None).await?;
+    held.0
+        .retain(|id, _| listed.iter().any(|r| r.id == *id && r.state.is_active()));
+    let active: Vec<(u64, u64)> = listed
         .into_iter()
         .filter(|r| {
             r.state.is_active()
@@ -130,21 +155,29 @@ async fn round(
                     && r.finished_at
                         .is_some_and(|at| Utc::now() - at < FOLLOW_FINISHED))
         })
-        .map(|r| r.id)
+        .map(|r| (r.id, r.version))
         .collect();
     if active.is_empty() {
         return Ok(());
     }
     let online = Online::read(state).await?;
-    for id in active {
-        let rollout = match state.store().get_rollout(id).await {
-            Ok(r) => r,
-            Err(StoreError::NotFound { .. }) => continue,
-            Err(e) => return Err(e),
+    for (id, version) in active {
+        let rollout = match held.0.remove(&id) {
+            Some(kept) if kept.rollout.version == version => kept,
+            // New to this driver, or changed by someone else (a user's
+            // pause or abort, another instance).
+            _ => match state.store().get_rollout(id).await {
+                Ok(r) => HeldRollout::read(r),
+                Err(StoreError::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            },
         };
-        match advance(state, rollout, &online, settled, saves).await {
-            Ok(()) => {}
-            // A user paused or aborted it meanwhile: looked at again next
+        match advance(state, rollout, &online, settled).await {
+            Ok(kept) if kept.rollout.state.is_active() => {
+                held.0.insert(id, kept);
+            }
+            Ok(_) => {}
+            // A user paused or aborted it meanwhile: read again next
             // time, as it is now.
             Err(StoreError::InUse { what, .. }) => {
                 tracing::debug!(rollout = id, %what, "rollout changed meanwhile");
@@ -193,14 +226,19 @@ impl Online {
 }
 
 /// One step of one rollout: what its stages' reports say, then the wave's
-/// verdict or the next wave's start. Saves only what changed.
+/// verdict or the next wave's start. Saves only what changed; returns the
+/// rollout as it left it.
 async fn advance(
     state: &AppState,
-    mut r: Rollout,
+    held: HeldRollout,
     online: &Online,
     settled: bool,
-    saves: &mut Saves,
-) -> Result<(), StoreError> {
+) -> Result<HeldRollout, StoreError> {
+    let HeldRollout {
+        rollout: mut r,
+        unsaved,
+        saved_at,
+    } = held;
     let before = r.clone();
     let now = Utc::now();
     observe_stages(state, &mut r, online, settled).await?;
@@ -209,8 +247,8 @@ async fn advance(
             r.state = RolloutState::Running;
             r.next_wave_at = None;
             if let Some(next) = r.next_wave() {
-                start_wave(state, save(state, &before, r).await?, next, online).await?;
-                return Ok(());
+                let r = start_wave(state, save(state, &before, r).await?, next, online).await?;
+                return Ok(HeldRollout::saved(r));
             }
         }
         RolloutState::Running => match r.current_wave() {
@@ -221,8 +259,8 @@ async fn advance(
                 // Recorded as started, not (all) pushed: a restart came in
                 // between.
                 r = save(state, &before, r).await?;
-                push_wave(state, r, w).await?;
-                return Ok(());
+                let r = push_wave(state, r, w, None).await?;
+                return Ok(HeldRollout::saved(r));
             }
             Some(w) => {
                 let waiting = window_waits(state, &mut r, w, now);
@@ -243,8 +281,8 @@ async fn advance(
             }
             None => match r.next_wave() {
                 Some(next) if settled => {
-                    start_wave(state, save(state, &before, r).await?, next, online).await?;
-                    return Ok(());
+                    let r = start_wave(state, save(state, &before, r).await?, next, online).await?;
+                    return Ok(HeldRollout::saved(r));
                 }
                 Some(_) => {}
                 None => {
@@ -255,12 +293,17 @@ async fn advance(
         },
         _ => {}
     }
-    if !observed_only(&before, &r) || saves.due(r.id) {
-        let id = r.id;
-        save(state, &before, r).await?;
-        saves.done(id);
+    let unsaved = unsaved || r != before;
+    let due = saved_at.is_none_or(|at| at.elapsed() >= TICK);
+    if !observed_only(&before, &r) || (unsaved && due) {
+        r.updated_at = Utc::now();
+        return Ok(HeldRollout::saved(state.store().save_rollout(&r).await?));
     }
-    Ok(())
+    Ok(HeldRollout {
+        rollout: r,
+        unsaved,
+        saved_at,
+    })
 }
 
 /// Whether `after` differs from `before` at most in what its stages'
@@ -490,16 +533,27 @@ async fn start_wave(
     );
     r.updated_at = now;
     let r = state.store().save_rollout(&r).await?;
-    push_wave(state, r, w).await
+    push_wave(state, r, w, Some(by_name)).await
 }
 
 /// Pushes the release to the stages of wave `w` that do not have it yet
 /// (adopting pushes made before a restart), and records the releases.
-async fn push_wave(state: &AppState, mut r: Rollout, w: usize) -> Result<Rollout, StoreError> {
-    let by_name = summaries_of(state, &r, |s| {
-        s.wave as usize == w && s.state == StageRolloutState::Waiting
-    })
-    .await?;
+/// `known`: the wave's stages as just read, if they were.
+async fn push_wave(
+    state: &AppState,
+    mut r: Rollout,
+    w: usize,
+    known: Option<HashMap<String, trellis_store::StageSummary>>,
+) -> Result<Rollout, StoreError> {
+    let by_name = match known {
+        Some(by_name) => by_name,
+        None => {
+            summaries_of(state, &r, |s| {
+                s.wave as usize == w && s.state == StageRolloutState::Waiting
+            })
+            .await?
+        }
+    };
     let mut new = Vec::new();
     let mut targets = Vec::new();
     for (i, s) in r.stages.iter_mut().enumerate() {

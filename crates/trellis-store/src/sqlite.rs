@@ -187,6 +187,57 @@ mod tests {
         store.close().await;
     }
 
+    /// A rollout recorded before `rollout_waves` (its stages in its own
+    /// row) reads whole, and its next save moves its stages to its waves.
+    #[tokio::test]
+    async fn rollouts_recorded_before_waves_had_rows_read_whole_and_move() {
+        use crate::Store;
+        use trellis_model::rollout::StageRolloutState;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("hub.db")).await.unwrap();
+        crate::testsuite::seed_stages(&store, "shop", 3).await;
+        let created = store
+            .create_rollout(&crate::testsuite::new_rollout(
+                "shop",
+                &["s0", "s1", "s2"],
+                1,
+            ))
+            .await
+            .unwrap();
+        let writer = &store.backend.writer;
+        let waves = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql).fetch_one(writer);
+        assert_eq!(
+            waves("SELECT COUNT(*) FROM rollout_waves").await.unwrap(),
+            2
+        );
+        // As a hub before the table left it.
+        sqlx::query("UPDATE rollouts SET stages = $1")
+            .bind(serde_json::to_string(&created.stages).unwrap())
+            .execute(writer)
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM rollout_waves")
+            .execute(writer)
+            .await
+            .unwrap();
+        assert_eq!(store.get_rollout(created.id).await.unwrap(), created);
+
+        let mut changed = created.clone();
+        changed.stages[1].state = StageRolloutState::Pushed;
+        let saved = store.save_rollout(&changed).await.unwrap();
+        assert_eq!(store.get_rollout(created.id).await.unwrap(), saved);
+        let own: String = sqlx::query_scalar("SELECT stages FROM rollouts")
+            .fetch_one(writer)
+            .await
+            .unwrap();
+        assert_eq!(own, "[]");
+        assert_eq!(
+            waves("SELECT COUNT(*) FROM rollout_waves").await.unwrap(),
+            2
+        );
+        store.close().await;
+    }
+
     #[tokio::test]
     async fn readers_cannot_write() {
         let dir = tempfile::tempdir().unwrap();

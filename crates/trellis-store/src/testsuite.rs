@@ -283,7 +283,13 @@ fn assert_in_use<T: Debug>(result: Result<T>) -> (String, String) {
 
 // --- the behaviours ---
 
-fn new_rollout(project: &str, stages: &[&str], created: i64) -> trellis_model::rollout::NewRollout {
+/// A rollout of `stages` (on the local outpost) in two waves: the first
+/// stage, then the rest.
+pub fn new_rollout(
+    project: &str,
+    stages: &[&str],
+    created: i64,
+) -> trellis_model::rollout::NewRollout {
     use trellis_model::rollout::{NewRollout, WavePause, parse_waves};
     let sizes = parse_waves("1,100%").expect("valid waves");
     let (waves, planned) = NewRollout::plan(
@@ -375,6 +381,14 @@ pub async fn rollouts(store: &dyn Store) {
     let mut gone = saved.clone();
     gone.id = 77;
     assert_not_found(store.save_rollout(&gone).await, "rollout", "77");
+
+    // A save that changes one wave's stages keeps the other wave's.
+    let mut later = saved.clone();
+    later.stages[2].state = StageRolloutState::Pushed;
+    later.stages[2].message = Some("on its way".into());
+    let later = store.save_rollout(&later).await.unwrap();
+    assert_eq!(later.version, 3);
+    assert_eq!(store.get_rollout(1).await.unwrap(), later);
 
     // Deleted with their project; numbers are not given again.
     store.delete_project("mill", true).await.unwrap();

@@ -22,7 +22,7 @@
 
 pub mod conn;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::DerefMut;
 use std::str::FromStr;
 
@@ -522,19 +522,75 @@ fn backup_id(project: &str, stage: &str, id: u64) -> Result<i64> {
 
 /// A rollout as stored: its record without the stages (what lists read),
 /// and its stages.
-fn rollout_parts(rollout: &Rollout) -> Result<(String, String)> {
-    let stages = json(&rollout.stages)?;
+/// The rollout without its stages (`rollouts.record`), and its stages by
+/// wave, in wave order (`rollout_waves`), as JSON.
+fn rollout_parts(rollout: &Rollout) -> Result<(String, Vec<(i64, String)>)> {
     let head = json(&Rollout {
         stages: Vec::new(),
         ..rollout.clone()
     })?;
-    Ok((head, stages))
+    let mut by_wave: BTreeMap<u32, Vec<&RolloutStage>> = BTreeMap::new();
+    for stage in &rollout.stages {
+        by_wave.entry(stage.wave).or_default().push(stage);
+    }
+    let waves = by_wave
+        .into_iter()
+        .map(|(wave, stages)| Ok((i64::from(wave), json(&stages)?)))
+        .collect::<Result<_>>()?;
+    Ok((head, waves))
 }
 
+/// The rollout of a `rollouts` row with the stages the row still holds
+/// (those of a rollout recorded before `rollout_waves`; see
+/// [`with_wave_stages`]).
 fn rollout_from<R: SqlRow>(row: &R) -> Result<Rollout> {
     let mut rollout: Rollout = from_json(row, "record")?;
     rollout.stages = from_json::<Vec<RolloutStage>, _>(row, "stages")?;
     Ok(rollout)
+}
+
+/// `rollout` (as [`rollout_from`] read it) with its waves' stages after
+/// its own.
+async fn with_wave_stages<C: Conn + ?Sized>(
+    c: &mut C,
+    mut rollout: Rollout,
+    doing: &'static str,
+) -> Result<Rollout> {
+    let waves = q("SELECT stages FROM rollout_waves WHERE rollout = $1 ORDER BY wave")
+        .bind(int(rollout.id)?)
+        .fetch_all(&mut *c)
+        .await
+        .map_err(backend(doing))?;
+    for wave in &waves {
+        rollout
+            .stages
+            .extend(from_json::<Vec<RolloutStage>, _>(wave, "stages")?);
+    }
+    Ok(rollout)
+}
+
+/// Writes the rollout's waves whose stages differ from the stored ones
+/// (each wave is one row: a save leaves the others untouched).
+async fn write_rollout_waves<C: Conn + ?Sized>(
+    c: &mut C,
+    id: u64,
+    waves: &[(i64, String)],
+    doing: &'static str,
+) -> Result<()> {
+    for (wave, stages) in waves {
+        q(
+            "INSERT INTO rollout_waves (rollout, wave, stages) VALUES ($1, $2, $3) \
+           ON CONFLICT (rollout, wave) DO UPDATE SET stages = excluded.stages \
+           WHERE rollout_waves.stages <> excluded.stages",
+        )
+        .bind(int(id)?)
+        .bind(*wave)
+        .bind(stages)
+        .execute(&mut *c)
+        .await
+        .map_err(backend(doing))?;
+    }
+    Ok(())
 }
 
 fn backup_from<R: SqlRow>(row: &R) -> Result<Backup> {
@@ -1616,6 +1672,7 @@ impl<B: Backend> Store for SqlStore<B> {
             "DELETE FROM audit_log WHERE project = $1",
             "DELETE FROM backups WHERE project = $1",
             "DELETE FROM backup_schedules WHERE project = $1",
+            "DELETE FROM rollout_waves WHERE rollout IN (SELECT id FROM rollouts WHERE project = $1)",
             "DELETE FROM rollouts WHERE project = $1",
             "DELETE FROM projects WHERE name = $1",
         ] {
@@ -2096,38 +2153,43 @@ impl<B: Backend> Store for SqlStore<B> {
             .fetch_all(&mut *tx)
             .await
             .map_err(backend(DOING))?;
-        let active = all(&rows, rollout_from)?;
+        let mut active = Vec::with_capacity(rows.len());
+        for rollout in all(&rows, rollout_from)? {
+            active.push(with_wave_stages(&mut *tx, rollout, DOING).await?);
+        }
         wording::rollout_overlap(rollout, &active)?;
         let id = next_id_in(&mut *tx, IdCounter::Rollouts, DOING).await?;
         let record = rollout.numbered(id);
-        let (head, stages) = rollout_parts(&record)?;
-        q("INSERT INTO rollouts (id, project, state, version, record, stages) VALUES ($1, $2, $3, $4, $5, $6)")
+        let (head, waves) = rollout_parts(&record)?;
+        q("INSERT INTO rollouts (id, project, state, version, record, stages) VALUES ($1, $2, $3, $4, $5, '[]')")
             .bind(int(id)?)
             .bind(&record.project)
             .bind(record.state.as_str())
             .bind(int(record.version)?)
             .bind(head)
-            .bind(stages)
             .execute(&mut *tx)
             .await
             .map_err(backend(DOING))?;
+        write_rollout_waves(&mut *tx, id, &waves, DOING).await?;
         self.commit(tx, DOING).await?;
         Ok(record)
     }
 
     async fn get_rollout(&self, id: u64) -> Result<Rollout> {
+        const DOING: &str = "looking up a rollout";
         let Ok(key) = i64::try_from(id) else {
             return Err(not_found("rollout", wording::rollout(id)));
         };
-        q("SELECT record, stages FROM rollouts WHERE id = $1")
+        // One snapshot: the record and its waves as one save left them.
+        let mut tx = self.read().await?;
+        let row = q("SELECT record, stages FROM rollouts WHERE id = $1")
             .bind(key)
-            .fetch_optional(&mut *self.reader().await?)
+            .fetch_optional(&mut *tx)
             .await
-            .map_err(backend("looking up a rollout"))?
-            .as_ref()
-            .map(rollout_from)
-            .transpose()?
-            .ok_or_else(|| not_found("rollout", wording::rollout(id)))
+            .map_err(backend(DOING))?
+            .ok_or_else(|| not_found("rollout", wording::rollout(id)))?;
+        let rollout = rollout_from(&row)?;
+        with_wave_stages(&mut *tx, rollout, DOING).await
     }
 
     async fn list_rollouts(&self, project: Option<&str>) -> Result<Vec<Rollout>> {
@@ -2246,18 +2308,19 @@ impl<B: Backend> Store for SqlStore<B> {
         const DOING: &str = "updating a rollout";
         let mut saved = rollout.clone();
         saved.version += 1;
-        let (head, stages) = rollout_parts(&saved)?;
+        let (head, waves) = rollout_parts(&saved)?;
         let mut tx = self.write().await?;
+        // The row's own stages (of a rollout recorded before
+        // `rollout_waves`) move to its waves.
         let done = q(
-            "UPDATE rollouts SET state = $3, version = $4, record = $5, stages = $6 \
-             WHERE id = $1 AND project = $2 AND version = $7",
+            "UPDATE rollouts SET state = $3, version = $4, record = $5, stages = '[]' \
+             WHERE id = $1 AND project = $2 AND version = $6",
         )
         .bind(int(rollout.id)?)
         .bind(&rollout.project)
         .bind(saved.state.as_str())
         .bind(int(saved.version)?)
         .bind(head)
-        .bind(stages)
         .bind(int(rollout.version)?)
         .execute(&mut *tx)
         .await
@@ -2276,6 +2339,7 @@ impl<B: Backend> Store for SqlStore<B> {
                 not_found("rollout", wording::rollout(rollout.id))
             });
         }
+        write_rollout_waves(&mut *tx, rollout.id, &waves, DOING).await?;
         self.commit(tx, DOING).await?;
         Ok(saved)
     }
