@@ -273,7 +273,7 @@ impl Store for SealedStore {
         &self,
         asks: &[trellis_store::DesiredAsk],
     ) -> Result<Vec<Result<Vec<OutpostStage>>>> {
-        // The backend's own batched read, not the trait's one-by-one default.
+        // The backend's own batched read: one read for every outpost asked.
         Ok(self
             .inner
             .outposts_desired(asks)
