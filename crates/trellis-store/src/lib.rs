@@ -26,6 +26,8 @@
 //! - `cluster.rs`: what the hubs sharing a store see of each other.
 //! - `copy.rs`: copying a hub's whole state between stores (`trellis hub
 //!   migrate`).
+//! - `one_by_one.rs`: the batched methods in terms of one-at-a-time calls
+//!   (what a store with nothing faster answers them with).
 //! - `testsuite.rs`: the behaviour every backend must show.
 
 use async_trait::async_trait;
