@@ -137,6 +137,7 @@ pub fn fetch(url: &str) -> Option<String> {
 
 /// A hub with a project, and an outpost of it whose agent runs on the
 /// engine with `extra` agent arguments.
+///
 /// Fields drop in order: the agents (and the stage processes they started,
 /// swept by their working directory) go before the directory they live in.
 pub struct World {

@@ -4,8 +4,8 @@
 //!
 //! One hub instance at a time drives every rollout ([`run`], under the job
 //! lock `rollouts`), looking at the active ones every [`TICK`], and as soon
-//! as agents' status reports were committed on this instance (at most every
-//! [`WOKEN_GAP`]): a wave is judged when its last report is in, not up to a
+//! as agents' status reports were committed on this instance (woken rounds
+//! come 10 ms to [`WOKEN_GAP`] apart, twice what the last one took): a wave is judged when its last report is in, not up to a
 //! tick later, and the next wave starts right after. Everything
 //! it knows is in the store: a hub killed at any point and started again
 //! (or another instance taking the lock) carries on from the record. The

@@ -520,9 +520,7 @@ fn backup_id(project: &str, stage: &str, id: u64) -> Result<i64> {
     i64::try_from(id).map_err(|_| not_found("backup", wording::backup(project, stage, id)))
 }
 
-/// A rollout as stored: its record without the stages (what lists read),
-/// and its stages.
-/// The rollout without its stages (`rollouts.record`), and its stages by
+/// A rollout as stored: the rollout without its stages (`rollouts.record`), and its stages by
 /// wave, in wave order (`rollout_waves`), as JSON.
 fn rollout_parts(rollout: &Rollout) -> Result<(String, Vec<(i64, String)>)> {
     let head = json(&Rollout {
