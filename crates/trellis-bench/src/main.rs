@@ -22,6 +22,7 @@ mod rollout;
 mod scale;
 mod setup;
 mod streams;
+mod sync_writes;
 
 use std::path::PathBuf;
 
@@ -124,6 +125,22 @@ enum Bench {
         /// Timed requests of each page.
         #[arg(long, default_value_t = 30)]
         runs: usize,
+    },
+    /// The store's group commit of agents' acknowledgements: one batch of
+    /// deliveries, one of status reports and one of both, as large as the
+    /// hub's batches get, on SQLite and on PostgreSQL (started by the test
+    /// kit where it can run).
+    SyncWrites {
+        /// Stages, and so updates per batch (the hub's batches hold at
+        /// most 1,000).
+        #[arg(long, default_value_t = 1000)]
+        stages: usize,
+        /// Timed batches of each kind (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Measure on SQLite only.
+        #[arg(long)]
+        sqlite_only: bool,
     },
     /// Outposts linked and idle: hub memory per outpost against a bare
     /// TLS server holding the same connections, idle bytes per outpost,
@@ -580,6 +597,15 @@ fn main() -> anyhow::Result<()> {
             stages,
             outposts: outposts.max(6),
             runs: runs.max(1),
+        })),
+        Bench::SyncWrites {
+            stages,
+            runs,
+            sqlite_only,
+        } => runtime.block_on(sync_writes::run(sync_writes::Settings {
+            stages: stages.max(2),
+            runs: runs.max(1),
+            postgres: !sqlite_only,
         })),
     }
 }

@@ -69,6 +69,7 @@ macro_rules! for_each_suite_test {
             stage_sync_delivery,
             stage_sync_status_and_release_states,
             stage_sync_batches,
+            stage_sync_batch_means_one_at_a_time,
             stage_summaries,
             deletes_remove_link_rows,
             component_controls,
@@ -2712,6 +2713,153 @@ pub async fn stage_sync_batches(store: &dyn Store) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// A batch means exactly its updates written one at a time, in order,
+/// whatever it mixes: several updates of one stage, late and repeated
+/// revisions, failures, revisions without a release, a stage that is gone.
+/// Two projects with the same stages and releases get the same updates,
+/// one in batches and the other one at a time; every answer, every sync
+/// record and every release's state must agree.
+pub async fn stage_sync_batch_means_one_at_a_time(store: &dyn Store) {
+    const STAGES: u64 = 5;
+    const PROJECTS: [&str; 2] = ["batched", "alone"];
+    for project in PROJECTS {
+        setup(store, project).await;
+        for i in 0..STAGES {
+            stage_in(store, project, &format!("s{i}")).await;
+        }
+        let build = store
+            .create_build(project, &new_build("main"), "alice", at(20))
+            .await
+            .unwrap();
+        // Revisions 1-12 of every stage carry a release; 13-15 do not.
+        for _ in 0..12 {
+            let releases: Vec<_> = (0..STAGES)
+                .map(|i| new_release(project, &format!("s{i}"), &build.name))
+                .collect();
+            store.push_releases(&releases, at(30)).await.unwrap();
+        }
+    }
+    // A fixed sequence from a xorshift generator, the same on every run:
+    // (stage, revision, report, failed revision); no report is a delivery.
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    let mut steps = Vec::new();
+    for k in 0..120 {
+        let stage = match next(STAGES + 1) {
+            STAGES => "gone".to_owned(),
+            i => format!("s{i}"),
+        };
+        // Mostly forwards, as a stage's revisions go, with stragglers.
+        let revision = k / 10 + next(4);
+        let step = match next(3) {
+            0 => (stage, revision, None, None),
+            // One report in two names a failed revision near it.
+            _ => {
+                let failed = (next(2) == 0).then(|| (revision + next(3)).max(1) - 1);
+                (stage, revision, Some(json!({ "report": k })), failed)
+            }
+        };
+        steps.push(step);
+    }
+    let update = |project: &str, (stage, revision, report, failed): &Step| match report {
+        None => SyncUpdate::Delivered {
+            project: project.into(),
+            stage: stage.clone(),
+            revision: *revision,
+        },
+        Some(report) => SyncUpdate::Status {
+            project: project.into(),
+            stage: stage.clone(),
+            applied_revision: *revision,
+            failed_revision: *failed,
+            report: report.clone(),
+        },
+    };
+    type Step = (String, u64, Option<serde_json::Value>, Option<u64>);
+    // An answer with the project's name taken out.
+    let answer =
+        |project: &str, result: Result<StageSync>| format!("{result:?}").replace(project, "P");
+    let (mut batched, mut alone) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    for (n, size) in [1, 7, 20, 32, 60].into_iter().enumerate() {
+        let chunk = &steps[start..start + size];
+        start += size;
+        let now = at(40 + n as i64);
+        let updates: Vec<_> = chunk.iter().map(|s| update("batched", s)).collect();
+        let results = store.record_sync_batch(&updates, now).await.unwrap();
+        assert_eq!(results.len(), updates.len());
+        batched.extend(results.into_iter().map(|r| answer("batched", r)));
+        for step in chunk {
+            let result = match update("alone", step) {
+                SyncUpdate::Delivered {
+                    project,
+                    stage,
+                    revision,
+                } => {
+                    store
+                        .record_delivered(&project, &stage, revision, now)
+                        .await
+                }
+                SyncUpdate::Status {
+                    project,
+                    stage,
+                    applied_revision,
+                    failed_revision,
+                    report,
+                } => {
+                    store
+                        .record_status(
+                            &project,
+                            &stage,
+                            applied_revision,
+                            failed_revision,
+                            &report,
+                            now,
+                        )
+                        .await
+                }
+            };
+            alone.push(answer("alone", result));
+        }
+        for i in 0..STAGES {
+            let stage = format!("s{i}");
+            let mut states = Vec::new();
+            let mut syncs = Vec::new();
+            for project in PROJECTS {
+                states.push(release_states(store, project, &stage).await);
+                let sync = store.get_stage_sync(project, &stage).await;
+                syncs.push(answer(project, sync));
+            }
+            assert_eq!(
+                states[0], states[1],
+                "the releases of {stage} after batch {n}"
+            );
+            assert_eq!(
+                syncs[0], syncs[1],
+                "the sync record of {stage} after batch {n}"
+            );
+        }
+    }
+    assert_eq!(start, steps.len(), "every step was written");
+    assert!(
+        batched.iter().any(|a| a.contains("NotFound"))
+            && batched.iter().any(|a| a.starts_with("Ok")),
+        "the sequence has both outcomes: {batched:?}"
+    );
+    for (k, (b, a)) in batched.iter().zip(&alone).enumerate() {
+        assert_eq!(
+            b, a,
+            "update {k} {:?} answered differently in a batch",
+            steps[k]
+        );
+    }
 }
 
 /// A status report moves the applied revision forwards and the stage's

@@ -426,6 +426,9 @@ macro_rules! sync_columns {
     };
 }
 
+// After `sync_columns!`, which it uses.
+mod sync_batch;
+
 fn user_from<R: SqlRow>(row: &R) -> Result<User> {
     Ok(User {
         name: col(row, "name")?,
@@ -3655,40 +3658,19 @@ impl<B: Backend> Store for SqlStore<B> {
         now: Timestamp,
     ) -> Result<Vec<Result<StageSync>>> {
         let mut tx = self.write().await?;
-        let mut results = Vec::with_capacity(updates.len());
-        for update in updates {
-            let result = match update {
-                SyncUpdate::Delivered {
-                    project,
-                    stage,
-                    revision,
-                } => delivered_in(&mut *tx, &B::DIALECT, project, stage, *revision, now).await,
-                SyncUpdate::Status {
-                    project,
-                    stage,
-                    applied_revision,
-                    failed_revision,
-                    report,
-                } => {
-                    let status = Status {
-                        applied_revision: *applied_revision,
-                        failed_revision: *failed_revision,
-                        report,
-                    };
-                    status_in(&mut *tx, &B::DIALECT, project, stage, &status, now).await
-                }
-            };
-            match result {
-                // The update's stage is gone: it wrote nothing, and the
-                // others still count.
-                Err(e @ StoreError::NotFound { .. }) => results.push(Err(e)),
-                // The database failed: nothing of the batch is kept.
-                Err(e) => return Err(e),
-                Ok(sync) => results.push(Ok(sync)),
+        let answers = match sync_batch::sync_batch_in(&mut *tx, &B::DIALECT, updates, now).await? {
+            Some(answers) => answers,
+            None => {
+                // A stage was deleted under a set-based statement, which
+                // failed it for every stage (see `sync_batch`). One at a
+                // time, only that stage's updates fail.
+                drop(tx);
+                tx = self.write().await?;
+                sync_one_by_one_in(&mut *tx, &B::DIALECT, updates, now).await?
             }
-        }
+        };
         self.commit(tx, "recording stages' sync").await?;
-        Ok(results)
+        Ok(answers)
     }
 
     fn changes(&self) -> Option<ChangeFeed> {
@@ -3751,6 +3733,50 @@ impl<B: Backend> Store for SqlStore<B> {
     async fn cluster_secret(&self, name: &str, offer: &str) -> Result<String> {
         self.backend.cluster_secret(name, offer).await
     }
+}
+
+/// [`Store::record_sync_batch`] one update at a time in the open write
+/// transaction `c`, each in a savepoint where the dialect needs one: an
+/// update whose stage is gone fails alone.
+async fn sync_one_by_one_in<C: Conn + ?Sized>(
+    c: &mut C,
+    dialect: &Dialect,
+    updates: &[SyncUpdate],
+    now: Timestamp,
+) -> Result<Vec<Result<StageSync>>> {
+    let mut answers = Vec::with_capacity(updates.len());
+    for update in updates {
+        let answer = match update {
+            SyncUpdate::Delivered {
+                project,
+                stage,
+                revision,
+            } => delivered_in(&mut *c, dialect, project, stage, *revision, now).await,
+            SyncUpdate::Status {
+                project,
+                stage,
+                applied_revision,
+                failed_revision,
+                report,
+            } => {
+                let status = Status {
+                    applied_revision: *applied_revision,
+                    failed_revision: *failed_revision,
+                    report,
+                };
+                status_in(&mut *c, dialect, project, stage, &status, now).await
+            }
+        };
+        match answer {
+            // The update's stage is gone: it wrote nothing, and the
+            // others still count.
+            Err(e @ StoreError::NotFound { .. }) => answers.push(Err(e)),
+            // The database failed: nothing of the batch is kept.
+            Err(e) => return Err(e),
+            Ok(sync) => answers.push(Ok(sync)),
+        }
+    }
+    Ok(answers)
 }
 
 /// [`Store::record_delivered`] in the open write transaction `c`.
