@@ -19,6 +19,8 @@
 //! # Layout
 //! - `conn.rs`: statements, connections and rows as the code here sees
 //!   them, implemented by each backend without sqlx's generic bounds.
+//! - `sync_batch.rs`: the group commit of agents' acknowledgements as a
+//!   few set-based statements per batch.
 
 pub mod conn;
 
@@ -3661,9 +3663,9 @@ impl<B: Backend> Store for SqlStore<B> {
         let answers = match sync_batch::sync_batch_in(&mut *tx, &B::DIALECT, updates, now).await? {
             Some(answers) => answers,
             None => {
-                // A stage was deleted under a set-based statement, which
-                // failed it for every stage (see `sync_batch`). One at a
-                // time, only that stage's updates fail.
+                // A set-based statement failed on a stage's foreign key,
+                // for every stage in it (see `sync_batch`). One at a time,
+                // only that stage's updates fail.
                 drop(tx);
                 tx = self.write().await?;
                 sync_one_by_one_in(&mut *tx, &B::DIALECT, updates, now).await?

@@ -26,11 +26,12 @@ use crate::{Result, StoreError, SyncUpdate, wording};
 
 const DOING: &str = "recording stages' sync";
 
-/// Each update's answer, in order; `None` when a stage was deleted between
-/// a statement's check and its write (only another hub's transaction can do
-/// that). The statement then failed for every stage in it and spoiled the
-/// transaction: the caller rolls back and writes one at a time, where it
-/// fails only that stage's updates.
+/// Each update's answer, in order. A statement leaves out the stages that
+/// are gone, which then fail alone; writers are serial, so none can go
+/// between that check and the write. Should a statement still fail on a
+/// stage's foreign key, it failed for every stage in it and spoiled the
+/// transaction: `None`, and the caller rolls back and writes the batch one
+/// update at a time, where only that stage's updates fail.
 pub(super) async fn sync_batch_in<C: Conn + ?Sized>(
     c: &mut C,
     dialect: &Dialect,
@@ -232,7 +233,7 @@ fn report_upsert(dialect: &Dialect) -> String {
 }
 
 /// Runs an upsert of `rows` at `now`; the records it wrote by stage, or
-/// `None` if a stage went between its check and its write.
+/// `None` if it failed on a stage's foreign key.
 async fn upsert<C: Conn + ?Sized>(
     c: &mut C,
     statement: &str,
