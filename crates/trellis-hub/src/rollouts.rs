@@ -5,8 +5,9 @@
 //! One hub instance at a time drives every rollout ([`run`], under the job
 //! lock `rollouts`), looking at the active ones every [`TICK`], and as soon
 //! as agents' status reports were committed on this instance (woken rounds
-//! come 10 ms to [`WOKEN_GAP`] apart, twice what the last one took): a wave is judged when its last report is in, not up to a
-//! tick later, and the next wave starts right after. Everything
+//! come 10 ms to [`WOKEN_GAP`] apart, twice what the last one took, not
+//! counting a push): a wave is judged when its last report is in, not up
+//! to a tick later, and the next wave starts right after. Everything
 //! it knows is in the store: a hub killed at any point and started again
 //! (or another instance taking the lock) carries on from the record. The
 //! one step that spans two writes — recording that a wave starts, then
@@ -33,6 +34,7 @@ use trellis_model::rollout::{
 use trellis_model::{ConfigSnapshot, NewAuditEntry};
 use trellis_store::{NewRelease, StoreError};
 
+use crate::link::commit::Reports;
 use crate::state::AppState;
 
 /// How often the active rollouts are looked at.
@@ -40,10 +42,10 @@ const TICK: Duration = Duration::from_secs(1);
 
 /// The most and the least time between two rounds woken by reports or a
 /// passed wave: a wave landing on thousands of stages commits reports all
-/// the time. In between, the gap is twice what the last round took, so the
-/// driver takes at most a third of a core from the links it waits on, and
-/// a small wave, whose rounds are cheap, is judged within milliseconds of
-/// its last report.
+/// the time. In between, the gap is twice what the last round took (the
+/// least after a round that pushed a wave), so the driver takes at most a
+/// third of a core from the links it waits on, and a small wave, whose
+/// rounds are cheap, is judged within milliseconds of its last report.
 const WOKEN_GAP: Duration = Duration::from_millis(100);
 const WOKEN_GAP_LEAST: Duration = Duration::from_millis(10);
 
@@ -76,6 +78,7 @@ pub async fn run(state: AppState, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reported = &state.links().syncs.reported;
+    let reported_stages = &state.links().syncs.reported_stages;
     let wake = &state.rollout_counters().wake;
     let mut held = Held::default();
     loop {
@@ -89,13 +92,31 @@ pub async fn run(state: AppState, cancel: CancellationToken) {
         };
         let settled = started.elapsed() >= SETTLE;
         let began = Instant::now();
-        if let Err(e) = round(&state, settled, finished_too, &mut held).await {
-            tracing::warn!(error = %e, "could not look at the rollouts");
-        }
+        // A tick reads every stage still on its way (reports committed by
+        // other instances, stages gone); a round woken by reports, those
+        // that reported.
+        let reports = reported_stages.take();
+        let reports = if finished_too { Reports::Any } else { reports };
+        let pushed = match round(&state, settled, finished_too, &mut held, &reports).await {
+            Ok(pushed) => pushed,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look at the rollouts");
+                false
+            }
+        };
         if let Err(e) = crate::agent_update_waves::round(&state, settled).await {
             tracing::warn!(error = %e, "could not look at the agent updates in waves");
         }
-        let gap = (began.elapsed() * 2).clamp(WOKEN_GAP_LEAST, WOKEN_GAP);
+        // A round that pushed a wave took the push's time, which says
+        // nothing about what judging it will cost: spaced by it, the
+        // first verdict on a small wave came up to 100 ms after its last
+        // report (BENCHMARKS.md, rollout).
+        let cost = if pushed {
+            Duration::ZERO
+        } else {
+            began.elapsed()
+        };
+        let gap = (cost * 2).clamp(WOKEN_GAP_LEAST, WOKEN_GAP);
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(gap) => {}
@@ -137,12 +158,14 @@ impl HeldRollout {
     }
 }
 
+/// Returns whether it pushed releases (started or went on with a wave).
 async fn round(
     state: &AppState,
     settled: bool,
     finished_too: bool,
     held: &mut Held,
-) -> Result<(), StoreError> {
+    reports: &Reports,
+) -> Result<bool, StoreError> {
     // The records without their stages: each with its version.
     let listed = state.store().list_rollouts(None).await?;
     held.0
@@ -158,9 +181,11 @@ async fn round(
         .map(|r| (r.id, r.version))
         .collect();
     if active.is_empty() {
-        return Ok(());
+        state.links().syncs.reported_stages.stop();
+        return Ok(false);
     }
     let online = Online::read(state).await?;
+    let mut pushed = false;
     for (id, version) in active {
         let rollout = match held.0.remove(&id) {
             Some(kept) if kept.rollout.version == version => kept,
@@ -172,11 +197,14 @@ async fn round(
                 Err(e) => return Err(e),
             },
         };
-        match advance(state, rollout, &online, settled).await {
-            Ok(kept) if kept.rollout.state.is_active() => {
-                held.0.insert(id, kept);
+        let had = released(&rollout.rollout);
+        match advance(state, rollout, &online, settled, reports).await {
+            Ok(kept) => {
+                pushed |= had != released(&kept.rollout);
+                if kept.rollout.state.is_active() {
+                    held.0.insert(id, kept);
+                }
             }
-            Ok(_) => {}
             // A user paused or aborted it meanwhile: read again next
             // time, as it is now.
             Err(StoreError::InUse { what, .. }) => {
@@ -185,7 +213,12 @@ async fn round(
             Err(e) => tracing::warn!(rollout = id, error = %e, "could not advance a rollout"),
         }
     }
-    Ok(())
+    Ok(pushed)
+}
+
+/// How many of the rollout's stages have their release.
+fn released(r: &Rollout) -> usize {
+    r.stages.iter().filter(|s| s.release.is_some()).count()
 }
 
 /// Which outposts are linked now (to any instance).
@@ -223,6 +256,11 @@ impl Online {
     pub fn has(&self, outpost: &str) -> bool {
         self.local.contains(outpost) || self.elsewhere.contains(outpost)
     }
+
+    /// Linked to this instance, whose reports it sees committed.
+    fn here(&self, outpost: &str) -> bool {
+        self.local.contains(outpost)
+    }
 }
 
 /// One step of one rollout: what its stages' reports say, then the wave's
@@ -233,6 +271,7 @@ async fn advance(
     held: HeldRollout,
     online: &Online,
     settled: bool,
+    reports: &Reports,
 ) -> Result<HeldRollout, StoreError> {
     let HeldRollout {
         rollout: mut r,
@@ -241,7 +280,7 @@ async fn advance(
     } = held;
     let before = r.clone();
     let now = Utc::now();
-    observe_stages(state, &mut r, online, settled).await?;
+    observe_stages(state, &mut r, online, settled, reports).await?;
     match r.state {
         RolloutState::Waiting if settled && r.next_wave_at.is_some_and(|at| at <= now) => {
             r.state = RolloutState::Running;
@@ -371,31 +410,37 @@ async fn save(state: &AppState, before: &Rollout, mut r: Rollout) -> Result<Roll
     state.store().save_rollout(&r).await
 }
 
-/// Reads what the agents reported of every stage the release was pushed
-/// to and is not settled; sets aside as offline the pending stages of the
-/// current wave whose outpost is not linked.
+/// Reads what the agents reported of the stages the release was pushed to
+/// and that are not settled — of those `reports` names, and those whose
+/// outposts are not linked here (their reports are committed elsewhere) —
+/// and sets aside as offline the pending stages of the current wave whose
+/// outpost is not linked.
 async fn observe_stages(
     state: &AppState,
     r: &mut Rollout,
     online: &Online,
     settled: bool,
+    reports: &Reports,
 ) -> Result<(), StoreError> {
+    // `None`: every stage on its way may have reported.
+    let reported = match reports {
+        Reports::Any => None,
+        Reports::Stages(by_project) => Some(by_project.get(&r.project)),
+    };
+    let wanted = |s: &RolloutStage| {
+        s.state == StageRolloutState::Pushed
+            && reported.is_none_or(|stages| {
+                stages.is_some_and(|stages| stages.contains(&s.stage)) || !online.here(&s.outpost)
+            })
+    };
     // Only the stages still on their way are read: a round of a rollout
-    // over 10,000 stages whose wave has 100 reads 100.
-    if !r
-        .stages
-        .iter()
-        .any(|s| s.state == StageRolloutState::Pushed)
-    {
+    // over 10,000 stages whose wave has 100 reads at most 100.
+    if !r.stages.iter().any(wanted) {
         return Ok(());
     }
-    let by_name = summaries_of(state, r, |s| s.state == StageRolloutState::Pushed).await?;
+    let by_name = summaries_of(state, r, wanted).await?;
     let current = r.current_wave();
-    for s in r
-        .stages
-        .iter_mut()
-        .filter(|s| s.state == StageRolloutState::Pushed)
-    {
+    for s in r.stages.iter_mut().filter(|s| wanted(s)) {
         let Some(summary) = by_name.get(s.stage.as_str()) else {
             s.state = StageRolloutState::Failed;
             s.message = Some("the stage was deleted".into());

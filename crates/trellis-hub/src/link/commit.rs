@@ -11,7 +11,8 @@
 //! lone write goes out at once, and under load a batch gathers while the
 //! previous one commits, so nothing waits on a timer.
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use trellis_model::StageSync;
 use trellis_store::{Store, SyncUpdate};
@@ -20,6 +21,10 @@ use super::batch::Batches;
 
 /// The most writes committed in one transaction.
 const BATCH: usize = 1000;
+
+/// The most stages [`ReportedStages`] keeps between two looks; past it,
+/// the next look reads every stage.
+const REPORTED_MOST: usize = 100_000;
 
 type Answer = Result<StageSync, String>;
 
@@ -30,6 +35,8 @@ pub struct SyncCommitter {
     /// driver judges a wave as soon as its stages' reports are in, instead
     /// of at its next tick.
     pub reported: Arc<tokio::sync::Notify>,
+    /// Which stages those reports were of, while the driver asks.
+    pub reported_stages: Arc<ReportedStages>,
 }
 
 impl Default for SyncCommitter {
@@ -37,6 +44,67 @@ impl Default for SyncCommitter {
         SyncCommitter {
             batches: Arc::new(Batches::new(BATCH, 1)),
             reported: Arc::default(),
+            reported_stages: Arc::default(),
+        }
+    }
+}
+
+/// The stages whose status reports this instance committed since the
+/// rollout driver last looked, so that a round woken by reports reads
+/// those stages, not every stage still on its way (a wave of 5,000 read
+/// 5,000 every few milliseconds). Kept only while the driver takes them.
+#[derive(Default)]
+pub struct ReportedStages(Mutex<Reported>);
+
+#[derive(Default)]
+enum Reported {
+    /// Nobody looks: nothing is kept.
+    #[default]
+    Off,
+    /// By project.
+    Since(HashMap<String, HashSet<String>>),
+    /// More than [`REPORTED_MOST`] since the last look.
+    TooMany,
+}
+
+/// What [`ReportedStages::take`] gives.
+#[derive(Debug, PartialEq)]
+pub enum Reports {
+    /// Only these stages (by project) may have reported.
+    Stages(HashMap<String, HashSet<String>>),
+    /// Any stage may have: nothing was kept before this look, or too much.
+    Any,
+}
+
+impl ReportedStages {
+    /// The stages reported since the last call; from now on, reports are
+    /// kept until the next call or [`ReportedStages::stop`].
+    pub fn take(&self) -> Reports {
+        let mut reported = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match std::mem::replace(&mut *reported, Reported::Since(HashMap::new())) {
+            Reported::Since(stages) => Reports::Stages(stages),
+            Reported::Off | Reported::TooMany => Reports::Any,
+        }
+    }
+
+    /// Stops keeping reports (and forgets those kept).
+    pub fn stop(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Reported::Off;
+    }
+
+    fn add<'a>(&self, stages: impl Iterator<Item = (&'a str, &'a str)>) {
+        let mut reported = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Reported::Since(by_project) = &mut *reported else {
+            return;
+        };
+        for (project, stage) in stages {
+            by_project
+                .entry(project.to_owned())
+                .or_default()
+                .insert(stage.to_owned());
+        }
+        if by_project.values().map(HashSet::len).sum::<usize>() > REPORTED_MOST {
+            *reported = Reported::TooMany;
         }
     }
 }
@@ -46,9 +114,11 @@ impl SyncCommitter {
     /// committed (or with what went wrong).
     pub async fn write(&self, store: Arc<dyn Store>, update: SyncUpdate) -> Answer {
         let reported = self.reported.clone();
+        let reported_stages = self.reported_stages.clone();
         self.batches
             .call(update, move |updates| {
-                let (store, reported) = (store.clone(), reported.clone());
+                let (store, reported, reported_stages) =
+                    (store.clone(), reported.clone(), reported_stages.clone());
                 async move {
                     let reports = updates
                         .iter()
@@ -56,6 +126,14 @@ impl SyncCommitter {
                     match store.record_sync_batch(&updates, chrono::Utc::now()).await {
                         Ok(results) => {
                             if reports {
+                                reported_stages.add(updates.iter().zip(&results).filter_map(
+                                    |(update, result)| match (update, result) {
+                                        (SyncUpdate::Status { project, stage, .. }, Ok(_)) => {
+                                            Some((project.as_str(), stage.as_str()))
+                                        }
+                                        _ => None,
+                                    },
+                                ));
                                 // One permit is kept while nobody waits: a
                                 // report committed during a round wakes the
                                 // next one.
@@ -79,6 +157,39 @@ impl SyncCommitter {
 mod tests {
     use super::*;
     use trellis_store::memory::MemoryStore;
+
+    fn stages(pairs: &[(&str, &str)]) -> Reports {
+        let mut by_project: HashMap<String, HashSet<String>> = HashMap::new();
+        for (project, stage) in pairs {
+            by_project
+                .entry((*project).into())
+                .or_default()
+                .insert((*stage).into());
+        }
+        Reports::Stages(by_project)
+    }
+
+    /// Reports are kept only between two looks: the first look, one after
+    /// a stop and one after too many say any stage may have reported.
+    #[test]
+    fn reported_stages_are_kept_between_looks() {
+        let reported = ReportedStages::default();
+        reported.add([("shop", "a")].into_iter());
+        assert_eq!(reported.take(), Reports::Any, "nothing kept before a look");
+        assert_eq!(reported.take(), stages(&[]));
+        reported.add([("shop", "a"), ("shop", "b"), ("shop", "a"), ("farm", "a")].into_iter());
+        assert_eq!(
+            reported.take(),
+            stages(&[("shop", "a"), ("shop", "b"), ("farm", "a")])
+        );
+        assert_eq!(reported.take(), stages(&[]), "a look empties it");
+        let many: Vec<String> = (0..=REPORTED_MOST).map(|i| format!("s{i}")).collect();
+        reported.add(many.iter().map(|s| ("shop", s.as_str())));
+        assert_eq!(reported.take(), Reports::Any, "too many to keep");
+        reported.stop();
+        reported.add([("shop", "a")].into_iter());
+        assert_eq!(reported.take(), Reports::Any, "nothing kept after a stop");
+    }
 
     /// Writes queued from many tasks at once each get their own answer,
     /// and all of them are in the store when the answers arrive.
