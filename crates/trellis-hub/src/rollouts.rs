@@ -74,6 +74,12 @@ pub struct Counters {
 /// Drives the rollouts every [`TICK`], and when woken by committed status
 /// reports or [`Counters::wake`], until `cancel`.
 pub async fn run(state: AppState, cancel: CancellationToken) {
+    drive(&state, &cancel).await;
+    // Another instance may drive now: keep no reports for this one.
+    state.links().syncs.reported_stages.stop();
+}
+
+async fn drive(state: &AppState, cancel: &CancellationToken) {
     let started = Instant::now();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -97,14 +103,14 @@ pub async fn run(state: AppState, cancel: CancellationToken) {
         // that reported.
         let reports = reported_stages.take();
         let reports = if finished_too { Reports::Any } else { reports };
-        let pushed = match round(&state, settled, finished_too, &mut held, &reports).await {
+        let pushed = match round(state, settled, finished_too, &mut held, &reports).await {
             Ok(pushed) => pushed,
             Err(e) => {
                 tracing::warn!(error = %e, "could not look at the rollouts");
                 false
             }
         };
-        if let Err(e) = crate::agent_update_waves::round(&state, settled).await {
+        if let Err(e) = crate::agent_update_waves::round(state, settled).await {
             tracing::warn!(error = %e, "could not look at the agent updates in waves");
         }
         // A round that pushed a wave took the push's time, which says

@@ -59,7 +59,7 @@ pub(super) async fn sync_batch_in<C: Conn + ?Sized>(
             }
         }
         if !reports.is_empty() {
-            let rows = report_rows(updates, &reports)?;
+            let rows = report_rows(updates, &reports, true)?;
             let Some(mut written) = upsert(c, &report_upsert(dialect), &rows, now).await? else {
                 return Ok(None);
             };
@@ -82,7 +82,7 @@ pub(super) async fn sync_batch_in<C: Conn + ?Sized>(
                 );
             }
             if !moved.is_empty() {
-                move_releases(c, dialect, &report_rows(updates, &moved)?).await?;
+                move_releases(c, dialect, &report_rows(updates, &moved, false)?).await?;
             }
         }
     }
@@ -147,7 +147,9 @@ fn delivered_rows(updates: &[SyncUpdate], indices: &[usize]) -> Result<String> {
     json(&rows)
 }
 
-fn report_rows(updates: &[SyncUpdate], indices: &[usize]) -> Result<String> {
+/// The reports' rows; `with_report`: with the report itself (what the
+/// release update does not need).
+fn report_rows(updates: &[SyncUpdate], indices: &[usize], with_report: bool) -> Result<String> {
     let mut rows = Vec::with_capacity(indices.len());
     for &i in indices {
         if let SyncUpdate::Status {
@@ -158,14 +160,17 @@ fn report_rows(updates: &[SyncUpdate], indices: &[usize]) -> Result<String> {
             report,
         } = &updates[i]
         {
-            rows.push(serde_json::json!({
+            let mut row = serde_json::json!({
                 "project": project,
                 "stage": stage,
                 "applied": int(*applied_revision)?,
                 "failed": failed_revision.map(int).transpose()?,
+            });
+            if with_report {
                 // The column holds the report's JSON text.
-                "report": json(report)?,
-            }));
+                row["report"] = json(report)?.into();
+            }
+            rows.push(row);
         }
     }
     json(&rows)
