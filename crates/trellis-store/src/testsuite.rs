@@ -2797,35 +2797,11 @@ pub async fn stage_sync_batch_means_one_at_a_time(store: &dyn Store) {
         assert_eq!(results.len(), updates.len());
         batched.extend(results.into_iter().map(|r| answer("batched", r)));
         for step in chunk {
-            let result = match update("alone", step) {
-                SyncUpdate::Delivered {
-                    project,
-                    stage,
-                    revision,
-                } => {
-                    store
-                        .record_delivered(&project, &stage, revision, now)
-                        .await
-                }
-                SyncUpdate::Status {
-                    project,
-                    stage,
-                    applied_revision,
-                    failed_revision,
-                    report,
-                } => {
-                    store
-                        .record_status(
-                            &project,
-                            &stage,
-                            applied_revision,
-                            failed_revision,
-                            &report,
-                            now,
-                        )
-                        .await
-                }
-            };
+            let one = [update("alone", step)];
+            let mut result = crate::one_by_one::record_sync_batch(store, &one, now)
+                .await
+                .unwrap();
+            let result = result.remove(0);
             alone.push(answer("alone", result));
         }
         for i in 0..STAGES {

@@ -3877,7 +3877,6 @@ async fn status_in<C: Conn + ?Sized>(
 ) -> Result<StageSync> {
     const DOING: &str = "recording a stage's status";
     let applied = int(status.applied_revision)?;
-    let failed = status.failed_revision.map(int).transpose()?;
     let report_text = json(status.report)?;
     savepoint(c, dialect, "SAVEPOINT sync_write", DOING).await?;
     // A report older than the one already recorded (arriving late) changes
@@ -3916,44 +3915,14 @@ async fn status_in<C: Conn + ?Sized>(
         Err(e) => return Err(sync_write_error(c, dialect, project, stage, e, DOING).await),
     };
 
-    // The release the stage runs at the applied revision (`running`) is the
-    // newest one at or below it: revisions that carry no release (suspend,
-    // resume, component start/stop/restart) keep it running; nothing
-    // running (revision 0) moves no release. It becomes `applied`, older
-    // `applied` ones `replaced`, older `pending` ones `superseded` (they
-    // never ran) — unless the report is a failure ($5): the agent runs
-    // what it restored or kept, which a report before made `applied`, so a
-    // failure promotes and replaces nothing. (A failure about an older
-    // revision can arrive after a newer one was delivered, naming the newer
-    // as failed: its applied revision is then the one rolled back from,
-    // and taking it for running marked a refused release applied.) The
-    // failed revision's release ($4) is `failed` whatever else holds.
-    let applied_failed = failed.is_some();
-    q("UPDATE releases SET state = CASE \
-             WHEN revision = $4 THEN $6 \
-             WHEN revision = r.running THEN $7 \
-             WHEN state = $7 THEN $8 \
-             ELSE $9 END \
-         FROM (SELECT MAX(revision) AS running FROM releases \
-               WHERE project = $1 AND stage = $2 AND revision <= $3) AS r \
-         WHERE releases.project = $1 AND releases.stage = $2 AND ( \
-             revision = $4 \
-             OR (NOT $5 AND revision = r.running) \
-             OR (NOT $5 AND revision < r.running AND state = $7) \
-             OR (revision < r.running AND state = $10))")
-    .bind(project)
-    .bind(stage)
-    .bind(applied)
-    .bind(failed)
-    .bind(applied_failed)
-    .bind(ReleaseState::Failed.as_str())
-    .bind(ReleaseState::Applied.as_str())
-    .bind(ReleaseState::Replaced.as_str())
-    .bind(ReleaseState::Superseded.as_str())
-    .bind(ReleaseState::Pending.as_str())
-    .execute(&mut *c)
-    .await
-    .map_err(backend(DOING))?;
+    // The release states follow, by the rule a batch of reports uses.
+    let row = sync_batch::release_row(
+        project,
+        stage,
+        status.applied_revision,
+        status.failed_revision,
+    )?;
+    sync_batch::move_releases(c, dialect, &json(&[row])?).await?;
     Ok(sync)
 }
 

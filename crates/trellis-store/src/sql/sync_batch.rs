@@ -160,12 +160,7 @@ fn report_rows(updates: &[SyncUpdate], indices: &[usize], with_report: bool) -> 
             report,
         } = &updates[i]
         {
-            let mut row = serde_json::json!({
-                "project": project,
-                "stage": stage,
-                "applied": int(*applied_revision)?,
-                "failed": failed_revision.map(int).transpose()?,
-            });
+            let mut row = release_row(project, stage, *applied_revision, *failed_revision)?;
             if with_report {
                 // The column holds the report's JSON text.
                 row["report"] = json(report)?.into();
@@ -174,6 +169,21 @@ fn report_rows(updates: &[SyncUpdate], indices: &[usize], with_report: bool) -> 
         }
     }
     json(&rows)
+}
+
+/// A report's row for [`move_releases`].
+pub(super) fn release_row(
+    project: &str,
+    stage: &str,
+    applied: u64,
+    failed: Option<u64>,
+) -> Result<serde_json::Value> {
+    Ok(serde_json::json!({
+        "project": project,
+        "stage": stage,
+        "applied": int(applied)?,
+        "failed": failed.map(int).transpose()?,
+    }))
 }
 
 /// `SELECT … FROM` the rows of the JSON array in `$1`, with `fields` read
@@ -263,12 +273,27 @@ async fn upsert<C: Conn + ?Sized>(
     Ok(Some(by_stage))
 }
 
-/// The release states that the written reports `rows` move, as
-/// [`super::status_in`] moves them for one report (see there for why):
-/// the release running at the applied revision becomes `applied`, older
-/// `applied` ones `replaced` and older `pending` ones `superseded`, unless
-/// the report is a failure; the failed revision's release becomes `failed`.
-async fn move_releases<C: Conn + ?Sized>(c: &mut C, dialect: &Dialect, rows: &str) -> Result<()> {
+/// Moves the release states of the stages whose reports `rows` were
+/// written ([`release_row`]s in a JSON array): for a report alone
+/// ([`super::status_in`]) and for a batch alike.
+///
+/// The release a stage runs at the applied revision (`running`) is the
+/// newest one at or below it: revisions that carry no release (suspend,
+/// resume, component start/stop/restart) keep it running; nothing running
+/// (revision 0) moves no release. It becomes `applied`, older `applied`
+/// ones `replaced`, older `pending` ones `superseded` (they never ran) —
+/// unless the report is a failure: the agent runs what it restored or kept,
+/// which a report before made `applied`, so a failure promotes and
+/// replaces nothing. (A failure about an older revision can arrive after a
+/// newer one was delivered, naming the newer as failed: its applied
+/// revision is then the one rolled back from, and taking it for running
+/// marked a refused release applied.) The failed revision's release is
+/// `failed` whatever else holds.
+pub(super) async fn move_releases<C: Conn + ?Sized>(
+    c: &mut C,
+    dialect: &Dialect,
+    rows: &str,
+) -> Result<()> {
     // `running` is worked out once per report (materialised): left to
     // the planner, SQLite inlined it into every condition that names it,
     // once per release row, which made the statement quadratic in a
