@@ -337,7 +337,6 @@ impl Backend for PgBackend {
         json_rows: "json_array_elements(CAST({} AS json))",
         json_field: "(CAST({} AS json) ->> '{f}')",
         // A failed statement aborts PostgreSQL's transaction.
-        savepoints: true,
     };
 
     async fn write(&self) -> Result<Self::Tx, sqlx::Error> {

@@ -137,7 +137,6 @@ impl Backend for SqliteBackend {
         json_rows: "json_each({})",
         json_field: "json_extract({}, '$.{f}')",
         // A failed statement leaves SQLite's transaction usable.
-        savepoints: false,
     };
 
     async fn write(&self) -> Result<Self::Tx, sqlx::Error> {

@@ -13,14 +13,13 @@
 //! ([`Backend::write`] must give one writer at a time — SQLite's single
 //! writer connection, PostgreSQL's transaction-scoped advisory lock — since
 //! the check-then-act rules below are written for serial writes;
-//! [`Backend::read`] a consistent snapshot) and whether a failed statement
-//! spoils its transaction (PostgreSQL's does: [`Dialect::savepoints`]).
+//! [`Backend::read`] a consistent snapshot).
 //!
 //! # Layout
 //! - `conn.rs`: statements, connections and rows as the code here sees
 //!   them, implemented by each backend without sqlx's generic bounds.
-//! - `sync_batch.rs`: the group commit of agents' acknowledgements as a
-//!   few set-based statements per batch.
+//! - `sync_batch.rs`: the sync writes (what agents acknowledge), a lone
+//!   one or a group commit's batch, as a few set-based statements.
 
 pub mod conn;
 
@@ -64,9 +63,6 @@ pub struct Dialect {
     /// Text field `{field}` of JSON text column `{col}`; `{}` is replaced by
     /// the column, `{f}` by the field name.
     pub json_field: &'static str,
-    /// A failed statement spoils the transaction it ran in, so statements
-    /// that may fail for an expected reason run in a savepoint.
-    pub savepoints: bool,
 }
 
 impl Dialect {
@@ -194,6 +190,24 @@ impl<B: Backend> SqlStore<B> {
 
     async fn commit(&self, tx: B::Tx, doing: &'static str) -> Result<()> {
         B::commit(tx).await.map_err(backend(doing))
+    }
+
+    /// One sync write: a batch of one, so that a lone write and the group
+    /// commit's batches run the same statements.
+    async fn record_one_sync(
+        &self,
+        update: SyncUpdate,
+        now: Timestamp,
+        doing: &'static str,
+    ) -> Result<StageSync> {
+        let mut tx = self.write().await?;
+        let answer = sync_batch::sync_batch_in(&mut *tx, &B::DIALECT, &[update], now)
+            .await?
+            .pop()
+            .ok_or_else(|| corrupt("a sync write got no answer".into()))?;
+        let sync = answer?;
+        self.commit(tx, doing).await?;
+        Ok(sync)
     }
 
     /// The project's stages (`which`; only those in `names` if given),
@@ -3628,10 +3642,13 @@ impl<B: Backend> Store for SqlStore<B> {
         revision: u64,
         now: Timestamp,
     ) -> Result<StageSync> {
-        let mut tx = self.write().await?;
-        let sync = delivered_in(&mut *tx, &B::DIALECT, project, stage, revision, now).await?;
-        self.commit(tx, "recording a delivery").await?;
-        Ok(sync)
+        let update = SyncUpdate::Delivered {
+            project: project.to_owned(),
+            stage: stage.to_owned(),
+            revision,
+        };
+        self.record_one_sync(update, now, "recording a delivery")
+            .await
     }
 
     async fn record_status(
@@ -3643,15 +3660,15 @@ impl<B: Backend> Store for SqlStore<B> {
         report: &serde_json::Value,
         now: Timestamp,
     ) -> Result<StageSync> {
-        let mut tx = self.write().await?;
-        let status = Status {
+        let update = SyncUpdate::Status {
+            project: project.to_owned(),
+            stage: stage.to_owned(),
             applied_revision,
             failed_revision,
-            report,
+            report: report.clone(),
         };
-        let sync = status_in(&mut *tx, &B::DIALECT, project, stage, &status, now).await?;
-        self.commit(tx, "recording a stage's status").await?;
-        Ok(sync)
+        self.record_one_sync(update, now, "recording a stage's status")
+            .await
     }
 
     async fn record_sync_batch(
@@ -3660,17 +3677,7 @@ impl<B: Backend> Store for SqlStore<B> {
         now: Timestamp,
     ) -> Result<Vec<Result<StageSync>>> {
         let mut tx = self.write().await?;
-        let answers = match sync_batch::sync_batch_in(&mut *tx, &B::DIALECT, updates, now).await? {
-            Some(answers) => answers,
-            None => {
-                // A set-based statement failed on a stage's foreign key,
-                // for every stage in it (see `sync_batch`). One at a time,
-                // only that stage's updates fail.
-                drop(tx);
-                tx = self.write().await?;
-                sync_one_by_one_in(&mut *tx, &B::DIALECT, updates, now).await?
-            }
-        };
+        let answers = sync_batch::sync_batch_in(&mut *tx, &B::DIALECT, updates, now).await?;
         self.commit(tx, "recording stages' sync").await?;
         Ok(answers)
     }
@@ -3735,195 +3742,6 @@ impl<B: Backend> Store for SqlStore<B> {
     async fn cluster_secret(&self, name: &str, offer: &str) -> Result<String> {
         self.backend.cluster_secret(name, offer).await
     }
-}
-
-/// [`Store::record_sync_batch`] one update at a time in the open write
-/// transaction `c`, each in a savepoint where the dialect needs one: an
-/// update whose stage is gone fails alone.
-async fn sync_one_by_one_in<C: Conn + ?Sized>(
-    c: &mut C,
-    dialect: &Dialect,
-    updates: &[SyncUpdate],
-    now: Timestamp,
-) -> Result<Vec<Result<StageSync>>> {
-    let mut answers = Vec::with_capacity(updates.len());
-    for update in updates {
-        let answer = match update {
-            SyncUpdate::Delivered {
-                project,
-                stage,
-                revision,
-            } => delivered_in(&mut *c, dialect, project, stage, *revision, now).await,
-            SyncUpdate::Status {
-                project,
-                stage,
-                applied_revision,
-                failed_revision,
-                report,
-            } => {
-                let status = Status {
-                    applied_revision: *applied_revision,
-                    failed_revision: *failed_revision,
-                    report,
-                };
-                status_in(&mut *c, dialect, project, stage, &status, now).await
-            }
-        };
-        match answer {
-            // The update's stage is gone: it wrote nothing, and the
-            // others still count.
-            Err(e @ StoreError::NotFound { .. }) => answers.push(Err(e)),
-            // The database failed: nothing of the batch is kept.
-            Err(e) => return Err(e),
-            Ok(sync) => answers.push(Ok(sync)),
-        }
-    }
-    Ok(answers)
-}
-
-/// [`Store::record_delivered`] in the open write transaction `c`.
-async fn delivered_in<C: Conn + ?Sized>(
-    c: &mut C,
-    dialect: &Dialect,
-    project: &str,
-    stage: &str,
-    revision: u64,
-    now: Timestamp,
-) -> Result<StageSync> {
-    const DOING: &str = "recording a delivery";
-    let revision = int(revision)?;
-    savepoint(c, dialect, "SAVEPOINT sync_write", DOING).await?;
-    // One statement: the maximum is taken in it, so it holds whatever else
-    // writes the row concurrently, and a stage that is gone fails its
-    // foreign key.
-    let row = q(concat!(
-        "INSERT INTO stage_syncs (",
-        sync_columns!(),
-        ") VALUES ($1, $2, $3, 0, NULL, $4) \
-         ON CONFLICT (project, stage) DO UPDATE SET \
-         delivered_revision = CASE \
-             WHEN excluded.delivered_revision > stage_syncs.delivered_revision \
-             THEN excluded.delivered_revision ELSE stage_syncs.delivered_revision END, \
-         updated_at = excluded.updated_at \
-         RETURNING ",
-        sync_columns!()
-    ))
-    .bind(project)
-    .bind(stage)
-    .bind(revision)
-    .bind(millis(now))
-    .fetch_one(&mut *c)
-    .await;
-    match row {
-        Ok(row) => {
-            savepoint(c, dialect, "RELEASE SAVEPOINT sync_write", DOING).await?;
-            sync_from(&row)
-        }
-        Err(e) => Err(sync_write_error(c, dialect, project, stage, e, DOING).await),
-    }
-}
-
-/// Runs a savepoint statement where the dialect needs savepoints.
-async fn savepoint<C: Conn + ?Sized>(
-    c: &mut C,
-    dialect: &Dialect,
-    statement: &'static str,
-    doing: &'static str,
-) -> Result<()> {
-    if dialect.savepoints {
-        q(statement).execute(c).await.map_err(backend(doing))?;
-    }
-    Ok(())
-}
-
-/// A sync write that failed: `NotFound` when it failed because the stage
-/// (or its project) is gone, else the database's error.
-async fn sync_write_error<C: Conn + ?Sized>(
-    c: &mut C,
-    dialect: &Dialect,
-    project: &str,
-    stage: &str,
-    error: sqlx::Error,
-    doing: &'static str,
-) -> StoreError {
-    // Where a failed statement spoils the transaction, go back to before
-    // it, so the stage can be looked up and the batch's other writes kept.
-    if let Err(e) = savepoint(c, dialect, "ROLLBACK TO SAVEPOINT sync_write", doing).await {
-        return e;
-    }
-    let gone = matches!(&error, sqlx::Error::Database(db) if db.is_foreign_key_violation());
-    if gone && let Err(not_found) = require_stage(c, project, stage).await {
-        return not_found;
-    }
-    backend(doing)(error)
-}
-
-/// What [`Store::record_status`] records.
-struct Status<'a> {
-    applied_revision: u64,
-    failed_revision: Option<u64>,
-    report: &'a serde_json::Value,
-}
-
-/// [`Store::record_status`] in the open write transaction `c`: two
-/// statements, one for the sync record and one for the release states.
-async fn status_in<C: Conn + ?Sized>(
-    c: &mut C,
-    dialect: &Dialect,
-    project: &str,
-    stage: &str,
-    status: &Status<'_>,
-    now: Timestamp,
-) -> Result<StageSync> {
-    const DOING: &str = "recording a stage's status";
-    let applied = int(status.applied_revision)?;
-    let report_text = json(status.report)?;
-    savepoint(c, dialect, "SAVEPOINT sync_write", DOING).await?;
-    // A report older than the one already recorded (arriving late) changes
-    // nothing: the update's condition leaves the row, and no row comes back.
-    let written = q(concat!(
-        "INSERT INTO stage_syncs (",
-        sync_columns!(),
-        ") VALUES ($1, $2, 0, $3, $4, $5) \
-         ON CONFLICT (project, stage) DO UPDATE SET \
-         applied_revision = excluded.applied_revision, report = excluded.report, \
-         updated_at = excluded.updated_at \
-         WHERE excluded.applied_revision >= stage_syncs.applied_revision \
-         RETURNING ",
-        sync_columns!()
-    ))
-    .bind(project)
-    .bind(stage)
-    .bind(applied)
-    .bind(&report_text)
-    .bind(millis(now))
-    .fetch_optional(&mut *c)
-    .await;
-    if written.is_ok() {
-        savepoint(c, dialect, "RELEASE SAVEPOINT sync_write", DOING).await?;
-    }
-    let sync = match written {
-        Ok(Some(row)) => sync_from(&row)?,
-        Ok(None) => {
-            return fetch_sync(&mut *c, project, stage).await?.ok_or_else(|| {
-                corrupt(format!(
-                    "no sync record for {} though a write met one",
-                    wording::stage(project, stage)
-                ))
-            });
-        }
-        Err(e) => return Err(sync_write_error(c, dialect, project, stage, e, DOING).await),
-    };
-
-    // The release states follow, by the rule a batch of reports uses.
-    let row = sync_batch::release_row(
-        project,
-        stage,
-        status.applied_revision,
-        status.failed_revision,
-    )?;
-    sync_batch::move_releases(c, dialect, &json(&[row])?).await?;
-    Ok(sync)
 }
 
 /// What a timestamp reads back as: the database keeps milliseconds.

@@ -1,5 +1,6 @@
-//! [`Store::record_sync_batch`](crate::Store::record_sync_batch) as a few
-//! set-based statements, whatever the batch's size.
+//! The sync writes — [`Store::record_sync_batch`](crate::Store::record_sync_batch),
+//! and a lone delivery or report as a batch of one — as a few set-based
+//! statements, whatever the batch's size.
 //!
 //! Written one at a time, a batch of 1,000 status reports was 2,000
 //! statements under the write lock: about 0.1 s on SQLite, during which
@@ -26,18 +27,15 @@ use crate::{Result, StoreError, SyncUpdate, wording};
 
 const DOING: &str = "recording stages' sync";
 
-/// Each update's answer, in order. A statement leaves out the stages that
-/// are gone, which then fail alone; writers are serial, so none can go
-/// between that check and the write. Should a statement still fail on a
-/// stage's foreign key, it failed for every stage in it and spoiled the
-/// transaction: `None`, and the caller rolls back and writes the batch one
-/// update at a time, where only that stage's updates fail.
+/// Each update's answer, in order: `NotFound` for one whose stage (or
+/// project) is gone — the statements leave such stages out, and writers
+/// are serial, so none can go between that check and the write.
 pub(super) async fn sync_batch_in<C: Conn + ?Sized>(
     c: &mut C,
     dialect: &Dialect,
     updates: &[SyncUpdate],
     now: Timestamp,
-) -> Result<Option<Vec<Result<StageSync>>>> {
+) -> Result<Vec<Result<StageSync>>> {
     let mut answers: Vec<Option<Result<StageSync>>> = updates.iter().map(|_| None).collect();
     for layer in layers(updates) {
         let (delivered, reports): (Vec<usize>, Vec<usize>) = layer
@@ -45,9 +43,7 @@ pub(super) async fn sync_batch_in<C: Conn + ?Sized>(
             .partition(|&i| matches!(updates[i], SyncUpdate::Delivered { .. }));
         if !delivered.is_empty() {
             let rows = delivered_rows(updates, &delivered)?;
-            let Some(mut written) = upsert(c, &delivered_upsert(dialect), &rows, now).await? else {
-                return Ok(None);
-            };
+            let mut written = upsert(c, &delivered_upsert(dialect), &rows, now).await?;
             for &i in &delivered {
                 let (project, stage) = key(&updates[i]);
                 answers[i] = Some(
@@ -60,9 +56,7 @@ pub(super) async fn sync_batch_in<C: Conn + ?Sized>(
         }
         if !reports.is_empty() {
             let rows = report_rows(updates, &reports, true)?;
-            let Some(mut written) = upsert(c, &report_upsert(dialect), &rows, now).await? else {
-                return Ok(None);
-            };
+            let mut written = upsert(c, &report_upsert(dialect), &rows, now).await?;
             let mut moved = Vec::with_capacity(written.len());
             for &i in &reports {
                 let (project, stage) = key(&updates[i]);
@@ -89,8 +83,7 @@ pub(super) async fn sync_batch_in<C: Conn + ?Sized>(
     answers
         .into_iter()
         .map(|answer| answer.ok_or_else(|| corrupt("a batched sync update got no answer".into())))
-        .collect::<Result<Vec<_>>>()
-        .map(Some)
+        .collect()
 }
 
 fn key(update: &SyncUpdate) -> (&str, &str) {
@@ -172,7 +165,7 @@ fn report_rows(updates: &[SyncUpdate], indices: &[usize], with_report: bool) -> 
 }
 
 /// A report's row for [`move_releases`].
-pub(super) fn release_row(
+fn release_row(
     project: &str,
     stage: &str,
     applied: u64,
@@ -204,8 +197,9 @@ fn rows_of(dialect: &Dialect, fields: &[&str]) -> String {
 }
 
 /// Each row's sync record: inserted, or moved to the larger delivered
-/// revision (as [`super::delivered_in`]). Stages that are gone are left
-/// out, so they fail only their own updates.
+/// revision (in the statement, so it holds whatever order deliveries are
+/// acknowledged in). Stages that are gone are left out, so they fail only
+/// their own updates.
 fn delivered_upsert(dialect: &Dialect) -> String {
     format!(
         concat!(
@@ -226,8 +220,8 @@ fn delivered_upsert(dialect: &Dialect) -> String {
     )
 }
 
-/// Each row's report, unless the record holds a newer one (as
-/// [`super::status_in`]): only the rows written come back.
+/// Each row's report, unless the record holds a newer one (a report that
+/// arrives late changes nothing): only the rows written come back.
 fn report_upsert(dialect: &Dialect) -> String {
     format!(
         concat!(
@@ -247,35 +241,29 @@ fn report_upsert(dialect: &Dialect) -> String {
     )
 }
 
-/// Runs an upsert of `rows` at `now`; the records it wrote by stage, or
-/// `None` if it failed on a stage's foreign key.
+/// Runs an upsert of `rows` at `now`; the records it wrote, by stage.
 async fn upsert<C: Conn + ?Sized>(
     c: &mut C,
     statement: &str,
     rows: &str,
     now: Timestamp,
-) -> Result<Option<HashMap<(String, String), StageSync>>> {
-    let written = match q(statement)
+) -> Result<HashMap<(String, String), StageSync>> {
+    let written = q(statement)
         .bind(rows)
         .bind(millis(now))
         .fetch_all(&mut *c)
         .await
-    {
-        Ok(written) => written,
-        Err(sqlx::Error::Database(e)) if e.is_foreign_key_violation() => return Ok(None),
-        Err(e) => return Err(backend(DOING)(e)),
-    };
+        .map_err(backend(DOING))?;
     let mut by_stage = HashMap::with_capacity(written.len());
     for row in &written {
         let sync = sync_from(row)?;
         by_stage.insert((sync.project.clone(), sync.stage.clone()), sync);
     }
-    Ok(Some(by_stage))
+    Ok(by_stage)
 }
 
 /// Moves the release states of the stages whose reports `rows` were
-/// written ([`release_row`]s in a JSON array): for a report alone
-/// ([`super::status_in`]) and for a batch alike.
+/// written ([`release_row`]s in a JSON array).
 ///
 /// The release a stage runs at the applied revision (`running`) is the
 /// newest one at or below it: revisions that carry no release (suspend,
@@ -289,11 +277,7 @@ async fn upsert<C: Conn + ?Sized>(
 /// revision is then the one rolled back from, and taking it for running
 /// marked a refused release applied.) The failed revision's release is
 /// `failed` whatever else holds.
-pub(super) async fn move_releases<C: Conn + ?Sized>(
-    c: &mut C,
-    dialect: &Dialect,
-    rows: &str,
-) -> Result<()> {
+async fn move_releases<C: Conn + ?Sized>(c: &mut C, dialect: &Dialect, rows: &str) -> Result<()> {
     // `running` is worked out once per report (materialised): left to
     // the planner, SQLite inlined it into every condition that names it,
     // once per release row, which made the statement quadratic in a
