@@ -12,7 +12,9 @@
 //!     and they apply the release once their agents link again;
 //! (c) the hub is killed with SIGKILL while wave 3 is out and started
 //!     again: the rollout carries on from wave 3 (no stage gets the release
-//!     twice) and completes;
+//!     twice) and completes, with an outpost of wave 4 offline: carried
+//!     along, it applies the release after the rollout completed, and the
+//!     completed rollout's record says so;
 //! then a third rollout over a subset (`site=hamburg`) is aborted after its
 //! first wave with `--rollback`: those stages run the build before again,
 //! the second wave's never got the new one.
@@ -529,6 +531,34 @@ fn a_fleet_rolls_out_in_waves_halts_carries_offline_outposts_and_survives_sigkil
             assert_eq!(was["release"], now["release"], "{now}");
         }
     }
+    // One outpost of wave 4 is offline when it starts: carried along, it
+    // catches up after the rollout completed, and the rollout's record
+    // says so (the driver follows a finished rollout's late stages).
+    let (late_stage, late_outpost) = after["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["wave"] == 3)
+        .map(|s| {
+            (
+                s["stage"].as_str().unwrap().to_owned(),
+                s["outpost"].as_str().unwrap().to_owned(),
+            )
+        })
+        .unwrap();
+    fleet.agents.remove(&late_outpost).unwrap().kill9();
+    wait_until(
+        "the late outpost is offline",
+        Duration::from_secs(60),
+        || {
+            let status = cli.json(&["status", "stage", "-p", "fleet"]);
+            status
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["stage"] == late_stage.as_str() && s["connected"] == false)
+        },
+    );
     cli.ok(&["resume", "rollout", &second.to_string()]);
     let done = fleet.rollout_until(
         second,
@@ -536,6 +566,29 @@ fn a_fleet_rolls_out_in_waves_halts_carries_offline_outposts_and_survives_sigkil
         Duration::from_secs(240),
         |r| r["state"] == "completed",
     );
+    let late = |r: &Value| {
+        r["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == late_stage.as_str())
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(late(&done)["carried"], true, "{}", late(&done));
+    assert_eq!(late(&done)["state"], "pushed", "{}", late(&done));
+    let dir = fleet.agent_dir(&late_outpost);
+    fleet.agents.insert(
+        late_outpost.clone(),
+        AgentProcess::run_with(&dir, &agent_args()),
+    );
+    let caught_up = fleet.rollout_until(
+        second,
+        "the late stage's apply is recorded in the completed rollout",
+        Duration::from_secs(180),
+        |r| late(r)["state"] == "applied",
+    );
+    assert_eq!(caught_up["state"], "completed");
     assert!(
         done["waves"]
             .as_array()

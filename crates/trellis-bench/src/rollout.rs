@@ -79,13 +79,20 @@ pub async fn rollout(common: Common, s: RolloutSettings) -> anyhow::Result<()> {
     // Per wave: seconds of each round's plain fan-out and rollout wave.
     let mut plain: Vec<Vec<f64>> = vec![Vec::new(); waves];
     let mut rolled: Vec<Vec<f64>> = vec![Vec::new(); waves];
+    // Per wave, per round: (start → first stage applied, start → last
+    // applied) of the plain fan-out and of the rollout's wave, and the
+    // rollout's last applied → verdict: where a wave's overhead lies.
+    let mut plain_spans: Vec<Vec<(f64, f64)>> = vec![Vec::new(); waves];
+    let mut rolled_spans: Vec<Vec<(f64, f64)>> = vec![Vec::new(); waves];
+    let mut judged: Vec<Vec<f64>> = vec![Vec::new(); waves];
     let mut totals = Vec::new();
     let mut gaps = Vec::new();
     for round in 0..s.rounds.max(1) {
         let rollout_first = round % 2 == 1;
         if rollout_first {
-            let run = run_rollout(&hub, &build, &s).await?;
+            let run = run_rollout(&hub, &build, &s, &members).await?;
             record_rollout(&run, &mut rolled, &mut totals, &mut gaps);
+            record_spans(&run, &mut rolled_spans, &mut judged);
         }
         for (w, names) in members.iter().enumerate() {
             eprintln!(
@@ -104,11 +111,15 @@ pub async fn rollout(common: Common, s: RolloutSettings) -> anyhow::Result<()> {
                     names.len()
                 );
             }
-            plain[w].push(run.applied_at.values().copied().fold(0.0, f64::max));
+            let last = run.applied_at.values().copied().fold(0.0, f64::max);
+            let first = run.applied_at.values().copied().fold(f64::MAX, f64::min);
+            plain[w].push(last);
+            plain_spans[w].push((first, last));
         }
         if !rollout_first {
-            let run = run_rollout(&hub, &build, &s).await?;
+            let run = run_rollout(&hub, &build, &s, &members).await?;
             record_rollout(&run, &mut rolled, &mut totals, &mut gaps);
+            record_spans(&run, &mut rolled_spans, &mut judged);
         }
     }
     workers.stop();
@@ -140,6 +151,29 @@ pub async fn rollout(common: Common, s: RolloutSettings) -> anyhow::Result<()> {
             r / p.max(1e-6),
             "×",
             GOAL_RATIO,
+        );
+        let first =
+            |spans: &[(f64, f64)]| crate::setup::median(spans.iter().map(|s| s.0).collect());
+        let last = |spans: &[(f64, f64)]| crate::setup::median(spans.iter().map(|s| s.1).collect());
+        report.add(
+            format!("wave {}: first stage applied, plain fan-out", w + 1),
+            first(&plain_spans[w]),
+            "s",
+        );
+        report.add(
+            format!("wave {}: first stage applied, rollout wave", w + 1),
+            first(&rolled_spans[w]),
+            "s",
+        );
+        report.add(
+            format!("wave {}: last stage applied, rollout", w + 1),
+            last(&rolled_spans[w]),
+            "s",
+        );
+        report.add(
+            format!("wave {}: rollout, last stage applied → verdict", w + 1),
+            crate::setup::median(judged[w].clone()),
+            "s",
         );
     }
     report.add(
@@ -197,6 +231,9 @@ fn rollout_request(build: &str, s: &RolloutSettings, dry_run: bool) -> Value {
 struct RolloutRun {
     /// Each wave's start → verdict, in seconds.
     waves: Vec<f64>,
+    /// Each wave's start → its first and its last stage applied (the hub's
+    /// record of the report), in seconds.
+    spans: Vec<(f64, f64)>,
     /// Created → completed, seen by polling.
     total: f64,
     /// Each wave's verdict → the next wave's start.
@@ -216,12 +253,20 @@ fn record_rollout(
     gaps.extend(&run.gaps);
 }
 
+fn record_spans(run: &RolloutRun, spans: &mut [Vec<(f64, f64)>], judged: &mut [Vec<f64>]) {
+    for (w, (span, secs)) in run.spans.iter().zip(&run.waves).enumerate() {
+        spans[w].push(*span);
+        judged[w].push(secs - span.1);
+    }
+}
+
 /// Creates a rollout of `build` over every stage and waits until it
 /// completed (at most 10 min); fails if it halted.
 async fn run_rollout(
     hub: &HubChild,
     build: &str,
     s: &RolloutSettings,
+    members: &[Vec<String>],
 ) -> anyhow::Result<RolloutRun> {
     eprintln!("rollout in waves {}", s.waves);
     let started = Instant::now();
@@ -270,19 +315,56 @@ async fn run_rollout(
             .context("a wave's time")?
             .parse::<DateTime<Utc>>()?)
     };
+    // When the hub heard each stage apply (nothing has been pushed to
+    // them since).
+    let rows = hub
+        .api(
+            reqwest::Method::GET,
+            &format!("/projects/{FANOUT_PROJECT}/outpost-status"),
+            None,
+        )
+        .await?;
+    let mut heard = std::collections::HashMap::new();
+    for row in rows.as_array().context("a list of stages")? {
+        if let (Some(stage), Ok(at)) = (row["stage"].as_str(), time(&row["updated_at"])) {
+            heard.insert(stage.to_owned(), at);
+        }
+    }
     let mut waves = Vec::new();
+    let mut spans = Vec::new();
     let mut gaps = Vec::new();
     let mut last_end: Option<DateTime<Utc>> = None;
-    for wave in record["waves"].as_array().context("the rollout's waves")? {
+    for (w, wave) in record["waves"]
+        .as_array()
+        .context("the rollout's waves")?
+        .iter()
+        .enumerate()
+    {
         let start = time(&wave["started_at"])?;
         let end = time(&wave["finished_at"])?;
         waves.push(seconds(end - start));
+        let applied: Vec<f64> = members
+            .get(w)
+            .into_iter()
+            .flatten()
+            .filter_map(|stage| heard.get(stage))
+            .map(|at| seconds(*at - start))
+            .collect();
+        spans.push((
+            applied.iter().copied().fold(f64::MAX, f64::min),
+            applied.iter().copied().fold(0.0, f64::max),
+        ));
         if let Some(prev) = last_end {
             gaps.push(seconds(start - prev));
         }
         last_end = Some(end);
     }
-    Ok(RolloutRun { waves, total, gaps })
+    Ok(RolloutRun {
+        waves,
+        spans,
+        total,
+        gaps,
+    })
 }
 
 fn seconds(d: chrono::Duration) -> f64 {

@@ -113,11 +113,11 @@ async fn drive(state: &AppState, cancel: &CancellationToken) {
         if let Err(e) = crate::agent_update_waves::round(state, settled).await {
             tracing::warn!(error = %e, "could not look at the agent updates in waves");
         }
-        // A round that pushed a wave took the push's time, which says
-        // nothing about what judging it will cost: spaced by it, the
-        // first verdict on a small wave came up to 100 ms after its last
-        // report (BENCHMARKS.md, rollout).
-        let cost = if pushed {
+        // A round that pushed a wave took the push's time, and a tick read
+        // every stage on its way: neither says what the next woken round
+        // will cost. Spaced by them, a wave's verdict came up to 100 ms
+        // after its last report (BENCHMARKS.md, rollout).
+        let cost = if pushed || finished_too {
             Duration::ZERO
         } else {
             began.elapsed()
@@ -130,13 +130,21 @@ async fn drive(state: &AppState, cancel: &CancellationToken) {
     }
 }
 
-/// The active rollouts as the driver left them, by id. The record of a
-/// large rollout holds 10,000 stages: one whose stored version has not
+/// The rollouts the driver follows, as it left them, by id. The record of
+/// a large rollout holds 10,000 stages: one whose stored version has not
 /// moved since the driver's last round is not read again, and what a round
 /// only observed (more stages applied) is saved at most once a [`TICK`]
 /// (lost with the hub, it is observed again from the stages' records).
+/// A rollout that ended is followed for [`FOLLOW_FINISHED`] while stages
+/// of it are still on their way; once none is, only its version is kept,
+/// and it is not read again unless that moves (before, every tick of that
+/// hour read every such rollout whole).
 #[derive(Default)]
-struct Held(HashMap<u64, HeldRollout>);
+struct Held {
+    rollouts: HashMap<u64, HeldRollout>,
+    /// Ended, no stage on its way: id → version.
+    done: HashMap<u64, u64>,
+}
 
 struct HeldRollout {
     /// As stored, plus what rounds observed since if `unsaved`.
@@ -174,15 +182,23 @@ async fn round(
 ) -> Result<bool, StoreError> {
     // The records without their stages: each with its version.
     let listed = state.store().list_rollouts(None).await?;
-    held.0
-        .retain(|id, _| listed.iter().any(|r| r.id == *id && r.state.is_active()));
+    let followed = |r: &Rollout| {
+        r.state.is_active()
+            || r.finished_at
+                .is_some_and(|at| Utc::now() - at < FOLLOW_FINISHED)
+    };
+    let kept: HashMap<u64, u64> = listed
+        .iter()
+        .filter(|r| followed(r))
+        .map(|r| (r.id, r.version))
+        .collect();
+    held.rollouts.retain(|id, _| kept.contains_key(id));
+    held.done
+        .retain(|id, version| kept.get(id) == Some(version));
     let active: Vec<(u64, u64)> = listed
         .into_iter()
         .filter(|r| {
-            r.state.is_active()
-                || (finished_too
-                    && r.finished_at
-                        .is_some_and(|at| Utc::now() - at < FOLLOW_FINISHED))
+            (r.state.is_active() || (finished_too && followed(r))) && !held.done.contains_key(&r.id)
         })
         .map(|r| (r.id, r.version))
         .collect();
@@ -193,7 +209,7 @@ async fn round(
     let online = Online::read(state).await?;
     let mut pushed = false;
     for (id, version) in active {
-        let rollout = match held.0.remove(&id) {
+        let rollout = match held.rollouts.remove(&id) {
             Some(kept) if kept.rollout.version == version => kept,
             // New to this driver, or changed by someone else (a user's
             // pause or abort, another instance).
@@ -207,8 +223,15 @@ async fn round(
         match advance(state, rollout, &online, settled, reports).await {
             Ok(kept) => {
                 pushed |= had != released(&kept.rollout);
-                if kept.rollout.state.is_active() {
-                    held.0.insert(id, kept);
+                let on_its_way = kept
+                    .rollout
+                    .stages
+                    .iter()
+                    .any(|s| s.state == StageRolloutState::Pushed);
+                if kept.rollout.state.is_active() || on_its_way || kept.unsaved {
+                    held.rollouts.insert(id, kept);
+                } else {
+                    held.done.insert(id, kept.rollout.version);
                 }
             }
             // A user paused or aborted it meanwhile: read again next
@@ -292,7 +315,7 @@ async fn advance(
             r.state = RolloutState::Running;
             r.next_wave_at = None;
             if let Some(next) = r.next_wave() {
-                let r = start_wave(state, save(state, &before, r).await?, next, online).await?;
+                let r = start_wave(state, r, next, online).await?;
                 return Ok(HeldRollout::saved(r));
             }
         }
@@ -301,9 +324,9 @@ async fn advance(
                 if r.wave_stages(w)
                     .any(|s| s.state == StageRolloutState::Waiting) =>
             {
-                // Recorded as started, not (all) pushed: a restart came in
-                // between.
-                r = save(state, &before, r).await?;
+                // Recorded as started, not (all) pushed: recorded by a hub
+                // that saved a wave's start before pushing it, and
+                // restarted in between.
                 let r = push_wave(state, r, w, None).await?;
                 return Ok(HeldRollout::saved(r));
             }
@@ -326,7 +349,7 @@ async fn advance(
             }
             None => match r.next_wave() {
                 Some(next) if settled => {
-                    let r = start_wave(state, save(state, &before, r).await?, next, online).await?;
+                    let r = start_wave(state, r, next, online).await?;
                     return Ok(HeldRollout::saved(r));
                 }
                 Some(_) => {}
@@ -405,15 +428,6 @@ fn window_waits(state: &AppState, r: &mut Rollout, w: usize, now: chrono::DateTi
         r.waves[w].window_opened_at = Some(now);
     }
     waiting
-}
-
-/// Saves `r` if it differs from `before`; the record as stored.
-async fn save(state: &AppState, before: &Rollout, mut r: Rollout) -> Result<Rollout, StoreError> {
-    if &r == before {
-        return Ok(r);
-    }
-    r.updated_at = Utc::now();
-    state.store().save_rollout(&r).await
 }
 
 /// Reads what the agents reported of the stages the release was pushed to
@@ -547,8 +561,8 @@ async fn halted(
     audit(state, r, "rollout-halted", reason).await;
 }
 
-/// Records that wave `w` starts — each stage's release before it, and
-/// whether its outpost is online — then pushes it.
+/// Starts wave `w` — notes each stage's release before it, and whether its
+/// outpost is online — and pushes it, saving the start with the releases.
 async fn start_wave(
     state: &AppState,
     mut r: Rollout,
@@ -582,14 +596,13 @@ async fn start_wave(
         stages = r.waves[w].stages,
         "wave starts"
     );
-    r.updated_at = now;
-    let r = state.store().save_rollout(&r).await?;
     push_wave(state, r, w, Some(by_name)).await
 }
 
 /// Pushes the release to the stages of wave `w` that do not have it yet
-/// (adopting pushes made before a restart), and records the releases.
-/// `known`: the wave's stages as just read, if they were.
+/// (adopting pushes made before a restart), and saves the rollout with
+/// the releases, in the push's own transaction: a restart finds both or
+/// neither. `known`: the wave's stages as just read, if they were.
 async fn push_wave(
     state: &AppState,
     mut r: Rollout,
@@ -606,8 +619,7 @@ async fn push_wave(
         }
     };
     let mut new = Vec::new();
-    let mut targets = Vec::new();
-    for (i, s) in r.stages.iter_mut().enumerate() {
+    for s in r.stages.iter_mut() {
         if s.wave as usize != w || s.state != StageRolloutState::Waiting {
             continue;
         }
@@ -630,9 +642,7 @@ async fn push_wave(
                 .get_release(&r.project, &s.stage, latest)
                 .await?;
             if release.build == r.build {
-                s.release = Some(release.number);
-                s.revision = Some(release.revision);
-                s.state = StageRolloutState::Pushed;
+                s.pushed(&release);
                 continue;
             }
         }
@@ -659,22 +669,17 @@ async fn push_wave(
             config,
             created_by: r.created_by.clone(),
         });
-        targets.push(i);
     }
-    if !new.is_empty() {
-        let pushed = state.store().push_releases(&new, Utc::now()).await?;
-        for (i, release) in targets.into_iter().zip(&pushed.releases) {
-            let s = &mut r.stages[i];
-            s.release = Some(release.number);
-            s.revision = Some(release.revision);
-            s.state = StageRolloutState::Pushed;
-        }
-        for outpost in &pushed.outposts {
-            state.links().poke(outpost);
-        }
+    let now = Utc::now();
+    r.updated_at = now;
+    if new.is_empty() {
+        return state.store().save_rollout(&r).await;
     }
-    r.updated_at = Utc::now();
-    state.store().save_rollout(&r).await
+    let (r, pushed) = state.store().push_rollout_releases(&r, &new, now).await?;
+    for outpost in &pushed.outposts {
+        state.links().poke(outpost);
+    }
+    Ok(r)
 }
 
 /// Records what happened to the rollout in its project's audit log.

@@ -156,6 +156,15 @@ impl SealedStore {
         Ok(stages)
     }
 
+    fn open_pushed(&self, mut pushed: PushedReleases) -> Result<PushedReleases> {
+        pushed.releases = pushed
+            .releases
+            .into_iter()
+            .map(|r| self.open_release(r))
+            .collect::<Result<_>>()?;
+        Ok(pushed)
+    }
+
     fn open_release(&self, mut release: Release) -> Result<Release> {
         if let Some(snapshot) = release.config.take() {
             release.config = Some(ConfigSnapshot {
@@ -239,13 +248,8 @@ impl Store for SealedStore {
         now: Timestamp,
     ) -> Result<PushedReleases> {
         let sealed: Vec<NewRelease> = releases.iter().map(|r| self.seal_release(r)).collect();
-        let mut pushed = self.inner.push_releases(&sealed, now).await?;
-        pushed.releases = pushed
-            .releases
-            .into_iter()
-            .map(|r| self.open_release(r))
-            .collect::<Result<_>>()?;
-        Ok(pushed)
+        let pushed = self.inner.push_releases(&sealed, now).await?;
+        self.open_pushed(pushed)
     }
 
     async fn get_release(&self, project: &str, stage: &str, number: u64) -> Result<Release> {
@@ -461,6 +465,20 @@ impl Store for SealedStore {
         rollout: &trellis_model::rollout::Rollout,
     ) -> Result<trellis_model::rollout::Rollout> {
         self.inner.save_rollout(rollout).await
+    }
+
+    async fn push_rollout_releases(
+        &self,
+        rollout: &trellis_model::rollout::Rollout,
+        releases: &[NewRelease],
+        now: Timestamp,
+    ) -> Result<(trellis_model::rollout::Rollout, PushedReleases)> {
+        let sealed: Vec<NewRelease> = releases.iter().map(|r| self.seal_release(r)).collect();
+        let (rollout, pushed) = self
+            .inner
+            .push_rollout_releases(rollout, &sealed, now)
+            .await?;
+        Ok((rollout, self.open_pushed(pushed)?))
     }
 
     async fn put_agent_binary(

@@ -411,6 +411,35 @@ impl Rollout {
     pub fn wave_stages(&self, wave: usize) -> impl Iterator<Item = &RolloutStage> {
         self.stages.iter().filter(move |s| s.wave as usize == wave)
     }
+
+    /// The first of `stages` this rollout does not hold, if any.
+    pub fn stranger<'a>(&self, mut stages: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+        let held: std::collections::HashSet<&str> =
+            self.stages.iter().map(|s| s.stage.as_str()).collect();
+        stages.find(|stage| !held.contains(stage))
+    }
+
+    /// Marks the stage each of `releases` went to as pushed with it
+    /// ([`RolloutStage::pushed`]); releases of stages it does not hold
+    /// change nothing.
+    pub fn record_pushed(&mut self, releases: &[crate::Release]) {
+        let by_stage: std::collections::HashMap<&str, &crate::Release> =
+            releases.iter().map(|r| (r.stage.as_str(), r)).collect();
+        for s in &mut self.stages {
+            if let Some(release) = by_stage.get(s.stage.as_str()) {
+                s.pushed(release);
+            }
+        }
+    }
+}
+
+impl RolloutStage {
+    /// The rollout's release was pushed to it as `release`.
+    pub fn pushed(&mut self, release: &crate::Release) {
+        self.release = Some(release.number);
+        self.revision = Some(release.revision);
+        self.state = StageRolloutState::Pushed;
+    }
 }
 
 /// What creating a rollout takes (the store numbers it).

@@ -652,6 +652,23 @@ pub trait Store: Send + Sync + 'static {
     /// it as saved, with the next version. A rollout changed meanwhile is
     /// refused (`InUse`) and nothing changes: read it again.
     async fn save_rollout(&self, rollout: &Rollout) -> Result<Rollout>;
+    /// Pushes releases to a rollout's stages and records them in the
+    /// rollout, in one transaction: `releases` recorded as
+    /// [`Store::push_releases`] records them, the rollout's stage of each
+    /// marked pushed with it ([`Rollout::record_pushed`]), and the rollout
+    /// then saved as [`Store::save_rollout`] saves it (with whatever else
+    /// the caller changed, such as the wave's start). A restart finds the
+    /// releases and the rollout's record of them together, or neither.
+    /// All or none: a rollout changed since it was read (`InUse`), a
+    /// release that cannot be recorded, or one to a stage the rollout does
+    /// not hold (`NotFound`, kind `rollout stage`) leaves every stage and
+    /// the rollout as they were.
+    async fn push_rollout_releases(
+        &self,
+        rollout: &Rollout,
+        releases: &[NewRelease],
+        now: Timestamp,
+    ) -> Result<(Rollout, PushedReleases)>;
 
     // --- agent binaries ---
     /// Records an agent binary (its bytes are already in the chunk store).
@@ -876,6 +893,29 @@ pub(crate) mod wording {
 
     pub fn rollout(id: u64) -> String {
         id.to_string()
+    }
+
+    /// Refuses releases for a rollout to a stage it does not hold.
+    pub fn not_in_rollout(
+        rollout: &trellis_model::rollout::Rollout,
+        releases: &[crate::NewRelease],
+    ) -> Result<(), StoreError> {
+        let stranger = releases
+            .iter()
+            .find(|r| r.project != rollout.project)
+            .map(|r| format!("{}/{}", r.project, r.stage))
+            .or_else(|| {
+                rollout
+                    .stranger(releases.iter().map(|r| r.stage.as_str()))
+                    .map(|stage| format!("{}/{stage}", rollout.project))
+            });
+        match stranger {
+            Some(stage) => Err(StoreError::NotFound {
+                kind: "rollout stage",
+                name: format!("{stage} in rollout {}", rollout.id),
+            }),
+            None => Ok(()),
+        }
     }
 
     pub fn rollout_changed(id: u64) -> StoreError {

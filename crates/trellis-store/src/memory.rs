@@ -288,6 +288,40 @@ impl State {
         Ok(created)
     }
 
+    /// Records `releases` all or none (see [`Store::push_releases`]):
+    /// every entry is checked before anything changes.
+    fn push_releases(&mut self, releases: &[NewRelease], now: Timestamp) -> Result<PushedReleases> {
+        let mut outposts = Vec::with_capacity(releases.len());
+        for release in releases {
+            self.check_release(release)?;
+            outposts.push(
+                self.stage(&release.project, &release.stage)?
+                    .stage
+                    .outpost
+                    .clone(),
+            );
+        }
+        let created = releases
+            .iter()
+            .map(|release| self.record_release(release, now))
+            .collect::<Result<_>>()?;
+        Ok(PushedReleases::new(created, outposts))
+    }
+
+    /// The stored record of `rollout`, if it is still at the version
+    /// `rollout` was read at (see [`Store::save_rollout`]).
+    fn stored_rollout(&mut self, rollout: &Rollout) -> Result<&mut Rollout> {
+        let stored = self
+            .projects
+            .get_mut(&rollout.project)
+            .and_then(|p| p.rollouts.get_mut(&rollout.id))
+            .ok_or_else(|| not_found("rollout", wording::rollout(rollout.id)))?;
+        if stored.version != rollout.version {
+            return Err(wording::rollout_changed(rollout.id));
+        }
+        Ok(stored)
+    }
+
     fn project(&self, name: &str) -> Result<&ProjectState> {
         self.projects
             .get(name)
@@ -902,18 +936,31 @@ impl Store for MemoryStore {
 
     async fn save_rollout(&self, rollout: &Rollout) -> Result<Rollout> {
         let mut state = self.state();
-        let stored = state
-            .projects
-            .get_mut(&rollout.project)
-            .and_then(|p| p.rollouts.get_mut(&rollout.id))
-            .ok_or_else(|| not_found("rollout", wording::rollout(rollout.id)))?;
-        if stored.version != rollout.version {
-            return Err(wording::rollout_changed(rollout.id));
-        }
+        let stored = state.stored_rollout(rollout)?;
         let mut saved = rollout.clone();
         saved.version += 1;
         *stored = saved.clone();
         Ok(saved)
+    }
+
+    async fn push_rollout_releases(
+        &self,
+        rollout: &Rollout,
+        releases: &[NewRelease],
+        now: Timestamp,
+    ) -> Result<(Rollout, PushedReleases)> {
+        wording::not_in_rollout(rollout, releases)?;
+        let mut state = self.state();
+        // Checked before anything changes, under the same lock.
+        state.stored_rollout(rollout)?;
+        let pushed = state.push_releases(releases, now)?;
+        let mut saved = rollout.clone();
+        saved.record_pushed(&pushed.releases);
+        saved.version += 1;
+        *state.stored_rollout(rollout)? = saved.clone();
+        drop(state);
+        self.announce(pushed.outposts.iter().cloned().map(Change::Outpost));
+        Ok((saved, pushed))
     }
 
     async fn put_agent_binary(&self, binary: &AgentBinary) -> Result<AgentBinary> {
@@ -1648,25 +1695,7 @@ impl Store for MemoryStore {
         releases: &[NewRelease],
         now: Timestamp,
     ) -> Result<PushedReleases> {
-        // All or none: every entry checked, under the same lock, before
-        // anything changes.
-        let mut state = self.state();
-        let mut outposts = Vec::with_capacity(releases.len());
-        for release in releases {
-            state.check_release(release)?;
-            outposts.push(
-                state
-                    .stage(&release.project, &release.stage)?
-                    .stage
-                    .outpost
-                    .clone(),
-            );
-        }
-        let created = releases
-            .iter()
-            .map(|release| state.record_release(release, now))
-            .collect::<Result<_>>()?;
-        let pushed = PushedReleases::new(created, outposts);
+        let pushed = self.state().push_releases(releases, now)?;
         self.announce(pushed.outposts.iter().cloned().map(Change::Outpost));
         Ok(pushed)
     }

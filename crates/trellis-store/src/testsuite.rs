@@ -80,6 +80,7 @@ macro_rules! for_each_suite_test {
             archive_and_restore,
             rollouts,
             rollouts_refuse_overlap,
+            rollout_releases_are_recorded_with_the_rollout,
             agent_updates,
             agent_update_waves,
             a_failure_report_promotes_no_release,
@@ -399,6 +400,108 @@ pub async fn rollouts(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(next.id, 3);
+}
+
+/// A rollout's releases and its record of them are written together, or
+/// neither is: a stale rollout, a stage it does not hold, or a release
+/// that cannot be recorded leaves both the stages and the rollout as they
+/// were.
+pub async fn rollout_releases_are_recorded_with_the_rollout(store: &dyn Store) {
+    use trellis_model::rollout::StageRolloutState;
+    setup(store, "shop").await;
+    for stage in ["a", "b", "c", "d"] {
+        stage_in(store, "shop", stage).await;
+    }
+    let build = store
+        .create_build("shop", &new_build("main"), "alice", at(20))
+        .await
+        .unwrap();
+    let first = store
+        .create_rollout(&new_rollout("shop", &["a", "b", "c"], 1))
+        .await
+        .unwrap();
+    assert_eq!(first.stages[0].wave, 0);
+    let released = |stage: &str| {
+        let stage = stage.to_owned();
+        async move { store.list_releases("shop", &stage).await.unwrap().len() }
+    };
+
+    // The first wave starts: its start, its release and the record of it
+    // in one write.
+    let mut started = first.clone();
+    started.waves[0].started_at = Some(at(30));
+    let a = started.stages[0].stage.clone();
+    let (saved, pushed) = store
+        .push_rollout_releases(&started, &[new_release("shop", &a, &build.name)], at(31))
+        .await
+        .unwrap();
+    assert_eq!(pushed.outposts, vec!["local".to_owned()]);
+    assert_eq!(pushed.releases.len(), 1);
+    assert_eq!(saved.version, first.version + 1);
+    assert_eq!(saved.waves[0].started_at, Some(at(30)));
+    assert_eq!(saved.stages[0].state, StageRolloutState::Pushed);
+    assert_eq!(saved.stages[0].release, Some(pushed.releases[0].number));
+    assert_eq!(saved.stages[0].revision, Some(pushed.releases[0].revision));
+    assert!(
+        saved.stages[1..]
+            .iter()
+            .all(|s| s.state == StageRolloutState::Waiting && s.release.is_none())
+    );
+    assert_eq!(store.get_rollout(first.id).await.unwrap(), saved);
+    assert_eq!(released(&a).await, 1);
+
+    let wave_two: Vec<NewRelease> = saved.stages[1..]
+        .iter()
+        .map(|s| new_release("shop", &s.stage, &build.name))
+        .collect();
+    // Over a stale record: refused, nothing pushed.
+    let (what, _) = assert_in_use(store.push_rollout_releases(&first, &wave_two, at(32)).await);
+    assert!(
+        what.contains(&format!("rollout {} changed", first.id)),
+        "{what}"
+    );
+    // To a stage the rollout does not hold, or of another project.
+    let mut stranger = wave_two.clone();
+    stranger.push(new_release("shop", "d", &build.name));
+    assert_not_found(
+        store.push_rollout_releases(&saved, &stranger, at(33)).await,
+        "rollout stage",
+        &format!("shop/d in rollout {}", first.id),
+    );
+    // A release that cannot be recorded (no such build).
+    let mut unknown = wave_two.clone();
+    unknown[1].build = "main_b99".into();
+    assert_not_found(
+        store.push_rollout_releases(&saved, &unknown, at(34)).await,
+        "build",
+        "shop/main_b99",
+    );
+    // A rollout that is gone.
+    let mut gone = saved.clone();
+    gone.id = 77;
+    assert_not_found(
+        store.push_rollout_releases(&gone, &wave_two, at(35)).await,
+        "rollout",
+        "77",
+    );
+    for stage in wave_two.iter().map(|r| r.stage.as_str()).chain(["d"]) {
+        assert_eq!(released(stage).await, 0, "stage {stage} got a release");
+    }
+    assert_eq!(store.get_rollout(first.id).await.unwrap(), saved);
+
+    // The second wave, both stages in one write.
+    let (later, pushed) = store
+        .push_rollout_releases(&saved, &wave_two, at(36))
+        .await
+        .unwrap();
+    assert_eq!(pushed.releases.len(), 2);
+    assert!(
+        later
+            .stages
+            .iter()
+            .all(|s| s.state == StageRolloutState::Pushed && s.release == Some(1))
+    );
+    assert_eq!(store.get_rollout(first.id).await.unwrap(), later);
 }
 
 /// Two rollouts may not hold the same stage at once: the second is

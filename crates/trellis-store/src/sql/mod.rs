@@ -588,6 +588,49 @@ async fn with_wave_stages<C: Conn + ?Sized>(
 
 /// Writes the rollout's waves whose stages differ from the stored ones
 /// (each wave is one row: a save leaves the others untouched).
+/// Saves `rollout` over the version it was read at (see
+/// [`Store::save_rollout`]); the record as saved.
+async fn rollout_saved_in<C: Conn + ?Sized>(
+    c: &mut C,
+    rollout: &Rollout,
+    doing: &'static str,
+) -> Result<Rollout> {
+    let mut saved = rollout.clone();
+    saved.version += 1;
+    let (head, waves) = rollout_parts(&saved)?;
+    // The row's own stages (of a rollout recorded before `rollout_waves`)
+    // move to its waves.
+    let done = q(
+        "UPDATE rollouts SET state = $3, version = $4, record = $5, stages = '[]' \
+         WHERE id = $1 AND project = $2 AND version = $6",
+    )
+    .bind(int(rollout.id)?)
+    .bind(&rollout.project)
+    .bind(saved.state.as_str())
+    .bind(int(saved.version)?)
+    .bind(head)
+    .bind(int(rollout.version)?)
+    .execute(&mut *c)
+    .await
+    .map_err(backend(doing))?;
+    if done == 0 {
+        let exists = q("SELECT 1 AS one FROM rollouts WHERE id = $1 AND project = $2")
+            .bind(int(rollout.id)?)
+            .bind(&rollout.project)
+            .fetch_optional(&mut *c)
+            .await
+            .map_err(backend(doing))?
+            .is_some();
+        return Err(if exists {
+            wording::rollout_changed(rollout.id)
+        } else {
+            not_found("rollout", wording::rollout(rollout.id))
+        });
+    }
+    write_rollout_waves(c, rollout.id, &waves, doing).await?;
+    Ok(saved)
+}
+
 async fn write_rollout_waves<C: Conn + ?Sized>(
     c: &mut C,
     id: u64,
@@ -910,10 +953,9 @@ async fn require_stage<C: Conn + ?Sized>(c: &mut C, project: &str, name: &str) -
 
 const RECORDING_RELEASE: &str = "recording a release";
 
-/// Records one release in the open write transaction `c` (see
-/// [`Store::push_release`]).
-/// Records `release` in the open write transaction `c`; returns it with
-/// the outpost its stage is placed on.
+/// Records `release` in the open write transaction `c` (see
+/// [`Store::push_release`]); returns it with the outpost its stage is
+/// placed on.
 async fn release_in<C: Conn + ?Sized>(
     c: &mut C,
     release: &NewRelease,
@@ -1013,6 +1055,28 @@ async fn stages_on_outpost_in<C: Conn + ?Sized>(c: &mut C, outpost: &str) -> Res
 
 /// The stages of a push that releases one build (same project, config and
 /// author) to distinct stages — a fleet rollout — or `None`.
+/// Records `releases` (see [`Store::push_releases`]): one set of
+/// statements when they are one build and config to distinct stages of a
+/// project, as a fan-out is; one release at a time otherwise.
+async fn releases_in<C: Conn + ?Sized>(
+    c: &mut C,
+    dialect: &Dialect,
+    releases: &[NewRelease],
+    now: Timestamp,
+) -> Result<PushedReleases> {
+    if let Some(stages) = one_build_to_stages(releases) {
+        return releases_to_stages_in(c, dialect, &releases[0], &stages, now).await;
+    }
+    let mut created = Vec::with_capacity(releases.len());
+    let mut outposts = Vec::with_capacity(releases.len());
+    for release in releases {
+        let (release, outpost) = release_in(c, release, now).await?;
+        created.push(release);
+        outposts.push(outpost);
+    }
+    Ok(PushedReleases::new(created, outposts))
+}
+
 fn one_build_to_stages(releases: &[NewRelease]) -> Option<Vec<&str>> {
     let first = releases.first()?;
     let mut seen = HashSet::with_capacity(releases.len());
@@ -2323,42 +2387,27 @@ impl<B: Backend> Store for SqlStore<B> {
 
     async fn save_rollout(&self, rollout: &Rollout) -> Result<Rollout> {
         const DOING: &str = "updating a rollout";
-        let mut saved = rollout.clone();
-        saved.version += 1;
-        let (head, waves) = rollout_parts(&saved)?;
         let mut tx = self.write().await?;
-        // The row's own stages (of a rollout recorded before
-        // `rollout_waves`) move to its waves.
-        let done = q(
-            "UPDATE rollouts SET state = $3, version = $4, record = $5, stages = '[]' \
-             WHERE id = $1 AND project = $2 AND version = $6",
-        )
-        .bind(int(rollout.id)?)
-        .bind(&rollout.project)
-        .bind(saved.state.as_str())
-        .bind(int(saved.version)?)
-        .bind(head)
-        .bind(int(rollout.version)?)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend(DOING))?;
-        if done == 0 {
-            let exists = q("SELECT 1 AS one FROM rollouts WHERE id = $1 AND project = $2")
-                .bind(int(rollout.id)?)
-                .bind(&rollout.project)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(backend(DOING))?
-                .is_some();
-            return Err(if exists {
-                wording::rollout_changed(rollout.id)
-            } else {
-                not_found("rollout", wording::rollout(rollout.id))
-            });
-        }
-        write_rollout_waves(&mut *tx, rollout.id, &waves, DOING).await?;
+        let saved = rollout_saved_in(&mut *tx, rollout, DOING).await?;
         self.commit(tx, DOING).await?;
         Ok(saved)
+    }
+
+    async fn push_rollout_releases(
+        &self,
+        rollout: &Rollout,
+        releases: &[NewRelease],
+        now: Timestamp,
+    ) -> Result<(Rollout, PushedReleases)> {
+        const DOING: &str = "recording a rollout's releases";
+        wording::not_in_rollout(rollout, releases)?;
+        let mut tx = self.write().await?;
+        let pushed = releases_in(&mut *tx, &B::DIALECT, releases, now).await?;
+        let mut recorded = rollout.clone();
+        recorded.record_pushed(&pushed.releases);
+        let saved = rollout_saved_in(&mut *tx, &recorded, DOING).await?;
+        self.commit(tx, DOING).await?;
+        Ok((saved, pushed))
     }
 
     async fn delete_backup(&self, project: &str, stage: &str, id: u64) -> Result<()> {
@@ -3359,21 +3408,7 @@ impl<B: Backend> Store for SqlStore<B> {
     ) -> Result<PushedReleases> {
         let mut tx = self.write().await?;
         // An error drops the transaction: none of the releases is kept.
-        let created = match one_build_to_stages(releases) {
-            Some(stages) => {
-                releases_to_stages_in(&mut *tx, &B::DIALECT, &releases[0], &stages, now).await?
-            }
-            None => {
-                let mut created = Vec::with_capacity(releases.len());
-                let mut outposts = Vec::with_capacity(releases.len());
-                for release in releases {
-                    let (release, outpost) = release_in(&mut *tx, release, now).await?;
-                    created.push(release);
-                    outposts.push(outpost);
-                }
-                PushedReleases::new(created, outposts)
-            }
-        };
+        let created = releases_in(&mut *tx, &B::DIALECT, releases, now).await?;
         self.commit(tx, RECORDING_RELEASE).await?;
         Ok(created)
     }
