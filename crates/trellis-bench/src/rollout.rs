@@ -85,6 +85,9 @@ pub async fn rollout(common: Common, s: RolloutSettings) -> anyhow::Result<()> {
     let mut plain_spans: Vec<Vec<(f64, f64)>> = vec![Vec::new(); waves];
     let mut rolled_spans: Vec<Vec<(f64, f64)>> = vec![Vec::new(); waves];
     let mut judged: Vec<Vec<f64>> = vec![Vec::new(); waves];
+    // Per wave, per round: start → the hub recorded the releases.
+    let mut plain_recorded: Vec<Vec<f64>> = vec![Vec::new(); waves];
+    let mut rolled_recorded: Vec<Vec<f64>> = vec![Vec::new(); waves];
     let mut totals = Vec::new();
     let mut gaps = Vec::new();
     for round in 0..s.rounds.max(1) {
@@ -93,6 +96,9 @@ pub async fn rollout(common: Common, s: RolloutSettings) -> anyhow::Result<()> {
             let run = run_rollout(&hub, &build, &s, &members).await?;
             record_rollout(&run, &mut rolled, &mut totals, &mut gaps);
             record_spans(&run, &mut rolled_spans, &mut judged);
+            for (w, secs) in run.recorded.iter().enumerate() {
+                rolled_recorded[w].push(*secs);
+            }
         }
         for (w, names) in members.iter().enumerate() {
             eprintln!(
@@ -115,6 +121,7 @@ pub async fn rollout(common: Common, s: RolloutSettings) -> anyhow::Result<()> {
             let first = run.applied_at.values().copied().fold(f64::MAX, f64::min);
             plain[w].push(last);
             plain_spans[w].push((first, last));
+            plain_recorded[w].push(run.first_recorded);
         }
         if !rollout_first {
             let run = run_rollout(&hub, &build, &s, &members).await?;
@@ -155,6 +162,16 @@ pub async fn rollout(common: Common, s: RolloutSettings) -> anyhow::Result<()> {
         let first =
             |spans: &[(f64, f64)]| crate::setup::median(spans.iter().map(|s| s.0).collect());
         let last = |spans: &[(f64, f64)]| crate::setup::median(spans.iter().map(|s| s.1).collect());
+        report.add(
+            format!("wave {}: releases recorded, plain fan-out", w + 1),
+            crate::setup::median(plain_recorded[w].clone()),
+            "s",
+        );
+        report.add(
+            format!("wave {}: releases recorded, rollout wave", w + 1),
+            crate::setup::median(rolled_recorded[w].clone()),
+            "s",
+        );
         report.add(
             format!("wave {}: first stage applied, plain fan-out", w + 1),
             first(&plain_spans[w]),
@@ -234,6 +251,8 @@ struct RolloutRun {
     /// Each wave's start → its first and its last stage applied (the hub's
     /// record of the report), in seconds.
     spans: Vec<(f64, f64)>,
+    /// Each wave's start → its releases recorded (their `created_at`).
+    recorded: Vec<f64>,
     /// Created → completed, seen by polling.
     total: f64,
     /// Each wave's verdict → the next wave's start.
@@ -332,6 +351,7 @@ async fn run_rollout(
     }
     let mut waves = Vec::new();
     let mut spans = Vec::new();
+    let mut recorded = Vec::new();
     let mut gaps = Vec::new();
     let mut last_end: Option<DateTime<Utc>> = None;
     for (w, wave) in record["waves"]
@@ -354,6 +374,20 @@ async fn run_rollout(
             applied.iter().copied().fold(f64::MAX, f64::min),
             applied.iter().copied().fold(0.0, f64::max),
         ));
+        // One stage's newest release is the wave's (nothing was pushed to
+        // it since); they were all recorded at once.
+        let first = members
+            .get(w)
+            .and_then(|m| m.first())
+            .context("a wave without stages")?;
+        let releases = hub
+            .api(
+                reqwest::Method::GET,
+                &format!("/projects/{FANOUT_PROJECT}/stages/{first}/releases"),
+                None,
+            )
+            .await?;
+        recorded.push(seconds(time(&releases[0]["created_at"])? - start));
         if let Some(prev) = last_end {
             gaps.push(seconds(start - prev));
         }
@@ -362,6 +396,7 @@ async fn run_rollout(
     Ok(RolloutRun {
         waves,
         spans,
+        recorded,
         total,
         gaps,
     })

@@ -481,6 +481,7 @@ pub async fn fanout(common: Common, s: FanoutSettings) -> anyhow::Result<()> {
         push_phase,
         requests,
         push_secs,
+        ..
     } = push_and_watch(Arc::new(hub), n, s.push_chunk).await?;
     workers.stop();
 
@@ -573,6 +574,9 @@ pub struct FanoutRun {
     pub requests: usize,
     /// Seconds each push request took, in order.
     pub push_secs: Vec<f64>,
+    /// Seconds from the first push until the hub recorded its releases
+    /// (their `created_at`).
+    pub first_recorded: f64,
 }
 
 /// How often the watcher asks which stages are still pending, once every
@@ -657,6 +661,7 @@ pub async fn push_and_watch_stages(
     // transaction each), one after the other.
     let mut requests = 0;
     let mut push_secs = Vec::new();
+    let mut first_recorded = None;
     for chunk in names.chunks(chunk.max(1)) {
         let request = Instant::now();
         let releases = hub
@@ -669,6 +674,14 @@ pub async fn push_and_watch_stages(
         requests += 1;
         push_secs.push(request.elapsed().as_secs_f64());
         let at = started.elapsed().as_secs_f64();
+        if first_recorded.is_none() {
+            let created: chrono::DateTime<chrono::Utc> = releases[0]["created_at"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .context("when the hub recorded a release")?;
+            first_recorded =
+                Some((created - started_wall).num_microseconds().unwrap_or(0) as f64 / 1e6);
+        }
         let mut pushed = pushed.lock().unwrap_or_else(|p| p.into_inner());
         for release in releases.as_array().context("a list of releases")? {
             let stage = release["stage"].as_str().context("a stage")?;
@@ -714,6 +727,7 @@ pub async fn push_and_watch_stages(
         push_phase,
         requests,
         push_secs,
+        first_recorded: first_recorded.unwrap_or(0.0),
     })
 }
 

@@ -43,9 +43,10 @@ const TICK: Duration = Duration::from_secs(1);
 /// The most and the least time between two rounds woken by reports or a
 /// passed wave: a wave landing on thousands of stages commits reports all
 /// the time. In between, the gap is twice what the last round took (the
-/// least after a round that pushed a wave), so the driver takes at most a
-/// third of a core from the links it waits on, and a small wave, whose
-/// rounds are cheap, is judged within milliseconds of its last report.
+/// least after a round that pushed a wave or saved a rollout, none once a
+/// wave has nearly landed: see [`Looked`]), so the driver takes at most a
+/// third of a core from the links it waits on, and a wave is judged within
+/// milliseconds of its last report.
 const WOKEN_GAP: Duration = Duration::from_millis(100);
 const WOKEN_GAP_LEAST: Duration = Duration::from_millis(10);
 
@@ -103,26 +104,30 @@ async fn drive(state: &AppState, cancel: &CancellationToken) {
         // that reported.
         let reports = reported_stages.take();
         let reports = if finished_too { Reports::Any } else { reports };
-        let pushed = match round(state, settled, finished_too, &mut held, &reports).await {
-            Ok(pushed) => pushed,
+        let looked = match round(state, settled, finished_too, &mut held, &reports).await {
+            Ok(looked) => looked,
             Err(e) => {
                 tracing::warn!(error = %e, "could not look at the rollouts");
-                false
+                Looked::default()
             }
         };
         if let Err(e) = crate::agent_update_waves::round(state, settled).await {
             tracing::warn!(error = %e, "could not look at the agent updates in waves");
         }
-        // A round that pushed a wave took the push's time, and a tick read
-        // every stage on its way: neither says what the next woken round
-        // will cost. Spaced by them, a wave's verdict came up to 100 ms
-        // after its last report (BENCHMARKS.md, rollout).
-        let cost = if pushed || finished_too {
+        // Once a wave has almost landed, the next report may decide it,
+        // and reading the few left is cheap: the next round waits for no
+        // more than that report. A round that pushed a wave took the push's
+        // time, one that saved a rollout the save's, and a tick read every
+        // stage on its way: none says what the next woken round will cost.
+        // Spaced by their cost, a wave's verdict came up to 100 ms after
+        // its last report (BENCHMARKS.md, rollout).
+        let gap = if looked.deciding {
             Duration::ZERO
+        } else if looked.pushed || looked.saved || finished_too {
+            WOKEN_GAP_LEAST
         } else {
-            began.elapsed()
+            (began.elapsed() * 2).clamp(WOKEN_GAP_LEAST, WOKEN_GAP)
         };
-        let gap = (cost * 2).clamp(WOKEN_GAP_LEAST, WOKEN_GAP);
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(gap) => {}
@@ -172,14 +177,45 @@ impl HeldRollout {
     }
 }
 
-/// Returns whether it pushed releases (started or went on with a wave).
+/// What a round of the driver did, as far as the wait for the next one
+/// goes.
+#[derive(Default)]
+struct Looked {
+    /// It pushed releases (started or went on with a wave).
+    pushed: bool,
+    /// It saved a rollout.
+    saved: bool,
+    /// A wave being watched has at most [`DECIDING_SHARE`] of its stages
+    /// still on their way.
+    deciding: bool,
+}
+
+/// The share of a wave's stages (in hundredths, at least one stage) still
+/// on their way below which the driver looks again as soon as more
+/// reports come.
+const DECIDING_SHARE: usize = 2;
+
+/// Whether the wave `r` watches has at most [`DECIDING_SHARE`] of its
+/// stages still on their way (not counting those carried along).
+fn deciding(r: &Rollout) -> bool {
+    let Some(w) = r.current_wave() else {
+        return false;
+    };
+    let (mut size, mut left) = (0, 0);
+    for s in r.wave_stages(w) {
+        size += 1;
+        left += usize::from(s.state == StageRolloutState::Pushed && !s.carried);
+    }
+    left > 0 && left <= (size * DECIDING_SHARE / 100).max(1)
+}
+
 async fn round(
     state: &AppState,
     settled: bool,
     finished_too: bool,
     held: &mut Held,
     reports: &Reports,
-) -> Result<bool, StoreError> {
+) -> Result<Looked, StoreError> {
     // The records without their stages: each with its version.
     let listed = state.store().list_rollouts(None).await?;
     let followed = |r: &Rollout| {
@@ -204,10 +240,10 @@ async fn round(
         .collect();
     if active.is_empty() {
         state.links().syncs.reported_stages.stop();
-        return Ok(false);
+        return Ok(Looked::default());
     }
     let online = Online::read(state).await?;
-    let mut pushed = false;
+    let mut looked = Looked::default();
     for (id, version) in active {
         let rollout = match held.rollouts.remove(&id) {
             Some(kept) if kept.rollout.version == version => kept,
@@ -220,9 +256,12 @@ async fn round(
             },
         };
         let had = released(&rollout.rollout);
+        let saved_at = rollout.saved_at;
         match advance(state, rollout, &online, settled, reports).await {
             Ok(kept) => {
-                pushed |= had != released(&kept.rollout);
+                looked.pushed |= had != released(&kept.rollout);
+                looked.saved |= kept.saved_at != saved_at;
+                looked.deciding |= kept.rollout.state.is_active() && deciding(&kept.rollout);
                 let on_its_way = kept
                     .rollout
                     .stages
@@ -242,7 +281,7 @@ async fn round(
             Err(e) => tracing::warn!(rollout = id, error = %e, "could not advance a rollout"),
         }
     }
-    Ok(pushed)
+    Ok(looked)
 }
 
 /// How many of the rollout's stages have their release.
@@ -701,5 +740,72 @@ pub async fn audit_as(state: &AppState, r: &Rollout, user: &str, action: &str, d
     };
     if let Err(e) = state.store().record_audit(&entry).await {
         tracing::warn!(rollout = r.id, error = %e, "could not record a rollout in the audit log");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_model::rollout::{NewRollout, WavePause, parse_waves};
+
+    /// A running rollout of 200 stages in waves of 100, the first started,
+    /// its stages in `states` (carried along where `true`), the rest
+    /// applied.
+    fn watching(states: &[(StageRolloutState, bool)]) -> Rollout {
+        let stages = (0..200)
+            .map(|i| (format!("s{i}"), format!("o{i}")))
+            .collect();
+        let (mut waves, mut stages) =
+            NewRollout::plan("p", &parse_waves("50%,100%").unwrap(), stages);
+        waves[0].started_at = Some(Utc::now());
+        let mut given = states.iter();
+        for s in stages.iter_mut().filter(|s| s.wave == 0) {
+            (s.state, s.carried) = given
+                .next()
+                .copied()
+                .unwrap_or((StageRolloutState::Applied, false));
+        }
+        Rollout {
+            id: 1,
+            project: "p".into(),
+            build: "b".into(),
+            config: None,
+            selector: String::new(),
+            waves,
+            success_threshold: 9500,
+            wave_timeout_seconds: 600,
+            pause: WavePause::Manual,
+            state: RolloutState::Running,
+            halt_reason: None,
+            next_wave_at: None,
+            created_at: Utc::now(),
+            created_by: "alice".into(),
+            updated_at: Utc::now(),
+            finished_at: None,
+            version: 1,
+            stages,
+        }
+    }
+
+    #[test]
+    fn a_wave_is_deciding_once_two_percent_are_left() {
+        use StageRolloutState::{Applied, Failed, Pushed};
+        // A wave of 100: two left is deciding, three is not.
+        assert!(deciding(&watching(&[(Pushed, false); 2])));
+        assert!(!deciding(&watching(&[(Pushed, false); 3])));
+        // Carried stages do not count as left; settled ones neither.
+        assert!(deciding(&watching(&[
+            (Pushed, false),
+            (Pushed, true),
+            (Pushed, true),
+            (Failed, false),
+        ])));
+        // Nothing left: judged already, nothing to wait for.
+        assert!(!deciding(&watching(&[(Applied, false)])));
+        assert!(!deciding(&watching(&[(Pushed, true); 5])));
+        // No wave watched.
+        let mut between = watching(&[(Pushed, false)]);
+        between.waves[0].outcome = Some(WaveOutcome::Passed);
+        assert!(!deciding(&between));
     }
 }
