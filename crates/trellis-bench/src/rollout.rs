@@ -79,15 +79,10 @@ pub async fn rollout(common: Common, s: RolloutSettings) -> anyhow::Result<()> {
     // Per wave: seconds of each round's plain fan-out and rollout wave.
     let mut plain: Vec<Vec<f64>> = vec![Vec::new(); waves];
     let mut rolled: Vec<Vec<f64>> = vec![Vec::new(); waves];
-    // Per wave, per round: (start → first stage applied, start → last
-    // applied) of the plain fan-out and of the rollout's wave, and the
-    // rollout's last applied → verdict: where a wave's overhead lies.
-    let mut plain_spans: Vec<Vec<(f64, f64)>> = vec![Vec::new(); waves];
-    let mut rolled_spans: Vec<Vec<(f64, f64)>> = vec![Vec::new(); waves];
-    let mut judged: Vec<Vec<f64>> = vec![Vec::new(); waves];
-    // Per wave, per round: start → the hub recorded the releases.
-    let mut plain_recorded: Vec<Vec<f64>> = vec![Vec::new(); waves];
-    let mut rolled_recorded: Vec<Vec<f64>> = vec![Vec::new(); waves];
+    // Per wave, per round, where the time went: start → releases
+    // recorded → first and last stage applied (→ the rollout's verdict).
+    let mut plain_split: Vec<Split> = vec![Split::default(); waves];
+    let mut rolled_split: Vec<Split> = vec![Split::default(); waves];
     let mut totals = Vec::new();
     let mut gaps = Vec::new();
     for round in 0..s.rounds.max(1) {
@@ -95,10 +90,7 @@ pub async fn rollout(common: Common, s: RolloutSettings) -> anyhow::Result<()> {
         if rollout_first {
             let run = run_rollout(&hub, &build, &s, &members).await?;
             record_rollout(&run, &mut rolled, &mut totals, &mut gaps);
-            record_spans(&run, &mut rolled_spans, &mut judged);
-            for (w, secs) in run.recorded.iter().enumerate() {
-                rolled_recorded[w].push(*secs);
-            }
+            record_split(&run, &mut rolled_split);
         }
         for (w, names) in members.iter().enumerate() {
             eprintln!(
@@ -120,13 +112,13 @@ pub async fn rollout(common: Common, s: RolloutSettings) -> anyhow::Result<()> {
             let last = run.applied_at.values().copied().fold(0.0, f64::max);
             let first = run.applied_at.values().copied().fold(f64::MAX, f64::min);
             plain[w].push(last);
-            plain_spans[w].push((first, last));
-            plain_recorded[w].push(run.first_recorded);
+            plain_split[w].spans.push((first, last));
+            plain_split[w].recorded.push(run.first_recorded);
         }
         if !rollout_first {
             let run = run_rollout(&hub, &build, &s, &members).await?;
             record_rollout(&run, &mut rolled, &mut totals, &mut gaps);
-            record_spans(&run, &mut rolled_spans, &mut judged);
+            record_split(&run, &mut rolled_split);
         }
     }
     workers.stop();
@@ -159,39 +151,31 @@ pub async fn rollout(common: Common, s: RolloutSettings) -> anyhow::Result<()> {
             "×",
             GOAL_RATIO,
         );
-        let first =
-            |spans: &[(f64, f64)]| crate::setup::median(spans.iter().map(|s| s.0).collect());
-        let last = |spans: &[(f64, f64)]| crate::setup::median(spans.iter().map(|s| s.1).collect());
-        report.add(
-            format!("wave {}: releases recorded, plain fan-out", w + 1),
-            crate::setup::median(plain_recorded[w].clone()),
-            "s",
-        );
-        report.add(
-            format!("wave {}: releases recorded, rollout wave", w + 1),
-            crate::setup::median(rolled_recorded[w].clone()),
-            "s",
-        );
-        report.add(
-            format!("wave {}: first stage applied, plain fan-out", w + 1),
-            first(&plain_spans[w]),
-            "s",
-        );
-        report.add(
-            format!("wave {}: first stage applied, rollout wave", w + 1),
-            first(&rolled_spans[w]),
-            "s",
-        );
-        report.add(
-            format!("wave {}: last stage applied, rollout", w + 1),
-            last(&rolled_spans[w]),
-            "s",
-        );
-        report.add(
-            format!("wave {}: rollout, last stage applied → verdict", w + 1),
-            crate::setup::median(judged[w].clone()),
-            "s",
-        );
+        let median = |v: Vec<f64>| crate::setup::median(v);
+        let first = |split: &Split| median(split.spans.iter().map(|s| s.0).collect());
+        let (plain_w, rolled_w) = (&plain_split[w], &rolled_split[w]);
+        for (what, secs) in [
+            (
+                "releases recorded, plain fan-out",
+                median(plain_w.recorded.clone()),
+            ),
+            (
+                "releases recorded, rollout wave",
+                median(rolled_w.recorded.clone()),
+            ),
+            ("first stage applied, plain fan-out", first(plain_w)),
+            ("first stage applied, rollout wave", first(rolled_w)),
+            (
+                "last stage applied, rollout",
+                median(rolled_w.spans.iter().map(|s| s.1).collect()),
+            ),
+            (
+                "rollout, last stage applied → verdict",
+                median(rolled_w.judged.clone()),
+            ),
+        ] {
+            report.add(format!("wave {}: {what}", w + 1), secs, "s");
+        }
     }
     report.add(
         "rollout: created → completed",
@@ -272,10 +256,28 @@ fn record_rollout(
     gaps.extend(&run.gaps);
 }
 
-fn record_spans(run: &RolloutRun, spans: &mut [Vec<(f64, f64)>], judged: &mut [Vec<f64>]) {
-    for (w, (span, secs)) in run.spans.iter().zip(&run.waves).enumerate() {
-        spans[w].push(*span);
-        judged[w].push(secs - span.1);
+/// Per wave, each round's split of a rollout wave's time.
+#[derive(Default, Clone)]
+struct Split {
+    /// Start → releases recorded.
+    recorded: Vec<f64>,
+    /// Start → (first, last) stage applied.
+    spans: Vec<(f64, f64)>,
+    /// Last stage applied → verdict.
+    judged: Vec<f64>,
+}
+
+fn record_split(run: &RolloutRun, split: &mut [Split]) {
+    for (w, ((span, secs), recorded)) in run
+        .spans
+        .iter()
+        .zip(&run.waves)
+        .zip(&run.recorded)
+        .enumerate()
+    {
+        split[w].recorded.push(*recorded);
+        split[w].spans.push(*span);
+        split[w].judged.push(secs - span.1);
     }
 }
 
