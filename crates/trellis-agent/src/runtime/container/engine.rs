@@ -21,9 +21,9 @@ use serde::{Deserialize, Deserializer};
 
 use crate::runtime::RuntimeError;
 
-/// How often a listing the engine refused is asked for before the refusal
-/// is reported (see `Engine::containers`).
-const LISTING_ATTEMPTS: u32 = 3;
+/// How often a listing or inspection of containers the engine refused is
+/// asked for before the refusal is reported (see `Engine::get_settled`).
+const SETTLING_ATTEMPTS: u32 = 3;
 
 /// Seconds bollard waits for an answer's headers.
 const REQUEST_TIMEOUT_SECS: u64 = 120;
@@ -221,31 +221,42 @@ impl Engine {
     /// or not.
     pub async fn containers(&self, labels: &[String]) -> Result<Vec<Listed>, RuntimeError> {
         let path = format!("/containers/json?all=true&filters={}", label_filter(labels));
-        // Podman answers 500 ("read /proc/<pid>/cgroup: no such process")
-        // when a container exits while it is being listed; the next listing
-        // sees the settled state, so a refused listing is tried again a few
-        // times before it is reported.
-        let mut attempt = 1;
-        let listed = loop {
-            match self.get::<Vec<Listed>>(&path, "listing containers").await {
-                Err(e) if e.code == "engine-error" && attempt < LISTING_ATTEMPTS => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                other => break other?,
-            }
-        };
-        let mut found = listed.unwrap_or_default();
+        let mut found = self
+            .get_settled::<Vec<Listed>>(&path, "listing containers")
+            .await?
+            .unwrap_or_default();
         found.retain(|c| has_labels(&c.labels, labels));
         Ok(found)
     }
 
     pub async fn inspect(&self, id: &str) -> Result<Option<Inspected>, RuntimeError> {
-        self.get(
+        self.get_settled(
             &format!("/containers/{}/json", encode(id)),
             "inspecting a container",
         )
         .await
+    }
+
+    /// [`Engine::get`] of what describes containers. Podman answers 500
+    /// ("read /proc/<pid>/cgroup: no such process") when a container exits
+    /// while it is being listed or inspected; the next answer sees the
+    /// settled state, so a refused request is tried again a few times
+    /// before it is reported.
+    async fn get_settled<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        doing: &str,
+    ) -> Result<Option<T>, RuntimeError> {
+        let mut attempt = 1;
+        loop {
+            match self.get::<T>(path, doing).await {
+                Err(e) if e.code == "engine-error" && attempt < SETTLING_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     pub async fn networks(&self, labels: &[String]) -> Result<Vec<NamedObject>, RuntimeError> {
