@@ -338,15 +338,8 @@ async fn run_rollout(
     };
     // When the hub heard each stage apply (nothing has been pushed to
     // them since).
-    let rows = hub
-        .api(
-            reqwest::Method::GET,
-            &format!("/projects/{FANOUT_PROJECT}/outpost-status"),
-            None,
-        )
-        .await?;
     let mut heard = std::collections::HashMap::new();
-    for row in rows.as_array().context("a list of stages")? {
+    for row in &crate::scale::fanout_status(hub).await? {
         if let (Some(stage), Ok(at)) = (row["stage"].as_str(), time(&row["updated_at"])) {
             heard.insert(stage.to_owned(), at);
         }

@@ -695,15 +695,8 @@ pub async fn push_and_watch_stages(
     let pushed = pushed.lock().unwrap_or_else(|p| p.into_inner()).clone();
 
     // Every stage has applied: when, by the hub's record.
-    let rows = hub
-        .api(
-            reqwest::Method::GET,
-            &format!("/projects/{FANOUT_PROJECT}/outpost-status"),
-            None,
-        )
-        .await?;
     let mut applied_at = std::collections::HashMap::new();
-    for row in rows.as_array().context("a list of stages")? {
+    for row in &fanout_status(&hub).await? {
         let Some(stage) = row["stage"].as_str() else {
             continue;
         };
@@ -729,6 +722,23 @@ pub async fn push_and_watch_stages(
         push_secs,
         first_recorded: first_recorded.unwrap_or(0.0),
     })
+}
+
+/// Every stage of the fan-out project as `GET …/outpost-status` lists it:
+/// its revisions, and when the hub last heard from its agent
+/// (`updated_at`).
+pub async fn fanout_status(hub: &HubChild) -> anyhow::Result<Vec<Value>> {
+    let rows = hub
+        .api(
+            reqwest::Method::GET,
+            &format!("/projects/{FANOUT_PROJECT}/outpost-status"),
+            None,
+        )
+        .await?;
+    match rows {
+        Value::Array(rows) => Ok(rows),
+        other => bail!("the hub's outpost-status is not a list of stages: {other}"),
+    }
 }
 
 /// A build of one container component by image reference: nothing to
