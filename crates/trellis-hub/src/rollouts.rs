@@ -34,7 +34,7 @@ use trellis_model::rollout::{
 use trellis_model::{ConfigSnapshot, NewAuditEntry};
 use trellis_store::{NewRelease, StoreError};
 
-use crate::link::commit::Reports;
+use crate::link::commit::{Committed, Reports};
 use crate::state::AppState;
 
 /// How often the active rollouts are looked at.
@@ -469,11 +469,12 @@ fn window_waits(state: &AppState, r: &mut Rollout, w: usize, now: chrono::DateTi
     waiting
 }
 
-/// Reads what the agents reported of the stages the release was pushed to
-/// and that are not settled — of those `reports` names, and those whose
+/// Takes in what the agents reported of the stages the release was pushed
+/// to and that are not settled — of those `reports` names, and those whose
 /// outposts are not linked here (their reports are committed elsewhere) —
 /// and sets aside as offline the pending stages of the current wave whose
-/// outpost is not linked.
+/// outpost is not linked. A report committed here as sent says what it
+/// means itself ([`from_committed`]); the others are read from the store.
 async fn observe_stages(
     state: &AppState,
     r: &mut Rollout,
@@ -486,31 +487,46 @@ async fn observe_stages(
         Reports::Any => None,
         Reports::Stages(by_project) => Some(by_project.get(&r.project)),
     };
+    let committed = |s: &RolloutStage| match reported {
+        Some(Some(stages)) if online.here(&s.outpost) => stages.get(&s.stage).copied(),
+        _ => None,
+    };
     let wanted = |s: &RolloutStage| {
         s.state == StageRolloutState::Pushed
             && reported.is_none_or(|stages| {
-                stages.is_some_and(|stages| stages.contains(&s.stage)) || !online.here(&s.outpost)
+                stages.is_some_and(|stages| stages.contains_key(&s.stage))
+                    || !online.here(&s.outpost)
             })
     };
+    let read = |s: &RolloutStage| wanted(s) && !matches!(committed(s), Some(Committed::Runs(_)));
     // Only the stages still on their way are read: a round of a rollout
     // over 10,000 stages whose wave has 100 reads at most 100.
     if !r.stages.iter().any(wanted) {
         return Ok(());
     }
-    let by_name = summaries_of(state, r, wanted).await?;
+    let by_name = if r.stages.iter().any(read) {
+        summaries_of(state, r, read).await?
+    } else {
+        HashMap::new()
+    };
     let current = r.current_wave();
     for s in r.stages.iter_mut().filter(|s| wanted(s)) {
-        let Some(summary) = by_name.get(s.stage.as_str()) else {
-            s.state = StageRolloutState::Failed;
-            s.message = Some("the stage was deleted".into());
-            continue;
+        let observed = if let Some(Committed::Runs(revision)) = committed(s) {
+            from_committed(s, revision)
+        } else {
+            let Some(summary) = by_name.get(s.stage.as_str()) else {
+                s.state = StageRolloutState::Failed;
+                s.message = Some("the stage was deleted".into());
+                continue;
+            };
+            observe(
+                s,
+                summary.applied_revision,
+                summary.applied_release,
+                summary.report_state.as_deref(),
+            )
         };
-        if let Some((new, message)) = observe(
-            s,
-            summary.applied_revision,
-            summary.applied_release,
-            summary.report_state.as_deref(),
-        ) {
+        if let Some((new, message)) = observed {
             s.state = new;
             s.message = message;
         } else if settled
@@ -526,6 +542,16 @@ async fn observe_stages(
         }
     }
     Ok(())
+}
+
+/// What a report committed as sent, with no failure, at `runs` says of
+/// the stage: the store holds its newest release at or below `runs` as
+/// applied, and a stage's releases take revisions in the order of their
+/// numbers, so once `runs` reaches the revision of the rollout's release,
+/// that release or a newer one is applied — what reading the store would
+/// have told [`observe`].
+fn from_committed(s: &RolloutStage, runs: u64) -> Option<(StageRolloutState, Option<String>)> {
+    observe(s, runs, s.release, None)
 }
 
 /// The store's summaries of the rollout's stages that `which` picks, by
@@ -807,5 +833,24 @@ mod tests {
         let mut between = watching(&[(Pushed, false)]);
         between.waves[0].outcome = Some(WaveOutcome::Passed);
         assert!(!deciding(&between));
+    }
+
+    /// A report committed as sent settles a stage once it runs the
+    /// revision of the rollout's release or a later one, and only then.
+    #[test]
+    fn a_committed_report_applies_the_release_once_it_runs_its_revision() {
+        let mut r = watching(&[(StageRolloutState::Pushed, false)]);
+        let s = &mut r.stages[0];
+        assert_eq!(from_committed(s, 10), None, "nothing pushed yet");
+        (s.release, s.revision) = (Some(4), Some(10));
+        assert_eq!(from_committed(s, 9), None);
+        assert_eq!(
+            from_committed(s, 10),
+            Some((StageRolloutState::Applied, None))
+        );
+        assert_eq!(
+            from_committed(s, 12),
+            Some((StageRolloutState::Applied, None))
+        );
     }
 }

@@ -11,7 +11,7 @@
 //! lone write goes out at once, and under load a batch gathers while the
 //! previous one commits, so nothing waits on a timer.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use trellis_model::StageSync;
@@ -50,11 +50,16 @@ impl Default for SyncCommitter {
 }
 
 /// The stages whose status reports this instance committed since the
-/// rollout driver last looked, so that a round woken by reports reads
-/// those stages, not every stage still on its way (a wave of 5,000 read
-/// 5,000 every few milliseconds). Kept only while the driver takes them.
+/// rollout driver last looked, and what each report said, so that a round
+/// woken by reports needs to read neither every stage still on its way (a
+/// wave of 5,000 read 5,000 every few milliseconds) nor, mostly, those
+/// that reported: a report written as sent tells the driver what it would
+/// have read ([`Committed`]). Kept only while the driver takes them.
 #[derive(Default)]
 pub struct ReportedStages(Mutex<Reported>);
+
+/// Stage → what its newest committed report said.
+pub type CommittedStages = HashMap<String, Committed>;
 
 #[derive(Default)]
 enum Reported {
@@ -62,16 +67,53 @@ enum Reported {
     #[default]
     Off,
     /// By project.
-    Since(HashMap<String, HashSet<String>>),
+    Since(HashMap<String, CommittedStages>),
     /// More than [`REPORTED_MOST`] since the last look.
     TooMany,
+}
+
+/// What a committed status report says of its stage's releases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// Written as sent, with no failed revision: the stage runs the
+    /// revision, and the store holds its newest release at or below it as
+    /// applied (the rule of `record_sync_batch`).
+    Runs(u64),
+    /// A failure, or a report older than the one recorded (not written):
+    /// what it means for the stage's releases is read from the store.
+    Unclear,
+}
+
+impl Committed {
+    /// What `update`, answered with `written`, says.
+    fn of(update: &SyncUpdate, written: &StageSync) -> Option<Committed> {
+        let SyncUpdate::Status {
+            applied_revision,
+            failed_revision,
+            report,
+            ..
+        } = update
+        else {
+            return None;
+        };
+        // A report is written unless the record holds a newer one, whose
+        // applied revision is then larger.
+        let as_sent = written.applied_revision == *applied_revision;
+        let failed = failed_revision.is_some()
+            || report.get("state").and_then(|s| s.as_str()) == Some("failed");
+        Some(if as_sent && !failed {
+            Committed::Runs(*applied_revision)
+        } else {
+            Committed::Unclear
+        })
+    }
 }
 
 /// What [`ReportedStages::take`] gives.
 #[derive(Debug, PartialEq)]
 pub enum Reports {
     /// Only these stages (by project) may have reported.
-    Stages(HashMap<String, HashSet<String>>),
+    Stages(HashMap<String, CommittedStages>),
     /// Any stage may have: nothing was kept before this look, or too much.
     Any,
 }
@@ -92,18 +134,23 @@ impl ReportedStages {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Reported::Off;
     }
 
-    fn add<'a>(&self, stages: impl Iterator<Item = (&'a str, &'a str)>) {
+    /// Keeps what each committed report (`update` and its answer, in the
+    /// order committed) says of its stage: the newest wins.
+    fn add<'a>(&self, committed: impl Iterator<Item = (&'a SyncUpdate, &'a StageSync)>) {
         let mut reported = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let Reported::Since(by_project) = &mut *reported else {
             return;
         };
-        for (project, stage) in stages {
+        for (update, written) in committed {
+            let Some(what) = Committed::of(update, written) else {
+                continue;
+            };
             by_project
-                .entry(project.to_owned())
+                .entry(written.project.clone())
                 .or_default()
-                .insert(stage.to_owned());
+                .insert(written.stage.clone(), what);
         }
-        if by_project.values().map(HashSet::len).sum::<usize>() > REPORTED_MOST {
+        if by_project.values().map(HashMap::len).sum::<usize>() > REPORTED_MOST {
             *reported = Reported::TooMany;
         }
     }
@@ -126,14 +173,12 @@ impl SyncCommitter {
                     match store.record_sync_batch(&updates, chrono::Utc::now()).await {
                         Ok(results) => {
                             if reports {
-                                reported_stages.add(updates.iter().zip(&results).filter_map(
-                                    |(update, result)| match (update, result) {
-                                        (SyncUpdate::Status { project, stage, .. }, Ok(_)) => {
-                                            Some((project.as_str(), stage.as_str()))
-                                        }
-                                        _ => None,
-                                    },
-                                ));
+                                reported_stages.add(
+                                    updates
+                                        .iter()
+                                        .zip(&results)
+                                        .filter_map(|(u, r)| Some((u, r.as_ref().ok()?))),
+                                );
                                 // One permit is kept while nobody waits: a
                                 // report committed during a round wakes the
                                 // next one.
@@ -158,13 +203,45 @@ mod tests {
     use super::*;
     use trellis_store::memory::MemoryStore;
 
-    fn stages(pairs: &[(&str, &str)]) -> Reports {
-        let mut by_project: HashMap<String, HashSet<String>> = HashMap::new();
-        for (project, stage) in pairs {
+    /// A status report of `project/stage` at `applied` (`failed`: naming
+    /// that revision failed), and its answer: the record with `recorded`
+    /// as its applied revision.
+    fn report(
+        project: &str,
+        stage: &str,
+        applied: u64,
+        failed: Option<u64>,
+        recorded: u64,
+    ) -> (SyncUpdate, StageSync) {
+        let update = SyncUpdate::Status {
+            project: project.into(),
+            stage: stage.into(),
+            applied_revision: applied,
+            failed_revision: failed,
+            report: serde_json::json!({ "state": if failed.is_some() { "failed" } else { "running" } }),
+        };
+        let written = StageSync {
+            project: project.into(),
+            stage: stage.into(),
+            delivered_revision: applied.max(recorded),
+            applied_revision: recorded,
+            report: None,
+            updated_at: None,
+        };
+        (update, written)
+    }
+
+    fn add(reported: &ReportedStages, reports: &[(SyncUpdate, StageSync)]) {
+        reported.add(reports.iter().map(|(u, w)| (u, w)));
+    }
+
+    fn stages(facts: &[(&str, &str, Committed)]) -> Reports {
+        let mut by_project: HashMap<String, CommittedStages> = HashMap::new();
+        for (project, stage, what) in facts {
             by_project
                 .entry((*project).into())
                 .or_default()
-                .insert((*stage).into());
+                .insert((*stage).into(), *what);
         }
         Reports::Stages(by_project)
     }
@@ -174,21 +251,71 @@ mod tests {
     #[test]
     fn reported_stages_are_kept_between_looks() {
         let reported = ReportedStages::default();
-        reported.add([("shop", "a")].into_iter());
+        add(&reported, &[report("shop", "a", 1, None, 1)]);
         assert_eq!(reported.take(), Reports::Any, "nothing kept before a look");
         assert_eq!(reported.take(), stages(&[]));
-        reported.add([("shop", "a"), ("shop", "b"), ("shop", "a"), ("farm", "a")].into_iter());
+        add(
+            &reported,
+            &[
+                report("shop", "a", 3, None, 3),
+                report("shop", "b", 2, None, 2),
+                report("shop", "a", 4, None, 4),
+                report("farm", "a", 1, None, 1),
+            ],
+        );
         assert_eq!(
             reported.take(),
-            stages(&[("shop", "a"), ("shop", "b"), ("farm", "a")])
+            stages(&[
+                ("shop", "a", Committed::Runs(4)),
+                ("shop", "b", Committed::Runs(2)),
+                ("farm", "a", Committed::Runs(1)),
+            ])
         );
         assert_eq!(reported.take(), stages(&[]), "a look empties it");
-        let many: Vec<String> = (0..=REPORTED_MOST).map(|i| format!("s{i}")).collect();
-        reported.add(many.iter().map(|s| ("shop", s.as_str())));
+        let many: Vec<_> = (0..=REPORTED_MOST)
+            .map(|i| report("shop", &format!("s{i}"), 1, None, 1))
+            .collect();
+        add(&reported, &many);
         assert_eq!(reported.take(), Reports::Any, "too many to keep");
         reported.stop();
-        reported.add([("shop", "a")].into_iter());
+        add(&reported, &[report("shop", "a", 1, None, 1)]);
         assert_eq!(reported.take(), Reports::Any, "nothing kept after a stop");
+    }
+
+    /// Only a report written as sent and naming no failure says which
+    /// release the stage runs; a failure, a late report (the record holds
+    /// a newer one) and a delivery leave it to the store, and the newest
+    /// report of a stage is what is kept.
+    #[test]
+    fn only_a_report_written_as_sent_without_failure_says_what_runs() {
+        let reported = ReportedStages::default();
+        reported.take();
+        let delivered = SyncUpdate::Delivered {
+            project: "shop".into(),
+            stage: "d".into(),
+            revision: 5,
+        };
+        let (_, answer) = report("shop", "d", 0, None, 0);
+        add(
+            &reported,
+            &[
+                report("shop", "ok", 7, None, 7),
+                report("shop", "failed", 7, Some(8), 7),
+                report("shop", "late", 5, None, 7),
+                report("shop", "then-failed", 7, None, 7),
+                report("shop", "then-failed", 7, Some(8), 7),
+                (delivered, answer),
+            ],
+        );
+        assert_eq!(
+            reported.take(),
+            stages(&[
+                ("shop", "ok", Committed::Runs(7)),
+                ("shop", "failed", Committed::Unclear),
+                ("shop", "late", Committed::Unclear),
+                ("shop", "then-failed", Committed::Unclear),
+            ])
+        );
     }
 
     /// Writes queued from many tasks at once each get their own answer,
