@@ -223,27 +223,31 @@ impl<B: Backend> SqlStore<B> {
         let named = match names {
             Some(_) => format!(
                 "AND s.name IN (SELECT value FROM {})",
-                B::DIALECT.json_strings("$4")
+                B::DIALECT.json_strings("$3")
             ),
             None => String::new(),
         };
+        // The applied release is looked up in the partial index
+        // `releases_applied` (migration 0016), which holds a stage's one
+        // applied release: the state is written into the statement, since
+        // neither SQLite nor PostgreSQL matches a bound parameter to an
+        // index's condition. Scanning every release of the stage instead
+        // made a summary's cost grow with the stage's history.
         let sql = format!(
             "SELECT s.project, s.name, s.stage_type, s.display_name, s.suspended, s.outpost, \
              s.desired_revision, s.latest_release, s.created_at, s.archived_at, \
              y.delivered_revision, y.applied_revision, y.updated_at AS sync_updated_at, \
              {} AS report_state, \
              (SELECT MAX(r.number) FROM releases r \
-              WHERE r.project = s.project AND r.stage = s.name AND r.state = $2) AS applied_release \
+              WHERE r.project = s.project AND r.stage = s.name AND r.state = '{}') AS applied_release \
              FROM stages s LEFT JOIN stage_syncs y ON y.project = s.project AND y.stage = s.name \
              WHERE s.project = $1 \
-             AND (NOT $3 OR s.desired_revision > COALESCE(y.applied_revision, 0)) {named} \
+             AND (NOT $2 OR s.desired_revision > COALESCE(y.applied_revision, 0)) {named} \
              ORDER BY s.name",
-            B::DIALECT.json_field("y.report", "state")
+            B::DIALECT.json_field("y.report", "state"),
+            ReleaseState::Applied.as_str(),
         );
-        let mut query = q(&sql)
-            .bind(project)
-            .bind(ReleaseState::Applied.as_str())
-            .bind(which == StageFilter::Pending);
+        let mut query = q(&sql).bind(project).bind(which == StageFilter::Pending);
         if let Some(names) = names {
             query = query.bind(json(&names)?);
         }
