@@ -277,40 +277,72 @@ async fn upsert<C: Conn + ?Sized>(
 /// revision is then the one rolled back from, and taking it for running
 /// marked a refused release applied.) The failed revision's release is
 /// `failed` whatever else holds.
+///
+/// Every step finds its rows without reading the stage's history: a
+/// stage's releases take revisions in the order of their numbers, so the
+/// running and the failed release are found walking back from the newest
+/// by number (a step or two); the older `applied` and `pending` ones are
+/// in their partial indexes (migration 0016), which only a state written
+/// into the statement selects. One statement comparing every release of
+/// the stage cost a batch of 1,000 reports 26 ms at 40 releases a stage
+/// and 200 ms at 365. The steps go in an order in which none undoes
+/// another: the two that move older releases select by the old state,
+/// and set states the last two, selecting by number, overwrite only on
+/// the release that failed.
 async fn move_releases<C: Conn + ?Sized>(c: &mut C, dialect: &Dialect, rows: &str) -> Result<()> {
-    // `running` is worked out once per report (materialised): left to
-    // the planner, SQLite inlined it into every condition that names it,
-    // once per release row, which made the statement quadratic in a
-    // stage's releases.
-    let statement = format!(
+    use ReleaseState::{Applied, Failed, Pending, Replaced, Superseded};
+    // `running` and `failed` are worked out once per report
+    // (materialised): left to the planner, SQLite inlined them into every
+    // condition that names them, once per release row.
+    let reports = format!(
         "WITH u AS MATERIALIZED ( \
-             SELECT a.project, a.stage, a.failed, \
-                 (SELECT MAX(r.revision) FROM releases AS r WHERE r.project = a.project \
-                  AND r.stage = a.stage AND r.revision <= a.applied) AS running \
-             FROM ({rows}) AS a) \
-         UPDATE releases SET state = CASE \
-             WHEN releases.revision = u.failed THEN $2 \
-             WHEN releases.revision = u.running THEN $3 \
-             WHEN releases.state = $3 THEN $4 \
-             ELSE $5 END \
-         FROM u \
-         WHERE releases.project = u.project AND releases.stage = u.stage AND ( \
-             releases.revision = u.failed \
-             OR (u.failed IS NULL AND releases.revision = u.running) \
-             OR (u.failed IS NULL AND releases.revision < u.running AND releases.state = $3) \
-             OR (releases.revision < u.running AND releases.state = $6))",
+             SELECT a.project, a.stage, \
+                 (SELECT r.number FROM releases AS r WHERE r.project = a.project \
+                  AND r.stage = a.stage AND r.revision <= a.applied \
+                  ORDER BY r.number DESC LIMIT 1) AS running, \
+                 CASE WHEN a.failed IS NULL THEN NULL ELSE \
+                 (SELECT r.number FROM releases AS r WHERE r.project = a.project \
+                  AND r.stage = a.stage AND r.revision = a.failed \
+                  ORDER BY r.number DESC LIMIT 1) END AS failed, \
+                 a.failed IS NULL AS clean \
+             FROM ({rows}) AS a)",
         rows = rows_of(dialect, &["project", "stage", "applied#", "failed#"]),
     );
-    q(&statement)
-        .bind(rows)
-        .bind(ReleaseState::Failed.as_str())
-        .bind(ReleaseState::Applied.as_str())
-        .bind(ReleaseState::Replaced.as_str())
-        .bind(ReleaseState::Superseded.as_str())
-        .bind(ReleaseState::Pending.as_str())
-        .execute(&mut *c)
-        .await
-        .map_err(backend(DOING))?;
+    let of_stage = "releases.project = u.project AND releases.stage = u.stage";
+    let not_failed = "(u.failed IS NULL OR releases.number <> u.failed)";
+    let steps = [
+        // Older pending ones never ran.
+        format!(
+            "UPDATE releases SET state = '{}' FROM u WHERE {of_stage} \
+             AND releases.state = '{}' AND releases.number < u.running AND {not_failed}",
+            Superseded.as_str(),
+            Pending.as_str(),
+        ),
+        // Older applied ones are replaced, unless this is a failure.
+        format!(
+            "UPDATE releases SET state = '{}' FROM u WHERE {of_stage} \
+             AND releases.state = '{}' AND releases.number < u.running AND u.clean",
+            Replaced.as_str(),
+            Applied.as_str(),
+        ),
+        format!(
+            "UPDATE releases SET state = '{}' FROM u WHERE {of_stage} \
+             AND releases.number = u.running AND u.clean",
+            Applied.as_str(),
+        ),
+        format!(
+            "UPDATE releases SET state = '{}' FROM u WHERE {of_stage} \
+             AND releases.number = u.failed",
+            Failed.as_str(),
+        ),
+    ];
+    for step in steps {
+        q(&format!("{reports} {step}"))
+            .bind(rows)
+            .execute(&mut *c)
+            .await
+            .map_err(backend(DOING))?;
+    }
     Ok(())
 }
 
