@@ -40,7 +40,7 @@ async fn advance(
     state: &AppState,
     batch: u64,
     updates: &[AgentUpdate],
-    online: &Online,
+    online: &Online<'_>,
     settled: bool,
 ) -> Result<(), StoreError> {
     // The next wave is the first with updates waiting; the last one sent

@@ -90,12 +90,14 @@ async fn drive(state: &AppState, cancel: &CancellationToken) {
     let mut held = Held::default();
     loop {
         // Rollouts that ended are still followed (their late stages), but
-        // only at the tick: reports from any push wake the driver.
-        let finished_too = tokio::select! {
+        // only at the tick: reports from any push wake the driver. Stages'
+        // reports say nothing of agent updates (their agents' reports wake
+        // the driver themselves).
+        let (finished_too, agent_updates) = tokio::select! {
             () = cancel.cancelled() => return,
-            _ = tick.tick() => true,
-            () = reported.notified() => false,
-            () = wake.notified() => false,
+            _ = tick.tick() => (true, true),
+            () = reported.notified() => (false, false),
+            () = wake.notified() => (false, true),
         };
         let settled = started.elapsed() >= SETTLE;
         let began = Instant::now();
@@ -111,7 +113,7 @@ async fn drive(state: &AppState, cancel: &CancellationToken) {
                 Looked::default()
             }
         };
-        if let Err(e) = crate::agent_update_waves::round(state, settled).await {
+        if agent_updates && let Err(e) = crate::agent_update_waves::round(state, settled).await {
             tracing::warn!(error = %e, "could not look at the agent updates in waves");
         }
         // Once a wave has almost landed, the next report may decide it,
@@ -293,20 +295,17 @@ fn released(r: &Rollout) -> usize {
     r.stages.iter().filter(|s| s.release.is_some()).count()
 }
 
-/// Which outposts are linked now (to any instance).
-pub struct Online {
-    local: HashSet<String>,
+/// Which outposts are linked now (to any instance): this instance's
+/// sessions as they are when asked (a round asks for thousands of stages;
+/// copying the names of 10,000 sessions for each round was most of a
+/// woken round's cost), other instances' claims as read.
+pub struct Online<'a> {
+    links: &'a crate::link::Links,
     elsewhere: HashSet<String>,
 }
 
-impl Online {
-    pub async fn read(state: &AppState) -> Result<Online, StoreError> {
-        let local = state
-            .links()
-            .local_sessions()
-            .into_iter()
-            .map(|(o, _, _)| o)
-            .collect();
+impl<'a> Online<'a> {
+    pub async fn read(state: &'a AppState) -> Result<Online<'a>, StoreError> {
         let mut elsewhere = HashSet::new();
         let cluster = state.cluster();
         if cluster.is_shared() {
@@ -322,16 +321,19 @@ impl Online {
                 }
             }
         }
-        Ok(Online { local, elsewhere })
+        Ok(Online {
+            links: state.links(),
+            elsewhere,
+        })
     }
 
     pub fn has(&self, outpost: &str) -> bool {
-        self.local.contains(outpost) || self.elsewhere.contains(outpost)
+        self.here(outpost) || self.elsewhere.contains(outpost)
     }
 
     /// Linked to this instance, whose reports it sees committed.
     fn here(&self, outpost: &str) -> bool {
-        self.local.contains(outpost)
+        self.links.has_local_session(outpost)
     }
 }
 
@@ -341,7 +343,7 @@ impl Online {
 async fn advance(
     state: &AppState,
     held: HeldRollout,
-    online: &Online,
+    online: &Online<'_>,
     settled: bool,
     reports: &Reports,
 ) -> Result<HeldRollout, StoreError> {
@@ -482,7 +484,7 @@ fn window_waits(state: &AppState, r: &mut Rollout, w: usize, now: chrono::DateTi
 async fn observe_stages(
     state: &AppState,
     r: &mut Rollout,
-    online: &Online,
+    online: &Online<'_>,
     settled: bool,
     reports: &Reports,
 ) -> Result<(), StoreError> {
@@ -636,7 +638,7 @@ async fn start_wave(
     state: &AppState,
     mut r: Rollout,
     w: usize,
-    online: &Online,
+    online: &Online<'_>,
 ) -> Result<Rollout, StoreError> {
     let now = Utc::now();
     let by_name = summaries_of(state, &r, |s| s.wave as usize == w).await?;

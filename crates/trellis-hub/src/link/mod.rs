@@ -411,6 +411,13 @@ impl Links {
         }
     }
 
+    /// Whether this hub has a session of the outpost.
+    pub fn has_local_session(&self, outpost: &str) -> bool {
+        self.lock()
+            .get(outpost)
+            .is_some_and(|e| e.session.is_some())
+    }
+
     /// The outposts with a session here, each with its session's id and
     /// claim epoch (0 while unknown).
     pub fn local_sessions(&self) -> Vec<(String, u64, u64)> {
