@@ -296,9 +296,9 @@ fn released(r: &Rollout) -> usize {
 }
 
 /// Which outposts are linked now (to any instance): this instance's
-/// sessions as they are when asked (a round asks for thousands of stages;
-/// copying the names of 10,000 sessions for each round was most of a
-/// woken round's cost), other instances' claims as read.
+/// sessions as they are when asked, one outpost at a time (a round used
+/// to copy the name of every session, 10,000 on a large hub, however few
+/// stages it looked at), and other instances' claims as read.
 pub struct Online<'a> {
     links: &'a crate::link::Links,
     elsewhere: HashSet<String>,
