@@ -34,7 +34,7 @@ use trellis_model::rollout::{
 use trellis_model::{ConfigSnapshot, NewAuditEntry};
 use trellis_store::{NewRelease, StoreError};
 
-use crate::link::commit::{Committed, Reports};
+use crate::link::commit::{Committed, CommittedStages, Reports};
 use crate::state::AppState;
 
 /// How often the active rollouts are looked at.
@@ -493,31 +493,26 @@ async fn observe_stages(
         Reports::Any => None,
         Reports::Stages(by_project) => Some(by_project.get(&r.project)),
     };
-    let committed = |s: &RolloutStage| match reported {
-        Some(Some(stages)) if online.here(&s.outpost) => stages.get(&s.stage).copied(),
-        _ => None,
-    };
-    let wanted = |s: &RolloutStage| {
-        s.state == StageRolloutState::Pushed
-            && reported.is_none_or(|stages| {
-                stages.is_some_and(|stages| stages.contains_key(&s.stage))
-                    || !online.here(&s.outpost)
-            })
-    };
-    let read = |s: &RolloutStage| wanted(s) && !matches!(committed(s), Some(Committed::Runs(_)));
+    // Each stage's way is chosen once, before the read: whether an
+    // outpost is linked here can change while the read waits, and a stage
+    // chosen on one answer and judged on the other would be taken for
+    // deleted (failed).
+    let looks = looks(r, reported, |outpost| online.here(outpost));
     // Only the stages still on their way are read: a round of a rollout
     // over 10,000 stages whose wave has 100 reads at most 100.
-    if !r.stages.iter().any(wanted) {
+    if looks.is_empty() {
         return Ok(());
     }
-    let by_name = if r.stages.iter().any(read) {
-        summaries_of(state, r, read).await?
-    } else {
-        HashMap::new()
-    };
+    let names: Vec<String> = looks
+        .iter()
+        .filter(|(_, look)| matches!(look, Look::Read))
+        .map(|&(i, _)| r.stages[i].stage.clone())
+        .collect();
+    let by_name = summaries_named(state, &r.project, &names).await?;
     let current = r.current_wave();
-    for s in r.stages.iter_mut().filter(|s| wanted(s)) {
-        let observed = if let Some(Committed::Runs(revision)) = committed(s) {
+    for (i, look) in looks {
+        let s = &mut r.stages[i];
+        let observed = if let Look::Committed(revision) = look {
             from_committed(s, revision)
         } else {
             let Some(summary) = by_name.get(s.stage.as_str()) else {
@@ -550,6 +545,47 @@ async fn observe_stages(
     Ok(())
 }
 
+/// How a round takes in a stage on its way.
+#[derive(Debug, PartialEq)]
+enum Look {
+    /// Its report, committed here as sent, says it runs this revision.
+    Committed(u64),
+    /// From its record in the store.
+    Read,
+}
+
+/// Which of `r`'s stages on their way a round takes in, and how, given
+/// the reports committed here since the last round (`None`: any stage
+/// may have reported, all are read; `Some(None)`: none of this project's)
+/// and which outposts are linked here: a stage that reported is taken
+/// from its report if that says what it runs and its outpost is here,
+/// else read; one that did not is read only if its outpost is elsewhere
+/// (its reports are committed there).
+fn looks(
+    r: &Rollout,
+    reported: Option<Option<&CommittedStages>>,
+    here: impl Fn(&str) -> bool,
+) -> Vec<(usize, Look)> {
+    r.stages
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.state == StageRolloutState::Pushed)
+        .filter_map(|(i, s)| {
+            let Some(stages) = reported else {
+                return Some((i, Look::Read));
+            };
+            let here = here(&s.outpost);
+            let look = match stages.and_then(|stages| stages.get(&s.stage)) {
+                Some(Committed::Runs(revision)) if here => Look::Committed(*revision),
+                Some(_) => Look::Read,
+                None if !here => Look::Read,
+                None => return None,
+            };
+            Some((i, look))
+        })
+        .collect()
+}
+
 /// What a report committed as sent, with no failure, at `runs` says of
 /// the stage: the store holds its newest release at or below `runs` as
 /// applied, and a stage's releases take revisions in the order of their
@@ -573,9 +609,22 @@ async fn summaries_of(
         .filter(|s| which(s))
         .map(|s| s.stage.clone())
         .collect();
+    summaries_named(state, &r.project, &names).await
+}
+
+/// The store's summaries of the project's stages `names`, by name (none
+/// read if there are none).
+async fn summaries_named(
+    state: &AppState,
+    project: &str,
+    names: &[String],
+) -> Result<HashMap<String, trellis_store::StageSummary>, StoreError> {
+    if names.is_empty() {
+        return Ok(HashMap::new());
+    }
     Ok(state
         .store()
-        .stage_summaries_named(&r.project, &names)
+        .stage_summaries_named(project, names)
         .await?
         .into_iter()
         .map(|s| (s.stage.name.clone(), s))
@@ -858,5 +907,42 @@ mod tests {
             from_committed(s, 12),
             Some((StageRolloutState::Applied, None))
         );
+    }
+
+    /// A round takes a stage from its committed report only if the report
+    /// says what it runs and the outpost is linked here; it reads stages
+    /// whose reports do not, and those linked elsewhere; it leaves out the
+    /// others, and every settled stage.
+    #[test]
+    fn a_round_takes_each_stage_from_its_report_or_the_store_once() {
+        use StageRolloutState::{Applied, Pushed};
+        let mut r = watching(&[(Pushed, false); 6]);
+        r.stages[5].state = Applied;
+        let name = |i: usize| r.stages[i].stage.clone();
+        let mut stages = CommittedStages::new();
+        stages.insert(name(0), Committed::Runs(7));
+        stages.insert(name(1), Committed::Unclear);
+        stages.insert(name(2), Committed::Runs(7));
+        stages.insert(name(5), Committed::Runs(7));
+        let elsewhere = [r.stages[2].outpost.clone(), r.stages[3].outpost.clone()];
+        let here = |o: &str| !elsewhere.iter().any(|e| e == o);
+        assert_eq!(
+            looks(&r, Some(Some(&stages)), here),
+            vec![
+                (0, Look::Committed(7)),
+                (1, Look::Read),
+                (2, Look::Read),
+                (3, Look::Read),
+            ],
+            "4 reported nothing and is here; 5 is settled"
+        );
+        assert_eq!(
+            looks(&r, Some(None), here),
+            vec![(2, Look::Read), (3, Look::Read)],
+            "no report of the project: only those linked elsewhere"
+        );
+        let all = looks(&r, None, here);
+        assert_eq!(all.len(), 5, "any may have reported: every one on its way");
+        assert!(all.iter().all(|(_, look)| *look == Look::Read));
     }
 }
