@@ -98,7 +98,12 @@ impl HubChild {
             .arg(format!("127.0.0.1:{port}"))
             .args(["--no-containers"])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            // `TRELLIS_BENCH_HUB_LOG` (a `RUST_LOG` filter) asks the hub
+            // for more, in its `hub.log`.
+            .env(
+                "RUST_LOG",
+                std::env::var("TRELLIS_BENCH_HUB_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

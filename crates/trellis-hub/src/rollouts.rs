@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use trellis_model::rollout::{
-    Rollout, RolloutStage, RolloutState, StageRolloutState, Verdict, WaveOutcome, WavePause, judge,
-    observe,
+    Rollout, RolloutStage, RolloutState, RolloutWave, StageRolloutState, Verdict, WaveOutcome,
+    WavePause, judge, observe,
 };
 use trellis_model::{ConfigSnapshot, NewAuditEntry};
 use trellis_store::{NewRelease, StoreError};
@@ -352,7 +352,7 @@ async fn advance(
         unsaved,
         saved_at,
     } = held;
-    let before = r.clone();
+    let before = Before::of(&r);
     let now = Utc::now();
     observe_stages(state, &mut r, online, settled, reports).await?;
     match r.state {
@@ -406,9 +406,9 @@ async fn advance(
         },
         _ => {}
     }
-    let unsaved = unsaved || r != before;
+    let unsaved = unsaved || before.changed(&r);
     let due = saved_at.is_none_or(|at| at.elapsed() >= TICK);
-    if !observed_only(&before, &r) || (unsaved && due) {
+    if !before.observed_only(&r) || (unsaved && due) {
         r.updated_at = Utc::now();
         return Ok(HeldRollout::saved(state.store().save_rollout(&r).await?));
     }
@@ -419,14 +419,58 @@ async fn advance(
     })
 }
 
-/// Whether `after` differs from `before` at most in what its stages'
-/// reports said (no verdict, no wave started, no state changed).
-fn observed_only(before: &Rollout, after: &Rollout) -> bool {
-    before.state == after.state
-        && before.waves == after.waves
-        && before.halt_reason == after.halt_reason
-        && before.next_wave_at == after.next_wave_at
-        && before.finished_at == after.finished_at
+/// What a round may change of a rollout, as it was before the round: what
+/// says whether a wave passed, halted or started (compared by
+/// [`Before::observed_only`]), and the stages on their way — the only ones
+/// a round that does not push changes ([`observe_stages`],
+/// [`window_waits`]; a round that pushes saves what it did). A copy of the
+/// whole rollout, 10,000 stages on a large one, cost a millisecond of every
+/// round, the one that takes a wave's verdict too.
+struct Before {
+    state: RolloutState,
+    waves: Vec<RolloutWave>,
+    halt_reason: Option<String>,
+    next_wave_at: Option<chrono::DateTime<Utc>>,
+    finished_at: Option<chrono::DateTime<Utc>>,
+    on_their_way: Vec<(usize, RolloutStage)>,
+}
+
+impl Before {
+    fn of(r: &Rollout) -> Before {
+        Before {
+            state: r.state,
+            waves: r.waves.clone(),
+            halt_reason: r.halt_reason.clone(),
+            next_wave_at: r.next_wave_at,
+            finished_at: r.finished_at,
+            on_their_way: r
+                .stages
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.state == StageRolloutState::Pushed)
+                .map(|(i, s)| (i, s.clone()))
+                .collect(),
+        }
+    }
+
+    /// Whether `after` differs at most in what its stages' reports said
+    /// (no verdict, no wave started, no state changed).
+    fn observed_only(&self, after: &Rollout) -> bool {
+        self.state == after.state
+            && self.waves == after.waves
+            && self.halt_reason == after.halt_reason
+            && self.next_wave_at == after.next_wave_at
+            && self.finished_at == after.finished_at
+    }
+
+    /// Whether the round changed anything of `after`.
+    fn changed(&self, after: &Rollout) -> bool {
+        !self.observed_only(after)
+            || self
+                .on_their_way
+                .iter()
+                .any(|(i, s)| after.stages.get(*i) != Some(s))
+    }
 }
 
 /// The words a stage of a rollout shows while its outpost's delivery
@@ -690,7 +734,9 @@ async fn start_wave(
     online: &Online<'_>,
 ) -> Result<Rollout, StoreError> {
     let now = Utc::now();
+    let read = Instant::now();
     let by_name = summaries_of(state, &r, |s| s.wave as usize == w).await?;
+    let read = read.elapsed();
     r.waves[w].started_at = Some(now);
     for s in r.stages.iter_mut().filter(|s| s.wave as usize == w) {
         if let Some(summary) = by_name.get(s.stage.as_str()) {
@@ -714,6 +760,7 @@ async fn start_wave(
         rollout = r.id,
         wave = w + 1,
         stages = r.waves[w].stages,
+        read_ms = read.as_secs_f64() * 1e3,
         "wave starts"
     );
     push_wave(state, r, w, Some(by_name)).await
@@ -795,10 +842,18 @@ async fn push_wave(
     if new.is_empty() {
         return state.store().save_rollout(&r).await;
     }
+    let push = Instant::now();
     let (r, pushed) = state.store().push_rollout_releases(&r, &new, now).await?;
     for outpost in &pushed.outposts {
         state.links().poke(outpost);
     }
+    tracing::debug!(
+        rollout = r.id,
+        wave = w + 1,
+        releases = new.len(),
+        push_ms = push.elapsed().as_secs_f64() * 1e3,
+        "wave pushed"
+    );
     Ok(r)
 }
 

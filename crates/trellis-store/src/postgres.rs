@@ -194,16 +194,14 @@ impl SqlStore<PgBackend> {
             .connect_with(connect.clone())
             .await
             .map_err(|e| open_error(&target, e))?;
-        let store = SqlStore {
-            backend: PgBackend {
-                pool,
-                options: connect,
-                target,
-                waits: Arc::default(),
-                wait_nanos: Arc::default(),
-                discarded,
-            },
-        };
+        let store = SqlStore::new(PgBackend {
+            pool,
+            options: connect,
+            target,
+            waits: Arc::default(),
+            wait_nanos: Arc::default(),
+            discarded,
+        });
         store.backend.migrate().await?;
         Ok(store)
     }

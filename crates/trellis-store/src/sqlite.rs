@@ -95,9 +95,7 @@ impl SqlStore<SqliteBackend> {
             .connect_with(options.pragma("query_only", "ON"))
             .await
             .map_err(crate::sql::backend("opening the database for reading"))?;
-        Ok(SqlStore {
-            backend: SqliteBackend { writer, reader },
-        })
+        Ok(SqlStore::new(SqliteBackend { writer, reader }))
     }
 
     /// Closes every connection, waiting for those in use. Not needed for
@@ -219,6 +217,11 @@ mod tests {
             .execute(writer)
             .await
             .unwrap();
+        // Opened by the hub of this version.
+        store.close().await;
+        let store = SqliteStore::open(&dir.path().join("hub.db")).await.unwrap();
+        let writer = &store.backend.writer;
+        let waves = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql).fetch_one(writer);
         assert_eq!(store.get_rollout(created.id).await.unwrap(), created);
 
         let mut changed = created.clone();
@@ -235,6 +238,48 @@ mod tests {
             2
         );
         store.close().await;
+    }
+
+    /// A store writes only the waves that changed since the version it
+    /// saved itself; after a save by another store on the same database
+    /// (another hub instance), it writes every wave again.
+    #[tokio::test]
+    async fn a_store_trusts_only_what_it_saw_at_the_version_it_saves_over() {
+        use crate::Store;
+        use trellis_model::rollout::StageRolloutState;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let one = SqliteStore::open(&path).await.unwrap();
+        crate::testsuite::seed_stages(&one, "shop", 3).await;
+        let created = one
+            .create_rollout(&crate::testsuite::new_rollout(
+                "shop",
+                &["s0", "s1", "s2"],
+                1,
+            ))
+            .await
+            .unwrap();
+        let mut mine = created.clone();
+        let first = mine.stages.iter().position(|s| s.wave == 0).unwrap();
+        mine.stages[first].state = StageRolloutState::Pushed;
+        let mine = one.save_rollout(&mine).await.unwrap();
+
+        let other = SqliteStore::open(&path).await.unwrap();
+        let mut theirs = other.get_rollout(created.id).await.unwrap();
+        assert_eq!(theirs, mine);
+        theirs.stages[first].state = StageRolloutState::Applied;
+        let theirs = other.save_rollout(&theirs).await.unwrap();
+
+        // Back to what `one` saved last: only a store that trusted what it
+        // saw at another version would take the wave for unchanged.
+        let mut again = one.get_rollout(created.id).await.unwrap();
+        assert_eq!(again, theirs, "the other store's save is read");
+        again.stages[first].state = StageRolloutState::Pushed;
+        let again = one.save_rollout(&again).await.unwrap();
+        assert_eq!(other.get_rollout(created.id).await.unwrap(), again);
+        assert_eq!(again.stages[first].state, StageRolloutState::Pushed);
+        other.close().await;
+        one.close().await;
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@
 
 pub mod conn;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::ops::DerefMut;
 use std::str::FromStr;
 
@@ -162,6 +162,18 @@ pub trait Backend: Send + Sync + 'static {
 /// [`crate::postgres::PgStore::open`]).
 pub struct SqlStore<B: Backend> {
     pub(crate) backend: B,
+    /// The stages of the active rollouts this store saved, so that a save
+    /// writes only the waves that changed ([`rollout_waves`]).
+    waves_seen: rollout_waves::WavesSeen,
+}
+
+impl<B: Backend> SqlStore<B> {
+    pub(crate) fn new(backend: B) -> SqlStore<B> {
+        SqlStore {
+            backend,
+            waves_seen: rollout_waves::WavesSeen::default(),
+        }
+    }
 }
 
 impl<B: Backend> SqlStore<B> {
@@ -447,6 +459,7 @@ macro_rules! sync_columns {
 }
 
 // After `sync_columns!`, which it uses.
+mod rollout_waves;
 mod sync_batch;
 
 fn user_from<R: SqlRow>(row: &R) -> Result<User> {
@@ -543,24 +556,6 @@ fn backup_id(project: &str, stage: &str, id: u64) -> Result<i64> {
     i64::try_from(id).map_err(|_| not_found("backup", wording::backup(project, stage, id)))
 }
 
-/// A rollout as stored: the rollout without its stages (`rollouts.record`), and its stages by
-/// wave, in wave order (`rollout_waves`), as JSON.
-fn rollout_parts(rollout: &Rollout) -> Result<(String, Vec<(i64, String)>)> {
-    let head = json(&Rollout {
-        stages: Vec::new(),
-        ..rollout.clone()
-    })?;
-    let mut by_wave: BTreeMap<u32, Vec<&RolloutStage>> = BTreeMap::new();
-    for stage in &rollout.stages {
-        by_wave.entry(stage.wave).or_default().push(stage);
-    }
-    let waves = by_wave
-        .into_iter()
-        .map(|(wave, stages)| Ok((i64::from(wave), json(&stages)?)))
-        .collect::<Result<_>>()?;
-    Ok((head, waves))
-}
-
 /// The rollout of a `rollouts` row with the stages the row still holds
 /// (those of a rollout recorded before `rollout_waves`; see
 /// [`with_wave_stages`]).
@@ -590,51 +585,54 @@ async fn with_wave_stages<C: Conn + ?Sized>(
     Ok(rollout)
 }
 
-/// Writes the rollout's waves whose stages differ from the stored ones
-/// (each wave is one row: a save leaves the others untouched).
-/// Saves `rollout` over the version it was read at (see
-/// [`Store::save_rollout`]); the record as saved.
+/// Saves `saved` over the version it was read at (see
+/// [`Store::save_rollout`]), writing only the waves that differ from
+/// `seen` (what this store saved at that version, if it knows); the
+/// record as saved, and its stages as now stored, to keep once committed.
 async fn rollout_saved_in<C: Conn + ?Sized>(
     c: &mut C,
-    rollout: &Rollout,
+    mut saved: Rollout,
+    seen: Option<rollout_waves::SeenWaves>,
     doing: &'static str,
-) -> Result<Rollout> {
-    let mut saved = rollout.clone();
+) -> Result<(Rollout, rollout_waves::SeenWaves)> {
+    let read_at = saved.version;
     saved.version += 1;
-    let (head, waves) = rollout_parts(&saved)?;
+    let (parts, stored) = rollout_waves::to_write(&mut saved, seen)?;
     // The row's own stages (of a rollout recorded before `rollout_waves`)
     // move to its waves.
     let done = q(
         "UPDATE rollouts SET state = $3, version = $4, record = $5, stages = '[]' \
          WHERE id = $1 AND project = $2 AND version = $6",
     )
-    .bind(int(rollout.id)?)
-    .bind(&rollout.project)
+    .bind(int(saved.id)?)
+    .bind(&saved.project)
     .bind(saved.state.as_str())
     .bind(int(saved.version)?)
-    .bind(head)
-    .bind(int(rollout.version)?)
+    .bind(&parts.head)
+    .bind(int(read_at)?)
     .execute(&mut *c)
     .await
     .map_err(backend(doing))?;
     if done == 0 {
         let exists = q("SELECT 1 AS one FROM rollouts WHERE id = $1 AND project = $2")
-            .bind(int(rollout.id)?)
-            .bind(&rollout.project)
+            .bind(int(saved.id)?)
+            .bind(&saved.project)
             .fetch_optional(&mut *c)
             .await
             .map_err(backend(doing))?
             .is_some();
         return Err(if exists {
-            wording::rollout_changed(rollout.id)
+            wording::rollout_changed(saved.id)
         } else {
-            not_found("rollout", wording::rollout(rollout.id))
+            not_found("rollout", wording::rollout(saved.id))
         });
     }
-    write_rollout_waves(c, rollout.id, &waves, doing).await?;
-    Ok(saved)
+    write_rollout_waves(c, saved.id, &parts.waves, doing).await?;
+    Ok((saved, stored))
 }
 
+/// Writes the rollout's waves (each wave is one row: a save leaves the
+/// others untouched; a row equal to the stored one is not rewritten).
 async fn write_rollout_waves<C: Conn + ?Sized>(
     c: &mut C,
     id: u64,
@@ -2244,19 +2242,20 @@ impl<B: Backend> Store for SqlStore<B> {
         }
         wording::rollout_overlap(rollout, &active)?;
         let id = next_id_in(&mut *tx, IdCounter::Rollouts, DOING).await?;
-        let record = rollout.numbered(id);
-        let (head, waves) = rollout_parts(&record)?;
+        let mut record = rollout.numbered(id);
+        let (parts, stored) = rollout_waves::to_write(&mut record, None)?;
         q("INSERT INTO rollouts (id, project, state, version, record, stages) VALUES ($1, $2, $3, $4, $5, '[]')")
             .bind(int(id)?)
             .bind(&record.project)
             .bind(record.state.as_str())
             .bind(int(record.version)?)
-            .bind(head)
+            .bind(&parts.head)
             .execute(&mut *tx)
             .await
             .map_err(backend(DOING))?;
-        write_rollout_waves(&mut *tx, id, &waves, DOING).await?;
+        write_rollout_waves(&mut *tx, id, &parts.waves, DOING).await?;
         self.commit(tx, DOING).await?;
+        self.waves_seen.keep(&record, stored);
         Ok(record)
     }
 
@@ -2392,8 +2391,10 @@ impl<B: Backend> Store for SqlStore<B> {
     async fn save_rollout(&self, rollout: &Rollout) -> Result<Rollout> {
         const DOING: &str = "updating a rollout";
         let mut tx = self.write().await?;
-        let saved = rollout_saved_in(&mut *tx, rollout, DOING).await?;
+        let seen = self.waves_seen.take(rollout.id, rollout.version);
+        let (saved, stored) = rollout_saved_in(&mut *tx, rollout.clone(), seen, DOING).await?;
         self.commit(tx, DOING).await?;
+        self.waves_seen.keep(&saved, stored);
         Ok(saved)
     }
 
@@ -2409,8 +2410,10 @@ impl<B: Backend> Store for SqlStore<B> {
         let pushed = releases_in(&mut *tx, &B::DIALECT, releases, now).await?;
         let mut recorded = rollout.clone();
         recorded.record_pushed(&pushed.releases);
-        let saved = rollout_saved_in(&mut *tx, &recorded, DOING).await?;
+        let seen = self.waves_seen.take(rollout.id, rollout.version);
+        let (saved, stored) = rollout_saved_in(&mut *tx, recorded, seen, DOING).await?;
         self.commit(tx, DOING).await?;
+        self.waves_seen.keep(&saved, stored);
         Ok((saved, pushed))
     }
 
