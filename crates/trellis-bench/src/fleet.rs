@@ -98,10 +98,11 @@ impl HubChild {
             .arg(format!("127.0.0.1:{port}"))
             .args(["--no-containers"])
             .args(extra)
-            // `TRELLIS_BENCH_HUB_LOG` (a `RUST_LOG` filter) asks the hub
-            // for more, in its `hub.log`.
+            // `TRELLIS_BENCH_HUB_LOG` (a `TRELLIS_LOG` filter, such as
+            // `warn,trellis_hub::rollouts=debug`) asks the hub for more, in
+            // its `hub.log`.
             .env(
-                "RUST_LOG",
+                "TRELLIS_LOG",
                 std::env::var("TRELLIS_BENCH_HUB_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdin(Stdio::null())

@@ -170,8 +170,14 @@ impl SyncCommitter {
                     let reports = updates
                         .iter()
                         .any(|u| matches!(u, SyncUpdate::Status { .. }));
+                    let began = std::time::Instant::now();
                     match store.record_sync_batch(&updates, chrono::Utc::now()).await {
                         Ok(results) => {
+                            tracing::debug!(
+                                updates = updates.len(),
+                                write_ms = began.elapsed().as_secs_f64() * 1e3,
+                                "sync writes committed"
+                            );
                             if reports {
                                 reported_stages.add(
                                     updates

@@ -230,8 +230,6 @@ impl<B: Backend> SqlStore<B> {
         which: StageFilter,
         names: Option<&[String]>,
     ) -> Result<Vec<StageSummary>> {
-        let mut tx = self.read().await?;
-        require_project(&mut *tx, project).await?;
         let named = match names {
             Some(_) => format!(
                 "AND s.name IN (SELECT value FROM {})",
@@ -263,10 +261,20 @@ impl<B: Backend> SqlStore<B> {
         if let Some(names) = names {
             query = query.bind(json(&names)?);
         }
+        // One statement, which sees one state of the database by itself:
+        // no transaction begun and ended around it, and the project looked
+        // up only when no stage is found. (On the benchmark's hub, the
+        // transaction's extra trips put the rollout driver's read of a
+        // 100-stage wave at 5–13 ms, against 5–8 ms for the statement
+        // alone; BENCHMARKS.md, rollout.)
+        let mut conn = self.reader().await?;
         let rows = query
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut *conn)
             .await
             .map_err(backend("listing stages with their sync records"))?;
+        if rows.is_empty() {
+            require_project(&mut *conn, project).await?;
+        }
         all(&rows, summary_from)
     }
 
