@@ -434,6 +434,23 @@ impl Rollout {
 }
 
 impl RolloutStage {
+    /// Stage `stage` on `outpost`, in wave `wave` (from 0), as planned:
+    /// waiting for its wave, nothing pushed.
+    pub fn planned(stage: String, outpost: String, wave: u32) -> RolloutStage {
+        RolloutStage {
+            stage,
+            outpost,
+            wave,
+            state: StageRolloutState::Waiting,
+            carried: false,
+            release: None,
+            revision: None,
+            latest_before: None,
+            previous_release: None,
+            message: None,
+        }
+    }
+
     /// The rollout's release was pushed to it as `release`.
     pub fn pushed(&mut self, release: &crate::Release) {
         self.release = Some(release.number);
@@ -482,18 +499,11 @@ impl NewRollout {
                 window_opened_at: None,
             });
             for stage in &order[start..end] {
-                planned.push(RolloutStage {
-                    stage: stage.clone(),
-                    outpost: outposts.get(stage).cloned().unwrap_or_default(),
-                    wave: i as u32,
-                    state: StageRolloutState::Waiting,
-                    carried: false,
-                    release: None,
-                    revision: None,
-                    latest_before: None,
-                    previous_release: None,
-                    message: None,
-                });
+                planned.push(RolloutStage::planned(
+                    stage.clone(),
+                    outposts.get(stage).cloned().unwrap_or_default(),
+                    i as u32,
+                ));
             }
             start = end;
         }

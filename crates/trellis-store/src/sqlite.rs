@@ -184,6 +184,20 @@ mod tests {
         store.close().await;
     }
 
+    /// A rollout over three new stages of project `shop`, in two waves.
+    async fn three_stage_rollout(store: &SqliteStore) -> trellis_model::rollout::Rollout {
+        use crate::Store;
+        crate::testsuite::seed_stages(store, "shop", 3).await;
+        store
+            .create_rollout(&crate::testsuite::new_rollout(
+                "shop",
+                &["s0", "s1", "s2"],
+                1,
+            ))
+            .await
+            .unwrap()
+    }
+
     /// A rollout recorded before `rollout_waves` (its stages in its own
     /// row) reads whole, and its next save moves its stages to its waves.
     #[tokio::test]
@@ -192,15 +206,7 @@ mod tests {
         use trellis_model::rollout::StageRolloutState;
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("hub.db")).await.unwrap();
-        crate::testsuite::seed_stages(&store, "shop", 3).await;
-        let created = store
-            .create_rollout(&crate::testsuite::new_rollout(
-                "shop",
-                &["s0", "s1", "s2"],
-                1,
-            ))
-            .await
-            .unwrap();
+        let created = three_stage_rollout(&store).await;
         let writer = &store.backend.writer;
         let waves = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql).fetch_one(writer);
         assert_eq!(
@@ -250,15 +256,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hub.db");
         let one = SqliteStore::open(&path).await.unwrap();
-        crate::testsuite::seed_stages(&one, "shop", 3).await;
-        let created = one
-            .create_rollout(&crate::testsuite::new_rollout(
-                "shop",
-                &["s0", "s1", "s2"],
-                1,
-            ))
-            .await
-            .unwrap();
+        let created = three_stage_rollout(&one).await;
         let mut mine = created.clone();
         let first = mine.stages.iter().position(|s| s.wave == 0).unwrap();
         mine.stages[first].state = StageRolloutState::Pushed;

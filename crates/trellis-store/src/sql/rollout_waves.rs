@@ -120,18 +120,14 @@ mod tests {
     use trellis_model::rollout::StageRolloutState;
 
     fn stage(name: &str, wave: u32) -> RolloutStage {
-        RolloutStage {
-            stage: name.into(),
-            outpost: format!("edge-{name}"),
-            wave,
-            state: StageRolloutState::Waiting,
-            carried: false,
-            release: None,
-            revision: None,
-            latest_before: None,
-            previous_release: None,
-            message: None,
-        }
+        RolloutStage::planned(name.into(), format!("edge-{name}"), wave)
+    }
+
+    /// `r` saved (its parts made without knowing what is stored), and
+    /// kept by `store`.
+    fn saved(store: &WavesSeen, r: &mut Rollout) {
+        let (_, seen) = to_write(r, None).unwrap();
+        store.keep(r, seen);
     }
 
     fn rollout(version: u64, stages: Vec<RolloutStage>) -> Rollout {
@@ -183,12 +179,10 @@ mod tests {
     fn what_was_seen_at_another_version_is_not_trusted() {
         let store = WavesSeen::default();
         let mut r = rollout(3, vec![stage("a", 0)]);
-        let (_, seen) = to_write(&mut r, None).unwrap();
-        store.keep(&r, seen);
+        saved(&store, &mut r);
         assert!(store.take(7, 2).is_none(), "an older save");
         assert!(store.take(7, 3).is_some(), "kept past the older one");
-        let (_, seen) = to_write(&mut r, None).unwrap();
-        store.keep(&r, seen);
+        saved(&store, &mut r);
         assert!(store.take(7, 4).is_none(), "another instance saved 4");
         assert!(store.take(7, 3).is_none(), "forgotten once missed");
     }
@@ -197,11 +191,9 @@ mod tests {
     fn a_rollout_that_ended_is_forgotten() {
         let store = WavesSeen::default();
         let mut r = rollout(1, vec![stage("a", 0)]);
-        let (_, seen) = to_write(&mut r, None).unwrap();
-        store.keep(&r, seen);
+        saved(&store, &mut r);
         r.state = trellis_model::rollout::RolloutState::Completed;
-        let (_, seen) = to_write(&mut r, None).unwrap();
-        store.keep(&r, seen);
+        saved(&store, &mut r);
         assert!(store.take(7, 1).is_none());
     }
 }
