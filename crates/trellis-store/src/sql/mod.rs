@@ -20,6 +20,8 @@
 //!   them, implemented by each backend without sqlx's generic bounds.
 //! - `sync_batch.rs`: the sync writes (what agents acknowledge), a lone
 //!   one or a group commit's batch, as a few set-based statements.
+//! - `rollout_waves.rs`: a rollout's rows as stored, and which of its
+//!   waves a save must write.
 
 pub mod conn;
 
