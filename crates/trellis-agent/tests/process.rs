@@ -359,20 +359,26 @@ components:
         std::fs::metadata(&greeting).unwrap().permissions().mode() & 0o777,
         0o444
     );
-    let logs = all_logs(
-        &runtime,
-        &stage,
-        LogQuery {
-            component: Some("client".into()),
-            ..Default::default()
-        },
-    )
-    .await;
-    assert!(
-        logs.iter()
-            .any(|l| l == &format!("client starting in mode fast, api at http://127.0.0.1:{port}")),
-        "{logs:?}"
-    );
+    // The collector takes the line in at its next tick: it may not be in
+    // the log yet although the client wrote it before fetching.
+    let starting = format!("client starting in mode fast, api at http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = all_logs(
+            &runtime,
+            &stage,
+            LogQuery {
+                component: Some("client".into()),
+                ..Default::default()
+            },
+        )
+        .await;
+        if logs.contains(&starting) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{logs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A new config value: the client is replaced, the api kept; the
     // volume keeps what the old client wrote.
