@@ -267,8 +267,8 @@ impl<B: Backend> SqlStore<B> {
         // no transaction begun and ended around it, and the project looked
         // up only when no stage is found. (On the benchmark's hub, the
         // transaction's extra trips put the rollout driver's read of a
-        // 100-stage wave at 5–13 ms, against 5–8 ms for the statement
-        // alone; BENCHMARKS.md, rollout.)
+        // 100-stage wave at 5–13 ms, against 5–8 ms in most runs for the
+        // statement alone; BENCHMARKS.md, rollout.)
         let mut conn = self.reader().await?;
         let rows = query
             .fetch_all(&mut *conn)
