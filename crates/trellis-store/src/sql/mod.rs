@@ -176,9 +176,7 @@ impl<B: Backend> SqlStore<B> {
             waves_seen: rollout_waves::WavesSeen::default(),
         }
     }
-}
 
-impl<B: Backend> SqlStore<B> {
     async fn write(&self) -> Result<B::Tx> {
         self.backend
             .write()
