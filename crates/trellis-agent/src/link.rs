@@ -739,7 +739,7 @@ impl Session<'_> {
                         let handle = self.streams.register(
                             id,
                             trellis_link::stream::WINDOW_BYTES,
-                            window.min(trellis_link::stream::WINDOW_BYTES * 4),
+                            window,
                         );
                         self.stream_tasks
                             .start(id, self.ctx.runtime.clone(), key, target, handle);

@@ -244,8 +244,16 @@ pub enum Message {
         data: bytes::Bytes,
     },
     /// Either side: the receiver consumed `bytes` more of stream `id`; the
-    /// sender may send that much more.
-    StreamCredit { id: u64, bytes: u32 },
+    /// sender may send that much more. `grow`: besides, the receiver's
+    /// window grew by that many bytes, which the sender may send too (a
+    /// peer that predates it ignores the field and keeps the window it
+    /// had, which the receiver still accepts).
+    StreamCredit {
+        id: u64,
+        bytes: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        grow: Option<u32>,
+    },
     /// Either side: no more data follows from this side on stream `id`
     /// (stdin closed, a connection's write half shut).
     StreamEof { id: u64 },

@@ -201,6 +201,7 @@ fn examples() -> Vec<Message> {
         Message::StreamCredit {
             id: 4,
             bytes: 65_536,
+            grow: Some(524_288),
         },
         Message::StreamEof { id: 4 },
         Message::AgentUpdate {
@@ -340,6 +341,29 @@ fn type_tags_are_the_documented_kebab_case_names() {
         assert_eq!(value["msg"]["type"], msg.kind());
         assert!(MESSAGE_TYPES.contains(&msg.kind()));
     }
+}
+
+#[test]
+fn a_credit_without_growth_has_the_shape_older_peers_know_and_growth_is_a_field_they_skip() {
+    let plain = Envelope::new(
+        5,
+        Message::StreamCredit {
+            id: 4,
+            bytes: 131_072,
+            grow: None,
+        },
+    );
+    let text = String::from_utf8(encode(&plain).unwrap()).unwrap();
+    assert_eq!(
+        text,
+        r#"{"v":1,"seq":5,"msg":{"type":"stream-credit","id":4,"bytes":131072}}"#
+    );
+    assert_eq!(decode(text.as_bytes()).unwrap(), plain);
+    // A peer that predates `grow` reads past fields it does not know, as
+    // this version does: the credit still counts.
+    let with_unknown =
+        r#"{"v":1,"seq":5,"msg":{"type":"stream-credit","id":4,"bytes":131072,"later":7}}"#;
+    assert_eq!(decode(with_unknown.as_bytes()).unwrap(), plain);
 }
 
 #[test]
