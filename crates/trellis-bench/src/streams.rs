@@ -136,6 +136,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // downloading client).
     let pids = [agent.0.id(), forward.0.0.id(), std::process::id()];
     let mut forward_cpu = [0.0f64; 3];
+    // CPU seconds of this process (both ends, the hub idle meanwhile)
+    // while plain TLS streams run: what the forwarded path is held to.
+    let mut plain_cpu = 0.0f64;
     for run in 0..settings.runs {
         // Alternating, so that drift on a shared machine hits all three.
         let order: [u8; 4] = if run % 2 == 0 {
@@ -154,9 +157,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     rate
                 }
                 1 | 3 => {
+                    let before = cpu_of(std::process::id());
                     let started = Instant::now();
                     let n = tls.read_all(which == 3).await?;
                     check_size(n as u64, bytes)?;
+                    if which == 1 {
+                        plain_cpu += cpu_of(std::process::id()) - before;
+                    }
                     n as f64 / MIB / started.elapsed().as_secs_f64()
                 }
                 _ => timed(bytes, || download(direct))?,
@@ -235,6 +242,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             "s",
         );
     }
+    report.add(
+        "  CPU per GiB: plain TLS stream, both ends",
+        plain_cpu / gib_forwarded,
+        "s",
+    );
     report.add(
         "exec -i round trip (line → echo), p50",
         percentile(&echoes, 50.0) * 1e3,
