@@ -1155,7 +1155,21 @@ async fn judge(
                 o.message.as_deref().unwrap_or("no reason given")
             ));
         }
-        let restarted = o.restarts > baseline.get(&c.name).copied().unwrap_or(0);
+        let before = baseline.get(&c.name).copied().unwrap_or(0);
+        let restarted = o.restarts > before;
+        if restarted && o.exit_code.is_none() && o.restarts == before + 1 {
+            // An engine restarts a container at once and reports the code
+            // of its exit only in an event, which can arrive a moment after
+            // the restart is seen: the next look has it. Without it (the
+            // event lost), the next restart or the health window decides.
+            waiting.get_or_insert_with(|| {
+                format!(
+                    "component {} restarted (waiting for its exit code or another restart)",
+                    c.name
+                )
+            });
+            continue;
+        }
         if o.state == ComponentState::CrashLooping || restarted {
             return Verdict::Down(format!(
                 "component {} {} (restarted {} time{})",
