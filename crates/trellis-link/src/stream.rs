@@ -21,9 +21,9 @@
 //! [`MAX_WINDOW_BYTES`], each time the receiving task consumed all of it
 //! within [`GROW_WITHIN`]: only a stream whose link and consumer are fast
 //! gets the larger window, which then fills the link without waiting on
-//! every credit's round trip (a forwarded download on loopback moves a
-//! third more with it, and takes less CPU per byte: fewer stalls, fewer
-//! wake-ups). On a slow link a window never grows, so what it lets be in
+//! every credit's round trip (a forwarded download on loopback moved
+//! 11–26% more with it, for less CPU per byte: fewer stalls, fewer
+//! wake-ups; BENCHMARKS.md, streams). On a slow link a window never grows, so what it lets be in
 //! flight ahead of a control frame stays what it was; on a fast one it
 //! drains within about twice [`GROW_WITHIN`]. The windows of one side's
 //! streams grow to [`LINK_WINDOW_BUDGET`] together at most, so the memory
