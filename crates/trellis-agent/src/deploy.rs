@@ -1160,8 +1160,9 @@ async fn judge(
         if restarted && o.exit_code.is_none() && o.restarts == before + 1 {
             // An engine restarts a container at once and reports the code
             // of its exit only in an event, which can arrive a moment after
-            // the restart is seen: the next look has it. Without it (the
-            // event lost), the next restart or the health window decides.
+            // the restart is seen: the next look has it. (A process always
+            // has one: a signal counts as 128 + its number.) Should the
+            // event be lost, the next restart or the health window decides.
             waiting.get_or_insert_with(|| {
                 format!(
                     "component {} restarted (waiting for its exit code or another restart)",

@@ -231,20 +231,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         median(&forwarded) / median(&direct_rates),
         "×",
     );
-    let gib_forwarded = (bytes * settings.runs as u64) as f64 / (1u64 << 30) as f64;
+    let gib_per_path = (bytes * settings.runs as u64) as f64 / (1u64 << 30) as f64;
     for (name, cpu) in ["agent", "port-forward CLI", "hub (and the client)"]
         .iter()
         .zip(forward_cpu)
     {
         report.add(
             format!("  CPU per GiB forwarded: {name}"),
-            cpu / gib_forwarded,
+            cpu / gib_per_path,
             "s",
         );
     }
     report.add(
         "  CPU per GiB: plain TLS stream, both ends",
-        plain_cpu / gib_forwarded,
+        plain_cpu / gib_per_path,
         "s",
     );
     report.add(
