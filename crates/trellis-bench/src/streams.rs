@@ -22,7 +22,13 @@
 //! - **Direct**: the same download from the component's port, no Trellis in
 //!   between: what the source itself can give.
 //!
-//! The three alternate, `--runs` times each; medians are compared. The exec
+//! - **Bare relay chain**: the same download through the forwarded path's
+//!   hops (TCP, TLS, TLS, TCP) joined by relays that only copy, in this
+//!   process: a floor for what the forwarded path costs on this machine,
+//!   so that its share of plain TLS can be read against what the hops
+//!   alone allow.
+//!
+//! All of them alternate, `--runs` times each; medians are compared. The exec
 //! round trip: `trellis exec -i source -- sed -u s/x/y/`, a line `x`
 //! written to its stdin and `y` read back from its stdout (so it went
 //! through the command), `--echoes` times after a warm-up.
@@ -129,8 +135,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let forward = port_forward(&settings.trellis, &client, port)?;
     let tls = TlsSource::start(&hub.data, bytes).await?;
     eprintln!("plain TLS cipher suite: {:?}", tls.suite().await?);
-    let (mut forwarded, mut plain, mut direct_rates, mut plain_ahead) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let chain = BareChain::start(&hub.data, direct).await?;
+    let (mut forwarded, mut plain, mut direct_rates, mut plain_ahead, mut chained) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // CPU seconds of each process while forwarded downloads run: the
     // agent, the port-forward CLI, and this process (the hub and the
     // downloading client).
@@ -139,12 +146,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // CPU seconds of this process (both ends, the hub idle meanwhile)
     // while plain TLS streams run: what the forwarded path is held to.
     let mut plain_cpu = 0.0f64;
+    // CPU seconds of this process (the bare chain's relays and the
+    // downloading client) while downloads through the bare chain run.
+    let mut chain_cpu = 0.0f64;
     for run in 0..settings.runs {
         // Alternating, so that drift on a shared machine hits all three.
-        let order: [u8; 4] = if run % 2 == 0 {
-            [0, 1, 2, 3]
+        let order: [u8; 5] = if run % 2 == 0 {
+            [0, 1, 2, 3, 4]
         } else {
-            [3, 2, 1, 0]
+            [4, 3, 2, 1, 0]
         };
         for which in order {
             let rate = match which {
@@ -166,26 +176,35 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     }
                     n as f64 / MIB / started.elapsed().as_secs_f64()
                 }
-                _ => timed(bytes, || download(direct))?,
+                2 => timed(bytes, || download(direct))?,
+                _ => {
+                    let before = cpu_of(std::process::id());
+                    let rate = timed(bytes, || download(chain.addr))?;
+                    chain_cpu += cpu_of(std::process::id()) - before;
+                    rate
+                }
             };
             [
                 &mut forwarded,
                 &mut plain,
                 &mut direct_rates,
                 &mut plain_ahead,
+                &mut chained,
             ][which as usize]
                 .push(rate);
         }
         eprintln!(
-            "  run {}: forwarded {:.0}, plain TLS {:.0} (with read-ahead {:.0}), direct {:.0} MiB/s",
+            "  run {}: forwarded {:.0}, plain TLS {:.0} (with read-ahead {:.0}), direct {:.0}, bare chain {:.0} MiB/s",
             run + 1,
             forwarded[run],
             plain[run],
             plain_ahead[run],
-            direct_rates[run]
+            direct_rates[run],
+            chained[run]
         );
     }
     drop(forward);
+    drop(chain);
 
     let echoes = exec_echoes(&settings.trellis, &client, settings.echoes);
     // The agent leaves its components running when it is killed (a
@@ -215,6 +234,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         median(&direct_rates),
         "MiB/s",
     );
+    report.add(
+        "bare relay chain (the same hops, copies only), median",
+        median(&chained),
+        "MiB/s",
+    );
     report.at_least(
         "port-forward ÷ plain TLS",
         median(&forwarded) / median(&plain),
@@ -224,6 +248,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     report.add(
         "port-forward ÷ plain TLS with read-ahead",
         median(&forwarded) / median(&plain_ahead),
+        "×",
+    );
+    report.add(
+        "bare relay chain ÷ plain TLS",
+        median(&chained) / median(&plain),
+        "×",
+    );
+    report.add(
+        "port-forward ÷ bare relay chain",
+        median(&forwarded) / median(&chained),
         "×",
     );
     report.add(
@@ -245,6 +279,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     report.add(
         "  CPU per GiB: plain TLS stream, both ends",
         plain_cpu / gib_per_path,
+        "s",
+    );
+    report.add(
+        "  CPU per GiB: bare relay chain (and the client)",
+        chain_cpu / gib_per_path,
         "s",
     );
     report.add(
@@ -485,6 +524,106 @@ impl TlsSource {
         }
         let tls = self.connector.connect(name, tcp).await?;
         read_to_end(tls).await
+    }
+}
+
+/// The forwarded path's hops with nothing but copies between them: what
+/// any relay built of these pieces could reach on this machine.
+///
+/// The client's TCP connection → a relay in the CLI's place → TLS → a
+/// relay in the hub's place → TLS → a relay in the agent's place → TCP to
+/// the component; the same hub certificate and client configuration as
+/// the plain stream, so the same cipher suite on both TLS hops. Each relay
+/// copies both ways through 256 KiB buffers, in this process: no framing,
+/// no flow control, no authorisation, no separate processes to switch
+/// between, so it is a floor for the forwarded path's CPU, not a model of
+/// it.
+struct BareChain {
+    addr: SocketAddr,
+    relays: [tokio::task::JoinHandle<()>; 3],
+}
+
+impl BareChain {
+    async fn start(hub_data: &Path, component: SocketAddr) -> anyhow::Result<BareChain> {
+        let ca = trellis_hub::tls::load_or_create_ca(hub_data)?;
+        let server = tokio_rustls::TlsAcceptor::from(trellis_hub::tls::server_tls(
+            &ca,
+            &["localhost".to_owned()],
+            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        )?);
+        let ca_pem = std::fs::read_to_string(hub_data.join("ca.pem"))?;
+        let client =
+            tokio_rustls::TlsConnector::from(trellis_link::identity::client_config(&ca_pem, None)?);
+        let name =
+            || tokio_rustls::rustls::pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+
+        // In the agent's place: TLS in, TCP to the component.
+        let agent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let agent_addr = agent.local_addr()?;
+        let agent_server = server.clone();
+        let agent = tokio::spawn(relay_each(agent, move |tcp| {
+            let server = agent_server.clone();
+            async move {
+                let tls = server.accept(tcp).await?;
+                let component = tokio::net::TcpStream::connect(component).await?;
+                Ok((tls, component))
+            }
+        }));
+        // In the hub's place: TLS in, TLS to the agent's place.
+        let hub = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let hub_addr = hub.local_addr()?;
+        let (hub_server, hub_client) = (server, client.clone());
+        let hub = tokio::spawn(relay_each(hub, move |tcp| {
+            let (server, client) = (hub_server.clone(), hub_client.clone());
+            async move {
+                let inbound = server.accept(tcp).await?;
+                let upstream = tokio::net::TcpStream::connect(agent_addr).await?;
+                Ok((inbound, client.connect(name(), upstream).await?))
+            }
+        }));
+        // In the CLI's place: the client's TCP in, TLS to the hub's place.
+        let cli = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = cli.local_addr()?;
+        let cli = tokio::spawn(relay_each(cli, move |tcp| {
+            let client = client.clone();
+            async move {
+                let upstream = tokio::net::TcpStream::connect(hub_addr).await?;
+                Ok((tcp, client.connect(name(), upstream).await?))
+            }
+        }));
+        Ok(BareChain {
+            addr,
+            relays: [agent, hub, cli],
+        })
+    }
+}
+
+impl Drop for BareChain {
+    fn drop(&mut self) {
+        for relay in &self.relays {
+            relay.abort();
+        }
+    }
+}
+
+/// Accepts connections on `listener`; for each, `connect` makes the pair
+/// of streams to copy between, both ways, until both ends close.
+async fn relay_each<A, B, F, Fut>(listener: tokio::net::TcpListener, connect: F)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<(A, B)>> + Send + 'static,
+{
+    const BUFFER: usize = 256 << 10;
+    while let Ok((tcp, _)) = listener.accept().await {
+        let pair = connect(tcp);
+        tokio::spawn(async move {
+            if let Ok((mut a, mut b)) = pair.await {
+                let _ =
+                    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, BUFFER, BUFFER).await;
+            }
+        });
     }
 }
 
