@@ -45,6 +45,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::report::{Report, percentile};
 use crate::setup::{self, BenchHub, Client};
+use trellis_link::readahead::ReadAhead;
 
 pub struct Settings {
     pub size_mib: u64,
@@ -533,7 +534,9 @@ impl TlsSource {
 /// The client's TCP connection → a relay in the CLI's place → TLS → a
 /// relay in the hub's place → TLS → a relay in the agent's place → TCP to
 /// the component; the same hub certificate and client configuration as
-/// the plain stream, so the same cipher suite on both TLS hops. Each relay
+/// the plain stream, so the same cipher suite on both TLS hops, and the
+/// sockets under TLS read ahead as Trellis's are (which made the chain
+/// 5-15% faster: the floor should be the best such relay). Each relay
 /// copies both ways through 256 KiB buffers, in this process: no framing,
 /// no flow control, no authorisation, no separate processes to switch
 /// between, so it is a floor for the forwarded path's CPU, not a model of
@@ -564,7 +567,7 @@ impl BareChain {
         let agent = tokio::spawn(relay_each(agent, move |tcp| {
             let server = agent_server.clone();
             async move {
-                let tls = server.accept(tcp).await?;
+                let tls = server.accept(ReadAhead::new(tcp)).await?;
                 let component = tokio::net::TcpStream::connect(component).await?;
                 Ok((tls, component))
             }
@@ -576,9 +579,12 @@ impl BareChain {
         let hub = tokio::spawn(relay_each(hub, move |tcp| {
             let (server, client) = (hub_server.clone(), hub_client.clone());
             async move {
-                let inbound = server.accept(tcp).await?;
+                let inbound = server.accept(ReadAhead::new(tcp)).await?;
                 let upstream = tokio::net::TcpStream::connect(agent_addr).await?;
-                Ok((inbound, client.connect(name(), upstream).await?))
+                Ok((
+                    inbound,
+                    client.connect(name(), ReadAhead::new(upstream)).await?,
+                ))
             }
         }));
         // In the CLI's place: the client's TCP in, TLS to the hub's place.
@@ -588,7 +594,7 @@ impl BareChain {
             let client = client.clone();
             async move {
                 let upstream = tokio::net::TcpStream::connect(hub_addr).await?;
-                Ok((tcp, client.connect(name(), upstream).await?))
+                Ok((tcp, client.connect(name(), ReadAhead::new(upstream)).await?))
             }
         }));
         Ok(BareChain {
