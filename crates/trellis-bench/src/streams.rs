@@ -151,7 +151,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // downloading client) while downloads through the bare chain run.
     let mut chain_cpu = 0.0f64;
     for run in 0..settings.runs {
-        // Alternating, so that drift on a shared machine hits all three.
+        // Alternating, so that drift on a shared machine hits them all.
         let order: [u8; 5] = if run % 2 == 0 {
             [0, 1, 2, 3, 4]
         } else {
@@ -458,13 +458,7 @@ struct TlsSource {
 
 impl TlsSource {
     async fn start(hub_data: &Path, bytes: u64) -> anyhow::Result<TlsSource> {
-        let ca = trellis_hub::tls::load_or_create_ca(hub_data)?;
-        let config = trellis_hub::tls::server_tls(
-            &ca,
-            &["localhost".to_owned()],
-            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        )?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let (acceptor, connector) = tls_ends(hub_data)?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let server = tokio::spawn(async move {
@@ -488,11 +482,9 @@ impl TlsSource {
                 });
             }
         });
-        let ca_pem = std::fs::read_to_string(hub_data.join("ca.pem"))?;
-        let client = trellis_link::identity::client_config(&ca_pem, None)?;
         Ok(TlsSource {
             addr,
-            connector: tokio_rustls::TlsConnector::from(client),
+            connector,
             _server: server,
         })
     }
@@ -500,9 +492,7 @@ impl TlsSource {
     /// The cipher suite a connection settles on.
     async fn suite(&self) -> anyhow::Result<tokio_rustls::rustls::CipherSuite> {
         let tcp = tokio::net::TcpStream::connect(self.addr).await?;
-        let name =
-            tokio_rustls::rustls::pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
-        let tls = self.connector.connect(name, tcp).await?;
+        let tls = self.connector.connect(loopback(), tcp).await?;
         tls.get_ref()
             .1
             .negotiated_cipher_suite()
@@ -514,18 +504,39 @@ impl TlsSource {
     /// the socket under TLS is read as Trellis's connections read theirs.
     async fn read_all(&self, read_ahead: bool) -> anyhow::Result<usize> {
         let tcp = tokio::net::TcpStream::connect(self.addr).await?;
-        let name =
-            tokio_rustls::rustls::pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
         if read_ahead {
             let tls = self
                 .connector
-                .connect(name, trellis_link::readahead::ReadAhead::new(tcp))
+                .connect(loopback(), ReadAhead::new(tcp))
                 .await?;
             return read_to_end(tls).await;
         }
-        let tls = self.connector.connect(name, tcp).await?;
+        let tls = self.connector.connect(loopback(), tcp).await?;
         read_to_end(tls).await
     }
+}
+
+/// Both ends of a TLS connection as the forwarded path's hops make them:
+/// the hub's server configuration with a certificate its CA issued for
+/// loopback, and the client configuration agents and the CLI use (the
+/// same rustls provider, so the same cipher suite).
+fn tls_ends(
+    hub_data: &Path,
+) -> anyhow::Result<(tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector)> {
+    let ca = trellis_hub::tls::load_or_create_ca(hub_data)?;
+    let server = trellis_hub::tls::server_tls(
+        &ca,
+        &["localhost".to_owned()],
+        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+    )?;
+    let ca_pem = std::fs::read_to_string(hub_data.join("ca.pem"))?;
+    let client = trellis_link::identity::client_config(&ca_pem, None)?;
+    Ok((server.into(), client.into()))
+}
+
+/// The name a loopback TLS client checks the server's certificate for.
+fn loopback() -> tokio_rustls::rustls::pki_types::ServerName<'static> {
+    tokio_rustls::rustls::pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into())
 }
 
 /// The forwarded path's hops with nothing but copies between them: what
@@ -536,7 +547,7 @@ impl TlsSource {
 /// the component; the same hub certificate and client configuration as
 /// the plain stream, so the same cipher suite on both TLS hops, and the
 /// sockets under TLS read ahead as Trellis's are (which made the chain
-/// 5-15% faster: the floor should be the best such relay). Each relay
+/// about a tenth faster: the floor should be the best such relay). Each relay
 /// copies both ways through 256 KiB buffers, in this process: no framing,
 /// no flow control, no authorisation, no separate processes to switch
 /// between, so it is a floor for the forwarded path's CPU, not a model of
@@ -548,17 +559,7 @@ struct BareChain {
 
 impl BareChain {
     async fn start(hub_data: &Path, component: SocketAddr) -> anyhow::Result<BareChain> {
-        let ca = trellis_hub::tls::load_or_create_ca(hub_data)?;
-        let server = tokio_rustls::TlsAcceptor::from(trellis_hub::tls::server_tls(
-            &ca,
-            &["localhost".to_owned()],
-            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        )?);
-        let ca_pem = std::fs::read_to_string(hub_data.join("ca.pem"))?;
-        let client =
-            tokio_rustls::TlsConnector::from(trellis_link::identity::client_config(&ca_pem, None)?);
-        let name =
-            || tokio_rustls::rustls::pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+        let (server, client) = tls_ends(hub_data)?;
 
         // In the agent's place: TLS in, TCP to the component.
         let agent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -583,7 +584,7 @@ impl BareChain {
                 let upstream = tokio::net::TcpStream::connect(agent_addr).await?;
                 Ok((
                     inbound,
-                    client.connect(name(), ReadAhead::new(upstream)).await?,
+                    client.connect(loopback(), ReadAhead::new(upstream)).await?,
                 ))
             }
         }));
@@ -594,7 +595,10 @@ impl BareChain {
             let client = client.clone();
             async move {
                 let upstream = tokio::net::TcpStream::connect(hub_addr).await?;
-                Ok((tcp, client.connect(name(), ReadAhead::new(upstream)).await?))
+                Ok((
+                    tcp,
+                    client.connect(loopback(), ReadAhead::new(upstream)).await?,
+                ))
             }
         }));
         Ok(BareChain {
