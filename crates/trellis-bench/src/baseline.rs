@@ -11,7 +11,7 @@
 //! message sent to all at once).
 
 use std::io::BufRead;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,13 +28,7 @@ const MESSAGE: &[u8; 16] = b"trellis-baseline";
 pub fn serve(hub_data: &Path) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let ca = trellis_hub::tls::load_or_create_ca(hub_data)?;
-        let config = trellis_hub::tls::server_tls(
-            &ca,
-            &["localhost".to_owned()],
-            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-        )?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let acceptor = crate::setup::loopback_acceptor(hub_data)?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         println!("listening {}", listener.local_addr()?.port());
 
@@ -131,7 +125,7 @@ pub async fn hold_connection(
         Some((&identity.cert_pem, &identity.key_pem)),
     )?;
     let connector = tokio_rustls::TlsConnector::from(config);
-    let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+    let name = crate::setup::loopback_name();
     // Thousands connect at once and overflow the listen backlog; retry
     // with jittered backoff, as agents do.
     let mut attempt = 0u32;

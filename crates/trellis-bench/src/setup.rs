@@ -435,3 +435,27 @@ pub async fn register_and_join(
         .with_context(|| format!("joining outpost {name}"))?;
     Ok(())
 }
+
+/// A TLS server end as the hub makes it: its server configuration, with a
+/// certificate its CA (under `hub_data`) issued for loopback.
+pub fn loopback_acceptor(hub_data: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let ca = trellis_hub::tls::load_or_create_ca(hub_data)?;
+    let config = trellis_hub::tls::server_tls(
+        &ca,
+        &["localhost".to_owned()],
+        &[std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)],
+    )?;
+    Ok(config.into())
+}
+
+/// A TLS client end as agents and the CLI make theirs (the same rustls
+/// provider, so the same cipher suites), trusting the hub's CA.
+pub fn hub_connector(hub_data: &Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let ca_pem = std::fs::read_to_string(hub_data.join("ca.pem"))?;
+    Ok(trellis_link::identity::client_config(&ca_pem, None)?.into())
+}
+
+/// The name a TLS client on loopback checks the server's certificate for.
+pub fn loopback_name() -> tokio_rustls::rustls::pki_types::ServerName<'static> {
+    tokio_rustls::rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into())
+}

@@ -34,7 +34,7 @@
 //! through the command), `--echoes` times after a warm-up.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -458,7 +458,10 @@ struct TlsSource {
 
 impl TlsSource {
     async fn start(hub_data: &Path, bytes: u64) -> anyhow::Result<TlsSource> {
-        let (acceptor, connector) = tls_ends(hub_data)?;
+        let (acceptor, connector) = (
+            setup::loopback_acceptor(hub_data)?,
+            setup::hub_connector(hub_data)?,
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let server = tokio::spawn(async move {
@@ -492,7 +495,7 @@ impl TlsSource {
     /// The cipher suite a connection settles on.
     async fn suite(&self) -> anyhow::Result<tokio_rustls::rustls::CipherSuite> {
         let tcp = tokio::net::TcpStream::connect(self.addr).await?;
-        let tls = self.connector.connect(loopback(), tcp).await?;
+        let tls = self.connector.connect(setup::loopback_name(), tcp).await?;
         tls.get_ref()
             .1
             .negotiated_cipher_suite()
@@ -507,36 +510,13 @@ impl TlsSource {
         if read_ahead {
             let tls = self
                 .connector
-                .connect(loopback(), ReadAhead::new(tcp))
+                .connect(setup::loopback_name(), ReadAhead::new(tcp))
                 .await?;
             return read_to_end(tls).await;
         }
-        let tls = self.connector.connect(loopback(), tcp).await?;
+        let tls = self.connector.connect(setup::loopback_name(), tcp).await?;
         read_to_end(tls).await
     }
-}
-
-/// Both ends of a TLS connection as the forwarded path's hops make them:
-/// the hub's server configuration with a certificate its CA issued for
-/// loopback, and the client configuration agents and the CLI use (the
-/// same rustls provider, so the same cipher suite).
-fn tls_ends(
-    hub_data: &Path,
-) -> anyhow::Result<(tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector)> {
-    let ca = trellis_hub::tls::load_or_create_ca(hub_data)?;
-    let server = trellis_hub::tls::server_tls(
-        &ca,
-        &["localhost".to_owned()],
-        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
-    )?;
-    let ca_pem = std::fs::read_to_string(hub_data.join("ca.pem"))?;
-    let client = trellis_link::identity::client_config(&ca_pem, None)?;
-    Ok((server.into(), client.into()))
-}
-
-/// The name a loopback TLS client checks the server's certificate for.
-fn loopback() -> tokio_rustls::rustls::pki_types::ServerName<'static> {
-    tokio_rustls::rustls::pki_types::ServerName::IpAddress(Ipv4Addr::LOCALHOST.into())
 }
 
 /// The forwarded path's hops with nothing but copies between them: what
@@ -559,7 +539,10 @@ struct BareChain {
 
 impl BareChain {
     async fn start(hub_data: &Path, component: SocketAddr) -> anyhow::Result<BareChain> {
-        let (server, client) = tls_ends(hub_data)?;
+        let (server, client) = (
+            setup::loopback_acceptor(hub_data)?,
+            setup::hub_connector(hub_data)?,
+        );
 
         // In the agent's place: TLS in, TCP to the component.
         let agent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -584,7 +567,9 @@ impl BareChain {
                 let upstream = tokio::net::TcpStream::connect(agent_addr).await?;
                 Ok((
                     inbound,
-                    client.connect(loopback(), ReadAhead::new(upstream)).await?,
+                    client
+                        .connect(setup::loopback_name(), ReadAhead::new(upstream))
+                        .await?,
                 ))
             }
         }));
@@ -597,7 +582,9 @@ impl BareChain {
                 let upstream = tokio::net::TcpStream::connect(hub_addr).await?;
                 Ok((
                     tcp,
-                    client.connect(loopback(), ReadAhead::new(upstream)).await?,
+                    client
+                        .connect(setup::loopback_name(), ReadAhead::new(upstream))
+                        .await?,
                 ))
             }
         }));
